@@ -1,0 +1,277 @@
+"""The connection to NATS and the bus objects: declared idempotently, checked, never silently reused.
+
+Whichever process starts first (gateway, worker or client) declares the streams and the heartbeat
+bucket; the others find them and check that what exists means the same thing. Limits (sizes, ages)
+are the operator's to tune, so a difference there is logged, not fatal; a difference in meaning
+(retention, storage, subjects, ack policy) is a :class:`BusConfigError` that names the object.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    ConsumerInfo,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
+
+from ._errors import BusConfigError, BusUnavailable
+from ._names import Names
+from ._settings import Settings, redact_url
+
+log = logging.getLogger("hive_bus.bus")
+
+
+@dataclass(frozen=True, slots=True)
+class Bus:
+    """A live connection with the bus objects in place. Shared by the client, gateway and workers."""
+
+    nc: NATS
+    js: JetStreamContext
+    settings: Settings
+    workers_kv: KeyValue
+
+    @property
+    def names(self) -> Names:
+        return self.settings.names
+
+
+@asynccontextmanager
+async def open_bus(settings: Settings, *, name: str = "hive") -> AsyncIterator[Bus]:
+    """Connect to NATS, declare (or check) the bus objects, and close cleanly on the way out."""
+    nc = await connect_nats(settings, name=name)
+    try:
+        js = nc.jetstream(timeout=settings.request_timeout_s)
+        workers_kv = await declare_bus(js, settings)
+        yield Bus(nc=nc, js=js, settings=settings, workers_kv=workers_kv)
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            # drain flushes pending acks and publishes before the socket closes
+            if not nc.is_closed:
+                await nc.drain()
+
+
+async def connect_nats(settings: Settings, *, name: str) -> NATS:
+    """Connect, or raise :class:`BusUnavailable` with one line that says why (secrets left out)."""
+    where = redact_url(settings.nats_url)
+    nc = NATS()
+
+    def closing() -> bool:
+        return nc.is_closed or nc.is_draining
+
+    async def on_error(exc: Exception) -> None:
+        if not closing():
+            log.warning("NATS connection to %s: %s", where, _reason(exc))
+
+    async def on_disconnect() -> None:
+        if not closing():
+            log.warning("disconnected from NATS at %s; reconnecting", where)
+
+    async def on_reconnect() -> None:
+        log.info("reconnected to NATS at %s", where)
+
+    try:
+        await nc.connect(
+            settings.nats_url,
+            name=name,
+            connect_timeout=2,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+        )
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise BusUnavailable(f"cannot reach NATS at {where}: {_reason(exc)}") from None
+    return nc
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.replace("nats: ", "")
+
+
+async def declare_bus(js: JetStreamContext, settings: Settings) -> KeyValue:
+    """Create the streams and the heartbeat bucket if missing; check them if present."""
+    names = settings.names
+    try:
+        await _ensure_stream(js, tasks_stream_config(settings))
+        await _ensure_stream(js, events_stream_config(settings))
+        return await _ensure_workers_bucket(js, settings)
+    except nats.js.errors.ServiceUnavailableError:
+        raise BusUnavailable("JetStream is not enabled on the NATS server (start it with -js)") from None
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+        raise BusUnavailable(f"JetStream did not answer while declaring {names.prefix} objects: {exc}") from None
+
+
+def tasks_stream_config(settings: Settings) -> StreamConfig:
+    names = settings.names
+    return StreamConfig(
+        name=names.tasks_stream,
+        description="hive-bus tasks, one subject per provider",
+        subjects=[names.all_tasks],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        # A full queue refuses new work (a clear 503) rather than dropping accepted work.
+        discard=DiscardPolicy.NEW,
+        max_msgs=settings.tasks_max_msgs,
+        max_bytes=settings.tasks_max_bytes,
+        duplicate_window=settings.duplicate_window_s,
+    )
+
+
+def events_stream_config(settings: Settings) -> StreamConfig:
+    names = settings.names
+    return StreamConfig(
+        name=names.events_stream,
+        description="hive-bus task lifecycle events",
+        subjects=[names.all_events],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_age=settings.events_max_age_s,
+        max_bytes=settings.events_max_bytes,
+        duplicate_window=settings.duplicate_window_s,
+        allow_direct=True,
+    )
+
+
+def consumer_config(settings: Settings, provider: str) -> ConsumerConfig:
+    names = settings.names
+    return ConsumerConfig(
+        durable_name=names.consumer(provider),
+        description=f"hive-bus workers of provider {provider}",
+        filter_subject=names.task_subject(provider),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        # Attempts are counted by the worker runtime against each task's own max_attempts, so that
+        # waiting out a rate limit does not use up the attempts a task has for real failures.
+        max_deliver=-1,
+        max_ack_pending=settings.max_ack_pending,
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
+    assert want.name is not None
+    try:
+        info = await js.stream_info(want.name)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(want)
+            log.info("created stream %s", want.name)
+            return
+        except nats.js.errors.BadRequestError:
+            info = await js.stream_info(want.name)  # another process won the race
+    have = info.config
+    _check(
+        f"stream {want.name}",
+        meaning={
+            "retention": (have.retention, want.retention),
+            "storage": (have.storage, want.storage),
+            "discard": (have.discard, want.discard),
+            "subjects": (sorted(have.subjects or []), sorted(want.subjects or [])),
+            "allow_direct": (bool(have.allow_direct), bool(want.allow_direct)),
+        },
+        limits={
+            "max_msgs": (have.max_msgs, want.max_msgs),
+            "max_bytes": (have.max_bytes, want.max_bytes),
+            "max_age": (have.max_age, want.max_age),
+            "duplicate_window": (have.duplicate_window, want.duplicate_window),
+        },
+    )
+
+
+async def ensure_consumer(js: JetStreamContext, settings: Settings, provider: str) -> ConsumerInfo:
+    """The provider's durable pull consumer, created on first use and shared by all its workers."""
+    want = consumer_config(settings, provider)
+    stream = settings.names.tasks_stream
+    assert want.durable_name is not None
+    try:
+        info = await js.consumer_info(stream, want.durable_name)
+    except nats.js.errors.NotFoundError:
+        info = await js.add_consumer(stream, want)
+        log.info("created consumer %s on %s", want.durable_name, stream)
+        return info
+    have = info.config
+    _check(
+        f"consumer {want.durable_name} on stream {stream}",
+        meaning={
+            "filter_subject": (have.filter_subject, want.filter_subject),
+            "ack_policy": (have.ack_policy, want.ack_policy),
+            "deliver_policy": (have.deliver_policy, want.deliver_policy),
+            "push delivery": (have.deliver_subject, None),
+            "max_deliver": (have.max_deliver, want.max_deliver),
+        },
+        limits={
+            "ack_wait": (have.ack_wait, want.ack_wait),
+            "max_ack_pending": (have.max_ack_pending, want.max_ack_pending),
+        },
+    )
+    return info
+
+
+async def _ensure_workers_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
+    bucket = settings.names.workers_bucket
+    try:
+        kv = await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        # Heartbeats are rewritten every few seconds and worthless after a restart: memory storage
+        # spares a Raspberry Pi's SD card. max_age makes each key vanish once its worker stops beating.
+        return await js.create_key_value(
+            KeyValueConfig(
+                bucket=bucket,
+                description="hive-bus worker heartbeats",
+                history=1,
+                ttl=settings.heartbeat_ttl_s,
+                storage=StorageType.MEMORY,
+            )
+        )
+    status = await kv.status()
+    have_ttl = status.stream_info.config.max_age
+    _check(
+        f"key-value bucket {bucket}",
+        meaning={"history": (status.stream_info.config.max_msgs_per_subject, 1)},
+        limits={"ttl": (have_ttl, settings.heartbeat_ttl_s)},
+    )
+    if have_ttl and have_ttl < 2 * settings.heartbeat_interval_s:
+        raise BusConfigError(
+            f"key-value bucket {bucket} keeps heartbeats for {have_ttl}s, less than two heartbeat "
+            f"intervals ({settings.heartbeat_interval_s}s): live workers would vanish from it"
+        )
+    return kv
+
+
+def _check(
+    what: str, *, meaning: Mapping[str, tuple[Any, Any]], limits: Mapping[str, tuple[Any, Any]]
+) -> None:
+    wrong = [f"{k} is {have!r}, expected {want!r}" for k, (have, want) in meaning.items() if have != want]
+    if wrong:
+        raise BusConfigError(
+            f"{what} exists with an incompatible configuration ({'; '.join(wrong)}). "
+            "Remove it, or use another bus prefix (--prefix / HIVE_PREFIX)."
+        )
+    for k, (have, want) in limits.items():
+        if want is not None and have != want and not _close(have, want):
+            log.info("%s keeps its own %s=%r (this process would have set %r)", what, k, have, want)
+
+
+def _close(a: Any, b: Any) -> bool:
+    return isinstance(a, int | float) and isinstance(b, int | float) and abs(a - b) < 1e-6

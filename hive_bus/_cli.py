@@ -1,0 +1,316 @@
+"""The ``hive`` command. Settings are read here, once, and passed down; errors become one line."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import click
+import msgspec
+
+from ._bus import open_bus
+from ._client import Hive, connect
+from ._embedded import EmbeddedServerError, run_nats_server
+from ._errors import HiveError
+from ._messages import TaskView, encoder
+from ._providers import HandlerError, Provider, load_handler
+from ._settings import Settings, SettingsError, load_settings
+from ._version import __version__
+from ._worker import Worker, WorkerOptions
+
+log = logging.getLogger("hive_bus.cli")
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_DATA = Path(".hive")
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from services.gateway import GatewayError
+    from workers import ProviderUnavailable
+
+    return (
+        HiveError, SettingsError, EmbeddedServerError, GatewayError, HandlerError, ProviderUnavailable,
+        msgspec.ValidationError,
+    )  # fmt: skip
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _run(fn: Callable[[], Awaitable[None]]) -> None:
+    """Run ``fn`` on asyncio; a known error is one clear line on stderr and exit status 1."""
+    try:
+        anyio.run(fn, backend="asyncio")
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BaseException as exc:
+        known = [e for e in _leaves(exc) if isinstance(e, _expected_errors())]
+        if known:
+            raise click.ClickException(_one_line(known[0])) from None
+        raise
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, msgspec.ValidationError):
+        return f"invalid task: {exc}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def bus_options(fn: F) -> F:
+    """``--nats`` and ``--prefix``, on every command that talks to a bus."""
+
+    @click.option("--nats", "nats_url", metavar="URL", help="NATS server URL [env HIVE_NATS_URL; nats://127.0.0.1:4222]")
+    @click.option("--prefix", help="bus prefix, to run several buses on one server [env HIVE_PREFIX; hive]")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, nats_url: str | None, prefix: str | None, **kwargs: Any) -> Any:
+        try:
+            settings = load_settings(nats_url=nats_url, prefix=prefix)
+        except (SettingsError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        return fn(*args, settings=settings, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+async def _until_stopped() -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s received; stopping", signal.Signals(signum).name)
+            return
+
+
+def _provider_for(name: str, handler: str | None) -> Provider:
+    if handler:
+        return load_handler(handler)
+    from workers import builtin
+
+    return builtin(name, os.environ)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="hive")
+@click.option("--log-level", default=lambda: os.environ.get("HIVE_LOG_LEVEL", "INFO"), show_default="INFO")
+def cli(log_level: str) -> None:
+    """hive-bus: farm LLM prompts and Python jobs out to workers anywhere, over NATS JetStream."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="gateway address")
+@click.option("--port", default=8080, show_default=True, help="gateway port (0: any free port)")
+@click.option("--nats-port", default=4222, show_default=True, help="embedded nats-server port (0: any free port)")
+@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
+@click.option("--prefix", help="bus prefix [env HIVE_PREFIX; hive]")
+def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> None:
+    """Run it all on this machine: nats-server, the gateway, and a worker per available provider."""
+    from services.gateway import Gateway, GatewayOptions, bind
+    from workers import available
+
+    async def main() -> None:
+        sock = bind(host, port)  # before anything starts, so a taken port fails fast
+        async with run_nats_server(data / "nats", port=nats_port) as server:
+            settings = load_settings(nats_url=server.url, prefix=prefix)
+            async with open_bus(settings, name="hive-up") as bus:
+                providers, skipped = available(os.environ)
+                for name, why in skipped.items():
+                    log.info("provider %s not started: %s", name, why)
+                workers = [Worker(bus, p, WorkerOptions(provider=name)) for name, p in providers.items()]
+                gateway = Gateway(Hive(bus), GatewayOptions(host=host, port=port), sock=sock)
+                async with anyio.create_task_group() as tg:
+                    for worker in workers:
+                        await tg.start(worker.run)
+                    await tg.start(gateway.serve)
+                    click.echo(
+                        f"hive is up: gateway {gateway.url}, nats {server.url}, data {data}/, "
+                        f"workers: {', '.join(providers)}. Ctrl-C stops it."
+                    )
+                    await _until_stopped()
+                    gateway.stop()
+                    for worker in workers:
+                        worker.stop()
+
+    _run(main)
+
+
+@cli.command("nats")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=4222, show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
+def nats_cmd(host: str, port: int, data: Path) -> None:
+    """Run the embedded nats-server (JetStream on, store under DATA/nats) until Ctrl-C."""
+
+    async def main() -> None:
+        async with run_nats_server(data / "nats", port=port, host=host) as server:
+            click.echo(f"nats-server on {server.url}, store {server.store_dir}. Ctrl-C stops it.")
+            await _until_stopped()
+
+    _run(main)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True)
+@click.option("--max-body-bytes", default=256 * 1024, show_default=True)
+@bus_options
+def gateway(host: str, port: int, max_body_bytes: int, settings: Settings) -> None:
+    """Run the HTTP gateway."""
+    from services.gateway import Gateway, GatewayOptions, bind
+
+    async def main() -> None:
+        sock = bind(host, port)
+        async with connect(settings=settings) as hive:
+            gw = Gateway(hive, GatewayOptions(host=host, port=port, max_body_bytes=max_body_bytes), sock=sock)
+            async with anyio.create_task_group() as tg:
+                await tg.start(gw.serve)
+                click.echo(f"gateway on {gw.url}, bus {settings.prefix}. Ctrl-C stops it.")
+                await _until_stopped()
+                gw.stop()
+
+    _run(main)
+
+
+@cli.command()
+@click.argument("provider", required=False)
+@click.option("--provider", "provider_opt", help="provider name (the same as the PROVIDER argument)")
+@click.option("--handler", metavar="MODULE:FUNCTION", help="run this async function as the provider")
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--drain-timeout", "drain_timeout_s", default=30.0, show_default=True, help="seconds")
+@bus_options
+def worker(
+    provider: str | None,
+    provider_opt: str | None,
+    handler: str | None,
+    concurrency: int,
+    drain_timeout_s: float,
+    settings: Settings,
+) -> None:
+    """Serve one provider's tasks: a built-in one, or your own with --handler."""
+    from ._names import is_valid_provider
+
+    name = provider or provider_opt
+    if not name:
+        raise click.UsageError("name the provider: hive worker PROVIDER (or --provider NAME)")
+    if provider and provider_opt and provider != provider_opt:
+        raise click.UsageError(f"two provider names given: {provider!r} and {provider_opt!r}")
+    if not is_valid_provider(name):
+        raise click.UsageError(f"provider {name!r} must be 1-64 letters, digits, '_' or '-'")
+    options = WorkerOptions(provider=name, concurrency=concurrency, drain_timeout_s=drain_timeout_s)
+
+    async def main() -> None:
+        impl = _provider_for(name, handler)
+        async with open_bus(settings, name=f"hive-worker-{name}") as bus:
+            w = Worker(bus, impl, options)
+            async with anyio.create_task_group() as tg:
+                await tg.start(w.run)
+                click.echo(f"worker {w.id} serving {name}. Ctrl-C drains and stops it.")
+                await _until_stopped()
+                w.stop()
+
+    _run(main)
+
+
+def _json_object(value: str | None, what: str) -> Any:
+    if value is None:
+        return None
+    try:
+        return msgspec.json.decode(value)
+    except msgspec.DecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=what) from None
+
+
+@cli.command()
+@click.argument("provider")
+@click.argument("prompt")
+@click.option("--model")
+@click.option("--system", help="system prompt")
+@click.option("--payload", help="JSON value handed to the provider (custom handlers)")
+@click.option("--metadata", help="JSON object kept with the task")
+@click.option("--key", "idempotency_key", help="idempotency key: a resubmission returns the first task")
+@click.option("--max-attempts", type=click.IntRange(1, 100))
+@click.option("--wait", "wait_s", type=float, default=None, help="wait up to this many seconds for the result")
+@bus_options
+def submit(
+    provider: str,
+    prompt: str,
+    model: str | None,
+    system: str | None,
+    payload: str | None,
+    metadata: str | None,
+    idempotency_key: str | None,
+    max_attempts: int | None,
+    wait_s: float | None,
+    settings: Settings,
+) -> None:
+    """Queue a task; print its id, or with --wait its final state as JSON."""
+    extra: dict[str, Any] = {"max_attempts": max_attempts} if max_attempts else {}
+    meta = _json_object(metadata, "--metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--metadata")
+
+    async def main() -> None:
+        async with connect(settings=settings) as hive:
+            task_id = await hive.submit(
+                provider, prompt, model=model, system=system, payload=_json_object(payload, "--payload"),
+                metadata=meta, idempotency_key=idempotency_key, **extra,
+            )  # fmt: skip
+            if wait_s is None:
+                click.echo(task_id)
+                return
+            _print_view(await hive.wait(task_id, wait_s))
+
+    _run(main)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--wait", "wait_s", type=float, default=0.0, help="wait up to this many seconds for the end")
+@bus_options
+def status(task_id: str, wait_s: float, settings: Settings) -> None:
+    """Print a task's state as JSON."""
+
+    async def main() -> None:
+        async with connect(settings=settings) as hive:
+            _print_view(await (hive.wait(task_id, wait_s) if wait_s > 0 else hive.get(task_id)))
+
+    _run(main)
+
+
+@cli.command()
+@bus_options
+def workers(settings: Settings) -> None:
+    """List the workers whose heartbeat has not expired."""
+
+    async def main() -> None:
+        async with connect(settings=settings) as hive:
+            beats = await hive.workers()
+        if not beats:
+            click.echo("no workers online")
+            return
+        click.echo(f"{'WORKER':<44} {'PROVIDER':<12} {'HOST':<20} {'IN FLIGHT':>9} {'DONE':>7} {'FAILED':>7}")
+        for b in beats:
+            click.echo(
+                f"{b.worker_id:<44} {b.provider:<12} {b.host[:20]:<20} {b.in_flight:>9} {b.completed:>7} {b.failed:>7}"
+            )
+
+    _run(main)
+
+
+def _print_view(view: TaskView) -> None:
+    click.echo(msgspec.json.format(encoder.encode(view), indent=2).decode())
+
+
+def main() -> None:
+    cli()
+

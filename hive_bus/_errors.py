@@ -1,0 +1,61 @@
+"""Errors, classified by what happens next.
+
+A provider raises one of three kinds, and the worker runtime turns each into exactly one JetStream
+action (see ``_worker.settle``):
+
+- :class:`RetryAfter`: the provider said when to come back (a 429 with its delay): NAK with that delay.
+- :class:`RetryLater`: a passing fault (5xx, timeout, connection): NAK with exponential backoff.
+- :class:`FailNow`: retrying cannot help (bad request, bad key): TERM, with a failed event.
+
+The rest are errors of the bus itself, raised to users of the client.
+"""
+
+from __future__ import annotations
+
+
+class ProviderError(Exception):
+    """Base of the three outcomes a provider may raise instead of returning an output."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class RetryAfter(ProviderError):
+    """Come back after ``retry_after_s`` seconds; the provider said so (rate limit)."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(0.0, retry_after_s)
+
+
+class RetryLater(ProviderError):
+    """A transient fault: try again after a backoff that grows with the attempts."""
+
+
+class FailNow(ProviderError):
+    """A permanent fault: retrying cannot help."""
+
+
+class HiveError(Exception):
+    """Base of errors the bus raises to its users."""
+
+
+class BusConfigError(HiveError):
+    """A bus object exists with a configuration that this version cannot safely use."""
+
+
+class BusUnavailable(HiveError):
+    """NATS or JetStream did not answer; nothing was accepted."""
+
+
+class QueueFull(HiveError):
+    """The tasks stream is at its limits; nothing was accepted. Try again after ``retry_after_s``."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TaskNotFound(HiveError):
+    """No event of this task id is on the bus (never submitted, or aged out)."""

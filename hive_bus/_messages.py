@@ -1,0 +1,247 @@
+"""Wire messages: tasks, lifecycle events and heartbeats, as frozen msgspec Structs.
+
+Every type carries a versioned tag in its ``type`` field. A new field always gets a default, so old and
+new gateways and workers keep understanding each other; wire types therefore ignore fields they do not
+know. The one strict type is :class:`TaskRequest`, the shape a user submits, which rejects unknown
+fields so that a typo is an error rather than a silently ignored option.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+from ulid import ULID
+
+from ._names import PROVIDER_PATTERN
+
+TaskStatus = Literal["queued", "running", "retrying", "completed", "failed"]
+RetryReason = Literal["rate_limit", "transient", "shutdown"]
+FailReason = Literal["permanent", "out_of_attempts", "rejected", "undecodable"]
+
+ProviderName = Annotated[
+    str, Meta(pattern=PROVIDER_PATTERN, description="letters, digits, '_' or '-'; at most 64")
+]
+Prompt = Annotated[str, Meta(min_length=1, pattern=r"\S", description="the prompt; not blank")]
+IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=256)]
+MaxAttempts = Annotated[int, Meta(ge=1, le=100)]
+
+DEFAULT_MAX_ATTEMPTS = 5
+TASK_ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def is_task_id(value: str) -> bool:
+    return TASK_ID_RE.match(value) is not None
+
+
+def new_task_id() -> str:
+    """A unique id that sorts by creation time (a ULID: 48 bits of milliseconds, 80 random bits)."""
+    return str(ULID())
+
+
+class Params(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Sampling parameters passed to the provider."""
+
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+
+
+class RequestParams(Params, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """:class:`Params` as a user submits them: unknown names are an error."""
+
+
+class Usage(Struct, frozen=True, kw_only=True):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class _TaskFields(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    provider: ProviderName
+    prompt: Prompt
+    model: str | None = None
+    system: str | None = None
+    params: Params | None = None
+    metadata: dict[str, Any] = {}
+    payload: Any = None
+    idempotency_key: IdempotencyKey | None = None
+    max_attempts: MaxAttempts = DEFAULT_MAX_ATTEMPTS
+
+
+class TaskRequest(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """What a user submits.
+
+    ``payload`` is any JSON value for custom handlers (for example a list of actions to run);
+    ``idempotency_key`` makes a resubmission inside the de-duplication window return the first task's
+    id instead of queueing the work twice.
+    """
+
+    params: RequestParams | None = None
+
+
+class Task(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, tag="task.v1", tag_field="type"):
+    """A task as it travels on the bus."""
+
+    id: str
+    submitted_at_ms: int
+
+    @classmethod
+    def from_request(cls, request: TaskRequest) -> Task:
+        fields = msgspec.structs.asdict(request)
+        return cls(id=new_task_id(), submitted_at_ms=now_ms(), **fields)
+
+
+class _Event(Struct, frozen=True, kw_only=True, tag_field="type"):
+    task_id: str
+    provider: str
+    at_ms: int
+
+
+class Queued(_Event, frozen=True, kw_only=True, tag="queued.v1"):
+    """The task was accepted; it carries the whole task, so the events stream is a complete record."""
+
+    task: Task
+
+
+class Running(_Event, frozen=True, kw_only=True, tag="running.v1"):
+    attempt: int
+    worker: str
+    submitted_at_ms: int = 0
+
+
+class Retrying(_Event, frozen=True, kw_only=True, tag="retrying.v1"):
+    attempt: int
+    worker: str
+    reason: RetryReason
+    error: str
+    retry_in_s: float
+    next_try_at_ms: int
+
+
+class Completed(_Event, frozen=True, kw_only=True, tag="completed.v1"):
+    attempt: int
+    worker: str
+    output: Any
+    model: str | None = None
+    usage: Usage | None = None
+    submitted_at_ms: int = 0
+    started_at_ms: int = 0
+    call_s: float = 0.0
+
+
+class Failed(_Event, frozen=True, kw_only=True, tag="failed.v1"):
+    attempt: int
+    worker: str | None
+    reason: FailReason
+    error: str
+
+
+TaskEvent = Queued | Running | Retrying | Completed | Failed
+
+_STATUS: dict[type[_Event], TaskStatus] = {
+    Queued: "queued",
+    Running: "running",
+    Retrying: "retrying",
+    Completed: "completed",
+    Failed: "failed",
+}
+
+
+def status_of(event: TaskEvent) -> TaskStatus:
+    return _STATUS[type(event)]
+
+
+def is_final(event: TaskEvent) -> bool:
+    return isinstance(event, Completed | Failed)
+
+
+class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A task's state as the client and the gateway report it, read from its latest event."""
+
+    id: str
+    provider: str
+    status: TaskStatus
+    updated_at_ms: int
+    attempt: int = 0
+    output: Any = None
+    model: str | None = None
+    usage: Usage | None = None
+    error: str | None = None
+    reason: str | None = None
+    next_try_at_ms: int | None = None
+    worker: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("completed", "failed")
+
+    @classmethod
+    def of(cls, event: TaskEvent) -> TaskView:
+        base = {"id": event.task_id, "provider": event.provider, "updated_at_ms": event.at_ms}
+        match event:
+            case Queued():
+                return cls(status="queued", **base)
+            case Running(attempt=attempt, worker=worker):
+                return cls(status="running", attempt=attempt, worker=worker, **base)
+            case Retrying():
+                return cls(
+                    status="retrying",
+                    attempt=event.attempt,
+                    worker=event.worker,
+                    reason=event.reason,
+                    error=event.error,
+                    next_try_at_ms=event.next_try_at_ms,
+                    **base,
+                )
+            case Completed():
+                return cls(
+                    status="completed",
+                    attempt=event.attempt,
+                    worker=event.worker,
+                    output=event.output,
+                    model=event.model,
+                    usage=event.usage,
+                    **base,
+                )
+            case Failed():
+                return cls(
+                    status="failed",
+                    attempt=event.attempt,
+                    worker=event.worker,
+                    reason=event.reason,
+                    error=event.error,
+                    **base,
+                )
+
+
+class WorkerBeat(Struct, frozen=True, kw_only=True, tag="worker.v1", tag_field="type"):
+    """A worker's heartbeat: who it is, what it is doing, and its counters since it started."""
+
+    worker_id: str
+    provider: str
+    host: str
+    pid: int
+    version: str
+    state: Literal["running", "draining"] = "running"
+    concurrency: int = 1
+    in_flight: int = 0
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    started_at_ms: int = 0
+    at_ms: int = 0
+
+
+# Built once: encoding and decoding are on every task's hot path.
+encoder = msgspec.json.Encoder()
+task_decoder = msgspec.json.Decoder(Task)
+event_decoder = msgspec.json.Decoder(TaskEvent)
+beat_decoder = msgspec.json.Decoder(WorkerBeat)
+request_decoder = msgspec.json.Decoder(TaskRequest)

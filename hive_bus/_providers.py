@@ -1,0 +1,69 @@
+"""The provider seam: anything with ``async def complete(task) -> Output`` is a provider.
+
+A provider returns an :class:`Output` or raises :class:`RetryAfter`, :class:`RetryLater` or
+:class:`FailNow`. Custom jobs are plain async functions (``hive worker --handler pkg.mod:fn``) wrapped
+in :class:`FunctionProvider`: they may return any JSON value, which becomes the task's output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ._messages import Task, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """What a provider produced: a value (text from an LLM, any JSON value from a handler)."""
+
+    value: Any
+    model: str | None = None
+    usage: Usage | None = None
+
+
+class Provider(Protocol):
+    async def complete(self, task: Task) -> Output: ...
+
+
+Handler = Callable[[Task], Awaitable[Any]]
+
+
+class FunctionProvider:
+    """Runs an async function as a provider; its return value is the output."""
+
+    def __init__(self, fn: Handler) -> None:
+        self._fn = fn
+
+    async def complete(self, task: Task) -> Output:
+        result = await self._fn(task)
+        return result if isinstance(result, Output) else Output(value=result)
+
+
+class HandlerError(ValueError):
+    """A ``--handler`` spec that cannot be loaded; the message says why."""
+
+
+def load_handler(spec: str) -> FunctionProvider:
+    """Load ``package.module:function`` as a provider."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise HandlerError(f"handler {spec!r} is not of the form package.module:function")
+    if os.getcwd() not in sys.path:
+        # Like uvicorn's --app-dir: a handler in the directory the worker was started from imports.
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise HandlerError(f"cannot import module {module_name!r} for handler {spec!r}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise HandlerError(f"module {module_name!r} has no attribute {attr!r}")
+    if not inspect.iscoroutinefunction(fn):
+        raise HandlerError(f"handler {spec!r} must be an async function (async def {attr}(task): ...)")
+    return FunctionProvider(fn)

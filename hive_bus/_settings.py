@@ -1,0 +1,118 @@
+"""Settings, read once at the edge (CLI, ``__main__``) into a frozen object and passed down."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+from msgspec import Meta
+
+from ._names import Names
+
+ENV_PREFIX = "HIVE_"
+# Variables that start with HIVE_ but are read by a component of their own, not by Settings.
+_FOREIGN_ENV = frozenset({"HIVE_LOG_LEVEL"})
+
+PositiveSeconds = Annotated[float, Meta(gt=0)]
+PositiveInt = Annotated[int, Meta(gt=0)]
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or has a value of the wrong kind; the message names it."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How to reach the bus and how its objects are declared.
+
+    Each field can be set by an environment variable named ``HIVE_`` plus the field in upper case, for
+    example ``HIVE_NATS_URL`` or ``HIVE_ACK_WAIT_S``.
+    """
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    prefix: str = "hive"
+    # How long a worker may hold a task without a sign of life before it goes to another worker.
+    # Workers send in-progress acks while a call runs, so this bounds crash recovery, not call length.
+    ack_wait_s: PositiveSeconds = 30.0
+    # Tasks handed out and not yet acked, per provider, across all its workers.
+    max_ack_pending: PositiveInt = 256
+    tasks_max_msgs: PositiveInt = 1_000_000
+    tasks_max_bytes: PositiveInt = 1024**3
+    # Idempotency keys and task ids are remembered this long.
+    duplicate_window_s: PositiveSeconds = 900.0
+    events_max_age_s: PositiveSeconds = 7 * 86400.0
+    events_max_bytes: PositiveInt = 2 * 1024**3
+    heartbeat_interval_s: PositiveSeconds = 5.0
+    heartbeat_ttl_s: PositiveSeconds = 15.0
+    # How long a publish waits for JetStream's acknowledgement before the bus counts as unavailable.
+    request_timeout_s: PositiveSeconds = 5.0
+
+    def __post_init__(self) -> None:
+        Names(self.prefix)  # validates the prefix
+        if self.heartbeat_ttl_s < 2 * self.heartbeat_interval_s:
+            raise SettingsError(
+                f"heartbeat_ttl_s ({self.heartbeat_ttl_s}) must be at least twice heartbeat_interval_s "
+                f"({self.heartbeat_interval_s}), or live workers would flicker out of the list"
+            )
+        if self.events_max_age_s < self.duplicate_window_s:
+            raise SettingsError(
+                "events_max_age_s must not be shorter than duplicate_window_s: a resubmission "
+                "inside the window looks its first task up in the events stream"
+            )
+
+    @property
+    def names(self) -> Names:
+        return Names(self.prefix)
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from ``HIVE_*`` environment variables, then ``overrides`` (from flags) on top.
+
+    An unknown ``HIVE_*`` variable or a value of the wrong kind raises :class:`SettingsError`
+    naming the variable, so a typo fails at start-up instead of being ignored.
+    """
+    env = os.environ if environ is None else environ
+    known = set(Settings.__struct_fields__)
+    values: dict[str, Any] = {}
+    unknown: list[str] = []
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key in _FOREIGN_ENV:
+            continue
+        field = key[len(ENV_PREFIX) :].lower()
+        if field in known:
+            values[field] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {_known_vars()}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(_name_the_variable(str(exc))) from None
+
+
+def _known_vars() -> str:
+    return ", ".join(ENV_PREFIX + f.upper() for f in Settings.__struct_fields__)
+
+
+def _name_the_variable(message: str) -> str:
+    # msgspec says "... - at `$.ack_wait_s`"; users set HIVE_ACK_WAIT_S, so name that.
+    head, sep, path = message.rpartition(" - at `$.")
+    if not sep:
+        return f"invalid setting: {message}"
+    field = path.rstrip("`")
+    return f"invalid setting {ENV_PREFIX}{field.upper()} ({field}): {head}"
+
+
+def redact_url(url: str) -> str:
+    """The URL without any user name, password or token in it, fit for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))

@@ -1,0 +1,396 @@
+"""The worker runtime: where a task is fetched, run, retried and completed.
+
+One :class:`Worker` serves one provider. It pulls from the provider's durable consumer (shared by every
+worker of that provider, wherever it runs), runs up to ``concurrency`` calls at once, keeps each task
+alive with in-progress acks while its call runs, and settles every outcome in :meth:`Worker._settle`:
+
+- an output: its ``completed`` event is stored (JetStream acked the publish), then the task is acked;
+- :class:`RetryAfter` / :class:`RetryLater`: a ``retrying`` event, then NAK with the delay;
+- :class:`FailNow`, or out of attempts: a ``failed`` event, then TERM.
+
+Each task's final event is published with ``Nats-Msg-Id: <id>:final``, so a task that two workers
+finished (one of them a zombie that outlived its AckWait) is recorded once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskGroup, TaskStatus
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from ._bus import Bus, ensure_consumer
+from ._errors import FailNow, ProviderError, RetryAfter, RetryLater
+from ._messages import (
+    Completed,
+    Failed,
+    Retrying,
+    Running,
+    Task,
+    TaskEvent,
+    WorkerBeat,
+    encoder,
+    is_task_id,
+    now_ms,
+    task_decoder,
+)
+from ._providers import Output, Provider
+from ._version import __version__
+
+log = logging.getLogger("hive_bus.worker")
+
+# A call that runs longer than this fraction of AckWait gets an in-progress ack, and another one each
+# time that much more has passed: the server never sees a live call as a dead worker.
+KEEPALIVE_FRACTION = 1 / 3
+_ID_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+Outcome = Output | ProviderError
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    provider: str
+    concurrency: int = 4
+    drain_timeout_s: float = 30.0
+    call_timeout_s: float = 600.0
+    # How long one fetch waits on the server for work; also bounds how fast a stop is noticed.
+    fetch_wait_s: float = 2.0
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 300.0
+    worker_id: str | None = None
+
+
+@dataclass(slots=True)
+class _Counters:
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+
+
+class Worker:
+    """Runs one provider's tasks from the bus until :meth:`stop` is called or it is cancelled."""
+
+    def __init__(self, bus: Bus, provider: Provider, options: WorkerOptions) -> None:
+        self._bus = bus
+        self._provider = provider
+        self._opts = options
+        self._host = socket.gethostname()
+        self.id = options.worker_id or _worker_id(options.provider, self._host)
+        self._stopping = anyio.Event()
+        self._changed = anyio.Event()
+        self._in_flight = 0
+        self._counts = _Counters()
+        self._ack_wait_s = bus.settings.ack_wait_s
+        self._started_at_ms = now_ms()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def stop(self) -> None:
+        """Stop taking work; finish what is in flight (NAK it after ``drain_timeout_s``), then return."""
+        self._stopping.set()
+        self._notify()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        bus, opts = self._bus, self._opts
+        info = await ensure_consumer(bus.js, bus.settings, opts.provider)
+        self._ack_wait_s = info.config.ack_wait or bus.settings.ack_wait_s
+        psub = await bus.js.pull_subscribe_bind(
+            durable=bus.names.consumer(opts.provider), stream=bus.names.tasks_stream
+        )
+        log.info("worker %s serving %s (concurrency %d)", self.id, opts.provider, opts.concurrency)
+        try:
+            async with anyio.create_task_group() as beats:
+                beats.start_soon(self._beat_loop)
+                task_status.started()
+                async with anyio.create_task_group() as calls:
+                    await self._fetch_loop(psub, calls)
+                    await self._drain(calls)
+                beats.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(3):
+                await psub.unsubscribe()
+                await self._forget_beat()
+            log.info("worker %s stopped: %s", self.id, self._counts)
+
+    # fetch ---------------------------------------------------------------------------------------
+
+    async def _fetch_loop(self, psub: JetStreamContext.PullSubscription, calls: TaskGroup) -> None:
+        opts = self._opts
+        while not self._stopping.is_set():
+            await self._wait_for(lambda: self._in_flight < opts.concurrency or self._stopping.is_set())
+            if self._stopping.is_set():
+                return
+            try:
+                msgs = await psub.fetch(batch=opts.concurrency - self._in_flight, timeout=opts.fetch_wait_s)
+            except TimeoutError:  # nats-py raises its own subclass or the builtin: no work yet
+                continue
+            except Exception as exc:  # a broken connection, a deleted consumer: log, pause, go on
+                log.warning("fetch from %s failed: %s; trying again", self._bus.names.consumer(opts.provider), exc)
+                with anyio.move_on_after(1):
+                    await self._stopping.wait()
+                continue
+            for msg in msgs:
+                if self._stopping.is_set():
+                    await _nak_now(msg)  # fetched as the stop came: let another worker have it at once
+                    continue
+                self._in_flight += 1
+                calls.start_soon(self._handle, msg)
+
+    async def _drain(self, calls: TaskGroup) -> None:
+        if self._in_flight:
+            log.info("worker %s draining %d task(s)", self.id, self._in_flight)
+        with anyio.move_on_after(self._opts.drain_timeout_s):
+            await self._wait_for(lambda: self._in_flight == 0)
+        # Whatever is still running now is cancelled; _handle NAKs it for prompt redelivery.
+        calls.cancel_scope.cancel()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _wait_for(self, predicate: Any) -> None:
+        while not predicate():
+            await self._changed.wait()
+
+    # one task ------------------------------------------------------------------------------------
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            await self._process(msg)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(3):
+                await _nak_now(msg)
+            raise
+        except Exception:
+            # A bug here must not take the worker down; the task is redelivered after AckWait.
+            log.exception("worker %s could not process a task message", self.id)
+        finally:
+            self._in_flight -= 1
+            self._notify()
+
+    async def _process(self, msg: Msg) -> None:
+        try:
+            task = task_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await self._reject_undecodable(msg, exc)
+            return
+        attempt = msg.metadata.num_delivered or 1
+        if attempt > task.max_attempts:
+            # Delivered again after crashes or ack timeouts; no call is made.
+            error = f"delivered {attempt} times without an outcome (worker crashes or ack timeouts)"
+            await self._settle(msg, task, attempt - 1, FailNow(error), started_ms=now_ms(), call_s=0.0)
+            return
+        started_ms = now_ms()
+        await self._publish_quietly(
+            Running(
+                task_id=task.id,
+                provider=task.provider,
+                at_ms=started_ms,
+                attempt=attempt,
+                worker=self.id,
+                submitted_at_ms=task.submitted_at_ms,
+            )
+        )
+        t0 = time.perf_counter()
+        outcome = await self._call(msg, task)
+        with anyio.CancelScope(shield=True):
+            await self._settle(msg, task, attempt, outcome, started_ms, time.perf_counter() - t0)
+
+    async def _call(self, msg: Msg, task: Task) -> Outcome:
+        outcome: Outcome
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._keep_alive, msg)
+            try:
+                with anyio.fail_after(self._opts.call_timeout_s):
+                    outcome = await self._provider.complete(task)
+            except ProviderError as exc:
+                outcome = exc
+            except TimeoutError:
+                outcome = RetryLater(f"{task.provider} gave no answer within {self._opts.call_timeout_s:g}s")
+            except Exception as exc:
+                log.exception("provider %s raised an unexpected error on task %s", task.provider, task.id)
+                outcome = RetryLater(f"{type(exc).__name__}: {exc}")
+            tg.cancel_scope.cancel()
+        return outcome
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        interval_s = self._ack_wait_s * KEEPALIVE_FRACTION
+        while True:
+            await anyio.sleep(interval_s)
+            try:
+                await msg.in_progress()
+            except nats.errors.Error as exc:
+                log.warning("in-progress ack failed: %s", exc)
+
+    async def _settle(
+        self, msg: Msg, task: Task, attempt: int, outcome: Outcome, started_ms: int, call_s: float
+    ) -> None:
+        """The one place where an outcome becomes ack, NAK or TERM."""
+        base = {"task_id": task.id, "provider": task.provider, "attempt": attempt, "worker": self.id}
+        try:
+            match outcome:
+                case Output():
+                    event: TaskEvent = Completed(
+                        at_ms=now_ms(),
+                        output=outcome.value,
+                        model=outcome.model,
+                        usage=outcome.usage,
+                        submitted_at_ms=task.submitted_at_ms,
+                        started_at_ms=started_ms,
+                        call_s=round(call_s, 6),
+                        **base,
+                    )
+                    try:
+                        data = encoder.encode(event)
+                    except (TypeError, msgspec.EncodeError) as exc:
+                        bad = FailNow(f"the output of {task.provider} is not JSON-serializable: {exc}")
+                        await self._settle(msg, task, attempt, bad, started_ms, call_s)
+                        return
+                    await self._record(task, data, final=True)
+                    await msg.ack()
+                    self._counts.completed += 1
+                case RetryAfter() | RetryLater() if not self._out_of_attempts(task, attempt, outcome):
+                    delay_s = self._delay_s(attempt, outcome)
+                    reason = "rate_limit" if isinstance(outcome, RetryAfter) else "transient"
+                    event = Retrying(
+                        at_ms=now_ms(),
+                        reason=reason,
+                        error=outcome.message,
+                        retry_in_s=round(delay_s, 3),
+                        next_try_at_ms=now_ms() + int(delay_s * 1000),
+                        **base,
+                    )
+                    await self._record(task, encoder.encode(event), final=False)
+                    await msg.nak(delay=delay_s)
+                    self._counts.retried += 1
+                case ProviderError():
+                    out = not isinstance(outcome, FailNow)
+                    event = Failed(
+                        at_ms=now_ms(),
+                        reason="out_of_attempts" if out else "permanent",
+                        error=f"out of attempts ({attempt}); last error: {outcome.message}"
+                        if out
+                        else outcome.message,
+                        **base,
+                    )
+                    await self._record(task, encoder.encode(event), final=True)
+                    await msg.term()
+                    self._counts.failed += 1
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            # Not recorded, so not acked: the task comes back after AckWait and nothing is lost.
+            log.warning("could not record the outcome of task %s (%s); it will be redelivered", task.id, exc)
+
+    def _out_of_attempts(self, task: Task, attempt: int, outcome: ProviderError) -> bool:
+        return isinstance(outcome, RetryLater) and attempt >= task.max_attempts
+
+    def _delay_s(self, attempt: int, outcome: ProviderError) -> float:
+        if isinstance(outcome, RetryAfter):
+            # The provider's own delay, plus a little jitter so that waiters do not return in step.
+            return outcome.retry_after_s + random.uniform(0, max(0.25, 0.1 * outcome.retry_after_s))
+        backoff_s = min(self._opts.backoff_cap_s, self._opts.backoff_base_s * 2 ** (attempt - 1))
+        return backoff_s * random.uniform(0.5, 1.0)
+
+    async def _record(self, task: Task, data: bytes, *, final: bool) -> None:
+        names = self._bus.names
+        headers = {"Nats-Msg-Id": f"{task.id}:final"} if final else None
+        ack = await self._bus.js.publish(
+            names.event_subject(task.provider, task.id), data, headers=headers, stream=names.events_stream
+        )
+        if ack.duplicate:
+            log.warning("task %s already had a final outcome; this worker's result is not recorded", task.id)
+
+    async def _publish_quietly(self, event: TaskEvent) -> None:
+        # Informational events go out without waiting for the store's ack; the connection keeps them
+        # in order ahead of the task's later (acknowledged) events.
+        subject = self._bus.names.event_subject(event.provider, event.task_id)
+        try:
+            await self._bus.nc.publish(subject, encoder.encode(event))
+        except nats.errors.Error as exc:
+            log.debug("could not publish %s event: %s", type(event).__name__, exc)
+
+    async def _reject_undecodable(self, msg: Msg, exc: Exception) -> None:
+        seq = msg.metadata.sequence.stream
+        task_id = _claimed_id(msg.data) or f"undecodable-{seq}"
+        provider = self._opts.provider
+        error = f"task message {seq} on {msg.subject} is not a valid task: {exc}"
+        log.warning("%s; terminated", error)
+        event = Failed(
+            task_id=task_id, provider=provider, at_ms=now_ms(), attempt=0, worker=self.id,
+            reason="undecodable", error=error,
+        )  # fmt: skip
+        subject = self._bus.names.event_subject(provider, task_id)
+        try:
+            await self._bus.js.publish(subject, encoder.encode(event), stream=self._bus.names.events_stream)
+        finally:
+            await msg.term()
+        self._counts.failed += 1
+
+    # heartbeats ----------------------------------------------------------------------------------
+
+    def beat(self) -> WorkerBeat:
+        return WorkerBeat(
+            worker_id=self.id,
+            provider=self._opts.provider,
+            host=self._host,
+            pid=os.getpid(),
+            version=__version__,
+            state="draining" if self._stopping.is_set() else "running",
+            concurrency=self._opts.concurrency,
+            in_flight=self._in_flight,
+            completed=self._counts.completed,
+            failed=self._counts.failed,
+            retried=self._counts.retried,
+            started_at_ms=self._started_at_ms,
+            at_ms=now_ms(),
+        )
+
+    async def _beat_loop(self) -> None:
+        interval_s = self._bus.settings.heartbeat_interval_s
+        while True:
+            try:
+                await self._bus.workers_kv.put(self.id, encoder.encode(self.beat()))
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                log.warning("heartbeat of %s not written: %s", self.id, exc)
+            await anyio.sleep(interval_s)
+
+    async def _forget_beat(self) -> None:
+        try:
+            await self._bus.workers_kv.delete(self.id)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.debug("heartbeat of %s not removed (%s); it expires by itself", self.id, exc)
+
+
+async def _nak_now(msg: Msg) -> None:
+    try:
+        await msg.nak()
+    except nats.errors.Error as exc:
+        log.debug("NAK failed (%s); the task returns after AckWait", exc)
+
+
+def _worker_id(provider: str, host: str) -> str:
+    return f"{provider}-{_ID_SAFE.sub('-', host)[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def _claimed_id(data: bytes) -> str | None:
+    """The task id an undecodable message claims, if it carries a well-formed one."""
+    try:
+        claimed = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return None
+    value = claimed.get("id") if isinstance(claimed, dict) else None
+    return value if isinstance(value, str) and is_task_id(value) else None

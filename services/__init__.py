@@ -1,0 +1,1 @@
+"""Services that run beside the bus: the HTTP gateway."""

@@ -1,0 +1,230 @@
+"""The HTTP gateway: a thin Litestar app that turns HTTP submissions into JetStream messages.
+
+Litestar was chosen because it decodes and validates request bodies with msgspec natively (the same
+Structs the bus uses, so the HTTP and wire shapes cannot drift) and generates an OpenAPI document from
+them. uvicorn serves it.
+
+Every error answer is JSON of the form ``{"error": {"code": ..., "message": ..., "field": ...}}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import anyio
+import msgspec
+import uvicorn
+from anyio.abc import TaskStatus
+from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.params import Parameter
+
+from hive_bus import BusUnavailable, Hive, QueueFull, TaskNotFound, TaskRequest, TaskView, WorkerBeat
+from hive_bus._names import PROVIDER_PATTERN
+
+log = logging.getLogger("hive_bus.gateway")
+
+MAX_WAIT_S = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 256 * 1024
+
+
+class TaskAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    status: str
+    duplicate: bool = False
+
+
+def _hive(state: State) -> Hive:
+    hive: Hive = state.hive
+    return hive
+
+
+@post("/v1/tasks", status_code=202, summary="Submit a task")
+async def submit_task(data: TaskRequest, state: State) -> Response[TaskAccepted]:
+    """Queue one task. 202 once JetStream has stored it; 200 with the first task's id and current
+    status when the idempotency key was already used inside the de-duplication window."""
+    hive = _hive(state)
+    accepted = await hive.submit_request(data)
+    if accepted.duplicate:
+        view = await hive.get(accepted.id)
+        return Response(TaskAccepted(id=accepted.id, status=view.status, duplicate=True), status_code=200)
+    return Response(TaskAccepted(id=accepted.id, status="queued"), status_code=202)
+
+
+@get("/v1/tasks/{task_id:str}", summary="A task's status and, once done, its result")
+async def get_task(
+    task_id: str,
+    state: State,
+    wait: Annotated[
+        float, Parameter(ge=0, le=MAX_WAIT_S, description="hold the request up to this many seconds for the end")
+    ] = 0.0,
+) -> TaskView:
+    hive = _hive(state)
+    if wait > 0:
+        return await hive.wait(task_id, wait)
+    return await hive.get(task_id)
+
+
+@get("/v1/workers", summary="Workers whose heartbeat has not expired")
+async def list_workers(state: State) -> list[WorkerBeat]:
+    return await _hive(state).workers()
+
+
+@get("/healthz", summary="The gateway process is up")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+# errors ------------------------------------------------------------------------------------------
+
+
+def _error(status: int, code: str, message: str, *, field: str | None = None, **headers: str) -> Response[Any]:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return Response({"error": body}, status_code=status, media_type=MediaType.JSON, headers=headers or None)
+
+
+_FRIENDLY = {
+    "prompt": "must be a string with at least one non-blank character",
+    "provider": f"must be 1-64 letters, digits, '_' or '-' (it becomes a NATS subject token; {PROVIDER_PATTERN})",
+}
+
+
+def on_validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    if not problems:
+        return _error(400, "invalid_request", str(exc.detail))
+    first = problems[0]
+    key = str(first.get("key", ""))
+    message = str(first.get("message", exc.detail))
+    source = first.get("source")
+    if source == "body" and key == "data":
+        if message == "'data'":  # Litestar's words for an empty body
+            return _error(400, "invalid_request", "the request body is empty; send a JSON object")
+        return _error(400, "invalid_request", message)
+    if "regex" in message and key in _FRIENDLY:
+        message = f"{key} {_FRIENDLY[key]}"
+    where = f"query parameter {key!r}" if source == "query" else key
+    return _error(400, "invalid_request", f"{where}: {message}" if key not in message else message, field=key)
+
+
+def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+    message = str(exc.detail)
+    if exc.status_code == 413:
+        limit = request.app.request_max_body_size
+        message = f"the request body is larger than the gateway's limit of {limit} bytes"
+    elif exc.status_code == 400 and message.startswith("JSON is malformed"):
+        message = f"the request body is not valid JSON: {message.removeprefix('JSON is malformed: ')}"
+    return _error(exc.status_code, code.get(exc.status_code, "bad_request"), message)
+
+
+def on_bus_unavailable(request: Request[Any, Any, Any], exc: BusUnavailable) -> Response[Any]:
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return _error(503, "bus_unavailable", str(exc), **{"Retry-After": "5"})
+
+
+def on_queue_full(request: Request[Any, Any, Any], exc: QueueFull) -> Response[Any]:
+    return _error(503, "queue_full", str(exc), **{"Retry-After": str(int(exc.retry_after_s))})
+
+
+def on_not_found(request: Request[Any, Any, Any], exc: TaskNotFound) -> Response[Any]:
+    return _error(404, "task_not_found", str(exc))
+
+
+def on_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.exception("%s %s failed", request.method, request.url.path)
+    return _error(500, "internal", "the gateway failed to answer this request; its log says why")
+
+
+def create_app(hive: Hive, options: GatewayOptions | None = None) -> Litestar:
+    """The gateway app, serving ``hive``'s bus."""
+    options = options or GatewayOptions()
+    return Litestar(
+        route_handlers=[submit_task, get_task, list_workers, healthz],
+        state=State({"hive": hive}),
+        request_max_body_size=options.max_body_bytes,
+        exception_handlers={
+            ValidationException: on_validation_error,
+            HTTPException: on_http_error,
+            BusUnavailable: on_bus_unavailable,
+            QueueFull: on_queue_full,
+            TaskNotFound: on_not_found,
+            Exception: on_internal_error,
+        },
+        logging_config=None,
+    )
+
+
+# serving -----------------------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its own signal handling: ``hive`` handles signals and stops us by itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class GatewayError(RuntimeError):
+    """The gateway could not start; the message says why in one line."""
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise GatewayError(f"port {port} on {host} is taken; choose another with --port") from None
+        raise GatewayError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class Gateway:
+    """The gateway's HTTP server: ``await tg.start(gateway.serve)``, later :meth:`stop`."""
+
+    def __init__(self, hive: Hive, options: GatewayOptions, *, sock: socket.socket | None = None) -> None:
+        self.options = options
+        self._sock = sock or bind(options.host, options.port)
+        self.port: int = self._sock.getsockname()[1]
+        config = uvicorn.Config(
+            create_app(hive, options), log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
+        )
+        self._server = _Server(config)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.options.host}:{self.port}"
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._server.serve, [self._sock])
+            with anyio.fail_after(10):
+                while not self._server.started:
+                    await anyio.sleep(0.01)
+            log.info("gateway listening on %s", self.url)
+            task_status.started()
+
+    def stop(self) -> None:
+        self._server.should_exit = True

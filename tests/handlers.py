@@ -1,0 +1,65 @@
+"""Custom handlers the tests run as providers (``hive worker --handler tests.handlers:NAME``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+
+from hive_bus import FailNow, RetryLater, Task
+
+# attempts seen per task id, for handlers that behave differently on a later attempt
+_seen: dict[str, int] = {}
+
+LEDGER = {"balance": 100}
+
+
+async def actions(task: Task) -> dict[str, Any]:
+    """Runs a list of named actions, the way a remote machine runs a job sent as a task."""
+    steps = task.payload if isinstance(task.payload, list) else []
+    results: list[dict[str, Any]] = []
+    for step in steps:
+        if step == "check_balance":
+            results.append({"action": step, "balance": LEDGER["balance"]})
+        elif step == "send_coins":
+            LEDGER["balance"] -= 10
+            results.append({"action": step, "sent": 10})
+        elif step == "verify_tx":
+            results.append({"action": step, "ok": LEDGER["balance"] >= 0})
+        else:
+            raise FailNow(f"unknown action {step!r}")
+    return {"results": results}
+
+
+async def flaky(task: Task) -> str:
+    """Fails with a transient error on its first attempt at each task, then answers."""
+    _seen[task.id] = _seen.get(task.id, 0) + 1
+    if _seen[task.id] == 1:
+        raise RetryLater("upstream answered 503")
+    return task.prompt.upper()
+
+
+async def always_down(task: Task) -> str:
+    raise RetryLater("upstream answered 503")
+
+
+async def refuse(task: Task) -> str:
+    raise FailNow("provider said 400: the prompt is not allowed")
+
+
+async def not_json(task: Task) -> object:
+    return object()
+
+
+async def slow(task: Task) -> str:
+    delay_s = task.payload.get("delay_s", 1.0) if isinstance(task.payload, dict) else 1.0
+    await anyio.sleep(float(delay_s))
+    return f"slept {delay_s}s"
+
+
+async def quick(task: Task) -> str:
+    return task.prompt
+
+
+def not_async(task: Task) -> str:
+    return task.prompt

@@ -1,0 +1,264 @@
+"""Submitting through the Python client and completing through workers, with a real nats-server."""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+import pytest
+
+from hive_bus import (
+    Bus,
+    Completed,
+    Failed,
+    FunctionProvider,
+    Hive,
+    Queued,
+    Retrying,
+    Running,
+    TaskNotFound,
+    TaskRequest,
+    load_handler,
+)
+from hive_bus._messages import is_task_id
+from workers.echo import EchoProvider
+
+from . import handlers
+from .helpers import events_of, running_worker, stream_messages
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_submit_and_complete_through_the_client(bus: Bus, hive: Hive) -> None:
+    async with running_worker(bus, "echo", EchoProvider()):
+        task_id = await hive.submit("echo", "Escribe un tuit sobre el café", metadata={"batch": "b1"})
+        view = await hive.wait(task_id, timeout_s=10)
+    assert is_task_id(task_id)
+    assert view.status == "completed"
+    assert view.output == "Escribe un tuit sobre el café"
+    assert view.attempt == 1
+    assert view.usage is not None and view.usage.input_tokens == 6  # words
+    kinds = [type(e) for e in await events_of(bus, task_id)]
+    assert kinds == [Queued, Running, Completed]
+    assert await stream_messages(bus, bus.names.tasks_stream) == 0  # acked, so gone from the work queue
+
+
+async def test_ids_sort_by_submission_time(hive: Hive) -> None:
+    ids = [await hive.submit("nobody", f"p{i}") for i in range(5)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 5
+
+
+async def test_queued_task_waits_for_a_worker(bus: Bus, hive: Hive) -> None:
+    task_id = await hive.submit("later", "hello")
+    view = await hive.wait(task_id, timeout_s=0.5)
+    assert view.status == "queued"
+    async with running_worker(bus, "later", EchoProvider()):
+        view = await hive.wait(task_id, timeout_s=10)
+    assert view.status == "completed"
+
+
+async def test_get_of_unknown_or_malformed_id(hive: Hive) -> None:
+    with pytest.raises(TaskNotFound, match="no task"):
+        await hive.get("01JAAAAAAAAAAAAAAAAAAAAAAA")
+    with pytest.raises(TaskNotFound, match="not a task id"):
+        await hive.get("hive.events.>")
+
+
+async def test_idempotent_resubmission_returns_the_first_id_and_runs_once(bus: Bus, hive: Hive) -> None:
+    first = await hive.submit("echo", "one post", idempotency_key="post-42")
+    again = await hive.submit("echo", "one post", idempotency_key="post-42")
+    other = await hive.submit("echo", "one post", idempotency_key="post-43")
+    assert again == first
+    assert other != first
+    assert await stream_messages(bus, bus.names.tasks_stream) == 2
+    async with running_worker(bus, "echo", EchoProvider()):
+        assert (await hive.wait(first, 10)).status == "completed"
+        assert (await hive.wait(other, 10)).status == "completed"
+    # resubmitted after it completed, still inside the window: same id, and not run again
+    assert await hive.submit("echo", "one post", idempotency_key="post-42") == first
+    assert await stream_messages(bus, bus.names.tasks_stream) == 0
+    completed = [e for e in await events_of(bus, first) if isinstance(e, Completed)]
+    assert len(completed) == 1
+
+
+async def test_submit_many_and_results_in_completion_order(bus: Bus, hive: Hive) -> None:
+    requests = [TaskRequest(provider="echo", prompt=f"post {i}") for i in range(50)]
+    ids = await hive.submit_many(requests)
+    assert len(ids) == 50
+    seen: dict[str, str] = {}
+    async with running_worker(bus, "echo", EchoProvider(), concurrency=8):
+        with anyio.fail_after(20):
+            async for view in hive.results(ids):
+                seen[view.id] = view.output
+    assert seen == {task_id: f"post {i}" for i, task_id in enumerate(ids)}
+
+
+async def test_results_without_ids_follows_new_tasks(bus: Bus, hive: Hive) -> None:
+    got: list[str] = []
+
+    async def follow() -> None:
+        async for view in hive.results(provider="echo"):
+            got.append(view.output)
+            if len(got) == 3:
+                return
+
+    async with running_worker(bus, "echo", EchoProvider()), anyio.create_task_group() as tg:
+        tg.start_soon(follow)
+        await anyio.sleep(0.3)
+        for i in range(3):
+            await hive.submit("echo", f"live {i}")
+        with anyio.fail_after(10):
+            while len(got) < 3:
+                await anyio.sleep(0.05)
+    assert sorted(got) == ["live 0", "live 1", "live 2"]
+
+
+async def test_custom_handler_runs_a_list_of_actions(bus: Bus, hive: Hive) -> None:
+    provider = load_handler("tests.handlers:actions")
+    async with running_worker(bus, "wallet", provider):
+        task_id = await hive.submit(
+            "wallet", "run the payout", payload=["check_balance", "send_coins", "verify_tx"]
+        )
+        view = await hive.wait(task_id, 10)
+    assert view.status == "completed"
+    assert [r["action"] for r in view.output["results"]] == ["check_balance", "send_coins", "verify_tx"]
+
+
+async def test_transient_error_is_retried_then_completes(bus: Bus, hive: Hive) -> None:
+    async with running_worker(bus, "flaky", FunctionProvider(handlers.flaky), backoff_base_s=0.2):
+        task_id = await hive.submit("flaky", "retry me")
+        view = await hive.wait(task_id, 10)
+    assert view.status == "completed"
+    assert view.output == "RETRY ME"
+    assert view.attempt == 2
+    events = await events_of(bus, task_id)
+    retrying = [e for e in events if isinstance(e, Retrying)]
+    assert len(retrying) == 1
+    assert retrying[0].reason == "transient"
+    assert retrying[0].error == "upstream answered 503"
+    assert retrying[0].next_try_at_ms > retrying[0].at_ms
+
+
+async def test_retrying_status_says_why_and_when(bus: Bus, hive: Hive) -> None:
+    async with running_worker(bus, "down", FunctionProvider(handlers.always_down), backoff_base_s=30):
+        task_id = await hive.submit("down", "x")
+        with anyio.fail_after(10):
+            while (view := await hive.get(task_id)).status != "retrying":
+                await anyio.sleep(0.05)
+    assert view.error == "upstream answered 503"
+    assert view.reason == "transient"
+    assert view.next_try_at_ms is not None and view.next_try_at_ms > view.updated_at_ms + 10_000
+
+
+async def test_permanent_error_fails_at_once_with_its_message(bus: Bus, hive: Hive) -> None:
+    async with running_worker(bus, "strict", FunctionProvider(handlers.refuse)):
+        task_id = await hive.submit("strict", "x", max_attempts=5)
+        view = await hive.wait(task_id, 10)
+    assert view.status == "failed"
+    assert view.reason == "permanent"
+    assert view.error == "provider said 400: the prompt is not allowed"
+    assert view.attempt == 1
+    assert await stream_messages(bus, bus.names.tasks_stream) == 0  # terminated, not redelivered
+
+
+async def test_out_of_attempts_fails_with_the_last_error(bus: Bus, hive: Hive) -> None:
+    async with running_worker(bus, "down", FunctionProvider(handlers.always_down), backoff_base_s=0.05):
+        task_id = await hive.submit("down", "x", max_attempts=3)
+        view = await hive.wait(task_id, 10)
+    assert view.status == "failed"
+    assert view.reason == "out_of_attempts"
+    assert view.attempt == 3
+    assert "upstream answered 503" in (view.error or "")
+
+
+async def test_output_that_is_not_json_fails_clearly(bus: Bus, hive: Hive) -> None:
+    async with running_worker(bus, "odd", FunctionProvider(handlers.not_json)):
+        view = await hive.wait(await hive.submit("odd", "x"), 10)
+    assert view.status == "failed"
+    assert "not JSON-serializable" in (view.error or "")
+
+
+async def test_undecodable_task_message_is_terminated_and_the_worker_goes_on(bus: Bus, hive: Hive) -> None:
+    names = bus.names
+    async with running_worker(bus, "echo", EchoProvider()):
+        await bus.js.publish(names.task_subject("echo"), b"\xff not json")
+        await bus.js.publish(names.task_subject("echo"), msgspec.json.encode({"type": "task.v1", "id": 7}))
+        task_id = await hive.submit("echo", "still working")
+        assert (await hive.wait(task_id, 10)).output == "still working"
+        with anyio.fail_after(5):
+            while await stream_messages(bus, names.tasks_stream):
+                await anyio.sleep(0.05)
+    failed = []
+    sub = await bus.js.subscribe(f"{names.prefix}.events.echo.*", ordered_consumer=True)
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=0.5)
+        except TimeoutError:
+            break
+        event = msgspec.json.decode(msg.data)
+        if event["type"] == "failed.v1":
+            failed.append(event)
+    await sub.unsubscribe()
+    assert len(failed) == 2
+    assert all(f["reason"] == "undecodable" for f in failed)
+    assert "is not a valid task" in failed[0]["error"]
+
+
+async def test_long_call_is_kept_alive_and_delivered_once(nats_server_settings_short_ack: tuple[Bus, Hive]) -> None:
+    bus, hive = nats_server_settings_short_ack
+    async with running_worker(bus, "slow", FunctionProvider(handlers.slow)):
+        task_id = await hive.submit("slow", "x", payload={"delay_s": 3.5})  # 3.5x AckWait
+        view = await hive.wait(task_id, 15)
+    assert view.status == "completed"
+    running = [e for e in await events_of(bus, task_id) if isinstance(e, Running)]
+    assert len(running) == 1, "redelivered although in-progress acks were sent"
+
+
+async def test_drain_finishes_in_flight_work(bus: Bus, hive: Hive) -> None:
+    async with running_worker(bus, "slow", FunctionProvider(handlers.slow)) as worker:
+        task_id = await hive.submit("slow", "x", payload={"delay_s": 1.0})
+        with anyio.fail_after(5):
+            while worker.in_flight == 0:
+                await anyio.sleep(0.02)
+    # leaving the block stopped the worker; it finished the call before returning
+    view = await hive.get(task_id)
+    assert view.status == "completed"
+
+
+async def test_drain_timeout_hands_the_task_back_at_once(bus: Bus, hive: Hive) -> None:
+    slow = FunctionProvider(handlers.slow)
+    async with running_worker(bus, "slow", slow, drain_timeout_s=0.2) as worker:
+        task_id = await hive.submit("slow", "x", payload={"delay_s": 60})
+        with anyio.fail_after(5):
+            while worker.in_flight == 0:
+                await anyio.sleep(0.02)
+    # NAKed without delay: another worker has it long before AckWait (30 s) would have passed
+    assert bus.settings.ack_wait_s >= 30
+    async with running_worker(bus, "slow", FunctionProvider(handlers.quick)):
+        with anyio.fail_after(5):
+            view = await hive.wait(task_id, 5)
+    assert view.status == "completed"
+    assert view.attempt == 2
+
+
+async def test_heartbeat_appears_and_leaves_with_the_worker(bus: Bus, hive: Hive) -> None:
+    async with running_worker(bus, "echo", EchoProvider(), concurrency=3) as worker:
+        with anyio.fail_after(5):
+            while not (beats := await hive.workers()):
+                await anyio.sleep(0.05)
+        assert [b.worker_id for b in beats] == [worker.id]
+        beat = beats[0]
+        assert (beat.provider, beat.concurrency, beat.state) == ("echo", 3, "running")
+        assert beat.pid > 0 and beat.host and beat.version
+    assert await hive.workers() == []  # a clean stop removes its key at once
+
+
+@pytest.fixture
+async def nats_server_settings_short_ack(nats_server: object) -> object:
+    from hive_bus import open_bus
+
+    from .conftest import make_settings
+
+    settings = make_settings(nats_server.url, ack_wait_s=1.0)  # type: ignore[attr-defined]
+    async with open_bus(settings) as bus:
+        yield bus, Hive(bus)
