@@ -93,7 +93,7 @@ async def connect_nats(settings: Settings, *, name: str) -> NATS:
             name=name,
             connect_timeout=2,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            reconnect_time_wait=1,
             error_cb=on_error,
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
@@ -118,7 +118,9 @@ async def declare_bus(js: JetStreamContext, settings: Settings) -> KeyValue:
     except nats.js.errors.ServiceUnavailableError:
         raise BusUnavailable("JetStream is not enabled on the NATS server (start it with -js)") from None
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-        raise BusUnavailable(f"JetStream did not answer while declaring {names.prefix} objects: {exc}") from None
+        raise BusUnavailable(
+            f"JetStream did not answer while declaring {names.prefix} objects: {exc}"
+        ) from None
 
 
 def tasks_stream_config(settings: Settings) -> StreamConfig:
@@ -205,11 +207,11 @@ async def ensure_consumer(js: JetStreamContext, settings: Settings, provider: st
     stream = settings.names.tasks_stream
     assert want.durable_name is not None
     try:
-        info = await js.consumer_info(stream, want.durable_name)
+        info: ConsumerInfo = await js.consumer_info(stream, want.durable_name)
     except nats.js.errors.NotFoundError:
-        info = await js.add_consumer(stream, want)
+        created: ConsumerInfo = await js.add_consumer(stream, want)
         log.info("created consumer %s on %s", want.durable_name, stream)
-        return info
+        return created
     have = info.config
     _check(
         f"consumer {want.durable_name} on stream {stream}",

@@ -71,7 +71,9 @@ def _one_line(exc: BaseException) -> str:
 def bus_options(fn: F) -> F:
     """``--nats`` and ``--prefix``, on every command that talks to a bus."""
 
-    @click.option("--nats", "nats_url", metavar="URL", help="NATS server URL [env HIVE_NATS_URL; nats://127.0.0.1:4222]")
+    @click.option(
+        "--nats", "nats_url", metavar="URL", help="NATS server URL [env HIVE_NATS_URL; nats://127.0.0.1:4222]"
+    )
     @click.option("--prefix", help="bus prefix, to run several buses on one server [env HIVE_PREFIX; hive]")
     @functools.wraps(fn)
     def wrapper(*args: Any, nats_url: str | None, prefix: str | None, **kwargs: Any) -> Any:
@@ -110,7 +112,9 @@ def cli(log_level: str) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="gateway address")
 @click.option("--port", default=8080, show_default=True, help="gateway port (0: any free port)")
-@click.option("--nats-port", default=4222, show_default=True, help="embedded nats-server port (0: any free port)")
+@click.option(
+    "--nats-port", default=4222, show_default=True, help="embedded nats-server port (0: any free port)"
+)
 @click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
 @click.option("--prefix", help="bus prefix [env HIVE_PREFIX; hive]")
 def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> None:
@@ -239,7 +243,9 @@ def _json_object(value: str | None, what: str) -> Any:
 @click.option("--metadata", help="JSON object kept with the task")
 @click.option("--key", "idempotency_key", help="idempotency key: a resubmission returns the first task")
 @click.option("--max-attempts", type=click.IntRange(1, 100))
-@click.option("--wait", "wait_s", type=float, default=None, help="wait up to this many seconds for the result")
+@click.option(
+    "--wait", "wait_s", type=float, default=None, help="wait up to this many seconds for the result"
+)
 @bus_options
 def submit(
     provider: str,
@@ -313,4 +319,3 @@ def _print_view(view: TaskView) -> None:
 
 def main() -> None:
     cli()
-

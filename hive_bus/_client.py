@@ -13,6 +13,7 @@ Publishing the event first also means a task's ``queued`` event always precedes 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -248,13 +249,13 @@ class Hive:
         watcher = await kv.watchall(ignore_deletes=True, meta_only=False)
         try:
             while True:
-                entry = await watcher.updates(timeout=self._bus.settings.request_timeout_s)
+                entry = await watcher.updates(timeout=self._bus.settings.request_timeout_s)  # type: ignore[no-untyped-call]
                 if entry is None:  # the end of the current values
                     break
                 if entry.value:
                     beats.append(beat_decoder.decode(entry.value))
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]
         return sorted(beats, key=lambda b: (b.provider, b.worker_id))
 
     # -----------------------------------------------------------------------------------------------
@@ -287,20 +288,22 @@ class Hive:
             reason="rejected", error=why,
         )  # fmt: skip
         try:
-            await self._bus.js.publish(self._bus.names.event_subject(task.provider, task.id), encoder.encode(event))
+            await self._bus.js.publish(
+                self._bus.names.event_subject(task.provider, task.id), encoder.encode(event)
+            )
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.warning("could not record the rejection of task %s: %s", task.id, exc)
 
 
 async def _unsubscribe(sub: Any) -> None:
-    try:
+    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
         await sub.unsubscribe()
-    except (nats.errors.Error, nats.js.errors.Error):
-        pass
 
 
 @asynccontextmanager
-async def connect(url: str | None = None, *, settings: Settings | None = None, **options: Any) -> AsyncIterator[Hive]:
+async def connect(
+    url: str | None = None, *, settings: Settings | None = None, **options: Any
+) -> AsyncIterator[Hive]:
     """Connect to a bus: ``async with hive_bus.connect("nats://pi.local:4222") as hive: ...``.
 
     ``options`` are :class:`Settings` fields (``prefix``, ``request_timeout_s``, ...); ``HIVE_*``

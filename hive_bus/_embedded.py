@@ -153,7 +153,9 @@ class NatsServer:
 
 
 @asynccontextmanager
-async def run_nats_server(store_dir: Path, *, port: int = 0, host: str = "127.0.0.1") -> AsyncIterator[NatsServer]:
+async def run_nats_server(
+    store_dir: Path, *, port: int = 0, host: str = "127.0.0.1"
+) -> AsyncIterator[NatsServer]:
     server = NatsServer(store_dir, port=port, host=host)
     await anyio.to_thread.run_sync(server.start)
     try:

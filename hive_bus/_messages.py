@@ -184,41 +184,32 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     @classmethod
     def of(cls, event: TaskEvent) -> TaskView:
-        base = {"id": event.task_id, "provider": event.provider, "updated_at_ms": event.at_ms}
+        id_, provider, at_ms = event.task_id, event.provider, event.at_ms
         match event:
             case Queued():
-                return cls(status="queued", **base)
-            case Running(attempt=attempt, worker=worker):
-                return cls(status="running", attempt=attempt, worker=worker, **base)
+                return cls(id=id_, provider=provider, updated_at_ms=at_ms, status="queued")
+            case Running():
+                return cls(
+                    id=id_, provider=provider, updated_at_ms=at_ms, status="running",
+                    attempt=event.attempt, worker=event.worker,
+                )  # fmt: skip
             case Retrying():
                 return cls(
-                    status="retrying",
-                    attempt=event.attempt,
-                    worker=event.worker,
-                    reason=event.reason,
-                    error=event.error,
+                    id=id_, provider=provider, updated_at_ms=at_ms, status="retrying",
+                    attempt=event.attempt, worker=event.worker, reason=event.reason, error=event.error,
                     next_try_at_ms=event.next_try_at_ms,
-                    **base,
-                )
+                )  # fmt: skip
             case Completed():
                 return cls(
-                    status="completed",
-                    attempt=event.attempt,
-                    worker=event.worker,
-                    output=event.output,
-                    model=event.model,
+                    id=id_, provider=provider, updated_at_ms=at_ms, status="completed",
+                    attempt=event.attempt, worker=event.worker, output=event.output, model=event.model,
                     usage=event.usage,
-                    **base,
-                )
+                )  # fmt: skip
             case Failed():
                 return cls(
-                    status="failed",
-                    attempt=event.attempt,
-                    worker=event.worker,
-                    reason=event.reason,
-                    error=event.error,
-                    **base,
-                )
+                    id=id_, provider=provider, updated_at_ms=at_ms, status="failed",
+                    attempt=event.attempt, worker=event.worker, reason=event.reason, error=event.error,
+                )  # fmt: skip
 
 
 class WorkerBeat(Struct, frozen=True, kw_only=True, tag="worker.v1", tag_field="type"):

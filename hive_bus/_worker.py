@@ -140,7 +140,9 @@ class Worker:
             except TimeoutError:  # nats-py raises its own subclass or the builtin: no work yet
                 continue
             except Exception as exc:  # a broken connection, a deleted consumer: log, pause, go on
-                log.warning("fetch from %s failed: %s; trying again", self._bus.names.consumer(opts.provider), exc)
+                log.warning(
+                    "fetch from %s failed: %s; trying again", self._bus.names.consumer(opts.provider), exc
+                )
                 with anyio.move_on_after(1):
                     await self._stopping.wait()
                 continue
@@ -241,22 +243,16 @@ class Worker:
         self, msg: Msg, task: Task, attempt: int, outcome: Outcome, started_ms: int, call_s: float
     ) -> None:
         """The one place where an outcome becomes ack, NAK or TERM."""
-        base = {"task_id": task.id, "provider": task.provider, "attempt": attempt, "worker": self.id}
         try:
             match outcome:
                 case Output():
-                    event: TaskEvent = Completed(
-                        at_ms=now_ms(),
-                        output=outcome.value,
-                        model=outcome.model,
-                        usage=outcome.usage,
-                        submitted_at_ms=task.submitted_at_ms,
-                        started_at_ms=started_ms,
-                        call_s=round(call_s, 6),
-                        **base,
-                    )
+                    completed = Completed(
+                        task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=attempt,
+                        worker=self.id, output=outcome.value, model=outcome.model, usage=outcome.usage,
+                        submitted_at_ms=task.submitted_at_ms, started_at_ms=started_ms, call_s=round(call_s, 6),
+                    )  # fmt: skip
                     try:
-                        data = encoder.encode(event)
+                        data = encoder.encode(completed)
                     except (TypeError, msgspec.EncodeError) as exc:
                         bad = FailNow(f"the output of {task.provider} is not JSON-serializable: {exc}")
                         await self._settle(msg, task, attempt, bad, started_ms, call_s)
@@ -266,29 +262,24 @@ class Worker:
                     self._counts.completed += 1
                 case RetryAfter() | RetryLater() if not self._out_of_attempts(task, attempt, outcome):
                     delay_s = self._delay_s(attempt, outcome)
-                    reason = "rate_limit" if isinstance(outcome, RetryAfter) else "transient"
-                    event = Retrying(
-                        at_ms=now_ms(),
-                        reason=reason,
-                        error=outcome.message,
-                        retry_in_s=round(delay_s, 3),
+                    retrying = Retrying(
+                        task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=attempt,
+                        worker=self.id, reason="rate_limit" if isinstance(outcome, RetryAfter) else "transient",
+                        error=outcome.message, retry_in_s=round(delay_s, 3),
                         next_try_at_ms=now_ms() + int(delay_s * 1000),
-                        **base,
-                    )
-                    await self._record(task, encoder.encode(event), final=False)
+                    )  # fmt: skip
+                    await self._record(task, encoder.encode(retrying), final=False)
                     await msg.nak(delay=delay_s)
                     self._counts.retried += 1
                 case ProviderError():
-                    out = not isinstance(outcome, FailNow)
-                    event = Failed(
-                        at_ms=now_ms(),
-                        reason="out_of_attempts" if out else "permanent",
-                        error=f"out of attempts ({attempt}); last error: {outcome.message}"
-                        if out
-                        else outcome.message,
-                        **base,
-                    )
-                    await self._record(task, encoder.encode(event), final=True)
+                    permanent = isinstance(outcome, FailNow)
+                    failed = Failed(
+                        task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=attempt,
+                        worker=self.id, reason="permanent" if permanent else "out_of_attempts",
+                        error=outcome.message if permanent
+                        else f"out of attempts ({attempt}); last error: {outcome.message}",
+                    )  # fmt: skip
+                    await self._record(task, encoder.encode(failed), final=True)
                     await msg.term()
                     self._counts.failed += 1
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
@@ -302,7 +293,7 @@ class Worker:
         if isinstance(outcome, RetryAfter):
             # The provider's own delay, plus a little jitter so that waiters do not return in step.
             return outcome.retry_after_s + random.uniform(0, max(0.25, 0.1 * outcome.retry_after_s))
-        backoff_s = min(self._opts.backoff_cap_s, self._opts.backoff_base_s * 2 ** (attempt - 1))
+        backoff_s = min(self._opts.backoff_cap_s, self._opts.backoff_base_s * 2.0 ** (attempt - 1))
         return backoff_s * random.uniform(0.5, 1.0)
 
     async def _record(self, task: Task, data: bytes, *, final: bool) -> None:

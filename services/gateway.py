@@ -69,7 +69,8 @@ async def get_task(
     task_id: str,
     state: State,
     wait: Annotated[
-        float, Parameter(ge=0, le=MAX_WAIT_S, description="hold the request up to this many seconds for the end")
+        float,
+        Parameter(ge=0, le=MAX_WAIT_S, description="hold the request up to this many seconds for the end"),
     ] = 0.0,
 ) -> TaskView:
     hive = _hive(state)
@@ -91,7 +92,9 @@ async def healthz() -> dict[str, str]:
 # errors ------------------------------------------------------------------------------------------
 
 
-def _error(status: int, code: str, message: str, *, field: str | None = None, **headers: str) -> Response[Any]:
+def _error(
+    status: int, code: str, message: str, *, field: str | None = None, **headers: str
+) -> Response[Any]:
     body: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
         body["field"] = field
@@ -209,7 +212,11 @@ class Gateway:
         self._sock = sock or bind(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
-            create_app(hive, options), log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
+            create_app(hive, options),
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
         )
         self._server = _Server(config)
 
@@ -221,7 +228,7 @@ class Gateway:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._server.serve, [self._sock])
             with anyio.fail_after(10):
-                while not self._server.started:
+                while not self._server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
                     await anyio.sleep(0.01)
             log.info("gateway listening on %s", self.url)
             task_status.started()

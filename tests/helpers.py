@@ -7,10 +7,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -19,6 +19,7 @@ from hive_bus._messages import event_decoder
 
 REPO = Path(__file__).resolve().parent.parent
 HIVE = str(Path(sys.executable).with_name("hive"))
+T = TypeVar("T")
 
 
 @asynccontextmanager
@@ -55,18 +56,30 @@ async def stream_messages(bus: Bus, stream: str) -> int:
     return info.state.messages
 
 
-def spawn(args: Sequence[str], *, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    args: Sequence[str], *, env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[bytes]:
     """Start ``hive ARGS`` as a child process (ended by its pid in the test)."""
     full_env = {**os.environ, **(env or {})}
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     return subprocess.Popen([HIVE, *args], cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def hive_cli(args: Sequence[str], *, env: dict[str, str] | None = None, timeout_s: float = 30) -> subprocess.CompletedProcess[str]:
+def hive_cli(
+    args: Sequence[str], *, env: dict[str, str] | None = None, timeout_s: float = 30
+) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [HIVE, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout_s, check=False
     )
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], timeout_s: float, what: str) -> T:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout_s``."""
+    with anyio.fail_after(timeout_s, reason=f"timed out after {timeout_s}s waiting for {what}"):
+        while not (value := await probe()):  # noqa: ASYNC110 - the state lives on the server
+            await anyio.sleep(0.03)
+    return value
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

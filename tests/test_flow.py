@@ -9,7 +9,6 @@ import pytest
 from hive_bus import (
     Bus,
     Completed,
-    Failed,
     FunctionProvider,
     Hive,
     Queued,
@@ -17,13 +16,15 @@ from hive_bus import (
     Running,
     TaskNotFound,
     TaskRequest,
+    TaskView,
+    Worker,
     load_handler,
 )
 from hive_bus._messages import is_task_id
 from workers.echo import EchoProvider
 
 from . import handlers
-from .helpers import events_of, running_worker, stream_messages
+from .helpers import events_of, eventually, running_worker, stream_messages
 
 pytestmark = pytest.mark.anyio
 
@@ -107,9 +108,7 @@ async def test_results_without_ids_follows_new_tasks(bus: Bus, hive: Hive) -> No
         await anyio.sleep(0.3)
         for i in range(3):
             await hive.submit("echo", f"live {i}")
-        with anyio.fail_after(10):
-            while len(got) < 3:
-                await anyio.sleep(0.05)
+        await eventually(lambda: _true(len(got) == 3), 10, "three results")
     assert sorted(got) == ["live 0", "live 1", "live 2"]
 
 
@@ -142,9 +141,12 @@ async def test_transient_error_is_retried_then_completes(bus: Bus, hive: Hive) -
 async def test_retrying_status_says_why_and_when(bus: Bus, hive: Hive) -> None:
     async with running_worker(bus, "down", FunctionProvider(handlers.always_down), backoff_base_s=30):
         task_id = await hive.submit("down", "x")
-        with anyio.fail_after(10):
-            while (view := await hive.get(task_id)).status != "retrying":
-                await anyio.sleep(0.05)
+
+        async def retrying() -> TaskView | None:
+            view = await hive.get(task_id)
+            return view if view.status == "retrying" else None
+
+        view = await eventually(retrying, 10, "the retrying status")
     assert view.error == "upstream answered 503"
     assert view.reason == "transient"
     assert view.next_try_at_ms is not None and view.next_try_at_ms > view.updated_at_ms + 10_000
@@ -185,9 +187,7 @@ async def test_undecodable_task_message_is_terminated_and_the_worker_goes_on(bus
         await bus.js.publish(names.task_subject("echo"), msgspec.json.encode({"type": "task.v1", "id": 7}))
         task_id = await hive.submit("echo", "still working")
         assert (await hive.wait(task_id, 10)).output == "still working"
-        with anyio.fail_after(5):
-            while await stream_messages(bus, names.tasks_stream):
-                await anyio.sleep(0.05)
+        await eventually(lambda: _is_empty(bus, names.tasks_stream), 5, "an empty work queue")
     failed = []
     sub = await bus.js.subscribe(f"{names.prefix}.events.echo.*", ordered_consumer=True)
     while True:
@@ -204,7 +204,9 @@ async def test_undecodable_task_message_is_terminated_and_the_worker_goes_on(bus
     assert "is not a valid task" in failed[0]["error"]
 
 
-async def test_long_call_is_kept_alive_and_delivered_once(nats_server_settings_short_ack: tuple[Bus, Hive]) -> None:
+async def test_long_call_is_kept_alive_and_delivered_once(
+    nats_server_settings_short_ack: tuple[Bus, Hive],
+) -> None:
     bus, hive = nats_server_settings_short_ack
     async with running_worker(bus, "slow", FunctionProvider(handlers.slow)):
         task_id = await hive.submit("slow", "x", payload={"delay_s": 3.5})  # 3.5x AckWait
@@ -217,9 +219,7 @@ async def test_long_call_is_kept_alive_and_delivered_once(nats_server_settings_s
 async def test_drain_finishes_in_flight_work(bus: Bus, hive: Hive) -> None:
     async with running_worker(bus, "slow", FunctionProvider(handlers.slow)) as worker:
         task_id = await hive.submit("slow", "x", payload={"delay_s": 1.0})
-        with anyio.fail_after(5):
-            while worker.in_flight == 0:
-                await anyio.sleep(0.02)
+        await eventually(lambda: _in_flight(worker), 5, "the task to start")
     # leaving the block stopped the worker; it finished the call before returning
     view = await hive.get(task_id)
     assert view.status == "completed"
@@ -229,9 +229,7 @@ async def test_drain_timeout_hands_the_task_back_at_once(bus: Bus, hive: Hive) -
     slow = FunctionProvider(handlers.slow)
     async with running_worker(bus, "slow", slow, drain_timeout_s=0.2) as worker:
         task_id = await hive.submit("slow", "x", payload={"delay_s": 60})
-        with anyio.fail_after(5):
-            while worker.in_flight == 0:
-                await anyio.sleep(0.02)
+        await eventually(lambda: _in_flight(worker), 5, "the task to start")
     # NAKed without delay: another worker has it long before AckWait (30 s) would have passed
     assert bus.settings.ack_wait_s >= 30
     async with running_worker(bus, "slow", FunctionProvider(handlers.quick)):
@@ -243,9 +241,7 @@ async def test_drain_timeout_hands_the_task_back_at_once(bus: Bus, hive: Hive) -
 
 async def test_heartbeat_appears_and_leaves_with_the_worker(bus: Bus, hive: Hive) -> None:
     async with running_worker(bus, "echo", EchoProvider(), concurrency=3) as worker:
-        with anyio.fail_after(5):
-            while not (beats := await hive.workers()):
-                await anyio.sleep(0.05)
+        beats = await eventually(hive.workers, 5, "a heartbeat")
         assert [b.worker_id for b in beats] == [worker.id]
         beat = beats[0]
         assert (beat.provider, beat.concurrency, beat.state) == ("echo", 3, "running")
@@ -262,3 +258,15 @@ async def nats_server_settings_short_ack(nats_server: object) -> object:
     settings = make_settings(nats_server.url, ack_wait_s=1.0)  # type: ignore[attr-defined]
     async with open_bus(settings) as bus:
         yield bus, Hive(bus)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _in_flight(worker: Worker) -> bool:
+    return worker.in_flight > 0
+
+
+async def _is_empty(bus: Bus, stream: str) -> bool:
+    return await stream_messages(bus, stream) == 0
