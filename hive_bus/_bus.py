@@ -182,6 +182,8 @@ async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
             return
         except nats.js.errors.BadRequestError:
             info = await js.stream_info(want.name)  # another process won the race
+        except nats.js.errors.APIError as exc:
+            raise BusConfigError(f"cannot create stream {want.name}: {exc.description}") from None
     have = info.config
     _check(
         f"stream {want.name}",

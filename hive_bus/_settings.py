@@ -39,11 +39,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Tasks handed out and not yet acked, per provider, across all its workers.
     max_ack_pending: PositiveInt = 256
     tasks_max_msgs: PositiveInt = 1_000_000
-    tasks_max_bytes: PositiveInt = 1024**3
+    tasks_max_bytes: PositiveInt = 512 * 1024**2
     # Idempotency keys and task ids are remembered this long.
     duplicate_window_s: PositiveSeconds = 900.0
     events_max_age_s: PositiveSeconds = 7 * 86400.0
-    events_max_bytes: PositiveInt = 2 * 1024**3
+    events_max_bytes: PositiveInt = 1024**3
     heartbeat_interval_s: PositiveSeconds = 5.0
     heartbeat_ttl_s: PositiveSeconds = 15.0
     # How long a publish waits for JetStream's acknowledgement before the bus counts as unavailable.

@@ -7,8 +7,7 @@ them. uvicorn serves it.
 Every error answer is JSON of the form ``{"error": {"code": ..., "message": ..., "field": ...}}``.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations" here: Litestar reads the parameter markers at run time.
 import contextlib
 import errno
 import logging
@@ -24,7 +23,7 @@ from anyio.abc import TaskStatus
 from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from hive_bus import BusUnavailable, Hive, QueueFull, TaskNotFound, TaskRequest, TaskView, WorkerBeat
 from hive_bus._names import PROVIDER_PATTERN
@@ -53,7 +52,7 @@ def _hive(state: State) -> Hive:
 
 
 @post("/v1/tasks", status_code=202, summary="Submit a task")
-async def submit_task(data: TaskRequest, state: State) -> Response[TaskAccepted]:
+async def submit_task(data: JSONBody[TaskRequest], state: State) -> Response[TaskAccepted]:
     """Queue one task. 202 once JetStream has stored it; 200 with the first task's id and current
     status when the idempotency key was already used inside the de-duplication window."""
     hive = _hive(state)
@@ -66,11 +65,13 @@ async def submit_task(data: TaskRequest, state: State) -> Response[TaskAccepted]
 
 @get("/v1/tasks/{task_id:str}", summary="A task's status and, once done, its result")
 async def get_task(
-    task_id: str,
+    task_id: FromPath[str],
     state: State,
     wait: Annotated[
         float,
-        Parameter(ge=0, le=MAX_WAIT_S, description="hold the request up to this many seconds for the end"),
+        QueryParameter(
+            ge=0, le=MAX_WAIT_S, description="hold the request up to this many seconds for the end"
+        ),
     ] = 0.0,
 ) -> TaskView:
     hive = _hive(state)
@@ -119,7 +120,7 @@ def on_validation_error(request: Request[Any, Any, Any], exc: ValidationExceptio
         if message == "'data'":  # Litestar's words for an empty body
             return _error(400, "invalid_request", "the request body is empty; send a JSON object")
         return _error(400, "invalid_request", message)
-    if "regex" in message and key in _FRIENDLY:
+    if key in _FRIENDLY and ("regex" in message or "length" in message):
         message = f"{key} {_FRIENDLY[key]}"
     where = f"query parameter {key!r}" if source == "query" else key
     return _error(400, "invalid_request", f"{where}: {message}" if key not in message else message, field=key)
@@ -131,7 +132,8 @@ def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
     if exc.status_code == 413:
         limit = request.app.request_max_body_size
         message = f"the request body is larger than the gateway's limit of {limit} bytes"
-    elif exc.status_code == 400 and message.startswith("JSON is malformed"):
+    elif exc.status_code == 400:
+        # Validation errors have their own handler; what reaches here is a body that did not decode.
         message = f"the request body is not valid JSON: {message.removeprefix('JSON is malformed: ')}"
     return _error(exc.status_code, code.get(exc.status_code, "bad_request"), message)
 
@@ -225,6 +227,10 @@ class Gateway:
         return f"http://{self.options.host}:{self.port}"
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        with self._sock:  # uvicorn does not close a socket it was handed
+            await self._serve(task_status)
+
+    async def _serve(self, task_status: TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._server.serve, [self._sock])
             with anyio.fail_after(10):

@@ -43,6 +43,9 @@ def make_settings(url: str, **overrides: Any) -> Settings:
         "heartbeat_interval_s": 0.5,
         "heartbeat_ttl_s": 1.5,
         "request_timeout_s": 2.0,
+        # JetStream reserves each stream's max_bytes up front; keep hundreds of test buses affordable
+        "tasks_max_bytes": 8 * 1024**2,
+        "events_max_bytes": 8 * 1024**2,
     }
     values.update(overrides)
     return load_settings(environ={}, **values)

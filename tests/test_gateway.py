@@ -1,0 +1,192 @@
+"""The gateway over real HTTP (uvicorn on a free loopback port) in front of a real nats-server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+import httpx
+import pytest
+
+from hive_bus import Bus, Hive, Settings, open_bus
+from hive_bus._embedded import NatsServer
+from services.gateway import Gateway, GatewayOptions
+from workers.echo import EchoProvider
+
+from .conftest import make_settings
+from .helpers import running_worker, stream_messages
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Stack:
+    bus: Bus
+    http: httpx.AsyncClient
+
+
+async def _serve(settings: Settings, max_body_bytes: int = 4096) -> AsyncIterator[Stack]:
+    async with open_bus(settings) as bus:
+        gateway = Gateway(Hive(bus), GatewayOptions(port=0, max_body_bytes=max_body_bytes))
+        async with anyio.create_task_group() as tg:
+            await tg.start(gateway.serve)
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=15) as http:
+                yield Stack(bus, http)
+            gateway.stop()
+
+
+@pytest.fixture
+async def stack(settings: Settings) -> AsyncIterator[Stack]:
+    async for s in _serve(settings):
+        yield s
+
+
+async def test_submit_then_wait_for_the_result(stack: Stack) -> None:
+    async with running_worker(stack.bus, "echo", EchoProvider()):
+        r = await stack.http.post("/v1/tasks", json={"provider": "echo", "prompt": "Un tuit sobre NATS"})
+        assert r.status_code == 202
+        body = r.json()
+        assert body["status"] == "queued"
+        done = await stack.http.get(f"/v1/tasks/{body['id']}", params={"wait": 10})
+    assert done.status_code == 200
+    view = done.json()
+    assert (view["status"], view["output"], view["attempt"]) == ("completed", "Un tuit sobre NATS", 1)
+
+
+async def test_get_without_wait_answers_at_once(stack: Stack) -> None:
+    r = await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": "x"})
+    task_id = r.json()["id"]
+    got = await stack.http.get(f"/v1/tasks/{task_id}")
+    assert got.status_code == 200
+    assert got.json()["status"] == "queued"
+    waited = await stack.http.get(f"/v1/tasks/{task_id}", params={"wait": 0.3})
+    assert waited.json()["status"] == "queued"
+
+
+async def test_idempotency_key_over_http(stack: Stack) -> None:
+    body = {"provider": "nobody", "prompt": "x", "idempotency_key": "order-7"}
+    first = await stack.http.post("/v1/tasks", json=body)
+    again = await stack.http.post("/v1/tasks", json=body)
+    assert first.status_code == 202
+    assert again.status_code == 200
+    assert again.json() == {"id": first.json()["id"], "status": "queued", "duplicate": True}
+    assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 1
+
+
+async def test_workers_and_healthz(stack: Stack) -> None:
+    assert (await stack.http.get("/healthz")).json() == {"status": "ok"}
+    async with running_worker(stack.bus, "echo", EchoProvider()) as worker:
+        with anyio.fail_after(5):
+            while not (listed := (await stack.http.get("/v1/workers")).json()):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+    assert [w["worker_id"] for w in listed] == [worker.id]
+    assert listed[0]["provider"] == "echo"
+
+
+async def test_unknown_task_is_404_and_a_malformed_id_400(stack: Stack) -> None:
+    r = await stack.http.get("/v1/tasks/01JAAAAAAAAAAAAAAAAAAAAAAA")
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "task_not_found"
+    r = await stack.http.get("/v1/tasks/not-an-id")
+    assert r.status_code == 404
+    assert "not a task id" in r.json()["error"]["message"]
+    r = await stack.http.get("/v1/tasks/01JAAAAAAAAAAAAAAAAAAAAAAA", params={"wait": "soon"})
+    assert r.status_code == 400
+    assert r.json()["error"]["field"] == "wait"
+
+
+BAD_BODIES: list[tuple[str, bytes, str]] = [
+    ("malformed JSON", b'{"provider": "echo", "prompt": ', "not valid JSON"),
+    ("empty body", b"", "body is empty"),
+    ("not an object", b'["echo", "hi"]', "Expected `object`, got `array`"),
+    ("missing prompt", b'{"provider": "echo"}', "missing required field `prompt`"),
+    ("missing provider", b'{"prompt": "hi"}', "missing required field `provider`"),
+    ("empty prompt", b'{"provider": "echo", "prompt": ""}', "prompt must be a string with at least one"),
+    (
+        "blank prompt",
+        b'{"provider": "echo", "prompt": "  \\n "}',
+        "prompt must be a string with at least one",
+    ),
+    ("provider with a dot", b'{"provider": "echo.x", "prompt": "hi"}', "provider must be 1-64 letters"),
+    ("provider wildcard", b'{"provider": ">", "prompt": "hi"}', "provider must be 1-64 letters"),
+    ("provider with a space", b'{"provider": "my echo", "prompt": "hi"}', "provider must be 1-64 letters"),
+    ("unknown field", b'{"provider": "echo", "prompt": "hi", "priority": 1}', "unknown field `priority`"),
+    ("prompt of the wrong type", b'{"provider": "echo", "prompt": 42}', "Expected `str`, got `int`"),
+    (
+        "params of the wrong type",
+        b'{"provider": "echo", "prompt": "hi", "params": []}',
+        "Expected `object | null`, got `array`",
+    ),
+    ("unknown param", b'{"provider": "echo", "prompt": "hi", "params": {"temp": 1}}', "unknown field `temp`"),
+    (
+        "temperature out of range",
+        b'{"provider": "echo", "prompt": "hi", "params": {"temperature": 9}}',
+        "<= 2",
+    ),
+    ("max_attempts zero", b'{"provider": "echo", "prompt": "hi", "max_attempts": 0}', ">= 1"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "says"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+async def test_bad_input_is_400_and_nothing_is_published(
+    stack: Stack, case: str, body: bytes, says: str
+) -> None:
+    r = await stack.http.post("/v1/tasks", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] in ("invalid_request", "bad_request")
+    assert says in error["message"]
+    names = stack.bus.names
+    assert await stream_messages(stack.bus, names.tasks_stream) == 0
+    assert await stream_messages(stack.bus, names.events_stream) == 0
+
+
+async def test_oversize_body_is_413_and_nothing_is_published(stack: Stack) -> None:
+    r = await stack.http.post("/v1/tasks", json={"provider": "echo", "prompt": "x" * 5000})
+    assert r.status_code == 413
+    assert "larger than the gateway's limit of 4096 bytes" in r.json()["error"]["message"]
+    assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 0
+
+
+async def test_unknown_route_is_a_json_404(stack: Stack) -> None:
+    r = await stack.http.get("/v2/nothing")
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "not_found"
+
+
+async def test_full_queue_is_503_with_retry_after(nats_server: NatsServer) -> None:
+    settings = make_settings(nats_server.url, tasks_max_msgs=2)
+    async for stack in _serve(settings):
+        codes = [
+            (await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": f"p{i}"})).status_code
+            for i in range(3)
+        ]
+        assert codes == [202, 202, 503]
+        r = await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": "again"})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "queue_full"
+        assert int(r.headers["retry-after"]) > 0
+        assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 2
+
+
+async def test_nats_down_gives_503_never_202_and_service_resumes(own_server: NatsServer) -> None:
+    settings = make_settings(own_server.url, request_timeout_s=1.0)
+    async for stack in _serve(settings):
+        ok = await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": "before"})
+        assert ok.status_code == 202
+        own_server.stop()
+        for _ in range(3):
+            r = await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": "during"})
+            assert r.status_code == 503
+            assert r.json()["error"]["code"] == "bus_unavailable"
+            assert r.headers["retry-after"] == "5"
+        assert (await stack.http.get(f"/v1/tasks/{ok.json()['id']}")).status_code == 503
+        own_server.start()
+        with anyio.fail_after(15):
+            while (
+                r := await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": "after"})
+            ).status_code != 202:  # noqa: ASYNC110
+                await anyio.sleep(0.2)
+        assert (await stack.http.get(f"/v1/tasks/{ok.json()['id']}")).json()["status"] == "queued"
+        assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 2
