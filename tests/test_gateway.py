@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -15,7 +16,7 @@ from services.gateway import Gateway, GatewayOptions
 from workers.echo import EchoProvider
 
 from .conftest import make_settings
-from .helpers import running_worker, stream_messages
+from .helpers import eventually, running_worker, stream_messages
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +27,8 @@ class Stack:
     http: httpx.AsyncClient
 
 
-async def _serve(settings: Settings, max_body_bytes: int = 4096) -> AsyncIterator[Stack]:
+@asynccontextmanager
+async def serving(settings: Settings, max_body_bytes: int = 4096) -> AsyncIterator[Stack]:
     async with open_bus(settings) as bus:
         gateway = Gateway(Hive(bus), GatewayOptions(port=0, max_body_bytes=max_body_bytes))
         async with anyio.create_task_group() as tg:
@@ -38,7 +40,7 @@ async def _serve(settings: Settings, max_body_bytes: int = 4096) -> AsyncIterato
 
 @pytest.fixture
 async def stack(settings: Settings) -> AsyncIterator[Stack]:
-    async for s in _serve(settings):
+    async with serving(settings) as s:
         yield s
 
 
@@ -77,9 +79,12 @@ async def test_idempotency_key_over_http(stack: Stack) -> None:
 async def test_workers_and_healthz(stack: Stack) -> None:
     assert (await stack.http.get("/healthz")).json() == {"status": "ok"}
     async with running_worker(stack.bus, "echo", EchoProvider()) as worker:
-        with anyio.fail_after(5):
-            while not (listed := (await stack.http.get("/v1/workers")).json()):  # noqa: ASYNC110
-                await anyio.sleep(0.05)
+
+        async def listed_workers() -> list[dict[str, object]]:
+            listed: list[dict[str, object]] = (await stack.http.get("/v1/workers")).json()
+            return listed
+
+        listed = await eventually(listed_workers, 5, "a worker in the list")
     assert [w["worker_id"] for w in listed] == [worker.id]
     assert listed[0]["provider"] == "echo"
 
@@ -157,7 +162,7 @@ async def test_unknown_route_is_a_json_404(stack: Stack) -> None:
 
 async def test_full_queue_is_503_with_retry_after(nats_server: NatsServer) -> None:
     settings = make_settings(nats_server.url, tasks_max_msgs=2)
-    async for stack in _serve(settings):
+    async with serving(settings) as stack:
         codes = [
             (await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": f"p{i}"})).status_code
             for i in range(3)
@@ -172,7 +177,7 @@ async def test_full_queue_is_503_with_retry_after(nats_server: NatsServer) -> No
 
 async def test_nats_down_gives_503_never_202_and_service_resumes(own_server: NatsServer) -> None:
     settings = make_settings(own_server.url, request_timeout_s=1.0)
-    async for stack in _serve(settings):
+    async with serving(settings) as stack:
         ok = await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": "before"})
         assert ok.status_code == 202
         own_server.stop()
@@ -183,10 +188,12 @@ async def test_nats_down_gives_503_never_202_and_service_resumes(own_server: Nat
             assert r.headers["retry-after"] == "5"
         assert (await stack.http.get(f"/v1/tasks/{ok.json()['id']}")).status_code == 503
         own_server.start()
-        with anyio.fail_after(15):
-            while (
-                r := await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": "after"})
-            ).status_code != 202:  # noqa: ASYNC110
-                await anyio.sleep(0.2)
+
+        async def accepted() -> bool:
+            r = await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": "after"})
+            assert r.status_code in (202, 503)
+            return r.status_code == 202
+
+        await eventually(accepted, 15, "the gateway to accept work again")
         assert (await stack.http.get(f"/v1/tasks/{ok.json()['id']}")).json()["status"] == "queued"
         assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 2
