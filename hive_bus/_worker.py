@@ -31,6 +31,7 @@ import nats.js.errors
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
 
 from ._bus import Bus, ensure_consumer
 from ._errors import FailNow, ProviderError, RetryAfter, RetryLater
@@ -107,7 +108,10 @@ class Worker:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         bus, opts = self._bus, self._opts
-        info = await ensure_consumer(bus.js, bus.settings, opts.provider)
+        info = await self._find_consumer()
+        if info is None:  # stopped before the bus answered
+            task_status.started()
+            return
         self._ack_wait_s = info.config.ack_wait or bus.settings.ack_wait_s
         psub = await bus.js.pull_subscribe_bind(
             durable=bus.names.consumer(opts.provider), stream=bus.names.tasks_stream
@@ -126,6 +130,23 @@ class Worker:
                 await psub.unsubscribe()
                 await self._forget_beat()
             log.info("worker %s stopped: %s", self.id, self._counts)
+
+    async def _find_consumer(self) -> ConsumerInfo | None:
+        """The provider's consumer; waits for JetStream while it does not answer (a server restarting)."""
+        while not self._stopping.is_set():
+            try:
+                return await ensure_consumer(self._bus.js, self._bus.settings, self._opts.provider)
+            except (
+                TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.js.errors.ServiceUnavailableError,
+            ) as exc:
+                log.warning(
+                    "JetStream did not answer (%s); worker %s waits for it", type(exc).__name__, self.id
+                )
+                with anyio.move_on_after(1):
+                    await self._stopping.wait()
+        return None
 
     # fetch ---------------------------------------------------------------------------------------
 

@@ -60,9 +60,13 @@ def spawn(
     args: Sequence[str], *, env: dict[str, str] | None = None, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
     """Start ``hive ARGS`` as a child process (ended by its pid in the test)."""
-    full_env = {**os.environ, **(env or {})}
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
-    return subprocess.Popen([HIVE, *args], cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if log is None:
+        return subprocess.Popen(
+            [HIVE, *args], cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([HIVE, *args], cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def hive_cli(

@@ -1,0 +1,121 @@
+"""Nothing accepted is lost: worker crashes, graceful stops and nats-server restarts, with real processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import anyio
+import pytest
+
+from hive_bus import Bus, Completed, FunctionProvider, Hive, Running, Settings, TaskRequest, open_bus
+from hive_bus._bus import ensure_consumer
+from hive_bus._embedded import NatsServer
+
+from . import handlers
+from .conftest import make_settings
+from .helpers import eventually, events_of, running_worker, spawn
+
+pytestmark = pytest.mark.anyio
+
+
+def worker_process(settings: Settings, provider: str, handler: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        "HIVE_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
+        "HIVE_HEARTBEAT_TTL_S": str(settings.heartbeat_ttl_s),
+        "HIVE_LOG_LEVEL": "INFO",
+    }
+    args = [
+        "worker",
+        provider,
+        "--handler",
+        handler,
+        "--nats",
+        settings.nats_url,
+        "--prefix",
+        settings.prefix,
+    ]
+    return spawn(args, env=env, log=log)
+
+
+async def _running_on_other_process(hive: Hive, task_id: str) -> bool:
+    return (await hive.get(task_id)).status == "running"
+
+
+async def test_a_killed_workers_task_is_completed_by_another(nats_server: NatsServer, tmp_path: Path) -> None:
+    settings = make_settings(nats_server.url, ack_wait_s=2.0)
+    async with open_bus(settings) as bus:
+        await ensure_consumer(bus.js, settings, "slow")  # AckWait 2 s for the worker processes too
+        hive = Hive(bus)
+        proc = worker_process(settings, "slow", "tests.handlers:slow", tmp_path / "w1.log")
+        try:
+            task_id = await hive.submit("slow", "x", payload={"delay_s": 60})
+            await eventually(
+                lambda: _running_on_other_process(hive, task_id), 15, "the worker process to start it"
+            )
+            beats = await eventually(hive.workers, 5, "the worker's heartbeat")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(5)
+        finally:
+            proc.kill()
+        started = anyio.current_time()
+        async with running_worker(bus, "slow", FunctionProvider(handlers.quick)) as survivor:
+            view = await hive.wait(task_id, 10)
+        assert view.status == "completed"
+        assert view.worker == survivor.id
+        assert anyio.current_time() - started < settings.ack_wait_s + 1.5
+        running = [e for e in await events_of(bus, task_id) if isinstance(e, Running)]
+        assert [e.worker for e in running] == [beats[0].worker_id, survivor.id]
+        # the dead worker's heartbeat expires by itself
+        assert [b.worker_id for b in beats] == [beats[0].worker_id]
+
+        async def gone() -> bool:
+            return beats[0].worker_id not in [b.worker_id for b in await hive.workers()]
+
+        await eventually(gone, settings.heartbeat_ttl_s + 3, "the dead worker's heartbeat to expire")
+
+
+async def test_sigterm_drains_the_worker_process(nats_server: NatsServer, tmp_path: Path) -> None:
+    settings = make_settings(nats_server.url)
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        proc = worker_process(settings, "slow", "tests.handlers:slow", tmp_path / "w.log")
+        try:
+            task_id = await hive.submit("slow", "x", payload={"delay_s": 1.5})
+            await eventually(lambda: _running_on_other_process(hive, task_id), 15, "the worker to start it")
+            proc.send_signal(signal.SIGTERM)
+            code = await anyio.to_thread.run_sync(proc.wait, 15)
+        finally:
+            proc.kill()
+        assert code == 0
+        view = await hive.get(task_id)
+        assert (view.status, view.attempt) == ("completed", 1)
+        assert await hive.workers() == []  # it removed its heartbeat on the way out
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+async def test_nats_server_restart_between_submit_and_consume_loses_nothing(
+    own_server: NatsServer, how: str
+) -> None:
+    settings = make_settings(own_server.url)
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        ids = await hive.submit_many([TaskRequest(provider="echo", prompt=f"post {i}") for i in range(200)])
+        own_server.kill() if how == "kill" else own_server.stop()
+        own_server.start()  # same port, same store
+        await eventually(lambda: _connected(bus), 15, "the client to reconnect")
+        from workers.echo import EchoProvider
+
+        async with running_worker(bus, "echo", EchoProvider(), concurrency=16):
+            outputs = {}
+            with anyio.fail_after(30):
+                async for view in hive.results(ids):
+                    outputs[view.id] = view.output
+        assert outputs == {task_id: f"post {i}" for i, task_id in enumerate(ids)}
+        for task_id in ids[:20]:
+            assert len([e for e in await events_of(bus, task_id) if isinstance(e, Completed)]) == 1
+
+
+async def _connected(bus: Bus) -> bool:
+    return bus.nc.is_connected
