@@ -15,7 +15,7 @@ from hive_bus._embedded import NatsServer
 
 from . import handlers
 from .conftest import make_settings
-from .helpers import eventually, events_of, running_worker, spawn
+from .helpers import events_of, eventually, running_worker, spawn
 
 pytestmark = pytest.mark.anyio
 
