@@ -69,15 +69,22 @@ async def open_bus(settings: Settings, *, name: str = "hive") -> AsyncIterator[B
 
 
 async def connect_nats(settings: Settings, *, name: str) -> NATS:
-    """Connect, or raise :class:`BusUnavailable` with one line that says why (secrets left out)."""
+    """Connect, or raise :class:`BusUnavailable` with one line that says why (secrets left out).
+
+    The first connection must succeed within ``connect_timeout_s``; once connected, the client
+    reconnects for as long as it takes.
+    """
     where = redact_url(settings.nats_url)
     nc = NATS()
+    last_error: list[str] = []
 
     def closing() -> bool:
         return nc.is_closed or nc.is_draining
 
     async def on_error(exc: Exception) -> None:
-        if not closing():
+        if not nc.is_connected and not nc.is_reconnecting and not closing():
+            last_error.append(_reason(exc))  # still trying to connect the first time: say it once, at the end
+        elif not closing():
             log.warning("NATS connection to %s: %s", where, _reason(exc))
 
     async def on_disconnect() -> None:
@@ -88,18 +95,22 @@ async def connect_nats(settings: Settings, *, name: str) -> NATS:
         log.info("reconnected to NATS at %s", where)
 
     try:
-        await nc.connect(
-            settings.nats_url,
-            name=name,
-            connect_timeout=2,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=1,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-        )
+        with anyio.fail_after(settings.connect_timeout_s):
+            await nc.connect(
+                settings.nats_url,
+                name=name,
+                connect_timeout=max(1, min(2, int(settings.connect_timeout_s))),
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
-        raise BusUnavailable(f"cannot reach NATS at {where}: {_reason(exc)}") from None
+        with anyio.CancelScope(shield=True):
+            await nc.close()
+        why = last_error[-1] if last_error else _reason(exc)
+        raise BusUnavailable(f"cannot reach NATS at {where}: {why}") from None
     return nc
 
 

@@ -19,7 +19,7 @@ from ._bus import open_bus
 from ._client import Hive, connect
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import HiveError
-from ._messages import TaskView, encoder
+from ._messages import TaskView, encoder, explain_error
 from ._providers import HandlerError, Provider, load_handler
 from ._settings import Settings, SettingsError, load_settings
 from ._version import __version__
@@ -64,7 +64,7 @@ def _run(fn: Callable[[], Awaitable[None]]) -> None:
 
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, msgspec.ValidationError):
-        return f"invalid task: {exc}"
+        return f"invalid task: {explain_error(exc)}"
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
@@ -103,10 +103,19 @@ def _provider_for(name: str, handler: str | None) -> Provider:
 
 @click.group()
 @click.version_option(__version__, prog_name="hive")
-@click.option("--log-level", default=lambda: os.environ.get("HIVE_LOG_LEVEL", "INFO"), show_default="INFO")
-def cli(log_level: str) -> None:
+@click.option(
+    "--log-level",
+    help="DEBUG, INFO, WARNING or ERROR [env HIVE_LOG_LEVEL; INFO for services, WARNING for one-shot commands]",
+)
+@click.pass_context
+def cli(ctx: click.Context, log_level: str | None) -> None:
     """hive-bus: farm LLM prompts and Python jobs out to workers anywhere, over NATS JetStream."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = (log_level or os.environ.get("HIVE_LOG_LEVEL") or "").upper()
+    one_shot = ctx.invoked_subcommand in ("submit", "status", "workers")
+    logging.basicConfig(
+        level=level or ("WARNING" if one_shot else "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @cli.command()

@@ -230,6 +230,26 @@ class WorkerBeat(Struct, frozen=True, kw_only=True, tag="worker.v1", tag_field="
     at_ms: int = 0
 
 
+_PLAIN_WORDS = {
+    "prompt": "prompt must be a string with at least one non-blank character",
+    "provider": "provider must be 1-64 letters, digits, '_' or '-' (it becomes a NATS subject token)",
+}
+
+
+def explain(field: str, message: str) -> str:
+    """A validation message in plain words, naming the field (msgspec's regex messages are cryptic)."""
+    leaf = field.rsplit(".", 1)[-1]
+    if leaf in _PLAIN_WORDS and ("regex" in message or "length" in message):
+        return _PLAIN_WORDS[leaf]
+    return f"{field}: {message}" if field else message
+
+
+def explain_error(exc: msgspec.ValidationError) -> str:
+    """:func:`explain` for a msgspec error, whose text ends in ``- at `$.field```."""
+    message, sep, path = str(exc).rpartition(" - at `$.")
+    return explain(path.rstrip("`"), message) if sep else str(exc)
+
+
 # Built once: encoding and decoding are on every task's hot path.
 encoder = msgspec.json.Encoder()
 task_decoder = msgspec.json.Decoder(Task)

@@ -26,7 +26,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from hive_bus import BusUnavailable, Hive, QueueFull, TaskNotFound, TaskRequest, TaskView, WorkerBeat
-from hive_bus._names import PROVIDER_PATTERN
+from hive_bus._messages import explain
 
 log = logging.getLogger("hive_bus.gateway")
 
@@ -102,12 +102,6 @@ def _error(
     return Response({"error": body}, status_code=status, media_type=MediaType.JSON, headers=headers or None)
 
 
-_FRIENDLY = {
-    "prompt": "must be a string with at least one non-blank character",
-    "provider": f"must be 1-64 letters, digits, '_' or '-' (it becomes a NATS subject token; {PROVIDER_PATTERN})",
-}
-
-
 def on_validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
     problems = exc.extra if isinstance(exc.extra, list) else []
     if not problems:
@@ -115,15 +109,13 @@ def on_validation_error(request: Request[Any, Any, Any], exc: ValidationExceptio
     first = problems[0]
     key = str(first.get("key", ""))
     message = str(first.get("message", exc.detail))
-    source = first.get("source")
-    if source == "body" and key == "data":
+    if first.get("source") == "body" and key == "data":  # about the body as a whole
         if message == "'data'":  # Litestar's words for an empty body
-            return _error(400, "invalid_request", "the request body is empty; send a JSON object")
+            message = "the request body is empty; send a JSON object"
         return _error(400, "invalid_request", message)
-    if key in _FRIENDLY and ("regex" in message or "length" in message):
-        message = f"{key} {_FRIENDLY[key]}"
-    where = f"query parameter {key!r}" if source == "query" else key
-    return _error(400, "invalid_request", f"{where}: {message}" if key not in message else message, field=key)
+    if first.get("source") == "query":
+        return _error(400, "invalid_request", f"query parameter {key!r}: {message}", field=key)
+    return _error(400, "invalid_request", explain(key, message), field=key)
 
 
 def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:

@@ -107,11 +107,15 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [
     ("not an object", b'["echo", "hi"]', "Expected `object`, got `array`"),
     ("missing prompt", b'{"provider": "echo"}', "missing required field `prompt`"),
     ("missing provider", b'{"prompt": "hi"}', "missing required field `provider`"),
-    ("empty prompt", b'{"provider": "echo", "prompt": ""}', "prompt must be a string with at least one"),
+    (
+        "empty prompt",
+        b'{"provider": "echo", "prompt": ""}',
+        "prompt must be a string with at least one non-blank character",
+    ),
     (
         "blank prompt",
         b'{"provider": "echo", "prompt": "  \\n "}',
-        "prompt must be a string with at least one",
+        "prompt must be a string with at least one non-blank character",
     ),
     ("provider with a dot", b'{"provider": "echo.x", "prompt": "hi"}', "provider must be 1-64 letters"),
     ("provider wildcard", b'{"provider": ">", "prompt": "hi"}', "provider must be 1-64 letters"),

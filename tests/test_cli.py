@@ -1,0 +1,167 @@
+"""The ``hive`` command as users run it: ``hive up`` end to end, and errors as one clear line."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hive_bus._embedded import NatsServer
+
+from .helpers import free_port, hive_cli, spawn, wait_until
+
+
+@dataclass
+class Up:
+    proc: subprocess.Popen[bytes]
+    gateway: str
+    nats: str
+    log: Path
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(20)
+
+
+def _banner(log: Path) -> re.Match[str] | None:
+    return re.search(r"gateway (http://\S+), nats (nats://\S+),", log.read_text())
+
+
+def hive_up(data: Path, log: Path) -> Up:
+    proc = spawn(["up", "--port", "0", "--nats-port", "0", "--data", str(data)], log=log)
+    try:
+        wait_until(lambda: _banner(log) is not None or proc.poll() is not None, 30, "hive up to start")
+    except AssertionError:
+        proc.kill()
+        raise
+    match = _banner(log)
+    assert match is not None, log.read_text()
+    return Up(proc, match.group(1), match.group(2), log)
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    stack = hive_up(tmp_path / "data", tmp_path / "up.log")
+    yield stack
+    if stack.proc.poll() is None:
+        stack.proc.kill()
+
+
+def test_hive_up_serves_http_and_the_cli_and_stops_cleanly(up: Up) -> None:
+    r = httpx.post(f"{up.gateway}/v1/tasks", json={"provider": "echo", "prompt": "Un guion de vídeo"})
+    assert r.status_code == 202
+    done = httpx.get(f"{up.gateway}/v1/tasks/{r.json()['id']}", params={"wait": 10}, timeout=15).json()
+    assert (done["status"], done["output"]) == ("completed", "Un guion de vídeo")
+
+    submitted = hive_cli(["submit", "echo", "hashtags para café", "--wait", "10", "--nats", up.nats])
+    assert submitted.returncode == 0, submitted.stderr
+    assert '"status": "completed"' in submitted.stdout
+    assert '"output": "hashtags para café"' in submitted.stdout
+
+    task_id = hive_cli(["submit", "echo", "otro", "--nats", up.nats]).stdout.strip()
+    status = hive_cli(["status", task_id, "--wait", "10", "--nats", up.nats])
+    assert '"status": "completed"' in status.stdout
+
+    listed = hive_cli(["workers", "--nats", up.nats])
+    assert listed.returncode == 0
+    assert re.search(r"^echo-\S+\s+echo\s", listed.stdout, re.MULTILINE), listed.stdout
+
+    assert up.stop() == 0
+    assert "Traceback" not in up.log.read_text()
+
+
+def test_a_second_hive_up_on_the_same_data_finds_queued_tasks(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = hive_up(data, tmp_path / "up1.log")
+    try:
+        r = httpx.post(f"{first.gateway}/v1/tasks", json={"provider": "nobody", "prompt": "keep me"})
+        task_id = r.json()["id"]
+    finally:
+        assert first.stop() == 0
+    second = hive_up(data, tmp_path / "up2.log")
+    try:
+        assert httpx.get(f"{second.gateway}/v1/tasks/{task_id}").json()["status"] == "queued"
+        worker = spawn(["worker", "nobody", "--handler", "tests.handlers:quick", "--nats", second.nats])
+        try:
+            done = httpx.get(f"{second.gateway}/v1/tasks/{task_id}", params={"wait": 15}, timeout=20).json()
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(15)
+        assert (done["status"], done["output"]) == ("completed", "keep me")
+    finally:
+        second.stop()
+
+
+def _one_clear_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_nats_down_is_one_clear_line() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    line = _one_clear_line(hive_cli(["submit", "echo", "hi", "--nats", url]))
+    assert f"cannot reach NATS at {url}" in line
+
+
+def test_password_in_the_url_is_never_printed() -> None:
+    url = f"nats://alice:s3cr3t-pw@127.0.0.1:{free_port()}"
+    result = hive_cli(["workers", "--nats", url])
+    line = _one_clear_line(result)
+    assert "s3cr3t-pw" not in result.stderr + result.stdout
+    assert "***@127.0.0.1" in line
+
+
+def test_port_taken_is_one_clear_line(nats_server: NatsServer) -> None:
+    line = _one_clear_line(hive_cli(["gateway", "--port", str(nats_server.port), "--nats", nats_server.url]))
+    assert f"port {nats_server.port} on 127.0.0.1 is taken" in line
+
+
+def test_nats_port_taken_for_hive_up_is_one_clear_line(nats_server: NatsServer, tmp_path: Path) -> None:
+    args = ["up", "--port", "0", "--nats-port", str(nats_server.port), "--data", str(tmp_path)]
+    line = _one_clear_line(hive_cli(args))
+    assert f"port {nats_server.port} on 127.0.0.1 is taken" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["worker", "x", "--handler", "no_such_module:fn"], "cannot import module 'no_such_module'"),
+        (["worker", "x", "--handler", "tests.handlers:missing"], "has no attribute 'missing'"),
+        (["worker", "x", "--handler", "tests.handlers:not_async"], "must be an async function"),
+        (["worker", "x", "--handler", "tests.handlers"], "is not of the form package.module:function"),
+        (["worker", "gemini-pro"], "no built-in provider 'gemini-pro'"),
+        (["submit", "echo", "   "], "invalid task: prompt must be a string with at least one non-blank"),
+        (["submit", "a.b", "hi"], "invalid task: provider must be 1-64 letters, digits, '_' or '-'"),
+    ],
+)
+def test_bad_arguments_are_one_clear_line(nats_server: NatsServer, args: list[str], says: str) -> None:
+    line = _one_clear_line(hive_cli([*args, "--nats", nats_server.url]))
+    assert says in line
+
+
+def test_usage_errors_say_which_option_is_wrong(nats_server: NatsServer) -> None:
+    result = hive_cli(["submit", "echo", "hi", "--payload", "{nope", "--nats", nats_server.url])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: Invalid value for --payload: not valid JSON")
+
+
+def test_unknown_setting_in_the_environment_is_named(nats_server: NatsServer) -> None:
+    result = hive_cli(["workers", "--nats", nats_server.url], env={"HIVE_ACK_WAIT": "5"})
+    line = _one_clear_line(result)
+    assert "unknown setting(s) HIVE_ACK_WAIT" in line
+    assert "HIVE_ACK_WAIT_S" in line  # the list of known ones points at the right name
+
+
+def test_setting_of_the_wrong_kind_is_named(nats_server: NatsServer) -> None:
+    result = hive_cli(["workers", "--nats", nats_server.url], env={"HIVE_ACK_WAIT_S": "soon"})
+    assert "HIVE_ACK_WAIT_S" in _one_clear_line(result)
