@@ -152,7 +152,11 @@ def test_usage_errors_say_which_option_is_wrong(nats_server: NatsServer) -> None
     result = hive_cli(["submit", "echo", "hi", "--payload", "{nope", "--nats", nats_server.url])
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("Error: Invalid value for --payload: not valid JSON")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("Error: Invalid value for --payload: not valid JSON")
+    )
 
 
 def test_unknown_setting_in_the_environment_is_named(nats_server: NatsServer) -> None:

@@ -1,0 +1,77 @@
+"""Bus objects are declared idempotently, and an incompatible existing object is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from hive_bus import BusConfigError, Settings, open_bus
+from hive_bus._bus import consumer_config, ensure_consumer
+from hive_bus._embedded import NatsServer
+
+from .conftest import make_settings
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_declaring_twice_is_harmless_and_keeps_the_work(settings: Settings) -> None:
+    async with open_bus(settings) as bus:
+        await bus.js.publish(bus.names.task_subject("echo"), b"{}")
+        await ensure_consumer(bus.js, settings, "echo")
+    async with open_bus(settings) as bus:  # a second process finds everything in place
+        info = await ensure_consumer(bus.js, settings, "echo")
+        assert info.num_pending == 1
+        assert (await bus.js.stream_info(bus.names.tasks_stream)).state.messages == 1
+
+
+async def test_objects_have_the_designed_shape(settings: Settings) -> None:
+    async with open_bus(settings) as bus:
+        tasks = (await bus.js.stream_info(bus.names.tasks_stream)).config
+        assert tasks.retention == RetentionPolicy.WORK_QUEUE
+        assert (tasks.discard, tasks.storage) == (DiscardPolicy.NEW, StorageType.FILE)
+        assert tasks.subjects == [f"{settings.prefix}.tasks.*"]
+        assert tasks.duplicate_window == settings.duplicate_window_s
+        events = (await bus.js.stream_info(bus.names.events_stream)).config
+        assert events.retention == RetentionPolicy.LIMITS
+        assert events.max_age == settings.events_max_age_s
+        consumer = (await ensure_consumer(bus.js, settings, "groq")).config
+        assert consumer.filter_subject == f"{settings.prefix}.tasks.groq"
+        assert consumer.ack_wait == settings.ack_wait_s
+        status = await bus.workers_kv.status()
+        assert status.ttl == settings.heartbeat_ttl_s
+
+
+async def test_a_stream_with_other_retention_is_refused_by_name(nats_server: NatsServer) -> None:
+    settings = make_settings(nats_server.url)
+    names = settings.names
+    async with open_bus(make_settings(nats_server.url)) as other:
+        await other.js.add_stream(
+            StreamConfig(name=names.tasks_stream, subjects=[names.all_tasks], max_bytes=1024 * 1024)
+        )
+    with pytest.raises(BusConfigError) as caught:
+        async with open_bus(settings):
+            pass
+    message = str(caught.value)
+    assert f"stream {names.tasks_stream} exists with an incompatible configuration" in message
+    assert "retention is" in message and "expected" in message
+
+
+async def test_a_consumer_with_another_filter_is_refused_by_name(settings: Settings) -> None:
+    async with open_bus(settings) as bus:
+        wrong = consumer_config(settings, "echo")
+        wrong.filter_subject = bus.names.task_subject("other")
+        await bus.js.add_consumer(bus.names.tasks_stream, wrong)
+        with pytest.raises(BusConfigError, match=f"consumer {bus.names.consumer('echo')} on stream"):
+            await ensure_consumer(bus.js, settings, "echo")
+
+
+async def test_a_heartbeat_bucket_too_short_for_the_interval_is_refused(nats_server: NatsServer) -> None:
+    settings = make_settings(nats_server.url, heartbeat_interval_s=0.5, heartbeat_ttl_s=1.5)
+    async with open_bus(settings):
+        pass
+    slower = make_settings(
+        nats_server.url, prefix=settings.prefix, heartbeat_interval_s=5, heartbeat_ttl_s=15
+    )
+    with pytest.raises(BusConfigError, match="less than two heartbeat intervals"):
+        async with open_bus(slower):
+            pass

@@ -1,0 +1,66 @@
+"""Settings and wire messages: clear errors for bad values, and old and new versions keep talking."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from hive_bus import Settings, SettingsError, Task, TaskView, load_settings
+from hive_bus._messages import Completed, encoder, event_decoder, task_decoder
+from hive_bus._settings import redact_url
+
+
+def test_environment_then_flags() -> None:
+    settings = load_settings(
+        {"HIVE_NATS_URL": "nats://pi.local:4222", "HIVE_ACK_WAIT_S": "90"}, prefix="shop"
+    )
+    assert settings == Settings(nats_url="nats://pi.local:4222", ack_wait_s=90.0, prefix="shop")
+
+
+def test_unknown_variable_is_named() -> None:
+    with pytest.raises(SettingsError, match=r"unknown setting\(s\) HIVE_NAT_URL"):
+        load_settings({"HIVE_NAT_URL": "nats://x"})
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"HIVE_ACK_WAIT_S": "soon"}, "HIVE_ACK_WAIT_S"),
+        ({"HIVE_ACK_WAIT_S": "-1"}, "HIVE_ACK_WAIT_S"),
+        ({"HIVE_MAX_ACK_PENDING": "1.5"}, "HIVE_MAX_ACK_PENDING"),
+        ({"HIVE_PREFIX": "Bad.Prefix"}, "prefix"),
+        ({"HIVE_HEARTBEAT_TTL_S": "6"}, "heartbeat_ttl_s"),
+    ],
+)
+def test_bad_values_are_named(env: dict[str, str], named: str) -> None:
+    with pytest.raises((SettingsError, ValueError), match=named):
+        load_settings(env)
+
+
+def test_secrets_are_redacted_from_urls() -> None:
+    assert redact_url("nats://alice:pw@pi.local:4222") == "nats://***@pi.local:4222"
+    assert redact_url("tls://token@pi.local") == "tls://***@pi.local"
+    assert redact_url("nats://pi.local:4222") == "nats://pi.local:4222"
+
+
+def test_a_newer_task_with_unknown_fields_still_decodes() -> None:
+    newer = {
+        "type": "task.v1", "id": "01JAAAAAAAAAAAAAAAAAAAAAAA", "provider": "echo", "prompt": "hi",
+        "submitted_at_ms": 1, "priority": "high", "fallback": ["groq"],
+    }  # fmt: skip
+    task = task_decoder.decode(msgspec.json.encode(newer))
+    assert (task.prompt, task.max_attempts) == ("hi", 5)
+
+
+def test_an_older_completed_event_without_new_fields_still_decodes() -> None:
+    older = {"type": "completed.v1", "task_id": "x", "provider": "echo", "at_ms": 1, "attempt": 1, "worker": "w",
+             "output": "hi"}  # fmt: skip
+    event = event_decoder.decode(msgspec.json.encode(older))
+    assert isinstance(event, Completed)
+    assert TaskView.of(event).status == "completed"
+
+
+def test_task_round_trip() -> None:
+    task = Task(id="01JAAAAAAAAAAAAAAAAAAAAAAA", provider="echo", prompt="¿Qué tal?", submitted_at_ms=5,
+                payload=["check_balance"], metadata={"campaign": "otoño"})  # fmt: skip
+    assert task_decoder.decode(encoder.encode(task)) == task
