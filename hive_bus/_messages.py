@@ -177,6 +177,11 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     reason: str | None = None
     next_try_at_ms: int | None = None
     worker: str | None = None
+    # timings of a completed task: when it was submitted, when its last attempt started, how long the
+    # provider call took (it finished at updated_at_ms)
+    submitted_at_ms: int | None = None
+    started_at_ms: int | None = None
+    call_s: float | None = None
 
     @property
     def done(self) -> bool:
@@ -203,7 +208,8 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
                 return cls(
                     id=id_, provider=provider, updated_at_ms=at_ms, status="completed",
                     attempt=event.attempt, worker=event.worker, output=event.output, model=event.model,
-                    usage=event.usage,
+                    usage=event.usage, submitted_at_ms=event.submitted_at_ms or None,
+                    started_at_ms=event.started_at_ms or None, call_s=event.call_s,
                 )  # fmt: skip
             case Failed():
                 return cls(

@@ -38,6 +38,9 @@ async def test_submit_and_complete_through_the_client(bus: Bus, hive: Hive) -> N
     assert view.output == "Escribe un tuit sobre el café"
     assert view.attempt == 1
     assert view.usage is not None and view.usage.input_tokens == 6  # words
+    assert view.submitted_at_ms is not None and view.started_at_ms is not None and view.call_s is not None
+    assert view.submitted_at_ms <= view.started_at_ms <= view.updated_at_ms
+    assert 0 <= view.call_s < 1
     kinds = [type(e) for e in await events_of(bus, task_id)]
     assert kinds == [Queued, Running, Completed]
     assert await stream_messages(bus, bus.names.tasks_stream) == 0  # acked, so gone from the work queue
