@@ -47,6 +47,7 @@ class Bus:
     js: JetStreamContext
     settings: Settings
     workers_kv: KeyValue
+    providers_kv: KeyValue
 
     @property
     def names(self) -> Names:
@@ -59,8 +60,8 @@ async def open_bus(settings: Settings, *, name: str = "hive") -> AsyncIterator[B
     nc = await connect_nats(settings, name=name)
     try:
         js = nc.jetstream(timeout=settings.request_timeout_s)
-        workers_kv = await declare_bus(js, settings)
-        yield Bus(nc=nc, js=js, settings=settings, workers_kv=workers_kv)
+        workers_kv, providers_kv = await declare_bus(js, settings)
+        yield Bus(nc=nc, js=js, settings=settings, workers_kv=workers_kv, providers_kv=providers_kv)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             # drain flushes pending acks and publishes before the socket closes
@@ -119,13 +120,13 @@ def _reason(exc: BaseException) -> str:
     return text.replace("nats: ", "")
 
 
-async def declare_bus(js: JetStreamContext, settings: Settings) -> KeyValue:
-    """Create the streams and the heartbeat bucket if missing; check them if present."""
+async def declare_bus(js: JetStreamContext, settings: Settings) -> tuple[KeyValue, KeyValue]:
+    """Create the streams and the KV buckets if missing; check them if present."""
     names = settings.names
     try:
         await _ensure_stream(js, tasks_stream_config(settings))
         await _ensure_stream(js, events_stream_config(settings))
-        return await _ensure_workers_bucket(js, settings)
+        return await _ensure_workers_bucket(js, settings), await _ensure_providers_bucket(js, settings)
     except nats.js.errors.ServiceUnavailableError:
         raise BusUnavailable("JetStream is not enabled on the NATS server (start it with -js)") from None
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
@@ -271,6 +272,26 @@ async def _ensure_workers_bucket(js: JetStreamContext, settings: Settings) -> Ke
             f"key-value bucket {bucket} keeps heartbeats for {have_ttl}s, less than two heartbeat "
             f"intervals ({settings.heartbeat_interval_s}s): live workers would vanish from it"
         )
+    return kv
+
+
+async def _ensure_providers_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
+    bucket = settings.names.providers_bucket
+    try:
+        kv = await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        # File storage: a daily-quota cooldown must outlive a restart of the hub.
+        return await js.create_key_value(
+            KeyValueConfig(
+                bucket=bucket, description="hive-bus provider cooldowns", history=1, storage=StorageType.FILE
+            )
+        )
+    status = await kv.status()
+    _check(
+        f"key-value bucket {bucket}",
+        meaning={"history": (status.stream_info.config.max_msgs_per_subject, 1)},
+        limits={},
+    )
     return kv
 
 

@@ -12,6 +12,10 @@ The rest are errors of the bus itself, raised to users of the client.
 
 from __future__ import annotations
 
+from typing import Literal
+
+Quota = Literal["minute", "day", "unknown"]
+
 
 class ProviderError(Exception):
     """Base of the three outcomes a provider may raise instead of returning an output."""
@@ -22,11 +26,16 @@ class ProviderError(Exception):
 
 
 class RetryAfter(ProviderError):
-    """Come back after ``retry_after_s`` seconds; the provider said so (rate limit)."""
+    """Come back after ``retry_after_s`` seconds; the provider said so (rate limit).
 
-    def __init__(self, message: str, *, retry_after_s: float) -> None:
+    ``quota`` tells a per-minute limit from a per-day one (``"minute"``, ``"day"`` or ``"unknown"``).
+    Every worker of the provider waits it out together, and the wait never uses up the task's attempts.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float, quota: Quota = "unknown") -> None:
         super().__init__(message)
         self.retry_after_s = max(0.0, retry_after_s)
+        self.quota: Quota = quota
 
 
 class RetryLater(ProviderError):

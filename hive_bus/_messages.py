@@ -114,6 +114,8 @@ class Running(_Event, frozen=True, kw_only=True, tag="running.v1"):
     attempt: int
     worker: str
     submitted_at_ms: int = 0
+    # deliveries of this task so far that only waited out a rate limit (they are not attempts)
+    waits: int = 0
 
 
 class Retrying(_Event, frozen=True, kw_only=True, tag="retrying.v1"):
@@ -123,6 +125,8 @@ class Retrying(_Event, frozen=True, kw_only=True, tag="retrying.v1"):
     error: str
     retry_in_s: float
     next_try_at_ms: int
+    waits: int = 0
+    quota: str | None = None
 
 
 class Completed(_Event, frozen=True, kw_only=True, tag="completed.v1"):
@@ -134,6 +138,8 @@ class Completed(_Event, frozen=True, kw_only=True, tag="completed.v1"):
     submitted_at_ms: int = 0
     started_at_ms: int = 0
     call_s: float = 0.0
+    # from the price table; None where the model's price is not known
+    cost_usd: float | None = None
 
 
 class Failed(_Event, frozen=True, kw_only=True, tag="failed.v1"):
@@ -182,6 +188,7 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     submitted_at_ms: int | None = None
     started_at_ms: int | None = None
     call_s: float | None = None
+    cost_usd: float | None = None
 
     @property
     def done(self) -> bool:
@@ -209,7 +216,7 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
                     id=id_, provider=provider, updated_at_ms=at_ms, status="completed",
                     attempt=event.attempt, worker=event.worker, output=event.output, model=event.model,
                     usage=event.usage, submitted_at_ms=event.submitted_at_ms or None,
-                    started_at_ms=event.started_at_ms or None, call_s=event.call_s,
+                    started_at_ms=event.started_at_ms or None, call_s=event.call_s, cost_usd=event.cost_usd,
                 )  # fmt: skip
             case Failed():
                 return cls(

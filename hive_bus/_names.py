@@ -27,7 +27,8 @@ class Names:
     ``<prefix>.tasks.<provider>`` carries task messages into the work-queue stream ``<PREFIX>_TASKS``;
     ``<prefix>.events.<provider>.<task id>`` carries each task's lifecycle into ``<PREFIX>_EVENTS``;
     ``<prefix>_<provider>`` is the durable pull consumer all workers of a provider share;
-    ``<prefix>_workers`` is the KV bucket of worker heartbeats.
+    ``<prefix>_workers`` is the KV bucket of worker heartbeats;
+    ``<prefix>_providers`` is the KV bucket of provider-wide cooldowns, one key per provider.
     """
 
     prefix: str = "hive"
@@ -50,6 +51,10 @@ class Names:
     @property
     def workers_bucket(self) -> str:
         return f"{self.prefix}_workers"
+
+    @property
+    def providers_bucket(self) -> str:
+        return f"{self.prefix}_providers"
 
     @property
     def all_tasks(self) -> str:

@@ -46,6 +46,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     events_max_bytes: PositiveInt = 1024**3
     heartbeat_interval_s: PositiveSeconds = 5.0
     heartbeat_ttl_s: PositiveSeconds = 15.0
+    # A TOML file of token prices that overrides the built-in table (see hive_bus._prices).
+    prices_file: str | None = None
     # How long the first connection to NATS may take before a command gives up.
     connect_timeout_s: PositiveSeconds = 5.0
     # How long a publish waits for JetStream's acknowledgement before the bus counts as unavailable.

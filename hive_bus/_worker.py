@@ -1,22 +1,16 @@
-"""The worker runtime: where a task is fetched, run, retried and completed.
+"""The worker runtime: where a task is fetched and run.
 
 One :class:`Worker` serves one provider. It pulls from the provider's durable consumer (shared by every
 worker of that provider, wherever it runs), runs up to ``concurrency`` calls at once, keeps each task
-alive with in-progress acks while its call runs, and settles every outcome in :meth:`Worker._settle`:
-
-- an output: its ``completed`` event is stored (JetStream acked the publish), then the task is acked;
-- :class:`RetryAfter` / :class:`RetryLater`: a ``retrying`` event, then NAK with the delay;
-- :class:`FailNow`, or out of attempts: a ``failed`` event, then TERM.
-
-Each task's final event is published with ``Nats-Msg-Id: <id>:final``, so a task that two workers
-finished (one of them a zombie that outlived its AckWait) is recorded once.
+alive with in-progress acks while its call runs, and hands every outcome to :class:`Settler`
+(``_settle.py``), the one place that acks, NAKs or TERMs. While the provider is cooling down after a
+429, the worker does not fetch, and hands back what it holds without calling the provider.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import secrets
 import socket
@@ -34,9 +28,9 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
 
 from ._bus import Bus, ensure_consumer
-from ._errors import FailNow, ProviderError, RetryAfter, RetryLater
+from ._cooldown import ProviderCooldown
+from ._errors import ProviderError, RetryLater
 from ._messages import (
-    Completed,
     Failed,
     Retrying,
     Running,
@@ -44,11 +38,14 @@ from ._messages import (
     TaskEvent,
     WorkerBeat,
     encoder,
+    event_decoder,
     is_task_id,
     now_ms,
     task_decoder,
 )
+from ._prices import PriceTable
 from ._providers import Output, Provider
+from ._settle import Backoff, Delivery, Outcome, Settler
 from ._version import __version__
 
 log = logging.getLogger("hive_bus.worker")
@@ -57,8 +54,6 @@ log = logging.getLogger("hive_bus.worker")
 # time that much more has passed: the server never sees a live call as a dead worker.
 KEEPALIVE_FRACTION = 1 / 3
 _ID_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
-
-Outcome = Output | ProviderError
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +67,7 @@ class WorkerOptions:
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 300.0
     worker_id: str | None = None
-
-
-@dataclass(slots=True)
-class _Counters:
-    completed: int = 0
-    failed: int = 0
-    retried: int = 0
+    prices: PriceTable | None = None
 
 
 class Worker:
@@ -93,8 +82,12 @@ class Worker:
         self._stopping = anyio.Event()
         self._changed = anyio.Event()
         self._in_flight = 0
-        self._counts = _Counters()
         self._ack_wait_s = bus.settings.ack_wait_s
+        names = bus.names
+        self.cooldown = ProviderCooldown(bus.nc, bus.providers_kv, names.providers_bucket, options.provider)
+        backoff = Backoff(options.backoff_base_s, options.backoff_cap_s)
+        self._settler = Settler(bus, self.id, self.cooldown, options.prices or PriceTable(), backoff)
+        self._counts = self._settler.counts
         self._started_at_ms = now_ms()
 
     @property
@@ -116,10 +109,12 @@ class Worker:
         psub = await bus.js.pull_subscribe_bind(
             durable=bus.names.consumer(opts.provider), stream=bus.names.tasks_stream
         )
+        cooldown_sub = await self.cooldown.subscribe()
         log.info("worker %s serving %s (concurrency %d)", self.id, opts.provider, opts.concurrency)
         try:
             async with anyio.create_task_group() as beats:
                 beats.start_soon(self._beat_loop)
+                beats.start_soon(self.cooldown.follow, cooldown_sub)
                 task_status.started()
                 async with anyio.create_task_group() as calls:
                     await self._fetch_loop(psub, calls)
@@ -128,6 +123,7 @@ class Worker:
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
                 await psub.unsubscribe()
+                await cooldown_sub.unsubscribe()
                 await self._forget_beat()
             log.info("worker %s stopped: %s", self.id, self._counts)
 
@@ -154,6 +150,7 @@ class Worker:
         opts = self._opts
         while not self._stopping.is_set():
             await self._wait_for(lambda: self._in_flight < opts.concurrency or self._stopping.is_set())
+            await self.cooldown.wait_until_clear(self._stopping)  # a 429 elsewhere: fetch nothing
             if self._stopping.is_set():
                 return
             try:
@@ -212,27 +209,48 @@ class Worker:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._reject_undecodable(msg, exc)
             return
-        attempt = msg.metadata.num_delivered or 1
-        if attempt > task.max_attempts:
-            # Delivered again after crashes or ack timeouts; no call is made.
-            error = f"delivered {attempt} times without an outcome (worker crashes or ack timeouts)"
-            await self._settle(msg, task, attempt - 1, FailNow(error), started_ms=now_ms(), call_s=0.0)
-            return
-        started_ms = now_ms()
+        delivered = msg.metadata.num_delivered or 1
+        waits = await self._waits_so_far(task) if delivered > 1 else 0
+        d = Delivery(msg=msg, task=task, attempt=delivered - waits, waits=waits, started_ms=now_ms())
+        with anyio.CancelScope(shield=True):
+            if (left_s := self.cooldown.remaining_s()) > 0:
+                # The provider is cooling down: hand the task back without a call and without an attempt.
+                reason = self.cooldown.current.reason if self.cooldown.current else "rate limited"
+                quota = self.cooldown.current.quota if self.cooldown.current else "unknown"
+                await self._settler.wait_out(
+                    d, left_s, f"waiting out the {task.provider} cooldown: {reason}", quota
+                )
+                return
+            if d.attempt > task.max_attempts:
+                # Delivered again after crashes or ack timeouts; no call is made.
+                error = f"delivered {d.attempt - 1} times without an outcome (worker crashes or ack timeouts)"
+                await self._settler.fail(d, error)
+                return
         await self._publish_quietly(
             Running(
                 task_id=task.id,
                 provider=task.provider,
-                at_ms=started_ms,
-                attempt=attempt,
+                at_ms=d.started_ms,
+                attempt=d.attempt,
                 worker=self.id,
                 submitted_at_ms=task.submitted_at_ms,
+                waits=waits,
             )
         )
         t0 = time.perf_counter()
         outcome = await self._call(msg, task)
         with anyio.CancelScope(shield=True):
-            await self._settle(msg, task, attempt, outcome, started_ms, time.perf_counter() - t0)
+            await self._settler.settle(d, outcome, time.perf_counter() - t0)
+
+    async def _waits_so_far(self, task: Task) -> int:
+        """How many earlier deliveries of a redelivered task only waited out a rate limit."""
+        names = self._bus.names
+        try:
+            raw = await self._bus.js.get_last_msg(names.events_stream, names.events_of(task.id), direct=True)
+            event = event_decoder.decode(raw.data or b"")
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, msgspec.DecodeError):
+            return 0  # unknown: count every delivery as an attempt, the safe side
+        return event.waits if isinstance(event, Running | Retrying) else 0
 
     async def _call(self, msg: Msg, task: Task) -> Outcome:
         outcome: Outcome
@@ -249,6 +267,8 @@ class Worker:
                 log.exception("provider %s raised an unexpected error on task %s", task.provider, task.id)
                 outcome = RetryLater(f"{type(exc).__name__}: {exc}")
             tg.cancel_scope.cancel()
+        if not isinstance(outcome, Output | ProviderError):
+            outcome = RetryLater(f"{task.provider} returned {type(outcome).__name__}, not an Output")
         return outcome
 
     async def _keep_alive(self, msg: Msg) -> None:
@@ -259,72 +279,6 @@ class Worker:
                 await msg.in_progress()
             except nats.errors.Error as exc:
                 log.warning("in-progress ack failed: %s", exc)
-
-    async def _settle(
-        self, msg: Msg, task: Task, attempt: int, outcome: Outcome, started_ms: int, call_s: float
-    ) -> None:
-        """The one place where an outcome becomes ack, NAK or TERM."""
-        try:
-            match outcome:
-                case Output():
-                    completed = Completed(
-                        task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=attempt,
-                        worker=self.id, output=outcome.value, model=outcome.model, usage=outcome.usage,
-                        submitted_at_ms=task.submitted_at_ms, started_at_ms=started_ms, call_s=round(call_s, 6),
-                    )  # fmt: skip
-                    try:
-                        data = encoder.encode(completed)
-                    except (TypeError, msgspec.EncodeError) as exc:
-                        bad = FailNow(f"the output of {task.provider} is not JSON-serializable: {exc}")
-                        await self._settle(msg, task, attempt, bad, started_ms, call_s)
-                        return
-                    await self._record(task, data, final=True)
-                    await msg.ack()
-                    self._counts.completed += 1
-                case RetryAfter() | RetryLater() if not self._out_of_attempts(task, attempt, outcome):
-                    delay_s = self._delay_s(attempt, outcome)
-                    retrying = Retrying(
-                        task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=attempt,
-                        worker=self.id, reason="rate_limit" if isinstance(outcome, RetryAfter) else "transient",
-                        error=outcome.message, retry_in_s=round(delay_s, 3),
-                        next_try_at_ms=now_ms() + int(delay_s * 1000),
-                    )  # fmt: skip
-                    await self._record(task, encoder.encode(retrying), final=False)
-                    await msg.nak(delay=delay_s)
-                    self._counts.retried += 1
-                case ProviderError():
-                    permanent = isinstance(outcome, FailNow)
-                    failed = Failed(
-                        task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=attempt,
-                        worker=self.id, reason="permanent" if permanent else "out_of_attempts",
-                        error=outcome.message if permanent
-                        else f"out of attempts ({attempt}); last error: {outcome.message}",
-                    )  # fmt: skip
-                    await self._record(task, encoder.encode(failed), final=True)
-                    await msg.term()
-                    self._counts.failed += 1
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            # Not recorded, so not acked: the task comes back after AckWait and nothing is lost.
-            log.warning("could not record the outcome of task %s (%s); it will be redelivered", task.id, exc)
-
-    def _out_of_attempts(self, task: Task, attempt: int, outcome: ProviderError) -> bool:
-        return isinstance(outcome, RetryLater) and attempt >= task.max_attempts
-
-    def _delay_s(self, attempt: int, outcome: ProviderError) -> float:
-        if isinstance(outcome, RetryAfter):
-            # The provider's own delay, plus a little jitter so that waiters do not return in step.
-            return outcome.retry_after_s + random.uniform(0, max(0.25, 0.1 * outcome.retry_after_s))
-        backoff_s = min(self._opts.backoff_cap_s, self._opts.backoff_base_s * 2.0 ** (attempt - 1))
-        return backoff_s * random.uniform(0.5, 1.0)
-
-    async def _record(self, task: Task, data: bytes, *, final: bool) -> None:
-        names = self._bus.names
-        headers = {"Nats-Msg-Id": f"{task.id}:final"} if final else None
-        ack = await self._bus.js.publish(
-            names.event_subject(task.provider, task.id), data, headers=headers, stream=names.events_stream
-        )
-        if ack.duplicate:
-            log.warning("task %s already had a final outcome; this worker's result is not recorded", task.id)
 
     async def _publish_quietly(self, event: TaskEvent) -> None:
         # Informational events go out without waiting for the store's ack; the connection keeps them
