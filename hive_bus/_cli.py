@@ -20,6 +20,7 @@ from ._client import Hive, connect
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import HiveError
 from ._messages import TaskView, encoder, explain_error
+from ._prices import PriceFileError, PriceTable
 from ._providers import HandlerError, Provider, load_handler
 from ._settings import Settings, SettingsError, load_settings
 from ._version import __version__
@@ -36,7 +37,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from workers import ProviderUnavailable
 
     return (
-        HiveError, SettingsError, EmbeddedServerError, GatewayError, HandlerError, ProviderUnavailable,
+        HiveError, SettingsError, EmbeddedServerError, GatewayError, HandlerError, ProviderUnavailable, PriceFileError,
         msgspec.ValidationError,
     )  # fmt: skip
 
@@ -93,12 +94,12 @@ async def _until_stopped() -> None:
             return
 
 
-def _provider_for(name: str, handler: str | None) -> Provider:
+def _provider_for(name: str, handler: str | None, model: str | None) -> Provider:
     if handler:
         return load_handler(handler)
     from workers import builtin
 
-    return builtin(name, os.environ)
+    return builtin(name, os.environ, model=model)
 
 
 @click.group()
@@ -137,9 +138,13 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
             settings = load_settings(nats_url=server.url, prefix=prefix)
             async with open_bus(settings, name="hive-up") as bus:
                 providers, skipped = available(os.environ)
-                for name, why in skipped.items():
-                    log.info("provider %s not started: %s", name, why)
-                workers = [Worker(bus, p, WorkerOptions(provider=name)) for name, p in providers.items()]
+                for why in skipped.values():
+                    click.echo(f"not started: {why}")
+                prices = PriceTable.load(settings.prices_file)
+                workers = [
+                    Worker(bus, p, WorkerOptions(provider=name, prices=prices))
+                    for name, p in providers.items()
+                ]
                 gateway = Gateway(Hive(bus), GatewayOptions(host=host, port=port), sock=sock)
                 async with anyio.create_task_group() as tg:
                     for worker in workers:
@@ -198,6 +203,7 @@ def gateway(host: str, port: int, max_body_bytes: int, settings: Settings) -> No
 @click.argument("provider", required=False)
 @click.option("--provider", "provider_opt", help="provider name (the same as the PROVIDER argument)")
 @click.option("--handler", metavar="MODULE:FUNCTION", help="run this async function as the provider")
+@click.option("--model", help="default model for tasks that name none (built-in providers)")
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--drain-timeout", "drain_timeout_s", default=30.0, show_default=True, help="seconds")
 @bus_options
@@ -205,11 +211,13 @@ def worker(
     provider: str | None,
     provider_opt: str | None,
     handler: str | None,
+    model: str | None,
     concurrency: int,
     drain_timeout_s: float,
     settings: Settings,
 ) -> None:
-    """Serve one provider's tasks: a built-in one, or your own with --handler."""
+    """Serve one provider's tasks: a built-in one (echo, gemini, groq, anthropic, openai), or your own
+    with --handler."""
     from ._names import is_valid_provider
 
     name = provider or provider_opt
@@ -219,10 +227,13 @@ def worker(
         raise click.UsageError(f"two provider names given: {provider!r} and {provider_opt!r}")
     if not is_valid_provider(name):
         raise click.UsageError(f"provider {name!r} must be 1-64 letters, digits, '_' or '-'")
-    options = WorkerOptions(provider=name, concurrency=concurrency, drain_timeout_s=drain_timeout_s)
 
     async def main() -> None:
-        impl = _provider_for(name, handler)
+        impl = _provider_for(name, handler, model)
+        prices = PriceTable.load(settings.prices_file)
+        options = WorkerOptions(
+            provider=name, concurrency=concurrency, drain_timeout_s=drain_timeout_s, prices=prices
+        )
         async with open_bus(settings, name=f"hive-worker-{name}") as bus:
             w = Worker(bus, impl, options)
             async with anyio.create_task_group() as tg:

@@ -125,6 +125,7 @@ class Worker:
                 await psub.unsubscribe()
                 await cooldown_sub.unsubscribe()
                 await self._forget_beat()
+                await _close(self._provider)
             log.info("worker %s stopped: %s", self.id, self._counts)
 
     async def _find_consumer(self) -> ConsumerInfo | None:
@@ -339,6 +340,16 @@ class Worker:
             await self._bus.workers_kv.delete(self.id)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.debug("heartbeat of %s not removed (%s); it expires by itself", self.id, exc)
+
+
+async def _close(provider: Provider) -> None:
+    """Providers that hold a client (an HTTP pool) may offer ``aclose``; the worker calls it last."""
+    aclose = getattr(provider, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception as exc:
+            log.debug("closing the provider failed: %s", exc)
 
 
 async def _nak_now(msg: Msg) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import anyio
 
-from hive_bus import FailNow, RetryLater, Task
+from hive_bus import FailNow, RetryAfter, RetryLater, Task
 
 # attempts seen per task id, for handlers that behave differently on a later attempt
 _seen: dict[str, int] = {}
@@ -63,3 +64,29 @@ async def quick(task: Task) -> str:
 
 def not_async(task: Task) -> str:
     return task.prompt
+
+
+class WindowLimit:
+    """A provider's fixed-window rate limit, shared by every worker that calls it (as a real quota is)."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.calls = 0
+        self.rate_limited = 0
+        self._window_start = time.monotonic()
+        self._used = 0
+
+    async def __call__(self, task: Task) -> str:
+        self.calls += 1
+        now = time.monotonic()
+        if now - self._window_start >= self.window_s:
+            self._window_start, self._used = now, 0
+        if self._used >= self.limit:
+            self.rate_limited += 1
+            left_s = self.window_s - (now - self._window_start)
+            raise RetryAfter(
+                f"limit of {self.limit} per {self.window_s}s reached", retry_after_s=left_s, quota="minute"
+            )
+        self._used += 1
+        return f"done: {task.prompt}"

@@ -1,0 +1,70 @@
+"""``anthropic``: Claude through the anthropic SDK (optional extra ``hive-bus[anthropic]``), retries off.
+
+Credentials from ``ANTHROPIC_API_KEY``; the SDK honours ``ANTHROPIC_BASE_URL``. A 429 carries
+``retry-after``; 529 (overloaded) is retried later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+from hive_bus import Output, Task, Usage
+
+from . import _stainless
+from ._chat import sampling
+
+DEFAULT_MODEL = "claude-haiku-4-5"
+DEFAULT_MAX_TOKENS = 1024  # the Messages API requires one
+
+
+class AnthropicProvider:
+    name = "anthropic"
+
+    def __init__(
+        self, sdk: ModuleType, *, api_key: str, model: str | None = None, base_url: str | None = None
+    ):
+        self._sdk = sdk
+        self._key = api_key
+        self._model = model or DEFAULT_MODEL
+        self._client = sdk.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0)
+
+    async def complete(self, task: Task) -> Output:
+        model = task.model or self._model
+        options: dict[str, Any] = {
+            "max_tokens": DEFAULT_MAX_TOKENS,
+            **sampling(task, max_tokens_name="max_tokens"),
+        }
+        if task.system:
+            options["system"] = task.system
+        try:
+            response = await self._client.messages.create(
+                model=model, messages=[{"role": "user", "content": task.prompt}], **options
+            )
+        except Exception as exc:
+            outcome = _stainless.classify("anthropic", exc, self._sdk, [self._key])
+            if outcome is None:
+                raise
+            raise outcome from None
+        text = "".join(block.text for block in response.content if getattr(block, "type", "") == "text")
+        usage = Usage(input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens)
+        return Output(value=text, model=model, usage=usage)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def from_env(environ: Mapping[str, str], *, model: str | None = None) -> AnthropicProvider:
+    from . import ProviderUnavailable
+
+    key = environ.get("ANTHROPIC_API_KEY")
+    if not key:
+        raise ProviderUnavailable("anthropic: ANTHROPIC_API_KEY is not set")
+    try:
+        import anthropic
+    except ImportError:
+        raise ProviderUnavailable(
+            "anthropic: the SDK is not installed (pip install 'hive-bus[anthropic]')"
+        ) from None
+    return AnthropicProvider(anthropic, api_key=key, model=model, base_url=environ.get("ANTHROPIC_BASE_URL"))

@@ -1,0 +1,137 @@
+"""``gemini``: Google's Gemini API through google-genai's async client (which does not retry by itself).
+
+Credentials from ``GEMINI_API_KEY`` or ``GOOGLE_API_KEY``; the SDK honours ``GOOGLE_GEMINI_BASE_URL``.
+A 429 is ``RESOURCE_EXHAUSTED`` whose ``details`` hold a ``google.rpc.RetryInfo`` (``retryDelay: "47s"``)
+and a ``google.rpc.QuotaFailure`` whose ``quotaId`` says per minute or per day; a quota of 0 means the
+model is not available to this key at all, which no waiting fixes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import httpx
+from google import genai
+from google.genai import errors, types
+
+from hive_bus import FailNow, Output, ProviderError, RetryAfter, RetryLater, Task, Usage
+from hive_bus._errors import Quota
+
+from ._classify import by_status, parse_duration_s, scrub
+
+DEFAULT_MODEL = "gemini-2.5-flash"
+
+
+class GeminiProvider:
+    name = "gemini"
+
+    def __init__(self, *, api_key: str, model: str | None = None, base_url: str | None = None) -> None:
+        self._key = api_key
+        self._model = model or DEFAULT_MODEL
+        options = types.HttpOptions(base_url=base_url) if base_url else None
+        self._client = genai.Client(api_key=api_key, http_options=options)
+
+    async def complete(self, task: Task) -> Output:
+        model = task.model or self._model
+        try:
+            response = await self._client.aio.models.generate_content(
+                model=model, contents=task.prompt, config=_config(task)
+            )
+        except errors.APIError as exc:
+            raise classify(exc, self._key) from None
+        except (httpx.TransportError, OSError, TimeoutError) as exc:
+            raise RetryLater(
+                f"gemini did not answer: {scrub(str(exc), [self._key]) or type(exc).__name__}"
+            ) from None
+        text = response.text
+        if text is None:
+            reason = response.candidates[0].finish_reason if response.candidates else "no candidates"
+            raise FailNow(f"gemini returned no text (finish reason {reason}); the prompt may be blocked")
+        meta = response.usage_metadata
+        usage = None
+        if meta is not None:
+            usage = Usage(
+                input_tokens=meta.prompt_token_count or 0, output_tokens=meta.candidates_token_count or 0
+            )
+        return Output(value=text, model=model, usage=usage)
+
+    async def aclose(self) -> None:
+        await self._client.aio.aclose()
+
+
+def _config(task: Task) -> types.GenerateContentConfig | None:
+    params = task.params
+    values: dict[str, Any] = {"system_instruction": task.system}
+    if params is not None:
+        values |= {
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_output_tokens": params.max_tokens,
+        }
+    values = {k: v for k, v in values.items() if v is not None}
+    return types.GenerateContentConfig(**values) if values else None
+
+
+def classify(exc: errors.APIError, key: str = "") -> ProviderError:
+    """What a Gemini API error means for the task."""
+    error = _error_body(exc.details)
+    message = scrub(str(error.get("message") or exc.message or exc), [key])
+    if exc.code == 429:
+        return _rate_limited(error, message)
+    if exc.code == 400 and "API_KEY_INVALID" in str(error.get("details", "")):
+        return by_status("gemini", 401, message)
+    return by_status("gemini", exc.code, message)
+
+
+def _error_body(details: Any) -> dict[str, Any]:
+    if isinstance(details, dict):
+        inner = details.get("error", details)
+        return inner if isinstance(inner, dict) else {}
+    return {}
+
+
+def _rate_limited(error: dict[str, Any], message: str) -> ProviderError:
+    delay_s: float | None = None
+    quota_ids: list[str] = []
+    zero = False
+    for detail in error.get("details") or []:
+        kind = str(detail.get("@type", ""))
+        if kind.endswith("RetryInfo"):
+            delay_s = parse_duration_s(str(detail.get("retryDelay", "")))
+        elif kind.endswith("QuotaFailure"):
+            for violation in detail.get("violations") or []:
+                quota_ids.append(str(violation.get("quotaId", "")))
+                zero = zero or str(violation.get("quotaValue", "")) == "0"
+    ids = ", ".join(q for q in quota_ids if q) or "unnamed quota"
+    if zero:
+        return FailNow(f"gemini quota {ids} is 0 for this key: the model is not available on its tier")
+    quota: Quota = "day" if "PerDay" in ids else "minute" if "PerMinute" in ids else "unknown"
+    if delay_s is None:
+        delay_s = _until_pacific_midnight_s() if quota == "day" else 60.0
+    scope = {"minute": "per-minute", "day": "per-day"}.get(quota, "rate")
+    return RetryAfter(
+        f"gemini {scope} quota exhausted ({ids}): {message}", retry_after_s=delay_s, quota=quota
+    )
+
+
+def _until_pacific_midnight_s() -> float:
+    """Gemini's daily quotas reset at midnight Pacific time."""
+    try:
+        zone: dt.tzinfo = ZoneInfo("America/Los_Angeles")
+    except ZoneInfoNotFoundError:
+        zone = dt.timezone(dt.timedelta(hours=-8))
+    now = dt.datetime.now(zone)
+    midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), zone)
+    return (midnight - now).total_seconds()
+
+
+def from_env(environ: Mapping[str, str], *, model: str | None = None) -> GeminiProvider:
+    from . import ProviderUnavailable
+
+    key = environ.get("GEMINI_API_KEY") or environ.get("GOOGLE_API_KEY")
+    if not key:
+        raise ProviderUnavailable("gemini: neither GEMINI_API_KEY nor GOOGLE_API_KEY is set")
+    return GeminiProvider(api_key=key, model=model, base_url=environ.get("GOOGLE_GEMINI_BASE_URL"))

@@ -1,0 +1,64 @@
+"""``groq``: Groq's chat completions through the groq SDK (``AsyncGroq``, its own retries off).
+
+Credentials from ``GROQ_API_KEY``; the SDK honours ``GROQ_BASE_URL``. A 429 comes with ``retry-after``
+and "Please try again in 6.78s" (or "9m38s" for a daily limit) in its message; both are read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import groq
+
+from hive_bus import Output, Task, Usage
+
+from . import _stainless
+from ._chat import chat_messages, sampling
+
+DEFAULT_MODEL = "llama-3.3-70b-versatile"
+
+
+class GroqProvider:
+    name = "groq"
+
+    def __init__(self, *, api_key: str, model: str | None = None, base_url: str | None = None) -> None:
+        self._key = api_key
+        self._model = model or DEFAULT_MODEL
+        self._client = groq.AsyncGroq(api_key=api_key, base_url=base_url, max_retries=0)
+
+    async def complete(self, task: Task) -> Output:
+        model = task.model or self._model
+        try:
+            response = await self._client.chat.completions.create(
+                model=model, messages=chat_messages(task), **sampling(task, max_tokens_name="max_tokens")
+            )
+        except Exception as exc:
+            outcome = _stainless.classify("groq", exc, groq, [self._key])
+            if outcome is None:
+                raise
+            raise outcome from None
+        return _output(model, response)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _output(model: str, response: Any) -> Output:
+    usage = response.usage
+    return Output(
+        value=response.choices[0].message.content or "",
+        model=model,
+        usage=Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
+        if usage
+        else None,
+    )
+
+
+def from_env(environ: Mapping[str, str], *, model: str | None = None) -> GroqProvider:
+    from . import ProviderUnavailable
+
+    key = environ.get("GROQ_API_KEY")
+    if not key:
+        raise ProviderUnavailable("groq: GROQ_API_KEY is not set")
+    return GroqProvider(api_key=key, model=model, base_url=environ.get("GROQ_BASE_URL"))

@@ -1,0 +1,58 @@
+"""``openai``: any OpenAI-compatible server (Ollama, llama.cpp's server, vLLM, LM Studio) through the
+openai SDK, its own retries off.
+
+The server from ``OPENAI_BASE_URL`` (for example ``http://gpu-box:11434/v1`` for Ollama), a key from
+``OPENAI_API_KEY`` where the server wants one. There is no default model: set it per worker
+(``hive worker openai --model deepseek-r1:32b``) or per task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import openai
+
+from hive_bus import FailNow, Output, Task
+
+from . import _stainless
+from ._chat import chat_messages, sampling
+from .groq import _output
+
+
+class OpenAICompatibleProvider:
+    name = "openai"
+
+    def __init__(self, *, base_url: str, api_key: str | None = None, model: str | None = None) -> None:
+        self._key = api_key or ""
+        self._model = model
+        # Local servers ignore the key, but the SDK insists on one.
+        self._client = openai.AsyncOpenAI(api_key=api_key or "unused", base_url=base_url, max_retries=0)
+
+    async def complete(self, task: Task) -> Output:
+        model = task.model or self._model
+        if not model:
+            raise FailNow("openai: no model named; set the task's model or start the worker with --model")
+        try:
+            response = await self._client.chat.completions.create(
+                model=model, messages=chat_messages(task), **sampling(task, max_tokens_name="max_tokens")
+            )
+        except Exception as exc:
+            outcome = _stainless.classify("openai", exc, openai, [self._key])
+            if outcome is None:
+                raise
+            raise outcome from None
+        return _output(model, response)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def from_env(environ: Mapping[str, str], *, model: str | None = None) -> OpenAICompatibleProvider:
+    from . import ProviderUnavailable
+
+    base_url = environ.get("OPENAI_BASE_URL")
+    if not base_url:
+        raise ProviderUnavailable(
+            "openai: OPENAI_BASE_URL is not set (e.g. http://gpu-box:11434/v1 for Ollama)"
+        )
+    return OpenAICompatibleProvider(base_url=base_url, api_key=environ.get("OPENAI_API_KEY"), model=model)
