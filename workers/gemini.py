@@ -109,8 +109,12 @@ def _rate_limited(error: dict[str, Any], message: str) -> ProviderError:
     if zero:
         return FailNow(f"gemini quota {ids} is 0 for this key: the model is not available on its tier")
     quota: Quota = "day" if "PerDay" in ids else "minute" if "PerMinute" in ids else "unknown"
-    if delay_s is None:
-        delay_s = _until_pacific_midnight_s() if quota == "day" else 60.0
+    if quota == "day":
+        # Daily quotas reset at midnight Pacific; a short retryDelay on a per-day 429 would only buy
+        # more 429s until then.
+        delay_s = max(delay_s or 0.0, _until_pacific_midnight_s())
+    elif delay_s is None:
+        delay_s = 60.0
     scope = {"minute": "per-minute", "day": "per-day"}.get(quota, "rate")
     return RetryAfter(
         f"gemini {scope} quota exhausted ({ids}): {message}", retry_after_s=delay_s, quota=quota
