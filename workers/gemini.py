@@ -23,6 +23,14 @@ from hive_bus._errors import Quota
 from ._classify import by_status, parse_duration_s, scrub
 
 DEFAULT_MODEL = "gemini-2.5-flash"
+# google-genai runs on httpx2 where that is installed (the anthropic and openai SDKs bring it), else httpx.
+NO_ANSWER: tuple[type[Exception], ...] = (httpx.TransportError, OSError, TimeoutError)
+try:
+    import httpx2
+
+    NO_ANSWER += (httpx2.TransportError,)
+except ImportError:  # pragma: no cover - depends on what else is installed
+    pass
 
 
 class GeminiProvider:
@@ -42,7 +50,7 @@ class GeminiProvider:
             )
         except errors.APIError as exc:
             raise classify(exc, self._key) from None
-        except (httpx.TransportError, OSError, TimeoutError) as exc:
+        except NO_ANSWER as exc:
             raise RetryLater(
                 f"gemini did not answer: {scrub(str(exc), [self._key]) or type(exc).__name__}"
             ) from None
@@ -60,6 +68,7 @@ class GeminiProvider:
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
+        self._client.close()
 
 
 def _config(task: Task) -> types.GenerateContentConfig | None:

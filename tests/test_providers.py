@@ -1,0 +1,204 @@
+"""The real provider SDKs (google-genai, groq, anthropic, openai) against fakes that answer as the real
+APIs do, run by real workers on a real bus: rate limits are waited out, errors classified, keys kept secret."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+
+import anyio
+import msgspec
+import pytest
+
+from hive_bus import Bus, Hive, Provider, Retrying, TaskRequest, TaskView
+from hive_bus._prices import Price, PriceTable
+from workers.anthropic import AnthropicProvider
+from workers.gemini import GeminiProvider
+from workers.groq import GroqProvider
+from workers.openai import OpenAICompatibleProvider
+
+from .fakes import ProviderFakes
+from .helpers import events_of, eventually, running_worker
+
+pytestmark = pytest.mark.anyio
+
+KEY = "sk-test-5ecret-k3y-0123456789"
+
+
+@pytest.fixture
+def fakes() -> Iterator[ProviderFakes]:
+    with ProviderFakes() as f:
+        yield f
+
+
+def make(name: str, fakes: ProviderFakes, key: str = KEY) -> Provider:
+    import anthropic
+
+    makers: dict[str, Callable[[], Provider]] = {
+        "gemini": lambda: GeminiProvider(api_key=key, base_url=fakes.gemini_base_url),
+        "groq": lambda: GroqProvider(api_key=key, base_url=fakes.groq_base_url),
+        "anthropic": lambda: AnthropicProvider(anthropic, api_key=key, base_url=fakes.anthropic_base_url),
+        "openai": lambda: OpenAICompatibleProvider(
+            base_url=fakes.openai_base_url, api_key=key, model="llama3.2"
+        ),
+    }
+    return makers[name]()
+
+
+PROVIDERS = ["gemini", "groq", "anthropic", "openai"]
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+async def test_a_burst_larger_than_the_limit_completes_entirely(
+    bus: Bus, hive: Hive, fakes: ProviderFakes, name: str
+) -> None:
+    fake = getattr(fakes, name)
+    fake.limit(4, 1.0)
+    prompts = [f"post number {i} about coffee" for i in range(12)]
+    ids = await hive.submit_many([TaskRequest(provider=name, prompt=p) for p in prompts])
+    views: dict[str, TaskView] = {}
+    async with running_worker(bus, name, make(name, fakes), concurrency=2):
+        with anyio.fail_after(30):
+            async for view in hive.results(ids):
+                views[view.id] = view
+    for task_id, prompt in zip(ids, prompts, strict=True):
+        view = views[task_id]
+        assert view.status == "completed", view
+        assert view.output == f"reply: {prompt}"
+        assert view.usage is not None and view.usage.input_tokens > 0 and view.usage.output_tokens > 0
+    assert fake.rate_limited >= 1  # the limit was really hit, and waited out
+
+
+async def test_the_cooldown_is_shared_by_three_workers(bus: Bus, hive: Hive, fakes: ProviderFakes) -> None:
+    fakes.groq.limit(4, 1.0)
+    ids = await hive.submit_many([TaskRequest(provider="groq", prompt=f"p{i}") for i in range(16)])
+    started = anyio.current_time()
+    async with (
+        running_worker(bus, "groq", make("groq", fakes), concurrency=1),
+        running_worker(bus, "groq", make("groq", fakes), concurrency=1),
+        running_worker(bus, "groq", make("groq", fakes), concurrency=1),
+    ):
+        with anyio.fail_after(30):
+            done = [view async for view in hive.results(ids)]
+    assert sorted(v.output for v in done) == sorted(f"reply: p{i}" for i in range(16))
+    windows = math.ceil(anyio.current_time() - started)  # 1 s windows
+    # Once one worker is refused, none calls until the window has passed; the calls already in flight
+    # then (one per worker here) are all that can be refused. Without the shared cooldown, every worker
+    # keeps cycling tasks into 429s until the window opens: dozens per window.
+    assert fakes.groq.rate_limited <= 3 * windows, f"{fakes.groq.rate_limited} 429s in {windows} windows"
+
+
+async def test_a_per_day_quota_waits_for_the_reset_without_hammering(
+    bus: Bus, hive: Hive, fakes: ProviderFakes
+) -> None:
+    fakes.gemini.daily_quota(2)
+    ids = [await hive.submit("gemini", f"p{i}", max_attempts=1) for i in range(4)]
+    async with running_worker(bus, "gemini", make("gemini", fakes), concurrency=1) as worker:
+        for task_id in ids[:2]:
+            assert (await hive.wait(task_id, 10)).status == "completed"
+
+        async def refused() -> TaskView | None:
+            view = await hive.get(ids[2])
+            return view if view.status == "retrying" else None
+
+        view = await eventually(refused, 10, "the task over the daily quota to wait")
+        await anyio.sleep(0.5)
+        assert worker.cooldown.current is not None and worker.cooldown.current.quota == "day"
+        assert worker.cooldown.remaining_s() > 60
+        assert (await hive.get(ids[3])).status == "queued"  # not even fetched while the quota is gone
+    assert fakes.gemini.rate_limited == 1  # one 429, not one per task or per retry
+    assert view.reason == "rate_limit"
+    assert "per-day" in (view.error or "")
+    assert view.next_try_at_ms is not None and view.next_try_at_ms - view.updated_at_ms > 60_000
+    retrying = [e for e in await events_of(bus, ids[2]) if isinstance(e, Retrying)]
+    assert retrying[-1].quota == "day"
+
+
+async def test_groq_daily_limit_waits_as_long_as_groq_says(
+    bus: Bus, hive: Hive, fakes: ProviderFakes
+) -> None:
+    fakes.groq.daily_quota(1)
+    first, second = await hive.submit("groq", "one"), await hive.submit("groq", "two")
+    async with running_worker(bus, "groq", make("groq", fakes), concurrency=1):
+        assert (await hive.wait(first, 10)).status == "completed"
+
+        async def waiting() -> TaskView | None:
+            view = await hive.get(second)
+            return view if view.status == "retrying" else None
+
+        view = await eventually(waiting, 10, "the second task to wait")
+    assert "per-day" in (view.error or "")
+    assert view.next_try_at_ms is not None and view.next_try_at_ms - view.updated_at_ms > 60_000
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+async def test_a_server_error_is_retried_then_completes(
+    bus: Bus, hive: Hive, fakes: ProviderFakes, name: str
+) -> None:
+    getattr(fakes, name).fail_next(500, 1)
+    async with running_worker(bus, name, make(name, fakes), backoff_base_s=0.1):
+        view = await hive.wait(await hive.submit(name, "hola"), 15)
+    assert (view.status, view.output, view.attempt) == ("completed", "reply: hola", 2)
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+async def test_a_refused_key_fails_at_once_with_a_clear_error(
+    bus: Bus, hive: Hive, fakes: ProviderFakes, name: str
+) -> None:
+    getattr(fakes, name).valid_keys = {"the-right-key-0000"}
+    async with running_worker(bus, name, make(name, fakes)):
+        view = await hive.wait(await hive.submit(name, "hola", max_attempts=5), 15)
+    assert (view.status, view.reason, view.attempt) == ("failed", "permanent", 1)
+    assert view.error is not None
+    assert view.error.startswith(f"{name} refused the task (401, the API key was refused)")
+    assert KEY not in view.error
+
+
+async def test_usage_and_cost_reach_the_completed_event(bus: Bus, hive: Hive, fakes: ProviderFakes) -> None:
+    prices = PriceTable({"llama-3.3-70b-versatile": Price(input_per_mtok=1.0, output_per_mtok=2.0)})
+    async with running_worker(bus, "groq", make("groq", fakes), prices=prices):
+        view = await hive.wait(await hive.submit("groq", "three words here"), 10)
+    assert view.usage is not None
+    assert view.model == "llama-3.3-70b-versatile"
+    expected = (view.usage.input_tokens * 1.0 + view.usage.output_tokens * 2.0) / 1e6
+    assert view.cost_usd == pytest.approx(expected)
+
+
+async def test_no_api_key_appears_in_events_logs_or_errors(
+    bus: Bus, hive: Hive, fakes: ProviderFakes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fakes.groq.limit(1, 0.5)
+    fakes.groq.fail_next(500, 1)
+    fakes.anthropic.valid_keys = {"another-key-entirely"}
+    ids = [await hive.submit("groq", f"p{i}") for i in range(3)] + [await hive.submit("anthropic", "x")]
+    async with (
+        running_worker(bus, "groq", make("groq", fakes), backoff_base_s=0.1),
+        running_worker(bus, "anthropic", make("anthropic", fakes)),
+    ):
+        with anyio.fail_after(20):
+            finals = [view async for view in hive.results(ids)]
+        beats = await hive.workers()
+    assert len(finals) == 4
+    recorded = [msgspec.json.encode(e) for task_id in ids for e in await events_of(bus, task_id)]
+    assert any(b"rate_limit" in r for r in recorded) and any(b"401" in r for r in recorded)
+    everything = b"\n".join(recorded).decode() + "\n".join(r.getMessage() for r in caplog.records)
+    everything += "".join(str(msgspec.json.encode(b)) for b in beats)
+    assert KEY not in everything
+
+
+async def test_the_sdks_standard_base_url_variables_are_honoured(
+    bus: Bus, hive: Hive, fakes: ProviderFakes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers import builtin
+
+    monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", fakes.gemini_base_url)
+    monkeypatch.setenv("GROQ_BASE_URL", fakes.groq_base_url)
+    import os
+
+    for name, env in [("gemini", {"GEMINI_API_KEY": KEY}), ("groq", {"GROQ_API_KEY": KEY})]:
+        provider = builtin(name, {**os.environ, **env})
+        async with running_worker(bus, name, provider):
+            view = await hive.wait(await hive.submit(name, "via env"), 10)
+        assert view.output == "reply: via env"
