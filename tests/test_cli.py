@@ -169,3 +169,34 @@ def test_unknown_setting_in_the_environment_is_named(nats_server: NatsServer) ->
 def test_setting_of_the_wrong_kind_is_named(nats_server: NatsServer) -> None:
     result = hive_cli(["workers", "--nats", nats_server.url], env={"HIVE_ACK_WAIT_S": "soon"})
     assert "HIVE_ACK_WAIT_S" in _one_clear_line(result)
+
+
+def test_hive_up_starts_the_providers_that_have_credentials(tmp_path: Path) -> None:
+    from .fakes import ProviderFakes
+
+    with ProviderFakes() as fakes:
+        env = {"GROQ_API_KEY": "gsk_cli_test_key_123", "GROQ_BASE_URL": fakes.groq_base_url}
+        for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "ANTHROPIC_API_KEY", "OPENAI_BASE_URL"):
+            env[name] = ""
+        log = tmp_path / "up.log"
+        proc = spawn(
+            ["up", "--port", "0", "--nats-port", "0", "--data", str(tmp_path / "d")], env=env, log=log
+        )
+        try:
+            wait_until(lambda: _banner(log) is not None or proc.poll() is not None, 30, "hive up to start")
+            text = log.read_text()
+            match = _banner(log)
+            assert match is not None, text
+            assert "workers: echo, groq." in text
+            assert "not started: gemini: neither GEMINI_API_KEY nor GOOGLE_API_KEY is set" in text
+            assert "not started: anthropic: ANTHROPIC_API_KEY is not set" in text
+            assert "not started: openai: OPENAI_BASE_URL is not set" in text
+            r = httpx.post(f"{match.group(1)}/v1/tasks", json={"provider": "groq", "prompt": "un tuit"})
+            done = httpx.get(
+                f"{match.group(1)}/v1/tasks/{r.json()['id']}", params={"wait": 10}, timeout=15
+            ).json()
+            assert (done["status"], done["output"]) == ("completed", "reply: un tuit")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(20)
+        assert "gsk_cli_test_key_123" not in log.read_text()

@@ -202,3 +202,30 @@ async def test_the_sdks_standard_base_url_variables_are_honoured(
         async with running_worker(bus, name, provider):
             view = await hive.wait(await hive.submit(name, "via env"), 10)
         assert view.output == "reply: via env"
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+async def test_no_answer_at_all_is_retried_later(name: str) -> None:
+    from hive_bus import RetryLater, Task
+
+    from .helpers import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    makers: dict[str, Callable[[], Provider]] = {
+        "gemini": lambda: GeminiProvider(api_key=KEY, base_url=closed),
+        "groq": lambda: GroqProvider(api_key=KEY, base_url=closed),
+        "anthropic": lambda: _anthropic(closed),
+        "openai": lambda: OpenAICompatibleProvider(base_url=closed + "/v1", api_key=KEY, model="m"),
+    }
+    provider = makers[name]()
+    task = Task(id="01JAAAAAAAAAAAAAAAAAAAAAAA", provider=name, prompt="hi", submitted_at_ms=0)
+    with pytest.raises(RetryLater, match=f"^{name} did not answer") as caught:
+        await provider.complete(task)
+    assert KEY not in str(caught.value)
+    await provider.aclose()  # type: ignore[attr-defined]
+
+
+def _anthropic(base_url: str) -> Provider:
+    import anthropic
+
+    return AnthropicProvider(anthropic, api_key=KEY, base_url=base_url)
