@@ -51,6 +51,8 @@ log = logging.getLogger("hive_bus.client")
 # JetStream's answer when a discard-new stream is at its limits.
 _STREAM_FULL_CODES = frozenset({10077})
 SUBMIT_WINDOW = 256
+# How often a wait reads the task's state again, in case its end fell between subscribing and reading.
+REREAD_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,18 +192,23 @@ class Hive:
         nc = self._bus.nc
         try:
             sub = await nc.subscribe(self._bus.names.events_of(task_id))
-        except nats.errors.Error as exc:
+            # Once the server has the subscription, every later event reaches it; the read below
+            # covers the earlier ones, and the periodic re-read an event that was published before the
+            # subscription but stored only after the read.
+            await nc.flush(timeout=max(1, int(self._bus.settings.request_timeout_s)))
+        except (nats.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
         try:
             view = await self.get(task_id)
-            if view.done:
-                return view
-            with anyio.move_on_after(timeout_s):
-                async for msg in sub.messages:
-                    event = event_decoder.decode(msg.data)
-                    view = TaskView.of(event)
-                    if is_final(event):
-                        return view
+            deadline = anyio.current_time() + timeout_s
+            while not view.done and (left_s := deadline - anyio.current_time()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=min(left_s, REREAD_S))
+                except TimeoutError:
+                    view = await self.get(task_id)
+                    continue
+                event = event_decoder.decode(msg.data)
+                view = TaskView.of(event)
             return view
         finally:
             with anyio.CancelScope(shield=True):
