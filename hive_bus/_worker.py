@@ -70,6 +70,14 @@ class WorkerOptions:
     prices: PriceTable | None = None
 
 
+@dataclass(slots=True)
+class _Held:
+    """A task this worker holds, and when the server last had a sign of life for it."""
+
+    msg: Msg
+    touched_s: float
+
+
 class Worker:
     """Runs one provider's tasks from the bus until :meth:`stop` is called or it is cancelled."""
 
@@ -82,6 +90,7 @@ class Worker:
         self._stopping = anyio.Event()
         self._changed = anyio.Event()
         self._in_flight = 0
+        self._held: dict[int, _Held] = {}
         self._ack_wait_s = bus.settings.ack_wait_s
         names = bus.names
         self.cooldown = ProviderCooldown(bus.nc, bus.providers_kv, names.providers_bucket, options.provider)
@@ -114,6 +123,7 @@ class Worker:
         try:
             async with anyio.create_task_group() as beats:
                 beats.start_soon(self._beat_loop)
+                beats.start_soon(self._keep_alive_loop)
                 beats.start_soon(self.cooldown.follow, cooldown_sub)
                 task_status.started()
                 async with anyio.create_task_group() as calls:
@@ -191,6 +201,8 @@ class Worker:
     # one task ------------------------------------------------------------------------------------
 
     async def _handle(self, msg: Msg) -> None:
+        held = _Held(msg, anyio.current_time())
+        self._held[id(held)] = held
         try:
             await self._process(msg)
         except anyio.get_cancelled_exc_class():
@@ -201,6 +213,7 @@ class Worker:
             # A bug here must not take the worker down; the task is redelivered after AckWait.
             log.exception("worker %s could not process a task message", self.id)
         finally:
+            del self._held[id(held)]
             self._in_flight -= 1
             self._notify()
 
@@ -239,7 +252,7 @@ class Worker:
             )
         )
         t0 = time.perf_counter()
-        outcome = await self._call(msg, task)
+        outcome = await self._call(task)
         with anyio.CancelScope(shield=True):
             await self._settler.settle(d, outcome, time.perf_counter() - t0)
 
@@ -253,33 +266,35 @@ class Worker:
             return 0  # unknown: count every delivery as an attempt, the safe side
         return event.waits if isinstance(event, Running | Retrying) else 0
 
-    async def _call(self, msg: Msg, task: Task) -> Outcome:
+    async def _call(self, task: Task) -> Outcome:
         outcome: Outcome
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keep_alive, msg)
-            try:
-                with anyio.fail_after(self._opts.call_timeout_s):
-                    outcome = await self._provider.complete(task)
-            except ProviderError as exc:
-                outcome = exc
-            except TimeoutError:
-                outcome = RetryLater(f"{task.provider} gave no answer within {self._opts.call_timeout_s:g}s")
-            except Exception as exc:
-                log.exception("provider %s raised an unexpected error on task %s", task.provider, task.id)
-                outcome = RetryLater(f"{type(exc).__name__}: {exc}")
-            tg.cancel_scope.cancel()
+        try:
+            with anyio.fail_after(self._opts.call_timeout_s):
+                outcome = await self._provider.complete(task)
+        except ProviderError as exc:
+            outcome = exc
+        except TimeoutError:
+            outcome = RetryLater(f"{task.provider} gave no answer within {self._opts.call_timeout_s:g}s")
+        except Exception as exc:
+            log.exception("provider %s raised an unexpected error on task %s", task.provider, task.id)
+            outcome = RetryLater(f"{type(exc).__name__}: {exc}")
         if not isinstance(outcome, Output | ProviderError):
             outcome = RetryLater(f"{task.provider} returned {type(outcome).__name__}, not an Output")
         return outcome
 
-    async def _keep_alive(self, msg: Msg) -> None:
+    async def _keep_alive_loop(self) -> None:
+        """One loop for every task held: an in-progress ack for each that has run a third of AckWait."""
         interval_s = self._ack_wait_s * KEEPALIVE_FRACTION
         while True:
-            await anyio.sleep(interval_s)
-            try:
-                await msg.in_progress()
-            except nats.errors.Error as exc:
-                log.warning("in-progress ack failed: %s", exc)
+            await anyio.sleep(interval_s / 2)
+            now = anyio.current_time()
+            for held in list(self._held.values()):
+                if now - held.touched_s >= interval_s:
+                    held.touched_s = now
+                    try:
+                        await held.msg.in_progress()
+                    except nats.errors.Error as exc:
+                        log.warning("in-progress ack failed: %s", exc)
 
     async def _publish_quietly(self, event: TaskEvent) -> None:
         # Informational events go out without waiting for the store's ack; the connection keeps them
