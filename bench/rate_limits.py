@@ -104,7 +104,7 @@ async def one_run(
 async def count_duplicate_completions(hive: Hive, ids: list[str]) -> int:
     """Completed events recorded more than once for a task (the record must hold one each)."""
     names = hive.bus.names
-    sub = await hive.bus.js.subscribe(f"{names.prefix}.events.groq.*", ordered_consumer=True)
+    sub = await hive.bus.js.subscribe(f"{names.prefix}.events.groq.*.completed", ordered_consumer=True)
     seen: dict[str, int] = {}
     try:
         while True:

@@ -127,16 +127,23 @@ class Hive:
             raise BusUnavailable("not connected to NATS; nothing was accepted")
         task = Task.from_request(request)
         queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
-        msg_id = f"key:{request.idempotency_key}" if request.idempotency_key else task.id
+        # De-duplication only means something for a key: a fresh task id is never submitted twice.
+        key = request.idempotency_key
         ack = await self._publish(
-            names.event_subject(task.provider, task.id), encoder.encode(queued), msg_id, names.events_stream
+            names.event_subject(task.provider, task.id, "queued"),
+            encoder.encode(queued),
+            f"key:{key}" if key else None,
+            names.events_stream,
         )
         duplicate = bool(ack.duplicate)
         if duplicate:
             task = await self._first_task(ack.seq)
         try:
             task_ack = await self._publish(
-                names.task_subject(task.provider), encoder.encode(task), task.id, names.tasks_stream
+                names.task_subject(task.provider),
+                encoder.encode(task),
+                task.id if key else None,
+                names.tasks_stream,
             )
         except QueueFull as exc:
             await self._record_rejection(task, str(exc))
@@ -145,7 +152,10 @@ class Hive:
             # The first submission's task never reached the queue (it was refused); it is queued now.
             fresh = Queued(task_id=task.id, provider=task.provider, at_ms=now_ms(), task=task)
             await self._publish(
-                names.event_subject(task.provider, task.id), encoder.encode(fresh), None, names.events_stream
+                names.event_subject(task.provider, task.id, "queued"),
+                encoder.encode(fresh),
+                None,
+                names.events_stream,
             )
         return Accepted(task.id, duplicate)
 
@@ -224,15 +234,18 @@ class Hive:
         """
         names = self._bus.names
         wanted = set(task_ids) if task_ids is not None else None
-        subject = f"{names.prefix}.events.{provider or '*'}.*"
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.NEW, filter_subjects=names.final_events(provider)
+        )
         if wanted is not None:
             if not wanted:
                 return
             # Task ids are ULIDs: the oldest id tells from when the record needs reading.
-            oldest = min(ULID.from_str(t).datetime for t in wanted)
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=oldest)
-        sub = await self._bus.js.subscribe(subject, ordered_consumer=True, config=config)
+            config.deliver_policy = DeliverPolicy.BY_START_TIME
+            config.opt_start_time = min(ULID.from_str(t).datetime for t in wanted)
+        sub = await self._bus.js.subscribe(
+            names.all_events, stream=names.events_stream, ordered_consumer=True, config=config
+        )
         try:
             async for msg in sub.messages:
                 event = event_decoder.decode(msg.data)
@@ -296,7 +309,7 @@ class Hive:
         )  # fmt: skip
         try:
             await self._bus.js.publish(
-                self._bus.names.event_subject(task.provider, task.id), encoder.encode(event)
+                self._bus.names.event_subject(task.provider, task.id, "failed"), encoder.encode(event)
             )
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.warning("could not record the rejection of task %s: %s", task.id, exc)

@@ -25,7 +25,8 @@ class Names:
     """The names of one bus's objects.
 
     ``<prefix>.tasks.<provider>`` carries task messages into the work-queue stream ``<PREFIX>_TASKS``;
-    ``<prefix>.events.<provider>.<task id>`` carries each task's lifecycle into ``<PREFIX>_EVENTS``;
+    ``<prefix>.events.<provider>.<task id>.<status>`` carries each task's lifecycle into ``<PREFIX>_EVENTS``
+    (the status token lets a reader ask for completions alone);
     ``<prefix>_<provider>`` is the durable pull consumer all workers of a provider share;
     ``<prefix>_workers`` is the KV bucket of worker heartbeats;
     ``<prefix>_providers`` is the KV bucket of provider-wide cooldowns, one key per provider.
@@ -67,12 +68,16 @@ class Names:
     def task_subject(self, provider: str) -> str:
         return f"{self.prefix}.tasks.{provider}"
 
-    def event_subject(self, provider: str, task_id: str) -> str:
-        return f"{self.prefix}.events.{provider}.{task_id}"
+    def event_subject(self, provider: str, task_id: str, status: str) -> str:
+        return f"{self.prefix}.events.{provider}.{task_id}.{status}"
 
     def events_of(self, task_id: str) -> str:
         """The subject filter that matches every event of one task, whatever its provider."""
-        return f"{self.prefix}.events.*.{task_id}"
+        return f"{self.prefix}.events.*.{task_id}.*"
+
+    def final_events(self, provider: str | None = None) -> list[str]:
+        """Subject filters for tasks' last events (completed or failed), of one provider or all."""
+        return [f"{self.prefix}.events.{provider or '*'}.*.{status}" for status in ("completed", "failed")]
 
     def consumer(self, provider: str) -> str:
         return f"{self.prefix}_{provider}"

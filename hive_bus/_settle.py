@@ -131,7 +131,7 @@ class Settler:
         except (TypeError, msgspec.EncodeError) as exc:
             await self._fail(d, "permanent", f"the output of {task.provider} is not JSON-serializable: {exc}")
             return
-        await self._record(task, data, final=True)
+        await self._record(task, data, "completed")
         await d.msg.ack()
         self.counts.completed += 1
 
@@ -144,7 +144,7 @@ class Settler:
             reason="rate_limit" if reason == "rate_limit" else "transient", error=error,
             retry_in_s=round(delay_s, 3), next_try_at_ms=now_ms() + int(delay_s * 1000), waits=waits, quota=quota,
         )  # fmt: skip
-        await self._record(task, encoder.encode(event), final=False)
+        await self._record(task, encoder.encode(event), "retrying")
         await d.msg.nak(delay=delay_s)
         self.counts.retried += 1
 
@@ -154,15 +154,19 @@ class Settler:
             task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=d.attempt, worker=self._worker_id,
             reason="permanent" if reason == "permanent" else "out_of_attempts", error=error,
         )  # fmt: skip
-        await self._record(task, encoder.encode(event), final=True)
+        await self._record(task, encoder.encode(event), "failed")
         await d.msg.term()
         self.counts.failed += 1
 
-    async def _record(self, task: Task, data: bytes, *, final: bool) -> None:
+    async def _record(self, task: Task, data: bytes, status: str) -> None:
         names = self._bus.names
+        final = status in ("completed", "failed")
         headers = {"Nats-Msg-Id": f"{task.id}:final"} if final else None
         ack = await self._bus.js.publish(
-            names.event_subject(task.provider, task.id), data, headers=headers, stream=names.events_stream
+            names.event_subject(task.provider, task.id, status),
+            data,
+            headers=headers,
+            stream=names.events_stream,
         )
         if ack.duplicate:
             log.warning("task %s already had a final outcome; this worker's result is not recorded", task.id)

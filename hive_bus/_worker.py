@@ -41,6 +41,7 @@ from ._messages import (
     event_decoder,
     is_task_id,
     now_ms,
+    status_of,
     task_decoder,
 )
 from ._prices import PriceTable
@@ -299,7 +300,7 @@ class Worker:
     async def _publish_quietly(self, event: TaskEvent) -> None:
         # Informational events go out without waiting for the store's ack; the connection keeps them
         # in order ahead of the task's later (acknowledged) events.
-        subject = self._bus.names.event_subject(event.provider, event.task_id)
+        subject = self._bus.names.event_subject(event.provider, event.task_id, status_of(event))
         try:
             await self._bus.nc.publish(subject, encoder.encode(event))
         except nats.errors.Error as exc:
@@ -315,7 +316,7 @@ class Worker:
             task_id=task_id, provider=provider, at_ms=now_ms(), attempt=0, worker=self.id,
             reason="undecodable", error=error,
         )  # fmt: skip
-        subject = self._bus.names.event_subject(provider, task_id)
+        subject = self._bus.names.event_subject(provider, task_id, "failed")
         try:
             await self._bus.js.publish(subject, encoder.encode(event), stream=self._bus.names.events_stream)
         finally:

@@ -192,7 +192,7 @@ async def test_undecodable_task_message_is_terminated_and_the_worker_goes_on(bus
         assert (await hive.wait(task_id, 10)).output == "still working"
         await eventually(lambda: _is_empty(bus, names.tasks_stream), 5, "an empty work queue")
     failed = []
-    sub = await bus.js.subscribe(f"{names.prefix}.events.echo.*", ordered_consumer=True)
+    sub = await bus.js.subscribe(f"{names.prefix}.events.echo.*.failed", ordered_consumer=True)
     while True:
         try:
             msg = await sub.next_msg(timeout=0.5)
