@@ -201,11 +201,10 @@ class Hive:
         """The task's state once it has completed or failed, or when ``timeout_s`` has passed."""
         nc = self._bus.nc
         try:
+            # The server takes the subscription before the read below (one connection keeps order), so an
+            # event published later reaches the subscription and an earlier one is read. An event
+            # published just before but stored just after the read is caught by the periodic re-read.
             sub = await nc.subscribe(self._bus.names.events_of(task_id))
-            # Once the server has the subscription, every later event reaches it; the read below
-            # covers the earlier ones, and the periodic re-read an event that was published before the
-            # subscription but stored only after the read.
-            await nc.flush(timeout=max(1, int(self._bus.settings.request_timeout_s)))
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
         try:

@@ -227,20 +227,21 @@ class Worker:
         delivered = msg.metadata.num_delivered or 1
         waits = await self._waits_so_far(task) if delivered > 1 else 0
         d = Delivery(msg=msg, task=task, attempt=delivered - waits, waits=waits, started_ms=now_ms())
-        with anyio.CancelScope(shield=True):
-            if (left_s := self.cooldown.remaining_s()) > 0:
-                # The provider is cooling down: hand the task back without a call and without an attempt.
-                reason = self.cooldown.current.reason if self.cooldown.current else "rate limited"
-                quota = self.cooldown.current.quota if self.cooldown.current else "unknown"
+        if (left_s := self.cooldown.remaining_s()) > 0:
+            # The provider is cooling down: hand the task back without a call and without an attempt.
+            reason = self.cooldown.current.reason if self.cooldown.current else "rate limited"
+            quota = self.cooldown.current.quota if self.cooldown.current else "unknown"
+            with anyio.CancelScope(shield=True):
                 await self._settler.wait_out(
                     d, left_s, f"waiting out the {task.provider} cooldown: {reason}", quota
                 )
-                return
-            if d.attempt > task.max_attempts:
-                # Delivered again after crashes or ack timeouts; no call is made.
-                error = f"delivered {d.attempt - 1} times without an outcome (worker crashes or ack timeouts)"
+            return
+        if d.attempt > task.max_attempts:
+            # Delivered again after crashes or ack timeouts; no call is made.
+            error = f"delivered {d.attempt - 1} times without an outcome (worker crashes or ack timeouts)"
+            with anyio.CancelScope(shield=True):
                 await self._settler.fail(d, error)
-                return
+            return
         await self._publish_quietly(
             Running(
                 task_id=task.id,
