@@ -23,6 +23,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
@@ -127,9 +128,16 @@ class Worker:
                 beats.start_soon(self._keep_alive_loop)
                 beats.start_soon(self.cooldown.follow, cooldown_sub)
                 task_status.started()
-                async with anyio.create_task_group() as calls:
-                    await self._fetch_loop(psub, calls)
-                    await self._drain(calls)
+                # ``concurrency`` lanes take fetched tasks from a memory stream: bounded concurrency
+                # without starting a task per message.
+                send, receive = anyio.create_memory_object_stream[Msg](max_buffer_size=opts.concurrency)
+                with receive:
+                    async with anyio.create_task_group() as calls:
+                        for _ in range(opts.concurrency):
+                            calls.start_soon(self._lane, receive)
+                        with send:
+                            await self._fetch_loop(psub, send)
+                        await self._drain(calls)
                 beats.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
@@ -158,7 +166,9 @@ class Worker:
 
     # fetch ---------------------------------------------------------------------------------------
 
-    async def _fetch_loop(self, psub: JetStreamContext.PullSubscription, calls: TaskGroup) -> None:
+    async def _fetch_loop(
+        self, psub: JetStreamContext.PullSubscription, lanes: MemoryObjectSendStream[Msg]
+    ) -> None:
         opts = self._opts
         while not self._stopping.is_set():
             await self._wait_for(lambda: self._in_flight < opts.concurrency or self._stopping.is_set())
@@ -181,7 +191,7 @@ class Worker:
                     await _nak_now(msg)  # fetched as the stop came: let another worker have it at once
                     continue
                 self._in_flight += 1
-                calls.start_soon(self._handle, msg)
+                lanes.send_nowait(msg)  # never blocks: at most one message per free lane is fetched
 
     async def _drain(self, calls: TaskGroup) -> None:
         if self._in_flight:
@@ -200,6 +210,10 @@ class Worker:
             await self._changed.wait()
 
     # one task ------------------------------------------------------------------------------------
+
+    async def _lane(self, receive: MemoryObjectReceiveStream[Msg]) -> None:
+        async for msg in receive:
+            await self._handle(msg)
 
     async def _handle(self, msg: Msg) -> None:
         held = _Held(msg, anyio.current_time())
