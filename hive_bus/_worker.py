@@ -55,6 +55,10 @@ log = logging.getLogger("hive_bus.worker")
 # A call that runs longer than this fraction of AckWait gets an in-progress ack, and another one each
 # time that much more has passed: the server never sees a live call as a dead worker.
 KEEPALIVE_FRACTION = 1 / 3
+# A task's "running" event is published once its call has lasted this long. Quicker tasks go straight
+# from queued to completed (their completed event says when they started, where, and which attempt):
+# a status nobody could have seen is not worth a stored message per task.
+RUNNING_AFTER_S = 0.25
 _ID_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -74,10 +78,13 @@ class WorkerOptions:
 
 @dataclass(slots=True)
 class _Held:
-    """A task this worker holds, and when the server last had a sign of life for it."""
+    """A task this worker holds: when the server last had a sign of life for it, and its ``running``
+    event until that is published (only for calls that last; see :meth:`Worker._watch_loop`)."""
 
     msg: Msg
+    started_s: float
     touched_s: float
+    running: Running | None = None
 
 
 class Worker:
@@ -125,7 +132,7 @@ class Worker:
         try:
             async with anyio.create_task_group() as beats:
                 beats.start_soon(self._beat_loop)
-                beats.start_soon(self._keep_alive_loop)
+                beats.start_soon(self._watch_loop)
                 beats.start_soon(self.cooldown.follow, cooldown_sub)
                 task_status.started()
                 # ``concurrency`` lanes take fetched tasks from a memory stream: bounded concurrency
@@ -216,10 +223,11 @@ class Worker:
             await self._handle(msg)
 
     async def _handle(self, msg: Msg) -> None:
-        held = _Held(msg, anyio.current_time())
+        now = anyio.current_time()
+        held = _Held(msg, started_s=now, touched_s=now)
         self._held[id(held)] = held
         try:
-            await self._process(msg)
+            await self._process(held)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
                 await _nak_now(msg)
@@ -232,7 +240,8 @@ class Worker:
             self._in_flight -= 1
             self._notify()
 
-    async def _process(self, msg: Msg) -> None:
+    async def _process(self, held: _Held) -> None:
+        msg = held.msg
         try:
             task = task_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -256,19 +265,18 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await self._settler.fail(d, error)
             return
-        await self._publish_quietly(
-            Running(
-                task_id=task.id,
-                provider=task.provider,
-                at_ms=d.started_ms,
-                attempt=d.attempt,
-                worker=self.id,
-                submitted_at_ms=task.submitted_at_ms,
-                waits=waits,
-            )
+        held.running = Running(
+            task_id=task.id,
+            provider=task.provider,
+            at_ms=d.started_ms,
+            attempt=d.attempt,
+            worker=self.id,
+            submitted_at_ms=task.submitted_at_ms,
+            waits=waits,
         )
         t0 = time.perf_counter()
         outcome = await self._call(task)
+        held.running = None  # too late to say: the outcome is next
         with anyio.CancelScope(shield=True):
             await self._settler.settle(d, outcome, time.perf_counter() - t0)
 
@@ -298,14 +306,19 @@ class Worker:
             outcome = RetryLater(f"{task.provider} returned {type(outcome).__name__}, not an Output")
         return outcome
 
-    async def _keep_alive_loop(self) -> None:
-        """One loop for every task held: an in-progress ack for each that has run a third of AckWait."""
-        interval_s = self._ack_wait_s * KEEPALIVE_FRACTION
+    async def _watch_loop(self) -> None:
+        """One loop over every task held: publishes the ``running`` event of calls that have lasted
+        ``RUNNING_AFTER_S``, and sends an in-progress ack for each that has run a third of AckWait."""
+        keepalive_s = self._ack_wait_s * KEEPALIVE_FRACTION
         while True:
-            await anyio.sleep(interval_s / 2)
+            await anyio.sleep(min(RUNNING_AFTER_S, keepalive_s / 2))
             now = anyio.current_time()
             for held in list(self._held.values()):
-                if now - held.touched_s >= interval_s:
+                if held.running is not None and now - held.started_s >= RUNNING_AFTER_S:
+                    running, held.running = held.running, None
+                    # appended to the connection's buffer at once: ahead of the task's later events
+                    await self._publish_quietly(running)
+                if now - held.touched_s >= keepalive_s:
                     held.touched_s = now
                     try:
                         await held.msg.in_progress()
