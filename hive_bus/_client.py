@@ -162,9 +162,16 @@ class Hive:
     async def submit_many(self, requests: Iterable[TaskRequest], *, window: int = SUBMIT_WINDOW) -> list[str]:
         """Queue many tasks, up to ``window`` publishes in flight at once; ids come back in order.
 
-        If some are not accepted, raises :class:`PartialSubmit`, which says which ones were.
+        Every request is checked first: one that is not valid raises :class:`msgspec.ValidationError`
+        naming its index, and nothing is queued. If some are not accepted by the bus, raises
+        :class:`PartialSubmit`, which says which ones were.
         """
-        items = list(requests)
+        items = []
+        for i, request in enumerate(requests):
+            try:
+                items.append(validate(request))  # Structs are not checked when built in Python
+            except msgspec.ValidationError as exc:
+                raise msgspec.ValidationError(f"task {i}: {exc}") from None
         ids: list[str | None] = [None] * len(items)
         errors: dict[int, HiveError] = {}
         cursor = iter(range(len(items)))

@@ -97,6 +97,15 @@ async def test_submit_many_and_results_in_completion_order(bus: Bus, hive: Hive)
     assert seen == {task_id: f"post {i}" for i, task_id in enumerate(ids)}
 
 
+async def test_submit_many_checks_every_request_before_queueing_any(bus: Bus, hive: Hive) -> None:
+    requests = [TaskRequest(provider="echo", prompt="fine"), TaskRequest(provider="echo", prompt="   ")]
+    with pytest.raises(msgspec.ValidationError, match=r"task 1: .*\$\.prompt"):
+        await hive.submit_many(requests)
+    with pytest.raises(msgspec.ValidationError, match="provider"):
+        await hive.submit("bad.name", "hi")
+    assert await stream_messages(bus, bus.names.tasks_stream) == 0
+
+
 async def test_results_without_ids_follows_new_tasks(bus: Bus, hive: Hive) -> None:
     got: list[str] = []
 
