@@ -251,9 +251,9 @@ _PLAIN_WORDS = {
 
 def explain(field: str, message: str) -> str:
     """A validation message in plain words, naming the field (msgspec's regex messages are cryptic)."""
-    leaf = field.rsplit(".", 1)[-1]
+    parent, _, leaf = field.rpartition(".")
     if leaf in _PLAIN_WORDS and ("regex" in message or "length" in message):
-        return _PLAIN_WORDS[leaf]
+        return f"{parent}: {_PLAIN_WORDS[leaf]}" if parent else _PLAIN_WORDS[leaf]
     return f"{field}: {message}" if field else message
 
 

@@ -14,19 +14,20 @@ import logging
 import socket
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
-import msgspec
 import uvicorn
 from anyio.abc import TaskStatus
-from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar import Litestar, MediaType, Request, Response
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.openapi import OpenAPIConfig
 
-from hive_bus import BusUnavailable, Hive, QueueFull, TaskNotFound, TaskRequest, TaskView, WorkerBeat
+from hive_bus import BusUnavailable, Hive, QueueFull, TaskNotFound, __version__
 from hive_bus._messages import explain
+
+from .api import ROUTES
 
 log = logging.getLogger("hive_bus.gateway")
 
@@ -38,56 +39,7 @@ class GatewayOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 256 * 1024
-
-
-class TaskAccepted(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    status: str
-    duplicate: bool = False
-
-
-def _hive(state: State) -> Hive:
-    hive: Hive = state.hive
-    return hive
-
-
-@post("/v1/tasks", status_code=202, summary="Submit a task")
-async def submit_task(data: JSONBody[TaskRequest], state: State) -> Response[TaskAccepted]:
-    """Queue one task. 202 once JetStream has stored it; 200 with the first task's id and current
-    status when the idempotency key was already used inside the de-duplication window."""
-    hive = _hive(state)
-    accepted = await hive.submit_request(data)
-    if accepted.duplicate:
-        view = await hive.get(accepted.id)
-        return Response(TaskAccepted(id=accepted.id, status=view.status, duplicate=True), status_code=200)
-    return Response(TaskAccepted(id=accepted.id, status="queued"), status_code=202)
-
-
-@get("/v1/tasks/{task_id:str}", summary="A task's status and, once done, its result")
-async def get_task(
-    task_id: FromPath[str],
-    state: State,
-    wait: Annotated[
-        float,
-        QueryParameter(
-            ge=0, le=MAX_WAIT_S, description="hold the request up to this many seconds for the end"
-        ),
-    ] = 0.0,
-) -> TaskView:
-    hive = _hive(state)
-    if wait > 0:
-        return await hive.wait(task_id, wait)
-    return await hive.get(task_id)
-
-
-@get("/v1/workers", summary="Workers whose heartbeat has not expired")
-async def list_workers(state: State) -> list[WorkerBeat]:
-    return await _hive(state).workers()
-
-
-@get("/healthz", summary="The gateway process is up")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+    max_batch: int = 500
 
 
 # errors ------------------------------------------------------------------------------------------
@@ -152,8 +104,9 @@ def create_app(hive: Hive, options: GatewayOptions | None = None) -> Litestar:
     """The gateway app, serving ``hive``'s bus."""
     options = options or GatewayOptions()
     return Litestar(
-        route_handlers=[submit_task, get_task, list_workers, healthz],
-        state=State({"hive": hive}),
+        route_handlers=ROUTES,
+        state=State({"hive": hive, "max_batch": options.max_batch}),
+        openapi_config=OpenAPIConfig(title="hive-bus gateway", version=__version__, path="/schema"),
         request_max_body_size=options.max_body_bytes,
         exception_handlers={
             ValidationException: on_validation_error,

@@ -10,11 +10,12 @@ import anyio
 import httpx
 import pytest
 
-from hive_bus import Bus, Hive, Settings, open_bus
+from hive_bus import Bus, FunctionProvider, Hive, Settings, open_bus
 from hive_bus._embedded import NatsServer
 from services.gateway import Gateway, GatewayOptions
 from workers.echo import EchoProvider
 
+from . import handlers
 from .conftest import make_settings
 from .helpers import eventually, running_worker, stream_messages
 
@@ -201,3 +202,105 @@ async def test_nats_down_gives_503_never_202_and_service_resumes(own_server: Nat
         await eventually(accepted, 15, "the gateway to accept work again")
         assert (await stack.http.get(f"/v1/tasks/{ok.json()['id']}")).json()["status"] == "queued"
         assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 2
+
+
+async def test_a_batch_is_accepted_in_order(stack: Stack) -> None:
+    tasks = [{"provider": "echo", "prompt": f"post {i}"} for i in range(5)]
+    async with running_worker(stack.bus, "echo", EchoProvider()):
+        r = await stack.http.post("/v1/tasks/batch", json={"tasks": tasks})
+        assert r.status_code == 202
+        body = r.json()
+        assert (body["accepted"], body["rejected"]) == (5, 0)
+        assert [t["index"] for t in body["tasks"]] == [0, 1, 2, 3, 4]
+        outputs = [
+            (await stack.http.get(f"/v1/tasks/{t['id']}", params={"wait": 10})).json()["output"]
+            for t in body["tasks"]
+        ]
+    assert outputs == [f"post {i}" for i in range(5)]
+
+
+async def test_a_batch_with_an_invalid_task_names_it_and_queues_nothing(stack: Stack) -> None:
+    tasks = [{"provider": "echo", "prompt": "fine"}, {"provider": "echo", "prompt": " "}]
+    r = await stack.http.post("/v1/tasks/batch", json={"tasks": tasks})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("tasks[1]: prompt must be a string")
+    assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 0
+    r = await stack.http.post("/v1/tasks/batch", json={"tasks": []})
+    assert r.status_code == 400
+    assert "at least one task" in r.json()["error"]["message"]
+
+
+async def test_a_batch_that_cannot_be_fully_accepted_says_which_were(nats_server: NatsServer) -> None:
+    async with serving(make_settings(nats_server.url, tasks_max_msgs=3)) as stack:
+        tasks = [{"provider": "nobody", "prompt": f"p{i}"} for i in range(5)]
+        r = await stack.http.post("/v1/tasks/batch", json={"tasks": tasks})
+        assert r.status_code == 503
+        body = r.json()
+        assert (body["accepted"], body["rejected"]) == (3, 2)
+        accepted = [t for t in body["tasks"] if "id" in t]
+        refused = [t for t in body["tasks"] if "error" in t]
+        assert len(accepted) == 3 and all("full" in t["error"] for t in refused)
+        for t in accepted:  # each one said accepted really is queued
+            assert (await stack.http.get(f"/v1/tasks/{t['id']}")).json()["status"] == "queued"
+        assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 3
+
+
+async def test_task_events_stream_until_the_task_ends(stack: Stack) -> None:
+    r = await stack.http.post(
+        "/v1/tasks", json={"provider": "slow", "prompt": "x", "payload": {"delay_s": 0.6}}
+    )
+    task_id = r.json()["id"]
+    seen: list[str] = []
+    async with (
+        running_worker(stack.bus, "slow", FunctionProvider(handlers.slow)),
+        stack.http.stream("GET", f"/v1/tasks/{task_id}/events") as response,
+    ):
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                seen.append(line.removeprefix("event: "))
+    assert seen == ["queued", "running", "completed"]  # and the stream ended by itself
+
+
+async def test_recent_tasks_can_be_filtered(stack: Stack) -> None:
+    async with running_worker(stack.bus, "echo", EchoProvider()):
+        done = [
+            (await stack.http.post("/v1/tasks", json={"provider": "echo", "prompt": f"e{i}"})).json()["id"]
+            for i in range(3)
+        ]
+        for task_id in done:
+            await stack.http.get(f"/v1/tasks/{task_id}", params={"wait": 10})
+    waiting = (await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": "w"})).json()["id"]
+    listed = (await stack.http.get("/v1/tasks", params={"limit": 10})).json()
+    assert [t["id"] for t in listed] == [waiting, *reversed(done)]  # newest first
+    completed = (await stack.http.get("/v1/tasks", params={"status": "completed"})).json()
+    assert {t["id"] for t in completed} == set(done)
+    nobody = (await stack.http.get("/v1/tasks", params={"provider": "nobody"})).json()
+    assert [(t["id"], t["status"]) for t in nobody] == [(waiting, "queued")]
+    assert (await stack.http.get("/v1/tasks", params={"status": "lost"})).status_code == 400
+
+
+async def test_readyz_follows_nats(own_server: NatsServer) -> None:
+    async with serving(make_settings(own_server.url, request_timeout_s=1.0)) as stack:
+        assert (await stack.http.get("/readyz")).json() == {"status": "ready"}
+        own_server.stop()
+        r = await stack.http.get("/readyz")
+        assert r.status_code == 503
+        assert (await stack.http.get("/healthz")).status_code == 200  # the process itself is fine
+        own_server.start()
+
+        async def ready() -> bool:
+            return (await stack.http.get("/readyz")).status_code == 200
+
+        await eventually(ready, 15, "readyz to recover")
+
+
+async def test_the_openapi_document_is_generated_from_the_types(stack: Stack) -> None:
+    doc = (await stack.http.get("/openapi.json")).json()
+    assert doc["openapi"].startswith("3.")
+    assert {"/v1/tasks", "/v1/tasks/batch", "/v1/tasks/{task_id}", "/v1/tasks/{task_id}/events"} <= set(
+        doc["paths"]
+    )
+    schemas = doc["components"]["schemas"]
+    request = next(v for k, v in schemas.items() if k.endswith("TaskRequest"))
+    assert {"provider", "prompt"} <= set(request["required"])

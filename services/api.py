@@ -1,0 +1,255 @@
+"""The gateway's HTTP API v1: route handlers and the shapes they answer with.
+
+Every shape is a msgspec Struct, so Litestar validates requests and writes the OpenAPI document from the
+same types the bus uses.
+"""
+
+# No "from __future__ import annotations" here: Litestar reads the parameter markers at run time.
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from litestar import Request, Response, get, post
+from litestar.datastructures import State
+from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskRequest, TaskView, WorkerBeat
+from hive_bus._messages import TaskStatus, event_decoder, is_final, is_task_id, status_of
+
+MAX_WAIT_S = 300.0
+# A task's event stream ends with the task; this bounds one that never ends (its provider never runs).
+MAX_EVENTS_STREAM_S = 3600.0
+
+
+class TaskAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    status: str
+    duplicate: bool = False
+
+
+class BatchRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    tasks: list[TaskRequest]
+
+
+class BatchItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One task of a batch: its id once accepted, or why it was not."""
+
+    index: int
+    id: str | None = None
+    status: str | None = None
+    error: str | None = None
+
+
+class BatchAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    accepted: int
+    rejected: int
+    tasks: list[BatchItem]
+
+
+def _hive(state: State) -> Hive:
+    hive: Hive = state.hive
+    return hive
+
+
+@post("/v1/tasks", status_code=202, summary="Submit a task")
+async def submit_task(data: JSONBody[TaskRequest], state: State) -> Response[TaskAccepted]:
+    """Queue one task. 202 once JetStream has stored it; 200 with the first task's id and current
+    status when the idempotency key was already used inside the de-duplication window."""
+    hive = _hive(state)
+    accepted = await hive.submit_request(data)
+    if accepted.duplicate:
+        view = await hive.get(accepted.id)
+        return Response(TaskAccepted(id=accepted.id, status=view.status, duplicate=True), status_code=200)
+    return Response(TaskAccepted(id=accepted.id, status="queued"), status_code=202)
+
+
+@post(
+    "/v1/tasks/batch", status_code=202, summary="Submit several tasks", request_max_body_size=8 * 1024 * 1024
+)
+async def submit_batch(data: JSONBody[BatchRequest], state: State) -> Response[BatchAccepted]:
+    """Queue up to the gateway's batch limit of tasks, each stored by JetStream before it counts.
+    202 when all were accepted; 503 with each task's outcome (its id, or why not) when some were not.
+    A task that is not valid makes the whole batch a 400 naming it, and nothing is queued."""
+    limit: int = state.max_batch
+    if not data.tasks:
+        raise _invalid("tasks: a batch needs at least one task")
+    if len(data.tasks) > limit:
+        raise _invalid(f"tasks: a batch holds at most {limit} tasks; this one has {len(data.tasks)}")
+    hive = _hive(state)
+    items: list[BatchItem] = [BatchItem(index=i) for i in range(len(data.tasks))]
+
+    async def one(i: int, request: TaskRequest) -> None:
+        try:
+            accepted = await hive.submit_request(request)
+            items[i] = BatchItem(
+                index=i, id=accepted.id, status="duplicate" if accepted.duplicate else "queued"
+            )
+        except HiveError as exc:
+            items[i] = BatchItem(index=i, error=str(exc))
+
+    limiter = anyio.CapacityLimiter(64)
+
+    async def bounded(i: int, request: TaskRequest) -> None:
+        async with limiter:
+            await one(i, request)
+
+    async with anyio.create_task_group() as tg:
+        for i, request in enumerate(data.tasks):
+            tg.start_soon(bounded, i, request)
+    rejected = sum(1 for item in items if item.error is not None)
+    body = BatchAccepted(accepted=len(items) - rejected, rejected=rejected, tasks=items)
+    if rejected:
+        return Response(body, status_code=503, headers={"Retry-After": "5"})
+    return Response(body, status_code=202)
+
+
+@get("/v1/tasks/{task_id:str}", summary="A task's status and, once done, its result")
+async def get_task(
+    task_id: FromPath[str],
+    state: State,
+    wait: Annotated[
+        float,
+        QueryParameter(
+            ge=0, le=MAX_WAIT_S, description="hold the request up to this many seconds for the end"
+        ),
+    ] = 0.0,
+) -> TaskView:
+    hive = _hive(state)
+    if wait > 0:
+        return await hive.wait(task_id, wait)
+    return await hive.get(task_id)
+
+
+@get("/v1/tasks/{task_id:str}/events", summary="A task's status changes as Server-Sent Events")
+async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
+    """Every event of the task so far, then each new one as it happens, until the task has completed
+    or failed. Each message's ``event`` is the status; its ``data`` the event as JSON."""
+    hive = _hive(state)
+    await hive.get(task_id)  # 404 now, before the stream starts, for an unknown task
+    bus = hive.bus
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    try:
+        sub = await bus.js.subscribe(
+            bus.names.events_of(task_id), stream=bus.names.events_stream, ordered_consumer=True, config=config
+        )
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        raise BusUnavailable(f"could not follow task {task_id}: {exc}") from None
+
+    async def events() -> AsyncIterator[ServerSentEventMessage]:
+        try:
+            with anyio.move_on_after(MAX_EVENTS_STREAM_S):
+                async for msg in sub.messages:
+                    event = event_decoder.decode(msg.data)
+                    yield ServerSentEventMessage(
+                        data=msg.data.decode(), event=status_of(event), id=str(msg.metadata.sequence.stream)
+                    )
+                    if is_final(event):
+                        return
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+
+    return ServerSentEvent(events())
+
+
+@get("/v1/tasks", summary="Recent tasks, newest first")
+async def list_tasks(
+    state: State,
+    status: Annotated[TaskStatus | None, QueryParameter(description="only tasks in this status")] = None,
+    provider: Annotated[str | None, QueryParameter(description="only this provider's tasks")] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=500, description="at most this many")] = 50,
+) -> list[TaskView]:
+    return await recent_tasks(_hive(state), status=status, provider=provider, limit=limit)
+
+
+async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, limit: int) -> list[TaskView]:
+    """The latest state of the most recent tasks, read from the tail of the events stream."""
+    bus = hive.bus
+    names = bus.names
+    try:
+        info = await bus.js.stream_info(names.events_stream)
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        raise BusUnavailable(f"could not read the events stream: {exc}") from None
+    last = info.state.last_seq
+    if not info.state.messages:
+        return []
+    # Enough of the tail for ``limit`` tasks of a few events each; older tasks are not "recent".
+    start = max(info.state.first_seq, last - limit * 8 + 1)
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+    subject = f"{names.prefix}.events.{provider or '*'}.*.*"
+    sub = await bus.js.subscribe(subject, stream=names.events_stream, ordered_consumer=True, config=config)
+    latest: dict[str, TaskView] = {}
+    try:
+        with anyio.move_on_after(bus.settings.request_timeout_s):
+            async for msg in sub.messages:
+                try:
+                    event = event_decoder.decode(msg.data)
+                except msgspec.DecodeError:
+                    continue
+                if is_task_id(event.task_id):
+                    latest[event.task_id] = TaskView.of(event)
+                if msg.metadata.num_pending == 0:
+                    break
+    finally:
+        with anyio.CancelScope(shield=True):
+            await sub.unsubscribe()
+    views = sorted(latest.values(), key=lambda v: v.id, reverse=True)
+    return [v for v in views if status is None or v.status == status][:limit]
+
+
+@get("/v1/workers", summary="Workers whose heartbeat has not expired")
+async def list_workers(state: State) -> list[WorkerBeat]:
+    return await _hive(state).workers()
+
+
+@get("/healthz", summary="The gateway process is up")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz", summary="NATS and the bus objects answer")
+async def readyz(state: State) -> Response[dict[str, Any]]:
+    hive = _hive(state)
+    bus = hive.bus
+    if not bus.nc.is_connected:
+        return Response({"status": "unavailable", "reason": "not connected to NATS"}, status_code=503)
+    try:
+        with anyio.fail_after(bus.settings.request_timeout_s):
+            await bus.js.stream_info(bus.names.tasks_stream)
+            await bus.js.stream_info(bus.names.events_stream)
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        reason = str(exc) or type(exc).__name__
+        return Response({"status": "unavailable", "reason": f"JetStream: {reason}"}, status_code=503)
+    return Response({"status": "ready"}, status_code=200)
+
+
+@get("/openapi.json", summary="This API's OpenAPI document", include_in_schema=False)
+async def openapi_document(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    schema: dict[str, Any] = request.app.openapi_schema.to_schema()
+    return schema
+
+
+def _invalid(message: str) -> Exception:
+    from litestar.exceptions import ValidationException
+
+    return ValidationException(detail=message, extra=[{"message": message, "key": "tasks", "source": "body"}])
+
+
+ROUTES = [
+    submit_task,
+    submit_batch,
+    get_task,
+    task_events,
+    list_tasks,
+    list_workers,
+    healthz,
+    readyz,
+    openapi_document,
+]
+
+__all__ = ["MAX_WAIT_S", "ROUTES", "QueueFull"]
