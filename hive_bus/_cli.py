@@ -33,11 +33,13 @@ DEFAULT_DATA = Path(".hive")
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from services.auth import AuthConfigError
     from services.gateway import GatewayError
     from workers import ProviderUnavailable
 
     return (
         HiveError, SettingsError, EmbeddedServerError, GatewayError, HandlerError, ProviderUnavailable, PriceFileError,
+        AuthConfigError,
         msgspec.ValidationError,
     )  # fmt: skip
 
@@ -129,10 +131,13 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
 @click.option("--prefix", help="bus prefix [env HIVE_PREFIX; hive]")
 def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> None:
     """Run it all on this machine: nats-server, the gateway, and a worker per available provider."""
+    from services.auth import Tokens, check_exposure
     from services.gateway import Gateway, GatewayOptions, bind
     from workers import available
 
     async def main() -> None:
+        tokens = Tokens.from_env(os.environ)
+        check_exposure(host, tokens)
         sock = bind(host, port)  # before anything starts, so a taken port fails fast
         async with run_nats_server(data / "nats", port=nats_port) as server:
             settings = load_settings(nats_url=server.url, prefix=prefix)
@@ -145,7 +150,7 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                     Worker(bus, p, WorkerOptions(provider=name, prices=prices))
                     for name, p in providers.items()
                 ]
-                gateway = Gateway(Hive(bus), GatewayOptions(host=host, port=port), sock=sock)
+                gateway = Gateway(Hive(bus), GatewayOptions(host=host, port=port, tokens=tokens), sock=sock)
                 async with anyio.create_task_group() as tg:
                     for worker in workers:
                         await tg.start(worker.run)
@@ -183,13 +188,18 @@ def nats_cmd(host: str, port: int, data: Path) -> None:
 @click.option("--max-body-bytes", default=256 * 1024, show_default=True)
 @bus_options
 def gateway(host: str, port: int, max_body_bytes: int, settings: Settings) -> None:
-    """Run the HTTP gateway."""
+    """Run the HTTP gateway. Off loopback it needs tokens: HIVE_GATEWAY_TOKENS (comma-separated) or
+    HIVE_GATEWAY_TOKENS_FILE (one per line); HIVE_METRICS_TOKEN, if set, is the one /metrics takes."""
+    from services.auth import Tokens, check_exposure
     from services.gateway import Gateway, GatewayOptions, bind
 
     async def main() -> None:
+        tokens = Tokens.from_env(os.environ)
+        check_exposure(host, tokens)
         sock = bind(host, port)
         async with connect(settings=settings) as hive:
-            gw = Gateway(hive, GatewayOptions(host=host, port=port, max_body_bytes=max_body_bytes), sock=sock)
+            options = GatewayOptions(host=host, port=port, max_body_bytes=max_body_bytes, tokens=tokens)
+            gw = Gateway(hive, options, sock=sock)
             async with anyio.create_task_group() as tg:
                 await tg.start(gw.serve)
                 click.echo(f"gateway on {gw.url}, bus {settings.prefix}. Ctrl-C stops it.")

@@ -13,8 +13,9 @@ from msgspec import Meta
 from ._names import Names
 
 ENV_PREFIX = "HIVE_"
-# Variables that start with HIVE_ but are read by a component of their own, not by Settings.
-_FOREIGN_ENV = frozenset({"HIVE_LOG_LEVEL"})
+# Variables that start with HIVE_ but are read (and checked) by a component of their own, not by Settings.
+_FOREIGN_ENV = frozenset({"HIVE_LOG_LEVEL", "HIVE_METRICS_TOKEN"})
+_FOREIGN_PREFIXES = ("HIVE_GATEWAY_",)  # the gateway's own loader rejects unknown ones
 
 PositiveSeconds = Annotated[float, Meta(gt=0)]
 PositiveInt = Annotated[int, Meta(gt=0)]
@@ -82,7 +83,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     values: dict[str, Any] = {}
     unknown: list[str] = []
     for key, value in env.items():
-        if not key.startswith(ENV_PREFIX) or key in _FOREIGN_ENV:
+        if not key.startswith(ENV_PREFIX) or key in _FOREIGN_ENV or key.startswith(_FOREIGN_PREFIXES):
             continue
         field = key[len(ENV_PREFIX) :].lower()
         if field in known:

@@ -13,7 +13,7 @@ import errno
 import logging
 import socket
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -28,6 +28,7 @@ from hive_bus import BusUnavailable, Hive, QueueFull, TaskNotFound, __version__
 from hive_bus._messages import explain
 
 from .api import ROUTES
+from .auth import BearerAuth, Tokens, check_exposure
 
 log = logging.getLogger("hive_bus.gateway")
 
@@ -40,6 +41,7 @@ class GatewayOptions:
     port: int = 8080
     max_body_bytes: int = 256 * 1024
     max_batch: int = 500
+    tokens: Tokens = field(default_factory=Tokens)
 
 
 # errors ------------------------------------------------------------------------------------------
@@ -106,6 +108,7 @@ def create_app(hive: Hive, options: GatewayOptions | None = None) -> Litestar:
     return Litestar(
         route_handlers=ROUTES,
         state=State({"hive": hive, "max_batch": options.max_batch}),
+        middleware=[lambda app: BearerAuth(app, options.tokens)],
         openapi_config=OpenAPIConfig(title="hive-bus gateway", version=__version__, path="/schema"),
         request_max_body_size=options.max_body_bytes,
         exception_handlers={
@@ -155,6 +158,7 @@ class Gateway:
     """The gateway's HTTP server: ``await tg.start(gateway.serve)``, later :meth:`stop`."""
 
     def __init__(self, hive: Hive, options: GatewayOptions, *, sock: socket.socket | None = None) -> None:
+        check_exposure(options.host, options.tokens)
         self.options = options
         self._sock = sock or bind(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]

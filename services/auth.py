@@ -1,0 +1,131 @@
+"""Bearer tokens for the gateway, read once at start-up and checked in constant time.
+
+With no token configured the gateway serves loopback only (see :func:`check_exposure`). With tokens,
+every route but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <token>``; ``/metrics`` takes
+its own token when one is set (Prometheus then needs only that one). A token never appears in a log
+line or an answer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+ENV_TOKENS = "HIVE_GATEWAY_TOKENS"
+ENV_TOKENS_FILE = "HIVE_GATEWAY_TOKENS_FILE"
+ENV_METRICS_TOKEN = "HIVE_METRICS_TOKEN"
+KNOWN_ENV = frozenset({ENV_TOKENS, ENV_TOKENS_FILE, ENV_METRICS_TOKEN})
+
+
+class AuthConfigError(ValueError):
+    """The token settings cannot be used; the message says which and why (never the token)."""
+
+
+@dataclass(frozen=True)
+class Tokens:
+    api: frozenset[str] = field(default_factory=frozenset)
+    metrics: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api)
+
+    def __repr__(self) -> str:  # never print a token, even by accident
+        return f"Tokens(api={len(self.api)} token(s), metrics={'set' if self.metrics else 'unset'})"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Tokens:
+        unknown = sorted(k for k in environ if k.startswith("HIVE_GATEWAY_") and k not in KNOWN_ENV)
+        if unknown:
+            raise AuthConfigError(
+                f"unknown gateway setting(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN_ENV))}"
+            )
+        tokens = {t.strip() for t in environ.get(ENV_TOKENS, "").split(",") if t.strip()}
+        path = environ.get(ENV_TOKENS_FILE)
+        if path:
+            try:
+                lines = Path(path).read_text().splitlines()
+            except OSError as exc:
+                raise AuthConfigError(f"cannot read {ENV_TOKENS_FILE} {path}: {exc.strerror}") from None
+            from_file = {ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")}
+            if not from_file:
+                raise AuthConfigError(f"{ENV_TOKENS_FILE} {path} holds no token")
+            tokens |= from_file
+        short = [t for t in tokens if len(t) < 16]
+        if short:
+            raise AuthConfigError(
+                f"{len(short)} gateway token(s) shorter than 16 characters; use long random tokens"
+            )
+        return cls(api=frozenset(tokens), metrics=environ.get(ENV_METRICS_TOKEN) or None)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, tokens: Tokens) -> None:
+    """Refuse to listen beyond loopback without a token: anyone who reaches it could spend your quotas."""
+    if not tokens.enabled and not is_loopback(host):
+        raise AuthConfigError(
+            f"refusing to listen on {host} without a token: set {ENV_TOKENS} or {ENV_TOKENS_FILE}, "
+            "or listen on 127.0.0.1"
+        )
+
+
+_UNAUTHORIZED = msgspec.json.encode(
+    {"error": {"code": "unauthorized", "message": "this route needs Authorization: Bearer <token>"}}
+)
+
+
+def _matches(given: str, accepted: frozenset[str]) -> bool:
+    # compare with every token, so the time taken says nothing about which or how much matched
+    found = False
+    for token in accepted:
+        found |= hmac.compare_digest(given.encode(), token.encode())
+    return found
+
+
+class BearerAuth:
+    """ASGI middleware: lets a request through when its bearer token is accepted for its path."""
+
+    def __init__(self, app: ASGIApp, tokens: Tokens) -> None:
+        self._app = app
+        self._tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP or not self._tokens.enabled or scope["path"] in OPEN_PATHS:
+            await self._app(scope, receive, send)
+            return
+        accepted = self._tokens.api
+        if scope["path"] == "/metrics" and self._tokens.metrics:
+            accepted = frozenset({self._tokens.metrics})
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() == "bearer" and given and _matches(given.strip(), accepted):
+            await self._app(scope, receive, send)
+            return
+        start: HTTPResponseStartEvent = {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
+        }
+        body: HTTPResponseBodyEvent = {
+            "type": "http.response.body",
+            "body": _UNAUTHORIZED,
+            "more_body": False,
+        }
+        await send(start)
+        await send(body)
