@@ -31,6 +31,7 @@ from ._messages import (
 from ._names import Names
 from ._providers import FunctionProvider, Output, Provider, load_handler
 from ._settings import Settings, SettingsError, load_settings
+from ._stats import ProviderStats
 from ._version import __version__
 from ._worker import Worker, WorkerOptions
 
@@ -51,6 +52,7 @@ __all__ = [
     "PartialSubmit",
     "Provider",
     "ProviderError",
+    "ProviderStats",
     "QueueFull",
     "Queued",
     "RetryAfter",

@@ -8,18 +8,20 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import anyio
 import click
 import msgspec
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ._bus import open_bus
-from ._client import Hive, connect
+from ._client import Hive, PartialSubmit, connect
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import HiveError
-from ._messages import TaskView, encoder, explain_error
+from ._messages import TaskRequest, TaskView, encoder, event_decoder, explain_error, now_ms, request_decoder
 from ._prices import PriceFileError, PriceTable
 from ._providers import HandlerError, Provider, load_handler
 from ._settings import Settings, SettingsError, load_settings
@@ -265,8 +267,9 @@ def _json_object(value: str | None, what: str) -> Any:
 
 
 @cli.command()
-@click.argument("provider")
-@click.argument("prompt")
+@click.argument("provider", required=False)
+@click.argument("prompt", required=False)
+@click.option("--file", "file", type=click.File("r"), help="a JSON Lines file of tasks ('-' for stdin)")
 @click.option("--model")
 @click.option("--system", help="system prompt")
 @click.option("--payload", help="JSON value handed to the provider (custom handlers)")
@@ -278,8 +281,9 @@ def _json_object(value: str | None, what: str) -> Any:
 )
 @bus_options
 def submit(
-    provider: str,
-    prompt: str,
+    provider: str | None,
+    prompt: str | None,
+    file: TextIO | None,
     model: str | None,
     system: str | None,
     payload: str | None,
@@ -289,7 +293,19 @@ def submit(
     wait_s: float | None,
     settings: Settings,
 ) -> None:
-    """Queue a task; print its id, or with --wait its final state as JSON."""
+    """Queue a task (PROVIDER PROMPT) and print its id, or with --wait its final state as JSON.
+
+    With --file, queue every task of a JSON Lines file (one task object per line, as POST /v1/tasks
+    takes it): each line's id is printed as {"line": N, "id": ...}, with a progress bar and a summary
+    on stderr.
+    """
+    if file is not None:
+        if provider or prompt:
+            raise click.UsageError("give either PROVIDER PROMPT or --file, not both")
+        _submit_file(file, settings)
+        return
+    if not provider or not prompt:
+        raise click.UsageError("name the PROVIDER and the PROMPT (or give --file)")
     extra: dict[str, Any] = {"max_attempts": max_attempts} if max_attempts else {}
     meta = _json_object(metadata, "--metadata")
     if meta is not None and not isinstance(meta, dict):
@@ -305,6 +321,52 @@ def submit(
                 click.echo(task_id)
                 return
             _print_view(await hive.wait(task_id, wait_s))
+
+    _run(main)
+
+
+def _read_tasks(file: TextIO) -> list[tuple[int, TaskRequest]]:
+    """Every task of a JSON Lines file, checked before any is queued; a bad line names its number."""
+    tasks = []
+    for number, line in enumerate(file, start=1):
+        if not line.strip():
+            continue
+        try:
+            tasks.append((number, request_decoder.decode(line)))
+        except msgspec.ValidationError as exc:
+            raise click.ClickException(f"line {number}: {explain_error(exc)}") from None
+        except msgspec.DecodeError as exc:
+            raise click.ClickException(f"line {number}: not valid JSON ({exc})") from None
+    if not tasks:
+        raise click.ClickException("the file holds no task")
+    return tasks
+
+
+def _submit_file(file: TextIO, settings: Settings, chunk: int = 500) -> None:
+    tasks = _read_tasks(file)
+
+    async def main() -> None:
+        accepted = rejected = 0
+        async with connect(settings=settings) as hive:
+            with click.progressbar(length=len(tasks), label="submitting", file=sys.stderr) as bar:
+                for start in range(0, len(tasks), chunk):
+                    part = tasks[start : start + chunk]
+                    try:
+                        ids: list[str | None] = list(await hive.submit_many([r for _, r in part]))
+                        errors: dict[int, HiveError] = {}
+                    except PartialSubmit as partial:
+                        ids, errors = partial.ids, partial.errors
+                    for i, (number, _) in enumerate(part):
+                        if ids[i] is not None:
+                            accepted += 1
+                            click.echo(msgspec.json.encode({"line": number, "id": ids[i]}).decode())
+                        else:
+                            rejected += 1
+                            click.echo(f"line {number}: not accepted: {errors.get(i)}", err=True)
+                    bar.update(len(part))
+        click.echo(f"{accepted} accepted, {rejected} not accepted, of {len(tasks)} tasks", err=True)
+        if rejected:
+            raise click.exceptions.Exit(1)
 
     _run(main)
 
@@ -341,6 +403,72 @@ def workers(settings: Settings) -> None:
             )
 
     _run(main)
+
+
+@cli.command()
+@bus_options
+def stats(settings: Settings) -> None:
+    """Per provider: queued, in flight, retrying, completed and failed tasks, workers, cooldown."""
+
+    async def main() -> None:
+        async with connect(settings=settings) as hive:
+            rows = await hive.stats()
+        if not rows:
+            click.echo("no provider has seen a task yet")
+            return
+        click.echo(
+            f"{'PROVIDER':<14}{'QUEUED':>8}{'IN FLIGHT':>11}{'RETRYING':>10}{'DONE':>8}{'FAILED':>8}{'WORKERS':>9}  COOLDOWN"
+        )
+        for r in rows:
+            left = (
+                f"{(r.cooldown_until_ms - now_ms()) / 1000:.0f}s: {r.cooldown_reason}"
+                if r.cooldown_until_ms
+                else ""
+            )
+            click.echo(
+                f"{r.provider:<14}{r.pending:>8}{r.in_flight:>11}{r.retrying:>10}{r.completed:>8}{r.failed:>8}"
+                f"{r.workers:>9}  {left[:60]}"
+            )
+
+    _run(main)
+
+
+@cli.command()
+@click.option("--provider", help="only this provider's tasks")
+@bus_options
+def watch(provider: str | None, settings: Settings) -> None:
+    """Print every task event as it happens, one line each, until Ctrl-C."""
+
+    async def main() -> None:
+        async with connect(settings=settings) as hive, anyio.create_task_group() as tg:
+            tg.start_soon(_follow_events, hive, provider)
+            await _until_stopped()
+            tg.cancel_scope.cancel()
+
+    _run(main)
+
+
+async def _follow_events(hive: Hive, provider: str | None) -> None:
+    names = hive.bus.names
+    subject = f"{names.prefix}.events.{provider or '*'}.*.*"
+    sub = await hive.bus.js.subscribe(
+        subject,
+        stream=names.events_stream,
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
+    )
+    try:
+        async for msg in sub.messages:
+            try:
+                view = TaskView.of(event_decoder.decode(msg.data))
+            except msgspec.DecodeError:
+                continue
+            at = datetime.fromtimestamp(view.updated_at_ms / 1000).strftime("%H:%M:%S.%f")[:-3]
+            detail = view.error or (str(view.output)[:80] if view.output is not None else "")
+            click.echo(f"{at} {view.id} {view.provider:<10} {view.status:<9} {detail}")
+    finally:
+        with anyio.CancelScope(shield=True):
+            await sub.unsubscribe()
 
 
 def _print_view(view: TaskView) -> None:

@@ -45,6 +45,7 @@ from ._messages import (
     now_ms,
 )
 from ._settings import Settings, load_settings
+from ._stats import ProviderStats, provider_stats
 
 log = logging.getLogger("hive_bus.client")
 
@@ -283,6 +284,13 @@ class Hive:
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
         return sorted(beats, key=lambda b: (b.provider, b.worker_id))
+
+    async def stats(self) -> list[ProviderStats]:
+        """Per provider: queued, in flight, retrying, completed and failed tasks, workers, cooldown."""
+        try:
+            return await provider_stats(self._bus, await self.workers())
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"could not read the bus's figures: {exc}") from None
 
     # -----------------------------------------------------------------------------------------------
 

@@ -18,7 +18,16 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskRequest, TaskView, WorkerBeat
+from hive_bus import (
+    BusUnavailable,
+    Hive,
+    HiveError,
+    ProviderStats,
+    QueueFull,
+    TaskRequest,
+    TaskView,
+    WorkerBeat,
+)
 from hive_bus._messages import TaskStatus, event_decoder, is_final, is_task_id, status_of
 
 MAX_WAIT_S = 300.0
@@ -202,6 +211,11 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
     return [v for v in views if status is None or v.status == status][:limit]
 
 
+@get("/v1/stats", summary="Per provider: queued, in flight, retrying, completed, failed, cooldown")
+async def stats(state: State) -> list[ProviderStats]:
+    return await _hive(state).stats()
+
+
 @get("/v1/workers", summary="Workers whose heartbeat has not expired")
 async def list_workers(state: State) -> list[WorkerBeat]:
     return await _hive(state).workers()
@@ -246,6 +260,7 @@ ROUTES = [
     get_task,
     task_events,
     list_tasks,
+    stats,
     list_workers,
     healthz,
     readyz,

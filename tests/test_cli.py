@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +52,11 @@ def up(tmp_path: Path) -> Iterator[Up]:
     stack = hive_up(tmp_path / "data", tmp_path / "up.log")
     yield stack
     if stack.proc.poll() is None:
-        stack.proc.kill()
+        try:
+            stack.stop()
+        except subprocess.TimeoutExpired:
+            stack.proc.kill()
+            stack.proc.wait()
 
 
 def test_hive_up_serves_http_and_the_cli_and_stops_cleanly(up: Up) -> None:
@@ -200,3 +206,43 @@ def test_hive_up_starts_the_providers_that_have_credentials(tmp_path: Path) -> N
             proc.send_signal(signal.SIGINT)
             proc.wait(20)
         assert "gsk_cli_test_key_123" not in log.read_text()
+
+
+def test_submit_a_file_of_tasks_then_stats_and_watch(up: Up, tmp_path: Path) -> None:
+    watch_log = tmp_path / "watch.log"
+    watcher = spawn(["watch", "--nats", up.nats], log=watch_log)
+    try:
+        tasks = tmp_path / "tasks.jsonl"
+        lines = [{"provider": "echo", "prompt": f"tuit {i}"} for i in range(3)] + [
+            {"provider": "nobody", "prompt": "x"}
+        ]
+        tasks.write_text("\n".join(json.dumps(t) for t in lines) + "\n\n")
+        time.sleep(1.0)  # let the watcher subscribe
+        result = hive_cli(["submit", "--file", str(tasks), "--nats", up.nats])
+        assert result.returncode == 0, result.stderr
+        ids = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [i["line"] for i in ids] == [1, 2, 3, 4]
+        assert "4 accepted, 0 not accepted, of 4 tasks" in result.stderr
+        for item in ids[:3]:
+            assert '"completed"' in hive_cli(["status", item["id"], "--wait", "10", "--nats", up.nats]).stdout
+        wait_until(
+            lambda: watch_log.read_text().count(" completed ") >= 3, 10, "the watcher to see the completions"
+        )
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(15) == 0
+    assert ids[0]["id"] in watch_log.read_text()
+    stats = hive_cli(["stats", "--nats", up.nats]).stdout
+    echo = next(line.split() for line in stats.splitlines() if line.startswith("echo"))
+    nobody = next(line.split() for line in stats.splitlines() if line.startswith("nobody"))
+    assert echo[1:6] == ["0", "0", "0", "3", "0"]  # queued, in flight, retrying, done, failed
+    assert nobody[1] == "1" and nobody[6] == "0"  # one queued, no worker
+
+
+def test_a_bad_line_in_the_file_is_named_and_nothing_is_queued(up: Up, tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"provider": "nobody", "prompt": "fine"}\n{"provider": "nobody", "prompt": ""}\n')
+    line = _one_clear_line(hive_cli(["submit", "--file", str(tasks), "--nats", up.nats]))
+    assert "line 2: prompt must be a string with at least one non-blank character" in line
+    stats = hive_cli(["stats", "--nats", up.nats]).stdout
+    assert "nobody" not in stats

@@ -304,3 +304,18 @@ async def test_the_openapi_document_is_generated_from_the_types(stack: Stack) ->
     schemas = doc["components"]["schemas"]
     request = next(v for k, v in schemas.items() if k.endswith("TaskRequest"))
     assert {"provider", "prompt"} <= set(request["required"])
+
+
+async def test_stats_per_provider(stack: Stack) -> None:
+    async with running_worker(stack.bus, "echo", EchoProvider()):
+        for i in range(3):
+            r = await stack.http.post("/v1/tasks", json={"provider": "echo", "prompt": f"e{i}"})
+            await stack.http.get(f"/v1/tasks/{r.json()['id']}", params={"wait": 10})
+        for _ in range(2):
+            await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": "waits"})
+        rows = {row["provider"]: row for row in (await stack.http.get("/v1/stats")).json()}
+    assert rows["echo"] | {"workers": 1} == {
+        "provider": "echo", "pending": 0, "in_flight": 0, "retrying": 0, "completed": 3, "failed": 0, "workers": 1,
+        "cooldown_until_ms": None, "cooldown_reason": None,
+    }  # fmt: skip
+    assert (rows["nobody"]["pending"], rows["nobody"]["workers"], rows["nobody"]["completed"]) == (2, 0, 0)
