@@ -7,14 +7,12 @@ and "Please try again in 6.78s" (or "9m38s" for a daily limit) in its message; b
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import groq
 
-from hive_bus import Output, Task, Usage
+from hive_bus import Output, Task
 
-from . import _stainless
-from ._chat import chat_messages, sampling
+from ._chat import chat_complete
 
 DEFAULT_MODEL = "llama-3.3-70b-versatile"
 
@@ -28,31 +26,10 @@ class GroqProvider:
         self._client = groq.AsyncGroq(api_key=api_key, base_url=base_url, max_retries=0)
 
     async def complete(self, task: Task) -> Output:
-        model = task.model or self._model
-        try:
-            response = await self._client.chat.completions.create(
-                model=model, messages=chat_messages(task), **sampling(task, max_tokens_name="max_tokens")
-            )
-        except Exception as exc:
-            outcome = _stainless.classify("groq", exc, groq, [self._key])
-            if outcome is None:
-                raise
-            raise outcome from None
-        return _output(model, response)
+        return await chat_complete("groq", self._client, groq, self._key, task.model or self._model, task)
 
     async def aclose(self) -> None:
         await self._client.close()
-
-
-def _output(model: str, response: Any) -> Output:
-    usage = response.usage
-    return Output(
-        value=response.choices[0].message.content or "",
-        model=model,
-        usage=Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
-        if usage
-        else None,
-    )
 
 
 def from_env(environ: Mapping[str, str], *, model: str | None = None) -> GroqProvider:

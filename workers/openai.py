@@ -14,9 +14,7 @@ import openai
 
 from hive_bus import FailNow, Output, Task
 
-from . import _stainless
-from ._chat import chat_messages, sampling
-from .groq import _output
+from ._chat import chat_complete
 
 
 class OpenAICompatibleProvider:
@@ -32,16 +30,7 @@ class OpenAICompatibleProvider:
         model = task.model or self._model
         if not model:
             raise FailNow("openai: no model named; set the task's model or start the worker with --model")
-        try:
-            response = await self._client.chat.completions.create(
-                model=model, messages=chat_messages(task), **sampling(task, max_tokens_name="max_tokens")
-            )
-        except Exception as exc:
-            outcome = _stainless.classify("openai", exc, openai, [self._key])
-            if outcome is None:
-                raise
-            raise outcome from None
-        return _output(model, response)
+        return await chat_complete("openai", self._client, openai, self._key, model, task)
 
     async def aclose(self) -> None:
         await self._client.close()
