@@ -208,6 +208,8 @@ class Hive:
     async def wait(self, task_id: str, timeout_s: float) -> TaskView:
         """The task's state once it has completed or failed, or when ``timeout_s`` has passed."""
         nc = self._bus.nc
+        if not is_task_id(task_id):  # before it goes into a subject: no wildcards, no white space
+            raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
         try:
             # The server takes the subscription before the read below (one connection keeps order), so an
             # event published later reaches the subscription and an earlier one is read. An event

@@ -14,6 +14,7 @@ import nats.errors
 import nats.js.errors
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -33,6 +34,32 @@ from hive_bus._messages import TaskStatus, event_decoder, is_final, is_task_id, 
 MAX_WAIT_S = 300.0
 # A task's event stream ends with the task; this bounds one that never ends (its provider never runs).
 MAX_EVENTS_STREAM_S = 3600.0
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    """Every error answer of the gateway."""
+
+    error: ErrorDetail
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    words = {
+        400: "the request is not valid; the message says what and where",
+        401: "a bearer token is needed",
+        404: "no such task or route",
+        413: "the body is larger than the gateway's limit",
+        503: "NATS or JetStream did not answer, or the queue is full (see Retry-After); nothing was accepted",
+    }
+    return {
+        c: ResponseSpec(data_container=ErrorBody, description=words[c], generate_examples=False)
+        for c in codes
+    }
 
 
 class TaskAccepted(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,7 +92,7 @@ def _hive(state: State) -> Hive:
     return hive
 
 
-@post("/v1/tasks", status_code=202, summary="Submit a task")
+@post("/v1/tasks", status_code=202, summary="Submit a task", responses=_errors(400, 401, 413, 503))
 async def submit_task(data: JSONBody[TaskRequest], state: State) -> Response[TaskAccepted]:
     """Queue one task. 202 once JetStream has stored it; 200 with the first task's id and current
     status when the idempotency key was already used inside the de-duplication window."""
@@ -78,7 +105,12 @@ async def submit_task(data: JSONBody[TaskRequest], state: State) -> Response[Tas
 
 
 @post(
-    "/v1/tasks/batch", status_code=202, summary="Submit several tasks", request_max_body_size=8 * 1024 * 1024
+    "/v1/tasks/batch",
+    status_code=202,
+    summary="Submit several tasks",
+    request_max_body_size=8 * 1024 * 1024,
+    responses=_errors(400, 401, 413)
+    | {503: ResponseSpec(data_container=BatchAccepted, description="some not accepted")},
 )
 async def submit_batch(data: JSONBody[BatchRequest], state: State) -> Response[BatchAccepted]:
     """Queue up to the gateway's batch limit of tasks, each stored by JetStream before it counts.
@@ -86,9 +118,9 @@ async def submit_batch(data: JSONBody[BatchRequest], state: State) -> Response[B
     A task that is not valid makes the whole batch a 400 naming it, and nothing is queued."""
     limit: int = state.max_batch
     if not data.tasks:
-        raise _invalid("tasks: a batch needs at least one task")
+        raise _invalid("a batch needs at least one task")
     if len(data.tasks) > limit:
-        raise _invalid(f"tasks: a batch holds at most {limit} tasks; this one has {len(data.tasks)}")
+        raise _invalid(f"a batch holds at most {limit} tasks; this one has {len(data.tasks)}")
     hive = _hive(state)
     items: list[BatchItem] = [BatchItem(index=i) for i in range(len(data.tasks))]
 
@@ -117,7 +149,11 @@ async def submit_batch(data: JSONBody[BatchRequest], state: State) -> Response[B
     return Response(body, status_code=202)
 
 
-@get("/v1/tasks/{task_id:str}", summary="A task's status and, once done, its result")
+@get(
+    "/v1/tasks/{task_id:str}",
+    summary="A task's status and, once done, its result",
+    responses=_errors(400, 401, 404, 503),
+)
 async def get_task(
     task_id: FromPath[str],
     state: State,
@@ -134,7 +170,11 @@ async def get_task(
     return await hive.get(task_id)
 
 
-@get("/v1/tasks/{task_id:str}/events", summary="A task's status changes as Server-Sent Events")
+@get(
+    "/v1/tasks/{task_id:str}/events",
+    summary="A task's status changes as Server-Sent Events",
+    responses=_errors(401, 404, 503),
+)
 async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
     """Every event of the task so far, then each new one as it happens, until the task has completed
     or failed. Each message's ``event`` is the status; its ``data`` the event as JSON."""
@@ -166,7 +206,7 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
     return ServerSentEvent(events())
 
 
-@get("/v1/tasks", summary="Recent tasks, newest first")
+@get("/v1/tasks", summary="Recent tasks, newest first", responses=_errors(400, 401, 503))
 async def list_tasks(
     state: State,
     status: Annotated[TaskStatus | None, QueryParameter(description="only tasks in this status")] = None,
@@ -211,12 +251,16 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
     return [v for v in views if status is None or v.status == status][:limit]
 
 
-@get("/v1/stats", summary="Per provider: queued, in flight, retrying, completed, failed, cooldown")
+@get(
+    "/v1/stats",
+    summary="Per provider: queued, in flight, retrying, completed, failed, cooldown",
+    responses=_errors(401, 503),
+)
 async def stats(state: State) -> list[ProviderStats]:
     return await _hive(state).stats()
 
 
-@get("/v1/workers", summary="Workers whose heartbeat has not expired")
+@get("/v1/workers", summary="Workers whose heartbeat has not expired", responses=_errors(401, 503))
 async def list_workers(state: State) -> list[WorkerBeat]:
     return await _hive(state).workers()
 
@@ -226,20 +270,29 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", summary="NATS and the bus objects answer")
-async def readyz(state: State) -> Response[dict[str, Any]]:
+class Readiness(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    status: str
+    reason: str | None = None
+
+
+@get(
+    "/readyz",
+    summary="NATS and the bus objects answer",
+    responses={503: ResponseSpec(data_container=Readiness, description="not ready, and why")},
+)
+async def readyz(state: State) -> Response[Readiness]:
     hive = _hive(state)
     bus = hive.bus
     if not bus.nc.is_connected:
-        return Response({"status": "unavailable", "reason": "not connected to NATS"}, status_code=503)
+        return Response(Readiness(status="unavailable", reason="not connected to NATS"), status_code=503)
     try:
         with anyio.fail_after(bus.settings.request_timeout_s):
             await bus.js.stream_info(bus.names.tasks_stream)
             await bus.js.stream_info(bus.names.events_stream)
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
         reason = str(exc) or type(exc).__name__
-        return Response({"status": "unavailable", "reason": f"JetStream: {reason}"}, status_code=503)
-    return Response({"status": "ready"}, status_code=200)
+        return Response(Readiness(status="unavailable", reason=f"JetStream: {reason}"), status_code=503)
+    return Response(Readiness(status="ready"), status_code=200)
 
 
 @get("/openapi.json", summary="This API's OpenAPI document", include_in_schema=False)

@@ -66,6 +66,9 @@ async def test_get_of_unknown_or_malformed_id(hive: Hive) -> None:
         await hive.get("01JAAAAAAAAAAAAAAAAAAAAAAA")
     with pytest.raises(TaskNotFound, match="not a task id"):
         await hive.get("hive.events.>")
+    for bad in (">", "*", "a b", "x\r"):  # never a wildcard or a broken subject
+        with pytest.raises(TaskNotFound, match="not a task id"):
+            await hive.wait(bad, 1)
 
 
 async def test_idempotent_resubmission_returns_the_first_id_and_runs_once(bus: Bus, hive: Hive) -> None:
