@@ -282,9 +282,14 @@ class Hive:
                 if entry is None:  # the end of the current values
                     break
                 if entry.value:
-                    beats.append(beat_decoder.decode(entry.value))
+                    try:
+                        beats.append(beat_decoder.decode(entry.value))
+                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        # one bad key (an old or foreign writer) must not hide every other worker
+                        log.warning("ignoring heartbeat %s that does not decode: %s", entry.key, exc)
         finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            with anyio.CancelScope(shield=True):
+                await watcher.stop()  # type: ignore[no-untyped-call]
         return sorted(beats, key=lambda b: (b.provider, b.worker_id))
 
     async def stats(self) -> list[ProviderStats]:

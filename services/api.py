@@ -295,6 +295,12 @@ async def readyz(state: State) -> Response[Readiness]:
     return Response(Readiness(status="ready"), status_code=200)
 
 
+@get("/metrics", summary="Prometheus metrics, read from the bus", include_in_schema=False)
+async def metrics_route(state: State) -> Response[bytes]:
+    body, content_type = state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
 @get("/openapi.json", summary="This API's OpenAPI document", include_in_schema=False)
 async def openapi_document(request: Request[Any, Any, Any]) -> dict[str, Any]:
     schema: dict[str, Any] = request.app.openapi_schema.to_schema()

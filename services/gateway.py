@@ -27,8 +27,9 @@ from litestar.openapi import OpenAPIConfig
 from hive_bus import BusUnavailable, Hive, QueueFull, TaskNotFound, __version__
 from hive_bus._messages import explain
 
-from .api import ROUTES
+from .api import ROUTES, metrics_route
 from .auth import BearerAuth, Tokens, check_exposure
+from .metrics import BusMetrics
 
 log = logging.getLogger("hive_bus.gateway")
 
@@ -102,12 +103,14 @@ def on_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return _error(500, "internal", "the gateway failed to answer this request; its log says why")
 
 
-def create_app(hive: Hive, options: GatewayOptions | None = None) -> Litestar:
+def create_app(
+    hive: Hive, options: GatewayOptions | None = None, metrics: BusMetrics | None = None
+) -> Litestar:
     """The gateway app, serving ``hive``'s bus."""
     options = options or GatewayOptions()
     return Litestar(
-        route_handlers=ROUTES,
-        state=State({"hive": hive, "max_batch": options.max_batch}),
+        route_handlers=[*ROUTES, metrics_route] if metrics is not None else ROUTES,
+        state=State({"hive": hive, "max_batch": options.max_batch, "metrics": metrics}),
         middleware=[lambda app: BearerAuth(app, options.tokens)],
         openapi_config=OpenAPIConfig(title="hive-bus gateway", version=__version__, path="/schema"),
         request_max_body_size=options.max_body_bytes,
@@ -160,10 +163,11 @@ class Gateway:
     def __init__(self, hive: Hive, options: GatewayOptions, *, sock: socket.socket | None = None) -> None:
         check_exposure(options.host, options.tokens)
         self.options = options
+        self.metrics = BusMetrics(hive.bus)
         self._sock = sock or bind(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
-            create_app(hive, options),
+            create_app(hive, options, self.metrics),
             log_level="warning",
             access_log=False,
             lifespan="on",
@@ -181,7 +185,13 @@ class Gateway:
 
     async def _serve(self, task_status: TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._server.serve, [self._sock])
+
+            async def http_then_done() -> None:
+                await self._server.serve([self._sock])
+                tg.cancel_scope.cancel()  # uvicorn has stopped: so does the metrics follower
+
+            await tg.start(self.metrics.run)
+            tg.start_soon(http_then_done)
             with anyio.fail_after(10):
                 while not self._server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
                     await anyio.sleep(0.01)

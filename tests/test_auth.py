@@ -60,6 +60,15 @@ async def test_every_route_but_health_needs_a_token(url: str) -> None:
         assert other.status_code == 200
 
 
+async def test_metrics_take_their_own_token(url: str) -> None:
+    async with httpx.AsyncClient(base_url=url) as http:
+        assert (await http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})).status_code == 401
+        r = await http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert r.status_code == 200
+        assert "hive_tasks_submitted_total" in r.text
+        assert TOKEN not in r.text and METRICS_TOKEN not in r.text
+
+
 def test_tokens_from_the_environment_and_a_file(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
     path.write_text("# gateway tokens\nfile-token-0123456789\n\n")

@@ -278,6 +278,13 @@ async def test_heartbeat_appears_and_leaves_with_the_worker(bus: Bus, hive: Hive
     assert await hive.workers() == []  # a clean stop removes its key at once
 
 
+async def test_a_heartbeat_that_does_not_decode_hides_no_other_worker(bus: Bus, hive: Hive) -> None:
+    await bus.workers_kv.put("stranger", b"{}")
+    async with running_worker(bus, "echo", EchoProvider()) as worker:
+        beats = await eventually(hive.workers, 5, "a heartbeat")
+    assert [b.worker_id for b in beats] == [worker.id]
+
+
 @pytest.fixture
 async def nats_server_settings_short_ack(nats_server: object) -> object:
     from hive_bus import open_bus

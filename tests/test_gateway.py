@@ -319,3 +319,19 @@ async def test_stats_per_provider(stack: Stack) -> None:
         "cooldown_until_ms": None, "cooldown_reason": None,
     }  # fmt: skip
     assert (rows["nobody"]["pending"], rows["nobody"]["workers"], rows["nobody"]["completed"]) == (2, 0, 0)
+
+
+async def test_metrics_are_served_in_prometheus_format(stack: Stack) -> None:
+    async with running_worker(stack.bus, "echo", EchoProvider()):
+        for i in range(2):
+            r = await stack.http.post("/v1/tasks", json={"provider": "echo", "prompt": f"m{i}"})
+            await stack.http.get(f"/v1/tasks/{r.json()['id']}", params={"wait": 10})
+
+        async def counted() -> str | None:
+            text = (await stack.http.get("/metrics")).text
+            return text if 'hive_tasks_completed_total{model="echo",provider="echo"} 2.0' in text else None
+
+        text = await eventually(counted, 10, "the completions in /metrics")
+    assert 'hive_tasks_submitted_total{provider="echo"} 2.0' in text
+    r = await stack.http.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain")

@@ -1,0 +1,438 @@
+"""Prometheus metrics read from the bus, so they hold for workers anywhere.
+
+:class:`BusMetrics` keeps two kinds of figures in a registry of its own (never the process-wide
+default one, so several gateways, or tests, can live in one process):
+
+- counters and histograms, from every task event on the events stream, followed from the moment it
+  starts (an ordered consumer from the stream's end, resumed after the last event seen if the
+  subscription is lost): submissions, completions by model, failures and retries by reason,
+  rate-limit waits, tokens, cost, and the queue-wait, call and end-to-end times of completed tasks.
+  A task's final event is stored once by JetStream (``Nats-Msg-Id: <id>:final``); a bounded set of
+  recently seen task ids also keeps a final event seen twice from counting twice;
+- gauges, read every ``refresh_s`` seconds: each provider's queue (its durable consumer's pending and
+  ack-pending counts, or the stream's own count for a provider no worker has served yet), workers
+  whose heartbeat has not expired (draining ones included), and the seconds left of each provider's
+  cooldown. A refresh that fails (NATS down) logs a warning and the last figures stay.
+
+Labels hold provider names (subject tokens, validated on submission), models, reasons and token
+directions; never prompts, outputs, error messages, worker hosts or credentials. Distinct providers and
+models per provider are capped so that a misbehaving client cannot blow up the series count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+from nats.js.api import ConsumerConfig, ConsumerInfo, DeliverPolicy
+from nats.js.kv import KeyValue
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from hive_bus import Bus, WorkerBeat
+from hive_bus._cooldown import CooldownRecord
+from hive_bus._messages import Completed, Failed, Queued, Retrying, beat_decoder, event_decoder, now_ms
+
+log = logging.getLogger("hive_bus.metrics")
+
+# Seconds. LLM calls take from tens of milliseconds (a cache, a tiny model) to minutes (long outputs);
+# waits in the queue and whole tasks may last as long as a rate limit, so their tail is longer.
+CALL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
+
+MAX_PROVIDERS = 1000  # distinct provider label values; beyond, "other"
+MAX_MODELS_PER_PROVIDER = 100  # distinct model label values per provider; beyond, "other"
+MAX_LABEL_CHARS = 128
+RECENT_IDS = 20_000  # task ids remembered to keep a repeated final (or queued) event from counting twice
+OTHER = "other"
+UNKNOWN_MODEL = "unknown"
+
+_cooldown_decoder = msgspec.json.Decoder(CooldownRecord)
+# What a bus that does not answer raises, and a value in a bucket that does not decode.
+_BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError, msgspec.DecodeError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """The gauges' figures as the last successful refresh read them, by provider label."""
+
+    pending: dict[str, int] = field(default_factory=dict)
+    ack_pending: dict[str, int] = field(default_factory=dict)
+    workers: dict[str, int] = field(default_factory=dict)
+    cooldown_s: dict[str, float] = field(default_factory=dict)
+    at_s: float | None = None  # unix time of the refresh
+
+
+class _Gauges:
+    """A collector that exposes the last snapshot: providers that went away go away with it."""
+
+    def __init__(self) -> None:
+        self.snapshot = _Snapshot()
+
+    def collect(self) -> Iterable[Metric]:
+        snap = self.snapshot
+        specs: list[tuple[str, str, dict[str, int] | dict[str, float]]] = [
+            (
+                "hive_queue_pending",
+                "Tasks queued for the provider, not yet handed to a worker.",
+                snap.pending,
+            ),
+            (
+                "hive_queue_ack_pending",
+                "Tasks handed to the provider's workers and not yet acked (running or waiting for a retry).",
+                snap.ack_pending,
+            ),
+            ("hive_workers_online", "Workers of the provider whose heartbeat has not expired.", snap.workers),
+            (
+                "hive_provider_cooldown_seconds",
+                "Seconds left of the provider's shared rate-limit cooldown (0 when none).",
+                snap.cooldown_s,
+            ),
+        ]
+        for name, doc, values in specs:
+            family = GaugeMetricFamily(name, doc, labels=["provider"])
+            for provider, value in sorted(values.items()):
+                family.add_metric([provider], float(value))
+            yield family
+        last = GaugeMetricFamily(
+            "hive_metrics_last_refresh_timestamp_seconds",
+            "When the queue, worker and cooldown gauges were last read from the bus (unix time).",
+        )
+        if snap.at_s is not None:
+            last.add_metric([], snap.at_s)
+        yield last
+
+
+class BusMetrics:
+    """Prometheus figures of one bus: run :meth:`run` in a task group, serve :meth:`render`."""
+
+    def __init__(self, bus: Bus, *, refresh_s: float = 5.0) -> None:
+        if refresh_s <= 0:
+            raise ValueError(f"refresh_s must be positive, not {refresh_s!r}")
+        self._bus = bus
+        self._refresh_s = refresh_s
+        self._refresh_lock = anyio.Lock()
+        self._next_seq = 0  # the next events-stream sequence to read, to resume after a lost subscription
+        self._recent: dict[str, None] = {}  # insertion-ordered: the oldest is dropped first
+        self._providers: set[str] = set()
+        self._models: dict[str, set[str]] = {}
+
+        self._registry = CollectorRegistry(auto_describe=True)
+        r = self._registry
+        self._submitted = Counter(
+            "hive_tasks_submitted", "Tasks accepted onto the bus.", ["provider"], registry=r
+        )
+        self._completed = Counter(
+            "hive_tasks_completed",
+            "Tasks completed, by the model that answered.",
+            ["provider", "model"],
+            registry=r,
+        )
+        self._failed = Counter(
+            "hive_tasks_failed",
+            "Tasks that failed for good (permanent, out_of_attempts, rejected, undecodable).",
+            ["provider", "reason"],
+            registry=r,
+        )
+        self._retries = Counter(
+            "hive_task_retries",
+            "Deliveries handed back for a later try (transient error or rate limit).",
+            ["provider", "reason"],
+            registry=r,
+        )
+        self._rate_limited = Counter(
+            "hive_rate_limited",
+            "Deliveries handed back because of a rate limit: a 429, or a cooldown that was holding.",
+            ["provider"],
+            registry=r,
+        )
+        self._tokens = Counter(
+            "hive_tokens",
+            "Tokens of completed tasks, by direction (input or output).",
+            ["provider", "model", "direction"],
+            registry=r,
+        )
+        self._cost = Counter(
+            "hive_cost_usd",
+            "Cost of completed tasks in US dollars, where the model's price is known.",
+            ["provider", "model"],
+            registry=r,
+        )
+        self._queue_wait = Histogram(
+            "hive_task_queue_wait_seconds",
+            "From submission to the start of the attempt that completed the task.",
+            ["provider"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self._call = Histogram(
+            "hive_provider_call_seconds",
+            "Duration of the provider call that completed the task.",
+            ["provider"],
+            buckets=CALL_BUCKETS,
+            registry=r,
+        )
+        self._duration = Histogram(
+            "hive_task_duration_seconds",
+            "From submission to completion (end to end).",
+            ["provider"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self._gauges = _Gauges()
+        r.register(self._gauges)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self._registry
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition body and its content type, for ``GET /metrics``."""
+        return generate_latest(self._registry), CONTENT_TYPE_LATEST
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Follow the events and refresh the gauges until cancelled; started once subscribed."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._follow)
+            tg.start_soon(self._refresh_loop)
+            task_status.started()
+
+    async def refresh(self) -> None:
+        """Read the gauges' figures from the bus now; on failure, log a warning and keep the last ones."""
+        async with self._refresh_lock:
+            try:
+                with anyio.fail_after(max(self._refresh_s, 2 * self._bus.settings.request_timeout_s)):
+                    snapshot = await self._read_gauges()
+            except _BUS_ERRORS as exc:
+                log.warning(
+                    "metrics: could not read queues, workers and cooldowns from the bus: %s", _why(exc)
+                )
+                return
+            self._gauges.snapshot = snapshot
+
+    # events --------------------------------------------------------------------------------------
+
+    async def _follow(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Apply every new event; if the subscription is lost, subscribe again after the last one seen."""
+        bus, names = self._bus, self._bus.names
+        # From the stream's end (as DeliverPolicy.NEW would), but with a known place to resume from.
+        info = await bus.js.stream_info(names.events_stream)
+        self._next_seq = info.state.last_seq + 1
+        started = False
+        pause_s = 1.0
+        while True:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._next_seq
+            )
+            try:
+                sub = await bus.js.subscribe(
+                    names.all_events, stream=names.events_stream, ordered_consumer=True, config=config
+                )
+            except _BUS_ERRORS as exc:
+                if not started:
+                    raise  # the caller learns that the bus does not answer
+                if bus.nc.is_closed:
+                    log.info("metrics: the NATS connection is closed; no longer following events")
+                    return
+                log.warning("metrics: could not follow the events stream (%s); trying again", _why(exc))
+                await anyio.sleep(pause_s)
+                pause_s = min(2 * pause_s, 30.0)
+                continue
+            if not started:
+                started = True
+                task_status.started()
+            pause_s = 1.0
+            try:
+                async for msg in sub.messages:
+                    with contextlib.suppress(nats.errors.Error, ValueError, IndexError, TypeError):
+                        self._next_seq = msg.metadata.sequence.stream + 1
+                    try:
+                        self._observe(msg.data)
+                    except Exception:  # a bug here must not stop the counting, nor the gateway
+                        log.exception("metrics: could not count an event")
+            finally:
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(2),
+                    contextlib.suppress(nats.errors.Error, nats.js.errors.Error),
+                ):
+                    await sub.unsubscribe()
+            if bus.nc.is_closed:
+                log.info("metrics: the NATS connection is closed; no longer following events")
+                return
+            log.warning("metrics: the events subscription ended; subscribing again")
+            await anyio.sleep(pause_s)
+
+    def _observe(self, data: bytes) -> None:
+        try:
+            event = event_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            log.debug("metrics: skipping an event that does not decode: %s", exc)
+            return
+        provider = self._provider_label(event.provider)
+        match event:
+            case Queued():
+                if self._first_time(f"{event.task_id}:queued"):
+                    self._submitted.labels(provider).inc()
+            case Retrying():
+                self._retries.labels(provider, event.reason).inc()
+                if event.reason == "rate_limit":
+                    self._rate_limited.labels(provider).inc()
+            case Failed():
+                # A rejected submission is recorded outside the worker's final events (and may be
+                # followed by the same task's completion once it is queued again).
+                kind = "rejected" if event.reason == "rejected" else "final"
+                if self._first_time(f"{event.task_id}:{kind}"):
+                    self._failed.labels(provider, event.reason).inc()
+            case Completed():
+                if self._first_time(f"{event.task_id}:final"):
+                    self._completed_task(provider, event)
+            case _:
+                pass  # running: nothing to count
+
+    def _completed_task(self, provider: str, event: Completed) -> None:
+        model = self._model_label(provider, event.model)
+        self._completed.labels(provider, model).inc()
+        if event.usage is not None:
+            self._tokens.labels(provider, model, "input").inc(max(0, event.usage.input_tokens))
+            self._tokens.labels(provider, model, "output").inc(max(0, event.usage.output_tokens))
+        if event.cost_usd is not None and event.cost_usd >= 0:
+            self._cost.labels(provider, model).inc(event.cost_usd)
+        if event.submitted_at_ms and event.started_at_ms:
+            wait_s = (event.started_at_ms - event.submitted_at_ms) / 1000
+            self._queue_wait.labels(provider).observe(max(0.0, wait_s))  # clocks of two machines
+        if event.call_s > 0:
+            self._call.labels(provider).observe(event.call_s)
+        if event.submitted_at_ms and event.at_ms:
+            self._duration.labels(provider).observe(max(0.0, (event.at_ms - event.submitted_at_ms) / 1000))
+
+    def _first_time(self, key: str) -> bool:
+        if key in self._recent:
+            return False
+        self._recent[key] = None
+        if len(self._recent) > RECENT_IDS:
+            del self._recent[next(iter(self._recent))]
+        return True
+
+    def _provider_label(self, provider: str) -> str:
+        provider = provider[:MAX_LABEL_CHARS]
+        if provider in self._providers:
+            return provider
+        if len(self._providers) >= MAX_PROVIDERS:
+            return OTHER
+        self._providers.add(provider)
+        return provider
+
+    def _model_label(self, provider: str, model: str | None) -> str:
+        if not model:
+            return UNKNOWN_MODEL
+        model = model[:MAX_LABEL_CHARS]
+        seen = self._models.setdefault(provider, set())
+        if model in seen:
+            return model
+        if len(seen) >= MAX_MODELS_PER_PROVIDER:
+            return OTHER
+        seen.add(model)
+        return model
+
+    # gauges --------------------------------------------------------------------------------------
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # a bug here must not take the gateway down with it
+                log.exception("metrics: refreshing the gauges failed")
+            await anyio.sleep(self._refresh_s)
+
+    async def _read_gauges(self) -> _Snapshot:
+        bus, names = self._bus, self._bus.names
+        consumers = await self._consumers()
+        prefix = f"{names.prefix}_"
+        queues = {
+            c.name.removeprefix(prefix): c
+            for c in consumers
+            if c.name.startswith(prefix) and c.config.durable_name
+        }
+        # One subject per provider: the stream counts what waits for a provider no worker has served yet.
+        tasks = await bus.js.stream_info(names.tasks_stream, subjects_filter=names.all_tasks)
+        waiting = {names.provider_of_subject(subj): n for subj, n in (tasks.state.subjects or {}).items()}
+        beats = _beats(await _kv_values(bus.workers_kv, bus.settings.request_timeout_s))
+        cooldowns = await _kv_values(bus.providers_kv, bus.settings.request_timeout_s)
+
+        pending: dict[str, int] = {}
+        ack_pending: dict[str, int] = {}
+        workers: dict[str, int] = {}
+        cooldown_s: dict[str, float] = {}
+        providers = set(queues) | set(waiting) | {b.provider for b in beats} | set(cooldowns)
+        for provider in providers:
+            label = self._provider_label(provider)
+            info = queues.get(provider)
+            queued = (info.num_pending or 0) if info else waiting.get(provider, 0)
+            pending[label] = pending.get(label, 0) + queued
+            ack_pending[label] = ack_pending.get(label, 0) + ((info.num_ack_pending or 0) if info else 0)
+            workers.setdefault(label, 0)
+            cooldown_s.setdefault(label, 0.0)
+        for beat in beats:
+            workers[self._provider_label(beat.provider)] += 1
+        now = now_ms()
+        for provider, raw in cooldowns.items():
+            try:
+                record = _cooldown_decoder.decode(raw)
+            except msgspec.DecodeError:
+                log.debug("metrics: the cooldown of %s does not decode", provider)
+                continue
+            label = self._provider_label(provider)
+            cooldown_s[label] = max(cooldown_s[label], max(0, record.until_ms - now) / 1000)
+        return _Snapshot(
+            pending=pending, ack_pending=ack_pending, workers=workers, cooldown_s=cooldown_s, at_s=time.time()
+        )
+
+    async def _consumers(self) -> list[ConsumerInfo]:
+        """Every consumer of the tasks stream (the server lists them 256 at a time)."""
+        stream = self._bus.names.tasks_stream
+        found: list[ConsumerInfo] = []
+        while True:
+            page = await self._bus.js.consumers_info(stream, offset=len(found) or None)
+            found.extend(page)
+            if len(page) < 256:
+                return found
+
+
+async def _kv_values(kv: KeyValue, timeout_s: float) -> dict[str, bytes]:
+    """The current value of every key of a bucket (deleted keys left out)."""
+    values: dict[str, bytes] = {}
+    watcher = await kv.watchall(ignore_deletes=True)
+    try:
+        while True:
+            entry = await watcher.updates(timeout=timeout_s)  # type: ignore[no-untyped-call]
+            if entry is None:  # the end of the current values
+                return values
+            if entry.value:
+                values[entry.key] = entry.value
+    finally:
+        with anyio.CancelScope(shield=True):
+            await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+def _beats(values: dict[str, bytes]) -> list[WorkerBeat]:
+    """The heartbeats that decode (one unreadable key must not hide every worker, nor stop the gauges)."""
+    beats = []
+    for key, raw in values.items():
+        try:
+            beats.append(beat_decoder.decode(raw))
+        except msgspec.DecodeError:
+            log.debug("metrics: the heartbeat %s does not decode", key)
+    return beats
+
+
+def _why(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__).replace("nats: ", "")
