@@ -127,6 +127,8 @@ class Retrying(_Event, frozen=True, kw_only=True, tag="retrying.v1"):
     next_try_at_ms: int
     waits: int = 0
     quota: str | None = None
+    # False when the task was handed back without a call, because a provider cooldown was holding
+    called: bool = True
 
 
 class Completed(_Event, frozen=True, kw_only=True, tag="completed.v1"):

@@ -104,8 +104,11 @@ class Settler:
             # Not recorded, so not acked: the task comes back after AckWait and nothing is lost.
             log.warning("could not record the outcome of task %s (%s); it will be redelivered", task.id, exc)
 
-    async def wait_out(self, d: Delivery, retry_after_s: float, why: str, quota: Quota) -> None:
-        """Hand the task back until a rate limit has passed; this delivery counts as a wait."""
+    async def wait_out(
+        self, d: Delivery, retry_after_s: float, why: str, quota: Quota, *, called: bool = True
+    ) -> None:
+        """Hand the task back until a rate limit has passed; this delivery counts as a wait.
+        ``called`` says whether the provider was called (and refused) or a cooldown spared the call."""
         await self._retry(
             d,
             rate_limit_delay_s(retry_after_s),
@@ -113,6 +116,7 @@ class Settler:
             error=why,
             waits=d.waits + 1,
             quota=quota,
+            called=called,
         )
 
     async def fail(self, d: Delivery, error: str) -> None:
@@ -136,13 +140,22 @@ class Settler:
         self.counts.completed += 1
 
     async def _retry(
-        self, d: Delivery, delay_s: float, *, reason: str, error: str, waits: int, quota: str | None = None
+        self,
+        d: Delivery,
+        delay_s: float,
+        *,
+        reason: str,
+        error: str,
+        waits: int,
+        quota: str | None = None,
+        called: bool = True,
     ) -> None:
         task = d.task
         event = Retrying(
             task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=d.attempt, worker=self._worker_id,
             reason="rate_limit" if reason == "rate_limit" else "transient", error=error,
             retry_in_s=round(delay_s, 3), next_try_at_ms=now_ms() + int(delay_s * 1000), waits=waits, quota=quota,
+            called=called,
         )  # fmt: skip
         await self._record(task, encoder.encode(event), "retrying")
         await d.msg.nak(delay=delay_s)

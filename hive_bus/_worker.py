@@ -256,7 +256,7 @@ class Worker:
             quota = self.cooldown.current.quota if self.cooldown.current else "unknown"
             with anyio.CancelScope(shield=True):
                 await self._settler.wait_out(
-                    d, left_s, f"waiting out the {task.provider} cooldown: {reason}", quota
+                    d, left_s, f"waiting out the {task.provider} cooldown: {reason}", quota, called=False
                 )
             return
         if d.attempt > task.max_attempts:

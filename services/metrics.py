@@ -150,7 +150,7 @@ class BusMetrics:
         )
         self._rate_limited = Counter(
             "hive_rate_limited",
-            "Deliveries handed back because of a rate limit: a 429, or a cooldown that was holding.",
+            "Provider calls refused by a rate limit (429s); hand-backs during a cooldown, which make no call, are not counted.",
             ["provider"],
             registry=r,
         )
@@ -284,7 +284,7 @@ class BusMetrics:
                     self._submitted.labels(provider).inc()
             case Retrying():
                 self._retries.labels(provider, event.reason).inc()
-                if event.reason == "rate_limit":
+                if event.reason == "rate_limit" and event.called:
                     self._rate_limited.labels(provider).inc()
             case Failed():
                 # A rejected submission is recorded outside the worker's final events (and may be

@@ -68,3 +68,6 @@ async def test_the_cooldown_is_shared_by_every_worker_of_a_provider(bus: Bus, hi
     # Without the shared cooldown every worker keeps calling through each window (dozens of 429s);
     # with it, the calls already in flight when the limit is hit are all that can run into it.
     assert limit.rate_limited <= 3 * windows, f"{limit.rate_limited} 429s over {windows} windows"
+    # the record tells real 429s from hand-backs that a holding cooldown spared a call
+    waits = [e for task_id in ids for e in await events_of(bus, task_id) if isinstance(e, Retrying)]
+    assert sum(1 for e in waits if e.called) == limit.rate_limited
