@@ -245,54 +245,49 @@ async def ensure_consumer(js: JetStreamContext, settings: Settings, provider: st
 
 
 async def _ensure_workers_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
-    bucket = settings.names.workers_bucket
-    try:
-        kv = await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        # Heartbeats are rewritten every few seconds and worthless after a restart: memory storage
-        # spares a Raspberry Pi's SD card. max_age makes each key vanish once its worker stops beating.
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=bucket,
-                description="hive-bus worker heartbeats",
-                history=1,
-                ttl=settings.heartbeat_ttl_s,
-                storage=StorageType.MEMORY,
-            )
-        )
-    status = await kv.status()
-    have_ttl = status.stream_info.config.max_age
-    _check(
-        f"key-value bucket {bucket}",
-        meaning={"history": (status.stream_info.config.max_msgs_per_subject, 1)},
-        limits={"ttl": (have_ttl, settings.heartbeat_ttl_s)},
+    # Heartbeats are rewritten every few seconds and worthless after a restart: memory storage spares
+    # a Raspberry Pi's SD card. max_age makes each key vanish once its worker stops beating.
+    want = KeyValueConfig(
+        bucket=settings.names.workers_bucket,
+        description="hive-bus worker heartbeats",
+        history=1,
+        ttl=settings.heartbeat_ttl_s,
+        storage=StorageType.MEMORY,
     )
+    kv, have_ttl = await _ensure_bucket(js, want)
     if have_ttl and have_ttl < 2 * settings.heartbeat_interval_s:
         raise BusConfigError(
-            f"key-value bucket {bucket} keeps heartbeats for {have_ttl}s, less than two heartbeat "
+            f"key-value bucket {want.bucket} keeps heartbeats for {have_ttl}s, less than two heartbeat "
             f"intervals ({settings.heartbeat_interval_s}s): live workers would vanish from it"
         )
     return kv
 
 
 async def _ensure_providers_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
-    bucket = settings.names.providers_bucket
-    try:
-        kv = await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        # File storage: a daily-quota cooldown must outlive a restart of the hub.
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=bucket, description="hive-bus provider cooldowns", history=1, storage=StorageType.FILE
-            )
-        )
-    status = await kv.status()
-    _check(
-        f"key-value bucket {bucket}",
-        meaning={"history": (status.stream_info.config.max_msgs_per_subject, 1)},
-        limits={},
+    # File storage: a daily-quota cooldown must outlive a restart of the hub.
+    want = KeyValueConfig(
+        bucket=settings.names.providers_bucket,
+        description="hive-bus provider cooldowns",
+        history=1,
+        storage=StorageType.FILE,
     )
+    kv, _ = await _ensure_bucket(js, want)
     return kv
+
+
+async def _ensure_bucket(js: JetStreamContext, want: KeyValueConfig) -> tuple[KeyValue, float | None]:
+    """The bucket, created if missing, else checked; with the TTL it really has."""
+    try:
+        kv = await js.key_value(want.bucket)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(want), want.ttl
+    config = (await kv.status()).stream_info.config
+    _check(
+        f"key-value bucket {want.bucket}",
+        meaning={"history": (config.max_msgs_per_subject, want.history)},
+        limits={"ttl": (config.max_age, want.ttl)},
+    )
+    return kv, config.max_age
 
 
 def _check(
