@@ -6,6 +6,7 @@ port with a temporary store. The server is a child process that this module star
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import shutil
@@ -21,6 +22,17 @@ from pathlib import Path
 import anyio
 
 log = logging.getLogger("hive_bus.nats")
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the process that started it dies, even by SIGKILL (Linux), so a
+    killed ``hive up`` leaves no server holding its port and store."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class EmbeddedServerError(RuntimeError):
@@ -90,7 +102,12 @@ class NatsServer:
             # A session of its own: a terminal's Ctrl-C goes to hive, which stops the server last, after
             # the workers have drained, instead of to the server at once.
             self._proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         try:
             self.port = self._wait_for_port(ports_dir, timeout_s)

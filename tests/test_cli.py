@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from hive_bus._embedded import NatsServer
@@ -102,6 +103,17 @@ def test_a_second_hive_up_on_the_same_data_finds_queued_tasks(tmp_path: Path) ->
         assert (done["status"], done["output"]) == ("completed", "keep me")
     finally:
         second.stop()
+
+
+def test_a_killed_hive_up_takes_its_nats_server_with_it(tmp_path: Path) -> None:
+    stack = hive_up(tmp_path / "data", tmp_path / "up.log")
+    found = re.search(r"nats-server (\d+) listening", stack.log.read_text())
+    assert found is not None
+    server = psutil.Process(int(found.group(1)))
+    stack.proc.kill()
+    stack.proc.wait(10)
+    gone, _ = psutil.wait_procs([server], timeout=10)
+    assert gone, "the embedded nats-server outlived the hive up that started it"
 
 
 def _one_clear_line(result: subprocess.CompletedProcess[str]) -> str:
