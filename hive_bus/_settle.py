@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 
 from ._bus import Bus
 from ._cooldown import ProviderCooldown
-from ._errors import FailNow, ProviderError, Quota, RetryAfter, RetryLater
+from ._errors import ProviderError, Quota, RetryAfter, RetryLater
 from ._messages import Completed, Failed, Retrying, Task, encoder, now_ms
 from ._prices import PriceTable
 from ._providers import Output
@@ -185,4 +185,4 @@ class Settler:
             log.warning("task %s already had a final outcome; this worker's result is not recorded", task.id)
 
 
-__all__ = ["Backoff", "Counters", "Delivery", "FailNow", "Outcome", "Settler"]
+__all__ = ["Backoff", "Counters", "Delivery", "Outcome", "Settler"]

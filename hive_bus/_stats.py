@@ -5,11 +5,12 @@ completed and failed counts from the events stream (its retention window, 7 days
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from ._bus import Bus
 from ._cooldown import CooldownRecord
@@ -31,27 +32,55 @@ class ProviderStats(msgspec.Struct, frozen=True, kw_only=True):
 _cooldown = msgspec.json.Decoder(CooldownRecord)
 
 
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    pending: int  # queued, not yet handed to a worker
+    ack_pending: int  # handed out, not yet acked (running, or waiting for a retry)
+
+
+async def queue_depths(bus: Bus) -> dict[str, QueueDepth]:
+    """Each provider's queue: from its durable consumer, or, for a provider no worker has served yet
+    (so no consumer), the tasks stream's count for its subject (one subject per provider)."""
+    names = bus.names
+    tasks = await bus.js.stream_info(names.tasks_stream, subjects_filter=names.all_tasks)
+    depths = {
+        names.provider_of_subject(subject): QueueDepth(pending=n, ack_pending=0)
+        for subject, n in (tasks.state.subjects or {}).items()
+    }
+    prefix = f"{names.prefix}_"
+    for info in await _consumers(bus):
+        if info.name.startswith(prefix) and info.config.durable_name:
+            depths[info.name.removeprefix(prefix)] = QueueDepth(
+                info.num_pending or 0, info.num_ack_pending or 0
+            )
+    return depths
+
+
+async def _consumers(bus: Bus) -> list[ConsumerInfo]:
+    """Every consumer of the tasks stream (the server lists them 256 at a time)."""
+    found: list[ConsumerInfo] = []
+    while True:
+        page = await bus.js.consumers_info(bus.names.tasks_stream, offset=len(found) or None)
+        found.extend(page)
+        if len(page) < 256:
+            return found
+
+
 async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStats]:
     names = bus.names
-    consumers = await bus.js.consumers_info(names.tasks_stream)
-    prefix = f"{names.prefix}_"
-    queues = {c.name.removeprefix(prefix): c for c in consumers if c.name.startswith(prefix)}
-    # One subject per provider: the stream counts what waits for a provider no worker has served yet.
-    tasks = await bus.js.stream_info(names.tasks_stream, subjects_filter=names.all_tasks)
-    waiting = {names.provider_of_subject(subj): n for subj, n in (tasks.state.subjects or {}).items()}
-    providers = sorted(set(queues) | set(waiting) | {b.provider for b in beats})
+    depths = await queue_depths(bus)
+    providers = sorted(set(depths) | {b.provider for b in beats})
     result = []
     for provider in providers:
-        info = queues.get(provider)
-        ack_pending = (info.num_ack_pending or 0) if info else 0
+        depth = depths.get(provider, QueueDepth(0, 0))
         in_flight = sum(b.in_flight for b in beats if b.provider == provider)
         cooldown = await _cooldown_of(bus, provider)
         result.append(
             ProviderStats(
                 provider=provider,
-                pending=(info.num_pending or 0) if info else waiting.get(provider, 0),
+                pending=depth.pending,
                 in_flight=in_flight,
-                retrying=max(0, ack_pending - in_flight),
+                retrying=max(0, depth.ack_pending - in_flight),
                 completed=await _count(bus, names.final_events(provider)[0]),
                 failed=await _count(bus, names.final_events(provider)[1]),
                 workers=sum(1 for b in beats if b.provider == provider),

@@ -24,7 +24,6 @@ from hive_bus import (
     Hive,
     HiveError,
     ProviderStats,
-    QueueFull,
     TaskRequest,
     TaskView,
     WorkerBeat,
@@ -326,4 +325,4 @@ ROUTES = [
     openapi_document,
 ]
 
-__all__ = ["MAX_WAIT_S", "ROUTES", "QueueFull"]
+__all__ = ["MAX_WAIT_S", "ROUTES"]

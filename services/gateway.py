@@ -33,8 +33,6 @@ from .metrics import BusMetrics
 
 log = logging.getLogger("hive_bus.gateway")
 
-MAX_WAIT_S = 300.0
-
 
 @dataclass(frozen=True, slots=True)
 class GatewayOptions:

@@ -32,7 +32,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
-from nats.js.api import ConsumerConfig, ConsumerInfo, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -40,6 +40,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from hive_bus import Bus, WorkerBeat
 from hive_bus._cooldown import CooldownRecord
 from hive_bus._messages import Completed, Failed, Queued, Retrying, beat_decoder, event_decoder, now_ms
+from hive_bus._stats import QueueDepth, queue_depths
 
 log = logging.getLogger("hive_bus.metrics")
 
@@ -354,17 +355,8 @@ class BusMetrics:
             await anyio.sleep(self._refresh_s)
 
     async def _read_gauges(self) -> _Snapshot:
-        bus, names = self._bus, self._bus.names
-        consumers = await self._consumers()
-        prefix = f"{names.prefix}_"
-        queues = {
-            c.name.removeprefix(prefix): c
-            for c in consumers
-            if c.name.startswith(prefix) and c.config.durable_name
-        }
-        # One subject per provider: the stream counts what waits for a provider no worker has served yet.
-        tasks = await bus.js.stream_info(names.tasks_stream, subjects_filter=names.all_tasks)
-        waiting = {names.provider_of_subject(subj): n for subj, n in (tasks.state.subjects or {}).items()}
+        bus = self._bus
+        depths = await queue_depths(bus)
         beats = _beats(await _kv_values(bus.workers_kv, bus.settings.request_timeout_s))
         cooldowns = await _kv_values(bus.providers_kv, bus.settings.request_timeout_s)
 
@@ -372,13 +364,12 @@ class BusMetrics:
         ack_pending: dict[str, int] = {}
         workers: dict[str, int] = {}
         cooldown_s: dict[str, float] = {}
-        providers = set(queues) | set(waiting) | {b.provider for b in beats} | set(cooldowns)
+        providers = set(depths) | {b.provider for b in beats} | set(cooldowns)
         for provider in providers:
             label = self._provider_label(provider)
-            info = queues.get(provider)
-            queued = (info.num_pending or 0) if info else waiting.get(provider, 0)
-            pending[label] = pending.get(label, 0) + queued
-            ack_pending[label] = ack_pending.get(label, 0) + ((info.num_ack_pending or 0) if info else 0)
+            depth = depths.get(provider, QueueDepth(0, 0))
+            pending[label] = pending.get(label, 0) + depth.pending
+            ack_pending[label] = ack_pending.get(label, 0) + depth.ack_pending
             workers.setdefault(label, 0)
             cooldown_s.setdefault(label, 0.0)
         for beat in beats:
@@ -395,16 +386,6 @@ class BusMetrics:
         return _Snapshot(
             pending=pending, ack_pending=ack_pending, workers=workers, cooldown_s=cooldown_s, at_s=time.time()
         )
-
-    async def _consumers(self) -> list[ConsumerInfo]:
-        """Every consumer of the tasks stream (the server lists them 256 at a time)."""
-        stream = self._bus.names.tasks_stream
-        found: list[ConsumerInfo] = []
-        while True:
-            page = await self._bus.js.consumers_info(stream, offset=len(found) or None)
-            found.extend(page)
-            if len(page) < 256:
-                return found
 
 
 async def _kv_values(kv: KeyValue, timeout_s: float) -> dict[str, bytes]:
