@@ -7,6 +7,7 @@ from ._errors import (
     BusUnavailable,
     FailNow,
     HiveError,
+    KeyRejected,
     ProviderError,
     QueueFull,
     RetryAfter,
@@ -33,7 +34,7 @@ from ._providers import FunctionProvider, Output, Provider, load_handler
 from ._settings import Settings, SettingsError, load_settings
 from ._stats import ProviderStats
 from ._version import __version__
-from ._worker import Worker, WorkerOptions
+from ._worker import ProviderKey, Worker, WorkerOptions
 
 __all__ = [
     "Accepted",
@@ -46,12 +47,14 @@ __all__ = [
     "FunctionProvider",
     "Hive",
     "HiveError",
+    "KeyRejected",
     "Names",
     "Output",
     "Params",
     "PartialSubmit",
     "Provider",
     "ProviderError",
+    "ProviderKey",
     "ProviderStats",
     "QueueFull",
     "Queued",

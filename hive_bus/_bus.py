@@ -33,7 +33,7 @@ from nats.js.api import (
 from nats.js.kv import KeyValue
 
 from ._errors import BusConfigError, BusUnavailable
-from ._names import Names
+from ._names import PRIORITIES, Names
 from ._settings import Settings, redact_url
 
 log = logging.getLogger("hive_bus.bus")
@@ -48,6 +48,7 @@ class Bus:
     settings: Settings
     workers_kv: KeyValue
     providers_kv: KeyValue
+    budgets_kv: KeyValue
 
     @property
     def names(self) -> Names:
@@ -60,8 +61,8 @@ async def open_bus(settings: Settings, *, name: str = "hive") -> AsyncIterator[B
     nc = await connect_nats(settings, name=name)
     try:
         js = nc.jetstream(timeout=settings.request_timeout_s)
-        workers_kv, providers_kv = await declare_bus(js, settings)
-        yield Bus(nc=nc, js=js, settings=settings, workers_kv=workers_kv, providers_kv=providers_kv)
+        buckets = await declare_bus(js, settings)
+        yield Bus(nc=nc, js=js, settings=settings, **buckets)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             # drain flushes pending acks and publishes before the socket closes
@@ -120,13 +121,18 @@ def _reason(exc: BaseException) -> str:
     return text.replace("nats: ", "")
 
 
-async def declare_bus(js: JetStreamContext, settings: Settings) -> tuple[KeyValue, KeyValue]:
+async def declare_bus(js: JetStreamContext, settings: Settings) -> dict[str, KeyValue]:
     """Create the streams and the KV buckets if missing; check them if present."""
     names = settings.names
     try:
         await _ensure_stream(js, tasks_stream_config(settings))
         await _ensure_stream(js, events_stream_config(settings))
-        return await _ensure_workers_bucket(js, settings), await _ensure_providers_bucket(js, settings)
+        await _ensure_stream(js, dlq_stream_config(settings))
+        return {
+            "workers_kv": await _ensure_workers_bucket(js, settings),
+            "providers_kv": await _ensure_file_bucket(js, names.providers_bucket, "provider key cooldowns"),
+            "budgets_kv": await _ensure_file_bucket(js, names.budgets_bucket, "request and token budgets"),
+        }
     except nats.js.errors.ServiceUnavailableError:
         raise BusUnavailable("JetStream is not enabled on the NATS server (start it with -js)") from None
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
@@ -167,12 +173,29 @@ def events_stream_config(settings: Settings) -> StreamConfig:
     )
 
 
-def consumer_config(settings: Settings, provider: str) -> ConsumerConfig:
+def dlq_stream_config(settings: Settings) -> StreamConfig:
+    names = settings.names
+    return StreamConfig(
+        name=names.dlq_stream,
+        description="hive-bus dead letters: tasks that failed for good, with their last error",
+        subjects=[names.all_dlq],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        # Kept until replayed or purged. When full, a new dead letter is refused (the worker logs it);
+        # its failed event, which carries the task too, stays in the events stream.
+        discard=DiscardPolicy.NEW,
+        max_bytes=settings.dlq_max_bytes,
+        duplicate_window=settings.duplicate_window_s,
+        allow_direct=True,
+    )
+
+
+def consumer_config(settings: Settings, provider: str, priority: str = "normal") -> ConsumerConfig:
     names = settings.names
     return ConsumerConfig(
-        durable_name=names.consumer(provider),
-        description=f"hive-bus workers of provider {provider}",
-        filter_subject=names.task_subject(provider),
+        durable_name=names.consumer(provider, priority),
+        description=f"hive-bus workers of provider {provider}, {priority} priority",
+        filter_subject=names.task_subject(provider, priority),
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
@@ -215,9 +238,16 @@ async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
     )
 
 
-async def ensure_consumer(js: JetStreamContext, settings: Settings, provider: str) -> ConsumerInfo:
-    """The provider's durable pull consumer, created on first use and shared by all its workers."""
-    want = consumer_config(settings, provider)
+async def ensure_consumers(js: JetStreamContext, settings: Settings, provider: str) -> list[ConsumerInfo]:
+    """The provider's durable pull consumers, one per priority (high first), created on first use."""
+    return [await ensure_consumer(js, settings, provider, priority) for priority in PRIORITIES]
+
+
+async def ensure_consumer(
+    js: JetStreamContext, settings: Settings, provider: str, priority: str = "normal"
+) -> ConsumerInfo:
+    """One of the provider's durable pull consumers, created on first use and shared by all its workers."""
+    want = consumer_config(settings, provider, priority)
     stream = settings.names.tasks_stream
     assert want.durable_name is not None
     try:
@@ -263,14 +293,9 @@ async def _ensure_workers_bucket(js: JetStreamContext, settings: Settings) -> Ke
     return kv
 
 
-async def _ensure_providers_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
-    # File storage: a daily-quota cooldown must outlive a restart of the hub.
-    want = KeyValueConfig(
-        bucket=settings.names.providers_bucket,
-        description="hive-bus provider cooldowns",
-        history=1,
-        storage=StorageType.FILE,
-    )
+async def _ensure_file_bucket(js: JetStreamContext, bucket: str, what: str) -> KeyValue:
+    # File storage: a daily quota's cooldown or budget must outlive a restart of the hub.
+    want = KeyValueConfig(bucket=bucket, description=f"hive-bus {what}", history=1, storage=StorageType.FILE)
     kv, _ = await _ensure_bucket(js, want)
     return kv
 
@@ -306,3 +331,17 @@ def _check(
 
 def _close(a: Any, b: Any) -> bool:
     return isinstance(a, int | float) and isinstance(b, int | float) and abs(a - b) < 1e-6
+
+
+async def kv_entries(kv: KeyValue, pattern: str = ">", *, timeout_s: float = 5.0) -> dict[str, bytes]:
+    """The current values of the keys matching ``pattern`` (deleted keys left out)."""
+    found: dict[str, bytes] = {}
+    watcher = await kv.watch(pattern, ignore_deletes=True)
+    try:
+        while (entry := await watcher.updates(timeout=timeout_s)) is not None:  # type: ignore[no-untyped-call]
+            if entry.value:
+                found[entry.key] = entry.value
+    finally:
+        with anyio.CancelScope(shield=True):
+            await watcher.stop()  # type: ignore[no-untyped-call]
+    return found

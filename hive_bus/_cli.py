@@ -17,6 +17,7 @@ import click
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from ._budget import BudgetError, load_budgets
 from ._bus import open_bus
 from ._client import Hive, PartialSubmit, connect
 from ._embedded import EmbeddedServerError, run_nats_server
@@ -26,7 +27,7 @@ from ._prices import PriceFileError, PriceTable
 from ._providers import HandlerError, Provider, load_handler
 from ._settings import Settings, SettingsError, load_settings
 from ._version import __version__
-from ._worker import Worker, WorkerOptions
+from ._worker import ProviderKey, Worker, WorkerOptions
 
 log = logging.getLogger("hive_bus.cli")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,7 +41,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from workers import ProviderUnavailable
 
     return (
-        HiveError, SettingsError, EmbeddedServerError, GatewayError, HandlerError, ProviderUnavailable, PriceFileError,
+        HiveError, SettingsError, EmbeddedServerError, GatewayError, HandlerError, ProviderUnavailable, PriceFileError, BudgetError,
         AuthConfigError,
         msgspec.ValidationError,
     )  # fmt: skip
@@ -98,7 +99,7 @@ async def _until_stopped() -> None:
             return
 
 
-def _provider_for(name: str, handler: str | None, model: str | None) -> Provider:
+def _provider_for(name: str, handler: str | None, model: str | None) -> Provider | list[ProviderKey]:
     if handler:
         return load_handler(handler)
     from workers import builtin
@@ -148,9 +149,10 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                 for why in skipped.values():
                     click.echo(f"not started: {why}")
                 prices = PriceTable.load(settings.prices_file)
+                budgets = load_budgets(settings.budgets_file, settings.budgets)
                 workers = [
-                    Worker(bus, p, WorkerOptions(provider=name, prices=prices))
-                    for name, p in providers.items()
+                    Worker(bus, keys, WorkerOptions(provider=name, prices=prices, budget=budgets.get(name)))
+                    for name, keys in providers.items()
                 ]
                 gateway = Gateway(Hive(bus), GatewayOptions(host=host, port=port, tokens=tokens), sock=sock)
                 async with anyio.create_task_group() as tg:
@@ -243,8 +245,13 @@ def worker(
     async def main() -> None:
         impl = _provider_for(name, handler, model)
         prices = PriceTable.load(settings.prices_file)
+        budget = load_budgets(settings.budgets_file, settings.budgets).get(name)
         options = WorkerOptions(
-            provider=name, concurrency=concurrency, drain_timeout_s=drain_timeout_s, prices=prices
+            provider=name,
+            concurrency=concurrency,
+            drain_timeout_s=drain_timeout_s,
+            prices=prices,
+            budget=budget,
         )
         async with open_bus(settings, name=f"hive-worker-{name}") as bus:
             w = Worker(bus, impl, options)

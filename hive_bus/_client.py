@@ -141,9 +141,9 @@ class Hive:
             task = await self._first_task(ack.seq)
         try:
             task_ack = await self._publish(
-                names.task_subject(task.provider),
+                names.task_subject(task.provider, task.priority),
                 encoder.encode(task),
-                task.id if key else None,
+                task.msg_id if key else None,
                 names.tasks_stream,
             )
         except QueueFull as exc:

@@ -1,15 +1,18 @@
-"""Provider-wide cooldowns, shared by every worker of a provider wherever it runs.
+"""Cooldowns of a provider's keys, shared by every worker of the provider wherever it runs.
 
-When a provider answers 429, the worker that got it writes ``until`` into the providers KV bucket
-(compare-and-set, so a cooldown only ever grows). Every worker of that provider follows the key with a
-core subscription on its KV subject and stops fetching until the time has passed: one 429 does not turn
-into N. Tasks a worker already holds when a cooldown starts are handed back with the time left, and
-that wait does not use up their attempts.
+When a provider answers 429, the worker that got it writes ``until`` into the providers KV bucket under
+``<provider>.<key>`` (compare-and-set, so a cooldown only ever grows). Every worker of that provider
+follows its keys with one core subscription on their KV subjects and does not use a cooling key until
+the time has passed: one 429 does not turn into N. A key the provider refused (401/403) is set aside
+the same way, for good, until an operator clears it (``hive keys --clear``). When no key is usable the
+worker stops fetching; tasks it already holds are handed back with the time left, and that wait does
+not use up their attempts.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 
 import anyio
 import msgspec
@@ -18,8 +21,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
+from ._bus import kv_entries
 from ._errors import Quota
-from ._messages import encoder, now_ms
+from ._messages import WorkerBeat, encoder, now_ms
 
 log = logging.getLogger("hive_bus.cooldown")
 
@@ -31,102 +35,166 @@ class CooldownRecord(msgspec.Struct, frozen=True, kw_only=True, tag="cooldown.v1
     quota: Quota = "unknown"
     set_by: str = ""
     at_ms: int = 0
+    key: str = "default"
+    # the provider refused the key itself (401/403): it is not used again until cleared
+    refused: bool = False
+
+    def left_s(self, at_ms: int) -> float:
+        return float("inf") if self.refused else max(0.0, (self.until_ms - at_ms) / 1000)
 
 
 _decoder = msgspec.json.Decoder(CooldownRecord)
 
 
-class ProviderCooldown:
-    """One provider's cooldown as this worker sees it, kept current by :meth:`follow`."""
+class KeyCooldowns:
+    """The cooldowns of one provider's keys as this worker sees them, kept current by :meth:`follow`."""
 
-    def __init__(self, nc: NATS, kv: KeyValue, bucket: str, provider: str) -> None:
+    def __init__(self, nc: NATS, kv: KeyValue, bucket: str, provider: str, keys: list[str]) -> None:
         self._nc = nc
         self._kv = kv
-        self._subject = f"$KV.{bucket}.{provider}"
+        self._subject = f"$KV.{bucket}.{provider}.*"
         self._provider = provider
-        self.current: CooldownRecord | None = None
+        self.keys = keys
+        self.records: dict[str, CooldownRecord] = {}
         self._changed = anyio.Event()
 
-    def remaining_s(self) -> float:
-        if self.current is None:
-            return 0.0
-        return max(0.0, (self.current.until_ms - now_ms()) / 1000)
+    def left_s(self, key: str) -> float:
+        record = self.records.get(key)
+        return 0.0 if record is None else record.left_s(now_ms())
+
+    def wait_s(self) -> float:
+        """Seconds until some key may be used (0 now; infinite when the provider refused them all)."""
+        return min(self.left_s(key) for key in self.keys)
+
+    def holding(self) -> CooldownRecord | None:
+        """The record that ends first among the keys, when none is usable now."""
+        at_ms = now_ms()
+        if any(self.left_s(key) == 0 for key in self.keys):
+            return None
+        return min((self.records[k] for k in self.keys), key=lambda r: r.left_s(at_ms))
+
+    @property
+    def all_refused(self) -> bool:
+        return all((r := self.records.get(k)) is not None and r.refused for k in self.keys)
 
     async def follow(self, sub: Subscription) -> None:
-        """Apply every update of the key until cancelled (the subscription comes from :meth:`subscribe`)."""
+        """Apply every update of the keys until cancelled (the subscription comes from :meth:`subscribe`)."""
         async for msg in sub.messages:
-            self._apply(msg.data)
+            self._apply(msg.subject.rpartition(".")[2], msg.data)
 
     async def subscribe(self) -> Subscription:
-        """Subscribe first, then read the current value, so no update falls between the two."""
+        """Subscribe first, then read the current values, so no update falls between the two."""
         sub = await self._nc.subscribe(self._subject)
-        try:
-            entry = await self._kv.get(self._provider)
-            if entry.value:
-                self._apply(entry.value)
-        except nats.js.errors.KeyNotFoundError:
-            pass
+        for name, value in (await kv_entries(self._kv, f"{self._provider}.*")).items():
+            self._apply(name.rpartition(".")[2], value)
         return sub
 
-    def _apply(self, data: bytes) -> None:
-        if not data:  # a delete or purge marker
-            self.current = None
+    def _apply(self, key: str, data: bytes) -> None:
+        if not data:  # a delete or purge marker: the key is clear
+            self.records.pop(key, None)
         else:
             try:
                 record = _decoder.decode(data)
             except msgspec.DecodeError as exc:
-                log.warning("ignoring an unreadable cooldown for %s: %s", self._provider, exc)
+                log.warning("ignoring an unreadable cooldown of %s key %s: %s", self._provider, key, exc)
                 return
-            if self.current is None or record.until_ms >= self.current.until_ms or record.until_ms < now_ms():
-                self.current = record
+            current = self.records.get(key)
+            if (
+                current is None
+                or record.refused
+                or record.until_ms >= current.until_ms
+                or not current.left_s(now_ms())
+            ):
+                self.records[key] = record
         self._changed.set()
         self._changed = anyio.Event()
 
-    async def wait_until_clear(self, stopping: anyio.Event) -> None:
-        """Sleep while a cooldown holds (it may grow meanwhile); return early when ``stopping`` is set."""
-        while (left_s := self.remaining_s()) > 0 and not stopping.is_set():
-            with anyio.move_on_after(left_s):
-                await stopping.wait()
+    async def wait_until_usable(self, stopping: anyio.Event, longest_s: float) -> None:
+        """Sleep while no key is usable (a cooldown may grow meanwhile), at most ``longest_s``; return
+        early when ``stopping`` is set."""
+        with anyio.move_on_after(longest_s):
+            while (left_s := self.wait_s()) > 0 and not stopping.is_set():
+                with anyio.move_on_after(min(left_s, 60.0)):
+                    await stopping.wait()
 
-    async def impose(self, until_ms: int, reason: str, quota: Quota, worker: str) -> None:
-        """Extend the shared cooldown to ``until_ms`` unless a longer one is already set."""
+    async def impose(self, key: str, until_ms: int, reason: str, quota: Quota, worker: str) -> None:
+        """Extend the key's shared cooldown to ``until_ms`` unless a longer one is already set."""
         record = CooldownRecord(
-            provider=self._provider,
-            until_ms=until_ms,
-            reason=reason,
-            quota=quota,
-            set_by=worker,
-            at_ms=now_ms(),
-        )
+            provider=self._provider, until_ms=until_ms, reason=reason, quota=quota, set_by=worker,
+            at_ms=now_ms(), key=key,
+        )  # fmt: skip
+        if await self._write(record):
+            log.info(
+                "%s key %s cooling down for %.1fs (%s quota): %s",
+                self._provider, key, (until_ms - now_ms()) / 1000, quota, reason,
+            )  # fmt: skip
+
+    async def refuse(self, key: str, reason: str, worker: str) -> None:
+        """Set the key aside for good: the provider refused it (401/403)."""
+        record = CooldownRecord(
+            provider=self._provider, until_ms=0, reason=reason, set_by=worker, at_ms=now_ms(), key=key,
+            refused=True,
+        )  # fmt: skip
+        if await self._write(record):
+            log.error(
+                "%s key %s was refused and is set aside (not used again until `hive keys --clear %s %s`): %s",
+                self._provider, key, self._provider, key, reason,
+            )  # fmt: skip
+
+    async def _write(self, record: CooldownRecord) -> bool:
+        name = f"{self._provider}.{record.key}"
         for _ in range(5):  # compare-and-set: retried only when another worker wrote in between
             try:
-                entry = await self._kv.get(self._provider)
+                entry = await self._kv.get(name)
             except nats.js.errors.KeyNotFoundError:
                 entry = None
             revision = entry.revision if entry else None
             if entry and entry.value:
                 try:
-                    if _decoder.decode(entry.value).until_ms >= until_ms:
-                        return
+                    have = _decoder.decode(entry.value)
+                    if have.refused or (not record.refused and have.until_ms >= record.until_ms):
+                        return False
                 except msgspec.DecodeError:
                     pass
             try:
                 if revision is None:
-                    await self._kv.create(self._provider, encoder.encode(record))
+                    await self._kv.create(name, encoder.encode(record))
                 else:
-                    await self._kv.update(self._provider, encoder.encode(record), last=revision)
+                    await self._kv.update(name, encoder.encode(record), last=revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
-            self._apply(encoder.encode(record))
-            log.info(
-                "%s cooling down for %.1fs (%s quota): %s",
-                self._provider,
-                (until_ms - now_ms()) / 1000,
-                quota,
-                reason,
-            )
-            return
-        log.warning(
-            "could not set the %s cooldown after 5 tries; other workers may run into the limit",
-            self._provider,
-        )
+            self._apply(record.key, encoder.encode(record))
+            return True
+        log.warning("could not write the %s cooldown after 5 tries; other workers may run into it", name)
+        return False
+
+
+def provider_cooldowns(values: Mapping[str, bytes], beats: Iterable[WorkerBeat]) -> dict[str, CooldownRecord]:
+    """Per provider, from the providers bucket's values and the heartbeats: the key record that ends
+    first, where every key of the provider (that a record or a heartbeat names) is cooling or refused."""
+    at_ms = now_ms()
+    records: dict[str, dict[str, CooldownRecord]] = {}
+    for record in decode_records(values):
+        records.setdefault(record.provider, {})[record.key] = record
+    for beat in beats:
+        for key in beat.keys:
+            records.get(beat.provider, {}).setdefault(key, _CLEAR)
+    found = {}
+    for provider, keys in records.items():
+        if all(r.left_s(at_ms) > 0 for r in keys.values()):
+            found[provider] = min(keys.values(), key=lambda r: r.left_s(at_ms))
+    return found
+
+
+def decode_records(values: Mapping[str, bytes]) -> list[CooldownRecord]:
+    """The records among a providers bucket's values that decode (one bad value hides no other)."""
+    found = []
+    for name, raw in values.items():
+        try:
+            found.append(_decoder.decode(raw))
+        except msgspec.DecodeError:
+            log.debug("the cooldown %s does not decode", name)
+    return found
+
+
+_CLEAR = CooldownRecord(provider="", until_ms=0, reason="")

@@ -46,6 +46,11 @@ class FailNow(ProviderError):
     """A permanent fault: retrying cannot help."""
 
 
+class KeyRejected(FailNow):
+    """The provider refused the API key itself (401/403). The worker sets that key aside for good and
+    tries the task with its next key; only when none is left does the task fail."""
+
+
 class HiveError(Exception):
     """Base of errors the bus raises to its users."""
 

@@ -19,8 +19,12 @@ from ulid import ULID
 from ._names import PROVIDER_PATTERN
 
 TaskStatus = Literal["queued", "running", "retrying", "completed", "failed"]
-RetryReason = Literal["rate_limit", "transient", "shutdown"]
-FailReason = Literal["permanent", "out_of_attempts", "rejected", "undecodable"]
+RetryReason = Literal["rate_limit", "budget", "transient", "shutdown"]
+FailReason = Literal["permanent", "out_of_attempts", "deadline", "rejected", "undecodable"]
+Priority = Literal["high", "normal", "low"]
+# in_order: the task's provider, then each fallback in turn, as each runs out of quota;
+# cheapest: the candidate with the lowest token price that has quota left goes first.
+Route = Literal["in_order", "cheapest"]
 
 ProviderName = Annotated[
     str, Meta(pattern=PROVIDER_PATTERN, description="letters, digits, '_' or '-'; at most 64")
@@ -28,8 +32,18 @@ ProviderName = Annotated[
 Prompt = Annotated[str, Meta(min_length=1, pattern=r"\S", description="the prompt; not blank")]
 IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=256)]
 MaxAttempts = Annotated[int, Meta(ge=1, le=100)]
+Fallback = Annotated[
+    str,
+    Meta(
+        pattern=PROVIDER_PATTERN.removesuffix("$") + r"(:\S+)?$",
+        description="a provider, or provider:model (for example groq:llama-3.1-8b-instant)",
+    ),
+]
+Seconds = Annotated[float, Meta(gt=0, le=30 * 86400)]
 
 DEFAULT_MAX_ATTEMPTS = 5
+# How long a task waits out its provider's rate limit before it moves to a fallback (if it has one).
+DEFAULT_MAX_WAIT_S = 300.0
 TASK_ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 
 
@@ -72,7 +86,18 @@ class _TaskFields(Struct, frozen=True, kw_only=True, omit_defaults=True):
     metadata: dict[str, Any] = {}
     payload: Any = None
     idempotency_key: IdempotencyKey | None = None
+    priority: Priority = "normal"
+    # Where the task may go when its provider has no quota left (see ``route``).
+    fallback: Annotated[list[Fallback], Meta(max_length=8)] = []
+    route: Route = "in_order"
+    # Retry policy: real attempts (rate-limit waits are not attempts), the backoff between them (the
+    # worker's own when unset), how long a rate limit may hold the task before it moves on, and the
+    # deadline after submission past which it fails and goes to the dead letters.
     max_attempts: MaxAttempts = DEFAULT_MAX_ATTEMPTS
+    backoff_base_s: Seconds | None = None
+    backoff_cap_s: Seconds | None = None
+    max_wait_s: Seconds = DEFAULT_MAX_WAIT_S
+    deadline_s: Seconds | None = None
 
 
 class TaskRequest(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -91,11 +116,39 @@ class Task(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, tag="task
 
     id: str
     submitted_at_ms: int
+    # 0 for the first run; each replay from the dead letters adds one
+    run: int = 0
+    # providers this task has left for a fallback, in order
+    tried: list[str] = []
 
     @classmethod
     def from_request(cls, request: TaskRequest) -> Task:
         fields = msgspec.structs.asdict(request)
         return cls(id=new_task_id(), submitted_at_ms=now_ms(), **fields)
+
+    @property
+    def deadline_at_ms(self) -> int | None:
+        return None if self.deadline_s is None else self.submitted_at_ms + int(self.deadline_s * 1000)
+
+    @property
+    def msg_id(self) -> str:
+        """The de-duplication id of this task's publish: each run and each move is queued once."""
+        return self.id if not (self.run or self.tried) else f"{self.id}:{self.run}:{len(self.tried)}"
+
+    @property
+    def final_msg_id(self) -> str:
+        """The de-duplication id of this run's final event: a run is recorded as ended once."""
+        return f"{self.id}:final" if not self.run else f"{self.id}:final:{self.run}"
+
+    def next_hop(self) -> Task | None:
+        """This task moved to its next fallback, or None when it has none left."""
+        if not self.fallback:
+            return None
+        provider, _, model = self.fallback[0].partition(":")
+        return msgspec.structs.replace(
+            self, provider=provider, model=model or None, fallback=self.fallback[1:],
+            tried=[*self.tried, self.provider],
+        )  # fmt: skip
 
 
 class _Event(Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -131,6 +184,14 @@ class Retrying(_Event, frozen=True, kw_only=True, tag="retrying.v1"):
     called: bool = True
 
 
+class Moved(_Event, frozen=True, kw_only=True, tag="moved.v1"):
+    """The task left ``provider`` for ``task.provider`` (its next fallback); the router queues it there."""
+
+    worker: str
+    reason: str
+    task: Task
+
+
 class Completed(_Event, frozen=True, kw_only=True, tag="completed.v1"):
     attempt: int
     worker: str
@@ -149,14 +210,19 @@ class Failed(_Event, frozen=True, kw_only=True, tag="failed.v1"):
     worker: str | None
     reason: FailReason
     error: str
+    # The task as it was last run: what a dead letter keeps so that it can be replayed.
+    task: Task | None = None
+    # the start of a message that was not a task at all (reason "undecodable")
+    raw: str | None = None
 
 
-TaskEvent = Queued | Running | Retrying | Completed | Failed
+TaskEvent = Queued | Running | Retrying | Moved | Completed | Failed
 
 _STATUS: dict[type[_Event], TaskStatus] = {
     Queued: "queued",
     Running: "running",
     Retrying: "retrying",
+    Moved: "queued",
     Completed: "completed",
     Failed: "failed",
 }
@@ -164,6 +230,11 @@ _STATUS: dict[type[_Event], TaskStatus] = {
 
 def status_of(event: TaskEvent) -> TaskStatus:
     return _STATUS[type(event)]
+
+
+def subject_status(event: TaskEvent) -> str:
+    """The status token of the event's subject (a move has its own: the router follows it)."""
+    return "moved" if isinstance(event, Moved) else _STATUS[type(event)]
 
 
 def is_final(event: TaskEvent) -> bool:
@@ -213,6 +284,11 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
                     attempt=event.attempt, worker=event.worker, reason=event.reason, error=event.error,
                     next_try_at_ms=event.next_try_at_ms,
                 )  # fmt: skip
+            case Moved():
+                return cls(
+                    id=id_, provider=event.task.provider, updated_at_ms=at_ms, status="queued",
+                    worker=event.worker, reason="moved", error=f"moved from {provider}: {event.reason}",
+                )  # fmt: skip
             case Completed():
                 return cls(
                     id=id_, provider=provider, updated_at_ms=at_ms, status="completed",
@@ -243,17 +319,25 @@ class WorkerBeat(Struct, frozen=True, kw_only=True, tag="worker.v1", tag_field="
     retried: int = 0
     started_at_ms: int = 0
     at_ms: int = 0
+    # the model used when a task names none
+    model: str | None = None
+    # the names of its provider keys (never the keys)
+    keys: list[str] = []
+    # why the worker is not fetching now ("cooldown" or "budget"), and until when
+    waiting: str | None = None
+    waiting_until_ms: int = 0
 
 
 _PLAIN_WORDS = {
     "prompt": "prompt must be a string with at least one non-blank character",
     "provider": "provider must be 1-64 letters, digits, '_' or '-' (it becomes a NATS subject token)",
+    "fallback": "each fallback must be a provider name, or provider:model",
 }
 
 
 def explain(field: str, message: str) -> str:
     """A validation message in plain words, naming the field (msgspec's regex messages are cryptic)."""
-    parent, _, leaf = field.rpartition(".")
+    parent, _, leaf = re.sub(r"\[\d+\]$", "", field).rpartition(".")
     if leaf in _PLAIN_WORDS and ("regex" in message or "length" in message):
         return f"{parent}: {_PLAIN_WORDS[leaf]}" if parent else _PLAIN_WORDS[leaf]
     return f"{field}: {message}" if field else message

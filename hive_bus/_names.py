@@ -14,6 +14,8 @@ from dataclasses import dataclass
 PROVIDER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 _PROVIDER_RE = re.compile(PROVIDER_PATTERN)
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# Each provider has one queue per priority; a worker takes from "high" before "normal" before "low".
+PRIORITIES = ("high", "normal", "low")
 
 
 def is_valid_provider(name: str) -> bool:
@@ -24,12 +26,17 @@ def is_valid_provider(name: str) -> bool:
 class Names:
     """The names of one bus's objects.
 
-    ``<prefix>.tasks.<provider>`` carries task messages into the work-queue stream ``<PREFIX>_TASKS``;
+    ``<prefix>.tasks.<provider>.<priority>`` carries task messages into the work-queue stream
+    ``<PREFIX>_TASKS``;
     ``<prefix>.events.<provider>.<task id>.<status>`` carries each task's lifecycle into ``<PREFIX>_EVENTS``
     (the status token lets a reader ask for completions alone);
-    ``<prefix>_<provider>`` is the durable pull consumer all workers of a provider share;
+    ``<prefix>.dlq.<provider>.<task id>`` carries dead letters (a failed event with its task) into
+    ``<PREFIX>_DLQ``;
+    ``<prefix>_<provider>_<priority>`` are the durable pull consumers all workers of a provider share;
+    ``<prefix>_router`` is the gateway's consumer of ``moved`` events, which queues a moved task again;
     ``<prefix>_workers`` is the KV bucket of worker heartbeats;
-    ``<prefix>_providers`` is the KV bucket of provider-wide cooldowns, one key per provider.
+    ``<prefix>_providers`` is the KV bucket of each provider key's cooldown (keys ``<provider>.<key>``);
+    ``<prefix>_budgets`` is the KV bucket of request and token budgets (keys ``<provider>.<key>.<model>``).
     """
 
     prefix: str = "hive"
@@ -50,6 +57,10 @@ class Names:
         return f"{self.prefix.upper()}_EVENTS"
 
     @property
+    def dlq_stream(self) -> str:
+        return f"{self.prefix.upper()}_DLQ"
+
+    @property
     def workers_bucket(self) -> str:
         return f"{self.prefix}_workers"
 
@@ -58,15 +69,37 @@ class Names:
         return f"{self.prefix}_providers"
 
     @property
+    def budgets_bucket(self) -> str:
+        return f"{self.prefix}_budgets"
+
+    @property
+    def router(self) -> str:
+        return f"{self.prefix}_router"
+
+    @property
     def all_tasks(self) -> str:
-        return f"{self.prefix}.tasks.*"
+        return f"{self.prefix}.tasks.*.*"
+
+    @property
+    def all_dlq(self) -> str:
+        return f"{self.prefix}.dlq.>"
+
+    def dlq_subject(self, provider: str, task_id: str) -> str:
+        return f"{self.prefix}.dlq.{provider}.{task_id}"
+
+    def dead_letters_of(self, task_id: str) -> str:
+        return f"{self.prefix}.dlq.*.{task_id}"
+
+    @property
+    def moved_events(self) -> str:
+        return f"{self.prefix}.events.*.*.moved"
 
     @property
     def all_events(self) -> str:
         return f"{self.prefix}.events.>"
 
-    def task_subject(self, provider: str) -> str:
-        return f"{self.prefix}.tasks.{provider}"
+    def task_subject(self, provider: str, priority: str = "normal") -> str:
+        return f"{self.prefix}.tasks.{provider}.{priority}"
 
     def event_subject(self, provider: str, task_id: str, status: str) -> str:
         return f"{self.prefix}.events.{provider}.{task_id}.{status}"
@@ -79,8 +112,18 @@ class Names:
         """Subject filters for tasks' last events (completed or failed), of one provider or all."""
         return [f"{self.prefix}.events.{provider or '*'}.*.{status}" for status in ("completed", "failed")]
 
-    def consumer(self, provider: str) -> str:
-        return f"{self.prefix}_{provider}"
+    def consumer(self, provider: str, priority: str = "normal") -> str:
+        # Every name ends in its priority, so no two (provider, priority) pairs share one, even though
+        # provider names may themselves hold '_'.
+        return f"{self.prefix}_{provider}_{priority}"
+
+    def of_consumer(self, name: str) -> tuple[str, str] | None:
+        """The (provider, priority) of one of this bus's task consumers, or None."""
+        head, sep, priority = name.rpartition("_")
+        provider = head.removeprefix(f"{self.prefix}_")
+        if not sep or priority not in PRIORITIES or provider == head or not is_valid_provider(provider):
+            return None
+        return provider, priority
 
     def provider_of_subject(self, subject: str) -> str:
         """The provider token of a task or event subject."""

@@ -45,10 +45,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     duplicate_window_s: PositiveSeconds = 900.0
     events_max_age_s: PositiveSeconds = 7 * 86400.0
     events_max_bytes: PositiveInt = 1024**3
+    dlq_max_bytes: PositiveInt = 256 * 1024**2
     heartbeat_interval_s: PositiveSeconds = 5.0
     heartbeat_ttl_s: PositiveSeconds = 15.0
     # A TOML file of token prices that overrides the built-in table (see hive_bus._prices).
     prices_file: str | None = None
+    # Request and token budgets per provider, key and model (see hive_bus._budget): a TOML file, and
+    # inline TOML that wins over it provider by provider.
+    budgets_file: str | None = None
+    budgets: str | None = None
     # How long the first connection to NATS may take before a command gives up.
     connect_timeout_s: PositiveSeconds = 5.0
     # How long a publish waits for JetStream's acknowledgement before the bus counts as unavailable.

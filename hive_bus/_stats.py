@@ -12,9 +12,9 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
-from ._bus import Bus
-from ._cooldown import CooldownRecord
-from ._messages import WorkerBeat, now_ms
+from ._bus import Bus, kv_entries
+from ._cooldown import decode_records, provider_cooldowns
+from ._messages import WorkerBeat
 
 
 class ProviderStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -25,11 +25,12 @@ class ProviderStats(msgspec.Struct, frozen=True, kw_only=True):
     completed: int  # in the events stream's window
     failed: int
     workers: int
-    cooldown_until_ms: int | None = None
+    cooldown_until_ms: int | None = None  # when every key is cooling down: when the first is usable again
     cooldown_reason: str | None = None
-
-
-_cooldown = msgspec.json.Decoder(CooldownRecord)
+    # workers that are not fetching because no key has budget or all are cooling down, and until when
+    waiting: int = 0
+    waiting_until_ms: int | None = None
+    keys_refused: int = 0  # keys the provider refused (401/403), set aside
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,20 +40,22 @@ class QueueDepth:
 
 
 async def queue_depths(bus: Bus) -> dict[str, QueueDepth]:
-    """Each provider's queue: from its durable consumer, or, for a provider no worker has served yet
-    (so no consumer), the tasks stream's count for its subject (one subject per provider)."""
+    """Each provider's queue, summed over its priorities: from the durable consumer of each, or, where
+    no worker has served one yet (so no consumer), the tasks stream's count for its subject."""
     names = bus.names
     tasks = await bus.js.stream_info(names.tasks_stream, subjects_filter=names.all_tasks)
-    depths = {
-        names.provider_of_subject(subject): QueueDepth(pending=n, ack_pending=0)
+    queues = {
+        tuple(subject.split(".")[2:4]): QueueDepth(pending=n, ack_pending=0)
         for subject, n in (tasks.state.subjects or {}).items()
     }
-    prefix = f"{names.prefix}_"
     for info in await _consumers(bus):
-        if info.name.startswith(prefix) and info.config.durable_name:
-            depths[info.name.removeprefix(prefix)] = QueueDepth(
-                info.num_pending or 0, info.num_ack_pending or 0
-            )
+        queue = names.of_consumer(info.name)
+        if queue is not None and info.config.durable_name:
+            queues[queue] = QueueDepth(info.num_pending or 0, info.num_ack_pending or 0)
+    depths: dict[str, QueueDepth] = {}
+    for (provider, _), depth in queues.items():
+        have = depths.get(provider, QueueDepth(0, 0))
+        depths[provider] = QueueDepth(have.pending + depth.pending, have.ack_pending + depth.ack_pending)
     return depths
 
 
@@ -70,11 +73,15 @@ async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStat
     names = bus.names
     depths = await queue_depths(bus)
     providers = sorted(set(depths) | {b.provider for b in beats})
+    values = await kv_entries(bus.providers_kv)
+    cooldowns = provider_cooldowns(values, beats)
+    refused = [r.provider for r in decode_records(values) if r.refused]
     result = []
     for provider in providers:
         depth = depths.get(provider, QueueDepth(0, 0))
         in_flight = sum(b.in_flight for b in beats if b.provider == provider)
-        cooldown = await _cooldown_of(bus, provider)
+        cooldown = cooldowns.get(provider)
+        waiting = [b.waiting_until_ms for b in beats if b.provider == provider and b.waiting]
         result.append(
             ProviderStats(
                 provider=provider,
@@ -84,8 +91,11 @@ async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStat
                 completed=await _count(bus, names.final_events(provider)[0]),
                 failed=await _count(bus, names.final_events(provider)[1]),
                 workers=sum(1 for b in beats if b.provider == provider),
-                cooldown_until_ms=cooldown.until_ms if cooldown else None,
+                cooldown_until_ms=(cooldown.until_ms if not cooldown.refused else None) if cooldown else None,
                 cooldown_reason=cooldown.reason if cooldown else None,
+                waiting=len(waiting),
+                waiting_until_ms=min(waiting) if waiting else None,
+                keys_refused=refused.count(provider),
             )
         )
     return result
@@ -106,17 +116,3 @@ async def _count(bus: Bus, subject: str) -> int:
         # if this fails, the consumer goes by itself after inactive_threshold
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
             await bus.js.delete_consumer(bus.names.events_stream, info.name)
-
-
-async def _cooldown_of(bus: Bus, provider: str) -> CooldownRecord | None:
-    try:
-        entry = await bus.providers_kv.get(provider)
-    except nats.js.errors.KeyNotFoundError:
-        return None
-    if not entry.value:
-        return None
-    try:
-        record = _cooldown.decode(entry.value)
-    except msgspec.DecodeError:
-        return None
-    return record if record.until_ms > now_ms() else None

@@ -9,12 +9,14 @@ alive with in-progress acks while its call runs, and hands every outcome to :cla
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import secrets
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,15 +27,16 @@ import nats.js.errors
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
 
-from ._bus import Bus, ensure_consumer
-from ._cooldown import ProviderCooldown
-from ._errors import ProviderError, RetryLater
+from ._budget import Budgets, Denied, ProviderBudget, Reservation
+from ._bus import Bus, ensure_consumers
+from ._cooldown import KeyCooldowns
+from ._errors import KeyRejected, ProviderError, Quota, RetryLater
 from ._messages import (
     Failed,
     Retrying,
+    RetryReason,
     Running,
     Task,
     TaskEvent,
@@ -45,8 +48,10 @@ from ._messages import (
     status_of,
     task_decoder,
 )
+from ._names import PRIORITIES
 from ._prices import PriceTable
 from ._providers import Output, Provider
+from ._pull import Puller, Wakeup
 from ._settle import Backoff, Delivery, Outcome, Settler
 from ._version import __version__
 
@@ -59,6 +64,9 @@ KEEPALIVE_FRACTION = 1 / 3
 # from queued to completed (their completed event says when they started, where, and which attempt):
 # a status nobody could have seen is not worth a stored message per task.
 RUNNING_AFTER_S = 0.25
+# A busy worker asks the high-priority queue at least this often, even when no high task was published
+# (one that comes back from a retry is not published again).
+HIGH_PROBE_S = 1.0
 _ID_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -68,12 +76,36 @@ class WorkerOptions:
     concurrency: int = 4
     drain_timeout_s: float = 30.0
     call_timeout_s: float = 600.0
-    # How long one fetch waits on the server for work; also bounds how fast a stop is noticed.
+    # How long an idle worker waits for work before it looks again; also bounds how fast a stop is noticed.
     fetch_wait_s: float = 2.0
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 300.0
     worker_id: str | None = None
     prices: PriceTable | None = None
+    budget: ProviderBudget | None = None
+    # A task whose key has no budget left for up to this long waits in its lane; longer, it is handed
+    # back until then (or moves to a fallback), so that the worker does not sit on it.
+    hold_max_s: float = 15.0
+    # While no key is usable for longer than this (a daily quota spent), the worker still fetches, so
+    # that tasks with fallbacks move on and the rest learn when to come back; shorter, it fetches nothing.
+    triage_after_s: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderKey:
+    """A provider adapter bound to one API key. ``name`` identifies the key in logs, metrics and the
+    bus (a fingerprint or a name the user gave); it is never the key itself."""
+
+    name: str
+    provider: Provider
+
+
+@dataclass(frozen=True, slots=True)
+class _Blocked:
+    wait_s: float
+    why: str
+    quota: Quota
+    reason: RetryReason
 
 
 @dataclass(slots=True)
@@ -88,11 +120,17 @@ class _Held:
 
 
 class Worker:
-    """Runs one provider's tasks from the bus until :meth:`stop` is called or it is cancelled."""
+    """Runs one provider's tasks from the bus until :meth:`stop` is called or it is cancelled.
 
-    def __init__(self, bus: Bus, provider: Provider, options: WorkerOptions) -> None:
+    ``provider`` is one adapter, or several bound to keys of their own (:class:`ProviderKey`), which the
+    worker uses in turn, each within its own budget and cooldown.
+    """
+
+    def __init__(self, bus: Bus, provider: Provider | Sequence[ProviderKey], options: WorkerOptions) -> None:
         self._bus = bus
-        self._provider = provider
+        self._keys = list(provider) if isinstance(provider, Sequence) else [ProviderKey("default", provider)]
+        if not self._keys:
+            raise ValueError("a worker needs at least one provider key")
         self._opts = options
         self._host = socket.gethostname()
         self.id = options.worker_id or _worker_id(options.provider, self._host)
@@ -101,10 +139,18 @@ class Worker:
         self._in_flight = 0
         self._held: dict[int, _Held] = {}
         self._ack_wait_s = bus.settings.ack_wait_s
+        self._next_key = 0
+        self._waiting: tuple[str, int] | None = None  # why the worker is not fetching, until when
+        self._high_hint = True  # a high-priority task may be waiting
+        self._high_probed_s = 0.0
         names = bus.names
-        self.cooldown = ProviderCooldown(bus.nc, bus.providers_kv, names.providers_bucket, options.provider)
+        self.model: str | None = getattr(self._keys[0].provider, "default_model", None)
+        self.cooldowns = KeyCooldowns(
+            bus.nc, bus.providers_kv, names.providers_bucket, options.provider, [k.name for k in self._keys]
+        )
+        self.budgets = Budgets(bus.budgets_kv, options.provider, options.budget)
         backoff = Backoff(options.backoff_base_s, options.backoff_cap_s)
-        self._settler = Settler(bus, self.id, self.cooldown, options.prices or PriceTable(), backoff)
+        self._settler = Settler(bus, self.id, self.cooldowns, options.prices or PriceTable(), backoff)
         self._counts = self._settler.counts
         self._started_at_ms = now_ms()
 
@@ -119,21 +165,24 @@ class Worker:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         bus, opts = self._bus, self._opts
-        info = await self._find_consumer()
-        if info is None:  # stopped before the bus answered
+        infos = await self._find_consumers()
+        if infos is None:  # stopped before the bus answered
             task_status.started()
             return
-        self._ack_wait_s = info.config.ack_wait or bus.settings.ack_wait_s
-        psub = await bus.js.pull_subscribe_bind(
-            durable=bus.names.consumer(opts.provider), stream=bus.names.tasks_stream
-        )
-        cooldown_sub = await self.cooldown.subscribe()
+        self._ack_wait_s = infos[0].config.ack_wait or bus.settings.ack_wait_s
+        names = bus.names
+        pullers = [Puller(bus.nc, names.tasks_stream, info.name) for info in infos]
+        for puller in pullers:
+            await puller.start()
+        high_sub = await bus.nc.subscribe(names.task_subject(opts.provider, "high"), cb=self._on_high)
+        wakeup = Wakeup(bus.nc, [names.task_subject(opts.provider, p) for p in PRIORITIES])
+        cooldown_sub = await self.cooldowns.subscribe()
         log.info("worker %s serving %s (concurrency %d)", self.id, opts.provider, opts.concurrency)
         try:
             async with anyio.create_task_group() as beats:
                 beats.start_soon(self._beat_loop)
                 beats.start_soon(self._watch_loop)
-                beats.start_soon(self.cooldown.follow, cooldown_sub)
+                beats.start_soon(self.cooldowns.follow, cooldown_sub)
                 task_status.started()
                 # ``concurrency`` lanes take fetched tasks from a memory stream: bounded concurrency
                 # without starting a task per message.
@@ -143,30 +192,38 @@ class Worker:
                         for _ in range(opts.concurrency):
                             calls.start_soon(self._lane, receive)
                         with send:
-                            await self._fetch_loop(psub, send)
+                            await self._fetch_loop(pullers, wakeup, send)
                         await self._drain(calls)
                 beats.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
-                await psub.unsubscribe()
-                await cooldown_sub.unsubscribe()
+                await wakeup.disarm()
+                for puller in pullers:
+                    await puller.stop()
+                for sub in (high_sub, cooldown_sub):
+                    await sub.unsubscribe()
                 await self._forget_beat()
-                await _close(self._provider)
+                for key in self._keys:
+                    await _close(key.provider)
             log.info("worker %s stopped: %s", self.id, self._counts)
 
-    async def _find_consumer(self) -> ConsumerInfo | None:
-        """The provider's consumer; waits for JetStream while it does not answer (a server restarting)."""
+    async def _find_consumers(self) -> list[ConsumerInfo] | None:
+        """The provider's consumers (high, normal, low); waits while JetStream does not answer (a server
+        restarting) or while they do not exist and this worker may not create them."""
+        said = False
         while not self._stopping.is_set():
             try:
-                return await ensure_consumer(self._bus.js, self._bus.settings, self._opts.provider)
-            except (
-                TimeoutError,
-                nats.errors.NoRespondersError,
-                nats.js.errors.ServiceUnavailableError,
-            ) as exc:
-                log.warning(
-                    "JetStream did not answer (%s); worker %s waits for it", type(exc).__name__, self.id
-                )
+                return await ensure_consumers(self._bus.js, self._bus.settings, self._opts.provider)
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                if not said:
+                    log.warning(
+                        "the %s consumers are not there yet (%s); worker %s waits for them (the gateway "
+                        "creates them once it sees this worker's heartbeat)",
+                        self._opts.provider, _why(exc), self.id,
+                    )  # fmt: skip
+                    said = True
+                    async with anyio.create_task_group() as tg:  # be seen, so the gateway can help
+                        tg.start_soon(self._beat_once)
                 with anyio.move_on_after(1):
                     await self._stopping.wait()
         return None
@@ -174,22 +231,27 @@ class Worker:
     # fetch ---------------------------------------------------------------------------------------
 
     async def _fetch_loop(
-        self, psub: JetStreamContext.PullSubscription, lanes: MemoryObjectSendStream[Msg]
+        self, pullers: list[Puller], wakeup: Wakeup, lanes: MemoryObjectSendStream[Msg]
     ) -> None:
         opts = self._opts
         while not self._stopping.is_set():
             await self._wait_for(lambda: self._in_flight < opts.concurrency or self._stopping.is_set())
-            await self.cooldown.wait_until_clear(self._stopping)  # a 429 elsewhere: fetch nothing
+            await self._gate()
             if self._stopping.is_set():
                 return
             try:
-                msgs = await psub.fetch(batch=opts.concurrency - self._in_flight, timeout=opts.fetch_wait_s)
-            except TimeoutError:  # nats-py raises its own subclass or the builtin: no work yet
-                continue
+                msgs = await self._pull(pullers, opts.concurrency - self._in_flight)
+                if not msgs:
+                    # Idle: listen for new tasks first, then look once more, so none slips between.
+                    await wakeup.arm()
+                    try:
+                        msgs = await self._pull(pullers, opts.concurrency - self._in_flight)
+                        if not msgs:
+                            await wakeup.wait(opts.fetch_wait_s)
+                    finally:
+                        await wakeup.disarm()
             except Exception as exc:  # a broken connection, a deleted consumer: log, pause, go on
-                log.warning(
-                    "fetch from %s failed: %s; trying again", self._bus.names.consumer(opts.provider), exc
-                )
+                log.warning("fetch of %s tasks failed: %s; trying again", opts.provider, exc)
                 with anyio.move_on_after(1):
                     await self._stopping.wait()
                 continue
@@ -199,6 +261,65 @@ class Worker:
                     continue
                 self._in_flight += 1
                 lanes.send_nowait(msg)  # never blocks: at most one message per free lane is fetched
+
+    async def _pull(self, pullers: list[Puller], want: int) -> list[Msg]:
+        """Up to ``want`` tasks, high priority first, then normal, then low. The high queue is asked
+        when a high task was published (a core subscription says so) or a second has passed (for high
+        tasks coming back from a retry), so that a busy worker spends no round trip on it otherwise."""
+        high, *rest = pullers
+        msgs: list[Msg] = []
+        now = anyio.current_time()
+        if self._high_hint or now - self._high_probed_s >= HIGH_PROBE_S:
+            self._high_hint, self._high_probed_s = False, now
+            msgs = await high.pull(want)
+            if len(msgs) == want:
+                self._high_hint = True  # there may be more
+        for puller in rest:
+            if len(msgs) >= want:
+                break
+            msgs += await puller.pull(want - len(msgs))
+        return msgs
+
+    async def _on_high(self, msg: Msg) -> None:
+        self._high_hint = True
+
+    async def _gate(self) -> None:
+        """Wait while no key can be used: all cooling down, or out of the budget this worker last saw.
+        A long wait lets fetching go on (see ``triage_after_s``); so does a provider that refused every
+        key, so that its tasks fail with a clear error or move on instead of lingering."""
+        while not self._stopping.is_set():
+            blocked = self._blocked_now()
+            if blocked is None or blocked.wait_s > self._opts.triage_after_s:
+                self._waiting = (blocked.reason, now_ms() + int(blocked.wait_s * 1000)) if blocked else None
+                return
+            self._waiting = (
+                "cooldown" if blocked.reason == "rate_limit" else "budget",
+                now_ms() + int(blocked.wait_s * 1000),
+            )
+            with anyio.move_on_after(min(blocked.wait_s, 1.0)):
+                await self._stopping.wait()
+
+    def _blocked_now(self) -> _Blocked | None:
+        """Why no key can be used now and for how long, from what this worker knows (no round trip)."""
+        if self.cooldowns.all_refused:
+            return None
+        best: _Blocked | None = None
+        for key in self._keys:
+            cooling_s = self.cooldowns.left_s(key.name)
+            budget_s = self.budgets.known_wait_s(key.name, self.model)
+            if cooling_s == 0 and budget_s == 0:
+                return None
+            if cooling_s >= budget_s:
+                record = self.cooldowns.records.get(key.name)
+                blocked = _Blocked(
+                    cooling_s, f"waiting out the {self._opts.provider} cooldown: {record.reason if record else ''}",
+                    record.quota if record else "unknown", "rate_limit",
+                )  # fmt: skip
+            else:
+                blocked = _Blocked(budget_s, f"{self._opts.provider} budget spent", "minute", "budget")
+            if best is None or blocked.wait_s < best.wait_s:
+                best = blocked
+        return best
 
     async def _drain(self, calls: TaskGroup) -> None:
         if self._in_flight:
@@ -250,35 +371,108 @@ class Worker:
         delivered = msg.metadata.num_delivered or 1
         waits = await self._waits_so_far(task) if delivered > 1 else 0
         d = Delivery(msg=msg, task=task, attempt=delivered - waits, waits=waits, started_ms=now_ms())
-        if (left_s := self.cooldown.remaining_s()) > 0:
-            # The provider is cooling down: hand the task back without a call and without an attempt.
-            reason = self.cooldown.current.reason if self.cooldown.current else "rate limited"
-            quota = self.cooldown.current.quota if self.cooldown.current else "unknown"
-            with anyio.CancelScope(shield=True):
-                await self._settler.wait_out(
-                    d, left_s, f"waiting out the {task.provider} cooldown: {reason}", quota, called=False
-                )
-            return
-        if d.attempt > task.max_attempts:
-            # Delivered again after crashes or ack timeouts; no call is made.
-            error = f"delivered {d.attempt - 1} times without an outcome (worker crashes or ack timeouts)"
-            with anyio.CancelScope(shield=True):
-                await self._settler.fail(d, error)
-            return
-        held.running = Running(
-            task_id=task.id,
-            provider=task.provider,
-            at_ms=d.started_ms,
-            attempt=d.attempt,
-            worker=self.id,
-            submitted_at_ms=task.submitted_at_ms,
-            waits=waits,
-        )
-        t0 = time.perf_counter()
-        outcome = await self._call(task)
-        held.running = None  # too late to say: the outcome is next
+        settler = self._settler
         with anyio.CancelScope(shield=True):
-            await self._settler.settle(d, outcome, time.perf_counter() - t0)
+            if (deadline_ms := task.deadline_at_ms) is not None and now_ms() >= deadline_ms:
+                await settler.fail(
+                    d, "deadline", f"past its deadline ({task.deadline_s:g}s after submission)"
+                )
+                return
+            if d.attempt > task.max_attempts:
+                # Delivered again after crashes or ack timeouts; no call is made.
+                error = f"delivered {d.attempt - 1} times without an outcome (worker crashes or ack timeouts)"
+                await settler.fail(d, "out_of_attempts", error)
+                return
+        for _ in range(len(self._keys)):
+            got = await self._acquire(task)
+            if isinstance(got, _Blocked):
+                with anyio.CancelScope(shield=True):
+                    await settler.wait_or_move(
+                        d, got.wait_s, got.why, got.quota, called=False, reason=got.reason
+                    )
+                return
+            if got is None:
+                with anyio.CancelScope(shield=True):
+                    await self._no_key_left(d)
+                return
+            key, reservation = got
+            d = dataclasses.replace(d, key=key.name, started_ms=now_ms())
+            held.running = Running(
+                task_id=task.id, provider=task.provider, at_ms=d.started_ms, attempt=d.attempt, worker=self.id,
+                submitted_at_ms=task.submitted_at_ms, waits=waits,
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            outcome = await self._call(key.provider, task)
+            held.running = None  # too late to say: the outcome is next
+            with anyio.CancelScope(shield=True):
+                if reservation is not None:
+                    await self._spent(reservation, outcome)
+                if isinstance(outcome, KeyRejected):
+                    await self.cooldowns.refuse(key.name, outcome.message, self.id)
+                    continue  # the key was refused, not the task: the next key tries it
+                await settler.settle(d, outcome, time.perf_counter() - t0)
+            return
+        with anyio.CancelScope(shield=True):
+            await self._no_key_left(d)
+
+    async def _acquire(self, task: Task) -> tuple[ProviderKey, Reservation | None] | _Blocked | None:
+        """A key that may call now, each tried in turn, with its budget reserved. While every key is
+        held for at most ``hold_max_s`` the task waits here; for longer, the reason and the wait come
+        back. None when the provider refused every key."""
+        model = task.model or self.model
+        tokens = _estimate_tokens(task)
+        while True:
+            best: _Blocked | None = None
+            for i in range(len(self._keys)):
+                key = self._keys[(self._next_key + i) % len(self._keys)]
+                record = self.cooldowns.records.get(key.name)
+                if record is not None and record.refused:
+                    continue
+                if (cooling_s := self.cooldowns.left_s(key.name)) > 0:
+                    assert record is not None
+                    blocked = _Blocked(
+                        cooling_s, f"waiting out the {task.provider} cooldown: {record.reason}", record.quota,
+                        "rate_limit",
+                    )  # fmt: skip
+                else:
+                    got = await self.budgets.reserve(key.name, model, tokens)
+                    if not isinstance(got, Denied):
+                        self._next_key = (self._next_key + i + 1) % len(self._keys)
+                        return key, got
+                    blocked = _Blocked(
+                        got.wait_s, f"{task.provider} budget spent ({got.limit} of key {key.name})",
+                        "day" if got.daily else "minute", "budget",
+                    )  # fmt: skip
+                if best is None or blocked.wait_s < best.wait_s:
+                    best = blocked
+            if best is None:
+                return None
+            if best.wait_s > min(self._opts.hold_max_s, task.max_wait_s) or best.quota == "day":
+                return best
+            with anyio.move_on_after(best.wait_s):
+                await self._stopping.wait()
+            if self._stopping.is_set():
+                return best
+
+    async def _spent(self, reservation: Reservation, outcome: Outcome) -> None:
+        usage = outcome.usage if isinstance(outcome, Output) else None
+        tokens = usage.input_tokens + usage.output_tokens if usage is not None else None
+        try:
+            await self.budgets.settle(reservation, tokens)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.warning("could not record a call in the %s budget: %s", self._opts.provider, exc)
+
+    async def _no_key_left(self, d: Delivery) -> None:
+        """Every key was refused by the provider: move the task on, or fail it with the provider's word."""
+        reasons = sorted({r.reason for r in self.cooldowns.records.values() if r.refused})
+        why = "; ".join(reasons)
+        if len(self._keys) > 1:
+            why = f"{self._opts.provider} refused every key of this worker: {why}"
+        moved = d.task.next_hop()
+        if moved is not None:
+            await self._settler.move(d, moved, why)
+        else:
+            await self._settler.fail(d, "permanent", why)
 
     async def _waits_so_far(self, task: Task) -> int:
         """How many earlier deliveries of a redelivered task only waited out a rate limit."""
@@ -290,11 +484,11 @@ class Worker:
             return 0  # unknown: count every delivery as an attempt, the safe side
         return event.waits if isinstance(event, Running | Retrying) else 0
 
-    async def _call(self, task: Task) -> Outcome:
+    async def _call(self, provider: Provider, task: Task) -> Outcome:
         outcome: Outcome
         try:
             with anyio.fail_after(self._opts.call_timeout_s):
-                outcome = await self._provider.complete(task)
+                outcome = await provider.complete(task)
         except ProviderError as exc:
             outcome = exc
         except TimeoutError:
@@ -339,17 +533,12 @@ class Worker:
         task_id = _claimed_id(msg.data) or f"undecodable-{seq}"
         provider = self._opts.provider
         error = f"task message {seq} on {msg.subject} is not a valid task: {exc}"
-        log.warning("%s; terminated", error)
+        log.warning("%s; terminated and dead-lettered", error)
         event = Failed(
             task_id=task_id, provider=provider, at_ms=now_ms(), attempt=0, worker=self.id,
-            reason="undecodable", error=error,
+            reason="undecodable", error=error, raw=msg.data[:4096].decode("utf-8", "replace"),
         )  # fmt: skip
-        subject = self._bus.names.event_subject(provider, task_id, "failed")
-        try:
-            await self._bus.js.publish(subject, encoder.encode(event), stream=self._bus.names.events_stream)
-        finally:
-            await msg.term()
-        self._counts.failed += 1
+        await self._settler.reject(msg, event)
 
     # heartbeats ----------------------------------------------------------------------------------
 
@@ -368,16 +557,23 @@ class Worker:
             retried=self._counts.retried,
             started_at_ms=self._started_at_ms,
             at_ms=now_ms(),
+            model=self.model,
+            keys=[k.name for k in self._keys],
+            waiting=self._waiting[0] if self._waiting else None,
+            waiting_until_ms=self._waiting[1] if self._waiting else 0,
         )
 
     async def _beat_loop(self) -> None:
         interval_s = self._bus.settings.heartbeat_interval_s
         while True:
-            try:
-                await self._bus.workers_kv.put(self.id, encoder.encode(self.beat()))
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-                log.warning("heartbeat of %s not written: %s", self.id, exc)
+            await self._beat_once()
             await anyio.sleep(interval_s)
+
+    async def _beat_once(self) -> None:
+        try:
+            await self._bus.workers_kv.put(self.id, encoder.encode(self.beat()))
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.warning("heartbeat of %s not written: %s", self.id, exc)
 
     async def _forget_beat(self) -> None:
         try:
@@ -401,6 +597,18 @@ async def _nak_now(msg: Msg) -> None:
         await msg.nak()
     except nats.errors.Error as exc:
         log.debug("NAK failed (%s); the task returns after AckWait", exc)
+
+
+def _estimate_tokens(task: Task) -> int:
+    """Tokens a call may spend, counted against a tokens-per-minute budget until the real figure is in:
+    about four characters a token in, and the task's output cap (or a typical answer) out."""
+    chars = len(task.prompt) + len(task.system or "")
+    max_out = task.params.max_tokens if task.params and task.params.max_tokens else 256
+    return chars // 4 + 1 + max_out
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _worker_id(provider: str, host: str) -> str:

@@ -38,7 +38,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from hive_bus import Bus, WorkerBeat
-from hive_bus._cooldown import CooldownRecord
+from hive_bus._budget import Ledger, ledgers
+from hive_bus._cooldown import decode_records, provider_cooldowns
 from hive_bus._messages import Completed, Failed, Queued, Retrying, beat_decoder, event_decoder, now_ms
 from hive_bus._stats import QueueDepth, queue_depths
 
@@ -56,7 +57,6 @@ RECENT_IDS = 20_000  # task ids remembered to keep a repeated final (or queued) 
 OTHER = "other"
 UNKNOWN_MODEL = "unknown"
 
-_cooldown_decoder = msgspec.json.Decoder(CooldownRecord)
 # What a bus that does not answer raises, and a value in a bucket that does not decode.
 _BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError, msgspec.DecodeError)
 
@@ -69,6 +69,12 @@ class _Snapshot:
     ack_pending: dict[str, int] = field(default_factory=dict)
     workers: dict[str, int] = field(default_factory=dict)
     cooldown_s: dict[str, float] = field(default_factory=dict)
+    # by (provider, key) / (provider, reason) / (provider, key, model, limit)
+    key_cooldown_s: dict[tuple[str, ...], float] = field(default_factory=dict)
+    key_refused: dict[tuple[str, ...], float] = field(default_factory=dict)
+    waiting: dict[tuple[str, ...], float] = field(default_factory=dict)
+    budget_used: dict[tuple[str, ...], float] = field(default_factory=dict)
+    budget_limit: dict[tuple[str, ...], float] = field(default_factory=dict)
     at_s: float | None = None  # unix time of the refresh
 
 
@@ -102,6 +108,23 @@ class _Gauges:
             family = GaugeMetricFamily(name, doc, labels=["provider"])
             for provider, value in sorted(values.items()):
                 family.add_metric([provider], float(value))
+            yield family
+        labelled: list[tuple[str, str, list[str], dict[tuple[str, ...], float]]] = [
+            ("hive_key_cooldown_seconds", "Seconds left of a provider key's rate-limit cooldown.",
+             ["provider", "key"], snap.key_cooldown_s),
+            ("hive_key_refused", "1 for a provider key the provider refused (401/403), set aside until cleared.",
+             ["provider", "key"], snap.key_refused),
+            ("hive_workers_waiting", "Workers not fetching because no key has budget or all are cooling down.",
+             ["provider", "reason"], snap.waiting),
+            ("hive_budget_used", "Requests (rpm, rpd) or tokens (tpm) spent in the budget's current window.",
+             ["provider", "key", "model", "limit"], snap.budget_used),
+            ("hive_budget_limit", "The budget's limit per window (rpm, tpm: a minute; rpd: a day).",
+             ["provider", "key", "model", "limit"], snap.budget_limit),
+        ]  # fmt: skip
+        for name, doc, labels, by_labels in labelled:
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            for label_values, figure in sorted(by_labels.items()):
+                family.add_metric(list(label_values), figure)
             yield family
         last = GaugeMetricFamily(
             "hive_metrics_last_refresh_timestamp_seconds",
@@ -358,12 +381,16 @@ class BusMetrics:
         bus = self._bus
         depths = await queue_depths(bus)
         beats = _beats(await _kv_values(bus.workers_kv, bus.settings.request_timeout_s))
-        cooldowns = await _kv_values(bus.providers_kv, bus.settings.request_timeout_s)
+        cooldown_values = await _kv_values(bus.providers_kv, bus.settings.request_timeout_s)
+        cooldowns = provider_cooldowns(cooldown_values, beats)
 
         pending: dict[str, int] = {}
         ack_pending: dict[str, int] = {}
         workers: dict[str, int] = {}
         cooldown_s: dict[str, float] = {}
+        snap = _Snapshot(
+            pending=pending, ack_pending=ack_pending, workers=workers, cooldown_s=cooldown_s, at_s=time.time()
+        )
         providers = set(depths) | {b.provider for b in beats} | set(cooldowns)
         for provider in providers:
             label = self._provider_label(provider)
@@ -372,20 +399,42 @@ class BusMetrics:
             ack_pending[label] = ack_pending.get(label, 0) + depth.ack_pending
             workers.setdefault(label, 0)
             cooldown_s.setdefault(label, 0.0)
-        for beat in beats:
-            workers[self._provider_label(beat.provider)] += 1
         now = now_ms()
-        for provider, raw in cooldowns.items():
-            try:
-                record = _cooldown_decoder.decode(raw)
-            except msgspec.DecodeError:
-                log.debug("metrics: the cooldown of %s does not decode", provider)
-                continue
-            label = self._provider_label(provider)
-            cooldown_s[label] = max(cooldown_s[label], max(0, record.until_ms - now) / 1000)
-        return _Snapshot(
-            pending=pending, ack_pending=ack_pending, workers=workers, cooldown_s=cooldown_s, at_s=time.time()
-        )
+        for beat in beats:
+            label = self._provider_label(beat.provider)
+            workers[label] += 1
+            if beat.waiting:
+                snap.waiting[label, beat.waiting] = snap.waiting.get((label, beat.waiting), 0) + 1
+        for provider, record in cooldowns.items():
+            if not record.refused:
+                label = self._provider_label(provider)
+                cooldown_s[label] = max(cooldown_s[label], max(0, record.until_ms - now) / 1000)
+        for record in decode_records(cooldown_values):
+            key = (self._provider_label(record.provider), record.key[:MAX_LABEL_CHARS])
+            snap.key_refused[key] = float(record.refused)
+            snap.key_cooldown_s[key] = 0.0 if record.refused else max(0, record.until_ms - now) / 1000
+        for scope, ledger in (await ledgers(bus.budgets_kv)).items():
+            self._budget_figures(snap, scope, ledger, now)
+        return snap
+
+    def _budget_figures(self, snap: _Snapshot, scope: str, ledger: Ledger, now: int) -> None:
+        limits = ledger.limits
+        if limits is None:
+            return
+        provider, _, rest = scope.partition(".")
+        key, _, model = rest.partition(".")
+        ledger.prune(limits, now)
+        labels = (self._provider_label(provider), key[:MAX_LABEL_CHARS], self._model_label(provider, model))
+        used = {
+            "rpm": len(ledger.calls),
+            "tpm": sum(c[1] for c in ledger.calls),
+            "rpd": sum(n for _, n in ledger.day),
+        }
+        for limit, value in used.items():
+            cap = getattr(limits, limit)
+            if cap is not None:
+                snap.budget_used[(*labels, limit)] = float(value)
+                snap.budget_limit[(*labels, limit)] = float(cap)
 
 
 async def _kv_values(kv: KeyValue, timeout_s: float) -> dict[str, bytes]:

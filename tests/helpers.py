@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from hive_bus import Bus, Provider, TaskEvent, Worker, WorkerOptions
+from hive_bus import Bus, Provider, ProviderKey, TaskEvent, Worker, WorkerOptions
 from hive_bus._messages import event_decoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,7 +23,9 @@ T = TypeVar("T")
 
 
 @asynccontextmanager
-async def running_worker(bus: Bus, name: str, provider: Provider, **options: Any) -> AsyncIterator[Worker]:
+async def running_worker(
+    bus: Bus, name: str, provider: Provider | list[ProviderKey], **options: Any
+) -> AsyncIterator[Worker]:
     """A worker in this process, stopped (drained) on the way out."""
     options.setdefault("fetch_wait_s", 0.5)
     worker = Worker(bus, provider, WorkerOptions(provider=name, **options))

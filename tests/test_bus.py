@@ -6,7 +6,7 @@ import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from hive_bus import BusConfigError, Settings, open_bus
-from hive_bus._bus import consumer_config, ensure_consumer
+from hive_bus._bus import consumer_config, ensure_consumer, ensure_consumers
 from hive_bus._embedded import NatsServer
 
 from .conftest import make_settings
@@ -29,14 +29,24 @@ async def test_objects_have_the_designed_shape(settings: Settings) -> None:
         tasks = (await bus.js.stream_info(bus.names.tasks_stream)).config
         assert tasks.retention == RetentionPolicy.WORK_QUEUE
         assert (tasks.discard, tasks.storage) == (DiscardPolicy.NEW, StorageType.FILE)
-        assert tasks.subjects == [f"{settings.prefix}.tasks.*"]
+        assert tasks.subjects == [f"{settings.prefix}.tasks.*.*"]  # <provider>.<priority>
         assert tasks.duplicate_window == settings.duplicate_window_s
         events = (await bus.js.stream_info(bus.names.events_stream)).config
         assert events.retention == RetentionPolicy.LIMITS
         assert events.max_age == settings.events_max_age_s
-        consumer = (await ensure_consumer(bus.js, settings, "groq")).config
-        assert consumer.filter_subject == f"{settings.prefix}.tasks.groq"
-        assert consumer.ack_wait == settings.ack_wait_s
+        consumers = [info.config for info in await ensure_consumers(bus.js, settings, "groq")]
+        assert [c.durable_name for c in consumers] == [
+            f"{settings.prefix}_groq_{p}" for p in ("high", "normal", "low")
+        ]
+        assert [c.filter_subject for c in consumers] == [
+            f"{settings.prefix}.tasks.groq.{p}" for p in ("high", "normal", "low")
+        ]
+        assert all(c.ack_wait == settings.ack_wait_s for c in consumers)
+        dlq = (await bus.js.stream_info(bus.names.dlq_stream)).config
+        assert dlq.subjects == [f"{settings.prefix}.dlq.>"] and dlq.discard == DiscardPolicy.NEW
+        assert dlq.max_age == 0  # dead letters stay until replayed or purged
+        budgets = (await bus.budgets_kv.status()).stream_info.config
+        assert budgets.storage == StorageType.FILE  # budgets survive a restart of the hub
         status = await bus.workers_kv.status()
         assert status.ttl == settings.heartbeat_ttl_s
 

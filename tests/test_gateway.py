@@ -121,7 +121,7 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [
     ("provider with a dot", b'{"provider": "echo.x", "prompt": "hi"}', "provider must be 1-64 letters"),
     ("provider wildcard", b'{"provider": ">", "prompt": "hi"}', "provider must be 1-64 letters"),
     ("provider with a space", b'{"provider": "my echo", "prompt": "hi"}', "provider must be 1-64 letters"),
-    ("unknown field", b'{"provider": "echo", "prompt": "hi", "priority": 1}', "unknown field `priority`"),
+    ("unknown field", b'{"provider": "echo", "prompt": "hi", "urgency": 1}', "unknown field `urgency`"),
     ("prompt of the wrong type", b'{"provider": "echo", "prompt": 42}', "Expected `str`, got `int`"),
     (
         "params of the wrong type",
@@ -316,7 +316,7 @@ async def test_stats_per_provider(stack: Stack) -> None:
         rows = {row["provider"]: row for row in (await stack.http.get("/v1/stats")).json()}
     assert rows["echo"] | {"workers": 1} == {
         "provider": "echo", "pending": 0, "in_flight": 0, "retrying": 0, "completed": 3, "failed": 0, "workers": 1,
-        "cooldown_until_ms": None, "cooldown_reason": None,
+        "cooldown_until_ms": None, "cooldown_reason": None, "waiting": 0, "waiting_until_ms": None, "keys_refused": 0,
     }  # fmt: skip
     assert (rows["nobody"]["pending"], rows["nobody"]["workers"], rows["nobody"]["completed"]) == (2, 0, 0)
 

@@ -8,10 +8,12 @@ per provider.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 
-from hive_bus import Provider
+from hive_bus import Provider, ProviderKey
 
 from .echo import EchoProvider
 
@@ -22,23 +24,58 @@ class ProviderUnavailable(LookupError):
     """A built-in provider that cannot run here (unknown name, missing credentials); says why."""
 
 
-def builtin(name: str, environ: Mapping[str, str], *, model: str | None = None) -> Provider:
-    """The built-in provider called ``name``, configured from ``environ``."""
+_KEY_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+def api_keys(environ: Mapping[str, str], singular: Sequence[str], plural: str) -> list[tuple[str, str]]:
+    """The provider's API keys as (name, key): those in ``plural`` (comma-separated, each ``key`` or
+    ``name=key``), else the first of the ``singular`` variables that is set. A key without a name is
+    known by a fingerprint (``key-`` and 8 hex digits of its SHA-256), never by the key itself."""
+    keys: list[tuple[str, str]] = []
+    listed = [item.strip() for item in environ.get(plural, "").split(",") if item.strip()]
+    for item in listed or [next((environ[v] for v in singular if environ.get(v)), "")]:
+        if not item:
+            continue
+        name, sep, key = item.partition("=")
+        if not sep or not _KEY_NAME.match(name):
+            name, key = "key-" + hashlib.sha256(item.encode()).hexdigest()[:8], item
+        if any(n == name for n, _ in keys):
+            raise ProviderUnavailable(f"{plural}: the key name {name!r} is used twice")
+        keys.append((name, key))
+    return keys
+
+
+def keyed(
+    name: str,
+    environ: Mapping[str, str],
+    singular: Sequence[str],
+    plural: str,
+    make: Callable[[str], Provider],
+) -> list[ProviderKey]:
+    """One adapter per API key of the provider, or :class:`ProviderUnavailable` naming the variables."""
+    keys = api_keys(environ, singular, plural)
+    if not keys:
+        raise ProviderUnavailable(f"{name}: none of {', '.join([*singular, plural])} is set")
+    return [ProviderKey(key_name, make(key)) for key_name, key in keys]
+
+
+def builtin(name: str, environ: Mapping[str, str], *, model: str | None = None) -> list[ProviderKey]:
+    """The built-in provider called ``name``, one adapter per API key, configured from ``environ``."""
     if name == "echo":
-        return EchoProvider()
+        return [ProviderKey("default", EchoProvider())]
     if name not in BUILTIN_NAMES:
         raise ProviderUnavailable(
             f"no built-in provider {name!r} (built in: {', '.join(BUILTIN_NAMES)}); "
             f"for your own, use --handler package.module:function --provider {name}"
         )
     module = importlib.import_module(f"workers.{name}")
-    provider: Provider = module.from_env(environ, model=model)
-    return provider
+    keys: list[ProviderKey] = module.from_env(environ, model=model)
+    return keys
 
 
-def available(environ: Mapping[str, str]) -> tuple[dict[str, Provider], dict[str, str]]:
+def available(environ: Mapping[str, str]) -> tuple[dict[str, list[ProviderKey]], dict[str, str]]:
     """The built-in providers that can run with this environment, and why the others cannot."""
-    providers: dict[str, Provider] = {}
+    providers: dict[str, list[ProviderKey]] = {}
     skipped: dict[str, str] = {}
     for name in BUILTIN_NAMES:
         try:

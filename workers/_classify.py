@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 
 from hive_bus import FailNow, ProviderError, RetryAfter, RetryLater
-from hive_bus._errors import Quota
+from hive_bus._errors import KeyRejected, Quota
 
 # Statuses worth trying again: timeouts, conflicts, "too early", server faults, Anthropic's "overloaded".
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 500, 502, 503, 504, 529})
@@ -77,4 +77,6 @@ def by_status(
         403: "permission denied",
         404: "not found (is the model name right?)",
     }
-    return FailNow(f"{provider} refused the task ({status}, {what.get(status, 'bad request')}): {message}")
+    refused = f"{provider} refused the task ({status}, {what.get(status, 'bad request')}): {message}"
+    # 401 and 403 are about the key (revoked, wrong project, leaked and blocked), not about the task
+    return KeyRejected(refused) if status in (401, 403) else FailNow(refused)

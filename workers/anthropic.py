@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from hive_bus import Output, Task, Usage
+from hive_bus import Output, ProviderKey, Task, Usage
 
 from . import _stainless
 from ._chat import sampling
@@ -27,7 +27,7 @@ class AnthropicProvider:
     ):
         self._sdk = sdk
         self._key = api_key
-        self._model = model or DEFAULT_MODEL
+        self._model = self.default_model = model or DEFAULT_MODEL
         self._client = sdk.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0)
 
     async def complete(self, task: Task) -> Output:
@@ -55,16 +55,19 @@ class AnthropicProvider:
         await self._client.close()
 
 
-def from_env(environ: Mapping[str, str], *, model: str | None = None) -> AnthropicProvider:
-    from . import ProviderUnavailable
+def from_env(environ: Mapping[str, str], *, model: str | None = None) -> list[ProviderKey]:
+    from . import ProviderUnavailable, api_keys, keyed
 
-    key = environ.get("ANTHROPIC_API_KEY")
-    if not key:
-        raise ProviderUnavailable("anthropic: ANTHROPIC_API_KEY is not set")
+    if not api_keys(environ, ["ANTHROPIC_API_KEY"], "ANTHROPIC_API_KEYS"):
+        raise ProviderUnavailable("anthropic: none of ANTHROPIC_API_KEY, ANTHROPIC_API_KEYS is set")
     try:
         import anthropic
     except ImportError:
         raise ProviderUnavailable(
             "anthropic: the SDK is not installed (pip install 'hive-bus[anthropic]')"
         ) from None
-    return AnthropicProvider(anthropic, api_key=key, model=model, base_url=environ.get("ANTHROPIC_BASE_URL"))
+    base_url = environ.get("ANTHROPIC_BASE_URL")
+    return keyed(
+        "anthropic", environ, ["ANTHROPIC_API_KEY"], "ANTHROPIC_API_KEYS",
+        lambda key: AnthropicProvider(anthropic, api_key=key, model=model, base_url=base_url),
+    )  # fmt: skip

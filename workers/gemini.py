@@ -17,7 +17,7 @@ import httpx
 from google import genai
 from google.genai import errors, types
 
-from hive_bus import FailNow, Output, ProviderError, RetryAfter, RetryLater, Task, Usage
+from hive_bus import FailNow, Output, ProviderError, ProviderKey, RetryAfter, RetryLater, Task, Usage
 from hive_bus._errors import Quota
 
 from ._classify import by_status, parse_duration_s, scrub
@@ -38,7 +38,7 @@ class GeminiProvider:
 
     def __init__(self, *, api_key: str, model: str | None = None, base_url: str | None = None) -> None:
         self._key = api_key
-        self._model = model or DEFAULT_MODEL
+        self._model = self.default_model = model or DEFAULT_MODEL
         options = types.HttpOptions(base_url=base_url) if base_url else None
         self._client = genai.Client(api_key=api_key, http_options=options)
 
@@ -141,10 +141,11 @@ def _until_pacific_midnight_s() -> float:
     return (midnight - now).total_seconds()
 
 
-def from_env(environ: Mapping[str, str], *, model: str | None = None) -> GeminiProvider:
-    from . import ProviderUnavailable
+def from_env(environ: Mapping[str, str], *, model: str | None = None) -> list[ProviderKey]:
+    from . import keyed
 
-    key = environ.get("GEMINI_API_KEY") or environ.get("GOOGLE_API_KEY")
-    if not key:
-        raise ProviderUnavailable("gemini: neither GEMINI_API_KEY nor GOOGLE_API_KEY is set")
-    return GeminiProvider(api_key=key, model=model, base_url=environ.get("GOOGLE_GEMINI_BASE_URL"))
+    base_url = environ.get("GOOGLE_GEMINI_BASE_URL")
+    return keyed(
+        "gemini", environ, ["GEMINI_API_KEY", "GOOGLE_API_KEY"], "GEMINI_API_KEYS",
+        lambda key: GeminiProvider(api_key=key, model=model, base_url=base_url),
+    )  # fmt: skip

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import groq
 
-from hive_bus import Output, Task
+from hive_bus import Output, ProviderKey, Task
 
 from ._chat import chat_complete
 
@@ -22,7 +22,7 @@ class GroqProvider:
 
     def __init__(self, *, api_key: str, model: str | None = None, base_url: str | None = None) -> None:
         self._key = api_key
-        self._model = model or DEFAULT_MODEL
+        self._model = self.default_model = model or DEFAULT_MODEL
         self._client = groq.AsyncGroq(api_key=api_key, base_url=base_url, max_retries=0)
 
     async def complete(self, task: Task) -> Output:
@@ -32,10 +32,11 @@ class GroqProvider:
         await self._client.close()
 
 
-def from_env(environ: Mapping[str, str], *, model: str | None = None) -> GroqProvider:
-    from . import ProviderUnavailable
+def from_env(environ: Mapping[str, str], *, model: str | None = None) -> list[ProviderKey]:
+    from . import keyed
 
-    key = environ.get("GROQ_API_KEY")
-    if not key:
-        raise ProviderUnavailable("groq: GROQ_API_KEY is not set")
-    return GroqProvider(api_key=key, model=model, base_url=environ.get("GROQ_BASE_URL"))
+    base_url = environ.get("GROQ_BASE_URL")
+    return keyed(
+        "groq", environ, ["GROQ_API_KEY"], "GROQ_API_KEYS",
+        lambda key: GroqProvider(api_key=key, model=model, base_url=base_url),
+    )  # fmt: skip

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import openai
 
-from hive_bus import FailNow, Output, Task
+from hive_bus import FailNow, Output, ProviderKey, Task
 
 from ._chat import chat_complete
 
@@ -22,7 +22,7 @@ class OpenAICompatibleProvider:
 
     def __init__(self, *, base_url: str, api_key: str | None = None, model: str | None = None) -> None:
         self._key = api_key or ""
-        self._model = model
+        self._model = self.default_model = model
         # Local servers ignore the key, but the SDK insists on one.
         self._client = openai.AsyncOpenAI(api_key=api_key or "unused", base_url=base_url, max_retries=0)
 
@@ -36,12 +36,17 @@ class OpenAICompatibleProvider:
         await self._client.close()
 
 
-def from_env(environ: Mapping[str, str], *, model: str | None = None) -> OpenAICompatibleProvider:
-    from . import ProviderUnavailable
+def from_env(environ: Mapping[str, str], *, model: str | None = None) -> list[ProviderKey]:
+    from . import ProviderUnavailable, api_keys
 
     base_url = environ.get("OPENAI_BASE_URL")
     if not base_url:
         raise ProviderUnavailable(
             "openai: OPENAI_BASE_URL is not set (e.g. http://gpu-box:11434/v1 for Ollama)"
         )
-    return OpenAICompatibleProvider(base_url=base_url, api_key=environ.get("OPENAI_API_KEY"), model=model)
+    # a local server needs no key; a hosted one may take several
+    keys = api_keys(environ, ["OPENAI_API_KEY"], "OPENAI_API_KEYS") or [("default", "")]
+    return [
+        ProviderKey(name, OpenAICompatibleProvider(base_url=base_url, api_key=key or None, model=model))
+        for name, key in keys
+    ]
