@@ -117,7 +117,7 @@ def _provider_for(name: str, handler: str | None, model: str | None) -> Provider
 def cli(ctx: click.Context, log_level: str | None) -> None:
     """hive-bus: farm LLM prompts and Python jobs out to workers anywhere, over NATS JetStream."""
     level = (log_level or os.environ.get("HIVE_LOG_LEVEL") or "").upper()
-    one_shot = ctx.invoked_subcommand in ("submit", "status", "workers")
+    one_shot = ctx.invoked_subcommand in ("submit", "status", "workers", "dlq", "keys")
     logging.basicConfig(
         level=level or ("WARNING" if one_shot else "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -484,3 +484,120 @@ def _print_view(view: TaskView) -> None:
 
 def main() -> None:
     cli()
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters: tasks that failed for good, kept with their last error."""
+
+
+@dlq.command("list")
+@click.option("--provider", help="only this provider's")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
+@bus_options
+def dlq_list(provider: str | None, limit: int, settings: Settings) -> None:
+    """List dead letters, oldest first: task id, provider, reason, when, last error."""
+
+    async def main() -> None:
+        async with connect(settings=settings) as hive:
+            letters = await hive.dead_letters(provider=provider, limit=limit)
+        if not letters:
+            click.echo("no dead letters")
+            return
+        click.echo(f"{'TASK':<28} {'PROVIDER':<12} {'REASON':<16} {'FAILED AT':<20} ERROR")
+        for letter in letters:
+            f = letter.failed
+            at = datetime.fromtimestamp(f.at_ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+            click.echo(f"{f.task_id:<28} {f.provider:<12} {f.reason:<16} {at:<20} {f.error[:100]}")
+
+    _run(main)
+
+
+@dlq.command("show")
+@click.argument("task_id")
+@bus_options
+def dlq_show(task_id: str, settings: Settings) -> None:
+    """Print one dead letter (the failure, and the task as it last ran) as JSON."""
+
+    async def main() -> None:
+        async with connect(settings=settings) as hive:
+            letter = await hive.dead_letter(task_id)
+        click.echo(msgspec.json.format(encoder.encode(letter), indent=2))
+
+    _run(main)
+
+
+@dlq.command("replay")
+@click.argument("task_ids", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="replay every dead letter (of --provider)")
+@click.option("--provider", help="with --all: only this provider's")
+@bus_options
+def dlq_replay(task_ids: tuple[str, ...], replay_all: bool, provider: str | None, settings: Settings) -> None:
+    """Queue dead-lettered tasks again (same ids, their history kept)."""
+    if bool(task_ids) == replay_all:
+        raise click.UsageError("name the tasks to replay, or give --all")
+
+    async def main() -> None:
+        async with connect(settings=settings) as hive:
+            ids = list(task_ids) or [
+                letter.failed.task_id for letter in await hive.dead_letters(provider=provider, limit=100_000)
+            ]
+            for task_id in ids:
+                done = await hive.replay(task_id)
+                click.echo(f"{done.id} queued again on {done.provider} (run {done.run})")
+
+    _run(main)
+
+
+@dlq.command("purge")
+@click.argument("task_ids", nargs=-1)
+@click.option("--all", "purge_all", is_flag=True, help="drop every dead letter (of --provider)")
+@click.option("--provider", help="with --all: only this provider's")
+@bus_options
+def dlq_purge(task_ids: tuple[str, ...], purge_all: bool, provider: str | None, settings: Settings) -> None:
+    """Drop dead letters for good (their events stay in the record)."""
+    if bool(task_ids) == purge_all:
+        raise click.UsageError("name the dead letters to drop, or give --all")
+
+    async def main() -> None:
+        async with connect(settings=settings) as hive:
+            if purge_all:
+                count = await hive.purge_dead_letters(provider=provider)
+            else:
+                count = 0
+                for task_id in task_ids:
+                    count += await hive.purge_dead_letters(task_id=task_id)
+        click.echo(f"{count} dead letter(s) dropped")
+
+    _run(main)
+
+
+@cli.command()
+@click.option(
+    "--clear", nargs=2, metavar="PROVIDER KEY", help="clear a key's cooldown, or put a refused key back"
+)
+@bus_options
+def keys(clear: tuple[str, str] | None, settings: Settings) -> None:
+    """List provider keys that are cooling down or were refused (by name, never the key itself)."""
+    from ._bus import kv_entries
+    from ._cooldown import decode_records
+
+    async def main() -> None:
+        async with open_bus(settings, name="hive-keys") as bus:
+            if clear:
+                provider, key = clear
+                await bus.providers_kv.delete(f"{provider}.{key}")
+                click.echo(f"{provider} key {key} cleared")
+                return
+            records = decode_records(await kv_entries(bus.providers_kv))
+        now = now_ms()
+        shown = [r for r in records if r.refused or r.until_ms > now]
+        if not shown:
+            click.echo("every key is usable")
+            return
+        click.echo(f"{'PROVIDER':<12} {'KEY':<20} {'STATE':<22} REASON")
+        for r in sorted(shown, key=lambda r: (r.provider, r.key)):
+            state = "refused" if r.refused else f"cooling {(r.until_ms - now) / 1000:.0f}s ({r.quota})"
+            click.echo(f"{r.provider:<12} {r.key:<20} {state:<22} {r.reason[:100]}")
+
+    _run(main)

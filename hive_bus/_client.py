@@ -27,10 +27,11 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
+from . import _dlq
 from ._bus import Bus, open_bus
+from ._dlq import DeadLetter, Replayed
 from ._errors import BusUnavailable, HiveError, QueueFull, TaskNotFound
 from ._messages import (
-    DEFAULT_MAX_ATTEMPTS,
     Failed,
     Queued,
     Task,
@@ -44,6 +45,8 @@ from ._messages import (
     is_task_id,
     now_ms,
 )
+from ._prices import PriceTable
+from ._route import CheapestRouter
 from ._settings import Settings, load_settings
 from ._stats import ProviderStats, provider_stats
 
@@ -87,6 +90,7 @@ class Hive:
 
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
+        self._router: CheapestRouter | None = None
 
     @property
     def bus(self) -> Bus:
@@ -103,9 +107,13 @@ class Hive:
         metadata: dict[str, Any] | None = None,
         payload: Any = None,
         idempotency_key: str | None = None,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        **policy: Any,
     ) -> str:
-        """Queue one task and return its id once JetStream has stored it."""
+        """Queue one task and return its id once JetStream has stored it.
+
+        ``policy`` takes the other fields of :class:`TaskRequest`: ``priority``, ``fallback``, ``route``,
+        ``max_attempts``, ``backoff_base_s``, ``backoff_cap_s``, ``max_wait_s``, ``deadline_s``.
+        """
         fields: dict[str, Any] = {
             "provider": provider,
             "prompt": prompt,
@@ -115,9 +123,9 @@ class Hive:
             "metadata": metadata or {},
             "payload": payload,
             "idempotency_key": idempotency_key,
-            "max_attempts": max_attempts,
+            **policy,
         }
-        accepted = await self.submit_request(validate(fields))
+        accepted = await self.submit_request(validate({k: v for k, v in fields.items() if v is not None}))
         return accepted.id
 
     async def submit_request(self, request: TaskRequest) -> Accepted:
@@ -127,6 +135,10 @@ class Hive:
         if not bus.nc.is_connected:
             raise BusUnavailable("not connected to NATS; nothing was accepted")
         task = Task.from_request(request)
+        if task.route == "cheapest" and task.fallback:
+            if self._router is None:
+                self._router = CheapestRouter(bus, PriceTable.load(bus.settings.prices_file))
+            task = await self._router.route(task)
         queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
         # De-duplication only means something for a key: a fresh task id is never submitted twice.
         key = request.idempotency_key
@@ -298,6 +310,24 @@ class Hive:
             return await provider_stats(self._bus, await self.workers())
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"could not read the bus's figures: {exc}") from None
+
+    # dead letters ------------------------------------------------------------------------------------
+
+    async def dead_letters(self, *, provider: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` dead letters (of one provider): tasks that failed for good."""
+        return await _dlq.dead_letters(self._bus, provider=provider, limit=limit)
+
+    async def dead_letter(self, task_id: str) -> DeadLetter:
+        """One task's dead letter. Raises :class:`TaskNotFound`."""
+        return await _dlq.dead_letter(self._bus, task_id)
+
+    async def replay(self, task_id: str) -> Replayed:
+        """Queue a dead-lettered task again (same id, its next run) and take it off the dead letters."""
+        return await _dlq.replay(self._bus, task_id)
+
+    async def purge_dead_letters(self, *, task_id: str | None = None, provider: str | None = None) -> int:
+        """Drop dead letters: one task's, one provider's, or all. Returns how many went."""
+        return await _dlq.purge(self._bus, task_id=task_id, provider=provider)
 
     # -----------------------------------------------------------------------------------------------
 

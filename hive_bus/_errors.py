@@ -46,6 +46,11 @@ class FailNow(ProviderError):
     """A permanent fault: retrying cannot help."""
 
 
+class NoQuota(FailNow):
+    """The key's quota for this model is zero (a free tier without the model): no wait fixes it. The task
+    moves to its next fallback if it has one, else fails."""
+
+
 class KeyRejected(FailNow):
     """The provider refused the API key itself (401/403). The worker sets that key aside for good and
     tries the task with its next key; only when none is left does the task fail."""

@@ -28,7 +28,7 @@ from hive_bus import (
     TaskView,
     WorkerBeat,
 )
-from hive_bus._messages import TaskStatus, event_decoder, is_final, is_task_id, status_of
+from hive_bus._messages import ProviderName, TaskStatus, event_decoder, is_final, is_task_id, status_of
 
 MAX_WAIT_S = 300.0
 # A task's event stream ends with the task; this bounds one that never ends (its provider never runs).
@@ -52,6 +52,7 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
         400: "the request is not valid; the message says what and where",
         401: "a bearer token is needed",
         404: "no such task or route",
+        409: "the request conflicts with the state of the bus (a dead letter without a task to replay)",
         413: "the body is larger than the gateway's limit",
         503: "NATS or JetStream did not answer, or the queue is full (see Retry-After); nothing was accepted",
     }
@@ -209,7 +210,7 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
 async def list_tasks(
     state: State,
     status: Annotated[TaskStatus | None, QueryParameter(description="only tasks in this status")] = None,
-    provider: Annotated[str | None, QueryParameter(description="only this provider's tasks")] = None,
+    provider: Annotated[ProviderName | None, QueryParameter(description="only this provider's tasks")] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=500, description="at most this many")] = 50,
 ) -> list[TaskView]:
     return await recent_tasks(_hive(state), status=status, provider=provider, limit=limit)

@@ -25,10 +25,13 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 
 from hive_bus import BusUnavailable, Hive, QueueFull, TaskNotFound, __version__
+from hive_bus._dlq import NotReplayable
 from hive_bus._messages import explain
+from hive_bus._router import Router
 
 from .api import ROUTES, metrics_route
 from .auth import BearerAuth, Tokens, check_exposure
+from .dlq_api import DLQ_ROUTES
 from .metrics import BusMetrics
 
 log = logging.getLogger("hive_bus.gateway")
@@ -96,6 +99,10 @@ def on_not_found(request: Request[Any, Any, Any], exc: TaskNotFound) -> Response
     return _error(404, "task_not_found", str(exc))
 
 
+def on_not_replayable(request: Request[Any, Any, Any], exc: NotReplayable) -> Response[Any]:
+    return _error(409, "not_replayable", str(exc))
+
+
 def on_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("%s %s failed", request.method, request.url.path)
     return _error(500, "internal", "the gateway failed to answer this request; its log says why")
@@ -107,7 +114,9 @@ def create_app(
     """The gateway app, serving ``hive``'s bus."""
     options = options or GatewayOptions()
     return Litestar(
-        route_handlers=[*ROUTES, metrics_route] if metrics is not None else ROUTES,
+        route_handlers=[*ROUTES, *DLQ_ROUTES, metrics_route]
+        if metrics is not None
+        else [*ROUTES, *DLQ_ROUTES],
         state=State({"hive": hive, "max_batch": options.max_batch, "metrics": metrics}),
         middleware=[lambda app: BearerAuth(app, options.tokens)],
         openapi_config=OpenAPIConfig(title="hive-bus gateway", version=__version__, path="/schema"),
@@ -118,6 +127,7 @@ def create_app(
             BusUnavailable: on_bus_unavailable,
             QueueFull: on_queue_full,
             TaskNotFound: on_not_found,
+            NotReplayable: on_not_replayable,
             Exception: on_internal_error,
         },
         logging_config=None,
@@ -162,6 +172,7 @@ class Gateway:
         check_exposure(options.host, options.tokens)
         self.options = options
         self.metrics = BusMetrics(hive.bus)
+        self.router = Router(hive.bus)
         self._sock = sock or bind(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
@@ -189,6 +200,7 @@ class Gateway:
                 tg.cancel_scope.cancel()  # uvicorn has stopped: so does the metrics follower
 
             await tg.start(self.metrics.run)
+            await tg.start(self.router.run)
             tg.start_soon(http_then_done)
             with anyio.fail_after(10):
                 while not self._server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on

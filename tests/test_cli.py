@@ -206,7 +206,9 @@ def test_hive_up_starts_the_providers_that_have_credentials(tmp_path: Path) -> N
             match = _banner(log)
             assert match is not None, text
             assert "workers: echo, groq." in text
-            assert "not started: gemini: none of GEMINI_API_KEY, GOOGLE_API_KEY, GEMINI_API_KEYS is set" in text
+            assert (
+                "not started: gemini: none of GEMINI_API_KEY, GOOGLE_API_KEY, GEMINI_API_KEYS is set" in text
+            )
             assert "not started: anthropic: none of ANTHROPIC_API_KEY, ANTHROPIC_API_KEYS is set" in text
             assert "not started: openai: OPENAI_BASE_URL is not set" in text
             r = httpx.post(f"{match.group(1)}/v1/tasks", json={"provider": "groq", "prompt": "un tuit"})

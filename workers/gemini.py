@@ -18,7 +18,7 @@ from google import genai
 from google.genai import errors, types
 
 from hive_bus import FailNow, Output, ProviderError, ProviderKey, RetryAfter, RetryLater, Task, Usage
-from hive_bus._errors import Quota
+from hive_bus._errors import NoQuota, Quota
 
 from ._classify import by_status, parse_duration_s, scrub
 
@@ -116,7 +116,7 @@ def _rate_limited(error: dict[str, Any], message: str) -> ProviderError:
                 zero = zero or str(violation.get("quotaValue", "")) == "0"
     ids = ", ".join(q for q in quota_ids if q) or "unnamed quota"
     if zero:
-        return FailNow(f"gemini quota {ids} is 0 for this key: the model is not available on its tier")
+        return NoQuota(f"gemini quota {ids} is 0 for this key: the model is not available on its tier")
     quota: Quota = "day" if "PerDay" in ids else "minute" if "PerMinute" in ids else "unknown"
     if quota == "day":
         # Daily quotas reset at midnight Pacific; a short retryDelay on a per-day 429 would only buy

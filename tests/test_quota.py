@@ -1,0 +1,234 @@
+"""Quota intelligence: budgets across workers, key rotation, failover, priorities, dead letters, retry
+policy. Real nats-server, real SDKs against the provider fakes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import anyio
+import msgspec
+import pytest
+
+from hive_bus import (
+    Bus,
+    Completed,
+    Failed,
+    FailNow,
+    FunctionProvider,
+    Hive,
+    ProviderKey,
+    Task,
+    TaskRequest,
+    TaskView,
+)
+from hive_bus._budget import Ledger, ProviderBudget, load_budgets
+from hive_bus._messages import Moved, Retrying, Running
+from hive_bus._router import Router
+from workers.echo import EchoProvider
+from workers.gemini import GeminiProvider
+from workers.groq import GroqProvider
+
+from .fakes import ProviderFakes
+from .helpers import events_of, eventually, running_worker
+
+pytestmark = pytest.mark.anyio
+
+GOOD, BAD = "gsk_good_key_0123456789", "gsk_revoked_key_9876543210"
+
+
+@pytest.fixture
+def fakes() -> Iterator[ProviderFakes]:
+    with ProviderFakes() as f:
+        yield f
+
+
+def groq(fakes: ProviderFakes, key: str = GOOD) -> GroqProvider:
+    return GroqProvider(api_key=key, base_url=fakes.groq_base_url)
+
+
+def budget(text: str, provider: str) -> ProviderBudget:
+    return load_budgets(None, text)[provider]
+
+
+@asynccontextmanager
+async def router(bus: Bus) -> AsyncIterator[None]:
+    async with anyio.create_task_group() as tg:
+        await tg.start(Router(bus).run)
+        yield
+        tg.cancel_scope.cancel()
+
+
+async def test_budgets_shared_by_four_workers_keep_them_under_the_limit(
+    bus: Bus, hive: Hive, fakes: ProviderFakes
+) -> None:
+    limit, window_s = 4, 1.0
+    fakes.groq.limit(limit, window_s)
+    plan = budget(f"groq = {{ rpm = {limit}, window_s = {window_s} }}", "groq")
+    ids = [await hive.submit("groq", f"tarea {i}") for i in range(5 * limit)]
+    async with AsyncExitStack() as stack:
+        for _ in range(4):
+            await stack.enter_async_context(
+                running_worker(bus, "groq", groq(fakes), concurrency=2, budget=plan)
+            )
+        views = [await hive.wait(task_id, 30) for task_id in ids]
+    assert [v.status for v in views] == ["completed"] * len(ids)
+    assert [v.output for v in views] == [f"reply: tarea {i}" for i in range(len(ids))]
+    assert fakes.groq.rate_limited == 0  # the budget held every worker back before the limit
+    assert fakes.groq.requests == len(ids)
+
+
+async def test_a_spent_daily_budget_survives_a_worker_restart(
+    bus: Bus, hive: Hive, fakes: ProviderFakes
+) -> None:
+    plan = budget("groq = { rpd = 2 }", "groq")
+    first = [await hive.submit("groq", f"hoy {i}") for i in range(2)]
+    async with running_worker(bus, "groq", groq(fakes), budget=plan):
+        assert [(await hive.wait(t, 10)).status for t in first] == ["completed", "completed"]
+    entry = await bus.budgets_kv.get("groq.default.llama-3_3-70b-versatile")
+    assert entry.value is not None
+    ledger = msgspec.json.decode(entry.value, type=Ledger)
+    assert sum(n for _, n in ledger.day) == 2
+    later = await hive.submit("groq", "mañana")
+    async with running_worker(bus, "groq", groq(fakes), budget=plan):  # a new worker, the same budget
+
+        async def told() -> TaskView | None:
+            view = await hive.get(later)
+            return view if view.status == "retrying" else None
+
+        view = await eventually(told, 10, "the task over the daily budget to be told to wait")
+    assert fakes.groq.requests == 2  # the third call was never made
+    assert view.reason == "budget" and "rpd" in (view.error or "")
+    assert view.next_try_at_ms is not None and view.next_try_at_ms - view.updated_at_ms > 3_600_000
+
+
+async def test_a_refused_key_is_set_aside_and_the_next_key_serves(
+    bus: Bus, hive: Hive, fakes: ProviderFakes
+) -> None:
+    fakes.groq.valid_keys = {GOOD}
+    keys = [ProviderKey("revoked", groq(fakes, BAD)), ProviderKey("good", groq(fakes, GOOD))]
+    ids = [await hive.submit("groq", f"rota {i}", max_attempts=1) for i in range(6)]
+    async with running_worker(bus, "groq", keys, concurrency=1) as worker:
+        views = [await hive.wait(t, 15) for t in ids]
+        assert worker.cooldowns.records["revoked"].refused
+    assert [v.status for v in views] == ["completed"] * 6
+    assert fakes.groq.requests_by_key.get(BAD) == 1  # refused once, never tried again
+    assert all(v.attempt == 1 for v in views)  # the refused key cost no task an attempt
+    stats = {s.provider: s for s in await hive.stats()}
+    assert stats["groq"].keys_refused == 1
+
+
+@pytest.mark.parametrize("quota", [1, 0], ids=["daily quota spent", "zero quota"])
+async def test_a_daily_or_zero_quota_moves_the_task_to_its_fallback(
+    bus: Bus, hive: Hive, fakes: ProviderFakes, quota: int
+) -> None:
+    fakes.gemini.daily_quota(quota)
+    gemini = GeminiProvider(api_key=GOOD, base_url=fakes.gemini_base_url)
+    ids = [await hive.submit("gemini", f"post {i}", fallback=["groq"]) for i in range(4)]
+    async with (
+        router(bus),
+        running_worker(bus, "gemini", gemini, concurrency=1),
+        running_worker(bus, "groq", groq(fakes)),
+    ):
+        views = [await hive.wait(t, 20) for t in ids]
+    assert [(v.status, v.output) for v in views] == [("completed", f"reply: post {i}") for i in range(4)]
+    assert [v.provider for v in views].count("groq") == 4 - quota
+    if quota:
+        assert fakes.gemini.rate_limited == 1  # one 429 for the key; the rest never called it
+        moved = next(t for t, v in zip(ids, views, strict=True) if v.provider == "groq")
+        moves = [e for e in await events_of(bus, moved) if isinstance(e, Moved)]
+        assert [(m.provider, m.task.provider, m.task.tried) for m in moves] == [
+            ("gemini", "groq", ["gemini"])
+        ]
+        assert "daily" in moves[0].reason
+
+
+async def test_a_task_with_nowhere_to_go_fails_at_its_deadline_into_the_dead_letters(
+    bus: Bus, hive: Hive, fakes: ProviderFakes
+) -> None:
+    fakes.groq.fail_next(500, 100)
+    task_id = await hive.submit(
+        "groq", "sin salida", max_attempts=100, backoff_base_s=0.2, backoff_cap_s=0.3, deadline_s=2.0
+    )
+    async with running_worker(bus, "groq", groq(fakes)):
+        view = await hive.wait(task_id, 15)
+    assert (view.status, view.reason) == ("failed", "deadline")
+    retries = [e for e in await events_of(bus, task_id) if isinstance(e, Retrying)]
+    assert retries and all(e.retry_in_s <= 0.3 for e in retries)  # the task's own backoff cap
+    letter = await hive.dead_letter(task_id)
+    assert letter.failed.reason == "deadline" and letter.failed.task is not None
+
+
+async def test_dead_letters_are_listed_and_replayed_with_their_history(bus: Bus, hive: Hive) -> None:
+    async def picky(task: Task) -> str:
+        if task.run == 0:
+            raise FailNow("the template is missing")
+        return f"done on run {task.run}"
+
+    ids = [await hive.submit("picky", f"t{i}") for i in range(3)]
+    async with running_worker(bus, "picky", FunctionProvider(picky)):
+        assert {(await hive.wait(t, 10)).status for t in ids} == {"failed"}
+        letters = await hive.dead_letters(provider="picky")
+        assert [x.failed.task_id for x in letters] == ids
+        assert {(x.failed.reason, x.failed.error) for x in letters} == {
+            ("permanent", "the template is missing")
+        }
+        done = await hive.replay(ids[1])
+        assert (done.id, done.run) == (ids[1], 1)
+        view = await hive.wait(ids[1], 10)
+    assert (view.status, view.output) == ("completed", "done on run 1")
+    kinds = [type(e).__name__ for e in await events_of(bus, ids[1])]
+    assert kinds[0] == "Queued" and kinds[-1] == "Completed" and "Failed" in kinds
+    assert kinds.index("Failed") < len(kinds) - 1 - kinds[::-1].index("Queued")  # queued again after failing
+    assert [x.failed.task_id for x in await hive.dead_letters()] == [ids[0], ids[2]]
+    assert await hive.purge_dead_letters(provider="picky") == 2
+    assert await hive.dead_letters() == []
+
+
+async def test_a_high_priority_task_overtakes_a_thousand_queued_ones(bus: Bus, hive: Hive) -> None:
+    slow = [TaskRequest(provider="echo", prompt=f"n{i}", payload={"delay_s": 0.05}) for i in range(1000)]
+    async with running_worker(bus, "echo", EchoProvider(), concurrency=1):
+        await hive.submit_many(slow)
+        await anyio.sleep(0.3)  # the worker is busy with the normal queue
+        urgent = await hive.submit("echo", "urgente", priority="high")
+        view = await hive.wait(urgent, 10)
+    assert view.status == "completed" and view.started_at_ms is not None
+    assert view.submitted_at_ms is not None
+    started = [e.started_at_ms for e in await completions(bus) if e.task_id != urgent]
+    # no normal task started between the urgent one's submission and its start, but the one that was
+    # being fetched as it arrived; and most of the thousand were still waiting behind it
+    between = [t for t in started if view.submitted_at_ms < t <= view.started_at_ms]
+    assert len(between) <= 1, between
+    assert sum(t < view.started_at_ms for t in started) < 100
+
+
+async def completions(bus: Bus) -> list[Completed]:
+    names = bus.names
+    sub = await bus.js.subscribe(f"{names.prefix}.events.echo.*.completed", ordered_consumer=True)
+    found: list[Completed] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except TimeoutError:
+                return found
+            event = msgspec.json.decode(msg.data, type=Completed | Failed | Running)
+            if isinstance(event, Completed):
+                found.append(event)
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_cheapest_route_picks_the_cheaper_provider_with_quota(
+    bus: Bus, hive: Hive, fakes: ProviderFakes
+) -> None:
+    gemini = GeminiProvider(
+        api_key=GOOD, base_url=fakes.gemini_base_url
+    )  # gemini-2.5-flash: 0.30 + 2.50 $/Mtok
+    async with running_worker(bus, "gemini", gemini), running_worker(bus, "groq", groq(fakes)):  # 0.59 + 0.79
+        await anyio.sleep(0.3)  # heartbeats say which models the workers run
+        task_id = await hive.submit("gemini", "barato", fallback=["groq"], route="cheapest")
+        view = await hive.wait(task_id, 10)
+        assert (view.status, view.provider) == ("completed", "groq")
+        in_order = await hive.submit("gemini", "en orden", fallback=["groq"])
+        assert (await hive.wait(in_order, 10)).provider == "gemini"
