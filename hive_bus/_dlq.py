@@ -19,8 +19,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from ._bus import Bus
 from ._errors import BusUnavailable, HiveError, TaskNotFound
 from ._messages import Failed, Queued, encoder, event_decoder, is_task_id, now_ms
+from ._names import is_valid_provider
 
 _BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
+
+
+def _check_provider(provider: str | None) -> None:
+    if provider is not None and not is_valid_provider(provider):
+        raise HiveError(f"provider {provider!r} must be 1-64 letters, digits, '_' or '-'")
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,6 +50,7 @@ class NotReplayable(HiveError):
 async def dead_letters(bus: Bus, *, provider: str | None = None, limit: int = 100) -> list[DeadLetter]:
     """The oldest ``limit`` dead letters (of one provider)."""
     names = bus.names
+    _check_provider(provider)
     config = ConsumerConfig(
         filter_subject=names.dlq_subject(provider, "*") if provider else names.all_dlq,
         deliver_policy=DeliverPolicy.ALL,
@@ -123,6 +130,7 @@ async def replay(bus: Bus, task_id: str) -> Replayed:
 async def purge(bus: Bus, *, task_id: str | None = None, provider: str | None = None) -> int:
     """Remove dead letters: one task's, one provider's, or all; returns how many went."""
     names = bus.names
+    _check_provider(provider)
     if task_id is not None:
         await dead_letter(bus, task_id)  # checks the id, and that it is there
         subject = names.dead_letters_of(task_id)

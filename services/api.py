@@ -29,6 +29,7 @@ from hive_bus import (
     WorkerBeat,
 )
 from hive_bus._messages import ProviderName, TaskStatus, event_decoder, is_final, is_task_id, status_of
+from hive_bus._names import is_valid_provider
 
 MAX_WAIT_S = 300.0
 # A task's event stream ends with the task; this bounds one that never ends (its provider never runs).
@@ -213,7 +214,7 @@ async def list_tasks(
     provider: Annotated[ProviderName | None, QueryParameter(description="only this provider's tasks")] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=500, description="at most this many")] = 50,
 ) -> list[TaskView]:
-    return await recent_tasks(_hive(state), status=status, provider=provider, limit=limit)
+    return await recent_tasks(_hive(state), status=status, provider=checked_provider(provider), limit=limit)
 
 
 async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, limit: int) -> list[TaskView]:
@@ -305,6 +306,18 @@ async def metrics_route(state: State) -> Response[bytes]:
 async def openapi_document(request: Request[Any, Any, Any]) -> dict[str, Any]:
     schema: dict[str, Any] = request.app.openapi_schema.to_schema()
     return schema
+
+
+def checked_provider(provider: str | None) -> str | None:
+    """A provider query parameter, checked: it goes into a subject filter."""
+    from litestar.exceptions import ValidationException
+
+    if provider is not None and not is_valid_provider(provider):
+        message = "provider must be 1-64 letters, digits, '_' or '-'"
+        raise ValidationException(
+            detail=message, extra=[{"message": message, "key": "provider", "source": "query"}]
+        )
+    return provider
 
 
 def _invalid(message: str) -> Exception:

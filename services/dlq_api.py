@@ -12,7 +12,7 @@ from hive_bus import Hive
 from hive_bus._dlq import DeadLetter
 from hive_bus._messages import ProviderName
 
-from .api import _errors
+from .api import _errors, checked_provider
 
 
 class Replayed(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,11 +33,11 @@ async def list_dead_letters(
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
 ) -> list[DeadLetter]:
     hive: Hive = state.hive
-    return await hive.dead_letters(provider=provider, limit=limit)
+    return await hive.dead_letters(provider=checked_provider(provider), limit=limit)
 
 
 @get("/v1/dlq/{task_id:str}", responses=_errors(401, 404, 503), summary="One task's dead letter")
-async def show_dead_letter(state: State, task_id: Annotated[str, FromPath()]) -> DeadLetter:
+async def show_dead_letter(state: State, task_id: FromPath[str]) -> DeadLetter:
     hive: Hive = state.hive
     return await hive.dead_letter(task_id)
 
@@ -48,7 +48,7 @@ async def show_dead_letter(state: State, task_id: Annotated[str, FromPath()]) ->
     responses=_errors(401, 404, 409, 503),
     summary="Queue a dead-lettered task again (same id, its next run)",
 )
-async def replay_dead_letter(state: State, task_id: Annotated[str, FromPath()]) -> Replayed:
+async def replay_dead_letter(state: State, task_id: FromPath[str]) -> Replayed:
     hive: Hive = state.hive
     done = await hive.replay(task_id)
     return Replayed(id=done.id, provider=done.provider, run=done.run)
@@ -57,7 +57,7 @@ async def replay_dead_letter(state: State, task_id: Annotated[str, FromPath()]) 
 @delete(
     "/v1/dlq/{task_id:str}", status_code=200, responses=_errors(401, 404, 503), summary="Drop one dead letter"
 )
-async def purge_dead_letter(state: State, task_id: Annotated[str, FromPath()]) -> Purged:
+async def purge_dead_letter(state: State, task_id: FromPath[str]) -> Purged:
     hive: Hive = state.hive
     return Purged(purged=await hive.purge_dead_letters(task_id=task_id))
 
@@ -73,7 +73,7 @@ async def purge_dead_letters(
     provider: Annotated[ProviderName | None, QueryParameter(description="only this provider's")] = None,
 ) -> Purged:
     hive: Hive = state.hive
-    return Purged(purged=await hive.purge_dead_letters(provider=provider))
+    return Purged(purged=await hive.purge_dead_letters(provider=checked_provider(provider)))
 
 
 DLQ_ROUTES = [list_dead_letters, show_dead_letter, replay_dead_letter, purge_dead_letter, purge_dead_letters]
