@@ -6,21 +6,22 @@ without ``expires``), but nats-py's ``fetch`` always sends ``expires`` and so wa
 empty consumer. :class:`Puller` speaks the documented protocol directly over nats-py's core client: a
 pull request to ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`` with a reply subject of our own, then
 the messages (ordinary JetStream messages, acked through their reply subjects) and, when fewer than
-asked for were waiting, a status message (404 no messages) that ends the request.
+asked for came, a status message that ends the request (404 no messages, 408 request timeout).
 
-When every queue is empty the worker waits on :class:`Wakeup`: a core subscription on the provider's
-task subjects, taken only while idle, so a task published then wakes it at once.
+An idle worker waits with ``expires`` (a task is delivered the moment it is stored) on several
+consumers at once, and stops waiting on the others when one answers. A request it stopped waiting on
+may still deliver a task later; such a task is kept (:attr:`Puller.spare`) and handed out first by the
+next pull, never dropped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable
 
 import anyio
 import nats.errors
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -31,94 +32,117 @@ _END_STATUSES = frozenset({"404", "408", "409"})
 
 
 class Puller:
-    """Pull requests to one durable consumer, each answered on its own reply subject."""
+    """Pull requests to one durable consumer, answered on reply subjects of its own.
 
-    def __init__(self, nc: NATS, stream: str, consumer: str) -> None:
+    Every task delivered, whichever request it answers, lands in :attr:`spare` and is handed out by the
+    next :meth:`pull` or :meth:`wait`. At most one waiting request is open at a time, so an idle worker
+    that is woken up often does not pile requests up on the server.
+    """
+
+    def __init__(
+        self, nc: NATS, stream: str, consumer: str, on_task: Callable[[], None] | None = None
+    ) -> None:
         self._nc = nc
+        self._on_task = on_task  # told when a waiting request brings a task
         self.consumer = consumer
         self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        # no-wait requests are answered on one inbox, waiting requests on another: a task that comes on
+        # the second is the one a waiting request (of one task) asked for, which ends it
         self._inbox = nc.new_inbox()
-        self._sub: Subscription | None = None
+        self._waiting_inbox = nc.new_inbox()
+        self._subs: list[Subscription] = []
         self._seq = 0
-        self._current: str | None = None
-        self._send: MemoryObjectSendStream[Msg] | None = None
+        self._asking: str | None = None  # the reply subject of the open no-wait request
+        self._waiting: str | None = None  # the reply subject of the open waiting request
+        self._waiting_until = 0.0
+        self._changed = anyio.Event()
+        self.spare: list[Msg] = []
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+        self._subs = [
+            await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg),
+            await self._nc.subscribe(f"{self._waiting_inbox}.*", cb=self._on_waited),
+        ]
 
     async def stop(self) -> None:
-        if self._sub is not None:
+        """Stop listening; spare tasks go back to the server at once."""
+        spare, self.spare = self.spare, []
+        for msg in spare:
+            await _nak(msg)
+        for sub in self._subs:
             try:
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
             except nats.errors.Error as exc:
                 log.debug("unsubscribing %s failed: %s", self.consumer, exc)
 
-    async def pull(self, batch: int) -> list[Msg]:
-        """Up to ``batch`` of the tasks waiting now; an empty list at once when there are none."""
-        self._seq += 1
-        reply = f"{self._inbox}.{self._seq}"
-        request = {"batch": batch, "no_wait": True}
-        send, receive = anyio.create_memory_object_stream[Msg](max_buffer_size=batch + 2)
-        self._current, self._send = reply, send
-        got: list[Msg] = []
-        try:
-            await self._nc.publish(self._subject, json.dumps(request).encode(), reply=reply)
-            # the server ends the request itself; the local bound only covers a lost connection
-            with anyio.move_on_after(5):
-                await _collect(receive, batch, got)
-        finally:
-            self._current, self._send = None, None
-            send.close()
-            extra = _drain(receive)  # tasks beyond the batch: stragglers of an earlier request
-            receive.close()
-        for msg in extra:
-            await _nak(msg)
+    def take(self, batch: int) -> list[Msg]:
+        got, self.spare = self.spare[:batch], self.spare[batch:]
         return got
 
+    async def pull(self, batch: int) -> list[Msg]:
+        """Up to ``batch`` tasks: the spare ones, then those waiting now; at once when there are none."""
+        if len(self.spare) < batch:
+            reply = self._next_reply()
+            self._asking = reply
+            await self._request(reply, {"batch": batch - len(self.spare), "no_wait": True})
+            # the server ends the request itself; the local bound only covers a lost connection
+            with anyio.move_on_after(5):
+                while self._asking == reply and len(self.spare) < batch:
+                    await self._changed.wait()
+        return self.take(batch)
+
+    async def ask(self, wait_s: float) -> None:
+        """Open a waiting request for one task, unless one is open: the task is delivered the moment it
+        is stored, into :attr:`spare`, and ``on_task`` is told."""
+        if self._waiting is None or anyio.current_time() > self._waiting_until:
+            self._seq += 1
+            reply = f"{self._waiting_inbox}.{self._seq}"
+            self._waiting, self._waiting_until = reply, anyio.current_time() + wait_s
+            await self._request(reply, {"batch": 1, "expires": int(wait_s * 1e9)})
+
+    async def wait(self, wait_s: float) -> list[Msg]:
+        """The spare tasks, or else the first task to come within ``wait_s``; an empty list when none came."""
+        if not self.spare:
+            await self.ask(wait_s)
+            with anyio.move_on_after(wait_s + 1):
+                while not self.spare and self._waiting is not None:
+                    await self._changed.wait()
+        return self.take(len(self.spare))
+
+    def _next_reply(self) -> str:
+        self._seq += 1
+        return f"{self._inbox}.{self._seq}"
+
+    async def _request(self, reply: str, request: dict[str, object]) -> None:
+        await self._nc.publish(self._subject, json.dumps(request).encode(), reply=reply)
+
     async def _on_msg(self, msg: Msg) -> None:
-        # JetStream delivers a task under its own subject, so only a status message names the request it
-        # ends. One request is open at a time; a task that comes while one is open belongs to it.
-        status = _status(msg)
-        if self._send is not None and (status is None or msg.subject == self._current):
-            try:
-                self._send.send_nowait(msg)
-                return
-            except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
-                pass
-        if msg.reply and status is None:
-            await _nak(msg)  # delivered to a request nobody waits for any more: hand it back at once
-
-
-async def _nak(msg: Msg) -> None:
-    try:
-        await msg.nak()
-    except nats.errors.Error as exc:
-        log.debug("NAK of a late delivery failed (%s); it returns after AckWait", exc)
-
-
-async def _collect(receive: MemoryObjectReceiveStream[Msg], batch: int, got: list[Msg]) -> None:
-    async for msg in receive:
+        # JetStream delivers a task under its own subject, so only a status message names its request.
         status = _status(msg)
         if status is None:
-            got.append(msg)
-            if len(got) >= batch:
-                return
-        elif status in _END_STATUSES:
-            if status == "409":
-                log.debug("pull request ended: %s", (msg.headers or {}).get("Description"))
+            self.spare.append(msg)
+        elif status in _END_STATUSES and msg.subject == self._asking:
+            self._asking = None
+        else:
+            return  # the end of an earlier request, or an idle heartbeat
+        self._notify()
+
+    async def _on_waited(self, msg: Msg) -> None:
+        status = _status(msg)
+        if status is None:
+            self.spare.append(msg)
+            self._waiting = None  # it asked for one task
+            if self._on_task is not None:
+                self._on_task()
+        elif status in _END_STATUSES and msg.subject == self._waiting:
+            self._waiting = None
+        else:
             return
-        # 100 (idle heartbeat) and anything else: keep waiting
+        self._notify()
 
-
-def _drain(receive: MemoryObjectReceiveStream[Msg]) -> list[Msg]:
-    left: list[Msg] = []
-    while True:
-        try:
-            msg = receive.receive_nowait()
-        except (anyio.WouldBlock, anyio.EndOfStream):
-            return left
-        if _status(msg) is None:
-            left.append(msg)
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
 
 def _status(msg: Msg) -> str | None:
@@ -127,33 +151,8 @@ def _status(msg: Msg) -> str | None:
     return msg.headers.get("Status")
 
 
-class Wakeup:
-    """Fires when a task is published on any of ``subjects`` while armed (a core subscription, held only
-    while the worker is idle, so busy workers do not receive a copy of every task)."""
-
-    def __init__(self, nc: NATS, subjects: Sequence[str]) -> None:
-        self._nc = nc
-        self._subjects = subjects
-        self._subs: list[Subscription] = []
-        self._event = anyio.Event()
-
-    async def arm(self) -> None:
-        """Subscribe; from the moment the server has the subscription, a new task fires it."""
-        self._event = anyio.Event()
-        for subject in self._subjects:
-            self._subs.append(await self._nc.subscribe(subject, cb=self._fire))
-
-    async def wait(self, timeout_s: float) -> None:
-        with anyio.move_on_after(timeout_s):
-            await self._event.wait()
-
-    async def disarm(self) -> None:
-        subs, self._subs = self._subs, []
-        for sub in subs:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error as exc:
-                log.debug("unsubscribing a wake-up failed: %s", exc)
-
-    async def _fire(self, msg: Msg) -> None:
-        self._event.set()
+async def _nak(msg: Msg) -> None:
+    try:
+        await msg.nak()
+    except nats.errors.Error as exc:
+        log.debug("NAK of a spare task failed (%s); it returns after AckWait", exc)

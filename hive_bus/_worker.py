@@ -48,10 +48,9 @@ from ._messages import (
     status_of,
     task_decoder,
 )
-from ._names import PRIORITIES
 from ._prices import PriceTable
 from ._providers import Output, Provider
-from ._pull import Puller, Wakeup
+from ._pull import Puller
 from ._settle import Backoff, Delivery, Outcome, Settler
 from ._version import __version__
 
@@ -64,9 +63,9 @@ KEEPALIVE_FRACTION = 1 / 3
 # from queued to completed (their completed event says when they started, where, and which attempt):
 # a status nobody could have seen is not worth a stored message per task.
 RUNNING_AFTER_S = 0.25
-# A busy worker asks the high-priority queue at least this often, even when no high task was published
-# (one that comes back from a retry is not published again).
-HIGH_PROBE_S = 1.0
+# A busy worker asks the high- and low-priority queues at least this often, even without a sign of work
+# there (a task that comes back from a retry is not published again).
+PROBE_EVERY_S = 1.0
 _ID_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -143,6 +142,9 @@ class Worker:
         self._waiting: tuple[str, int] | None = None  # why the worker is not fetching, until when
         self._high_hint = True  # a high-priority task may be waiting
         self._high_probed_s = 0.0
+        self._doorbell = anyio.Event()  # rung when an idle worker has a task to fetch, or should stop
+        self._low_hint = True
+        self._low_probed_s = 0.0
         names = bus.names
         self.model: str | None = getattr(self._keys[0].provider, "default_model", None)
         self.cooldowns = KeyCooldowns(
@@ -161,6 +163,7 @@ class Worker:
     def stop(self) -> None:
         """Stop taking work; finish what is in flight (NAK it after ``drain_timeout_s``), then return."""
         self._stopping.set()
+        self._doorbell.set()
         self._notify()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -171,11 +174,10 @@ class Worker:
             return
         self._ack_wait_s = infos[0].config.ack_wait or bus.settings.ack_wait_s
         names = bus.names
-        pullers = [Puller(bus.nc, names.tasks_stream, info.name) for info in infos]
+        pullers = [Puller(bus.nc, names.tasks_stream, info.name, on_task=self._ring) for info in infos]
         for puller in pullers:
             await puller.start()
         high_sub = await bus.nc.subscribe(names.task_subject(opts.provider, "high"), cb=self._on_high)
-        wakeup = Wakeup(bus.nc, [names.task_subject(opts.provider, p) for p in PRIORITIES])
         cooldown_sub = await self.cooldowns.subscribe()
         log.info("worker %s serving %s (concurrency %d)", self.id, opts.provider, opts.concurrency)
         try:
@@ -192,12 +194,11 @@ class Worker:
                         for _ in range(opts.concurrency):
                             calls.start_soon(self._lane, receive)
                         with send:
-                            await self._fetch_loop(pullers, wakeup, send)
+                            await self._fetch_loop(pullers, send)
                         await self._drain(calls)
                 beats.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
-                await wakeup.disarm()
                 for puller in pullers:
                     await puller.stop()
                 for sub in (high_sub, cooldown_sub):
@@ -230,9 +231,7 @@ class Worker:
 
     # fetch ---------------------------------------------------------------------------------------
 
-    async def _fetch_loop(
-        self, pullers: list[Puller], wakeup: Wakeup, lanes: MemoryObjectSendStream[Msg]
-    ) -> None:
+    async def _fetch_loop(self, pullers: list[Puller], lanes: MemoryObjectSendStream[Msg]) -> None:
         opts = self._opts
         while not self._stopping.is_set():
             await self._wait_for(lambda: self._in_flight < opts.concurrency or self._stopping.is_set())
@@ -242,14 +241,7 @@ class Worker:
             try:
                 msgs = await self._pull(pullers, opts.concurrency - self._in_flight)
                 if not msgs:
-                    # Idle: listen for new tasks first, then look once more, so none slips between.
-                    await wakeup.arm()
-                    try:
-                        msgs = await self._pull(pullers, opts.concurrency - self._in_flight)
-                        if not msgs:
-                            await wakeup.wait(opts.fetch_wait_s)
-                    finally:
-                        await wakeup.disarm()
+                    msgs = await self._idle(pullers)
             except Exception as exc:  # a broken connection, a deleted consumer: log, pause, go on
                 log.warning("fetch of %s tasks failed: %s; trying again", opts.provider, exc)
                 with anyio.move_on_after(1):
@@ -263,25 +255,51 @@ class Worker:
                 lanes.send_nowait(msg)  # never blocks: at most one message per free lane is fetched
 
     async def _pull(self, pullers: list[Puller], want: int) -> list[Msg]:
-        """Up to ``want`` tasks, high priority first, then normal, then low. The high queue is asked
-        when a high task was published (a core subscription says so) or a second has passed (for high
-        tasks coming back from a retry), so that a busy worker spends no round trip on it otherwise."""
-        high, *rest = pullers
-        msgs: list[Msg] = []
+        """Up to ``want`` tasks, high priority first, then normal, then low. The high queue is asked when
+        a high task was published (a core subscription says so), and the low one when the normal queue
+        has run dry; each also once a second (for tasks coming back from a retry, which are not published
+        again). So a busy worker spends one round trip per batch."""
+        high, normal, low = pullers
         now = anyio.current_time()
-        if self._high_hint or now - self._high_probed_s >= HIGH_PROBE_S:
+        msgs = high.take(want) + normal.take(want) + low.take(want)  # delivered already: first
+        if len(msgs) < want and (self._high_hint or now - self._high_probed_s >= PROBE_EVERY_S):
             self._high_hint, self._high_probed_s = False, now
-            msgs = await high.pull(want)
-            if len(msgs) == want:
-                self._high_hint = True  # there may be more
-        for puller in rest:
-            if len(msgs) >= want:
-                break
-            msgs += await puller.pull(want - len(msgs))
+            msgs += await high.pull(want - len(msgs))
+            self._high_hint = len(msgs) >= want  # a full batch: there may be more
+        if len(msgs) < want:
+            msgs += await normal.pull(want - len(msgs))
+        if len(msgs) < want and (self._low_hint or now - self._low_probed_s >= PROBE_EVERY_S):
+            self._low_probed_s = now
+            got = await low.pull(want - len(msgs))
+            self._low_hint = bool(got) and (got[-1].metadata.num_pending or 0) > 0
+            msgs += got
         return msgs
+
+    async def _idle(self, pullers: list[Puller]) -> list[Msg]:
+        """Nothing to do: wait for the first task of any priority, delivered the moment it is stored (the
+        normal and low queues hold a waiting request each; a high task is announced by its publish)."""
+        high, normal, low = pullers
+        self._doorbell = anyio.Event()
+        if not self._high_hint:  # else one came since the last look
+            for puller in (normal, low):
+                await puller.ask(self._opts.fetch_wait_s)
+            if not (normal.spare or low.spare):
+                with anyio.move_on_after(self._opts.fetch_wait_s):
+                    await self._doorbell.wait()
+        self._low_hint = True  # whichever answered, look again at once
+        if self._high_hint:
+            self._high_hint = False
+            got = await high.wait(0.5)  # the announcement may come before the store
+            if got:
+                return got
+        return normal.take(1) + low.take(1)
+
+    def _ring(self) -> None:
+        self._doorbell.set()
 
     async def _on_high(self, msg: Msg) -> None:
         self._high_hint = True
+        self._doorbell.set()
 
     async def _gate(self) -> None:
         """Wait while no key can be used: all cooling down, or out of the budget this worker last saw.
@@ -289,13 +307,12 @@ class Worker:
         key, so that its tasks fail with a clear error or move on instead of lingering."""
         while not self._stopping.is_set():
             blocked = self._blocked_now()
+            self._waiting = None
+            if blocked is not None:
+                until_ms = now_ms() + int(blocked.wait_s * 1000)
+                self._waiting = ("cooldown" if blocked.reason == "rate_limit" else "budget", until_ms)
             if blocked is None or blocked.wait_s > self._opts.triage_after_s:
-                self._waiting = (blocked.reason, now_ms() + int(blocked.wait_s * 1000)) if blocked else None
                 return
-            self._waiting = (
-                "cooldown" if blocked.reason == "rate_limit" else "budget",
-                now_ms() + int(blocked.wait_s * 1000),
-            )
             with anyio.move_on_after(min(blocked.wait_s, 1.0)):
                 await self._stopping.wait()
 
