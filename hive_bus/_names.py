@@ -27,6 +27,9 @@ class Names:
     ``<prefix>.tasks.<provider>`` carries task messages into the work-queue stream ``<PREFIX>_TASKS``;
     ``<prefix>.events.<provider>.<task id>.<status>`` carries each task's lifecycle into ``<PREFIX>_EVENTS``
     (the status token lets a reader ask for completions alone);
+    ``<prefix>.events.<provider>.<task id>.<status>.duplicate`` reports a final outcome that JetStream
+    refused as a duplicate (a second worker finished a task already recorded): one token longer, so no
+    reader of a task's events (``events_of``, ``final_events``) ever sees it;
     ``<prefix>_<provider>`` is the durable pull consumer all workers of a provider share;
     ``<prefix>_workers`` is the KV bucket of worker heartbeats;
     ``<prefix>_providers`` is the KV bucket of provider-wide cooldowns, one key per provider.
@@ -70,6 +73,14 @@ class Names:
 
     def event_subject(self, provider: str, task_id: str, status: str) -> str:
         return f"{self.prefix}.events.{provider}.{task_id}.{status}"
+
+    def duplicate_subject(self, provider: str, task_id: str, status: str) -> str:
+        """Where a worker reports a final outcome that was not recorded because one already was."""
+        return f"{self.prefix}.events.{provider}.{task_id}.{status}.duplicate"
+
+    def is_duplicate_report(self, subject: str) -> bool:
+        tokens = subject.split(".")
+        return len(tokens) == 6 and tokens[-1] == "duplicate" and subject.startswith(f"{self.prefix}.events.")
 
     def events_of(self, task_id: str) -> str:
         """The subject filter that matches every event of one task, whatever its provider."""

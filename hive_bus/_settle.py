@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 
 from ._bus import Bus
 from ._cooldown import ProviderCooldown
+from ._duplicates import report_duplicate
 from ._errors import ProviderError, Quota, RetryAfter, RetryLater
 from ._messages import Completed, Failed, Retrying, Task, encoder, now_ms
 from ._prices import PriceTable
@@ -183,6 +184,9 @@ class Settler:
         )
         if ack.duplicate:
             log.warning("task %s already had a final outcome; this worker's result is not recorded", task.id)
+            await report_duplicate(
+                self._bus, task, "completed" if status == "completed" else "failed", self._worker_id
+            )
 
 
 __all__ = ["Backoff", "Counters", "Delivery", "Outcome", "Settler"]
