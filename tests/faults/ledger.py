@@ -132,6 +132,19 @@ class Ledger:
                 waiting.discard(view.id)
         return len(waiting)
 
+    async def unaccepted(self, bus: Bus) -> tuple[int, int]:
+        """Tasks the bus has a ``queued`` event for that the gateway never answered 202 for (a submission
+        answered 503 after its first publish was stored), and how many of those completed anyway (the
+        task was stored too, but its ack was lost). Meaningful when the ledger saw every submission."""
+        names = bus.names
+        info = await bus.js.stream_info(names.events_stream, subjects_filter=f"{names.prefix}.events.*.*.*")
+        ids: dict[str, set[str]] = {}
+        for subject in info.state.subjects or {}:
+            _, _, _, task_id, status = subject.split(".")
+            ids.setdefault(status, set()).add(task_id)
+        strays = ids.get("queued", set()) - set(self._prompts)
+        return len(strays), len(strays & ids.get("completed", set()))
+
     async def fates(self, bus: Bus) -> dict[str, Fate]:
         fates = {task_id: Fate(task_id) for task_id in self._prompts}
         await _read_final_events(bus, fates)

@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import httpx
+import nats.js.errors
 
 from hive_bus import Hive, Settings, WorkerBeat
 
@@ -157,7 +158,11 @@ async def beat_of(hive: Hive, child: Child, timeout_s: float = START_TIMEOUT_S) 
     async def probe() -> WorkerBeat | None:
         if not child.alive:
             raise AssertionError(f"{child.role} exited ({child.proc.returncode}):\n{child.log_tail()}")
-        return next((b for b in await hive.workers() if b.pid == child.pid), None)
+        try:
+            beats = await hive.workers()
+        except nats.js.errors.NotFoundError:
+            return None  # the heartbeat bucket (memory) is gone after a server restart until declared again
+        return next((b for b in beats if b.pid == child.pid), None)
 
     return await eventually(probe, timeout_s, f"the heartbeat of {child.role} (pid {child.pid})")
 

@@ -63,10 +63,12 @@ async def test_sigkill_of_nats_under_http_load_loses_no_accepted_task(
                 stop.set()
             await reconnected(bus)
             left = await ledger.wait_final(hive, 90)
+            strays, stray_done = await ledger.unaccepted(bus)
             notes = (
                 f"202s: {at_kill} before the kill, {restarted - at_kill} answered after it (stored before), "
                 f"{ledger.answers[202] - restarted} after the restart; {load.unanswered} requests unanswered; "
-                f"{left} not final after the drain"
+                f"{left} not final after the drain; refused but queued on the bus: {strays} "
+                f"({stray_done} of them completed)"
             )
             figures, fates = await ledger.check(bus, notes=notes)
     finally:
