@@ -80,7 +80,9 @@ async def test_sigkill_of_nats_under_http_load_loses_no_accepted_task(
 
 
 @pytest.mark.parametrize("config", ["pi", "default"])
-async def test_each_publish_ack_follows_an_fsync_only_with_the_pi_config(tmp_path: Path, config: str) -> None:
+async def test_each_publish_ack_follows_an_fsync_only_with_the_pi_config(
+    tmp_path: Path, config: str, request: pytest.FixtureRequest
+) -> None:
     """With ``sync_interval: always`` (nats/hub.conf) every ack of a submission's two publishes follows an
     fsync of that stream's block; with nats-server's default (sync every 2 minutes) none does, which
     shows what the trace tells apart."""
@@ -109,6 +111,12 @@ async def test_each_publish_ack_follows_an_fsync_only_with_the_pi_config(tmp_pat
     assert len([a for a in ours if a.stream == names.tasks_stream]) == submissions
     assert len([a for a in ours if a.stream == names.events_stream]) == submissions
     unsynced = [a for a in ours if not a.synced]
+    request.node.user_properties.append(
+        (
+            "ledger",
+            f"1 fsync before ack ({config} config): {len(ours) - len(unsynced)} of {len(ours)} publish acks",
+        )
+    )
     if config == "pi":
         assert unsynced == []
     else:
