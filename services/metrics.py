@@ -14,9 +14,9 @@ default one, so several gateways, or tests, can live in one process):
 - gauges, read every ``refresh_s`` seconds: each provider's queue (its durable consumer's pending and
   ack-pending counts, or the stream's own count for a provider no worker has served yet), workers
   whose heartbeat has not expired (draining ones included), and the seconds left of each provider's
-  cooldown, and the messages each stream has lost (the ``lost`` of its state, which JetStream fills
-  when it finds damaged data on start-up). A refresh that fails (NATS down) logs a warning and the
-  last figures stay.
+  cooldown, and the messages each stream has lost (the ``lost`` of its state, when JetStream reports
+  one: nats-server 2.15 leaves it unset for a damaged last block, see docs/reliability.md). A refresh
+  that fails (NATS down) logs a warning and the last figures stay.
 
 Labels hold provider names (subject tokens, validated on submission), models, reasons and token
 directions; never prompts, outputs, error messages, worker hosts or credentials. Distinct providers and
