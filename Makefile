@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test faults lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint
+	sh tests/setup/tools.sh
 	$(BIN)/pytest
+
+# The fault-injection suite alone (it is part of `make test` too); figures in docs/reliability.md.
+faults: lint
+	sh tests/setup/tools.sh
+	$(BIN)/pytest -m faults
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py

@@ -274,6 +274,15 @@ async def ensure_consumer(
     return info
 
 
+async def redeclare_workers_bucket(bus: Bus) -> None:
+    """Declare the heartbeat bucket again: it is kept in memory, so a restart of nats-server loses it,
+    and the processes that lived through the restart must bring it back (any of them may)."""
+    try:
+        await _ensure_workers_bucket(bus.js, bus.settings)
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError, BusConfigError) as exc:
+        log.debug("the heartbeat bucket could not be declared again: %s", exc)
+
+
 async def _ensure_workers_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
     # Heartbeats are rewritten every few seconds and worthless after a restart: memory storage spares
     # a Raspberry Pi's SD card. max_age makes each key vanish once its worker stops beating.

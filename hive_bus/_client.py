@@ -28,7 +28,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
 from . import _dlq
-from ._bus import Bus, open_bus
+from ._bus import Bus, open_bus, redeclare_workers_bucket
 from ._dlq import DeadLetter, Replayed
 from ._errors import BusUnavailable, HiveError, QueueFull, TaskNotFound
 from ._messages import (
@@ -287,7 +287,12 @@ class Hive:
         """The workers whose heartbeat has not expired, by provider then id."""
         kv = self._bus.workers_kv
         beats: list[WorkerBeat] = []
-        watcher = await kv.watchall(ignore_deletes=True, meta_only=False)
+        try:
+            watcher = await kv.watchall(ignore_deletes=True, meta_only=False)
+        except nats.js.errors.NotFoundError:
+            # a restarted server has lost the (in-memory) bucket: no worker has beaten since
+            await redeclare_workers_bucket(self._bus)
+            return []
         try:
             while True:
                 entry = await watcher.updates(timeout=self._bus.settings.request_timeout_s)  # type: ignore[no-untyped-call]

@@ -44,7 +44,8 @@ Seconds = Annotated[float, Meta(gt=0, le=30 * 86400)]
 DEFAULT_MAX_ATTEMPTS = 5
 # How long a task waits out its provider's rate limit before it moves to a fallback (if it has one).
 DEFAULT_MAX_WAIT_S = 300.0
-TASK_ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+TASK_ID_PATTERN = r"^[0-9A-HJKMNP-TV-Z]{26}$"
+TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 
 
 def now_ms() -> int:
@@ -114,7 +115,8 @@ class TaskRequest(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, fo
 class Task(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, tag="task.v1", tag_field="type"):
     """A task as it travels on the bus."""
 
-    id: str
+    # checked on decoding too: it goes into subjects, so a message whose id is not a task id is poison
+    id: Annotated[str, Meta(pattern=TASK_ID_PATTERN)]
     submitted_at_ms: int
     # 0 for the first run; each replay from the dead letters adds one
     run: int = 0

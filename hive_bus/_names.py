@@ -30,6 +30,9 @@ class Names:
     ``<PREFIX>_TASKS``;
     ``<prefix>.events.<provider>.<task id>.<status>`` carries each task's lifecycle into ``<PREFIX>_EVENTS``
     (the status token lets a reader ask for completions alone);
+    ``<prefix>.events.<provider>.<task id>.<status>.duplicate`` reports a final outcome that JetStream
+    refused as a duplicate (a second worker finished a task already recorded): one token longer, so no
+    reader of a task's events (``events_of``, ``final_events``) ever sees it;
     ``<prefix>.dlq.<provider>.<task id>`` carries dead letters (a failed event with its task) into
     ``<PREFIX>_DLQ``;
     ``<prefix>_<provider>_<priority>`` are the durable pull consumers all workers of a provider share;
@@ -103,6 +106,14 @@ class Names:
 
     def event_subject(self, provider: str, task_id: str, status: str) -> str:
         return f"{self.prefix}.events.{provider}.{task_id}.{status}"
+
+    def duplicate_subject(self, provider: str, task_id: str, status: str) -> str:
+        """Where a worker reports a final outcome that was not recorded because one already was."""
+        return f"{self.prefix}.events.{provider}.{task_id}.{status}.duplicate"
+
+    def is_duplicate_report(self, subject: str) -> bool:
+        tokens = subject.split(".")
+        return len(tokens) == 6 and tokens[-1] == "duplicate" and subject.startswith(f"{self.prefix}.events.")
 
     def events_of(self, task_id: str) -> str:
         """The subject filter that matches every event of one task, whatever its provider."""

@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 
 from ._bus import Bus
 from ._cooldown import KeyCooldowns
+from ._duplicates import report_duplicate
 from ._errors import NoQuota, ProviderError, Quota, RetryAfter, RetryLater
 from ._messages import Completed, Failed, FailReason, Moved, Retrying, RetryReason, Task, encoder, now_ms
 from ._prices import PriceTable
@@ -254,6 +255,9 @@ class Settler:
         )
         if ack.duplicate:
             log.warning("task %s already had a final outcome; this worker's result is not recorded", task.id)
+            await report_duplicate(
+                self._bus, task, "completed" if status == "completed" else "failed", self._worker_id
+            )
 
 
 __all__ = ["Backoff", "Counters", "Delivery", "Outcome", "Settler"]

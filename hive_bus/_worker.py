@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerInfo
 
 from ._budget import Budgets, Denied, ProviderBudget, Reservation
-from ._bus import Bus, ensure_consumers
+from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
 from ._cooldown import KeyCooldowns
 from ._errors import KeyRejected, ProviderError, Quota, RetryLater
 from ._messages import (
@@ -591,6 +591,7 @@ class Worker:
             await self._bus.workers_kv.put(self.id, encoder.encode(self.beat()))
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.warning("heartbeat of %s not written: %s", self.id, exc)
+            await redeclare_workers_bucket(self._bus)  # a restarted server has lost the bucket
 
     async def _forget_beat(self) -> None:
         try:

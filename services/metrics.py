@@ -8,11 +8,15 @@ default one, so several gateways, or tests, can live in one process):
   subscription is lost): submissions, completions by model, failures and retries by reason,
   rate-limit waits, tokens, cost, and the queue-wait, call and end-to-end times of completed tasks.
   A task's final event is stored once by JetStream (``Nats-Msg-Id: <id>:final``); a bounded set of
-  recently seen task ids also keeps a final event seen twice from counting twice;
+  recently seen task ids also keeps a final event seen twice from counting twice. The final outcomes
+  JetStream refused as duplicates (a provider call made for a task already finished) are reported by
+  their workers on the events stream (``hive_bus._duplicates``) and counted apart;
 - gauges, read every ``refresh_s`` seconds: each provider's queue (its durable consumer's pending and
   ack-pending counts, or the stream's own count for a provider no worker has served yet), workers
   whose heartbeat has not expired (draining ones included), and the seconds left of each provider's
-  cooldown. A refresh that fails (NATS down) logs a warning and the last figures stay.
+  cooldown, and the messages each stream has lost (the ``lost`` of its state, when JetStream reports
+  one: nats-server 2.15 leaves it unset for a damaged last block, see docs/reliability.md). A refresh
+  that fails (NATS down) logs a warning and the last figures stay.
 
 Labels hold provider names (subject tokens, validated on submission), models, reasons and token
 directions; never prompts, outputs, error messages, worker hosts or credentials. Distinct providers and
@@ -39,7 +43,9 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from hive_bus import Bus, WorkerBeat
 from hive_bus._budget import Ledger, ledgers
+from hive_bus._bus import redeclare_workers_bucket
 from hive_bus._cooldown import decode_records, provider_cooldowns
+from hive_bus._duplicates import duplicate_decoder
 from hive_bus._messages import Completed, Failed, Queued, Retrying, beat_decoder, event_decoder, now_ms
 from hive_bus._stats import QueueDepth, queue_depths
 
@@ -75,6 +81,7 @@ class _Snapshot:
     waiting: dict[tuple[str, ...], float] = field(default_factory=dict)
     budget_used: dict[tuple[str, ...], float] = field(default_factory=dict)
     budget_limit: dict[tuple[str, ...], float] = field(default_factory=dict)
+    lost: dict[str, int] = field(default_factory=dict)  # by stream name
     at_s: float | None = None  # unix time of the refresh
 
 
@@ -126,6 +133,14 @@ class _Gauges:
             for label_values, figure in sorted(by_labels.items()):
                 family.add_metric(list(label_values), figure)
             yield family
+        lost = GaugeMetricFamily(
+            "hive_stream_lost_messages",
+            "Messages the stream reports lost (damaged or missing store data found when the server started).",
+            labels=["stream"],
+        )
+        for stream, count in sorted(snap.lost.items()):
+            lost.add_metric([stream], float(count))
+        yield lost
         last = GaugeMetricFamily(
             "hive_metrics_last_refresh_timestamp_seconds",
             "When the queue, worker and cooldown gauges were last read from the bus (unix time).",
@@ -175,6 +190,13 @@ class BusMetrics:
         self._rate_limited = Counter(
             "hive_rate_limited",
             "Provider calls refused by a rate limit (429s); hand-backs during a cooldown, which make no call, are not counted.",
+            ["provider"],
+            registry=r,
+        )
+        self._duplicates = Counter(
+            "hive_duplicate_results",
+            "Final outcomes not recorded because the task already had one: provider calls made for nothing "
+            "(a worker that outlived its AckWait, or a redelivery after a lost ack).",
             ["provider"],
             registry=r,
         )
@@ -279,7 +301,7 @@ class BusMetrics:
                     with contextlib.suppress(nats.errors.Error, ValueError, IndexError, TypeError):
                         self._next_seq = msg.metadata.sequence.stream + 1
                     try:
-                        self._observe(msg.data)
+                        self._observe(msg.data, msg.subject)
                     except Exception:  # a bug here must not stop the counting, nor the gateway
                         log.exception("metrics: could not count an event")
             finally:
@@ -295,7 +317,10 @@ class BusMetrics:
             log.warning("metrics: the events subscription ended; subscribing again")
             await anyio.sleep(pause_s)
 
-    def _observe(self, data: bytes) -> None:
+    def _observe(self, data: bytes, subject: str = "") -> None:
+        if self._bus.names.is_duplicate_report(subject):
+            self._observe_duplicate(data)
+            return
         try:
             event = event_decoder.decode(data)
         except msgspec.DecodeError as exc:
@@ -321,6 +346,14 @@ class BusMetrics:
                     self._completed_task(provider, event)
             case _:
                 pass  # running: nothing to count
+
+    def _observe_duplicate(self, data: bytes) -> None:
+        try:
+            report = duplicate_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            log.debug("metrics: skipping a duplicate report that does not decode: %s", exc)
+            return
+        self._duplicates.labels(self._provider_label(report.provider)).inc()
 
     def _completed_task(self, provider: str, event: Completed) -> None:
         model = self._model_label(provider, event.model)
@@ -380,16 +413,26 @@ class BusMetrics:
     async def _read_gauges(self) -> _Snapshot:
         bus = self._bus
         depths = await queue_depths(bus)
-        beats = _beats(await _kv_values(bus.workers_kv, bus.settings.request_timeout_s))
+        try:
+            beats = _beats(await _kv_values(bus.workers_kv, bus.settings.request_timeout_s))
+        except nats.js.errors.NotFoundError:  # a restarted server lost the in-memory heartbeat bucket
+            await redeclare_workers_bucket(bus)
+            beats = []
         cooldown_values = await _kv_values(bus.providers_kv, bus.settings.request_timeout_s)
         cooldowns = provider_cooldowns(cooldown_values, beats)
+        lost = {stream: await _lost_messages(bus, stream) for stream in _streams(bus)}
 
         pending: dict[str, int] = {}
         ack_pending: dict[str, int] = {}
         workers: dict[str, int] = {}
         cooldown_s: dict[str, float] = {}
         snap = _Snapshot(
-            pending=pending, ack_pending=ack_pending, workers=workers, cooldown_s=cooldown_s, at_s=time.time()
+            pending=pending,
+            ack_pending=ack_pending,
+            workers=workers,
+            cooldown_s=cooldown_s,
+            lost=lost,
+            at_s=time.time(),
         )
         providers = set(depths) | {b.provider for b in beats} | set(cooldowns)
         for provider in providers:
@@ -435,6 +478,17 @@ class BusMetrics:
             if cap is not None:
                 snap.budget_used[(*labels, limit)] = float(value)
                 snap.budget_limit[(*labels, limit)] = float(cap)
+
+
+def _streams(bus: Bus) -> tuple[str, ...]:
+    return (bus.names.tasks_stream, bus.names.events_stream, bus.names.dlq_stream)
+
+
+async def _lost_messages(bus: Bus, stream: str) -> int:
+    """How many messages the server says the stream lost (``state.lost``), 0 when it says none."""
+    info = await bus.js.stream_info(stream)
+    lost = info.state.lost
+    return len(lost.msgs or []) if lost is not None else 0
 
 
 async def _kv_values(kv: KeyValue, timeout_s: float) -> dict[str, bytes]:

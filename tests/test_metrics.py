@@ -11,8 +11,9 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hive_bus import Bus, FunctionProvider, Hive, Output, Task, TaskRequest, Usage
-from hive_bus._messages import Completed, encoder
+from hive_bus import Bus, FunctionProvider, Hive, Output, TaskRequest, Usage
+from hive_bus._duplicates import report_duplicate
+from hive_bus._messages import Completed, Task, encoder
 from services.metrics import BusMetrics
 from workers.echo import EchoProvider
 
@@ -177,6 +178,8 @@ async def test_queues_and_workers_are_read_from_the_bus(bus: Bus, hive: Hive) ->
     assert value(found, "hive_queue_pending", provider="later") == 2
     assert value(found, "hive_queue_ack_pending", provider="later") == 0
     assert value(found, "hive_workers_online", provider="later") == 0
+    for stream in (bus.names.tasks_stream, bus.names.events_stream):  # a sound store has lost nothing
+        assert found[("hive_stream_lost_messages", frozenset({("stream", stream)}))] == 0
 
     async with (
         running_worker(bus, "echo", EchoProvider()),
@@ -251,6 +254,21 @@ async def test_a_redelivered_task_is_counted_once(bus: Bus, hive: Hive) -> None:
     assert value(found, "hive_task_duration_seconds_count", provider="slow") == 1
     assert total(found, "hive_tasks_failed_total") == 0
     assert total(found, "hive_task_retries_total") == 0  # a drained task is handed back, not retried
+
+
+async def test_duplicate_results_are_counted_apart(bus: Bus, hive: Hive) -> None:
+    """A worker whose final event JetStream refused as a duplicate reports it; the gateway counts the
+    report by provider, never as a completion (the zombie worker case runs end to end in tests/faults)."""
+    async with following(bus) as metrics, running_worker(bus, "echo", EchoProvider()):
+        task_id = await hive.submit("echo", "once")
+        assert (await hive.wait(task_id, 5)).status == "completed"
+        task = Task(id=task_id, provider="echo", prompt="once", submitted_at_ms=0)
+        await report_duplicate(bus, task, "completed", "zombie-1")
+        await report_duplicate(bus, task, "failed", "zombie-2")
+        found = await counted(metrics, "hive_duplicate_results_total", 2, provider="echo")
+    assert value(found, "hive_tasks_completed_total", provider="echo", model="echo") == 1
+    assert total(found, "hive_tasks_failed_total") == 0
+    assert (await hive.get(task_id)).status == "completed"  # a report is never a task's latest state
 
 
 async def test_model_labels_are_capped(bus: Bus, hive: Hive) -> None:

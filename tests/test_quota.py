@@ -18,12 +18,13 @@ from hive_bus import (
     FunctionProvider,
     Hive,
     ProviderKey,
+    ProviderStats,
     Task,
     TaskRequest,
     TaskView,
 )
 from hive_bus._budget import Ledger, ProviderBudget, load_budgets
-from hive_bus._messages import Moved, Retrying, Running
+from hive_bus._messages import Moved, Retrying, Running, now_ms
 from hive_bus._router import Router
 from workers.echo import EchoProvider
 from workers.gemini import GeminiProvider
@@ -97,6 +98,13 @@ async def test_a_spent_daily_budget_survives_a_worker_restart(
             return view if view.status == "retrying" else None
 
         view = await eventually(told, 10, "the task over the daily budget to be told to wait")
+
+        async def waiting() -> list[ProviderStats] | None:
+            stats = [s for s in await hive.stats() if s.provider == "groq" and s.waiting == 1]
+            return stats or None
+
+        stats = (await eventually(waiting, 10, "the worker's wait to show in the stats"))[0]
+        assert stats.waiting_until_ms is not None and stats.waiting_until_ms - now_ms() > 3_600_000
     assert fakes.groq.requests == 2  # the third call was never made
     assert view.reason == "budget" and "rpd" in (view.error or "")
     assert view.next_try_at_ms is not None and view.next_try_at_ms - view.updated_at_ms > 3_600_000
