@@ -21,7 +21,6 @@ from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
-from ._bus import kv_entries
 from ._errors import Quota
 from ._messages import WorkerBeat, encoder, now_ms
 
@@ -85,8 +84,13 @@ class KeyCooldowns:
     async def subscribe(self) -> Subscription:
         """Subscribe first, then read the current values, so no update falls between the two."""
         sub = await self._nc.subscribe(self._subject)
-        for name, value in (await kv_entries(self._kv, f"{self._provider}.*")).items():
-            self._apply(name.rpartition(".")[2], value)
+        for key in self.keys:  # a direct get each: a worker's credentials need no consumer for this
+            try:
+                entry = await self._kv.get(f"{self._provider}.{key}")
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            if entry.value:
+                self._apply(key, entry.value)
         return sub
 
     def _apply(self, key: str, data: bytes) -> None:

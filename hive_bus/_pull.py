@@ -75,6 +75,13 @@ class Puller:
             except nats.errors.Error as exc:
                 log.debug("unsubscribing %s failed: %s", self.consumer, exc)
 
+    async def quiet(self) -> None:
+        """Wait until no waiting request is open (it cannot be called back), so that a task handed back
+        now is not delivered to this worker as it leaves."""
+        with anyio.move_on_after(max(0.0, self._waiting_until - anyio.current_time()) + 1):
+            while self._waiting is not None and anyio.current_time() <= self._waiting_until:
+                await self._changed.wait()
+
     def take(self, batch: int) -> list[Msg]:
         got, self.spare = self.spare[:batch], self.spare[batch:]
         return got

@@ -195,7 +195,7 @@ class Worker:
                             calls.start_soon(self._lane, receive)
                         with send:
                             await self._fetch_loop(pullers, send)
-                        await self._drain(calls)
+                        await self._drain(calls, pullers)
                 beats.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
@@ -338,11 +338,13 @@ class Worker:
                 best = blocked
         return best
 
-    async def _drain(self, calls: TaskGroup) -> None:
+    async def _drain(self, calls: TaskGroup, pullers: list[Puller]) -> None:
         if self._in_flight:
             log.info("worker %s draining %d task(s)", self.id, self._in_flight)
         with anyio.move_on_after(self._opts.drain_timeout_s):
             await self._wait_for(lambda: self._in_flight == 0)
+        for puller in pullers:
+            await puller.quiet()
         # Whatever is still running now is cancelled; _handle NAKs it for prompt redelivery.
         calls.cancel_scope.cancel()
 
