@@ -95,7 +95,7 @@ class Worker:
         self._provider = provider
         self._opts = options
         self._host = socket.gethostname()
-        self.id = options.worker_id or _worker_id(options.provider, self._host)
+        self.id = options.worker_id or _worker_id(options.provider, self._host, bus.settings.worker_name)
         self._stopping = anyio.Event()
         self._changed = anyio.Event()
         self._in_flight = 0
@@ -403,8 +403,11 @@ async def _nak_now(msg: Msg) -> None:
         log.debug("NAK failed (%s); the task returns after AckWait", exc)
 
 
-def _worker_id(provider: str, host: str) -> str:
-    return f"{provider}-{_ID_SAFE.sub('-', host)[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
+def _worker_id(provider: str, host: str, name: str | None = None) -> str:
+    """``provider-host-pid-rand``; under a worker credential's name, ``name.provider-host-pid-rand``,
+    the heartbeat keys (``$KV.<prefix>_workers.<name>.>``) that credential may write."""
+    unique = f"{provider}-{_ID_SAFE.sub('-', host)[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
+    return f"{name}.{unique}" if name else unique
 
 
 def _claimed_id(data: bytes) -> str | None:
