@@ -32,7 +32,7 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
-from ._credentials import connect_options, refusal, server_urls
+from ._credentials import closed_hint, connect_options, refusal, server_urls
 from ._errors import BusConfigError, BusRefused, BusUnavailable
 from ._names import Names
 from ._settings import Settings, redact_url
@@ -131,7 +131,7 @@ async def connect_nats(settings: Settings, *, name: str, violations: list[str] |
         with anyio.CancelScope(shield=True):
             await nc.close()
         why = last_error[-1] if last_error else _reason(exc)
-        raise BusUnavailable(f"cannot reach NATS at {where}: {why}") from None
+        raise BusUnavailable(f"cannot reach NATS at {where}: {why}{closed_hint(settings, why)}") from None
     if refused:
         with anyio.CancelScope(shield=True):
             await nc.close()

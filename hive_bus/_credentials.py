@@ -52,8 +52,7 @@ def connect_options(settings: Settings) -> dict[str, Any]:
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """A TLS context when a TLS file is set or a URL is ``tls://``; None for plain connections."""
-    wanted = settings.nats_tls_ca_file or settings.nats_tls_cert_file
-    if not wanted and not any(urlsplit(u).scheme == "tls" for u in server_urls(settings)):
+    if not tls_context_wanted(settings):
         return None
     ca = settings.nats_tls_ca_file
     try:
@@ -100,6 +99,25 @@ def refusal(exc: BaseException) -> str | None:
             return "TLS: the server does not speak TLS on this port: use a nats:// URL, or its TLS port"
         return f"TLS handshake failed ({exc.reason or exc})"
     return None
+
+
+def closed_hint(settings: Settings, last_error: str) -> str:
+    """What a TLS connection the server closed at once may mean: a client certificate it did not take
+    (the alert that says so can be lost when the server closes first)."""
+    if tls_context_wanted(settings) and "connection lost" in last_error.lower():
+        return (
+            " (the server closed the TLS connection: if it wants client certificates, "
+            f"{_FIX_CERT} to one signed by its CA)"
+        )
+    return ""
+
+
+def tls_context_wanted(settings: Settings) -> bool:
+    return bool(
+        settings.nats_tls_ca_file
+        or settings.nats_tls_cert_file
+        or any(urlsplit(u).scheme == "tls" for u in server_urls(settings))
+    )
 
 
 def _readable(path: str, setting: str) -> str:
