@@ -14,7 +14,7 @@ import pytest
 
 from hive_bus import BusUnavailable, Hive, Settings, open_bus
 from hive_bus._embedded import NatsServer
-from workers import EchoProvider
+from workers.echo import EchoProvider
 
 from .conftest import make_settings
 from .helpers import free_port, running_worker
