@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-setup lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# Tools the deployment tests use: Prometheus and promtool (Debian's package), the compose-spec schema.
+test-setup: $(STAMP)
+	bash tests/setup/ensure-prometheus.sh
+	bash tests/setup/fetch-compose-schema.sh $(VENV)
+
+test: lint test-setup
 	$(BIN)/pytest
 
 bench: $(STAMP)
