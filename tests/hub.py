@@ -25,7 +25,6 @@ _MACHINE_VALUES = {
     'store_dir: "/var/lib/nats"': "# store_dir: given with -sd",
     "0.0.0.0:4222": "127.0.0.1:-1",
     "127.0.0.1:8222": "127.0.0.1:-1",
-    "0.0.0.0:7422": "127.0.0.1:-1",
 }
 
 
@@ -69,6 +68,7 @@ def worker_block(user: WorkerUser) -> str:
     args = ["bash", str(NATS_DIR / "worker-user.sh")]
     if user.nkey:
         args += ["--nkey", user.nkey]
+
     done = subprocess.run(
         [*args, user.name, *user.providers], check=True, capture_output=True, text=True, timeout=30
     )
