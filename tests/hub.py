@@ -68,7 +68,6 @@ def worker_block(user: WorkerUser) -> str:
     args = ["bash", str(NATS_DIR / "worker-user.sh")]
     if user.nkey:
         args += ["--nkey", user.nkey]
-
     done = subprocess.run(
         [*args, user.name, *user.providers], check=True, capture_output=True, text=True, timeout=30
     )

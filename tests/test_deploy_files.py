@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import cast
 
@@ -18,6 +19,7 @@ from jsonschema import Draft201909Validator
 
 from hive_bus import Bus, load_settings
 from hive_bus._cli import cli
+from hive_bus._embedded import nats_server_path
 from services.metrics import BusMetrics
 
 from .deploy import (
@@ -192,3 +194,43 @@ def test_alerts_fire_on_what_they_are_for_and_not_otherwise() -> None:
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
     assert PROMTOOL is not None
     return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+SYSTEMD = DEPLOY / "systemd"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("unit", ["nats.service", "hive-gateway.service", "hive-worker@.service"])
+def test_systemd_units_pass_systemd_analyze(unit: str, tmp_path: Path) -> None:
+    # the unit as installed: its programs where this machine has them
+    here = {
+        "/usr/local/bin/nats-server": nats_server_path(),
+        "/opt/hive-bus/.venv/bin/hive": str(Path(sys.executable).with_name("hive")),
+    }
+    text = (SYSTEMD / unit).read_text()
+    for was, now in here.items():
+        text = text.replace(was, now)
+    (tmp_path / unit).write_text(text)
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(tmp_path / unit)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+@pytest.mark.parametrize("env_file", ["gateway.env", "worker.env"])
+def test_systemd_environment_files_hold_settings_hive_knows(env_file: str) -> None:
+    env = {}
+    for line in (SYSTEMD / env_file).read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    load_settings({k: v for k, v in env.items() if k.startswith("HIVE_")})
+
+
+def test_the_shipped_local_worker_user_is_what_worker_user_sh_makes() -> None:
+    made = subprocess.run(
+        ["bash", str(REPO / "nats/worker-user.sh"), "local", "echo"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert made in (REPO / "nats/accounts.conf").read_text()
