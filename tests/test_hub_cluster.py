@@ -5,14 +5,14 @@ before, during and after is kept and run, and the bus serves on with two nodes."
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
-from contextlib import suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import anyio
 import pytest
 
-from hive_bus import BusUnavailable, Hive, Settings, open_bus
+from hive_bus import Bus, BusUnavailable, Hive, Settings, open_bus
 from hive_bus._embedded import NatsServer
 from workers.echo import EchoProvider
 
@@ -58,15 +58,22 @@ def settings_for(hub: Hub, servers: dict[str, NatsServer]) -> Settings:
     )  # fmt: skip
 
 
-async def _open_when_ready(settings: Settings) -> None:
-    """The bus objects, declared once the cluster has elected its JetStream meta leader."""
-    with anyio.fail_after(30, reason="the cluster did not elect a JetStream leader within 30 s"):
+@asynccontextmanager
+async def open_bus_when_ready(settings: Settings, name: str) -> AsyncIterator[Bus]:
+    """The bus, once the cluster answers JetStream requests: at start-up, and after a node's death,
+    until the nodes left have elected their leaders (a supervisor such as systemd does this retry)."""
+    with anyio.fail_after(30, reason="the cluster's JetStream did not answer within 30 s"):
         while True:
             try:
-                async with open_bus(settings):
-                    return
+                bus_cm = open_bus(settings, name=name)
+                bus = await bus_cm.__aenter__()
+                break
             except BusUnavailable:
                 await anyio.sleep(0.5)
+    try:
+        yield bus
+    finally:
+        await bus_cm.__aexit__(None, None, None)
 
 
 @pytest.mark.slow
@@ -76,9 +83,8 @@ async def test_every_accepted_task_survives_the_sigkill_of_one_node(
 ) -> None:
     hub, servers = cluster
     settings = settings_for(hub, servers)
-    await _open_when_ready(settings)
     accepted: list[str] = []
-    async with open_bus(settings, name="submitter") as bus:
+    async with open_bus_when_ready(settings, name="submitter") as bus:
         hive = Hive(bus)
         info = await bus.js.stream_info(bus.names.tasks_stream)
         assert info.config.num_replicas == 3 and info.cluster is not None
@@ -103,7 +109,7 @@ async def test_every_accepted_task_survives_the_sigkill_of_one_node(
     assert before_kill == 20
 
     # every accepted task is run, from the two remaining nodes
-    async with open_bus(settings, name="worker") as bus:
+    async with open_bus_when_ready(settings, name="worker") as bus:
         hive = Hive(bus)
         async with running_worker(bus, "echo", EchoProvider(), concurrency=8):
             with anyio.fail_after(60, reason="accepted tasks were not all completed within 60 s"):
