@@ -125,7 +125,7 @@ def _check_credentials(s: Settings) -> None:
         )
     if s.worker_name is not None and not is_valid_token(s.worker_name):
         raise SettingsError(
-            f"HIVE_WORKER_NAME {s.worker_name!r} must be 1-64 letters, digits, '_' or '-' "
+            f"HIVE_WORKER_NAME (--name) {s.worker_name!r} must be 1-64 letters, digits, '_' or '-' "
             "(it becomes a subject token)"
         )
 
