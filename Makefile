@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test faults lint bench clean
+.PHONY: run test test-setup faults lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# Tools the tests use, installed where missing: Prometheus and promtool, Chromium, strace (Debian's
+# packages), the compose-spec schema.
+test-setup: $(STAMP)
+	bash tests/setup/ensure-prometheus.sh
+	bash tests/setup/fetch-compose-schema.sh $(VENV)
 	sh tests/setup/tools.sh
+
+test: lint test-setup
 	$(BIN)/pytest
 
 # The fault-injection suite alone (it is part of `make test` too); figures in docs/reliability.md.

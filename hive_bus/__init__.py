@@ -4,6 +4,7 @@ from ._bus import Bus, open_bus
 from ._client import Accepted, Hive, PartialSubmit, connect, validate
 from ._errors import (
     BusConfigError,
+    BusRefused,
     BusUnavailable,
     FailNow,
     HiveError,
@@ -40,6 +41,7 @@ __all__ = [
     "Accepted",
     "Bus",
     "BusConfigError",
+    "BusRefused",
     "BusUnavailable",
     "Completed",
     "FailNow",

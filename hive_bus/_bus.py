@@ -32,7 +32,8 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
-from ._errors import BusConfigError, BusUnavailable
+from ._credentials import closed_hint, connect_options, refusal, server_urls
+from ._errors import BusConfigError, BusRefused, BusUnavailable
 from ._names import PRIORITIES, Names
 from ._settings import Settings, redact_url
 
@@ -58,10 +59,16 @@ class Bus:
 @asynccontextmanager
 async def open_bus(settings: Settings, *, name: str = "hive") -> AsyncIterator[Bus]:
     """Connect to NATS, declare (or check) the bus objects, and close cleanly on the way out."""
-    nc = await connect_nats(settings, name=name)
+    violations: list[str] = []
+    nc = await connect_nats(settings, name=name, violations=violations)
     try:
         js = nc.jetstream(timeout=settings.request_timeout_s)
-        buckets = await declare_bus(js, settings)
+        try:
+            buckets = await declare_bus(js, settings)
+        except BusUnavailable as exc:
+            if violations:  # the silence was the server refusing a request or a reply inbox
+                raise BusRefused(f"{exc}; {_refused_because(violations[-1], settings)}") from None
+            raise
         yield Bus(nc=nc, js=js, settings=settings, **buckets)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -70,24 +77,36 @@ async def open_bus(settings: Settings, *, name: str = "hive") -> AsyncIterator[B
                 await nc.drain()
 
 
-async def connect_nats(settings: Settings, *, name: str) -> NATS:
+async def connect_nats(settings: Settings, *, name: str, violations: list[str] | None = None) -> NATS:
     """Connect, or raise :class:`BusUnavailable` with one line that says why (secrets left out).
 
     The first connection must succeed within ``connect_timeout_s``; once connected, the client
-    reconnects for as long as it takes.
+    reconnects for as long as it takes. A refusal that another try cannot change (bad login, TLS
+    failure) raises :class:`BusRefused` at once. Permission violations the server reports later are
+    logged and appended to ``violations``.
     """
     where = redact_url(settings.nats_url)
+    options = connect_options(settings)  # files are checked here, before any connection
     nc = NATS()
     last_error: list[str] = []
+    refused: list[str] = []
+    first_connect = anyio.CancelScope()
 
     def closing() -> bool:
         return nc.is_closed or nc.is_draining
 
     async def on_error(exc: Exception) -> None:
         if not nc.is_connected and not nc.is_reconnecting and not closing():
-            last_error.append(_reason(exc))  # still trying to connect the first time: say it once, at the end
+            # still trying to connect the first time: say it once, at the end
+            if (why := refusal(exc)) is not None:
+                refused.append(why)
+                first_connect.cancel()
+            last_error.append(_reason(exc))
         elif not closing():
-            log.warning("NATS connection to %s: %s", where, _reason(exc))
+            text = refusal(exc) or _reason(exc)
+            if "permissions violation" in text.lower() and violations is not None:
+                violations.append(text)
+            log.warning("NATS connection to %s: %s", where, text)
 
     async def on_disconnect() -> None:
         if not closing():
@@ -97,9 +116,9 @@ async def connect_nats(settings: Settings, *, name: str) -> NATS:
         log.info("reconnected to NATS at %s", where)
 
     try:
-        with anyio.fail_after(settings.connect_timeout_s):
+        with anyio.fail_after(settings.connect_timeout_s), first_connect:
             await nc.connect(
-                settings.nats_url,
+                server_urls(settings),
                 name=name,
                 connect_timeout=max(1, min(2, int(settings.connect_timeout_s))),
                 max_reconnect_attempts=-1,
@@ -107,13 +126,30 @@ async def connect_nats(settings: Settings, *, name: str) -> NATS:
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                **options,
             )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         with anyio.CancelScope(shield=True):
             await nc.close()
         why = last_error[-1] if last_error else _reason(exc)
-        raise BusUnavailable(f"cannot reach NATS at {where}: {why}") from None
+        raise BusUnavailable(f"cannot reach NATS at {where}: {why}{closed_hint(settings, why)}") from None
+    if refused:
+        with anyio.CancelScope(shield=True):
+            await nc.close()
+        raise BusRefused(f"NATS at {where}: {refused[-1]}")
     return nc
+
+
+def _refused_because(violation: str, settings: Settings) -> str:
+    hint = ""
+    if "_inbox." in violation.lower():
+        hint = (
+            " (a worker credential only reads inboxes under its own name: set HIVE_WORKER_NAME, or "
+            "--name, to the name it was made with)"
+            if not settings.worker_name
+            else " (is HIVE_WORKER_NAME the name this credential was made with?)"
+        )
+    return f"the server refused: {violation}{hint}"
 
 
 def _reason(exc: BaseException) -> str:
@@ -130,8 +166,12 @@ async def declare_bus(js: JetStreamContext, settings: Settings) -> dict[str, Key
         await _ensure_stream(js, dlq_stream_config(settings))
         return {
             "workers_kv": await _ensure_workers_bucket(js, settings),
-            "providers_kv": await _ensure_file_bucket(js, names.providers_bucket, "provider key cooldowns"),
-            "budgets_kv": await _ensure_file_bucket(js, names.budgets_bucket, "request and token budgets"),
+            "providers_kv": await _ensure_file_bucket(
+                js, settings, names.providers_bucket, "provider key cooldowns"
+            ),
+            "budgets_kv": await _ensure_file_bucket(
+                js, settings, names.budgets_bucket, "request and token budgets"
+            ),
         }
     except nats.js.errors.ServiceUnavailableError:
         raise BusUnavailable("JetStream is not enabled on the NATS server (start it with -js)") from None
@@ -154,6 +194,7 @@ def tasks_stream_config(settings: Settings) -> StreamConfig:
         max_msgs=settings.tasks_max_msgs,
         max_bytes=settings.tasks_max_bytes,
         duplicate_window=settings.duplicate_window_s,
+        num_replicas=settings.replicas,
     )
 
 
@@ -170,6 +211,7 @@ def events_stream_config(settings: Settings) -> StreamConfig:
         max_bytes=settings.events_max_bytes,
         duplicate_window=settings.duplicate_window_s,
         allow_direct=True,
+        num_replicas=settings.replicas,
     )
 
 
@@ -187,6 +229,7 @@ def dlq_stream_config(settings: Settings) -> StreamConfig:
         max_bytes=settings.dlq_max_bytes,
         duplicate_window=settings.duplicate_window_s,
         allow_direct=True,
+        num_replicas=settings.replicas,
     )
 
 
@@ -234,6 +277,7 @@ async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
             "max_bytes": (have.max_bytes, want.max_bytes),
             "max_age": (have.max_age, want.max_age),
             "duplicate_window": (have.duplicate_window, want.duplicate_window),
+            "num_replicas": (have.num_replicas, want.num_replicas),
         },
     )
 
@@ -292,6 +336,8 @@ async def _ensure_workers_bucket(js: JetStreamContext, settings: Settings) -> Ke
         history=1,
         ttl=settings.heartbeat_ttl_s,
         storage=StorageType.MEMORY,
+        replicas=settings.replicas,
+        direct=True,
     )
     kv, have_ttl = await _ensure_bucket(js, want)
     if have_ttl and have_ttl < 2 * settings.heartbeat_interval_s:
@@ -302,9 +348,18 @@ async def _ensure_workers_bucket(js: JetStreamContext, settings: Settings) -> Ke
     return kv
 
 
-async def _ensure_file_bucket(js: JetStreamContext, bucket: str, what: str) -> KeyValue:
+async def _ensure_file_bucket(js: JetStreamContext, settings: Settings, bucket: str, what: str) -> KeyValue:
     # File storage: a daily quota's cooldown or budget must outlive a restart of the hub.
-    want = KeyValueConfig(bucket=bucket, description=f"hive-bus {what}", history=1, storage=StorageType.FILE)
+    want = KeyValueConfig(
+        bucket=bucket,
+        description=f"hive-bus {what}",
+        history=1,
+        storage=StorageType.FILE,
+        replicas=settings.replicas,
+        # reads by key go to $JS.API.DIRECT.GET.<stream>.<key subject>, which a worker's permissions
+        # can narrow to its own provider's keys (a plain message get names no subject to check)
+        direct=True,
+    )
     kv, _ = await _ensure_bucket(js, want)
     return kv
 
@@ -319,7 +374,11 @@ async def _ensure_bucket(js: JetStreamContext, want: KeyValueConfig) -> tuple[Ke
     _check(
         f"key-value bucket {want.bucket}",
         meaning={"history": (config.max_msgs_per_subject, want.history)},
-        limits={"ttl": (config.max_age, want.ttl)},
+        limits={
+            "ttl": (config.max_age, want.ttl),
+            "replicas": (config.num_replicas, want.replicas),
+            "allow_direct": (bool(config.allow_direct), want.direct),
+        },
     )
     return kv, config.max_age
 

@@ -25,7 +25,7 @@ from ._errors import HiveError
 from ._messages import TaskRequest, TaskView, encoder, event_decoder, explain_error, now_ms, request_decoder
 from ._prices import PriceFileError, PriceTable
 from ._providers import HandlerError, Provider, load_handler
-from ._settings import Settings, SettingsError, load_settings
+from ._settings import Settings, SettingsError, load_settings, with_overrides
 from ._version import __version__
 from ._worker import ProviderKey, Worker, WorkerOptions
 
@@ -74,21 +74,44 @@ def _one_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def bus_options(fn: F) -> F:
-    """``--nats`` and ``--prefix``, on every command that talks to a bus."""
+_FILE = click.Path(dir_okay=False)
+# (flag, Settings field, metavar, help): how to log in to a NATS server that wants it
+_CREDENTIAL_OPTIONS = (
+    ("--nats-user", "nats_user", "USER", "NATS user [env HIVE_NATS_USER]; password in env HIVE_NATS_PASSWORD"),
+    ("--nats-password-file", "nats_password_file", "FILE", "the NATS password, on its first line [env HIVE_NATS_PASSWORD_FILE]"),
+    ("--nats-nkey-seed", "nats_nkey_seed_file", "FILE", "NATS nkey seed file [env HIVE_NATS_NKEY_SEED_FILE]"),
+    ("--nats-creds", "nats_creds_file", "FILE", "NATS creds file (JWT and seed) [env HIVE_NATS_CREDS_FILE]"),
+    ("--nats-tls-ca", "nats_tls_ca_file", "FILE", "CA that signed the server's certificate [env HIVE_NATS_TLS_CA_FILE]"),
+    ("--nats-tls-cert", "nats_tls_cert_file", "FILE", "client certificate [env HIVE_NATS_TLS_CERT_FILE]"),
+    ("--nats-tls-key", "nats_tls_key_file", "FILE", "client certificate's key [env HIVE_NATS_TLS_KEY_FILE]"),
+)  # fmt: skip
 
-    @click.option(
-        "--nats", "nats_url", metavar="URL", help="NATS server URL [env HIVE_NATS_URL; nats://127.0.0.1:4222]"
-    )
-    @click.option("--prefix", help="bus prefix, to run several buses on one server [env HIVE_PREFIX; hive]")
+
+def bus_options(fn: F) -> F:
+    """``--nats``, ``--prefix`` and the NATS credentials, on every command that talks to a bus."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, nats_url: str | None, prefix: str | None, **kwargs: Any) -> Any:
+        credentials = {field: kwargs.pop(field) for _, field, _, _ in _CREDENTIAL_OPTIONS}
         try:
-            settings = load_settings(nats_url=nats_url, prefix=prefix)
+            settings = load_settings(nats_url=nats_url, prefix=prefix, **credentials)
         except (SettingsError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
         return fn(*args, settings=settings, **kwargs)
 
+    for flag, field, metavar, text in reversed(_CREDENTIAL_OPTIONS):
+        wrapper = click.option(
+            flag, field, metavar=metavar, type=_FILE if metavar == "FILE" else None, help=text
+        )(wrapper)
+    wrapper = click.option(
+        "--prefix", help="bus prefix, to run several buses on one server [env HIVE_PREFIX; hive]"
+    )(wrapper)
+    wrapper = click.option(
+        "--nats",
+        "nats_url",
+        metavar="URL",
+        help="NATS server URL, or URLs separated by commas [env HIVE_NATS_URL; nats://127.0.0.1:4222]",
+    )(wrapper)
     return wrapper  # type: ignore[return-value]
 
 
@@ -220,6 +243,11 @@ def gateway(host: str, port: int, max_body_bytes: int, settings: Settings) -> No
 @click.option("--model", help="default model for tasks that name none (built-in providers)")
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--drain-timeout", "drain_timeout_s", default=30.0, show_default=True, help="seconds")
+@click.option(
+    "--name",
+    "worker_name",
+    help="the name of this worker's NATS credential (nats/worker-user.sh NAME) [env HIVE_WORKER_NAME]",
+)
 @bus_options
 def worker(
     provider: str | None,
@@ -228,6 +256,7 @@ def worker(
     model: str | None,
     concurrency: int,
     drain_timeout_s: float,
+    worker_name: str | None,
     settings: Settings,
 ) -> None:
     """Serve one provider's tasks: a built-in one (echo, gemini, groq, anthropic, openai), or your own
@@ -241,6 +270,10 @@ def worker(
         raise click.UsageError(f"two provider names given: {provider!r} and {provider_opt!r}")
     if not is_valid_provider(name):
         raise click.UsageError(f"provider {name!r} must be 1-64 letters, digits, '_' or '-'")
+    try:
+        settings = with_overrides(settings, worker_name=worker_name)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
 
     async def main() -> None:
         impl = _provider_for(name, handler, model)

@@ -68,6 +68,10 @@ class BusUnavailable(HiveError):
     """NATS or JetStream did not answer; nothing was accepted."""
 
 
+class BusRefused(BusUnavailable):
+    """The NATS server refused this client (login, TLS or permissions): trying again cannot help."""
+
+
 class QueueFull(HiveError):
     """The tasks stream is at its limits; nothing was accepted. Try again after ``retry_after_s``."""
 

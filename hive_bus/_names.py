@@ -22,6 +22,11 @@ def is_valid_provider(name: str) -> bool:
     return _PROVIDER_RE.match(name) is not None
 
 
+def is_valid_token(name: str) -> bool:
+    """A name fit to be one subject token (a provider's, or a worker credential's)."""
+    return _PROVIDER_RE.match(name) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Names:
     """The names of one bus's objects.

@@ -10,15 +10,19 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 from msgspec import Meta
 
-from ._names import Names
+from ._names import Names, is_valid_token
 
 ENV_PREFIX = "HIVE_"
 # Variables that start with HIVE_ but are read (and checked) by a component of their own, not by Settings.
-_FOREIGN_ENV = frozenset({"HIVE_LOG_LEVEL", "HIVE_METRICS_TOKEN"})
+_FOREIGN_ENV = frozenset({"HIVE_LOG_LEVEL", "HIVE_METRICS_TOKEN", "HIVE_METRICS_TOKEN_FILE"})
 _FOREIGN_PREFIXES = ("HIVE_GATEWAY_",)  # the gateway's own loader rejects unknown ones
 
 PositiveSeconds = Annotated[float, Meta(gt=0)]
 PositiveInt = Annotated[int, Meta(gt=0)]
+# JetStream keeps 1, 3 or 5 copies of a stream in practice; R5 is its largest sensible setting.
+Replicas = Annotated[int, Meta(ge=1, le=5)]
+# Fields whose values are secrets: never shown in a repr, a log line or an error message.
+SECRET_FIELDS = frozenset({"nats_password"})
 
 
 class SettingsError(ValueError):
@@ -58,9 +62,35 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     connect_timeout_s: PositiveSeconds = 5.0
     # How long a publish waits for JetStream's acknowledgement before the bus counts as unavailable.
     request_timeout_s: PositiveSeconds = 5.0
+    # Copies of each stream and bucket this process declares: 3 on a three-node cluster.
+    replicas: Replicas = 1
+    # Credentials (see _credentials.py): a user and password, an nkey seed file or a creds file, and
+    # TLS files; the URL may also carry user:password@. Secrets are never logged nor put in errors.
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_password_file: str | None = None  # the password, on the file's first line
+    nats_nkey_seed_file: str | None = None
+    nats_creds_file: str | None = None
+    nats_tls_ca_file: str | None = None
+    nats_tls_cert_file: str | None = None
+    nats_tls_key_file: str | None = None
+    # The name of a worker's credential: its heartbeat keys are <name>.<worker id> and its reply
+    # inboxes _INBOX.<name>.<...>, the subjects that credential's permissions allow (nats/worker-user.sh).
+    worker_name: str | None = None
+
+    def __repr__(self) -> str:
+        def show(field: str) -> str:
+            value = getattr(self, field)
+            if field in SECRET_FIELDS and value is not None:
+                return f"{field}=***"
+            return f"{field}={redact_url(value) if field == 'nats_url' else value!r}"
+
+        shown = (show(f) for f in self.__struct_fields__)
+        return f"Settings({', '.join(shown)})"
 
     def __post_init__(self) -> None:
         Names(self.prefix)  # validates the prefix
+        _check_credentials(self)
         if self.heartbeat_ttl_s < 2 * self.heartbeat_interval_s:
             raise SettingsError(
                 f"heartbeat_ttl_s ({self.heartbeat_ttl_s}) must be at least twice heartbeat_interval_s "
@@ -75,6 +105,34 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     @property
     def names(self) -> Names:
         return Names(self.prefix)
+
+
+def _check_credentials(s: Settings) -> None:
+    """Combinations that cannot work fail here, naming the variables (never their values)."""
+    if s.nats_password is not None and s.nats_password_file:
+        raise SettingsError("HIVE_NATS_PASSWORD and HIVE_NATS_PASSWORD_FILE are both set: give one")
+    if (s.nats_password is not None or s.nats_password_file) and not s.nats_user:
+        raise SettingsError("a NATS password is set but HIVE_NATS_USER is not: give both, or neither")
+    ways = [
+        name
+        for name, value in (
+            ("HIVE_NATS_USER", s.nats_user),
+            ("HIVE_NATS_NKEY_SEED_FILE", s.nats_nkey_seed_file),
+            ("HIVE_NATS_CREDS_FILE", s.nats_creds_file),
+        )
+        if value
+    ]
+    if len(ways) > 1:
+        raise SettingsError(f"{' and '.join(ways)} are both set: a connection logs in one way only")
+    if bool(s.nats_tls_cert_file) != bool(s.nats_tls_key_file):
+        raise SettingsError(
+            "HIVE_NATS_TLS_CERT_FILE and HIVE_NATS_TLS_KEY_FILE go together: a client certificate needs its key"
+        )
+    if s.worker_name is not None and not is_valid_token(s.worker_name):
+        raise SettingsError(
+            f"HIVE_WORKER_NAME (--name) {s.worker_name!r} must be 1-64 letters, digits, '_' or '-' "
+            "(it becomes a subject token)"
+        )
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -104,6 +162,16 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         raise SettingsError(_name_the_variable(str(exc))) from None
 
 
+def with_overrides(settings: Settings, **overrides: Any) -> Settings:
+    """``settings`` with some fields replaced (from flags), checked as :func:`load_settings` checks."""
+    values = msgspec.structs.asdict(settings)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(_name_the_variable(str(exc))) from None
+
+
 def _known_vars() -> str:
     return ", ".join(ENV_PREFIX + f.upper() for f in Settings.__struct_fields__)
 
@@ -118,7 +186,10 @@ def _name_the_variable(message: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL without any user name, password or token in it, fit for logs and error messages."""
+    """The URL (or comma-separated URLs) without any user name, password or token in it, fit for logs
+    and error messages."""
+    if "," in url:
+        return ",".join(redact_url(u.strip()) for u in url.split(","))
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url

@@ -132,7 +132,7 @@ class Worker:
             raise ValueError("a worker needs at least one provider key")
         self._opts = options
         self._host = socket.gethostname()
-        self.id = options.worker_id or _worker_id(options.provider, self._host)
+        self.id = options.worker_id or _worker_id(options.provider, self._host, bus.settings.worker_name)
         self._stopping = anyio.Event()
         self._changed = anyio.Event()
         self._in_flight = 0
@@ -631,8 +631,11 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _worker_id(provider: str, host: str) -> str:
-    return f"{provider}-{_ID_SAFE.sub('-', host)[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
+def _worker_id(provider: str, host: str, name: str | None = None) -> str:
+    """``provider-host-pid-rand``; under a worker credential's name, ``name.provider-host-pid-rand``,
+    the heartbeat keys (``$KV.<prefix>_workers.<name>.>``) that credential may write."""
+    unique = f"{provider}-{_ID_SAFE.sub('-', host)[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
+    return f"{name}.{unique}" if name else unique
 
 
 def _claimed_id(data: bytes) -> str | None:

@@ -22,7 +22,8 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 ENV_TOKENS = "HIVE_GATEWAY_TOKENS"
 ENV_TOKENS_FILE = "HIVE_GATEWAY_TOKENS_FILE"
 ENV_METRICS_TOKEN = "HIVE_METRICS_TOKEN"
-KNOWN_ENV = frozenset({ENV_TOKENS, ENV_TOKENS_FILE, ENV_METRICS_TOKEN})
+ENV_METRICS_TOKEN_FILE = "HIVE_METRICS_TOKEN_FILE"
+KNOWN_ENV = frozenset({ENV_TOKENS, ENV_TOKENS_FILE, ENV_METRICS_TOKEN, ENV_METRICS_TOKEN_FILE})
 
 
 class AuthConfigError(ValueError):
@@ -64,7 +65,26 @@ class Tokens:
             raise AuthConfigError(
                 f"{len(short)} gateway token(s) shorter than 16 characters; use long random tokens"
             )
-        return cls(api=frozenset(tokens), metrics=environ.get(ENV_METRICS_TOKEN) or None)
+        return cls(api=frozenset(tokens), metrics=_metrics_token(environ))
+
+
+def _metrics_token(environ: Mapping[str, str]) -> str | None:
+    """``HIVE_METRICS_TOKEN``, or the first line of ``HIVE_METRICS_TOKEN_FILE`` (the file Prometheus's
+    scrape job reads its bearer token from too)."""
+    token = environ.get(ENV_METRICS_TOKEN) or None
+    path = environ.get(ENV_METRICS_TOKEN_FILE)
+    if not path:
+        return token
+    if token:
+        raise AuthConfigError(f"{ENV_METRICS_TOKEN} and {ENV_METRICS_TOKEN_FILE} are both set; give one")
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise AuthConfigError(f"cannot read {ENV_METRICS_TOKEN_FILE} {path}: {exc.strerror}") from None
+    found = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not found:
+        raise AuthConfigError(f"{ENV_METRICS_TOKEN_FILE} {path} holds no token")
+    return found[0]
 
 
 def is_loopback(host: str) -> bool:

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Random passwords for the hub's users: the server's side in secrets.conf, each client's in a file.
+#
+#   nats/make-secrets.sh [--dir DIR] [WORKER_NAME...]
+#
+# DIR (default: the directory of this script, /etc/nats on a Pi) gets, or has added to it:
+#   secrets.conf          NATS variables read by accounts.conf: GATEWAY_PASSWORD, ADMIN_PASSWORD,
+#                         WORKER_LOCAL_PASSWORD and WORKER_<NAME>_PASSWORD for each worker named here
+#   passwords/<user>      the same password, alone on its line, for that client
+#                         (HIVE_NATS_PASSWORD_FILE=.../passwords/gateway)
+# Existing entries are kept, so run it again to add a worker. Both are readable by their owner only.
+# A password in secrets.conf may be replaced by its bcrypt hash ("$2a$..."), kept in double quotes.
+set -euo pipefail
+
+dir="$(dirname "$0")"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dir) dir="${2:?--dir needs a directory}"; shift 2 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --*) echo "make-secrets: unknown option '$1' (see --help)" >&2; exit 2 ;;
+        *) break ;;
+    esac
+done
+token='^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$'
+for name in "$@"; do
+    [[ "$name" =~ $token ]] || { echo "make-secrets: worker name '$name' must be 1-64 letters, digits, '_' or '-'" >&2; exit 2; }
+done
+command -v openssl >/dev/null || { echo "make-secrets: openssl is not installed" >&2; exit 1; }
+
+umask 077
+mkdir -p "$dir/passwords"
+conf="$dir/secrets.conf"
+[ -f "$conf" ] || printf '# Passwords of the hub users (nats/make-secrets.sh). Keep this file secret.\n' >"$conf"
+
+add() { # add USER VARIABLE
+    if grep -q "^$2:" "$conf"; then
+        return
+    fi
+    local pw
+    pw="$(openssl rand -hex 24)"
+    printf '%s: "%s"\n' "$2" "$pw" >>"$conf"
+    printf '%s\n' "$pw" >"$dir/passwords/$1"
+    echo "made a password for $1: $dir/passwords/$1"
+}
+
+add gateway GATEWAY_PASSWORD
+add admin ADMIN_PASSWORD
+add local WORKER_LOCAL_PASSWORD
+for name in "$@"; do
+    add "$name" "WORKER_$(echo "$name" | tr 'a-z-' 'A-Z_')_PASSWORD"
+done

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Print the nats-server user block of one worker credential, with least-privilege permissions.
+#
+#   nats/worker-user.sh [--prefix hive] [--nkey UPUBLICKEY] NAME PROVIDER [PROVIDER...]
+#
+# Paste the block into the users list of the HIVE account in nats/accounts.conf (below the line
+# "worker users"), then reload the server (nats-server --signal reload, or systemctl reload nats).
+# The worker runs with HIVE_WORKER_NAME=NAME (or `hive worker --name NAME`): its heartbeat keys are
+# NAME.<...> and its reply inboxes _INBOX.NAME.<...>, and these permissions allow no other.
+#
+# Authentication: with --nkey, the worker proves it holds the seed of that public user nkey
+# (HIVE_NATS_NKEY_SEED_FILE on its side) and no password exists; without it, the password is the
+# variable WORKER_<NAME>_PASSWORD of secrets.conf: nats/make-secrets.sh NAME adds it, and writes the
+# worker's copy to passwords/NAME. One name per machine (or per leaf site): workers sharing a name
+# could write each other's heartbeats and read each other's inboxes.
+set -euo pipefail
+
+prefix=hive
+nkey=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prefix) prefix="${2:?--prefix needs a value}"; shift 2 ;;
+        --nkey) nkey="${2:?--nkey needs a public user nkey (U...)}"; shift 2 ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --*) echo "worker-user: unknown option '$1' (see --help)" >&2; exit 2 ;;
+        *) break ;;
+    esac
+done
+if [ $# -lt 2 ]; then
+    echo "worker-user: give a worker NAME and at least one PROVIDER (see --help)" >&2
+    exit 2
+fi
+name="$1"
+shift
+token='^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$'
+[[ "$name" =~ $token ]] || { echo "worker-user: worker name '$name' must be 1-64 letters, digits, '_' or '-'" >&2; exit 2; }
+[[ "$prefix" =~ ^[a-z][a-z0-9_]{0,31}$ ]] || { echo "worker-user: prefix '$prefix' must be 1-32 lower-case letters, digits or '_', starting with a letter" >&2; exit 2; }
+for p in "$@"; do
+    [[ "$p" =~ $token ]] || { echo "worker-user: provider '$p' must be 1-64 letters, digits, '_' or '-'" >&2; exit 2; }
+done
+if [ -n "$nkey" ] && [[ ! "$nkey" =~ ^U[A-Z2-7]{55}$ ]]; then
+    echo "worker-user: '$nkey' is not a public user nkey (56 characters starting with U)" >&2
+    exit 2
+fi
+
+P="${prefix^^}"
+tasks="${P}_TASKS"
+events="${P}_EVENTS"
+env_name="WORKER_$(echo "$name" | tr 'a-z-' 'A-Z_')_PASSWORD"
+
+if [ -n "$nkey" ]; then
+    auth="nkey: $nkey"
+else
+    auth="user: \"$name\", password: \$$env_name"
+fi
+
+pub=()
+sub=()
+for p in "$@"; do
+    for prio in high normal low; do
+        pub+=("\"\$JS.API.CONSUMER.INFO.$tasks.${prefix}_${p}_$prio\"" "\"\$JS.API.CONSUMER.MSG.NEXT.$tasks.${prefix}_${p}_$prio\"")
+    done
+    for status in running retrying moved completed failed; do
+        pub+=("\"$prefix.events.$p.*.$status\"")
+    done
+    pub+=("\"$prefix.dlq.$p.*\"")
+    pub+=("\"\$KV.${prefix}_providers.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_providers.\$KV.${prefix}_providers.$p.>\"")
+    pub+=("\"\$KV.${prefix}_budgets.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_budgets.\$KV.${prefix}_budgets.$p.>\"")
+    sub+=("\"$prefix.tasks.$p.high\"" "\"\$KV.${prefix}_providers.$p.>\"")
+done
+
+join() { local IFS=','; echo "$*" | sed 's/,/,\n          /g'; }
+
+cat <<BLOCK
+    # worker "$name": providers $*
+    {
+      $auth
+      permissions: {
+        publish: { allow: [
+          # start-up checks of the bus objects
+          "\$JS.API.STREAM.INFO.$tasks", "\$JS.API.STREAM.INFO.$events", "\$JS.API.STREAM.INFO.${P}_DLQ",
+          "\$JS.API.STREAM.INFO.KV_${prefix}_workers", "\$JS.API.STREAM.INFO.KV_${prefix}_providers",
+          "\$JS.API.STREAM.INFO.KV_${prefix}_budgets",
+          # a task's last event, by its id (tasks moved here keep their first provider's events)
+          "\$JS.API.DIRECT.GET.$events.$prefix.events.>",
+          # its own heartbeat keys
+          "\$KV.${prefix}_workers.$name.>",
+          # per provider: bind to and pull from its consumers (created by the gateway), its tasks'
+          # events and dead letters, compare-and-set of its cooldowns and budgets
+          $(join "${pub[@]}")
+        ] }
+        subscribe: { allow: [
+          "_INBOX.$name.>",
+          $(join "${sub[@]}")
+        ] }
+        # acks, NAKs, TERMs and in-progress acks go to each delivered task's reply subject: a call of
+        # up to 10 minutes sends an in-progress ack every AckWait/3 (10 s by default), up to 60, then
+        # one final ack; after 100 responses or 15 minutes the reply subject is closed to this worker
+        allow_responses: { max: 100, expires: "15m" }
+      }
+    }
+BLOCK

@@ -1,0 +1,236 @@
+"""The deployment files, checked without a Docker engine: compose.yaml against the Compose
+specification's own schema and against the repository, the alert rules and the Prometheus config by
+promtool (rules unit-tested too), the Grafana dashboard's JSON and every query in it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import cast
+
+import pytest
+import yaml
+from jsonschema import Draft201909Validator
+
+from hive_bus import Bus, load_settings
+from hive_bus._cli import cli
+from hive_bus._embedded import nats_server_path
+from services.metrics import BusMetrics
+
+from .deploy import (
+    COMPOSE,
+    COMPOSE_SCHEMA,
+    DASHBOARD,
+    DEPLOY,
+    PROMETHEUS_DIR,
+    PROMTOOL,
+    compose,
+    dashboard,
+    dashboard_queries,
+    load_yaml,
+    needs_promtool,
+    prometheus_config,
+)
+from .helpers import REPO
+
+
+def test_compose_follows_the_compose_specification() -> None:
+    if not COMPOSE_SCHEMA.is_file():
+        pytest.skip(
+            f"no compose-spec schema at {COMPOSE_SCHEMA}: tests/setup/fetch-compose-schema.sh fetches it"
+        )
+    validator = Draft201909Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose())]
+    assert not errors, "\n".join(errors)
+    # and the schema does refuse what is not Compose
+    wrong = copy.deepcopy(compose())
+    wrong["services"]["gateway"]["restart_policy"] = "always"
+    wrong["services"]["worker"]["depends_on"] = {"gateway": {"condition": "when_ready"}}
+    assert len(list(validator.iter_errors(wrong))) == 2
+
+
+def test_every_file_compose_uses_is_in_the_repository_or_made_by_the_set_up_scripts(tmp_path: Path) -> None:
+    for part in ("nats", "deploy"):
+        shutil.copytree(
+            REPO / part,
+            tmp_path / part,
+            ignore=shutil.ignore_patterns("certs", "secrets", "passwords", "secrets.conf"),
+        )
+    shutil.copy(COMPOSE, tmp_path / "compose.yaml")
+    # the README's set-up, in this copy
+    for script in (["nats/make-certs.sh", "--server", "nats", "--client", "gateway", "--client", "local"],
+                   ["nats/make-secrets.sh"], ["deploy/make-secrets.sh"]):  # fmt: skip
+        subprocess.run(["bash", *script], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    doc = compose()
+    missing = []
+    for name, service in doc["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./") and not (tmp_path / source).exists():
+                missing.append(f"{name}: {source}")
+        if "build" in service:
+            assert (REPO / service["build"] / "Dockerfile").is_file()
+    for name, secret in doc["secrets"].items():
+        if not (tmp_path / secret["file"]).is_file():
+            missing.append(f"secret {name}: {secret['file']}")
+        for service in doc["services"].values():
+            for used in service.get("secrets", []):
+                assert used in doc["secrets"], f"a service uses secret {used}, which compose does not define"
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("service", ["gateway", "worker"])
+def test_compose_runs_hive_with_settings_and_flags_it_knows(service: str) -> None:
+    spec = compose()["services"][service]
+    env = {k: str(v) for k, v in spec["environment"].items() if k.startswith("HIVE_")}
+    load_settings(env)  # an unknown HIVE_* variable or a bad value raises, naming it
+    secrets_used = {f"/run/secrets/{s}" for s in spec["secrets"]}
+    for key, value in env.items():
+        if key.endswith("_FILE"):
+            assert value in secrets_used, f"{service}: {key}={value} is not a secret compose mounts"
+    command = cli.commands[spec["command"][0]]
+    with command.make_context(spec["command"][0], list(spec["command"][1:])):
+        pass  # every flag exists and every value parses
+
+
+def test_prometheus_and_grafana_find_what_compose_gives_them() -> None:
+    doc = compose()
+    services = doc["services"]
+    prometheus = load_yaml(PROMETHEUS_DIR / "prometheus.yml")
+    [job] = [j for j in prometheus["scrape_configs"] if j["job_name"] == "hive-gateway"]
+    [[target]] = [c["targets"] for c in job["static_configs"]]
+    host, port = target.split(":")
+    assert host in services and services[host]["command"][-2:] == ["--port", port]
+    token = job["authorization"]["credentials_file"]
+    assert token == "/run/secrets/metrics-token" and "metrics-token" in services["prometheus"]["secrets"]
+    assert services["gateway"]["environment"]["HIVE_METRICS_TOKEN_FILE"] == token
+    assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+
+    datasources = load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")["datasources"]
+    [source] = datasources
+    assert source["url"] == "http://prometheus:9090" and "prometheus" in services
+    providers = load_yaml(DEPLOY / "grafana/provisioning/dashboards/hive-bus.yml")["providers"]
+    [provider] = providers
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in services["grafana"]["volumes"]}
+    assert mounted[provider["options"]["path"]] == "./deploy/grafana/dashboards"
+    assert mounted["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    for panel in dashboard()["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+
+
+def gateway_metric_names() -> set[str]:
+    """Every sample name the gateway's /metrics can hold (families and their suffixes)."""
+    metrics = BusMetrics(cast(Bus, None))  # the registry alone: nothing reads the bus until run()
+    names = {"up"}
+    for family in metrics.registry.collect():
+        suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created")}
+        names |= {family.name + s for s in suffixes.get(family.type, ("",))}
+    return names
+
+
+def test_the_dashboard_is_grafana_json_that_queries_only_what_the_gateway_exports() -> None:
+    doc = json.loads(DASHBOARD.read_text())
+    assert doc["uid"] == "hive-bus" and doc["title"] and doc["schemaVersion"] >= 30
+    panels = doc["panels"]
+    assert len({p["id"] for p in panels}) == len(panels), "panel ids repeat"
+    for panel in panels:
+        box = panel["gridPos"]
+        assert box["x"] + box["w"] <= 24 and box["h"] > 0, panel["title"]
+        if panel["type"] != "row":
+            assert panel["targets"], f"{panel['title']} has no query"
+    [variable] = doc["templating"]["list"]
+    assert variable["name"] == "provider"
+    exported = gateway_metric_names()
+    queries = dashboard_queries()
+    assert len(queries) >= 15
+    for where, expr in queries.items():
+        used = set(re.findall(r"\b(hive_[a-z_]+|up)\b(?=\s*[{\[]|\s*\))", expr))
+        assert used, f"{where}: no metric found in {expr}"
+        assert used <= exported, f"{where} uses {used - exported}, which the gateway does not export"
+
+
+@needs_promtool
+def test_every_dashboard_query_is_promql_that_promtool_accepts(tmp_path: Path) -> None:
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{n}", "expr": expr} for n, expr in enumerate(dashboard_queries().values())
+    ]}]}  # fmt: skip
+    (tmp_path / "dashboard.yml").write_text(yaml.safe_dump(rules))
+    done = _promtool("check", "rules", str(tmp_path / "dashboard.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(dashboard_queries())} rules found" in done.stdout
+
+
+@needs_promtool
+def test_alert_rules_and_the_prometheus_config_pass_promtool(tmp_path: Path) -> None:
+    token = tmp_path / "metrics-token"
+    token.write_text("a-metrics-token-of-some-length\n")
+    config = prometheus_config(tmp_path / "prometheus", token_file=token, gateway="127.0.0.1:8080")
+    rules = _promtool("check", "rules", str(PROMETHEUS_DIR / "alerts.yml"))
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    assert "SUCCESS: 7 rules found" in rules.stdout
+    checked = _promtool("check", "config", str(config))  # loads alerts.yml beside it too
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@needs_promtool
+def test_alerts_fire_on_what_they_are_for_and_not_otherwise() -> None:
+    done = _promtool("test", "rules", str(PROMETHEUS_DIR / "alerts.test.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    tested = {
+        t["alertname"]
+        for case in load_yaml(PROMETHEUS_DIR / "alerts.test.yml")["tests"]
+        for t in case["alert_rule_test"]
+    }
+    alerts = {r["alert"] for g in load_yaml(PROMETHEUS_DIR / "alerts.yml")["groups"] for r in g["rules"]}
+    assert tested == alerts, f"alerts without a unit test: {alerts - tested}"
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+SYSTEMD = DEPLOY / "systemd"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("unit", ["nats.service", "hive-gateway.service", "hive-worker@.service"])
+def test_systemd_units_pass_systemd_analyze(unit: str, tmp_path: Path) -> None:
+    # the unit as installed: its programs where this machine has them
+    here = {
+        "/usr/local/bin/nats-server": nats_server_path(),
+        "/opt/hive-bus/.venv/bin/hive": str(Path(sys.executable).with_name("hive")),
+    }
+    text = (SYSTEMD / unit).read_text()
+    for was, now in here.items():
+        text = text.replace(was, now)
+    (tmp_path / unit).write_text(text)
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(tmp_path / unit)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+@pytest.mark.parametrize("env_file", ["gateway.env", "worker.env"])
+def test_systemd_environment_files_hold_settings_hive_knows(env_file: str) -> None:
+    env = {}
+    for line in (SYSTEMD / env_file).read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    load_settings({k: v for k, v in env.items() if k.startswith("HIVE_")})
+
+
+def test_the_shipped_local_worker_user_is_what_worker_user_sh_makes() -> None:
+    made = subprocess.run(
+        ["bash", str(REPO / "nats/worker-user.sh"), "local", "echo"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert made in (REPO / "nats/accounts.conf").read_text()

@@ -1,0 +1,198 @@
+"""Logging in to the shipped hub config: TLS only, a client certificate, a password or an nkey; every
+refusal is one clear line that names the setting to fix, and no secret is ever printed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nkeys  # type: ignore[import-untyped]
+import pytest
+
+from hive_bus import BusRefused, BusUnavailable, Hive, Settings, SettingsError, load_settings, open_bus
+from hive_bus._bus import connect_nats
+from hive_bus._embedded import NatsServer
+
+from .helpers import hive_cli
+from .hub import Hub, WorkerUser, hub_server, make_certs, render
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def nkey_seed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    path = tmp_path_factory.mktemp("nkey") / "laptop.nk"
+    path.write_bytes(seed + b"\n")
+    path.chmod(0o600)
+    return path, public
+
+
+@pytest.fixture(scope="module")
+def hub(
+    tmp_path_factory: pytest.TempPathFactory, nkey_seed: tuple[Path, str]
+) -> Iterator[tuple[Hub, NatsServer]]:
+    base = tmp_path_factory.mktemp("hub")
+    certs = make_certs(base / "certs", servers=["127.0.0.1"], clients=["gateway", "laptop"])
+    rendered = render(base / "nats", certs, [WorkerUser("laptop", ("echo",), nkey=nkey_seed[1])])
+    with hub_server(rendered, base / "store") as server:
+        yield rendered, server
+
+
+def settings_for(hub: Hub, url: str, cert: str | None, **values: Any) -> Settings:
+    files: dict[str, Any] = {"nats_tls_ca_file": str(hub.certs / "ca.pem")}
+    if cert:
+        files |= {
+            "nats_tls_cert_file": str(hub.certs / f"client-{cert}.pem"),
+            "nats_tls_key_file": str(hub.certs / f"client-{cert}-key.pem"),
+        }
+    return load_settings(environ={}, nats_url=url, prefix="hive", connect_timeout_s=5, **{**files, **values})
+
+
+def test_a_plaintext_client_is_refused(hub: tuple[Hub, NatsServer]) -> None:
+    rendered, server = hub
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        info = sock.recv(4096)
+        assert info.startswith(b"INFO ") and b'"tls_required":true' in info
+        password = rendered.password("gateway")
+        sock.sendall(
+            b'CONNECT {"user":"gateway","pass":"%s","verbose":false}\r\nPING\r\n' % password.encode()
+        )
+        answer = b""
+        try:
+            while chunk := sock.recv(4096):
+                answer += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert b"PONG" not in answer  # never served in plain text, with the right password too
+
+
+async def test_a_client_without_the_ca_is_told_to_set_it(hub: tuple[Hub, NatsServer]) -> None:
+    rendered, server = hub
+    settings = load_settings(
+        environ={}, nats_url=server.url, nats_user="gateway", nats_password=rendered.password("gateway")
+    )
+    with pytest.raises(BusRefused, match=r"certificate was not trusted .*HIVE_NATS_TLS_CA_FILE"):
+        await connect_nats(settings, name="test")
+
+
+async def test_a_client_without_a_certificate_is_told_to_give_one(hub: tuple[Hub, NatsServer]) -> None:
+    rendered, server = hub
+    settings = settings_for(
+        rendered, server.url, None, nats_user="gateway", nats_password=rendered.password("gateway")
+    )
+    # the server's alert says so; when the server closes first and the alert is lost, the hint does
+    with pytest.raises(BusUnavailable, match=r"client certificate.*set HIVE_NATS_TLS_CERT_FILE"):
+        await connect_nats(settings, name="test")
+
+
+async def test_a_certificate_from_another_ca_is_refused(hub: tuple[Hub, NatsServer], tmp_path: Path) -> None:
+    rendered, server = hub
+    other = make_certs(tmp_path / "other", servers=["127.0.0.1"], clients=["gateway"])
+    settings = settings_for(
+        rendered, server.url, None, nats_user="gateway", nats_password=rendered.password("gateway"),
+        nats_tls_cert_file=str(other / "client-gateway.pem"), nats_tls_key_file=str(other / "client-gateway-key.pem"),
+    )  # fmt: skip
+    with pytest.raises(BusUnavailable, match="TLS"):
+        await connect_nats(settings, name="test")
+
+
+def test_a_wrong_password_is_one_line_without_the_password(hub: tuple[Hub, NatsServer]) -> None:
+    rendered, server = hub
+    wrong = "not-the-password-" + os.urandom(6).hex()
+    c = rendered.certs
+    done = hive_cli(
+        ["workers", "--nats", server.url, "--nats-user", "gateway", "--nats-tls-ca", str(c / "ca.pem"),
+         "--nats-tls-cert", str(c / "client-gateway.pem"), "--nats-tls-key", str(c / "client-gateway-key.pem")],
+        env={"HIVE_NATS_PASSWORD": wrong, "HIVE_LOG_LEVEL": "DEBUG"},
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "authorization violation" in done.stderr and "HIVE_NATS_PASSWORD" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert wrong not in done.stderr + done.stdout  # nor in any log line, at DEBUG
+
+
+async def test_the_gateway_login_opens_the_bus_and_queues_tasks(
+    hub: tuple[Hub, NatsServer], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rendered, server = hub
+    caplog.set_level(logging.DEBUG)
+    secret_file = rendered.dir / "passwords" / "gateway"
+    settings = settings_for(rendered, f"tls://127.0.0.1:{server.port}", "gateway", nats_user="gateway",
+                            nats_password_file=str(secret_file))  # fmt: skip
+    async with open_bus(settings, name="gateway") as bus:
+        task_id = await Hive(bus).submit("echo", "hola")
+        assert (await Hive(bus).get(task_id)).status == "queued"
+    assert rendered.password("gateway") not in caplog.text + repr(settings)
+
+
+async def test_an_nkey_worker_opens_the_bus_under_its_name(
+    hub: tuple[Hub, NatsServer], nkey_seed: tuple[Path, str]
+) -> None:
+    rendered, server = hub
+    gateway = settings_for(
+        rendered, server.url, "gateway", nats_user="gateway", nats_password=rendered.password("gateway")
+    )
+    async with open_bus(gateway):  # the gateway declares the bus objects
+        pass
+    worker = settings_for(
+        rendered, server.url, "laptop", nats_nkey_seed_file=str(nkey_seed[0]), worker_name="laptop"
+    )
+    async with open_bus(worker, name="worker") as bus:  # checks every stream and bucket, from its own inbox
+        assert bus.nc.is_connected
+    nameless = settings_for(
+        rendered, server.url, "laptop", nats_nkey_seed_file=str(nkey_seed[0]), request_timeout_s=0.5
+    )
+    with pytest.raises(BusRefused, match="HIVE_WORKER_NAME"):  # the key is right, the inbox is not its own
+        async with open_bus(nameless):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        (
+            {"nats_tls_ca_file": "/nonexistent/ca.pem"},
+            "HIVE_NATS_TLS_CA_FILE /nonexistent/ca.pem: cannot read",
+        ),
+        ({"nats_user": "w", "nats_password_file": "/nonexistent/pw"}, "HIVE_NATS_PASSWORD_FILE"),
+        ({"nats_nkey_seed_file": "/nonexistent/seed"}, "HIVE_NATS_NKEY_SEED_FILE"),
+    ],
+)
+async def test_a_missing_file_is_named_before_any_connection(values: dict[str, str], named: str) -> None:
+    settings = load_settings(environ={}, nats_url="tls://127.0.0.1:1", **values)
+    with pytest.raises(SettingsError, match=named):
+        await connect_nats(settings, name="test")
+
+
+def test_a_ca_file_that_is_not_a_certificate_is_named(tmp_path: Path) -> None:
+    from hive_bus._credentials import tls_context
+
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(SettingsError, match=r"HIVE_NATS_TLS_CA_FILE .*not a PEM certificate"):
+        tls_context(load_settings(environ={}, nats_tls_ca_file=str(bad)))
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"HIVE_NATS_PASSWORD": "pw"}, "HIVE_NATS_USER is not"),
+        (
+            {"HIVE_NATS_USER": "u", "HIVE_NATS_CREDS_FILE": "x.creds"},
+            "HIVE_NATS_USER and HIVE_NATS_CREDS_FILE",
+        ),
+        ({"HIVE_NATS_TLS_CERT_FILE": "c.pem"}, "HIVE_NATS_TLS_KEY_FILE go together"),
+        ({"HIVE_WORKER_NAME": "pi.kitchen"}, "HIVE_WORKER_NAME"),
+        ({"HIVE_REPLICAS": "2.5"}, "HIVE_REPLICAS"),
+    ],
+)
+def test_settings_that_cannot_work_are_named(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named) as refused:
+        load_settings(env)
+    assert "pw" not in str(refused.value).replace("password", "")

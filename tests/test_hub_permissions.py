@@ -1,0 +1,383 @@
+"""A worker credential made by nats/worker-user.sh, on the shipped hub config (TLS, accounts): it can do
+a worker's whole job and nothing else.
+
+Written with plain nats-py calls against the bus's names (tasks on ``hive.tasks.<provider>.<priority>``,
+three consumers per provider, events, dead letters, three buckets), which the gateway user declares
+here, so that what is proven is the permission set, whatever the runtime does with it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats.errors
+import nats.js.errors
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from hive_bus._embedded import NatsServer
+
+from .helpers import eventually
+from .hub import Hub, WorkerUser, connect, hub_server, make_certs, render
+
+pytestmark = pytest.mark.anyio
+
+PROVIDERS = ("alpha", "beta", "gamma")
+W1 = WorkerUser("w1", PROVIDERS)
+W2 = WorkerUser("w2", PROVIDERS)
+PRIORITIES = ("high", "normal", "low")
+TIMEOUT_S = 0.5  # a refused request is never answered: it times out
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Hub, NatsServer]]:
+    base = tmp_path_factory.mktemp("hub")
+    certs = make_certs(base / "certs", servers=["localhost", "127.0.0.1"], clients=["gateway", "w1", "w2"])
+    rendered = render(base / "nats", certs, [W1, W2])
+    with hub_server(rendered, base / "store") as server:
+        yield rendered, server
+
+
+@dataclass
+class Client:
+    nc: NATS
+    js: JetStreamContext
+    errors: list[str]
+
+    def violations(self) -> list[str]:
+        # nats-server 2.15 sends them lower-cased: 'permissions violation for publish to "<subject>"'
+        return [e.lower() for e in self.errors if "permissions violation" in e.lower()]
+
+    def refused(self, what: str) -> Callable[[], Awaitable[bool]]:
+        async def probe() -> bool:
+            return any(what.lower() in v for v in self.violations())
+
+        return probe
+
+
+@asynccontextmanager
+async def client(
+    hub: Hub, server: NatsServer, user: str, cert: str, inbox: str | None = None
+) -> AsyncIterator[Client]:
+    errors: list[str] = []
+    nc = await connect(server.url, hub, user, cert=cert, errors=errors, inbox=inbox)
+    try:
+        yield Client(nc, nc.jetstream(timeout=2), errors)
+    finally:
+        await nc.close()
+
+
+async def declare(js: JetStreamContext, *providers: str) -> None:
+    """The bus objects, as the gateway declares them."""
+    await js.add_stream(
+        StreamConfig(
+            name="HIVE_TASKS",
+            subjects=["hive.tasks.*.*"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+        )
+    )
+    await js.add_stream(
+        StreamConfig(
+            name="HIVE_EVENTS", subjects=["hive.events.>"], storage=StorageType.FILE, allow_direct=True
+        )
+    )
+    await js.add_stream(StreamConfig(name="HIVE_DLQ", subjects=["hive.dlq.>"], storage=StorageType.FILE))
+    await js.create_key_value(
+        KeyValueConfig(bucket="hive_workers", ttl=15, storage=StorageType.MEMORY, direct=True)
+    )
+    await js.create_key_value(KeyValueConfig(bucket="hive_providers", storage=StorageType.FILE, direct=True))
+    await js.create_key_value(KeyValueConfig(bucket="hive_budgets", storage=StorageType.FILE, direct=True))
+    for provider in providers:
+        for priority in PRIORITIES:
+            await js.add_consumer(
+                "HIVE_TASKS",
+                ConsumerConfig(
+                    durable_name=f"hive_{provider}_{priority}",
+                    filter_subject=f"hive.tasks.{provider}.{priority}",
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=30,
+                    max_deliver=-1,
+                ),
+            )  # fmt: skip
+
+
+async def pending(gw: Client, consumer: str) -> tuple[int, int]:
+    """(waiting, handed out and not acked) of a consumer, as the gateway reads it."""
+    info = await gw.js.consumer_info("HIVE_TASKS", consumer)
+    return info.num_pending or 0, info.num_ack_pending or 0
+
+
+async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, NatsServer]) -> None:
+    rendered, server = hub
+    async with (
+        client(rendered, server, "gateway", "gateway") as gw,
+        client(rendered, server, "w1", "w1", "_INBOX.w1") as w1,
+    ):
+        await declare(gw.js, *PROVIDERS)
+        wake = await w1.nc.subscribe("hive.tasks.alpha.high")
+        await w1.nc.flush()  # the subscription is in place before the first task
+        for n in range(2):
+            await gw.js.publish("hive.tasks.alpha.high", f"task {n}".encode(), stream="HIVE_TASKS")
+        assert (await wake.next_msg(timeout=2)).data == b"task 0"  # the core wake-up
+
+        # start-up checks, then bind to the existing consumer and pull
+        for stream in (
+            "HIVE_TASKS",
+            "HIVE_EVENTS",
+            "HIVE_DLQ",
+            "KV_hive_workers",
+            "KV_hive_providers",
+            "KV_hive_budgets",
+        ):
+            await w1.js.stream_info(stream)
+        await w1.js.consumer_info("HIVE_TASKS", "hive_alpha_high")
+        psub = await w1.js.pull_subscribe_bind(durable="hive_alpha_high", stream="HIVE_TASKS")
+
+        # a long call: several in-progress acks to the same reply subject, then the final ack
+        [first] = await psub.fetch(1, timeout=2)
+        for _ in range(12):
+            await first.in_progress()
+        await first.ack_sync(timeout=2)
+        # a retry: NAK with a delay, delivered again, then settled
+        [second] = await psub.fetch(1, timeout=2)
+        await second.nak(delay=0.1)
+        [again] = await psub.fetch(1, timeout=5)
+        assert (again.data, again.metadata.num_delivered) == (b"task 1", 2)
+        await again.in_progress()
+        await again.ack_sync(timeout=2)
+        assert await pending(gw, "hive_alpha_high") == (0, 0)
+
+        # its tasks' events, dead letters, and a task's last event read back by id
+        task_id = "01J" + secrets.token_hex(8).upper()
+        for status in ("running", "retrying", "moved", "completed"):
+            await w1.js.publish(
+                f"hive.events.alpha.{task_id}.{status}", status.encode(), stream="HIVE_EVENTS"
+            )
+        await w1.js.publish(f"hive.dlq.alpha.{task_id}", b"dead", stream="HIVE_DLQ")
+        last = await w1.js.get_last_msg("HIVE_EVENTS", f"hive.events.*.{task_id}.*", direct=True)
+        assert last.data == b"completed"
+
+        # its own heartbeat key, written and removed
+        beats = await w1.js.key_value("hive_workers")
+        await beats.put("w1.alpha-host-1-ab12", b"beat")
+        assert (await (await gw.js.key_value("hive_workers")).get("w1.alpha-host-1-ab12")).value == b"beat"
+        await beats.delete("w1.alpha-host-1-ab12")
+
+        # cooldowns and budgets of its provider: compare-and-set, direct reads, a watch by core subscription
+        watch = await w1.nc.subscribe("$KV.hive_providers.alpha.>")
+        await w1.nc.flush()
+        for bucket, key in (
+            ("hive_providers", "alpha.key1"),
+            ("hive_budgets", "alpha.key1.gemini-2_5-flash"),
+        ):
+            kv = await w1.js.key_value(bucket)
+            revision = await kv.create(key, b"one")
+            await kv.update(key, b"two", last=revision)
+            with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+                await kv.update(key, b"stale", last=revision)
+            assert (await kv.get(key)).value == b"two"
+        assert [(await watch.next_msg(timeout=2)).data for _ in range(2)] == [b"one", b"two"]
+
+        await w1.nc.flush()
+        assert not w1.violations()
+
+
+async def test_a_worker_cannot_settle_a_task_another_worker_holds(hub: tuple[Hub, NatsServer]) -> None:
+    rendered, server = hub
+    async with (
+        client(rendered, server, "gateway", "gateway") as gw,
+        client(rendered, server, "w1", "w1", "_INBOX.w1") as w1,
+        client(rendered, server, "w2", "w2", "_INBOX.w2") as w2,
+    ):
+        await declare(gw.js, *PROVIDERS)
+        await gw.js.publish("hive.tasks.gamma.normal", b"held by w1", stream="HIVE_TASKS")
+        psub = await w1.js.pull_subscribe_bind(durable="hive_gamma_normal", stream="HIVE_TASKS")
+        [msg] = await psub.fetch(1, timeout=2)
+        assert msg.reply
+
+        for forged in (b"+ACK", b"+TERM", b"-NAK"):
+            await w2.nc.publish(msg.reply, forged)
+        await eventually(w2.refused(f'Publish to "{msg.reply}"'), 5, "the server refusing w2's forged ack")
+        await w2.nc.flush()
+        assert await pending(gw, "hive_gamma_normal") == (0, 1)  # still held by w1
+
+        await msg.ack_sync(timeout=2)  # the holder can
+        assert await pending(gw, "hive_gamma_normal") == (0, 0)
+
+
+@dataclass(frozen=True)
+class Forbidden:
+    what: str  # the refused subject, as the server names it in its violation
+    act: Callable[[Client], Awaitable[object]]
+    intact: Callable[[Client], Awaitable[bool]]  # read by the gateway: nothing happened
+
+
+async def _ignore_timeout(call: Awaitable[object]) -> None:
+    with suppress(TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        await call
+
+
+async def _stream_exists(gw: Client) -> bool:
+    info = await gw.js.stream_info("HIVE_TASKS")
+    return info.config.name == "HIVE_TASKS"
+
+
+async def _no_consumer(gw: Client) -> bool:
+    try:
+        await gw.js.consumer_info("HIVE_TASKS", "hive_beta_mine")
+    except nats.js.errors.NotFoundError:
+        return True
+    return False
+
+
+async def _no_key(gw: Client, bucket: str, key: str) -> bool:
+    try:
+        await (await gw.js.key_value(bucket)).get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return True
+    return False
+
+
+async def _no_event(gw: Client) -> bool:
+    try:
+        await gw.js.get_last_msg("HIVE_EVENTS", "hive.events.beta.forged.queued", direct=True)
+    except nats.js.errors.NotFoundError:
+        return True
+    return False
+
+
+async def _publish(w: Client, subject: str) -> None:
+    await w.nc.publish(subject, b"{}")
+    await w.nc.flush()
+
+
+FORBIDDEN = {
+    "delete the tasks stream": Forbidden(
+        "$JS.API.STREAM.DELETE.HIVE_TASKS", lambda w: w.js.delete_stream("HIVE_TASKS"), _stream_exists
+    ),
+    "purge the tasks stream": Forbidden(
+        "$JS.API.STREAM.PURGE.HIVE_TASKS", lambda w: w.js.purge_stream("HIVE_TASKS"), _stream_exists
+    ),
+    "create a consumer": Forbidden(
+        "$JS.API.CONSUMER.",
+        lambda w: w.js.add_consumer(
+            "HIVE_TASKS", ConsumerConfig(durable_name="hive_beta_mine", filter_subject="hive.tasks.beta.high")
+        ),
+        _no_consumer,
+    ),
+    "delete its provider's consumer": Forbidden(
+        "$JS.API.CONSUMER.DELETE.HIVE_TASKS.hive_beta_high",
+        lambda w: w.js.delete_consumer("HIVE_TASKS", "hive_beta_high"),
+        lambda gw: _consumer_exists(gw, "hive_beta_high"),
+    ),
+    "publish a task": Forbidden(
+        "hive.tasks.beta.normal",
+        lambda w: _publish(w, "hive.tasks.beta.normal"),
+        lambda gw: _consumer_is_empty(gw, "hive_beta_normal"),
+    ),
+    "forge a queued event": Forbidden(
+        "hive.events.beta.forged.queued", lambda w: _publish(w, "hive.events.beta.forged.queued"), _no_event
+    ),
+    "write another worker's heartbeat": Forbidden(
+        "$KV.hive_workers.w2.beta-host-1",
+        lambda w: _kv_put(w, "hive_workers", "w2.beta-host-1"),
+        lambda gw: _no_key(gw, "hive_workers", "w2.beta-host-1"),
+    ),
+    "write another provider's cooldown": Forbidden(
+        "$KV.hive_providers.delta.key1",
+        lambda w: _kv_put(w, "hive_providers", "delta.key1"),
+        lambda gw: _no_key(gw, "hive_providers", "delta.key1"),
+    ),
+    "pull another provider's tasks": Forbidden(
+        "$JS.API.CONSUMER.MSG.NEXT.HIVE_TASKS.hive_delta_high",
+        lambda w: _fetch(w, "hive_delta_high"),
+        lambda gw: _consumer_holds_none(gw, "hive_delta_high"),
+    ),
+    "read any stream message": Forbidden(
+        "$JS.API.STREAM.MSG.GET.HIVE_EVENTS", lambda w: w.js.get_msg("HIVE_EVENTS", seq=1), _stream_exists
+    ),
+}
+
+
+async def _kv_put(w: Client, bucket: str, key: str) -> None:
+    await (await w.js.key_value(bucket)).put(key, b"forged")
+
+
+async def _fetch(w: Client, consumer: str) -> None:
+    psub = await w.js.pull_subscribe_bind(durable=consumer, stream="HIVE_TASKS")
+    try:
+        await psub.fetch(1, timeout=TIMEOUT_S)
+    finally:
+        await psub.unsubscribe()
+
+
+async def _consumer_exists(gw: Client, consumer: str) -> bool:
+    info = await gw.js.consumer_info("HIVE_TASKS", consumer)
+    return bool(info.name == consumer)
+
+
+async def _consumer_is_empty(gw: Client, consumer: str) -> bool:
+    return await pending(gw, consumer) == (0, 0)
+
+
+async def _consumer_holds_none(gw: Client, consumer: str) -> bool:
+    waiting, held = await pending(gw, consumer)
+    return waiting == 1 and held == 0
+
+
+@pytest.mark.parametrize("case", list(FORBIDDEN), ids=list(FORBIDDEN))
+async def test_a_worker_is_refused(hub: tuple[Hub, NatsServer], case: str) -> None:
+    rendered, server = hub
+    forbidden = FORBIDDEN[case]
+    async with (
+        client(rendered, server, "gateway", "gateway") as gw,
+        client(rendered, server, "w1", "w1", "_INBOX.w1") as w1,
+    ):
+        await declare(gw.js, *PROVIDERS, "delta")
+        if case == "pull another provider's tasks":
+            await gw.js.purge_stream("HIVE_TASKS", subject="hive.tasks.delta.high")
+            await gw.js.publish("hive.tasks.delta.high", b"not for w1", stream="HIVE_TASKS")
+        w1.js = w1.nc.jetstream(timeout=TIMEOUT_S)
+        await _ignore_timeout(forbidden.act(w1))
+        await eventually(w1.refused(f'Publish to "{forbidden.what}'), 5, f"the server refusing: {case}")
+        assert await forbidden.intact(gw)
+
+
+async def test_a_worker_cannot_read_another_workers_inbox(hub: tuple[Hub, NatsServer]) -> None:
+    rendered, server = hub
+    async with client(rendered, server, "w1", "w1", "_INBOX.w1") as w1:
+        await w1.nc.subscribe("_INBOX.w2.>")
+        await eventually(w1.refused('Subscription to "_INBOX.w2.>"'), 5, "the server refusing w1 w2's inbox")
+
+
+async def test_without_its_name_a_worker_gets_no_answers(hub: tuple[Hub, NatsServer], tmp_path: Path) -> None:
+    """The default inbox is refused: a worker started without HIVE_WORKER_NAME is told so."""
+    from hive_bus import BusRefused, open_bus
+
+    from .conftest import make_settings
+
+    rendered, server = hub
+    settings = make_settings(
+        server.url, prefix="hive", request_timeout_s=TIMEOUT_S, nats_user="w1",
+        nats_password=rendered.password("w1"), nats_tls_ca_file=str(rendered.certs / "ca.pem"),
+        nats_tls_cert_file=str(rendered.certs / "client-w1.pem"),
+        nats_tls_key_file=str(rendered.certs / "client-w1-key.pem"),
+    )  # fmt: skip
+    with pytest.raises(BusRefused, match="HIVE_WORKER_NAME") as refused:
+        async with open_bus(settings):
+            pass
+    assert rendered.password("w1") not in str(refused.value)
