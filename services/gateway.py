@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import socket
+import threading
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,8 @@ from litestar.openapi import OpenAPIConfig
 from hive_bus import BusUnavailable, Hive, QueueFull, TaskNotFound, __version__
 from hive_bus._messages import explain
 
-from .api import ROUTES, metrics_route
+from . import dashboard
+from .api import METRICS_ROUTES, ROUTES
 from .auth import BearerAuth, Tokens, check_exposure
 from .metrics import BusMetrics
 
@@ -41,6 +43,8 @@ class GatewayOptions:
     max_body_bytes: int = 256 * 1024
     max_batch: int = 500
     tokens: Tokens = field(default_factory=Tokens)
+    # How long one GET /v1/events connection lasts; its client reconnects with Last-Event-ID.
+    feed_max_s: float = 3600.0
 
 
 # errors ------------------------------------------------------------------------------------------
@@ -102,13 +106,23 @@ def on_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
 
 
 def create_app(
-    hive: Hive, options: GatewayOptions | None = None, metrics: BusMetrics | None = None
+    hive: Hive,
+    options: GatewayOptions | None = None,
+    metrics: BusMetrics | None = None,
+    stopping: threading.Event | None = None,
 ) -> Litestar:
-    """The gateway app, serving ``hive``'s bus."""
+    """The gateway app, serving ``hive``'s bus. Long answers (event feeds) end once ``stopping`` is set."""
     options = options or GatewayOptions()
+    state = {
+        "hive": hive,
+        "max_batch": options.max_batch,
+        "metrics": metrics,
+        "stopping": stopping or threading.Event(),
+        "feed_max_s": options.feed_max_s,
+    }
     return Litestar(
-        route_handlers=[*ROUTES, metrics_route] if metrics is not None else ROUTES,
-        state=State({"hive": hive, "max_batch": options.max_batch, "metrics": metrics}),
+        route_handlers=[*ROUTES, *(METRICS_ROUTES if metrics is not None else []), *dashboard.ROUTES],
+        state=State(state),
         middleware=[lambda app: BearerAuth(app, options.tokens)],
         openapi_config=OpenAPIConfig(title="hive-bus gateway", version=__version__, path="/schema"),
         request_max_body_size=options.max_body_bytes,
@@ -162,10 +176,11 @@ class Gateway:
         check_exposure(options.host, options.tokens)
         self.options = options
         self.metrics = BusMetrics(hive.bus)
+        self._stopping = threading.Event()
         self._sock = sock or bind(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
-            create_app(hive, options, self.metrics),
+            create_app(hive, options, self.metrics, self._stopping),
             log_level="warning",
             access_log=False,
             lifespan="on",
@@ -197,4 +212,5 @@ class Gateway:
             task_status.started()
 
     def stop(self) -> None:
+        self._stopping.set()  # event feeds end now, rather than hold the stop for its grace period
         self._server.should_exit = True

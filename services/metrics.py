@@ -72,6 +72,34 @@ class _Snapshot:
     at_s: float | None = None  # unix time of the refresh
 
 
+class ModelUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """Tokens and cost of the tasks one model of a provider completed."""
+
+    provider: str
+    model: str
+    completed: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float  # of the tasks whose model's price is known
+    unpriced: int  # completed tasks whose model's price is not known, so not in cost_usd
+
+
+class UsageSince(msgspec.Struct, frozen=True, kw_only=True):
+    """What the gateway has counted since it began following the events stream."""
+
+    since_ms: int
+    models: list[ModelUsage]
+
+
+@dataclass(slots=True)
+class _UsageTotals:
+    completed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced: int = 0
+
+
 class _Gauges:
     """A collector that exposes the last snapshot: providers that went away go away with it."""
 
@@ -125,6 +153,8 @@ class BusMetrics:
         self._recent: dict[str, None] = {}  # insertion-ordered: the oldest is dropped first
         self._providers: set[str] = set()
         self._models: dict[str, set[str]] = {}
+        self._usage: dict[tuple[str, str], _UsageTotals] = {}  # by provider and model label
+        self._since_ms = 0  # when following began
 
         self._registry = CollectorRegistry(auto_describe=True)
         r = self._registry
@@ -199,6 +229,22 @@ class BusMetrics:
         """The exposition body and its content type, for ``GET /metrics``."""
         return generate_latest(self._registry), CONTENT_TYPE_LATEST
 
+    def usage(self) -> UsageSince:
+        """Tokens and cost of the tasks completed since following began, by provider and model."""
+        models = [
+            ModelUsage(
+                provider=provider,
+                model=model,
+                completed=totals.completed,
+                input_tokens=totals.input_tokens,
+                output_tokens=totals.output_tokens,
+                cost_usd=totals.cost_usd,
+                unpriced=totals.unpriced,
+            )
+            for (provider, model), totals in sorted(self._usage.items())
+        ]
+        return UsageSince(since_ms=self._since_ms, models=models)
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow the events and refresh the gauges until cancelled; started once subscribed."""
         async with anyio.create_task_group() as tg:
@@ -227,6 +273,7 @@ class BusMetrics:
         # From the stream's end (as DeliverPolicy.NEW would), but with a known place to resume from.
         info = await bus.js.stream_info(names.events_stream)
         self._next_seq = info.state.last_seq + 1
+        self._since_ms = now_ms()
         started = False
         pause_s = 1.0
         while True:
@@ -302,11 +349,19 @@ class BusMetrics:
     def _completed_task(self, provider: str, event: Completed) -> None:
         model = self._model_label(provider, event.model)
         self._completed.labels(provider, model).inc()
+        totals = self._usage.setdefault((provider, model), _UsageTotals())
+        totals.completed += 1
         if event.usage is not None:
-            self._tokens.labels(provider, model, "input").inc(max(0, event.usage.input_tokens))
-            self._tokens.labels(provider, model, "output").inc(max(0, event.usage.output_tokens))
+            input_tokens, output_tokens = max(0, event.usage.input_tokens), max(0, event.usage.output_tokens)
+            self._tokens.labels(provider, model, "input").inc(input_tokens)
+            self._tokens.labels(provider, model, "output").inc(output_tokens)
+            totals.input_tokens += input_tokens
+            totals.output_tokens += output_tokens
         if event.cost_usd is not None and event.cost_usd >= 0:
             self._cost.labels(provider, model).inc(event.cost_usd)
+            totals.cost_usd += event.cost_usd
+        else:
+            totals.unpriced += 1
         if event.submitted_at_ms and event.started_at_ms:
             wait_s = (event.started_at_ms - event.submitted_at_ms) / 1000
             self._queue_wait.labels(provider).observe(max(0.0, wait_s))  # clocks of two machines
