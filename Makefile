@@ -21,6 +21,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint
+	bash tests/setup/ensure-chromium.sh
 	$(BIN)/pytest
 
 bench: $(STAMP)
