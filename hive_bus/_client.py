@@ -13,6 +13,7 @@ Publishing the event first also means a task's ``queued`` event always precedes 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -44,13 +45,12 @@ from ._messages import (
     is_task_id,
     now_ms,
 )
+from ._publish import JetStreamPublisher, PubAck, stored
 from ._settings import Settings, load_settings
 from ._stats import ProviderStats, provider_stats
 
 log = logging.getLogger("hive_bus.client")
 
-# JetStream's answer when a discard-new stream is at its limits.
-_STREAM_FULL_CODES = frozenset({10077})
 SUBMIT_WINDOW = 256
 # How often a wait reads the task's state again, in case its end fell between subscribing and reading.
 REREAD_S = 1.0
@@ -87,6 +87,7 @@ class Hive:
 
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
+        self._publisher: JetStreamPublisher | None = None
 
     @property
     def bus(self) -> Bus:
@@ -122,43 +123,66 @@ class Hive:
 
     async def submit_request(self, request: TaskRequest) -> Accepted:
         """Queue a validated request. Raises :class:`BusUnavailable` or :class:`QueueFull`."""
-        bus = self._bus
-        names = bus.names
-        if not bus.nc.is_connected:
+        if not self._bus.nc.is_connected:
             raise BusUnavailable("not connected to NATS; nothing was accepted")
         task = Task.from_request(request)
-        queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
-        # De-duplication only means something for a key: a fresh task id is never submitted twice.
-        key = request.idempotency_key
-        ack = await self._publish(
-            names.event_subject(task.provider, task.id, "queued"),
-            encoder.encode(queued),
-            f"key:{key}" if key else None,
-            names.events_stream,
-        )
+        ack = await self._publish(*self._queued_event(task, request.idempotency_key))
         duplicate = bool(ack.duplicate)
         if duplicate:
             task = await self._first_task(ack.seq)
         try:
-            task_ack = await self._publish(
-                names.task_subject(task.provider),
-                encoder.encode(task),
-                task.id if key else None,
-                names.tasks_stream,
-            )
+            task_ack = await self._publish(*self._task_message(task, request.idempotency_key))
         except QueueFull as exc:
             await self._record_rejection(task, str(exc))
             raise
         if duplicate and not task_ack.duplicate:
-            # The first submission's task never reached the queue (it was refused); it is queued now.
-            fresh = Queued(task_id=task.id, provider=task.provider, at_ms=now_ms(), task=task)
-            await self._publish(
-                names.event_subject(task.provider, task.id, "queued"),
-                encoder.encode(fresh),
-                None,
-                names.events_stream,
-            )
+            await self._requeued(task)
         return Accepted(task.id, duplicate)
+
+    async def submit_batch(self, requests: Sequence[TaskRequest]) -> list[Accepted | HiveError]:
+        """Queue validated requests, each as :meth:`submit_request` would, with the publishes of all of
+        them in flight together: every ``queued`` event, then every task whose event was stored. Each
+        task's event is stored before the task is published, and a task counts as accepted only once
+        JetStream stored it. Returns each request's outcome, in order: accepted, or the error that
+        kept it out."""
+        if not self._bus.nc.is_connected:
+            raise BusUnavailable("not connected to NATS; nothing was accepted")
+        tasks = [Task.from_request(r) for r in requests]
+        keys = [r.idempotency_key for r in requests]
+        outcomes: list[Accepted | HiveError | None] = [None] * len(tasks)
+        event_acks = await self._publish_all(
+            [self._queued_event(t, k) for t, k in zip(tasks, keys, strict=True)]
+        )
+        for i, ack in enumerate(event_acks):
+            if isinstance(ack, HiveError):
+                outcomes[i] = ack
+            elif ack.duplicate:  # a key seen before: the first task is the one that counts
+                try:
+                    tasks[i] = await self._first_task(ack.seq)
+                except HiveError as exc:
+                    outcomes[i] = exc
+        going = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        task_acks = await self._publish_all([self._task_message(tasks[i], keys[i]) for i in going])
+        for i, task_ack in zip(going, task_acks, strict=True):
+            event_ack = event_acks[i]
+            assert isinstance(event_ack, PubAck)
+            if isinstance(task_ack, QueueFull):
+                await self._record_rejection(tasks[i], str(task_ack))
+                outcomes[i] = task_ack
+            elif isinstance(task_ack, HiveError):
+                outcomes[i] = task_ack
+            else:
+                if event_ack.duplicate and not task_ack.duplicate:
+                    try:
+                        await self._requeued(tasks[i])
+                    except HiveError as exc:
+                        log.warning(
+                            "task %s is queued again, but its new queued event was not stored: %s",
+                            tasks[i].id,
+                            exc,
+                        )
+                outcomes[i] = Accepted(tasks[i].id, event_ack.duplicate)
+        return [outcome for outcome in outcomes if outcome is not None]
 
     async def submit_many(self, requests: Iterable[TaskRequest], *, window: int = SUBMIT_WINDOW) -> list[str]:
         """Queue many tasks, up to ``window`` publishes in flight at once; ids come back in order.
@@ -301,22 +325,87 @@ class Hive:
 
     # -----------------------------------------------------------------------------------------------
 
-    async def _publish(self, subject: str, data: bytes, msg_id: str | None, stream: str) -> Any:
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+    # One publish is (subject, data, Nats-Msg-Id or None, stream).
+    def _queued_event(self, task: Task, key: str | None) -> tuple[str, bytes, str | None, str]:
+        names = self._bus.names
+        queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
+        # De-duplication only means something for a key: a fresh task id is never submitted twice.
+        subject = names.event_subject(task.provider, task.id, "queued")
+        return subject, encoder.encode(queued), f"key:{key}" if key else None, names.events_stream
+
+    def _task_message(self, task: Task, key: str | None) -> tuple[str, bytes, str | None, str]:
+        names = self._bus.names
+        return (
+            names.task_subject(task.provider),
+            encoder.encode(task),
+            task.id if key else None,
+            names.tasks_stream,
+        )
+
+    async def _requeued(self, task: Task) -> None:
+        # The first submission's task never reached the queue (it was refused); it is queued now.
+        fresh = Queued(task_id=task.id, provider=task.provider, at_ms=now_ms(), task=task)
+        names = self._bus.names
+        subject = names.event_subject(task.provider, task.id, "queued")
+        await self._publish(subject, encoder.encode(fresh), None, names.events_stream)
+
+    async def _publish(self, subject: str, data: bytes, msg_id: str | None, stream: str) -> PubAck:
+        return await stored(await self._send(subject, data, msg_id, stream), stream)
+
+    async def _publish_all(
+        self, messages: list[tuple[str, bytes, str | None, str]]
+    ) -> list[PubAck | HiveError]:
+        """Every message on the wire first, then every ack: each one's ack, or why it was not stored."""
+        sent: list[asyncio.Future[PubAck] | HiveError] = []
         try:
-            return await self._bus.js.publish(subject, data, headers=headers, stream=stream)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code in _STREAM_FULL_CODES or "exceeded" in (exc.description or ""):
-                raise QueueFull(
-                    f"the {stream} stream is full ({exc.description}); nothing was accepted",
-                    retry_after_s=5.0,
-                ) from None
-            raise BusUnavailable(f"JetStream refused the publish to {stream}: {exc.description}") from None
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            for message in messages:
+                try:
+                    sent.append(await self._send(*message))
+                except HiveError as exc:
+                    sent.append(exc)
+            results: list[PubAck | HiveError] = []
+            for future, (_, _, _, stream) in zip(sent, messages, strict=True):
+                if isinstance(future, HiveError):
+                    results.append(future)
+                    continue
+                try:
+                    results.append(await stored(future, stream))
+                except HiveError as exc:
+                    results.append(exc)
+            return results
+        finally:  # cancelled half way: no ack is waited for any more
+            for future in sent:
+                if isinstance(future, asyncio.Future) and not future.done():
+                    future.cancel()
+
+    async def _send(
+        self, subject: str, data: bytes, msg_id: str | None, stream: str
+    ) -> asyncio.Future[PubAck]:
+        headers = {"Nats-Expected-Stream": stream}
+        if msg_id:
+            headers["Nats-Msg-Id"] = msg_id
+        try:
+            return await (await self._js_publisher()).send(subject, data, headers)
+        except (nats.errors.Error, OSError) as exc:
             raise BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}") from None
 
+    async def _js_publisher(self) -> JetStreamPublisher:
+        if self._publisher is None:
+            publisher = JetStreamPublisher(self._bus.nc, self._bus.settings.request_timeout_s)
+            await publisher.start()
+            if self._publisher is None:
+                self._publisher = publisher
+            else:  # another submission started one meanwhile
+                await publisher.stop()
+        return self._publisher
+
     async def _first_task(self, seq: int) -> Task:
-        raw = await self._bus.js.get_msg(self._bus.names.events_stream, seq=seq, direct=True)
+        try:
+            raw = await self._bus.js.get_msg(self._bus.names.events_stream, seq=seq, direct=True)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(
+                f"could not read the first task of a repeated idempotency key: {exc}"
+            ) from None
         assert raw.data is not None
         event = event_decoder.decode(raw.data)
         if not isinstance(event, Queued):

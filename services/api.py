@@ -131,27 +131,12 @@ async def submit_batch(data: JSONBody[BatchRequest], state: State) -> Response[B
         raise _invalid("a batch needs at least one task")
     if len(data.tasks) > limit:
         raise _invalid(f"a batch holds at most {limit} tasks; this one has {len(data.tasks)}")
-    hive = _hive(state)
-    items: list[BatchItem] = [BatchItem(index=i) for i in range(len(data.tasks))]
-
-    async def one(i: int, request: TaskRequest) -> None:
-        try:
-            accepted = await hive.submit_request(request)
-            items[i] = BatchItem(
-                index=i, id=accepted.id, status="duplicate" if accepted.duplicate else "queued"
-            )
-        except HiveError as exc:
-            items[i] = BatchItem(index=i, error=str(exc))
-
-    limiter = anyio.CapacityLimiter(64)
-
-    async def bounded(i: int, request: TaskRequest) -> None:
-        async with limiter:
-            await one(i, request)
-
-    async with anyio.create_task_group() as tg:
-        for i, request in enumerate(data.tasks):
-            tg.start_soon(bounded, i, request)
+    items = [
+        BatchItem(index=i, error=str(outcome))
+        if isinstance(outcome, HiveError)
+        else BatchItem(index=i, id=outcome.id, status="duplicate" if outcome.duplicate else "queued")
+        for i, outcome in enumerate(await _hive(state).submit_batch(data.tasks))
+    ]
     rejected = sum(1 for item in items if item.error is not None)
     body = BatchAccepted(accepted=len(items) - rejected, rejected=rejected, tasks=items)
     if rejected:
