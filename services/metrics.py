@@ -4,8 +4,8 @@
 default one, so several gateways, or tests, can live in one process):
 
 - counters and histograms, from every task event on the events stream, followed from the moment it
-  starts (an ordered consumer from the stream's end, resumed after the last event seen if the
-  subscription is lost): submissions, completions by model, failures and retries by reason,
+  starts (a batch at a time, resumed after the last event seen if its consumer is lost; see
+  :mod:`services.follower`): submissions, completions by model, failures and retries by reason,
   rate-limit waits, tokens, cost, and the queue-wait, call and end-to-end times of completed tasks.
   A task's final event is stored once by JetStream (``Nats-Msg-Id: <id>:final``); a bounded set of
   recently seen task ids also keeps a final event seen twice from counting twice;
@@ -21,7 +21,6 @@ models per provider are capped so that a misbehaving client cannot blow up the s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -32,15 +31,16 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from hive_bus import Bus, WorkerBeat
 from hive_bus._cooldown import CooldownRecord
-from hive_bus._messages import Completed, Failed, Queued, Retrying, beat_decoder, event_decoder, now_ms
+from hive_bus._messages import Completed, Failed, Retrying, beat_decoder, event_decoder, now_ms
 from hive_bus._stats import QueueDepth, queue_depths
+
+from .follower import EventFollower
 
 log = logging.getLogger("hive_bus.metrics")
 
@@ -149,7 +149,7 @@ class BusMetrics:
         self._bus = bus
         self._refresh_s = refresh_s
         self._refresh_lock = anyio.Lock()
-        self._next_seq = 0  # the next events-stream sequence to read, to resume after a lost subscription
+        self._follower = EventFollower(bus, bus.names.events_stream, bus.names.all_events, self._observe)
         self._recent: dict[str, None] = {}  # insertion-ordered: the oldest is dropped first
         self._providers: set[str] = set()
         self._models: dict[str, set[str]] = {}
@@ -248,7 +248,8 @@ class BusMetrics:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow the events and refresh the gauges until cancelled; started once subscribed."""
         async with anyio.create_task_group() as tg:
-            await tg.start(self._follow)
+            self._since_ms = now_ms()
+            await tg.start(self._follower.run)
             tg.start_soon(self._refresh_loop)
             task_status.started()
 
@@ -267,59 +268,13 @@ class BusMetrics:
 
     # events --------------------------------------------------------------------------------------
 
-    async def _follow(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Apply every new event; if the subscription is lost, subscribe again after the last one seen."""
-        bus, names = self._bus, self._bus.names
-        # From the stream's end (as DeliverPolicy.NEW would), but with a known place to resume from.
-        info = await bus.js.stream_info(names.events_stream)
-        self._next_seq = info.state.last_seq + 1
-        self._since_ms = now_ms()
-        started = False
-        pause_s = 1.0
-        while True:
-            config = ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._next_seq
-            )
-            try:
-                sub = await bus.js.subscribe(
-                    names.all_events, stream=names.events_stream, ordered_consumer=True, config=config
-                )
-            except _BUS_ERRORS as exc:
-                if not started:
-                    raise  # the caller learns that the bus does not answer
-                if bus.nc.is_closed:
-                    log.info("metrics: the NATS connection is closed; no longer following events")
-                    return
-                log.warning("metrics: could not follow the events stream (%s); trying again", _why(exc))
-                await anyio.sleep(pause_s)
-                pause_s = min(2 * pause_s, 30.0)
-                continue
-            if not started:
-                started = True
-                task_status.started()
-            pause_s = 1.0
-            try:
-                async for msg in sub.messages:
-                    with contextlib.suppress(nats.errors.Error, ValueError, IndexError, TypeError):
-                        self._next_seq = msg.metadata.sequence.stream + 1
-                    try:
-                        self._observe(msg.data)
-                    except Exception:  # a bug here must not stop the counting, nor the gateway
-                        log.exception("metrics: could not count an event")
-            finally:
-                with (
-                    anyio.CancelScope(shield=True),
-                    anyio.move_on_after(2),
-                    contextlib.suppress(nats.errors.Error, nats.js.errors.Error),
-                ):
-                    await sub.unsubscribe()
-            if bus.nc.is_closed:
-                log.info("metrics: the NATS connection is closed; no longer following events")
-                return
-            log.warning("metrics: the events subscription ended; subscribing again")
-            await anyio.sleep(pause_s)
-
-    def _observe(self, data: bytes) -> None:
+    def _observe(self, subject: str, data: bytes) -> None:
+        tokens = subject.split(".")  # <prefix>.events.<provider>.<task id>.<status>
+        if len(tokens) == 5 and tokens[4] == "queued":
+            # The most frequent event, and the largest (it holds the whole task): its subject says it all.
+            if self._first_time(f"{tokens[3]}:queued"):
+                self._submitted.labels(self._provider_label(tokens[2])).inc()
+            return
         try:
             event = event_decoder.decode(data)
         except msgspec.DecodeError as exc:
@@ -327,9 +282,6 @@ class BusMetrics:
             return
         provider = self._provider_label(event.provider)
         match event:
-            case Queued():
-                if self._first_time(f"{event.task_id}:queued"):
-                    self._submitted.labels(provider).inc()
             case Retrying():
                 self._retries.labels(provider, event.reason).inc()
                 if event.reason == "rate_limit" and event.called:
