@@ -87,6 +87,7 @@ class Hive:
 
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
+        self._names = bus.names  # built once: it is on every submission's path
         self._publisher: JetStreamPublisher | None = None
 
     @property
@@ -219,7 +220,7 @@ class Hive:
         """The task's current state. Raises :class:`TaskNotFound`."""
         if not is_task_id(task_id):
             raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
-        names = self._bus.names
+        names = self._names
         try:
             raw = await self._bus.js.get_last_msg(names.events_stream, names.events_of(task_id), direct=True)
         except nats.js.errors.NotFoundError:
@@ -238,7 +239,7 @@ class Hive:
             # The server takes the subscription before the read below (one connection keeps order), so an
             # event published later reaches the subscription and an earlier one is read. An event
             # published just before but stored just after the read is caught by the periodic re-read.
-            sub = await nc.subscribe(self._bus.names.events_of(task_id))
+            sub = await nc.subscribe(self._names.events_of(task_id))
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
         try:
@@ -265,7 +266,7 @@ class Hive:
         With ``task_ids``, each of those tasks is yielded once (including ones that ended before the
         call) and the iterator ends after the last; without, it follows every task from now on.
         """
-        names = self._bus.names
+        names = self._names
         wanted = set(task_ids) if task_ids is not None else None
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.NEW, filter_subjects=names.final_events(provider)
@@ -327,14 +328,14 @@ class Hive:
 
     # One publish is (subject, data, Nats-Msg-Id or None, stream).
     def _queued_event(self, task: Task, key: str | None) -> tuple[str, bytes, str | None, str]:
-        names = self._bus.names
+        names = self._names
         queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
         # De-duplication only means something for a key: a fresh task id is never submitted twice.
         subject = names.event_subject(task.provider, task.id, "queued")
         return subject, encoder.encode(queued), f"key:{key}" if key else None, names.events_stream
 
     def _task_message(self, task: Task, key: str | None) -> tuple[str, bytes, str | None, str]:
-        names = self._bus.names
+        names = self._names
         return (
             names.task_subject(task.provider),
             encoder.encode(task),
@@ -345,7 +346,7 @@ class Hive:
     async def _requeued(self, task: Task) -> None:
         # The first submission's task never reached the queue (it was refused); it is queued now.
         fresh = Queued(task_id=task.id, provider=task.provider, at_ms=now_ms(), task=task)
-        names = self._bus.names
+        names = self._names
         subject = names.event_subject(task.provider, task.id, "queued")
         await self._publish(subject, encoder.encode(fresh), None, names.events_stream)
 
@@ -355,23 +356,34 @@ class Hive:
     async def _publish_all(
         self, messages: list[tuple[str, bytes, str | None, str]]
     ) -> list[PubAck | HiveError]:
-        """Every message on the wire first, then every ack: each one's ack, or why it was not stored."""
+        """Every message on the wire first, then every ack (one deadline for them all): each one's
+        ack, or why it was not stored."""
         sent: list[asyncio.Future[PubAck] | HiveError] = []
         try:
             for message in messages:
                 try:
-                    sent.append(await self._send(*message))
+                    sent.append(await self._send(*message, timed=False))
                 except HiveError as exc:
                     sent.append(exc)
+            futures = [f for f in sent if isinstance(f, asyncio.Future)]
+            with anyio.move_on_after(self._bus.settings.request_timeout_s):
+                await asyncio.gather(*futures, return_exceptions=True)
             results: list[PubAck | HiveError] = []
             for future, (_, _, _, stream) in zip(sent, messages, strict=True):
                 if isinstance(future, HiveError):
                     results.append(future)
-                    continue
-                try:
-                    results.append(await stored(future, stream))
-                except HiveError as exc:
-                    results.append(exc)
+                elif future.cancelled():  # no ack in time
+                    timeout_s = self._bus.settings.request_timeout_s
+                    results.append(
+                        BusUnavailable(
+                            f"JetStream did not store the publish to {stream}: no acknowledgement within {timeout_s:g}s"
+                        )
+                    )
+                else:
+                    try:
+                        results.append(await stored(future, stream))
+                    except HiveError as exc:
+                        results.append(exc)
             return results
         finally:  # cancelled half way: no ack is waited for any more
             for future in sent:
@@ -379,13 +391,13 @@ class Hive:
                     future.cancel()
 
     async def _send(
-        self, subject: str, data: bytes, msg_id: str | None, stream: str
+        self, subject: str, data: bytes, msg_id: str | None, stream: str, *, timed: bool = True
     ) -> asyncio.Future[PubAck]:
         headers = {"Nats-Expected-Stream": stream}
         if msg_id:
             headers["Nats-Msg-Id"] = msg_id
         try:
-            return await (await self._js_publisher()).send(subject, data, headers)
+            return await (await self._js_publisher()).send(subject, data, headers, timed=timed)
         except (nats.errors.Error, OSError) as exc:
             raise BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}") from None
 
@@ -401,7 +413,7 @@ class Hive:
 
     async def _first_task(self, seq: int) -> Task:
         try:
-            raw = await self._bus.js.get_msg(self._bus.names.events_stream, seq=seq, direct=True)
+            raw = await self._bus.js.get_msg(self._names.events_stream, seq=seq, direct=True)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(
                 f"could not read the first task of a repeated idempotency key: {exc}"
@@ -419,7 +431,7 @@ class Hive:
         )  # fmt: skip
         try:
             await self._bus.js.publish(
-                self._bus.names.event_subject(task.provider, task.id, "failed"), encoder.encode(event)
+                self._names.event_subject(task.provider, task.id, "failed"), encoder.encode(event)
             )
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.warning("could not record the rejection of task %s: %s", task.id, exc)

@@ -90,20 +90,25 @@ class JetStreamPublisher:
             future.cancel()
         self._waiting.clear()
 
-    async def send(self, subject: str, data: bytes, headers: dict[str, str]) -> asyncio.Future[PubAck]:
+    async def send(
+        self, subject: str, data: bytes, headers: dict[str, str], *, timed: bool = True
+    ) -> asyncio.Future[PubAck]:
         """Publish now; the future ends with the ack, :class:`PublishRefused`, :class:`NoStream`, or
-        :class:`TimeoutError` after the timeout. Raises what nats-py raises when it cannot send."""
+        (when ``timed``) :class:`TimeoutError` after the timeout. Untimed, the caller bounds its wait
+        and cancels what is left (one deadline for a whole batch instead of a timer each). Raises
+        what nats-py raises when it cannot send."""
         if self._sub is None:
             raise RuntimeError("JetStreamPublisher.start() was not called")
         loop = asyncio.get_running_loop()
         token = str(next(self._tokens))
         future: asyncio.Future[PubAck] = loop.create_future()
-        timer = loop.call_later(self._timeout_s, self._expire, token)
         self._waiting[token] = future
+        timer = loop.call_later(self._timeout_s, self._expire, token) if timed else None
 
-        def done(_: asyncio.Future[PubAck]) -> None:
-            timer.cancel()
+        def done(_: asyncio.Future[PubAck]) -> None:  # answered, expired or cancelled
             self._waiting.pop(token, None)
+            if timer is not None:
+                timer.cancel()
 
         future.add_done_callback(done)
         try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -150,7 +151,8 @@ class BusMetrics:
         self._refresh_s = refresh_s
         self._refresh_lock = anyio.Lock()
         self._follower = EventFollower(bus, bus.names.events_stream, bus.names.all_events, self._observe)
-        self._recent: dict[str, None] = {}  # insertion-ordered: the oldest is dropped first
+        # insertion-ordered: the oldest is dropped first (an OrderedDict pops it in constant time)
+        self._recent: OrderedDict[str, None] = OrderedDict()
         self._providers: set[str] = set()
         self._models: dict[str, set[str]] = {}
         self._usage: dict[tuple[str, str], _UsageTotals] = {}  # by provider and model label
@@ -327,7 +329,7 @@ class BusMetrics:
             return False
         self._recent[key] = None
         if len(self._recent) > RECENT_IDS:
-            del self._recent[next(iter(self._recent))]
+            self._recent.popitem(last=False)
         return True
 
     def _provider_label(self, provider: str) -> str:

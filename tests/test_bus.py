@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from ulid import ULID
 
 from hive_bus import BusConfigError, Settings, open_bus
 from hive_bus._bus import consumer_config, ensure_consumer
 from hive_bus._embedded import NatsServer
+from hive_bus._messages import is_task_id, new_task_id
 
 from .conftest import make_settings
 
@@ -75,3 +79,15 @@ async def test_a_heartbeat_bucket_too_short_for_the_interval_is_refused(nats_ser
     with pytest.raises(BusConfigError, match="less than two heartbeat intervals"):
         async with open_bus(slower):
             pass
+
+
+def test_task_ids_are_ulids_that_sort_by_creation() -> None:
+    before_ms = time.time_ns() // 1_000_000
+    ids = [new_task_id() for _ in range(2000)]  # many share a millisecond
+    after_ms = time.time_ns() // 1_000_000
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(is_task_id(i) for i in ids)
+    for i in (ids[0], ids[-1]):
+        parsed = ULID.from_str(i)
+        assert str(parsed) == i
+        assert before_ms <= parsed.milliseconds <= after_ms
