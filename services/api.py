@@ -275,7 +275,9 @@ async def all_events(
 async def list_tasks(
     state: State,
     status: Annotated[TaskStatus | None, QueryParameter(description="only tasks in this status")] = None,
-    provider: Annotated[str | None, QueryParameter(description="only this provider's tasks")] = None,
+    provider: Annotated[
+        str | None, QueryParameter(pattern=PROVIDER_PATTERN, description="only this provider's tasks")
+    ] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=500, description="at most this many")] = 50,
 ) -> list[TaskView]:
     return await recent_tasks(_hive(state), status=status, provider=provider, limit=limit)

@@ -292,6 +292,8 @@ async def test_recent_tasks_can_be_filtered(stack: Stack) -> None:
     nobody = (await stack.http.get("/v1/tasks", params={"provider": "nobody"})).json()
     assert [(t["id"], t["status"]) for t in nobody] == [(waiting, "queued")]
     assert (await stack.http.get("/v1/tasks", params={"status": "lost"})).status_code == 400
+    r = await stack.http.get("/v1/tasks", params={"provider": "a.>"})  # never a wildcard in a subject
+    assert (r.status_code, r.json()["error"]["field"]) == (400, "provider")
 
 
 async def test_readyz_follows_nats(own_server: NatsServer) -> None:
