@@ -365,9 +365,11 @@ class Hive:
                     sent.append(await self._send(*message, timed=False))
                 except HiveError as exc:
                     sent.append(exc)
-            futures = [f for f in sent if isinstance(f, asyncio.Future)]
             with anyio.move_on_after(self._bus.settings.request_timeout_s):
-                await asyncio.gather(*futures, return_exceptions=True)
+                for future in sent:  # most are done by now; awaiting them in turn costs no callbacks
+                    if isinstance(future, asyncio.Future) and not future.done():
+                        with contextlib.suppress(Exception):  # read below, with the others
+                            await future
             results: list[PubAck | HiveError] = []
             for future, (_, _, _, stream) in zip(sent, messages, strict=True):
                 if isinstance(future, HiveError):

@@ -53,9 +53,19 @@ class _TaskIds:
 
     def __init__(self) -> None:
         self._last = 0
+        self._random = b""  # os.urandom bytes, fetched 4 KiB at a time rather than 10 bytes an id
+        self._used = 0
+        os.register_at_fork(after_in_child=self._forget)  # a child must never reuse the parent's
+
+    def _forget(self) -> None:
+        self._random, self._used, self._last = b"", 0, 0
 
     def new(self) -> str:
-        value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10))
+        if self._used + 10 > len(self._random):
+            self._random, self._used = os.urandom(4090), 0
+        random = int.from_bytes(self._random[self._used : self._used + 10])
+        self._used += 10
+        value = (time.time_ns() // 1_000_000) << 80 | random
         if value <= self._last:  # the same millisecond, or the clock stepped back
             value = self._last + 1
         self._last = value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -91,3 +92,19 @@ def test_task_ids_are_ulids_that_sort_by_creation() -> None:
         parsed = ULID.from_str(i)
         assert str(parsed) == i
         assert before_ms <= parsed.milliseconds <= after_ms
+
+
+def test_a_forked_child_makes_task_ids_of_its_own() -> None:
+    new_task_id()  # the parent has random bytes in hand
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one id to the parent, then gone
+        os.write(write_end, new_task_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    mine = new_task_id()
+    with os.fdopen(read_end, "rb") as pipe:
+        childs = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert is_task_id(childs)
+    assert childs[10:] != mine[10:]  # the 80 random bits differ
