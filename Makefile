@@ -26,6 +26,7 @@ test-setup: $(STAMP)
 	bash tests/setup/ensure-prometheus.sh
 	bash tests/setup/fetch-compose-schema.sh $(VENV)
 	sh tests/setup/tools.sh
+	bash tests/setup/ensure-chromium.sh
 
 test: lint test-setup
 	$(BIN)/pytest
@@ -39,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/rate_limits.py
 	$(BIN)/python bench/quota.py
+	$(BIN)/python bench/gateway.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

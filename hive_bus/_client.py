@@ -13,6 +13,7 @@ Publishing the event first also means a task's ``queued`` event always precedes 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -46,14 +47,13 @@ from ._messages import (
     now_ms,
 )
 from ._prices import PriceTable
+from ._publish import JetStreamPublisher, PubAck, stored
 from ._route import CheapestRouter
 from ._settings import Settings, load_settings
 from ._stats import ProviderStats, provider_stats
 
 log = logging.getLogger("hive_bus.client")
 
-# JetStream's answer when a discard-new stream is at its limits.
-_STREAM_FULL_CODES = frozenset({10077})
 SUBMIT_WINDOW = 256
 # How often a wait reads the task's state again, in case its end fell between subscribing and reading.
 REREAD_S = 1.0
@@ -91,6 +91,8 @@ class Hive:
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
         self._router: CheapestRouter | None = None
+        self._names = bus.names  # built once: it is on every submission's path
+        self._publisher: JetStreamPublisher | None = None
 
     @property
     def bus(self) -> Bus:
@@ -130,47 +132,67 @@ class Hive:
 
     async def submit_request(self, request: TaskRequest) -> Accepted:
         """Queue a validated request. Raises :class:`BusUnavailable` or :class:`QueueFull`."""
-        bus = self._bus
-        names = bus.names
-        if not bus.nc.is_connected:
+        if not self._bus.nc.is_connected:
             raise BusUnavailable("not connected to NATS; nothing was accepted")
         task = Task.from_request(request)
-        if task.route == "cheapest" and task.fallback:
-            if self._router is None:
-                self._router = CheapestRouter(bus, PriceTable.load(bus.settings.prices_file))
-            task = await self._router.route(task)
-        queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
-        # De-duplication only means something for a key: a fresh task id is never submitted twice.
-        key = request.idempotency_key
-        ack = await self._publish(
-            names.event_subject(task.provider, task.id, "queued"),
-            encoder.encode(queued),
-            f"key:{key}" if key else None,
-            names.events_stream,
-        )
+        task = await self._routed(task)
+        ack = await self._publish(*self._queued_event(task, request.idempotency_key))
         duplicate = bool(ack.duplicate)
         if duplicate:
             task = await self._first_task(ack.seq)
         try:
-            task_ack = await self._publish(
-                names.task_subject(task.provider, task.priority),
-                encoder.encode(task),
-                task.msg_id if key else None,
-                names.tasks_stream,
-            )
+            task_ack = await self._publish(*self._task_message(task, request.idempotency_key))
         except QueueFull as exc:
             await self._record_rejection(task, str(exc))
             raise
         if duplicate and not task_ack.duplicate:
-            # The first submission's task never reached the queue (it was refused); it is queued now.
-            fresh = Queued(task_id=task.id, provider=task.provider, at_ms=now_ms(), task=task)
-            await self._publish(
-                names.event_subject(task.provider, task.id, "queued"),
-                encoder.encode(fresh),
-                None,
-                names.events_stream,
-            )
+            await self._requeued(task)
         return Accepted(task.id, duplicate)
+
+    async def submit_batch(self, requests: Sequence[TaskRequest]) -> list[Accepted | HiveError]:
+        """Queue validated requests, each as :meth:`submit_request` would, with the publishes of all of
+        them in flight together: every ``queued`` event, then every task whose event was stored. Each
+        task's event is stored before the task is published, and a task counts as accepted only once
+        JetStream stored it. Returns each request's outcome, in order: accepted, or the error that
+        kept it out."""
+        if not self._bus.nc.is_connected:
+            raise BusUnavailable("not connected to NATS; nothing was accepted")
+        tasks = [await self._routed(Task.from_request(r)) for r in requests]
+        keys = [r.idempotency_key for r in requests]
+        outcomes: list[Accepted | HiveError | None] = [None] * len(tasks)
+        event_acks = await self._publish_all(
+            [self._queued_event(t, k) for t, k in zip(tasks, keys, strict=True)]
+        )
+        for i, ack in enumerate(event_acks):
+            if isinstance(ack, HiveError):
+                outcomes[i] = ack
+            elif ack.duplicate:  # a key seen before: the first task is the one that counts
+                try:
+                    tasks[i] = await self._first_task(ack.seq)
+                except HiveError as exc:
+                    outcomes[i] = exc
+        going = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        task_acks = await self._publish_all([self._task_message(tasks[i], keys[i]) for i in going])
+        for i, task_ack in zip(going, task_acks, strict=True):
+            event_ack = event_acks[i]
+            assert isinstance(event_ack, PubAck)
+            if isinstance(task_ack, QueueFull):
+                await self._record_rejection(tasks[i], str(task_ack))
+                outcomes[i] = task_ack
+            elif isinstance(task_ack, HiveError):
+                outcomes[i] = task_ack
+            else:
+                if event_ack.duplicate and not task_ack.duplicate:
+                    try:
+                        await self._requeued(tasks[i])
+                    except HiveError as exc:
+                        log.warning(
+                            "task %s is queued again, but its new queued event was not stored: %s",
+                            tasks[i].id,
+                            exc,
+                        )
+                outcomes[i] = Accepted(tasks[i].id, event_ack.duplicate)
+        return [outcome for outcome in outcomes if outcome is not None]
 
     async def submit_many(self, requests: Iterable[TaskRequest], *, window: int = SUBMIT_WINDOW) -> list[str]:
         """Queue many tasks, up to ``window`` publishes in flight at once; ids come back in order.
@@ -207,7 +229,7 @@ class Hive:
         """The task's current state. Raises :class:`TaskNotFound`."""
         if not is_task_id(task_id):
             raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
-        names = self._bus.names
+        names = self._names
         try:
             raw = await self._bus.js.get_last_msg(names.events_stream, names.events_of(task_id), direct=True)
         except nats.js.errors.NotFoundError:
@@ -226,7 +248,7 @@ class Hive:
             # The server takes the subscription before the read below (one connection keeps order), so an
             # event published later reaches the subscription and an earlier one is read. An event
             # published just before but stored just after the read is caught by the periodic re-read.
-            sub = await nc.subscribe(self._bus.names.events_of(task_id))
+            sub = await nc.subscribe(self._names.events_of(task_id))
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
         try:
@@ -253,7 +275,7 @@ class Hive:
         With ``task_ids``, each of those tasks is yielded once (including ones that ended before the
         call) and the iterator ends after the last; without, it follows every task from now on.
         """
-        names = self._bus.names
+        names = self._names
         wanted = set(task_ids) if task_ids is not None else None
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.NEW, filter_subjects=names.final_events(provider)
@@ -336,22 +358,108 @@ class Hive:
 
     # -----------------------------------------------------------------------------------------------
 
-    async def _publish(self, subject: str, data: bytes, msg_id: str | None, stream: str) -> Any:
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+    # One publish is (subject, data, Nats-Msg-Id or None, stream).
+    def _queued_event(self, task: Task, key: str | None) -> tuple[str, bytes, str | None, str]:
+        names = self._names
+        queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
+        # De-duplication only means something for a key: a fresh task id is never submitted twice.
+        subject = names.event_subject(task.provider, task.id, "queued")
+        return subject, encoder.encode(queued), f"key:{key}" if key else None, names.events_stream
+
+    def _task_message(self, task: Task, key: str | None) -> tuple[str, bytes, str | None, str]:
+        names = self._names
+        return (
+            names.task_subject(task.provider, task.priority),
+            encoder.encode(task),
+            task.msg_id if key else None,
+            names.tasks_stream,
+        )
+
+    async def _routed(self, task: Task) -> Task:
+        """The task with its providers put in order by its routing policy (``cheapest`` reorders)."""
+        if task.route != "cheapest" or not task.fallback:
+            return task
+        if self._router is None:
+            self._router = CheapestRouter(self._bus, PriceTable.load(self._bus.settings.prices_file))
+        return await self._router.route(task)
+
+    async def _requeued(self, task: Task) -> None:
+        # The first submission's task never reached the queue (it was refused); it is queued now.
+        fresh = Queued(task_id=task.id, provider=task.provider, at_ms=now_ms(), task=task)
+        names = self._names
+        subject = names.event_subject(task.provider, task.id, "queued")
+        await self._publish(subject, encoder.encode(fresh), None, names.events_stream)
+
+    async def _publish(self, subject: str, data: bytes, msg_id: str | None, stream: str) -> PubAck:
+        return await stored(await self._send(subject, data, msg_id, stream), stream)
+
+    async def _publish_all(
+        self, messages: list[tuple[str, bytes, str | None, str]]
+    ) -> list[PubAck | HiveError]:
+        """Every message on the wire first, then every ack (one deadline for them all): each one's
+        ack, or why it was not stored."""
+        sent: list[asyncio.Future[PubAck] | HiveError] = []
         try:
-            return await self._bus.js.publish(subject, data, headers=headers, stream=stream)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code in _STREAM_FULL_CODES or "exceeded" in (exc.description or ""):
-                raise QueueFull(
-                    f"the {stream} stream is full ({exc.description}); nothing was accepted",
-                    retry_after_s=5.0,
-                ) from None
-            raise BusUnavailable(f"JetStream refused the publish to {stream}: {exc.description}") from None
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            for message in messages:
+                try:
+                    sent.append(await self._send(*message, timed=False))
+                except HiveError as exc:
+                    sent.append(exc)
+            with anyio.move_on_after(self._bus.settings.request_timeout_s):
+                for future in sent:  # most are done by now; awaiting them in turn costs no callbacks
+                    if isinstance(future, asyncio.Future) and not future.done():
+                        with contextlib.suppress(Exception):  # read below, with the others
+                            await future
+            results: list[PubAck | HiveError] = []
+            for future, (_, _, _, stream) in zip(sent, messages, strict=True):
+                if isinstance(future, HiveError):
+                    results.append(future)
+                elif future.cancelled():  # no ack in time
+                    timeout_s = self._bus.settings.request_timeout_s
+                    results.append(
+                        BusUnavailable(
+                            f"JetStream did not store the publish to {stream}: no acknowledgement within {timeout_s:g}s"
+                        )
+                    )
+                else:
+                    try:
+                        results.append(await stored(future, stream))
+                    except HiveError as exc:
+                        results.append(exc)
+            return results
+        finally:  # cancelled half way: no ack is waited for any more
+            for future in sent:
+                if isinstance(future, asyncio.Future) and not future.done():
+                    future.cancel()
+
+    async def _send(
+        self, subject: str, data: bytes, msg_id: str | None, stream: str, *, timed: bool = True
+    ) -> asyncio.Future[PubAck]:
+        headers = {"Nats-Expected-Stream": stream}
+        if msg_id:
+            headers["Nats-Msg-Id"] = msg_id
+        try:
+            return await (await self._js_publisher()).send(subject, data, headers, timed=timed)
+        except (nats.errors.Error, OSError) as exc:
             raise BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}") from None
 
+    async def _js_publisher(self) -> JetStreamPublisher:
+        if self._publisher is None:
+            publisher = JetStreamPublisher(self._bus.nc, self._bus.settings.request_timeout_s)
+            await publisher.start()
+            if self._publisher is None:
+                self._publisher = publisher
+            else:  # another submission started one meanwhile
+                await publisher.stop()
+        return self._publisher
+
     async def _first_task(self, seq: int) -> Task:
-        raw = await self._bus.js.get_msg(self._bus.names.events_stream, seq=seq, direct=True)
+        try:
+            raw = await self._bus.js.get_msg(self._names.events_stream, seq=seq, direct=True)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(
+                f"could not read the first task of a repeated idempotency key: {exc}"
+            ) from None
         assert raw.data is not None
         event = event_decoder.decode(raw.data)
         if not isinstance(event, Queued):
@@ -365,7 +473,7 @@ class Hive:
         )  # fmt: skip
         try:
             await self._bus.js.publish(
-                self._bus.names.event_subject(task.provider, task.id, "failed"), encoder.encode(event)
+                self._names.event_subject(task.provider, task.id, "failed"), encoder.encode(event)
             )
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.warning("could not record the rejection of task %s: %s", task.id, exc)

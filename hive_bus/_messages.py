@@ -8,13 +8,13 @@ fields so that a typo is an error rather than a silently ignored option.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
-from ulid import ULID
 
 from ._names import PROVIDER_PATTERN
 
@@ -56,9 +56,43 @@ def is_task_id(value: str) -> bool:
     return TASK_ID_RE.match(value) is not None
 
 
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> two characters
+_SHIFTS = range(120, -1, -10)  # 13 pairs: the 128 bits, with two leading zero bits
+
+
+class _TaskIds:
+    """ULIDs (48 bits of milliseconds, 80 random bits, Crockford base32), strictly increasing within
+    a process as python-ulid's are: in the same millisecond the next id adds one to the last. Written
+    out here because python-ulid's generator took a tenth of the gateway's time per task."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._random = b""  # os.urandom bytes, fetched 4 KiB at a time rather than 10 bytes an id
+        self._used = 0
+        os.register_at_fork(after_in_child=self._forget)  # a child must never reuse the parent's
+
+    def _forget(self) -> None:
+        self._random, self._used, self._last = b"", 0, 0
+
+    def new(self) -> str:
+        if self._used + 10 > len(self._random):
+            self._random, self._used = os.urandom(4090), 0
+        random = int.from_bytes(self._random[self._used : self._used + 10])
+        self._used += 10
+        value = (time.time_ns() // 1_000_000) << 80 | random
+        if value <= self._last:  # the same millisecond, or the clock stepped back
+            value = self._last + 1
+        self._last = value
+        return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
+
+
+_task_ids = _TaskIds()
+
+
 def new_task_id() -> str:
-    """A unique id that sorts by creation time (a ULID: 48 bits of milliseconds, 80 random bits)."""
-    return str(ULID())
+    """A unique id that sorts by creation time (a ULID)."""
+    return _task_ids.new()
 
 
 class Params(Struct, frozen=True, kw_only=True, omit_defaults=True):

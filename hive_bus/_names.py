@@ -124,6 +124,14 @@ class Names:
         """The subject filter that matches every event of one task, whatever its provider."""
         return f"{self.prefix}.events.*.{task_id}.*"
 
+    def events(self, provider: str | None = None) -> str:
+        """The subject filter that matches every event of one provider's tasks, or of all tasks."""
+        return f"{self.prefix}.events.{provider or '*'}.*.*"
+
+    def status_of_subject(self, subject: str) -> str:
+        """The status token that ends an event subject."""
+        return subject.rsplit(".", 1)[-1]
+
     def final_events(self, provider: str | None = None) -> list[str]:
         """Subject filters for tasks' last events (completed or failed), of one provider or all."""
         return [f"{self.prefix}.events.{provider or '*'}.*.{status}" for status in ("completed", "failed")]

@@ -5,8 +5,9 @@ same types the bus uses.
 """
 
 # No "from __future__ import annotations" here: Litestar reads the parameter markers at run time.
+import threading
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import anyio
 import msgspec
@@ -15,7 +16,7 @@ import nats.js.errors
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -28,12 +29,21 @@ from hive_bus import (
     TaskView,
     WorkerBeat,
 )
-from hive_bus._messages import ProviderName, TaskStatus, event_decoder, is_final, is_task_id, status_of
-from hive_bus._names import is_valid_provider
+from hive_bus._messages import TaskStatus, event_decoder, is_final, is_task_id, status_of
+from hive_bus._names import PROVIDER_PATTERN, is_valid_provider
+
+from .metrics import BusMetrics, UsageSince
 
 MAX_WAIT_S = 300.0
 # A task's event stream ends with the task; this bounds one that never ends (its provider never runs).
 MAX_EVENTS_STREAM_S = 3600.0
+# A quiet feed of every event sends an SSE comment this often, so that proxies keep it open and a
+# client that went away is noticed.
+FEED_KEEPALIVE_S = 15.0
+# How often a feed looks whether the gateway is stopping, so that a stop need not wait for its end.
+FEED_POLL_S = 0.5
+EVENT_STATUSES = frozenset(get_args(TaskStatus))
+SSE = "text/event-stream"
 
 
 class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -122,27 +132,12 @@ async def submit_batch(data: JSONBody[BatchRequest], state: State) -> Response[B
         raise _invalid("a batch needs at least one task")
     if len(data.tasks) > limit:
         raise _invalid(f"a batch holds at most {limit} tasks; this one has {len(data.tasks)}")
-    hive = _hive(state)
-    items: list[BatchItem] = [BatchItem(index=i) for i in range(len(data.tasks))]
-
-    async def one(i: int, request: TaskRequest) -> None:
-        try:
-            accepted = await hive.submit_request(request)
-            items[i] = BatchItem(
-                index=i, id=accepted.id, status="duplicate" if accepted.duplicate else "queued"
-            )
-        except HiveError as exc:
-            items[i] = BatchItem(index=i, error=str(exc))
-
-    limiter = anyio.CapacityLimiter(64)
-
-    async def bounded(i: int, request: TaskRequest) -> None:
-        async with limiter:
-            await one(i, request)
-
-    async with anyio.create_task_group() as tg:
-        for i, request in enumerate(data.tasks):
-            tg.start_soon(bounded, i, request)
+    items = [
+        BatchItem(index=i, error=str(outcome))
+        if isinstance(outcome, HiveError)
+        else BatchItem(index=i, id=outcome.id, status="duplicate" if outcome.duplicate else "queued")
+        for i, outcome in enumerate(await _hive(state).submit_batch(data.tasks))
+    ]
     rejected = sum(1 for item in items if item.error is not None)
     body = BatchAccepted(accepted=len(items) - rejected, rejected=rejected, tasks=items)
     if rejected:
@@ -174,6 +169,7 @@ async def get_task(
 @get(
     "/v1/tasks/{task_id:str}/events",
     summary="A task's status changes as Server-Sent Events",
+    media_type=SSE,
     responses=_errors(401, 404, 503),
 )
 async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
@@ -207,11 +203,82 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
     return ServerSentEvent(events())
 
 
+@get(
+    "/v1/events",
+    summary="Every task event as Server-Sent Events",
+    media_type=SSE,
+    responses=_errors(400, 401, 503),
+)
+async def all_events(
+    state: State,
+    provider: Annotated[
+        str | None, QueryParameter(pattern=PROVIDER_PATTERN, description="only this provider's events")
+    ] = None,
+    last_event_id: Annotated[
+        int | None,
+        HeaderParameter(
+            name="last-event-id",
+            ge=0,
+            le=2**53,
+            required=False,
+            description="resume after this event: the ``id`` of the last one received",
+        ),
+    ] = None,
+) -> ServerSentEvent:
+    """Each task event from now on (or, with ``Last-Event-ID``, from just after that one), as it
+    happens. Each message's ``event`` is the status, its ``data`` the event as JSON and its ``id`` the
+    event's place in the record. The gateway ends a feed after an hour (and when it stops); a client
+    that reconnects with ``Last-Event-ID`` misses nothing."""
+    bus = _hive(state).bus
+    names = bus.names
+    if last_event_id is None:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+    else:
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last_event_id + 1
+        )
+    try:
+        sub = await bus.js.subscribe(
+            names.events(provider), stream=names.events_stream, ordered_consumer=True, config=config
+        )
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        raise BusUnavailable(f"could not follow the events stream: {exc}") from None
+    stopping: threading.Event = state.stopping
+    feed_max_s: float = state.feed_max_s
+
+    async def events() -> AsyncIterator[ServerSentEventMessage]:
+        try:
+            end = anyio.current_time() + feed_max_s
+            quiet_since = anyio.current_time()
+            while not stopping.is_set() and (left_s := end - anyio.current_time()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=min(FEED_POLL_S, left_s))
+                except TimeoutError:
+                    if anyio.current_time() - quiet_since >= FEED_KEEPALIVE_S:
+                        quiet_since = anyio.current_time()
+                        yield ServerSentEventMessage(data=None, comment="keep-alive")
+                    continue
+                status = names.status_of_subject(msg.subject)
+                if status not in EVENT_STATUSES:
+                    continue  # not a task event: nothing a client could read
+                quiet_since = anyio.current_time()
+                yield ServerSentEventMessage(
+                    data=msg.data.decode(errors="replace"), event=status, id=str(msg.metadata.sequence.stream)
+                )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+
+    return ServerSentEvent(events())
+
+
 @get("/v1/tasks", summary="Recent tasks, newest first", responses=_errors(400, 401, 503))
 async def list_tasks(
     state: State,
     status: Annotated[TaskStatus | None, QueryParameter(description="only tasks in this status")] = None,
-    provider: Annotated[ProviderName | None, QueryParameter(description="only this provider's tasks")] = None,
+    provider: Annotated[
+        str | None, QueryParameter(pattern=PROVIDER_PATTERN, description="only this provider's tasks")
+    ] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=500, description="at most this many")] = 50,
 ) -> list[TaskView]:
     return await recent_tasks(_hive(state), status=status, provider=checked_provider(provider), limit=limit)
@@ -302,6 +369,16 @@ async def metrics_route(state: State) -> Response[bytes]:
     return Response(body, media_type=content_type)
 
 
+@get(
+    "/v1/usage",
+    summary="Tokens and cost of the tasks completed since the gateway started, by provider and model",
+    responses=_errors(401),
+)
+async def usage_route(state: State) -> UsageSince:
+    metrics: BusMetrics = state.metrics
+    return metrics.usage()
+
+
 @get("/openapi.json", summary="This API's OpenAPI document", include_in_schema=False)
 async def openapi_document(request: Request[Any, Any, Any]) -> dict[str, Any]:
     schema: dict[str, Any] = request.app.openapi_schema.to_schema()
@@ -331,6 +408,7 @@ ROUTES = [
     submit_batch,
     get_task,
     task_events,
+    all_events,
     list_tasks,
     stats,
     list_workers,
@@ -339,4 +417,7 @@ ROUTES = [
     openapi_document,
 ]
 
-__all__ = ["MAX_WAIT_S", "ROUTES"]
+# Served only by a gateway that follows the bus's events (its BusMetrics).
+METRICS_ROUTES = [metrics_route, usage_route]
+
+__all__ = ["MAX_WAIT_S", "METRICS_ROUTES", "ROUTES"]

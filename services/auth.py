@@ -1,7 +1,8 @@
 """Bearer tokens for the gateway, read once at start-up and checked in constant time.
 
 With no token configured the gateway serves loopback only (see :func:`check_exposure`). With tokens,
-every route but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <token>``; ``/metrics`` takes
+every route but ``/healthz``, ``/readyz`` and the dashboard's page and files (which hold no data; the
+page asks for a token when the API does) needs ``Authorization: Bearer <token>``; ``/metrics`` takes
 its own token when one is set (Prometheus then needs only that one). A token never appears in a log
 line or an answer.
 """
@@ -18,7 +19,8 @@ import msgspec
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
+OPEN_PREFIX = "/dashboard/"  # the dashboard's static files
 ENV_TOKENS = "HIVE_GATEWAY_TOKENS"
 ENV_TOKENS_FILE = "HIVE_GATEWAY_TOKENS_FILE"
 ENV_METRICS_TOKEN = "HIVE_METRICS_TOKEN"
@@ -118,6 +120,11 @@ def _matches(given: str, accepted: frozenset[str]) -> bool:
     return found
 
 
+def _is_open(path: str) -> bool:
+    # ".." never leads out of the files, but no path that holds it needs to be open either
+    return path in OPEN_PATHS or (path.startswith(OPEN_PREFIX) and ".." not in path)
+
+
 class BearerAuth:
     """ASGI middleware: lets a request through when its bearer token is accepted for its path."""
 
@@ -126,7 +133,7 @@ class BearerAuth:
         self._tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP or not self._tokens.enabled or scope["path"] in OPEN_PATHS:
+        if scope["type"] != ScopeType.HTTP or not self._tokens.enabled or _is_open(scope["path"]):
             await self._app(scope, receive, send)
             return
         accepted = self._tokens.api

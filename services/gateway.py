@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import socket
+import threading
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,8 @@ from hive_bus._dlq import NotReplayable
 from hive_bus._messages import explain
 from hive_bus._router import Router
 
-from .api import ROUTES, metrics_route
+from . import dashboard
+from .api import METRICS_ROUTES, ROUTES
 from .auth import BearerAuth, Tokens, check_exposure
 from .dlq_api import DLQ_ROUTES
 from .metrics import BusMetrics
@@ -44,6 +46,8 @@ class GatewayOptions:
     max_body_bytes: int = 256 * 1024
     max_batch: int = 500
     tokens: Tokens = field(default_factory=Tokens)
+    # How long one GET /v1/events connection lasts; its client reconnects with Last-Event-ID.
+    feed_max_s: float = 3600.0
 
 
 # errors ------------------------------------------------------------------------------------------
@@ -109,15 +113,28 @@ def on_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Respon
 
 
 def create_app(
-    hive: Hive, options: GatewayOptions | None = None, metrics: BusMetrics | None = None
+    hive: Hive,
+    options: GatewayOptions | None = None,
+    metrics: BusMetrics | None = None,
+    stopping: threading.Event | None = None,
 ) -> Litestar:
-    """The gateway app, serving ``hive``'s bus."""
+    """The gateway app, serving ``hive``'s bus. Long answers (event feeds) end once ``stopping`` is set."""
     options = options or GatewayOptions()
+    state = {
+        "hive": hive,
+        "max_batch": options.max_batch,
+        "metrics": metrics,
+        "stopping": stopping or threading.Event(),
+        "feed_max_s": options.feed_max_s,
+    }
     return Litestar(
-        route_handlers=[*ROUTES, *DLQ_ROUTES, metrics_route]
-        if metrics is not None
-        else [*ROUTES, *DLQ_ROUTES],
-        state=State({"hive": hive, "max_batch": options.max_batch, "metrics": metrics}),
+        route_handlers=[
+            *ROUTES,
+            *DLQ_ROUTES,
+            *(METRICS_ROUTES if metrics is not None else []),
+            *dashboard.ROUTES,
+        ],
+        state=State(state),
         middleware=[lambda app: BearerAuth(app, options.tokens)],
         openapi_config=OpenAPIConfig(title="hive-bus gateway", version=__version__, path="/schema"),
         request_max_body_size=options.max_body_bytes,
@@ -151,7 +168,10 @@ class GatewayError(RuntimeError):
 
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio turns Nagle off (TCP_NODELAY) only on connections whose
+    # socket says TCP, and without that every answer on a kept-alive connection waits ~40 ms for the
+    # client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -173,10 +193,11 @@ class Gateway:
         self.options = options
         self.metrics = BusMetrics(hive.bus)
         self.router = Router(hive.bus)
+        self._stopping = threading.Event()
         self._sock = sock or bind(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
-            create_app(hive, options, self.metrics),
+            create_app(hive, options, self.metrics, self._stopping),
             log_level="warning",
             access_log=False,
             lifespan="on",
@@ -209,4 +230,5 @@ class Gateway:
             task_status.started()
 
     def stop(self) -> None:
+        self._stopping.set()  # event feeds end now, rather than hold the stop for its grace period
         self._server.should_exit = True

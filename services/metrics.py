@@ -4,8 +4,8 @@
 default one, so several gateways, or tests, can live in one process):
 
 - counters and histograms, from every task event on the events stream, followed from the moment it
-  starts (an ordered consumer from the stream's end, resumed after the last event seen if the
-  subscription is lost): submissions, completions by model, failures and retries by reason,
+  starts (a batch at a time, resumed after the last event seen if its consumer is lost; see
+  :mod:`services.follower`): submissions, completions by model, failures and retries by reason,
   rate-limit waits, tokens, cost, and the queue-wait, call and end-to-end times of completed tasks.
   A task's final event is stored once by JetStream (``Nats-Msg-Id: <id>:final``); a bounded set of
   recently seen task ids also keeps a final event seen twice from counting twice. The final outcomes
@@ -25,9 +25,9 @@ models per provider are capped so that a misbehaving client cannot blow up the s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -36,7 +36,6 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -46,8 +45,10 @@ from hive_bus._budget import Ledger, ledgers
 from hive_bus._bus import redeclare_workers_bucket
 from hive_bus._cooldown import decode_records, provider_cooldowns
 from hive_bus._duplicates import duplicate_decoder
-from hive_bus._messages import Completed, Failed, Queued, Retrying, beat_decoder, event_decoder, now_ms
+from hive_bus._messages import Completed, Failed, Retrying, beat_decoder, event_decoder, now_ms
 from hive_bus._stats import QueueDepth, queue_depths
+
+from .follower import EventFollower
 
 log = logging.getLogger("hive_bus.metrics")
 
@@ -83,6 +84,34 @@ class _Snapshot:
     budget_limit: dict[tuple[str, ...], float] = field(default_factory=dict)
     lost: dict[str, int] = field(default_factory=dict)  # by stream name
     at_s: float | None = None  # unix time of the refresh
+
+
+class ModelUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """Tokens and cost of the tasks one model of a provider completed."""
+
+    provider: str
+    model: str
+    completed: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float  # of the tasks whose model's price is known
+    unpriced: int  # completed tasks whose model's price is not known, so not in cost_usd
+
+
+class UsageSince(msgspec.Struct, frozen=True, kw_only=True):
+    """What the gateway has counted since it began following the events stream."""
+
+    since_ms: int
+    models: list[ModelUsage]
+
+
+@dataclass(slots=True)
+class _UsageTotals:
+    completed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced: int = 0
 
 
 class _Gauges:
@@ -159,10 +188,13 @@ class BusMetrics:
         self._bus = bus
         self._refresh_s = refresh_s
         self._refresh_lock = anyio.Lock()
-        self._next_seq = 0  # the next events-stream sequence to read, to resume after a lost subscription
-        self._recent: dict[str, None] = {}  # insertion-ordered: the oldest is dropped first
+        self._follower = EventFollower(bus, bus.names.events_stream, bus.names.all_events, self._observe)
+        # insertion-ordered: the oldest is dropped first (an OrderedDict pops it in constant time)
+        self._recent: OrderedDict[str, None] = OrderedDict()
         self._providers: set[str] = set()
         self._models: dict[str, set[str]] = {}
+        self._usage: dict[tuple[str, str], _UsageTotals] = {}  # by provider and model label
+        self._since_ms = 0  # when following began
 
         self._registry = CollectorRegistry(auto_describe=True)
         r = self._registry
@@ -244,10 +276,27 @@ class BusMetrics:
         """The exposition body and its content type, for ``GET /metrics``."""
         return generate_latest(self._registry), CONTENT_TYPE_LATEST
 
+    def usage(self) -> UsageSince:
+        """Tokens and cost of the tasks completed since following began, by provider and model."""
+        models = [
+            ModelUsage(
+                provider=provider,
+                model=model,
+                completed=totals.completed,
+                input_tokens=totals.input_tokens,
+                output_tokens=totals.output_tokens,
+                cost_usd=totals.cost_usd,
+                unpriced=totals.unpriced,
+            )
+            for (provider, model), totals in sorted(self._usage.items())
+        ]
+        return UsageSince(since_ms=self._since_ms, models=models)
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow the events and refresh the gauges until cancelled; started once subscribed."""
         async with anyio.create_task_group() as tg:
-            await tg.start(self._follow)
+            self._since_ms = now_ms()
+            await tg.start(self._follower.run)
             tg.start_soon(self._refresh_loop)
             task_status.started()
 
@@ -266,60 +315,15 @@ class BusMetrics:
 
     # events --------------------------------------------------------------------------------------
 
-    async def _follow(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Apply every new event; if the subscription is lost, subscribe again after the last one seen."""
-        bus, names = self._bus, self._bus.names
-        # From the stream's end (as DeliverPolicy.NEW would), but with a known place to resume from.
-        info = await bus.js.stream_info(names.events_stream)
-        self._next_seq = info.state.last_seq + 1
-        started = False
-        pause_s = 1.0
-        while True:
-            config = ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._next_seq
-            )
-            try:
-                sub = await bus.js.subscribe(
-                    names.all_events, stream=names.events_stream, ordered_consumer=True, config=config
-                )
-            except _BUS_ERRORS as exc:
-                if not started:
-                    raise  # the caller learns that the bus does not answer
-                if bus.nc.is_closed:
-                    log.info("metrics: the NATS connection is closed; no longer following events")
-                    return
-                log.warning("metrics: could not follow the events stream (%s); trying again", _why(exc))
-                await anyio.sleep(pause_s)
-                pause_s = min(2 * pause_s, 30.0)
-                continue
-            if not started:
-                started = True
-                task_status.started()
-            pause_s = 1.0
-            try:
-                async for msg in sub.messages:
-                    with contextlib.suppress(nats.errors.Error, ValueError, IndexError, TypeError):
-                        self._next_seq = msg.metadata.sequence.stream + 1
-                    try:
-                        self._observe(msg.data, msg.subject)
-                    except Exception:  # a bug here must not stop the counting, nor the gateway
-                        log.exception("metrics: could not count an event")
-            finally:
-                with (
-                    anyio.CancelScope(shield=True),
-                    anyio.move_on_after(2),
-                    contextlib.suppress(nats.errors.Error, nats.js.errors.Error),
-                ):
-                    await sub.unsubscribe()
-            if bus.nc.is_closed:
-                log.info("metrics: the NATS connection is closed; no longer following events")
-                return
-            log.warning("metrics: the events subscription ended; subscribing again")
-            await anyio.sleep(pause_s)
-
-    def _observe(self, data: bytes, subject: str = "") -> None:
+    def _observe(self, subject: str, data: bytes) -> None:
         if self._bus.names.is_duplicate_report(subject):
             self._observe_duplicate(data)
+            return
+        tokens = subject.split(".")  # <prefix>.events.<provider>.<task id>.<status>
+        if len(tokens) == 5 and tokens[4] == "queued":
+            # The most frequent event, and the largest (it holds the whole task): its subject says it all.
+            if self._first_time(f"{tokens[3]}:queued"):
+                self._submitted.labels(self._provider_label(tokens[2])).inc()
             return
         try:
             event = event_decoder.decode(data)
@@ -328,9 +332,6 @@ class BusMetrics:
             return
         provider = self._provider_label(event.provider)
         match event:
-            case Queued():
-                if self._first_time(f"{event.task_id}:queued"):
-                    self._submitted.labels(provider).inc()
             case Retrying():
                 self._retries.labels(provider, event.reason).inc()
                 if event.reason == "rate_limit" and event.called:
@@ -358,11 +359,19 @@ class BusMetrics:
     def _completed_task(self, provider: str, event: Completed) -> None:
         model = self._model_label(provider, event.model)
         self._completed.labels(provider, model).inc()
+        totals = self._usage.setdefault((provider, model), _UsageTotals())
+        totals.completed += 1
         if event.usage is not None:
-            self._tokens.labels(provider, model, "input").inc(max(0, event.usage.input_tokens))
-            self._tokens.labels(provider, model, "output").inc(max(0, event.usage.output_tokens))
+            input_tokens, output_tokens = max(0, event.usage.input_tokens), max(0, event.usage.output_tokens)
+            self._tokens.labels(provider, model, "input").inc(input_tokens)
+            self._tokens.labels(provider, model, "output").inc(output_tokens)
+            totals.input_tokens += input_tokens
+            totals.output_tokens += output_tokens
         if event.cost_usd is not None and event.cost_usd >= 0:
             self._cost.labels(provider, model).inc(event.cost_usd)
+            totals.cost_usd += event.cost_usd
+        else:
+            totals.unpriced += 1
         if event.submitted_at_ms and event.started_at_ms:
             wait_s = (event.started_at_ms - event.submitted_at_ms) / 1000
             self._queue_wait.labels(provider).observe(max(0.0, wait_s))  # clocks of two machines
@@ -376,7 +385,7 @@ class BusMetrics:
             return False
         self._recent[key] = None
         if len(self._recent) > RECENT_IDS:
-            del self._recent[next(iter(self._recent))]
+            self._recent.popitem(last=False)
         return True
 
     def _provider_label(self, provider: str) -> str:

@@ -60,6 +60,23 @@ async def test_every_route_but_health_needs_a_token(url: str) -> None:
         assert other.status_code == 200
 
 
+async def test_the_dashboard_page_is_open_and_the_data_it_reads_is_not(url: str) -> None:
+    async with httpx.AsyncClient(base_url=url) as http:
+        for path in ("/", "/dashboard/app.js", "/dashboard/style.css"):
+            assert (await http.get(path)).status_code == 200, path
+        for path in (
+            "/v1/events",
+            "/v1/usage",
+            "/v1/stats",
+            "/dashboard/../v1/stats",
+            "/dashboard/%2e%2e/v1/stats",
+        ):
+            assert (await http.get(path)).status_code == 401, path
+        async with http.stream("GET", "/v1/events", headers={"Authorization": f"Bearer {TOKEN}"}) as feed:
+            assert feed.status_code == 200
+            assert feed.headers["content-type"].startswith("text/event-stream")
+
+
 async def test_metrics_take_their_own_token(url: str) -> None:
     async with httpx.AsyncClient(base_url=url) as http:
         assert (await http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})).status_code == 401

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from ulid import ULID
 
 from hive_bus import BusConfigError, Settings, open_bus
 from hive_bus._bus import consumer_config, ensure_consumer, ensure_consumers
 from hive_bus._embedded import NatsServer
+from hive_bus._messages import is_task_id, new_task_id
 
 from .conftest import make_settings
 
@@ -85,3 +90,31 @@ async def test_a_heartbeat_bucket_too_short_for_the_interval_is_refused(nats_ser
     with pytest.raises(BusConfigError, match="less than two heartbeat intervals"):
         async with open_bus(slower):
             pass
+
+
+def test_task_ids_are_ulids_that_sort_by_creation() -> None:
+    before_ms = time.time_ns() // 1_000_000
+    ids = [new_task_id() for _ in range(2000)]  # many share a millisecond
+    after_ms = time.time_ns() // 1_000_000
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(is_task_id(i) for i in ids)
+    for i in (ids[0], ids[-1]):
+        parsed = ULID.from_str(i)
+        assert str(parsed) == i
+        assert before_ms <= parsed.milliseconds <= after_ms
+
+
+def test_a_forked_child_makes_task_ids_of_its_own() -> None:
+    new_task_id()  # the parent has random bytes in hand
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one id to the parent, then gone
+        os.write(write_end, new_task_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    mine = new_task_id()
+    with os.fdopen(read_end, "rb") as pipe:
+        childs = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert is_task_id(childs)
+    assert childs[10:] != mine[10:]  # the 80 random bits differ

@@ -26,7 +26,9 @@ from .helpers import running_worker
 @asynccontextmanager
 async def gateway_running(settings: Settings) -> AsyncIterator[str]:
     async with open_bus(settings) as bus, running_worker(bus, "echo", EchoProvider()):
-        gateway = Gateway(Hive(bus), GatewayOptions(port=0, max_body_bytes=16 * 1024))
+        # feeds of every event end after a moment, as they would after an hour, so each example ends
+        options = GatewayOptions(port=0, max_body_bytes=16 * 1024, feed_max_s=0.2)
+        gateway = Gateway(Hive(bus), options)
         async with anyio.create_task_group() as tg:
             await tg.start(gateway.serve)
             yield gateway.url

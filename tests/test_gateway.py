@@ -219,6 +219,20 @@ async def test_a_batch_is_accepted_in_order(stack: Stack) -> None:
     assert outputs == [f"post {i}" for i in range(5)]
 
 
+async def test_a_key_repeated_in_a_batch_or_across_batches_queues_its_task_once(stack: Stack) -> None:
+    keyed = {"provider": "nobody", "prompt": "once", "idempotency_key": "campaign-9"}
+    r = await stack.http.post(
+        "/v1/tasks/batch", json={"tasks": [keyed, {"provider": "nobody", "prompt": "x"}, keyed]}
+    )
+    assert r.status_code == 202
+    first, other, again = r.json()["tasks"]
+    assert (first["status"], other["status"], again["status"]) == ("queued", "queued", "duplicate")
+    assert again["id"] == first["id"] != other["id"]
+    r = await stack.http.post("/v1/tasks/batch", json={"tasks": [keyed]})
+    assert r.json()["tasks"] == [{"index": 0, "id": first["id"], "status": "duplicate"}]
+    assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 2
+
+
 async def test_a_batch_with_an_invalid_task_names_it_and_queues_nothing(stack: Stack) -> None:
     tasks = [{"provider": "echo", "prompt": "fine"}, {"provider": "echo", "prompt": " "}]
     r = await stack.http.post("/v1/tasks/batch", json={"tasks": tasks})
@@ -278,6 +292,8 @@ async def test_recent_tasks_can_be_filtered(stack: Stack) -> None:
     nobody = (await stack.http.get("/v1/tasks", params={"provider": "nobody"})).json()
     assert [(t["id"], t["status"]) for t in nobody] == [(waiting, "queued")]
     assert (await stack.http.get("/v1/tasks", params={"status": "lost"})).status_code == 400
+    r = await stack.http.get("/v1/tasks", params={"provider": "a.>"})  # never a wildcard in a subject
+    assert (r.status_code, r.json()["error"]["field"]) == (400, "provider")
 
 
 async def test_readyz_follows_nats(own_server: NatsServer) -> None:

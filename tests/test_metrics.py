@@ -11,13 +11,15 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hive_bus import Bus, FunctionProvider, Hive, Output, TaskRequest, Usage
+from hive_bus import Bus, BusUnavailable, FunctionProvider, Hive, Output, Task, TaskRequest, Usage, open_bus
 from hive_bus._duplicates import report_duplicate
-from hive_bus._messages import Completed, Task, encoder
+from hive_bus._embedded import NatsServer
+from hive_bus._messages import Completed, encoder
 from services.metrics import BusMetrics
 from workers.echo import EchoProvider
 
 from . import handlers
+from .conftest import make_settings
 from .handlers import WindowLimit
 from .helpers import eventually, running_worker
 
@@ -311,3 +313,37 @@ async def test_each_instance_has_its_own_registry(bus: Bus, hive: Hive) -> None:
         await counted(first, "hive_tasks_submitted_total", 1, provider="nobody")
         await counted(second, "hive_tasks_submitted_total", 1, provider="nobody")
     assert first.registry is not second.registry
+
+
+async def test_counting_goes_on_across_a_server_restart_each_event_once(own_server: NatsServer) -> None:
+    settings = make_settings(own_server.url, request_timeout_s=1.0)
+    async with open_bus(settings) as bus, following(bus) as metrics:
+        hive = Hive(bus)
+        for i in range(3):
+            await hive.submit("nobody", f"before {i}")
+        await counted(metrics, "hive_tasks_submitted_total", 3, provider="nobody")
+        own_server.restart()  # the follower's consumer lives in the server's memory: it is gone
+
+        async def submitted() -> bool:
+            try:
+                await hive.submit("nobody", "after")
+            except BusUnavailable:
+                return False
+            return True
+
+        await eventually(submitted, 20, "the bus to accept work again")
+        await hive.submit("nobody", "after, again")
+        found = await eventually(
+            lambda: _at_least(metrics, 5), 20, "the submissions after the restart to be counted"
+        )
+        await anyio.sleep(0.5)  # nothing more may come: each event counts once
+        assert (
+            value(samples(metrics), "hive_tasks_submitted_total", provider="nobody")
+            == 5
+            == value(found, "hive_tasks_submitted_total", provider="nobody")
+        )
+
+
+async def _at_least(metrics: BusMetrics, n: float) -> Samples | None:
+    found = samples(metrics)
+    return found if value(found, "hive_tasks_submitted_total", provider="nobody") >= n else None

@@ -1,0 +1,306 @@
+"""The gateway's HTTP rates, measured in one run against one ``hive gateway`` process.
+
+Run: ``.venv/bin/python bench/gateway.py`` (or ``make bench``). It starts its own nats-server on a free
+port of 127.0.0.1 with a temporary store and a ``hive gateway`` process, loads the gateway with ``wrk``,
+then starts an echo worker to drain what was accepted; it ends every process it started by pid.
+
+- the rate of a trivial route of the same server, ``GET /healthz``: what the HTTP stack alone allows;
+- ``POST /v1/tasks``, one task a request: each answer a 202, given once JetStream stored the task;
+- ``POST /v1/tasks/batch`` with 100 tasks a request, in tasks per second;
+- the gateway's RSS after the runs;
+- then every accepted task is completed by the worker: nothing accepted was lost.
+
+The load generator is Debian's ``wrk``: written in C, one thread with keep-alive connections and a fixed
+concurrency, in a process of its own. It needs a small fraction of a core for these rates, so on a
+machine of two cores the gateway, not the load generator, is what is measured (a Python client spends
+as much CPU per request as the server, and would measure itself). When ``wrk`` is missing it is
+installed with apt-get where this user may; otherwise the script says how to get it.
+
+Targets: single POSTs >= 60 % of the /healthz rate; a batch of 100 moves >= 5x the tasks/s of single
+POSTs; gateway RSS <= 80 MB. It always exits 0 (it is a measurement) and prints FAIL beside a missed
+target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+import psutil  # type: ignore[import-untyped,unused-ignore]
+
+import hive_bus
+from hive_bus._embedded import NatsServer
+from hive_bus._stats import _count as count
+from hive_bus._stats import provider_stats
+
+CONNECTIONS = 16  # requests in flight at once, over keep-alive connections
+BATCH = 100  # tasks per batch request
+BIN, REPO = Path(sys.executable).parent, Path(__file__).resolve().parent.parent
+MB = 1e6  # RSS in MB of 10^6 bytes
+DRAIN_S = 120.0  # at most, for the worker to complete what was accepted
+
+# wrk runs this in each of its threads: the request (method, body, headers) and, at the end, a summary
+# as one line of JSON on stdout.
+WRK_SCRIPT = """
+wrk.method = "{method}"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{{"requests": %d, "duration_us": %d, "bad_status": %d, "socket_errors": %d, "p50_us": %d, "p99_us": %d}}\\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    requests: int
+    duration_s: float
+    bad_status: int
+    socket_errors: int
+    p50_ms: float
+    p99_ms: float
+    tasks_per_request: int = 0
+
+    @property
+    def per_s(self) -> float:
+        return self.requests / self.duration_s
+
+    @property
+    def tasks_per_s(self) -> float:
+        return self.per_s * self.tasks_per_request
+
+
+def task_json(i: int) -> dict[str, str]:
+    return {"provider": "echo", "prompt": f"benchmark task {i}: the quick brown fox jumps over the lazy dog"}
+
+
+def lua_string(text: str) -> str:
+    return "[==[" + text + "]==]"
+
+
+def find_wrk() -> str | None:
+    found = shutil.which("wrk")
+    if found or not shutil.which("apt-get"):
+        return found
+    if os.geteuid() == 0:
+        sudo: list[str] = []
+    elif (
+        shutil.which("sudo")
+        and subprocess.run(["sudo", "-n", "true"], capture_output=True, timeout=10, check=False).returncode
+        == 0
+    ):
+        sudo = ["sudo", "-n"]
+    else:
+        return None
+    print("installing Debian's wrk (apt-get install wrk)", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    apt = [*sudo, "apt-get", "-q", "-o", "DPkg::Lock::Timeout=120"]
+    for args in (["update"], ["install", "-y", "--no-install-recommends", "wrk"]):
+        subprocess.run([*apt, *args], env=env, capture_output=True, timeout=300, check=False)
+    return shutil.which("wrk")
+
+
+def wrk(binary: str, url: str, duration_s: float, script: Path, name: str, tasks: int = 0) -> Run:
+    cmd = [
+        binary,
+        "-t1",
+        f"-c{CONNECTIONS}",
+        f"-d{duration_s:g}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60, check=True).stdout
+    summary = json.loads(next(line for line in out.splitlines() if line.startswith('{"requests"')))
+    return Run(
+        name=name,
+        requests=summary["requests"],
+        duration_s=summary["duration_us"] / 1e6,
+        bad_status=summary["bad_status"],
+        socket_errors=summary["socket_errors"],
+        p50_ms=summary["p50_us"] / 1e3,
+        p99_ms=summary["p99_us"] / 1e3,
+        tasks_per_request=tasks,
+    )
+
+
+def scripts(into: Path) -> dict[str, Path]:
+    bodies = {
+        "healthz": ("GET", ""),
+        "single": ("POST", json.dumps(task_json(0))),
+        "batch": ("POST", json.dumps({"tasks": [task_json(i) for i in range(BATCH)]})),
+    }
+    paths = {}
+    for name, (method, body) in bodies.items():
+        path = into / f"{name}.lua"
+        path.write_text(WRK_SCRIPT.format(method=method, body=lua_string(body) if body else "nil"))
+        paths[name] = path
+    return paths
+
+
+# processes ---------------------------------------------------------------------------------------
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "HIVE_LOG_LEVEL": "WARNING"}
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def end(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()  # by its pid
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the gateway was not ready within {timeout_s:g}s")
+
+
+async def drained(nats_url: str, prefix: str) -> tuple[int, int, int, int]:
+    """Once the worker has emptied the queue: accepted (queued events), completed, failed and still
+    queued echo tasks."""
+    async with hive_bus.connect(nats_url, prefix=prefix) as hive:
+        with anyio.move_on_after(DRAIN_S):
+            while True:
+                rows = {r.provider: r for r in await provider_stats(hive.bus, [])}
+                echo = rows.get("echo")
+                if echo is not None and echo.pending == 0 and echo.retrying == 0:
+                    break
+                await anyio.sleep(0.5)
+        echo = {r.provider: r for r in await provider_stats(hive.bus, [])}["echo"]
+        accepted = await count(hive.bus, hive.bus.names.event_subject("echo", "*", "queued"))
+        return accepted, echo.completed, echo.failed, echo.pending + echo.retrying
+
+
+# the report --------------------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def report(runs: dict[str, Run], rss_mb: float, outcome: tuple[int, int, int, int]) -> None:
+    health, single, batch = runs["healthz"], runs["single"], runs["batch"]
+    print(f"\nwrk, 1 thread, {CONNECTIONS} keep-alive connections; RSS in MB of 10^6 bytes")
+    print(f"{'':<28}{'requests/s':>12}{'tasks/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for run in runs.values():
+        tasks = f"{run.tasks_per_s:,.0f}" if run.tasks_per_request else ""
+        errors = run.bad_status + run.socket_errors
+        print(f"{run.name:<28}{run.per_s:>12,.0f}{tasks:>10}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}{errors:>8}")
+    single_ratio = single.per_s / health.per_s
+    batch_ratio = batch.tasks_per_s / single.tasks_per_s
+    print()
+    print(
+        f"single POST / GET /healthz      {single_ratio:6.2f}   target >= 0.60   {verdict(single_ratio >= 0.6)}"
+    )
+    print(
+        f"batch tasks/s / single tasks/s  {batch_ratio:6.2f}x  target >= 5x     {verdict(batch_ratio >= 5)}"
+    )
+    print(f"gateway RSS after the runs      {rss_mb:6.1f}   target <= 80 MB  {verdict(rss_mb <= 80)}")
+    errors = sum(r.bad_status + r.socket_errors for r in runs.values())
+    print(f"error answers or socket errors  {errors:6d}   target 0         {verdict(errors == 0)}")
+    accepted, completed, failed, left = outcome
+    whole = completed == accepted and not failed and not left
+    print(
+        f"accepted {accepted:,} tasks (queued events); the worker completed {completed:,}, "
+        f"failed {failed}, left {left}   {verdict(whole)}"
+    )
+
+
+def bench(server: NatsServer, store: Path, procs: list[subprocess.Popen[bytes]], duration_s: float) -> None:
+    binary = find_wrk()
+    if binary is None:
+        print("FAIL: wrk is not installed and this user cannot install it: apt-get install wrk (Debian)")
+        return
+    prefix = "bench" + secrets.token_hex(4)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    bus = ["--nats", server.url, "--prefix", prefix]
+    gateway = spawn([str(BIN / "hive"), "gateway", "--port", str(port), *bus], store / "gateway.log")
+    procs.append(gateway)
+    wait_ready(url, gateway)
+    print(f"nats-server {server.url} (pid {server.pid}), gateway {url} (pid {gateway.pid}), {binary}")
+    lua = scripts(store)
+    paths = {"healthz": "/healthz", "single": "/v1/tasks", "batch": "/v1/tasks/batch"}
+    names = {
+        "healthz": "GET /healthz",
+        "single": "POST /v1/tasks",
+        "batch": f"POST /v1/tasks/batch ({BATCH})",
+    }
+    runs: dict[str, Run] = {}
+    for key in ("healthz", "single", "batch"):
+        tasks = {"single": 1, "batch": BATCH}.get(key, 0)
+        wrk(binary, url + paths[key], min(2.0, duration_s), lua[key], names[key], tasks)  # warm-up
+        runs[key] = wrk(binary, url + paths[key], duration_s, lua[key], names[key], tasks)
+    rss_mb = float(psutil.Process(gateway.pid).memory_info().rss) / MB
+    worker = [str(BIN / "hive"), "worker", "echo", "--concurrency", "128", *bus]
+    procs.append(spawn(worker, store / "worker.log"))
+    outcome = anyio.run(drained, server.url, prefix)
+    report(runs, rss_mb, outcome)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="the gateway's HTTP rates: /healthz, single and batch POSTs")
+    parser.add_argument("--duration-s", type=float, default=10.0, help="of each measured run")
+    args = parser.parse_args()
+    store = Path(tempfile.mkdtemp(prefix="hive-bench-gateway-"))
+    server = NatsServer(store / "nats", host="127.0.0.1", port=0)
+    procs: list[subprocess.Popen[bytes]] = []
+    finished = False
+    server.start()
+    try:
+        bench(server, store, procs, args.duration_s)
+        finished = True
+    finally:
+        for proc in reversed(procs):
+            end(proc)
+        server.stop()
+        if finished:
+            shutil.rmtree(store, ignore_errors=True)
+        else:
+            print(f"the benchmark did not finish; the logs of its processes are in {store}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Following every message of a stream from now on, with memory bounded however far behind one falls.
+
+A push subscription hands a process whatever the server sends: when the gateway is busy (a burst of
+submissions), the events it follows for its metrics pile up in its memory, tens of megabytes at a
+time. Here an ephemeral pull consumer (no acks) is asked for ``batch`` messages at a time, and for the
+next batch once those are in: whatever the gateway has not reached yet waits in the stream, on the
+server. Each message costs one callback, with no per-message task or timer.
+
+If the consumer is lost (a server restart, or it timed out while the connection was down), a new one
+starts just after the last message applied, so nothing is applied twice or skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from hive_bus import Bus
+
+log = logging.getLogger("hive_bus.follower")
+
+_BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
+_STATUS = "Status"
+_HEARTBEAT = "100"
+_pull_request = msgspec.json.Encoder()
+
+
+class Pull(msgspec.Struct, frozen=True):
+    batch: int
+    expires: int  # nanoseconds
+
+
+class EventFollower:
+    """Hands every message on ``subject`` of ``stream`` to ``apply(subject, data)``, in stream order,
+    from the moment :meth:`run` starts."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        stream: str,
+        subject: str,
+        apply: Callable[[str, bytes], None],
+        *,
+        batch: int = 256,
+        expires_s: float = 5.0,
+    ) -> None:
+        self._bus = bus
+        self._stream = stream
+        self._subject = subject
+        self._apply = apply
+        self._batch = batch
+        self._expires_s = expires_s
+        self.next_seq = 0  # the next stream sequence to apply
+        self._last_reply: str | None = None  # of the last message applied: it holds its sequence
+        self._consumer_token = ""  # in the reply subject of each message of the current consumer
+        self._received = 0
+        self._status: str | None = None
+        self._answered = anyio.Event()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Follow until cancelled; started once the first consumer exists (it raises if the bus does
+        not answer then)."""
+        bus = self._bus
+        info = await bus.js.stream_info(self._stream)
+        self.next_seq = info.state.last_seq + 1
+        inbox = bus.nc.new_inbox()
+        sub = await bus.nc.subscribe(inbox, cb=self._on_message, pending_msgs_limit=4 * self._batch)
+        try:
+            consumer: str | None = await self._consumer(first=True)
+            task_status.started()
+            pause_s = 1.0
+            while True:
+                if consumer is None:
+                    await anyio.sleep(pause_s)
+                    pause_s = min(2 * pause_s, 30.0)
+                    consumer = await self._consumer()
+                    continue
+                pause_s = 1.0
+                if not await self._pull(consumer, inbox):
+                    log.warning(
+                        "the %s consumer %s is gone; following again from %d",
+                        self._stream,
+                        consumer,
+                        self.next_seq,
+                    )
+                    await self._delete(consumer)
+                    consumer = await self._consumer()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*_BUS_ERRORS):
+                await sub.unsubscribe()
+
+    async def _consumer(self, *, first: bool = False) -> str | None:
+        """A new consumer from :attr:`next_seq`; None when the bus does not answer (logged), or the
+        error itself the first time."""
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.next_seq,
+            ack_policy=AckPolicy.NONE,
+            filter_subject=self._subject,
+            inactive_threshold=max(30.0, 4 * self._expires_s),
+            mem_storage=True,
+            num_replicas=1,
+        )
+        try:
+            info = await self._bus.js.add_consumer(self._stream, config)
+        except _BUS_ERRORS as exc:
+            if first:
+                raise
+            log.warning("could not follow the %s stream (%s); trying again", self._stream, exc)
+            return None
+        # Messages of an earlier consumer may still be on their way: only this one's count.
+        self._consumer_token = f".{info.name}."
+        return info.name
+
+    async def _pull(self, consumer: str, inbox: str) -> bool:
+        """Ask for a batch and apply what comes until it is full or expires. False when the consumer
+        no longer answers as it should."""
+        self._received, self._status, self._answered = 0, None, anyio.Event()
+        request = _pull_request.encode(Pull(batch=self._batch, expires=int(self._expires_s * 1e9)))
+        try:
+            await self._bus.nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{consumer}", request, reply=inbox
+            )
+        except _BUS_ERRORS as exc:
+            log.warning("could not ask the %s stream for events: %s", self._stream, exc)
+            await anyio.sleep(1.0)
+            return True  # the connection comes back; the consumer outlives a short outage
+        with anyio.move_on_after(self._expires_s + 5.0):
+            await self._answered.wait()
+        self._advance()
+        if not self._answered.is_set():
+            return self._bus.nc.is_connected is False  # no answer while connected: it is gone
+        # 408: the request expired with fewer messages than asked; anything else ended the consumer
+        return self._status in (None, "408")
+
+    def _advance(self) -> None:
+        if self._last_reply is not None:
+            with contextlib.suppress(ValueError, IndexError):
+                self.next_seq = int(Msg.Metadata._get_metadata_fields(self._last_reply)[5]) + 1
+
+    async def _on_message(self, msg: Msg) -> None:
+        if not msg.data and msg.headers and _STATUS in msg.headers:
+            status = msg.headers[_STATUS]
+            if status != _HEARTBEAT:
+                self._status = status
+                self._answered.set()
+            return
+        if self._consumer_token not in msg.reply:
+            return
+        self._last_reply = msg.reply
+        try:
+            self._apply(msg.subject, msg.data)
+        except Exception:  # a bug here must not stop the following, nor the gateway
+            log.exception("could not apply a message of the %s stream", self._stream)
+        self._received += 1
+        if self._received >= self._batch:
+            self._answered.set()
+
+    async def _delete(self, consumer: str) -> None:
+        with anyio.move_on_after(2), contextlib.suppress(*_BUS_ERRORS):
+            await self._bus.js.delete_consumer(self._stream, consumer)

@@ -1,0 +1,143 @@
+"""The dashboard in a real browser: Debian's headless Chromium, driven by Playwright, against a real
+gateway, nats-server and echo worker. The page must load without a console error, show a task submitted
+while it is open reaching ``completed`` (its text as text, never as markup), and ask for a token when
+the gateway wants one."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_playwright
+
+from hive_bus import Hive, Settings, open_bus
+from services.auth import Tokens
+from services.gateway import Gateway, GatewayOptions
+from workers.echo import EchoProvider
+
+from .helpers import running_worker
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Flags that work in a container without a display, a GPU or the network.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TOKEN = "dashboard-token-0123456789abcdef"
+WAIT_MS = 20_000  # for the page to show something; generous, the machine is shared
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason=f"Chromium is not installed at {CHROMIUM}: `make test` installs Debian's chromium with "
+        "tests/setup/ensure-chromium.sh when it runs as root or with passwordless sudo, and says why not",
+    ),
+]
+
+
+@asynccontextmanager
+async def gateway(settings: Settings, tokens: Tokens | None = None) -> AsyncIterator[str]:
+    """A gateway on a free loopback port with an echo worker behind it; yields its URL."""
+    async with open_bus(settings) as bus, running_worker(bus, "echo", EchoProvider()):
+        gw = Gateway(Hive(bus), GatewayOptions(port=0, tokens=tokens or Tokens()))
+        async with anyio.create_task_group() as tg:
+            await tg.start(gw.serve)
+            yield gw.url
+            gw.stop()
+
+
+@asynccontextmanager
+async def chromium() -> AsyncIterator[Browser]:
+    # Playwright launches the given executable with a fresh profile of its own; it downloads nothing.
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@asynccontextmanager
+async def page_of(browser: Browser) -> AsyncIterator[tuple[Page, list[str]]]:
+    """A page, and the console errors and uncaught exceptions it shows."""
+    page = await browser.new_page()
+    problems: list[str] = []
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            problems.append(f"console error: {message.text}")
+
+    def on_page_error(error: Error) -> None:
+        problems.append(f"uncaught: {error}")
+
+    page.on("console", on_console)
+    page.on("pageerror", on_page_error)
+    try:
+        yield page, problems
+    finally:
+        await page.close()  # before the gateway stops: its feed would only be retried
+
+
+async def submit(url: str, prompt: str, token: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=15) as http:
+        r = await http.post("/v1/tasks", json={"provider": "echo", "prompt": prompt})
+    assert r.status_code == 202, r.text
+    task_id: str = r.json()["id"]
+    return task_id
+
+
+async def test_a_task_submitted_while_the_page_is_open_is_shown_completing(settings: Settings) -> None:
+    prompt = "Un tuit <img src=x onerror=\"document.title='pwned'\"> sobre <b>NATS</b>"
+    async with gateway(settings) as url, chromium() as browser, page_of(browser) as (page, problems):
+        await page.goto(url)
+        await page.wait_for_selector('body[data-feed="live"]', timeout=WAIT_MS)
+        task_id = await submit(url, prompt)
+        row = await page.wait_for_selector(
+            f'#tasks tr[data-task-id="{task_id}"][data-status="completed"]', timeout=WAIT_MS
+        )
+        assert row is not None
+        assert prompt in await row.inner_text()  # the output, shown as the text it is
+        assert await page.locator("#tasks img, #tasks b").count() == 0
+        assert await page.title() == "hive-bus"
+        # the rest of the board, from the JSON API
+        await page.wait_for_selector('#providers tr[data-provider="echo"]', timeout=WAIT_MS)
+        worker = await page.wait_for_selector("#workers tr[data-worker]", timeout=WAIT_MS)
+        assert worker is not None and "ago" in await worker.inner_text()
+        assert await page.locator("#connection").inner_text() == "live"
+    assert problems == []
+
+
+async def test_the_page_asks_for_a_token_when_the_gateway_wants_one(settings: Settings) -> None:
+    tokens = Tokens(api=frozenset({TOKEN}))
+    async with gateway(settings, tokens) as url, chromium() as browser, page_of(browser) as (page, problems):
+        await page.goto(url)
+        await page.wait_for_selector("#token-form", state="visible", timeout=WAIT_MS)
+        assert await page.locator("#token-refused").is_hidden()
+        await page.fill("#token", "not-the-token-0123456789")
+        await page.click("#token-form button")
+        await page.wait_for_selector("#token-refused", state="visible", timeout=WAIT_MS)
+        await page.fill("#token", TOKEN)
+        await page.click("#token-form button")
+        await page.wait_for_selector('body[data-feed="live"]', timeout=WAIT_MS)
+        task_id = await submit(url, "con token", TOKEN)
+        await page.wait_for_selector(
+            f'#tasks tr[data-task-id="{task_id}"][data-status="completed"]', timeout=WAIT_MS
+        )
+        assert await page.evaluate("sessionStorage.getItem('hive-bus.token')") == TOKEN
+    # the browser reports each 401 answer as a failed resource load; nothing else may go wrong
+    assert [p for p in problems if "401" not in p] == []
+    assert any("401" in p for p in problems)

@@ -1,0 +1,200 @@
+"""The gateway's live routes over real HTTP: GET /v1/events (every task event as Server-Sent Events),
+GET /v1/usage (tokens and cost since the gateway started), and the dashboard's page."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from hive_bus import Bus, Hive, Settings, open_bus
+from services.gateway import Gateway, GatewayOptions
+from workers.echo import EchoProvider
+
+from .helpers import eventually, running_worker
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Stack:
+    bus: Bus
+    gateway: Gateway
+    http: httpx.AsyncClient
+
+
+@asynccontextmanager
+async def serving(settings: Settings, **options: float) -> AsyncIterator[Stack]:
+    async with open_bus(settings) as bus:
+        gateway = Gateway(Hive(bus), GatewayOptions(port=0, **options))  # type: ignore[arg-type]
+        async with anyio.create_task_group() as tg:
+            await tg.start(gateway.serve)
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=15) as http:
+                yield Stack(bus, gateway, http)
+            gateway.stop()
+
+
+@pytest.fixture
+async def stack(settings: Settings) -> AsyncIterator[Stack]:
+    async with serving(settings) as s:
+        yield s
+
+
+@dataclass
+class Message:
+    event: str
+    id: int
+    data: dict[str, object]
+
+
+@dataclass
+class Feed:
+    """The messages of one GET /v1/events, read in the background."""
+
+    messages: list[Message] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+    ended: anyio.Event = field(default_factory=anyio.Event)
+
+    async def read(self, response: httpx.Response) -> None:
+        fields: dict[str, str] = {}
+        async for line in response.aiter_lines():
+            if line.startswith(":"):
+                self.comments.append(line)
+            elif line:
+                name, _, value = line.partition(": ")
+                fields[name] = value
+            elif "data" in fields:
+                self.messages.append(Message(fields["event"], int(fields["id"]), json.loads(fields["data"])))
+                fields = {}
+        self.ended.set()
+
+    def of(self, task_id: str) -> list[str]:
+        return [m.event for m in self.messages if m.data["task_id"] == task_id]
+
+    async def until(self, what: str, done: Callable[[], bool], timeout_s: float = 10) -> None:
+        async def probe() -> bool:
+            return done()
+
+        await eventually(probe, timeout_s, f"{what} in the feed")
+
+
+@asynccontextmanager
+async def feed(http: httpx.AsyncClient, path: str = "/v1/events", **headers: str) -> AsyncIterator[Feed]:
+    got = Feed()
+    async with http.stream("GET", path, headers=headers) as response, anyio.create_task_group() as tg:
+        assert response.status_code == 200, (await response.aread()).decode()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        tg.start_soon(got.read, response)
+        yield got
+        tg.cancel_scope.cancel()
+
+
+async def submit(http: httpx.AsyncClient, provider: str, prompt: str) -> str:
+    r = await http.post("/v1/tasks", json={"provider": provider, "prompt": prompt})
+    assert r.status_code == 202, r.text
+    task_id: str = r.json()["id"]
+    return task_id
+
+
+async def test_every_task_event_is_fed_as_it_happens(stack: Stack) -> None:
+    async with running_worker(stack.bus, "echo", EchoProvider()), feed(stack.http) as got:
+        echoed = await submit(stack.http, "echo", "Un tuit sobre <b>NATS</b>")
+        waiting = await submit(stack.http, "nobody", "sin trabajador")
+        await got.until("the echo task's completion", lambda: "completed" in got.of(echoed))
+        await got.until("the other task's queued event", lambda: got.of(waiting) == ["queued"])
+    seen = got.of(echoed)
+    # a "running" event comes only when a call lasts a quarter second: an echo call does not, unless
+    # the machine stalls
+    assert seen[0] == "queued" and seen[-1] == "completed" and set(seen) <= {"queued", "running", "completed"}
+    completed = next(m for m in got.messages if m.data["task_id"] == echoed and m.event == "completed")
+    assert completed.data["output"] == "Un tuit sobre <b>NATS</b>"
+    assert completed.data["provider"] == "echo"
+    queued = next(m for m in got.messages if m.data["task_id"] == waiting)
+    assert queued.data["task"]["prompt"] == "sin trabajador"  # type: ignore[index]
+    ids = [m.id for m in got.messages]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)  # the record's order, each event once
+
+
+async def test_a_feed_of_one_provider_and_a_bad_provider_name(stack: Stack) -> None:
+    async with (
+        running_worker(stack.bus, "echo", EchoProvider()),
+        feed(stack.http, "/v1/events?provider=echo") as got,
+    ):
+        other = await submit(stack.http, "nobody", "not for this feed")
+        echoed = await submit(stack.http, "echo", "for this feed")
+        await got.until("the echo task's completion", lambda: "completed" in got.of(echoed))
+    assert got.of(other) == []
+    assert {m.data["provider"] for m in got.messages} == {"echo"}
+    for bad in ("echo.x", ">", "a b", ""):
+        r = await stack.http.get("/v1/events", params={"provider": bad})
+        assert r.status_code == 400, bad
+        assert r.json()["error"]["field"] == "provider"
+
+
+async def test_a_feed_resumed_with_last_event_id_misses_nothing(stack: Stack) -> None:
+    async with feed(stack.http) as got:
+        first = await submit(stack.http, "nobody", "one")
+        await got.until("the first task", lambda: got.of(first) == ["queued"])
+    resume_after = got.messages[-1].id
+    # while no feed is open
+    missed = [await submit(stack.http, "nobody", f"missed {i}") for i in range(3)]
+    async with feed(stack.http, **{"Last-Event-ID": str(resume_after)}) as again:
+        later = await submit(stack.http, "nobody", "after")
+        await again.until("the task submitted after reconnecting", lambda: again.of(later) == ["queued"])
+    assert [m.data["task_id"] for m in again.messages] == [*missed, later]
+    r = await stack.http.get("/v1/events", headers={"Last-Event-ID": "yesterday"})
+    assert r.status_code == 400
+
+
+async def test_a_feed_ends_after_its_time_and_when_the_gateway_stops(settings: Settings) -> None:
+    async with serving(settings, feed_max_s=0.5) as stack, feed(stack.http) as got:
+        with anyio.fail_after(10):
+            await got.ended.wait()  # the client reconnects from there with Last-Event-ID
+    async with serving(settings) as stack, feed(stack.http) as got:
+        stack.gateway.stop()
+        with anyio.fail_after(10):
+            await got.ended.wait()
+
+
+async def test_usage_counts_tokens_and_cost_since_the_gateway_started(stack: Stack) -> None:
+    before = (await stack.http.get("/v1/usage")).json()
+    assert before["models"] == []
+    async with running_worker(stack.bus, "echo", EchoProvider()):
+        for prompt in ("uno dos tres", "cuatro cinco"):
+            task_id = await submit(stack.http, "echo", prompt)
+            view = (await stack.http.get(f"/v1/tasks/{task_id}", params={"wait": 10})).json()
+            assert view["status"] == "completed"
+
+        async def counted() -> dict[str, Any] | None:
+            usage: dict[str, Any] = (await stack.http.get("/v1/usage")).json()
+            return usage if sum(m["completed"] for m in usage["models"]) >= 2 else None
+
+        usage = await eventually(counted, 10, "both completions counted")
+    assert usage["models"] == [
+        {"provider": "echo", "model": "echo", "completed": 2, "input_tokens": 5, "output_tokens": 5,
+         "cost_usd": 0.0, "unpriced": 0},
+    ]  # fmt: skip
+    assert usage["since_ms"] == before["since_ms"] > 0
+
+
+async def test_the_dashboard_page_and_its_files(stack: Stack) -> None:
+    page = await stack.http.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert '<script type="module" src="/dashboard/app.js">' in page.text
+    script = await stack.http.get("/dashboard/app.js")
+    assert script.status_code == 200
+    assert "javascript" in script.headers["content-type"]
+    assert "innerHTML" not in script.text  # data reaches the page as text only
+    assert (await stack.http.get("/dashboard/style.css")).headers["content-type"].startswith("text/css")
+    assert (await stack.http.get("/dashboard/nothing.js")).status_code == 404
+    doc = (await stack.http.get("/openapi.json")).json()
+    assert "/v1/events" in doc["paths"] and "/" not in doc["paths"]
+    assert "text/event-stream" in doc["paths"]["/v1/events"]["get"]["responses"]["200"]["content"]
