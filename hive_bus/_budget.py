@@ -118,12 +118,23 @@ def load_budgets(file: str | None, inline: str | None) -> dict[str, ProviderBudg
     for provider, table in raw.items():
         if not is_valid_provider(provider):
             raise BudgetError(f"budgets: {provider!r} is not a provider name")
-        try:
-            budgets[provider] = msgspec.convert(table, ProviderBudget)
-        except msgspec.ValidationError as exc:
-            message, _, path = str(exc).rpartition(" - at `$")
-            raise BudgetError(f"budgets: {provider}{path.rstrip('`')}: {message or exc}") from None
+        # each model's and key's table on its own first, so that an error names it
+        for group in ("models", "keys"):
+            entries = table.get(group, {}) if isinstance(table, dict) else {}
+            for name, entry in entries.items() if isinstance(entries, dict) else ():
+                _convert(entry, _KeyConfig if group == "keys" else Limits, f"{provider}.{group}.{name}")
+        budgets[provider] = _convert(table, ProviderBudget, provider)
     return budgets
+
+
+def _convert(value: Any, kind: type[Any], where: str) -> Any:
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        message, sep, path = str(exc).rpartition(" - at `$")
+        if not sep:
+            message, path = str(exc), ""
+        raise BudgetError(f"budgets: {where}{path.rstrip('`')}: {message}") from None
 
 
 def _parse(text: str, where: str) -> dict[str, Any]:

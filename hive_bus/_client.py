@@ -155,8 +155,8 @@ class Hive:
         task's event is stored before the task is published, and a task counts as accepted only once
         JetStream stored it. Returns each request's outcome, in order: accepted, or the error that
         kept it out."""
-        if not self._bus.nc.is_connected:
-            raise BusUnavailable("not connected to NATS; nothing was accepted")
+        if not self._bus.nc.is_connected:  # each task's outcome all the same: none was accepted
+            return [BusUnavailable("not connected to NATS; not accepted") for _ in requests]
         tasks = [await self._routed(Task.from_request(r)) for r in requests]
         keys = [r.idempotency_key for r in requests]
         outcomes: list[Accepted | HiveError | None] = [None] * len(tasks)

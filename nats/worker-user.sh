@@ -63,6 +63,8 @@ for p in "$@"; do
     for status in running retrying moved completed failed; do
         pub+=("\"$prefix.events.$p.*.$status\"")
     done
+    # a final outcome JetStream refused as a duplicate (a zombie worker's), reported for the metrics
+    pub+=("\"$prefix.events.$p.*.*.duplicate\"")
     pub+=("\"$prefix.dlq.$p.*\"")
     pub+=("\"\$KV.${prefix}_providers.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_providers.\$KV.${prefix}_providers.$p.>\"")
     pub+=("\"\$KV.${prefix}_budgets.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_budgets.\$KV.${prefix}_budgets.$p.>\"")

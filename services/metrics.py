@@ -188,7 +188,6 @@ class BusMetrics:
         self._bus = bus
         self._refresh_s = refresh_s
         self._refresh_lock = anyio.Lock()
-        self._follower = EventFollower(bus, bus.names.events_stream, bus.names.all_events, self._observe)
         # insertion-ordered: the oldest is dropped first (an OrderedDict pops it in constant time)
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._providers: set[str] = set()
@@ -296,7 +295,9 @@ class BusMetrics:
         """Follow the events and refresh the gauges until cancelled; started once subscribed."""
         async with anyio.create_task_group() as tg:
             self._since_ms = now_ms()
-            await tg.start(self._follower.run)
+            bus = self._bus
+            follower = EventFollower(bus, bus.names.events_stream, bus.names.all_events, self._observe)
+            await tg.start(follower.run)
             tg.start_soon(self._refresh_loop)
             task_status.started()
 

@@ -10,14 +10,14 @@ import anyio
 import httpx
 import pytest
 
-from hive_bus import Bus, FunctionProvider, Hive, Settings, open_bus
+from hive_bus import Bus, FailNow, FunctionProvider, Hive, Settings, Task, open_bus
 from hive_bus._embedded import NatsServer
 from services.gateway import Gateway, GatewayOptions
 from workers.echo import EchoProvider
 
 from . import handlers
 from .conftest import make_settings
-from .helpers import eventually, running_worker, stream_messages
+from .helpers import eventually, hive_cli, running_worker, stream_messages
 
 pytestmark = pytest.mark.anyio
 
@@ -351,3 +351,47 @@ async def test_metrics_are_served_in_prometheus_format(stack: Stack) -> None:
     assert 'hive_tasks_submitted_total{provider="echo"} 2.0' in text
     r = await stack.http.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain")
+
+
+async def test_dead_letters_over_http_and_the_cli(stack: Stack, settings: Settings) -> None:
+    async def refuse(task: Task) -> str:
+        if task.run == 0:
+            raise FailNow("bad template")
+        return "fixed"
+
+    async with running_worker(stack.bus, "tpl", FunctionProvider(refuse)):
+        ids = []
+        for i in range(3):
+            r = await stack.http.post("/v1/tasks", json={"provider": "tpl", "prompt": f"t{i}"})
+            ids.append(r.json()["id"])
+        for task_id in ids:
+            assert (await stack.http.get(f"/v1/tasks/{task_id}", params={"wait": 10})).json()[
+                "status"
+            ] == "failed"
+        listed = (await stack.http.get("/v1/dlq", params={"provider": "tpl"})).json()
+        assert [x["failed"]["task_id"] for x in listed] == ids
+        assert {x["failed"]["error"] for x in listed} == {"bad template"}
+        shown = (await stack.http.get(f"/v1/dlq/{ids[0]}")).json()
+        assert (shown["failed"]["reason"], shown["failed"]["task"]["prompt"]) == ("permanent", "t0")
+        replayed = await stack.http.post(f"/v1/dlq/{ids[0]}/replay")
+        assert (replayed.status_code, replayed.json()["run"]) == (202, 1)
+        done = (await stack.http.get(f"/v1/tasks/{ids[0]}", params={"wait": 10})).json()
+        assert (done["status"], done["output"]) == ("completed", "fixed")
+        assert (await stack.http.get(f"/v1/dlq/{ids[0]}")).status_code == 404
+        assert (await stack.http.get("/v1/dlq", params={"provider": "a.>"})).status_code == 400
+        env = {
+            "HIVE_NATS_URL": settings.nats_url, "HIVE_PREFIX": settings.prefix,
+            "HIVE_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
+            "HIVE_HEARTBEAT_TTL_S": str(settings.heartbeat_ttl_s),
+        }  # fmt: skip
+        listing = await anyio.to_thread.run_sync(
+            lambda: hive_cli(["dlq", "list", "--provider", "tpl"], env=env)
+        )
+        assert listing.returncode == 0 and ids[1] in listing.stdout and ids[0] not in listing.stdout
+        again = await anyio.to_thread.run_sync(lambda: hive_cli(["dlq", "replay", ids[1]], env=env))
+        assert again.returncode == 0 and f"{ids[1]} queued again on tpl (run 1)" in again.stdout
+        missing = await anyio.to_thread.run_sync(lambda: hive_cli(["dlq", "show", ids[1]], env=env))
+        assert missing.returncode != 0 and "not among the dead letters" in missing.stderr
+        purged = await stack.http.delete(f"/v1/dlq/{ids[2]}")
+        assert purged.json() == {"purged": 1}
+    assert (await stack.http.get("/v1/dlq")).json() == []

@@ -10,14 +10,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import nkeys  # type: ignore[import-untyped]
 import pytest
 
-from hive_bus import BusRefused, BusUnavailable, Hive, Settings, SettingsError, load_settings, open_bus
+from hive_bus import (
+    BusRefused,
+    BusUnavailable,
+    FailNow,
+    FunctionProvider,
+    Hive,
+    Settings,
+    SettingsError,
+    Task,
+    load_settings,
+    open_bus,
+)  # fmt: skip
+from hive_bus._budget import load_budgets
 from hive_bus._bus import connect_nats
+from hive_bus._dlq import DeadLetter
 from hive_bus._embedded import NatsServer
+from hive_bus._router import Router
 
-from .helpers import hive_cli
+from .helpers import hive_cli, running_worker
 from .hub import Hub, WorkerUser, hub_server, make_certs, render
 
 pytestmark = pytest.mark.anyio
@@ -196,3 +211,55 @@ def test_settings_that_cannot_work_are_named(env: dict[str, str], named: str) ->
     with pytest.raises(SettingsError, match=named) as refused:
         load_settings(env)
     assert "pw" not in str(refused.value).replace("password", "")
+
+
+async def test_the_worker_runtime_serves_under_its_least_privilege_credential(
+    hub: tuple[Hub, NatsServer], nkey_seed: tuple[Path, str]
+) -> None:
+    """A real worker under the shipped worker rights: it waits for its consumers (the gateway's router
+    makes them once its heartbeat shows), then pulls each priority, spends its budget, completes tasks
+    and dead-letters a failure, and the server refuses it nothing but the consumer it may not create."""
+    rendered, server = hub
+    gateway = settings_for(
+        rendered, server.url, "gateway", nats_user="gateway", nats_password=rendered.password("gateway")
+    )
+    worker = settings_for(
+        rendered, server.url, "laptop", nats_nkey_seed_file=str(nkey_seed[0]), worker_name="laptop",
+        heartbeat_interval_s=0.5, heartbeat_ttl_s=2.0,
+    )  # fmt: skip
+
+    async def picky(task: Task) -> str:
+        if task.prompt == "no":
+            raise FailNow("refused on purpose")
+        return task.prompt.upper()
+
+    before = server.log_path.read_text() if server.log_path.exists() else ""
+    async with open_bus(gateway, name="gateway") as gbus, anyio.create_task_group() as tg:
+        await tg.start(Router(gbus).run)
+        hive = Hive(gbus)
+        ids = [
+            await hive.submit("echo", p, priority=q)
+            for p, q in (("a", "high"), ("b", "normal"), ("c", "low"))
+        ]
+        failing = await hive.submit("echo", "no")
+        async with open_bus(worker, name="worker") as wbus:
+            budget = load_budgets(None, "echo = { rpm = 100 }")["echo"]
+            async with running_worker(wbus, "echo", FunctionProvider(picky), budget=budget):
+                views = [await hive.wait(t, 30) for t in ids]
+                failed = await hive.wait(failing, 30)
+        tg.cancel_scope.cancel()
+    assert [(v.status, v.output) for v in views] == [
+        ("completed", "A"),
+        ("completed", "B"),
+        ("completed", "C"),
+    ]
+    assert failed.status == "failed"
+    assert (await _dead_letter_of(gateway, failing)).failed.error == "refused on purpose"
+    log = server.log_path.read_text()[len(before) :]
+    refused = [line for line in log.splitlines() if "Permissions Violation" in line]
+    assert all("CONSUMER.CREATE" in line for line in refused), refused
+
+
+async def _dead_letter_of(settings: Settings, task_id: str) -> DeadLetter:
+    async with open_bus(settings, name="gateway") as bus:
+        return await Hive(bus).dead_letter(task_id)

@@ -23,7 +23,7 @@ from hive_bus import (
     TaskRequest,
     TaskView,
 )
-from hive_bus._budget import Ledger, ProviderBudget, load_budgets
+from hive_bus._budget import BudgetError, Ledger, ProviderBudget, load_budgets
 from hive_bus._messages import Moved, Retrying, Running, now_ms
 from hive_bus._router import Router
 from workers.echo import EchoProvider
@@ -240,3 +240,36 @@ async def test_cheapest_route_picks_the_cheaper_provider_with_quota(
         assert (view.status, view.provider) == ("completed", "groq")
         in_order = await hive.submit("gemini", "en orden", fallback=["groq"])
         assert (await hive.wait(in_order, 10)).provider == "gemini"
+
+
+@pytest.mark.parametrize(
+    ("inline", "says"),
+    [
+        ("groq = { rpm = 10", "HIVE_BUDGETS is not valid TOML"),
+        ("groq = { rpmm = 10 }", "groq: Object contains unknown field `rpmm`"),
+        ("groq = { rpm = 0 }", "groq.rpm: Expected `int` >= 1"),
+        ('"a.b" = { rpm = 1 }', "'a.b' is not a provider name"),
+        ('groq.models."x" = { tpm = "many" }', "groq.models.x.tpm: Expected `int | null`, got `str`"),
+    ],
+)
+def test_a_budget_that_cannot_be_used_is_named(inline: str, says: str) -> None:
+    with pytest.raises(BudgetError) as caught:
+        load_budgets(None, inline)
+    assert says in str(caught.value)
+
+
+def test_a_budget_resolves_provider_then_model_then_key() -> None:
+    plan = budget(
+        'groq = { rpm = 30, rpd = 1000, models = { "big" = { rpm = 5 } }, keys = { paid = { rpm = 900 } } }',
+        "groq",
+    )
+    assert (
+        plan.limits("free", None).rpm,
+        plan.limits("free", "big").rpm,
+        plan.limits("paid", "big").rpm,
+    ) == (
+        30,
+        5,
+        900,
+    )
+    assert plan.limits("paid", "big").rpd == 1000

@@ -17,9 +17,12 @@ from ..helpers import REPO, eventually
 def pi_config(tmp_path: Path) -> Path:
     """``nats/hub.conf`` (the Raspberry Pi hub's config) fit for a test: its JetStream settings, sync
     included, as they are; where to listen and store is left to the command line (a free loopback port
-    and a temporary store), and no monitoring port."""
+    and a temporary store), no monitoring port, and neither TLS nor accounts (the included files; their
+    own tests are tests/test_hub_*.py): these cases are about what the store keeps."""
     text = (REPO / "nats" / "hub.conf").read_text()
-    kept = [ln for ln in text.splitlines() if not re.match(r"\s*(listen|http|store_dir)\s*:", ln)]
+    kept = [
+        ln for ln in text.splitlines() if not re.match(r"\s*(listen|http|store_dir)\s*:|\s*include\s", ln)
+    ]
     path = tmp_path / "hub-test.conf"
     path.write_text("\n".join(kept) + "\n")
     return path
