@@ -145,6 +145,7 @@ class Worker:
         self._doorbell = anyio.Event()  # rung when an idle worker has a task to fetch, or should stop
         self._low_hint = True
         self._low_probed_s = 0.0
+        self._drained = False  # the last idle wait brought the last task of its queue
         names = bus.names
         self.model: str | None = getattr(self._keys[0].provider, "default_model", None)
         self.cooldowns = KeyCooldowns(
@@ -239,9 +240,12 @@ class Worker:
             if self._stopping.is_set():
                 return
             try:
-                msgs = await self._pull(pullers, opts.concurrency - self._in_flight)
+                # Right after an idle wait brought the only task there was, asking again would find
+                # nothing: wait straight away (one round trip less on every task of a quiet bus).
+                msgs = [] if self._drained else await self._pull(pullers, opts.concurrency - self._in_flight)
                 if not msgs:
                     msgs = await self._idle(pullers)
+                    self._drained = len(msgs) == 1 and not (msgs[0].metadata.num_pending or 0)
             except Exception as exc:  # a broken connection, a deleted consumer: log, pause, go on
                 log.warning("fetch of %s tasks failed: %s; trying again", opts.provider, exc)
                 with anyio.move_on_after(1):
