@@ -117,9 +117,12 @@ async def test_prometheus_scraping_the_gateway_answers_every_dashboard_query(
             async def scraped() -> bool:
                 prometheus.check_running()
                 try:
-                    up = await query(http, 'up{job="hive-gateway"}')
+                    answer = await http.get("/api/v1/query", params={"query": 'up{job="hive-gateway"}'})
                 except httpx.TransportError:
                     return False  # not listening yet
+                if answer.status_code != 200:
+                    return False  # starting: "Service Unavailable" until its storage is ready
+                up = await query(http, 'up{job="hive-gateway"}')
                 return bool(up) and up[0]["value"][1] == "1"
 
             await eventually(scraped, 30, "prometheus to scrape the gateway with the token from the file")
