@@ -21,6 +21,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from hive_bus import (
+    Accepted,
     BusUnavailable,
     Hive,
     HiveError,
@@ -35,6 +36,7 @@ from hive_bus._names import PROVIDER_PATTERN, is_valid_provider
 from .metrics import BusMetrics, UsageSince
 
 MAX_WAIT_S = 300.0
+BATCH_MAX_BODY_BYTES = 8 * 1024 * 1024
 # A task's event stream ends with the task; this bounds one that never ends (its provider never runs).
 MAX_EVENTS_STREAM_S = 3600.0
 # A quiet feed of every event sends an SSE comment this often, so that proxies keep it open and a
@@ -119,7 +121,7 @@ async def submit_task(data: JSONBody[TaskRequest], state: State) -> Response[Tas
     "/v1/tasks/batch",
     status_code=202,
     summary="Submit several tasks",
-    request_max_body_size=8 * 1024 * 1024,
+    request_max_body_size=BATCH_MAX_BODY_BYTES,
     responses=_errors(400, 401, 413)
     | {503: ResponseSpec(data_container=BatchAccepted, description="some not accepted")},
 )
@@ -132,17 +134,22 @@ async def submit_batch(data: JSONBody[BatchRequest], state: State) -> Response[B
         raise _invalid("a batch needs at least one task")
     if len(data.tasks) > limit:
         raise _invalid(f"a batch holds at most {limit} tasks; this one has {len(data.tasks)}")
+    body = batch_answer(await _hive(state).submit_batch(data.tasks))
+    if body.rejected:
+        return Response(body, status_code=503, headers={"Retry-After": "5"})
+    return Response(body, status_code=202)
+
+
+def batch_answer(outcomes: list[Accepted | HiveError]) -> BatchAccepted:
+    """What a batch's submission answers: each task's id, or why it was not accepted, in order."""
     items = [
         BatchItem(index=i, error=str(outcome))
         if isinstance(outcome, HiveError)
         else BatchItem(index=i, id=outcome.id, status="duplicate" if outcome.duplicate else "queued")
-        for i, outcome in enumerate(await _hive(state).submit_batch(data.tasks))
+        for i, outcome in enumerate(outcomes)
     ]
     rejected = sum(1 for item in items if item.error is not None)
-    body = BatchAccepted(accepted=len(items) - rejected, rejected=rejected, tasks=items)
-    if rejected:
-        return Response(body, status_code=503, headers={"Retry-After": "5"})
-    return Response(body, status_code=202)
+    return BatchAccepted(accepted=len(items) - rejected, rejected=rejected, tasks=items)
 
 
 @get(

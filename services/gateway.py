@@ -34,6 +34,7 @@ from . import dashboard
 from .api import METRICS_ROUTES, ROUTES
 from .auth import BearerAuth, Tokens, check_exposure
 from .dlq_api import DLQ_ROUTES
+from .fastpath import FastSubmit
 from .metrics import BusMetrics
 
 log = logging.getLogger("hive_bus.gateway")
@@ -135,7 +136,10 @@ def create_app(
             *dashboard.ROUTES,
         ],
         state=State(state),
-        middleware=[lambda app: BearerAuth(app, options.tokens)],
+        middleware=[
+            lambda app: BearerAuth(app, options.tokens),
+            lambda app: FastSubmit(app, hive, options.max_body_bytes, options.max_batch),
+        ],
         openapi_config=OpenAPIConfig(title="hive-bus gateway", version=__version__, path="/schema"),
         request_max_body_size=options.max_body_bytes,
         exception_handlers={
