@@ -115,6 +115,15 @@ async def declare(js: JetStreamContext, *providers: str) -> None:
             )  # fmt: skip
 
 
+async def server_has_subscriptions(nc: NATS) -> None:
+    """Return once the server holds every subscription made so far on ``nc``. One ``flush()`` is not
+    enough: nats-py 2.16 writes its PING straight to the socket, ahead of a SUB still queued for the
+    client's flusher task, so the PONG can come back before the server has the SUB. The flusher runs
+    while the first PING is out; the second PING follows the SUB."""
+    await nc.flush()
+    await nc.flush()
+
+
 async def pending(gw: Client, consumer: str) -> tuple[int, int]:
     """(waiting, handed out and not acked) of a consumer, as the gateway reads it."""
     info = await gw.js.consumer_info("HIVE_TASKS", consumer)
@@ -129,7 +138,7 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
     ):
         await declare(gw.js, *PROVIDERS)
         wake = await w1.nc.subscribe("hive.tasks.alpha.high")
-        await w1.nc.flush()  # the subscription is in place before the first task
+        await server_has_subscriptions(w1.nc)  # before the first task
         for n in range(2):
             await gw.js.publish("hive.tasks.alpha.high", f"task {n}".encode(), stream="HIVE_TASKS")
         assert (await wake.next_msg(timeout=2)).data == b"task 0"  # the core wake-up
