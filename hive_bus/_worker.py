@@ -32,7 +32,7 @@ from nats.js.api import ConsumerInfo
 from ._budget import Budgets, Denied, ProviderBudget, Reservation
 from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
 from ._cooldown import KeyCooldowns
-from ._errors import KeyRejected, ProviderError, Quota, RetryLater
+from ._errors import KeyRejected, ProviderError, Quota, RetryAfter, RetryLater
 from ._messages import (
     Failed,
     Retrying,
@@ -66,6 +66,8 @@ RUNNING_AFTER_S = 0.25
 # A busy worker asks the high- and low-priority queues at least this often, even without a sign of work
 # there (a task that comes back from a retry is not published again).
 PROBE_EVERY_S = 1.0
+# How often a task waiting for a key's first call to answer looks again.
+PROBE_WAIT_S = 0.05
 _ID_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -146,6 +148,11 @@ class Worker:
         self._low_hint = True
         self._low_probed_s = 0.0
         self._drained = False  # the last idle wait brought the last task of its queue
+        # Keys whose last call was not refused by a rate limit. Until a key has proved itself (at start,
+        # and after each 429), it carries one call at a time, so that a spent quota costs one 429, not
+        # one per lane.
+        self._proven: set[str] = set()
+        self._probing: set[str] = set()
         names = bus.names
         self.model: str | None = getattr(self._keys[0].provider, "default_model", None)
         self.cooldowns = KeyCooldowns(
@@ -425,7 +432,14 @@ class Worker:
                 submitted_at_ms=task.submitted_at_ms, waits=waits,
             )  # fmt: skip
             t0 = time.perf_counter()
-            outcome = await self._call(key.provider, task)
+            try:
+                outcome = await self._call(key.provider, task)
+            finally:
+                self._probing.discard(key.name)
+            if isinstance(outcome, RetryAfter | KeyRejected):
+                self._proven.discard(key.name)  # its next call goes alone again
+            else:
+                self._proven.add(key.name)
             held.running = None  # too late to say: the outcome is next
             with anyio.CancelScope(shield=True):
                 if reservation is not None:
@@ -457,10 +471,21 @@ class Worker:
                         cooling_s, f"waiting out the {task.provider} cooldown: {record.reason}", record.quota,
                         "rate_limit",
                     )  # fmt: skip
+                elif key.name in self._probing:
+                    # the key's first call (at start, or after a rate limit) has not answered yet: a
+                    # second one now would meet the same 429
+                    blocked = _Blocked(
+                        PROBE_WAIT_S,
+                        f"the first call on key {key.name} has not answered",
+                        "minute",
+                        "rate_limit",
+                    )
                 else:
                     got = await self.budgets.reserve(key.name, model, tokens)
                     if not isinstance(got, Denied):
                         self._next_key = (self._next_key + i + 1) % len(self._keys)
+                        if key.name not in self._proven:
+                            self._probing.add(key.name)
                         return key, got
                     blocked = _Blocked(
                         got.wait_s, f"{task.provider} budget spent ({got.limit} of key {key.name})",
