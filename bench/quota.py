@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 import anyio
-import msgspec
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # for the provider fakes, which live with the tests
 
-from hive_bus import Completed, Hive, TaskRequest, load_settings, open_bus  # noqa: E402
+from rate_limits import count_duplicate_completions, verdict  # noqa: E402  (beside this script)
+
+from hive_bus import Hive, TaskRequest, load_settings, open_bus  # noqa: E402
 from hive_bus._embedded import NatsServer  # noqa: E402
 from hive_bus._router import Router  # noqa: E402
 from tests.fakes import ProviderFakes  # noqa: E402
@@ -84,27 +85,6 @@ async def finish(
     return time.perf_counter() - t0, {i: done.get(i, ("", "lost")) for i in ids}
 
 
-async def duplicates(hive: Hive) -> int:
-    names = hive.bus.names
-    sub = await hive.bus.js.subscribe(f"{names.prefix}.events.*.*.completed", ordered_consumer=True)
-    seen: dict[str, int] = {}
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except TimeoutError:
-                break
-            event = msgspec.json.decode(msg.data, type=Completed)
-            seen[event.task_id] = seen.get(event.task_id, 0) + 1
-    finally:
-        await sub.unsubscribe()
-    return sum(n - 1 for n in seen.values() if n > 1)
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 async def budgets(server: NatsServer, fakes: ProviderFakes) -> bool:
     fakes.groq.reset()
     fakes.groq.limit(LIMIT, WINDOW_S)
@@ -121,7 +101,7 @@ async def budgets(server: NatsServer, fakes: ProviderFakes) -> bool:
             await wait_for_workers(hive, WORKERS)
             requests = [TaskRequest(provider="groq", prompt=f"post {i} about autumn") for i in range(TASKS)]
             seconds, done = await finish(hive, requests, TASKS / LIMIT * WINDOW_S * 3 + 30)
-            dup = await duplicates(hive)
+            dup = await count_duplicate_completions(hive)
         finally:
             stop(procs)
     ideal_s = TASKS / LIMIT * WINDOW_S

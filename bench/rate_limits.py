@@ -89,7 +89,7 @@ async def one_run(
                     outputs[view.id] = view.output
             seconds = time.perf_counter() - t0
             completed = sum(outputs[t] == f"reply: {r.prompt}" for t, r in zip(ids, requests, strict=True))
-            duplicates = await count_duplicate_completions(hive, ids)
+            duplicates = await count_duplicate_completions(hive, "groq")
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
@@ -101,10 +101,10 @@ async def one_run(
     return Run(label, seconds, fakes.groq.rate_limited, fakes.groq.requests, completed, duplicates)
 
 
-async def count_duplicate_completions(hive: Hive, ids: list[str]) -> int:
+async def count_duplicate_completions(hive: Hive, provider: str = "*") -> int:
     """Completed events recorded more than once for a task (the record must hold one each)."""
     names = hive.bus.names
-    sub = await hive.bus.js.subscribe(f"{names.prefix}.events.groq.*.completed", ordered_consumer=True)
+    sub = await hive.bus.js.subscribe(f"{names.prefix}.events.{provider}.*.completed", ordered_consumer=True)
     seen: dict[str, int] = {}
     try:
         while True:
