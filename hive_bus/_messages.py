@@ -20,7 +20,7 @@ from ._names import PROVIDER_PATTERN
 
 TaskStatus = Literal["queued", "running", "retrying", "completed", "failed"]
 RetryReason = Literal["rate_limit", "budget", "transient", "shutdown"]
-FailReason = Literal["permanent", "out_of_attempts", "deadline", "rejected", "undecodable"]
+FailReason = Literal["permanent", "out_of_attempts", "deadline", "rejected", "undecodable", "lost"]
 Priority = Literal["high", "normal", "low"]
 # in_order: the task's provider, then each fallback in turn, as each runs out of quota;
 # cheapest: the candidate with the lowest token price that has quota left goes first.

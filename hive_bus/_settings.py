@@ -62,6 +62,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     connect_timeout_s: PositiveSeconds = 5.0
     # How long a publish waits for JetStream's acknowledgement before the bus counts as unavailable.
     request_timeout_s: PositiveSeconds = 5.0
+    # The gateway's store audit (hive_bus._audit): how often it looks for tasks that the record says
+    # are waiting but that the tasks stream no longer holds, and how old such a task's last event must
+    # be before it counts as lost (a submission stores its queued event, then its task).
+    audit_every_s: PositiveSeconds = 600.0
+    audit_grace_s: PositiveSeconds = 60.0
     # Copies of each stream and bucket this process declares: 3 on a three-node cluster.
     replicas: Replicas = 1
     # Credentials (see _credentials.py): a user and password, an nkey seed file or a creds file, and
@@ -100,6 +105,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise SettingsError(
                 "events_max_age_s must not be shorter than duplicate_window_s: a resubmission "
                 "inside the window looks its first task up in the events stream"
+            )
+
+        if self.audit_grace_s < 2 * self.request_timeout_s:
+            raise SettingsError(
+                f"audit_grace_s ({self.audit_grace_s}) must be at least twice request_timeout_s "
+                f"({self.request_timeout_s}): a submission in flight would look lost"
             )
 
     @property

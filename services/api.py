@@ -30,6 +30,7 @@ from hive_bus import (
     TaskView,
     WorkerBeat,
 )
+from hive_bus._audit import AuditReport, StoreAudit
 from hive_bus._messages import TaskStatus, event_decoder, is_final, is_task_id, status_of
 from hive_bus._names import PROVIDER_PATTERN, is_valid_provider
 
@@ -386,6 +387,45 @@ async def usage_route(state: State) -> UsageSince:
     return metrics.usage()
 
 
+class StreamState(msgspec.Struct, frozen=True, kw_only=True):
+    """The tasks stream as nats-server reports it."""
+
+    messages: int
+    first_seq: int
+    last_seq: int
+    deleted: int  # sequences between first and last that hold no message (acked, or lost)
+    lost: int  # messages the server reports lost (nats-server 2.15 leaves this 0 for a damaged block)
+
+
+class AuditStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The store audit: tasks the record says are waiting that the tasks stream no longer holds."""
+
+    every_s: float
+    grace_s: float
+    last: AuditReport | None  # None until the first audit has run
+    tasks_stream: StreamState
+
+
+@get(
+    "/v1/audit",
+    summary="The last store audit: tasks found missing from the tasks stream, dead-lettered as lost",
+    responses=_errors(401, 503),
+)
+async def audit_route(state: State) -> AuditStatus:
+    audit: StoreAudit = state.audit
+    bus = _hive(state).bus
+    try:
+        info = await bus.js.stream_info(bus.names.tasks_stream)
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        raise BusUnavailable(f"could not read the tasks stream: {exc}") from None
+    s = info.state
+    lost = len(s.lost.msgs or []) if s.lost is not None else 0
+    figures = StreamState(
+        messages=s.messages, first_seq=s.first_seq, last_seq=s.last_seq, deleted=s.num_deleted or 0, lost=lost
+    )
+    return AuditStatus(every_s=audit.every_s, grace_s=audit.grace_s, last=audit.last, tasks_stream=figures)
+
+
 @get("/openapi.json", summary="This API's OpenAPI document", include_in_schema=False)
 async def openapi_document(request: Request[Any, Any, Any]) -> dict[str, Any]:
     schema: dict[str, Any] = request.app.openapi_schema.to_schema()
@@ -424,7 +464,8 @@ ROUTES = [
     openapi_document,
 ]
 
-# Served only by a gateway that follows the bus's events (its BusMetrics).
+# Served only by a gateway that follows the bus's events (its BusMetrics) and audits its store.
 METRICS_ROUTES = [metrics_route, usage_route]
+AUDIT_ROUTES = [audit_route]
 
-__all__ = ["MAX_WAIT_S", "METRICS_ROUTES", "ROUTES"]
+__all__ = ["AUDIT_ROUTES", "MAX_WAIT_S", "METRICS_ROUTES", "ROUTES"]

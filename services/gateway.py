@@ -26,12 +26,13 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 
 from hive_bus import BusUnavailable, Hive, QueueFull, TaskNotFound, __version__
+from hive_bus._audit import StoreAudit
 from hive_bus._dlq import NotReplayable
 from hive_bus._messages import explain
 from hive_bus._router import Router
 
 from . import dashboard
-from .api import METRICS_ROUTES, ROUTES
+from .api import AUDIT_ROUTES, METRICS_ROUTES, ROUTES
 from .auth import BearerAuth, Tokens, check_exposure
 from .dlq_api import DLQ_ROUTES
 from .fastpath import FastSubmit
@@ -118,6 +119,7 @@ def create_app(
     options: GatewayOptions | None = None,
     metrics: BusMetrics | None = None,
     stopping: threading.Event | None = None,
+    audit: StoreAudit | None = None,
 ) -> Litestar:
     """The gateway app, serving ``hive``'s bus. Long answers (event feeds) end once ``stopping`` is set."""
     options = options or GatewayOptions()
@@ -127,12 +129,14 @@ def create_app(
         "metrics": metrics,
         "stopping": stopping or threading.Event(),
         "feed_max_s": options.feed_max_s,
+        "audit": audit,
     }
     return Litestar(
         route_handlers=[
             *ROUTES,
             *DLQ_ROUTES,
             *(METRICS_ROUTES if metrics is not None else []),
+            *(AUDIT_ROUTES if audit is not None else []),
             *dashboard.ROUTES,
         ],
         state=State(state),
@@ -197,11 +201,13 @@ class Gateway:
         self.options = options
         self.metrics = BusMetrics(hive.bus)
         self.router = Router(hive.bus)
+        settings = hive.bus.settings
+        self.audit = StoreAudit(hive.bus, grace_s=settings.audit_grace_s, every_s=settings.audit_every_s)
         self._stopping = threading.Event()
         self._sock = sock or bind(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
-            create_app(hive, options, self.metrics, self._stopping),
+            create_app(hive, options, self.metrics, self._stopping, self.audit),
             log_level="warning",
             access_log=False,
             lifespan="on",
@@ -226,6 +232,7 @@ class Gateway:
 
             await tg.start(self.metrics.run)
             await tg.start(self.router.run)
+            await tg.start(self.audit.run)
             tg.start_soon(http_then_done)
             with anyio.fail_after(10):
                 while not self._server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on

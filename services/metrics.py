@@ -208,8 +208,15 @@ class BusMetrics:
         )
         self._failed = Counter(
             "hive_tasks_failed",
-            "Tasks that failed for good (permanent, out_of_attempts, rejected, undecodable).",
+            "Tasks that failed for good (permanent, out_of_attempts, deadline, rejected, undecodable, lost).",
             ["provider", "reason"],
+            registry=r,
+        )
+        # Unlabelled, so that it exists at 0 from the start and its first increase shows in increase().
+        self._lost = Counter(
+            "hive_tasks_lost",
+            "Accepted tasks the store audit found missing from the tasks stream with no outcome recorded "
+            "(dead-lettered with reason lost; see hive_bus._audit).",
             registry=r,
         )
         self._retries = Counter(
@@ -343,6 +350,8 @@ class BusMetrics:
                 kind = "rejected" if event.reason == "rejected" else "final"
                 if self._first_time(f"{event.task_id}:{kind}"):
                     self._failed.labels(provider, event.reason).inc()
+                    if event.reason == "lost":
+                        self._lost.inc()
             case Completed():
                 if self._first_time(f"{event.task_id}:final"):
                     self._completed_task(provider, event)

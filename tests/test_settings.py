@@ -30,6 +30,8 @@ def test_unknown_variable_is_named() -> None:
         ({"HIVE_MAX_ACK_PENDING": "1.5"}, "HIVE_MAX_ACK_PENDING"),
         ({"HIVE_PREFIX": "Bad.Prefix"}, "prefix"),
         ({"HIVE_HEARTBEAT_TTL_S": "6"}, "heartbeat_ttl_s"),
+        ({"HIVE_AUDIT_GRACE_S": "8", "HIVE_REQUEST_TIMEOUT_S": "5"}, "audit_grace_s"),
+        ({"HIVE_AUDIT_EVERY_S": "0"}, "HIVE_AUDIT_EVERY_S"),
     ],
 )
 def test_bad_values_are_named(env: dict[str, str], named: str) -> None:

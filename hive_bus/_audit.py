@@ -1,0 +1,267 @@
+"""The store audit: tasks the record says are waiting whose message the tasks stream no longer holds.
+
+nats-server rebuilds each stream from its message blocks when it starts. A damaged block costs the
+messages in it, and nats-server 2.15 does not say so in the stream state (its ``lost`` stays unset; see
+docs/reliability.md). The record still knows those tasks: the events stream holds each task's
+``queued`` event, with the whole task, and no final event after it. The audit compares the two:
+
+1. it follows the events stream by subject only (headers, no bodies), keeping the tasks whose last
+   lifecycle event is ``queued`` or ``moved`` with no ``completed`` or ``failed`` after it: the open
+   tasks. The first audit reads the whole stream; the next ones read on from where it stopped, and
+   after a reconnection (the server may have restarted on a damaged store) it starts over;
+2. it reads the ids of the tasks the tasks stream holds (message by message: a work-queue stream
+   allows no second consumer beside the workers');
+3. an open task missing from the tasks stream, whose last event is older than ``grace_s`` (a
+   submission stores its ``queued`` event before its task) and that is not a move the router has yet
+   to queue, is read again by its last event. If nothing happened to it since, it is lost: a
+   ``failed`` event with reason ``lost`` records it (``Nats-Msg-Id: <id>:final``, so a late outcome of
+   a worker, or another gateway's audit, is recorded once), and it goes to the dead letters, from
+   where ``hive dlq replay <id>`` queues it again.
+
+The gateway runs it (:meth:`StoreAudit.run`): at start, after every reconnection, and every
+``every_s``. Metrics count the ``lost`` failures (``hive_tasks_lost_total``); an alert rule fires on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from ._bus import Bus
+from ._messages import Failed, Moved, Queued, Task, encoder, event_decoder, now_ms
+
+log = logging.getLogger("hive_bus.audit")
+
+FETCH_BATCH = 1000
+CHECK_EVERY_S = 2.0  # how often the loop looks for a reconnection
+AFTER_RECONNECT_S = 3.0  # a restarted server recovers its streams first
+SHOWN_IDS = 20
+
+_OPEN = ("queued", "moved")
+_FINAL = ("completed", "failed")
+_BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
+
+
+class _TaskId(msgspec.Struct):
+    id: str
+
+
+_task_id_decoder = msgspec.json.Decoder(_TaskId)
+
+
+class AuditReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What one audit found."""
+
+    at_ms: int
+    open: int  # tasks whose record says they wait (queued, moved, retrying, running)
+    held: int  # messages the tasks stream holds
+    lost: int  # tasks this audit found lost and dead-lettered
+    lost_ids: list[str]  # the first of them
+    lost_total: int  # since this process started
+    seconds: float  # how long the audit took
+
+
+@dataclass(slots=True)
+class _Open:
+    provider: str  # the provider token of its last lifecycle event's subject
+    status: str  # queued or moved
+    event_seq: int  # that event's sequence in the events stream
+    last_seq: int  # the sequence of its last event of any kind
+    last_at_s: float  # when that one was stored (unix seconds)
+
+
+class StoreAudit:
+    def __init__(self, bus: Bus, *, grace_s: float, every_s: float) -> None:
+        self._bus = bus
+        self.grace_s = grace_s
+        self.every_s = every_s
+        self._open: dict[str, _Open] = {}
+        self._next_seq = 1  # the next events-stream sequence to read
+        self._reconnects = bus.nc.stats["reconnects"]
+        self._lost_total = 0
+        self.last: AuditReport | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Audit now, after each reconnection, and every ``every_s``; failures are logged and retried."""
+        task_status.started()
+        due = time.monotonic()
+        while True:
+            reconnects = self._bus.nc.stats["reconnects"]
+            if reconnects != self._reconnects:
+                self._reconnects = reconnects
+                self._start_over()
+                due = time.monotonic() + AFTER_RECONNECT_S
+            if time.monotonic() >= due and self._bus.nc.is_connected:
+                try:
+                    await self.audit()
+                    due = time.monotonic() + self.every_s
+                except _BUS_ERRORS as exc:
+                    log.warning("store audit failed (%s); trying again", exc)
+                    due = time.monotonic() + 10 * CHECK_EVERY_S
+            await anyio.sleep(CHECK_EVERY_S)
+
+    def _start_over(self) -> None:
+        self._open.clear()
+        self._next_seq = 1
+
+    async def audit(self) -> AuditReport:
+        """One audit: read the record on, read the queue, and record each task found lost."""
+        t0 = time.perf_counter()
+        await self._follow_record()
+        cutoff_s = time.time() - self.grace_s
+        old = {task_id for task_id, o in self._open.items() if o.last_at_s <= cutoff_s}
+        held = await self._held_ids() if old else set()
+        routed_up_to = await self._router_ack_floor() if old else 0
+        lost: list[str] = []
+        for task_id in sorted(old - held):
+            o = self._open[task_id]
+            if o.status == "moved" and o.event_seq > routed_up_to:
+                continue  # the router has yet to queue it on its next provider
+            if await self._record_lost(task_id, o):
+                lost.append(task_id)
+                del self._open[task_id]
+        self._lost_total += len(lost)
+        report = AuditReport(
+            at_ms=now_ms(), open=len(self._open), held=len(held), lost=len(lost), lost_ids=lost[:SHOWN_IDS],
+            lost_total=self._lost_total, seconds=round(time.perf_counter() - t0, 3),
+        )  # fmt: skip
+        if lost:
+            log.error(
+                "store audit: %d task(s) missing from %s with no final outcome, dead-lettered as lost "
+                "(e.g. %s); `hive dlq replay <id>` queues one again",
+                len(lost), self._bus.names.tasks_stream, ", ".join(lost[:5]),
+            )  # fmt: skip
+        self.last = report
+        return report
+
+    async def _follow_record(self) -> None:
+        """Read the events stream on from ``_next_seq``, subjects only, into the open tasks."""
+        bus, names = self._bus, self._bus.names
+        config = ConsumerConfig(
+            description="hive-bus store audit",
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self._next_seq,
+            ack_policy=AckPolicy.NONE,
+            headers_only=True,
+            mem_storage=True,
+            inactive_threshold=60.0,
+        )
+        psub = await bus.js.pull_subscribe(names.events_of("*"), stream=names.events_stream, config=config)
+        try:
+            remaining = (await psub.consumer_info()).num_pending or 0
+            while remaining > 0:
+                msgs = await psub.fetch(min(remaining, FETCH_BATCH), timeout=bus.settings.request_timeout_s)
+                for msg in msgs:
+                    self._note(msg.subject, msg.metadata.sequence.stream, msg.metadata.timestamp.timestamp())
+                remaining -= len(msgs)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _delete_consumer(bus, config.name)
+                await psub.unsubscribe()
+
+    def _note(self, subject: str, seq: int, at_s: float) -> None:
+        provider, task_id, status = subject.rsplit(".", 3)[1:]
+        self._next_seq = seq + 1
+        if status in _OPEN:
+            self._open[task_id] = _Open(provider, status, seq, seq, at_s)
+        elif status in _FINAL:
+            self._open.pop(task_id, None)
+        elif (o := self._open.get(task_id)) is not None:  # running, retrying: still open
+            o.last_seq, o.last_at_s = seq, at_s
+
+    async def _held_ids(self) -> set[str]:
+        """The ids of the tasks the tasks stream holds now."""
+        bus, names = self._bus, self._bus.names
+        state = (await bus.js.stream_info(names.tasks_stream)).state
+        held: set[str] = set()
+        seq = state.first_seq
+        while state.messages and seq <= state.last_seq:
+            try:
+                raw = await bus.js.get_msg(names.tasks_stream, seq=seq, subject=names.all_tasks, next=True)
+            except nats.js.errors.NotFoundError:
+                break  # none after seq
+            except nats.js.errors.APIError as exc:
+                log.warning("store audit: message %d of %s unreadable (%s)", seq, names.tasks_stream, exc)
+                seq += 1
+                continue
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):  # poison: for the workers
+                held.add(_task_id_decoder.decode(raw.data or b"").id)
+            seq = (raw.seq or seq) + 1
+        return held
+
+    async def _router_ack_floor(self) -> int:
+        """The last moved event the router has queued (all before it are too); 0 without a router."""
+        names = self._bus.names
+        try:
+            info = await self._bus.js.consumer_info(names.events_stream, names.router)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return info.ack_floor.stream_seq if info.ack_floor and info.ack_floor.stream_seq else 0
+
+    async def _record_lost(self, task_id: str, o: _Open) -> bool:
+        """Record one task as lost if nothing happened to it since the record was read."""
+        bus, names = self._bus, self._bus.names
+        try:
+            last = await bus.js.get_last_msg(names.events_stream, names.events_of(task_id), direct=True)
+        except nats.js.errors.NotFoundError:
+            return False  # its events are gone too (aged out): nothing to say it was ever queued
+        if last.seq != o.last_seq:
+            return False  # something happened since: the next audit reads it
+        task = await self._task_of(o)
+        provider = task.provider if task else o.provider
+        event = Failed(
+            task_id=task_id, provider=provider, at_ms=now_ms(), attempt=0, worker=None, reason="lost",
+            error=(
+                f"its message is not in the {names.tasks_stream} stream and no outcome was recorded: lost "
+                "from the NATS store (a damaged or purged stream), or its submission was cut off before "
+                f"the task was stored; `hive dlq replay {task_id}` queues it again"
+            ),
+            task=task,
+        )  # fmt: skip
+        data = encoder.encode(event)
+        final_id = task.final_msg_id if task else f"{task_id}:final"
+        ack = await bus.js.publish(
+            names.event_subject(provider, task_id, "failed"), data,
+            headers={"Nats-Msg-Id": final_id}, stream=names.events_stream,
+        )  # fmt: skip
+        if ack.duplicate:
+            return False  # an outcome was recorded meanwhile
+        run = task.run if task else 0
+        try:
+            await bus.js.publish(
+                names.dlq_subject(provider, task_id), data,
+                headers={"Nats-Msg-Id": f"{task_id}:dlq:{run}"}, stream=names.dlq_stream,
+            )  # fmt: skip
+        except nats.js.errors.APIError as exc:
+            log.error(
+                "dead letter of lost task %s not kept (its failed event has the task): %s", task_id, exc
+            )
+        return True
+
+    async def _task_of(self, o: _Open) -> Task | None:
+        """The task as its last ``queued`` or ``moved`` event carries it."""
+        try:
+            raw = await self._bus.js.get_msg(self._bus.names.events_stream, seq=o.event_seq, direct=True)
+            event = event_decoder.decode(raw.data or b"")
+        except (nats.js.errors.NotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        return event.task if isinstance(event, Queued | Moved) else None
+
+
+async def _delete_consumer(bus: Bus, name: str | None) -> None:
+    if not name:
+        return
+    try:
+        with anyio.move_on_after(bus.settings.request_timeout_s):
+            await bus.js.delete_consumer(bus.names.events_stream, name)
+    except _BUS_ERRORS:
+        pass  # it goes by itself when inactive

@@ -1,0 +1,129 @@
+"""The store audit: an accepted task whose message went missing from the tasks stream (a damaged or
+purged store) is found, recorded as failed with reason ``lost`` and dead-lettered, from where a replay
+queues it again. Tasks in flight, still within the grace period or in the router's hands are left alone."""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+import pytest
+
+from hive_bus import Bus, Failed, Hive, Task, TaskRequest
+from hive_bus._audit import StoreAudit
+from hive_bus._messages import Moved, Queued, encoder, now_ms
+from hive_bus._router import Router
+from workers.echo import EchoProvider
+
+from .helpers import events_of, running_worker
+
+pytestmark = pytest.mark.anyio
+
+GRACE_S = 0.5
+
+
+async def _sequences(bus: Bus) -> dict[str, int]:
+    """Task id -> its message's sequence in the tasks stream."""
+    names = bus.names
+    state = (await bus.js.stream_info(names.tasks_stream)).state
+    found = {}
+    for seq in range(state.first_seq, state.last_seq + 1):
+        raw = await bus.js.get_msg(names.tasks_stream, seq)
+        found[msgspec.json.decode(raw.data or b"", type=Task).id] = seq
+    return found
+
+
+async def _last_failed(bus: Bus, task_id: str) -> Failed | None:
+    events = await events_of(bus, task_id)
+    return events[-1] if events and isinstance(events[-1], Failed) else None
+
+
+async def test_a_task_missing_from_the_stream_is_dead_lettered_as_lost_and_replays(
+    bus: Bus, hive: Hive
+) -> None:
+    ids = await hive.submit_many([TaskRequest(provider="later", prompt=f"post {i}") for i in range(5)])
+    seqs = await _sequences(bus)
+    gone = ids[1], ids[3]
+    for task_id in gone:  # what a damaged block does: the message is gone, nobody acked it
+        await bus.js.delete_msg(bus.names.tasks_stream, seqs[task_id])
+
+    audit = StoreAudit(bus, grace_s=GRACE_S, every_s=600)
+    early = await audit.audit()
+    assert (early.open, early.held, early.lost) == (5, 0, 0)  # within the grace period: not yet
+    await anyio.sleep(GRACE_S + 0.1)
+    report = await audit.audit()
+    assert (report.open, report.held, report.lost, report.lost_total) == (3, 3, 2, 2)
+    assert sorted(report.lost_ids) == sorted(gone)
+
+    for task_id in gone:
+        failed = await _last_failed(bus, task_id)
+        assert failed is not None and failed.reason == "lost"
+        assert bus.names.tasks_stream in failed.error and f"hive dlq replay {task_id}" in failed.error
+        assert failed.task is not None and failed.task.prompt == f"post {ids.index(task_id)}"
+        letter = await hive.dead_letter(task_id)
+        assert letter.failed.reason == "lost"
+        assert (await hive.get(task_id)).status == "failed"
+    for task_id in set(ids) - set(gone):
+        assert (await hive.get(task_id)).status == "queued"
+
+    again = await audit.audit()
+    assert (again.lost, again.lost_total) == (0, 2)  # recorded once
+    assert [type(e) for e in await events_of(bus, gone[0])] == [Queued, Failed]
+
+    await hive.replay(gone[0])
+    async with running_worker(bus, "later", EchoProvider()):
+        done = [await hive.wait(task_id, timeout_s=10) for task_id in (*set(ids) - set(gone), gone[0])]
+    assert all(view.status == "completed" for view in done)
+    assert (await hive.get(gone[1])).status == "failed"
+
+
+async def test_tasks_in_flight_are_not_lost(bus: Bus, hive: Hive) -> None:
+    """A task held by a worker (running, its message still in the stream until the ack) stays open."""
+    ids = await hive.submit_many(
+        [TaskRequest(provider="slow", prompt="slow", payload={"delay_s": 3}) for _ in range(2)]
+    )
+    async with running_worker(bus, "slow", EchoProvider(), concurrency=2):
+        await anyio.sleep(GRACE_S + 0.5)
+        report = await StoreAudit(bus, grace_s=GRACE_S, every_s=600).audit()
+        assert (report.open, report.held, report.lost) == (2, 2, 0)
+        views = [await hive.wait(task_id, timeout_s=10) for task_id in ids]
+    assert [v.status for v in views] == ["completed", "completed"]
+
+
+async def test_a_cut_off_submission_is_lost_only_after_the_grace_period(bus: Bus, hive: Hive) -> None:
+    """A submission stores its queued event, then its task: between the two, the task is not lost."""
+    names = bus.names
+    task = Task.from_request(TaskRequest(provider="later", prompt="cut off"))
+    queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
+    await bus.js.publish(names.event_subject("later", task.id, "queued"), encoder.encode(queued))
+
+    audit = StoreAudit(bus, grace_s=1.0, every_s=600)
+    assert (await audit.audit()).lost == 0
+    await anyio.sleep(1.1)
+    assert (await audit.audit()).lost_ids == [task.id]
+
+
+async def _route_for(bus: Bus, seconds: float) -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(Router(bus).run)
+        await anyio.sleep(seconds)
+        tg.cancel_scope.cancel()
+
+
+async def test_a_moved_task_waits_for_the_router(bus: Bus, hive: Hive) -> None:
+    names = bus.names
+    await _route_for(bus, 0)  # the router's durable consumer exists, and keeps its place while it is down
+    first = Task.from_request(TaskRequest(provider="spent", prompt="move me", fallback=["later"]))
+    queued = Queued(task_id=first.id, provider=first.provider, at_ms=first.submitted_at_ms, task=first)
+    await bus.js.publish(names.event_subject("spent", first.id, "queued"), encoder.encode(queued))
+    moved = first.next_hop()
+    assert moved is not None
+    event = Moved(task_id=first.id, provider="spent", at_ms=now_ms(), worker="w", reason="quota", task=moved)
+    await bus.js.publish(names.event_subject("spent", first.id, "moved"), encoder.encode(event))
+
+    audit = StoreAudit(bus, grace_s=GRACE_S, every_s=600)
+    await anyio.sleep(GRACE_S + 0.1)
+    assert (await audit.audit()).lost == 0  # no router yet: the move is still to be queued
+
+    await _route_for(bus, 1.0)
+    report = await audit.audit()
+    assert (report.held, report.lost) == (1, 0)  # queued on its next provider by the router
