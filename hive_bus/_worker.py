@@ -66,6 +66,9 @@ RUNNING_AFTER_S = 0.25
 # A busy worker asks the high- and low-priority queues at least this often, even without a sign of work
 # there (a task that comes back from a retry is not published again).
 PROBE_EVERY_S = 1.0
+# A key's first call (at start, or after a 429) goes alone for at most this long: a spent quota answers
+# 429 within milliseconds, so a call still running after it is a real one, and the other lanes go on.
+PROBE_HOLD_S = 1.0
 # How often a task waiting for a key's first call to answer looks again.
 PROBE_WAIT_S = 0.05
 _ID_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -149,10 +152,10 @@ class Worker:
         self._low_probed_s = 0.0
         self._drained = False  # the last idle wait brought the last task of its queue
         # Keys whose last call was not refused by a rate limit. Until a key has proved itself (at start,
-        # and after each 429), it carries one call at a time, so that a spent quota costs one 429, not
-        # one per lane.
+        # and after each 429), its first call goes alone for up to PROBE_HOLD_S, so that a spent quota
+        # costs one 429, not one per lane. Probing: key -> when its first call began (monotonic).
         self._proven: set[str] = set()
-        self._probing: set[str] = set()
+        self._probing: dict[str, float] = {}
         names = bus.names
         self.model: str | None = getattr(self._keys[0].provider, "default_model", None)
         self.cooldowns = KeyCooldowns(
@@ -435,7 +438,7 @@ class Worker:
             try:
                 outcome = await self._call(key.provider, task)
             finally:
-                self._probing.discard(key.name)
+                self._probing.pop(key.name, None)
             if isinstance(outcome, RetryAfter | KeyRejected):
                 self._proven.discard(key.name)  # its next call goes alone again
             else:
@@ -471,11 +474,11 @@ class Worker:
                         cooling_s, f"waiting out the {task.provider} cooldown: {record.reason}", record.quota,
                         "rate_limit",
                     )  # fmt: skip
-                elif key.name in self._probing:
+                elif (probe_left_s := self._probe_left_s(key.name)) > 0:
                     # the key's first call (at start, or after a rate limit) has not answered yet: a
                     # second one now would meet the same 429
                     blocked = _Blocked(
-                        PROBE_WAIT_S,
+                        min(PROBE_WAIT_S, probe_left_s),
                         f"the first call on key {key.name} has not answered",
                         "minute",
                         "rate_limit",
@@ -484,8 +487,8 @@ class Worker:
                     got = await self.budgets.reserve(key.name, model, tokens)
                     if not isinstance(got, Denied):
                         self._next_key = (self._next_key + i + 1) % len(self._keys)
-                        if key.name not in self._proven:
-                            self._probing.add(key.name)
+                        if key.name not in self._proven and key.name not in self._probing:
+                            self._probing[key.name] = time.monotonic()
                         return key, got
                     blocked = _Blocked(
                         got.wait_s, f"{task.provider} budget spent ({got.limit} of key {key.name})",
@@ -501,6 +504,11 @@ class Worker:
                 await self._stopping.wait()
             if self._stopping.is_set():
                 return best
+
+    def _probe_left_s(self, key: str) -> float:
+        """How much longer calls on ``key`` wait for its first call to answer; 0 to go ahead."""
+        began = self._probing.get(key)
+        return 0.0 if began is None else max(0.0, PROBE_HOLD_S - (time.monotonic() - began))
 
     async def _spent(self, reservation: Reservation, outcome: Outcome) -> None:
         usage = outcome.usage if isinstance(outcome, Output) else None

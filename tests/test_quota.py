@@ -151,6 +151,31 @@ async def test_a_daily_or_zero_quota_moves_the_task_to_its_fallback(
         assert "daily" in moves[0].reason
 
 
+async def test_a_key_spent_before_the_worker_started_costs_one_429_not_one_per_lane(
+    bus: Bus, hive: Hive, fakes: ProviderFakes
+) -> None:
+    """The key's first call goes alone: its 429 sets the key aside before the other lanes call."""
+    fakes.groq.daily_quota(0, retry_after_s=3600)
+    ids = [await hive.submit("groq", f"post {i}", fallback=["echo"]) for i in range(8)]
+    async with (
+        router(bus),
+        running_worker(bus, "groq", groq(fakes), concurrency=8),
+        running_worker(bus, "echo", EchoProvider()),
+    ):
+        views = [await hive.wait(t, 20) for t in ids]
+    assert [(v.status, v.provider) for v in views] == [("completed", "echo")] * 8
+    assert fakes.groq.rate_limited == 1
+
+
+async def test_a_slow_first_call_holds_the_other_lanes_only_briefly(bus: Bus, hive: Hive) -> None:
+    """A first call that takes its time is a real call, not a 429: the other lanes start beside it."""
+    ids = [await hive.submit("slow", f"post {i}", payload={"delay_s": 3.0}) for i in range(2)]
+    async with running_worker(bus, "slow", EchoProvider(), concurrency=2):
+        first, second = sorted([await hive.wait(t, 20) for t in ids], key=lambda v: v.started_at_ms or 0)
+    assert first.status == second.status == "completed"
+    assert second.started_at_ms is not None and second.started_at_ms < first.updated_at_ms  # they overlapped
+
+
 async def test_a_task_with_nowhere_to_go_fails_at_its_deadline_into_the_dead_letters(
     bus: Bus, hive: Hive, fakes: ProviderFakes
 ) -> None:
