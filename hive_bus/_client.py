@@ -400,11 +400,17 @@ class Hive:
         ack, or why it was not stored."""
         sent: list[asyncio.Future[PubAck] | HiveError] = []
         try:
-            for message in messages:
-                try:
-                    sent.append(await self._send(*message, timed=False))
-                except HiveError as exc:
-                    sent.append(exc)
+            try:
+                publisher = await self._js_publisher()
+                wire = [
+                    (subject, data, _headers(msg_id, stream)) for subject, data, msg_id, stream in messages
+                ]
+                sent.extend(await publisher.send_many(wire))
+            except (nats.errors.Error, OSError) as exc:
+                sent = [
+                    BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}")
+                    for _, _, _, stream in messages
+                ]
             with anyio.move_on_after(self._bus.settings.request_timeout_s):
                 for future in sent:  # most are done by now; awaiting them in turn costs no callbacks
                     if isinstance(future, asyncio.Future) and not future.done():
@@ -433,13 +439,10 @@ class Hive:
                     future.cancel()
 
     async def _send(
-        self, subject: str, data: bytes, msg_id: str | None, stream: str, *, timed: bool = True
+        self, subject: str, data: bytes, msg_id: str | None, stream: str
     ) -> asyncio.Future[PubAck]:
-        headers = {"Nats-Expected-Stream": stream}
-        if msg_id:
-            headers["Nats-Msg-Id"] = msg_id
         try:
-            return await (await self._js_publisher()).send(subject, data, headers, timed=timed)
+            return await (await self._js_publisher()).send(subject, data, _headers(msg_id, stream))
         except (nats.errors.Error, OSError) as exc:
             raise BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}") from None
 
@@ -477,6 +480,14 @@ class Hive:
             )
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.warning("could not record the rejection of task %s: %s", task.id, exc)
+
+
+def _headers(msg_id: str | None, stream: str) -> dict[str, str]:
+    """A submission publish's headers: stored only in ``stream``, and de-duplicated by ``msg_id``."""
+    headers = {"Nats-Expected-Stream": stream}
+    if msg_id:
+        headers["Nats-Msg-Id"] = msg_id
+    return headers
 
 
 async def _unsubscribe(sub: Any) -> None:

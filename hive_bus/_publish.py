@@ -9,15 +9,19 @@ one reply subscription per connection, tokens from a counter, one timer per publ
 a msgspec decoder built once.
 
 :meth:`JetStreamPublisher.send` puts the message on the wire and returns the ack's future without
-waiting, so several publishes can be in flight at once (a batch); their order on the wire is the order
-of the calls.
+waiting, so several publishes can be in flight at once; their order on the wire is the order of the
+calls. :meth:`JetStreamPublisher.send_many` does the same for a whole batch in one write: nats-py's
+``publish`` costs about 17 µs a message (subject checks, header encoding, a write-buffer append and a
+flusher wake-up each), which was a third of what a task in a batch cost the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
+from collections.abc import Sequence
 
 import msgspec
 import nats.errors
@@ -29,6 +33,8 @@ from ._errors import BusUnavailable, QueueFull
 
 _STATUS_HEADER = "Status"
 _NO_RESPONDERS = "503"
+_HEADER_LINE = b"NATS/1.0\r\n"
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})  # a header value is one line, as nats-py makes it
 
 
 class PubAck(msgspec.Struct, frozen=True):
@@ -117,6 +123,59 @@ class JetStreamPublisher:
             future.cancel()
             raise
         return future
+
+    async def send_many(
+        self, messages: Sequence[tuple[str, bytes, dict[str, str]]]
+    ) -> list[asyncio.Future[PubAck]]:
+        """Publish every ``(subject, data, headers)`` now, in order, in one write to the connection;
+        their futures end as :meth:`send`'s do, untimed (the caller bounds the wait). Raises what
+        nats-py raises when it cannot send, and then nothing was sent.
+
+        The protocol is written here (``HPUB <subject> <reply> <header bytes> <total bytes>``) and handed
+        to the client's write buffer, below nats-py's public API; a client without that buffer, or one
+        that is not connected (nats-py's own rules for buffering during a reconnection apply), gets the
+        messages one ``publish`` at a time."""
+        if self._sub is None:
+            raise RuntimeError("JetStreamPublisher.start() was not called")
+        nc = self._nc
+        write = getattr(nc, "_send_command", None)
+        flush = getattr(nc, "_flush_pending", None)
+        if write is None or flush is None or not nc.is_connected:
+            return [await self.send(s, d, h, timed=False) for s, d, h in messages]
+        if nc.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        if any(len(data) > nc.max_payload for _, data, _ in messages):
+            raise nats.errors.MaxPayloadError
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[PubAck]] = []
+        wire: list[bytes] = []
+        out_bytes = 0
+        for subject, data, headers in messages:
+            token = str(next(self._tokens))
+            future: asyncio.Future[PubAck] = loop.create_future()
+            self._waiting[token] = future
+            future.add_done_callback(functools.partial(self._forget, token))
+            futures.append(future)
+            lines = "".join(f"{k}: {v.strip().translate(_NEWLINES)}\r\n" for k, v in headers.items())
+            hdr = _HEADER_LINE + lines.encode() + b"\r\n"
+            wire.append(
+                f"HPUB {subject} {self._prefix}{token} {len(hdr)} {len(hdr) + len(data)}\r\n".encode()
+            )
+            wire += (hdr, data, b"\r\n")
+            out_bytes += len(data)
+        try:
+            await write(b"".join(wire))
+            await flush()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        nc.stats["out_msgs"] += len(messages)
+        nc.stats["out_bytes"] += out_bytes
+        return futures
+
+    def _forget(self, token: str, _: asyncio.Future[PubAck]) -> None:
+        self._waiting.pop(token, None)
 
     def _expire(self, token: str) -> None:
         future = self._waiting.pop(token, None)

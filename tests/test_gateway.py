@@ -232,6 +232,14 @@ async def test_a_key_repeated_in_a_batch_or_across_batches_queues_its_task_once(
     assert r.json()["tasks"] == [{"index": 0, "id": first["id"], "status": "duplicate"}]
     assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 2
 
+    # a key with a line break, in a batch and then alone: one task (its header is the same one line)
+    two_lines = {"provider": "nobody", "prompt": "once more", "idempotency_key": "spring\ncampaign"}
+    r = await stack.http.post("/v1/tasks/batch", json={"tasks": [two_lines]})
+    [batched] = r.json()["tasks"]
+    single = (await stack.http.post("/v1/tasks", json=two_lines)).json()
+    assert (batched["status"], single["id"], single["duplicate"]) == ("queued", batched["id"], True)
+    assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 3
+
 
 async def test_a_batch_with_an_invalid_task_names_it_and_queues_nothing(stack: Stack) -> None:
     tasks = [{"provider": "echo", "prompt": "fine"}, {"provider": "echo", "prompt": " "}]
