@@ -437,20 +437,26 @@ class Worker:
             t0 = time.perf_counter()
             try:
                 outcome = await self._call(key.provider, task)
-            finally:
+            except BaseException:
                 self._probing.pop(key.name, None)
+                raise
             if isinstance(outcome, RetryAfter | KeyRejected):
                 self._proven.discard(key.name)  # its next call goes alone again
             else:
                 self._proven.add(key.name)
+                self._probing.pop(key.name, None)
             held.running = None  # too late to say: the outcome is next
             with anyio.CancelScope(shield=True):
-                if reservation is not None:
-                    await self._spent(reservation, outcome)
-                if isinstance(outcome, KeyRejected):
-                    await self.cooldowns.refuse(key.name, outcome.message, self.id)
-                    continue  # the key was refused, not the task: the next key tries it
-                await settler.settle(d, outcome, time.perf_counter() - t0)
+                try:
+                    if reservation is not None:
+                        await self._spent(reservation, outcome)
+                    if isinstance(outcome, KeyRejected):
+                        await self.cooldowns.refuse(key.name, outcome.message, self.id)
+                        continue  # the key was refused, not the task: the next key tries it
+                    await settler.settle(d, outcome, time.perf_counter() - t0)
+                finally:
+                    # after a 429 or a refusal, the other lanes go on once the key's cooldown is known
+                    self._probing.pop(key.name, None)
             return
         with anyio.CancelScope(shield=True):
             await self._no_key_left(d)
