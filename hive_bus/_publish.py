@@ -10,9 +10,9 @@ a msgspec decoder built once.
 
 :meth:`JetStreamPublisher.send` puts the message on the wire and returns the ack's future without
 waiting, so several publishes can be in flight at once; their order on the wire is the order of the
-calls. :meth:`JetStreamPublisher.send_many` does the same for a whole batch in one write: nats-py's
-``publish`` costs about 17 µs a message (subject checks, header encoding, a write-buffer append and a
-flusher wake-up each), which was a third of what a task in a batch cost the gateway.
+calls. :meth:`JetStreamPublisher.send_many` does the same for a whole batch in one write. Both write
+the protocol themselves: nats-py's ``publish`` costs about 17 µs a message (subject checks, header
+encoding, a write-buffer append and a flusher wake-up each), a third of what a task in a batch cost.
 """
 
 from __future__ import annotations
@@ -101,81 +101,76 @@ class JetStreamPublisher:
     ) -> asyncio.Future[PubAck]:
         """Publish now; the future ends with the ack, :class:`PublishRefused`, :class:`NoStream`, or
         (when ``timed``) :class:`TimeoutError` after the timeout. Untimed, the caller bounds its wait
-        and cancels what is left (one deadline for a whole batch instead of a timer each). Raises
-        what nats-py raises when it cannot send."""
-        if self._sub is None:
-            raise RuntimeError("JetStreamPublisher.start() was not called")
-        loop = asyncio.get_running_loop()
-        token = str(next(self._tokens))
-        future: asyncio.Future[PubAck] = loop.create_future()
-        self._waiting[token] = future
-        timer = loop.call_later(self._timeout_s, self._expire, token) if timed else None
-
-        def done(_: asyncio.Future[PubAck]) -> None:  # answered, expired or cancelled
-            self._waiting.pop(token, None)
-            if timer is not None:
-                timer.cancel()
-
-        future.add_done_callback(done)
-        try:
-            await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
-        except BaseException:
-            future.cancel()
-            raise
+        and cancels what is left. Raises what nats-py raises when it cannot send."""
+        [future] = await self._send([(subject, data, headers)], timed=timed)
         return future
 
     async def send_many(
         self, messages: Sequence[tuple[str, bytes, dict[str, str]]]
     ) -> list[asyncio.Future[PubAck]]:
-        """Publish every ``(subject, data, headers)`` now, in order, in one write to the connection;
-        their futures end as :meth:`send`'s do, untimed (the caller bounds the wait). Raises what
-        nats-py raises when it cannot send, and then nothing was sent.
+        """Publish every ``(subject, data, headers)`` now, in order, in one write; their futures end as
+        :meth:`send`'s do, untimed (one deadline for a whole batch is the caller's, instead of a timer
+        each). Raises what nats-py raises when it cannot send, and then nothing was sent."""
+        return await self._send(messages, timed=False)
 
-        The protocol is written here (``HPUB <subject> <reply> <header bytes> <total bytes>``) and handed
-        to the client's write buffer, below nats-py's public API; a client without that buffer, or one
-        that is not connected (nats-py's own rules for buffering during a reconnection apply), gets the
-        messages one ``publish`` at a time."""
+    async def _send(
+        self, messages: Sequence[tuple[str, bytes, dict[str, str]]], *, timed: bool
+    ) -> list[asyncio.Future[PubAck]]:
         if self._sub is None:
             raise RuntimeError("JetStreamPublisher.start() was not called")
-        nc = self._nc
-        write = getattr(nc, "_send_command", None)
-        flush = getattr(nc, "_flush_pending", None)
-        if write is None or flush is None or not nc.is_connected:
-            return [await self.send(s, d, h, timed=False) for s, d, h in messages]
-        if nc.is_draining_pubs:
-            raise nats.errors.ConnectionDrainingError
-        if any(len(data) > nc.max_payload for _, data, _ in messages):
-            raise nats.errors.MaxPayloadError
         loop = asyncio.get_running_loop()
+        replies: list[str] = []
         futures: list[asyncio.Future[PubAck]] = []
-        wire: list[bytes] = []
-        out_bytes = 0
-        for subject, data, headers in messages:
+        for _ in messages:
             token = str(next(self._tokens))
             future: asyncio.Future[PubAck] = loop.create_future()
             self._waiting[token] = future
-            future.add_done_callback(functools.partial(self._forget, token))
+            timer = loop.call_later(self._timeout_s, self._expire, token) if timed else None
+            future.add_done_callback(functools.partial(self._forget, token, timer))
+            replies.append(self._prefix + token)
             futures.append(future)
-            lines = "".join(f"{k}: {v.strip().translate(_NEWLINES)}\r\n" for k, v in headers.items())
-            hdr = _HEADER_LINE + lines.encode() + b"\r\n"
-            wire.append(
-                f"HPUB {subject} {self._prefix}{token} {len(hdr)} {len(hdr) + len(data)}\r\n".encode()
-            )
-            wire += (hdr, data, b"\r\n")
-            out_bytes += len(data)
         try:
-            await write(b"".join(wire))
-            await flush()
+            await self._write(messages, replies)
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
-        nc.stats["out_msgs"] += len(messages)
-        nc.stats["out_bytes"] += out_bytes
         return futures
 
-    def _forget(self, token: str, _: asyncio.Future[PubAck]) -> None:
+    async def _write(self, messages: Sequence[tuple[str, bytes, dict[str, str]]], replies: list[str]) -> None:
+        """The messages on the connection, in order. The protocol is written here (``HPUB <subject>
+        <reply> <header bytes> <total bytes>``) and handed to the client's write buffer at once, below
+        nats-py's public API; a client without that buffer, or one that is not connected (nats-py's own
+        rules for buffering during a reconnection apply), gets them one ``publish`` at a time."""
+        nc = self._nc
+        write = getattr(nc, "_send_command", None)
+        flush = getattr(nc, "_flush_pending", None)
+        if write is None or flush is None or not nc.is_connected:
+            for (subject, data, headers), reply in zip(messages, replies, strict=True):
+                await nc.publish(subject, data, reply=reply, headers=headers)
+            return
+        if nc.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        if any(len(data) > nc.max_payload for _, data, _ in messages):
+            raise nats.errors.MaxPayloadError
+        wire: list[bytes] = []
+        out_bytes = 0
+        for (subject, data, headers), reply in zip(messages, replies, strict=True):
+            lines = "".join(f"{k}: {v.strip().translate(_NEWLINES)}\r\n" for k, v in headers.items())
+            hdr = _HEADER_LINE + lines.encode() + b"\r\n"
+            wire.append(f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(data)}\r\n".encode())
+            wire += (hdr, data, b"\r\n")
+            out_bytes += len(data)
+        await write(b"".join(wire))
+        await flush()
+        nc.stats["out_msgs"] += len(messages)
+        nc.stats["out_bytes"] += out_bytes
+
+    def _forget(self, token: str, timer: asyncio.TimerHandle | None, _: asyncio.Future[PubAck]) -> None:
+        """A publish is answered, expired or cancelled: its reply token and timer go."""
         self._waiting.pop(token, None)
+        if timer is not None:
+            timer.cancel()
 
     def _expire(self, token: str) -> None:
         future = self._waiting.pop(token, None)
