@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import nats.errors
@@ -62,7 +62,7 @@ async def open_bus(settings: Settings, *, name: str = "hive") -> AsyncIterator[B
     violations: list[str] = []
     nc = await connect_nats(settings, name=name, violations=violations)
     try:
-        js = nc.jetstream(timeout=settings.request_timeout_s)
+        js = nc.jetstream(timeout=settings.request_timeout_s, domain=settings.js_domain)
         try:
             buckets = await declare_bus(js, settings)
         except BusUnavailable as exc:
@@ -339,7 +339,7 @@ async def _ensure_workers_bucket(js: JetStreamContext, settings: Settings) -> Ke
         replicas=settings.replicas,
         direct=True,
     )
-    kv, have_ttl = await _ensure_bucket(js, want)
+    kv, have_ttl = await _ensure_bucket(js, want, settings.js_domain)
     if have_ttl and have_ttl < 2 * settings.heartbeat_interval_s:
         raise BusConfigError(
             f"key-value bucket {want.bucket} keeps heartbeats for {have_ttl}s, less than two heartbeat "
@@ -360,16 +360,18 @@ async def _ensure_file_bucket(js: JetStreamContext, settings: Settings, bucket: 
         # can narrow to its own provider's keys (a plain message get names no subject to check)
         direct=True,
     )
-    kv, _ = await _ensure_bucket(js, want)
+    kv, _ = await _ensure_bucket(js, want, settings.js_domain)
     return kv
 
 
-async def _ensure_bucket(js: JetStreamContext, want: KeyValueConfig) -> tuple[KeyValue, float | None]:
+async def _ensure_bucket(
+    js: JetStreamContext, want: KeyValueConfig, domain: str | None
+) -> tuple[KeyValue, float | None]:
     """The bucket, created if missing, else checked; with the TTL it really has."""
     try:
         kv = await js.key_value(want.bucket)
     except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(want), want.ttl
+        return _writes_through(await js.create_key_value(want), want, js, domain), want.ttl
     config = (await kv.status()).stream_info.config
     _check(
         f"key-value bucket {want.bucket}",
@@ -380,7 +382,42 @@ async def _ensure_bucket(js: JetStreamContext, want: KeyValueConfig) -> tuple[Ke
             "allow_direct": (bool(config.allow_direct), want.direct),
         },
     )
-    return kv, config.max_age
+    return _writes_through(kv, want, js, domain), config.max_age
+
+
+class _DomainWrites:
+    """What a bucket publishes through from behind a leaf node: a leaf link passes no ``$KV.>`` (nor
+    ``$JS.API.>``) of an ordinary account, but the hub maps ``$JS.<domain>.API.$KV.>`` back to
+    ``$KV.>``. nats-py's KeyValue publishes its writes to ``$KV.<bucket>.<key>`` whatever the domain, so
+    its context is this one: writes go by the domain, and everything else (direct gets, watches, which
+    the domain's API prefix already carries) to the context itself."""
+
+    def __init__(self, js: JetStreamContext, domain: str) -> None:
+        self._js = js
+        self._prefix = f"$JS.{domain}.API."
+
+    async def publish(self, subject: str, *args: Any, **kwargs: Any) -> Any:
+        if subject.startswith("$KV."):
+            subject = self._prefix + subject
+        return await self._js.publish(subject, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._js, name)
+
+
+def _writes_through(kv: KeyValue, want: KeyValueConfig, js: JetStreamContext, domain: str | None) -> KeyValue:
+    """The bucket's handle; with a JetStream domain (a client behind a leaf node), one whose writes
+    reach the hub."""
+    if domain is None:
+        return kv
+    context = cast(JetStreamContext, _DomainWrites(js, domain))
+    return KeyValue(
+        name=want.bucket,
+        stream=f"KV_{want.bucket}",
+        pre=f"$KV.{want.bucket}.",
+        js=context,
+        direct=bool(want.direct),
+    )
 
 
 def _check(

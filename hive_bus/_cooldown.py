@@ -2,8 +2,9 @@
 
 When a provider answers 429, the worker that got it writes ``until`` into the providers KV bucket under
 ``<provider>.<key>`` (compare-and-set, so a cooldown only ever grows). Every worker of that provider
-follows its keys with one core subscription on their KV subjects and does not use a cooling key until
-the time has passed: one 429 does not turn into N. A key the provider refused (401/403) is set aside
+follows its keys with one core subscription on their KV subjects (behind a leaf node, which passes no
+``$KV.>`` subject, a watch of the bucket instead) and does not use a cooling key until the time has
+passed: one 429 does not turn into N. A key the provider refused (401/403) is set aside
 the same way, for good, until an operator clears it (``hive keys --clear``). When no key is usable the
 worker stops fetching; tasks it already holds are handed back with the time left, and that wait does
 not use up their attempts.
@@ -12,7 +13,8 @@ not use up their attempts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Protocol
 
 import anyio
 import msgspec
@@ -45,12 +47,52 @@ class CooldownRecord(msgspec.Struct, frozen=True, kw_only=True, tag="cooldown.v1
 _decoder = msgspec.json.Decoder(CooldownRecord)
 
 
+class Updates(Protocol):
+    """A provider's key cooldowns as they change: (key, value) pairs, an empty value for a delete."""
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]: ...
+
+    async def unsubscribe(self) -> None: ...
+
+
+class _Subscribed:
+    """By a core subscription on the keys' subjects: no consumer, so a worker's credentials need none."""
+
+    def __init__(self, sub: Subscription) -> None:
+        self._sub = sub
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]:
+        async for msg in self._sub.messages:
+            yield msg.subject.rpartition(".")[2], msg.data
+
+    async def unsubscribe(self) -> None:
+        await self._sub.unsubscribe()
+
+
+class _Watched:
+    """By a watch of the bucket (an ordered consumer), which crosses a leaf link."""
+
+    def __init__(self, watcher: KeyValue.KeyWatcher) -> None:
+        self._watcher = watcher
+
+    async def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]:
+        async for entry in self._watcher:
+            if entry is not None:  # None: the values there were at the start have all come
+                yield entry.key.rpartition(".")[2], entry.value or b""
+
+    async def unsubscribe(self) -> None:
+        await self._watcher.stop()  # type: ignore[no-untyped-call]
+
+
 class KeyCooldowns:
     """The cooldowns of one provider's keys as this worker sees them, kept current by :meth:`follow`."""
 
-    def __init__(self, nc: NATS, kv: KeyValue, bucket: str, provider: str, keys: list[str]) -> None:
+    def __init__(
+        self, nc: NATS, kv: KeyValue, bucket: str, provider: str, keys: list[str], *, watch: bool = False
+    ) -> None:
         self._nc = nc
         self._kv = kv
+        self._watch = watch  # a KV watch (a consumer) instead of a core subscription
         self._subject = f"$KV.{bucket}.{provider}.*"
         self._provider = provider
         self.keys = keys
@@ -76,14 +118,18 @@ class KeyCooldowns:
     def all_refused(self) -> bool:
         return all((r := self.records.get(k)) is not None and r.refused for k in self.keys)
 
-    async def follow(self, sub: Subscription) -> None:
-        """Apply every update of the keys until cancelled (the subscription comes from :meth:`subscribe`)."""
-        async for msg in sub.messages:
-            self._apply(msg.subject.rpartition(".")[2], msg.data)
+    async def follow(self, updates: Updates) -> None:
+        """Apply every update of the keys until cancelled (the updates come from :meth:`subscribe`)."""
+        async for key, data in updates:
+            self._apply(key, data)
 
-    async def subscribe(self) -> Subscription:
+    async def subscribe(self) -> Updates:
         """Subscribe first, then read the current values, so no update falls between the two."""
-        sub = await self._nc.subscribe(self._subject)
+        sub: Updates
+        if self._watch:
+            sub = _Watched(await self._kv.watch(f"{self._provider}.*"))
+        else:
+            sub = _Subscribed(await self._nc.subscribe(self._subject))
         for key in self.keys:  # a direct get each: a worker's credentials need no consumer for this
             try:
                 entry = await self._kv.get(f"{self._provider}.{key}")

@@ -40,12 +40,19 @@ class Puller:
     """
 
     def __init__(
-        self, nc: NATS, stream: str, consumer: str, on_task: Callable[[], None] | None = None
+        self,
+        nc: NATS,
+        stream: str,
+        consumer: str,
+        on_task: Callable[[], None] | None = None,
+        *,
+        domain: str | None = None,
     ) -> None:
         self._nc = nc
         self._on_task = on_task  # told when a waiting request brings a task
         self.consumer = consumer
-        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        api = f"$JS.{domain}.API" if domain else "$JS.API"  # a domain: from behind a leaf node
+        self._subject = f"{api}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         # no-wait requests are answered on one inbox, waiting requests on another: a task that comes on
         # the second is the one a waiting request (of one task) asked for, which ends it
         self._inbox = nc.new_inbox()

@@ -67,6 +67,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # be before it counts as lost (a submission stores its queued event, then its task).
     audit_every_s: PositiveSeconds = 600.0
     audit_grace_s: PositiveSeconds = 60.0
+    # The hub's JetStream domain, for a process that reaches it through a NATS leaf node (a remote
+    # site's server; see nats/leaf.conf): JetStream requests and bucket writes then go by
+    # $JS.<domain>.API, which the leaf link passes on. None: connected to the hub or its cluster.
+    js_domain: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
     # Copies of each stream and bucket this process declares: 3 on a three-node cluster.
     replicas: Replicas = 1
     # Credentials (see _credentials.py): a user and password, an nkey seed file or a creds file, and

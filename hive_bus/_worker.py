@@ -159,8 +159,9 @@ class Worker:
         names = bus.names
         self.model: str | None = getattr(self._keys[0].provider, "default_model", None)
         self.cooldowns = KeyCooldowns(
-            bus.nc, bus.providers_kv, names.providers_bucket, options.provider, [k.name for k in self._keys]
-        )
+            bus.nc, bus.providers_kv, names.providers_bucket, options.provider, [k.name for k in self._keys],
+            watch=bus.settings.js_domain is not None,
+        )  # fmt: skip
         self.budgets = Budgets(bus.budgets_kv, options.provider, options.budget)
         backoff = Backoff(options.backoff_base_s, options.backoff_cap_s)
         self._settler = Settler(bus, self.id, self.cooldowns, options.prices or PriceTable(), backoff)
@@ -185,7 +186,10 @@ class Worker:
             return
         self._ack_wait_s = infos[0].config.ack_wait or bus.settings.ack_wait_s
         names = bus.names
-        pullers = [Puller(bus.nc, names.tasks_stream, info.name, on_task=self._ring) for info in infos]
+        domain = bus.settings.js_domain
+        pullers = [
+            Puller(bus.nc, names.tasks_stream, info.name, on_task=self._ring, domain=domain) for info in infos
+        ]
         for puller in pullers:
             await puller.start()
         high_sub = await bus.nc.subscribe(names.task_subject(opts.provider, "high"), cb=self._on_high)

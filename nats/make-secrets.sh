@@ -6,6 +6,7 @@
 # DIR (default: the directory of this script, /etc/nats on a Pi) gets, or has added to it:
 #   secrets.conf          NATS variables read by accounts.conf: GATEWAY_PASSWORD, ADMIN_PASSWORD,
 #                         WORKER_LOCAL_PASSWORD and WORKER_<NAME>_PASSWORD for each worker named here
+#   site-secrets.conf     SITE_PASSWORD, read by leafnodes.conf (remote sites' leaf nodes)
 #   passwords/<user>      the same password, alone on its line, for that client
 #                         (HIVE_NATS_PASSWORD_FILE=.../passwords/gateway)
 # Existing entries are kept, so run it again to add a worker. Both are readable by their owner only.
@@ -16,7 +17,7 @@ dir="$(dirname "$0")"
 while [ $# -gt 0 ]; do
     case "$1" in
         --dir) dir="${2:?--dir needs a directory}"; shift 2 ;;
-        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --*) echo "make-secrets: unknown option '$1' (see --help)" >&2; exit 2 ;;
         *) break ;;
     esac
@@ -32,13 +33,14 @@ mkdir -p "$dir/passwords"
 conf="$dir/secrets.conf"
 [ -f "$conf" ] || printf '# Passwords of the hub users (nats/make-secrets.sh). Keep this file secret.\n' >"$conf"
 
-add() { # add USER VARIABLE
-    if grep -q "^$2:" "$conf"; then
+add() { # add USER VARIABLE [CONF]
+    local into="${3:-$conf}"
+    if grep -q "^$2:" "$into"; then
         return
     fi
     local pw
     pw="$(openssl rand -hex 24)"
-    printf '%s: "%s"\n' "$2" "$pw" >>"$conf"
+    printf '%s: "%s"\n' "$2" "$pw" >>"$into"
     printf '%s\n' "$pw" >"$dir/passwords/$1"
     echo "made a password for $1: $dir/passwords/$1"
 }
@@ -46,6 +48,10 @@ add() { # add USER VARIABLE
 add gateway GATEWAY_PASSWORD
 add admin ADMIN_PASSWORD
 add local WORKER_LOCAL_PASSWORD
+# a NATS config may not hold a variable it never uses: the sites' password has a file of its own
+sites="$dir/site-secrets.conf"
+[ -f "$sites" ] || printf '# Password of the remote sites user (nats/make-secrets.sh). Keep this file secret.\n' >"$sites"
+add site SITE_PASSWORD "$sites"
 for name in "$@"; do
     add "$name" "WORKER_$(echo "$name" | tr 'a-z-' 'A-Z_')_PASSWORD"
 done

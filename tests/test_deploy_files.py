@@ -59,7 +59,9 @@ def test_every_file_compose_uses_is_in_the_repository_or_made_by_the_set_up_scri
         shutil.copytree(
             REPO / part,
             tmp_path / part,
-            ignore=shutil.ignore_patterns("certs", "secrets", "passwords", "secrets.conf"),
+            ignore=shutil.ignore_patterns(
+                "certs", "secrets", "passwords", "secrets.conf", "site-secrets.conf"
+            ),
         )
     shutil.copy(COMPOSE, tmp_path / "compose.yaml")
     # the README's set-up, in this copy
