@@ -7,7 +7,8 @@ then starts an echo worker to drain what was accepted; it ends every process it 
 - the rate of a trivial route of the same server, ``GET /healthz``: what the HTTP stack alone allows;
 - ``POST /v1/tasks``, one task a request: each answer a 202, given once JetStream stored the task;
 - ``POST /v1/tasks/batch`` with 100 tasks a request, in tasks per second;
-- the gateway's RSS after the runs;
+- the gateway's RSS after the runs, and its CPU time per task (per request for /healthz) in each run:
+  on a machine whose speed varies from run to run, a steadier figure than the rates;
 - then every accepted task is completed by the worker: nothing accepted was lost.
 
 The load generator is Debian's ``wrk``: written in C, one thread with keep-alive connections and a fixed
@@ -24,6 +25,7 @@ target.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import secrets
@@ -77,6 +79,12 @@ class Run:
     p50_ms: float
     p99_ms: float
     tasks_per_request: int = 0
+    gateway_cpu_s: float = 0.0  # CPU time the gateway process spent during the run
+
+    @property
+    def cpu_us_per_task(self) -> float:
+        """Gateway CPU per task (per request for a route that takes none)."""
+        return self.gateway_cpu_s / (self.requests * max(1, self.tasks_per_request)) * 1e6
 
     @property
     def per_s(self) -> float:
@@ -223,11 +231,17 @@ def verdict(ok: bool) -> str:
 def report(runs: dict[str, Run], rss_mb: float, outcome: tuple[int, int, int, int]) -> None:
     health, single, batch = runs["healthz"], runs["single"], runs["batch"]
     print(f"\nwrk, 1 thread, {CONNECTIONS} keep-alive connections; RSS in MB of 10^6 bytes")
-    print(f"{'':<28}{'requests/s':>12}{'tasks/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(
+        f"{'':<28}{'requests/s':>12}{'tasks/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+        f"{'gateway CPU/task':>18}"
+    )
     for run in runs.values():
         tasks = f"{run.tasks_per_s:,.0f}" if run.tasks_per_request else ""
         errors = run.bad_status + run.socket_errors
-        print(f"{run.name:<28}{run.per_s:>12,.0f}{tasks:>10}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}{errors:>8}")
+        print(
+            f"{run.name:<28}{run.per_s:>12,.0f}{tasks:>10}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}{errors:>8}"
+            f"{run.cpu_us_per_task:>15.0f} us"
+        )
     single_ratio = single.per_s / health.per_s
     batch_ratio = batch.tasks_per_s / single.tasks_per_s
     print()
@@ -269,10 +283,13 @@ def bench(server: NatsServer, store: Path, procs: list[subprocess.Popen[bytes]],
         "batch": f"POST /v1/tasks/batch ({BATCH})",
     }
     runs: dict[str, Run] = {}
+    gateway_process = psutil.Process(gateway.pid)
     for key in ("healthz", "single", "batch"):
         tasks = {"single": 1, "batch": BATCH}.get(key, 0)
         wrk(binary, url + paths[key], min(2.0, duration_s), lua[key], names[key], tasks)  # warm-up
-        runs[key] = wrk(binary, url + paths[key], duration_s, lua[key], names[key], tasks)
+        before = sum(gateway_process.cpu_times()[:2])
+        run = wrk(binary, url + paths[key], duration_s, lua[key], names[key], tasks)
+        runs[key] = dataclasses.replace(run, gateway_cpu_s=sum(gateway_process.cpu_times()[:2]) - before)
     rss_mb = float(psutil.Process(gateway.pid).memory_info().rss) / MB
     worker = [str(BIN / "hive"), "worker", "echo", "--concurrency", "128", *bus]
     procs.append(spawn(worker, store / "worker.log"))
