@@ -3,8 +3,8 @@
 nats-py's ``JetStreamContext.publish`` costs, per message, a fresh NUID and four random bytes for the
 reply token, an ``asyncio.wait_for`` and a stdlib ``json`` parse of the ack into a dataclass. On the
 gateway's POST path that was a large share of the CPU a task costs. This publisher keeps what matters
-(every publish waits for JetStream's ack, or fails within the timeout, and the ack must name the
-stream it was meant for) and does the rest once:
+(every publish waits for JetStream's ack, or fails within the timeout, and carries
+``Nats-Expected-Stream`` so that it can only be stored where it is meant to be) and does the rest once:
 one reply subscription per connection, tokens from a counter, one timer per publish, the ack decoded by
 a msgspec decoder built once.
 
@@ -97,7 +97,7 @@ class JetStreamPublisher:
         self._waiting.clear()
 
     async def send(
-        self, subject: str, data: bytes, headers: dict[str, str] | None, *, timed: bool = True
+        self, subject: str, data: bytes, headers: dict[str, str], *, timed: bool = True
     ) -> asyncio.Future[PubAck]:
         """Publish now; the future ends with the ack, :class:`PublishRefused`, :class:`NoStream`, or
         (when ``timed``) :class:`TimeoutError` after the timeout. Untimed, the caller bounds its wait
@@ -106,7 +106,7 @@ class JetStreamPublisher:
         return future
 
     async def send_many(
-        self, messages: Sequence[tuple[str, bytes, dict[str, str] | None]]
+        self, messages: Sequence[tuple[str, bytes, dict[str, str]]]
     ) -> list[asyncio.Future[PubAck]]:
         """Publish every ``(subject, data, headers)`` now, in order, in one write; their futures end as
         :meth:`send`'s do, untimed (one deadline for a whole batch is the caller's, instead of a timer
@@ -114,7 +114,7 @@ class JetStreamPublisher:
         return await self._send(messages, timed=False)
 
     async def _send(
-        self, messages: Sequence[tuple[str, bytes, dict[str, str] | None]], *, timed: bool
+        self, messages: Sequence[tuple[str, bytes, dict[str, str]]], *, timed: bool
     ) -> list[asyncio.Future[PubAck]]:
         if self._sub is None:
             raise RuntimeError("JetStreamPublisher.start() was not called")
@@ -137,9 +137,7 @@ class JetStreamPublisher:
             raise
         return futures
 
-    async def _write(
-        self, messages: Sequence[tuple[str, bytes, dict[str, str] | None]], replies: list[str]
-    ) -> None:
+    async def _write(self, messages: Sequence[tuple[str, bytes, dict[str, str]]], replies: list[str]) -> None:
         """The messages on the connection, in order. The protocol is written here (``HPUB <subject>
         <reply> <header bytes> <total bytes>``) and handed to the client's write buffer at once, below
         nats-py's public API; a client without that buffer, or one that is not connected (nats-py's own
@@ -158,14 +156,10 @@ class JetStreamPublisher:
         wire: list[bytes] = []
         out_bytes = 0
         for (subject, data, headers), reply in zip(messages, replies, strict=True):
-            if headers:
-                lines = "".join(f"{k}: {v.strip().translate(_NEWLINES)}\r\n" for k, v in headers.items())
-                hdr = _HEADER_LINE + lines.encode() + b"\r\n"
-                wire.append(f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(data)}\r\n".encode())
-                wire.append(hdr)
-            else:
-                wire.append(f"PUB {subject} {reply} {len(data)}\r\n".encode())
-            wire += (data, b"\r\n")
+            lines = "".join(f"{k}: {v.strip().translate(_NEWLINES)}\r\n" for k, v in headers.items())
+            hdr = _HEADER_LINE + lines.encode() + b"\r\n"
+            wire.append(f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(data)}\r\n".encode())
+            wire += (hdr, data, b"\r\n")
             out_bytes += len(data)
         await write(b"".join(wire))
         await flush()
@@ -210,7 +204,7 @@ async def stored(future: asyncio.Future[PubAck], stream: str) -> PubAck:
     """The ack of a publish to ``stream``, or the error that says what the caller can do about it:
     :class:`QueueFull` for a full stream, :class:`BusUnavailable` for everything else."""
     try:
-        ack = await future
+        return await future
     except PublishRefused as exc:
         if exc.err_code in _STREAM_FULL_CODES or "exceeded" in exc.description:
             raise QueueFull(
@@ -221,9 +215,3 @@ async def stored(future: asyncio.Future[PubAck], stream: str) -> PubAck:
         raise BusUnavailable(f"JetStream did not store the publish to {stream}: no stream answered") from None
     except TimeoutError as exc:
         raise BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}") from None
-    if ack.stream != stream:  # another stream took the subject (ours is gone): not on the bus
-        raise BusUnavailable(
-            f"the publish meant for the {stream} stream was stored in {ack.stream or 'no stream'}; "
-            "is the bus declared?"
-        )
-    return ack

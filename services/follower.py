@@ -4,12 +4,7 @@ A push subscription hands a process whatever the server sends: when the gateway 
 submissions), the events it follows for its metrics pile up in its memory, tens of megabytes at a
 time. Here an ephemeral pull consumer (no acks) is asked for ``batch`` messages at a time, and for the
 next batch once those are in: whatever the gateway has not reached yet waits in the stream, on the
-server. Each message costs one callback, with no per-message task or timer. Each request takes what
-is there and does not wait (``no_wait``); when it brought less than a batch, the next one goes
-``idle_s`` later. Messages then come in bursts: one socket read and one wake-up of the gateway for many
-of them, where an open request would hand them over one by one as they are stored, each costing a
-wake-up of its own between HTTP requests (with single submissions, that was a sixth of the gateway's
-CPU).
+server. Each message costs one callback, with no per-message task or timer.
 
 If the consumer is lost (a server restart, or it timed out while the connection was down), a new one
 starts just after the last message applied, so nothing is applied twice or skipped.
@@ -41,7 +36,7 @@ _pull_request = msgspec.json.Encoder()
 
 class Pull(msgspec.Struct, frozen=True):
     batch: int
-    no_wait: bool = True  # what is there now, then a status (404: nothing; 408: fewer than the batch)
+    expires: int  # nanoseconds
 
 
 class EventFollower:
@@ -57,15 +52,13 @@ class EventFollower:
         *,
         batch: int = 256,
         expires_s: float = 5.0,
-        idle_s: float = 0.25,
     ) -> None:
         self._bus = bus
         self._stream = stream
         self._subject = subject
         self._apply = apply
         self._batch = batch
-        self._expires_s = expires_s  # how long a pull may go unanswered before the consumer counts as gone
-        self._idle_s = idle_s
+        self._expires_s = expires_s
         self.next_seq = 0  # the next stream sequence to apply
         self._last_reply: str | None = None  # of the last message applied: it holds its sequence
         self._consumer_token = ""  # in the reply subject of each message of the current consumer
@@ -92,10 +85,7 @@ class EventFollower:
                     consumer = await self._consumer()
                     continue
                 pause_s = 1.0
-                alive = await self._pull(consumer, inbox)
-                if alive and self._received < self._batch:
-                    await anyio.sleep(self._idle_s)  # caught up: let the next ones gather
-                if not alive:
+                if not await self._pull(consumer, inbox):
                     log.warning(
                         "the %s consumer %s is gone; following again from %d",
                         self._stream,
@@ -132,10 +122,10 @@ class EventFollower:
         return info.name
 
     async def _pull(self, consumer: str, inbox: str) -> bool:
-        """Ask for a batch and apply what comes until it is full or the server says that was all. False when the consumer
+        """Ask for a batch and apply what comes until it is full or expires. False when the consumer
         no longer answers as it should."""
         self._received, self._status, self._answered = 0, None, anyio.Event()
-        request = _pull_request.encode(Pull(batch=self._batch))
+        request = _pull_request.encode(Pull(batch=self._batch, expires=int(self._expires_s * 1e9)))
         try:
             await self._bus.nc.publish(
                 f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{consumer}", request, reply=inbox
@@ -149,8 +139,8 @@ class EventFollower:
         self._advance()
         if not self._answered.is_set():
             return self._bus.nc.is_connected is False  # no answer while connected: it is gone
-        # 404: nothing new; 408: fewer messages than asked; anything else ended the consumer
-        return self._status in (None, "404", "408")
+        # 408: the request expired with fewer messages than asked; anything else ended the consumer
+        return self._status in (None, "408")
 
     def _advance(self) -> None:
         if self._last_reply is not None:
