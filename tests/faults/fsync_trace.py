@@ -1,7 +1,8 @@
 """What nats-server does on disk before it acks a publish, seen with ``strace`` attached to its pid.
 
 The trace keeps fsync/fdatasync calls (with ``-y``: the path of the file synced) and the writes to
-client sockets, where the publish acks appear as ``{"stream":"NAME","seq":N}``. A publish ack of a stream
+client sockets, where the publish acks appear as ``{"stream":"NAME","seq":N}`` (with a JetStream domain,
+``"domain":"hive"`` between the two). A publish ack of a stream
 counts as synced when an fsync of one of that stream's message blocks completed after the previous ack
 of the same stream and before this one.
 """
@@ -21,7 +22,10 @@ from pathlib import Path
 ATTACH_TIMEOUT_S = 20.0
 _LINE = re.compile(r"^(?P<pid>\d+)\s+\S+\s+(?P<rest>.*)$")
 _PATH = re.compile(r"^\w+\(\d+<(?P<path>[^>]*)>")
-_ACK = re.compile(r'\\"stream\\":\\"(?P<stream>[^\\"]+)\\",\\"seq\\":(?P<seq>\d+)')
+# {"stream":"NAME","seq":N}, or with the hub's JetStream domain {"stream":"NAME","domain":"hive","seq":N}
+_ACK = re.compile(
+    r'\\"stream\\":\\"(?P<stream>[^\\"]+)\\",(?:\\"domain\\":\\"[^\\"]*\\",)?\\"seq\\":(?P<seq>\d+)'
+)
 
 
 class TraceUnavailable(RuntimeError):
