@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import anyio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # for the provider fakes, which live with the tests
 
-from rate_limits import count_duplicate_completions, verdict  # noqa: E402  (beside this script)
+from rate_limits import count_duplicate_completions, stop, verdict  # noqa: E402  (beside this script)
 
 from hive_bus import Hive, TaskRequest, load_settings, open_bus  # noqa: E402
 from hive_bus._embedded import NatsServer  # noqa: E402
@@ -52,16 +51,6 @@ def start(
         subprocess.Popen(args, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(count)
     ]
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 async def wait_for_workers(hive: Hive, count: int) -> None:

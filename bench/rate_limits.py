@@ -91,13 +91,7 @@ async def one_run(
             completed = sum(outputs[t] == f"reply: {r.prompt}" for t, r in zip(ids, requests, strict=True))
             duplicates = await count_duplicate_completions(hive, "groq")
         finally:
-            for proc in procs:
-                proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop(procs)
     return Run(label, seconds, fakes.groq.rate_limited, fakes.groq.requests, completed, duplicates)
 
 
@@ -118,6 +112,17 @@ async def count_duplicate_completions(hive: Hive, provider: str = "*") -> int:
     finally:
         await sub.unsubscribe()
     return sum(n - 1 for n in seen.values() if n > 1)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """End the processes this script started, by their pid: SIGTERM (they drain), then SIGKILL."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def verdict(ok: bool) -> str:
