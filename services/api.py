@@ -34,7 +34,7 @@ from hive_bus._audit import AuditReport, StoreAudit
 from hive_bus._messages import TaskStatus, event_decoder, is_final, is_task_id, status_of
 from hive_bus._names import PROVIDER_PATTERN, is_valid_provider
 
-from .metrics import BusMetrics, UsageSince
+from .metrics import BusMetrics, UsageSince, lost_count
 
 MAX_WAIT_S = 300.0
 BATCH_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -419,9 +419,12 @@ async def audit_route(state: State) -> AuditStatus:
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
         raise BusUnavailable(f"could not read the tasks stream: {exc}") from None
     s = info.state
-    lost = len(s.lost.msgs or []) if s.lost is not None else 0
     figures = StreamState(
-        messages=s.messages, first_seq=s.first_seq, last_seq=s.last_seq, deleted=s.num_deleted or 0, lost=lost
+        messages=s.messages,
+        first_seq=s.first_seq,
+        last_seq=s.last_seq,
+        deleted=s.num_deleted or 0,
+        lost=lost_count(s),
     )
     return AuditStatus(every_s=audit.every_s, grace_s=audit.grace_s, last=audit.last, tasks_stream=figures)
 

@@ -36,6 +36,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
+from nats.js.api import StreamState
 from nats.js.kv import KeyValue
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -504,10 +505,12 @@ def _streams(bus: Bus) -> tuple[str, ...]:
 
 
 async def _lost_messages(bus: Bus, stream: str) -> int:
-    """How many messages the server says the stream lost (``state.lost``), 0 when it says none."""
-    info = await bus.js.stream_info(stream)
-    lost = info.state.lost
-    return len(lost.msgs or []) if lost is not None else 0
+    return lost_count((await bus.js.stream_info(stream)).state)
+
+
+def lost_count(state: StreamState) -> int:
+    """How many messages the server says a stream lost (``state.lost``), 0 when it says none."""
+    return len(state.lost.msgs or []) if state.lost is not None else 0
 
 
 async def _kv_values(kv: KeyValue, timeout_s: float) -> dict[str, bytes]:
