@@ -233,6 +233,34 @@ def dlq_stream_config(settings: Settings) -> StreamConfig:
     )
 
 
+def counters_stream_config(settings: Settings) -> StreamConfig:
+    names = settings.names
+    return StreamConfig(
+        name=names.counters_stream,
+        description="hive-bus counters: tasks accepted per provider",
+        subjects=[names.all_counters],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        # A counter's value is in its last message; the ones before it are history nobody reads.
+        max_msgs_per_subject=1,
+        allow_msg_counter=True,
+        allow_direct=True,
+        num_replicas=settings.replicas,
+    )
+
+
+async def ensure_counters_stream(js: JetStreamContext, settings: Settings) -> None:
+    """Create the counters stream if missing, or check it. Not part of :func:`declare_bus`: only the
+    processes that submit tasks or count them use it, and a worker's credential may not look at it."""
+    try:
+        await _ensure_stream(js, counters_stream_config(settings))
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+        raise BusUnavailable(
+            f"JetStream did not answer while declaring {settings.names.counters_stream}: {exc}"
+        ) from None
+
+
 def consumer_config(settings: Settings, provider: str, priority: str = "normal") -> ConsumerConfig:
     names = settings.names
     return ConsumerConfig(
@@ -271,11 +299,13 @@ async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
             "discard": (have.discard, want.discard),
             "subjects": (sorted(have.subjects or []), sorted(want.subjects or [])),
             "allow_direct": (bool(have.allow_direct), bool(want.allow_direct)),
+            "allow_msg_counter": (bool(have.allow_msg_counter), bool(want.allow_msg_counter)),
         },
         limits={
             "max_msgs": (have.max_msgs, want.max_msgs),
             "max_bytes": (have.max_bytes, want.max_bytes),
             "max_age": (have.max_age, want.max_age),
+            "max_msgs_per_subject": (have.max_msgs_per_subject, want.max_msgs_per_subject),
             "duplicate_window": (have.duplicate_window, want.duplicate_window),
             "num_replicas": (have.num_replicas, want.num_replicas),
         },

@@ -177,19 +177,23 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                     Worker(bus, keys, WorkerOptions(provider=name, prices=prices, budget=budgets.get(name)))
                     for name, keys in providers.items()
                 ]
-                gateway = Gateway(Hive(bus), GatewayOptions(host=host, port=port, tokens=tokens), sock=sock)
-                async with anyio.create_task_group() as tg:
-                    for worker in workers:
-                        await tg.start(worker.run)
-                    await tg.start(gateway.serve)
-                    click.echo(
-                        f"hive is up: gateway {gateway.url}, nats {server.url}, data {data}/, "
-                        f"workers: {', '.join(providers)}. Ctrl-C stops it."
-                    )
-                    await _until_stopped()
-                    gateway.stop()
-                    for worker in workers:
-                        worker.stop()
+                hive = Hive(bus)
+                gateway = Gateway(hive, GatewayOptions(host=host, port=port, tokens=tokens), sock=sock)
+                try:
+                    async with anyio.create_task_group() as tg:
+                        for worker in workers:
+                            await tg.start(worker.run)
+                        await tg.start(gateway.serve)
+                        click.echo(
+                            f"hive is up: gateway {gateway.url}, nats {server.url}, data {data}/, "
+                            f"workers: {', '.join(providers)}. Ctrl-C stops it."
+                        )
+                        await _until_stopped()
+                        gateway.stop()
+                        for worker in workers:
+                            worker.stop()
+                finally:
+                    await hive.close()
 
     _run(main)
 

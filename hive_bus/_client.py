@@ -30,6 +30,7 @@ from ulid import ULID
 
 from . import _dlq
 from ._bus import Bus, open_bus, redeclare_workers_bucket
+from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
 from ._errors import BusUnavailable, HiveError, QueueFull, TaskNotFound
 from ._messages import (
@@ -93,10 +94,15 @@ class Hive:
         self._router: CheapestRouter | None = None
         self._names = bus.names  # built once: it is on every submission's path
         self._publisher: JetStreamPublisher | None = None
+        self._submitted = SubmissionCounts(bus)
 
     @property
     def bus(self) -> Bus:
         return self._bus
+
+    async def close(self) -> None:
+        """Add the last accepted tasks to the bus's submission counters; :func:`connect` calls it."""
+        await self._submitted.close()
 
     async def submit(
         self,
@@ -145,8 +151,10 @@ class Hive:
         except QueueFull as exc:
             await self._record_rejection(task, str(exc))
             raise
-        if duplicate and not task_ack.duplicate:
-            await self._requeued(task)
+        if not task_ack.duplicate:
+            self._submitted.add(task.provider)
+            if duplicate:
+                await self._requeued(task)
         return Accepted(task.id, duplicate)
 
     async def submit_batch(self, requests: Sequence[TaskRequest]) -> list[Accepted | HiveError]:
@@ -182,6 +190,8 @@ class Hive:
             elif isinstance(task_ack, HiveError):
                 outcomes[i] = task_ack
             else:
+                if not task_ack.duplicate:
+                    self._submitted.add(tasks[i].provider)
                 if event_ack.duplicate and not task_ack.duplicate:
                     try:
                         await self._requeued(tasks[i])
@@ -507,4 +517,8 @@ async def connect(
     if settings is None:
         settings = load_settings(nats_url=url, **options)
     async with open_bus(settings, name="hive-client") as bus:
-        yield Hive(bus)
+        hive = Hive(bus)
+        try:
+            yield hive
+        finally:
+            await hive.close()

@@ -38,6 +38,8 @@ class Names:
     ``<prefix>.events.<provider>.<task id>.<status>.duplicate`` reports a final outcome that JetStream
     refused as a duplicate (a second worker finished a task already recorded): one token longer, so no
     reader of a task's events (``events_of``, ``final_events``) ever sees it;
+    ``<prefix>.counters.submitted.<provider>`` is the count of tasks accepted for a provider, kept by
+    ``<PREFIX>_COUNTERS``, a stream of JetStream counters (each publish adds its ``Nats-Incr``);
     ``<prefix>.dlq.<provider>.<task id>`` carries dead letters (a failed event with its task) into
     ``<PREFIX>_DLQ``;
     ``<prefix>_<provider>_<priority>`` are the durable pull consumers all workers of a provider share;
@@ -67,6 +69,10 @@ class Names:
     @property
     def dlq_stream(self) -> str:
         return f"{self.prefix.upper()}_DLQ"
+
+    @property
+    def counters_stream(self) -> str:
+        return f"{self.prefix.upper()}_COUNTERS"
 
     @property
     def workers_bucket(self) -> str:
@@ -105,6 +111,24 @@ class Names:
     @property
     def all_events(self) -> str:
         return f"{self.prefix}.events.>"
+
+    @property
+    def all_counters(self) -> str:
+        return f"{self.prefix}.counters.>"
+
+    def submitted_counter(self, provider: str) -> str:
+        return f"{self.prefix}.counters.submitted.{provider}"
+
+    @property
+    def submitted_counters(self) -> str:
+        return f"{self.prefix}.counters.submitted.*"
+
+    @property
+    def outcome_events(self) -> list[str]:
+        """The subject filters of the events that say how a run went (retries, final outcomes and
+        reports of duplicate ones): every event but ``queued``, ``running`` and ``moved``."""
+        ending = [f"{self.prefix}.events.*.*.{status}" for status in ("retrying", "completed", "failed")]
+        return [*ending, f"{self.prefix}.events.*.*.*.duplicate"]
 
     def task_subject(self, provider: str, priority: str = "normal") -> str:
         return f"{self.prefix}.tasks.{provider}.{priority}"

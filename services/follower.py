@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import anyio
 import msgspec
@@ -40,14 +40,14 @@ class Pull(msgspec.Struct, frozen=True):
 
 
 class EventFollower:
-    """Hands every message on ``subject`` of ``stream`` to ``apply(subject, data)``, in stream order,
-    from the moment :meth:`run` starts."""
+    """Hands every message of ``stream`` on one of ``subjects`` (filters) to ``apply(subject, data)``,
+    in stream order, from the moment :meth:`run` starts."""
 
     def __init__(
         self,
         bus: Bus,
         stream: str,
-        subject: str,
+        subjects: Sequence[str],
         apply: Callable[[str, bytes], None],
         *,
         batch: int = 256,
@@ -55,7 +55,7 @@ class EventFollower:
     ) -> None:
         self._bus = bus
         self._stream = stream
-        self._subject = subject
+        self._subjects = list(subjects)
         self._apply = apply
         self._batch = batch
         self._expires_s = expires_s
@@ -105,7 +105,7 @@ class EventFollower:
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=self.next_seq,
             ack_policy=AckPolicy.NONE,
-            filter_subject=self._subject,
+            filter_subjects=self._subjects,
             inactive_threshold=max(30.0, 4 * self._expires_s),
             mem_storage=True,
             num_replicas=1,

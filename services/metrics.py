@@ -3,15 +3,20 @@
 :class:`BusMetrics` keeps two kinds of figures in a registry of its own (never the process-wide
 default one, so several gateways, or tests, can live in one process):
 
-- counters and histograms, from every task event on the events stream, followed from the moment it
-  starts (a batch at a time, resumed after the last event seen if its consumer is lost; see
-  :mod:`services.follower`): submissions, completions by model, failures and retries by reason,
-  rate-limit waits, tokens, cost, and the queue-wait, call and end-to-end times of completed tasks.
+- counters and histograms, from the events that say how a run went (retries, final outcomes, reports
+  of duplicate ones) on the events stream, followed from the moment it starts (a batch at a time,
+  resumed after the last event seen if its consumer is lost; see :mod:`services.follower`):
+  completions by model, failures and retries by reason, rate-limit waits, tokens, cost, and the
+  queue-wait, call and end-to-end times of completed tasks. ``queued`` and ``running`` events, one
+  each per task, are not read: submissions are counted apart (below).
   A task's final event is stored once by JetStream (``Nats-Msg-Id: <id>:final``); a bounded set of
   recently seen task ids also keeps a final event seen twice from counting twice. The final outcomes
   JetStream refused as duplicates (a provider call made for a task already finished) are reported by
   their workers on the events stream (``hive_bus._duplicates``) and counted apart;
-- gauges, read every ``refresh_s`` seconds: each provider's queue (its durable consumer's pending and
+- submissions, from the bus's submission counters (:mod:`hive_bus._counts`, which every submitter
+  adds to), as they have grown since following began;
+- gauges, read every ``refresh_s`` seconds (and on a scrape, when the last read is older than
+  :data:`SCRAPE_MAX_AGE_S`), like the submission counters: each provider's queue (its durable consumer's pending and
   ack-pending counts, or the stream's own count for a provider no worker has served yet), workers
   whose heartbeat has not expired (draining ones included), and the seconds left of each provider's
   cooldown, and the messages each stream has lost (the ``lost`` of its state, when JetStream reports
@@ -39,12 +44,13 @@ from anyio.abc import TaskStatus
 from nats.js.api import StreamState
 from nats.js.kv import KeyValue
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hive_bus import Bus, WorkerBeat
 from hive_bus._budget import Ledger, ledgers
-from hive_bus._bus import redeclare_workers_bucket
+from hive_bus._bus import ensure_counters_stream, redeclare_workers_bucket
 from hive_bus._cooldown import decode_records, provider_cooldowns
+from hive_bus._counts import submitted_counts
 from hive_bus._duplicates import duplicate_decoder
 from hive_bus._messages import Completed, Failed, Retrying, beat_decoder, event_decoder, now_ms
 from hive_bus._stats import QueueDepth, queue_depths
@@ -61,7 +67,8 @@ WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 30
 MAX_PROVIDERS = 1000  # distinct provider label values; beyond, "other"
 MAX_MODELS_PER_PROVIDER = 100  # distinct model label values per provider; beyond, "other"
 MAX_LABEL_CHARS = 128
-RECENT_IDS = 20_000  # task ids remembered to keep a repeated final (or queued) event from counting twice
+RECENT_IDS = 20_000  # task ids remembered to keep a repeated final event from counting twice
+SCRAPE_MAX_AGE_S = 1.0  # a scrape reads the bus again when the figures are older than this
 OTHER = "other"
 UNKNOWN_MODEL = "unknown"
 
@@ -84,6 +91,7 @@ class _Snapshot:
     budget_used: dict[tuple[str, ...], float] = field(default_factory=dict)
     budget_limit: dict[tuple[str, ...], float] = field(default_factory=dict)
     lost: dict[str, int] = field(default_factory=dict)  # by stream name
+    submitted: dict[str, int] = field(default_factory=dict)  # since following began
     at_s: float | None = None  # unix time of the refresh
 
 
@@ -123,6 +131,12 @@ class _Gauges:
 
     def collect(self) -> Iterable[Metric]:
         snap = self.snapshot
+        submitted = CounterMetricFamily(
+            "hive_tasks_submitted", "Tasks accepted onto the bus.", labels=["provider"]
+        )
+        for provider, count in sorted(snap.submitted.items()):
+            submitted.add_metric([provider], float(count))
+        yield submitted
         specs: list[tuple[str, str, dict[str, int] | dict[str, float]]] = [
             (
                 "hive_queue_pending",
@@ -195,12 +209,10 @@ class BusMetrics:
         self._models: dict[str, set[str]] = {}
         self._usage: dict[tuple[str, str], _UsageTotals] = {}  # by provider and model label
         self._since_ms = 0  # when following began
+        self._submitted_before: dict[str, int] = {}  # the submission counters when following began
 
         self._registry = CollectorRegistry(auto_describe=True)
         r = self._registry
-        self._submitted = Counter(
-            "hive_tasks_submitted", "Tasks accepted onto the bus.", ["provider"], registry=r
-        )
         self._completed = Counter(
             "hive_tasks_completed",
             "Tasks completed, by the model that answered.",
@@ -304,14 +316,20 @@ class BusMetrics:
         async with anyio.create_task_group() as tg:
             self._since_ms = now_ms()
             bus = self._bus
-            follower = EventFollower(bus, bus.names.events_stream, bus.names.all_events, self._observe)
+            await ensure_counters_stream(bus.js, bus.settings)
+            self._submitted_before = await submitted_counts(bus)
+            follower = EventFollower(bus, bus.names.events_stream, bus.names.outcome_events, self._observe)
             await tg.start(follower.run)
             tg.start_soon(self._refresh_loop)
             task_status.started()
 
-    async def refresh(self) -> None:
-        """Read the gauges' figures from the bus now; on failure, log a warning and keep the last ones."""
+    async def refresh(self, *, max_age_s: float = 0.0) -> None:
+        """Read the gauges' figures from the bus now (unless read within ``max_age_s``); on failure, log
+        a warning and keep the last ones."""
         async with self._refresh_lock:
+            last = self._gauges.snapshot.at_s
+            if max_age_s > 0 and last is not None and time.time() - last < max_age_s:
+                return
             try:
                 with anyio.fail_after(max(self._refresh_s, 2 * self._bus.settings.request_timeout_s)):
                     snapshot = await self._read_gauges()
@@ -327,12 +345,6 @@ class BusMetrics:
     def _observe(self, subject: str, data: bytes) -> None:
         if self._bus.names.is_duplicate_report(subject):
             self._observe_duplicate(data)
-            return
-        tokens = subject.split(".")  # <prefix>.events.<provider>.<task id>.<status>
-        if len(tokens) == 5 and tokens[4] == "queued":
-            # The most frequent event, and the largest (it holds the whole task): its subject says it all.
-            if self._first_time(f"{tokens[3]}:queued"):
-                self._submitted.labels(self._provider_label(tokens[2])).inc()
             return
         try:
             event = event_decoder.decode(data)
@@ -441,6 +453,7 @@ class BusMetrics:
         cooldown_values = await _kv_values(bus.providers_kv, bus.settings.request_timeout_s)
         cooldowns = provider_cooldowns(cooldown_values, beats)
         lost = {stream: await _lost_messages(bus, stream) for stream in _streams(bus)}
+        counted = await submitted_counts(bus)
 
         pending: dict[str, int] = {}
         ack_pending: dict[str, int] = {}
@@ -454,6 +467,12 @@ class BusMetrics:
             lost=lost,
             at_s=time.time(),
         )
+        for provider, count in counted.items():
+            before = self._submitted_before.get(provider, 0)
+            if count < before:  # the counters stream was made anew
+                before = self._submitted_before[provider] = 0
+            label = self._provider_label(provider)
+            snap.submitted[label] = snap.submitted.get(label, 0) + count - before
         providers = set(depths) | {b.provider for b in beats} | set(cooldowns)
         for provider in providers:
             label = self._provider_label(provider)

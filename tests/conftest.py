@@ -63,5 +63,7 @@ async def bus(settings: Settings) -> AsyncIterator[Bus]:
 
 
 @pytest.fixture
-def hive(bus: Bus) -> Hive:
-    return Hive(bus)
+async def hive(bus: Bus) -> AsyncIterator[Hive]:
+    client = Hive(bus)
+    yield client
+    await client.close()

@@ -352,11 +352,14 @@ async def test_metrics_are_served_in_prometheus_format(stack: Stack) -> None:
             await stack.http.get(f"/v1/tasks/{r.json()['id']}", params={"wait": 10})
 
         async def counted() -> str | None:
+            # completions come from the events as they are stored, submissions from the counters as
+            # a scrape reads them (at most a second old)
             text = (await stack.http.get("/metrics")).text
-            return text if 'hive_tasks_completed_total{model="echo",provider="echo"} 2.0' in text else None
+            done = 'hive_tasks_completed_total{model="echo",provider="echo"} 2.0' in text
+            return text if done and 'hive_tasks_submitted_total{provider="echo"} 2.0' in text else None
 
-        text = await eventually(counted, 10, "the completions in /metrics")
-    assert 'hive_tasks_submitted_total{provider="echo"} 2.0' in text
+        text = await eventually(counted, 10, "the submissions and completions in /metrics")
+    assert 'hive_tasks_failed_total{provider="echo"' not in text
     r = await stack.http.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain")
 
