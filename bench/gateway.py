@@ -7,9 +7,15 @@ then starts an echo worker to drain what was accepted; it ends every process it 
 - the rate of a trivial route of the same server, ``GET /healthz``: what the HTTP stack alone allows;
 - ``POST /v1/tasks``, one task a request: each answer a 202, given once JetStream stored the task;
 - ``POST /v1/tasks/batch`` with 100 tasks a request, in tasks per second;
-- the gateway's RSS after the runs, and its CPU time per task (per request for /healthz) in each run:
-  on a machine whose speed varies from run to run, a steadier figure than the rates;
+- the gateway's RSS after the runs, and its CPU time per task (per request for /healthz) in each run;
 - then every accepted task is completed by the worker: nothing accepted was lost.
+
+The three runs are made in turn, several rounds of them, and each ratio is taken within a round, then
+the median of the rounds is the figure: this machine's speed drifts over a minute by more than the
+differences measured, and a drift between a run and the one it is compared with would count as one.
+A run lasts until the gateway has done all of its work, not just until wrk stops: what the gateway does
+after the last answer (the metrics follower catching up with the events of the run) is time the run
+took, and is added to its duration (the gateway's CPU time from wrk's end until it is idle again).
 
 The load generator is Debian's ``wrk``: written in C, one thread with keep-alive connections and a fixed
 concurrency, in a process of its own. It needs a small fraction of a core for these rates, so on a
@@ -31,6 +37,7 @@ import os
 import secrets
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +58,7 @@ CONNECTIONS = 16  # requests in flight at once, over keep-alive connections
 BATCH = 100  # tasks per batch request
 BIN, REPO = Path(sys.executable).parent, Path(__file__).resolve().parent.parent
 MB = 1e6  # RSS in MB of 10^6 bytes
-DRAIN_S = 120.0  # at most, for the worker to complete what was accepted
+DRAIN_S = 300.0  # at most, for the worker to complete what was accepted
 
 # wrk runs this in each of its threads: the request (method, body, headers) and, at the end, a summary
 # as one line of JSON on stdout.
@@ -79,7 +86,8 @@ class Run:
     p50_ms: float
     p99_ms: float
     tasks_per_request: int = 0
-    gateway_cpu_s: float = 0.0  # CPU time the gateway process spent during the run
+    gateway_cpu_s: float = 0.0  # CPU time the gateway process spent during the run, catch-up included
+    catch_up_s: float = 0.0  # the gateway's CPU time after wrk's end, until it was idle
 
     @property
     def cpu_us_per_task(self) -> float:
@@ -88,7 +96,7 @@ class Run:
 
     @property
     def per_s(self) -> float:
-        return self.requests / self.duration_s
+        return self.requests / (self.duration_s + self.catch_up_s)
 
     @property
     def tasks_per_s(self) -> float:
@@ -228,23 +236,54 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def report(runs: dict[str, Run], rss_mb: float, outcome: tuple[int, int, int, int]) -> None:
-    health, single, batch = runs["healthz"], runs["single"], runs["batch"]
+def combined(runs: list[Run]) -> Run:
+    """The runs of one route over every round, as one run (p50 and p99: the median of the rounds')."""
+    return Run(
+        name=runs[0].name,
+        requests=sum(r.requests for r in runs),
+        duration_s=sum(r.duration_s for r in runs),
+        bad_status=sum(r.bad_status for r in runs),
+        socket_errors=sum(r.socket_errors for r in runs),
+        p50_ms=statistics.median(r.p50_ms for r in runs),
+        p99_ms=statistics.median(r.p99_ms for r in runs),
+        tasks_per_request=runs[0].tasks_per_request,
+        gateway_cpu_s=sum(r.gateway_cpu_s for r in runs),
+        catch_up_s=sum(r.catch_up_s for r in runs),
+    )
+
+
+def report(rounds: list[dict[str, Run]], rss_mb: float, outcome: tuple[int, int, int, int]) -> None:
     print(f"\nwrk, 1 thread, {CONNECTIONS} keep-alive connections; RSS in MB of 10^6 bytes")
     print(
-        f"{'':<28}{'requests/s':>12}{'tasks/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-        f"{'gateway CPU/task':>18}"
+        f"{'round':<7}{'/healthz req/s':>16}{'POST req/s':>12}{'batch tasks/s':>15}{'catch-up s':>12}"
+        f"{'POST/healthz':>14}{'batch/single':>14}"
     )
-    for run in runs.values():
+    single_ratios, batch_ratios = [], []
+    for i, runs in enumerate(rounds, 1):
+        health, single, batch = runs["healthz"], runs["single"], runs["batch"]
+        single_ratios.append(single.per_s / health.per_s)
+        batch_ratios.append(batch.tasks_per_s / single.tasks_per_s)
+        catch_up = " ".join(f"{r.catch_up_s:.2f}" for r in runs.values())
+        print(
+            f"{i:<7}{health.per_s:>16,.0f}{single.per_s:>12,.0f}{batch.tasks_per_s:>15,.0f}{catch_up:>12}"
+            f"{single_ratios[-1]:>14.2f}{batch_ratios[-1]:>13.2f}x"
+        )
+    print()
+    print(
+        f"{'all rounds':<28}{'requests/s':>12}{'tasks/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+        f"{'catch-up s':>12}{'gateway CPU/task':>18}"
+    )
+    totals = [combined([runs[key] for runs in rounds]) for key in ("healthz", "single", "batch")]
+    for run in totals:
         tasks = f"{run.tasks_per_s:,.0f}" if run.tasks_per_request else ""
         errors = run.bad_status + run.socket_errors
         print(
             f"{run.name:<28}{run.per_s:>12,.0f}{tasks:>10}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}{errors:>8}"
-            f"{run.cpu_us_per_task:>15.0f} us"
+            f"{run.catch_up_s:>12.2f}{run.cpu_us_per_task:>15.0f} us"
         )
-    single_ratio = single.per_s / health.per_s
-    batch_ratio = batch.tasks_per_s / single.tasks_per_s
-    print()
+    single_ratio = statistics.median(single_ratios)
+    batch_ratio = statistics.median(batch_ratios)
+    print(f"\nmedians of {len(rounds)} rounds")
     print(
         f"single POST / GET /healthz      {single_ratio:6.2f}   target >= 0.60   {verdict(single_ratio >= 0.6)}"
     )
@@ -252,7 +291,7 @@ def report(runs: dict[str, Run], rss_mb: float, outcome: tuple[int, int, int, in
         f"batch tasks/s / single tasks/s  {batch_ratio:6.2f}x  target >= 5x     {verdict(batch_ratio >= 5)}"
     )
     print(f"gateway RSS after the runs      {rss_mb:6.1f}   target <= 80 MB  {verdict(rss_mb <= 80)}")
-    errors = sum(r.bad_status + r.socket_errors for r in runs.values())
+    errors = sum(r.bad_status + r.socket_errors for r in totals)
     print(f"error answers or socket errors  {errors:6d}   target 0         {verdict(errors == 0)}")
     accepted, completed, failed, left = outcome
     whole = completed == accepted and not failed and not left
@@ -262,7 +301,25 @@ def report(runs: dict[str, Run], rss_mb: float, outcome: tuple[int, int, int, in
     )
 
 
-def bench(server: NatsServer, store: Path, procs: list[subprocess.Popen[bytes]], duration_s: float) -> None:
+def cpu_s(process: psutil.Process) -> float:
+    return float(sum(process.cpu_times()[:2]))
+
+
+def catch_up(process: psutil.Process, timeout_s: float = 60.0) -> float:
+    """The gateway's CPU seconds from now until it is idle (under 5 % of a core over 0.2 s)."""
+    start = cpu_s(process)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = cpu_s(process)
+        time.sleep(0.2)
+        if cpu_s(process) - before < 0.01:
+            return before - start
+    return cpu_s(process) - start
+
+
+def bench(
+    server: NatsServer, store: Path, procs: list[subprocess.Popen[bytes]], rounds: int, duration_s: float
+) -> None:
     binary = find_wrk()
     if binary is None:
         print("FAIL: wrk is not installed and this user cannot install it: apt-get install wrk (Debian)")
@@ -282,24 +339,33 @@ def bench(server: NatsServer, store: Path, procs: list[subprocess.Popen[bytes]],
         "single": "POST /v1/tasks",
         "batch": f"POST /v1/tasks/batch ({BATCH})",
     }
-    runs: dict[str, Run] = {}
-    gateway_process = psutil.Process(gateway.pid)
-    for key in ("healthz", "single", "batch"):
-        tasks = {"single": 1, "batch": BATCH}.get(key, 0)
-        wrk(binary, url + paths[key], min(2.0, duration_s), lua[key], names[key], tasks)  # warm-up
-        before = sum(gateway_process.cpu_times()[:2])
-        run = wrk(binary, url + paths[key], duration_s, lua[key], names[key], tasks)
-        runs[key] = dataclasses.replace(run, gateway_cpu_s=sum(gateway_process.cpu_times()[:2]) - before)
-    rss_mb = float(psutil.Process(gateway.pid).memory_info().rss) / MB
+    tasks = {"healthz": 0, "single": 1, "batch": BATCH}
+    process = psutil.Process(gateway.pid)
+    for key in paths:  # warm-up
+        wrk(binary, url + paths[key], 2.0, lua[key], names[key], tasks[key])
+        catch_up(process)
+    measured: list[dict[str, Run]] = []
+    for i in range(rounds):
+        runs: dict[str, Run] = {}
+        for key in paths:
+            before = cpu_s(process)
+            run = wrk(binary, url + paths[key], duration_s, lua[key], names[key], tasks[key])
+            during = cpu_s(process) - before
+            after = catch_up(process)
+            runs[key] = dataclasses.replace(run, gateway_cpu_s=during + after, catch_up_s=after)
+        measured.append(runs)
+        print(f"round {i + 1} of {rounds} done", flush=True)
+    rss_mb = float(process.memory_info().rss) / MB
     worker = [str(BIN / "hive"), "worker", "echo", "--concurrency", "128", *bus]
     procs.append(spawn(worker, store / "worker.log"))
     outcome = anyio.run(drained, server.url, prefix)
-    report(runs, rss_mb, outcome)
+    report(measured, rss_mb, outcome)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="the gateway's HTTP rates: /healthz, single and batch POSTs")
-    parser.add_argument("--duration-s", type=float, default=10.0, help="of each measured run")
+    parser.add_argument("--rounds", type=int, default=3, help="of the three runs, one after the other")
+    parser.add_argument("--duration-s", type=float, default=4.0, help="of each measured run")
     args = parser.parse_args()
     store = Path(tempfile.mkdtemp(prefix="hive-bench-gateway-"))
     server = NatsServer(store / "nats", host="127.0.0.1", port=0)
@@ -307,7 +373,7 @@ def main() -> None:
     finished = False
     server.start()
     try:
-        bench(server, store, procs, args.duration_s)
+        bench(server, store, procs, args.rounds, args.duration_s)
         finished = True
     finally:
         for proc in reversed(procs):
