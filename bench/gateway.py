@@ -255,7 +255,7 @@ def combined(runs: list[Run]) -> Run:
 def report(rounds: list[dict[str, Run]], rss_mb: float, outcome: tuple[int, int, int, int]) -> None:
     print(f"\nwrk, 1 thread, {CONNECTIONS} keep-alive connections; RSS in MB of 10^6 bytes")
     print(
-        f"{'round':<7}{'/healthz req/s':>16}{'POST req/s':>12}{'batch tasks/s':>15}{'catch-up s':>12}"
+        f"{'round':<7}{'/healthz req/s':>16}{'POST req/s':>12}{'batch tasks/s':>15}{'catch-up s':>18}"
         f"{'POST/healthz':>14}{'batch/single':>14}"
     )
     single_ratios, batch_ratios = [], []
@@ -265,7 +265,7 @@ def report(rounds: list[dict[str, Run]], rss_mb: float, outcome: tuple[int, int,
         batch_ratios.append(batch.tasks_per_s / single.tasks_per_s)
         catch_up = " ".join(f"{r.catch_up_s:.2f}" for r in runs.values())
         print(
-            f"{i:<7}{health.per_s:>16,.0f}{single.per_s:>12,.0f}{batch.tasks_per_s:>15,.0f}{catch_up:>12}"
+            f"{i:<7}{health.per_s:>16,.0f}{single.per_s:>12,.0f}{batch.tasks_per_s:>15,.0f}{catch_up:>18}"
             f"{single_ratios[-1]:>14.2f}{batch_ratios[-1]:>13.2f}x"
         )
     print()

@@ -13,7 +13,6 @@ Publishing the event first also means a task's ``queued`` event always precedes 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -48,7 +47,7 @@ from ._messages import (
     now_ms,
 )
 from ._prices import PriceTable
-from ._publish import JetStreamPublisher, PubAck, stored
+from ._publish import JetStreamPublisher, PubAck, Publish, stored
 from ._route import CheapestRouter
 from ._settings import Settings, load_settings
 from ._stats import ProviderStats, provider_stats
@@ -368,15 +367,14 @@ class Hive:
 
     # -----------------------------------------------------------------------------------------------
 
-    # One publish is (subject, data, Nats-Msg-Id or None, stream).
-    def _queued_event(self, task: Task, key: str | None) -> tuple[str, bytes, str | None, str]:
+    def _queued_event(self, task: Task, key: str | None) -> Publish:
         names = self._names
         queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
         # De-duplication only means something for a key: a fresh task id is never submitted twice.
         subject = names.event_subject(task.provider, task.id, "queued")
         return subject, encoder.encode(queued), f"key:{key}" if key else None, names.events_stream
 
-    def _task_message(self, task: Task, key: str | None) -> tuple[str, bytes, str | None, str]:
+    def _task_message(self, task: Task, key: str | None) -> Publish:
         names = self._names
         return (
             names.task_subject(task.provider, task.priority),
@@ -401,60 +399,29 @@ class Hive:
         await self._publish(subject, encoder.encode(fresh), None, names.events_stream)
 
     async def _publish(self, subject: str, data: bytes, msg_id: str | None, stream: str) -> PubAck:
-        return await stored(await self._send(subject, data, msg_id, stream), stream)
+        [outcome] = await self._publish_all([(subject, data, msg_id, stream)])
+        if isinstance(outcome, HiveError):
+            raise outcome
+        return outcome
 
-    async def _publish_all(
-        self, messages: list[tuple[str, bytes, str | None, str]]
-    ) -> list[PubAck | HiveError]:
-        """Every message on the wire first, then every ack (one deadline for them all): each one's
-        ack, or why it was not stored."""
-        sent: list[asyncio.Future[PubAck] | HiveError] = []
+    async def _publish_all(self, messages: list[Publish]) -> list[PubAck | HiveError]:
+        """Every message on the wire in one write, then every ack (one deadline for them all): each
+        one's ack, or why it was not stored."""
+        timeout_s = self._bus.settings.request_timeout_s
         try:
-            try:
-                publisher = await self._js_publisher()
-                wire = [
-                    (subject, data, _headers(msg_id, stream)) for subject, data, msg_id, stream in messages
-                ]
-                sent.extend(await publisher.send_many(wire))
-            except (nats.errors.Error, OSError) as exc:
-                sent = [
-                    BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}")
-                    for _, _, _, stream in messages
-                ]
-            with anyio.move_on_after(self._bus.settings.request_timeout_s):
-                for future in sent:  # most are done by now; awaiting them in turn costs no callbacks
-                    if isinstance(future, asyncio.Future) and not future.done():
-                        with contextlib.suppress(Exception):  # read below, with the others
-                            await future
-            results: list[PubAck | HiveError] = []
-            for future, (_, _, _, stream) in zip(sent, messages, strict=True):
-                if isinstance(future, HiveError):
-                    results.append(future)
-                elif future.cancelled():  # no ack in time
-                    timeout_s = self._bus.settings.request_timeout_s
-                    results.append(
-                        BusUnavailable(
-                            f"JetStream did not store the publish to {stream}: no acknowledgement within {timeout_s:g}s"
-                        )
-                    )
-                else:
-                    try:
-                        results.append(await stored(future, stream))
-                    except HiveError as exc:
-                        results.append(exc)
-            return results
-        finally:  # cancelled half way: no ack is waited for any more
-            for future in sent:
-                if isinstance(future, asyncio.Future) and not future.done():
-                    future.cancel()
-
-    async def _send(
-        self, subject: str, data: bytes, msg_id: str | None, stream: str
-    ) -> asyncio.Future[PubAck]:
-        try:
-            return await (await self._js_publisher()).send(subject, data, _headers(msg_id, stream))
+            outcomes = await (await self._js_publisher()).publish(messages)
         except (nats.errors.Error, OSError) as exc:
-            raise BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}") from None
+            return [
+                BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}")
+                for _, _, _, stream in messages
+            ]
+        results: list[PubAck | HiveError] = []
+        for outcome, (_, _, _, stream) in zip(outcomes, messages, strict=True):
+            try:
+                results.append(stored(outcome, stream, timeout_s))
+            except HiveError as exc:
+                results.append(exc)
+        return results
 
     async def _js_publisher(self) -> JetStreamPublisher:
         if self._publisher is None:
@@ -490,14 +457,6 @@ class Hive:
             )
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.warning("could not record the rejection of task %s: %s", task.id, exc)
-
-
-def _headers(msg_id: str | None, stream: str) -> dict[str, str]:
-    """A submission publish's headers: stored only in ``stream``, and de-duplicated by ``msg_id``."""
-    headers = {"Nats-Expected-Stream": stream}
-    if msg_id:
-        headers["Nats-Msg-Id"] = msg_id
-    return headers
 
 
 async def _unsubscribe(sub: Any) -> None:

@@ -5,21 +5,19 @@ reply token, an ``asyncio.wait_for`` and a stdlib ``json`` parse of the ack into
 gateway's POST path that was a large share of the CPU a task costs. This publisher keeps what matters
 (every publish waits for JetStream's ack, or fails within the timeout, and carries
 ``Nats-Expected-Stream`` so that it can only be stored where it is meant to be) and does the rest once:
-one reply subscription per connection, tokens from a counter, one timer per publish, the ack decoded by
-a msgspec decoder built once.
+one reply subscription per connection, tokens from a counter, the ack decoded by a msgspec decoder built
+once, and for each call, however many messages it publishes, one future and one timer.
 
-:meth:`JetStreamPublisher.send` puts the message on the wire and returns the ack's future without
-waiting, so several publishes can be in flight at once; their order on the wire is the order of the
-calls. :meth:`JetStreamPublisher.send_many` does the same for a whole batch in one write. Both write
-the protocol themselves: nats-py's ``publish`` costs about 17 µs a message (subject checks, header
-encoding, a write-buffer append and a flusher wake-up each), a third of what a task in a batch cost.
+:meth:`JetStreamPublisher.publish` writes a call's messages to the connection in one piece, in order,
+then waits for all their answers together. It writes the protocol itself: nats-py's ``publish`` costs
+about 17 µs a message (subject checks, header encoding, a write-buffer append and a flusher wake-up
+each), a third of what a task in a batch cost; the header block of each stream is encoded once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 from collections.abc import Sequence
 
@@ -73,6 +71,30 @@ class NoStream(Exception):
     """No stream took the subject: nothing answered the publish."""
 
 
+# One submission publish: subject, data, Nats-Msg-Id (or None) and the one stream that may store it.
+Publish = tuple[str, bytes, str | None, str]
+# What became of it: the ack, the server's refusal, or None when no answer came in time.
+Outcome = PubAck | PublishRefused | NoStream | None
+
+
+class _Acks:
+    """The answers to one call's publishes, in order; ``done`` once all came or time is up."""
+
+    __slots__ = ("done", "left", "outcomes", "tokens")
+
+    def __init__(self, done: asyncio.Future[None], tokens: list[str]) -> None:
+        self.done = done
+        self.tokens = tokens
+        self.outcomes: list[Outcome] = [None] * len(tokens)
+        self.left = len(tokens)
+
+    def answer(self, index: int, outcome: Outcome) -> None:
+        self.outcomes[index] = outcome
+        self.left -= 1
+        if not self.left and not self.done.done():
+            self.done.set_result(None)
+
+
 class JetStreamPublisher:
     """Publishes to JetStream over one connection; start with :meth:`start` once connected."""
 
@@ -80,9 +102,10 @@ class JetStreamPublisher:
         self._nc = nc
         self._timeout_s = timeout_s
         self._tokens = itertools.count()
-        self._waiting: dict[str, asyncio.Future[PubAck]] = {}
+        self._waiting: dict[str, tuple[_Acks, int]] = {}
         self._prefix = ""
         self._sub: Subscription | None = None
+        self._header_lines: dict[str, bytes] = {}  # by stream: the header block up to the Nats-Msg-Id
 
     async def start(self) -> None:
         self._prefix = f"{self._nc.new_inbox()}."
@@ -92,73 +115,58 @@ class JetStreamPublisher:
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):  # the connection is closing anyway
                 await self._sub.unsubscribe()
-        for future in self._waiting.values():
-            future.cancel()
+        for acks, _ in self._waiting.values():
+            if not acks.done.done():
+                acks.done.set_result(None)
         self._waiting.clear()
 
-    async def send(
-        self, subject: str, data: bytes, headers: dict[str, str], *, timed: bool = True
-    ) -> asyncio.Future[PubAck]:
-        """Publish now; the future ends with the ack, :class:`PublishRefused`, :class:`NoStream`, or
-        (when ``timed``) :class:`TimeoutError` after the timeout. Untimed, the caller bounds its wait
-        and cancels what is left. Raises what nats-py raises when it cannot send."""
-        [future] = await self._send([(subject, data, headers)], timed=timed)
-        return future
-
-    async def send_many(
-        self, messages: Sequence[tuple[str, bytes, dict[str, str]]]
-    ) -> list[asyncio.Future[PubAck]]:
-        """Publish every ``(subject, data, headers)`` now, in order, in one write; their futures end as
-        :meth:`send`'s do, untimed (one deadline for a whole batch is the caller's, instead of a timer
-        each). Raises what nats-py raises when it cannot send, and then nothing was sent."""
-        return await self._send(messages, timed=False)
-
-    async def _send(
-        self, messages: Sequence[tuple[str, bytes, dict[str, str]]], *, timed: bool
-    ) -> list[asyncio.Future[PubAck]]:
+    async def publish(self, messages: Sequence[Publish]) -> list[Outcome]:
+        """Publish every message now, in order, in one write, and wait (up to the timeout, for all of
+        them together) for their answers: each one's :class:`Outcome`, in order. Raises what nats-py
+        raises when it cannot send, and then nothing was sent."""
         if self._sub is None:
             raise RuntimeError("JetStreamPublisher.start() was not called")
         loop = asyncio.get_running_loop()
-        replies: list[str] = []
-        futures: list[asyncio.Future[PubAck]] = []
-        for _ in messages:
-            token = str(next(self._tokens))
-            future: asyncio.Future[PubAck] = loop.create_future()
-            self._waiting[token] = future
-            timer = loop.call_later(self._timeout_s, self._expire, token) if timed else None
-            future.add_done_callback(functools.partial(self._forget, token, timer))
-            replies.append(self._prefix + token)
-            futures.append(future)
+        tokens = [str(next(self._tokens)) for _ in messages]
+        acks = _Acks(loop.create_future(), tokens)
+        waiting = self._waiting
+        for i, token in enumerate(tokens):
+            waiting[token] = (acks, i)
+        timer = loop.call_later(self._timeout_s, _expire, acks.done)
         try:
-            await self._write(messages, replies)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        return futures
+            await self._write(messages, tokens)
+            await acks.done
+        finally:
+            timer.cancel()
+            for token in tokens:
+                waiting.pop(token, None)
+        return acks.outcomes
 
-    async def _write(self, messages: Sequence[tuple[str, bytes, dict[str, str]]], replies: list[str]) -> None:
+    async def _write(self, messages: Sequence[Publish], tokens: list[str]) -> None:
         """The messages on the connection, in order. The protocol is written here (``HPUB <subject>
         <reply> <header bytes> <total bytes>``) and handed to the client's write buffer at once, below
         nats-py's public API; a client without that buffer, or one that is not connected (nats-py's own
         rules for buffering during a reconnection apply), gets them one ``publish`` at a time."""
         nc = self._nc
+        prefix = self._prefix
         write = getattr(nc, "_send_command", None)
         flush = getattr(nc, "_flush_pending", None)
         if write is None or flush is None or not nc.is_connected:
-            for (subject, data, headers), reply in zip(messages, replies, strict=True):
-                await nc.publish(subject, data, reply=reply, headers=headers)
+            for (subject, data, msg_id, stream), token in zip(messages, tokens, strict=True):
+                await nc.publish(subject, data, reply=prefix + token, headers=_headers(msg_id, stream))
             return
         if nc.is_draining_pubs:
             raise nats.errors.ConnectionDrainingError
-        if any(len(data) > nc.max_payload for _, data, _ in messages):
+        if any(len(data) > nc.max_payload for _, data, _, _ in messages):
             raise nats.errors.MaxPayloadError
         wire: list[bytes] = []
         out_bytes = 0
-        for (subject, data, headers), reply in zip(messages, replies, strict=True):
-            lines = "".join(f"{k}: {v.strip().translate(_NEWLINES)}\r\n" for k, v in headers.items())
-            hdr = _HEADER_LINE + lines.encode() + b"\r\n"
-            wire.append(f"HPUB {subject} {reply} {len(hdr)} {len(hdr) + len(data)}\r\n".encode())
+        for (subject, data, msg_id, stream), token in zip(messages, tokens, strict=True):
+            hdr = self._header_lines.get(stream) or self._stream_header(stream)
+            if msg_id:
+                hdr += f"Nats-Msg-Id: {msg_id.strip().translate(_NEWLINES)}\r\n".encode()
+            hdr += b"\r\n"
+            wire.append(f"HPUB {subject} {prefix}{token} {len(hdr)} {len(hdr) + len(data)}\r\n".encode())
             wire += (hdr, data, b"\r\n")
             out_bytes += len(data)
         await write(b"".join(wire))
@@ -166,52 +174,62 @@ class JetStreamPublisher:
         nc.stats["out_msgs"] += len(messages)
         nc.stats["out_bytes"] += out_bytes
 
-    def _forget(self, token: str, timer: asyncio.TimerHandle | None, _: asyncio.Future[PubAck]) -> None:
-        """A publish is answered, expired or cancelled: its reply token and timer go."""
-        self._waiting.pop(token, None)
-        if timer is not None:
-            timer.cancel()
-
-    def _expire(self, token: str) -> None:
-        future = self._waiting.pop(token, None)
-        if future is not None and not future.done():
-            future.set_exception(TimeoutError(f"no acknowledgement within {self._timeout_s:g}s"))
+    def _stream_header(self, stream: str) -> bytes:
+        lines = _HEADER_LINE + f"Nats-Expected-Stream: {stream}\r\n".encode()
+        self._header_lines[stream] = lines
+        return lines
 
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._waiting.pop(msg.subject[len(self._prefix) :], None)
-        if future is None or future.done():
-            return  # it timed out, or was cancelled
+        entry = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        if entry is None:
+            return  # it timed out, or its caller gave up
+        acks, index = entry
         if msg.headers and msg.headers.get(_STATUS_HEADER) == _NO_RESPONDERS:
-            future.set_exception(NoStream())
+            acks.answer(index, NoStream())
             return
         try:
             reply = _reply_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
-            future.set_exception(PublishRefused(0, 0, f"an acknowledgement that does not decode: {exc}"))
+            acks.answer(index, PublishRefused(0, 0, f"an acknowledgement that does not decode: {exc}"))
             return
         if reply.error is not None:
             error = reply.error
-            future.set_exception(PublishRefused(error.code, error.err_code, error.description))
+            acks.answer(index, PublishRefused(error.code, error.err_code, error.description))
             return
-        future.set_result(PubAck(stream=reply.stream, seq=reply.seq, duplicate=reply.duplicate))
+        acks.answer(index, PubAck(stream=reply.stream, seq=reply.seq, duplicate=reply.duplicate))
+
+
+def _expire(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _headers(msg_id: str | None, stream: str) -> dict[str, str]:
+    """A submission publish's headers: stored only in ``stream``, and de-duplicated by ``msg_id``."""
+    headers = {"Nats-Expected-Stream": stream}
+    if msg_id:
+        headers["Nats-Msg-Id"] = msg_id
+    return headers
 
 
 # JetStream's answer when a discard-new stream is at its limits.
 _STREAM_FULL_CODES = frozenset({10077})
 
 
-async def stored(future: asyncio.Future[PubAck], stream: str) -> PubAck:
+def stored(outcome: Outcome, stream: str, timeout_s: float) -> PubAck:
     """The ack of a publish to ``stream``, or the error that says what the caller can do about it:
     :class:`QueueFull` for a full stream, :class:`BusUnavailable` for everything else."""
-    try:
-        return await future
-    except PublishRefused as exc:
-        if exc.err_code in _STREAM_FULL_CODES or "exceeded" in exc.description:
+    if isinstance(outcome, PubAck):
+        return outcome
+    if isinstance(outcome, PublishRefused):
+        if outcome.err_code in _STREAM_FULL_CODES or "exceeded" in outcome.description:
             raise QueueFull(
-                f"the {stream} stream is full ({exc.description}); nothing was accepted", retry_after_s=5.0
-            ) from None
-        raise BusUnavailable(f"JetStream refused the publish to {stream}: {exc.description}") from None
-    except NoStream:
-        raise BusUnavailable(f"JetStream did not store the publish to {stream}: no stream answered") from None
-    except TimeoutError as exc:
-        raise BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}") from None
+                f"the {stream} stream is full ({outcome.description}); nothing was accepted",
+                retry_after_s=5.0,
+            )
+        raise BusUnavailable(f"JetStream refused the publish to {stream}: {outcome.description}")
+    if isinstance(outcome, NoStream):
+        raise BusUnavailable(f"JetStream did not store the publish to {stream}: no stream answered")
+    raise BusUnavailable(
+        f"JetStream did not store the publish to {stream}: no acknowledgement within {timeout_s:g}s"
+    )

@@ -1,0 +1,71 @@
+"""The submission publisher (hive_bus._publish): a call's messages go out in one write, and each gets
+its own answer, in order, within one deadline, whatever happens to the others."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+from nats.aio.msg import Msg
+
+from hive_bus import Bus, BusUnavailable, Hive
+from hive_bus._publish import JetStreamPublisher, NoStream, PubAck, PublishRefused, stored
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_each_message_gets_its_own_answer_in_order(bus: Bus) -> None:
+    names = bus.names
+    silent = f"{names.prefix}.silent"  # no stream takes it, but something listens: no answer ever comes
+    await bus.nc.subscribe(silent, cb=ignore)
+    publisher = JetStreamPublisher(bus.nc, timeout_s=0.5)
+    await publisher.start()
+    task = names.task_subject("echo")
+    started = time.monotonic()
+    outcomes = await publisher.publish(
+        [
+            (task, b"one", None, names.tasks_stream),
+            (silent, b"two", None, names.tasks_stream),
+            (f"{names.prefix}.nowhere", b"three", None, names.tasks_stream),  # nobody listens
+            (task, b"four", None, names.events_stream),  # a stream that does not take the subject
+            (task, b"five", "m5", names.tasks_stream),
+            (task, b"five again", "m5", names.tasks_stream),
+        ]
+    )
+    waited_s = time.monotonic() - started
+    await publisher.stop()
+    first, no_answer, nowhere, refused, fifth, again = outcomes
+    assert isinstance(first, PubAck) and first.stream == names.tasks_stream and not first.duplicate
+    assert no_answer is None and 0.4 < waited_s < 2.0  # one deadline for the call
+    assert isinstance(nowhere, NoStream)
+    assert isinstance(refused, PublishRefused) and refused.code == 400
+    assert isinstance(fifth, PubAck) and isinstance(again, PubAck)
+    assert (fifth.duplicate, again.duplicate, again.seq) == (False, True, fifth.seq)
+    assert first.seq < fifth.seq  # stored in the order written
+    with pytest.raises(BusUnavailable, match=r"no acknowledgement within 0\.5s"):
+        stored(no_answer, names.tasks_stream, 0.5)
+    with pytest.raises(BusUnavailable, match="no stream answered"):
+        stored(nowhere, names.tasks_stream, 0.5)
+
+
+async def test_a_call_given_up_leaves_nothing_waiting(bus: Bus) -> None:
+    silent = f"{bus.names.prefix}.silent"
+    await bus.nc.subscribe(silent, cb=ignore)
+    publisher = JetStreamPublisher(bus.nc, timeout_s=30)
+    await publisher.start()
+    with anyio.move_on_after(0.2) as scope:
+        await publisher.publish([(silent, b"x", None, bus.names.tasks_stream)] * 3)
+    assert scope.cancelled_caught
+    assert publisher._waiting == {}  # no reply token kept for an answer nobody waits for
+    await publisher.stop()
+
+
+async def test_a_task_with_no_stream_to_take_it_is_not_accepted(bus: Bus, hive: Hive) -> None:
+    await bus.js.delete_stream(bus.names.tasks_stream)  # an operator removed it
+    with pytest.raises(BusUnavailable, match=f"{bus.names.tasks_stream}: no stream answered"):
+        await hive.submit("echo", "nowhere to go")
+
+
+async def ignore(msg: Msg) -> None:
+    pass
