@@ -5,7 +5,10 @@ beats into the hub's heartbeat bucket, and shares key cooldowns with the hub bot
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from hive_bus import Hive, Settings, load_settings, open_bus
 from hive_bus._cooldown import CooldownRecord
 from hive_bus._embedded import NatsServer, nats_server_path
 from hive_bus._messages import encoder, now_ms
+from hive_bus._stats import _count as count
 from workers.echo import EchoProvider
 from workers.groq import GroqProvider
 
@@ -31,11 +35,73 @@ pytestmark = pytest.mark.anyio
 DOMAIN = "hive"  # as nats/hub.conf names it
 
 
+class LinkRelay:
+    """A TCP relay on loopback between the site's server and the hub's leaf-node port, standing for the
+    site's internet link: :meth:`cut` closes every connection and refuses new ones until
+    :meth:`restore`. It moves bytes only (TLS runs end to end through it)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self._target = target_port
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the same port again
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+            listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self._target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets |= {client, upstream}
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 @dataclass(frozen=True, slots=True)
 class Site:
     hub: Hub
     server: NatsServer  # the hub
     site_url: str  # the site's own server, where its workers connect
+    link: LinkRelay  # between the site's server and the hub
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +120,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             "127.0.0.1:4222": f"127.0.0.1:{site_port}",
         },
     )
+    link = LinkRelay(leaf_port)
+    _edit(
+        rendered.dir / "leaf.conf",
+        {f"127.0.0.1:{leaf_port}": f"127.0.0.1:{link.port}"},  # the site reaches the hub through the relay
+    )
     with hub_server(rendered, base / "store") as hub:
         log = (base / "site.log").open("wb")
         site_server = subprocess.Popen(
@@ -61,11 +132,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         )
         try:
             _wait_for_leaf_link(base / "site.log", site_server)
-            yield Site(rendered, hub, f"nats://127.0.0.1:{site_port}")
+            yield Site(rendered, hub, f"nats://127.0.0.1:{site_port}", link)
         finally:
             site_server.terminate()
             site_server.wait(10)
             log.close()
+            link.cut()
 
 
 def _edit(conf: Path, values: dict[str, str]) -> None:
@@ -160,3 +232,36 @@ async def test_cooldowns_cross_the_leaf_link_both_ways(site: Site) -> None:
                 await anyio.sleep(1.0)
                 assert (await hive.get(waiting)).status in ("queued", "retrying")
                 assert fakes.groq.requests == calls
+
+
+async def test_the_site_works_on_once_its_link_to_the_hub_is_back(site: Site) -> None:
+    """The site's link drops while its worker runs: tasks submitted at the hub meanwhile wait there,
+    and the worker serves them once the link is back, each once, with nothing lost or failed."""
+    prefix = "hive"
+    async with open_bus(gateway_settings(site, prefix)) as hub_bus:
+        hive = Hive(hub_bus)
+        async with (
+            open_bus(site_settings(site, prefix)) as site_bus,
+            running_worker(site_bus, "echo", EchoProvider(), concurrency=2) as worker,
+        ):
+            first = await hive.submit("echo", "before the outage")
+            assert (await hive.wait(first, 15)).status == "completed"
+            site.link.cut()
+            try:
+                during = [await hive.submit("echo", f"during the outage {i}") for i in range(3)]
+                await anyio.sleep(3.0)  # longer than the worker's heartbeat TTL and its pull requests
+                assert [(await hive.get(t)).status for t in during] == ["queued"] * 3
+            finally:
+                site.link.restore()
+            views = [await hive.wait(t, 30) for t in during]
+            beats = await eventually(hive.workers, 10, "the site's worker to beat at the hub again")
+            completions = [await count(hub_bus, hub_bus.names.event_subject("echo", t, "*")) for t in during]
+        assert [(v.status, v.output, v.worker) for v in views] == [
+            ("completed", f"during the outage {i}", worker.id) for i in range(3)
+        ]
+        # A task handed to the site as the link went down is lost on the way and delivered again (a
+        # second attempt); one whose outcome was on its way is run again, and JetStream keeps its first
+        # outcome. Either way each task ends once: queued, running (calls over 0.25 s only), completed.
+        assert all(v.attempt in (1, 2) for v in views)
+        assert completions == [2, 2, 2]  # queued, completed: no retry, no second final event
+        assert [(b.worker_id, b.failed, b.retried) for b in beats] == [(worker.id, 0, 0)]
