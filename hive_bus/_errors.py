@@ -47,8 +47,9 @@ class FailNow(ProviderError):
 
 
 class NoQuota(FailNow):
-    """The key's quota for this model is zero (a free tier without the model): no wait fixes it. The task
-    moves to its next fallback if it has one, else fails."""
+    """The key's quota for this model is zero (a free tier without the model): no wait fixes it. The
+    worker leaves that key out for the model for a while and tries the task with its next key; when no
+    key has quota for the model, the task moves to its next fallback if it has one, else fails."""
 
 
 class KeyRejected(FailNow):

@@ -32,7 +32,7 @@ from nats.js.api import ConsumerInfo
 from ._budget import Budgets, Denied, ProviderBudget, Reservation
 from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
 from ._cooldown import KeyCooldowns
-from ._errors import KeyRejected, ProviderError, Quota, RetryAfter, RetryLater
+from ._errors import KeyRejected, NoQuota, ProviderError, Quota, RetryAfter, RetryLater
 from ._messages import (
     Failed,
     Retrying,
@@ -71,6 +71,9 @@ PROBE_EVERY_S = 1.0
 PROBE_HOLD_S = 1.0
 # How often a task waiting for a key's first call to answer looks again.
 PROBE_WAIT_S = 0.05
+# A key with no quota at all for a model (NoQuota: a free tier without it) is not used for that model
+# again for this long; then one call finds out whether that changed (a tier upgraded).
+NO_QUOTA_RECHECK_S = 600.0
 _ID_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -156,6 +159,8 @@ class Worker:
         # costs one 429, not one per lane. Probing: key -> when its first call began (monotonic).
         self._proven: set[str] = set()
         self._probing: dict[str, float] = {}
+        # (key, model) -> (until when, monotonic; the provider's word): keys with no quota for a model
+        self._no_quota: dict[tuple[str, str | None], tuple[float, str]] = {}
         names = bus.names
         self.model: str | None = getattr(self._keys[0].provider, "default_model", None)
         self.cooldowns = KeyCooldowns(
@@ -444,6 +449,8 @@ class Worker:
             except BaseException:
                 self._probing.pop(key.name, None)
                 raise
+            if isinstance(outcome, NoQuota):
+                self._set_aside_for(key.name, task.model or self.model, outcome.message)
             if isinstance(outcome, RetryAfter | KeyRejected):
                 self._proven.discard(key.name)  # its next call goes alone again
             else:
@@ -457,6 +464,8 @@ class Worker:
                     if isinstance(outcome, KeyRejected):
                         await self.cooldowns.refuse(key.name, outcome.message, self.id)
                         continue  # the key was refused, not the task: the next key tries it
+                    if isinstance(outcome, NoQuota):
+                        continue  # the key cannot serve the model: the next key tries the task
                     await settler.settle(d, outcome, time.perf_counter() - t0)
                 finally:
                     # after a 429 or a refusal, the other lanes go on once the key's cooldown is known
@@ -468,7 +477,7 @@ class Worker:
     async def _acquire(self, task: Task) -> tuple[ProviderKey, Reservation | None] | _Blocked | None:
         """A key that may call now, each tried in turn, with its budget reserved. While every key is
         held for at most ``hold_max_s`` the task waits here; for longer, the reason and the wait come
-        back. None when the provider refused every key."""
+        back. None when the provider refused every key, or none has quota for the task's model."""
         model = task.model or self.model
         tokens = _estimate_tokens(task)
         while True:
@@ -476,7 +485,7 @@ class Worker:
             for i in range(len(self._keys)):
                 key = self._keys[(self._next_key + i) % len(self._keys)]
                 record = self.cooldowns.records.get(key.name)
-                if record is not None and record.refused:
+                if (record is not None and record.refused) or self._no_quota_for(key.name, model):
                     continue
                 if (cooling_s := self.cooldowns.left_s(key.name)) > 0:
                     assert record is not None
@@ -528,12 +537,34 @@ class Worker:
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.warning("could not record a call in the %s budget: %s", self._opts.provider, exc)
 
+    def _set_aside_for(self, key: str, model: str | None, why: str) -> None:
+        if self._no_quota_for(key, model) is None:
+            log.warning(
+                "worker %s: key %s has no %s quota for model %s; not used for it for %gs (%s)",
+                self.id, key, self._opts.provider, model or "(default)", NO_QUOTA_RECHECK_S, why,
+            )  # fmt: skip
+        self._no_quota[key, model] = (time.monotonic() + NO_QUOTA_RECHECK_S, why)
+
+    def _no_quota_for(self, key: str, model: str | None) -> str | None:
+        """The provider's word when ``key`` has no quota for ``model`` (until the recheck), else None."""
+        found = self._no_quota.get((key, model))
+        if found is None:
+            return None
+        until, why = found
+        if time.monotonic() >= until:
+            del self._no_quota[key, model]
+            return None
+        return why
+
     async def _no_key_left(self, d: Delivery) -> None:
-        """Every key was refused by the provider: move the task on, or fail it with the provider's word."""
-        reasons = sorted({r.reason for r in self.cooldowns.records.values() if r.refused})
-        why = "; ".join(reasons)
+        """No key may call for this task (each refused by the provider, or without quota for its model):
+        move the task on, or fail it with the provider's word."""
+        model = d.task.model or self.model
+        reasons = {r.reason for r in self.cooldowns.records.values() if r.refused}
+        reasons |= {why for k in self._keys if (why := self._no_quota_for(k.name, model)) is not None}
+        why = "; ".join(sorted(reasons))
         if len(self._keys) > 1:
-            why = f"{self._opts.provider} refused every key of this worker: {why}"
+            why = f"no key of this worker can call {self._opts.provider} for this task: {why}"
         moved = d.task.next_hop()
         if moved is not None:
             await self._settler.move(d, moved, why)

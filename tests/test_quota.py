@@ -141,14 +141,35 @@ async def test_a_daily_or_zero_quota_moves_the_task_to_its_fallback(
         views = [await hive.wait(t, 20) for t in ids]
     assert [(v.status, v.output) for v in views] == [("completed", f"reply: post {i}") for i in range(4)]
     assert [v.provider for v in views].count("groq") == 4 - quota
+    assert fakes.gemini.rate_limited == 1  # one 429 for the key; the rest never called it
     if quota:
-        assert fakes.gemini.rate_limited == 1  # one 429 for the key; the rest never called it
         moved = next(t for t, v in zip(ids, views, strict=True) if v.provider == "groq")
         moves = [e for e in await events_of(bus, moved) if isinstance(e, Moved)]
         assert [(m.provider, m.task.provider, m.task.tried) for m in moves] == [
             ("gemini", "groq", ["gemini"])
         ]
         assert "daily" in moves[0].reason
+
+
+async def test_a_key_without_quota_for_a_model_leaves_that_model_to_the_other_keys(
+    bus: Bus, hive: Hive, fakes: ProviderFakes
+) -> None:
+    """A free key with no quota for a model (Gemini's quotaValue 0) and a paid key: the model's tasks
+    all go to the paid key, at the cost of one 429, and the free key goes on serving other models."""
+    free, paid = "AIza_free_key_0123456789", "AIza_paid_key_0123456789"
+    fakes.gemini.no_quota(free, "gemini-2.5-pro")
+    keys = [
+        ProviderKey(name, GeminiProvider(api_key=key, base_url=fakes.gemini_base_url))
+        for name, key in (("free", free), ("paid", paid))
+    ]
+    models = ["gemini-2.5-pro", "gemini-2.5-flash"] * 4
+    ids = [await hive.submit("gemini", f"post {i}", model=m, max_attempts=1) for i, m in enumerate(models)]
+    async with running_worker(bus, "gemini", keys, concurrency=1):
+        views = [await hive.wait(t, 15) for t in ids]
+    assert [(v.status, v.provider, v.attempt) for v in views] == [("completed", "gemini", 1)] * 8
+    assert fakes.gemini.rate_limited_by_key == {free: 1}
+    # the free key's calls: the one 429, and flash tasks in turn with the paid key
+    assert fakes.gemini.requests_by_key[free] >= 2
 
 
 async def test_a_key_spent_before_the_worker_started_costs_one_429_not_one_per_lane(

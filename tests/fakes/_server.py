@@ -312,7 +312,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, str],
         request: ChatRequest,
     ) -> Reply:
-        decision = state.admit(key, request.prompt)
+        decision = state.admit(key, request.prompt, request.model)
         if isinstance(decision, Forced):
             if decision.status == 429:
                 return api.forced_rate_limit(request, decision.retry_after_s, decision.snapshot)

@@ -8,6 +8,8 @@ The limits work the way the real APIs' limits look from outside:
 * ``daily_quota(requests)``: after that many admitted requests for a key, every request of that key gets
   the provider's per-day 429. The "day" is a 24 h window opened by the key's first admitted request; the
   429's delay is the time left in it, or ``retry_after_s`` when given.
+* ``no_quota(key, model)``: that key has no quota at all for that model (a free tier without the model):
+  each of its requests for the model gets the per-day 429 with a limit of 0.
 * ``fail_next(status, count)``: the next ``count`` requests (any key) answer ``status`` with the
   provider's real error body, before any other check.
 
@@ -95,6 +97,7 @@ class ProviderState:
         self._window_s = 60.0
         self._daily_limit: int | None = None
         self._daily_retry_after_s: float | None = None
+        self._no_quota: set[tuple[str, str]] = set()  # (key, model)
         self._failures: deque[tuple[int, float]] = deque()
         self._windows: dict[str, _Window] = {}
         self._days: dict[str, float] = {}  # key -> when its "day" ends
@@ -125,6 +128,11 @@ class ProviderState:
         with self._lock:
             self._daily_limit = requests
             self._daily_retry_after_s = retry_after_s
+
+    def no_quota(self, key: str, model: str) -> None:
+        """``key`` gets the per-day 429 with a limit of 0 on every request for ``model``."""
+        with self._lock:
+            self._no_quota.add((key, model))
 
     def fail_next(self, status: int, count: int = 1, *, retry_after_s: float = 1.0) -> None:
         """The next ``count`` requests answer ``status`` (a 429 says to come back in ``retry_after_s``)."""
@@ -182,7 +190,7 @@ class ProviderState:
 
     # -- used by the server --------------------------------------------------------------------------
 
-    def admit(self, key: str | None, prompt: str | None) -> Decision:
+    def admit(self, key: str | None, prompt: str | None, model: str | None = None) -> Decision:
         """Count a request and decide its answer; an admitted request uses up its window and quota."""
         now = time.monotonic()
         who = key or ""
@@ -198,6 +206,11 @@ class ProviderState:
                 return Forced(status, retry_after_s, self._snapshot(who, now))
             if key is None or (self.valid_keys is not None and key not in self.valid_keys):
                 return Unauthorized(missing=key is None, snapshot=self._snapshot(who, now))
+            if (who, model) in self._no_quota:
+                self._count_rate_limited(who)
+                return RateLimited(
+                    daily=True, limit=0, used=0, retry_after_s=DAY_S, snapshot=self._snapshot(who, now)
+                )
             if who in self._days and self._days[who] <= now:  # a new "day" for this key
                 del self._days[who]
                 self._daily_used[who] = 0
