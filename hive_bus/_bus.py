@@ -244,6 +244,8 @@ def counters_stream_config(settings: Settings) -> StreamConfig:
         discard=DiscardPolicy.OLD,
         # A counter's value is in its last message; the ones before it are history nobody reads.
         max_msgs_per_subject=1,
+        # an increment retried after a lost ack is recognised by its Nats-Msg-Id within this window
+        duplicate_window=settings.duplicate_window_s,
         allow_msg_counter=True,
         allow_direct=True,
         num_replicas=settings.replicas,
