@@ -8,6 +8,7 @@ are the operator's to tune, so a difference there is logged, not fatal; a differ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -72,9 +73,16 @@ async def open_bus(settings: Settings, *, name: str = "hive") -> AsyncIterator[B
         yield Bus(nc=nc, js=js, settings=settings, **buckets)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            # drain flushes pending acks and publishes before the socket closes
+            # drain flushes pending acks and publishes before the socket closes; a connection that is
+            # down has nothing to flush to, and nats-py refuses to drain it: it is closed instead
+            if nc.is_connected:
+                try:
+                    await nc.drain()
+                except nats.errors.Error as exc:
+                    log.warning("could not drain the NATS connection (%s); closing it", exc)
             if not nc.is_closed:
-                await nc.drain()
+                with contextlib.suppress(nats.errors.Error, OSError):  # it is gone either way
+                    await nc.close()
 
 
 async def connect_nats(settings: Settings, *, name: str, violations: list[str] | None = None) -> NATS:

@@ -34,7 +34,7 @@ from hive_bus._audit import AuditReport, StoreAudit
 from hive_bus._messages import TaskStatus, event_decoder, is_final, is_task_id, status_of
 from hive_bus._names import PROVIDER_PATTERN, is_valid_provider
 
-from .metrics import SCRAPE_MAX_AGE_S, BusMetrics, UsageSince, lost_count
+from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics, UsageSince, lost_count
 
 MAX_WAIT_S = 300.0
 BATCH_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -374,7 +374,10 @@ async def readyz(state: State) -> Response[Readiness]:
 @get("/metrics", summary="Prometheus metrics, read from the bus", include_in_schema=False)
 async def metrics_route(state: State) -> Response[bytes]:
     metrics: BusMetrics = state.metrics
-    await metrics.refresh(max_age_s=SCRAPE_MAX_AGE_S)  # the figures of this moment, not of the last loop
+    # The figures of this moment rather than of the last periodic read, unless the bus is slow to
+    # answer: then the last ones, at once (a scrape that timed out would read as the gateway down).
+    with anyio.move_on_after(SCRAPE_REFRESH_S):
+        await metrics.refresh(max_age_s=SCRAPE_MAX_AGE_S)
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
 

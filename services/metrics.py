@@ -16,7 +16,8 @@ default one, so several gateways, or tests, can live in one process):
 - submissions, from the bus's submission counters (:mod:`hive_bus._counts`, which every submitter
   adds to), as they have grown since following began;
 - gauges, read every ``refresh_s`` seconds (and on a scrape, when the last read is older than
-  :data:`SCRAPE_MAX_AGE_S`), like the submission counters: each provider's queue (its durable consumer's pending and
+  :data:`SCRAPE_MAX_AGE_S` and the bus answers within :data:`SCRAPE_REFRESH_S`), like the submission
+  counters: each provider's queue (its durable consumer's pending and
   ack-pending counts, or the stream's own count for a provider no worker has served yet), workers
   whose heartbeat has not expired (draining ones included), and the seconds left of each provider's
   cooldown, and the messages each stream has lost (the ``lost`` of its state, when JetStream reports
@@ -69,6 +70,7 @@ MAX_MODELS_PER_PROVIDER = 100  # distinct model label values per provider; beyon
 MAX_LABEL_CHARS = 128
 RECENT_IDS = 20_000  # task ids remembered to keep a repeated final event from counting twice
 SCRAPE_MAX_AGE_S = 1.0  # a scrape reads the bus again when the figures are older than this
+SCRAPE_REFRESH_S = 1.0  # for at most this long; then it is served the last figures
 OTHER = "other"
 UNKNOWN_MODEL = "unknown"
 

@@ -17,7 +17,7 @@ from workers.echo import EchoProvider
 
 from . import handlers
 from .conftest import make_settings
-from .helpers import eventually, hive_cli, running_worker, stream_messages
+from .helpers import TcpRelay, eventually, hive_cli, running_worker, stream_messages
 
 pytestmark = pytest.mark.anyio
 
@@ -362,6 +362,34 @@ async def test_metrics_are_served_in_prometheus_format(stack: Stack) -> None:
     assert 'hive_tasks_failed_total{provider="echo"' not in text
     r = await stack.http.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain")
+
+
+async def test_a_scrape_gets_the_last_figures_at_once_when_the_bus_stops_answering(
+    nats_server: NatsServer,
+) -> None:
+    """A link to NATS that silently went away: a scrape must not wait out the bus's timeouts (Prometheus
+    would give up and report the gateway down), it is answered with the last figures."""
+    relay = TcpRelay(int(nats_server.url.rsplit(":", 1)[1]))
+    async with serving(make_settings(relay.url, request_timeout_s=4.0)) as stack:
+        try:
+            await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": "waits"})
+
+            async def counted() -> str | None:
+                text = (await stack.http.get("/metrics")).text
+                return text if 'hive_queue_pending{provider="nobody"} 1.0' in text else None
+
+            before = await eventually(counted, 5, "the task in /metrics")
+            relay.stall()
+            await anyio.sleep(1.5)  # the figures are now old enough for a scrape to read the bus again
+            asked_at = anyio.current_time()
+            r = await stack.http.get("/metrics")
+            waited_s = anyio.current_time() - asked_at
+        finally:
+            relay.cut()
+    assert r.status_code == 200 and waited_s < 2.5, waited_s  # well under one bus timeout (4 s)
+    assert 'hive_queue_pending{provider="nobody"} 1.0' in r.text
+    stamp = "hive_metrics_last_refresh_timestamp_seconds "
+    assert r.text.split(stamp)[1].split()[0] == before.split(stamp)[1].split()[0]  # the same read
 
 
 async def test_dead_letters_over_http_and_the_cli(stack: Stack, settings: Settings) -> None:

@@ -5,10 +5,7 @@ beats into the hub's heartbeat bucket, and shares key cooldowns with the hub bot
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +24,7 @@ from workers.echo import EchoProvider
 from workers.groq import GroqProvider
 
 from .fakes import ProviderFakes
-from .helpers import eventually, free_port, running_worker
+from .helpers import TcpRelay, eventually, free_port, running_worker
 from .hub import Hub, hub_server, make_certs, render
 
 pytestmark = pytest.mark.anyio
@@ -35,73 +32,12 @@ pytestmark = pytest.mark.anyio
 DOMAIN = "hive"  # as nats/hub.conf names it
 
 
-class LinkRelay:
-    """A TCP relay on loopback between the site's server and the hub's leaf-node port, standing for the
-    site's internet link: :meth:`cut` closes every connection and refuses new ones until
-    :meth:`restore`. It moves bytes only (TLS runs end to end through it)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.port = free_port()
-        self._target = target_port
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
-        self.restore()
-
-    def restore(self) -> None:
-        listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the same port again
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def cut(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
-            listener.close()
-        with self._lock:
-            sockets, self._sockets = self._sockets, set()
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return  # cut
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self._target), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._sockets |= {client, upstream}
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
 @dataclass(frozen=True, slots=True)
 class Site:
     hub: Hub
     server: NatsServer  # the hub
     site_url: str  # the site's own server, where its workers connect
-    link: LinkRelay  # between the site's server and the hub
+    link: TcpRelay  # between the site's server and the hub
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +56,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             "127.0.0.1:4222": f"127.0.0.1:{site_port}",
         },
     )
-    link = LinkRelay(leaf_port)
+    link = TcpRelay(leaf_port)
     _edit(
         rendered.dir / "leaf.conf",
         {f"127.0.0.1:{leaf_port}": f"127.0.0.1:{link.port}"},  # the site reaches the hub through the relay

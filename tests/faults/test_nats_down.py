@@ -44,6 +44,7 @@ async def test_with_nats_down_the_gateway_refuses_then_resumes_by_itself(
         own_server.kill()
         down: Counter[str] = Counter()
         retry_after: set[str | None] = set()
+        slowest_scrape_s = 0.0
         deadline = anyio.current_time() + DOWN_S
         while anyio.current_time() < deadline:
             r = await submit(http, gateway, ledger, "echo", f"while down {down['submit']}")
@@ -56,6 +57,9 @@ async def test_with_nats_down_the_gateway_refuses_then_resumes_by_itself(
             down[f"batch {batch.status_code} accepted={batch.json().get('accepted')}"] += 1
             down[f"readyz {(await http.get(f'{gateway.url}/readyz')).status_code}"] += 1
             down[f"get {(await http.get(f'{gateway.url}/v1/tasks/{known}')).status_code}"] += 1
+            asked_at = anyio.current_time()
+            down[f"metrics {(await http.get(f'{gateway.url}/metrics')).status_code}"] += 1
+            slowest_scrape_s = max(slowest_scrape_s, anyio.current_time() - asked_at)
         healthz = (await http.get(f"{gateway.url}/healthz")).status_code
 
         await start(own_server)  # same port, same store
@@ -84,6 +88,8 @@ async def test_with_nats_down_the_gateway_refuses_then_resumes_by_itself(
     assert down["batch 503 accepted=0"] == n
     assert down["readyz 503"] == n
     assert down["get 503"] == n  # a task's state is unavailable, not unknown
+    # the last figures, at once: a scrape that timed out would read as the gateway down
+    assert down["metrics 200"] == n and slowest_scrape_s < 3.0, slowest_scrape_s
     assert retry_after == {"5"}
     assert healthz == 200  # the process is up; it is the bus that is not
     assert ready_again == 200
