@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from ._bus import Bus
 from ._cooldown import KeyCooldowns
 from ._duplicates import report_duplicate
-from ._errors import NoQuota, ProviderError, Quota, RetryAfter, RetryLater
+from ._errors import ProviderError, Quota, RetryAfter, RetryLater
 from ._messages import Completed, Failed, FailReason, Moved, Retrying, RetryReason, Task, encoder, now_ms
 from ._prices import PriceTable
 from ._providers import Output
@@ -109,8 +109,6 @@ class Settler:
                 case RetryLater():
                     error = f"out of attempts ({d.attempt}); last error: {outcome.message}"
                     await self.fail(d, "out_of_attempts", error)
-                case NoQuota() if (moved := task.next_hop()) is not None:
-                    await self.move(d, moved, outcome.message)
                 case ProviderError():
                     await self.fail(d, "permanent", outcome.message)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
