@@ -36,6 +36,7 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from . import _dlq
 from ._bus import Bus
 from ._messages import Failed, Moved, Queued, Task, encoder, event_decoder, now_ms
 
@@ -235,16 +236,7 @@ class StoreAudit:
         )  # fmt: skip
         if ack.duplicate:
             return False  # an outcome was recorded meanwhile
-        run = task.run if task else 0
-        try:
-            await bus.js.publish(
-                names.dlq_subject(provider, task_id), data,
-                headers={"Nats-Msg-Id": f"{task_id}:dlq:{run}"}, stream=names.dlq_stream,
-            )  # fmt: skip
-        except nats.js.errors.APIError as exc:
-            log.error(
-                "dead letter of lost task %s not kept (its failed event has the task): %s", task_id, exc
-            )
+        await _dlq.keep(bus, provider, task_id, data, f"{task_id}:dlq:{task.run if task else 0}")
         return True
 
     async def _task_of(self, o: _Open) -> Task | None:

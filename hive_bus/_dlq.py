@@ -9,6 +9,7 @@ the events stream reads on: queued, ..., failed, queued (replayed), ..., complet
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import msgspec
@@ -21,7 +22,27 @@ from ._errors import BusUnavailable, HiveError, TaskNotFound
 from ._messages import Failed, Queued, encoder, event_decoder, is_task_id, now_ms
 from ._names import is_valid_provider
 
+log = logging.getLogger("hive_bus.dlq")
+
 _BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
+
+
+async def keep(bus: Bus, provider: str, task_id: str, failed: bytes, msg_id: str) -> None:
+    """Keep a task's encoded ``failed`` event as its dead letter, once per ``msg_id``. When the dead
+    letters are full it is logged and not kept: the failed event, which carries the task too, still
+    records it."""
+    names = bus.names
+    try:
+        await bus.js.publish(
+            names.dlq_subject(provider, task_id),
+            failed,
+            headers={"Nats-Msg-Id": msg_id},
+            stream=names.dlq_stream,
+        )
+    except nats.js.errors.APIError as exc:
+        log.error(
+            "dead letter of task %s not kept (its failed event has the task): %s", task_id, exc.description
+        )
 
 
 def _check_provider(provider: str | None) -> None:

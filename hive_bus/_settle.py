@@ -26,6 +26,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
+from . import _dlq
 from ._bus import Bus
 from ._cooldown import KeyCooldowns
 from ._duplicates import report_duplicate
@@ -168,7 +169,7 @@ class Settler:
             reason=reason, error=error, task=task,
         )  # fmt: skip
         data = encoder.encode(event)
-        await self._dead_letter(task.id, task.provider, data, f"{task.id}:dlq:{task.run}")
+        await _dlq.keep(self._bus, task.provider, task.id, data, f"{task.id}:dlq:{task.run}")
         await self._record(task, data, "failed")
         await d.msg.term()
         self.counts.failed += 1
@@ -178,26 +179,13 @@ class Settler:
         data = encoder.encode(event)
         names = self._bus.names
         try:
-            await self._dead_letter(event.task_id, event.provider, data, f"{event.task_id}:dlq")
+            await _dlq.keep(self._bus, event.provider, event.task_id, data, f"{event.task_id}:dlq")
             await self._bus.js.publish(
                 names.event_subject(event.provider, event.task_id, "failed"), data, stream=names.events_stream
             )
         finally:
             await msg.term()
         self.counts.failed += 1
-
-    async def _dead_letter(self, task_id: str, provider: str, data: bytes, msg_id: str) -> None:
-        names = self._bus.names
-        try:
-            await self._bus.js.publish(
-                names.dlq_subject(provider, task_id),
-                data,
-                headers={"Nats-Msg-Id": msg_id},
-                stream=names.dlq_stream,
-            )
-        except nats.js.errors.APIError as exc:
-            # The dead letters are full: the failed event, which carries the task too, still records it.
-            log.error("dead letter of task %s not kept: %s", task_id, exc.description)
 
     async def _complete(self, d: Delivery, output: Output, call_s: float) -> None:
         task = d.task
