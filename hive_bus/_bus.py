@@ -479,14 +479,34 @@ def _close(a: Any, b: Any) -> bool:
 
 
 async def kv_entries(kv: KeyValue, pattern: str = ">", *, timeout_s: float = 5.0) -> dict[str, bytes]:
-    """The current values of the keys matching ``pattern`` (deleted keys left out)."""
+    """The current values of the keys matching ``pattern`` (deleted keys left out). Raises
+    ``NotFoundError`` when the bucket does not exist.
+
+    Read by a consumer of the bucket's stream that delivers each key's last message: as many as the
+    consumer counted when it was made. nats-py's watcher marks the end of the current values by
+    comparing the consumer's pending count with what its subscription has handled, and under load it
+    can mark the end before a value already on its way: a read that came back empty."""
+    # nats-py's KeyValue keeps its stream, subject prefix and context private; these are its own.
+    js, stream, prefix = kv._js, kv._stream, kv._pre
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        ack_policy=AckPolicy.NONE,
+        mem_storage=True,
+        inactive_threshold=60.0,
+    )
+    psub = await js.pull_subscribe(prefix + pattern, stream=stream, config=config)
     found: dict[str, bytes] = {}
-    watcher = await kv.watch(pattern, ignore_deletes=True)
     try:
-        while (entry := await watcher.updates(timeout=timeout_s)) is not None:  # type: ignore[no-untyped-call]
-            if entry.value:
-                found[entry.key] = entry.value
+        remaining = (await psub.consumer_info()).num_pending or 0
+        while remaining > 0:
+            msgs = await psub.fetch(min(remaining, 1000), timeout=timeout_s)
+            for msg in msgs:
+                if msg.data:  # a delete or purge marker has none
+                    found[msg.subject[len(prefix) :]] = msg.data
+                else:
+                    found.pop(msg.subject[len(prefix) :], None)
+            remaining -= len(msgs)
     finally:
-        with anyio.CancelScope(shield=True):
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        with anyio.CancelScope(shield=True), contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await psub.unsubscribe()  # the consumer goes once inactive
     return found

@@ -28,7 +28,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
 from . import _dlq
-from ._bus import Bus, open_bus, redeclare_workers_bucket
+from ._bus import Bus, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
 from ._errors import BusUnavailable, HiveError, QueueFull, TaskNotFound
@@ -316,28 +316,19 @@ class Hive:
 
     async def workers(self) -> list[WorkerBeat]:
         """The workers whose heartbeat has not expired, by provider then id."""
-        kv = self._bus.workers_kv
-        beats: list[WorkerBeat] = []
         try:
-            watcher = await kv.watchall(ignore_deletes=True, meta_only=False)
+            values = await kv_entries(self._bus.workers_kv, timeout_s=self._bus.settings.request_timeout_s)
         except nats.js.errors.NotFoundError:
             # a restarted server has lost the (in-memory) bucket: no worker has beaten since
             await redeclare_workers_bucket(self._bus)
             return []
-        try:
-            while True:
-                entry = await watcher.updates(timeout=self._bus.settings.request_timeout_s)  # type: ignore[no-untyped-call]
-                if entry is None:  # the end of the current values
-                    break
-                if entry.value:
-                    try:
-                        beats.append(beat_decoder.decode(entry.value))
-                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                        # one bad key (an old or foreign writer) must not hide every other worker
-                        log.warning("ignoring heartbeat %s that does not decode: %s", entry.key, exc)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        beats: list[WorkerBeat] = []
+        for key, value in values.items():
+            try:
+                beats.append(beat_decoder.decode(value))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                # one bad key (an old or foreign writer) must not hide every other worker
+                log.warning("ignoring heartbeat %s that does not decode: %s", key, exc)
         return sorted(beats, key=lambda b: (b.provider, b.worker_id))
 
     async def stats(self) -> list[ProviderStats]:

@@ -43,13 +43,12 @@ import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.js.api import StreamState
-from nats.js.kv import KeyValue
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hive_bus import Bus, WorkerBeat
 from hive_bus._budget import Ledger, ledgers
-from hive_bus._bus import ensure_counters_stream, redeclare_workers_bucket
+from hive_bus._bus import ensure_counters_stream, kv_entries, redeclare_workers_bucket
 from hive_bus._cooldown import decode_records, provider_cooldowns
 from hive_bus._counts import submitted_counts
 from hive_bus._duplicates import duplicate_decoder
@@ -448,11 +447,11 @@ class BusMetrics:
         bus = self._bus
         depths = await queue_depths(bus)
         try:
-            beats = _beats(await _kv_values(bus.workers_kv, bus.settings.request_timeout_s))
+            beats = _beats(await kv_entries(bus.workers_kv, timeout_s=bus.settings.request_timeout_s))
         except nats.js.errors.NotFoundError:  # a restarted server lost the in-memory heartbeat bucket
             await redeclare_workers_bucket(bus)
             beats = []
-        cooldown_values = await _kv_values(bus.providers_kv, bus.settings.request_timeout_s)
+        cooldown_values = await kv_entries(bus.providers_kv, timeout_s=bus.settings.request_timeout_s)
         cooldowns = provider_cooldowns(cooldown_values, beats)
         lost = {stream: await _lost_messages(bus, stream) for stream in _streams(bus)}
         counted = await submitted_counts(bus)
@@ -532,22 +531,6 @@ async def _lost_messages(bus: Bus, stream: str) -> int:
 def lost_count(state: StreamState) -> int:
     """How many messages the server says a stream lost (``state.lost``), 0 when it says none."""
     return len(state.lost.msgs or []) if state.lost is not None else 0
-
-
-async def _kv_values(kv: KeyValue, timeout_s: float) -> dict[str, bytes]:
-    """The current value of every key of a bucket (deleted keys left out)."""
-    values: dict[str, bytes] = {}
-    watcher = await kv.watchall(ignore_deletes=True)
-    try:
-        while True:
-            entry = await watcher.updates(timeout=timeout_s)  # type: ignore[no-untyped-call]
-            if entry is None:  # the end of the current values
-                return values
-            if entry.value:
-                values[entry.key] = entry.value
-    finally:
-        with anyio.CancelScope(shield=True):
-            await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 def _beats(values: dict[str, bytes]) -> list[WorkerBeat]:
