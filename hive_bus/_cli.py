@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
@@ -26,6 +25,7 @@ from ._messages import TaskRequest, TaskView, encoder, event_decoder, explain_er
 from ._prices import PriceFileError, PriceTable
 from ._providers import HandlerError, Provider, load_handler
 from ._settings import Settings, SettingsError, load_settings, with_overrides
+from ._signals import until_stopped
 from ._version import __version__
 from ._worker import ProviderKey, Worker, WorkerOptions
 
@@ -115,13 +115,6 @@ def bus_options(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-async def _until_stopped() -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("%s received; stopping", signal.Signals(signum).name)
-            return
-
-
 def _provider_for(name: str, handler: str | None, model: str | None) -> Provider | list[ProviderKey]:
     if handler:
         return load_handler(handler)
@@ -188,7 +181,7 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                             f"hive is up: gateway {gateway.url}, nats {server.url}, data {data}/, "
                             f"workers: {', '.join(providers)}. Ctrl-C stops it."
                         )
-                        await _until_stopped()
+                        await until_stopped()
                         gateway.stop()
                         for worker in workers:
                             worker.stop()
@@ -208,7 +201,7 @@ def nats_cmd(host: str, port: int, data: Path) -> None:
     async def main() -> None:
         async with run_nats_server(data / "nats", port=port, host=host) as server:
             click.echo(f"nats-server on {server.url}, store {server.store_dir}. Ctrl-C stops it.")
-            await _until_stopped()
+            await until_stopped()
 
     _run(main)
 
@@ -234,7 +227,7 @@ def gateway(host: str, port: int, max_body_bytes: int, settings: Settings) -> No
             async with anyio.create_task_group() as tg:
                 await tg.start(gw.serve)
                 click.echo(f"gateway on {gw.url}, bus {settings.prefix}. Ctrl-C stops it.")
-                await _until_stopped()
+                await until_stopped()
                 gw.stop()
 
     _run(main)
@@ -295,7 +288,7 @@ def worker(
             async with anyio.create_task_group() as tg:
                 await tg.start(w.run)
                 click.echo(f"worker {w.id} serving {name}. Ctrl-C drains and stops it.")
-                await _until_stopped()
+                await until_stopped()
                 w.stop()
 
     _run(main)
@@ -486,7 +479,7 @@ def watch(provider: str | None, settings: Settings) -> None:
     async def main() -> None:
         async with connect(settings=settings) as hive, anyio.create_task_group() as tg:
             tg.start_soon(_follow_events, hive, provider)
-            await _until_stopped()
+            await until_stopped()
             tg.cancel_scope.cancel()
 
     _run(main)
