@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import sys
@@ -35,16 +36,31 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_DATA = Path(".hive")
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from services.auth import AuthConfigError
-    from services.gateway import GatewayError
-    from workers import ProviderUnavailable
+# Errors of the gateway and the adapters, by module: a module never imported raised none of them, and
+# importing one just to name its errors would make every command need the gateway's extra.
+_LAZY_ERRORS = (
+    ("services.auth", "AuthConfigError"),
+    ("services.gateway", "GatewayError"),
+    ("workers", "ProviderUnavailable"),
+)
 
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    lazy = [getattr(sys.modules[m], name) for m, name in _LAZY_ERRORS if m in sys.modules]
     return (
-        HiveError, SettingsError, EmbeddedServerError, GatewayError, HandlerError, ProviderUnavailable, PriceFileError, BudgetError,
-        AuthConfigError,
-        msgspec.ValidationError,
+        HiveError, SettingsError, EmbeddedServerError, HandlerError, PriceFileError, BudgetError,
+        msgspec.ValidationError, *lazy,
     )  # fmt: skip
+
+
+def _gateway_extra(command: str) -> None:
+    """One clear line, not a traceback, when the gateway's libraries are not installed."""
+    missing = [m for m in ("litestar", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(
+            f"{command} needs the 'gateway' extra ({', '.join(missing)} not installed): "
+            "pip install 'hive-bus[gateway]'"
+        )
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
@@ -150,6 +166,7 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
 @click.option("--prefix", help="bus prefix [env HIVE_PREFIX; hive]")
 def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> None:
     """Run it all on this machine: nats-server, the gateway, and a worker per available provider."""
+    _gateway_extra("hive up")
     from services.auth import Tokens, check_exposure
     from services.gateway import Gateway, GatewayOptions, bind
     from workers import available
@@ -214,6 +231,7 @@ def nats_cmd(host: str, port: int, data: Path) -> None:
 def gateway(host: str, port: int, max_body_bytes: int, settings: Settings) -> None:
     """Run the HTTP gateway. Off loopback it needs tokens: HIVE_GATEWAY_TOKENS (comma-separated) or
     HIVE_GATEWAY_TOKENS_FILE (one per line); HIVE_METRICS_TOKEN, if set, is the one /metrics takes."""
+    _gateway_extra("hive gateway")
     from services.auth import Tokens, check_exposure
     from services.gateway import Gateway, GatewayOptions, bind
 

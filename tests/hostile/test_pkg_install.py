@@ -1,0 +1,151 @@
+"""What each role installs (issue 13, points 1 and 2): the base install runs the client and workers,
+a missing extra is one line naming the command that installs it, and a handler's directory does not
+take the place of installed packages.
+
+A base install is stood for here by a child interpreter in which the extras' modules cannot be
+imported (``sys.modules[name] = None``, as Python documents for blocking an import); the wheel test
+at the end installs the real wheel into a clean virtualenv."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hive_bus import connect, load_handler
+from hive_bus._embedded import NatsServer
+
+from ..conftest import make_settings
+from ..helpers import HIVE, REPO, eventually, free_port, wait_until
+
+pytestmark = pytest.mark.anyio
+
+EXTRAS_MODULES = ("litestar", "uvicorn", "prometheus_client", "google.genai", "groq", "openai", "anthropic")
+BASE_ONLY = f"import sys\nfor name in {EXTRAS_MODULES!r}:\n    sys.modules[name] = None\n"
+
+
+@pytest.fixture
+def base_only(tmp_path: Path) -> dict[str, str]:
+    """The environment of a child whose Python has hive-bus without any extra."""
+    site = tmp_path / "base-only"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BASE_ONLY)
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)}
+
+
+def run_hive(
+    args: list[str], *, env: dict[str, str] | None = None, cwd: Path = REPO, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [HIVE, *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+        timeout=timeout_s, check=False,
+    )  # fmt: skip
+
+
+def start_hive(args: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [HIVE, *args], cwd=cwd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_without_extras_the_client_commands_run_and_the_gateway_names_its_extra(
+    base_only: dict[str, str],
+) -> None:
+    down = f"nats://127.0.0.1:{free_port()}"
+    # an error on the way names what is wrong, without reaching for the gateway's modules
+    assert f"cannot reach NATS at {down}" in one_line(
+        run_hive(["submit", "echo", "hola", "--nats", down], env=base_only)
+    )
+    for command in (["gateway", "--port", "0"], ["up", "--port", "0", "--nats-port", "0"]):
+        line = one_line(run_hive(command, env=base_only))
+        assert line.startswith(f"Error: hive {command[0]} needs the 'gateway' extra"), line
+        assert line.endswith("pip install 'hive-bus[gateway]'"), line
+    for provider, key in (
+        ("gemini", "GEMINI_API_KEY"),
+        ("groq", "GROQ_API_KEY"),
+        ("openai", "OPENAI_BASE_URL"),
+    ):
+        line = one_line(run_hive(["worker", provider, "--nats", down], env={**base_only, key: "x"}))
+        assert line.startswith(f"Error: {provider}: its SDK is not installed"), line
+        assert line.endswith(f"pip install 'hive-bus[{provider}]'"), line
+    line = one_line(
+        run_hive(["worker", "anthropic", "--nats", down], env={**base_only, "ANTHROPIC_API_KEY": "x"})
+    )
+    assert line.endswith("pip install 'hive-bus[anthropic]'"), line
+
+
+@pytest.fixture
+def user_dir(tmp_path: Path) -> Path:
+    """A user's project: a handler module beside a ``services`` package of the user's own."""
+    project = tmp_path / "project"
+    (project / "services").mkdir(parents=True)
+    (project / "services" / "__init__.py").write_text(
+        'raise ImportError("the user\'s own services package")\n'
+    )
+    (project / "jobs.py").write_text("async def reverse(task):\n    return task.prompt[::-1]\n")
+    return project
+
+
+def test_a_handler_loads_after_installed_packages(user_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(user_dir)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "jobs", raising=False)
+    try:
+        load_handler("jobs:reverse")
+        spec = importlib.util.find_spec("services")
+    finally:
+        sys.modules.pop("jobs", None)
+    assert spec is not None and spec.origin == str(REPO / "services" / "__init__.py")
+
+
+@pytest.mark.slow
+async def test_a_worker_started_beside_a_services_package_serves_and_fails_cleanly(
+    user_dir: Path, base_only: dict[str, str], nats_server: NatsServer
+) -> None:
+    down = f"nats://127.0.0.1:{free_port()}"
+    failed = run_hive(["worker", "mine", "--handler", "jobs:reverse", "--nats", down], cwd=user_dir)
+    assert f"cannot reach NATS at {down}" in one_line(failed)
+
+    settings = make_settings(nats_server.url, heartbeat_interval_s=5.0, heartbeat_ttl_s=15.0)
+    log = user_dir.parent / "worker.log"
+    args = [
+        "worker",
+        "mine",
+        "--handler",
+        "jobs:reverse",
+        "--nats",
+        settings.nats_url,
+        "--prefix",
+        settings.prefix,
+    ]
+    proc = start_hive(args, cwd=user_dir, env=base_only, log=log)  # a base install serves handlers too
+    try:
+        wait_until(lambda: "serving mine" in log.read_text() or proc.poll() is not None, 30, "the worker")
+        assert proc.poll() is None, log.read_text()
+        async with connect(settings=settings) as hive:
+            task_id = await hive.submit("mine", "café con leche")
+
+            async def completed() -> str | None:
+                view = await hive.get(task_id)
+                return str(view.output) if view.status == "completed" else None
+
+            assert await eventually(completed, 15, "the task to complete") == "ehcel noc éfac"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "Traceback" not in log.read_text()
