@@ -21,7 +21,7 @@ BUILTIN_NAMES = ("echo", "gemini", "groq", "anthropic", "openai")
 
 
 class ProviderUnavailable(LookupError):
-    """A built-in provider that cannot run here (unknown name, missing credentials); says why."""
+    """A built-in provider that cannot run here (unknown name, missing credentials or SDK); says why."""
 
 
 _KEY_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -74,7 +74,7 @@ def builtin(name: str, environ: Mapping[str, str], *, model: str | None = None) 
         if (exc.name or "").partition(".")[0] in ("workers", "hive_bus"):
             raise  # our own module missing is a broken install, not a missing extra
         raise ProviderUnavailable(
-            f"{name}: its SDK is not installed (no module {exc.name!r}): pip install 'hive-bus[{name}]'"
+            f"{name}: its SDK is not installed: pip install 'hive-bus[{name}]'"
         ) from None
     keys: list[ProviderKey] = module.from_env(environ, model=model)
     return keys

@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from hive_bus import connect, load_handler
@@ -149,3 +152,72 @@ async def test_a_worker_started_beside_a_services_package_serves_and_fails_clean
         proc.terminate()
         proc.wait(30)
     assert "Traceback" not in log.read_text()
+
+
+def _banner(log: Path) -> str | None:
+    found = re.search(r"hive is up: gateway (http://\S+),", log.read_text())
+    return found.group(1) if found else None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_wheel_installs_in_a_clean_virtualenv_and_runs_hive_up(tmp_path: Path) -> None:
+    def run(*args: str | Path, cwd: Path = tmp_path) -> str:
+        done = subprocess.run(
+            [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert done.returncode == 0, f"{args}: {done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    run(sys.executable, "-m", "build", "--wheel", "--outdir", tmp_path / "dist", REPO)
+    (wheel,) = (tmp_path / "dist").glob("hive_bus-*.whl")
+    run(sys.executable, "-m", "venv", tmp_path / "venv")
+    bin_dir = tmp_path / "venv" / "bin"
+    pip: list[str | Path] = [bin_dir / "python", "-m", "pip", "install", "--quiet"]
+
+    # the base install: the client and the workers, and one clear line for what needs an extra
+    run(*pip, wheel)
+    where = run(
+        bin_dir / "python", "-c", "import hive_bus, workers; print(hive_bus.__file__, workers.__file__)"
+    )
+    assert all(Path(p).is_relative_to(tmp_path / "venv") for p in where.split()), where
+    hive = str(bin_dir / "hive")
+    gateway = subprocess.run(
+        [hive, "gateway", "--port", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert one_line(gateway).endswith("pip install 'hive-bus[gateway]'")
+    worker = subprocess.run(
+        [hive, "worker", "gemini"], cwd=tmp_path, env={**env, "GEMINI_API_KEY": "x"}, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert one_line(worker) == "Error: gemini: its SDK is not installed: pip install 'hive-bus[gemini]'"
+
+    # with the gateway's extra: hive up serves a task, and names the extra of a provider it cannot start
+    run(*pip, f"{wheel}[gateway]")
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [hive, "up", "--port", "0", "--nats-port", "0", "--data", str(tmp_path / "data")],
+            cwd=tmp_path, env={**env, "PYTHONUNBUFFERED": "1", "GEMINI_API_KEY": "x"},
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: _banner(log) is not None or proc.poll() is not None, 60, "hive up to start")
+        url = _banner(log)
+        assert url is not None, log.read_text()
+        accepted = httpx.post(f"{url}/v1/tasks", json={"provider": "echo", "prompt": "desde la rueda"})
+        assert accepted.status_code == 202, accepted.text
+        done = httpx.get(f"{url}/v1/tasks/{accepted.json()['id']}", params={"wait": 15}, timeout=20).json()
+        assert (done["status"], done["output"]) == ("completed", "desde la rueda")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert (
+        "not started: gemini: its SDK is not installed" in text and "pip install 'hive-bus[gemini]'" in text
+    )
+    assert "Traceback" not in text
