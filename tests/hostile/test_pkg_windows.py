@@ -68,7 +68,7 @@ async def test_ctrl_c_drains_a_worker_where_the_loop_has_no_signal_handlers(
         wait_until(lambda: "serving win" in log.read_text() or proc.poll() is not None, 30, "the worker")
         assert proc.poll() is None, log.read_text()
         async with connect(settings=settings) as hive:
-            task_id = await hive.submit("win", "una tarea larga", payload={"delay_s": 3})
+            task_id = await hive.submit("win", "una tarea larga", payload={"delay_s": 4})
 
             async def running() -> bool:
                 return (await hive.get(task_id)).status == "running"
@@ -81,8 +81,9 @@ async def test_ctrl_c_drains_a_worker_where_the_loop_has_no_signal_handlers(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert (done.status, done.output) == ("completed", "slept 3s")  # the task in flight was finished
+    assert (done.status, done.output) == ("completed", "slept 4s")  # the task in flight was finished
     text = log.read_text()
     assert "windows-like: add_signal_handler is not supported" in text  # the simulation was in force
     assert "SIGINT received; stopping" in text
+    assert "draining 1 task(s)" in text  # the signal came while the task ran
     assert "Traceback" not in text
