@@ -17,7 +17,7 @@ from hive_bus import connect
 from hive_bus._embedded import NatsServer
 
 from ..conftest import make_settings
-from ..helpers import eventually, spawn, wait_until
+from ..helpers import eventually, hive_cli, spawn, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -68,7 +68,12 @@ async def test_ctrl_c_drains_a_worker_where_the_loop_has_no_signal_handlers(
         wait_until(lambda: "serving win" in log.read_text() or proc.poll() is not None, 30, "the worker")
         assert proc.poll() is None, log.read_text()
         async with connect(settings=settings) as hive:
-            task_id = await hive.submit("win", "una tarea larga", payload={"delay_s": 4})
+            bus = ["--nats", settings.nats_url, "--prefix", settings.prefix]
+            submitted = hive_cli(
+                ["submit", "win", "una tarea larga", "--payload", '{"delay_s": 4}', *bus], env=windows_like
+            )
+            assert submitted.returncode == 0, submitted.stderr  # the client, too, runs without fork
+            task_id = submitted.stdout.strip()
 
             async def running() -> bool:
                 return (await hive.get(task_id)).status == "running"
