@@ -10,13 +10,14 @@ COPY services ./services
 COPY workers ./workers
 # Wheels for the target platform: under buildx this stage runs as the target (QEMU), so pip picks
 # the aarch64 wheels on arm64.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# [all]: the gateway and every provider SDK, so one image runs any role
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[all]'
 
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin hive
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels hive-bus && rm -rf /wheels
+RUN pip install --no-cache-dir --no-index --find-links /wheels 'hive-bus[all]' && rm -rf /wheels
 # compose.yaml runs it as the host user that owns the mounted keys and passwords (HIVE_UID)
 USER 10001
 EXPOSE 8080

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
@@ -26,6 +26,7 @@ from ._messages import TaskRequest, TaskView, encoder, event_decoder, explain_er
 from ._prices import PriceFileError, PriceTable
 from ._providers import HandlerError, Provider, load_handler
 from ._settings import Settings, SettingsError, load_settings, with_overrides
+from ._signals import until_stopped
 from ._version import __version__
 from ._worker import ProviderKey, Worker, WorkerOptions
 
@@ -35,16 +36,31 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_DATA = Path(".hive")
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from services.auth import AuthConfigError
-    from services.gateway import GatewayError
-    from workers import ProviderUnavailable
+# Errors of the gateway and the adapters, by module: a module never imported raised none of them, and
+# importing one just to name its errors would make every command need the gateway's extra.
+_LAZY_ERRORS = (
+    ("services.auth", "AuthConfigError"),
+    ("services.gateway", "GatewayError"),
+    ("workers", "ProviderUnavailable"),
+)
 
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    lazy = [getattr(sys.modules[m], name) for m, name in _LAZY_ERRORS if m in sys.modules]
     return (
-        HiveError, SettingsError, EmbeddedServerError, GatewayError, HandlerError, ProviderUnavailable, PriceFileError, BudgetError,
-        AuthConfigError,
-        msgspec.ValidationError,
+        HiveError, SettingsError, EmbeddedServerError, HandlerError, PriceFileError, BudgetError,
+        msgspec.ValidationError, *lazy,
     )  # fmt: skip
+
+
+def _gateway_extra(command: str) -> None:
+    """One clear line, not a traceback, when the gateway's libraries are not installed."""
+    missing = [m for m in ("litestar", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(
+            f"{command} needs the 'gateway' extra ({', '.join(missing)} not installed): "
+            "pip install 'hive-bus[gateway]'"
+        )
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
@@ -115,13 +131,6 @@ def bus_options(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-async def _until_stopped() -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("%s received; stopping", signal.Signals(signum).name)
-            return
-
-
 def _provider_for(name: str, handler: str | None, model: str | None) -> Provider | list[ProviderKey]:
     if handler:
         return load_handler(handler)
@@ -157,6 +166,7 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
 @click.option("--prefix", help="bus prefix [env HIVE_PREFIX; hive]")
 def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> None:
     """Run it all on this machine: nats-server, the gateway, and a worker per available provider."""
+    _gateway_extra("hive up")
     from services.auth import Tokens, check_exposure
     from services.gateway import Gateway, GatewayOptions, bind
     from workers import available
@@ -188,7 +198,7 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                             f"hive is up: gateway {gateway.url}, nats {server.url}, data {data}/, "
                             f"workers: {', '.join(providers)}. Ctrl-C stops it."
                         )
-                        await _until_stopped()
+                        await until_stopped()
                         gateway.stop()
                         for worker in workers:
                             worker.stop()
@@ -208,7 +218,7 @@ def nats_cmd(host: str, port: int, data: Path) -> None:
     async def main() -> None:
         async with run_nats_server(data / "nats", port=port, host=host) as server:
             click.echo(f"nats-server on {server.url}, store {server.store_dir}. Ctrl-C stops it.")
-            await _until_stopped()
+            await until_stopped()
 
     _run(main)
 
@@ -221,6 +231,7 @@ def nats_cmd(host: str, port: int, data: Path) -> None:
 def gateway(host: str, port: int, max_body_bytes: int, settings: Settings) -> None:
     """Run the HTTP gateway. Off loopback it needs tokens: HIVE_GATEWAY_TOKENS (comma-separated) or
     HIVE_GATEWAY_TOKENS_FILE (one per line); HIVE_METRICS_TOKEN, if set, is the one /metrics takes."""
+    _gateway_extra("hive gateway")
     from services.auth import Tokens, check_exposure
     from services.gateway import Gateway, GatewayOptions, bind
 
@@ -234,7 +245,7 @@ def gateway(host: str, port: int, max_body_bytes: int, settings: Settings) -> No
             async with anyio.create_task_group() as tg:
                 await tg.start(gw.serve)
                 click.echo(f"gateway on {gw.url}, bus {settings.prefix}. Ctrl-C stops it.")
-                await _until_stopped()
+                await until_stopped()
                 gw.stop()
 
     _run(main)
@@ -295,7 +306,7 @@ def worker(
             async with anyio.create_task_group() as tg:
                 await tg.start(w.run)
                 click.echo(f"worker {w.id} serving {name}. Ctrl-C drains and stops it.")
-                await _until_stopped()
+                await until_stopped()
                 w.stop()
 
     _run(main)
@@ -486,7 +497,7 @@ def watch(provider: str | None, settings: Settings) -> None:
     async def main() -> None:
         async with connect(settings=settings) as hive, anyio.create_task_group() as tg:
             tg.start_soon(_follow_events, hive, provider)
-            await _until_stopped()
+            await until_stopped()
             tg.cancel_scope.cancel()
 
     _run(main)

@@ -70,7 +70,8 @@ class _TaskIds:
         self._last = 0
         self._random = b""  # os.urandom bytes, fetched 4 KiB at a time rather than 10 bytes an id
         self._used = 0
-        os.register_at_fork(after_in_child=self._forget)  # a child must never reuse the parent's
+        if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork to guard against
+            os.register_at_fork(after_in_child=self._forget)  # a child must never reuse the parent's
 
     def _forget(self) -> None:
         self._random, self._used, self._last = b"", 0, 0

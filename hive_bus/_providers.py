@@ -55,15 +55,17 @@ def load_handler(spec: str) -> FunctionProvider:
     if not sep or not module_name or not attr:
         raise HandlerError(f"handler {spec!r} is not of the form package.module:function")
     if os.getcwd() not in sys.path:
-        # Like uvicorn's --app-dir: a handler in the directory the worker was started from imports.
-        sys.path.insert(0, os.getcwd())
+        # A handler in the directory the worker was started from imports, but last: a folder there
+        # named like an installed package (a `services/` of the user's) must not take its place.
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise HandlerError(f"cannot import module {module_name!r} for handler {spec!r}: {exc}") from None
     fn = getattr(module, attr, None)
     if fn is None:
-        raise HandlerError(f"module {module_name!r} has no attribute {attr!r}")
+        where = getattr(module, "__file__", None) or "a namespace package"
+        raise HandlerError(f"module {module_name!r} ({where}) has no attribute {attr!r}")
     if not inspect.iscoroutinefunction(fn):
         raise HandlerError(f"handler {spec!r} must be an async function (async def {attr}(task): ...)")
     return FunctionProvider(fn)

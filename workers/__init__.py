@@ -21,7 +21,7 @@ BUILTIN_NAMES = ("echo", "gemini", "groq", "anthropic", "openai")
 
 
 class ProviderUnavailable(LookupError):
-    """A built-in provider that cannot run here (unknown name, missing credentials); says why."""
+    """A built-in provider that cannot run here (unknown name, missing credentials or SDK); says why."""
 
 
 _KEY_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -68,7 +68,14 @@ def builtin(name: str, environ: Mapping[str, str], *, model: str | None = None) 
             f"no built-in provider {name!r} (built in: {', '.join(BUILTIN_NAMES)}); "
             f"for your own, use --handler package.module:function --provider {name}"
         )
-    module = importlib.import_module(f"workers.{name}")
+    try:
+        module = importlib.import_module(f"workers.{name}")
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] in ("workers", "hive_bus"):
+            raise  # our own module missing is a broken install, not a missing extra
+        raise ProviderUnavailable(
+            f"{name}: its SDK is not installed: pip install 'hive-bus[{name}]'"
+        ) from None
     keys: list[ProviderKey] = module.from_env(environ, model=model)
     return keys
 

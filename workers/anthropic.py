@@ -64,7 +64,7 @@ def from_env(environ: Mapping[str, str], *, model: str | None = None) -> list[Pr
         import anthropic
     except ImportError:
         raise ProviderUnavailable(
-            "anthropic: the SDK is not installed (pip install 'hive-bus[anthropic]')"
+            "anthropic: its SDK is not installed: pip install 'hive-bus[anthropic]'"
         ) from None
     base_url = environ.get("ANTHROPIC_BASE_URL")
     return keyed(
