@@ -22,8 +22,8 @@ import pytest
 from hive_bus import connect, load_handler
 from hive_bus._embedded import NatsServer
 
-from ..conftest import make_settings
-from ..helpers import HIVE, REPO, eventually, free_port, wait_until
+from .conftest import make_settings
+from .helpers import HIVE, REPO, eventually, free_port, wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -16,8 +16,8 @@ import pytest
 from hive_bus import connect
 from hive_bus._embedded import NatsServer
 
-from ..conftest import make_settings
-from ..helpers import eventually, hive_cli, spawn, wait_until
+from .conftest import make_settings
+from .helpers import eventually, hive_cli, spawn, wait_until
 
 pytestmark = pytest.mark.anyio
 
