@@ -53,7 +53,7 @@ def now_ms() -> int:
 
 
 def is_task_id(value: str) -> bool:
-    return TASK_ID_RE.match(value) is not None
+    return TASK_ID_RE.fullmatch(value) is not None  # not match: "$" also matches before a final "\n"
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
