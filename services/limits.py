@@ -72,6 +72,15 @@ class _Limited(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        self._track()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start the next request, already received
+        if not self.transport.is_closing():
+            self._track()
+
+    def _track(self) -> None:
+        """Set the timer for what the client owes now: a request's head, its body, or nothing."""
         cycle = self.cycle
         if cycle is None:
             return  # the first request's head is still coming: its timer runs from the connection's start
@@ -79,11 +88,10 @@ class _Limited(H11Protocol):
             self._timed_cycle = cycle
             self._arm(self.limits.body_timeout_s, _SLOW_BODY)
         if not cycle.more_body:
-            if cycle.response_complete:  # these bytes begin the next request
-                if self._timer is None:
-                    self._arm(self.limits.header_timeout_s, _SLOW_HEAD)
-            else:
+            if not cycle.response_complete:
                 self._disarm()  # the whole request is in: the handler's time is not the client's
+            elif self._timer is None:  # answered: the next request's head has its time
+                self._arm(self.limits.header_timeout_s, _SLOW_HEAD)
 
     def _arm(self, after_s: float, answer: bytes) -> None:
         self._disarm()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
@@ -20,6 +21,7 @@ import pytest
 from hive_bus import Bus, Hive, Settings, open_bus
 from services.auth import AuthConfigError, Tokens
 from services.gateway import Gateway, GatewayOptions
+from services.limits import ConnectionLimits
 from tests.helpers import wait_until
 from tests.test_cli import Up, hive_up
 
@@ -215,3 +217,110 @@ async def test_a_page_of_another_origin_cannot_act_on_a_tokenless_gateway(settin
         # the dashboard, served by the gateway itself, is of the same origin
         r = await http.post(f"/v1/dlq/{NO_TASK}/replay", headers={"Origin": gw.url})
         assert r.status_code == 404
+
+
+# point 8: a client that goes away, or takes its time ----------------------------------------------
+
+
+def _subscriptions(bus: Bus) -> int:
+    # every wait, task event stream and feed holds one subscription on the gateway's connection
+    return len(bus.nc._subs)
+
+
+async def _open_and_drop(port: int, request: bytes, count: int) -> None:
+    """Send ``count`` requests at once, then close their connections without reading an answer."""
+    streams = []
+    for _ in range(count):
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        await stream.send(request)
+        streams.append(stream)
+    await anyio.sleep(1)  # the handlers are all waiting now
+    for stream in streams:
+        await stream.aclose()
+
+
+async def _p50_s(http: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> float:
+    times = []
+    for _ in range(20):
+        start = anyio.current_time()
+        r = await http.request(method, path, **kwargs)
+        assert r.status_code < 300, r.text
+        times.append(anyio.current_time() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.mark.slow
+async def test_abandoned_waits_streams_and_feeds_end_with_their_connection(settings: Settings) -> None:
+    async with serving(settings) as gw, httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        task_id = (await http.post("/v1/tasks", json={"provider": "nobody", "prompt": "x"})).json()["id"]
+        baseline = _subscriptions(gw.bus)
+        post_s = await _p50_s(http, "POST", "/v1/tasks", json={"provider": "nobody", "prompt": "y"})
+        for path, count in [
+            (f"/v1/tasks/{task_id}?wait=300", 400),
+            (f"/v1/tasks/{task_id}/events", 50),
+            ("/v1/events", 50),
+        ]:
+            await _open_and_drop(gw.port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode(), count)
+            with anyio.fail_after(5):
+                while _subscriptions(gw.bus) > baseline:  # noqa: ASYNC110 - nothing to wait on
+                    await anyio.sleep(0.05)
+        # nothing left running: submissions and stats answer as fast as before
+        post_after_s = await _p50_s(http, "POST", "/v1/tasks", json={"provider": "nobody", "prompt": "z"})
+        stats_s = await _p50_s(http, "GET", "/v1/stats")
+        figures = f"POST p50 {post_s * 1e3:.1f} ms before, {post_after_s * 1e3:.1f} ms after; stats {stats_s * 1e3:.1f} ms"
+        logging.getLogger(__name__).warning(figures)
+        assert post_after_s < max(0.1, 3 * post_s)
+        assert stats_s < 0.5
+
+
+async def _closed_within(stream: anyio.abc.SocketStream, timeout_s: float) -> bytes:
+    """Everything the gateway sends until it closes the connection (fails if it does not in time)."""
+    received = b""
+    with anyio.fail_after(timeout_s):
+        try:
+            while True:
+                received += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return received
+
+
+async def test_slow_heads_and_bodies_are_cut_off(settings: Settings) -> None:
+    limits = ConnectionLimits(header_timeout_s=1.0, body_timeout_s=1.0)
+    async with serving(settings, limits=limits) as gw:
+        # nothing at all
+        async with await anyio.connect_tcp("127.0.0.1", gw.port) as silent:
+            assert b" 408 " in await _closed_within(silent, 3)
+        # a head one piece at a time, each in time for a per-read timeout, never ending
+        async with await anyio.connect_tcp("127.0.0.1", gw.port) as slow_head:
+            await slow_head.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            with pytest.raises(anyio.BrokenResourceError):
+                for i in range(30):
+                    await slow_head.send(b"X-%d: 1\r\n" % i)
+                    await anyio.sleep(0.2)
+        # a body that does not come
+        async with await anyio.connect_tcp("127.0.0.1", gw.port) as slow_body:
+            head = b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            await slow_body.send(head + b'Content-Length: 100\r\n\r\n{"provider": ')
+            answer = await _closed_within(slow_body, 3)
+            assert b" 408 " in answer or answer == b"", answer
+        assert await _queued(gw.bus) == 0
+        # a whole request, then a next one that stalls: the first is answered, the second cut off
+        async with await anyio.connect_tcp("127.0.0.1", gw.port) as kept:
+            await kept.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /healthz HTTP/1.1\r\n")
+            answer = await _closed_within(kept, 3)
+            assert answer.startswith(b"HTTP/1.1 200 ") and b" 408 " in answer
+
+
+async def test_connections_beyond_the_cap_are_refused_at_once(settings: Settings) -> None:
+    limits = ConnectionLimits(max_connections=5, header_timeout_s=30)
+    async with serving(settings, limits=limits) as gw:
+        held = [await anyio.connect_tcp("127.0.0.1", gw.port) for _ in range(5)]
+        await anyio.sleep(0.2)
+        async with await anyio.connect_tcp("127.0.0.1", gw.port) as extra:
+            assert (await _closed_within(extra, 2)).startswith(b"HTTP/1.1 503 ")
+        await held.pop().aclose()
+        await anyio.sleep(0.2)
+        async with httpx.AsyncClient(base_url=gw.url) as http:
+            assert (await http.get("/healthz")).status_code == 200
+        for stream in held:
+            await stream.aclose()
