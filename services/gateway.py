@@ -38,7 +38,7 @@ from .auth import Tokens, check_exposure
 from .dlq_api import DLQ_ROUTES
 from .edge import Edge
 from .fastpath import FastSubmit
-from .limits import ConnectionLimits, limited_protocol
+from .limits import ConnectionLimits, ensure_file_limit, limited_protocol
 from .metrics import BusMetrics
 
 log = logging.getLogger("hive_bus.gateway")
@@ -202,6 +202,7 @@ class Gateway:
 
     def __init__(self, hive: Hive, options: GatewayOptions, *, sock: socket.socket | None = None) -> None:
         check_exposure(options.host, options.tokens)
+        ensure_file_limit(options.limits.max_connections)
         self.options = options
         self.metrics = BusMetrics(hive.bus)
         self.router = Router(hive.bus)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("hive_bus.gateway")
 
+# File descriptors the gateway needs beside its HTTP connections: NATS, logs, files it serves, epoll.
+OTHER_FILES = 256
 # Logged at most this often, so that a flood of connections does not turn into a flood of lines.
 LOG_EVERY_S = 10.0
 
@@ -125,3 +128,29 @@ class _Limited(H11Protocol):
 def limited_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
     """uvicorn's h11 protocol held to ``limits`` (pass it as ``uvicorn.Config(http=...)``)."""
     return type("LimitedH11Protocol", (_Limited,), {"limits": limits, "_logged_at": 0.0})
+
+
+def ensure_file_limit(max_connections: int) -> int:
+    """Raise this process's soft limit of open files to what ``max_connections`` needs, when the hard
+    limit allows; say so when it does not (an exhausted limit makes every accept fail). Returns the
+    soft limit now in force (0 where there is none to read)."""
+    if sys.platform == "win32":
+        return 0
+    import resource
+
+    needed = max_connections + OTHER_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if raised > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+    if raised < needed:
+        log.warning(
+            "open files are limited to %d, fewer than %d connections need (%d); raise LimitNOFILE "
+            "(systemd) or ulimit -n, or lower --max-connections",
+            raised,
+            max_connections,
+            needed,
+        )
+    return raised

@@ -4,6 +4,7 @@ of them takes the hub down, slows it for others, or reaches the bus with what it
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -21,8 +22,8 @@ import pytest
 from hive_bus import Bus, Hive, Settings, open_bus
 from services.auth import AuthConfigError, Tokens
 from services.gateway import Gateway, GatewayOptions
-from services.limits import ConnectionLimits
-from tests.helpers import wait_until
+from services.limits import OTHER_FILES, ConnectionLimits
+from tests.helpers import REPO, wait_until
 from tests.test_cli import Up, hive_up
 
 pytestmark = pytest.mark.anyio
@@ -324,3 +325,11 @@ async def test_connections_beyond_the_cap_are_refused_at_once(settings: Settings
             assert (await http.get("/healthz")).status_code == 200
         for stream in held:
             await stream.aclose()
+
+
+def test_the_gateway_unit_allows_the_open_files_its_connection_cap_needs() -> None:
+    unit = (REPO / "deploy" / "systemd" / "hive-gateway.service").read_text()
+    cap = re.search(r"^ExecStart=.* --max-connections (\d+)", unit, re.MULTILINE)
+    files = re.search(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
+    assert cap is not None and files is not None, "the unit names its cap and its file limit"
+    assert int(files.group(1)) >= int(cap.group(1)) + OTHER_FILES
