@@ -16,10 +16,12 @@ from typing import Any
 import anyio
 import anyio.abc
 import httpx
+import msgspec
 import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from hive_bus import Bus, Hive, Settings, open_bus
+from hive_bus._messages import Task, is_task_id, new_task_id
 from services.auth import AuthConfigError, Tokens
 from services.gateway import Gateway, GatewayOptions
 from services.limits import OTHER_FILES, ConnectionLimits
@@ -333,3 +335,12 @@ def test_the_gateway_unit_allows_the_open_files_its_connection_cap_needs() -> No
     files = re.search(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
     assert cap is not None and files is not None, "the unit names its cap and its file limit"
     assert int(files.group(1)) >= int(cap.group(1)) + OTHER_FILES
+
+
+def test_a_task_id_with_a_trailing_newline_is_not_a_task_id_anywhere() -> None:
+    good = new_task_id()
+    assert is_task_id(good) and not is_task_id(good + "\n")
+    task = {"type": "task.v1", "id": good, "provider": "echo", "prompt": "x", "submitted_at_ms": 1}
+    assert msgspec.json.decode(msgspec.json.encode(task), type=Task).id == good
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.id"):
+        msgspec.json.decode(msgspec.json.encode({**task, "id": good + "\n"}), type=Task)
