@@ -227,20 +227,30 @@ def nats_cmd(host: str, port: int, data: Path) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
 @click.option("--max-body-bytes", default=256 * 1024, show_default=True)
+@click.option(
+    "--max-connections",
+    default=1000,
+    show_default=True,
+    help="HTTP connections at once; more get 503 (allow this many open files, and some)",
+)
 @bus_options
-def gateway(host: str, port: int, max_body_bytes: int, settings: Settings) -> None:
+def gateway(host: str, port: int, max_body_bytes: int, max_connections: int, settings: Settings) -> None:
     """Run the HTTP gateway. Off loopback it needs tokens: HIVE_GATEWAY_TOKENS (comma-separated) or
     HIVE_GATEWAY_TOKENS_FILE (one per line); HIVE_METRICS_TOKEN, if set, is the one /metrics takes."""
     _gateway_extra("hive gateway")
     from services.auth import Tokens, check_exposure
     from services.gateway import Gateway, GatewayOptions, bind
+    from services.limits import ConnectionLimits
 
     async def main() -> None:
         tokens = Tokens.from_env(os.environ)
         check_exposure(host, tokens)
         sock = bind(host, port)
         async with connect(settings=settings) as hive:
-            options = GatewayOptions(host=host, port=port, max_body_bytes=max_body_bytes, tokens=tokens)
+            limits = ConnectionLimits(max_connections=max_connections)
+            options = GatewayOptions(
+                host=host, port=port, max_body_bytes=max_body_bytes, tokens=tokens, limits=limits
+            )
             gw = Gateway(hive, options, sock=sock)
             async with anyio.create_task_group() as tg:
                 await tg.start(gw.serve)

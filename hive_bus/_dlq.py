@@ -106,7 +106,7 @@ async def dead_letter(bus: Bus, task_id: str) -> DeadLetter:
     names = bus.names
     if not is_task_id(task_id) and not task_id.startswith("undecodable-"):
         raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
-    if any(c in task_id for c in ".*> \t"):
+    if any(c in task_id for c in ".*> \t\r\n"):
         raise TaskNotFound(f"{task_id!r} is not a task id")
     try:
         raw = await bus.js.get_last_msg(names.dlq_stream, names.dead_letters_of(task_id), direct=True)

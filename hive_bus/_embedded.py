@@ -9,13 +9,14 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,12 +25,21 @@ import anyio
 log = logging.getLogger("hive_bus.nats")
 
 
-def _die_with_parent() -> None:
+def _die_with(parent_pid: int) -> Callable[[], None]:
     """In the child: SIGTERM when the process that started it dies, even by SIGKILL (Linux), so a
-    killed ``hive up`` leaves no server holding its port and store."""
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    killed ``hive up`` leaves no server holding its port and store.
+
+    Linux sends that signal when the *thread* that forked the child exits, not the process: see
+    :meth:`NatsServer.launch` for which thread that must be."""
+
+    def in_child() -> None:
+        if sys.platform == "linux":
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent_pid:  # the parent died before the signal was asked for
+                os._exit(1)
+
+    return in_child
 
 
 _PR_SET_PDEATHSIG = 1
@@ -77,6 +87,7 @@ class NatsServer:
         self.extra_args = list(extra_args)
         self.log_path = log_path or self.store_dir / "nats-server.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._ports_dir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -91,10 +102,20 @@ class NatsServer:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self, timeout_s: float = 15.0) -> None:
+        """Start the server and wait until it listens: :meth:`launch`, then :meth:`wait_ready`."""
+        self.launch()
+        self.wait_ready(timeout_s)
+
+    def launch(self) -> None:
+        """Start the server's process, without waiting for it to listen.
+
+        The server ends when the thread that calls this ends (``PR_SET_PDEATHSIG`` is per thread on
+        Linux): call it from a thread that outlives the server, the main thread or the event loop's,
+        never from a pool's worker thread (anyio retires an idle one after 10 s)."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        ports_dir = Path(tempfile.mkdtemp(prefix="hive-ports-"))
+        self._ports_dir = Path(tempfile.mkdtemp(prefix="hive-ports-"))
         cmd = [nats_server_path(), "-js", "-sd", str(self.store_dir), "-a", self.host]
-        cmd += ["-p", str(self.port or -1), "--ports_file_dir", str(ports_dir)]
+        cmd += ["-p", str(self.port or -1), "--ports_file_dir", str(self._ports_dir)]
         if self.config is not None:
             cmd += ["-c", str(self.config)]
         cmd += self.extra_args
@@ -107,12 +128,17 @@ class NatsServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with(os.getpid()),
             )
+
+    def wait_ready(self, timeout_s: float = 15.0) -> None:
+        """Wait until the launched server listens (blocking; any thread may wait)."""
+        assert self._proc is not None and self._ports_dir is not None, "launch() first"
         try:
-            self.port = self._wait_for_port(ports_dir, timeout_s)
+            self.port = self._wait_for_port(self._ports_dir, timeout_s)
         finally:
-            shutil.rmtree(ports_dir, ignore_errors=True)
+            shutil.rmtree(self._ports_dir, ignore_errors=True)
+            self._ports_dir = None
         log.info("nats-server %d listening on %s, store %s", self._proc.pid, self.url, self.store_dir)
 
     def _wait_for_port(self, ports_dir: Path, timeout_s: float) -> int:
@@ -174,8 +200,11 @@ async def run_nats_server(
     store_dir: Path, *, port: int = 0, host: str = "127.0.0.1"
 ) -> AsyncIterator[NatsServer]:
     server = NatsServer(store_dir, port=port, host=host)
-    await anyio.to_thread.run_sync(server.start)
+    # Launched from this (the event loop's) thread, which outlives the server; only the wait for it to
+    # listen runs in a worker thread.
+    server.launch()
     try:
+        await anyio.to_thread.run_sync(server.wait_ready)
         yield server
     finally:
         with anyio.CancelScope(shield=True):

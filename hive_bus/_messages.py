@@ -44,7 +44,9 @@ Seconds = Annotated[float, Meta(gt=0, le=30 * 86400)]
 DEFAULT_MAX_ATTEMPTS = 5
 # How long a task waits out its provider's rate limit before it moves to a fallback (if it has one).
 DEFAULT_MAX_WAIT_S = 300.0
-TASK_ID_PATTERN = r"^[0-9A-HJKMNP-TV-Z]{26}$"
+# "(?!\n)": Python's "$" (msgspec's patterns are Python's) also matches before a final newline, and an id
+# goes into subjects; the look-ahead keeps the pattern valid for JSON Schema (ECMA) readers too.
+TASK_ID_PATTERN = r"^[0-9A-HJKMNP-TV-Z]{26}$(?!\n)"
 TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 
 
@@ -53,7 +55,7 @@ def now_ms() -> int:
 
 
 def is_task_id(value: str) -> bool:
-    return TASK_ID_RE.match(value) is not None
+    return TASK_ID_RE.fullmatch(value) is not None  # not match: "$" also matches before a final "\n"
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

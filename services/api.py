@@ -178,7 +178,7 @@ async def get_task(
     "/v1/tasks/{task_id:str}/events",
     summary="A task's status changes as Server-Sent Events",
     media_type=SSE,
-    responses=_errors(401, 404, 503),
+    responses=_errors(400, 401, 404, 503),
 )
 async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
     """Every event of the task so far, then each new one as it happens, until the task has completed

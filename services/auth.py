@@ -2,9 +2,10 @@
 
 With no token configured the gateway serves loopback only (see :func:`check_exposure`). With tokens,
 every route but ``/healthz``, ``/readyz`` and the dashboard's page and files (which hold no data; the
-page asks for a token when the API does) needs ``Authorization: Bearer <token>``; ``/metrics`` takes
-its own token when one is set (Prometheus then needs only that one). A token never appears in a log
-line or an answer.
+page asks for a token when the API does) needs ``Authorization: Bearer <token>``, whether or not the
+route exists, so that no route can be found without one. ``/metrics`` takes its own token whenever one
+is set, with or without gateway tokens (Prometheus then needs only that one). Every token is at least
+16 characters. A token never appears in a log line or an answer.
 """
 
 from __future__ import annotations
@@ -15,10 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
-from litestar.enums import ScopeType
-from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Receive, Scope, Send
-
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 OPEN_PREFIX = "/dashboard/"  # the dashboard's static files
 ENV_TOKENS = "HIVE_GATEWAY_TOKENS"
@@ -26,6 +23,8 @@ ENV_TOKENS_FILE = "HIVE_GATEWAY_TOKENS_FILE"
 ENV_METRICS_TOKEN = "HIVE_METRICS_TOKEN"
 ENV_METRICS_TOKEN_FILE = "HIVE_METRICS_TOKEN_FILE"
 KNOWN_ENV = frozenset({ENV_TOKENS, ENV_TOKENS_FILE, ENV_METRICS_TOKEN, ENV_METRICS_TOKEN_FILE})
+MIN_TOKEN_CHARS = 16
+METRICS_PATH = "/metrics"
 
 
 class AuthConfigError(ValueError):
@@ -62,12 +61,19 @@ class Tokens:
             if not from_file:
                 raise AuthConfigError(f"{ENV_TOKENS_FILE} {path} holds no token")
             tokens |= from_file
-        short = [t for t in tokens if len(t) < 16]
+        short = [t for t in tokens if len(t) < MIN_TOKEN_CHARS]
         if short:
             raise AuthConfigError(
-                f"{len(short)} gateway token(s) shorter than 16 characters; use long random tokens"
+                f"{len(short)} gateway token(s) shorter than {MIN_TOKEN_CHARS} characters; "
+                "use long random tokens"
             )
-        return cls(api=frozenset(tokens), metrics=_metrics_token(environ))
+        metrics = _metrics_token(environ)
+        if metrics is not None and len(metrics) < MIN_TOKEN_CHARS:
+            raise AuthConfigError(
+                f"the metrics token ({ENV_METRICS_TOKEN} or {ENV_METRICS_TOKEN_FILE}) is shorter than "
+                f"{MIN_TOKEN_CHARS} characters; use a long random token"
+            )
+        return cls(api=frozenset(tokens), metrics=metrics)
 
 
 def _metrics_token(environ: Mapping[str, str]) -> str | None:
@@ -107,11 +113,6 @@ def check_exposure(host: str, tokens: Tokens) -> None:
         )
 
 
-_UNAUTHORIZED = msgspec.json.encode(
-    {"error": {"code": "unauthorized", "message": "this route needs Authorization: Bearer <token>"}}
-)
-
-
 def _matches(given: str, accepted: frozenset[str]) -> bool:
     # compare with every token, so the time taken says nothing about which or how much matched
     found = False
@@ -120,39 +121,21 @@ def _matches(given: str, accepted: frozenset[str]) -> bool:
     return found
 
 
-def _is_open(path: str) -> bool:
+def is_open(path: str) -> bool:
+    """Whether a path is served without a token: health, and the dashboard's page and files."""
     # ".." never leads out of the files, but no path that holds it needs to be open either
     return path in OPEN_PATHS or (path.startswith(OPEN_PREFIX) and ".." not in path)
 
 
-class BearerAuth:
-    """ASGI middleware: lets a request through when its bearer token is accepted for its path."""
+def authorized(tokens: Tokens, path: str, authorization: bytes) -> bool:
+    """Whether a request for ``path`` with this ``Authorization`` header value may go on.
 
-    def __init__(self, app: ASGIApp, tokens: Tokens) -> None:
-        self._app = app
-        self._tokens = tokens
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP or not self._tokens.enabled or _is_open(scope["path"]):
-            await self._app(scope, receive, send)
-            return
-        accepted = self._tokens.api
-        if scope["path"] == "/metrics" and self._tokens.metrics:
-            accepted = frozenset({self._tokens.metrics})
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() == "bearer" and given and _matches(given.strip(), accepted):
-            await self._app(scope, receive, send)
-            return
-        start: HTTPResponseStartEvent = {
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
-        }
-        body: HTTPResponseBodyEvent = {
-            "type": "http.response.body",
-            "body": _UNAUTHORIZED,
-            "more_body": False,
-        }
-        await send(start)
-        await send(body)
+    Checked before routing: an unknown path needs a token as a known one does."""
+    if path == METRICS_PATH and tokens.metrics:
+        accepted = frozenset({tokens.metrics})  # set alone, it still guards /metrics
+    elif not tokens.enabled or is_open(path):
+        return True
+    else:
+        accepted = tokens.api
+    scheme, _, given = authorization.decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and bool(given) and _matches(given.strip(), accepted)

@@ -36,7 +36,7 @@ async def list_dead_letters(
     return await hive.dead_letters(provider=checked_provider(provider), limit=limit)
 
 
-@get("/v1/dlq/{task_id:str}", responses=_errors(401, 404, 503), summary="One task's dead letter")
+@get("/v1/dlq/{task_id:str}", responses=_errors(400, 401, 404, 503), summary="One task's dead letter")
 async def show_dead_letter(state: State, task_id: FromPath[str]) -> DeadLetter:
     hive: Hive = state.hive
     return await hive.dead_letter(task_id)
@@ -45,7 +45,7 @@ async def show_dead_letter(state: State, task_id: FromPath[str]) -> DeadLetter:
 @post(
     "/v1/dlq/{task_id:str}/replay",
     status_code=202,
-    responses=_errors(401, 404, 409, 503),
+    responses=_errors(400, 401, 404, 409, 503),
     summary="Queue a dead-lettered task again (same id, its next run)",
 )
 async def replay_dead_letter(state: State, task_id: FromPath[str]) -> Replayed:
@@ -55,7 +55,10 @@ async def replay_dead_letter(state: State, task_id: FromPath[str]) -> Replayed:
 
 
 @delete(
-    "/v1/dlq/{task_id:str}", status_code=200, responses=_errors(401, 404, 503), summary="Drop one dead letter"
+    "/v1/dlq/{task_id:str}",
+    status_code=200,
+    responses=_errors(400, 401, 404, 503),
+    summary="Drop one dead letter",
 )
 async def purge_dead_letter(state: State, task_id: FromPath[str]) -> Purged:
     hive: Hive = state.hive

@@ -24,6 +24,7 @@ from litestar import Litestar, MediaType, Request, Response
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.types import ASGIApp
 
 from hive_bus import BusUnavailable, Hive, QueueFull, TaskNotFound, __version__
 from hive_bus._audit import StoreAudit
@@ -33,9 +34,11 @@ from hive_bus._router import Router
 
 from . import dashboard
 from .api import AUDIT_ROUTES, METRICS_ROUTES, ROUTES
-from .auth import BearerAuth, Tokens, check_exposure
+from .auth import Tokens, check_exposure
 from .dlq_api import DLQ_ROUTES
+from .edge import Edge
 from .fastpath import FastSubmit
+from .limits import ConnectionLimits, ensure_file_limit, limited_protocol
 from .metrics import BusMetrics
 
 log = logging.getLogger("hive_bus.gateway")
@@ -50,6 +53,8 @@ class GatewayOptions:
     tokens: Tokens = field(default_factory=Tokens)
     # How long one GET /v1/events connection lasts; its client reconnects with Last-Event-ID.
     feed_max_s: float = 3600.0
+    # Time to send a request, and how many connections at once (size LimitNOFILE above this).
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 # errors ------------------------------------------------------------------------------------------
@@ -120,8 +125,9 @@ def create_app(
     metrics: BusMetrics | None = None,
     stopping: threading.Event | None = None,
     audit: StoreAudit | None = None,
-) -> Litestar:
-    """The gateway app, serving ``hive``'s bus. Long answers (event feeds) end once ``stopping`` is set."""
+) -> ASGIApp:
+    """The gateway app, serving ``hive``'s bus, behind its :class:`Edge` (tokens, hosts, content types,
+    ids, disconnects). Long answers (event feeds) end once ``stopping`` is set."""
     options = options or GatewayOptions()
     state = {
         "hive": hive,
@@ -131,7 +137,7 @@ def create_app(
         "feed_max_s": options.feed_max_s,
         "audit": audit,
     }
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             *ROUTES,
             *DLQ_ROUTES,
@@ -140,10 +146,7 @@ def create_app(
             *dashboard.ROUTES,
         ],
         state=State(state),
-        middleware=[
-            lambda app: BearerAuth(app, options.tokens),
-            lambda app: FastSubmit(app, hive, options.max_body_bytes, options.max_batch),
-        ],
+        middleware=[lambda app: FastSubmit(app, hive, options.max_body_bytes, options.max_batch)],
         openapi_config=OpenAPIConfig(title="hive-bus gateway", version=__version__, path="/schema"),
         request_max_body_size=options.max_body_bytes,
         exception_handlers={
@@ -157,6 +160,7 @@ def create_app(
         },
         logging_config=None,
     )
+    return Edge(app, options.tokens)
 
 
 # serving -----------------------------------------------------------------------------------------
@@ -198,6 +202,7 @@ class Gateway:
 
     def __init__(self, hive: Hive, options: GatewayOptions, *, sock: socket.socket | None = None) -> None:
         check_exposure(options.host, options.tokens)
+        ensure_file_limit(options.limits.max_connections)
         self.options = options
         self.metrics = BusMetrics(hive.bus)
         self.router = Router(hive.bus)
@@ -212,6 +217,8 @@ class Gateway:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
+            http=limited_protocol(options.limits),
+            timeout_keep_alive=options.limits.keep_alive_s,
         )
         self._server = _Server(config)
 

@@ -95,8 +95,9 @@ async def test_unknown_task_is_404_and_a_malformed_id_400(stack: Stack) -> None:
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "task_not_found"
     r = await stack.http.get("/v1/tasks/not-an-id")
-    assert r.status_code == 404
+    assert r.status_code == 400
     assert "not a task id" in r.json()["error"]["message"]
+    assert r.json()["error"]["field"] == "task_id"
     r = await stack.http.get("/v1/tasks/01JAAAAAAAAAAAAAAAAAAAAAAA", params={"wait": "soon"})
     assert r.status_code == 400
     assert r.json()["error"]["field"] == "wait"
