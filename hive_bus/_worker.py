@@ -32,7 +32,7 @@ from nats.js.api import ConsumerInfo
 from ._budget import Budgets, Denied, ProviderBudget, Reservation
 from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
 from ._cooldown import KeyCooldowns
-from ._errors import KeyRejected, NoQuota, ProviderError, Quota, RetryAfter, RetryLater
+from ._errors import FailNow, KeyRejected, NoQuota, ProviderError, Quota, RetryAfter, RetryLater
 from ._messages import (
     Failed,
     Retrying,
@@ -48,6 +48,7 @@ from ._messages import (
     status_of,
     task_decoder,
 )
+from ._nesting import MAX_NESTING, NestedTooDeep, check_json, check_value
 from ._prices import PriceTable
 from ._providers import Output, Provider
 from ._pull import Puller
@@ -595,6 +596,14 @@ class Worker:
             outcome = RetryLater(f"{type(exc).__name__}: {exc}")
         if not isinstance(outcome, Output | ProviderError):
             outcome = RetryLater(f"{task.provider} returned {type(outcome).__name__}, not an Output")
+        elif isinstance(outcome, Output):
+            try:  # every reader of the completed event must be able to decode it
+                check_value(outcome.value, "output")
+            except NestedTooDeep:
+                outcome = FailNow(
+                    f"{task.provider} returned an output nested deeper than {MAX_NESTING} levels of arrays "
+                    "or objects, more than the bus carries"
+                )
         return outcome
 
     async def _watch_loop(self) -> None:
@@ -719,8 +728,9 @@ def _worker_id(provider: str, host: str, name: str | None = None) -> str:
 def _claimed_id(data: bytes) -> str | None:
     """The task id an undecodable message claims, if it carries a well-formed one."""
     try:
+        check_json(data, enclosing=1)
         claimed = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except msgspec.DecodeError:  # NestedTooDeep too: the id is not worth a deep decode
         return None
     value = claimed.get("id") if isinstance(claimed, dict) else None
     return value if isinstance(value, str) and is_task_id(value) else None
