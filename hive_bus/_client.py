@@ -14,7 +14,9 @@ Publishing the event first also means a task's ``queued`` event always precedes 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -85,6 +87,18 @@ def validate(request: TaskRequest | dict[str, Any]) -> TaskRequest:
     check_fields(request)  # before anything recursive walks it
     fields = msgspec.to_builtins(request) if isinstance(request, TaskRequest) else request
     return msgspec.convert(fields, TaskRequest)
+
+
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
+
+
+def key_msg_id(key: str) -> str:
+    """The de-duplication id of an idempotency key, one per key exactly. A header value loses white
+    space and control characters (``"k\n"`` arrived as ``"k"``, ``"a\nb"`` as ``"a b"``), so a key
+    with anything but visible ASCII goes by its SHA-256 instead of by itself."""
+    if _HEADER_SAFE.fullmatch(key):
+        return f"key:{key}"
+    return "key#" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def check_fields(request: TaskRequest | dict[str, Any]) -> None:
@@ -415,7 +429,7 @@ class Hive:
         queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
         # De-duplication only means something for a key: a fresh task id is never submitted twice.
         subject = names.event_subject(task.provider, task.id, "queued")
-        return subject, encoder.encode(queued), f"key:{key}" if key else None, names.events_stream
+        return subject, encoder.encode(queued), key_msg_id(key) if key else None, names.events_stream
 
     def _task_message(self, task: Task, key: str | None) -> Publish:
         names = self._names

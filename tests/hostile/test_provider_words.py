@@ -9,6 +9,7 @@ import math
 import pytest
 
 from hive_bus import FunctionProvider, Hive, RetryAfter, Task, TaskView
+from hive_bus._client import validate
 from hive_bus._errors import MAX_RETRY_AFTER_S, UNKNOWN_RETRY_AFTER_S
 from workers._classify import retry_after_header_s
 
@@ -50,3 +51,21 @@ async def test_retry_after_inf_moves_the_task_instead_of_sticking(hive: Hive) ->
 
         view = await eventually(moved, 10, "the task to move on")  # the router (in the gateway) queues it
     assert (view.status, view.provider) == ("queued", "echo")
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [("k\n", "k"), ("a\nb", "a b"), (" k", "k"), ("k\r\n", "k\n"), ("clé", "cl\u00e9 ")],
+)
+async def test_idempotency_keys_that_differ_are_different_work(hive: Hive, keys: tuple[str, str]) -> None:
+    first, second = [
+        await hive.submit_request(validate({"provider": "echo", "prompt": k, "idempotency_key": k}))
+        for k in keys
+    ]
+    assert not first.duplicate
+    assert not second.duplicate, f"{keys!r} taken for one key"
+    assert first.id != second.id
+    again = await hive.submit_request(
+        validate({"provider": "echo", "prompt": "x", "idempotency_key": keys[0]})
+    )
+    assert (again.id, again.duplicate) == (first.id, True)  # the same key still is the same work
