@@ -29,6 +29,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerInfo
 
+from . import _redact
 from ._budget import Budgets, Denied, ProviderBudget, Reservation
 from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
 from ._cooldown import KeyCooldowns
@@ -592,8 +593,14 @@ class Worker:
         except TimeoutError:
             outcome = RetryLater(f"{task.provider} gave no answer within {self._opts.call_timeout_s:g}s")
         except Exception as exc:
-            log.exception("provider %s raised an unexpected error on task %s", task.provider, task.id)
-            outcome = RetryLater(f"{type(exc).__name__}: {exc}")
+            # no traceback: its frames may hold the key; the filter on the handlers scrubs the text
+            why = _redact.scrub(f"{type(exc).__name__}: {exc}")
+            log.error("provider %s raised an unexpected error on task %s: %s", task.provider, task.id, why)
+            outcome = RetryLater(why)
+        if isinstance(outcome, ProviderError):
+            # what a provider says may echo the key (a 429 body's quotaId): out before it is stored or logged
+            outcome.message = _redact.scrub(outcome.message)
+            outcome.args = (outcome.message,)
         if not isinstance(outcome, Output | ProviderError):
             outcome = RetryLater(f"{task.provider} returned {type(outcome).__name__}, not an Output")
         elif isinstance(outcome, Output):
