@@ -39,6 +39,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from . import _dlq
 from ._bus import Bus
 from ._messages import Failed, Moved, Queued, Task, encoder, event_decoder, now_ms
+from ._nesting import Guarded
 
 log = logging.getLogger("hive_bus.audit")
 
@@ -56,7 +57,7 @@ class _TaskId(msgspec.Struct):
     id: str
 
 
-_task_id_decoder = msgspec.json.Decoder(_TaskId)
+_task_id_decoder = Guarded(msgspec.json.Decoder(_TaskId), enclosing=1)
 
 
 class AuditReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,6 +109,9 @@ class StoreAudit:
                 except _BUS_ERRORS as exc:
                     log.warning("store audit failed (%s); trying again", exc)
                     due = time.monotonic() + 10 * CHECK_EVERY_S
+                except Exception as exc:  # a message it cannot process must not stop the gateway
+                    log.error("store audit failed (%s: %s); trying again later", type(exc).__name__, exc)
+                    due = time.monotonic() + self.every_s
             await anyio.sleep(CHECK_EVERY_S)
 
     def _start_over(self) -> None:

@@ -40,6 +40,7 @@ from nats.js.kv import KeyValue
 from ._bus import kv_entries
 from ._messages import encoder, now_ms
 from ._names import is_valid_provider
+from ._nesting import Guarded
 
 log = logging.getLogger("hive_bus.budget")
 
@@ -192,7 +193,7 @@ class Ledger(msgspec.Struct, kw_only=True, tag="budget.v1", tag_field="type"):
             self.day.append((slot, 1))
 
 
-_ledger = msgspec.json.Decoder(Ledger)
+_ledger = Guarded(msgspec.json.Decoder(Ledger), enclosing=1)
 
 
 @dataclass(frozen=True, slots=True)

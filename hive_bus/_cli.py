@@ -17,6 +17,7 @@ import click
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from . import _redact
 from ._budget import BudgetError, load_budgets
 from ._bus import open_bus
 from ._client import Hive, PartialSubmit, connect
@@ -154,6 +155,7 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
         level=level or ("WARNING" if one_shot else "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    _redact.keep_secrets_out_of_logs()  # even at DEBUG: the SDKs log headers verbatim
 
 
 @cli.command()

@@ -14,7 +14,9 @@ Publishing the event first also means a task's ``queued`` event always precedes 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ from ._messages import (
     is_task_id,
     now_ms,
 )
+from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
 from ._publish import JetStreamPublisher, PubAck, Publish, stored
 from ._route import CheapestRouter
@@ -81,8 +84,29 @@ class PartialSubmit(HiveError):
 
 def validate(request: TaskRequest | dict[str, Any]) -> TaskRequest:
     """Check a request as the gateway would; raises :class:`msgspec.ValidationError` naming the field."""
+    check_fields(request)  # before anything recursive walks it
     fields = msgspec.to_builtins(request) if isinstance(request, TaskRequest) else request
     return msgspec.convert(fields, TaskRequest)
+
+
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
+
+
+def key_msg_id(key: str) -> str:
+    """The de-duplication id of an idempotency key, one per key exactly. A header value loses white
+    space and control characters (``"k\n"`` arrived as ``"k"``, ``"a\nb"`` as ``"a b"``), so a key
+    with anything but visible ASCII goes by its SHA-256 instead of by itself."""
+    if _HEADER_SAFE.fullmatch(key):
+        return f"key:{key}"
+    return "key#" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_fields(request: TaskRequest | dict[str, Any]) -> None:
+    """Raise :class:`NestedTooDeep` (a :class:`msgspec.ValidationError`) if the request's ``payload``
+    or ``metadata`` nests deeper than the bus carries."""
+    for name in ("payload", "metadata"):
+        value = getattr(request, name) if isinstance(request, TaskRequest) else request.get(name)
+        check_value(value, name)
 
 
 class Hive:
@@ -136,7 +160,9 @@ class Hive:
         return accepted.id
 
     async def submit_request(self, request: TaskRequest) -> Accepted:
-        """Queue a validated request. Raises :class:`BusUnavailable` or :class:`QueueFull`."""
+        """Queue a validated request. Raises :class:`BusUnavailable` or :class:`QueueFull`, and
+        :class:`NestedTooDeep` for a payload or metadata nested deeper than ``MAX_NESTING``."""
+        check_fields(request)
         if not self._bus.nc.is_connected:
             raise BusUnavailable("not connected to NATS; nothing was accepted")
         task = Task.from_request(request)
@@ -162,6 +188,11 @@ class Hive:
         task's event is stored before the task is published, and a task counts as accepted only once
         JetStream stored it. Returns each request's outcome, in order: accepted, or the error that
         kept it out."""
+        for i, request in enumerate(requests):
+            try:
+                check_fields(request)
+            except NestedTooDeep as exc:
+                raise NestedTooDeep(f"tasks[{i}].{exc.field}", exc.limit) from None
         if not self._bus.nc.is_connected:  # each task's outcome all the same: none was accepted
             return [BusUnavailable("not connected to NATS; not accepted") for _ in requests]
         tasks = [await self._routed(Task.from_request(r)) for r in requests]
@@ -246,7 +277,37 @@ class Hive:
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
         assert raw.data is not None
-        return TaskView.of(event_decoder.decode(raw.data))
+        try:
+            return TaskView.of(event_decoder.decode(raw.data))
+        except msgspec.DecodeError as exc:
+            log.warning(
+                "task %s: its last event (%s) does not decode (%s); read past it", task_id, raw.seq, exc
+            )
+        return await self._last_readable(task_id)
+
+    async def _last_readable(self, task_id: str) -> TaskView:
+        """The task's state from its latest event that decodes: poison written after it is set aside."""
+        view: TaskView | None = None
+        try:
+            sub = await self._bus.js.subscribe(
+                self._names.events_of(task_id), stream=self._names.events_stream, ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+            )  # fmt: skip
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
+        try:
+            with anyio.move_on_after(self._bus.settings.request_timeout_s):
+                async for msg in sub.messages:
+                    with contextlib.suppress(msgspec.DecodeError):
+                        view = TaskView.of(event_decoder.decode(msg.data))
+                    if msg.metadata.num_pending == 0:
+                        break
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _unsubscribe(sub)
+        if view is None:
+            raise TaskNotFound(f"no event of task {task_id} on the bus decodes")
+        return view
 
     async def wait(self, task_id: str, timeout_s: float) -> TaskView:
         """The task's state once it has completed or failed, or when ``timeout_s`` has passed."""
@@ -269,8 +330,10 @@ class Hive:
                 except TimeoutError:
                     view = await self.get(task_id)
                     continue
-                event = event_decoder.decode(msg.data)
-                view = TaskView.of(event)
+                try:
+                    view = TaskView.of(event_decoder.decode(msg.data))
+                except msgspec.DecodeError:
+                    continue  # poison: the task's real events still come
             return view
         finally:
             with anyio.CancelScope(shield=True):
@@ -300,7 +363,10 @@ class Hive:
         )
         try:
             async for msg in sub.messages:
-                event = event_decoder.decode(msg.data)
+                try:
+                    event = event_decoder.decode(msg.data)
+                except msgspec.DecodeError:
+                    continue  # poison, set aside
                 if not is_final(event):
                     continue
                 if wanted is not None:
@@ -363,7 +429,7 @@ class Hive:
         queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
         # De-duplication only means something for a key: a fresh task id is never submitted twice.
         subject = names.event_subject(task.provider, task.id, "queued")
-        return subject, encoder.encode(queued), f"key:{key}" if key else None, names.events_stream
+        return subject, encoder.encode(queued), key_msg_id(key) if key else None, names.events_stream
 
     def _task_message(self, task: Task, key: str | None) -> Publish:
         names = self._names
@@ -432,7 +498,12 @@ class Hive:
                 f"could not read the first task of a repeated idempotency key: {exc}"
             ) from None
         assert raw.data is not None
-        event = event_decoder.decode(raw.data)
+        try:
+            event = event_decoder.decode(raw.data)
+        except msgspec.DecodeError as exc:
+            raise HiveError(
+                f"events stream message {seq} does not decode ({exc}); cannot resolve duplicate"
+            ) from None
         if not isinstance(event, Queued):
             raise HiveError(f"events stream message {seq} is not a queued event; cannot resolve duplicate")
         return event.task

@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 
 from ._errors import Quota
 from ._messages import WorkerBeat, encoder, now_ms
+from ._nesting import Guarded
 
 log = logging.getLogger("hive_bus.cooldown")
 
@@ -44,7 +45,7 @@ class CooldownRecord(msgspec.Struct, frozen=True, kw_only=True, tag="cooldown.v1
         return float("inf") if self.refused else max(0.0, (self.until_ms - at_ms) / 1000)
 
 
-_decoder = msgspec.json.Decoder(CooldownRecord)
+_decoder = Guarded(msgspec.json.Decoder(CooldownRecord), enclosing=1)
 
 
 class Updates(Protocol):

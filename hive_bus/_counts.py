@@ -35,6 +35,7 @@ import nats.js.errors
 
 from ._bus import Bus, ensure_counters_stream
 from ._errors import HiveError
+from ._nesting import Guarded
 
 log = logging.getLogger("hive_bus.counts")
 
@@ -49,7 +50,7 @@ class _Counter(msgspec.Struct, frozen=True):
     val: str
 
 
-_counter_decoder = msgspec.json.Decoder(_Counter)
+_counter_decoder = Guarded(msgspec.json.Decoder(_Counter), enclosing=1)
 
 
 class SubmissionCounts:

@@ -114,8 +114,12 @@ async def dead_letter(bus: Bus, task_id: str) -> DeadLetter:
         raise TaskNotFound(f"task {task_id} is not among the dead letters") from None
     except _BUS_ERRORS as exc:
         raise BusUnavailable(f"could not read the dead letter of {task_id}: {exc}") from None
-    event = event_decoder.decode(raw.data or b"")
-    assert isinstance(event, Failed)
+    try:
+        event = event_decoder.decode(raw.data or b"")
+    except msgspec.DecodeError as exc:
+        raise NotReplayable(f"the dead letter of {task_id} does not decode ({exc}); purge it") from None
+    if not isinstance(event, Failed):
+        raise NotReplayable(f"the dead letter of {task_id} is not a failed event; purge it")
     return DeadLetter(seq=raw.seq or 0, failed=event)
 
 

@@ -20,6 +20,7 @@ import nats.errors
 
 from ._bus import Bus
 from ._messages import Task, encoder, now_ms
+from ._nesting import Guarded
 
 log = logging.getLogger("hive_bus.worker")
 
@@ -35,7 +36,7 @@ class DuplicateResult(msgspec.Struct, frozen=True, kw_only=True, tag="duplicate.
     status: Literal["completed", "failed"]
 
 
-duplicate_decoder = msgspec.json.Decoder(DuplicateResult)
+duplicate_decoder = Guarded(msgspec.json.Decoder(DuplicateResult), enclosing=1)
 
 
 async def report_duplicate(bus: Bus, task: Task, status: Literal["completed", "failed"], worker: str) -> None:

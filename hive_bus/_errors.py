@@ -12,6 +12,7 @@ The rest are errors of the bus itself, raised to users of the client.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 Quota = Literal["minute", "day", "unknown"]
@@ -34,8 +35,22 @@ class RetryAfter(ProviderError):
 
     def __init__(self, message: str, *, retry_after_s: float, quota: Quota = "unknown") -> None:
         super().__init__(message)
-        self.retry_after_s = max(0.0, retry_after_s)
+        self.retry_after_s = sane_delay_s(retry_after_s)
         self.quota: Quota = quota
+
+
+# The longest a provider's word may hold a key: a daily quota resets within a day.
+MAX_RETRY_AFTER_S = 86400.0
+# When the provider's delay is not a number at all.
+UNKNOWN_RETRY_AFTER_S = 10.0
+
+
+def sane_delay_s(value: float) -> float:
+    """A provider's delay made usable: not a number gives :data:`UNKNOWN_RETRY_AFTER_S`, a negative one
+    0, an infinite or absurd one :data:`MAX_RETRY_AFTER_S` (``inf`` overflowed the settler's ints)."""
+    if math.isnan(value):
+        return UNKNOWN_RETRY_AFTER_S
+    return min(max(0.0, value), MAX_RETRY_AFTER_S)
 
 
 class RetryLater(ProviderError):

@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from ._names import PROVIDER_PATTERN
+from ._nesting import Guarded
 
 TaskStatus = Literal["queued", "running", "retrying", "completed", "failed"]
 RetryReason = Literal["rate_limit", "budget", "transient", "shutdown"]
@@ -388,9 +389,10 @@ def explain_error(exc: msgspec.ValidationError) -> str:
     return explain(path.rstrip("`"), message) if sep else str(exc)
 
 
-# Built once: encoding and decoding are on every task's hot path.
+# Built once: encoding and decoding are on every task's hot path. Each decoder checks the nesting first
+# (``_nesting``): a task's fields sit one level in, an event's task two.
 encoder = msgspec.json.Encoder()
-task_decoder = msgspec.json.Decoder(Task)
-event_decoder = msgspec.json.Decoder(TaskEvent)
-beat_decoder = msgspec.json.Decoder(WorkerBeat)
-request_decoder = msgspec.json.Decoder(TaskRequest)
+task_decoder = Guarded(msgspec.json.Decoder(Task), enclosing=1)
+event_decoder = Guarded(msgspec.json.Decoder(TaskEvent), enclosing=2)
+beat_decoder = Guarded(msgspec.json.Decoder(WorkerBeat), enclosing=1)
+request_decoder = Guarded(msgspec.json.Decoder(TaskRequest), enclosing=1)

@@ -12,6 +12,7 @@ do not allow creating consumers can bind to them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import anyio
@@ -64,16 +65,32 @@ class Router:
                         await anyio.sleep(1)
                         continue
                     for msg in msgs:
-                        await self._queue(msg)
+                        await self._queue_or_set_aside(msg)
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(3):
                     await sub.unsubscribe()
+
+    async def _queue_or_set_aside(self, msg: nats.aio.msg.Msg) -> None:
+        """A moved event that cannot be decoded or processed is poison: logged and terminated, so it
+        is never redelivered, and the router goes on with the next."""
+        try:
+            await self._queue(msg)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.warning("router: moved event %s not settled (%s); it comes back", _seq(msg), exc)
+        except Exception as exc:
+            log.error(
+                "router: moved event %s could not be processed (%s); terminated",
+                _seq(msg),
+                type(exc).__name__,
+            )
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                await msg.term()
 
     async def _queue(self, msg: nats.aio.msg.Msg) -> None:
         try:
             event = event_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.error("router: a moved event does not decode (%s); dropped", exc)
+            log.error("router: moved event %s does not decode (%s); terminated", _seq(msg), exc)
             await msg.term()
             return
         if not isinstance(event, Moved):
@@ -111,3 +128,11 @@ class Router:
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError, HiveError) as exc:
                 log.warning("router: could not check the providers' consumers: %s", exc)
             await anyio.sleep(CONSUMERS_EVERY_S)
+
+
+def _seq(msg: nats.aio.msg.Msg) -> str:
+    """The event's place in the events stream, for a log line (never its content)."""
+    try:
+        return str(msg.metadata.sequence.stream)
+    except Exception:  # not a JetStream message: no place to name
+        return "?"

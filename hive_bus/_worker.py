@@ -29,10 +29,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerInfo
 
+from . import _redact
 from ._budget import Budgets, Denied, ProviderBudget, Reservation
 from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
 from ._cooldown import KeyCooldowns
-from ._errors import KeyRejected, NoQuota, ProviderError, Quota, RetryAfter, RetryLater
+from ._errors import FailNow, KeyRejected, NoQuota, ProviderError, Quota, RetryAfter, RetryLater
 from ._messages import (
     Failed,
     Retrying,
@@ -48,6 +49,7 @@ from ._messages import (
     status_of,
     task_decoder,
 )
+from ._nesting import MAX_NESTING, NestedTooDeep, check_json, check_value
 from ._prices import PriceTable
 from ._providers import Output, Provider
 from ._pull import Puller
@@ -591,10 +593,24 @@ class Worker:
         except TimeoutError:
             outcome = RetryLater(f"{task.provider} gave no answer within {self._opts.call_timeout_s:g}s")
         except Exception as exc:
-            log.exception("provider %s raised an unexpected error on task %s", task.provider, task.id)
-            outcome = RetryLater(f"{type(exc).__name__}: {exc}")
+            # no traceback: its frames may hold the key; the filter on the handlers scrubs the text
+            why = _redact.scrub(f"{type(exc).__name__}: {exc}")
+            log.error("provider %s raised an unexpected error on task %s: %s", task.provider, task.id, why)
+            outcome = RetryLater(why)
+        if isinstance(outcome, ProviderError):
+            # what a provider says may echo the key (a 429 body's quotaId): out before it is stored or logged
+            outcome.message = _redact.scrub(outcome.message)
+            outcome.args = (outcome.message,)
         if not isinstance(outcome, Output | ProviderError):
             outcome = RetryLater(f"{task.provider} returned {type(outcome).__name__}, not an Output")
+        elif isinstance(outcome, Output):
+            try:  # every reader of the completed event must be able to decode it
+                check_value(outcome.value, "output")
+            except NestedTooDeep:
+                outcome = FailNow(
+                    f"{task.provider} returned an output nested deeper than {MAX_NESTING} levels of arrays "
+                    "or objects, more than the bus carries"
+                )
         return outcome
 
     async def _watch_loop(self) -> None:
@@ -719,8 +735,9 @@ def _worker_id(provider: str, host: str, name: str | None = None) -> str:
 def _claimed_id(data: bytes) -> str | None:
     """The task id an undecodable message claims, if it carries a well-formed one."""
     try:
+        check_json(data, enclosing=1)
         claimed = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except msgspec.DecodeError:  # NestedTooDeep too: the id is not worth a deep decode
         return None
     value = claimed.get("id") if isinstance(claimed, dict) else None
     return value if isinstance(value, str) and is_task_id(value) else None

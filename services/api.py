@@ -5,6 +5,7 @@ same types the bus uses.
 """
 
 # No "from __future__ import annotations" here: Litestar reads the parameter markers at run time.
+import logging
 import threading
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, get_args
@@ -18,6 +19,7 @@ from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
+from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from hive_bus import (
@@ -35,6 +37,8 @@ from hive_bus._messages import TaskStatus, event_decoder, is_final, is_task_id, 
 from hive_bus._names import PROVIDER_PATTERN, is_valid_provider
 
 from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics, UsageSince, lost_count
+
+log = logging.getLogger("hive_bus.gateway")
 
 MAX_WAIT_S = 300.0
 BATCH_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -198,7 +202,13 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
         try:
             with anyio.move_on_after(MAX_EVENTS_STREAM_S):
                 async for msg in sub.messages:
-                    event = event_decoder.decode(msg.data)
+                    try:
+                        event = event_decoder.decode(msg.data)
+                    except msgspec.DecodeError as exc:
+                        log.warning(
+                            "task %s: event %s does not decode (%s); skipped", task_id, _seq(msg), exc
+                        )
+                        continue
                     yield ServerSentEventMessage(
                         data=msg.data.decode(), event=status_of(event), id=str(msg.metadata.sequence.stream)
                     )
@@ -314,7 +324,8 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
             async for msg in sub.messages:
                 try:
                     event = event_decoder.decode(msg.data)
-                except msgspec.DecodeError:
+                except msgspec.DecodeError as exc:
+                    log.warning("recent tasks: event %s does not decode (%s); skipped", _seq(msg), exc)
                     continue
                 if is_task_id(event.task_id):
                     latest[event.task_id] = TaskView.of(event)
@@ -477,3 +488,8 @@ METRICS_ROUTES = [metrics_route, usage_route]
 AUDIT_ROUTES = [audit_route]
 
 __all__ = ["AUDIT_ROUTES", "MAX_WAIT_S", "METRICS_ROUTES", "ROUTES"]
+
+
+def _seq(msg: Msg) -> int:
+    """An event's place in the events stream: what a log line names instead of its content."""
+    return msg.metadata.sequence.stream

@@ -21,7 +21,8 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPRequestEvent, Receive, ReceiveMessage, Scope, Send
 
 from hive_bus import BusUnavailable, Hive, QueueFull
-from hive_bus._messages import request_decoder
+from hive_bus._messages import explain_error, request_decoder
+from hive_bus._nesting import Guarded, NestedTooDeep, check_json
 
 from .api import BATCH_MAX_BODY_BYTES, BatchRequest, batch_answer
 
@@ -29,7 +30,7 @@ log = logging.getLogger("hive_bus.gateway")
 
 _JSON = (b"content-type", b"application/json")
 _PATHS = frozenset({"/v1/tasks", "/v1/tasks/batch"})
-_batch_decoder = msgspec.json.Decoder(BatchRequest)
+_batch_decoder = Guarded(msgspec.json.Decoder(BatchRequest), enclosing=3)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -47,6 +48,10 @@ class FastSubmit:
             return
         batch = path == "/v1/tasks/batch"
         body, whole = await self._read(receive, BATCH_MAX_BODY_BYTES if batch else self._max_body_bytes)
+        if whole and (too_deep := _too_deep(body, batch)) is not None:
+            # answered here: the route's own decoder would recurse until it fails
+            await _answer(send, 400, {"error": {"code": "invalid_request", **too_deep}})
+            return
         decoded = self._decode(scope, body, _batch_decoder if batch else request_decoder) if whole else None
         if batch and decoded is not None and not 1 <= len(decoded.tasks) <= self._max_batch:
             decoded = None  # the route says what is wrong
@@ -88,7 +93,7 @@ class FastSubmit:
             if not message.get("more_body", False):
                 return b"".join(parts), True
 
-    def _decode(self, scope: Scope, body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
+    def _decode(self, scope: Scope, body: bytes, decoder: Guarded[Any]) -> Any:
         content_type = dict(scope["headers"]).get(b"content-type", b"")
         if not content_type.startswith(b"application/json"):
             return None
@@ -96,6 +101,15 @@ class FastSubmit:
             return decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None  # the route says what is wrong, in its own words
+
+
+def _too_deep(body: bytes, batch: bool) -> dict[str, str] | None:
+    """The error of a body nested deeper than the bus carries, naming the field; None if it is not."""
+    try:
+        check_json(body, enclosing=3 if batch else 1)  # a batch's tasks are in {"tasks": [...]}
+    except NestedTooDeep as exc:
+        return {"message": explain_error(exc), "field": exc.field}
+    return None
 
 
 def _replay(body: bytes, whole: bool, receive: Receive) -> Receive:

@@ -6,6 +6,7 @@ that leaves an adapter goes through :func:`scrub`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 
@@ -42,9 +43,11 @@ def retry_after_header_s(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        delay_s = float(value)
     except ValueError:
         return None  # an HTTP date: rare from these APIs; the message or the default covers it
+    # inf, nan: not a delay (inf overflowed the settler); the message or the default covers it
+    return max(0.0, delay_s) if math.isfinite(delay_s) else None
 
 
 def quota_in(text: str) -> Quota:
