@@ -26,12 +26,13 @@ from hive_bus import (
     Hive,
     HiveError,
     ProviderStats,
+    TaskNotFound,
     TaskRequest,
     TaskView,
     WorkerBeat,
 )
 from hive_bus._audit import AuditReport, StoreAudit
-from hive_bus._messages import TaskStatus, event_decoder, is_final, is_task_id, status_of
+from hive_bus._messages import Moved, Queued, TaskStatus, event_decoder, is_final, is_task_id, status_of
 from hive_bus._names import PROVIDER_PATTERN, is_valid_provider
 
 from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics, UsageSince, lost_count
@@ -309,6 +310,10 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
     subject = f"{names.prefix}.events.{provider or '*'}.*.*"
     sub = await bus.js.subscribe(subject, stream=names.events_stream, ordered_consumer=True, config=config)
     latest: dict[str, TaskView] = {}
+    # An event counts only from the provider its task is assigned to (a worker credential may write
+    # events for any task id under its own provider): followed here from the queued and moved events in
+    # the tail; a task whose queued event is older than the tail is looked up (``Hive.get``).
+    assigned: dict[str, str] = {}
     try:
         with anyio.move_on_after(bus.settings.request_timeout_s):
             async for msg in sub.messages:
@@ -316,7 +321,15 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
                     event = event_decoder.decode(msg.data)
                 except msgspec.DecodeError:
                     continue
-                if is_task_id(event.task_id):
+                on = names.provider_of_subject(msg.subject)
+                if not is_task_id(event.task_id) or on != event.provider:
+                    pass
+                elif isinstance(event, Queued):
+                    assigned[event.task_id] = on
+                    latest[event.task_id] = TaskView.of(event)
+                elif assigned.get(event.task_id, on) == on:
+                    if isinstance(event, Moved) and event.task_id in assigned:
+                        assigned[event.task_id] = event.task.provider
                     latest[event.task_id] = TaskView.of(event)
                 if msg.metadata.num_pending == 0:
                     break
@@ -324,7 +337,19 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
         with anyio.CancelScope(shield=True):
             await sub.unsubscribe()
     views = sorted(latest.values(), key=lambda v: v.id, reverse=True)
-    return [v for v in views if status is None or v.status == status][:limit]
+    found = [v for v in views if status is None or v.status == status][:limit]
+    return [view for view in [await _checked(hive, v, v.id in assigned) for v in found] if view is not None]
+
+
+async def _checked(hive: Hive, view: TaskView, followed: bool) -> TaskView | None:
+    """``view``, or when its task's queued event was not in the tail read, the task as ``Hive.get`` reads
+    it (None when the bus does not know the task)."""
+    if followed:
+        return view
+    try:
+        return await hive.get(view.id)
+    except TaskNotFound:
+        return None
 
 
 @get(

@@ -34,8 +34,10 @@ from hive_bus._messages import (
     now_ms,
 )
 from hive_bus._router import Router
+from services.api import recent_tasks
 from tests.helpers import running_worker
 from tests.hub import Hub, WorkerUser, connect, hub_server, make_certs, render
+from tests.test_metrics import following, samples, total
 
 pytestmark = pytest.mark.anyio
 
@@ -151,7 +153,11 @@ async def test_a_worker_cannot_read_another_providers_prompts(hub: tuple[Hub, Na
 
 async def test_a_forged_outcome_neither_counts_nor_blocks_the_real_one(hub: tuple[Hub, NatsServer]) -> None:
     rendered, server = hub
-    async with gateway(rendered, server) as (_, hive), attacker(rendered, server) as mallory:
+    async with (
+        gateway(rendered, server) as (bus, hive),
+        following(bus) as metrics,
+        attacker(rendered, server) as mallory,
+    ):
         task_id = await hive.submit("gemini", "escribe un tuit")
         forged = Completed(
             task_id=task_id, provider="echo", at_ms=now_ms(), attempt=1, worker="mallory", output="forged"
@@ -169,14 +175,29 @@ async def test_a_forged_outcome_neither_counts_nor_blocks_the_real_one(hub: tupl
             error="x",
         )
         await mallory.publish(f"hive.events.echo.{task_id}.failed", encoder.encode(failed))
+        # completions of tasks that never were, in gemini's name, under the attacker's subjects
+        made_up_ids = [new_task_id(), new_task_id()]
+        for made_up_id in made_up_ids:
+            made_up = msgspec.structs.replace(forged, task_id=made_up_id, provider="gemini")
+            await mallory.publish(f"hive.events.echo.{made_up.task_id}.completed", encoder.encode(made_up))
 
         view = await hive.get(task_id)
         assert (view.status, view.provider) == ("queued", "gemini")  # the forgery does not count
+        listed = {v.id: v for v in await recent_tasks(hive, status=None, provider=None, limit=50)}
+        assert listed[task_id].status == "queued"
+        assert not set(made_up_ids) & set(listed)  # tasks the bus never knew are not listed
         async with gemini_worker(rendered, server):
             done = await hive.wait(task_id, 30)
         assert (done.status, done.output, done.provider) == ("completed", "real: escribe un tuit", "gemini")
         async for result in hive.results([task_id]):
             assert (result.status, result.output) == ("completed", "real: escribe un tuit")
+        listed = await recent_tasks(hive, status="completed", provider=None, limit=50)
+        assert [(v.id, v.provider, v.output) for v in listed] == [
+            (task_id, "gemini", "real: escribe un tuit")
+        ]
+        await anyio.sleep(0.5)  # the metrics follower has read the events
+        found = samples(metrics)
+        assert total(found, "hive_tasks_completed_total", provider="gemini") == 1
 
 
 async def test_the_router_takes_no_planted_move(hub: tuple[Hub, NatsServer]) -> None:
