@@ -19,9 +19,10 @@ import msgspec
 import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.api import KeyValueConfig, StorageType
 
 from hive_bus import Bus, FunctionProvider, Hive, Settings, Task, load_settings, open_bus
-from hive_bus._bus import ensure_consumers
+from hive_bus._bus import BUCKET_MAX_BYTES, VALUE_MAX_BYTES, ensure_consumers
 from hive_bus._dlq import NotReplayable
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import (
@@ -35,6 +36,7 @@ from hive_bus._messages import (
 )
 from hive_bus._router import Router
 from services.api import recent_tasks
+from tests.conftest import make_settings
 from tests.helpers import running_worker
 from tests.hub import Hub, WorkerUser, connect, hub_server, make_certs, render
 from tests.test_metrics import following, samples, total
@@ -255,3 +257,35 @@ async def test_a_forged_dead_letter_is_not_replayed(hub: tuple[Hub, NatsServer])
 
 def _fields(task: Task) -> dict[str, Any]:
     return msgspec.structs.asdict(task)
+
+
+async def test_what_a_worker_writes_to_a_bucket_is_bounded(hub: tuple[Hub, NatsServer]) -> None:
+    rendered, server = hub
+    async with gateway(rendered, server) as (bus, _), attacker(rendered, server) as mallory:
+        for bucket in (bus.providers_kv, bus.budgets_kv, bus.workers_kv):
+            config = (await bucket.status()).stream_info.config
+            assert 0 < (config.max_bytes or -1) <= BUCKET_MAX_BYTES, config.name
+            assert 0 < (config.max_msg_size or -1) <= VALUE_MAX_BYTES, config.name
+        junk = b"x" * (VALUE_MAX_BYTES + 1)
+        for subject in (
+            "$KV.hive_providers.echo.junk",
+            "$KV.hive_budgets.echo.k.m",
+            "$KV.hive_workers.mallory.x",
+        ):
+            answer = await mallory.nc.request(subject, junk, timeout=2)
+            assert b"message size exceeds maximum allowed" in answer.data, subject
+
+
+async def test_a_bucket_made_unbounded_is_bounded_when_the_gateway_starts(nats_server: NatsServer) -> None:
+    settings = make_settings(nats_server.url)
+    names = settings.names
+    async with open_bus(settings) as bus:
+        for bucket in (names.providers_bucket, names.budgets_bucket):
+            await bus.js.delete_key_value(bucket)
+            await bus.js.create_key_value(
+                KeyValueConfig(bucket=bucket, storage=StorageType.FILE, direct=True)
+            )
+    async with open_bus(settings) as bus:
+        for kv in (bus.providers_kv, bus.budgets_kv):
+            config = (await kv.status()).stream_info.config
+            assert (config.max_bytes, config.max_msg_size) == (BUCKET_MAX_BYTES, VALUE_MAX_BYTES)
