@@ -12,14 +12,19 @@ after the event that put the task there.
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.js.api import RawStreamMsg
 
 from ._bus import Bus
 from ._messages import Moved, Queued, Task, TaskEvent, TaskView, event_decoder
+
+log = logging.getLogger("hive_bus.assigned")
 
 # A task has at most 8 fallbacks (``Task.fallback``), so at most 8 moves per run.
 MAX_HOPS = 8
@@ -105,3 +110,45 @@ async def _last(bus: Bus, subject: str) -> tuple[TaskEvent, int] | None:
         return event_decoder.decode(raw.data or b""), raw.seq or 0
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
+
+
+class Assignments:
+    """Where each task of a feed is assigned, for a reader that follows many tasks' events: learnt from
+    the ``queued`` and ``moved`` events it reads, looked up (:func:`assignment`) for a task first met
+    by another event, and remembered for the last ``size`` tasks."""
+
+    def __init__(self, bus: Bus, size: int = 10_000) -> None:
+        self._bus = bus
+        self._size = size
+        self._known: OrderedDict[str, str | None] = OrderedDict()
+
+    async def counts(self, subject: str) -> bool:
+        """Whether the event read from ``subject`` is its task's: from the provider the task is
+        assigned to (a ``moved`` event: the last valid move of the task, as the bus has it now)."""
+        tokens = subject.split(".")
+        if len(tokens) != 5:
+            return False
+        provider, task_id, status = tokens[2:]
+        if status == "queued":  # only submissions and replays write these
+            self._remember(task_id, provider)
+            return True
+        if task_id not in self._known or status == "moved":
+            # a lookup counts every move recorded so far: this one too, when it is a valid one
+            try:
+                here = await assignment(self._bus, task_id)
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                log.debug("could not look up task %s (%s); its event is left out", task_id, exc)
+                return False
+            self._remember(task_id, here.provider if here is not None else None)
+            if here is None:
+                return False
+            if status == "moved":
+                return isinstance(here.event, Moved) and here.event.provider == provider
+            return here.provider == provider
+        return self._known[task_id] == provider
+
+    def _remember(self, task_id: str, provider: str | None) -> None:
+        self._known[task_id] = provider
+        self._known.move_to_end(task_id)
+        if len(self._known) > self._size:
+            self._known.popitem(last=False)

@@ -31,6 +31,7 @@ from hive_bus import (
     TaskView,
     WorkerBeat,
 )
+from hive_bus._assigned import Assignments
 from hive_bus._audit import AuditReport, StoreAudit
 from hive_bus._messages import Moved, Queued, TaskStatus, event_decoder, is_final, is_task_id, status_of
 from hive_bus._names import PROVIDER_PATTERN, is_valid_provider
@@ -195,10 +196,14 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
         raise BusUnavailable(f"could not follow task {task_id}: {exc}") from None
 
+    assigned = Assignments(bus)  # events another credential wrote for the task are left out
+
     async def events() -> AsyncIterator[ServerSentEventMessage]:
         try:
             with anyio.move_on_after(MAX_EVENTS_STREAM_S):
                 async for msg in sub.messages:
+                    if not await assigned.counts(msg.subject):
+                        continue
                     event = event_decoder.decode(msg.data)
                     yield ServerSentEventMessage(
                         data=msg.data.decode(), event=status_of(event), id=str(msg.metadata.sequence.stream)
@@ -254,6 +259,7 @@ async def all_events(
         raise BusUnavailable(f"could not follow the events stream: {exc}") from None
     stopping: threading.Event = state.stopping
     feed_max_s: float = state.feed_max_s
+    assigned = Assignments(bus)  # events a credential wrote for another provider's task are left out
 
     async def events() -> AsyncIterator[ServerSentEventMessage]:
         try:
@@ -270,6 +276,8 @@ async def all_events(
                 status = names.status_of_subject(msg.subject)
                 if status not in EVENT_STATUSES:
                     continue  # not a task event: nothing a client could read
+                if not await assigned.counts(msg.subject):
+                    continue
                 quiet_since = anyio.current_time()
                 yield ServerSentEventMessage(
                     data=msg.data.decode(errors="replace"), event=status, id=str(msg.metadata.sequence.stream)

@@ -36,9 +36,11 @@ from hive_bus._messages import (
 )
 from hive_bus._router import Router
 from services.api import recent_tasks
+from tests import handlers
 from tests.conftest import make_settings
 from tests.helpers import running_worker
 from tests.hub import Hub, WorkerUser, connect, hub_server, make_certs, render
+from tests.test_gateway import serving
 from tests.test_metrics import following, samples, total
 
 pytestmark = pytest.mark.anyio
@@ -289,3 +291,31 @@ async def test_a_bucket_made_unbounded_is_bounded_when_the_gateway_starts(nats_s
         for kv in (bus.providers_kv, bus.budgets_kv):
             config = (await kv.status()).stream_info.config
             assert (config.max_bytes, config.max_msg_size) == (BUCKET_MAX_BYTES, VALUE_MAX_BYTES)
+
+
+async def test_a_tasks_event_feed_leaves_out_forged_events(nats_server: NatsServer) -> None:
+    async with serving(make_settings(nats_server.url)) as stack:
+        task_id = (
+            await stack.http.post(
+                "/v1/tasks", json={"provider": "slow", "prompt": "x", "payload": {"delay_s": 0.6}}
+            )
+        ).json()["id"]
+        names = stack.bus.names
+        forged = Completed(
+            task_id=task_id, provider="echo", at_ms=now_ms(), attempt=1, worker="m", output="forged"
+        )
+        await stack.bus.js.publish(names.event_subject("echo", task_id, "completed"), encoder.encode(forged))
+        seen: list[str] = []
+        async with (
+            running_worker(stack.bus, "slow", FunctionProvider(handlers.slow)),
+            stack.http.stream("GET", f"/v1/tasks/{task_id}/events") as response,
+        ):
+            async for line in response.aiter_lines():
+                if line.startswith(("event: ", "data: ")):
+                    seen.append(line)
+    assert [line for line in seen if line.startswith("event: ")] == [
+        "event: queued",
+        "event: running",
+        "event: completed",
+    ]
+    assert not [line for line in seen if "forged" in line]
