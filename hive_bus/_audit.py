@@ -48,7 +48,6 @@ CHECK_EVERY_S = 2.0  # how often the loop looks for a reconnection
 AFTER_RECONNECT_S = 3.0  # a restarted server recovers its streams first
 SHOWN_IDS = 20
 
-_OPEN = ("queued", "moved")
 _FINAL = ("completed", "failed")
 _BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 
@@ -176,11 +175,20 @@ class StoreAudit:
     def _note(self, subject: str, seq: int, at_s: float) -> None:
         provider, task_id, status = subject.rsplit(".", 3)[1:]
         self._next_seq = seq + 1
-        if status in _OPEN:
+        o = self._open.get(task_id)
+        if status == "queued":  # only a submission or a replay writes these
+            self._open[task_id] = _Open(provider, status, seq, seq, at_s)
+            return
+        # Any other event counts only from the provider the task is on: a worker credential may write
+        # events for any task id under its own provider. (After a move the subjects read here do not
+        # say where to, so any provider's event counts then.)
+        if o is None or (provider != o.provider and o.status != "moved"):
+            return
+        if status == "moved":
             self._open[task_id] = _Open(provider, status, seq, seq, at_s)
         elif status in _FINAL:
-            self._open.pop(task_id, None)
-        elif (o := self._open.get(task_id)) is not None:  # running, retrying: still open
+            del self._open[task_id]
+        else:  # running, retrying: still open
             o.last_seq, o.last_at_s = seq, at_s
 
     async def _held_ids(self) -> set[str]:
@@ -216,7 +224,8 @@ class StoreAudit:
         """Record one task as lost if nothing happened to it since the record was read."""
         bus, names = self._bus, self._bus.names
         try:
-            last = await bus.js.get_last_msg(names.events_stream, names.events_of(task_id), direct=True)
+            on = o.provider if o.status == "queued" else None  # (see _note)
+            last = await bus.js.get_last_msg(names.events_stream, names.events_of(task_id, on), direct=True)
         except nats.js.errors.NotFoundError:
             return False  # its events are gone too (aged out): nothing to say it was ever queued
         if last.seq != o.last_seq:
@@ -240,7 +249,13 @@ class StoreAudit:
         )  # fmt: skip
         if ack.duplicate:
             return False  # an outcome was recorded meanwhile
-        await _dlq.keep(bus, provider, task_id, data, f"{task_id}:dlq:{task.run if task else 0}")
+        await _dlq.keep(
+            bus,
+            provider,
+            task_id,
+            data,
+            task.sealed(f"{task_id}:dlq:{task.run}") if task else f"{task_id}:dlq:0",
+        )
         return True
 
     async def _task_of(self, o: _Open) -> Task | None:

@@ -9,6 +9,7 @@ are the operator's to tune, so a difference there is logged, not fatal; a differ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -39,6 +40,14 @@ from ._names import PRIORITIES, Names
 from ._settings import Settings, redact_url
 
 log = logging.getLogger("hive_bus.bus")
+
+# Every bucket is bounded: a worker credential writes keys of its own provider (cooldowns, budgets) or
+# name (heartbeats), and may make as many as it likes. A full bucket refuses new keys (discard new); a
+# value over the size is refused. Real values are a few hundred bytes, and a bucket holds one per key
+# (a provider key's cooldown, a budget per key and model, a heartbeat per worker).
+BUCKET_MAX_BYTES = 8 * 1024**2
+HEARTBEATS_MAX_BYTES = 2 * 1024**2  # kept in memory
+VALUE_MAX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +387,8 @@ async def _ensure_workers_bucket(js: JetStreamContext, settings: Settings) -> Ke
         storage=StorageType.MEMORY,
         replicas=settings.replicas,
         direct=True,
+        max_bytes=HEARTBEATS_MAX_BYTES,
+        max_value_size=VALUE_MAX_BYTES,
     )
     kv, have_ttl = await _ensure_bucket(js, want, settings.js_domain)
     if have_ttl and have_ttl < 2 * settings.heartbeat_interval_s:
@@ -399,6 +410,8 @@ async def _ensure_file_bucket(js: JetStreamContext, settings: Settings, bucket: 
         # reads by key go to $JS.API.DIRECT.GET.<stream>.<key subject>, which a worker's permissions
         # can narrow to its own provider's keys (a plain message get names no subject to check)
         direct=True,
+        max_bytes=BUCKET_MAX_BYTES,
+        max_value_size=VALUE_MAX_BYTES,
     )
     kv, _ = await _ensure_bucket(js, want, settings.js_domain)
     return kv
@@ -420,9 +433,35 @@ async def _ensure_bucket(
             "ttl": (config.max_age, want.ttl),
             "replicas": (config.num_replicas, want.replicas),
             "allow_direct": (bool(config.allow_direct), want.direct),
+            "max_bytes": (config.max_bytes, want.max_bytes),
+            "max_value_size": (config.max_msg_size, want.max_value_size),
         },
     )
+    await _bound(js, config, want)
     return _writes_through(kv, want, js, domain), config.max_age
+
+
+async def _bound(js: JetStreamContext, config: StreamConfig, want: KeyValueConfig) -> None:
+    """Give a bucket made before buckets were bounded (no byte or value limit) the limits it would be
+    made with now. A limit the operator set is theirs; a credential that may not change the bucket (a
+    worker's) leaves it to the gateway."""
+    bounded = dataclasses.replace(config)
+    if want.max_bytes and (config.max_bytes or -1) < 0:
+        bounded.max_bytes = want.max_bytes
+    if want.max_value_size and (config.max_msg_size or -1) < 0:
+        bounded.max_msg_size = want.max_value_size
+    if bounded == config:
+        return
+    try:
+        await js.update_stream(bounded)
+        log.info(
+            "bucket %s is bounded now (%s bytes, values of %s)",
+            want.bucket,
+            want.max_bytes,
+            want.max_value_size,
+        )
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        log.debug("bucket %s not bounded by this process (%s)", want.bucket, exc)
 
 
 class _DomainWrites:

@@ -30,12 +30,15 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
 from . import _dlq
+from ._assigned import counts as outcome_counts
+from ._assigned import current_view
 from ._bus import Bus, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
 from ._errors import BusUnavailable, HiveError, QueueFull, TaskNotFound
 from ._messages import (
     Failed,
+    Moved,
     Queued,
     Task,
     TaskRequest,
@@ -269,44 +272,13 @@ class Hive:
         """The task's current state. Raises :class:`TaskNotFound`."""
         if not is_task_id(task_id):
             raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
-        names = self._names
         try:
-            raw = await self._bus.js.get_last_msg(names.events_stream, names.events_of(task_id), direct=True)
-        except nats.js.errors.NotFoundError:
-            raise TaskNotFound(f"no task {task_id} on the bus") from None
+            # counted from the provider the task is assigned to: no other credential's events
+            view = await current_view(self._bus, task_id)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
-        assert raw.data is not None
-        try:
-            return TaskView.of(event_decoder.decode(raw.data))
-        except msgspec.DecodeError as exc:
-            log.warning(
-                "task %s: its last event (%s) does not decode (%s); read past it", task_id, raw.seq, exc
-            )
-        return await self._last_readable(task_id)
-
-    async def _last_readable(self, task_id: str) -> TaskView:
-        """The task's state from its latest event that decodes: poison written after it is set aside."""
-        view: TaskView | None = None
-        try:
-            sub = await self._bus.js.subscribe(
-                self._names.events_of(task_id), stream=self._names.events_stream, ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-            )  # fmt: skip
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
-        try:
-            with anyio.move_on_after(self._bus.settings.request_timeout_s):
-                async for msg in sub.messages:
-                    with contextlib.suppress(msgspec.DecodeError):
-                        view = TaskView.of(event_decoder.decode(msg.data))
-                    if msg.metadata.num_pending == 0:
-                        break
-        finally:
-            with anyio.CancelScope(shield=True):
-                await _unsubscribe(sub)
         if view is None:
-            raise TaskNotFound(f"no event of task {task_id} on the bus decodes")
+            raise TaskNotFound(f"no task {task_id} on the bus")
         return view
 
     async def wait(self, task_id: str, timeout_s: float) -> TaskView:
@@ -331,9 +303,13 @@ class Hive:
                     view = await self.get(task_id)
                     continue
                 try:
-                    view = TaskView.of(event_decoder.decode(msg.data))
+                    event = event_decoder.decode(msg.data)
                 except msgspec.DecodeError:
                     continue  # poison: the task's real events still come
+                if isinstance(event, Queued | Moved):
+                    view = await self.get(task_id)  # replayed or moved: where is it assigned now
+                elif self._names.provider_of_subject(msg.subject) == view.provider == event.provider:
+                    view = TaskView.of(event)  # else another credential's event: not the task's
             return view
         finally:
             with anyio.CancelScope(shield=True):
@@ -369,9 +345,11 @@ class Hive:
                     continue  # poison, set aside
                 if not is_final(event):
                     continue
+                if wanted is not None and event.task_id not in wanted:
+                    continue
+                if not await outcome_counts(self._bus, msg.subject, event):
+                    continue  # recorded under a provider the task is not assigned to
                 if wanted is not None:
-                    if event.task_id not in wanted:
-                        continue
                     wanted.discard(event.task_id)
                 yield TaskView.of(event)
                 if wanted is not None and not wanted:

@@ -17,9 +17,10 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from ._assigned import assignment
 from ._bus import Bus
 from ._errors import BusUnavailable, HiveError, TaskNotFound
-from ._messages import Failed, Queued, encoder, event_decoder, is_task_id, now_ms
+from ._messages import Failed, Queued, Task, encoder, event_decoder, is_task_id, new_seal, now_ms
 from ._names import is_valid_provider
 
 log = logging.getLogger("hive_bus.dlq")
@@ -126,11 +127,11 @@ async def dead_letter(bus: Bus, task_id: str) -> DeadLetter:
 async def replay(bus: Bus, task_id: str) -> Replayed:
     """Queue a dead-lettered task again as its next run, and take it out of the dead letters."""
     letter = await dead_letter(bus, task_id)
-    task = letter.failed.task
-    if task is None:
+    if letter.failed.task is None:
         raise NotReplayable(f"dead letter {task_id} holds no task to replay: {letter.failed.error}")
-    # a new run: its own attempts, and its deadline counted from now
-    task = msgspec.structs.replace(task, run=task.run + 1, submitted_at_ms=now_ms())
+    known = await _replayable(bus, task_id)
+    # a new run: its own attempts, its deadline counted from now, and a new seal
+    task = msgspec.structs.replace(known, run=known.run + 1, submitted_at_ms=now_ms(), seal=new_seal())
     names = bus.names
     queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
     try:
@@ -150,6 +151,39 @@ async def replay(bus: Bus, task_id: str) -> Replayed:
     except _BUS_ERRORS as exc:
         raise BusUnavailable(f"could not replay task {task_id}: {exc}") from None
     return Replayed(task.id, task.provider, task.run)
+
+
+async def _replayable(bus: Bus, task_id: str) -> Task:
+    """The task a replay queues again: as the bus knows it (never the copy a dead letter carries, which
+    any worker of the letter's provider could have written), and only when its dead letter was kept
+    under the provider the task is assigned to, and names that provider. Raises :class:`NotReplayable`."""
+    names = bus.names
+    try:
+        here = await assignment(bus, task_id)
+    except _BUS_ERRORS as exc:
+        raise BusUnavailable(f"could not look up task {task_id}: {exc}") from None
+    if here is None:
+        raise NotReplayable(f"dead letter {task_id} names a task the bus does not know; not replayed")
+    try:
+        raw = await bus.js.get_last_msg(
+            names.dlq_stream, names.dlq_subject(here.provider, task_id), direct=True
+        )
+    except nats.js.errors.NotFoundError:
+        raise NotReplayable(
+            f"task {task_id} is on provider {here.provider}, which kept no dead letter of it; not replayed"
+        ) from None
+    except _BUS_ERRORS as exc:
+        raise BusUnavailable(f"could not check the dead letter of {task_id}: {exc}") from None
+    try:
+        letter = event_decoder.decode(raw.data or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        letter = None
+    if not isinstance(letter, Failed) or letter.provider != here.provider or letter.task_id != task_id:
+        raise NotReplayable(
+            f"the dead letter of task {task_id} on {here.provider} does not name that provider and task; "
+            "not replayed"
+        )
+    return here.task
 
 
 async def purge(bus: Bus, *, task_id: str | None = None, provider: str | None = None) -> int:

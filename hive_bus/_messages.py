@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import time
 from typing import Annotated, Any, Literal
 
@@ -99,6 +100,12 @@ def new_task_id() -> str:
     return _task_ids.new()
 
 
+def new_seal() -> str:
+    """A task's seal (see :attr:`Task.seal`): 64 random bits, unrelated to the task id (whose random
+    part only counts up within a millisecond)."""
+    return secrets.token_hex(8)
+
+
 class Params(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Sampling parameters passed to the provider."""
 
@@ -160,11 +167,16 @@ class Task(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, tag="task
     run: int = 0
     # providers this task has left for a fallback, in order
     tried: list[str] = []
+    # A random token the hub gives the task each time it queues it (submission, move, replay). Only who
+    # can read the task (the gateway, and the workers of the provider it is queued on) knows it, and
+    # every de-duplication id a worker stamps on the task's events carries it: no other credential can
+    # take such an id first, and so have the real worker's outcome refused as a duplicate.
+    seal: str = ""
 
     @classmethod
     def from_request(cls, request: TaskRequest) -> Task:
         fields = msgspec.structs.asdict(request)
-        return cls(id=new_task_id(), submitted_at_ms=now_ms(), **fields)
+        return cls(id=new_task_id(), submitted_at_ms=now_ms(), seal=new_seal(), **fields)
 
     @property
     def deadline_at_ms(self) -> int | None:
@@ -178,7 +190,11 @@ class Task(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, tag="task
     @property
     def final_msg_id(self) -> str:
         """The de-duplication id of this run's final event: a run is recorded as ended once."""
-        return f"{self.id}:final" if not self.run else f"{self.id}:final:{self.run}"
+        return self.sealed(f"{self.id}:final" if not self.run else f"{self.id}:final:{self.run}")
+
+    def sealed(self, msg_id: str) -> str:
+        """``msg_id`` with the task's seal: a de-duplication id that only who holds the task can use."""
+        return f"{msg_id}:{self.seal}" if self.seal else msg_id
 
     def next_hop(self) -> Task | None:
         """This task moved to its next fallback, or None when it has none left."""

@@ -144,9 +144,10 @@ class Names:
         tokens = subject.split(".")
         return len(tokens) == 6 and tokens[-1] == "duplicate" and subject.startswith(f"{self.prefix}.events.")
 
-    def events_of(self, task_id: str) -> str:
-        """The subject filter that matches every event of one task, whatever its provider."""
-        return f"{self.prefix}.events.*.{task_id}.*"
+    def events_of(self, task_id: str, provider: str | None = None) -> str:
+        """The subject filter that matches every event of one task, whatever its provider (or those
+        recorded under ``provider``)."""
+        return f"{self.prefix}.events.{provider or '*'}.{task_id}.*"
 
     def events(self, provider: str | None = None) -> str:
         """The subject filter that matches every event of one provider's tasks, or of all tasks."""

@@ -6,13 +6,16 @@ events through a durable consumer: it publishes each moved task on its new provi
 de-duplication id, so a redelivered event queues it once), then acks the event. If the gateway is down,
 moved tasks wait in the events stream until it is back; nothing is lost.
 
-It also creates the consumers of any provider whose workers heartbeat, so that workers whose credentials
-do not allow creating consumers can bind to them.
+It also creates the consumers of the providers whose workers heartbeat and that have work (tasks were
+submitted to them, or are queued for them), so that workers whose credentials do not allow creating
+consumers can bind to them. A move is taken only when the bus knows the task, the event was recorded
+under the provider the task is assigned to, and it goes to that task's next fallback (``_assigned``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 
 import anyio
@@ -23,14 +26,26 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from ._assigned import assignment, hop
 from ._bus import Bus, ensure_consumers, kv_entries
+from ._counts import submitted_counts
 from ._errors import HiveError
-from ._messages import Moved, beat_decoder, encoder, event_decoder
+from ._messages import Moved, Task, beat_decoder, encoder, event_decoder, new_seal
 
 log = logging.getLogger("hive_bus.router")
 
 FETCH_WAIT_S = 2.0
 CONSUMERS_EVERY_S = 5.0
+# A move that is valid but not yet the last of its task's chain, as the bus was read (a replica behind
+# its leader), is looked at again this many times before it is refused.
+STALE_TRIES = 5
+
+
+class _Later(enum.Enum):
+    LATER = "later"
+
+
+LATER = _Later.LATER
 
 
 class Router:
@@ -96,8 +111,21 @@ class Router:
         if not isinstance(event, Moved):
             await msg.term()
             return
-        task, names = event.task, self._bus.names
         try:
+            task = await self._next_hop(msg, event)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.warning("router: could not look up moved task %s (%s); trying again", event.task_id, exc)
+            await msg.nak(delay=5.0)
+            return
+        if task is LATER:
+            await msg.nak(delay=1.0)
+            return
+        if task is None:
+            await msg.term()
+            return
+        names = self._bus.names
+        try:
+            await self._serve(task.provider)  # a move's target is a fallback a submitter named
             await self._bus.js.publish(
                 names.task_subject(task.provider, task.priority),
                 encoder.encode(task),
@@ -113,21 +141,64 @@ class Router:
         await msg.ack()
         log.info("router: task %s queued on %s", task.id, task.provider)
 
+    async def _next_hop(self, msg: nats.aio.msg.Msg, event: Moved) -> Task | _Later | None:
+        """The task to queue for a ``moved`` event, or None when the move is not one to take. The bus
+        must know the task, and the event must be the last link of its chain (``assignment``): recorded
+        under the provider the task was assigned to, after it was queued there, to the first of that
+        task's own fallbacks. What is queued is the task as the bus knows it on its next provider,
+        with a new seal, never the copy the event carries."""
+        here = await assignment(self._bus, event.task_id)
+        seq = msg.metadata.sequence.stream
+        if here is not None and here.seq == seq:
+            return msgspec.structs.replace(here.task, seal=new_seal())
+        if (
+            here is not None
+            and here.seq < seq
+            and hop(here.task, event) is not None
+            and self._bus.names.provider_of_subject(msg.subject) == here.provider
+            and (msg.metadata.num_delivered or 1) < STALE_TRIES
+        ):
+            return LATER  # a valid move that a replica's read has not seen yet
+        log.warning(
+            "router: a moved event on %s for task %s is refused: %s", msg.subject, event.task_id,
+            "the bus knows no such task" if here is None else
+            f"not a move the task's provider made to its next fallback (the task is on {here.provider})",
+        )  # fmt: skip
+        return None
+
+    async def _serve(self, provider: str) -> None:
+        if provider not in self._served:
+            await ensure_consumers(self._bus.js, self._bus.settings, provider)
+            self._served.add(provider)
+
     async def _keep_consumers(self) -> None:
         while True:
             try:
                 beats = await kv_entries(self._bus.workers_kv)
+                wanted = set()
                 for raw in beats.values():
                     try:
-                        provider = beat_decoder.decode(raw).provider
-                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        wanted.add(beat_decoder.decode(raw).provider)
+                    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                         continue
-                    if provider not in self._served:
-                        await ensure_consumers(self._bus.js, self._bus.settings, provider)
-                        self._served.add(provider)
+                if wanted - self._served:
+                    # A heartbeat is a worker's word, and any name will do: consumers are made only for
+                    # providers that work was submitted to, so nothing a worker writes makes the hub
+                    # create objects without bound.
+                    for provider in sorted((wanted - self._served) & await self._with_work()):
+                        await self._serve(provider)
             except (nats.errors.Error, nats.js.errors.Error, TimeoutError, HiveError) as exc:
                 log.warning("router: could not check the providers' consumers: %s", exc)
             await anyio.sleep(CONSUMERS_EVERY_S)
+
+    async def _with_work(self) -> set[str]:
+        """The providers that tasks were submitted to (the submission counters, which only submitters
+        write) or are queued for (the tasks stream, which only the gateway publishes to)."""
+        names = self._bus.names
+        providers = set(await submitted_counts(self._bus))
+        info = await self._bus.js.stream_info(names.tasks_stream, subjects_filter=names.all_tasks)
+        providers.update(names.provider_of_subject(subject) for subject in info.state.subjects or {})
+        return providers
 
 
 def _seq(msg: nats.aio.msg.Msg) -> str:

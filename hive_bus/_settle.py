@@ -11,8 +11,9 @@
 - :class:`FailNow`, out of attempts, or past its deadline: the task goes to the dead letters with its
   last error, a ``failed`` event records it, then TERM.
 
-Each run's final event is published with ``Nats-Msg-Id: <id>:final``, so a task that two workers
-finished (one a zombie that outlived its AckWait) is recorded once.
+Each run's final event is published with ``Nats-Msg-Id: <id>:final:<seal>``, so a task that two workers
+finished (one a zombie that outlived its AckWait) is recorded once; the seal (``Task.seal``) is known
+only to who holds the task, so no other credential can take that id first.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class Settler:
         await self._bus.js.publish(
             names.event_subject(task.provider, task.id, "moved"),
             encoder.encode(event),
-            headers={"Nats-Msg-Id": f"{moved.msg_id}:moved"},
+            headers={"Nats-Msg-Id": task.sealed(f"{moved.msg_id}:moved")},
             stream=names.events_stream,
         )
         await d.msg.ack()
@@ -169,7 +170,7 @@ class Settler:
             reason=reason, error=error, task=task,
         )  # fmt: skip
         data = encoder.encode(event)
-        await _dlq.keep(self._bus, task.provider, task.id, data, f"{task.id}:dlq:{task.run}")
+        await _dlq.keep(self._bus, task.provider, task.id, data, task.sealed(f"{task.id}:dlq:{task.run}"))
         await self._record(task, data, "failed")
         await d.msg.term()
         self.counts.failed += 1

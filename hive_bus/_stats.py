@@ -79,6 +79,10 @@ async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStat
     result = []
     for provider in providers:
         depth = depths.get(provider, QueueDepth(0, 0))
+        # Counting makes two consumers a provider. Only a provider with a queue (tasks were queued for
+        # it) can have outcomes; one that only heartbeats name gets none, so that heartbeats naming
+        # made-up providers make nothing on the hub.
+        queued = provider in depths
         in_flight = sum(b.in_flight for b in beats if b.provider == provider)
         cooldown = cooldowns.get(provider)
         waiting = [b.waiting_until_ms for b in beats if b.provider == provider and b.waiting]
@@ -88,8 +92,8 @@ async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStat
                 pending=depth.pending,
                 in_flight=in_flight,
                 retrying=max(0, depth.ack_pending - in_flight),
-                completed=await _count(bus, names.final_events(provider)[0]),
-                failed=await _count(bus, names.final_events(provider)[1]),
+                completed=await _count(bus, names.final_events(provider)[0]) if queued else 0,
+                failed=await _count(bus, names.final_events(provider)[1]) if queued else 0,
                 workers=sum(1 for b in beats if b.provider == provider),
                 cooldown_until_ms=(cooldown.until_ms if not cooldown.refused else None) if cooldown else None,
                 cooldown_reason=cooldown.reason if cooldown else None,

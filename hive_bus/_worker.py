@@ -574,10 +574,13 @@ class Worker:
             await self._settler.fail(d, "permanent", why)
 
     async def _waits_so_far(self, task: Task) -> int:
-        """How many earlier deliveries of a redelivered task only waited out a rate limit."""
+        """How many earlier deliveries of a redelivered task only waited out a rate limit: in the task's
+        last event on this provider (a worker credential may read no other provider's events; a task
+        moved here starts its waits anew)."""
         names = self._bus.names
+        subject = names.events_of(task.id, self._opts.provider)
         try:
-            raw = await self._bus.js.get_last_msg(names.events_stream, names.events_of(task.id), direct=True)
+            raw = await self._bus.js.get_last_msg(names.events_stream, subject, direct=True)
             event = event_decoder.decode(raw.data or b"")
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError, msgspec.DecodeError):
             return 0  # unknown: count every delivery as an attempt, the safe side

@@ -66,6 +66,9 @@ for p in "$@"; do
     # a final outcome JetStream refused as a duplicate (a zombie worker's), reported for the metrics
     pub+=("\"$prefix.events.$p.*.*.duplicate\"")
     pub+=("\"$prefix.dlq.$p.*\"")
+    # a redelivered task's last event on this provider (how many of its deliveries only waited out a
+    # rate limit); the grant names the provider, so no other provider's events can be read
+    pub+=("\"\$JS.API.DIRECT.GET.$events.$prefix.events.$p.>\"")
     pub+=("\"\$KV.${prefix}_providers.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_providers.\$KV.${prefix}_providers.$p.>\"")
     pub+=("\"\$KV.${prefix}_budgets.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_budgets.\$KV.${prefix}_budgets.$p.>\"")
     sub+=("\"$prefix.tasks.$p.high\"" "\"\$KV.${prefix}_providers.$p.>\"")
@@ -83,8 +86,6 @@ cat <<BLOCK
           "\$JS.API.STREAM.INFO.$tasks", "\$JS.API.STREAM.INFO.$events", "\$JS.API.STREAM.INFO.${P}_DLQ",
           "\$JS.API.STREAM.INFO.KV_${prefix}_workers", "\$JS.API.STREAM.INFO.KV_${prefix}_providers",
           "\$JS.API.STREAM.INFO.KV_${prefix}_budgets",
-          # a task's last event, by its id (tasks moved here keep their first provider's events)
-          "\$JS.API.DIRECT.GET.$events.$prefix.events.>",
           # its own heartbeat keys
           "\$KV.${prefix}_workers.$name.>",
           # per provider: bind to and pull from its consumers (created by the gateway), its tasks'

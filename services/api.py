@@ -28,12 +28,14 @@ from hive_bus import (
     Hive,
     HiveError,
     ProviderStats,
+    TaskNotFound,
     TaskRequest,
     TaskView,
     WorkerBeat,
 )
+from hive_bus._assigned import Assignments
 from hive_bus._audit import AuditReport, StoreAudit
-from hive_bus._messages import TaskStatus, event_decoder, is_final, is_task_id, status_of
+from hive_bus._messages import Moved, Queued, TaskStatus, event_decoder, is_final, is_task_id, status_of
 from hive_bus._names import PROVIDER_PATTERN, is_valid_provider
 
 from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics, UsageSince, lost_count
@@ -198,10 +200,14 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
         raise BusUnavailable(f"could not follow task {task_id}: {exc}") from None
 
+    assigned = Assignments(bus)  # events another credential wrote for the task are left out
+
     async def events() -> AsyncIterator[ServerSentEventMessage]:
         try:
             with anyio.move_on_after(MAX_EVENTS_STREAM_S):
                 async for msg in sub.messages:
+                    if not await assigned.counts(msg.subject):
+                        continue
                     try:
                         event = event_decoder.decode(msg.data)
                     except msgspec.DecodeError as exc:
@@ -263,6 +269,7 @@ async def all_events(
         raise BusUnavailable(f"could not follow the events stream: {exc}") from None
     stopping: threading.Event = state.stopping
     feed_max_s: float = state.feed_max_s
+    assigned = Assignments(bus)  # events a credential wrote for another provider's task are left out
 
     async def events() -> AsyncIterator[ServerSentEventMessage]:
         try:
@@ -279,6 +286,8 @@ async def all_events(
                 status = names.status_of_subject(msg.subject)
                 if status not in EVENT_STATUSES:
                     continue  # not a task event: nothing a client could read
+                if not await assigned.counts(msg.subject):
+                    continue
                 quiet_since = anyio.current_time()
                 yield ServerSentEventMessage(
                     data=msg.data.decode(errors="replace"), event=status, id=str(msg.metadata.sequence.stream)
@@ -319,6 +328,10 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
     subject = f"{names.prefix}.events.{provider or '*'}.*.*"
     sub = await bus.js.subscribe(subject, stream=names.events_stream, ordered_consumer=True, config=config)
     latest: dict[str, TaskView] = {}
+    # An event counts only from the provider its task is assigned to (a worker credential may write
+    # events for any task id under its own provider): followed here from the queued and moved events in
+    # the tail; a task whose queued event is older than the tail is looked up (``Hive.get``).
+    assigned: dict[str, str] = {}
     try:
         with anyio.move_on_after(bus.settings.request_timeout_s):
             async for msg in sub.messages:
@@ -327,7 +340,15 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
                 except msgspec.DecodeError as exc:
                     log.warning("recent tasks: event %s does not decode (%s); skipped", _seq(msg), exc)
                     continue
-                if is_task_id(event.task_id):
+                on = names.provider_of_subject(msg.subject)
+                if not is_task_id(event.task_id) or on != event.provider:
+                    pass
+                elif isinstance(event, Queued):
+                    assigned[event.task_id] = on
+                    latest[event.task_id] = TaskView.of(event)
+                elif assigned.get(event.task_id, on) == on:
+                    if isinstance(event, Moved) and event.task_id in assigned:
+                        assigned[event.task_id] = event.task.provider
                     latest[event.task_id] = TaskView.of(event)
                 if msg.metadata.num_pending == 0:
                     break
@@ -335,7 +356,19 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
         with anyio.CancelScope(shield=True):
             await sub.unsubscribe()
     views = sorted(latest.values(), key=lambda v: v.id, reverse=True)
-    return [v for v in views if status is None or v.status == status][:limit]
+    found = [v for v in views if status is None or v.status == status][:limit]
+    return [view for view in [await _checked(hive, v, v.id in assigned) for v in found] if view is not None]
+
+
+async def _checked(hive: Hive, view: TaskView, followed: bool) -> TaskView | None:
+    """``view``, or when its task's queued event was not in the tail read, the task as ``Hive.get`` reads
+    it (None when the bus does not know the task)."""
+    if followed:
+        return view
+    try:
+        return await hive.get(view.id)
+    except TaskNotFound:
+        return None
 
 
 @get(

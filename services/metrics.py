@@ -9,8 +9,11 @@ default one, so several gateways, or tests, can live in one process):
   completions by model, failures and retries by reason, rate-limit waits, tokens, cost, and the
   queue-wait, call and end-to-end times of completed tasks. ``queued`` and ``running`` events, one
   each per task, are not read: submissions are counted apart (below).
-  A task's final event is stored once by JetStream (``Nats-Msg-Id: <id>:final``); a bounded set of
-  recently seen task ids also keeps a final event seen twice from counting twice. The final outcomes
+  A task's final event is stored once by JetStream (``Nats-Msg-Id: <id>:final:<seal>``); a bounded set
+  of recently seen (provider, task id) pairs also keeps a final event seen twice from counting twice.
+  Each event counts under the provider of its subject, and only when its body names that provider: a
+  worker credential writes under its own provider only, so what it forges counts there, never as
+  another provider's outcome. The final outcomes
   JetStream refused as duplicates (a provider call made for a task already finished) are reported by
   their workers on the events stream (``hive_bus._duplicates``) and counted apart;
 - submissions, from the bus's submission counters (:mod:`hive_bus._counts`, which every submitter
@@ -352,7 +355,12 @@ class BusMetrics:
         except msgspec.DecodeError as exc:
             log.debug("metrics: skipping an event that does not decode: %s", exc)
             return
-        provider = self._provider_label(event.provider)
+        on = self._bus.names.provider_of_subject(subject)
+        if event.provider != on:
+            return  # a worker may write under its own provider only: an event naming another is forged
+        # Counted under the provider whose subject it is on; a final is counted once per task and
+        # provider, so that another credential's forged final of a task cannot hide the real one.
+        provider = self._provider_label(on)
         match event:
             case Retrying():
                 self._retries.labels(provider, event.reason).inc()
@@ -362,12 +370,12 @@ class BusMetrics:
                 # A rejected submission is recorded outside the worker's final events (and may be
                 # followed by the same task's completion once it is queued again).
                 kind = "rejected" if event.reason == "rejected" else "final"
-                if self._first_time(f"{event.task_id}:{kind}"):
+                if self._first_time(f"{on}:{event.task_id}:{kind}"):
                     self._failed.labels(provider, event.reason).inc()
                     if event.reason == "lost":
                         self._lost.inc()
             case Completed():
-                if self._first_time(f"{event.task_id}:final"):
+                if self._first_time(f"{on}:{event.task_id}:final"):
                     self._completed_task(provider, event)
             case _:
                 pass  # running: nothing to count

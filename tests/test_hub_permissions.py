@@ -170,14 +170,14 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
         await again.ack_sync(timeout=2)
         assert await pending(gw, "hive_alpha_high") == (0, 0)
 
-        # its tasks' events, dead letters, and a task's last event read back by id
+        # its tasks' events, dead letters, and a task's last event on its provider read back by id
         task_id = "01J" + secrets.token_hex(8).upper()
         for status in ("running", "retrying", "moved", "completed"):
             await w1.js.publish(
                 f"hive.events.alpha.{task_id}.{status}", status.encode(), stream="HIVE_EVENTS"
             )
         await w1.js.publish(f"hive.dlq.alpha.{task_id}", b"dead", stream="HIVE_DLQ")
-        last = await w1.js.get_last_msg("HIVE_EVENTS", f"hive.events.*.{task_id}.*", direct=True)
+        last = await w1.js.get_last_msg("HIVE_EVENTS", f"hive.events.alpha.{task_id}.*", direct=True)
         assert last.data == b"completed"
 
         # its own heartbeat key, written and removed
@@ -315,6 +315,16 @@ FORBIDDEN = {
         "$JS.API.CONSUMER.MSG.NEXT.HIVE_TASKS.hive_delta_high",
         lambda w: _fetch(w, "hive_delta_high"),
         lambda gw: _consumer_holds_none(gw, "hive_delta_high"),
+    ),
+    "read another provider's events": Forbidden(
+        "$JS.API.DIRECT.GET.HIVE_EVENTS.hive.events.delta.*.queued",
+        lambda w: w.js.get_last_msg("HIVE_EVENTS", "hive.events.delta.*.queued", direct=True),
+        _stream_exists,
+    ),
+    "read any task's events": Forbidden(
+        "$JS.API.DIRECT.GET.HIVE_EVENTS.hive.events.*.",
+        lambda w: w.js.get_last_msg("HIVE_EVENTS", "hive.events.*.01J0.*", direct=True),
+        _stream_exists,
     ),
     "read any stream message": Forbidden(
         "$JS.API.STREAM.MSG.GET.HIVE_EVENTS", lambda w: w.js.get_msg("HIVE_EVENTS", seq=1), _stream_exists

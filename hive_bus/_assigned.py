@@ -1,0 +1,154 @@
+"""Which provider a task is assigned to now, read from what only the hub writes; and the task's state,
+counted from that provider alone.
+
+A worker credential may write events under its own provider for any task id it likes: a forged
+``completed`` on ``<prefix>.events.echo.<a gemini task's id>.completed`` is stored like any other
+event. So no reader takes a task's last event, whoever wrote it. The task as the bus knows it is its
+last ``queued`` event (only a submission or a replay writes those; no worker may), then each ``moved``
+event recorded under the provider the task was on at the time, to the next provider of that task's own
+fallback list. An outcome counts only when it is recorded under the provider at the end of that chain,
+after the event that put the task there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js.api import RawStreamMsg
+
+from ._bus import Bus
+from ._messages import Moved, Queued, Task, TaskEvent, TaskView, event_decoder
+
+log = logging.getLogger("hive_bus.assigned")
+
+# A task has at most 8 fallbacks (``Task.fallback``), so at most 8 moves per run.
+MAX_HOPS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Where the bus has a task now."""
+
+    task: Task  # as queued, moved along its own fallbacks (never a worker's copy of it)
+    event: Queued | Moved  # the event that put it on its provider
+    seq: int  # that event's sequence in the events stream
+
+    @property
+    def provider(self) -> str:
+        return self.task.provider
+
+
+def hop(task: Task, event: Moved) -> Task | None:
+    """The task on its next provider, when ``event`` is a move of ``task`` that its assigned provider
+    may make (to the first of its own fallbacks); else None."""
+    moved = task.next_hop()
+    if moved is None or event.task_id != task.id or event.provider != task.provider:
+        return None
+    if event.task.provider != moved.provider or event.task.run != task.run:
+        return None
+    return moved
+
+
+async def assignment(bus: Bus, task_id: str) -> Assignment | None:
+    """The task as the bus knows it now, or None when no submission ever queued it (or its events have
+    aged out). Raises nats errors when the stream does not answer."""
+    names = bus.names
+    got = await _last(bus, names.event_subject("*", task_id, "queued"))
+    if got is None:
+        return None
+    queued, seq = got
+    if not isinstance(queued, Queued) or queued.task.id != task_id:
+        return None
+    here = Assignment(task=queued.task, event=queued, seq=seq)
+    for _ in range(MAX_HOPS):
+        got = await _last(bus, names.event_subject(here.provider, task_id, "moved"))
+        if got is None:
+            break
+        event, seq = got
+        moved = hop(here.task, event) if isinstance(event, Moved) and seq > here.seq else None
+        if moved is None:
+            break
+        assert isinstance(event, Moved)
+        here = Assignment(task=moved, event=event, seq=seq)
+    return here
+
+
+async def current_view(bus: Bus, task_id: str) -> TaskView | None:
+    """The task's state: its last event under the provider it is assigned to (events any other
+    credential wrote for it are left out). None when the bus does not know the task."""
+    here = await assignment(bus, task_id)
+    if here is None:
+        return None
+    got = await _last(bus, bus.names.events_of(task_id, here.provider))
+    if got is not None and got[1] > here.seq and not isinstance(got[0], Queued | Moved):
+        return TaskView.of(got[0])
+    return TaskView.of(here.event)
+
+
+async def counts(bus: Bus, subject: str, event: TaskEvent) -> bool:
+    """Whether an event read from ``subject`` comes from the provider its task is assigned to."""
+    provider = bus.names.provider_of_subject(subject)
+    if provider != event.provider:
+        return False
+    here = await assignment(bus, event.task_id)
+    return here is not None and here.provider == provider
+
+
+async def _last(bus: Bus, subject: str) -> tuple[TaskEvent, int] | None:
+    """The last event on ``subject`` (a filter) and its sequence; None when there is none, or it does
+    not decode (a reader of outcomes has nothing to take from it)."""
+    try:
+        raw: RawStreamMsg = await bus.js.get_last_msg(bus.names.events_stream, subject, direct=True)
+    except nats.js.errors.NotFoundError:
+        return None
+    try:
+        return event_decoder.decode(raw.data or b""), raw.seq or 0
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+
+
+class Assignments:
+    """Where each task of a feed is assigned, for a reader that follows many tasks' events: learnt from
+    the ``queued`` and ``moved`` events it reads, looked up (:func:`assignment`) for a task first met
+    by another event, and remembered for the last ``size`` tasks."""
+
+    def __init__(self, bus: Bus, size: int = 10_000) -> None:
+        self._bus = bus
+        self._size = size
+        self._known: OrderedDict[str, str | None] = OrderedDict()
+
+    async def counts(self, subject: str) -> bool:
+        """Whether the event read from ``subject`` is its task's: from the provider the task is
+        assigned to (a ``moved`` event: the last valid move of the task, as the bus has it now)."""
+        tokens = subject.split(".")
+        if len(tokens) != 5:
+            return False
+        provider, task_id, status = tokens[2:]
+        if status == "queued":  # only submissions and replays write these
+            self._remember(task_id, provider)
+            return True
+        if task_id not in self._known or status == "moved":
+            # a lookup counts every move recorded so far: this one too, when it is a valid one
+            try:
+                here = await assignment(self._bus, task_id)
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                log.debug("could not look up task %s (%s); its event is left out", task_id, exc)
+                return False
+            self._remember(task_id, here.provider if here is not None else None)
+            if here is None:
+                return False
+            if status == "moved":
+                return isinstance(here.event, Moved) and here.event.provider == provider
+            return here.provider == provider
+        return self._known[task_id] == provider
+
+    def _remember(self, task_id: str, provider: str | None) -> None:
+        self._known[task_id] = provider
+        self._known.move_to_end(task_id)
+        if len(self._known) > self._size:
+            self._known.popitem(last=False)
