@@ -12,14 +12,16 @@ after the event that put the task there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.js.api import RawStreamMsg
+from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg
 
 from ._bus import Bus
 from ._messages import Moved, Queued, Task, TaskEvent, TaskView, event_decoder
@@ -108,8 +110,31 @@ async def _last(bus: Bus, subject: str) -> tuple[TaskEvent, int] | None:
         return None
     try:
         return event_decoder.decode(raw.data or b""), raw.seq or 0
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        return None
+    except (msgspec.DecodeError, RecursionError):
+        log.warning("event %s on %s does not decode; reading past it", raw.seq, subject)
+    return await _last_readable(bus, subject)
+
+
+async def _last_readable(bus: Bus, subject: str) -> tuple[TaskEvent, int] | None:
+    """The last event on ``subject`` that decodes: poison stored after it is read past, not taken for
+    the task's end (a subject holds one task's events: a handful of messages)."""
+    found: tuple[TaskEvent, int] | None = None
+    sub = await bus.js.subscribe(
+        subject, stream=bus.names.events_stream, ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )  # fmt: skip
+    try:
+        with anyio.move_on_after(bus.settings.request_timeout_s):
+            async for msg in sub.messages:
+                with contextlib.suppress(msgspec.DecodeError, RecursionError):
+                    found = event_decoder.decode(msg.data), msg.metadata.sequence.stream
+                if msg.metadata.num_pending == 0:
+                    break
+    finally:
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+    return found
 
 
 class Assignments:
