@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +26,8 @@ import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
 from . import _dlq
@@ -61,8 +62,12 @@ from ._stats import ProviderStats, provider_stats
 log = logging.getLogger("hive_bus.client")
 
 SUBMIT_WINDOW = 256
-# How often a wait reads the task's state again, in case its end fell between subscribing and reading.
-REREAD_S = 1.0
+# A wait reads the task's state again after this long without an event: only a consumer lost with its
+# server (a restart) needs it, as a wait's consumer delivers every event recorded after its start.
+RECHECK_S = 5.0
+# A wait's consumer is deleted when the wait ends; the server deletes one whose client went away
+# (killed, or cut off for longer than this) after this long.
+WATCH_IDLE_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +126,8 @@ class Hive:
         self._names = bus.names  # built once: it is on every submission's path
         self._publisher: JetStreamPublisher | None = None
         self._submitted = SubmissionCounts(bus)
+        domain = bus.settings.js_domain
+        self._js_api = f"$JS.{domain}.API" if domain else "$JS.API"
 
     @property
     def bus(self) -> Bus:
@@ -283,22 +290,15 @@ class Hive:
 
     async def wait(self, task_id: str, timeout_s: float) -> TaskView:
         """The task's state once it has completed or failed, or when ``timeout_s`` has passed."""
-        nc = self._bus.nc
         if not is_task_id(task_id):  # before it goes into a subject: no wildcards, no white space
             raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
-        try:
-            # The server takes the subscription before the read below (one connection keeps order), so an
-            # event published later reaches the subscription and an earlier one is read. An event
-            # published just before but stored just after the read is caught by the periodic re-read.
-            sub = await nc.subscribe(self._names.events_of(task_id))
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
-        try:
+        deadline = anyio.current_time() + timeout_s
+        async with self._watch(task_id) as next_event:
+            # Read once the watch stands: every event stored after this read reaches next_event.
             view = await self.get(task_id)
-            deadline = anyio.current_time() + timeout_s
-            while not view.done and (left_s := deadline - anyio.current_time()) > 0:
+            while not view.done and deadline > anyio.current_time():
                 try:
-                    msg = await sub.next_msg(timeout=min(left_s, REREAD_S))
+                    msg = await next_event(min(deadline - anyio.current_time(), RECHECK_S))
                 except TimeoutError:
                     view = await self.get(task_id)
                     continue
@@ -311,9 +311,53 @@ class Hive:
                 elif self._names.provider_of_subject(msg.subject) == view.provider == event.provider:
                     view = TaskView.of(event)  # else another credential's event: not the task's
             return view
+
+    @asynccontextmanager
+    async def _watch(self, task_id: str) -> AsyncIterator[Callable[[float], Awaitable[Msg]]]:
+        """A task's last recorded event, then each one recorded after it, from a consumer of its own.
+
+        The consumer, not a subscription to the task's subjects beside a read of its last event, is
+        what leaves no gap: an event is delivered to subscribers before the stream has stored it, so an
+        event published just before such a subscription and stored just after the read is seen by
+        neither (a wait then lasted until its next re-read). A consumer's start and the events stored
+        after it are one sequence of the stream. Raises :class:`TaskNotFound` when the task has no event.
+        """
+        bus, names = self._bus, self._names
+        inbox = bus.nc.new_inbox()
+        config = ConsumerConfig(
+            deliver_subject=inbox, deliver_policy=DeliverPolicy.LAST, filter_subject=names.events_of(task_id),
+            ack_policy=AckPolicy.NONE, mem_storage=True, num_replicas=1, inactive_threshold=WATCH_IDLE_S,
+        )  # fmt: skip
+        try:
+            # Subscribed first (one connection keeps order), so the consumer has its listener from the start.
+            sub = await bus.nc.subscribe(inbox)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
+        consumer: str | None = None
+        try:
+            try:
+                info = await bus.js.add_consumer(names.events_stream, config)
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
+            consumer = info.name
+            if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
+                raise TaskNotFound(f"no task {task_id} on the bus")
+
+            async def next_event(timeout_s: float) -> Msg:
+                while True:
+                    msg = await sub.next_msg(timeout=timeout_s)
+                    if msg.data:  # not a status message of the server's
+                        return msg
+
+            yield next_event
         finally:
             with anyio.CancelScope(shield=True):
                 await _unsubscribe(sub)
+                if consumer is not None:  # at once, not after WATCH_IDLE_S: waits may be many
+                    with contextlib.suppress(nats.errors.Error):
+                        await bus.nc.publish(
+                            f"{self._js_api}.CONSUMER.DELETE.{names.events_stream}.{consumer}"
+                        )
 
     async def results(
         self, task_ids: Sequence[str] | None = None, *, provider: str | None = None
