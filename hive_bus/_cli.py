@@ -15,10 +15,11 @@ from typing import Any, TextIO, TypeVar
 import anyio
 import click
 import msgspec
+from anyio.abc import TaskGroup
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ._budget import BudgetError, load_budgets
-from ._bus import open_bus
+from ._bus import Bus, open_bus
 from ._client import Hive, PartialSubmit, connect
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import HiveError
@@ -122,6 +123,20 @@ async def _until_stopped() -> None:
             return
 
 
+def _exit_when_lost(tg: TaskGroup, bus: Bus) -> anyio.CancelScope:
+    """Watch the bus's connection: once it is gone for good (nats-py does not reconnect after the
+    server closed it), :class:`BusUnavailable` ends the process with status 1, and its supervisor
+    starts it again. Cancel the returned scope to stop watching (on the way out)."""
+    scope = anyio.CancelScope()
+
+    async def watch() -> None:
+        with scope:
+            await bus.wait_lost()
+
+    tg.start_soon(watch)
+    return scope
+
+
 def _provider_for(name: str, handler: str | None, model: str | None) -> Provider | list[ProviderKey]:
     if handler:
         return load_handler(handler)
@@ -181,6 +196,7 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                 gateway = Gateway(hive, GatewayOptions(host=host, port=port, tokens=tokens), sock=sock)
                 try:
                     async with anyio.create_task_group() as tg:
+                        lost = _exit_when_lost(tg, bus)
                         for worker in workers:
                             await tg.start(worker.run)
                         await tg.start(gateway.serve)
@@ -189,6 +205,7 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                             f"workers: {', '.join(providers)}. Ctrl-C stops it."
                         )
                         await _until_stopped()
+                        lost.cancel()
                         gateway.stop()
                         for worker in workers:
                             worker.stop()
@@ -216,7 +233,12 @@ def nats_cmd(host: str, port: int, data: Path) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
-@click.option("--max-body-bytes", default=256 * 1024, show_default=True)
+@click.option(
+    "--max-body-bytes",
+    default=20 * 1024 * 1024,
+    show_default=True,
+    help="largest body of POST /v1/tasks (a batch's is 40 MiB)",
+)
 @bus_options
 def gateway(host: str, port: int, max_body_bytes: int, settings: Settings) -> None:
     """Run the HTTP gateway. Off loopback it needs tokens: HIVE_GATEWAY_TOKENS (comma-separated) or
@@ -232,9 +254,11 @@ def gateway(host: str, port: int, max_body_bytes: int, settings: Settings) -> No
             options = GatewayOptions(host=host, port=port, max_body_bytes=max_body_bytes, tokens=tokens)
             gw = Gateway(hive, options, sock=sock)
             async with anyio.create_task_group() as tg:
+                lost = _exit_when_lost(tg, hive.bus)
                 await tg.start(gw.serve)
                 click.echo(f"gateway on {gw.url}, bus {settings.prefix}. Ctrl-C stops it.")
                 await _until_stopped()
+                lost.cancel()
                 gw.stop()
 
     _run(main)
@@ -293,9 +317,11 @@ def worker(
         async with open_bus(settings, name=f"hive-worker-{name}") as bus:
             w = Worker(bus, impl, options)
             async with anyio.create_task_group() as tg:
+                lost = _exit_when_lost(tg, bus)
                 await tg.start(w.run)
                 click.echo(f"worker {w.id} serving {name}. Ctrl-C drains and stops it.")
                 await _until_stopped()
+                lost.cancel()
                 w.stop()
 
     _run(main)

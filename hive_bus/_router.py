@@ -12,6 +12,7 @@ do not allow creating consumers can bind to them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import anyio
@@ -22,9 +23,11 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from . import _blobs
 from ._bus import Bus, ensure_consumers, kv_entries
-from ._errors import HiveError
+from ._errors import HiveError, TooLarge
 from ._messages import Moved, beat_decoder, encoder, event_decoder
+from ._size import js_publish
 
 log = logging.getLogger("hive_bus.router")
 
@@ -66,7 +69,12 @@ class Router:
                     for msg in msgs:
                         await self._queue(msg)
             finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(3):
+                # a connection the server closed refuses the unsubscribe: nothing is left to undo
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(3),
+                    contextlib.suppress(nats.errors.Error),
+                ):
                     await sub.unsubscribe()
 
     async def _queue(self, msg: nats.aio.msg.Msg) -> None:
@@ -81,12 +89,19 @@ class Router:
             return
         task, names = event.task, self._bus.names
         try:
-            await self._bus.js.publish(
-                names.task_subject(task.provider, task.priority),
-                encoder.encode(task),
-                headers={"Nats-Msg-Id": task.msg_id},
-                stream=names.tasks_stream,
+            task = await _blobs.moved_to(self._bus, task)  # its content where its new workers may read it
+            await js_publish(
+                self._bus.js, self._bus.nc, names.task_subject(task.provider, task.priority),
+                encoder.encode(task), headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream,
+                what="moved task",
+            )  # fmt: skip
+        except (TooLarge, _blobs.BlobMissing) as exc:
+            # it can never be queued: said once, and the event set aside (its task's record says moved)
+            log.error(
+                "router: task %s cannot be queued on %s: %s; the move is dropped", task.id, task.provider, exc
             )
+            await msg.term()
+            return
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError, HiveError) as exc:
             log.warning(
                 "router: task %s not yet queued on %s (%s); trying again", task.id, task.provider, exc
