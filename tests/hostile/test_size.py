@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -17,11 +18,13 @@ import httpx
 import pytest
 
 from hive_bus import Bus, FunctionProvider, Hive, Settings, Task, open_bus
+from hive_bus._bus import ensure_consumers
 from hive_bus._embedded import NatsServer
 from hive_bus._errors import BusUnavailable
 from services.gateway import Gateway, GatewayOptions
 from tests.conftest import make_settings
 from tests.helpers import events_of, running_worker, stream_messages
+from tests.hub import WorkerUser, hub_server, make_certs, render
 from workers.echo import EchoProvider
 
 pytestmark = pytest.mark.anyio
@@ -188,3 +191,35 @@ async def test_a_connection_the_server_closed_turns_healthz_unhealthy(settings: 
         assert "maximum payload" in r.json()["reason"]
         with pytest.raises(BusUnavailable, match="closed for good"):
             await stack.bus.wait_lost()
+
+
+@pytest.mark.slow
+async def test_a_worker_under_its_hub_credential_completes_an_eight_megabyte_task(tmp_path: Path) -> None:
+    """On the shipped hub config (TLS, max_payload 1 MB, a worker credential from worker-user.sh):
+    the worker reads the task's content and writes its output through the claim check's grants."""
+    certs = make_certs(tmp_path / "certs", servers=["localhost", "127.0.0.1"], clients=["gateway", "w1"])
+    hub = render(tmp_path / "nats", certs, [WorkerUser("w1", ("echo",))])
+
+    def as_user(user: str, server: NatsServer, **extra: Any) -> Settings:
+        return make_settings(
+            server.url, prefix="hive", nats_user=user, nats_password=hub.password(user),
+            nats_tls_ca_file=str(certs / "ca.pem"), nats_tls_cert_file=str(certs / f"client-{user}.pem"),
+            nats_tls_key_file=str(certs / f"client-{user}-key.pem"), request_timeout_s=5.0, **extra,
+        )  # fmt: skip
+
+    prompt = "h" * (8 * MB)
+    with hub_server(hub, tmp_path / "store") as server:
+        async with open_bus(as_user("gateway", server)) as bus:
+            hive = Hive(bus)
+            assert bus.nc.max_payload == 1024 * 1024
+            await ensure_consumers(bus.js, bus.settings, "echo")  # the gateway's router would
+            async with (
+                open_bus(as_user("w1", server, worker_name="w1")) as worker_bus,
+                running_worker(worker_bus, "echo", EchoProvider()),
+            ):
+                task_id = await hive.submit("echo", prompt)
+                view = await hive.wait(task_id, 120)
+                assert worker_bus.nc.is_connected
+            await hive.close()
+    assert view.status == "completed", view
+    assert view.output == prompt
