@@ -132,6 +132,7 @@ async def connect_nats(
     last_error: list[str] = []
     refused: list[str] = []
     first_connect = anyio.CancelScope()
+    connected = False
 
     def closing() -> bool:
         return nc.is_closed or nc.is_draining
@@ -157,7 +158,7 @@ async def connect_nats(
         log.info("reconnected to NATS at %s", where)
 
     async def on_closed() -> None:
-        if link is not None:
+        if link is not None and connected:  # a first connection that failed is said by the raise below
             link.closed(_reason(nc.last_error) if nc.last_error else "closed")
 
     try:
@@ -183,6 +184,7 @@ async def connect_nats(
         with anyio.CancelScope(shield=True):
             await nc.close()
         raise BusRefused(f"NATS at {where}: {refused[-1]}")
+    connected = True
     return nc
 
 
