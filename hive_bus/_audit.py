@@ -38,8 +38,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from . import _dlq
 from ._bus import Bus
+from ._errors import TooLarge
 from ._messages import Failed, Moved, Queued, Task, encoder, event_decoder, now_ms
 from ._nesting import Guarded
+from ._size import check_fits, js_publish
 
 log = logging.getLogger("hive_bus.audit")
 
@@ -168,7 +170,7 @@ class StoreAudit:
                     self._note(msg.subject, msg.metadata.sequence.stream, msg.metadata.timestamp.timestamp())
                 remaining -= len(msgs)
         finally:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), contextlib.suppress(nats.errors.Error):
                 await _delete_consumer(bus, config.name)
                 await psub.unsubscribe()
 
@@ -243,9 +245,14 @@ class StoreAudit:
         )  # fmt: skip
         data = encoder.encode(event)
         final_id = task.final_msg_id if task else f"{task_id}:final"
-        ack = await bus.js.publish(
-            names.event_subject(provider, task_id, "failed"), data,
-            headers={"Nats-Msg-Id": final_id}, stream=names.events_stream,
+        headers = {"Nats-Msg-Id": final_id}
+        try:
+            check_fits(bus.nc, data, {**headers, "Nats-Expected-Stream": names.events_stream})
+        except TooLarge:  # a task from before the claim check: its record keeps it, this event cannot
+            data = encoder.encode(msgspec.structs.replace(event, task=None))
+        ack = await js_publish(
+            bus.js, bus.nc, names.event_subject(provider, task_id, "failed"), data,
+            headers=headers, stream=names.events_stream, what="failed event",
         )  # fmt: skip
         if ack.duplicate:
             return False  # an outcome was recorded meanwhile

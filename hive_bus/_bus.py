@@ -8,12 +8,13 @@ are the operator's to tune, so a difference there is logged, not fatal; a differ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import anyio
@@ -50,6 +51,24 @@ HEARTBEATS_MAX_BYTES = 2 * 1024**2  # kept in memory
 VALUE_MAX_BYTES = 64 * 1024
 
 
+class Link:
+    """Whether the connection is gone for good: closed by the server or by nats-py (a protocol error
+    such as ``maximum payload exceeded``: nats-py does not reconnect after one), not by this process.
+    A long-running process watches :attr:`lost` and exits so that its supervisor starts it again, and
+    the gateway's ``/healthz`` answers 503."""
+
+    def __init__(self) -> None:
+        self.closing = False  # this process is closing it: not a loss
+        self.lost = asyncio.Event()
+        self.reason = ""
+
+    def closed(self, reason: str) -> None:
+        if not self.closing and not self.lost.is_set():
+            self.reason = reason
+            self.lost.set()
+            log.error("the NATS connection was closed for good: %s", reason)
+
+
 @dataclass(frozen=True, slots=True)
 class Bus:
     """A live connection with the bus objects in place. Shared by the client, gateway and workers."""
@@ -60,6 +79,16 @@ class Bus:
     workers_kv: KeyValue
     providers_kv: KeyValue
     budgets_kv: KeyValue
+    link: Link = field(default_factory=Link)
+
+    async def wait_lost(self) -> None:
+        """Return once the connection is gone for good, raising :class:`BusUnavailable` that says why:
+        run it beside a long-running process's work so that the process ends (exit status 1)."""
+        await self.link.lost.wait()
+        raise BusUnavailable(
+            f"the NATS connection was closed for good ({self.link.reason}); exiting so that a "
+            "supervisor (systemd, compose, a shell loop) starts this process again"
+        )
 
     @property
     def names(self) -> Names:
@@ -70,7 +99,8 @@ class Bus:
 async def open_bus(settings: Settings, *, name: str = "hive") -> AsyncIterator[Bus]:
     """Connect to NATS, declare (or check) the bus objects, and close cleanly on the way out."""
     violations: list[str] = []
-    nc = await connect_nats(settings, name=name, violations=violations)
+    link = Link()
+    nc = await connect_nats(settings, name=name, violations=violations, link=link)
     try:
         js = nc.jetstream(timeout=settings.request_timeout_s, domain=settings.js_domain)
         try:
@@ -79,8 +109,9 @@ async def open_bus(settings: Settings, *, name: str = "hive") -> AsyncIterator[B
             if violations:  # the silence was the server refusing a request or a reply inbox
                 raise BusRefused(f"{exc}; {_refused_because(violations[-1], settings)}") from None
             raise
-        yield Bus(nc=nc, js=js, settings=settings, **buckets)
+        yield Bus(nc=nc, js=js, settings=settings, link=link, **buckets)
     finally:
+        link.closing = True
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             # drain flushes pending acks and publishes before the socket closes; a connection that is
             # down has nothing to flush to, and nats-py refuses to drain it: it is closed instead
@@ -94,7 +125,9 @@ async def open_bus(settings: Settings, *, name: str = "hive") -> AsyncIterator[B
                     await nc.close()
 
 
-async def connect_nats(settings: Settings, *, name: str, violations: list[str] | None = None) -> NATS:
+async def connect_nats(
+    settings: Settings, *, name: str, violations: list[str] | None = None, link: Link | None = None
+) -> NATS:
     """Connect, or raise :class:`BusUnavailable` with one line that says why (secrets left out).
 
     The first connection must succeed within ``connect_timeout_s``; once connected, the client
@@ -108,6 +141,7 @@ async def connect_nats(settings: Settings, *, name: str, violations: list[str] |
     last_error: list[str] = []
     refused: list[str] = []
     first_connect = anyio.CancelScope()
+    connected = False
 
     def closing() -> bool:
         return nc.is_closed or nc.is_draining
@@ -132,6 +166,10 @@ async def connect_nats(settings: Settings, *, name: str, violations: list[str] |
     async def on_reconnect() -> None:
         log.info("reconnected to NATS at %s", where)
 
+    async def on_closed() -> None:
+        if link is not None and connected:  # a first connection that failed is said by the raise below
+            link.closed(_reason(nc.last_error) if nc.last_error else "closed")
+
     try:
         with anyio.fail_after(settings.connect_timeout_s), first_connect:
             await nc.connect(
@@ -143,6 +181,7 @@ async def connect_nats(settings: Settings, *, name: str, violations: list[str] |
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                closed_cb=on_closed,
                 **options,
             )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
@@ -154,6 +193,7 @@ async def connect_nats(settings: Settings, *, name: str, violations: list[str] |
         with anyio.CancelScope(shield=True):
             await nc.close()
         raise BusRefused(f"NATS at {where}: {refused[-1]}")
+    connected = True
     return nc
 
 
@@ -181,6 +221,7 @@ async def declare_bus(js: JetStreamContext, settings: Settings) -> dict[str, Key
         await _ensure_stream(js, tasks_stream_config(settings))
         await _ensure_stream(js, events_stream_config(settings))
         await _ensure_stream(js, dlq_stream_config(settings))
+        await _ensure_stream(js, blobs_stream_config(settings))
         return {
             "workers_kv": await _ensure_workers_bucket(js, settings),
             "providers_kv": await _ensure_file_bucket(
@@ -245,6 +286,27 @@ def dlq_stream_config(settings: Settings) -> StreamConfig:
         discard=DiscardPolicy.NEW,
         max_bytes=settings.dlq_max_bytes,
         duplicate_window=settings.duplicate_window_s,
+        allow_direct=True,
+        num_replicas=settings.replicas,
+    )
+
+
+def blobs_stream_config(settings: Settings) -> StreamConfig:
+    """The claim check's Object Store bucket (hive_bus._blobs), declared as nats-py's
+    ``create_object_store`` would: ``nats object`` tools see it as a bucket."""
+    names = settings.names
+    return StreamConfig(
+        name=names.blobs_stream,
+        description="hive-bus claim check: task contents and outputs too large for a message",
+        subjects=[f"$O.{names.blobs_bucket}.C.>", f"$O.{names.blobs_bucket}.M.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        # full: a new large task is refused (503), never an accepted one's content dropped
+        discard=DiscardPolicy.NEW,
+        # an object lives as long as the events that refer to it
+        max_age=settings.events_max_age_s,
+        max_bytes=settings.blobs_max_bytes,
+        allow_rollup_hdrs=True,
         allow_direct=True,
         num_replicas=settings.replicas,
     )

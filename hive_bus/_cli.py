@@ -15,11 +15,12 @@ from typing import Any, TextIO, TypeVar
 import anyio
 import click
 import msgspec
+from anyio.abc import TaskGroup
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from . import _redact
 from ._budget import BudgetError, load_budgets
-from ._bus import open_bus
+from ._bus import Bus, open_bus
 from ._client import Hive, PartialSubmit, connect
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import HiveError
@@ -132,6 +133,20 @@ def bus_options(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _exit_when_lost(tg: TaskGroup, bus: Bus) -> anyio.CancelScope:
+    """Watch the bus's connection: once it is gone for good (nats-py does not reconnect after the
+    server closed it), :class:`BusUnavailable` ends the process with status 1, and its supervisor
+    starts it again. Cancel the returned scope to stop watching (on the way out)."""
+    scope = anyio.CancelScope()
+
+    async def watch() -> None:
+        with scope:
+            await bus.wait_lost()
+
+    tg.start_soon(watch)
+    return scope
+
+
 def _provider_for(name: str, handler: str | None, model: str | None) -> Provider | list[ProviderKey]:
     if handler:
         return load_handler(handler)
@@ -193,6 +208,7 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                 gateway = Gateway(hive, GatewayOptions(host=host, port=port, tokens=tokens), sock=sock)
                 try:
                     async with anyio.create_task_group() as tg:
+                        lost = _exit_when_lost(tg, bus)
                         for worker in workers:
                             await tg.start(worker.run)
                         await tg.start(gateway.serve)
@@ -201,6 +217,7 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                             f"workers: {', '.join(providers)}. Ctrl-C stops it."
                         )
                         await until_stopped()
+                        lost.cancel()
                         gateway.stop()
                         for worker in workers:
                             worker.stop()
@@ -228,7 +245,12 @@ def nats_cmd(host: str, port: int, data: Path) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True)
-@click.option("--max-body-bytes", default=256 * 1024, show_default=True)
+@click.option(
+    "--max-body-bytes",
+    default=20 * 1024 * 1024,
+    show_default=True,
+    help="largest body of POST /v1/tasks (a batch's is 40 MiB)",
+)
 @click.option(
     "--max-connections",
     default=1000,
@@ -255,9 +277,11 @@ def gateway(host: str, port: int, max_body_bytes: int, max_connections: int, set
             )
             gw = Gateway(hive, options, sock=sock)
             async with anyio.create_task_group() as tg:
+                lost = _exit_when_lost(tg, hive.bus)
                 await tg.start(gw.serve)
                 click.echo(f"gateway on {gw.url}, bus {settings.prefix}. Ctrl-C stops it.")
                 await until_stopped()
+                lost.cancel()
                 gw.stop()
 
     _run(main)
@@ -316,9 +340,11 @@ def worker(
         async with open_bus(settings, name=f"hive-worker-{name}") as bus:
             w = Worker(bus, impl, options)
             async with anyio.create_task_group() as tg:
+                lost = _exit_when_lost(tg, bus)
                 await tg.start(w.run)
                 click.echo(f"worker {w.id} serving {name}. Ctrl-C drains and stops it.")
                 await until_stopped()
+                lost.cancel()
                 w.stop()
 
     _run(main)

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,13 +30,13 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
-from . import _dlq
+from . import _blobs, _dlq
 from ._assigned import counts as outcome_counts
 from ._assigned import current_view
 from ._bus import Bus, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
-from ._errors import BusUnavailable, HiveError, QueueFull, TaskNotFound
+from ._errors import BusUnavailable, HiveError, QueueFull, TaskNotFound, TooLarge
 from ._messages import (
     Failed,
     Moved,
@@ -57,6 +57,7 @@ from ._prices import PriceTable
 from ._publish import JetStreamPublisher, PubAck, Publish, stored
 from ._route import CheapestRouter
 from ._settings import Settings, load_settings
+from ._size import header_bytes
 from ._stats import ProviderStats, provider_stats
 
 log = logging.getLogger("hive_bus.client")
@@ -170,13 +171,17 @@ class Hive:
         return accepted.id
 
     async def submit_request(self, request: TaskRequest) -> Accepted:
-        """Queue a validated request. Raises :class:`BusUnavailable` or :class:`QueueFull`, and
-        :class:`NestedTooDeep` for a payload or metadata nested deeper than ``MAX_NESTING``."""
+        """Queue a validated request. Raises :class:`BusUnavailable`, :class:`QueueFull`,
+        :class:`NestedTooDeep` for a payload or metadata nested deeper than ``MAX_NESTING``, or
+        :class:`TooLarge` for a task the bus cannot carry (its content over ``blob_max_bytes``)."""
         check_fields(request)
         if not self._bus.nc.is_connected:
             raise BusUnavailable("not connected to NATS; nothing was accepted")
         task = Task.from_request(request)
         task = await self._routed(task)
+        self._check_content(task)
+        task = await _blobs.check_in(self._bus, task)
+        self._check_messages(task, request.idempotency_key)
         ack = await self._publish(*self._queued_event(task, request.idempotency_key))
         duplicate = bool(ack.duplicate)
         if duplicate:
@@ -197,7 +202,8 @@ class Hive:
         them in flight together: every ``queued`` event, then every task whose event was stored. Each
         task's event is stored before the task is published, and a task counts as accepted only once
         JetStream stored it. Returns each request's outcome, in order: accepted, or the error that
-        kept it out."""
+        kept it out. A task the bus cannot carry raises :class:`TooLarge` naming its index, before
+        anything is queued."""
         for i, request in enumerate(requests):
             try:
                 check_fields(request)
@@ -207,11 +213,24 @@ class Hive:
             return [BusUnavailable("not connected to NATS; not accepted") for _ in requests]
         tasks = [await self._routed(Task.from_request(r)) for r in requests]
         keys = [r.idempotency_key for r in requests]
+        for i, task in enumerate(tasks):
+            with _naming_task(i):
+                self._check_content(task)
         outcomes: list[Accepted | HiveError | None] = [None] * len(tasks)
-        event_acks = await self._publish_all(
-            [self._queued_event(t, k) for t, k in zip(tasks, keys, strict=True)]
-        )
-        for i, ack in enumerate(event_acks):
+        for i, task in enumerate(tasks):
+            try:
+                tasks[i] = await _blobs.check_in(self._bus, task)
+            except HiveError as exc:
+                outcomes[i] = exc
+        for i, task in enumerate(tasks):
+            if outcomes[i] is None:
+                with _naming_task(i):
+                    self._check_messages(task, keys[i])
+        going_events = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        event_acks: list[PubAck | HiveError | None] = [None] * len(tasks)
+        published = await self._publish_all([self._queued_event(tasks[i], keys[i]) for i in going_events])
+        for i, ack in zip(going_events, published, strict=True):
+            event_acks[i] = ack
             if isinstance(ack, HiveError):
                 outcomes[i] = ack
             elif ack.duplicate:  # a key seen before: the first task is the one that counts
@@ -286,7 +305,7 @@ class Hive:
             raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
         if view is None:
             raise TaskNotFound(f"no task {task_id} on the bus")
-        return view
+        return await self._read_output(view)
 
     async def wait(self, task_id: str, timeout_s: float) -> TaskView:
         """The task's state once it has completed or failed, or when ``timeout_s`` has passed."""
@@ -310,7 +329,7 @@ class Hive:
                     view = await self.get(task_id)  # replayed or moved: where is it assigned now
                 elif self._names.provider_of_subject(msg.subject) == view.provider == event.provider:
                     view = TaskView.of(event)  # else another credential's event: not the task's
-            return view
+            return await self._read_output(view)
 
     @asynccontextmanager
     async def _watch(self, task_id: str) -> AsyncIterator[Callable[[float], Awaitable[Msg]]]:
@@ -395,7 +414,7 @@ class Hive:
                     continue  # recorded under a provider the task is not assigned to
                 if wanted is not None:
                     wanted.discard(event.task_id)
-                yield TaskView.of(event)
+                yield await self._read_output(TaskView.of(event))
                 if wanted is not None and not wanted:
                     return
         finally:
@@ -446,6 +465,33 @@ class Hive:
 
     # -----------------------------------------------------------------------------------------------
 
+    def _check_content(self, task: Task) -> None:
+        """Raise :class:`TooLarge` when the task's content is over what the claim check takes."""
+        limit = self._bus.settings.blob_max_bytes
+        if (size := len(_blobs.content_bytes(task))) > limit:
+            raise TooLarge(
+                f"the task's prompt, system and payload are {size} bytes encoded, over the bus's limit "
+                f"of {limit} bytes",
+                size_bytes=size,
+                limit_bytes=limit,
+            )
+
+    def _check_messages(self, task: Task, key: str | None) -> None:
+        """Raise :class:`TooLarge` when the task's messages, headers counted, are over the server's
+        ``max_payload`` (what is left once the claim check took the content: metadata, params...)."""
+        limit = self._bus.nc.max_payload
+        for subject, data, msg_id, stream in (self._queued_event(task, key), self._task_message(task, key)):
+            headers = {"Nats-Expected-Stream": stream, **({"Nats-Msg-Id": msg_id} if msg_id else {})}
+            size = len(data) + header_bytes(headers)
+            if size > limit:
+                raise TooLarge(
+                    f"the task is {size} bytes on {subject.split('.', 2)[1]} with its headers once its "
+                    f"content is in the object store (its metadata, params or fallbacks are too large), "
+                    f"over the NATS server's max_payload of {limit} bytes",
+                    size_bytes=size,
+                    limit_bytes=limit,
+                )
+
     def _queued_event(self, task: Task, key: str | None) -> Publish:
         names = self._names
         queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
@@ -489,6 +535,8 @@ class Hive:
         timeout_s = self._bus.settings.request_timeout_s
         try:
             outcomes = await (await self._js_publisher()).publish(messages)
+        except TooLarge as exc:
+            return [exc for _ in messages]
         except (nats.errors.Error, OSError) as exc:
             return [
                 BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}")
@@ -501,6 +549,15 @@ class Hive:
             except HiveError as exc:
                 results.append(exc)
         return results
+
+    async def _read_output(self, view: TaskView) -> TaskView:
+        """The view with an output kept in the Object Store read back; without it (and its reference
+        kept) if the object is gone."""
+        try:
+            return await _blobs.read_output(self._bus, view)
+        except _blobs.BlobMissing as exc:
+            log.warning("task %s: %s", view.id, exc)
+            return msgspec.structs.replace(view, error=str(exc))
 
     async def _js_publisher(self) -> JetStreamPublisher:
         if self._publisher is None:
@@ -541,6 +598,17 @@ class Hive:
             )
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             log.warning("could not record the rejection of task %s: %s", task.id, exc)
+
+
+@contextlib.contextmanager
+def _naming_task(index: int) -> Iterator[None]:
+    """A :class:`TooLarge` raised inside names the task's place in its batch."""
+    try:
+        yield
+    except TooLarge as exc:
+        raise TooLarge(
+            f"task {index}: {exc}", size_bytes=exc.size_bytes, limit_bytes=exc.limit_bytes, index=index
+        ) from None
 
 
 async def _unsubscribe(sub: Any) -> None:

@@ -36,6 +36,7 @@ import nats.js.errors
 from ._bus import Bus, ensure_counters_stream
 from ._errors import HiveError
 from ._nesting import Guarded
+from ._size import check_fits
 
 log = logging.getLogger("hive_bus.counts")
 
@@ -154,7 +155,9 @@ class SubmissionCounts:
             try:
                 # No Nats-Expected-Stream: nats-server 2.15 refuses a counter increment that has one.
                 subject = bus.names.submitted_counter(provider)
-                await bus.js.publish(subject, b"", headers={"Nats-Incr": f"+{n}", "Nats-Msg-Id": msg_id})
+                headers = {"Nats-Incr": f"+{n}", "Nats-Msg-Id": msg_id}
+                check_fits(bus.nc, b"", headers, what="counter increment")
+                await bus.js.publish(subject, b"", headers=headers)
                 return
             except nats.js.errors.NoStreamResponseError:
                 if not first:

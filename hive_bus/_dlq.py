@@ -19,9 +19,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ._assigned import assignment
 from ._bus import Bus
-from ._errors import BusUnavailable, HiveError, TaskNotFound
+from ._errors import BusUnavailable, HiveError, TaskNotFound, TooLarge
 from ._messages import Failed, Queued, Task, encoder, event_decoder, is_task_id, new_seal, now_ms
 from ._names import is_valid_provider
+from ._size import js_publish
 
 log = logging.getLogger("hive_bus.dlq")
 
@@ -34,16 +35,16 @@ async def keep(bus: Bus, provider: str, task_id: str, failed: bytes, msg_id: str
     records it."""
     names = bus.names
     try:
-        await bus.js.publish(
-            names.dlq_subject(provider, task_id),
-            failed,
-            headers={"Nats-Msg-Id": msg_id},
-            stream=names.dlq_stream,
-        )
+        await js_publish(
+            bus.js, bus.nc, names.dlq_subject(provider, task_id), failed,
+            headers={"Nats-Msg-Id": msg_id}, stream=names.dlq_stream, what="dead letter",
+        )  # fmt: skip
     except nats.js.errors.APIError as exc:
         log.error(
             "dead letter of task %s not kept (its failed event has the task): %s", task_id, exc.description
         )
+    except TooLarge as exc:
+        log.error("dead letter of task %s not kept (its failed event has the task): %s", task_id, exc)
 
 
 def _check_provider(provider: str | None) -> None:
@@ -135,18 +136,14 @@ async def replay(bus: Bus, task_id: str) -> Replayed:
     names = bus.names
     queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
     try:
-        await bus.js.publish(
-            names.event_subject(task.provider, task.id, "queued"),
-            encoder.encode(queued),
-            headers={"Nats-Msg-Id": f"{task.id}:replay:{task.run}"},
-            stream=names.events_stream,
-        )
-        await bus.js.publish(
-            names.task_subject(task.provider, task.priority),
-            encoder.encode(task),
-            headers={"Nats-Msg-Id": task.msg_id},
-            stream=names.tasks_stream,
-        )
+        await js_publish(
+            bus.js, bus.nc, names.event_subject(task.provider, task.id, "queued"), encoder.encode(queued),
+            headers={"Nats-Msg-Id": f"{task.id}:replay:{task.run}"}, stream=names.events_stream,
+        )  # fmt: skip
+        await js_publish(
+            bus.js, bus.nc, names.task_subject(task.provider, task.priority), encoder.encode(task),
+            headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream,
+        )  # fmt: skip
         await bus.js.purge_stream(names.dlq_stream, subject=names.dead_letters_of(task.id))
     except _BUS_ERRORS as exc:
         raise BusUnavailable(f"could not replay task {task_id}: {exc}") from None

@@ -98,3 +98,14 @@ class QueueFull(HiveError):
 
 class TaskNotFound(HiveError):
     """No event of this task id is on the bus (never submitted, or aged out)."""
+
+
+class TooLarge(HiveError):
+    """A message, or a task's content, is larger than the bus can carry; nothing was accepted. Trying
+    again cannot help. ``limit_bytes`` is the limit it broke, ``index`` the task's place in a batch."""
+
+    def __init__(self, message: str, *, size_bytes: int, limit_bytes: int, index: int | None = None) -> None:
+        super().__init__(message)
+        self.size_bytes = size_bytes
+        self.limit_bytes = limit_bytes
+        self.index = index

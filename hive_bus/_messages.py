@@ -123,6 +123,27 @@ class Usage(Struct, frozen=True, kw_only=True):
     output_tokens: int = 0
 
 
+class BlobRef(Struct, frozen=True, kw_only=True):
+    """A claim check: where an object of the ``<prefix>_blobs`` Object Store bucket is, and what it holds.
+
+    ``nuid`` names the subject of its chunks (``<provider>.<task id>.<kind>.<nonce>``); ``digest`` is the
+    Object Store's (``SHA-256=`` and the base64url digest), checked by every reader."""
+
+    name: str
+    nuid: str
+    size_bytes: int
+    chunks: int
+    digest: str
+
+
+class TaskContent(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The part of a task that the claim check moves to the Object Store when it is large."""
+
+    prompt: str
+    system: str | None = None
+    payload: Any = None
+
+
 class _TaskFields(Struct, frozen=True, kw_only=True, omit_defaults=True):
     provider: ProviderName
     prompt: Prompt
@@ -172,6 +193,10 @@ class Task(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, tag="task
     # every de-duplication id a worker stamps on the task's events carries it: no other credential can
     # take such an id first, and so have the real worker's outcome refused as a duplicate.
     seal: str = ""
+    # Set when the task's prompt, system and payload were too large for a message: they are in the
+    # Object Store (see hive_bus._blobs), ``prompt`` is a placeholder, and the worker reads them back
+    # before the call.
+    content: BlobRef | None = None
 
     @classmethod
     def from_request(cls, request: TaskRequest) -> Task:
@@ -259,6 +284,9 @@ class Completed(_Event, frozen=True, kw_only=True, tag="completed.v1"):
     call_s: float = 0.0
     # from the price table; None where the model's price is not known
     cost_usd: float | None = None
+    # Set when the output was too large for a message: it is in the Object Store and ``output`` is
+    # None; the client's readers (Hive.get, wait, results) read it back.
+    output_ref: BlobRef | None = None
 
 
 class Failed(_Event, frozen=True, kw_only=True, tag="failed.v1"):
@@ -318,6 +346,8 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     started_at_ms: int | None = None
     call_s: float | None = None
     cost_usd: float | None = None
+    # an output kept in the Object Store that this view has not read back (lists of tasks leave it)
+    output_ref: BlobRef | None = None
 
     @property
     def done(self) -> bool:
@@ -351,6 +381,7 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
                     attempt=event.attempt, worker=event.worker, output=event.output, model=event.model,
                     usage=event.usage, submitted_at_ms=event.submitted_at_ms or None,
                     started_at_ms=event.started_at_ms or None, call_s=event.call_s, cost_usd=event.cost_usd,
+                    output_ref=event.output_ref,
                 )  # fmt: skip
             case Failed():
                 return cls(
@@ -412,3 +443,4 @@ task_decoder = Guarded(msgspec.json.Decoder(Task), enclosing=1)
 event_decoder = Guarded(msgspec.json.Decoder(TaskEvent), enclosing=2)
 beat_decoder = Guarded(msgspec.json.Decoder(WorkerBeat), enclosing=1)
 request_decoder = Guarded(msgspec.json.Decoder(TaskRequest), enclosing=1)
+content_decoder = Guarded(msgspec.json.Decoder(TaskContent), enclosing=1)

@@ -46,7 +46,11 @@ class Names:
     ``<prefix>_router`` is the gateway's consumer of ``moved`` events, which queues a moved task again;
     ``<prefix>_workers`` is the KV bucket of worker heartbeats;
     ``<prefix>_providers`` is the KV bucket of each provider key's cooldown (keys ``<provider>.<key>``);
-    ``<prefix>_budgets`` is the KV bucket of request and token budgets (keys ``<provider>.<key>.<model>``).
+    ``<prefix>_budgets`` is the KV bucket of request and token budgets (keys ``<provider>.<key>.<model>``);
+    ``<prefix>_blobs`` is the Object Store bucket (stream ``OBJ_<prefix>_blobs``) of the claim check: a
+    task's content or an output too large for a message, its chunks on
+    ``$O.<prefix>_blobs.C.<provider>.<task id>.<kind>.<nonce>`` (one provider's under one subject tree,
+    so that a worker credential can be limited to its own provider's).
     """
 
     prefix: str = "hive"
@@ -85,6 +89,22 @@ class Names:
     @property
     def budgets_bucket(self) -> str:
         return f"{self.prefix}_budgets"
+
+    @property
+    def blobs_bucket(self) -> str:
+        return f"{self.prefix}_blobs"
+
+    @property
+    def blobs_stream(self) -> str:
+        return f"OBJ_{self.blobs_bucket}"
+
+    def blob_chunks(self, nuid: str) -> str:
+        """The subject of one object's chunks; ``nuid`` is ``<provider>.<task id>.<kind>.<nonce>``."""
+        return f"$O.{self.blobs_bucket}.C.{nuid}"
+
+    def blob_meta(self, encoded_name: str) -> str:
+        """The subject of one object's entry (its name base64url-encoded, as the Object Store does)."""
+        return f"$O.{self.blobs_bucket}.M.{encoded_name}"
 
     @property
     def router(self) -> str:

@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ._errors import BusUnavailable, QueueFull
+from ._size import check_fits
 
 _STATUS_HEADER = "Status"
 _NO_RESPONDERS = "503"
@@ -152,13 +153,14 @@ class JetStreamPublisher:
         write = getattr(nc, "_send_command", None)
         flush = getattr(nc, "_flush_pending", None)
         if write is None or flush is None or not nc.is_connected:
-            for (subject, data, msg_id, stream), token in zip(messages, tokens, strict=True):
-                await nc.publish(subject, data, reply=prefix + token, headers=_headers(msg_id, stream))
+            sends = [(s, d, _headers(m, stream)) for s, d, m, stream in messages]
+            for _, data, headers in sends:  # all checked before any goes: nats-py counts no header
+                check_fits(nc, data, headers)
+            for (subject, data, headers), token in zip(sends, tokens, strict=True):
+                await nc.publish(subject, data, reply=prefix + token, headers=headers)
             return
         if nc.is_draining_pubs:
             raise nats.errors.ConnectionDrainingError
-        if any(len(data) > nc.max_payload for _, data, _, _ in messages):
-            raise nats.errors.MaxPayloadError
         wire: list[bytes] = []
         out_bytes = 0
         for (subject, data, msg_id, stream), token in zip(messages, tokens, strict=True):
@@ -166,6 +168,8 @@ class JetStreamPublisher:
             if msg_id:
                 hdr += f"Nats-Msg-Id: {msg_id.strip().translate(_NEWLINES)}\r\n".encode()
             hdr += b"\r\n"
+            if len(hdr) + len(data) > nc.max_payload:  # the server counts the headers too
+                raise nats.errors.MaxPayloadError
             wire.append(f"HPUB {subject} {prefix}{token} {len(hdr)} {len(hdr) + len(data)}\r\n".encode())
             wire += (hdr, data, b"\r\n")
             out_bytes += len(data)

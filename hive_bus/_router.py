@@ -26,11 +26,13 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from . import _blobs
 from ._assigned import assignment, hop
 from ._bus import Bus, ensure_consumers, kv_entries
 from ._counts import submitted_counts
-from ._errors import HiveError
+from ._errors import HiveError, TooLarge
 from ._messages import Moved, Task, beat_decoder, encoder, event_decoder, new_seal
+from ._size import js_publish
 
 log = logging.getLogger("hive_bus.router")
 
@@ -82,7 +84,12 @@ class Router:
                     for msg in msgs:
                         await self._queue_or_set_aside(msg)
             finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(3):
+                # a connection the server closed refuses the unsubscribe: nothing is left to undo
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(3),
+                    contextlib.suppress(nats.errors.Error),
+                ):
                     await sub.unsubscribe()
 
     async def _queue_or_set_aside(self, msg: nats.aio.msg.Msg) -> None:
@@ -126,12 +133,19 @@ class Router:
         names = self._bus.names
         try:
             await self._serve(task.provider)  # a move's target is a fallback a submitter named
-            await self._bus.js.publish(
-                names.task_subject(task.provider, task.priority),
-                encoder.encode(task),
-                headers={"Nats-Msg-Id": task.msg_id},
-                stream=names.tasks_stream,
+            task = await _blobs.moved_to(self._bus, task)  # its content where its new workers may read it
+            await js_publish(
+                self._bus.js, self._bus.nc, names.task_subject(task.provider, task.priority),
+                encoder.encode(task), headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream,
+                what="moved task",
+            )  # fmt: skip
+        except (TooLarge, _blobs.BlobMissing) as exc:
+            # it can never be queued: said once, and the event set aside (its task's record says moved)
+            log.error(
+                "router: task %s cannot be queued on %s: %s; the move is dropped", task.id, task.provider, exc
             )
+            await msg.term()
+            return
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError, HiveError) as exc:
             log.warning(
                 "router: task %s not yet queued on %s (%s); trying again", task.id, task.provider, exc

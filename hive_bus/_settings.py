@@ -50,6 +50,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     events_max_age_s: PositiveSeconds = 7 * 86400.0
     events_max_bytes: PositiveInt = 1024**3
     dlq_max_bytes: PositiveInt = 256 * 1024**2
+    # The claim check (hive_bus._blobs): a task whose content, or an output, encodes to more than
+    # claim_check_bytes goes to the Object Store bucket <prefix>_blobs and its message carries a
+    # reference; blob_max_bytes is the largest task content or output the bus takes (a larger task is
+    # refused with 413, a larger output fails its task); blobs_max_bytes bounds the bucket. Objects live
+    # as long as the events that refer to them (events_max_age_s).
+    claim_check_bytes: PositiveInt = 64 * 1024
+    blob_max_bytes: PositiveInt = 16 * 1024**2
+    blobs_max_bytes: PositiveInt = 1024**3
     heartbeat_interval_s: PositiveSeconds = 5.0
     heartbeat_ttl_s: PositiveSeconds = 15.0
     # A TOML file of token prices that overrides the built-in table (see hive_bus._prices).
@@ -111,6 +119,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 "inside the window looks its first task up in the events stream"
             )
 
+        if self.blobs_max_bytes < self.blob_max_bytes:
+            raise SettingsError(
+                f"blobs_max_bytes ({self.blobs_max_bytes}) must be at least blob_max_bytes "
+                f"({self.blob_max_bytes}): the bucket could not hold the largest task it accepts"
+            )
         if self.audit_grace_s < 2 * self.request_timeout_s:
             raise SettingsError(
                 f"audit_grace_s ({self.audit_grace_s}) must be at least twice request_timeout_s "

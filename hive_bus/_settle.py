@@ -27,14 +27,16 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from . import _dlq
+from . import _blobs, _dlq
+from ._blobs import BlobMissing
 from ._bus import Bus
 from ._cooldown import KeyCooldowns
 from ._duplicates import report_duplicate
-from ._errors import ProviderError, Quota, RetryAfter, RetryLater
+from ._errors import BusUnavailable, HiveError, ProviderError, Quota, RetryAfter, RetryLater, TooLarge
 from ._messages import Completed, Failed, FailReason, Moved, Retrying, RetryReason, Task, encoder, now_ms
 from ._prices import PriceTable
 from ._providers import Output
+from ._size import js_publish
 
 log = logging.getLogger("hive_bus.worker")
 
@@ -113,7 +115,16 @@ class Settler:
                     await self.fail(d, "out_of_attempts", error)
                 case ProviderError():
                     await self.fail(d, "permanent", outcome.message)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except (TooLarge, BlobMissing) as exc:
+            # Retrying cannot make it fit: the task fails for good, with the reason (point of no return)
+            log.warning("the outcome of task %s cannot be recorded (%s); it fails", task.id, exc)
+            try:
+                await self.fail(d, "permanent", f"its outcome could not be recorded: {exc}")
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError, HiveError) as again:
+                log.warning(
+                    "could not record the failure of task %s (%s); it will be redelivered", task.id, again
+                )
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, BusUnavailable) as exc:
             # Not recorded, so not acked: the task comes back after AckWait and nothing is lost.
             log.warning("could not record the outcome of task %s (%s); it will be redelivered", task.id, exc)
 
@@ -152,12 +163,14 @@ class Settler:
             task=moved,
         )  # fmt: skip
         names = self._bus.names
-        await self._bus.js.publish(
+        await js_publish(
+            self._bus.js, self._bus.nc,
             names.event_subject(task.provider, task.id, "moved"),
             encoder.encode(event),
             headers={"Nats-Msg-Id": task.sealed(f"{moved.msg_id}:moved")},
             stream=names.events_stream,
-        )
+            what="moved event",
+        )  # fmt: skip
         await d.msg.ack()
         self.counts.moved += 1
         log.info("task %s moves from %s to %s: %s", task.id, task.provider, moved.provider, why)
@@ -167,9 +180,21 @@ class Settler:
         task = d.task
         event = Failed(
             task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=d.attempt, worker=self._worker_id,
-            reason=reason, error=error, task=task,
+            reason=reason, error=_clipped(error), task=task,
         )  # fmt: skip
         data = encoder.encode(event)
+        if len(data) > self._bus.settings.claim_check_bytes:
+            # a task that came without the claim check (an older client): its content goes to the
+            # object store so that its dead letter fits in a message
+            try:
+                event = msgspec.structs.replace(
+                    event, task=await _blobs.check_in(self._bus, task, listed=False)
+                )
+            except TooLarge:
+                event = msgspec.structs.replace(
+                    event, task=None, error=f"{event.error} (the task was too large to keep)"
+                )
+            data = encoder.encode(event)
         await _dlq.keep(self._bus, task.provider, task.id, data, task.sealed(f"{task.id}:dlq:{task.run}"))
         await self._record(task, data, "failed")
         await d.msg.term()
@@ -201,6 +226,20 @@ class Settler:
         except (TypeError, msgspec.EncodeError) as exc:
             await self.fail(d, "permanent", f"the output of {task.provider} is not JSON-serializable: {exc}")
             return
+        settings = self._bus.settings
+        if len(data) > settings.claim_check_bytes:
+            blob = encoder.encode(output.value)
+            if len(blob) > settings.blob_max_bytes:
+                await self.fail(
+                    d, "permanent",
+                    f"the output of {task.provider} is {len(blob)} bytes encoded, over the bus's limit of "
+                    f"{settings.blob_max_bytes} bytes (blob_max_bytes)",
+                )  # fmt: skip
+                return
+            ref = await _blobs.put(
+                self._bus, provider=task.provider, task_id=task.id, kind="output", data=blob, listed=False
+            )
+            data = encoder.encode(msgspec.structs.replace(event, output=None, output_ref=ref))
         await self._record(task, data, "completed")
         await d.msg.ack()
         self.counts.completed += 1
@@ -223,7 +262,7 @@ class Settler:
             delay_s = max(0.0, min(delay_s, (deadline_ms - now_ms()) / 1000 + 0.05))
         event = Retrying(
             task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=d.attempt, worker=self._worker_id,
-            reason=reason, error=error, retry_in_s=round(delay_s, 3), next_try_at_ms=now_ms() + int(delay_s * 1000),
+            reason=reason, error=_clipped(error), retry_in_s=round(delay_s, 3), next_try_at_ms=now_ms() + int(delay_s * 1000),
             waits=waits, quota=quota, called=called,
         )  # fmt: skip
         await self._record(task, encoder.encode(event), "retrying")
@@ -234,17 +273,30 @@ class Settler:
         names = self._bus.names
         final = status in ("completed", "failed")
         headers = {"Nats-Msg-Id": task.final_msg_id} if final else None
-        ack = await self._bus.js.publish(
+        ack = await js_publish(
+            self._bus.js, self._bus.nc,
             names.event_subject(task.provider, task.id, status),
             data,
             headers=headers,
             stream=names.events_stream,
-        )
+            what=f"{status} event",
+        )  # fmt: skip
         if ack.duplicate:
             log.warning("task %s already had a final outcome; this worker's result is not recorded", task.id)
             await report_duplicate(
                 self._bus, task, "completed" if status == "completed" else "failed", self._worker_id
             )
+
+
+# A provider's error text goes into events and dead letters: kept to this many characters, so that a
+# provider answering with a whole page cannot make an event too large to record.
+MAX_ERROR_CHARS = 4000
+
+
+def _clipped(error: str) -> str:
+    return (
+        error if len(error) <= MAX_ERROR_CHARS else f"{error[:MAX_ERROR_CHARS]}... ({len(error)} characters)"
+    )
 
 
 __all__ = ["Backoff", "Counters", "Delivery", "Outcome", "Settler"]

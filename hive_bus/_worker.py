@@ -29,11 +29,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerInfo
 
-from . import _redact
+from . import _blobs, _redact
 from ._budget import Budgets, Denied, ProviderBudget, Reservation
 from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
 from ._cooldown import KeyCooldowns
-from ._errors import FailNow, KeyRejected, NoQuota, ProviderError, Quota, RetryAfter, RetryLater
+from ._errors import FailNow, KeyRejected, NoQuota, ProviderError, Quota, RetryAfter, RetryLater, TooLarge
 from ._messages import (
     Failed,
     Retrying,
@@ -54,6 +54,7 @@ from ._prices import PriceTable
 from ._providers import Output, Provider
 from ._pull import Puller
 from ._settle import Backoff, Delivery, Outcome, Settler
+from ._size import check_fits
 from ._version import __version__
 
 log = logging.getLogger("hive_bus.worker")
@@ -224,7 +225,10 @@ class Worker:
                 for puller in pullers:
                     await puller.stop()
                 for sub in (high_sub, cooldown_sub):
-                    await sub.unsubscribe()
+                    try:
+                        await sub.unsubscribe()
+                    except nats.errors.Error as exc:  # a connection the server closed: nothing to undo
+                        log.debug("unsubscribing failed: %s", exc)
                 await self._forget_beat()
                 for key in self._keys:
                     await _close(key.provider)
@@ -427,6 +431,12 @@ class Worker:
                 error = f"delivered {d.attempt - 1} times without an outcome (worker crashes or ack timeouts)"
                 await settler.fail(d, "out_of_attempts", error)
                 return
+        try:
+            task = await _blobs.check_out(self._bus, task)  # the call needs the content; events do not
+        except _blobs.BlobMissing as exc:
+            with anyio.CancelScope(shield=True):
+                await settler.fail(d, "permanent", f"the task's content cannot be read: {exc}")
+            return
         for _ in range(len(self._keys)):
             got = await self._acquire(task)
             if isinstance(got, _Blocked):
@@ -640,8 +650,10 @@ class Worker:
         # in order ahead of the task's later (acknowledged) events.
         subject = self._bus.names.event_subject(event.provider, event.task_id, status_of(event))
         try:
-            await self._bus.nc.publish(subject, encoder.encode(event))
-        except nats.errors.Error as exc:
+            data = encoder.encode(event)
+            check_fits(self._bus.nc, data, what=f"{type(event).__name__} event")
+            await self._bus.nc.publish(subject, data)
+        except (nats.errors.Error, TooLarge) as exc:
             log.debug("could not publish %s event: %s", type(event).__name__, exc)
 
     async def _reject_undecodable(self, msg: Msg, exc: Exception) -> None:

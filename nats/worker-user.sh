@@ -72,6 +72,11 @@ for p in "$@"; do
     pub+=("\"\$KV.${prefix}_providers.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_providers.\$KV.${prefix}_providers.$p.>\"")
     pub+=("\"\$KV.${prefix}_budgets.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_budgets.\$KV.${prefix}_budgets.$p.>\"")
     sub+=("\"$prefix.tasks.$p.high\"" "\"\$KV.${prefix}_providers.$p.>\"")
+    # claim check (hive_bus/_blobs.py), the minimum: write the chunks of its own provider's outputs
+    # (and of a dead letter's task), and read its own provider's task contents through a consumer
+    # filtered on them; no object entries ($O.<bucket>.M.>), no other provider's chunks
+    pub+=("\"\$O.${prefix}_blobs.C.$p.>\"")
+    pub+=("\"\$JS.API.CONSUMER.CREATE.OBJ_${prefix}_blobs.*.\$O.${prefix}_blobs.C.$p.>\"")
 done
 
 join() { local IFS=','; echo "$*" | sed 's/,/,\n          /g'; }
@@ -85,7 +90,7 @@ cat <<BLOCK
           # start-up checks of the bus objects
           "\$JS.API.STREAM.INFO.$tasks", "\$JS.API.STREAM.INFO.$events", "\$JS.API.STREAM.INFO.${P}_DLQ",
           "\$JS.API.STREAM.INFO.KV_${prefix}_workers", "\$JS.API.STREAM.INFO.KV_${prefix}_providers",
-          "\$JS.API.STREAM.INFO.KV_${prefix}_budgets",
+          "\$JS.API.STREAM.INFO.KV_${prefix}_budgets", "\$JS.API.STREAM.INFO.OBJ_${prefix}_blobs",
           # its own heartbeat keys
           "\$KV.${prefix}_workers.$name.>",
           # per provider: bind to and pull from its consumers (created by the gateway), its tasks'

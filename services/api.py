@@ -43,7 +43,9 @@ from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics, UsageSince,
 log = logging.getLogger("hive_bus.gateway")
 
 MAX_WAIT_S = 300.0
-BATCH_MAX_BODY_BYTES = 8 * 1024 * 1024
+# A batch's body; one task's is GatewayOptions.max_body_bytes. Both leave room for a task's content up
+# to the bus's blob_max_bytes (16 MiB) with its JSON escapes.
+BATCH_MAX_BODY_BYTES = 40 * 1024 * 1024
 # A task's event stream ends with the task; this bounds one that never ends (its provider never runs).
 MAX_EVENTS_STREAM_S = 3600.0
 # A quiet feed of every event sends an SSE comment this often, so that proxies keep it open and a
@@ -73,7 +75,8 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
         401: "a bearer token is needed",
         404: "no such task or route",
         409: "the request conflicts with the state of the bus (a dead letter without a task to replay)",
-        413: "the body is larger than the gateway's limit",
+        413: "the body is larger than the gateway's limit, or a task larger than the bus carries "
+        "(the message names the limit, and in a batch the task); nothing was accepted",
         503: "NATS or JetStream did not answer, or the queue is full (see Retry-After); nothing was accepted",
     }
     return {
@@ -385,14 +388,23 @@ async def list_workers(state: State) -> list[WorkerBeat]:
     return await _hive(state).workers()
 
 
-@get("/healthz", summary="The gateway process is up")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
 class Readiness(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     status: str
     reason: str | None = None
+
+
+@get(
+    "/healthz",
+    summary="The gateway process is up, and its NATS connection is not gone for good",
+    responses={503: ResponseSpec(data_container=Readiness, description="the NATS connection is gone")},
+)
+async def healthz(state: State) -> Response[Readiness]:
+    link = _hive(state).bus.link
+    if link.lost.is_set():
+        # nats-py does not reconnect after the server closed the connection: restart this process
+        reason = f"the NATS connection was closed for good: {link.reason}"
+        return Response(Readiness(status="unavailable", reason=reason), status_code=503)
+    return Response(Readiness(status="ok"), status_code=200)
 
 
 @get(

@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio
 import msgspec
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPRequestEvent, Receive, ReceiveMessage, Scope, Send
 
 from hive_bus import BusUnavailable, Hive, QueueFull
+from hive_bus._errors import TooLarge
 from hive_bus._messages import explain_error, request_decoder
 from hive_bus._nesting import Guarded, NestedTooDeep, check_json
 
@@ -32,6 +34,9 @@ _JSON = (b"content-type", b"application/json")
 _PATHS = frozenset({"/v1/tasks", "/v1/tasks/batch"})
 _batch_decoder = Guarded(msgspec.json.Decoder(BatchRequest), enclosing=3)
 _encode = msgspec.json.Encoder().encode
+# After a 413 for a body over the limit, the rest of it is read and dropped, within these bounds.
+DRAIN_MAX_BYTES = 256 * 1024**2
+DRAIN_MAX_S = 30.0
 
 
 class FastSubmit:
@@ -47,7 +52,11 @@ class FastSubmit:
             await self._app(scope, receive, send)
             return
         batch = path == "/v1/tasks/batch"
-        body, whole = await self._read(receive, BATCH_MAX_BODY_BYTES if batch else self._max_body_bytes)
+        limit = BATCH_MAX_BODY_BYTES if batch else self._max_body_bytes
+        body, whole = await self._read(receive, limit)
+        if not whole and len(body) > limit:
+            await _too_large_body(send, receive, limit, "a batch" if batch else "a task", len(body))
+            return
         if whole and (too_deep := _too_deep(body, batch)) is not None:
             # answered here: the route's own decoder would recurse until it fails
             await _answer(send, 400, {"error": {"code": "invalid_request", **too_deep}})
@@ -59,7 +68,11 @@ class FastSubmit:
             await self._app(scope, _replay(body, whole, receive), send)
             return
         if batch:
-            answer = batch_answer(await self._hive.submit_batch(decoded.tasks))
+            try:
+                answer = batch_answer(await self._hive.submit_batch(decoded.tasks))
+            except TooLarge as exc:
+                await _error(send, "too_large", str(exc), status=413)
+                return
             retry = [(b"retry-after", b"5")] if answer.rejected else []
             await _answer(send, 503 if answer.rejected else 202, answer, retry)
             return
@@ -71,6 +84,8 @@ class FastSubmit:
                 await _answer(send, 200, {"id": accepted.id, "status": view.status, "duplicate": True})
             else:
                 await _answer(send, 202, {"id": accepted.id, "status": "queued"})
+        except TooLarge as exc:
+            await _error(send, "too_large", str(exc), status=413)
         except QueueFull as exc:
             await _error(send, "queue_full", str(exc), str(int(exc.retry_after_s)))
         except BusUnavailable as exc:
@@ -135,8 +150,32 @@ async def _answer(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _error(send: Send, code: str, message: str, retry_after: str) -> None:
+async def _error(
+    send: Send, code: str, message: str, retry_after: str | None = None, *, status: int = 503
+) -> None:
     body = _encode({"error": {"code": code, "message": message}})
-    headers = [_JSON, (b"content-length", str(len(body)).encode()), (b"retry-after", retry_after.encode())]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    headers = [_JSON, (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", retry_after.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _too_large_body(send: Send, receive: Receive, limit: int, what: str, read_bytes: int) -> None:
+    """413 naming the limit, then the rest of the body read and thrown away (up to
+    :data:`DRAIN_MAX_BYTES`, for up to :data:`DRAIN_MAX_S`) before the connection closes: a client still
+    sending when the server closes gets a connection reset instead of the answer."""
+    message = f"the request body is larger than the gateway's limit of {limit} bytes for {what}"
+    body = _encode({"error": {"code": "body_too_large", "message": message}})
+    headers = [_JSON, (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    with anyio.move_on_after(DRAIN_MAX_S):
+        while read_bytes < DRAIN_MAX_BYTES:
+            message_in = await receive()
+            if message_in["type"] != "http.request":
+                break
+            read_bytes += len(message_in.get("body", b""))
+            if not message_in.get("more_body", False):
+                break
+    await send({"type": "http.response.body", "body": b"", "more_body": False})

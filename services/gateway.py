@@ -29,6 +29,7 @@ from litestar.types import ASGIApp
 from hive_bus import BusUnavailable, Hive, QueueFull, TaskNotFound, __version__
 from hive_bus._audit import StoreAudit
 from hive_bus._dlq import NotReplayable
+from hive_bus._errors import TooLarge
 from hive_bus._messages import explain
 from hive_bus._router import Router
 
@@ -48,7 +49,8 @@ log = logging.getLogger("hive_bus.gateway")
 class GatewayOptions:
     host: str = "127.0.0.1"
     port: int = 8080
-    max_body_bytes: int = 256 * 1024
+    # one task's body: room for a task's content up to the bus's blob_max_bytes (16 MiB), escapes included
+    max_body_bytes: int = 20 * 1024 * 1024
     max_batch: int = 500
     tokens: Tokens = field(default_factory=Tokens)
     # How long one GET /v1/events connection lasts; its client reconnects with Last-Event-ID.
@@ -89,7 +91,7 @@ def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
     code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
     message = str(exc.detail)
     if exc.status_code == 413:
-        limit = request.app.request_max_body_size
+        limit = request.route_handler.request_max_body_size or request.app.request_max_body_size
         message = f"the request body is larger than the gateway's limit of {limit} bytes"
     elif exc.status_code == 400:
         # Validation errors have their own handler; what reaches here is a body that did not decode.
@@ -100,6 +102,10 @@ def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
 def on_bus_unavailable(request: Request[Any, Any, Any], exc: BusUnavailable) -> Response[Any]:
     log.warning("%s %s: %s", request.method, request.url.path, exc)
     return _error(503, "bus_unavailable", str(exc), **{"Retry-After": "5"})
+
+
+def on_too_large(request: Request[Any, Any, Any], exc: TooLarge) -> Response[Any]:
+    return _error(413, "too_large", str(exc))
 
 
 def on_queue_full(request: Request[Any, Any, Any], exc: QueueFull) -> Response[Any]:
@@ -154,6 +160,7 @@ def create_app(
             HTTPException: on_http_error,
             BusUnavailable: on_bus_unavailable,
             QueueFull: on_queue_full,
+            TooLarge: on_too_large,
             TaskNotFound: on_not_found,
             NotReplayable: on_not_replayable,
             Exception: on_internal_error,
