@@ -342,7 +342,7 @@ class Worker:
         while not predicate():
             await self._changed.wait()
 
-    # one task ------------------------------------------------------------------------------------
+    # one task: a key picked for it, the call, its settling ---------------------------------------
 
     async def _lane(self, receive: MemoryObjectReceiveStream[Msg]) -> None:
         async for msg in receive:
@@ -433,6 +433,18 @@ class Worker:
         with anyio.CancelScope(shield=True):
             await self._no_key_left(d)
 
+    async def _waits_so_far(self, task: Task) -> int:
+        """How many earlier deliveries of a redelivered task only waited out a rate limit."""
+        names = self._bus.names
+        try:
+            raw = await self._bus.js.get_last_msg(names.events_stream, names.events_of(task.id), direct=True)
+            event = event_decoder.decode(raw.data or b"")
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, msgspec.DecodeError):
+            return 0  # unknown: count every delivery as an attempt, the safe side
+        return event.waits if isinstance(event, Running | Retrying) else 0
+
+    # pick a key (which key may call is KeyRing's answer, _keys.py) -------------------------------
+
     async def _acquire(self, task: Task) -> tuple[ProviderKey, Reservation | None] | Blocked | None:
         """A key that may call now (:meth:`KeyRing.pick`), with its budget reserved. While every key is
         held for at most ``hold_max_s`` the task waits here; for longer, the reason and the wait come
@@ -450,36 +462,7 @@ class Worker:
             if self._stopping.is_set():
                 return got
 
-    async def _spent(self, reservation: Reservation, outcome: Outcome) -> None:
-        usage = outcome.usage if isinstance(outcome, Output) else None
-        tokens = usage.input_tokens + usage.output_tokens if usage is not None else None
-        try:
-            await self.budgets.settle(reservation, tokens)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            log.warning("could not record a call in the %s budget: %s", self._opts.provider, exc)
-
-    async def _no_key_left(self, d: Delivery) -> None:
-        """No key may call for this task (each refused by the provider, or without quota for its model):
-        move the task on, or fail it with the provider's word."""
-        model = d.task.model or self.model
-        why = "; ".join(self.ring.set_aside_reasons(model))
-        if len(self._keys) > 1:
-            why = f"no key of this worker can call {self._opts.provider} for this task: {why}"
-        moved = d.task.next_hop()
-        if moved is not None:
-            await self._settler.move(d, moved, why)
-        else:
-            await self._settler.fail(d, "permanent", why)
-
-    async def _waits_so_far(self, task: Task) -> int:
-        """How many earlier deliveries of a redelivered task only waited out a rate limit."""
-        names = self._bus.names
-        try:
-            raw = await self._bus.js.get_last_msg(names.events_stream, names.events_of(task.id), direct=True)
-            event = event_decoder.decode(raw.data or b"")
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, msgspec.DecodeError):
-            return 0  # unknown: count every delivery as an attempt, the safe side
-        return event.waits if isinstance(event, Running | Retrying) else 0
+    # call ----------------------------------------------------------------------------------------
 
     async def _call(self, provider: Provider, task: Task) -> Outcome:
         outcome: Outcome
@@ -524,6 +507,29 @@ class Worker:
             await self._bus.nc.publish(subject, encoder.encode(event))
         except nats.errors.Error as exc:
             log.debug("could not publish %s event: %s", type(event).__name__, exc)
+
+    # settle (the Settler acks, NAKs or TERMs; here what it needs from the worker) ----------------
+
+    async def _spent(self, reservation: Reservation, outcome: Outcome) -> None:
+        usage = outcome.usage if isinstance(outcome, Output) else None
+        tokens = usage.input_tokens + usage.output_tokens if usage is not None else None
+        try:
+            await self.budgets.settle(reservation, tokens)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.warning("could not record a call in the %s budget: %s", self._opts.provider, exc)
+
+    async def _no_key_left(self, d: Delivery) -> None:
+        """No key may call for this task (each refused by the provider, or without quota for its model):
+        move the task on, or fail it with the provider's word."""
+        model = d.task.model or self.model
+        why = "; ".join(self.ring.set_aside_reasons(model))
+        if len(self._keys) > 1:
+            why = f"no key of this worker can call {self._opts.provider} for this task: {why}"
+        moved = d.task.next_hop()
+        if moved is not None:
+            await self._settler.move(d, moved, why)
+        else:
+            await self._settler.fail(d, "permanent", why)
 
     async def _reject_undecodable(self, msg: Msg, exc: Exception) -> None:
         seq = msg.metadata.sequence.stream
