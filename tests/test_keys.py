@@ -1,16 +1,25 @@
 """Which key may call now (``hive_bus._keys.KeyRing``): its rules on their own, with injected clocks and
-no server. The worker's fetch gate (``blocked_now``) and its per-task choice (``pick``) must agree."""
+no server, then the one case where the worker's fetch gate (``blocked_now``) and its per-task choice
+(``pick``) used to disagree, on a real worker."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import anyio
 import pytest
 
+from hive_bus import Bus, Hive, ProviderKey
 from hive_bus._budget import Denied, Reservation
 from hive_bus._cooldown import CooldownRecord
 from hive_bus._errors import Quota
 from hive_bus._keys import NO_QUOTA_RECHECK_S, PROBE_HOLD_S, PROBE_WAIT_S, Blocked, KeyRing
+from hive_bus._messages import Retrying, Running, now_ms
+from workers.gemini import GeminiProvider
+
+from .fakes import ProviderFakes
+from .helpers import events_of, eventually, running_worker
 
 pytestmark = pytest.mark.anyio
 T0_MS = 1_800_000_000_000
@@ -221,3 +230,43 @@ async def test_the_gate_waits_for_the_longer_of_a_cooldown_and_a_spent_budget() 
 async def test_a_ring_needs_a_key() -> None:
     with pytest.raises(ValueError, match="at least one provider key"):
         ring_of([], Clock())
+
+
+# a worker's fetch gate, end to end -------------------------------------------------------------------
+
+
+@pytest.fixture
+def fakes() -> Iterator[ProviderFakes]:
+    with ProviderFakes() as f:
+        yield f
+
+
+async def test_a_worker_does_not_fetch_while_its_only_key_with_quota_cools_down(
+    bus: Bus, hive: Hive, fakes: ProviderFakes
+) -> None:
+    """Key free has no quota for the worker's model and key paid cools down for a minute: the worker
+    says it waits out the cooldown and leaves new tasks queued, instead of fetching each one only to
+    hand it back (the gate used to count the free key as usable)."""
+    model = "gemini-2.5-pro"
+    free, paid = "AIza_free_key_0123456789", "AIza_paid_key_0123456789"
+    fakes.gemini.no_quota(free, model)
+    keys = [
+        ProviderKey(name, GeminiProvider(api_key=key, model=model, base_url=fakes.gemini_base_url))
+        for name, key in (("free", free), ("paid", paid))
+    ]
+    async with running_worker(bus, "gemini", keys, concurrency=2) as worker:
+        first = await hive.wait(await hive.submit("gemini", "learn the keys", max_attempts=1), 15)
+        assert (first.status, fakes.gemini.rate_limited_by_key) == ("completed", {free: 1})
+        until_ms = now_ms() + 60_000
+        await worker.cooldowns.impose("paid", until_ms, "429 from gemini", "minute", "test")
+
+        async def cooling_down() -> bool:
+            return worker.beat().waiting == "cooldown"
+
+        await eventually(cooling_down, 5, "the worker to say it waits out the cooldown")
+        assert worker.beat().waiting_until_ms >= until_ms - 2000
+        later = await hive.submit("gemini", "wait for the paid key")
+        await anyio.sleep(2 * 0.5 + 1)  # two fetch waits and more
+        events = await events_of(bus, later)
+        assert not [e for e in events if isinstance(e, Retrying | Running)], events
+        assert fakes.gemini.requests_by_key.get(paid) == 1
