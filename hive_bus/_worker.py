@@ -30,14 +30,14 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerInfo
 
 from . import _blobs, _redact
-from ._budget import Budgets, Denied, ProviderBudget, Reservation
+from ._budget import Budgets, ProviderBudget, Reservation
 from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
 from ._cooldown import KeyCooldowns
-from ._errors import FailNow, KeyRejected, NoQuota, ProviderError, Quota, RetryAfter, RetryLater, TooLarge
+from ._errors import FailNow, KeyRejected, NoQuota, ProviderError, RetryAfter, RetryLater, TooLarge
+from ._keys import Blocked, KeyRing
 from ._messages import (
     Failed,
     Retrying,
-    RetryReason,
     Running,
     Task,
     TaskEvent,
@@ -69,14 +69,6 @@ RUNNING_AFTER_S = 0.25
 # A busy worker asks the high- and low-priority queues at least this often, even without a sign of work
 # there (a task that comes back from a retry is not published again).
 PROBE_EVERY_S = 1.0
-# A key's first call (at start, or after a 429) goes alone for at most this long: a spent quota answers
-# 429 within milliseconds, so a call still running after it is a real one, and the other lanes go on.
-PROBE_HOLD_S = 1.0
-# How often a task waiting for a key's first call to answer looks again.
-PROBE_WAIT_S = 0.05
-# A key with no quota at all for a model (NoQuota: a free tier without it) is not used for that model
-# again for this long; then one call finds out whether that changed (a tier upgraded).
-NO_QUOTA_RECHECK_S = 600.0
 _ID_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -110,14 +102,6 @@ class ProviderKey:
     provider: Provider
 
 
-@dataclass(frozen=True, slots=True)
-class _Blocked:
-    wait_s: float
-    why: str
-    quota: Quota
-    reason: RetryReason
-
-
 @dataclass(slots=True)
 class _Held:
     """A task this worker holds: when the server last had a sign of life for it, and its ``running``
@@ -149,7 +133,6 @@ class Worker:
         self._in_flight = 0
         self._held: dict[int, _Held] = {}
         self._ack_wait_s = bus.settings.ack_wait_s
-        self._next_key = 0
         self._waiting: tuple[str, int] | None = None  # why the worker is not fetching, until when
         self._high_hint = True  # a high-priority task may be waiting
         self._high_probed_s = 0.0
@@ -157,13 +140,6 @@ class Worker:
         self._low_hint = True
         self._low_probed_s = 0.0
         self._drained = False  # the last idle wait brought the last task of its queue
-        # Keys whose last call was not refused by a rate limit. Until a key has proved itself (at start,
-        # and after each 429), its first call goes alone for up to PROBE_HOLD_S, so that a spent quota
-        # costs one 429, not one per lane. Probing: key -> when its first call began (monotonic).
-        self._proven: set[str] = set()
-        self._probing: dict[str, float] = {}
-        # (key, model) -> (until when, monotonic; the provider's word): keys with no quota for a model
-        self._no_quota: dict[tuple[str, str | None], tuple[float, str]] = {}
         names = bus.names
         self.model: str | None = getattr(self._keys[0].provider, "default_model", None)
         self.cooldowns = KeyCooldowns(
@@ -171,6 +147,15 @@ class Worker:
             watch=bus.settings.js_domain is not None,
         )  # fmt: skip
         self.budgets = Budgets(bus.budgets_kv, options.provider, options.budget)
+        # which key may call now (cooldowns, refusals, no-quota memory, probes, budgets): one place
+        self.ring = KeyRing(
+            options.provider,
+            [k.name for k in self._keys],
+            self.cooldowns.records,
+            self.budgets,
+            owner=self.id,
+        )
+        self._by_name = {k.name: k for k in self._keys}
         backoff = Backoff(options.backoff_base_s, options.backoff_cap_s)
         self._settler = Settler(bus, self.id, self.cooldowns, options.prices or PriceTable(), backoff)
         self._counts = self._settler.counts
@@ -335,7 +320,7 @@ class Worker:
         A long wait lets fetching go on (see ``triage_after_s``); so does a provider that refused every
         key, so that its tasks fail with a clear error or move on instead of lingering."""
         while not self._stopping.is_set():
-            blocked = self._blocked_now()
+            blocked = self.ring.blocked_now(self.model)
             self._waiting = None
             if blocked is not None:
                 until_ms = now_ms() + int(blocked.wait_s * 1000)
@@ -344,28 +329,6 @@ class Worker:
                 return
             with anyio.move_on_after(min(blocked.wait_s, 1.0)):
                 await self._stopping.wait()
-
-    def _blocked_now(self) -> _Blocked | None:
-        """Why no key can be used now and for how long, from what this worker knows (no round trip)."""
-        if self.cooldowns.all_refused:
-            return None
-        best: _Blocked | None = None
-        for key in self._keys:
-            cooling_s = self.cooldowns.left_s(key.name)
-            budget_s = self.budgets.known_wait_s(key.name, self.model)
-            if cooling_s == 0 and budget_s == 0:
-                return None
-            if cooling_s >= budget_s:
-                record = self.cooldowns.records.get(key.name)
-                blocked = _Blocked(
-                    cooling_s, f"waiting out the {self._opts.provider} cooldown: {record.reason if record else ''}",
-                    record.quota if record else "unknown", "rate_limit",
-                )  # fmt: skip
-            else:
-                blocked = _Blocked(budget_s, f"{self._opts.provider} budget spent", "minute", "budget")
-            if best is None or blocked.wait_s < best.wait_s:
-                best = blocked
-        return best
 
     async def _drain(self, calls: TaskGroup, pullers: list[Puller]) -> None:
         if self._in_flight:
@@ -385,7 +348,7 @@ class Worker:
         while not predicate():
             await self._changed.wait()
 
-    # one task ------------------------------------------------------------------------------------
+    # one task: a key picked for it, the call, its settling ---------------------------------------
 
     async def _lane(self, receive: MemoryObjectReceiveStream[Msg]) -> None:
         async for msg in receive:
@@ -439,7 +402,7 @@ class Worker:
             return
         for _ in range(len(self._keys)):
             got = await self._acquire(task)
-            if isinstance(got, _Blocked):
+            if isinstance(got, Blocked):
                 with anyio.CancelScope(shield=True):
                     await settler.wait_or_move(
                         d, got.wait_s, got.why, got.quota, called=False, reason=got.reason
@@ -459,15 +422,11 @@ class Worker:
             try:
                 outcome = await self._call(key.provider, task)
             except BaseException:
-                self._probing.pop(key.name, None)
+                self.ring.released(key.name)
                 raise
             if isinstance(outcome, NoQuota):
-                self._set_aside_for(key.name, task.model or self.model, outcome.message)
-            if isinstance(outcome, RetryAfter | KeyRejected):
-                self._proven.discard(key.name)  # its next call goes alone again
-            else:
-                self._proven.add(key.name)
-                self._probing.pop(key.name, None)
+                self.ring.set_aside(key.name, task.model or self.model, outcome.message)
+            self.ring.answered(key.name, rate_limited=isinstance(outcome, RetryAfter | KeyRejected))
             held.running = None  # too late to say: the outcome is next
             with anyio.CancelScope(shield=True):
                 try:
@@ -481,107 +440,10 @@ class Worker:
                     await settler.settle(d, outcome, time.perf_counter() - t0)
                 finally:
                     # after a 429 or a refusal, the other lanes go on once the key's cooldown is known
-                    self._probing.pop(key.name, None)
+                    self.ring.released(key.name)
             return
         with anyio.CancelScope(shield=True):
             await self._no_key_left(d)
-
-    async def _acquire(self, task: Task) -> tuple[ProviderKey, Reservation | None] | _Blocked | None:
-        """A key that may call now, each tried in turn, with its budget reserved. While every key is
-        held for at most ``hold_max_s`` the task waits here; for longer, the reason and the wait come
-        back. None when the provider refused every key, or none has quota for the task's model."""
-        model = task.model or self.model
-        tokens = _estimate_tokens(task)
-        while True:
-            best: _Blocked | None = None
-            for i in range(len(self._keys)):
-                key = self._keys[(self._next_key + i) % len(self._keys)]
-                record = self.cooldowns.records.get(key.name)
-                if (record is not None and record.refused) or self._no_quota_for(key.name, model):
-                    continue
-                if (cooling_s := self.cooldowns.left_s(key.name)) > 0:
-                    assert record is not None
-                    blocked = _Blocked(
-                        cooling_s, f"waiting out the {task.provider} cooldown: {record.reason}", record.quota,
-                        "rate_limit",
-                    )  # fmt: skip
-                elif (probe_left_s := self._probe_left_s(key.name)) > 0:
-                    # the key's first call (at start, or after a rate limit) has not answered yet: a
-                    # second one now would meet the same 429
-                    blocked = _Blocked(
-                        min(PROBE_WAIT_S, probe_left_s),
-                        f"the first call on key {key.name} has not answered",
-                        "minute",
-                        "rate_limit",
-                    )
-                else:
-                    got = await self.budgets.reserve(key.name, model, tokens)
-                    if not isinstance(got, Denied):
-                        self._next_key = (self._next_key + i + 1) % len(self._keys)
-                        if key.name not in self._proven and key.name not in self._probing:
-                            self._probing[key.name] = time.monotonic()
-                        return key, got
-                    blocked = _Blocked(
-                        got.wait_s, f"{task.provider} budget spent ({got.limit} of key {key.name})",
-                        "day" if got.daily else "minute", "budget",
-                    )  # fmt: skip
-                if best is None or blocked.wait_s < best.wait_s:
-                    best = blocked
-            if best is None:
-                return None
-            if best.wait_s > min(self._opts.hold_max_s, task.max_wait_s) or best.quota == "day":
-                return best
-            with anyio.move_on_after(best.wait_s):
-                await self._stopping.wait()
-            if self._stopping.is_set():
-                return best
-
-    def _probe_left_s(self, key: str) -> float:
-        """How much longer calls on ``key`` wait for its first call to answer; 0 to go ahead."""
-        began = self._probing.get(key)
-        return 0.0 if began is None else max(0.0, PROBE_HOLD_S - (time.monotonic() - began))
-
-    async def _spent(self, reservation: Reservation, outcome: Outcome) -> None:
-        usage = outcome.usage if isinstance(outcome, Output) else None
-        tokens = usage.input_tokens + usage.output_tokens if usage is not None else None
-        try:
-            await self.budgets.settle(reservation, tokens)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            log.warning("could not record a call in the %s budget: %s", self._opts.provider, exc)
-
-    def _set_aside_for(self, key: str, model: str | None, why: str) -> None:
-        if self._no_quota_for(key, model) is None:
-            log.warning(
-                "worker %s: key %s has no %s quota for model %s; not used for it for %gs (%s)",
-                self.id, key, self._opts.provider, model or "(default)", NO_QUOTA_RECHECK_S, why,
-            )  # fmt: skip
-        self._no_quota[key, model] = (time.monotonic() + NO_QUOTA_RECHECK_S, why)
-
-    def _no_quota_for(self, key: str, model: str | None) -> str | None:
-        """The provider's word when ``key`` has no quota for ``model`` (until the recheck), else None."""
-        found = self._no_quota.get((key, model))
-        if found is None:
-            return None
-        until, why = found
-        if time.monotonic() >= until:
-            del self._no_quota[key, model]
-            return None
-        return why
-
-    async def _no_key_left(self, d: Delivery) -> None:
-        """No key may call for this task (each refused by the provider, or without quota for its model):
-        move the task on, or fail it with the provider's word."""
-        model = d.task.model or self.model
-        reasons = {r.reason for r in self.cooldowns.records.values() if r.refused}
-        reasons |= {why for k in self._keys if (why := self._no_quota_for(k.name, model)) is not None}
-        why = "; ".join(sorted(reasons))
-        if len(self._keys) > 1:
-            why = f"no key of this worker can call {self._opts.provider} for this task: {why}"
-        moved = d.task.next_hop()
-        if moved is not None:
-            await self._settler.move(d, moved, why)
-        else:
-            await self._settler.fail(d, "permanent", why)
 
     async def _waits_so_far(self, task: Task) -> int:
         """How many earlier deliveries of a redelivered task only waited out a rate limit: in the task's
@@ -595,6 +457,27 @@ class Worker:
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError, msgspec.DecodeError):
             return 0  # unknown: count every delivery as an attempt, the safe side
         return event.waits if isinstance(event, Running | Retrying) else 0
+
+    # pick a key (which key may call is KeyRing's answer, _keys.py) -------------------------------
+
+    async def _acquire(self, task: Task) -> tuple[ProviderKey, Reservation | None] | Blocked | None:
+        """A key that may call now (:meth:`KeyRing.pick`), with its budget reserved. While every key is
+        held for at most ``hold_max_s`` the task waits here; for longer, the reason and the wait come
+        back. None when the provider refused every key, or none has quota for the task's model."""
+        model = task.model or self.model
+        tokens = _estimate_tokens(task)
+        while True:
+            got = await self.ring.pick(model, tokens)
+            if not isinstance(got, Blocked):
+                return None if got is None else (self._by_name[got[0]], got[1])
+            if got.wait_s > min(self._opts.hold_max_s, task.max_wait_s) or got.quota == "day":
+                return got
+            with anyio.move_on_after(got.wait_s):
+                await self._stopping.wait()
+            if self._stopping.is_set():
+                return got
+
+    # call ----------------------------------------------------------------------------------------
 
     async def _call(self, provider: Provider, task: Task) -> Outcome:
         outcome: Outcome
@@ -655,6 +538,29 @@ class Worker:
             await self._bus.nc.publish(subject, data)
         except (nats.errors.Error, TooLarge) as exc:
             log.debug("could not publish %s event: %s", type(event).__name__, exc)
+
+    # settle (the Settler acks, NAKs or TERMs; here what it needs from the worker) ----------------
+
+    async def _spent(self, reservation: Reservation, outcome: Outcome) -> None:
+        usage = outcome.usage if isinstance(outcome, Output) else None
+        tokens = usage.input_tokens + usage.output_tokens if usage is not None else None
+        try:
+            await self.budgets.settle(reservation, tokens)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            log.warning("could not record a call in the %s budget: %s", self._opts.provider, exc)
+
+    async def _no_key_left(self, d: Delivery) -> None:
+        """No key may call for this task (each refused by the provider, or without quota for its model):
+        move the task on, or fail it with the provider's word."""
+        model = d.task.model or self.model
+        why = "; ".join(self.ring.set_aside_reasons(model))
+        if len(self._keys) > 1:
+            why = f"no key of this worker can call {self._opts.provider} for this task: {why}"
+        moved = d.task.next_hop()
+        if moved is not None:
+            await self._settler.move(d, moved, why)
+        else:
+            await self._settler.fail(d, "permanent", why)
 
     async def _reject_undecodable(self, msg: Msg, exc: Exception) -> None:
         seq = msg.metadata.sequence.stream
