@@ -39,6 +39,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from . import _dlq
 from ._bus import Bus
 from ._messages import Failed, Moved, Queued, Task, encoder, event_decoder, now_ms
+from ._nats import BUS_ERRORS
+from ._nats import reconnects as nats_reconnects
 
 log = logging.getLogger("hive_bus.audit")
 
@@ -49,7 +51,6 @@ SHOWN_IDS = 20
 
 _OPEN = ("queued", "moved")
 _FINAL = ("completed", "failed")
-_BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 
 
 class _TaskId(msgspec.Struct):
@@ -87,7 +88,7 @@ class StoreAudit:
         self.every_s = every_s
         self._open: dict[str, _Open] = {}
         self._next_seq = 1  # the next events-stream sequence to read
-        self._reconnects = bus.nc.stats["reconnects"]
+        self._reconnects = nats_reconnects(bus.nc)
         self._lost_total = 0
         self.last: AuditReport | None = None
 
@@ -96,7 +97,7 @@ class StoreAudit:
         task_status.started()
         due = time.monotonic()
         while True:
-            reconnects = self._bus.nc.stats["reconnects"]
+            reconnects = nats_reconnects(self._bus.nc)
             if reconnects != self._reconnects:
                 self._reconnects = reconnects
                 self._start_over()
@@ -105,7 +106,7 @@ class StoreAudit:
                 try:
                     await self.audit()
                     due = time.monotonic() + self.every_s
-                except _BUS_ERRORS as exc:
+                except BUS_ERRORS as exc:
                     log.warning("store audit failed (%s); trying again", exc)
                     due = time.monotonic() + 10 * CHECK_EVERY_S
             await anyio.sleep(CHECK_EVERY_S)
@@ -255,5 +256,5 @@ async def _delete_consumer(bus: Bus, name: str | None) -> None:
     try:
         with anyio.move_on_after(bus.settings.request_timeout_s):
             await bus.js.delete_consumer(bus.names.events_stream, name)
-    except _BUS_ERRORS:
+    except BUS_ERRORS:
         pass  # it goes by itself when inactive

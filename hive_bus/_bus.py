@@ -36,6 +36,7 @@ from nats.js.kv import KeyValue
 from ._credentials import closed_hint, connect_options, refusal, server_urls
 from ._errors import BusConfigError, BusRefused, BusUnavailable
 from ._names import PRIORITIES, Names
+from ._nats import BUS_ERRORS, kv_parts
 from ._settings import Settings, redact_url
 
 log = logging.getLogger("hive_bus.bus")
@@ -81,7 +82,7 @@ async def open_bus(settings: Settings, *, name: str = "hive") -> AsyncIterator[B
                 except nats.errors.Error as exc:
                     log.warning("could not drain the NATS connection (%s); closing it", exc)
             if not nc.is_closed:
-                with contextlib.suppress(nats.errors.Error, OSError):  # it is gone either way
+                with contextlib.suppress(*BUS_ERRORS):  # it is gone either way
                     await nc.close()
 
 
@@ -136,7 +137,7 @@ async def connect_nats(settings: Settings, *, name: str, violations: list[str] |
                 reconnected_cb=on_reconnect,
                 **options,
             )
-    except (OSError, nats.errors.Error, TimeoutError) as exc:
+    except BUS_ERRORS as exc:
         with anyio.CancelScope(shield=True):
             await nc.close()
         why = last_error[-1] if last_error else _reason(exc)
@@ -363,7 +364,7 @@ async def redeclare_workers_bucket(bus: Bus) -> None:
     and the processes that lived through the restart must bring it back (any of them may)."""
     try:
         await _ensure_workers_bucket(bus.js, bus.settings)
-    except (nats.errors.Error, nats.js.errors.Error, TimeoutError, BusConfigError) as exc:
+    except (*BUS_ERRORS, BusConfigError) as exc:
         log.debug("the heartbeat bucket could not be declared again: %s", exc)
 
 
@@ -486,8 +487,7 @@ async def kv_entries(kv: KeyValue, pattern: str = ">", *, timeout_s: float = 5.0
     consumer counted when it was made. nats-py's watcher marks the end of the current values by
     comparing the consumer's pending count with what its subscription has handled, and under load it
     can mark the end before a value already on its way: a read that came back empty."""
-    # nats-py's KeyValue keeps its stream, subject prefix and context private; these are its own.
-    js, stream, prefix = kv._js, kv._stream, kv._pre
+    js, stream, prefix = kv_parts(kv)
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
         ack_policy=AckPolicy.NONE,
@@ -507,6 +507,6 @@ async def kv_entries(kv: KeyValue, pattern: str = ">", *, timeout_s: float = 5.0
                     found.pop(msg.subject[len(prefix) :], None)
             remaining -= len(msgs)
     finally:
-        with anyio.CancelScope(shield=True), contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+        with anyio.CancelScope(shield=True), contextlib.suppress(*BUS_ERRORS):
             await psub.unsubscribe()  # the consumer goes once inactive
     return found

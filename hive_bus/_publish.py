@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ._errors import BusUnavailable, QueueFull
+from ._nats import count_out, raw_writer
 
 _STATUS_HEADER = "Status"
 _NO_RESPONDERS = "503"
@@ -149,9 +150,8 @@ class JetStreamPublisher:
         rules for buffering during a reconnection apply), gets them one ``publish`` at a time."""
         nc = self._nc
         prefix = self._prefix
-        write = getattr(nc, "_send_command", None)
-        flush = getattr(nc, "_flush_pending", None)
-        if write is None or flush is None or not nc.is_connected:
+        writer = raw_writer(nc)
+        if writer is None or not nc.is_connected:
             for (subject, data, msg_id, stream), token in zip(messages, tokens, strict=True):
                 await nc.publish(subject, data, reply=prefix + token, headers=_headers(msg_id, stream))
             return
@@ -169,10 +169,10 @@ class JetStreamPublisher:
             wire.append(f"HPUB {subject} {prefix}{token} {len(hdr)} {len(hdr) + len(data)}\r\n".encode())
             wire += (hdr, data, b"\r\n")
             out_bytes += len(data)
+        write, flush = writer
         await write(b"".join(wire))
         await flush()
-        nc.stats["out_msgs"] += len(messages)
-        nc.stats["out_bytes"] += out_bytes
+        count_out(nc, len(messages), out_bytes)
 
     def _stream_header(self, stream: str) -> bytes:
         lines = _HEADER_LINE + f"Nats-Expected-Stream: {stream}\r\n".encode()

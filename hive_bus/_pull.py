@@ -16,7 +16,6 @@ next pull, never dropped.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 
@@ -26,9 +25,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-log = logging.getLogger("hive_bus.worker")
+from hive_bus._nats import END_STATUSES, pull_subject, request_pull, status_of
 
-_END_STATUSES = frozenset({"404", "408", "409"})
+log = logging.getLogger("hive_bus.worker")
 
 
 class Puller:
@@ -51,8 +50,7 @@ class Puller:
         self._nc = nc
         self._on_task = on_task  # told when a waiting request brings a task
         self.consumer = consumer
-        api = f"$JS.{domain}.API" if domain else "$JS.API"  # a domain: from behind a leaf node
-        self._subject = f"{api}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._subject = pull_subject(stream, consumer, domain=domain)
         # no-wait requests are answered on one inbox, waiting requests on another: a task that comes on
         # the second is the one a waiting request (of one task) asked for, which ends it
         self._inbox = nc.new_inbox()
@@ -98,7 +96,7 @@ class Puller:
         if len(self.spare) < batch:
             reply = self._next_reply()
             self._asking = reply
-            await self._request(reply, {"batch": batch - len(self.spare), "no_wait": True})
+            await request_pull(self._nc, self._subject, reply, batch=batch - len(self.spare), no_wait=True)
             # the server ends the request itself; the local bound only covers a lost connection
             with anyio.move_on_after(5):
                 while self._asking == reply and len(self.spare) < batch:
@@ -112,7 +110,7 @@ class Puller:
             self._seq += 1
             reply = f"{self._waiting_inbox}.{self._seq}"
             self._waiting, self._waiting_until = reply, anyio.current_time() + wait_s
-            await self._request(reply, {"batch": 1, "expires": int(wait_s * 1e9)})
+            await request_pull(self._nc, self._subject, reply, batch=1, expires_s=wait_s)
 
     async def wait(self, wait_s: float) -> list[Msg]:
         """The spare tasks, or else the first task to come within ``wait_s``; an empty list when none came."""
@@ -127,28 +125,25 @@ class Puller:
         self._seq += 1
         return f"{self._inbox}.{self._seq}"
 
-    async def _request(self, reply: str, request: dict[str, object]) -> None:
-        await self._nc.publish(self._subject, json.dumps(request).encode(), reply=reply)
-
     async def _on_msg(self, msg: Msg) -> None:
         # JetStream delivers a task under its own subject, so only a status message names its request.
-        status = _status(msg)
+        status = status_of(msg)
         if status is None:
             self.spare.append(msg)
-        elif status in _END_STATUSES and msg.subject == self._asking:
+        elif status in END_STATUSES and msg.subject == self._asking:
             self._asking = None
         else:
             return  # the end of an earlier request, or an idle heartbeat
         self._notify()
 
     async def _on_waited(self, msg: Msg) -> None:
-        status = _status(msg)
+        status = status_of(msg)
         if status is None:
             self.spare.append(msg)
             self._waiting = None  # it asked for one task
             if self._on_task is not None:
                 self._on_task()
-        elif status in _END_STATUSES and msg.subject == self._waiting:
+        elif status in END_STATUSES and msg.subject == self._waiting:
             self._waiting = None
         else:
             return
@@ -157,12 +152,6 @@ class Puller:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
-
-
-def _status(msg: Msg) -> str | None:
-    if msg.data or not msg.headers:
-        return None
-    return msg.headers.get("Status")
 
 
 async def _nak(msg: Msg) -> None:
