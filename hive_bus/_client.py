@@ -13,7 +13,6 @@ Publishing the event first also means a task's ``queued`` event always precedes 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -46,6 +45,7 @@ from ._messages import (
     is_task_id,
     now_ms,
 )
+from ._nats import BUS_ERRORS, following, unsubscribe
 from ._prices import PriceTable
 from ._publish import JetStreamPublisher, PubAck, Publish, stored
 from ._route import CheapestRouter
@@ -243,7 +243,7 @@ class Hive:
             raw = await self._bus.js.get_last_msg(names.events_stream, names.events_of(task_id), direct=True)
         except nats.js.errors.NotFoundError:
             raise TaskNotFound(f"no task {task_id} on the bus") from None
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
         assert raw.data is not None
         return TaskView.of(event_decoder.decode(raw.data))
@@ -258,7 +258,7 @@ class Hive:
             # event published later reaches the subscription and an earlier one is read. An event
             # published just before but stored just after the read is caught by the periodic re-read.
             sub = await nc.subscribe(self._names.events_of(task_id))
-        except (nats.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
         try:
             view = await self.get(task_id)
@@ -273,8 +273,7 @@ class Hive:
                 view = TaskView.of(event)
             return view
         finally:
-            with anyio.CancelScope(shield=True):
-                await _unsubscribe(sub)
+            await unsubscribe(sub)
 
     async def results(
         self, task_ids: Sequence[str] | None = None, *, provider: str | None = None
@@ -295,10 +294,9 @@ class Hive:
             # Task ids are ULIDs: the oldest id tells from when the record needs reading.
             config.deliver_policy = DeliverPolicy.BY_START_TIME
             config.opt_start_time = min(ULID.from_str(t).datetime for t in wanted)
-        sub = await self._bus.js.subscribe(
-            names.all_events, stream=names.events_stream, ordered_consumer=True, config=config
-        )
-        try:
+        async with following(
+            self._bus.js, names.all_events, stream=names.events_stream, config=config
+        ) as sub:
             async for msg in sub.messages:
                 event = event_decoder.decode(msg.data)
                 if not is_final(event):
@@ -310,9 +308,6 @@ class Hive:
                 yield TaskView.of(event)
                 if wanted is not None and not wanted:
                     return
-        finally:
-            with anyio.CancelScope(shield=True):
-                await _unsubscribe(sub)
 
     async def workers(self) -> list[WorkerBeat]:
         """The workers whose heartbeat has not expired, by provider then id."""
@@ -335,7 +330,7 @@ class Hive:
         """Per provider: queued, in flight, retrying, completed and failed tasks, workers, cooldown."""
         try:
             return await provider_stats(self._bus, await self.workers())
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             raise BusUnavailable(f"could not read the bus's figures: {exc}") from None
 
     # dead letters ------------------------------------------------------------------------------------
@@ -401,7 +396,7 @@ class Hive:
         timeout_s = self._bus.settings.request_timeout_s
         try:
             outcomes = await (await self._js_publisher()).publish(messages)
-        except (nats.errors.Error, OSError) as exc:
+        except BUS_ERRORS as exc:
             return [
                 BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}")
                 for _, _, _, stream in messages
@@ -427,7 +422,7 @@ class Hive:
     async def _first_task(self, seq: int) -> Task:
         try:
             raw = await self._bus.js.get_msg(self._names.events_stream, seq=seq, direct=True)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             raise BusUnavailable(
                 f"could not read the first task of a repeated idempotency key: {exc}"
             ) from None
@@ -446,13 +441,8 @@ class Hive:
             await self._bus.js.publish(
                 self._names.event_subject(task.provider, task.id, "failed"), encoder.encode(event)
             )
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             log.warning("could not record the rejection of task %s: %s", task.id, exc)
-
-
-async def _unsubscribe(sub: Any) -> None:
-    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
-        await sub.unsubscribe()
 
 
 @asynccontextmanager

@@ -25,6 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from ._bus import Bus, ensure_consumers, kv_entries
 from ._errors import HiveError
 from ._messages import Moved, beat_decoder, encoder, event_decoder
+from ._nats import BUS_ERRORS
 
 log = logging.getLogger("hive_bus.router")
 
@@ -59,7 +60,7 @@ class Router:
                         msgs = await sub.fetch(batch=64, timeout=FETCH_WAIT_S)
                     except TimeoutError:
                         continue
-                    except (nats.errors.Error, nats.js.errors.Error) as exc:
+                    except BUS_ERRORS as exc:
                         log.warning("router: fetching moved tasks failed (%s); trying again", exc)
                         await anyio.sleep(1)
                         continue
@@ -87,7 +88,7 @@ class Router:
                 headers={"Nats-Msg-Id": task.msg_id},
                 stream=names.tasks_stream,
             )
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, HiveError) as exc:
+        except (*BUS_ERRORS, HiveError) as exc:
             log.warning(
                 "router: task %s not yet queued on %s (%s); trying again", task.id, task.provider, exc
             )
@@ -108,6 +109,6 @@ class Router:
                     if provider not in self._served:
                         await ensure_consumers(self._bus.js, self._bus.settings, provider)
                         self._served.add(provider)
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError, HiveError) as exc:
+            except (*BUS_ERRORS, HiveError) as exc:
                 log.warning("router: could not check the providers' consumers: %s", exc)
             await anyio.sleep(CONSUMERS_EVERY_S)

@@ -22,8 +22,6 @@ import random
 from dataclasses import dataclass
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 
 from . import _dlq
@@ -32,6 +30,7 @@ from ._cooldown import KeyCooldowns
 from ._duplicates import report_duplicate
 from ._errors import ProviderError, Quota, RetryAfter, RetryLater
 from ._messages import Completed, Failed, FailReason, Moved, Retrying, RetryReason, Task, encoder, now_ms
+from ._nats import BUS_ERRORS
 from ._prices import PriceTable
 from ._providers import Output
 
@@ -112,7 +111,7 @@ class Settler:
                     await self.fail(d, "out_of_attempts", error)
                 case ProviderError():
                     await self.fail(d, "permanent", outcome.message)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             # Not recorded, so not acked: the task comes back after AckWait and nothing is lost.
             log.warning("could not record the outcome of task %s (%s); it will be redelivered", task.id, exc)
 
