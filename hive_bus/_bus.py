@@ -36,7 +36,7 @@ from nats.js.kv import KeyValue
 from ._credentials import closed_hint, connect_options, refusal, server_urls
 from ._errors import BusConfigError, BusRefused, BusUnavailable
 from ._names import PRIORITIES, Names
-from ._nats import BUS_ERRORS, kv_parts
+from ._nats import BUS_ERRORS, kv_parts, unsubscribe
 from ._settings import Settings, redact_url
 
 log = logging.getLogger("hive_bus.bus")
@@ -507,6 +507,5 @@ async def kv_entries(kv: KeyValue, pattern: str = ">", *, timeout_s: float = 5.0
                     found.pop(msg.subject[len(prefix) :], None)
             remaining -= len(msgs)
     finally:
-        with anyio.CancelScope(shield=True), contextlib.suppress(*BUS_ERRORS):
-            await psub.unsubscribe()  # the consumer goes once inactive
+        await unsubscribe(psub)  # the consumer goes once inactive
     return found

@@ -3,7 +3,8 @@
 A worker takes from ``high`` before ``normal`` before ``low``. To do that without stalling, it needs a
 pull that answers at once when a consumer is empty: JetStream's pull protocol has one (``no_wait``
 without ``expires``), but nats-py's ``fetch`` always sends ``expires`` and so waits out its timeout on an
-empty consumer. :class:`Puller` speaks the documented protocol directly over nats-py's core client: a
+empty consumer. :class:`Puller` speaks the documented protocol (:mod:`hive_bus._nats`, which the
+gateway's event follower uses too) directly over nats-py's core client: a
 pull request to ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`` with a reply subject of our own, then
 the messages (ordinary JetStream messages, acked through their reply subjects) and, when fewer than
 asked for came, a status message that ends the request (404 no messages, 408 request timeout).
