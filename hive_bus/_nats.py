@@ -10,7 +10,7 @@ real objects, so a nats-py upgrade that drops one fails that test, naming it, ra
 pyproject.toml pins nats-py to the minor version this was checked with.
 
 Also here: the errors a bus call may raise (:data:`BUS_ERRORS`) and how one is told (:func:`why`), the
-JetStream pull protocol (:func:`pull_subject`, :func:`request_pull`, :func:`status_of`), and following
+JetStream pull protocol and the one pull client (:class:`PullInbox`), and following
 an ordered consumer that is unsubscribed whatever ends the following (:func:`follow`, :func:`following`).
 """
 
@@ -28,6 +28,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import DEFAULT_SUB_PENDING_MSGS_LIMIT, Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 from nats.js.kv import KeyValue
@@ -131,6 +132,58 @@ def status_of(msg: Msg) -> str | None:
     if msg.data or not msg.headers:
         return None
     return msg.headers.get("Status")
+
+
+class PullInbox:
+    """Where pull requests are answered: the one pull client of hive-bus, under the worker's
+    :class:`~hive_bus._pull.Puller` and the gateway's event follower.
+
+    Each request gets a reply subject of its own (:meth:`next_reply`, taken before :meth:`send` so that
+    an answer cannot come before its caller knows the subject). Every answer goes to
+    ``on_answer(msg, status)``: a message of the stream with status None, or the status that ended a
+    request (``msg.subject`` is that request's reply subject); idle heartbeats are dropped here.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        on_answer: Callable[[Msg, str | None], None],
+        *,
+        pending_msgs_limit: int = DEFAULT_SUB_PENDING_MSGS_LIMIT,
+    ) -> None:
+        self._nc = nc
+        self._on_answer = on_answer
+        self._pending_msgs_limit = pending_msgs_limit
+        self._inbox = nc.new_inbox()
+        self._seq = 0
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(
+            f"{self._inbox}.*", cb=self._on_msg, pending_msgs_limit=self._pending_msgs_limit
+        )
+
+    async def stop(self) -> None:
+        """Stop listening, ignoring a bus that is gone; the caller bounds it (and shields it if it must
+        happen while cancelled)."""
+        if self._sub is not None:
+            with contextlib.suppress(*BUS_ERRORS):
+                await self._sub.unsubscribe()
+
+    def next_reply(self) -> str:
+        self._seq += 1
+        return f"{self._inbox}.{self._seq}"
+
+    async def send(
+        self, subject: str, reply: str, *, batch: int, expires_s: float = 0.0, no_wait: bool = False
+    ) -> None:
+        """A pull request to ``subject`` (:func:`pull_subject`), answered on ``reply``."""
+        await request_pull(self._nc, subject, reply, batch=batch, expires_s=expires_s, no_wait=no_wait)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = status_of(msg)
+        if status != HEARTBEAT:
+            self._on_answer(msg, status)
 
 
 # -- following an ordered consumer --------------------------------------------------------------------

@@ -24,9 +24,8 @@ import anyio
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
-from hive_bus._nats import END_STATUSES, pull_subject, request_pull, status_of
+from hive_bus._nats import END_STATUSES, PullInbox, pull_subject
 
 log = logging.getLogger("hive_bus.worker")
 
@@ -54,10 +53,8 @@ class Puller:
         self._subject = pull_subject(stream, consumer, domain=domain)
         # no-wait requests are answered on one inbox, waiting requests on another: a task that comes on
         # the second is the one a waiting request (of one task) asked for, which ends it
-        self._inbox = nc.new_inbox()
-        self._waiting_inbox = nc.new_inbox()
-        self._subs: list[Subscription] = []
-        self._seq = 0
+        self._asked = PullInbox(nc, self._on_msg)
+        self._waited = PullInbox(nc, self._on_waited)
         self._asking: str | None = None  # the reply subject of the open no-wait request
         self._waiting: str | None = None  # the reply subject of the open waiting request
         self._waiting_until = 0.0
@@ -65,21 +62,16 @@ class Puller:
         self.spare: list[Msg] = []
 
     async def start(self) -> None:
-        self._subs = [
-            await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg),
-            await self._nc.subscribe(f"{self._waiting_inbox}.*", cb=self._on_waited),
-        ]
+        await self._asked.start()
+        await self._waited.start()
 
     async def stop(self) -> None:
         """Stop listening; spare tasks go back to the server at once."""
         spare, self.spare = self.spare, []
         for msg in spare:
             await _nak(msg)
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error as exc:
-                log.debug("unsubscribing %s failed: %s", self.consumer, exc)
+        await self._asked.stop()
+        await self._waited.stop()
 
     async def quiet(self) -> None:
         """Wait until no waiting request is open (it cannot be called back), so that a task handed back
@@ -95,9 +87,9 @@ class Puller:
     async def pull(self, batch: int) -> list[Msg]:
         """Up to ``batch`` tasks: the spare ones, then those waiting now; at once when there are none."""
         if len(self.spare) < batch:
-            reply = self._next_reply()
+            reply = self._asked.next_reply()
             self._asking = reply
-            await request_pull(self._nc, self._subject, reply, batch=batch - len(self.spare), no_wait=True)
+            await self._asked.send(self._subject, reply, batch=batch - len(self.spare), no_wait=True)
             # the server ends the request itself; the local bound only covers a lost connection
             with anyio.move_on_after(5):
                 while self._asking == reply and len(self.spare) < batch:
@@ -108,10 +100,9 @@ class Puller:
         """Open a waiting request for one task, unless one is open: the task is delivered the moment it
         is stored, into :attr:`spare`, and ``on_task`` is told."""
         if self._waiting is None or anyio.current_time() > self._waiting_until:
-            self._seq += 1
-            reply = f"{self._waiting_inbox}.{self._seq}"
+            reply = self._waited.next_reply()
             self._waiting, self._waiting_until = reply, anyio.current_time() + wait_s
-            await request_pull(self._nc, self._subject, reply, batch=1, expires_s=wait_s)
+            await self._waited.send(self._subject, reply, batch=1, expires_s=wait_s)
 
     async def wait(self, wait_s: float) -> list[Msg]:
         """The spare tasks, or else the first task to come within ``wait_s``; an empty list when none came."""
@@ -122,13 +113,8 @@ class Puller:
                     await self._changed.wait()
         return self.take(len(self.spare))
 
-    def _next_reply(self) -> str:
-        self._seq += 1
-        return f"{self._inbox}.{self._seq}"
-
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg, status: str | None) -> None:
         # JetStream delivers a task under its own subject, so only a status message names its request.
-        status = status_of(msg)
         if status is None:
             self.spare.append(msg)
         elif status in END_STATUSES and msg.subject == self._asking:
@@ -137,8 +123,7 @@ class Puller:
             return  # the end of an earlier request, or an idle heartbeat
         self._notify()
 
-    async def _on_waited(self, msg: Msg) -> None:
-        status = status_of(msg)
+    def _on_waited(self, msg: Msg, status: str | None) -> None:
         if status is None:
             self.spare.append(msg)
             self._waiting = None  # it asked for one task

@@ -22,15 +22,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from hive_bus import Bus
-from hive_bus._nats import (
-    BUS_ERRORS,
-    HEARTBEAT,
-    pull_subject,
-    request_pull,
-    status_of,
-    stream_seq,
-    unsubscribe,
-)
+from hive_bus._nats import BUS_ERRORS, PullInbox, pull_subject, stream_seq
 
 log = logging.getLogger("hive_bus.follower")
 
@@ -68,8 +60,8 @@ class EventFollower:
         bus = self._bus
         info = await bus.js.stream_info(self._stream)
         self.next_seq = info.state.last_seq + 1
-        inbox = bus.nc.new_inbox()
-        sub = await bus.nc.subscribe(inbox, cb=self._on_message, pending_msgs_limit=4 * self._batch)
+        inbox = PullInbox(bus.nc, self._on_message, pending_msgs_limit=4 * self._batch)
+        await inbox.start()
         try:
             consumer: str | None = await self._consumer(first=True)
             task_status.started()
@@ -91,7 +83,8 @@ class EventFollower:
                     await self._delete(consumer)
                     consumer = await self._consumer()
         finally:
-            await unsubscribe(sub, timeout_s=2)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await inbox.stop()
 
     async def _consumer(self, *, first: bool = False) -> str | None:
         """A new consumer from :attr:`next_seq`; None when the bus does not answer (logged), or the
@@ -116,13 +109,13 @@ class EventFollower:
         self._consumer_token = f".{info.name}."
         return info.name
 
-    async def _pull(self, consumer: str, inbox: str) -> bool:
+    async def _pull(self, consumer: str, inbox: PullInbox) -> bool:
         """Ask for a batch and apply what comes until it is full or expires. False when the consumer
         no longer answers as it should."""
         self._received, self._status, self._answered = 0, None, anyio.Event()
         subject = pull_subject(self._stream, consumer)
         try:
-            await request_pull(self._bus.nc, subject, inbox, batch=self._batch, expires_s=self._expires_s)
+            await inbox.send(subject, inbox.next_reply(), batch=self._batch, expires_s=self._expires_s)
         except BUS_ERRORS as exc:
             log.warning("could not ask the %s stream for events: %s", self._stream, exc)
             await anyio.sleep(1.0)
@@ -139,12 +132,10 @@ class EventFollower:
         if self._last_reply is not None and (seq := stream_seq(self._last_reply)) is not None:
             self.next_seq = seq + 1
 
-    async def _on_message(self, msg: Msg) -> None:
-        status = status_of(msg)
-        if status is not None:
-            if status != HEARTBEAT:
-                self._status = status
-                self._answered.set()
+    def _on_message(self, msg: Msg, status: str | None) -> None:
+        if status is not None:  # the end of the request (idle heartbeats do not come here)
+            self._status = status
+            self._answered.set()
             return
         if self._consumer_token not in msg.reply:
             return
