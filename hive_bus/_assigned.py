@@ -25,6 +25,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg
 
 from ._bus import Bus
 from ._messages import Moved, Queued, Task, TaskEvent, TaskView, event_decoder
+from ._nats import BUS_ERRORS
 
 log = logging.getLogger("hive_bus.assigned")
 
@@ -161,7 +162,7 @@ class Assignments:
             # a lookup counts every move recorded so far: this one too, when it is a valid one
             try:
                 here = await assignment(self._bus, task_id)
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            except BUS_ERRORS as exc:
                 log.debug("could not look up task %s (%s); its event is left out", task_id, exc)
                 return False
             self._remember(task_id, here.provider if here is not None else None)

@@ -40,6 +40,8 @@ from . import _dlq
 from ._bus import Bus
 from ._errors import TooLarge
 from ._messages import Failed, Moved, Queued, Task, encoder, event_decoder, now_ms
+from ._nats import BUS_ERRORS
+from ._nats import reconnects as nats_reconnects
 from ._nesting import Guarded
 from ._size import check_fits, js_publish
 
@@ -51,7 +53,6 @@ AFTER_RECONNECT_S = 3.0  # a restarted server recovers its streams first
 SHOWN_IDS = 20
 
 _FINAL = ("completed", "failed")
-_BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 
 
 class _TaskId(msgspec.Struct):
@@ -89,7 +90,7 @@ class StoreAudit:
         self.every_s = every_s
         self._open: dict[str, _Open] = {}
         self._next_seq = 1  # the next events-stream sequence to read
-        self._reconnects = bus.nc.stats["reconnects"]
+        self._reconnects = nats_reconnects(bus.nc)
         self._lost_total = 0
         self.last: AuditReport | None = None
 
@@ -98,7 +99,7 @@ class StoreAudit:
         task_status.started()
         due = time.monotonic()
         while True:
-            reconnects = self._bus.nc.stats["reconnects"]
+            reconnects = nats_reconnects(self._bus.nc)
             if reconnects != self._reconnects:
                 self._reconnects = reconnects
                 self._start_over()
@@ -107,7 +108,7 @@ class StoreAudit:
                 try:
                     await self.audit()
                     due = time.monotonic() + self.every_s
-                except _BUS_ERRORS as exc:
+                except BUS_ERRORS as exc:
                     log.warning("store audit failed (%s); trying again", exc)
                     due = time.monotonic() + 10 * CHECK_EVERY_S
                 except Exception as exc:  # a message it cannot process must not stop the gateway
@@ -170,7 +171,7 @@ class StoreAudit:
                     self._note(msg.subject, msg.metadata.sequence.stream, msg.metadata.timestamp.timestamp())
                 remaining -= len(msgs)
         finally:
-            with anyio.CancelScope(shield=True), contextlib.suppress(nats.errors.Error):
+            with anyio.CancelScope(shield=True), contextlib.suppress(*BUS_ERRORS):
                 await _delete_consumer(bus, config.name)
                 await psub.unsubscribe()
 
@@ -281,5 +282,5 @@ async def _delete_consumer(bus: Bus, name: str | None) -> None:
     try:
         with anyio.move_on_after(bus.settings.request_timeout_s):
             await bus.js.delete_consumer(bus.names.events_stream, name)
-    except _BUS_ERRORS:
+    except BUS_ERRORS:
         pass  # it goes by itself when inactive

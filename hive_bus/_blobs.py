@@ -27,18 +27,16 @@ from datetime import UTC, datetime
 
 import anyio
 import msgspec
-import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ._bus import Bus
 from ._errors import BusUnavailable, HiveError, TooLarge
 from ._messages import BlobRef, Task, TaskContent, TaskView, content_decoder, encoder
+from ._nats import BUS_ERRORS
 
 CHUNK_BYTES = 128 * 1024  # the Object Store's own default
 _PLACEHOLDER = "(in the object store)"
-_BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 
 
 class BlobMissing(HiveError):
@@ -73,8 +71,8 @@ async def put(
                 headers={"Nats-Rollup": "sub"},
                 stream=names.blobs_stream,
             )
-    except _BUS_ERRORS as exc:
-        with contextlib.suppress(*_BUS_ERRORS):
+    except BUS_ERRORS as exc:
+        with contextlib.suppress(*BUS_ERRORS):
             await bus.js.purge_stream(names.blobs_stream, subject=subject)
         raise BusUnavailable(
             f"could not store a {len(data)}-byte object in {names.blobs_bucket}: {exc}"
@@ -109,7 +107,7 @@ async def get(bus: Bus, ref: BlobRef) -> bytes:
     )
     try:
         sub = await nc.subscribe(inbox, cb=on_chunk)
-    except _BUS_ERRORS as exc:
+    except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not read object {ref.name}: {exc}") from None
     try:
         info = await js.add_consumer(names.blobs_stream, config)
@@ -118,10 +116,10 @@ async def get(bus: Bus, ref: BlobRef) -> bytes:
             raise BlobMissing(f"object {ref.name} is no longer in {names.blobs_bucket} (aged out or purged)")
         with anyio.move_on_after(bus.settings.request_timeout_s + ref.size_bytes / 4e6):
             await done.wait()
-    except _BUS_ERRORS as exc:
+    except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not read object {ref.name}: {exc}") from None
     finally:
-        with anyio.CancelScope(shield=True), contextlib.suppress(*_BUS_ERRORS):
+        with anyio.CancelScope(shield=True), contextlib.suppress(*BUS_ERRORS):
             await sub.unsubscribe()
             # a worker credential may not delete it: then it goes once inactive
             await js.delete_consumer(names.blobs_stream, config.name or "")

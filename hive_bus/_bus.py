@@ -38,6 +38,7 @@ from nats.js.kv import KeyValue
 from ._credentials import closed_hint, connect_options, refusal, server_urls
 from ._errors import BusConfigError, BusRefused, BusUnavailable
 from ._names import PRIORITIES, Names
+from ._nats import BUS_ERRORS, kv_parts, unsubscribe
 from ._settings import Settings, redact_url
 
 log = logging.getLogger("hive_bus.bus")
@@ -121,7 +122,7 @@ async def open_bus(settings: Settings, *, name: str = "hive") -> AsyncIterator[B
                 except nats.errors.Error as exc:
                     log.warning("could not drain the NATS connection (%s); closing it", exc)
             if not nc.is_closed:
-                with contextlib.suppress(nats.errors.Error, OSError):  # it is gone either way
+                with contextlib.suppress(*BUS_ERRORS):  # it is gone either way
                     await nc.close()
 
 
@@ -184,7 +185,7 @@ async def connect_nats(
                 closed_cb=on_closed,
                 **options,
             )
-    except (OSError, nats.errors.Error, TimeoutError) as exc:
+    except BUS_ERRORS as exc:
         with anyio.CancelScope(shield=True):
             await nc.close()
         why = last_error[-1] if last_error else _reason(exc)
@@ -434,7 +435,7 @@ async def redeclare_workers_bucket(bus: Bus) -> None:
     and the processes that lived through the restart must bring it back (any of them may)."""
     try:
         await _ensure_workers_bucket(bus.js, bus.settings)
-    except (nats.errors.Error, nats.js.errors.Error, TimeoutError, BusConfigError) as exc:
+    except (*BUS_ERRORS, BusConfigError) as exc:
         log.debug("the heartbeat bucket could not be declared again: %s", exc)
 
 
@@ -522,7 +523,7 @@ async def _bound(js: JetStreamContext, config: StreamConfig, want: KeyValueConfi
             want.max_bytes,
             want.max_value_size,
         )
-    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+    except BUS_ERRORS as exc:
         log.debug("bucket %s not bounded by this process (%s)", want.bucket, exc)
 
 
@@ -587,8 +588,7 @@ async def kv_entries(kv: KeyValue, pattern: str = ">", *, timeout_s: float = 5.0
     consumer counted when it was made. nats-py's watcher marks the end of the current values by
     comparing the consumer's pending count with what its subscription has handled, and under load it
     can mark the end before a value already on its way: a read that came back empty."""
-    # nats-py's KeyValue keeps its stream, subject prefix and context private; these are its own.
-    js, stream, prefix = kv._js, kv._stream, kv._pre
+    js, stream, prefix = kv_parts(kv)
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
         ack_policy=AckPolicy.NONE,
@@ -608,6 +608,5 @@ async def kv_entries(kv: KeyValue, pattern: str = ">", *, timeout_s: float = 5.0
                     found.pop(msg.subject[len(prefix) :], None)
             remaining -= len(msgs)
     finally:
-        with anyio.CancelScope(shield=True), contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
-            await psub.unsubscribe()  # the consumer goes once inactive
+        await unsubscribe(psub)  # the consumer goes once inactive
     return found

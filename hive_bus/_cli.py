@@ -25,6 +25,7 @@ from ._client import Hive, PartialSubmit, connect
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import HiveError
 from ._messages import TaskRequest, TaskView, encoder, event_decoder, explain_error, now_ms, request_decoder
+from ._nats import following
 from ._prices import PriceFileError, PriceTable
 from ._providers import HandlerError, Provider, load_handler
 from ._settings import Settings, SettingsError, load_settings, with_overrides
@@ -544,13 +545,8 @@ def watch(provider: str | None, settings: Settings) -> None:
 async def _follow_events(hive: Hive, provider: str | None) -> None:
     names = hive.bus.names
     subject = f"{names.prefix}.events.{provider or '*'}.*.*"
-    sub = await hive.bus.js.subscribe(
-        subject,
-        stream=names.events_stream,
-        ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
-    )
-    try:
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+    async with following(hive.bus.js, subject, stream=names.events_stream, config=config) as sub:
         async for msg in sub.messages:
             try:
                 view = TaskView.of(event_decoder.decode(msg.data))
@@ -559,9 +555,6 @@ async def _follow_events(hive: Hive, provider: str | None) -> None:
             at = datetime.fromtimestamp(view.updated_at_ms / 1000).strftime("%H:%M:%S.%f")[:-3]
             detail = view.error or (str(view.output)[:80] if view.output is not None else "")
             click.echo(f"{at} {view.id} {view.provider:<10} {view.status:<9} {detail}")
-    finally:
-        with anyio.CancelScope(shield=True):
-            await sub.unsubscribe()
 
 
 def _print_view(view: TaskView) -> None:

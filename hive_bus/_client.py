@@ -52,6 +52,7 @@ from ._messages import (
     is_task_id,
     now_ms,
 )
+from ._nats import BUS_ERRORS, following, unsubscribe
 from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
 from ._publish import JetStreamPublisher, PubAck, Publish, stored
@@ -301,7 +302,7 @@ class Hive:
         try:
             # counted from the provider the task is assigned to: no other credential's events
             view = await current_view(self._bus, task_id)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
         if view is None:
             raise TaskNotFound(f"no task {task_id} on the bus")
@@ -350,13 +351,13 @@ class Hive:
         try:
             # Subscribed first (one connection keeps order), so the consumer has its listener from the start.
             sub = await bus.nc.subscribe(inbox)
-        except (nats.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
         consumer: str | None = None
         try:
             try:
                 info = await bus.js.add_consumer(names.events_stream, config)
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            except BUS_ERRORS as exc:
                 raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
             consumer = info.name
             if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
@@ -370,10 +371,10 @@ class Hive:
 
             yield next_event
         finally:
+            await unsubscribe(sub)
             with anyio.CancelScope(shield=True):
-                await _unsubscribe(sub)
                 if consumer is not None:  # at once, not after WATCH_IDLE_S: waits may be many
-                    with contextlib.suppress(nats.errors.Error):
+                    with contextlib.suppress(*BUS_ERRORS):
                         await bus.nc.publish(
                             f"{self._js_api}.CONSUMER.DELETE.{names.events_stream}.{consumer}"
                         )
@@ -397,10 +398,9 @@ class Hive:
             # Task ids are ULIDs: the oldest id tells from when the record needs reading.
             config.deliver_policy = DeliverPolicy.BY_START_TIME
             config.opt_start_time = min(ULID.from_str(t).datetime for t in wanted)
-        sub = await self._bus.js.subscribe(
-            names.all_events, stream=names.events_stream, ordered_consumer=True, config=config
-        )
-        try:
+        async with following(
+            self._bus.js, names.all_events, stream=names.events_stream, config=config
+        ) as sub:
             async for msg in sub.messages:
                 try:
                     event = event_decoder.decode(msg.data)
@@ -417,9 +417,6 @@ class Hive:
                 yield await self._read_output(TaskView.of(event))
                 if wanted is not None and not wanted:
                     return
-        finally:
-            with anyio.CancelScope(shield=True):
-                await _unsubscribe(sub)
 
     async def workers(self) -> list[WorkerBeat]:
         """The workers whose heartbeat has not expired, by provider then id."""
@@ -442,7 +439,7 @@ class Hive:
         """Per provider: queued, in flight, retrying, completed and failed tasks, workers, cooldown."""
         try:
             return await provider_stats(self._bus, await self.workers())
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             raise BusUnavailable(f"could not read the bus's figures: {exc}") from None
 
     # dead letters ------------------------------------------------------------------------------------
@@ -537,7 +534,7 @@ class Hive:
             outcomes = await (await self._js_publisher()).publish(messages)
         except TooLarge as exc:
             return [exc for _ in messages]
-        except (nats.errors.Error, OSError) as exc:
+        except BUS_ERRORS as exc:
             return [
                 BusUnavailable(f"JetStream did not store the publish to {stream}: {exc}")
                 for _, _, _, stream in messages
@@ -572,7 +569,7 @@ class Hive:
     async def _first_task(self, seq: int) -> Task:
         try:
             raw = await self._bus.js.get_msg(self._names.events_stream, seq=seq, direct=True)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             raise BusUnavailable(
                 f"could not read the first task of a repeated idempotency key: {exc}"
             ) from None
@@ -596,7 +593,7 @@ class Hive:
             await self._bus.js.publish(
                 self._names.event_subject(task.provider, task.id, "failed"), encoder.encode(event)
             )
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             log.warning("could not record the rejection of task %s: %s", task.id, exc)
 
 
@@ -609,11 +606,6 @@ def _naming_task(index: int) -> Iterator[None]:
         raise TooLarge(
             f"task {index}: {exc}", size_bytes=exc.size_bytes, limit_bytes=exc.limit_bytes, index=index
         ) from None
-
-
-async def _unsubscribe(sub: Any) -> None:
-    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
-        await sub.unsubscribe()
 
 
 @asynccontextmanager

@@ -35,6 +35,7 @@ import nats.js.errors
 
 from ._bus import Bus, ensure_counters_stream
 from ._errors import HiveError
+from ._nats import BUS_ERRORS
 from ._nesting import Guarded
 from ._size import check_fits
 
@@ -44,7 +45,7 @@ FLUSH_S = 0.25  # counts are published at most this often, and at most this long
 RETRY_MAX_S = 30.0  # the longest wait between two tries while the bus does not take them
 CLOSE_TIMEOUT_S = 5.0
 
-_BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, HiveError, TimeoutError, OSError)
+_BUS_ERRORS = (*BUS_ERRORS, HiveError)
 
 
 class _Counter(msgspec.Struct, frozen=True):

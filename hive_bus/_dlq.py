@@ -22,11 +22,10 @@ from ._bus import Bus
 from ._errors import BusUnavailable, HiveError, TaskNotFound, TooLarge
 from ._messages import Failed, Queued, Task, encoder, event_decoder, is_task_id, new_seal, now_ms
 from ._names import is_valid_provider
+from ._nats import BUS_ERRORS
 from ._size import js_publish
 
 log = logging.getLogger("hive_bus.dlq")
-
-_BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 
 
 async def keep(bus: Bus, provider: str, task_id: str, failed: bytes, msg_id: str) -> None:
@@ -95,10 +94,10 @@ async def dead_letters(bus: Bus, *, provider: str | None = None, limit: int = 10
                         if isinstance(event, Failed):
                             found.append(DeadLetter(seq=msg.metadata.sequence.stream, failed=event))
         finally:
-            with contextlib.suppress(*_BUS_ERRORS):
+            with contextlib.suppress(*BUS_ERRORS):
                 await sub.unsubscribe()
                 await bus.js.delete_consumer(names.dlq_stream, info.name)
-    except _BUS_ERRORS as exc:
+    except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not read the dead letters: {exc}") from None
     return found
 
@@ -114,7 +113,7 @@ async def dead_letter(bus: Bus, task_id: str) -> DeadLetter:
         raw = await bus.js.get_last_msg(names.dlq_stream, names.dead_letters_of(task_id), direct=True)
     except nats.js.errors.NotFoundError:
         raise TaskNotFound(f"task {task_id} is not among the dead letters") from None
-    except _BUS_ERRORS as exc:
+    except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not read the dead letter of {task_id}: {exc}") from None
     try:
         event = event_decoder.decode(raw.data or b"")
@@ -145,7 +144,7 @@ async def replay(bus: Bus, task_id: str) -> Replayed:
             headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream,
         )  # fmt: skip
         await bus.js.purge_stream(names.dlq_stream, subject=names.dead_letters_of(task.id))
-    except _BUS_ERRORS as exc:
+    except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not replay task {task_id}: {exc}") from None
     return Replayed(task.id, task.provider, task.run)
 
@@ -157,7 +156,7 @@ async def _replayable(bus: Bus, task_id: str) -> Task:
     names = bus.names
     try:
         here = await assignment(bus, task_id)
-    except _BUS_ERRORS as exc:
+    except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not look up task {task_id}: {exc}") from None
     if here is None:
         raise NotReplayable(f"dead letter {task_id} names a task the bus does not know; not replayed")
@@ -169,7 +168,7 @@ async def _replayable(bus: Bus, task_id: str) -> Task:
         raise NotReplayable(
             f"task {task_id} is on provider {here.provider}, which kept no dead letter of it; not replayed"
         ) from None
-    except _BUS_ERRORS as exc:
+    except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not check the dead letter of {task_id}: {exc}") from None
     try:
         letter = event_decoder.decode(raw.data or b"")
@@ -196,6 +195,6 @@ async def purge(bus: Bus, *, task_id: str | None = None, provider: str | None = 
         before = (await bus.js.stream_info(names.dlq_stream)).state.messages
         await bus.js.purge_stream(names.dlq_stream, subject=subject)
         after = (await bus.js.stream_info(names.dlq_stream)).state.messages
-    except _BUS_ERRORS as exc:
+    except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not purge dead letters: {exc}") from None
     return before - after

@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ._errors import BusUnavailable, QueueFull
+from ._nats import BUS_ERRORS, count_out, raw_writer
 from ._size import check_fits
 
 _STATUS_HEADER = "Status"
@@ -114,7 +115,7 @@ class JetStreamPublisher:
 
     async def stop(self) -> None:
         if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):  # the connection is closing anyway
+            with contextlib.suppress(*BUS_ERRORS):  # the connection is closing anyway
                 await self._sub.unsubscribe()
         for acks, _ in self._waiting.values():
             if not acks.done.done():
@@ -150,9 +151,8 @@ class JetStreamPublisher:
         rules for buffering during a reconnection apply), gets them one ``publish`` at a time."""
         nc = self._nc
         prefix = self._prefix
-        write = getattr(nc, "_send_command", None)
-        flush = getattr(nc, "_flush_pending", None)
-        if write is None or flush is None or not nc.is_connected:
+        writer = raw_writer(nc)
+        if writer is None or not nc.is_connected:
             sends = [(s, d, _headers(m, stream)) for s, d, m, stream in messages]
             for _, data, headers in sends:  # all checked before any goes: nats-py counts no header
                 check_fits(nc, data, headers)
@@ -173,10 +173,10 @@ class JetStreamPublisher:
             wire.append(f"HPUB {subject} {prefix}{token} {len(hdr)} {len(hdr) + len(data)}\r\n".encode())
             wire += (hdr, data, b"\r\n")
             out_bytes += len(data)
+        write, flush = writer
         await write(b"".join(wire))
         await flush()
-        nc.stats["out_msgs"] += len(messages)
-        nc.stats["out_bytes"] += out_bytes
+        count_out(nc, len(messages), out_bytes)
 
     def _stream_header(self, stream: str) -> bytes:
         lines = _HEADER_LINE + f"Nats-Expected-Stream: {stream}\r\n".encode()

@@ -3,7 +3,8 @@
 A worker takes from ``high`` before ``normal`` before ``low``. To do that without stalling, it needs a
 pull that answers at once when a consumer is empty: JetStream's pull protocol has one (``no_wait``
 without ``expires``), but nats-py's ``fetch`` always sends ``expires`` and so waits out its timeout on an
-empty consumer. :class:`Puller` speaks the documented protocol directly over nats-py's core client: a
+empty consumer. :class:`Puller` speaks the documented protocol (:mod:`hive_bus._nats`, which the
+gateway's event follower uses too) directly over nats-py's core client: a
 pull request to ``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`` with a reply subject of our own, then
 the messages (ordinary JetStream messages, acked through their reply subjects) and, when fewer than
 asked for came, a status message that ends the request (404 no messages, 408 request timeout).
@@ -16,7 +17,6 @@ next pull, never dropped.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 
@@ -24,11 +24,10 @@ import anyio
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+
+from hive_bus._nats import END_STATUSES, PullInbox, pull_subject
 
 log = logging.getLogger("hive_bus.worker")
-
-_END_STATUSES = frozenset({"404", "408", "409"})
 
 
 class Puller:
@@ -51,14 +50,11 @@ class Puller:
         self._nc = nc
         self._on_task = on_task  # told when a waiting request brings a task
         self.consumer = consumer
-        api = f"$JS.{domain}.API" if domain else "$JS.API"  # a domain: from behind a leaf node
-        self._subject = f"{api}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._subject = pull_subject(stream, consumer, domain=domain)
         # no-wait requests are answered on one inbox, waiting requests on another: a task that comes on
         # the second is the one a waiting request (of one task) asked for, which ends it
-        self._inbox = nc.new_inbox()
-        self._waiting_inbox = nc.new_inbox()
-        self._subs: list[Subscription] = []
-        self._seq = 0
+        self._asked = PullInbox(nc, self._on_msg)
+        self._waited = PullInbox(nc, self._on_waited)
         self._asking: str | None = None  # the reply subject of the open no-wait request
         self._waiting: str | None = None  # the reply subject of the open waiting request
         self._waiting_until = 0.0
@@ -66,21 +62,16 @@ class Puller:
         self.spare: list[Msg] = []
 
     async def start(self) -> None:
-        self._subs = [
-            await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_msg),
-            await self._nc.subscribe(f"{self._waiting_inbox}.*", cb=self._on_waited),
-        ]
+        await self._asked.start()
+        await self._waited.start()
 
     async def stop(self) -> None:
         """Stop listening; spare tasks go back to the server at once."""
         spare, self.spare = self.spare, []
         for msg in spare:
             await _nak(msg)
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error as exc:
-                log.debug("unsubscribing %s failed: %s", self.consumer, exc)
+        await self._asked.stop()
+        await self._waited.stop()
 
     async def quiet(self) -> None:
         """Wait until no waiting request is open (it cannot be called back), so that a task handed back
@@ -96,9 +87,9 @@ class Puller:
     async def pull(self, batch: int) -> list[Msg]:
         """Up to ``batch`` tasks: the spare ones, then those waiting now; at once when there are none."""
         if len(self.spare) < batch:
-            reply = self._next_reply()
+            reply = self._asked.next_reply()
             self._asking = reply
-            await self._request(reply, {"batch": batch - len(self.spare), "no_wait": True})
+            await self._asked.send(self._subject, reply, batch=batch - len(self.spare), no_wait=True)
             # the server ends the request itself; the local bound only covers a lost connection
             with anyio.move_on_after(5):
                 while self._asking == reply and len(self.spare) < batch:
@@ -109,10 +100,9 @@ class Puller:
         """Open a waiting request for one task, unless one is open: the task is delivered the moment it
         is stored, into :attr:`spare`, and ``on_task`` is told."""
         if self._waiting is None or anyio.current_time() > self._waiting_until:
-            self._seq += 1
-            reply = f"{self._waiting_inbox}.{self._seq}"
+            reply = self._waited.next_reply()
             self._waiting, self._waiting_until = reply, anyio.current_time() + wait_s
-            await self._request(reply, {"batch": 1, "expires": int(wait_s * 1e9)})
+            await self._waited.send(self._subject, reply, batch=1, expires_s=wait_s)
 
     async def wait(self, wait_s: float) -> list[Msg]:
         """The spare tasks, or else the first task to come within ``wait_s``; an empty list when none came."""
@@ -123,32 +113,23 @@ class Puller:
                     await self._changed.wait()
         return self.take(len(self.spare))
 
-    def _next_reply(self) -> str:
-        self._seq += 1
-        return f"{self._inbox}.{self._seq}"
-
-    async def _request(self, reply: str, request: dict[str, object]) -> None:
-        await self._nc.publish(self._subject, json.dumps(request).encode(), reply=reply)
-
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg, status: str | None) -> None:
         # JetStream delivers a task under its own subject, so only a status message names its request.
-        status = _status(msg)
         if status is None:
             self.spare.append(msg)
-        elif status in _END_STATUSES and msg.subject == self._asking:
+        elif status in END_STATUSES and msg.subject == self._asking:
             self._asking = None
         else:
             return  # the end of an earlier request, or an idle heartbeat
         self._notify()
 
-    async def _on_waited(self, msg: Msg) -> None:
-        status = _status(msg)
+    def _on_waited(self, msg: Msg, status: str | None) -> None:
         if status is None:
             self.spare.append(msg)
             self._waiting = None  # it asked for one task
             if self._on_task is not None:
                 self._on_task()
-        elif status in _END_STATUSES and msg.subject == self._waiting:
+        elif status in END_STATUSES and msg.subject == self._waiting:
             self._waiting = None
         else:
             return
@@ -157,12 +138,6 @@ class Puller:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
-
-
-def _status(msg: Msg) -> str | None:
-    if msg.data or not msg.headers:
-        return None
-    return msg.headers.get("Status")
 
 
 async def _nak(msg: Msg) -> None:

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 
 import anyio
 import msgspec
-import nats.errors
-import nats.js.errors
 
 from ._bus import Bus, kv_entries
 from ._cooldown import provider_cooldowns
 from ._messages import Task, WorkerBeat, beat_decoder
+from ._nats import BUS_ERRORS
 from ._prices import PriceTable
 
 log = logging.getLogger("hive_bus.client")
@@ -49,7 +48,7 @@ class CheapestRouter:
             return task
         try:
             state = await self._read()
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             log.warning("could not read the providers' state (%s); task %s keeps its order", exc, task.id)
             return task
         first = f"{task.provider}:{task.model}" if task.model else task.provider

@@ -32,6 +32,7 @@ from ._bus import Bus, ensure_consumers, kv_entries
 from ._counts import submitted_counts
 from ._errors import HiveError, TooLarge
 from ._messages import Moved, Task, beat_decoder, encoder, event_decoder, new_seal
+from ._nats import BUS_ERRORS
 from ._size import js_publish
 
 log = logging.getLogger("hive_bus.router")
@@ -77,7 +78,7 @@ class Router:
                         msgs = await sub.fetch(batch=64, timeout=FETCH_WAIT_S)
                     except TimeoutError:
                         continue
-                    except (nats.errors.Error, nats.js.errors.Error) as exc:
+                    except BUS_ERRORS as exc:
                         log.warning("router: fetching moved tasks failed (%s); trying again", exc)
                         await anyio.sleep(1)
                         continue
@@ -88,7 +89,7 @@ class Router:
                 with (
                     anyio.CancelScope(shield=True),
                     anyio.move_on_after(3),
-                    contextlib.suppress(nats.errors.Error),
+                    contextlib.suppress(*BUS_ERRORS),
                 ):
                     await sub.unsubscribe()
 
@@ -97,7 +98,7 @@ class Router:
         is never redelivered, and the router goes on with the next."""
         try:
             await self._queue(msg)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             log.warning("router: moved event %s not settled (%s); it comes back", _seq(msg), exc)
         except Exception as exc:
             log.error(
@@ -105,7 +106,7 @@ class Router:
                 _seq(msg),
                 type(exc).__name__,
             )
-            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            with contextlib.suppress(*BUS_ERRORS):
                 await msg.term()
 
     async def _queue(self, msg: nats.aio.msg.Msg) -> None:
@@ -120,7 +121,7 @@ class Router:
             return
         try:
             task = await self._next_hop(msg, event)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             log.warning("router: could not look up moved task %s (%s); trying again", event.task_id, exc)
             await msg.nak(delay=5.0)
             return
@@ -146,7 +147,7 @@ class Router:
             )
             await msg.term()
             return
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, HiveError) as exc:
+        except (*BUS_ERRORS, HiveError) as exc:
             log.warning(
                 "router: task %s not yet queued on %s (%s); trying again", task.id, task.provider, exc
             )
@@ -201,7 +202,7 @@ class Router:
                     # create objects without bound.
                     for provider in sorted((wanted - self._served) & await self._with_work()):
                         await self._serve(provider)
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError, HiveError) as exc:
+            except (*BUS_ERRORS, HiveError) as exc:
                 log.warning("router: could not check the providers' consumers: %s", exc)
             await anyio.sleep(CONSUMERS_EVERY_S)
 

@@ -23,8 +23,6 @@ import random
 from dataclasses import dataclass
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 
 from . import _blobs, _dlq
@@ -34,6 +32,7 @@ from ._cooldown import KeyCooldowns
 from ._duplicates import report_duplicate
 from ._errors import BusUnavailable, HiveError, ProviderError, Quota, RetryAfter, RetryLater, TooLarge
 from ._messages import Completed, Failed, FailReason, Moved, Retrying, RetryReason, Task, encoder, now_ms
+from ._nats import BUS_ERRORS
 from ._prices import PriceTable
 from ._providers import Output
 from ._size import js_publish
@@ -120,11 +119,11 @@ class Settler:
             log.warning("the outcome of task %s cannot be recorded (%s); it fails", task.id, exc)
             try:
                 await self.fail(d, "permanent", f"its outcome could not be recorded: {exc}")
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError, HiveError) as again:
+            except (*BUS_ERRORS, HiveError) as again:
                 log.warning(
                     "could not record the failure of task %s (%s); it will be redelivered", task.id, again
                 )
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, BusUnavailable) as exc:
+        except (*BUS_ERRORS, BusUnavailable) as exc:
             # Not recorded, so not acked: the task comes back after AckWait and nothing is lost.
             log.warning("could not record the outcome of task %s (%s); it will be redelivered", task.id, exc)
 

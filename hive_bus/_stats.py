@@ -8,13 +8,12 @@ import contextlib
 from dataclasses import dataclass
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from ._bus import Bus, kv_entries
 from ._cooldown import decode_records, provider_cooldowns
 from ._messages import WorkerBeat
+from ._nats import BUS_ERRORS
 
 
 class ProviderStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,5 +117,5 @@ async def _count(bus: Bus, subject: str) -> int:
         return int(info.num_pending or 0)
     finally:
         # if this fails, the consumer goes by itself after inactive_threshold
-        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+        with contextlib.suppress(*BUS_ERRORS):
             await bus.js.delete_consumer(bus.names.events_stream, info.name)

@@ -49,6 +49,7 @@ from ._messages import (
     status_of,
     task_decoder,
 )
+from ._nats import BUS_ERRORS, why
 from ._nesting import MAX_NESTING, NestedTooDeep, check_json, check_value
 from ._prices import PriceTable
 from ._providers import Output, Provider
@@ -226,12 +227,12 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 return await ensure_consumers(self._bus.js, self._bus.settings, self._opts.provider)
-            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            except BUS_ERRORS as exc:
                 if not said:
                     log.warning(
                         "the %s consumers are not there yet (%s); worker %s waits for them (the gateway "
                         "creates them once it sees this worker's heartbeat)",
-                        self._opts.provider, _why(exc), self.id,
+                        self._opts.provider, why(exc), self.id,
                     )  # fmt: skip
                     said = True
                     async with anyio.create_task_group() as tg:  # be seen, so the gateway can help
@@ -454,7 +455,7 @@ class Worker:
         try:
             raw = await self._bus.js.get_last_msg(names.events_stream, subject, direct=True)
             event = event_decoder.decode(raw.data or b"")
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, msgspec.DecodeError):
+        except (*BUS_ERRORS, msgspec.DecodeError):
             return 0  # unknown: count every delivery as an attempt, the safe side
         return event.waits if isinstance(event, Running | Retrying) else 0
 
@@ -536,7 +537,7 @@ class Worker:
             data = encoder.encode(event)
             check_fits(self._bus.nc, data, what=f"{type(event).__name__} event")
             await self._bus.nc.publish(subject, data)
-        except (nats.errors.Error, TooLarge) as exc:
+        except (*BUS_ERRORS, TooLarge) as exc:
             log.debug("could not publish %s event: %s", type(event).__name__, exc)
 
     # settle (the Settler acks, NAKs or TERMs; here what it needs from the worker) ----------------
@@ -546,7 +547,7 @@ class Worker:
         tokens = usage.input_tokens + usage.output_tokens if usage is not None else None
         try:
             await self.budgets.settle(reservation, tokens)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             log.warning("could not record a call in the %s budget: %s", self._opts.provider, exc)
 
     async def _no_key_left(self, d: Delivery) -> None:
@@ -606,14 +607,14 @@ class Worker:
     async def _beat_once(self) -> None:
         try:
             await self._bus.workers_kv.put(self.id, encoder.encode(self.beat()))
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             log.warning("heartbeat of %s not written: %s", self.id, exc)
             await redeclare_workers_bucket(self._bus)  # a restarted server has lost the bucket
 
     async def _forget_beat(self) -> None:
         try:
             await self._bus.workers_kv.delete(self.id)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except BUS_ERRORS as exc:
             log.debug("heartbeat of %s not removed (%s); it expires by itself", self.id, exc)
 
 
@@ -640,10 +641,6 @@ def _estimate_tokens(task: Task) -> int:
     chars = len(task.prompt) + len(task.system or "")
     max_out = task.params.max_tokens if task.params and task.params.max_tokens else 256
     return chars // 4 + 1 + max_out
-
-
-def _why(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
 
 
 def _worker_id(provider: str, host: str, name: str | None = None) -> str:

@@ -12,8 +12,6 @@ from typing import Annotated, Any, get_args
 
 import anyio
 import msgspec
-import nats.errors
-import nats.js.errors
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
@@ -37,6 +35,7 @@ from hive_bus._assigned import Assignments
 from hive_bus._audit import AuditReport, StoreAudit
 from hive_bus._messages import Moved, Queued, TaskStatus, event_decoder, is_final, is_task_id, status_of
 from hive_bus._names import PROVIDER_PATTERN, is_valid_provider
+from hive_bus._nats import BUS_ERRORS, follow, following, unsubscribe
 
 from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics, UsageSince, lost_count
 
@@ -197,10 +196,10 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
     bus = hive.bus
     config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     try:
-        sub = await bus.js.subscribe(
-            bus.names.events_of(task_id), stream=bus.names.events_stream, ordered_consumer=True, config=config
+        sub = await follow(
+            bus.js, bus.names.events_of(task_id), stream=bus.names.events_stream, config=config
         )
-    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+    except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not follow task {task_id}: {exc}") from None
 
     assigned = Assignments(bus)  # events another credential wrote for the task are left out
@@ -224,8 +223,7 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
                     if is_final(event):
                         return
         finally:
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
+            await unsubscribe(sub)
 
     return ServerSentEvent(events())
 
@@ -265,10 +263,8 @@ async def all_events(
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last_event_id + 1
         )
     try:
-        sub = await bus.js.subscribe(
-            names.events(provider), stream=names.events_stream, ordered_consumer=True, config=config
-        )
-    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        sub = await follow(bus.js, names.events(provider), stream=names.events_stream, config=config)
+    except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not follow the events stream: {exc}") from None
     stopping: threading.Event = state.stopping
     feed_max_s: float = state.feed_max_s
@@ -296,8 +292,7 @@ async def all_events(
                     data=msg.data.decode(errors="replace"), event=status, id=str(msg.metadata.sequence.stream)
                 )
         finally:
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
+            await unsubscribe(sub)
 
     return ServerSentEvent(events())
 
@@ -320,7 +315,7 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
     names = bus.names
     try:
         info = await bus.js.stream_info(names.events_stream)
-    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+    except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not read the events stream: {exc}") from None
     last = info.state.last_seq
     if not info.state.messages:
@@ -329,13 +324,12 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
     start = max(info.state.first_seq, last - limit * 8 + 1)
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
     subject = f"{names.prefix}.events.{provider or '*'}.*.*"
-    sub = await bus.js.subscribe(subject, stream=names.events_stream, ordered_consumer=True, config=config)
     latest: dict[str, TaskView] = {}
     # An event counts only from the provider its task is assigned to (a worker credential may write
     # events for any task id under its own provider): followed here from the queued and moved events in
     # the tail; a task whose queued event is older than the tail is looked up (``Hive.get``).
     assigned: dict[str, str] = {}
-    try:
+    async with following(bus.js, subject, stream=names.events_stream, config=config) as sub:
         with anyio.move_on_after(bus.settings.request_timeout_s):
             async for msg in sub.messages:
                 try:
@@ -355,9 +349,6 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
                     latest[event.task_id] = TaskView.of(event)
                 if msg.metadata.num_pending == 0:
                     break
-    finally:
-        with anyio.CancelScope(shield=True):
-            await sub.unsubscribe()
     views = sorted(latest.values(), key=lambda v: v.id, reverse=True)
     found = [v for v in views if status is None or v.status == status][:limit]
     return [view for view in [await _checked(hive, v, v.id in assigned) for v in found] if view is not None]
@@ -421,7 +412,7 @@ async def readyz(state: State) -> Response[Readiness]:
         with anyio.fail_after(bus.settings.request_timeout_s):
             await bus.js.stream_info(bus.names.tasks_stream)
             await bus.js.stream_info(bus.names.events_stream)
-    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+    except BUS_ERRORS as exc:
         reason = str(exc) or type(exc).__name__
         return Response(Readiness(status="unavailable", reason=f"JetStream: {reason}"), status_code=503)
     return Response(Readiness(status="ready"), status_code=200)
@@ -477,7 +468,7 @@ async def audit_route(state: State) -> AuditStatus:
     bus = _hive(state).bus
     try:
         info = await bus.js.stream_info(bus.names.tasks_stream)
-    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+    except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not read the tasks stream: {exc}") from None
     s = info.state
     figures = StreamState(

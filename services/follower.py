@@ -17,26 +17,14 @@ import logging
 from collections.abc import Callable, Sequence
 
 import anyio
-import msgspec
-import nats.errors
-import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from hive_bus import Bus
+from hive_bus._nats import BUS_ERRORS, PullInbox, pull_subject, stream_seq
 
 log = logging.getLogger("hive_bus.follower")
-
-_BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
-_STATUS = "Status"
-_HEARTBEAT = "100"
-_pull_request = msgspec.json.Encoder()
-
-
-class Pull(msgspec.Struct, frozen=True):
-    batch: int
-    expires: int  # nanoseconds
 
 
 class EventFollower:
@@ -72,8 +60,8 @@ class EventFollower:
         bus = self._bus
         info = await bus.js.stream_info(self._stream)
         self.next_seq = info.state.last_seq + 1
-        inbox = bus.nc.new_inbox()
-        sub = await bus.nc.subscribe(inbox, cb=self._on_message, pending_msgs_limit=4 * self._batch)
+        inbox = PullInbox(bus.nc, self._on_message, pending_msgs_limit=4 * self._batch)
+        await inbox.start()
         try:
             consumer: str | None = await self._consumer(first=True)
             task_status.started()
@@ -95,8 +83,8 @@ class EventFollower:
                     await self._delete(consumer)
                     consumer = await self._consumer()
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*_BUS_ERRORS):
-                await sub.unsubscribe()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await inbox.stop()
 
     async def _consumer(self, *, first: bool = False) -> str | None:
         """A new consumer from :attr:`next_seq`; None when the bus does not answer (logged), or the
@@ -112,7 +100,7 @@ class EventFollower:
         )
         try:
             info = await self._bus.js.add_consumer(self._stream, config)
-        except _BUS_ERRORS as exc:
+        except BUS_ERRORS as exc:
             if first:
                 raise
             log.warning("could not follow the %s stream (%s); trying again", self._stream, exc)
@@ -121,16 +109,14 @@ class EventFollower:
         self._consumer_token = f".{info.name}."
         return info.name
 
-    async def _pull(self, consumer: str, inbox: str) -> bool:
+    async def _pull(self, consumer: str, inbox: PullInbox) -> bool:
         """Ask for a batch and apply what comes until it is full or expires. False when the consumer
         no longer answers as it should."""
         self._received, self._status, self._answered = 0, None, anyio.Event()
-        request = _pull_request.encode(Pull(batch=self._batch, expires=int(self._expires_s * 1e9)))
+        subject = pull_subject(self._stream, consumer)
         try:
-            await self._bus.nc.publish(
-                f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{consumer}", request, reply=inbox
-            )
-        except _BUS_ERRORS as exc:
+            await inbox.send(subject, inbox.next_reply(), batch=self._batch, expires_s=self._expires_s)
+        except BUS_ERRORS as exc:
             log.warning("could not ask the %s stream for events: %s", self._stream, exc)
             await anyio.sleep(1.0)
             return True  # the connection comes back; the consumer outlives a short outage
@@ -143,16 +129,13 @@ class EventFollower:
         return self._status in (None, "408")
 
     def _advance(self) -> None:
-        if self._last_reply is not None:
-            with contextlib.suppress(ValueError, IndexError):
-                self.next_seq = int(Msg.Metadata._get_metadata_fields(self._last_reply)[5]) + 1
+        if self._last_reply is not None and (seq := stream_seq(self._last_reply)) is not None:
+            self.next_seq = seq + 1
 
-    async def _on_message(self, msg: Msg) -> None:
-        if not msg.data and msg.headers and _STATUS in msg.headers:
-            status = msg.headers[_STATUS]
-            if status != _HEARTBEAT:
-                self._status = status
-                self._answered.set()
+    def _on_message(self, msg: Msg, status: str | None) -> None:
+        if status is not None:  # the end of the request (idle heartbeats do not come here)
+            self._status = status
+            self._answered.set()
             return
         if self._consumer_token not in msg.reply:
             return
@@ -166,5 +149,5 @@ class EventFollower:
             self._answered.set()
 
     async def _delete(self, consumer: str) -> None:
-        with anyio.move_on_after(2), contextlib.suppress(*_BUS_ERRORS):
+        with anyio.move_on_after(2), contextlib.suppress(*BUS_ERRORS):
             await self._bus.js.delete_consumer(self._stream, consumer)

@@ -56,6 +56,7 @@ from hive_bus._cooldown import decode_records, provider_cooldowns
 from hive_bus._counts import submitted_counts
 from hive_bus._duplicates import duplicate_decoder
 from hive_bus._messages import Completed, Failed, Retrying, beat_decoder, event_decoder, now_ms
+from hive_bus._nats import BUS_ERRORS, why
 from hive_bus._stats import QueueDepth, queue_depths
 
 from .follower import EventFollower
@@ -77,7 +78,7 @@ OTHER = "other"
 UNKNOWN_MODEL = "unknown"
 
 # What a bus that does not answer raises, and a value in a bucket that does not decode.
-_BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError, msgspec.DecodeError)
+_BUS_ERRORS = (*BUS_ERRORS, msgspec.DecodeError)  # and a heartbeat or count that does not decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +340,7 @@ class BusMetrics:
                     snapshot = await self._read_gauges()
             except _BUS_ERRORS as exc:
                 log.warning(
-                    "metrics: could not read queues, workers and cooldowns from the bus: %s", _why(exc)
+                    "metrics: could not read queues, workers and cooldowns from the bus: %s", why(exc)
                 )
                 return
             self._gauges.snapshot = snapshot
@@ -550,7 +551,3 @@ def _beats(values: dict[str, bytes]) -> list[WorkerBeat]:
         except msgspec.DecodeError:
             log.debug("metrics: the heartbeat %s does not decode", key)
     return beats
-
-
-def _why(exc: BaseException) -> str:
-    return (str(exc) or type(exc).__name__).replace("nats: ", "")

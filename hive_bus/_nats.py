@@ -1,0 +1,216 @@
+"""The one place that reaches below nats-py's public API, and the bus plumbing every module shares.
+
+nats-py leaves a few things hive-bus needs without a public name: writing many messages to the
+connection in one go (``Client._send_command``/``_flush_pending`` and the ``stats`` counters they skip),
+the stream, subject prefix and JetStream context of a ``KeyValue`` (``_js``/``_stream``/``_pre``), the
+stream sequence in a message's reply subject (``Msg.Metadata._get_metadata_fields``), and a pull request
+that answers at once on an empty consumer (its ``fetch`` always waits). Each is used here and nowhere
+else; :data:`PRIVATE_ATTRIBUTES` lists them, and ``tests/test_nats_seam.py`` checks each by name on the
+real objects, so a nats-py upgrade that drops one fails that test, naming it, rather than a task.
+pyproject.toml pins nats-py to the minor version this was checked with.
+
+Also here: the errors a bus call may raise (:data:`BUS_ERRORS`) and how one is told (:func:`why`), the
+JetStream pull protocol and the one pull client (:class:`PullInbox`), and following
+an ordered consumer that is unsubscribed whatever ends the following (:func:`follow`, :func:`following`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import DEFAULT_SUB_PENDING_MSGS_LIMIT, Subscription
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
+from nats.js.kv import KeyValue
+
+#: What a call to the bus may raise when the bus, not the caller, is at fault: a NATS or JetStream
+#: error, a request that timed out, or the socket itself.
+BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
+
+#: Every private name of nats-py used below, by the object it is read from.
+PRIVATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "nats.aio.client.Client": ("_send_command", "_flush_pending", "stats"),
+    "nats.js.kv.KeyValue": ("_js", "_stream", "_pre"),
+    "nats.aio.msg.Msg.Metadata": ("_get_metadata_fields",),
+}
+
+
+def why(exc: BaseException) -> str:
+    """An error in a few words for a log line or an answer: its message without nats-py's ``nats: ``
+    prefix, or its type when it has none (a ``TimeoutError``)."""
+    return (str(exc) or type(exc).__name__).replace("nats: ", "")
+
+
+# -- writing below the public API ---------------------------------------------------------------------
+
+Writer = tuple[Callable[[bytes], Awaitable[None]], Callable[[], Awaitable[None]]]
+
+
+def raw_writer(nc: NATS) -> Writer | None:
+    """The client's ``(write, flush)`` for protocol bytes written as they are (``HPUB ...``), or None
+    when the client has no such buffer; after a write, :func:`count_out` keeps its counters true."""
+    write = getattr(nc, "_send_command", None)
+    flush = getattr(nc, "_flush_pending", None)
+    if write is None or flush is None:
+        return None
+    return write, flush
+
+
+def count_out(nc: NATS, messages: int, data_bytes: int) -> None:
+    """Count messages written through :func:`raw_writer`, as ``publish`` counts its own."""
+    nc.stats["out_msgs"] += messages
+    nc.stats["out_bytes"] += data_bytes
+
+
+def reconnects(nc: NATS) -> int:
+    """How many times the client has reconnected since it connected."""
+    return int(nc.stats["reconnects"])
+
+
+# -- key-value buckets and messages -------------------------------------------------------------------
+
+
+def kv_parts(kv: KeyValue) -> tuple[JetStreamContext, str, str]:
+    """A bucket's JetStream context, stream name and subject prefix (``$KV.<bucket>.``)."""
+    return kv._js, kv._stream, kv._pre
+
+
+def stream_seq(reply: str) -> int | None:
+    """The stream sequence of a JetStream message, read from its reply subject without decoding the
+    rest of its metadata; None when the subject is not a JetStream ack subject."""
+    try:
+        return int(Msg.Metadata._get_metadata_fields(reply)[5])
+    except (ValueError, IndexError):
+        return None
+
+
+# -- the pull protocol --------------------------------------------------------------------------------
+
+#: Statuses that end a pull request: 404 no messages, 408 expired, 409 the consumer or request is gone.
+END_STATUSES = frozenset({"404", "408", "409"})
+HEARTBEAT = "100"
+
+
+class _Pull(msgspec.Struct, frozen=True, omit_defaults=True):
+    batch: int
+    expires: int = 0  # nanoseconds; 0: none
+    no_wait: bool = False
+
+
+_pull_encoder = msgspec.json.Encoder()
+
+
+def pull_subject(stream: str, consumer: str, *, domain: str | None = None) -> str:
+    """Where pull requests for ``consumer`` go; with a domain, from behind a leaf node."""
+    api = f"$JS.{domain}.API" if domain else "$JS.API"
+    return f"{api}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+
+
+async def request_pull(
+    nc: NATS, subject: str, reply: str, *, batch: int, expires_s: float = 0.0, no_wait: bool = False
+) -> None:
+    """Ask a consumer (at :func:`pull_subject`) for up to ``batch`` messages, delivered to ``reply``:
+    with ``no_wait`` answered at once (a 404 status when it has none), else within ``expires_s``
+    (a 408 status when fewer came). JetStream's documented protocol, spoken over the core client."""
+    request = _Pull(batch=batch, expires=int(expires_s * 1e9), no_wait=no_wait)
+    await nc.publish(subject, _pull_encoder.encode(request), reply=reply)
+
+
+def status_of(msg: Msg) -> str | None:
+    """The status of a message that answers a pull request (``404``, ``408``, ``409``, ``100`` for a
+    heartbeat), or None for a message of the stream."""
+    if msg.data or not msg.headers:
+        return None
+    return msg.headers.get("Status")
+
+
+class PullInbox:
+    """Where pull requests are answered: the one pull client of hive-bus, under the worker's
+    :class:`~hive_bus._pull.Puller` and the gateway's event follower.
+
+    Each request gets a reply subject of its own (:meth:`next_reply`, taken before :meth:`send` so that
+    an answer cannot come before its caller knows the subject). Every answer goes to
+    ``on_answer(msg, status)``: a message of the stream with status None, or the status that ended a
+    request (``msg.subject`` is that request's reply subject); idle heartbeats are dropped here.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        on_answer: Callable[[Msg, str | None], None],
+        *,
+        pending_msgs_limit: int = DEFAULT_SUB_PENDING_MSGS_LIMIT,
+    ) -> None:
+        self._nc = nc
+        self._on_answer = on_answer
+        self._pending_msgs_limit = pending_msgs_limit
+        self._inbox = nc.new_inbox()
+        self._seq = 0
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(
+            f"{self._inbox}.*", cb=self._on_msg, pending_msgs_limit=self._pending_msgs_limit
+        )
+
+    async def stop(self) -> None:
+        """Stop listening, ignoring a bus that is gone; the caller bounds it (and shields it if it must
+        happen while cancelled)."""
+        if self._sub is not None:
+            with contextlib.suppress(*BUS_ERRORS):
+                await self._sub.unsubscribe()
+
+    def next_reply(self) -> str:
+        self._seq += 1
+        return f"{self._inbox}.{self._seq}"
+
+    async def send(
+        self, subject: str, reply: str, *, batch: int, expires_s: float = 0.0, no_wait: bool = False
+    ) -> None:
+        """A pull request to ``subject`` (:func:`pull_subject`), answered on ``reply``."""
+        await request_pull(self._nc, subject, reply, batch=batch, expires_s=expires_s, no_wait=no_wait)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = status_of(msg)
+        if status != HEARTBEAT:
+            self._on_answer(msg, status)
+
+
+# -- following an ordered consumer --------------------------------------------------------------------
+
+
+async def follow(
+    js: JetStreamContext, subject: str, *, stream: str, config: ConsumerConfig
+) -> JetStreamContext.PushSubscription:
+    """An ordered consumer of ``stream`` on ``subject``: every message in order, recreated by nats-py
+    when a gap shows. Give it back with :func:`unsubscribe`."""
+    return await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
+
+
+async def unsubscribe(sub: Any, *, timeout_s: float = math.inf) -> None:
+    """Unsubscribe even while being cancelled (else the server keeps delivering to a dead inbox until the
+    consumer goes inactive), giving up after ``timeout_s`` and ignoring a bus that is gone."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_s), contextlib.suppress(*BUS_ERRORS):
+        await sub.unsubscribe()
+
+
+@asynccontextmanager
+async def following(
+    js: JetStreamContext, subject: str, *, stream: str, config: ConsumerConfig
+) -> AsyncIterator[JetStreamContext.PushSubscription]:
+    """:func:`follow` for the length of a block, then :func:`unsubscribe`."""
+    sub = await follow(js, subject, stream=stream, config=config)
+    try:
+        yield sub
+    finally:
+        await unsubscribe(sub)

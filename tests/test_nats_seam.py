@@ -1,0 +1,91 @@
+"""The private parts of nats-py that hive-bus relies on are all still there, and only ``hive_bus._nats``
+reaches them.
+
+A nats-py upgrade that renames or drops one fails here, naming it, instead of failing a publish, a
+heartbeat read or the gateway's metrics at run time."""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import distribution
+from pathlib import Path
+
+import anyio
+import pytest
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from hive_bus._bus import Bus
+from hive_bus._nats import PRIVATE_ATTRIBUTES, follow, kv_parts, raw_writer, stream_seq, unsubscribe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.anyio
+
+_CHECKED = [(owner, name) for owner, names in PRIVATE_ATTRIBUTES.items() for name in names]
+
+
+def _real_object(bus: Bus, owner: str) -> object:
+    """The object a name is read from in use: a connected client, a bucket of the bus, the class."""
+    return {
+        "nats.aio.client.Client": bus.nc,
+        "nats.js.kv.KeyValue": bus.workers_kv,
+        "nats.aio.msg.Msg.Metadata": Msg.Metadata,
+    }[owner]
+
+
+@pytest.mark.parametrize(("owner", "name"), _CHECKED, ids=[f"{o}.{n}" for o, n in _CHECKED])
+async def test_each_private_attribute_of_nats_py_is_there(bus: Bus, owner: str, name: str) -> None:
+    assert hasattr(_real_object(bus, owner), name), (
+        f"nats-py {distribution('nats-py').version} has no {owner}.{name}, which hive_bus/_nats.py uses: "
+        "adapt the seam to this version before widening the pin in pyproject.toml"
+    )
+
+
+async def test_the_seam_reads_what_nats_py_keeps_private(bus: Bus) -> None:
+    """Not only there: each still means what the seam takes it to mean."""
+    js, stream, prefix = kv_parts(bus.workers_kv)
+    await bus.workers_kv.put("w1", b"beat")
+    got = await js.get_last_msg(stream, prefix + "w1")
+    assert got.data == b"beat", "KeyValue._js/_stream/_pre no longer name the bucket's stream and subjects"
+
+    assert raw_writer(bus.nc) is not None, "Client._send_command/_flush_pending are gone"
+    assert isinstance(bus.nc.stats["out_msgs"], int), "Client.stats['out_msgs'] is gone"
+
+    ack = await bus.js.publish(bus.names.event_subject("echo", "t1", "queued"), b"{}")
+    sub = await follow(bus.js, bus.names.all_events, stream=bus.names.events_stream, config=ConsumerConfig())
+    try:
+        with anyio.fail_after(5):
+            msg = await sub.next_msg(timeout=5)
+    finally:
+        await unsubscribe(sub)
+    assert stream_seq(msg.reply) == ack.seq, "Msg.Metadata._get_metadata_fields no longer gives the sequence"
+
+
+def test_nats_py_is_pinned_to_the_minor_version_the_seam_was_checked_with() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    line = re.search(r'"(nats-py[^"]*)"', pyproject)
+    assert line is not None, "pyproject.toml does not name nats-py"
+    spec = Requirement(line.group(1)).specifier
+    installed = Version(distribution("nats-py").version)
+    assert spec.contains(installed), f"nats-py {installed} is installed but pyproject.toml asks for {spec}"
+    next_minor = Version(f"{installed.major}.{installed.minor + 1}")
+    assert not spec.contains(next_minor), f"nats-py {next_minor} would be accepted unchecked by {spec}"
+
+
+def test_no_module_but_the_seam_reaches_into_nats_py() -> None:
+    names = sorted({n for ns in PRIVATE_ATTRIBUTES.values() for n in ns if n.startswith("_")})
+    alternatives = "|".join(re.escape(n) for n in names)
+    # read off an object other than ``self`` (a module's own ``self._stream`` is its own), or by name
+    pattern = re.compile(rf"(?<!self)\.(?:{alternatives})\b|[\"'](?:{alternatives})[\"']|\.stats\[")
+    found = [
+        f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
+        for folder in ("hive_bus", "services", "workers")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path.name != "_nats.py"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line) and not line.lstrip().startswith("#")
+    ]
+    assert not found, "nats-py's insides used outside hive_bus/_nats.py:\n" + "\n".join(found)
