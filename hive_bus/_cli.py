@@ -15,7 +15,6 @@ from typing import Any, TextIO, TypeVar
 import anyio
 import click
 import msgspec
-from anyio.abc import TaskGroup
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from . import _redact
@@ -23,7 +22,7 @@ from ._budget import BudgetError, load_budgets
 from ._bus import Bus, open_bus
 from ._client import Hive, PartialSubmit, connect
 from ._embedded import EmbeddedServerError, run_nats_server
-from ._errors import HiveError
+from ._errors import BusUnavailable, HiveError
 from ._messages import TaskRequest, TaskView, encoder, event_decoder, explain_error, now_ms, request_decoder
 from ._nats import following
 from ._prices import PriceFileError, PriceTable
@@ -134,18 +133,25 @@ def bus_options(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _exit_when_lost(tg: TaskGroup, bus: Bus) -> anyio.CancelScope:
-    """Watch the bus's connection: once it is gone for good (nats-py does not reconnect after the
-    server closed it), :class:`BusUnavailable` ends the process with status 1, and its supervisor
-    starts it again. Cancel the returned scope to stop watching (on the way out)."""
-    scope = anyio.CancelScope()
+async def _until_stopped_or_lost(bus: Bus) -> BusUnavailable | None:
+    """Wait for Ctrl-C (or SIGTERM), or for the bus's connection to be gone for good (nats-py does not
+    reconnect after the server closed it). Returns that loss, which the caller raises once it has stopped
+    what it runs, so that the process ends with status 1 and one line and its supervisor starts it
+    again."""
+    lost: list[BusUnavailable] = []
+    async with anyio.create_task_group() as tg:
 
-    async def watch() -> None:
-        with scope:
-            await bus.wait_lost()
+        async def watch() -> None:
+            try:
+                await bus.wait_lost()
+            except BusUnavailable as exc:
+                lost.append(exc)
+            tg.cancel_scope.cancel()
 
-    tg.start_soon(watch)
-    return scope
+        tg.start_soon(watch)
+        await until_stopped()
+        tg.cancel_scope.cancel()
+    return lost[0] if lost else None
 
 
 def _provider_for(name: str, handler: str | None, model: str | None) -> Provider | list[ProviderKey]:
@@ -209,7 +215,6 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                 gateway = Gateway(hive, GatewayOptions(host=host, port=port, tokens=tokens), sock=sock)
                 try:
                     async with anyio.create_task_group() as tg:
-                        lost = _exit_when_lost(tg, bus)
                         for worker in workers:
                             await tg.start(worker.run)
                         await tg.start(gateway.serve)
@@ -217,13 +222,14 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                             f"hive is up: gateway {gateway.url}, nats {server.url}, data {data}/, "
                             f"workers: {', '.join(providers)}. Ctrl-C stops it."
                         )
-                        await until_stopped()
-                        lost.cancel()
+                        lost = await _until_stopped_or_lost(bus)
                         gateway.stop()
                         for worker in workers:
                             worker.stop()
                 finally:
                     await hive.close()
+                if lost is not None:
+                    raise lost
 
     _run(main)
 
@@ -278,12 +284,12 @@ def gateway(host: str, port: int, max_body_bytes: int, max_connections: int, set
             )
             gw = Gateway(hive, options, sock=sock)
             async with anyio.create_task_group() as tg:
-                lost = _exit_when_lost(tg, hive.bus)
                 await tg.start(gw.serve)
                 click.echo(f"gateway on {gw.url}, bus {settings.prefix}. Ctrl-C stops it.")
-                await until_stopped()
-                lost.cancel()
+                lost = await _until_stopped_or_lost(hive.bus)
                 gw.stop()
+            if lost is not None:
+                raise lost
 
     _run(main)
 
@@ -341,12 +347,12 @@ def worker(
         async with open_bus(settings, name=f"hive-worker-{name}") as bus:
             w = Worker(bus, impl, options)
             async with anyio.create_task_group() as tg:
-                lost = _exit_when_lost(tg, bus)
                 await tg.start(w.run)
                 click.echo(f"worker {w.id} serving {name}. Ctrl-C drains and stops it.")
-                await until_stopped()
-                lost.cancel()
+                lost = await _until_stopped_or_lost(bus)
                 w.stop()
+            if lost is not None:
+                raise lost
 
     _run(main)
 

@@ -119,6 +119,7 @@ class TcpRelay:
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._stalled = threading.Event()
+        self._clients: set[socket.socket] = set()
         self.restore()
 
     @property
@@ -134,6 +135,16 @@ class TcpRelay:
     def stall(self) -> None:
         self._stalled.set()
 
+    def say_to_clients(self, data: bytes) -> int:
+        """Send ``data`` to every client as though the server had said it (a protocol line such as
+        ``-ERR``); returns how many clients it reached."""
+        with self._lock:
+            clients = list(self._clients)
+        for sock in clients:
+            with contextlib.suppress(OSError):
+                sock.sendall(data)
+        return len(clients)
+
     def cut(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
@@ -142,6 +153,7 @@ class TcpRelay:
             listener.close()
         with self._lock:
             sockets, self._sockets = self._sockets, set()
+            self._clients.clear()
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -161,6 +173,7 @@ class TcpRelay:
             upstream.settimeout(None)
             with self._lock:
                 self._sockets |= {client, upstream}
+                self._clients.add(client)
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 

@@ -23,7 +23,7 @@ from hive_bus._embedded import NatsServer
 from hive_bus._errors import BusUnavailable
 from services.gateway import Gateway, GatewayOptions
 from tests.conftest import make_settings
-from tests.helpers import events_of, running_worker, stream_messages
+from tests.helpers import TcpRelay, events_of, free_port, running_worker, spawn, stream_messages, wait_until
 from tests.hub import WorkerUser, hub_server, make_certs, render
 from workers.echo import EchoProvider
 
@@ -223,3 +223,42 @@ async def test_a_worker_under_its_hub_credential_completes_an_eight_megabyte_tas
             await hive.close()
     assert view.status == "completed", view
     assert view.output == prompt
+
+
+@pytest.mark.slow
+async def test_a_worker_and_a_gateway_whose_connection_the_server_closed_exit_for_their_supervisor(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Finding 1: nats-py does not reconnect after the server closed the connection with an error, and
+    the process went on serving nothing. A server's ``-ERR`` (here said by a relay standing for the
+    server) now ends ``hive worker`` and ``hive gateway`` with status 1 and one line, so systemd or
+    compose starts them again."""
+    relay = TcpRelay(nats_server.port)
+    prefix = make_settings(nats_server.url).prefix
+    env = {"HIVE_NATS_URL": relay.url, "HIVE_PREFIX": prefix}
+    gateway_log, worker_log = tmp_path / "gateway.log", tmp_path / "worker.log"
+    gateway = spawn(["gateway", "--port", str(free_port())], env=env, log=gateway_log)
+    try:
+        await anyio.to_thread.run_sync(wait_until, lambda: _said(gateway_log, "gateway on"), 20, "the gateway")
+        worker = spawn(["worker", "echo"], env=env, log=worker_log)
+        try:
+            await anyio.to_thread.run_sync(wait_until, lambda: _said(worker_log, "echo"), 20, "the worker")
+            await anyio.sleep(1)  # both connected through the relay
+            assert relay.say_to_clients(b"-ERR 'Maximum Payload Violation'\r\n") >= 2
+            for process, log in ((gateway, gateway_log), (worker, worker_log)):
+                await anyio.to_thread.run_sync(process.wait, 20)
+                text = log.read_text()
+                assert process.returncode == 1, text
+                assert "Traceback" not in text, text
+                assert "closed" in text.splitlines()[-1].lower(), text
+        finally:
+            worker.kill()
+            worker.wait()
+    finally:
+        gateway.kill()
+        gateway.wait()
+        relay.cut()
+
+
+def _said(log: Path, words: str) -> bool:
+    return log.exists() and words in log.read_text()
