@@ -60,11 +60,21 @@ async def stream_messages(bus: Bus, stream: str) -> int:
     return info.state.messages
 
 
+# JetStream reserves each stream's and bucket's max_bytes up front on the session's one server, and a
+# child process left to the defaults (gigabytes) soon runs it out of storage: children get test sizes.
+SMALL_BUS_ENV = {
+    "HIVE_TASKS_MAX_BYTES": str(8 * 1024**2),
+    "HIVE_EVENTS_MAX_BYTES": str(8 * 1024**2),
+    "HIVE_DLQ_MAX_BYTES": str(8 * 1024**2),
+    "HIVE_BLOBS_MAX_BYTES": str(32 * 1024**2),
+}
+
+
 def spawn(
     args: Sequence[str], *, env: dict[str, str] | None = None, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
     """Start ``hive ARGS`` as a child process (ended by its pid in the test)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**SMALL_BUS_ENV, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if log is None:
         return subprocess.Popen(
             [HIVE, *args], cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
@@ -76,7 +86,7 @@ def spawn(
 def hive_cli(
     args: Sequence[str], *, env: dict[str, str] | None = None, timeout_s: float = 30
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**SMALL_BUS_ENV, **os.environ, **(env or {})}
     return subprocess.run(
         [HIVE, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout_s, check=False
     )

@@ -23,7 +23,7 @@ from hive_bus import connect, load_handler
 from hive_bus._embedded import NatsServer
 
 from .conftest import make_settings
-from .helpers import HIVE, REPO, eventually, free_port, wait_until
+from .helpers import HIVE, REPO, SMALL_BUS_ENV, eventually, free_port, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -44,7 +44,7 @@ def run_hive(
     args: list[str], *, env: dict[str, str] | None = None, cwd: Path = REPO, timeout_s: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [HIVE, *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+        [HIVE, *args], cwd=cwd, env={**SMALL_BUS_ENV, **os.environ, **(env or {})}, capture_output=True, text=True,
         timeout=timeout_s, check=False,
     )  # fmt: skip
 
@@ -52,7 +52,7 @@ def run_hive(
 def start_hive(args: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [HIVE, *args], cwd=cwd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            [HIVE, *args], cwd=cwd, env={**SMALL_BUS_ENV, **os.environ, **env, "PYTHONUNBUFFERED": "1"},
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
 

@@ -37,6 +37,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "HIVE_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
         "HIVE_TASKS_MAX_BYTES": str(settings.tasks_max_bytes),
         "HIVE_EVENTS_MAX_BYTES": str(settings.events_max_bytes),
+        "HIVE_DLQ_MAX_BYTES": str(settings.dlq_max_bytes),
+        "HIVE_BLOBS_MAX_BYTES": str(settings.blobs_max_bytes),
         "HIVE_AUDIT_EVERY_S": str(settings.audit_every_s),
         "HIVE_AUDIT_GRACE_S": str(settings.audit_grace_s),
         "HIVE_LOG_LEVEL": "INFO",
