@@ -34,7 +34,7 @@ from hive_bus import (
 from hive_bus._assigned import Assignments
 from hive_bus._audit import AuditReport, StoreAudit
 from hive_bus._messages import Moved, Queued, TaskStatus, event_decoder, is_final, is_task_id, status_of
-from hive_bus._names import PROVIDER_PATTERN, is_valid_provider
+from hive_bus._names import PROVIDER_PATTERN, is_valid_token
 from hive_bus._nats import BUS_ERRORS, follow, following, unsubscribe
 
 from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics, UsageSince, lost_count
@@ -323,13 +323,12 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
     # Enough of the tail for ``limit`` tasks of a few events each; older tasks are not "recent".
     start = max(info.state.first_seq, last - limit * 8 + 1)
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-    subject = f"{names.prefix}.events.{provider or '*'}.*.*"
     latest: dict[str, TaskView] = {}
     # An event counts only from the provider its task is assigned to (a worker credential may write
     # events for any task id under its own provider): followed here from the queued and moved events in
     # the tail; a task whose queued event is older than the tail is looked up (``Hive.get``).
     assigned: dict[str, str] = {}
-    async with following(bus.js, subject, stream=names.events_stream, config=config) as sub:
+    async with following(bus.js, names.events(provider), stream=names.events_stream, config=config) as sub:
         with anyio.move_on_after(bus.settings.request_timeout_s):
             async for msg in sub.messages:
                 try:
@@ -491,7 +490,7 @@ def checked_provider(provider: str | None) -> str | None:
     """A provider query parameter, checked: it goes into a subject filter."""
     from litestar.exceptions import ValidationException
 
-    if provider is not None and not is_valid_provider(provider):
+    if provider is not None and not is_valid_token(provider):
         message = "provider must be 1-64 letters, digits, '_' or '-'"
         raise ValidationException(
             detail=message, extra=[{"message": message, "key": "provider", "source": "query"}]

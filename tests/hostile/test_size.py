@@ -239,7 +239,9 @@ async def test_a_worker_and_a_gateway_whose_connection_the_server_closed_exit_fo
     gateway_log, worker_log = tmp_path / "gateway.log", tmp_path / "worker.log"
     gateway = spawn(["gateway", "--port", str(free_port())], env=env, log=gateway_log)
     try:
-        await anyio.to_thread.run_sync(wait_until, lambda: _said(gateway_log, "gateway on"), 20, "the gateway")
+        await anyio.to_thread.run_sync(
+            wait_until, lambda: _said(gateway_log, "gateway on"), 20, "the gateway"
+        )
         worker = spawn(["worker", "echo"], env=env, log=worker_log)
         try:
             await anyio.to_thread.run_sync(wait_until, lambda: _said(worker_log, "echo"), 20, "the worker")
