@@ -39,7 +39,7 @@ from nats.js.kv import KeyValue
 
 from ._bus import kv_entries
 from ._messages import encoder, now_ms
-from ._names import is_valid_provider
+from ._names import is_valid_token
 from ._nesting import Guarded
 
 log = logging.getLogger("hive_bus.budget")
@@ -117,7 +117,7 @@ def load_budgets(file: str | None, inline: str | None) -> dict[str, ProviderBudg
         raw.update(_parse(inline, "HIVE_BUDGETS"))
     budgets = {}
     for provider, table in raw.items():
-        if not is_valid_provider(provider):
+        if not is_valid_token(provider):
             raise BudgetError(f"budgets: {provider!r} is not a provider name")
         # each model's and key's table on its own first, so that an error names it
         for group in ("models", "keys"):

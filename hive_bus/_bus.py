@@ -299,7 +299,7 @@ def blobs_stream_config(settings: Settings) -> StreamConfig:
     return StreamConfig(
         name=names.blobs_stream,
         description="hive-bus claim check: task contents and outputs too large for a message",
-        subjects=[f"$O.{names.blobs_bucket}.C.>", f"$O.{names.blobs_bucket}.M.>"],
+        subjects=[names.blob_chunks(">"), names.blob_meta(">")],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         # full: a new large task is refused (503), never an accepted one's content dropped

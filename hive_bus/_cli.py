@@ -319,14 +319,14 @@ def worker(
 ) -> None:
     """Serve one provider's tasks: a built-in one (echo, gemini, groq, anthropic, openai), or your own
     with --handler."""
-    from ._names import is_valid_provider
+    from ._names import is_valid_token
 
     name = provider or provider_opt
     if not name:
         raise click.UsageError("name the provider: hive worker PROVIDER (or --provider NAME)")
     if provider and provider_opt and provider != provider_opt:
         raise click.UsageError(f"two provider names given: {provider!r} and {provider_opt!r}")
-    if not is_valid_provider(name):
+    if not is_valid_token(name):
         raise click.UsageError(f"provider {name!r} must be 1-64 letters, digits, '_' or '-'")
     try:
         settings = with_overrides(settings, worker_name=worker_name)
@@ -550,9 +550,10 @@ def watch(provider: str | None, settings: Settings) -> None:
 
 async def _follow_events(hive: Hive, provider: str | None) -> None:
     names = hive.bus.names
-    subject = f"{names.prefix}.events.{provider or '*'}.*.*"
     config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
-    async with following(hive.bus.js, subject, stream=names.events_stream, config=config) as sub:
+    async with following(
+        hive.bus.js, names.events(provider), stream=names.events_stream, config=config
+    ) as sub:
         async for msg in sub.messages:
             try:
                 view = TaskView.of(event_decoder.decode(msg.data))
@@ -665,13 +666,16 @@ def dlq_purge(task_ids: tuple[str, ...], purge_all: bool, provider: str | None, 
 def keys(clear: tuple[str, str] | None, settings: Settings) -> None:
     """List provider keys that are cooling down or were refused (by name, never the key itself)."""
     from ._bus import kv_entries
-    from ._cooldown import decode_records
+    from ._cooldown import KeyCooldowns, decode_records
 
     async def main() -> None:
         async with open_bus(settings, name="hive-keys") as bus:
             if clear:
                 provider, key = clear
-                await bus.providers_kv.delete(f"{provider}.{key}")
+                cooldowns = KeyCooldowns(
+                    bus.nc, bus.providers_kv, bus.names.providers_bucket, provider, [key]
+                )
+                await cooldowns.clear(key)
                 click.echo(f"{provider} key {key} cleared")
                 return
             records = decode_records(await kv_entries(bus.providers_kv))

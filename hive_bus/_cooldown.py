@@ -16,7 +16,6 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Protocol
 
-import anyio
 import msgspec
 import nats.js.errors
 from nats.aio.client import Client as NATS
@@ -98,7 +97,6 @@ class KeyCooldowns:
         self._provider = provider
         self.keys = keys
         self.records: dict[str, CooldownRecord] = {}
-        self._changed = anyio.Event()
 
     def left_s(self, key: str) -> float:
         record = self.records.get(key)
@@ -107,17 +105,6 @@ class KeyCooldowns:
     def wait_s(self) -> float:
         """Seconds until some key may be used (0 now; infinite when the provider refused them all)."""
         return min(self.left_s(key) for key in self.keys)
-
-    def holding(self) -> CooldownRecord | None:
-        """The record that ends first among the keys, when none is usable now."""
-        at_ms = now_ms()
-        if any(self.left_s(key) == 0 for key in self.keys):
-            return None
-        return min((self.records[k] for k in self.keys), key=lambda r: r.left_s(at_ms))
-
-    @property
-    def all_refused(self) -> bool:
-        return all((r := self.records.get(k)) is not None and r.refused for k in self.keys)
 
     async def follow(self, updates: Updates) -> None:
         """Apply every update of the keys until cancelled (the updates come from :meth:`subscribe`)."""
@@ -157,16 +144,6 @@ class KeyCooldowns:
                 or not current.left_s(now_ms())
             ):
                 self.records[key] = record
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait_until_usable(self, stopping: anyio.Event, longest_s: float) -> None:
-        """Sleep while no key is usable (a cooldown may grow meanwhile), at most ``longest_s``; return
-        early when ``stopping`` is set."""
-        with anyio.move_on_after(longest_s):
-            while (left_s := self.wait_s()) > 0 and not stopping.is_set():
-                with anyio.move_on_after(min(left_s, 60.0)):
-                    await stopping.wait()
 
     async def impose(self, key: str, until_ms: int, reason: str, quota: Quota, worker: str) -> None:
         """Extend the key's shared cooldown to ``until_ms`` unless a longer one is already set."""
@@ -191,6 +168,10 @@ class KeyCooldowns:
                 "%s key %s was refused and is set aside (not used again until `hive keys --clear %s %s`): %s",
                 self._provider, key, self._provider, key, reason,
             )  # fmt: skip
+
+    async def clear(self, key: str) -> None:
+        """Clear the key's cooldown, or put a refused key back (``hive keys --clear``)."""
+        await self._kv.delete(f"{self._provider}.{key}")
 
     async def _write(self, record: CooldownRecord) -> bool:
         name = f"{self._provider}.{record.key}"

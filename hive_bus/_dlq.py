@@ -21,7 +21,7 @@ from ._assigned import assignment
 from ._bus import Bus
 from ._errors import BusUnavailable, HiveError, TaskNotFound, TooLarge
 from ._messages import Failed, Queued, Task, encoder, event_decoder, is_task_id, new_seal, now_ms
-from ._names import is_valid_provider
+from ._names import is_valid_token
 from ._nats import BUS_ERRORS
 from ._size import js_publish
 
@@ -47,7 +47,7 @@ async def keep(bus: Bus, provider: str, task_id: str, failed: bytes, msg_id: str
 
 
 def _check_provider(provider: str | None) -> None:
-    if provider is not None and not is_valid_provider(provider):
+    if provider is not None and not is_valid_token(provider):
         raise HiveError(f"provider {provider!r} must be 1-64 letters, digits, '_' or '-'")
 
 

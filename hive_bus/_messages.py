@@ -316,11 +316,6 @@ def status_of(event: TaskEvent) -> TaskStatus:
     return _STATUS[type(event)]
 
 
-def subject_status(event: TaskEvent) -> str:
-    """The status token of the event's subject (a move has its own: the router follows it)."""
-    return "moved" if isinstance(event, Moved) else _STATUS[type(event)]
-
-
 def is_final(event: TaskEvent) -> bool:
     return isinstance(event, Completed | Failed)
 

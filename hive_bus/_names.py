@@ -18,10 +18,6 @@ _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 PRIORITIES = ("high", "normal", "low")
 
 
-def is_valid_provider(name: str) -> bool:
-    return _PROVIDER_RE.match(name) is not None
-
-
 def is_valid_token(name: str) -> bool:
     """A name fit to be one subject token (a provider's, or a worker credential's)."""
     return _PROVIDER_RE.match(name) is not None
@@ -190,7 +186,7 @@ class Names:
         """The (provider, priority) of one of this bus's task consumers, or None."""
         head, sep, priority = name.rpartition("_")
         provider = head.removeprefix(f"{self.prefix}_")
-        if not sep or priority not in PRIORITIES or provider == head or not is_valid_provider(provider):
+        if not sep or priority not in PRIORITIES or provider == head or not is_valid_token(provider):
             return None
         return provider, priority
 

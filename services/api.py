@@ -12,7 +12,7 @@ from typing import Annotated, Any, get_args
 
 import anyio
 import msgspec
-from litestar import Request, Response, get, post
+from litestar import MediaType, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
@@ -21,10 +21,8 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from hive_bus import (
-    Accepted,
     BusUnavailable,
     Hive,
-    HiveError,
     ProviderStats,
     TaskNotFound,
     TaskRequest,
@@ -34,9 +32,11 @@ from hive_bus import (
 from hive_bus._assigned import Assignments
 from hive_bus._audit import AuditReport, StoreAudit
 from hive_bus._messages import Moved, Queued, TaskStatus, event_decoder, is_final, is_task_id, status_of
-from hive_bus._names import PROVIDER_PATTERN, is_valid_provider
+from hive_bus._names import PROVIDER_PATTERN, is_valid_token
 from hive_bus._nats import BUS_ERRORS, follow, following, unsubscribe
 
+from . import answers
+from .answers import BatchAccepted, ErrorBody, TaskAccepted
 from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics, UsageSince, lost_count
 
 log = logging.getLogger("hive_bus.gateway")
@@ -56,18 +56,6 @@ EVENT_STATUSES = frozenset(get_args(TaskStatus))
 SSE = "text/event-stream"
 
 
-class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    code: str
-    message: str
-    field: str | None = None
-
-
-class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
-    """Every error answer of the gateway."""
-
-    error: ErrorDetail
-
-
 def _errors(*codes: int) -> dict[int, ResponseSpec]:
     words = {
         400: "the request is not valid; the message says what and where",
@@ -84,29 +72,8 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
     }
 
 
-class TaskAccepted(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    status: str
-    duplicate: bool = False
-
-
 class BatchRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     tasks: list[TaskRequest]
-
-
-class BatchItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One task of a batch: its id once accepted, or why it was not."""
-
-    index: int
-    id: str | None = None
-    status: str | None = None
-    error: str | None = None
-
-
-class BatchAccepted(msgspec.Struct, frozen=True, kw_only=True):
-    accepted: int
-    rejected: int
-    tasks: list[BatchItem]
 
 
 def _hive(state: State) -> Hive:
@@ -114,16 +81,24 @@ def _hive(state: State) -> Hive:
     return hive
 
 
-@post("/v1/tasks", status_code=202, summary="Submit a task", responses=_errors(400, 401, 413, 503))
+async def _too_deep(request: Request[Any, Any, Any]) -> Response[Any] | None:
+    """The 400 for a body nested too deep, before the framework's decoder recurses into it (the fast
+    path checks the same, so this serves a request it passed on, or a gateway without it)."""
+    answer = answers.too_deep(await request.body(), batch=request.url.path == "/v1/tasks/batch")
+    return None if answer is None else as_response(answer)
+
+
+@post(
+    "/v1/tasks",
+    status_code=202,
+    summary="Submit a task",
+    before_request=_too_deep,
+    responses=_errors(400, 401, 413, 503),
+)
 async def submit_task(data: JSONBody[TaskRequest], state: State) -> Response[TaskAccepted]:
     """Queue one task. 202 once JetStream has stored it; 200 with the first task's id and current
     status when the idempotency key was already used inside the de-duplication window."""
-    hive = _hive(state)
-    accepted = await hive.submit_request(data)
-    if accepted.duplicate:
-        view = await hive.get(accepted.id)
-        return Response(TaskAccepted(id=accepted.id, status=view.status, duplicate=True), status_code=200)
-    return Response(TaskAccepted(id=accepted.id, status="queued"), status_code=202)
+    return as_response(await answers.submit_one(_hive(state), data))
 
 
 @post(
@@ -131,6 +106,7 @@ async def submit_task(data: JSONBody[TaskRequest], state: State) -> Response[Tas
     status_code=202,
     summary="Submit several tasks",
     request_max_body_size=BATCH_MAX_BODY_BYTES,
+    before_request=_too_deep,
     responses=_errors(400, 401, 413)
     | {503: ResponseSpec(data_container=BatchAccepted, description="some not accepted")},
 )
@@ -139,26 +115,15 @@ async def submit_batch(data: JSONBody[BatchRequest], state: State) -> Response[B
     202 when all were accepted; 503 with each task's outcome (its id, or why not) when some were not.
     A task that is not valid makes the whole batch a 400 naming it, and nothing is queued."""
     limit: int = state.max_batch
-    if not data.tasks:
-        raise _invalid("a batch needs at least one task")
-    if len(data.tasks) > limit:
-        raise _invalid(f"a batch holds at most {limit} tasks; this one has {len(data.tasks)}")
-    body = batch_answer(await _hive(state).submit_batch(data.tasks))
-    if body.rejected:
-        return Response(body, status_code=503, headers={"Retry-After": "5"})
-    return Response(body, status_code=202)
+    answer = answers.batch_size_error(len(data.tasks), limit)
+    return as_response(answer or await answers.submit_many(_hive(state), data.tasks))
 
 
-def batch_answer(outcomes: list[Accepted | HiveError]) -> BatchAccepted:
-    """What a batch's submission answers: each task's id, or why it was not accepted, in order."""
-    items = [
-        BatchItem(index=i, error=str(outcome))
-        if isinstance(outcome, HiveError)
-        else BatchItem(index=i, id=outcome.id, status="duplicate" if outcome.duplicate else "queued")
-        for i, outcome in enumerate(outcomes)
-    ]
-    rejected = sum(1 for item in items if item.error is not None)
-    return BatchAccepted(accepted=len(items) - rejected, rejected=rejected, tasks=items)
+def as_response(answer: answers.Answer) -> Response[Any]:
+    """An answer of :mod:`services.answers` as the framework sends it."""
+    return Response(
+        answer.content, status_code=answer.status, media_type=MediaType.JSON, headers=answer.headers or None
+    )
 
 
 @get(
@@ -323,13 +288,12 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
     # Enough of the tail for ``limit`` tasks of a few events each; older tasks are not "recent".
     start = max(info.state.first_seq, last - limit * 8 + 1)
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-    subject = f"{names.prefix}.events.{provider or '*'}.*.*"
     latest: dict[str, TaskView] = {}
     # An event counts only from the provider its task is assigned to (a worker credential may write
     # events for any task id under its own provider): followed here from the queued and moved events in
     # the tail; a task whose queued event is older than the tail is looked up (``Hive.get``).
     assigned: dict[str, str] = {}
-    async with following(bus.js, subject, stream=names.events_stream, config=config) as sub:
+    async with following(bus.js, names.events(provider), stream=names.events_stream, config=config) as sub:
         with anyio.move_on_after(bus.settings.request_timeout_s):
             async for msg in sub.messages:
                 try:
@@ -491,18 +455,12 @@ def checked_provider(provider: str | None) -> str | None:
     """A provider query parameter, checked: it goes into a subject filter."""
     from litestar.exceptions import ValidationException
 
-    if provider is not None and not is_valid_provider(provider):
+    if provider is not None and not is_valid_token(provider):
         message = "provider must be 1-64 letters, digits, '_' or '-'"
         raise ValidationException(
             detail=message, extra=[{"message": message, "key": "provider", "source": "query"}]
         )
     return provider
-
-
-def _invalid(message: str) -> Exception:
-    from litestar.exceptions import ValidationException
-
-    return ValidationException(detail=message, extra=[{"message": message, "key": "tasks", "source": "body"}])
 
 
 ROUTES = [

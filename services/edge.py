@@ -22,18 +22,16 @@ feed of every event end with their connection, rather than hold their handler un
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import anyio
-import msgspec
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, ReceiveMessage, Scope, Send
 
 from hive_bus._messages import is_task_id
 
+from . import answers
 from .auth import ENV_TOKENS, Tokens, authorized, is_loopback
 
-_encode = msgspec.json.Encoder().encode
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _BODILESS = frozenset({"GET", "HEAD"})
 # /v1/tasks/{task_id}, /v1/tasks/{task_id}/events, /v1/dlq/{task_id}, /v1/dlq/{task_id}/replay
@@ -90,10 +88,7 @@ class Edge:
 
 async def refuse(send: Send, status: int, code: str, message: str, field: str | None = None) -> None:
     """Answer with the gateway's JSON error shape, before the app has seen the request."""
-    detail: dict[str, Any] = {"code": code, "message": message}
-    if field is not None:
-        detail["field"] = field
-    body = _encode({"error": detail})
+    body = answers.error(status, code, message, field=field).body()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))

@@ -4,7 +4,8 @@ Litestar was chosen because it decodes and validates request bodies with msgspec
 Structs the bus uses, so the HTTP and wire shapes cannot drift) and generates an OpenAPI document from
 them. uvicorn serves it.
 
-Every error answer is JSON of the form ``{"error": {"code": ..., "message": ..., "field": ...}}``.
+Every error answer is JSON of the form ``{"error": {"code": ..., "message": ..., "field": ...}}``, built
+by :mod:`services.answers` (which the fast path of :mod:`services.fastpath` uses too).
 """
 
 # No "from __future__ import annotations" here: Litestar reads the parameter markers at run time.
@@ -20,21 +21,21 @@ from typing import Any
 import anyio
 import uvicorn
 from anyio.abc import TaskStatus
-from litestar import Litestar, MediaType, Request, Response
+from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
-from hive_bus import BusUnavailable, Hive, QueueFull, TaskNotFound, __version__
+from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskNotFound, __version__
 from hive_bus._audit import StoreAudit
 from hive_bus._dlq import NotReplayable
 from hive_bus._errors import TooLarge
 from hive_bus._messages import explain
 from hive_bus._router import Router
 
-from . import dashboard
-from .api import AUDIT_ROUTES, METRICS_ROUTES, ROUTES
+from . import answers, dashboard
+from .api import AUDIT_ROUTES, METRICS_ROUTES, ROUTES, as_response
 from .auth import Tokens, check_exposure
 from .dlq_api import DLQ_ROUTES
 from .edge import Edge
@@ -57,6 +58,9 @@ class GatewayOptions:
     feed_max_s: float = 3600.0
     # Time to send a request, and how many connections at once (size LimitNOFILE above this).
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # False sends every submission through its route: the same answers, for more CPU (services.fastpath);
+    # tests/test_submit_parity.py compares the two.
+    fast_path: bool = True
 
 
 # errors ------------------------------------------------------------------------------------------
@@ -65,10 +69,7 @@ class GatewayOptions:
 def _error(
     status: int, code: str, message: str, *, field: str | None = None, **headers: str
 ) -> Response[Any]:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if field is not None:
-        body["field"] = field
-    return Response({"error": body}, status_code=status, media_type=MediaType.JSON, headers=headers or None)
+    return as_response(answers.error(status, code, message, field=field, **headers))
 
 
 def on_validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
@@ -81,35 +82,31 @@ def on_validation_error(request: Request[Any, Any, Any], exc: ValidationExceptio
     if first.get("source") == "body" and key == "data":  # about the body as a whole
         if message == "'data'":  # Litestar's words for an empty body
             message = "the request body is empty; send a JSON object"
-        return _error(400, "invalid_request", message)
+        return as_response(answers.invalid(message))
     if first.get("source") == "query":
-        return _error(400, "invalid_request", f"query parameter {key!r}: {message}", field=key)
-    return _error(400, "invalid_request", explain(key, message), field=key)
+        return as_response(answers.invalid(f"query parameter {key!r}: {message}", field=key))
+    return as_response(answers.invalid(explain(key, message), field=key))
 
 
 def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
     message = str(exc.detail)
     if exc.status_code == 413:
-        limit = request.route_handler.request_max_body_size or request.app.request_max_body_size
-        message = f"the request body is larger than the gateway's limit of {limit} bytes"
-    elif exc.status_code == 400:
+        own, app = request.route_handler.request_max_body_size, request.app.request_max_body_size
+        limit = next((n for n in (own, app) if isinstance(n, int)), 0)  # a route's own limit, else the app's
+        return as_response(answers.body_too_large(limit, answers.what_is_posted(request.url.path)))
+    if exc.status_code == 400:
         # Validation errors have their own handler; what reaches here is a body that did not decode.
-        message = f"the request body is not valid JSON: {message.removeprefix('JSON is malformed: ')}"
+        return as_response(answers.not_json(message.removeprefix("JSON is malformed: ")))
     return _error(exc.status_code, code.get(exc.status_code, "bad_request"), message)
 
 
-def on_bus_unavailable(request: Request[Any, Any, Any], exc: BusUnavailable) -> Response[Any]:
-    log.warning("%s %s: %s", request.method, request.url.path, exc)
-    return _error(503, "bus_unavailable", str(exc), **{"Retry-After": "5"})
-
-
-def on_too_large(request: Request[Any, Any, Any], exc: TooLarge) -> Response[Any]:
-    return _error(413, "too_large", str(exc))
-
-
-def on_queue_full(request: Request[Any, Any, Any], exc: QueueFull) -> Response[Any]:
-    return _error(503, "queue_full", str(exc), **{"Retry-After": str(int(exc.retry_after_s))})
+def on_submission_error(request: Request[Any, Any, Any], exc: HiveError) -> Response[Any]:
+    """The bus did not accept something (too large, queue full, bus down), in any route."""
+    if isinstance(exc, BusUnavailable):
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+    answer = answers.of_error(exc)
+    return on_internal_error(request, exc) if answer is None else as_response(answer)
 
 
 def on_not_found(request: Request[Any, Any, Any], exc: TaskNotFound) -> Response[Any]:
@@ -135,6 +132,10 @@ def create_app(
     """The gateway app, serving ``hive``'s bus, behind its :class:`Edge` (tokens, hosts, content types,
     ids, disconnects). Long answers (event feeds) end once ``stopping`` is set."""
     options = options or GatewayOptions()
+
+    def fast(app: ASGIApp) -> ASGIApp:
+        return FastSubmit(app, hive, options.max_body_bytes, options.max_batch)
+
     state = {
         "hive": hive,
         "max_batch": options.max_batch,
@@ -152,15 +153,15 @@ def create_app(
             *dashboard.ROUTES,
         ],
         state=State(state),
-        middleware=[lambda app: FastSubmit(app, hive, options.max_body_bytes, options.max_batch)],
+        middleware=[fast] if options.fast_path else [],
         openapi_config=OpenAPIConfig(title="hive-bus gateway", version=__version__, path="/schema"),
         request_max_body_size=options.max_body_bytes,
         exception_handlers={
             ValidationException: on_validation_error,
             HTTPException: on_http_error,
-            BusUnavailable: on_bus_unavailable,
-            QueueFull: on_queue_full,
-            TooLarge: on_too_large,
+            BusUnavailable: on_submission_error,
+            QueueFull: on_submission_error,
+            TooLarge: on_submission_error,
             TaskNotFound: on_not_found,
             NotReplayable: on_not_replayable,
             Exception: on_internal_error,

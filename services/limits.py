@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from . import answers
+
 log = logging.getLogger("hive_bus.gateway")
 
 # File descriptors the gateway needs beside its HTTP connections: NATS, logs, files it serves, epoll.
@@ -39,7 +41,7 @@ class ConnectionLimits:
 
 
 def _raw_answer(status: int, reason: str, message: str) -> bytes:
-    body = b'{"error": {"code": "%s", "message": "%s"}}' % (reason.encode(), message.encode())
+    body = answers.error(status, reason, message).body()
     head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n" % (
         status,
         reason.replace("_", " ").encode(),

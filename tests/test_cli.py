@@ -260,3 +260,33 @@ def test_a_bad_line_in_the_file_is_named_and_nothing_is_queued(up: Up, tmp_path:
     assert "line 2: prompt must be a string with at least one non-blank character" in line
     stats = hive_cli(["stats", "--nats", up.nats]).stdout
     assert "nobody" not in stats
+
+
+@pytest.mark.anyio
+async def test_keys_clear_puts_a_refused_key_back(nats_server: NatsServer) -> None:
+    from hive_bus import open_bus
+    from hive_bus._cooldown import KeyCooldowns
+
+    from .conftest import make_settings
+
+    settings = make_settings(nats_server.url)
+    # the CLI declares the same bus as the test's settings
+    env = {f"HIVE_{name.upper()}": str(getattr(settings, name)) for name in _BUS_SHAPE}
+    env |= {"HIVE_NATS_URL": nats_server.url, "HIVE_PREFIX": settings.prefix}
+    async with open_bus(settings) as bus:
+        cooldowns = KeyCooldowns(bus.nc, bus.providers_kv, bus.names.providers_bucket, "groq", ["k2"])
+        await cooldowns.refuse("k2", "401 from the provider", "w1")
+        listed = hive_cli(["keys"], env=env)
+        assert "groq" in listed.stdout and "refused" in listed.stdout, listed
+        cleared = hive_cli(["keys", "--clear", "groq", "k2"], env=env)
+        assert (cleared.returncode, cleared.stdout.strip()) == (0, "groq key k2 cleared"), cleared
+        assert hive_cli(["keys"], env=env).stdout.strip() == "every key is usable"
+
+
+_BUS_SHAPE = (
+    "heartbeat_interval_s",
+    "heartbeat_ttl_s",
+    "tasks_max_bytes",
+    "events_max_bytes",
+    "blobs_max_bytes",
+)
