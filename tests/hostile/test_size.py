@@ -17,10 +17,11 @@ import anyio
 import httpx
 import pytest
 
-from hive_bus import Bus, FunctionProvider, Hive, Settings, Task, open_bus
+from hive_bus import FunctionProvider, Hive, Settings, Task
 from hive_bus._bus import ensure_consumers
 from hive_bus._embedded import NatsServer
 from hive_bus._errors import BusUnavailable
+from hive_bus.bus import Bus, open_bus
 from services.gateway import Gateway, GatewayOptions
 from tests.conftest import make_settings
 from tests.helpers import TcpRelay, events_of, free_port, running_worker, spawn, stream_messages, wait_until
@@ -239,7 +240,9 @@ async def test_a_worker_and_a_gateway_whose_connection_the_server_closed_exit_fo
     gateway_log, worker_log = tmp_path / "gateway.log", tmp_path / "worker.log"
     gateway = spawn(["gateway", "--port", str(free_port())], env=env, log=gateway_log)
     try:
-        await anyio.to_thread.run_sync(wait_until, lambda: _said(gateway_log, "gateway on"), 20, "the gateway")
+        await anyio.to_thread.run_sync(
+            wait_until, lambda: _said(gateway_log, "gateway on"), 20, "the gateway"
+        )
         worker = spawn(["worker", "echo"], env=env, log=worker_log)
         try:
             await anyio.to_thread.run_sync(wait_until, lambda: _said(worker_log, "echo"), 20, "the worker")
