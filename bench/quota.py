@@ -30,9 +30,10 @@ sys.path.insert(0, str(REPO))  # for the provider fakes, which live with the tes
 
 from rate_limits import count_duplicate_completions, stop, verdict  # noqa: E402  (beside this script)
 
-from hive_bus import Hive, TaskRequest, load_settings, open_bus  # noqa: E402
+from hive_bus import Hive, TaskRequest, load_settings  # noqa: E402
 from hive_bus._embedded import NatsServer  # noqa: E402
 from hive_bus._router import Router  # noqa: E402
+from hive_bus.bus import open_bus  # noqa: E402
 from tests.fakes import ProviderFakes  # noqa: E402
 
 TASKS, LIMIT, WINDOW_S = 100, 10, 2.0  # M, L, and the fake's window

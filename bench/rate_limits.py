@@ -29,8 +29,9 @@ import msgspec
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # for the provider fakes, which live with the tests
 
-from hive_bus import Completed, Hive, TaskRequest, load_settings, open_bus  # noqa: E402
+from hive_bus import Completed, Hive, TaskRequest, load_settings  # noqa: E402
 from hive_bus._embedded import NatsServer  # noqa: E402
+from hive_bus.bus import open_bus  # noqa: E402
 from tests.fakes import ProviderFakes  # noqa: E402
 
 TASKS, LIMIT, WINDOW_S = 120, 10, 2.0  # M, L, and the fake's window

@@ -39,6 +39,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
 import hive_bus
+import hive_bus.bus
 import nats
 from hive_bus import Hive, Settings, TaskRequest, load_settings
 from hive_bus._bus import ensure_consumer
@@ -247,7 +248,7 @@ async def hive_latency(hive: Hive, n: int) -> tuple[list[float], list[str]]:
 
 async def run_hive(settings: Settings, logs: Path, procs: Procs, server_pid: int) -> Figures:
     fig = Figures()
-    async with hive_bus.open_bus(settings, name="bench-setup") as bus:  # the consumer, with our limit
+    async with hive_bus.bus.open_bus(settings, name="bench-setup") as bus:  # the consumer, with our limit
         await ensure_consumer(bus.js, bus.settings, "echo")
     cmd = [str(BIN / "hive"), "worker", "echo", "--nats", settings.nats_url, "--prefix", settings.prefix]
     procs.append(worker := spawn([*cmd, "--concurrency", str(CONCURRENCY)], logs / "worker"))

@@ -1,6 +1,11 @@
-"""hive-bus: a distributed task bus over NATS JetStream for LLM prompts and custom Python jobs."""
+"""hive-bus: a distributed task bus over NATS JetStream for LLM prompts and custom Python jobs.
 
-from ._bus import Bus, open_bus
+What is here is what users call: the client (:func:`connect`, :class:`Hive`), the wire types, the
+errors, and the provider API (:class:`Provider`, :class:`Output`, the outcomes a provider raises,
+:func:`register_secret`) with the worker that runs one. The bus underneath (``Bus``, ``open_bus``,
+``Names``) is in :mod:`hive_bus.bus`; ``tests/test_public_api.py`` keeps ``__all__`` honest.
+"""
+
 from ._client import Accepted, Hive, PartialSubmit, connect, validate
 from ._errors import (
     BusConfigError,
@@ -9,11 +14,14 @@ from ._errors import (
     FailNow,
     HiveError,
     KeyRejected,
+    NoQuota,
     ProviderError,
     QueueFull,
+    Quota,
     RetryAfter,
     RetryLater,
     TaskNotFound,
+    TooLarge,
 )
 from ._messages import (
     Completed,
@@ -30,8 +38,8 @@ from ._messages import (
     Usage,
     WorkerBeat,
 )
-from ._names import Names
-from ._providers import FunctionProvider, Output, Provider, load_handler
+from ._providers import FunctionProvider, Output, Provider
+from ._redact import register as register_secret
 from ._settings import Settings, SettingsError, load_settings
 from ._stats import ProviderStats
 from ._version import __version__
@@ -39,7 +47,6 @@ from ._worker import ProviderKey, Worker, WorkerOptions
 
 __all__ = [
     "Accepted",
-    "Bus",
     "BusConfigError",
     "BusRefused",
     "BusUnavailable",
@@ -50,7 +57,7 @@ __all__ = [
     "Hive",
     "HiveError",
     "KeyRejected",
-    "Names",
+    "NoQuota",
     "Output",
     "Params",
     "PartialSubmit",
@@ -60,6 +67,7 @@ __all__ = [
     "ProviderStats",
     "QueueFull",
     "Queued",
+    "Quota",
     "RetryAfter",
     "RetryLater",
     "Retrying",
@@ -72,14 +80,14 @@ __all__ = [
     "TaskRequest",
     "TaskStatus",
     "TaskView",
+    "TooLarge",
     "Usage",
     "Worker",
     "WorkerBeat",
     "WorkerOptions",
     "__version__",
     "connect",
-    "load_handler",
     "load_settings",
-    "open_bus",
+    "register_secret",
     "validate",
 ]

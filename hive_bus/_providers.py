@@ -28,6 +28,11 @@ class Output:
 
 
 class Provider(Protocol):
+    """A provider adapter: turns a task into an :class:`Output`, or raises :class:`RetryAfter` (the
+    provider said when to come back), :class:`RetryLater` (a passing fault), :class:`FailNow` (retrying
+    cannot help) or one of its kinds, :class:`KeyRejected` and :class:`NoQuota`. No base class to
+    inherit: any object with this method is one."""
+
     async def complete(self, task: Task) -> Output: ...
 
 

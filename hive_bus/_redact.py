@@ -2,7 +2,7 @@
 
 A provider may echo the key (Gemini's ``quotaId`` in a 429 body), and at DEBUG level the SDKs and their
 HTTP clients log requests and response headers verbatim. Each key is registered once, where it is read
-(:func:`workers.keyed`); :func:`scrub` takes every registered key out of a text, and
+(:func:`workers.keyed`, or an adapter of a user's through :func:`hive_bus.register_secret`); :func:`scrub` takes every registered key out of a text, and
 :func:`keep_secrets_out_of_logs` sets the SDKs' loggers to INFO at most and puts a filter on the root
 handlers that scrubs whatever still carries a key.
 """
@@ -18,7 +18,11 @@ MIN_SECRET_CHARS = 6  # shorter is no key, and scrubbing it would maim ordinary 
 
 
 def register(secret: str) -> None:
-    """Keep ``secret`` out of every provider text and log line from now on."""
+    """Keep ``secret`` out of every provider text and log line from now on: public as
+    :func:`hive_bus.register_secret`, for an adapter to call once per API key it is given, before its
+    first call. The worker then scrubs the key (as ``***``) from every message a provider's error
+    carries before it is stored, published or logged, and ``hive worker`` from every log line. Secrets
+    shorter than 6 characters are not registered: scrubbing them would maim ordinary text."""
     if len(secret) >= MIN_SECRET_CHARS:
         _secrets.add(secret)
 

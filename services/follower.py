@@ -21,8 +21,8 @@ from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from hive_bus import Bus
 from hive_bus._nats import BUS_ERRORS, PullInbox, pull_subject, stream_seq
+from hive_bus.bus import Bus
 
 log = logging.getLogger("hive_bus.follower")
 

@@ -49,7 +49,7 @@ from nats.js.api import StreamState
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from hive_bus import Bus, WorkerBeat
+from hive_bus import WorkerBeat
 from hive_bus._budget import Ledger, ledgers
 from hive_bus._bus import ensure_counters_stream, kv_entries, redeclare_workers_bucket
 from hive_bus._cooldown import decode_records, provider_cooldowns
@@ -58,6 +58,7 @@ from hive_bus._duplicates import duplicate_decoder
 from hive_bus._messages import Completed, Failed, Retrying, beat_decoder, event_decoder, now_ms
 from hive_bus._nats import BUS_ERRORS, why
 from hive_bus._stats import QueueDepth, queue_depths
+from hive_bus.bus import Bus
 
 from .follower import EventFollower
 

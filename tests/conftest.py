@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from hive_bus import Bus, Hive, Settings, load_settings, open_bus
+from hive_bus import Hive, Settings, load_settings
 from hive_bus._embedded import NatsServer
+from hive_bus.bus import Bus, open_bus
 
 
 @pytest.fixture

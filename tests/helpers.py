@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 
 import anyio
 
-from hive_bus import Bus, Provider, ProviderKey, TaskEvent, Worker, WorkerOptions
+from hive_bus import Provider, ProviderKey, TaskEvent, Worker, WorkerOptions
 from hive_bus._messages import event_decoder
+from hive_bus.bus import Bus
 
 REPO = Path(__file__).resolve().parent.parent
 HIVE = str(Path(sys.executable).with_name("hive"))

@@ -8,10 +8,11 @@ import anyio
 import msgspec
 import pytest
 
-from hive_bus import Bus, Failed, Hive, Task, TaskRequest
+from hive_bus import Failed, Hive, Task, TaskRequest
 from hive_bus._audit import StoreAudit
 from hive_bus._messages import Moved, Queued, encoder, now_ms
 from hive_bus._router import Router
+from hive_bus.bus import Bus
 from workers.echo import EchoProvider
 
 from .helpers import events_of, running_worker

@@ -10,7 +10,8 @@ import anyio
 import httpx
 import pytest
 
-from hive_bus import Hive, Settings, open_bus
+from hive_bus import Hive, Settings
+from hive_bus.bus import open_bus
 from services.auth import AuthConfigError, Tokens, check_exposure
 from services.gateway import Gateway, GatewayOptions
 

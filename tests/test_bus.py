@@ -9,10 +9,11 @@ import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from ulid import ULID
 
-from hive_bus import BusConfigError, Settings, open_bus
+from hive_bus import BusConfigError, Settings
 from hive_bus._bus import consumer_config, ensure_consumer, ensure_consumers
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import is_task_id, new_task_id
+from hive_bus.bus import open_bus
 
 from .conftest import make_settings
 

@@ -7,9 +7,10 @@ import anyio
 import pytest
 
 import hive_bus
-from hive_bus import Bus, Hive, QueueFull, Settings, TaskRequest, open_bus
+from hive_bus import Hive, QueueFull, Settings, TaskRequest
 from hive_bus._counts import SubmissionCounts, submitted_counts
 from hive_bus._embedded import NatsServer
+from hive_bus.bus import Bus, open_bus
 
 from .conftest import make_settings
 from .helpers import eventually

@@ -14,7 +14,8 @@ import httpx
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_playwright
 
-from hive_bus import Hive, Settings, open_bus
+from hive_bus import Hive, Settings
+from hive_bus.bus import open_bus
 from services.auth import Tokens
 from services.gateway import Gateway, GatewayOptions
 from workers.echo import EchoProvider

@@ -17,9 +17,10 @@ import pytest
 import yaml
 from jsonschema import Draft201909Validator
 
-from hive_bus import Bus, load_settings
+from hive_bus import load_settings
 from hive_bus._cli import cli
 from hive_bus._embedded import nats_server_path
+from hive_bus.bus import Bus
 from services.metrics import BusMetrics
 
 from .deploy import (

@@ -13,7 +13,8 @@ import anyio
 import httpx
 import pytest
 
-from hive_bus import Bus, Hive, Settings, open_bus
+from hive_bus import Hive, Settings
+from hive_bus.bus import Bus, open_bus
 from services.gateway import Gateway, GatewayOptions
 from workers.echo import EchoProvider
 

@@ -7,7 +7,6 @@ import msgspec
 import pytest
 
 from hive_bus import (
-    Bus,
     Completed,
     FunctionProvider,
     Hive,
@@ -18,9 +17,10 @@ from hive_bus import (
     TaskRequest,
     TaskView,
     Worker,
-    load_handler,
 )
 from hive_bus._messages import is_task_id
+from hive_bus._providers import load_handler
+from hive_bus.bus import Bus
 from workers.echo import EchoProvider
 
 from . import handlers
@@ -287,7 +287,7 @@ async def test_a_heartbeat_that_does_not_decode_hides_no_other_worker(bus: Bus, 
 
 @pytest.fixture
 async def nats_server_settings_short_ack(nats_server: object) -> object:
-    from hive_bus import open_bus
+    from hive_bus.bus import open_bus
 
     from .conftest import make_settings
 

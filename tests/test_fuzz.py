@@ -14,8 +14,9 @@ import schemathesis
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
-from hive_bus import Hive, Settings, open_bus
+from hive_bus import Hive, Settings
 from hive_bus._embedded import NatsServer
+from hive_bus.bus import open_bus
 from services.gateway import Gateway, GatewayOptions
 from workers.echo import EchoProvider
 

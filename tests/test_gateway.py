@@ -10,8 +10,9 @@ import anyio
 import httpx
 import pytest
 
-from hive_bus import Bus, FailNow, FunctionProvider, Hive, Settings, Task, open_bus
+from hive_bus import FailNow, FunctionProvider, Hive, Settings, Task
 from hive_bus._embedded import NatsServer
+from hive_bus.bus import Bus, open_bus
 from services.gateway import Gateway, GatewayOptions
 from workers.echo import EchoProvider
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from hive_bus import Bus, BusUnavailable, Hive, Settings, open_bus
+from hive_bus import BusUnavailable, Hive, Settings
 from hive_bus._embedded import NatsServer
+from hive_bus.bus import Bus, open_bus
 from workers.echo import EchoProvider
 
 from .conftest import make_settings

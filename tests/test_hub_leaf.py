@@ -15,11 +15,12 @@ import anyio
 import msgspec
 import pytest
 
-from hive_bus import Hive, Settings, load_settings, open_bus
+from hive_bus import Hive, Settings, load_settings
 from hive_bus._cooldown import CooldownRecord
 from hive_bus._embedded import NatsServer, nats_server_path
 from hive_bus._messages import encoder, now_ms
 from hive_bus._stats import _count as count
+from hive_bus.bus import open_bus
 from workers.echo import EchoProvider
 from workers.groq import GroqProvider
 

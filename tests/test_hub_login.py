@@ -24,13 +24,13 @@ from hive_bus import (
     SettingsError,
     Task,
     load_settings,
-    open_bus,
-)  # fmt: skip
+)
 from hive_bus._budget import load_budgets
 from hive_bus._bus import connect_nats
 from hive_bus._dlq import DeadLetter
 from hive_bus._embedded import NatsServer
 from hive_bus._router import Router
+from hive_bus.bus import open_bus
 
 from .helpers import hive_cli, running_worker
 from .hub import Hub, WorkerUser, hub_server, make_certs, render

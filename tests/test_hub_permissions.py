@@ -385,7 +385,8 @@ async def test_a_worker_cannot_read_another_workers_inbox(hub: tuple[Hub, NatsSe
 
 async def test_without_its_name_a_worker_gets_no_answers(hub: tuple[Hub, NatsServer], tmp_path: Path) -> None:
     """The default inbox is refused: a worker started without HIVE_WORKER_NAME is told so."""
-    from hive_bus import BusRefused, open_bus
+    from hive_bus import BusRefused
+    from hive_bus.bus import open_bus
 
     from .conftest import make_settings
 

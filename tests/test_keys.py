@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 import anyio
 import pytest
 
-from hive_bus import Bus, Hive, ProviderKey
+from hive_bus import Hive, ProviderKey
 from hive_bus._budget import Denied, Reservation
 from hive_bus._cooldown import CooldownRecord
 from hive_bus._errors import Quota
 from hive_bus._keys import NO_QUOTA_RECHECK_S, PROBE_HOLD_S, PROBE_WAIT_S, Blocked, KeyRing
 from hive_bus._messages import Retrying, Running, now_ms
+from hive_bus.bus import Bus
 from workers.gemini import GeminiProvider
 
 from .fakes import ProviderFakes

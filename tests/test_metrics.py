@@ -11,10 +11,11 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hive_bus import Bus, BusUnavailable, FunctionProvider, Hive, Output, Task, TaskRequest, Usage, open_bus
+from hive_bus import BusUnavailable, FunctionProvider, Hive, Output, Task, TaskRequest, Usage
 from hive_bus._duplicates import report_duplicate
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import Completed, encoder
+from hive_bus.bus import Bus, open_bus
 from services.metrics import BusMetrics
 from workers.echo import EchoProvider
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hive_bus import connect, load_handler
+from hive_bus import connect
 from hive_bus._embedded import NatsServer
+from hive_bus._providers import load_handler
 
 from .conftest import make_settings
 from .helpers import HIVE, REPO, SMALL_BUS_ENV, eventually, free_port, wait_until

@@ -15,8 +15,9 @@ import anyio
 import httpx
 import pytest
 
-from hive_bus import FunctionProvider, Hive, open_bus
+from hive_bus import FunctionProvider, Hive
 from hive_bus._embedded import NatsServer
+from hive_bus.bus import open_bus
 from services.auth import Tokens
 from services.gateway import Gateway, GatewayOptions
 from workers.echo import EchoProvider

@@ -11,8 +11,9 @@ import anyio
 import msgspec
 import pytest
 
-from hive_bus import Bus, Hive, Provider, Retrying, TaskRequest, TaskView
+from hive_bus import Hive, Provider, Retrying, TaskRequest, TaskView
 from hive_bus._prices import Price, PriceTable
+from hive_bus.bus import Bus
 from workers.anthropic import AnthropicProvider
 from workers.gemini import GeminiProvider
 from workers.groq import GroqProvider

@@ -9,8 +9,9 @@ import anyio
 import pytest
 from nats.aio.msg import Msg
 
-from hive_bus import Bus, BusUnavailable, Hive
+from hive_bus import BusUnavailable, Hive
 from hive_bus._publish import JetStreamPublisher, NoStream, PubAck, PublishRefused, stored
+from hive_bus.bus import Bus
 
 pytestmark = pytest.mark.anyio
 

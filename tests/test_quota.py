@@ -11,7 +11,6 @@ import msgspec
 import pytest
 
 from hive_bus import (
-    Bus,
     Completed,
     Failed,
     FailNow,
@@ -26,6 +25,7 @@ from hive_bus import (
 from hive_bus._budget import BudgetError, Ledger, ProviderBudget, load_budgets
 from hive_bus._messages import Moved, Retrying, Running, now_ms
 from hive_bus._router import Router
+from hive_bus.bus import Bus
 from workers.echo import EchoProvider
 from workers.gemini import GeminiProvider
 from workers.groq import GroqProvider

@@ -7,7 +7,8 @@ import math
 import anyio
 import pytest
 
-from hive_bus import Bus, FunctionProvider, Hive, Retrying, TaskRequest, TaskView
+from hive_bus import FunctionProvider, Hive, Retrying, TaskRequest, TaskView
+from hive_bus.bus import Bus
 
 from .handlers import WindowLimit
 from .helpers import events_of, eventually, running_worker

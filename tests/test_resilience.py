@@ -9,9 +9,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from hive_bus import Bus, Completed, FunctionProvider, Hive, Running, Settings, TaskRequest, open_bus
+from hive_bus import Completed, FunctionProvider, Hive, Running, Settings, TaskRequest
 from hive_bus._bus import ensure_consumer
 from hive_bus._embedded import NatsServer
+from hive_bus.bus import Bus, open_bus
 
 from . import handlers
 from .conftest import make_settings

@@ -13,7 +13,7 @@ import importlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-from hive_bus import Provider, ProviderKey, _redact
+from hive_bus import Provider, ProviderKey, register_secret
 
 from .echo import EchoProvider
 
@@ -57,7 +57,7 @@ def keyed(
     if not keys:
         raise ProviderUnavailable(f"{name}: none of {', '.join([*singular, plural])} is set")
     for _, key in keys:
-        _redact.register(key)  # out of every provider text and log line
+        register_secret(key)  # out of every provider text and log line
     return [ProviderKey(key_name, make(key)) for key_name, key in keys]
 
 

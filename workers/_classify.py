@@ -10,8 +10,7 @@ import math
 import re
 from collections.abc import Iterable
 
-from hive_bus import FailNow, ProviderError, RetryAfter, RetryLater
-from hive_bus._errors import KeyRejected, Quota
+from hive_bus import FailNow, KeyRejected, ProviderError, Quota, RetryAfter, RetryLater
 
 # Statuses worth trying again: timeouts, conflicts, "too early", server faults, Anthropic's "overloaded".
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 500, 502, 503, 504, 529})

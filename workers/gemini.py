@@ -17,8 +17,18 @@ import httpx
 from google import genai
 from google.genai import errors, types
 
-from hive_bus import FailNow, Output, ProviderError, ProviderKey, RetryAfter, RetryLater, Task, Usage
-from hive_bus._errors import NoQuota, Quota
+from hive_bus import (
+    FailNow,
+    NoQuota,
+    Output,
+    ProviderError,
+    ProviderKey,
+    Quota,
+    RetryAfter,
+    RetryLater,
+    Task,
+    Usage,
+)
 
 from ._classify import by_status, parse_duration_s, scrub
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from hive_bus import Bus
+from hive_bus.bus import Bus
 
 
 def dlq_stream(bus: Bus) -> str:

@@ -24,8 +24,9 @@ import msgspec
 import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from hive_bus import Bus, Completed, Failed, Hive
+from hive_bus import Completed, Failed, Hive
 from hive_bus._messages import event_decoder, task_decoder
+from hive_bus.bus import Bus
 
 from .dead_letters import dead_lettered_ids
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import anyio
 
-from hive_bus import Bus
 from hive_bus._embedded import NatsServer
+from hive_bus.bus import Bus
 
 from ..helpers import REPO, eventually
 

@@ -11,8 +11,9 @@ import anyio
 import httpx
 import pytest
 
-from hive_bus import Hive, open_bus
+from hive_bus import Hive
 from hive_bus._embedded import NatsServer
+from hive_bus.bus import open_bus
 
 from ..conftest import make_settings
 from ..helpers import eventually

@@ -12,9 +12,10 @@ import httpx
 import nats.js.errors
 import pytest
 
-from hive_bus import Bus, Failed, Hive, open_bus
+from hive_bus import Failed, Hive
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import event_decoder, is_task_id
+from hive_bus.bus import Bus, open_bus
 
 from ..conftest import make_settings
 from ..helpers import eventually

@@ -30,8 +30,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from hive_bus import Hive, open_bus
+from hive_bus import Hive
 from hive_bus._embedded import NatsServer
+from hive_bus.bus import open_bus
 
 from ..conftest import make_settings
 from ..fakes import ProviderFakes

@@ -15,8 +15,9 @@ from typing import Any, Literal
 import httpx
 import pytest
 
-from hive_bus import Bus, Hive, Settings, open_bus
+from hive_bus import Hive, Settings
 from hive_bus._embedded import NatsServer
+from hive_bus.bus import Bus, open_bus
 
 from ..conftest import make_settings
 from ..helpers import eventually

@@ -12,9 +12,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hive_bus import Bus, Completed, Hive, Running, open_bus
+from hive_bus import Completed, Hive, Running
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import now_ms
+from hive_bus.bus import Bus, open_bus
 
 from ..conftest import make_settings
 from ..fakes import ProviderFakes

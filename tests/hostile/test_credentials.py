@@ -21,7 +21,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig, StorageType
 
-from hive_bus import Bus, FunctionProvider, Hive, Settings, Task, load_settings, open_bus
+from hive_bus import FunctionProvider, Hive, Settings, Task, load_settings
 from hive_bus._bus import BUCKET_MAX_BYTES, VALUE_MAX_BYTES, ensure_consumers
 from hive_bus._dlq import NotReplayable
 from hive_bus._embedded import NatsServer
@@ -35,6 +35,7 @@ from hive_bus._messages import (
     now_ms,
 )
 from hive_bus._router import Router
+from hive_bus.bus import Bus, open_bus
 from services.api import recent_tasks
 from tests import handlers
 from tests.conftest import make_settings

@@ -20,8 +20,9 @@ import msgspec
 import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
-from hive_bus import Bus, Hive, Settings, open_bus
+from hive_bus import Hive, Settings
 from hive_bus._messages import Task, is_task_id, new_task_id
+from hive_bus.bus import Bus, open_bus
 from services.auth import AuthConfigError, Tokens
 from services.gateway import Gateway, GatewayOptions
 from services.limits import OTHER_FILES, ConnectionLimits

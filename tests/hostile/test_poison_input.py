@@ -24,10 +24,11 @@ import msgspec
 import nats.js.errors
 import pytest
 
-from hive_bus import Bus, Failed, FunctionProvider, Hive, Settings, Task, load_settings, open_bus
+from hive_bus import Failed, FunctionProvider, Hive, Settings, Task, load_settings
 from hive_bus._duplicates import duplicate_decoder
 from hive_bus._messages import beat_decoder, event_decoder, new_task_id, request_decoder, task_decoder
 from hive_bus._nesting import MAX_NESTING, NestedTooDeep
+from hive_bus.bus import Bus, open_bus
 from workers.echo import EchoProvider
 
 from ..faults.dead_letters import assert_dead_lettered

@@ -32,9 +32,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import nats
-from hive_bus import Bus, Hive, Settings, open_bus
+from hive_bus import Hive, Settings
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import Completed, encoder, new_task_id, now_ms
+from hive_bus.bus import Bus, open_bus
 from services.auth import Tokens
 from services.gateway import Gateway, GatewayOptions
 from workers.echo import EchoProvider

@@ -17,10 +17,11 @@ import anyio
 import httpx
 import pytest
 
-from hive_bus import Bus, FunctionProvider, Hive, Settings, Task, open_bus
+from hive_bus import FunctionProvider, Hive, Settings, Task
 from hive_bus._bus import ensure_consumers
 from hive_bus._embedded import NatsServer
 from hive_bus._errors import BusUnavailable
+from hive_bus.bus import Bus, open_bus
 from services.gateway import Gateway, GatewayOptions
 from tests.conftest import make_settings
 from tests.helpers import TcpRelay, events_of, free_port, running_worker, spawn, stream_messages, wait_until

@@ -17,9 +17,10 @@ import anyio
 import pytest
 
 import nats
-from hive_bus import Bus, Hive, TaskRequest, open_bus
+from hive_bus import Hive, TaskRequest
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import Completed, Running, encoder, new_task_id, now_ms
+from hive_bus.bus import Bus, open_bus
 
 from ..conftest import make_settings
 from ..helpers import eventually
