@@ -264,8 +264,8 @@ def test_a_bad_line_in_the_file_is_named_and_nothing_is_queued(up: Up, tmp_path:
 
 @pytest.mark.anyio
 async def test_keys_clear_puts_a_refused_key_back(nats_server: NatsServer) -> None:
-    from hive_bus import open_bus
     from hive_bus._cooldown import KeyCooldowns
+    from hive_bus.bus import open_bus
 
     from .conftest import make_settings
 

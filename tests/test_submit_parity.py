@@ -17,8 +17,9 @@ import anyio
 import httpx
 import pytest
 
-from hive_bus import Hive, Settings, open_bus
+from hive_bus import Hive, Settings
 from hive_bus._embedded import NatsServer
+from hive_bus.bus import open_bus
 from services.gateway import Gateway, GatewayOptions
 
 from .conftest import make_settings
