@@ -69,6 +69,8 @@ async def assignment(bus: Bus, task_id: str) -> Assignment | None:
         return None
     here = Assignment(task=queued.task, event=queued, seq=seq)
     for _ in range(MAX_HOPS):
+        if here.task.next_hop() is None:
+            break  # nowhere left to move to: no move recorded under it can count (and no read for it)
         got = await _last(bus, names.event_subject(here.provider, task_id, "moved"))
         if got is None:
             break
