@@ -6,8 +6,6 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY hive_bus ./hive_bus
-COPY services ./services
-COPY workers ./workers
 # Wheels for the target platform: under buildx this stage runs as the target (QEMU), so pip picks
 # the aarch64 wheels on arm64.
 # [all]: the gateway and every provider SDK, so one image runs any role

@@ -41,9 +41,9 @@ DEFAULT_DATA = Path(".hive")
 # Errors of the gateway and the adapters, by module: a module never imported raised none of them, and
 # importing one just to name its errors would make every command need the gateway's extra.
 _LAZY_ERRORS = (
-    ("services.auth", "AuthConfigError"),
-    ("services.gateway", "GatewayError"),
-    ("workers", "ProviderUnavailable"),
+    ("hive_bus.services.auth", "AuthConfigError"),
+    ("hive_bus.services.gateway", "GatewayError"),
+    ("hive_bus.workers", "ProviderUnavailable"),
 )
 
 
@@ -157,7 +157,7 @@ async def _until_stopped_or_lost(bus: Bus) -> BusUnavailable | None:
 def _provider_for(name: str, handler: str | None, model: str | None) -> Provider | list[ProviderKey]:
     if handler:
         return load_handler(handler)
-    from workers import builtin
+    from hive_bus.workers import builtin
 
     return builtin(name, os.environ, model=model)
 
@@ -191,9 +191,9 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
 def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> None:
     """Run it all on this machine: nats-server, the gateway, and a worker per available provider."""
     _gateway_extra("hive up")
-    from services.auth import Tokens, check_exposure
-    from services.gateway import Gateway, GatewayOptions, bind
-    from workers import available
+    from hive_bus.services.auth import Tokens, check_exposure
+    from hive_bus.services.gateway import Gateway, GatewayOptions, bind
+    from hive_bus.workers import available
 
     async def main() -> None:
         tokens = Tokens.from_env(os.environ)
@@ -269,9 +269,9 @@ def gateway(host: str, port: int, max_body_bytes: int, max_connections: int, set
     """Run the HTTP gateway. Off loopback it needs tokens: HIVE_GATEWAY_TOKENS (comma-separated) or
     HIVE_GATEWAY_TOKENS_FILE (one per line); HIVE_METRICS_TOKEN, if set, is the one /metrics takes."""
     _gateway_extra("hive gateway")
-    from services.auth import Tokens, check_exposure
-    from services.gateway import Gateway, GatewayOptions, bind
-    from services.limits import ConnectionLimits
+    from hive_bus.services.auth import Tokens, check_exposure
+    from hive_bus.services.gateway import Gateway, GatewayOptions, bind
+    from hive_bus.services.limits import ConnectionLimits
 
     async def main() -> None:
         tokens = Tokens.from_env(os.environ)

@@ -13,7 +13,7 @@ from hive_bus._audit import StoreAudit
 from hive_bus._messages import Moved, Queued, encoder, now_ms
 from hive_bus._router import Router
 from hive_bus.bus import Bus
-from workers.echo import EchoProvider
+from hive_bus.workers.echo import EchoProvider
 
 from .helpers import events_of, running_worker
 

@@ -12,8 +12,8 @@ import pytest
 
 from hive_bus import Hive, Settings
 from hive_bus.bus import open_bus
-from services.auth import AuthConfigError, Tokens, check_exposure
-from services.gateway import Gateway, GatewayOptions
+from hive_bus.services.auth import AuthConfigError, Tokens, check_exposure
+from hive_bus.services.gateway import Gateway, GatewayOptions
 
 from .helpers import hive_cli
 

@@ -16,9 +16,9 @@ from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_pla
 
 from hive_bus import Hive, Settings
 from hive_bus.bus import open_bus
-from services.auth import Tokens
-from services.gateway import Gateway, GatewayOptions
-from workers.echo import EchoProvider
+from hive_bus.services.auth import Tokens
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
 
 from .helpers import running_worker
 

@@ -21,7 +21,7 @@ from hive_bus import load_settings
 from hive_bus._cli import cli
 from hive_bus._embedded import nats_server_path
 from hive_bus.bus import Bus
-from services.metrics import BusMetrics
+from hive_bus.services.metrics import BusMetrics
 
 from .deploy import (
     COMPOSE,

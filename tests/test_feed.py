@@ -15,8 +15,8 @@ import pytest
 
 from hive_bus import Hive, Settings
 from hive_bus.bus import Bus, open_bus
-from services.gateway import Gateway, GatewayOptions
-from workers.echo import EchoProvider
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
 
 from .helpers import eventually, running_worker
 

@@ -21,7 +21,7 @@ from hive_bus import (
 from hive_bus._messages import is_task_id
 from hive_bus._providers import load_handler
 from hive_bus.bus import Bus
-from workers.echo import EchoProvider
+from hive_bus.workers.echo import EchoProvider
 
 from . import handlers
 from .helpers import events_of, eventually, running_worker, stream_messages

@@ -17,8 +17,8 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 from hive_bus import Hive, Settings
 from hive_bus._embedded import NatsServer
 from hive_bus.bus import open_bus
-from services.gateway import Gateway, GatewayOptions
-from workers.echo import EchoProvider
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
 
 from .conftest import make_settings
 from .helpers import running_worker

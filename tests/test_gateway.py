@@ -13,8 +13,8 @@ import pytest
 from hive_bus import FailNow, FunctionProvider, Hive, Settings, Task
 from hive_bus._embedded import NatsServer
 from hive_bus.bus import Bus, open_bus
-from services.gateway import Gateway, GatewayOptions
-from workers.echo import EchoProvider
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
 
 from . import handlers
 from .conftest import make_settings

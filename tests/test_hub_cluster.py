@@ -15,7 +15,7 @@ import pytest
 from hive_bus import BusUnavailable, Hive, Settings
 from hive_bus._embedded import NatsServer
 from hive_bus.bus import Bus, open_bus
-from workers.echo import EchoProvider
+from hive_bus.workers.echo import EchoProvider
 
 from .conftest import make_settings
 from .helpers import free_port, running_worker

@@ -21,8 +21,8 @@ from hive_bus._embedded import NatsServer, nats_server_path
 from hive_bus._messages import encoder, now_ms
 from hive_bus._stats import _count as count
 from hive_bus.bus import open_bus
-from workers.echo import EchoProvider
-from workers.groq import GroqProvider
+from hive_bus.workers.echo import EchoProvider
+from hive_bus.workers.groq import GroqProvider
 
 from .fakes import ProviderFakes
 from .helpers import TcpRelay, eventually, free_port, running_worker

@@ -17,7 +17,7 @@ from hive_bus._errors import Quota
 from hive_bus._keys import NO_QUOTA_RECHECK_S, PROBE_HOLD_S, PROBE_WAIT_S, Blocked, KeyRing
 from hive_bus._messages import Retrying, Running, now_ms
 from hive_bus.bus import Bus
-from workers.gemini import GeminiProvider
+from hive_bus.workers.gemini import GeminiProvider
 
 from .fakes import ProviderFakes
 from .helpers import events_of, eventually, running_worker

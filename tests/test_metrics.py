@@ -16,8 +16,8 @@ from hive_bus._duplicates import report_duplicate
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import Completed, encoder
 from hive_bus.bus import Bus, open_bus
-from services.metrics import BusMetrics
-from workers.echo import EchoProvider
+from hive_bus.services.metrics import BusMetrics
+from hive_bus.workers.echo import EchoProvider
 
 from . import handlers
 from .conftest import make_settings

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import zipfile
 from importlib.machinery import PathFinder
 from pathlib import Path
 
@@ -110,10 +111,13 @@ def test_a_handler_loads_after_installed_packages(user_dir: Path, monkeypatch: p
     monkeypatch.delitem(sys.modules, "jobs", raising=False)
     try:
         load_handler("jobs:reverse")
-        spec = PathFinder.find_spec("services", sys.path)  # by the path alone, whatever is imported
+        ours = PathFinder.find_spec("hive_bus", sys.path)  # by the path alone, whatever is imported
+        theirs = PathFinder.find_spec("services", sys.path)
     finally:
         sys.modules.pop("jobs", None)
-    assert spec is not None and spec.origin == str(REPO / "services" / "__init__.py")
+    # the handler's directory comes after ours, and we hold no top-level name of the user's
+    assert ours is not None and ours.origin == str(REPO / "hive_bus" / "__init__.py")
+    assert theirs is not None and theirs.origin == str(user_dir / "services" / "__init__.py")
 
 
 @pytest.mark.slow
@@ -179,9 +183,14 @@ def test_the_wheel_installs_in_a_clean_virtualenv_and_runs_hive_up(tmp_path: Pat
     # the base install: the client and the workers, and one clear line for what needs an extra
     run(*pip, wheel)
     where = run(
-        bin_dir / "python", "-c", "import hive_bus, workers; print(hive_bus.__file__, workers.__file__)"
-    )
+        bin_dir / "python", "-c",
+        "import hive_bus.workers, hive_bus.services; print(hive_bus.workers.__file__, hive_bus.services.__file__)",
+    )  # fmt: skip
     assert all(Path(p).is_relative_to(tmp_path / "venv") for p in where.split()), where
+    # the wheel puts one name into site-packages: no `services` or `workers` of ours to shadow a user's
+    with zipfile.ZipFile(wheel) as whl:
+        top = {name.split("/")[0] for name in whl.namelist() if not name.split("/")[0].endswith(".dist-info")}
+    assert top == {"hive_bus"}, top
     hive = str(bin_dir / "hive")
     gateway = subprocess.run(
         [hive, "gateway", "--port", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60

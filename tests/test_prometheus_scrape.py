@@ -18,9 +18,9 @@ import pytest
 from hive_bus import FunctionProvider, Hive
 from hive_bus._embedded import NatsServer
 from hive_bus.bus import open_bus
-from services.auth import Tokens
-from services.gateway import Gateway, GatewayOptions
-from workers.echo import EchoProvider
+from hive_bus.services.auth import Tokens
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
 
 from . import handlers
 from .conftest import make_settings

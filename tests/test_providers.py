@@ -14,10 +14,10 @@ import pytest
 from hive_bus import Hive, Provider, Retrying, TaskRequest, TaskView
 from hive_bus._prices import Price, PriceTable
 from hive_bus.bus import Bus
-from workers.anthropic import AnthropicProvider
-from workers.gemini import GeminiProvider
-from workers.groq import GroqProvider
-from workers.openai import OpenAICompatibleProvider
+from hive_bus.workers.anthropic import AnthropicProvider
+from hive_bus.workers.gemini import GeminiProvider
+from hive_bus.workers.groq import GroqProvider
+from hive_bus.workers.openai import OpenAICompatibleProvider
 
 from .fakes import ProviderFakes
 from .helpers import events_of, eventually, running_worker
@@ -198,7 +198,7 @@ async def test_no_api_key_appears_in_events_logs_or_errors(
 async def test_the_sdks_standard_base_url_variables_are_honoured(
     bus: Bus, hive: Hive, fakes: ProviderFakes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workers import builtin
+    from hive_bus.workers import builtin
 
     monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", fakes.gemini_base_url)
     monkeypatch.setenv("GROQ_BASE_URL", fakes.groq_base_url)

@@ -26,9 +26,9 @@ from hive_bus._budget import BudgetError, Ledger, ProviderBudget, load_budgets
 from hive_bus._messages import Moved, Retrying, Running, now_ms
 from hive_bus._router import Router
 from hive_bus.bus import Bus
-from workers.echo import EchoProvider
-from workers.gemini import GeminiProvider
-from workers.groq import GroqProvider
+from hive_bus.workers.echo import EchoProvider
+from hive_bus.workers.gemini import GeminiProvider
+from hive_bus.workers.groq import GroqProvider
 
 from .fakes import ProviderFakes
 from .helpers import events_of, eventually, running_worker

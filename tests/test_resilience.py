@@ -106,7 +106,7 @@ async def test_nats_server_restart_between_submit_and_consume_loses_nothing(
         own_server.kill() if how == "kill" else own_server.stop()
         own_server.start()  # same port, same store
         await eventually(lambda: _connected(bus), 15, "the client to reconnect")
-        from workers.echo import EchoProvider
+        from hive_bus.workers.echo import EchoProvider
 
         async with running_worker(bus, "echo", EchoProvider(), concurrency=16):
             outputs = {}

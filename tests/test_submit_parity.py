@@ -20,7 +20,7 @@ import pytest
 from hive_bus import Hive, Settings
 from hive_bus._embedded import NatsServer
 from hive_bus.bus import open_bus
-from services.gateway import Gateway, GatewayOptions
+from hive_bus.services.gateway import Gateway, GatewayOptions
 
 from .conftest import make_settings
 

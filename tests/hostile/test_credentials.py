@@ -36,7 +36,7 @@ from hive_bus._messages import (
 )
 from hive_bus._router import Router
 from hive_bus.bus import Bus, open_bus
-from services.api import recent_tasks
+from hive_bus.services.api import recent_tasks
 from tests import handlers
 from tests.conftest import make_settings
 from tests.helpers import running_worker

@@ -23,9 +23,9 @@ import pytest
 from hive_bus import Hive, Settings
 from hive_bus._messages import Task, is_task_id, new_task_id
 from hive_bus.bus import Bus, open_bus
-from services.auth import AuthConfigError, Tokens
-from services.gateway import Gateway, GatewayOptions
-from services.limits import OTHER_FILES, ConnectionLimits
+from hive_bus.services.auth import AuthConfigError, Tokens
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.services.limits import OTHER_FILES, ConnectionLimits
 from tests.helpers import REPO, wait_until
 from tests.test_cli import Up, hive_up
 

@@ -29,7 +29,7 @@ from hive_bus._duplicates import duplicate_decoder
 from hive_bus._messages import beat_decoder, event_decoder, new_task_id, request_decoder, task_decoder
 from hive_bus._nesting import MAX_NESTING, NestedTooDeep
 from hive_bus.bus import Bus, open_bus
-from workers.echo import EchoProvider
+from hive_bus.workers.echo import EchoProvider
 
 from ..faults.dead_letters import assert_dead_lettered
 from ..helpers import eventually, running_worker

@@ -36,9 +36,9 @@ from hive_bus import Hive, Settings
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import Completed, encoder, new_task_id, now_ms
 from hive_bus.bus import Bus, open_bus
-from services.auth import Tokens
-from services.gateway import Gateway, GatewayOptions
-from workers.echo import EchoProvider
+from hive_bus.services.auth import Tokens
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
 
 from ..conftest import make_settings
 from ..faults.ledger import Ledger

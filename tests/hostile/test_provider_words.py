@@ -11,7 +11,7 @@ import pytest
 from hive_bus import FunctionProvider, Hive, RetryAfter, Task, TaskView
 from hive_bus._client import validate
 from hive_bus._errors import MAX_RETRY_AFTER_S, UNKNOWN_RETRY_AFTER_S
-from workers._classify import retry_after_header_s
+from hive_bus.workers._classify import retry_after_header_s
 
 from ..helpers import eventually, running_worker
 

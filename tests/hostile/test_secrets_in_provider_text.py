@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from hive_bus import FailNow, FunctionProvider, Hive, ProviderKey, Task, _redact
-from workers import keyed
-from workers.gemini import GeminiProvider
+from hive_bus.workers import keyed
+from hive_bus.workers.gemini import GeminiProvider
 
 from ..fakes import ProviderFakes
 from ..faults.dead_letters import assert_dead_lettered

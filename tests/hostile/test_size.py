@@ -22,11 +22,11 @@ from hive_bus._bus import ensure_consumers
 from hive_bus._embedded import NatsServer
 from hive_bus._errors import BusUnavailable
 from hive_bus.bus import Bus, open_bus
-from services.gateway import Gateway, GatewayOptions
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
 from tests.conftest import make_settings
 from tests.helpers import TcpRelay, events_of, free_port, running_worker, spawn, stream_messages, wait_until
 from tests.hub import WorkerUser, hub_server, make_certs, render
-from workers.echo import EchoProvider
 
 pytestmark = pytest.mark.anyio
 

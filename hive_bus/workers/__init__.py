@@ -17,6 +17,16 @@ from hive_bus import Provider, ProviderKey, register_secret
 
 from .echo import EchoProvider
 
+__all__ = [
+    "BUILTIN_NAMES",
+    "EchoProvider",
+    "ProviderUnavailable",
+    "api_keys",
+    "available",
+    "builtin",
+    "keyed",
+]
+
 BUILTIN_NAMES = ("echo", "gemini", "groq", "anthropic", "openai")
 
 
@@ -71,9 +81,9 @@ def builtin(name: str, environ: Mapping[str, str], *, model: str | None = None) 
             f"for your own, use --handler package.module:function --provider {name}"
         )
     try:
-        module = importlib.import_module(f"workers.{name}")
+        module = importlib.import_module(f"hive_bus.workers.{name}")
     except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] in ("workers", "hive_bus"):
+        if (exc.name or "").partition(".")[0] == "hive_bus":
             raise  # our own module missing is a broken install, not a missing extra
         raise ProviderUnavailable(
             f"{name}: its SDK is not installed: pip install 'hive-bus[{name}]'"

@@ -1,5 +1,5 @@
 """The live dashboard at ``/``: one page, one JavaScript module and a style sheet, served as they are
-(no build step) from ``services/dashboard/``.
+(no build step) from ``hive_bus/services/dashboard/``.
 
 The page holds no data. Its script reads the JSON API (``/v1/stats``, ``/v1/workers``, ``/v1/tasks``,
 ``/v1/usage``) and the ``/v1/events`` feed, with the bearer token the user types in when the API asks

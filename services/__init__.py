@@ -1,1 +1,0 @@
-"""Services that run beside the bus: the HTTP gateway."""
