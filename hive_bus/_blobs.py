@@ -134,7 +134,9 @@ async def get(bus: Bus, ref: BlobRef) -> bytes:
 
 
 def content_bytes(task: Task) -> bytes:
-    return encoder.encode(TaskContent(prompt=task.prompt, system=task.system, payload=task.payload))
+    return encoder.encode(
+        TaskContent(prompt=task.prompt, system=task.system, payload=task.payload, messages=task.messages)
+    )
 
 
 async def check_in(bus: Bus, task: Task, *, listed: bool = True) -> Task:
@@ -152,7 +154,9 @@ async def check_in(bus: Bus, task: Task, *, listed: bool = True) -> Task:
             limit_bytes=settings.blob_max_bytes,
         )
     ref = await put(bus, provider=task.provider, task_id=task.id, kind="task", data=data, listed=listed)
-    return msgspec.structs.replace(task, prompt=_PLACEHOLDER, system=None, payload=None, content=ref)
+    return msgspec.structs.replace(
+        task, prompt=_PLACEHOLDER, system=None, payload=None, messages=None, content=ref
+    )
 
 
 async def check_out(bus: Bus, task: Task) -> Task:
@@ -161,8 +165,9 @@ async def check_out(bus: Bus, task: Task) -> Task:
         return task
     content = content_decoder.decode(await get(bus, task.content))
     return msgspec.structs.replace(
-        task, prompt=content.prompt, system=content.system, payload=content.payload, content=None
-    )
+        task, prompt=content.prompt, system=content.system, payload=content.payload,
+        messages=content.messages, content=None,
+    )  # fmt: skip
 
 
 async def moved_to(bus: Bus, task: Task) -> Task:

@@ -136,17 +136,74 @@ class BlobRef(Struct, frozen=True, kw_only=True):
     digest: str
 
 
+class TextPart(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One part of a chat message's content, as OpenAI's ``{"type": "text", "text": ...}``."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One message of a conversation, in OpenAI's roles; content is a string or a list of text parts."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str | Annotated[list[TextPart], Meta(min_length=1)]
+
+    @property
+    def text(self) -> str:
+        """The content as one string (the text parts joined, as OpenAI reads them)."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+Messages = Annotated[list[ChatMessage], Meta(min_length=1, max_length=1024)]
+
+
+class JsonSchemaSpec(Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """The ``json_schema`` of an OpenAI ``response_format``: a named JSON Schema the output must match."""
+
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    schema: dict[str, Any] = {}
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextFormat(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="text", tag_field="type"):
+    """Free text, the default."""
+
+
+class JsonObjectFormat(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="json_object", tag_field="type"
+):
+    """Any JSON object."""
+
+
+class JsonSchemaFormat(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="json_schema", tag_field="type"
+):
+    """JSON matching ``json_schema.schema``."""
+
+    json_schema: JsonSchemaSpec
+
+
+# OpenAI's ``response_format``, in chat completions and in tasks alike.
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
+
+
 class TaskContent(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """The part of a task that the claim check moves to the Object Store when it is large."""
 
-    prompt: str
+    prompt: str = ""
     system: str | None = None
     payload: Any = None
+    messages: list[ChatMessage] | None = None
 
 
 class _TaskFields(Struct, frozen=True, kw_only=True, omit_defaults=True):
     provider: ProviderName
-    prompt: Prompt
+    # What to ask: one prompt (with ``system`` beside it), or a conversation; exactly one of the two
+    # (a task of messages has the prompt "", so that a handler reads ``task.prompt`` as a string).
+    prompt: Prompt = ""
+    messages: Messages | None = None
     model: str | None = None
     system: str | None = None
     params: Params | None = None
@@ -165,6 +222,22 @@ class _TaskFields(Struct, frozen=True, kw_only=True, omit_defaults=True):
     backoff_cap_s: Seconds | None = None
     max_wait_s: Seconds = DEFAULT_MAX_WAIT_S
     deadline_s: Seconds | None = None
+    # The shape of the output: free text (unset), a JSON object, or JSON matching a schema.
+    response_format: ResponseFormat | None = None
+
+    def __post_init__(self) -> None:
+        # checked on every decode too (msgspec reports the ValueError as a validation error)
+        if (self.prompt == "") == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` and `messages`")
+        if self.messages is not None and self.system is not None:
+            raise ValueError("`system` goes with `prompt`; with `messages`, give a message of role system")
+
+    def conversation(self) -> list[ChatMessage]:
+        """The task as chat messages: ``messages`` itself, or ``system`` and ``prompt`` as two messages."""
+        if self.messages is not None:
+            return self.messages
+        head = [ChatMessage(role="system", content=self.system)] if self.system else []
+        return [*head, ChatMessage(role="user", content=self.prompt)]
 
 
 class TaskRequest(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
