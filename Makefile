@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP) $(RUN_STAMP)
 
+# options for hive up: make run ARGS="--port 9090 --data /srv/hive"
 run: $(RUN_STAMP)
-	$(BIN)/hive up
+	$(BIN)/hive up $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

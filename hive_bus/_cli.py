@@ -27,7 +27,7 @@ from ._messages import TaskRequest, TaskView, encoder, event_decoder, explain_er
 from ._nats import following
 from ._prices import PriceFileError, PriceTable
 from ._providers import HandlerError, Provider, load_handler
-from ._settings import Settings, SettingsError, load_settings, with_overrides
+from ._settings import ENV_PREFIX, Settings, SettingsError, load_settings, with_overrides
 from ._signals import until_stopped
 from ._version import __version__
 from ._worker import ProviderKey, Worker, WorkerOptions
@@ -222,6 +222,8 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                             f"hive is up: gateway {gateway.url}, nats {server.url}, data {data}/, "
                             f"workers: {', '.join(providers)}. Ctrl-C stops it."
                         )
+                        for line in _exports(settings):
+                            click.echo(line)
                         lost = await _until_stopped_or_lost(bus)
                         gateway.stop()
                         for worker in workers:
@@ -232,6 +234,20 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                     raise lost
 
     _run(main)
+
+
+def _exports(settings: Settings) -> list[str]:
+    """The lines that point another terminal's ``hive`` commands at this bus, where the defaults do not."""
+    defaults = load_settings({})
+    differ = [
+        (f"{ENV_PREFIX}{field.upper()}", value)
+        for field in ("nats_url", "prefix")
+        if (value := getattr(settings, field)) != getattr(defaults, field)
+    ]
+    if not differ:
+        return []
+    word = "set" if sys.platform == "win32" else "export"
+    return ["for other terminals:", *(f"  {word} {name}={value}" for name, value in differ)]
 
 
 @cli.command("nats")

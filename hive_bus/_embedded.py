@@ -49,6 +49,54 @@ class EmbeddedServerError(RuntimeError):
     """The embedded nats-server could not start; the message says why in one line."""
 
 
+class StoreLock:
+    """An exclusive lock on a store directory (its file ``hive.lock``), held while its server runs.
+
+    nats-server does not lock its store: two servers on one directory would both write it. The lock is
+    the operating system's (``flock`` on POSIX, ``msvcrt.locking`` on Windows), so it goes away with
+    the process that holds it, however that process ends; on POSIX the server inherits the descriptor,
+    so the store stays locked until the server too has exited. The file names the holder's pid, for
+    the error that a second one gets."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.path = store_dir / "hive.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        if self.fd is not None:
+            return  # held already: a server started again after it died
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock(fd)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise EmbeddedServerError(
+                f"another nats-server (started by pid {holder}) is using the store {self.path.parent}: "
+                "stop that `hive up` or `hive nats`, or give this one another --data directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor of the file releases the lock
+            self.fd = None
+
+
+def _lock(fd: int) -> None:
+    """Take an exclusive lock on ``fd`` without waiting; OSError when another process holds it."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def nats_server_path() -> str:
     """The ``nats-server`` next to this Python (the virtualenv's), else the first one on PATH."""
     beside = Path(sys.executable).with_name("nats-server")
@@ -88,6 +136,7 @@ class NatsServer:
         self.log_path = log_path or self.store_dir / "nats-server.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._ports_dir: Path | None = None
+        self._lock = StoreLock(self.store_dir)
 
     @property
     def url(self) -> str:
@@ -113,12 +162,20 @@ class NatsServer:
         Linux): call it from a thread that outlives the server, the main thread or the event loop's,
         never from a pool's worker thread (anyio retires an idle one after 10 s)."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
         self._ports_dir = Path(tempfile.mkdtemp(prefix="hive-ports-"))
         cmd = [nats_server_path(), "-js", "-sd", str(self.store_dir), "-a", self.host]
         cmd += ["-p", str(self.port or -1), "--ports_file_dir", str(self._ports_dir)]
         if self.config is not None:
             cmd += ["-c", str(self.config)]
         cmd += self.extra_args
+        try:
+            self._popen(cmd)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _popen(self, cmd: list[str]) -> None:
         with open(self.log_path, "ab") as out:
             # A session of its own: a terminal's Ctrl-C goes to hive, which stops the server last, after
             # the workers have drained, instead of to the server at once.
@@ -129,6 +186,7 @@ class NatsServer:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 preexec_fn=_die_with(os.getpid()),
+                pass_fds=() if self._lock.fd is None or sys.platform == "win32" else (self._lock.fd,),
             )
 
     def wait_ready(self, timeout_s: float = 15.0) -> None:
@@ -136,6 +194,9 @@ class NatsServer:
         assert self._proc is not None and self._ports_dir is not None, "launch() first"
         try:
             self.port = self._wait_for_port(self._ports_dir, timeout_s)
+        except BaseException:
+            self.stop()  # and so the store's lock
+            raise
         finally:
             shutil.rmtree(self._ports_dir, ignore_errors=True)
             self._ports_dir = None
@@ -174,14 +235,14 @@ class NatsServer:
     def stop(self, timeout_s: float = 10.0) -> None:
         """End the server gracefully (SIGTERM), or kill it after ``timeout_s``."""
         proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._lock.release()
 
     def kill(self) -> None:
         """SIGKILL: the crash case."""
@@ -189,6 +250,7 @@ class NatsServer:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+        self._lock.release()
 
     def restart(self) -> None:
         self.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -181,8 +183,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
             values[field] = value
         else:
             unknown.append(key)
-    if unknown:
-        raise SettingsError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {_known_vars()}")
+    _check_unknown(unknown)
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return msgspec.convert(values, Settings, strict=False)
@@ -198,6 +199,28 @@ def with_overrides(settings: Settings, **overrides: Any) -> Settings:
         return msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise SettingsError(_name_the_variable(str(exc))) from None
+
+
+def _check_unknown(names: list[str]) -> None:
+    """A ``HIVE_*`` name that looks like one of ours misspelt is an error naming the one meant; any other
+    (Apache Hive's ``HIVE_HOME``, ``HIVE_CONF_DIR``, ...) is someone else's: a warning, once."""
+    ours = [ENV_PREFIX + f.upper() for f in Settings.__struct_fields__]
+    ours += sorted(_FOREIGN_ENV)
+    misspelt = {}
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, ours, n=1, cutoff=0.85)
+        if close:
+            misspelt[name] = close[0]
+        elif name not in _warned:
+            _warned.add(name)
+            log.warning("%s is not a hive-bus setting; ignored (known: %s)", name, _known_vars())
+    if misspelt:
+        meant = "; ".join(f"{name}: did you mean {close}?" for name, close in misspelt.items())
+        raise SettingsError(f"unknown setting(s) {meant}")
+
+
+_warned: set[str] = set()
+log = logging.getLogger("hive_bus.settings")
 
 
 def _known_vars() -> str:

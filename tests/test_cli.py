@@ -17,7 +17,7 @@ import pytest
 
 from hive_bus._embedded import NatsServer
 
-from .helpers import free_port, hive_cli, spawn, wait_until
+from .helpers import HIVE, REPO, free_port, hive_cli, spawn, wait_until
 
 
 @dataclass
@@ -177,11 +177,53 @@ def test_usage_errors_say_which_option_is_wrong(nats_server: NatsServer) -> None
     )
 
 
-def test_unknown_setting_in_the_environment_is_named(nats_server: NatsServer) -> None:
+def test_a_misspelt_setting_is_refused_naming_the_one_meant(nats_server: NatsServer) -> None:
     result = hive_cli(["workers", "--nats", nats_server.url], env={"HIVE_ACK_WAIT": "5"})
-    line = _one_clear_line(result)
-    assert "unknown setting(s) HIVE_ACK_WAIT" in line
-    assert "HIVE_ACK_WAIT_S" in line  # the list of known ones points at the right name
+    assert _one_clear_line(result) == "Error: unknown setting(s) HIVE_ACK_WAIT: did you mean HIVE_ACK_WAIT_S?"
+
+
+def test_another_programs_hive_variables_are_a_warning_not_an_error(nats_server: NatsServer) -> None:
+    apache_hive = {"HIVE_HOME": "/opt/hive", "HIVE_CONF_DIR": "/opt/hive/conf"}
+    result = hive_cli(["workers", "--nats", nats_server.url], env=apache_hive)
+    assert result.returncode == 0, result.stderr
+    assert "HIVE_CONF_DIR is not a hive-bus setting; ignored" in result.stderr
+    assert "HIVE_HOME is not a hive-bus setting; ignored" in result.stderr
+
+
+def test_the_command_is_installed_as_hive_bus_too() -> None:
+    result = subprocess.run(
+        [Path(HIVE).with_name("hive-bus"), "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and "up" in result.stdout, result.stderr
+
+
+def test_make_run_passes_its_args_to_hive_up() -> None:
+    dry = subprocess.run(
+        ["make", "-n", "run", 'ARGS=--port 9090 --data /srv/hive'], cwd=REPO, capture_output=True, text=True,
+        check=False,
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    assert ".venv/bin/hive up --port 9090 --data /srv/hive" in dry.stdout
+
+
+def test_a_second_hive_up_on_a_data_directory_in_use_stops_with_a_clear_error(up: Up, tmp_path: Path) -> None:
+    data = Path(re.search(r"data (\S+)/,", up.log.read_text()).group(1))  # type: ignore[union-attr]
+    second = hive_cli(["up", "--port", "0", "--nats-port", "0", "--data", str(data)], timeout_s=60)
+    line = _one_clear_line(second)
+    assert f"another nats-server (started by pid {up.proc.pid}) is using the store {data / 'nats'}" in line
+    assert "--data" in line
+    # the first one is untouched and serves on
+    r = httpx.post(
+        f"{up.gateway}/v1/tasks", json={"provider": "echo", "prompt": "sigo aquí"}, params={"wait": 10}
+    )
+    assert r.status_code in (200, 202), r.text
+
+
+def test_hive_up_prints_the_lines_that_point_other_terminals_at_it(up: Up) -> None:
+    line = f"  export HIVE_NATS_URL={up.nats}"
+    wait_until(lambda: line in up.log.read_text().splitlines(), 10, "the export line")
+    exported = {"HIVE_NATS_URL": up.nats}
+    assert hive_cli(["workers"], env=exported).returncode == 0
 
 
 def test_setting_of_the_wrong_kind_is_named(nats_server: NatsServer) -> None:
