@@ -7,7 +7,7 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -23,7 +23,15 @@ from ._bus import Bus, open_bus
 from ._client import Hive, PartialSubmit, connect
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import BusUnavailable, HiveError
-from ._messages import TaskRequest, TaskView, encoder, event_decoder, explain_error, now_ms, request_decoder
+from ._messages import (
+    TaskRequest,
+    TaskView,
+    encoder,
+    event_decoder,
+    explain_error,
+    now_ms,
+    request_decoder,
+)
 from ._nats import following
 from ._prices import PriceFileError, PriceTable
 from ._providers import HandlerError, Provider, load_handler
@@ -392,8 +400,20 @@ def _json_object(value: str | None, what: str) -> Any:
 @click.option("--metadata", help="JSON object kept with the task")
 @click.option("--key", "idempotency_key", help="idempotency key: a resubmission returns the first task")
 @click.option("--max-attempts", type=click.IntRange(1, 100))
+@click.option("--priority", type=click.Choice(["high", "normal", "low"]))
 @click.option(
-    "--wait", "wait_s", type=float, default=None, help="wait up to this many seconds for the result"
+    "--fallback", multiple=True, metavar="PROVIDER[:MODEL]", help="where to go on no quota (repeat, in order)"
+)
+@click.option("--route", type=click.Choice(["in_order", "cheapest"]))
+@click.option(
+    "--deadline", "deadline_s", type=float, metavar="S", help="fail the task S seconds after submission"
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=None,
+    help="wait up to this many seconds for the result (exit 1: failed, 2: not ended in time)",
 )
 @bus_options
 def submit(
@@ -406,6 +426,10 @@ def submit(
     metadata: str | None,
     idempotency_key: str | None,
     max_attempts: int | None,
+    priority: str | None,
+    fallback: tuple[str, ...],
+    route: str | None,
+    deadline_s: float | None,
     wait_s: float | None,
     settings: Settings,
 ) -> None:
@@ -422,7 +446,10 @@ def submit(
         return
     if not provider or not prompt:
         raise click.UsageError("name the PROVIDER and the PROMPT (or give --file)")
-    extra: dict[str, Any] = {"max_attempts": max_attempts} if max_attempts else {}
+    policy = {"max_attempts": max_attempts, "priority": priority, "route": route, "deadline_s": deadline_s}
+    extra: dict[str, Any] = {k: v for k, v in policy.items() if v is not None}
+    if fallback:
+        extra["fallback"] = list(fallback)
     meta = _json_object(metadata, "--metadata")
     if meta is not None and not isinstance(meta, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--metadata")
@@ -436,9 +463,23 @@ def submit(
             if wait_s is None:
                 click.echo(task_id)
                 return
-            _print_view(await hive.wait(task_id, wait_s))
+            view = await hive.wait(task_id, wait_s)
+        _print_view(view)
+        _exit_for([view])
 
     _run(main)
+
+
+# Exit statuses of the commands that report on tasks: every task completed, some failed, some not ended.
+EXIT_FAILED, EXIT_NOT_ENDED = 1, 2
+
+
+def _exit_for(views: Sequence[TaskView]) -> None:
+    """Exit 0 when every task completed, 1 when one failed, 2 when one has not ended (a wait ran out)."""
+    if any(v.status == "failed" for v in views):
+        raise click.exceptions.Exit(EXIT_FAILED)
+    if any(not v.done for v in views):
+        raise click.exceptions.Exit(EXIT_NOT_ENDED)
 
 
 def _read_tasks(file: TextIO) -> list[tuple[int, TaskRequest]]:
@@ -488,15 +529,28 @@ def _submit_file(file: TextIO, settings: Settings, chunk: int = 500) -> None:
 
 
 @cli.command()
-@click.argument("task_id")
+@click.argument("task_ids", metavar="ID...", nargs=-1, required=True)
 @click.option("--wait", "wait_s", type=float, default=0.0, help="wait up to this many seconds for the end")
 @bus_options
-def status(task_id: str, wait_s: float, settings: Settings) -> None:
-    """Print a task's state as JSON."""
+def status(task_ids: tuple[str, ...], wait_s: float, settings: Settings) -> None:
+    """Print the state of each task as JSON (one document per task, in the order given).
+
+    Exit 0 when every task completed, 1 when one failed, 2 when one has not ended."""
 
     async def main() -> None:
         async with connect(settings=settings) as hive:
-            _print_view(await (hive.wait(task_id, wait_s) if wait_s > 0 else hive.get(task_id)))
+            views: list[TaskView | None] = [None] * len(task_ids)
+
+            async def one(i: int, task_id: str) -> None:
+                views[i] = await (hive.wait(task_id, wait_s) if wait_s > 0 else hive.get(task_id))
+
+            async with anyio.create_task_group() as tg:  # the waits run together
+                for i, task_id in enumerate(task_ids):
+                    tg.start_soon(one, i, task_id)
+        ended = [v for v in views if v is not None]
+        for view in ended:
+            _print_view(view)
+        _exit_for(ended)
 
     _run(main)
 

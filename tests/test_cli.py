@@ -16,8 +16,11 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from hive_bus._embedded import NatsServer
+from hive_bus._messages import Queued
+from hive_bus._settings import load_settings
+from hive_bus.bus import open_bus
 
-from .helpers import HIVE, REPO, free_port, hive_cli, spawn, wait_until
+from .helpers import HIVE, REPO, events_of, free_port, hive_cli, spawn, wait_until
 
 
 @dataclass
@@ -332,3 +335,54 @@ _BUS_SHAPE = (
     "events_max_bytes",
     "blobs_max_bytes",
 )
+
+
+def test_exit_statuses_say_how_tasks_ended(up: Up, tmp_path: Path) -> None:
+    """0: every task completed; 1: one failed; 2: one had not ended when the wait ran out."""
+    worker = spawn(["worker", "refuse", "--handler", "tests.handlers:refuse", "--nats", up.nats])
+    try:
+        done = hive_cli(["submit", "echo", "vale", "--wait", "10", "--nats", up.nats])
+        assert done.returncode == 0, done.stderr
+        failed = hive_cli(["submit", "refuse", "no", "--wait", "20", "--nats", up.nats], timeout_s=40)
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        assert json.loads(failed.stdout)["status"] == "failed"
+        waiting = hive_cli(["submit", "nobody", "espera", "--wait", "0.5", "--nats", up.nats])
+        assert waiting.returncode == 2, waiting.stdout + waiting.stderr
+        assert json.loads(waiting.stdout)["status"] == "queued"
+
+        # hive status takes many ids, prints one document each in order, and exits for the worst of them
+        ids = [json.loads(r.stdout)["id"] for r in (done, failed, waiting)]
+        both = hive_cli(["status", ids[0], ids[2], "--nats", up.nats])
+        assert both.returncode == 2, both.stderr
+        decoder = json.JSONDecoder()
+        text, views = both.stdout.strip(), []
+        while text:
+            view, end = decoder.raw_decode(text)
+            views.append(view)
+            text = text[end:].strip()
+        assert [(v["id"], v["status"]) for v in views] == [(ids[0], "completed"), (ids[2], "queued")]
+        assert hive_cli(["status", *ids, "--nats", up.nats]).returncode == 1
+        assert hive_cli(["status", ids[0], "--nats", up.nats]).returncode == 0
+    finally:
+        worker.terminate()
+        worker.wait(20)
+
+
+@pytest.mark.anyio
+async def test_submit_takes_the_task_policy_flags(up: Up) -> None:
+    submitted = hive_cli(
+        ["submit", "nobody", "hola", "--priority", "high", "--fallback", "echo", "--fallback", "groq:llama-3.1-8b-instant",
+         "--route", "in_order", "--deadline", "600", "--nats", up.nats],
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    async with open_bus(load_settings({}, nats_url=up.nats)) as bus:
+        queued = (await events_of(bus, submitted.stdout.strip()))[0]
+    assert isinstance(queued, Queued)
+    task = queued.task
+    assert (task.priority, task.fallback, task.route, task.deadline_s) == (
+        "high", ["echo", "groq:llama-3.1-8b-instant"], "in_order", 600.0,
+    )  # fmt: skip
+    bad = hive_cli(["submit", "echo", "hola", "--priority", "urgent", "--nats", up.nats])
+    assert bad.returncode == 2 and "Invalid value for '--priority'" in bad.stderr
+    bad = hive_cli(["submit", "echo", "hola", "--fallback", "no such", "--nats", up.nats])
+    assert bad.returncode == 1 and "fallback" in bad.stderr, bad.stderr
