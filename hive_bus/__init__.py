@@ -38,7 +38,7 @@ from ._messages import (
     Usage,
     WorkerBeat,
 )
-from ._providers import FunctionProvider, Output, Provider
+from ._providers import FunctionProvider, Output, Provider, RetryPolicy, retry_policy
 from ._redact import register as register_secret
 from ._settings import Settings, SettingsError, load_settings
 from ._stats import ProviderStats
@@ -70,6 +70,7 @@ __all__ = [
     "Quota",
     "RetryAfter",
     "RetryLater",
+    "RetryPolicy",
     "Retrying",
     "Running",
     "Settings",
@@ -89,5 +90,6 @@ __all__ = [
     "connect",
     "load_settings",
     "register_secret",
+    "retry_policy",
     "validate",
 ]

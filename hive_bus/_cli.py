@@ -326,6 +326,11 @@ def gateway(host: str, port: int, max_body_bytes: int, max_connections: int, set
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--drain-timeout", "drain_timeout_s", default=30.0, show_default=True, help="seconds")
 @click.option(
+    "--at-most-once",
+    is_flag=True,
+    help="never call twice for a task: one delivered again after a crash mid-call fails as interrupted",
+)
+@click.option(
     "--name",
     "worker_name",
     help="the name of this worker's NATS credential (nats/worker-user.sh NAME) [env HIVE_WORKER_NAME]",
@@ -338,6 +343,7 @@ def worker(
     model: str | None,
     concurrency: int,
     drain_timeout_s: float,
+    at_most_once: bool,
     worker_name: str | None,
     settings: Settings,
 ) -> None:
@@ -365,6 +371,7 @@ def worker(
             provider=name,
             concurrency=concurrency,
             drain_timeout_s=drain_timeout_s,
+            at_most_once=at_most_once,
             prices=prices,
             budget=budget,
         )

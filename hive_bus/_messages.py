@@ -22,7 +22,9 @@ from ._nesting import Guarded
 
 TaskStatus = Literal["queued", "running", "retrying", "completed", "failed"]
 RetryReason = Literal["rate_limit", "budget", "transient", "shutdown"]
-FailReason = Literal["permanent", "out_of_attempts", "deadline", "rejected", "undecodable", "lost"]
+FailReason = Literal[
+    "permanent", "out_of_attempts", "deadline", "rejected", "undecodable", "lost", "interrupted"
+]
 Priority = Literal["high", "normal", "low"]
 # in_order: the task's provider, then each fallback in turn, as each runs out of quota;
 # cheapest: the candidate with the lowest token price that has quota left goes first.

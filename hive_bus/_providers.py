@@ -13,8 +13,9 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
+from ._errors import FailNow, RetryAfter, RetryLater
 from ._messages import Task, Usage
 
 
@@ -37,16 +38,62 @@ class Provider(Protocol):
 
 
 Handler = Callable[[Task], Awaitable[Any]]
+H = TypeVar("H", bound=Handler)
+
+# What a handler's failures may lead to:
+#   any        any exception is retried with backoff, up to the task's max_attempts (the default);
+#   signalled  only RetryAfter and RetryLater retry; any other exception fails the task at once;
+#   never      the handler runs at most once for a task: every exception (RetryAfter and RetryLater
+#              too) fails the task, and so does a redelivery after a crash mid-call (`interrupted`).
+RetryPolicy = Literal["any", "signalled", "never"]
+_POLICY_ATTRIBUTE = "__hive_retry__"
+
+
+def retry_policy(retry: RetryPolicy) -> Callable[[H], H]:
+    """Declare what a handler's failures may lead to (``any``, ``signalled`` or ``never``, see
+    :data:`RetryPolicy`)::
+
+        @retry_policy("never")  # sends money: never twice
+        async def payout(task: Task) -> dict: ...
+    """
+    if retry not in get_args(RetryPolicy):
+        raise ValueError(f"retry policy {retry!r} is not one of {', '.join(get_args(RetryPolicy))}")
+
+    def declare(fn: H) -> H:
+        setattr(fn, _POLICY_ATTRIBUTE, retry)
+        return fn
+
+    return declare
 
 
 class FunctionProvider:
-    """Runs an async function as a provider; its return value is the output."""
+    """Runs an async function as a provider; its return value is the output. Its failures are retried
+    as its :func:`retry_policy` says."""
 
     def __init__(self, fn: Handler) -> None:
         self._fn = fn
+        self.retry: RetryPolicy = getattr(fn, _POLICY_ATTRIBUTE, "any")
+
+    @property
+    def at_most_once(self) -> bool:
+        """True when a redelivery after a crash mid-call must fail the task rather than call again."""
+        return self.retry == "never"
 
     async def complete(self, task: Task) -> Output:
-        result = await self._fn(task)
+        try:
+            result = await self._fn(task)
+        except FailNow:
+            raise
+        except (RetryAfter, RetryLater) as exc:
+            if self.retry == "never":
+                raise FailNow(f"{exc} (not retried: the handler's retry policy is never)") from exc
+            raise
+        except Exception as exc:
+            if self.retry == "any":
+                raise
+            raise FailNow(
+                f"{type(exc).__name__}: {exc} (not retried: the handler's retry policy is {self.retry})"
+            ) from exc
         return result if isinstance(result, Output) else Output(value=result)
 
 

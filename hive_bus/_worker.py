@@ -92,6 +92,10 @@ class WorkerOptions:
     # While no key is usable for longer than this (a daily quota spent), the worker still fetches, so
     # that tasks with fallbacks move on and the rest learn when to come back; shorter, it fetches nothing.
     triage_after_s: float = 120.0
+    # At most one call per task: a task delivered again after a delivery that ended without an outcome
+    # (a crash mid-call, an ack timeout) is failed `interrupted` instead of called again. On by itself
+    # for a handler whose retry policy is `never`.
+    at_most_once: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +131,9 @@ class Worker:
         if not self._keys:
             raise ValueError("a worker needs at least one provider key")
         self._opts = options
+        self._at_most_once = options.at_most_once or any(
+            getattr(k.provider, "at_most_once", False) for k in self._keys
+        )
         self._host = socket.gethostname()
         self.id = options.worker_id or _worker_id(options.provider, self._host, bus.settings.worker_name)
         self._stopping = anyio.Event()
@@ -381,7 +388,8 @@ class Worker:
             await self._reject_undecodable(msg, exc)
             return
         delivered = msg.metadata.num_delivered or 1
-        waits = await self._waits_so_far(task) if delivered > 1 else 0
+        last = await self._last_event(task) if delivered > 1 else None
+        waits = last.waits if isinstance(last, Running | Retrying) else 0
         d = Delivery(msg=msg, task=task, attempt=delivered - waits, waits=waits, started_ms=now_ms())
         settler = self._settler
         with anyio.CancelScope(shield=True):
@@ -389,6 +397,11 @@ class Worker:
                 await settler.fail(
                     d, "deadline", f"past its deadline ({task.deadline_s:g}s after submission)"
                 )
+                return
+            if delivered > 1 and self._at_most_once and not isinstance(last, Retrying):
+                # the delivery before this one ended with no outcome: its call may have run
+                error = "delivered again after a delivery that ended without an outcome (a crash or an ack timeout); at most once: not called again"
+                await settler.fail(d, "interrupted", error)
                 return
             if d.attempt > task.max_attempts:
                 # Delivered again after crashes or ack timeouts; no call is made.
@@ -446,18 +459,19 @@ class Worker:
         with anyio.CancelScope(shield=True):
             await self._no_key_left(d)
 
-    async def _waits_so_far(self, task: Task) -> int:
-        """How many earlier deliveries of a redelivered task only waited out a rate limit: in the task's
-        last event on this provider (a worker credential may read no other provider's events; a task
-        moved here starts its waits anew)."""
+    async def _last_event(self, task: Task) -> TaskEvent | None:
+        """A redelivered task's last event on this provider (a worker credential may read no other
+        provider's events; a task moved here starts anew): how many earlier deliveries only waited out a
+        rate limit (its ``waits``), and whether the delivery before this one ended with an outcome (a
+        ``retrying`` event) or without. None when unknown: every delivery then counts as an attempt, and
+        as one that ended without an outcome (the safe side both ways)."""
         names = self._bus.names
         subject = names.events_of(task.id, self._opts.provider)
         try:
             raw = await self._bus.js.get_last_msg(names.events_stream, subject, direct=True)
-            event = event_decoder.decode(raw.data or b"")
+            return event_decoder.decode(raw.data or b"")
         except (*BUS_ERRORS, msgspec.DecodeError):
-            return 0  # unknown: count every delivery as an attempt, the safe side
-        return event.waits if isinstance(event, Running | Retrying) else 0
+            return None
 
     # pick a key (which key may call is KeyRing's answer, _keys.py) -------------------------------
 

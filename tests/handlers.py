@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from hive_bus import FailNow, RetryAfter, RetryLater, Task
+from hive_bus import FailNow, RetryAfter, RetryLater, Task, retry_policy
 
 # attempts seen per task id, for handlers that behave differently on a later attempt
 _seen: dict[str, int] = {}
@@ -90,3 +90,37 @@ class WindowLimit:
             )
         self._used += 1
         return f"done: {task.prompt}"
+
+
+@retry_policy("never")
+async def pay_once(task: Task) -> str:
+    """Records a payment in the file the payload names, then takes long (to be killed mid-call) or
+    raises (a later step failing after the side effect)."""
+    async with await anyio.open_file(task.payload["ledger"], "a") as ledger:
+        await ledger.write(f"{task.id}\n")
+    if task.payload.get("then") == "raise":
+        raise RuntimeError("verify_tx: the node did not answer")
+    await anyio.sleep(60)
+    return "paid"
+
+
+@retry_policy("signalled")
+async def strict(task: Task) -> str:
+    """Raises what the prompt names: `RetryLater` the first time for "later", a bug for "bug"."""
+    CALLS[task.id] = CALLS.get(task.id, 0) + 1
+    if task.prompt == "later" and CALLS[task.id] == 1:
+        raise RetryLater("the service is busy")
+    if task.prompt == "bug":
+        raise KeyError("missing")
+    return f"done after {CALLS[task.id]}"
+
+
+async def lenient(task: Task) -> str:
+    """The default policy: a bug is retried."""
+    CALLS[task.id] = CALLS.get(task.id, 0) + 1
+    if CALLS[task.id] == 1:
+        raise KeyError("missing")
+    return f"done after {CALLS[task.id]}"
+
+
+CALLS: dict[str, int] = {}
