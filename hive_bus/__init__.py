@@ -8,6 +8,7 @@ errors, and the provider API (:class:`Provider`, :class:`Output`, the outcomes a
 
 from ._client import Accepted, Hive, PartialSubmit, connect, validate
 from ._errors import (
+    BadRequest,
     BusConfigError,
     BusRefused,
     BusUnavailable,
@@ -47,6 +48,7 @@ from ._worker import ProviderKey, Worker, WorkerOptions
 
 __all__ = [
     "Accepted",
+    "BadRequest",
     "BusConfigError",
     "BusRefused",
     "BusUnavailable",

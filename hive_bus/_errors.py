@@ -61,6 +61,11 @@ class FailNow(ProviderError):
     """A permanent fault: retrying cannot help."""
 
 
+class BadRequest(FailNow):
+    """The provider found the task itself wrong (400, 413, 422): the user's own bad request, which no
+    other provider would take either; never moved to a fallback, whatever the task's ``fallback_on``."""
+
+
 class NoQuota(FailNow):
     """The key's quota for this model is zero (a free tier without the model): no wait fixes it. The
     worker leaves that key out for the model for a while and tries the task with its next key; when no

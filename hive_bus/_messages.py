@@ -29,6 +29,11 @@ Priority = Literal["high", "normal", "low"]
 # in_order: the task's provider, then each fallback in turn, as each runs out of quota;
 # cheapest: the candidate with the lowest token price that has quota left goes first.
 Route = Literal["in_order", "cheapest"]
+# What moves a task on to its next fallback, each taking in the one before it:
+#   quota        its provider has no quota left for it (a daily limit, or a wait past max_wait_s);
+#   unavailable  also its attempts used up on passing faults (connection errors, timeouts, 5xx);
+#   failed       also any failure but the user's own bad request (the provider's 400, 413 or 422).
+FallbackOn = Literal["quota", "unavailable", "failed"]
 
 ProviderName = Annotated[
     str, Meta(pattern=PROVIDER_PATTERN, description="letters, digits, '_' or '-'; at most 64")
@@ -216,6 +221,7 @@ class _TaskFields(Struct, frozen=True, kw_only=True, omit_defaults=True):
     # Where the task may go when its provider has no quota left (see ``route``).
     fallback: Annotated[list[Fallback], Meta(max_length=8)] = []
     route: Route = "in_order"
+    fallback_on: FallbackOn = "quota"
     # Retry policy: real attempts (rate-limit waits are not attempts), the backoff between them (the
     # worker's own when unset), how long a rate limit may hold the task before it moves on, and the
     # deadline after submission past which it fails and goes to the dead letters.

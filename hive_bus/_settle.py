@@ -9,7 +9,9 @@
 - :class:`RetryLater`: a ``retrying`` event, and a NAK with the task's backoff and jitter, unless the
   task is out of attempts;
 - :class:`FailNow`, out of attempts, or past its deadline: the task goes to the dead letters with its
-  last error, a ``failed`` event records it, then TERM.
+  last error, a ``failed`` event records it, then TERM; except that a task whose ``fallback_on`` says so
+  moves to its next fallback instead (``unavailable``: out of attempts on passing faults; ``failed``:
+  that, or any :class:`FailNow` but :class:`BadRequest`, the user's own bad request).
 
 Each run's final event is published with ``Nats-Msg-Id: <id>:final:<seal>``, so a task that two workers
 finished (one a zombie that outlived its AckWait) is recorded once; the seal (``Task.seal``) is known
@@ -30,7 +32,16 @@ from ._blobs import BlobMissing
 from ._bus import Bus
 from ._cooldown import KeyCooldowns
 from ._duplicates import report_duplicate
-from ._errors import BusUnavailable, HiveError, ProviderError, Quota, RetryAfter, RetryLater, TooLarge
+from ._errors import (
+    BadRequest,
+    BusUnavailable,
+    HiveError,
+    ProviderError,
+    Quota,
+    RetryAfter,
+    RetryLater,
+    TooLarge,
+)
 from ._messages import Completed, Failed, FailReason, Moved, Retrying, RetryReason, Task, encoder, now_ms
 from ._nats import BUS_ERRORS
 from ._prices import PriceTable
@@ -111,9 +122,19 @@ class Settler:
                     await self._retry(d, delay_s, reason="transient", error=outcome.message, waits=d.waits)
                 case RetryLater():
                     error = f"out of attempts ({d.attempt}); last error: {outcome.message}"
-                    await self.fail(d, "out_of_attempts", error)
+                    moved = task.next_hop() if task.fallback_on != "quota" else None
+                    if moved is not None:
+                        await self.move(d, moved, f"{task.provider} unavailable: {error}")
+                    else:
+                        await self.fail(d, "out_of_attempts", error)
+                case BadRequest():
+                    await self.fail(d, "permanent", outcome.message)  # no provider would take it
                 case ProviderError():
-                    await self.fail(d, "permanent", outcome.message)
+                    moved = task.next_hop() if task.fallback_on == "failed" else None
+                    if moved is not None:
+                        await self.move(d, moved, f"{task.provider} failed: {outcome.message}")
+                    else:
+                        await self.fail(d, "permanent", outcome.message)
         except (TooLarge, BlobMissing) as exc:
             # Retrying cannot make it fit: the task fails for good, with the reason (point of no return)
             log.warning("the outcome of task %s cannot be recorded (%s); it fails", task.id, exc)

@@ -10,7 +10,7 @@ import math
 import re
 from collections.abc import Iterable
 
-from hive_bus import FailNow, KeyRejected, ProviderError, Quota, RetryAfter, RetryLater
+from hive_bus import BadRequest, FailNow, KeyRejected, ProviderError, Quota, RetryAfter, RetryLater
 
 # Statuses worth trying again: timeouts, conflicts, "too early", server faults, Anthropic's "overloaded".
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 500, 502, 503, 504, 529})
@@ -80,5 +80,8 @@ def by_status(
         404: "not found (is the model name right?)",
     }
     refused = f"{provider} refused the task ({status}, {what.get(status, 'bad request')}): {message}"
-    # 401 and 403 are about the key (revoked, wrong project, leaked and blocked), not about the task
-    return KeyRejected(refused) if status in (401, 403) else FailNow(refused)
+    # 401 and 403 are about the key (revoked, wrong project, leaked and blocked), not about the task;
+    # 400, 413 and 422 about the task itself (the user's own bad request)
+    if status in (401, 403):
+        return KeyRejected(refused)
+    return BadRequest(refused) if status in (400, 413, 422) else FailNow(refused)
