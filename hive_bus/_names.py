@@ -91,6 +91,10 @@ class Names:
         return f"{self.prefix}_blobs"
 
     @property
+    def files_bucket(self) -> str:
+        return f"{self.prefix}_files"
+
+    @property
     def blobs_stream(self) -> str:
         return f"OBJ_{self.blobs_bucket}"
 

@@ -60,6 +60,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     claim_check_bytes: PositiveInt = 64 * 1024
     blob_max_bytes: PositiveInt = 16 * 1024**2
     blobs_max_bytes: PositiveInt = 1024**3
+    # The uploaded files' bucket (OpenAI's Files API: batch inputs and outputs), kept until deleted.
+    files_max_bytes: PositiveInt = 2 * 1024**3
     heartbeat_interval_s: PositiveSeconds = 5.0
     heartbeat_ttl_s: PositiveSeconds = 15.0
     # A TOML file of token prices that overrides the built-in table (see hive_bus._prices).

@@ -48,6 +48,7 @@ def make_settings(url: str, **overrides: Any) -> Settings:
         "tasks_max_bytes": 8 * 1024**2,
         "events_max_bytes": 8 * 1024**2,
         "blobs_max_bytes": 32 * 1024**2,
+        "files_max_bytes": 64 * 1024**2,
         "dlq_max_bytes": 8 * 1024**2,
     }
     values.update(overrides)

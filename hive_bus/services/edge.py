@@ -11,7 +11,8 @@ In order, each refusal a JSON error answer naming what is wrong:
 - **403** without gateway tokens, for a POST, PUT, PATCH or DELETE sent by a page of another origin
   (its ``Origin`` is not this gateway's): a web page cannot make a tokenless gateway act.
 - **415** for a request body that is not declared JSON (``Content-Type: application/json``): every
-  body the gateway takes is JSON, and a page can send ``text/plain`` across sites without asking.
+  body the gateway takes is JSON, and a page can send ``text/plain`` across sites without asking;
+  except a file upload (``POST /v1/files``), which is ``multipart/form-data``.
 - **400** for a task id in a path that is not one (26 characters of Crockford base32), before it
   reaches a subject on the bus or a log line.
 
@@ -74,8 +75,13 @@ class Edge:
             origin = headers.get(b"origin")
             if method in _UNSAFE and origin is not None and not _same_origin(origin, host):
                 return 403, "cross_origin", _cross_origin(origin), None
-        if _has_body(headers) and not _is_json(headers.get(b"content-type", b"")):
-            return 415, "unsupported_media_type", _not_json(headers.get(b"content-type")), None
+        if _has_body(headers):
+            content_type = headers.get(b"content-type", b"")
+            if path in _UPLOADS and method == "POST":
+                if _media_type(content_type) != "multipart/form-data":
+                    return 415, "unsupported_media_type", _not_multipart(headers.get(b"content-type")), None
+            elif not _is_json(content_type):
+                return 415, "unsupported_media_type", _not_json(headers.get(b"content-type")), None
         match = _ID_PATH.match(path)
         if match is not None:
             task_id = match.group(1) if match.group(1) is not None else match.group(2)
@@ -165,9 +171,16 @@ def _has_body(headers: dict[bytes, bytes]) -> bool:
     return b"transfer-encoding" in headers or (bool(length) and length != b"0")
 
 
+# Paths whose POST body is a file upload (multipart/form-data, as OpenAI's Files API takes it).
+_UPLOADS = frozenset({"/v1/files"})
+
+
+def _media_type(content_type: bytes) -> str:
+    return content_type.decode("latin-1").partition(";")[0].strip().lower()
+
+
 def _is_json(content_type: bytes) -> bool:
-    media_type = content_type.decode("latin-1").partition(";")[0].strip().lower()
-    kind, _, subtype = media_type.partition("/")
+    kind, _, subtype = _media_type(content_type).partition("/")
     return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
@@ -194,3 +207,8 @@ def _cross_origin(origin: bytes) -> str:
 def _not_json(content_type: bytes | None) -> str:
     given = "no Content-Type" if content_type is None else f"Content-Type {_shown(content_type)}"
     return f"the request body must be JSON, sent with Content-Type: application/json; this one has {given}"
+
+
+def _not_multipart(content_type: bytes | None) -> str:
+    given = "no Content-Type" if content_type is None else f"Content-Type {_shown(content_type)}"
+    return f"a file is uploaded as multipart/form-data (fields purpose and file); this request has {given}"

@@ -31,6 +31,7 @@ from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskNotFound, _
 from hive_bus._audit import StoreAudit
 from hive_bus._dlq import NotReplayable
 from hive_bus._errors import TooLarge
+from hive_bus._files import FileNotFound
 from hive_bus._messages import explain
 from hive_bus._router import Router
 
@@ -40,6 +41,7 @@ from .auth import Tokens, check_exposure
 from .dlq_api import DLQ_ROUTES
 from .edge import Edge
 from .fastpath import FastSubmit
+from .files_api import FILE_ROUTES, on_file_not_found
 from .limits import ConnectionLimits, ensure_file_limit, limited_protocol
 from .metrics import BusMetrics
 
@@ -148,6 +150,7 @@ def create_app(
         route_handlers=[
             *ROUTES,
             *DLQ_ROUTES,
+            *FILE_ROUTES,
             *(METRICS_ROUTES if metrics is not None else []),
             *(AUDIT_ROUTES if audit is not None else []),
             *dashboard.ROUTES,
@@ -163,6 +166,7 @@ def create_app(
             QueueFull: on_submission_error,
             TooLarge: on_submission_error,
             TaskNotFound: on_not_found,
+            FileNotFound: on_file_not_found,
             NotReplayable: on_not_replayable,
             Exception: on_internal_error,
         },
