@@ -21,10 +21,12 @@ from ._errors import (
     Quota,
     RetryAfter,
     RetryLater,
+    TaskEnded,
     TaskNotFound,
     TooLarge,
 )
 from ._messages import (
+    Cancelled,
     Completed,
     Failed,
     Params,
@@ -52,6 +54,7 @@ __all__ = [
     "BusConfigError",
     "BusRefused",
     "BusUnavailable",
+    "Cancelled",
     "Completed",
     "FailNow",
     "Failed",
@@ -78,6 +81,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "Task",
+    "TaskEnded",
     "TaskEvent",
     "TaskNotFound",
     "TaskRequest",

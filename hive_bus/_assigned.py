@@ -24,7 +24,7 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg
 
 from ._bus import Bus
-from ._messages import Moved, Queued, Task, TaskEvent, TaskView, event_decoder
+from ._messages import Cancelled, Moved, Queued, Task, TaskEvent, TaskView, event_decoder, is_final
 from ._nats import BUS_ERRORS
 
 log = logging.getLogger("hive_bus.assigned")
@@ -91,6 +91,13 @@ async def current_view(bus: Bus, task_id: str) -> TaskView | None:
         return None
     got = await _last(bus, bus.names.events_of(task_id, here.provider))
     if got is not None and got[1] > here.seq and not isinstance(got[0], Queued | Moved):
+        if is_final(got[0]):
+            return TaskView.of(got[0])
+        # a worker's last word may come after the task was cancelled (a running event of a call that
+        # was being abandoned): a cancel ends the task whatever follows it
+        cancelled = await _last(bus, bus.names.event_subject(here.provider, task_id, "cancelled"))
+        if cancelled is not None and cancelled[1] > here.seq and isinstance(cancelled[0], Cancelled):
+            return TaskView.of(cancelled[0])
         return TaskView.of(got[0])
     return TaskView.of(here.event)
 

@@ -39,7 +39,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from . import _dlq
 from ._bus import Bus
 from ._errors import TooLarge
-from ._messages import Failed, Moved, Queued, Task, encoder, event_decoder, now_ms
+from ._messages import FINAL_STATUSES, Failed, Moved, Queued, Task, encoder, event_decoder, now_ms
 from ._nats import BUS_ERRORS
 from ._nats import reconnects as nats_reconnects
 from ._nesting import Guarded
@@ -52,7 +52,7 @@ CHECK_EVERY_S = 2.0  # how often the loop looks for a reconnection
 AFTER_RECONNECT_S = 3.0  # a restarted server recovers its streams first
 SHOWN_IDS = 20
 
-_FINAL = ("completed", "failed")
+_FINAL = FINAL_STATUSES
 
 
 class _TaskId(msgspec.Struct):

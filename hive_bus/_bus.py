@@ -80,6 +80,7 @@ class Bus:
     workers_kv: KeyValue
     providers_kv: KeyValue
     budgets_kv: KeyValue
+    cancels_kv: KeyValue
     link: Link = field(default_factory=Link)
 
     async def wait_lost(self) -> None:
@@ -230,6 +231,10 @@ async def declare_bus(js: JetStreamContext, settings: Settings) -> dict[str, Key
             ),
             "budgets_kv": await _ensure_file_bucket(
                 js, settings, names.budgets_bucket, "request and token budgets"
+            ),
+            # kept as long as task history: a cancelled task may wait that long in its queue
+            "cancels_kv": await _ensure_file_bucket(
+                js, settings, names.cancels_bucket, "cancelled tasks", ttl_s=settings.events_max_age_s
             ),
         }
     except nats.js.errors.ServiceUnavailableError:
@@ -462,12 +467,15 @@ async def _ensure_workers_bucket(js: JetStreamContext, settings: Settings) -> Ke
     return kv
 
 
-async def _ensure_file_bucket(js: JetStreamContext, settings: Settings, bucket: str, what: str) -> KeyValue:
+async def _ensure_file_bucket(
+    js: JetStreamContext, settings: Settings, bucket: str, what: str, *, ttl_s: float | None = None
+) -> KeyValue:
     # File storage: a daily quota's cooldown or budget must outlive a restart of the hub.
     want = KeyValueConfig(
         bucket=bucket,
         description=f"hive-bus {what}",
         history=1,
+        ttl=ttl_s,
         storage=StorageType.FILE,
         replicas=settings.replicas,
         # reads by key go to $JS.API.DIRECT.GET.<stream>.<key subject>, which a worker's permissions

@@ -22,7 +22,7 @@ from ._budget import BudgetError, load_budgets
 from ._bus import Bus, open_bus
 from ._client import Hive, PartialSubmit, connect
 from ._embedded import EmbeddedServerError, run_nats_server
-from ._errors import BusUnavailable, HiveError
+from ._errors import BusUnavailable, HiveError, TaskEnded
 from ._messages import (
     TaskRequest,
     TaskView,
@@ -180,7 +180,7 @@ def _provider_for(name: str, handler: str | None, model: str | None) -> Provider
 def cli(ctx: click.Context, log_level: str | None) -> None:
     """hive-bus: farm LLM prompts and Python jobs out to workers anywhere, over NATS JetStream."""
     level = (log_level or os.environ.get("HIVE_LOG_LEVEL") or "").upper()
-    one_shot = ctx.invoked_subcommand in ("submit", "status", "workers", "dlq", "keys")
+    one_shot = ctx.invoked_subcommand in ("submit", "status", "cancel", "workers", "dlq", "keys")
     logging.basicConfig(
         level=level or ("WARNING" if one_shot else "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -420,7 +420,7 @@ def _json_object(value: str | None, what: str) -> Any:
     "wait_s",
     type=float,
     default=None,
-    help="wait up to this many seconds for the result (exit 1: failed, 2: not ended in time)",
+    help="wait up to this many seconds for the result (exit 1: failed or cancelled, 2: not ended in time)",
 )
 @bus_options
 def submit(
@@ -482,8 +482,9 @@ EXIT_FAILED, EXIT_NOT_ENDED = 1, 2
 
 
 def _exit_for(views: Sequence[TaskView]) -> None:
-    """Exit 0 when every task completed, 1 when one failed, 2 when one has not ended (a wait ran out)."""
-    if any(v.status == "failed" for v in views):
+    """Exit 0 when every task completed, 1 when one failed or was cancelled, 2 when one has not ended
+    (a wait ran out)."""
+    if any(v.status in ("failed", "cancelled") for v in views):
         raise click.exceptions.Exit(EXIT_FAILED)
     if any(not v.done for v in views):
         raise click.exceptions.Exit(EXIT_NOT_ENDED)
@@ -542,7 +543,7 @@ def _submit_file(file: TextIO, settings: Settings, chunk: int = 500) -> None:
 def status(task_ids: tuple[str, ...], wait_s: float, settings: Settings) -> None:
     """Print the state of each task as JSON (one document per task, in the order given).
 
-    Exit 0 when every task completed, 1 when one failed, 2 when one has not ended."""
+    Exit 0 when every task completed, 1 when one failed or was cancelled, 2 when one has not ended."""
 
     async def main() -> None:
         async with connect(settings=settings) as hive:
@@ -560,6 +561,59 @@ def status(task_ids: tuple[str, ...], wait_s: float, settings: Settings) -> None
         _exit_for(ended)
 
     _run(main)
+
+
+@cli.command()
+@click.argument("task_ids", metavar="[ID]...", nargs=-1)
+@click.option("--provider", help="cancel every queued task of this provider")
+@click.option(
+    "--where", "where", multiple=True, metavar="KEY=VALUE",
+    help="cancel every queued task whose metadata has KEY (a string VALUE, or JSON); repeat to narrow",
+)  # fmt: skip
+@click.option("--reason", default="", help="kept in the task's cancelled event")
+@bus_options
+def cancel(
+    task_ids: tuple[str, ...], provider: str | None, where: tuple[str, ...], reason: str, settings: Settings
+) -> None:
+    """Cancel tasks: by id, or every queued one of a provider or metadata. A queued or waiting task never
+    runs; a running one is abandoned by its worker. Exit 1 when one had already ended."""
+    if task_ids and (provider or where):
+        raise click.UsageError("give task ids, or --provider/--where, not both")
+    if not (task_ids or provider or where):
+        raise click.UsageError("name the tasks: IDs, --provider or --where")
+    metadata = dict(_key_value(item) for item in where)
+
+    async def main() -> None:
+        ended = False
+        async with connect(settings=settings) as hive:
+            if not task_ids:
+                views = await hive.cancel_where(provider=provider, metadata=metadata, reason=reason)
+                for view in views:
+                    click.echo(f"{view.id} cancelled ({view.reason})")
+                click.echo(f"{len(views)} cancelled", err=True)
+                return
+            for task_id in task_ids:
+                try:
+                    view = await hive.cancel(task_id, reason=reason)
+                except TaskEnded as exc:
+                    click.echo(f"{task_id}: {exc}", err=True)
+                    ended = True
+                    continue
+                click.echo(f"{view.id} cancelled ({view.reason})")
+        if ended:
+            raise click.exceptions.Exit(EXIT_FAILED)
+
+    _run(main)
+
+
+def _key_value(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--where")
+    try:
+        return key, msgspec.json.decode(value)
+    except msgspec.DecodeError:
+        return key, value  # a plain string
 
 
 @cli.command()

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,13 +30,13 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
-from . import _blobs, _dlq
+from . import _blobs, _cancel, _dlq
 from ._assigned import counts as outcome_counts
 from ._assigned import current_view
 from ._bus import Bus, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
-from ._errors import BusUnavailable, HiveError, QueueFull, TaskNotFound, TooLarge
+from ._errors import BusUnavailable, HiveError, QueueFull, TaskEnded, TaskNotFound, TooLarge
 from ._messages import (
     Failed,
     Moved,
@@ -64,6 +64,8 @@ from ._stats import ProviderStats, provider_stats
 log = logging.getLogger("hive_bus.client")
 
 SUBMIT_WINDOW = 256
+# cancels in flight at once in a bulk cancel
+CANCEL_WINDOW = 64
 # A wait reads the task's state again after this long without an event: only a consumer lost with its
 # server (a restart) needs it, as a wait's consumer delivers every event recorded after its start.
 RECHECK_S = 5.0
@@ -451,6 +453,36 @@ class Hive:
     async def dead_letter(self, task_id: str) -> DeadLetter:
         """One task's dead letter. Raises :class:`TaskNotFound`."""
         return await _dlq.dead_letter(self._bus, task_id)
+
+    async def cancel(self, task_id: str, *, reason: str = "") -> TaskView:
+        """Cancel a task: a queued or waiting one never runs, a running one is abandoned by its worker,
+        and ``cancelled`` is its final status. Cancelling it again is harmless. Raises
+        :class:`TaskNotFound`, :class:`TaskEnded` (it completed or failed first), :class:`BusUnavailable`."""
+        return await _cancel.cancel(self._bus, task_id, reason)
+
+    async def cancel_where(
+        self, *, provider: str | None = None, metadata: Mapping[str, Any] | None = None, reason: str = ""
+    ) -> list[TaskView]:
+        """Cancel every task still in the queue (queued, waiting or running) of one provider, or all,
+        whose metadata has each key and value of ``metadata``; the cancelled tasks' states. Tasks that
+        end meanwhile are left out."""
+        found = await _cancel.queued(self._bus, provider=provider, metadata=metadata)
+        views: list[TaskView] = []
+        limit = anyio.Semaphore(CANCEL_WINDOW)
+
+        async def one(task_id: str, seq: int) -> None:
+            async with limit:
+                with contextlib.suppress(TaskEnded, TaskNotFound):
+                    view, fresh = await _cancel.cancel_once(self._bus, task_id, reason)
+                    if fresh:
+                        views.append(view)
+                    if view.status == "cancelled":
+                        await _cancel.drop(self._bus, seq)
+
+        async with anyio.create_task_group() as tg:
+            for task_id, seq in found.items():
+                tg.start_soon(one, task_id, seq)
+        return sorted(views, key=lambda v: v.id)
 
     async def replay(self, task_id: str) -> Replayed:
         """Queue a dead-lettered task again (same id, its next run) and take it off the dead letters."""

@@ -105,6 +105,10 @@ class TaskNotFound(HiveError):
     """No event of this task id is on the bus (never submitted, or aged out)."""
 
 
+class TaskEnded(HiveError):
+    """The task has already ended (completed or failed): it cannot be cancelled."""
+
+
 class TooLarge(HiveError):
     """A message, or a task's content, is larger than the bus can carry; nothing was accepted. Trying
     again cannot help. ``limit_bytes`` is the limit it broke, ``index`` the task's place in a batch."""

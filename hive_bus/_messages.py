@@ -20,7 +20,8 @@ from msgspec import Meta, Struct
 from ._names import PROVIDER_PATTERN
 from ._nesting import Guarded
 
-TaskStatus = Literal["queued", "running", "retrying", "completed", "failed"]
+TaskStatus = Literal["queued", "running", "retrying", "completed", "failed", "cancelled"]
+FINAL_STATUSES = ("completed", "failed", "cancelled")
 RetryReason = Literal["rate_limit", "budget", "transient", "shutdown"]
 FailReason = Literal[
     "permanent", "out_of_attempts", "deadline", "rejected", "undecodable", "lost", "interrupted"
@@ -381,7 +382,16 @@ class Failed(_Event, frozen=True, kw_only=True, tag="failed.v1"):
     raw: str | None = None
 
 
-TaskEvent = Queued | Running | Retrying | Moved | Completed | Failed
+class Cancelled(_Event, frozen=True, kw_only=True, tag="cancelled.v1"):
+    """The task was cancelled: a final status, recorded by the hub (never a worker) under the provider
+    the task is assigned to, with the run's final de-duplication id, so that it and an outcome cannot
+    both be recorded."""
+
+    was: TaskStatus  # its status when it was cancelled
+    reason: str = ""
+
+
+TaskEvent = Queued | Running | Retrying | Moved | Completed | Failed | Cancelled
 
 _STATUS: dict[type[_Event], TaskStatus] = {
     Queued: "queued",
@@ -390,6 +400,7 @@ _STATUS: dict[type[_Event], TaskStatus] = {
     Moved: "queued",
     Completed: "completed",
     Failed: "failed",
+    Cancelled: "cancelled",
 }
 
 
@@ -398,7 +409,7 @@ def status_of(event: TaskEvent) -> TaskStatus:
 
 
 def is_final(event: TaskEvent) -> bool:
-    return isinstance(event, Completed | Failed)
+    return isinstance(event, Completed | Failed | Cancelled)
 
 
 class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -427,7 +438,7 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     @property
     def done(self) -> bool:
-        return self.status in ("completed", "failed")
+        return self.status in FINAL_STATUSES
 
     @classmethod
     def of(cls, event: TaskEvent) -> TaskView:
@@ -463,6 +474,11 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
                 return cls(
                     id=id_, provider=provider, updated_at_ms=at_ms, status="failed",
                     attempt=event.attempt, worker=event.worker, reason=event.reason, error=event.error,
+                )  # fmt: skip
+            case Cancelled():
+                return cls(
+                    id=id_, provider=provider, updated_at_ms=at_ms, status="cancelled",
+                    reason=f"cancelled while {event.was}", error=event.reason or None,
                 )  # fmt: skip
 
 

@@ -91,6 +91,14 @@ class Names:
         return f"{self.prefix}_blobs"
 
     @property
+    def cancels_bucket(self) -> str:
+        return f"{self.prefix}_cancels"
+
+    def cancel_key(self, provider: str, task_id: str) -> str:
+        """A cancelled task's key in the cancels bucket: what its provider's workers watch."""
+        return f"{provider}.{task_id}"
+
+    @property
     def files_bucket(self) -> str:
         return f"{self.prefix}_files"
 
@@ -147,7 +155,10 @@ class Names:
     def outcome_events(self) -> list[str]:
         """The subject filters of the events that say how a run went (retries, final outcomes and
         reports of duplicate ones): every event but ``queued``, ``running`` and ``moved``."""
-        ending = [f"{self.prefix}.events.*.*.{status}" for status in ("retrying", "completed", "failed")]
+        ending = [
+            f"{self.prefix}.events.*.*.{status}"
+            for status in ("retrying", "completed", "failed", "cancelled")
+        ]
         return [*ending, f"{self.prefix}.events.*.*.*.duplicate"]
 
     def task_subject(self, provider: str, priority: str = "normal") -> str:
@@ -178,8 +189,11 @@ class Names:
         return subject.rsplit(".", 1)[-1]
 
     def final_events(self, provider: str | None = None) -> list[str]:
-        """Subject filters for tasks' last events (completed or failed), of one provider or all."""
-        return [f"{self.prefix}.events.{provider or '*'}.*.{status}" for status in ("completed", "failed")]
+        """Subject filters for tasks' last events (completed, failed or cancelled), of one provider or all."""
+        return [
+            f"{self.prefix}.events.{provider or '*'}.*.{status}"
+            for status in ("completed", "failed", "cancelled")
+        ]
 
     def consumer(self, provider: str, priority: str = "normal") -> str:
         # Every name ends in its priority, so no two (provider, priority) pairs share one, even though

@@ -91,6 +91,7 @@ class Counters:
     retried: int = 0
     rate_limited: int = 0
     moved: int = 0
+    cancelled: int = 0
 
 
 class Settler:

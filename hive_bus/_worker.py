@@ -32,6 +32,7 @@ from nats.js.api import ConsumerInfo
 from . import _blobs, _redact
 from ._budget import Budgets, ProviderBudget, Reservation
 from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
+from ._cancel import CancelWatch
 from ._cooldown import KeyCooldowns
 from ._errors import FailNow, KeyRejected, NoQuota, ProviderError, RetryAfter, RetryLater, TooLarge
 from ._keys import Blocked, KeyRing
@@ -155,6 +156,8 @@ class Worker:
             watch=bus.settings.js_domain is not None,
         )  # fmt: skip
         self.budgets = Budgets(bus.budgets_kv, options.provider, options.budget)
+        self.cancels = CancelWatch(bus, options.provider, self._on_cancel)
+        self._calls: dict[str, anyio.CancelScope] = {}  # the running calls, by task id
         # which key may call now (cooldowns, refusals, no-quota memory, probes, budgets): one place
         self.ring = KeyRing(
             options.provider,
@@ -191,6 +194,7 @@ class Worker:
         pullers = [
             Puller(bus.nc, names.tasks_stream, info.name, on_task=self._ring, domain=domain) for info in infos
         ]
+        await self.cancels.start()  # before any fetch: a task cancelled while queued is never called
         for puller in pullers:
             await puller.start()
         high_sub = await bus.nc.subscribe(names.task_subject(opts.provider, "high"), cb=self._on_high)
@@ -217,6 +221,7 @@ class Worker:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
                 for puller in pullers:
                     await puller.stop()
+                await self.cancels.stop()
                 for sub in (high_sub, cooldown_sub):
                     try:
                         await sub.unsubscribe()
@@ -387,6 +392,10 @@ class Worker:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._reject_undecodable(msg, exc)
             return
+        if task.id in self.cancels:
+            with anyio.CancelScope(shield=True):
+                await self._abandon(msg, task, "it was cancelled while queued")
+            return
         delivered = msg.metadata.num_delivered or 1
         last = await self._last_event(task) if delivered > 1 else None
         waits = last.waits if isinstance(last, Running | Retrying) else 0
@@ -433,11 +442,22 @@ class Worker:
                 submitted_at_ms=task.submitted_at_ms, waits=waits,
             )  # fmt: skip
             t0 = time.perf_counter()
-            try:
-                outcome = await self._call(key.provider, task)
-            except BaseException:
-                self.ring.released(key.name)
-                raise
+            with anyio.CancelScope() as call:
+                self._calls[task.id] = call
+                if task.id in self.cancels:  # cancelled since it was fetched
+                    call.cancel()
+                try:
+                    outcome = await self._call(key.provider, task)
+                except BaseException:
+                    self.ring.released(key.name)
+                    raise
+                finally:
+                    self._calls.pop(task.id, None)
+            if call.cancelled_caught:
+                held.running = None
+                with anyio.CancelScope(shield=True):
+                    await self._abandon(msg, task, "it was cancelled while running: its call was abandoned")
+                return
             if isinstance(outcome, NoQuota):
                 self.ring.set_aside(key.name, task.model or self.model, outcome.message)
             self.ring.answered(key.name, rate_limited=isinstance(outcome, RetryAfter | KeyRejected))
@@ -458,6 +478,21 @@ class Worker:
             return
         with anyio.CancelScope(shield=True):
             await self._no_key_left(d)
+
+    def _on_cancel(self, task_id: str) -> None:
+        """A task of this provider was cancelled: if its call is running here, abandon it."""
+        call = self._calls.get(task_id)
+        if call is not None:
+            call.cancel()
+
+    async def _abandon(self, msg: Msg, task: Task, why: str) -> None:
+        """Let a cancelled task go: the hub recorded its end (a ``cancelled`` event), so an ack is all."""
+        log.info("worker %s lets task %s go: %s", self.id, task.id, why)
+        try:
+            await msg.ack()
+        except BUS_ERRORS as exc:  # not acked: it comes back, and is let go then
+            log.debug("could not ack cancelled task %s: %s", task.id, exc)
+        self._settler.counts.cancelled += 1
 
     async def _last_event(self, task: Task) -> TaskEvent | None:
         """A redelivered task's last event on this provider (a worker credential may read no other

@@ -75,6 +75,9 @@ for p in "$@"; do
     # claim check (hive_bus/_blobs.py), the minimum: write the chunks of its own provider's outputs
     # (and of a dead letter's task), and read its own provider's task contents through a consumer
     # filtered on them; no object entries ($O.<bucket>.M.>), no other provider's chunks
+    # cancelled tasks (hive_bus/_cancel.py): read its own provider's keys through a consumer filtered
+    # on them
+    pub+=("\"\$JS.API.CONSUMER.CREATE.KV_${prefix}_cancels.*.\$KV.${prefix}_cancels.$p.*\"")
     pub+=("\"\$O.${prefix}_blobs.C.$p.>\"")
     pub+=("\"\$JS.API.CONSUMER.CREATE.OBJ_${prefix}_blobs.*.\$O.${prefix}_blobs.C.$p.>\"")
 done
@@ -91,6 +94,7 @@ cat <<BLOCK
           "\$JS.API.STREAM.INFO.$tasks", "\$JS.API.STREAM.INFO.$events", "\$JS.API.STREAM.INFO.${P}_DLQ",
           "\$JS.API.STREAM.INFO.KV_${prefix}_workers", "\$JS.API.STREAM.INFO.KV_${prefix}_providers",
           "\$JS.API.STREAM.INFO.KV_${prefix}_budgets", "\$JS.API.STREAM.INFO.OBJ_${prefix}_blobs",
+          "\$JS.API.STREAM.INFO.KV_${prefix}_cancels",
           # its own heartbeat keys
           "\$KV.${prefix}_workers.$name.>",
           # per provider: bind to and pull from its consumers (created by the gateway), its tasks'

@@ -124,3 +124,18 @@ async def lenient(task: Task) -> str:
 
 
 CALLS: dict[str, int] = {}
+
+
+STARTED: set[str] = set()
+ABANDONED: set[str] = set()
+
+
+async def until_cancelled(task: Task) -> str:
+    """Runs until its call is abandoned (records that it started, and that it was abandoned)."""
+    STARTED.add(task.id)
+    try:
+        await anyio.sleep(120)
+    except anyio.get_cancelled_exc_class():
+        ABANDONED.add(task.id)
+        raise
+    return "never"

@@ -14,6 +14,7 @@ import anyio
 import msgspec
 from litestar import MediaType, Request, Response, get, post
 from litestar.datastructures import State
+from litestar.exceptions import ValidationException
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
@@ -31,7 +32,16 @@ from hive_bus import (
 )
 from hive_bus._assigned import Assignments
 from hive_bus._audit import AuditReport, StoreAudit
-from hive_bus._messages import Moved, Queued, TaskStatus, event_decoder, is_final, is_task_id, status_of
+from hive_bus._messages import (
+    Moved,
+    ProviderName,
+    Queued,
+    TaskStatus,
+    event_decoder,
+    is_final,
+    is_task_id,
+    status_of,
+)
 from hive_bus._names import PROVIDER_PATTERN, is_valid_token
 from hive_bus._nats import BUS_ERRORS, follow, following, unsubscribe
 
@@ -117,6 +127,49 @@ async def submit_batch(data: JSONBody[BatchRequest], state: State) -> Response[B
     limit: int = state.max_batch
     answer = answers.batch_size_error(len(data.tasks), limit)
     return as_response(answer or await answers.submit_many(_hive(state), data.tasks))
+
+
+class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Which queued tasks to cancel: those of a provider, those whose metadata has each key and value
+    given, or both; one of the two at least."""
+
+    provider: ProviderName | None = None
+    metadata: dict[str, Any] | None = None
+    reason: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+
+
+class CancelledTasks(msgspec.Struct, frozen=True, kw_only=True):
+    cancelled: list[TaskView]
+
+
+@post(
+    "/v1/tasks/{task_id:str}/cancel",
+    status_code=200,
+    summary="Cancel a task",
+    responses=_errors(400, 401, 404, 409, 503),
+)
+async def cancel_task(state: State, task_id: FromPath[str]) -> TaskView:
+    """A queued or waiting task never runs; a running one is abandoned by its worker. 200 with its
+    state (``cancelled``), also when it was cancelled before; 409 when it completed or failed first."""
+    return await _hive(state).cancel(task_id, reason="cancelled through the HTTP API")
+
+
+@post(
+    "/v1/tasks/cancel",
+    status_code=200,
+    summary="Cancel the queued tasks of a provider, or of a metadata key and value",
+    responses=_errors(400, 401, 503),
+)
+async def cancel_tasks(data: JSONBody[CancelRequest], state: State) -> CancelledTasks:
+    """Every task still in the queue (queued, waiting or running) that matches; the ones cancelled."""
+    if data.provider is None and not data.metadata:
+        raise ValidationException("give provider, metadata or both: which tasks to cancel")
+    views = await _hive(state).cancel_where(
+        provider=data.provider,
+        metadata=data.metadata,
+        reason=data.reason or "cancelled in bulk through the HTTP API",
+    )
+    return CancelledTasks(cancelled=views)
 
 
 def as_response(answer: answers.Answer) -> Response[Any]:
@@ -466,6 +519,8 @@ def checked_provider(provider: str | None) -> str | None:
 ROUTES = [
     submit_task,
     submit_batch,
+    cancel_task,
+    cancel_tasks,
     get_task,
     task_events,
     all_events,

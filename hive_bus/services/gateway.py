@@ -30,7 +30,7 @@ from litestar.types import ASGIApp
 from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskNotFound, __version__
 from hive_bus._audit import StoreAudit
 from hive_bus._dlq import NotReplayable
-from hive_bus._errors import TooLarge
+from hive_bus._errors import TaskEnded, TooLarge
 from hive_bus._files import FileNotFound
 from hive_bus._messages import explain
 from hive_bus._router import Router
@@ -115,6 +115,10 @@ def on_not_found(request: Request[Any, Any, Any], exc: TaskNotFound) -> Response
     return _error(404, "task_not_found", str(exc))
 
 
+def on_task_ended(request: Request[Any, Any, Any], exc: TaskEnded) -> Response[Any]:
+    return _error(409, "task_ended", str(exc))
+
+
 def on_not_replayable(request: Request[Any, Any, Any], exc: NotReplayable) -> Response[Any]:
     return _error(409, "not_replayable", str(exc))
 
@@ -166,6 +170,7 @@ def create_app(
             QueueFull: on_submission_error,
             TooLarge: on_submission_error,
             TaskNotFound: on_not_found,
+            TaskEnded: on_task_ended,
             FileNotFound: on_file_not_found,
             NotReplayable: on_not_replayable,
             Exception: on_internal_error,

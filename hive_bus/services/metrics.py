@@ -55,7 +55,7 @@ from hive_bus._bus import ensure_counters_stream, kv_entries, redeclare_workers_
 from hive_bus._cooldown import decode_records, provider_cooldowns
 from hive_bus._counts import submitted_counts
 from hive_bus._duplicates import duplicate_decoder
-from hive_bus._messages import Completed, Failed, Retrying, beat_decoder, event_decoder, now_ms
+from hive_bus._messages import Cancelled, Completed, Failed, Retrying, beat_decoder, event_decoder, now_ms
 from hive_bus._nats import BUS_ERRORS, why
 from hive_bus._stats import QueueDepth, queue_depths
 from hive_bus.bus import Bus
@@ -231,6 +231,12 @@ class BusMetrics:
             ["provider", "reason"],
             registry=r,
         )
+        self._cancelled = Counter(
+            "hive_tasks_cancelled",
+            "Tasks cancelled (through the API, hive cancel or the client), by the status they were in.",
+            ["provider", "was"],
+            registry=r,
+        )
         # Unlabelled, so that it exists at 0 from the start and its first increase shows in increase().
         self._lost = Counter(
             "hive_tasks_lost",
@@ -379,6 +385,9 @@ class BusMetrics:
             case Completed():
                 if self._first_time(f"{on}:{event.task_id}:final"):
                     self._completed_task(provider, event)
+            case Cancelled():
+                if self._first_time(f"{on}:{event.task_id}:final"):
+                    self._cancelled.labels(provider, event.was).inc()
             case _:
                 pass  # running: nothing to count
 

@@ -1,0 +1,189 @@
+"""Cancelling a task: a final ``cancelled`` event, and a word to its provider's workers.
+
+The hub records the cancel under the provider the task is assigned to, with the run's final
+de-duplication id (``Task.final_msg_id``), so a cancel and an outcome cannot both be recorded: whichever
+JetStream stores first is the task's end, and the other is refused as a duplicate (a cancel that came
+second answers :class:`TaskEnded`). Before that event it puts the task's key in the cancels bucket
+(``<prefix>_cancels``, ``<provider>.<task id>``), which each worker of the provider watches: a worker
+that fetches a cancelled task acks it without a call, and one whose call is running abandons it and
+acks. So a queued or waiting task never runs, and a running one stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import msgspec
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from . import _assigned
+from ._bus import Bus
+from ._errors import BusUnavailable, TaskEnded, TaskNotFound
+from ._messages import Cancelled, TaskView, encoder, is_task_id, now_ms, task_decoder
+from ._nats import BUS_ERRORS, unsubscribe
+from ._size import js_publish
+
+# a cancel's reason is kept in events and dead letters: bounded like a provider's error text
+MAX_REASON_CHARS = 1000
+
+
+async def cancel(bus: Bus, task_id: str, reason: str = "") -> TaskView:
+    """Cancel one task; its state afterwards. Cancelling a cancelled task again is harmless (the same
+    answer); one that completed or failed raises :class:`TaskEnded`. Raises :class:`TaskNotFound`,
+    :class:`BusUnavailable`."""
+    view, _ = await cancel_once(bus, task_id, reason)
+    return view
+
+
+async def cancel_once(bus: Bus, task_id: str, reason: str = "") -> tuple[TaskView, bool]:
+    """:func:`cancel`, and whether this call is the one that cancelled the task."""
+    if not is_task_id(task_id):
+        raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
+    names = bus.names
+    try:
+        here = await _assigned.assignment(bus, task_id)
+        view = await _assigned.current_view(bus, task_id) if here is not None else None
+    except BUS_ERRORS as exc:
+        raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
+    if here is None or view is None:
+        raise TaskNotFound(f"no task {task_id} on the bus")
+    if view.done:
+        return _ended(view), False
+    task = here.task
+    event = Cancelled(
+        task_id=task.id, provider=task.provider, at_ms=now_ms(), was=view.status,
+        reason=reason[:MAX_REASON_CHARS],
+    )  # fmt: skip
+    try:
+        await bus.cancels_kv.put(names.cancel_key(task.provider, task.id), encoder.encode(event))
+        ack = await js_publish(
+            bus.js, bus.nc,
+            names.event_subject(task.provider, task.id, "cancelled"),
+            encoder.encode(event),
+            headers={"Nats-Msg-Id": task.final_msg_id},
+            stream=names.events_stream,
+            what="cancelled event",
+        )  # fmt: skip
+        if ack.duplicate:  # it ended first, or a cancel came before this one
+            view = await _assigned.current_view(bus, task_id) or view
+            return _ended(view), False
+    except BUS_ERRORS as exc:
+        raise BusUnavailable(f"could not cancel task {task_id}: {exc}") from None
+    return TaskView.of(event), True
+
+
+def _ended(view: TaskView) -> TaskView:
+    if view.status == "cancelled":
+        return view
+    raise TaskEnded(f"task {view.id} has already ended ({view.status}); there is nothing to cancel")
+
+
+async def queued(
+    bus: Bus, *, provider: str | None = None, metadata: Mapping[str, Any] | None = None
+) -> dict[str, int]:
+    """The tasks the tasks stream holds (queued, waiting or running), of one provider or all, whose
+    metadata has every key and value of ``metadata``: each id with its message's sequence, read in one
+    pass over the queue by message gets (a work queue takes no second consumer to read it with)."""
+    names = bus.names
+    subject = names.task_subject(provider, "*") if provider else names.all_tasks
+    found: dict[str, int] = {}
+    seq = 1
+    try:
+        while True:
+            try:
+                raw = await bus.js.get_msg(names.tasks_stream, seq=seq, subject=subject, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            seq = (raw.seq or seq) + 1
+            try:
+                task = task_decoder.decode(raw.data or b"")
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue  # poison: its worker dead-letters it
+            if all(task.metadata.get(k) == v for k, v in (metadata or {}).items()):
+                found[task.id] = seq - 1
+    except BUS_ERRORS as exc:
+        raise BusUnavailable(f"could not read the queue: {exc}") from None
+    return found
+
+
+async def drop(bus: Bus, seq: int) -> None:
+    """Take a cancelled task's message out of the queue, so that it takes no room there until a worker
+    would have let it go (a message a worker holds meanwhile is let go as well)."""
+    with contextlib.suppress(*BUS_ERRORS):
+        await bus.js.delete_msg(bus.names.tasks_stream, seq)
+
+
+class CancelWatch:
+    """The cancelled tasks of one provider, as its workers see them: the cancels bucket's keys under the
+    provider, read when the worker starts (before it fetches anything) and followed after that.
+
+    Read through a consumer of its own, named and filtered on the provider's keys, so that a worker
+    credential may be allowed to read those keys and no other provider's (the grant names the filter)."""
+
+    def __init__(
+        self, bus: Bus, provider: str, on_cancel: Callable[[str], None], *, size: int = 1_000_000
+    ) -> None:
+        self._bus = bus
+        self._provider = provider
+        self._on_cancel = on_cancel
+        self._size = size  # ids remembered at most (the newest): a bound on memory
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._sub: Subscription | None = None
+        self._loaded = anyio.Event()
+        self._to_load = 0
+
+    def __contains__(self, task_id: str) -> bool:
+        return task_id in self._ids
+
+    async def start(self) -> None:
+        """Follow the provider's cancels, once every cancel there is now has been read. Raises nats
+        errors, and TimeoutError when they do not all come within the request timeout."""
+        bus, names = self._bus, self._bus.names
+        inbox = bus.nc.new_inbox()
+        self._sub = await bus.nc.subscribe(inbox, cb=self._on_message)
+        config = ConsumerConfig(
+            name=f"cancels_{secrets.token_hex(8)}",
+            filter_subject=f"$KV.{names.cancels_bucket}.{self._provider}.*",
+            deliver_subject=inbox,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.NONE,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=CONSUMER_INACTIVE_S,
+        )
+        info = await bus.js.add_consumer(f"KV_{names.cancels_bucket}", config)
+        self._to_load = info.num_pending or 0
+        if self._to_load <= len(self._ids):
+            self._loaded.set()
+        with anyio.fail_after(bus.settings.request_timeout_s + self._to_load / 10_000):
+            await self._loaded.wait()
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await unsubscribe(self._sub)  # the server drops the consumer once inactive
+
+    async def _on_message(self, msg: Msg) -> None:
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            return
+        task_id = msg.subject.rpartition(".")[2]
+        fresh = task_id not in self._ids
+        self._ids[task_id] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        if not self._loaded.is_set():
+            if len(self._ids) >= self._to_load:
+                self._loaded.set()
+        elif fresh:
+            self._on_cancel(task_id)
+
+
+# A worker's cancels consumer outlives a worker that died by this much at most.
+CONSUMER_INACTIVE_S = 60.0

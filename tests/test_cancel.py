@@ -1,0 +1,164 @@
+"""Cancelling a task (issue 16, point 1): a queued or waiting task never runs, a running one is
+abandoned by its worker, ``cancelled`` is a final status with its own event, and a cancel after the
+end is a clear 409. Real nats-server, workers in this process, the gateway over HTTP, the CLI."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import pytest
+
+from hive_bus import Cancelled, FunctionProvider, Hive, Queued, TaskEnded, TaskNotFound
+from hive_bus.bus import Bus
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
+from hive_bus.workers.groq import GroqProvider
+
+from . import handlers
+from .fakes import ProviderFakes
+from .helpers import events_of, eventually, hive_cli, running_worker, stream_messages
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_queued_task_cancelled_never_runs(bus: Bus, hive: Hive) -> None:
+    calls: list[str] = []
+
+    async def record(task: object) -> str:
+        calls.append(getattr(task, "id", ""))
+        return "ran"
+
+    task_id = await hive.submit("later", "no me ejecutes")
+    kept = await hive.submit("later", "a mí sí")
+    view = await hive.cancel(task_id, reason="changed my mind")
+    assert (view.status, view.reason, view.error) == (
+        "cancelled",
+        "cancelled while queued",
+        "changed my mind",
+    )
+    async with running_worker(bus, "later", FunctionProvider(record)):
+        assert (await hive.wait(kept, 10)).status == "completed"
+        await eventually(lambda: _drained(bus), 10, "the cancelled task to leave the queue")
+    assert calls == [kept]
+    assert (await hive.get(task_id)).status == "cancelled"
+    events = await events_of(bus, task_id)
+    assert [type(e) for e in events] == [Queued, Cancelled]
+
+
+async def _drained(bus: Bus) -> bool:
+    return await stream_messages(bus, bus.names.tasks_stream) == 0
+
+
+async def test_a_running_call_is_abandoned_and_the_worker_goes_on(bus: Bus, hive: Hive) -> None:
+    async with running_worker(bus, "long", FunctionProvider(handlers.until_cancelled), concurrency=1):
+        task_id = await hive.submit("long", "sigue y sigue")
+        await eventually(lambda: _started(task_id), 10, "the call to start")
+        view = await hive.cancel(task_id)
+        assert view.status == "cancelled"
+        await eventually(lambda: _abandoned(task_id), 10, "the worker to abandon the call")
+        # the one lane is free again: the next task runs (and is cancelled in turn)
+        second = await hive.submit("long", "otra")
+        await eventually(lambda: _started(second), 10, "the next call")
+        await hive.cancel(second)
+    assert (await hive.wait(task_id, 1)).status == "cancelled"
+    assert await stream_messages(bus, bus.names.tasks_stream) == 0  # acked, not redelivered
+
+
+async def _started(task_id: str) -> bool:
+    return task_id in handlers.STARTED
+
+
+async def _abandoned(task_id: str) -> bool:
+    return task_id in handlers.ABANDONED
+
+
+async def test_a_call_to_a_real_sdk_is_abandoned(bus: Bus, hive: Hive) -> None:
+    with ProviderFakes() as fakes:
+        fakes.groq.delay_s = 30.0  # the provider takes its time
+        groq = GroqProvider(api_key="gsk_cancel_test_0123456789", base_url=fakes.groq_base_url)
+        async with running_worker(bus, "groq", groq, concurrency=1):
+            task_id = await hive.submit("groq", "lento")
+            await eventually(lambda: _requested(fakes), 10, "the call to reach the provider")
+            with anyio.fail_after(5):  # the worker lets the call go at once, not after 30 s
+                await hive.cancel(task_id)
+                fakes.groq.delay_s = 0.0
+                done = await hive.wait(await hive.submit("groq", "rápido"), 5)
+        assert done.status == "completed"
+        assert (await hive.get(task_id)).status == "cancelled"
+
+
+async def _requested(fakes: ProviderFakes) -> bool:
+    return fakes.groq.requests >= 1
+
+
+async def test_cancelling_twice_is_harmless_and_after_the_end_is_refused(bus: Bus, hive: Hive) -> None:
+    task_id = await hive.submit("later", "x")
+    first = await hive.cancel(task_id)
+    assert await hive.cancel(task_id) == first
+    async with running_worker(bus, "echo", EchoProvider()):
+        done = await hive.submit("echo", "hecho")
+        assert (await hive.wait(done, 10)).status == "completed"
+    with pytest.raises(TaskEnded, match=f"task {done} has already ended \\(completed\\)"):
+        await hive.cancel(done)
+    with pytest.raises(TaskNotFound):
+        await hive.cancel("01JAAAAAAAAAAAAAAAAAAAAAAA")
+
+
+async def test_bulk_cancel_by_provider_and_by_metadata(bus: Bus, hive: Hive) -> None:
+    mine = [await hive.submit("bulk", f"p{i}", metadata={"batch": "b1"}) for i in range(3)]
+    other = await hive.submit("bulk", "other", metadata={"batch": "b2"})
+    elsewhere = await hive.submit("bulk2", "elsewhere", metadata={"batch": "b1"})
+    cancelled = await hive.cancel_where(provider="bulk", metadata={"batch": "b1"})
+    assert sorted(v.id for v in cancelled) == sorted(mine)
+    assert (await hive.get(other)).status == "queued"
+    assert (await hive.get(elsewhere)).status == "queued"
+    assert [v.id for v in await hive.cancel_where(metadata={"batch": "b1"})] == [elsewhere]
+    assert [v.id for v in await hive.cancel_where(provider="bulk")] == [other]
+    assert await hive.cancel_where(provider="nobody-at-all") == []
+
+
+async def test_cancel_through_http_and_the_metrics_count_it(bus: Bus, hive: Hive) -> None:
+    gateway = Gateway(hive, GatewayOptions(port=0))
+    async with anyio.create_task_group() as tg:
+        await tg.start(gateway.serve)
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+            task_id = (await http.post("/v1/tasks", json={"provider": "later", "prompt": "x"})).json()["id"]
+            r = await http.post(f"/v1/tasks/{task_id}/cancel")
+            assert (r.status_code, r.json()["status"]) == (200, "cancelled")
+            assert (await http.post(f"/v1/tasks/{task_id}/cancel")).status_code == 200
+            bad = await http.post("/v1/tasks/not-an-id/cancel")
+            assert (bad.status_code, bad.json()["error"]["field"]) == (400, "task_id")
+            async with running_worker(bus, "echo", EchoProvider()):
+                done = (await http.post("/v1/tasks", json={"provider": "echo", "prompt": "y"})).json()["id"]
+                await http.get(f"/v1/tasks/{done}", params={"wait": 10})
+            ended = await http.post(f"/v1/tasks/{done}/cancel")
+            assert (ended.status_code, ended.json()["error"]["code"]) == (409, "task_ended")
+
+            await http.post("/v1/tasks", json={"provider": "later", "prompt": "z", "metadata": {"k": "v"}})
+            bulk = await http.post("/v1/tasks/cancel", json={"metadata": {"k": "v"}})
+            assert (bulk.status_code, len(bulk.json()["cancelled"])) == (200, 1)
+            nothing = await http.post("/v1/tasks/cancel", json={})
+            assert nothing.status_code == 400 and "give provider, metadata or both" in nothing.text
+
+            async def counted() -> bool:
+                text = (await http.get("/metrics")).text
+                return 'hive_tasks_cancelled_total{provider="later",was="queued"} 2.0' in text
+
+            await eventually(counted, 10, "the metrics to count the cancels")
+        gateway.stop()
+
+
+async def test_hive_cancel_on_the_command_line(bus: Bus, hive: Hive) -> None:
+    settings = bus.settings
+    env = {"HIVE_PREFIX": settings.prefix, "HIVE_HEARTBEAT_INTERVAL_S": "0.5", "HIVE_HEARTBEAT_TTL_S": "1.5"}
+    task_id = await hive.submit("later", "x")
+    done = hive_cli(["cancel", task_id, "--reason", "por CLI", "--nats", settings.nats_url], env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{task_id} cancelled (cancelled while queued)"
+    again = hive_cli(["cancel", task_id, "--nats", settings.nats_url], env=env)
+    assert again.returncode == 0
+    await hive.submit("later", "y", metadata={"campaign": 7})
+    bulk = hive_cli(["cancel", "--where", "campaign=7", "--nats", settings.nats_url], env=env)
+    assert bulk.returncode == 0 and bulk.stderr.strip() == "1 cancelled", bulk.stderr
+    status = hive_cli(["status", task_id, "--nats", settings.nats_url], env=env)
+    assert status.returncode == 1  # cancelled is not completed
