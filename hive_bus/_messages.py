@@ -21,8 +21,11 @@ from ._names import PROVIDER_PATTERN
 from ._nesting import Guarded
 
 TaskStatus = Literal["queued", "running", "retrying", "completed", "failed"]
-RetryReason = Literal["rate_limit", "budget", "transient", "shutdown"]
-FailReason = Literal["permanent", "out_of_attempts", "deadline", "rejected", "undecodable", "lost"]
+# invalid_output: the provider answered, but not in the task's response_format (an attempt all the same)
+RetryReason = Literal["rate_limit", "budget", "transient", "invalid_output", "shutdown"]
+FailReason = Literal[
+    "permanent", "out_of_attempts", "invalid_output", "deadline", "rejected", "undecodable", "lost"
+]
 Priority = Literal["high", "normal", "low"]
 # in_order: the task's provider, then each fallback in turn, as each runs out of quota;
 # cheapest: the candidate with the lowest token price that has quota left goes first.
@@ -189,6 +192,33 @@ class JsonSchemaFormat(
 ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
 
 
+class RequestJsonSchemaSpec(
+    JsonSchemaSpec, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
+):
+    """:class:`JsonSchemaSpec` as a user submits it: the schema must be a valid JSON Schema. Checked on
+    submission only: a task on the bus is not checked again, so a newer checker cannot make it poison."""
+
+    def __post_init__(self) -> None:
+        from ._output import schema_error  # jsonschema loads on the first schema, not on every import
+
+        if (problem := schema_error(self.schema)) is not None:
+            raise ValueError(f"schema is {problem}")
+
+
+class RequestJsonSchemaFormat(
+    JsonSchemaFormat,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag="json_schema",
+    tag_field="type",
+):
+    json_schema: RequestJsonSchemaSpec
+
+
+RequestResponseFormat = TextFormat | JsonObjectFormat | RequestJsonSchemaFormat
+
+
 class TaskContent(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """The part of a task that the claim check moves to the Object Store when it is large."""
 
@@ -249,6 +279,7 @@ class TaskRequest(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, fo
     """
 
     params: RequestParams | None = None
+    response_format: RequestResponseFormat | None = None
 
 
 class Task(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, tag="task.v1", tag_field="type"):
