@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import msgspec
 import pytest
 
@@ -21,6 +22,7 @@ from hive_bus.workers import EchoProvider
 
 from .fakes import ProviderFakes
 from .helpers import HIVE, events_of, eventually, hive_cli, running_worker
+from .test_dashboard import CHROMIUM, WAIT_MS, chromium, gateway, page_of
 from .test_providers import KEY, make
 from .test_submit_parity import answer, encoded, two_paths
 
@@ -259,3 +261,19 @@ def test_a_budget_counts_the_whole_conversation() -> None:
         task(messages=[{"role": "user", "content": long_turn}, {"role": "user", "content": "hola"}])
     )
     assert long - short == len(long_turn) // 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Chromium is not installed at {CHROMIUM}")
+async def test_the_dashboard_shows_what_a_queued_conversation_asks(settings: Settings) -> None:
+    """A queued task's row shows what it asks: for a task of messages, its last message's text."""
+    async with gateway(settings) as url, chromium() as browser, page_of(browser) as (page, problems):
+        await page.goto(url)
+        await page.wait_for_selector('body[data-feed="live"]', timeout=WAIT_MS)
+        async with httpx.AsyncClient(base_url=url, timeout=15) as http:
+            r = await http.post("/v1/tasks", json={"provider": "nobody", "messages": CONVERSATION})
+        assert r.status_code == 202, r.text
+        row = await page.wait_for_selector(f'#tasks tr[data-task-id="{r.json()["id"]}"]', timeout=WAIT_MS)
+        assert row is not None
+        assert "Sí, dos." in await row.inner_text()
+    assert problems == []
