@@ -71,8 +71,11 @@ def structured(response_format: ResponseFormat | None, value: Any) -> Any:
         return value
     assert isinstance(response_format, JsonSchemaFormat)
     spec = response_format.json_schema
+    validator = _validator(msgspec.json.encode(spec.schema))
+    if isinstance(validator, str):  # a task built by hand, past the submission's check
+        raise FailNow(f"the schema {spec.name!r} is {validator}")
     try:
-        error = exceptions.best_match(_validator(msgspec.json.encode(spec.schema)).iter_errors(value))
+        error = exceptions.best_match(validator.iter_errors(value))
     except Unresolvable as exc:
         raise FailNow(f"the schema {spec.name!r} has a $ref that cannot be resolved: {exc}") from None
     except RecursionError:  # a $ref cycle that consumes nothing ({"$ref": "#"}): no output can pass
@@ -85,9 +88,12 @@ def structured(response_format: ResponseFormat | None, value: Any) -> Any:
 
 
 @lru_cache(maxsize=64)
-def _validator(schema_json: bytes) -> Validator:
-    """One validator per schema (keyed by its encoding): a batch of tasks shares its schema."""
+def _validator(schema_json: bytes) -> Validator | str:
+    """One validator per schema (keyed by its encoding): a batch of tasks shares its schema. What is
+    wrong with the schema instead, for one that is not valid."""
     schema = msgspec.json.decode(schema_json)
+    if (problem := schema_error(schema)) is not None:
+        return problem
     cls = validators.validator_for(schema, default=validators.Draft202012Validator)
     return cls(schema)
 

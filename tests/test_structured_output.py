@@ -20,6 +20,7 @@ from hive_bus import (
     Hive,
     InvalidOutput,
     JsonSchemaFormat,
+    JsonSchemaSpec,
     Retrying,
     Settings,
     Task,
@@ -191,6 +192,9 @@ def test_structured_output_is_parsed_and_checked_where_it_fails() -> None:
     assert structured(schema_format, json.dumps(GOOD_POST)) == GOOD_POST
     with pytest.raises(InvalidOutput, match=r"at \$: Additional properties are not allowed \('extra' was"):
         structured(schema_format, {**GOOD_POST, "extra": 1})
+    built = JsonSchemaFormat(json_schema=JsonSchemaSpec(name="p", schema={"type": 5}))  # never checked
+    with pytest.raises(FailNow, match="the schema 'p' is not a valid JSON Schema: 5 is not valid"):
+        structured(built, "1")
     endless = msgspec.convert({"json_schema": {"name": "loop", "schema": {"$ref": "#"}}}, JsonSchemaFormat)
     with pytest.raises(FailNow, match="refers to itself without end"):  # not a worker's RecursionError
         structured(endless, "1")
