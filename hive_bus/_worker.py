@@ -646,7 +646,10 @@ async def _nak_now(msg: Msg) -> None:
 def _estimate_tokens(task: Task) -> int:
     """Tokens a call may spend, counted against a tokens-per-minute budget until the real figure is in:
     about four characters a token in, and the task's output cap (or a typical answer) out."""
-    chars = sum(len(message.text) for message in task.conversation())
+    if task.messages is None:
+        chars = len(task.prompt) + len(task.system or "")
+    else:  # the whole conversation is sent, every turn of it
+        chars = sum(len(message.text) for message in task.messages)
     max_out = task.params.max_tokens if task.params and task.params.max_tokens else 256
     return chars // 4 + 1 + max_out
 
