@@ -28,7 +28,16 @@ MAX_QUOTED_CHARS = 300
 
 
 def schema_error(schema: dict[str, Any]) -> str | None:
-    """What makes ``schema`` not a valid JSON Schema (its dialect's metaschema says), or None."""
+    """What makes ``schema`` not a valid JSON Schema (its dialect's metaschema says), or None.
+
+    Remembered per schema (by its encoding): checking one against the 2020-12 metaschema takes about
+    4 ms, and a batch's tasks, or a client's, share their schema."""
+    return _schema_error(msgspec.json.encode(schema))
+
+
+@lru_cache(maxsize=256)
+def _schema_error(schema_json: bytes) -> str | None:
+    schema = msgspec.json.decode(schema_json)
     dialect = schema.get("$schema")
     if dialect is not None and not isinstance(dialect, str):
         return "not a valid JSON Schema: $schema must be a string (the URI of a dialect)"
