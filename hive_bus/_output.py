@@ -23,6 +23,9 @@ from ._errors import FailNow, InvalidOutput
 from ._messages import JsonObjectFormat, JsonSchemaFormat, ResponseFormat
 from ._nesting import NestedTooDeep, check_json
 
+# Schemas up to this size (encoded) are remembered with what was worked out from them; a larger one is
+# worked out each time, so that the caches hold at most a few MB.
+CACHED_SCHEMA_BYTES = 16 * 1024
 # a validation error quotes the offending value: kept short, the whole output is in no event anyway
 MAX_QUOTED_CHARS = 300
 
@@ -32,7 +35,10 @@ def schema_error(schema: dict[str, Any]) -> str | None:
 
     Remembered per schema (by its encoding): checking one against the 2020-12 metaschema takes about
     4 ms, and a batch's tasks, or a client's, share their schema."""
-    return _schema_error(msgspec.json.encode(schema))
+    encoded = msgspec.json.encode(schema)
+    return (
+        _schema_error(encoded) if len(encoded) <= CACHED_SCHEMA_BYTES else _schema_error.__wrapped__(encoded)
+    )
 
 
 @lru_cache(maxsize=256)
@@ -80,7 +86,10 @@ def structured(response_format: ResponseFormat | None, value: Any) -> Any:
         return value
     assert isinstance(response_format, JsonSchemaFormat)
     spec = response_format.json_schema
-    validator = _validator(msgspec.json.encode(spec.schema))
+    encoded = msgspec.json.encode(spec.schema)
+    validator = (
+        _validator(encoded) if len(encoded) <= CACHED_SCHEMA_BYTES else _validator.__wrapped__(encoded)
+    )
     if isinstance(validator, str):  # a task built by hand, past the submission's check
         raise FailNow(f"the schema {spec.name!r} is {validator}")
     try:
