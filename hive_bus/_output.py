@@ -1,7 +1,7 @@
 """Structured output: a task's ``response_format`` checked, at submission (the schema) and on the worker
 (the output), with the ``jsonschema`` library.
 
-Why ``jsonschema``: it is the reference implementation of JSON Schema for Python (every draft, 4 to
+Why ``jsonschema``: it is the reference implementation of JSON Schema for Python (every draft, 3 to
 2020-12), kept by the JSON Schema organisation, pure Python over ``referencing`` (with a Rust ``rpds``
 wheel for arm64 too), and it names each error's path, which the failed event passes on. It is a base
 dependency because the worker runtime validates the output and the client checks the schema before it
@@ -58,6 +58,8 @@ def _schema_error(schema_json: bytes) -> str | None:
         cls.check_schema(schema)
     except exceptions.SchemaError as exc:
         return f"not a valid JSON Schema: {_short(exc.message)} (at {exc.json_path} of the schema)"
+    except Exception as exc:  # the checker tripped on it (a $ref it cannot follow...): a 400 all the same
+        return f"not a usable JSON Schema: {_short(f'{type(exc).__name__}: {exc}')}"
     return None
 
 
