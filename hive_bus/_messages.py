@@ -34,7 +34,14 @@ Route = Literal["in_order", "cheapest"]
 ProviderName = Annotated[
     str, Meta(pattern=PROVIDER_PATTERN, description="letters, digits, '_' or '-'; at most 64")
 ]
-Prompt = Annotated[str, Meta(min_length=1, pattern=r"\S", description="the prompt; not blank")]
+Prompt = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        pattern=r"\S",
+        description="the prompt; not blank. Give exactly one of prompt and messages",
+    ),
+]
 IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=256)]
 MaxAttempts = Annotated[int, Meta(ge=1, le=100)]
 Fallback = Annotated[
@@ -158,7 +165,15 @@ class ChatMessage(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True)
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-Messages = Annotated[list[ChatMessage], Meta(min_length=1, max_length=1024)]
+Messages = Annotated[
+    list[ChatMessage],
+    Meta(
+        min_length=1,
+        max_length=1024,
+        description="a conversation in OpenAI's roles (system, user, assistant), instead of prompt and "
+        "system; give exactly one of prompt and messages",
+    ),
+]
 
 
 class JsonSchemaSpec(Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):

@@ -108,7 +108,7 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [
     ("malformed JSON", b'{"provider": "echo", "prompt": ', "not valid JSON"),
     ("empty body", b"", "body is empty"),
     ("not an object", b'["echo", "hi"]', "Expected `object`, got `array`"),
-    ("missing prompt", b'{"provider": "echo"}', "missing required field `prompt`"),
+    ("missing prompt", b'{"provider": "echo"}', "give exactly one of `prompt` and `messages`"),
     ("missing provider", b'{"prompt": "hi"}', "missing required field `provider`"),
     (
         "empty prompt",
@@ -329,7 +329,9 @@ async def test_the_openapi_document_is_generated_from_the_types(stack: Stack) ->
     )
     schemas = doc["components"]["schemas"]
     request = next(v for k, v in schemas.items() if k.endswith("TaskRequest"))
-    assert {"provider", "prompt"} <= set(request["required"])
+    assert request["required"] == ["provider"]  # and exactly one of prompt and messages, which it says
+    for field in ("prompt", "messages"):
+        assert "exactly one of prompt and messages" in request["properties"][field]["description"]
 
 
 async def test_stats_per_provider(stack: Stack) -> None:
