@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
@@ -24,6 +25,7 @@ from ._client import Hive, PartialSubmit, connect
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import BusUnavailable, HiveError, TaskEnded
 from ._messages import (
+    ChatMessage,
     TaskRequest,
     TaskView,
     encoder,
@@ -401,6 +403,19 @@ def _json_object(value: str | None, what: str) -> Any:
 @click.argument("provider", required=False)
 @click.argument("prompt", required=False)
 @click.option("--file", "file", type=click.File("r"), help="a JSON Lines file of tasks ('-' for stdin)")
+@click.option(
+    "--messages",
+    "messages_file",
+    metavar="FILE",
+    help="ask with a conversation instead of PROMPT: a JSON array of messages "
+    '([{"role": "system"|"user"|"assistant", "content": "..."}]); \'-\' for stdin',
+)
+@click.option(
+    "--response-format",
+    metavar="JSON",
+    help='the output\'s shape: {"type": "json_object"}, or {"type": "json_schema", "json_schema": '
+    '{"name": ..., "schema": {...}}} (or the words json_object, text)',
+)
 @click.option("--model")
 @click.option("--system", help="system prompt")
 @click.option("--payload", help="JSON value handed to the provider (custom handlers)")
@@ -427,6 +442,8 @@ def submit(
     provider: str | None,
     prompt: str | None,
     file: TextIO | None,
+    messages_file: str | None,
+    response_format: str | None,
     model: str | None,
     system: str | None,
     payload: str | None,
@@ -440,23 +457,29 @@ def submit(
     wait_s: float | None,
     settings: Settings,
 ) -> None:
-    """Queue a task (PROVIDER PROMPT) and print its id, or with --wait its final state as JSON.
+    """Queue a task (PROVIDER PROMPT, or PROVIDER --messages FILE) and print its id, or with --wait its
+    final state as JSON.
 
     With --file, queue every task of a JSON Lines file (one task object per line, as POST /v1/tasks
     takes it): each line's id is printed as {"line": N, "id": ...}, with a progress bar and a summary
     on stderr.
     """
     if file is not None:
-        if provider or prompt:
-            raise click.UsageError("give either PROVIDER PROMPT or --file, not both")
+        if provider or prompt or messages_file:
+            raise click.UsageError("give either PROVIDER PROMPT (or --messages) or --file, not both")
         _submit_file(file, settings)
         return
-    if not provider or not prompt:
-        raise click.UsageError("name the PROVIDER and the PROMPT (or give --file)")
+    if prompt and messages_file:
+        raise click.UsageError("give either PROMPT or --messages FILE, not both")
+    if not provider or not (prompt or messages_file):
+        raise click.UsageError("name the PROVIDER and the PROMPT (or give --messages FILE, or --file)")
+    messages = _read_messages(messages_file) if messages_file else None
     policy = {"max_attempts": max_attempts, "priority": priority, "route": route, "deadline_s": deadline_s}
     extra: dict[str, Any] = {k: v for k, v in policy.items() if v is not None}
     if fallback:
         extra["fallback"] = list(fallback)
+    if response_format is not None:
+        extra["response_format"] = _response_format(response_format)
     meta = _json_object(metadata, "--metadata")
     if meta is not None and not isinstance(meta, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--metadata")
@@ -464,7 +487,7 @@ def submit(
     async def main() -> None:
         async with connect(settings=settings) as hive:
             task_id = await hive.submit(
-                provider, prompt, model=model, system=system, payload=_json_object(payload, "--payload"),
+                provider, prompt, messages=messages, model=model, system=system, payload=_json_object(payload, "--payload"),
                 metadata=meta, idempotency_key=idempotency_key, **extra,
             )  # fmt: skip
             if wait_s is None:
@@ -488,6 +511,48 @@ def _exit_for(views: Sequence[TaskView]) -> None:
         raise click.exceptions.Exit(EXIT_FAILED)
     if any(not v.done for v in views):
         raise click.exceptions.Exit(EXIT_NOT_ENDED)
+
+
+def _read_messages(path: str) -> list[ChatMessage]:
+    """The conversation in ``path`` ('-' for stdin), checked; anything wrong is one line naming it."""
+    where = "stdin" if path == "-" else path
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise click.ClickException(f"--messages {where}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        messages = _messages_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise click.ClickException(f"--messages {where}: {_message_error(exc)}") from None
+    except msgspec.DecodeError as exc:
+        raise click.ClickException(f"--messages {where}: not valid JSON ({exc})") from None
+    if not messages:
+        raise click.ClickException(f"--messages {where}: the array holds no message")
+    return messages
+
+
+_messages_decoder = msgspec.json.Decoder(list[ChatMessage])
+_AT_MESSAGE = re.compile(r"^(.*) - at `\$\[(\d+)\]\.?(.*)`$", re.DOTALL)
+
+
+def _message_error(exc: msgspec.ValidationError) -> str:
+    """msgspec's ``Invalid enum value 'bot' - at `$[1].role``` as ``message 2: role: Invalid ...``."""
+    found = _AT_MESSAGE.match(str(exc))
+    if found is None:
+        return "expected a JSON array of messages" if "Expected `array`" in str(exc) else str(exc)
+    what, index, field = found.groups()
+    return f"message {int(index) + 1}: {field + ': ' if field else ''}{what}"
+
+
+def _response_format(value: str) -> Any:
+    if value in ("json_object", "text"):
+        return {"type": value}
+    decoded = _json_object(value, "--response-format")
+    if not isinstance(decoded, dict):
+        raise click.BadParameter(
+            "must be a JSON object (or json_object, text)", param_hint="--response-format"
+        )
+    return decoded
 
 
 def _read_tasks(file: TextIO) -> list[tuple[int, TaskRequest]]:

@@ -38,9 +38,11 @@ from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
 from ._errors import BusUnavailable, HiveError, QueueFull, TaskEnded, TaskNotFound, TooLarge
 from ._messages import (
+    ChatMessage,
     Failed,
     Moved,
     Queued,
+    ResponseFormat,
     Task,
     TaskRequest,
     TaskView,
@@ -97,8 +99,8 @@ class PartialSubmit(HiveError):
 def validate(request: TaskRequest | dict[str, Any]) -> TaskRequest:
     """Check a request as the gateway would; raises :class:`msgspec.ValidationError` naming the field."""
     check_fields(request)  # before anything recursive walks it
-    fields = msgspec.to_builtins(request) if isinstance(request, TaskRequest) else request
-    return msgspec.convert(fields, TaskRequest)
+    # to builtins first: a dict may hold Structs (ChatMessage, a response format) among plain values
+    return msgspec.convert(msgspec.to_builtins(request), TaskRequest)
 
 
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
@@ -144,8 +146,10 @@ class Hive:
     async def submit(
         self,
         provider: str,
-        prompt: str,
+        prompt: str | None = None,
         *,
+        messages: Sequence[ChatMessage | dict[str, Any]] | None = None,
+        response_format: ResponseFormat | dict[str, Any] | None = None,
         model: str | None = None,
         system: str | None = None,
         params: dict[str, Any] | None = None,
@@ -156,12 +160,20 @@ class Hive:
     ) -> str:
         """Queue one task and return its id once JetStream has stored it.
 
-        ``policy`` takes the other fields of :class:`TaskRequest`: ``priority``, ``fallback``, ``route``,
-        ``max_attempts``, ``backoff_base_s``, ``backoff_cap_s``, ``max_wait_s``, ``deadline_s``.
+        The task asks with ``prompt`` (and ``system`` beside it) or with ``messages``, a conversation
+        in OpenAI's roles (``{"role": "user", "content": "..."}``, or :class:`ChatMessage`), never
+        both. ``response_format`` (``{"type": "json_object"}``, or ``{"type": "json_schema",
+        "json_schema": {"name": ..., "schema": {...}}}``) makes the output a JSON value the worker
+        checks. ``policy`` takes the other fields of :class:`TaskRequest`: ``priority``, ``fallback``,
+        ``route``, ``max_attempts``, ``backoff_base_s``, ``backoff_cap_s``, ``max_wait_s``,
+        ``deadline_s``. Raises :class:`msgspec.ValidationError` naming the field of a request that is
+        not valid (a schema that is not JSON Schema among them).
         """
         fields: dict[str, Any] = {
             "provider": provider,
             "prompt": prompt,
+            "messages": None if messages is None else list(messages),
+            "response_format": response_format,
             "model": model,
             "system": system,
             "params": params,

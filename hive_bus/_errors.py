@@ -57,6 +57,12 @@ class RetryLater(ProviderError):
     """A transient fault: try again after a backoff that grows with the attempts."""
 
 
+class InvalidOutput(RetryLater):
+    """The provider answered, but not in the task's ``response_format`` (not JSON, not an object, or not
+    matching the schema): a failed attempt with reason ``invalid_output``, tried again within the task's
+    ``max_attempts``. The message names the first validation error (its path and what is wrong)."""
+
+
 class FailNow(ProviderError):
     """A permanent fault: retrying cannot help."""
 

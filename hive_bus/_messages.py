@@ -22,9 +22,17 @@ from ._nesting import Guarded
 
 TaskStatus = Literal["queued", "running", "retrying", "completed", "failed", "cancelled"]
 FINAL_STATUSES = ("completed", "failed", "cancelled")
-RetryReason = Literal["rate_limit", "budget", "transient", "shutdown"]
+# invalid_output: the provider answered, but not in the task's response_format (an attempt all the same)
+RetryReason = Literal["rate_limit", "budget", "transient", "invalid_output", "shutdown"]
 FailReason = Literal[
-    "permanent", "out_of_attempts", "deadline", "rejected", "undecodable", "lost", "interrupted"
+    "permanent",
+    "out_of_attempts",
+    "invalid_output",
+    "deadline",
+    "rejected",
+    "undecodable",
+    "lost",
+    "interrupted",
 ]
 Priority = Literal["high", "normal", "low"]
 # in_order: the task's provider, then each fallback in turn, as each runs out of quota;
@@ -39,7 +47,14 @@ FallbackOn = Literal["quota", "unavailable", "failed"]
 ProviderName = Annotated[
     str, Meta(pattern=PROVIDER_PATTERN, description="letters, digits, '_' or '-'; at most 64")
 ]
-Prompt = Annotated[str, Meta(min_length=1, pattern=r"\S", description="the prompt; not blank")]
+Prompt = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        pattern=r"\S",
+        description="the prompt; not blank. Give exactly one of prompt and messages",
+    ),
+]
 IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=256)]
 MaxAttempts = Annotated[int, Meta(ge=1, le=100)]
 Fallback = Annotated[
@@ -163,7 +178,15 @@ class ChatMessage(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True)
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-Messages = Annotated[list[ChatMessage], Meta(min_length=1, max_length=1024)]
+Messages = Annotated[
+    list[ChatMessage],
+    Meta(
+        min_length=1,
+        max_length=1024,
+        description="a conversation in OpenAI's roles (system, user, assistant), instead of prompt and "
+        "system; give exactly one of prompt and messages",
+    ),
+]
 
 
 class JsonSchemaSpec(Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -195,6 +218,33 @@ class JsonSchemaFormat(
 
 # OpenAI's ``response_format``, in chat completions and in tasks alike.
 ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
+
+
+class RequestJsonSchemaSpec(
+    JsonSchemaSpec, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
+):
+    """:class:`JsonSchemaSpec` as a user submits it: the schema must be a valid JSON Schema. Checked on
+    submission only: a task on the bus is not checked again, so a newer checker cannot make it poison."""
+
+    def __post_init__(self) -> None:
+        from ._output import schema_error  # jsonschema loads on the first schema, not on every import
+
+        if (problem := schema_error(self.schema)) is not None:
+            raise ValueError(f"schema is {problem}")
+
+
+class RequestJsonSchemaFormat(
+    JsonSchemaFormat,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag="json_schema",
+    tag_field="type",
+):
+    json_schema: RequestJsonSchemaSpec
+
+
+RequestResponseFormat = TextFormat | JsonObjectFormat | RequestJsonSchemaFormat
 
 
 class TaskContent(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -258,6 +308,7 @@ class TaskRequest(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, fo
     """
 
     params: RequestParams | None = None
+    response_format: RequestResponseFormat | None = None
 
 
 class Task(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, tag="task.v1", tag_field="type"):

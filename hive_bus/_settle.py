@@ -6,6 +6,9 @@
   which the gateway's router queues again, then an ack), or else a ``retrying`` event records the wait
   and the task is NAKed with the provider's delay plus jitter; the wait is counted in ``waits``, not as
   an attempt;
+- :class:`InvalidOutput` (an output not in the task's ``response_format``): as :class:`RetryLater`, with
+  the reason ``invalid_output``, and out of attempts the task fails with that reason and the first
+  validation error;
 - :class:`RetryLater`: a ``retrying`` event, and a NAK with the task's backoff and jitter, unless the
   task is out of attempts;
 - :class:`FailNow`, out of attempts, or past its deadline: the task goes to the dead letters with its
@@ -36,6 +39,7 @@ from ._errors import (
     BadRequest,
     BusUnavailable,
     HiveError,
+    InvalidOutput,
     ProviderError,
     Quota,
     RetryAfter,
@@ -118,6 +122,18 @@ class Settler:
                     )
                     self.counts.rate_limited += 1
                     await self.wait_or_move(d, outcome.retry_after_s, outcome.message, outcome.quota)
+                case InvalidOutput() if d.attempt < task.max_attempts:
+                    delay_s = self._backoff.of(task).delay_s(d.attempt)
+                    await self._retry(
+                        d, delay_s, reason="invalid_output", error=outcome.message, waits=d.waits
+                    )
+                case InvalidOutput():
+                    error = f"no valid output in {d.attempt} attempts; last: {outcome.message}"
+                    moved = task.next_hop() if task.fallback_on == "failed" else None
+                    if moved is not None:  # another provider may well answer in the shape asked for
+                        await self.move(d, moved, f"{task.provider} failed: {error}")
+                    else:
+                        await self.fail(d, "invalid_output", error)
                 case RetryLater() if d.attempt < task.max_attempts:
                     delay_s = self._backoff.of(task).delay_s(d.attempt)
                     await self._retry(d, delay_s, reason="transient", error=outcome.message, waits=d.waits)

@@ -29,7 +29,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerInfo
 
-from . import _blobs, _redact
+from . import _blobs, _output, _redact
 from ._budget import Budgets, ProviderBudget, Reservation
 from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
 from ._cancel import CancelWatch
@@ -551,7 +551,15 @@ class Worker:
             outcome = RetryLater(f"{task.provider} returned {type(outcome).__name__}, not an Output")
         elif isinstance(outcome, Output):
             try:  # every reader of the completed event must be able to decode it
+                if _output.wants_json(task.response_format):
+                    # checked here, for every provider alike: the output the task asked for, parsed
+                    value = _output.structured(task.response_format, outcome.value)
+                    outcome = dataclasses.replace(outcome, value=value)
                 check_value(outcome.value, "output")
+            except ProviderError as exc:  # InvalidOutput, or FailNow for a schema no output can match
+                exc.message = _redact.scrub(exc.message)  # it quotes the output
+                exc.args = (exc.message,)
+                outcome = exc
             except NestedTooDeep:
                 outcome = FailNow(
                     f"{task.provider} returned an output nested deeper than {MAX_NESTING} levels of arrays "
@@ -687,7 +695,10 @@ async def _nak_now(msg: Msg) -> None:
 def _estimate_tokens(task: Task) -> int:
     """Tokens a call may spend, counted against a tokens-per-minute budget until the real figure is in:
     about four characters a token in, and the task's output cap (or a typical answer) out."""
-    chars = len(task.prompt) + len(task.system or "")
+    if task.messages is None:
+        chars = len(task.prompt) + len(task.system or "")
+    else:  # the whole conversation is sent, every turn of it
+        chars = sum(len(message.text) for message in task.messages)
     max_out = task.params.max_tokens if task.params and task.params.max_tokens else 256
     return chars // 4 + 1 + max_out
 

@@ -227,7 +227,8 @@ class BusMetrics:
         )
         self._failed = Counter(
             "hive_tasks_failed",
-            "Tasks that failed for good (permanent, out_of_attempts, deadline, rejected, undecodable, lost).",
+            "Tasks that failed for good (permanent, out_of_attempts, invalid_output, deadline, rejected, "
+            "undecodable, lost).",
             ["provider", "reason"],
             registry=r,
         )
@@ -246,7 +247,7 @@ class BusMetrics:
         )
         self._retries = Counter(
             "hive_task_retries",
-            "Deliveries handed back for a later try (transient error or rate limit).",
+            "Deliveries handed back for a later try (transient error, invalid_output, rate limit, budget).",
             ["provider", "reason"],
             registry=r,
         )

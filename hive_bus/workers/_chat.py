@@ -5,16 +5,20 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from hive_bus import Output, Task, Usage
+import msgspec
+
+from hive_bus import JsonObjectFormat, Output, Task, Usage
 
 from . import _stainless
 
+# Said to the model when a task asks for a JSON object without saying "json" anywhere itself.
+JSON_HINT = "Answer with a JSON object."
+
 
 def chat_messages(task: Task) -> list[Any]:
-    """System and user messages; ``Any`` because each SDK types them as its own TypedDicts."""
-    messages: list[Any] = [{"role": "system", "content": task.system}] if task.system else []
-    messages.append({"role": "user", "content": task.prompt})
-    return messages
+    """The task's conversation as the API takes it (its roles and content as they are; a prompt task is
+    a system and a user message); ``Any`` because each SDK types them as its own TypedDicts."""
+    return [msgspec.to_builtins(message) for message in task.conversation()]
 
 
 def sampling(task: Task, *, max_tokens_name: str) -> dict[str, Any]:
@@ -26,14 +30,31 @@ def sampling(task: Task, *, max_tokens_name: str) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def chat_request(task: Task, model: str) -> dict[str, Any]:
+    """Every argument of ``chat.completions.create`` for the task: the one place a request is built (the
+    plain call and a streamed one share it). ``response_format`` goes as OpenAI names it, which Groq
+    and the OpenAI-compatible servers take as it is."""
+    request: dict[str, Any] = {
+        "model": model,
+        "messages": chat_messages(task),
+        **sampling(task, max_tokens_name="max_tokens"),
+    }
+    if task.response_format is not None:
+        request["response_format"] = msgspec.to_builtins(task.response_format)
+        if isinstance(task.response_format, JsonObjectFormat) and not any(
+            "json" in message.text.lower() for message in task.conversation()
+        ):
+            # OpenAI and Groq refuse json_object unless a message says "json" (a 400 otherwise)
+            request["messages"] = [{"role": "system", "content": JSON_HINT}, *request["messages"]]
+    return request
+
+
 async def chat_complete(
     provider: str, client: Any, sdk: ModuleType, key: str, model: str, task: Task
 ) -> Output:
     """One chat completion; the SDK's errors become the bus's three outcomes."""
     try:
-        response = await client.chat.completions.create(
-            model=model, messages=chat_messages(task), **sampling(task, max_tokens_name="max_tokens")
-        )
+        response = await client.chat.completions.create(**chat_request(task, model))
     except Exception as exc:
         outcome = _stainless.classify(provider, exc, sdk, [key])
         if outcome is None:

@@ -10,13 +10,25 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from hive_bus import Output, ProviderKey, Task, Usage
+from hive_bus import (
+    FailNow,
+    InvalidOutput,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    Output,
+    ProviderKey,
+    ResponseFormat,
+    Task,
+    Usage,
+)
 
 from . import _stainless
 from ._chat import sampling
 
 DEFAULT_MODEL = "claude-haiku-4-5"
 DEFAULT_MAX_TOKENS = 1024  # the Messages API requires one
+_TOOL_DESCRIPTION = "Give the answer as this tool's input."
+_WRAPPED = "value"  # the property that carries a JSON output that is not an object
 
 
 class AnthropicProvider:
@@ -31,28 +43,87 @@ class AnthropicProvider:
         self._client = sdk.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0)
 
     async def complete(self, task: Task) -> Output:
-        model = task.model or self._model
-        options: dict[str, Any] = {
-            "max_tokens": DEFAULT_MAX_TOKENS,
-            **sampling(task, max_tokens_name="max_tokens"),
-        }
-        if task.system:
-            options["system"] = task.system
+        request = _request(task, task.model or self._model)
         try:
-            response = await self._client.messages.create(
-                model=model, messages=[{"role": "user", "content": task.prompt}], **options
-            )
+            response = await self._client.messages.create(**request)
         except Exception as exc:
             outcome = _stainless.classify("anthropic", exc, self._sdk, [self._key])
             if outcome is None:
                 raise
             raise outcome from None
-        text = "".join(block.text for block in response.content if getattr(block, "type", "") == "text")
         usage = Usage(input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens)
-        return Output(value=text, model=model, usage=usage)
+        return Output(value=_output(task, response), model=request["model"], usage=usage)
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _request(task: Task, model: str) -> dict[str, Any]:
+    """Every argument of ``messages.create`` for the task: the one place a request is built (the plain
+    call and a streamed one share it).
+
+    Anthropic takes the system prompt apart (``system``) and the turns as user and assistant; its
+    consecutive turns of one role are merged here into one (their text joined by a blank line), so
+    that what is sent alternates as the Messages API is built for. A JSON ``response_format`` becomes
+    a forced tool whose ``input_schema`` is the schema: the tool's input is the output."""
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for message in task.conversation():
+        if message.role == "system":
+            system.append(message.text)
+        elif turns and turns[-1]["role"] == message.role:
+            turns[-1]["content"] += "\n\n" + message.text
+        else:
+            turns.append({"role": message.role, "content": message.text})
+    if not turns:
+        raise FailNow("anthropic: the task has only system messages; the Messages API needs a user turn")
+    request: dict[str, Any] = {
+        "model": model,
+        "messages": turns,
+        "max_tokens": DEFAULT_MAX_TOKENS,
+        **sampling(task, max_tokens_name="max_tokens"),
+    }
+    if system:
+        request["system"] = "\n\n".join(system)
+    tool = _output_tool(task.response_format)
+    if tool is not None:
+        request["tools"] = [tool]
+        request["tool_choice"] = {"type": "tool", "name": tool["name"]}
+    return request
+
+
+def _output_tool(response_format: ResponseFormat | None) -> dict[str, Any] | None:
+    """The forced tool that carries a JSON output, or None for free text. A tool's input is an object:
+    a schema for anything else is wrapped as the property ``value`` (unwrapped by :func:`_output`)."""
+    if isinstance(response_format, JsonObjectFormat):
+        return {"name": "json_output", "description": _TOOL_DESCRIPTION, "input_schema": {"type": "object"}}
+    if not isinstance(response_format, JsonSchemaFormat):
+        return None
+    spec = response_format.json_schema
+    schema = spec.schema
+    if schema.get("type") != "object":
+        schema = {"type": "object", "properties": {_WRAPPED: schema}, "required": [_WRAPPED]}
+    return {"name": spec.name, "description": spec.description or _TOOL_DESCRIPTION, "input_schema": schema}
+
+
+def _output(task: Task, response: Any) -> Any:
+    """The answer's text; for a JSON format, the forced tool's input (the worker checks it)."""
+    if _output_tool(task.response_format) is None:
+        return "".join(block.text for block in response.content if getattr(block, "type", "") == "text")
+    used = next((block for block in response.content if getattr(block, "type", "") == "tool_use"), None)
+    if used is None:
+        raise InvalidOutput(
+            f"anthropic answered without the output tool (stop reason {response.stop_reason})"
+        )
+    value = used.input
+    wrapped = isinstance(task.response_format, JsonSchemaFormat) and (
+        task.response_format.json_schema.schema.get("type") != "object"
+    )
+    if wrapped:
+        if not isinstance(value, dict) or _WRAPPED not in value:
+            raise InvalidOutput(f"anthropic's output tool input has no {_WRAPPED!r}: {str(value)[:300]}")
+        return value[_WRAPPED]
+    return value
 
 
 def from_env(environ: Mapping[str, str], *, model: str | None = None) -> list[ProviderKey]:

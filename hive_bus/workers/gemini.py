@@ -19,6 +19,8 @@ from google.genai import errors, types
 
 from hive_bus import (
     FailNow,
+    JsonObjectFormat,
+    JsonSchemaFormat,
     NoQuota,
     Output,
     ProviderError,
@@ -53,11 +55,10 @@ class GeminiProvider:
         self._client = genai.Client(api_key=api_key, http_options=options)
 
     async def complete(self, task: Task) -> Output:
-        model = task.model or self._model
+        request = _request(task, task.model or self._model)
+        model = request["model"]
         try:
-            response = await self._client.aio.models.generate_content(
-                model=model, contents=task.prompt, config=_config(task)
-            )
+            response = await self._client.aio.models.generate_content(**request)
         except errors.APIError as exc:
             raise classify(exc, self._key) from None
         except NO_ANSWER as exc:
@@ -81,15 +82,41 @@ class GeminiProvider:
         self._client.close()
 
 
-def _config(task: Task) -> types.GenerateContentConfig | None:
+def _request(task: Task, model: str) -> dict[str, Any]:
+    """Every argument of ``generate_content`` for the task: the one place a request is built (the plain
+    call and a streamed one share it).
+
+    Gemini's turns are ``contents`` of role ``user`` or ``model`` (an assistant's turn); system
+    messages go to ``system_instruction``. A JSON ``response_format`` asks for
+    ``response_mime_type="application/json"``, with the schema as ``response_json_schema`` (JSON
+    Schema as it is, which google-genai sends as ``responseJsonSchema``)."""
+    system: list[str] = []
+    contents: list[types.Content] = []
+    for message in task.conversation():
+        if message.role == "system":
+            system.append(message.text)
+        else:
+            role = "model" if message.role == "assistant" else "user"
+            contents.append(types.Content(role=role, parts=[types.Part(text=message.text)]))
+    if not contents:
+        raise FailNow("gemini: the task has only system messages; generateContent needs a user turn")
+    return {"model": model, "contents": contents, "config": _config(task, system)}
+
+
+def _config(task: Task, system: list[str]) -> types.GenerateContentConfig | None:
     params = task.params
-    values: dict[str, Any] = {"system_instruction": task.system}
+    values: dict[str, Any] = {"system_instruction": "\n\n".join(system) or None}
     if params is not None:
         values |= {
             "temperature": params.temperature,
             "top_p": params.top_p,
             "max_output_tokens": params.max_tokens,
         }
+    fmt = task.response_format
+    if isinstance(fmt, JsonObjectFormat | JsonSchemaFormat):
+        values["response_mime_type"] = "application/json"
+    if isinstance(fmt, JsonSchemaFormat):
+        values["response_json_schema"] = fmt.json_schema.schema
     values = {k: v for k, v in values.items() if v is not None}
     return types.GenerateContentConfig(**values) if values else None
 

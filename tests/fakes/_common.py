@@ -23,11 +23,14 @@ class BadRequest(Exception):
 @dataclass(frozen=True)
 class ChatRequest:
     """What a fake needs from a request, whatever the API: the model, the prompt it answers
-    (the last user message) and every piece of input text (for the usage counts)."""
+    (the last user message), every piece of input text (for the usage counts), whether it asked for
+    JSON (its API's JSON mode), and the name of the tool it forces (Anthropic's structured output)."""
 
     model: str
     prompt: str
     input_texts: tuple[str, ...]
+    json_mode: bool = False
+    forced_tool: str | None = None
 
     @property
     def input_tokens(self) -> int:
@@ -63,6 +66,11 @@ def words(text: str) -> int:
 def reply_text(prompt: str) -> str:
     """Every successful answer: derived from the prompt, so a test can match outputs to prompts."""
     return "reply: " + prompt
+
+
+def json_reply_text(prompt: str) -> str:
+    """A successful answer in JSON mode (unless a test scripted one): an object holding the reply."""
+    return json.dumps({"reply": reply_text(prompt)})
 
 
 def whole_seconds(delay_s: float) -> int:

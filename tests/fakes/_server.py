@@ -27,7 +27,7 @@ from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 from ._api import ProviderApi, Route
-from ._common import BadRequest, ChatRequest, Reply, reply_text
+from ._common import BadRequest, ChatRequest, Reply, json_reply_text, reply_text
 from ._state import Admitted, Forced, ProviderState, RateLimited, Unauthorized
 from .anthropic_api import AnthropicApi
 from .gemini_api import GeminiApi
@@ -294,6 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw or b"null")
             if not isinstance(body, dict):
                 raise BadRequest("Invalid JSON payload received. Expected an object.")
+            state.seen(body)
             request = api.parse(body, route)
         except (ValueError, BadRequest) as exc:
             refused = state.admit_invalid(key)
@@ -325,7 +326,10 @@ class _Handler(BaseHTTPRequestHandler):
         delay_s = state.delay_s
         if delay_s > 0:
             self._server.stopping.wait(delay_s)
-        reply = api.success(request, reply_text(request.prompt), decision.snapshot)
+        text = state.next_reply()
+        if text is None:
+            text = json_reply_text(request.prompt) if request.json_mode else reply_text(request.prompt)
+        reply = api.success(request, text, decision.snapshot)
         state.complete(request.prompt)
         return reply
 

@@ -25,6 +25,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
+from typing import Any
 
 DAY_S = 86_400.0
 
@@ -109,6 +110,8 @@ class ProviderState:
         self._rate_limited_by_key: Counter[str] = Counter()
         self._prompts_seen: list[str] = []
         self._prompts_completed: list[str] = []
+        self._bodies_seen: list[dict[str, Any]] = []
+        self._replies: deque[str] = deque()
 
     # -- knobs ---------------------------------------------------------------------------------------
 
@@ -140,6 +143,13 @@ class ProviderState:
             raise ValueError("fail_next needs an error status (4xx or 5xx) and count >= 0")
         with self._lock:
             self._failures.extend([(status, retry_after_s)] * count)
+
+    def reply_with(self, *texts: str) -> None:
+        """The next successful answers are these texts, in order (then the usual ones): to drive what a
+        provider returns, such as JSON that does not match a schema. Anthropic's forced tool answers
+        with the text parsed as its input."""
+        with self._lock:
+            self._replies.extend(texts)
 
     def reset(self) -> None:
         """Back to the state of a new fake: no limits, no failures, any key, no delay, no counts."""
@@ -188,7 +198,22 @@ class ProviderState:
         with self._lock:
             return list(self._prompts_completed)
 
+    @property
+    def bodies_seen(self) -> list[dict[str, Any]]:
+        """The JSON body of every request that sent a JSON object, as the SDK sent it, in arrival order."""
+        with self._lock:
+            return list(self._bodies_seen)
+
     # -- used by the server --------------------------------------------------------------------------
+
+    def seen(self, body: dict[str, Any]) -> None:
+        with self._lock:
+            self._bodies_seen.append(body)
+
+    def next_reply(self) -> str | None:
+        """The next scripted answer, if a test set one (:meth:`reply_with`)."""
+        with self._lock:
+            return self._replies.popleft() if self._replies else None
 
     def admit(self, key: str | None, prompt: str | None, model: str | None = None) -> Decision:
         """Count a request and decide its answer; an admitted request uses up its window and quota."""

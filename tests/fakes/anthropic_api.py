@@ -14,12 +14,18 @@ Reproduces:
   400 ``invalid_request_error`` (also for a missing ``anthropic-version``), 403 ``permission_error``,
   404 ``not_found_error``, 413 ``request_too_large``, 500 ``api_error``, 504 ``timeout_error``,
   529 ``overloaded_error``; ``x-should-retry: true`` on the ones worth retrying.
+* Roles ``user`` and ``assistant`` only (a ``system`` message is a 400: the system prompt is the
+  top-level ``system``); an unknown top-level field is a 400; ``tools`` each need a ``name`` and an
+  ``input_schema`` of type object, and a ``tool_choice`` of ``{"type": "tool", "name"}`` forces one: the
+  answer is then a ``tool_use`` block whose ``input`` is the reply parsed as JSON, ``stop_reason:
+  "tool_use"``.
 * Anthropic has no per-day request limit; the fake's daily quota answers its 429 with a per-day wording
   and the long ``retry-after``.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 
@@ -59,6 +65,42 @@ _ERRORS = {
 }
 
 
+# What the Messages API reads; any other name is a 400 ("Extra inputs are not permitted").
+_REQUEST_FIELDS = {
+    "model", "messages", "max_tokens", "system", "temperature", "top_p", "top_k", "stop_sequences",
+    "stream", "metadata", "tools", "tool_choice", "thinking", "service_tier", "container", "mcp_servers",
+}  # fmt: skip
+
+
+def _forced_tool(body: JsonObject) -> str | None:
+    """The tool ``tool_choice`` forces (``{"type": "tool", "name": ...}``), checked as the API checks
+    ``tools``: each with a name and an ``input_schema`` of type object."""
+    tools = body.get("tools")
+    names: list[str] = []
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise BadRequest("tools: Input should be a valid list")
+        for i, tool in enumerate(tools):
+            tool = require_object(tool, f"tools.{i}")
+            if not isinstance(tool.get("name"), str):
+                raise BadRequest(f"tools.{i}.custom.name: Field required")
+            schema = tool.get("input_schema")
+            if not isinstance(schema, dict):
+                raise BadRequest(f"tools.{i}.custom.input_schema: Field required")
+            if schema.get("type") != "object":
+                raise BadRequest(f"tools.{i}.custom.input_schema.type: Input should be 'object'")
+            names.append(tool["name"])
+    choice = body.get("tool_choice")
+    if choice is None:
+        return None
+    choice = require_object(choice, "tool_choice")
+    if choice.get("type") != "tool":
+        return None
+    if choice.get("name") not in names:
+        raise BadRequest(f"tool_choice.name: the tool {choice.get('name')!r} is not in tools")
+    return str(choice["name"])
+
+
 def _request_id() -> str:
     return "req_011C" + random_id(20, _BASE58)
 
@@ -91,12 +133,29 @@ class AnthropicApi(ProviderApi):
             raise BadRequest("model: Field required")
         if not isinstance(body.get("max_tokens"), int):
             raise BadRequest("max_tokens: Field required")
+        for name in body:
+            if name not in _REQUEST_FIELDS:
+                raise BadRequest(f"{name}: Extra inputs are not permitted")
         messages = require_list(body.get("messages"), "messages: Field required")
         texts = texts_of(body.get("system"))
-        for message in messages:
-            texts.extend(texts_of(require_object(message, "messages.0").get("content")))
+        for i, message in enumerate(messages):
+            message = require_object(message, f"messages.{i}")
+            if message.get("role") not in ("user", "assistant"):
+                raise BadRequest(
+                    f"messages.{i}.role: Input should be 'user' or 'assistant'"
+                    + (
+                        " (the Messages API takes a top-level `system` parameter, not a system message)"
+                        if message.get("role") == "system"
+                        else ""
+                    )
+                )
+            texts.extend(texts_of(message.get("content")))
         prompt = " ".join(texts_of(messages[-1].get("content")))
-        return ChatRequest(model=model, prompt=prompt, input_texts=non_empty(texts))
+        tool = _forced_tool(body)
+        return ChatRequest(
+            model=model, prompt=prompt, input_texts=non_empty(texts), json_mode=tool is not None,
+            forced_tool=tool,
+        )  # fmt: skip
 
     def _headers(self, snapshot: Snapshot, request_id: str | None = None) -> dict[str, str]:
         budget = snapshot.window or snapshot.daily
@@ -132,13 +191,24 @@ class AnthropicApi(ProviderApi):
         return Reply(status, body, headers | dict(extra or {}))
 
     def success(self, request: ChatRequest, text: str, snapshot: Snapshot) -> Reply:
+        content: list[JsonObject] = [{"type": "text", "text": text}]
+        if request.forced_tool is not None:  # a forced tool answers with its input, an object
+            try:
+                given = json.loads(text)
+            except ValueError:
+                given = None
+            tool_input = given if isinstance(given, dict) else {}
+            content = [
+                {"type": "tool_use", "id": "toolu_01" + random_id(22, _BASE58), "name": request.forced_tool,
+                 "input": tool_input}
+            ]  # fmt: skip
         body = {
             "id": "msg_01" + random_id(22, _BASE58),
             "type": "message",
             "role": "assistant",
             "model": request.model,
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": "end_turn",
+            "content": content,
+            "stop_reason": "end_turn" if request.forced_tool is None else "tool_use",
             "stop_sequence": None,
             "usage": {
                 "input_tokens": request.input_tokens,

@@ -13,6 +13,9 @@ Reproduces:
   400 ``INVALID_ARGUMENT`` with ``ErrorInfo.reason: API_KEY_INVALID``; no key at all is a 403
   ``PERMISSION_DENIED``; 404 ``NOT_FOUND`` names the model and API version; 500 ``INTERNAL``;
   503 ``UNAVAILABLE`` ("The model is overloaded").
+* Roles ``user`` and ``model`` only, ``systemInstruction`` beside ``contents``; JSON mode as
+  ``generationConfig.responseMimeType: application/json`` with ``responseSchema`` or
+  ``responseJsonSchema``; an unknown field is a 400 naming it, as the API's JSON parser answers.
 * No rate-limit headers: Gemini sends none, and no ``Retry-After`` either.
 """
 
@@ -24,6 +27,7 @@ from urllib.parse import unquote
 
 from ._api import ProviderApi, Route
 from ._common import (
+    BadRequest,
     ChatRequest,
     JsonObject,
     Reply,
@@ -97,20 +101,27 @@ class GeminiApi(ProviderApi):
         return key or None
 
     def parse(self, body: JsonObject, route: Route) -> ChatRequest:
+        _known(body, _REQUEST_FIELDS, "")
         contents = require_list(
             body.get("contents"), "* GenerateContentRequest.contents: contents is not specified"
         )
         texts: list[str] = []
         system = body.get("systemInstruction", body.get("system_instruction"))
-        if isinstance(system, dict):
-            texts.extend(_part_texts(system))
+        if system is not None:
+            texts.extend(_part_texts(require_object(system, "system_instruction")))
         prompt = ""
         for content in contents:
-            texts.extend(_part_texts(require_object(content, "contents[]")))
+            content = require_object(content, "contents[]")
+            if content.get("role", "user") not in ("user", "model"):
+                raise BadRequest("Please use a valid role: user, model.")
+            texts.extend(_part_texts(content))
         last_parts = require_object(contents[-1], "contents[]").get("parts")
         if isinstance(last_parts, list) and last_parts and isinstance(last_parts[0], dict):
             prompt = str(last_parts[0].get("text", ""))
-        return ChatRequest(model=route.model or "", prompt=prompt, input_texts=non_empty(texts))
+        json_mode = _json_mode(body.get("generationConfig", body.get("generation_config")))
+        return ChatRequest(
+            model=route.model or "", prompt=prompt, input_texts=non_empty(texts), json_mode=json_mode
+        )
 
     def success(self, request: ChatRequest, text: str, snapshot: Snapshot) -> Reply:
         prompt_tokens, output_tokens = request.input_tokens, words(text)
@@ -201,6 +212,62 @@ class GeminiApi(ProviderApi):
 
     def not_found(self, method: str, path: str) -> Reply:
         return _status(404, f"Method not found: {method} {path}")
+
+
+# What generateContent reads; any other name is a 400, as the API's JSON parser answers.
+_REQUEST_FIELDS = {
+    "contents", "systemInstruction", "system_instruction", "generationConfig", "generation_config",
+    "safetySettings", "safety_settings", "tools", "toolConfig", "tool_config", "cachedContent",
+    "cached_content",
+}  # fmt: skip
+_CONFIG_FIELDS = {
+    "stopSequences", "responseMimeType", "responseSchema", "responseJsonSchema", "_responseJsonSchema",
+    "responseModalities", "candidateCount", "maxOutputTokens", "temperature", "topP", "topK", "seed",
+    "presencePenalty", "frequencyPenalty", "responseLogprobs", "logprobs", "enableEnhancedCivicAnswers",
+    "speechConfig", "thinkingConfig", "imageConfig", "mediaResolution",
+}  # fmt: skip
+_MIME_TYPES = {"text/plain", "application/json", "application/xml", "application/yaml", "text/x.enum"}
+
+
+def _known(body: JsonObject, fields: set[str], where: str) -> None:
+    for name in body:
+        if name not in fields and _camel(name) not in fields:
+            at = f" at '{where}'" if where else ""
+            raise BadRequest(f'Invalid JSON payload received. Unknown name "{name}"{at}: Cannot find field.')
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _json_mode(config: object) -> bool:
+    """Whether ``generationConfig`` asks for JSON; refuses what the API refuses: an unknown field, an
+    unknown MIME type, a schema without ``application/json``, both kinds of schema at once."""
+    if config is None:
+        return False
+    config = {_camel(k): v for k, v in require_object(config, "generation_config").items()}
+    _known(config, _CONFIG_FIELDS, "generation_config")
+    mime = config.get("responseMimeType", "text/plain")
+    if mime not in _MIME_TYPES:
+        raise BadRequest(
+            "* GenerateContentRequest.generation_config.response_mime_type: allowed mimetypes are "
+            "`text/plain`, `application/json`, `application/xml`, `application/yaml` and `text/x.enum`."
+        )
+    schemas = [name for name in ("responseSchema", "responseJsonSchema") if config.get(name) is not None]
+    if len(schemas) > 1:
+        raise BadRequest(
+            "* GenerateContentRequest.generation_config: response_schema and response_json_schema "
+            "cannot both be set."
+        )
+    if schemas and mime != "application/json":
+        raise BadRequest(
+            "* GenerateContentRequest.generation_config.response_mime_type: it must be application/json "
+            "when a response schema is set."
+        )
+    if config.get("responseJsonSchema") is not None:
+        require_object(config["responseJsonSchema"], "generation_config.response_json_schema")
+    return bool(mime == "application/json")
 
 
 def _part_texts(content: JsonObject) -> list[str]:

@@ -10,6 +10,9 @@ Reproduces, for ``POST /v1/chat/completions`` with ``Authorization: Bearer KEY``
   ``code: "rate_limit_exceeded"``, "Please try again in 6.78s." in the message and a ``retry-after``
   header in whole seconds; 401 ``invalid_api_key`` (the key masked in the message, as OpenAI does);
   404 ``model_not_found``; 500/503 ``server_error``.
+* Roles ``system``, ``developer``, ``user``, ``assistant``, ``tool``; ``response_format`` of type
+  ``text``, ``json_object`` (a message must then say "json", or it is a 400) or ``json_schema`` (with
+  its ``name``): a JSON mode answers with JSON text.
 * ``x-ratelimit-limit-requests``/``-remaining-requests``/``-reset-requests`` headers only while a limit
   is set (local servers send none).
 """
@@ -37,6 +40,33 @@ from ._common import (
 )
 from ._state import RateLimited, Snapshot
 
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _json_mode(response_format: object, texts: list[str]) -> bool:
+    """Whether ``response_format`` asks for JSON, refused as the API refuses it: an unknown type, a
+    ``json_schema`` without its name, or ``json_object`` with no message saying "json"."""
+    if response_format is None:
+        return False
+    fmt = require_object(response_format, "'response_format'")
+    kind = fmt.get("type")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise BadRequest(
+            f"Invalid value: '{kind}'. Supported values are: 'json_object', 'json_schema', and 'text'."
+        )
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise BadRequest("Missing required parameter: 'response_format.json_schema.name'.")
+        if "schema" in spec and not isinstance(spec["schema"], dict):
+            raise BadRequest("Invalid type for 'response_format.json_schema.schema': expected an object.")
+    if kind == "json_object" and not any("json" in text.lower() for text in texts):
+        raise BadRequest(
+            "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+            "'json_object'."
+        )
+    return bool(kind != "text")
+
 
 class ChatCompletionsApi(ProviderApi):
     """What Groq and the OpenAI-compatible servers share: the request, the bearer key, the body shapes."""
@@ -56,10 +86,18 @@ class ChatCompletionsApi(ProviderApi):
             raise BadRequest("'model' : property 'model' is missing")
         messages = require_list(body.get("messages"), "'messages' : property 'messages' is missing")
         texts: list[str] = []
-        for message in messages:
-            texts.extend(texts_of(require_object(message, "'messages.0'").get("content")))
-        prompt = " ".join(texts_of(messages[-1].get("content")))
-        return ChatRequest(model=model, prompt=prompt, input_texts=non_empty(texts))
+        for i, message in enumerate(messages):
+            message = require_object(message, f"'messages.{i}'")
+            if message.get("role") not in _ROLES:
+                raise BadRequest(
+                    f"Invalid value: '{message.get('role')}'. Supported values are: 'system', 'assistant', "
+                    "'user', 'tool', and 'developer'."
+                )
+            texts.extend(texts_of(message.get("content")))
+        # the text parts of a message are one text, read in order (as the model reads them)
+        prompt = "".join(texts_of(messages[-1].get("content")))
+        json_mode = _json_mode(body.get("response_format"), texts)
+        return ChatRequest(model=model, prompt=prompt, input_texts=non_empty(texts), json_mode=json_mode)
 
     def completion(self, request: ChatRequest, text: str, completion_id: str) -> JsonObject:
         prompt_tokens, output_tokens = request.input_tokens, words(text)

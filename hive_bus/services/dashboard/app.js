@@ -222,6 +222,13 @@ function detailOf(record) {
   return s.length > DETAIL_CHARS ? `${s.slice(0, DETAIL_CHARS)}…` : s;
 }
 
+// What a task of messages asks: its last message's text (content is a string or a list of text parts).
+function lastMessage(messages) {
+  if (!Array.isArray(messages) || !messages.length) return undefined;
+  const content = messages[messages.length - 1].content;
+  return typeof content === "string" ? content : (content || []).map((part) => part.text || "").join("");
+}
+
 // A task's latest state from an event of the feed (see hive_bus/_messages.py for the shapes).
 function fromEvent(status, event) {
   return {
@@ -231,7 +238,7 @@ function fromEvent(status, event) {
     at: event.at_ms,
     attempt: event.attempt || 0,
     worker: event.worker || "",
-    prompt: event.task ? event.task.prompt : undefined,
+    prompt: event.task ? event.task.prompt || lastMessage(event.task.messages) : undefined,
     output: event.output,
     error: event.error,
     reason: event.reason,
