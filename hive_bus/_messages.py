@@ -112,6 +112,10 @@ class Params(Struct, frozen=True, kw_only=True, omit_defaults=True):
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    # Sequences at which the provider stops generating (OpenAI takes up to four), and a seed for
+    # repeatable sampling. An adapter whose provider cannot honour one fails the task saying so.
+    stop: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=4)] | None = None
+    seed: int | None = None
 
 
 class RequestParams(Params, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -371,6 +375,9 @@ class Failed(_Event, frozen=True, kw_only=True, tag="failed.v1"):
     task: Task | None = None
     # the start of a message that was not a task at all (reason "undecodable")
     raw: str | None = None
+    # the HTTP status of the provider's last answer (400 bad request, 404 no such model, 503...), where
+    # it had one; 400 for a task the adapter knew its provider could not take
+    provider_status: int | None = None
 
 
 TaskEvent = Queued | Running | Retrying | Moved | Completed | Failed
@@ -416,6 +423,8 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     cost_usd: float | None = None
     # an output kept in the Object Store that this view has not read back (lists of tasks leave it)
     output_ref: BlobRef | None = None
+    # of a failed task: the HTTP status of the provider's last answer, where it had one
+    provider_status: int | None = None
 
     @property
     def done(self) -> bool:
@@ -455,6 +464,7 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
                 return cls(
                     id=id_, provider=provider, updated_at_ms=at_ms, status="failed",
                     attempt=event.attempt, worker=event.worker, reason=event.reason, error=event.error,
+                    provider_status=event.provider_status,
                 )  # fmt: skip
 
 

@@ -111,9 +111,9 @@ class Settler:
                     await self._retry(d, delay_s, reason="transient", error=outcome.message, waits=d.waits)
                 case RetryLater():
                     error = f"out of attempts ({d.attempt}); last error: {outcome.message}"
-                    await self.fail(d, "out_of_attempts", error)
+                    await self.fail(d, "out_of_attempts", error, status=outcome.status)
                 case ProviderError():
-                    await self.fail(d, "permanent", outcome.message)
+                    await self.fail(d, "permanent", outcome.message, status=outcome.status)
         except (TooLarge, BlobMissing) as exc:
             # Retrying cannot make it fit: the task fails for good, with the reason (point of no return)
             log.warning("the outcome of task %s cannot be recorded (%s); it fails", task.id, exc)
@@ -174,12 +174,13 @@ class Settler:
         self.counts.moved += 1
         log.info("task %s moves from %s to %s: %s", task.id, task.provider, moved.provider, why)
 
-    async def fail(self, d: Delivery, reason: FailReason, error: str) -> None:
-        """The task failed for good: it goes to the dead letters, its ``failed`` event records it, TERM."""
+    async def fail(self, d: Delivery, reason: FailReason, error: str, *, status: int | None = None) -> None:
+        """The task failed for good: it goes to the dead letters, its ``failed`` event records it, TERM.
+        ``status``: the HTTP status of the provider's last answer, where it had one."""
         task = d.task
         event = Failed(
             task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=d.attempt, worker=self._worker_id,
-            reason=reason, error=_clipped(error), task=task,
+            reason=reason, error=_clipped(error), task=task, provider_status=status,
         )  # fmt: skip
         data = encoder.encode(event)
         if len(data) > self._bus.settings.claim_check_bytes:

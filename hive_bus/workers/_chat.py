@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from hive_bus import Output, Task, Usage
+from hive_bus import FailNow, Output, Task, Usage
 
 from . import _stainless
 
@@ -17,12 +17,25 @@ def chat_messages(task: Task) -> list[Any]:
     return messages
 
 
-def sampling(task: Task, *, max_tokens_name: str) -> dict[str, Any]:
-    """The task's sampling parameters under the SDK's names; unset ones are left out."""
+def sampling(
+    task: Task, *, max_tokens_name: str, stop_name: str = "stop", seed_name: str | None = "seed"
+) -> dict[str, Any]:
+    """The task's sampling parameters under the SDK's names; unset ones are left out. A provider
+    without a seed (``seed_name`` None) fails a task that sets one: never silently ignored."""
     params = task.params
     if params is None:
         return {}
-    values = {"temperature": params.temperature, "top_p": params.top_p, max_tokens_name: params.max_tokens}
+    if params.seed is not None and seed_name is None:
+        raise FailNow(
+            f"{task.provider} cannot honour `seed`: its API takes no seed; leave it out", status=400
+        )
+    values = {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        max_tokens_name: params.max_tokens,
+        stop_name: params.stop,
+        **({seed_name: params.seed} if seed_name else {}),
+    }
     return {k: v for k, v in values.items() if v is not None}
 
 

@@ -34,7 +34,7 @@ class AnthropicProvider:
         model = task.model or self._model
         options: dict[str, Any] = {
             "max_tokens": DEFAULT_MAX_TOKENS,
-            **sampling(task, max_tokens_name="max_tokens"),
+            **sampling(task, max_tokens_name="max_tokens", stop_name="stop_sequences", seed_name=None),
         }
         if task.system:
             options["system"] = task.system

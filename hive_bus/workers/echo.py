@@ -1,6 +1,8 @@
 """``echo``: returns the prompt. For trials, demos and benchmarks.
 
-A ``payload`` of ``{"delay_s": 2.5}`` makes it take that long, to try out draining and redelivery.
+It honours ``params.stop`` (the echo ends where a stop sequence begins); a ``seed`` changes nothing, as
+the echo is the same every time. A ``payload`` of ``{"delay_s": 2.5}`` makes it take that long, to try
+out draining and redelivery.
 """
 
 from __future__ import annotations
@@ -15,5 +17,13 @@ class EchoProvider:
         delay_s = task.payload.get("delay_s") if isinstance(task.payload, dict) else None
         if isinstance(delay_s, int | float) and delay_s > 0:
             await anyio.sleep(float(delay_s))
-        words = len(task.prompt.split())
-        return Output(value=task.prompt, model="echo", usage=Usage(input_tokens=words, output_tokens=words))
+        asked = task.prompt
+        text = asked
+        stops = task.params.stop if task.params else None
+        if stops:  # cut where a stop sequence begins, as a model stops there (a seed changes nothing)
+            text = text[: min((i for s in stops if (i := text.find(s)) >= 0), default=len(text))]
+        return Output(
+            value=text,
+            model="echo",
+            usage=Usage(input_tokens=len(asked.split()), output_tokens=len(text.split())),
+        )

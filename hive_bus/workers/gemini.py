@@ -67,7 +67,9 @@ class GeminiProvider:
         text = response.text
         if text is None:
             reason = response.candidates[0].finish_reason if response.candidates else "no candidates"
-            raise FailNow(f"gemini returned no text (finish reason {reason}); the prompt may be blocked")
+            raise FailNow(
+                f"gemini returned no text (finish reason {reason}); the prompt may be blocked", status=400
+            )
         meta = response.usage_metadata
         usage = None
         if meta is not None:
@@ -89,6 +91,8 @@ def _config(task: Task) -> types.GenerateContentConfig | None:
             "temperature": params.temperature,
             "top_p": params.top_p,
             "max_output_tokens": params.max_tokens,
+            "stop_sequences": params.stop,
+            "seed": params.seed,
         }
     values = {k: v for k, v in values.items() if v is not None}
     return types.GenerateContentConfig(**values) if values else None
