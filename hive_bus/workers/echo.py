@@ -17,7 +17,9 @@ class EchoProvider:
         delay_s = task.payload.get("delay_s") if isinstance(task.payload, dict) else None
         if isinstance(delay_s, int | float) and delay_s > 0:
             await anyio.sleep(float(delay_s))
-        asked = task.prompt
+        # a task of messages echoes its last user message (until the adapters map conversations)
+        users = [m.text for m in task.messages or [] if m.role == "user"]
+        asked = task.prompt or (users[-1] if users else "")
         text = asked
         stops = task.params.stop if task.params else None
         if stops:  # cut where a stop sequence begins, as a model stops there (a seed changes nothing)
