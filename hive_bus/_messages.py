@@ -228,6 +228,10 @@ class _TaskFields(Struct, frozen=True, kw_only=True, omit_defaults=True):
     deadline_s: Seconds | None = None
     # The shape of the output: free text (unset), a JSON object, or JSON matching a schema.
     response_format: ResponseFormat | None = None
+    # Opt in to the response cache (hive_bus._cache): an identical task (provider, model, what it asks,
+    # parameters, output shape) within this many seconds of one that completed answers from the cache,
+    # with no provider call and no budget spent.
+    cache_ttl_s: Seconds | None = None
 
     def __post_init__(self) -> None:
         # checked on every decode too (msgspec reports the ValueError as a validation error)
@@ -364,6 +368,8 @@ class Completed(_Event, frozen=True, kw_only=True, tag="completed.v1"):
     # Set when the output was too large for a message: it is in the Object Store and ``output`` is
     # None; the client's readers (Hive.get, wait, results) read it back.
     output_ref: BlobRef | None = None
+    # True when the output came from the response cache: no provider call, no budget, no cost.
+    cached: bool = False
 
 
 class Failed(_Event, frozen=True, kw_only=True, tag="failed.v1"):
@@ -423,6 +429,8 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     cost_usd: float | None = None
     # an output kept in the Object Store that this view has not read back (lists of tasks leave it)
     output_ref: BlobRef | None = None
+    # the output came from the response cache (no provider call)
+    cached: bool = False
     # of a failed task: the HTTP status of the provider's last answer, where it had one
     provider_status: int | None = None
 
@@ -458,7 +466,7 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
                     attempt=event.attempt, worker=event.worker, output=event.output, model=event.model,
                     usage=event.usage, submitted_at_ms=event.submitted_at_ms or None,
                     started_at_ms=event.started_at_ms or None, call_s=event.call_s, cost_usd=event.cost_usd,
-                    output_ref=event.output_ref,
+                    output_ref=event.output_ref, cached=event.cached,
                 )  # fmt: skip
             case Failed():
                 return cls(

@@ -93,12 +93,14 @@ class Settler:
         self._backoff = backoff
         self.counts = Counters()
 
-    async def settle(self, d: Delivery, outcome: Outcome, call_s: float) -> None:
+    async def settle(self, d: Delivery, outcome: Outcome, call_s: float, *, cached: bool = False) -> None:
+        """Record ``outcome`` and ack, NAK or TERM the task. ``cached``: the output came from the response
+        cache (hive_bus._cache), not from a call."""
         task = d.task
         try:
             match outcome:
                 case Output():
-                    await self._complete(d, outcome, call_s)
+                    await self._complete(d, outcome, call_s, cached=cached)
                 case RetryAfter():
                     until_ms = now_ms() + int(outcome.retry_after_s * 1000)
                     await self._cooldowns.impose(
@@ -213,13 +215,15 @@ class Settler:
             await msg.term()
         self.counts.failed += 1
 
-    async def _complete(self, d: Delivery, output: Output, call_s: float) -> None:
+    async def _complete(self, d: Delivery, output: Output, call_s: float, *, cached: bool = False) -> None:
         task = d.task
         event = Completed(
             task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=d.attempt, worker=self._worker_id,
             output=output.value, model=output.model, usage=output.usage, submitted_at_ms=task.submitted_at_ms,
             started_at_ms=d.started_ms, call_s=round(call_s, 6),
-            cost_usd=self._prices.cost_usd(output.model, output.usage),
+            # an answer from the cache cost nothing: no call was made
+            cost_usd=0.0 if cached else self._prices.cost_usd(output.model, output.usage),
+            cached=cached,
         )  # fmt: skip
         try:
             data = encoder.encode(event)

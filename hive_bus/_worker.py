@@ -32,6 +32,7 @@ from nats.js.api import ConsumerInfo
 from . import _blobs, _redact
 from ._budget import Budgets, ProviderBudget, Reservation
 from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
+from ._cache import ResponseCache
 from ._cooldown import KeyCooldowns
 from ._errors import FailNow, KeyRejected, NoQuota, ProviderError, RetryAfter, RetryLater, TooLarge
 from ._keys import Blocked, KeyRing
@@ -160,6 +161,7 @@ class Worker:
         backoff = Backoff(options.backoff_base_s, options.backoff_cap_s)
         self._settler = Settler(bus, self.id, self.cooldowns, options.prices or PriceTable(), backoff)
         self._counts = self._settler.counts
+        self._cache = ResponseCache(bus)
         self._started_at_ms = now_ms()
 
     @property
@@ -401,6 +403,15 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await settler.fail(d, "permanent", f"the task's content cannot be read: {exc}")
             return
+        model = task.model or self.model
+        if task.cache_ttl_s is not None:
+            # before a key is picked: a hit makes no call and spends no budget (see hive_bus._cache)
+            hit = await self._cache.lookup(task, model)
+            if hit is not None:
+                with anyio.CancelScope(shield=True):
+                    d = dataclasses.replace(d, key="cache")
+                    await settler.settle(d, Output(hit.output, hit.model, hit.usage), 0.0, cached=True)
+                return
         for _ in range(len(self._keys)):
             got = await self._acquire(task)
             if isinstance(got, Blocked):
@@ -438,7 +449,10 @@ class Worker:
                         continue  # the key was refused, not the task: the next key tries it
                     if isinstance(outcome, NoQuota):
                         continue  # the key cannot serve the model: the next key tries the task
-                    await settler.settle(d, outcome, time.perf_counter() - t0)
+                    call_s = time.perf_counter() - t0
+                    if isinstance(outcome, Output) and task.cache_ttl_s is not None:
+                        await self._cache.store(task, model, outcome)  # before its twins can ask
+                    await settler.settle(d, outcome, call_s)
                 finally:
                     # after a 429 or a refusal, the other lanes go on once the key's cooldown is known
                     self.ring.released(key.name)

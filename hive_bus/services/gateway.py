@@ -29,9 +29,11 @@ from litestar.types import ASGIApp
 
 from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskNotFound, __version__
 from hive_bus._audit import StoreAudit
+from hive_bus._bus import ensure_cache_stream
 from hive_bus._dlq import NotReplayable
 from hive_bus._errors import TooLarge
 from hive_bus._messages import explain
+from hive_bus._nats import BUS_ERRORS
 from hive_bus._router import Router
 
 from . import answers, dashboard
@@ -212,6 +214,7 @@ class Gateway:
         check_exposure(options.host, options.tokens)
         ensure_file_limit(options.limits.max_connections)
         self.options = options
+        self._hive = hive
         self.metrics = BusMetrics(hive.bus)
         self.router = Router(hive.bus)
         settings = hive.bus.settings
@@ -245,6 +248,10 @@ class Gateway:
                 await self._server.serve([self._sock])
                 tg.cancel_scope.cancel()  # uvicorn has stopped: so does the metrics follower
 
+            try:  # the response cache's bucket, before a worker that may not create it needs it
+                await ensure_cache_stream(self._hive.bus.js, self._hive.bus.settings)
+            except (*BUS_ERRORS, HiveError) as exc:
+                log.warning("the response cache cannot be used: %s", exc)
             await tg.start(self.metrics.run)
             await tg.start(self.router.run)
             await tg.start(self.audit.run)
