@@ -35,6 +35,7 @@ from hive_bus._errors import TooLarge
 from hive_bus._messages import explain
 from hive_bus._nats import BUS_ERRORS
 from hive_bus._router import Router
+from hive_bus._routes import Routes
 
 from . import answers, dashboard
 from .api import AUDIT_ROUTES, METRICS_ROUTES, ROUTES, as_response
@@ -44,6 +45,7 @@ from .edge import Edge
 from .fastpath import FastSubmit
 from .limits import ConnectionLimits, ensure_file_limit, limited_protocol
 from .metrics import BusMetrics
+from .openai_chat import CHAT_ROUTES, DEFAULT_CHAT_WAIT_S, Catalog
 
 log = logging.getLogger("hive_bus.gateway")
 
@@ -63,6 +65,10 @@ class GatewayOptions:
     # False sends every submission through its route: the same answers, for more CPU (services.fastpath);
     # tests/test_submit_parity.py compares the two.
     fast_path: bool = True
+    # The aliases that chat completions' ``model`` may name (hive_bus._routes), and how long a chat
+    # completion waits for its task when the request does not say (X-Hive-Wait).
+    routes: Routes = field(default_factory=Routes)
+    chat_wait_s: float = DEFAULT_CHAT_WAIT_S
 
 
 # errors ------------------------------------------------------------------------------------------
@@ -145,11 +151,14 @@ def create_app(
         "stopping": stopping or threading.Event(),
         "feed_max_s": options.feed_max_s,
         "audit": audit,
+        "catalog": Catalog(hive, options.routes),
+        "chat_wait_s": options.chat_wait_s,
     }
     app = Litestar(
         route_handlers=[
             *ROUTES,
             *DLQ_ROUTES,
+            *CHAT_ROUTES,
             *(METRICS_ROUTES if metrics is not None else []),
             *(AUDIT_ROUTES if audit is not None else []),
             *dashboard.ROUTES,
