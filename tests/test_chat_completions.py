@@ -29,7 +29,7 @@ from hive_bus.workers.gemini import GeminiProvider
 from hive_bus.workers.groq import GroqProvider
 
 from .fakes import ProviderFakes
-from .helpers import events_of, hive_cli, running_worker
+from .helpers import events_of, eventually, hive_cli, running_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -399,3 +399,30 @@ def test_cache_twins_share_a_key_and_other_asks_do_not() -> None:
     assert cache_key(task(prompt="hola", params={"temperature": 0.5}), "m") != key
     assert cache_key(task(prompt="hola", system="s"), "m") != key
     assert cache_key(task(prompt="hola", payload={"a": 1}), "m") != key
+
+
+async def test_a_client_that_goes_away_ends_its_wait_and_the_task_goes_on(stack: Stack) -> None:
+    release = anyio.Event()
+
+    async def held(task: Task) -> str:
+        await release.wait()
+        return "done anyway"
+
+    async def waits_ended(at_most: int) -> bool:
+        info = await stack.bus.js.stream_info(stack.bus.names.events_stream)
+        return info.state.consumer_count <= at_most
+
+    async with running_worker(stack.bus, "held", FunctionProvider(held)):
+        info = await stack.bus.js.stream_info(stack.bus.names.events_stream)
+        before = info.state.consumer_count
+        body = {"model": "held", "messages": [{"role": "user", "content": "x"}]}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            await stack.http.post(
+                "/v1/chat/completions", json=body, headers={"X-Hive-Wait": "60"}, timeout=1.5
+            )
+        # the gateway's wait (a consumer of the events stream) ends with the connection, not after 60 s
+        await eventually(lambda: waits_ended(before), 10, "the wait to end with its client")
+        release.set()
+        [task] = (await stack.http.get("/v1/tasks", params={"provider": "held"})).json()
+        done = await stack.http.get(f"/v1/tasks/{task['id']}", params={"wait": 10})
+    assert done.json()["output"] == "done anyway"
