@@ -46,6 +46,7 @@ class CachedAnswer(msgspec.Struct, frozen=True, kw_only=True, tag="cache.v1", ta
     output: Any
     model: str | None = None
     usage: Usage | None = None
+    finish_reason: str | None = None
     task_id: str = ""
     at_ms: int = 0
 
@@ -107,7 +108,12 @@ class ResponseCache:
         if task.cache_ttl_s is None or not await self._ensure():
             return
         answer = CachedAnswer(
-            output=output.value, model=output.model, usage=output.usage, task_id=task.id, at_ms=now_ms()
+            output=output.value,
+            model=output.model,
+            usage=output.usage,
+            finish_reason=output.finish_reason,
+            task_id=task.id,
+            at_ms=now_ms(),
         )
         try:
             data = _encoder.encode(answer)

@@ -370,6 +370,8 @@ class Completed(_Event, frozen=True, kw_only=True, tag="completed.v1"):
     output_ref: BlobRef | None = None
     # True when the output came from the response cache: no provider call, no budget, no cost.
     cached: bool = False
+    # why the model stopped, in OpenAI's words ("stop", "length", "content_filter"), where it said
+    finish_reason: str | None = None
 
 
 class Failed(_Event, frozen=True, kw_only=True, tag="failed.v1"):
@@ -431,6 +433,7 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     output_ref: BlobRef | None = None
     # the output came from the response cache (no provider call)
     cached: bool = False
+    finish_reason: str | None = None
     # of a failed task: the HTTP status of the provider's last answer, where it had one
     provider_status: int | None = None
 
@@ -466,7 +469,7 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
                     attempt=event.attempt, worker=event.worker, output=event.output, model=event.model,
                     usage=event.usage, submitted_at_ms=event.submitted_at_ms or None,
                     started_at_ms=event.started_at_ms or None, call_s=event.call_s, cost_usd=event.cost_usd,
-                    output_ref=event.output_ref, cached=event.cached,
+                    output_ref=event.output_ref, cached=event.cached, finish_reason=event.finish_reason,
                 )  # fmt: skip
             case Failed():
                 return cls(

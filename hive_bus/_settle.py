@@ -223,7 +223,7 @@ class Settler:
             started_at_ms=d.started_ms, call_s=round(call_s, 6),
             # an answer from the cache cost nothing: no call was made
             cost_usd=0.0 if cached else self._prices.cost_usd(output.model, output.usage),
-            cached=cached,
+            cached=cached, finish_reason=output.finish_reason,
         )  # fmt: skip
         try:
             data = encoder.encode(event)

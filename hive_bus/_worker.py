@@ -410,7 +410,8 @@ class Worker:
             if hit is not None:
                 with anyio.CancelScope(shield=True):
                     d = dataclasses.replace(d, key="cache")
-                    await settler.settle(d, Output(hit.output, hit.model, hit.usage), 0.0, cached=True)
+                    answer = Output(hit.output, hit.model, hit.usage, hit.finish_reason)
+                    await settler.settle(d, answer, 0.0, cached=True)
                 return
         for _ in range(len(self._keys)):
             got = await self._acquire(task)

@@ -16,7 +16,7 @@ import openai
 import pytest
 from openai.types.chat import completion_create_params
 
-from hive_bus import Completed, FunctionProvider, Hive, Settings, Task
+from hive_bus import Completed, FunctionProvider, Hive, Output, Settings, Task, Usage
 from hive_bus._cache import cache_key
 from hive_bus._messages import new_task_id, now_ms
 from hive_bus._routes import Routes, RoutesError
@@ -426,3 +426,17 @@ async def test_a_client_that_goes_away_ends_its_wait_and_the_task_goes_on(stack:
         [task] = (await stack.http.get("/v1/tasks", params={"provider": "held"})).json()
         done = await stack.http.get(f"/v1/tasks/{task['id']}", params={"wait": 10})
     assert done.json()["output"] == "done anyway"
+
+
+async def test_the_finish_reason_is_the_one_the_provider_gave(stack: Stack) -> None:
+    async def capped(task: Task) -> Output:
+        return Output(
+            "cut sh", model="tiny", usage=Usage(input_tokens=3, output_tokens=2), finish_reason="length"
+        )
+
+    async with running_worker(stack.bus, "capped", FunctionProvider(capped)):
+        completion = await stack.client.chat.completions.create(
+            model="capped", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.model == "capped/tiny"

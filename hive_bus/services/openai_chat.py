@@ -416,7 +416,9 @@ def completion_of(view: TaskView) -> ChatCompletion:
         id=f"chatcmpl-{view.id}",
         created=created_ms // 1000,
         model=answered_by(view),
-        choices=[Choice(message=AssistantMessage(content=content))],
+        choices=[
+            Choice(message=AssistantMessage(content=content), finish_reason=view.finish_reason or "stop")
+        ],
         usage=CompletionUsage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,

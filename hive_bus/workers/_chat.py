@@ -53,9 +53,11 @@ async def chat_complete(
             raise
         raise outcome from None
     usage = response.usage
+    choice = response.choices[0]
     return Output(
-        value=response.choices[0].message.content or "",
+        value=choice.message.content or "",
         model=model,
+        finish_reason=choice.finish_reason,  # OpenAI's words already
         usage=Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
         if usage
         else None,

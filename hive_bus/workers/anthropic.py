@@ -17,6 +17,8 @@ from ._chat import sampling
 
 DEFAULT_MODEL = "claude-haiku-4-5"
 DEFAULT_MAX_TOKENS = 1024  # the Messages API requires one
+# Anthropic's stop_reason in OpenAI's words (end_turn, stop_sequence and the rest: "stop")
+_FINISH = {"max_tokens": "length", "refusal": "content_filter", "tool_use": "tool_calls"}
 
 
 class AnthropicProvider:
@@ -49,7 +51,8 @@ class AnthropicProvider:
             raise outcome from None
         text = "".join(block.text for block in response.content if getattr(block, "type", "") == "text")
         usage = Usage(input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens)
-        return Output(value=text, model=model, usage=usage)
+        finish = _FINISH.get(response.stop_reason or "", "stop")
+        return Output(value=text, model=model, usage=usage, finish_reason=finish)
 
     async def aclose(self) -> None:
         await self._client.close()

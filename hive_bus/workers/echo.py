@@ -28,4 +28,5 @@ class EchoProvider:
             value=text,
             model="echo",
             usage=Usage(input_tokens=len(asked.split()), output_tokens=len(text.split())),
+            finish_reason="stop",
         )

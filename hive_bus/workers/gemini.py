@@ -76,11 +76,29 @@ class GeminiProvider:
             usage = Usage(
                 input_tokens=meta.prompt_token_count or 0, output_tokens=meta.candidates_token_count or 0
             )
-        return Output(value=text, model=model, usage=usage)
+        reason = response.candidates[0].finish_reason if response.candidates else None
+        return Output(value=text, model=model, usage=usage, finish_reason=_finish(reason))
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
         self._client.close()
+
+
+_FILTERED = frozenset(
+    {
+        types.FinishReason.SAFETY, types.FinishReason.RECITATION, types.FinishReason.BLOCKLIST,
+        types.FinishReason.PROHIBITED_CONTENT, types.FinishReason.SPII,
+    }
+)  # fmt: skip
+
+
+def _finish(reason: types.FinishReason | None) -> str | None:
+    """Gemini's finish reason in OpenAI's words."""
+    if reason is None:
+        return None
+    if reason == types.FinishReason.MAX_TOKENS:
+        return "length"
+    return "content_filter" if reason in _FILTERED else "stop"
 
 
 def _config(task: Task) -> types.GenerateContentConfig | None:
