@@ -440,3 +440,48 @@ async def test_the_finish_reason_is_the_one_the_provider_gave(stack: Stack) -> N
         )
     assert completion.choices[0].finish_reason == "length"
     assert completion.model == "capped/tiny"
+
+
+async def test_a_response_format_travels_with_the_task_and_a_json_output_is_its_text(stack: Stack) -> None:
+    async def structured(task: Task) -> object:
+        return {"ok": True, "tags": ["#nats"]}
+
+    schema: dict[str, object] = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["ok", "tags"],
+    }
+    async with running_worker(stack.bus, "structured", FunctionProvider(structured)):
+        raw = await stack.client.chat.completions.with_raw_response.create(
+            model="structured",
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "post", "schema": schema}},
+        )
+    content = raw.parse().choices[0].message.content
+    assert content is not None and msgspec.json.decode(content) == {"ok": True, "tags": ["#nats"]}
+    events = await events_of(stack.bus, raw.headers["x-hive-task-id"])
+    task = typing.cast(Task, getattr(events[0], "task"))  # noqa: B009
+    assert task.response_format is not None
+    assert msgspec.to_builtins(task.response_format)["json_schema"]["schema"] == schema
+
+
+async def test_x_hive_cache_ttl_opts_one_request_into_the_cache(stack: Stack) -> None:
+    calls: list[str] = []
+
+    async def counted(task: Task) -> str:
+        calls.append(task.id)
+        return f"answer {len(calls)}"
+
+    ask = {"model": "counted", "messages": [{"role": "user", "content": "same"}]}
+    async with running_worker(stack.bus, "counted", FunctionProvider(counted)):
+        plain = [(await stack.http.post("/v1/chat/completions", json=ask)).json() for _ in range(2)]
+        cached = [
+            await stack.http.post("/v1/chat/completions", json=ask, headers={"X-Hive-Cache-TTL": "60"})
+            for _ in range(2)
+        ]
+    assert [p["choices"][0]["message"]["content"] for p in plain] == [
+        "answer 1",
+        "answer 2",
+    ]  # off by default
+    assert [c.json()["choices"][0]["message"]["content"] for c in cached] == ["answer 3", "answer 3"]
+    assert len(calls) == 3 and cached[1].headers["x-hive-cache"] == "hit"
