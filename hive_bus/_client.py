@@ -155,7 +155,8 @@ class Hive:
         """Queue one task and return its id once JetStream has stored it.
 
         ``policy`` takes the other fields of :class:`TaskRequest`: ``priority``, ``fallback``, ``route``,
-        ``max_attempts``, ``backoff_base_s``, ``backoff_cap_s``, ``max_wait_s``, ``deadline_s``.
+        ``max_attempts``, ``backoff_base_s``, ``backoff_cap_s``, ``max_wait_s``, ``deadline_s``, and
+        ``cache_ttl_s`` (answer from the response cache when a twin completed within it).
         """
         fields: dict[str, Any] = {
             "provider": provider,

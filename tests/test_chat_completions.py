@@ -12,6 +12,7 @@ from pathlib import Path
 import anyio
 import httpx
 import msgspec
+import nats.js.errors
 import openai
 import pytest
 from openai.types.chat import completion_create_params
@@ -485,3 +486,38 @@ async def test_x_hive_cache_ttl_opts_one_request_into_the_cache(stack: Stack) ->
     ]  # off by default
     assert [c.json()["choices"][0]["message"]["content"] for c in cached] == ["answer 3", "answer 3"]
     assert len(calls) == 3 and cached[1].headers["x-hive-cache"] == "hit"
+
+
+async def test_a_cached_answer_is_forgotten_by_the_server_after_its_ttl(bus: Bus, hive: Hive) -> None:
+    calls: list[str] = []
+
+    async def counted(task: Task) -> str:
+        calls.append(task.id)
+        return f"answer {len(calls)}"
+
+    asked = msgspec.convert(
+        {"provider": "ttl", "prompt": "same", "id": new_task_id(), "submitted_at_ms": 0}, Task
+    )
+    names = bus.names
+    subject = names.cache_subject("ttl", cache_key(asked, None))  # a handler's worker has no model
+
+    async def kept() -> bool:
+        try:
+            await bus.js.get_last_msg(names.cache_stream, subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
+    async with running_worker(bus, "ttl", FunctionProvider(counted)):
+        first = await hive.wait(await hive.submit("ttl", "same", cache_ttl_s=3), 10)
+        assert await kept()
+        twin = await hive.wait(await hive.submit("ttl", "same", cache_ttl_s=3), 10)
+
+        async def forgotten() -> bool:
+            return not await kept()
+
+        await eventually(forgotten, 15, "the server to drop the cached answer at its TTL")
+        later = await hive.wait(await hive.submit("ttl", "same", cache_ttl_s=3), 10)
+    assert (first.output, twin.output, later.output) == ("answer 1", "answer 1", "answer 2")
+    assert (first.cached, twin.cached, later.cached) == (False, True, False)
+    assert len(calls) == 2
