@@ -60,7 +60,7 @@ _SUPPORTED = frozenset(SUPPORTED_FIELDS)
 
 # errors ------------------------------------------------------------------------------------------
 
-ErrorType = Literal["invalid_request_error", "server_error", "authentication_error"]
+ErrorType = Literal["invalid_request_error", "server_error"]
 
 
 class OpenAIErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
@@ -483,7 +483,6 @@ def still_running(view: TaskView, wait_s: float) -> OpenAIError:
         f"task {view.id} has not ended within {wait_s:g}s (it is {view.status}); it goes on: "
         f"GET /v1/tasks/{view.id} has its result later",
         type="server_error",
-        param=view.id,
         code="wait_exceeded",
         final=True,
         headers={"X-Hive-Task-Id": view.id, "X-Hive-Provider": view.provider},
