@@ -337,6 +337,46 @@ def counters_stream_config(settings: Settings) -> StreamConfig:
     )
 
 
+# The response cache (hive_bus._cache): each answer expires by its own TTL; a full bucket drops its
+# oldest answers (a cache, unlike the queue, may forget). No answer outlives the longest TTL a task takes.
+CACHE_MAX_BYTES = 64 * 1024**2
+CACHE_MAX_AGE_S = 30 * 86400.0
+
+
+def cache_stream_config(settings: Settings) -> StreamConfig:
+    """The response cache, a KV bucket whose keys carry their own TTL (``Nats-TTL``, nats-server 2.11+):
+    declared as a stream, as nats-py's ``KeyValueConfig`` has no per-message TTL switch."""
+    names = settings.names
+    return StreamConfig(
+        name=names.cache_stream,
+        description="hive-bus response cache: answers of tasks that opted in, each with its own TTL",
+        subjects=[f"$KV.{names.cache_bucket}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_msgs_per_subject=1,
+        max_age=CACHE_MAX_AGE_S,
+        max_bytes=CACHE_MAX_BYTES,
+        max_msg_size=VALUE_MAX_BYTES,
+        allow_msg_ttl=True,
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        num_replicas=settings.replicas,
+    )
+
+
+async def ensure_cache_stream(js: JetStreamContext, settings: Settings) -> None:
+    """Create the response cache's bucket if missing, or check it. Not part of :func:`declare_bus`:
+    only tasks that opt in use it (the gateway declares it at start, a worker on first use)."""
+    try:
+        await _ensure_stream(js, cache_stream_config(settings))
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+        raise BusUnavailable(
+            f"JetStream did not answer while declaring {settings.names.cache_stream}: {exc}"
+        ) from None
+
+
 async def ensure_counters_stream(js: JetStreamContext, settings: Settings) -> None:
     """Create the counters stream if missing, or check it. Not part of :func:`declare_bus`: only the
     processes that submit tasks or count them use it, and a worker's credential may not look at it."""

@@ -37,6 +37,7 @@ from ._messages import (
 from ._nats import following
 from ._prices import PriceFileError, PriceTable
 from ._providers import HandlerError, Provider, load_handler
+from ._routes import ENV_ROUTES, Routes, RoutesError
 from ._settings import ENV_PREFIX, Settings, SettingsError, load_settings, with_overrides
 from ._signals import until_stopped
 from ._version import __version__
@@ -61,7 +62,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     lazy = [getattr(sys.modules[m], name) for m, name in _LAZY_ERRORS if m in sys.modules]
     return (
         HiveError, SettingsError, EmbeddedServerError, HandlerError, PriceFileError, BudgetError,
-        msgspec.ValidationError, *lazy,
+        RoutesError, msgspec.ValidationError, *lazy,
     )  # fmt: skip
 
 
@@ -103,6 +104,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 _FILE = click.Path(dir_okay=False)
+_ROUTES_HELP = (
+    "TOML file of model aliases for /v1/chat/completions: candidates, route, retry policy, time budget, "
+    "cache [env HIVE_GATEWAY_ROUTES]"
+)
 # (flag, Settings field, metavar, help): how to log in to a NATS server that wants it
 _CREDENTIAL_OPTIONS = (
     ("--nats-user", "nats_user", "USER", "NATS user [env HIVE_NATS_USER]; password in env HIVE_NATS_PASSWORD"),
@@ -198,7 +203,8 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
 )
 @click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
 @click.option("--prefix", help="bus prefix [env HIVE_PREFIX; hive]")
-def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> None:
+@click.option("--routes", "routes_file", type=_FILE, help=_ROUTES_HELP)
+def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None, routes_file: str | None) -> None:
     """Run it all on this machine: nats-server, the gateway, and a worker per available provider."""
     _gateway_extra("hive up")
     from hive_bus.services.auth import Tokens, check_exposure
@@ -208,6 +214,7 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
     async def main() -> None:
         tokens = Tokens.from_env(os.environ)
         check_exposure(host, tokens)
+        routes = Routes.load(routes_file or os.environ.get(ENV_ROUTES))
         sock = bind(host, port)  # before anything starts, so a taken port fails fast
         async with run_nats_server(data / "nats", port=nats_port) as server:
             settings = load_settings(nats_url=server.url, prefix=prefix)
@@ -222,7 +229,8 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                     for name, keys in providers.items()
                 ]
                 hive = Hive(bus)
-                gateway = Gateway(hive, GatewayOptions(host=host, port=port, tokens=tokens), sock=sock)
+                options = GatewayOptions(host=host, port=port, tokens=tokens, routes=routes)
+                gateway = Gateway(hive, options, sock=sock)
                 try:
                     async with anyio.create_task_group() as tg:
                         for worker in workers:
@@ -290,8 +298,16 @@ def nats_cmd(host: str, port: int, data: Path) -> None:
     show_default=True,
     help="HTTP connections at once; more get 503 (allow this many open files, and some)",
 )
+@click.option("--routes", "routes_file", type=_FILE, help=_ROUTES_HELP)
 @bus_options
-def gateway(host: str, port: int, max_body_bytes: int, max_connections: int, settings: Settings) -> None:
+def gateway(
+    host: str,
+    port: int,
+    max_body_bytes: int,
+    max_connections: int,
+    routes_file: str | None,
+    settings: Settings,
+) -> None:
     """Run the HTTP gateway. Off loopback it needs tokens: HIVE_GATEWAY_TOKENS (comma-separated) or
     HIVE_GATEWAY_TOKENS_FILE (one per line); HIVE_METRICS_TOKEN, if set, is the one /metrics takes."""
     _gateway_extra("hive gateway")
@@ -302,11 +318,17 @@ def gateway(host: str, port: int, max_body_bytes: int, max_connections: int, set
     async def main() -> None:
         tokens = Tokens.from_env(os.environ)
         check_exposure(host, tokens)
+        routes = Routes.load(routes_file or os.environ.get(ENV_ROUTES))
         sock = bind(host, port)
         async with connect(settings=settings) as hive:
             limits = ConnectionLimits(max_connections=max_connections)
             options = GatewayOptions(
-                host=host, port=port, max_body_bytes=max_body_bytes, tokens=tokens, limits=limits
+                host=host,
+                port=port,
+                max_body_bytes=max_body_bytes,
+                tokens=tokens,
+                limits=limits,
+                routes=routes,
             )
             gw = Gateway(hive, options, sock=sock)
             async with anyio.create_task_group() as tg:

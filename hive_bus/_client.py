@@ -166,7 +166,7 @@ class Hive:
         "json_schema": {"name": ..., "schema": {...}}}``) makes the output a JSON value the worker
         checks. ``policy`` takes the other fields of :class:`TaskRequest`: ``priority``, ``fallback``,
         ``route``, ``max_attempts``, ``backoff_base_s``, ``backoff_cap_s``, ``max_wait_s``,
-        ``deadline_s``. Raises :class:`msgspec.ValidationError` naming the field of a request that is
+        ``deadline_s``, ``cache_ttl_s`` (answer from the response cache when a twin completed within it). Raises :class:`msgspec.ValidationError` naming the field of a request that is
         not valid (a schema that is not JSON Schema among them).
         """
         fields: dict[str, Any] = {

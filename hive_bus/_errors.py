@@ -19,11 +19,17 @@ Quota = Literal["minute", "day", "unknown"]
 
 
 class ProviderError(Exception):
-    """Base of the three outcomes a provider may raise instead of returning an output."""
+    """Base of the three outcomes a provider may raise instead of returning an output.
 
-    def __init__(self, message: str) -> None:
+    ``status`` is the HTTP status that says what went wrong, where there is one: the provider's own
+    answer (400, 404, 503...), or 400 for a task the adapter knows its provider cannot take. A task that
+    fails for good keeps it (``Failed.provider_status``), so that the OpenAI-style routes answer with
+    the error the cause deserves."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.status = status
 
 
 class RetryAfter(ProviderError):
@@ -34,7 +40,7 @@ class RetryAfter(ProviderError):
     """
 
     def __init__(self, message: str, *, retry_after_s: float, quota: Quota = "unknown") -> None:
-        super().__init__(message)
+        super().__init__(message, status=429)
         self.retry_after_s = sane_delay_s(retry_after_s)
         self.quota: Quota = quota
 

@@ -135,6 +135,10 @@ class Params(Struct, frozen=True, kw_only=True, omit_defaults=True):
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    # Sequences at which the provider stops generating (OpenAI takes up to four), and a seed for
+    # repeatable sampling. An adapter whose provider cannot honour one fails the task saying so.
+    stop: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=4)] | None = None
+    seed: int | None = None
 
 
 class RequestParams(Params, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -283,6 +287,10 @@ class _TaskFields(Struct, frozen=True, kw_only=True, omit_defaults=True):
     deadline_s: Seconds | None = None
     # The shape of the output: free text (unset), a JSON object, or JSON matching a schema.
     response_format: ResponseFormat | None = None
+    # Opt in to the response cache (hive_bus._cache): an identical task (provider, model, what it asks,
+    # parameters, output shape) within this many seconds of one that completed answers from the cache,
+    # with no provider call and no budget spent.
+    cache_ttl_s: Seconds | None = None
 
     def __post_init__(self) -> None:
         # checked on every decode too (msgspec reports the ValueError as a validation error)
@@ -420,6 +428,10 @@ class Completed(_Event, frozen=True, kw_only=True, tag="completed.v1"):
     # Set when the output was too large for a message: it is in the Object Store and ``output`` is
     # None; the client's readers (Hive.get, wait, results) read it back.
     output_ref: BlobRef | None = None
+    # True when the output came from the response cache: no provider call, no budget, no cost.
+    cached: bool = False
+    # why the model stopped, in OpenAI's words ("stop", "length", "content_filter"), where it said
+    finish_reason: str | None = None
 
 
 class Failed(_Event, frozen=True, kw_only=True, tag="failed.v1"):
@@ -431,6 +443,9 @@ class Failed(_Event, frozen=True, kw_only=True, tag="failed.v1"):
     task: Task | None = None
     # the start of a message that was not a task at all (reason "undecodable")
     raw: str | None = None
+    # the HTTP status of the provider's last answer (400 bad request, 404 no such model, 503...), where
+    # it had one; 400 for a task the adapter knew its provider could not take
+    provider_status: int | None = None
 
 
 class Cancelled(_Event, frozen=True, kw_only=True, tag="cancelled.v1"):
@@ -486,6 +501,11 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     cost_usd: float | None = None
     # an output kept in the Object Store that this view has not read back (lists of tasks leave it)
     output_ref: BlobRef | None = None
+    # the output came from the response cache (no provider call)
+    cached: bool = False
+    finish_reason: str | None = None
+    # of a failed task: the HTTP status of the provider's last answer, where it had one
+    provider_status: int | None = None
 
     @property
     def done(self) -> bool:
@@ -519,12 +539,13 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
                     attempt=event.attempt, worker=event.worker, output=event.output, model=event.model,
                     usage=event.usage, submitted_at_ms=event.submitted_at_ms or None,
                     started_at_ms=event.started_at_ms or None, call_s=event.call_s, cost_usd=event.cost_usd,
-                    output_ref=event.output_ref,
+                    output_ref=event.output_ref, cached=event.cached, finish_reason=event.finish_reason,
                 )  # fmt: skip
             case Failed():
                 return cls(
                     id=id_, provider=provider, updated_at_ms=at_ms, status="failed",
                     attempt=event.attempt, worker=event.worker, reason=event.reason, error=event.error,
+                    provider_status=event.provider_status,
                 )  # fmt: skip
             case Cancelled():
                 return cls(

@@ -43,6 +43,8 @@ class Names:
     ``<prefix>_workers`` is the KV bucket of worker heartbeats;
     ``<prefix>_providers`` is the KV bucket of each provider key's cooldown (keys ``<provider>.<key>``);
     ``<prefix>_budgets`` is the KV bucket of request and token budgets (keys ``<provider>.<key>.<model>``);
+    ``<prefix>_cache`` is the KV bucket (stream ``KV_<prefix>_cache``) of the response cache: one key per
+    cached answer, ``<provider>.<sha256 of the request>``, each expiring by its own message TTL;
     ``<prefix>_blobs`` is the Object Store bucket (stream ``OBJ_<prefix>_blobs``) of the claim check: a
     task's content or an output too large for a message, its chunks on
     ``$O.<prefix>_blobs.C.<provider>.<task id>.<kind>.<nonce>`` (one provider's under one subject tree,
@@ -85,6 +87,18 @@ class Names:
     @property
     def budgets_bucket(self) -> str:
         return f"{self.prefix}_budgets"
+
+    @property
+    def cache_bucket(self) -> str:
+        return f"{self.prefix}_cache"
+
+    @property
+    def cache_stream(self) -> str:
+        return f"KV_{self.cache_bucket}"
+
+    def cache_subject(self, provider: str, digest: str) -> str:
+        """A cached answer's key in the response cache bucket: ``<provider>.<sha256 of the request>``."""
+        return f"$KV.{self.cache_bucket}.{provider}.{digest}"
 
     @property
     def blobs_bucket(self) -> str:

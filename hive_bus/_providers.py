@@ -26,6 +26,9 @@ class Output:
     value: Any
     model: str | None = None
     usage: Usage | None = None
+    # why the model stopped, in OpenAI's words: "stop" (done, or a stop sequence), "length" (the token
+    # cap), "content_filter"; None where the provider does not say
+    finish_reason: str | None = None
 
 
 class Provider(Protocol):

@@ -109,12 +109,14 @@ class Settler:
         self._backoff = backoff
         self.counts = Counters()
 
-    async def settle(self, d: Delivery, outcome: Outcome, call_s: float) -> None:
+    async def settle(self, d: Delivery, outcome: Outcome, call_s: float, *, cached: bool = False) -> None:
+        """Record ``outcome`` and ack, NAK or TERM the task. ``cached``: the output came from the response
+        cache (hive_bus._cache), not from a call."""
         task = d.task
         try:
             match outcome:
                 case Output():
-                    await self._complete(d, outcome, call_s)
+                    await self._complete(d, outcome, call_s, cached=cached)
                 case RetryAfter():
                     until_ms = now_ms() + int(outcome.retry_after_s * 1000)
                     await self._cooldowns.impose(
@@ -143,15 +145,16 @@ class Settler:
                     if moved is not None:
                         await self.move(d, moved, f"{task.provider} unavailable: {error}")
                     else:
-                        await self.fail(d, "out_of_attempts", error)
+                        await self.fail(d, "out_of_attempts", error, status=outcome.status)
                 case BadRequest():
-                    await self.fail(d, "permanent", outcome.message)  # no provider would take it
+                    # no provider would take it
+                    await self.fail(d, "permanent", outcome.message, status=outcome.status)
                 case ProviderError():
                     moved = task.next_hop() if task.fallback_on == "failed" else None
                     if moved is not None:
                         await self.move(d, moved, f"{task.provider} failed: {outcome.message}")
                     else:
-                        await self.fail(d, "permanent", outcome.message)
+                        await self.fail(d, "permanent", outcome.message, status=outcome.status)
         except (TooLarge, BlobMissing) as exc:
             # Retrying cannot make it fit: the task fails for good, with the reason (point of no return)
             log.warning("the outcome of task %s cannot be recorded (%s); it fails", task.id, exc)
@@ -212,12 +215,13 @@ class Settler:
         self.counts.moved += 1
         log.info("task %s moves from %s to %s: %s", task.id, task.provider, moved.provider, why)
 
-    async def fail(self, d: Delivery, reason: FailReason, error: str) -> None:
-        """The task failed for good: it goes to the dead letters, its ``failed`` event records it, TERM."""
+    async def fail(self, d: Delivery, reason: FailReason, error: str, *, status: int | None = None) -> None:
+        """The task failed for good: it goes to the dead letters, its ``failed`` event records it, TERM.
+        ``status``: the HTTP status of the provider's last answer, where it had one."""
         task = d.task
         event = Failed(
             task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=d.attempt, worker=self._worker_id,
-            reason=reason, error=_clipped(error), task=task,
+            reason=reason, error=_clipped(error), task=task, provider_status=status,
         )  # fmt: skip
         data = encoder.encode(event)
         if len(data) > self._bus.settings.claim_check_bytes:
@@ -250,13 +254,15 @@ class Settler:
             await msg.term()
         self.counts.failed += 1
 
-    async def _complete(self, d: Delivery, output: Output, call_s: float) -> None:
+    async def _complete(self, d: Delivery, output: Output, call_s: float, *, cached: bool = False) -> None:
         task = d.task
         event = Completed(
             task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=d.attempt, worker=self._worker_id,
             output=output.value, model=output.model, usage=output.usage, submitted_at_ms=task.submitted_at_ms,
             started_at_ms=d.started_ms, call_s=round(call_s, 6),
-            cost_usd=self._prices.cost_usd(output.model, output.usage),
+            # an answer from the cache cost nothing: no call was made
+            cost_usd=0.0 if cached else self._prices.cost_usd(output.model, output.usage),
+            cached=cached, finish_reason=output.finish_reason,
         )  # fmt: skip
         try:
             data = encoder.encode(event)

@@ -32,6 +32,7 @@ from nats.js.api import ConsumerInfo
 from . import _blobs, _output, _redact
 from ._budget import Budgets, ProviderBudget, Reservation
 from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
+from ._cache import ResponseCache
 from ._cancel import CancelWatch
 from ._cooldown import KeyCooldowns
 from ._errors import FailNow, KeyRejected, NoQuota, ProviderError, RetryAfter, RetryLater, TooLarge
@@ -170,6 +171,7 @@ class Worker:
         backoff = Backoff(options.backoff_base_s, options.backoff_cap_s)
         self._settler = Settler(bus, self.id, self.cooldowns, options.prices or PriceTable(), backoff)
         self._counts = self._settler.counts
+        self._cache = ResponseCache(bus)
         self._started_at_ms = now_ms()
 
     @property
@@ -423,6 +425,16 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await settler.fail(d, "permanent", f"the task's content cannot be read: {exc}")
             return
+        model = task.model or self.model
+        if task.cache_ttl_s is not None:
+            # before a key is picked: a hit makes no call and spends no budget (see hive_bus._cache)
+            hit = await self._cache.lookup(task, model)
+            if hit is not None:
+                with anyio.CancelScope(shield=True):
+                    d = dataclasses.replace(d, key="cache")
+                    answer = Output(hit.output, hit.model, hit.usage, hit.finish_reason)
+                    await settler.settle(d, answer, 0.0, cached=True)
+                return
         for _ in range(len(self._keys)):
             got = await self._acquire(task)
             if isinstance(got, Blocked):
@@ -471,7 +483,10 @@ class Worker:
                         continue  # the key was refused, not the task: the next key tries it
                     if isinstance(outcome, NoQuota):
                         continue  # the key cannot serve the model: the next key tries the task
-                    await settler.settle(d, outcome, time.perf_counter() - t0)
+                    call_s = time.perf_counter() - t0
+                    if isinstance(outcome, Output) and task.cache_ttl_s is not None:
+                        await self._cache.store(task, model, outcome)  # before its twins can ask
+                    await settler.settle(d, outcome, call_s)
                 finally:
                     # after a 429 or a refusal, the other lanes go on once the key's cooldown is known
                     self.ring.released(key.name)

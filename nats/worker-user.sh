@@ -71,6 +71,8 @@ for p in "$@"; do
     pub+=("\"\$JS.API.DIRECT.GET.$events.$prefix.events.$p.>\"")
     pub+=("\"\$KV.${prefix}_providers.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_providers.\$KV.${prefix}_providers.$p.>\"")
     pub+=("\"\$KV.${prefix}_budgets.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_budgets.\$KV.${prefix}_budgets.$p.>\"")
+    # the response cache (hive_bus/_cache.py): its own provider's cached answers, read and written
+    pub+=("\"\$KV.${prefix}_cache.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_cache.\$KV.${prefix}_cache.$p.>\"")
     sub+=("\"$prefix.tasks.$p.high\"" "\"\$KV.${prefix}_providers.$p.>\"")
     # claim check (hive_bus/_blobs.py), the minimum: write the chunks of its own provider's outputs
     # (and of a dead letter's task), and read its own provider's task contents through a consumer
@@ -95,6 +97,7 @@ cat <<BLOCK
           "\$JS.API.STREAM.INFO.KV_${prefix}_workers", "\$JS.API.STREAM.INFO.KV_${prefix}_providers",
           "\$JS.API.STREAM.INFO.KV_${prefix}_budgets", "\$JS.API.STREAM.INFO.OBJ_${prefix}_blobs",
           "\$JS.API.STREAM.INFO.KV_${prefix}_cancels",
+          "\$JS.API.STREAM.INFO.KV_${prefix}_cache",
           # its own heartbeat keys
           "\$KV.${prefix}_workers.$name.>",
           # per provider: bind to and pull from its consumers (created by the gateway), its tasks'

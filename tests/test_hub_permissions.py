@@ -101,6 +101,12 @@ async def declare(js: JetStreamContext, *providers: str) -> None:
     )
     await js.create_key_value(KeyValueConfig(bucket="hive_providers", storage=StorageType.FILE, direct=True))
     await js.create_key_value(KeyValueConfig(bucket="hive_budgets", storage=StorageType.FILE, direct=True))
+    await js.add_stream(  # the response cache: a KV bucket whose keys carry their own TTL
+        StreamConfig(
+            name="KV_hive_cache", subjects=["$KV.hive_cache.>"], storage=StorageType.FILE,
+            max_msgs_per_subject=1, allow_direct=True, allow_msg_ttl=True,
+        )
+    )  # fmt: skip
     for provider in providers:
         for priority in PRIORITIES:
             await js.add_consumer(
@@ -151,6 +157,7 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
             "KV_hive_workers",
             "KV_hive_providers",
             "KV_hive_budgets",
+            "KV_hive_cache",
         ):
             await w1.js.stream_info(stream)
         await w1.js.consumer_info("HIVE_TASKS", "hive_alpha_high")
@@ -200,6 +207,11 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
                 await kv.update(key, b"stale", last=revision)
             assert (await kv.get(key)).value == b"two"
         assert [(await watch.next_msg(timeout=2)).data for _ in range(2)] == [b"one", b"two"]
+
+        # its provider's cached answers: written with a TTL, read back by key
+        await w1.js.publish("$KV.hive_cache.alpha.abc123", b"answer", stream="KV_hive_cache", msg_ttl=60)
+        cached = await w1.js.get_last_msg("KV_hive_cache", "$KV.hive_cache.alpha.abc123", direct=True)
+        assert cached.data == b"answer"
 
         await w1.nc.flush()
         assert not w1.violations()
@@ -310,6 +322,11 @@ FORBIDDEN = {
         "$KV.hive_providers.delta.key1",
         lambda w: _kv_put(w, "hive_providers", "delta.key1"),
         lambda gw: _no_key(gw, "hive_providers", "delta.key1"),
+    ),
+    "read another provider's cached answers": Forbidden(
+        "$JS.API.DIRECT.GET.KV_hive_cache.$KV.hive_cache.delta.abc123",
+        lambda w: w.js.get_last_msg("KV_hive_cache", "$KV.hive_cache.delta.abc123", direct=True),
+        _stream_exists,
     ),
     "pull another provider's tasks": Forbidden(
         "$JS.API.CONSUMER.MSG.NEXT.HIVE_TASKS.hive_delta_high",

@@ -17,7 +17,8 @@ In order, each refusal a JSON error answer naming what is wrong:
   reaches a subject on the bus or a log line.
 
 A GET whose client goes away is cancelled at once: a wait (``?wait=``), a task's event stream and the
-feed of every event end with their connection, rather than hold their handler until their time is up.
+feed of every event end with their connection, rather than hold their handler until their time is up;
+so is a chat completion (a POST that waits for its task) once its body has been read. The task goes on.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from .auth import ENV_TOKENS, Tokens, authorized, is_loopback
 
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _BODILESS = frozenset({"GET", "HEAD"})
+# POSTs whose answer waits for a task: ended, like a GET's wait, when their client goes away
+_HELD_POSTS = frozenset({"/v1/chat/completions"})
 # /v1/tasks/{task_id}, /v1/tasks/{task_id}/events, /v1/dlq/{task_id}, /v1/dlq/{task_id}/replay
 _ID_PATH = re.compile(
     r"/v1/(?:tasks/(?!(?:batch|cancel)\Z)([^/]+)(?:/events|/cancel)?|dlq/([^/]+)(?:/replay)?)\Z"
@@ -60,6 +63,8 @@ class Edge:
             await refuse(send, *refusal)
         elif scope["method"] in _BODILESS:
             await _cancelled_when_gone(self._app, scope, receive, send)
+        elif scope["path"] in _HELD_POSTS:
+            await _held_post_cancelled_when_gone(self._app, scope, receive, send)
         else:
             await self._app(scope, receive, send)
 
@@ -141,6 +146,50 @@ async def _cancelled_when_gone(app: ASGIApp, scope: Scope, receive: Receive, sen
 
         tg.start_soon(listen)
         await app(scope, app_receive, app_send)
+        tg.cancel_scope.cancel()
+
+
+async def _held_post_cancelled_when_gone(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run a request with a body, cancelled as soon as its client disconnects: as
+    :func:`_cancelled_when_gone`, but this layer hands the app the body as it arrives, then listens on."""
+    body_in, body_out = anyio.create_memory_object_stream[ReceiveMessage](max_buffer_size=16)
+    gone = anyio.Event()
+    answered = False
+
+    async def app_receive() -> ReceiveMessage:
+        try:
+            return await body_out.receive()
+        except anyio.EndOfStream:  # the whole body was handed over
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+    async def app_send(message: Message) -> None:
+        nonlocal answered
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            answered = True
+        await send(message)
+
+    async with anyio.create_task_group() as tg:
+
+        async def listen() -> None:
+            reading = True
+            with body_in:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        gone.set()
+                        if not answered:
+                            tg.cancel_scope.cancel()
+                        return
+                    if reading:
+                        await body_in.send(message)
+                        reading = bool(message.get("more_body", False))
+                        if not reading:
+                            body_in.close()
+
+        tg.start_soon(listen)
+        with body_out:
+            await app(scope, app_receive, app_send)
         tg.cancel_scope.cancel()
 
 

@@ -29,11 +29,14 @@ from litestar.types import ASGIApp
 
 from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskNotFound, __version__
 from hive_bus._audit import StoreAudit
+from hive_bus._bus import ensure_cache_stream
 from hive_bus._dlq import NotReplayable
 from hive_bus._errors import TaskEnded, TooLarge
 from hive_bus._files import FileNotFound
 from hive_bus._messages import explain
+from hive_bus._nats import BUS_ERRORS
 from hive_bus._router import Router
+from hive_bus._routes import Routes
 
 from . import answers, dashboard
 from .api import AUDIT_ROUTES, METRICS_ROUTES, ROUTES, as_response
@@ -44,6 +47,7 @@ from .fastpath import FastSubmit
 from .files_api import FILE_ROUTES, on_file_not_found
 from .limits import ConnectionLimits, ensure_file_limit, limited_protocol
 from .metrics import BusMetrics
+from .openai_chat import CHAT_ROUTES, DEFAULT_CHAT_WAIT_S, Catalog
 
 log = logging.getLogger("hive_bus.gateway")
 
@@ -63,6 +67,10 @@ class GatewayOptions:
     # False sends every submission through its route: the same answers, for more CPU (services.fastpath);
     # tests/test_submit_parity.py compares the two.
     fast_path: bool = True
+    # The aliases that chat completions' ``model`` may name (hive_bus._routes), and how long a chat
+    # completion waits for its task when the request does not say (X-Hive-Wait).
+    routes: Routes = field(default_factory=Routes)
+    chat_wait_s: float = DEFAULT_CHAT_WAIT_S
 
 
 # errors ------------------------------------------------------------------------------------------
@@ -149,12 +157,15 @@ def create_app(
         "stopping": stopping or threading.Event(),
         "feed_max_s": options.feed_max_s,
         "audit": audit,
+        "catalog": Catalog(hive, options.routes),
+        "chat_wait_s": options.chat_wait_s,
     }
     app = Litestar(
         route_handlers=[
             *ROUTES,
             *DLQ_ROUTES,
             *FILE_ROUTES,
+            *CHAT_ROUTES,
             *(METRICS_ROUTES if metrics is not None else []),
             *(AUDIT_ROUTES if audit is not None else []),
             *dashboard.ROUTES,
@@ -221,6 +232,7 @@ class Gateway:
         check_exposure(options.host, options.tokens)
         ensure_file_limit(options.limits.max_connections)
         self.options = options
+        self._hive = hive
         self.metrics = BusMetrics(hive.bus)
         self.router = Router(hive.bus)
         settings = hive.bus.settings
@@ -254,6 +266,10 @@ class Gateway:
                 await self._server.serve([self._sock])
                 tg.cancel_scope.cancel()  # uvicorn has stopped: so does the metrics follower
 
+            try:  # the response cache's bucket, before a worker that may not create it needs it
+                await ensure_cache_stream(self._hive.bus.js, self._hive.bus.settings)
+            except (*BUS_ERRORS, HiveError) as exc:
+                log.warning("the response cache cannot be used: %s", exc)
             await tg.start(self.metrics.run)
             await tg.start(self.router.run)
             await tg.start(self.audit.run)

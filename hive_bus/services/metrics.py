@@ -264,6 +264,12 @@ class BusMetrics:
             ["provider"],
             registry=r,
         )
+        self._cache_hits = Counter(
+            "hive_cache_hits",
+            "Tasks completed from the response cache, with no provider call (see hive_bus._cache).",
+            ["provider", "model"],
+            registry=r,
+        )
         self._tokens = Counter(
             "hive_tokens",
             "Tokens of completed tasks, by direction (input or output).",
@@ -405,7 +411,9 @@ class BusMetrics:
         self._completed.labels(provider, model).inc()
         totals = self._usage.setdefault((provider, model), _UsageTotals())
         totals.completed += 1
-        if event.usage is not None:
+        if event.cached:  # no call: no tokens spent (its usage is the first answer's), no cost
+            self._cache_hits.labels(provider, model).inc()
+        elif event.usage is not None:
             input_tokens, output_tokens = max(0, event.usage.input_tokens), max(0, event.usage.output_tokens)
             self._tokens.labels(provider, model, "input").inc(input_tokens)
             self._tokens.labels(provider, model, "output").inc(output_tokens)

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from hive_bus import JsonObjectFormat, Output, Task, Usage
+from hive_bus import FailNow, JsonObjectFormat, Output, Task, Usage
 
 from . import _stainless
 
@@ -21,12 +21,25 @@ def chat_messages(task: Task) -> list[Any]:
     return [msgspec.to_builtins(message) for message in task.conversation()]
 
 
-def sampling(task: Task, *, max_tokens_name: str) -> dict[str, Any]:
-    """The task's sampling parameters under the SDK's names; unset ones are left out."""
+def sampling(
+    task: Task, *, max_tokens_name: str, stop_name: str = "stop", seed_name: str | None = "seed"
+) -> dict[str, Any]:
+    """The task's sampling parameters under the SDK's names; unset ones are left out. A provider
+    without a seed (``seed_name`` None) fails a task that sets one: never silently ignored."""
     params = task.params
     if params is None:
         return {}
-    values = {"temperature": params.temperature, "top_p": params.top_p, max_tokens_name: params.max_tokens}
+    if params.seed is not None and seed_name is None:
+        raise FailNow(
+            f"{task.provider} cannot honour `seed`: its API takes no seed; leave it out", status=400
+        )
+    values = {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        max_tokens_name: params.max_tokens,
+        stop_name: params.stop,
+        **({seed_name: params.seed} if seed_name else {}),
+    }
     return {k: v for k, v in values.items() if v is not None}
 
 
@@ -61,9 +74,11 @@ async def chat_complete(
             raise
         raise outcome from None
     usage = response.usage
+    choice = response.choices[0]
     return Output(
-        value=response.choices[0].message.content or "",
+        value=choice.message.content or "",
         model=model,
+        finish_reason=choice.finish_reason,  # OpenAI's words already
         usage=Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
         if usage
         else None,

@@ -73,7 +73,7 @@ def by_status(
         scope = {"minute": "per-minute", "day": "per-day"}.get(quota, "rate")
         return RetryAfter(f"{provider} {scope} limit reached: {message}", retry_after_s=delay_s, quota=quota)
     if status in TRANSIENT_STATUSES or status >= 500:
-        return RetryLater(f"{provider} answered {status}: {message}")
+        return RetryLater(f"{provider} answered {status}: {message}", status=status)
     what = {
         401: "the API key was refused",
         403: "permission denied",
@@ -83,5 +83,7 @@ def by_status(
     # 401 and 403 are about the key (revoked, wrong project, leaked and blocked), not about the task;
     # 400, 413 and 422 about the task itself (the user's own bad request)
     if status in (401, 403):
-        return KeyRejected(refused)
-    return BadRequest(refused) if status in (400, 413, 422) else FailNow(refused)
+        return KeyRejected(refused, status=status)
+    if status in (400, 413, 422):
+        return BadRequest(refused, status=status)
+    return FailNow(refused, status=status)

@@ -29,6 +29,8 @@ DEFAULT_MODEL = "claude-haiku-4-5"
 DEFAULT_MAX_TOKENS = 1024  # the Messages API requires one
 _TOOL_DESCRIPTION = "Give the answer as this tool's input."
 _WRAPPED = "value"  # the property that carries a JSON output that is not an object
+# Anthropic's stop_reason in OpenAI's words (end_turn, stop_sequence and the rest: "stop")
+_FINISH = {"max_tokens": "length", "refusal": "content_filter", "tool_use": "tool_calls"}
 
 
 class AnthropicProvider:
@@ -52,7 +54,10 @@ class AnthropicProvider:
                 raise
             raise outcome from None
         usage = Usage(input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens)
-        return Output(value=_output(task, response), model=request["model"], usage=usage)
+        finish = _FINISH.get(response.stop_reason or "", "stop")
+        return Output(
+            value=_output(task, response), model=request["model"], usage=usage, finish_reason=finish
+        )
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -81,7 +86,7 @@ def _request(task: Task, model: str) -> dict[str, Any]:
         "model": model,
         "messages": turns,
         "max_tokens": DEFAULT_MAX_TOKENS,
-        **sampling(task, max_tokens_name="max_tokens"),
+        **sampling(task, max_tokens_name="max_tokens", stop_name="stop_sequences", seed_name=None),
     }
     if system:
         request["system"] = "\n\n".join(system)

@@ -68,18 +68,38 @@ class GeminiProvider:
         text = response.text
         if text is None:
             reason = response.candidates[0].finish_reason if response.candidates else "no candidates"
-            raise FailNow(f"gemini returned no text (finish reason {reason}); the prompt may be blocked")
+            raise FailNow(
+                f"gemini returned no text (finish reason {reason}); the prompt may be blocked", status=400
+            )
         meta = response.usage_metadata
         usage = None
         if meta is not None:
             usage = Usage(
                 input_tokens=meta.prompt_token_count or 0, output_tokens=meta.candidates_token_count or 0
             )
-        return Output(value=text, model=model, usage=usage)
+        reason = response.candidates[0].finish_reason if response.candidates else None
+        return Output(value=text, model=model, usage=usage, finish_reason=_finish(reason))
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
         self._client.close()
+
+
+_FILTERED = frozenset(
+    {
+        types.FinishReason.SAFETY, types.FinishReason.RECITATION, types.FinishReason.BLOCKLIST,
+        types.FinishReason.PROHIBITED_CONTENT, types.FinishReason.SPII,
+    }
+)  # fmt: skip
+
+
+def _finish(reason: types.FinishReason | None) -> str | None:
+    """Gemini's finish reason in OpenAI's words."""
+    if reason is None:
+        return None
+    if reason == types.FinishReason.MAX_TOKENS:
+        return "length"
+    return "content_filter" if reason in _FILTERED else "stop"
 
 
 def _request(task: Task, model: str) -> dict[str, Any]:
@@ -111,6 +131,8 @@ def _config(task: Task, system: list[str]) -> types.GenerateContentConfig | None
             "temperature": params.temperature,
             "top_p": params.top_p,
             "max_output_tokens": params.max_tokens,
+            "stop_sequences": params.stop,
+            "seed": params.seed,
         }
     fmt = task.response_format
     if isinstance(fmt, JsonObjectFormat | JsonSchemaFormat):

@@ -29,7 +29,9 @@ class OpenAICompatibleProvider:
     async def complete(self, task: Task) -> Output:
         model = task.model or self._model
         if not model:
-            raise FailNow("openai: no model named; set the task's model or start the worker with --model")
+            raise FailNow(
+                "openai: no model named; set the task's model or start the worker with --model", status=400
+            )
         return await chat_complete("openai", self._client, openai, self._key, model, task)
 
     async def aclose(self) -> None:

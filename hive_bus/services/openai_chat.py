@@ -1,0 +1,578 @@
+"""OpenAI's chat completions on the gateway: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+A chat completion is a task whose HTTP request waits for its end (:meth:`Hive.wait`): a provider's 429
+means waiting in the queue, not an error to the client, and the task is spread over every worker and
+key, and failed over along its alias's candidates. The steps, each a function of its own so that the
+streaming answer (``stream: true``) reuses them:
+
+1. :func:`parse_request`: the body, checked; a field this gateway does not support is a 400 naming it;
+2. :meth:`Catalog.target`: where ``model`` goes (``provider/model``, a bare provider, or an alias of the
+   routes file; see :mod:`hive_bus._routes`); unknown: 404 listing what exists;
+3. :func:`task_for`: the task it becomes;
+4. :func:`completion_of` or :func:`failure_of`: the ``chat.completion`` or the OpenAI error of its end.
+
+Every error is OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so that the openai
+SDK raises the right exception (``BadRequestError``, ``NotFoundError``...). Answers that sending again
+cannot mend carry ``x-should-retry: false``, which the openai SDKs obey: a retry would queue the work
+twice.
+"""
+
+# No "from __future__ import annotations" here: Litestar reads the parameter markers at run time.
+import logging
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import anyio
+import msgspec
+from litestar import MediaType, Request, Response, get, post
+from litestar.datastructures import State
+from msgspec import Meta
+
+from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskRequest, TaskView, WorkerBeat
+from hive_bus._client import validate
+from hive_bus._errors import TooLarge
+from hive_bus._messages import (
+    ChatMessage,
+    IdempotencyKey,
+    Messages,
+    ResponseFormat,
+    Seconds,
+    explain_error,
+    now_ms,
+)
+from hive_bus._nesting import NestedTooDeep, check_json
+from hive_bus._routes import Routes, Target
+
+log = logging.getLogger("hive_bus.gateway")
+
+# How long a chat completion waits for its task by default, and the most X-Hive-Wait may ask.
+DEFAULT_CHAT_WAIT_S = 300.0
+MAX_CHAT_WAIT_S = 3600.0
+# How long one reading of the live workers serves model lookups.
+WORKERS_FRESH_S = 2.0
+SUPPORTED_FIELDS = (
+    "model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "n",
+    "response_format", "stream", "stream_options", "seed", "user", "metadata",
+)  # fmt: skip
+_SUPPORTED = frozenset(SUPPORTED_FIELDS)
+
+
+# errors ------------------------------------------------------------------------------------------
+
+ErrorType = Literal["invalid_request_error", "server_error"]
+
+
+class OpenAIErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    error: OpenAIErrorDetail
+
+
+class OpenAIError(Exception):
+    """An answer in OpenAI's error shape. ``final``: sending the request again cannot mend it (the
+    answer says so to the SDK, which would otherwise retry a 5xx)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: ErrorType = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        final: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = OpenAIErrorBody(
+            error=OpenAIErrorDetail(message=message, type=type, param=param, code=code)
+        )
+        self.headers = {**(headers or {}), **({"x-should-retry": "false"} if final else {})}
+
+    def response(self) -> Response[OpenAIErrorBody]:
+        return Response(self.body, status_code=self.status, media_type=MediaType.JSON, headers=self.headers)
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def _of_bus_error(exc: HiveError) -> OpenAIError:
+    """The OpenAI error of a submission the bus did not accept."""
+    if isinstance(exc, TooLarge):
+        return OpenAIError(413, str(exc), code="too_large", final=True)
+    if isinstance(exc, QueueFull):
+        retry = {"Retry-After": str(math.ceil(exc.retry_after_s))}
+        return OpenAIError(503, str(exc), type="server_error", code="queue_full", headers=retry)
+    return OpenAIError(
+        503, str(exc), type="server_error", code="bus_unavailable", headers={"Retry-After": "5"}
+    )
+
+
+# 1. the request ----------------------------------------------------------------------------------
+
+
+class StreamOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+TopP = Annotated[float, Meta(ge=0, le=1)]
+MaxTokens = Annotated[int, Meta(ge=1)]
+StopText = Annotated[str, Meta(min_length=1)]
+
+
+class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A chat completion request, as OpenAI's API takes it (the fields this gateway supports)."""
+
+    model: str
+    messages: Messages
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    stop: StopText | Annotated[list[StopText], Meta(min_length=1, max_length=4)] | None = None
+    n: int | None = None
+    response_format: ResponseFormat | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    user: Annotated[str, Meta(max_length=256)] | None = None
+    metadata: Annotated[dict[Annotated[str, Meta(max_length=64)], str], Meta(max_length=16)] | None = None
+
+    @property
+    def output_cap(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    """The request in ``body``, or :class:`OpenAIError` 400 naming what is wrong and where.
+
+    A field that OpenAI's API has and this gateway does not support is refused by name; one sent as
+    ``null`` asks for nothing and is let through. ``developer`` messages are read as ``system`` ones
+    (OpenAI's newer name for them)."""
+    try:
+        check_json(body, enclosing=3)  # response_format.json_schema.schema sits three levels in
+        raw = msgspec.json.decode(body)
+    except NestedTooDeep as exc:
+        raise invalid(explain_error(exc), param=exc.field) from None
+    except msgspec.DecodeError as exc:
+        raise invalid(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise invalid("the request body must be a JSON object")
+    for name, value in raw.items():
+        if name not in _SUPPORTED and value is not None:
+            raise invalid(
+                f"`{name}` is not supported by this gateway's chat completions (supported: "
+                f"{', '.join(SUPPORTED_FIELDS)}); leave it out",
+                param=name,
+                code="unsupported_parameter",
+            )
+    fields = {k: v for k, v in raw.items() if v is not None and k in _SUPPORTED}
+    messages = fields.get("messages")
+    if isinstance(messages, list):
+        fields["messages"] = [
+            {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
+            for m in messages
+        ]
+    try:
+        request = msgspec.convert(fields, ChatRequest)
+    except msgspec.ValidationError as exc:
+        _, sep, where = str(exc).rpartition(" - at `$")
+        param = where.rstrip("`").lstrip(".") if sep else None
+        raise invalid(explain_error(exc), param=param or None) from None
+    _check_combinations(request)
+    return request
+
+
+def _check_combinations(request: ChatRequest) -> None:
+    if request.n is not None and request.n != 1:
+        raise invalid("`n` must be 1: this gateway returns one choice", param="n", code="unsupported_value")
+    if (
+        request.max_tokens
+        and request.max_completion_tokens
+        and request.max_tokens != request.max_completion_tokens
+    ):
+        raise invalid(
+            "`max_tokens` and `max_completion_tokens` differ; give one (max_tokens is its older name)",
+            param="max_tokens",
+        )
+    if request.stream_options is not None and not request.stream:
+        raise invalid("`stream_options` is only allowed when `stream` is true", param="stream_options")
+
+
+# 2. the model ------------------------------------------------------------------------------------
+
+
+class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(msgspec.Struct, frozen=True, kw_only=True):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class Catalog:
+    """What ``model`` may name: the routes file's aliases, and the providers (with their default
+    models) whose workers have a live heartbeat, read from the bus at most every
+    :data:`WORKERS_FRESH_S`."""
+
+    def __init__(self, hive: Hive, routes: Routes) -> None:
+        self._hive = hive
+        self.routes = routes
+        self._beats: list[WorkerBeat] = []
+        self._read_at = -math.inf
+        self._lock = anyio.Lock()
+        self._started_s = int(now_ms() / 1000)
+
+    async def live(self) -> list[WorkerBeat]:
+        async with self._lock:
+            if anyio.current_time() - self._read_at >= WORKERS_FRESH_S:
+                self._beats = await self._hive.workers()
+                self._read_at = anyio.current_time()
+            return self._beats
+
+    async def target(self, model: str) -> Target:
+        """Where ``model`` goes, or :class:`OpenAIError` 404 listing the models there are."""
+        beats = await self.live()
+        target = self.routes.target(model, {b.provider for b in beats if b.state == "running"})
+        if target is None:
+            names = [card.id for card in self._cards(beats)]
+            listed = ", ".join(names) if names else "none: no alias is configured and no worker is running"
+            raise OpenAIError(
+                404,
+                f"The model `{model}` does not exist or no worker serves it now. Models: {listed}",
+                param="model",
+                code="model_not_found",
+                final=True,
+            )
+        return target
+
+    async def models(self) -> ModelList:
+        return ModelList(data=self._cards(await self.live()))
+
+    def _cards(self, beats: list[WorkerBeat]) -> list[ModelCard]:
+        cards = {
+            name: ModelCard(id=name, created=self._started_s, owned_by="hive-bus")
+            for name in self.routes.aliases
+        }
+        for beat in beats:
+            if beat.state != "running":
+                continue
+            name = f"{beat.provider}/{beat.model}" if beat.model else beat.provider
+            created = int(beat.started_at_ms / 1000) or self._started_s
+            if name not in cards:
+                cards[name] = ModelCard(id=name, created=created, owned_by=beat.provider)
+        return list(cards.values())
+
+
+# 3. the task -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HiveHeaders:
+    """The request headers of ours: how long to wait, the idempotency key, a cache TTL."""
+
+    wait_s: float
+    idempotency_key: str | None = None
+    cache_ttl_s: float | None = None
+
+
+def hive_headers(request: Request[Any, Any, Any], default_wait_s: float) -> HiveHeaders:
+    """``X-Hive-Wait`` (seconds), ``Idempotency-Key``, ``X-Hive-Cache-TTL`` (seconds), checked."""
+
+    def seconds(name: str, limit: float) -> float | None:
+        value = request.headers.get(name)
+        if value is None:
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not (0 < number <= limit):
+            raise invalid(f"header {name} must be a number of seconds above 0, at most {limit:g}", param=name)
+        return number
+
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= 256:
+        raise invalid("header Idempotency-Key must be 1 to 256 characters", param="Idempotency-Key")
+    return HiveHeaders(
+        wait_s=seconds("x-hive-wait", MAX_CHAT_WAIT_S) or default_wait_s,
+        idempotency_key=key,
+        cache_ttl_s=seconds("x-hive-cache-ttl", 30 * 86400.0),
+    )
+
+
+def task_for(
+    request: ChatRequest,
+    target: Target,
+    *,
+    idempotency_key: IdempotencyKey | None = None,
+    cache_ttl_s: Seconds | None = None,
+) -> TaskRequest:
+    """The task a chat completion becomes.
+
+    A conversation of one user message (with a system message before it, or not) is asked as a
+    ``prompt`` and ``system``, which every worker, an older one too, takes; the response cache keys both
+    forms alike (:meth:`Task.conversation`). ``user`` goes into the task's metadata under ``user``."""
+    params = {
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "max_tokens": request.output_cap,
+        "stop": [request.stop] if isinstance(request.stop, str) else request.stop,
+        "seed": request.seed,
+    }
+    metadata: dict[str, Any] = dict(request.metadata or {})
+    if request.user is not None:
+        metadata["user"] = request.user
+    fields: dict[str, Any] = {
+        "provider": target.provider,
+        "model": target.model,
+        "fallback": target.fallback,
+        "route": target.route,
+        "max_attempts": target.max_attempts,
+        "max_wait_s": target.max_wait_s,
+        "deadline_s": target.deadline_s,
+        "cache_ttl_s": cache_ttl_s or target.cache_ttl_s,
+        "response_format": msgspec.to_builtins(request.response_format) if request.response_format else None,
+        "idempotency_key": idempotency_key,
+        "metadata": metadata,
+        "params": {k: v for k, v in params.items() if v is not None} or None,
+        **_asked(request.messages),
+    }
+    try:
+        return validate({k: v for k, v in fields.items() if v is not None})
+    except msgspec.ValidationError as exc:
+        raise invalid(explain_error(exc)) from None
+
+
+def _asked(messages: list[ChatMessage]) -> dict[str, Any]:
+    *head, last = messages
+    single = last.role == "user" and (not head or (len(head) == 1 and head[0].role == "system"))
+    if single and last.text.strip():
+        return {"prompt": last.text, "system": head[0].text if head and head[0].text else None}
+    return {"messages": [msgspec.to_builtins(m) for m in messages]}
+
+
+# 4. the answer -----------------------------------------------------------------------------------
+
+
+class AssistantMessage(msgspec.Struct, frozen=True, kw_only=True):
+    role: str = "assistant"
+    content: str
+    refusal: None = None
+
+
+class Choice(msgspec.Struct, frozen=True, kw_only=True):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str = "stop"
+
+
+class CompletionUsage(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(msgspec.Struct, frozen=True, kw_only=True):
+    """OpenAI's ``chat.completion`` object."""
+
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: CompletionUsage
+    system_fingerprint: None = None
+
+
+def answered_by(view: TaskView) -> str:
+    """``provider/model`` of the worker that really answered (the provider alone when no model is known)."""
+    return f"{view.provider}/{view.model}" if view.model else view.provider
+
+
+def completion_of(view: TaskView) -> ChatCompletion:
+    """The ``chat.completion`` of a completed task. A structured output (a JSON value) is its JSON text,
+    as OpenAI's ``message.content`` carries it."""
+    output = view.output
+    content = output if isinstance(output, str) else msgspec.json.encode(output).decode()
+    usage = view.usage
+    prompt_tokens, completion_tokens = (usage.input_tokens, usage.output_tokens) if usage else (0, 0)
+    created_ms = view.submitted_at_ms or view.updated_at_ms
+    return ChatCompletion(
+        id=f"chatcmpl-{view.id}",
+        created=created_ms // 1000,
+        model=answered_by(view),
+        choices=[
+            Choice(message=AssistantMessage(content=content), finish_reason=view.finish_reason or "stop")
+        ],
+        usage=CompletionUsage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+    )
+
+
+def task_headers(view: TaskView) -> dict[str, str]:
+    """``X-Hive-Task-Id``, ``X-Hive-Provider``, ``X-Hive-Attempts``, ``X-Hive-Cost-USD`` (when the price
+    is known) and ``X-Hive-Cache: hit`` for an answer from the response cache."""
+    headers = {
+        "X-Hive-Task-Id": view.id,
+        "X-Hive-Provider": view.provider,
+        "X-Hive-Attempts": str(view.attempt),
+    }
+    if view.cost_usd is not None:
+        headers["X-Hive-Cost-USD"] = f"{view.cost_usd:.10f}".rstrip("0").rstrip(".")
+    if view.cached:
+        headers["X-Hive-Cache"] = "hit"
+    return headers
+
+
+# reason -> (HTTP status, code), for a task that failed for good; see failure_of
+_FAILURES: dict[str, tuple[int, str]] = {
+    "out_of_attempts": (502, "provider_unavailable"),
+    "deadline": (504, "deadline_exceeded"),
+    "rejected": (503, "queue_full"),
+    "lost": (502, "task_lost"),
+    "undecodable": (502, "task_undecodable"),
+}
+
+
+def failure_of(view: TaskView) -> OpenAIError:
+    """The OpenAI error of a task that failed for good (the table in the README):
+
+    - ``permanent`` with the provider's 404: 404 ``model_not_found``; with another 4xx of the provider's
+      (a bad request, a parameter its API does not take): 400 ``provider_bad_request``; with 401/403
+      (every key refused) or none (an output that could not be recorded...): 502 ``provider_refused``;
+    - ``out_of_attempts``: 502 ``provider_unavailable``; ``deadline``: 504 ``deadline_exceeded``;
+      ``rejected``: 503 ``queue_full``; ``lost`` and ``undecodable``: 502; any other reason (an output
+      that is not valid for its schema...): 502 with the reason as the code."""
+    reason, status = view.reason or "permanent", view.provider_status
+    message = f"task {view.id} failed ({reason}) on {view.provider}: {view.error or 'no error recorded'}"
+    headers = {
+        "X-Hive-Task-Id": view.id,
+        "X-Hive-Provider": view.provider,
+        "X-Hive-Attempts": str(view.attempt),
+    }
+    if reason == "permanent" and status == 404:
+        return OpenAIError(404, message, code="model_not_found", param="model", final=True, headers=headers)
+    if reason == "permanent" and status is not None and 400 <= status < 500 and status not in (401, 403, 429):
+        return OpenAIError(400, message, code="provider_bad_request", final=True, headers=headers)
+    http, code = _FAILURES.get(reason, (502, "provider_refused" if reason == "permanent" else reason))
+    return OpenAIError(http, message, type="server_error", code=code, final=True, headers=headers)
+
+
+def still_running(view: TaskView, wait_s: float) -> OpenAIError:
+    """504 once the wait is over: the task goes on, and ``GET /v1/tasks/{id}`` has its result later."""
+    return OpenAIError(
+        504,
+        f"task {view.id} has not ended within {wait_s:g}s (it is {view.status}); it goes on: "
+        f"GET /v1/tasks/{view.id} has its result later",
+        type="server_error",
+        code="wait_exceeded",
+        final=True,
+        headers={"X-Hive-Task-Id": view.id, "X-Hive-Provider": view.provider},
+    )
+
+
+# the routes ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A chat completion request made ready to run: the request, its task, its wait."""
+
+    chat: ChatRequest
+    task: TaskRequest
+    wait_s: float
+
+
+async def prepare(request: Request[Any, Any, Any], state: State) -> Prepared:
+    """Steps 1 to 3: the request checked, its model resolved, its task built (not yet submitted)."""
+    catalog: Catalog = state.catalog
+    chat = parse_request(await request.body())
+    headers = hive_headers(request, state.chat_wait_s)
+    try:
+        target = await catalog.target(chat.model)
+    except BusUnavailable as exc:
+        raise _of_bus_error(exc) from None
+    task = task_for(chat, target, idempotency_key=headers.idempotency_key, cache_ttl_s=headers.cache_ttl_s)
+    return Prepared(chat, task, headers.wait_s)
+
+
+async def streamed(prepared: Prepared, hive: Hive) -> Response[Any]:
+    """``stream: true``. STREAMING PLUGS IN HERE: answer ``text/event-stream`` of
+    ``chat.completion.chunk`` objects for ``prepared.task`` (the non-streaming steps are shared:
+    :func:`prepare` before, :func:`failure_of`/:func:`still_running` for the errors)."""
+    raise invalid("streaming is not available yet; leave `stream` out or false", param="stream")
+
+
+@post(
+    "/v1/chat/completions",
+    summary="OpenAI chat completions, answered through the bus",
+    status_code=200,
+)
+async def chat_completions(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+    """A chat completion as OpenAI's API answers it; the task behind it waits out rate limits and fails
+    over in the queue. Headers: ``X-Hive-Wait`` (seconds to wait, default 300), ``Idempotency-Key``,
+    ``X-Hive-Cache-TTL``; the answer carries ``X-Hive-Task-Id``, ``X-Hive-Provider``,
+    ``X-Hive-Attempts`` and ``X-Hive-Cost-USD``."""
+    hive: Hive = state.hive
+    try:
+        prepared = await prepare(request, state)
+        if prepared.chat.stream:
+            return await streamed(prepared, hive)
+        try:
+            accepted = await hive.submit_request(prepared.task)
+            view = await hive.wait(accepted.id, prepared.wait_s)
+        except (BusUnavailable, QueueFull, TooLarge) as exc:
+            raise _of_bus_error(exc) from None
+        if view.status == "completed":
+            return Response(completion_of(view), status_code=200, headers=task_headers(view))
+        raise failure_of(view) if view.status == "failed" else still_running(view, prepared.wait_s)
+    except OpenAIError as exc:
+        return exc.response()
+
+
+@get(
+    "/v1/models",
+    summary="OpenAI's list of models: every alias, and every provider/model a live worker serves",
+)
+async def list_models(state: State) -> Response[Any]:
+    catalog: Catalog = state.catalog
+    try:
+        return Response(await catalog.models(), media_type=MediaType.JSON)
+    except BusUnavailable as exc:
+        return _of_bus_error(exc).response()
+
+
+CHAT_ROUTES = [chat_completions, list_models]
+
+__all__ = [
+    "CHAT_ROUTES",
+    "Catalog",
+    "ChatCompletion",
+    "ChatRequest",
+    "OpenAIError",
+    "Prepared",
+    "completion_of",
+    "failure_of",
+    "parse_request",
+    "prepare",
+    "still_running",
+    "task_for",
+]
