@@ -24,17 +24,16 @@ from anyio.abc import TaskStatus
 from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
-from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskNotFound, __version__
+from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskNotFound
 from hive_bus._audit import StoreAudit
 from hive_bus._dlq import NotReplayable
 from hive_bus._errors import TooLarge
 from hive_bus._messages import explain
 from hive_bus._router import Router
 
-from . import answers, dashboard
+from . import answers, apidocs, dashboard
 from .api import AUDIT_ROUTES, METRICS_ROUTES, ROUTES, as_response
 from .auth import Tokens, check_exposure
 from .dlq_api import DLQ_ROUTES
@@ -154,7 +153,7 @@ def create_app(
         ],
         state=State(state),
         middleware=[fast] if options.fast_path else [],
-        openapi_config=OpenAPIConfig(title="hive-bus gateway", version=__version__, path="/schema"),
+        openapi_config=apidocs.openapi_config(),
         request_max_body_size=options.max_body_bytes,
         exception_handlers={
             ValidationException: on_validation_error,
