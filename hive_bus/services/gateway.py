@@ -36,6 +36,7 @@ from hive_bus._router import Router
 from . import answers, apidocs, dashboard
 from .api import AUDIT_ROUTES, METRICS_ROUTES, ROUTES, as_response
 from .auth import Tokens, check_exposure
+from .board_api import BOARD_ROUTES, TASK_ROUTES
 from .dlq_api import DLQ_ROUTES
 from .edge import Edge
 from .fastpath import FastSubmit
@@ -148,6 +149,8 @@ def create_app(
             *ROUTES,
             *DLQ_ROUTES,
             *(METRICS_ROUTES if metrics is not None else []),
+            *(BOARD_ROUTES if metrics is not None else []),
+            *TASK_ROUTES,
             *(AUDIT_ROUTES if audit is not None else []),
             *dashboard.ROUTES,
         ],
