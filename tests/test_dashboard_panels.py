@@ -7,8 +7,11 @@ host but the gateway's: the Pi and this machine have no internet, so nothing may
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,6 +37,13 @@ pytestmark = [
     pytest.mark.anyio,
     pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Chromium is not installed at {CHROMIUM}"),
 ]
+
+
+def artefact(name: str) -> Path:
+    """Where a screenshot goes: ``$HIVE_TEST_ARTEFACTS`` (kept after the run), else a temporary directory."""
+    where = Path(os.environ.get("HIVE_TEST_ARTEFACTS") or tempfile.gettempdir()) / "dashboard"
+    where.mkdir(parents=True, exist_ok=True)
+    return where / name
 
 
 async def offline(page: Page, url: str) -> list[str]:
@@ -68,6 +78,7 @@ async def test_the_api_reference_renders_from_the_gateway_alone_and_takes_a_bear
         await page.click("button.authorize", timeout=WAIT_MS)
         await page.wait_for_selector(".auth-container input", timeout=WAIT_MS)
         assert "bearer" in (await page.locator(".auth-container").first.inner_text()).lower()
+        await page.screenshot(path=artefact("api-reference.png"))
         assert elsewhere == []
         assert problems == []
 
@@ -153,6 +164,8 @@ async def test_a_fresh_gateway_charts_the_last_hour_and_a_task_tells_its_whole_s
             for chart in ("#chart-depth", "#chart-e2e", "#chart-wait"):
                 assert await page.locator(f"{chart} canvas").count() >= 1
             assert int(await outcomes.get_attribute("data-points") or 0) == 60
+            await page.set_viewport_size({"width": 1400, "height": 900})
+            await page.screenshot(path=artefact("board.png"), full_page=True)
             assert "p95 up to" in await page.locator("#chart-e2e .summary").inner_text()
 
             # the moved task's story: what it asked, each wait with the provider's words, the move, the end
@@ -175,6 +188,7 @@ async def test_a_fresh_gateway_charts_the_last_hour_and_a_task_tells_its_whole_s
             meta = await dialog.locator("#task-meta").inner_text()
             assert "tokens in / out" in meta and "cost" in meta
             assert await dialog.locator("#task-status").inner_text() == "completed"
+            await page.screenshot(path=artefact("task-story.png"))
             await page.keyboard.press("Escape")
             await dialog.wait_for(state="hidden", timeout=WAIT_MS)
             assert elsewhere == []
@@ -211,6 +225,9 @@ async def test_the_problem_strip_names_a_provider_without_workers_and_dead_lette
             letters = page.locator('#problems li[data-kind="dead_letters"]')
             await letters.wait_for(timeout=WAIT_MS)
             assert "2 dead letter(s) wait" in await letters.inner_text()
+            await page.set_viewport_size({"width": 390, "height": 844})  # a phone
+            await page.screenshot(path=artefact("problems-phone.png"))
+            await page.set_viewport_size({"width": 1400, "height": 900})
             await letters.locator("a").click()
 
             # the dead-letter panel: replay one, purge the other (after saying yes)
@@ -241,6 +258,7 @@ async def test_the_problem_strip_names_a_provider_without_workers_and_dead_lette
                 state="detached", timeout=WAIT_MS
             )
             assert asked and dead[1] in asked[0]
+            await page.locator("#dlq").screenshot(path=artefact("dead-letters.png"))
             assert (await http.get("/v1/dlq")).json() == []
 
             # the replayed task's story shows both runs and its output as pretty JSON

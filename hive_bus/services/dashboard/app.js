@@ -146,7 +146,14 @@ function showStats(stats) {
   });
   fill("providers", rows, 9, "no provider has had a task or a worker yet");
   const sum = (key) => stats.reduce((total, s) => total + s[key], 0);
-  $("total-rate").textContent = rated ? rate.toFixed(1) : "–";
+  if (rated) {
+    $("total-rate").textContent = rate.toFixed(1);
+    $("total-rate").title = "over the last minute this page has watched";
+  } else if (hour && hour.completed.length > 1) {
+    // the page has not watched a minute yet: the last whole minute, as the bus recorded it
+    $("total-rate").textContent = int(hour.completed.at(-2));
+    $("total-rate").title = "in the last whole minute, read from the bus";
+  }
   $("total-pending").textContent = int(sum("pending"));
   $("total-in-flight").textContent = int(sum("in_flight"));
   providerChoices(stats.map((s) => s.provider));

@@ -15,7 +15,8 @@ function line(label, index, { dash = false, unit = "" } = {}) {
     width: 2,
     dash: dash ? DASHED : undefined,
     spanGaps: false,
-    points: { show: false },
+    // latencies exist only in minutes with completions: a lone one shows as a point, not as nothing
+    points: unit === "s" ? { show: true, size: 5 } : { show: false },
     value: (_, v) => (v === null || v === undefined ? "–" : `${unit === "s" ? v.toFixed(2) : fmtInt.format(v)}${unit}`),
   };
 }
