@@ -1,8 +1,8 @@
 """The last hour of the gateway's figures, a minute at a time, for the dashboard's charts.
 
 Like ``/metrics``, the figures come from the bus, not from what this process happened to see: on start
-the last hour of the events stream is read once (:func:`backfill`, a pull consumer a batch at a time,
-up to :data:`BACKFILL_MAX_EVENTS`), then :class:`services.metrics.BusMetrics` hands on what its
+the last hour of the events stream is read once (:func:`backfill`, with the follower's reader, up to
+:data:`BACKFILL_MAX_EVENTS`), then :class:`services.metrics.BusMetrics` hands on what its
 follower applies from then on. So a page opened on a fresh gateway shows the past hour at once, and
 two gateways of one bus show the same. Memory is bounded: :data:`MINUTES` + 1 buckets, each with a
 count per provider (providers are capped by the metrics' labels) and two sparse histograms.
@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import anyio
-import anyio.lowlevel
 import msgspec
-import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from hive_bus._messages import now_ms
 from hive_bus._nats import BUS_ERRORS
 from hive_bus._nesting import Guarded
 from hive_bus.bus import Bus
+
+from .follower import EventFollower
 
 log = logging.getLogger("hive_bus.history")
 
@@ -252,52 +252,53 @@ async def backfill(
     history: History, bus: Bus, *, before_seq: int, provider_label: Callable[[str], str]
 ) -> None:
     """Apply the events stored in the last hour before stream sequence ``before_seq`` (where the live
-    follower began) to ``history``; sets ``history.backfilled``. Logs and gives up if the bus fails."""
+    follower began) to ``history``, with the live follower's own reader (a batch at a time, no task
+    per message); sets ``history.backfilled``. Logs and gives up if the bus fails."""
     names = bus.names
-    start = datetime.fromtimestamp((now_ms() - history.minutes * MINUTE_MS) / 1000, tz=UTC)
+    try:
+        first = await _first_seq_since(bus, now_ms() - history.minutes * MINUTE_MS)
+    except BUS_ERRORS as exc:
+        log.warning("history: could not find the last hour of events (%s); the charts start now", exc)
+        return
+    start = max(first, before_seq - BACKFILL_MAX_EVENTS)
+    if start > first:
+        log.warning(
+            "history: reading the last %d events only; the charts' oldest minutes are short",
+            before_seq - start,
+        )
+    reader = EventFollower(
+        bus,
+        names.events_stream,
+        [names.all_events],
+        _Backfill(history, bus, provider_label).apply,
+        batch=BACKFILL_BATCH,
+        expires_s=1.0,
+        start_seq=start,
+        stop_seq=before_seq,
+    )
+    try:
+        await reader.run()
+    except BUS_ERRORS as exc:
+        log.warning("history: reading the last hour of events stopped (%s)", exc)
+        return
+    history.backfilled = True
+    log.info("history: the events of the last hour read (sequences %d to %d)", start, before_seq - 1)
+
+
+async def _first_seq_since(bus: Bus, at_ms: int) -> int:
+    """The stream sequence of the first event stored at or after ``at_ms``: where a consumer that starts
+    by time would start (the server finds it), read from a throwaway one."""
+    names = bus.names
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_TIME,
-        opt_start_time=start,
+        opt_start_time=datetime.fromtimestamp(at_ms / 1000, tz=UTC),
         ack_policy=AckPolicy.NONE,
         filter_subject=names.all_events,
-        inactive_threshold=30.0,
+        inactive_threshold=5.0,
         mem_storage=True,
         num_replicas=1,
     )
-    apply = _Backfill(history, bus, provider_label).apply
-    read = 0
-    try:
-        info = await bus.js.add_consumer(names.events_stream, config)
-    except BUS_ERRORS as exc:
-        log.warning("history: could not read the last hour of events (%s); the charts start now", exc)
-        return
-    try:
-        sub = await bus.js.pull_subscribe_bind(
-            consumer=info.name, stream=names.events_stream, pending_msgs_limit=4 * BACKFILL_BATCH
-        )
-        pending = info.num_pending or 0
-        while pending and read < BACKFILL_MAX_EVENTS:
-            try:
-                msgs = await sub.fetch(BACKFILL_BATCH, timeout=5.0)
-            except nats.errors.TimeoutError:
-                break
-            for msg in msgs:
-                meta = msg.metadata
-                if meta.sequence.stream >= before_seq:
-                    pending = 0  # the live follower has it
-                    break
-                apply(msg.subject, msg.data)
-                read += 1
-                pending = meta.num_pending
-            await anyio.lowlevel.checkpoint()  # a long hour must not starve the gateway's requests
-        with contextlib.suppress(*BUS_ERRORS):
-            await sub.unsubscribe()
-    except BUS_ERRORS as exc:
-        log.warning("history: reading the last hour of events stopped (%s) after %d events", exc, read)
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*BUS_ERRORS):
-            await bus.js.delete_consumer(names.events_stream, info.name)
-    if read >= BACKFILL_MAX_EVENTS:
-        log.warning("history: read the last %d events only; the charts' oldest minutes are short", read)
-    history.backfilled = True
-    log.info("history: %d events of the last hour read", read)
+    info = await bus.js.add_consumer(names.events_stream, config)
+    with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*BUS_ERRORS):
+        await bus.js.delete_consumer(names.events_stream, info.name)
+    return (info.delivered.stream_seq if info.delivered else 0) + 1
