@@ -48,7 +48,9 @@ async def stats_history(
 @get("/v1/problems", summary="What needs a person now, the most pressing first", responses=_errors(401))
 async def problems(state: State) -> list[Problem]:
     metrics: BusMetrics = state.metrics
-    return problems_of(metrics.snapshot, now_s=time.time(), refresh_s=metrics.refresh_s)
+    return problems_of(
+        metrics.snapshot, now_s=time.time(), refresh_s=metrics.refresh_s, since_s=metrics.since_ms / 1000
+    )
 
 
 log = logging.getLogger("hive_bus.gateway")

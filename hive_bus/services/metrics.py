@@ -303,6 +303,11 @@ class BusMetrics:
         return self._gauges.snapshot
 
     @property
+    def since_ms(self) -> int:
+        """When following the bus began (unix ms); 0 before."""
+        return self._since_ms
+
+    @property
     def refresh_s(self) -> float:
         return self._refresh_s
 

@@ -30,11 +30,13 @@ class Problem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     until_ms: int | None = None  # a cooldown's end
 
 
-def problems_of(snap: Snapshot, *, now_s: float, refresh_s: float) -> list[Problem]:
-    """The problems the figures show, the most pressing first."""
+def problems_of(snap: Snapshot, *, now_s: float, refresh_s: float, since_s: float = 0.0) -> list[Problem]:
+    """The problems the figures show, the most pressing first (``since_s``: when the gateway began
+    reading the bus, so that a first read still under way is not called stale)."""
     found: list[Problem] = []
     stale_after_s = max(MIN_STALE_S, STALE_READS * refresh_s)
-    if snap.at_s is None or now_s - snap.at_s > stale_after_s:
+    last_s = snap.at_s if snap.at_s is not None else since_s
+    if now_s - last_s > stale_after_s:
         since = (
             "has not read the bus yet"
             if snap.at_s is None
