@@ -1,6 +1,7 @@
 """The last hour's figures behind the dashboard's charts (GET /v1/stats/history): read from the bus,
 so a gateway started later shows what one that watched it all shows; queue depths worked back from
-the depth now; memory bounded to the hour."""
+the depth now; memory bounded to the hour. And a task's timeline (GET /v1/tasks/{id}/timeline), which
+the dashboard's task story reads."""
 
 from __future__ import annotations
 
@@ -121,3 +122,27 @@ def test_queue_depths_are_worked_back_from_now_and_memory_stays_within_the_hour(
     for back in range(500):  # what is older than the hour is not kept
         history.record_arrival("gemini", now - back * MINUTE_MS)
     assert len(history._buckets) <= 61
+
+
+async def test_a_tasks_timeline_holds_every_event_and_a_wrong_id_is_named(settings: Settings) -> None:
+    async def once_wrong(task: Task) -> str:
+        if task.run == 0:
+            raise FailNow("no template")
+        return "bien"
+
+    async with (
+        open_bus(settings) as bus,
+        running_worker(bus, "picky", FunctionProvider(once_wrong)),
+        serving(bus) as http,
+    ):
+        task_id = (await http.post("/v1/tasks", json={"provider": "picky", "prompt": "p"})).json()["id"]
+        assert (await http.get(f"/v1/tasks/{task_id}", params={"wait": 20})).json()["status"] == "failed"
+        assert (await http.post(f"/v1/dlq/{task_id}/replay")).status_code == 202
+        assert (await http.get(f"/v1/tasks/{task_id}", params={"wait": 20})).json()["status"] == "completed"
+        events = (await http.get(f"/v1/tasks/{task_id}/timeline")).json()
+        assert [e["type"] for e in events] == ["queued.v1", "failed.v1", "queued.v1", "completed.v1"]
+        assert events[1]["error"] == "no template" and events[3]["output"] == "bien"
+        wrong = await http.get("/v1/tasks/not-an-id/timeline")
+        assert (wrong.status_code, wrong.json()["error"]["field"]) == (400, "task_id")
+        unknown = await http.get(f"/v1/tasks/{'0' * 26}/timeline")
+        assert unknown.status_code == 404

@@ -34,8 +34,9 @@ from .auth import ENV_TOKENS, Tokens, authorized, is_loopback
 
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _BODILESS = frozenset({"GET", "HEAD"})
-# /v1/tasks/{task_id}, /v1/tasks/{task_id}/events, /v1/dlq/{task_id}, /v1/dlq/{task_id}/replay
-_ID_PATH = re.compile(r"/v1/(?:tasks/(?!batch\Z)([^/]+)(?:/events)?|dlq/([^/]+)(?:/replay)?)\Z")
+# /v1/tasks/{task_id}, /v1/tasks/{task_id}/events, /v1/tasks/{task_id}/timeline, /v1/dlq/{task_id},
+# /v1/dlq/{task_id}/replay
+_ID_PATH = re.compile(r"/v1/(?:tasks/(?!batch\Z)([^/]+)(?:/events|/timeline)?|dlq/([^/]+)(?:/replay)?)\Z")
 # a task whose message on the bus could not be decoded is dead-lettered under this name
 _UNDECODABLE_ID = re.compile(r"undecodable-[0-9]{1,20}\Z")
 
