@@ -210,7 +210,14 @@ async def test_the_problem_strip_names_a_provider_without_workers_and_dead_lette
         serving(bus) as url,
         httpx.AsyncClient(base_url=url) as http,
     ):
-        stuck = await post(http, provider="nobody", prompt="nadie me atiende")
+        stuck = await post(
+            http,
+            provider="nobody",
+            messages=[
+                {"role": "system", "content": "Eres breve."},
+                {"role": "user", "content": [{"type": "text", "text": "nadie me atiende <i>hoy</i>"}]},
+            ],
+        )
         dead = [await post(http, provider="picky", prompt=f"plantilla {i}") for i in range(2)]
         assert [(await finished(http, t))["status"] for t in dead] == ["failed", "failed"]
         async with chromium() as browser, page_of(browser) as (page, problems):
@@ -268,6 +275,17 @@ async def test_the_problem_strip_names_a_provider_without_workers_and_dead_lette
             steps = await timeline.locator("li").evaluate_all("items => items.map(i => i.dataset.status)")
             assert steps == ["queued", "failed", "queued", "completed"]
             assert '"post": "done on run 1"' in await page.locator("#task-output").inner_text()
-            assert stuck  # still queued: nothing serves it
+            await page.keyboard.press("Escape")
+
+            # a task still queued shows what it asks (here chat messages) before any worker has it
+            await page.click(f'#tasks tr[data-task-id="{stuck}"] button', timeout=WAIT_MS)
+            question = page.locator("#task-dialog #task-input")
+            await question.locator(".message").nth(1).wait_for(timeout=WAIT_MS)
+            assert await question.locator(".role").all_inner_texts() == ["system", "user"]
+            assert "nadie me atiende <i>hoy</i>" in await question.inner_text()
+            assert await page.locator("#task-dialog #timeline li").evaluate_all(
+                "items => items.map(i => i.dataset.status)"
+            ) == ["queued"]
+            assert await page.locator("#task-output").inner_text() == "(not finished yet)"
             assert elsewhere == []
         assert problems == []
