@@ -33,6 +33,18 @@ EXTRAS_MODULES = ("litestar", "uvicorn", "prometheus_client", "google.genai", "g
 BASE_ONLY = f"import sys\nfor name in {EXTRAS_MODULES!r}:\n    sys.modules[name] = None\n"
 
 
+# Vendored JavaScript and its licences (hive_bus/services/dashboard/vendor/README.md)
+VENDORED = (
+    "uplot/uPlot.iife.min.js",
+    "uplot/uPlot.min.css",
+    "uplot/LICENSE",
+    "swagger-ui/swagger-ui-bundle.js",
+    "swagger-ui/swagger-ui-standalone-preset.js",
+    "swagger-ui/swagger-ui.css",
+    "swagger-ui/LICENSE",
+)
+
+
 @pytest.fixture
 def base_only(tmp_path: Path) -> dict[str, str]:
     """The environment of a child whose Python has hive-bus without any extra."""
@@ -191,6 +203,12 @@ def test_the_wheel_installs_in_a_clean_virtualenv_and_runs_hive_up(tmp_path: Pat
     with zipfile.ZipFile(wheel) as whl:
         top = {name.split("/")[0] for name in whl.namelist() if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"hive_bus"}, top
+    # the web assets the dashboard and the API reference load from the gateway itself (no CDN)
+    with zipfile.ZipFile(wheel) as whl:
+        names = set(whl.namelist())
+    vendor = "hive_bus/services/dashboard/vendor"
+    for asset in VENDORED:
+        assert f"{vendor}/{asset}" in names, asset
     hive = str(bin_dir / "hive")
     gateway = subprocess.run(
         [hive, "gateway", "--port", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
@@ -219,6 +237,8 @@ def test_the_wheel_installs_in_a_clean_virtualenv_and_runs_hive_up(tmp_path: Pat
         assert accepted.status_code == 202, accepted.text
         done = httpx.get(f"{url}/v1/tasks/{accepted.json()['id']}", params={"wait": 15}, timeout=20).json()
         assert (done["status"], done["output"]) == ("completed", "desde la rueda")
+        for asset in VENDORED:
+            assert httpx.get(f"{url}/dashboard/vendor/{asset}").status_code == 200, asset
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0, log.read_text()
     finally:

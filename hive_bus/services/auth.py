@@ -1,8 +1,8 @@
 """Bearer tokens for the gateway, read once at start-up and checked in constant time.
 
 With no token configured the gateway serves loopback only (see :func:`check_exposure`). With tokens,
-every route but ``/healthz``, ``/readyz`` and the dashboard's page and files (which hold no data; the
-page asks for a token when the API does) needs ``Authorization: Bearer <token>``, whether or not the
+every route but ``/healthz``, ``/readyz``, the dashboard's page and files and the API reference's pages
+(which hold no data; the page asks for a token when the API does) needs ``Authorization: Bearer <token>``, whether or not the
 route exists, so that no route can be found without one. ``/metrics`` takes its own token whenever one
 is set, with or without gateway tokens (Prometheus then needs only that one). Every token is at least
 16 characters. A token never appears in a log line or an answer.
@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
+# health, the dashboard's page and the API reference's pages (see services.apidocs)
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/schema", "/schema/swagger"})
 OPEN_PREFIX = "/dashboard/"  # the dashboard's static files
 ENV_TOKENS = "HIVE_GATEWAY_TOKENS"
 ENV_TOKENS_FILE = "HIVE_GATEWAY_TOKENS_FILE"

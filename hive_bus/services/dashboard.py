@@ -2,8 +2,10 @@
 (no build step) from ``hive_bus/services/dashboard/``.
 
 The page holds no data. Its script reads the JSON API (``/v1/stats``, ``/v1/workers``, ``/v1/tasks``,
-``/v1/usage``) and the ``/v1/events`` feed, with the bearer token the user types in when the API asks
-for one; so the page and its files are served without a token (see :mod:`services.auth`).
+``/v1/usage``, ``/v1/problems``, ``/v1/stats/history``, ``/v1/dlq``, a task's ``/timeline``) and the
+``/v1/events`` feed, and acts (replay, purge) with the bearer token the user types in when the API asks
+for one; so the page and its files are served without a token (see :mod:`services.auth`). Its charts
+are drawn by uPlot, shipped in ``dashboard/vendor/`` (see the README there).
 """
 
 # No "from __future__ import annotations" here: Litestar reads the annotations at run time.

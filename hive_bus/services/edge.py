@@ -38,9 +38,10 @@ _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _BODILESS = frozenset({"GET", "HEAD"})
 # POSTs whose answer waits for a task: ended, like a GET's wait, when their client goes away
 _HELD_POSTS = frozenset({"/v1/chat/completions"})
-# /v1/tasks/{task_id}, /v1/tasks/{task_id}/events, /v1/dlq/{task_id}, /v1/dlq/{task_id}/replay
+# /v1/tasks/{task_id}, /v1/tasks/{task_id}/events, /v1/tasks/{task_id}/timeline, /v1/tasks/{task_id}/cancel,
+# /v1/dlq/{task_id}, /v1/dlq/{task_id}/replay
 _ID_PATH = re.compile(
-    r"/v1/(?:tasks/(?!(?:batch|cancel)\Z)([^/]+)(?:/events|/cancel)?|dlq/([^/]+)(?:/replay)?)\Z"
+    r"/v1/(?:tasks/(?!(?:batch|cancel)\Z)([^/]+)(?:/events|/timeline|/cancel)?|dlq/([^/]+)(?:/replay)?)\Z"
 )
 # a task whose message on the bus could not be decoded is dead-lettered under this name
 _UNDECODABLE_ID = re.compile(r"undecodable-[0-9]{1,20}\Z")

@@ -8,6 +8,10 @@ server. Each message costs one callback, with no per-message task or timer.
 
 If the consumer is lost (a server restart, or it timed out while the connection was down), a new one
 starts just after the last message applied, so nothing is applied twice or skipped.
+
+Given ``start_seq`` and ``stop_seq``, it reads a stretch of the stream that is already stored (the
+history's backfill on start) the same way: from ``start_seq`` up to, not including, ``stop_seq``, and
+:meth:`EventFollower.run` returns once it has.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class EventFollower:
         *,
         batch: int = 256,
         expires_s: float = 5.0,
+        start_seq: int | None = None,
+        stop_seq: int | None = None,
     ) -> None:
         self._bus = bus
         self._stream = stream
@@ -53,13 +59,22 @@ class EventFollower:
         self._received = 0
         self._status: str | None = None
         self._answered = anyio.Event()
+        self._start_seq = start_seq
+        self._stop_seq = stop_seq
+        self._reached_stop = False
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Follow until cancelled; started once the first consumer exists (it raises if the bus does
         not answer then)."""
         bus = self._bus
-        info = await bus.js.stream_info(self._stream)
-        self.next_seq = info.state.last_seq + 1
+        if self._start_seq is None:
+            info = await bus.js.stream_info(self._stream)
+            self.next_seq = info.state.last_seq + 1
+        else:
+            self.next_seq = self._start_seq
+        if self._stop_seq is not None and self.next_seq >= self._stop_seq:
+            task_status.started()
+            return
         inbox = PullInbox(bus.nc, self._on_message, pending_msgs_limit=4 * self._batch)
         await inbox.start()
         try:
@@ -73,7 +88,11 @@ class EventFollower:
                     consumer = await self._consumer()
                     continue
                 pause_s = 1.0
-                if not await self._pull(consumer, inbox):
+                pulled = await self._pull(consumer, inbox)
+                if self._stop_seq is not None and self._stretch_read():
+                    await self._delete(consumer)
+                    return
+                if not pulled:
                     log.warning(
                         "the %s consumer %s is gone; following again from %d",
                         self._stream,
@@ -128,6 +147,11 @@ class EventFollower:
         # 408: the request expired with fewer messages than asked; anything else ended the consumer
         return self._status in (None, "408")
 
+    def _stretch_read(self) -> bool:
+        """Whether a bounded read is done: it met ``stop_seq``, or a pull ended short (408, 404: the
+        stream had no more for it, and everything before ``stop_seq`` was stored when it began)."""
+        return self._reached_stop or self.next_seq >= (self._stop_seq or 0) or self._status in ("404", "408")
+
     def _advance(self) -> None:
         if self._last_reply is not None and (seq := stream_seq(self._last_reply)) is not None:
             self.next_seq = seq + 1
@@ -138,6 +162,14 @@ class EventFollower:
             self._answered.set()
             return
         if self._consumer_token not in msg.reply:
+            return
+        if (
+            self._stop_seq is not None
+            and (seq := stream_seq(msg.reply)) is not None
+            and seq >= self._stop_seq
+        ):
+            self._reached_stop = True  # the live follower applies this one
+            self._answered.set()
             return
         self._last_reply = msg.reply
         try:

@@ -24,10 +24,9 @@ from anyio.abc import TaskStatus
 from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp
 
-from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskNotFound, __version__
+from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskNotFound
 from hive_bus._audit import StoreAudit
 from hive_bus._bus import ensure_cache_stream
 from hive_bus._dlq import NotReplayable
@@ -38,9 +37,10 @@ from hive_bus._nats import BUS_ERRORS
 from hive_bus._router import Router
 from hive_bus._routes import Routes
 
-from . import answers, dashboard
+from . import answers, apidocs, dashboard
 from .api import AUDIT_ROUTES, METRICS_ROUTES, ROUTES, as_response
 from .auth import Tokens, check_exposure
+from .board_api import BOARD_ROUTES, TASK_ROUTES
 from .dlq_api import DLQ_ROUTES
 from .edge import Edge
 from .fastpath import FastSubmit
@@ -167,12 +167,14 @@ def create_app(
             *FILE_ROUTES,
             *CHAT_ROUTES,
             *(METRICS_ROUTES if metrics is not None else []),
+            *(BOARD_ROUTES if metrics is not None else []),
+            *TASK_ROUTES,
             *(AUDIT_ROUTES if audit is not None else []),
             *dashboard.ROUTES,
         ],
         state=State(state),
         middleware=[fast] if options.fast_path else [],
-        openapi_config=OpenAPIConfig(title="hive-bus gateway", version=__version__, path="/schema"),
+        openapi_config=apidocs.openapi_config(),
         request_max_body_size=options.max_body_bytes,
         exception_handlers={
             ValidationException: on_validation_error,

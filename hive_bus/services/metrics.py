@@ -7,8 +7,9 @@ default one, so several gateways, or tests, can live in one process):
   of duplicate ones) on the events stream, followed from the moment it starts (a batch at a time,
   resumed after the last event seen if its consumer is lost; see :mod:`services.follower`):
   completions by model, failures and retries by reason, rate-limit waits, tokens, cost, and the
-  queue-wait, call and end-to-end times of completed tasks. ``queued`` and ``running`` events, one
-  each per task, are not read: submissions are counted apart (below).
+  queue-wait, call and end-to-end times of completed tasks. ``running`` events are not read, and
+  ``queued`` and ``moved`` ones only for the last hour's queue depths (:mod:`services.history`, which
+  these events also feed, minute by minute): submissions are counted apart (below).
   A task's final event is stored once by JetStream (``Nats-Msg-Id: <id>:final:<seal>``); a bounded set
   of recently seen (provider, task id) pairs also keeps a final event seen twice from counting twice.
   Each event counts under the provider of its subject, and only when its body names that provider: a
@@ -55,12 +56,22 @@ from hive_bus._bus import ensure_counters_stream, kv_entries, redeclare_workers_
 from hive_bus._cooldown import decode_records, provider_cooldowns
 from hive_bus._counts import submitted_counts
 from hive_bus._duplicates import duplicate_decoder
-from hive_bus._messages import Cancelled, Completed, Failed, Retrying, beat_decoder, event_decoder, now_ms
+from hive_bus._messages import (
+    Cancelled,
+    Completed,
+    Failed,
+    Moved,
+    Retrying,
+    beat_decoder,
+    event_decoder,
+    now_ms,
+)
 from hive_bus._nats import BUS_ERRORS, why
 from hive_bus._stats import QueueDepth, queue_depths
 from hive_bus.bus import Bus
 
 from .follower import EventFollower
+from .history import History, HistoryView, backfill
 
 log = logging.getLogger("hive_bus.metrics")
 
@@ -83,7 +94,7 @@ _BUS_ERRORS = (*BUS_ERRORS, msgspec.DecodeError)  # and a heartbeat or count tha
 
 
 @dataclass(frozen=True, slots=True)
-class _Snapshot:
+class Snapshot:
     """The gauges' figures as the last successful refresh read them, by provider label."""
 
     pending: dict[str, int] = field(default_factory=dict)
@@ -98,6 +109,7 @@ class _Snapshot:
     budget_limit: dict[tuple[str, ...], float] = field(default_factory=dict)
     lost: dict[str, int] = field(default_factory=dict)  # by stream name
     submitted: dict[str, int] = field(default_factory=dict)  # since following began
+    dead_letters: int = 0  # messages in the dead-letter stream
     at_s: float | None = None  # unix time of the refresh
 
 
@@ -133,7 +145,7 @@ class _Gauges:
     """A collector that exposes the last snapshot: providers that went away go away with it."""
 
     def __init__(self) -> None:
-        self.snapshot = _Snapshot()
+        self.snapshot = Snapshot()
 
     def collect(self) -> Iterable[Metric]:
         snap = self.snapshot
@@ -305,6 +317,21 @@ class BusMetrics:
         )
         self._gauges = _Gauges()
         r.register(self._gauges)
+        self.history = History()
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The gauges' figures as the last successful read of the bus found them."""
+        return self._gauges.snapshot
+
+    @property
+    def since_ms(self) -> int:
+        """When following the bus began (unix ms); 0 before."""
+        return self._since_ms
+
+    @property
+    def refresh_s(self) -> float:
+        return self._refresh_s
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -337,9 +364,17 @@ class BusMetrics:
             bus = self._bus
             await ensure_counters_stream(bus.js, bus.settings)
             self._submitted_before = await submitted_counts(bus)
-            follower = EventFollower(bus, bus.names.events_stream, bus.names.outcome_events, self._observe)
+            # queued and moved events too, for the history's queue depths (a queued event is not decoded)
+            names = bus.names
+            subjects = [*names.outcome_events, names.event_subject("*", "*", "queued"), names.moved_events]
+            follower = EventFollower(bus, names.events_stream, subjects, self._observe)
             await tg.start(follower.run)
             tg.start_soon(self._refresh_loop)
+            # the hour before: read once, up to where the follower began
+            began = follower.next_seq
+            tg.start_soon(
+                lambda: backfill(self.history, bus, before_seq=began, provider_label=self._provider_label)
+            )
             task_status.started()
 
     async def refresh(self, *, max_age_s: float = 0.0) -> None:
@@ -361,9 +396,21 @@ class BusMetrics:
 
     # events --------------------------------------------------------------------------------------
 
+    def history_view(self, *, since_ms: int = 0) -> HistoryView:
+        """The last hour a minute at a time (see :mod:`services.history`), queue depths worked back
+        from the last read of the queues."""
+        snap = self._gauges.snapshot
+        depth_now = {p: snap.pending.get(p, 0) + snap.ack_pending.get(p, 0) for p in snap.pending}
+        return self.history.view(depth_now, since_ms=since_ms)
+
     def _observe(self, subject: str, data: bytes) -> None:
-        if self._bus.names.is_duplicate_report(subject):
+        names = self._bus.names
+        if names.is_duplicate_report(subject):
             self._observe_duplicate(data)
+            return
+        status = names.status_of_subject(subject)
+        if status == "queued":  # only the history counts these, by their subject alone
+            self.history.record_arrival(self._provider_label(names.provider_of_subject(subject)), now_ms())
             return
         try:
             event = event_decoder.decode(data)
@@ -381,20 +428,29 @@ class BusMetrics:
                 self._retries.labels(provider, event.reason).inc()
                 if event.reason == "rate_limit" and event.called:
                     self._rate_limited.labels(provider).inc()
+                    self.history.record_rate_limit(event.at_ms)
+            case Moved():  # followed for the history alone: out of one queue, into another
+                self.history.record_departure(provider, event.at_ms)
+                self.history.record_arrival(self._provider_label(event.task.provider), event.at_ms)
             case Failed():
                 # A rejected submission is recorded outside the worker's final events (and may be
                 # followed by the same task's completion once it is queued again).
                 kind = "rejected" if event.reason == "rejected" else "final"
                 if self._first_time(f"{on}:{event.task_id}:{kind}"):
                     self._failed.labels(provider, event.reason).inc()
+                    self.history.record_failed(provider, event.at_ms)
                     if event.reason == "lost":
                         self._lost.inc()
             case Completed():
                 if self._first_time(f"{on}:{event.task_id}:final"):
                     self._completed_task(provider, event)
+                    self.history.record_completed(
+                        provider, event.at_ms, event.submitted_at_ms, event.started_at_ms
+                    )
             case Cancelled():
                 if self._first_time(f"{on}:{event.task_id}:final"):
                     self._cancelled.labels(provider, event.was).inc()
+                    self.history.record_departure(provider, event.at_ms)
             case _:
                 pass  # running: nothing to count
 
@@ -471,7 +527,7 @@ class BusMetrics:
                 log.exception("metrics: refreshing the gauges failed")
             await anyio.sleep(self._refresh_s)
 
-    async def _read_gauges(self) -> _Snapshot:
+    async def _read_gauges(self) -> Snapshot:
         bus = self._bus
         depths = await queue_depths(bus)
         try:
@@ -481,19 +537,21 @@ class BusMetrics:
             beats = []
         cooldown_values = await kv_entries(bus.providers_kv, timeout_s=bus.settings.request_timeout_s)
         cooldowns = provider_cooldowns(cooldown_values, beats)
-        lost = {stream: await _lost_messages(bus, stream) for stream in _streams(bus)}
+        states = {stream: (await bus.js.stream_info(stream)).state for stream in _streams(bus)}
+        lost = {stream: lost_count(state) for stream, state in states.items()}
         counted = await submitted_counts(bus)
 
         pending: dict[str, int] = {}
         ack_pending: dict[str, int] = {}
         workers: dict[str, int] = {}
         cooldown_s: dict[str, float] = {}
-        snap = _Snapshot(
+        snap = Snapshot(
             pending=pending,
             ack_pending=ack_pending,
             workers=workers,
             cooldown_s=cooldown_s,
             lost=lost,
+            dead_letters=states[bus.names.dlq_stream].messages,
             at_s=time.time(),
         )
         for provider, count in counted.items():
@@ -528,7 +586,7 @@ class BusMetrics:
             self._budget_figures(snap, scope, ledger, now)
         return snap
 
-    def _budget_figures(self, snap: _Snapshot, scope: str, ledger: Ledger, now: int) -> None:
+    def _budget_figures(self, snap: Snapshot, scope: str, ledger: Ledger, now: int) -> None:
         limits = ledger.limits
         if limits is None:
             return
@@ -550,10 +608,6 @@ class BusMetrics:
 
 def _streams(bus: Bus) -> tuple[str, ...]:
     return (bus.names.tasks_stream, bus.names.events_stream, bus.names.dlq_stream)
-
-
-async def _lost_messages(bus: Bus, stream: str) -> int:
-    return lost_count((await bus.js.stream_info(stream)).state)
 
 
 def lost_count(state: StreamState) -> int:

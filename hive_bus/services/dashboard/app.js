@@ -4,9 +4,13 @@
 // in sessionStorage (this tab only) and sends it as a bearer token. EventSource cannot send that
 // header, so the feed is read from fetch()'s streamed body.
 
+import { Charts, merge } from "./charts.js";
+
 const TOKEN_KEY = "hive-bus.token";
-const POLL_MS = 2000; // stats and workers
+const POLL_MS = 2000; // stats, workers and problems
 const USAGE_EVERY = 3; // polls: tokens and cost change only with completions
+const HISTORY_EVERY = 5; // polls: the charts' last minutes (the hour is read once)
+const DLQ_EVERY = 15; // polls: dead letters (and whenever the problems' count of them changes)
 const RATE_WINDOW_MS = 60_000;
 const MAX_TASK_ROWS = 200;
 const DETAIL_CHARS = 240;
@@ -26,11 +30,19 @@ function headers(extra = {}) {
   return token ? { ...extra, Authorization: `Bearer ${token}` } : extra;
 }
 
-async function api(path, signal) {
-  const response = await fetch(path, { headers: headers({ Accept: "application/json" }), signal });
+async function api(path, signal, method = "GET") {
+  const response = await fetch(path, { method, headers: headers({ Accept: "application/json" }), signal });
   if (response.status === 401) throw new Unauthorized();
-  if (response.status === 404) return null; // a route this gateway does not serve (/v1/usage)
-  if (!response.ok) throw new Error(`${path} answered ${response.status}`);
+  if (response.status === 404) return null; // a route this gateway does not serve (/v1/usage), no such task
+  if (!response.ok) {
+    let message = `${path} answered ${response.status}`;
+    try {
+      message = (await response.json()).error.message || message;
+    } catch {
+      // not the gateway's error body: the status says enough
+    }
+    throw new Error(message);
+  }
   return response.json();
 }
 
@@ -116,7 +128,7 @@ function showStats(stats) {
       cooldown.title = s.cooldown_reason || "";
       ticking(cooldown, "until", s.cooldown_until_ms);
     }
-    return el(
+    const row = el(
       "tr",
       { data: { provider: s.provider } },
       td(s.provider),
@@ -129,10 +141,19 @@ function showStats(stats) {
       td(int(s.workers), "num"),
       cooldown,
     );
+    row.id = `provider-${s.provider}`; // where the problem strip links to
+    return row;
   });
   fill("providers", rows, 9, "no provider has had a task or a worker yet");
   const sum = (key) => stats.reduce((total, s) => total + s[key], 0);
-  $("total-rate").textContent = rated ? rate.toFixed(1) : "–";
+  if (rated) {
+    $("total-rate").textContent = rate.toFixed(1);
+    $("total-rate").title = "over the last minute this page has watched";
+  } else if (hour && hour.completed.length > 1) {
+    // the page has not watched a minute yet: the last whole minute, as the bus recorded it
+    $("total-rate").textContent = int(hour.completed.at(-2));
+    $("total-rate").title = "in the last whole minute, read from the bus";
+  }
   $("total-pending").textContent = int(sum("pending"));
   $("total-in-flight").textContent = int(sum("in_flight"));
   providerChoices(stats.map((s) => s.provider));
@@ -272,7 +293,7 @@ function showTask(record) {
     "tr",
     { cls: known ? "changed" : "", data: { taskId: record.id, status: record.status }, title: record.prompt },
     td(clock(record.at)),
-    el("td", { text: record.id, cls: "mono" }),
+    el("td", {}, storyButton(record.id)),
     td(record.provider),
     el("td", {}, el("span", { text: record.status, cls: "status", data: { status: record.status } })),
     td(record.attempt || "", "num"),
@@ -290,6 +311,7 @@ function showTask(record) {
     body.insertBefore(row, body.children[after] || null);
   }
   tasks.set(record.id, { record, row });
+  storyChanged(record.id);
   if (tasks.size > MAX_TASK_ROWS) {
     const oldest = [...tasks.keys()].sort()[0];
     tasks.get(oldest).row.remove();
@@ -379,6 +401,301 @@ async function loadRecent(provider, signal) {
   for (const view of (views || []).reverse()) showTask(fromView(view));
 }
 
+// --- what needs a person -------------------------------------------------------------------------
+
+const PROBLEM_WORDS = {
+  stale: "Stale figures",
+  no_worker: "No worker",
+  key_refused: "Key refused",
+  cooling_down: "Cooling down",
+  dead_letters: "Dead letters",
+  stream_lost: "Messages lost",
+};
+
+// Shows the strip (hidden when nothing is wrong); returns how many dead letters wait.
+function showProblems(problems) {
+  let dead = 0;
+  const items = (problems || []).map((p) => {
+    if (p.kind === "dead_letters") dead = p.count;
+    const link = el("a", { text: p.message });
+    link.href = p.link;
+    const item = el("li", { data: { kind: p.kind, provider: p.provider || "" } });
+    item.append(el("span", { text: `${PROBLEM_WORDS[p.kind] || p.kind}:`, cls: "kind" }), link);
+    if (p.until_ms) item.append(" ", ticking(el("span", { cls: "cooling" }), "until", p.until_ms));
+    return item;
+  });
+  $("problem-list").replaceChildren(...items);
+  $("problems").hidden = items.length === 0;
+  return dead;
+}
+
+// --- the last hour ---------------------------------------------------------------------------------
+
+const charts = new Charts();
+let hour = null; // the history as last merged
+
+async function loadHistory(signal) {
+  const history = await api("/v1/stats/history", signal);
+  if (history === null) return; // a gateway that does not follow the bus
+  hour = history;
+  showHistory();
+}
+
+async function updateHistory(signal) {
+  if (hour === null) return loadHistory(signal);
+  const since = hour.start_ms.at(-1) ?? 0; // the current minute, which has grown since
+  const update = await api(`/v1/stats/history?since_ms=${since}`, signal);
+  if (update === null || update.start_ms.length === 0) return;
+  hour = merge(hour, update);
+  showHistory();
+}
+
+function showHistory() {
+  charts.show(hour);
+  $("history-note").textContent = hour.backfilled ? "" : "(still reading the hour before this gateway started)";
+}
+
+// --- dead letters ----------------------------------------------------------------------------------
+
+let shownDeadLetters = -1;
+
+async function loadDeadLetters(signal, count) {
+  const letters = await api("/v1/dlq?limit=100", signal);
+  if (letters === null) return;
+  shownDeadLetters = count ?? letters.length;
+  const rows = letters.map(({ failed }) => {
+    const replay = el("button", { text: "Replay", cls: "secondary", title: "queue it again (same id, its next run)" });
+    replay.type = "button";
+    replay.addEventListener("click", () => replayTask(failed.task_id, $("dlq-message")));
+    const purge = el("button", { text: "Purge…", cls: "danger", title: "drop this dead letter for good" });
+    purge.type = "button";
+    purge.addEventListener("click", () => purgeOne(failed.task_id));
+    const error = failed.error.length > DETAIL_CHARS ? `${failed.error.slice(0, DETAIL_CHARS)}…` : failed.error;
+    return el(
+      "tr",
+      { data: { taskId: failed.task_id } },
+      td(clock(failed.at_ms)),
+      el("td", {}, storyButton(failed.task_id)),
+      td(failed.provider),
+      td(failed.reason),
+      el("td", { text: error, cls: "detail", title: failed.error }),
+      el("td", { cls: "actions" }, replay, purge),
+    );
+  });
+  fill("dlq-table", rows, 6, "no dead letter: every task that failed for good has been replayed or purged");
+  $("dlq-count").textContent = letters.length ? `(${letters.length}${letters.length === 100 ? "+" : ""})` : "";
+  $("dlq-purge-all").hidden = letters.length === 0;
+}
+
+async function act(message, what, path, method) {
+  message.textContent = `${what}…`;
+  try {
+    const answer = await api(path, session?.signal, method);
+    if (answer === null) throw new Error("it is no longer there");
+    message.textContent =
+      answer.purged !== undefined ? `${what}: ${answer.purged} dead letter(s) dropped` : `${what}: queued again (run ${answer.run})`;
+    await loadDeadLetters(session?.signal);
+    return answer;
+  } catch (error) {
+    if (error instanceof Unauthorized) return askForToken();
+    message.textContent = `${what} failed: ${error.message}`;
+    return null;
+  }
+}
+
+function replayTask(taskId, message) {
+  return act(message, `Replay of ${taskId}`, `/v1/dlq/${encodeURIComponent(taskId)}/replay`, "POST");
+}
+
+function purgeOne(taskId) {
+  if (!confirm(`Drop the dead letter of task ${taskId} for good? It cannot be replayed afterwards.`)) return;
+  return act($("dlq-message"), `Purge of ${taskId}`, `/v1/dlq/${encodeURIComponent(taskId)}`, "DELETE");
+}
+
+function purgeAll() {
+  if (!confirm("Drop EVERY dead letter for good? None of them can be replayed afterwards.")) return;
+  return act($("dlq-message"), "Purge of every dead letter", "/v1/dlq", "DELETE");
+}
+
+// --- a task's whole story ------------------------------------------------------------------------------
+
+let story = null; // the AbortController of the open story's event stream
+
+function storyButton(taskId) {
+  const button = el("button", { text: taskId, cls: "link", title: "its whole story" });
+  button.type = "button";
+  button.addEventListener("click", () => openStory(taskId));
+  return button;
+}
+
+function fact(list, term, value) {
+  if (value === null || value === undefined || value === "") return;
+  list.append(el("dt", { text: term }), el("dd", { text: value }));
+}
+
+function pretty(value) {
+  if (typeof value === "string") {
+    try {
+      const parsed = JSON.parse(value);
+      if (parsed !== null && typeof parsed === "object") return JSON.stringify(parsed, null, 2);
+    } catch {
+      // plain text
+    }
+    return value;
+  }
+  return value === null || value === undefined ? "" : JSON.stringify(value, null, 2);
+}
+
+function showAsked(task) {
+  const box = $("task-input");
+  const parts = [];
+  if (task.system) parts.push(message("system", task.system));
+  for (const m of task.messages || []) {
+    const text = typeof m.content === "string" ? m.content : m.content.map((part) => part.text).join("\n");
+    parts.push(message(m.role, text));
+  }
+  if (task.prompt) parts.push(message("prompt", task.prompt));
+  if (task.payload !== undefined && task.payload !== null) parts.push(message("payload", pretty(task.payload)));
+  if (task.content) parts.push(el("p", { cls: "muted", text: `its content (${int(task.content.size_bytes)} bytes) is kept in the Object Store` }));
+  box.replaceChildren(...parts);
+  const meta = $("task-facts");
+  fact(meta, "priority", task.priority || "normal");
+  fact(meta, "model", task.model);
+  if (task.fallback && task.fallback.length) fact(meta, "fallback", task.fallback.join(", "));
+  if (task.metadata && Object.keys(task.metadata).length) fact(meta, "metadata", JSON.stringify(task.metadata));
+  if (task.params) fact(meta, "params", JSON.stringify(task.params));
+  if (task.response_format) fact(meta, "response format", task.response_format.type);
+  fact(meta, "attempts allowed", task.max_attempts);
+}
+
+function message(role, text) {
+  return el("div", { cls: "message" }, el("span", { text: role, cls: "role" }), el("pre", { text }));
+}
+
+// One line of the timeline from an event of GET /v1/tasks/{id}/events.
+function timelineItem(status, e) {
+  const item = el("li", { data: { status } });
+  const words = [];
+  let what;
+  switch (status) {
+    case "queued":
+      what = e.task && e.task.run ? `queued again on ${e.provider} (replay, run ${e.task.run})` : `queued on ${e.provider}`;
+      break;
+    case "running":
+      what = `attempt ${e.attempt} running on ${e.worker}`;
+      break;
+    case "retrying":
+      what = `waits (${e.reason}${e.quota ? `, ${e.quota}` : ""}) after attempt ${e.attempt} on ${e.worker}`;
+      words.push(`next try in ${e.retry_in_s.toFixed(1)} s, at ${clock(e.next_try_at_ms)}`);
+      if (e.error) words.push(`the provider said: ${e.error}`);
+      break;
+    case "moved":
+      what = `moved from ${e.provider} to ${e.task.provider}${e.worker ? ` by ${e.worker}` : ""}`;
+      words.push(e.reason);
+      break;
+    case "completed":
+      what = `completed by ${e.worker} (attempt ${e.attempt})`;
+      if (e.model || e.call_s) words.push(`${e.model || "model unknown"}, call ${(e.call_s || 0).toFixed(2)} s`);
+      break;
+    case "failed":
+      what = `failed: ${e.reason}${e.worker ? ` on ${e.worker}` : ""}`;
+      if (e.error) words.push(e.error);
+      break;
+    default:
+      what = status;
+  }
+  item.append(el("span", { text: clock(e.at_ms), cls: "when", title: new Date(e.at_ms).toISOString() }), " ", el("span", { text: what, cls: "what" }));
+  for (const w of words) item.append(el("span", { text: w, cls: "words" }));
+  return item;
+}
+
+function showView(view) {
+  $("task-status").textContent = view.status;
+  $("task-status").dataset.status = view.status;
+  const meta = $("task-meta");
+  meta.replaceChildren();
+  fact(meta, "provider", view.provider);
+  fact(meta, "updated", new Date(view.updated_at_ms).toLocaleString());
+  if (view.submitted_at_ms) fact(meta, "submitted", new Date(view.submitted_at_ms).toLocaleString());
+  fact(meta, "attempt", view.attempt || null);
+  fact(meta, "worker", view.worker);
+  fact(meta, "answered by", view.model);
+  if (view.usage) fact(meta, "tokens in / out", `${int(view.usage.input_tokens)} / ${int(view.usage.output_tokens)}`);
+  if (view.status === "completed") fact(meta, "cost", view.cost_usd === null || view.cost_usd === undefined ? "no price" : usd(view.cost_usd));
+  if (view.call_s) fact(meta, "provider call", `${view.call_s.toFixed(2)} s`);
+  if (view.submitted_at_ms && view.status === "completed") fact(meta, "end to end", `${((view.updated_at_ms - view.submitted_at_ms) / 1000).toFixed(2)} s`);
+  if (view.error) fact(meta, view.status === "failed" ? "error" : "last error", `${view.reason || "error"}: ${view.error}`);
+  $("task-output").textContent = view.status === "completed" ? pretty(view.output) : view.status === "failed" ? "(failed: no output)" : "(not finished yet)";
+}
+
+async function showActions(taskId, view, signal) {
+  const actions = $("task-actions");
+  actions.replaceChildren();
+  if (view.status !== "failed") return;
+  const letter = await api(`/v1/dlq/${encodeURIComponent(taskId)}`, signal);
+  if (letter === null) return; // not (or no longer) dead-lettered
+  const replay = el("button", { text: "Replay", title: "queue it again (same id, its next run)" });
+  replay.type = "button";
+  replay.addEventListener("click", async () => {
+    replay.disabled = true;
+    if (await replayTask(taskId, $("task-action-message"))) openStory(taskId, { keepMessage: true });
+  });
+  actions.append(replay);
+}
+
+async function openStory(taskId, { keepMessage = false } = {}) {
+  story?.abort();
+  story = new AbortController();
+  const dialog = $("task-dialog");
+  $("task-id").textContent = taskId;
+  dialog.dataset.taskId = taskId;
+  for (const id of ["task-meta", "task-facts", "task-input", "timeline", "task-actions"]) $(id).replaceChildren();
+  if (!keepMessage) $("task-action-message").textContent = "";
+  $("task-output").textContent = "";
+  if (!dialog.open) dialog.showModal();
+  await readStory(taskId, story.signal);
+}
+
+// The view and every event so far; read again when the feed brings one of the task's events while
+// its story is open (so the timeline grows with no connection of its own).
+async function readStory(taskId, signal) {
+  try {
+    const path = `/v1/tasks/${encodeURIComponent(taskId)}`;
+    const [view, events] = await Promise.all([api(path, signal), api(`${path}/timeline`, signal)]);
+    if (view === null || events === null) {
+      $("task-output").textContent = "no such task on the bus (its events are older than the events stream keeps)";
+      return;
+    }
+    if (signal.aborted) return;
+    showView(view);
+    const asked = events.find((e) => e.task);
+    if (asked) {
+      $("task-facts").replaceChildren();
+      showAsked(asked.task);
+    }
+    // the event's own kind ("moved.v1"), not the status it leaves the task in
+    $("timeline").replaceChildren(...events.map((e) => timelineItem(String(e.type).split(".")[0], e)));
+    $("task-dialog").dataset.status = view.status;
+    await showActions(taskId, view, signal);
+  } catch (error) {
+    if (signal.aborted) return;
+    if (error instanceof Unauthorized) return askForToken();
+    $("task-action-message").textContent = `could not read the task: ${error.message}`;
+  }
+}
+
+let storyPending = false;
+
+function storyChanged(taskId) {
+  const dialog = $("task-dialog");
+  if (!dialog.open || dialog.dataset.taskId !== taskId || storyPending || !story) return;
+  storyPending = true; // one read at a time, however many events come at once
+  setTimeout(async () => {
+    await readStory(taskId, story.signal);
+    storyPending = false;
+  }, 250);
+}
+
 // --- the polls, the token, and starting over -----------------------------------------------------
 
 function status(state, text) {
@@ -400,10 +717,18 @@ function sleep(ms, signal) {
 async function poll(signal) {
   for (let round = 0; !signal.aborted; round++) {
     try {
-      const [stats, workers] = await Promise.all([api("/v1/stats", signal), api("/v1/workers", signal)]);
+      const [stats, workers, problems] = await Promise.all([
+        api("/v1/stats", signal),
+        api("/v1/workers", signal),
+        api("/v1/problems", signal),
+      ]);
       showStats(stats);
       showWorkers(workers);
+      const dead = showProblems(problems);
       if (round % USAGE_EVERY === 0) showUsage(await api("/v1/usage", signal));
+      if (round === 0) await loadHistory(signal);
+      else if (round % HISTORY_EVERY === 0) await updateHistory(signal);
+      if (round % DLQ_EVERY === 0 || dead !== shownDeadLetters) await loadDeadLetters(signal, dead);
       $("updated").textContent = `updated ${clock(Date.now())}`;
       if (document.body.dataset.feed === "live") status("live", "live");
     } catch (error) {
@@ -437,6 +762,10 @@ function start() {
   poll(session.signal);
   follow(session.signal);
 }
+
+$("task-dialog").addEventListener("close", () => story?.abort());
+$("dlq-purge-all").addEventListener("click", purgeAll);
+window.addEventListener("resize", () => charts.resize());
 
 $("token-form").addEventListener("submit", (event) => {
   event.preventDefault();

@@ -1,0 +1,98 @@
+"""The routes the dashboard's panels read beside the API v1: the last hour's figures and the problems
+that need a person. Served by a gateway that follows the bus (its :class:`services.metrics.BusMetrics`).
+"""
+
+# No "from __future__ import annotations" here: Litestar reads the parameter markers at run time.
+import logging
+import time
+from typing import Annotated
+
+import anyio
+import msgspec
+from litestar import get
+from litestar.datastructures import State
+from litestar.params import FromPath, QueryParameter
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from hive_bus import BusUnavailable, Hive, TaskNotFound
+from hive_bus._assigned import Assignments
+from hive_bus._messages import TaskEvent, event_decoder
+from hive_bus._nats import BUS_ERRORS, following
+
+from .api import _errors
+from .history import HistoryView
+from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics
+from .problems import Problem, problems_of
+
+
+@get(
+    "/v1/stats/history",
+    summary="The last hour a minute at a time: completions, failures, 429s, latencies, queue depths",
+    responses=_errors(400, 401),
+)
+async def stats_history(
+    state: State,
+    since_ms: Annotated[
+        int, QueryParameter(ge=0, description="only the minutes from the one holding this time (unix ms)")
+    ] = 0,
+) -> HistoryView:
+    """Read from the bus as ``/metrics`` is (the events stream's last hour on start, then followed), so
+    every gateway of one bus answers alike. The page reads the hour once, then the last minutes."""
+    metrics: BusMetrics = state.metrics
+    # the queues as they are now, as a scrape reads them (the depths are worked back from them)
+    with anyio.move_on_after(SCRAPE_REFRESH_S):
+        await metrics.refresh(max_age_s=SCRAPE_MAX_AGE_S)
+    return metrics.history_view(since_ms=since_ms)
+
+
+@get("/v1/problems", summary="What needs a person now, the most pressing first", responses=_errors(401))
+async def problems(state: State) -> list[Problem]:
+    metrics: BusMetrics = state.metrics
+    return problems_of(
+        metrics.snapshot, now_s=time.time(), refresh_s=metrics.refresh_s, since_s=metrics.since_ms / 1000
+    )
+
+
+log = logging.getLogger("hive_bus.gateway")
+
+MAX_TIMELINE_EVENTS = 1000  # a task's events read at most (a task retried for days has many)
+
+
+@get(
+    "/v1/tasks/{task_id:str}/timeline",
+    summary="Every event of a task so far, oldest first: queued, each attempt, wait and move, its end",
+    responses=_errors(400, 401, 404, 503),
+)
+async def task_timeline(task_id: FromPath[str], state: State) -> list[TaskEvent]:
+    """All of a task's story, replays included (``/v1/tasks/{id}/events`` ends at the first outcome):
+    only the events of the provider the task was assigned to at each step, as the other reads count
+    them. At most :data:`MAX_TIMELINE_EVENTS`, the oldest."""
+    hive: Hive = state.hive
+    bus = hive.bus
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    assigned = Assignments(bus)
+    events: list[TaskEvent] = []
+    await hive.get(task_id)  # 404 at once for a task the bus does not know
+    try:
+        subject = bus.names.events_of(task_id)
+        async with following(bus.js, subject, stream=bus.names.events_stream, config=config) as sub:
+            with anyio.move_on_after(bus.settings.request_timeout_s):
+                async for msg in sub.messages:
+                    if await assigned.counts(msg.subject):
+                        try:
+                            events.append(event_decoder.decode(msg.data))
+                        except msgspec.DecodeError:
+                            log.warning("task %s: an event does not decode; left out", task_id)
+                    if msg.metadata.num_pending == 0 or len(events) >= MAX_TIMELINE_EVENTS:
+                        break
+    except BUS_ERRORS as exc:
+        raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
+    if not events:
+        raise TaskNotFound(f"no task {task_id} on the bus")
+    return events
+
+
+BOARD_ROUTES = [stats_history, problems]
+TASK_ROUTES = [task_timeline]
+
+__all__ = ["BOARD_ROUTES", "TASK_ROUTES"]

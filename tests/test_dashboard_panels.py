@@ -1,0 +1,291 @@
+"""The dashboard's panels and the API reference in a real browser (Debian's Chromium through Playwright)
+against a real gateway, nats-server and workers: what an operator sees.
+
+Fixtures and the browser come from tests/test_dashboard.py. Every test blocks the browser from any
+host but the gateway's: the Pi and this machine have no internet, so nothing may load from elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+import pytest
+from playwright.async_api import Dialog, Page, Route
+
+from hive_bus import FailNow, FunctionProvider, Hive, Provider, Settings, Task
+from hive_bus.bus import Bus, open_bus
+from hive_bus.services.auth import Tokens
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.gemini import GeminiProvider
+from hive_bus.workers.groq import GroqProvider
+
+from .fakes import ProviderFakes
+from .helpers import running_worker
+from .test_dashboard import CHROMIUM, TOKEN, WAIT_MS, chromium, gateway, page_of
+
+KEY = "gsk_good_key_0123456789"
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"Chromium is not installed at {CHROMIUM}"),
+]
+
+
+def artefact(name: str) -> Path:
+    """Where a screenshot goes: ``$HIVE_TEST_ARTEFACTS`` (kept after the run), else a temporary directory."""
+    where = Path(os.environ.get("HIVE_TEST_ARTEFACTS") or tempfile.gettempdir()) / "dashboard"
+    where.mkdir(parents=True, exist_ok=True)
+    return where / name
+
+
+async def offline(page: Page, url: str) -> list[str]:
+    """Abort every request of ``page`` to a host other than the gateway's; returns the aborted URLs."""
+    own = urlsplit(url).netloc
+    elsewhere: list[str] = []
+
+    async def only_the_gateway(route: Route) -> None:
+        target = route.request.url
+        if urlsplit(target).scheme in ("data", "blob") or urlsplit(target).netloc == own:
+            await route.continue_()
+        else:
+            elsewhere.append(target)
+            await route.abort("internetdisconnected")
+
+    await page.route("**/*", only_the_gateway)
+    return elsewhere
+
+
+async def test_the_api_reference_renders_from_the_gateway_alone_and_takes_a_bearer_token(
+    settings: Settings,
+) -> None:
+    tokens = Tokens(api=frozenset({TOKEN}))
+    async with gateway(settings, tokens) as url, chromium() as browser, page_of(browser) as (page, problems):
+        elsewhere = await offline(page, url)
+        await page.goto(f"{url}/schema")
+        # the operations are listed, each one by its method and path
+        submit = page.locator(".opblock-post .opblock-summary-path", has_text="/v1/tasks").first
+        await submit.wait_for(timeout=WAIT_MS)
+        assert await page.locator(".opblock").count() >= 10
+        # "Authorize" offers the bearer scheme
+        await page.click("button.authorize", timeout=WAIT_MS)
+        await page.wait_for_selector(".auth-container input", timeout=WAIT_MS)
+        assert "bearer" in (await page.locator(".auth-container").first.inner_text()).lower()
+        await page.screenshot(path=artefact("api-reference.png"))
+        assert elsewhere == []
+        assert problems == []
+
+    async with gateway(settings, tokens) as url, httpx.AsyncClient(base_url=url) as http:
+        refused = await http.get("/schema/openapi.json")
+        assert refused.status_code == 401  # the document as a route still needs the token
+        doc = (await http.get("/schema/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})).json()
+    assert doc["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": doc["components"]["securitySchemes"]["bearer"]["description"],
+    }
+    assert doc["security"] == [{"bearer": []}]
+
+
+@pytest.fixture
+def fakes() -> Iterator[ProviderFakes]:
+    with ProviderFakes() as f:
+        yield f
+
+
+@asynccontextmanager
+async def serving(bus: Bus) -> AsyncIterator[str]:
+    """A gateway of ``bus`` on a free loopback port (with its metrics, history and router); its URL."""
+    gw = Gateway(Hive(bus), GatewayOptions(port=0))
+    async with anyio.create_task_group() as tg:
+        await tg.start(gw.serve)
+        yield gw.url
+        gw.stop()
+
+
+@asynccontextmanager
+async def workers(bus: Bus, **providers: Provider) -> AsyncIterator[None]:
+    async with AsyncExitStack() as stack:
+        for name, provider in providers.items():
+            await stack.enter_async_context(running_worker(bus, name, provider))
+        yield
+
+
+async def post(http: httpx.AsyncClient, **task: Any) -> str:
+    r = await http.post("/v1/tasks", json=task)
+    assert r.status_code == 202, r.text
+    task_id: str = r.json()["id"]
+    return task_id
+
+
+async def finished(http: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
+    view: dict[str, Any] = (await http.get(f"/v1/tasks/{task_id}", params={"wait": 30}, timeout=40)).json()
+    assert view["status"] in ("completed", "failed"), view
+    return view
+
+
+@pytest.mark.slow
+async def test_a_fresh_gateway_charts_the_last_hour_and_a_task_tells_its_whole_story(
+    settings: Settings, fakes: ProviderFakes
+) -> None:
+    # gemini answers a per-minute 429 first, then its daily quota is spent: the task waits, then moves
+    fakes.gemini.fail_next(429, 1, retry_after_s=0.5)
+    fakes.gemini.daily_quota(0)
+    gemini = GeminiProvider(api_key=KEY, base_url=fakes.gemini_base_url)
+    groq = GroqProvider(api_key=KEY, base_url=fakes.groq_base_url)
+    prompt = "Un hilo sobre <b>colas</b> y límites"
+    async with open_bus(settings) as bus, workers(bus, gemini=gemini, groq=groq):
+        async with serving(bus) as first, httpx.AsyncClient(base_url=first) as http:
+            moved = await post(
+                http, provider="gemini", prompt=prompt, fallback=["groq"], metadata={"campaign": "otoño"}
+            )
+            others = [await post(http, provider="groq", prompt=f"tuit {i}") for i in range(3)]
+            views = [await finished(http, t) for t in [moved, *others]]
+        assert [(v["status"], v["provider"]) for v in views] == [("completed", "groq")] * 4
+
+        # a gateway started afterwards reads the hour from the bus: its page shows the run at once
+        async with serving(bus) as url, chromium() as browser, page_of(browser) as (page, problems):
+            elsewhere = await offline(page, url)
+            await page.goto(url)
+            outcomes = page.locator("#chart-outcomes")
+            await outcomes.locator("canvas").first.wait_for(timeout=WAIT_MS)
+            await page.wait_for_function(
+                "document.querySelector('#chart-outcomes .summary')?.textContent === '4 completed, 0 failed'",
+                timeout=WAIT_MS,
+            )
+            assert await page.locator("#chart-rate-limited .summary").inner_text() == "1 in the hour"
+            for chart in ("#chart-depth", "#chart-e2e", "#chart-wait"):
+                assert await page.locator(f"{chart} canvas").count() >= 1
+            assert int(await outcomes.get_attribute("data-points") or 0) == 60
+            await page.set_viewport_size({"width": 1400, "height": 900})
+            await page.screenshot(path=artefact("board.png"), full_page=True)
+            assert "p95 up to" in await page.locator("#chart-e2e .summary").inner_text()
+
+            # the moved task's story: what it asked, each wait with the provider's words, the move, the end
+            await page.click(f'#tasks tr[data-task-id="{moved}"] button', timeout=WAIT_MS)
+            dialog = page.locator("#task-dialog")
+            await dialog.locator('#timeline li[data-status="completed"]').wait_for(timeout=WAIT_MS)
+            assert prompt in await dialog.locator("#task-input").inner_text()
+            assert await dialog.locator("#task-input b").count() == 0  # text, never markup
+            assert "otoño" in await dialog.locator("#task-facts").inner_text()  # its metadata
+            steps = await dialog.locator("#timeline li").evaluate_all(
+                "items => items.map(i => i.dataset.status)"
+            )
+            assert steps[0] == "queued" and steps[-1] == "completed"
+            assert "retrying" in steps and "moved" in steps and steps.index("retrying") < steps.index("moved")
+            wait = await dialog.locator('#timeline li[data-status="retrying"]').first.inner_text()
+            assert "rate_limit" in wait and "the provider said:" in wait
+            move = await dialog.locator('#timeline li[data-status="moved"]').inner_text()
+            assert "moved from gemini to groq" in move and "PerDay" in move  # why, in the provider's words
+            assert f"reply: {prompt}" in await dialog.locator("#task-output").inner_text()
+            meta = await dialog.locator("#task-meta").inner_text()
+            assert "tokens in / out" in meta and "cost" in meta
+            assert await dialog.locator("#task-status").inner_text() == "completed"
+            await page.screenshot(path=artefact("task-story.png"))
+            await page.keyboard.press("Escape")
+            await dialog.wait_for(state="hidden", timeout=WAIT_MS)
+            assert elsewhere == []
+        assert problems == []
+
+
+@pytest.mark.slow
+async def test_the_problem_strip_names_a_provider_without_workers_and_dead_letters_are_replayed(
+    settings: Settings,
+) -> None:
+    async def picky(task: Task) -> dict[str, Any]:
+        if task.run == 0:
+            raise FailNow("the template is missing")
+        return {"post": f"done on run {task.run}", "tags": ["nats"]}
+
+    async with (
+        open_bus(settings) as bus,
+        workers(bus, picky=FunctionProvider(picky)),
+        serving(bus) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        stuck = await post(
+            http,
+            provider="nobody",
+            messages=[
+                {"role": "system", "content": "Eres breve."},
+                {"role": "user", "content": [{"type": "text", "text": "nadie me atiende <i>hoy</i>"}]},
+            ],
+        )
+        dead = [await post(http, provider="picky", prompt=f"plantilla {i}") for i in range(2)]
+        assert [(await finished(http, t))["status"] for t in dead] == ["failed", "failed"]
+        async with chromium() as browser, page_of(browser) as (page, problems):
+            elsewhere = await offline(page, url)
+            await page.goto(url)
+            # first on the page: the provider whose work waits for nobody, linked to its row
+            entry = page.locator('#problems li[data-kind="no_worker"][data-provider="nobody"]')
+            await entry.wait_for(timeout=WAIT_MS)
+            assert "1 task(s) wait for nobody and no nobody worker is online" in await entry.inner_text()
+            assert await entry.locator("a").get_attribute("href") == "#provider-nobody"
+            await page.locator("#provider-nobody").wait_for(timeout=WAIT_MS)
+            letters = page.locator('#problems li[data-kind="dead_letters"]')
+            await letters.wait_for(timeout=WAIT_MS)
+            assert "2 dead letter(s) wait" in await letters.inner_text()
+            await page.set_viewport_size({"width": 390, "height": 844})  # a phone
+            await page.screenshot(path=artefact("problems-phone.png"))
+            await page.set_viewport_size({"width": 1400, "height": 900})
+            await letters.locator("a").click()
+
+            # the dead-letter panel: replay one, purge the other (after saying yes)
+            await page.locator(f'#dlq-table tr[data-task-id="{dead[0]}"]').wait_for(timeout=WAIT_MS)
+            assert (
+                "the template is missing"
+                in await page.locator(f'#dlq-table tr[data-task-id="{dead[0]}"]').inner_text()
+            )
+            await page.click(f'#dlq-table tr[data-task-id="{dead[0]}"] button:text("Replay")')
+            await page.locator(f'#dlq-table tr[data-task-id="{dead[0]}"]').wait_for(
+                state="detached", timeout=WAIT_MS
+            )
+            replayed = await finished(http, dead[0])
+            assert (replayed["status"], replayed["output"]) == (
+                "completed",
+                {"post": "done on run 1", "tags": ["nats"]},
+            )
+
+            asked: list[str] = []
+
+            async def answer(dialog: Dialog) -> None:
+                asked.append(dialog.message)
+                await dialog.accept()
+
+            page.on("dialog", answer)
+            await page.click(f'#dlq-table tr[data-task-id="{dead[1]}"] button:text("Purge…")')
+            await page.locator(f'#dlq-table tr[data-task-id="{dead[1]}"]').wait_for(
+                state="detached", timeout=WAIT_MS
+            )
+            assert asked and dead[1] in asked[0]
+            await page.locator("#dlq").screenshot(path=artefact("dead-letters.png"))
+            assert (await http.get("/v1/dlq")).json() == []
+
+            # the replayed task's story shows both runs and its output as pretty JSON
+            await page.click(f'#tasks tr[data-task-id="{dead[0]}"] button', timeout=WAIT_MS)
+            timeline = page.locator("#task-dialog #timeline")
+            await timeline.locator('li[data-status="completed"]').wait_for(timeout=WAIT_MS)
+            steps = await timeline.locator("li").evaluate_all("items => items.map(i => i.dataset.status)")
+            assert steps == ["queued", "failed", "queued", "completed"]
+            assert '"post": "done on run 1"' in await page.locator("#task-output").inner_text()
+            await page.keyboard.press("Escape")
+
+            # a task still queued shows what it asks (here chat messages) before any worker has it
+            await page.click(f'#tasks tr[data-task-id="{stuck}"] button', timeout=WAIT_MS)
+            question = page.locator("#task-dialog #task-input")
+            await question.locator(".message").nth(1).wait_for(timeout=WAIT_MS)
+            assert await question.locator(".role").all_inner_texts() == ["system", "user"]
+            assert "nadie me atiende <i>hoy</i>" in await question.inner_text()
+            assert await page.locator("#task-dialog #timeline li").evaluate_all(
+                "items => items.map(i => i.dataset.status)"
+            ) == ["queued"]
+            assert await page.locator("#task-output").inner_text() == "(not finished yet)"
+            assert elsewhere == []
+        assert problems == []
