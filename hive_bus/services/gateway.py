@@ -34,7 +34,7 @@ from hive_bus._errors import TooLarge
 from hive_bus._messages import explain
 from hive_bus._router import Router
 
-from . import answers, dashboard
+from . import answers, dashboard, openai_stream
 from .api import AUDIT_ROUTES, METRICS_ROUTES, ROUTES, as_response
 from .auth import Tokens, check_exposure
 from .dlq_api import DLQ_ROUTES
@@ -58,6 +58,8 @@ class GatewayOptions:
     feed_max_s: float = 3600.0
     # Time to send a request, and how many connections at once (size LimitNOFILE above this).
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # A streamed chat completion sends an SSE comment after this long without news (a task queued).
+    stream_keepalive_s: float = openai_stream.DEFAULT_STREAM_KEEPALIVE_S
     # False sends every submission through its route: the same answers, for more CPU (services.fastpath);
     # tests/test_submit_parity.py compares the two.
     fast_path: bool = True
@@ -143,6 +145,7 @@ def create_app(
         "stopping": stopping or threading.Event(),
         "feed_max_s": options.feed_max_s,
         "audit": audit,
+        "stream_keepalive_s": options.stream_keepalive_s,
     }
     app = Litestar(
         route_handlers=[
@@ -151,6 +154,7 @@ def create_app(
             *(METRICS_ROUTES if metrics is not None else []),
             *(AUDIT_ROUTES if audit is not None else []),
             *dashboard.ROUTES,
+            *openai_stream.ROUTES,
         ],
         state=State(state),
         middleware=[fast] if options.fast_path else [],

@@ -1,19 +1,51 @@
 """``echo``: returns the prompt. For trials, demos and benchmarks.
 
-A ``payload`` of ``{"delay_s": 2.5}`` makes it take that long, to try out draining and redelivery.
+A task of chat messages gets the last message's text back. A ``payload`` of ``{"delay_s": 2.5}`` makes it take that long, to try out draining and redelivery.
+Streamed (a task with ``stream: true``), it sends the prompt word by word (each word with the white
+space before it); ``{"chunk_delay_s": 0.1}`` waits that long before each word, as a model would.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
 
 import anyio
 
 from hive_bus import Output, Task, Usage
 
+_WORDS = re.compile(r"\s*\S+|\s+$")
+
 
 class EchoProvider:
     async def complete(self, task: Task) -> Output:
-        delay_s = task.payload.get("delay_s") if isinstance(task.payload, dict) else None
-        if isinstance(delay_s, int | float) and delay_s > 0:
-            await anyio.sleep(float(delay_s))
-        words = len(task.prompt.split())
-        return Output(value=task.prompt, model="echo", usage=Usage(input_tokens=words, output_tokens=words))
+        delay_s = _seconds(task, "delay_s")
+        if delay_s > 0:
+            await anyio.sleep(delay_s)
+        return _output(task)
+
+    async def stream(self, task: Task) -> AsyncIterator[str | Output]:
+        delay_s, chunk_delay_s = _seconds(task, "delay_s"), _seconds(task, "chunk_delay_s")
+        if delay_s > 0:
+            await anyio.sleep(delay_s)
+        for piece in _WORDS.findall(_text(task)):
+            if chunk_delay_s > 0:
+                await anyio.sleep(chunk_delay_s)
+            yield piece
+        yield _output(task)
+
+
+def _seconds(task: Task, name: str) -> float:
+    value = task.payload.get(name) if isinstance(task.payload, dict) else None
+    return float(value) if isinstance(value, int | float) and value > 0 else 0.0
+
+
+def _text(task: Task) -> str:
+    """The prompt, or for a task of chat messages the last message's text."""
+    return task.prompt or (task.messages[-1].text if task.messages else "")
+
+
+def _output(task: Task) -> Output:
+    text = _text(task)
+    words = len(text.split())
+    return Output(value=text, model="echo", usage=Usage(input_tokens=words, output_tokens=words))

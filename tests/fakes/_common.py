@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 import secrets
 import string
 from collections.abc import Iterable, Mapping
@@ -63,6 +64,22 @@ def words(text: str) -> int:
 def reply_text(prompt: str) -> str:
     """Every successful answer: derived from the prompt, so a test can match outputs to prompts."""
     return "reply: " + prompt
+
+
+_PIECES = re.compile(r"\s*\S+|\s+$")
+
+
+def pieces(text: str) -> list[str]:
+    """How the fakes split a streamed answer: word by word, each word with the white space before it."""
+    return _PIECES.findall(text)
+
+
+def sse(data: JsonObject | str, event: str | None = None, *, crlf: bool = False) -> str:
+    """One Server-Sent Event: ``event:`` when named, one ``data:`` line, and the blank line."""
+    end = "\r\n" if crlf else "\n"
+    body = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}{end}" if event else ""
+    return f"{head}data: {body}{end}{end}"
 
 
 def whole_seconds(delay_s: float) -> int:

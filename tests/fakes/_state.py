@@ -12,6 +12,8 @@ The limits work the way the real APIs' limits look from outside:
   each of its requests for the model gets the per-day 429 with a limit of 0.
 * ``fail_next(status, count)``: the next ``count`` requests (any key) answer ``status`` with the
   provider's real error body, before any other check.
+* ``stream_gap_s`` spaces the events of a streamed answer; ``pause_streams(after_events)`` holds every
+  streamed answer after that many events until the returned ``threading.Event`` is set.
 
 The 429s keep the real APIs' wording ("per minute", ``PerMinute``, RPM) whatever ``window_s`` is: the fakes
 compress time, the clients still read the same words; the delays they carry are the real ones.
@@ -93,6 +95,8 @@ class ProviderState:
     def _clear(self) -> None:
         self.valid_keys: set[str] | None = None
         self.delay_s: float = 0.0
+        self.stream_gap_s: float = 0.0
+        self._stream_gate: tuple[int, threading.Event] | None = None
         self._window_limit: int | None = None
         self._window_s = 60.0
         self._daily_limit: int | None = None
@@ -140,6 +144,18 @@ class ProviderState:
             raise ValueError("fail_next needs an error status (4xx or 5xx) and count >= 0")
         with self._lock:
             self._failures.extend([(status, retry_after_s)] * count)
+
+    def pause_streams(self, after_events: int) -> threading.Event:
+        """Hold every streamed answer after ``after_events`` events until the returned event is set."""
+        gate = threading.Event()
+        with self._lock:
+            self._stream_gate = (after_events, gate)
+        return gate
+
+    @property
+    def stream_gate(self) -> tuple[int, threading.Event] | None:
+        with self._lock:
+            return self._stream_gate
 
     def reset(self) -> None:
         """Back to the state of a new fake: no limits, no failures, any key, no delay, no counts."""
