@@ -2,7 +2,8 @@
 
 A task of chat messages gets the last message's text back. A ``payload`` of ``{"delay_s": 2.5}`` makes it take that long, to try out draining and redelivery.
 Streamed (a task with ``stream: true``), it sends the prompt word by word (each word with the white
-space before it); ``{"chunk_delay_s": 0.1}`` waits that long before each word, as a model would.
+space before it); ``{"chunk_delay_s": 0.1}`` waits that long before each word, as a model would (and
+an unstreamed reply as long in all, before the whole of it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ _WORDS = re.compile(r"\s*\S+|\s+$")
 
 class EchoProvider:
     async def complete(self, task: Task) -> Output:
-        delay_s = _seconds(task, "delay_s")
+        # unstreamed, the same reply takes as long: the whole text comes once its last word is made
+        delay_s = _seconds(task, "delay_s") + _seconds(task, "chunk_delay_s") * len(_WORDS.findall(_text(task)))
         if delay_s > 0:
             await anyio.sleep(delay_s)
         return _output(task)
