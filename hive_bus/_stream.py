@@ -315,9 +315,9 @@ async def open_stream(
             )  # fmt: skip
     finally:
         send.close()
-        for sub in subs:
-            await unsubscribe(sub)
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):  # a reader cancelled (its client gone) still cleans up
+            for sub in subs:
+                await unsubscribe(sub)
             if consumer is not None:  # at once, not after WATCH_IDLE_S
                 js_api = f"$JS.{bus.settings.js_domain}.API" if bus.settings.js_domain else "$JS.API"
                 with contextlib.suppress(*BUS_ERRORS):

@@ -7,7 +7,7 @@ naming the task, whose whole output the bus still delivers."""
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +102,25 @@ async def test_a_429_before_the_stream_is_the_same_rate_limit_as_unstreamed(
                 pytest.fail("no piece comes before a 429")
     assert (raised.value.retry_after_s, raised.value.quota) == (7.0, "minute")
     assert KEY not in str(raised.value)
+
+
+# Events before the first piece of text: Anthropic sends message_start, content_block_start and a ping.
+TEXT_FROM_EVENT = {"gemini": 0, "groq": 1, "anthropic": 3, "openai": 1}
+# What each API answers an overloaded model with.
+OVERLOADED = {"gemini": 503, "groq": 503, "anthropic": 529, "openai": 503}
+
+
+@pytest.mark.parametrize("name", SDK_PROVIDERS)
+async def test_an_error_in_the_middle_of_a_stream_is_classified_as_answered_at_once(
+    fakes: ProviderFakes, name: str
+) -> None:
+    getattr(fakes, name).break_streams(TEXT_FROM_EVENT[name] + 2, OVERLOADED[name])
+    pieces: list[str | Output] = []
+    async with _adapter(name, fakes) as provider:
+        with pytest.raises(RetryLater, match=f"{name} answered (5..)"):  # retried, not failed for good
+            async for item in provider.stream(_task(name)):
+                pieces.append(item)
+    assert pieces == ["reply:", " un"]  # the two pieces before the error went out
 
 
 # through the bus -------------------------------------------------------------------------------------
@@ -248,6 +267,26 @@ async def test_waiting_in_the_queue_sends_keepalive_comments_then_the_stream(bus
                 rest = [line async for line in lines]
     data = [line.removeprefix("data: ") for line in rest if line.startswith("data: ")]
     assert data[-1] == "[DONE]" and '"content":"hola"' in "".join(data)
+
+
+async def test_a_client_gone_mid_stream_leaves_no_consumer_behind(bus: Bus) -> None:
+    async def following(task_id: str) -> int:
+        """The consumers of the events stream that follow this task's events."""
+        infos = await bus.js.consumers_info(bus.names.events_stream)
+        return sum(1 for i in infos if i.config.filter_subject == bus.names.events_of(task_id))
+
+    async with serving(bus, keepalive_s=0.2) as stack, httpx.AsyncClient(timeout=30) as http:
+        body = {"model": "echo", "messages": [{"role": "user", "content": "hola"}], "stream": True}
+        async with http.stream("POST", stack.url + "/v1/chat/completions", json=body) as r:
+            task_id = r.headers["x-hive-task-id"]
+            assert await anext(aiter(r.aiter_lines())) == ": waiting"  # queued: no worker
+            assert await following(task_id) == 1
+        # the client closed the connection: the stream's consumer goes at once, not after its idle time
+        await eventually(lambda: _none(following, task_id), 20, "the stream's consumer deleted")
+
+
+async def _none(count: Callable[[str], Awaitable[int]], task_id: str) -> bool:
+    return await count(task_id) == 0
 
 
 async def test_a_task_that_fails_ends_the_stream_with_an_error_naming_it(bus: Bus) -> None:

@@ -60,6 +60,10 @@ class ProviderApi(ABC):
         """The success answer of a streamed request, event by event as the API sends it."""
 
     @abstractmethod
+    def stream_error(self, status: int) -> str:
+        """The event by which the API ends a stream that failed after it began (status ``status``)."""
+
+    @abstractmethod
     def rate_limited(self, request: ChatRequest, hit: RateLimited) -> Reply: ...
 
     @abstractmethod

@@ -370,8 +370,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_stream(self, reply: StreamReply) -> None:
         """Each event in a chunk of its own (HTTP/1.1 chunked), spaced and held as the provider's state
         says; the prompt counts as completed once the last event went out."""
-        _, state, _ = self._server.fakes._route("POST", urlsplit(self.path).path)
-        gate = state.stream_gate
+        api, state, _ = self._server.fakes._route("POST", urlsplit(self.path).path)
+        gate, broken = state.stream_gate, state.stream_break
         try:
             self.send_response(200)
             self.send_header("Content-Type", reply.content_type)
@@ -381,7 +381,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.flush()
-            for n, event in enumerate(reply.events):
+            events = list(reply.events)
+            if broken is not None:  # the stream fails after that many events
+                events = [*events[: broken[0]], api.stream_error(broken[1])]
+            for n, event in enumerate(events):
                 if gate is not None and n == gate[0]:
                     while not gate[1].wait(0.05) and not self._server.stopping.is_set():
                         pass
@@ -395,7 +398,8 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True  # the client went away mid-stream
             return
-        state.complete(reply.prompt)
+        if broken is None:
+            state.complete(reply.prompt)
 
     def _send(self, reply: Reply) -> None:
         data = reply.encoded()

@@ -186,6 +186,11 @@ class AnthropicApi(ProviderApi):
         ]  # fmt: skip
         return StreamReply(events, self._headers(snapshot))
 
+    def stream_error(self, status: int) -> str:
+        """``event: error`` with ``{"type": "error", "error": {"type", "message"}}`` (no request id)."""
+        body = self.error(status, None, Route(), Snapshot(None, None)).body
+        return sse({"type": "error", "error": body["error"]}, "error")
+
     def rate_limited(self, request: ChatRequest, hit: RateLimited) -> Reply:
         per = "day" if hit.daily else "minute"
         message = (

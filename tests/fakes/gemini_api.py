@@ -160,6 +160,10 @@ class GeminiApi(ProviderApi):
             events.append(sse(event, crlf=True))
         return StreamReply(events, content_type="text/event-stream")
 
+    def stream_error(self, status: int) -> str:
+        """A ``google.rpc.Status`` envelope as one more event of the stream."""
+        return sse(self.error(status, None, Route(), Snapshot(None, None)).body, crlf=True)
+
     def rate_limited(self, request: ChatRequest, hit: RateLimited) -> Reply:
         per = "Day" if hit.daily else "Minute"
         message = (

@@ -116,6 +116,10 @@ class ChatCompletionsApi(ProviderApi):
         events.append(sse("[DONE]"))
         return events
 
+    def stream_error(self, status: int) -> str:
+        """OpenAI-style servers end a failed stream with ``data: {"error": {...}}``, their error body."""
+        return sse(self.error(status, None, Route(), Snapshot(None, None)).body)
+
     @staticmethod
     def usage(request: ChatRequest, text: str) -> JsonObject:
         prompt_tokens, output_tokens = request.input_tokens, words(text)
