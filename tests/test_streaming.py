@@ -6,7 +6,10 @@ naming the task, whose whole output the bus still delivers."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -44,7 +47,7 @@ from hive_bus.workers.echo import EchoProvider
 from .conftest import make_settings
 from .fakes import ProviderFakes, reply_text
 from .faults.stack import settings_env
-from .helpers import events_of, eventually, hive_cli, running_worker, spawn
+from .helpers import HIVE, REPO, SMALL_BUS_ENV, events_of, eventually, hive_cli, running_worker, spawn
 from .hub import Hub
 from .test_hub_permissions import PROVIDERS, W1, client, declare, server_has_subscriptions
 from .test_hub_permissions import hub as hub  # the module's hub fixture, served here too
@@ -388,6 +391,34 @@ async def test_hive_chat_prints_the_answer_as_it_streams(nats_server: NatsServer
         args = ["chat", "echo", "hola desde la terminal", "--nats", settings.nats_url]
         done = await anyio.to_thread.run_sync(lambda: hive_cli(args, env=settings_env(settings)))
     assert (done.returncode, done.stdout) == (0, "hola desde la terminal\n"), done.stderr
+
+
+async def test_hive_chat_prints_each_piece_before_the_answer_is_whole(
+    nats_server: NatsServer, fakes: ProviderFakes
+) -> None:
+    settings = make_settings(nats_server.url)
+    gate = fakes.gemini.pause_streams(after_events=1)  # the fake holds the answer after its first piece
+    env = {**os.environ, **SMALL_BUS_ENV, **settings_env(settings)}
+    args = [HIVE, "chat", "gemini", PROMPT, "--nats", settings.nats_url]
+    async with (
+        open_bus(settings) as bus,
+        running_worker(bus, "gemini", make("gemini", fakes)),
+        await anyio.open_process(args, cwd=REPO, env=env, stderr=subprocess.DEVNULL) as chat,
+    ):
+        assert chat.stdout is not None
+        first = b""
+        try:
+            while len(first) < len("reply:"):
+                first += await chat.stdout.receive()
+            assert first == b"reply:" and chat.returncode is None  # printed while the answer is held
+        finally:
+            gate.set()  # whatever happened, the chat can end (the process is waited for on the way out)
+        rest = b""
+        with contextlib.suppress(anyio.EndOfStream):
+            while True:
+                rest += await chat.stdout.receive()
+        assert await chat.wait() == 0
+    assert first + rest == reply_text(PROMPT).encode() + b"\n"
 
 
 async def test_hive_chat_exits_non_zero_when_the_task_fails(nats_server: NatsServer) -> None:
