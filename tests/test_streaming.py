@@ -38,6 +38,7 @@ from hive_bus import (
     TaskRequest,
     Usage,
 )
+from hive_bus._chunks import Chunk, chunk_encoder
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import new_task_id, now_ms
 from hive_bus.bus import Bus, open_bus
@@ -169,6 +170,32 @@ async def test_an_adapter_without_stream_sends_its_whole_output_as_one_chunk(bus
     texts = [i for i in items if isinstance(i, StreamText)]
     assert texts == [StreamText("HOLA", 1)]
     assert isinstance(items[-1], StreamEnded) and items[-1].view.output == "HOLA"
+
+
+async def test_a_gap_in_the_chunks_is_filled_from_the_completed_output(bus: Bus, hive: Hive) -> None:
+    """A chunk out of sequence (those between were lost) stops the attempt's pieces; the reader takes
+    what it did not see from the completed event, so the text adds up to the output, no more, no less."""
+    request = TaskRequest(provider="gappy", prompt="x")
+
+    class Gappy:
+        async def complete(self, task: Task) -> Output:
+            raise AssertionError("streamed tasks are called through stream()")
+
+        async def stream(self, task: Task) -> AsyncIterator[str | Output]:
+            yield "uno"
+            # as if chunks 1 to 4 were lost on the way: the reader next sees chunk 5
+            lost = Chunk(task_id=task.id, attempt=1, delivery=1, seq=5, text=" (never shown)")
+            await bus.nc.publish(bus.names.chunk_subject("gappy", task.id), chunk_encoder.encode(lost))
+            await bus.nc.flush()
+            for piece in (" dos", " tres"):
+                yield piece
+            yield Output(value="uno dos tres")
+
+    async with running_worker(bus, "gappy", Gappy()), hive.stream(request) as stream:
+        items = [i for i in await _collect(aiter(stream)) if not isinstance(i, StreamWaiting)]
+    assert items[0] == StreamText("uno", 1)
+    assert _text(items) == "uno dos tres" and "never" not in _text(items)
+    assert isinstance(items[-1], StreamEnded) and items[-1].view.output == "uno dos tres"
 
 
 class FlakyStream:
