@@ -7,6 +7,7 @@ naming the task, whose whole output the bus still delivers."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -106,6 +107,58 @@ async def test_a_429_before_the_stream_is_the_same_rate_limit_as_unstreamed(
                 pytest.fail("no piece comes before a 429")
     assert (raised.value.retry_after_s, raised.value.quota) == (7.0, "minute")
     assert KEY not in str(raised.value)
+
+
+def _sse(raw: str) -> list[tuple[str | None, str]]:
+    """(event name, data) of each event of a Server-Sent Events body."""
+    events = []
+    for block in raw.replace("\r\n", "\n").split("\n\n"):
+        lines = block.splitlines()
+        name = next((line[7:] for line in lines if line.startswith("event: ")), None)
+        data = "\n".join(line[6:] for line in lines if line.startswith("data: "))
+        if data:
+            events.append((name, data))
+    return events
+
+
+async def test_the_fakes_stream_in_each_apis_own_event_shapes(fakes: ProviderFakes) -> None:
+    """What the SDKs parse above, as it is on the wire (the SDKs accept more than the APIs send)."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "a b"}], "stream": True}
+    async with httpx.AsyncClient(base_url=fakes.url, timeout=10) as http:
+        openai_body = chat | {"stream_options": {"include_usage": True}}
+        r = await http.post("/v1/chat/completions", json=openai_body, headers={"Authorization": "Bearer k"})
+        assert r.headers["content-type"] == "text/event-stream"
+        events = [data for _, data in _sse(r.text)]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert [c["choices"][0]["delta"].get("content") for c in chunks[1:-2]] == ["reply:", " a", " b"]
+        assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-2]["usage"] is None
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+
+        r = await http.post(
+            "/v1/messages",
+            json=chat | {"max_tokens": 64},
+            headers={"x-api-key": "k", "anthropic-version": "2023-06-01"},
+        )
+        names = [name for name, _ in _sse(r.text)]
+        assert names == [
+            "message_start", "content_block_start", "ping", *["content_block_delta"] * 3,
+            "content_block_stop", "message_delta", "message_stop",
+        ]  # fmt: skip
+
+        gemini = {"contents": [{"role": "user", "parts": [{"text": "a b"}]}]}
+        url = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+        r = await http.post(url, params={"alt": "sse"}, json=gemini, headers={"x-goog-api-key": "k"})
+        assert "\r\n\r\n" in r.text  # Google's front end separates events so
+        responses = [json.loads(data) for _, data in _sse(r.text)]
+        assert [x["candidates"][0]["content"]["parts"][0]["text"] for x in responses] == [
+            "reply:",
+            " a",
+            " b",
+        ]
+        assert responses[-1]["candidates"][0]["finishReason"] == "STOP"
+        assert responses[-1]["usageMetadata"]["candidatesTokenCount"] == 3
 
 
 # Events before the first piece of text: Anthropic sends message_start, content_block_start and a ping.
