@@ -363,13 +363,13 @@ async def test_a_client_gone_mid_stream_leaves_no_consumer_behind(bus: Bus) -> N
         async with http.stream("POST", stack.url + "/v1/chat/completions", json=body) as r:
             task_id = r.headers["x-hive-task-id"]
             assert await anext(aiter(r.aiter_lines())) == ": waiting"  # queued: no worker
-            assert await following(task_id) == 1
+            await eventually(lambda: _count(following, task_id, 1), 10, "the stream's consumer")
         # the client closed the connection: the stream's consumer goes at once, not after its idle time
-        await eventually(lambda: _none(following, task_id), 20, "the stream's consumer deleted")
+        await eventually(lambda: _count(following, task_id, 0), 20, "the stream's consumer deleted")
 
 
-async def _none(count: Callable[[str], Awaitable[int]], task_id: str) -> bool:
-    return await count(task_id) == 0
+async def _count(count: Callable[[str], Awaitable[int]], task_id: str, want: int) -> bool:
+    return await count(task_id) == want
 
 
 async def test_a_task_that_fails_ends_the_stream_with_an_error_naming_it(bus: Bus) -> None:
