@@ -41,6 +41,8 @@ class Chunk(Struct, frozen=True, kw_only=True, tag="chunk.v1", tag_field="type")
     delivery: int
     seq: int
     text: str
+    # the worker running the attempt: a reader that hears nothing more looks for its heartbeat
+    worker: str = ""
 
 
 chunk_encoder = msgspec.json.Encoder()
@@ -60,8 +62,11 @@ class StreamingProvider(Provider, Protocol):
 class ChunkSender:
     """Publishes one attempt's chunks of one task, numbered from 0."""
 
-    def __init__(self, nc: NATS, subject: str, task_id: str, *, attempt: int, delivery: int) -> None:
+    def __init__(
+        self, nc: NATS, subject: str, task_id: str, *, attempt: int, delivery: int, worker: str = ""
+    ) -> None:
         self._nc = nc
+        self._worker = worker
         self._subject = subject
         self._task_id = task_id
         self._attempt = attempt
@@ -76,8 +81,9 @@ class ChunkSender:
         if not text:
             return
         chunk = Chunk(
-            task_id=self._task_id, attempt=self._attempt, delivery=self._delivery, seq=self._seq, text=text
-        )
+            task_id=self._task_id, attempt=self._attempt, delivery=self._delivery, seq=self._seq, text=text,
+            worker=self._worker,
+        )  # fmt: skip
         self._seq += 1
         try:
             # Into the connection's buffer, not flushed one by one: a pending flush carries many chunks.

@@ -8,7 +8,9 @@ task is submitted, so that no chunk is missed, and follows the task's events fro
 - :class:`StreamWaiting`: nothing came for ``keepalive_s`` (the task is queued, waits out a rate limit, or a
   call is slow to start); an HTTP answer sends an SSE comment, so that proxies keep it open;
 - :class:`StreamRestarted`: an attempt whose text had begun to stream ended without completing the task (it
-  failed and is retried, its worker was lost, it moved to a fallback): the text streamed so far does not
+  failed and is retried, it moved to a fallback, or its worker is gone: while nothing comes, the reader
+  looks for the worker's heartbeat at each ``keepalive_s``, and one that expired ends the attempt, long
+  before the server hands the task to another worker after AckWait): the text streamed so far does not
   count, and the next attempt's text starts over;
 - :class:`StreamEnded`, last: the task's view once it completed or failed (or when ``timeout_s`` passed).
 
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Literal
 import anyio
 import anyio.lowlevel
 import msgspec
+import nats.js.errors
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -128,6 +131,7 @@ class TaskStream:
         # the attempt whose chunks are read: (provider, delivery), its number, its text, the next seq
         self._run: tuple[str, int] | None = None
         self._attempt = 0
+        self._worker = ""  # the worker running it, as its chunks and events say
         self._sent = ""
         self._next_seq = 0
         self._gap = False
@@ -157,6 +161,9 @@ class TaskStream:
                             yield item
                         return
                     self._status = view.status
+                if self._sent and self._worker and not await self._beating(self._worker):
+                    for item in self._restart(f"worker {self._worker} stopped: its heartbeat expired"):
+                        yield item
                 if end_at > anyio.current_time():
                     yield StreamWaiting(self._status)
                 continue
@@ -194,6 +201,16 @@ class TaskStream:
             if source == "chunk":
                 items += self._on_chunk(msg)
 
+    async def _beating(self, worker: str) -> bool:
+        """False once the worker's heartbeat has expired (killed, or cut off); True when unknown."""
+        try:
+            await self._hive.bus.workers_kv.get(worker)
+        except nats.js.errors.KeyNotFoundError:  # deleted or expired alike
+            return False
+        except BUS_ERRORS:
+            return True  # a credential that may not read heartbeats, a bus that does not answer
+        return True
+
     def _on_chunk(self, msg: Msg) -> list[StreamItem]:
         if self._names.provider_of_subject(msg.subject) != self._provider:
             return []  # a worker of a provider the task is not on (a credential's own subjects only)
@@ -220,6 +237,7 @@ class TaskStream:
             return items
         self._next_seq += 1
         self._sent += chunk.text
+        self._worker = chunk.worker or self._worker
         self._status = "running"
         items.append(StreamText(chunk.text, chunk.attempt))
         return items
@@ -228,6 +246,7 @@ class TaskStream:
         if self._run is not None:
             self._over.add(self._run)
         self._run, self._attempt, self._sent, self._next_seq, self._gap = run, attempt, "", 0, False
+        self._worker = ""
 
     def _restart(self, why: str) -> list[StreamItem]:
         """The current attempt is over without an outcome; its text, if any, no longer counts."""

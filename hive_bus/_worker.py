@@ -518,7 +518,9 @@ class Worker:
         """Where this attempt's chunks go: under this worker's provider, the only one it may publish for."""
         subject = self._bus.names.chunk_subject(self._opts.provider, task.id)
         delivery = d.msg.metadata.num_delivered or 1
-        return ChunkSender(self._bus.nc, subject, task.id, attempt=d.attempt, delivery=delivery)
+        return ChunkSender(
+            self._bus.nc, subject, task.id, attempt=d.attempt, delivery=delivery, worker=self.id
+        )
 
     async def _watch_loop(self) -> None:
         """One loop over every task held: publishes the ``running`` event of calls that have lasted

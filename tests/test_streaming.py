@@ -414,7 +414,7 @@ async def test_a_worker_killed_mid_stream_leaves_the_client_an_error_and_the_ans
     env = settings_env(settings) | {"OPENAI_BASE_URL": fakes.openai_base_url, "OPENAI_API_KEY": KEY}
     gate = fakes.openai.pause_streams(after_events=3)  # the role chunk and two pieces, then held
     args = ["worker", "openai", "--model", "llama3.2", "--nats", settings.nats_url, "--drain-timeout", "1"]
-    async with open_bus(settings) as bus, serving(bus) as stack:
+    async with open_bus(settings) as bus, serving(bus, keepalive_s=0.3) as stack:
         victim = spawn(args, env=env, log=tmp_path / "victim.log")
         survivor = None
         try:
@@ -431,14 +431,14 @@ async def test_a_worker_killed_mid_stream_leaves_the_client_an_error_and_the_ans
             victim.send_signal(signal.SIGKILL)
             await anyio.to_thread.run_sync(victim.wait, 10)
             gate.set()
-            survivor = spawn(args, env=env, log=tmp_path / "survivor.log")
-            # the task comes back after AckWait; its new attempt's first chunk ends this stream
+            # no worker left: the stream ends once the victim's heartbeat expires, not after AckWait
             with pytest.raises(openai.APIError) as raised:
                 async for chunk in chunks:
                     seen.append(chunk.choices[0].delta.content)
             assert raised.value.code == "stream_interrupted"
             assert f"attempt 1 of task {task_id}" in raised.value.message
-            assert "Idempotency-Key" in raised.value.message
+            assert "heartbeat expired" in raised.value.message and "Idempotency-Key" in raised.value.message
+            survivor = spawn(args, env=env, log=tmp_path / "survivor.log")
 
             # the answer is on the bus, whole, from the second attempt
             hive = Hive(bus)

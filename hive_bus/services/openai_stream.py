@@ -12,7 +12,7 @@ What the client sees when it does not complete:
 
 - the task failed for good: an error event ``data: {"error": {...}}`` (OpenAI's error object; the
   ``openai`` SDK raises ``APIError`` from the loop) naming the task, and no ``[DONE]``;
-- an attempt fails (or its worker is lost) **after** some of its text went out: the task is retried on
+- an attempt fails (or its worker is lost: its heartbeat expired) **after** some of its text went out: the task is retried on
   the bus, but a client cannot take back text it has shown, and OpenAI's protocol has no way to say
   "start over". The stream therefore ends with an error event of code ``stream_interrupted`` that names
   the task id, and no ``[DONE]``: the SDK raises, so the caller knows the text is incomplete, and the
