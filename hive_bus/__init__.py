@@ -6,6 +6,7 @@ errors, and the provider API (:class:`Provider`, :class:`Output`, the outcomes a
 ``Names``) is in :mod:`hive_bus.bus`; ``tests/test_public_api.py`` keeps ``__all__`` honest.
 """
 
+from ._chunks import StreamingProvider
 from ._client import Accepted, Hive, PartialSubmit, connect, validate
 from ._errors import (
     BadRequest,
@@ -53,6 +54,7 @@ from ._providers import FunctionProvider, Output, Provider, RetryPolicy, retry_p
 from ._redact import register as register_secret
 from ._settings import Settings, SettingsError, load_settings
 from ._stats import ProviderStats
+from ._stream import StreamEnded, StreamItem, StreamRestarted, StreamText, StreamWaiting, TaskStream
 from ._version import __version__
 from ._worker import ProviderKey, Worker, WorkerOptions
 
@@ -94,12 +96,19 @@ __all__ = [
     "Running",
     "Settings",
     "SettingsError",
+    "StreamEnded",
+    "StreamItem",
+    "StreamRestarted",
+    "StreamText",
+    "StreamWaiting",
+    "StreamingProvider",
     "Task",
     "TaskEnded",
     "TaskEvent",
     "TaskNotFound",
     "TaskRequest",
     "TaskStatus",
+    "TaskStream",
     "TaskView",
     "TextFormat",
     "TextPart",

@@ -40,6 +40,7 @@ from ._providers import HandlerError, Provider, load_handler
 from ._routes import ENV_ROUTES, Routes, RoutesError
 from ._settings import ENV_PREFIX, Settings, SettingsError, load_settings, with_overrides
 from ._signals import until_stopped
+from ._stream import StreamEnded, StreamRestarted, StreamText
 from ._version import __version__
 from ._worker import ProviderKey, Worker, WorkerOptions
 
@@ -187,7 +188,7 @@ def _provider_for(name: str, handler: str | None, model: str | None) -> Provider
 def cli(ctx: click.Context, log_level: str | None) -> None:
     """hive-bus: farm LLM prompts and Python jobs out to workers anywhere, over NATS JetStream."""
     level = (log_level or os.environ.get("HIVE_LOG_LEVEL") or "").upper()
-    one_shot = ctx.invoked_subcommand in ("submit", "status", "cancel", "workers", "dlq", "keys")
+    one_shot = ctx.invoked_subcommand in ("submit", "chat", "status", "cancel", "workers", "dlq", "keys")
     logging.basicConfig(
         level=level or ("WARNING" if one_shot else "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -299,6 +300,13 @@ def nats_cmd(host: str, port: int, data: Path) -> None:
     help="HTTP connections at once; more get 503 (allow this many open files, and some)",
 )
 @click.option("--routes", "routes_file", type=_FILE, help=_ROUTES_HELP)
+@click.option(
+    "--stream-keepalive",
+    "stream_keepalive_s",
+    default=10.0,
+    show_default=True,
+    help="seconds between ': waiting' comments of a streamed chat completion while its task waits",
+)
 @bus_options
 def gateway(
     host: str,
@@ -306,6 +314,7 @@ def gateway(
     max_body_bytes: int,
     max_connections: int,
     routes_file: str | None,
+    stream_keepalive_s: float,
     settings: Settings,
 ) -> None:
     """Run the HTTP gateway. Off loopback it needs tokens: HIVE_GATEWAY_TOKENS (comma-separated) or
@@ -329,6 +338,7 @@ def gateway(
                 tokens=tokens,
                 limits=limits,
                 routes=routes,
+                stream_keepalive_s=stream_keepalive_s,
             )
             gw = Gateway(hive, options, sock=sock)
             async with anyio.create_task_group() as tg:
@@ -575,6 +585,54 @@ def _response_format(value: str) -> Any:
             "must be a JSON object (or json_object, text)", param_hint="--response-format"
         )
     return decoded
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--system", help="system prompt")
+@click.option("--key", "idempotency_key", help="idempotency key: a repeat reads the first task's answer")
+@click.option(
+    "--timeout", "timeout_s", type=float, default=600.0, show_default=True, help="seconds to wait for the end"
+)
+@bus_options
+def chat(
+    model: str,
+    prompt: str,
+    system: str | None,
+    idempotency_key: str | None,
+    timeout_s: float,
+    settings: Settings,
+) -> None:
+    """Ask MODEL (a provider, or provider/model) and print the answer as it streams in.
+
+    The task goes through the bus like any other (queued, rate limits waited out, retried); its worker
+    forwards the text as the provider produces it. Exit status 1 when the task fails or has not ended
+    within --timeout (it goes on; its id is printed).
+    """
+    provider, _, model_name = model.partition("/")
+    fields: dict[str, Any] = {"provider": provider, "prompt": prompt, "model": model_name or None}
+    fields |= {"system": system, "idempotency_key": idempotency_key}
+    request = msgspec.convert({k: v for k, v in fields.items() if v is not None}, TaskRequest)
+
+    async def main() -> None:
+        async with connect(settings=settings) as hive, hive.stream(request, timeout_s=timeout_s) as stream:
+            async for item in stream:
+                match item:
+                    case StreamText(text=text):
+                        click.echo(text, nl=False)
+                        sys.stdout.flush()
+                    case StreamRestarted(attempt=attempt, why=why):
+                        click.echo("")  # end the abandoned line
+                        click.echo(f"[attempt {attempt} ended ({why}); the answer starts over]", err=True)
+                    case StreamEnded(view=view):
+                        click.echo("")
+                        if view.status in ("failed", "cancelled"):
+                            raise HiveError(f"task {view.id} {view.status} ({view.reason}): {view.error}")
+                        if view.status != "completed":
+                            raise HiveError(f"task {view.id} has not ended within {timeout_s:g}s; it goes on")
+
+    _run(main)
 
 
 def _read_tasks(file: TextIO) -> list[tuple[int, TaskRequest]]:

@@ -18,7 +18,7 @@ import hashlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,7 @@ from ._route import CheapestRouter
 from ._settings import Settings, load_settings
 from ._size import header_bytes
 from ._stats import ProviderStats, provider_stats
+from ._stream import DEFAULT_KEEPALIVE_S, TaskStream, open_stream
 
 log = logging.getLogger("hive_bus.client")
 
@@ -190,19 +191,23 @@ class Hive:
         :class:`NestedTooDeep` for a payload or metadata nested deeper than ``MAX_NESTING``, or
         :class:`TooLarge` for a task the bus cannot carry (its content over ``blob_max_bytes``)."""
         check_fields(request)
+        return await self._submit_task(Task.from_request(request), request.idempotency_key)
+
+    async def _submit_task(self, task: Task, key: str | None) -> Accepted:
+        """Queue a task made from a checked request (its id known to the caller beforehand: a reader of
+        its chunks subscribes first)."""
         if not self._bus.nc.is_connected:
             raise BusUnavailable("not connected to NATS; nothing was accepted")
-        task = Task.from_request(request)
         task = await self._routed(task)
         self._check_content(task)
         task = await _blobs.check_in(self._bus, task)
-        self._check_messages(task, request.idempotency_key)
-        ack = await self._publish(*self._queued_event(task, request.idempotency_key))
+        self._check_messages(task, key)
+        ack = await self._publish(*self._queued_event(task, key))
         duplicate = bool(ack.duplicate)
         if duplicate:
             task = await self._first_task(ack.seq)
         try:
-            task_ack = await self._publish(*self._task_message(task, request.idempotency_key))
+            task_ack = await self._publish(*self._task_message(task, key))
         except QueueFull as exc:
             await self._record_rejection(task, str(exc))
             raise
@@ -345,6 +350,26 @@ class Hive:
                 elif self._names.provider_of_subject(msg.subject) == view.provider == event.provider:
                     view = TaskView.of(event)  # else another credential's event: not the task's
             return await self._read_output(view)
+
+    def stream(
+        self,
+        request: TaskRequest,
+        *,
+        keepalive_s: float = DEFAULT_KEEPALIVE_S,
+        timeout_s: float | None = None,
+    ) -> AbstractAsyncContextManager[TaskStream]:
+        """Submit a task whose worker streams its output, and read it as it comes::
+
+            async with hive.stream(request) as stream:
+                async for item in stream:  # StreamText, StreamWaiting, StreamRestarted; StreamEnded last
+                    ...
+
+        The task's chunks are subscribed to before it is submitted, so none is missed; submission errors
+        (:class:`QueueFull`, :class:`BusUnavailable`...) are raised on entering. ``stream.task_id`` is the
+        task's id (the first task's, for an idempotency key used before). A :class:`StreamWaiting` comes after
+        each ``keepalive_s`` without news; the last item is always :class:`StreamEnded`. See :mod:`hive_bus._stream`.
+        """
+        return open_stream(self, request, keepalive_s=keepalive_s, timeout_s=timeout_s)
 
     @asynccontextmanager
     async def _watch(self, task_id: str) -> AsyncIterator[Callable[[float], Awaitable[Msg]]]:

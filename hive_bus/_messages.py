@@ -291,6 +291,9 @@ class _TaskFields(Struct, frozen=True, kw_only=True, omit_defaults=True):
     # parameters, output shape) within this many seconds of one that completed answers from the cache,
     # with no provider call and no budget spent.
     cache_ttl_s: Seconds | None = None
+    # Ask the worker to forward the output as it is produced, in chunks on core NATS (``hive_bus._chunks``),
+    # to a reader that subscribed before submission; the completed event still holds the whole output.
+    stream: bool = False
 
     def __post_init__(self) -> None:
         # checked on every decode too (msgspec reports the ValueError as a validation error)

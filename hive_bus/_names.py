@@ -45,6 +45,9 @@ class Names:
     ``<prefix>_budgets`` is the KV bucket of request and token budgets (keys ``<provider>.<key>.<model>``);
     ``<prefix>_cache`` is the KV bucket (stream ``KV_<prefix>_cache``) of the response cache: one key per
     cached answer, ``<provider>.<sha256 of the request>``, each expiring by its own message TTL;
+    ``<prefix>.chunks.<provider>.<task id>`` carries a streamed task's output as it is produced, on core
+    NATS (not stored: a chunk lost is recovered from the completed event), from the workers of the
+    provider the task runs on to the gateway, the only reader;
     ``<prefix>_blobs`` is the Object Store bucket (stream ``OBJ_<prefix>_blobs``) of the claim check: a
     task's content or an output too large for a message, its chunks on
     ``$O.<prefix>_blobs.C.<provider>.<task id>.<kind>.<nonce>`` (one provider's under one subject tree,
@@ -180,6 +183,14 @@ class Names:
 
     def event_subject(self, provider: str, task_id: str, status: str) -> str:
         return f"{self.prefix}.events.{provider}.{task_id}.{status}"
+
+    def chunk_subject(self, provider: str, task_id: str) -> str:
+        """Where a worker of ``provider`` publishes the chunks of a streamed task it runs."""
+        return f"{self.prefix}.chunks.{provider}.{task_id}"
+
+    def chunks_of(self, task_id: str) -> str:
+        """The subject filter of one task's chunks, whatever provider runs it."""
+        return f"{self.prefix}.chunks.*.{task_id}"
 
     def duplicate_subject(self, provider: str, task_id: str, status: str) -> str:
         """Where a worker reports a final outcome that was not recorded because one already was."""

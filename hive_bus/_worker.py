@@ -34,6 +34,7 @@ from ._budget import Budgets, ProviderBudget, Reservation
 from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
 from ._cache import ResponseCache
 from ._cancel import CancelWatch
+from ._chunks import ChunkSender, run_streamed
 from ._cooldown import KeyCooldowns
 from ._errors import FailNow, KeyRejected, NoQuota, ProviderError, RetryAfter, RetryLater, TooLarge
 from ._keys import Blocked, KeyRing
@@ -459,7 +460,7 @@ class Worker:
                 if task.id in self.cancels:  # cancelled since it was fetched
                     call.cancel()
                 try:
-                    outcome = await self._call(key.provider, task)
+                    outcome = await self._call(key.provider, task, d)
                 except BaseException:
                     self.ring.released(key.name)
                     raise
@@ -544,11 +545,14 @@ class Worker:
 
     # call ----------------------------------------------------------------------------------------
 
-    async def _call(self, provider: Provider, task: Task) -> Outcome:
+    async def _call(self, provider: Provider, task: Task, d: Delivery) -> Outcome:
         outcome: Outcome
         try:
             with anyio.fail_after(self._opts.call_timeout_s):
-                outcome = await provider.complete(task)
+                if task.stream:
+                    outcome = await run_streamed(provider, task, self._chunk_sender(task, d))
+                else:
+                    outcome = await provider.complete(task)
         except ProviderError as exc:
             outcome = exc
         except TimeoutError:
@@ -581,6 +585,14 @@ class Worker:
                     "or objects, more than the bus carries"
                 )
         return outcome
+
+    def _chunk_sender(self, task: Task, d: Delivery) -> ChunkSender:
+        """Where this attempt's chunks go: under this worker's provider, the only one it may publish for."""
+        subject = self._bus.names.chunk_subject(self._opts.provider, task.id)
+        delivery = d.msg.metadata.num_delivered or 1
+        return ChunkSender(
+            self._bus.nc, subject, task.id, attempt=d.attempt, delivery=delivery, worker=self.id
+        )
 
     async def _watch_loop(self) -> None:
         """One loop over every task held: publishes the ``running`` event of calls that have lasted

@@ -66,6 +66,8 @@ for p in "$@"; do
     # a final outcome JetStream refused as a duplicate (a zombie worker's), reported for the metrics
     pub+=("\"$prefix.events.$p.*.*.duplicate\"")
     pub+=("\"$prefix.dlq.$p.*\"")
+    # the chunks of a streamed task it runs (core NATS, read by the gateway alone): no other provider's
+    pub+=("\"$prefix.chunks.$p.*\"")
     # a redelivered task's last event on this provider (how many of its deliveries only waited out a
     # rate limit); the grant names the provider, so no other provider's events can be read
     pub+=("\"\$JS.API.DIRECT.GET.$events.$prefix.events.$p.>\"")

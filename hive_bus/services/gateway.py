@@ -37,7 +37,7 @@ from hive_bus._nats import BUS_ERRORS
 from hive_bus._router import Router
 from hive_bus._routes import Routes
 
-from . import answers, apidocs, dashboard
+from . import answers, apidocs, dashboard, openai_stream
 from .api import AUDIT_ROUTES, METRICS_ROUTES, ROUTES, as_response
 from .auth import Tokens, check_exposure
 from .board_api import BOARD_ROUTES, TASK_ROUTES
@@ -64,6 +64,8 @@ class GatewayOptions:
     feed_max_s: float = 3600.0
     # Time to send a request, and how many connections at once (size LimitNOFILE above this).
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # A streamed chat completion sends an SSE comment after this long without news (a task queued).
+    stream_keepalive_s: float = openai_stream.DEFAULT_STREAM_KEEPALIVE_S
     # False sends every submission through its route: the same answers, for more CPU (services.fastpath);
     # tests/test_submit_parity.py compares the two.
     fast_path: bool = True
@@ -159,6 +161,7 @@ def create_app(
         "audit": audit,
         "catalog": Catalog(hive, options.routes),
         "chat_wait_s": options.chat_wait_s,
+        "stream_keepalive_s": options.stream_keepalive_s,
     }
     app = Litestar(
         route_handlers=[

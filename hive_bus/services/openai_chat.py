@@ -44,6 +44,8 @@ from hive_bus._messages import (
 from hive_bus._nesting import NestedTooDeep, check_json
 from hive_bus._routes import Routes, Target
 
+from .openai_stream import streamed_completion
+
 log = logging.getLogger("hive_bus.gateway")
 
 # How long a chat completion waits for its task by default, and the most X-Hive-Wait may ask.
@@ -514,11 +516,22 @@ async def prepare(request: Request[Any, Any, Any], state: State) -> Prepared:
     return Prepared(chat, task, headers.wait_s)
 
 
-async def streamed(prepared: Prepared, hive: Hive) -> Response[Any]:
-    """``stream: true``. STREAMING PLUGS IN HERE: answer ``text/event-stream`` of
-    ``chat.completion.chunk`` objects for ``prepared.task`` (the non-streaming steps are shared:
-    :func:`prepare` before, :func:`failure_of`/:func:`still_running` for the errors)."""
-    raise invalid("streaming is not available yet; leave `stream` out or false", param="stream")
+async def streamed(prepared: Prepared, state: State) -> Response[Any]:
+    """``stream: true``: ``text/event-stream`` of ``chat.completion.chunk`` objects for the task, as its
+    worker produces the text (:mod:`services.openai_stream`). A submission the bus refuses is an error
+    answer before the stream starts."""
+    options = prepared.chat.stream_options
+    try:
+        return await streamed_completion(
+            state.hive,
+            prepared.task,
+            model=prepared.chat.model,
+            include_usage=options is not None and options.include_usage,
+            keepalive_s=state.stream_keepalive_s,
+            wait_s=prepared.wait_s,
+        )
+    except (BusUnavailable, QueueFull, TooLarge) as exc:
+        raise _of_bus_error(exc) from None
 
 
 @post(
@@ -535,7 +548,7 @@ async def chat_completions(request: Request[Any, Any, Any], state: State) -> Res
     try:
         prepared = await prepare(request, state)
         if prepared.chat.stream:
-            return await streamed(prepared, hive)
+            return await streamed(prepared, state)
         try:
             accepted = await hive.submit_request(prepared.task)
             view = await hive.wait(accepted.id, prepared.wait_s)

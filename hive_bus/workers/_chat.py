@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
 
@@ -83,3 +84,38 @@ async def chat_complete(
         if usage
         else None,
     )
+
+
+async def chat_stream(
+    provider: str, client: Any, sdk: ModuleType, key: str, model: str, task: Task
+) -> AsyncIterator[str | Output]:
+    """One chat completion with ``stream=True``: the content deltas as they come, then the whole
+    :class:`Output` with the usage of the last chunk (asked for with ``stream_options.include_usage``).
+    Errors, before the first chunk (a 429) or during the stream, are classified as in
+    :func:`chat_complete`."""
+    pieces: list[str] = []
+    usage: Usage | None = None
+    try:
+        chunks = await client.chat.completions.create(
+            **chat_request(task, model),
+            stream=True,
+            # in the body, not as the keyword: the groq SDK (1.x) has no ``stream_options`` parameter,
+            # though Groq's API takes it as OpenAI's does
+            extra_body={"stream_options": {"include_usage": True}},
+        )
+        async for chunk in chunks:
+            # the usage chunk (OpenAI, Groq); Groq also puts it in ``x_groq`` of its last content chunk
+            counted = chunk.usage or getattr(getattr(chunk, "x_groq", None), "usage", None)
+            if counted is not None:
+                usage = Usage(input_tokens=counted.prompt_tokens, output_tokens=counted.completion_tokens)
+            for choice in chunk.choices:
+                text = choice.delta.content
+                if text:
+                    pieces.append(text)
+                    yield text
+    except Exception as exc:
+        outcome = _stainless.classify(provider, exc, sdk, [key])
+        if outcome is None:
+            raise
+        raise outcome from None
+    yield Output(value="".join(pieces), model=model, usage=usage)

@@ -17,7 +17,7 @@ from ._classify import by_status, delay_in_message_s, quota_in, retry_after_head
 def classify(provider: str, exc: Exception, sdk: Any, secrets: Iterable[str]) -> ProviderError | None:
     """The outcome of an SDK exception, or None when ``exc`` is not one of the SDK's API errors."""
     secrets = list(secrets)
-    if isinstance(exc, sdk.APIStatusError):
+    if isinstance(exc, sdk.APIStatusError) and exc.status_code >= 400:
         message = scrub(_message(exc), secrets)
         headers = exc.response.headers
         retry_after_s = delay_in_message_s(message)
@@ -31,7 +31,31 @@ def classify(provider: str, exc: Exception, sdk: Any, secrets: Iterable[str]) ->
         return by_status(provider, exc.status_code, message, retry_after_s=retry_after_s, quota=quota)
     if isinstance(exc, sdk.APIConnectionError):
         return RetryLater(f"{provider} did not answer: {scrub(str(exc), secrets) or type(exc).__name__}")
+    if isinstance(exc, sdk.APIError):
+        # An error event inside a stream that began with 200 (the openai and groq SDKs raise it as
+        # APIError, anthropic's as an APIStatusError of the stream's 200): the answer it would have been.
+        return by_status(provider, _in_stream_status(exc), scrub(_message(exc), secrets))
     return None
+
+
+# An in-stream error says only its type or code; each is the status it is answered with at once.
+_STATUS_OF_ERROR = {
+    "invalid_request_error": 400, "authentication_error": 401, "invalid_api_key": 401,
+    "permission_error": 403, "not_found_error": 404, "model_not_found": 404, "request_too_large": 413,
+    "rate_limit_error": 429, "rate_limit_exceeded": 429, "requests": 429, "tokens": 429,
+    "timeout_error": 504, "overloaded_error": 529,
+}  # fmt: skip
+
+
+def _in_stream_status(exc: Any) -> int:
+    body = getattr(exc, "body", None)
+    error = body.get("error", body) if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        for field in ("code", "type"):
+            status = _STATUS_OF_ERROR.get(str(error.get(field)))
+            if status is not None:
+                return status
+    return 500  # a server's fault (server_error, api_error, or nothing said): worth another try
 
 
 def _message(exc: Any) -> str:

@@ -6,7 +6,7 @@ Credentials from ``ANTHROPIC_API_KEY``; the SDK honours ``ANTHROPIC_BASE_URL``. 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -58,6 +58,39 @@ class AnthropicProvider:
         return Output(
             value=_output(task, response), model=request["model"], usage=usage, finish_reason=finish
         )
+
+    async def stream(self, task: Task) -> AsyncIterator[str | Output]:
+        """The Messages API with ``stream=True``: the text of each ``content_block_delta`` as it comes,
+        then the whole :class:`Output`, its usage from ``message_start`` (input) and ``message_delta``
+        (output). An ``error`` event in the stream is classified as the same error answered at once."""
+        if _output_tool(task.response_format) is not None:
+            # a JSON output comes as the forced tool's input, whole: nothing to show as it is made
+            yield await self.complete(task)
+            return
+        request = _request(task, task.model or self._model)
+        model = request["model"]
+        pieces: list[str] = []
+        input_tokens = output_tokens = 0
+        try:
+            events = await self._client.messages.create(**request, stream=True)
+            async for event in events:
+                kind = getattr(event, "type", "")
+                if kind == "message_start":
+                    input_tokens = event.message.usage.input_tokens
+                    output_tokens = event.message.usage.output_tokens
+                elif kind == "content_block_delta" and getattr(event.delta, "type", "") == "text_delta":
+                    if event.delta.text:
+                        pieces.append(event.delta.text)
+                        yield event.delta.text
+                elif kind == "message_delta":
+                    output_tokens = event.usage.output_tokens
+        except Exception as exc:
+            outcome = _stainless.classify("anthropic", exc, self._sdk, [self._key])
+            if outcome is None:
+                raise
+            raise outcome from None
+        usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+        yield Output(value="".join(pieces), model=model, usage=usage)
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -9,7 +9,7 @@ model is not available to this key at all, which no waiting fixes.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -79,6 +79,39 @@ class GeminiProvider:
             )
         reason = response.candidates[0].finish_reason if response.candidates else None
         return Output(value=text, model=model, usage=usage, finish_reason=_finish(reason))
+
+    async def stream(self, task: Task) -> AsyncIterator[str | Output]:
+        """The output as Gemini produces it (``streamGenerateContent?alt=sse``), then the whole
+        :class:`Output`; errors are classified as :meth:`complete` classifies them."""
+        request = _request(task, task.model or self._model)
+        model = request["model"]
+        pieces: list[str] = []
+        meta: types.GenerateContentResponseUsageMetadata | None = None
+        reason: object = "no candidates"
+        try:
+            responses = await self._client.aio.models.generate_content_stream(**request)
+            async for response in responses:
+                meta = response.usage_metadata or meta
+                if response.candidates and response.candidates[0].finish_reason is not None:
+                    reason = response.candidates[0].finish_reason
+                text = response.text
+                if text:
+                    pieces.append(text)
+                    yield text
+        except errors.APIError as exc:
+            raise classify(exc, self._key) from None
+        except NO_ANSWER as exc:
+            raise RetryLater(
+                f"gemini did not answer: {scrub(str(exc), [self._key]) or type(exc).__name__}"
+            ) from None
+        if not pieces:
+            raise FailNow(f"gemini returned no text (finish reason {reason}); the prompt may be blocked")
+        usage = None
+        if meta is not None:
+            usage = Usage(
+                input_tokens=meta.prompt_token_count or 0, output_tokens=meta.candidates_token_count or 0
+            )
+        yield Output(value="".join(pieces), model=model, usage=usage)
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()

@@ -6,13 +6,13 @@ and "Please try again in 6.78s" (or "9m38s" for a daily limit) in its message; b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import groq
 
 from hive_bus import Output, ProviderKey, Task
 
-from ._chat import chat_complete
+from ._chat import chat_complete, chat_stream
 
 DEFAULT_MODEL = "llama-3.3-70b-versatile"
 
@@ -27,6 +27,10 @@ class GroqProvider:
 
     async def complete(self, task: Task) -> Output:
         return await chat_complete("groq", self._client, groq, self._key, task.model or self._model, task)
+
+    async def stream(self, task: Task) -> AsyncIterator[str | Output]:
+        async for item in chat_stream("groq", self._client, groq, self._key, task.model or self._model, task):
+            yield item
 
     async def aclose(self) -> None:
         await self._client.close()

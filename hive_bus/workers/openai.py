@@ -8,13 +8,13 @@ The server from ``OPENAI_BASE_URL`` (for example ``http://gpu-box:11434/v1`` for
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import openai
 
 from hive_bus import FailNow, Output, ProviderKey, Task
 
-from ._chat import chat_complete
+from ._chat import chat_complete, chat_stream
 
 
 class OpenAICompatibleProvider:
@@ -33,6 +33,13 @@ class OpenAICompatibleProvider:
                 "openai: no model named; set the task's model or start the worker with --model", status=400
             )
         return await chat_complete("openai", self._client, openai, self._key, model, task)
+
+    async def stream(self, task: Task) -> AsyncIterator[str | Output]:
+        model = task.model or self._model
+        if not model:
+            raise FailNow("openai: no model named; set the task's model or start the worker with --model")
+        async for item in chat_stream("openai", self._client, openai, self._key, model, task):
+            yield item
 
     async def aclose(self) -> None:
         await self._client.close()

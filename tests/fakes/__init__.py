@@ -2,7 +2,8 @@
 
 ``ProviderFakes`` serves Gemini, Groq, Anthropic and an OpenAI-compatible server on one
 ``http://127.0.0.1:PORT``; each answers with its real success bodies, 429 bodies and headers, and error
-bodies, and each has a :class:`ProviderState` to set limits and failures and read counters::
+bodies, and streams a request that asks for it with its own Server-Sent Events; each has a
+:class:`ProviderState` to set limits, failures and stream pauses, and read counters::
 
     with ProviderFakes() as fakes:
         fakes.groq.limit(2, window_s=1.0)

@@ -4,8 +4,8 @@ how its requests read, and how each answer (success, 429, auth error, other erro
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from ._common import ChatRequest, JsonObject, Reply
 from ._state import RateLimited, Snapshot
@@ -17,6 +17,18 @@ class Route:
 
     model: str | None = None
     version: str | None = None
+    stream: bool = False  # Gemini's streamGenerateContent (the others say so in the body)
+
+
+@dataclass(frozen=True)
+class StreamReply:
+    """A 200 whose body is Server-Sent Events, written one event at a time (chunked), as the real APIs
+    stream: each item of ``events`` is one whole event, separators included."""
+
+    events: Sequence[str]
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "text/event-stream"
+    prompt: str = ""  # counted as completed once the last event went out
 
 
 class ProviderApi(ABC):
@@ -42,6 +54,14 @@ class ProviderApi(ABC):
 
     @abstractmethod
     def success(self, request: ChatRequest, text: str, snapshot: Snapshot) -> Reply: ...
+
+    @abstractmethod
+    def stream(self, request: ChatRequest, text: str, snapshot: Snapshot, body: JsonObject) -> StreamReply:
+        """The success answer of a streamed request, event by event as the API sends it."""
+
+    @abstractmethod
+    def stream_error(self, status: int) -> str:
+        """The event by which the API ends a stream that failed after it began (status ``status``)."""
 
     @abstractmethod
     def rate_limited(self, request: ChatRequest, hit: RateLimited) -> Reply: ...

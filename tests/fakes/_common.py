@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 import secrets
 import string
 from collections.abc import Iterable, Mapping
@@ -71,6 +72,22 @@ def reply_text(prompt: str) -> str:
 def json_reply_text(prompt: str) -> str:
     """A successful answer in JSON mode (unless a test scripted one): an object holding the reply."""
     return json.dumps({"reply": reply_text(prompt)})
+
+
+_PIECES = re.compile(r"\s*\S+|\s+$")
+
+
+def pieces(text: str) -> list[str]:
+    """How the fakes split a streamed answer: word by word, each word with the white space before it."""
+    return _PIECES.findall(text)
+
+
+def sse(data: JsonObject | str, event: str | None = None, *, crlf: bool = False) -> str:
+    """One Server-Sent Event: ``event:`` when named, one ``data:`` line, and the blank line."""
+    end = "\r\n" if crlf else "\n"
+    body = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}{end}" if event else ""
+    return f"{head}data: {body}{end}{end}"
 
 
 def whole_seconds(delay_s: float) -> int:

@@ -14,6 +14,7 @@ itself after ``max_lifetime_s`` if nobody does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import socket
 import socketserver
@@ -26,7 +27,7 @@ from types import TracebackType
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
-from ._api import ProviderApi, Route
+from ._api import ProviderApi, Route, StreamReply
 from ._common import BadRequest, ChatRequest, Reply, json_reply_text, reply_text
 from ._state import Admitted, Forced, ProviderState, RateLimited, Unauthorized
 from .anthropic_api import AnthropicApi
@@ -275,9 +276,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._server.fakes._record_error(exc)
             reply = Reply(500, {"error": {"message": f"provider fake failed: {type(exc).__name__}"}})
             self.close_connection = True
-        self._send(reply)
+        if isinstance(reply, StreamReply):
+            self._send_stream(reply)
+        else:
+            self._send(reply)
 
-    def _answer(self, method: str, raw: bytes) -> Reply:
+    def _answer(self, method: str, raw: bytes) -> Reply | StreamReply:
         fakes = self._server.fakes
         split = urlsplit(self.path)
         api, state, route = fakes._route(method, split.path)
@@ -302,7 +306,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return api.unauthorized(None if refused.missing else key, refused.snapshot, headers)
             message = str(exc) if isinstance(exc, BadRequest) else f"Invalid JSON payload received. {exc}"
             return api.invalid(message)
-        return self._decide(api, state, route, key, headers, request)
+        if route.stream and parse_qs(split.query).get("alt") != ["sse"]:
+            return api.invalid("the fakes serve streamGenerateContent with alt=sse only")
+        streamed = route.stream or body.get("stream") is True
+        return self._decide(api, state, route, key, headers, request, body if streamed else None)
 
     def _decide(
         self,
@@ -312,7 +319,10 @@ class _Handler(BaseHTTPRequestHandler):
         key: str | None,
         headers: dict[str, str],
         request: ChatRequest,
-    ) -> Reply:
+        streamed: dict[str, Any] | None = None,
+    ) -> Reply | StreamReply:
+        """The answer; ``streamed`` is the body of a request for a streamed answer (errors come before
+        the stream all the same, as plain answers)."""
         decision = state.admit(key, request.prompt, request.model)
         if isinstance(decision, Forced):
             if decision.status == 429:
@@ -329,6 +339,10 @@ class _Handler(BaseHTTPRequestHandler):
         text = state.next_reply()
         if text is None:
             text = json_reply_text(request.prompt) if request.json_mode else reply_text(request.prompt)
+        if streamed is not None:
+            return dataclasses.replace(
+                api.stream(request, text, decision.snapshot, streamed), prompt=request.prompt
+            )
         reply = api.success(request, text, decision.snapshot)
         state.complete(request.prompt)
         return reply
@@ -355,6 +369,40 @@ class _Handler(BaseHTTPRequestHandler):
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline()
         return b""
+
+    def _send_stream(self, reply: StreamReply) -> None:
+        """Each event in a chunk of its own (HTTP/1.1 chunked), spaced and held as the provider's state
+        says; the prompt counts as completed once the last event went out."""
+        api, state, _ = self._server.fakes._route("POST", urlsplit(self.path).path)
+        gate, broken = state.stream_gate, state.stream_break
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Cache-Control", "no-cache")
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.flush()
+            events = list(reply.events)
+            if broken is not None:  # the stream fails after that many events
+                events = [*events[: broken[0]], api.stream_error(broken[1])]
+            for n, event in enumerate(events):
+                if gate is not None and n == gate[0]:
+                    while not gate[1].wait(0.05) and not self._server.stopping.is_set():
+                        pass
+                elif n and state.stream_gap_s > 0:
+                    self._server.stopping.wait(state.stream_gap_s)
+                data = event.encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True  # the client went away mid-stream
+            return
+        if broken is None:
+            state.complete(reply.prompt)
 
     def _send(self, reply: Reply) -> None:
         data = reply.encoded()

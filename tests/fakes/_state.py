@@ -12,6 +12,10 @@ The limits work the way the real APIs' limits look from outside:
   each of its requests for the model gets the per-day 429 with a limit of 0.
 * ``fail_next(status, count)``: the next ``count`` requests (any key) answer ``status`` with the
   provider's real error body, before any other check.
+* ``stream_gap_s`` spaces the events of a streamed answer; ``pause_streams(after_events)`` holds every
+  streamed answer after that many events until the returned ``threading.Event`` is set;
+  ``break_streams(after_events, status)`` ends each streamed answer after that many events with the
+  API's in-stream error event for ``status`` (an overloaded model mid-answer).
 
 The 429s keep the real APIs' wording ("per minute", ``PerMinute``, RPM) whatever ``window_s`` is: the fakes
 compress time, the clients still read the same words; the delays they carry are the real ones.
@@ -94,6 +98,9 @@ class ProviderState:
     def _clear(self) -> None:
         self.valid_keys: set[str] | None = None
         self.delay_s: float = 0.0
+        self.stream_gap_s: float = 0.0
+        self._stream_gate: tuple[int, threading.Event] | None = None
+        self._stream_break: tuple[int, int] | None = None
         self._window_limit: int | None = None
         self._window_s = 60.0
         self._daily_limit: int | None = None
@@ -150,6 +157,28 @@ class ProviderState:
         with the text parsed as its input."""
         with self._lock:
             self._replies.extend(texts)
+
+    def pause_streams(self, after_events: int) -> threading.Event:
+        """Hold every streamed answer after ``after_events`` events until the returned event is set."""
+        gate = threading.Event()
+        with self._lock:
+            self._stream_gate = (after_events, gate)
+        return gate
+
+    def break_streams(self, after_events: int, status: int) -> None:
+        """End every streamed answer after ``after_events`` events with the in-stream error for ``status``."""
+        with self._lock:
+            self._stream_break = (after_events, status)
+
+    @property
+    def stream_break(self) -> tuple[int, int] | None:
+        with self._lock:
+            return self._stream_break
+
+    @property
+    def stream_gate(self) -> tuple[int, threading.Event] | None:
+        with self._lock:
+            return self._stream_gate
 
     def reset(self) -> None:
         """Back to the state of a new fake: no limits, no failures, any key, no delay, no counts."""

@@ -9,6 +9,10 @@ Reproduces:
 * On every answer: ``request-id`` (``req_...``), ``anthropic-organization-id`` and the
   ``anthropic-ratelimit-{requests,input-tokens,output-tokens,tokens}-{limit,remaining,reset}`` headers,
   resets as RFC 3339 times (the window's when a limit is set).
+* Streamed (``"stream": true``): the events ``message_start`` (the message with empty content and the
+  input usage), ``content_block_start``, a ``ping``, one ``content_block_delta`` (``text_delta``) per
+  piece of text, ``content_block_stop``, ``message_delta`` (``stop_reason`` and the output usage) and
+  ``message_stop``, each as ``event: NAME`` and ``data: {...}``. Errors (a 429) come before the stream.
 * Errors in ``{"type": "error", "error": {"type", "message"}, "request_id"}``: 429 ``rate_limit_error``
   with ``retry-after`` (whole seconds, rounded up), 401 ``authentication_error`` ("invalid x-api-key"),
   400 ``invalid_request_error`` (also for a missing ``anthropic-version``), 403 ``permission_error``,
@@ -29,7 +33,7 @@ import json
 import uuid
 from collections.abc import Mapping
 
-from ._api import ProviderApi, Route
+from ._api import ProviderApi, Route, StreamReply
 from ._common import (
     BadRequest,
     ChatRequest,
@@ -37,10 +41,12 @@ from ._common import (
     Reply,
     non_empty,
     phrase,
+    pieces,
     random_id,
     require_list,
     require_object,
     rfc3339_in,
+    sse,
     texts_of,
     whole_seconds,
     words,
@@ -219,6 +225,41 @@ class AnthropicApi(ProviderApi):
             },
         }
         return Reply(200, body, self._headers(snapshot))
+
+    def stream(self, request: ChatRequest, text: str, snapshot: Snapshot, body: JsonObject) -> StreamReply:
+        message: JsonObject = {
+            "id": "msg_01" + random_id(22, _BASE58), "type": "message", "role": "assistant",
+            "model": request.model, "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {
+                "input_tokens": request.input_tokens, "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0, "output_tokens": 1, "service_tier": "standard",
+            },
+        }  # fmt: skip
+        events = [
+            sse({"type": "message_start", "message": message}, "message_start"),
+            sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                "content_block_start"),
+            sse({"type": "ping"}, "ping"),
+        ]  # fmt: skip
+        for piece in pieces(text):
+            delta = {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": piece},
+            }
+            events.append(sse(delta, "content_block_delta"))
+        events += [
+            sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+            sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                 "usage": {"output_tokens": words(text)}}, "message_delta"),
+            sse({"type": "message_stop"}, "message_stop"),
+        ]  # fmt: skip
+        return StreamReply(events, self._headers(snapshot))
+
+    def stream_error(self, status: int) -> str:
+        """``event: error`` with ``{"type": "error", "error": {"type", "message"}}`` (no request id)."""
+        body = self.error(status, None, Route(), Snapshot(None, None)).body
+        return sse({"type": "error", "error": body["error"]}, "error")
 
     def rate_limited(self, request: ChatRequest, hit: RateLimited) -> Reply:
         per = "day" if hit.daily else "minute"

@@ -2,10 +2,14 @@
 
 Reproduces:
 
-* ``POST /{v1,v1beta,...}/models/{model}:generateContent`` with the key in ``x-goog-api-key`` (or the
+* ``POST /{v1,v1beta,...}/models/{model}:generateContent`` (and ``:streamGenerateContent?alt=sse``) with the key in ``x-goog-api-key`` (or the
   ``key`` query parameter); google-genai 3.x defaults to ``v1``, older releases to ``v1beta``.
 * Success: ``candidates[0].content.parts[0].text``, ``finishReason: STOP``, ``usageMetadata`` with
   ``promptTokenCount``/``candidatesTokenCount``/``totalTokenCount``, ``modelVersion``, ``responseId``.
+* Streamed (``streamGenerateContent?alt=sse``): one ``data: {GenerateContentResponse}`` event per piece
+  of text, separated by ``\r\n\r\n`` as Google's front end writes them; each has ``usageMetadata`` with
+  the prompt's count, and the last also ``finishReason: STOP`` and the candidates' count. Errors (a 429)
+  come before the stream, as a plain JSON answer.
 * Errors in the ``google.rpc.Status`` envelope ``{"error": {"code", "message", "status", "details"}}``:
   a 429 ``RESOURCE_EXHAUSTED`` with a ``QuotaFailure`` (``quotaId``
   ``GenerateRequestsPerMinutePerProjectPerModel-FreeTier`` or ``...PerDay...``, ``quotaValue``), a
@@ -25,7 +29,7 @@ import re
 from collections.abc import Mapping
 from urllib.parse import unquote
 
-from ._api import ProviderApi, Route
+from ._api import ProviderApi, Route, StreamReply
 from ._common import (
     BadRequest,
     ChatRequest,
@@ -33,17 +37,19 @@ from ._common import (
     Reply,
     non_empty,
     phrase,
+    pieces,
     random_id,
     require_list,
     require_object,
     seconds_text,
+    sse,
     whole_seconds,
     words,
 )
 from ._state import RateLimited, Snapshot
 
 CONTENT_TYPE = "application/json; charset=UTF-8"
-_PATH = re.compile(r"^/(v1[a-z0-9]*)/models/([^/:]+):generateContent$")
+_PATH = re.compile(r"^/(v1[a-z0-9]*)/models/([^/:]+):(generateContent|streamGenerateContent)$")
 _RATE_LIMITS_DOC = "https://ai.google.dev/gemini-api/docs/rate-limits"
 _REQUESTS_METRIC = "generativelanguage.googleapis.com/generate_content_free_tier_requests"
 
@@ -94,7 +100,9 @@ class GeminiApi(ProviderApi):
         found = _PATH.match(path)
         if found is None:
             return None
-        return Route(model=unquote(found.group(2)), version=found.group(1))
+        return Route(
+            model=unquote(found.group(2)), version=found.group(1), stream=found.group(3) != "generateContent"
+        )
 
     def api_key(self, headers: Mapping[str, str], query: Mapping[str, list[str]]) -> str | None:
         key = headers.get("x-goog-api-key") or next(iter(query.get("key", [])), None)
@@ -139,6 +147,33 @@ class GeminiApi(ProviderApi):
             "responseId": random_id(22),
         }
         return Reply(200, body, content_type=CONTENT_TYPE)
+
+    def stream(self, request: ChatRequest, text: str, snapshot: Snapshot, body: JsonObject) -> StreamReply:
+        prompt_tokens, response_id = request.input_tokens, random_id(22)
+        parts = pieces(text) or [""]
+        events = []
+        for n, piece in enumerate(parts):
+            last = n == len(parts) - 1
+            candidate: JsonObject = {"content": {"parts": [{"text": piece}], "role": "model"}, "index": 0}
+            usage: JsonObject = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
+            if last:
+                candidate["finishReason"] = "STOP"
+                usage = {
+                    "promptTokenCount": prompt_tokens,
+                    "candidatesTokenCount": words(text),
+                    "totalTokenCount": prompt_tokens + words(text),
+                    "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}],
+                }
+            event = {
+                "candidates": [candidate], "usageMetadata": usage, "modelVersion": request.model,
+                "responseId": response_id,
+            }  # fmt: skip
+            events.append(sse(event, crlf=True))
+        return StreamReply(events, content_type="text/event-stream")
+
+    def stream_error(self, status: int) -> str:
+        """A ``google.rpc.Status`` envelope as one more event of the stream."""
+        return sse(self.error(status, None, Route(), Snapshot(None, None)).body, crlf=True)
 
     def rate_limited(self, request: ChatRequest, hit: RateLimited) -> Reply:
         per = "Day" if hit.daily else "Minute"

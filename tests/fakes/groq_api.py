@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ._api import Route
+from ._api import Route, StreamReply
 from ._common import ChatRequest, JsonObject, Reply, go_duration, phrase, random_id, ulid_like, whole_seconds
 from ._state import RateLimited, Snapshot
 from .openai_api import ChatCompletionsApi
@@ -82,6 +82,26 @@ class GroqApi(ChatCompletionsApi):
         body["x_groq"] = {"id": request_id}
         body["service_tier"] = "on_demand"
         return Reply(200, body, self._headers(snapshot, request.input_tokens, request_id))
+
+    def stream(self, request: ChatRequest, text: str, snapshot: Snapshot, body: JsonObject) -> StreamReply:
+        """Groq's stream: OpenAI's chunks, ``x_groq.id`` on the first and ``x_groq.usage`` (with its
+        timings) on the one that finishes."""
+        request_id = "req_" + ulid_like()
+        base = {
+            "id": "chatcmpl-" + random_id(36, "0123456789abcdef-"),
+            "system_fingerprint": "fp_" + random_id(10, "0123456789abcdef"),
+        }
+        usage = self.usage(request, text) | {
+            "queue_time": 0.01,
+            "prompt_time": 0.001,
+            "completion_time": 0.01,
+        }
+        events = self.chunks(
+            request, text, body, base,
+            first_extra={"x_groq": {"id": request_id}},
+            last_extra={"x_groq": {"id": request_id, "usage": usage}},
+        )  # fmt: skip
+        return StreamReply(events, self._headers(snapshot, request.input_tokens, request_id))
 
     def rate_limited(self, request: ChatRequest, hit: RateLimited) -> Reply:
         scope = "requests per day (RPD)" if hit.daily else "requests per minute (RPM)"

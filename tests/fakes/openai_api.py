@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from ._api import ProviderApi, Route
+from ._api import ProviderApi, Route, StreamReply
 from ._common import (
     BadRequest,
     ChatRequest,
@@ -31,9 +31,11 @@ from ._common import (
     go_duration,
     non_empty,
     phrase,
+    pieces,
     random_id,
     require_list,
     require_object,
+    sse,
     texts_of,
     whole_seconds,
     words,
@@ -121,6 +123,50 @@ class ChatCompletionsApi(ProviderApi):
             },
         }
 
+    def chunks(
+        self,
+        request: ChatRequest,
+        text: str,
+        body: JsonObject,
+        base: JsonObject,
+        *,
+        first_extra: JsonObject | None = None,
+        last_extra: JsonObject | None = None,
+    ) -> list[str]:
+        """A streamed completion as OpenAI sends it: a first ``chat.completion.chunk`` whose delta holds
+        the role, one per piece of content, one with ``finish_reason`` and an empty delta, with
+        ``stream_options.include_usage`` one with no choices and the usage (every other chunk then has
+        ``"usage": null``), and ``data: [DONE]``."""
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        base = {"object": "chat.completion.chunk", "created": int(time.time()), "model": request.model} | base
+
+        def chunk(delta: JsonObject, finish_reason: str | None = None, **extra: object) -> JsonObject:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return base | {"choices": [choice]} | ({"usage": None} if include_usage else {}) | extra
+
+        usage = self.usage(request, text)
+        events = [sse(chunk({"role": "assistant", "content": ""}, **(first_extra or {})))]
+        events += [sse(chunk({"content": piece})) for piece in pieces(text)]
+        events.append(sse(chunk({}, "stop", **(last_extra or {}))))
+        if include_usage:
+            events.append(sse(base | {"choices": [], "usage": usage}))
+        events.append(sse("[DONE]"))
+        return events
+
+    def stream_error(self, status: int) -> str:
+        """OpenAI-style servers end a failed stream with ``data: {"error": {...}}``, their error body."""
+        return sse(self.error(status, None, Route(), Snapshot(None, None)).body)
+
+    @staticmethod
+    def usage(request: ChatRequest, text: str) -> JsonObject:
+        prompt_tokens, output_tokens = request.input_tokens, words(text)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": output_tokens,
+            "total_tokens": prompt_tokens + output_tokens,
+        }
+
     @staticmethod
     def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> JsonObject:
         return {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -151,6 +197,13 @@ class OpenAIApi(ChatCompletionsApi):
         body = self.completion(request, text, "chatcmpl-" + random_id(29))
         body["system_fingerprint"] = "fp_" + random_id(10, "0123456789abcdef")
         return Reply(200, body, self._headers(snapshot))
+
+    def stream(self, request: ChatRequest, text: str, snapshot: Snapshot, body: JsonObject) -> StreamReply:
+        base = {
+            "id": "chatcmpl-" + random_id(29),
+            "system_fingerprint": "fp_" + random_id(10, "0123456789abcdef"),
+        }
+        return StreamReply(self.chunks(request, text, body, base), self._headers(snapshot))
 
     def rate_limited(self, request: ChatRequest, hit: RateLimited) -> Reply:
         scope = "requests per day (RPD)" if hit.daily else "requests per min (RPM)"
