@@ -43,6 +43,7 @@ from hive_bus._messages import (
 )
 from hive_bus._nesting import NestedTooDeep, check_json
 from hive_bus._routes import Routes, Target
+from hive_bus.workers import BUILTIN_NAMES
 
 from .openai_stream import streamed_completion
 
@@ -248,13 +249,17 @@ class Catalog:
     async def target(self, model: str) -> Target:
         """Where ``model`` goes, or :class:`OpenAIError` 404 listing the models there are."""
         beats = await self.live()
-        target = self.routes.target(model, {b.provider for b in beats if b.state == "running"})
+        # a built-in provider is always there to queue for (its workers may be restarting, or come
+        # later: the task waits in the queue as any does); any other needs a live worker
+        served = {b.provider for b in beats if b.state == "running"} | set(BUILTIN_NAMES)
+        target = self.routes.target(model, served)
         if target is None:
             names = [card.id for card in self._cards(beats)]
             listed = ", ".join(names) if names else "none: no alias is configured and no worker is running"
             raise OpenAIError(
                 404,
-                f"The model `{model}` does not exist or no worker serves it now. Models: {listed}",
+                f"The model `{model}` does not exist: it is no alias, no built-in provider, and no worker "
+                f"serves it now. Models: {listed}",
                 param="model",
                 code="model_not_found",
                 final=True,
