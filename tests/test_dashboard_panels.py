@@ -289,3 +289,28 @@ async def test_the_problem_strip_names_a_provider_without_workers_and_dead_lette
             assert await page.locator("#task-output").inner_text() == "(not finished yet)"
             assert elsewhere == []
         assert problems == []
+
+
+async def test_a_queued_task_is_cancelled_from_its_story_after_asking(settings: Settings) -> None:
+    async with open_bus(settings) as bus, serving(bus) as url, httpx.AsyncClient(base_url=url) as http:
+        waiting = await post(http, provider="nobody", prompt="cancélame")
+        async with chromium() as browser, page_of(browser) as (page, problems):
+            elsewhere = await offline(page, url)
+            await page.goto(url)
+            asked: list[str] = []
+
+            async def answer(dialog: Dialog) -> None:
+                asked.append(dialog.message)
+                await dialog.accept()
+
+            page.on("dialog", answer)
+            await page.click(f'#tasks tr[data-task-id="{waiting}"] button', timeout=WAIT_MS)
+            story = page.locator("#task-dialog")
+            await story.locator('#task-actions button:text("Cancel")').click(timeout=WAIT_MS)
+            await story.locator('#timeline li[data-status="cancelled"]').wait_for(timeout=WAIT_MS)
+            assert await story.locator("#task-status").inner_text() == "cancelled"
+            assert await story.locator('#task-actions button:text("Cancel")').count() == 0
+            assert asked == [f"Cancel task {waiting}? A queued task will not run; a running one is stopped."]
+            assert problems == [] and elsewhere == []
+        view = (await http.get(f"/v1/tasks/{waiting}")).json()
+        assert view["status"] == "cancelled"

@@ -493,7 +493,9 @@ async function act(message, what, path, method) {
     const answer = await api(path, session?.signal, method);
     if (answer === null) throw new Error("it is no longer there");
     message.textContent =
-      answer.purged !== undefined ? `${what}: ${answer.purged} dead letter(s) dropped` : `${what}: queued again (run ${answer.run})`;
+      answer.purged !== undefined ? `${what}: ${answer.purged} dead letter(s) dropped`
+      : answer.status === "cancelled" ? `${what}: cancelled`
+      : `${what}: queued again (run ${answer.run})`;
     await loadDeadLetters(session?.signal);
     return answer;
   } catch (error) {
@@ -505,6 +507,11 @@ async function act(message, what, path, method) {
 
 function replayTask(taskId, message) {
   return act(message, `Replay of ${taskId}`, `/v1/dlq/${encodeURIComponent(taskId)}/replay`, "POST");
+}
+
+function cancelTask(taskId, message) {
+  if (!confirm(`Cancel task ${taskId}? A queued task will not run; a running one is stopped.`)) return null;
+  return act(message, `Cancel of ${taskId}`, `/v1/tasks/${encodeURIComponent(taskId)}/cancel`, "POST");
 }
 
 function purgeOne(taskId) {
@@ -601,6 +608,10 @@ function timelineItem(status, e) {
       what = `failed: ${e.reason}${e.worker ? ` on ${e.worker}` : ""}`;
       if (e.error) words.push(e.error);
       break;
+    case "cancelled":
+      what = `cancelled while ${e.was}`;
+      if (e.reason) words.push(e.reason);
+      break;
     default:
       what = status;
   }
@@ -625,12 +636,26 @@ function showView(view) {
   if (view.call_s) fact(meta, "provider call", `${view.call_s.toFixed(2)} s`);
   if (view.submitted_at_ms && view.status === "completed") fact(meta, "end to end", `${((view.updated_at_ms - view.submitted_at_ms) / 1000).toFixed(2)} s`);
   if (view.error) fact(meta, view.status === "failed" ? "error" : "last error", `${view.reason || "error"}: ${view.error}`);
-  $("task-output").textContent = view.status === "completed" ? pretty(view.output) : view.status === "failed" ? "(failed: no output)" : "(not finished yet)";
+  $("task-output").textContent =
+    view.status === "completed" ? pretty(view.output)
+    : view.status === "failed" || view.status === "cancelled" ? `(${view.status}: no output)`
+    : "(not finished yet)";
 }
 
 async function showActions(taskId, view, signal) {
   const actions = $("task-actions");
   actions.replaceChildren();
+  if (!["completed", "failed", "cancelled"].includes(view.status)) {
+    const cancel = el("button", { text: "Cancel", cls: "secondary", title: "a queued task never runs; a running one is stopped" });
+    cancel.type = "button";
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      if (await cancelTask(taskId, $("task-action-message"))) openStory(taskId, { keepMessage: true });
+      else cancel.disabled = false;
+    });
+    actions.append(cancel);
+    return;
+  }
   if (view.status !== "failed") return;
   const letter = await api(`/v1/dlq/${encodeURIComponent(taskId)}`, signal);
   if (letter === null) return; // not (or no longer) dead-lettered
