@@ -59,12 +59,8 @@ class GeminiProvider:
         model = request["model"]
         try:
             response = await self._client.aio.models.generate_content(**request)
-        except errors.APIError as exc:
-            raise classify(exc, self._key) from None
-        except NO_ANSWER as exc:
-            raise RetryLater(
-                f"gemini did not answer: {scrub(str(exc), [self._key]) or type(exc).__name__}"
-            ) from None
+        except Exception as exc:
+            raise _outcome(exc, self._key) from None
         text = response.text
         if text is None:
             reason = response.candidates[0].finish_reason if response.candidates else "no candidates"
@@ -98,14 +94,12 @@ class GeminiProvider:
                 if text:
                     pieces.append(text)
                     yield text
-        except errors.APIError as exc:
-            raise classify(exc, self._key) from None
-        except NO_ANSWER as exc:
-            raise RetryLater(
-                f"gemini did not answer: {scrub(str(exc), [self._key]) or type(exc).__name__}"
-            ) from None
+        except Exception as exc:
+            raise _outcome(exc, self._key) from None
         if not pieces:
-            raise FailNow(f"gemini returned no text (finish reason {reason}); the prompt may be blocked")
+            raise FailNow(
+                f"gemini returned no text (finish reason {reason}); the prompt may be blocked", status=400
+            )
         usage = None
         if meta is not None:
             usage = Usage(
@@ -174,6 +168,16 @@ def _config(task: Task, system: list[str]) -> types.GenerateContentConfig | None
         values["response_json_schema"] = fmt.json_schema.schema
     values = {k: v for k, v in values.items() if v is not None}
     return types.GenerateContentConfig(**values) if values else None
+
+
+def _outcome(exc: Exception, key: str) -> Exception:
+    """What a failed call (or stream) means: the API's error classified, no answer at all a passing
+    fault, anything else raised as it is."""
+    if isinstance(exc, errors.APIError):
+        return classify(exc, key)
+    if isinstance(exc, NO_ANSWER):
+        return RetryLater(f"gemini did not answer: {scrub(str(exc), [key]) or type(exc).__name__}")
+    return exc
 
 
 def classify(exc: errors.APIError, key: str = "") -> ProviderError:
