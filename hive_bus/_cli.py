@@ -23,6 +23,7 @@ from ._bus import Bus, open_bus
 from ._client import Hive, PartialSubmit, connect
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import BusUnavailable, HiveError
+from ._loop import ENV_LOOP, LOOP_CHOICES, LoopChoice, LoopUnavailable, backend_options
 from ._messages import TaskRequest, TaskView, encoder, event_decoder, explain_error, now_ms, request_decoder
 from ._nats import following
 from ._prices import PriceFileError, PriceTable
@@ -74,9 +75,17 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _run(fn: Callable[[], Awaitable[None]]) -> None:
-    """Run ``fn`` on asyncio; a known error is one clear line on stderr and exit status 1."""
+    """Run ``fn`` on asyncio, on the loop ``hive --loop`` chose (see :mod:`hive_bus._loop`); a known
+    error is one clear line on stderr and exit status 1."""
+    ctx = click.get_current_context(silent=True)
+    choice: LoopChoice = (ctx.find_object(dict) or {}).get("loop", "auto") if ctx else "auto"
     try:
-        anyio.run(fn, backend="asyncio")
+        options = backend_options(choice)
+    except LoopUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    log.debug("event loop: %s", "uvloop" if options.get("use_uvloop") else "asyncio")
+    try:
+        anyio.run(fn, backend="asyncio", backend_options=options)
     except KeyboardInterrupt:
         sys.exit(130)
     except BaseException as exc:
@@ -168,9 +177,18 @@ def _provider_for(name: str, handler: str | None, model: str | None) -> Provider
     "--log-level",
     help="DEBUG, INFO, WARNING or ERROR [env HIVE_LOG_LEVEL; INFO for services, WARNING for one-shot commands]",
 )
+@click.option(
+    "--loop",
+    type=click.Choice(LOOP_CHOICES, case_sensitive=False),
+    envvar=ENV_LOOP,
+    default="auto",
+    show_default=True,
+    help=f"event loop: auto is uvloop where installed (not Windows), else asyncio's own [env {ENV_LOOP}]",
+)
 @click.pass_context
-def cli(ctx: click.Context, log_level: str | None) -> None:
+def cli(ctx: click.Context, log_level: str | None, loop: str) -> None:
     """hive-bus: farm LLM prompts and Python jobs out to workers anywhere, over NATS JetStream."""
+    ctx.ensure_object(dict)["loop"] = loop.lower()
     level = (log_level or os.environ.get("HIVE_LOG_LEVEL") or "").upper()
     one_shot = ctx.invoked_subcommand in ("submit", "status", "workers", "dlq", "keys")
     logging.basicConfig(
@@ -264,14 +282,29 @@ def nats_cmd(host: str, port: int, data: Path) -> None:
     show_default=True,
     help="HTTP connections at once; more get 503 (allow this many open files, and some)",
 )
+@click.option(
+    "--http",
+    "http",
+    type=click.Choice(["auto", "httptools", "h11"], case_sensitive=False),
+    default="auto",
+    show_default=True,
+    help="HTTP parser: auto is httptools where installed, else h11",
+)
 @bus_options
-def gateway(host: str, port: int, max_body_bytes: int, max_connections: int, settings: Settings) -> None:
+def gateway(
+    host: str, port: int, max_body_bytes: int, max_connections: int, http: str, settings: Settings
+) -> None:
     """Run the HTTP gateway. Off loopback it needs tokens: HIVE_GATEWAY_TOKENS (comma-separated) or
     HIVE_GATEWAY_TOKENS_FILE (one per line); HIVE_METRICS_TOKEN, if set, is the one /metrics takes."""
     _gateway_extra("hive gateway")
     from hive_bus.services.auth import Tokens, check_exposure
     from hive_bus.services.gateway import Gateway, GatewayOptions, bind
-    from hive_bus.services.limits import ConnectionLimits
+    from hive_bus.services.limits import ConnectionLimits, ParserUnavailable, http_parser
+
+    try:
+        http_parser(http.lower())  # type: ignore[arg-type]  # one of the choices; a missing one fails here
+    except ParserUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
 
     async def main() -> None:
         tokens = Tokens.from_env(os.environ)
@@ -280,7 +313,12 @@ def gateway(host: str, port: int, max_body_bytes: int, max_connections: int, set
         async with connect(settings=settings) as hive:
             limits = ConnectionLimits(max_connections=max_connections)
             options = GatewayOptions(
-                host=host, port=port, max_body_bytes=max_body_bytes, tokens=tokens, limits=limits
+                host=host,
+                port=port,
+                max_body_bytes=max_body_bytes,
+                tokens=tokens,
+                limits=limits,
+                http=http.lower(),  # type: ignore[arg-type]  # one of the choices
             )
             gw = Gateway(hive, options, sock=sock)
             async with anyio.create_task_group() as tg:

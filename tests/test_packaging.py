@@ -29,7 +29,10 @@ from .helpers import HIVE, REPO, SMALL_BUS_ENV, eventually, free_port, wait_unti
 
 pytestmark = pytest.mark.anyio
 
-EXTRAS_MODULES = ("litestar", "uvicorn", "prometheus_client", "google.genai", "groq", "openai", "anthropic")
+EXTRAS_MODULES = (
+    "litestar", "uvicorn", "prometheus_client", "httptools", "uvloop", "google.genai", "groq", "openai",
+    "anthropic",
+)  # fmt: skip
 BASE_ONLY = f"import sys\nfor name in {EXTRAS_MODULES!r}:\n    sys.modules[name] = None\n"
 
 
