@@ -326,8 +326,8 @@ async def test_connections_beyond_the_cap_are_refused_at_once(settings: Settings
             assert (await _closed_within(extra, 2)).startswith(b"HTTP/1.1 503 ")
         await held.pop().aclose()
         await anyio.sleep(0.2)
-        async with httpx.AsyncClient(base_url=gw.url) as http:
-            assert (await http.get("/healthz")).status_code == 200
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            assert (await client.get("/healthz")).status_code == 200
         for stream in held:
             await stream.aclose()
 
