@@ -232,4 +232,5 @@ def test_the_wheel_installs_in_a_clean_virtualenv_and_runs_hive_up(tmp_path: Pat
     assert (
         "not started: gemini: its SDK is not installed" in text and "pip install 'hive-bus[gemini]'" in text
     )
+    assert "(uvicorn, httptools, uvloop)" in text, text  # the extra brings the serving stack
     assert "Traceback" not in text
