@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
+import time
 from pathlib import Path
 
 import anyio
@@ -38,17 +40,28 @@ def blocking(tmp_path: Path, *modules: str) -> dict[str, str]:
 
 
 def serve_a_task(settings: Settings, log: Path, env: dict[str, str], *hive_args: str) -> str:
-    """Start ``hive [hive_args] gateway``, submit a task over HTTP (202), stop it with SIGTERM (status 0),
-    and return what it logged."""
+    """Start ``hive [hive_args] gateway``, submit a task over HTTP (202), start a wait for it, stop the
+    gateway with SIGTERM while the wait is in flight (the wait still gets its answer, the process ends
+    with status 0), and return what it logged."""
     bus = ["--nats", settings.nats_url, "--prefix", settings.prefix]
     proc = spawn([*hive_args, "gateway", "--port", "0", *bus], env=env, log=log)
     try:
         wait_until(lambda: "Ctrl-C stops it" in log.read_text() or proc.poll() is not None, 30, "the gateway")
         found = re.search(r"gateway on (http://\S+),", log.read_text())
         assert found is not None, log.read_text()
-        accepted = httpx.post(f"{found.group(1)}/v1/tasks", json={"provider": "nobody", "prompt": "hola"})
+        url = found.group(1)
+        accepted = httpx.post(f"{url}/v1/tasks", json={"provider": "nobody", "prompt": "hola"})
         assert accepted.status_code == 202, accepted.text
+        answers: list[httpx.Response] = []
+        task_url = f"{url}/v1/tasks/{accepted.json()['id']}"
+        waiting = threading.Thread(
+            target=lambda: answers.append(httpx.get(task_url, params={"wait": 2}, timeout=20))
+        )
+        waiting.start()
+        time.sleep(0.5)  # the wait is in flight
         proc.send_signal(signal.SIGTERM)
+        waiting.join(20)
+        assert [(a.status_code, a.json()["status"]) for a in answers] == [(200, "queued")]
         assert proc.wait(30) == 0, log.read_text()
     finally:
         if proc.poll() is None:
