@@ -24,6 +24,7 @@ from ._bus import Bus, open_bus
 from ._client import Hive, PartialSubmit, connect
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import BusUnavailable, HiveError, TaskEnded
+from ._loop import ENV_LOOP, LOOP_CHOICES, LoopChoice, LoopUnavailable, backend_options
 from ._messages import (
     ChatMessage,
     TaskRequest,
@@ -86,9 +87,17 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _run(fn: Callable[[], Awaitable[None]]) -> None:
-    """Run ``fn`` on asyncio; a known error is one clear line on stderr and exit status 1."""
+    """Run ``fn`` on asyncio, on the loop ``hive --loop`` chose (see :mod:`hive_bus._loop`); a known
+    error is one clear line on stderr and exit status 1."""
+    ctx = click.get_current_context(silent=True)
+    choice: LoopChoice = (ctx.find_object(dict) or {}).get("loop", "auto") if ctx else "auto"
     try:
-        anyio.run(fn, backend="asyncio")
+        options = backend_options(choice)
+    except LoopUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    log.debug("event loop: %s", "uvloop" if options.get("use_uvloop") else "asyncio")
+    try:
+        anyio.run(fn, backend="asyncio", backend_options=options)
     except KeyboardInterrupt:
         sys.exit(130)
     except BaseException as exc:
@@ -184,9 +193,18 @@ def _provider_for(name: str, handler: str | None, model: str | None) -> Provider
     "--log-level",
     help="DEBUG, INFO, WARNING or ERROR [env HIVE_LOG_LEVEL; INFO for services, WARNING for one-shot commands]",
 )
+@click.option(
+    "--loop",
+    type=click.Choice(LOOP_CHOICES, case_sensitive=False),
+    envvar=ENV_LOOP,
+    default="auto",
+    show_default=True,
+    help=f"event loop: auto is uvloop where installed (not Windows), else asyncio's own [env {ENV_LOOP}]",
+)
 @click.pass_context
-def cli(ctx: click.Context, log_level: str | None) -> None:
+def cli(ctx: click.Context, log_level: str | None, loop: str) -> None:
     """hive-bus: farm LLM prompts and Python jobs out to workers anywhere, over NATS JetStream."""
+    ctx.ensure_object(dict)["loop"] = loop.lower()
     level = (log_level or os.environ.get("HIVE_LOG_LEVEL") or "").upper()
     one_shot = ctx.invoked_subcommand in ("submit", "chat", "status", "cancel", "workers", "dlq", "keys")
     logging.basicConfig(
@@ -307,6 +325,14 @@ def nats_cmd(host: str, port: int, data: Path) -> None:
     show_default=True,
     help="seconds between ': waiting' comments of a streamed chat completion while its task waits",
 )
+@click.option(
+    "--http",
+    "http",
+    type=click.Choice(["auto", "httptools", "h11"], case_sensitive=False),
+    default="auto",
+    show_default=True,
+    help="HTTP parser: auto is httptools where installed, else h11",
+)
 @bus_options
 def gateway(
     host: str,
@@ -315,6 +341,7 @@ def gateway(
     max_connections: int,
     routes_file: str | None,
     stream_keepalive_s: float,
+    http: str,
     settings: Settings,
 ) -> None:
     """Run the HTTP gateway. Off loopback it needs tokens: HIVE_GATEWAY_TOKENS (comma-separated) or
@@ -322,7 +349,12 @@ def gateway(
     _gateway_extra("hive gateway")
     from hive_bus.services.auth import Tokens, check_exposure
     from hive_bus.services.gateway import Gateway, GatewayOptions, bind
-    from hive_bus.services.limits import ConnectionLimits
+    from hive_bus.services.limits import ConnectionLimits, ParserUnavailable, http_parser
+
+    try:
+        http_parser(http.lower())  # type: ignore[arg-type]  # one of the choices; a missing one fails here
+    except ParserUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
 
     async def main() -> None:
         tokens = Tokens.from_env(os.environ)
@@ -339,6 +371,7 @@ def gateway(
                 limits=limits,
                 routes=routes,
                 stream_keepalive_s=stream_keepalive_s,
+                http=http.lower(),  # type: ignore[arg-type]  # one of the choices
             )
             gw = Gateway(hive, options, sock=sock)
             async with anyio.create_task_group() as tg:

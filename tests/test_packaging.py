@@ -29,7 +29,10 @@ from .helpers import HIVE, REPO, SMALL_BUS_ENV, eventually, free_port, wait_unti
 
 pytestmark = pytest.mark.anyio
 
-EXTRAS_MODULES = ("litestar", "uvicorn", "prometheus_client", "google.genai", "groq", "openai", "anthropic")
+EXTRAS_MODULES = (
+    "litestar", "uvicorn", "prometheus_client", "httptools", "uvloop", "google.genai", "groq", "openai",
+    "anthropic",
+)  # fmt: skip
 BASE_ONLY = f"import sys\nfor name in {EXTRAS_MODULES!r}:\n    sys.modules[name] = None\n"
 
 
@@ -249,4 +252,5 @@ def test_the_wheel_installs_in_a_clean_virtualenv_and_runs_hive_up(tmp_path: Pat
     assert (
         "not started: gemini: its SDK is not installed" in text and "pip install 'hive-bus[gemini]'" in text
     )
+    assert "(uvicorn, httptools, uvloop)" in text, text  # the extra brings the serving stack
     assert "Traceback" not in text

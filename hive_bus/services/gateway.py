@@ -2,13 +2,15 @@
 
 Litestar was chosen because it decodes and validates request bodies with msgspec natively (the same
 Structs the bus uses, so the HTTP and wire shapes cannot drift) and generates an OpenAPI document from
-them. uvicorn serves it.
+them. uvicorn serves it, parsing HTTP with httptools where it is installed (h11 otherwise), on the
+event loop that the ``hive`` command chose (uvloop where installed; see :mod:`hive_bus._loop`).
 
 Every error answer is JSON of the form ``{"error": {"code": ..., "message": ..., "field": ...}}``, built
 by :mod:`services.answers` (which the fast path of :mod:`services.fastpath` uses too).
 """
 
 # No "from __future__ import annotations" here: Litestar reads the parameter markers at run time.
+import asyncio
 import contextlib
 import errno
 import logging
@@ -45,7 +47,7 @@ from .dlq_api import DLQ_ROUTES
 from .edge import Edge
 from .fastpath import FastSubmit
 from .files_api import FILE_ROUTES, on_file_not_found
-from .limits import ConnectionLimits, ensure_file_limit, limited_protocol
+from .limits import ConnectionLimits, HttpChoice, ensure_file_limit, http_parser, limited_protocol
 from .metrics import BusMetrics
 from .openai_chat import CHAT_ROUTES, DEFAULT_CHAT_WAIT_S, Catalog
 
@@ -66,6 +68,8 @@ class GatewayOptions:
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     # A streamed chat completion sends an SSE comment after this long without news (a task queued).
     stream_keepalive_s: float = openai_stream.DEFAULT_STREAM_KEEPALIVE_S
+    # uvicorn's HTTP parser: httptools where installed (about twice h11's rate), else h11 (limits.http_parser)
+    http: HttpChoice = "auto"
     # False sends every submission through its route: the same answers, for more CPU (services.fastpath);
     # tests/test_submit_parity.py compares the two.
     fast_path: bool = True
@@ -148,10 +152,6 @@ def create_app(
     """The gateway app, serving ``hive``'s bus, behind its :class:`Edge` (tokens, hosts, content types,
     ids, disconnects). Long answers (event feeds) end once ``stopping`` is set."""
     options = options or GatewayOptions()
-
-    def fast(app: ASGIApp) -> ASGIApp:
-        return FastSubmit(app, hive, options.max_body_bytes, options.max_batch)
-
     state = {
         "hive": hive,
         "max_batch": options.max_batch,
@@ -176,7 +176,6 @@ def create_app(
             *dashboard.ROUTES,
         ],
         state=State(state),
-        middleware=[fast] if options.fast_path else [],
         openapi_config=apidocs.openapi_config(),
         request_max_body_size=options.max_body_bytes,
         exception_handlers={
@@ -193,7 +192,9 @@ def create_app(
         },
         logging_config=None,
     )
-    return Edge(app, options.tokens)
+    # the fast path sits outside the framework: a submission skips its router and middleware too
+    fast = FastSubmit(app, hive, options.max_body_bytes, options.max_batch) if options.fast_path else app
+    return Edge(fast, options.tokens)
 
 
 # serving -----------------------------------------------------------------------------------------
@@ -243,6 +244,7 @@ class Gateway:
         settings = hive.bus.settings
         self.audit = StoreAudit(hive.bus, grace_s=settings.audit_grace_s, every_s=settings.audit_every_s)
         self._stopping = threading.Event()
+        self.parser = http_parser(options.http)
         self._sock = sock or bind(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
@@ -251,8 +253,12 @@ class Gateway:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
-            http=limited_protocol(options.limits),
+            http=limited_protocol(options.limits, self.parser),
             timeout_keep_alive=options.limits.keep_alive_s,
+            # nothing here reads the client's address or scheme: no X-Forwarded-* middleware per request
+            proxy_headers=False,
+            # h11's own cap on a request's head, above the limits' own (which answers 431 first)
+            h11_max_incomplete_event_size=2 * options.limits.max_head_bytes,
         )
         self._server = _Server(config)
 
@@ -282,7 +288,8 @@ class Gateway:
             with anyio.fail_after(10):
                 while not self._server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
                     await anyio.sleep(0.01)
-            log.info("gateway listening on %s", self.url)
+            loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]  # uvloop or asyncio
+            log.info("gateway listening on %s (uvicorn, %s, %s)", self.url, self.parser, loop)
             task_status.started()
 
     def stop(self) -> None:

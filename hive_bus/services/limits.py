@@ -1,24 +1,28 @@
-"""What one HTTP connection may hold of the gateway: time to send its request, and a place among a
-bounded number of connections.
+"""What one HTTP connection may hold of the gateway: time to send its request, room for its request's
+head, and a place among a bounded number of connections.
 
 uvicorn alone bounds neither. Its keep-alive timeout runs only between requests, so a client that
 sends a request's head (or body) one byte at a time, or nothing at all, holds its connection, and a
 file descriptor, for ever; and its ``limit_concurrency`` is checked only once a request's head is
-complete, so such clients are never counted. This protocol (uvicorn's h11 one, with two timers and a
-count) closes a connection whose request head has not arrived within ``header_timeout_s`` of its start
-(or of the previous answer's end), or whose body has not arrived within ``body_timeout_s`` of its head,
-answering 408 when nothing has been answered yet; and it answers 503 and closes at once any connection
-beyond ``max_connections``. The time a handler takes (a wait, an event stream) is not the client's and
-is not bounded here.
+complete, so such clients are never counted. These protocols (uvicorn's h11 and httptools ones, with
+two timers and two counts) close a connection whose request head has not arrived within
+``header_timeout_s`` of its start (or of the previous answer's end), or whose body has not arrived
+within ``body_timeout_s`` of its head, answering 408 when nothing has been answered yet; answer 431 and
+close a connection whose request head grows past ``max_head_bytes`` (h11 caps a head by itself,
+httptools does not: without this a head could fill memory until its timer ran out); and answer 503 and
+close at once any connection beyond ``max_connections``. The time a handler takes (a wait, an event
+stream) is not the client's and is not bounded here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -38,6 +42,7 @@ class ConnectionLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     keep_alive_s: int = 5  # uvicorn's timeout_keep_alive: an idle kept-alive connection's life
+    max_head_bytes: int = 64 * 1024  # a request's line and headers
 
 
 def _raw_answer(status: int, reason: str, message: str) -> bytes:
@@ -54,35 +59,101 @@ _FULL = _raw_answer(
 )
 _SLOW_HEAD = _raw_answer(408, "request_timeout", "the request's head did not arrive in time")
 _SLOW_BODY = _raw_answer(408, "request_timeout", "the request's body did not arrive in time")
+_LARGE_HEAD = _raw_answer(
+    431, "request_header_fields_too_large", "the request's line and headers are larger than the gateway takes"
+)
 
 
-class _Limited(H11Protocol):
+class _Coalesced:
+    """A connection's transport whose writes of one step of the loop leave as one: uvicorn writes an
+    answer's head and its body apart, two sends and two segments that wake the client twice; joined,
+    a small answer costs one system call. What is written goes out at the loop's next turn, or at
+    :meth:`close`."""
+
+    __slots__ = ("_loop", "_pending", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pending is None:
+            self._pending = [bytes(data)]
+            self._loop.call_soon(self._flush)
+        else:
+            self._pending.append(bytes(data))
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the transport's interface, as it is
+        return getattr(self._transport, name)
+
+
+class _Limited:
+    """The limits, over either of uvicorn's HTTP/1.1 protocols (the class that follows this one in the
+    bases of the classes that :func:`limited_protocol` makes)."""
+
     limits = ConnectionLimits()
     _logged_at = 0.0  # per class: when a refusal was last logged
+    # what uvicorn's protocols have, for the type checker
+    connections: set[Any]
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    cycle: Any
+    client: tuple[str, int] | None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         self._timer: asyncio.TimerHandle | None = None
-        self._timed_cycle: object = None
-        super().connection_made(transport)
+        self._timed_cycle: Any = None
+        self._head_bytes = 0  # received while a request's head is awaited
+        super().connection_made(transport)  # type: ignore[misc]
         if len(self.connections) > self.limits.max_connections:
             self._log(f"refused a connection: {self.limits.max_connections} are open, the most it takes")
             transport.write(_FULL)
             transport.close()
             return
+        # every request's cycle gets the protocol's transport: from now on, the coalescing one
+        self.transport = _Coalesced(transport, self.loop)  # type: ignore[assignment]
         self._arm(self.limits.header_timeout_s, _SLOW_HEAD)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+        super().data_received(data)  # type: ignore[misc]
+        if self.transport.is_closing():
+            return
         self._track()
+        if self._awaiting_head():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_head_bytes:
+                self._log(f"closed a connection from {self.client}: a request's head over the limit")
+                self._end(_LARGE_HEAD)
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()  # may start the next request, already received
+        super().on_response_complete()  # type: ignore[misc]  # may start the next request, already received
         if not self.transport.is_closing():
             self._track()
+
+    def _awaiting_head(self) -> bool:
+        """Whether what arrives now is a request's head: the first, or the next after an answered request
+        whose body is all in (the rest of a body answered early is read and thrown away, not held)."""
+        cycle = self.cycle
+        return cycle is None or (
+            cycle is self._timed_cycle and cycle.response_complete and not cycle.more_body
+        )
 
     def _track(self) -> None:
         """Set the timer for what the client owes now: a request's head, its body, or nothing."""
@@ -91,6 +162,7 @@ class _Limited(H11Protocol):
             return  # the first request's head is still coming: its timer runs from the connection's start
         if cycle is not self._timed_cycle:  # a new request's head is in: now its body has its time
             self._timed_cycle = cycle
+            self._head_bytes = 0
             self._arm(self.limits.body_timeout_s, _SLOW_BODY)
         if not cycle.more_body:
             if not cycle.response_complete:
@@ -111,12 +183,16 @@ class _Limited(H11Protocol):
         self._timer = None
         if self.transport.is_closing():
             return
-        cycle = self.cycle
-        if cycle is None or cycle.response_complete or not cycle.response_started:
-            self.transport.write(answer)  # nothing of an answer is on the wire: say why it ends
         self._log(
             f"closed a connection from {self.client}: {'head' if answer is _SLOW_HEAD else 'body'} too slow"
         )
+        self._end(answer)
+
+    def _end(self, answer: bytes) -> None:
+        self._disarm()
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            self.transport.write(answer)  # nothing of an answer is on the wire: say why it ends
         self.transport.close()
 
     @classmethod
@@ -127,9 +203,53 @@ class _Limited(H11Protocol):
             log.warning("%s (such lines are logged at most every %gs)", message, LOG_EVERY_S)
 
 
-def limited_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
-    """uvicorn's h11 protocol held to ``limits`` (pass it as ``uvicorn.Config(http=...)``)."""
-    return type("LimitedH11Protocol", (_Limited,), {"limits": limits, "_logged_at": 0.0})
+HttpParser = Literal["h11", "httptools"]
+HttpChoice = Literal["auto", "httptools", "h11"]
+HTTP_CHOICES: tuple[str, ...] = get_args(HttpChoice)
+
+
+class ParserUnavailable(RuntimeError):
+    """``--http httptools`` was asked for where httptools is not installed."""
+
+
+def http_parser(choice: HttpChoice = "auto") -> HttpParser:
+    """The HTTP/1.1 parser for ``choice``: for ``"auto"`` httptools (C, llhttp) where it is installed,
+    else h11 (pure Python, always there with uvicorn), said once at debug."""
+    if choice == "h11":
+        return "h11"
+    if _httptools_installed():
+        return "httptools"
+    if choice == "httptools":
+        raise ParserUnavailable("--http httptools: httptools is not installed (pip install httptools)")
+    _say_once("httptools is not installed; the gateway parses HTTP with h11")
+    return "h11"
+
+
+@functools.cache
+def _httptools_installed() -> bool:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    log.debug(message)
+
+
+def limited_protocol(limits: ConnectionLimits, parser: HttpParser = "h11") -> type[asyncio.Protocol]:
+    """uvicorn's h11 or httptools protocol held to ``limits`` (pass it as ``uvicorn.Config(http=...)``).
+    httptools must be importable for ``"httptools"`` (see :func:`http_parser`)."""
+    if parser == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        base: type[asyncio.Protocol] = HttpToolsProtocol
+    else:
+        base = H11Protocol
+    name = "LimitedHttpToolsProtocol" if parser == "httptools" else "LimitedH11Protocol"
+    return type(name, (_Limited, base), {"limits": limits, "_logged_at": 0.0})
 
 
 def ensure_file_limit(max_connections: int) -> int:

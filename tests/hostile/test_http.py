@@ -288,9 +288,10 @@ async def _closed_within(stream: anyio.abc.SocketStream, timeout_s: float) -> by
             return received
 
 
-async def test_slow_heads_and_bodies_are_cut_off(settings: Settings) -> None:
+@pytest.mark.parametrize("http", ["httptools", "h11"])  # the default, and the fallback without httptools
+async def test_slow_heads_and_bodies_are_cut_off(settings: Settings, http: str) -> None:
     limits = ConnectionLimits(header_timeout_s=1.0, body_timeout_s=1.0)
-    async with serving(settings, limits=limits) as gw:
+    async with serving(settings, limits=limits, http=http) as gw:
         # nothing at all
         async with await anyio.connect_tcp("127.0.0.1", gw.port) as silent:
             assert b" 408 " in await _closed_within(silent, 3)
@@ -315,17 +316,18 @@ async def test_slow_heads_and_bodies_are_cut_off(settings: Settings) -> None:
             assert answer.startswith(b"HTTP/1.1 200 ") and b" 408 " in answer
 
 
-async def test_connections_beyond_the_cap_are_refused_at_once(settings: Settings) -> None:
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_connections_beyond_the_cap_are_refused_at_once(settings: Settings, http: str) -> None:
     limits = ConnectionLimits(max_connections=5, header_timeout_s=30)
-    async with serving(settings, limits=limits) as gw:
+    async with serving(settings, limits=limits, http=http) as gw:
         held = [await anyio.connect_tcp("127.0.0.1", gw.port) for _ in range(5)]
         await anyio.sleep(0.2)
         async with await anyio.connect_tcp("127.0.0.1", gw.port) as extra:
             assert (await _closed_within(extra, 2)).startswith(b"HTTP/1.1 503 ")
         await held.pop().aclose()
         await anyio.sleep(0.2)
-        async with httpx.AsyncClient(base_url=gw.url) as http:
-            assert (await http.get("/healthz")).status_code == 200
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            assert (await client.get("/healthz")).status_code == 200
         for stream in held:
             await stream.aclose()
 
