@@ -54,7 +54,7 @@ from ._providers import FunctionProvider, Output, Provider, RetryPolicy, retry_p
 from ._redact import register as register_secret
 from ._settings import Settings, SettingsError, load_settings
 from ._stats import ProviderStats
-from ._stream import StreamEnded, StreamItem, StreamRestarted, StreamText, StreamWaiting, TaskStream
+from ._streamed import StreamEnded, StreamItem, StreamRestarted, StreamText, StreamWaiting, TaskStream
 from ._version import __version__
 from ._worker import ProviderKey, Worker, WorkerOptions
 

@@ -7,7 +7,7 @@ out as one chunk. Each piece is published on core NATS, on ``<prefix>.chunks.<pr
 gateway may read. Chunks are not stored: they are a side channel for the reader that waits (the
 gateway's ``stream: true`` answers, ``hive chat``), and the completed event still holds the whole
 output, its usage and cost. A chunk lost is therefore never a result lost; the reader
-(:mod:`hive_bus._stream`) fills in from the completed event what it did not receive.
+(:mod:`hive_bus._streamed`) fills in from the completed event what it did not receive.
 
 Each chunk names its task, the attempt and the delivery of the task message it belongs to, and its
 place in that attempt (``seq`` from 0), so that a reader can tell a chunk lost (a gap) from an attempt

@@ -41,7 +41,7 @@ from ._providers import HandlerError, Provider, load_handler
 from ._routes import ENV_ROUTES, Routes, RoutesError
 from ._settings import ENV_PREFIX, Settings, SettingsError, load_settings, with_overrides
 from ._signals import until_stopped
-from ._stream import StreamEnded, StreamRestarted, StreamText
+from ._streamed import StreamEnded, StreamRestarted, StreamText
 from ._version import __version__
 from ._worker import ProviderKey, Worker, WorkerOptions
 

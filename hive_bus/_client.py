@@ -62,7 +62,7 @@ from ._route import CheapestRouter
 from ._settings import Settings, load_settings
 from ._size import header_bytes
 from ._stats import ProviderStats, provider_stats
-from ._stream import DEFAULT_KEEPALIVE_S, TaskStream, open_stream
+from ._streamed import DEFAULT_KEEPALIVE_S, TaskStream, open_stream
 
 log = logging.getLogger("hive_bus.client")
 
@@ -367,7 +367,7 @@ class Hive:
         The task's chunks are subscribed to before it is submitted, so none is missed; submission errors
         (:class:`QueueFull`, :class:`BusUnavailable`...) are raised on entering. ``stream.task_id`` is the
         task's id (the first task's, for an idempotency key used before). A :class:`StreamWaiting` comes after
-        each ``keepalive_s`` without news; the last item is always :class:`StreamEnded`. See :mod:`hive_bus._stream`.
+        each ``keepalive_s`` without news; the last item is always :class:`StreamEnded`. See :mod:`hive_bus._streamed`.
         """
         return open_stream(self, request, keepalive_s=keepalive_s, timeout_s=timeout_s)
 
