@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,13 +26,11 @@ import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
 from . import _blobs, _dlq
-from ._assigned import counts as outcome_counts
-from ._assigned import current_view
+from ._assigned import Assignments, current
 from ._bus import Bus, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
@@ -52,7 +50,7 @@ from ._messages import (
     is_task_id,
     now_ms,
 )
-from ._nats import BUS_ERRORS, following, unsubscribe
+from ._nats import BUS_ERRORS, following
 from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
 from ._publish import JetStreamPublisher, PubAck, Publish, stored
@@ -60,16 +58,14 @@ from ._route import CheapestRouter
 from ._settings import Settings, load_settings
 from ._size import header_bytes
 from ._stats import ProviderStats, provider_stats
+from ._waits import Seen, Waits
 
 log = logging.getLogger("hive_bus.client")
 
 SUBMIT_WINDOW = 256
-# A wait reads the task's state again after this long without an event: only a consumer lost with its
-# server (a restart) needs it, as a wait's consumer delivers every event recorded after its start.
+# A wait reads the task's state again after this long without an event: only a follower lost with its
+# server (a restart) needs it, as the follower delivers every event stored after its start.
 RECHECK_S = 5.0
-# A wait's consumer is deleted when the wait ends; the server deletes one whose client went away
-# (killed, or cut off for longer than this) after this long.
-WATCH_IDLE_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,15 +124,16 @@ class Hive:
         self._names = bus.names  # built once: it is on every submission's path
         self._publisher: JetStreamPublisher | None = None
         self._submitted = SubmissionCounts(bus)
-        domain = bus.settings.js_domain
-        self._js_api = f"$JS.{domain}.API" if domain else "$JS.API"
+        self._waits = Waits(bus)  # every wait on one follower of the events stream
 
     @property
     def bus(self) -> Bus:
         return self._bus
 
     async def close(self) -> None:
-        """Add the last accepted tasks to the bus's submission counters; :func:`connect` calls it."""
+        """Add the last accepted tasks to the bus's submission counters and stop following the events
+        for waits; :func:`connect` calls it."""
+        await self._waits.close()
         await self._submitted.close()
 
     async def submit(
@@ -299,13 +296,7 @@ class Hive:
         """The task's current state. Raises :class:`TaskNotFound`."""
         if not is_task_id(task_id):
             raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
-        try:
-            # counted from the provider the task is assigned to: no other credential's events
-            view = await current_view(self._bus, task_id)
-        except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
-        if view is None:
-            raise TaskNotFound(f"no task {task_id} on the bus")
+        view, _ = await self._current(task_id)
         return await self._read_output(view)
 
     async def wait(self, task_id: str, timeout_s: float) -> TaskView:
@@ -313,71 +304,38 @@ class Hive:
         if not is_task_id(task_id):  # before it goes into a subject: no wildcards, no white space
             raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
         deadline = anyio.current_time() + timeout_s
-        async with self._watch(task_id) as next_event:
-            # Read once the watch stands: every event stored after this read reaches next_event.
-            view = await self.get(task_id)
-            while not view.done and deadline > anyio.current_time():
-                try:
-                    msg = await next_event(min(deadline - anyio.current_time(), RECHECK_S))
-                except TimeoutError:
-                    view = await self.get(task_id)
+        async with self._waits.watch(task_id) as events:
+            # Read once the watch stands: every event stored after this read reaches ``events``.
+            view, since = await self._current(task_id)
+            while not view.done and (left_s := deadline - anyio.current_time()) > 0:
+                seen: Seen | None = None
+                with anyio.move_on_after(min(left_s, RECHECK_S)):
+                    seen = await events.receive()
+                if seen is None:  # quiet: read again, in case the follower was lost with its server
+                    view, since = await self._current(task_id)
                     continue
                 try:
-                    event = event_decoder.decode(msg.data)
-                except msgspec.DecodeError:
+                    event = event_decoder.decode(seen.data)
+                except (msgspec.DecodeError, RecursionError):
                     continue  # poison: the task's real events still come
                 if isinstance(event, Queued | Moved):
-                    view = await self.get(task_id)  # replayed or moved: where is it assigned now
-                elif self._names.provider_of_subject(msg.subject) == view.provider == event.provider:
-                    view = TaskView.of(event)  # else another credential's event: not the task's
+                    view, since = await self._current(task_id)  # where is it assigned now
+                elif seen.seq > since and self._names.provider_of_subject(seen.subject) == view.provider:
+                    # under the provider the task is assigned to, after it was put there; and its body
+                    # names that provider (else another credential's event)
+                    view = TaskView.of(event) if event.provider == view.provider else view
             return await self._read_output(view)
 
-    @asynccontextmanager
-    async def _watch(self, task_id: str) -> AsyncIterator[Callable[[float], Awaitable[Msg]]]:
-        """A task's last recorded event, then each one recorded after it, from a consumer of its own.
-
-        The consumer, not a subscription to the task's subjects beside a read of its last event, is
-        what leaves no gap: an event is delivered to subscribers before the stream has stored it, so an
-        event published just before such a subscription and stored just after the read is seen by
-        neither (a wait then lasted until its next re-read). A consumer's start and the events stored
-        after it are one sequence of the stream. Raises :class:`TaskNotFound` when the task has no event.
-        """
-        bus, names = self._bus, self._names
-        inbox = bus.nc.new_inbox()
-        config = ConsumerConfig(
-            deliver_subject=inbox, deliver_policy=DeliverPolicy.LAST, filter_subject=names.events_of(task_id),
-            ack_policy=AckPolicy.NONE, mem_storage=True, num_replicas=1, inactive_threshold=WATCH_IDLE_S,
-        )  # fmt: skip
+    async def _current(self, task_id: str) -> tuple[TaskView, int]:
+        """The task's state (its output not read back), counted from the provider it is assigned to (no
+        other credential's events), and the sequence after which an event of it counts."""
         try:
-            # Subscribed first (one connection keeps order), so the consumer has its listener from the start.
-            sub = await bus.nc.subscribe(inbox)
+            got = await current(self._bus, task_id)
         except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
-        consumer: str | None = None
-        try:
-            try:
-                info = await bus.js.add_consumer(names.events_stream, config)
-            except BUS_ERRORS as exc:
-                raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
-            consumer = info.name
-            if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
-                raise TaskNotFound(f"no task {task_id} on the bus")
-
-            async def next_event(timeout_s: float) -> Msg:
-                while True:
-                    msg = await sub.next_msg(timeout=timeout_s)
-                    if msg.data:  # not a status message of the server's
-                        return msg
-
-            yield next_event
-        finally:
-            await unsubscribe(sub)
-            with anyio.CancelScope(shield=True):
-                if consumer is not None:  # at once, not after WATCH_IDLE_S: waits may be many
-                    with contextlib.suppress(*BUS_ERRORS):
-                        await bus.nc.publish(
-                            f"{self._js_api}.CONSUMER.DELETE.{names.events_stream}.{consumer}"
-                        )
+            raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
+        if got is None:
+            raise TaskNotFound(f"no task {task_id} on the bus")
+        return got
 
     async def results(
         self, task_ids: Sequence[str] | None = None, *, provider: str | None = None
@@ -389,29 +347,31 @@ class Hive:
         """
         names = self._names
         wanted = set(task_ids) if task_ids is not None else None
+        # The queued and moved events too: they tell where each task is assigned, and so whose outcome
+        # counts, without a look-up per task (a task queued before the first event read is looked up).
+        assigns = [names.event_subject("*", "*", "queued"), names.moved_events]
         config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.NEW, filter_subjects=names.final_events(provider)
+            deliver_policy=DeliverPolicy.NEW, filter_subjects=[*assigns, *names.final_events(provider)]
         )
         if wanted is not None:
             if not wanted:
                 return
             # Task ids are ULIDs: the oldest id tells from when the record needs reading.
             config.deliver_policy = DeliverPolicy.BY_START_TIME
-            config.opt_start_time = min(ULID.from_str(t).datetime for t in wanted)
+            config.opt_start_time = ULID.from_str(min(wanted)).datetime  # ids sort by their time
+        assigned = Assignments(self._bus, size=max(10_000, 2 * len(wanted or ())))
         async with following(
             self._bus.js, names.all_events, stream=names.events_stream, config=config
         ) as sub:
             async for msg in sub.messages:
                 try:
                     event = event_decoder.decode(msg.data)
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, RecursionError):
                     continue  # poison, set aside
-                if not is_final(event):
-                    continue
                 if wanted is not None and event.task_id not in wanted:
                     continue
-                if not await outcome_counts(self._bus, msg.subject, event):
-                    continue  # recorded under a provider the task is not assigned to
+                if not await assigned.counts(msg.subject, event) or not is_final(event):
+                    continue  # recorded under a provider the task is not assigned to, or not an end
                 if wanted is not None:
                     wanted.discard(event.task_id)
                 yield await self._read_output(TaskView.of(event))
