@@ -54,6 +54,7 @@ from hive_bus._budget import Ledger, ledgers
 from hive_bus._bus import ensure_counters_stream, kv_entries, redeclare_workers_bucket
 from hive_bus._cooldown import decode_records, provider_cooldowns
 from hive_bus._counts import submitted_counts
+from hive_bus._dlq import streams as dlq_streams
 from hive_bus._duplicates import duplicate_decoder
 from hive_bus._messages import Completed, Failed, Retrying, beat_decoder, event_decoder, now_ms
 from hive_bus._nats import BUS_ERRORS, why
@@ -463,7 +464,7 @@ class BusMetrics:
             beats = []
         cooldown_values = await kv_entries(bus.providers_kv, timeout_s=bus.settings.request_timeout_s)
         cooldowns = provider_cooldowns(cooldown_values, beats)
-        lost = {stream: await _lost_messages(bus, stream) for stream in _streams(bus)}
+        lost = {stream: await _lost_messages(bus, stream) for stream in await _streams(bus)}
         counted = await submitted_counts(bus)
 
         pending: dict[str, int] = {}
@@ -530,8 +531,8 @@ class BusMetrics:
                 snap.budget_limit[(*labels, limit)] = float(cap)
 
 
-def _streams(bus: Bus) -> tuple[str, ...]:
-    return (bus.names.tasks_stream, bus.names.events_stream, bus.names.dlq_stream)
+async def _streams(bus: Bus) -> list[str]:
+    return [bus.names.tasks_stream, bus.names.events_stream, *await dlq_streams(bus)]
 
 
 async def _lost_messages(bus: Bus, stream: str) -> int:
