@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ from ._waits import Seen, Waits
 log = logging.getLogger("hive_bus.client")
 
 SUBMIT_WINDOW = 256
+# Tasks this client queued lately, with nowhere to move to: a wait on one reads nothing when the waits'
+# follower says nothing has ended it since its queued event (hive_bus._waits).
+MINE_TASKS = 16_384
 # A wait reads the task's state again after this long without an event: only a follower lost with its
 # server (a restart) needs it, as the follower delivers every event stored after its start.
 RECHECK_S = 5.0
@@ -125,6 +129,7 @@ class Hive:
         self._publisher: JetStreamPublisher | None = None
         self._submitted = SubmissionCounts(bus)
         self._waits = Waits(bus)  # every wait on one follower of the events stream
+        self._mine: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (provider, queued event seq)
 
     @property
     def bus(self) -> Bus:
@@ -193,6 +198,8 @@ class Hive:
             self._submitted.add(task.provider)
             if duplicate:
                 await self._requeued(task)
+            else:
+                self._remember(task, ack.seq)
         return Accepted(task.id, duplicate)
 
     async def submit_batch(self, requests: Sequence[TaskRequest]) -> list[Accepted | HiveError]:
@@ -249,6 +256,8 @@ class Hive:
             else:
                 if not task_ack.duplicate:
                     self._submitted.add(tasks[i].provider)
+                    if not event_ack.duplicate:
+                        self._remember(tasks[i], event_ack.seq)
                 if event_ack.duplicate and not task_ack.duplicate:
                     try:
                         await self._requeued(tasks[i])
@@ -305,8 +314,14 @@ class Hive:
             raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
         deadline = anyio.current_time() + timeout_s
         async with self._waits.watch(task_id) as events:
-            # Read once the watch stands: every event stored after this read reaches ``events``.
-            view, since = await self._current(task_id)
+            mine = self._mine.get(task_id)
+            if mine is not None and self._waits.quiet_since(task_id, mine[1]):
+                # queued here, with nowhere to move to, and nothing has ended it since: no read needed
+                provider, since = mine
+                view = TaskView(id=task_id, provider=provider, status="queued", updated_at_ms=0)
+            else:
+                # read once the watch stands: every event stored after this read reaches ``events``
+                view, since = await self._current(task_id)
             while not view.done and (left_s := deadline - anyio.current_time()) > 0:
                 seen: Seen | None = None
                 with anyio.move_on_after(min(left_s, RECHECK_S)):
@@ -324,7 +339,18 @@ class Hive:
                     # under the provider the task is assigned to, after it was put there; and its body
                     # names that provider (else another credential's event)
                     view = TaskView.of(event) if event.provider == view.provider else view
+            if not view.done:  # out of time: the task's state as stored (running, retrying...)
+                view, _ = await self._current(task_id)
             return await self._read_output(view)
+
+    def _remember(self, task: Task, queued_seq: int) -> None:
+        """A task this client queued, for its waits; only one with nowhere to move to (a move would
+        put its outcome under another provider)."""
+        if task.fallback:
+            return
+        self._mine[task.id] = (task.provider, queued_seq)
+        if len(self._mine) > MINE_TASKS:
+            self._mine.popitem(last=False)
 
     async def _current(self, task_id: str) -> tuple[TaskView, int]:
         """The task's state (its output not read back), counted from the provider it is assigned to (no
