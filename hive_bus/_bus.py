@@ -316,6 +316,8 @@ async def split_shared_dlq(js: JetStreamContext, settings: Settings) -> None:
             await js.update_stream(info.config)
         moved = await _move_dead_letters(js, settings, names.shared_dlq_stream)
         await js.delete_stream(names.shared_dlq_stream)
+    except nats.js.errors.NotFoundError:
+        return  # another process (a second gateway, a client) split it meanwhile
     except nats.js.errors.APIError as exc:
         raise BusConfigError(
             f"stream {names.shared_dlq_stream} (every provider's dead letters, as buses before this "

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
+import anyio
 import pytest
 from nats.js.api import StorageType, StreamConfig
 
-from hive_bus import FunctionProvider, Hive, Task
+from hive_bus import FunctionProvider, Hive, Settings, Task
 from hive_bus._bus import ensure_consumers
 from hive_bus._embedded import NatsServer
 from hive_bus._errors import FailNow
 from hive_bus._messages import Failed, encoder, new_task_id, now_ms
-from hive_bus.bus import open_bus
+from hive_bus.bus import Bus, open_bus
 from tests.conftest import make_settings
 from tests.helpers import running_worker
 from tests.hub import Hub, hub_server, make_certs, render
@@ -127,7 +128,8 @@ async def test_a_shared_dead_letter_stream_is_split_per_provider(nats_server: Na
                 names.dlq_subject(provider, task_id), encoder.encode(failed),
                 headers={"Nats-Msg-Id": f"{task_id}:dlq"}, stream=names.shared_dlq_stream,
             )  # fmt: skip
-    async with open_bus(settings) as bus:  # a gateway starting on it
+    async with AsyncExitStack() as stack:  # two gateways (or a gateway and a client) starting on it
+        bus, _ = await _both(stack, settings)
         hive = Hive(bus)
         listed = {d.failed.task_id: d.failed.provider for d in await hive.dead_letters()}
         assert listed == letters
@@ -138,3 +140,16 @@ async def test_a_shared_dead_letter_stream_is_split_per_provider(nats_server: Na
         assert names.shared_dlq_stream not in streams
         some = next(iter(letters))
         assert (await hive.dead_letter(some)).failed.task_id == some
+
+
+async def _both(stack: AsyncExitStack, settings: Settings) -> tuple[Bus, Bus]:
+    """Two processes' buses opened at once on the same bus."""
+    opened: list[Bus] = []
+
+    async def one() -> None:
+        opened.append(await stack.enter_async_context(open_bus(settings)))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one)
+        tg.start_soon(one)
+    return opened[0], opened[1]
