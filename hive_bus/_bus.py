@@ -314,8 +314,15 @@ async def split_shared_dlq(js: JetStreamContext, settings: Settings) -> None:
         if info.config.subjects != [names.shared_dlq_parked]:
             info.config.subjects = [names.shared_dlq_parked]
             await js.update_stream(info.config)
-        moved = await _move_dead_letters(js, settings, names.shared_dlq_stream)
-        await js.delete_stream(names.shared_dlq_stream)
+        moved, left = await _move_dead_letters(js, settings, names.shared_dlq_stream)
+        if left:  # kept for the operator: never deleted with a letter in it
+            log.warning(
+                "stream %s keeps %d dead letters on subjects that name no provider; inspect them with "
+                "`nats stream view %s`, then remove it",
+                names.shared_dlq_stream, left, names.shared_dlq_stream,
+            )  # fmt: skip
+        else:
+            await js.delete_stream(names.shared_dlq_stream)
     except nats.js.errors.NotFoundError:
         return  # another process (a second gateway, a client) split it meanwhile
     except nats.js.errors.APIError as exc:
@@ -329,13 +336,15 @@ async def split_shared_dlq(js: JetStreamContext, settings: Settings) -> None:
         log.info("moved %d dead letters from %s into one stream per provider", moved, names.shared_dlq_stream)
 
 
-async def _move_dead_letters(js: JetStreamContext, settings: Settings, stream: str) -> int:
+async def _move_dead_letters(js: JetStreamContext, settings: Settings, stream: str) -> tuple[int, int]:
+    """Each dead letter of ``stream`` published again to its provider's stream: how many were, and how
+    many name no provider (left where they are)."""
     names = settings.names
     config = ConsumerConfig(ack_policy=AckPolicy.NONE, mem_storage=True, inactive_threshold=30.0)
     info = await js.add_consumer(stream, config)  # no filter: the stored subjects are not the stream's now
     psub = await js.pull_subscribe_bind(info.name, stream=stream)
     ensured: set[str] = set()
-    moved = 0
+    moved = left_behind = 0
     try:
         left = info.num_pending or 0
         while left > 0:
@@ -344,9 +353,7 @@ async def _move_dead_letters(js: JetStreamContext, settings: Settings, stream: s
                 tokens = msg.subject.split(".")
                 provider = tokens[2] if len(tokens) == 4 and tokens[1] == "dlq" else ""
                 if not is_valid_token(provider):
-                    log.warning(
-                        "dead letter %s on %s is left behind", msg.metadata.sequence.stream, msg.subject
-                    )
+                    left_behind += 1  # said once, with the count, by the caller
                     continue
                 if provider not in ensured:
                     await ensure_dlq_stream(js, settings, provider)
@@ -355,10 +362,12 @@ async def _move_dead_letters(js: JetStreamContext, settings: Settings, stream: s
                 await js.publish(
                     msg.subject, msg.data, headers={"Nats-Msg-Id": msg_id}, stream=names.dlq_stream(provider)
                 )
+                with contextlib.suppress(nats.js.errors.APIError):  # another process moved it as well
+                    await js.delete_msg(stream, msg.metadata.sequence.stream)  # moved: not moved again
                 moved += 1
     finally:
         await unsubscribe(psub)
-    return moved
+    return moved, left_behind
 
 
 def blobs_stream_config(settings: Settings) -> StreamConfig:

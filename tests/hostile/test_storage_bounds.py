@@ -153,3 +153,22 @@ async def _both(stack: AsyncExitStack, settings: Settings) -> tuple[Bus, Bus]:
         tg.start_soon(one)
         tg.start_soon(one)
     return opened[0], opened[1]
+
+
+async def test_a_shared_stream_with_a_letter_naming_no_provider_is_kept(nats_server: NatsServer) -> None:
+    settings = make_settings(nats_server.url)
+    names = settings.names
+    async with open_bus(settings) as bus:
+        await bus.js.add_stream(
+            StreamConfig(name=names.shared_dlq_stream, subjects=[names.all_dlq], storage=StorageType.FILE)
+        )
+        await bus.js.publish(
+            f"{names.prefix}.dlq.echo.{new_task_id()}", b"a letter", stream=names.shared_dlq_stream
+        )
+        await bus.js.publish(f"{names.prefix}.dlq.a.b.c", b"no provider", stream=names.shared_dlq_stream)
+    async with open_bus(settings) as bus:
+        kept = await bus.js.stream_info(names.shared_dlq_stream)  # not deleted with a letter in it
+        assert kept.state.messages == 1 and kept.config.subjects == [names.shared_dlq_parked]
+        assert (await bus.js.stream_info(names.dlq_stream("echo"))).state.messages == 1
+    async with open_bus(settings) as bus:  # and the next start moves nothing twice
+        assert (await bus.js.stream_info(names.dlq_stream("echo"))).state.messages == 1
