@@ -224,6 +224,8 @@ class Assignments:
         if len(tokens) != 5:
             return False
         provider, task_id, status = tokens[2:]
+        if event is not None and event.task_id != task_id:
+            return False  # a body naming another task than its subject: not that task's, nor this one's
         if status == "queued":  # only submissions and replays write these
             task = event.task if isinstance(event, Queued) else None
             known = task is not None and task.id == task_id and task.provider == provider

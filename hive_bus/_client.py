@@ -338,7 +338,8 @@ class Hive:
                 elif seen.seq > since and self._names.provider_of_subject(seen.subject) == view.provider:
                     # under the provider the task is assigned to, after it was put there; and its body
                     # names that provider (else another credential's event)
-                    view = TaskView.of(event) if event.provider == view.provider else view
+                    ours = event.provider == view.provider and event.task_id == task_id
+                    view = TaskView.of(event) if ours else view
             if not view.done:  # out of time: the task's state as stored (running, retrying...)
                 view, _ = await self._current(task_id)
             return await self._read_output(view)
@@ -390,12 +391,16 @@ class Hive:
             self._bus.js, names.all_events, stream=names.events_stream, config=config
         ) as sub:
             async for msg in sub.messages:
+                tokens = msg.subject.split(".")
+                if len(tokens) != 5 or (wanted is not None and tokens[3] not in wanted):
+                    continue  # another task's: not even decoded
+                if tokens[4] == "queued" and self._mine.get(tokens[3], ("",))[0] == tokens[2]:
+                    await assigned.counts(msg.subject)  # queued here with nowhere to move to: no decoding
+                    continue
                 try:
                     event = event_decoder.decode(msg.data)
                 except (msgspec.DecodeError, RecursionError):
                     continue  # poison, set aside
-                if wanted is not None and event.task_id not in wanted:
-                    continue
                 if not await assigned.counts(msg.subject, event) or not is_final(event):
                     continue  # recorded under a provider the task is not assigned to, or not an end
                 if wanted is not None:

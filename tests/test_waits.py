@@ -65,3 +65,17 @@ async def test_a_forged_end_stored_before_the_wait_does_not_end_it(bus: Bus, hiv
         with anyio.fail_after(SOON_S):
             view = await hive.wait(task_id, 10.0)
     assert (view.status, view.output) == ("completed", "real")
+
+
+async def test_an_outcome_whose_body_names_another_task_counts_for_neither(bus: Bus, hive: Hive) -> None:
+    own = await hive.submit("echo", "echo's own task")
+    other = await hive.submit("gemini", "gemini's task")
+    # echo's credential, under its own task's subject, with a body naming gemini's task
+    forged = Completed(task_id=other, provider="echo", at_ms=now_ms(), attempt=1, worker="m", output="forged")
+    await bus.js.publish(bus.names.event_subject("echo", own, "completed"), encoder.encode(forged))
+    await _complete(bus, other, "gemini", "real")
+    await _complete(bus, own, "echo", "own")
+    with anyio.fail_after(SOON_S * 3):
+        seen = [(v.id, v.output) async for v in hive.results([own, other])]
+    assert sorted(seen) == sorted([(own, "own"), (other, "real")])
+    assert (await hive.wait(other, 1.0)).output == "real"
