@@ -86,29 +86,68 @@ async def assignment(bus: Bus, task_id: str) -> Assignment | None:
 async def current_view(bus: Bus, task_id: str) -> TaskView | None:
     """The task's state: its last event under the provider it is assigned to (events any other
     credential wrote for it are left out). None when the bus does not know the task."""
-    here = await assignment(bus, task_id)
+    got = await current(bus, task_id)
+    return None if got is None else got[0]
+
+
+async def current(bus: Bus, task_id: str) -> tuple[TaskView, int] | None:
+    """:func:`current_view`, with the sequence of the event that put the task on its provider: a
+    later event of the task counts when it is recorded under that provider after that sequence.
+
+    The task's last event, whatever its provider, is read beside the assignment: when it is recorded
+    under the provider the assignment ends on (nearly always), it is that provider's last event, and
+    the state costs the round trips of the assignment alone."""
+    names = bus.names
+    latest: list[tuple[TaskEvent, int, str] | None] = []
+    failed: list[BaseException] = []
+
+    async def read_latest() -> None:
+        try:
+            latest.append(await _latest(bus, names.events_of(task_id)))
+        except BUS_ERRORS:
+            latest.append(None)  # read again below, once the provider is known
+
+    here: Assignment | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read_latest)
+        try:
+            here = await assignment(bus, task_id)
+        except BUS_ERRORS as exc:
+            failed.append(exc)
+            tg.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
     if here is None:
         return None
-    got = await _last(bus, bus.names.events_of(task_id, here.provider))
-    if got is not None and got[1] > here.seq and not isinstance(got[0], Queued | Moved):
-        if is_final(got[0]):
-            return TaskView.of(got[0])
-        # a worker's last word may come after the task was cancelled (a running event of a call that
-        # was being abandoned): a cancel ends the task whatever follows it
-        cancelled = await _last(bus, bus.names.event_subject(here.provider, task_id, "cancelled"))
-        if cancelled is not None and cancelled[1] > here.seq and isinstance(cancelled[0], Cancelled):
-            return TaskView.of(cancelled[0])
-        return TaskView.of(got[0])
-    return TaskView.of(here.event)
+    got = latest[0] if latest else None
+    last: tuple[TaskEvent, int] | None
+    if got is not None and got[2] == here.provider and got[1] >= here.seq:
+        last = got[0], got[1]
+    else:  # another provider's event is the task's last (or was read before the assignment's)
+        last = await _last(bus, names.events_of(task_id, here.provider))
+    if last is not None and last[1] > here.seq and not isinstance(last[0], Queued | Moved):
+        if not is_final(last[0]):
+            # a worker's last word may come after the task was cancelled (a running event of a call
+            # that was being abandoned): a cancel ends the task whatever follows it
+            cancelled = await _last(bus, names.event_subject(here.provider, task_id, "cancelled"))
+            if cancelled is not None and cancelled[1] > here.seq and isinstance(cancelled[0], Cancelled):
+                return TaskView.of(cancelled[0]), here.seq
+        return TaskView.of(last[0]), here.seq
+    return TaskView.of(here.event), here.seq
 
 
-async def counts(bus: Bus, subject: str, event: TaskEvent) -> bool:
-    """Whether an event read from ``subject`` comes from the provider its task is assigned to."""
-    provider = bus.names.provider_of_subject(subject)
-    if provider != event.provider:
-        return False
-    here = await assignment(bus, event.task_id)
-    return here is not None and here.provider == provider
+async def _latest(bus: Bus, subject: str) -> tuple[TaskEvent, int, str] | None:
+    """The last event on ``subject`` (a filter), its sequence and the provider its subject names; None
+    when there is none or it does not decode."""
+    try:
+        raw: RawStreamMsg = await bus.js.get_last_msg(bus.names.events_stream, subject, direct=True)
+    except nats.js.errors.NotFoundError:
+        return None
+    try:
+        event = event_decoder.decode(raw.data or b"")
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return event, raw.seq or 0, bus.names.provider_of_subject(raw.subject or "")
 
 
 async def _last(bus: Bus, subject: str) -> tuple[TaskEvent, int] | None:
@@ -147,25 +186,67 @@ async def _last_readable(bus: Bus, subject: str) -> tuple[TaskEvent, int] | None
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a task is assigned, and what a reader needs to check its next move: its fallbacks and
+    run (None when only the provider is known). A few strings, not the task: a feed remembers
+    thousands."""
+
+    provider: str
+    fallback: tuple[str, ...] | None = None
+    run: int = 0
+
+    @classmethod
+    def of(cls, task: Task) -> Place:
+        return cls(task.provider, tuple(task.fallback), task.run)
+
+    def hop(self, on: str, event: Moved) -> Place | None:
+        """The place after ``event``, read from ``on``'s subjects, when it is a move this task's
+        provider may make (to the first of its own fallbacks, as :func:`hop` says); else None."""
+        if self.fallback is None or not self.fallback or on != self.provider or event.provider != on:
+            return None
+        provider = self.fallback[0].partition(":")[0]
+        if event.task.id != event.task_id or event.task.provider != provider or event.task.run != self.run:
+            return None
+        return Place(provider, self.fallback[1:], self.run)
+
+
 class Assignments:
-    """Where each task of a feed is assigned, for a reader that follows many tasks' events: learnt from
-    the ``queued`` and ``moved`` events it reads, looked up (:func:`assignment`) for a task first met
-    by another event, and remembered for the last ``size`` tasks."""
+    """Where each task of a feed is assigned, for a reader that follows many tasks' events in stream
+    order: learnt from the ``queued`` and ``moved`` events it reads, looked up (:func:`assignment`) for
+    a task first met by another event, and remembered for the last ``size`` tasks."""
 
     def __init__(self, bus: Bus, size: int = 10_000) -> None:
         self._bus = bus
         self._size = size
-        self._known: OrderedDict[str, str | None] = OrderedDict()
+        self._known: OrderedDict[str, Place | None] = OrderedDict()
 
-    async def counts(self, subject: str) -> bool:
+    async def counts(self, subject: str, event: TaskEvent | None = None) -> bool:
         """Whether the event read from ``subject`` is its task's: from the provider the task is
-        assigned to (a ``moved`` event: the last valid move of the task, as the bus has it now)."""
+        assigned to (a ``moved`` event: the last valid move of the task, as the bus has it now).
+        ``event``, the message decoded, spares a look-up: a ``queued`` one tells the task's fallbacks,
+        and a ``moved`` one is then checked against them."""
         tokens = subject.split(".")
         if len(tokens) != 5:
             return False
         provider, task_id, status = tokens[2:]
+        if event is not None and event.task_id != task_id:
+            return False  # a body naming another task than its subject: not that task's, nor this one's
         if status == "queued":  # only submissions and replays write these
-            self._remember(task_id, provider)
+            task = event.task if isinstance(event, Queued) else None
+            known = task is not None and task.id == task_id and task.provider == provider
+            self._remember(task_id, Place.of(task) if task is not None and known else Place(provider))
+            return True
+        place = self._known.get(task_id)
+        if (
+            status == "moved"
+            and place is not None
+            and place.fallback is not None
+            and isinstance(event, Moved)
+        ):
+            if event.task_id != task_id or (moved := place.hop(provider, event)) is None:
+                return False  # not the move its provider may make: the task stays where it is
+            self._remember(task_id, moved)
             return True
         if task_id not in self._known or status == "moved":
             # a lookup counts every move recorded so far: this one too, when it is a valid one
@@ -174,16 +255,18 @@ class Assignments:
             except BUS_ERRORS as exc:
                 log.debug("could not look up task %s (%s); its event is left out", task_id, exc)
                 return False
-            self._remember(task_id, here.provider if here is not None else None)
+            self._remember(task_id, Place.of(here.task) if here is not None else None)
             if here is None:
                 return False
             if status == "moved":
                 return isinstance(here.event, Moved) and here.event.provider == provider
             return here.provider == provider
-        return self._known[task_id] == provider
+        return (
+            place is not None and place.provider == provider and (event is None or event.provider == provider)
+        )
 
-    def _remember(self, task_id: str, provider: str | None) -> None:
-        self._known[task_id] = provider
+    def _remember(self, task_id: str, place: Place | None) -> None:
+        self._known[task_id] = place
         self._known.move_to_end(task_id)
         if len(self._known) > self._size:
             self._known.popitem(last=False)

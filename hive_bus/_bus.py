@@ -37,7 +37,7 @@ from nats.js.kv import KeyValue
 
 from ._credentials import closed_hint, connect_options, refusal, server_urls
 from ._errors import BusConfigError, BusRefused, BusUnavailable
-from ._names import PRIORITIES, Names
+from ._names import PRIORITIES, Names, is_valid_token
 from ._nats import BUS_ERRORS, kv_parts, unsubscribe
 from ._settings import Settings, redact_url
 
@@ -222,7 +222,8 @@ async def declare_bus(js: JetStreamContext, settings: Settings) -> dict[str, Key
     try:
         await _ensure_stream(js, tasks_stream_config(settings))
         await _ensure_stream(js, events_stream_config(settings))
-        await _ensure_stream(js, dlq_stream_config(settings))
+        if not settings.worker_name:  # a worker's credential may not; the gateway's does it
+            await split_shared_dlq(js, settings)
         await _ensure_stream(js, blobs_stream_config(settings))
         return {
             "workers_kv": await _ensure_workers_bucket(js, settings),
@@ -279,22 +280,99 @@ def events_stream_config(settings: Settings) -> StreamConfig:
     )
 
 
-def dlq_stream_config(settings: Settings) -> StreamConfig:
+def dlq_stream_config(settings: Settings, provider: str) -> StreamConfig:
     names = settings.names
     return StreamConfig(
-        name=names.dlq_stream,
-        description="hive-bus dead letters: tasks that failed for good, with their last error",
-        subjects=[names.all_dlq],
+        name=names.dlq_stream(provider),
+        description=f"hive-bus dead letters of provider {provider}: tasks that failed for good",
+        subjects=[names.dlq_subject(provider, "*")],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         # Kept until replayed or purged. When full, a new dead letter is refused (the worker logs it);
-        # its failed event, which carries the task too, stays in the events stream.
+        # its failed event, which carries the task too, stays in the events stream. One stream per
+        # provider: a provider's workers (or a credential of theirs) can fill their own, no other.
         discard=DiscardPolicy.NEW,
         max_bytes=settings.dlq_max_bytes,
         duplicate_window=settings.duplicate_window_s,
         allow_direct=True,
         num_replicas=settings.replicas,
     )
+
+
+async def ensure_dlq_stream(js: JetStreamContext, settings: Settings, provider: str) -> None:
+    """The provider's dead-letter stream, created on first use (with its consumers), else checked."""
+    await _ensure_stream(js, dlq_stream_config(settings, provider))
+
+
+async def split_shared_dlq(js: JetStreamContext, settings: Settings) -> None:
+    """Move the dead letters of a bus made before they were kept per provider (one ``<PREFIX>_DLQ`` on
+    ``<prefix>.dlq.>``) into each provider's stream, then delete the shared one. The shared stream is
+    first given a subject nobody publishes on (its messages keep theirs), so the providers' streams can
+    take ``<prefix>.dlq.<provider>.*``; a split cut short goes on at the next start (each letter keeps
+    its de-duplication id). Nothing happens when no such stream exists."""
+    names = settings.names
+    try:
+        info = await js.stream_info(names.shared_dlq_stream)
+    except nats.js.errors.NotFoundError:
+        return
+    try:
+        if info.config.subjects != [names.shared_dlq_parked]:
+            info.config.subjects = [names.shared_dlq_parked]
+            await js.update_stream(info.config)
+        moved, left = await _move_dead_letters(js, settings, names.shared_dlq_stream)
+        if left:  # kept for the operator: never deleted with a letter in it
+            log.warning(
+                "stream %s keeps %d dead letters on subjects that name no provider; inspect them with "
+                "`nats stream view %s`, then remove it",
+                names.shared_dlq_stream, left, names.shared_dlq_stream,
+            )  # fmt: skip
+        else:
+            await js.delete_stream(names.shared_dlq_stream)
+    except nats.js.errors.NotFoundError:
+        return  # another process (a second gateway, a client) split it meanwhile
+    except nats.js.errors.APIError as exc:
+        raise BusConfigError(
+            f"stream {names.shared_dlq_stream} (every provider's dead letters, as buses before this "
+            f"version kept them) could not be split into one stream per provider: {exc.description}. "
+            f"List its dead letters with `nats stream view {names.shared_dlq_stream}`, then remove it "
+            f"(`nats stream rm {names.shared_dlq_stream}`) or free the room the new streams need"
+        ) from None
+    if moved:
+        log.info("moved %d dead letters from %s into one stream per provider", moved, names.shared_dlq_stream)
+
+
+async def _move_dead_letters(js: JetStreamContext, settings: Settings, stream: str) -> tuple[int, int]:
+    """Each dead letter of ``stream`` published again to its provider's stream: how many were, and how
+    many name no provider (left where they are)."""
+    names = settings.names
+    config = ConsumerConfig(ack_policy=AckPolicy.NONE, mem_storage=True, inactive_threshold=30.0)
+    info = await js.add_consumer(stream, config)  # no filter: the stored subjects are not the stream's now
+    psub = await js.pull_subscribe_bind(info.name, stream=stream)
+    ensured: set[str] = set()
+    moved = left_behind = 0
+    try:
+        left = info.num_pending or 0
+        while left > 0:
+            for msg in await psub.fetch(min(left, 256), timeout=settings.request_timeout_s):
+                left -= 1
+                tokens = msg.subject.split(".")
+                provider = tokens[2] if len(tokens) == 4 and tokens[1] == "dlq" else ""
+                if not is_valid_token(provider):
+                    left_behind += 1  # said once, with the count, by the caller
+                    continue
+                if provider not in ensured:
+                    await ensure_dlq_stream(js, settings, provider)
+                    ensured.add(provider)
+                msg_id = (msg.headers or {}).get("Nats-Msg-Id") or f"split:{msg.metadata.sequence.stream}"
+                await js.publish(
+                    msg.subject, msg.data, headers={"Nats-Msg-Id": msg_id}, stream=names.dlq_stream(provider)
+                )
+                with contextlib.suppress(nats.js.errors.APIError):  # another process moved it as well
+                    await js.delete_msg(stream, msg.metadata.sequence.stream)  # moved: not moved again
+                moved += 1
+    finally:
+        await unsubscribe(psub)
+    return moved, left_behind
 
 
 def blobs_stream_config(settings: Settings) -> StreamConfig:
@@ -440,8 +518,15 @@ async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
 
 
 async def ensure_consumers(js: JetStreamContext, settings: Settings, provider: str) -> list[ConsumerInfo]:
-    """The provider's durable pull consumers, one per priority (high first), created on first use."""
-    return [await ensure_consumer(js, settings, provider, priority) for priority in PRIORITIES]
+    """The provider's durable pull consumers, one per priority (high first), and its dead-letter stream,
+    created on first use (by the gateway: a worker's credential finds them made)."""
+    consumers = [await ensure_consumer(js, settings, provider, priority) for priority in PRIORITIES]
+    try:
+        await ensure_dlq_stream(js, settings, provider)
+    except (*BUS_ERRORS, BusConfigError) as exc:
+        # its dead letters are then refused (and logged); each failed event still holds its task
+        log.warning("the dead-letter stream of provider %s is not there: %s", provider, exc)
+    return consumers
 
 
 async def ensure_consumer(

@@ -17,7 +17,8 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,13 +27,11 @@ import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
 from . import _blobs, _cancel, _dlq
-from ._assigned import counts as outcome_counts
-from ._assigned import current_view
+from ._assigned import Assignments, current
 from ._bus import Bus, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
@@ -54,7 +53,7 @@ from ._messages import (
     is_task_id,
     now_ms,
 )
-from ._nats import BUS_ERRORS, following, unsubscribe
+from ._nats import BUS_ERRORS, following
 from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
 from ._publish import JetStreamPublisher, PubAck, Publish, stored
@@ -63,18 +62,19 @@ from ._settings import Settings, load_settings
 from ._size import header_bytes
 from ._stats import ProviderStats, provider_stats
 from ._streamed import DEFAULT_KEEPALIVE_S, TaskStream, open_stream
+from ._waits import Seen, Waits
 
 log = logging.getLogger("hive_bus.client")
 
 SUBMIT_WINDOW = 256
 # cancels in flight at once in a bulk cancel
 CANCEL_WINDOW = 64
-# A wait reads the task's state again after this long without an event: only a consumer lost with its
-# server (a restart) needs it, as a wait's consumer delivers every event recorded after its start.
+# Tasks this client queued lately, with nowhere to move to: a wait on one reads nothing when the waits'
+# follower says nothing has ended it since its queued event (hive_bus._waits).
+MINE_TASKS = 16_384
+# A wait reads the task's state again after this long without an event: only a follower lost with its
+# server (a restart) needs it, as the follower delivers every event stored after its start.
 RECHECK_S = 5.0
-# A wait's consumer is deleted when the wait ends; the server deletes one whose client went away
-# (killed, or cut off for longer than this) after this long.
-WATCH_IDLE_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,15 +133,17 @@ class Hive:
         self._names = bus.names  # built once: it is on every submission's path
         self._publisher: JetStreamPublisher | None = None
         self._submitted = SubmissionCounts(bus)
-        domain = bus.settings.js_domain
-        self._js_api = f"$JS.{domain}.API" if domain else "$JS.API"
+        self._waits = Waits(bus)  # every wait on one follower of the events stream
+        self._mine: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (provider, queued event seq)
 
     @property
     def bus(self) -> Bus:
         return self._bus
 
     async def close(self) -> None:
-        """Add the last accepted tasks to the bus's submission counters; :func:`connect` calls it."""
+        """Add the last accepted tasks to the bus's submission counters and stop following the events
+        for waits; :func:`connect` calls it."""
+        await self._waits.close()
         await self._submitted.close()
 
     async def submit(
@@ -215,6 +217,8 @@ class Hive:
             self._submitted.add(task.provider)
             if duplicate:
                 await self._requeued(task)
+            else:
+                self._remember(task, ack.seq)
         return Accepted(task.id, duplicate)
 
     async def submit_batch(self, requests: Sequence[TaskRequest]) -> list[Accepted | HiveError]:
@@ -271,6 +275,8 @@ class Hive:
             else:
                 if not task_ack.duplicate:
                     self._submitted.add(tasks[i].provider)
+                    if not event_ack.duplicate:
+                        self._remember(tasks[i], event_ack.seq)
                 if event_ack.duplicate and not task_ack.duplicate:
                     try:
                         await self._requeued(tasks[i])
@@ -318,13 +324,7 @@ class Hive:
         """The task's current state. Raises :class:`TaskNotFound`."""
         if not is_task_id(task_id):
             raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
-        try:
-            # counted from the provider the task is assigned to: no other credential's events
-            view = await current_view(self._bus, task_id)
-        except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
-        if view is None:
-            raise TaskNotFound(f"no task {task_id} on the bus")
+        view, _ = await self._current(task_id)
         return await self._read_output(view)
 
     async def wait(self, task_id: str, timeout_s: float) -> TaskView:
@@ -332,23 +332,35 @@ class Hive:
         if not is_task_id(task_id):  # before it goes into a subject: no wildcards, no white space
             raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
         deadline = anyio.current_time() + timeout_s
-        async with self._watch(task_id) as next_event:
-            # Read once the watch stands: every event stored after this read reaches next_event.
-            view = await self.get(task_id)
-            while not view.done and deadline > anyio.current_time():
-                try:
-                    msg = await next_event(min(deadline - anyio.current_time(), RECHECK_S))
-                except TimeoutError:
-                    view = await self.get(task_id)
+        async with self._waits.watch(task_id) as events:
+            mine = self._mine.get(task_id)
+            if mine is not None and self._waits.quiet_since(task_id, mine[1]):
+                # queued here, with nowhere to move to, and nothing has ended it since: no read needed
+                provider, since = mine
+                view = TaskView(id=task_id, provider=provider, status="queued", updated_at_ms=0)
+            else:
+                # read once the watch stands: every event stored after this read reaches ``events``
+                view, since = await self._current(task_id)
+            while not view.done and (left_s := deadline - anyio.current_time()) > 0:
+                seen: Seen | None = None
+                with anyio.move_on_after(min(left_s, RECHECK_S)):
+                    seen = await events.receive()
+                if seen is None:  # quiet: read again, in case the follower was lost with its server
+                    view, since = await self._current(task_id)
                     continue
                 try:
-                    event = event_decoder.decode(msg.data)
-                except msgspec.DecodeError:
+                    event = event_decoder.decode(seen.data)
+                except (msgspec.DecodeError, RecursionError):
                     continue  # poison: the task's real events still come
                 if isinstance(event, Queued | Moved):
-                    view = await self.get(task_id)  # replayed or moved: where is it assigned now
-                elif self._names.provider_of_subject(msg.subject) == view.provider == event.provider:
-                    view = TaskView.of(event)  # else another credential's event: not the task's
+                    view, since = await self._current(task_id)  # where is it assigned now
+                elif seen.seq > since and self._names.provider_of_subject(seen.subject) == view.provider:
+                    # under the provider the task is assigned to, after it was put there; and its body
+                    # names that provider (else another credential's event)
+                    ours = event.provider == view.provider and event.task_id == task_id
+                    view = TaskView.of(event) if ours else view
+            if not view.done:  # out of time: the task's state as stored (running, retrying...)
+                view, _ = await self._current(task_id)
             return await self._read_output(view)
 
     def stream(
@@ -371,52 +383,25 @@ class Hive:
         """
         return open_stream(self, request, keepalive_s=keepalive_s, timeout_s=timeout_s)
 
-    @asynccontextmanager
-    async def _watch(self, task_id: str) -> AsyncIterator[Callable[[float], Awaitable[Msg]]]:
-        """A task's last recorded event, then each one recorded after it, from a consumer of its own.
+    def _remember(self, task: Task, queued_seq: int) -> None:
+        """A task this client queued, for its waits; only one with nowhere to move to (a move would
+        put its outcome under another provider)."""
+        if task.fallback:
+            return
+        self._mine[task.id] = (task.provider, queued_seq)
+        if len(self._mine) > MINE_TASKS:
+            self._mine.popitem(last=False)
 
-        The consumer, not a subscription to the task's subjects beside a read of its last event, is
-        what leaves no gap: an event is delivered to subscribers before the stream has stored it, so an
-        event published just before such a subscription and stored just after the read is seen by
-        neither (a wait then lasted until its next re-read). A consumer's start and the events stored
-        after it are one sequence of the stream. Raises :class:`TaskNotFound` when the task has no event.
-        """
-        bus, names = self._bus, self._names
-        inbox = bus.nc.new_inbox()
-        config = ConsumerConfig(
-            deliver_subject=inbox, deliver_policy=DeliverPolicy.LAST, filter_subject=names.events_of(task_id),
-            ack_policy=AckPolicy.NONE, mem_storage=True, num_replicas=1, inactive_threshold=WATCH_IDLE_S,
-        )  # fmt: skip
+    async def _current(self, task_id: str) -> tuple[TaskView, int]:
+        """The task's state (its output not read back), counted from the provider it is assigned to (no
+        other credential's events), and the sequence after which an event of it counts."""
         try:
-            # Subscribed first (one connection keeps order), so the consumer has its listener from the start.
-            sub = await bus.nc.subscribe(inbox)
+            got = await current(self._bus, task_id)
         except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
-        consumer: str | None = None
-        try:
-            try:
-                info = await bus.js.add_consumer(names.events_stream, config)
-            except BUS_ERRORS as exc:
-                raise BusUnavailable(f"could not watch task {task_id}: {exc}") from None
-            consumer = info.name
-            if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
-                raise TaskNotFound(f"no task {task_id} on the bus")
-
-            async def next_event(timeout_s: float) -> Msg:
-                while True:
-                    msg = await sub.next_msg(timeout=timeout_s)
-                    if msg.data:  # not a status message of the server's
-                        return msg
-
-            yield next_event
-        finally:
-            await unsubscribe(sub)
-            with anyio.CancelScope(shield=True):
-                if consumer is not None:  # at once, not after WATCH_IDLE_S: waits may be many
-                    with contextlib.suppress(*BUS_ERRORS):
-                        await bus.nc.publish(
-                            f"{self._js_api}.CONSUMER.DELETE.{names.events_stream}.{consumer}"
-                        )
+            raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
+        if got is None:
+            raise TaskNotFound(f"no task {task_id} on the bus")
+        return got
 
     async def results(
         self, task_ids: Sequence[str] | None = None, *, provider: str | None = None
@@ -428,29 +413,35 @@ class Hive:
         """
         names = self._names
         wanted = set(task_ids) if task_ids is not None else None
+        # The queued and moved events too: they tell where each task is assigned, and so whose outcome
+        # counts, without a look-up per task (a task queued before the first event read is looked up).
+        assigns = [names.event_subject("*", "*", "queued"), names.moved_events]
         config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.NEW, filter_subjects=names.final_events(provider)
+            deliver_policy=DeliverPolicy.NEW, filter_subjects=[*assigns, *names.final_events(provider)]
         )
         if wanted is not None:
             if not wanted:
                 return
             # Task ids are ULIDs: the oldest id tells from when the record needs reading.
             config.deliver_policy = DeliverPolicy.BY_START_TIME
-            config.opt_start_time = min(ULID.from_str(t).datetime for t in wanted)
+            config.opt_start_time = ULID.from_str(min(wanted)).datetime  # ids sort by their time
+        assigned = Assignments(self._bus, size=max(10_000, 2 * len(wanted or ())))
         async with following(
             self._bus.js, names.all_events, stream=names.events_stream, config=config
         ) as sub:
             async for msg in sub.messages:
+                tokens = msg.subject.split(".")
+                if len(tokens) != 5 or (wanted is not None and tokens[3] not in wanted):
+                    continue  # another task's: not even decoded
+                if tokens[4] == "queued" and self._mine.get(tokens[3], ("",))[0] == tokens[2]:
+                    await assigned.counts(msg.subject)  # queued here with nowhere to move to: no decoding
+                    continue
                 try:
                     event = event_decoder.decode(msg.data)
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, RecursionError):
                     continue  # poison, set aside
-                if not is_final(event):
-                    continue
-                if wanted is not None and event.task_id not in wanted:
-                    continue
-                if not await outcome_counts(self._bus, msg.subject, event):
-                    continue  # recorded under a provider the task is not assigned to
+                if not await assigned.counts(msg.subject, event) or not is_final(event):
+                    continue  # recorded under a provider the task is not assigned to, or not an end
                 if wanted is not None:
                     wanted.discard(event.task_id)
                 yield await self._read_output(TaskView.of(event))

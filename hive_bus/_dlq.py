@@ -1,5 +1,7 @@
 """Dead letters: tasks that failed for good (out of attempts, past their deadline, refused), kept with
-their last error in ``<PREFIX>_DLQ`` until replayed or purged.
+their last error in their provider's ``<PREFIX>_DLQ_<provider>`` until replayed or purged. Each provider
+has a stream of its own, with its own limit, so that one provider's workers (or a credential of theirs)
+can fill their own dead letters and no other provider's; readers read across them.
 
 A dead letter is the task's ``failed`` event, task included, on ``<prefix>.dlq.<provider>.<task id>``.
 Replaying one queues the task again under the same id, as its next run (``run`` + 1), so its history in
@@ -9,16 +11,17 @@ the events stream reads on: queued, ..., failed, queued (replayed), ..., complet
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 
 from ._assigned import assignment
-from ._bus import Bus
+from ._bus import Bus, ensure_dlq_stream
 from ._errors import BusUnavailable, HiveError, TaskNotFound, TooLarge
 from ._messages import Failed, Queued, Task, encoder, event_decoder, is_task_id, new_seal, now_ms
 from ._names import is_valid_token
@@ -29,21 +32,37 @@ log = logging.getLogger("hive_bus.dlq")
 
 
 async def keep(bus: Bus, provider: str, task_id: str, failed: bytes, msg_id: str) -> None:
-    """Keep a task's encoded ``failed`` event as its dead letter, once per ``msg_id``. When the dead
-    letters are full it is logged and not kept: the failed event, which carries the task too, still
-    records it."""
+    """Keep a task's encoded ``failed`` event as its dead letter, once per ``msg_id``. When the
+    provider's dead letters are full it is logged and not kept: the failed event, which carries the
+    task too, still records it. The provider's stream is made here when it is missing and this
+    process may make it (the gateway's audit dead-letters tasks of providers no worker served yet)."""
     names = bus.names
-    try:
-        await js_publish(
-            bus.js, bus.nc, names.dlq_subject(provider, task_id), failed,
-            headers={"Nats-Msg-Id": msg_id}, stream=names.dlq_stream, what="dead letter",
-        )  # fmt: skip
-    except nats.js.errors.APIError as exc:
-        log.error(
-            "dead letter of task %s not kept (its failed event has the task): %s", task_id, exc.description
-        )
-    except TooLarge as exc:
-        log.error("dead letter of task %s not kept (its failed event has the task): %s", task_id, exc)
+    for last in (False, True):
+        try:
+            await js_publish(
+                bus.js, bus.nc, names.dlq_subject(provider, task_id), failed,
+                headers={"Nats-Msg-Id": msg_id}, stream=names.dlq_stream(provider), what="dead letter",
+            )  # fmt: skip
+            return
+        except nats.js.errors.NoStreamResponseError:
+            if last:
+                log.error("dead letter of task %s not kept: no dead-letter stream for %s", task_id, provider)
+                return
+            try:
+                await ensure_dlq_stream(bus.js, bus.settings, provider)
+            except (*BUS_ERRORS, HiveError) as exc:
+                log.error("dead letter of task %s not kept (its failed event has the task): %s", task_id, exc)
+                return
+        except nats.js.errors.APIError as exc:
+            log.error(
+                "dead letter of task %s not kept (its failed event has the task): %s",
+                task_id,
+                exc.description,
+            )
+            return
+        except TooLarge as exc:
+            log.error("dead letter of task %s not kept (its failed event has the task): %s", task_id, exc)
+            return
 
 
 def _check_provider(provider: str | None) -> None:
@@ -69,10 +88,48 @@ class NotReplayable(HiveError):
     """A dead letter that holds no task (a message that was not a task at all)."""
 
 
+async def streams(bus: Bus, provider: str | None = None) -> list[str]:
+    """The dead-letter streams there are: one provider's, or every provider's (and a shared one not
+    split yet)."""
+    names = bus.names
+    domain = bus.settings.js_domain
+    api = f"$JS.{domain}.API" if domain else "$JS.API"
+    subject = names.dlq_subject(provider, "*") if provider else names.all_dlq
+    found: list[str] = []
+    while True:
+        request = json.dumps({"subject": subject, "offset": len(found)}).encode()
+        answer = json.loads(
+            (await bus.nc.request(f"{api}.STREAM.NAMES", request, timeout=_timeout(bus))).data
+        )
+        if "error" in answer:
+            raise BusUnavailable(
+                f"could not list the dead-letter streams: {answer['error'].get('description')}"
+            )
+        page = answer.get("streams") or []
+        found += page
+        if not page or len(found) >= int(answer.get("total", 0)):
+            return sorted(found)
+
+
+def _timeout(bus: Bus) -> float:
+    return bus.settings.request_timeout_s
+
+
 async def dead_letters(bus: Bus, *, provider: str | None = None, limit: int = 100) -> list[DeadLetter]:
     """The oldest ``limit`` dead letters (of one provider)."""
-    names = bus.names
     _check_provider(provider)
+    found: list[DeadLetter] = []
+    try:
+        for stream in await streams(bus, provider):
+            found += await _letters(bus, stream, provider, limit)
+    except BUS_ERRORS as exc:
+        raise BusUnavailable(f"could not read the dead letters: {exc}") from None
+    return sorted(found, key=lambda letter: (letter.failed.at_ms, letter.seq))[:limit]
+
+
+async def _letters(bus: Bus, stream: str, provider: str | None, limit: int) -> list[DeadLetter]:
+    """The oldest ``limit`` dead letters of one stream (of one provider)."""
+    names = bus.names
     config = ConsumerConfig(
         filter_subject=names.dlq_subject(provider, "*") if provider else names.all_dlq,
         deliver_policy=DeliverPolicy.ALL,
@@ -81,40 +138,27 @@ async def dead_letters(bus: Bus, *, provider: str | None = None, limit: int = 10
         mem_storage=True,
     )
     found: list[DeadLetter] = []
+    info = await bus.js.add_consumer(stream, config)
+    left = min(limit, int(info.num_pending or 0))
+    sub = await bus.js.pull_subscribe_bind(info.name, stream=stream)
     try:
-        info = await bus.js.add_consumer(names.dlq_stream, config)
-        left = min(limit, int(info.num_pending or 0))
-        sub = await bus.js.pull_subscribe_bind(info.name, stream=names.dlq_stream)
-        try:
-            while left > 0:
-                for msg in await sub.fetch(batch=min(left, 256), timeout=bus.settings.request_timeout_s):
-                    left -= 1
-                    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                        event = event_decoder.decode(msg.data)
-                        if isinstance(event, Failed):
-                            found.append(DeadLetter(seq=msg.metadata.sequence.stream, failed=event))
-        finally:
-            with contextlib.suppress(*BUS_ERRORS):
-                await sub.unsubscribe()
-                await bus.js.delete_consumer(names.dlq_stream, info.name)
-    except BUS_ERRORS as exc:
-        raise BusUnavailable(f"could not read the dead letters: {exc}") from None
+        while left > 0:
+            for msg in await sub.fetch(batch=min(left, 256), timeout=_timeout(bus)):
+                left -= 1
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    event = event_decoder.decode(msg.data)
+                    if isinstance(event, Failed):
+                        found.append(DeadLetter(seq=msg.metadata.sequence.stream, failed=event))
+    finally:
+        with contextlib.suppress(*BUS_ERRORS):
+            await sub.unsubscribe()
+            await bus.js.delete_consumer(stream, info.name)
     return found
 
 
 async def dead_letter(bus: Bus, task_id: str) -> DeadLetter:
     """One task's dead letter. Raises :class:`TaskNotFound`."""
-    names = bus.names
-    if not is_task_id(task_id) and not task_id.startswith("undecodable-"):
-        raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
-    if any(c in task_id for c in ".*> \t\r\n"):
-        raise TaskNotFound(f"{task_id!r} is not a task id")
-    try:
-        raw = await bus.js.get_last_msg(names.dlq_stream, names.dead_letters_of(task_id), direct=True)
-    except nats.js.errors.NotFoundError:
-        raise TaskNotFound(f"task {task_id} is not among the dead letters") from None
-    except BUS_ERRORS as exc:
-        raise BusUnavailable(f"could not read the dead letter of {task_id}: {exc}") from None
+    raw = (await _find(bus, task_id))[1]
     try:
         event = event_decoder.decode(raw.data or b"")
     except msgspec.DecodeError as exc:
@@ -122,6 +166,22 @@ async def dead_letter(bus: Bus, task_id: str) -> DeadLetter:
     if not isinstance(event, Failed):
         raise NotReplayable(f"the dead letter of {task_id} is not a failed event; purge it")
     return DeadLetter(seq=raw.seq or 0, failed=event)
+
+
+async def _find(bus: Bus, task_id: str) -> tuple[str, RawStreamMsg]:
+    """The stream that holds the task's dead letter, and the letter. Raises :class:`TaskNotFound`."""
+    names = bus.names
+    if not is_task_id(task_id) and not task_id.startswith("undecodable-"):
+        raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
+    if any(c in task_id for c in ".*> \t\r\n"):
+        raise TaskNotFound(f"{task_id!r} is not a task id")
+    try:
+        for stream in await streams(bus):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                return stream, await bus.js.get_last_msg(stream, names.dead_letters_of(task_id), direct=True)
+    except BUS_ERRORS as exc:
+        raise BusUnavailable(f"could not read the dead letter of {task_id}: {exc}") from None
+    raise TaskNotFound(f"task {task_id} is not among the dead letters")
 
 
 async def replay(bus: Bus, task_id: str) -> Replayed:
@@ -143,7 +203,8 @@ async def replay(bus: Bus, task_id: str) -> Replayed:
             bus.js, bus.nc, names.task_subject(task.provider, task.priority), encoder.encode(task),
             headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream,
         )  # fmt: skip
-        await bus.js.purge_stream(names.dlq_stream, subject=names.dead_letters_of(task.id))
+        for stream in await streams(bus):
+            await bus.js.purge_stream(stream, subject=names.dead_letters_of(task.id))
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not replay task {task_id}: {exc}") from None
     return Replayed(task.id, task.provider, task.run)
@@ -162,7 +223,7 @@ async def _replayable(bus: Bus, task_id: str) -> Task:
         raise NotReplayable(f"dead letter {task_id} names a task the bus does not know; not replayed")
     try:
         raw = await bus.js.get_last_msg(
-            names.dlq_stream, names.dlq_subject(here.provider, task_id), direct=True
+            names.dlq_stream(here.provider), names.dlq_subject(here.provider, task_id), direct=True
         )
     except nats.js.errors.NotFoundError:
         raise NotReplayable(
@@ -191,10 +252,12 @@ async def purge(bus: Bus, *, task_id: str | None = None, provider: str | None = 
         subject = names.dead_letters_of(task_id)
     else:
         subject = names.dlq_subject(provider, ">") if provider else names.all_dlq
+    gone = 0
     try:
-        before = (await bus.js.stream_info(names.dlq_stream)).state.messages
-        await bus.js.purge_stream(names.dlq_stream, subject=subject)
-        after = (await bus.js.stream_info(names.dlq_stream)).state.messages
+        for stream in await streams(bus, None if task_id else provider):
+            before = (await bus.js.stream_info(stream)).state.messages
+            await bus.js.purge_stream(stream, subject=subject)
+            gone += before - (await bus.js.stream_info(stream)).state.messages
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not purge dead letters: {exc}") from None
-    return before - after
+    return gone

@@ -37,7 +37,8 @@ class Names:
     ``<prefix>.counters.submitted.<provider>`` is the count of tasks accepted for a provider, kept by
     ``<PREFIX>_COUNTERS``, a stream of JetStream counters (each publish adds its ``Nats-Incr``);
     ``<prefix>.dlq.<provider>.<task id>`` carries dead letters (a failed event with its task) into
-    ``<PREFIX>_DLQ``;
+    ``<PREFIX>_DLQ_<provider>``, one stream per provider with limits of its own, so that no provider's
+    workers can fill another's (``<PREFIX>_DLQ`` held every provider's before);
     ``<prefix>_<provider>_<priority>`` are the durable pull consumers all workers of a provider share;
     ``<prefix>_router`` is the gateway's consumer of ``moved`` events, which queues a moved task again;
     ``<prefix>_workers`` is the KV bucket of worker heartbeats;
@@ -71,9 +72,20 @@ class Names:
     def events_stream(self) -> str:
         return f"{self.prefix.upper()}_EVENTS"
 
+    def dlq_stream(self, provider: str) -> str:
+        """The stream of one provider's dead letters."""
+        return f"{self.prefix.upper()}_DLQ_{provider}"
+
     @property
-    def dlq_stream(self) -> str:
+    def shared_dlq_stream(self) -> str:
+        """The one dead-letter stream of every provider that buses made before dead letters were kept
+        per provider; split into per-provider streams when the gateway starts."""
         return f"{self.prefix.upper()}_DLQ"
+
+    @property
+    def shared_dlq_parked(self) -> str:
+        """The subject the shared stream is given while it is split: none that anyone publishes on."""
+        return f"{self.prefix}.dlq_split"
 
     @property
     def counters_stream(self) -> str:

@@ -190,11 +190,16 @@ class PullInbox:
 
 
 async def follow(
-    js: JetStreamContext, subject: str, *, stream: str, config: ConsumerConfig
+    js: JetStreamContext,
+    subject: str,
+    *,
+    stream: str,
+    config: ConsumerConfig,
+    cb: Callable[[Msg], Awaitable[None]] | None = None,
 ) -> JetStreamContext.PushSubscription:
     """An ordered consumer of ``stream`` on ``subject``: every message in order, recreated by nats-py
-    when a gap shows. Give it back with :func:`unsubscribe`."""
-    return await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
+    when a gap shows; handed to ``cb`` one at a time when given. Give it back with :func:`unsubscribe`."""
+    return await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config, cb=cb)
 
 
 async def unsubscribe(sub: Any, *, timeout_s: float = math.inf) -> None:

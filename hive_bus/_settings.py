@@ -51,7 +51,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     duplicate_window_s: PositiveSeconds = 900.0
     events_max_age_s: PositiveSeconds = 7 * 86400.0
     events_max_bytes: PositiveInt = 1024**3
-    dlq_max_bytes: PositiveInt = 256 * 1024**2
+    # per provider: each provider's dead letters have a stream of their own (JetStream reserves it)
+    dlq_max_bytes: PositiveInt = 64 * 1024**2
     # The claim check (hive_bus._blobs): a task whose content, or an output, encodes to more than
     # claim_check_bytes goes to the Object Store bucket <prefix>_blobs and its message carries a
     # reference; blob_max_bytes is the largest task content or output the bus takes (a larger task is

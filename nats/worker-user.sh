@@ -65,7 +65,8 @@ for p in "$@"; do
     done
     # a final outcome JetStream refused as a duplicate (a zombie worker's), reported for the metrics
     pub+=("\"$prefix.events.$p.*.*.duplicate\"")
-    pub+=("\"$prefix.dlq.$p.*\"")
+    # its provider's dead letters, in a stream of their own (made by the gateway with the consumers)
+    pub+=("\"$prefix.dlq.$p.*\"" "\"\$JS.API.STREAM.INFO.${P}_DLQ_$p\"")
     # the chunks of a streamed task it runs (core NATS, read by the gateway alone): no other provider's
     pub+=("\"$prefix.chunks.$p.*\"")
     # a redelivered task's last event on this provider (how many of its deliveries only waited out a
@@ -95,7 +96,7 @@ cat <<BLOCK
       permissions: {
         publish: { allow: [
           # start-up checks of the bus objects
-          "\$JS.API.STREAM.INFO.$tasks", "\$JS.API.STREAM.INFO.$events", "\$JS.API.STREAM.INFO.${P}_DLQ",
+          "\$JS.API.STREAM.INFO.$tasks", "\$JS.API.STREAM.INFO.$events",
           "\$JS.API.STREAM.INFO.KV_${prefix}_workers", "\$JS.API.STREAM.INFO.KV_${prefix}_providers",
           "\$JS.API.STREAM.INFO.KV_${prefix}_budgets", "\$JS.API.STREAM.INFO.OBJ_${prefix}_blobs",
           "\$JS.API.STREAM.INFO.KV_${prefix}_cancels",

@@ -48,8 +48,9 @@ async def test_objects_have_the_designed_shape(settings: Settings) -> None:
             f"{settings.prefix}.tasks.groq.{p}" for p in ("high", "normal", "low")
         ]
         assert all(c.ack_wait == settings.ack_wait_s for c in consumers)
-        dlq = (await bus.js.stream_info(bus.names.dlq_stream)).config
-        assert dlq.subjects == [f"{settings.prefix}.dlq.>"] and dlq.discard == DiscardPolicy.NEW
+        dlq = (await bus.js.stream_info(bus.names.dlq_stream("groq"))).config  # made with the consumers
+        assert dlq.subjects == [f"{settings.prefix}.dlq.groq.*"] and dlq.discard == DiscardPolicy.NEW
+        assert dlq.max_bytes == settings.dlq_max_bytes  # each provider's own bound
         assert dlq.max_age == 0  # dead letters stay until replayed or purged
         budgets = (await bus.budgets_kv.status()).stream_info.config
         assert budgets.storage == StorageType.FILE  # budgets survive a restart of the hub

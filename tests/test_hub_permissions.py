@@ -95,7 +95,12 @@ async def declare(js: JetStreamContext, *providers: str) -> None:
             name="HIVE_EVENTS", subjects=["hive.events.>"], storage=StorageType.FILE, allow_direct=True
         )
     )
-    await js.add_stream(StreamConfig(name="HIVE_DLQ", subjects=["hive.dlq.>"], storage=StorageType.FILE))
+    for provider in providers:
+        await js.add_stream(
+            StreamConfig(
+                name=f"HIVE_DLQ_{provider}", subjects=[f"hive.dlq.{provider}.*"], storage=StorageType.FILE
+            )
+        )
     await js.create_key_value(
         KeyValueConfig(bucket="hive_workers", ttl=15, storage=StorageType.MEMORY, direct=True)
     )
@@ -153,7 +158,7 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
         for stream in (
             "HIVE_TASKS",
             "HIVE_EVENTS",
-            "HIVE_DLQ",
+            "HIVE_DLQ_alpha",
             "KV_hive_workers",
             "KV_hive_providers",
             "KV_hive_budgets",
@@ -183,7 +188,7 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
             await w1.js.publish(
                 f"hive.events.alpha.{task_id}.{status}", status.encode(), stream="HIVE_EVENTS"
             )
-        await w1.js.publish(f"hive.dlq.alpha.{task_id}", b"dead", stream="HIVE_DLQ")
+        await w1.js.publish(f"hive.dlq.alpha.{task_id}", b"dead", stream="HIVE_DLQ_alpha")
         last = await w1.js.get_last_msg("HIVE_EVENTS", f"hive.events.alpha.{task_id}.*", direct=True)
         assert last.data == b"completed"
 

@@ -55,6 +55,7 @@ from hive_bus._budget import Ledger, ledgers
 from hive_bus._bus import ensure_counters_stream, kv_entries, redeclare_workers_bucket
 from hive_bus._cooldown import decode_records, provider_cooldowns
 from hive_bus._counts import submitted_counts
+from hive_bus._dlq import streams as dlq_streams
 from hive_bus._duplicates import duplicate_decoder
 from hive_bus._messages import (
     Cancelled,
@@ -537,7 +538,11 @@ class BusMetrics:
             beats = []
         cooldown_values = await kv_entries(bus.providers_kv, timeout_s=bus.settings.request_timeout_s)
         cooldowns = provider_cooldowns(cooldown_values, beats)
-        states = {stream: (await bus.js.stream_info(stream)).state for stream in _streams(bus)}
+        dead_letter_streams = await dlq_streams(bus)
+        states = {
+            stream: (await bus.js.stream_info(stream)).state
+            for stream in (bus.names.tasks_stream, bus.names.events_stream, *dead_letter_streams)
+        }
         lost = {stream: lost_count(state) for stream, state in states.items()}
         counted = await submitted_counts(bus)
 
@@ -551,7 +556,7 @@ class BusMetrics:
             workers=workers,
             cooldown_s=cooldown_s,
             lost=lost,
-            dead_letters=states[bus.names.dlq_stream].messages,
+            dead_letters=sum(states[stream].messages for stream in dead_letter_streams),
             at_s=time.time(),
         )
         for provider, count in counted.items():
@@ -604,10 +609,6 @@ class BusMetrics:
             if cap is not None:
                 snap.budget_used[(*labels, limit)] = float(value)
                 snap.budget_limit[(*labels, limit)] = float(cap)
-
-
-def _streams(bus: Bus) -> tuple[str, ...]:
-    return (bus.names.tasks_stream, bus.names.events_stream, bus.names.dlq_stream)
 
 
 def lost_count(state: StreamState) -> int:

@@ -1,4 +1,4 @@
-"""The dead-letter stream, as the lead engineer is adding it: ``<PREFIX>_DLQ``, subjects
+"""The dead-letter streams: ``<PREFIX>_DLQ_<provider>``, one per provider, subjects
 ``<prefix>.dlq.<provider>.<task id>``, each holding the failed event with the task.
 
 :func:`dead_lettered_ids` feeds the ledger (no stream yet: nothing is dead-lettered).
@@ -12,11 +12,12 @@ from __future__ import annotations
 import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from hive_bus._dlq import streams
 from hive_bus.bus import Bus
 
 
-def dlq_stream(bus: Bus) -> str:
-    return f"{bus.names.prefix.upper()}_DLQ"
+def dlq_stream(bus: Bus, provider: str) -> str:
+    return f"{bus.names.prefix.upper()}_DLQ_{provider}"
 
 
 def dlq_subject(bus: Bus, provider: str, task_id: str) -> str:
@@ -24,18 +25,21 @@ def dlq_subject(bus: Bus, provider: str, task_id: str) -> str:
 
 
 async def dead_lettered_ids(bus: Bus) -> set[str]:
-    """The task ids in the dead-letter stream (its subjects' last token); empty while it does not exist."""
-    stream = dlq_stream(bus)
-    try:
-        info = await bus.js.stream_info(stream, subjects_filter=f"{bus.names.prefix}.dlq.>")
-    except nats.js.errors.NotFoundError:
-        return set()
-    return {subject.rsplit(".", 1)[-1] for subject in (info.state.subjects or {})}
+    """The task ids in the dead-letter streams (their subjects' last token)."""
+    ids: set[str] = set()
+    for stream in await streams(bus):
+        try:
+            info = await bus.js.stream_info(stream, subjects_filter=f"{bus.names.prefix}.dlq.>")
+        except nats.js.errors.NotFoundError:
+            continue
+        ids |= {subject.rsplit(".", 1)[-1] for subject in (info.state.subjects or {})}
+    return ids
 
 
 async def assert_dead_lettered(bus: Bus, provider: str, task_id: str, reason: str) -> None:
-    """The task is in the dead-letter stream under its own subject, with the failed event's reason."""
-    stream = dlq_stream(bus)
+    """The task is in its provider's dead-letter stream under its own subject, with the failed event's
+    reason."""
+    stream = dlq_stream(bus, provider)
     try:
         await bus.js.stream_info(stream)
     except nats.js.errors.NotFoundError:

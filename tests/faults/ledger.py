@@ -6,7 +6,7 @@ alone, as a user would read them:
 
 - the final events in the events stream (``<prefix>.events.<provider>.<id>.completed|failed``): how
   many each task has (more than one is a duplicate in the record);
-- the dead-letter stream ``<PREFIX>_DLQ``, once it exists (see :mod:`.dead_letters`);
+- the dead-letter streams ``<PREFIX>_DLQ_<provider>`` (see :mod:`.dead_letters`);
 - the tasks stream: a task still held there (queued, running or waiting for a retry) is pending;
 - anything else is lost.
 """

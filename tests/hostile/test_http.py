@@ -257,6 +257,8 @@ async def _p50_s(http: httpx.AsyncClient, method: str, path: str, **kwargs: Any)
 async def test_abandoned_waits_streams_and_feeds_end_with_their_connection(settings: Settings) -> None:
     async with serving(settings) as gw, httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
         task_id = (await http.post("/v1/tasks", json={"provider": "nobody", "prompt": "x"})).json()["id"]
+        # the gateway's one follower of the events stream for all its waits, made by the first wait, stays
+        assert (await http.get(f"/v1/tasks/{task_id}", params={"wait": 0.1})).status_code == 200
         baseline = _subscriptions(gw.bus)
         post_s = await _p50_s(http, "POST", "/v1/tasks", json={"provider": "nobody", "prompt": "y"})
         for path, count in [
