@@ -51,6 +51,7 @@ DEFAULT_DATA = Path(".hive")
 _LAZY_ERRORS = (
     ("hive_bus.services.auth", "AuthConfigError"),
     ("hive_bus.services.gateway", "GatewayError"),
+    ("hive_bus.services.webhooks.config", "WebhookConfigError"),
     ("hive_bus.workers", "ProviderUnavailable"),
 )
 
@@ -65,7 +66,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 def _gateway_extra(command: str) -> None:
     """One clear line, not a traceback, when the gateway's libraries are not installed."""
-    missing = [m for m in ("litestar", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    wanted = ("litestar", "uvicorn", "prometheus_client", "httpx", "standardwebhooks")
+    missing = [m for m in wanted if importlib.util.find_spec(m) is None]
     if missing:
         raise click.ClickException(
             f"{command} needs the 'gateway' extra ({', '.join(missing)} not installed): "
@@ -201,10 +203,12 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
     _gateway_extra("hive up")
     from hive_bus.services.auth import Tokens, check_exposure
     from hive_bus.services.gateway import Gateway, GatewayOptions, bind
+    from hive_bus.services.webhooks import load_webhook_settings
     from hive_bus.workers import available
 
     async def main() -> None:
         tokens = Tokens.from_env(os.environ)
+        webhooks = load_webhook_settings(os.environ)
         check_exposure(host, tokens)
         sock = bind(host, port)  # before anything starts, so a taken port fails fast
         async with run_nats_server(data / "nats", port=nats_port) as server:
@@ -220,7 +224,8 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None) -> 
                     for name, keys in providers.items()
                 ]
                 hive = Hive(bus)
-                gateway = Gateway(hive, GatewayOptions(host=host, port=port, tokens=tokens), sock=sock)
+                options = GatewayOptions(host=host, port=port, tokens=tokens, webhooks=webhooks)
+                gateway = Gateway(hive, options, sock=sock)
                 try:
                     async with anyio.create_task_group() as tg:
                         for worker in workers:
@@ -296,16 +301,19 @@ def gateway(host: str, port: int, max_body_bytes: int, max_connections: int, set
     from hive_bus.services.auth import Tokens, check_exposure
     from hive_bus.services.gateway import Gateway, GatewayOptions, bind
     from hive_bus.services.limits import ConnectionLimits
+    from hive_bus.services.webhooks import load_webhook_settings
 
     async def main() -> None:
         tokens = Tokens.from_env(os.environ)
+        webhooks = load_webhook_settings(os.environ)
         check_exposure(host, tokens)
         sock = bind(host, port)
         async with connect(settings=settings) as hive:
             limits = ConnectionLimits(max_connections=max_connections)
             options = GatewayOptions(
-                host=host, port=port, max_body_bytes=max_body_bytes, tokens=tokens, limits=limits
-            )
+                host=host, port=port, max_body_bytes=max_body_bytes, tokens=tokens, limits=limits,
+                webhooks=webhooks,
+            )  # fmt: skip
             gw = Gateway(hive, options, sock=sock)
             async with anyio.create_task_group() as tg:
                 await tg.start(gw.serve)

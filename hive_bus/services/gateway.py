@@ -42,6 +42,8 @@ from .edge import Edge
 from .fastpath import FastSubmit
 from .limits import ConnectionLimits, ensure_file_limit, limited_protocol
 from .metrics import BusMetrics
+from .webhooks import WebhookConfigError, Webhooks, WebhookSettings
+from .webhooks.api import ROUTES as WEBHOOK_ROUTES
 
 log = logging.getLogger("hive_bus.gateway")
 
@@ -61,6 +63,8 @@ class GatewayOptions:
     # False sends every submission through its route: the same answers, for more CPU (services.fastpath);
     # tests/test_submit_parity.py compares the two.
     fast_path: bool = True
+    # webhooks (services.webhooks): none are sent without a secret
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
 
 # errors ------------------------------------------------------------------------------------------
@@ -143,11 +147,13 @@ def create_app(
         "stopping": stopping or threading.Event(),
         "feed_max_s": options.feed_max_s,
         "audit": audit,
+        "webhooks": options.webhooks,
     }
     app = Litestar(
         route_handlers=[
             *ROUTES,
             *DLQ_ROUTES,
+            *WEBHOOK_ROUTES,
             *(METRICS_ROUTES if metrics is not None else []),
             *(AUDIT_ROUTES if audit is not None else []),
             *dashboard.ROUTES,
@@ -216,6 +222,8 @@ class Gateway:
         self.router = Router(hive.bus)
         settings = hive.bus.settings
         self.audit = StoreAudit(hive.bus, grace_s=settings.audit_grace_s, every_s=settings.audit_every_s)
+        enabled = options.webhooks.enabled
+        self.webhooks = Webhooks(hive.bus, options.webhooks, self.metrics.registry) if enabled else None
         self._stopping = threading.Event()
         self._sock = sock or bind(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]
@@ -236,6 +244,11 @@ class Gateway:
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with self._sock:  # uvicorn does not close a socket it was handed
+            if self.webhooks is not None:
+                try:
+                    await self.webhooks.check()
+                except WebhookConfigError as exc:
+                    raise GatewayError(str(exc)) from None
             await self._serve(task_status)
 
     async def _serve(self, task_status: TaskStatus[None]) -> None:
@@ -248,6 +261,8 @@ class Gateway:
             await tg.start(self.metrics.run)
             await tg.start(self.router.run)
             await tg.start(self.audit.run)
+            if self.webhooks is not None:
+                await tg.start(self.webhooks.run)
             tg.start_soon(http_then_done)
             with anyio.fail_after(10):
                 while not self._server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
