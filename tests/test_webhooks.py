@@ -52,6 +52,8 @@ class Receiver:
     """An HTTP server on loopback that answers 500 to its first ``fail_first`` calls, then 204."""
 
     fail_first: int = 0
+    fail_status: int = 500
+    location: str | None = None  # sent with a failing answer (a redirect's target)
     calls: list[Call] = field(default_factory=list)
     server: ThreadingHTTPServer | None = None
 
@@ -78,7 +80,9 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 verified = exc
             receiver.calls.append(Call(headers=headers, body=body, verified=verified))
             failing = len(receiver.calls) <= receiver.fail_first
-            self.send_response(500 if failing else 204)
+            self.send_response(receiver.fail_status if failing else 204)
+            if failing and receiver.location:
+                self.send_header("location", receiver.location)
             self.send_header("content-length", "0")
             self.end_headers()
 
@@ -238,11 +242,28 @@ async def test_a_retry_lists_its_error_and_next_try(settings: Settings, receiver
     assert len(receiver.calls) == 3
 
 
+async def test_a_redirect_is_not_followed(settings: Settings, receiver: Receiver) -> None:
+    # a redirect could lead anywhere, a private address too: it is a failed attempt, never followed
+    for elsewhere in _serve_receiver(Receiver()):
+        receiver.fail_first, receiver.fail_status, receiver.location = 100, 307, elsewhere.url
+        async with (
+            serving(settings, hooks(HIVE_WEBHOOK_ALLOW_NETWORKS=LOOPBACK)) as stack,
+            running_worker(stack.bus, "echo", EchoProvider()),
+        ):
+            await stack.http.post(
+                "/v1/tasks", json={"provider": "echo", "prompt": "x", "webhook": {"url": receiver.url}}
+            )
+            record = await delivery_in(stack, "retrying")
+        assert record["last_error"] == "answered 307, a redirect (not followed)"
+        assert record["last_status_code"] == 307
+        assert elsewhere.calls == []
+
+
 SSRF = [
     ("http://127.0.0.1:9/hook", "is a loopback address"),
     ("http://10.1.2.3/hook", "is a private address"),
     ("http://169.254.169.254/latest/meta-data/", "is a link-local address"),
-    ("http://localhost:8080/hook", "resolves to 127.0.0.1, a loopback address"),
+    ("http://localhost:8080/hook", "a loopback address"),
     ("http://[::ffff:127.0.0.1]/hook", "a loopback address"),
     ("http://2130706433/hook", "resolves to 127.0.0.1, a loopback address"),
 ]
@@ -309,14 +330,17 @@ async def test_the_address_is_checked_again_at_delivery(
         serving(settings, hooks()) as stack,
         running_worker(stack.bus, "echo", EchoProvider()),
     ):
+        by_name = receiver.url.replace("127.0.0.1", "localhost")
         accepted = await hive.submit_request(
-            TaskRequest(provider="echo", prompt="x", webhook=WebhookSpec(url=receiver.url))
+            TaskRequest(provider="echo", prompt="x", webhook=WebhookSpec(url=by_name))
         )
         record = await delivery_in(stack, "refused")
         metrics = (await stack.http.get("/metrics")).text
     assert record["task_id"] == accepted.id
     assert record["attempts"] == 1
-    assert "127.0.0.1 is a loopback address" in record["last_error"]
+    # localhost may resolve to ::1 first: either is loopback
+    assert "host localhost resolves to " in record["last_error"]
+    assert ", a loopback address" in record["last_error"]
     assert receiver.calls == []
     assert metric(metrics, 'hive_webhook_deliveries_total{result="refused"}') == 1
 

@@ -146,8 +146,11 @@ class Webhooks:
         # The transport itself, not a client: it follows no redirect, reads no proxy from the
         # environment (which would make the request from elsewhere), and logs no URL (a client logs
         # each request's, query and all, at INFO).
+        # No kept-alive connections: the pool knows a connection by its address, and one made for a
+        # name must never carry a request for another name at the same address.
+        transport = httpx.AsyncHTTPTransport(retries=0, limits=httpx.Limits(max_keepalive_connections=0))
         try:
-            async with httpx.AsyncHTTPTransport(retries=0) as client, anyio.create_task_group() as tg:
+            async with transport as client, anyio.create_task_group() as tg:
                 tg.start_soon(self._loop, events, self._queue_or_set_aside, "events")
                 tg.start_soon(self._loop, deliveries, lambda msg: self._deliver(client, msg), "deliveries")
                 task_status.started()
