@@ -22,7 +22,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from hive_bus import FunctionProvider, Hive, Settings, TaskRequest
-from hive_bus._messages import WebhookSpec
+from hive_bus._messages import Completed, WebhookSpec, encoder, now_ms
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayError, GatewayOptions
 from hive_bus.services.webhooks import WebhookConfigError, WebhookSettings, load_webhook_settings
@@ -362,7 +362,11 @@ async def test_gateway_wide_webhooks_get_the_events_they_ask_for(
         running_worker(stack.bus, "echo", EchoProvider()),
         running_worker(stack.bus, "refuser", FunctionProvider(handlers.refuse)),
     ):
-        ok = await stack.http.post("/v1/tasks", json={"provider": "echo", "prompt": "fine"})
+        # its own webhook wants failures only: a completion is announced to no one
+        only_failures = {"url": receiver.url, "events": ["task.failed"]}
+        ok = await stack.http.post(
+            "/v1/tasks", json={"provider": "echo", "prompt": "fine", "webhook": only_failures}
+        )
         bad = await stack.http.post("/v1/tasks", json={"provider": "refuser", "prompt": "not allowed"})
         await stack.http.get(f"/v1/tasks/{ok.json()['id']}", params={"wait": 10})
         record = await delivery_in(stack, "delivered")
@@ -371,6 +375,36 @@ async def test_gateway_wide_webhooks_get_the_events_they_ask_for(
     data = receiver.calls[0].verified["data"]
     assert (data["id"], data["status"], data["reason"]) == (bad.json()["id"], "failed", "permanent")
     assert "the prompt is not allowed" in data["error"]
+
+
+async def test_an_outcome_another_provider_wrote_announces_nothing(
+    settings: Settings, receiver: Receiver
+) -> None:
+    # A worker credential may write events under its own provider for any task id; a "completed" for
+    # a task queued on another provider is not that task's end, and no webhook says it is.
+    async with serving(settings, hooks(HIVE_WEBHOOK_ALLOW_NETWORKS=LOOPBACK)) as stack:
+        r = await stack.http.post(
+            "/v1/tasks", json={"provider": "nobody", "prompt": "x", "webhook": {"url": receiver.url}}
+        )
+        task_id = r.json()["id"]
+        names = stack.bus.names
+        forged = Completed(
+            task_id=task_id, provider="echo", at_ms=now_ms(), attempt=1, worker="w", output="forged"
+        )
+        ack = await stack.bus.js.publish(
+            names.event_subject("echo", task_id, "completed"),
+            encoder.encode(forged),
+            stream=names.events_stream,
+        )
+
+        async def read_past_it() -> bool | None:
+            info = await stack.bus.js.consumer_info(names.events_stream, names.webhook_events_consumer)
+            return True if info.ack_floor.stream_seq >= ack.seq else None
+
+        await eventually(read_past_it, 10, "the forged event handled")
+        listed = await deliveries(stack, task_id=task_id)
+    assert listed == []
+    assert receiver.calls == []
 
 
 @pytest.mark.slow
