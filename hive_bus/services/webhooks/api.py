@@ -53,7 +53,7 @@ async def list_deliveries(
     after the last retry; ``refused``: the address is not one webhooks may go to."""
     bus: Bus = state.hive.bus
     try:
-        found = await records.recent(bus, limit=MAX_LIST * 10)
+        found = await records.recent(bus)
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not read the webhook deliveries: {exc}") from None
     kept = [

@@ -19,9 +19,11 @@ The address is checked again at each attempt and the request goes to the very ad
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,7 +53,7 @@ from .source import final_events
 log = logging.getLogger("hive_bus.webhooks")
 
 FETCH_WAIT_S = 2.0
-DELIVERIES_AT_ONCE = 16
+AT_ONCE = 16  # events queued, or deliveries made, at once by one gateway
 PENDING_EVERY_S = 5.0
 RESULTS = ("delivered", "retrying", "failed", "refused")
 
@@ -128,6 +130,7 @@ class Webhooks:
             self._results.labels(result)
         self._pending = _Pending()
         registry.register(self._pending)
+        self._counted_at = -math.inf
 
     async def check(self) -> None:
         """Raise :class:`WebhookConfigError` for a gateway-wide webhook whose address is not allowed
@@ -152,7 +155,8 @@ class Webhooks:
         try:
             async with transport as client, anyio.create_task_group() as tg:
                 tg.start_soon(self._loop, events, self._queue_or_set_aside, "events")
-                tg.start_soon(self._loop, deliveries, lambda msg: self._deliver(client, msg), "deliveries")
+                deliver = functools.partial(self._deliver, client)
+                tg.start_soon(self._loop, deliveries, deliver, "deliveries", self._count_pending)
                 task_status.started()
         finally:
             await unsubscribe(events, timeout_s=3)
@@ -175,11 +179,17 @@ class Webhooks:
             names.all_webhooks, durable=names.webhooks_consumer, stream=names.webhooks_stream, config=config
         )
 
-    async def _loop(self, sub: JetStreamContext.PullSubscription, handle: Any, what: str) -> None:
-        counted_at = 0.0
+    async def _loop(
+        self,
+        sub: JetStreamContext.PullSubscription,
+        handle: Callable[[nats.aio.msg.Msg], Coroutine[Any, Any, None]],
+        what: str,
+        after: Callable[[JetStreamContext.PullSubscription], Awaitable[None]] | None = None,
+    ) -> None:
+        """Fetch a batch, handle its messages at once, again; ``after`` each round."""
         while True:
             try:
-                msgs = await sub.fetch(batch=DELIVERIES_AT_ONCE, timeout=FETCH_WAIT_S)
+                msgs = await sub.fetch(batch=AT_ONCE, timeout=FETCH_WAIT_S)
             except TimeoutError:
                 msgs = []
             except BUS_ERRORS as exc:
@@ -189,11 +199,17 @@ class Webhooks:
             async with anyio.create_task_group() as tg:
                 for msg in msgs:
                     tg.start_soon(handle, msg)
-            if what == "deliveries" and anyio.current_time() - counted_at > PENDING_EVERY_S:
-                counted_at = anyio.current_time()
-                with contextlib.suppress(*BUS_ERRORS):
-                    info = await sub.consumer_info()
-                    self._pending.value = (info.num_pending or 0) + (info.num_ack_pending or 0)
+            if after is not None:
+                await after(sub)
+
+    async def _count_pending(self, sub: JetStreamContext.PullSubscription) -> None:
+        """The pending gauge, read from the consumer at most every few seconds."""
+        if anyio.current_time() - self._counted_at < PENDING_EVERY_S:
+            return
+        self._counted_at = anyio.current_time()
+        with contextlib.suppress(*BUS_ERRORS):
+            info = await sub.consumer_info()
+            self._pending.value = (info.num_pending or 0) + (info.num_ack_pending or 0)
 
     # queueing ----------------------------------------------------------------------------------------
 

@@ -127,9 +127,9 @@ async def write(bus: Bus, record: DeliveryRecord, *, only_if_new: bool = False) 
             raise
 
 
-async def recent(bus: Bus, *, limit: int, timeout_s: float = 5.0) -> list[DeliveryRecord]:
-    """The last records, the most recently updated first. Reads the whole log (it is bounded by
-    ``log_max_msgs``)."""
+async def recent(bus: Bus, *, timeout_s: float = 5.0) -> list[DeliveryRecord]:
+    """Every record, the most recently updated first. Reads the whole log (bounded by
+    ``log_max_msgs``: 10,000 records of a few hundred bytes by default)."""
     names = bus.names
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, mem_storage=True, inactive_threshold=60.0
@@ -152,4 +152,4 @@ async def recent(bus: Bus, *, limit: int, timeout_s: float = 5.0) -> list[Delive
     finally:
         await unsubscribe(psub)
     found.sort(key=lambda r: (r.updated_at_ms, r.id), reverse=True)
-    return found[:limit]
+    return found
