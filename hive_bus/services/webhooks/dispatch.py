@@ -186,21 +186,34 @@ class Webhooks:
         what: str,
         after: Callable[[JetStreamContext.PullSubscription], Awaitable[None]] | None = None,
     ) -> None:
-        """Fetch a batch, handle its messages at once, again; ``after`` each round."""
-        while True:
+        """Handle up to :data:`AT_ONCE` messages at a time, fetching more as soon as one is done (a
+        receiver that never answers holds one slot for its timeout, not a whole batch); ``after``
+        each fetch."""
+        slots = anyio.Semaphore(AT_ONCE)
+
+        async def handled(msg: nats.aio.msg.Msg) -> None:
             try:
-                msgs = await sub.fetch(batch=AT_ONCE, timeout=FETCH_WAIT_S)
-            except TimeoutError:
-                msgs = []
-            except BUS_ERRORS as exc:
-                log.warning("webhooks: fetching %s failed (%s); trying again", what, exc)
-                await anyio.sleep(1)
-                continue
-            async with anyio.create_task_group() as tg:
+                await handle(msg)
+            finally:
+                slots.release()
+
+        async with anyio.create_task_group() as tg:
+            while True:
+                async with slots:  # wait for a free one
+                    pass
+                try:
+                    msgs = await sub.fetch(batch=slots.value, timeout=FETCH_WAIT_S)
+                except TimeoutError:
+                    msgs = []
+                except BUS_ERRORS as exc:
+                    log.warning("webhooks: fetching %s failed (%s); trying again", what, exc)
+                    await anyio.sleep(1)
+                    continue
                 for msg in msgs:
-                    tg.start_soon(handle, msg)
-            if after is not None:
-                await after(sub)
+                    slots.acquire_nowait()  # fetched no more than were free
+                    tg.start_soon(handled, msg)
+                if after is not None:
+                    await after(sub)
 
     async def _count_pending(self, sub: JetStreamContext.PullSubscription) -> None:
         """The pending gauge, read from the consumer at most every few seconds."""
