@@ -53,7 +53,7 @@ from .source import final_events
 log = logging.getLogger("hive_bus.webhooks")
 
 FETCH_WAIT_S = 2.0
-AT_ONCE = 16  # events queued, or deliveries made, at once by one gateway
+AT_ONCE = 64  # events queued, or deliveries made, at once by one gateway
 PENDING_EVERY_S = 5.0
 RESULTS = ("delivered", "retrying", "failed", "refused")
 
