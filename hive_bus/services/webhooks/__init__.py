@@ -2,7 +2,7 @@
 Standard Webhooks spec says, delivered from the bus at least once with retries for hours.
 
 ``config`` (settings, the signer), ``urls`` (where a webhook may go), ``source`` (the one reader of
-the events stream), ``records`` (the queue and the delivery log on the bus), ``dispatch`` (queueing
+the events stream), ``records`` (the queue and the delivery log on the bus), ``payload`` (the body and its id), ``dispatch`` (queueing
 and delivering), ``api`` (the submission check and ``GET /v1/webhooks/deliveries``).
 """
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -40,13 +39,14 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from hive_bus import __version__
 from hive_bus._assigned import assignment
 from hive_bus._errors import HiveError, TooLarge
-from hive_bus._messages import Task, TaskEvent, TaskView, event_decoder, now_ms
+from hive_bus._messages import Task, TaskEvent, event_decoder, now_ms
 from hive_bus._nats import BUS_ERRORS, unsubscribe
 from hive_bus._size import js_publish
 from hive_bus.bus import Bus
 
 from . import records, urls
 from .config import Signer, WebhookConfigError, WebhookSettings
+from .payload import payload, webhook_id, without_output
 from .records import Delivery, DeliveryRecord, DeliveryStatus
 from .source import final_events
 
@@ -56,38 +56,6 @@ FETCH_WAIT_S = 2.0
 AT_ONCE = 64  # events queued, or deliveries made, at once by one gateway
 PENDING_EVERY_S = 5.0
 RESULTS = ("delivered", "retrying", "failed", "refused")
-
-
-class WebhookTask(TaskView, frozen=True, kw_only=True, omit_defaults=True):
-    """A webhook's ``data``: the task's end as ``GET /v1/tasks/{id}`` shows it, with its metadata."""
-
-    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
-class Payload(msgspec.Struct, frozen=True, kw_only=True):
-    """The body of every webhook, in the Standard Webhooks shape (``type``, ``timestamp``, ``data``)."""
-
-    type: str
-    timestamp: str
-    data: WebhookTask
-
-
-_encode = msgspec.json.Encoder().encode
-
-
-def webhook_id(task: Task, status: str, url: str) -> str:
-    """The same for one task run's end and one receiver, whichever gateway queues it and however often."""
-    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-    return f"msg_{task.id}_{task.run}_{status}_{digest}"
-
-
-def payload(kind: str, event: TaskEvent, task: Task) -> bytes:
-    view = msgspec.structs.asdict(TaskView.of(event))
-    at = datetime.fromtimestamp(event.at_ms / 1000, UTC).isoformat(timespec="milliseconds")
-    body = Payload(
-        type=kind, timestamp=at.replace("+00:00", "Z"), data=WebhookTask(**view, metadata=task.metadata)
-    )
-    return _encode(body)
 
 
 class _Pending:
@@ -283,13 +251,13 @@ class Webhooks:
             only_if_new=True,
         )  # fmt: skip
         body = payload(kind, event, task)
-        for attempt in (body, _without_output(body)):
+        for attempt in (body, without_output(body)):
             delivery = Delivery(
                 id=wid, url=url, event=kind, task_id=task.id, created_at_ms=at, body=msgspec.Raw(attempt)
             )
             try:
                 await js_publish(
-                    self._bus.js, self._bus.nc, names.webhook_subject(wid), _encode(delivery),
+                    self._bus.js, self._bus.nc, names.webhook_subject(wid), records.encoder.encode(delivery),
                     stream=names.webhooks_stream, headers={"Nats-Msg-Id": wid}, what="webhook delivery",
                 )  # fmt: skip
                 return
@@ -393,14 +361,6 @@ class Webhooks:
         except BUS_ERRORS as exc:
             # unsettled, it comes back after the consumer's AckWait: sent again under the same id
             log.warning("webhooks: delivery %s not settled (%s); it comes back", delivery.id, exc)
-
-
-def _without_output(body: bytes) -> bytes:
-    doc = msgspec.json.decode(body)
-    doc["data"].pop("output", None)
-    doc["data"].pop("metadata", None)
-    doc["data"]["truncated"] = True
-    return _encode(doc)
 
 
 def _seq(msg: nats.aio.msg.Msg) -> str:
