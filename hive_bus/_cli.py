@@ -56,6 +56,7 @@ DEFAULT_DATA = Path(".hive")
 _LAZY_ERRORS = (
     ("hive_bus.services.auth", "AuthConfigError"),
     ("hive_bus.services.gateway", "GatewayError"),
+    ("hive_bus.services.webhooks.config", "WebhookConfigError"),
     ("hive_bus.workers", "ProviderUnavailable"),
 )
 
@@ -70,7 +71,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 def _gateway_extra(command: str) -> None:
     """One clear line, not a traceback, when the gateway's libraries are not installed."""
-    missing = [m for m in ("litestar", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    wanted = ("litestar", "uvicorn", "prometheus_client", "httpx", "standardwebhooks")
+    missing = [m for m in wanted if importlib.util.find_spec(m) is None]
     if missing:
         raise click.ClickException(
             f"{command} needs the 'gateway' extra ({', '.join(missing)} not installed): "
@@ -228,10 +230,12 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None, rou
     _gateway_extra("hive up")
     from hive_bus.services.auth import Tokens, check_exposure
     from hive_bus.services.gateway import Gateway, GatewayOptions, bind
+    from hive_bus.services.webhooks import load_webhook_settings
     from hive_bus.workers import available
 
     async def main() -> None:
         tokens = Tokens.from_env(os.environ)
+        webhooks = load_webhook_settings(os.environ)
         check_exposure(host, tokens)
         routes = Routes.load(routes_file or os.environ.get(ENV_ROUTES))
         sock = bind(host, port)  # before anything starts, so a taken port fails fast
@@ -248,7 +252,9 @@ def up(host: str, port: int, nats_port: int, data: Path, prefix: str | None, rou
                     for name, keys in providers.items()
                 ]
                 hive = Hive(bus)
-                options = GatewayOptions(host=host, port=port, tokens=tokens, routes=routes)
+                options = GatewayOptions(
+                    host=host, port=port, tokens=tokens, routes=routes, webhooks=webhooks
+                )
                 gateway = Gateway(hive, options, sock=sock)
                 try:
                     async with anyio.create_task_group() as tg:
@@ -350,6 +356,7 @@ def gateway(
     from hive_bus.services.auth import Tokens, check_exposure
     from hive_bus.services.gateway import Gateway, GatewayOptions, bind
     from hive_bus.services.limits import ConnectionLimits, ParserUnavailable, http_parser
+    from hive_bus.services.webhooks import load_webhook_settings
 
     try:
         http_parser(http.lower())  # type: ignore[arg-type]  # one of the choices; a missing one fails here
@@ -358,6 +365,7 @@ def gateway(
 
     async def main() -> None:
         tokens = Tokens.from_env(os.environ)
+        webhooks = load_webhook_settings(os.environ)
         check_exposure(host, tokens)
         routes = Routes.load(routes_file or os.environ.get(ENV_ROUTES))
         sock = bind(host, port)
@@ -372,6 +380,7 @@ def gateway(
                 routes=routes,
                 stream_keepalive_s=stream_keepalive_s,
                 http=http.lower(),  # type: ignore[arg-type]  # one of the choices
+                webhooks=webhooks,
             )
             gw = Gateway(hive, options, sock=sock)
             async with anyio.create_task_group() as tg:

@@ -65,6 +65,9 @@ Fallback = Annotated[
     ),
 ]
 Seconds = Annotated[float, Meta(gt=0, le=30 * 86400)]
+# What a task's webhook may announce ("task.cancelled" once cancelling lands; accepted already).
+WebhookEvent = Literal["task.completed", "task.failed", "task.cancelled"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("task.completed", "task.failed", "task.cancelled")
 
 DEFAULT_MAX_ATTEMPTS = 5
 # How long a task waits out its provider's rate limit before it moves to a fallback (if it has one).
@@ -251,6 +254,20 @@ class RequestJsonSchemaFormat(
 RequestResponseFormat = TextFormat | JsonObjectFormat | RequestJsonSchemaFormat
 
 
+class WebhookSpec(Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Where to announce a task's end: an http(s) URL, and which ends (all by default). The gateway
+    refuses private, loopback and link-local addresses (see ``hive_bus.services.webhooks``)."""
+
+    url: Annotated[str, Meta(min_length=1, max_length=2048, pattern=r"^[hH][tT][tT][pP][sS]?://\S+$")]
+    events: Annotated[list[WebhookEvent], Meta(min_length=1, max_length=3)] = msgspec.field(
+        default_factory=lambda: list(WEBHOOK_EVENTS)
+    )
+
+    def __post_init__(self) -> None:
+        if len(set(self.events)) != len(self.events):
+            raise ValueError("webhook.events names an event twice")
+
+
 class TaskContent(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """The part of a task that the claim check moves to the Object Store when it is large."""
 
@@ -294,6 +311,8 @@ class _TaskFields(Struct, frozen=True, kw_only=True, omit_defaults=True):
     # Ask the worker to forward the output as it is produced, in chunks on core NATS (``hive_bus._chunks``),
     # to a reader that subscribed before submission; the completed event still holds the whole output.
     stream: bool = False
+    # Announce the task's end to this URL (signed; see hive_bus.services.webhooks).
+    webhook: WebhookSpec | None = None
 
     def __post_init__(self) -> None:
         # checked on every decode too (msgspec reports the ValueError as a validation error)
@@ -586,6 +605,7 @@ _PLAIN_WORDS = {
     "prompt": "prompt must be a string with at least one non-blank character",
     "provider": "provider must be 1-64 letters, digits, '_' or '-' (it becomes a NATS subject token)",
     "fallback": "each fallback must be a provider name, or provider:model",
+    "url": "url must be an http:// or https:// URL of at most 2048 characters, without spaces",
 }
 
 

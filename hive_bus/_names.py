@@ -248,3 +248,46 @@ class Names:
     def provider_of_subject(self, subject: str) -> str:
         """The provider token of a task or event subject."""
         return subject.split(".")[2]
+
+    # webhooks (hive_bus.services.webhooks) -------------------------------------------------------
+    # ``<PREFIX>_WEBHOOKS`` is the work-queue stream of deliveries to make, one message per event and
+    # receiver on ``<prefix>.webhooks.out.<webhook id>``; ``<PREFIX>_WEBHOOK_LOG`` keeps the last record
+    # of each delivery on ``<prefix>.webhooks.log.<webhook id>`` (one message per subject). The gateways
+    # share two durable consumers: ``<prefix>_webhooks_events`` reads the final events and queues their
+    # deliveries, ``<prefix>_webhooks`` makes them.
+
+    @property
+    def webhooks_stream(self) -> str:
+        return f"{self.prefix.upper()}_WEBHOOKS"
+
+    @property
+    def webhook_log_stream(self) -> str:
+        return f"{self.prefix.upper()}_WEBHOOK_LOG"
+
+    def webhook_subject(self, webhook_id: str) -> str:
+        return f"{self.prefix}.webhooks.out.{webhook_id}"
+
+    @property
+    def all_webhooks(self) -> str:
+        return f"{self.prefix}.webhooks.out.*"
+
+    def webhook_log_subject(self, webhook_id: str) -> str:
+        return f"{self.prefix}.webhooks.log.{webhook_id}"
+
+    @property
+    def all_webhook_logs(self) -> str:
+        return f"{self.prefix}.webhooks.log.*"
+
+    @property
+    def webhook_events_consumer(self) -> str:
+        return f"{self.prefix}_webhooks_events"
+
+    @property
+    def webhooks_consumer(self) -> str:
+        return f"{self.prefix}_webhooks"
+
+    @property
+    def webhook_events(self) -> list[str]:
+        """The subject filters of the events a webhook may announce: every task's final event
+        (``cancelled`` included, for the cancel of issue 16)."""
+        return [f"{self.prefix}.events.*.*.{status}" for status in ("completed", "failed", "cancelled")]

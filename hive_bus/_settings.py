@@ -17,7 +17,8 @@ from ._names import Names, is_valid_token
 ENV_PREFIX = "HIVE_"
 # Variables that start with HIVE_ but are read (and checked) by a component of their own, not by Settings.
 _FOREIGN_ENV = frozenset({"HIVE_LOG_LEVEL", "HIVE_LOOP", "HIVE_METRICS_TOKEN", "HIVE_METRICS_TOKEN_FILE"})
-_FOREIGN_PREFIXES = ("HIVE_GATEWAY_",)  # the gateway's own loader rejects unknown ones
+# read by the gateway, whose own loaders reject unknown ones (HIVE_WEBHOOK: HIVE_WEBHOOK_* and HIVE_WEBHOOKS*)
+_FOREIGN_PREFIXES = ("HIVE_GATEWAY_", "HIVE_WEBHOOK")
 
 PositiveSeconds = Annotated[float, Meta(gt=0)]
 PositiveInt = Annotated[int, Meta(gt=0)]

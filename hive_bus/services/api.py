@@ -48,6 +48,7 @@ from hive_bus._nats import BUS_ERRORS, follow, following, unsubscribe
 from . import answers
 from .answers import BatchAccepted, ErrorBody, TaskAccepted
 from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics, UsageSince, lost_count
+from .webhooks.api import refusal as webhook_refusal
 
 log = logging.getLogger("hive_bus.gateway")
 
@@ -108,6 +109,9 @@ async def _too_deep(request: Request[Any, Any, Any]) -> Response[Any] | None:
 async def submit_task(data: JSONBody[TaskRequest], state: State) -> Response[TaskAccepted]:
     """Queue one task. 202 once JetStream has stored it; 200 with the first task's id and current
     status when the idempotency key was already used inside the de-duplication window."""
+    refused = await webhook_refusal(state.webhooks, data)
+    if refused is not None:
+        return as_response(answers.invalid(refused[1], field=refused[0]))
     return as_response(await answers.submit_one(_hive(state), data))
 
 
@@ -126,6 +130,10 @@ async def submit_batch(data: JSONBody[BatchRequest], state: State) -> Response[B
     A task that is not valid makes the whole batch a 400 naming it, and nothing is queued."""
     limit: int = state.max_batch
     answer = answers.batch_size_error(len(data.tasks), limit)
+    for i, task in enumerate(data.tasks if answer is None else []):
+        refused = await webhook_refusal(state.webhooks, task)
+        if refused is not None:  # the whole batch, as for any task that is not valid
+            return as_response(answers.invalid(f"tasks[{i}].{refused[1]}", field=f"tasks[{i}].{refused[0]}"))
     return as_response(answer or await answers.submit_many(_hive(state), data.tasks))
 
 

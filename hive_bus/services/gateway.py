@@ -50,6 +50,8 @@ from .files_api import FILE_ROUTES, on_file_not_found
 from .limits import ConnectionLimits, HttpChoice, ensure_file_limit, http_parser, limited_protocol
 from .metrics import BusMetrics
 from .openai_chat import CHAT_ROUTES, DEFAULT_CHAT_WAIT_S, Catalog
+from .webhooks import WebhookConfigError, Webhooks, WebhookSettings
+from .webhooks.api import ROUTES as WEBHOOK_ROUTES
 
 log = logging.getLogger("hive_bus.gateway")
 
@@ -77,6 +79,8 @@ class GatewayOptions:
     # completion waits for its task when the request does not say (X-Hive-Wait).
     routes: Routes = field(default_factory=Routes)
     chat_wait_s: float = DEFAULT_CHAT_WAIT_S
+    # webhooks (services.webhooks): none are sent without a secret
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
 
 # errors ------------------------------------------------------------------------------------------
@@ -162,6 +166,7 @@ def create_app(
         "catalog": Catalog(hive, options.routes),
         "chat_wait_s": options.chat_wait_s,
         "stream_keepalive_s": options.stream_keepalive_s,
+        "webhooks": options.webhooks,
     }
     app = Litestar(
         route_handlers=[
@@ -169,6 +174,7 @@ def create_app(
             *DLQ_ROUTES,
             *FILE_ROUTES,
             *CHAT_ROUTES,
+            *WEBHOOK_ROUTES,
             *(METRICS_ROUTES if metrics is not None else []),
             *(BOARD_ROUTES if metrics is not None else []),
             *TASK_ROUTES,
@@ -243,6 +249,8 @@ class Gateway:
         self.router = Router(hive.bus)
         settings = hive.bus.settings
         self.audit = StoreAudit(hive.bus, grace_s=settings.audit_grace_s, every_s=settings.audit_every_s)
+        enabled = options.webhooks.enabled
+        self.webhooks = Webhooks(hive.bus, options.webhooks, self.metrics.registry) if enabled else None
         self._stopping = threading.Event()
         self.parser = http_parser(options.http)
         self._sock = sock or bind(options.host, options.port)
@@ -268,6 +276,11 @@ class Gateway:
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         with self._sock:  # uvicorn does not close a socket it was handed
+            if self.webhooks is not None:
+                try:
+                    await self.webhooks.check()
+                except WebhookConfigError as exc:
+                    raise GatewayError(str(exc)) from None
             await self._serve(task_status)
 
     async def _serve(self, task_status: TaskStatus[None]) -> None:
@@ -284,6 +297,8 @@ class Gateway:
             await tg.start(self.metrics.run)
             await tg.start(self.router.run)
             await tg.start(self.audit.run)
+            if self.webhooks is not None:
+                await tg.start(self.webhooks.run)
             tg.start_soon(http_then_done)
             with anyio.fail_after(10):
                 while not self._server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
