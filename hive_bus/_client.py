@@ -392,6 +392,11 @@ class Hive:
         if len(self._mine) > MINE_TASKS:
             self._mine.popitem(last=False)
 
+    @property
+    def waiting(self) -> int:
+        """How many tasks this client's waits (:meth:`wait`) are waiting on now."""
+        return len(self._waits)
+
     async def _current(self, task_id: str) -> tuple[TaskView, int]:
         """The task's state (its output not read back), counted from the provider it is assigned to (no
         other credential's events), and the sequence after which an event of it counts."""

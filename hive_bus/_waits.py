@@ -83,6 +83,10 @@ class Waits:
             send.close()
             receive.close()
 
+    def __len__(self) -> int:
+        """How many tasks are being waited on now."""
+        return len(self._waiting)
+
     def quiet_since(self, task_id: str, seq: int) -> bool:
         """Whether the follower has delivered every ``completed``, ``failed`` and ``moved`` event stored
         after ``seq``, and none of them was ``task_id``'s: call it once the task's watch stands, and

@@ -55,6 +55,7 @@ max_attempts = 1
 @dataclass
 class Stack:
     bus: Bus
+    hive: Hive
     url: str
     client: openai.AsyncOpenAI
     http: httpx.AsyncClient
@@ -64,7 +65,8 @@ class Stack:
 async def serving(settings: Settings, routes: Routes) -> AsyncIterator[Stack]:
     options = GatewayOptions(port=0, tokens=Tokens(api=frozenset({TOKEN})), routes=routes)
     async with open_bus(settings) as bus:
-        gateway = Gateway(Hive(bus), options)
+        hive = Hive(bus)
+        gateway = Gateway(hive, options)
         async with anyio.create_task_group() as tg:
             await tg.start(gateway.serve)
             headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -72,7 +74,7 @@ async def serving(settings: Settings, routes: Routes) -> AsyncIterator[Stack]:
                 openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=TOKEN, max_retries=0) as client,
                 httpx.AsyncClient(base_url=gateway.url, headers=headers, timeout=30) as http,
             ):
-                yield Stack(bus, gateway.url, client, http)
+                yield Stack(bus, hive, gateway.url, client, http)
             gateway.stop()
 
 
@@ -409,20 +411,17 @@ async def test_a_client_that_goes_away_ends_its_wait_and_the_task_goes_on(stack:
         await release.wait()
         return "done anyway"
 
-    async def waits_ended(at_most: int) -> bool:
-        info = await stack.bus.js.stream_info(stack.bus.names.events_stream)
-        return info.state.consumer_count <= at_most
+    async def waits_ended() -> bool:
+        return stack.hive.waiting == 0
 
     async with running_worker(stack.bus, "held", FunctionProvider(held)):
-        info = await stack.bus.js.stream_info(stack.bus.names.events_stream)
-        before = info.state.consumer_count
         body = {"model": "held", "messages": [{"role": "user", "content": "x"}]}
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
             await stack.http.post(
                 "/v1/chat/completions", json=body, headers={"X-Hive-Wait": "60"}, timeout=1.5
             )
-        # the gateway's wait (a consumer of the events stream) ends with the connection, not after 60 s
-        await eventually(lambda: waits_ended(before), 10, "the wait to end with its client")
+        # the gateway's wait ends with the connection, not after 60 s
+        await eventually(waits_ended, 10, "the wait to end with its client")
         release.set()
         [task] = (await stack.http.get("/v1/tasks", params={"provider": "held"})).json()
         done = await stack.http.get(f"/v1/tasks/{task['id']}", params={"wait": 10})
