@@ -217,13 +217,16 @@ class Hive:
                 await self._requeued(task)
         return Accepted(task.id, duplicate)
 
-    async def submit_batch(self, requests: Sequence[TaskRequest]) -> list[Accepted | HiveError]:
+    async def submit_batch(
+        self, requests: Sequence[TaskRequest], *, task_ids: Sequence[str] | None = None
+    ) -> list[Accepted | HiveError]:
         """Queue validated requests, each as :meth:`submit_request` would, with the publishes of all of
         them in flight together: every ``queued`` event, then every task whose event was stored. Each
         task's event is stored before the task is published, and a task counts as accepted only once
         JetStream stored it. Returns each request's outcome, in order: accepted, or the error that
         kept it out. A task the bus cannot carry raises :class:`TooLarge` naming its index, before
-        anything is queued."""
+        anything is queued. ``task_ids`` gives each task its id (a batch's lines have ids made from the
+        batch and the line, so that a line queued twice is one task); new ids by default."""
         for i, request in enumerate(requests):
             try:
                 check_fields(request)
@@ -231,7 +234,10 @@ class Hive:
                 raise NestedTooDeep(f"tasks[{i}].{exc.field}", exc.limit) from None
         if not self._bus.nc.is_connected:  # each task's outcome all the same: none was accepted
             return [BusUnavailable("not connected to NATS; not accepted") for _ in requests]
-        tasks = [await self._routed(Task.from_request(r)) for r in requests]
+        made = [Task.from_request(r) for r in requests]
+        if task_ids is not None:
+            made = [msgspec.structs.replace(t, id=i) for t, i in zip(made, task_ids, strict=True)]
+        tasks = [await self._routed(t) for t in made]
         keys = [r.idempotency_key for r in requests]
         for i, task in enumerate(tasks):
             with _naming_task(i):

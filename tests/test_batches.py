@@ -1,0 +1,275 @@
+"""Batches (issue 15): OpenAI's Batch API on the gateway, driven by the real ``openai`` SDK; a batch is an
+object of the bus (KV state, files in the Object Store, lines as tasks), so a second gateway or a
+restarted one neither loses nor doubles a line."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import openai
+import pytest
+from openai.types import Batch as OpenAIBatch
+
+from hive_bus import Hive, Settings
+from hive_bus._batches import BatchStore
+from hive_bus._routes import Routes
+from hive_bus.bus import Bus, open_bus
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
+from hive_bus.workers.gemini import GeminiProvider
+from hive_bus.workers.groq import GroqProvider
+
+from .fakes import ProviderFakes
+from .helpers import eventually, running_worker
+
+pytestmark = pytest.mark.anyio
+
+KEY = "gsk_batch_key_0123456789"
+
+
+def line(custom_id: str, content: str, model: str = "echo", **extra: Any) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": content}]}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body, **extra}
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(x, ensure_ascii=False).encode() + b"\n" for x in lines)
+
+
+@dataclass
+class Stack:
+    bus: Bus
+    hive: Hive
+    gateway: Gateway
+    client: openai.AsyncOpenAI
+
+
+@asynccontextmanager
+async def serving(settings: Settings, routes: Routes | None = None) -> AsyncIterator[Stack]:
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        gateway = Gateway(hive, GatewayOptions(port=0, routes=routes or Routes()))
+        async with anyio.create_task_group() as tg:
+            await tg.start(gateway.serve)
+            async with openai.AsyncOpenAI(
+                base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0
+            ) as client:
+                yield Stack(bus, hive, gateway, client)
+            gateway.stop()
+
+
+async def ended(client: openai.AsyncOpenAI, batch_id: str, timeout_s: float = 60) -> OpenAIBatch:
+    async def probe() -> OpenAIBatch | None:
+        batch = await client.batches.retrieve(batch_id)
+        return batch if batch.status in ("completed", "failed", "expired", "cancelled") else None
+
+    return await eventually(probe, timeout_s, f"batch {batch_id} to end")
+
+
+async def output_lines(client: openai.AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    assert file_id is not None
+    content = await client.files.content(file_id)
+    return [json.loads(x) for x in content.read().splitlines()]
+
+
+async def test_a_batch_runs_end_to_end_with_the_openai_sdk_and_its_output_is_in_input_order(
+    settings: Settings,
+) -> None:
+    lines = [line(f"post-{i}", f"Un tuit sobre café número {i}") for i in range(40)]
+    async with serving(settings) as stack, running_worker(stack.bus, "echo", EchoProvider(), concurrency=8):
+        client = stack.client
+        uploaded = await client.files.create(file=("posts.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"week": "49"},
+        )
+        assert (batch.status, batch.input_file_id, batch.metadata) == (
+            "validating",
+            uploaded.id,
+            {"week": "49"},
+        )
+        done = await ended(client, batch.id)
+        assert done.status == "completed"
+        assert done.request_counts is not None
+        assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (
+            40,
+            40,
+            0,
+        )
+        assert done.error_file_id is None
+        out = await output_lines(client, done.output_file_id)
+        assert [o["custom_id"] for o in out] == [x["custom_id"] for x in lines]  # input order
+        for o, x in zip(out, lines, strict=True):
+            assert o["error"] is None
+            assert o["response"]["status_code"] == 200
+            body = o["response"]["body"]
+            assert body["object"] == "chat.completion"
+            assert body["choices"][0]["message"]["content"] == x["body"]["messages"][0]["content"]
+        listed = await client.batches.list(limit=10)
+        assert [b.id for b in listed.data] == [batch.id]
+        assert (await client.files.retrieve(done.output_file_id or "")).purpose == "batch_output"
+
+
+async def test_a_bad_line_fails_the_batch_with_its_number_and_nothing_is_queued(settings: Settings) -> None:
+    lines = [line("a", "one"), line("b", "two"), line("a", "three"), line("c", "four", model="nope/x")]
+    lines.append({**line("d", "five"), "url": "/v1/embeddings"})
+    async with serving(settings) as stack:
+        client = stack.client
+        uploaded = await client.files.create(file=("bad.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = await ended(client, batch.id)
+        assert done.status == "failed"
+        assert done.errors is not None and done.errors.data is not None
+        found = [(e.line, e.code) for e in done.errors.data]
+        assert found == [(3, "duplicate_custom_id"), (4, "model_not_found"), (5, "invalid_request")]
+        assert "used by an earlier line" in (done.errors.data[0].message or "")
+        assert "/v1/embeddings" in (done.errors.data[2].message or "")
+        info = await stack.bus.js.stream_info(stack.bus.names.tasks_stream)
+        assert info.state.messages == 0
+
+
+async def test_a_batch_request_with_a_bad_window_or_file_is_refused(settings: Settings) -> None:
+    async with serving(settings) as stack:
+        client = stack.client
+        uploaded = await client.files.create(
+            file=("x.jsonl", io.BytesIO(jsonl([line("a", "b")]))), purpose="batch"
+        )
+        with pytest.raises(openai.BadRequestError, match="completion_window '2d'"):
+            await client.batches.create(
+                input_file_id=uploaded.id,
+                endpoint="/v1/chat/completions",
+                completion_window="2d",  # type: ignore[arg-type]
+            )
+        with pytest.raises(openai.NotFoundError, match="no file 'file-nope'"):
+            await client.batches.create(
+                input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        with pytest.raises(openai.NotFoundError, match="no batch"):
+            await client.batches.retrieve("batch_0123456789abcdef01234567")
+
+
+GROQ = "groq/llama-3.3-70b-versatile"
+
+
+async def test_a_cancelled_batch_never_runs_its_queued_lines(settings: Settings) -> None:
+    lines = [line(f"l{i}", f"p{i}") for i in range(20)]
+    async with serving(settings) as stack:  # no echo worker yet: every line waits in the queue
+        client = stack.client
+        uploaded = await client.files.create(file=("c.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+
+        store = await BatchStore.open(stack.bus)
+
+        async def all_queued() -> bool:
+            return (await store.get(batch.id)).enqueued == 20
+
+        await eventually(all_queued, 30, "every line queued")
+        cancelling = await client.batches.cancel(batch.id)
+        assert cancelling.status == "cancelling"
+        done = await ended(client, batch.id)
+        assert done.status == "cancelled"
+        assert done.output_file_id is None
+        errors = await output_lines(client, done.error_file_id)
+        assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+            (f"l{i}", "batch_cancelled") for i in range(20)
+        ]
+        info = await stack.bus.js.stream_info(stack.bus.names.tasks_stream)
+        assert info.state.messages == 0  # out of the queue: no worker will ever take them
+        async with running_worker(stack.bus, "echo", EchoProvider()) as worker:
+            await anyio.sleep(1)
+            assert worker.beat().completed == 0
+
+
+async def test_past_its_window_a_batch_expires_with_the_finished_lines_in_its_output(
+    settings: Settings,
+) -> None:
+    # echo lines run; groq lines wait for a groq worker that never comes
+    lines = [line(f"e{i}", f"p{i}") if i % 2 == 0 else line(f"g{i}", f"p{i}", model=GROQ) for i in range(10)]
+    async with serving(settings) as stack, running_worker(stack.bus, "echo", EchoProvider()):
+        client = stack.client
+        uploaded = await client.files.create(file=("w.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="3s",  # type: ignore[arg-type]  # ours: OpenAI takes only 24h
+        )
+        done = await ended(client, batch.id)
+        assert done.status == "expired"
+        assert done.expired_at is not None
+        out = await output_lines(client, done.output_file_id)
+        assert [o["custom_id"] for o in out] == [f"e{i}" for i in range(0, 10, 2)]
+        errors = await output_lines(client, done.error_file_id)
+        assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+            (f"g{i}", "batch_expired") for i in range(1, 10, 2)
+        ]
+        info = await stack.bus.js.stream_info(stack.bus.names.tasks_stream)
+        assert info.state.messages == 0  # the unfinished lines were cancelled
+
+
+@pytest.fixture
+def fakes() -> Iterator[ProviderFakes]:
+    with ProviderFakes() as f:
+        yield f
+
+
+@pytest.mark.slow
+async def test_a_batch_over_two_providers_finishes_on_the_fallback_when_a_daily_quota_runs_out(
+    settings: Settings, fakes: ProviderFakes, tmp_path: Path
+) -> None:
+    path = tmp_path / "routes.toml"
+    path.write_text(f'[aliases.posts]\ncandidates = ["gemini/gemini-2.5-flash", "{GROQ}"]\n')
+    routes = Routes.load(path)
+    fakes.gemini.daily_quota(60)
+    lines = [line(f"post-{i}", f"post {i}", model="posts") for i in range(200)]
+    async with AsyncExitStack() as stack_:
+        stack = await stack_.enter_async_context(serving(settings, routes))
+        gemini = GeminiProvider(api_key="gemini-key-0123456789", base_url=fakes.gemini_base_url)
+        groq = GroqProvider(api_key=KEY, base_url=fakes.groq_base_url)
+        await stack_.enter_async_context(running_worker(stack.bus, "gemini", gemini, concurrency=4))
+        await stack_.enter_async_context(running_worker(stack.bus, "groq", groq, concurrency=4))
+        client = stack.client
+        uploaded = await client.files.create(file=("q.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = await ended(client, batch.id, 120)
+        assert done.status == "completed"
+        out = await output_lines(client, done.output_file_id)
+        assert [o["custom_id"] for o in out] == [f"post-{i}" for i in range(200)]
+        models = [o["response"]["body"]["model"].split("/")[0] for o in out]
+        assert models.count("gemini") == 60
+        assert models.count("groq") == 140
+        assert all(o["response"]["body"]["choices"][0]["message"]["content"] for o in out)
+
+
+async def test_two_gateways_on_one_bus_run_a_batch_once(settings: Settings) -> None:
+    lines = [line(f"x{i}", f"p{i}") for i in range(300)]
+    async with serving(settings) as one, serving(settings) as two:
+        async with running_worker(one.bus, "echo", EchoProvider(), concurrency=8) as worker:
+            uploaded = await one.client.files.create(
+                file=("t.jsonl", io.BytesIO(jsonl(lines))), purpose="batch"
+            )
+            batch = await one.client.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            done = await ended(two.client, batch.id)
+            assert worker.beat().completed == 300  # each line ran once, though both gateways drive it
+        assert done.status == "completed"
+        out = await output_lines(two.client, done.output_file_id)
+        assert [o["custom_id"] for o in out] == [f"x{i}" for i in range(300)]
+        # one output file: the gateway that lost the race to complete the batch deleted its own
+        outputs = [f for f in (await one.client.files.list()).data if f.purpose == "batch_output"]
+        assert [f.id for f in outputs] == [done.output_file_id]
