@@ -18,7 +18,9 @@ import pytest
 from openai.types import Batch as OpenAIBatch
 
 from hive_bus import Hive, Settings
-from hive_bus._batches import BatchStore
+from hive_bus._batches import Batch, BatchStore, create_batch, line_task_id
+from hive_bus._embedded import NatsServer
+from hive_bus._files import FileStore, Upload
 from hive_bus._routes import Routes
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
@@ -26,8 +28,10 @@ from hive_bus.workers.echo import EchoProvider
 from hive_bus.workers.gemini import GeminiProvider
 from hive_bus.workers.groq import GroqProvider
 
+from .conftest import make_settings
 from .fakes import ProviderFakes
-from .helpers import eventually, running_worker
+from .faults.stack import settings_env
+from .helpers import eventually, running_worker, spawn
 
 pytestmark = pytest.mark.anyio
 
@@ -273,3 +277,85 @@ async def test_two_gateways_on_one_bus_run_a_batch_once(settings: Settings) -> N
         # one output file: the gateway that lost the race to complete the batch deleted its own
         outputs = [f for f in (await one.client.files.list()).data if f.purpose == "batch_output"]
         assert [f.id for f in outputs] == [done.output_file_id]
+
+
+def _gateway_env(settings: Settings) -> dict[str, str]:
+    return {
+        **settings_env(settings),
+        "HIVE_NATS_URL": settings.nats_url,
+        "HIVE_DUPLICATE_WINDOW_S": str(settings.duplicate_window_s),
+        "HIVE_BATCH_CHUNK_LINES": str(settings.batch_chunk_lines),
+    }
+
+
+@pytest.mark.slow
+async def test_a_gateway_killed_while_enqueueing_and_while_finalizing_leaves_each_line_once(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # a de-duplication window of 1s, waited out before each restart: only the batch's own record of
+    # what it queued (and the lookup of the chunk it was queueing) keeps a line from running twice
+    settings = make_settings(nats_server.url, duplicate_window_s=1.0, batch_chunk_lines=20)
+    total = 600
+    pad = "x" * 400  # outputs large enough that finalizing takes a while to write
+    lines = [line(f"k{i}", f"{i} {pad}") for i in range(total)]
+    env = _gateway_env(settings)
+    args = ["gateway", "--port", "0"]
+    async with open_bus(settings) as bus:
+        files = await FileStore.open(bus)
+        upload = Upload("kill.jsonl", "batch")
+        upload.write(jsonl(lines))
+        file = await files.put(upload)
+        upload.close()
+        store = await BatchStore.open(bus)
+        batch = await create_batch(bus, file.id)
+
+        first = spawn(args, env=env, log=tmp_path / "gw1.log")
+        try:
+
+            async def half_queued() -> Batch | None:
+                now = await store.get(batch.id)
+                return now if 0 < now.enqueued < total // 2 else None
+
+            await eventually(half_queued, 30, "the first gateway to queue some lines")
+        finally:
+            first.kill()
+            first.wait(10)
+        cut = (await store.get(batch.id)).enqueued
+        assert 0 < cut < total
+        await anyio.sleep(1.5)  # past the de-duplication window
+
+        async with running_worker(bus, "echo", EchoProvider(), concurrency=16) as worker:
+            second = spawn(args, env=env, log=tmp_path / "gw2.log")
+            try:
+
+                async def finalizing() -> bool:
+                    now = await store.get(batch.id)
+                    assert now.status != "completed", "finalizing ended before the kill"
+                    return now.status == "finalizing"
+
+                await eventually(finalizing, 60, "the batch to be finalizing")
+            finally:
+                second.kill()
+                second.wait(10)
+            await anyio.sleep(1.5)
+            third = spawn(args, env=env, log=tmp_path / "gw3.log")
+            try:
+
+                async def completed() -> Batch | None:
+                    now = await store.get(batch.id)
+                    return now if now.status == "completed" else None
+
+                done = await eventually(completed, 60, "the batch to complete after the restarts")
+            finally:
+                third.terminate()
+                third.wait(15)
+            assert worker.beat().completed == total  # each line ran once
+        # the second gateway was killed before it had written the files; the third wrote them
+        assert f"batch {batch.id} completed" not in (tmp_path / "gw2.log").read_text()
+        assert f"batch {batch.id} completed" in (tmp_path / "gw3.log").read_text()
+        assert done.request_counts.completed == total
+        assert done.output_file_id is not None
+        _, chunks = await files.read(done.output_file_id)
+        out = [json.loads(x) for x in b"".join([c async for c in chunks]).splitlines()]
+        assert [o["custom_id"] for o in out] == [f"k{i}" for i in range(total)]
+        assert [o["response"]["request_id"] for o in out] == [line_task_id(done, i) for i in range(total)]

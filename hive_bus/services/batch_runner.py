@@ -60,8 +60,6 @@ from .openai_chat import Catalog, OpenAIError, completion_of, failure_of, parse_
 
 log = logging.getLogger("hive_bus.batches")
 
-# lines queued per chunk (each chunk's publishes in flight together), and the progress recorded after it
-ENQUEUE_CHUNK = 500
 # lines looked up at once when a resumed enqueue checks which of its chunk are on the bus already
 LOOKUP_WINDOW = 64
 # how often the counts of a running batch are written to its state
@@ -409,7 +407,7 @@ class BatchRunner:
                     chunk.append((index, await check.task(number, raw, batch.id, index)))
                 except LineError as exc:  # a model gone since validation: the line waits for it
                     raise HiveError(f"line {number} cannot be queued now: {exc}") from None
-                if len(chunk) >= ENQUEUE_CHUNK and await flush():
+                if len(chunk) >= self._hive.bus.settings.batch_chunk_lines and await flush():
                     return True
             index += 1
         return bool(chunk) and await flush()
