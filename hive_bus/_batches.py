@@ -28,6 +28,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 from ulid import ULID
 
+from ._budget import ProviderBudget
 from ._bus import Bus
 from ._errors import BusUnavailable, HiveError
 from ._nats import BUS_ERRORS
@@ -121,6 +122,8 @@ class Batch(msgspec.Struct, frozen=True, kw_only=True):
     enqueued: int = 0
     model: str | None = None
     progress: BatchProgress | None = None
+    # where the lines go: each target's provider (or provider:model) and its fallbacks, for the estimate
+    routes_to: list[str] = []
 
     @property
     def done(self) -> bool:
@@ -325,3 +328,52 @@ def cancelling(batch: Batch) -> Batch | None:
     if batch.done or batch.status == "cancelling":
         return None
     return replace(batch, status="cancelling", cancelling_at=now_s())
+
+
+def estimate(
+    left: int,
+    per_minute: float,
+    routes_to: list[str],
+    budgets: dict[str, ProviderBudget],
+    *,
+    now_s: float,
+) -> BatchProgress:
+    """When ``left`` lines should end: at the rate of the last minute, held to the budgets configured for
+    the providers the batch routes to (``provider`` or ``provider:model``; their requests per minute and
+    per day added up, as the lines spread over them). A provider without a budget bounds nothing; with
+    no rate and no budget there is no estimate."""
+    rpm = rpd = 0.0
+    unbounded_minute = unbounded_day = not routes_to
+    named: list[str] = []
+    for route in dict.fromkeys(routes_to):
+        provider, _, model = route.partition(":")
+        budget = budgets.get(provider)
+        limits = budget.limits("", model or None) if budget is not None else None
+        if limits is None or limits.rpm is None:
+            unbounded_minute = True
+        else:
+            rpm += limits.rpm * 60_000 / limits.window_ms
+        if limits is None or limits.rpd is None:
+            unbounded_day = True
+        else:
+            rpd += limits.rpd * 86_400_000 / limits.day_ms
+        if limits is not None and limits.any:
+            named.append(provider)
+    rate = per_minute
+    if not unbounded_minute:
+        rate = min(rate, rpm) if rate > 0 else rpm
+    if left <= 0 or rate <= 0:
+        return BatchProgress(per_minute=per_minute)
+    minutes = left / rate
+    parts = [f"{rate:,.0f} a minute"]
+    if not unbounded_day and rpd > 0:
+        parts.append(f"{rpd:,.0f} a day")
+        days, rest = divmod(left, rpd)
+        if days >= 1:  # whole days of quota, then the rest at the rate
+            minutes = days * 1440 + rest / rate
+    where = f" ({', '.join(dict.fromkeys(named))})" if named else ""
+    return BatchProgress(
+        per_minute=per_minute,
+        estimated_finish_at=int(now_s + minutes * 60),
+        basis=f"at {' and '.join(parts)}{where}, {left:,} lines left",
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import typing
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ import pytest
 from openai.types import Batch as OpenAIBatch
 
 from hive_bus import Hive, Settings
-from hive_bus._batches import Batch, BatchStore, create_batch, line_task_id
+from hive_bus._batches import Batch, BatchStore, create_batch, estimate, line_task_id
+from hive_bus._budget import load_budgets
 from hive_bus._embedded import NatsServer
 from hive_bus._files import FileStore, Upload
 from hive_bus._routes import Routes
@@ -359,3 +361,40 @@ async def test_a_gateway_killed_while_enqueueing_and_while_finalizing_leaves_eac
         out = [json.loads(x) for x in b"".join([c async for c in chunks]).splitlines()]
         assert [o["custom_id"] for o in out] == [f"k{i}" for i in range(total)]
         assert [o["response"]["request_id"] for o in out] == [line_task_id(done, i) for i in range(total)]
+
+
+def test_the_estimate_holds_the_rate_to_the_budgets_of_the_providers_a_batch_routes_to() -> None:
+    budgets = load_budgets(None, "[gemini]\nrpm = 15\nrpd = 1500\n")
+    # faster than gemini's budget allows so far: the budget bounds it; 3,200 lines at 1,500 a day
+    # take two whole days of quota, then 200 lines at 15 a minute
+    progress = estimate(3200, 40.0, ["gemini:gemini-2.5-flash"], budgets, now_s=0)
+    assert progress.per_minute == 40.0
+    assert progress.estimated_finish_at == 2 * 86400 + (200 // 15) * 60 + 20
+    assert progress.basis == "at 15 a minute and 1,500 a day (gemini), 3,200 lines left"
+    # a fallback without a budget bounds nothing: the rate seen is the estimate's
+    spread = estimate(600, 120.0, ["gemini:gemini-2.5-flash", "groq"], budgets, now_s=0)
+    assert spread.estimated_finish_at == 300
+    assert spread.basis == "at 120 a minute (gemini), 600 lines left"
+    assert estimate(10, 0.0, ["groq"], budgets, now_s=0).estimated_finish_at is None
+
+
+async def test_a_running_batch_shows_its_rate_and_estimated_finish(nats_server: NatsServer) -> None:
+    settings = make_settings(nats_server.url, budgets="[echo]\nrpm = 4\nwindow_s = 1\n")
+    lines = [line(f"r{i}", f"p{i}") for i in range(24)]
+    limits = load_budgets(None, settings.budgets)["echo"]
+    async with serving(settings) as stack, running_worker(stack.bus, "echo", EchoProvider(), budget=limits):
+        client = stack.client
+        uploaded = await client.files.create(file=("r.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+
+        async def estimated() -> dict[str, Any] | None:
+            now = (await client.batches.retrieve(batch.id)).to_dict()
+            progress: dict[str, Any] = typing.cast(dict[str, Any], now.get("progress") or {})
+            return progress if progress.get("estimated_finish_at") and progress["per_minute"] > 0 else None
+
+        progress = await eventually(estimated, 30, "a progress estimate")
+        assert progress["basis"].startswith("at ") and "(echo)" in progress["basis"]
+        assert progress["estimated_finish_at"] >= batch.created_at
+        assert (await ended(client, batch.id)).status == "completed"

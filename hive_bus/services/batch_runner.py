@@ -42,15 +42,16 @@ from hive_bus._batches import (
     Batch,
     BatchError,
     BatchErrors,
-    BatchProgress,
     BatchStore,
     LineIds,
     RequestCounts,
+    estimate,
     line_task_id,
     now_s,
     replace,
     window_s,
 )
+from hive_bus._budget import BudgetError, ProviderBudget, load_budgets
 from hive_bus._files import FileStore, Upload
 from hive_bus._messages import Completed, Failed, TaskRequest, TaskView, event_decoder
 from hive_bus._nats import BUS_ERRORS, following
@@ -253,6 +254,13 @@ class BatchRunner:
         self._running: set[str] = set()
         self._store: BatchStore | None = None
         self._files: FileStore | None = None
+        settings = hive.bus.settings
+        # the budgets the estimate reads; a budget the workers cannot use either is none for it
+        try:
+            self._budgets = load_budgets(settings.budgets_file, settings.budgets)
+        except BudgetError as exc:
+            log.warning("batch estimates leave the budgets out: %s", exc)
+            self._budgets = {}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         store = self._store = await BatchStore.open(self._hive.bus)
@@ -318,12 +326,17 @@ class BatchRunner:
             if now.status != "validating":
                 return None  # cancelled meanwhile, or another gateway was first
             counts = RequestCounts(total=total)
+            routes_to = [
+                f"{t.provider}:{t.model}" if t.model else t.provider for t in check.targets.values()
+            ] + [f for t in check.targets.values() for f in t.fallback]
             if errors:
                 log.info("batch %s failed validation: %d bad lines of %d", batch.id, bad, total)
                 return replace(
                     now, status="failed", failed_at=at, errors=BatchErrors(data=errors), request_counts=counts
                 )
-            return replace(now, status="in_progress", in_progress_at=at, request_counts=counts)
+            return replace(
+                now, status="in_progress", in_progress_at=at, request_counts=counts, routes_to=routes_to
+            )
 
         await self._store.change(batch.id, validated)
 
@@ -342,7 +355,7 @@ class BatchRunner:
         async def write_counts() -> None:
             while True:
                 await anyio.sleep(COUNTS_EVERY_S)
-                await store.change(batch.id, lambda now: _counted(now, ended))
+                await store.change(batch.id, lambda now: _counted(now, ended, self._budgets))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(follow_ends, self._hive, batch, on_end)
@@ -359,7 +372,7 @@ class BatchRunner:
         def finalizing(now: Batch) -> Batch | None:
             if now.status != "in_progress":
                 return None  # cancelling, or finalizing by another gateway
-            counted = _counted(now, ended) or now
+            counted = _counted(now, ended, self._budgets) or now
             return replace(
                 counted,
                 status="finalizing",
@@ -577,7 +590,7 @@ def _stopped_empty(now: Batch) -> Batch | None:
     return replace(now, status="cancelled", cancelled_at=now_s())
 
 
-def _counted(now: Batch, ended: Ended) -> Batch | None:
+def _counted(now: Batch, ended: Ended, budgets: dict[str, ProviderBudget]) -> Batch | None:
     """The batch with the counts and rate read so far, when they are ahead of what it holds."""
     if now.status not in ("in_progress", "cancelling"):
         return None
@@ -585,10 +598,8 @@ def _counted(now: Batch, ended: Ended) -> Batch | None:
     held = now.request_counts
     if counts.completed + counts.failed < held.completed + held.failed:
         counts = held  # another gateway has read further
-    per_minute = ended.per_minute()
     left = now.request_counts.total - ended.count
-    finish = int(time.time() + left / per_minute * 60) if per_minute > 0 and left > 0 else None
-    progress = BatchProgress(per_minute=per_minute, estimated_finish_at=finish)
+    progress = estimate(left, ended.per_minute(), now.routes_to, budgets, now_s=time.time())
     changed = replace(now, request_counts=counts, progress=progress)
     return None if changed == now else changed
 
