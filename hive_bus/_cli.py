@@ -188,7 +188,16 @@ def _provider_for(name: str, handler: str | None, model: str | None) -> Provider
 def cli(ctx: click.Context, log_level: str | None) -> None:
     """hive-bus: farm LLM prompts and Python jobs out to workers anywhere, over NATS JetStream."""
     level = (log_level or os.environ.get("HIVE_LOG_LEVEL") or "").upper()
-    one_shot = ctx.invoked_subcommand in ("submit", "chat", "status", "cancel", "workers", "dlq", "keys")
+    one_shot = ctx.invoked_subcommand in (
+        "submit",
+        "chat",
+        "status",
+        "cancel",
+        "workers",
+        "dlq",
+        "keys",
+        "batch",
+    )
     logging.basicConfig(
         level=level or ("WARNING" if one_shot else "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -966,3 +975,9 @@ def keys(clear: tuple[str, str] | None, settings: Settings) -> None:
             click.echo(f"{r.provider:<12} {r.key:<20} {state:<22} {r.reason[:100]}")
 
     _run(main)
+
+
+# ``hive batch`` lives in a module of its own (it imports from this one)
+from ._cli_batch import batch as _batch_commands  # noqa: E402
+
+cli.add_command(_batch_commands)

@@ -30,9 +30,10 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
-from . import _blobs, _cancel, _dlq
+from . import _batch_client, _blobs, _cancel, _dlq
 from ._assigned import counts as outcome_counts
 from ._assigned import current_view
+from ._batches import Batch, BatchStore, cancelling
 from ._bus import Bus, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
@@ -526,6 +527,47 @@ class Hive:
             for task_id, seq in found.items():
                 tg.start_soon(one, task_id, seq)
         return sorted(views, key=lambda v: v.id)
+
+    # batches (OpenAI's Batch API; a gateway on the bus runs them) ---------------------------------
+
+    async def create_batch(
+        self,
+        lines: _batch_client.Lines,
+        *,
+        window: str = "24h",
+        model: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Batch:
+        """Upload ``lines`` (a path to a JSON Lines file, or the lines: dicts in OpenAI's batch line shape,
+        ``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {...}}``) and create
+        their batch. ``model`` sends every line to that model or alias instead of its own; ``window``
+        is ``"24h"`` or any ``<n>s``, ``<n>m``, ``<n>h`` up to 168h."""
+        return await _batch_client.create(self._bus, lines, window=window, model=model, metadata=metadata)
+
+    async def batch(self, batch_id: str) -> Batch:
+        """A batch as it is now. Raises :class:`hive_bus.BatchNotFound`."""
+        return await (await BatchStore.open(self._bus)).get(batch_id)
+
+    async def batches(self) -> list[Batch]:
+        """Every batch, newest first."""
+        return await (await BatchStore.open(self._bus)).list()
+
+    async def wait_batch(
+        self, batch_id: str, *, timeout_s: float | None = None, progress: Callable[[Batch], Any] | None = None
+    ) -> Batch:
+        """The batch once it has ended (or when ``timeout_s`` runs out); ``progress(batch)`` is called
+        with each state it passes through."""
+        return await _batch_client.wait(self._bus, batch_id, timeout_s=timeout_s, progress=progress)
+
+    def batch_results(self, batch_id: str) -> AsyncIterator[dict[str, Any]]:
+        """An ended batch's output and error lines, merged in input order."""
+        return _batch_client.results(self._bus, batch_id)
+
+    async def cancel_batch(self, batch_id: str) -> Batch:
+        """Ask a batch to stop (``cancelling``; ``cancelled`` once its running lines have ended): its
+        queued lines never run."""
+        batch, _ = await (await BatchStore.open(self._bus)).change(batch_id, cancelling)
+        return batch
 
     async def replay(self, task_id: str) -> Replayed:
         """Queue a dead-lettered task again (same id, its next run) and take it off the dead letters."""

@@ -33,7 +33,7 @@ from hive_bus.workers.groq import GroqProvider
 from .conftest import make_settings
 from .fakes import ProviderFakes
 from .faults.stack import settings_env
-from .helpers import eventually, running_worker, spawn
+from .helpers import eventually, hive_cli, running_worker, spawn
 
 pytestmark = pytest.mark.anyio
 
@@ -398,3 +398,73 @@ async def test_a_running_batch_shows_its_rate_and_estimated_finish(nats_server: 
         assert progress["basis"].startswith("at ") and "(echo)" in progress["basis"]
         assert progress["estimated_finish_at"] >= batch.created_at
         assert (await ended(client, batch.id)).status == "completed"
+
+
+async def test_the_python_client_creates_waits_for_and_reads_a_batch_in_input_order(
+    settings: Settings,
+) -> None:
+    # every other line on groq, which has no worker: cancelled half-way, the echo lines are done
+    lines = [line(f"c{i}", f"p{i}") for i in range(6)] + [line("g", "later", model=GROQ)]
+    async with serving(settings) as stack, running_worker(stack.bus, "echo", EchoProvider()):
+        hive = stack.hive
+        batch = await hive.create_batch(lines, metadata={"by": "client"})
+        assert (await hive.batch(batch.id)).metadata == {"by": "client"}
+        seen: list[str] = []
+
+        async def echo_lines_done() -> bool:
+            now = await hive.batch(batch.id)
+            return now.request_counts.completed == 6
+
+        await eventually(echo_lines_done, 30, "the echo lines to complete")
+        assert (await hive.cancel_batch(batch.id)).status == "cancelling"
+        done = await hive.wait_batch(batch.id, timeout_s=30, progress=lambda b: seen.append(b.status))
+        assert done.status == "cancelled"
+        assert seen[-1] == "cancelled"
+        got = [item async for item in hive.batch_results(batch.id)]
+        assert [g["custom_id"] for g in got] == [x["custom_id"] for x in lines]  # output and errors merged
+        assert [g["error"]["code"] if g["error"] else 200 for g in got] == [200] * 6 + ["batch_cancelled"]
+        assert [b.id for b in await hive.batches()] == [batch.id]
+
+
+@pytest.mark.slow
+async def test_hive_batch_create_waits_with_a_progress_bar_and_results_come_back_in_order(
+    settings: Settings, tmp_path: Path
+) -> None:
+    lines = [line(f"s{i}", f"post {i}") for i in range(30)]
+    path = tmp_path / "posts.jsonl"
+    path.write_bytes(jsonl(lines))
+    env = _gateway_env(settings)
+    async with serving(settings) as stack, running_worker(stack.bus, "echo", EchoProvider()):
+        made = await anyio.to_thread.run_sync(
+            lambda: hive_cli(
+                ["batch", "create", str(path), "--wait", "--timeout", "60"], env=env, timeout_s=90
+            )
+        )
+        assert made.returncode == 0, made.stderr
+        done = json.loads(made.stdout)
+        assert (done["status"], done["request_counts"]["completed"]) == ("completed", 30)
+        assert "30/30" in made.stderr  # the progress bar, on stderr
+        out = tmp_path / "out.jsonl"
+        got = await anyio.to_thread.run_sync(
+            lambda: hive_cli(["batch", "results", done["id"], "-o", str(out)], env=env)
+        )
+        assert got.returncode == 0, got.stderr
+        assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == [
+            f"s{i}" for i in range(30)
+        ]
+        status = await anyio.to_thread.run_sync(lambda: hive_cli(["batch", "status", done["id"]], env=env))
+        assert (status.returncode, status.stdout.split()[1]) == (0, "completed:")
+        listed = await anyio.to_thread.run_sync(lambda: hive_cli(["batch", "list"], env=env))
+        assert done["id"] in listed.stdout
+
+        bad = tmp_path / "bad.jsonl"
+        bad.write_bytes(jsonl([line("a", "x"), {**line("b", "y"), "method": "GET"}]))
+        failed = await anyio.to_thread.run_sync(
+            lambda: hive_cli(
+                ["batch", "create", str(bad), "--wait", "--timeout", "60"], env=env, timeout_s=90
+            )
+        )
+        assert failed.returncode == 1
+        failed_id = json.loads(failed.stdout)["id"]
+        errors = await anyio.to_thread.run_sync(lambda: hive_cli(["batch", "errors", failed_id], env=env))
+        assert [json.loads(x)["line"] for x in errors.stdout.splitlines()] == [2]

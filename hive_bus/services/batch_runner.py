@@ -80,7 +80,7 @@ class BatchLine(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _line_decoder = msgspec.json.Decoder(BatchLine)
-_custom_id_decoder = msgspec.json.Decoder(dict[str, Any])
+_object_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -143,12 +143,15 @@ class Validation:
             raise LineError(_error(number, f"method {line.method!r}: only POST", param="method"))
         if line.url != ENDPOINT:
             raise LineError(_error(number, f"url {line.url!r}: only {ENDPOINT}", param="url"))
+        body = bytes(line.body)
+        if self._model is not None:  # the batch's model for every line (a line may then name none)
+            fields = _object_decoder.decode(body) if body.lstrip().startswith(b"{") else None
+            if fields is not None:
+                body = msgspec.json.encode({**fields, "model": self._model})
         try:
-            chat = parse_request(bytes(line.body))
+            chat = parse_request(body)
             if chat.stream:
                 raise OpenAIError(400, "a batch line cannot stream (`stream`)", param="stream")
-            if self._model is not None:
-                chat = msgspec.structs.replace(chat, model=self._model)
             target = self.targets.get(chat.model)
             if target is None:
                 target = self.targets[chat.model] = await self._catalog.target(chat.model)
@@ -552,7 +555,7 @@ class BatchRunner:
         try:
             line = 0
             async for _, raw in input_lines(self._files, batch.input_file_id):
-                custom_id = str(_custom_id_decoder.decode(raw).get("custom_id", ""))
+                custom_id = str(_object_decoder.decode(raw).get("custom_id", ""))
                 task_id = line_task_id(batch, line)
                 at, size = spans[2 * line], spans[2 * line + 1]
                 if at < 0:
