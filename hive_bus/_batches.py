@@ -39,7 +39,7 @@ BatchStatus = Literal[
 FINAL_STATUSES: frozenset[str] = frozenset({"failed", "completed", "expired", "cancelled"})
 ENDPOINT = "/v1/chat/completions"
 # the batch objects' bucket: small values (a batch's state), a few thousand batches at most
-BATCHES_MAX_BYTES = 64 * 1024**2
+BATCHES_MAX_BYTES = 8 * 1024**2
 BATCH_VALUE_MAX_BYTES = 256 * 1024
 # errors.data lists at most this many bad lines (the first ones): the value must fit the bucket
 MAX_LISTED_ERRORS = 100
@@ -205,11 +205,24 @@ class BatchStore:
     @classmethod
     async def open(cls, bus: Bus) -> BatchStore:
         """The batches bucket, declared when it is not there yet."""
+        store = await cls._open(bus, create=True)
+        assert store is not None
+        return store
+
+    @classmethod
+    async def find(cls, bus: Bus) -> BatchStore | None:
+        """The batches bucket, or None when the bus has none yet."""
+        return await cls._open(bus, create=False)
+
+    @classmethod
+    async def _open(cls, bus: Bus, *, create: bool) -> BatchStore | None:
         name = bus.names.batches_bucket
         try:
             try:
                 kv = await bus.js.key_value(name)
             except nats.js.errors.BucketNotFoundError:
+                if not create:
+                    return None
                 kv = await bus.js.create_key_value(
                     KeyValueConfig(
                         bucket=name,

@@ -31,6 +31,7 @@ from typing import IO, Any
 
 import anyio
 import msgspec
+import nats.errors
 from anyio.abc import TaskGroup, TaskStatus
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -54,7 +55,7 @@ from hive_bus._batches import (
 from hive_bus._budget import BudgetError, ProviderBudget, load_budgets
 from hive_bus._files import FileStore, Upload
 from hive_bus._messages import Completed, Failed, TaskRequest, TaskView, event_decoder
-from hive_bus._nats import BUS_ERRORS, following
+from hive_bus._nats import BUS_ERRORS, following, unsubscribe
 from hive_bus._routes import Target
 
 from .openai_chat import Catalog, OpenAIError, completion_of, failure_of, parse_request, task_for
@@ -68,6 +69,8 @@ COUNTS_EVERY_S = 1.0
 # a runner that met an error (the bus away) tries again after this long
 RETRY_S = 2.0
 RATE_WINDOW_S = 60.0
+# how often a gateway looks for the batches bucket while the bus has none (its creation's advisory aside)
+BUCKET_LOOK_S = 30.0
 
 
 class BatchLine(msgspec.Struct, frozen=True, kw_only=True):
@@ -266,12 +269,11 @@ class BatchRunner:
             self._budgets = {}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        store = self._store = await BatchStore.open(self._hive.bus)
-        self._files = await FileStore.open(self._hive.bus)
+        task_status.started()
+        store = self._store = await self._batches_bucket()
         watcher = await store.kv.watchall()
         try:
             async with anyio.create_task_group() as tg:
-                task_status.started()
                 async for entry in watcher:
                     if entry is None or entry.value is None or entry.operation is not None:
                         continue  # the end of the initial values, or a delete
@@ -287,8 +289,31 @@ class BatchRunner:
             with anyio.CancelScope(shield=True), contextlib.suppress(*BUS_ERRORS):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
+    async def _batches_bucket(self) -> BatchStore:
+        """The batches bucket once it exists. A bus that has never had a batch has none, and this
+        gateway does not make one (nor the files bucket) just to watch it: JetStream's advisory of the
+        bucket's stream being created says when to look (a look every BUCKET_LOOK_S in case it is missed)."""
+        bus = self._hive.bus
+        created = f"$JS.EVENT.ADVISORY.STREAM.CREATED.KV_{bus.names.batches_bucket}"
+        sub = await bus.nc.subscribe(created)
+        try:
+            while True:
+                store = await BatchStore.find(bus)
+                if store is not None:
+                    return store
+                with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                    await sub.next_msg(timeout=BUCKET_LOOK_S)
+        finally:
+            await unsubscribe(sub)
+
+    async def _file_store(self) -> FileStore:
+        if self._files is None:
+            self._files = await FileStore.open(self._hive.bus)
+        return self._files
+
     async def _drive(self, tg: TaskGroup, batch_id: str) -> None:
         assert self._store is not None
+        await self._file_store()
         try:
             while True:
                 try:
