@@ -18,7 +18,7 @@ import openai
 import pytest
 from openai.types import Batch as OpenAIBatch
 
-from hive_bus import Hive, Settings
+from hive_bus import FailNow, FunctionProvider, Hive, Settings, Task
 from hive_bus._batches import Batch, BatchStore, create_batch, estimate, line_task_id
 from hive_bus._budget import load_budgets
 from hive_bus._embedded import NatsServer
@@ -470,3 +470,36 @@ async def test_hive_batch_create_waits_with_a_progress_bar_and_results_come_back
         failed_id = json.loads(failed.stdout)["id"]
         errors = await anyio.to_thread.run_sync(lambda: hive_cli(["batch", "errors", failed_id], env=env))
         assert [json.loads(x)["line"] for x in errors.stdout.splitlines()] == [2]
+
+
+async def refuse_some(task: Task) -> str:
+    if "bad" in task.prompt:
+        raise FailNow("provider said 400: the prompt is not allowed")
+    return task.prompt.upper()
+
+
+async def test_failed_lines_go_to_the_error_file_with_the_error_a_chat_completion_would_answer(
+    settings: Settings,
+) -> None:
+    lines = [line("ok-1", "good one", model="picky"), line("no-2", "bad one", model="picky")]
+    lines.append(line("ok-3", "good two", model="picky"))
+    async with serving(settings) as stack, running_worker(stack.bus, "picky", FunctionProvider(refuse_some)):
+        client = stack.client
+        uploaded = await client.files.create(file=("f.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = await ended(client, batch.id)
+        assert done.status == "completed"
+        assert done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)
+        out = await output_lines(client, done.output_file_id)
+        assert [(o["custom_id"], o["response"]["body"]["choices"][0]["message"]["content"]) for o in out] == [
+            ("ok-1", "GOOD ONE"), ("ok-3", "GOOD TWO"),
+        ]  # fmt: skip
+        errors = await output_lines(client, done.error_file_id)
+        assert [e["custom_id"] for e in errors] == ["no-2"]
+        response = errors[0]["response"]
+        assert response["status_code"] == 502
+        assert response["body"]["error"]["code"] == "provider_refused"
+        assert "the prompt is not allowed" in response["body"]["error"]["message"]
