@@ -633,15 +633,21 @@ def _counted(now: Batch, ended: Ended, budgets: dict[str, ProviderBudget]) -> Ba
 
 
 async def _until(event: anyio.Event, store: BatchStore, batch_id: str) -> None:
-    """Wait for ``event``, or for the batch to be stopped (cancelled) meanwhile."""
+    """Wait for ``event``, or for the batch to be stopped (cancelled) meanwhile: a watch of its key."""
     async with anyio.create_task_group() as tg:
 
         async def stopped() -> None:
-            while True:
-                await anyio.sleep(COUNTS_EVERY_S)
-                if (await store.get(batch_id)).status != "in_progress":
-                    tg.cancel_scope.cancel()
-                    return
+            watcher = await store.kv.watch(batch_id)
+            try:
+                async for entry in watcher:
+                    if entry is None or entry.value is None:
+                        continue
+                    if msgspec.json.decode(entry.value, type=Batch).status != "in_progress":
+                        tg.cancel_scope.cancel()
+                        return
+            finally:
+                with anyio.CancelScope(shield=True), contextlib.suppress(*BUS_ERRORS):
+                    await watcher.stop()  # type: ignore[no-untyped-call]
 
         tg.start_soon(stopped)
         await event.wait()
