@@ -459,6 +459,17 @@ async def test_hive_batch_create_waits_with_a_progress_bar_and_results_come_back
         listed = await anyio.to_thread.run_sync(lambda: hive_cli(["batch", "list"], env=env))
         assert done["id"] in listed.stdout
 
+        # --model sends every line to one model: these lines name none of their own
+        bare = tmp_path / "bare.jsonl"
+        bare.write_bytes(jsonl([{**x, "body": {"messages": x["body"]["messages"]}} for x in lines[:3]]))
+        modelled = await anyio.to_thread.run_sync(
+            lambda: hive_cli(
+                ["batch", "create", str(bare), "--model", "echo", "--wait"], env=env, timeout_s=90
+            )
+        )
+        assert modelled.returncode == 0, modelled.stderr
+        assert json.loads(modelled.stdout)["request_counts"]["completed"] == 3
+
         bad = tmp_path / "bad.jsonl"
         bad.write_bytes(jsonl([line("a", "x"), {**line("b", "y"), "method": "GET"}]))
         failed = await anyio.to_thread.run_sync(
