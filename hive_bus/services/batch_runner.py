@@ -224,11 +224,15 @@ class Ended:
 
 
 async def follow_ends(
-    hive: Hive, batch: Batch, on_end: Callable[[int, str, bytes, str], Awaitable[None]]
+    hive: Hive,
+    batch: Batch,
+    on_end: Callable[[int, str, bytes, str], Awaitable[None]],
+    on_caught_up: Callable[[], None] | None = None,
 ) -> None:
     """Call ``on_end(line, status, event data, subject)`` for each of the batch's tasks' final events
-    recorded under the provider the task is assigned to, from the batch's creation on; forever (the
-    caller stops it). One ordered consumer, filtered by the server on the events that matter."""
+    recorded under the provider the task is assigned to, from the batch's creation on, and
+    ``on_caught_up()`` each time every event stored so far has been read; forever (the caller stops it).
+    One ordered consumer, filtered by the server on the events that matter."""
     bus, names = hive.bus, hive.bus.names
     ids = LineIds(batch)
     assigned = Assignments(bus, size=max(10_000, batch.request_counts.total + 1))
@@ -242,13 +246,16 @@ async def follow_ends(
     async with following(bus.js, names.all_events, stream=names.events_stream, config=config) as sub:
         async for msg in sub.messages:
             tokens = msg.subject.split(".")
-            if len(tokens) != 5:
-                continue
-            line = ids.line_of(tokens[3])
-            if line is None or not await assigned.counts(msg.subject):
-                continue
-            if tokens[4] in ("completed", "failed", "cancelled"):
-                await on_end(line, tokens[4], msg.data, msg.subject)
+            line = ids.line_of(tokens[3]) if len(tokens) == 5 else None
+            if line is not None and tokens[4] in ("completed", "failed", "cancelled"):
+                if await assigned.counts(msg.subject):
+                    await on_end(line, tokens[4], msg.data, msg.subject)
+            elif line is not None:
+                await assigned.counts(
+                    msg.subject
+                )  # learns where the task is from its queued and moved events
+            if on_caught_up is not None and msg.metadata.num_pending == 0:
+                on_caught_up()
 
 
 class BatchRunner:
@@ -529,11 +536,15 @@ class BatchRunner:
             encoded = _record_encoder.encode(record)
             spans[2 * line], spans[2 * line + 1] = spool.tell(), len(encoded)
             spool.write(encoded)
+
+        def caught_up() -> None:
+            # every event stored so far read: lines queued past the record of a killed gateway have
+            # ended too (or are still running, and come after), not only the ``expected`` ones
             if ended.count >= expected:
                 enough.set()
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(follow_ends, self._hive, batch, on_end)
+            tg.start_soon(follow_ends, self._hive, batch, on_end, caught_up)
             await enough.wait()
             tg.cancel_scope.cancel()
         return RequestCounts(total=batch.request_counts.total, completed=ended.completed, failed=ended.failed)
