@@ -514,3 +514,19 @@ async def test_failed_lines_go_to_the_error_file_with_the_error_a_chat_completio
         assert response["status_code"] == 502
         assert response["body"]["error"]["code"] == "provider_refused"
         assert "the prompt is not allowed" in response["body"]["error"]["message"]
+
+
+async def test_a_line_larger_than_a_task_may_carry_fails_validation(nats_server: NatsServer) -> None:
+    settings = make_settings(nats_server.url, claim_check_bytes=1024, blob_max_bytes=4096)
+    lines = [line("small", "hola"), line("huge", "x" * 8000)]
+    async with serving(settings) as stack:
+        uploaded = await stack.client.files.create(
+            file=("l.jsonl", io.BytesIO(jsonl(lines))), purpose="batch"
+        )
+        batch = await stack.client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = await ended(stack.client, batch.id)
+        assert done.status == "failed"
+        assert done.errors is not None and done.errors.data is not None
+        assert [(e.line, e.code) for e in done.errors.data] == [(2, "too_large")]

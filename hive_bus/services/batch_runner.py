@@ -130,14 +130,20 @@ def _error(line: int, message: str, code: str = "invalid_request", param: str | 
 class Validation:
     """The checks of one batch's lines, and the targets of the models they name (kept for queueing)."""
 
-    def __init__(self, catalog: Catalog, model: str | None) -> None:
+    def __init__(self, catalog: Catalog, model: str | None, max_line_bytes: int) -> None:
         self._catalog = catalog
         self._model = model
+        self._max_line_bytes = max_line_bytes
         self.targets: dict[str, Target] = {}
         self._custom_ids: set[str] = set()
 
     async def task(self, number: int, raw: bytes, batch_id: str, index: int) -> TaskRequest:
         """The task of one line, or :class:`LineError` saying what is wrong with it."""
+        if len(raw) > self._max_line_bytes:  # the bus could not carry its task
+            limit = self._max_line_bytes
+            raise LineError(
+                _error(number, f"{len(raw)} bytes, more than a task may carry ({limit})", "too_large")
+            )
         try:
             line = _line_decoder.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -343,7 +349,7 @@ class BatchRunner:
 
     async def _validate(self, batch: Batch) -> None:
         assert self._store is not None and self._files is not None
-        check = Validation(self._catalog, batch.model)
+        check = Validation(self._catalog, batch.model, self._hive.bus.settings.blob_max_bytes)
         errors: list[BatchError] = []
         bad = total = 0
         async for number, raw in input_lines(self._files, batch.input_file_id):
@@ -422,7 +428,7 @@ class BatchRunner:
         was stopped (cancelled) before all were queued."""
         assert self._store is not None and self._files is not None
         store, files = self._store, self._files
-        check = Validation(self._catalog, batch.model)
+        check = Validation(self._catalog, batch.model, self._hive.bus.settings.blob_max_bytes)
         start = batch.enqueued
         chunk: list[tuple[int, TaskRequest]] = []
         first = True
