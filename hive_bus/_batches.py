@@ -124,6 +124,9 @@ class Batch(msgspec.Struct, frozen=True, kw_only=True):
     progress: BatchProgress | None = None
     # where the lines go: each target's provider (or provider:model) and its fallbacks, for the estimate
     routes_to: list[str] = []
+    # the gateway running the batch, and until when its lease holds (it renews it while it runs)
+    driver: str | None = None
+    driver_until_ms: int = 0
 
     @property
     def done(self) -> bool:

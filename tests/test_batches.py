@@ -276,6 +276,9 @@ async def test_two_gateways_on_one_bus_run_a_batch_once(settings: Settings) -> N
             done = await ended(two.client, batch.id)
             assert worker.beat().completed == 300  # each line ran once, though both gateways drive it
         assert done.status == "completed"
+        # one of them ran it, under its lease; the other waited
+        driver = (await (await BatchStore.open(one.bus)).get(batch.id)).driver
+        assert driver in (one.gateway.batches.id, two.gateway.batches.id)
         out = await output_lines(two.client, done.output_file_id)
         assert [o["custom_id"] for o in out] == [f"x{i}" for i in range(300)]
         # one output file: the gateway that lost the race to complete the batch deleted its own
@@ -289,6 +292,7 @@ def _gateway_env(settings: Settings) -> dict[str, str]:
         "HIVE_NATS_URL": settings.nats_url,
         "HIVE_DUPLICATE_WINDOW_S": str(settings.duplicate_window_s),
         "HIVE_BATCH_CHUNK_LINES": str(settings.batch_chunk_lines),
+        "HIVE_BATCH_LEASE_S": str(settings.batch_lease_s),
     }
 
 
@@ -298,7 +302,7 @@ async def test_a_gateway_killed_while_enqueueing_and_while_finalizing_leaves_eac
 ) -> None:
     # a de-duplication window of 1s, waited out before each restart: only the batch's own record of
     # what it queued (and the lookup of the chunk it was queueing) keeps a line from running twice
-    settings = make_settings(nats_server.url, duplicate_window_s=1.0, batch_chunk_lines=20)
+    settings = make_settings(nats_server.url, duplicate_window_s=1.0, batch_chunk_lines=20, batch_lease_s=1.5)
     total = 600
     pad = "x" * 400  # outputs large enough that finalizing takes a while to write
     lines = [line(f"k{i}", f"{i} {pad}") for i in range(total)]

@@ -22,6 +22,9 @@ from __future__ import annotations
 import array
 import contextlib
 import logging
+import os
+import secrets
+import socket
 import tempfile
 import time
 from collections import deque
@@ -273,6 +276,9 @@ class BatchRunner:
         self._running: set[str] = set()
         self._store: BatchStore | None = None
         self._files: FileStore | None = None
+        # one gateway at a time runs a batch: the one whose lease (renewed every third of it) is on it
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._lease_s = hive.bus.settings.batch_lease_s
         settings = hive.bus.settings
         # the budgets the estimate reads; a budget the workers cannot use either is none for it
         try:
@@ -325,25 +331,54 @@ class BatchRunner:
         return self._files
 
     async def _drive(self, tg: TaskGroup, batch_id: str) -> None:
+        """Run one batch while this gateway holds its lease; wait out another gateway's."""
         assert self._store is not None
         await self._file_store()
         try:
             while True:
                 try:
-                    batch = await self._store.get(batch_id)
+                    batch, _ = await self._store.change(batch_id, self._claim)
                     if batch.done:
                         return
-                    if batch.status == "validating":
-                        await self._validate(batch)
-                    elif batch.status == "in_progress":
-                        await self._run_lines(batch)
-                    else:  # finalizing, cancelling
-                        await self._finalize(batch)
+                    if batch.driver != self.id:  # another gateway's, while it renews it
+                        await anyio.sleep(max(0.0, batch.driver_until_ms / 1000 - time.time()) + RETRY_S / 4)
+                        continue
+                    async with anyio.create_task_group() as phase:
+                        phase.start_soon(self._renew, batch_id, phase.cancel_scope)
+                        await self._phase(batch)
+                        phase.cancel_scope.cancel()
                 except HiveError as exc:
                     log.warning("batch %s: %s; trying again in %gs", batch_id, exc, RETRY_S)
                     await anyio.sleep(RETRY_S)
         finally:
             self._running.discard(batch_id)
+
+    async def _phase(self, batch: Batch) -> None:
+        if batch.status == "validating":
+            await self._validate(batch)
+        elif batch.status == "in_progress":
+            await self._run_lines(batch)
+        else:  # finalizing, cancelling
+            await self._finalize(batch)
+
+    def _claim(self, now: Batch) -> Batch | None:
+        """The batch with this gateway's lease on it (taken when free or expired, else renewed)."""
+        at_ms = int(time.time() * 1000)
+        if now.done or (now.driver not in (None, self.id) and now.driver_until_ms > at_ms):
+            return None
+        return replace(now, driver=self.id, driver_until_ms=at_ms + int(self._lease_s * 1000))
+
+    async def _renew(self, batch_id: str, scope: anyio.CancelScope) -> None:
+        """Renew the lease every third of it; stop the phase when it was lost (this gateway was cut off
+        from the bus for longer than the lease, and another took the batch)."""
+        assert self._store is not None
+        while True:
+            await anyio.sleep(self._lease_s / 3)
+            batch, _ = await self._store.change(batch_id, self._claim)
+            if batch.driver != self.id and not batch.done:
+                log.warning("batch %s: another gateway holds it now; this one stops", batch_id)
+                scope.cancel()
+                return
 
     # validating ----------------------------------------------------------------------------------
 
