@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import openai
 import pytest
 from openai.types import Batch as OpenAIBatch
 
-from hive_bus import FailNow, FunctionProvider, Hive, Settings, Task
-from hive_bus._batches import Batch, BatchStore, create_batch, estimate, line_task_id
+from hive_bus import FailNow, FunctionProvider, Hive, Settings, Task, TaskRequest
+from hive_bus._batches import Batch, BatchStore, RequestCounts, create_batch, estimate, line_task_id, replace
 from hive_bus._budget import load_budgets
 from hive_bus._embedded import NatsServer
 from hive_bus._files import FileStore, Upload
@@ -534,3 +535,43 @@ async def test_a_line_larger_than_a_task_may_carry_fails_validation(nats_server:
         assert done.status == "failed"
         assert done.errors is not None and done.errors.data is not None
         assert [(e.line, e.code) for e in done.errors.data] == [(2, "too_large")]
+
+
+async def test_a_line_cut_off_between_its_queued_event_and_its_task_is_queued_again_on_resume(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A gateway killed between a line's two publishes (its queued event stored, its task not) leaves a
+    line the bus has heard of but will never run: the next gateway queues it again."""
+    lines = [line(f"q{i}", f"p{i}") for i in range(3)]
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        made = await hive.create_batch(lines)
+        store = await BatchStore.open(bus)
+        # as a gateway left it: validated, no line recorded as queued, line 0's queued event stored alone
+        await store.change(
+            made.id,
+            lambda b: replace(
+                b,
+                status="in_progress",
+                request_counts=RequestCounts(total=3),
+                driver="gone",
+                driver_until_ms=1,
+            ),
+        )
+        batch = await store.get(made.id)
+        request = TaskRequest(
+            provider="echo", prompt="p0", idempotency_key=f"batch:{batch.id}:0",
+            metadata={"batch_id": batch.id, "custom_id": "q0", "line": 0},
+        )  # fmt: skip
+        task = msgspec.structs.replace(Task.from_request(request), id=line_task_id(batch, 0))
+        await hive._publish(*hive._queued_event(task, request.idempotency_key))
+        assert (await hive.get(task.id)).status == "queued"
+    async with serving(settings) as stack, running_worker(stack.bus, "echo", EchoProvider()):
+        done = await ended(stack.client, batch.id)
+        assert done.status == "completed"
+        out = await output_lines(stack.client, done.output_file_id)
+        assert [(o["custom_id"], o["response"]["status_code"]) for o in out] == [
+            ("q0", 200),
+            ("q1", 200),
+            ("q2", 200),
+        ]

@@ -38,8 +38,8 @@ import nats.errors
 from anyio.abc import TaskGroup, TaskStatus
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from hive_bus import Hive, HiveError
-from hive_bus._assigned import Assignments, assignment
+from hive_bus import Hive, HiveError, _cancel
+from hive_bus._assigned import Assignments, current_view
 from hive_bus._batches import (
     ENDPOINT,
     MAX_LISTED_ERRORS,
@@ -336,22 +336,36 @@ class BatchRunner:
         await self._file_store()
         try:
             while True:
+                error: Exception | None = None
                 try:
-                    batch, _ = await self._store.change(batch_id, self._claim)
-                    if batch.done:
+                    if await self._step(batch_id):
                         return
-                    if batch.driver != self.id:  # another gateway's, while it renews it
-                        await anyio.sleep(max(0.0, batch.driver_until_ms / 1000 - time.time()) + RETRY_S / 4)
-                        continue
-                    async with anyio.create_task_group() as phase:
-                        phase.start_soon(self._renew, batch_id, phase.cancel_scope)
-                        await self._phase(batch)
-                        phase.cancel_scope.cancel()
-                except HiveError as exc:
-                    log.warning("batch %s: %s; trying again in %gs", batch_id, exc, RETRY_S)
-                    await anyio.sleep(RETRY_S)
+                except* HiveError as group:  # the bus away, a model gone: try again
+                    error = group.exceptions[0] if isinstance(group.exceptions[0], Exception) else group
+                    log.warning("batch %s: %s; trying again in %gs", batch_id, error, RETRY_S)
+                except* Exception as group:  # never the gateway's end: logged, and tried again later
+                    error = group
+                    log.error("batch %s failed; trying again in %gs", batch_id, 10 * RETRY_S, exc_info=group)
+                if error is not None:
+                    await anyio.sleep(RETRY_S if isinstance(error, HiveError) else 10 * RETRY_S)
         finally:
             self._running.discard(batch_id)
+
+    async def _step(self, batch_id: str) -> bool:
+        """One phase of the batch under this gateway's lease, or a wait for another's; True once it has
+        ended."""
+        assert self._store is not None
+        batch, _ = await self._store.change(batch_id, self._claim)
+        if batch.done:
+            return True
+        if batch.driver != self.id:  # another gateway's, while it renews it
+            await anyio.sleep(max(0.0, batch.driver_until_ms / 1000 - time.time()) + RETRY_S / 4)
+            return False
+        async with anyio.create_task_group() as phase:
+            phase.start_soon(self._renew, batch_id, phase.cancel_scope)
+            await self._phase(batch)
+            phase.cancel_scope.cancel()
+        return False
 
     async def _phase(self, batch: Batch) -> None:
         if batch.status == "validating":
@@ -465,6 +479,7 @@ class BatchRunner:
         store, files = self._store, self._files
         check = Validation(self._catalog, batch.model, self._hive.bus.settings.blob_max_bytes)
         start = batch.enqueued
+
         chunk: list[tuple[int, TaskRequest]] = []
         first = True
         index = 0
@@ -480,7 +495,7 @@ class BatchRunner:
                 first = False
             requests = [request for _, request in todo]
             ids = [line_task_id(batch, line) for line, _ in todo]
-            for outcome in await self._hive.submit_batch(requests, task_ids=ids):
+            for outcome in await self._hive.submit_batch(requests, task_ids=ids) if requests else []:
                 if isinstance(outcome, HiveError):
                     raise outcome
             done_to = chunk[-1][0] + 1
@@ -504,18 +519,33 @@ class BatchRunner:
     async def _not_on_bus(
         self, batch: Batch, chunk: list[tuple[int, TaskRequest]]
     ) -> list[tuple[int, TaskRequest]]:
-        found: set[int] = set()
+        """The lines of ``chunk`` whose tasks are not on the bus. A submission stores the task's
+        ``queued`` event, then the task: a line whose task went no further than that event is on the
+        bus only if its message is in the queue (one pass over the queue finds those), else it was cut
+        off between the two and is queued again."""
+        bus = self._hive.bus
+        status: dict[int, str] = {}
         limit = anyio.Semaphore(LOOKUP_WINDOW)
 
         async def look(line: int) -> None:
             async with limit:
-                if await assignment(self._hive.bus, line_task_id(batch, line)) is not None:
-                    found.add(line)
+                view = await current_view(bus, line_task_id(batch, line))
+                if view is not None:
+                    status[line] = view.status
 
         async with anyio.create_task_group() as tg:
             for line, _ in chunk:
                 tg.start_soon(look, line)
-        return [(line, request) for line, request in chunk if line not in found]
+        in_queue: dict[str, int] = {}
+        if any(s == "queued" for s in status.values()):
+            in_queue = await _cancel.queued(bus, metadata={"batch_id": batch.id})
+
+        def on_bus(line: int) -> bool:
+            if line not in status:
+                return False
+            return status[line] != "queued" or line_task_id(batch, line) in in_queue
+
+        return [(line, request) for line, request in chunk if not on_bus(line)]
 
     # finalizing ----------------------------------------------------------------------------------
 
