@@ -46,6 +46,7 @@ from hive_bus._batches import (
     Batch,
     BatchError,
     BatchErrors,
+    BatchNotFound,
     BatchStore,
     LineIds,
     RequestCounts,
@@ -289,6 +290,15 @@ class BatchRunner:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        while True:  # the bus away at start, or the watch lost: never the gateway's end
+            try:
+                await self._watch()
+            except (*BUS_ERRORS, HiveError) as exc:
+                log.warning("batches: %s; watching again in %gs", exc, RETRY_S)
+            await anyio.sleep(RETRY_S)
+
+    async def _watch(self) -> None:
+        """Run every batch not ended that the batches bucket holds, and each one stored later."""
         store = self._store = await self._batches_bucket()
         watcher = await store.kv.watchall()
         try:
@@ -333,19 +343,24 @@ class BatchRunner:
     async def _drive(self, tg: TaskGroup, batch_id: str) -> None:
         """Run one batch while this gateway holds its lease; wait out another gateway's."""
         assert self._store is not None
-        await self._file_store()
         try:
             while True:
                 error: Exception | None = None
+                gone = False
                 try:
+                    await self._file_store()
                     if await self._step(batch_id):
                         return
+                except* BatchNotFound:  # deleted from the bucket: nothing left to run
+                    gone = True
                 except* HiveError as group:  # the bus away, a model gone: try again
                     error = group.exceptions[0] if isinstance(group.exceptions[0], Exception) else group
                     log.warning("batch %s: %s; trying again in %gs", batch_id, error, RETRY_S)
                 except* Exception as group:  # never the gateway's end: logged, and tried again later
                     error = group
                     log.error("batch %s failed; trying again in %gs", batch_id, 10 * RETRY_S, exc_info=group)
+                if gone:
+                    return
                 if error is not None:
                     await anyio.sleep(RETRY_S if isinstance(error, HiveError) else 10 * RETRY_S)
         finally:
