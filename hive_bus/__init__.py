@@ -6,6 +6,7 @@ errors, and the provider API (:class:`Provider`, :class:`Output`, the outcomes a
 ``Names``) is in :mod:`hive_bus.bus`; ``tests/test_public_api.py`` keeps ``__all__`` honest.
 """
 
+from ._batches import BadBatch, Batch, BatchNotFound
 from ._chunks import StreamingProvider
 from ._client import Accepted, Hive, PartialSubmit, connect, validate
 from ._errors import (
@@ -60,7 +61,10 @@ from ._worker import ProviderKey, Worker, WorkerOptions
 
 __all__ = [
     "Accepted",
+    "BadBatch",
     "BadRequest",
+    "Batch",
+    "BatchNotFound",
     "BusConfigError",
     "BusRefused",
     "BusUnavailable",

@@ -208,7 +208,16 @@ def cli(ctx: click.Context, log_level: str | None, loop: str) -> None:
     """hive-bus: farm LLM prompts and Python jobs out to workers anywhere, over NATS JetStream."""
     ctx.ensure_object(dict)["loop"] = loop.lower()
     level = (log_level or os.environ.get("HIVE_LOG_LEVEL") or "").upper()
-    one_shot = ctx.invoked_subcommand in ("submit", "chat", "status", "cancel", "workers", "dlq", "keys")
+    one_shot = ctx.invoked_subcommand in (
+        "submit",
+        "chat",
+        "status",
+        "cancel",
+        "workers",
+        "dlq",
+        "keys",
+        "batch",
+    )
     logging.basicConfig(
         level=level or ("WARNING" if one_shot else "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -511,6 +520,7 @@ def _json_object(value: str | None, what: str) -> Any:
     default=None,
     help="wait up to this many seconds for the result (exit 1: failed or cancelled, 2: not ended in time)",
 )
+@click.option("--ordered", is_flag=True, help="with --file --wait: print the results in input order")
 @bus_options
 def submit(
     provider: str | None,
@@ -529,6 +539,7 @@ def submit(
     route: str | None,
     deadline_s: float | None,
     wait_s: float | None,
+    ordered: bool,
     settings: Settings,
 ) -> None:
     """Queue a task (PROVIDER PROMPT, or PROVIDER --messages FILE) and print its id, or with --wait its
@@ -536,13 +547,30 @@ def submit(
 
     With --file, queue every task of a JSON Lines file (one task object per line, as POST /v1/tasks
     takes it): each line's id is printed as {"line": N, "id": ...}, with a progress bar and a summary
-    on stderr.
+    on stderr. PROVIDER and every option but --key and --messages are defaults for the lines (a line's
+    own field wins; --metadata is merged under the line's). With --wait, each result is printed as it
+    ends, {"line", "id", "status", "output" or "error"} (in input order with --ordered); exit 0 when
+    every task completed, 1 when one failed or was cancelled, 2 when one had not ended in time.
     """
     if file is not None:
-        if provider or prompt or messages_file:
-            raise click.UsageError("give either PROVIDER PROMPT (or --messages) or --file, not both")
-        _submit_file(file, settings)
+        if prompt or messages_file or idempotency_key:
+            flag = "PROMPT" if prompt else "--messages" if messages_file else "--key"
+            raise click.UsageError(f"{flag} cannot apply to every line of --file (each line says its own)")
+        defaults: dict[str, Any] = {
+            "provider": provider, "model": model, "system": system, "max_attempts": max_attempts,
+            "priority": priority, "route": route, "deadline_s": deadline_s,
+            "fallback": list(fallback) or None,
+            "response_format": _response_format(response_format) if response_format is not None else None,
+            "payload": _json_object(payload, "--payload"),
+            "metadata": _json_object(metadata, "--metadata"),
+        }  # fmt: skip
+        if defaults["metadata"] is not None and not isinstance(defaults["metadata"], dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--metadata")
+        tasks = _read_tasks(file, {k: v for k, v in defaults.items() if v is not None})
+        _submit_file(tasks, settings, wait_s=wait_s, ordered=ordered)
         return
+    if ordered:
+        raise click.UsageError("--ordered goes with --file and --wait")
     if prompt and messages_file:
         raise click.UsageError("give either PROMPT or --messages FILE, not both")
     if not provider or not (prompt or messages_file):
@@ -677,14 +705,27 @@ def chat(
     _run(main)
 
 
-def _read_tasks(file: TextIO) -> list[tuple[int, TaskRequest]]:
-    """Every task of a JSON Lines file, checked before any is queued; a bad line names its number."""
+def _read_tasks(file: TextIO, defaults: dict[str, Any] | None = None) -> list[tuple[int, TaskRequest]]:
+    """Every task of a JSON Lines file, checked before any is queued; a bad line names its number.
+    ``defaults`` fill the fields a line leaves out (``metadata`` is merged, the line's keys winning;
+    ``system`` goes only to a line that asks with a prompt)."""
     tasks = []
     for number, line in enumerate(file, start=1):
         if not line.strip():
             continue
         try:
-            tasks.append((number, request_decoder.decode(line)))
+            if not defaults:
+                tasks.append((number, request_decoder.decode(line)))
+                continue
+            fields = msgspec.json.decode(line)
+            if not isinstance(fields, dict):
+                raise click.ClickException(f"line {number}: a task is a JSON object")
+            merged = {**defaults, **fields}
+            if "metadata" in defaults and isinstance(fields.get("metadata"), dict):
+                merged["metadata"] = {**defaults["metadata"], **fields["metadata"]}
+            if "system" in defaults and "system" not in fields and fields.get("messages") is not None:
+                del merged["system"]
+            tasks.append((number, msgspec.convert(merged, TaskRequest)))
         except msgspec.ValidationError as exc:
             raise click.ClickException(f"line {number}: {explain_error(exc)}") from None
         except msgspec.DecodeError as exc:
@@ -694,11 +735,17 @@ def _read_tasks(file: TextIO) -> list[tuple[int, TaskRequest]]:
     return tasks
 
 
-def _submit_file(file: TextIO, settings: Settings, chunk: int = 500) -> None:
-    tasks = _read_tasks(file)
-
+def _submit_file(
+    tasks: list[tuple[int, TaskRequest]],
+    settings: Settings,
+    chunk: int = 500,
+    *,
+    wait_s: float | None = None,
+    ordered: bool = False,
+) -> None:
     async def main() -> None:
         accepted = rejected = 0
+        lines: dict[str, int] = {}  # task id -> input line
         async with connect(settings=settings) as hive:
             with click.progressbar(length=len(tasks), label="submitting", file=sys.stderr) as bar:
                 for start in range(0, len(tasks), chunk):
@@ -709,18 +756,59 @@ def _submit_file(file: TextIO, settings: Settings, chunk: int = 500) -> None:
                     except PartialSubmit as partial:
                         ids, errors = partial.ids, partial.errors
                     for i, (number, _) in enumerate(part):
-                        if ids[i] is not None:
+                        task_id = ids[i]
+                        if task_id is not None:
                             accepted += 1
-                            click.echo(msgspec.json.encode({"line": number, "id": ids[i]}).decode())
+                            lines[task_id] = number
+                            if wait_s is None:
+                                click.echo(msgspec.json.encode({"line": number, "id": task_id}).decode())
                         else:
                             rejected += 1
                             click.echo(f"line {number}: not accepted: {errors.get(i)}", err=True)
                     bar.update(len(part))
-        click.echo(f"{accepted} accepted, {rejected} not accepted, of {len(tasks)} tasks", err=True)
+            click.echo(f"{accepted} accepted, {rejected} not accepted, of {len(tasks)} tasks", err=True)
+            views = await _follow_results(hive, lines, wait_s, ordered) if wait_s is not None else []
         if rejected:
             raise click.exceptions.Exit(1)
+        _exit_for(views)
 
     _run(main)
+
+
+def _result_line(number: int, view: TaskView) -> str:
+    item: dict[str, Any] = {"line": number, "id": view.id, "status": view.status}
+    if view.status == "completed":
+        item["output"] = view.output
+    elif view.done:
+        item["error"] = view.error or view.reason
+    return msgspec.json.encode(item).decode()
+
+
+async def _follow_results(hive: Hive, lines: dict[str, int], wait_s: float, ordered: bool) -> list[TaskView]:
+    """Print each task's result as it ends (or in input order), for up to ``wait_s``; then the state of
+    the ones that have not ended. The views, for the exit status."""
+    ended: dict[str, TaskView] = {}
+    order = sorted(lines, key=lines.__getitem__)
+    printed = 0
+    with anyio.move_on_after(wait_s):
+        async for view in hive.results(list(lines)):
+            ended[view.id] = view
+            if not ordered:
+                click.echo(_result_line(lines[view.id], view))
+                continue
+            while printed < len(order) and order[printed] in ended:
+                click.echo(_result_line(lines[order[printed]], ended[order[printed]]))
+                printed += 1
+    views = list(ended.values())
+    for position, task_id in enumerate(order):  # the wait ran out: the rest as they are now
+        found = ended.get(task_id)
+        if found is None:
+            found = await hive.get(task_id)
+            views.append(found)
+            click.echo(_result_line(lines[task_id], found))
+        elif ordered and position >= printed:
+            click.echo(_result_line(lines[task_id], found))
+    return views
 
 
 @cli.command()
@@ -1008,3 +1096,9 @@ def keys(clear: tuple[str, str] | None, settings: Settings) -> None:
             click.echo(f"{r.provider:<12} {r.key:<20} {state:<22} {r.reason[:100]}")
 
     _run(main)
+
+
+# ``hive batch`` lives in a module of its own (it imports from this one)
+from ._cli_batch import batch as _batch_commands  # noqa: E402
+
+cli.add_command(_batch_commands)

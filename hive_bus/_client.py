@@ -18,7 +18,7 @@ import hashlib
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,8 +30,9 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
-from . import _blobs, _cancel, _dlq
+from . import _batch_client, _blobs, _cancel, _dlq
 from ._assigned import Assignments, current
+from ._batches import Batch, BatchStore, cancelling
 from ._bus import Bus, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
@@ -221,13 +222,16 @@ class Hive:
                 self._remember(task, ack.seq)
         return Accepted(task.id, duplicate)
 
-    async def submit_batch(self, requests: Sequence[TaskRequest]) -> list[Accepted | HiveError]:
+    async def submit_batch(
+        self, requests: Sequence[TaskRequest], *, task_ids: Sequence[str] | None = None
+    ) -> list[Accepted | HiveError]:
         """Queue validated requests, each as :meth:`submit_request` would, with the publishes of all of
         them in flight together: every ``queued`` event, then every task whose event was stored. Each
         task's event is stored before the task is published, and a task counts as accepted only once
         JetStream stored it. Returns each request's outcome, in order: accepted, or the error that
         kept it out. A task the bus cannot carry raises :class:`TooLarge` naming its index, before
-        anything is queued."""
+        anything is queued. ``task_ids`` gives each task its id (a batch's lines have ids made from the
+        batch and the line, so that a line queued twice is one task); new ids by default."""
         for i, request in enumerate(requests):
             try:
                 check_fields(request)
@@ -235,7 +239,10 @@ class Hive:
                 raise NestedTooDeep(f"tasks[{i}].{exc.field}", exc.limit) from None
         if not self._bus.nc.is_connected:  # each task's outcome all the same: none was accepted
             return [BusUnavailable("not connected to NATS; not accepted") for _ in requests]
-        tasks = [await self._routed(Task.from_request(r)) for r in requests]
+        made = [Task.from_request(r) for r in requests]
+        if task_ids is not None:
+            made = [msgspec.structs.replace(t, id=i) for t, i in zip(made, task_ids, strict=True)]
+        tasks = [await self._routed(t) for t in made]
         keys = [r.idempotency_key for r in requests]
         for i, task in enumerate(tasks):
             with _naming_task(i):
@@ -516,6 +523,47 @@ class Hive:
             for task_id, seq in found.items():
                 tg.start_soon(one, task_id, seq)
         return sorted(views, key=lambda v: v.id)
+
+    # batches (OpenAI's Batch API; a gateway on the bus runs them) ---------------------------------
+
+    async def create_batch(
+        self,
+        lines: _batch_client.Lines,
+        *,
+        window: str = "24h",
+        model: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Batch:
+        """Upload ``lines`` (a path to a JSON Lines file, or the lines: dicts in OpenAI's batch line shape,
+        ``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {...}}``) and create
+        their batch. ``model`` sends every line to that model or alias instead of its own; ``window``
+        is ``"24h"`` or any ``<n>s``, ``<n>m``, ``<n>h`` up to 168h."""
+        return await _batch_client.create(self._bus, lines, window=window, model=model, metadata=metadata)
+
+    async def batch(self, batch_id: str) -> Batch:
+        """A batch as it is now. Raises :class:`hive_bus.BatchNotFound`."""
+        return await (await BatchStore.open(self._bus)).get(batch_id)
+
+    async def batches(self) -> list[Batch]:
+        """Every batch, newest first."""
+        return await (await BatchStore.open(self._bus)).list()
+
+    async def wait_batch(
+        self, batch_id: str, *, timeout_s: float | None = None, progress: Callable[[Batch], Any] | None = None
+    ) -> Batch:
+        """The batch once it has ended (or when ``timeout_s`` runs out); ``progress(batch)`` is called
+        with each state it passes through."""
+        return await _batch_client.wait(self._bus, batch_id, timeout_s=timeout_s, progress=progress)
+
+    def batch_results(self, batch_id: str) -> AsyncIterator[dict[str, Any]]:
+        """An ended batch's output and error lines, merged in input order."""
+        return _batch_client.results(self._bus, batch_id)
+
+    async def cancel_batch(self, batch_id: str) -> Batch:
+        """Ask a batch to stop (``cancelling``; ``cancelled`` once its running lines have ended): its
+        queued lines never run."""
+        batch, _ = await (await BatchStore.open(self._bus)).change(batch_id, cancelling)
+        return batch
 
     async def replay(self, task_id: str) -> Replayed:
         """Queue a dead-lettered task again (same id, its next run) and take it off the dead letters."""

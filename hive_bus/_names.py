@@ -46,6 +46,8 @@ class Names:
     ``<prefix>_budgets`` is the KV bucket of request and token budgets (keys ``<provider>.<key>.<model>``);
     ``<prefix>_cache`` is the KV bucket (stream ``KV_<prefix>_cache``) of the response cache: one key per
     cached answer, ``<provider>.<sha256 of the request>``, each expiring by its own message TTL;
+    ``<prefix>_batches`` is the KV bucket of batches (OpenAI's Batch API): one key per batch id, its
+    definition and state, changed by compare-and-set on its revision (hive_bus._batches);
     ``<prefix>.chunks.<provider>.<task id>`` carries a streamed task's output as it is produced, on core
     NATS (not stored: a chunk lost is recovered from the completed event), from the workers of the
     provider the task runs on to the gateway, the only reader;
@@ -130,6 +132,10 @@ class Names:
     @property
     def files_bucket(self) -> str:
         return f"{self.prefix}_files"
+
+    @property
+    def batches_bucket(self) -> str:
+        return f"{self.prefix}_batches"
 
     @property
     def blobs_stream(self) -> str:

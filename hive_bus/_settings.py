@@ -81,6 +81,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # be before it counts as lost (a submission stores its queued event, then its task).
     audit_every_s: PositiveSeconds = 600.0
     audit_grace_s: PositiveSeconds = 60.0
+    # A batch's lines are queued this many at a time; the lines queued so far are recorded in the batch
+    # after each chunk (where a gateway killed half-way resumes).
+    batch_chunk_lines: PositiveInt = 500
+    # One gateway at a time runs a batch, under a lease it renews every third of this; a gateway killed
+    # while running one is replaced once its lease has run out.
+    batch_lease_s: PositiveSeconds = 15.0
     # The hub's JetStream domain, for a process that reaches it through a NATS leaf node (a remote
     # site's server; see nats/leaf.conf): JetStream requests and bucket writes then go by
     # $JS.<domain>.API, which the leaf link passes on. None: connected to the hub or its cluster.

@@ -42,6 +42,8 @@ from hive_bus._routes import Routes
 from . import answers, apidocs, dashboard, openai_stream
 from .api import AUDIT_ROUTES, METRICS_ROUTES, ROUTES, as_response
 from .auth import Tokens, check_exposure
+from .batch_runner import BatchRunner
+from .batches_api import BATCH_ROUTES
 from .board_api import BOARD_ROUTES, TASK_ROUTES
 from .dlq_api import DLQ_ROUTES
 from .edge import Edge
@@ -173,6 +175,7 @@ def create_app(
             *ROUTES,
             *DLQ_ROUTES,
             *FILE_ROUTES,
+            *BATCH_ROUTES,
             *CHAT_ROUTES,
             *WEBHOOK_ROUTES,
             *(METRICS_ROUTES if metrics is not None else []),
@@ -247,6 +250,8 @@ class Gateway:
         self._hive = hive
         self.metrics = BusMetrics(hive.bus)
         self.router = Router(hive.bus)
+        # drives every batch of the bus (OpenAI's Batch API), beside any other gateway's
+        self.batches = BatchRunner(hive, Catalog(hive, options.routes))
         settings = hive.bus.settings
         self.audit = StoreAudit(hive.bus, grace_s=settings.audit_grace_s, every_s=settings.audit_every_s)
         enabled = options.webhooks.enabled
@@ -299,6 +304,7 @@ class Gateway:
             await tg.start(self.audit.run)
             if self.webhooks is not None:
                 await tg.start(self.webhooks.run)
+            await tg.start(self.batches.run)
             tg.start_soon(http_then_done)
             with anyio.fail_after(10):
                 while not self._server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
