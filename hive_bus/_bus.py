@@ -48,6 +48,8 @@ log = logging.getLogger("hive_bus.bus")
 # value over the size is refused. Real values are a few hundred bytes, and a bucket holds one per key
 # (a provider key's cooldown, a budget per key and model, a heartbeat per worker).
 BUCKET_MAX_BYTES = 8 * 1024**2
+# what nats-server gives a stream that names no duplicate window (an Object Store's)
+OBJECT_STORE_DUPLICATE_WINDOW_S = 120.0
 HEARTBEATS_MAX_BYTES = 2 * 1024**2  # kept in memory
 VALUE_MAX_BYTES = 64 * 1024
 
@@ -393,6 +395,9 @@ def blobs_stream_config(settings: Settings) -> StreamConfig:
         allow_rollup_hdrs=True,
         allow_direct=True,
         num_replicas=settings.replicas,
+        # the server's own default, said out loud: left unset, every process found the stream "keeping
+        # its own" 120 s and said so on each start
+        duplicate_window=OBJECT_STORE_DUPLICATE_WINDOW_S,
     )
 
 

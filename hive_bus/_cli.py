@@ -208,18 +208,11 @@ def cli(ctx: click.Context, log_level: str | None, loop: str) -> None:
     """hive-bus: farm LLM prompts and Python jobs out to workers anywhere, over NATS JetStream."""
     ctx.ensure_object(dict)["loop"] = loop.lower()
     level = (log_level or os.environ.get("HIVE_LOG_LEVEL") or "").upper()
-    one_shot = ctx.invoked_subcommand in (
-        "submit",
-        "chat",
-        "status",
-        "cancel",
-        "workers",
-        "dlq",
-        "keys",
-        "batch",
-    )
+    # the commands that run until stopped say what they do at INFO; the rest (submit, status, stats...)
+    # print their answer, and only warnings besides
+    serving = ctx.invoked_subcommand in ("up", "gateway", "worker", "nats", "watch")
     logging.basicConfig(
-        level=level or ("WARNING" if one_shot else "INFO"),
+        level=level or ("INFO" if serving else "WARNING"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _redact.keep_secrets_out_of_logs()  # even at DEBUG: the SDKs log headers verbatim
