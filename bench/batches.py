@@ -25,7 +25,6 @@ import argparse
 import io
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import anyio
 import httpx
 import openai
 from chat import spawn, wait_ready  # beside this script
-from throughput import end, free_port, verdict
+from throughput import cleaned_up, free_port, verdict
 
 from hive_bus import Settings
 from hive_bus._client import connect
@@ -142,9 +141,8 @@ def main() -> None:
     store = Path(tempfile.mkdtemp(prefix="hive-bench-batch-"))
     server = NatsServer(store / "nats", host="127.0.0.1", port=0)
     procs: list[subprocess.Popen[bytes]] = []
-    finished = False
     server.start()
-    try:
+    with cleaned_up(server, store, procs):
         port = free_port()
         env = {**os.environ, "HIVE_LOG_LEVEL": "WARNING", "HIVE_NATS_URL": server.url, "HIVE_PREFIX": PREFIX}
         env["HIVE_FILES_MAX_BYTES"] = str(4 * 1024**3)
@@ -193,15 +191,6 @@ def main() -> None:
         worst = max(sampler.peaks.get("validating", 0), sampler.peaks.get("finalizing", 0))
         print(f"  peak while validating/finalizing: {worst:.0f} MB  (target < 150 MB) {verdict(worst < 150)}")
         print(f"  peak over the whole run (VmHWM, uploads and the earlier rounds too): {hwm:.0f} MB")
-        finished = True
-    finally:
-        for proc in reversed(procs):
-            end(proc)
-        server.stop()
-        if finished:
-            shutil.rmtree(store, ignore_errors=True)
-        else:
-            print(f"the benchmark did not finish; the logs of its processes are in {store}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import anyio
 import httpx
-from throughput import end, free_port, verdict  # beside this script
+from throughput import cleaned_up, free_port, verdict  # beside this script
 
 from hive_bus._embedded import NatsServer
 
@@ -128,9 +127,8 @@ def main() -> None:
     store = Path(tempfile.mkdtemp(prefix="hive-bench-chat-"))
     server = NatsServer(store / "nats", host="127.0.0.1", port=0)
     procs: list[subprocess.Popen[bytes]] = []
-    finished = False
     server.start()
-    try:
+    with cleaned_up(server, store, procs):
         port = free_port()
         env = {
             **os.environ,
@@ -145,15 +143,6 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, procs[-1])
         bench(url, args.rounds, args.requests)
-        finished = True
-    finally:
-        for proc in reversed(procs):
-            end(proc)
-        server.stop()
-        if finished:
-            shutil.rmtree(store, ignore_errors=True)
-        else:
-            print(f"the benchmark did not finish; the logs of its processes are in {store}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ from pathlib import Path
 import anyio
 import httpx
 import psutil  # type: ignore[import-untyped,unused-ignore]
-from throughput import end, free_port, verdict  # beside this script
+from throughput import cleaned_up, free_port, verdict  # beside this script
 
 import hive_bus
 from hive_bus._embedded import NatsServer
@@ -582,19 +582,9 @@ def main() -> None:
     store = Path(tempfile.mkdtemp(prefix="hive-bench-gateway-"))
     server = NatsServer(store / "nats", host="127.0.0.1", port=0)
     procs: list[subprocess.Popen[bytes]] = []
-    finished = False
     server.start()
-    try:
+    with cleaned_up(server, store, procs):
         bench(server, store, procs, args.rounds, args.duration_s, args.before)
-        finished = True
-    finally:
-        for proc in reversed(procs):
-            end(proc)
-        server.stop()
-        if finished:
-            shutil.rmtree(store, ignore_errors=True)
-        else:
-            print(f"the benchmark did not finish; the logs of its processes are in {store}", file=sys.stderr)
 
 
 if __name__ == "__main__":

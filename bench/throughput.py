@@ -323,6 +323,24 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+@contextlib.contextmanager
+def cleaned_up(server: NatsServer, store: Path, procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
+    """Every process a benchmark started ended (last started, first ended), then its nats-server; the
+    store removed when the block finished, kept (and named) for its logs when it did not."""
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        for proc in reversed(procs):
+            end(proc)
+        server.stop()
+        if finished:
+            shutil.rmtree(store, ignore_errors=True)
+        else:
+            print(f"the benchmark did not finish; the logs of its processes are in {store}", file=sys.stderr)
+
+
 def end(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()  # by its pid
@@ -406,20 +424,10 @@ def main() -> None:
     store = Path(tempfile.mkdtemp(prefix="hive-bench-"))
     server = NatsServer(store / "nats", host="127.0.0.1", port=0)
     procs: Procs = []
-    finished = False
     server.start()
-    try:
+    with cleaned_up(server, store, procs):
         print(f"nats-server {server.url} (pid {server.pid})")
         anyio.run(bench, server, store, procs, backend="asyncio")
-        finished = True
-    finally:
-        for proc in reversed(procs):
-            end(proc)
-        server.stop()
-        if finished:
-            shutil.rmtree(store, ignore_errors=True)
-        else:
-            print(f"the benchmark did not finish; the logs of its processes are in {store}", file=sys.stderr)
 
 
 if __name__ == "__main__":
