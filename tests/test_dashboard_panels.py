@@ -7,6 +7,7 @@ host but the gateway's: the Pi and this machine have no internet, so nothing may
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -314,3 +315,39 @@ async def test_a_queued_task_is_cancelled_from_its_story_after_asking(settings: 
             assert problems == [] and elsewhere == []
         view = (await http.get(f"/v1/tasks/{waiting}")).json()
         assert view["status"] == "cancelled"
+
+
+async def test_batches_show_their_progress_and_one_is_cancelled_after_asking(settings: Settings) -> None:
+    lines = "\n".join(
+        json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "echo", "messages": [{"role": "user", "content": f"línea {i}"}]}})
+        for i in range(3)
+    )  # fmt: skip
+    async with open_bus(settings) as bus, serving(bus) as url, httpx.AsyncClient(base_url=url) as http:
+        uploaded = await http.post("/v1/files", data={"purpose": "batch"}, files={"file": ("b.jsonl", lines)})
+        assert uploaded.status_code == 200, uploaded.text
+        created = await http.post(
+            "/v1/batches",
+            json={"input_file_id": uploaded.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        )  # fmt: skip
+        batch_id = created.json()["id"]
+        async with chromium() as browser, page_of(browser) as (page, problems):
+            elsewhere = await offline(page, url)
+            await page.goto(url)
+            row = page.locator(f'#batch-table tr[data-batch-id="{batch_id}"][data-status="in_progress"]')
+            await row.wait_for(timeout=WAIT_MS)  # no echo worker: its lines wait
+            assert "0 / 3" in await row.locator("td.progress").inner_text()
+            assert await row.locator("progress").get_attribute("max") == "3"
+            asked: list[str] = []
+
+            async def answer(dialog: Dialog) -> None:
+                asked.append(dialog.message)
+                await dialog.accept()
+
+            page.on("dialog", answer)
+            await row.locator('button:text("Cancel…")').click()
+            ended = page.locator(f'#batch-table tr[data-batch-id="{batch_id}"][data-status="cancelled"]')
+            await ended.wait_for(timeout=WAIT_MS)
+            assert await ended.locator("button").count() == 0
+            assert asked and asked[0].startswith(f"Cancel batch {batch_id}?")
+            assert problems == [] and elsewhere == []

@@ -11,6 +11,8 @@ const POLL_MS = 2000; // stats, workers and problems
 const USAGE_EVERY = 3; // polls: tokens and cost change only with completions
 const HISTORY_EVERY = 5; // polls: the charts' last minutes (the hour is read once)
 const DLQ_EVERY = 15; // polls: dead letters (and whenever the problems' count of them changes)
+const BATCHES_EVERY = 3; // polls: the batches' progress
+const BATCH_ENDS = ["completed", "failed", "expired", "cancelled"];
 const RATE_WINDOW_MS = 60_000;
 const MAX_TASK_ROWS = 200;
 const DETAIL_CHARS = 240;
@@ -455,6 +457,57 @@ function showHistory() {
   $("history-note").textContent = hour.backfilled ? "" : "(still reading the hour before this gateway started)";
 }
 
+// --- batches ----------------------------------------------------------------------------------------
+
+async function loadBatches(signal) {
+  const list = await api("/v1/batches?limit=20", signal);
+  if (list === null) return; // a gateway without batches
+  const rows = list.data.map((batch) => {
+    const counts = batch.request_counts || { total: 0, completed: 0, failed: 0 };
+    const ended = counts.completed + counts.failed;
+    const bar = el("progress", { title: `${ended} of ${counts.total} lines ended` });
+    bar.max = Math.max(1, counts.total);
+    bar.value = ended;
+    const failed = counts.failed ? ` (${int(counts.failed)} failed)` : "";
+    const progress = batch.progress || {};
+    const eta = progress.estimated_finish_at ? new Date(progress.estimated_finish_at * 1000).toLocaleString() : "–";
+    const actions = el("td", { cls: "actions" });
+    if (!BATCH_ENDS.includes(batch.status) && batch.status !== "cancelling") {
+      const cancel = el("button", { text: "Cancel…", cls: "danger", title: "its queued lines never run" });
+      cancel.type = "button";
+      cancel.addEventListener("click", () => cancelBatch(batch.id));
+      actions.append(cancel);
+    }
+    return el(
+      "tr",
+      { data: { batchId: batch.id, status: batch.status } },
+      td(new Date(batch.created_at * 1000).toLocaleString()),
+      td(batch.id),
+      el("td", {}, el("span", { text: batch.status, cls: "status", data: { status: batch.status } })),
+      el("td", { cls: "progress" }, bar, ` ${int(ended)} / ${int(counts.total)}${failed}`),
+      td(progress.per_minute ? `${progress.per_minute.toFixed(1)}/min` : "–"),
+      el("td", { text: eta, title: progress.basis || "" }),
+      actions,
+    );
+  });
+  fill("batch-table", rows, 7, "no batch yet: upload a JSON Lines file and create one (POST /v1/batches, or hive batch create FILE)");
+  $("batch-count").textContent = list.data.length ? `(${list.data.length}${list.has_more ? "+" : ""})` : "";
+}
+
+async function cancelBatch(batchId) {
+  if (!confirm(`Cancel batch ${batchId}? Its queued lines will not run; the finished ones stay in its output.`)) return;
+  const message = $("batch-message");
+  message.textContent = `Cancel of ${batchId}…`;
+  try {
+    await api(`/v1/batches/${encodeURIComponent(batchId)}/cancel`, session?.signal, "POST");
+    message.textContent = `Cancel of ${batchId}: cancelling`;
+    await loadBatches(session?.signal);
+  } catch (error) {
+    if (error instanceof Unauthorized) return askForToken();
+    message.textContent = `Cancel of ${batchId} failed: ${error.message}`;
+  }
+}
+
 // --- dead letters ----------------------------------------------------------------------------------
 
 let shownDeadLetters = -1;
@@ -754,6 +807,7 @@ async function poll(signal) {
       if (round === 0) await loadHistory(signal);
       else if (round % HISTORY_EVERY === 0) await updateHistory(signal);
       if (round % DLQ_EVERY === 0 || dead !== shownDeadLetters) await loadDeadLetters(signal, dead);
+      if (round % BATCHES_EVERY === 0) await loadBatches(signal);
       $("updated").textContent = `updated ${clock(Date.now())}`;
       if (document.body.dataset.feed === "live") status("live", "live");
     } catch (error) {
