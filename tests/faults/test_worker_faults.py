@@ -172,6 +172,7 @@ async def test_a_call_three_times_ack_wait_is_delivered_once(
     assert isinstance(running, Running) and isinstance(completed, Completed)
     assert (running.attempt, completed.attempt) == (1, 1)
     assert running.worker == completed.worker
-    assert completed.call_s >= call_s
+    # the whole call ran (uvloop's timers keep milliseconds: a sleep may end a fraction of one early)
+    assert completed.call_s >= call_s - 0.005
     assert consumer.num_redelivered == 0
     assert figures.completed == 1
