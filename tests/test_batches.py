@@ -241,8 +241,8 @@ async def test_a_batch_over_two_providers_finishes_on_the_fallback_when_a_daily_
     path = tmp_path / "routes.toml"
     path.write_text(f'[aliases.posts]\ncandidates = ["gemini/gemini-2.5-flash", "{GROQ}"]\n')
     routes = Routes.load(path)
-    fakes.gemini.daily_quota(60)
-    lines = [line(f"post-{i}", f"post {i}", model="posts") for i in range(200)]
+    fakes.gemini.daily_quota(500)  # half-way through the batch
+    lines = [line(f"post-{i}", f"post {i}", model="posts") for i in range(1000)]
     async with AsyncExitStack() as stack_:
         stack = await stack_.enter_async_context(serving(settings, routes))
         gemini = GeminiProvider(api_key="gemini-key-0123456789", base_url=fakes.gemini_base_url)
@@ -254,13 +254,13 @@ async def test_a_batch_over_two_providers_finishes_on_the_fallback_when_a_daily_
         batch = await client.batches.create(
             input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
-        done = await ended(client, batch.id, 120)
+        done = await ended(client, batch.id, 240)
         assert done.status == "completed"
         out = await output_lines(client, done.output_file_id)
-        assert [o["custom_id"] for o in out] == [f"post-{i}" for i in range(200)]
+        assert [o["custom_id"] for o in out] == [f"post-{i}" for i in range(1000)]
         models = [o["response"]["body"]["model"].split("/")[0] for o in out]
-        assert models.count("gemini") == 60
-        assert models.count("groq") == 140
+        assert models.count("gemini") == 500
+        assert models.count("groq") == 500
         assert all(o["response"]["body"]["choices"][0]["message"]["content"] for o in out)
 
 
