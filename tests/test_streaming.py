@@ -93,7 +93,13 @@ async def test_each_adapter_streams_through_its_sdk_piece_by_piece(fakes: Provid
     assert pieces == ["reply:", *[" " + w for w in PROMPT.split()]]  # as the fake sent them, in order
     assert isinstance(final, Output) and final.value == expected
     assert final.usage == Usage(input_tokens=len(PROMPT.split()), output_tokens=len(expected.split()))
+    # the fake records the answer once its last bytes are out, which may be after the SDK's last event
+    await eventually(lambda: _completed(fakes, name), 5, "the fake to record the streamed answer")
     assert getattr(fakes, name).prompts_completed == [PROMPT]
+
+
+async def _completed(fakes: ProviderFakes, name: str) -> bool:
+    return bool(getattr(fakes, name).prompts_completed)
 
 
 @pytest.mark.parametrize("name", SDK_PROVIDERS)
