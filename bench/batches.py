@@ -36,7 +36,8 @@ from pathlib import Path
 import anyio
 import httpx
 import openai
-from chat import spawn, wait_ready  # beside this script
+from chat import wait_ready  # beside this script
+from gateway import spawn
 from throughput import cleaned_up, free_port, verdict
 
 from hive_bus import Settings

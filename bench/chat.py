@@ -31,18 +31,14 @@ from pathlib import Path
 
 import anyio
 import httpx
-from throughput import cleaned_up, free_port, verdict  # beside this script
+from gateway import spawn  # beside this script
+from throughput import cleaned_up, free_port, verdict
 
 from hive_bus._embedded import NatsServer
 
 CLIENTS = 16
 BIN, REPO = Path(sys.executable).parent, Path(__file__).resolve().parent.parent
 PROMPT = "Un tuit sobre el lanzamiento, con dos hashtags"
-
-
-def spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
