@@ -104,10 +104,12 @@ async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStat
     return result
 
 
-async def _count(bus: Bus, subject: str) -> int:
-    """Messages on ``subject`` in the events stream: a throwaway consumer's pending count."""
+async def _count(bus: Bus, subject: str | list[str]) -> int:
+    """Messages on ``subject`` (or on any of a list) in the events stream: a throwaway consumer's pending
+    count, which nats-server works out from its index of subjects without reading a message."""
     config = ConsumerConfig(
-        filter_subject=subject,
+        filter_subject=subject if isinstance(subject, str) else None,
+        filter_subjects=subject if isinstance(subject, list) else None,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.NONE,
         inactive_threshold=5.0,
