@@ -15,17 +15,22 @@ is reported.
 
 At each stage, in this order:
 
-- start-up: the gateway is ended and started again; the seconds to a ``/healthz`` answer of 200, and to
-  its first store audit done (``GET /v1/audit``), which reads the events stream and the tasks stream;
+- start-up: the gateway is ended and started again; the seconds to a ``/healthz`` answer of 200, to its
+  first store audit done (``GET /v1/audit``), and until its CPU is idle (it reads the dashboard's last
+  hour back in the background: at most ``BACKFILL_MAX_EVENTS`` events); the reads come after that;
 - reads, each ``READS`` times one after the other over a keep-alive connection, p50 and p95:
   ``GET /metrics``, ``GET /v1/stats``, ``GET /v1/tasks?limit=50`` and ``GET /v1/tasks/{id}`` of the
   oldest task of the run (queued before the first stage);
 - submit rate: single ``POST /v1/tasks`` for ``SUBMIT_S`` seconds with ``wrk`` (as ``bench/gateway.py``
   loads it), and the gateway's CPU per accepted task;
-- a worker's fetch-and-complete rate from the deep queue: ``hive worker echo`` completes tasks from the
-  front of the queue (the tasks that raise the event count; at the empty stage, the tasks the submit
-  rate queued), measured between 5 % and 95 % of them, with the worker's CPU per task;
+- a worker's fetch-and-complete rate from the deep queue: ``hive worker echo`` completes as many tasks
+  from the front of the queue as the submit rate queued (at least ``MIN_WORKER_TASKS``), back to the
+  stage's size, measured between 5 % and 95 % of them, with the worker's CPU per task;
 - RSS of the gateway (after all of the above), the worker (at its end) and nats-server.
+
+Last, a Raspberry Pi 4 estimate: the empty bus's CPU per task of the gateway, nats-server and the
+worker, times how many times slower a Pi 4 core runs the Benchmarks Game's n-body program in Python
+(a published Pi 4 time against this machine's, timed in the same run; see :func:`pi_factor`).
 
 The table puts each figure beside the empty bus's (same run). Targets: each rate within 15 % of its
 empty-bus value, each read's p95 under 100 ms at the largest stage, start-up (audit included) under 5 s,
@@ -41,6 +46,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,6 +93,7 @@ class Stage:
     healthz_s: float = 0.0  # gateway start to /healthz 200
     audit_s: float = 0.0  # gateway start to its first store audit done
     audit_own_s: float = 0.0  # the audit's own seconds, as it reports them
+    idle_s: float = 0.0  # gateway start until its CPU is idle (the history's backfill of the last hour)
     reads_ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # route -> (p50, p95)
     submit_per_s: float = 0.0
     submit_cpu_us: float = 0.0  # gateway CPU per accepted task
@@ -148,6 +155,10 @@ class Bench:
             stage.healthz_s = poll(lambda: http.get("/healthz").status_code == 200, self.gateway) - t0
             stage.audit_s = poll(lambda: http.get("/v1/audit").json()["last"] is not None, self.gateway) - t0
             stage.audit_own_s = http.get("/v1/audit").json()["last"]["seconds"]
+        # the reads are measured once the gateway has done what it does on start (the dashboard's last
+        # hour read back, in the background): what a user who reads later sees
+        catch_up(psutil.Process(self.gateway.pid), timeout_s=600)
+        stage.idle_s = time.perf_counter() - t0
 
     def start_worker(self, n: int) -> subprocess.Popen[bytes]:
         cmd = [str(BIN / "hive"), "worker", PROVIDER, "--concurrency", str(WORKER_CONCURRENCY)]
@@ -274,14 +285,18 @@ class Bench:
             self.fill(stage.target_queued - queued)
             queued, events = self.state()
         # each extra task adds a queued and a completed event; the worker completes it (or an older one)
-        extra = max(MIN_WORKER_TASKS, (2 * stage.target_queued - events + 1) // 2)
+        extra = max(0, (2 * stage.target_queued - events + 1) // 2)
         print(f"  queued {queued:,} tasks; {extra:,} more for the worker to complete", flush=True)
-        self.fill(extra)
-        self.work(stage, down_to=queued)
-        left, _ = self.state()
-        if left < stage.target_queued:  # the worker took a few more before it stopped
-            self.fill(stage.target_queued - left)
+        if extra:
+            self.fill(extra)
+            self.work(stage, down_to=queued)
+        self.top_up(stage.target_queued)
         stage.fill_s = time.perf_counter() - t0
+
+    def top_up(self, target: int) -> None:
+        left, _ = self.state()
+        if left < target:  # the worker took a few more before it stopped
+            self.fill(target - left)
 
     def measure(self, stage: Stage) -> None:
         if stage.target_queued:
@@ -291,11 +306,13 @@ class Bench:
         print(f"  {stage.queued:,} queued, {stage.events:,} events; gateway up; reads", flush=True)
         self.reads(stage)
         self.submit_rate(stage)
-        if not stage.target_queued:  # the empty bus: the worker completes what the submit rate queued
-            queued, _ = self.state()
-            if queued < MIN_WORKER_TASKS:
-                self.fill(MIN_WORKER_TASKS - queued)
-            self.work(stage, down_to=0)
+        # the worker completes what the submit rate queued (at least MIN_WORKER_TASKS), from the front
+        # of the queue: back to the stage's size
+        queued, _ = self.state()
+        if queued - stage.target_queued < MIN_WORKER_TASKS:
+            self.fill(MIN_WORKER_TASKS - (queued - stage.target_queued))
+        self.work(stage, down_to=stage.target_queued)
+        self.top_up(stage.target_queued)
         self.rss(stage)
 
 
@@ -358,6 +375,7 @@ def rows(stages: list[Stage]) -> list[tuple[str, str, list[float], str, bool | N
             top.audit_s < STARTUP_TARGET_S,
         )
     )
+    out.append(("start-up to idle", "s", [s.idle_s for s in stages], "", None))
     rss_gw = [s.gateway_rss_mb for s in stages]
     out.append(
         ("gateway RSS", "MB", rss_gw, f"< {GATEWAY_RSS_TARGET_MB:g} MB", max(rss_gw) < GATEWAY_RSS_TARGET_MB)
@@ -410,6 +428,112 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
+# A Raspberry Pi 4 against this machine ---------------------------------------------------------
+#
+# The Pi figures are this machine's CPU per task times how much slower a Pi 4 core runs single-threaded
+# Python. That factor is measured: the n-body program of the Computer Language Benchmarks Game (the
+# classic Python version below), 5,000,000 steps, took 158.3 s on a Raspberry Pi 4 Model B (Cortex-A72
+# at 1.5 GHz, performance governor; https://chaitanyamehta.github.io/projects/performance-analysis-of-
+# programming-languages); this run times the same program here, for a tenth of the steps.
+PI4_NBODY_S = 158.3
+PI4_NBODY_STEPS = 5_000_000
+NBODY_STEPS = 500_000
+
+NBODY = """
+import sys, time
+PI = 3.14159265358979323
+SOLAR_MASS = 4 * PI * PI
+DAYS_PER_YEAR = 365.24
+BODIES = {
+    "sun": ([0.0, 0.0, 0.0], [0.0, 0.0, 0.0], SOLAR_MASS),
+    "jupiter": ([4.84143144246472090e+00, -1.16032004402742839e+00, -1.03622044471123109e-01],
+                [1.66007664274403694e-03 * DAYS_PER_YEAR, 7.69901118419740425e-03 * DAYS_PER_YEAR,
+                 -6.90460016972063023e-05 * DAYS_PER_YEAR], 9.54791938424326609e-04 * SOLAR_MASS),
+    "saturn": ([8.34336671824457987e+00, 4.12479856412430479e+00, -4.03523417114321381e-01],
+               [-2.76742510726862411e-03 * DAYS_PER_YEAR, 4.99852801234917238e-03 * DAYS_PER_YEAR,
+                2.30417297573763929e-05 * DAYS_PER_YEAR], 2.85885980666130812e-04 * SOLAR_MASS),
+    "uranus": ([1.28943695621391310e+01, -1.51111514016986312e+01, -2.23307578892655734e-01],
+               [2.96460137564761618e-03 * DAYS_PER_YEAR, 2.37847173959480950e-03 * DAYS_PER_YEAR,
+                -2.96589568540237556e-05 * DAYS_PER_YEAR], 4.36624404335156298e-05 * SOLAR_MASS),
+    "neptune": ([1.53796971148509165e+01, -2.59193146099879641e+01, 1.79258772950371181e-01],
+                [2.68067772490389322e-03 * DAYS_PER_YEAR, 1.62824170038242295e-03 * DAYS_PER_YEAR,
+                 -9.51592254519715870e-05 * DAYS_PER_YEAR], 5.15138902046611451e-05 * SOLAR_MASS),
+}
+SYSTEM = list(BODIES.values())
+PAIRS = [(SYSTEM[i], SYSTEM[j]) for i in range(len(SYSTEM) - 1) for j in range(i + 1, len(SYSTEM))]
+
+def advance(dt, n, bodies=SYSTEM, pairs=PAIRS):
+    for _ in range(n):
+        for (([x1, y1, z1], v1, m1), ([x2, y2, z2], v2, m2)) in pairs:
+            dx = x1 - x2
+            dy = y1 - y2
+            dz = z1 - z2
+            mag = dt * ((dx * dx + dy * dy + dz * dz) ** (-1.5))
+            b1m = m1 * mag
+            b2m = m2 * mag
+            v1[0] -= dx * b2m
+            v1[1] -= dy * b2m
+            v1[2] -= dz * b2m
+            v2[0] += dx * b1m
+            v2[1] += dy * b1m
+            v2[2] += dz * b1m
+        for (r, [vx, vy, vz], m) in bodies:
+            r[0] += dt * vx
+            r[1] += dt * vy
+            r[2] += dt * vz
+
+def offset_momentum(ref, bodies=SYSTEM, px=0.0, py=0.0, pz=0.0):
+    for (r, [vx, vy, vz], m) in bodies:
+        px -= vx * m
+        py -= vy * m
+        pz -= vz * m
+    (r, v, m) = ref
+    v[0] = px / m
+    v[1] = py / m
+    v[2] = pz / m
+
+offset_momentum(BODIES["sun"])
+t0 = time.process_time()
+advance(0.01, int(sys.argv[1]))
+print(time.process_time() - t0)
+"""
+
+
+def pi_factor() -> tuple[float, str]:
+    """How many times longer the n-body steps take on a Pi 4 core than on a core of this machine, and
+    the Python that ran them here: 3.7 where there is one (the page does not name its Python; Raspberry
+    Pi OS of 2020, Buster, shipped 3.7), else this one (3.11 runs the program about 1.5x faster than
+    3.7, which would make the factor that much too large)."""
+    found = [shutil.which("python3.7"), *sorted(Path.home().glob(".pyenv/versions/3.7*/bin/python3.7"))]
+    python = next((str(p) for p in found if p and runs(str(p))), sys.executable)
+    out = subprocess.run(
+        [python, "-c", NBODY, str(NBODY_STEPS)], capture_output=True, text=True, check=True, timeout=600
+    ).stdout
+    here_s = float(out.strip()) * PI4_NBODY_STEPS / NBODY_STEPS
+    version = subprocess.run([python, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    return PI4_NBODY_S / here_s, version
+
+
+def runs(python: str) -> bool:
+    """Whether ``python`` starts (a pyenv shim of a version not selected does not)."""
+    return subprocess.run([python, "--version"], capture_output=True, check=False).returncode == 0
+
+
+def report_pi(stages: list[Stage], factor: float, python: str) -> None:
+    base = stages[0]
+    print(
+        f"\na Raspberry Pi 4 core (Cortex-A72, 1.5 GHz) runs the n-body program {factor:.1f}x slower than a core "
+        f"here ({python} here); the empty bus's CPU per task times that:"
+    )
+    for name, cpu_us in (
+        ("gateway, a single POST", base.submit_cpu_us),
+        ("nats-server, a single POST (Go: the factor is a guess)", base.submit_nats_cpu_us),
+        ("worker (echo), a task fetched and completed", base.worker_cpu_us),
+    ):
+        pi_us = cpu_us * factor
+        print(f"  {name:<58}{cpu_us:8.0f} us here  {pi_us:8.0f} us on a Pi  ~{1e6 / pi_us:,.0f} /s a core")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="one bus grown to --max-queued tasks, measured on the way")
     parser.add_argument(
@@ -431,10 +555,13 @@ def main() -> None:
             print(f"stage {stage.target_queued:,} queued", flush=True)
             bench.measure(stage)
     print(f"\nthe whole run took {time.perf_counter() - t0:,.0f} s")
+    factor, python = pi_factor()
     report(stages)
+    report_pi(stages, factor, python)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "scale.json").write_text(json.dumps([asdict(s) for s in stages], indent=1))
+        figures = {"pi4_factor": factor, "pi4_factor_python": python, "stages": [asdict(s) for s in stages]}
+        (args.out / "scale.json").write_text(json.dumps(figures, indent=1))
         charts(stages, args.out)
 
 
