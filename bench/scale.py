@@ -409,13 +409,24 @@ def charts(stages: list[Stage], out: Path) -> None:
         print("no charts: matplotlib is not installed (pip install -e '.[bench]')")
         return
     queued = [s.queued for s in stages]
+    # one chart a figure; a read's p50 and p95 share one
+    charted: dict[str, list[tuple[str, str, list[float], str]]] = {}
     for name, unit, values, target, _ok in rows(stages):
+        figure, _, pct = name.rpartition(" ")
+        key = figure if pct in ("p50", "p95") else name
+        charted.setdefault(key, []).append((pct if key != name else "", unit, values, target))
+    for name, lines in charted.items():
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-        ax.plot(queued, values, marker="o")
+        for label, _, values, _ in lines:
+            ax.plot(queued, values, marker="o", label=label or None)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+        target = next((t for *_, t in lines if t), "")
+        top = max(v for line in lines for v in line[2])
         ax.set_xscale("symlog", linthresh=max(1, queued[1] if len(queued) > 1 else 1))
         ax.set_xlabel("tasks queued")
-        ax.set_ylabel(unit)
-        ax.set_ylim(bottom=0, top=max(values) * 1.25 or 1)
+        ax.set_ylabel(lines[0][1])
+        ax.set_ylim(bottom=0, top=top * 1.25 or 1)
         ax.set_title(name + (f" (target {target})" if target else ""), fontsize=9)
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
