@@ -5,7 +5,7 @@ messages in it, and nats-server 2.15 does not say so in the stream state (its ``
 docs/reliability.md). The record still knows those tasks: the events stream holds each task's
 ``queued`` event, with the whole task, and no final event after it. The audit compares the two:
 
-1. first by counts, which nats-server works out from its index of subjects without reading a message:
+1. first by counts, which nats-server keeps up to date as events are stored (hive_bus._tallies):
    the tasks the record says are open (``queued`` events less final ones: ``completed``, ``failed``,
    ``cancelled``) against the tasks the queue holds (the workers' consumers' pending and unacked
    tasks: a damaged message can stay in the stream's own count after the consumer has gone past it for
@@ -60,7 +60,8 @@ from ._nats import BUS_ERRORS
 from ._nats import reconnects as nats_reconnects
 from ._nesting import Guarded
 from ._size import check_fits, js_publish
-from ._stats import _count, queue_depths
+from ._stats import queue_depths
+from ._tallies import tally
 
 log = logging.getLogger("hive_bus.audit")
 
@@ -169,9 +170,8 @@ class StoreAudit:
     async def _counts(self) -> tuple[int, int]:
         """The tasks the record says are open (queued events less final ones), and the tasks the
         queue holds."""
-        names = self._bus.names
-        queued = await _count(self._bus, names.event_subject("*", "*", "queued"))
-        final = await _count(self._bus, names.final_events())
+        queued = await tally(self._bus, "queued")
+        final = sum([await tally(self._bus, status) for status in _FINAL])
         # What the workers' consumers have yet to deliver or have out, rather than the stream's message
         # count: a damaged message can stay in that count after the consumer has gone past it for good.
         held = sum(d.pending + d.ack_pending for d in (await queue_depths(self._bus)).values())

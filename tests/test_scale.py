@@ -2,7 +2,9 @@
 
 The store audit compares counts first: a bus whose tasks stream holds every task the record says is
 open is audited without reading the record or the queue task by task; only a shortfall makes it compare
-ids, and that finds the lost task as before."""
+ids, and that finds the lost task as before. The counts (the audit's and ``/v1/stats``' completed and
+failed) are tallies that nats-server keeps as events are stored and age out, not counted anew at each
+read."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 
 from hive_bus import Hive, Task, TaskRequest
 from hive_bus._audit import StoreAudit
+from hive_bus._stats import ProviderStats
 from hive_bus.bus import Bus
 from hive_bus.workers.echo import EchoProvider
 
@@ -54,3 +57,30 @@ async def test_an_audit_with_nothing_missing_compares_counts_and_a_shortfall_com
 
     again = await audit.audit()  # the lost task's failed event closes it: the counts agree again
     assert (again.compared, again.open, again.held, again.lost, again.lost_total) == ("counts", 39, 39, 0, 1)
+
+
+async def _echo_stats(hive: Hive) -> ProviderStats:
+    [echo] = [s for s in await hive.stats() if s.provider == "echo"]
+    return echo
+
+
+async def test_stats_counts_are_tallies_that_follow_new_outcomes_and_removed_events(
+    bus: Bus, hive: Hive
+) -> None:
+    names = bus.names
+    async with running_worker(bus, "echo", EchoProvider()):
+        for n in (3, 2):
+            ids = await hive.submit_many([TaskRequest(provider="echo", prompt="p") for _ in range(n)])
+            assert all([(await hive.wait(task_id, timeout_s=10)).status == "completed" for task_id in ids])
+            if n == 3:
+                assert (await _echo_stats(hive)).completed == 3
+                # the count is kept by the server in a durable consumer that delivers nothing
+                tally = await bus.js.consumer_info(names.events_stream, names.tally("completed", "echo"))
+                assert (tally.num_pending, tally.delivered.stream_seq if tally.delivered else 0) == (3, 0)
+    assert (await _echo_stats(hive)).completed == 5  # outcomes stored after the tally was made count
+
+    # an event leaving the stream (aged out of its window, or removed) leaves the count
+    last = await bus.js.get_last_msg(names.events_stream, names.event_subject("echo", ids[0], "completed"))
+    assert last.seq is not None
+    await bus.js.delete_msg(names.events_stream, last.seq)
+    assert (await _echo_stats(hive)).completed == 4
