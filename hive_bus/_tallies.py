@@ -10,8 +10,9 @@ from the stream's start, that nobody fetches from (no acks, its state in memory)
 the number of such events the stream holds: nats-server works it out once when the consumer is made,
 then keeps it as events are stored and as they age out of the stream's window, so reading it is one
 consumer info (0.2 ms at any size). Whoever counts first makes it (the same config from two processes
-makes one consumer). One that nobody reads for :data:`TALLY_IDLE_S` is removed by the server (a tally of
-a provider that is gone does not stay), and made again by the next read.
+makes one consumer). The server removes it :data:`TALLY_IDLE_S` after it was made (a consumer's activity
+is fetching, and nobody fetches from a tally; reading its info does not count), so a tally of a provider
+that is gone does not stay, and the next read makes it again: one fresh count an hour.
 """
 
 from __future__ import annotations
