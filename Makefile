@@ -51,6 +51,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/rate_limits.py
 	$(BIN)/python bench/quota.py
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/scale.py --out bench/scale
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

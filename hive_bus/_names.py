@@ -153,6 +153,11 @@ class Names:
     def router(self) -> str:
         return f"{self.prefix}_router"
 
+    def tally(self, status: str, provider: str | None = None) -> str:
+        """The durable consumer of the events stream that counts ``status`` events (of one provider, or
+        of all): see hive_bus._tallies. A status holds no ``_``, so no two (status, provider) share one."""
+        return f"{self.prefix}_tally_{status}" + (f"_{provider}" if provider else "")
+
     @property
     def all_tasks(self) -> str:
         return f"{self.prefix}.tasks.*.*"

@@ -1,6 +1,7 @@
 """Per-provider figures read from the bus, so they hold for workers anywhere: the queue from the
 provider's consumer, calls in flight from the heartbeats, cooldowns from the providers bucket, and
-completed and failed counts from the events stream (its retention window, 7 days by default)."""
+completed and failed counts from the events stream (its retention window, 7 days by default), as
+nats-server keeps them in tallies (hive_bus._tallies)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ._bus import Bus, kv_entries
 from ._cooldown import decode_records, provider_cooldowns
 from ._messages import WorkerBeat
 from ._nats import BUS_ERRORS
+from ._tallies import tally
 
 
 class ProviderStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,7 +71,6 @@ async def _consumers(bus: Bus) -> list[ConsumerInfo]:
 
 
 async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStats]:
-    names = bus.names
     depths = await queue_depths(bus)
     providers = sorted(set(depths) | {b.provider for b in beats})
     values = await kv_entries(bus.providers_kv)
@@ -91,8 +92,8 @@ async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStat
                 pending=depth.pending,
                 in_flight=in_flight,
                 retrying=max(0, depth.ack_pending - in_flight),
-                completed=await _count(bus, names.final_events(provider)[0]) if queued else 0,
-                failed=await _count(bus, names.final_events(provider)[1]) if queued else 0,
+                completed=await tally(bus, "completed", provider) if queued else 0,
+                failed=await tally(bus, "failed", provider) if queued else 0,
                 workers=sum(1 for b in beats if b.provider == provider),
                 cooldown_until_ms=(cooldown.until_ms if not cooldown.refused else None) if cooldown else None,
                 cooldown_reason=cooldown.reason if cooldown else None,
@@ -104,10 +105,12 @@ async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStat
     return result
 
 
-async def _count(bus: Bus, subject: str) -> int:
-    """Messages on ``subject`` in the events stream: a throwaway consumer's pending count."""
+async def _count(bus: Bus, subject: str | list[str]) -> int:
+    """Messages on ``subject`` (or on any of a list) in the events stream: a throwaway consumer's pending
+    count, which nats-server works out from its index of subjects without reading a message."""
     config = ConsumerConfig(
-        filter_subject=subject,
+        filter_subject=subject if isinstance(subject, str) else None,
+        filter_subjects=subject if isinstance(subject, list) else None,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.NONE,
         inactive_threshold=5.0,
