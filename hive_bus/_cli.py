@@ -26,6 +26,7 @@ from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import BusUnavailable, HiveError, TaskEnded
 from ._loop import ENV_LOOP, LOOP_CHOICES, LoopChoice, LoopUnavailable, backend_options
 from ._messages import (
+    WEBHOOK_EVENTS,
     ChatMessage,
     TaskRequest,
     TaskView,
@@ -507,6 +508,12 @@ def _json_object(value: str | None, what: str) -> Any:
     "--deadline", "deadline_s", type=float, metavar="S", help="fail the task S seconds after submission"
 )
 @click.option(
+    "--webhook",
+    metavar="URL[,EVENT...]",
+    help="announce the task's end to URL (signed; the gateway's webhook settings apply), for the events "
+    "named after it (task.completed, task.failed, task.cancelled; all when none)",
+)
+@click.option(
     "--wait",
     "wait_s",
     type=float,
@@ -531,6 +538,7 @@ def submit(
     fallback: tuple[str, ...],
     route: str | None,
     deadline_s: float | None,
+    webhook: str | None,
     wait_s: float | None,
     ordered: bool,
     settings: Settings,
@@ -556,6 +564,7 @@ def submit(
             "response_format": _response_format(response_format) if response_format is not None else None,
             "payload": _json_object(payload, "--payload"),
             "metadata": _json_object(metadata, "--metadata"),
+            "webhook": _webhook(webhook),
         }  # fmt: skip
         if defaults["metadata"] is not None and not isinstance(defaults["metadata"], dict):
             raise click.BadParameter("must be a JSON object", param_hint="--metadata")
@@ -575,6 +584,8 @@ def submit(
         extra["fallback"] = list(fallback)
     if response_format is not None:
         extra["response_format"] = _response_format(response_format)
+    if webhook is not None:
+        extra["webhook"] = _webhook(webhook)
     meta = _json_object(metadata, "--metadata")
     if meta is not None and not isinstance(meta, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--metadata")
@@ -637,6 +648,22 @@ def _message_error(exc: msgspec.ValidationError) -> str:
         return "expected a JSON array of messages" if "Expected `array`" in str(exc) else str(exc)
     what, index, field = found.groups()
     return f"message {int(index) + 1}: {field + ': ' if field else ''}{what}"
+
+
+def _webhook(value: str | None) -> dict[str, Any] | None:
+    """``--webhook URL[,EVENT...]`` as a task's ``webhook`` field, its events checked here so that a typo
+    names the flag (the URL is checked as the task is: http(s), no spaces)."""
+    if value is None:
+        return None
+    url, *events = [part.strip() for part in value.split(",")]
+    unknown = [e for e in events if e not in WEBHOOK_EVENTS]
+    if unknown or not url:
+        what = f"unknown event {unknown[0]!r}" if unknown else "no URL"
+        raise click.BadParameter(
+            f"{what}: give URL[,EVENT...] with events among {', '.join(WEBHOOK_EVENTS)}",
+            param_hint="--webhook",
+        )
+    return {"url": url, "events": events} if events else {"url": url}
 
 
 def _response_format(value: str) -> Any:
