@@ -845,7 +845,9 @@ def status(task_ids: tuple[str, ...], wait_s: float, settings: Settings) -> None
             views: list[TaskView | None] = [None] * len(task_ids)
 
             async def one(i: int, task_id: str) -> None:
-                views[i] = await (hive.wait(task_id, wait_s) if wait_s > 0 else hive.get(task_id))
+                views[i] = await (
+                    hive.wait(task_id, wait_s, content=True) if wait_s > 0 else hive.get(task_id)
+                )
 
             async with anyio.create_task_group() as tg:  # the waits run together
                 for i, task_id in enumerate(task_ids):

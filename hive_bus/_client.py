@@ -31,7 +31,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
 from . import _batch_client, _blobs, _cancel, _dlq
-from ._assigned import Assignments, current
+from ._assigned import Assignments, assignment, current
 from ._batches import Batch, BatchStore, cancelling
 from ._bus import Bus, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
@@ -328,16 +328,28 @@ class Hive:
         return [i for i in ids if i is not None]
 
     async def get(self, task_id: str) -> TaskView:
-        """The task's current state. Raises :class:`TaskNotFound`."""
+        """The task's current state, with what it asks and its metadata. Raises :class:`TaskNotFound`."""
         if not is_task_id(task_id):
             raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
         view, _ = await self._current(task_id)
         return await self._read_output(view)
 
-    async def wait(self, task_id: str, timeout_s: float) -> TaskView:
-        """The task's state once it has completed or failed, or when ``timeout_s`` has passed."""
+    async def wait(self, task_id: str, timeout_s: float, *, content: bool = False) -> TaskView:
+        """The task's state once it has completed or failed, or when ``timeout_s`` has passed. With
+        ``content``, the view carries the task's content and metadata as :meth:`get`'s does (at most
+        one more read; without, it may or may not)."""
         if not is_task_id(task_id):  # before it goes into a subject: no wildcards, no white space
             raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
+        view = await self._wait(task_id, timeout_s)
+        if content and not view.has_content:
+            try:
+                here = await assignment(self._bus, task_id)
+            except BUS_ERRORS as exc:
+                raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
+            view = view if here is None else view.with_task(here.task)
+        return view
+
+    async def _wait(self, task_id: str, timeout_s: float) -> TaskView:
         deadline = anyio.current_time() + timeout_s
         async with self._waits.watch(task_id) as events:
             mine = self._mine.get(task_id)
@@ -348,19 +360,22 @@ class Hive:
             else:
                 # read once the watch stands: every event stored after this read reaches ``events``
                 view, since = await self._current(task_id)
+            read = view  # the last view read whole (with the task's content), if any
             while not view.done and (left_s := deadline - anyio.current_time()) > 0:
                 seen: Seen | None = None
                 with anyio.move_on_after(min(left_s, RECHECK_S)):
                     seen = await events.receive()
                 if seen is None:  # quiet: read again, in case the follower was lost with its server
-                    view, since = await self._current(task_id)
+                    read, since = await self._current(task_id)
+                    view = read
                     continue
                 try:
                     event = event_decoder.decode(seen.data)
                 except (msgspec.DecodeError, RecursionError):
                     continue  # poison: the task's real events still come
                 if isinstance(event, Queued | Moved):
-                    view, since = await self._current(task_id)  # where is it assigned now
+                    read, since = await self._current(task_id)  # where is it assigned now
+                    view = read
                 elif seen.seq > since and self._names.provider_of_subject(seen.subject) == view.provider:
                     # under the provider the task is assigned to, after it was put there; and its body
                     # names that provider (else another credential's event)
@@ -368,6 +383,8 @@ class Hive:
                     view = TaskView.of(event) if ours else view
             if not view.done:  # out of time: the task's state as stored (running, retrying...)
                 view, _ = await self._current(task_id)
+            elif not view.has_content:  # an event's view: the task as a read on the way had it
+                view = view.content_from(read)
             return await self._read_output(view)
 
     def stream(

@@ -3,13 +3,24 @@ status``; the list's filters by metadata, batch and schedule; ``hive submit --we
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import httpx
 import pytest
 
-from hive_bus import Settings
+from hive_bus import Hive, Settings
+from hive_bus._embedded import NatsServer
 from hive_bus._messages import Queued
-from hive_bus.bus import Bus
+from hive_bus.bus import Bus, open_bus
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
 
-from .helpers import events_of, hive_cli
+from .conftest import make_settings
+from .helpers import events_of, hive_cli, running_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -48,3 +59,95 @@ def test_submit_webhook_flag_names_an_unknown_event(settings: Settings) -> None:
     bad_url = hive_cli(_cli(settings, "submit", "nobody", "x", "--webhook", "ftp://h/x"), env=CLI_ENV)
     assert bad_url.returncode == 1
     assert "url must be an http:// or https:// URL" in bad_url.stderr, bad_url.stderr
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    bus: Bus
+    http: httpx.AsyncClient
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[Stack]:
+    async with open_bus(settings) as bus:
+        gateway = Gateway(Hive(bus), GatewayOptions(port=0))
+        async with anyio.create_task_group() as tg:
+            await tg.start(gateway.serve)
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=15) as http:
+                yield Stack(settings, bus, http)
+            gateway.stop()
+
+
+@pytest.fixture
+async def stack(nats_server: NatsServer) -> AsyncIterator[Stack]:
+    # a claim check at 4 KiB, so that a task's content goes to the Object Store without a huge body
+    async with serving(make_settings(nats_server.url, claim_check_bytes=4096)) as s:
+        yield s
+
+
+async def _submit(stack: Stack, body: dict[str, object]) -> str:
+    r = await stack.http.post("/v1/tasks", json=body)
+    assert r.status_code == 202, r.text
+    task_id: str = r.json()["id"]
+    return task_id
+
+
+async def test_a_task_read_shows_its_prompt_and_metadata_whole_and_the_list_cut(stack: Stack) -> None:
+    long_prompt = "Escribe un hilo sobre colas de mensajes. " * 20  # 820 characters
+    meta = {"customer": "acme", "campaign": {"name": "otoño", "week": 48}}
+    task_id = await _submit(
+        stack, {"provider": "nobody", "prompt": long_prompt, "system": "breve", "metadata": meta}
+    )
+    one = (await stack.http.get(f"/v1/tasks/{task_id}")).json()
+    assert (one["prompt"], one["system"], one["metadata"]) == (long_prompt, "breve", meta)
+    assert "content_cut" not in one
+
+    [listed] = (await stack.http.get("/v1/tasks")).json()
+    assert listed["id"] == task_id
+    assert (listed["prompt"], listed["content_cut"]) == (long_prompt[:200], True)
+    assert (listed["system"], listed["metadata"]) == ("breve", meta)
+
+    waited = (await stack.http.get(f"/v1/tasks/{task_id}", params={"wait": 0.2})).json()
+    assert (waited["status"], waited["prompt"], waited["metadata"]) == ("queued", long_prompt, meta)
+
+
+async def test_a_conversation_is_read_whole_and_listed_first_and_last_messages(stack: Stack) -> None:
+    turns = [{"role": "system", "content": "Eres conciso."}] + [
+        {"role": "user" if i % 2 else "assistant", "content": f"turno {i} " + "x" * (150 * i)}
+        for i in range(1, 7)
+    ]
+    task_id = await _submit(stack, {"provider": "nobody", "messages": turns})
+    one = (await stack.http.get(f"/v1/tasks/{task_id}")).json()
+    assert one["messages"] == turns and "prompt" not in one
+
+    [listed] = (await stack.http.get("/v1/tasks")).json()
+    assert listed["content_cut"] is True
+    kept = [turns[0], *turns[-3:]]
+    assert [m["role"] for m in listed["messages"]] == [m["role"] for m in kept]
+    assert [m["content"] for m in listed["messages"]] == [str(m["content"])[:200] for m in kept]
+
+
+async def test_a_claim_checked_task_shows_where_its_content_is_and_its_size(stack: Stack) -> None:
+    big = "Un guion de vídeo largo. " * 400  # over the 4 KiB claim check
+    task_id = await _submit(stack, {"provider": "nobody", "prompt": big, "metadata": {"k": "v"}})
+    one = (await stack.http.get(f"/v1/tasks/{task_id}")).json()
+    assert "prompt" not in one and one["metadata"] == {"k": "v"}
+    assert one["content_stored_bytes"] > len(big)
+    [listed] = (await stack.http.get("/v1/tasks")).json()
+    assert "prompt" not in listed and listed["content_stored_bytes"] == one["content_stored_bytes"]
+
+
+async def test_a_completed_task_read_after_a_wait_keeps_its_prompt(stack: Stack) -> None:
+    async with running_worker(stack.bus, "echo", EchoProvider()):
+        task_id = await _submit(stack, {"provider": "echo", "prompt": "hola", "metadata": {"n": 1}})
+        done = (await stack.http.get(f"/v1/tasks/{task_id}", params={"wait": 10})).json()
+    assert (done["status"], done["output"], done["prompt"], done["metadata"]) == (
+        "completed",
+        "hola",
+        "hola",
+        {"n": 1},
+    )
+    status = hive_cli(_cli(stack.settings, "status", task_id), env=CLI_ENV)
+    shown = json.loads(status.stdout)
+    assert (shown["status"], shown["prompt"], shown["metadata"]) == ("completed", "hola", {"n": 1})
