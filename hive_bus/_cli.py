@@ -11,7 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar, get_args
 
 import anyio
 import click
@@ -29,6 +29,7 @@ from ._messages import (
     WEBHOOK_EVENTS,
     ChatMessage,
     TaskRequest,
+    TaskStatus,
     TaskView,
     encoder,
     event_decoder,
@@ -829,6 +830,51 @@ async def _follow_results(hive: Hive, lines: dict[str, int], wait_s: float, orde
         elif ordered and position >= printed:
             click.echo(_result_line(lines[task_id], found))
     return views
+
+
+@cli.command("list")
+@click.option(
+    "--meta", multiple=True, metavar="KEY:VALUE", help="a metadata key and its value (repeat: each must hold)"
+)
+@click.option("--batch", "batch_id", help="a batch's lines (metadata batch_id)")
+@click.option("--schedule", "schedule_id", help="a schedule's runs (metadata schedule_id)")
+@click.option("--status", type=click.Choice(list(get_args(TaskStatus))), help="only tasks in this status")
+@click.option("--provider", help="only this provider's tasks")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@bus_options
+def list_command(
+    meta: tuple[str, ...],
+    batch_id: str | None,
+    schedule_id: str | None,
+    status: str | None,
+    provider: str | None,
+    limit: int,
+    settings: Settings,
+) -> None:
+    """Print the newest tasks of a metadata key and value, a batch or a schedule, however old, one JSON
+    document a line, newest first (their texts cut as GET /v1/tasks cuts them), read from the metadata
+    index."""
+    wanted: dict[str, str] = {}
+    if batch_id is not None:
+        wanted["batch_id"] = batch_id
+    if schedule_id is not None:
+        wanted["schedule_id"] = schedule_id
+    for item in meta:
+        key, sep, value = item.partition(":")
+        if not sep or not key or key in wanted:
+            why = "names its key twice" if key in wanted else "is not KEY:VALUE"
+            raise click.BadParameter(f"{item!r} {why}", param_hint="--meta")
+        wanted[key] = value
+    if not wanted:
+        raise click.UsageError("give --meta KEY:VALUE, --batch ID or --schedule ID: which tasks to list")
+
+    async def main() -> None:
+        async with connect(settings=settings) as hive:
+            found = await hive.find(wanted, status=status, provider=provider, limit=limit)
+        for view in found:
+            click.echo(encoder.encode(view.trimmed()).decode())
+
+    _run(main)
 
 
 @cli.command()

@@ -30,10 +30,10 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
-from . import _batch_client, _blobs, _cancel, _dlq
+from . import _batch_client, _blobs, _cancel, _dlq, _index
 from ._assigned import Assignments, assignment, current
 from ._batches import Batch, BatchStore, cancelling
-from ._bus import Bus, kv_entries, open_bus, redeclare_workers_bucket
+from ._bus import Bus, ensure_index_stream, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
 from ._errors import BusUnavailable, HiveError, QueueFull, TaskEnded, TaskNotFound, TooLarge
@@ -136,6 +136,7 @@ class Hive:
         self._submitted = SubmissionCounts(bus)
         self._waits = Waits(bus)  # every wait on one follower of the events stream
         self._mine: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (provider, queued event seq)
+        self._index_ready = False  # the metadata index stream is declared (on the first tagged task)
 
     @property
     def bus(self) -> Bus:
@@ -209,11 +210,11 @@ class Hive:
         duplicate = bool(ack.duplicate)
         if duplicate:
             task = await self._first_task(ack.seq)
-        try:
-            task_ack = await self._publish(*self._task_message(task, key))
-        except QueueFull as exc:
-            await self._record_rejection(task, str(exc))
-            raise
+        [task_ack] = await self._publish_tasks([(task, key)])
+        if isinstance(task_ack, QueueFull):
+            await self._record_rejection(task, str(task_ack))
+        if isinstance(task_ack, HiveError):
+            raise task_ack
         if not task_ack.duplicate:
             self._submitted.add(task.provider)
             if duplicate:
@@ -270,7 +271,7 @@ class Hive:
                 except HiveError as exc:
                     outcomes[i] = exc
         going = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        task_acks = await self._publish_all([self._task_message(tasks[i], keys[i]) for i in going])
+        task_acks = await self._publish_tasks([(tasks[i], keys[i]) for i in going])
         for i, task_ack in zip(going, task_acks, strict=True):
             event_ack = event_acks[i]
             assert isinstance(event_ack, PubAck)
@@ -477,6 +478,21 @@ class Hive:
                 if wanted is not None and not wanted:
                     return
 
+    async def find(
+        self,
+        metadata: Mapping[str, str],
+        *,
+        status: str | None = None,
+        provider: str | None = None,
+        limit: int = 50,
+    ) -> list[TaskView]:
+        """The newest ``limit`` tasks whose metadata has each key and (string) value of ``metadata``,
+        newest first, read from the metadata index (:mod:`hive_bus._index`): the cost of a read follows
+        what it returns, not what the bus holds. ``{"batch_id": ...}`` finds a batch's lines,
+        ``{"schedule_id": ...}`` a schedule's runs. Each view has its content and metadata (outputs
+        kept in the Object Store not read back)."""
+        return await _index.find(self._bus, metadata, status=status, provider=provider, limit=limit)
+
     async def workers(self) -> list[WorkerBeat]:
         """The workers whose heartbeat has not expired, by provider then id."""
         try:
@@ -634,6 +650,35 @@ class Hive:
             task.msg_id if key else None,
             names.tasks_stream,
         )
+
+    async def _publish_tasks(self, tasks: Sequence[tuple[Task, str | None]]) -> list[PubAck | HiveError]:
+        """Each task's message with its metadata index entries (:mod:`hive_bus._index`), all in one
+        publish call: each task message's outcome, in order. An entry that was not stored is logged:
+        the task is accepted all the same (a filter by its metadata then misses it)."""
+        messages: list[Publish] = []
+        places: list[int] = []
+        for task, key in tasks:
+            places.append(len(messages))
+            message = self._task_message(task, key)
+            messages += [message, *_index.entries(self._names, task.id, task.metadata, message[2])]
+        if len(messages) > len(tasks):
+            await self._ensure_index()
+        outcomes = await self._publish_all(messages)
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, HiveError) and messages[i][3] == self._names.index_stream:
+                log.warning("a metadata index entry was not stored (%s): %s", messages[i][0], outcome)
+        return [outcomes[place] for place in places]
+
+    async def _ensure_index(self) -> None:
+        """The metadata index stream, made on the first tagged submission (untagged work never needs
+        it); a failure is logged, and the entries' publishes say what became of them."""
+        if self._index_ready:
+            return
+        try:
+            await ensure_index_stream(self._bus.js, self._bus.settings)
+            self._index_ready = True
+        except (HiveError, *BUS_ERRORS) as exc:
+            log.warning("could not declare the metadata index stream: %s", exc)
 
     async def _routed(self, task: Task) -> Task:
         """The task with its providers put in order by its routing policy (``cheapest`` reorders)."""

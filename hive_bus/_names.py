@@ -255,6 +255,26 @@ class Names:
         """The provider token of a task or event subject."""
         return subject.split(".")[2]
 
+    # the metadata index (hive_bus._index) ------------------------------------------------------------
+    # ``<PREFIX>_INDEX`` keeps one message per indexed metadata key of a task, on
+    # ``<prefix>.index.<key token>.<value hash>.<task id>``: the tasks of one key and value are one
+    # subject filter. Written by the processes that submit (gateway, client), never by a worker.
+
+    @property
+    def index_stream(self) -> str:
+        return f"{self.prefix.upper()}_INDEX"
+
+    @property
+    def all_index(self) -> str:
+        return f"{self.prefix}.index.>"
+
+    def index_subject(self, key_token: str, value_hash: str, task_id: str) -> str:
+        return f"{self.prefix}.index.{key_token}.{value_hash}.{task_id}"
+
+    def index_filter(self, key_token: str, value_hash: str) -> str:
+        """The subject filter of every task indexed under one metadata key and value."""
+        return f"{self.prefix}.index.{key_token}.{value_hash}.*"
+
     # webhooks (hive_bus.services.webhooks) -------------------------------------------------------
     # ``<PREFIX>_WEBHOOKS`` is the work-queue stream of deliveries to make, one message per event and
     # receiver on ``<prefix>.webhooks.out.<webhook id>``; ``<PREFIX>_WEBHOOK_LOG`` keeps the last record

@@ -4,7 +4,7 @@ status``; the list's filters by metadata, batch and schedule; ``hive submit --we
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -151,3 +151,81 @@ async def test_a_completed_task_read_after_a_wait_keeps_its_prompt(stack: Stack)
     status = hive_cli(_cli(stack.settings, "status", task_id), env=CLI_ENV)
     shown = json.loads(status.stdout)
     assert (shown["status"], shown["prompt"], shown["metadata"]) == ("completed", "hola", {"n": 1})
+
+
+async def _submit_many(stack: Stack, tasks: Sequence[Mapping[str, object]]) -> list[str]:
+    r = await stack.http.post("/v1/tasks/batch", json={"tasks": tasks})
+    assert r.status_code == 202, r.text
+    return [item["id"] for item in r.json()["tasks"]]
+
+
+async def _listed(stack: Stack, **params: object) -> list[str]:
+    r = await stack.http.get("/v1/tasks", params=params)  # type: ignore[arg-type]
+    assert r.status_code == 200, r.text
+    return [view["id"] for view in r.json()]
+
+
+async def test_filters_return_exactly_the_tagged_tasks_older_than_the_events_tail(stack: Stack) -> None:
+    untagged = [{"provider": "nobody", "prompt": f"sin etiqueta {i}"} for i in range(150)]
+    acme = [
+        {"provider": "nobody", "prompt": f"acme {i}", "metadata": {"customer": "acme", "n": i}}
+        for i in range(12)
+    ]
+    old_acme = await _submit_many(stack, acme[:9])
+    await _submit_many(stack, untagged[:75])
+    batch = await _submit_many(
+        stack,
+        [
+            {"provider": "nobody", "prompt": f"línea {i}", "metadata": {"batch_id": "batch_1"}}
+            for i in range(4)
+        ],
+    )
+    await _submit_many(stack, [{"provider": "nobody", "prompt": "otro", "metadata": {"customer": "acme-2"}}])
+    schedule = await _submit_many(
+        stack,
+        [
+            {
+                "provider": "other",
+                "prompt": "cada día",
+                "metadata": {"schedule_id": "sch_9", "customer": "acme"},
+            }
+        ],
+    )
+    await _submit_many(stack, untagged[75:])
+    new_acme = await _submit_many(stack, acme[9:])
+    every_acme = [*old_acme, *schedule, *new_acme]
+
+    # the events tail read for a list of 5 (40 events) holds none of the tagged tasks but the newest
+    assert not set(old_acme) & set(await _listed(stack, limit=5))
+    assert await _listed(stack, meta="customer:acme", limit=50) == every_acme[::-1]
+    assert await _listed(stack, meta="customer:acme", limit=5) == every_acme[::-1][:5]
+    assert await _listed(stack, meta="customer:acme", limit=11) == every_acme[::-1][:11]
+    assert await _listed(stack, batch="batch_1") == batch[::-1]
+    assert await _listed(stack, schedule="sch_9") == schedule
+    assert await _listed(stack, meta=["customer:acme", "n:3"]) == []  # n is a number: not indexed
+    assert await _listed(stack, meta="customer:acme", provider="other") == schedule
+    assert await _listed(stack, meta="customer:nobody") == []
+
+    cancelled = await stack.http.post(f"/v1/tasks/{old_acme[1]}/cancel")
+    assert cancelled.status_code == 200
+    assert await _listed(stack, meta="customer:acme", status="cancelled") == [old_acme[1]]
+
+    [view] = (await stack.http.get("/v1/tasks", params={"schedule": "sch_9"})).json()
+    assert (view["prompt"], view["metadata"]) == ("cada día", {"schedule_id": "sch_9", "customer": "acme"})
+
+    # untagged tasks pay nothing: one index entry per string value of a tagged task's metadata
+    info = await stack.bus.js.stream_info(stack.bus.names.index_stream)
+    assert info.state.messages == 12 + 4 + 1 + 2
+
+    bad = await stack.http.get("/v1/tasks", params={"meta": "customer"})
+    assert bad.status_code == 400 and "KEY:VALUE" in bad.json()["error"]["message"]
+
+    listed = hive_cli(_cli(stack.settings, "list", "--meta", "customer:acme", "--limit", "3"), env=CLI_ENV)
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == every_acme[::-1][:3]
+
+
+async def test_the_openapi_document_names_the_list_filters(stack: Stack) -> None:
+    schema = (await stack.http.get("/openapi.json")).json()
+    params = {p["name"] for p in schema["paths"]["/v1/tasks"]["get"]["parameters"]}
+    assert {"meta", "batch", "schedule"} <= params

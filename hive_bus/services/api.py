@@ -334,11 +334,58 @@ async def list_tasks(
         str | None, QueryParameter(pattern=PROVIDER_PATTERN, description="only this provider's tasks")
     ] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=500, description="at most this many")] = 50,
+    meta: Annotated[
+        list[str] | None,
+        QueryParameter(
+            description="only tasks whose metadata has this key and string value, given as KEY:VALUE "
+            "(repeat for several; each must hold); read from the metadata index",
+            max_items=8,
+        ),
+    ] = None,
+    batch: Annotated[
+        str | None,
+        QueryParameter(min_length=1, description="only this batch's lines (metadata batch_id)"),
+    ] = None,
+    schedule: Annotated[
+        str | None,
+        QueryParameter(min_length=1, description="only this schedule's runs (metadata schedule_id)"),
+    ] = None,
 ) -> list[TaskView]:
     """Each task's state with its ``metadata`` and what it asks, cut: each of ``prompt``, ``system`` and
     a message's text to its first 200 characters, of ``messages`` the first and the last three, and
-    ``content_cut: true`` when anything was (``GET /v1/tasks/{id}`` has it whole)."""
-    return await recent_tasks(_hive(state), status=status, provider=checked_provider(provider), limit=limit)
+    ``content_cut: true`` when anything was (``GET /v1/tasks/{id}`` has it whole).
+
+    Without ``meta``, ``batch`` or ``schedule``: the most recent tasks, from the tail of the events.
+    With them: the newest tasks of that metadata, however old, from the metadata index (its cost follows
+    what is returned; ``status`` and ``provider`` are applied to the newest 2,000 such tasks at most)."""
+    hive = _hive(state)
+    wanted = _wanted(meta, batch, schedule)
+    if wanted:
+        found = await hive.find(wanted, status=status, provider=checked_provider(provider), limit=limit)
+        return [view.trimmed() for view in found]
+    return await recent_tasks(hive, status=status, provider=checked_provider(provider), limit=limit)
+
+
+def _wanted(meta: list[str] | None, batch: str | None, schedule: str | None) -> dict[str, str]:
+    """The metadata a list is filtered by, from its query parameters (a 400 naming a bad ``meta``)."""
+    wanted: dict[str, str] = {}  # the index is read by the first: a batch or a schedule is narrow
+    if batch is not None:
+        wanted["batch_id"] = batch
+    if schedule is not None:
+        wanted["schedule_id"] = schedule
+    for item in meta or []:
+        key, sep, value = item.partition(":")
+        message = None
+        if not sep or not key:
+            message = f"meta must be KEY:VALUE (a metadata key, a colon, its value); got {item!r}"
+        elif key in wanted:
+            message = f"meta names the metadata key {key!r} twice (batch is batch_id, schedule schedule_id)"
+        if message is not None:
+            raise ValidationException(
+                detail=message, extra=[{"message": message, "key": "meta", "source": "query"}]
+            )
+        wanted[key] = value
+    return wanted
 
 
 async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, limit: int) -> list[TaskView]:
