@@ -20,7 +20,7 @@ import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -36,7 +36,7 @@ from ._batches import Batch, BatchStore, cancelling
 from ._bus import Bus, ensure_index_stream, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
-from ._errors import BusUnavailable, HiveError, QueueFull, TaskEnded, TaskNotFound, TooLarge
+from ._errors import BusUnavailable, HiveError, QueueFull, TaskEnded, TaskNotFound, TooLarge, Unserved
 from ._messages import (
     ChatMessage,
     Failed,
@@ -59,6 +59,7 @@ from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
 from ._publish import JetStreamPublisher, PubAck, Publish, stored
 from ._route import CheapestRouter
+from ._served import ServedProviders
 from ._settings import Settings, load_settings
 from ._size import header_bytes
 from ._stats import ProviderStats, provider_stats
@@ -82,6 +83,8 @@ RECHECK_S = 5.0
 class Accepted:
     id: str
     duplicate: bool = False
+    # why the task may never run: no worker serves its provider now, none did in the last day
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -136,6 +139,7 @@ class Hive:
         self._submitted = SubmissionCounts(bus)
         self._waits = Waits(bus)  # every wait on one follower of the events stream
         self._mine: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (provider, queued event seq)
+        self._served = ServedProviders(bus)  # started on the first submission
         self._index_ready = False  # the metadata index stream is declared (on the first tagged task)
 
     @property
@@ -147,6 +151,7 @@ class Hive:
         for waits; :func:`connect` calls it."""
         await self._waits.close()
         await self._submitted.close()
+        await self._served.stop()
 
     async def submit(
         self,
@@ -188,6 +193,8 @@ class Hive:
             **policy,
         }
         accepted = await self.submit_request(validate({k: v for k, v in fields.items() if v is not None}))
+        for warning in accepted.warnings:
+            log.warning("task %s: %s", accepted.id, warning)
         return accepted.id
 
     async def submit_request(self, request: TaskRequest) -> Accepted:
@@ -195,7 +202,31 @@ class Hive:
         :class:`NestedTooDeep` for a payload or metadata nested deeper than ``MAX_NESTING``, or
         :class:`TooLarge` for a task the bus cannot carry (its content over ``blob_max_bytes``)."""
         check_fields(request)
-        return await self._submit_task(Task.from_request(request), request.idempotency_key)
+        warning = await self.unserved(request.provider)
+        if warning is not None and self._bus.settings.reject_unserved:
+            raise Unserved(
+                f"{warning}; nothing was accepted (HIVE_REJECT_UNSERVED)", provider=request.provider
+            )
+        accepted = await self._submit_task(Task.from_request(request), request.idempotency_key)
+        return accepted if warning is None else replace(accepted, warnings=(warning,))
+
+    async def unserved(self, provider: str) -> str | None:
+        """Why a task for ``provider`` may never run: no worker serves it now and none did in the last
+        day (the message names the providers served); None when one does. Read from a view the client
+        follows (:mod:`hive_bus._served`): no round trip but the first."""
+        try:
+            return await self._served.warning(provider)
+        except BUS_ERRORS as exc:
+            log.debug("could not tell whether provider %s is served: %s", provider, exc)
+            return None
+
+    async def follow_served(self, *, record: bool = False) -> None:
+        """Start following which providers are served (the first submission does it otherwise);
+        ``record``: also write the record of the providers served, as the gateway does."""
+        if record:
+            await self._served.stop()
+            self._served = ServedProviders(self._bus, record=True)
+        await self._served.start()
 
     async def _submit_task(self, task: Task, key: str | None) -> Accepted:
         """Queue a task made from a checked request (its id known to the caller beforehand: a reader of
@@ -294,7 +325,8 @@ class Hive:
                             tasks[i].id,
                             exc,
                         )
-                outcomes[i] = Accepted(tasks[i].id, event_ack.duplicate)
+                warning = await self.unserved(tasks[i].provider)
+                outcomes[i] = Accepted(tasks[i].id, event_ack.duplicate, (warning,) if warning else ())
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def submit_many(self, requests: Iterable[TaskRequest], *, window: int = SUBMIT_WINDOW) -> list[str]:
@@ -314,12 +346,19 @@ class Hive:
         errors: dict[int, HiveError] = {}
         cursor = iter(range(len(items)))
 
+        warned: set[str] = set()
+
         async def lane() -> None:
             for i in cursor:
                 try:
-                    ids[i] = (await self.submit_request(items[i])).id
+                    accepted = await self.submit_request(items[i])
                 except HiveError as exc:
                     errors[i] = exc
+                    continue
+                ids[i] = accepted.id
+                for warning in set(accepted.warnings) - warned:  # once each, not once a task
+                    warned.add(warning)
+                    log.warning("%s", warning)
 
         async with anyio.create_task_group() as tg:
             for _ in range(min(window, len(items))):

@@ -122,6 +122,11 @@ class Names:
         return f"{self.prefix}_blobs"
 
     @property
+    def served_bucket(self) -> str:
+        """The KV bucket of the providers a worker served in the last day (hive_bus._served)."""
+        return f"{self.prefix}_served"
+
+    @property
     def cancels_bucket(self) -> str:
         return f"{self.prefix}_cancels"
 
