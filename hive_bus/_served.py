@@ -102,8 +102,10 @@ class ServedProviders:
         elif not self._served_followed and time.monotonic() >= self._next_try:
             async with self._lock:
                 await self._follow_served()
+        if self._served_lately(provider):  # the common case once a gateway recorded it: one look-up
+            return None
         live = self.live()
-        if provider in live or self._served_lately(provider):
+        if provider in live:
             return None
         served = sorted(live | {p for p in self._served if self._served_lately(p)})
         names = ", ".join(served) if served else "none"
@@ -154,6 +156,9 @@ class ServedProviders:
             f"$KV.{bucket}.>", stream=stream, ordered_consumer=True, cb=cb, config=config
         )
         self._subs.append(sub)
+        consumer = await sub.consumer_info()
+        if not consumer.num_pending and not (consumer.delivered and consumer.delivered.consumer_seq):
+            caught_up.set()  # what the stream held had expired by the time the consumer looked
         with anyio.move_on_after(self._bus.settings.request_timeout_s):
             await caught_up.wait()
 
