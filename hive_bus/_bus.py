@@ -433,8 +433,10 @@ def index_stream_config(settings: Settings) -> StreamConfig:
         discard=DiscardPolicy.OLD,
         max_age=settings.events_max_age_s,
         max_bytes=settings.index_max_bytes,
-        # an entry is written once per task: nothing but its subject and a few headers
+        # an entry is nothing but its subject and a few headers; one per task and key (a task queued
+        # again past the duplicate window, a batch line resumed, replaces its entry rather than adding one)
         max_msg_size=1024,
+        max_msgs_per_subject=1,
         duplicate_window=settings.duplicate_window_s,
         allow_direct=True,
         num_replicas=settings.replicas,

@@ -216,11 +216,14 @@ async def find(
         raise ValueError("find needs at least one metadata key and value")
     key, value = next(iter(wanted.items()))
     found: list[TaskView] = []
+    seen: set[str] = set()
     skip = 0
     page = max(limit, READ_WINDOW)
     while len(found) < limit and skip < MAX_READ_TASKS:
-        ids = await newest(bus, key, value, limit=page, skip=skip)
-        skip += len(ids)
+        got = await newest(bus, key, value, limit=page, skip=skip)
+        skip += len(got)
+        ids = [i for i in got if i not in seen]  # entries that moved between two pages' reads
+        seen.update(ids)
         views = await _views(bus, ids)
         found += [
             v
@@ -230,7 +233,7 @@ async def find(
             and (status is None or v.status == status)
             and (provider is None or v.provider == provider)
         ]
-        if len(ids) < page:
+        if len(got) < page:
             break
     return found[:limit]
 
