@@ -27,6 +27,7 @@ from ._errors import (
     TaskEnded,
     TaskNotFound,
     TooLarge,
+    Unserved,
 )
 from ._messages import (
     Cancelled,
@@ -117,6 +118,7 @@ __all__ = [
     "TextFormat",
     "TextPart",
     "TooLarge",
+    "Unserved",
     "Usage",
     "Worker",
     "WorkerBeat",

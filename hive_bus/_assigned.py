@@ -92,7 +92,8 @@ async def current_view(bus: Bus, task_id: str) -> TaskView | None:
 
 async def current(bus: Bus, task_id: str) -> tuple[TaskView, int] | None:
     """:func:`current_view`, with the sequence of the event that put the task on its provider: a
-    later event of the task counts when it is recorded under that provider after that sequence.
+    later event of the task counts when it is recorded under that provider after that sequence. The
+    view carries the task's content and metadata (read with the assignment: no read of its own).
 
     The task's last event, whatever its provider, is read beside the assignment: when it is recorded
     under the provider the assignment ends on (nearly always), it is that provider's last event, and
@@ -131,9 +132,9 @@ async def current(bus: Bus, task_id: str) -> tuple[TaskView, int] | None:
             # that was being abandoned): a cancel ends the task whatever follows it
             cancelled = await _last(bus, names.event_subject(here.provider, task_id, "cancelled"))
             if cancelled is not None and cancelled[1] > here.seq and isinstance(cancelled[0], Cancelled):
-                return TaskView.of(cancelled[0]), here.seq
-        return TaskView.of(last[0]), here.seq
-    return TaskView.of(here.event), here.seq
+                return TaskView.of(cancelled[0]).with_task(here.task), here.seq
+        return TaskView.of(last[0]).with_task(here.task), here.seq
+    return TaskView.of(here.event).with_task(here.task), here.seq
 
 
 async def _latest(bus: Bus, subject: str) -> tuple[TaskEvent, int, str] | None:

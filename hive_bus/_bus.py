@@ -420,6 +420,40 @@ def counters_stream_config(settings: Settings) -> StreamConfig:
     )
 
 
+def index_stream_config(settings: Settings) -> StreamConfig:
+    """The metadata index (hive_bus._index): empty messages whose subjects say which task carries which
+    metadata key and value, bounded like the events they point to (by age) and by bytes."""
+    names = settings.names
+    return StreamConfig(
+        name=names.index_stream,
+        description="hive-bus metadata index: the tasks of each metadata key and value",
+        subjects=[names.all_index],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_age=settings.events_max_age_s,
+        max_bytes=settings.index_max_bytes,
+        # an entry is nothing but its subject and a few headers; one per task and key (a task queued
+        # again past the duplicate window, a batch line resumed, replaces its entry rather than adding one)
+        max_msg_size=1024,
+        max_msgs_per_subject=1,
+        duplicate_window=settings.duplicate_window_s,
+        allow_direct=True,
+        num_replicas=settings.replicas,
+    )
+
+
+async def ensure_index_stream(js: JetStreamContext, settings: Settings) -> None:
+    """Create the metadata index if missing, or check it. Not part of :func:`declare_bus`: only the
+    processes that submit tagged tasks, or read the index, use it (a worker's credential may not)."""
+    try:
+        await _ensure_stream(js, index_stream_config(settings))
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+        raise BusUnavailable(
+            f"JetStream did not answer while declaring {settings.names.index_stream}: {exc}"
+        ) from None
+
+
 # The response cache (hive_bus._cache): each answer expires by its own TTL; a full bucket drops its
 # oldest answers (a cache, unlike the queue, may forget). No answer outlives the longest TTL a task takes.
 CACHE_MAX_BYTES = 64 * 1024**2

@@ -77,7 +77,7 @@ async def cancel_once(bus: Bus, task_id: str, reason: str = "") -> tuple[TaskVie
             return _ended(view), False
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not cancel task {task_id}: {exc}") from None
-    return TaskView.of(event), True
+    return TaskView.of(event).with_task(task), True
 
 
 def _ended(view: TaskView) -> TaskView:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar, get_args
 
 import anyio
 import click
@@ -26,8 +26,10 @@ from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import BusUnavailable, HiveError, TaskEnded
 from ._loop import ENV_LOOP, LOOP_CHOICES, LoopChoice, LoopUnavailable, backend_options
 from ._messages import (
+    WEBHOOK_EVENTS,
     ChatMessage,
     TaskRequest,
+    TaskStatus,
     TaskView,
     encoder,
     event_decoder,
@@ -507,6 +509,12 @@ def _json_object(value: str | None, what: str) -> Any:
     "--deadline", "deadline_s", type=float, metavar="S", help="fail the task S seconds after submission"
 )
 @click.option(
+    "--webhook",
+    metavar="URL[,EVENT...]",
+    help="announce the task's end to URL (signed; the gateway's webhook settings apply), for the events "
+    "named after it (task.completed, task.failed, task.cancelled; all when none)",
+)
+@click.option(
     "--wait",
     "wait_s",
     type=float,
@@ -531,6 +539,7 @@ def submit(
     fallback: tuple[str, ...],
     route: str | None,
     deadline_s: float | None,
+    webhook: str | None,
     wait_s: float | None,
     ordered: bool,
     settings: Settings,
@@ -556,6 +565,7 @@ def submit(
             "response_format": _response_format(response_format) if response_format is not None else None,
             "payload": _json_object(payload, "--payload"),
             "metadata": _json_object(metadata, "--metadata"),
+            "webhook": _webhook(webhook),
         }  # fmt: skip
         if defaults["metadata"] is not None and not isinstance(defaults["metadata"], dict):
             raise click.BadParameter("must be a JSON object", param_hint="--metadata")
@@ -575,6 +585,8 @@ def submit(
         extra["fallback"] = list(fallback)
     if response_format is not None:
         extra["response_format"] = _response_format(response_format)
+    if webhook is not None:
+        extra["webhook"] = _webhook(webhook)
     meta = _json_object(metadata, "--metadata")
     if meta is not None and not isinstance(meta, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--metadata")
@@ -637,6 +649,22 @@ def _message_error(exc: msgspec.ValidationError) -> str:
         return "expected a JSON array of messages" if "Expected `array`" in str(exc) else str(exc)
     what, index, field = found.groups()
     return f"message {int(index) + 1}: {field + ': ' if field else ''}{what}"
+
+
+def _webhook(value: str | None) -> dict[str, Any] | None:
+    """``--webhook URL[,EVENT...]`` as a task's ``webhook`` field, its events checked here so that a typo
+    names the flag (the URL is checked as the task is: http(s), no spaces)."""
+    if value is None:
+        return None
+    url, *events = [part.strip() for part in value.split(",")]
+    unknown = [e for e in events if e not in WEBHOOK_EVENTS]
+    if unknown or not url:
+        what = f"unknown event {unknown[0]!r}" if unknown else "no URL"
+        raise click.BadParameter(
+            f"{what}: give URL[,EVENT...] with events among {', '.join(WEBHOOK_EVENTS)}",
+            param_hint="--webhook",
+        )
+    return {"url": url, "events": events} if events else {"url": url}
 
 
 def _response_format(value: str) -> Any:
@@ -804,6 +832,51 @@ async def _follow_results(hive: Hive, lines: dict[str, int], wait_s: float, orde
     return views
 
 
+@cli.command("list")
+@click.option(
+    "--meta", multiple=True, metavar="KEY:VALUE", help="a metadata key and its value (repeat: each must hold)"
+)
+@click.option("--batch", "batch_id", help="a batch's lines (metadata batch_id)")
+@click.option("--schedule", "schedule_id", help="a schedule's runs (metadata schedule_id)")
+@click.option("--status", type=click.Choice(list(get_args(TaskStatus))), help="only tasks in this status")
+@click.option("--provider", help="only this provider's tasks")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@bus_options
+def list_command(
+    meta: tuple[str, ...],
+    batch_id: str | None,
+    schedule_id: str | None,
+    status: str | None,
+    provider: str | None,
+    limit: int,
+    settings: Settings,
+) -> None:
+    """Print the newest tasks of a metadata key and value, a batch or a schedule, however old, one JSON
+    document a line, newest first (their texts cut as GET /v1/tasks cuts them), read from the metadata
+    index."""
+    wanted: dict[str, str] = {}
+    if batch_id is not None:
+        wanted["batch_id"] = batch_id
+    if schedule_id is not None:
+        wanted["schedule_id"] = schedule_id
+    for item in meta:
+        key, sep, value = item.partition(":")
+        if not sep or not key or key in wanted:
+            why = "names its key twice" if key in wanted else "is not KEY:VALUE"
+            raise click.BadParameter(f"{item!r} {why}", param_hint="--meta")
+        wanted[key] = value
+    if not wanted:
+        raise click.UsageError("give --meta KEY:VALUE, --batch ID or --schedule ID: which tasks to list")
+
+    async def main() -> None:
+        async with connect(settings=settings) as hive:
+            found = await hive.find(wanted, status=status, provider=provider, limit=limit)
+        for view in found:
+            click.echo(encoder.encode(view.trimmed()).decode())
+
+    _run(main)
+
+
 @cli.command()
 @click.argument("task_ids", metavar="ID...", nargs=-1, required=True)
 @click.option("--wait", "wait_s", type=float, default=0.0, help="wait up to this many seconds for the end")
@@ -818,7 +891,9 @@ def status(task_ids: tuple[str, ...], wait_s: float, settings: Settings) -> None
             views: list[TaskView | None] = [None] * len(task_ids)
 
             async def one(i: int, task_id: str) -> None:
-                views[i] = await (hive.wait(task_id, wait_s) if wait_s > 0 else hive.get(task_id))
+                views[i] = await (
+                    hive.wait(task_id, wait_s, content=True) if wait_s > 0 else hive.get(task_id)
+                )
 
             async with anyio.create_task_group() as tg:  # the waits run together
                 for i, task_id in enumerate(task_ids):

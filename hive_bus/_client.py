@@ -20,7 +20,7 @@ import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -30,13 +30,13 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
-from . import _batch_client, _blobs, _cancel, _dlq
-from ._assigned import Assignments, current
+from . import _batch_client, _blobs, _cancel, _dlq, _index
+from ._assigned import Assignments, assignment, current
 from ._batches import Batch, BatchStore, cancelling
-from ._bus import Bus, kv_entries, open_bus, redeclare_workers_bucket
+from ._bus import Bus, ensure_index_stream, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
-from ._errors import BusUnavailable, HiveError, QueueFull, TaskEnded, TaskNotFound, TooLarge
+from ._errors import BusUnavailable, HiveError, QueueFull, TaskEnded, TaskNotFound, TooLarge, Unserved
 from ._messages import (
     ChatMessage,
     Failed,
@@ -59,6 +59,7 @@ from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
 from ._publish import JetStreamPublisher, PubAck, Publish, stored
 from ._route import CheapestRouter
+from ._served import ServedProviders
 from ._settings import Settings, load_settings
 from ._size import header_bytes
 from ._stats import ProviderStats, provider_stats
@@ -82,6 +83,8 @@ RECHECK_S = 5.0
 class Accepted:
     id: str
     duplicate: bool = False
+    # why the task may never run: no worker serves its provider now, none did in the last day
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -136,6 +139,8 @@ class Hive:
         self._submitted = SubmissionCounts(bus)
         self._waits = Waits(bus)  # every wait on one follower of the events stream
         self._mine: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (provider, queued event seq)
+        self._served = ServedProviders(bus)  # started on the first submission
+        self._index_ready = False  # the metadata index stream is declared (on the first tagged task)
 
     @property
     def bus(self) -> Bus:
@@ -146,6 +151,7 @@ class Hive:
         for waits; :func:`connect` calls it."""
         await self._waits.close()
         await self._submitted.close()
+        await self._served.stop()
 
     async def submit(
         self,
@@ -187,6 +193,8 @@ class Hive:
             **policy,
         }
         accepted = await self.submit_request(validate({k: v for k, v in fields.items() if v is not None}))
+        for warning in accepted.warnings:
+            log.warning("task %s: %s", accepted.id, warning)
         return accepted.id
 
     async def submit_request(self, request: TaskRequest) -> Accepted:
@@ -194,7 +202,31 @@ class Hive:
         :class:`NestedTooDeep` for a payload or metadata nested deeper than ``MAX_NESTING``, or
         :class:`TooLarge` for a task the bus cannot carry (its content over ``blob_max_bytes``)."""
         check_fields(request)
-        return await self._submit_task(Task.from_request(request), request.idempotency_key)
+        warning = await self.unserved(request.provider)
+        if warning is not None and self._bus.settings.reject_unserved:
+            raise Unserved(
+                f"{warning}; nothing was accepted (HIVE_REJECT_UNSERVED)", provider=request.provider
+            )
+        accepted = await self._submit_task(Task.from_request(request), request.idempotency_key)
+        return accepted if warning is None else replace(accepted, warnings=(warning,))
+
+    async def unserved(self, provider: str) -> str | None:
+        """Why a task for ``provider`` may never run: no worker serves it now and none did in the last
+        day (the message names the providers served); None when one does. Read from a view the client
+        follows (:mod:`hive_bus._served`): no round trip but the first."""
+        try:
+            return await self._served.warning(provider)
+        except BUS_ERRORS as exc:
+            log.debug("could not tell whether provider %s is served: %s", provider, exc)
+            return None
+
+    async def follow_served(self, *, record: bool = False) -> None:
+        """Start following which providers are served (the first submission does it otherwise);
+        ``record``: also write the record of the providers served, as the gateway does."""
+        if record:
+            await self._served.stop()
+            self._served = ServedProviders(self._bus, record=True)
+        await self._served.start()
 
     async def _submit_task(self, task: Task, key: str | None) -> Accepted:
         """Queue a task made from a checked request (its id known to the caller beforehand: a reader of
@@ -209,11 +241,11 @@ class Hive:
         duplicate = bool(ack.duplicate)
         if duplicate:
             task = await self._first_task(ack.seq)
-        try:
-            task_ack = await self._publish(*self._task_message(task, key))
-        except QueueFull as exc:
-            await self._record_rejection(task, str(exc))
-            raise
+        [task_ack] = await self._publish_tasks([(task, key)])
+        if isinstance(task_ack, QueueFull):
+            await self._record_rejection(task, str(task_ack))
+        if isinstance(task_ack, HiveError):
+            raise task_ack
         if not task_ack.duplicate:
             self._submitted.add(task.provider)
             if duplicate:
@@ -270,7 +302,7 @@ class Hive:
                 except HiveError as exc:
                     outcomes[i] = exc
         going = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        task_acks = await self._publish_all([self._task_message(tasks[i], keys[i]) for i in going])
+        task_acks = await self._publish_tasks([(tasks[i], keys[i]) for i in going])
         for i, task_ack in zip(going, task_acks, strict=True):
             event_ack = event_acks[i]
             assert isinstance(event_ack, PubAck)
@@ -293,7 +325,8 @@ class Hive:
                             tasks[i].id,
                             exc,
                         )
-                outcomes[i] = Accepted(tasks[i].id, event_ack.duplicate)
+                warning = await self.unserved(tasks[i].provider)
+                outcomes[i] = Accepted(tasks[i].id, event_ack.duplicate, (warning,) if warning else ())
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def submit_many(self, requests: Iterable[TaskRequest], *, window: int = SUBMIT_WINDOW) -> list[str]:
@@ -313,12 +346,19 @@ class Hive:
         errors: dict[int, HiveError] = {}
         cursor = iter(range(len(items)))
 
+        warned: set[str] = set()
+
         async def lane() -> None:
             for i in cursor:
                 try:
-                    ids[i] = (await self.submit_request(items[i])).id
+                    accepted = await self.submit_request(items[i])
                 except HiveError as exc:
                     errors[i] = exc
+                    continue
+                ids[i] = accepted.id
+                for warning in set(accepted.warnings) - warned:  # once each, not once a task
+                    warned.add(warning)
+                    log.warning("%s", warning)
 
         async with anyio.create_task_group() as tg:
             for _ in range(min(window, len(items))):
@@ -328,16 +368,28 @@ class Hive:
         return [i for i in ids if i is not None]
 
     async def get(self, task_id: str) -> TaskView:
-        """The task's current state. Raises :class:`TaskNotFound`."""
+        """The task's current state, with what it asks and its metadata. Raises :class:`TaskNotFound`."""
         if not is_task_id(task_id):
             raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
         view, _ = await self._current(task_id)
         return await self._read_output(view)
 
-    async def wait(self, task_id: str, timeout_s: float) -> TaskView:
-        """The task's state once it has completed or failed, or when ``timeout_s`` has passed."""
+    async def wait(self, task_id: str, timeout_s: float, *, content: bool = False) -> TaskView:
+        """The task's state once it has completed or failed, or when ``timeout_s`` has passed. With
+        ``content``, the view carries the task's content and metadata as :meth:`get`'s does (at most
+        one more read; without, it may or may not)."""
         if not is_task_id(task_id):  # before it goes into a subject: no wildcards, no white space
             raise TaskNotFound(f"{task_id!r} is not a task id (26 characters of Crockford base32)")
+        view = await self._wait(task_id, timeout_s)
+        if content and not view.has_content:
+            try:
+                here = await assignment(self._bus, task_id)
+            except BUS_ERRORS as exc:
+                raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
+            view = view if here is None else view.with_task(here.task)
+        return view
+
+    async def _wait(self, task_id: str, timeout_s: float) -> TaskView:
         deadline = anyio.current_time() + timeout_s
         async with self._waits.watch(task_id) as events:
             mine = self._mine.get(task_id)
@@ -348,19 +400,22 @@ class Hive:
             else:
                 # read once the watch stands: every event stored after this read reaches ``events``
                 view, since = await self._current(task_id)
+            read = view  # the last view read whole (with the task's content), if any
             while not view.done and (left_s := deadline - anyio.current_time()) > 0:
                 seen: Seen | None = None
                 with anyio.move_on_after(min(left_s, RECHECK_S)):
                     seen = await events.receive()
                 if seen is None:  # quiet: read again, in case the follower was lost with its server
-                    view, since = await self._current(task_id)
+                    read, since = await self._current(task_id)
+                    view = read
                     continue
                 try:
                     event = event_decoder.decode(seen.data)
                 except (msgspec.DecodeError, RecursionError):
                     continue  # poison: the task's real events still come
                 if isinstance(event, Queued | Moved):
-                    view, since = await self._current(task_id)  # where is it assigned now
+                    read, since = await self._current(task_id)  # where is it assigned now
+                    view = read
                 elif seen.seq > since and self._names.provider_of_subject(seen.subject) == view.provider:
                     # under the provider the task is assigned to, after it was put there; and its body
                     # names that provider (else another credential's event)
@@ -368,6 +423,8 @@ class Hive:
                     view = TaskView.of(event) if ours else view
             if not view.done:  # out of time: the task's state as stored (running, retrying...)
                 view, _ = await self._current(task_id)
+            elif not view.has_content:  # an event's view: the task as a read on the way had it
+                view = view.content_from(read)
             return await self._read_output(view)
 
     def stream(
@@ -459,6 +516,21 @@ class Hive:
                 yield await self._read_output(TaskView.of(event))
                 if wanted is not None and not wanted:
                     return
+
+    async def find(
+        self,
+        metadata: Mapping[str, str],
+        *,
+        status: str | None = None,
+        provider: str | None = None,
+        limit: int = 50,
+    ) -> list[TaskView]:
+        """The newest ``limit`` tasks whose metadata has each key and (string) value of ``metadata``,
+        newest first, read from the metadata index (:mod:`hive_bus._index`): the cost of a read follows
+        what it returns, not what the bus holds. ``{"batch_id": ...}`` finds a batch's lines,
+        ``{"schedule_id": ...}`` a schedule's runs. Each view has its content and metadata (outputs
+        kept in the Object Store not read back)."""
+        return await _index.find(self._bus, metadata, status=status, provider=provider, limit=limit)
 
     async def workers(self) -> list[WorkerBeat]:
         """The workers whose heartbeat has not expired, by provider then id."""
@@ -617,6 +689,35 @@ class Hive:
             task.msg_id if key else None,
             names.tasks_stream,
         )
+
+    async def _publish_tasks(self, tasks: Sequence[tuple[Task, str | None]]) -> list[PubAck | HiveError]:
+        """Each task's message with its metadata index entries (:mod:`hive_bus._index`), all in one
+        publish call: each task message's outcome, in order. An entry that was not stored is logged:
+        the task is accepted all the same (a filter by its metadata then misses it)."""
+        messages: list[Publish] = []
+        places: list[int] = []
+        for task, key in tasks:
+            places.append(len(messages))
+            message = self._task_message(task, key)
+            messages += [message, *_index.entries(self._names, task.id, task.metadata, message[2])]
+        if len(messages) > len(tasks):
+            await self._ensure_index()
+        outcomes = await self._publish_all(messages)
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, HiveError) and messages[i][3] == self._names.index_stream:
+                log.warning("a metadata index entry was not stored (%s): %s", messages[i][0], outcome)
+        return [outcomes[place] for place in places]
+
+    async def _ensure_index(self) -> None:
+        """The metadata index stream, made on the first tagged submission (untagged work never needs
+        it); a failure is logged, and the entries' publishes say what became of them."""
+        if self._index_ready:
+            return
+        try:
+            await ensure_index_stream(self._bus.js, self._bus.settings)
+            self._index_ready = True
+        except (HiveError, *BUS_ERRORS) as exc:
+            log.warning("could not declare the metadata index stream: %s", exc)
 
     async def _routed(self, task: Task) -> Task:
         """The task with its providers put in order by its routing policy (``cheapest`` reorders)."""

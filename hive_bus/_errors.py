@@ -113,6 +113,16 @@ class QueueFull(HiveError):
         self.retry_after_s = retry_after_s
 
 
+class Unserved(HiveError):
+    """No worker serves the task's provider now, and none did in the last day (a typo'd provider?), and
+    the bus is set to refuse such tasks (``HIVE_REJECT_UNSERVED``); nothing was accepted. The message
+    names the provider and the ones served."""
+
+    def __init__(self, message: str, *, provider: str) -> None:
+        super().__init__(message)
+        self.provider = provider
+
+
 class TaskNotFound(HiveError):
     """No event of this task id is on the bus (never submitted, or aged out)."""
 

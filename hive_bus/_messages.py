@@ -70,6 +70,10 @@ WebhookEvent = Literal["task.completed", "task.failed", "task.cancelled"]
 WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("task.completed", "task.failed", "task.cancelled")
 
 DEFAULT_MAX_ATTEMPTS = 5
+# A list of tasks shows each text (prompt, system, a message) cut to this many characters, and of a
+# conversation this many messages (the first, and the last ones); a single read shows them whole.
+LIST_TEXT_CHARS = 200
+LIST_MESSAGES = 4
 # How long a task waits out its provider's rate limit before it moves to a fallback (if it has one).
 DEFAULT_MAX_WAIT_S = 300.0
 # "(?!\n)": Python's "$" (msgspec's patterns are Python's) also matches before a final newline, and an id
@@ -528,10 +532,74 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     finish_reason: str | None = None
     # of a failed task: the HTTP status of the provider's last answer, where it had one
     provider_status: int | None = None
+    # What the task asks, and its metadata: whole in a single read (``Hive.get``), cut in a list
+    # (:meth:`trimmed`: ``content_cut`` says so). Left out by the reads that follow events alone
+    # (``Hive.results``, and ``Hive.wait`` unless asked).
+    prompt: str | None = None
+    system: str | None = None
+    messages: list[ChatMessage] | None = None
+    metadata: dict[str, Any] = {}
+    content_cut: bool = False
+    # The task's content is in the Object Store (the claim check): its size in bytes, not read back.
+    content_stored_bytes: int | None = None
 
     @property
     def done(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def has_content(self) -> bool:
+        """Whether this view carries what its task asks (or the marker that it is stored apart)."""
+        return self.prompt is not None or self.messages is not None or self.content_stored_bytes is not None
+
+    def with_task(self, task: Task) -> TaskView:
+        """This view with ``task``'s content and metadata, whole (a claim-checked content: its size)."""
+        if task.content is not None:
+            return msgspec.structs.replace(
+                self, metadata=task.metadata, content_stored_bytes=task.content.size_bytes
+            )
+        return msgspec.structs.replace(
+            self,
+            prompt=task.prompt or None,
+            system=task.system,
+            messages=task.messages,
+            metadata=task.metadata,
+        )
+
+    def content_from(self, other: TaskView) -> TaskView:
+        """This view with ``other``'s content and metadata (a view of the same task, read whole)."""
+        if not other.has_content:
+            return self
+        return msgspec.structs.replace(
+            self, prompt=other.prompt, system=other.system, messages=other.messages, metadata=other.metadata,
+            content_cut=other.content_cut, content_stored_bytes=other.content_stored_bytes,
+        )  # fmt: skip
+
+    def trimmed(self, chars: int = LIST_TEXT_CHARS, messages: int = LIST_MESSAGES) -> TaskView:
+        """This view as a list shows it: each text cut to ``chars`` characters, and of a conversation
+        the first message and the last ``messages - 1``; ``content_cut`` when anything was cut."""
+        cut = False
+
+        def short(text: str | None) -> str | None:
+            nonlocal cut
+            if text is None or len(text) <= chars:
+                return text
+            cut = True
+            return text[:chars]
+
+        kept = self.messages
+        if kept is not None:
+            if len(kept) > messages:
+                cut = True
+                kept = [kept[0], *kept[len(kept) - messages + 1 :]]
+            kept = [
+                m if len(m.text) <= chars else ChatMessage(role=m.role, content=short(m.text) or "")
+                for m in kept
+            ]
+        prompt, system = short(self.prompt), short(self.system)
+        if not cut:
+            return self
+        return msgspec.structs.replace(self, prompt=prompt, system=system, messages=kept, content_cut=True)
 
     @classmethod
     def of(cls, event: TaskEvent) -> TaskView:

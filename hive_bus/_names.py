@@ -122,6 +122,11 @@ class Names:
         return f"{self.prefix}_blobs"
 
     @property
+    def served_bucket(self) -> str:
+        """The KV bucket of the providers a worker served in the last day (hive_bus._served)."""
+        return f"{self.prefix}_served"
+
+    @property
     def cancels_bucket(self) -> str:
         return f"{self.prefix}_cancels"
 
@@ -259,6 +264,26 @@ class Names:
     def provider_of_subject(self, subject: str) -> str:
         """The provider token of a task or event subject."""
         return subject.split(".")[2]
+
+    # the metadata index (hive_bus._index) ------------------------------------------------------------
+    # ``<PREFIX>_INDEX`` keeps one message per indexed metadata key of a task, on
+    # ``<prefix>.index.<key token>.<value hash>.<task id>``: the tasks of one key and value are one
+    # subject filter. Written by the processes that submit (gateway, client), never by a worker.
+
+    @property
+    def index_stream(self) -> str:
+        return f"{self.prefix.upper()}_INDEX"
+
+    @property
+    def all_index(self) -> str:
+        return f"{self.prefix}.index.>"
+
+    def index_subject(self, key_token: str, value_hash: str, task_id: str) -> str:
+        return f"{self.prefix}.index.{key_token}.{value_hash}.{task_id}"
+
+    def index_filter(self, key_token: str, value_hash: str) -> str:
+        """The subject filter of every task indexed under one metadata key and value."""
+        return f"{self.prefix}.index.{key_token}.{value_hash}.*"
 
     # webhooks (hive_bus.services.webhooks) -------------------------------------------------------
     # ``<PREFIX>_WEBHOOKS`` is the work-queue stream of deliveries to make, one message per event and

@@ -64,6 +64,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     blobs_max_bytes: PositiveInt = 1024**3
     # The uploaded files' bucket (OpenAI's Files API: batch inputs and outputs), kept until deleted.
     files_max_bytes: PositiveInt = 2 * 1024**3
+    # The metadata index (hive_bus._index): one small message per string value of a tagged task's
+    # metadata, kept as long as the events (events_max_age_s) and within this many bytes (the oldest
+    # go first). Tasks without metadata write nothing there.
+    index_max_bytes: PositiveInt = 256 * 1024**2
+    # Refuse (400) a submission for a provider that no worker serves now and none served in the last
+    # day, instead of accepting it with a warning (hive_bus._served).
+    reject_unserved: bool = False
     heartbeat_interval_s: PositiveSeconds = 5.0
     heartbeat_ttl_s: PositiveSeconds = 15.0
     # A TOML file of token prices that overrides the built-in table (see hive_bus._prices).

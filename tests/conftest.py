@@ -47,6 +47,7 @@ def make_settings(url: str, **overrides: Any) -> Settings:
         # JetStream reserves each stream's max_bytes up front; keep hundreds of test buses affordable
         "tasks_max_bytes": 8 * 1024**2,
         "events_max_bytes": 8 * 1024**2,
+        "index_max_bytes": 2 * 1024**2,
         "blobs_max_bytes": 32 * 1024**2,
         "files_max_bytes": 64 * 1024**2,
         "dlq_max_bytes": 8 * 1024**2,

@@ -67,6 +67,7 @@ async def stream_messages(bus: Bus, stream: str) -> int:
 SMALL_BUS_ENV = {
     "HIVE_TASKS_MAX_BYTES": str(8 * 1024**2),
     "HIVE_EVENTS_MAX_BYTES": str(8 * 1024**2),
+    "HIVE_INDEX_MAX_BYTES": str(2 * 1024**2),
     "HIVE_DLQ_MAX_BYTES": str(8 * 1024**2),
     "HIVE_BLOBS_MAX_BYTES": str(32 * 1024**2),
     "HIVE_FILES_MAX_BYTES": str(64 * 1024**2),

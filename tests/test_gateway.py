@@ -74,7 +74,13 @@ async def test_idempotency_key_over_http(stack: Stack) -> None:
     again = await stack.http.post("/v1/tasks", json=body)
     assert first.status_code == 202
     assert again.status_code == 200
-    assert again.json() == {"id": first.json()["id"], "status": "queued", "duplicate": True}
+    unserved = ["no worker serves provider 'nobody' now or in the last day; served: none"]
+    assert again.json() == {
+        "id": first.json()["id"],
+        "status": "queued",
+        "duplicate": True,
+        "warnings": unserved,
+    }
     assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 1
 
 

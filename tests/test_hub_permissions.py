@@ -286,6 +286,14 @@ async def _no_event(gw: Client) -> bool:
     return False
 
 
+async def _no_index(gw: Client) -> bool:
+    try:
+        await gw.js.get_last_msg("HIVE_INDEX", "hive.index.>", direct=True)
+    except nats.js.errors.NotFoundError:
+        return True
+    return False
+
+
 async def _publish(w: Client, subject: str) -> None:
     await w.nc.publish(subject, b"{}")
     await w.nc.flush()
@@ -348,6 +356,11 @@ FORBIDDEN = {
         lambda w: w.js.get_last_msg("HIVE_EVENTS", "hive.events.*.01J0.*", direct=True),
         _stream_exists,
     ),
+    "write the metadata index": Forbidden(
+        "hive.index.customer.",
+        lambda w: _publish(w, "hive.index.customer.abc.01J0"),
+        lambda gw: _no_index(gw),
+    ),
     "read any stream message": Forbidden(
         "$JS.API.STREAM.MSG.GET.HIVE_EVENTS", lambda w: w.js.get_msg("HIVE_EVENTS", seq=1), _stream_exists
     ),
@@ -389,6 +402,9 @@ async def test_a_worker_is_refused(hub: tuple[Hub, NatsServer], case: str) -> No
         client(rendered, server, "w1", "w1", "_INBOX.w1") as w1,
     ):
         await declare(gw.js, *PROVIDERS, "delta")
+        if case == "write the metadata index":  # made by the first tagged submission
+            index = StreamConfig(name="HIVE_INDEX", subjects=["hive.index.>"], allow_direct=True)
+            await gw.js.add_stream(index)
         if case == "pull another provider's tasks":
             await gw.js.purge_stream("HIVE_TASKS", subject="hive.tasks.delta.high")
             await gw.js.publish("hive.tasks.delta.high", b"not for w1", stream="HIVE_TASKS")

@@ -17,7 +17,7 @@ import logging
 import msgspec
 
 from hive_bus import Accepted, BusUnavailable, Hive, HiveError, QueueFull, TaskRequest
-from hive_bus._errors import TooLarge
+from hive_bus._errors import TooLarge, Unserved
 from hive_bus._messages import explain, explain_error
 from hive_bus._nesting import NestedTooDeep, check_json
 
@@ -44,6 +44,8 @@ class TaskAccepted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     id: str
     status: str
     duplicate: bool = False  # written only when true
+    # why the task may never run (no worker serves its provider now, none did in the last day)
+    warnings: list[str] = []
 
 
 class BatchItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -55,10 +57,12 @@ class BatchItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     error: str | None = None
 
 
-class BatchAccepted(msgspec.Struct, frozen=True, kw_only=True):
+class BatchAccepted(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     accepted: int
     rejected: int
     tasks: list[BatchItem]
+    # each distinct warning of the accepted tasks, once (a provider no worker serves, named)
+    warnings: list[str] = []
 
 
 class Answer(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,6 +124,8 @@ def of_error(exc: HiveError) -> Answer | None:
     """The answer to a submission the bus did not accept, or None for an error no submission raises."""
     if isinstance(exc, TooLarge):
         return error(413, "too_large", str(exc))  # trying again cannot help: no Retry-After
+    if isinstance(exc, Unserved):
+        return error(400, "unserved_provider", str(exc), field="provider")
     if isinstance(exc, QueueFull):
         return error(503, "queue_full", str(exc), **{"Retry-After": str(int(exc.retry_after_s))})
     if isinstance(exc, BusUnavailable):
@@ -135,10 +141,12 @@ async def submit_one(hive: Hive, request: TaskRequest) -> Answer:
     when its idempotency key was already used. Raises what :meth:`Hive.submit_request` raises
     (answered by :func:`of_error`)."""
     accepted = await hive.submit_request(request)
+    warnings = list(accepted.warnings)
     if accepted.duplicate:
         view = await hive.get(accepted.id)
-        return Answer(status=200, content=TaskAccepted(id=accepted.id, status=view.status, duplicate=True))
-    return Answer(status=202, content=TaskAccepted(id=accepted.id, status="queued"))
+        content = TaskAccepted(id=accepted.id, status=view.status, duplicate=True, warnings=warnings)
+        return Answer(status=200, content=content)
+    return Answer(status=202, content=TaskAccepted(id=accepted.id, status="queued", warnings=warnings))
 
 
 def batch_size_error(count: int, limit: int) -> Answer | None:
@@ -154,7 +162,14 @@ def batch_size_error(count: int, limit: int) -> Answer | None:
 
 async def submit_many(hive: Hive, tasks: list[TaskRequest]) -> Answer:
     """Queue a batch: 202 when every task was accepted; 503 with each task's outcome and ``Retry-After``
-    when some were not. Raises :class:`TooLarge` for a task the bus cannot carry (nothing queued)."""
+    when some were not; 400 naming the first task for a provider no worker serves when the bus refuses
+    those (``HIVE_REJECT_UNSERVED``). Raises :class:`TooLarge` for a task the bus cannot carry (nothing
+    queued)."""
+    if hive.bus.settings.reject_unserved:
+        for i, task in enumerate(tasks):
+            if (warning := await hive.unserved(task.provider)) is not None:
+                return error(400, "unserved_provider", f"tasks[{i}]: {warning}; nothing was accepted",
+                             field=f"tasks[{i}].provider")  # fmt: skip
     content = batch_answer(await hive.submit_batch(tasks))
     if content.rejected:
         return Answer(status=503, content=content, headers={"Retry-After": str(BUS_RETRY_AFTER_S)})
@@ -170,4 +185,7 @@ def batch_answer(outcomes: list[Accepted | HiveError]) -> BatchAccepted:
         for i, outcome in enumerate(outcomes)
     ]
     rejected = sum(1 for item in items if item.error is not None)
-    return BatchAccepted(accepted=len(items) - rejected, rejected=rejected, tasks=items)
+    warnings = [w for o in outcomes if isinstance(o, Accepted) for w in o.warnings]
+    return BatchAccepted(
+        accepted=len(items) - rejected, rejected=rejected, tasks=items, warnings=list(dict.fromkeys(warnings))
+    )

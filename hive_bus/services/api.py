@@ -36,6 +36,7 @@ from hive_bus._messages import (
     Moved,
     ProviderName,
     Queued,
+    Task,
     TaskStatus,
     event_decoder,
     is_final,
@@ -202,9 +203,11 @@ async def get_task(
         ),
     ] = 0.0,
 ) -> TaskView:
+    """The task's state, what it asks (``prompt`` and ``system``, or ``messages``: whole; a content kept in
+    the Object Store is ``content_stored_bytes``, its size) and its ``metadata``."""
     hive = _hive(state)
     if wait > 0:
-        return await hive.wait(task_id, wait)
+        return await hive.wait(task_id, wait, content=True)
     return await hive.get(task_id)
 
 
@@ -331,8 +334,58 @@ async def list_tasks(
         str | None, QueryParameter(pattern=PROVIDER_PATTERN, description="only this provider's tasks")
     ] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=500, description="at most this many")] = 50,
+    meta: Annotated[
+        list[str] | None,
+        QueryParameter(
+            description="only tasks whose metadata has this key and string value, given as KEY:VALUE "
+            "(repeat for several; each must hold); read from the metadata index",
+            max_items=8,
+        ),
+    ] = None,
+    batch: Annotated[
+        str | None,
+        QueryParameter(min_length=1, description="only this batch's lines (metadata batch_id)"),
+    ] = None,
+    schedule: Annotated[
+        str | None,
+        QueryParameter(min_length=1, description="only this schedule's runs (metadata schedule_id)"),
+    ] = None,
 ) -> list[TaskView]:
-    return await recent_tasks(_hive(state), status=status, provider=checked_provider(provider), limit=limit)
+    """Each task's state with its ``metadata`` and what it asks, cut: each of ``prompt``, ``system`` and
+    a message's text to its first 200 characters, of ``messages`` the first and the last three, and
+    ``content_cut: true`` when anything was (``GET /v1/tasks/{id}`` has it whole).
+
+    Without ``meta``, ``batch`` or ``schedule``: the most recent tasks, from the tail of the events.
+    With them: the newest tasks of that metadata, however old, from the metadata index (its cost follows
+    what is returned; ``status`` and ``provider`` are applied to the newest 2,000 such tasks at most)."""
+    hive = _hive(state)
+    wanted = _wanted(meta, batch, schedule)
+    if wanted:
+        found = await hive.find(wanted, status=status, provider=checked_provider(provider), limit=limit)
+        return [view.trimmed() for view in found]
+    return await recent_tasks(hive, status=status, provider=checked_provider(provider), limit=limit)
+
+
+def _wanted(meta: list[str] | None, batch: str | None, schedule: str | None) -> dict[str, str]:
+    """The metadata a list is filtered by, from its query parameters (a 400 naming a bad ``meta``)."""
+    wanted: dict[str, str] = {}  # the index is read by the first: a batch or a schedule is narrow
+    if batch is not None:
+        wanted["batch_id"] = batch
+    if schedule is not None:
+        wanted["schedule_id"] = schedule
+    for item in meta or []:
+        key, sep, value = item.partition(":")
+        message = None
+        if not sep or not key:
+            message = f"meta must be KEY:VALUE (a metadata key, a colon, its value); got {item!r}"
+        elif key in wanted:
+            message = f"meta names the metadata key {key!r} twice (batch is batch_id, schedule schedule_id)"
+        if message is not None:
+            raise ValidationException(
+                detail=message, extra=[{"message": message, "key": "meta", "source": "query"}]
+            )
+        wanted[key] = value
+    return wanted
 
 
 async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, limit: int) -> list[TaskView]:
@@ -350,6 +403,7 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
     start = max(info.state.first_seq, last - limit * 8 + 1)
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
     latest: dict[str, TaskView] = {}
+    tasks: dict[str, Task] = {}  # each followed task as queued or moved: its content and metadata
     # An event counts only from the provider its task is assigned to (a worker credential may write
     # events for any task id under its own provider): followed here from the queued and moved events in
     # the tail; a task whose queued event is older than the tail is looked up (``Hive.get``).
@@ -367,23 +421,26 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
                     pass
                 elif isinstance(event, Queued):
                     assigned[event.task_id] = on
+                    tasks[event.task_id] = event.task
                     latest[event.task_id] = TaskView.of(event)
                 elif assigned.get(event.task_id, on) == on:
                     if isinstance(event, Moved) and event.task_id in assigned:
                         assigned[event.task_id] = event.task.provider
+                        tasks[event.task_id] = event.task
                     latest[event.task_id] = TaskView.of(event)
                 if msg.metadata.num_pending == 0:
                     break
     views = sorted(latest.values(), key=lambda v: v.id, reverse=True)
     found = [v for v in views if status is None or v.status == status][:limit]
-    return [view for view in [await _checked(hive, v, v.id in assigned) for v in found] if view is not None]
+    checked = [await _checked(hive, v, tasks.get(v.id)) for v in found]
+    return [view.trimmed() for view in checked if view is not None]
 
 
-async def _checked(hive: Hive, view: TaskView, followed: bool) -> TaskView | None:
-    """``view``, or when its task's queued event was not in the tail read, the task as ``Hive.get`` reads
-    it (None when the bus does not know the task)."""
-    if followed:
-        return view
+async def _checked(hive: Hive, view: TaskView, task: Task | None) -> TaskView | None:
+    """``view`` with its task's content, or when its task's queued event was not in the tail read, the
+    task as ``Hive.get`` reads it (None when the bus does not know the task)."""
+    if task is not None:
+        return view.with_task(task)
     try:
         return await hive.get(view.id)
     except TaskNotFound:

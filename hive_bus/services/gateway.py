@@ -299,6 +299,10 @@ class Gateway:
                 await ensure_cache_stream(self._hive.bus.js, self._hive.bus.settings)
             except (*BUS_ERRORS, HiveError) as exc:
                 log.warning("the response cache cannot be used: %s", exc)
+            try:  # which providers are served: submissions are checked against it (hive_bus._served)
+                await self._hive.follow_served(record=True)
+            except (*BUS_ERRORS, HiveError) as exc:
+                log.warning("providers served lately cannot be followed: %s", exc)
             await tg.start(self.metrics.run)
             await tg.start(self.router.run)
             await tg.start(self.audit.run)

@@ -31,7 +31,7 @@ from msgspec import Meta
 
 from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskRequest, TaskView, WorkerBeat
 from hive_bus._client import validate
-from hive_bus._errors import TooLarge
+from hive_bus._errors import TooLarge, Unserved
 from hive_bus._messages import (
     ChatMessage,
     IdempotencyKey,
@@ -111,6 +111,8 @@ def _of_bus_error(exc: HiveError) -> OpenAIError:
     """The OpenAI error of a submission the bus did not accept."""
     if isinstance(exc, TooLarge):
         return OpenAIError(413, str(exc), code="too_large", final=True)
+    if isinstance(exc, Unserved):  # HIVE_REJECT_UNSERVED: a model no worker serves
+        return OpenAIError(400, str(exc), param="model", code="model_not_served", final=True)
     if isinstance(exc, QueueFull):
         retry = {"Retry-After": str(math.ceil(exc.retry_after_s))}
         return OpenAIError(503, str(exc), type="server_error", code="queue_full", headers=retry)
@@ -535,7 +537,7 @@ async def streamed(prepared: Prepared, state: State) -> Response[Any]:
             keepalive_s=state.stream_keepalive_s,
             wait_s=prepared.wait_s,
         )
-    except (BusUnavailable, QueueFull, TooLarge) as exc:
+    except (BusUnavailable, QueueFull, TooLarge, Unserved) as exc:
         raise _of_bus_error(exc) from None
 
 
@@ -556,8 +558,10 @@ async def chat_completions(request: Request[Any, Any, Any], state: State) -> Res
             return await streamed(prepared, state)
         try:
             accepted = await hive.submit_request(prepared.task)
+            for warning in accepted.warnings:
+                log.warning("chat completion %s: %s", accepted.id, warning)
             view = await hive.wait(accepted.id, prepared.wait_s)
-        except (BusUnavailable, QueueFull, TooLarge) as exc:
+        except (BusUnavailable, QueueFull, TooLarge, Unserved) as exc:
             raise _of_bus_error(exc) from None
         if view.status == "completed":
             return Response(completion_of(view), status_code=200, headers=task_headers(view))

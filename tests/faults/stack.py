@@ -37,6 +37,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "HIVE_REQUEST_TIMEOUT_S": str(settings.request_timeout_s),
         "HIVE_TASKS_MAX_BYTES": str(settings.tasks_max_bytes),
         "HIVE_EVENTS_MAX_BYTES": str(settings.events_max_bytes),
+        "HIVE_INDEX_MAX_BYTES": str(settings.index_max_bytes),
         "HIVE_DLQ_MAX_BYTES": str(settings.dlq_max_bytes),
         "HIVE_BLOBS_MAX_BYTES": str(settings.blobs_max_bytes),
         "HIVE_AUDIT_EVERY_S": str(settings.audit_every_s),

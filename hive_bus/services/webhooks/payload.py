@@ -39,7 +39,9 @@ def payload(kind: str, event: TaskEvent, task: Task) -> bytes:
     view = msgspec.structs.asdict(TaskView.of(event))
     at = datetime.fromtimestamp(event.at_ms / 1000, UTC).isoformat(timespec="milliseconds")
     body = Payload(
-        type=kind, timestamp=at.replace("+00:00", "Z"), data=WebhookTask(**view, metadata=task.metadata)
+        type=kind,
+        timestamp=at.replace("+00:00", "Z"),
+        data=WebhookTask(**(view | {"metadata": task.metadata})),
     )
     return _encode(body)
 

@@ -1,0 +1,231 @@
+"""What a user reads of a task: its content and metadata in ``GET /v1/tasks/{id}``, the list and ``hive
+status``; the list's filters by metadata, batch and schedule; ``hive submit --webhook``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+import httpx
+import pytest
+
+from hive_bus import Hive, Settings
+from hive_bus._embedded import NatsServer
+from hive_bus._messages import Queued
+from hive_bus.bus import Bus, open_bus
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
+
+from .conftest import make_settings
+from .helpers import events_of, hive_cli, running_worker
+
+pytestmark = pytest.mark.anyio
+
+
+def _cli(settings: Settings, *args: str) -> list[str]:
+    return [*args, "--nats", settings.nats_url, "--prefix", settings.prefix]
+
+
+# the test bus's heartbeat settings (conftest.make_settings), which a command checks its buckets against
+CLI_ENV = {"HIVE_HEARTBEAT_INTERVAL_S": "0.5", "HIVE_HEARTBEAT_TTL_S": "1.5"}
+
+
+async def test_submit_webhook_flag_puts_the_url_and_events_on_the_task(bus: Bus, settings: Settings) -> None:
+    args = ["submit", "nobody", "un tuit", "--webhook", "https://hooks.example.com/done,task.failed"]
+    done = hive_cli(_cli(settings, *args), env=CLI_ENV)
+    assert done.returncode == 0, done.stderr
+    [queued, *_] = await events_of(bus, done.stdout.strip())
+    assert isinstance(queued, Queued) and queued.task.webhook is not None
+    assert (queued.task.webhook.url, queued.task.webhook.events) == (
+        "https://hooks.example.com/done",
+        ["task.failed"],
+    )
+    every = hive_cli(
+        _cli(settings, "submit", "nobody", "x", "--webhook", "https://hooks.example.com/all"), env=CLI_ENV
+    )
+    [queued, *_] = await events_of(bus, every.stdout.strip())
+    assert isinstance(queued, Queued) and queued.task.webhook is not None
+    assert queued.task.webhook.events == ["task.completed", "task.failed", "task.cancelled"]
+
+
+def test_submit_webhook_flag_names_an_unknown_event(settings: Settings) -> None:
+    args = ["submit", "nobody", "x", "--webhook", "https://hooks.example.com/h,task.done"]
+    done = hive_cli(_cli(settings, *args), env=CLI_ENV)
+    assert done.returncode == 2
+    assert "--webhook" in done.stderr and "'task.done'" in done.stderr, done.stderr
+    bad_url = hive_cli(_cli(settings, "submit", "nobody", "x", "--webhook", "ftp://h/x"), env=CLI_ENV)
+    assert bad_url.returncode == 1
+    assert "url must be an http:// or https:// URL" in bad_url.stderr, bad_url.stderr
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    bus: Bus
+    http: httpx.AsyncClient
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[Stack]:
+    async with open_bus(settings) as bus:
+        gateway = Gateway(Hive(bus), GatewayOptions(port=0))
+        async with anyio.create_task_group() as tg:
+            await tg.start(gateway.serve)
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=15) as http:
+                yield Stack(settings, bus, http)
+            gateway.stop()
+
+
+@pytest.fixture
+async def stack(nats_server: NatsServer) -> AsyncIterator[Stack]:
+    # a claim check at 4 KiB, so that a task's content goes to the Object Store without a huge body
+    async with serving(make_settings(nats_server.url, claim_check_bytes=4096)) as s:
+        yield s
+
+
+async def _submit(stack: Stack, body: dict[str, object]) -> str:
+    r = await stack.http.post("/v1/tasks", json=body)
+    assert r.status_code == 202, r.text
+    task_id: str = r.json()["id"]
+    return task_id
+
+
+async def test_a_task_read_shows_its_prompt_and_metadata_whole_and_the_list_cut(stack: Stack) -> None:
+    long_prompt = "Escribe un hilo sobre colas de mensajes. " * 20  # 820 characters
+    meta = {"customer": "acme", "campaign": {"name": "otoño", "week": 48}}
+    task_id = await _submit(
+        stack, {"provider": "nobody", "prompt": long_prompt, "system": "breve", "metadata": meta}
+    )
+    one = (await stack.http.get(f"/v1/tasks/{task_id}")).json()
+    assert (one["prompt"], one["system"], one["metadata"]) == (long_prompt, "breve", meta)
+    assert "content_cut" not in one
+
+    [listed] = (await stack.http.get("/v1/tasks")).json()
+    assert listed["id"] == task_id
+    assert (listed["prompt"], listed["content_cut"]) == (long_prompt[:200], True)
+    assert (listed["system"], listed["metadata"]) == ("breve", meta)
+
+    waited = (await stack.http.get(f"/v1/tasks/{task_id}", params={"wait": 0.2})).json()
+    assert (waited["status"], waited["prompt"], waited["metadata"]) == ("queued", long_prompt, meta)
+
+
+async def test_a_conversation_is_read_whole_and_listed_first_and_last_messages(stack: Stack) -> None:
+    turns = [{"role": "system", "content": "Eres conciso."}] + [
+        {"role": "user" if i % 2 else "assistant", "content": f"turno {i} " + "x" * (150 * i)}
+        for i in range(1, 7)
+    ]
+    task_id = await _submit(stack, {"provider": "nobody", "messages": turns})
+    one = (await stack.http.get(f"/v1/tasks/{task_id}")).json()
+    assert one["messages"] == turns and "prompt" not in one
+
+    [listed] = (await stack.http.get("/v1/tasks")).json()
+    assert listed["content_cut"] is True
+    kept = [turns[0], *turns[-3:]]
+    assert [m["role"] for m in listed["messages"]] == [m["role"] for m in kept]
+    assert [m["content"] for m in listed["messages"]] == [str(m["content"])[:200] for m in kept]
+
+
+async def test_a_claim_checked_task_shows_where_its_content_is_and_its_size(stack: Stack) -> None:
+    big = "Un guion de vídeo largo. " * 400  # over the 4 KiB claim check
+    task_id = await _submit(stack, {"provider": "nobody", "prompt": big, "metadata": {"k": "v"}})
+    one = (await stack.http.get(f"/v1/tasks/{task_id}")).json()
+    assert "prompt" not in one and one["metadata"] == {"k": "v"}
+    assert one["content_stored_bytes"] > len(big)
+    [listed] = (await stack.http.get("/v1/tasks")).json()
+    assert "prompt" not in listed and listed["content_stored_bytes"] == one["content_stored_bytes"]
+
+
+async def test_a_completed_task_read_after_a_wait_keeps_its_prompt(stack: Stack) -> None:
+    async with running_worker(stack.bus, "echo", EchoProvider()):
+        task_id = await _submit(stack, {"provider": "echo", "prompt": "hola", "metadata": {"n": 1}})
+        done = (await stack.http.get(f"/v1/tasks/{task_id}", params={"wait": 10})).json()
+    assert (done["status"], done["output"], done["prompt"], done["metadata"]) == (
+        "completed",
+        "hola",
+        "hola",
+        {"n": 1},
+    )
+    status = hive_cli(_cli(stack.settings, "status", task_id), env=CLI_ENV)
+    shown = json.loads(status.stdout)
+    assert (shown["status"], shown["prompt"], shown["metadata"]) == ("completed", "hola", {"n": 1})
+
+
+async def _submit_many(stack: Stack, tasks: Sequence[Mapping[str, object]]) -> list[str]:
+    r = await stack.http.post("/v1/tasks/batch", json={"tasks": tasks})
+    assert r.status_code == 202, r.text
+    return [item["id"] for item in r.json()["tasks"]]
+
+
+async def _listed(stack: Stack, **params: object) -> list[str]:
+    r = await stack.http.get("/v1/tasks", params=params)  # type: ignore[arg-type]
+    assert r.status_code == 200, r.text
+    return [view["id"] for view in r.json()]
+
+
+async def test_filters_return_exactly_the_tagged_tasks_older_than_the_events_tail(stack: Stack) -> None:
+    untagged = [{"provider": "nobody", "prompt": f"sin etiqueta {i}"} for i in range(150)]
+    acme = [
+        {"provider": "nobody", "prompt": f"acme {i}", "metadata": {"customer": "acme", "n": i}}
+        for i in range(12)
+    ]
+    old_acme = await _submit_many(stack, acme[:9])
+    await _submit_many(stack, untagged[:75])
+    batch = await _submit_many(
+        stack,
+        [
+            {"provider": "nobody", "prompt": f"línea {i}", "metadata": {"batch_id": "batch_1"}}
+            for i in range(4)
+        ],
+    )
+    await _submit_many(stack, [{"provider": "nobody", "prompt": "otro", "metadata": {"customer": "acme-2"}}])
+    schedule = await _submit_many(
+        stack,
+        [
+            {
+                "provider": "other",
+                "prompt": "cada día",
+                "metadata": {"schedule_id": "sch_9", "customer": "acme"},
+            }
+        ],
+    )
+    await _submit_many(stack, untagged[75:])
+    new_acme = await _submit_many(stack, acme[9:])
+    every_acme = [*old_acme, *schedule, *new_acme]
+
+    # the events tail read for a list of 5 (40 events) holds none of the tagged tasks but the newest
+    assert not set(old_acme) & set(await _listed(stack, limit=5))
+    assert await _listed(stack, meta="customer:acme", limit=50) == every_acme[::-1]
+    assert await _listed(stack, meta="customer:acme", limit=5) == every_acme[::-1][:5]
+    assert await _listed(stack, meta="customer:acme", limit=11) == every_acme[::-1][:11]
+    assert await _listed(stack, batch="batch_1") == batch[::-1]
+    assert await _listed(stack, schedule="sch_9") == schedule
+    assert await _listed(stack, meta=["customer:acme", "n:3"]) == []  # n is a number: not indexed
+    assert await _listed(stack, meta="customer:acme", provider="other") == schedule
+    assert await _listed(stack, meta="customer:nobody") == []
+
+    cancelled = await stack.http.post(f"/v1/tasks/{old_acme[1]}/cancel")
+    assert cancelled.status_code == 200
+    assert await _listed(stack, meta="customer:acme", status="cancelled") == [old_acme[1]]
+
+    [view] = (await stack.http.get("/v1/tasks", params={"schedule": "sch_9"})).json()
+    assert (view["prompt"], view["metadata"]) == ("cada día", {"schedule_id": "sch_9", "customer": "acme"})
+
+    # untagged tasks pay nothing: one index entry per string value of a tagged task's metadata
+    info = await stack.bus.js.stream_info(stack.bus.names.index_stream)
+    assert info.state.messages == 12 + 4 + 1 + 2
+
+    bad = await stack.http.get("/v1/tasks", params={"meta": "customer"})
+    assert bad.status_code == 400 and "KEY:VALUE" in bad.json()["error"]["message"]
+
+    listed = hive_cli(_cli(stack.settings, "list", "--meta", "customer:acme", "--limit", "3"), env=CLI_ENV)
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == every_acme[::-1][:3]
+
+
+async def test_the_openapi_document_names_the_list_filters(stack: Stack) -> None:
+    schema = (await stack.http.get("/openapi.json")).json()
+    params = {p["name"] for p in schema["paths"]["/v1/tasks"]["get"]["parameters"]}
+    assert {"meta", "batch", "schedule"} <= params
