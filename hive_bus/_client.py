@@ -57,12 +57,13 @@ from ._messages import (
 from ._nats import BUS_ERRORS, following
 from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
-from ._publish import JetStreamPublisher, PubAck, Publish, stored
+from ._publish import Extra, JetStreamPublisher, PubAck, Publish, stored
 from ._route import CheapestRouter
 from ._settings import Settings, load_settings
 from ._size import header_bytes
 from ._stats import ProviderStats, provider_stats
 from ._streamed import DEFAULT_KEEPALIVE_S, TaskStream, open_stream
+from ._timers import deadline_schedule, ensure_schedules_stream
 from ._waits import Seen, Waits
 
 log = logging.getLogger("hive_bus.client")
@@ -131,6 +132,7 @@ class Hive:
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
         self._router: CheapestRouter | None = None
+        self._timers_ready = False  # the timers' stream checked (on the first task with a deadline)
         self._names = bus.names  # built once: it is on every submission's path
         self._publisher: JetStreamPublisher | None = None
         self._submitted = SubmissionCounts(bus)
@@ -205,15 +207,21 @@ class Hive:
         self._check_content(task)
         task = await _blobs.check_in(self._bus, task)
         self._check_messages(task, key)
+        await self._ready_timers([task])
         ack = await self._publish(*self._queued_event(task, key))
         duplicate = bool(ack.duplicate)
         if duplicate:
             task = await self._first_task(ack.seq)
-        try:
-            task_ack = await self._publish(*self._task_message(task, key))
-        except QueueFull as exc:
-            await self._record_rejection(task, str(exc))
-            raise
+        messages, extra = [self._task_message(task, key)], self._timers_of([task])
+        messages += [publish for publish, _ in extra.values()]
+        outcomes = await self._publish_all(messages, {i + 1: h for i, (_, h) in enumerate(extra.values())})
+        task_ack = outcomes[0]
+        if isinstance(task_ack, QueueFull):
+            await self._record_rejection(task, str(task_ack))
+            raise task_ack
+        if isinstance(task_ack, HiveError):
+            raise task_ack
+        self._timers_stored(task, outcomes[1:])
         if not task_ack.duplicate:
             self._submitted.add(task.provider)
             if duplicate:
@@ -258,6 +266,7 @@ class Hive:
                 with _naming_task(i):
                     self._check_messages(task, keys[i])
         going_events = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        await self._ready_timers(tasks)
         event_acks: list[PubAck | HiveError | None] = [None] * len(tasks)
         published = await self._publish_all([self._queued_event(tasks[i], keys[i]) for i in going_events])
         for i, ack in zip(going_events, published, strict=True):
@@ -270,7 +279,15 @@ class Hive:
                 except HiveError as exc:
                     outcomes[i] = exc
         going = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        task_acks = await self._publish_all([self._task_message(tasks[i], keys[i]) for i in going])
+        # each task's deadline timer goes in the same write as the tasks, after them all
+        timers = self._timers_of([tasks[i] for i in going])
+        both = await self._publish_all(
+            [self._task_message(tasks[i], keys[i]) for i in going] + [p for p, _ in timers.values()],
+            {len(going) + n: headers for n, (_, headers) in enumerate(timers.values())},
+        )
+        task_acks = both[: len(going)]
+        for n, j in enumerate(timers):
+            self._timers_stored(tasks[going[j]], [both[len(going) + n]])
         for i, task_ack in zip(going, task_acks, strict=True):
             event_ack = event_acks[i]
             assert isinstance(event_ack, PubAck)
@@ -639,12 +656,31 @@ class Hive:
             raise outcome
         return outcome
 
-    async def _publish_all(self, messages: list[Publish]) -> list[PubAck | HiveError]:
+    def _timers_of(self, tasks: Sequence[Task]) -> dict[int, tuple[Publish, dict[str, str]]]:
+        """The deadline timers of those of ``tasks`` that have a deadline, by the task's index: only
+        they pay for one."""
+        settings = self._bus.settings
+        return {i: t for i, task in enumerate(tasks) if (t := deadline_schedule(settings, task))}
+
+    async def _ready_timers(self, tasks: Sequence[Task]) -> None:
+        """The timers' stream made or checked, before the first task with a deadline publishes anything."""
+        if not self._timers_ready and any(task.deadline_s is not None for task in tasks):
+            await ensure_schedules_stream(self._bus.js, self._bus.settings)
+            self._timers_ready = True
+
+    def _timers_stored(self, task: Task, outcomes: Sequence[PubAck | HiveError]) -> None:
+        for outcome in outcomes:
+            if isinstance(outcome, HiveError):  # accepted all the same: its workers still check the deadline
+                log.warning("task %s: its deadline timer was not stored (%s)", task.id, outcome)
+
+    async def _publish_all(
+        self, messages: list[Publish], extra: Extra | None = None
+    ) -> list[PubAck | HiveError]:
         """Every message on the wire in one write, then every ack (one deadline for them all): each
-        one's ack, or why it was not stored."""
+        one's ack, or why it was not stored. ``extra``: more headers of some, by index."""
         timeout_s = self._bus.settings.request_timeout_s
         try:
-            outcomes = await (await self._js_publisher()).publish(messages)
+            outcomes = await (await self._js_publisher()).publish(messages, extra)
         except TooLarge as exc:
             return [exc for _ in messages]
         except BUS_ERRORS as exc:

@@ -33,6 +33,8 @@ FailReason = Literal[
     "undecodable",
     "lost",
     "interrupted",
+    # its deadline passed before it ended, found by the server's timer (hive_bus._timers), run or not
+    "expired",
 ]
 Priority = Literal["high", "normal", "low"]
 # in_order: the task's provider, then each fallback in turn, as each runs out of quota;

@@ -33,6 +33,7 @@ from hive_bus._audit import StoreAudit
 from hive_bus._bus import ensure_cache_stream
 from hive_bus._dlq import NotReplayable
 from hive_bus._errors import TaskEnded, TooLarge
+from hive_bus._expiry import Timers
 from hive_bus._files import FileNotFound
 from hive_bus._messages import explain
 from hive_bus._nats import BUS_ERRORS
@@ -250,6 +251,7 @@ class Gateway:
         self._hive = hive
         self.metrics = BusMetrics(hive.bus)
         self.router = Router(hive.bus)
+        self.timers = Timers(hive.bus)  # deadlines that fired in the server
         # drives every batch of the bus (OpenAI's Batch API), beside any other gateway's
         self.batches = BatchRunner(hive, Catalog(hive, options.routes))
         settings = hive.bus.settings
@@ -301,6 +303,7 @@ class Gateway:
                 log.warning("the response cache cannot be used: %s", exc)
             await tg.start(self.metrics.run)
             await tg.start(self.router.run)
+            await tg.start(self.timers.run)
             await tg.start(self.audit.run)
             if self.webhooks is not None:
                 await tg.start(self.webhooks.run)

@@ -1,0 +1,158 @@
+"""What happens when a deadline's timer fires (``hive_bus._timers`` sets it): the task expires.
+
+:class:`Timers` runs in every gateway, on one durable consumer (``<prefix>_timers``) that they share. A
+fired deadline is taken at its word only as far as the bus agrees: the task must be known (its
+``queued`` event), the timer must be for its current run, and the run's deadline as the bus records it
+must have passed. Then the task is told to stop (its key in the cancels bucket, which the workers of its
+provider watch: one that fetches it drops it, one that runs it abandons the call) and failed with reason
+``expired``: a ``failed`` event with the run's final de-duplication id (``Task.final_msg_id``), so that
+it and a worker's outcome cannot both be recorded, and a dead letter when that event is the task's end.
+An expiry for a task that ended meanwhile is dropped. A worker credential may neither publish nor read
+the schedules stream (``nats/``), so no worker can forge or delay a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import anyio
+import msgspec
+import nats.aio.msg
+import nats.js.errors
+from anyio.abc import TaskStatus
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from . import _assigned, _dlq
+from ._bus import Bus
+from ._errors import HiveError, TooLarge
+from ._messages import Failed, Task, encoder, now_ms
+from ._nats import BUS_ERRORS
+from ._size import check_fits, js_publish
+from ._timers import DeadlineTimer, ensure_schedules_stream, timer_decoder
+
+log = logging.getLogger("hive_bus.expiry")
+
+FETCH_WAIT_S = 2.0
+
+
+class Timers:
+    """The gateway's reader of fired timers: ``await tg.start(timers.run)``."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        bus, names = self._bus, self._bus.names
+        await ensure_schedules_stream(bus.js, bus.settings)
+        config = ConsumerConfig(
+            durable_name=names.timers,
+            description="hive-bus gateways: fired timers (deadlines)",
+            filter_subject=names.all_fired,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+        )
+        sub = await bus.js.pull_subscribe(
+            names.all_fired, durable=names.timers, stream=names.schedules_stream, config=config
+        )
+        task_status.started()
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(batch=64, timeout=FETCH_WAIT_S)
+                except TimeoutError:
+                    continue
+                except BUS_ERRORS as exc:
+                    log.warning("timers: fetching fired timers failed (%s); trying again", exc)
+                    await anyio.sleep(1)
+                    continue
+                for msg in msgs:
+                    await self._settle(msg)
+        finally:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(3),
+                contextlib.suppress(*BUS_ERRORS),
+            ):
+                await sub.unsubscribe()
+
+    async def _settle(self, msg: nats.aio.msg.Msg) -> None:
+        try:
+            timer = timer_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("timers: a fired timer on %s does not decode (%s); dropped", msg.subject, exc)
+            with contextlib.suppress(*BUS_ERRORS):
+                await msg.term()
+            return
+        try:
+            later_s = await expire(self._bus, timer)
+        except (*BUS_ERRORS, HiveError) as exc:
+            log.warning(
+                "timers: the deadline of task %s not handled yet (%s); again soon", timer.task_id, exc
+            )
+            with contextlib.suppress(*BUS_ERRORS):
+                await msg.nak(delay=2.0)
+            return
+        with contextlib.suppress(*BUS_ERRORS):
+            if later_s is not None:
+                await msg.nak(delay=later_s)  # fired early by this clock: back at the deadline
+            else:
+                await msg.ack()
+
+
+async def expire(bus: Bus, timer: DeadlineTimer) -> float | None:
+    """Fail the task of a fired deadline as ``expired``, if the bus agrees it is due; the seconds to
+    wait first when this clock reads the deadline as not yet reached, else None (done with it)."""
+    names = bus.names
+    here = await _assigned.assignment(bus, timer.task_id)
+    if here is None:
+        log.warning("timers: a deadline for task %s is refused: the bus knows no such task", timer.task_id)
+        return None
+    task = here.task
+    if task.run != timer.run or task.deadline_at_ms is None:
+        return None  # a timer of an earlier run (replayed since), or of no deadline the bus knows
+    left_ms = task.deadline_at_ms - now_ms()
+    if left_ms > 0:
+        return left_ms / 1000 + 0.05
+    view = await _assigned.current_view(bus, task.id)
+    if view is not None and view.done:
+        await _keep_letter(bus, task, view.reason)  # an expiry recorded before its timer came again
+        return None
+    event = Failed(
+        task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=view.attempt if view else 0,
+        worker=None, reason="expired",
+        error=f"its deadline passed ({task.deadline_s:g}s after submission) before it ended",
+        task=task,
+    )  # fmt: skip
+    data = encoder.encode(event)
+    headers = {"Nats-Msg-Id": task.final_msg_id}
+    try:
+        check_fits(bus.nc, data, {**headers, "Nats-Expected-Stream": names.events_stream})
+    except TooLarge:  # a task from before the claim check: its queued event keeps it
+        data = encoder.encode(msgspec.structs.replace(event, task=None))
+    # the word to its workers first: one that fetches it drops it, one running it abandons the call
+    await bus.cancels_kv.put(names.cancel_key(task.provider, task.id), data)
+    ack = await js_publish(
+        bus.js, bus.nc, names.event_subject(task.provider, task.id, "failed"), data,
+        headers=headers, stream=names.events_stream, what="failed event",
+    )  # fmt: skip
+    if ack.duplicate:  # it ended first, or another gateway expired it a moment ago
+        return None
+    await _dlq.keep(bus, task.provider, task.id, data, task.sealed(f"{task.id}:dlq:{task.run}"))
+    log.info("task %s expired: its deadline passed before it ended", task.id)
+    return None
+
+
+async def _keep_letter(bus: Bus, task: Task, reason: str | None) -> None:
+    """The dead letter of an expiry already recorded (a gateway stopped between the two), kept once."""
+    if reason != "expired":
+        return
+    names = bus.names
+    try:
+        raw = await bus.js.get_last_msg(
+            names.events_stream, names.event_subject(task.provider, task.id, "failed"), direct=True
+        )
+    except nats.js.errors.NotFoundError:
+        return
+    await _dlq.keep(bus, task.provider, task.id, raw.data or b"", task.sealed(f"{task.id}:dlq:{task.run}"))
