@@ -63,7 +63,7 @@ from ._settings import Settings, load_settings
 from ._size import header_bytes
 from ._stats import ProviderStats, provider_stats
 from ._streamed import DEFAULT_KEEPALIVE_S, TaskStream, open_stream
-from ._timers import deadline_schedule, ensure_schedules_stream
+from ._timers import deadline_schedule, ensure_schedules_stream, start_schedule
 from ._waits import Seen, Waits
 
 log = logging.getLogger("hive_bus.client")
@@ -83,6 +83,7 @@ RECHECK_S = 5.0
 class Accepted:
     id: str
     duplicate: bool = False
+    scheduled: bool = False  # it waits for its not_before (status scheduled)
 
 
 @dataclass(slots=True)
@@ -172,7 +173,9 @@ class Hive:
         "json_schema": {"name": ..., "schema": {...}}}``) makes the output a JSON value the worker
         checks. ``policy`` takes the other fields of :class:`TaskRequest`: ``priority``, ``fallback``,
         ``route``, ``max_attempts``, ``backoff_base_s``, ``backoff_cap_s``, ``max_wait_s``,
-        ``deadline_s``, ``cache_ttl_s`` (answer from the response cache when a twin completed within it). Raises :class:`msgspec.ValidationError` naming the field of a request that is
+        ``deadline_s``, ``cache_ttl_s`` (answer from the response cache when a twin completed within it),
+        ``not_before`` (a timezone-aware :class:`datetime.datetime`: the server queues the task then;
+        its status reads ``scheduled`` until). Raises :class:`msgspec.ValidationError` naming the field of a request that is
         not valid (a schema that is not JSON Schema among them).
         """
         fields: dict[str, Any] = {
@@ -212,9 +215,7 @@ class Hive:
         duplicate = bool(ack.duplicate)
         if duplicate:
             task = await self._first_task(ack.seq)
-        messages, extra = [self._task_message(task, key)], self._timers_of([task])
-        messages += [publish for publish, _ in extra.values()]
-        outcomes = await self._publish_all(messages, {i + 1: h for i, (_, h) in enumerate(extra.values())})
+        outcomes = await self._publish_all(*self._work_of([task], [key]))
         task_ack = outcomes[0]
         if isinstance(task_ack, QueueFull):
             await self._record_rejection(task, str(task_ack))
@@ -228,7 +229,7 @@ class Hive:
                 await self._requeued(task)
             else:
                 self._remember(task, ack.seq)
-        return Accepted(task.id, duplicate)
+        return Accepted(task.id, duplicate, scheduled=task.not_before is not None)
 
     async def submit_batch(
         self, requests: Sequence[TaskRequest], *, task_ids: Sequence[str] | None = None
@@ -280,13 +281,9 @@ class Hive:
                     outcomes[i] = exc
         going = [i for i, outcome in enumerate(outcomes) if outcome is None]
         # each task's deadline timer goes in the same write as the tasks, after them all
-        timers = self._timers_of([tasks[i] for i in going])
-        both = await self._publish_all(
-            [self._task_message(tasks[i], keys[i]) for i in going] + [p for p, _ in timers.values()],
-            {len(going) + n: headers for n, (_, headers) in enumerate(timers.values())},
-        )
+        both = await self._publish_all(*self._work_of([tasks[i] for i in going], [keys[i] for i in going]))
         task_acks = both[: len(going)]
-        for n, j in enumerate(timers):
+        for n, j in enumerate(self._timers_of([tasks[i] for i in going])):
             self._timers_stored(tasks[going[j]], [both[len(going) + n]])
         for i, task_ack in zip(going, task_acks, strict=True):
             event_ack = event_acks[i]
@@ -310,7 +307,9 @@ class Hive:
                             tasks[i].id,
                             exc,
                         )
-                outcomes[i] = Accepted(tasks[i].id, event_ack.duplicate)
+                outcomes[i] = Accepted(
+                    tasks[i].id, event_ack.duplicate, scheduled=tasks[i].not_before is not None
+                )
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def submit_many(self, requests: Iterable[TaskRequest], *, window: int = SUBMIT_WINDOW) -> list[str]:
@@ -656,6 +655,26 @@ class Hive:
             raise outcome
         return outcome
 
+    def _work_of(
+        self, tasks: Sequence[Task], keys: Sequence[str | None]
+    ) -> tuple[list[Publish], dict[int, dict[str, str]]]:
+        """What queues ``tasks``, in one write: each one's task message, or for a task with a
+        ``not_before`` its start timer instead (the server queues it then), in order; then the deadline
+        timers of those that have one. With the schedule headers of the timers, by index."""
+        messages: list[Publish] = []
+        extra: dict[int, dict[str, str]] = {}
+        settings = self._bus.settings
+        for task, key in zip(tasks, keys, strict=True):
+            if (start := start_schedule(settings, task)) is not None:
+                extra[len(messages)] = start[1]
+                messages.append(start[0])
+            else:
+                messages.append(self._task_message(task, key))
+        for publish, headers in self._timers_of(tasks).values():
+            extra[len(messages)] = headers
+            messages.append(publish)
+        return messages, extra
+
     def _timers_of(self, tasks: Sequence[Task]) -> dict[int, tuple[Publish, dict[str, str]]]:
         """The deadline timers of those of ``tasks`` that have a deadline, by the task's index: only
         they pay for one."""
@@ -664,7 +683,8 @@ class Hive:
 
     async def _ready_timers(self, tasks: Sequence[Task]) -> None:
         """The timers' stream made or checked, before the first task with a deadline publishes anything."""
-        if not self._timers_ready and any(task.deadline_s is not None for task in tasks):
+        timed = any(task.deadline_s is not None or task.not_before is not None for task in tasks)
+        if not self._timers_ready and timed:
             await ensure_schedules_stream(self._bus.js, self._bus.settings)
             self._timers_ready = True
 

@@ -26,10 +26,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from . import _assigned, _dlq
 from ._bus import Bus
 from ._errors import HiveError, TooLarge
-from ._messages import Failed, Task, encoder, now_ms
+from ._messages import Failed, Queued, Task, encoder, now_ms
 from ._nats import BUS_ERRORS
 from ._size import check_fits, js_publish
-from ._timers import DeadlineTimer, ensure_schedules_stream, timer_decoder
+from ._timers import DeadlineTimer, StartTimer, ensure_schedules_stream, timer_decoder
 
 log = logging.getLogger("hive_bus.expiry")
 
@@ -86,11 +86,12 @@ class Timers:
                 await msg.term()
             return
         try:
-            later_s = await expire(self._bus, timer)
+            if isinstance(timer, StartTimer):
+                later_s = await start(self._bus, timer)
+            else:
+                later_s = await expire(self._bus, timer)
         except (*BUS_ERRORS, HiveError) as exc:
-            log.warning(
-                "timers: the deadline of task %s not handled yet (%s); again soon", timer.task_id, exc
-            )
+            log.warning("timers: the timer of task %s not handled yet (%s); again soon", timer.task_id, exc)
             with contextlib.suppress(*BUS_ERRORS):
                 await msg.nak(delay=2.0)
             return
@@ -99,6 +100,44 @@ class Timers:
                 await msg.nak(delay=later_s)  # fired early by this clock: back at the deadline
             else:
                 await msg.ack()
+
+
+async def start(bus: Bus, timer: StartTimer) -> float | None:
+    """Queue the task of a fired ``not_before`` as the bus records it, unless it ended meanwhile
+    (cancelled, or expired): a ``queued`` event with the task as it goes on the queue (no
+    ``not_before`` left: its status reads ``queued``), then the task, each with a de-duplication id so
+    that a firing read twice queues it once. The seconds to wait first when this clock reads the time
+    as not yet come, else None."""
+    names = bus.names
+    here = await _assigned.assignment(bus, timer.task_id)
+    if here is None:
+        log.warning("timers: a start for task %s is refused: the bus knows no such task", timer.task_id)
+        return None
+    task = here.task
+    if task.run != timer.run:
+        return None
+    view = await _assigned.current_view(bus, task.id)
+    if view is not None and view.done:
+        return None  # cancelled or expired before its time
+    if task.not_before is not None:
+        left_ms = (task.not_before_ms or 0) - now_ms()
+        if left_ms > 0:
+            return left_ms / 1000 + 0.05
+        task = msgspec.structs.replace(task, not_before=None)
+        queued = Queued(task_id=task.id, provider=task.provider, at_ms=now_ms(), task=task)
+        await js_publish(
+            bus.js, bus.nc, names.event_subject(task.provider, task.id, "queued"), encoder.encode(queued),
+            headers={"Nats-Msg-Id": task.sealed(f"{task.id}:start:{task.run}")},
+            stream=names.events_stream, what="queued event",
+        )  # fmt: skip
+    elif now_ms() - here.event.at_ms > bus.settings.duplicate_window_s * 1000:
+        return None  # queued long ago: a publish now would no longer be recognised as the same
+    await js_publish(
+        bus.js, bus.nc, names.task_subject(task.provider, task.priority), encoder.encode(task),
+        headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream, what="task",
+    )  # fmt: skip
+    log.info("task %s queued on %s: its not_before came", task.id, task.provider)
+    return None
 
 
 async def expire(bus: Bus, timer: DeadlineTimer) -> float | None:

@@ -12,7 +12,6 @@ task (``JetStreamPublisher.publish``). What the gateway does with a fired one: `
 from __future__ import annotations
 
 import datetime
-from typing import Literal
 
 import msgspec
 import nats.aio.msg
@@ -45,9 +44,17 @@ class DeadlineTimer(msgspec.Struct, frozen=True, kw_only=True, tag="deadline.v1"
     at_ms: int
 
 
-Timer = DeadlineTimer
+class StartTimer(msgspec.Struct, frozen=True, kw_only=True, tag="start.v1", tag_field="type"):
+    """The body of a ``not_before``'s schedule: when it fires, the gateway queues the task as the bus
+    records it (never a copy the timer could carry)."""
+
+    task_id: str
+    run: int = 0
+    at_ms: int
+
+
+Timer = DeadlineTimer | StartTimer
 timer_decoder = msgspec.json.Decoder(Timer)
-Kind = Literal["deadline"]
 
 
 def schedules_stream_config(settings: Settings) -> StreamConfig:
@@ -104,6 +111,28 @@ def deadline_schedule(settings: Settings, task: Task) -> tuple[Publish, dict[str
     headers = {
         Header.SCHEDULE.value: f"@at {rfc3339(at_ms)}",
         Header.SCHEDULE_TARGET.value: names.fired_subject("deadline", task.id),
+        Header.SCHEDULE_TTL.value: FIRED_TTL,
+    }
+    return publish, headers
+
+
+def start_schedule(settings: Settings, task: Task) -> tuple[Publish, dict[str, str]] | None:
+    """The publish that queues ``task`` at its ``not_before`` (instead of the task message), and its
+    schedule headers; None for a task to queue now."""
+    at_ms = task.not_before_ms
+    if at_ms is None:
+        return None
+    names = settings.names
+    body = encoder.encode(StartTimer(task_id=task.id, run=task.run, at_ms=at_ms))
+    publish: Publish = (
+        names.schedule_subject("start", task.id),
+        body,
+        f"{task.id}:start:{task.run}",
+        names.schedules_stream,
+    )
+    headers = {
+        Header.SCHEDULE.value: f"@at {rfc3339(at_ms)}",
+        Header.SCHEDULE_TARGET.value: names.fired_subject("start", task.id),
         Header.SCHEDULE_TTL.value: FIRED_TTL,
     }
     return publish, headers

@@ -4,17 +4,22 @@ Real nats-server, workers and the gateway's reader in this process."""
 
 from __future__ import annotations
 
+import datetime
+
 import anyio
+import httpx
 import pytest
 
-from hive_bus import FunctionProvider, Hive
+from hive_bus import Completed, FunctionProvider, Hive
 from hive_bus._expiry import Timers
 from hive_bus._messages import Failed, Queued, encoder, now_ms
 from hive_bus._timers import DeadlineTimer
 from hive_bus.bus import Bus
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
 
 from . import handlers
-from .helpers import events_of, eventually, running_worker
+from .helpers import events_of, eventually, hive_cli, running_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -104,3 +109,64 @@ async def test_a_forged_or_early_expiry_is_refused(bus: Bus, hive: Hive) -> None
     assert (await hive.get(task_id)).status == "queued"
     [letter] = await hive.dead_letters(provider="nobody")
     assert letter.failed.task_id == due
+
+
+def _in(seconds: float) -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+
+
+async def test_not_before_over_http_is_scheduled_then_queued_by_the_server(bus: Bus, hive: Hive) -> None:
+    gateway = Gateway(hive, GatewayOptions(port=0))
+    async with (
+        anyio.create_task_group() as tg,
+        httpx.AsyncClient(base_url=gateway.url, timeout=10) as http,
+    ):
+        await tg.start(gateway.serve)
+        at = _in(1.5)
+        body = {"provider": "echo", "prompt": "a las nueve", "not_before": at.isoformat(), "deadline_s": 60}
+        r = await http.post("/v1/tasks", json=body)
+        assert (r.status_code, r.json()["status"]) == (202, "scheduled")
+        task_id = r.json()["id"]
+        assert (await http.get(f"/v1/tasks/{task_id}")).json()["status"] == "scheduled"
+        naive = await http.post("/v1/tasks", json={**body, "not_before": "2030-01-01T09:00:00"})
+        assert naive.status_code == 400 and "not_before" in naive.text and "timezone" in naive.text
+        async with running_worker(bus, "echo", EchoProvider()):
+            done = (await http.get(f"/v1/tasks/{task_id}", params={"wait": 10})).json()
+        assert done["status"] == "completed"
+        gateway.stop()
+    events = await events_of(bus, task_id)
+    [completed] = [e for e in events if isinstance(e, Completed)]
+    assert completed.started_at_ms >= int(at.timestamp() * 1000)  # not run before its time
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[:2] == ["Queued", "Queued"] and kinds[-1] == "Completed"  # scheduled, queued, ran
+
+
+async def test_a_scheduled_task_cancelled_never_runs(bus: Bus, hive: Hive) -> None:
+    calls: list[str] = []
+
+    async def record(task: object) -> str:
+        calls.append(getattr(task, "id", ""))
+        return "ran"
+
+    dropped = await hive.submit("later", "no hace falta", not_before=_in(1))
+    kept = await hive.submit("later", "este sí", not_before=_in(1.5))
+    assert (await hive.get(dropped)).status == "scheduled"
+    assert (await hive.cancel(dropped)).status == "cancelled"
+    async with running_worker(bus, "later", FunctionProvider(record)), anyio.create_task_group() as tg:
+        await tg.start(Timers(bus).run)
+        assert (await hive.wait(kept, 10)).status == "completed"  # its timer fired after the other's
+        tg.cancel_scope.cancel()
+    assert calls == [kept]
+    assert (await hive.get(dropped)).status == "cancelled"
+
+
+async def test_hive_submit_not_before_on_the_command_line(bus: Bus, hive: Hive) -> None:
+    env = {
+        "HIVE_NATS_URL": bus.settings.nats_url, "HIVE_PREFIX": bus.names.prefix,
+        "HIVE_HEARTBEAT_INTERVAL_S": "0.5", "HIVE_HEARTBEAT_TTL_S": "1.5",
+    }  # fmt: skip
+    done = hive_cli(["submit", "later", "mañana", "--not-before", _in(3600).isoformat()], env=env)
+    assert done.returncode == 0, done.stderr
+    assert (await hive.get(done.stdout.strip())).status == "scheduled"
+    bad = hive_cli(["submit", "later", "mañana", "--not-before", "mañana"], env=env)
+    assert bad.returncode != 0 and "not_before" in bad.stderr

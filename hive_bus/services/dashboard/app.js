@@ -16,7 +16,7 @@ const BATCH_ENDS = ["completed", "failed", "expired", "cancelled"];
 const RATE_WINDOW_MS = 60_000;
 const MAX_TASK_ROWS = 200;
 const DETAIL_CHARS = 240;
-const RANK = { queued: 0, running: 1, retrying: 1, completed: 2, failed: 2 };
+const RANK = { scheduled: 0, queued: 0, running: 1, retrying: 1, completed: 2, failed: 2 };
 
 const $ = (id) => document.getElementById(id);
 const numbers = new Intl.NumberFormat();
@@ -236,7 +236,7 @@ function detailOf(record) {
       ? typeof record.output === "string"
         ? record.output
         : JSON.stringify(record.output)
-      : record.status === "queued"
+      : record.status === "queued" || record.status === "scheduled"
         ? record.prompt
         : record.error
           ? `${record.reason || "error"}: ${record.error}`
@@ -257,7 +257,8 @@ function fromEvent(status, event) {
   return {
     id: event.task_id,
     provider: event.provider,
-    status,
+    // a queued event whose task still has a not_before is a submission that waits for its time
+    status: status === "queued" && event.task && event.task.not_before ? "scheduled" : status,
     at: event.at_ms,
     attempt: event.attempt || 0,
     worker: event.worker || "",
@@ -639,7 +640,9 @@ function timelineItem(status, e) {
   let what;
   switch (status) {
     case "queued":
-      what = e.task && e.task.run ? `queued again on ${e.provider} (replay, run ${e.task.run})` : `queued on ${e.provider}`;
+      what = e.task && e.task.not_before
+        ? `scheduled on ${e.provider} for ${e.task.not_before}`
+        : e.task && e.task.run ? `queued again on ${e.provider} (replay, run ${e.task.run})` : `queued on ${e.provider}`;
       break;
     case "running":
       what = `attempt ${e.attempt} running on ${e.worker}`;
