@@ -21,15 +21,17 @@ import msgspec
 import nats.aio.msg
 import nats.js.errors
 from anyio.abc import TaskStatus
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 
 from . import _assigned, _dlq
 from ._bus import Bus
+from ._client import Hive
 from ._errors import HiveError, TooLarge
 from ._messages import Failed, Queued, Task, encoder, now_ms
 from ._nats import BUS_ERRORS
+from ._schedules import Schedules, run_task_id, template_for
 from ._size import check_fits, js_publish
-from ._timers import DeadlineTimer, StartTimer, ensure_schedules_stream, timer_decoder
+from ._timers import DeadlineTimer, RecurringTimer, StartTimer, ensure_schedules_stream, timer_decoder
 
 log = logging.getLogger("hive_bus.expiry")
 
@@ -39,8 +41,11 @@ FETCH_WAIT_S = 2.0
 class Timers:
     """The gateway's reader of fired timers: ``await tg.start(timers.run)``."""
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, hive: Hive | None = None) -> None:
         self._bus = bus
+        self._hive = hive  # submits the tasks of recurring schedules; without it, they wait for a gateway
+        self._schedules: Schedules | None = None
+        self.firings = 0  # recurring firings turned into tasks by this reader
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         bus, names = self._bus, self._bus.names
@@ -88,10 +93,12 @@ class Timers:
         try:
             if isinstance(timer, StartTimer):
                 later_s = await start(self._bus, timer)
+            elif isinstance(timer, RecurringTimer):
+                later_s = await self._fire(msg, timer)
             else:
                 later_s = await expire(self._bus, timer)
         except (*BUS_ERRORS, HiveError) as exc:
-            log.warning("timers: the timer of task %s not handled yet (%s); again soon", timer.task_id, exc)
+            log.warning("timers: the timer on %s not handled yet (%s); again soon", msg.subject, exc)
             with contextlib.suppress(*BUS_ERRORS):
                 await msg.nak(delay=2.0)
             return
@@ -100,6 +107,28 @@ class Timers:
                 await msg.nak(delay=later_s)  # fired early by this clock: back at the deadline
             else:
                 await msg.ack()
+
+    async def _fire(self, msg: nats.aio.msg.Msg, timer: RecurringTimer) -> float | None:
+        """A recurring schedule fired: its task submitted (once, however often this firing is read)."""
+        if self._hive is None:
+            return 5.0  # a reader without a client: left for a gateway's
+        if self._schedules is None:
+            self._schedules = await Schedules.open(self._bus)
+        schedule = await self._schedules.current(timer.schedule_id)
+        if schedule is None or schedule.paused:
+            return None  # deleted or paused since: this firing submits nothing
+        meta = msg.metadata
+        fired_ms = int(meta.timestamp.timestamp() * 1000) if meta.timestamp else now_ms()
+        task_id = run_task_id(schedule.id, meta.sequence.stream, fired_ms)
+        request = template_for(schedule, task_id, meta.sequence.stream)
+        [outcome] = await self._hive.submit_batch([request], task_ids=[task_id])
+        if isinstance(outcome, HiveError):
+            raise outcome
+        next_at = (msg.headers or {}).get(Header.SCHEDULE_NEXT.value)
+        await self._schedules.fired(schedule.id, task_id, fired_ms, next_at)
+        self.firings += 1
+        log.info("schedule %s fired: task %s", schedule.id, task_id)
+        return None
 
 
 async def start(bus: Bus, timer: StartTimer) -> float | None:

@@ -154,6 +154,11 @@ class Names:
         return f"$O.{self.blobs_bucket}.M.{encoded_name}"
 
     @property
+    def schedules_bucket(self) -> str:
+        """The KV bucket of recurring schedules' records (hive_bus._schedules), one key per schedule."""
+        return f"{self.prefix}_schedules"
+
+    @property
     def schedules_stream(self) -> str:
         return f"{self.prefix.upper()}_SCHEDULES"
 

@@ -53,7 +53,13 @@ class StartTimer(msgspec.Struct, frozen=True, kw_only=True, tag="start.v1", tag_
     at_ms: int
 
 
-Timer = DeadlineTimer | StartTimer
+class RecurringTimer(msgspec.Struct, frozen=True, kw_only=True, tag="recurring.v1", tag_field="type"):
+    """The body of a recurring schedule's timer (hive_bus._schedules): which schedule fired."""
+
+    schedule_id: str
+
+
+Timer = DeadlineTimer | StartTimer | RecurringTimer
 timer_decoder = msgspec.json.Decoder(Timer)
 
 

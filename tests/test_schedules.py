@@ -8,17 +8,22 @@ import datetime
 
 import anyio
 import httpx
+import nats.js.errors
 import pytest
 
-from hive_bus import Completed, FunctionProvider, Hive
+from hive_bus import BusUnavailable, Completed, FunctionProvider, Hive, TaskRequest
+from hive_bus._bus import open_bus
+from hive_bus._embedded import NatsServer
 from hive_bus._expiry import Timers
 from hive_bus._messages import Failed, Queued, encoder, now_ms
+from hive_bus._schedules import ScheduleRequest, Schedules
 from hive_bus._timers import DeadlineTimer
 from hive_bus.bus import Bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
 from hive_bus.workers.echo import EchoProvider
 
 from . import handlers
+from .conftest import make_settings
 from .helpers import events_of, eventually, hive_cli, running_worker
 
 pytestmark = pytest.mark.anyio
@@ -170,3 +175,119 @@ async def test_hive_submit_not_before_on_the_command_line(bus: Bus, hive: Hive) 
     assert (await hive.get(done.stdout.strip())).status == "scheduled"
     bad = hive_cli(["submit", "later", "mañana", "--not-before", "mañana"], env=env)
     assert bad.returncode != 0 and "not_before" in bad.stderr
+
+
+async def test_a_recurring_schedule_fires_tasks_that_complete_and_pause_stops_it(
+    bus: Bus, hive: Hive
+) -> None:
+    gateway = Gateway(hive, GatewayOptions(port=0))
+    async with (
+        anyio.create_task_group() as tg,
+        httpx.AsyncClient(base_url=gateway.url, timeout=10) as http,
+        running_worker(bus, "echo", EchoProvider()),
+    ):
+        await tg.start(gateway.serve)
+        body = {"every_s": 1, "name": "cada segundo", "task": {"provider": "echo", "prompt": "tic"}}
+        made = await http.post("/v1/schedules", json=body)
+        assert made.status_code == 201, made.text
+        schedule_id = made.json()["id"]
+        assert made.json()["rule"] == "@every 1s" and made.json()["next_at"]
+
+        async def two_runs_done() -> list[dict[str, str]] | None:
+            runs = (await http.get(f"/v1/schedules/{schedule_id}")).json()["runs"]
+            done = [run for run in runs if run["status"] == "completed"]
+            return done if len(done) >= 2 else None
+
+        runs = await eventually(two_runs_done, 10, "two firings to complete")
+        for run in runs:
+            view = await hive.get(run["task_id"])
+            assert view.status == "completed"
+        [task] = [e.task for e in await events_of(bus, runs[0]["task_id"]) if isinstance(e, Queued)]
+        assert task.metadata == {"schedule_id": schedule_id} and task.prompt == "tic"
+        assert len({run["task_id"] for run in runs}) == len(runs)  # each firing its own task
+
+        paused = await http.post(f"/v1/schedules/{schedule_id}/pause")
+        assert paused.status_code == 200 and paused.json()["paused"] is True
+        # the server holds no timer for it any more: nothing can fire it
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await bus.js.get_last_msg(
+                bus.names.schedules_stream, bus.names.schedule_subject("recurring", schedule_id)
+            )
+        fired = (await http.get(f"/v1/schedules/{schedule_id}")).json()["fired"]
+        resumed = await http.post(f"/v1/schedules/{schedule_id}/resume")
+        assert resumed.status_code == 200 and resumed.json()["paused"] is False
+
+        async def fired_again() -> bool:
+            return bool((await http.get(f"/v1/schedules/{schedule_id}")).json()["fired"] > fired + 1)
+
+        await eventually(fired_again, 10, "the resumed schedule to fire")
+        listed = (await http.get("/v1/schedules")).json()["schedules"]
+        assert [s["id"] for s in listed] == [schedule_id]
+        assert (await http.delete(f"/v1/schedules/{schedule_id}")).status_code == 200
+        gone = await http.get(f"/v1/schedules/{schedule_id}")
+        assert (gone.status_code, gone.json()["error"]["code"]) == (404, "schedule_not_found")
+        gateway.stop()
+
+
+BAD_SCHEDULES: list[tuple[dict[str, object], str, str]] = [
+    ({"cron": "0 61 * * *"}, "cron", "not a cron rule"),
+    ({"cron": "0 9 * * *", "time_zone": "Mars/Olympus"}, "time_zone", "not a time zone"),
+    ({"every_s": 0.5}, "every_s", "at least 1 second"),
+    ({"every": "soon"}, "every", '"90s"'),
+    ({"every_s": 5, "cron": "@daily"}, "every_s", "exactly one of"),
+    ({"every_s": 5, "time_zone": "Europe/Madrid"}, "time_zone", "goes with cron"),
+    ({"every_s": 5, "task": {"provider": "echo"}}, "task", "prompt"),
+    ({"every_s": 5, "task": {"provider": "echo", "prompt": "x", "colour": 1}}, "task", "colour"),
+    ({"every_s": 5, "task": {"provider": "echo", "prompt": "x", "not_before": "2030-01-01T00:00:00Z"}},
+     "task.not_before", "not_before"),
+]  # fmt: skip
+
+
+async def test_a_bad_schedule_is_a_400_saying_where(hive: Hive) -> None:
+    gateway = Gateway(hive, GatewayOptions(port=0))
+    async with anyio.create_task_group() as tg, httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+        await tg.start(gateway.serve)
+        for body, field, words in BAD_SCHEDULES:
+            r = await http.post("/v1/schedules", json={"task": {"provider": "echo", "prompt": "x"}, **body})
+            assert r.status_code == 400, (body, r.text)
+            error = r.json()["error"]
+            assert (error.get("field") or "").startswith(field) and words in error["message"], (body, error)
+        assert (await http.get("/v1/schedules")).json()["schedules"] == []
+        gateway.stop()
+
+
+async def _connected(bus: Bus) -> bool:
+    return bus.nc.is_connected
+
+
+async def _runs_completed(hive: Hive, store: Schedules, schedule_id: str, at_least: int) -> list[str] | None:
+    try:
+        runs = (await store.get(schedule_id)).runs
+        done = [run.task_id for run in runs if (await hive.get(run.task_id)).status == "completed"]
+    except BusUnavailable:
+        return None  # the server is on its way back
+    return done if len(done) >= at_least else None
+
+
+@pytest.mark.slow
+async def test_a_schedule_keeps_firing_across_a_nats_server_restart(own_server: NatsServer) -> None:
+    settings = make_settings(own_server.url)
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        store = await Schedules.open(bus)
+        request = ScheduleRequest(every="1s", task=TaskRequest(provider="echo", prompt="sigue"))
+        schedule = await store.create(request)
+        async with running_worker(bus, "echo", EchoProvider()), anyio.create_task_group() as tg:
+            await tg.start(Timers(bus, hive).run)
+            before = await eventually(lambda: _runs_completed(hive, store, schedule.id, 1), 10, "a first run")
+            own_server.stop()
+            own_server.start()  # same port, same store: the schedule is in it
+            await eventually(lambda: _connected(bus), 15, "the client to reconnect")
+            after = await eventually(
+                lambda: _runs_completed(hive, store, schedule.id, len(before) + 2),
+                20,
+                "runs after the restart",
+            )
+            tg.cancel_scope.cancel()
+        assert len(set(after)) == len(after)
+        await hive.close()

@@ -53,6 +53,7 @@ from .files_api import FILE_ROUTES, on_file_not_found
 from .limits import ConnectionLimits, HttpChoice, ensure_file_limit, http_parser, limited_protocol
 from .metrics import BusMetrics
 from .openai_chat import CHAT_ROUTES, DEFAULT_CHAT_WAIT_S, Catalog
+from .schedules_api import SCHEDULE_ROUTES
 from .webhooks import WebhookConfigError, Webhooks, WebhookSettings
 from .webhooks.api import ROUTES as WEBHOOK_ROUTES
 
@@ -177,6 +178,7 @@ def create_app(
             *DLQ_ROUTES,
             *FILE_ROUTES,
             *BATCH_ROUTES,
+            *SCHEDULE_ROUTES,
             *CHAT_ROUTES,
             *WEBHOOK_ROUTES,
             *(METRICS_ROUTES if metrics is not None else []),
@@ -251,7 +253,7 @@ class Gateway:
         self._hive = hive
         self.metrics = BusMetrics(hive.bus)
         self.router = Router(hive.bus)
-        self.timers = Timers(hive.bus)  # deadlines that fired in the server
+        self.timers = Timers(hive.bus, hive)  # deadlines, starts and recurring schedules fired in the server
         # drives every batch of the bus (OpenAI's Batch API), beside any other gateway's
         self.batches = BatchRunner(hive, Catalog(hive, options.routes))
         settings = hive.bus.settings
