@@ -1105,3 +1105,8 @@ def keys(clear: tuple[str, str] | None, settings: Settings) -> None:
 from ._cli_batch import batch as _batch_commands  # noqa: E402
 
 cli.add_command(_batch_commands)
+
+# ``hive schedule`` likewise
+from ._cli_schedule import schedule as _schedule_commands  # noqa: E402
+
+cli.add_command(_schedule_commands)

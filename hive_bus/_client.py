@@ -59,6 +59,7 @@ from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
 from ._publish import Extra, JetStreamPublisher, PubAck, Publish, stored
 from ._route import CheapestRouter
+from ._schedules import Schedule, ScheduleRequest, Schedules
 from ._settings import Settings, load_settings
 from ._size import header_bytes
 from ._stats import ProviderStats, provider_stats
@@ -134,6 +135,7 @@ class Hive:
         self._bus = bus
         self._router: CheapestRouter | None = None
         self._timers_ready = False  # the timers' stream checked (on the first task with a deadline)
+        self._schedule_records: Schedules | None = None  # opened on first use
         self._names = bus.names  # built once: it is on every submission's path
         self._publisher: JetStreamPublisher | None = None
         self._submitted = SubmissionCounts(bus)
@@ -539,6 +541,52 @@ class Hive:
             for task_id, seq in found.items():
                 tg.start_soon(one, task_id, seq)
         return sorted(views, key=lambda v: v.id)
+
+    # recurring schedules (a gateway on the bus turns their firings into tasks) ---------------------
+
+    async def create_schedule(
+        self,
+        task: TaskRequest | dict[str, Any],
+        *,
+        cron: str | None = None,
+        time_zone: str | None = None,
+        every_s: float | None = None,
+        every: str | None = None,
+        name: str = "",
+    ) -> Schedule:
+        """A recurring schedule of ``task`` (a template: each firing submits it with
+        ``metadata["schedule_id"]``): ``cron`` (five fields, or six with seconds first) in ``time_zone``,
+        or an interval, ``every_s`` or ``every`` (``"90s"``, ``"15m"``, ``"1h"``, ``"1d"``). Raises
+        :class:`hive_bus.BadSchedule` naming the field that is wrong."""
+        request = ScheduleRequest(
+            task=validate(task), cron=cron, time_zone=time_zone, every_s=every_s, every=every, name=name
+        )
+        return await (await self._schedule_store()).create(request)
+
+    async def schedules(self) -> list[Schedule]:
+        """Every recurring schedule, oldest first."""
+        return await (await self._schedule_store()).listed()
+
+    async def schedule(self, schedule_id: str) -> Schedule:
+        """One schedule, with its next firing and recent runs. Raises :class:`hive_bus.ScheduleNotFound`."""
+        return await (await self._schedule_store()).get(schedule_id)
+
+    async def pause_schedule(self, schedule_id: str) -> Schedule:
+        """Stop a schedule's firings (its timer is removed from the server; its record stays)."""
+        return await (await self._schedule_store()).pause(schedule_id)
+
+    async def resume_schedule(self, schedule_id: str) -> Schedule:
+        """Fire a paused schedule again."""
+        return await (await self._schedule_store()).resume(schedule_id)
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        """Remove a schedule (the tasks it submitted stay)."""
+        await (await self._schedule_store()).delete(schedule_id)
+
+    async def _schedule_store(self) -> Schedules:
+        if self._schedule_records is None:
+            self._schedule_records = await Schedules.open(self._bus)
+        return self._schedule_records
 
     # batches (OpenAI's Batch API; a gateway on the bus runs them) ---------------------------------
 

@@ -5,18 +5,19 @@ Real nats-server, workers and the gateway's reader in this process."""
 from __future__ import annotations
 
 import datetime
+import json
 
 import anyio
 import httpx
 import nats.js.errors
 import pytest
 
-from hive_bus import BusUnavailable, Completed, FunctionProvider, Hive, TaskRequest
+from hive_bus import BusUnavailable, Completed, FunctionProvider, Hive
 from hive_bus._bus import open_bus
 from hive_bus._embedded import NatsServer
 from hive_bus._expiry import Timers
 from hive_bus._messages import Failed, Queued, encoder, now_ms
-from hive_bus._schedules import ScheduleRequest, Schedules
+from hive_bus._schedules import Schedules
 from hive_bus._timers import DeadlineTimer
 from hive_bus.bus import Bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
@@ -165,7 +166,7 @@ async def test_a_scheduled_task_cancelled_never_runs(bus: Bus, hive: Hive) -> No
     assert (await hive.get(dropped)).status == "cancelled"
 
 
-async def test_hive_submit_not_before_on_the_command_line(bus: Bus, hive: Hive) -> None:
+async def test_hive_submit_not_before_and_hive_schedule_on_the_command_line(bus: Bus, hive: Hive) -> None:
     env = {
         "HIVE_NATS_URL": bus.settings.nats_url, "HIVE_PREFIX": bus.names.prefix,
         "HIVE_HEARTBEAT_INTERVAL_S": "0.5", "HIVE_HEARTBEAT_TTL_S": "1.5",
@@ -175,6 +176,16 @@ async def test_hive_submit_not_before_on_the_command_line(bus: Bus, hive: Hive) 
     assert (await hive.get(done.stdout.strip())).status == "scheduled"
     bad = hive_cli(["submit", "later", "mañana", "--not-before", "mañana"], env=env)
     assert bad.returncode != 0 and "not_before" in bad.stderr
+
+    made = hive_cli(["schedule", "add", "later", "cada hora", "--every", "1h", "--name", "horaria"], env=env)
+    assert made.returncode == 0, made.stderr
+    schedule_id = json.loads(made.stdout)["id"]
+    paused = hive_cli(["schedule", "pause", schedule_id], env=env)
+    assert paused.returncode == 0 and "paused" in paused.stdout
+    listed = hive_cli(["schedule", "list"], env=env)
+    assert listed.stdout.startswith(f"{schedule_id} 'horaria' @every 3600s -> later: paused"), listed.stdout
+    wrong = hive_cli(["schedule", "add", "later", "x", "--cron", "0 61 * * *"], env=env)
+    assert wrong.returncode == 1 and "cron" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
 async def test_a_recurring_schedule_fires_tasks_that_complete_and_pause_stops_it(
@@ -275,8 +286,7 @@ async def test_a_schedule_keeps_firing_across_a_nats_server_restart(own_server: 
     async with open_bus(settings) as bus:
         hive = Hive(bus)
         store = await Schedules.open(bus)
-        request = ScheduleRequest(every="1s", task=TaskRequest(provider="echo", prompt="sigue"))
-        schedule = await store.create(request)
+        schedule = await hive.create_schedule({"provider": "echo", "prompt": "sigue"}, every="1s")
         async with running_worker(bus, "echo", EchoProvider()), anyio.create_task_group() as tg:
             await tg.start(Timers(bus, hive).run)
             before = await eventually(lambda: _runs_completed(hive, store, schedule.id, 1), 10, "a first run")
