@@ -26,6 +26,7 @@ from hive_bus.workers.echo import EchoProvider
 from . import handlers
 from .conftest import make_settings
 from .helpers import events_of, eventually, hive_cli, running_worker
+from .test_hub_cluster import cluster, open_bus_when_ready, settings_for  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.anyio
 
@@ -43,7 +44,8 @@ async def test_a_deadline_ends_a_task_that_no_worker_ever_fetched(bus: Bus, hive
     view = await hive.get(task_id)
     assert (view.status, view.reason) == ("failed", "expired")
     assert "deadline" in (view.error or "")
-    [letter] = await hive.dead_letters(provider="nobody")
+    # the dead letter follows the failed event that ended the task
+    [letter] = await eventually(lambda: hive.dead_letters(provider="nobody"), 5, "its dead letter")
     assert letter.failed.reason == "expired" and letter.failed.task is not None
     assert [type(e) for e in await events_of(bus, task_id)] == [Queued, Failed]
 
@@ -81,7 +83,7 @@ async def test_a_running_call_past_its_deadline_is_abandoned(bus: Bus, hive: Hiv
         anyio.create_task_group() as tg,
     ):
         await tg.start(Timers(bus).run)
-        task_id = await hive.submit("slow", "no termina nunca", deadline_s=1.5)
+        task_id = await hive.submit("slow", "no termina nunca", deadline_s=1)
         await eventually(lambda: _failed(hive, task_id), 10, "the deadline to end the running task")
         await eventually(lambda: _abandoned(task_id), 10, "the worker to abandon the call")
         tg.cancel_scope.cancel()
@@ -113,7 +115,8 @@ async def test_a_forged_or_early_expiry_is_refused(bus: Bus, hive: Hive) -> None
         await eventually(lambda: _failed(hive, due), 8, "the real deadline")
         tg.cancel_scope.cancel()
     assert (await hive.get(task_id)).status == "queued"
-    [letter] = await hive.dead_letters(provider="nobody")
+    # the dead letter follows the failed event that ended the task
+    [letter] = await eventually(lambda: hive.dead_letters(provider="nobody"), 5, "its dead letter")
     assert letter.failed.task_id == due
 
 
@@ -301,3 +304,44 @@ async def test_a_schedule_keeps_firing_across_a_nats_server_restart(own_server: 
             tg.cancel_scope.cancel()
         assert len(set(after)) == len(after)
         await hive.close()
+
+
+@pytest.mark.slow
+async def test_a_schedule_fires_once_per_time_on_a_three_node_cluster(request: pytest.FixtureRequest) -> None:
+    """Every stream at three replicas, two gateways' timer readers on connections of their own: each
+    firing is stored once and becomes one task."""
+    hub, servers = request.getfixturevalue("cluster")  # test_hub_cluster's three nodes
+    settings = settings_for(hub, servers)
+    async with (
+        open_bus_when_ready(settings, "one") as one,
+        open_bus_when_ready(settings, "two") as two,
+        running_worker(one, "echo", EchoProvider()),
+        anyio.create_task_group() as tg,
+    ):
+        hive_one, hive_two = Hive(one), Hive(two)
+        info = await one.js.stream_info(one.names.events_stream)
+        assert info.config.num_replicas == 3
+        schedule = await hive_one.create_schedule({"provider": "echo", "prompt": "una vez"}, every="1s")
+        await tg.start(Timers(one, hive_one).run)
+        await tg.start(Timers(two, hive_two).run)
+        store = await Schedules.open(one)
+        await eventually(lambda: _runs_completed(hive_one, store, schedule.id, 2), 30, "two runs")
+        await hive_one.pause_schedule(schedule.id)
+        names = one.names
+        fired = names.fired_subject("recurring", schedule.id)
+
+        async def all_read() -> int | None:
+            state = (await one.js.stream_info(names.schedules_stream, subjects_filter=fired)).state
+            stored = sum((state.subjects or {}).values())
+            record = await store.get(schedule.id)
+            return stored if record.fired == stored else None
+
+        firings = await eventually(all_read, 20, "every firing to be read")
+        queued = names.event_subject("echo", "*", "queued")
+        state = (await one.js.stream_info(names.events_stream, subjects_filter=queued)).state
+        assert sum((state.subjects or {}).values()) == firings  # one task per firing, however many readers
+        runs = (await store.get(schedule.id)).runs
+        assert len({run.task_id for run in runs}) == len(runs) == firings
+        tg.cancel_scope.cancel()
+        await hive_one.close()
+        await hive_two.close()
