@@ -22,6 +22,7 @@ import nats.aio.msg
 import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
+from prometheus_client import CollectorRegistry, Counter
 
 from . import _assigned, _dlq
 from ._bus import Bus
@@ -41,11 +42,17 @@ FETCH_WAIT_S = 2.0
 class Timers:
     """The gateway's reader of fired timers: ``await tg.start(timers.run)``."""
 
-    def __init__(self, bus: Bus, hive: Hive | None = None) -> None:
+    def __init__(self, bus: Bus, hive: Hive | None = None, registry: CollectorRegistry | None = None) -> None:
         self._bus = bus
         self._hive = hive  # submits the tasks of recurring schedules; without it, they wait for a gateway
         self._schedules: Schedules | None = None
-        self.firings = 0  # recurring firings turned into tasks by this reader
+        # counted where the firing is read (each is read by one gateway): Prometheus sums the gateways
+        self._firings = Counter(
+            "hive_schedule_firings",
+            "Firings of recurring schedules turned into tasks by this gateway, by schedule id",
+            ["schedule"],
+            registry=registry or CollectorRegistry(),
+        )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         bus, names = self._bus, self._bus.names
@@ -126,7 +133,7 @@ class Timers:
             raise outcome
         next_at = (msg.headers or {}).get(Header.SCHEDULE_NEXT.value)
         await self._schedules.fired(schedule.id, task_id, fired_ms, next_at)
-        self.firings += 1
+        self._firings.labels(schedule.id).inc()
         log.info("schedule %s fired: task %s", schedule.id, task_id)
         return None
 

@@ -235,6 +235,8 @@ async def test_a_recurring_schedule_fires_tasks_that_complete_and_pause_stops_it
             return bool((await http.get(f"/v1/schedules/{schedule_id}")).json()["fired"] > fired + 1)
 
         await eventually(fired_again, 10, "the resumed schedule to fire")
+        metrics = (await http.get("/metrics")).text
+        assert f'hive_schedule_firings_total{{schedule="{schedule_id}"}}' in metrics
         listed = (await http.get("/v1/schedules")).json()["schedules"]
         assert [s["id"] for s in listed] == [schedule_id]
         assert (await http.delete(f"/v1/schedules/{schedule_id}")).status_code == 200

@@ -253,7 +253,8 @@ class Gateway:
         self._hive = hive
         self.metrics = BusMetrics(hive.bus)
         self.router = Router(hive.bus)
-        self.timers = Timers(hive.bus, hive)  # deadlines, starts and recurring schedules fired in the server
+        # deadlines, starts and recurring schedules fired in the server
+        self.timers = Timers(hive.bus, hive, self.metrics.registry)
         # drives every batch of the bus (OpenAI's Batch API), beside any other gateway's
         self.batches = BatchRunner(hive, Catalog(hive, options.routes))
         settings = hive.bus.settings
