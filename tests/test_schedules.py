@@ -158,15 +158,19 @@ async def test_a_scheduled_task_cancelled_never_runs(bus: Bus, hive: Hive) -> No
         return "ran"
 
     dropped = await hive.submit("later", "no hace falta", not_before=_in(1))
+    # a deadline counts from submission: this one ends before its time comes
+    expired = await hive.submit("later", "demasiado tarde", not_before=_in(1.2), deadline_s=0.5)
     kept = await hive.submit("later", "este sí", not_before=_in(1.5))
     assert (await hive.get(dropped)).status == "scheduled"
     assert (await hive.cancel(dropped)).status == "cancelled"
     async with running_worker(bus, "later", FunctionProvider(record)), anyio.create_task_group() as tg:
         await tg.start(Timers(bus).run)
-        assert (await hive.wait(kept, 10)).status == "completed"  # its timer fired after the other's
+        assert (await hive.wait(kept, 10)).status == "completed"  # its timer fired after the others'
         tg.cancel_scope.cancel()
     assert calls == [kept]
     assert (await hive.get(dropped)).status == "cancelled"
+    view = await hive.get(expired)
+    assert (view.status, view.reason) == ("failed", "expired")
 
 
 async def test_hive_submit_not_before_and_hive_schedule_on_the_command_line(bus: Bus, hive: Hive) -> None:
