@@ -54,6 +54,7 @@ from ._messages import (
 )
 from ._providers import FunctionProvider, Output, Provider, RetryPolicy, retry_policy
 from ._redact import register as register_secret
+from ._schedules import BadSchedule, Schedule, ScheduleNotFound
 from ._settings import Settings, SettingsError, load_settings
 from ._stats import ProviderStats
 from ._streamed import StreamEnded, StreamItem, StreamRestarted, StreamText, StreamWaiting, TaskStream
@@ -64,6 +65,7 @@ __all__ = [
     "Accepted",
     "BadBatch",
     "BadRequest",
+    "BadSchedule",
     "Batch",
     "BatchNotFound",
     "BusConfigError",
@@ -99,6 +101,8 @@ __all__ = [
     "RetryPolicy",
     "Retrying",
     "Running",
+    "Schedule",
+    "ScheduleNotFound",
     "Settings",
     "SettingsError",
     "StreamEnded",

@@ -289,6 +289,8 @@ class StoreAudit:
         if last.seq != o.last_seq:
             return False  # something happened since: the next audit reads it
         task = await self._task_of(o)
+        if task is not None and task.not_before is not None:
+            return False  # scheduled: it waits in the server's timers, not in the queue (hive_bus._timers)
         provider = task.provider if task else o.provider
         event = Failed(
             task_id=task_id, provider=provider, at_ms=now_ms(), attempt=0, worker=None, reason="lost",

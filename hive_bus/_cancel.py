@@ -139,6 +139,7 @@ class CancelWatch:
         self._sub: Subscription | None = None
         self._loaded = anyio.Event()
         self._to_load = 0
+        self._read = 0  # messages read while loading: keys and the deletions of keys alike
 
     def __contains__(self, task_id: str) -> bool:
         return task_id in self._ids
@@ -161,7 +162,7 @@ class CancelWatch:
         )
         info = await bus.js.add_consumer(f"KV_{names.cancels_bucket}", config)
         self._to_load = info.num_pending or 0
-        if self._to_load <= len(self._ids):
+        if self._to_load <= self._read:
             self._loaded.set()
         with anyio.fail_after(bus.settings.request_timeout_s + self._to_load / 10_000):
             await self._loaded.wait()
@@ -171,15 +172,19 @@ class CancelWatch:
             await unsubscribe(self._sub)  # the server drops the consumer once inactive
 
     async def _on_message(self, msg: Msg) -> None:
-        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-            return
         task_id = msg.subject.rpartition(".")[2]
-        fresh = task_id not in self._ids
-        self._ids[task_id] = None
-        if len(self._ids) > self._size:
-            self._ids.popitem(last=False)
+        self._read += 1
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            # a replay of an expired task: its new run is to be run (hive_bus._dlq.replay)
+            self._ids.pop(task_id, None)
+            fresh = False
+        else:
+            fresh = task_id not in self._ids
+            self._ids[task_id] = None
+            if len(self._ids) > self._size:
+                self._ids.popitem(last=False)
         if not self._loaded.is_set():
-            if len(self._ids) >= self._to_load:
+            if self._read >= self._to_load:
                 self._loaded.set()
         elif fresh:
             self._on_cancel(task_id)

@@ -515,6 +515,12 @@ def _json_object(value: str | None, what: str) -> Any:
     "named after it (task.completed, task.failed, task.cancelled; all when none)",
 )
 @click.option(
+    "--not-before",
+    "not_before",
+    metavar="TIME",
+    help="queue the task no earlier than TIME, ISO 8601 with its offset (2026-12-24T09:00:00+01:00)",
+)
+@click.option(
     "--wait",
     "wait_s",
     type=float,
@@ -540,6 +546,7 @@ def submit(
     route: str | None,
     deadline_s: float | None,
     webhook: str | None,
+    not_before: str | None,
     wait_s: float | None,
     ordered: bool,
     settings: Settings,
@@ -560,7 +567,7 @@ def submit(
             raise click.UsageError(f"{flag} cannot apply to every line of --file (each line says its own)")
         defaults: dict[str, Any] = {
             "provider": provider, "model": model, "system": system, "max_attempts": max_attempts,
-            "priority": priority, "route": route, "deadline_s": deadline_s,
+            "priority": priority, "route": route, "deadline_s": deadline_s, "not_before": not_before,
             "fallback": list(fallback) or None,
             "response_format": _response_format(response_format) if response_format is not None else None,
             "payload": _json_object(payload, "--payload"),
@@ -579,7 +586,10 @@ def submit(
     if not provider or not (prompt or messages_file):
         raise click.UsageError("name the PROVIDER and the PROMPT (or give --messages FILE, or --file)")
     messages = _read_messages(messages_file) if messages_file else None
-    policy = {"max_attempts": max_attempts, "priority": priority, "route": route, "deadline_s": deadline_s}
+    policy = {
+        "max_attempts": max_attempts, "priority": priority, "route": route, "deadline_s": deadline_s,
+        "not_before": not_before,
+    }  # fmt: skip
     extra: dict[str, Any] = {k: v for k, v in policy.items() if v is not None}
     if fallback:
         extra["fallback"] = list(fallback)
@@ -1170,3 +1180,8 @@ def keys(clear: tuple[str, str] | None, settings: Settings) -> None:
 from ._cli_batch import batch as _batch_commands  # noqa: E402
 
 cli.add_command(_batch_commands)
+
+# ``hive schedule`` likewise
+from ._cli_schedule import schedule as _schedule_commands  # noqa: E402
+
+cli.add_command(_schedule_commands)

@@ -57,13 +57,15 @@ from ._messages import (
 from ._nats import BUS_ERRORS, following
 from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
-from ._publish import JetStreamPublisher, PubAck, Publish, stored
+from ._publish import Extra, JetStreamPublisher, PubAck, Publish, stored
 from ._route import CheapestRouter
+from ._schedules import Schedule, ScheduleRequest, Schedules
 from ._served import ServedProviders
 from ._settings import Settings, load_settings
 from ._size import header_bytes
 from ._stats import ProviderStats, provider_stats
 from ._streamed import DEFAULT_KEEPALIVE_S, TaskStream, open_stream
+from ._timers import deadline_schedule, ensure_schedules_stream, start_schedule
 from ._waits import Seen, Waits
 
 log = logging.getLogger("hive_bus.client")
@@ -85,6 +87,7 @@ class Accepted:
     duplicate: bool = False
     # why the task may never run: no worker serves its provider now, none did in the last day
     warnings: tuple[str, ...] = ()
+    scheduled: bool = False  # it waits for its not_before (status scheduled)
 
 
 @dataclass(slots=True)
@@ -134,6 +137,8 @@ class Hive:
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
         self._router: CheapestRouter | None = None
+        self._timers_ready = False  # the timers' stream checked (on the first task with a deadline)
+        self._schedule_records: Schedules | None = None  # opened on first use
         self._names = bus.names  # built once: it is on every submission's path
         self._publisher: JetStreamPublisher | None = None
         self._submitted = SubmissionCounts(bus)
@@ -176,7 +181,9 @@ class Hive:
         "json_schema": {"name": ..., "schema": {...}}}``) makes the output a JSON value the worker
         checks. ``policy`` takes the other fields of :class:`TaskRequest`: ``priority``, ``fallback``,
         ``route``, ``max_attempts``, ``backoff_base_s``, ``backoff_cap_s``, ``max_wait_s``,
-        ``deadline_s``, ``cache_ttl_s`` (answer from the response cache when a twin completed within it). Raises :class:`msgspec.ValidationError` naming the field of a request that is
+        ``deadline_s``, ``cache_ttl_s`` (answer from the response cache when a twin completed within it),
+        ``not_before`` (a timezone-aware :class:`datetime.datetime`: the server queues the task then;
+        its status reads ``scheduled`` until). Raises :class:`msgspec.ValidationError` naming the field of a request that is
         not valid (a schema that is not JSON Schema among them).
         """
         fields: dict[str, Any] = {
@@ -237,11 +244,12 @@ class Hive:
         self._check_content(task)
         task = await _blobs.check_in(self._bus, task)
         self._check_messages(task, key)
+        await self._ready_timers([task])
         ack = await self._publish(*self._queued_event(task, key))
         duplicate = bool(ack.duplicate)
         if duplicate:
             task = await self._first_task(ack.seq)
-        [task_ack] = await self._publish_tasks([(task, key)])
+        [task_ack] = await self._publish_tasks([task], [key])
         if isinstance(task_ack, QueueFull):
             await self._record_rejection(task, str(task_ack))
         if isinstance(task_ack, HiveError):
@@ -252,7 +260,7 @@ class Hive:
                 await self._requeued(task)
             else:
                 self._remember(task, ack.seq)
-        return Accepted(task.id, duplicate)
+        return Accepted(task.id, duplicate, scheduled=task.not_before is not None)
 
     async def submit_batch(
         self, requests: Sequence[TaskRequest], *, task_ids: Sequence[str] | None = None
@@ -290,6 +298,7 @@ class Hive:
                 with _naming_task(i):
                     self._check_messages(task, keys[i])
         going_events = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        await self._ready_timers(tasks)
         event_acks: list[PubAck | HiveError | None] = [None] * len(tasks)
         published = await self._publish_all([self._queued_event(tasks[i], keys[i]) for i in going_events])
         for i, ack in zip(going_events, published, strict=True):
@@ -302,7 +311,7 @@ class Hive:
                 except HiveError as exc:
                     outcomes[i] = exc
         going = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        task_acks = await self._publish_tasks([(tasks[i], keys[i]) for i in going])
+        task_acks = await self._publish_tasks([tasks[i] for i in going], [keys[i] for i in going])
         for i, task_ack in zip(going, task_acks, strict=True):
             event_ack = event_acks[i]
             assert isinstance(event_ack, PubAck)
@@ -326,7 +335,12 @@ class Hive:
                             exc,
                         )
                 warning = await self.unserved(tasks[i].provider)
-                outcomes[i] = Accepted(tasks[i].id, event_ack.duplicate, (warning,) if warning else ())
+                outcomes[i] = Accepted(
+                    tasks[i].id,
+                    event_ack.duplicate,
+                    (warning,) if warning else (),
+                    scheduled=tasks[i].not_before is not None,
+                )
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def submit_many(self, requests: Iterable[TaskRequest], *, window: int = SUBMIT_WINDOW) -> list[str]:
@@ -596,6 +610,52 @@ class Hive:
                 tg.start_soon(one, task_id, seq)
         return sorted(views, key=lambda v: v.id)
 
+    # recurring schedules (a gateway on the bus turns their firings into tasks) ---------------------
+
+    async def create_schedule(
+        self,
+        task: TaskRequest | dict[str, Any],
+        *,
+        cron: str | None = None,
+        time_zone: str | None = None,
+        every_s: float | None = None,
+        every: str | None = None,
+        name: str = "",
+    ) -> Schedule:
+        """A recurring schedule of ``task`` (a template: each firing submits it with
+        ``metadata["schedule_id"]``): ``cron`` (five fields, or six with seconds first) in ``time_zone``,
+        or an interval, ``every_s`` or ``every`` (``"90s"``, ``"15m"``, ``"1h"``, ``"1d"``). Raises
+        :class:`hive_bus.BadSchedule` naming the field that is wrong."""
+        request = ScheduleRequest(
+            task=validate(task), cron=cron, time_zone=time_zone, every_s=every_s, every=every, name=name
+        )
+        return await (await self._schedule_store()).create(request)
+
+    async def schedules(self) -> list[Schedule]:
+        """Every recurring schedule, oldest first."""
+        return await (await self._schedule_store()).listed()
+
+    async def schedule(self, schedule_id: str) -> Schedule:
+        """One schedule, with its next firing and recent runs. Raises :class:`hive_bus.ScheduleNotFound`."""
+        return await (await self._schedule_store()).get(schedule_id)
+
+    async def pause_schedule(self, schedule_id: str) -> Schedule:
+        """Stop a schedule's firings (its timer is removed from the server; its record stays)."""
+        return await (await self._schedule_store()).pause(schedule_id)
+
+    async def resume_schedule(self, schedule_id: str) -> Schedule:
+        """Fire a paused schedule again."""
+        return await (await self._schedule_store()).resume(schedule_id)
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        """Remove a schedule (the tasks it submitted stay)."""
+        await (await self._schedule_store()).delete(schedule_id)
+
+    async def _schedule_store(self) -> Schedules:
+        if self._schedule_records is None:
+            self._schedule_records = await Schedules.open(self._bus)
+        return self._schedule_records
+
     # batches (OpenAI's Batch API; a gateway on the bus runs them) ---------------------------------
 
     async def create_batch(
@@ -690,22 +750,39 @@ class Hive:
             names.tasks_stream,
         )
 
-    async def _publish_tasks(self, tasks: Sequence[tuple[Task, str | None]]) -> list[PubAck | HiveError]:
-        """Each task's message with its metadata index entries (:mod:`hive_bus._index`), all in one
-        publish call: each task message's outcome, in order. An entry that was not stored is logged:
-        the task is accepted all the same (a filter by its metadata then misses it)."""
+    async def _publish_tasks(
+        self, tasks: Sequence[Task], keys: Sequence[str | None]
+    ) -> list[PubAck | HiveError]:
+        """What queues ``tasks``, all in one write: each one's task message, or for a task with a
+        ``not_before`` its start timer instead (the server queues it then), with its metadata index
+        entries (:mod:`hive_bus._index`); after them all, the deadline timers of those that have one.
+        Returns each task's outcome, in order. An index entry or a deadline timer that was not stored
+        is logged, and the task is accepted all the same (a filter by its metadata misses it; its
+        workers still check its deadline)."""
+        settings = self._bus.settings
         messages: list[Publish] = []
+        extra: dict[int, dict[str, str]] = {}
         places: list[int] = []
-        for task, key in tasks:
+        for task, key in zip(tasks, keys, strict=True):
             places.append(len(messages))
             message = self._task_message(task, key)
-            messages += [message, *_index.entries(self._names, task.id, task.metadata, message[2])]
+            if (start := start_schedule(settings, task)) is not None:
+                extra[len(messages)] = start[1]
+                messages.append(start[0])
+            else:
+                messages.append(message)
+            messages += _index.entries(self._names, task.id, task.metadata, message[2])
         if len(messages) > len(tasks):
             await self._ensure_index()
-        outcomes = await self._publish_all(messages)
+        for task in tasks:
+            if (timer := deadline_schedule(settings, task)) is not None:
+                extra[len(messages)] = timer[1]
+                messages.append(timer[0])
+        outcomes = await self._publish_all(messages, extra)
+        work = set(places)
         for i, outcome in enumerate(outcomes):
-            if isinstance(outcome, HiveError) and messages[i][3] == self._names.index_stream:
-                log.warning("a metadata index entry was not stored (%s): %s", messages[i][0], outcome)
+            if isinstance(outcome, HiveError) and i not in work:
+                log.warning("not stored, the task is accepted all the same (%s): %s", messages[i][0], outcome)
         return [outcomes[place] for place in places]
 
     async def _ensure_index(self) -> None:
@@ -740,12 +817,21 @@ class Hive:
             raise outcome
         return outcome
 
-    async def _publish_all(self, messages: list[Publish]) -> list[PubAck | HiveError]:
+    async def _ready_timers(self, tasks: Sequence[Task]) -> None:
+        """The timers' stream made or checked, before the first task with a deadline publishes anything."""
+        timed = any(task.deadline_s is not None or task.not_before is not None for task in tasks)
+        if not self._timers_ready and timed:
+            await ensure_schedules_stream(self._bus.js, self._bus.settings)
+            self._timers_ready = True
+
+    async def _publish_all(
+        self, messages: list[Publish], extra: Extra | None = None
+    ) -> list[PubAck | HiveError]:
         """Every message on the wire in one write, then every ack (one deadline for them all): each
-        one's ack, or why it was not stored."""
+        one's ack, or why it was not stored. ``extra``: more headers of some, by index."""
         timeout_s = self._bus.settings.request_timeout_s
         try:
-            outcomes = await (await self._js_publisher()).publish(messages)
+            outcomes = await (await self._js_publisher()).publish(messages, extra)
         except TooLarge as exc:
             return [exc for _ in messages]
         except BUS_ERRORS as exc:

@@ -27,6 +27,7 @@ from ._messages import Failed, Queued, Task, encoder, event_decoder, is_task_id,
 from ._names import is_valid_token
 from ._nats import BUS_ERRORS
 from ._size import js_publish
+from ._timers import deadline_schedule, ensure_schedules_stream
 
 log = logging.getLogger("hive_bus.dlq")
 
@@ -199,6 +200,20 @@ async def replay(bus: Bus, task_id: str) -> Replayed:
             bus.js, bus.nc, names.event_subject(task.provider, task.id, "queued"), encoder.encode(queued),
             headers={"Nats-Msg-Id": f"{task.id}:replay:{task.run}"}, stream=names.events_stream,
         )  # fmt: skip
+        if (timer := deadline_schedule(bus.settings, task)) is not None:  # the new run's own deadline
+            (subject, data, msg_id, stream), schedule = timer
+            await ensure_schedules_stream(bus.js, bus.settings)
+            await js_publish(
+                bus.js,
+                bus.nc,
+                subject,
+                data,
+                headers={"Nats-Msg-Id": msg_id or "", **schedule},
+                stream=stream,
+            )
+        # an expired run told its workers to drop the task: the new run is theirs to run
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            await bus.cancels_kv.delete(names.cancel_key(task.provider, task.id))
         await js_publish(
             bus.js, bus.nc, names.task_subject(task.provider, task.priority), encoder.encode(task),
             headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream,

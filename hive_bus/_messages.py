@@ -8,6 +8,7 @@ fields so that a typo is an error rather than a silently ignored option.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import secrets
@@ -20,7 +21,8 @@ from msgspec import Meta, Struct
 from ._names import PROVIDER_PATTERN
 from ._nesting import Guarded
 
-TaskStatus = Literal["queued", "running", "retrying", "completed", "failed", "cancelled"]
+# scheduled: accepted with a not_before still ahead; the server's timer queues it then (hive_bus._timers)
+TaskStatus = Literal["scheduled", "queued", "running", "retrying", "completed", "failed", "cancelled"]
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 # invalid_output: the provider answered, but not in the task's response_format (an attempt all the same)
 RetryReason = Literal["rate_limit", "budget", "transient", "invalid_output", "shutdown"]
@@ -33,6 +35,8 @@ FailReason = Literal[
     "undecodable",
     "lost",
     "interrupted",
+    # its deadline passed before it ended, found by the server's timer (hive_bus._timers), run or not
+    "expired",
 ]
 Priority = Literal["high", "normal", "low"]
 # in_order: the task's provider, then each fallback in turn, as each runs out of quota;
@@ -65,6 +69,14 @@ Fallback = Annotated[
     ),
 ]
 Seconds = Annotated[float, Meta(gt=0, le=30 * 86400)]
+NotBefore = Annotated[
+    datetime.datetime,
+    Meta(
+        tz=True,
+        description="an RFC 3339 time with its offset (2026-12-24T09:00:00+01:00): the task waits, "
+        "status scheduled, until then",
+    ),
+]
 # What a task's webhook may announce ("task.cancelled" once cancelling lands; accepted already).
 WebhookEvent = Literal["task.completed", "task.failed", "task.cancelled"]
 WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("task.completed", "task.failed", "task.cancelled")
@@ -317,6 +329,9 @@ class _TaskFields(Struct, frozen=True, kw_only=True, omit_defaults=True):
     stream: bool = False
     # Announce the task's end to this URL (signed; see hive_bus.services.webhooks).
     webhook: WebhookSpec | None = None
+    # Queue the task no earlier than this (a server timer, hive_bus._timers); a deadline still counts
+    # from submission. A time already past queues it at once. On the bus, only until it is queued.
+    not_before: NotBefore | None = None
 
     def __post_init__(self) -> None:
         # checked on every decode too (msgspec reports the ValueError as a validation error)
@@ -368,7 +383,14 @@ class Task(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, tag="task
     @classmethod
     def from_request(cls, request: TaskRequest) -> Task:
         fields = msgspec.structs.asdict(request)
-        return cls(id=new_task_id(), submitted_at_ms=now_ms(), seal=new_seal(), **fields)
+        submitted_ms = now_ms()
+        if request.not_before is not None and request.not_before.timestamp() * 1000 <= submitted_ms:
+            fields["not_before"] = None  # its time has come: queued at once
+        return cls(id=new_task_id(), submitted_at_ms=submitted_ms, seal=new_seal(), **fields)
+
+    @property
+    def not_before_ms(self) -> int | None:
+        return None if self.not_before is None else int(self.not_before.timestamp() * 1000)
 
     @property
     def deadline_at_ms(self) -> int | None:
@@ -606,7 +628,8 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
         id_, provider, at_ms = event.task_id, event.provider, event.at_ms
         match event:
             case Queued():
-                return cls(id=id_, provider=provider, updated_at_ms=at_ms, status="queued")
+                status: TaskStatus = "queued" if event.task.not_before is None else "scheduled"
+                return cls(id=id_, provider=provider, updated_at_ms=at_ms, status=status)
             case Running():
                 return cls(
                     id=id_, provider=provider, updated_at_ms=at_ms, status="running",

@@ -55,6 +55,10 @@ class Names:
     task's content or an output too large for a message, its chunks on
     ``$O.<prefix>_blobs.C.<provider>.<task id>.<kind>.<nonce>`` (one provider's under one subject tree,
     so that a worker credential can be limited to its own provider's).
+    ``<PREFIX>_SCHEDULES`` holds the server's timers (JetStream message schedules, hive_bus._timers):
+    each definition on ``<prefix>.schedule.<kind>.<id>`` fires into ``<prefix>.fired.<kind>.<id>``, which
+    the gateways read through the durable consumer ``<prefix>_timers``; no worker credential may
+    publish or read either.
     """
 
     prefix: str = "hive"
@@ -153,6 +157,36 @@ class Names:
     def blob_meta(self, encoded_name: str) -> str:
         """The subject of one object's entry (its name base64url-encoded, as the Object Store does)."""
         return f"$O.{self.blobs_bucket}.M.{encoded_name}"
+
+    @property
+    def schedules_bucket(self) -> str:
+        """The KV bucket of recurring schedules' records (hive_bus._schedules), one key per schedule."""
+        return f"{self.prefix}_schedules"
+
+    @property
+    def schedules_stream(self) -> str:
+        return f"{self.prefix.upper()}_SCHEDULES"
+
+    def schedule_subject(self, kind: str, key: str) -> str:
+        """A timer's definition (one per subject: a new one replaces it)."""
+        return f"{self.prefix}.schedule.{kind}.{key}"
+
+    def fired_subject(self, kind: str, key: str) -> str:
+        """Where the server publishes a timer's firing."""
+        return f"{self.prefix}.fired.{kind}.{key}"
+
+    @property
+    def all_schedules(self) -> str:
+        return f"{self.prefix}.schedule.>"
+
+    @property
+    def all_fired(self) -> str:
+        return f"{self.prefix}.fired.>"
+
+    @property
+    def timers(self) -> str:
+        """The gateways' durable consumer of fired timers."""
+        return f"{self.prefix}_timers"
 
     @property
     def router(self) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import msgspec
 import nats.errors
@@ -75,6 +75,9 @@ class NoStream(Exception):
 
 # One submission publish: subject, data, Nats-Msg-Id (or None) and the one stream that may store it.
 Publish = tuple[str, bytes, str | None, str]
+# Headers of one publish beyond those (a message schedule's ``Nats-Schedule`` and its target), by its
+# index in the call: most publishes have none, and so pay nothing for them.
+Extra = Mapping[int, Mapping[str, str]]
 # What became of it: the ack, the server's refusal, or None when no answer came in time.
 Outcome = PubAck | PublishRefused | NoStream | None
 
@@ -122,10 +125,11 @@ class JetStreamPublisher:
                 acks.done.set_result(None)
         self._waiting.clear()
 
-    async def publish(self, messages: Sequence[Publish]) -> list[Outcome]:
+    async def publish(self, messages: Sequence[Publish], extra: Extra | None = None) -> list[Outcome]:
         """Publish every message now, in order, in one write, and wait (up to the timeout, for all of
-        them together) for their answers: each one's :class:`Outcome`, in order. Raises what nats-py
-        raises when it cannot send, and then nothing was sent."""
+        them together) for their answers: each one's :class:`Outcome`, in order. ``extra``: more
+        headers of some of them, by index. Raises what nats-py raises when it cannot send, and then
+        nothing was sent."""
         if self._sub is None:
             raise RuntimeError("JetStreamPublisher.start() was not called")
         loop = asyncio.get_running_loop()
@@ -136,7 +140,7 @@ class JetStreamPublisher:
             waiting[token] = (acks, i)
         timer = loop.call_later(self._timeout_s, _expire, acks.done)
         try:
-            await self._write(messages, tokens)
+            await self._write(messages, tokens, extra or {})
             await acks.done
         finally:
             timer.cancel()
@@ -144,7 +148,7 @@ class JetStreamPublisher:
                 waiting.pop(token, None)
         return acks.outcomes
 
-    async def _write(self, messages: Sequence[Publish], tokens: list[str]) -> None:
+    async def _write(self, messages: Sequence[Publish], tokens: list[str], extra: Extra) -> None:
         """The messages on the connection, in order. The protocol is written here (``HPUB <subject>
         <reply> <header bytes> <total bytes>``) and handed to the client's write buffer at once, below
         nats-py's public API; a client without that buffer, or one that is not connected (nats-py's own
@@ -153,7 +157,10 @@ class JetStreamPublisher:
         prefix = self._prefix
         writer = raw_writer(nc)
         if writer is None or not nc.is_connected:
-            sends = [(s, d, _headers(m, stream)) for s, d, m, stream in messages]
+            sends = [
+                (s, d, {**_headers(m, stream), **extra.get(i, {})})
+                for i, (s, d, m, stream) in enumerate(messages)
+            ]
             for _, data, headers in sends:  # all checked before any goes: nats-py counts no header
                 check_fits(nc, data, headers)
             for (subject, data, headers), token in zip(sends, tokens, strict=True):
@@ -163,10 +170,12 @@ class JetStreamPublisher:
             raise nats.errors.ConnectionDrainingError
         wire: list[bytes] = []
         out_bytes = 0
-        for (subject, data, msg_id, stream), token in zip(messages, tokens, strict=True):
+        for i, ((subject, data, msg_id, stream), token) in enumerate(zip(messages, tokens, strict=True)):
             hdr = self._header_lines.get(stream) or self._stream_header(stream)
             if msg_id:
                 hdr += f"Nats-Msg-Id: {msg_id.strip().translate(_NEWLINES)}\r\n".encode()
+            for name, value in extra.get(i, {}).items():
+                hdr += f"{name}: {value.strip().translate(_NEWLINES)}\r\n".encode()
             hdr += b"\r\n"
             if len(hdr) + len(data) > nc.max_payload:  # the server counts the headers too
                 raise nats.errors.MaxPayloadError

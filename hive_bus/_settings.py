@@ -54,6 +54,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     events_max_bytes: PositiveInt = 1024**3
     # per provider: each provider's dead letters have a stream of their own (JetStream reserves it)
     dlq_max_bytes: PositiveInt = 64 * 1024**2
+    # The stream of the server's timers (hive_bus._timers): a deadline's one-shot schedule per task that
+    # has one (about 300 bytes), until it fires, and each firing for a week. The server allows no
+    # discard-new here: full, it would drop its oldest timers (a deadline still holds at a worker's fetch).
+    schedules_max_bytes: PositiveInt = 64 * 1024**2
     # The claim check (hive_bus._blobs): a task whose content, or an output, encodes to more than
     # claim_check_bytes goes to the Object Store bucket <prefix>_blobs and its message carries a
     # reference; blob_max_bytes is the largest task content or output the bus takes (a larger task is

@@ -351,3 +351,47 @@ async def test_batches_show_their_progress_and_one_is_cancelled_after_asking(set
             assert await ended.locator("button").count() == 0
             assert asked and asked[0].startswith(f"Cancel batch {batch_id}?")
             assert problems == [] and elsewhere == []
+
+
+async def test_schedules_show_their_runs_and_are_paused_and_deleted_after_asking(settings: Settings) -> None:
+    from hive_bus.workers.echo import EchoProvider
+
+    async with (
+        open_bus(settings) as bus,
+        serving(bus) as url,
+        httpx.AsyncClient(base_url=url) as http,
+        workers(bus, echo=EchoProvider()),
+    ):
+        body = {"every_s": 1, "name": "boletín", "task": {"provider": "echo", "prompt": "cada segundo"}}
+        made = await http.post("/v1/schedules", json=body)
+        assert made.status_code == 201, made.text
+        schedule_id = made.json()["id"]
+        async with chromium() as browser, page_of(browser) as (page, problems):
+            elsewhere = await offline(page, url)
+            await page.goto(url)
+            row = page.locator(f'#schedule-table tr[data-schedule-id="{schedule_id}"][data-paused="false"]')
+            await row.locator("td.runs button").first.wait_for(timeout=WAIT_MS)  # it fired: a run to open
+            assert "@every 1s" in await row.inner_text() and "boletín" in await row.inner_text()
+            await page.screenshot(path=artefact("schedules.png"), full_page=True)
+            await row.locator("td.runs button").first.click()
+            story = page.locator("#task-dialog")
+            await story.locator('#timeline li[data-status="completed"]').wait_for(timeout=WAIT_MS)
+            assert "schedule_id" in await story.locator("#task-facts").inner_text()
+            await page.keyboard.press("Escape")
+
+            await row.locator('button:text("Pause")').click()
+            paused = page.locator(f'#schedule-table tr[data-schedule-id="{schedule_id}"][data-paused="true"]')
+            await paused.wait_for(timeout=WAIT_MS)
+            assert (await http.get(f"/v1/schedules/{schedule_id}")).json()["paused"] is True
+            asked: list[str] = []
+
+            async def answer(dialog: Dialog) -> None:
+                asked.append(dialog.message)
+                await dialog.accept()
+
+            page.on("dialog", answer)
+            await paused.locator('button:text("Delete…")').click()
+            await page.locator("#schedule-table td.empty").wait_for(timeout=WAIT_MS)
+            assert asked and asked[0].startswith("Delete schedule boletín?")
+            assert (await http.get(f"/v1/schedules/{schedule_id}")).status_code == 404
+            assert problems == [] and elsewhere == []

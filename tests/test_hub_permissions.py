@@ -294,6 +294,14 @@ async def _no_index(gw: Client) -> bool:
     return False
 
 
+async def _no_timer(gw: Client) -> bool:
+    try:
+        await gw.js.get_last_msg("HIVE_SCHEDULES", "hive.*.*.01J0FORGED")
+    except nats.js.errors.NotFoundError:  # no such message (or no timers' stream yet)
+        return True
+    return False
+
+
 async def _publish(w: Client, subject: str) -> None:
     await w.nc.publish(subject, b"{}")
     await w.nc.flush()
@@ -360,6 +368,18 @@ FORBIDDEN = {
         "hive.index.customer.",
         lambda w: _publish(w, "hive.index.customer.abc.01J0"),
         lambda gw: _no_index(gw),
+    ),
+    # the server's timers (hive_bus._timers): no worker may fire or delay a deadline, nor start a task
+    "forge a fired deadline": Forbidden(
+        "hive.fired.deadline.", lambda w: _publish(w, "hive.fired.deadline.01J0FORGED"), _no_timer
+    ),
+    "set a timer": Forbidden(
+        "hive.schedule.start.", lambda w: _publish(w, "hive.schedule.start.01J0FORGED"), _no_timer
+    ),
+    "read the timers": Forbidden(
+        "$JS.API.DIRECT.GET.HIVE_SCHEDULES",
+        lambda w: w.js.get_last_msg("HIVE_SCHEDULES", "hive.fired.>", direct=True),
+        _no_timer,
     ),
     "read any stream message": Forbidden(
         "$JS.API.STREAM.MSG.GET.HIVE_EVENTS", lambda w: w.js.get_msg("HIVE_EVENTS", seq=1), _stream_exists
@@ -439,3 +459,14 @@ async def test_without_its_name_a_worker_gets_no_answers(hub: tuple[Hub, NatsSer
         async with open_bus(settings):
             pass
     assert rendered.password("w1") not in str(refused.value)
+
+
+async def test_the_gateway_credential_keeps_recurring_schedules(hub: tuple[Hub, NatsServer]) -> None:
+    """The gateway writes each schedule's record in the bucket hive_schedules (hive_bus._schedules)."""
+    rendered, server = hub
+    async with client(rendered, server, "gateway", "gateway") as gw:
+        kv = await gw.js.create_key_value(
+            KeyValueConfig(bucket="hive_schedules", max_bytes=1024**2, storage=StorageType.FILE)
+        )
+        await kv.put("01J0SCHEDULE", b"{}")
+        assert (await kv.get("01J0SCHEDULE")).value == b"{}"

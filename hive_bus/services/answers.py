@@ -146,7 +146,8 @@ async def submit_one(hive: Hive, request: TaskRequest) -> Answer:
         view = await hive.get(accepted.id)
         content = TaskAccepted(id=accepted.id, status=view.status, duplicate=True, warnings=warnings)
         return Answer(status=200, content=content)
-    return Answer(status=202, content=TaskAccepted(id=accepted.id, status="queued", warnings=warnings))
+    status = "scheduled" if accepted.scheduled else "queued"
+    return Answer(status=202, content=TaskAccepted(id=accepted.id, status=status, warnings=warnings))
 
 
 def batch_size_error(count: int, limit: int) -> Answer | None:
@@ -181,7 +182,11 @@ def batch_answer(outcomes: list[Accepted | HiveError]) -> BatchAccepted:
     items = [
         BatchItem(index=i, error=str(outcome))
         if isinstance(outcome, HiveError)
-        else BatchItem(index=i, id=outcome.id, status="duplicate" if outcome.duplicate else "queued")
+        else BatchItem(
+            index=i,
+            id=outcome.id,
+            status="duplicate" if outcome.duplicate else "scheduled" if outcome.scheduled else "queued",
+        )
         for i, outcome in enumerate(outcomes)
     ]
     rejected = sum(1 for item in items if item.error is not None)

@@ -33,6 +33,7 @@ from hive_bus._audit import StoreAudit
 from hive_bus._bus import ensure_cache_stream
 from hive_bus._dlq import NotReplayable
 from hive_bus._errors import TaskEnded, TooLarge
+from hive_bus._expiry import Timers
 from hive_bus._files import FileNotFound
 from hive_bus._messages import explain
 from hive_bus._nats import BUS_ERRORS
@@ -52,6 +53,7 @@ from .files_api import FILE_ROUTES, on_file_not_found
 from .limits import ConnectionLimits, HttpChoice, ensure_file_limit, http_parser, limited_protocol
 from .metrics import BusMetrics
 from .openai_chat import CHAT_ROUTES, DEFAULT_CHAT_WAIT_S, Catalog
+from .schedules_api import SCHEDULE_ROUTES
 from .webhooks import WebhookConfigError, Webhooks, WebhookSettings
 from .webhooks.api import ROUTES as WEBHOOK_ROUTES
 
@@ -176,6 +178,7 @@ def create_app(
             *DLQ_ROUTES,
             *FILE_ROUTES,
             *BATCH_ROUTES,
+            *SCHEDULE_ROUTES,
             *CHAT_ROUTES,
             *WEBHOOK_ROUTES,
             *(METRICS_ROUTES if metrics is not None else []),
@@ -250,6 +253,8 @@ class Gateway:
         self._hive = hive
         self.metrics = BusMetrics(hive.bus)
         self.router = Router(hive.bus)
+        # deadlines, starts and recurring schedules fired in the server
+        self.timers = Timers(hive.bus, hive, self.metrics.registry)
         # drives every batch of the bus (OpenAI's Batch API), beside any other gateway's
         self.batches = BatchRunner(hive, Catalog(hive, options.routes))
         settings = hive.bus.settings
@@ -305,6 +310,7 @@ class Gateway:
                 log.warning("providers served lately cannot be followed: %s", exc)
             await tg.start(self.metrics.run)
             await tg.start(self.router.run)
+            await tg.start(self.timers.run)
             await tg.start(self.audit.run)
             if self.webhooks is not None:
                 await tg.start(self.webhooks.run)

@@ -240,7 +240,7 @@ class BusMetrics:
         )
         self._failed = Counter(
             "hive_tasks_failed",
-            "Tasks that failed for good (permanent, out_of_attempts, invalid_output, deadline, rejected, "
+            "Tasks that failed for good (permanent, out_of_attempts, invalid_output, deadline, expired, rejected, "
             "undecodable, lost).",
             ["provider", "reason"],
             registry=r,

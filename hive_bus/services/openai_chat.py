@@ -455,6 +455,7 @@ def task_headers(view: TaskView) -> dict[str, str]:
 _FAILURES: dict[str, tuple[int, str]] = {
     "out_of_attempts": (502, "provider_unavailable"),
     "deadline": (504, "deadline_exceeded"),
+    "expired": (504, "deadline_exceeded"),
     "rejected": (503, "queue_full"),
     "lost": (502, "task_lost"),
     "undecodable": (502, "task_undecodable"),

@@ -16,7 +16,7 @@ const BATCH_ENDS = ["completed", "failed", "expired", "cancelled"];
 const RATE_WINDOW_MS = 60_000;
 const MAX_TASK_ROWS = 200;
 const DETAIL_CHARS = 240;
-const RANK = { queued: 0, running: 1, retrying: 1, completed: 2, failed: 2 };
+const RANK = { scheduled: 0, queued: 0, running: 1, retrying: 1, completed: 2, failed: 2 };
 
 const $ = (id) => document.getElementById(id);
 const numbers = new Intl.NumberFormat();
@@ -236,7 +236,7 @@ function detailOf(record) {
       ? typeof record.output === "string"
         ? record.output
         : JSON.stringify(record.output)
-      : record.status === "queued"
+      : record.status === "queued" || record.status === "scheduled"
         ? record.prompt
         : record.error
           ? `${record.reason || "error"}: ${record.error}`
@@ -257,7 +257,8 @@ function fromEvent(status, event) {
   return {
     id: event.task_id,
     provider: event.provider,
-    status,
+    // a queued event whose task still has a not_before is a submission that waits for its time
+    status: status === "queued" && event.task && event.task.not_before ? "scheduled" : status,
     at: event.at_ms,
     attempt: event.attempt || 0,
     worker: event.worker || "",
@@ -508,6 +509,79 @@ async function cancelBatch(batchId) {
   }
 }
 
+// --- schedules ----------------------------------------------------------------------------------------
+
+const RECENT_RUNS_SHOWN = 5;
+
+function actionButton(text, cls, title, onClick) {
+  const button = el("button", { text, cls, title });
+  button.type = "button";
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+async function loadSchedules(signal) {
+  const list = await api("/v1/schedules", signal);
+  if (list === null) return; // a gateway without schedules
+  const rows = list.schedules.map((schedule) => {
+    const state = schedule.paused ? "paused" : "active";
+    const next = schedule.paused ? "–" : schedule.next_at ? new Date(schedule.next_at).toLocaleString() : "after its first firing";
+    const runs = el("td", { cls: "runs" });
+    for (const run of schedule.runs.slice(-RECENT_RUNS_SHOWN).reverse()) {
+      // each run opens its task's whole story
+      runs.append(actionButton(clock(run.at_ms), "link", `task ${run.task_id}: its whole story`, () => openStory(run.task_id)), " ");
+    }
+    const actions = el(
+      "td",
+      { cls: "actions" },
+      schedule.paused
+        ? actionButton("Resume", "secondary", "fire it again", () => changeSchedule(schedule.id, "resume"))
+        : actionButton("Pause", "secondary", "no firing until resumed", () => changeSchedule(schedule.id, "pause")),
+      " ",
+      actionButton("Delete…", "danger", "remove it (its tasks stay)", () => deleteSchedule(schedule.id, schedule.name)),
+    );
+    const zone = schedule.time_zone ? ` (${schedule.time_zone})` : "";
+    return el(
+      "tr",
+      { data: { scheduleId: schedule.id, paused: schedule.paused } },
+      el("td", { text: schedule.name || schedule.id, title: `${schedule.id} -> ${schedule.task.provider}` }),
+      el("td", { text: `${schedule.rule}${zone}`, cls: "mono" }),
+      el("td", {}, el("span", { text: state, cls: "status", data: { status: state } })),
+      td(next),
+      td(int(schedule.fired), "num"),
+      runs,
+      actions,
+    );
+  });
+  fill("schedule-table", rows, 7, "no schedule yet: POST /v1/schedules, or hive schedule add PROVIDER PROMPT --every 1h");
+  $("schedule-count").textContent = list.schedules.length ? `(${list.schedules.length})` : "";
+}
+
+async function changeSchedule(scheduleId, action) {
+  const message = $("schedule-message");
+  try {
+    await api(`/v1/schedules/${encodeURIComponent(scheduleId)}/${action}`, session?.signal, "POST");
+    message.textContent = `${scheduleId}: ${action === "pause" ? "paused" : "resumed"}`;
+    await loadSchedules(session?.signal);
+  } catch (error) {
+    if (error instanceof Unauthorized) return askForToken();
+    message.textContent = `${action} of ${scheduleId} failed: ${error.message}`;
+  }
+}
+
+async function deleteSchedule(scheduleId, name) {
+  if (!confirm(`Delete schedule ${name || scheduleId}? It will not fire again; the tasks it submitted stay.`)) return;
+  const message = $("schedule-message");
+  try {
+    await api(`/v1/schedules/${encodeURIComponent(scheduleId)}`, session?.signal, "DELETE");
+    message.textContent = `${scheduleId}: deleted`;
+    await loadSchedules(session?.signal);
+  } catch (error) {
+    if (error instanceof Unauthorized) return askForToken();
+    message.textContent = `Delete of ${scheduleId} failed: ${error.message}`;
+  }
+}
+
 // --- dead letters ----------------------------------------------------------------------------------
 
 let shownDeadLetters = -1;
@@ -639,7 +713,9 @@ function timelineItem(status, e) {
   let what;
   switch (status) {
     case "queued":
-      what = e.task && e.task.run ? `queued again on ${e.provider} (replay, run ${e.task.run})` : `queued on ${e.provider}`;
+      what = e.task && e.task.not_before
+        ? `scheduled on ${e.provider} for ${e.task.not_before}`
+        : e.task && e.task.run ? `queued again on ${e.provider} (replay, run ${e.task.run})` : `queued on ${e.provider}`;
       break;
     case "running":
       what = `attempt ${e.attempt} running on ${e.worker}`;
@@ -808,6 +884,7 @@ async function poll(signal) {
       else if (round % HISTORY_EVERY === 0) await updateHistory(signal);
       if (round % DLQ_EVERY === 0 || dead !== shownDeadLetters) await loadDeadLetters(signal, dead);
       if (round % BATCHES_EVERY === 0) await loadBatches(signal);
+      if (round % BATCHES_EVERY === 0) await loadSchedules(signal);
       $("updated").textContent = `updated ${clock(Date.now())}`;
       if (document.body.dataset.feed === "live") status("live", "live");
     } catch (error) {

@@ -1,0 +1,353 @@
+"""Time kept by the server (issue 16, points 2 and 4): a task's deadline holds with no worker at all,
+through a JetStream message schedule that the gateway's timer reader turns into an ``expired`` failure.
+Real nats-server, workers and the gateway's reader in this process."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import anyio
+import httpx
+import nats.js.errors
+import pytest
+
+from hive_bus import BusUnavailable, Completed, FunctionProvider, Hive
+from hive_bus._bus import open_bus
+from hive_bus._embedded import NatsServer
+from hive_bus._expiry import Timers
+from hive_bus._messages import Failed, Queued, encoder, now_ms
+from hive_bus._schedules import Schedules
+from hive_bus._timers import DeadlineTimer
+from hive_bus.bus import Bus
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
+
+from . import handlers
+from .conftest import make_settings
+from .helpers import events_of, eventually, hive_cli, running_worker
+from .test_hub_cluster import cluster, open_bus_when_ready, settings_for  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.anyio
+
+
+async def _failed(hive: Hive, task_id: str) -> bool:
+    return (await hive.get(task_id)).status == "failed"
+
+
+async def test_a_deadline_ends_a_task_that_no_worker_ever_fetched(bus: Bus, hive: Hive) -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(Timers(bus).run)
+        task_id = await hive.submit("nobody", "a tiempo o nunca", deadline_s=1)
+        await eventually(lambda: _failed(hive, task_id), 8, "the deadline to end the task")
+        tg.cancel_scope.cancel()
+    view = await hive.get(task_id)
+    assert (view.status, view.reason) == ("failed", "expired")
+    assert "deadline" in (view.error or "")
+    # the dead letter follows the failed event that ended the task
+    [letter] = await eventually(lambda: hive.dead_letters(provider="nobody"), 5, "its dead letter")
+    assert letter.failed.reason == "expired" and letter.failed.task is not None
+    assert [type(e) for e in await events_of(bus, task_id)] == [Queued, Failed]
+
+
+async def test_a_deadline_that_fired_while_no_gateway_ran_is_kept(bus: Bus, hive: Hive) -> None:
+    """The timer lives in the server: a gateway that starts only after the deadline still ends the
+    task; a worker that starts after that drops the task without a call."""
+    calls: list[str] = []
+
+    async def record(task: object) -> str:
+        calls.append(getattr(task, "id", ""))
+        return "ran"
+
+    task_id = await hive.submit("late", "llegué tarde", deadline_s=1)
+    kept = await hive.submit("late", "sin prisa")
+    await anyio.sleep(1.5)  # past the deadline, with nothing running but the server
+    assert (await hive.get(task_id)).status == "queued"
+    async with anyio.create_task_group() as tg:
+        await tg.start(Timers(bus).run)
+        await eventually(lambda: _failed(hive, task_id), 8, "the fired deadline to be read")
+        tg.cancel_scope.cancel()
+    assert (await hive.get(task_id)).reason == "expired"
+    async with running_worker(bus, "late", FunctionProvider(record)):
+        assert (await hive.wait(kept, 10)).status == "completed"
+        assert calls == [kept]
+        # replayed from the dead letters, its new run is the workers' to run again
+        await hive.replay(task_id)
+        assert (await hive.wait(task_id, 10)).status == "completed"
+    assert calls == [kept, task_id]
+
+
+async def test_a_running_call_past_its_deadline_is_abandoned(bus: Bus, hive: Hive) -> None:
+    async with (
+        running_worker(bus, "slow", FunctionProvider(handlers.until_cancelled), concurrency=1),
+        anyio.create_task_group() as tg,
+    ):
+        await tg.start(Timers(bus).run)
+        task_id = await hive.submit("slow", "no termina nunca", deadline_s=1)
+        await eventually(lambda: _failed(hive, task_id), 10, "the deadline to end the running task")
+        await eventually(lambda: _abandoned(task_id), 10, "the worker to abandon the call")
+        tg.cancel_scope.cancel()
+    assert (await hive.get(task_id)).reason == "expired"
+
+
+async def _abandoned(task_id: str) -> bool:
+    return task_id in handlers.ABANDONED
+
+
+async def test_a_forged_or_early_expiry_is_refused(bus: Bus, hive: Hive) -> None:
+    """A fired deadline counts only as the bus records the task: an unknown task, or one whose
+    deadline is still ahead, is left as it is."""
+    names = bus.names
+    task_id = await hive.submit("nobody", "todavía no", deadline_s=600)
+    await bus.js.publish(
+        names.fired_subject("deadline", task_id),
+        encoder.encode(DeadlineTimer(task_id=task_id, run=0, at_ms=now_ms())),
+    )
+    unknown = "0" * 26
+    await bus.js.publish(
+        names.fired_subject("deadline", unknown),
+        encoder.encode(DeadlineTimer(task_id=unknown, run=0, at_ms=now_ms())),
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(Timers(bus).run)
+        # a real deadline fires after both forgeries were read: the reader takes them in order
+        due = await hive.submit("nobody", "ahora sí", deadline_s=1)
+        await eventually(lambda: _failed(hive, due), 8, "the real deadline")
+        tg.cancel_scope.cancel()
+    assert (await hive.get(task_id)).status == "queued"
+    # the dead letter follows the failed event that ended the task
+    [letter] = await eventually(lambda: hive.dead_letters(provider="nobody"), 5, "its dead letter")
+    assert letter.failed.task_id == due
+
+
+def _in(seconds: float) -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+
+
+async def test_not_before_over_http_is_scheduled_then_queued_by_the_server(bus: Bus, hive: Hive) -> None:
+    gateway = Gateway(hive, GatewayOptions(port=0))
+    async with (
+        anyio.create_task_group() as tg,
+        httpx.AsyncClient(base_url=gateway.url, timeout=10) as http,
+    ):
+        await tg.start(gateway.serve)
+        at = _in(1.5)
+        body = {"provider": "echo", "prompt": "a las nueve", "not_before": at.isoformat(), "deadline_s": 60}
+        r = await http.post("/v1/tasks", json=body)
+        assert (r.status_code, r.json()["status"]) == (202, "scheduled")
+        task_id = r.json()["id"]
+        assert (await http.get(f"/v1/tasks/{task_id}")).json()["status"] == "scheduled"
+        naive = await http.post("/v1/tasks", json={**body, "not_before": "2030-01-01T09:00:00"})
+        assert naive.status_code == 400 and "not_before" in naive.text and "timezone" in naive.text
+        async with running_worker(bus, "echo", EchoProvider()):
+            done = (await http.get(f"/v1/tasks/{task_id}", params={"wait": 10})).json()
+        assert done["status"] == "completed"
+        gateway.stop()
+    events = await events_of(bus, task_id)
+    [completed] = [e for e in events if isinstance(e, Completed)]
+    assert completed.started_at_ms >= int(at.timestamp() * 1000)  # not run before its time
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[:2] == ["Queued", "Queued"] and kinds[-1] == "Completed"  # scheduled, queued, ran
+
+
+async def test_a_scheduled_task_cancelled_never_runs(bus: Bus, hive: Hive) -> None:
+    calls: list[str] = []
+
+    async def record(task: object) -> str:
+        calls.append(getattr(task, "id", ""))
+        return "ran"
+
+    dropped = await hive.submit("later", "no hace falta", not_before=_in(1))
+    # a deadline counts from submission: this one ends before its time comes
+    expired = await hive.submit("later", "demasiado tarde", not_before=_in(1.2), deadline_s=0.5)
+    kept = await hive.submit("later", "este sí", not_before=_in(1.5))
+    assert (await hive.get(dropped)).status == "scheduled"
+    assert (await hive.cancel(dropped)).status == "cancelled"
+    async with running_worker(bus, "later", FunctionProvider(record)), anyio.create_task_group() as tg:
+        await tg.start(Timers(bus).run)
+        assert (await hive.wait(kept, 10)).status == "completed"  # its timer fired after the others'
+        tg.cancel_scope.cancel()
+    assert calls == [kept]
+    assert (await hive.get(dropped)).status == "cancelled"
+    view = await hive.get(expired)
+    assert (view.status, view.reason) == ("failed", "expired")
+
+
+async def test_hive_submit_not_before_and_hive_schedule_on_the_command_line(bus: Bus, hive: Hive) -> None:
+    env = {
+        "HIVE_NATS_URL": bus.settings.nats_url, "HIVE_PREFIX": bus.names.prefix,
+        "HIVE_HEARTBEAT_INTERVAL_S": "0.5", "HIVE_HEARTBEAT_TTL_S": "1.5",
+    }  # fmt: skip
+    done = hive_cli(["submit", "later", "mañana", "--not-before", _in(3600).isoformat()], env=env)
+    assert done.returncode == 0, done.stderr
+    assert (await hive.get(done.stdout.strip())).status == "scheduled"
+    bad = hive_cli(["submit", "later", "mañana", "--not-before", "mañana"], env=env)
+    assert bad.returncode != 0 and "not_before" in bad.stderr
+
+    made = hive_cli(["schedule", "add", "later", "cada hora", "--every", "1h", "--name", "horaria"], env=env)
+    assert made.returncode == 0, made.stderr
+    schedule_id = json.loads(made.stdout)["id"]
+    paused = hive_cli(["schedule", "pause", schedule_id], env=env)
+    assert paused.returncode == 0 and "paused" in paused.stdout
+    listed = hive_cli(["schedule", "list"], env=env)
+    assert listed.stdout.startswith(f"{schedule_id} 'horaria' @every 3600s -> later: paused"), listed.stdout
+    wrong = hive_cli(["schedule", "add", "later", "x", "--cron", "0 61 * * *"], env=env)
+    assert wrong.returncode == 1 and "cron" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+async def test_a_recurring_schedule_fires_tasks_that_complete_and_pause_stops_it(
+    bus: Bus, hive: Hive
+) -> None:
+    gateway = Gateway(hive, GatewayOptions(port=0))
+    async with (
+        anyio.create_task_group() as tg,
+        httpx.AsyncClient(base_url=gateway.url, timeout=10) as http,
+        running_worker(bus, "echo", EchoProvider()),
+    ):
+        await tg.start(gateway.serve)
+        body = {"every_s": 1, "name": "cada segundo", "task": {"provider": "echo", "prompt": "tic"}}
+        made = await http.post("/v1/schedules", json=body)
+        assert made.status_code == 201, made.text
+        schedule_id = made.json()["id"]
+        assert made.json()["rule"] == "@every 1s" and made.json()["next_at"]
+
+        async def two_runs_done() -> list[dict[str, str]] | None:
+            runs = (await http.get(f"/v1/schedules/{schedule_id}")).json()["runs"]
+            done = [run for run in runs if run["status"] == "completed"]
+            return done if len(done) >= 2 else None
+
+        runs = await eventually(two_runs_done, 10, "two firings to complete")
+        for run in runs:
+            view = await hive.get(run["task_id"])
+            assert view.status == "completed"
+        [task] = [e.task for e in await events_of(bus, runs[0]["task_id"]) if isinstance(e, Queued)]
+        assert task.metadata == {"schedule_id": schedule_id} and task.prompt == "tic"
+        assert len({run["task_id"] for run in runs}) == len(runs)  # each firing its own task
+
+        paused = await http.post(f"/v1/schedules/{schedule_id}/pause")
+        assert paused.status_code == 200 and paused.json()["paused"] is True
+        # the server holds no timer for it any more: nothing can fire it
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await bus.js.get_last_msg(
+                bus.names.schedules_stream, bus.names.schedule_subject("recurring", schedule_id)
+            )
+        fired = (await http.get(f"/v1/schedules/{schedule_id}")).json()["fired"]
+        resumed = await http.post(f"/v1/schedules/{schedule_id}/resume")
+        assert resumed.status_code == 200 and resumed.json()["paused"] is False
+
+        async def fired_again() -> bool:
+            return bool((await http.get(f"/v1/schedules/{schedule_id}")).json()["fired"] > fired + 1)
+
+        await eventually(fired_again, 10, "the resumed schedule to fire")
+        metrics = (await http.get("/metrics")).text
+        assert f'hive_schedule_firings_total{{schedule="{schedule_id}"}}' in metrics
+        listed = (await http.get("/v1/schedules")).json()["schedules"]
+        assert [s["id"] for s in listed] == [schedule_id]
+        assert (await http.delete(f"/v1/schedules/{schedule_id}")).status_code == 200
+        gone = await http.get(f"/v1/schedules/{schedule_id}")
+        assert (gone.status_code, gone.json()["error"]["code"]) == (404, "schedule_not_found")
+        gateway.stop()
+
+
+BAD_SCHEDULES: list[tuple[dict[str, object], str, str]] = [
+    ({"cron": "0 61 * * *"}, "cron", "not a cron rule"),
+    ({"cron": "0 9 * * *", "time_zone": "Mars/Olympus"}, "time_zone", "not a time zone"),
+    ({"every_s": 0.5}, "every_s", "at least 1 second"),
+    ({"every": "soon"}, "every", '"90s"'),
+    ({"every_s": 5, "cron": "@daily"}, "every_s", "exactly one of"),
+    ({"every_s": 5, "time_zone": "Europe/Madrid"}, "time_zone", "goes with cron"),
+    ({"every_s": 5, "task": {"provider": "echo"}}, "task", "prompt"),
+    ({"every_s": 5, "task": {"provider": "echo", "prompt": "x", "colour": 1}}, "task", "colour"),
+    ({"every_s": 5, "task": {"provider": "echo", "prompt": "x", "not_before": "2030-01-01T00:00:00Z"}},
+     "task.not_before", "not_before"),
+]  # fmt: skip
+
+
+async def test_a_bad_schedule_is_a_400_saying_where(hive: Hive) -> None:
+    gateway = Gateway(hive, GatewayOptions(port=0))
+    async with anyio.create_task_group() as tg, httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+        await tg.start(gateway.serve)
+        for body, field, words in BAD_SCHEDULES:
+            r = await http.post("/v1/schedules", json={"task": {"provider": "echo", "prompt": "x"}, **body})
+            assert r.status_code == 400, (body, r.text)
+            error = r.json()["error"]
+            assert (error.get("field") or "").startswith(field) and words in error["message"], (body, error)
+        assert (await http.get("/v1/schedules")).json()["schedules"] == []
+        gateway.stop()
+
+
+async def _connected(bus: Bus) -> bool:
+    return bus.nc.is_connected
+
+
+async def _runs_completed(hive: Hive, store: Schedules, schedule_id: str, at_least: int) -> list[str] | None:
+    try:
+        runs = (await store.get(schedule_id)).runs
+        done = [run.task_id for run in runs if (await hive.get(run.task_id)).status == "completed"]
+    except BusUnavailable:
+        return None  # the server is on its way back
+    return done if len(done) >= at_least else None
+
+
+@pytest.mark.slow
+async def test_a_schedule_keeps_firing_across_a_nats_server_restart(own_server: NatsServer) -> None:
+    settings = make_settings(own_server.url)
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        store = await Schedules.open(bus)
+        schedule = await hive.create_schedule({"provider": "echo", "prompt": "sigue"}, every="1s")
+        async with running_worker(bus, "echo", EchoProvider()), anyio.create_task_group() as tg:
+            await tg.start(Timers(bus, hive).run)
+            before = await eventually(lambda: _runs_completed(hive, store, schedule.id, 1), 10, "a first run")
+            own_server.stop()
+            own_server.start()  # same port, same store: the schedule is in it
+            await eventually(lambda: _connected(bus), 15, "the client to reconnect")
+            after = await eventually(
+                lambda: _runs_completed(hive, store, schedule.id, len(before) + 2),
+                20,
+                "runs after the restart",
+            )
+            tg.cancel_scope.cancel()
+        assert len(set(after)) == len(after)
+        await hive.close()
+
+
+@pytest.mark.slow
+async def test_a_schedule_fires_once_per_time_on_a_three_node_cluster(request: pytest.FixtureRequest) -> None:
+    """Every stream at three replicas, two gateways' timer readers on connections of their own: each
+    firing is stored once and becomes one task."""
+    hub, servers = request.getfixturevalue("cluster")  # test_hub_cluster's three nodes
+    settings = settings_for(hub, servers)
+    async with (
+        open_bus_when_ready(settings, "one") as one,
+        open_bus_when_ready(settings, "two") as two,
+        running_worker(one, "echo", EchoProvider()),
+        anyio.create_task_group() as tg,
+    ):
+        hive_one, hive_two = Hive(one), Hive(two)
+        info = await one.js.stream_info(one.names.events_stream)
+        assert info.config.num_replicas == 3
+        schedule = await hive_one.create_schedule({"provider": "echo", "prompt": "una vez"}, every="1s")
+        await tg.start(Timers(one, hive_one).run)
+        await tg.start(Timers(two, hive_two).run)
+        store = await Schedules.open(one)
+        await eventually(lambda: _runs_completed(hive_one, store, schedule.id, 2), 30, "two runs")
+        await hive_one.pause_schedule(schedule.id)
+        names = one.names
+        fired = names.fired_subject("recurring", schedule.id)
+
+        async def all_read() -> int | None:
+            state = (await one.js.stream_info(names.schedules_stream, subjects_filter=fired)).state
+            stored = sum((state.subjects or {}).values())
+            record = await store.get(schedule.id)
+            return stored if record.fired == stored else None
+
+        firings = await eventually(all_read, 20, "every firing to be read")
+        queued = names.event_subject("echo", "*", "queued")
+        state = (await one.js.stream_info(names.events_stream, subjects_filter=queued)).state
+        assert sum((state.subjects or {}).values()) == firings  # one task per firing, however many readers
+        runs = (await store.get(schedule.id)).runs
+        assert len({run.task_id for run in runs}) == len(runs) == firings
+        tg.cancel_scope.cancel()
+        await hive_one.close()
+        await hive_two.close()
