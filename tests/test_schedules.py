@@ -290,7 +290,9 @@ async def _runs_completed(hive: Hive, store: Schedules, schedule_id: str, at_lea
 
 
 @pytest.mark.slow
-async def test_a_schedule_keeps_firing_across_a_nats_server_restart(own_server: NatsServer) -> None:
+async def test_a_schedule_and_a_not_before_task_hold_across_a_nats_server_restart(
+    own_server: NatsServer,
+) -> None:
     settings = make_settings(own_server.url)
     async with open_bus(settings) as bus:
         hive = Hive(bus)
@@ -299,6 +301,7 @@ async def test_a_schedule_keeps_firing_across_a_nats_server_restart(own_server: 
         async with running_worker(bus, "echo", EchoProvider()), anyio.create_task_group() as tg:
             await tg.start(Timers(bus, hive).run)
             before = await eventually(lambda: _runs_completed(hive, store, schedule.id, 1), 10, "a first run")
+            later = await hive.submit("echo", "después del reinicio", not_before=_in(2))
             own_server.stop()
             own_server.start()  # same port, same store: the schedule is in it
             await eventually(lambda: _connected(bus), 15, "the client to reconnect")
@@ -307,6 +310,7 @@ async def test_a_schedule_keeps_firing_across_a_nats_server_restart(own_server: 
                 20,
                 "runs after the restart",
             )
+            assert (await hive.wait(later, 20)).status == "completed"  # its timer was in the store
             tg.cancel_scope.cancel()
         assert len(set(after)) == len(after)
         await hive.close()
