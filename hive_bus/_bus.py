@@ -752,6 +752,17 @@ def _close(a: Any, b: Any) -> bool:
     return isinstance(a, int | float) and isinstance(b, int | float) and abs(a - b) < 1e-6
 
 
+async def consumer_infos(bus: Bus, stream: str) -> list[ConsumerInfo]:
+    """Every consumer of ``stream``: the server lists them 256 at a time, and nats-py's
+    ``consumers_info`` returns one page."""
+    found: list[ConsumerInfo] = []
+    while True:
+        page = await bus.js.consumers_info(stream, offset=len(found) or None)
+        found.extend(page)
+        if len(page) < 256:
+            return found
+
+
 async def kv_entries(kv: KeyValue, pattern: str = ">", *, timeout_s: float = 5.0) -> dict[str, bytes]:
     """The current values of the keys matching ``pattern`` (deleted keys left out). Raises
     ``NotFoundError`` when the bucket does not exist.

@@ -9,9 +9,9 @@ import contextlib
 from dataclasses import dataclass
 
 import msgspec
-from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from ._bus import Bus, kv_entries
+from ._bus import Bus, consumer_infos, kv_entries
 from ._cooldown import decode_records, provider_cooldowns
 from ._messages import WorkerBeat
 from ._nats import BUS_ERRORS
@@ -49,7 +49,7 @@ async def queue_depths(bus: Bus) -> dict[str, QueueDepth]:
         tuple(subject.split(".")[2:4]): QueueDepth(pending=n, ack_pending=0)
         for subject, n in (tasks.state.subjects or {}).items()
     }
-    for info in await _consumers(bus):
+    for info in await consumer_infos(bus, bus.names.tasks_stream):
         queue = names.of_consumer(info.name)
         if queue is not None and info.config.durable_name:
             queues[queue] = QueueDepth(info.num_pending or 0, info.num_ack_pending or 0)
@@ -58,16 +58,6 @@ async def queue_depths(bus: Bus) -> dict[str, QueueDepth]:
         have = depths.get(provider, QueueDepth(0, 0))
         depths[provider] = QueueDepth(have.pending + depth.pending, have.ack_pending + depth.ack_pending)
     return depths
-
-
-async def _consumers(bus: Bus) -> list[ConsumerInfo]:
-    """Every consumer of the tasks stream (the server lists them 256 at a time)."""
-    found: list[ConsumerInfo] = []
-    while True:
-        page = await bus.js.consumers_info(bus.names.tasks_stream, offset=len(found) or None)
-        found.extend(page)
-        if len(page) < 256:
-            return found
 
 
 async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStats]:

@@ -39,6 +39,7 @@ from hive_bus import (
     TaskRequest,
     Usage,
 )
+from hive_bus._bus import consumer_infos
 from hive_bus._chunks import Chunk, chunk_encoder
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import new_task_id, now_ms
@@ -361,7 +362,7 @@ async def test_waiting_in_the_queue_sends_keepalive_comments_then_the_stream(bus
 async def test_a_client_gone_mid_stream_leaves_no_consumer_behind(bus: Bus) -> None:
     async def following(task_id: str) -> int:
         """The consumers of the events stream that follow this task's events."""
-        infos = await bus.js.consumers_info(bus.names.events_stream)
+        infos = await consumer_infos(bus, bus.names.events_stream)
         return sum(1 for i in infos if i.config.filter_subject == bus.names.events_of(task_id))
 
     async with serving(bus, keepalive_s=0.2) as stack, httpx.AsyncClient(timeout=30) as http:
