@@ -4,6 +4,11 @@ Whichever process starts first (gateway, worker or client) declares the streams 
 bucket; the others find them and check that what exists means the same thing. Limits (sizes, ages)
 are the operator's to tune, so a difference there is logged, not fatal; a difference in meaning
 (retention, storage, subjects, ack policy) is a :class:`BusConfigError` that names the object.
+
+Why one module of about 800 lines: every stream, bucket and consumer of a bus is declared here, each
+as a ``*_config`` function and an ``ensure_*`` one, beside the check that compares what exists with what
+is wanted. Split, the one list a reader looks for (which objects a bus has, with which limits) would be
+scattered.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ worker of that provider, wherever it runs), runs up to ``concurrency`` calls at 
 alive with in-progress acks while its call runs, and hands every outcome to :class:`Settler`
 (``_settle.py``), the one place that acks, NAKs or TERMs. While the provider is cooling down after a
 429, the worker does not fetch, and hands back what it holds without calling the provider.
+
+Why about 750 lines: :class:`Worker` is one loop with its states (fetching, holding, cooling down,
+cancelled calls, draining). Choosing a key lives in ``_keys.py`` and settling in ``_settle.py``; what
+is left is fetch, pick, call, settle, and cutting it further would split one state machine over files.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ last gateway left it (on start it takes up every batch not ended, and every new 
   is stopped, and once every queued line has ended the output and error files are written: the events
   are read again into a spooled file of records, then the input is read in order beside it, so that the
   output is in input order and no file is held whole in memory.
+
+Why about 750 lines: the batch's states and every move between them (each a compare-and-set of its
+record) are in one class, :class:`BatchRunner`, so that they read together; what holds no state (reading
+the input, checking lines, following the final events) comes first as functions and types of its own.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ default one, so several gateways, or tests, can live in one process):
 Labels hold provider names (subject tokens, validated on submission), models, reasons and token
 directions; never prompts, outputs, error messages, worker hosts or credentials. Distinct providers and
 models per provider are capped so that a misbehaving client cannot blow up the series count.
+
+Why about 600 lines: one class reads every figure from the bus and writes the Prometheus families;
+each family's reading sits beside its declaration.
 """
 
 from __future__ import annotations
