@@ -1,7 +1,7 @@
 """The ``hive`` command. Settings are read here, once, and passed down; errors become one line.
 
 Why one module of about 1,200 lines: it is the ``hive`` click group, one function per sub-command, each
-a thin layer (read the options, call the client, print) with no logic of its own; read it by the
+a thin layer (read the options, call the client, print) with its few helpers beside it; read it by the
 command's name. The batch and schedule command groups have modules of their own (``_cli_batch``,
 ``_cli_schedule``).
 """
