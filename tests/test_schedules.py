@@ -193,6 +193,14 @@ async def test_hive_submit_not_before_and_hive_schedule_on_the_command_line(bus:
     assert listed.stdout.startswith(f"{schedule_id} 'horaria' @every 3600s -> later: paused"), listed.stdout
     wrong = hive_cli(["schedule", "add", "later", "x", "--cron", "0 61 * * *"], env=env)
     assert wrong.returncode == 1 and "cron" in wrong.stderr and "Traceback" not in wrong.stderr
+    for rules in (
+        [],
+        ["--cron", "@daily", "--every", "1h"],
+        ["--every", "1h", "--time-zone", "Europe/Madrid"],
+    ):
+        unclear = hive_cli(["schedule", "add", "later", "x", *rules], env=env)
+        assert unclear.returncode == 2 and "Traceback" not in unclear.stderr, unclear.stderr
+        assert "--cron" in unclear.stderr and "every_s" not in unclear.stderr, unclear.stderr
 
 
 async def test_a_recurring_schedule_fires_tasks_that_complete_and_pause_stops_it(
