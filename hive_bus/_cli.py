@@ -474,6 +474,24 @@ def worker(
     _run(main)
 
 
+def _not_before(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--not-before TIME`` checked here, so that a time without its offset names the flag and shows
+    the fix (the task's own check says only ``Expected `datetime` with a timezone component``)."""
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO 8601 time: write it as 2026-12-24T09:00:00+01:00"
+        ) from None
+    if when.tzinfo is None:
+        raise click.BadParameter(
+            f"{value!r} has no offset: add the one it is in, as {value}+01:00, or Z for UTC"
+        )
+    return when.isoformat()
+
+
 def _json_object(value: str | None, what: str) -> Any:
     if value is None:
         return None
@@ -524,6 +542,7 @@ def _json_object(value: str | None, what: str) -> Any:
     "--not-before",
     "not_before",
     metavar="TIME",
+    callback=_not_before,
     help="queue the task no earlier than TIME, ISO 8601 with its offset (2026-12-24T09:00:00+01:00)",
 )
 @click.option(

@@ -22,6 +22,8 @@ from ._client import connect
 from ._settings import Settings
 
 BAR_WIDTH = 30
+# a batch no gateway has taken up waits forever, silently: say where batches run
+UNATTENDED = "no gateway has taken it up: batches run in a gateway on this bus (hive gateway, or hive up)"
 
 
 def _exit_for_batch(batch: Batch) -> None:
@@ -30,6 +32,11 @@ def _exit_for_batch(batch: Batch) -> None:
         raise click.exceptions.Exit(EXIT_NOT_ENDED)
     if batch.status != "completed" or counts.failed or counts.completed < counts.total:
         raise click.exceptions.Exit(EXIT_FAILED)
+
+
+def _unattended(batch: Batch) -> bool:
+    """Not ended, and no gateway ever leased it (a gateway's lease is never cleared, only taken over)."""
+    return not batch.done and batch.driver is None
 
 
 def _when(epoch_s: int | None) -> str:
@@ -51,6 +58,8 @@ def summary(batch: Batch) -> str:
             text += f" ({progress.basis})"
     if batch.errors is not None and batch.errors.data:
         text += "; " + "; ".join(e.message for e in batch.errors.data[:5])
+    if _unattended(batch):
+        text += f"; {UNATTENDED}"
     return text
 
 
@@ -104,6 +113,8 @@ def create(
             click.echo(f"batch {made.id}", err=True)
             done = await hive.wait_batch(made.id, timeout_s=timeout_s, progress=_bar)
             click.echo("", err=True)
+            if _unattended(done):
+                click.echo(f"batch {done.id}: {UNATTENDED}", err=True)
         _print(done)
         _exit_for_batch(done)
 

@@ -54,6 +54,10 @@ def add(
     settings: Settings,
 ) -> None:
     """Add a schedule that submits PROVIDER PROMPT at each firing; prints it as JSON."""
+    if (cron is None) == (every is None):  # the API's words (cron, every_s, every) are not this command's
+        raise click.UsageError("give one rule: --cron RULE or --every INTERVAL")
+    if time_zone is not None and cron is None:
+        raise click.UsageError("--time-zone goes with --cron (an interval has no time zone)")
     task: dict[str, Any] = {"provider": provider, "prompt": prompt}
     if model:
         task["model"] = model

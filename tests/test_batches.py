@@ -488,6 +488,22 @@ async def test_hive_batch_create_waits_with_a_progress_bar_and_results_come_back
         assert [json.loads(x)["line"] for x in errors.stdout.splitlines()] == [2]
 
 
+async def test_hive_batch_says_so_when_no_gateway_takes_a_batch_up(
+    settings: Settings, tmp_path: Path
+) -> None:
+    path = tmp_path / "posts.jsonl"
+    path.write_bytes(jsonl([line("a", "x")]))
+    env = _gateway_env(settings)  # the bus, and no gateway on it
+    waited = await anyio.to_thread.run_sync(
+        lambda: hive_cli(["batch", "create", str(path), "--wait", "--timeout", "1"], env=env)
+    )
+    assert waited.returncode == 2, waited.stderr
+    assert "no gateway has taken it up" in waited.stderr and "hive up" in waited.stderr, waited.stderr
+    batch_id = json.loads(waited.stdout)["id"]
+    status = await anyio.to_thread.run_sync(lambda: hive_cli(["batch", "status", batch_id], env=env))
+    assert status.returncode == 2 and "no gateway has taken it up" in status.stdout, status.stdout
+
+
 async def refuse_some(task: Task) -> str:
     if "bad" in task.prompt:
         raise FailNow("provider said 400: the prompt is not allowed")

@@ -191,6 +191,8 @@ def test_another_programs_hive_variables_are_a_warning_not_an_error(nats_server:
     assert result.returncode == 0, result.stderr
     assert "HIVE_CONF_DIR is not a hive-bus setting; ignored" in result.stderr
     assert "HIVE_HOME is not a hive-bus setting; ignored" in result.stderr
+    # a short line each, on every command they run: not a list of every setting
+    assert all(len(line) < 200 for line in result.stderr.splitlines()), result.stderr
 
 
 def test_the_command_is_installed_as_hive_bus_too() -> None:

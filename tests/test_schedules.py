@@ -182,7 +182,10 @@ async def test_hive_submit_not_before_and_hive_schedule_on_the_command_line(bus:
     assert done.returncode == 0, done.stderr
     assert (await hive.get(done.stdout.strip())).status == "scheduled"
     bad = hive_cli(["submit", "later", "mañana", "--not-before", "mañana"], env=env)
-    assert bad.returncode != 0 and "not_before" in bad.stderr
+    assert bad.returncode == 2 and "--not-before" in bad.stderr and "ISO 8601" in bad.stderr, bad.stderr
+    naive = hive_cli(["submit", "later", "mañana", "--not-before", "2026-12-24T09:00:00"], env=env)
+    assert naive.returncode == 2 and "has no offset" in naive.stderr, naive.stderr  # and how to add it
+    assert "2026-12-24T09:00:00+01:00" in naive.stderr, naive.stderr
 
     made = hive_cli(["schedule", "add", "later", "cada hora", "--every", "1h", "--name", "horaria"], env=env)
     assert made.returncode == 0, made.stderr
@@ -193,6 +196,14 @@ async def test_hive_submit_not_before_and_hive_schedule_on_the_command_line(bus:
     assert listed.stdout.startswith(f"{schedule_id} 'horaria' @every 3600s -> later: paused"), listed.stdout
     wrong = hive_cli(["schedule", "add", "later", "x", "--cron", "0 61 * * *"], env=env)
     assert wrong.returncode == 1 and "cron" in wrong.stderr and "Traceback" not in wrong.stderr
+    for rules in (
+        [],
+        ["--cron", "@daily", "--every", "1h"],
+        ["--every", "1h", "--time-zone", "Europe/Madrid"],
+    ):
+        unclear = hive_cli(["schedule", "add", "later", "x", *rules], env=env)
+        assert unclear.returncode == 2 and "Traceback" not in unclear.stderr, unclear.stderr
+        assert "--cron" in unclear.stderr and "every_s" not in unclear.stderr, unclear.stderr
 
 
 async def test_a_recurring_schedule_fires_tasks_that_complete_and_pause_stops_it(

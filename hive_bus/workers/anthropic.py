@@ -167,14 +167,15 @@ def _output(task: Task, response: Any) -> Any:
 def from_env(environ: Mapping[str, str], *, model: str | None = None) -> list[ProviderKey]:
     from . import ProviderUnavailable, api_keys, keyed
 
-    if not api_keys(environ, ["ANTHROPIC_API_KEY"], "ANTHROPIC_API_KEYS"):
-        raise ProviderUnavailable("anthropic: none of ANTHROPIC_API_KEY, ANTHROPIC_API_KEYS is set")
+    # the SDK first, as the other providers do: a missing extra is what to fix before any key
     try:
         import anthropic
     except ImportError:
         raise ProviderUnavailable(
             "anthropic: its SDK is not installed: pip install 'hive-bus[anthropic]'"
         ) from None
+    if not api_keys(environ, ["ANTHROPIC_API_KEY"], "ANTHROPIC_API_KEYS"):
+        raise ProviderUnavailable("anthropic: none of ANTHROPIC_API_KEY, ANTHROPIC_API_KEYS is set")
     base_url = environ.get("ANTHROPIC_BASE_URL")
     return keyed(
         "anthropic", environ, ["ANTHROPIC_API_KEY"], "ANTHROPIC_API_KEYS",
