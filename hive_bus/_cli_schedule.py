@@ -82,8 +82,11 @@ def list_(settings: Settings) -> None:
 
     async def main() -> None:
         async with connect(settings=settings) as hive:
-            for found in await hive.schedules():
-                click.echo(_line(found))
+            found = await hive.schedules()
+        if not found:
+            click.echo("no schedules (hive schedule add makes one)", err=True)
+        for each in found:
+            click.echo(_line(each))
 
     _run(main)
 

@@ -187,6 +187,8 @@ async def test_hive_submit_not_before_and_hive_schedule_on_the_command_line(bus:
     assert naive.returncode == 2 and "has no offset" in naive.stderr, naive.stderr  # and how to add it
     assert "2026-12-24T09:00:00+01:00" in naive.stderr, naive.stderr
 
+    none = hive_cli(["schedule", "list"], env={**env, "HIVE_PREFIX": f"{bus.names.prefix}empty"})
+    assert (none.returncode, none.stdout) == (0, "") and "no schedules" in none.stderr, none.stderr
     made = hive_cli(["schedule", "add", "later", "cada hora", "--every", "1h", "--name", "horaria"], env=env)
     assert made.returncode == 0, made.stderr
     schedule_id = json.loads(made.stdout)["id"]
