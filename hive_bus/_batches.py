@@ -29,7 +29,7 @@ from nats.js.kv import KeyValue
 from ulid import ULID
 
 from ._budget import ProviderBudget
-from ._bus import Bus
+from ._bus import Bus, kv_entries
 from ._errors import BusUnavailable, HiveError
 from ._nats import BUS_ERRORS
 
@@ -264,19 +264,13 @@ class BatchStore:
         return (await self.read(batch_id))[0]
 
     async def list(self) -> list[Batch]:
-        """Every batch, newest first."""
+        """Every batch, newest first: one read of the bucket's last values (nats-py's ``keys()`` can
+        come back short under load, see :func:`hive_bus._bus.kv_entries`)."""
         try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+            values = await kv_entries(self.kv)
         except BUS_ERRORS as exc:
             raise BusUnavailable(f"could not list the batches: {exc}") from None
-        found: list[Batch] = []
-        for key in keys:
-            try:
-                found.append(await self.get(key))
-            except BatchNotFound:
-                continue  # deleted meanwhile
+        found = [_decoder.decode(value) for value in values.values()]
         return sorted(found, key=lambda b: b.id, reverse=True)
 
     async def change(self, batch_id: str, how: Callable[[Batch], Batch | None]) -> tuple[Batch, bool]:

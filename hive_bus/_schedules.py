@@ -30,7 +30,7 @@ from nats.js.api import Header, KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 from ulid import ULID
 
-from ._bus import Bus
+from ._bus import Bus, kv_entries
 from ._errors import BusUnavailable, HiveError, TaskNotFound
 from ._messages import TaskRequest, explain_error, is_task_id, new_task_id, now_ms
 from ._nats import BUS_ERRORS
@@ -197,14 +197,13 @@ class Schedules:
         return schedule
 
     async def listed(self) -> list[Schedule]:
+        """Every schedule, by id: one read of the bucket's last values (nats-py's ``keys()`` can come
+        back short under load, see :func:`hive_bus._bus.kv_entries`)."""
         try:
-            keys = await self._kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+            values = await kv_entries(self._kv)
         except BUS_ERRORS as exc:
             raise BusUnavailable(f"could not list the schedules: {exc}") from None
-        found = [await self._read(key) for key in sorted(keys)]
-        return [s for s, _ in (f for f in found if f is not None)]
+        return [_decoder.decode(values[key]) for key in sorted(values)]
 
     async def get(self, schedule_id: str) -> Schedule:
         found = await self._read(schedule_id)
