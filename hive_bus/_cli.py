@@ -31,8 +31,8 @@ from ._messages import (
     TaskRequest,
     TaskStatus,
     TaskView,
+    decode_event,
     encoder,
-    event_decoder,
     explain_error,
     now_ms,
     request_decoder,
@@ -1040,7 +1040,7 @@ async def _follow_events(hive: Hive, provider: str | None) -> None:
     ) as sub:
         async for msg in sub.messages:
             try:
-                view = TaskView.of(event_decoder.decode(msg.data))
+                view = TaskView.of(decode_event(msg.subject, msg.data, msg.headers))
             except msgspec.DecodeError:
                 continue
             at = datetime.fromtimestamp(view.updated_at_ms / 1000).strftime("%H:%M:%S.%f")[:-3]

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import anyio
 
 from hive_bus import Provider, ProviderKey, TaskEvent, Worker, WorkerOptions
-from hive_bus._messages import event_decoder
+from hive_bus._messages import decode_event, event_decoder
 from hive_bus.bus import Bus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ async def events_of(bus: Bus, task_id: str) -> list[TaskEvent]:
                 msg = await sub.next_msg(timeout=0.5)
             except TimeoutError:
                 return events
-            events.append(event_decoder.decode(msg.data))
+            events.append(decode_event(msg.subject, msg.data, msg.headers))
     finally:
         await sub.unsubscribe()
 

@@ -198,8 +198,10 @@ async def test_output_that_is_not_json_fails_clearly(bus: Bus, hive: Hive) -> No
 async def test_undecodable_task_message_is_terminated_and_the_worker_goes_on(bus: Bus, hive: Hive) -> None:
     names = bus.names
     async with running_worker(bus, "echo", EchoProvider()):
-        await bus.js.publish(names.task_subject("echo"), b"\xff not json")
-        await bus.js.publish(names.task_subject("echo"), msgspec.json.encode({"type": "task.v1", "id": 7}))
+        await bus.js.publish(names.task_subject("echo", "normal", "poison"), b"\xff not json")
+        await bus.js.publish(
+            names.task_subject("echo", "normal", "poison"), msgspec.json.encode({"type": "task.v1", "id": 7})
+        )
         task_id = await hive.submit("echo", "still working")
         assert (await hive.wait(task_id, 10)).output == "still working"
         await eventually(lambda: _is_empty(bus, names.tasks_stream), 5, "an empty work queue")

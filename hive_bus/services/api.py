@@ -5,6 +5,7 @@ same types the bus uses.
 """
 
 # No "from __future__ import annotations" here: Litestar reads the parameter markers at run time.
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -30,7 +31,7 @@ from hive_bus import (
     TaskView,
     WorkerBeat,
 )
-from hive_bus._assigned import Assignments
+from hive_bus._assigned import Assignments, marker_seq, task_at
 from hive_bus._audit import AuditReport, StoreAudit
 from hive_bus._messages import (
     Moved,
@@ -38,7 +39,8 @@ from hive_bus._messages import (
     Queued,
     Task,
     TaskStatus,
-    event_decoder,
+    decode_event,
+    event_body,
     is_final,
     is_task_id,
     status_of,
@@ -240,14 +242,16 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
                     if not await assigned.counts(msg.subject):
                         continue
                     try:
-                        event = event_decoder.decode(msg.data)
+                        event = decode_event(msg.subject, msg.data, msg.headers)
                     except msgspec.DecodeError as exc:
                         log.warning(
                             "task %s: event %s does not decode (%s); skipped", task_id, _seq(msg), exc
                         )
                         continue
                     yield ServerSentEventMessage(
-                        data=msg.data.decode(), event=status_of(event), id=str(msg.metadata.sequence.stream)
+                        data=event_body(msg.subject, msg.data, msg.headers).decode(),
+                        event=status_of(event),
+                        id=str(msg.metadata.sequence.stream),
                     )
                     if is_final(event):
                         return
@@ -317,8 +321,9 @@ async def all_events(
                 if not await assigned.counts(msg.subject):
                     continue
                 quiet_since = anyio.current_time()
+                body = event_body(msg.subject, msg.data, msg.headers)
                 yield ServerSentEventMessage(
-                    data=msg.data.decode(errors="replace"), event=status, id=str(msg.metadata.sequence.stream)
+                    data=body.decode(errors="replace"), event=status, id=str(msg.metadata.sequence.stream)
                 )
         finally:
             await unsubscribe(sub)
@@ -404,6 +409,7 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
     latest: dict[str, TaskView] = {}
     tasks: dict[str, Task] = {}  # each followed task as queued or moved: its content and metadata
+    at: dict[str, int] = {}  # where a task whose queued event is a marker is in the tasks stream
     # An event counts only from the provider its task is assigned to (a worker credential may write
     # events for any task id under its own provider): followed here from the queued and moved events in
     # the tail; a task whose queued event is older than the tail is looked up (``Hive.get``).
@@ -412,7 +418,7 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
         with anyio.move_on_after(bus.settings.request_timeout_s):
             async for msg in sub.messages:
                 try:
-                    event = event_decoder.decode(msg.data)
+                    event = decode_event(msg.subject, msg.data, msg.headers)
                 except msgspec.DecodeError as exc:
                     log.warning("recent tasks: event %s does not decode (%s); skipped", _seq(msg), exc)
                     continue
@@ -421,7 +427,11 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
                     pass
                 elif isinstance(event, Queued):
                     assigned[event.task_id] = on
-                    tasks[event.task_id] = event.task
+                    if event.task is not None:
+                        tasks[event.task_id] = event.task
+                    elif (seq := marker_seq(msg.headers)) is not None:
+                        tasks.pop(event.task_id, None)
+                        at[event.task_id] = seq
                     latest[event.task_id] = TaskView.of(event)
                 elif assigned.get(event.task_id, on) == on:
                     if isinstance(event, Moved) and event.task_id in assigned:
@@ -432,6 +442,11 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
                     break
     views = sorted(latest.values(), key=lambda v: v.id, reverse=True)
     found = [v for v in views if status is None or v.status == status][:limit]
+    for view in found:
+        if view.id not in tasks and view.id in at:  # its content from its message, one read
+            with contextlib.suppress(*BUS_ERRORS):
+                if (task := await task_at(bus, at[view.id], view.id)) is not None:
+                    tasks[view.id] = task
     checked = [await _checked(hive, v, tasks.get(v.id)) for v in found]
     return [view.trimmed() for view in checked if view is not None]
 

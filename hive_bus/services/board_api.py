@@ -16,7 +16,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from hive_bus import BusUnavailable, Hive, TaskNotFound
 from hive_bus._assigned import Assignments
-from hive_bus._messages import TaskEvent, event_decoder
+from hive_bus._messages import TaskEvent, decode_event
 from hive_bus._nats import BUS_ERRORS, following
 
 from .api import _errors
@@ -80,7 +80,7 @@ async def task_timeline(task_id: FromPath[str], state: State) -> list[TaskEvent]
                 async for msg in sub.messages:
                     if await assigned.counts(msg.subject):
                         try:
-                            events.append(event_decoder.decode(msg.data))
+                            events.append(decode_event(msg.subject, msg.data, msg.headers))
                         except msgspec.DecodeError:
                             log.warning("task %s: an event does not decode; left out", task_id)
                     if msg.metadata.num_pending == 0 or len(events) >= MAX_TIMELINE_EVENTS:

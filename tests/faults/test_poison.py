@@ -62,7 +62,9 @@ class Poisoned:
 async def put_poison(bus: Bus, messages: dict[str, bytes]) -> list[Poisoned]:
     out = []
     for what, data in messages.items():
-        ack = await bus.js.publish(bus.names.task_subject("echo"), data, stream=bus.names.tasks_stream)
+        ack = await bus.js.publish(
+            bus.names.task_subject("echo", "normal", "poison"), data, stream=bus.names.tasks_stream
+        )
         out.append(Poisoned(what, ack.seq, _claimed(data)))
     return out
 
@@ -143,9 +145,10 @@ async def test_undecodable_messages_are_terminated_and_the_worker_keeps_serving(
     assert figures.completed == figures.accepted == 6
     for poison, failed in terminated:
         assert failed.reason == "undecodable", poison.what
-        assert f"task message {poison.seq} on {settings.names.task_subject('echo')}" in failed.error, (
-            poison.what
-        )
+        assert (
+            f"task message {poison.seq} on {settings.names.task_subject('echo', 'normal', 'poison')}"
+            in failed.error
+        ), poison.what
         assert failed.task_id == (poison.claimed or f"undecodable-{poison.seq}")
     assert left_in_stream == set()
     assert tasks_left == 0  # terminated messages leave the work queue

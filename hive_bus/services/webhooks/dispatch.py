@@ -39,7 +39,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from hive_bus import __version__
 from hive_bus._assigned import assignment
 from hive_bus._errors import HiveError, TooLarge
-from hive_bus._messages import Task, TaskEvent, event_decoder, now_ms
+from hive_bus._messages import Task, TaskEvent, decode_event, now_ms
 from hive_bus._nats import BUS_ERRORS, unsubscribe
 from hive_bus._size import js_publish
 from hive_bus.bus import Bus
@@ -213,7 +213,7 @@ class Webhooks:
     async def _queue(self, msg: nats.aio.msg.Msg) -> None:
         names = self._bus.names
         try:
-            event = event_decoder.decode(msg.data)
+            event = decode_event(msg.subject, msg.data, msg.headers)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             log.error("webhooks: event %s does not decode (%s); terminated", _seq(msg), exc)
             await msg.term()
