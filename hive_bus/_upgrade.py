@@ -20,18 +20,14 @@ place, ``undecodable-<seq>``): its workers set it aside as poison, as they would
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import (
-    ConsumerConfig,
-    DeliverPolicy,
     DiscardPolicy,
     RetentionPolicy,
     StorageType,
@@ -41,7 +37,6 @@ from nats.js.api import (
 from ._bus import tasks_stream_config
 from ._errors import BusConfigError
 from ._messages import Task
-from ._nats import BUS_ERRORS
 from ._settings import Settings
 
 log = logging.getLogger("hive_bus.upgrade")
@@ -59,7 +54,7 @@ async def upgrade_tasks_stream(js: JetStreamContext, settings: Settings) -> None
     copy = await _info(js, names.upgrade_stream)
     old = info is not None and info.config.retention == RetentionPolicy.WORK_QUEUE
     if not old and copy is None:
-        if info is not None and info.config.republish is None:
+        if info is not None and info.config.republish is None and _ours(info.config, settings):
             await js.update_stream(tasks_stream_config(settings))  # the last step of one cut short
         return
     if settings.worker_name:
@@ -88,6 +83,13 @@ async def upgrade_tasks_stream(js: JetStreamContext, settings: Settings) -> None
             "start the gateway again to go on"
         ) from None
     log.warning("upgrade: %s is a limits stream now; %d queued tasks were put back", names.tasks_stream, back)
+
+
+def _ours(have: StreamConfig, settings: Settings) -> bool:
+    """Whether a tasks stream without its RePublish is one an upgrade made (else it is refused by what
+    differs, as any stream is)."""
+    want = tasks_stream_config(settings)
+    return (have.retention, have.discard, have.subjects) == (want.retention, want.discard, want.subjects)
 
 
 async def _info(js: JetStreamContext, stream: str) -> nats.js.api.StreamInfo | None:
@@ -160,32 +162,21 @@ def _is_token(text: str) -> bool:
 async def _messages(
     js: JetStreamContext, settings: Settings, stream: str
 ) -> AsyncIterator[tuple[str, dict[str, str], bytes]]:
-    """Every message of ``stream`` in order: subject, headers (the server's own left out), body."""
+    """Every message of ``stream`` in order: subject, headers (the server's own left out), body. Read
+    by message gets (a work-queue stream allows no second consumer beside its workers'); an upgrade
+    is done once."""
     try:
         info = await js.stream_info(stream)
     except nats.js.errors.NotFoundError:
         return
     if not info.state.messages or not info.config.subjects:
         return
-    sub = await js.subscribe(
-        info.config.subjects[0],
-        stream=stream,
-        ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-    )
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=settings.request_timeout_s * 5)
-            except nats.errors.TimeoutError:
-                return
-            headers = {
-                k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-") or k == _MSG_ID
-            }
-            yield msg.subject, headers, msg.data
-            if msg.metadata.num_pending == 0:
-                return
-    finally:
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(*BUS_ERRORS):
-                await sub.unsubscribe()
+    seq = info.state.first_seq
+    while seq <= info.state.last_seq:
+        try:
+            raw = await js.get_msg(stream, seq=seq, subject=info.config.subjects[0], next=True)
+        except nats.js.errors.NotFoundError:
+            return  # none after seq
+        seq = (raw.seq or seq) + 1
+        headers = {k: v for k, v in (raw.headers or {}).items() if not k.startswith("Nats-") or k == _MSG_ID}
+        yield raw.subject or "", headers, raw.data or b""

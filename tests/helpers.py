@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import anyio
 
 from hive_bus import Provider, ProviderKey, TaskEvent, Worker, WorkerOptions
-from hive_bus._messages import decode_event, event_decoder
+from hive_bus._messages import decode_event
+from hive_bus._stats import queue_depths
 from hive_bus.bus import Bus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -218,3 +219,9 @@ class TcpRelay:
             for sock in (src, dst):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+async def unacked(bus: Bus) -> int:
+    """The tasks the providers' consumers have not acked (queued, waiting or running): the tasks stream
+    keeps acked tasks as history, so its message count no longer says what is queued."""
+    return sum(d.pending + d.ack_pending for d in (await queue_depths(bus)).values())
