@@ -87,6 +87,10 @@ async def assignment(bus: Bus, task_id: str) -> Assignment | None:
     if not isinstance(queued, Queued):
         return None
     task = queued.task if queued.task is not None else await queued_task(bus, task_id)
+    if task is None and queued.task is None:
+        # its message is gone (aged out, or lost from the store: the audit records that): what it
+        # asked went with it, and where it was queued is all the bus knows
+        task = Task(id=task_id, provider=queued.provider, submitted_at_ms=queued.at_ms, messages=[])
     if task is None or task.id != task_id:
         return None
     here = Assignment(task=task, event=queued, seq=seq)

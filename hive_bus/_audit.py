@@ -340,7 +340,12 @@ class StoreAudit:
             error=(
                 f"its message is not in the {names.tasks_stream} stream and no outcome was recorded: lost "
                 "from the NATS store (a damaged or purged stream), or its submission was cut off before "
-                f"the task was stored; `hive dlq replay {task_id}` queues it again"
+                "the task was stored; "
+                + (
+                    f"`hive dlq replay {task_id}` queues it again"
+                    if task is not None
+                    else "what it asked was in that message and is lost with it: submit it again"
+                )
             ),
             task=task,
         )  # fmt: skip

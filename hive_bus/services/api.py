@@ -33,6 +33,7 @@ from hive_bus import (
 )
 from hive_bus._assigned import Assignments, marker_seq, task_at
 from hive_bus._audit import AuditReport, StoreAudit
+from hive_bus._bus import Bus
 from hive_bus._messages import (
     Moved,
     ProviderName,
@@ -40,9 +41,11 @@ from hive_bus._messages import (
     Task,
     TaskStatus,
     decode_event,
-    event_body,
+    encoder,
     is_final,
+    is_marker,
     is_task_id,
+    queued_marker,
     status_of,
 )
 from hive_bus._names import PROVIDER_PATTERN, is_valid_token
@@ -249,7 +252,7 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
                         )
                         continue
                     yield ServerSentEventMessage(
-                        data=event_body(msg.subject, msg.data, msg.headers).decode(),
+                        data=(await _event_json(bus, msg)).decode(),
                         event=status_of(event),
                         id=str(msg.metadata.sequence.stream),
                     )
@@ -321,7 +324,7 @@ async def all_events(
                 if not await assigned.counts(msg.subject):
                     continue
                 quiet_since = anyio.current_time()
-                body = event_body(msg.subject, msg.data, msg.headers)
+                body = await _event_json(bus, msg)
                 yield ServerSentEventMessage(
                     data=body.decode(errors="replace"), event=status, id=str(msg.metadata.sequence.stream)
                 )
@@ -391,6 +394,18 @@ def _wanted(meta: list[str] | None, batch: str | None, schedule: str | None) -> 
             )
         wanted[key] = value
     return wanted
+
+
+async def _event_json(bus: Bus, msg: Msg) -> bytes:
+    """An event as a feed sends it: a ``queued`` marker as the event with its task (read from the tasks
+    stream by the sequence the marker names: what it asks is what a reader shows), else as stored."""
+    if not is_marker(msg.data, msg.headers) or (event := queued_marker(msg.subject, msg.headers)) is None:
+        return msg.data or b""
+    seq = marker_seq(msg.headers)
+    with contextlib.suppress(*BUS_ERRORS):
+        if seq is not None and (task := await task_at(bus, seq, event.task_id)) is not None:
+            event = msgspec.structs.replace(event, task=task)
+    return encoder.encode(event)
 
 
 async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, limit: int) -> list[TaskView]:
