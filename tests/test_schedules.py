@@ -222,7 +222,7 @@ async def test_a_recurring_schedule_fires_tasks_that_complete_and_pause_stops_it
             view = await hive.get(run["task_id"])
             assert view.status == "completed"
         here = await assignment(bus, runs[0]["task_id"])  # the task as queued: its message
-        assert here is not None and [type(e) for e in await events_of(bus, here.task.id)][0] is Queued
+        assert here is not None and next(type(e) for e in await events_of(bus, here.task.id)) is Queued
         task = here.task
         assert task.metadata == {"schedule_id": schedule_id} and task.prompt == "tic"
         assert len({run["task_id"] for run in runs}) == len(runs)  # each firing its own task
