@@ -1,14 +1,17 @@
 """The Python client: submit tasks, read their state, wait for them, follow results.
 
-A submission is accepted only once JetStream has stored it. The order of the two publishes matters:
+A submission is accepted only once JetStream has stored it, and it is stored once: the task message on
+``<prefix>.tasks.<provider>.<priority>.<task id>``, in the tasks stream (limits retention, kept as long
+as the events), with ``Nats-Msg-Id`` set to the idempotency key's de-duplication id (or the task's own).
+That message is the record of the task's acceptance. The stream's RePublish (done by the server, with no
+round trip of the client's) stores a headers-only copy of it in the events stream as the task's
+``queued`` event, so every reader that goes by event subjects sees the task arrive; a reader that needs
+what the task asks reads it from the tasks stream (:func:`hive_bus._assigned.assignment`).
 
-1. the ``queued`` event (carrying the whole task) goes to the events stream with ``Nats-Msg-Id`` set to
-   the idempotency key (or the task id). If JetStream says it is a duplicate, the first task is read
-   back from that event: a resubmission returns the first task's id;
-2. the task goes to the tasks stream with ``Nats-Msg-Id`` set to its id, so a resubmission whose first
-   attempt failed between the two steps still queues the task exactly once.
-
-Publishing the event first also means a task's ``queued`` event always precedes its ``running`` one.
+If JetStream says the publish is a duplicate, its ack names the first task message's sequence: the first
+task is read back from it, and a resubmission returns the first task's id (within the duplicate
+window). A task with a ``not_before`` is the exception: its ``queued`` event, which carries it (its status
+reads ``scheduled``), and its start timer are its record until the server queues it at its time.
 """
 
 from __future__ import annotations
