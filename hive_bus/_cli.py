@@ -971,6 +971,24 @@ def _key_value(item: str) -> tuple[str, Any]:
 
 @cli.command()
 @bus_options
+def upgrade(settings: Settings) -> None:
+    """Upgrade the bus's objects to this version (and check them): a work-queue tasks stream of an older
+    hive-bus becomes the limits one, its queued tasks kept. The gateway and `hive up` do it at start too;
+    a worker's credential may not."""
+
+    async def main() -> None:
+        async with open_bus(settings, name="hive-upgrade") as bus:
+            info = await bus.js.stream_info(bus.names.tasks_stream)
+        click.echo(
+            f"{bus.names.tasks_stream}: {info.config.retention.value if info.config.retention else '?'} "
+            f"retention, {info.state.messages} tasks held; the bus is up to date"
+        )
+
+    _run(main)
+
+
+@cli.command()
+@bus_options
 def workers(settings: Settings) -> None:
     """List the workers whose heartbeat has not expired."""
 

@@ -15,7 +15,7 @@ from hive_bus.bus import open_bus
 from hive_bus.workers.echo import EchoProvider
 
 from .conftest import make_settings
-from .helpers import events_of, running_worker, unacked
+from .helpers import events_of, hive_cli, running_worker, unacked
 
 pytestmark = pytest.mark.anyio
 
@@ -116,3 +116,18 @@ async def test_a_worker_is_told_to_start_the_gateway_first(settings: Settings) -
         async with open_bus(worker):
             pass
     assert settings.names.tasks_stream in str(caught.value)
+
+
+async def test_hive_upgrade_upgrades_the_bus(settings: Settings) -> None:
+    ids = await _old_bus(settings)
+    args = ["upgrade", "--nats", settings.nats_url, "--prefix", settings.prefix]
+    env = {"HIVE_HEARTBEAT_INTERVAL_S": "0.5", "HIVE_HEARTBEAT_TTL_S": "1.5"}  # the test bus's (conftest)
+    done = hive_cli(args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"limits retention, {OLD_TASKS + 1} tasks held" in done.stdout
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        try:
+            assert (await hive.get(ids[3])).prompt == "tarea 3"
+        finally:
+            await hive.close()

@@ -32,7 +32,7 @@ from hive_bus.bus import Bus, open_bus
 from hive_bus.workers.echo import EchoProvider
 
 from ..faults.dead_letters import assert_dead_lettered
-from ..helpers import eventually, running_worker
+from ..helpers import eventually, running_worker, unacked
 from ..test_cli import Up, hive_up
 from ..test_gateway import serving
 
@@ -207,7 +207,7 @@ async def test_the_worker_dead_letters_a_deep_task_and_goes_on(bus: Bus, hive: H
             assert event.reason == "undecodable"
             assert f"nested deeper than {MAX_NESTING} levels" in event.error
             await assert_dead_lettered(bus, "echo", task_id, "undecodable")
-    assert (await bus.js.stream_info(names.tasks_stream)).state.messages == 0  # none left to come back
+    assert await unacked(bus) == 0  # none left to come back
 
 
 async def test_an_output_nested_too_deep_fails_the_task_with_the_reason(bus: Bus, hive: Hive) -> None:
