@@ -205,7 +205,7 @@ class StoreAudit:
                 del self._open[task_id]
         self._lost_total += len(lost)
         report = AuditReport(
-            at_ms=now_ms(), open=len(self._open), held=sum(map(len, held.values())), lost=len(lost),
+            at_ms=now_ms(), open=len(self._open), held=len(held.keys() & self._open.keys()), lost=len(lost),
             lost_ids=lost[:SHOWN_IDS],
             lost_total=self._lost_total, seconds=round(time.perf_counter() - t0, 3),
         )  # fmt: skip

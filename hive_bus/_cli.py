@@ -980,7 +980,7 @@ def upgrade(settings: Settings) -> None:
         async with open_bus(settings, name="hive-upgrade") as bus:
             info = await bus.js.stream_info(bus.names.tasks_stream)
         click.echo(
-            f"{bus.names.tasks_stream}: {info.config.retention.value if info.config.retention else '?'} "
+            f"{bus.names.tasks_stream}: {getattr(info.config.retention, 'value', info.config.retention)} "
             f"retention, {info.state.messages} tasks held; the bus is up to date"
         )
 

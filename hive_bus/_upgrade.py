@@ -51,8 +51,10 @@ async def upgrade_tasks_stream(js: JetStreamContext, settings: Settings) -> None
     not) and when a step fails."""
     names = settings.names
     info = await _info(js, names.tasks_stream)
-    copy = await _info(js, names.upgrade_stream)
     old = info is not None and info.config.retention == RetentionPolicy.WORK_QUEUE
+    # a worker's credential may look at the tasks stream alone: a copy left by an upgrade cut short is
+    # the gateway's to finish (the worker finds the stream missing, or made again, meanwhile)
+    copy = None if settings.worker_name else await _info(js, names.upgrade_stream)
     if not old and copy is None:
         if info is not None and info.config.republish is None and _ours(info.config, settings):
             await js.update_stream(tasks_stream_config(settings))  # the last step of one cut short

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import anyio
 
-from hive_bus import Provider, ProviderKey, TaskEvent, Worker, WorkerOptions
+from hive_bus import Provider, ProviderKey, Task, TaskEvent, Worker, WorkerOptions
+from hive_bus._assigned import assignment
 from hive_bus._messages import decode_event
 from hive_bus._stats import queue_depths
 from hive_bus.bus import Bus
@@ -225,3 +226,11 @@ async def unacked(bus: Bus) -> int:
     """The tasks the providers' consumers have not acked (queued, waiting or running): the tasks stream
     keeps acked tasks as history, so its message count no longer says what is queued."""
     return sum(d.pending + d.ack_pending for d in (await queue_depths(bus)).values())
+
+
+async def task_of(bus: Bus, task_id: str) -> Task:
+    """The task as the bus has it queued: its message in the tasks stream (its ``queued`` event is the
+    stream's headers-only marker of it)."""
+    here = await assignment(bus, task_id)
+    assert here is not None, f"no task {task_id} on the bus"
+    return here.task
