@@ -14,6 +14,7 @@ after the event that put the task there.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -251,6 +252,13 @@ async def _last_readable(bus: Bus, subject: str) -> tuple[TaskEvent, int] | None
     return found
 
 
+def _hopped(task: Task, source: str, destination: str | None) -> bool:
+    """Whether ``task`` (as queued now) moved from ``source`` to ``destination`` (to anywhere, for None)
+    on its way (its ``tried`` lists the providers it left, in order)."""
+    path = [*task.tried, task.provider]
+    return any(a == source and destination in (None, b) for a, b in itertools.pairwise(path))
+
+
 @dataclass(frozen=True, slots=True)
 class Place:
     """Where a task is assigned, and what a reader needs to check its next move: its fallbacks and
@@ -324,7 +332,12 @@ class Assignments:
             if here is None:
                 return False
             if status == "moved":
-                return isinstance(here.event, Moved) and here.event.provider == provider
+                if isinstance(here.event, Moved):
+                    return here.event.provider == provider
+                # the router has queued it on its next provider since (the marker of that is the
+                # task's last queued event): a move counts when it is a hop the task made
+                to = event.task.provider if isinstance(event, Moved) else None
+                return _hopped(here.task, provider, to)
             return here.provider == provider
         return (
             place is not None and place.provider == provider and (event is None or event.provider == provider)
