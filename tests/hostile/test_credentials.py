@@ -152,9 +152,14 @@ async def test_a_worker_cannot_read_another_providers_prompts(hub: tuple[Hub, Na
         body = json.dumps({"last_by_subj": f"hive.events.gemini.{secret}.queued"}).encode()
         assert await mallory.direct_get(events, body) is None
         assert await mallory.direct_get("$JS.API.STREAM.MSG.GET.HIVE_EVENTS", b'{"seq": 1}') is None
-        # what its own tasks need it still reads: an echo task's last event
-        mine = await mallory.direct_get(f"{events}.hive.events.echo.{own}.*")
-        assert mine is not None and b"mine" in mine
+        # the tasks stream (whose direct gets readers of a task's content use) is the hub's alone
+        tasks = "$JS.API.DIRECT.GET.HIVE_TASKS"
+        for subject in (f"{tasks}.hive.tasks.gemini.normal.{secret}", f"{tasks}.hive.tasks.*.*.{secret}"):
+            assert await mallory.direct_get(subject) is None, subject
+        assert await mallory.direct_get("$JS.API.STREAM.MSG.GET.HIVE_TASKS", b'{"seq": 1}') is None
+        # what its own tasks need it still reads: an echo task's last event (its queued event, the tasks
+        # stream's headers-only marker: no content, which the worker gets with the task itself)
+        assert await mallory.direct_get(f"{events}.hive.events.echo.{own}.*") is not None
 
 
 async def test_a_forged_outcome_neither_counts_nor_blocks_the_real_one(hub: tuple[Hub, NatsServer]) -> None:
