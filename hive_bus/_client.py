@@ -79,7 +79,7 @@ SUBMIT_WINDOW = 256
 # cancels in flight at once in a bulk cancel
 CANCEL_WINDOW = 64
 # Tasks this client queued lately, with nowhere to move to: a wait on one reads nothing when the waits'
-# follower says nothing has ended it since its queued event (hive_bus._waits).
+# follower says nothing has ended it since it was queued (hive_bus._waits).
 MINE_TASKS = 16_384
 # A wait reads the task's state again after this long without an event: only a follower lost with its
 # server (a restart) needs it, as the follower delivers every event stored after its start.
@@ -267,9 +267,9 @@ class Hive:
         self, requests: Sequence[TaskRequest], *, task_ids: Sequence[str] | None = None
     ) -> list[Accepted | HiveError]:
         """Queue validated requests, each as :meth:`submit_request` would, with the publishes of all of
-        them in flight together: every ``queued`` event, then every task whose event was stored. Each
-        task's event is stored before the task is published, and a task counts as accepted only once
-        JetStream stored it. Returns each request's outcome, in order: accepted, or the error that
+        them in flight together, in one write: each task's message (its one stored write), with its
+        metadata index entries and timers. A task counts as accepted only once JetStream stored it.
+        Returns each request's outcome, in order: accepted, or the error that
         kept it out. A task the bus cannot carry raises :class:`TooLarge` naming its index, before
         anything is queued. ``task_ids`` gives each task its id (a batch's lines have ids made from the
         batch and the line, so that a line queued twice is one task); new ids by default."""

@@ -6,7 +6,7 @@ Two durable consumers, shared by every gateway of the bus:
    provider its task is assigned to, ``hive_bus._assigned``), one :class:`Delivery` per receiver (the
    task's own webhook, and each gateway-wide one that wants that kind of event) goes into the
    ``<PREFIX>_WEBHOOKS`` queue, de-duplicated by its webhook id; then the event is acked. The webhook
-   URL is the task's as the bus knows it (its ``queued`` event), never a worker's copy.
+   URL is the task's as the bus knows it (its message in the tasks stream), never a worker's copy.
 2. the deliveries: each is signed and POSTed; a 2xx acks it. A failure NAKs it with the next delay of
    ``retry_s`` (a timer in the server: a restart of the gateway, or another gateway, takes it up when it
    runs out), so the id and body stay those of the first attempt; past the last delay it is given up
