@@ -71,7 +71,10 @@ async def publish(bus: Bus, messages: Sequence[tuple[str, bytes]]) -> None:
 
 
 async def follower_cpu(
-    bus: Bus, subjects: list[str] | None, count: int, apply: Callable[[str, bytes], None]
+    bus: Bus,
+    subjects: list[str] | None,
+    count: int,
+    apply: Callable[[str, bytes, dict[str, str] | None], None],
 ) -> float:
     """CPU seconds of this process to publish ``count`` tasks' events while following ``subjects``
     (None: not following) until every followed one has been applied."""
@@ -79,10 +82,10 @@ async def follower_cpu(
     want = 0 if subjects is None else (2 if len(subjects) > 4 else 1) * count
     all_seen = anyio.Event()
 
-    def counting(subject: str, data: bytes) -> None:
+    def counting(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         nonlocal seen
         seen += 1
-        apply(subject, data)
+        apply(subject, data, headers)
         if seen >= want:
             all_seen.set()
 

@@ -4,7 +4,8 @@ counted from that provider alone.
 A worker credential may write events under its own provider for any task id it likes: a forged
 ``completed`` on ``<prefix>.events.echo.<a gemini task's id>.completed`` is stored like any other
 event. So no reader takes a task's last event, whoever wrote it. The task as the bus knows it is its
-last ``queued`` event (only a submission or a replay writes those; no worker may), then each ``moved``
+last ``queued`` event (the tasks stream's marker of the task's last message, which only the hub
+writes; or, on a bus older than one write per submission, the event itself, which carried the task), then each ``moved``
 event recorded under the provider the task was on at the time, to the next provider of that task's own
 fallback list. An outcome counts only when it is recorded under the provider at the end of that chain,
 after the event that put the task there.
@@ -13,6 +14,7 @@ after the event that put the task there.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,7 +26,17 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg
 
 from ._bus import Bus
-from ._messages import Cancelled, Moved, Queued, Task, TaskEvent, TaskView, event_decoder, is_final
+from ._messages import (
+    Cancelled,
+    Moved,
+    Queued,
+    Task,
+    TaskEvent,
+    TaskView,
+    decode_event,
+    is_final,
+    task_decoder,
+)
 from ._nats import BUS_ERRORS
 
 log = logging.getLogger("hive_bus.assigned")
@@ -59,15 +71,30 @@ def hop(task: Task, event: Moved) -> Task | None:
 
 async def assignment(bus: Bus, task_id: str) -> Assignment | None:
     """The task as the bus knows it now, or None when no submission ever queued it (or its events have
-    aged out). Raises nats errors when the stream does not answer."""
+    aged out). Raises nats errors when the stream does not answer.
+
+    Its last ``queued`` event is the tasks stream's marker of the task's last message (a submission, a
+    replay, a move the router made, a start timer that fired): the task is that message. A marker is
+    best-effort (the server republishes over core NATS): a task whose marker was lost is found in the
+    tasks stream all the same, as if queued before every event of its provider."""
     names = bus.names
     got = await _last(bus, names.event_subject("*", task_id, "queued"))
     if got is None:
-        return None
+        task = await queued_task(bus, task_id)
+        if task is None:
+            return None
+        got = Queued(task_id=task_id, provider=task.provider, at_ms=task.submitted_at_ms, task=task), 0
     queued, seq = got
-    if not isinstance(queued, Queued) or queued.task.id != task_id:
+    if not isinstance(queued, Queued):
         return None
-    here = Assignment(task=queued.task, event=queued, seq=seq)
+    task = queued.task if queued.task is not None else await queued_task(bus, task_id)
+    if task is None and queued.task is None:
+        # its message is gone (aged out, or lost from the store: the audit records that): what it
+        # asked went with it, and where it was queued is all the bus knows
+        task = Task(id=task_id, provider=queued.provider, submitted_at_ms=queued.at_ms, messages=[])
+    if task is None or task.id != task_id:
+        return None
+    here = Assignment(task=task, event=queued, seq=seq)
     for _ in range(MAX_HOPS):
         if here.task.next_hop() is None:
             break  # nowhere left to move to: no move recorded under it can count (and no read for it)
@@ -137,6 +164,44 @@ async def current(bus: Bus, task_id: str) -> tuple[TaskView, int] | None:
     return TaskView.of(here.event).with_task(here.task), here.seq
 
 
+async def queued_task(bus: Bus, task_id: str) -> Task | None:
+    """The task's last message in the tasks stream (the task as last queued, on whichever provider), or
+    None when there is none or it does not decode."""
+    try:
+        raw: RawStreamMsg = await bus.js.get_last_msg(
+            bus.names.tasks_stream, bus.names.tasks_of(task_id), direct=True
+        )
+    except nats.js.errors.NotFoundError:
+        return None
+    try:
+        return task_decoder.decode(raw.data or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        log.warning("task message %s of %s does not decode", raw.seq, task_id)
+        return None
+
+
+def marker_seq(headers: dict[str, str] | None) -> int | None:
+    """The tasks stream sequence a ``queued`` marker read from a consumer names (its stored headers;
+    a direct get of the marker answers with the events stream's own instead)."""
+    try:
+        return int((headers or {})["Nats-Sequence"])
+    except (KeyError, ValueError):
+        return None
+
+
+async def task_at(bus: Bus, seq: int, task_id: str) -> Task | None:
+    """The task message at ``seq`` in the tasks stream, when it is ``task_id``'s (else None)."""
+    try:
+        raw: RawStreamMsg = await bus.js.get_msg(bus.names.tasks_stream, seq=seq, direct=True)
+    except nats.js.errors.NotFoundError:
+        return None
+    try:
+        task = task_decoder.decode(raw.data or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    return task if task.id == task_id else None
+
+
 async def _latest(bus: Bus, subject: str) -> tuple[TaskEvent, int, str] | None:
     """The last event on ``subject`` (a filter), its sequence and the provider its subject names; None
     when there is none or it does not decode."""
@@ -145,7 +210,7 @@ async def _latest(bus: Bus, subject: str) -> tuple[TaskEvent, int, str] | None:
     except nats.js.errors.NotFoundError:
         return None
     try:
-        event = event_decoder.decode(raw.data or b"")
+        event = decode_event(raw.subject or "", raw.data, raw.headers)
     except (msgspec.DecodeError, RecursionError):
         return None
     return event, raw.seq or 0, bus.names.provider_of_subject(raw.subject or "")
@@ -159,7 +224,7 @@ async def _last(bus: Bus, subject: str) -> tuple[TaskEvent, int] | None:
     except nats.js.errors.NotFoundError:
         return None
     try:
-        return event_decoder.decode(raw.data or b""), raw.seq or 0
+        return decode_event(raw.subject or "", raw.data, raw.headers), raw.seq or 0
     except (msgspec.DecodeError, RecursionError):
         log.warning("event %s on %s does not decode; reading past it", raw.seq, subject)
     return await _last_readable(bus, subject)
@@ -177,7 +242,7 @@ async def _last_readable(bus: Bus, subject: str) -> tuple[TaskEvent, int] | None
         with anyio.move_on_after(bus.settings.request_timeout_s):
             async for msg in sub.messages:
                 with contextlib.suppress(msgspec.DecodeError, RecursionError):
-                    found = event_decoder.decode(msg.data), msg.metadata.sequence.stream
+                    found = decode_event(msg.subject, msg.data, msg.headers), msg.metadata.sequence.stream
                 if msg.metadata.num_pending == 0:
                     break
     finally:
@@ -185,6 +250,13 @@ async def _last_readable(bus: Bus, subject: str) -> tuple[TaskEvent, int] | None
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
     return found
+
+
+def _hopped(task: Task, source: str, destination: str | None) -> bool:
+    """Whether ``task`` (as queued now) moved from ``source`` to ``destination`` (to anywhere, for None)
+    on its way (its ``tried`` lists the providers it left, in order)."""
+    path = [*task.tried, task.provider]
+    return any(a == source and destination in (None, b) for a, b in itertools.pairwise(path))
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +332,12 @@ class Assignments:
             if here is None:
                 return False
             if status == "moved":
-                return isinstance(here.event, Moved) and here.event.provider == provider
+                if isinstance(here.event, Moved):
+                    return here.event.provider == provider
+                # the router has queued it on its next provider since (the marker of that is the
+                # task's last queued event): a move counts when it is a hop the task made
+                to = event.task.provider if isinstance(event, Moved) else None
+                return _hopped(here.task, provider, to)
             return here.provider == provider
         return (
             place is not None and place.provider == provider and (event is None or event.provider == provider)

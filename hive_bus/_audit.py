@@ -3,7 +3,8 @@
 nats-server rebuilds each stream from its message blocks when it starts. A damaged block costs the
 messages in it, and nats-server 2.15 does not say so in the stream state (its ``lost`` stays unset; see
 docs/reliability.md). The record still knows those tasks: the events stream holds each task's
-``queued`` event, with the whole task, and no final event after it. The audit compares the two:
+``queued`` event (the tasks stream's headers-only marker of the task message, or on an older bus the
+event with the whole task) and no final event after it. The audit compares the two:
 
 1. first by counts, which nats-server keeps up to date as events are stored (hive_bus._tallies):
    the tasks the record says are open (``queued`` events less final ones: ``completed``, ``failed``,
@@ -19,19 +20,26 @@ docs/reliability.md). The record still knows those tasks: the events stream hold
 2. when it holds fewer, task by task (``AuditReport.compared == "ids"``): it reads the events
    stream by subject only (headers, no bodies) from its start, keeping the tasks whose last lifecycle
    event is ``queued`` or ``moved`` with no ``completed`` or ``failed`` after it: the open tasks;
-3. it reads the ids of the tasks the tasks stream holds (message by message: a work-queue stream
-   allows no second consumer beside the workers');
-4. an open task missing from the tasks stream, whose last event is older than ``grace_s`` (a
-   submission stores its ``queued`` event before its task) and that is not a move the router has yet
-   to queue, is read again by its last event. If nothing happened to it since, it is lost: a
+3. it reads the ids of the tasks the tasks stream holds that its consumers may not have acked (from
+   the lowest ack floor on), by their subjects, with a headers-only consumer: no body is read;
+4. an open task missing from the tasks stream (on the provider its ``queued`` event names), whose last
+   event is older than ``grace_s`` and that is not a move the router has yet to queue, is read again
+   by its last event. If nothing happened to it since, it is lost: a
    ``failed`` event with reason ``lost`` records it (``Nats-Msg-Id: <id>:final``, so a late outcome of
    a worker, or another gateway's audit, is recorded once), and it goes to the dead letters, from
-   where ``hive dlq replay <id>`` queues it again. The open tasks are then let go: each such audit
-   reads the record anew.
+   where ``hive dlq replay <id>`` queues it again when its record kept the task (a bus older than one
+   write per submission, whose ``queued`` events carried it). A marker carries no task: the content of
+   a task lost with its message is lost too, and its dead letter names the task and cannot replay it.
+   The open tasks are then let go: each such audit reads the record anew.
 
-A submission in progress (its ``queued`` event stored, its task not yet) makes the counts differ for a
-moment: they are taken again (:data:`COUNT_TRIES`), and when they still differ the audit compares ids,
-and finds nothing lost within the grace period.
+What the audit can no longer see: the server republishes a task as its marker over core NATS, best
+effort. A task whose marker was never stored is not in the record, and if its message is lost as well
+nothing names it (the submitter had its ack all the same). A marker alone lost costs nothing: the task
+runs, and its readers find it in the tasks stream (:func:`hive_bus._assigned.assignment`).
+
+A move, or a scheduled task that started, stores a second ``queued`` event of the task: the counts of
+open tasks come out higher than the tasks held, and the audit compares ids, finding nothing lost. An
+outcome in progress makes them differ for a moment: they are taken again (:data:`COUNT_TRIES`).
 
 The gateway runs it (:meth:`StoreAudit.run`): at start, after every reconnection, and every
 ``every_s``. Metrics count the ``lost`` failures (``hive_tasks_lost_total``); an alert rule fires on them.
@@ -53,9 +61,10 @@ from anyio.abc import TaskStatus
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from . import _dlq
-from ._bus import Bus
+from ._bus import Bus, consumer_infos
+from ._counts import submitted_counts
 from ._errors import TooLarge
-from ._messages import FINAL_STATUSES, Failed, Moved, Queued, Task, encoder, event_decoder, now_ms
+from ._messages import FINAL_STATUSES, Failed, Moved, Queued, Task, decode_event, encoder, now_ms
 from ._nats import BUS_ERRORS
 from ._nats import reconnects as nats_reconnects
 from ._nesting import Guarded
@@ -181,11 +190,14 @@ class StoreAudit:
         await self._follow_record()
         cutoff_s = time.time() - self.grace_s
         old = {task_id for task_id, o in self._open.items() if o.last_at_s <= cutoff_s}
-        held = await self._held_ids() if old else set()
+        held = await self._held_ids() if old else {}
         routed_up_to = await self._router_ack_floor() if old else 0
         lost: list[str] = []
-        for task_id in sorted(old - held):
+        for task_id in sorted(old):
             o = self._open[task_id]
+            on = held.get(task_id, set())
+            if o.provider in on if o.status == "queued" else bool(on - {o.provider}):
+                continue  # held on the provider it waits on (a moved one: on another)
             if o.status == "moved" and o.event_seq > routed_up_to:
                 continue  # the router has yet to queue it on its next provider
             if await self._record_lost(task_id, o):
@@ -193,7 +205,8 @@ class StoreAudit:
                 del self._open[task_id]
         self._lost_total += len(lost)
         report = AuditReport(
-            at_ms=now_ms(), open=len(self._open), held=len(held), lost=len(lost), lost_ids=lost[:SHOWN_IDS],
+            at_ms=now_ms(), open=len(self._open), held=len(held.keys() & self._open.keys()), lost=len(lost),
+            lost_ids=lost[:SHOWN_IDS],
             lost_total=self._lost_total, seconds=round(time.perf_counter() - t0, 3),
         )  # fmt: skip
         if lost:
@@ -234,7 +247,7 @@ class StoreAudit:
         provider, task_id, status = subject.rsplit(".", 3)[1:]
         self._next_seq = seq + 1
         o = self._open.get(task_id)
-        if status == "queued":  # only a submission or a replay writes these
+        if status == "queued":  # the tasks stream's markers (and a scheduled task's submission)
             self._open[task_id] = _Open(provider, status, seq, seq, at_s)
             return
         # Any other event counts only from the provider the task is on: a worker credential may write
@@ -249,25 +262,67 @@ class StoreAudit:
         else:  # running, retrying: still open
             o.last_seq, o.last_at_s = seq, at_s
 
-    async def _held_ids(self) -> set[str]:
-        """The ids of the tasks the tasks stream holds now."""
+    async def _held_ids(self) -> dict[str, set[str]]:
+        """The tasks the tasks stream holds that its consumers may not have acked (every message from
+        the lowest ack floor of the providers' consumers on): each id with the providers it is queued on.
+        Read from their subjects alone (``<prefix>.tasks.<provider>.<priority>.<task id>``), headers
+        only: no body is read, and none needs to decode."""
         bus, names = self._bus, self._bus.names
         state = (await bus.js.stream_info(names.tasks_stream)).state
-        held: set[str] = set()
-        seq = state.first_seq
-        while state.messages and seq <= state.last_seq:
-            try:
-                raw = await bus.js.get_msg(names.tasks_stream, seq=seq, subject=names.all_tasks, next=True)
-            except nats.js.errors.NotFoundError:
-                break  # none after seq
-            except nats.js.errors.APIError as exc:
-                log.warning("store audit: message %d of %s unreadable (%s)", seq, names.tasks_stream, exc)
-                seq += 1
-                continue
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):  # poison: for the workers
-                held.add(_task_id_decoder.decode(raw.data or b"").id)
-            seq = (raw.seq or seq) + 1
+        held: dict[str, set[str]] = {}
+        if not state.messages:
+            return held
+        config = ConsumerConfig(
+            description="hive-bus store audit",
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(state.first_seq, await self._unacked_from()),
+            ack_policy=AckPolicy.NONE,
+            headers_only=True,
+            mem_storage=True,
+            inactive_threshold=60.0,
+        )
+        if config.opt_start_seq is not None and config.opt_start_seq > state.last_seq:
+            return held
+        psub = await bus.js.pull_subscribe(names.all_tasks, stream=names.tasks_stream, config=config)
+        try:
+            remaining = (await psub.consumer_info()).num_pending or 0
+            while remaining > 0:
+                try:
+                    msgs = await psub.fetch(
+                        min(remaining, FETCH_BATCH), timeout=bus.settings.request_timeout_s
+                    )
+                except nats.errors.TimeoutError:
+                    # counted and never delivered: a message the store cannot read (a flipped byte) is
+                    # skipped by every consumer, and so is not held
+                    log.warning(
+                        "store audit: %d message(s) of %s counted but not delivered",
+                        remaining,
+                        names.tasks_stream,
+                    )
+                    break
+                for msg in msgs:
+                    tokens = msg.subject.split(".")
+                    if len(tokens) == 5:
+                        held.setdefault(tokens[4], set()).add(tokens[2])
+                remaining -= len(msgs)
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(*BUS_ERRORS):
+                await psub.unsubscribe()
         return held
+
+    async def _unacked_from(self) -> int:
+        """The lowest sequence of the tasks stream that a provider's consumer has not acked: every
+        open task's message is at or after it (a worker acks a task once its outcome is stored). 1 when
+        a provider tasks were submitted to has no consumer yet (nothing acked its tasks)."""
+        names = self._bus.names
+        floors: dict[str, int] = {}
+        for info in await consumer_infos(self._bus, self._bus.names.tasks_stream):
+            if (queue := names.of_consumer(info.name)) is not None:
+                floor = (info.ack_floor.stream_seq if info.ack_floor else 0) or 0
+                floors[queue[0]] = min(floors.get(queue[0], floor), floor)
+        if set(await submitted_counts(self._bus)) - set(floors) or not floors:
+            return 1
+        return min(floors.values()) + 1
 
     async def _router_ack_floor(self) -> int:
         """The last moved event the router has queued (all before it are too); 0 without a router."""
@@ -297,7 +352,12 @@ class StoreAudit:
             error=(
                 f"its message is not in the {names.tasks_stream} stream and no outcome was recorded: lost "
                 "from the NATS store (a damaged or purged stream), or its submission was cut off before "
-                f"the task was stored; `hive dlq replay {task_id}` queues it again"
+                "the task was stored; "
+                + (
+                    f"`hive dlq replay {task_id}` queues it again"
+                    if task is not None
+                    else "what it asked was in that message and is lost with it: submit it again"
+                )
             ),
             task=task,
         )  # fmt: skip
@@ -324,11 +384,13 @@ class StoreAudit:
         return True
 
     async def _task_of(self, o: _Open) -> Task | None:
-        """The task as its last ``queued`` or ``moved`` event carries it."""
+        """The task as its last ``queued`` or ``moved`` event carries it; a marker carries none (the
+        task was in the message found missing: its content is lost with it, and its dead letter holds
+        its id alone)."""
         try:
             raw = await self._bus.js.get_msg(self._bus.names.events_stream, seq=o.event_seq, direct=True)
-            event = event_decoder.decode(raw.data or b"")
-        except (nats.js.errors.NotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+            event = decode_event(raw.subject or "", raw.data, raw.headers)
+        except (nats.js.errors.NotFoundError, msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return None
         return event.task if isinstance(event, Queued | Moved) else None
 

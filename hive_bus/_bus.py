@@ -34,6 +34,7 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -227,8 +228,8 @@ async def declare_bus(js: JetStreamContext, settings: Settings) -> dict[str, Key
     """Create the streams and the KV buckets if missing; check them if present."""
     names = settings.names
     try:
-        await _ensure_stream(js, tasks_stream_config(settings))
-        await _ensure_stream(js, events_stream_config(settings))
+        await _ensure_stream(js, events_stream_config(settings))  # first: the tasks stream republishes to it
+        await ensure_tasks_stream(js, settings)
         if not settings.worker_name:  # a worker's credential may not; the gateway's does it
             await split_shared_dlq(js, settings)
         await _ensure_stream(js, blobs_stream_config(settings))
@@ -253,19 +254,29 @@ async def declare_bus(js: JetStreamContext, settings: Settings) -> dict[str, Key
         ) from None
 
 
-def tasks_stream_config(settings: Settings) -> StreamConfig:
+def tasks_stream_config(settings: Settings, *, republish: bool = True) -> StreamConfig:
+    """The tasks stream: each task message is the record of its acceptance (one stored write per
+    submission). Limits retention, kept as long as the events (an ack no longer deletes: what is
+    queued is what the providers' consumers have not acked); each task stored is republished by the
+    server, headers only, as the task's ``queued`` event. ``republish`` False: while an upgrade puts
+    back the tasks of a work-queue stream (they have their ``queued`` events already)."""
     names = settings.names
+    source, destination = names.queued_republish
     return StreamConfig(
         name=names.tasks_stream,
-        description="hive-bus tasks, one subject per provider",
+        description="hive-bus tasks, one subject per provider, priority and task",
         subjects=[names.all_tasks],
-        retention=RetentionPolicy.WORK_QUEUE,
+        retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
-        # A full queue refuses new work (a clear 503) rather than dropping accepted work.
+        # A full stream refuses new work (a clear 503) rather than dropping accepted work. It holds the
+        # tasks of the history's age too (queued or not): size max_msgs and max_bytes for both.
         discard=DiscardPolicy.NEW,
+        max_age=settings.events_max_age_s,
         max_msgs=settings.tasks_max_msgs,
         max_bytes=settings.tasks_max_bytes,
         duplicate_window=settings.duplicate_window_s,
+        allow_direct=True,
+        republish=RePublish(src=source, dest=destination, headers_only=True) if republish else None,
         num_replicas=settings.replicas,
     )
 
@@ -510,12 +521,21 @@ async def ensure_counters_stream(js: JetStreamContext, settings: Settings) -> No
         ) from None
 
 
+async def ensure_tasks_stream(js: JetStreamContext, settings: Settings) -> None:
+    """The tasks stream, made or checked; a work-queue one (buses before one write per submission) is
+    upgraded by any process but a worker (:mod:`hive_bus._upgrade`)."""
+    from ._upgrade import upgrade_tasks_stream  # it builds on this module
+
+    await upgrade_tasks_stream(js, settings)
+    await _ensure_stream(js, tasks_stream_config(settings))
+
+
 def consumer_config(settings: Settings, provider: str, priority: str = "normal") -> ConsumerConfig:
     names = settings.names
     return ConsumerConfig(
         durable_name=names.consumer(provider, priority),
         description=f"hive-bus workers of provider {provider}, {priority} priority",
-        filter_subject=names.task_subject(provider, priority),
+        filter_subject=names.task_filter(provider, priority),
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
@@ -549,6 +569,7 @@ async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
             "subjects": (sorted(have.subjects or []), sorted(want.subjects or [])),
             "allow_direct": (bool(have.allow_direct), bool(want.allow_direct)),
             "allow_msg_counter": (bool(have.allow_msg_counter), bool(want.allow_msg_counter)),
+            "republish": (have.republish, want.republish),
         },
         limits={
             "max_msgs": (have.max_msgs, want.max_msgs),

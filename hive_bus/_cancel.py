@@ -11,7 +11,6 @@ acks. So a queued or waiting task never runs, and a running one stops.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -89,14 +88,16 @@ def _ended(view: TaskView) -> TaskView:
 async def queued(
     bus: Bus, *, provider: str | None = None, metadata: Mapping[str, Any] | None = None
 ) -> dict[str, int]:
-    """The tasks the tasks stream holds (queued, waiting or running), of one provider or all, whose
-    metadata has every key and value of ``metadata``: each id with its message's sequence, read in one
-    pass over the queue by message gets (a work queue takes no second consumer to read it with)."""
+    """The tasks the providers' consumers have not acked yet (queued, waiting or running), of one
+    provider or all, whose metadata has every key and value of ``metadata``: each id with its message's
+    sequence, read in one pass by message gets from the lowest ack floor of those consumers (the
+    tasks stream keeps acked tasks too: one acked out of order may be among them, and cancelling it
+    finds it ended)."""
     names = bus.names
-    subject = names.task_subject(provider, "*") if provider else names.all_tasks
+    subject = names.task_filter(provider, "*") if provider else names.all_tasks
     found: dict[str, int] = {}
-    seq = 1
     try:
+        seq = await _first_unacked(bus, provider)
         while True:
             try:
                 raw = await bus.js.get_msg(names.tasks_stream, seq=seq, subject=subject, next=True)
@@ -114,11 +115,22 @@ async def queued(
     return found
 
 
-async def drop(bus: Bus, seq: int) -> None:
-    """Take a cancelled task's message out of the queue, so that it takes no room there until a worker
-    would have let it go (a message a worker holds meanwhile is let go as well)."""
-    with contextlib.suppress(*BUS_ERRORS):
-        await bus.js.delete_msg(bus.names.tasks_stream, seq)
+async def _first_unacked(bus: Bus, provider: str | None) -> int:
+    """The lowest stream sequence that a consumer of ``provider`` (or of any) has not acked, 1 when the
+    provider has no consumer (nothing acked its tasks)."""
+    names = bus.names
+    floors: list[int] = []
+    offset = 0
+    while True:
+        page = await bus.js.consumers_info(names.tasks_stream, offset=offset or None)
+        offset += len(page)
+        for info in page:
+            queue = names.of_consumer(info.name)
+            if queue is not None and (provider is None or queue[0] == provider):
+                floors.append((info.ack_floor.stream_seq if info.ack_floor else 0) + 1)
+        if len(page) < 256:
+            break
+    return min(floors) if floors else 1
 
 
 class CancelWatch:

@@ -37,8 +37,8 @@ from ._messages import (
     TaskRequest,
     TaskStatus,
     TaskView,
+    decode_event,
     encoder,
-    event_decoder,
     explain_error,
     now_ms,
     request_decoder,
@@ -996,6 +996,24 @@ def _key_value(item: str) -> tuple[str, Any]:
 
 @cli.command()
 @bus_options
+def upgrade(settings: Settings) -> None:
+    """Upgrade the bus's objects to this version (and check them): a work-queue tasks stream of an older
+    hive-bus becomes the limits one, its queued tasks kept. The gateway and `hive up` do it at start too;
+    a worker's credential may not."""
+
+    async def main() -> None:
+        async with open_bus(settings, name="hive-upgrade") as bus:
+            info = await bus.js.stream_info(bus.names.tasks_stream)
+        click.echo(
+            f"{bus.names.tasks_stream}: {getattr(info.config.retention, 'value', info.config.retention)} "
+            f"retention, {info.state.messages} tasks held; the bus is up to date"
+        )
+
+    _run(main)
+
+
+@cli.command()
+@bus_options
 def workers(settings: Settings) -> None:
     """List the workers whose heartbeat has not expired."""
 
@@ -1065,7 +1083,7 @@ async def _follow_events(hive: Hive, provider: str | None) -> None:
     ) as sub:
         async for msg in sub.messages:
             try:
-                view = TaskView.of(event_decoder.decode(msg.data))
+                view = TaskView.of(decode_event(msg.subject, msg.data, msg.headers))
             except msgspec.DecodeError:
                 continue
             at = datetime.fromtimestamp(view.updated_at_ms / 1000).strftime("%H:%M:%S.%f")[:-3]

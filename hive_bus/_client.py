@@ -1,14 +1,22 @@
 """The Python client: submit tasks, read their state, wait for them, follow results.
 
-A submission is accepted only once JetStream has stored it. The order of the two publishes matters:
+A submission is accepted only once JetStream has stored it, and it is stored once: the task message on
+``<prefix>.tasks.<provider>.<priority>.<task id>``, in the tasks stream (limits retention, kept as long
+as the events), with ``Nats-Msg-Id`` set to the idempotency key's de-duplication id (or the task's own).
+That message is the record of the task's acceptance. The stream's RePublish (done by the server, with no
+round trip of the client's) stores a headers-only copy of it in the events stream as the task's
+``queued`` event, so every reader that goes by event subjects sees the task arrive; a reader that needs
+what the task asks reads it from the tasks stream (:func:`hive_bus._assigned.assignment`).
 
-1. the ``queued`` event (carrying the whole task) goes to the events stream with ``Nats-Msg-Id`` set to
-   the idempotency key (or the task id). If JetStream says it is a duplicate, the first task is read
-   back from that event: a resubmission returns the first task's id;
-2. the task goes to the tasks stream with ``Nats-Msg-Id`` set to its id, so a resubmission whose first
-   attempt failed between the two steps still queues the task exactly once.
+If JetStream says the publish is a duplicate, its ack names the first task message's sequence: the first
+task is read back from it, and a resubmission returns the first task's id (within the duplicate
+window). A task with a ``not_before`` is the exception: its ``queued`` event, which carries it (its status
+reads ``scheduled``), and its start timer are its record until the server queues it at its time.
 
-Publishing the event first also means a task's ``queued`` event always precedes its ``running`` one.
+Why about 900 lines: :class:`Hive` is the one object a user holds, and each of its methods is a short
+path onto the bus (submit, read, wait, follow, cancel, batches, schedules, dead letters); the work with
+state of its own lives beside it (``_waits``, ``_assigned``, ``_cancel``, ``_batch_client``,
+``_schedules``, ``_dlq``).
 """
 
 from __future__ import annotations
@@ -48,11 +56,13 @@ from ._messages import (
     TaskView,
     WorkerBeat,
     beat_decoder,
+    decode_event,
     encoder,
     event_decoder,
     is_final,
     is_task_id,
     now_ms,
+    task_decoder,
 )
 from ._nats import BUS_ERRORS, following
 from ._nesting import NestedTooDeep, check_value
@@ -74,7 +84,7 @@ SUBMIT_WINDOW = 256
 # cancels in flight at once in a bulk cancel
 CANCEL_WINDOW = 64
 # Tasks this client queued lately, with nowhere to move to: a wait on one reads nothing when the waits'
-# follower says nothing has ended it since its queued event (hive_bus._waits).
+# follower says nothing has ended it since it was queued (hive_bus._waits).
 MINE_TASKS = 16_384
 # A wait reads the task's state again after this long without an event: only a follower lost with its
 # server (a restart) needs it, as the follower delivers every event stored after its start.
@@ -143,7 +153,7 @@ class Hive:
         self._publisher: JetStreamPublisher | None = None
         self._submitted = SubmissionCounts(bus)
         self._waits = Waits(bus)  # every wait on one follower of the events stream
-        self._mine: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (provider, queued event seq)
+        self._mine: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (provider, waits' mark)
         self._served = ServedProviders(bus)  # started on the first submission
         self._index_ready = False  # the metadata index stream is declared (on the first tagged task)
 
@@ -245,30 +255,26 @@ class Hive:
         task = await _blobs.check_in(self._bus, task)
         self._check_messages(task, key)
         await self._ready_timers([task])
-        ack = await self._publish(*self._queued_event(task, key))
-        duplicate = bool(ack.duplicate)
-        if duplicate:
-            task = await self._first_task(ack.seq)
-        [task_ack] = await self._publish_tasks([task], [key])
-        if isinstance(task_ack, QueueFull):
-            await self._record_rejection(task, str(task_ack))
-        if isinstance(task_ack, HiveError):
-            raise task_ack
-        if not task_ack.duplicate:
+        mark = self._waits.mark()
+        [ack] = await self._publish_tasks([task], [key])
+        if isinstance(ack, QueueFull):
+            await self._record_rejection(task, str(ack))
+        if isinstance(ack, HiveError):
+            raise ack
+        if ack.duplicate:  # a key seen before: the first task is the one that counts
+            task = await self._first_task(ack)
+        else:
             self._submitted.add(task.provider)
-            if duplicate:
-                await self._requeued(task)
-            else:
-                self._remember(task, ack.seq)
-        return Accepted(task.id, duplicate, scheduled=task.not_before is not None)
+            self._remember(task, mark)
+        return Accepted(task.id, bool(ack.duplicate), scheduled=task.not_before is not None)
 
     async def submit_batch(
         self, requests: Sequence[TaskRequest], *, task_ids: Sequence[str] | None = None
     ) -> list[Accepted | HiveError]:
         """Queue validated requests, each as :meth:`submit_request` would, with the publishes of all of
-        them in flight together: every ``queued`` event, then every task whose event was stored. Each
-        task's event is stored before the task is published, and a task counts as accepted only once
-        JetStream stored it. Returns each request's outcome, in order: accepted, or the error that
+        them in flight together, in one write: each task's message (its one stored write), with its
+        metadata index entries and timers. A task counts as accepted only once JetStream stored it.
+        Returns each request's outcome, in order: accepted, or the error that
         kept it out. A task the bus cannot carry raises :class:`TooLarge` naming its index, before
         anything is queued. ``task_ids`` gives each task its id (a batch's lines have ids made from the
         batch and the line, so that a line queued twice is one task); new ids by default."""
@@ -297,50 +303,34 @@ class Hive:
             if outcomes[i] is None:
                 with _naming_task(i):
                     self._check_messages(task, keys[i])
-        going_events = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        await self._ready_timers(tasks)
-        event_acks: list[PubAck | HiveError | None] = [None] * len(tasks)
-        published = await self._publish_all([self._queued_event(tasks[i], keys[i]) for i in going_events])
-        for i, ack in zip(going_events, published, strict=True):
-            event_acks[i] = ack
-            if isinstance(ack, HiveError):
-                outcomes[i] = ack
-            elif ack.duplicate:  # a key seen before: the first task is the one that counts
-                try:
-                    tasks[i] = await self._first_task(ack.seq)
-                except HiveError as exc:
-                    outcomes[i] = exc
         going = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        await self._ready_timers(tasks)
+        mark = self._waits.mark()
         task_acks = await self._publish_tasks([tasks[i] for i in going], [keys[i] for i in going])
         for i, task_ack in zip(going, task_acks, strict=True):
-            event_ack = event_acks[i]
-            assert isinstance(event_ack, PubAck)
             if isinstance(task_ack, QueueFull):
                 await self._record_rejection(tasks[i], str(task_ack))
                 outcomes[i] = task_ack
-            elif isinstance(task_ack, HiveError):
+                continue
+            if isinstance(task_ack, HiveError):
                 outcomes[i] = task_ack
+                continue
+            if task_ack.duplicate:  # a key seen before: the first task is the one that counts
+                try:
+                    tasks[i] = await self._first_task(task_ack)
+                except HiveError as exc:
+                    outcomes[i] = exc
+                    continue
             else:
-                if not task_ack.duplicate:
-                    self._submitted.add(tasks[i].provider)
-                    if not event_ack.duplicate:
-                        self._remember(tasks[i], event_ack.seq)
-                if event_ack.duplicate and not task_ack.duplicate:
-                    try:
-                        await self._requeued(tasks[i])
-                    except HiveError as exc:
-                        log.warning(
-                            "task %s is queued again, but its new queued event was not stored: %s",
-                            tasks[i].id,
-                            exc,
-                        )
-                warning = await self.unserved(tasks[i].provider)
-                outcomes[i] = Accepted(
-                    tasks[i].id,
-                    event_ack.duplicate,
-                    (warning,) if warning else (),
-                    scheduled=tasks[i].not_before is not None,
-                )
+                self._submitted.add(tasks[i].provider)
+                self._remember(tasks[i], mark)
+            warning = await self.unserved(tasks[i].provider)
+            outcomes[i] = Accepted(
+                tasks[i].id,
+                bool(task_ack.duplicate),
+                (warning,) if warning else (),
+                scheduled=tasks[i].not_before is not None,
+            )
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def submit_many(self, requests: Iterable[TaskRequest], *, window: int = SUBMIT_WINDOW) -> list[str]:
@@ -461,12 +451,13 @@ class Hive:
         """
         return open_stream(self, request, keepalive_s=keepalive_s, timeout_s=timeout_s)
 
-    def _remember(self, task: Task, queued_seq: int) -> None:
-        """A task this client queued, for its waits; only one with nowhere to move to (a move would
-        put its outcome under another provider)."""
-        if task.fallback:
+    def _remember(self, task: Task, mark: int | None) -> None:
+        """A task this client queued, for its waits, with where the waits' follower was before it
+        (:meth:`Waits.mark`); only one with nowhere to move to (a move would put its outcome under
+        another provider), and only while the follower runs."""
+        if task.fallback or mark is None:
             return
-        self._mine[task.id] = (task.provider, queued_seq)
+        self._mine[task.id] = (task.provider, mark)
         if len(self._mine) > MINE_TASKS:
             self._mine.popitem(last=False)
 
@@ -520,7 +511,7 @@ class Hive:
                     await assigned.counts(msg.subject)  # queued here with nowhere to move to: no decoding
                     continue
                 try:
-                    event = event_decoder.decode(msg.data)
+                    event = decode_event(msg.subject, msg.data, msg.headers)
                 except (msgspec.DecodeError, RecursionError):
                     continue  # poison, set aside
                 if not await assigned.counts(msg.subject, event) or not is_final(event):
@@ -602,8 +593,8 @@ class Hive:
                     view, fresh = await _cancel.cancel_once(self._bus, task_id, reason)
                     if fresh:
                         views.append(view)
-                    if view.status == "cancelled":
-                        await _cancel.drop(self._bus, seq)
+                    # its message stays: the tasks stream keeps history, and its workers drop it unrun
+                    # (the cancels bucket), acking it
 
         async with anyio.create_task_group() as tg:
             for task_id, seq in found.items():
@@ -719,10 +710,14 @@ class Hive:
             )
 
     def _check_messages(self, task: Task, key: str | None) -> None:
-        """Raise :class:`TooLarge` when the task's messages, headers counted, are over the server's
-        ``max_payload`` (what is left once the claim check took the content: metadata, params...)."""
+        """Raise :class:`TooLarge` when the task's message (and a scheduled task's ``queued`` event),
+        headers counted, is over the server's ``max_payload`` (what is left once the claim check took
+        the content: metadata, params...)."""
         limit = self._bus.nc.max_payload
-        for subject, data, msg_id, stream in (self._queued_event(task, key), self._task_message(task, key)):
+        messages = [self._task_message(task, key)]
+        if task.not_before is not None:
+            messages.append(self._queued_event(task, key))
+        for subject, data, msg_id, stream in messages:
             headers = {"Nats-Expected-Stream": stream, **({"Nats-Msg-Id": msg_id} if msg_id else {})}
             size = len(data) + header_bytes(headers)
             if size > limit:
@@ -735,30 +730,36 @@ class Hive:
                 )
 
     def _queued_event(self, task: Task, key: str | None) -> Publish:
+        """A scheduled task's ``queued`` event, with the task: its record until its start timer queues
+        it (its status reads ``scheduled``). Other tasks have none but the tasks stream's marker."""
         names = self._names
         queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
-        # De-duplication only means something for a key: a fresh task id is never submitted twice.
         subject = names.event_subject(task.provider, task.id, "queued")
-        return subject, encoder.encode(queued), key_msg_id(key) if key else None, names.events_stream
+        # not the task's own id: its marker, once its timer queues it, carries that one to this stream
+        msg_id = key_msg_id(key) if key else f"{task.id}:scheduled"
+        return subject, encoder.encode(queued), msg_id, names.events_stream
 
     def _task_message(self, task: Task, key: str | None) -> Publish:
+        """The task's message, its one stored write: the de-duplication id of its idempotency key (or
+        its own), so that a key used again is answered with the first task's id."""
         names = self._names
         return (
-            names.task_subject(task.provider, task.priority),
+            names.task_subject(task.provider, task.priority, task.id),
             encoder.encode(task),
-            task.msg_id if key else None,
+            key_msg_id(key) if key else task.msg_id,
             names.tasks_stream,
         )
 
     async def _publish_tasks(
         self, tasks: Sequence[Task], keys: Sequence[str | None]
     ) -> list[PubAck | HiveError]:
-        """What queues ``tasks``, all in one write: each one's task message, or for a task with a
-        ``not_before`` its start timer instead (the server queues it then), with its metadata index
-        entries (:mod:`hive_bus._index`); after them all, the deadline timers of those that have one.
-        Returns each task's outcome, in order. An index entry or a deadline timer that was not stored
-        is logged, and the task is accepted all the same (a filter by its metadata misses it; its
-        workers still check its deadline)."""
+        """What queues ``tasks``, all in one write: each one's task message (the record of its
+        acceptance), or for a task with a ``not_before`` its ``queued`` event (which carries it) and its
+        start timer (the server queues it then), with its metadata index entries
+        (:mod:`hive_bus._index`); after them all, the deadline timers of those that have one. Returns
+        each task's outcome, in order: its task message's, or its ``queued`` event's. An index entry,
+        a start or a deadline timer that was not stored is logged, and the task is accepted all the
+        same (a filter by its metadata misses it; its workers still check its deadline)."""
         settings = self._bus.settings
         messages: list[Publish] = []
         extra: dict[int, dict[str, str]] = {}
@@ -767,6 +768,8 @@ class Hive:
             places.append(len(messages))
             message = self._task_message(task, key)
             if (start := start_schedule(settings, task)) is not None:
+                message = self._queued_event(task, key)
+                messages.append(message)
                 extra[len(messages)] = start[1]
                 messages.append(start[0])
             else:
@@ -803,19 +806,6 @@ class Hive:
         if self._router is None:
             self._router = CheapestRouter(self._bus, PriceTable.load(self._bus.settings.prices_file))
         return await self._router.route(task)
-
-    async def _requeued(self, task: Task) -> None:
-        # The first submission's task never reached the queue (it was refused); it is queued now.
-        fresh = Queued(task_id=task.id, provider=task.provider, at_ms=now_ms(), task=task)
-        names = self._names
-        subject = names.event_subject(task.provider, task.id, "queued")
-        await self._publish(subject, encoder.encode(fresh), None, names.events_stream)
-
-    async def _publish(self, subject: str, data: bytes, msg_id: str | None, stream: str) -> PubAck:
-        [outcome] = await self._publish_all([(subject, data, msg_id, stream)])
-        if isinstance(outcome, HiveError):
-            raise outcome
-        return outcome
 
     async def _ready_timers(self, tasks: Sequence[Task]) -> None:
         """The timers' stream made or checked, before the first task with a deadline publishes anything."""
@@ -858,7 +848,11 @@ class Hive:
 
     async def _js_publisher(self) -> JetStreamPublisher:
         if self._publisher is None:
-            publisher = JetStreamPublisher(self._bus.nc, self._bus.settings.request_timeout_s)
+            publisher = JetStreamPublisher(
+                self._bus.nc,
+                self._bus.settings.request_timeout_s,
+                unchecked=frozenset({self._names.tasks_stream}),
+            )
             await publisher.start()
             if self._publisher is None:
                 self._publisher = publisher
@@ -866,22 +860,25 @@ class Hive:
                 await publisher.stop()
         return self._publisher
 
-    async def _first_task(self, seq: int) -> Task:
+    async def _first_task(self, ack: PubAck) -> Task:
+        """The task a repeated idempotency key first queued, read by the sequence its duplicate's ack
+        names: a task message, or a scheduled task's ``queued`` event."""
         try:
-            raw = await self._bus.js.get_msg(self._names.events_stream, seq=seq, direct=True)
+            raw = await self._bus.js.get_msg(ack.stream, seq=ack.seq, direct=True)
         except BUS_ERRORS as exc:
             raise BusUnavailable(
                 f"could not read the first task of a repeated idempotency key: {exc}"
             ) from None
-        assert raw.data is not None
         try:
-            event = event_decoder.decode(raw.data)
-        except msgspec.DecodeError as exc:
+            if ack.stream == self._names.tasks_stream:
+                return task_decoder.decode(raw.data or b"")
+            event = event_decoder.decode(raw.data or b"")
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise HiveError(
-                f"events stream message {seq} does not decode ({exc}); cannot resolve duplicate"
+                f"{ack.stream} message {ack.seq} does not decode ({exc}); cannot resolve duplicate"
             ) from None
-        if not isinstance(event, Queued):
-            raise HiveError(f"events stream message {seq} is not a queued event; cannot resolve duplicate")
+        if not isinstance(event, Queued) or event.task is None:
+            raise HiveError(f"{ack.stream} message {ack.seq} is not a queued task; cannot resolve duplicate")
         return event.task
 
     async def _record_rejection(self, task: Task, why: str) -> None:

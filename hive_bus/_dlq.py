@@ -23,7 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from ._assigned import assignment
 from ._bus import Bus, ensure_dlq_stream
 from ._errors import BusUnavailable, HiveError, TaskNotFound, TooLarge
-from ._messages import Failed, Queued, Task, encoder, event_decoder, is_task_id, new_seal, now_ms
+from ._messages import Failed, Task, encoder, event_decoder, is_task_id, new_seal, now_ms
 from ._names import is_valid_token
 from ._nats import BUS_ERRORS
 from ._size import js_publish
@@ -194,12 +194,7 @@ async def replay(bus: Bus, task_id: str) -> Replayed:
     # a new run: its own attempts, its deadline counted from now, and a new seal
     task = msgspec.structs.replace(known, run=known.run + 1, submitted_at_ms=now_ms(), seal=new_seal())
     names = bus.names
-    queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
     try:
-        await js_publish(
-            bus.js, bus.nc, names.event_subject(task.provider, task.id, "queued"), encoder.encode(queued),
-            headers={"Nats-Msg-Id": f"{task.id}:replay:{task.run}"}, stream=names.events_stream,
-        )  # fmt: skip
         if (timer := deadline_schedule(bus.settings, task)) is not None:  # the new run's own deadline
             (subject, data, msg_id, stream), schedule = timer
             await ensure_schedules_stream(bus.js, bus.settings)
@@ -215,8 +210,8 @@ async def replay(bus: Bus, task_id: str) -> Replayed:
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
             await bus.cancels_kv.delete(names.cancel_key(task.provider, task.id))
         await js_publish(
-            bus.js, bus.nc, names.task_subject(task.provider, task.priority), encoder.encode(task),
-            headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream,
+            bus.js, bus.nc, names.task_subject(task.provider, task.priority, task.id), encoder.encode(task),
+            headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream, expect=False,
         )  # fmt: skip
         for stream in await streams(bus):
             await bus.js.purge_stream(stream, subject=names.dead_letters_of(task.id))

@@ -28,7 +28,7 @@ from . import _assigned, _dlq
 from ._bus import Bus
 from ._client import Hive
 from ._errors import HiveError, TooLarge
-from ._messages import Failed, Queued, Task, encoder, now_ms
+from ._messages import Failed, Task, encoder, now_ms
 from ._nats import BUS_ERRORS
 from ._schedules import Schedules, run_task_id, template_for
 from ._size import check_fits, js_publish
@@ -140,9 +140,9 @@ class Timers:
 
 async def start(bus: Bus, timer: StartTimer) -> float | None:
     """Queue the task of a fired ``not_before`` as the bus records it, unless it ended meanwhile
-    (cancelled, or expired): a ``queued`` event with the task as it goes on the queue (no
-    ``not_before`` left: its status reads ``queued``), then the task, each with a de-duplication id so
-    that a firing read twice queues it once. The seconds to wait first when this clock reads the time
+    (cancelled, or expired): its task message, as it goes on the queue (no ``not_before`` left; the
+    tasks stream's marker of it is its ``queued`` event, and its status reads ``queued``), with a
+    de-duplication id so that a firing read twice queues it once. The seconds to wait first when this clock reads the time
     as not yet come, else None."""
     names = bus.names
     here = await _assigned.assignment(bus, timer.task_id)
@@ -160,17 +160,11 @@ async def start(bus: Bus, timer: StartTimer) -> float | None:
         if left_ms > 0:
             return left_ms / 1000 + 0.05
         task = msgspec.structs.replace(task, not_before=None)
-        queued = Queued(task_id=task.id, provider=task.provider, at_ms=now_ms(), task=task)
-        await js_publish(
-            bus.js, bus.nc, names.event_subject(task.provider, task.id, "queued"), encoder.encode(queued),
-            headers={"Nats-Msg-Id": task.sealed(f"{task.id}:start:{task.run}")},
-            stream=names.events_stream, what="queued event",
-        )  # fmt: skip
     elif now_ms() - here.event.at_ms > bus.settings.duplicate_window_s * 1000:
         return None  # queued long ago: a publish now would no longer be recognised as the same
     await js_publish(
-        bus.js, bus.nc, names.task_subject(task.provider, task.priority), encoder.encode(task),
-        headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream, what="task",
+        bus.js, bus.nc, names.task_subject(task.provider, task.priority, task.id), encoder.encode(task),
+        headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream, what="task", expect=False,
     )  # fmt: skip
     log.info("task %s queued on %s: its not_before came", task.id, task.provider)
     return None

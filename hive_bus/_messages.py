@@ -432,9 +432,12 @@ class _Event(Struct, frozen=True, kw_only=True, tag_field="type"):
 
 
 class Queued(_Event, frozen=True, kw_only=True, tag="queued.v1"):
-    """The task was accepted; it carries the whole task, so the events stream is a complete record."""
+    """The task was accepted. Stored today as a marker, not as this message: the tasks stream
+    republishes each task it stores as a headers-only ``queued`` event (:func:`queued_marker` makes one
+    of these from it, without ``task``: the task is read from the tasks stream). Buses before one
+    stored write per submission published this with the whole task; those still decode."""
 
-    task: Task
+    task: Task | None = None
 
 
 class Running(_Event, frozen=True, kw_only=True, tag="running.v1"):
@@ -632,7 +635,8 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
         id_, provider, at_ms = event.task_id, event.provider, event.at_ms
         match event:
             case Queued():
-                status: TaskStatus = "queued" if event.task.not_before is None else "scheduled"
+                # a marker (no task) is a task on its queue: a scheduled one is queued when its time comes
+                status: TaskStatus = "scheduled" if event.task and event.task.not_before else "queued"
                 return cls(id=id_, provider=provider, updated_at_ms=at_ms, status=status)
             case Running():
                 return cls(
@@ -723,6 +727,57 @@ def explain_error(exc: msgspec.ValidationError) -> str:
 encoder = msgspec.json.Encoder()
 task_decoder = Guarded(msgspec.json.Decoder(Task), enclosing=1)
 event_decoder = Guarded(msgspec.json.Decoder(TaskEvent), enclosing=2)
+
+# What the server puts on a message it republishes (and a stream's message has no other way to carry)
+MARKER_HEADER = "Nats-Msg-Size"
+
+
+def is_marker(data: bytes | None, headers: dict[str, str] | None) -> bool:
+    """Whether a ``queued`` event is the tasks stream's headers-only republish of a task."""
+    return not data and headers is not None and MARKER_HEADER in headers
+
+
+def queued_marker(subject: str, headers: dict[str, str] | None) -> Queued | None:
+    """The ``queued`` event that a headers-only marker on ``subject``
+    (``<prefix>.events.<provider>.<task id>.queued``) stands for, without its task; None when the subject
+    is not one. Its time is the marker's ``Nats-Time-Stamp`` (now, when it has none)."""
+    tokens = subject.split(".")
+    if len(tokens) != 5 or tokens[4] != "queued":
+        return None
+    return Queued(
+        task_id=tokens[3], provider=tokens[2], at_ms=_stamp_ms((headers or {}).get("Nats-Time-Stamp"))
+    )
+
+
+def decode_event(subject: str, data: bytes | None, headers: dict[str, str] | None) -> TaskEvent:
+    """An event as stored: a marker becomes its :class:`Queued` (without the task), anything else is
+    decoded (raises as :data:`event_decoder` does)."""
+    if is_marker(data, headers) and (marker := queued_marker(subject, headers)) is not None:
+        return marker
+    return event_decoder.decode(data or b"")
+
+
+def event_body(subject: str, data: bytes | None, headers: dict[str, str] | None) -> bytes:
+    """An event's JSON as a reader of the record shows it: a marker's is its :class:`Queued` (without
+    the task), anything else its own body."""
+    if is_marker(data, headers) and (marker := queued_marker(subject, headers)) is not None:
+        return encoder.encode(marker)
+    return data or b""
+
+
+def _stamp_ms(stamp: str | None) -> int:
+    """An RFC 3339 time with nanoseconds, as the server writes it, in epoch milliseconds."""
+    if not stamp:
+        return now_ms()
+    try:
+        head, _, rest = stamp.rstrip("Z").partition(".")
+        seconds = datetime.datetime.fromisoformat(head).replace(tzinfo=datetime.UTC).timestamp()
+        fraction = float("0." + rest[:6]) if rest[:6].isdigit() else 0.0
+        return int((seconds + fraction) * 1000)
+    except ValueError:
+        return now_ms()
+
+
 beat_decoder = Guarded(msgspec.json.Decoder(WorkerBeat), enclosing=1)
 request_decoder = Guarded(msgspec.json.Decoder(TaskRequest), enclosing=1)
 content_decoder = Guarded(msgspec.json.Decoder(TaskContent), enclosing=1)

@@ -27,8 +27,9 @@ def is_valid_token(name: str) -> bool:
 class Names:
     """The names of one bus's objects.
 
-    ``<prefix>.tasks.<provider>.<priority>`` carries task messages into the work-queue stream
-    ``<PREFIX>_TASKS``;
+    ``<prefix>.tasks.<provider>.<priority>.<task id>`` carries task messages into ``<PREFIX>_TASKS``
+    (limits retention, kept as long as the events: a task message is its own record of acceptance), which
+    republishes each one, headers only, as the task's ``queued`` event;
     ``<prefix>.events.<provider>.<task id>.<status>`` carries each task's lifecycle into ``<PREFIX>_EVENTS``
     (the status token lets a reader ask for completions alone);
     ``<prefix>.events.<provider>.<task id>.<status>.duplicate`` reports a final outcome that JetStream
@@ -199,7 +200,13 @@ class Names:
 
     @property
     def all_tasks(self) -> str:
-        return f"{self.prefix}.tasks.*.*"
+        """Every task message: ``<prefix>.tasks.<provider>.<priority>.<task id>``."""
+        return f"{self.prefix}.tasks.*.*.*"
+
+    def tasks_of(self, task_id: str) -> str:
+        """The subject filter of one task's messages, whatever provider and priority it was queued on
+        (a move puts it on another provider; a replay queues it again)."""
+        return f"{self.prefix}.tasks.*.*.{task_id}"
 
     @property
     def all_dlq(self) -> str:
@@ -240,8 +247,29 @@ class Names:
         ]
         return [*ending, f"{self.prefix}.events.*.*.*.duplicate"]
 
-    def task_subject(self, provider: str, priority: str = "normal") -> str:
-        return f"{self.prefix}.tasks.{provider}.{priority}"
+    def task_subject(self, provider: str, priority: str, task_id: str) -> str:
+        """Where a task is queued: the tasks stream republishes each one stored as a headers-only
+        ``queued`` event on ``<prefix>.events.<provider>.<task id>.queued``."""
+        return f"{self.prefix}.tasks.{provider}.{priority}.{task_id}"
+
+    def task_filter(self, provider: str, priority: str = "normal") -> str:
+        """The subject filter of a provider's tasks of one priority (its durable consumer's)."""
+        return f"{self.prefix}.tasks.{provider}.{priority}.*"
+
+    @property
+    def queued_republish(self) -> tuple[str, str]:
+        """The tasks stream's RePublish source and destination: each task stored becomes its ``queued``
+        event, headers only (the server adds ``Nats-Subject`` and ``Nats-Sequence``: where the task is)."""
+        return self.all_tasks, f"{self.prefix}.events.{{{{wildcard(1)}}}}.{{{{wildcard(3)}}}}.queued"
+
+    @property
+    def upgrade_stream(self) -> str:
+        """Where an upgrade keeps a work-queue tasks stream's tasks while the stream is made again."""
+        return f"{self.prefix.upper()}_TASKS_UPGRADE"
+
+    @property
+    def upgrade_subjects(self) -> str:
+        return f"{self.prefix}.tasks_upgrade.>"
 
     def event_subject(self, provider: str, task_id: str, status: str) -> str:
         return f"{self.prefix}.events.{provider}.{task_id}.{status}"

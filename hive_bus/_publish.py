@@ -103,9 +103,13 @@ class _Acks:
 class JetStreamPublisher:
     """Publishes to JetStream over one connection; start with :meth:`start` once connected."""
 
-    def __init__(self, nc: NATS, timeout_s: float) -> None:
+    def __init__(self, nc: NATS, timeout_s: float, *, unchecked: frozenset[str] = frozenset()) -> None:
+        """``unchecked``: streams whose messages go without ``Nats-Expected-Stream`` (the tasks stream:
+        its RePublish would carry the header to the events stream, which would refuse the copy); the
+        stream named in the ack is checked instead (:func:`stored`)."""
         self._nc = nc
         self._timeout_s = timeout_s
+        self._unchecked = unchecked
         self._tokens = itertools.count()
         self._waiting: dict[str, tuple[_Acks, int]] = {}
         self._prefix = ""
@@ -188,7 +192,9 @@ class JetStreamPublisher:
         count_out(nc, len(messages), out_bytes)
 
     def _stream_header(self, stream: str) -> bytes:
-        lines = _HEADER_LINE + f"Nats-Expected-Stream: {stream}\r\n".encode()
+        lines = _HEADER_LINE
+        if stream not in self._unchecked:
+            lines += f"Nats-Expected-Stream: {stream}\r\n".encode()
         self._header_lines[stream] = lines
         return lines
 
@@ -233,6 +239,11 @@ def stored(outcome: Outcome, stream: str, timeout_s: float) -> PubAck:
     """The ack of a publish to ``stream``, or the error that says what the caller can do about it:
     :class:`QueueFull` for a full stream, :class:`BusUnavailable` for everything else."""
     if isinstance(outcome, PubAck):
+        if outcome.stream != stream:  # sent without Nats-Expected-Stream: checked here instead
+            raise BusUnavailable(
+                f"the publish meant for {stream} was stored in {outcome.stream}: streams overlap on its "
+                "subject (check the bus's stream configuration)"
+            )
         return outcome
     if isinstance(outcome, PublishRefused):
         if outcome.err_code in _STREAM_FULL_CODES or "exceeded" in outcome.description:

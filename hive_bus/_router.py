@@ -28,7 +28,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from . import _blobs
 from ._assigned import assignment, hop
-from ._bus import Bus, ensure_consumers, kv_entries
+from ._bus import Bus, consumer_infos, ensure_consumers, kv_entries
 from ._counts import submitted_counts
 from ._errors import HiveError, TooLarge
 from ._messages import Moved, Task, beat_decoder, encoder, event_decoder, new_seal
@@ -136,8 +136,8 @@ class Router:
             await self._serve(task.provider)  # a move's target is a fallback a submitter named
             task = await _blobs.moved_to(self._bus, task)  # its content where its new workers may read it
             await js_publish(
-                self._bus.js, self._bus.nc, names.task_subject(task.provider, task.priority),
-                encoder.encode(task), headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream,
+                self._bus.js, self._bus.nc, names.task_subject(task.provider, task.priority, task.id),
+                encoder.encode(task), headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream, expect=False,
                 what="moved task",
             )  # fmt: skip
         except (TooLarge, _blobs.BlobMissing) as exc:
@@ -211,8 +211,11 @@ class Router:
         write) or are queued for (the tasks stream, which only the gateway publishes to)."""
         names = self._bus.names
         providers = set(await submitted_counts(self._bus))
-        info = await self._bus.js.stream_info(names.tasks_stream, subjects_filter=names.all_tasks)
-        providers.update(names.provider_of_subject(subject) for subject in info.state.subjects or {})
+        for info in await consumer_infos(
+            self._bus, self._bus.names.tasks_stream
+        ):  # the providers a move or a replay queued tasks on
+            if (queue := names.of_consumer(info.name)) is not None:
+                providers.add(queue[0])
         return providers
 
 

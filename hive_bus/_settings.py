@@ -89,7 +89,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     request_timeout_s: PositiveSeconds = 5.0
     # The gateway's store audit (hive_bus._audit): how often it looks for tasks that the record says
     # are waiting but that the tasks stream no longer holds, and how old such a task's last event must
-    # be before it counts as lost (a submission stores its queued event, then its task).
+    # be before it counts as lost (its message may be on its way: a move the router is making).
     audit_every_s: PositiveSeconds = 600.0
     audit_grace_s: PositiveSeconds = 60.0
     # A batch's lines are queued this many at a time; the lines queued so far are recorded in the batch

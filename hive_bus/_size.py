@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
@@ -50,8 +51,16 @@ async def js_publish(
     stream: str,
     headers: dict[str, str] | None = None,
     what: str = "message",
+    expect: bool = True,
 ) -> PubAck:
     """``js.publish`` once :func:`check_fits` passed, counting the ``Nats-Expected-Stream`` header that
-    nats-py adds. Raises :class:`TooLarge`, or what ``js.publish`` raises."""
+    nats-py adds. Raises :class:`TooLarge`, or what ``js.publish`` raises. ``expect`` False (a task
+    message) sends no such header, as the tasks stream's RePublish would carry it to the events stream,
+    which would refuse the copy; the ack must then name ``stream``."""
     check_fits(nc, data, {**(headers or {}), "Nats-Expected-Stream": stream}, what=what)
-    return await js.publish(subject, data, headers=headers, stream=stream)
+    if expect:
+        return await js.publish(subject, data, headers=headers, stream=stream)
+    ack = await js.publish(subject, data, headers=headers)
+    if ack.stream != stream:
+        raise nats.js.errors.Error(description=f"the {what} meant for {stream} was stored in {ack.stream}")
+    return ack

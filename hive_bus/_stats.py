@@ -13,6 +13,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ._bus import Bus, consumer_infos, kv_entries
 from ._cooldown import decode_records, provider_cooldowns
+from ._counts import submitted_counts
 from ._messages import WorkerBeat
 from ._nats import BUS_ERRORS
 from ._tallies import tally
@@ -41,15 +42,13 @@ class QueueDepth:
 
 
 async def queue_depths(bus: Bus) -> dict[str, QueueDepth]:
-    """Each provider's queue, summed over its priorities: from the durable consumer of each, or, where
-    no worker has served one yet (so no consumer), the tasks stream's count for its subject."""
+    """Each provider's queue, summed over its priorities: from the durable consumer of each (the tasks
+    stream keeps what was acked too: the queue is what its consumers have not acked), or, for a
+    provider tasks were submitted to that no consumer serves yet, the tasks stream's count of its
+    messages (nothing acked them): a throwaway consumer's pending count, from the server's index."""
     names = bus.names
-    tasks = await bus.js.stream_info(names.tasks_stream, subjects_filter=names.all_tasks)
-    queues = {
-        tuple(subject.split(".")[2:4]): QueueDepth(pending=n, ack_pending=0)
-        for subject, n in (tasks.state.subjects or {}).items()
-    }
-    for info in await consumer_infos(bus, bus.names.tasks_stream):
+    queues: dict[tuple[str, str], QueueDepth] = {}
+    for info in await consumer_infos(bus, names.tasks_stream):
         queue = names.of_consumer(info.name)
         if queue is not None and info.config.durable_name:
             queues[queue] = QueueDepth(info.num_pending or 0, info.num_ack_pending or 0)
@@ -57,6 +56,9 @@ async def queue_depths(bus: Bus) -> dict[str, QueueDepth]:
     for (provider, _), depth in queues.items():
         have = depths.get(provider, QueueDepth(0, 0))
         depths[provider] = QueueDepth(have.pending + depth.pending, have.ack_pending + depth.ack_pending)
+    for provider in set(await submitted_counts(bus)) - set(depths):
+        waiting = await _count(bus, names.task_filter(provider, "*"), stream=names.tasks_stream)
+        depths[provider] = QueueDepth(waiting, 0)
     return depths
 
 
@@ -95,9 +97,11 @@ async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStat
     return result
 
 
-async def _count(bus: Bus, subject: str | list[str]) -> int:
-    """Messages on ``subject`` (or on any of a list) in the events stream: a throwaway consumer's pending
-    count, which nats-server works out from its index of subjects without reading a message."""
+async def _count(bus: Bus, subject: str | list[str], *, stream: str | None = None) -> int:
+    """Messages on ``subject`` (or on any of a list) in the events stream (or ``stream``): a throwaway
+    consumer's pending count, which nats-server works out from its index of subjects without reading a
+    message."""
+    stream = stream or bus.names.events_stream
     config = ConsumerConfig(
         filter_subject=subject if isinstance(subject, str) else None,
         filter_subjects=subject if isinstance(subject, list) else None,
@@ -105,10 +109,10 @@ async def _count(bus: Bus, subject: str | list[str]) -> int:
         ack_policy=AckPolicy.NONE,
         inactive_threshold=5.0,
     )
-    info = await bus.js.add_consumer(bus.names.events_stream, config)
+    info = await bus.js.add_consumer(stream, config)
     try:
         return int(info.num_pending or 0)
     finally:
         # if this fails, the consumer goes by itself after inactive_threshold
         with contextlib.suppress(*BUS_ERRORS):
-            await bus.js.delete_consumer(bus.names.events_stream, info.name)
+            await bus.js.delete_consumer(stream, info.name)

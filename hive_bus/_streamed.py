@@ -51,7 +51,7 @@ from ._messages import (
     TaskRequest,
     TaskStatus,
     TaskView,
-    event_decoder,
+    decode_event,
 )
 from ._nats import BUS_ERRORS, unsubscribe
 
@@ -256,7 +256,7 @@ class TaskStream:
 
     async def _on_event(self, msg: Msg) -> tuple[list[StreamItem], TaskView | None]:
         try:
-            event = event_decoder.decode(msg.data)
+            event = decode_event(msg.subject, msg.data, msg.headers)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return [], None
         if isinstance(event, Queued | Moved):

@@ -55,6 +55,7 @@ class Waits:
         self._bus = bus
         self._waiting: dict[str, list[MemoryObjectSendStream[Seen]]] = {}
         self._start_seq: int | None = None  # the follower's first sequence, while it runs
+        self._last_seq = 0  # the last sequence it delivered (its first, less one, before any)
         self._recent: OrderedDict[str, int] = OrderedDict()  # task id -> sequence of its last event seen
         self._horizon = 0  # every event seen at or after this sequence is in _recent
         self._sub: JetStreamContext.PushSubscription | None = None
@@ -87,10 +88,15 @@ class Waits:
         """How many tasks are being waited on now."""
         return len(self._waiting)
 
+    def mark(self) -> int | None:
+        """Where the follower is now, for :meth:`quiet_since` of a task queued after this call (every
+        event of it is stored after this); None when the follower is not running."""
+        return self._last_seq if self._start_seq is not None else None
+
     def quiet_since(self, task_id: str, seq: int) -> bool:
         """Whether the follower has delivered every ``completed``, ``failed`` and ``moved`` event stored
-        after ``seq``, and none of them was ``task_id``'s: call it once the task's watch stands, and
-        each event stored later reaches the watch."""
+        after ``seq`` (a :meth:`mark`), and none of them was ``task_id``'s: call it once the task's
+        watch stands, and each event stored later reaches the watch."""
         start = self._start_seq
         return (
             start is not None
@@ -126,6 +132,7 @@ class Waits:
             )
             self._recent.clear()
             self._horizon = start
+            self._last_seq = start - 1
             self._sub = await follow(
                 self._bus.js, names.all_events, stream=names.events_stream, config=config, cb=self._on_msg
             )
@@ -137,6 +144,7 @@ class Waits:
             return
         task_id, seq = tokens[3], stream_seq(msg.reply)
         self._recent[task_id] = seq if seq is not None else sys.maxsize  # unknown: never "quiet"
+        self._last_seq = max(self._last_seq, seq or 0)
         self._recent.move_to_end(task_id)
         if len(self._recent) > RECENT_TASKS:
             _, forgotten = self._recent.popitem(last=False)

@@ -49,8 +49,8 @@ from ._messages import (
     Task,
     TaskEvent,
     WorkerBeat,
+    decode_event,
     encoder,
-    event_decoder,
     is_task_id,
     now_ms,
     status_of,
@@ -204,7 +204,7 @@ class Worker:
         await self.cancels.start()  # before any fetch: a task cancelled while queued is never called
         for puller in pullers:
             await puller.start()
-        high_sub = await bus.nc.subscribe(names.task_subject(opts.provider, "high"), cb=self._on_high)
+        high_sub = await bus.nc.subscribe(names.task_filter(opts.provider, "high"), cb=self._on_high)
         cooldown_sub = await self.cooldowns.subscribe()
         log.info("worker %s serving %s (concurrency %d)", self.id, opts.provider, opts.concurrency)
         try:
@@ -524,7 +524,7 @@ class Worker:
         subject = names.events_of(task.id, self._opts.provider)
         try:
             raw = await self._bus.js.get_last_msg(names.events_stream, subject, direct=True)
-            return event_decoder.decode(raw.data or b"")
+            return decode_event(raw.subject or "", raw.data, raw.headers)
         except (*BUS_ERRORS, msgspec.DecodeError):
             return None
 

@@ -76,7 +76,7 @@ for p in "$@"; do
     pub+=("\"\$KV.${prefix}_budgets.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_budgets.\$KV.${prefix}_budgets.$p.>\"")
     # the response cache (hive_bus/_cache.py): its own provider's cached answers, read and written
     pub+=("\"\$KV.${prefix}_cache.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_cache.\$KV.${prefix}_cache.$p.>\"")
-    sub+=("\"$prefix.tasks.$p.high\"" "\"\$KV.${prefix}_providers.$p.>\"")
+    sub+=("\"$prefix.tasks.$p.high.*\"" "\"\$KV.${prefix}_providers.$p.>\"")
     # claim check (hive_bus/_blobs.py), the minimum: write the chunks of its own provider's outputs
     # (and of a dead letter's task), and read its own provider's task contents through a consumer
     # filtered on them; no object entries ($O.<bucket>.M.>), no other provider's chunks

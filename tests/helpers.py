@@ -17,8 +17,10 @@ from typing import Any, TypeVar
 
 import anyio
 
-from hive_bus import Provider, ProviderKey, TaskEvent, Worker, WorkerOptions
-from hive_bus._messages import event_decoder
+from hive_bus import Provider, ProviderKey, Task, TaskEvent, Worker, WorkerOptions
+from hive_bus._assigned import assignment
+from hive_bus._messages import decode_event
+from hive_bus._stats import queue_depths
 from hive_bus.bus import Bus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,7 +54,7 @@ async def events_of(bus: Bus, task_id: str) -> list[TaskEvent]:
                 msg = await sub.next_msg(timeout=0.5)
             except TimeoutError:
                 return events
-            events.append(event_decoder.decode(msg.data))
+            events.append(decode_event(msg.subject, msg.data, msg.headers))
     finally:
         await sub.unsubscribe()
 
@@ -218,3 +220,17 @@ class TcpRelay:
             for sock in (src, dst):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+async def unacked(bus: Bus) -> int:
+    """The tasks the providers' consumers have not acked (queued, waiting or running): the tasks stream
+    keeps acked tasks as history, so its message count no longer says what is queued."""
+    return sum(d.pending + d.ack_pending for d in (await queue_depths(bus)).values())
+
+
+async def task_of(bus: Bus, task_id: str) -> Task:
+    """The task as the bus has it queued: its message in the tasks stream (its ``queued`` event is the
+    stream's headers-only marker of it)."""
+    here = await assignment(bus, task_id)
+    assert here is not None, f"no task {task_id} on the bus"
+    return here.task

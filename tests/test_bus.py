@@ -22,7 +22,7 @@ pytestmark = pytest.mark.anyio
 
 async def test_declaring_twice_is_harmless_and_keeps_the_work(settings: Settings) -> None:
     async with open_bus(settings) as bus:
-        await bus.js.publish(bus.names.task_subject("echo"), b"{}")
+        await bus.js.publish(bus.names.task_subject("echo", "normal", "t1"), b"{}")
         await ensure_consumer(bus.js, settings, "echo")
     async with open_bus(settings) as bus:  # a second process finds everything in place
         info = await ensure_consumer(bus.js, settings, "echo")
@@ -33,10 +33,16 @@ async def test_declaring_twice_is_harmless_and_keeps_the_work(settings: Settings
 async def test_objects_have_the_designed_shape(settings: Settings) -> None:
     async with open_bus(settings) as bus:
         tasks = (await bus.js.stream_info(bus.names.tasks_stream)).config
-        assert tasks.retention == RetentionPolicy.WORK_QUEUE
+        # the record of acceptance: kept as long as the events, each task republished as its queued event
+        assert tasks.retention == RetentionPolicy.LIMITS
         assert (tasks.discard, tasks.storage) == (DiscardPolicy.NEW, StorageType.FILE)
-        assert tasks.subjects == [f"{settings.prefix}.tasks.*.*"]  # <provider>.<priority>
+        assert tasks.subjects == [f"{settings.prefix}.tasks.*.*.*"]  # <provider>.<priority>.<task id>
         assert tasks.duplicate_window == settings.duplicate_window_s
+        assert tasks.max_age == settings.events_max_age_s and tasks.allow_direct
+        assert tasks.republish is not None and tasks.republish.headers_only
+        assert (
+            tasks.republish.dest == f"{settings.prefix}.events.{{{{wildcard(1)}}}}.{{{{wildcard(3)}}}}.queued"
+        )
         events = (await bus.js.stream_info(bus.names.events_stream)).config
         assert events.retention == RetentionPolicy.LIMITS
         assert events.max_age == settings.events_max_age_s
@@ -45,7 +51,7 @@ async def test_objects_have_the_designed_shape(settings: Settings) -> None:
             f"{settings.prefix}_groq_{p}" for p in ("high", "normal", "low")
         ]
         assert [c.filter_subject for c in consumers] == [
-            f"{settings.prefix}.tasks.groq.{p}" for p in ("high", "normal", "low")
+            f"{settings.prefix}.tasks.groq.{p}.*" for p in ("high", "normal", "low")
         ]
         assert all(c.ack_wait == settings.ack_wait_s for c in consumers)
         dlq = (await bus.js.stream_info(bus.names.dlq_stream("groq"))).config  # made with the consumers
@@ -63,7 +69,12 @@ async def test_a_stream_with_other_retention_is_refused_by_name(nats_server: Nat
     names = settings.names
     async with open_bus(make_settings(nats_server.url)) as other:
         await other.js.add_stream(
-            StreamConfig(name=names.tasks_stream, subjects=[names.all_tasks], max_bytes=1024 * 1024)
+            StreamConfig(
+                name=names.tasks_stream,
+                subjects=[names.all_tasks],
+                retention=RetentionPolicy.INTEREST,
+                max_bytes=1024 * 1024,
+            )
         )
     with pytest.raises(BusConfigError) as caught:
         async with open_bus(settings):
@@ -76,7 +87,7 @@ async def test_a_stream_with_other_retention_is_refused_by_name(nats_server: Nat
 async def test_a_consumer_with_another_filter_is_refused_by_name(settings: Settings) -> None:
     async with open_bus(settings) as bus:
         wrong = consumer_config(settings, "echo")
-        wrong.filter_subject = bus.names.task_subject("other")
+        wrong.filter_subject = bus.names.task_filter("other")
         await bus.js.add_consumer(bus.names.tasks_stream, wrong)
         with pytest.raises(BusConfigError, match=f"consumer {bus.names.consumer('echo')} on stream"):
             await ensure_consumer(bus.js, settings, "echo")
@@ -123,15 +134,16 @@ def test_a_forked_child_makes_task_ids_of_its_own() -> None:
 
 
 async def test_a_submission_another_stream_would_take_is_refused(settings: Settings) -> None:
-    """The tasks stream deleted and another one taking its subjects: the publish says which stream it
-    is meant for, so JetStream refuses it rather than store it where no worker reads."""
+    """The tasks stream deleted and another one taking its subjects: the ack names the stream that
+    stored the task, and the submission is refused (a task message carries no Nats-Expected-Stream: the
+    tasks stream's RePublish would carry it to the events stream, which would refuse the marker). The
+    stray stream keeps the message, and no worker reads it: it was never accepted."""
     from hive_bus import BusUnavailable, Hive
 
     async with open_bus(settings) as bus:
         names = bus.names
         await bus.js.delete_stream(names.tasks_stream)
         await bus.js.add_stream(StreamConfig(name="STRAY", subjects=[f"{names.prefix}.tasks.>"]))
-        with pytest.raises(BusUnavailable, match=f"refused the publish to {names.tasks_stream}"):
+        with pytest.raises(BusUnavailable, match=f"meant for {names.tasks_stream} was stored in STRAY"):
             await Hive(bus).submit("echo", "meant for the tasks stream")
-        assert (await bus.js.stream_info("STRAY")).state.messages == 0
         await bus.js.delete_stream("STRAY")

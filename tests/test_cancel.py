@@ -16,7 +16,7 @@ from hive_bus.workers.groq import GroqProvider
 
 from . import handlers
 from .fakes import ProviderFakes
-from .helpers import events_of, eventually, hive_cli, running_worker, stream_messages
+from .helpers import events_of, eventually, hive_cli, running_worker, unacked
 
 pytestmark = pytest.mark.anyio
 
@@ -46,7 +46,7 @@ async def test_a_queued_task_cancelled_never_runs(bus: Bus, hive: Hive) -> None:
 
 
 async def _drained(bus: Bus) -> bool:
-    return await stream_messages(bus, bus.names.tasks_stream) == 0
+    return await unacked(bus) == 0
 
 
 async def test_a_running_call_is_abandoned_and_the_worker_goes_on(bus: Bus, hive: Hive) -> None:
@@ -61,7 +61,7 @@ async def test_a_running_call_is_abandoned_and_the_worker_goes_on(bus: Bus, hive
         await eventually(lambda: _started(second), 10, "the next call")
         await hive.cancel(second)
     assert (await hive.wait(task_id, 1)).status == "cancelled"
-    assert await stream_messages(bus, bus.names.tasks_stream) == 0  # acked, not redelivered
+    assert await unacked(bus) == 0  # acked, not redelivered
 
 
 async def _started(task_id: str) -> bool:

@@ -30,7 +30,7 @@ from hive_bus.workers.gemini import GeminiProvider
 from hive_bus.workers.groq import GroqProvider
 
 from .fakes import ProviderFakes
-from .helpers import events_of, eventually, hive_cli, running_worker
+from .helpers import events_of, eventually, hive_cli, running_worker, task_of
 
 pytestmark = pytest.mark.anyio
 
@@ -128,8 +128,7 @@ async def test_a_chat_completion_answers_as_openai_does(stack: Stack) -> None:
     assert completion.usage.total_tokens == 11
     assert (raw.headers["x-hive-provider"], raw.headers["x-hive-attempts"]) == ("echo", "1")
     assert raw.headers["x-hive-cost-usd"] == "0"
-    [queued] = [e for e in await events_of(stack.bus, task_id) if e.provider == "echo"][:1]
-    task = typing.cast(Task, getattr(queued, "task"))  # noqa: B009 - the queued event carries the task
+    task = await task_of(stack.bus, task_id)
     assert task.params is not None and (task.params.seed, task.params.stop) == (7, [". Fin"])
     assert task.metadata == {"campaign": "launch", "user": "ana"}
 
@@ -146,8 +145,7 @@ async def test_a_conversation_goes_to_the_task_as_messages(stack: Stack) -> None
             ],
         )
     assert raw.parse().choices[0].message.content == "bye"
-    events = await events_of(stack.bus, raw.headers["x-hive-task-id"])
-    task = typing.cast(Task, getattr(events[0], "task"))  # noqa: B009
+    task = await task_of(stack.bus, raw.headers["x-hive-task-id"])
     assert task.prompt == "" and task.messages is not None
     assert [m.role for m in task.messages] == ["system", "user", "assistant", "user"]
 
@@ -459,8 +457,7 @@ async def test_a_response_format_travels_with_the_task_and_a_json_output_is_its_
         )
     content = raw.parse().choices[0].message.content
     assert content is not None and msgspec.json.decode(content) == {"ok": True, "tags": ["#nats"]}
-    events = await events_of(stack.bus, raw.headers["x-hive-task-id"])
-    task = typing.cast(Task, getattr(events[0], "task"))  # noqa: B009
+    task = await task_of(stack.bus, raw.headers["x-hive-task-id"])
     assert task.response_format is not None
     assert msgspec.to_builtins(task.response_format)["json_schema"]["schema"] == schema
 

@@ -20,7 +20,7 @@ from hive_bus._messages import Queued
 from hive_bus._settings import load_settings
 from hive_bus.bus import open_bus
 
-from .helpers import HIVE, REPO, events_of, free_port, hive_cli, spawn, wait_until
+from .helpers import HIVE, REPO, events_of, free_port, hive_cli, spawn, task_of, wait_until
 
 
 @dataclass
@@ -379,8 +379,8 @@ async def test_submit_takes_the_task_policy_flags(up: Up) -> None:
     assert submitted.returncode == 0, submitted.stderr
     async with open_bus(load_settings({}, nats_url=up.nats)) as bus:
         queued = (await events_of(bus, submitted.stdout.strip()))[0]
+        task = await task_of(bus, submitted.stdout.strip())
     assert isinstance(queued, Queued)
-    task = queued.task
     assert (task.priority, task.fallback, task.route, task.deadline_s) == (
         "high", ["echo", "groq:llama-3.1-8b-instant"], "in_order", 600.0,
     )  # fmt: skip

@@ -24,7 +24,7 @@ from hive_bus.bus import Bus
 from hive_bus.workers.echo import EchoProvider
 
 from . import handlers
-from .helpers import events_of, eventually, running_worker, stream_messages
+from .helpers import events_of, eventually, running_worker, stream_messages, unacked
 
 pytestmark = pytest.mark.anyio
 
@@ -43,7 +43,7 @@ async def test_submit_and_complete_through_the_client(bus: Bus, hive: Hive) -> N
     assert 0 <= view.call_s < 1
     kinds = [type(e) for e in await events_of(bus, task_id)]
     assert kinds == [Queued, Completed]  # too quick for a running event; the completed one says when it ran
-    assert await stream_messages(bus, bus.names.tasks_stream) == 0  # acked, so gone from the work queue
+    assert await unacked(bus) == 0  # acked: the stream keeps it as history
 
 
 async def test_ids_sort_by_submission_time(hive: Hive) -> None:
@@ -83,7 +83,7 @@ async def test_idempotent_resubmission_returns_the_first_id_and_runs_once(bus: B
         assert (await hive.wait(other, 10)).status == "completed"
     # resubmitted after it completed, still inside the window: same id, and not run again
     assert await hive.submit("echo", "one post", idempotency_key="post-42") == first
-    assert await stream_messages(bus, bus.names.tasks_stream) == 0
+    assert await unacked(bus) == 0
     completed = [e for e in await events_of(bus, first) if isinstance(e, Completed)]
     assert len(completed) == 1
 
@@ -106,7 +106,7 @@ async def test_submit_many_checks_every_request_before_queueing_any(bus: Bus, hi
         await hive.submit_many(requests)
     with pytest.raises(msgspec.ValidationError, match="provider"):
         await hive.submit("bad.name", "hi")
-    assert await stream_messages(bus, bus.names.tasks_stream) == 0
+    assert await unacked(bus) == 0
 
 
 async def test_results_without_ids_follows_new_tasks(bus: Bus, hive: Hive) -> None:
@@ -175,7 +175,7 @@ async def test_permanent_error_fails_at_once_with_its_message(bus: Bus, hive: Hi
     assert view.reason == "permanent"
     assert view.error == "provider said 400: the prompt is not allowed"
     assert view.attempt == 1
-    assert await stream_messages(bus, bus.names.tasks_stream) == 0  # terminated, not redelivered
+    assert await unacked(bus) == 0  # terminated, not redelivered
 
 
 async def test_out_of_attempts_fails_with_the_last_error(bus: Bus, hive: Hive) -> None:
@@ -198,11 +198,13 @@ async def test_output_that_is_not_json_fails_clearly(bus: Bus, hive: Hive) -> No
 async def test_undecodable_task_message_is_terminated_and_the_worker_goes_on(bus: Bus, hive: Hive) -> None:
     names = bus.names
     async with running_worker(bus, "echo", EchoProvider()):
-        await bus.js.publish(names.task_subject("echo"), b"\xff not json")
-        await bus.js.publish(names.task_subject("echo"), msgspec.json.encode({"type": "task.v1", "id": 7}))
+        await bus.js.publish(names.task_subject("echo", "normal", "poison"), b"\xff not json")
+        await bus.js.publish(
+            names.task_subject("echo", "normal", "poison2"), msgspec.json.encode({"type": "task.v1", "id": 7})
+        )
         task_id = await hive.submit("echo", "still working")
         assert (await hive.wait(task_id, 10)).output == "still working"
-        await eventually(lambda: _is_empty(bus, names.tasks_stream), 5, "an empty work queue")
+        await eventually(lambda: _all_acked(bus), 5, "every task acked")
     failed = []
     sub = await bus.js.subscribe(f"{names.prefix}.events.echo.*.failed", ordered_consumer=True)
     while True:
@@ -304,5 +306,5 @@ async def _in_flight(worker: Worker) -> bool:
     return worker.in_flight > 0
 
 
-async def _is_empty(bus: Bus, stream: str) -> bool:
-    return await stream_messages(bus, stream) == 0
+async def _all_acked(bus: Bus) -> bool:
+    return await unacked(bus) == 0

@@ -1,7 +1,7 @@
 """A worker credential made by nats/worker-user.sh, on the shipped hub config (TLS, accounts): it can do
 a worker's whole job and nothing else.
 
-Written with plain nats-py calls against the bus's names (tasks on ``hive.tasks.<provider>.<priority>``,
+Written with plain nats-py calls against the bus's names (tasks on ``hive.tasks.<provider>.<priority>.<task id>``,
 three consumers per provider, events, dead letters, three buckets), which the gateway user declares
 here, so that what is proven is the permission set, whatever the runtime does with it.
 """
@@ -23,6 +23,7 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     KeyValueConfig,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -85,9 +86,15 @@ async def declare(js: JetStreamContext, *providers: str) -> None:
     await js.add_stream(
         StreamConfig(
             name="HIVE_TASKS",
-            subjects=["hive.tasks.*.*"],
-            retention=RetentionPolicy.WORK_QUEUE,
+            subjects=["hive.tasks.*.*.*"],
+            retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
+            allow_direct=True,
+            republish=RePublish(
+                src="hive.tasks.*.*.*",
+                dest="hive.events.{{wildcard(1)}}.{{wildcard(3)}}.queued",
+                headers_only=True,
+            ),
         )
     )
     await js.add_stream(
@@ -118,7 +125,7 @@ async def declare(js: JetStreamContext, *providers: str) -> None:
                 "HIVE_TASKS",
                 ConsumerConfig(
                     durable_name=f"hive_{provider}_{priority}",
-                    filter_subject=f"hive.tasks.{provider}.{priority}",
+                    filter_subject=f"hive.tasks.{provider}.{priority}.*",
                     ack_policy=AckPolicy.EXPLICIT,
                     ack_wait=30,
                     max_deliver=-1,
@@ -148,10 +155,10 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
         client(rendered, server, "w1", "w1", "_INBOX.w1") as w1,
     ):
         await declare(gw.js, *PROVIDERS)
-        wake = await w1.nc.subscribe("hive.tasks.alpha.high")
+        wake = await w1.nc.subscribe("hive.tasks.alpha.high.*")
         await server_has_subscriptions(w1.nc)  # before the first task
         for n in range(2):
-            await gw.js.publish("hive.tasks.alpha.high", f"task {n}".encode(), stream="HIVE_TASKS")
+            await gw.js.publish(f"hive.tasks.alpha.high.t{n}", f"task {n}".encode())
         assert (await wake.next_msg(timeout=2)).data == b"task 0"  # the core wake-up
 
         # start-up checks, then bind to the existing consumer and pull
@@ -230,7 +237,7 @@ async def test_a_worker_cannot_settle_a_task_another_worker_holds(hub: tuple[Hub
         client(rendered, server, "w2", "w2", "_INBOX.w2") as w2,
     ):
         await declare(gw.js, *PROVIDERS)
-        await gw.js.publish("hive.tasks.gamma.normal", b"held by w1", stream="HIVE_TASKS")
+        await gw.js.publish("hive.tasks.gamma.normal.t1", b"held by w1")
         psub = await w1.js.pull_subscribe_bind(durable="hive_gamma_normal", stream="HIVE_TASKS")
         [msg] = await psub.fetch(1, timeout=2)
         assert msg.reply
@@ -317,7 +324,8 @@ FORBIDDEN = {
     "create a consumer": Forbidden(
         "$JS.API.CONSUMER.",
         lambda w: w.js.add_consumer(
-            "HIVE_TASKS", ConsumerConfig(durable_name="hive_beta_mine", filter_subject="hive.tasks.beta.high")
+            "HIVE_TASKS",
+            ConsumerConfig(durable_name="hive_beta_mine", filter_subject="hive.tasks.beta.high.*"),
         ),
         _no_consumer,
     ),
@@ -327,8 +335,8 @@ FORBIDDEN = {
         lambda gw: _consumer_exists(gw, "hive_beta_high"),
     ),
     "publish a task": Forbidden(
-        "hive.tasks.beta.normal",
-        lambda w: _publish(w, "hive.tasks.beta.normal"),
+        "hive.tasks.beta.normal.t1",
+        lambda w: _publish(w, "hive.tasks.beta.normal.t1"),
         lambda gw: _consumer_is_empty(gw, "hive_beta_normal"),
     ),
     "forge a queued event": Forbidden(
@@ -426,8 +434,8 @@ async def test_a_worker_is_refused(hub: tuple[Hub, NatsServer], case: str) -> No
             index = StreamConfig(name="HIVE_INDEX", subjects=["hive.index.>"], allow_direct=True)
             await gw.js.add_stream(index)
         if case == "pull another provider's tasks":
-            await gw.js.purge_stream("HIVE_TASKS", subject="hive.tasks.delta.high")
-            await gw.js.publish("hive.tasks.delta.high", b"not for w1", stream="HIVE_TASKS")
+            await gw.js.purge_stream("HIVE_TASKS", subject="hive.tasks.delta.high.*")
+            await gw.js.publish("hive.tasks.delta.high.t1", b"not for w1")
         w1.js = w1.nc.jetstream(timeout=TIMEOUT_S)
         await _ignore_timeout(forbidden.act(w1))
         await eventually(w1.refused(f'Publish to "{forbidden.what}'), 5, f"the server refusing: {case}")

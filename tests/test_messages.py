@@ -241,7 +241,7 @@ async def test_a_task_encoded_before_messages_still_runs(bus: Bus, hive: Hive) -
         {"type": "task.v1", "provider": "echo", "prompt": "de antes", "system": "s", "id": task_id,
          "submitted_at_ms": now_ms(), "seal": new_seal()}
     ).encode()  # fmt: skip
-    await bus.js.publish(bus.names.task_subject("echo", "normal"), old, stream=bus.names.tasks_stream)
+    await bus.js.publish(bus.names.task_subject("echo", "normal", "old"), old, stream=bus.names.tasks_stream)
 
     async def completed() -> Completed | None:
         return next((e for e in await events_of(bus, task_id) if isinstance(e, Completed)), None)

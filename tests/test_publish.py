@@ -22,7 +22,7 @@ async def test_each_message_gets_its_own_answer_in_order(bus: Bus) -> None:
     await bus.nc.subscribe(silent, cb=ignore)
     publisher = JetStreamPublisher(bus.nc, timeout_s=0.5)
     await publisher.start()
-    task = names.task_subject("echo")
+    task = names.task_subject("echo", "normal", "poison")
     started = time.monotonic()
     outcomes = await publisher.publish(
         [

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from hive_bus import Hive, Settings
+from hive_bus._assigned import assignment
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import Queued
 from hive_bus.bus import Bus, open_bus
@@ -38,17 +39,18 @@ async def test_submit_webhook_flag_puts_the_url_and_events_on_the_task(bus: Bus,
     done = hive_cli(_cli(settings, *args), env=CLI_ENV)
     assert done.returncode == 0, done.stderr
     [queued, *_] = await events_of(bus, done.stdout.strip())
-    assert isinstance(queued, Queued) and queued.task.webhook is not None
-    assert (queued.task.webhook.url, queued.task.webhook.events) == (
+    here = await assignment(bus, done.stdout.strip())  # the task as queued: its message
+    assert isinstance(queued, Queued) and here is not None and here.task.webhook is not None
+    assert (here.task.webhook.url, here.task.webhook.events) == (
         "https://hooks.example.com/done",
         ["task.failed"],
     )
     every = hive_cli(
         _cli(settings, "submit", "nobody", "x", "--webhook", "https://hooks.example.com/all"), env=CLI_ENV
     )
-    [queued, *_] = await events_of(bus, every.stdout.strip())
-    assert isinstance(queued, Queued) and queued.task.webhook is not None
-    assert queued.task.webhook.events == ["task.completed", "task.failed", "task.cancelled"]
+    here = await assignment(bus, every.stdout.strip())
+    assert here is not None and here.task.webhook is not None
+    assert here.task.webhook.events == ["task.completed", "task.failed", "task.cancelled"]
 
 
 def test_submit_webhook_flag_names_an_unknown_event(settings: Settings) -> None:

@@ -13,6 +13,7 @@ import nats.js.errors
 import pytest
 
 from hive_bus import BusUnavailable, Completed, FunctionProvider, Hive
+from hive_bus._assigned import assignment
 from hive_bus._bus import open_bus
 from hive_bus._embedded import NatsServer
 from hive_bus._expiry import Timers
@@ -233,7 +234,9 @@ async def test_a_recurring_schedule_fires_tasks_that_complete_and_pause_stops_it
         for run in runs:
             view = await hive.get(run["task_id"])
             assert view.status == "completed"
-        [task] = [e.task for e in await events_of(bus, runs[0]["task_id"]) if isinstance(e, Queued)]
+        here = await assignment(bus, runs[0]["task_id"])  # the task as queued: its message
+        assert here is not None and next(type(e) for e in await events_of(bus, here.task.id)) is Queued
+        task = here.task
         assert task.metadata == {"schedule_id": schedule_id} and task.prompt == "tic"
         assert len({run["task_id"] for run in runs}) == len(runs)  # each firing its own task
 

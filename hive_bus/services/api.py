@@ -9,6 +9,7 @@ route, so the API reads in the order of its reference; the work behind each is e
 """
 
 # No "from __future__ import annotations" here: Litestar reads the parameter markers at run time.
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -34,17 +35,21 @@ from hive_bus import (
     TaskView,
     WorkerBeat,
 )
-from hive_bus._assigned import Assignments
+from hive_bus._assigned import Assignments, marker_seq, task_at
 from hive_bus._audit import AuditReport, StoreAudit
+from hive_bus._bus import Bus
 from hive_bus._messages import (
     Moved,
     ProviderName,
     Queued,
     Task,
     TaskStatus,
-    event_decoder,
+    decode_event,
+    encoder,
     is_final,
+    is_marker,
     is_task_id,
+    queued_marker,
     status_of,
 )
 from hive_bus._names import PROVIDER_PATTERN, is_valid_token
@@ -244,14 +249,16 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
                     if not await assigned.counts(msg.subject):
                         continue
                     try:
-                        event = event_decoder.decode(msg.data)
+                        event = decode_event(msg.subject, msg.data, msg.headers)
                     except msgspec.DecodeError as exc:
                         log.warning(
                             "task %s: event %s does not decode (%s); skipped", task_id, _seq(msg), exc
                         )
                         continue
                     yield ServerSentEventMessage(
-                        data=msg.data.decode(), event=status_of(event), id=str(msg.metadata.sequence.stream)
+                        data=(await _event_json(bus, msg)).decode(),
+                        event=status_of(event),
+                        id=str(msg.metadata.sequence.stream),
                     )
                     if is_final(event):
                         return
@@ -321,8 +328,9 @@ async def all_events(
                 if not await assigned.counts(msg.subject):
                     continue
                 quiet_since = anyio.current_time()
+                body = await _event_json(bus, msg)
                 yield ServerSentEventMessage(
-                    data=msg.data.decode(errors="replace"), event=status, id=str(msg.metadata.sequence.stream)
+                    data=body.decode(errors="replace"), event=status, id=str(msg.metadata.sequence.stream)
                 )
         finally:
             await unsubscribe(sub)
@@ -392,6 +400,18 @@ def _wanted(meta: list[str] | None, batch: str | None, schedule: str | None) -> 
     return wanted
 
 
+async def _event_json(bus: Bus, msg: Msg) -> bytes:
+    """An event as a feed sends it: a ``queued`` marker as the event with its task (read from the tasks
+    stream by the sequence the marker names: what it asks is what a reader shows), else as stored."""
+    if not is_marker(msg.data, msg.headers) or (event := queued_marker(msg.subject, msg.headers)) is None:
+        return msg.data or b""
+    seq = marker_seq(msg.headers)
+    with contextlib.suppress(*BUS_ERRORS):
+        if seq is not None and (task := await task_at(bus, seq, event.task_id)) is not None:
+            event = msgspec.structs.replace(event, task=task)
+    return encoder.encode(event)
+
+
 async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, limit: int) -> list[TaskView]:
     """The latest state of the most recent tasks, read from the tail of the events stream."""
     bus = hive.bus
@@ -408,6 +428,7 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
     latest: dict[str, TaskView] = {}
     tasks: dict[str, Task] = {}  # each followed task as queued or moved: its content and metadata
+    at: dict[str, int] = {}  # where a task whose queued event is a marker is in the tasks stream
     # An event counts only from the provider its task is assigned to (a worker credential may write
     # events for any task id under its own provider): followed here from the queued and moved events in
     # the tail; a task whose queued event is older than the tail is looked up (``Hive.get``).
@@ -416,7 +437,7 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
         with anyio.move_on_after(bus.settings.request_timeout_s):
             async for msg in sub.messages:
                 try:
-                    event = event_decoder.decode(msg.data)
+                    event = decode_event(msg.subject, msg.data, msg.headers)
                 except msgspec.DecodeError as exc:
                     log.warning("recent tasks: event %s does not decode (%s); skipped", _seq(msg), exc)
                     continue
@@ -425,7 +446,11 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
                     pass
                 elif isinstance(event, Queued):
                     assigned[event.task_id] = on
-                    tasks[event.task_id] = event.task
+                    if event.task is not None:
+                        tasks[event.task_id] = event.task
+                    elif (seq := marker_seq(msg.headers)) is not None:
+                        tasks.pop(event.task_id, None)
+                        at[event.task_id] = seq
                     latest[event.task_id] = TaskView.of(event)
                 elif assigned.get(event.task_id, on) == on:
                     if isinstance(event, Moved) and event.task_id in assigned:
@@ -436,6 +461,11 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
                     break
     views = sorted(latest.values(), key=lambda v: v.id, reverse=True)
     found = [v for v in views if status is None or v.status == status][:limit]
+    for view in found:
+        if view.id not in tasks and view.id in at:  # its content from its message, one read
+            with contextlib.suppress(*BUS_ERRORS):
+                if (task := await task_at(bus, at[view.id], view.id)) is not None:
+                    tasks[view.id] = task
     checked = [await _checked(hive, v, tasks.get(v.id)) for v in found]
     return [view.trimmed() for view in checked if view is not None]
 

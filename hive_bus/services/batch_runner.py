@@ -538,10 +538,10 @@ class BatchRunner:
     async def _not_on_bus(
         self, batch: Batch, chunk: list[tuple[int, TaskRequest]]
     ) -> list[tuple[int, TaskRequest]]:
-        """The lines of ``chunk`` whose tasks are not on the bus. A submission stores the task's
-        ``queued`` event, then the task: a line whose task went no further than that event is on the
-        bus only if its message is in the queue (one pass over the queue finds those), else it was cut
-        off between the two and is queued again."""
+        """The lines of ``chunk`` whose tasks are not on the bus. A submission stores the task alone
+        now; a gateway of an older hive-bus stored its ``queued`` event, then the task: a line whose task
+        went no further than that event is on the bus only if its message is in the queue (one pass
+        over the queue finds those), else it was cut off between the two and is queued again."""
         bus = self._hive.bus
         status: dict[int, str] = {}
         limit = anyio.Semaphore(LOOKUP_WINDOW)

@@ -15,8 +15,8 @@ from litestar.params import FromPath, QueryParameter
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from hive_bus import BusUnavailable, Hive, TaskNotFound
-from hive_bus._assigned import Assignments
-from hive_bus._messages import TaskEvent, event_decoder
+from hive_bus._assigned import Assignments, marker_seq, task_at
+from hive_bus._messages import Queued, TaskEvent, decode_event
 from hive_bus._nats import BUS_ERRORS, following
 
 from .api import _errors
@@ -80,7 +80,12 @@ async def task_timeline(task_id: FromPath[str], state: State) -> list[TaskEvent]
                 async for msg in sub.messages:
                     if await assigned.counts(msg.subject):
                         try:
-                            events.append(event_decoder.decode(msg.data))
+                            event = decode_event(msg.subject, msg.data, msg.headers)
+                            if isinstance(event, Queued) and event.task is None:  # a marker: its task
+                                seq = marker_seq(msg.headers)
+                                task = await task_at(bus, seq, task_id) if seq is not None else None
+                                event = msgspec.structs.replace(event, task=task)
+                            events.append(event)
                         except msgspec.DecodeError:
                             log.warning("task %s: an event does not decode; left out", task_id)
                     if msg.metadata.num_pending == 0 or len(events) >= MAX_TIMELINE_EVENTS:

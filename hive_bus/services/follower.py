@@ -40,7 +40,7 @@ class EventFollower:
         bus: Bus,
         stream: str,
         subjects: Sequence[str],
-        apply: Callable[[str, bytes], None],
+        apply: Callable[[str, bytes, dict[str, str] | None], None],
         *,
         batch: int = 256,
         expires_s: float = 5.0,
@@ -173,7 +173,7 @@ class EventFollower:
             return
         self._last_reply = msg.reply
         try:
-            self._apply(msg.subject, msg.data)
+            self._apply(msg.subject, msg.data, msg.headers)
         except Exception:  # a bug here must not stop the following, nor the gateway
             log.exception("could not apply a message of the %s stream", self._stream)
         self._received += 1

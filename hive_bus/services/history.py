@@ -29,7 +29,7 @@ import anyio
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from hive_bus._messages import now_ms
+from hive_bus._messages import is_marker, now_ms, queued_marker
 from hive_bus._nats import BUS_ERRORS
 from hive_bus._nesting import Guarded
 from hive_bus.bus import Bus
@@ -210,12 +210,15 @@ class _Backfill:
         self._label = provider_label
         self._finals: OrderedDict[str, None] = OrderedDict()
 
-    def apply(self, subject: str, data: bytes) -> None:
+    def apply(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
         tokens = subject.split(".")
         if len(tokens) != 5:
             return  # a duplicate report
         on, task_id, status = tokens[2], tokens[3], tokens[4]
         if status not in ("queued", "moved", "retrying", "completed", "failed", "cancelled"):
+            return
+        if status == "queued" and is_marker(data, headers) and (marker := queued_marker(subject, headers)):
+            self._history.record_arrival(self._label(on), marker.at_ms)  # a task stored on its queue
             return
         try:
             event = _seen_decoder.decode(data)
@@ -227,9 +230,8 @@ class _Backfill:
         if status == "queued":
             history.record_arrival(provider, event.at_ms)
         elif status == "moved":
+            # its arrival on the next provider is the router's publish of it there: its queued event
             history.record_departure(provider, event.at_ms)
-            if event.task is not None and event.task.provider:
-                history.record_arrival(self._label(event.task.provider), event.at_ms)
         elif status == "retrying":
             if event.reason == "rate_limit" and event.called:
                 history.record_rate_limit(event.at_ms)

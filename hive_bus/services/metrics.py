@@ -407,7 +407,7 @@ class BusMetrics:
         depth_now = {p: snap.pending.get(p, 0) + snap.ack_pending.get(p, 0) for p in snap.pending}
         return self.history.view(depth_now, since_ms=since_ms)
 
-    def _observe(self, subject: str, data: bytes) -> None:
+    def _observe(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
         names = self._bus.names
         if names.is_duplicate_report(subject):
             self._observe_duplicate(data)
@@ -433,9 +433,9 @@ class BusMetrics:
                 if event.reason == "rate_limit" and event.called:
                     self._rate_limited.labels(provider).inc()
                     self.history.record_rate_limit(event.at_ms)
-            case Moved():  # followed for the history alone: out of one queue, into another
+            case Moved():  # followed for the history alone: out of one queue (into another: the router's
+                # publish of it there is stored as its queued event, an arrival like any other)
                 self.history.record_departure(provider, event.at_ms)
-                self.history.record_arrival(self._provider_label(event.task.provider), event.at_ms)
             case Failed():
                 # A rejected submission is recorded outside the worker's final events (and may be
                 # followed by the same task's completion once it is queued again).

@@ -39,7 +39,7 @@ from hive_bus.bus import Bus, open_bus
 from hive_bus.services.api import recent_tasks
 from tests import handlers
 from tests.conftest import make_settings
-from tests.helpers import running_worker
+from tests.helpers import running_worker, unacked
 from tests.hub import Hub, WorkerUser, connect, hub_server, make_certs, render
 from tests.test_gateway import serving
 from tests.test_metrics import following, samples, total
@@ -131,6 +131,7 @@ async def gemini_worker(hub: Hub, server: NatsServer) -> AsyncIterator[None]:
 
 
 async def queued_providers(bus: Bus) -> set[str]:
+    """The providers the tasks stream holds tasks of (queued, or kept as history once done)."""
     info = await bus.js.stream_info(bus.names.tasks_stream, subjects_filter=bus.names.all_tasks)
     return {subject.split(".")[2] for subject in info.state.subjects or {}}
 
@@ -151,9 +152,14 @@ async def test_a_worker_cannot_read_another_providers_prompts(hub: tuple[Hub, Na
         body = json.dumps({"last_by_subj": f"hive.events.gemini.{secret}.queued"}).encode()
         assert await mallory.direct_get(events, body) is None
         assert await mallory.direct_get("$JS.API.STREAM.MSG.GET.HIVE_EVENTS", b'{"seq": 1}') is None
-        # what its own tasks need it still reads: an echo task's last event
-        mine = await mallory.direct_get(f"{events}.hive.events.echo.{own}.*")
-        assert mine is not None and b"mine" in mine
+        # the tasks stream (whose direct gets readers of a task's content use) is the hub's alone
+        tasks = "$JS.API.DIRECT.GET.HIVE_TASKS"
+        for subject in (f"{tasks}.hive.tasks.gemini.normal.{secret}", f"{tasks}.hive.tasks.*.*.{secret}"):
+            assert await mallory.direct_get(subject) is None, subject
+        assert await mallory.direct_get("$JS.API.STREAM.MSG.GET.HIVE_TASKS", b'{"seq": 1}') is None
+        # what its own tasks need it still reads: an echo task's last event (its queued event, the tasks
+        # stream's headers-only marker: no content, which the worker gets with the task itself)
+        assert await mallory.direct_get(f"{events}.hive.events.echo.{own}.*") is not None
 
 
 async def test_a_forged_outcome_neither_counts_nor_blocks_the_real_one(hub: tuple[Hub, NatsServer]) -> None:
@@ -255,7 +261,8 @@ async def test_a_forged_dead_letter_is_not_replayed(hub: tuple[Hub, NatsServer])
         async with gemini_worker(rendered, server):
             done = await hive.wait(task_id, 30)
         assert done.output == "real: real prompt"
-        assert await queued_providers(bus) == set()  # nothing planted waits anywhere
+        # nothing planted anywhere: the stream holds the real task alone (done, kept as history)
+        assert await queued_providers(bus) == {"gemini"} and await unacked(bus) == 0
 
 
 def _fields(task: Task) -> dict[str, Any]:

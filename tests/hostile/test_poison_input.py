@@ -32,7 +32,7 @@ from hive_bus.bus import Bus, open_bus
 from hive_bus.workers.echo import EchoProvider
 
 from ..faults.dead_letters import assert_dead_lettered
-from ..helpers import eventually, running_worker
+from ..helpers import eventually, running_worker, unacked
 from ..test_cli import Up, hive_up
 from ..test_gateway import serving
 
@@ -185,7 +185,9 @@ async def test_the_worker_dead_letters_a_deep_task_and_goes_on(bus: Bus, hive: H
     async with running_worker(bus, "echo", EchoProvider()):
         for levels in (969, 5000):
             data = _task_fields(new_task_id(), deep_json(levels))
-            ack = await bus.js.publish(names.task_subject("echo"), data, stream=names.tasks_stream)
+            ack = await bus.js.publish(
+                names.task_subject("echo", "normal", "poison"), data, stream=names.tasks_stream
+            )
             recorded_as.append(f"undecodable-{ack.seq}")  # its id is not read from so deep a message
         after = await hive.submit("echo", "después")
         assert (await hive.wait(after, 15)).status == "completed"
@@ -205,7 +207,7 @@ async def test_the_worker_dead_letters_a_deep_task_and_goes_on(bus: Bus, hive: H
             assert event.reason == "undecodable"
             assert f"nested deeper than {MAX_NESTING} levels" in event.error
             await assert_dead_lettered(bus, "echo", task_id, "undecodable")
-    assert (await bus.js.stream_info(names.tasks_stream)).state.messages == 0  # none left to come back
+    assert await unacked(bus) == 0  # none left to come back
 
 
 async def test_an_output_nested_too_deep_fails_the_task_with_the_reason(bus: Bus, hive: Hive) -> None:
@@ -248,7 +250,9 @@ async def _poison_the_hub(nats_url: str) -> None:
             names.event_subject("echo", new_task_id(), "moved"), moved, stream=names.events_stream
         )
         deep_task = _task_fields(new_task_id(), deep_json(5000))
-        await bus.js.publish(names.task_subject("echo"), deep_task, stream=names.tasks_stream)
+        await bus.js.publish(
+            names.task_subject("echo", "normal", "poison"), deep_task, stream=names.tasks_stream
+        )
 
 
 async def _serves(up: Up) -> None:

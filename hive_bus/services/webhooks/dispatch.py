@@ -6,7 +6,7 @@ Two durable consumers, shared by every gateway of the bus:
    provider its task is assigned to, ``hive_bus._assigned``), one :class:`Delivery` per receiver (the
    task's own webhook, and each gateway-wide one that wants that kind of event) goes into the
    ``<PREFIX>_WEBHOOKS`` queue, de-duplicated by its webhook id; then the event is acked. The webhook
-   URL is the task's as the bus knows it (its ``queued`` event), never a worker's copy.
+   URL is the task's as the bus knows it (its message in the tasks stream), never a worker's copy.
 2. the deliveries: each is signed and POSTed; a 2xx acks it. A failure NAKs it with the next delay of
    ``retry_s`` (a timer in the server: a restart of the gateway, or another gateway, takes it up when it
    runs out), so the id and body stay those of the first attempt; past the last delay it is given up
@@ -39,7 +39,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from hive_bus import __version__
 from hive_bus._assigned import assignment
 from hive_bus._errors import HiveError, TooLarge
-from hive_bus._messages import Task, TaskEvent, event_decoder, now_ms
+from hive_bus._messages import Task, TaskEvent, decode_event, now_ms
 from hive_bus._nats import BUS_ERRORS, unsubscribe
 from hive_bus._size import js_publish
 from hive_bus.bus import Bus
@@ -213,7 +213,7 @@ class Webhooks:
     async def _queue(self, msg: nats.aio.msg.Msg) -> None:
         names = self._bus.names
         try:
-            event = event_decoder.decode(msg.data)
+            event = decode_event(msg.subject, msg.data, msg.headers)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             log.error("webhooks: event %s does not decode (%s); terminated", _seq(msg), exc)
             await msg.term()

@@ -1,0 +1,133 @@
+"""A bus made before one stored write per submission (a work-queue tasks stream on
+``<prefix>.tasks.<provider>.<priority>``, a ``queued`` event carrying each task) is upgraded by the first
+process that declares it, its queued tasks kept; an upgrade cut short goes on at the next start; a
+worker is refused with a message that names what upgrades it."""
+
+from __future__ import annotations
+
+import pytest
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from hive_bus import BusConfigError, Hive, Settings
+from hive_bus._bus import events_stream_config
+from hive_bus._messages import Queued, Task, encoder, new_task_id, now_ms
+from hive_bus.bus import open_bus
+from hive_bus.workers.echo import EchoProvider
+
+from .conftest import make_settings
+from .helpers import events_of, hive_cli, running_worker, unacked
+
+pytestmark = pytest.mark.anyio
+
+OLD_TASKS = 25
+
+
+async def _old_bus(settings: Settings) -> list[str]:
+    """What an older hive-bus left: a work-queue tasks stream holding queued tasks (one undecodable),
+    each with its ``queued`` event carrying it. The ids of the tasks."""
+    names = settings.names
+    async with open_bus(make_settings(settings.nats_url)) as other:  # any connection will do
+        js = other.js
+        await js.add_stream(events_stream_config(settings))
+        await js.add_stream(
+            StreamConfig(
+                name=names.tasks_stream,
+                subjects=[f"{names.prefix}.tasks.*.*"],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.NEW,
+                max_bytes=8 * 1024**2,
+                duplicate_window=settings.duplicate_window_s,
+            )
+        )
+        ids = []
+        for i in range(OLD_TASKS):
+            task = Task(id=new_task_id(), provider="echo", prompt=f"tarea {i}", submitted_at_ms=now_ms())
+            queued = Queued(task_id=task.id, provider="echo", at_ms=task.submitted_at_ms, task=task)
+            await js.publish(names.event_subject("echo", task.id, "queued"), encoder.encode(queued))
+            await js.publish(
+                f"{names.prefix}.tasks.echo.normal", encoder.encode(task), stream=names.tasks_stream
+            )
+            ids.append(task.id)
+        await js.publish(f"{names.prefix}.tasks.echo.normal", b"\xff not a task", stream=names.tasks_stream)
+    return ids
+
+
+async def test_an_old_work_queue_bus_is_upgraded_and_its_queued_tasks_run(settings: Settings) -> None:
+    ids = await _old_bus(settings)
+    names = settings.names
+    async with open_bus(settings) as bus:
+        info = await bus.js.stream_info(names.tasks_stream)
+        assert info.config.retention == RetentionPolicy.LIMITS and info.config.republish is not None
+        assert info.state.messages == OLD_TASKS + 1  # every task put back, the poison too
+        streams = [s.config.name for s in await bus.js.streams_info()]
+        assert names.upgrade_stream not in streams  # the copy is gone
+        hive = Hive(bus)
+        try:
+            assert (await hive.get(ids[0])).status == "queued"  # read from its old queued event
+            async with running_worker(bus, "echo", EchoProvider()):
+                views = [await hive.wait(task_id, 10) for task_id in ids]
+            assert [v.status for v in views] == ["completed"] * OLD_TASKS
+            assert [v.output for v in views] == [f"tarea {i}" for i in range(OLD_TASKS)]
+            # put back without a second queued event: each task has its old one only
+            assert [type(e).__name__ for e in await events_of(bus, ids[0])] == ["Queued", "Completed"]
+            assert await unacked(bus) == 0
+            # a new submission on the upgraded bus: one write, its queued event the stream's marker
+            fresh = await hive.submit("echo", "nueva")
+            assert [type(e).__name__ for e in await events_of(bus, fresh)] == ["Queued"]
+        finally:
+            await hive.close()
+
+
+async def test_an_upgrade_cut_short_goes_on_at_the_next_start(settings: Settings) -> None:
+    """Cut short after the old stream was deleted: only the copy holds the tasks."""
+    ids = await _old_bus(settings)
+    names = settings.names
+    async with open_bus(make_settings(settings.nats_url)) as other:
+        js = other.js
+        await js.add_stream(
+            StreamConfig(
+                name=names.upgrade_stream, subjects=[names.upgrade_subjects], storage=StorageType.FILE
+            )
+        )
+        for seq in range(1, OLD_TASKS + 2):  # a work-queue stream takes no second consumer
+            raw = await js.get_msg(names.tasks_stream, seq)
+            await js.publish(
+                f"{names.prefix}.tasks_upgrade.echo.normal", raw.data or b"", stream=names.upgrade_stream
+            )
+        await js.delete_stream(names.tasks_stream)
+    async with open_bus(settings) as bus:
+        info = await bus.js.stream_info(names.tasks_stream)
+        assert info.config.republish is not None and info.state.messages == OLD_TASKS + 1
+        hive = Hive(bus)
+        try:
+            async with running_worker(bus, "echo", EchoProvider()):
+                assert (await hive.wait(ids[-1], 10)).output == f"tarea {OLD_TASKS - 1}"
+        finally:
+            await hive.close()
+    async with open_bus(settings) as bus:  # and once done, a later start changes nothing
+        assert (await bus.js.stream_info(names.tasks_stream)).state.messages == OLD_TASKS + 1
+
+
+async def test_a_worker_is_told_to_start_the_gateway_first(settings: Settings) -> None:
+    await _old_bus(settings)
+    worker = make_settings(settings.nats_url, prefix=settings.prefix, worker_name="w1")
+    with pytest.raises(BusConfigError, match="start the gateway") as caught:
+        async with open_bus(worker):
+            pass
+    assert settings.names.tasks_stream in str(caught.value)
+
+
+async def test_hive_upgrade_upgrades_the_bus(settings: Settings) -> None:
+    ids = await _old_bus(settings)
+    args = ["upgrade", "--nats", settings.nats_url, "--prefix", settings.prefix]
+    env = {"HIVE_HEARTBEAT_INTERVAL_S": "0.5", "HIVE_HEARTBEAT_TTL_S": "1.5"}  # the test bus's (conftest)
+    done = hive_cli(args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"limits retention, {OLD_TASKS + 1} tasks held" in done.stdout
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        try:
+            assert (await hive.get(ids[3])).prompt == "tarea 3"
+        finally:
+            await hive.close()
