@@ -61,6 +61,7 @@ from anyio.abc import TaskStatus
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from . import _dlq
+from ._ageing import Ageing
 from ._bus import Bus, consumer_infos
 from ._counts import submitted_counts
 from ._errors import TooLarge
@@ -106,6 +107,9 @@ class AuditReport(msgspec.Struct, frozen=True, kw_only=True):
     # "counts": the tasks stream held as many tasks as the record has open ones, compared as counts;
     # "ids": it held fewer, and the audit compared them task by task
     compared: Literal["counts", "ids"] = "ids"
+    # tasks that had waited in the queue nearly as long as the bus keeps tasks, failed ``expired``
+    # (hive_bus._ageing) by this audit
+    expired: int = 0
 
 
 @dataclass(slots=True)
@@ -127,6 +131,7 @@ class StoreAudit:
         self._reconnects = nats_reconnects(bus.nc)
         self._lost_total = 0
         self.last: AuditReport | None = None
+        self.ageing = Ageing(bus, every_s=every_s)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Audit now, after each reconnection, and every ``every_s``; failures are logged and retried."""
@@ -155,8 +160,10 @@ class StoreAudit:
         self._next_seq = 1
 
     async def audit(self) -> AuditReport:
-        """One audit: read the record on, read the queue, and record each task found lost."""
+        """One audit: fail the tasks that waited too long (:mod:`hive_bus._ageing`), read the record on,
+        read the queue, and record each task found lost."""
         t0 = time.perf_counter()
+        expired = len(await self.ageing.sweep())
         for attempt in range(COUNT_TRIES):
             if attempt:  # submissions and outcomes in progress may have made the counts differ
                 await anyio.sleep(COUNT_RETRY_S)
@@ -167,12 +174,14 @@ class StoreAudit:
             report = AuditReport(
                 at_ms=now_ms(), open=open_count, held=held_count, lost=0, lost_ids=[],
                 lost_total=self._lost_total, seconds=round(time.perf_counter() - t0, 3), compared="counts",
+                expired=expired,
             )  # fmt: skip
             self.last = report
             return report
         self._start_over()  # the record is read from its start, and let go after
         try:
-            return await self._audit_ids(t0)
+            self.last = msgspec.structs.replace(await self._audit_ids(t0), expired=expired)
+            return self.last
         finally:
             self._start_over()
 

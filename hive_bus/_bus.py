@@ -412,8 +412,8 @@ def blobs_stream_config(settings: Settings) -> StreamConfig:
         allow_direct=True,
         num_replicas=settings.replicas,
         # the server's own default, said out loud: left unset, every process found the stream "keeping
-        # its own" 120 s and said so on each start
-        duplicate_window=OBJECT_STORE_DUPLICATE_WINDOW_S,
+        # its own" 120 s and said so on each start; never longer than the age (the server refuses that)
+        duplicate_window=min(OBJECT_STORE_DUPLICATE_WINDOW_S, settings.events_max_age_s),
     )
 
 

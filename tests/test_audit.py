@@ -13,11 +13,13 @@ import pytest
 from hive_bus import Failed, Hive, Task, TaskRequest
 from hive_bus._audit import StoreAudit
 from hive_bus._dlq import NotReplayable
+from hive_bus._embedded import NatsServer
 from hive_bus._messages import Moved, Queued, encoder, now_ms
 from hive_bus._router import Router
-from hive_bus.bus import Bus
+from hive_bus.bus import Bus, open_bus
 from hive_bus.workers.echo import EchoProvider
 
+from .conftest import make_settings
 from .helpers import events_of, running_worker
 
 pytestmark = pytest.mark.anyio
@@ -148,3 +150,37 @@ async def test_a_moved_task_waits_for_the_router(bus: Bus, hive: Hive) -> None:
     await _route_for(bus, 1.0)
     report = await audit.audit()
     assert (report.held, report.lost) == (1, 0)  # queued on its next provider by the router
+
+
+async def test_a_task_waiting_nearly_as_long_as_the_bus_keeps_tasks_expires_and_replays(
+    nats_server: NatsServer,
+) -> None:
+    """The tasks stream keeps a task as long as the events (``max_age``): one that no worker takes in
+    that time is failed ``expired`` and dead-lettered with its task before it would age out unseen; one
+    that completed, and one submitted later, are left alone; a replay runs it."""
+    settings = make_settings(nats_server.url, events_max_age_s=8.0, duplicate_window_s=4.0)
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        audit = StoreAudit(bus, grace_s=60, every_s=1.0)
+        assert audit.ageing.limit_s == 6.0  # 8 s less two sweeps
+        waiting = await hive.submit("nobody", "wait for me")
+        done = await hive.submit("quick", "done at once")
+        async with running_worker(bus, "quick", EchoProvider()):
+            assert (await hive.wait(done, timeout_s=5)).status == "completed"
+        await anyio.sleep(3.5)
+        younger = await hive.submit("nobody", "younger")
+        assert (await audit.audit()).expired == 0  # nothing has waited 6 s yet
+        await anyio.sleep(3.0)
+        report = await audit.audit()
+        assert report.expired == 1
+        view = await hive.get(waiting)
+        assert (view.status, view.reason) == ("failed", "expired")
+        assert "waited in the queue longer than 6s" in (view.error or ""), view.error
+        assert (await hive.get(younger)).status == "queued"
+        assert (await hive.get(done)).status == "completed"
+        assert (await audit.audit()).expired == 0  # once
+        await hive.replay(waiting)
+        async with running_worker(bus, "nobody", EchoProvider()):
+            assert (await hive.wait(waiting, timeout_s=5)).output == "wait for me"
+            assert (await hive.wait(younger, timeout_s=5)).output == "younger"
+        await hive.close()
