@@ -60,6 +60,10 @@ HEARTBEATS_MAX_BYTES = 2 * 1024**2  # kept in memory
 VALUE_MAX_BYTES = 64 * 1024
 
 
+# how often a process that waits for its connection's loss also looks at the connection itself
+LOST_CHECK_S = 0.5
+
+
 class Link:
     """Whether the connection is gone for good: closed by the server or by nats-py (a protocol error
     such as ``maximum payload exceeded``: nats-py does not reconnect after one), not by this process.
@@ -91,10 +95,20 @@ class Bus:
     cancels_kv: KeyValue
     link: Link = field(default_factory=Link)
 
+    def is_lost(self) -> bool:
+        """Whether the connection is gone for good: said by nats-py's closed callback, or seen here,
+        since nats-py closes without calling it when it reads the server's ``-ERR`` while it is
+        reconnecting (the server closed the socket first)."""
+        if not self.link.lost.is_set() and self.nc.is_closed and not self.link.closing:
+            self.link.closed(_reason(self.nc.last_error) if self.nc.last_error else "closed")
+        return self.link.lost.is_set()
+
     async def wait_lost(self) -> None:
         """Return once the connection is gone for good, raising :class:`BusUnavailable` that says why:
         run it beside a long-running process's work so that the process ends (exit status 1)."""
-        await self.link.lost.wait()
+        while not self.is_lost():
+            with anyio.move_on_after(LOST_CHECK_S):
+                await self.link.lost.wait()
         raise BusUnavailable(
             f"the NATS connection was closed for good ({self.link.reason}); exiting so that a "
             "supervisor (systemd, compose, a shell loop) starts this process again"

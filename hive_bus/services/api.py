@@ -506,8 +506,9 @@ class Readiness(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     responses={503: ResponseSpec(data_container=Readiness, description="the NATS connection is gone")},
 )
 async def healthz(state: State) -> Response[Readiness]:
-    link = _hive(state).bus.link
-    if link.lost.is_set():
+    bus = _hive(state).bus
+    link = bus.link
+    if bus.is_lost():
         # nats-py does not reconnect after the server closed the connection: restart this process
         reason = f"the NATS connection was closed for good: {link.reason}"
         return Response(Readiness(status="unavailable", reason=reason), status_code=503)
