@@ -14,6 +14,23 @@ from hive_bus import Hive, Settings, load_settings
 from hive_bus._embedded import NatsServer
 from hive_bus.bus import Bus, open_bus
 
+# The fault suite's ledger figures (tests/faults), listed at the end of the run whatever pytest captured.
+# Here, not in tests/faults/conftest.py: with pytest-xdist (make test) reports reach the controlling
+# process, which loads this conftest and not those of the folders its workers collect.
+_FIGURES: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _FIGURES.extend(str(value) for name, value in report.user_properties if name == "ledger")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _FIGURES:
+        terminalreporter.section("fault ledger")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
+
 
 @pytest.fixture
 def anyio_backend() -> str:

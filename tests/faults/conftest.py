@@ -1,5 +1,5 @@
-"""Fixtures of the fault-injection suite, and its report: every case's ledger figures are listed at the
-end of the run (``fault ledger`` section), whatever pytest captured."""
+"""Fixtures of the fault-injection suite. Every case's ledger figures go into its report's
+``user_properties``; tests/conftest.py lists them at the end of the run (``fault ledger`` section)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,6 @@ import pytest
 
 from ..fakes import ProviderFakes
 from .ledger import Figures, Ledger
-
-_FIGURES: list[str] = []
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.when == "call":
-        _FIGURES.extend(str(value) for name, value in report.user_properties if name == "ledger")
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _FIGURES:
-        terminalreporter.section("fault ledger")
-        for line in _FIGURES:
-            terminalreporter.write_line(line)
 
 
 @pytest.fixture
