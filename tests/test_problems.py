@@ -4,7 +4,8 @@ trouble named, in words a person acts on, linked to the part of the page that sa
 from __future__ import annotations
 
 from hive_bus.services.metrics import Snapshot
-from hive_bus.services.problems import problems_of
+from hive_bus.services.problems import problems_of, webhook_trouble
+from hive_bus.services.webhooks.records import DeliveryRecord, DeliveryStatus
 
 NOW_S = 1_800_000_000.0
 
@@ -50,3 +51,31 @@ def test_a_read_of_the_bus_that_is_old_comes_first() -> None:
     never = problems_of(Snapshot(), now_s=NOW_S, refresh_s=5, since_s=NOW_S - 30)
     assert [p.kind for p in never] == ["stale"] and "has not read the bus yet" in never[0].message
     assert problems_of(Snapshot(), now_s=NOW_S, refresh_s=5, since_s=NOW_S - 2) == []  # its first read
+
+
+def test_webhooks_failing_are_named_from_the_delivery_records() -> None:
+    now_ms = int(NOW_S * 1000)
+
+    def record(status: DeliveryStatus, age_ms: int, error: str | None = None) -> DeliveryRecord:
+        return DeliveryRecord(
+            id=f"msg_{status}_{age_ms}", url="https://example.com/hook", event="task.completed",
+            task_id="01JB0000000000000000000000", status=status, created_at_ms=now_ms - age_ms,
+            updated_at_ms=now_ms - age_ms, last_error=error,
+        )  # fmt: skip
+
+    found = [  # newest first, as the records are read
+        record("retrying", 1_000, "answered 503"),
+        record("delivered", 2_000),
+        record("failed", 3_000, "timed out"),
+        record("failed", 2 * 24 * 3600 * 1000, "answered 404"),  # given up two days ago: no longer news
+    ]
+    trouble = webhook_trouble(found, now_ms=now_ms)
+    assert (trouble.retrying, trouble.failed, trouble.last_error) == (1, 1, "answered 503")
+    [problem] = problems_of(Snapshot(at_s=NOW_S), now_s=NOW_S, refresh_s=5, webhooks=trouble)
+    assert problem.kind == "webhooks_failing" and problem.count == 2
+    assert problem.message == (
+        "Webhook deliveries are failing: 1 retrying, 1 given up in the last day (last: answered 503)."
+    )
+    assert problem.link == "/v1/webhooks/deliveries?status=retrying"
+    delivered = webhook_trouble([record("delivered", 1_000)], now_ms=now_ms)
+    assert problems_of(Snapshot(at_s=NOW_S), now_s=NOW_S, refresh_s=5, webhooks=delivered) == []

@@ -22,7 +22,8 @@ from hive_bus._nats import BUS_ERRORS, following
 from .api import _errors
 from .history import HistoryView
 from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics
-from .problems import Problem, problems_of
+from .problems import Problem, WebhookTrouble, problems_of, webhook_trouble
+from .webhooks import records
 
 
 @get(
@@ -45,12 +46,38 @@ async def stats_history(
     return metrics.history_view(since_ms=since_ms)
 
 
+WEBHOOKS_READ_EVERY_S = 30.0  # the delivery records are read at most this often for the strip
+
+
+class WebhookWatch:
+    """The strip's view of webhook deliveries: the bus's delivery records (every gateway's), read at
+    most every :data:`WEBHOOKS_READ_EVERY_S` (the page asks every two seconds; the log holds up to
+    10,000 records)."""
+
+    def __init__(self) -> None:
+        self._read_at = -WEBHOOKS_READ_EVERY_S
+        self._trouble: WebhookTrouble | None = None
+
+    async def trouble(self, hive: Hive) -> WebhookTrouble | None:
+        if time.monotonic() - self._read_at >= WEBHOOKS_READ_EVERY_S:
+            self._read_at = time.monotonic()
+            try:
+                found = await records.recent(hive.bus)
+            except BUS_ERRORS as exc:
+                log.warning("could not read the webhook deliveries for the problem strip: %s", exc)
+                return self._trouble
+            self._trouble = webhook_trouble(found, now_ms=int(time.time() * 1000))
+        return self._trouble
+
+
 @get("/v1/problems", summary="What needs a person now, the most pressing first", responses=_errors(401))
 async def problems(state: State) -> list[Problem]:
     metrics: BusMetrics = state.metrics
+    watch: WebhookWatch = state.webhook_watch
     return problems_of(
-        metrics.snapshot, now_s=time.time(), refresh_s=metrics.refresh_s, since_s=metrics.since_ms / 1000
-    )
+        metrics.snapshot, now_s=time.time(), refresh_s=metrics.refresh_s, since_s=metrics.since_ms / 1000,
+        webhooks=await watch.trouble(state.hive),
+    )  # fmt: skip
 
 
 log = logging.getLogger("hive_bus.gateway")

@@ -45,7 +45,7 @@ from .api import AUDIT_ROUTES, METRICS_ROUTES, ROUTES, as_response
 from .auth import Tokens, check_exposure
 from .batch_runner import BatchRunner
 from .batches_api import BATCH_ROUTES
-from .board_api import BOARD_ROUTES, TASK_ROUTES
+from .board_api import BOARD_ROUTES, TASK_ROUTES, WebhookWatch
 from .dlq_api import DLQ_ROUTES
 from .edge import Edge
 from .fastpath import FastSubmit
@@ -171,6 +171,7 @@ def create_app(
         "chat_wait_s": options.chat_wait_s,
         "stream_keepalive_s": options.stream_keepalive_s,
         "webhooks": options.webhooks,
+        "webhook_watch": WebhookWatch(),
     }
     app = Litestar(
         route_handlers=[

@@ -3,20 +3,24 @@
 Read from the metrics' last read of the bus (:class:`services.metrics.Snapshot`), so it costs the bus
 nothing more: a provider with queued work and no live worker, a key its provider refused, a provider
 cooling down (and until when), dead letters waiting, messages a stream lost, and a stale read (the
-gateway has not managed to read the bus for a while, so every other figure is old). Failing webhooks
-will join them when the gateway delivers webhooks (issue 16). Each names the place on the page that
-tells more (``link``, a fragment of the dashboard).
+gateway has not managed to read the bus for a while, so every other figure is old), and webhooks
+failing (deliveries retrying now, or given up lately: :class:`WebhookTrouble`). Each names the place
+that tells more (``link``: a fragment of the dashboard, or the API route that lists them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import msgspec
 
 from .metrics import Snapshot
+from .webhooks.records import DeliveryRecord
 
-ProblemKind = Literal["no_worker", "key_refused", "cooling_down", "dead_letters", "stream_lost", "stale"]
+ProblemKind = Literal[
+    "no_worker", "key_refused", "cooling_down", "dead_letters", "stream_lost", "stale", "webhooks_failing"
+]
 STALE_READS = 3  # refresh periods without a successful read before the figures count as stale
 MIN_STALE_S = 15.0
 
@@ -30,7 +34,39 @@ class Problem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     until_ms: int | None = None  # a cooldown's end
 
 
-def problems_of(snap: Snapshot, *, now_s: float, refresh_s: float, since_s: float = 0.0) -> list[Problem]:
+class WebhookTrouble(msgspec.Struct, frozen=True, kw_only=True):
+    """Webhook deliveries going wrong, from the bus's delivery records (every gateway's)."""
+
+    retrying: int = 0  # failing now: an attempt failed and another is due
+    failed: int = 0  # given up after the last retry, lately
+    last_error: str | None = None  # the newest of their errors
+
+
+FAILED_WITHIN_MS = 24 * 3600 * 1000  # a delivery given up counts as a problem for a day
+
+
+def webhook_trouble(found: Sequence[DeliveryRecord], *, now_ms: int) -> WebhookTrouble:
+    """What the delivery records (newest first) say is going wrong."""
+    failing = [
+        r
+        for r in found
+        if r.status == "retrying" or (r.status == "failed" and now_ms - r.updated_at_ms <= FAILED_WITHIN_MS)
+    ]
+    return WebhookTrouble(
+        retrying=sum(r.status == "retrying" for r in failing),
+        failed=sum(r.status == "failed" for r in failing),
+        last_error=next((r.last_error for r in failing if r.last_error), None),
+    )
+
+
+def problems_of(
+    snap: Snapshot,
+    *,
+    now_s: float,
+    refresh_s: float,
+    since_s: float = 0.0,
+    webhooks: WebhookTrouble | None = None,
+) -> list[Problem]:
     """The problems the figures show, the most pressing first (``since_s``: when the gateway began
     reading the bus, so that a first read still under way is not called stale)."""
     found: list[Problem] = []
@@ -91,6 +127,21 @@ def problems_of(snap: Snapshot, *, now_s: float, refresh_s: float, since_s: floa
                 count=snap.dead_letters,
             )
         )
+    if webhooks is not None and (webhooks.retrying or webhooks.failed):
+        status = "retrying" if webhooks.retrying else "failed"
+        said = [f"{webhooks.retrying} retrying"] if webhooks.retrying else []
+        said += [f"{webhooks.failed} given up in the last day"] if webhooks.failed else []
+        found.append(
+            Problem(
+                kind="webhooks_failing",
+                message=(
+                    f"Webhook deliveries are failing: {', '.join(said)}"
+                    + (f" (last: {webhooks.last_error})." if webhooks.last_error else ".")
+                ),
+                link=f"/v1/webhooks/deliveries?status={status}",
+                count=webhooks.retrying + webhooks.failed,
+            )
+        )
     for stream, lost in sorted(snap.lost.items()):
         if lost:
             found.append(
@@ -104,4 +155,4 @@ def problems_of(snap: Snapshot, *, now_s: float, refresh_s: float, since_s: floa
     return found
 
 
-__all__ = ["Problem", "problems_of"]
+__all__ = ["Problem", "WebhookTrouble", "problems_of", "webhook_trouble"]

@@ -413,6 +413,7 @@ const PROBLEM_WORDS = {
   cooling_down: "Cooling down",
   dead_letters: "Dead letters",
   stream_lost: "Messages lost",
+  webhooks_failing: "Webhooks failing",
 };
 
 // Shows the strip (hidden when nothing is wrong); returns how many dead letters wait.
