@@ -14,7 +14,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_playwright
 
-from hive_bus import Hive, Settings
+from hive_bus import Hive, Settings, TaskRequest
 from hive_bus.bus import open_bus
 from hive_bus.services.auth import Tokens
 from hive_bus.services.gateway import Gateway, GatewayOptions
@@ -142,3 +142,30 @@ async def test_the_page_asks_for_a_token_when_the_gateway_wants_one(settings: Se
     # the browser reports each 401 answer as a failed resource load; nothing else may go wrong
     assert [p for p in problems if "401" not in p] == []
     assert any("401" in p for p in problems)
+
+
+@pytest.mark.slow
+async def test_ten_thousand_tasks_keep_the_page_to_a_window_of_rows_and_it_still_answers(
+    settings: Settings,
+) -> None:
+    """Issue 17: the page stays usable with 10,000 recent tasks: it keeps a window of the newest rows
+    (``MAX_TASK_ROWS`` in app.js), never all of them, and a click still opens a task's story."""
+    async with gateway(settings) as url, chromium() as browser, page_of(browser) as (page, problems):
+        await page.goto(url)
+        await page.wait_for_selector('body[data-feed="live"]', timeout=WAIT_MS)
+        async with open_bus(settings) as bus:
+            hive = Hive(bus)
+            ids = await hive.submit_many(
+                [TaskRequest(provider="echo", prompt=f"post {i}") for i in range(10_000)]
+            )
+            assert (await hive.wait(ids[-1], timeout_s=60)).status == "completed"
+            await hive.close()
+        last = f'#tasks tr[data-task-id="{ids[-1]}"][data-status="completed"]'
+        await page.wait_for_selector(last, timeout=60_000)
+        rows = await page.locator("#tasks tr[data-task-id]").count()
+        assert 50 <= rows <= 200, rows  # a window of the newest, not 10,000
+        await page.click(f'#tasks tr[data-task-id="{ids[-1]}"] button', timeout=WAIT_MS)
+        dialog = page.locator("#task-dialog")
+        await dialog.locator('#timeline li[data-status="completed"]').wait_for(timeout=WAIT_MS)
+        assert "post 9999" in await dialog.locator("#task-input").inner_text()
+    assert problems == []
