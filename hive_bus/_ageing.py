@@ -23,12 +23,11 @@ import time
 import msgspec
 import nats.js.errors
 
-from . import _assigned, _dlq
+from . import _assigned
 from ._bus import Bus, consumer_infos
 from ._counts import submitted_counts
-from ._errors import TooLarge
-from ._messages import Failed, encoder, now_ms, task_decoder
-from ._size import check_fits, js_publish
+from ._expiry import record_expired
+from ._messages import task_decoder
 
 log = logging.getLogger("hive_bus.ageing")
 
@@ -100,36 +99,15 @@ class Ageing:
 
     async def _expire(self, provider: str, task_id: str, run: int) -> bool:
         """Fail one task that waited too long, if the bus has it waiting on ``provider`` in this run."""
-        bus, names = self._bus, self._bus.names
+        bus = self._bus
         here = await _assigned.assignment(bus, task_id)
         if here is None or here.task.provider != provider or here.task.run != run:
             return False  # moved on, or replayed since: this message is not its queue place
         view = await _assigned.current_view(bus, task_id)
         if view is not None and view.done:
             return False  # it ended; a worker drops its message, or it ages out
-        task = here.task
-        event = Failed(
-            task_id=task.id, provider=provider, at_ms=now_ms(), attempt=view.attempt if view else 0,
-            worker=None, reason="expired",
-            error=(
-                f"it waited in the queue longer than {self.limit_s:.0f}s, and the bus keeps a task "
-                f"{bus.settings.events_max_age_s:.0f}s (HIVE_EVENTS_MAX_AGE_S): no worker of "
-                f"{provider} took it"
-            ),
-            task=task,
-        )  # fmt: skip
-        data = encoder.encode(event)
-        headers = {"Nats-Msg-Id": task.final_msg_id}
-        try:
-            check_fits(bus.nc, data, {**headers, "Nats-Expected-Stream": names.events_stream})
-        except TooLarge:
-            data = encoder.encode(msgspec.structs.replace(event, task=None))
-        await bus.cancels_kv.put(names.cancel_key(provider, task.id), data)
-        ack = await js_publish(
-            bus.js, bus.nc, names.event_subject(provider, task.id, "failed"), data,
-            headers=headers, stream=names.events_stream, what="failed event",
-        )  # fmt: skip
-        if ack.duplicate:
-            return False  # it ended a moment ago
-        await _dlq.keep(bus, provider, task.id, data, task.sealed(f"{task.id}:dlq:{task.run}"))
-        return True
+        error = (
+            f"it waited in the queue longer than {self.limit_s:.0f}s, and the bus keeps a task "
+            f"{bus.settings.events_max_age_s:.0f}s (HIVE_EVENTS_MAX_AGE_S): no worker of {provider} took it"
+        )
+        return await record_expired(bus, here.task, attempt=view.attempt if view else 0, error=error)

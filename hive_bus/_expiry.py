@@ -173,7 +173,6 @@ async def start(bus: Bus, timer: StartTimer) -> float | None:
 async def expire(bus: Bus, timer: DeadlineTimer) -> float | None:
     """Fail the task of a fired deadline as ``expired``, if the bus agrees it is due; the seconds to
     wait first when this clock reads the deadline as not yet reached, else None (done with it)."""
-    names = bus.names
     here = await _assigned.assignment(bus, timer.task_id)
     if here is None:
         log.warning("timers: a deadline for task %s is refused: the bus knows no such task", timer.task_id)
@@ -188,11 +187,21 @@ async def expire(bus: Bus, timer: DeadlineTimer) -> float | None:
     if view is not None and view.done:
         await _keep_letter(bus, task, view.reason)  # an expiry recorded before its timer came again
         return None
+    error = f"its deadline passed ({task.deadline_s:g}s after submission) before it ended"
+    if await record_expired(bus, task, attempt=view.attempt if view else 0, error=error):
+        log.info("task %s expired: its deadline passed before it ended", task.id)
+    return None
+
+
+async def record_expired(bus: Bus, task: Task, *, attempt: int, error: str) -> bool:
+    """Fail ``task`` (as the bus has it queued now) with reason ``expired``: its key in the cancels
+    bucket first (a worker that fetches it drops it, one running it abandons the call), then its
+    ``failed`` event with the run's final de-duplication id, then its dead letter. False when an
+    outcome was recorded first (or another gateway expired it a moment ago)."""
+    names = bus.names
     event = Failed(
-        task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=view.attempt if view else 0,
-        worker=None, reason="expired",
-        error=f"its deadline passed ({task.deadline_s:g}s after submission) before it ended",
-        task=task,
+        task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=attempt, worker=None,
+        reason="expired", error=error, task=task,
     )  # fmt: skip
     data = encoder.encode(event)
     headers = {"Nats-Msg-Id": task.final_msg_id}
@@ -200,17 +209,15 @@ async def expire(bus: Bus, timer: DeadlineTimer) -> float | None:
         check_fits(bus.nc, data, {**headers, "Nats-Expected-Stream": names.events_stream})
     except TooLarge:  # a task from before the claim check: its queued event keeps it
         data = encoder.encode(msgspec.structs.replace(event, task=None))
-    # the word to its workers first: one that fetches it drops it, one running it abandons the call
     await bus.cancels_kv.put(names.cancel_key(task.provider, task.id), data)
     ack = await js_publish(
         bus.js, bus.nc, names.event_subject(task.provider, task.id, "failed"), data,
         headers=headers, stream=names.events_stream, what="failed event",
     )  # fmt: skip
-    if ack.duplicate:  # it ended first, or another gateway expired it a moment ago
-        return None
+    if ack.duplicate:
+        return False
     await _dlq.keep(bus, task.provider, task.id, data, task.sealed(f"{task.id}:dlq:{task.run}"))
-    log.info("task %s expired: its deadline passed before it ended", task.id)
-    return None
+    return True
 
 
 async def _keep_letter(bus: Bus, task: Task, reason: str | None) -> None:
