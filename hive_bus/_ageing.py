@@ -24,10 +24,11 @@ import msgspec
 import nats.js.errors
 
 from . import _assigned
-from ._bus import Bus, consumer_infos
+from ._bus import Bus
 from ._counts import submitted_counts
 from ._expiry import record_expired
 from ._messages import task_decoder
+from ._stats import ack_floors
 
 log = logging.getLogger("hive_bus.ageing")
 
@@ -53,12 +54,8 @@ class Ageing:
 
     async def sweep(self) -> list[str]:
         """Fail every task that has waited past :attr:`limit_s`; their ids."""
-        bus, names = self._bus, self._bus.names
-        floors: dict[str, int] = {}
-        for info in await consumer_infos(bus, names.tasks_stream):
-            if (queue := names.of_consumer(info.name)) is not None:
-                floor = (info.ack_floor.stream_seq if info.ack_floor else 0) or 0
-                floors[queue[0]] = min(floors.get(queue[0], floor), floor)
+        bus = self._bus
+        floors = await ack_floors(bus)
         cutoff_s = time.time() - self.limit_s
         expired: list[str] = []
         for provider in sorted(set(floors) | set(await submitted_counts(bus))):

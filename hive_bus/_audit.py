@@ -62,7 +62,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from . import _dlq
 from ._ageing import Ageing
-from ._bus import Bus, consumer_infos
+from ._bus import Bus
 from ._counts import submitted_counts
 from ._errors import TooLarge
 from ._messages import FINAL_STATUSES, Failed, Moved, Queued, Task, decode_event, encoder, now_ms
@@ -70,7 +70,7 @@ from ._nats import BUS_ERRORS
 from ._nats import reconnects as nats_reconnects
 from ._nesting import Guarded
 from ._size import check_fits, js_publish
-from ._stats import queue_depths
+from ._stats import ack_floors, queue_depths
 from ._tallies import tally
 
 log = logging.getLogger("hive_bus.audit")
@@ -323,12 +323,7 @@ class StoreAudit:
         """The lowest sequence of the tasks stream that a provider's consumer has not acked: every
         open task's message is at or after it (a worker acks a task once its outcome is stored). 1 when
         a provider tasks were submitted to has no consumer yet (nothing acked its tasks)."""
-        names = self._bus.names
-        floors: dict[str, int] = {}
-        for info in await consumer_infos(self._bus, self._bus.names.tasks_stream):
-            if (queue := names.of_consumer(info.name)) is not None:
-                floor = (info.ack_floor.stream_seq if info.ack_floor else 0) or 0
-                floors[queue[0]] = min(floors.get(queue[0], floor), floor)
+        floors = await ack_floors(self._bus)
         if set(await submitted_counts(self._bus)) - set(floors) or not floors:
             return 1
         return min(floors.values()) + 1

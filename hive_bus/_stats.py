@@ -62,6 +62,18 @@ async def queue_depths(bus: Bus) -> dict[str, QueueDepth]:
     return depths
 
 
+async def ack_floors(bus: Bus) -> dict[str, int]:
+    """Each provider's lowest ack floor over its priorities' consumers: every message of the tasks
+    stream up to it is acked (ended, or moved on); a provider with no consumer yet is left out."""
+    names = bus.names
+    floors: dict[str, int] = {}
+    for info in await consumer_infos(bus, names.tasks_stream):
+        if (queue := names.of_consumer(info.name)) is not None:
+            floor = (info.ack_floor.stream_seq if info.ack_floor else 0) or 0
+            floors[queue[0]] = min(floors.get(queue[0], floor), floor)
+    return floors
+
+
 async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStats]:
     depths = await queue_depths(bus)
     providers = sorted(set(depths) | {b.provider for b in beats})

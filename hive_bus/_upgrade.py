@@ -36,12 +36,11 @@ from nats.js.api import (
 
 from ._bus import tasks_stream_config
 from ._errors import BusConfigError
-from ._messages import Task
+from ._messages import Task, task_decoder
 from ._settings import Settings
 
 log = logging.getLogger("hive_bus.upgrade")
 
-_task_decoder = msgspec.json.Decoder(Task)
 _MSG_ID = "Nats-Msg-Id"
 
 
@@ -137,7 +136,7 @@ async def _put_back(js: JetStreamContext, settings: Settings) -> int:
         tokens = subject[len(copy_prefix) :].split(".")
         provider, priority = ([*tokens, "normal"])[:2] if tokens and tokens[0] else ("unknown", "normal")
         try:
-            task: Task | None = _task_decoder.decode(data)
+            task: Task | None = task_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             task = None
         task_id = task.id if task is not None and _is_token(task.id) else f"undecodable-{seq}"
@@ -167,11 +166,8 @@ async def _messages(
     """Every message of ``stream`` in order: subject, headers (the server's own left out), body. Read
     by message gets (a work-queue stream allows no second consumer beside its workers'); an upgrade
     is done once."""
-    try:
-        info = await js.stream_info(stream)
-    except nats.js.errors.NotFoundError:
-        return
-    if not info.state.messages or not info.config.subjects:
+    info = await _info(js, stream)
+    if info is None or not info.state.messages or not info.config.subjects:
         return
     seq = info.state.first_seq
     while seq <= info.state.last_seq:
