@@ -88,11 +88,11 @@ async def assignment(bus: Bus, task_id: str) -> Assignment | None:
     if not isinstance(queued, Queued):
         return None
     task = queued.task if queued.task is not None else await queued_task(bus, task_id)
-    if task is None and queued.task is None:
+    if task is None:
         # its message is gone (aged out, or lost from the store: the audit records that): what it
         # asked went with it, and where it was queued is all the bus knows
         task = Task(id=task_id, provider=queued.provider, submitted_at_ms=queued.at_ms, messages=[])
-    if task is None or task.id != task_id:
+    if task.id != task_id:
         return None
     here = Assignment(task=task, event=queued, seq=seq)
     for _ in range(MAX_HOPS):
@@ -173,11 +173,7 @@ async def queued_task(bus: Bus, task_id: str) -> Task | None:
         )
     except nats.js.errors.NotFoundError:
         return None
-    try:
-        return task_decoder.decode(raw.data or b"")
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        log.warning("task message %s of %s does not decode", raw.seq, task_id)
-        return None
+    return _decoded(raw, task_id)
 
 
 def marker_seq(headers: dict[str, str] | None) -> int | None:
@@ -195,11 +191,18 @@ async def task_at(bus: Bus, seq: int, task_id: str) -> Task | None:
         raw: RawStreamMsg = await bus.js.get_msg(bus.names.tasks_stream, seq=seq, direct=True)
     except nats.js.errors.NotFoundError:
         return None
+    task = _decoded(raw, task_id)
+    return task if task is not None and task.id == task_id else None
+
+
+def _decoded(raw: RawStreamMsg, task_id: str) -> Task | None:
+    """A task message read back, or None (logged) when it does not decode: poison, which its workers
+    set aside."""
     try:
-        task = task_decoder.decode(raw.data or b"")
+        return task_decoder.decode(raw.data or b"")
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        log.warning("task message %s of %s does not decode", raw.seq, task_id)
         return None
-    return task if task.id == task_id else None
 
 
 async def _latest(bus: Bus, subject: str) -> tuple[TaskEvent, int, str] | None:

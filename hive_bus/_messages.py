@@ -757,14 +757,6 @@ def decode_event(subject: str, data: bytes | None, headers: dict[str, str] | Non
     return event_decoder.decode(data or b"")
 
 
-def event_body(subject: str, data: bytes | None, headers: dict[str, str] | None) -> bytes:
-    """An event's JSON as a reader of the record shows it: a marker's is its :class:`Queued` (without
-    the task), anything else its own body."""
-    if is_marker(data, headers) and (marker := queued_marker(subject, headers)) is not None:
-        return encoder.encode(marker)
-    return data or b""
-
-
 def _stamp_ms(stamp: str | None) -> int:
     """An RFC 3339 time with nanoseconds, as the server writes it, in epoch milliseconds."""
     if not stamp:
