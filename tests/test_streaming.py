@@ -369,7 +369,10 @@ async def test_a_client_gone_mid_stream_leaves_no_consumer_behind(bus: Bus) -> N
         body = {"model": "echo", "messages": [{"role": "user", "content": "hola"}], "stream": True}
         async with http.stream("POST", stack.url + "/v1/chat/completions", json=body) as r:
             task_id = r.headers["x-hive-task-id"]
-            assert await anext(aiter(r.aiter_lines())) == ": waiting"  # queued: no worker
+            # held in a name: an iterator dropped at once is closed by the collector, and with it
+            # the connection, which is the end this test makes on purpose only later
+            lines = aiter(r.aiter_lines())
+            assert await anext(lines) == ": waiting"  # queued: no worker
             # a consumer list under load can lag its consumers: allow it time (the end is what is timed)
             await eventually(lambda: _count(following, task_id, 1), 30, "the stream's consumer")
         # the client closed the connection: the stream's consumer goes at once, not after its idle time
