@@ -203,6 +203,7 @@ class Worker:
             Puller(bus.nc, names.tasks_stream, info.name, on_task=self._ring, domain=domain) for info in infos
         ]
         await self.cancels.start()  # before any fetch: a task cancelled while queued is never called
+        await self._settler.start()
         for puller in pullers:
             await puller.start()
         high_sub = await bus.nc.subscribe(names.task_filter(opts.provider, "high"), cb=self._on_high)
@@ -230,6 +231,7 @@ class Worker:
                 for puller in pullers:
                     await puller.stop()
                 await self.cancels.stop()
+                await self._settler.stop()
                 for sub in (high_sub, cooldown_sub):
                     try:
                         await sub.unsubscribe()
