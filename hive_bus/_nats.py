@@ -94,6 +94,17 @@ def stream_seq(reply: str) -> int | None:
         return None
 
 
+#: Tokens of a JetStream ack subject without a domain and account hash (``$JS.ACK.<stream>...``).
+_V1_ACK_TOKENS = 9
+
+
+def delivery_count(msg: Msg) -> int:
+    """How many times JetStream has delivered ``msg`` (this delivery included), read from its reply
+    subject alone: ``msg.metadata`` decodes every field, its timestamp into a datetime, once a task."""
+    tokens = Msg.Metadata._get_metadata_fields(msg.reply)
+    return int(tokens[4] if len(tokens) == _V1_ACK_TOKENS else tokens[Msg.Ack.NumDelivered]) or 1
+
+
 # -- the pull protocol --------------------------------------------------------------------------------
 
 #: Statuses that end a pull request: 404 no messages, 408 expired, 409 the consumer or request is gone.

@@ -57,7 +57,7 @@ from ._messages import (
     status_of,
     task_decoder,
 )
-from ._nats import BUS_ERRORS, why
+from ._nats import BUS_ERRORS, delivery_count, why
 from ._nesting import MAX_NESTING, NestedTooDeep, check_json, check_value
 from ._prices import PriceTable
 from ._providers import Output, Provider
@@ -417,7 +417,7 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await self._abandon(msg, task, "it was cancelled while queued")
             return
-        delivered = msg.metadata.num_delivered or 1
+        delivered = delivery_count(msg)
         last = await self._last_event(task) if delivered > 1 else None
         waits = last.waits if isinstance(last, Running | Retrying) else 0
         d = Delivery(msg=msg, task=task, attempt=delivered - waits, waits=waits, started_ms=now_ms())
