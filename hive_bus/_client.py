@@ -41,7 +41,7 @@ from ulid import ULID
 from . import _batch_client, _blobs, _cancel, _dlq, _index
 from ._assigned import Assignments, assignment, current
 from ._batches import Batch, BatchStore, cancelling
-from ._bus import Bus, ensure_index_stream, kv_entries, open_bus, redeclare_workers_bucket
+from ._bus import Bus, ensure_events, ensure_index_stream, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
 from ._errors import BusUnavailable, HiveError, QueueFull, TaskEnded, TaskNotFound, TooLarge, Unserved
@@ -737,7 +737,7 @@ class Hive:
         subject = names.event_subject(task.provider, task.id, "queued")
         # not the task's own id: its marker, once its timer queues it, carries that one to this stream
         msg_id = key_msg_id(key) if key else f"{task.id}:scheduled"
-        return subject, encoder.encode(queued), msg_id, names.events_stream
+        return subject, encoder.encode(queued), msg_id, names.events_stream_of(task.provider)
 
     def _task_message(self, task: Task, key: str | None) -> Publish:
         """The task's message, its one stored write: the de-duplication id of its idempotency key (or
@@ -777,6 +777,8 @@ class Hive:
             messages += _index.entries(self._names, task.id, task.metadata, message[2])
         if len(messages) > len(tasks):
             await self._ensure_index()
+        for provider in {task.provider for task in tasks}:
+            await self._ensure_events(provider)
         for task in tasks:
             if (timer := deadline_schedule(settings, task)) is not None:
                 extra[len(messages)] = timer[1]
@@ -787,6 +789,18 @@ class Hive:
             if isinstance(outcome, HiveError) and i not in work:
                 log.warning("not stored, the task is accepted all the same (%s): %s", messages[i][0], outcome)
         return [outcomes[place] for place in places]
+
+    async def _ensure_events(self, provider: str) -> None:
+        """The provider's events stream, made before its first task is stored (the tasks stream
+        republishes each task as its ``queued`` marker there). When it can be neither found nor made
+        (the account's stream limit reached, say), it is logged and the task is queued all the same:
+        its marker is lost, and its readers find it in the tasks stream (hive_bus._assigned)."""
+        if provider in self._bus.events_made:
+            return
+        try:
+            await ensure_events(self._bus, provider)
+        except HiveError as exc:
+            log.warning("tasks of %s are queued without their queued markers: %s", provider, exc)
 
     async def _ensure_index(self) -> None:
         """The metadata index stream, made on the first tagged submission (untagged work never needs

@@ -208,7 +208,7 @@ class Settler:
             names.event_subject(task.provider, task.id, "moved"),
             encoder.encode(event),
             headers={"Nats-Msg-Id": task.sealed(f"{moved.msg_id}:moved")},
-            stream=names.events_stream,
+            stream=names.events_stream_of(task.provider),
             what="moved event",
         )  # fmt: skip
         await d.msg.ack()
@@ -248,7 +248,9 @@ class Settler:
         try:
             await _dlq.keep(self._bus, event.provider, event.task_id, data, f"{event.task_id}:dlq")
             await self._bus.js.publish(
-                names.event_subject(event.provider, event.task_id, "failed"), data, stream=names.events_stream
+                names.event_subject(event.provider, event.task_id, "failed"),
+                data,
+                stream=names.events_stream_of(event.provider),
             )
         finally:
             await msg.term()
@@ -321,7 +323,7 @@ class Settler:
             names.event_subject(task.provider, task.id, status),
             data,
             headers=headers,
-            stream=names.events_stream,
+            stream=names.events_stream_of(task.provider),
             what=f"{status} event",
         )  # fmt: skip
         if ack.duplicate:
