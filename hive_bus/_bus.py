@@ -95,10 +95,10 @@ class Bus:
     budgets_kv: KeyValue
     cancels_kv: KeyValue
     link: Link = field(default_factory=Link)
-    # the providers whose events stream this process has seen or made (ensure_events), and an event
-    # set (and replaced) each time one is added, for the readers of every provider's events
-    events_made: set[str] = field(default_factory=set)
-    events_added: anyio.Event = field(default_factory=anyio.Event)
+    # the providers whose events stream this process has seen or made (ensure_events)
+    events_made: set[str] = field(default_factory=set, init=False)
+    # set, and replaced, each time one is added: for the readers of every provider's events
+    events_added: list[anyio.Event] = field(default_factory=lambda: [anyio.Event()], init=False)
 
     def is_lost(self) -> bool:
         """Whether the connection is gone for good: said by nats-py's closed callback, or seen here,
@@ -356,7 +356,7 @@ async def ensure_events(bus: Bus, provider: str) -> None:
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"the events stream of provider {provider} is not there: {why(exc)}") from None
     bus.events_made.add(provider)
-    added, bus.events_added = bus.events_added, anyio.Event()
+    added, bus.events_added[0] = bus.events_added[0], anyio.Event()
     added.set()
 
 

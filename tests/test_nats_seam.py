@@ -17,7 +17,7 @@ from nats.js.api import ConsumerConfig
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from hive_bus._bus import Bus
+from hive_bus._bus import Bus, ensure_events
 from hive_bus._nats import PRIVATE_ATTRIBUTES, follow, kv_parts, raw_writer, stream_seq, unsubscribe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,8 +54,10 @@ async def test_the_seam_reads_what_nats_py_keeps_private(bus: Bus) -> None:
     assert raw_writer(bus.nc) is not None, "Client._send_command/_flush_pending are gone"
     assert isinstance(bus.nc.stats["out_msgs"], int), "Client.stats['out_msgs'] is gone"
 
+    await ensure_events(bus, "echo")
     ack = await bus.js.publish(bus.names.event_subject("echo", "t1", "queued"), b"{}")
-    sub = await follow(bus.js, bus.names.all_events, stream=bus.names.events_stream, config=ConsumerConfig())
+    stream = bus.names.events_stream_of("echo")
+    sub = await follow(bus.js, bus.names.events_under("echo"), stream=stream, config=ConsumerConfig())
     try:
         with anyio.fail_after(5):
             msg = await sub.next_msg(timeout=5)
