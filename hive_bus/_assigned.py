@@ -157,19 +157,15 @@ async def _queued_message(bus: Bus, task_id: str) -> tuple[Task, str] | None:
 
 
 async def _queued_event(bus: Bus, task_id: str) -> tuple[Queued, int] | None:
-    """The task's last ``queued`` event that carries the task (buses before one stored write per
-    submission), of whichever provider recorded it last, with its sequence there."""
+    """The task's last ``queued`` event, of whichever provider recorded it last, with its sequence
+    there: one that carries the task (buses before one stored write per submission), or a marker of a
+    message that is gone (aged out, or lost from the store: the audit records that)."""
     names = bus.names
     found: list[tuple[Queued, int]] = []
 
     async def read(provider: str) -> None:
         got = await _last(bus, provider, names.event_subject(provider, task_id, "queued"))
-        if (
-            got is not None
-            and isinstance(got[0], Queued)
-            and got[0].task is not None
-            and got[0].provider == provider
-        ):
+        if got is not None and isinstance(got[0], Queued) and got[0].provider == provider:
             found.append((got[0], got[1]))
 
     async with anyio.create_task_group() as tg:

@@ -192,8 +192,9 @@ class StoreAudit:
     async def _counts(self) -> tuple[int, int]:
         """The tasks the record says are open (queued events less final ones), and the tasks the
         queue holds."""
-        queued = await tally(self._bus, "queued")
-        final = sum([await tally(self._bus, status) for status in _FINAL])
+        providers = await event_providers(self._bus)
+        queued = sum([await tally(self._bus, "queued", p) for p in providers])
+        final = sum([await tally(self._bus, status, p) for status in _FINAL for p in providers])
         # What the workers' consumers have yet to deliver or have out, rather than the stream's message
         # count: a damaged message can stay in that count after the consumer has gone past it for good.
         held = sum(d.pending + d.ack_pending for d in (await queue_depths(self._bus)).values())
