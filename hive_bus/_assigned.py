@@ -101,8 +101,12 @@ async def assignment(bus: Bus, task_id: str) -> Assignment | None:
     effort (republished over core NATS): a task whose marker was lost counts as queued before every event
     of its provider. A task whose message is gone (aged out, or a bus older than one stored write per
     submission, whose ``queued`` events carried the task) is found by its ``queued`` events."""
+    return await _assigned(bus, task_id, await _queued_message(bus, task_id))
+
+
+async def _assigned(bus: Bus, task_id: str, found: tuple[Task, str] | None) -> Assignment | None:
+    """:func:`assignment`, given the task's last message in the tasks stream and its provider."""
     names = bus.names
-    found = await _queued_message(bus, task_id)
     if found is not None:
         task, provider = found
         got = await _last(bus, provider, names.event_subject(provider, task_id, "queued"))
@@ -186,13 +190,28 @@ async def current(bus: Bus, task_id: str) -> tuple[TaskView, int] | None:
     provider's events stream (:data:`PENDING` for a move not queued yet): a later event of the task counts
     when it is recorded under that provider after that sequence. The view carries the task's content and
     metadata (read with the assignment: no read of its own)."""
-    here = await assignment(bus, task_id)
+    names = bus.names
+    found = await _queued_message(bus, task_id)
+    # the provider it was last queued on has nearly always its last event: read beside the assignment
+    latest: list[tuple[TaskEvent, int] | None] = []
+    here: Assignment | None = None
+
+    async def read_latest(provider: str) -> None:
+        latest.append(await _last(bus, provider, names.events_of(task_id, provider)))
+
+    async with anyio.create_task_group() as tg:
+        if found is not None:
+            tg.start_soon(read_latest, found[1])
+        here = await _assigned(bus, task_id, found)
     if here is None:
         return None
     if here.pending:
         return TaskView.of(here.event).with_task(here.task), here.seq
-    names = bus.names
-    last = await _last(bus, here.provider, names.events_of(task_id, here.provider))
+    got = latest[0] if latest and found is not None and here.provider == found[1] else None
+    if got is not None and got[1] >= here.seq:
+        last: tuple[TaskEvent, int] | None = got
+    else:  # read before the event that put it there, or another provider's: read again
+        last = await _last(bus, here.provider, names.events_of(task_id, here.provider))
     if last is not None and last[1] > here.seq and not isinstance(last[0], Queued | Moved):
         if not is_final(last[0]):
             # a worker's last word may come after the task was cancelled (a running event of a call

@@ -998,8 +998,9 @@ def _key_value(item: str) -> tuple[str, Any]:
 @bus_options
 def upgrade(settings: Settings) -> None:
     """Upgrade the bus's objects to this version (and check them): a work-queue tasks stream of an older
-    hive-bus becomes the limits one, its queued tasks kept. The gateway and `hive up` do it at start too;
-    a worker's credential may not."""
+    hive-bus becomes the limits one, its queued tasks kept; one events stream of every provider is split
+    into one per provider, every event kept. The gateway and `hive up` do it at start too; a worker's
+    credential may not."""
 
     async def main() -> None:
         async with open_bus(settings, name="hive-upgrade") as bus:
