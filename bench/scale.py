@@ -58,12 +58,12 @@ from pathlib import Path
 
 import anyio
 import httpx
-import nats.js.errors
 import psutil  # type: ignore[import-untyped,unused-ignore]
 from gateway import WRK_SCRIPT, catch_up, cpu_s, find_wrk, lua_string, spawn, task_json, wrk  # beside this
 from throughput import cleaned_up, end, free_port, verdict
 
 import hive_bus
+from hive_bus._bus import event_providers
 from hive_bus._embedded import NatsServer
 
 BIN = Path(sys.executable).parent
@@ -179,10 +179,9 @@ class Bench:
             async with hive_bus.connect() as hive:
                 js, names = hive.bus.js, hive.bus.names
                 tasks = (await js.stream_info(names.tasks_stream)).state.messages
-                try:
-                    events = (await js.stream_info(names.events_stream)).state.messages
-                except nats.js.errors.NotFoundError:  # not there before the first submission
-                    events = 0
+                events = 0  # each provider's events are a stream of their own
+                for provider in await event_providers(hive.bus):
+                    events += (await js.stream_info(names.events_stream_of(provider))).state.messages
                 return tasks, events
 
         return anyio.run(read)
