@@ -83,6 +83,24 @@ class Link:
             log.error("the NATS connection was closed for good: %s", reason)
 
 
+class Signal:
+    """Wakes whoever waits on :meth:`next` each time it is set (a frozen :class:`Bus` holds it)."""
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+
+    def next(self) -> anyio.Event:
+        """The event set at the next :meth:`set`."""
+        if self._event is None:
+            self._event = anyio.Event()
+        return self._event
+
+    def set(self) -> None:
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
+
+
 @dataclass(frozen=True, slots=True)
 class Bus:
     """A live connection with the bus objects in place. Shared by the client, gateway and workers."""
@@ -98,7 +116,7 @@ class Bus:
     # the providers whose events stream this process has seen or made (ensure_events), and an event
     # set (and replaced) each time one is added, for the readers of every provider's events
     events_made: set[str] = field(default_factory=set)
-    events_added: anyio.Event = field(default_factory=anyio.Event)
+    events_added: Signal = field(default_factory=lambda: Signal())
 
     def is_lost(self) -> bool:
         """Whether the connection is gone for good: said by nats-py's closed callback, or seen here,
@@ -356,8 +374,7 @@ async def ensure_events(bus: Bus, provider: str) -> None:
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"the events stream of provider {provider} is not there: {why(exc)}") from None
     bus.events_made.add(provider)
-    added, bus.events_added = bus.events_added, anyio.Event()
-    added.set()
+    bus.events_added.set()
 
 
 async def stream_names(bus: Bus, subject: str) -> list[str]:
