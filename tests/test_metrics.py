@@ -191,7 +191,8 @@ async def test_queues_and_workers_are_read_from_the_bus(bus: Bus, hive: Hive) ->
     assert value(found, "hive_queue_pending", provider="later") == 2
     assert value(found, "hive_queue_ack_pending", provider="later") == 0
     assert value(found, "hive_workers_online", provider="later") == 0
-    for stream in (bus.names.tasks_stream, bus.names.events_stream):  # a sound store has lost nothing
+    streams = [bus.names.tasks_stream, *(bus.names.events_stream_of(p) for p in ("nobody", "later"))]
+    for stream in streams:  # a sound store has lost nothing
         assert found[("hive_stream_lost_messages", frozenset({("stream", stream)}))] == 0
 
     async with (
@@ -255,7 +256,7 @@ async def test_a_redelivered_task_is_counted_once(bus: Bus, hive: Hive) -> None:
         # window), and an event that does not decode: neither counts. A later task shows the follower
         # has read past them.
         raw = await bus.js.get_last_msg(
-            names.events_stream, names.event_subject("slow", task_id, "completed")
+            names.events_stream_of("slow"), names.event_subject("slow", task_id, "completed")
         )
         assert raw.data is not None
         await bus.js.publish(names.event_subject("slow", task_id, "completed"), raw.data)
