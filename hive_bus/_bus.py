@@ -115,8 +115,8 @@ class Bus:
     link: Link = field(default_factory=Link)
     # the providers whose events stream this process has seen or made (ensure_events), and an event
     # set (and replaced) each time one is added, for the readers of every provider's events
-    events_made: set[str] = field(default_factory=set)
-    events_added: Signal = field(default_factory=lambda: Signal())
+    events_made: set[str] = field(default_factory=set, init=False)
+    events_added: Signal = field(default_factory=Signal, init=False)
 
     def is_lost(self) -> bool:
         """Whether the connection is gone for good: said by nats-py's closed callback, or seen here,

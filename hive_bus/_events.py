@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
@@ -123,7 +123,7 @@ async def merged_events(
 
 async def task_events(
     bus: Bus, task_id: str, assigned: Assignments, *, live: bool
-) -> AsyncIterator[tuple[Msg, TaskEvent]]:
+) -> AsyncGenerator[tuple[Msg, TaskEvent]]:
     """The events of one task that count (``assigned``), in the order they happened, decoded (one that
     does not decode is logged and left out): those of the provider it was first queued on, then at each
     move to another provider those of that provider, in its stream, from the time of the move (what its
