@@ -83,24 +83,6 @@ class Link:
             log.error("the NATS connection was closed for good: %s", reason)
 
 
-class Signal:
-    """Wakes whoever waits on :meth:`next` each time it is set (a frozen :class:`Bus` holds it)."""
-
-    def __init__(self) -> None:
-        self._event: anyio.Event | None = None
-
-    def next(self) -> anyio.Event:
-        """The event set at the next :meth:`set`."""
-        if self._event is None:
-            self._event = anyio.Event()
-        return self._event
-
-    def set(self) -> None:
-        event, self._event = self._event, None
-        if event is not None:
-            event.set()
-
-
 @dataclass(frozen=True, slots=True)
 class Bus:
     """A live connection with the bus objects in place. Shared by the client, gateway and workers."""
@@ -113,10 +95,10 @@ class Bus:
     budgets_kv: KeyValue
     cancels_kv: KeyValue
     link: Link = field(default_factory=Link)
-    # the providers whose events stream this process has seen or made (ensure_events), and an event
-    # set (and replaced) each time one is added, for the readers of every provider's events
+    # the providers whose events stream this process has seen or made (ensure_events)
     events_made: set[str] = field(default_factory=set, init=False)
-    events_added: Signal = field(default_factory=Signal, init=False)
+    # set, and replaced, each time one is added: for the readers of every provider's events
+    events_added: list[anyio.Event] = field(default_factory=lambda: [anyio.Event()], init=False)
 
     def is_lost(self) -> bool:
         """Whether the connection is gone for good: said by nats-py's closed callback, or seen here,
@@ -374,7 +356,8 @@ async def ensure_events(bus: Bus, provider: str) -> None:
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"the events stream of provider {provider} is not there: {why(exc)}") from None
     bus.events_made.add(provider)
-    bus.events_added.set()
+    added, bus.events_added[0] = bus.events_added[0], anyio.Event()
+    added.set()
 
 
 async def stream_names(bus: Bus, subject: str) -> list[str]:

@@ -10,17 +10,15 @@ A new provider's stream is made by the first process that queues or serves its w
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import math
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import timedelta
 
 import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
-from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -33,12 +31,11 @@ log = logging.getLogger("hive_bus.events")
 
 # How often a reader of every provider's events looks for a provider's stream made by another process.
 LIST_EVERY_S = 2.0
+# The messages of every provider's stream a merged reader holds at most that its reader has not taken.
+MERGED_BUFFER = 256
 # How long before a move a task's events are read in the stream of the provider it moved to: the move
 # and the queueing that follows it are stored by two streams, whose leaders (in a cluster) have two clocks.
 CLOCKS_APART_S = 1.0
-# The messages of every provider's stream a merged reader holds at most that its reader has not taken:
-# beyond, each consumer's own subscription holds them, and then the server (flow control).
-MERGED_BUFFER = 256
 
 
 async def watch_providers(
@@ -55,7 +52,7 @@ async def watch_providers(
     seen: set[str] = set()
     first = True
     while True:
-        added = bus.events_added.next()
+        added = bus.events_added[0]
         try:
             providers = await event_providers(bus)
         except BUS_ERRORS as exc:
@@ -74,51 +71,93 @@ async def watch_providers(
             await added.wait()
 
 
-@asynccontextmanager
-async def merged_events(
-    bus: Bus,
-    subjects: Callable[[str], str],
-    config: Callable[[str], ConsumerConfig | Awaitable[ConsumerConfig]],
-    *,
-    only: str | None = None,
-) -> AsyncIterator[MemoryObjectReceiveStream[Msg]]:
+class merged_events:
     """The messages of an ordered consumer of each provider's events stream (``only`` that provider's),
-    on ``subjects(provider)`` with ``config(provider)`` (a coroutine's answer, when it is one), merged in
-    the order they arrive: each stream's in its own order, none across streams. A stream that appears
-    meanwhile is followed with ``config`` of its provider (from its start, for a reader that misses
-    nothing). Memory is bounded (:data:`MERGED_BUFFER`): a reader that falls behind holds the consumers
-    back. The consumers go when the block ends."""
-    send, receive = anyio.create_memory_object_stream[Msg](max_buffer_size=MERGED_BUFFER)
-    subs: list[object] = []
+    on ``subjects(provider)`` with ``config(provider)``, merged in the order they arrive: each stream's in
+    its own order, none across streams. A stream that appears meanwhile is followed too (``config`` of
+    that provider: give a start by time, or from the stream's start, to miss none of it), found while
+    the messages are read: no task of its own, so it may be used in an async generator. The consumers go
+    when the block ends."""
 
-    async def deliver(msg: Msg) -> None:
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            await send.send(msg)
+    def __init__(
+        self,
+        bus: Bus,
+        subjects: Callable[[str], str],
+        config: Callable[[str], ConsumerConfig],
+        *,
+        only: str | None = None,
+        every_s: float = LIST_EVERY_S,
+    ) -> None:
+        self._bus = bus
+        self._subjects = subjects
+        self._config = config
+        self._only = only
+        self._every_s = every_s
+        # bounded: a reader that falls behind holds the consumers back (each one's subscription, then
+        # the server's flow control), rather than this process's memory growing
+        self._send, self._receive = anyio.create_memory_object_stream[Msg](max_buffer_size=MERGED_BUFFER)
+        self._subs: dict[str, object] = {}
+        self._listed_at = -math.inf
+        self._made = 0  # how many streams this process had made at the last listing
 
-    async def on_new(provider: str) -> None:
-        stream = bus.names.events_stream_of(provider)
-        try:
-            wanted = config(provider)
-            if inspect.isawaitable(wanted):
-                wanted = await wanted
-            subs.append(await follow(bus.js, subjects(provider), stream=stream, config=wanted, cb=deliver))
-        except BUS_ERRORS as exc:
-            log.warning("could not follow the events of %s: %s", provider, why(exc))
+    async def __aenter__(self) -> merged_events:
+        await self._refresh(first=True)
+        return self
 
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(
-                lambda task_status: watch_providers(bus, on_new, only=only, task_status=task_status)
-            )
-            try:
-                with receive:
-                    yield receive
-            finally:
-                tg.cancel_scope.cancel()
-    finally:
-        send.close()
-        for sub in subs:
+    async def __aexit__(self, *exc: object) -> None:
+        self._send.close()
+        self._receive.close()
+        subs, self._subs = self._subs, {}
+        for sub in subs.values():
             await unsubscribe(sub)
+
+    def __aiter__(self) -> merged_events:
+        return self
+
+    async def __anext__(self) -> Msg:
+        while True:
+            due_s = self._listed_at + self._every_s - anyio.current_time()
+            if due_s <= 0 or self._made_here():
+                await self._refresh()
+                continue
+            with anyio.move_on_after(due_s):
+                try:
+                    return await self._receive.receive()
+                except anyio.EndOfStream:
+                    raise StopAsyncIteration from None
+
+    def _made_here(self) -> bool:
+        """Whether this process made a provider's stream since the last listing (one to follow)."""
+        made = self._bus.events_made
+        return len(made) != self._made and any(self._only in (None, p) and p not in self._subs for p in made)
+
+    async def _refresh(self, *, first: bool = False) -> None:
+        self._listed_at = anyio.current_time()
+        self._made = len(self._bus.events_made)
+        try:
+            providers = await event_providers(self._bus)
+        except BUS_ERRORS as exc:
+            if first:
+                raise
+            log.debug("could not list the events streams: %s", why(exc))
+            return
+        for provider in providers:
+            if provider in self._subs or (self._only is not None and provider != self._only):
+                continue
+            stream = self._bus.names.events_stream_of(provider)
+            try:
+                self._subs[provider] = await follow(
+                    self._bus.js, self._subjects(provider), stream=stream, config=self._config(provider),
+                    cb=self._deliver,
+                )  # fmt: skip
+            except BUS_ERRORS as exc:
+                if first:
+                    raise
+                log.warning("could not follow the events of %s: %s", provider, why(exc))
+
+    async def _deliver(self, msg: Msg) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await self._send.send(msg)
 
 
 async def task_events(

@@ -289,37 +289,33 @@ async def all_events(
     from its first event)."""
     bus = _hive(state).bus
     names = bus.names
-    resume = None if last_event_id is None else _resume_positions(last_event_id, provider)
-    try:
-        await event_providers(bus)  # 503 now, before the stream starts, for a bus that does not answer
-    except BUS_ERRORS as exc:
-        raise BusUnavailable(f"could not list the events streams: {exc}") from None
+    # by provider, the sequence of the last event read (or skipped) in its stream: the ``id`` sent
+    read = None if last_event_id is None else _resume_positions(last_event_id, provider)
+    if read is None:  # from now on: where each stream there is ends
+        try:
+            read = {
+                of: (await bus.js.stream_info(names.events_stream_of(of))).state.last_seq
+                for of in await event_providers(bus)
+                if provider in (None, of)
+            }
+        except BUS_ERRORS as exc:
+            raise BusUnavailable(f"could not read the events streams: {exc}") from None
     stopping: threading.Event = state.stopping
     feed_max_s: float = state.feed_max_s
     assigned = Assignments(bus)  # events a credential wrote for another provider's task are left out
-    # by provider, the sequence of the last event read (or skipped) in its stream: the ``id`` sent
-    read: dict[str, int] = {}
-    listed = False  # the streams there are when the feed starts have been listed
 
-    async def config(of: str) -> ConsumerConfig:
-        if resume is not None and of in resume:
-            read[of] = resume[of]
-        elif resume is None and not listed:  # from now on
-            read[of] = (await bus.js.stream_info(names.events_stream_of(of))).state.last_seq
-        else:  # a stream made since: from its start
-            read[of] = 0
+    def config(of: str) -> ConsumerConfig:
+        read.setdefault(of, 0)  # a stream the id does not name, made since: from its start
         return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=read[of] + 1)
 
     async def events() -> AsyncIterator[ServerSentEventMessage]:
-        nonlocal listed
         async with merged_events(bus, names.events, config, only=provider) as received:
-            listed = True
             end = anyio.current_time() + feed_max_s
             quiet_since = anyio.current_time()
             while not stopping.is_set() and (left_s := end - anyio.current_time()) > 0:
                 msg: Msg | None = None
                 with anyio.move_on_after(min(FEED_POLL_S, left_s)):
-                    msg = await received.receive()
+                    msg = await anext(received)
                 if msg is None:
                     if anyio.current_time() - quiet_since >= FEED_KEEPALIVE_S:
                         quiet_since = anyio.current_time()
