@@ -361,9 +361,9 @@ async def test_waiting_in_the_queue_sends_keepalive_comments_then_the_stream(bus
 
 async def test_a_client_gone_mid_stream_leaves_no_consumer_behind(bus: Bus) -> None:
     async def following(task_id: str) -> int:
-        """The consumers of the events stream that follow this task's events."""
-        infos = await consumer_infos(bus, bus.names.events_stream)
-        return sum(1 for i in infos if i.config.filter_subject == bus.names.events_of(task_id))
+        """The consumers of its provider's events stream that follow this task's events."""
+        infos = await consumer_infos(bus, bus.names.events_stream_of("echo"))
+        return sum(1 for i in infos if i.config.filter_subject == bus.names.events_of(task_id, "echo"))
 
     async with serving(bus, keepalive_s=0.2) as stack, httpx.AsyncClient(timeout=30) as http:
         body = {"model": "echo", "messages": [{"role": "user", "content": "hola"}], "stream": True}

@@ -4,6 +4,7 @@ loopback that checks every signature with the reference ``standardwebhooks`` lib
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -18,10 +19,12 @@ from typing import Any
 
 import anyio
 import httpx
+import nats.js.errors
 import pytest
 from standardwebhooks import Webhook
 
 from hive_bus import FunctionProvider, Hive, Settings, TaskRequest
+from hive_bus._bus import ensure_events
 from hive_bus._messages import Completed, WebhookSpec, encoder, now_ms
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayError, GatewayOptions
@@ -397,14 +400,20 @@ async def test_an_outcome_another_provider_wrote_announces_nothing(
         forged = Completed(
             task_id=task_id, provider="echo", at_ms=now_ms(), attempt=1, worker="w", output="forged"
         )
+        await ensure_events(stack.bus, "echo")  # as serving echo makes it: its workers write there
         ack = await stack.bus.js.publish(
             names.event_subject("echo", task_id, "completed"),
             encoder.encode(forged),
-            stream=names.events_stream,
+            stream=names.events_stream_of("echo"),
         )
 
         async def read_past_it() -> bool | None:
-            info = await stack.bus.js.consumer_info(names.events_stream, names.webhook_events_consumer)
+            with contextlib.suppress(nats.js.errors.NotFoundError):  # until the gateway sees the stream
+                info = await stack.bus.js.consumer_info(
+                    names.events_stream_of("echo"), names.webhook_events_consumer
+                )
+                return True if info.ack_floor.stream_seq >= ack.seq else None
+            return None
             return True if info.ack_floor.stream_seq >= ack.seq else None
 
         await eventually(read_past_it, 10, "the forged event handled")
