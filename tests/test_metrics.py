@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hive_bus import BusUnavailable, FunctionProvider, Hive, Output, Task, TaskRequest, Usage
+from hive_bus._bus import ensure_events
 from hive_bus._duplicates import report_duplicate
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import Completed, encoder
@@ -288,6 +289,7 @@ async def test_duplicate_results_are_counted_apart(bus: Bus, hive: Hive) -> None
 async def test_model_labels_are_capped(bus: Bus, hive: Hive) -> None:
     names = bus.names
     async with following(bus) as metrics:
+        await ensure_events(bus, "many")  # a provider's stream made while following: read from its start
         for i in range(103):
             task_id = f"01K{i:023d}"
             event = Completed(
