@@ -174,7 +174,7 @@ async def test_a_feed_resumes_each_provider_where_it_was(stack: Stack) -> None:
     async with feed(stack.http, **{"Last-Event-ID": resume_after}) as again:
         await again.until("the missed tasks", lambda: all(again.of(t) == ["queued"] for t in missed))
     # each provider from just after its place, a provider's stream made since from its start
-    assert sorted(m.data["task_id"] for m in again.messages) == sorted(missed)
+    assert sorted(str(m.data["task_id"]) for m in again.messages) == sorted(missed)
     # with ?provider=, a plain sequence is taken as that provider's (the ids of before)
     nobody = got.messages[-1].places["nobody"]
     async with feed(stack.http, "/v1/events?provider=nobody", **{"Last-Event-ID": str(nobody)}) as one:
