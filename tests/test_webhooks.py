@@ -498,3 +498,29 @@ def test_settings_name_what_is_wrong_and_never_show_the_secret() -> None:
     loaded = hooks(HIVE_WEBHOOKS='[[webhook]]\nurl = "https://example.com/h"\nevents = ["batch.completed"]')
     assert [(e.url, e.events) for e in loaded.endpoints] == [("https://example.com/h", ("batch.completed",))]
     assert SECRET.removeprefix("whsec_") not in repr(loaded)
+
+
+async def test_a_providers_stream_made_while_no_gateway_ran_has_its_ends_announced(
+    settings: Settings, receiver: Receiver, hive: Hive
+) -> None:
+    # each provider's events are a stream of their own, with a consumer of the webhooks' each: one made
+    # while the gateways were down is read from its start (webhooks ran on this bus before it)
+    loopback = hooks(HIVE_WEBHOOK_ALLOW_NETWORKS=LOOPBACK)
+    async with serving(settings, loopback) as stack, running_worker(stack.bus, "echo", EchoProvider()):
+        first = await hive.submit_request(
+            TaskRequest(provider="echo", prompt="x", webhook=WebhookSpec(url=receiver.url))
+        )
+        await delivery_in(stack, "delivered")
+    async with running_worker(hive.bus, "later", EchoProvider()):
+        later = await hive.submit_request(
+            TaskRequest(provider="later", prompt="y", webhook=WebhookSpec(url=receiver.url))
+        )
+        assert (await hive.wait(later.id, 10)).status == "completed"
+    async with serving(settings, loopback) as stack:
+
+        async def both() -> list[dict[str, Any]] | None:
+            found = await deliveries(stack, status="delivered")
+            return found if len(found) == 2 else None
+
+        delivered = await eventually(both, 20, "the later provider's delivery")
+    assert sorted(d["task_id"] for d in delivered) == sorted([first.id, later.id])

@@ -50,7 +50,7 @@ from . import records, urls
 from .config import Signer, WebhookConfigError, WebhookSettings
 from .payload import payload, webhook_id, without_output
 from .records import Delivery, DeliveryRecord, DeliveryStatus
-from .source import final_events
+from .source import final_events, final_events_followed
 
 log = logging.getLogger("hive_bus.webhooks")
 
@@ -123,11 +123,15 @@ class Webhooks:
         # name must never carry a request for another name at the same address.
         transport = httpx.AsyncHTTPTransport(retries=0, limits=httpx.Limits(max_keepalive_connections=0))
         try:
+            # A provider's stream without the consumer is followed from its start when webhooks have
+            # run on this bus before (the stream is newer than they are), or appears while they run;
+            # else (webhooks new to the bus) from now.
+            ran_before = await final_events_followed(self._bus)
             async with transport as client, anyio.create_task_group() as tg:
                 listed = False  # the streams there are at the start are followed
 
                 async def on_new(provider: str) -> None:
-                    tg.start_soon(self._follow_events, provider, listed, events)
+                    tg.start_soon(self._follow_events, provider, listed or ran_before, events)
 
                 await tg.start(
                     lambda task_status: watch_providers(self._bus, on_new, task_status=task_status)

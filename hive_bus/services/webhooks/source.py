@@ -7,9 +7,11 @@ Its streams and subject filters come from :mod:`hive_bus._names`.
 
 from __future__ import annotations
 
+import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from hive_bus._bus import event_providers
 from hive_bus.bus import Bus
 
 # how long a gateway may hold an event while it queues that event's deliveries
@@ -20,7 +22,8 @@ async def final_events(bus: Bus, provider: str, *, from_start: bool) -> JetStrea
     """A pull subscription to the final events (completed, failed, cancelled) of the tasks of
     ``provider``, from the moment its consumer is first made (a bus new to webhooks does not announce
     the events it already holds), or, ``from_start``, from its stream's first event (a provider's stream
-    made while the gateway runs: none of its events is missed)."""
+    newer than the webhooks, made while a gateway runs them or since they last ran: none of its events is
+    missed)."""
     names = bus.names
     config = ConsumerConfig(
         durable_name=names.webhook_events_consumer,
@@ -39,3 +42,17 @@ async def final_events(bus: Bus, provider: str, *, from_start: bool) -> JetStrea
         stream=names.events_stream_of(provider),
         config=config,
     )
+
+
+async def final_events_followed(bus: Bus) -> bool:
+    """Whether any provider's events stream has the consumer of :func:`final_events`: webhooks have run
+    on this bus (a stream without it is newer than they are)."""
+    for provider in await event_providers(bus):
+        try:
+            await bus.js.consumer_info(
+                bus.names.events_stream_of(provider), bus.names.webhook_events_consumer
+            )
+        except nats.js.errors.NotFoundError:
+            continue
+        return True
+    return False
