@@ -364,11 +364,14 @@ class Assignments:
             and place.fallback is not None
             and isinstance(event, Moved)
         ):
-            if event.task_id != task_id or (moved := place.hop(provider, event)) is None:
+            if (moved := place.hop(provider, event)) is not None:
+                self._remember(task_id, moved)
+                return True
+            if place.provider == provider:
                 return False  # not the move its provider may make: the task stays where it is
-            self._remember(task_id, moved)
-            return True
-        if task_id not in self._known or status == "moved":
+            # a move from another provider, read after the task's events there (a reader of several
+            # providers' streams reads them in no order across streams): the lookup says
+        if task_id not in self._known or status == "moved" or self._elsewhere(place, provider):
             # a lookup counts every move recorded so far: this one too, when it is a valid one
             try:
                 here = await assignment(self._bus, task_id)
@@ -379,16 +382,27 @@ class Assignments:
             if here is None:
                 return False
             if status == "moved":
-                if isinstance(here.event, Moved):
-                    return here.event.provider == provider
+                if isinstance(here.event, Moved) and here.event.provider == provider:
+                    return True
                 # the router has queued it on its next provider since (the marker of that is the
-                # task's last queued event): a move counts when it is a hop the task made
+                # task's last queued event), or it moved on from there: a move counts when it is a hop
+                # the task made
                 to = event.task.provider if isinstance(event, Moved) else None
                 return _hopped(here.task, provider, to)
             return here.provider == provider
         return (
             place is not None and place.provider == provider and (event is None or event.provider == provider)
         )
+
+    @staticmethod
+    def _elsewhere(place: Place | None, provider: str) -> bool:
+        """Whether an event under ``provider`` of a task known to be on another provider may be of a
+        move not read yet: one to ``provider`` (one of the task's fallbacks, or any when they are not
+        known). A reader of several providers' streams may read it after the events of the move's end.
+        """
+        if place is None or place.provider == provider:
+            return False
+        return place.fallback is None or provider in (f.partition(":")[0] for f in place.fallback)
 
     def _remember(self, task_id: str, place: Place | None) -> None:
         self._known[task_id] = place

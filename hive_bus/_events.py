@@ -12,19 +12,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from datetime import timedelta
 
 import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from ._assigned import Assignments, assignment
 from ._bus import Bus, event_providers
-from ._nats import BUS_ERRORS, follow, unsubscribe, why
+from ._messages import Moved, TaskEvent, decode_event
+from ._nats import BUS_ERRORS, follow, following, stream_missing, unsubscribe, why
 
 log = logging.getLogger("hive_bus.events")
 
 # How often a reader of every provider's events looks for a provider's stream made by another process.
 LIST_EVERY_S = 2.0
+# The messages of every provider's stream a merged reader holds at most that its reader has not taken.
+MERGED_BUFFER = 256
+# How long before a move a task's events are read in the stream of the provider it moved to: the move
+# and the queueing that follows it are stored by two streams, whose leaders (in a cluster) have two clocks.
+CLOCKS_APART_S = 1.0
 
 
 async def watch_providers(
@@ -82,7 +93,9 @@ class merged_events:
         self._config = config
         self._only = only
         self._every_s = every_s
-        self._send, self._receive = anyio.create_memory_object_stream[Msg](max_buffer_size=math.inf)
+        # bounded: a reader that falls behind holds the consumers back (each one's subscription, then
+        # the server's flow control), rather than this process's memory growing
+        self._send, self._receive = anyio.create_memory_object_stream[Msg](max_buffer_size=MERGED_BUFFER)
         self._subs: dict[str, object] = {}
         self._listed_at = -math.inf
         self._made = 0  # how many streams this process had made at the last listing
@@ -144,4 +157,69 @@ class merged_events:
 
     async def _deliver(self, msg: Msg) -> None:
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._send.send_nowait(msg)
+            await self._send.send(msg)
+
+
+async def task_events(
+    bus: Bus, task_id: str, assigned: Assignments, *, live: bool
+) -> AsyncGenerator[tuple[Msg, TaskEvent]]:
+    """The events of one task that count (``assigned``), in the order they happened, decoded (one that
+    does not decode is logged and left out): those of the provider it was first queued on, then at each
+    move to another provider those of that provider, in its stream, from the time of the move (what its
+    workers wrote before is not the task's). With ``live``, each new one too, until the caller stops;
+    else those stored now. Nothing for a task the bus does not know. Use it in
+    ``contextlib.aclosing``: its consumer goes when it is closed."""
+    names = bus.names
+    here = await assignment(bus, task_id)
+    if here is None:
+        return
+    provider = [*here.task.tried, here.provider][0]
+    read: dict[str, int] = {}  # by provider, the last sequence read in its stream (a task may come back)
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    while True:
+        stream, subject = names.events_stream_of(provider), names.events_of(task_id, provider)
+        if provider in read:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=read[provider] + 1
+            )
+        last = None if live else await _last_seq(bus, stream, subject)
+        if not live and (last is None or last <= read.get(provider, 0)):
+            return
+        moved: tuple[str, ConsumerConfig] | None = None
+        try:
+            async with following(bus.js, subject, stream=stream, config=config) as sub:
+                async for msg in sub.messages:
+                    seq = read[provider] = msg.metadata.sequence.stream
+                    try:
+                        event = decode_event(msg.subject, msg.data, msg.headers)
+                    except (msgspec.DecodeError, RecursionError) as exc:
+                        log.warning("task %s: event %s of %s does not decode (%s)", task_id, seq, stream, exc)
+                        event = None
+                    if event is not None and await assigned.counts(msg.subject, event):
+                        yield msg, event
+                        if isinstance(event, Moved) and event.task.provider != provider:
+                            since = msg.metadata.timestamp - timedelta(seconds=CLOCKS_APART_S)
+                            start = ConsumerConfig(
+                                deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since
+                            )
+                            moved = event.task.provider, start
+                            break
+                    if last is not None and seq >= last:
+                        break
+        except nats.js.errors.NotFoundError as exc:
+            if not (live and stream_missing(exc)):
+                raise
+            await anyio.sleep(1.0)  # a provider's stream not made yet: the router makes it to queue there
+            continue
+        if moved is None:
+            return
+        provider, config = moved
+
+
+async def _last_seq(bus: Bus, stream: str, subject: str) -> int | None:
+    """The sequence of the last message on ``subject`` in ``stream``; None when there is none."""
+    try:
+        raw = await bus.js.get_last_msg(stream, subject, direct=True)
+    except (nats.js.errors.NotFoundError, nats.errors.NoRespondersError):
+        return None
+    return raw.seq
