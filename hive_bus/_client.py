@@ -29,7 +29,7 @@ import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -226,8 +226,8 @@ class Hive:
             raise Unserved(
                 f"{warning}; nothing was accepted (HIVE_REJECT_UNSERVED)", provider=request.provider
             )
-        accepted = await self._submit_task(Task.from_request(request), request.idempotency_key)
-        return accepted if warning is None else replace(accepted, warnings=(warning,))
+        warnings = () if warning is None else (warning,)
+        return await self._submit_task(Task.from_request(request), request.idempotency_key, warnings)
 
     async def unserved(self, provider: str) -> str | None:
         """Why a task for ``provider`` may never run: no worker serves it now and none did in the last
@@ -247,9 +247,9 @@ class Hive:
             self._served = ServedProviders(self._bus, record=True)
         await self._served.start()
 
-    async def _submit_task(self, task: Task, key: str | None) -> Accepted:
+    async def _submit_task(self, task: Task, key: str | None, warnings: tuple[str, ...] = ()) -> Accepted:
         """Queue a task made from a checked request (its id known to the caller beforehand: a reader of
-        its chunks subscribes first)."""
+        its chunks subscribes first); ``warnings`` go into its :class:`Accepted`."""
         if not self._bus.nc.is_connected:
             raise BusUnavailable("not connected to NATS; nothing was accepted")
         task = await self._routed(task)
@@ -268,7 +268,7 @@ class Hive:
         else:
             self._submitted.add(task.provider)
             self._remember(task, mark)
-        return Accepted(task.id, bool(ack.duplicate), scheduled=task.not_before is not None)
+        return Accepted(task.id, bool(ack.duplicate), warnings, scheduled=task.not_before is not None)
 
     async def submit_batch(
         self, requests: Sequence[TaskRequest], *, task_ids: Sequence[str] | None = None

@@ -40,6 +40,10 @@ REFRESH_S = 3600.0
 SERVED_MAX_BYTES = 1024**2  # one small key per provider
 # A process whose served bucket was missing (no gateway made it yet) looks again this often.
 RETRY_S = 30.0
+# How long a provider's warning is given again as it was worked out, unless a heartbeat or a record came
+# in between: every submission to a provider nobody serves asks, and only an expiry can change the
+# answer without a message (the providers it names).
+WARNING_REUSE_S = 1.0
 _KV_OPERATION = "KV-Operation"
 
 
@@ -75,6 +79,7 @@ class ServedProviders:
         self._record = record
         self._beats: dict[str, tuple[str, float]] = {}  # worker key -> (provider, monotonic time seen)
         self._served: dict[str, int] = {}  # provider -> when a worker was last recorded (ms)
+        self._warnings: dict[str, tuple[str, float]] = {}  # provider -> (warning, monotonic time made)
         self._subs: list[object] = []
         self._served_followed = False
         self._next_try = 0.0
@@ -104,12 +109,17 @@ class ServedProviders:
                 await self._follow_served()
         if self._served_lately(provider):  # the common case once a gateway recorded it: one look-up
             return None
+        made = self._warnings.get(provider)
+        if made is not None and time.monotonic() - made[1] < WARNING_REUSE_S:
+            return made[0]
         live = self.live()
         if provider in live:
             return None
         served = sorted(live | {p for p in self._served if self._served_lately(p)})
         names = ", ".join(served) if served else "none"
-        return f"no worker serves provider {provider!r} now or in the last day; served: {names}"
+        warning = f"no worker serves provider {provider!r} now or in the last day; served: {names}"
+        self._warnings[provider] = (warning, time.monotonic())
+        return warning
 
     def live(self) -> set[str]:
         """The providers a live worker serves now."""
@@ -166,12 +176,14 @@ class ServedProviders:
         key = msg.subject.split(".", 2)[-1]
         if msg.headers and msg.headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
             self._beats.pop(key, None)
+            self._warnings.clear()
             return
         try:
             beat = beat_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return  # a foreign or old writer's key: it serves nothing we can name
         self._beats[key] = (beat.provider, time.monotonic())
+        self._warnings.clear()
         if self._record and self._served_followed:
             last = self._served.get(beat.provider)
             if last is None or now_ms() - last >= REFRESH_S * 1000:
@@ -181,14 +193,17 @@ class ServedProviders:
         provider = msg.subject.split(".", 2)[-1]
         if msg.headers and msg.headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
             self._served.pop(provider, None)
+            self._warnings.clear()
             return
         with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
             record = _record_decoder.decode(msg.data)
             self._served[provider] = max(record.at_ms, self._served.get(provider, 0))
+            self._warnings.clear()
 
     async def _write(self, provider: str) -> None:
         at_ms = now_ms()
         self._served[provider] = at_ms  # written once, not again for each beat while the put is out
+        self._warnings.clear()
         subject = f"$KV.{self._bus.names.served_bucket}.{provider}"
         try:
             await self._bus.js.publish(subject, msgspec.json.encode(_Record(at_ms=at_ms)))

@@ -125,6 +125,29 @@ def test_queue_depths_are_worked_back_from_now_and_memory_stays_within_the_hour(
     assert len(history._buckets) <= 61
 
 
+def test_queue_depths_since_the_first_read_are_the_reads_and_before_it_are_worked_back() -> None:
+    history = History()
+    minute = now_ms() // MINUTE_MS * MINUTE_MS
+    for _ in range(5):  # the backfill: five queued eight minutes ago, one completed six minutes ago
+        history.record_arrival("groq", minute - 8 * MINUTE_MS)
+    history.record_completed("groq", minute - 6 * MINUTE_MS, minute - 8 * MINUTE_MS, 0)
+    history.record_arrival("groq", minute - 5 * MINUTE_MS + 1)  # one more, before the first read
+    history.record_depths({"groq": 5}, minute - 5 * MINUTE_MS + 2)  # the first read, then what came live
+    history.record_completed("groq", minute - 5 * MINUTE_MS + 3, 0, 0, live=True)
+    history.record_depths({"groq": 4}, minute - 5 * MINUTE_MS + 4)
+    history.record_depths({"groq": 9}, minute - 3 * MINUTE_MS)  # four more, which nothing followed
+    history.record_depths({"groq": 7}, minute - 2 * MINUTE_MS)
+    history.record_depths({"groq": 8, "gemini": 1}, minute - 2 * MINUTE_MS + 1)  # the minute's last read
+    view = history.view({"groq": 6, "gemini": 2})
+    groq, gemini = view.queue_depth["groq"], view.queue_depth["gemini"]
+    assert groq[-1] == 6 and groq[-3] == 8 and groq[-4] == 9  # read (now: the depth passed in)
+    assert groq[-2] == 6 and groq[-5] == 9  # a minute without a read: the next read's
+    assert groq[-6] == 4  # the minute of the first read ends at its last
+    assert groq[-7] == 4 and groq[-8] == 5 and groq[-9] == 5 and groq[-10] == 0  # worked back from the first
+    assert gemini[-1] == 2 and gemini[-3] == 1 and gemini[-4] == 0 and gemini[0] == 0
+    assert sum(view.completed) == 2
+
+
 async def test_a_tasks_timeline_holds_every_event_and_a_wrong_id_is_named(settings: Settings) -> None:
     async def once_wrong(task: Task) -> str:
         if task.run == 0:

@@ -6,6 +6,7 @@ heartbeat read or the gateway's metrics at run time."""
 
 from __future__ import annotations
 
+import random
 import re
 from importlib.metadata import distribution
 from pathlib import Path
@@ -18,7 +19,18 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from hive_bus._bus import Bus, ensure_events
-from hive_bus._nats import PRIVATE_ATTRIBUTES, follow, kv_parts, raw_writer, stream_seq, unsubscribe
+from hive_bus._nats import (
+    NATS_HEADER_PARSER,
+    PRIVATE_ATTRIBUTES,
+    PullInbox,
+    follow,
+    kv_parts,
+    parse_header_lines,
+    pull_subject,
+    raw_writer,
+    stream_seq,
+    unsubscribe,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,3 +102,67 @@ def test_no_module_but_the_seam_reaches_into_nats_py() -> None:
         if pattern.search(line) and not line.lstrip().startswith("#")
     ]
     assert not found, "nats-py's insides used outside hive_bus/_nats.py:\n" + "\n".join(found)
+
+
+_CRAFTED = [
+    b"",
+    b"\r\n",
+    b"Nats-Msg-Id: 01M96SMRMKQMBC7Z85KW055QS9\r\nNats-Stream: T\r\nNats-Sequence: 1\r\n\r\n",
+    b"a:b\r\nA: c \r\na:  d\t\r\n",  # a repeated name: the last one kept; no space after the colon
+    b": empty name\r\nno colon here\r\n \t Padded-Name \t: v\r\n",
+    b"Bad Name: inner space\r\nBad\tName: inner tab\r\nBad\x1cName: a separator\r\nOk_Name: under\r\n",
+    b"\x1cEdge: kept off by its own check\r\nEdge\x0b: v\r\nNon-\xc3\xa9: accent\r\n",
+    b"Value: \xc3\xa9t\xc3\xa9 \xff broken\r\nColons: a:b:c\r\nx\ry: bare cr\r\nz\ny: bare lf\r\n",
+]
+
+
+def test_the_header_parser_is_nats_pys_own_replaced_by_one_that_reads_alike() -> None:
+    assert NATS_HEADER_PARSER is not None, (
+        f"nats-py {distribution('nats-py').version} has no nats.aio.client.Client._parse_header_lines "
+        "called by its _process_headers, which hive_bus/_nats.py replaces: adapt the seam to this version"
+    )
+    own = NATS_HEADER_PARSER
+    rng = random.Random(18)
+    alphabet = b"ab-Z09: \t\r\n\x0b\x0c\x1c\x1f\xc3\xa9\xff_."
+    blocks = [*_CRAFTED]
+    for _ in range(5000):
+        blocks.append(bytes(rng.choice(alphabet) for _ in range(rng.randrange(40))))
+    for block in blocks:
+        assert parse_header_lines(block) == own(block), block
+
+
+async def test_the_headers_of_messages_and_of_statuses_read_as_before(bus: Bus) -> None:
+    """Through the real client and server: a message's headers, and a status line with a description."""
+    headers = {"Nats-Msg-Id": "h1", "Hive-Note": "d\u00e9j\u00e0 vu", "X": ""}
+    await ensure_events(bus, "echo")
+    ack = await bus.js.publish(bus.names.event_subject("echo", "h1", "queued"), b"", headers=headers)
+    stream = bus.names.events_stream_of("echo")
+    sub = await follow(bus.js, bus.names.events_under("echo"), stream=stream, config=ConsumerConfig())
+    try:
+        with anyio.fail_after(5):
+            msg = await sub.next_msg(timeout=5)
+    finally:
+        await unsubscribe(sub)
+    assert stream_seq(msg.reply) == ack.seq and msg.headers is not None
+    assert {k: msg.headers[k] for k in headers} == headers
+
+    answers: list[tuple[dict[str, str] | None, str | None]] = []
+    got = anyio.Event()
+
+    def on_answer(answer: Msg, status: str | None) -> None:
+        answers.append((answer.headers, status))
+        got.set()
+
+    info = await bus.js.add_consumer(bus.names.tasks_stream, ConsumerConfig(inactive_threshold=5.0))
+    inbox = PullInbox(bus.nc, on_answer)
+    await inbox.start()
+    try:
+        await inbox.send(
+            pull_subject(bus.names.tasks_stream, info.name), inbox.next_reply(), batch=1, no_wait=True
+        )
+        with anyio.fail_after(5):
+            await got.wait()
+    finally:
+        await inbox.stop()
+    [(status_headers, status)] = answers
+    assert status == "404" and status_headers == {"Status": "404", "Description": "No Messages"}

@@ -8,11 +8,14 @@ two gateways of one bus show the same. Memory is bounded: :data:`MINUTES` + 1 bu
 count per provider (providers are capped by the metrics' labels) and two sparse histograms.
 
 Per minute: completions, failures, 429s (retries for a rate limit that made a call), the end-to-end and
-queue-wait times of completed tasks (p50 and p95, from log-spaced buckets 9 % wide), and per provider
-the tasks that arrived (queued, moved in, replayed) and left (completed, failed, moved out). The queue
-depth of each provider at the end of each minute is worked back from its depth now (the metrics'
-last read of the consumers) through those arrivals and departures: nothing in the stream says how
-deep a queue was an hour ago, but every change since is in it.
+queue-wait times of completed tasks (p50 and p95, from log-spaced buckets 9 % wide), and each provider's
+queue depth at the minute's end. Since the gateway started, that depth is what the metrics read of the
+queues themselves (:meth:`History.record_depths`, every refresh: the server's own count of each
+consumer's pending tasks), so the live follower never reads a task's ``queued`` marker, one message per
+submission. For the hour before, nothing in the stream says how deep a queue was, but every change since
+is in it: the backfill records each provider's arrivals (queued, moved in, replayed) and departures
+(completed, failed, moved out), and the depth of those minutes is worked back from the first depth read
+through them.
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ class _Minute:
     failed: int = 0
     rate_limited: int = 0
     net: dict[str, int] = field(default_factory=dict)  # per provider: arrivals minus departures
+    # per provider, the queue depths read in the minute: the first read (what the net changes before it
+    # are worked back from) and the last (the depth at the minute's end); None when none was read
+    first_depth: dict[str, int] | None = None
+    last_depth: dict[str, int] | None = None
     e2e: dict[int, int] = field(default_factory=dict)  # latency bucket -> tasks
     wait: dict[int, int] = field(default_factory=dict)
 
@@ -93,7 +100,9 @@ def _percentile(buckets: dict[int, int], q: float) -> float | None:
 
 class History:
     """Minute buckets of the last hour. The ``record_*`` methods take what happened (from the live
-    follower or the backfill); :meth:`view` gives the charts' series."""
+    follower, the backfill, or the metrics' reads of the queues); :meth:`view` gives the charts' series.
+    Arrivals and departures (``net``) are the backfill's: the live follower passes ``live=True``, and
+    the minutes it sees take their depths from :meth:`record_depths`."""
 
     def __init__(self, *, minutes: int = MINUTES) -> None:
         self._minutes = minutes
@@ -116,6 +125,13 @@ class History:
                 del self._buckets[old]
         return bucket
 
+    def record_depths(self, depths: dict[str, int], at_ms: int) -> None:
+        """The queue depths read at ``at_ms``, by provider (one missing is empty)."""
+        if (minute := self._minute(at_ms)) is not None:
+            if minute.first_depth is None:
+                minute.first_depth = dict(depths)
+            minute.last_depth = dict(depths)
+
     def record_arrival(self, provider: str, at_ms: int) -> None:
         if (minute := self._minute(at_ms)) is not None:
             minute.net[provider] = minute.net.get(provider, 0) + 1
@@ -128,16 +144,20 @@ class History:
         if (minute := self._minute(at_ms)) is not None:
             minute.rate_limited += 1
 
-    def record_failed(self, provider: str, at_ms: int) -> None:
+    def record_failed(self, provider: str, at_ms: int, *, live: bool = False) -> None:
         if (minute := self._minute(at_ms)) is not None:
             minute.failed += 1
-            minute.net[provider] = minute.net.get(provider, 0) - 1
+            if not live:
+                minute.net[provider] = minute.net.get(provider, 0) - 1
 
-    def record_completed(self, provider: str, at_ms: int, submitted_at_ms: int, started_at_ms: int) -> None:
+    def record_completed(
+        self, provider: str, at_ms: int, submitted_at_ms: int, started_at_ms: int, *, live: bool = False
+    ) -> None:
         if (minute := self._minute(at_ms)) is None:
             return
         minute.completed += 1
-        minute.net[provider] = minute.net.get(provider, 0) - 1
+        if not live:
+            minute.net[provider] = minute.net.get(provider, 0) - 1
         if submitted_at_ms:
             e2e = _bucket(max(0.0, (at_ms - submitted_at_ms) / 1000))
             minute.e2e[e2e] = minute.e2e.get(e2e, 0) + 1
@@ -147,22 +167,32 @@ class History:
 
     def view(self, depth_now: dict[str, int], *, since_ms: int = 0) -> HistoryView:
         """The series, from the minute holding ``since_ms`` on (the whole hour by default); queue depths
-        worked back from ``depth_now``."""
+        ``depth_now`` for this minute, the depths read for a minute that has them, and for one that has
+        none, worked back from the next minute's through the changes recorded in it."""
         at = now_ms()
         now = at // MINUTE_MS
         numbers = [n for n in range(now - self._minutes + 1, now + 1) if n >= since_ms // MINUTE_MS]
         empty = _Minute()
         minutes = [self._buckets.get(n, empty) for n in numbers]
-        providers = set(depth_now) | {p for m in self._buckets.values() for p in m.net}
+        providers = set(depth_now) | {
+            p for m in self._buckets.values() for p in (*m.net, *(m.last_depth or ()))
+        }
         depth: dict[str, list[int]] = {}
         for provider in sorted(providers):
             level = depth_now.get(provider, 0)
             series: list[int] = []
-            # from now backwards: the depth at the end of a minute, less what the later ones changed
+            # from now backwards: the depth at the end of a minute, read then, or else the next one's
+            # less what that one changed (from its first read, when it has one: the changes recorded in
+            # it are the backfill's, from before that read)
             for number in range(now, numbers[0] - 1, -1) if numbers else ():
+                bucket = self._buckets.get(number, empty)
+                if number != now and bucket.last_depth is not None:
+                    level = bucket.last_depth.get(provider, 0)
                 if number in numbers:
                     series.append(max(0, level))
-                level -= self._buckets.get(number, empty).net.get(provider, 0)
+                if bucket.first_depth is not None:
+                    level = bucket.first_depth.get(provider, 0)
+                level -= bucket.net.get(provider, 0)
             depth[provider] = series[::-1]
         return HistoryView(
             start_ms=[n * MINUTE_MS for n in numbers],

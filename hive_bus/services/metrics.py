@@ -7,9 +7,10 @@ default one, so several gateways, or tests, can live in one process):
   of duplicate ones) on each provider's events stream, followed from the moment it starts (a batch at a time,
   resumed after the last event seen if its consumer is lost; see :mod:`services.follower`):
   completions by model, failures and retries by reason, rate-limit waits, tokens, cost, and the
-  queue-wait, call and end-to-end times of completed tasks. ``running`` events are not read, and
-  ``queued`` and ``moved`` ones only for the last hour's queue depths (:mod:`services.history`, which
-  these events also feed, minute by minute): submissions are counted apart (below).
+  queue-wait, call and end-to-end times of completed tasks. ``running``, ``queued`` and ``moved``
+  events are not read (one ``queued`` marker a submission was a good share of a POST's CPU): submissions
+  are counted apart (below), and the last hour's queue depths (:mod:`services.history`, which the events
+  read also feed, minute by minute) are the queues' own counts, read with the gauges.
   A task's final event is stored once by JetStream (``Nats-Msg-Id: <id>:final:<seal>``); a bounded set
   of recently seen (provider, task id) pairs also keeps a final event seen twice from counting twice.
   Each event counts under the provider of its subject, and only when its body names that provider: a
@@ -64,7 +65,6 @@ from hive_bus._messages import (
     Cancelled,
     Completed,
     Failed,
-    Moved,
     Retrying,
     beat_decoder,
     event_decoder,
@@ -368,6 +368,7 @@ class BusMetrics:
             bus = self._bus
             await ensure_counters_stream(bus.js, bus.settings)
             self._submitted_before = await submitted_counts(bus)
+            # not the queued and moved events: the history's queue depths are read from the queues
             began = await tg.start(follow_providers, bus, self._followed, self._observe)
             tg.start_soon(self._refresh_loop)
             # the hour before: read once, up to where each provider's follower began
@@ -392,21 +393,21 @@ class BusMetrics:
                 )
                 return
             self._gauges.snapshot = snapshot
+            self.history.record_depths(
+                _depths(snapshot), int(snapshot.at_s * 1000) if snapshot.at_s else now_ms()
+            )
 
     # events --------------------------------------------------------------------------------------
 
     def history_view(self, *, since_ms: int = 0) -> HistoryView:
-        """The last hour a minute at a time (see :mod:`services.history`), queue depths worked back
-        from the last read of the queues."""
-        snap = self._gauges.snapshot
-        depth_now = {p: snap.pending.get(p, 0) + snap.ack_pending.get(p, 0) for p in snap.pending}
-        return self.history.view(depth_now, since_ms=since_ms)
+        """The last hour a minute at a time (see :mod:`services.history`), queue depths as the queues
+        were read (this minute's, the last read)."""
+        return self.history.view(_depths(self._gauges.snapshot), since_ms=since_ms)
 
     def _followed(self, provider: str) -> list[str]:
-        """What is followed of a provider's events: its outcomes (and reports of duplicate ones), and
-        its queued and moved events for the history's queue depths (a queued event is not decoded)."""
+        """What is followed of a provider's events: its outcomes, and reports of duplicate ones."""
         names = self._bus.names
-        statuses = ("queued", "moved", "retrying", "completed", "failed", "cancelled")
+        statuses = ("retrying", "completed", "failed", "cancelled")
         return [
             *(names.event_subject(provider, "*", status) for status in statuses),
             names.duplicate_subject(provider, "*", "*"),
@@ -416,10 +417,6 @@ class BusMetrics:
         names = self._bus.names
         if names.is_duplicate_report(subject):
             self._observe_duplicate(data)
-            return
-        status = names.status_of_subject(subject)
-        if status == "queued":  # only the history counts these, by their subject alone
-            self.history.record_arrival(self._provider_label(names.provider_of_subject(subject)), now_ms())
             return
         try:
             event = event_decoder.decode(data)
@@ -438,28 +435,24 @@ class BusMetrics:
                 if event.reason == "rate_limit" and event.called:
                     self._rate_limited.labels(provider).inc()
                     self.history.record_rate_limit(event.at_ms)
-            case Moved():  # followed for the history alone: out of one queue (into another: the router's
-                # publish of it there is stored as its queued event, an arrival like any other)
-                self.history.record_departure(provider, event.at_ms)
             case Failed():
                 # A rejected submission is recorded outside the worker's final events (and may be
                 # followed by the same task's completion once it is queued again).
                 kind = "rejected" if event.reason == "rejected" else "final"
                 if self._first_time(f"{on}:{event.task_id}:{kind}"):
                     self._failed.labels(provider, event.reason).inc()
-                    self.history.record_failed(provider, event.at_ms)
+                    self.history.record_failed(provider, event.at_ms, live=True)
                     if event.reason == "lost":
                         self._lost.inc()
             case Completed():
                 if self._first_time(f"{on}:{event.task_id}:final"):
                     self._completed_task(provider, event)
                     self.history.record_completed(
-                        provider, event.at_ms, event.submitted_at_ms, event.started_at_ms
+                        provider, event.at_ms, event.submitted_at_ms, event.started_at_ms, live=True
                     )
             case Cancelled():
                 if self._first_time(f"{on}:{event.task_id}:final"):
                     self._cancelled.labels(provider, event.was).inc()
-                    self.history.record_departure(provider, event.at_ms)
             case _:
                 pass  # running: nothing to count
 
@@ -634,3 +627,8 @@ def _beats(values: dict[str, bytes]) -> list[WorkerBeat]:
         except msgspec.DecodeError:
             log.debug("metrics: the heartbeat %s does not decode", key)
     return beats
+
+
+def _depths(snap: Snapshot) -> dict[str, int]:
+    """Each provider's queue depth in a snapshot: its tasks not yet handed out, and those in hand."""
+    return {p: snap.pending.get(p, 0) + snap.ack_pending.get(p, 0) for p in snap.pending}
