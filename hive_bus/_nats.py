@@ -30,6 +30,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import DEFAULT_SUB_PENDING_MSGS_LIMIT, Subscription
+from nats.errors import NotJSMessageError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 from nats.js.kv import KeyValue
@@ -139,9 +140,21 @@ def stream_seq(reply: str) -> int | None:
     """The stream sequence of a JetStream message, read from its reply subject without decoding the
     rest of its metadata; None when the subject is not a JetStream ack subject."""
     try:
-        return int(Msg.Metadata._get_metadata_fields(reply)[5])
-    except (ValueError, IndexError):
+        tokens = Msg.Metadata._get_metadata_fields(reply)
+        return int(tokens[5] if len(tokens) == _V1_ACK_TOKENS else tokens[Msg.Ack.StreamSeq])
+    except (ValueError, IndexError, NotJSMessageError):
         return None
+
+
+#: Tokens of a JetStream ack subject without a domain and account hash (``$JS.ACK.<stream>...``).
+_V1_ACK_TOKENS = 9
+
+
+def delivery_count(msg: Msg) -> int:
+    """How many times JetStream has delivered ``msg`` (this delivery included), read from its reply
+    subject alone: ``msg.metadata`` decodes every field, its timestamp into a datetime, once a task."""
+    tokens = Msg.Metadata._get_metadata_fields(msg.reply)
+    return int(tokens[4] if len(tokens) == _V1_ACK_TOKENS else tokens[Msg.Ack.NumDelivered]) or 1
 
 
 # -- the pull protocol --------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ from ._messages import Completed, Failed, FailReason, Moved, Retrying, RetryReas
 from ._nats import BUS_ERRORS
 from ._prices import PriceTable
 from ._providers import Output
-from ._size import js_publish
+from ._publish import JetStreamPublisher, PubAck
+from ._size import check_fits, js_publish
 
 log = logging.getLogger("hive_bus.worker")
 
@@ -67,6 +68,11 @@ class Delivery:
     waits: int  # earlier deliveries that only waited out a rate limit
     started_ms: int
     key: str = "default"  # the provider key the call used
+
+    def keyed(self, key: str, started_ms: int) -> Delivery:
+        """This delivery as called on ``key`` from ``started_ms`` (``dataclasses.replace`` costs twice
+        as much, once a task)."""
+        return Delivery(self.msg, self.task, self.attempt, self.waits, started_ms, key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +114,19 @@ class Settler:
         self._prices = prices
         self._backoff = backoff
         self.counts = Counters()
+        self._names = bus.names
+        # the events a task's outcome is recorded with (completed, failed, retrying), one a task: through
+        # the client's publisher, which costs half of ``js.publish`` a message (no NUID and random
+        # token, no ``wait_for``, the ack decoded by msgspec); same ack, same Nats-Expected-Stream
+        self._publisher = JetStreamPublisher(bus.nc, bus.settings.request_timeout_s)
+
+    async def start(self) -> None:
+        """Listen for the acks of recorded events; before the first task is settled."""
+        await self._publisher.start()
+
+    async def stop(self) -> None:
+        """Stop listening; an event still waiting for its ack counts as not recorded (not acked)."""
+        await self._publisher.stop()
 
     async def settle(self, d: Delivery, outcome: Outcome, call_s: float, *, cached: bool = False) -> None:
         """Record ``outcome`` and ack, NAK or TERM the task. ``cached``: the output came from the response
@@ -315,22 +334,29 @@ class Settler:
         self.counts.retried += 1
 
     async def _record(self, task: Task, data: bytes, status: str) -> None:
-        names = self._bus.names
-        final = status in ("completed", "failed")
-        headers = {"Nats-Msg-Id": task.final_msg_id} if final else None
-        ack = await js_publish(
-            self._bus.js, self._bus.nc,
-            names.event_subject(task.provider, task.id, status),
-            data,
-            headers=headers,
-            stream=names.events_stream_of(task.provider),
-            what=f"{status} event",
-        )  # fmt: skip
-        if ack.duplicate:
+        """Store a task's event; raises :class:`TooLarge`, :class:`BusUnavailable` (refused, or no ack in
+        time: not recorded) or what nats-py raises when it cannot send."""
+        stream = self._names.events_stream_of(task.provider)
+        msg_id = task.final_msg_id if status in ("completed", "failed") else None
+        check_fits(self._bus.nc, data, _event_headers(msg_id, stream), what=f"{status} event")
+        subject = self._names.event_subject(task.provider, task.id, status)
+        (outcome,) = await self._publisher.publish([(subject, data, msg_id, stream)])
+        if not isinstance(outcome, PubAck):
+            why = "no acknowledgement in time" if outcome is None else str(outcome) or "no stream answered"
+            raise BusUnavailable(f"the {status} event of task {task.id} was not stored: {why}")
+        if outcome.duplicate:
             log.warning("task %s already had a final outcome; this worker's result is not recorded", task.id)
             await report_duplicate(
                 self._bus, task, "completed" if status == "completed" else "failed", self._worker_id
             )
+
+
+def _event_headers(msg_id: str | None, stream: str) -> dict[str, str]:
+    """The headers an event goes with (the publisher writes them itself), for the size check."""
+    headers = {"Nats-Expected-Stream": stream}
+    if msg_id is not None:
+        headers["Nats-Msg-Id"] = msg_id
+    return headers
 
 
 # A provider's error text goes into events and dead letters: kept to this many characters, so that a

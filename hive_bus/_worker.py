@@ -44,6 +44,7 @@ from ._errors import FailNow, KeyRejected, NoQuota, ProviderError, RetryAfter, R
 from ._keys import Blocked, KeyRing
 from ._messages import (
     Failed,
+    FailReason,
     Retrying,
     Running,
     Task,
@@ -56,7 +57,7 @@ from ._messages import (
     status_of,
     task_decoder,
 )
-from ._nats import BUS_ERRORS, why
+from ._nats import BUS_ERRORS, delivery_count, why
 from ._nesting import MAX_NESTING, NestedTooDeep, check_json, check_value
 from ._prices import PriceTable
 from ._providers import Output, Provider
@@ -202,6 +203,7 @@ class Worker:
             Puller(bus.nc, names.tasks_stream, info.name, on_task=self._ring, domain=domain) for info in infos
         ]
         await self.cancels.start()  # before any fetch: a task cancelled while queued is never called
+        await self._settler.start()
         for puller in pullers:
             await puller.start()
         high_sub = await bus.nc.subscribe(names.task_filter(opts.provider, "high"), cb=self._on_high)
@@ -229,6 +231,7 @@ class Worker:
                 for puller in pullers:
                     await puller.stop()
                 await self.cancels.stop()
+                await self._settler.stop()
                 for sub in (high_sub, cooldown_sub):
                     try:
                         await sub.unsubscribe()
@@ -371,7 +374,18 @@ class Worker:
     # one task: a key picked for it, the call, its settling ---------------------------------------
 
     async def _lane(self, receive: MemoryObjectReceiveStream[Msg]) -> None:
-        async for msg in receive:
+        while True:
+            # a task already in the stream is taken without the checkpoint that ``receive`` makes first:
+            # its handling awaits the bus anyway, so one loop pass a task less and nothing unfair
+            try:
+                msg = receive.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    msg = await receive.receive()
+                except anyio.EndOfStream:
+                    return
+            except anyio.EndOfStream:
+                return
             await self._handle(msg)
 
     async def _handle(self, msg: Msg) -> None:
@@ -403,27 +417,16 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await self._abandon(msg, task, "it was cancelled while queued")
             return
-        delivered = msg.metadata.num_delivered or 1
+        delivered = delivery_count(msg)
         last = await self._last_event(task) if delivered > 1 else None
         waits = last.waits if isinstance(last, Running | Retrying) else 0
         d = Delivery(msg=msg, task=task, attempt=delivered - waits, waits=waits, started_ms=now_ms())
         settler = self._settler
-        with anyio.CancelScope(shield=True):
-            if (deadline_ms := task.deadline_at_ms) is not None and now_ms() >= deadline_ms:
-                await settler.fail(
-                    d, "deadline", f"past its deadline ({task.deadline_s:g}s after submission)"
-                )
-                return
-            if delivered > 1 and self._at_most_once and not isinstance(last, Retrying):
-                # the delivery before this one ended with no outcome: its call may have run
-                error = "delivered again after a delivery that ended without an outcome (a crash or an ack timeout); at most once: not called again"
-                await settler.fail(d, "interrupted", error)
-                return
-            if d.attempt > task.max_attempts:
-                # Delivered again after crashes or ack timeouts; no call is made.
-                error = f"delivered {d.attempt - 1} times without an outcome (worker crashes or ack timeouts)"
-                await settler.fail(d, "out_of_attempts", error)
-                return
+        refused = self._refused(d, delivered, last)
+        if refused is not None:
+            with anyio.CancelScope(shield=True):
+                await settler.fail(d, *refused)
+            return
         try:
             task = await _blobs.check_out(self._bus, task)  # the call needs the content; events do not
         except _blobs.BlobMissing as exc:
@@ -453,13 +456,15 @@ class Worker:
                     await self._no_key_left(d)
                 return
             key, reservation = got
-            d = dataclasses.replace(d, key=key.name, started_ms=now_ms())
+            d = d.keyed(key.name, now_ms())
             held.running = Running(
                 task_id=task.id, provider=task.provider, at_ms=d.started_ms, attempt=d.attempt, worker=self.id,
                 submitted_at_ms=task.submitted_at_ms, waits=waits,
             )  # fmt: skip
             t0 = time.perf_counter()
-            with anyio.CancelScope() as call:
+            # one scope for both ends of a call: a cancel of the task, and the call's time limit
+            timeout_s = self._opts.call_timeout_s
+            with anyio.CancelScope(deadline=anyio.current_time() + timeout_s) as call:
                 self._calls[task.id] = call
                 if task.id in self.cancels:  # cancelled since it was fetched
                     call.cancel()
@@ -470,7 +475,10 @@ class Worker:
                     raise
                 finally:
                     self._calls.pop(task.id, None)
-            if call.cancelled_caught:
+            if call.cancelled_caught and anyio.current_time() >= call.deadline:
+                # out of time, as ``fail_after`` tells it (whether or not a cancel came as well)
+                outcome = RetryLater(f"{task.provider} gave no answer within {timeout_s:g}s")
+            elif call.cancelled_caught:
                 held.running = None
                 with anyio.CancelScope(shield=True):
                     await self._abandon(msg, task, "it was cancelled while running: its call was abandoned")
@@ -498,6 +506,25 @@ class Worker:
             return
         with anyio.CancelScope(shield=True):
             await self._no_key_left(d)
+
+    def _refused(self, d: Delivery, delivered: int, last: TaskEvent | None) -> tuple[FailReason, str] | None:
+        """Why this delivery fails without a call (past its deadline, at most once, out of attempts), or
+        None: it may be called."""
+        task = d.task
+        if (deadline_ms := task.deadline_at_ms) is not None and now_ms() >= deadline_ms:
+            return "deadline", f"past its deadline ({task.deadline_s:g}s after submission)"
+        if delivered > 1 and self._at_most_once and not isinstance(last, Retrying):
+            # the delivery before this one ended with no outcome: its call may have run
+            return "interrupted", (
+                "delivered again after a delivery that ended without an outcome (a crash or an ack "
+                "timeout); at most once: not called again"
+            )
+        if d.attempt > task.max_attempts:
+            # Delivered again after crashes or ack timeouts; no call is made.
+            return "out_of_attempts", (
+                f"delivered {d.attempt - 1} times without an outcome (worker crashes or ack timeouts)"
+            )
+        return None
 
     def _on_cancel(self, task_id: str) -> None:
         """A task of this provider was cancelled: if its call is running here, abandon it."""
@@ -551,13 +578,13 @@ class Worker:
     # call ----------------------------------------------------------------------------------------
 
     async def _call(self, provider: Provider, task: Task, d: Delivery) -> Outcome:
+        """The provider's outcome, checked; its time limit is the caller's cancel scope."""
         outcome: Outcome
         try:
-            with anyio.fail_after(self._opts.call_timeout_s):
-                if task.stream:
-                    outcome = await run_streamed(provider, task, self._chunk_sender(task, d))
-                else:
-                    outcome = await provider.complete(task)
+            if task.stream:
+                outcome = await run_streamed(provider, task, self._chunk_sender(task, d))
+            else:
+                outcome = await provider.complete(task)
         except ProviderError as exc:
             outcome = exc
         except TimeoutError:

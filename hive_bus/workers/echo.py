@@ -24,9 +24,9 @@ _WORDS = re.compile(r"\s*\S+|\s+$")
 class EchoProvider:
     async def complete(self, task: Task) -> Output:
         # unstreamed, the same reply takes as long: the whole text comes once its last word is made
-        delay_s = _seconds(task, "delay_s") + _seconds(task, "chunk_delay_s") * len(
-            _WORDS.findall(_text(task))
-        )
+        delay_s = _seconds(task, "delay_s")
+        if chunk_delay_s := _seconds(task, "chunk_delay_s"):  # words counted only when they take time
+            delay_s += chunk_delay_s * len(_WORDS.findall(_text(task)))
         if delay_s > 0:
             await anyio.sleep(delay_s)
         return _output(task)
