@@ -389,7 +389,8 @@ class Assignments:
                 # the task made
                 to = event.task.provider if isinstance(event, Moved) else None
                 return _hopped(here.task, provider, to)
-            return here.provider == provider
+            # moved to a provider that has not had it queued yet: nothing recorded there counts yet
+            return here.provider == provider and not here.pending
         return (
             place is not None and place.provider == provider and (event is None or event.provider == provider)
         )
