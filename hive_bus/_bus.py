@@ -386,6 +386,26 @@ async def event_providers(bus: Bus) -> list[str]:
     return sorted(p for p in found if p is not None)
 
 
+# how long a gateway may hold a final event while it queues that event's webhook deliveries
+WEBHOOK_EVENT_ACK_WAIT_S = 30.0
+
+
+def webhooks_consumer_config(settings: Settings, provider: str, *, start_seq: int | None) -> ConsumerConfig:
+    """The webhooks' durable consumer of ``provider``'s final events: from ``start_seq`` in its stream,
+    or (None) from the moment it is made; the durable keeps its place after that."""
+    names = settings.names
+    return ConsumerConfig(
+        durable_name=names.webhook_events_consumer,
+        description=f"hive-bus webhooks: final events of {provider} whose deliveries are to be queued",
+        filter_subjects=names.final_events(provider),
+        deliver_policy=DeliverPolicy.NEW if start_seq is None else DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=start_seq,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=WEBHOOK_EVENT_ACK_WAIT_S,
+        max_deliver=-1,
+    )
+
+
 def dlq_stream_config(settings: Settings, provider: str) -> StreamConfig:
     names = settings.names
     return StreamConfig(

@@ -41,9 +41,9 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from ._bus import ensure_events_stream, tasks_stream_config
+from ._bus import ensure_events_stream, tasks_stream_config, webhooks_consumer_config
 from ._errors import BusConfigError
-from ._messages import Task, task_decoder
+from ._messages import FINAL_STATUSES, Task, task_decoder
 from ._names import is_valid_token
 from ._nats import BUS_ERRORS
 from ._settings import Settings
@@ -212,7 +212,10 @@ async def split_shared_events(js: JetStreamContext, settings: Settings) -> None:
         if info.config.subjects != [names.shared_events_parked]:
             info.config.subjects = [names.shared_events_parked]
             await js.update_stream(info.config)
-        moved, left = await _move_events(js, settings, names.events_stream)
+        announced = await _announced_up_to(js, settings)
+        moved, left, unannounced = await _move_events(js, settings, names.events_stream, announced)
+        if announced is not None:
+            await _keep_webhooks_place(js, settings, unannounced)
         if left:
             log.warning(
                 "upgrade: %d messages of %s name no provider; they stay there (read them with "
@@ -231,14 +234,50 @@ async def split_shared_events(js: JetStreamContext, settings: Settings) -> None:
     log.warning("upgrade: %d events of %s moved into one stream per provider", moved, names.events_stream)
 
 
-async def _move_events(js: JetStreamContext, settings: Settings, stream: str) -> tuple[int, int]:
-    """Each event of ``stream`` published again to its provider's stream, in order: how many were,
-    and how many name no provider (left where they are)."""
+async def _announced_up_to(js: JetStreamContext, settings: Settings) -> int | None:
+    """Where the webhooks' durable consumer of the shared stream is (every final event up to this
+    sequence has had its deliveries queued); None when webhooks never ran on this bus."""
+    names = settings.names
+    try:
+        info = await js.consumer_info(names.events_stream, names.webhook_events_consumer)
+    except nats.js.errors.NotFoundError:
+        return None
+    return info.ack_floor.stream_seq if info.ack_floor and info.ack_floor.stream_seq else 0
+
+
+async def _keep_webhooks_place(js: JetStreamContext, settings: Settings, unannounced: dict[str, int]) -> None:
+    """The webhooks' durable consumer on each provider's new stream, from the first final event whose
+    deliveries were not queued yet (``unannounced``: by provider, its sequence in the new stream), or from
+    the stream's end: what the webhooks had not announced before the split they announce after it."""
+    names = settings.names
+    for provider in await _providers(js, settings):
+        stream = names.events_stream_of(provider)
+        start = unannounced.get(provider)
+        if start is None:
+            start = (await js.stream_info(stream)).state.last_seq + 1
+        config = webhooks_consumer_config(settings, provider, start_seq=start)
+        with contextlib.suppress(nats.js.errors.BadRequestError):  # another process made it first
+            await js.add_consumer(stream, config)
+
+
+async def _providers(js: JetStreamContext, settings: Settings) -> list[str]:
+    names = settings.names
+    found = [names.provider_of_events_stream(info.config.name or "") for info in await js.streams_info()]
+    return sorted(p for p in found if p is not None)
+
+
+async def _move_events(
+    js: JetStreamContext, settings: Settings, stream: str, announced: int | None
+) -> tuple[int, int, dict[str, int]]:
+    """Each event of ``stream`` published again to its provider's stream, in order: how many were, how
+    many name no provider (left where they are), and by provider, the new sequence of the first final
+    event after ``announced`` (the webhooks' place in the shared stream)."""
     names = settings.names
     config = ConsumerConfig(ack_policy=AckPolicy.NONE, mem_storage=True, inactive_threshold=30.0)
     info = await js.add_consumer(stream, config)  # no filter: the stored subjects are not the stream's now
     psub = await js.pull_subscribe_bind(info.name, stream=stream)
     ensured: set[str] = set()
+    unannounced: dict[str, int] = {}
     moved = left_behind = 0
     try:
         left = info.num_pending or 0
@@ -256,9 +295,11 @@ async def _move_events(js: JetStreamContext, settings: Settings, stream: str) ->
                 seq = msg.metadata.sequence.stream
                 headers = {**(msg.headers or {})}
                 headers["Nats-Msg-Id"] = headers.get("Nats-Msg-Id") or f"split:{seq}"
-                await js.publish(
+                ack = await js.publish(
                     msg.subject, msg.data, headers=headers, stream=names.events_stream_of(provider)
                 )
+                if announced is not None and seq > announced and tokens[-1] in FINAL_STATUSES:
+                    unannounced.setdefault(provider, ack.seq)
                 with contextlib.suppress(nats.js.errors.APIError):  # another process moved it as well
                     await js.delete_msg(stream, seq)  # moved: not moved again
                 moved += 1
@@ -269,4 +310,4 @@ async def _move_events(js: JetStreamContext, settings: Settings, stream: str) ->
             await psub.unsubscribe()
         with contextlib.suppress(*BUS_ERRORS):
             await js.delete_consumer(stream, info.name)
-    return moved, left_behind
+    return moved, left_behind, unannounced

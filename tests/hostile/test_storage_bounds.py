@@ -16,7 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 import pytest
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from hive_bus import FunctionProvider, Hive, Settings, Task
 from hive_bus._bus import ensure_consumers, shared_events_stream_config
@@ -179,6 +179,12 @@ async def test_a_shared_events_stream_is_split_per_provider(nats_server: NatsSer
         for subject, data, headers in kept:  # in the order they were stored: echo's, then groq's
             await bus.js.publish(subject, data, headers=headers or None, stream=names.events_stream)
         moved = len(kept)
+        # webhooks ran on it and had announced nothing yet: their durable consumer, its ack floor at 0
+        webhooks = ConsumerConfig(
+            durable_name=names.webhook_events_consumer, filter_subjects=names.final_events(),
+            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+        )  # fmt: skip
+        await bus.js.add_consumer(names.events_stream, webhooks)
         await hive.close()
     async with AsyncExitStack() as stack:  # two gateways (or a gateway and a client) starting on it
         bus, _ = await _both(stack, settings)
@@ -193,6 +199,10 @@ async def test_a_shared_events_stream_is_split_per_provider(nats_server: NatsSer
         hive = Hive(bus)
         after = {task_id: await events_of(bus, task_id) for task_id in (done, waiting)}
         assert after == before
+        # what the webhooks had not announced they announce after the split: echo's one completion
+        for provider, unannounced in (("echo", 1), ("groq", 0)):
+            info = await bus.js.consumer_info(names.events_stream_of(provider), names.webhook_events_consumer)
+            assert info.num_pending == unannounced, provider
         assert (await hive.get(done)).output == "hecho"
         assert (await hive.get(waiting)).status == "queued"
         async with running_worker(bus, "groq", EchoProvider()):

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from hive_bus._bus import event_providers
+from hive_bus._bus import event_providers, webhooks_consumer_config
 from hive_bus.bus import Bus
-
-# how long a gateway may hold an event while it queues that event's deliveries
-EVENT_ACK_WAIT_S = 30.0
 
 
 async def final_events(bus: Bus, provider: str, *, from_start: bool) -> JetStreamContext.PullSubscription:
@@ -25,16 +21,7 @@ async def final_events(bus: Bus, provider: str, *, from_start: bool) -> JetStrea
     newer than the webhooks, made while a gateway runs them or since they last ran: none of its events is
     missed)."""
     names = bus.names
-    config = ConsumerConfig(
-        durable_name=names.webhook_events_consumer,
-        description=f"hive-bus webhooks: final events of {provider} whose deliveries are to be queued",
-        filter_subjects=names.final_events(provider),
-        # where a new bus starts; the durable keeps its place
-        deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=EVENT_ACK_WAIT_S,
-        max_deliver=-1,
-    )
+    config = webhooks_consumer_config(bus.settings, provider, start_seq=1 if from_start else None)
     # a second gateway finds the consumer made and binds to it; two making it at once make the same one
     return await bus.js.pull_subscribe(
         names.final_events(provider)[0],
