@@ -635,9 +635,10 @@ async def ensure_tasks_stream(js: JetStreamContext, settings: Settings) -> None:
     (:mod:`hive_bus._upgrade`)."""
     from ._upgrade import split_shared_events, upgrade_tasks_stream  # it builds on this module
 
-    await split_shared_events(js, settings)  # first: the tasks stream republishes into the new streams
     await upgrade_tasks_stream(js, settings)
     await _ensure_stream(js, tasks_stream_config(settings))
+    # after the tasks stream, which any credential may look at: a worker's refused request says why
+    await split_shared_events(js, settings)
 
 
 def consumer_config(settings: Settings, provider: str, priority: str = "normal") -> ConsumerConfig:

@@ -101,7 +101,11 @@ class merged_events:
         self._made = 0  # how many streams this process had made at the last listing
 
     async def __aenter__(self) -> merged_events:
-        await self._refresh(first=True)
+        try:
+            await self._refresh(first=True)
+        except BaseException:
+            await self.__aexit__()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
