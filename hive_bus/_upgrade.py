@@ -248,7 +248,9 @@ async def _announced_up_to(js: JetStreamContext, settings: Settings) -> int | No
 async def _keep_webhooks_place(js: JetStreamContext, settings: Settings, unannounced: dict[str, int]) -> None:
     """The webhooks' durable consumer on each provider's new stream, from the first final event whose
     deliveries were not queued yet (``unannounced``: by provider, its sequence in the new stream), or from
-    the stream's end: what the webhooks had not announced before the split they announce after it."""
+    the stream's end: what the webhooks had not announced before the split they announce after it.
+    (Two processes that split the same bus at once each make it from what they moved; the first made
+    stays, so an event moved by the other may be announced late or not: only then, on an old bus.)"""
     names = settings.names
     for provider in await _providers(js, settings):
         stream = names.events_stream_of(provider)

@@ -22,7 +22,7 @@ from hive_bus import FunctionProvider, Hive, Settings, Task
 from hive_bus._bus import ensure_consumers, shared_events_stream_config
 from hive_bus._embedded import NatsServer
 from hive_bus._errors import FailNow
-from hive_bus._messages import Failed, encoder, new_task_id, now_ms
+from hive_bus._messages import Failed, TaskEvent, encoder, new_task_id, now_ms
 from hive_bus.bus import Bus, open_bus
 from hive_bus.workers.echo import EchoProvider
 from tests.conftest import make_settings
@@ -153,11 +153,12 @@ async def test_a_worker_flooding_its_events_leaves_another_providers_history(
         assert [type(e).__name__ for e in await events_of(bus, task_id)][-1] == "Failed"
 
 
-async def test_a_shared_events_stream_is_split_per_provider(nats_server: NatsServer) -> None:
-    """A bus whose every provider's events are in one ``<PREFIX>_EVENTS`` (before this version): the
-    gateway's start moves them into one stream per provider, in order, headers and bodies as they were,
-    and the tasks they record read as before."""
-    settings = make_settings(nats_server.url)
+async def _old_events_bus(
+    settings: Settings, *, webhooks: bool
+) -> tuple[str, str, dict[str, list[TaskEvent]], int]:
+    """A bus whose every provider's events are in one ``<PREFIX>_EVENTS``, as before this version: a
+    completed echo task and a queued groq one; with ``webhooks``, their durable consumer of the shared
+    stream, which has announced nothing yet. The two tasks' ids, their events, how many events."""
     names = settings.names
     async with open_bus(settings) as bus:
         hive = Hive(bus)
@@ -166,7 +167,6 @@ async def test_a_shared_events_stream_is_split_per_provider(nats_server: NatsSer
         async with running_worker(bus, "echo", EchoProvider()):
             assert (await hive.wait(done, 10)).status == "completed"
         before = {task_id: await events_of(bus, task_id) for task_id in (done, waiting)}
-        # the bus as the version before kept it: the same events, every provider's in one stream
         kept = []
         for provider in ("echo", "groq"):
             stream = names.events_stream_of(provider)
@@ -178,14 +178,23 @@ async def test_a_shared_events_stream_is_split_per_provider(nats_server: NatsSer
         await bus.js.add_stream(shared_events_stream_config(settings))
         for subject, data, headers in kept:  # in the order they were stored: echo's, then groq's
             await bus.js.publish(subject, data, headers=headers or None, stream=names.events_stream)
-        moved = len(kept)
-        # webhooks ran on it and had announced nothing yet: their durable consumer, its ack floor at 0
-        webhooks = ConsumerConfig(
-            durable_name=names.webhook_events_consumer, filter_subjects=names.final_events(),
-            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-        )  # fmt: skip
-        await bus.js.add_consumer(names.events_stream, webhooks)
+        if webhooks:
+            config = ConsumerConfig(
+                durable_name=names.webhook_events_consumer, filter_subjects=names.final_events(),
+                ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+            )  # fmt: skip
+            await bus.js.add_consumer(names.events_stream, config)
         await hive.close()
+    return done, waiting, before, len(kept)
+
+
+async def test_a_shared_events_stream_is_split_per_provider(nats_server: NatsServer) -> None:
+    """A bus whose every provider's events are in one ``<PREFIX>_EVENTS`` (before this version): the
+    start of two processes at once moves them into one stream per provider, in order, headers and
+    bodies as they were, each once, and the tasks they record read as before."""
+    settings = make_settings(nats_server.url)
+    names = settings.names
+    done, waiting, before, moved = await _old_events_bus(settings, webhooks=False)
     async with AsyncExitStack() as stack:  # two gateways (or a gateway and a client) starting on it
         bus, _ = await _both(stack, settings)
         streams = [s.config.name for s in await bus.js.streams_info()]
@@ -199,15 +208,23 @@ async def test_a_shared_events_stream_is_split_per_provider(nats_server: NatsSer
         hive = Hive(bus)
         after = {task_id: await events_of(bus, task_id) for task_id in (done, waiting)}
         assert after == before
-        # what the webhooks had not announced they announce after the split: echo's one completion
-        for provider, unannounced in (("echo", 1), ("groq", 0)):
-            info = await bus.js.consumer_info(names.events_stream_of(provider), names.webhook_events_consumer)
-            assert info.num_pending == unannounced, provider
         assert (await hive.get(done)).output == "hecho"
         assert (await hive.get(waiting)).status == "queued"
         async with running_worker(bus, "groq", EchoProvider()):
             assert (await hive.wait(waiting, 10)).output == "espera"
         await hive.close()
+
+
+async def test_the_split_keeps_the_webhooks_place(nats_server: NatsServer) -> None:
+    """Webhooks ran on the old bus: what they had not announced before the split they announce after
+    it (each provider's stream gets their consumer from its first final event not announced)."""
+    settings = make_settings(nats_server.url)
+    await _old_events_bus(settings, webhooks=True)
+    async with open_bus(settings) as bus:
+        for provider, unannounced in (("echo", 1), ("groq", 0)):  # echo's one completion; groq none
+            stream = bus.names.events_stream_of(provider)
+            info = await bus.js.consumer_info(stream, bus.names.webhook_events_consumer)
+            assert info.num_pending == unannounced, provider
 
 
 async def test_a_shared_dead_letter_stream_is_split_per_provider(nats_server: NatsServer) -> None:
