@@ -266,7 +266,10 @@ class Served:
 async def counted(nats_url: str, prefix: str) -> tuple[int, int]:
     """A stack's accepted tasks (queued events) and the tasks in its queue."""
     async with hive_bus.connect(nats_url, prefix=prefix) as hive:
-        accepted = await count(hive.bus, hive.bus.names.event_subject("echo", "*", "queued"))
+        names = hive.bus.names
+        accepted = await count(
+            hive.bus, names.event_subject("echo", "*", "queued"), stream=names.events_stream_of("echo")
+        )
         queued = (await hive.bus.js.stream_info(hive.bus.names.tasks_stream)).state.messages
         return accepted, queued
 

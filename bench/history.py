@@ -26,6 +26,7 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 from ulid import ULID
 
 from hive_bus import load_settings
+from hive_bus._bus import ensure_events
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import Completed, Queued, Task, Usage, encoder, now_ms
 from hive_bus.bus import Bus, open_bus
@@ -59,7 +60,8 @@ PREFIX = "benchh"
 
 
 async def publish(bus: Bus, messages: Sequence[tuple[str, bytes]]) -> None:
-    stream = bus.names.events_stream
+    stream = bus.names.events_stream_of("echo")
+    await ensure_events(bus, "echo")
 
     async def one(subject: str, data: bytes) -> None:
         await bus.js.publish(subject, data, stream=stream)
@@ -92,7 +94,7 @@ async def follower_cpu(
     batch = events(count)
     async with anyio.create_task_group() as tg:
         if subjects is not None:
-            await tg.start(EventFollower(bus, bus.names.events_stream, subjects, counting).run)
+            await tg.start(EventFollower(bus, bus.names.events_stream_of("echo"), subjects, counting).run)
         cpu = time.process_time()
         await publish(bus, batch)
         if want:
@@ -109,8 +111,8 @@ async def bench(url: str, tasks: int) -> None:
         names = bus.names
         metrics = BusMetrics(bus)
         observe = metrics._observe  # the metrics' own handler: what the gateway runs per event
-        before = list(names.outcome_events)
-        now = [*before, names.event_subject("*", "*", "queued"), names.moved_events]
+        before = [s.replace(".events.*.", ".events.echo.", 1) for s in names.outcome_events]
+        now = metrics._followed("echo")
         rounds = 3
         figures: dict[str, list[float]] = {
             "no follower": [],
@@ -134,12 +136,12 @@ async def bench(url: str, tasks: int) -> None:
             )
             print(f"  {name:28s} {best:6.2f} s{extra}")
 
-        info = await bus.js.stream_info(names.events_stream)
+        info = await bus.js.stream_info(names.events_stream_of("echo"))
         stored = info.state.messages
         rss = psutil.Process().memory_info().rss
         history = History()
         started = time.perf_counter()
-        await backfill(history, bus, before_seq=info.state.last_seq + 1, provider_label=str)
+        await backfill(history, bus, before={"echo": info.state.last_seq + 1}, provider_label=str)
         took = time.perf_counter() - started
         grown = (psutil.Process().memory_info().rss - rss) / 1e6
         view = history.view({})

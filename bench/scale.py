@@ -43,6 +43,7 @@ target.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -64,6 +65,7 @@ from gateway import WRK_SCRIPT, catch_up, cpu_s, find_wrk, lua_string, spawn, ta
 from throughput import cleaned_up, end, free_port, verdict
 
 import hive_bus
+from hive_bus._bus import event_providers
 from hive_bus._embedded import NatsServer
 
 BIN = Path(sys.executable).parent
@@ -179,10 +181,10 @@ class Bench:
             async with hive_bus.connect() as hive:
                 js, names = hive.bus.js, hive.bus.names
                 tasks = (await js.stream_info(names.tasks_stream)).state.messages
-                try:
-                    events = (await js.stream_info(names.events_stream)).state.messages
-                except nats.js.errors.NotFoundError:  # not there before the first submission
-                    events = 0
+                events = 0  # in every provider's stream (none before the first submission)
+                for provider in await event_providers(hive.bus):
+                    with contextlib.suppress(nats.js.errors.NotFoundError):
+                        events += (await js.stream_info(names.events_stream_of(provider))).state.messages
                 return tasks, events
 
         return anyio.run(read)

@@ -9,6 +9,14 @@ writes; or, on a bus older than one write per submission, the event itself, whic
 event recorded under the provider the task was on at the time, to the next provider of that task's own
 fallback list. An outcome counts only when it is recorded under the provider at the end of that chain,
 after the event that put the task there.
+
+Each provider's events are a stream of their own (``<PREFIX>_EVENTS_<provider>``), and sequences of two
+streams do not compare. The chain starts from the task's last message in the tasks stream, which only the
+hub writes, in one order for every provider: it names the provider the task was last queued on, and
+that provider's ``queued`` marker is where its events start to count. Moves recorded there after it are
+followed within that stream; a move to another provider ends the chain (the router has not queued the
+task there yet: once it has, that queueing is the task's last message), and until then nothing recorded
+under the new provider counts (:data:`PENDING`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -25,7 +34,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg
 
-from ._bus import Bus
+from ._bus import Bus, event_providers
 from ._messages import (
     Cancelled,
     Moved,
@@ -43,6 +52,9 @@ log = logging.getLogger("hive_bus.assigned")
 
 # A task has at most 8 fallbacks (``Task.fallback``), so at most 8 moves per run.
 MAX_HOPS = 8
+# The sequence after which a task's events count when it has moved to a provider that has not had it
+# queued yet: none does (an event of that provider's stream is never after it).
+PENDING = sys.maxsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +63,21 @@ class Assignment:
 
     task: Task  # as queued, moved along its own fallbacks (never a worker's copy of it)
     event: Queued | Moved  # the event that put it on its provider
-    seq: int  # that event's sequence in the events stream
+    # in the events stream of the task's provider, the sequence after which its events count: the
+    # event that put it there, or PENDING when that was a move from another provider (not queued yet)
+    seq: int
+    # the sequence of ``event`` in the stream of the provider that recorded it (``seq`` but for a move
+    # to another provider)
+    event_seq: int = 0
 
     @property
     def provider(self) -> str:
         return self.task.provider
+
+    @property
+    def pending(self) -> bool:
+        """Moved to its provider, which has not had it queued yet."""
+        return self.seq == PENDING
 
 
 def hop(task: Task, event: Moved) -> Task | None:
@@ -73,32 +95,43 @@ async def assignment(bus: Bus, task_id: str) -> Assignment | None:
     """The task as the bus knows it now, or None when no submission ever queued it (or its events have
     aged out). Raises nats errors when the stream does not answer.
 
-    Its last ``queued`` event is the tasks stream's marker of the task's last message (a submission, a
-    replay, a move the router made, a start timer that fired): the task is that message. A marker is
-    best-effort (the server republishes over core NATS): a task whose marker was lost is found in the
-    tasks stream all the same, as if queued before every event of its provider."""
+    The task is its last message in the tasks stream (a submission, a replay, a move the router made, a
+    start timer that fired), on the provider its subject names; its ``queued`` marker there, the server's
+    republish of that message, is where the provider's events of it start to count. A marker is best
+    effort (republished over core NATS): a task whose marker was lost counts as queued before every event
+    of its provider. A task whose message is gone (aged out, or a bus older than one stored write per
+    submission, whose ``queued`` events carried the task) is found by its ``queued`` events."""
+    return await _assigned(bus, task_id, await _queued_message(bus, task_id))
+
+
+async def _assigned(bus: Bus, task_id: str, found: tuple[Task, str] | None) -> Assignment | None:
+    """:func:`assignment`, given the task's last message in the tasks stream and its provider."""
     names = bus.names
-    got = await _last(bus, names.event_subject("*", task_id, "queued"))
-    if got is None:
-        task = await queued_task(bus, task_id)
-        if task is None:
+    if found is not None:
+        task, provider = found
+        got = await _last(bus, provider, names.event_subject(provider, task_id, "queued"))
+        seq = got[1] if got is not None and isinstance(got[0], Queued) else 0
+        queued = got[0] if got is not None and isinstance(got[0], Queued) else None
+        if queued is None or queued.provider != provider:
+            queued = Queued(task_id=task_id, provider=provider, at_ms=task.submitted_at_ms, task=task)
+        if task.provider != provider:
+            return None  # a message that names another provider than its subject: not the hub's
+    else:
+        got_old = await _queued_event(bus, task_id)
+        if got_old is None:
             return None
-        got = Queued(task_id=task_id, provider=task.provider, at_ms=task.submitted_at_ms, task=task), 0
-    queued, seq = got
-    if not isinstance(queued, Queued):
-        return None
-    task = queued.task if queued.task is not None else await queued_task(bus, task_id)
-    if task is None:
-        # its message is gone (aged out, or lost from the store: the audit records that): what it
-        # asked went with it, and where it was queued is all the bus knows
-        task = Task(id=task_id, provider=queued.provider, submitted_at_ms=queued.at_ms, messages=[])
+        queued, seq = got_old
+        task = queued.task or Task(
+            id=task_id, provider=queued.provider, submitted_at_ms=queued.at_ms, messages=[]
+        )
     if task.id != task_id:
         return None
-    here = Assignment(task=task, event=queued, seq=seq)
+    here = Assignment(task=task, event=queued, seq=seq, event_seq=seq)
     for _ in range(MAX_HOPS):
         if here.task.next_hop() is None:
             break  # nowhere left to move to: no move recorded under it can count (and no read for it)
-        got = await _last(bus, names.event_subject(here.provider, task_id, "moved"))
+        on = here.provider
+        got = await _last(bus, on, names.event_subject(on, task_id, "moved"))
         if got is None:
             break
         event, seq = got
@@ -106,8 +139,43 @@ async def assignment(bus: Bus, task_id: str) -> Assignment | None:
         if moved is None:
             break
         assert isinstance(event, Moved)
-        here = Assignment(task=moved, event=event, seq=seq)
+        if moved.provider != on:  # to another provider's stream: queued there by the router, later
+            return Assignment(task=moved, event=event, seq=PENDING, event_seq=seq)
+        here = Assignment(task=moved, event=event, seq=seq, event_seq=seq)
     return here
+
+
+async def _queued_message(bus: Bus, task_id: str) -> tuple[Task, str] | None:
+    """The task's last message in the tasks stream and the provider its subject names, or None when
+    there is none (or it does not decode)."""
+    try:
+        raw: RawStreamMsg = await bus.js.get_last_msg(
+            bus.names.tasks_stream, bus.names.tasks_of(task_id), direct=True
+        )
+    except nats.js.errors.NotFoundError:
+        return None
+    task = _decoded(raw, task_id)
+    if task is None:
+        return None
+    return task, bus.names.provider_of_subject(raw.subject or "")
+
+
+async def _queued_event(bus: Bus, task_id: str) -> tuple[Queued, int] | None:
+    """The task's last ``queued`` event, of whichever provider recorded it last, with its sequence
+    there: one that carries the task (buses before one stored write per submission), or a marker of a
+    message that is gone (aged out, or lost from the store: the audit records that)."""
+    names = bus.names
+    found: list[tuple[Queued, int]] = []
+
+    async def read(provider: str) -> None:
+        got = await _last(bus, provider, names.event_subject(provider, task_id, "queued"))
+        if got is not None and isinstance(got[0], Queued) and got[0].provider == provider:
+            found.append((got[0], got[1]))
+
+    async with anyio.create_task_group() as tg:
+        for provider in await event_providers(bus):
+            tg.start_soon(read, provider)
+    return max(found, key=lambda q: q[0].at_ms) if found else None
 
 
 async def current_view(bus: Bus, task_id: str) -> TaskView | None:
@@ -118,46 +186,39 @@ async def current_view(bus: Bus, task_id: str) -> TaskView | None:
 
 
 async def current(bus: Bus, task_id: str) -> tuple[TaskView, int] | None:
-    """:func:`current_view`, with the sequence of the event that put the task on its provider: a
-    later event of the task counts when it is recorded under that provider after that sequence. The
-    view carries the task's content and metadata (read with the assignment: no read of its own).
-
-    The task's last event, whatever its provider, is read beside the assignment: when it is recorded
-    under the provider the assignment ends on (nearly always), it is that provider's last event, and
-    the state costs the round trips of the assignment alone."""
+    """:func:`current_view`, with the sequence of the event that put the task on its provider, in that
+    provider's events stream (:data:`PENDING` for a move not queued yet): a later event of the task counts
+    when it is recorded under that provider after that sequence. The view carries the task's content and
+    metadata (read with the assignment: no read of its own)."""
     names = bus.names
-    latest: list[tuple[TaskEvent, int, str] | None] = []
-    failed: list[BaseException] = []
-
-    async def read_latest() -> None:
-        try:
-            latest.append(await _latest(bus, names.events_of(task_id)))
-        except BUS_ERRORS:
-            latest.append(None)  # read again below, once the provider is known
-
+    found = await _queued_message(bus, task_id)
+    # the provider it was last queued on has nearly always its last event: read beside the assignment
+    latest: list[tuple[TaskEvent, int] | None] = []
     here: Assignment | None = None
+
+    async def read_latest(provider: str) -> None:
+        latest.append(await _last(bus, provider, names.events_of(task_id, provider)))
+
     async with anyio.create_task_group() as tg:
-        tg.start_soon(read_latest)
-        try:
-            here = await assignment(bus, task_id)
-        except BUS_ERRORS as exc:
-            failed.append(exc)
-            tg.cancel_scope.cancel()
-    if failed:
-        raise failed[0]
+        if found is not None:
+            tg.start_soon(read_latest, found[1])
+        here = await _assigned(bus, task_id, found)
     if here is None:
         return None
-    got = latest[0] if latest else None
-    last: tuple[TaskEvent, int] | None
-    if got is not None and got[2] == here.provider and got[1] >= here.seq:
-        last = got[0], got[1]
-    else:  # another provider's event is the task's last (or was read before the assignment's)
-        last = await _last(bus, names.events_of(task_id, here.provider))
+    if here.pending:
+        return TaskView.of(here.event).with_task(here.task), here.seq
+    got = latest[0] if latest and found is not None and here.provider == found[1] else None
+    if got is not None and got[1] >= here.seq:
+        last: tuple[TaskEvent, int] | None = got
+    else:  # read before the event that put it there, or another provider's: read again
+        last = await _last(bus, here.provider, names.events_of(task_id, here.provider))
     if last is not None and last[1] > here.seq and not isinstance(last[0], Queued | Moved):
         if not is_final(last[0]):
             # a worker's last word may come after the task was cancelled (a running event of a call
             # that was being abandoned): a cancel ends the task whatever follows it
-            cancelled = await _last(bus, names.event_subject(here.provider, task_id, "cancelled"))
+            cancelled = await _last(
+                bus, here.provider, names.event_subject(here.provider, task_id, "cancelled")
+            )
             if cancelled is not None and cancelled[1] > here.seq and isinstance(cancelled[0], Cancelled):
                 return TaskView.of(cancelled[0]).with_task(here.task), here.seq
         return TaskView.of(last[0]).with_task(here.task), here.seq
@@ -167,13 +228,8 @@ async def current(bus: Bus, task_id: str) -> tuple[TaskView, int] | None:
 async def queued_task(bus: Bus, task_id: str) -> Task | None:
     """The task's last message in the tasks stream (the task as last queued, on whichever provider), or
     None when there is none or it does not decode."""
-    try:
-        raw: RawStreamMsg = await bus.js.get_last_msg(
-            bus.names.tasks_stream, bus.names.tasks_of(task_id), direct=True
-        )
-    except nats.js.errors.NotFoundError:
-        return None
-    return _decoded(raw, task_id)
+    found = await _queued_message(bus, task_id)
+    return None if found is None else found[0]
 
 
 def marker_seq(headers: dict[str, str] | None) -> int | None:
@@ -205,40 +261,28 @@ def _decoded(raw: RawStreamMsg, task_id: str) -> Task | None:
         return None
 
 
-async def _latest(bus: Bus, subject: str) -> tuple[TaskEvent, int, str] | None:
-    """The last event on ``subject`` (a filter), its sequence and the provider its subject names; None
-    when there is none or it does not decode."""
+async def _last(bus: Bus, provider: str, subject: str) -> tuple[TaskEvent, int] | None:
+    """The last event on ``subject`` (a filter) in ``provider``'s events stream, and its sequence; None
+    when there is none (or no such stream), or it does not decode (a reader of outcomes has nothing to
+    take from it)."""
+    stream = bus.names.events_stream_of(provider)
     try:
-        raw: RawStreamMsg = await bus.js.get_last_msg(bus.names.events_stream, subject, direct=True)
-    except nats.js.errors.NotFoundError:
-        return None
-    try:
-        event = decode_event(raw.subject or "", raw.data, raw.headers)
-    except (msgspec.DecodeError, RecursionError):
-        return None
-    return event, raw.seq or 0, bus.names.provider_of_subject(raw.subject or "")
-
-
-async def _last(bus: Bus, subject: str) -> tuple[TaskEvent, int] | None:
-    """The last event on ``subject`` (a filter) and its sequence; None when there is none, or it does
-    not decode (a reader of outcomes has nothing to take from it)."""
-    try:
-        raw: RawStreamMsg = await bus.js.get_last_msg(bus.names.events_stream, subject, direct=True)
-    except nats.js.errors.NotFoundError:
-        return None
+        raw: RawStreamMsg = await bus.js.get_last_msg(stream, subject, direct=True)
+    except (nats.js.errors.NotFoundError, nats.errors.NoRespondersError):
+        return None  # none there, or no such stream (a provider none of whose work was queued)
     try:
         return decode_event(raw.subject or "", raw.data, raw.headers), raw.seq or 0
     except (msgspec.DecodeError, RecursionError):
         log.warning("event %s on %s does not decode; reading past it", raw.seq, subject)
-    return await _last_readable(bus, subject)
+    return await _last_readable(bus, stream, subject)
 
 
-async def _last_readable(bus: Bus, subject: str) -> tuple[TaskEvent, int] | None:
+async def _last_readable(bus: Bus, stream: str, subject: str) -> tuple[TaskEvent, int] | None:
     """The last event on ``subject`` that decodes: poison stored after it is read past, not taken for
     the task's end (a subject holds one task's events: a handful of messages)."""
     found: tuple[TaskEvent, int] | None = None
     sub = await bus.js.subscribe(
-        subject, stream=bus.names.events_stream, ordered_consumer=True,
+        subject, stream=stream, ordered_consumer=True,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
     )  # fmt: skip
     try:
@@ -320,11 +364,14 @@ class Assignments:
             and place.fallback is not None
             and isinstance(event, Moved)
         ):
-            if event.task_id != task_id or (moved := place.hop(provider, event)) is None:
+            if (moved := place.hop(provider, event)) is not None:
+                self._remember(task_id, moved)
+                return True
+            if place.provider == provider:
                 return False  # not the move its provider may make: the task stays where it is
-            self._remember(task_id, moved)
-            return True
-        if task_id not in self._known or status == "moved":
+            # a move from another provider, read after the task's events there (a reader of several
+            # providers' streams reads them in no order across streams): the lookup says
+        if task_id not in self._known or status == "moved" or self._elsewhere(place, provider):
             # a lookup counts every move recorded so far: this one too, when it is a valid one
             try:
                 here = await assignment(self._bus, task_id)
@@ -335,16 +382,28 @@ class Assignments:
             if here is None:
                 return False
             if status == "moved":
-                if isinstance(here.event, Moved):
-                    return here.event.provider == provider
+                if isinstance(here.event, Moved) and here.event.provider == provider:
+                    return True
                 # the router has queued it on its next provider since (the marker of that is the
-                # task's last queued event): a move counts when it is a hop the task made
+                # task's last queued event), or it moved on from there: a move counts when it is a hop
+                # the task made
                 to = event.task.provider if isinstance(event, Moved) else None
                 return _hopped(here.task, provider, to)
-            return here.provider == provider
+            # moved to a provider that has not had it queued yet: nothing recorded there counts yet
+            return here.provider == provider and not here.pending
         return (
             place is not None and place.provider == provider and (event is None or event.provider == provider)
         )
+
+    @staticmethod
+    def _elsewhere(place: Place | None, provider: str) -> bool:
+        """Whether an event under ``provider`` of a task known to be on another provider may be of a
+        move not read yet: one to ``provider`` (one of the task's fallbacks, or any when they are not
+        known). A reader of several providers' streams may read it after the events of the move's end.
+        """
+        if place is None or place.provider == provider:
+            return False
+        return place.fallback is None or provider in (f.partition(":")[0] for f in place.fallback)
 
     def _remember(self, task_id: str, place: Place | None) -> None:
         self._known[task_id] = place

@@ -17,9 +17,10 @@ event with the whole task) and no final event after it. The audit compares the t
    task no worker has dropped yet, an outcome stored and not yet acked) or a second final of one task
    (a rejected submission queued again, a forged final of another provider's task) makes up for a
    missing one until it is gone;
-2. when it holds fewer, task by task (``AuditReport.compared == "ids"``): it reads the events
-   stream by subject only (headers, no bodies) from its start, keeping the tasks whose last lifecycle
-   event is ``queued`` or ``moved`` with no ``completed`` or ``failed`` after it: the open tasks;
+2. when it holds fewer, task by task (``AuditReport.compared == "ids"``): it reads every provider's
+   events stream by subject only (headers, no bodies) from its start, merged in the order they were
+   stored, keeping the tasks whose last lifecycle event is ``queued`` or ``moved`` with no ``completed``
+   or ``failed`` after it: the open tasks;
 3. it reads the ids of the tasks the tasks stream holds that its consumers may not have acked (from
    the lowest ack floor on), by their subjects, with a headers-only consumer: no body is read;
 4. an open task missing from the tasks stream (on the provider its ``queued`` event names), whose last
@@ -47,7 +48,9 @@ The gateway runs it (:meth:`StoreAudit.run`): at start, after every reconnection
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import heapq
 import logging
 import time
 from dataclasses import dataclass
@@ -56,13 +59,14 @@ from typing import Literal
 import anyio
 import msgspec
 import nats.errors
+import nats.js
 import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from . import _dlq
 from ._ageing import Ageing
-from ._bus import Bus
+from ._bus import Bus, ensure_events, event_providers
 from ._counts import submitted_counts
 from ._errors import TooLarge
 from ._messages import FINAL_STATUSES, Failed, Moved, Queued, Task, decode_event, encoder, now_ms
@@ -114,10 +118,10 @@ class AuditReport(msgspec.Struct, frozen=True, kw_only=True):
 
 @dataclass(slots=True)
 class _Open:
-    provider: str  # the provider token of its last lifecycle event's subject
+    provider: str  # the provider token of its last lifecycle event's subject (whose stream holds it)
     status: str  # queued or moved
-    event_seq: int  # that event's sequence in the events stream
-    last_seq: int  # the sequence of its last event of any kind
+    event_seq: int  # that event's sequence in the provider's events stream
+    last_seq: int  # the sequence of its last event of any kind there
     last_at_s: float  # when that one was stored (unix seconds)
 
 
@@ -127,7 +131,7 @@ class StoreAudit:
         self.grace_s = grace_s
         self.every_s = every_s
         self._open: dict[str, _Open] = {}
-        self._next_seq = 1  # the next events-stream sequence to read
+        self._next_seq: dict[str, int] = {}  # of each provider's events stream, the next sequence to read
         self._reconnects = nats_reconnects(bus.nc)
         self._lost_total = 0
         self.last: AuditReport | None = None
@@ -157,7 +161,7 @@ class StoreAudit:
 
     def _start_over(self) -> None:
         self._open.clear()
-        self._next_seq = 1
+        self._next_seq.clear()
 
     async def audit(self) -> AuditReport:
         """One audit: fail the tasks that waited too long (:mod:`hive_bus._ageing`), read the record on,
@@ -188,8 +192,9 @@ class StoreAudit:
     async def _counts(self) -> tuple[int, int]:
         """The tasks the record says are open (queued events less final ones), and the tasks the
         queue holds."""
-        queued = await tally(self._bus, "queued")
-        final = sum([await tally(self._bus, status) for status in _FINAL])
+        providers = await event_providers(self._bus)
+        queued = sum([await tally(self._bus, "queued", p) for p in providers])
+        final = sum([await tally(self._bus, status, p) for status in _FINAL for p in providers])
         # What the workers' consumers have yet to deliver or have out, rather than the stream's message
         # count: a damaged message can stay in that count after the consumer has gone past it for good.
         held = sum(d.pending + d.ack_pending for d in (await queue_depths(self._bus)).values())
@@ -200,14 +205,14 @@ class StoreAudit:
         cutoff_s = time.time() - self.grace_s
         old = {task_id for task_id, o in self._open.items() if o.last_at_s <= cutoff_s}
         held = await self._held_ids() if old else {}
-        routed_up_to = await self._router_ack_floor() if old else 0
+        routed_up_to = await self._router_ack_floors() if old else {}
         lost: list[str] = []
         for task_id in sorted(old):
             o = self._open[task_id]
             on = held.get(task_id, set())
             if o.provider in on if o.status == "queued" else bool(on - {o.provider}):
                 continue  # held on the provider it waits on (a moved one: on another)
-            if o.status == "moved" and o.event_seq > routed_up_to:
+            if o.status == "moved" and o.event_seq > routed_up_to.get(o.provider, 0):
                 continue  # the router has yet to queue it on its next provider
             if await self._record_lost(task_id, o):
                 lost.append(task_id)
@@ -228,33 +233,31 @@ class StoreAudit:
         return report
 
     async def _follow_record(self) -> None:
-        """Read the events stream on from ``_next_seq``, subjects only, into the open tasks."""
-        bus, names = self._bus, self._bus.names
-        config = ConsumerConfig(
-            description="hive-bus store audit",
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=self._next_seq,
-            ack_policy=AckPolicy.NONE,
-            headers_only=True,
-            mem_storage=True,
-            inactive_threshold=60.0,
-        )
-        psub = await bus.js.pull_subscribe(names.events_of("*"), stream=names.events_stream, config=config)
+        """Read every provider's events stream on from where it was left, subjects only, merged in the
+        order the events were stored (a task moved from one provider to another has events in both),
+        into the open tasks."""
+        bus = self._bus
+        readers = [_Reader(bus, p, self._next_seq.get(p, 1)) for p in await event_providers(bus)]
         try:
-            remaining = (await psub.consumer_info()).num_pending or 0
-            while remaining > 0:
-                msgs = await psub.fetch(min(remaining, FETCH_BATCH), timeout=bus.settings.request_timeout_s)
-                for msg in msgs:
-                    self._note(msg.subject, msg.metadata.sequence.stream, msg.metadata.timestamp.timestamp())
-                remaining -= len(msgs)
+            heads: list[tuple[float, int, int, str]] = []  # (stored at, reader, seq, subject)
+            for i, reader in enumerate(readers):
+                await reader.start()
+                if (got := await reader.next()) is not None:
+                    heapq.heappush(heads, (got[0], i, got[1], got[2]))
+            while heads:
+                at_s, i, seq, subject = heapq.heappop(heads)
+                self._next_seq[readers[i].provider] = seq + 1
+                self._note(readers[i].provider, subject, seq, at_s)
+                if (got := await readers[i].next()) is not None:
+                    heapq.heappush(heads, (got[0], i, got[1], got[2]))
         finally:
-            with anyio.CancelScope(shield=True), contextlib.suppress(*BUS_ERRORS):
-                await _delete_consumer(bus, config.name)
-                await psub.unsubscribe()
+            for reader in readers:
+                await reader.stop()
 
-    def _note(self, subject: str, seq: int, at_s: float) -> None:
+    def _note(self, on: str, subject: str, seq: int, at_s: float) -> None:
         provider, task_id, status = subject.rsplit(".", 3)[1:]
-        self._next_seq = seq + 1
+        if provider != on:
+            return  # not an event of this stream's provider (a stream holds its provider's alone)
         o = self._open.get(task_id)
         if status == "queued":  # the tasks stream's markers (and a scheduled task's submission)
             self._open[task_id] = _Open(provider, status, seq, seq, at_s)
@@ -268,7 +271,7 @@ class StoreAudit:
             self._open[task_id] = _Open(provider, status, seq, seq, at_s)
         elif status in _FINAL:
             del self._open[task_id]
-        else:  # running, retrying: still open
+        elif provider == o.provider:  # running, retrying: still open
             o.last_seq, o.last_at_s = seq, at_s
 
     async def _held_ids(self) -> dict[str, set[str]]:
@@ -328,21 +331,27 @@ class StoreAudit:
             return 1
         return min(floors.values()) + 1
 
-    async def _router_ack_floor(self) -> int:
-        """The last moved event the router has queued (all before it are too); 0 without a router."""
+    async def _router_ack_floors(self) -> dict[str, int]:
+        """Of each provider, the last moved event the router has queued (all before it are too); none
+        without a router."""
         names = self._bus.names
-        try:
-            info = await self._bus.js.consumer_info(names.events_stream, names.router)
-        except nats.js.errors.NotFoundError:
-            return 0
-        return info.ack_floor.stream_seq if info.ack_floor and info.ack_floor.stream_seq else 0
+        floors: dict[str, int] = {}
+        for provider in await event_providers(self._bus):
+            try:
+                info = await self._bus.js.consumer_info(names.events_stream_of(provider), names.router)
+            except nats.js.errors.NotFoundError:
+                continue
+            floors[provider] = (
+                info.ack_floor.stream_seq if info.ack_floor and info.ack_floor.stream_seq else 0
+            )
+        return floors
 
     async def _record_lost(self, task_id: str, o: _Open) -> bool:
         """Record one task as lost if nothing happened to it since the record was read."""
         bus, names = self._bus, self._bus.names
         try:
-            on = o.provider if o.status == "queued" else None  # (see _note)
-            last = await bus.js.get_last_msg(names.events_stream, names.events_of(task_id, on), direct=True)
+            stream = names.events_stream_of(o.provider)
+            last = await bus.js.get_last_msg(stream, names.events_of(task_id, o.provider), direct=True)
         except nats.js.errors.NotFoundError:
             return False  # its events are gone too (aged out): nothing to say it was ever queued
         if last.seq != o.last_seq:
@@ -368,13 +377,15 @@ class StoreAudit:
         data = encoder.encode(event)
         final_id = task.final_msg_id if task else f"{task_id}:final"
         headers = {"Nats-Msg-Id": final_id}
+        stream = names.events_stream_of(provider)
+        await ensure_events(bus, provider)
         try:
-            check_fits(bus.nc, data, {**headers, "Nats-Expected-Stream": names.events_stream})
+            check_fits(bus.nc, data, {**headers, "Nats-Expected-Stream": stream})
         except TooLarge:  # a task from before the claim check: its record keeps it, this event cannot
             data = encoder.encode(msgspec.structs.replace(event, task=None))
         ack = await js_publish(
             bus.js, bus.nc, names.event_subject(provider, task_id, "failed"), data,
-            headers=headers, stream=names.events_stream, what="failed event",
+            headers=headers, stream=stream, what="failed event",
         )  # fmt: skip
         if ack.duplicate:
             return False  # an outcome was recorded meanwhile
@@ -392,18 +403,59 @@ class StoreAudit:
         task was in the message found missing: its content is lost with it, and its dead letter holds
         its id alone)."""
         try:
-            raw = await self._bus.js.get_msg(self._bus.names.events_stream, seq=o.event_seq, direct=True)
+            stream = self._bus.names.events_stream_of(o.provider)
+            raw = await self._bus.js.get_msg(stream, seq=o.event_seq, direct=True)
             event = decode_event(raw.subject or "", raw.data, raw.headers)
         except (nats.js.errors.NotFoundError, msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return None
         return event.task if isinstance(event, Queued | Moved) else None
 
 
-async def _delete_consumer(bus: Bus, name: str | None) -> None:
-    if not name:
-        return
-    try:
-        with anyio.move_on_after(bus.settings.request_timeout_s):
-            await bus.js.delete_consumer(bus.names.events_stream, name)
-    except BUS_ERRORS:
-        pass  # it goes by itself when inactive
+class _Reader:
+    """One provider's events stream read on from a sequence, subjects only (headers, no bodies), in
+    batches: each event's time stored, sequence and subject, in order, until the stream has no more."""
+
+    def __init__(self, bus: Bus, provider: str, start_seq: int) -> None:
+        self._bus = bus
+        self.provider = provider
+        self._stream = bus.names.events_stream_of(provider)
+        self._start_seq = start_seq
+        self._psub: nats.js.JetStreamContext.PullSubscription | None = None
+        self._remaining = 0
+        self._batch: collections.deque[tuple[float, int, str]] = collections.deque()
+
+    async def start(self) -> None:
+        names = self._bus.names
+        config = ConsumerConfig(
+            description="hive-bus store audit",
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self._start_seq,
+            ack_policy=AckPolicy.NONE,
+            headers_only=True,
+            mem_storage=True,
+            inactive_threshold=60.0,
+        )
+        self._psub = await self._bus.js.pull_subscribe(
+            names.events_of("*", self.provider), stream=self._stream, config=config
+        )
+        self._remaining = (await self._psub.consumer_info()).num_pending or 0
+
+    async def next(self) -> tuple[float, int, str] | None:
+        if not self._batch and self._remaining > 0 and self._psub is not None:
+            timeout_s = self._bus.settings.request_timeout_s
+            msgs = await self._psub.fetch(min(self._remaining, FETCH_BATCH), timeout=timeout_s)
+            self._remaining -= len(msgs)
+            self._batch.extend(
+                (m.metadata.timestamp.timestamp(), m.metadata.sequence.stream, m.subject) for m in msgs
+            )
+        return self._batch.popleft() if self._batch else None
+
+    async def stop(self) -> None:
+        psub, self._psub = self._psub, None
+        if psub is None:
+            return
+        with anyio.CancelScope(shield=True), contextlib.suppress(*BUS_ERRORS):
+            name = (await psub.consumer_info()).name
+            await psub.unsubscribe()
+            with anyio.move_on_after(self._bus.settings.request_timeout_s):
+                await self._bus.js.delete_consumer(self._stream, name)

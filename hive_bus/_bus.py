@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -44,7 +45,7 @@ from nats.js.kv import KeyValue
 from ._credentials import closed_hint, connect_options, refusal, server_urls
 from ._errors import BusConfigError, BusRefused, BusUnavailable
 from ._names import PRIORITIES, Names, is_valid_token
-from ._nats import BUS_ERRORS, kv_parts, unsubscribe
+from ._nats import BUS_ERRORS, kv_parts, unsubscribe, why
 from ._settings import Settings, redact_url
 
 log = logging.getLogger("hive_bus.bus")
@@ -94,6 +95,10 @@ class Bus:
     budgets_kv: KeyValue
     cancels_kv: KeyValue
     link: Link = field(default_factory=Link)
+    # the providers whose events stream this process has seen or made (ensure_events)
+    events_made: set[str] = field(default_factory=set, init=False)
+    # set, and replaced, each time one is added: for the readers of every provider's events
+    events_added: list[anyio.Event] = field(default_factory=lambda: [anyio.Event()], init=False)
 
     def is_lost(self) -> bool:
         """Whether the connection is gone for good: said by nats-py's closed callback, or seen here,
@@ -242,7 +247,6 @@ async def declare_bus(js: JetStreamContext, settings: Settings) -> dict[str, Key
     """Create the streams and the KV buckets if missing; check them if present."""
     names = settings.names
     try:
-        await _ensure_stream(js, events_stream_config(settings))  # first: the tasks stream republishes to it
         await ensure_tasks_stream(js, settings)
         if not settings.worker_name:  # a worker's credential may not; the gateway's does it
             await split_shared_dlq(js, settings)
@@ -295,7 +299,30 @@ def tasks_stream_config(settings: Settings, *, republish: bool = True) -> Stream
     )
 
 
-def events_stream_config(settings: Settings) -> StreamConfig:
+def events_stream_config(settings: Settings, provider: str) -> StreamConfig:
+    """One provider's events stream: what happens to its tasks after they are queued (their ``queued``
+    markers, which the tasks stream republishes, included). One per provider, each within its own
+    ``events_max_bytes``: the provider's workers may publish any event under their provider, and can
+    push out their own provider's oldest history, no other's."""
+    names = settings.names
+    return StreamConfig(
+        name=names.events_stream_of(provider),
+        description=f"hive-bus task lifecycle events of provider {provider}",
+        subjects=[names.events_under(provider)],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_age=settings.events_max_age_s,
+        max_bytes=settings.events_max_bytes,
+        duplicate_window=settings.duplicate_window_s,
+        allow_direct=True,
+        num_replicas=settings.replicas,
+    )
+
+
+def shared_events_stream_config(settings: Settings) -> StreamConfig:
+    """The one events stream of every provider, as buses made before events were kept per provider
+    had it: what the upgrade looks for (hive_bus._upgrade)."""
     names = settings.names
     return StreamConfig(
         name=names.events_stream,
@@ -309,6 +336,73 @@ def events_stream_config(settings: Settings) -> StreamConfig:
         duplicate_window=settings.duplicate_window_s,
         allow_direct=True,
         num_replicas=settings.replicas,
+    )
+
+
+async def ensure_events_stream(js: JetStreamContext, settings: Settings, provider: str) -> None:
+    """The provider's events stream, created on first use, else checked."""
+    await _ensure_stream(js, events_stream_config(settings, provider))
+
+
+async def ensure_events(bus: Bus, provider: str) -> None:
+    """:func:`ensure_events_stream`, once per provider and process: before the first task of a
+    provider is stored (the tasks stream republishes its ``queued`` marker into it, over core NATS: a
+    marker with no stream to take it is lost) and before any event of the provider is written.
+    Raises :class:`BusUnavailable` or :class:`BusConfigError` when it can be neither found nor made."""
+    if provider in bus.events_made:
+        return
+    try:
+        await ensure_events_stream(bus.js, bus.settings, provider)
+    except BUS_ERRORS as exc:
+        raise BusUnavailable(f"the events stream of provider {provider} is not there: {why(exc)}") from None
+    bus.events_made.add(provider)
+    added, bus.events_added[0] = bus.events_added[0], anyio.Event()
+    added.set()
+
+
+async def stream_names(bus: Bus, subject: str) -> list[str]:
+    """The names of the streams whose subjects overlap ``subject``, every page of them, sorted."""
+    domain = bus.settings.js_domain
+    api = f"$JS.{domain}.API" if domain else "$JS.API"
+    found: list[str] = []
+    while True:
+        request = json.dumps({"subject": subject, "offset": len(found)}).encode()
+        msg = await bus.nc.request(f"{api}.STREAM.NAMES", request, timeout=bus.settings.request_timeout_s)
+        answer = json.loads(msg.data)
+        if "error" in answer:
+            raise BusUnavailable(
+                f"could not list the streams of {subject}: {answer['error'].get('description')}"
+            )
+        page = answer.get("streams") or []
+        found += page
+        if not page or len(found) >= int(answer.get("total", 0)):
+            return sorted(found)
+
+
+async def event_providers(bus: Bus) -> list[str]:
+    """The providers that have an events stream, sorted."""
+    names = bus.names
+    found = [names.provider_of_events_stream(s) for s in await stream_names(bus, names.all_events)]
+    return sorted(p for p in found if p is not None)
+
+
+# how long a gateway may hold a final event while it queues that event's webhook deliveries
+WEBHOOK_EVENT_ACK_WAIT_S = 30.0
+
+
+def webhooks_consumer_config(settings: Settings, provider: str, *, start_seq: int | None) -> ConsumerConfig:
+    """The webhooks' durable consumer of ``provider``'s final events: from ``start_seq`` in its stream,
+    or (None) from the moment it is made; the durable keeps its place after that."""
+    names = settings.names
+    return ConsumerConfig(
+        durable_name=names.webhook_events_consumer,
+        description=f"hive-bus webhooks: final events of {provider} whose deliveries are to be queued",
+        filter_subjects=names.final_events(provider),
+        deliver_policy=DeliverPolicy.NEW if start_seq is None else DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=start_seq,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=WEBHOOK_EVENT_ACK_WAIT_S,
+        max_deliver=-1,
     )
 
 
@@ -537,11 +631,14 @@ async def ensure_counters_stream(js: JetStreamContext, settings: Settings) -> No
 
 async def ensure_tasks_stream(js: JetStreamContext, settings: Settings) -> None:
     """The tasks stream, made or checked; a work-queue one (buses before one write per submission) is
-    upgraded by any process but a worker (:mod:`hive_bus._upgrade`)."""
-    from ._upgrade import upgrade_tasks_stream  # it builds on this module
+    upgraded, and one events stream of every provider split, by any process but a worker
+    (:mod:`hive_bus._upgrade`)."""
+    from ._upgrade import split_shared_events, upgrade_tasks_stream  # it builds on this module
 
     await upgrade_tasks_stream(js, settings)
     await _ensure_stream(js, tasks_stream_config(settings))
+    # after the tasks stream, which any credential may look at: a worker's refused request says why
+    await split_shared_events(js, settings)
 
 
 def consumer_config(settings: Settings, provider: str, priority: str = "normal") -> ConsumerConfig:
@@ -597,8 +694,9 @@ async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
 
 
 async def ensure_consumers(js: JetStreamContext, settings: Settings, provider: str) -> list[ConsumerInfo]:
-    """The provider's durable pull consumers, one per priority (high first), and its dead-letter stream,
-    created on first use (by the gateway: a worker's credential finds them made)."""
+    """The provider's durable pull consumers, one per priority (high first), its events stream and its
+    dead-letter stream, created on first use (by the gateway: a worker's credential finds them made)."""
+    await ensure_events_stream(js, settings, provider)  # before its tasks are fetched: their events go there
     consumers = [await ensure_consumer(js, settings, provider, priority) for priority in PRIORITIES]
     try:
         await ensure_dlq_stream(js, settings, provider)

@@ -24,7 +24,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from . import _assigned
-from ._bus import Bus
+from ._bus import Bus, ensure_events
 from ._errors import BusUnavailable, TaskEnded, TaskNotFound
 from ._messages import Cancelled, TaskView, encoder, is_task_id, now_ms, task_decoder
 from ._nats import BUS_ERRORS, unsubscribe
@@ -62,13 +62,14 @@ async def cancel_once(bus: Bus, task_id: str, reason: str = "") -> tuple[TaskVie
         reason=reason[:MAX_REASON_CHARS],
     )  # fmt: skip
     try:
+        await ensure_events(bus, task.provider)  # a provider none of whose work was queued here yet
         await bus.cancels_kv.put(names.cancel_key(task.provider, task.id), encoder.encode(event))
         ack = await js_publish(
             bus.js, bus.nc,
             names.event_subject(task.provider, task.id, "cancelled"),
             encoder.encode(event),
             headers={"Nats-Msg-Id": task.final_msg_id},
-            stream=names.events_stream,
+            stream=names.events_stream_of(task.provider),
             what="cancelled event",
         )  # fmt: skip
         if ack.duplicate:  # it ended first, or a cancel came before this one

@@ -30,6 +30,7 @@ from ._bus import Bus, open_bus
 from ._client import Hive, PartialSubmit, connect
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import BusUnavailable, HiveError, TaskEnded
+from ._events import merged_events
 from ._loop import ENV_LOOP, LOOP_CHOICES, LoopChoice, LoopUnavailable, backend_options
 from ._messages import (
     WEBHOOK_EVENTS,
@@ -43,7 +44,6 @@ from ._messages import (
     now_ms,
     request_decoder,
 )
-from ._nats import following
 from ._prices import PriceFileError, PriceTable
 from ._providers import HandlerError, Provider, load_handler
 from ._routes import ENV_ROUTES, Routes, RoutesError
@@ -998,8 +998,9 @@ def _key_value(item: str) -> tuple[str, Any]:
 @bus_options
 def upgrade(settings: Settings) -> None:
     """Upgrade the bus's objects to this version (and check them): a work-queue tasks stream of an older
-    hive-bus becomes the limits one, its queued tasks kept. The gateway and `hive up` do it at start too;
-    a worker's credential may not."""
+    hive-bus becomes the limits one, its queued tasks kept; one events stream of every provider is split
+    into one per provider, every event kept. The gateway and `hive up` do it at start too; a worker's
+    credential may not."""
 
     async def main() -> None:
         async with open_bus(settings, name="hive-upgrade") as bus:
@@ -1076,12 +1077,17 @@ def watch(provider: str | None, settings: Settings) -> None:
 
 
 async def _follow_events(hive: Hive, provider: str | None) -> None:
+    """Each provider's events from now on (of a provider whose stream is made meanwhile, from its start),
+    as they come: in order within a provider's, in no order between two providers'."""
     names = hive.bus.names
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
-    async with following(
-        hive.bus.js, names.events(provider), stream=names.events_stream, config=config
-    ) as sub:
-        async for msg in sub.messages:
+    listed = False  # the streams there are at the start are followed
+
+    def config(_: str) -> ConsumerConfig:
+        return ConsumerConfig(deliver_policy=DeliverPolicy.ALL if listed else DeliverPolicy.NEW)
+
+    async with merged_events(hive.bus, names.events, config, only=provider) as received:
+        listed = True
+        async for msg in received:
             try:
                 view = TaskView.of(decode_event(msg.subject, msg.data, msg.headers))
             except msgspec.DecodeError:

@@ -22,6 +22,7 @@ state of its own lives beside it (``_waits``, ``_assigned``, ``_cancel``, ``_bat
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import logging
 import re
@@ -39,12 +40,13 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
 from . import _batch_client, _blobs, _cancel, _dlq, _index
-from ._assigned import Assignments, assignment, current
+from ._assigned import PENDING, Assignments, assignment, current
 from ._batches import Batch, BatchStore, cancelling
-from ._bus import Bus, ensure_index_stream, kv_entries, open_bus, redeclare_workers_bucket
+from ._bus import Bus, ensure_events, ensure_index_stream, kv_entries, open_bus, redeclare_workers_bucket
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
 from ._errors import BusUnavailable, HiveError, QueueFull, TaskEnded, TaskNotFound, TooLarge, Unserved
+from ._events import merged_events
 from ._messages import (
     ChatMessage,
     Failed,
@@ -64,7 +66,7 @@ from ._messages import (
     now_ms,
     task_decoder,
 )
-from ._nats import BUS_ERRORS, following
+from ._nats import BUS_ERRORS
 from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
 from ._publish import Extra, JetStreamPublisher, PubAck, Publish, stored
@@ -255,7 +257,7 @@ class Hive:
         task = await _blobs.check_in(self._bus, task)
         self._check_messages(task, key)
         await self._ready_timers([task])
-        mark = self._waits.mark()
+        mark = self._waits.mark(task.provider)
         [ack] = await self._publish_tasks([task], [key])
         if isinstance(ack, QueueFull):
             await self._record_rejection(task, str(ack))
@@ -305,7 +307,7 @@ class Hive:
                     self._check_messages(task, keys[i])
         going = [i for i, outcome in enumerate(outcomes) if outcome is None]
         await self._ready_timers(tasks)
-        mark = self._waits.mark()
+        marks = {t.provider: self._waits.mark(t.provider) for t in tasks}
         task_acks = await self._publish_tasks([tasks[i] for i in going], [keys[i] for i in going])
         for i, task_ack in zip(going, task_acks, strict=True):
             if isinstance(task_ack, QueueFull):
@@ -323,7 +325,7 @@ class Hive:
                     continue
             else:
                 self._submitted.add(tasks[i].provider)
-                self._remember(tasks[i], mark)
+                self._remember(tasks[i], marks[tasks[i].provider])
             warning = await self.unserved(tasks[i].provider)
             outcomes[i] = Accepted(
                 tasks[i].id,
@@ -397,30 +399,33 @@ class Hive:
         deadline = anyio.current_time() + timeout_s
         async with self._waits.watch(task_id) as events:
             mine = self._mine.get(task_id)
-            if mine is not None and self._waits.quiet_since(task_id, mine[1]):
+            if mine is not None and self._waits.quiet_since(task_id, *mine):
                 # queued here, with nowhere to move to, and nothing has ended it since: no read needed
                 provider, since = mine
                 view = TaskView(id=task_id, provider=provider, status="queued", updated_at_ms=0)
             else:
                 # read once the watch stands: every event stored after this read reaches ``events``
-                view, since = await self._current(task_id)
+                view, since = await self._watched(task_id)
             read = view  # the last view read whole (with the task's content), if any
             while not view.done and (left_s := deadline - anyio.current_time()) > 0:
                 seen: Seen | None = None
                 with anyio.move_on_after(min(left_s, RECHECK_S)):
                     seen = await events.receive()
                 if seen is None:  # quiet: read again, in case the follower was lost with its server
-                    read, since = await self._current(task_id)
+                    read, since = await self._watched(task_id)
                     view = read
                     continue
                 try:
                     event = event_decoder.decode(seen.data)
                 except (msgspec.DecodeError, RecursionError):
                     continue  # poison: the task's real events still come
-                if isinstance(event, Queued | Moved):
-                    read, since = await self._current(task_id)  # where is it assigned now
+                on = self._names.provider_of_subject(seen.subject)
+                if isinstance(event, Queued | Moved) or (on == view.provider and since == PENDING):
+                    # where is it assigned now (a task moved to a provider that had not queued it yet
+                    # has it queued there by now, when that provider records an outcome of it)
+                    read, since = await self._watched(task_id)
                     view = read
-                elif seen.seq > since and self._names.provider_of_subject(seen.subject) == view.provider:
+                elif seen.seq > since and on == view.provider:
                     # under the provider the task is assigned to, after it was put there; and its body
                     # names that provider (else another credential's event)
                     ours = event.provider == view.provider and event.task_id == task_id
@@ -466,6 +471,15 @@ class Hive:
         """How many tasks this client's waits (:meth:`wait`) are waiting on now."""
         return len(self._waits)
 
+    async def _watched(self, task_id: str) -> tuple[TaskView, int]:
+        """:meth:`_current`, read once the task's provider is followed (:meth:`Waits.follow`): every
+        event of that provider stored after the read reaches the wait."""
+        view, since = await self._current(task_id)
+        if not self._waits.follows(view.provider):
+            await self._waits.follow(view.provider)
+            view, since = await self._current(task_id)
+        return view, since
+
     async def _current(self, task_id: str) -> tuple[TaskView, int]:
         """The task's state (its output not read back), counted from the provider it is assigned to (no
         other credential's events), and the sequence after which an event of it counts."""
@@ -489,21 +503,25 @@ class Hive:
         wanted = set(task_ids) if task_ids is not None else None
         # The queued and moved events too: they tell where each task is assigned, and so whose outcome
         # counts, without a look-up per task (a task queued before the first event read is looked up).
-        assigns = [names.event_subject("*", "*", "queued"), names.moved_events]
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.NEW, filter_subjects=[*assigns, *names.final_events(provider)]
-        )
+        # from now on; with task ids (ULIDs), from the oldest one's time: ids sort by their time. By
+        # time, so that a provider's stream made later is read from the same moment.
+        since = datetime.datetime.now(datetime.UTC)
         if wanted is not None:
             if not wanted:
                 return
-            # Task ids are ULIDs: the oldest id tells from when the record needs reading.
-            config.deliver_policy = DeliverPolicy.BY_START_TIME
-            config.opt_start_time = ULID.from_str(min(wanted)).datetime  # ids sort by their time
+            since = ULID.from_str(min(wanted)).datetime
+
+        def config(on: str) -> ConsumerConfig:
+            assigns = [names.event_subject(on, "*", "queued"), names.event_subject(on, "*", "moved")]
+            return ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_TIME,
+                opt_start_time=since,
+                filter_subjects=[*assigns, *names.final_events(on)],
+            )
+
         assigned = Assignments(self._bus, size=max(10_000, 2 * len(wanted or ())))
-        async with following(
-            self._bus.js, names.all_events, stream=names.events_stream, config=config
-        ) as sub:
-            async for msg in sub.messages:
+        async with merged_events(self._bus, names.events_under, config) as messages:
+            async for msg in messages:
                 tokens = msg.subject.split(".")
                 if len(tokens) != 5 or (wanted is not None and tokens[3] not in wanted):
                     continue  # another task's: not even decoded
@@ -737,7 +755,7 @@ class Hive:
         subject = names.event_subject(task.provider, task.id, "queued")
         # not the task's own id: its marker, once its timer queues it, carries that one to this stream
         msg_id = key_msg_id(key) if key else f"{task.id}:scheduled"
-        return subject, encoder.encode(queued), msg_id, names.events_stream
+        return subject, encoder.encode(queued), msg_id, names.events_stream_of(task.provider)
 
     def _task_message(self, task: Task, key: str | None) -> Publish:
         """The task's message, its one stored write: the de-duplication id of its idempotency key (or
@@ -777,6 +795,8 @@ class Hive:
             messages += _index.entries(self._names, task.id, task.metadata, message[2])
         if len(messages) > len(tasks):
             await self._ensure_index()
+        for provider in {task.provider for task in tasks}:
+            await self._ensure_events(provider)
         for task in tasks:
             if (timer := deadline_schedule(settings, task)) is not None:
                 extra[len(messages)] = timer[1]
@@ -787,6 +807,18 @@ class Hive:
             if isinstance(outcome, HiveError) and i not in work:
                 log.warning("not stored, the task is accepted all the same (%s): %s", messages[i][0], outcome)
         return [outcomes[place] for place in places]
+
+    async def _ensure_events(self, provider: str) -> None:
+        """The provider's events stream, made before its first task is stored (the tasks stream
+        republishes each task as its ``queued`` marker there). When it can be neither found nor made
+        (the account's stream limit reached, say), it is logged and the task is queued all the same:
+        its marker is lost, and its readers find it in the tasks stream (hive_bus._assigned)."""
+        if provider in self._bus.events_made:
+            return
+        try:
+            await ensure_events(self._bus, provider)
+        except HiveError as exc:
+            log.warning("tasks of %s are queued without their queued markers: %s", provider, exc)
 
     async def _ensure_index(self) -> None:
         """The metadata index stream, made on the first tagged submission (untagged work never needs

@@ -19,13 +19,14 @@ import logging
 import anyio
 import msgspec
 import nats.aio.msg
+import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 from prometheus_client import CollectorRegistry, Counter
 
 from . import _assigned, _dlq
-from ._bus import Bus
+from ._bus import Bus, ensure_events
 from ._client import Hive
 from ._errors import HiveError, TooLarge
 from ._messages import Failed, Task, encoder, now_ms
@@ -205,14 +206,16 @@ async def record_expired(bus: Bus, task: Task, *, attempt: int, error: str) -> b
     )  # fmt: skip
     data = encoder.encode(event)
     headers = {"Nats-Msg-Id": task.final_msg_id}
+    stream = names.events_stream_of(task.provider)
+    await ensure_events(bus, task.provider)  # a provider none of whose work was queued here yet
     try:
-        check_fits(bus.nc, data, {**headers, "Nats-Expected-Stream": names.events_stream})
+        check_fits(bus.nc, data, {**headers, "Nats-Expected-Stream": stream})
     except TooLarge:  # a task from before the claim check: its queued event keeps it
         data = encoder.encode(msgspec.structs.replace(event, task=None))
     await bus.cancels_kv.put(names.cancel_key(task.provider, task.id), data)
     ack = await js_publish(
         bus.js, bus.nc, names.event_subject(task.provider, task.id, "failed"), data,
-        headers=headers, stream=names.events_stream, what="failed event",
+        headers=headers, stream=stream, what="failed event",
     )  # fmt: skip
     if ack.duplicate:
         return False
@@ -227,8 +230,10 @@ async def _keep_letter(bus: Bus, task: Task, reason: str | None) -> None:
     names = bus.names
     try:
         raw = await bus.js.get_last_msg(
-            names.events_stream, names.event_subject(task.provider, task.id, "failed"), direct=True
+            names.events_stream_of(task.provider),
+            names.event_subject(task.provider, task.id, "failed"),
+            direct=True,
         )
-    except nats.js.errors.NotFoundError:
+    except (nats.js.errors.NotFoundError, nats.errors.NoRespondersError):
         return
     await _dlq.keep(bus, task.provider, task.id, raw.data or b"", task.sealed(f"{task.id}:dlq:{task.run}"))

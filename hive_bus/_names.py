@@ -75,9 +75,31 @@ class Names:
     def tasks_stream(self) -> str:
         return f"{self.prefix.upper()}_TASKS"
 
+    def events_stream_of(self, provider: str) -> str:
+        """The stream of one provider's task events, ``<prefix>.events.<provider>.>``: one per provider,
+        with limits of its own, so that no provider's workers (or a credential of theirs) can push
+        another provider's history out."""
+        return f"{self.prefix.upper()}_EVENTS_{provider}"
+
+    def events_streams_prefix(self) -> str:
+        """What the name of every provider's events stream starts with."""
+        return f"{self.prefix.upper()}_EVENTS_"
+
+    def provider_of_events_stream(self, stream: str) -> str | None:
+        """The provider whose events ``stream`` holds, or None for a stream that is not one."""
+        provider = stream.removeprefix(self.events_streams_prefix())
+        return provider if provider != stream and is_valid_token(provider) else None
+
     @property
     def events_stream(self) -> str:
+        """The one events stream of every provider that buses made before events were kept per
+        provider; split into per-provider streams by the upgrade (hive_bus._upgrade)."""
         return f"{self.prefix.upper()}_EVENTS"
+
+    @property
+    def shared_events_parked(self) -> str:
+        """The subject the shared events stream is given while it is split: none that anyone uses."""
+        return f"{self.prefix}.events_split"
 
     def dlq_stream(self, provider: str) -> str:
         """The stream of one provider's dead letters."""
@@ -225,6 +247,10 @@ class Names:
     @property
     def all_events(self) -> str:
         return f"{self.prefix}.events.>"
+
+    def events_under(self, provider: str) -> str:
+        """Every event recorded under ``provider``: the subjects of its events stream."""
+        return f"{self.prefix}.events.{provider}.>"
 
     @property
     def all_counters(self) -> str:

@@ -282,3 +282,13 @@ async def following(
         yield sub
     finally:
         await unsubscribe(sub)
+
+
+# JetStream's error code for a stream that does not exist (a 404 like a missing consumer's, 10014)
+STREAM_NOT_FOUND = 10059
+
+
+def stream_missing(exc: BaseException) -> bool:
+    """Whether a JetStream API error says the stream does not exist (not that a consumer or message
+    does not)."""
+    return getattr(exc, "err_code", None) == STREAM_NOT_FOUND

@@ -2,7 +2,8 @@
 
 A worker that moves a task to its next fallback only records a ``moved`` event (workers have no right to
 publish tasks; see ``nats/``). The router, which runs in the gateway (and so in ``hive up``), follows those
-events through a durable consumer: it publishes each moved task on its new provider's subject (with a
+events through a durable consumer of each provider's events stream (``<prefix>_router``, made for a
+provider's stream as it appears, from the stream's start): it publishes each moved task on its new provider's subject (with a
 de-duplication id, so a redelivered event queues it once), then acks the event. If the gateway is down,
 moved tasks wait in the events stream until it is back; nothing is lost.
 
@@ -31,6 +32,7 @@ from ._assigned import assignment, hop
 from ._bus import Bus, consumer_infos, ensure_consumers, kv_entries
 from ._counts import submitted_counts
 from ._errors import HiveError, TooLarge
+from ._events import watch_providers
 from ._messages import Moved, Task, beat_decoder, encoder, event_decoder, new_seal
 from ._nats import BUS_ERRORS
 from ._size import js_publish
@@ -57,41 +59,61 @@ class Router:
         self._served: set[str] = set()  # providers whose consumers exist
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def on_new(provider: str) -> None:
+                await tg.start(self._route, provider)
+
+            tg.start_soon(self._keep_consumers)
+            await tg.start(lambda task_status: watch_providers(self._bus, on_new, task_status=task_status))
+            task_status.started()
+
+    async def _route(
+        self, provider: str, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Queue the tasks moved away from ``provider``, as its events stream records the moves."""
         bus, names = self._bus, self._bus.names
+        subject = names.event_subject(provider, "*", "moved")
         config = ConsumerConfig(
             durable_name=names.router,
-            description="hive-bus router: queues moved tasks on their new provider",
-            filter_subject=names.moved_events,
-            deliver_policy=DeliverPolicy.NEW,  # where a new bus starts; the durable keeps its place
+            description=f"hive-bus router: queues the tasks moved from {provider} on their new provider",
+            filter_subject=subject,
+            deliver_policy=DeliverPolicy.ALL,  # from the stream's start; the durable keeps its place
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=30.0,
         )
-        sub = await bus.js.pull_subscribe(
-            names.moved_events, durable=names.router, stream=names.events_stream, config=config
-        )
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keep_consumers)
-            task_status.started()
+        while True:
             try:
-                while True:
-                    try:
-                        msgs = await sub.fetch(batch=64, timeout=FETCH_WAIT_S)
-                    except TimeoutError:
-                        continue
-                    except BUS_ERRORS as exc:
-                        log.warning("router: fetching moved tasks failed (%s); trying again", exc)
-                        await anyio.sleep(1)
-                        continue
-                    for msg in msgs:
-                        await self._queue_or_set_aside(msg)
-            finally:
-                # a connection the server closed refuses the unsubscribe: nothing is left to undo
-                with (
-                    anyio.CancelScope(shield=True),
-                    anyio.move_on_after(3),
-                    contextlib.suppress(*BUS_ERRORS),
-                ):
-                    await sub.unsubscribe()
+                sub = await bus.js.pull_subscribe(
+                    subject, durable=names.router, stream=names.events_stream_of(provider), config=config
+                )
+                break
+            except BUS_ERRORS as exc:
+                log.warning("router: cannot follow the moves from %s (%s); trying again", provider, exc)
+                await anyio.sleep(5)
+        task_status.started()
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(batch=64, timeout=FETCH_WAIT_S)
+                except TimeoutError:
+                    continue
+                except BUS_ERRORS as exc:
+                    log.warning(
+                        "router: fetching tasks moved from %s failed (%s); trying again", provider, exc
+                    )
+                    await anyio.sleep(1)
+                    continue
+                for msg in msgs:
+                    await self._queue_or_set_aside(msg)
+        finally:
+            # a connection the server closed refuses the unsubscribe: nothing is left to undo
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(3),
+                contextlib.suppress(*BUS_ERRORS),
+            ):
+                await sub.unsubscribe()
 
     async def _queue_or_set_aside(self, msg: nats.aio.msg.Msg) -> None:
         """A moved event that cannot be decoded or processed is poison: logged and terminated, so it
@@ -164,10 +186,17 @@ class Router:
         with a new seal, never the copy the event carries."""
         here = await assignment(self._bus, event.task_id)
         seq = msg.metadata.sequence.stream
-        if here is not None and here.seq == seq:
+        on = self._bus.names.provider_of_subject(msg.subject)
+        if (
+            here is not None
+            and here.event_seq == seq
+            and isinstance(here.event, Moved)
+            and here.event.provider == on
+        ):
             return msgspec.structs.replace(here.task, seal=new_seal())
         if (
             here is not None
+            and not here.pending
             and here.seq < seq
             and hop(here.task, event) is not None
             and self._bus.names.provider_of_subject(msg.subject) == here.provider

@@ -51,7 +51,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Idempotency keys and task ids are remembered this long.
     duplicate_window_s: PositiveSeconds = 900.0
     events_max_age_s: PositiveSeconds = 7 * 86400.0
-    events_max_bytes: PositiveInt = 1024**3
+    # per provider: each provider's events have a stream of their own (JetStream reserves it), so that
+    # no provider's workers can push another's history out
+    events_max_bytes: PositiveInt = 256 * 1024**2
     # per provider: each provider's dead letters have a stream of their own (JetStream reserves it)
     dlq_max_bytes: PositiveInt = 64 * 1024**2
     # The stream of the server's timers (hive_bus._timers): a deadline's one-shot schedule per task that

@@ -115,7 +115,6 @@ class Settler:
         self._backoff = backoff
         self.counts = Counters()
         self._names = bus.names
-        self._events_stream = self._names.events_stream
         # the events a task's outcome is recorded with (completed, failed, retrying), one a task: through
         # the client's publisher, which costs half of ``js.publish`` a message (no NUID and random
         # token, no ``wait_for``, the ack decoded by msgspec); same ack, same Nats-Expected-Stream
@@ -228,7 +227,7 @@ class Settler:
             names.event_subject(task.provider, task.id, "moved"),
             encoder.encode(event),
             headers={"Nats-Msg-Id": task.sealed(f"{moved.msg_id}:moved")},
-            stream=names.events_stream,
+            stream=names.events_stream_of(task.provider),
             what="moved event",
         )  # fmt: skip
         await d.msg.ack()
@@ -268,7 +267,9 @@ class Settler:
         try:
             await _dlq.keep(self._bus, event.provider, event.task_id, data, f"{event.task_id}:dlq")
             await self._bus.js.publish(
-                names.event_subject(event.provider, event.task_id, "failed"), data, stream=names.events_stream
+                names.event_subject(event.provider, event.task_id, "failed"),
+                data,
+                stream=names.events_stream_of(event.provider),
             )
         finally:
             await msg.term()
@@ -335,7 +336,7 @@ class Settler:
     async def _record(self, task: Task, data: bytes, status: str) -> None:
         """Store a task's event; raises :class:`TooLarge`, :class:`BusUnavailable` (refused, or no ack in
         time: not recorded) or what nats-py raises when it cannot send."""
-        stream = self._events_stream
+        stream = self._names.events_stream_of(task.provider)
         msg_id = task.final_msg_id if status in ("completed", "failed") else None
         check_fits(self._bus.nc, data, _event_headers(msg_id, stream), what=f"{status} event")
         subject = self._names.event_subject(task.provider, task.id, status)

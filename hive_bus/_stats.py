@@ -109,11 +109,9 @@ async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStat
     return result
 
 
-async def _count(bus: Bus, subject: str | list[str], *, stream: str | None = None) -> int:
-    """Messages on ``subject`` (or on any of a list) in the events stream (or ``stream``): a throwaway
-    consumer's pending count, which nats-server works out from its index of subjects without reading a
-    message."""
-    stream = stream or bus.names.events_stream
+async def _count(bus: Bus, subject: str | list[str], *, stream: str) -> int:
+    """Messages on ``subject`` (or on any of a list) in ``stream``: a throwaway consumer's pending
+    count, which nats-server works out from its index of subjects without reading a message."""
     config = ConsumerConfig(
         filter_subject=subject if isinstance(subject, str) else None,
         filter_subjects=subject if isinstance(subject, list) else None,

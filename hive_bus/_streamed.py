@@ -24,22 +24,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
 import anyio
 import anyio.lowlevel
 import msgspec
+import nats.errors
 import nats.js.errors
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from ._bus import Bus
 from ._chunks import chunk_decoder
 from ._errors import BusUnavailable
+from ._events import CLOCKS_APART_S
 from ._messages import (
     Completed,
     Failed,
@@ -113,6 +117,7 @@ class TaskStream:
         provider: str,
         inbox: MemoryObjectReceiveStream[tuple[_Source, Msg]],
         chunks_pending: Callable[[], int],
+        follow: Callable[[str, datetime], Awaitable[None]],
         *,
         duplicate: bool,
         keepalive_s: float,
@@ -125,6 +130,7 @@ class TaskStream:
         self._provider = provider  # the provider the task is assigned to: only its chunks count
         self._inbox = inbox
         self._chunks_pending = chunks_pending
+        self._follow = follow  # the task's events under another provider: its stream, from a time
         self._keepalive_s = keepalive_s
         self._timeout_s = timeout_s
         self._status: TaskStatus = "queued"
@@ -263,6 +269,8 @@ class TaskStream:
             view = await self._hive.get(self.task_id)  # replayed or moved: where is it assigned now
             if view.provider != self._provider:
                 self._provider = view.provider
+                # its events there from the time of the move (a second early: two streams' clocks)
+                await self._follow(view.provider, _stored_at(msg) - timedelta(seconds=CLOCKS_APART_S))
                 return self._restart(f"moved to {view.provider}"), (view if view.done else None)
             return [], (view if view.done else None)
         if self._names.provider_of_subject(msg.subject) != self._provider or event.provider != self._provider:
@@ -298,16 +306,53 @@ class TaskStream:
         return items
 
 
+class _Watch:
+    """The consumers of one task's events, one on the events stream of each provider it is followed on
+    (a move takes it to another provider's), each delivering to the same inbox; deleted at the end."""
+
+    def __init__(self, bus: Bus, task_id: str, inbox: str) -> None:
+        self._bus = bus
+        self._task_id = task_id
+        self._inbox = inbox
+        self._made: list[tuple[str, str]] = []  # (stream, consumer)
+
+    async def follow(self, provider: str, since: datetime | None = None) -> None:
+        """The task's events under ``provider``: its last one so far then each new one, or with
+        ``since``, each stored since (a move: what the provider's workers wrote before is not the
+        task's). Raises :class:`BusUnavailable`."""
+        names = self._bus.names
+        stream = names.events_stream_of(provider)
+        config = ConsumerConfig(
+            deliver_subject=self._inbox, filter_subject=names.events_of(self._task_id, provider),
+            deliver_policy=DeliverPolicy.LAST if since is None else DeliverPolicy.BY_START_TIME,
+            opt_start_time=since, ack_policy=AckPolicy.NONE, mem_storage=True, num_replicas=1,
+            inactive_threshold=WATCH_IDLE_S,
+        )  # fmt: skip
+        try:
+            self._made.append((stream, (await self._bus.js.add_consumer(stream, config)).name))
+        except BUS_ERRORS as exc:
+            raise BusUnavailable(f"could not follow task {self._task_id} on {provider}: {exc}") from None
+
+    async def close(self) -> None:
+        """Delete the consumers at once, not after :data:`WATCH_IDLE_S` (no answer awaited)."""
+        settings = self._bus.settings
+        js_api = f"$JS.{settings.js_domain}.API" if settings.js_domain else "$JS.API"
+        for stream, consumer in self._made:
+            with contextlib.suppress(*BUS_ERRORS):
+                await self._bus.nc.publish(f"{js_api}.CONSUMER.DELETE.{stream}.{consumer}")
+
+
 @asynccontextmanager
 async def open_stream(
     hive: Hive, request: TaskRequest, *, keepalive_s: float, timeout_s: float | None
 ) -> AsyncIterator[TaskStream]:
-    """Subscribe to the task's chunks, submit it (asking its worker to stream), follow its events."""
+    """Subscribe to the task's chunks, submit it (asking its worker to stream), follow its events (on
+    its provider's events stream, and after a move on the next one's)."""
     bus, names = hive.bus, hive.bus.names
     task = Task.from_request(msgspec.structs.replace(request, stream=True))
     send, receive = anyio.create_memory_object_stream[tuple[_Source, Msg]](max_buffer_size=math.inf)
     subs: list[Subscription] = []
-    consumer: str | None = None
+    watch: _Watch | None = None
     try:
         subs.append(await _subscribe(hive, names.chunks_of(task.id), send, "chunk"))
         accepted = await hive._submit_task(task, request.idempotency_key)
@@ -318,18 +363,12 @@ async def open_stream(
             provider = (await hive.get(accepted.id)).provider
         inbox = bus.nc.new_inbox()
         subs.append(await _subscribe(hive, inbox, send, "event"))
-        config = ConsumerConfig(
-            deliver_subject=inbox, deliver_policy=DeliverPolicy.LAST, filter_subject=names.events_of(accepted.id),
-            ack_policy=AckPolicy.NONE, mem_storage=True, num_replicas=1, inactive_threshold=WATCH_IDLE_S,
-        )  # fmt: skip
-        try:
-            consumer = (await bus.js.add_consumer(names.events_stream, config)).name
-        except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not follow task {accepted.id}: {exc}") from None
+        watch = _Watch(bus, accepted.id, inbox)
+        await watch.follow(provider)
         with receive:
             chunk_sub = subs[0]
             yield TaskStream(
-                hive, accepted.id, provider, receive, lambda: chunk_sub.pending_msgs,
+                hive, accepted.id, provider, receive, lambda: chunk_sub.pending_msgs, watch.follow,
                 duplicate=accepted.duplicate, keepalive_s=keepalive_s, timeout_s=timeout_s,
             )  # fmt: skip
     finally:
@@ -337,10 +376,16 @@ async def open_stream(
         with anyio.CancelScope(shield=True):  # a reader cancelled (its client gone) still cleans up
             for sub in subs:
                 await unsubscribe(sub)
-            if consumer is not None:  # at once, not after WATCH_IDLE_S
-                js_api = f"$JS.{bus.settings.js_domain}.API" if bus.settings.js_domain else "$JS.API"
-                with contextlib.suppress(*BUS_ERRORS):
-                    await bus.nc.publish(f"{js_api}.CONSUMER.DELETE.{names.events_stream}.{consumer}")
+            if watch is not None:
+                await watch.close()
+
+
+def _stored_at(msg: Msg) -> datetime:
+    """When the server stored a message it delivered (now, when its reply subject does not say)."""
+    try:
+        return msg.metadata.timestamp
+    except nats.errors.NotJSMessageError:
+        return datetime.now(UTC)
 
 
 async def _subscribe(

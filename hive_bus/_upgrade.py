@@ -1,4 +1,8 @@
-"""Upgrade a work-queue tasks stream (buses before one stored write per submission) to the limits one.
+"""Upgrades of a bus made by an older hive-bus: a work-queue tasks stream (buses before one stored write
+per submission) made a limits one; one events stream of every provider (buses before events were kept per
+provider) split into one stream per provider (:func:`split_shared_events`).
+
+The tasks stream's upgrade:
 
 nats-server cannot change a stream's retention to or from work-queue in place, so the upgrade makes the
 stream again, in steps that an interrupted upgrade resumes from at the next start of any process that
@@ -20,6 +24,7 @@ place, ``undecodable-<seq>``): its workers set it aside as poison, as they would
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -28,15 +33,19 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
     DiscardPolicy,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
 
-from ._bus import tasks_stream_config
+from ._bus import ensure_events_stream, tasks_stream_config, webhooks_consumer_config
 from ._errors import BusConfigError
-from ._messages import Task, task_decoder
+from ._messages import FINAL_STATUSES, Task, task_decoder
+from ._names import is_valid_token
+from ._nats import BUS_ERRORS
 from ._settings import Settings
 
 log = logging.getLogger("hive_bus.upgrade")
@@ -178,3 +187,129 @@ async def _messages(
         seq = (raw.seq or seq) + 1
         headers = {k: v for k, v in (raw.headers or {}).items() if not k.startswith("Nats-") or k == _MSG_ID}
         yield raw.subject or "", headers, raw.data or b""
+
+
+# -- one events stream per provider ------------------------------------------------------------------
+
+
+async def split_shared_events(js: JetStreamContext, settings: Settings) -> None:
+    """Move the events of a bus made before they were kept per provider (one ``<PREFIX>_EVENTS`` on
+    ``<prefix>.events.>``) into each provider's ``<PREFIX>_EVENTS_<provider>``, in order, then delete
+    the shared stream. The shared stream is first given a subject nobody publishes on (its messages
+    keep theirs), so that the providers' streams can take ``<prefix>.events.<provider>.>``; each event
+    is deleted from it once copied, so a split cut short goes on at the next start where it stopped
+    (an event copied and not yet deleted is copied again under its de-duplication id: once). An event
+    keeps its headers (a ``queued`` marker's name the task message it stands for) and its body; its
+    time in the new stream is the split's. Nothing happens when no such stream exists, or for a worker's
+    credential (it may not: it waits for its provider's stream, which the gateway makes)."""
+    names = settings.names
+    if settings.worker_name:
+        return  # it may not look: it finds its provider's events stream missing, and waits for it
+    info = await _info(js, names.events_stream)
+    if info is None:
+        return
+    try:
+        if info.config.subjects != [names.shared_events_parked]:
+            info.config.subjects = [names.shared_events_parked]
+            await js.update_stream(info.config)
+        announced = await _announced_up_to(js, settings)
+        moved, left, unannounced = await _move_events(js, settings, names.events_stream, announced)
+        if announced is not None:
+            await _keep_webhooks_place(js, settings, unannounced)
+        if left:
+            log.warning(
+                "upgrade: %d messages of %s name no provider; they stay there (read them with "
+                "`nats stream view %s`)", left, names.events_stream, names.events_stream,
+            )  # fmt: skip
+        else:
+            await js.delete_stream(names.events_stream)
+    except nats.js.errors.NotFoundError:
+        return  # another process split it meanwhile
+    except nats.js.errors.APIError as exc:
+        raise BusConfigError(
+            f"stream {names.events_stream} (every provider's events, as buses before this version kept "
+            f"them) could not be split into one stream per provider: {exc.description}. Its events are "
+            "still there; start the gateway again to go on, or free the room the new streams need"
+        ) from None
+    log.warning("upgrade: %d events of %s moved into one stream per provider", moved, names.events_stream)
+
+
+async def _announced_up_to(js: JetStreamContext, settings: Settings) -> int | None:
+    """Where the webhooks' durable consumer of the shared stream is (every final event up to this
+    sequence has had its deliveries queued); None when webhooks never ran on this bus."""
+    names = settings.names
+    try:
+        info = await js.consumer_info(names.events_stream, names.webhook_events_consumer)
+    except nats.js.errors.NotFoundError:
+        return None
+    return info.ack_floor.stream_seq if info.ack_floor and info.ack_floor.stream_seq else 0
+
+
+async def _keep_webhooks_place(js: JetStreamContext, settings: Settings, unannounced: dict[str, int]) -> None:
+    """The webhooks' durable consumer on each provider's new stream, from the first final event whose
+    deliveries were not queued yet (``unannounced``: by provider, its sequence in the new stream), or from
+    the stream's end: what the webhooks had not announced before the split they announce after it.
+    (Two processes that split the same bus at once each make it from what they moved; the first made
+    stays, so an event moved by the other may be announced late or not: only then, on an old bus.)"""
+    names = settings.names
+    for provider in await _providers(js, settings):
+        stream = names.events_stream_of(provider)
+        start = unannounced.get(provider)
+        if start is None:
+            start = (await js.stream_info(stream)).state.last_seq + 1
+        config = webhooks_consumer_config(settings, provider, start_seq=start)
+        with contextlib.suppress(nats.js.errors.BadRequestError):  # another process made it first
+            await js.add_consumer(stream, config)
+
+
+async def _providers(js: JetStreamContext, settings: Settings) -> list[str]:
+    names = settings.names
+    found = [names.provider_of_events_stream(info.config.name or "") for info in await js.streams_info()]
+    return sorted(p for p in found if p is not None)
+
+
+async def _move_events(
+    js: JetStreamContext, settings: Settings, stream: str, announced: int | None
+) -> tuple[int, int, dict[str, int]]:
+    """Each event of ``stream`` published again to its provider's stream, in order: how many were, how
+    many name no provider (left where they are), and by provider, the new sequence of the first final
+    event after ``announced`` (the webhooks' place in the shared stream)."""
+    names = settings.names
+    config = ConsumerConfig(ack_policy=AckPolicy.NONE, mem_storage=True, inactive_threshold=30.0)
+    info = await js.add_consumer(stream, config)  # no filter: the stored subjects are not the stream's now
+    psub = await js.pull_subscribe_bind(info.name, stream=stream)
+    ensured: set[str] = set()
+    unannounced: dict[str, int] = {}
+    moved = left_behind = 0
+    try:
+        left = info.num_pending or 0
+        while left > 0:
+            for msg in await psub.fetch(min(left, 256), timeout=settings.request_timeout_s):
+                left -= 1
+                tokens = msg.subject.split(".")
+                provider = tokens[2] if len(tokens) >= 5 and tokens[1] == "events" else ""
+                if not is_valid_token(provider):
+                    left_behind += 1
+                    continue
+                if provider not in ensured:
+                    await ensure_events_stream(js, settings, provider)
+                    ensured.add(provider)
+                seq = msg.metadata.sequence.stream
+                headers = {**(msg.headers or {})}
+                headers["Nats-Msg-Id"] = headers.get("Nats-Msg-Id") or f"split:{seq}"
+                ack = await js.publish(
+                    msg.subject, msg.data, headers=headers, stream=names.events_stream_of(provider)
+                )
+                if announced is not None and seq > announced and tokens[-1] in FINAL_STATUSES:
+                    unannounced.setdefault(provider, ack.seq)
+                with contextlib.suppress(nats.js.errors.APIError):  # another process moved it as well
+                    await js.delete_msg(stream, seq)  # moved: not moved again
+                moved += 1
+                if moved % 50_000 == 0:
+                    log.warning("upgrade: %d events of %s moved so far", moved, stream)
+    finally:
+        with contextlib.suppress(*BUS_ERRORS):
+            await psub.unsubscribe()
+        with contextlib.suppress(*BUS_ERRORS):
+            await js.delete_consumer(stream, info.name)
+    return moved, left_behind, unannounced

@@ -1,17 +1,20 @@
-"""Every wait of one client on one follower of the events stream: ``Hive.wait`` costs no consumer of its
-own, and no request beyond reading the task's state once.
+"""Every wait of one client on the followers of the providers' events streams: ``Hive.wait`` costs no
+consumer of its own, and no request beyond reading the task's state once.
 
-The follower is one ordered consumer of the events that can end a wait or change whose outcome counts
-(``completed``, ``failed``, ``moved``), made on the first wait and kept until the client closes. A wait
-registers its task first and reads the task's state after: a consumer delivers only what the stream has
-stored, so an event it delivered before the registration was stored before it, and the read sees it;
-every event delivered after reaches the wait. Waiting on a subscription to the task's subjects instead
-left a gap (a message reaches subscribers before the stream stores it: issue 12, point 11).
+Each provider's events are a stream of their own. A follower is one ordered consumer of a provider's
+events that can end a wait or change whose outcome counts (``completed``, ``failed``, ``cancelled``,
+``moved``), made the first time a wait needs that provider and kept until the client closes. A wait
+registers its task first, makes sure its provider is followed, and reads the task's state after: a
+consumer delivers only what the stream has stored, so an event it delivered before the registration
+was stored before it, and the read sees it; every event delivered after reaches the wait. (A task that
+moves to a provider not followed yet is read again once that provider is.) Waiting on a subscription to
+the task's subjects instead left a gap (a message reaches subscribers before the stream stores it:
+issue 12, point 11).
 
-Each message costs the follower a split of its subject and two dict writes; only a waited-on task's
-events are handed on (to a queue of that wait's own). The follower also remembers which tasks it saw an
-event of lately (:meth:`Waits.quiet_since`): a wait on a task its client has just queued, with nowhere
-to move to, then needs no read at all when nothing has ended it yet, which is nearly always.
+Each message costs its follower a split of its subject and two dict writes; only a waited-on task's
+events are handed on (to a queue of that wait's own). The followers also remember which tasks they saw
+an event of lately (:meth:`Waits.quiet_since`): a wait on a task its client has just queued, with
+nowhere to move to, then needs no read at all when nothing has ended it yet, which is nearly always.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -30,47 +33,48 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from ._bus import Bus
+from ._bus import Bus, ensure_events
 from ._errors import BusUnavailable
 from ._nats import BUS_ERRORS, follow, stream_seq, unsubscribe
 
 
 @dataclass(frozen=True, slots=True)
 class Seen:
-    """One event of a waited-on task, as the follower delivered it."""
+    """One event of a waited-on task, as a follower delivered it."""
 
     subject: str
-    seq: int  # its sequence in the events stream
+    seq: int  # its sequence in its provider's events stream
     data: bytes
 
 
-# How many tasks the follower remembers having seen an event of: a few hundred kB.
+# How many tasks each follower remembers having seen an event of: a few hundred kB.
 RECENT_TASKS = 8192
 
 
+@dataclass(slots=True)
+class _Follower:
+    """One provider's follower: its consumer, and what it has delivered."""
+
+    start_seq: int  # its first sequence
+    last_seq: int  # the last sequence it delivered (its first, less one, before any)
+    sub: JetStreamContext.PushSubscription | None = None
+    recent: OrderedDict[str, int] = field(default_factory=OrderedDict)  # task id -> its last event's seq
+    horizon: int = 0  # every event seen at or after this sequence is in ``recent``
+
+
 class Waits:
-    """The follower and the waits on it (see the module's docstring)."""
+    """The followers and the waits on them (see the module's docstring)."""
 
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
         self._waiting: dict[str, list[MemoryObjectSendStream[Seen]]] = {}
-        self._start_seq: int | None = None  # the follower's first sequence, while it runs
-        self._last_seq = 0  # the last sequence it delivered (its first, less one, before any)
-        self._recent: OrderedDict[str, int] = OrderedDict()  # task id -> sequence of its last event seen
-        self._horizon = 0  # every event seen at or after this sequence is in _recent
-        self._sub: JetStreamContext.PushSubscription | None = None
+        self._followers: dict[str, _Follower] = {}
         self._starting = anyio.Lock()
 
     @asynccontextmanager
     async def watch(self, task_id: str) -> AsyncIterator[MemoryObjectReceiveStream[Seen]]:
-        """The events of ``task_id`` the follower delivers from now on, until the block ends. Raises
-        :class:`BusUnavailable` when the follower cannot be started."""
-        try:
-            await self._start()
-        except BUS_ERRORS as exc:
-            raise BusUnavailable(
-                f"could not follow the events stream to watch task {task_id}: {exc}"
-            ) from None
+        """The events of ``task_id`` the followers deliver from now on, until the block ends: of each
+        provider :meth:`follow` was called for (before the task's state is read)."""
         send, receive = anyio.create_memory_object_stream[Seen](math.inf)
         self._waiting.setdefault(task_id, []).append(send)
         try:
@@ -84,71 +88,93 @@ class Waits:
             send.close()
             receive.close()
 
+    def follows(self, provider: str) -> bool:
+        return provider in self._followers
+
+    async def follow(self, provider: str) -> None:
+        """Follow ``provider``'s events from now on (at once if it is followed already). Raises
+        :class:`BusUnavailable` when its follower cannot be started."""
+        if provider in self._followers:
+            return
+        try:
+            await self._start(provider)
+        except BUS_ERRORS as exc:
+            raise BusUnavailable(
+                f"could not follow the events of {provider} to watch a task: {exc}"
+            ) from None
+
     def __len__(self) -> int:
         """How many tasks are being waited on now."""
         return len(self._waiting)
 
-    def mark(self) -> int | None:
-        """Where the follower is now, for :meth:`quiet_since` of a task queued after this call (every
-        event of it is stored after this); None when the follower is not running."""
-        return self._last_seq if self._start_seq is not None else None
+    def mark(self, provider: str) -> int | None:
+        """Where ``provider``'s follower is now, for :meth:`quiet_since` of a task of it queued after
+        this call (every event of it is stored after this); None when that provider is not followed."""
+        follower = self._followers.get(provider)
+        return follower.last_seq if follower is not None else None
 
-    def quiet_since(self, task_id: str, seq: int) -> bool:
-        """Whether the follower has delivered every ``completed``, ``failed`` and ``moved`` event stored
-        after ``seq`` (a :meth:`mark`), and none of them was ``task_id``'s: call it once the task's
-        watch stands, and each event stored later reaches the watch."""
-        start = self._start_seq
+    def quiet_since(self, task_id: str, provider: str, seq: int) -> bool:
+        """Whether ``provider``'s follower has delivered every ``completed``, ``failed``, ``cancelled``
+        and ``moved`` event stored after ``seq`` (a :meth:`mark`), and none of them was ``task_id``'s:
+        call it once the task's watch stands, and each event stored later reaches the watch."""
+        follower = self._followers.get(provider)
         return (
-            start is not None
-            and start <= seq + 1
-            and self._horizon <= seq + 1
-            and self._recent.get(task_id, 0) <= seq
+            follower is not None
+            and follower.start_seq <= seq + 1
+            and follower.horizon <= seq + 1
+            and follower.recent.get(task_id, 0) <= seq
         )
 
     async def close(self) -> None:
-        """Stop following, and delete the follower's consumer at once (the server would after some
+        """Stop following, and delete the followers' consumers at once (the server would after some
         seconds without a listener)."""
-        sub, self._sub, self._start_seq = self._sub, None, None
-        if sub is None:
-            return
-        with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*BUS_ERRORS):
-            name = (await sub.consumer_info()).name
-            await unsubscribe(sub)
-            await self._bus.js.delete_consumer(self._bus.names.events_stream, name)
-        await unsubscribe(sub, timeout_s=2)  # when the consumer could not be named
+        followers, self._followers = self._followers, {}
+        for provider, follower in followers.items():
+            sub = follower.sub
+            if sub is None:
+                continue
+            stream = self._bus.names.events_stream_of(provider)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*BUS_ERRORS):
+                name = (await sub.consumer_info()).name
+                await unsubscribe(sub)
+                await self._bus.js.delete_consumer(stream, name)
+            await unsubscribe(sub, timeout_s=2)  # when the consumer could not be named
 
-    async def _start(self) -> None:
-        if self._sub is not None:
-            return
+    async def _start(self, provider: str) -> None:
         async with self._starting:
-            if self._sub is not None:
+            if provider in self._followers:
                 return
             names = self._bus.names
-            start = (await self._bus.js.stream_info(names.events_stream)).state.last_seq + 1
+            stream = names.events_stream_of(provider)
+            await ensure_events(self._bus, provider)  # a provider none of whose work was queued here
+            start = (await self._bus.js.stream_info(stream)).state.last_seq + 1
             config = ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=start,
-                filter_subjects=[*names.final_events(), names.moved_events],
+                filter_subjects=[*names.final_events(provider), names.event_subject(provider, "*", "moved")],
             )
-            self._recent.clear()
-            self._horizon = start
-            self._last_seq = start - 1
-            self._sub = await follow(
-                self._bus.js, names.all_events, stream=names.events_stream, config=config, cb=self._on_msg
-            )
-            self._start_seq = start
+            follower = _Follower(start_seq=start, last_seq=start - 1, horizon=start)
 
-    async def _on_msg(self, msg: Msg) -> None:
+            async def on_msg(msg: Msg) -> None:
+                self._on_msg(follower, msg)
+
+            follower.sub = await follow(
+                self._bus.js, names.events_under(provider), stream=stream, config=config, cb=on_msg
+            )
+            self._followers[provider] = follower
+
+    def _on_msg(self, follower: _Follower, msg: Msg) -> None:
         tokens = msg.subject.split(".")
         if len(tokens) != 5:
             return
         task_id, seq = tokens[3], stream_seq(msg.reply)
-        self._recent[task_id] = seq if seq is not None else sys.maxsize  # unknown: never "quiet"
-        self._last_seq = max(self._last_seq, seq or 0)
-        self._recent.move_to_end(task_id)
-        if len(self._recent) > RECENT_TASKS:
-            _, forgotten = self._recent.popitem(last=False)
-            self._horizon = max(self._horizon, forgotten + 1)
+        recent = follower.recent
+        recent[task_id] = seq if seq is not None else sys.maxsize  # unknown: never "quiet"
+        follower.last_seq = max(follower.last_seq, seq or 0)
+        recent.move_to_end(task_id)
+        if len(recent) > RECENT_TASKS:
+            _, forgotten = recent.popitem(last=False)
+            follower.horizon = max(follower.horizon, forgotten + 1)
         if queues := self._waiting.get(task_id):
             seen = Seen(msg.subject, seq or 0, msg.data)
             for queue in queues:

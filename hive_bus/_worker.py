@@ -550,7 +550,8 @@ class Worker:
         names = self._bus.names
         subject = names.events_of(task.id, self._opts.provider)
         try:
-            raw = await self._bus.js.get_last_msg(names.events_stream, subject, direct=True)
+            stream = names.events_stream_of(self._opts.provider)
+            raw = await self._bus.js.get_last_msg(stream, subject, direct=True)
             return decode_event(raw.subject or "", raw.data, raw.headers)
         except (*BUS_ERRORS, msgspec.DecodeError):
             return None

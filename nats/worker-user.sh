@@ -45,7 +45,6 @@ fi
 
 P="${prefix^^}"
 tasks="${P}_TASKS"
-events="${P}_EVENTS"
 env_name="WORKER_$(echo "$name" | tr 'a-z-' 'A-Z_')_PASSWORD"
 
 if [ -n "$nkey" ]; then
@@ -69,9 +68,11 @@ for p in "$@"; do
     pub+=("\"$prefix.dlq.$p.*\"" "\"\$JS.API.STREAM.INFO.${P}_DLQ_$p\"")
     # the chunks of a streamed task it runs (core NATS, read by the gateway alone): no other provider's
     pub+=("\"$prefix.chunks.$p.*\"")
-    # a redelivered task's last event on this provider (how many of its deliveries only waited out a
-    # rate limit); the grant names the provider, so no other provider's events can be read
-    pub+=("\"\$JS.API.DIRECT.GET.$events.$prefix.events.$p.>\"")
+    # its provider's events, in a stream of their own with its own limits (made by the gateway with
+    # the consumers): what its workers write there can push out that provider's history, no other's.
+    # A redelivered task's last event on this provider (how many of its deliveries only waited out a
+    # rate limit); the grant names the provider's stream, so no other provider's events can be read
+    pub+=("\"\$JS.API.STREAM.INFO.${P}_EVENTS_$p\"" "\"\$JS.API.DIRECT.GET.${P}_EVENTS_$p.$prefix.events.$p.>\"")
     pub+=("\"\$KV.${prefix}_providers.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_providers.\$KV.${prefix}_providers.$p.>\"")
     pub+=("\"\$KV.${prefix}_budgets.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_budgets.\$KV.${prefix}_budgets.$p.>\"")
     # the response cache (hive_bus/_cache.py): its own provider's cached answers, read and written
@@ -96,7 +97,7 @@ cat <<BLOCK
       permissions: {
         publish: { allow: [
           # start-up checks of the bus objects
-          "\$JS.API.STREAM.INFO.$tasks", "\$JS.API.STREAM.INFO.$events",
+          "\$JS.API.STREAM.INFO.$tasks",
           "\$JS.API.STREAM.INFO.KV_${prefix}_workers", "\$JS.API.STREAM.INFO.KV_${prefix}_providers",
           "\$JS.API.STREAM.INFO.KV_${prefix}_budgets", "\$JS.API.STREAM.INFO.OBJ_${prefix}_blobs",
           "\$JS.API.STREAM.INFO.KV_${prefix}_cancels",

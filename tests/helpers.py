@@ -19,6 +19,7 @@ import anyio
 
 from hive_bus import Provider, ProviderKey, Task, TaskEvent, Worker, WorkerOptions
 from hive_bus._assigned import assignment
+from hive_bus._bus import event_providers
 from hive_bus._messages import decode_event
 from hive_bus._stats import queue_depths
 from hive_bus.bus import Bus
@@ -44,19 +45,24 @@ async def running_worker(
 
 
 async def events_of(bus: Bus, task_id: str) -> list[TaskEvent]:
-    """Every event recorded for a task, in stream order."""
+    """Every event recorded for a task, under every provider, in the order they were stored."""
     names = bus.names
-    sub = await bus.js.subscribe(names.events_of(task_id), ordered_consumer=True)
-    events: list[TaskEvent] = []
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=0.5)
-            except TimeoutError:
-                return events
-            events.append(decode_event(msg.subject, msg.data, msg.headers))
-    finally:
-        await sub.unsubscribe()
+    found: list[tuple[float, TaskEvent]] = []
+    for provider in await event_providers(bus):
+        sub = await bus.js.subscribe(
+            names.events_of(task_id, provider), stream=names.events_stream_of(provider), ordered_consumer=True
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except TimeoutError:
+                    break
+                at = msg.metadata.timestamp.timestamp()
+                found.append((at, decode_event(msg.subject, msg.data, msg.headers)))
+        finally:
+            await sub.unsubscribe()
+    return [event for _, event in sorted(found, key=lambda f: f[0])]
 
 
 async def stream_messages(bus: Bus, stream: str) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from hive_bus import Failed, Hive, Task, TaskRequest
 from hive_bus._audit import StoreAudit
+from hive_bus._bus import ensure_events
 from hive_bus._dlq import NotReplayable
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import Moved, Queued, encoder, now_ms
@@ -53,7 +54,7 @@ async def test_a_task_missing_from_the_stream_is_dead_lettered_as_lost(bus: Bus,
     # within the grace period: not yet (a long one here, however slow the machine makes the audit)
     audit = StoreAudit(bus, grace_s=60, every_s=600)
     early = await audit.audit()
-    assert (early.open, early.held, early.lost) == (5, 0, 0)
+    assert (early.open, early.held, early.lost) == (5, 0, 0), early
     audit.grace_s = GRACE_S
     await anyio.sleep(GRACE_S + 0.1)
     report = await audit.audit()
@@ -89,6 +90,7 @@ async def test_a_lost_task_of_an_older_bus_replays(bus: Bus, hive: Hive) -> None
     names = bus.names
     task = Task.from_request(TaskRequest(provider="later", prompt="from before"))
     queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
+    await ensure_events(bus, "later")
     await bus.js.publish(names.event_subject("later", task.id, "queued"), encoder.encode(queued))
     audit = StoreAudit(bus, grace_s=0.2, every_s=600)
     await anyio.sleep(0.3)
@@ -119,6 +121,7 @@ async def test_a_cut_off_submission_is_lost_only_after_the_grace_period(bus: Bus
     names = bus.names
     task = Task.from_request(TaskRequest(provider="later", prompt="cut off"))
     queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
+    await ensure_events(bus, "later")
     await bus.js.publish(names.event_subject("later", task.id, "queued"), encoder.encode(queued))
 
     audit = StoreAudit(bus, grace_s=1.0, every_s=600)
@@ -139,6 +142,7 @@ async def test_a_moved_task_waits_for_the_router(bus: Bus, hive: Hive) -> None:
     await _route_for(bus, 0)  # the router's durable consumer exists, and keeps its place while it is down
     first = Task.from_request(TaskRequest(provider="spent", prompt="move me", fallback=["later"]))
     queued = Queued(task_id=first.id, provider=first.provider, at_ms=first.submitted_at_ms, task=first)
+    await ensure_events(bus, "spent")
     await bus.js.publish(names.event_subject("spent", first.id, "queued"), encoder.encode(queued))
     moved = first.next_hop()
     assert moved is not None

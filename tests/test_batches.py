@@ -22,6 +22,7 @@ from openai.types import Batch as OpenAIBatch
 from hive_bus import FailNow, FunctionProvider, Hive, Queued, Settings, Task, TaskRequest
 from hive_bus._batches import Batch, BatchStore, RequestCounts, create_batch, estimate, line_task_id, replace
 from hive_bus._budget import load_budgets
+from hive_bus._bus import ensure_events
 from hive_bus._embedded import NatsServer
 from hive_bus._files import FileStore, Upload
 from hive_bus._messages import encoder
@@ -589,6 +590,7 @@ async def test_a_line_cut_off_between_its_queued_event_and_its_task_is_queued_ag
         task = msgspec.structs.replace(Task.from_request(request), id=line_task_id(batch, 0))
         # as a gateway before one write per submission left it: a queued event carrying the task
         queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
+        await ensure_events(hive.bus, task.provider)  # where the upgrade puts such an event
         await hive.bus.js.publish(
             hive.bus.names.event_subject(task.provider, task.id, "queued"), encoder.encode(queued)
         )

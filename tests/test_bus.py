@@ -43,10 +43,11 @@ async def test_objects_have_the_designed_shape(settings: Settings) -> None:
         assert (
             tasks.republish.dest == f"{settings.prefix}.events.{{{{wildcard(1)}}}}.{{{{wildcard(3)}}}}.queued"
         )
-        events = (await bus.js.stream_info(bus.names.events_stream)).config
-        assert events.retention == RetentionPolicy.LIMITS
-        assert events.max_age == settings.events_max_age_s
         consumers = [info.config for info in await ensure_consumers(bus.js, settings, "groq")]
+        events = (await bus.js.stream_info(bus.names.events_stream_of("groq"))).config  # made with them
+        assert events.retention == RetentionPolicy.LIMITS and events.discard == DiscardPolicy.OLD
+        assert events.subjects == [f"{settings.prefix}.events.groq.>"]  # its own provider's alone
+        assert events.max_age == settings.events_max_age_s and events.max_bytes == settings.events_max_bytes
         assert [c.durable_name for c in consumers] == [
             f"{settings.prefix}_groq_{p}" for p in ("high", "normal", "low")
         ]

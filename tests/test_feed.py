@@ -3,6 +3,7 @@ GET /v1/usage (tokens and cost since the gateway started), and the dashboard's p
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -50,8 +51,12 @@ async def stack(settings: Settings) -> AsyncIterator[Stack]:
 @dataclass
 class Message:
     event: str
-    id: int
+    id: str  # where the feed is in each provider's events: ``echo=12,nobody=3``
     data: dict[str, object]
+
+    @property
+    def places(self) -> dict[str, int]:
+        return {p: int(seq) for p, _, seq in (part.partition("=") for part in self.id.split(","))}
 
 
 @dataclass
@@ -71,7 +76,7 @@ class Feed:
                 name, _, value = line.partition(": ")
                 fields[name] = value
             elif "data" in fields:
-                self.messages.append(Message(fields["event"], int(fields["id"]), json.loads(fields["data"])))
+                self.messages.append(Message(fields["event"], fields["id"], json.loads(fields["data"])))
                 fields = {}
         self.ended.set()
 
@@ -118,8 +123,12 @@ async def test_every_task_event_is_fed_as_it_happens(stack: Stack) -> None:
     assert completed.data["provider"] == "echo"
     queued = next(m for m in got.messages if m.data["task_id"] == waiting)
     assert queued.data["task"]["prompt"] == "sin trabajador"  # type: ignore[index]
-    ids = [m.id for m in got.messages]
-    assert ids == sorted(ids) and len(set(ids)) == len(ids)  # the record's order, each event once
+    # each provider's events in the record's order, each event once: its place moves on at each
+    for provider in ("echo", "nobody"):
+        mine = [m.places[provider] for m in got.messages if m.data["provider"] == provider]
+        assert mine == sorted(mine) and len(set(mine)) == len(mine), provider
+    for before, after in itertools.pairwise(got.messages):  # no place goes back
+        assert all(after.places.get(p, 0) >= seq for p, seq in before.places.items())
 
 
 async def test_a_feed_of_one_provider_and_a_bad_provider_name(stack: Stack) -> None:
@@ -149,8 +158,29 @@ async def test_a_feed_resumed_with_last_event_id_misses_nothing(stack: Stack) ->
         later = await submit(stack.http, "nobody", "after")
         await again.until("the task submitted after reconnecting", lambda: again.of(later) == ["queued"])
     assert [m.data["task_id"] for m in again.messages] == [*missed, later]
-    r = await stack.http.get("/v1/events", headers={"Last-Event-ID": "yesterday"})
-    assert r.status_code == 400
+    for bad in ("yesterday", "12", "nobody=", "nobody=x", "no body=3"):
+        r = await stack.http.get("/v1/events", headers={"Last-Event-ID": bad})
+        assert r.status_code == 400, bad
+
+
+async def test_a_feed_resumes_each_provider_where_it_was(stack: Stack) -> None:
+    async with feed(stack.http) as got:
+        first = await submit(stack.http, "nobody", "one")
+        other = await submit(stack.http, "elsewhere", "two")
+        await got.until("both tasks", lambda: got.of(first) == ["queued"] and got.of(other) == ["queued"])
+    resume_after = got.messages[-1].id
+    assert set(got.messages[-1].places) >= {"nobody", "elsewhere"}
+    missed = [await submit(stack.http, provider, "missed") for provider in ("nobody", "elsewhere", "new")]
+    async with feed(stack.http, **{"Last-Event-ID": resume_after}) as again:
+        await again.until("the missed tasks", lambda: all(again.of(t) == ["queued"] for t in missed))
+    # each provider from just after its place, a provider's stream made since from its start
+    assert sorted(str(m.data["task_id"]) for m in again.messages) == sorted(missed)
+    # with ?provider=, a plain sequence is taken as that provider's (the ids of before)
+    nobody = got.messages[-1].places["nobody"]
+    async with feed(stack.http, "/v1/events?provider=nobody", **{"Last-Event-ID": str(nobody)}) as one:
+        await one.until("the missed task of nobody", lambda: one.of(missed[0]) == ["queued"])
+    assert [m.data["task_id"] for m in one.messages] == [missed[0]]
+    assert one.messages[0].id == f"nobody={nobody + 1}"
 
 
 async def test_a_feed_ends_after_its_time_and_when_the_gateway_stops(settings: Settings) -> None:

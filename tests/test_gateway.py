@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from hive_bus import FailNow, FunctionProvider, Hive, Settings, Task
+from hive_bus._bus import event_providers
 from hive_bus._embedded import NatsServer
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
@@ -158,7 +159,8 @@ async def test_bad_input_is_400_and_nothing_is_published(
     assert says in error["message"]
     names = stack.bus.names
     assert await stream_messages(stack.bus, names.tasks_stream) == 0
-    assert await stream_messages(stack.bus, names.events_stream) == 0
+    for provider in await event_providers(stack.bus):  # nor any event, under any provider
+        assert await stream_messages(stack.bus, names.events_stream_of(provider)) == 0, provider
 
 
 async def test_oversize_body_is_413_and_nothing_is_published(stack: Stack) -> None:

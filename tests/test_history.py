@@ -5,6 +5,7 @@ the dashboard's task story reads."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -169,3 +170,45 @@ async def test_a_tasks_timeline_holds_every_event_and_a_wrong_id_is_named(settin
         assert (wrong.status_code, wrong.json()["error"]["field"]) == (400, "task_id")
         unknown = await http.get(f"/v1/tasks/{'0' * 26}/timeline")
         assert unknown.status_code == 404
+
+
+async def test_a_moved_tasks_timeline_and_events_follow_it_to_its_next_provider(settings: Settings) -> None:
+    async def refuse(task: Task) -> str:
+        raise FailNow("not here")
+
+    async with (
+        open_bus(settings) as bus,
+        running_worker(bus, "refuses", FunctionProvider(refuse)),
+        running_worker(bus, "echo", EchoProvider()),
+        serving(bus) as http,
+    ):
+        body = {"provider": "refuses", "prompt": "p", "fallback": ["echo"], "fallback_on": "failed"}
+        task_id = (await http.post("/v1/tasks", json=body)).json()["id"]
+        done = (await http.get(f"/v1/tasks/{task_id}", params={"wait": 20})).json()
+        assert (done["status"], done["provider"]) == ("completed", "echo")
+        # each provider's events are a stream of their own: read in the order of the task's moves
+        steps = [
+            ("queued.v1", "refuses"),
+            ("moved.v1", "refuses"),
+            ("queued.v1", "echo"),
+            ("completed.v1", "echo"),
+        ]
+        events = (await http.get(f"/v1/tasks/{task_id}/timeline")).json()
+        got = [(e["type"], e["provider"]) for e in events if e["type"] != "running.v1"]
+        assert got == steps, got
+        seen: list[tuple[str, str]] = []
+        fields: dict[str, str] = {}
+        async with http.stream("GET", f"/v1/tasks/{task_id}/events") as r:
+            async for line in r.aiter_lines():  # the feed ends with the task
+                if line:
+                    name, _, value = line.partition(": ")
+                    fields[name] = value
+                elif fields:
+                    kind = json.loads(fields["data"])["type"]
+                    if kind != "running.v1":  # its place: in the stream of the provider it is under
+                        seen.append((kind, fields["id"].partition("=")[0]))
+                    fields = {}
+        assert seen == steps, seen
+        # in the list of recent tasks once (it is in two providers' tails), as it ended, with its prompt
+        listed = [t for t in (await http.get("/v1/tasks")).json() if t["id"] == task_id]
+        assert [(t["status"], t["provider"], t["prompt"]) for t in listed] == [("completed", "echo", "p")]

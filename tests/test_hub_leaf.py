@@ -192,7 +192,11 @@ async def test_the_site_works_on_once_its_link_to_the_hub_is_back(site: Site) ->
                 site.link.restore()
             views = [await hive.wait(t, 30) for t in during]
             beats = await eventually(hive.workers, 10, "the site's worker to beat at the hub again")
-            completions = [await count(hub_bus, hub_bus.names.event_subject("echo", t, "*")) for t in during]
+            echo_events = hub_bus.names.events_stream_of("echo")
+            completions = [
+                await count(hub_bus, hub_bus.names.event_subject("echo", t, "*"), stream=echo_events)
+                for t in during
+            ]
         assert [(v.status, v.output, v.worker) for v in views] == [
             ("completed", f"during the outage {i}", worker.id) for i in range(3)
         ]

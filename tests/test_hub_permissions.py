@@ -97,11 +97,13 @@ async def declare(js: JetStreamContext, *providers: str) -> None:
             ),
         )
     )
-    await js.add_stream(
-        StreamConfig(
-            name="HIVE_EVENTS", subjects=["hive.events.>"], storage=StorageType.FILE, allow_direct=True
-        )
-    )
+    for provider in providers:  # each provider's events in a stream of their own
+        await js.add_stream(
+            StreamConfig(
+                name=f"HIVE_EVENTS_{provider}", subjects=[f"hive.events.{provider}.>"],
+                storage=StorageType.FILE, allow_direct=True,
+            )
+        )  # fmt: skip
     for provider in providers:
         await js.add_stream(
             StreamConfig(
@@ -164,7 +166,7 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
         # start-up checks, then bind to the existing consumer and pull
         for stream in (
             "HIVE_TASKS",
-            "HIVE_EVENTS",
+            "HIVE_EVENTS_alpha",
             "HIVE_DLQ_alpha",
             "KV_hive_workers",
             "KV_hive_providers",
@@ -193,10 +195,10 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
         task_id = "01J" + secrets.token_hex(8).upper()
         for status in ("running", "retrying", "moved", "completed"):
             await w1.js.publish(
-                f"hive.events.alpha.{task_id}.{status}", status.encode(), stream="HIVE_EVENTS"
+                f"hive.events.alpha.{task_id}.{status}", status.encode(), stream="HIVE_EVENTS_alpha"
             )
         await w1.js.publish(f"hive.dlq.alpha.{task_id}", b"dead", stream="HIVE_DLQ_alpha")
-        last = await w1.js.get_last_msg("HIVE_EVENTS", f"hive.events.alpha.{task_id}.*", direct=True)
+        last = await w1.js.get_last_msg("HIVE_EVENTS_alpha", f"hive.events.alpha.{task_id}.*", direct=True)
         assert last.data == b"completed"
 
         # its own heartbeat key, written and removed
@@ -287,7 +289,7 @@ async def _no_key(gw: Client, bucket: str, key: str) -> bool:
 
 async def _no_event(gw: Client) -> bool:
     try:
-        await gw.js.get_last_msg("HIVE_EVENTS", "hive.events.beta.forged.queued", direct=True)
+        await gw.js.get_last_msg("HIVE_EVENTS_beta", "hive.events.beta.forged.queued", direct=True)
     except nats.js.errors.NotFoundError:
         return True
     return False
@@ -363,13 +365,13 @@ FORBIDDEN = {
         lambda gw: _consumer_holds_none(gw, "hive_delta_high"),
     ),
     "read another provider's events": Forbidden(
-        "$JS.API.DIRECT.GET.HIVE_EVENTS.hive.events.delta.*.queued",
-        lambda w: w.js.get_last_msg("HIVE_EVENTS", "hive.events.delta.*.queued", direct=True),
+        "$JS.API.DIRECT.GET.HIVE_EVENTS_delta.hive.events.delta.*.queued",
+        lambda w: w.js.get_last_msg("HIVE_EVENTS_delta", "hive.events.delta.*.queued", direct=True),
         _stream_exists,
     ),
     "read any task's events": Forbidden(
-        "$JS.API.DIRECT.GET.HIVE_EVENTS.hive.events.*.",
-        lambda w: w.js.get_last_msg("HIVE_EVENTS", "hive.events.*.01J0.*", direct=True),
+        "$JS.API.DIRECT.GET.HIVE_EVENTS_alpha.hive.events.*.",
+        lambda w: w.js.get_last_msg("HIVE_EVENTS_alpha", "hive.events.*.01J0.*", direct=True),
         _stream_exists,
     ),
     "write the metadata index": Forbidden(
@@ -390,7 +392,9 @@ FORBIDDEN = {
         _no_timer,
     ),
     "read any stream message": Forbidden(
-        "$JS.API.STREAM.MSG.GET.HIVE_EVENTS", lambda w: w.js.get_msg("HIVE_EVENTS", seq=1), _stream_exists
+        "$JS.API.STREAM.MSG.GET.HIVE_EVENTS_alpha",
+        lambda w: w.js.get_msg("HIVE_EVENTS_alpha", seq=1),
+        _stream_exists,
     ),
 }
 

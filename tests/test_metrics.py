@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hive_bus import BusUnavailable, FunctionProvider, Hive, Output, Task, TaskRequest, Usage
+from hive_bus._bus import ensure_events
 from hive_bus._duplicates import report_duplicate
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import Completed, encoder
@@ -191,7 +192,8 @@ async def test_queues_and_workers_are_read_from_the_bus(bus: Bus, hive: Hive) ->
     assert value(found, "hive_queue_pending", provider="later") == 2
     assert value(found, "hive_queue_ack_pending", provider="later") == 0
     assert value(found, "hive_workers_online", provider="later") == 0
-    for stream in (bus.names.tasks_stream, bus.names.events_stream):  # a sound store has lost nothing
+    streams = [bus.names.tasks_stream, *(bus.names.events_stream_of(p) for p in ("nobody", "later"))]
+    for stream in streams:  # a sound store has lost nothing
         assert found[("hive_stream_lost_messages", frozenset({("stream", stream)}))] == 0
 
     async with (
@@ -255,7 +257,7 @@ async def test_a_redelivered_task_is_counted_once(bus: Bus, hive: Hive) -> None:
         # window), and an event that does not decode: neither counts. A later task shows the follower
         # has read past them.
         raw = await bus.js.get_last_msg(
-            names.events_stream, names.event_subject("slow", task_id, "completed")
+            names.events_stream_of("slow"), names.event_subject("slow", task_id, "completed")
         )
         assert raw.data is not None
         await bus.js.publish(names.event_subject("slow", task_id, "completed"), raw.data)
@@ -287,6 +289,7 @@ async def test_duplicate_results_are_counted_apart(bus: Bus, hive: Hive) -> None
 async def test_model_labels_are_capped(bus: Bus, hive: Hive) -> None:
     names = bus.names
     async with following(bus) as metrics:
+        await ensure_events(bus, "many")  # a provider's stream made while following: read from its start
         for i in range(103):
             task_id = f"01K{i:023d}"
             event = Completed(

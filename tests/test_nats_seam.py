@@ -18,7 +18,7 @@ from nats.js.api import ConsumerConfig
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from hive_bus._bus import Bus
+from hive_bus._bus import Bus, ensure_events
 from hive_bus._nats import (
     NATS_HEADER_PARSER,
     PRIVATE_ATTRIBUTES,
@@ -67,8 +67,10 @@ async def test_the_seam_reads_what_nats_py_keeps_private(bus: Bus) -> None:
     assert raw_writer(bus.nc) is not None, "Client._send_command/_flush_pending are gone"
     assert isinstance(bus.nc.stats["out_msgs"], int), "Client.stats['out_msgs'] is gone"
 
+    await ensure_events(bus, "echo")
     ack = await bus.js.publish(bus.names.event_subject("echo", "t1", "queued"), b"{}")
-    sub = await follow(bus.js, bus.names.all_events, stream=bus.names.events_stream, config=ConsumerConfig())
+    stream = bus.names.events_stream_of("echo")
+    sub = await follow(bus.js, bus.names.events_under("echo"), stream=stream, config=ConsumerConfig())
     try:
         with anyio.fail_after(5):
             msg = await sub.next_msg(timeout=5)
@@ -148,8 +150,10 @@ def test_the_header_parser_is_nats_pys_own_replaced_by_one_that_reads_alike() ->
 async def test_the_headers_of_messages_and_of_statuses_read_as_before(bus: Bus) -> None:
     """Through the real client and server: a message's headers, and a status line with a description."""
     headers = {"Nats-Msg-Id": "h1", "Hive-Note": "d\u00e9j\u00e0 vu", "X": ""}
+    await ensure_events(bus, "echo")
     ack = await bus.js.publish(bus.names.event_subject("echo", "h1", "queued"), b"", headers=headers)
-    sub = await follow(bus.js, bus.names.all_events, stream=bus.names.events_stream, config=ConsumerConfig())
+    stream = bus.names.events_stream_of("echo")
+    sub = await follow(bus.js, bus.names.events_under("echo"), stream=stream, config=ConsumerConfig())
     try:
         with anyio.fail_after(5):
             msg = await sub.next_msg(timeout=5)

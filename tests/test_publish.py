@@ -29,7 +29,7 @@ async def test_each_message_gets_its_own_answer_in_order(bus: Bus) -> None:
             (task, b"one", None, names.tasks_stream),
             (silent, b"two", None, names.tasks_stream),
             (f"{names.prefix}.nowhere", b"three", None, names.tasks_stream),  # nobody listens
-            (task, b"four", None, names.events_stream),  # a stream that does not take the subject
+            (task, b"four", None, names.events_stream_of("echo")),  # a stream that does not take the subject
             (task, b"five", "m5", names.tasks_stream),
             (task, b"five again", "m5", names.tasks_stream),
         ]

@@ -75,12 +75,15 @@ async def test_stats_counts_are_tallies_that_follow_new_outcomes_and_removed_eve
             if n == 3:
                 assert (await _echo_stats(hive)).completed == 3
                 # the count is kept by the server in a durable consumer that delivers nothing
-                tally = await bus.js.consumer_info(names.events_stream, names.tally("completed", "echo"))
+                tally = await bus.js.consumer_info(
+                    names.events_stream_of("echo"), names.tally("completed", "echo")
+                )
                 assert (tally.num_pending, tally.delivered.stream_seq if tally.delivered else 0) == (3, 0)
     assert (await _echo_stats(hive)).completed == 5  # outcomes stored after the tally was made count
 
     # an event leaving the stream (aged out of its window, or removed) leaves the count
-    last = await bus.js.get_last_msg(names.events_stream, names.event_subject("echo", ids[0], "completed"))
+    stream = names.events_stream_of("echo")
+    last = await bus.js.get_last_msg(stream, names.event_subject("echo", ids[0], "completed"))
     assert last.seq is not None
-    await bus.js.delete_msg(names.events_stream, last.seq)
+    await bus.js.delete_msg(stream, last.seq)
     assert (await _echo_stats(hive)).completed == 4

@@ -345,7 +345,7 @@ async def test_a_schedule_fires_once_per_time_on_a_three_node_cluster(request: p
         anyio.create_task_group() as tg,
     ):
         hive_one, hive_two = Hive(one), Hive(two)
-        info = await one.js.stream_info(one.names.events_stream)
+        info = await one.js.stream_info(one.names.tasks_stream)
         assert info.config.num_replicas == 3
         schedule = await hive_one.create_schedule({"provider": "echo", "prompt": "una vez"}, every="1s")
         await tg.start(Timers(one, hive_one).run)
@@ -364,7 +364,7 @@ async def test_a_schedule_fires_once_per_time_on_a_three_node_cluster(request: p
 
         firings = await eventually(all_read, 20, "every firing to be read")
         queued = names.event_subject("echo", "*", "queued")
-        state = (await one.js.stream_info(names.events_stream, subjects_filter=queued)).state
+        state = (await one.js.stream_info(names.events_stream_of("echo"), subjects_filter=queued)).state
         assert sum((state.subjects or {}).values()) == firings  # one task per firing, however many readers
         runs = (await store.get(schedule.id)).runs
         assert len({run.task_id for run in runs}) == len(runs) == firings

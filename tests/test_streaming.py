@@ -43,6 +43,7 @@ from hive_bus._bus import consumer_infos
 from hive_bus._chunks import Chunk, chunk_encoder
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import new_task_id, now_ms
+from hive_bus._router import Router
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
 from hive_bus.workers.echo import EchoProvider
@@ -232,6 +233,34 @@ async def test_an_adapter_without_stream_sends_its_whole_output_as_one_chunk(bus
     assert isinstance(items[-1], StreamEnded) and items[-1].view.output == "HOLA"
 
 
+async def test_a_stream_follows_its_task_to_the_provider_it_moves_to(bus: Bus, hive: Hive) -> None:
+    async def refuse(task: Task) -> str:
+        raise FailNow("not here")
+
+    async def shout(task: Task) -> str:
+        return task.prompt.upper()
+
+    request = TaskRequest(provider="refuses", prompt="hola", fallback=["shout"], fallback_on="failed")
+    async with (
+        anyio.create_task_group() as tg,
+        running_worker(bus, "refuses", FunctionProvider(refuse)),
+        running_worker(bus, "shout", FunctionProvider(shout)),
+    ):
+        await tg.start(Router(bus).run)  # it queues a moved task on its next provider
+        async with hive.stream(request) as stream:
+            items = await _collect(aiter(stream))
+            # the end read from the next provider's events stream, which the stream followed after the move
+            infos = await consumer_infos(bus, bus.names.events_stream_of("shout"))
+            mine = [
+                i.config.filter_subject for i in infos if stream.task_id in (i.config.filter_subject or "")
+            ]
+            assert mine == [bus.names.events_of(stream.task_id, "shout")]
+        tg.cancel_scope.cancel()
+    assert [i for i in items if isinstance(i, StreamText)] == [StreamText("HOLA", 1)]
+    ended = items[-1]
+    assert isinstance(ended, StreamEnded) and (ended.view.provider, ended.view.output) == ("shout", "HOLA")
+
+
 async def test_a_gap_in_the_chunks_is_filled_from_the_completed_output(bus: Bus, hive: Hive) -> None:
     """A chunk out of sequence (those between were lost) stops the attempt's pieces; the reader takes
     what it did not see from the completed event, so the text adds up to the output, no more, no less."""
@@ -361,9 +390,9 @@ async def test_waiting_in_the_queue_sends_keepalive_comments_then_the_stream(bus
 
 async def test_a_client_gone_mid_stream_leaves_no_consumer_behind(bus: Bus) -> None:
     async def following(task_id: str) -> int:
-        """The consumers of the events stream that follow this task's events."""
-        infos = await consumer_infos(bus, bus.names.events_stream)
-        return sum(1 for i in infos if i.config.filter_subject == bus.names.events_of(task_id))
+        """The consumers of its provider's events stream that follow this task's events."""
+        infos = await consumer_infos(bus, bus.names.events_stream_of("echo"))
+        return sum(1 for i in infos if i.config.filter_subject == bus.names.events_of(task_id, "echo"))
 
     async with serving(bus, keepalive_s=0.2) as stack, httpx.AsyncClient(timeout=30) as http:
         body = {"model": "echo", "messages": [{"role": "user", "content": "hola"}], "stream": True}

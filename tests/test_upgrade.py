@@ -9,7 +9,7 @@ import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from hive_bus import BusConfigError, Hive, Settings
-from hive_bus._bus import events_stream_config
+from hive_bus._bus import shared_events_stream_config
 from hive_bus._messages import Queued, Task, encoder, new_task_id, now_ms
 from hive_bus.bus import open_bus
 from hive_bus.workers.echo import EchoProvider
@@ -28,7 +28,7 @@ async def _old_bus(settings: Settings) -> list[str]:
     names = settings.names
     async with open_bus(make_settings(settings.nats_url)) as other:  # any connection will do
         js = other.js
-        await js.add_stream(events_stream_config(settings))
+        await js.add_stream(shared_events_stream_config(settings))
         await js.add_stream(
             StreamConfig(
                 name=names.tasks_stream,

@@ -47,7 +47,7 @@ async def test_many_waits_share_one_consumer_and_see_ends_stored_before_them(bus
             for task_id in ids:
                 tg.start_soon(wait, task_id)
             await anyio.sleep(0.3)
-            assert (await bus.js.stream_info(bus.names.events_stream)).state.consumer_count == 1
+            assert (await bus.js.stream_info(bus.names.events_stream_of("echo"))).state.consumer_count == 1
             for task_id in ids[10:]:  # ended while waited on
                 await _complete(bus, task_id, "echo", f"out {task_id}")
     assert {t: (v.status, v.output) for t, v in views.items()} == {t: ("completed", f"out {t}") for t in ids}

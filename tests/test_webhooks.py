@@ -4,6 +4,7 @@ loopback that checks every signature with the reference ``standardwebhooks`` lib
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -18,10 +19,12 @@ from typing import Any
 
 import anyio
 import httpx
+import nats.js.errors
 import pytest
 from standardwebhooks import Webhook
 
 from hive_bus import FunctionProvider, Hive, Settings, TaskRequest
+from hive_bus._bus import ensure_events
 from hive_bus._messages import Completed, WebhookSpec, encoder, now_ms
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayError, GatewayOptions
@@ -397,14 +400,20 @@ async def test_an_outcome_another_provider_wrote_announces_nothing(
         forged = Completed(
             task_id=task_id, provider="echo", at_ms=now_ms(), attempt=1, worker="w", output="forged"
         )
+        await ensure_events(stack.bus, "echo")  # as serving echo makes it: its workers write there
         ack = await stack.bus.js.publish(
             names.event_subject("echo", task_id, "completed"),
             encoder.encode(forged),
-            stream=names.events_stream,
+            stream=names.events_stream_of("echo"),
         )
 
         async def read_past_it() -> bool | None:
-            info = await stack.bus.js.consumer_info(names.events_stream, names.webhook_events_consumer)
+            with contextlib.suppress(nats.js.errors.NotFoundError):  # until the gateway sees the stream
+                info = await stack.bus.js.consumer_info(
+                    names.events_stream_of("echo"), names.webhook_events_consumer
+                )
+                return True if info.ack_floor.stream_seq >= ack.seq else None
+            return None
             return True if info.ack_floor.stream_seq >= ack.seq else None
 
         await eventually(read_past_it, 10, "the forged event handled")
@@ -489,3 +498,29 @@ def test_settings_name_what_is_wrong_and_never_show_the_secret() -> None:
     loaded = hooks(HIVE_WEBHOOKS='[[webhook]]\nurl = "https://example.com/h"\nevents = ["batch.completed"]')
     assert [(e.url, e.events) for e in loaded.endpoints] == [("https://example.com/h", ("batch.completed",))]
     assert SECRET.removeprefix("whsec_") not in repr(loaded)
+
+
+async def test_a_providers_stream_made_while_no_gateway_ran_has_its_ends_announced(
+    settings: Settings, receiver: Receiver, hive: Hive
+) -> None:
+    # each provider's events are a stream of their own, with a consumer of the webhooks' each: one made
+    # while the gateways were down is read from its start (webhooks ran on this bus before it)
+    loopback = hooks(HIVE_WEBHOOK_ALLOW_NETWORKS=LOOPBACK)
+    async with serving(settings, loopback) as stack, running_worker(stack.bus, "echo", EchoProvider()):
+        first = await hive.submit_request(
+            TaskRequest(provider="echo", prompt="x", webhook=WebhookSpec(url=receiver.url))
+        )
+        await delivery_in(stack, "delivered")
+    async with running_worker(hive.bus, "later", EchoProvider()):
+        later = await hive.submit_request(
+            TaskRequest(provider="later", prompt="y", webhook=WebhookSpec(url=receiver.url))
+        )
+        assert (await hive.wait(later.id, 10)).status == "completed"
+    async with serving(settings, loopback) as stack:
+
+        async def both() -> list[dict[str, Any]] | None:
+            found = await deliveries(stack, status="delivered")
+            return found if len(found) == 2 else None
+
+        delivered = await eventually(both, 20, "the later provider's delivery")
+    assert sorted(d["task_id"] for d in delivered) == sorted([first.id, later.id])

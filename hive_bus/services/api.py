@@ -13,10 +13,12 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Annotated, Any, get_args
 
 import anyio
 import msgspec
+import nats.js.errors
 from litestar import MediaType, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import ValidationException
@@ -37,7 +39,9 @@ from hive_bus import (
 )
 from hive_bus._assigned import Assignments, marker_seq, task_at
 from hive_bus._audit import AuditReport, StoreAudit
-from hive_bus._bus import Bus
+from hive_bus._bus import Bus, event_providers
+from hive_bus._events import merged_events
+from hive_bus._events import task_events as read_task_events
 from hive_bus._messages import (
     Moved,
     ProviderName,
@@ -53,7 +57,7 @@ from hive_bus._messages import (
     status_of,
 )
 from hive_bus._names import PROVIDER_PATTERN, is_valid_token
-from hive_bus._nats import BUS_ERRORS, follow, following, unsubscribe
+from hive_bus._nats import BUS_ERRORS, following
 
 from . import answers
 from .answers import BatchAccepted, ErrorBody, TaskAccepted
@@ -71,6 +75,8 @@ MAX_EVENTS_STREAM_S = 3600.0
 # A quiet feed of every event sends an SSE comment this often, so that proxies keep it open and a
 # client that went away is noticed.
 FEED_KEEPALIVE_S = 15.0
+# A Last-Event-ID at most: a provider name and a sequence for each of many providers.
+MAX_EVENT_ID_CHARS = 16_384
 # How often a feed looks whether the gateway is stopping, so that a stop need not wait for its end.
 FEED_POLL_S = 0.5
 EVENT_STATUSES = frozenset(get_args(TaskStatus))
@@ -228,42 +234,26 @@ async def get_task(
 )
 async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
     """Every event of the task so far, then each new one as it happens, until the task has completed
-    or failed. Each message's ``event`` is the status; its ``data`` the event as JSON."""
+    or failed. Each message's ``event`` is the status; its ``data`` the event as JSON; its ``id`` the
+    event's place in the record (``<provider>=<sequence>``)."""
     hive = _hive(state)
     await hive.get(task_id)  # 404 now, before the stream starts, for an unknown task
     bus = hive.bus
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    try:
-        sub = await follow(
-            bus.js, bus.names.events_of(task_id), stream=bus.names.events_stream, config=config
-        )
-    except BUS_ERRORS as exc:
-        raise BusUnavailable(f"could not follow task {task_id}: {exc}") from None
-
     assigned = Assignments(bus)  # events another credential wrote for the task are left out
 
     async def events() -> AsyncIterator[ServerSentEventMessage]:
-        try:
+        # the task's provider's stream, then at each move the next provider's
+        found = read_task_events(bus, task_id, assigned, live=True)
+        async with contextlib.aclosing(found):
             with anyio.move_on_after(MAX_EVENTS_STREAM_S):
-                async for msg in sub.messages:
-                    if not await assigned.counts(msg.subject):
-                        continue
-                    try:
-                        event = decode_event(msg.subject, msg.data, msg.headers)
-                    except msgspec.DecodeError as exc:
-                        log.warning(
-                            "task %s: event %s does not decode (%s); skipped", task_id, _seq(msg), exc
-                        )
-                        continue
+                async for msg, event in found:
                     yield ServerSentEventMessage(
                         data=(await _event_json(bus, msg)).decode(),
                         event=status_of(event),
-                        id=str(msg.metadata.sequence.stream),
+                        id=f"{event_provider(bus, msg)}={_seq(msg)}",
                     )
                     if is_final(event):
                         return
-        finally:
-            await unsubscribe(sub)
 
     return ServerSentEvent(events())
 
@@ -280,48 +270,58 @@ async def all_events(
         str | None, QueryParameter(pattern=PROVIDER_PATTERN, description="only this provider's events")
     ] = None,
     last_event_id: Annotated[
-        int | None,
+        str | None,
         HeaderParameter(
             name="last-event-id",
-            ge=0,
-            le=2**53,
+            max_length=MAX_EVENT_ID_CHARS,
             required=False,
-            description="resume after this event: the ``id`` of the last one received",
+            description="resume after this event: the ``id`` of the last one received (with "
+            "``provider``, a plain sequence of that provider's events is taken too)",
         ),
     ] = None,
 ) -> ServerSentEvent:
     """Each task event from now on (or, with ``Last-Event-ID``, from just after that one), as it
-    happens. Each message's ``event`` is the status, its ``data`` the event as JSON and its ``id`` the
-    event's place in the record. The gateway ends a feed after an hour (and when it stops); a client
-    that reconnects with ``Last-Event-ID`` misses nothing."""
+    happens. Each message's ``event`` is the status, its ``data`` the event as JSON and its ``id`` its
+    place in the record: where the feed is in each provider's events, ``<provider>=<sequence>`` joined by
+    commas (each provider's events are in order; two providers' are not ordered between them). The
+    gateway ends a feed after an hour (and when it stops); a client that reconnects with
+    ``Last-Event-ID`` misses nothing (a provider the id does not name, whose events began since, is read
+    from its first event)."""
     bus = _hive(state).bus
     names = bus.names
-    if last_event_id is None:
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
-    else:
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last_event_id + 1
-        )
-    try:
-        sub = await follow(bus.js, names.events(provider), stream=names.events_stream, config=config)
-    except BUS_ERRORS as exc:
-        raise BusUnavailable(f"could not follow the events stream: {exc}") from None
+    # by provider, the sequence of the last event read (or skipped) in its stream: the ``id`` sent
+    read = None if last_event_id is None else _resume_positions(last_event_id, provider)
+    if read is None:  # from now on: where each stream there is ends
+        try:
+            read = {
+                of: (await bus.js.stream_info(names.events_stream_of(of))).state.last_seq
+                for of in await event_providers(bus)
+                if provider in (None, of)
+            }
+        except BUS_ERRORS as exc:
+            raise BusUnavailable(f"could not read the events streams: {exc}") from None
     stopping: threading.Event = state.stopping
     feed_max_s: float = state.feed_max_s
     assigned = Assignments(bus)  # events a credential wrote for another provider's task are left out
 
+    def config(of: str) -> ConsumerConfig:
+        read.setdefault(of, 0)  # a stream the id does not name, made since: from its start
+        return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=read[of] + 1)
+
     async def events() -> AsyncIterator[ServerSentEventMessage]:
-        try:
+        async with merged_events(bus, names.events, config, only=provider) as received:
             end = anyio.current_time() + feed_max_s
             quiet_since = anyio.current_time()
             while not stopping.is_set() and (left_s := end - anyio.current_time()) > 0:
-                try:
-                    msg = await sub.next_msg(timeout=min(FEED_POLL_S, left_s))
-                except TimeoutError:
+                msg: Msg | None = None
+                with anyio.move_on_after(min(FEED_POLL_S, left_s)):
+                    msg = await anext(received)
+                if msg is None:
                     if anyio.current_time() - quiet_since >= FEED_KEEPALIVE_S:
                         quiet_since = anyio.current_time()
                         yield ServerSentEventMessage(data=None, comment="keep-alive")
                     continue
+                read[event_provider(bus, msg)] = _seq(msg)
                 status = names.status_of_subject(msg.subject)
                 if status not in EVENT_STATUSES:
                     continue  # not a task event: nothing a client could read
@@ -330,12 +330,39 @@ async def all_events(
                 quiet_since = anyio.current_time()
                 body = await _event_json(bus, msg)
                 yield ServerSentEventMessage(
-                    data=body.decode(errors="replace"), event=status, id=str(msg.metadata.sequence.stream)
+                    data=body.decode(errors="replace"), event=status, id=event_id(read)
                 )
-        finally:
-            await unsubscribe(sub)
 
     return ServerSentEvent(events())
+
+
+def event_id(read: dict[str, int]) -> str:
+    """A feed's place: each provider's with the sequence of its last event read, ``echo=12,groq=40``."""
+    return ",".join(f"{provider}={seq}" for provider, seq in sorted(read.items()))
+
+
+def _resume_positions(last_event_id: str, provider: str | None) -> dict[str, int]:
+    """The places a ``Last-Event-ID`` names, by provider (a 400 for one that names none); with
+    ``provider``, a plain sequence is that provider's, and the places of other providers are left out."""
+    read: dict[str, int] = {}
+    text = last_event_id.strip()
+    if provider is not None and text.isdigit() and len(text) <= 16:
+        read[provider] = int(text)
+    else:
+        for part in text.split(","):
+            name, sep, seq = part.strip().partition("=")
+            if not sep or not is_valid_token(name) or not seq.isdigit() or len(seq) > 16:
+                message = "Last-Event-ID must be the id of an event of this feed: <provider>=<sequence>,..."
+                raise ValidationException(
+                    detail=message, extra=[{"message": message, "key": "last-event-id", "source": "header"}]
+                )
+            read[name] = int(seq)
+    return read if provider is None else {p: seq for p, seq in read.items() if p == provider}
+
+
+def event_provider(bus: Bus, msg: Msg) -> str:
+    """The provider whose events stream ``msg`` was read from (its subject names it)."""
+    return bus.names.provider_of_subject(msg.subject)
 
 
 @get("/v1/tasks", summary="Recent tasks, newest first", responses=_errors(400, 401, 503))
@@ -413,27 +440,76 @@ async def _event_json(bus: Bus, msg: Msg) -> bytes:
 
 
 async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, limit: int) -> list[TaskView]:
-    """The latest state of the most recent tasks, read from the tail of the events stream."""
+    """The latest state of the most recent tasks, read from the tail of each provider's events stream
+    (of ``provider``'s alone, when given)."""
     bus = hive.bus
-    names = bus.names
+    tails: list[_Tail] = []
     try:
-        info = await bus.js.stream_info(names.events_stream)
+        providers = [provider] if provider is not None else await event_providers(bus)
+        async with anyio.create_task_group() as tg:
+            for of in providers:
+                tg.start_soon(_read_tail, bus, of, limit, tails)
     except BUS_ERRORS as exc:
-        raise BusUnavailable(f"could not read the events stream: {exc}") from None
-    last = info.state.last_seq
-    if not info.state.messages:
-        return []
-    # Enough of the tail for ``limit`` tasks of a few events each; older tasks are not "recent".
-    start = max(info.state.first_seq, last - limit * 8 + 1)
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+        raise BusUnavailable(f"could not read the events streams: {exc}") from None
     latest: dict[str, TaskView] = {}
-    tasks: dict[str, Task] = {}  # each followed task as queued or moved: its content and metadata
-    at: dict[str, int] = {}  # where a task whose queued event is a marker is in the tasks stream
+    tasks: dict[str, Task] = {}
+    at: dict[str, int] = {}
+    # A task whose events more than one provider's tail holds (it moved) is read whole (``Hive.get``):
+    # two streams' events are in no order between them.
+    moved: set[str] = set()
+    for tail in tails:
+        moved |= latest.keys() & tail.latest.keys()
+        latest |= tail.latest
+        tasks |= tail.tasks
+        at |= tail.at
+    found: list[TaskView] = []
+    for view in sorted(latest.values(), key=lambda v: v.id, reverse=True):
+        if len(found) >= limit:
+            break
+        if view.id in moved:
+            try:
+                view = await hive.get(view.id)
+            except TaskNotFound:
+                continue
+        if status is None or view.status == status:
+            found.append(view)
+    for view in found:
+        if view.id not in tasks and view.id not in moved and view.id in at:  # its content: one read
+            with contextlib.suppress(*BUS_ERRORS):
+                if (task := await task_at(bus, at[view.id], view.id)) is not None:
+                    tasks[view.id] = task
+    checked = [view if view.id in moved else await _checked(hive, view, tasks.get(view.id)) for view in found]
+    return [view.trimmed() for view in checked if view is not None]
+
+
+@dataclass
+class _Tail:
+    """What the tail of one provider's events stream says of the tasks it holds."""
+
+    latest: dict[str, TaskView] = field(default_factory=dict)
+    tasks: dict[str, Task] = field(default_factory=dict)  # each task as queued or moved: content, metadata
+    at: dict[str, int] = field(default_factory=dict)  # where a task whose queued event is a marker is
+
+
+async def _read_tail(bus: Bus, provider: str, limit: int, tails: list[_Tail]) -> None:
+    """The tail of ``provider``'s events stream, enough for ``limit`` tasks of a few events each (older
+    tasks are not "recent"), added to ``tails``; nothing for a provider without a stream."""
+    names = bus.names
+    stream = names.events_stream_of(provider)
+    try:
+        info = await bus.js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        return
+    if not info.state.messages:
+        return
+    start = max(info.state.first_seq, info.state.last_seq - limit * 8 + 1)
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+    tail = _Tail()
     # An event counts only from the provider its task is assigned to (a worker credential may write
     # events for any task id under its own provider): followed here from the queued and moved events in
     # the tail; a task whose queued event is older than the tail is looked up (``Hive.get``).
     assigned: dict[str, str] = {}
-    async with following(bus.js, names.events(provider), stream=names.events_stream, config=config) as sub:
+    async with following(bus.js, names.events(provider), stream=stream, config=config) as sub:
         with anyio.move_on_after(bus.settings.request_timeout_s):
             async for msg in sub.messages:
                 try:
@@ -447,27 +523,19 @@ async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, 
                 elif isinstance(event, Queued):
                     assigned[event.task_id] = on
                     if event.task is not None:
-                        tasks[event.task_id] = event.task
+                        tail.tasks[event.task_id] = event.task
                     elif (seq := marker_seq(msg.headers)) is not None:
-                        tasks.pop(event.task_id, None)
-                        at[event.task_id] = seq
-                    latest[event.task_id] = TaskView.of(event)
+                        tail.tasks.pop(event.task_id, None)
+                        tail.at[event.task_id] = seq
+                    tail.latest[event.task_id] = TaskView.of(event)
                 elif assigned.get(event.task_id, on) == on:
                     if isinstance(event, Moved) and event.task_id in assigned:
                         assigned[event.task_id] = event.task.provider
-                        tasks[event.task_id] = event.task
-                    latest[event.task_id] = TaskView.of(event)
+                        tail.tasks[event.task_id] = event.task
+                    tail.latest[event.task_id] = TaskView.of(event)
                 if msg.metadata.num_pending == 0:
                     break
-    views = sorted(latest.values(), key=lambda v: v.id, reverse=True)
-    found = [v for v in views if status is None or v.status == status][:limit]
-    for view in found:
-        if view.id not in tasks and view.id in at:  # its content from its message, one read
-            with contextlib.suppress(*BUS_ERRORS):
-                if (task := await task_at(bus, at[view.id], view.id)) is not None:
-                    tasks[view.id] = task
-    checked = [await _checked(hive, v, tasks.get(v.id)) for v in found]
-    return [view.trimmed() for view in checked if view is not None]
+    tails.append(tail)
 
 
 async def _checked(hive: Hive, view: TaskView, task: Task | None) -> TaskView | None:
@@ -528,7 +596,7 @@ async def readyz(state: State) -> Response[Readiness]:
     try:
         with anyio.fail_after(bus.settings.request_timeout_s):
             await bus.js.stream_info(bus.names.tasks_stream)
-            await bus.js.stream_info(bus.names.events_stream)
+            await event_providers(bus)  # the events streams, one a provider, made as providers are used
     except BUS_ERRORS as exc:
         reason = str(exc) or type(exc).__name__
         return Response(Readiness(status="unavailable", reason=f"JetStream: {reason}"), status_code=503)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -40,7 +41,7 @@ import anyio
 import msgspec
 import nats.errors
 from anyio.abc import TaskGroup, TaskStatus
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from hive_bus import Hive, HiveError, _cancel
 from hive_bus._assigned import Assignments, current_view
@@ -61,9 +62,11 @@ from hive_bus._batches import (
     window_s,
 )
 from hive_bus._budget import BudgetError, ProviderBudget, load_budgets
+from hive_bus._bus import Bus, event_providers
+from hive_bus._events import merged_events
 from hive_bus._files import FileStore, Upload
 from hive_bus._messages import Completed, Failed, TaskRequest, TaskView, event_decoder
-from hive_bus._nats import BUS_ERRORS, following, unsubscribe
+from hive_bus._nats import BUS_ERRORS, unsubscribe
 from hive_bus._routes import Target
 
 from .openai_chat import Catalog, OpenAIError, completion_of, failure_of, parse_request, task_for
@@ -246,30 +249,59 @@ async def follow_ends(
     """Call ``on_end(line, status, event data, subject)`` for each of the batch's tasks' final events
     recorded under the provider the task is assigned to, from the batch's creation on, and
     ``on_caught_up()`` each time every event stored so far has been read; forever (the caller stops it).
-    One ordered consumer, filtered by the server on the events that matter."""
+    One ordered consumer a provider's events stream, filtered by the server on the events that matter."""
     bus, names = hive.bus, hive.bus.names
     ids = LineIds(batch)
     assigned = Assignments(bus, size=max(10_000, batch.request_counts.total + 1))
-    prefix = names.prefix
     statuses = ("queued", "moved", "completed", "failed", "cancelled")
-    config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_TIME,
-        opt_start_time=datetime.fromtimestamp(batch.created_at_ms / 1000, UTC) - timedelta(seconds=1),
-        filter_subjects=[f"{prefix}.events.*.*.{status}" for status in statuses],
-    )
-    async with following(bus.js, names.all_events, stream=names.events_stream, config=config) as sub:
-        async for msg in sub.messages:
+    since = datetime.fromtimestamp(batch.created_at_ms / 1000, UTC) - timedelta(seconds=1)
+
+    def config(provider: str) -> ConsumerConfig:
+        return ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_TIME,
+            opt_start_time=since,
+            filter_subjects=[names.event_subject(provider, "*", status) for status in statuses],
+        )
+
+    # by provider, how many of its events were left to read when its last one read was
+    left: dict[str, int] = {}
+
+    async def caught_up() -> bool:
+        """Whether every event stored so far is read: of each stream read from, and none stored in a
+        stream nothing was read from yet (its first would come)."""
+        if any(left.values()):
+            return False
+        for provider in await event_providers(bus):
+            if provider not in left and await _stored(bus, provider, config(provider)):
+                return False
+        return True
+
+    async with merged_events(bus, names.events_under, config) as received:
+        async for msg in received:
             tokens = msg.subject.split(".")
             line = ids.line_of(tokens[3]) if len(tokens) == 5 else None
             if line is not None and tokens[4] in ("completed", "failed", "cancelled"):
                 if await assigned.counts(msg.subject):
                     await on_end(line, tokens[4], msg.data, msg.subject)
             elif line is not None:
-                await assigned.counts(
-                    msg.subject
-                )  # learns where the task is from its queued and moved events
+                # learns where the task is from its queued and moved events
+                await assigned.counts(msg.subject)
+            left[tokens[2]] = msg.metadata.num_pending
             if on_caught_up is not None and msg.metadata.num_pending == 0:
-                on_caught_up()
+                with contextlib.suppress(*BUS_ERRORS):
+                    if await caught_up():
+                        on_caught_up()
+
+
+async def _stored(bus: Bus, provider: str, config: ConsumerConfig) -> int:
+    """How many events of ``provider``'s stream a consumer of ``config`` has to read: a throwaway
+    one's pending count (the server's index of subjects tells it, no message read)."""
+    stream = bus.names.events_stream_of(provider)
+    config = dataclasses.replace(config, ack_policy=AckPolicy.NONE, inactive_threshold=5.0, mem_storage=True)
+    info = await bus.js.add_consumer(stream, config)
+    with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*BUS_ERRORS):
+        await bus.js.delete_consumer(stream, info.name)
+    return int(info.num_pending or 0)
 
 
 class BatchRunner:

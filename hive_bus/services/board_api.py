@@ -3,6 +3,7 @@ that need a person. Served by a gateway that follows the bus (its :class:`servic
 """
 
 # No "from __future__ import annotations" here: Litestar reads the parameter markers at run time.
+import contextlib
 import logging
 import time
 from typing import Annotated
@@ -12,12 +13,12 @@ import msgspec
 from litestar import get
 from litestar.datastructures import State
 from litestar.params import FromPath, QueryParameter
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from hive_bus import BusUnavailable, Hive, TaskNotFound
 from hive_bus._assigned import Assignments, marker_seq, task_at
-from hive_bus._messages import Queued, TaskEvent, decode_event
-from hive_bus._nats import BUS_ERRORS, following
+from hive_bus._events import task_events
+from hive_bus._messages import Queued, TaskEvent
+from hive_bus._nats import BUS_ERRORS
 
 from .api import _errors
 from .history import HistoryView
@@ -96,26 +97,21 @@ async def task_timeline(task_id: FromPath[str], state: State) -> list[TaskEvent]
     them. At most :data:`MAX_TIMELINE_EVENTS`, the oldest."""
     hive: Hive = state.hive
     bus = hive.bus
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     assigned = Assignments(bus)
     events: list[TaskEvent] = []
     await hive.get(task_id)  # 404 at once for a task the bus does not know
     try:
-        subject = bus.names.events_of(task_id)
-        async with following(bus.js, subject, stream=bus.names.events_stream, config=config) as sub:
+        # the stream of the provider it was first queued on, then at each move the next one's
+        found = task_events(bus, task_id, assigned, live=False)
+        async with contextlib.aclosing(found):
             with anyio.move_on_after(bus.settings.request_timeout_s):
-                async for msg in sub.messages:
-                    if await assigned.counts(msg.subject):
-                        try:
-                            event = decode_event(msg.subject, msg.data, msg.headers)
-                            if isinstance(event, Queued) and event.task is None:  # a marker: its task
-                                seq = marker_seq(msg.headers)
-                                task = await task_at(bus, seq, task_id) if seq is not None else None
-                                event = msgspec.structs.replace(event, task=task)
-                            events.append(event)
-                        except msgspec.DecodeError:
-                            log.warning("task %s: an event does not decode; left out", task_id)
-                    if msg.metadata.num_pending == 0 or len(events) >= MAX_TIMELINE_EVENTS:
+                async for msg, event in found:
+                    if isinstance(event, Queued) and event.task is None:  # a marker: its task
+                        seq = marker_seq(msg.headers)
+                        task = await task_at(bus, seq, task_id) if seq is not None else None
+                        event = msgspec.structs.replace(event, task=task)
+                    events.append(event)
+                    if len(events) >= MAX_TIMELINE_EVENTS:
                         break
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not read task {task_id}: {exc}") from None

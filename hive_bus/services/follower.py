@@ -12,6 +12,9 @@ starts just after the last message applied, so nothing is applied twice or skipp
 Given ``start_seq`` and ``stop_seq``, it reads a stretch of the stream that is already stored (the
 history's backfill on start) the same way: from ``start_seq`` up to, not including, ``stop_seq``, and
 :meth:`EventFollower.run` returns once it has.
+
+Each provider's events are a stream of their own: :func:`follow_providers` runs a follower for each,
+and for each provider's stream that appears later, from its start.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from hive_bus._nats import BUS_ERRORS, PullInbox, pull_subject, stream_seq
+from hive_bus._events import watch_providers
+from hive_bus._nats import BUS_ERRORS, PullInbox, pull_subject, stream_seq, why
 from hive_bus.bus import Bus
 
 log = logging.getLogger("hive_bus.follower")
@@ -48,7 +52,7 @@ class EventFollower:
         stop_seq: int | None = None,
     ) -> None:
         self._bus = bus
-        self._stream = stream
+        self.stream = stream
         self._subjects = list(subjects)
         self._apply = apply
         self._batch = batch
@@ -68,7 +72,7 @@ class EventFollower:
         not answer then)."""
         bus = self._bus
         if self._start_seq is None:
-            info = await bus.js.stream_info(self._stream)
+            info = await bus.js.stream_info(self.stream)
             self.next_seq = info.state.last_seq + 1
         else:
             self.next_seq = self._start_seq
@@ -95,7 +99,7 @@ class EventFollower:
                 if not pulled:
                     log.warning(
                         "the %s consumer %s is gone; following again from %d",
-                        self._stream,
+                        self.stream,
                         consumer,
                         self.next_seq,
                     )
@@ -118,11 +122,11 @@ class EventFollower:
             num_replicas=1,
         )
         try:
-            info = await self._bus.js.add_consumer(self._stream, config)
+            info = await self._bus.js.add_consumer(self.stream, config)
         except BUS_ERRORS as exc:
             if first:
                 raise
-            log.warning("could not follow the %s stream (%s); trying again", self._stream, exc)
+            log.warning("could not follow the %s stream (%s); trying again", self.stream, exc)
             return None
         # Messages of an earlier consumer may still be on their way: only this one's count.
         self._consumer_token = f".{info.name}."
@@ -132,11 +136,11 @@ class EventFollower:
         """Ask for a batch and apply what comes until it is full or expires. False when the consumer
         no longer answers as it should."""
         self._received, self._status, self._answered = 0, None, anyio.Event()
-        subject = pull_subject(self._stream, consumer)
+        subject = pull_subject(self.stream, consumer)
         try:
             await inbox.send(subject, inbox.next_reply(), batch=self._batch, expires_s=self._expires_s)
         except BUS_ERRORS as exc:
-            log.warning("could not ask the %s stream for events: %s", self._stream, exc)
+            log.warning("could not ask the %s stream for events: %s", self.stream, exc)
             await anyio.sleep(1.0)
             return True  # the connection comes back; the consumer outlives a short outage
         with anyio.move_on_after(self._expires_s + 5.0):
@@ -175,11 +179,53 @@ class EventFollower:
         try:
             self._apply(msg.subject, msg.data, msg.headers)
         except Exception:  # a bug here must not stop the following, nor the gateway
-            log.exception("could not apply a message of the %s stream", self._stream)
+            log.exception("could not apply a message of the %s stream", self.stream)
         self._received += 1
         if self._received >= self._batch:
             self._answered.set()
 
     async def _delete(self, consumer: str) -> None:
         with anyio.move_on_after(2), contextlib.suppress(*BUS_ERRORS):
-            await self._bus.js.delete_consumer(self._stream, consumer)
+            await self._bus.js.delete_consumer(self.stream, consumer)
+
+
+async def follow_providers(
+    bus: Bus,
+    subjects: Callable[[str], Sequence[str]],
+    apply: Callable[[str, bytes, dict[str, str] | None], None],
+    *,
+    task_status: TaskStatus[dict[str, int]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """An :class:`EventFollower` of each provider's events stream, on ``subjects(provider)``: from now
+    on for the streams there are, from its start for each that appears later (nothing of it is missed).
+    Runs until cancelled; started, once every stream there is is followed, with the sequence each of
+    those followers began at, by provider (what is stored before it is the history's backfill)."""
+    began: dict[str, int] = {}
+    started = False
+
+    async def on_new(provider: str) -> None:
+        stream = bus.names.events_stream_of(provider)
+        if not started:
+            follower = EventFollower(bus, stream, subjects(provider), apply)
+            await tg.start(follower.run)
+            began[provider] = follower.next_seq
+        else:
+            tg.start_soon(_follow_new, EventFollower(bus, stream, subjects(provider), apply, start_seq=1))
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: watch_providers(bus, on_new, task_status=task_status))
+        started = True
+        task_status.started(began)
+
+
+async def _follow_new(follower: EventFollower) -> None:
+    """Follow a stream that appeared, trying again until its first consumer is made."""
+    pause_s = 1.0
+    while True:
+        try:
+            await follower.run()
+            return
+        except BUS_ERRORS as exc:
+            log.warning("could not follow the new stream %s (%s); trying again", follower.stream, why(exc))
+        await anyio.sleep(pause_s)
+        pause_s = min(2 * pause_s, 30.0)

@@ -1,8 +1,8 @@
 """The last hour of the gateway's figures, a minute at a time, for the dashboard's charts.
 
 Like ``/metrics``, the figures come from the bus, not from what this process happened to see: on start
-the last hour of the events stream is read once (:func:`backfill`, with the follower's reader, up to
-:data:`BACKFILL_MAX_EVENTS`), then :class:`services.metrics.BusMetrics` hands on what its
+the last hour of each provider's events stream is read once (:func:`backfill`, with the follower's
+reader, up to :data:`BACKFILL_MAX_EVENTS` in all), then :class:`services.metrics.BusMetrics` hands on what its
 follower applies from then on. So a page opened on a fresh gateway shows the past hour at once, and
 two gateways of one bus show the same. Memory is bounded: :data:`MINUTES` + 1 buckets, each with a
 count per provider (providers are capped by the metrics' labels) and two sparse histograms.
@@ -283,56 +283,62 @@ class _Backfill:
 
 
 async def backfill(
-    history: History, bus: Bus, *, before_seq: int, provider_label: Callable[[str], str]
+    history: History, bus: Bus, *, before: dict[str, int], provider_label: Callable[[str], str]
 ) -> None:
-    """Apply the events stored in the last hour before stream sequence ``before_seq`` (where the live
-    follower began) to ``history``, with the live follower's own reader (a batch at a time, no task
-    per message); sets ``history.backfilled``. Logs and gives up if the bus fails."""
-    names = bus.names
-    try:
-        first = await _first_seq_since(bus, now_ms() - history.minutes * MINUTE_MS)
-    except BUS_ERRORS as exc:
-        log.warning("history: could not find the last hour of events (%s); the charts start now", exc)
-        return
-    start = max(first, before_seq - BACKFILL_MAX_EVENTS)
-    if start > first:
-        log.warning(
-            "history: reading the last %d events only; the charts' oldest minutes are short",
-            before_seq - start,
+    """Apply the events stored in the last hour to ``history``: of each provider in ``before``, up to
+    the sequence of its stream where its live follower began, with the live follower's own reader (a
+    batch at a time, no task per message); sets ``history.backfilled``. A provider's stream made since
+    is followed from its start: nothing of it to read here. Logs and gives up if the bus fails."""
+    apply = _Backfill(history, bus, provider_label).apply
+    at_most = BACKFILL_MAX_EVENTS // max(1, len(before))  # the whole read stays within the bound
+    for provider, before_seq in sorted(before.items()):
+        stream = bus.names.events_stream_of(provider)
+        try:
+            first = await _first_seq_since(bus, provider, now_ms() - history.minutes * MINUTE_MS)
+        except BUS_ERRORS as exc:
+            log.warning("history: could not find the last hour of %s (%s); the charts start now", stream, exc)
+            return
+        start = max(first, before_seq - at_most)
+        if start > first:
+            log.warning(
+                "history: reading the last %d events of %s only; the charts' oldest minutes are short",
+                before_seq - start,
+                stream,
+            )
+        reader = EventFollower(
+            bus,
+            stream,
+            [bus.names.events_under(provider)],
+            apply,
+            batch=BACKFILL_BATCH,
+            expires_s=1.0,
+            start_seq=start,
+            stop_seq=before_seq,
         )
-    reader = EventFollower(
-        bus,
-        names.events_stream,
-        [names.all_events],
-        _Backfill(history, bus, provider_label).apply,
-        batch=BACKFILL_BATCH,
-        expires_s=1.0,
-        start_seq=start,
-        stop_seq=before_seq,
-    )
-    try:
-        await reader.run()
-    except BUS_ERRORS as exc:
-        log.warning("history: reading the last hour of events stopped (%s)", exc)
-        return
+        try:
+            await reader.run()
+        except BUS_ERRORS as exc:
+            log.warning("history: reading the last hour of %s stopped (%s)", stream, exc)
+            return
+        log.info("history: the last hour of %s read (sequences %d to %d)", stream, start, before_seq - 1)
     history.backfilled = True
-    log.info("history: the events of the last hour read (sequences %d to %d)", start, before_seq - 1)
 
 
-async def _first_seq_since(bus: Bus, at_ms: int) -> int:
-    """The stream sequence of the first event stored at or after ``at_ms``: where a consumer that starts
-    by time would start (the server finds it), read from a throwaway one."""
+async def _first_seq_since(bus: Bus, provider: str, at_ms: int) -> int:
+    """The sequence of the first event of ``provider`` stored at or after ``at_ms`` in its stream: where
+    a consumer that starts by time would start (the server finds it), read from a throwaway one."""
     names = bus.names
+    stream = names.events_stream_of(provider)
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_TIME,
         opt_start_time=datetime.fromtimestamp(at_ms / 1000, tz=UTC),
         ack_policy=AckPolicy.NONE,
-        filter_subject=names.all_events,
+        filter_subject=names.events_under(provider),
         inactive_threshold=5.0,
         mem_storage=True,
         num_replicas=1,
     )
-    info = await bus.js.add_consumer(names.events_stream, config)
+    info = await bus.js.add_consumer(stream, config)
     with anyio.CancelScope(shield=True), anyio.move_on_after(2), contextlib.suppress(*BUS_ERRORS):
-        await bus.js.delete_consumer(names.events_stream, info.name)
+        await bus.js.delete_consumer(stream, info.name)
     return (info.delivered.stream_seq if info.delivered else 0) + 1

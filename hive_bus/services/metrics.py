@@ -4,7 +4,7 @@
 default one, so several gateways, or tests, can live in one process):
 
 - counters and histograms, from the events that say how a run went (retries, final outcomes, reports
-  of duplicate ones) on the events stream, followed from the moment it starts (a batch at a time,
+  of duplicate ones) on each provider's events stream, followed from the moment it starts (a batch at a time,
   resumed after the last event seen if its consumer is lost; see :mod:`services.follower`):
   completions by model, failures and retries by reason, rate-limit waits, tokens, cost, and the
   queue-wait, call and end-to-end times of completed tasks. ``running``, ``queued`` and ``moved``
@@ -56,7 +56,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from hive_bus import WorkerBeat
 from hive_bus._budget import Ledger, ledgers
-from hive_bus._bus import ensure_counters_stream, kv_entries, redeclare_workers_bucket
+from hive_bus._bus import ensure_counters_stream, event_providers, kv_entries, redeclare_workers_bucket
 from hive_bus._cooldown import decode_records, provider_cooldowns
 from hive_bus._counts import submitted_counts
 from hive_bus._dlq import streams as dlq_streams
@@ -74,7 +74,7 @@ from hive_bus._nats import BUS_ERRORS, why
 from hive_bus._stats import QueueDepth, queue_depths
 from hive_bus.bus import Bus
 
-from .follower import EventFollower
+from .follower import follow_providers
 from .history import History, HistoryView, backfill
 
 log = logging.getLogger("hive_bus.metrics")
@@ -369,15 +369,11 @@ class BusMetrics:
             await ensure_counters_stream(bus.js, bus.settings)
             self._submitted_before = await submitted_counts(bus)
             # not the queued and moved events: the history's queue depths are read from the queues
-            names = bus.names
-            subjects = names.outcome_events
-            follower = EventFollower(bus, names.events_stream, subjects, self._observe)
-            await tg.start(follower.run)
+            began = await tg.start(follow_providers, bus, self._followed, self._observe)
             tg.start_soon(self._refresh_loop)
-            # the hour before: read once, up to where the follower began
-            began = follower.next_seq
+            # the hour before: read once, up to where each provider's follower began
             tg.start_soon(
-                lambda: backfill(self.history, bus, before_seq=began, provider_label=self._provider_label)
+                lambda: backfill(self.history, bus, before=began, provider_label=self._provider_label)
             )
             task_status.started()
 
@@ -407,6 +403,15 @@ class BusMetrics:
         """The last hour a minute at a time (see :mod:`services.history`), queue depths as the queues
         were read (this minute's, the last read)."""
         return self.history.view(_depths(self._gauges.snapshot), since_ms=since_ms)
+
+    def _followed(self, provider: str) -> list[str]:
+        """What is followed of a provider's events: its outcomes, and reports of duplicate ones."""
+        names = self._bus.names
+        statuses = ("retrying", "completed", "failed", "cancelled")
+        return [
+            *(names.event_subject(provider, "*", status) for status in statuses),
+            names.duplicate_subject(provider, "*", "*"),
+        ]
 
     def _observe(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
         names = self._bus.names
@@ -535,9 +540,10 @@ class BusMetrics:
         cooldown_values = await kv_entries(bus.providers_kv, timeout_s=bus.settings.request_timeout_s)
         cooldowns = provider_cooldowns(cooldown_values, beats)
         dead_letter_streams = await dlq_streams(bus)
+        events_streams = [bus.names.events_stream_of(p) for p in await event_providers(bus)]
         states = {
             stream: (await bus.js.stream_info(stream)).state
-            for stream in (bus.names.tasks_stream, bus.names.events_stream, *dead_letter_streams)
+            for stream in (bus.names.tasks_stream, *events_streams, *dead_letter_streams)
         }
         lost = {stream: lost_count(state) for stream, state in states.items()}
         counted = await submitted_counts(bus)

@@ -25,6 +25,7 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from hive_bus import Completed, Failed, Hive
+from hive_bus._bus import event_providers
 from hive_bus._messages import event_decoder, task_decoder
 from hive_bus.bus import Bus
 
@@ -138,11 +139,13 @@ class Ledger:
         answered 503 after its first publish was stored), and how many of those completed anyway (the
         task was stored too, but its ack was lost). Meaningful when the ledger saw every submission."""
         names = bus.names
-        info = await bus.js.stream_info(names.events_stream, subjects_filter=f"{names.prefix}.events.*.*.*")
         ids: dict[str, set[str]] = {}
-        for subject in info.state.subjects or {}:
-            _, _, _, task_id, status = subject.split(".")
-            ids.setdefault(status, set()).add(task_id)
+        for provider in await event_providers(bus):
+            stream, subjects = names.events_stream_of(provider), names.event_subject(provider, "*", "*")
+            info = await bus.js.stream_info(stream, subjects_filter=subjects)
+            for subject in info.state.subjects or {}:
+                _, _, _, task_id, status = subject.split(".")
+                ids.setdefault(status, set()).add(task_id)
         strays = ids.get("queued", set()) - set(self._prompts)
         return len(strays), len(strays & ids.get("completed", set()))
 
@@ -198,14 +201,21 @@ class Ledger:
 
 
 async def _read_final_events(bus: Bus, fates: dict[str, Fate]) -> None:
-    """Every completed and failed event of the bus, counted for the tasks of the ledger."""
+    """Every completed and failed event of the bus (each provider's stream), counted for the tasks of
+    the ledger."""
+    for provider in await event_providers(bus):
+        await _read_final_events_of(bus, provider, fates)
+
+
+async def _read_final_events_of(bus: Bus, provider: str, fates: dict[str, Fate]) -> None:
     names = bus.names
-    info = await bus.js.stream_info(names.events_stream)
+    stream = names.events_stream_of(provider)
+    info = await bus.js.stream_info(stream)
     if not info.state.messages:
         return
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, filter_subjects=names.final_events())
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, filter_subjects=names.final_events(provider))
     sub = await bus.js.subscribe(
-        names.all_events, stream=names.events_stream, ordered_consumer=True, config=config
+        names.events_under(provider), stream=stream, ordered_consumer=True, config=config
     )
     try:
         with anyio.fail_after(30):

@@ -85,7 +85,9 @@ async def terminated_as_undecodable(bus: Bus, poison: Poisoned) -> Failed | None
     task_id = poison.claimed or f"undecodable-{poison.seq}"
     try:
         raw = await bus.js.get_last_msg(
-            bus.names.events_stream, bus.names.event_subject("echo", task_id, "failed"), direct=True
+            bus.names.events_stream_of("echo"),
+            bus.names.event_subject("echo", task_id, "failed"),
+            direct=True,
         )
     except nats.js.errors.NotFoundError:
         return None

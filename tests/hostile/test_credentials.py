@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig, StorageType
 
 from hive_bus import FunctionProvider, Hive, Settings, Task, load_settings
-from hive_bus._bus import BUCKET_MAX_BYTES, VALUE_MAX_BYTES, ensure_consumers
+from hive_bus._bus import BUCKET_MAX_BYTES, VALUE_MAX_BYTES, ensure_consumers, ensure_events
 from hive_bus._dlq import NotReplayable
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import (
@@ -141,17 +141,19 @@ async def test_a_worker_cannot_read_another_providers_prompts(hub: tuple[Hub, Na
     async with gateway(rendered, server) as (_, hive), attacker(rendered, server) as mallory:
         secret = await hive.submit("gemini", "el plan secreto", metadata={"client": "acme"})
         own = await hive.submit("echo", "mine")
-        events = "$JS.API.DIRECT.GET.HIVE_EVENTS"
+        events = "$JS.API.DIRECT.GET.HIVE_EVENTS_gemini"  # gemini's events, in a stream of their own
         for subject in (
             f"{events}.hive.events.gemini.*.queued",  # every gemini task as it arrives
             f"{events}.hive.events.gemini.{secret}.queued",
             f"{events}.hive.events.*.{secret}.*",
             f"{events}.hive.events.>",
+            f"$JS.API.DIRECT.GET.HIVE_EVENTS_echo.hive.events.gemini.{secret}.queued",  # not in echo's
         ):
             assert await mallory.direct_get(subject) is None, subject
         body = json.dumps({"last_by_subj": f"hive.events.gemini.{secret}.queued"}).encode()
         assert await mallory.direct_get(events, body) is None
-        assert await mallory.direct_get("$JS.API.STREAM.MSG.GET.HIVE_EVENTS", b'{"seq": 1}') is None
+        assert await mallory.direct_get("$JS.API.STREAM.MSG.GET.HIVE_EVENTS_gemini", b'{"seq": 1}') is None
+        assert await mallory.direct_get("$JS.API.STREAM.INFO.HIVE_EVENTS_gemini") is None
         # the tasks stream (whose direct gets readers of a task's content use) is the hub's alone
         tasks = "$JS.API.DIRECT.GET.HIVE_TASKS"
         for subject in (f"{tasks}.hive.tasks.gemini.normal.{secret}", f"{tasks}.hive.tasks.*.*.{secret}"):
@@ -159,7 +161,8 @@ async def test_a_worker_cannot_read_another_providers_prompts(hub: tuple[Hub, Na
         assert await mallory.direct_get("$JS.API.STREAM.MSG.GET.HIVE_TASKS", b'{"seq": 1}') is None
         # what its own tasks need it still reads: an echo task's last event (its queued event, the tasks
         # stream's headers-only marker: no content, which the worker gets with the task itself)
-        assert await mallory.direct_get(f"{events}.hive.events.echo.{own}.*") is not None
+        mine = "$JS.API.DIRECT.GET.HIVE_EVENTS_echo"
+        assert await mallory.direct_get(f"{mine}.hive.events.echo.{own}.*") is not None
 
 
 async def test_a_forged_outcome_neither_counts_nor_blocks_the_real_one(hub: tuple[Hub, NatsServer]) -> None:
@@ -312,6 +315,7 @@ async def test_a_tasks_event_feed_leaves_out_forged_events(nats_server: NatsServ
         forged = Completed(
             task_id=task_id, provider="echo", at_ms=now_ms(), attempt=1, worker="m", output="forged"
         )
+        await ensure_events(stack.bus, "echo")  # echo has a stream of its own: the forgery is stored
         await stack.bus.js.publish(names.event_subject("echo", task_id, "completed"), encoder.encode(forged))
         seen: list[str] = []
         async with (

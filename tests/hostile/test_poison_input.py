@@ -25,6 +25,7 @@ import nats.js.errors
 import pytest
 
 from hive_bus import Failed, FunctionProvider, Hive, Settings, Task, load_settings
+from hive_bus._bus import ensure_events
 from hive_bus._duplicates import duplicate_decoder
 from hive_bus._messages import beat_decoder, event_decoder, new_task_id, request_decoder, task_decoder
 from hive_bus._nesting import MAX_NESTING, NestedTooDeep
@@ -155,7 +156,7 @@ async def test_deep_events_on_the_bus_leave_task_answers_serving(settings: Setti
         for task_id in (poisoned, good):  # a task of its own, and the last event of a real one
             await stack.bus.js.publish(
                 names.event_subject("echo", task_id, "queued"), deep_queued_event(task_id, 5000),
-                stream=names.events_stream,
+                stream=names.events_stream_of("echo"),
             )  # fmt: skip
         listed = await stack.http.get("/v1/tasks")
         assert listed.status_code == 200, listed.text
@@ -196,7 +197,9 @@ async def test_the_worker_dead_letters_a_deep_task_and_goes_on(bus: Bus, hive: H
             async def failed(task_id: str = task_id) -> Failed | None:
                 try:
                     raw = await bus.js.get_last_msg(
-                        names.events_stream, names.event_subject("echo", task_id, "failed"), direct=True
+                        names.events_stream_of("echo"),
+                        names.event_subject("echo", task_id, "failed"),
+                        direct=True,
                     )
                 except nats.js.errors.NotFoundError:
                     return None
@@ -246,8 +249,9 @@ async def _poison_the_hub(nats_url: str) -> None:
         names = bus.names
         moved = deep_moved_event(new_task_id(), 5000)
         assert 10_000 <= len(moved) <= 11_000  # the 10 KB event of the report
+        await ensure_events(bus, "echo")
         await bus.js.publish(
-            names.event_subject("echo", new_task_id(), "moved"), moved, stream=names.events_stream
+            names.event_subject("echo", new_task_id(), "moved"), moved, stream=names.events_stream_of("echo")
         )
         deep_task = _task_fields(new_task_id(), deep_json(5000))
         await bus.js.publish(

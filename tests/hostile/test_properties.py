@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 import nats
 from hive_bus import Hive, Settings
+from hive_bus._bus import event_providers
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import Completed, encoder, new_task_id, now_ms
 from hive_bus.bus import Bus, open_bus
@@ -132,16 +133,18 @@ def held(hub: Hub, http: httpx.Client, ledger: Ledger, caplog: pytest.LogCapture
 
 async def no_secret_in_events(bus: Bus) -> None:
     names = bus.names
-    sub = await bus.js.subscribe(names.all_events, stream=names.events_stream, ordered_consumer=True)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except TimeoutError:
-                return
-            assert_no_secret(f"event {msg.subject}", msg.data.decode("utf-8", "replace"))
-    finally:
-        await sub.unsubscribe()
+    for provider in await event_providers(bus):
+        stream = names.events_stream_of(provider)
+        sub = await bus.js.subscribe(names.events_under(provider), stream=stream, ordered_consumer=True)
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1.0)
+                except TimeoutError:
+                    break
+                assert_no_secret(f"event {msg.subject}", msg.data.decode("utf-8", "replace"))
+        finally:
+            await sub.unsubscribe()
 
 
 # what hostile HTTP looks like -------------------------------------------------------------------------

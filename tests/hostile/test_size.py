@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from hive_bus import FunctionProvider, Hive, Settings, Task
-from hive_bus._bus import ensure_consumers
+from hive_bus._bus import ensure_consumers, event_providers
 from hive_bus._embedded import NatsServer
 from hive_bus._errors import BusUnavailable
 from hive_bus._nats import reconnects
@@ -111,7 +111,7 @@ async def test_an_eight_megabyte_task_and_its_output_travel_end_to_end(hive: Hiv
     assert view.output == prompt
     events = await events_of(hive.bus, task_id)
     assert events, "no events"
-    info = await hive.bus.js.stream_info(hive.bus.names.events_stream)
+    info = await hive.bus.js.stream_info(hive.bus.names.events_stream_of("echo"))
     assert info.state.bytes < 64 * 1024  # the events hold references, not the 9 MB
     async for done in hive.results([task_id]):
         assert done.output == prompt
@@ -150,8 +150,9 @@ async def test_a_batch_with_one_task_too_large_is_413_naming_it_and_queues_nothi
         assert "retry-after" not in r.headers
         r = await stack.http.post("/v1/tasks", json=tasks[1])
         assert r.status_code == 413, r.text
-        for stream in (stack.bus.names.tasks_stream, stack.bus.names.events_stream):
-            assert await stream_messages(stack.bus, stream) == 0
+        assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 0
+        for provider in await event_providers(stack.bus):  # none: nothing of echo's was ever queued
+            assert await stream_messages(stack.bus, stack.bus.names.events_stream_of(provider)) == 0
 
 
 async def test_an_output_too_large_to_record_fails_the_task_for_good(nats_server: NatsServer) -> None:

@@ -1,10 +1,11 @@
 """Issue 12, point 5: what one provider's worker credential can store is bounded per provider, so that
-it cannot crowd out another provider's records. Dead letters: each provider has a stream of its own,
-with its own limit. An echo worker's credential (made by nats/worker-user.sh) fills echo's dead letters
-with junk up to their limit; gemini's dead letters still land, on the shipped hub config.
+it cannot crowd out another provider's records. Events and dead letters: each provider has a stream of
+its own of each, with its own limit. An echo worker's credential (made by nats/worker-user.sh) floods
+echo's events with junk many times their limit, and fills echo's dead letters with junk up to theirs;
+gemini's history and results stay, and its dead letters still land, on the shipped hub config.
 
-And a bus made before dead letters were kept per provider (one shared ``<PREFIX>_DLQ``) is split into
-per-provider streams when the gateway starts, losing no dead letter.
+And a bus made before events or dead letters were kept per provider (one shared ``<PREFIX>_EVENTS``, one
+``<PREFIX>_DLQ``) is split into per-provider streams when the gateway starts, losing nothing.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 import pytest
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from hive_bus import FunctionProvider, Hive, Settings, Task
-from hive_bus._bus import ensure_consumers
+from hive_bus._bus import ensure_consumers, shared_events_stream_config
 from hive_bus._embedded import NatsServer
 from hive_bus._errors import FailNow
-from hive_bus._messages import Failed, encoder, new_task_id, now_ms
+from hive_bus._messages import Failed, TaskEvent, encoder, new_task_id, now_ms
 from hive_bus.bus import Bus, open_bus
+from hive_bus.workers.echo import EchoProvider
 from tests.conftest import make_settings
-from tests.helpers import running_worker
+from tests.helpers import events_of, running_worker
 from tests.hub import Hub, hub_server, make_certs, render
 
 from .test_credentials import ATTACKER, GEMINI, attacker, settings_for
@@ -32,6 +34,7 @@ from .test_credentials import ATTACKER, GEMINI, attacker, settings_for
 pytestmark = pytest.mark.anyio
 
 DLQ_MAX_BYTES = 1024**2  # each provider's, in this test
+EVENTS_MAX_BYTES = 2 * 1024**2  # each provider's, in this test
 JUNK_BYTES = 60 * 1024  # the largest dead letter of junk sent
 
 
@@ -105,6 +108,123 @@ async def test_a_worker_filling_its_dead_letters_leaves_another_providers_room(
             "gemini said 400: the prompt is not allowed",
         )
         assert task_id in {d.failed.task_id for d in await hive.dead_letters(provider="gemini")}
+
+
+async def test_a_worker_flooding_its_events_leaves_another_providers_history(
+    hub: tuple[Hub, NatsServer],
+) -> None:
+    """The finding: 40 junk events of 1 MB each under echo pushed gemini's history out of the one
+    events stream, and gemini's tasks answered 404. Now each provider's events are a stream of their
+    own: the junk pushes out echo's oldest events at most."""
+    rendered, server = hub
+    settings = settings_for(rendered, server, "gateway", events_max_bytes=EVENTS_MAX_BYTES)
+    async with open_bus(settings, name="gateway") as bus, attacker(rendered, server) as mallory:
+        await bus.js.purge_stream(bus.names.tasks_stream)
+        for provider in ("echo", "gemini"):  # as the gateway makes them for a provider it serves
+            await ensure_consumers(bus.js, bus.settings, provider)
+        for provider in ("echo", "gemini"):  # this test's limit (the module's hub has others' streams)
+            info = await bus.js.stream_info(bus.names.events_stream_of(provider))
+            info.config.max_bytes = EVENTS_MAX_BYTES
+            await bus.js.update_stream(info.config)
+        hive = Hive(bus)
+        task_id = await hive.submit("gemini", "escribe un tuit", max_attempts=1)
+        async with failing_gemini_worker(rendered, server):
+            done = await hive.wait(task_id, 30)
+        assert (done.status, done.reason) == ("failed", "permanent")
+
+        flood = 0
+        while flood < 8 * EVENTS_MAX_BYTES:  # four times as much as the whole stream holds
+            junk = Failed(
+                task_id=new_task_id(), provider="echo", at_ms=now_ms(), attempt=1, worker="m",
+                reason="permanent", error="x" * (900 * 1024),
+            )  # fmt: skip
+            await mallory.publish(f"hive.events.echo.{junk.task_id}.failed", encoder.encode(junk))
+            flood += 900 * 1024
+        echo = await bus.js.stream_info(bus.names.events_stream_of("echo"))
+        assert echo.state.bytes <= EVENTS_MAX_BYTES  # the junk went in, within echo's own limit
+        assert not mallory.errors, mallory.errors
+
+        again = await hive.get(task_id)  # gemini's history is all there
+        assert (again.status, again.reason, again.error) == (
+            "failed",
+            "permanent",
+            "gemini said 400: the prompt is not allowed",
+        )
+        assert [type(e).__name__ for e in await events_of(bus, task_id)][-1] == "Failed"
+
+
+async def _old_events_bus(
+    settings: Settings, *, webhooks: bool
+) -> tuple[str, str, dict[str, list[TaskEvent]], int]:
+    """A bus whose every provider's events are in one ``<PREFIX>_EVENTS``, as before this version: a
+    completed echo task and a queued groq one; with ``webhooks``, their durable consumer of the shared
+    stream, which has announced nothing yet. The two tasks' ids, their events, how many events."""
+    names = settings.names
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        done = await hive.submit("echo", "hecho")
+        waiting = await hive.submit("groq", "espera")
+        async with running_worker(bus, "echo", EchoProvider()):
+            assert (await hive.wait(done, 10)).status == "completed"
+        before = {task_id: await events_of(bus, task_id) for task_id in (done, waiting)}
+        kept = []
+        for provider in ("echo", "groq"):
+            stream = names.events_stream_of(provider)
+            state = (await bus.js.stream_info(stream)).state
+            for seq in range(state.first_seq, state.last_seq + 1):
+                raw = await bus.js.get_msg(stream, seq)  # as stored: a marker's headers name its task
+                kept.append((raw.subject or "", raw.data or b"", dict(raw.headers or {})))
+            await bus.js.delete_stream(stream)
+        await bus.js.add_stream(shared_events_stream_config(settings))
+        for subject, data, headers in kept:  # in the order they were stored: echo's, then groq's
+            await bus.js.publish(subject, data, headers=headers or None, stream=names.events_stream)
+        if webhooks:
+            config = ConsumerConfig(
+                durable_name=names.webhook_events_consumer, filter_subjects=names.final_events(),
+                ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+            )  # fmt: skip
+            await bus.js.add_consumer(names.events_stream, config)
+        await hive.close()
+    return done, waiting, before, len(kept)
+
+
+async def test_a_shared_events_stream_is_split_per_provider(nats_server: NatsServer) -> None:
+    """A bus whose every provider's events are in one ``<PREFIX>_EVENTS`` (before this version): the
+    start of two processes at once moves them into one stream per provider, in order, headers and
+    bodies as they were, each once, and the tasks they record read as before."""
+    settings = make_settings(nats_server.url)
+    names = settings.names
+    done, waiting, before, moved = await _old_events_bus(settings, webhooks=False)
+    async with AsyncExitStack() as stack:  # two gateways (or a gateway and a client) starting on it
+        bus, _ = await _both(stack, settings)
+        streams = [s.config.name for s in await bus.js.streams_info()]
+        assert names.events_stream not in streams
+        total = 0
+        for provider in ("echo", "groq"):
+            info = await bus.js.stream_info(names.events_stream_of(provider))
+            assert info.config.subjects == [names.events_under(provider)]
+            total += info.state.messages
+        assert total == moved
+        hive = Hive(bus)
+        after = {task_id: await events_of(bus, task_id) for task_id in (done, waiting)}
+        assert after == before
+        assert (await hive.get(done)).output == "hecho"
+        assert (await hive.get(waiting)).status == "queued"
+        async with running_worker(bus, "groq", EchoProvider()):
+            assert (await hive.wait(waiting, 10)).output == "espera"
+        await hive.close()
+
+
+async def test_the_split_keeps_the_webhooks_place(nats_server: NatsServer) -> None:
+    """Webhooks ran on the old bus: what they had not announced before the split they announce after
+    it (each provider's stream gets their consumer from its first final event not announced)."""
+    settings = make_settings(nats_server.url)
+    await _old_events_bus(settings, webhooks=True)
+    async with open_bus(settings) as bus:
+        for provider, unannounced in (("echo", 1), ("groq", 0)):  # echo's one completion; groq none
+            stream = bus.names.events_stream_of(provider)
+            info = await bus.js.consumer_info(stream, bus.names.webhook_events_consumer)
+            assert info.num_pending == unannounced, provider
 
 
 async def test_a_shared_dead_letter_stream_is_split_per_provider(nats_server: NatsServer) -> None:

@@ -70,7 +70,7 @@ async def test_a_wait_sees_an_end_published_before_it_started_and_stored_after(r
     # the waits share one consumer, the client's, and it goes with the client: many waits leave
     # nothing behind on the server
     async def consumers() -> int:
-        return (await bus.js.stream_info(names.events_stream)).state.consumer_count
+        return (await bus.js.stream_info(names.events_stream_of("echo"))).state.consumer_count
 
     assert await consumers() == 1
     await hive.close()

@@ -1,8 +1,9 @@
 """Webhooks, delivered by the gateway from the bus, at least once, never in a task's way.
 
-Two durable consumers, shared by every gateway of the bus:
+Durable consumers, shared by every gateway of the bus:
 
-1. tasks' final events (:func:`source.final_events`): for each event that counts (recorded under the
+1. tasks' final events (:func:`source.final_events`, one consumer a provider's events stream, each
+   stream followed as it appears): for each event that counts (recorded under the
    provider its task is assigned to, ``hive_bus._assigned``), one :class:`Delivery` per receiver (the
    task's own webhook, and each gateway-wide one that wants that kind of event) goes into the
    ``<PREFIX>_WEBHOOKS`` queue, de-duplicated by its webhook id; then the event is acked. The webhook
@@ -39,6 +40,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from hive_bus import __version__
 from hive_bus._assigned import assignment
 from hive_bus._errors import HiveError, TooLarge
+from hive_bus._events import watch_providers
 from hive_bus._messages import Task, TaskEvent, decode_event, now_ms
 from hive_bus._nats import BUS_ERRORS, unsubscribe
 from hive_bus._size import js_publish
@@ -48,7 +50,7 @@ from . import records, urls
 from .config import Signer, WebhookConfigError, WebhookSettings
 from .payload import payload, webhook_id, without_output
 from .records import Delivery, DeliveryRecord, DeliveryStatus
-from .source import final_events
+from .source import final_events, final_events_followed
 
 log = logging.getLogger("hive_bus.webhooks")
 
@@ -112,7 +114,7 @@ class Webhooks:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await self.check()
         await records.declare(self._bus, self._settings)
-        events = await final_events(self._bus)
+        events: list[JetStreamContext.PullSubscription] = []
         deliveries = await self._deliveries()
         # The transport itself, not a client: it follows no redirect, reads no proxy from the
         # environment (which would make the request from elsewhere), and logs no URL (a client logs
@@ -121,14 +123,44 @@ class Webhooks:
         # name must never carry a request for another name at the same address.
         transport = httpx.AsyncHTTPTransport(retries=0, limits=httpx.Limits(max_keepalive_connections=0))
         try:
+            # A provider's stream without the consumer is followed from its start when webhooks have
+            # run on this bus before (the stream is newer than they are), or appears while they run;
+            # else (webhooks new to the bus) from now.
+            ran_before = await final_events_followed(self._bus)
             async with transport as client, anyio.create_task_group() as tg:
-                tg.start_soon(self._loop, events, self._queue_or_set_aside, "events")
+                listed = False  # the streams there are at the start are followed
+
+                async def on_new(provider: str) -> None:
+                    tg.start_soon(self._follow_events, provider, listed or ran_before, events)
+
+                await tg.start(
+                    lambda task_status: watch_providers(self._bus, on_new, task_status=task_status)
+                )
+                listed = True
                 deliver = functools.partial(self._deliver, client)
                 tg.start_soon(self._loop, deliveries, deliver, "deliveries", self._count_pending)
                 task_status.started()
         finally:
-            await unsubscribe(events, timeout_s=3)
+            for sub in events:
+                await unsubscribe(sub, timeout_s=3)
             await unsubscribe(deliveries, timeout_s=3)
+
+    async def _follow_events(
+        self, provider: str, from_start: bool, subs: list[JetStreamContext.PullSubscription]
+    ) -> None:
+        """Queue the deliveries of the final events of ``provider``'s tasks (its stream appeared since
+        the start: ``from_start``), binding to its consumer until the bus answers."""
+        while True:
+            try:
+                sub = await final_events(self._bus, provider, from_start=from_start)
+                break
+            except BUS_ERRORS as exc:
+                log.warning(
+                    "webhooks: cannot follow the final events of %s (%s); trying again", provider, exc
+                )
+                await anyio.sleep(5)
+        subs.append(sub)
+        await self._loop(sub, self._queue_or_set_aside, f"events of {provider}")
 
     async def _deliveries(self) -> JetStreamContext.PullSubscription:
         names = self._bus.names
