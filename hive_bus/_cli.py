@@ -26,7 +26,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from . import _redact
 from ._budget import BudgetError, load_budgets
-from ._bus import Bus, open_bus
+from ._bus import Bus, event_providers, open_bus
 from ._client import Hive, PartialSubmit, connect
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import BusUnavailable, HiveError, TaskEnded
@@ -1004,11 +1004,18 @@ def upgrade(settings: Settings) -> None:
 
     async def main() -> None:
         async with open_bus(settings, name="hive-upgrade") as bus:
-            info = await bus.js.stream_info(bus.names.tasks_stream)
+            names = bus.names
+            info = await bus.js.stream_info(names.tasks_stream)
+            events = {
+                p: await bus.js.stream_info(names.events_stream_of(p)) for p in await event_providers(bus)
+            }
         click.echo(
-            f"{bus.names.tasks_stream}: {getattr(info.config.retention, 'value', info.config.retention)} "
-            f"retention, {info.state.messages} tasks held; the bus is up to date"
+            f"{names.tasks_stream}: {getattr(info.config.retention, 'value', info.config.retention)} "
+            f"retention, {info.state.messages} tasks held"
         )
+        for provider, stream in events.items():
+            click.echo(f"{names.events_stream_of(provider)}: {stream.state.messages} events of {provider}")
+        click.echo("the bus is up to date")
 
     _run(main)
 

@@ -125,6 +125,8 @@ async def test_hive_upgrade_upgrades_the_bus(settings: Settings) -> None:
     done = hive_cli(args, env=env)
     assert done.returncode == 0, done.stderr
     assert f"limits retention, {OLD_TASKS + 1} tasks held" in done.stdout
+    # the one events stream of every provider, split: echo's events in a stream of their own
+    assert f"{settings.names.events_stream_of('echo')}: {OLD_TASKS} events of echo" in done.stdout
     async with open_bus(settings) as bus:
         hive = Hive(bus)
         try:
