@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -27,6 +27,7 @@ import anyio
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -324,18 +325,11 @@ def shared_events_stream_config(settings: Settings) -> StreamConfig:
     """The one events stream of every provider, as buses made before events were kept per provider
     had it: what the upgrade looks for (hive_bus._upgrade)."""
     names = settings.names
-    return StreamConfig(
+    return dataclasses.replace(
+        events_stream_config(settings, "any"),
         name=names.events_stream,
         description="hive-bus task lifecycle events",
         subjects=[names.all_events],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
-        max_age=settings.events_max_age_s,
-        max_bytes=settings.events_max_bytes,
-        duplicate_window=settings.duplicate_window_s,
-        allow_direct=True,
-        num_replicas=settings.replicas,
     )
 
 
@@ -467,38 +461,55 @@ async def split_shared_dlq(js: JetStreamContext, settings: Settings) -> None:
         log.info("moved %d dead letters from %s into one stream per provider", moved, names.shared_dlq_stream)
 
 
-async def _move_dead_letters(js: JetStreamContext, settings: Settings, stream: str) -> tuple[int, int]:
-    """Each dead letter of ``stream`` published again to its provider's stream: how many were, and how
-    many name no provider (left where they are)."""
-    names = settings.names
+async def drain_parked(
+    js: JetStreamContext, settings: Settings, stream: str, move: Callable[[Msg], Awaitable[bool]]
+) -> tuple[int, int]:
+    """Hand each message of a parked ``stream`` (given a subject nobody publishes on, its messages
+    keeping theirs) to ``move``, in order, and delete each one it moved, so that a drain cut short goes
+    on where it stopped: how many were moved, and how many ``move`` left where they are (False)."""
     config = ConsumerConfig(ack_policy=AckPolicy.NONE, mem_storage=True, inactive_threshold=30.0)
     info = await js.add_consumer(stream, config)  # no filter: the stored subjects are not the stream's now
     psub = await js.pull_subscribe_bind(info.name, stream=stream)
-    ensured: set[str] = set()
     moved = left_behind = 0
     try:
         left = info.num_pending or 0
         while left > 0:
             for msg in await psub.fetch(min(left, 256), timeout=settings.request_timeout_s):
                 left -= 1
-                tokens = msg.subject.split(".")
-                provider = tokens[2] if len(tokens) == 4 and tokens[1] == "dlq" else ""
-                if not is_valid_token(provider):
-                    left_behind += 1  # said once, with the count, by the caller
+                if not await move(msg):
+                    left_behind += 1
                     continue
-                if provider not in ensured:
-                    await ensure_dlq_stream(js, settings, provider)
-                    ensured.add(provider)
-                msg_id = (msg.headers or {}).get("Nats-Msg-Id") or f"split:{msg.metadata.sequence.stream}"
-                await js.publish(
-                    msg.subject, msg.data, headers={"Nats-Msg-Id": msg_id}, stream=names.dlq_stream(provider)
-                )
                 with contextlib.suppress(nats.js.errors.APIError):  # another process moved it as well
                     await js.delete_msg(stream, msg.metadata.sequence.stream)  # moved: not moved again
                 moved += 1
     finally:
         await unsubscribe(psub)
+        with contextlib.suppress(*BUS_ERRORS):
+            await js.delete_consumer(stream, info.name)
     return moved, left_behind
+
+
+async def _move_dead_letters(js: JetStreamContext, settings: Settings, stream: str) -> tuple[int, int]:
+    """Each dead letter of ``stream`` published again to its provider's stream: how many were, and how
+    many name no provider (left where they are)."""
+    names = settings.names
+    ensured: set[str] = set()
+
+    async def move(msg: Msg) -> bool:
+        tokens = msg.subject.split(".")
+        provider = tokens[2] if len(tokens) == 4 and tokens[1] == "dlq" else ""
+        if not is_valid_token(provider):
+            return False  # said once, with the count, by the caller
+        if provider not in ensured:
+            await ensure_dlq_stream(js, settings, provider)
+            ensured.add(provider)
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id") or f"split:{msg.metadata.sequence.stream}"
+        await js.publish(
+            msg.subject, msg.data, headers={"Nats-Msg-Id": msg_id}, stream=names.dlq_stream(provider)
+        )
+        return True
+
+    return await drain_parked(js, settings, stream, move)
 
 
 def blobs_stream_config(settings: Settings) -> StreamConfig:

@@ -11,7 +11,6 @@ the events stream reads on: queued, ..., failed, queued (replayed), ..., complet
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 
 from ._assigned import assignment
-from ._bus import Bus, ensure_dlq_stream
+from ._bus import Bus, ensure_dlq_stream, stream_names
 from ._errors import BusUnavailable, HiveError, TaskNotFound, TooLarge
 from ._messages import Failed, Task, encoder, event_decoder, is_task_id, new_seal, now_ms
 from ._names import is_valid_token
@@ -93,23 +92,7 @@ async def streams(bus: Bus, provider: str | None = None) -> list[str]:
     """The dead-letter streams there are: one provider's, or every provider's (and a shared one not
     split yet)."""
     names = bus.names
-    domain = bus.settings.js_domain
-    api = f"$JS.{domain}.API" if domain else "$JS.API"
-    subject = names.dlq_subject(provider, "*") if provider else names.all_dlq
-    found: list[str] = []
-    while True:
-        request = json.dumps({"subject": subject, "offset": len(found)}).encode()
-        answer = json.loads(
-            (await bus.nc.request(f"{api}.STREAM.NAMES", request, timeout=_timeout(bus))).data
-        )
-        if "error" in answer:
-            raise BusUnavailable(
-                f"could not list the dead-letter streams: {answer['error'].get('description')}"
-            )
-        page = answer.get("streams") or []
-        found += page
-        if not page or len(found) >= int(answer.get("total", 0)):
-            return sorted(found)
+    return await stream_names(bus, names.dlq_subject(provider, "*") if provider else names.all_dlq)
 
 
 def _timeout(bus: Bus) -> float:

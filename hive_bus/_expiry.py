@@ -30,7 +30,7 @@ from ._bus import Bus, ensure_events
 from ._client import Hive
 from ._errors import HiveError, TooLarge
 from ._messages import Failed, Task, encoder, now_ms
-from ._nats import BUS_ERRORS
+from ._nats import BUS_ERRORS, handle_each
 from ._schedules import Schedules, run_task_id, template_for
 from ._size import check_fits, js_publish
 from ._timers import DeadlineTimer, RecurringTimer, StartTimer, ensure_schedules_stream, timer_decoder
@@ -70,25 +70,7 @@ class Timers:
             names.all_fired, durable=names.timers, stream=names.schedules_stream, config=config
         )
         task_status.started()
-        try:
-            while True:
-                try:
-                    msgs = await sub.fetch(batch=64, timeout=FETCH_WAIT_S)
-                except TimeoutError:
-                    continue
-                except BUS_ERRORS as exc:
-                    log.warning("timers: fetching fired timers failed (%s); trying again", exc)
-                    await anyio.sleep(1)
-                    continue
-                for msg in msgs:
-                    await self._settle(msg)
-        finally:
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(3),
-                contextlib.suppress(*BUS_ERRORS),
-            ):
-                await sub.unsubscribe()
+        await handle_each(sub, self._settle, what="fired timers", wait_s=FETCH_WAIT_S, log=log)
 
     async def _settle(self, msg: nats.aio.msg.Msg) -> None:
         try:

@@ -18,6 +18,7 @@ an ordered consumer that is unsubscribed whatever ends the following (:func:`fol
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -247,6 +248,39 @@ class PullInbox:
         status = status_of(msg)
         if status != HEARTBEAT:
             self._on_answer(msg, status)
+
+
+# -- a durable pull consumer's messages, one at a time, until cancelled ------------------------------
+
+
+async def handle_each(
+    sub: JetStreamContext.PullSubscription,
+    handle: Callable[[Msg], Awaitable[None]],
+    *,
+    what: str,
+    wait_s: float,
+    log: logging.Logger,
+    batch: int = 64,
+) -> None:
+    """Fetch from ``sub`` and hand each message to ``handle``, in order, until cancelled: a fetch that
+    fails (the server away) is logged, naming ``what``, and tried again a second later. The
+    subscription is given back on the way out."""
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(batch=batch, timeout=wait_s)
+            except TimeoutError:
+                continue
+            except BUS_ERRORS as exc:
+                log.warning("fetching %s failed (%s); trying again", what, exc)
+                await anyio.sleep(1)
+                continue
+            for msg in msgs:
+                await handle(msg)
+    finally:
+        # a connection the server closed refuses the unsubscribe: nothing is left to undo
+        with anyio.CancelScope(shield=True), anyio.move_on_after(3), contextlib.suppress(*BUS_ERRORS):
+            await sub.unsubscribe()
 
 
 # -- following an ordered consumer --------------------------------------------------------------------

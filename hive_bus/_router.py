@@ -34,7 +34,7 @@ from ._counts import submitted_counts
 from ._errors import HiveError, TooLarge
 from ._events import watch_providers
 from ._messages import Moved, Task, beat_decoder, encoder, event_decoder, new_seal
-from ._nats import BUS_ERRORS
+from ._nats import BUS_ERRORS, handle_each
 from ._size import js_publish
 
 log = logging.getLogger("hive_bus.router")
@@ -92,28 +92,8 @@ class Router:
                 log.warning("router: cannot follow the moves from %s (%s); trying again", provider, exc)
                 await anyio.sleep(5)
         task_status.started()
-        try:
-            while True:
-                try:
-                    msgs = await sub.fetch(batch=64, timeout=FETCH_WAIT_S)
-                except TimeoutError:
-                    continue
-                except BUS_ERRORS as exc:
-                    log.warning(
-                        "router: fetching tasks moved from %s failed (%s); trying again", provider, exc
-                    )
-                    await anyio.sleep(1)
-                    continue
-                for msg in msgs:
-                    await self._queue_or_set_aside(msg)
-        finally:
-            # a connection the server closed refuses the unsubscribe: nothing is left to undo
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(3),
-                contextlib.suppress(*BUS_ERRORS),
-            ):
-                await sub.unsubscribe()
+        what = f"the tasks moved from {provider}"
+        await handle_each(sub, self._queue_or_set_aside, what=what, wait_s=FETCH_WAIT_S, log=log)
 
     async def _queue_or_set_aside(self, msg: nats.aio.msg.Msg) -> None:
         """A moved event that cannot be decoded or processed is poison: logged and terminated, so it

@@ -31,21 +31,19 @@ from collections.abc import AsyncIterator
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
     DiscardPolicy,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
 
-from ._bus import ensure_events_stream, tasks_stream_config, webhooks_consumer_config
+from ._bus import drain_parked, ensure_events_stream, tasks_stream_config, webhooks_consumer_config
 from ._errors import BusConfigError
 from ._messages import FINAL_STATUSES, Task, task_decoder
 from ._names import is_valid_token
-from ._nats import BUS_ERRORS
 from ._settings import Settings
 
 log = logging.getLogger("hive_bus.upgrade")
@@ -275,41 +273,31 @@ async def _move_events(
     many name no provider (left where they are), and by provider, the new sequence of the first final
     event after ``announced`` (the webhooks' place in the shared stream)."""
     names = settings.names
-    config = ConsumerConfig(ack_policy=AckPolicy.NONE, mem_storage=True, inactive_threshold=30.0)
-    info = await js.add_consumer(stream, config)  # no filter: the stored subjects are not the stream's now
-    psub = await js.pull_subscribe_bind(info.name, stream=stream)
     ensured: set[str] = set()
     unannounced: dict[str, int] = {}
-    moved = left_behind = 0
-    try:
-        left = info.num_pending or 0
-        while left > 0:
-            for msg in await psub.fetch(min(left, 256), timeout=settings.request_timeout_s):
-                left -= 1
-                tokens = msg.subject.split(".")
-                provider = tokens[2] if len(tokens) >= 5 and tokens[1] == "events" else ""
-                if not is_valid_token(provider):
-                    left_behind += 1
-                    continue
-                if provider not in ensured:
-                    await ensure_events_stream(js, settings, provider)
-                    ensured.add(provider)
-                seq = msg.metadata.sequence.stream
-                headers = {**(msg.headers or {})}
-                headers["Nats-Msg-Id"] = headers.get("Nats-Msg-Id") or f"split:{seq}"
-                ack = await js.publish(
-                    msg.subject, msg.data, headers=headers, stream=names.events_stream_of(provider)
-                )
-                if announced is not None and seq > announced and tokens[-1] in FINAL_STATUSES:
-                    unannounced.setdefault(provider, ack.seq)
-                with contextlib.suppress(nats.js.errors.APIError):  # another process moved it as well
-                    await js.delete_msg(stream, seq)  # moved: not moved again
-                moved += 1
-                if moved % 50_000 == 0:
-                    log.warning("upgrade: %d events of %s moved so far", moved, stream)
-    finally:
-        with contextlib.suppress(*BUS_ERRORS):
-            await psub.unsubscribe()
-        with contextlib.suppress(*BUS_ERRORS):
-            await js.delete_consumer(stream, info.name)
+    count = 0
+
+    async def move(msg: Msg) -> bool:
+        nonlocal count
+        tokens = msg.subject.split(".")
+        provider = tokens[2] if len(tokens) >= 5 and tokens[1] == "events" else ""
+        if not is_valid_token(provider):
+            return False
+        if provider not in ensured:
+            await ensure_events_stream(js, settings, provider)
+            ensured.add(provider)
+        seq = msg.metadata.sequence.stream
+        headers = {**(msg.headers or {})}
+        headers["Nats-Msg-Id"] = headers.get("Nats-Msg-Id") or f"split:{seq}"
+        ack = await js.publish(
+            msg.subject, msg.data, headers=headers, stream=names.events_stream_of(provider)
+        )
+        if announced is not None and seq > announced and tokens[-1] in FINAL_STATUSES:
+            unannounced.setdefault(provider, ack.seq)
+        count += 1
+        if count % 50_000 == 0:
+            log.warning("upgrade: %d events of %s moved so far", count, stream)
+        return True
+
+    moved, left_behind = await drain_parked(js, settings, stream, move)
     return moved, left_behind, unannounced

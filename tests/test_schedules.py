@@ -46,7 +46,7 @@ async def test_a_deadline_ends_a_task_that_no_worker_ever_fetched(bus: Bus, hive
     assert (view.status, view.reason) == ("failed", "expired")
     assert "deadline" in (view.error or "")
     # the dead letter follows the failed event that ended the task
-    [letter] = await eventually(lambda: hive.dead_letters(provider="nobody"), 5, "its dead letter")
+    [letter] = await eventually(lambda: hive.dead_letters(provider="nobody"), 15, "its dead letter")
     assert letter.failed.reason == "expired" and letter.failed.task is not None
     assert [type(e) for e in await events_of(bus, task_id)] == [Queued, Failed]
 
@@ -117,7 +117,7 @@ async def test_a_forged_or_early_expiry_is_refused(bus: Bus, hive: Hive) -> None
         tg.cancel_scope.cancel()
     assert (await hive.get(task_id)).status == "queued"
     # the dead letter follows the failed event that ended the task
-    [letter] = await eventually(lambda: hive.dead_letters(provider="nobody"), 5, "its dead letter")
+    [letter] = await eventually(lambda: hive.dead_letters(provider="nobody"), 15, "its dead letter")
     assert letter.failed.task_id == due
 
 
