@@ -243,16 +243,18 @@ async def _announced_up_to(js: JetStreamContext, settings: Settings) -> int | No
     return info.ack_floor.stream_seq if info.ack_floor and info.ack_floor.stream_seq else 0
 
 
-async def _keep_webhooks_place(js: JetStreamContext, settings: Settings, unannounced: dict[str, int]) -> None:
-    """The webhooks' durable consumer on each provider's new stream, from the first final event whose
-    deliveries were not queued yet (``unannounced``: by provider, its sequence in the new stream), or from
-    the stream's end: what the webhooks had not announced before the split they announce after it.
+async def _keep_webhooks_place(
+    js: JetStreamContext, settings: Settings, unannounced: dict[str, int | None]
+) -> None:
+    """The webhooks' durable consumer on each provider's stream that events were moved into, from the
+    first final event whose deliveries were not queued yet (``unannounced``: by provider, its sequence
+    in the new stream, or None for none), or from the stream's end (a stream no event was moved into
+    is newer than the webhooks, and they read it from its start): what the webhooks had not announced before the split they announce after it.
     (Two processes that split the same bus at once each make it from what they moved; the first made
     stays, so an event moved by the other may be announced late or not: only then, on an old bus.)"""
     names = settings.names
-    for provider in await _providers(js, settings):
+    for provider, start in unannounced.items():
         stream = names.events_stream_of(provider)
-        start = unannounced.get(provider)
         if start is None:
             start = (await js.stream_info(stream)).state.last_seq + 1
         config = webhooks_consumer_config(settings, provider, start_seq=start)
@@ -260,21 +262,15 @@ async def _keep_webhooks_place(js: JetStreamContext, settings: Settings, unannou
             await js.add_consumer(stream, config)
 
 
-async def _providers(js: JetStreamContext, settings: Settings) -> list[str]:
-    names = settings.names
-    found = [names.provider_of_events_stream(info.config.name or "") for info in await js.streams_info()]
-    return sorted(p for p in found if p is not None)
-
-
 async def _move_events(
     js: JetStreamContext, settings: Settings, stream: str, announced: int | None
-) -> tuple[int, int, dict[str, int]]:
+) -> tuple[int, int, dict[str, int | None]]:
     """Each event of ``stream`` published again to its provider's stream, in order: how many were, how
-    many name no provider (left where they are), and by provider, the new sequence of the first final
-    event after ``announced`` (the webhooks' place in the shared stream)."""
+    many name no provider (left where they are), and by provider moved into, the new sequence of the
+    first final event after ``announced`` (the webhooks' place in the shared stream), or None."""
     names = settings.names
     ensured: set[str] = set()
-    unannounced: dict[str, int] = {}
+    unannounced: dict[str, int | None] = {}
     count = 0
 
     async def move(msg: Msg) -> bool:
@@ -286,6 +282,7 @@ async def _move_events(
         if provider not in ensured:
             await ensure_events_stream(js, settings, provider)
             ensured.add(provider)
+            unannounced.setdefault(provider, None)
         seq = msg.metadata.sequence.stream
         headers = {**(msg.headers or {})}
         headers["Nats-Msg-Id"] = headers.get("Nats-Msg-Id") or f"split:{seq}"
@@ -293,7 +290,7 @@ async def _move_events(
             msg.subject, msg.data, headers=headers, stream=names.events_stream_of(provider)
         )
         if announced is not None and seq > announced and tokens[-1] in FINAL_STATUSES:
-            unannounced.setdefault(provider, ack.seq)
+            unannounced[provider] = unannounced[provider] or ack.seq
         count += 1
         if count % 50_000 == 0:
             log.warning("upgrade: %d events of %s moved so far", count, stream)
