@@ -65,6 +65,9 @@ async def test_the_dashboard_page_is_open_and_the_data_it_reads_is_not(url: str)
     async with httpx.AsyncClient(base_url=url) as http:
         for path in ("/", "/dashboard/app.js", "/dashboard/style.css"):
             assert (await http.get(path)).status_code == 200, path
+        docs = await http.get("/docs")  # where many servers keep their API reference: it sends there
+        assert (docs.status_code, docs.headers["location"]) == (302, "/schema")
+        assert (await http.get("/schema")).status_code == 200
         for path in (
             "/v1/events",
             "/v1/usage",

@@ -11,13 +11,16 @@ the document holds no data; see :mod:`services.auth`); every call made from them
 
 from __future__ import annotations
 
+from litestar import get
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.response import Redirect
 
 from hive_bus import __version__
 
 SCHEMA_PATH = "/schema"
+DOCS_PATH = "/docs"  # where FastAPI and many other servers keep theirs: a new user tries it first
 SWAGGER_ASSETS = "/dashboard/vendor/swagger-ui"
 SWAGGER_UI_VERSION = "5.36.0"  # the swagger-ui-dist release in dashboard/vendor/swagger-ui
 BEARER = "bearer"
@@ -47,4 +50,10 @@ def openapi_config() -> OpenAPIConfig:
     )
 
 
-__all__ = ["SCHEMA_PATH", "openapi_config"]
+@get(DOCS_PATH, include_in_schema=False)
+async def docs() -> Redirect:
+    """``/docs`` goes to the API reference at ``/schema``."""
+    return Redirect(path=SCHEMA_PATH)
+
+
+__all__ = ["DOCS_PATH", "SCHEMA_PATH", "docs", "openapi_config"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # health, the dashboard's page and the API reference's pages (see services.apidocs)
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/schema", "/schema/swagger"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/schema", "/schema/swagger", "/docs"})
 OPEN_PREFIX = "/dashboard/"  # the dashboard's static files
 ENV_TOKENS = "HIVE_GATEWAY_TOKENS"
 ENV_TOKENS_FILE = "HIVE_GATEWAY_TOKENS_FILE"

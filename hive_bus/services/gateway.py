@@ -187,6 +187,7 @@ def create_app(
             *TASK_ROUTES,
             *(AUDIT_ROUTES if audit is not None else []),
             *dashboard.ROUTES,
+            apidocs.docs,
         ],
         state=State(state),
         openapi_config=apidocs.openapi_config(),
