@@ -225,13 +225,6 @@ async def current(bus: Bus, task_id: str) -> tuple[TaskView, int] | None:
     return TaskView.of(here.event).with_task(here.task), here.seq
 
 
-async def queued_task(bus: Bus, task_id: str) -> Task | None:
-    """The task's last message in the tasks stream (the task as last queued, on whichever provider), or
-    None when there is none or it does not decode."""
-    found = await _queued_message(bus, task_id)
-    return None if found is None else found[0]
-
-
 def marker_seq(headers: dict[str, str] | None) -> int | None:
     """The tasks stream sequence a ``queued`` marker read from a consumer names (its stored headers;
     a direct get of the marker answers with the events stream's own instead)."""

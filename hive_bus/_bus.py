@@ -84,6 +84,21 @@ class Link:
             log.error("the NATS connection was closed for good: %s", reason)
 
 
+class EventStreams:
+    """The providers whose events stream this process has seen or made (:func:`ensure_events`), and an
+    event set, then replaced, each time one is added: what wakes the readers of every provider's events
+    (hive_bus._events) at once for a stream this process made."""
+
+    def __init__(self) -> None:
+        self.made: set[str] = set()
+        self.added = anyio.Event()
+
+    def add(self, provider: str) -> None:
+        self.made.add(provider)
+        added, self.added = self.added, anyio.Event()
+        added.set()
+
+
 @dataclass(frozen=True, slots=True)
 class Bus:
     """A live connection with the bus objects in place. Shared by the client, gateway and workers."""
@@ -96,10 +111,7 @@ class Bus:
     budgets_kv: KeyValue
     cancels_kv: KeyValue
     link: Link = field(default_factory=Link)
-    # the providers whose events stream this process has seen or made (ensure_events)
-    events_made: set[str] = field(default_factory=set, init=False)
-    # set, and replaced, each time one is added: for the readers of every provider's events
-    events_added: list[anyio.Event] = field(default_factory=lambda: [anyio.Event()], init=False)
+    event_streams: EventStreams = field(default_factory=lambda: EventStreams(), init=False)
 
     def is_lost(self) -> bool:
         """Whether the connection is gone for good: said by nats-py's closed callback, or seen here,
@@ -343,15 +355,13 @@ async def ensure_events(bus: Bus, provider: str) -> None:
     provider is stored (the tasks stream republishes its ``queued`` marker into it, over core NATS: a
     marker with no stream to take it is lost) and before any event of the provider is written.
     Raises :class:`BusUnavailable` or :class:`BusConfigError` when it can be neither found nor made."""
-    if provider in bus.events_made:
+    if provider in bus.event_streams.made:
         return
     try:
         await ensure_events_stream(bus.js, bus.settings, provider)
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"the events stream of provider {provider} is not there: {why(exc)}") from None
-    bus.events_made.add(provider)
-    added, bus.events_added[0] = bus.events_added[0], anyio.Event()
-    added.set()
+    bus.event_streams.add(provider)
 
 
 async def stream_names(bus: Bus, subject: str) -> list[str]:

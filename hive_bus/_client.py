@@ -813,8 +813,6 @@ class Hive:
         republishes each task as its ``queued`` marker there). When it can be neither found nor made
         (the account's stream limit reached, say), it is logged and the task is queued all the same:
         its marker is lost, and its readers find it in the tasks stream (hive_bus._assigned)."""
-        if provider in self._bus.events_made:
-            return
         try:
             await ensure_events(self._bus, provider)
         except HiveError as exc:

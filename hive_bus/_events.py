@@ -52,7 +52,7 @@ async def watch_providers(
     seen: set[str] = set()
     first = True
     while True:
-        added = bus.events_added[0]
+        added = bus.event_streams.added
         try:
             providers = await event_providers(bus)
         except BUS_ERRORS as exc:
@@ -132,12 +132,12 @@ class merged_events:
 
     def _made_here(self) -> bool:
         """Whether this process made a provider's stream since the last listing (one to follow)."""
-        made = self._bus.events_made
+        made = self._bus.event_streams.made
         return len(made) != self._made and any(self._only in (None, p) and p not in self._subs for p in made)
 
     async def _refresh(self, *, first: bool = False) -> None:
         self._listed_at = anyio.current_time()
-        self._made = len(self._bus.events_made)
+        self._made = len(self._bus.event_streams.made)
         try:
             providers = await event_providers(self._bus)
         except BUS_ERRORS as exc:

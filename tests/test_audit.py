@@ -44,6 +44,16 @@ async def _last_failed(bus: Bus, task_id: str) -> Failed | None:
     return events[-1] if events and isinstance(events[-1], Failed) else None
 
 
+async def _queued_as_before(bus: Bus, prompt: str) -> Task:
+    """A "later" task's queued event with the task in it, as buses before one write per submission
+    stored it, and no task message."""
+    task = Task.from_request(TaskRequest(provider="later", prompt=prompt))
+    queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
+    await ensure_events(bus, "later")
+    await bus.js.publish(bus.names.event_subject("later", task.id, "queued"), encoder.encode(queued))
+    return task
+
+
 async def test_a_task_missing_from_the_stream_is_dead_lettered_as_lost(bus: Bus, hive: Hive) -> None:
     ids = await hive.submit_many([TaskRequest(provider="later", prompt=f"post {i}") for i in range(5)])
     seqs = await _sequences(bus)
@@ -87,11 +97,7 @@ async def test_a_task_missing_from_the_stream_is_dead_lettered_as_lost(bus: Bus,
 async def test_a_lost_task_of_an_older_bus_replays(bus: Bus, hive: Hive) -> None:
     """A task whose queued event carries it (written before one write per submission): its dead letter
     holds it, and a replay queues it again."""
-    names = bus.names
-    task = Task.from_request(TaskRequest(provider="later", prompt="from before"))
-    queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
-    await ensure_events(bus, "later")
-    await bus.js.publish(names.event_subject("later", task.id, "queued"), encoder.encode(queued))
+    task = await _queued_as_before(bus, "from before")
     audit = StoreAudit(bus, grace_s=0.2, every_s=600)
     await anyio.sleep(0.3)
     assert (await audit.audit()).lost_ids == [task.id]
@@ -118,11 +124,7 @@ async def test_tasks_in_flight_are_not_lost(bus: Bus, hive: Hive) -> None:
 async def test_a_cut_off_submission_is_lost_only_after_the_grace_period(bus: Bus, hive: Hive) -> None:
     """A queued event whose task is not (yet) in the tasks stream is lost only once the grace period is
     over."""
-    names = bus.names
-    task = Task.from_request(TaskRequest(provider="later", prompt="cut off"))
-    queued = Queued(task_id=task.id, provider=task.provider, at_ms=task.submitted_at_ms, task=task)
-    await ensure_events(bus, "later")
-    await bus.js.publish(names.event_subject("later", task.id, "queued"), encoder.encode(queued))
+    task = await _queued_as_before(bus, "cut off")
 
     audit = StoreAudit(bus, grace_s=1.0, every_s=600)
     assert (await audit.audit()).lost == 0

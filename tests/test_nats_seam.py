@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, PubAck
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -49,6 +49,22 @@ def _real_object(bus: Bus, owner: str) -> object:
     }[owner]
 
 
+async def _stored_and_followed(
+    bus: Bus, task_id: str, data: bytes, headers: dict[str, str] | None = None
+) -> tuple[PubAck, Msg]:
+    """An echo event stored, and read back through an ordered consumer of echo's events stream."""
+    await ensure_events(bus, "echo")
+    ack = await bus.js.publish(bus.names.event_subject("echo", task_id, "queued"), data, headers=headers)
+    stream = bus.names.events_stream_of("echo")
+    sub = await follow(bus.js, bus.names.events_under("echo"), stream=stream, config=ConsumerConfig())
+    try:
+        with anyio.fail_after(5):
+            msg = await sub.next_msg(timeout=5)
+    finally:
+        await unsubscribe(sub)
+    return ack, msg
+
+
 @pytest.mark.parametrize(("owner", "name"), _CHECKED, ids=[f"{o}.{n}" for o, n in _CHECKED])
 async def test_each_private_attribute_of_nats_py_is_there(bus: Bus, owner: str, name: str) -> None:
     assert hasattr(_real_object(bus, owner), name), (
@@ -67,15 +83,7 @@ async def test_the_seam_reads_what_nats_py_keeps_private(bus: Bus) -> None:
     assert raw_writer(bus.nc) is not None, "Client._send_command/_flush_pending are gone"
     assert isinstance(bus.nc.stats["out_msgs"], int), "Client.stats['out_msgs'] is gone"
 
-    await ensure_events(bus, "echo")
-    ack = await bus.js.publish(bus.names.event_subject("echo", "t1", "queued"), b"{}")
-    stream = bus.names.events_stream_of("echo")
-    sub = await follow(bus.js, bus.names.events_under("echo"), stream=stream, config=ConsumerConfig())
-    try:
-        with anyio.fail_after(5):
-            msg = await sub.next_msg(timeout=5)
-    finally:
-        await unsubscribe(sub)
+    ack, msg = await _stored_and_followed(bus, "t1", b"{}")
     assert stream_seq(msg.reply) == ack.seq, "Msg.Metadata._get_metadata_fields no longer gives the sequence"
     assert delivery_count(msg) == msg.metadata.num_delivered == 1, "the delivery count is read wrong"
 
@@ -150,15 +158,7 @@ def test_the_header_parser_is_nats_pys_own_replaced_by_one_that_reads_alike() ->
 async def test_the_headers_of_messages_and_of_statuses_read_as_before(bus: Bus) -> None:
     """Through the real client and server: a message's headers, and a status line with a description."""
     headers = {"Nats-Msg-Id": "h1", "Hive-Note": "d\u00e9j\u00e0 vu", "X": ""}
-    await ensure_events(bus, "echo")
-    ack = await bus.js.publish(bus.names.event_subject("echo", "h1", "queued"), b"", headers=headers)
-    stream = bus.names.events_stream_of("echo")
-    sub = await follow(bus.js, bus.names.events_under("echo"), stream=stream, config=ConsumerConfig())
-    try:
-        with anyio.fail_after(5):
-            msg = await sub.next_msg(timeout=5)
-    finally:
-        await unsubscribe(sub)
+    ack, msg = await _stored_and_followed(bus, "h1", b"", headers)
     assert stream_seq(msg.reply) == ack.seq and msg.headers is not None
     assert {k: msg.headers[k] for k in headers} == headers
 
