@@ -398,6 +398,10 @@ class Assignments:
             return False
         return place.fallback is None or provider in (f.partition(":")[0] for f in place.fallback)
 
+    def assume(self, task_id: str, provider: str) -> None:
+        """Take ``task_id`` as queued on ``provider`` with no fallbacks (its submitter knows it)."""
+        self._remember(task_id, Place(provider, ()))
+
     def _remember(self, task_id: str, place: Place | None) -> None:
         self._known[task_id] = place
         self._known.move_to_end(task_id)

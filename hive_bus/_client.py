@@ -83,11 +83,14 @@ from ._waits import Seen, Waits
 log = logging.getLogger("hive_bus.client")
 
 SUBMIT_WINDOW = 256
+# submit_many's tasks go in parts of this many, each one write and one wait (Hive.submit_batch)
+SUBMIT_CHUNK = 32
 # cancels in flight at once in a bulk cancel
 CANCEL_WINDOW = 64
 # Tasks this client queued lately, with nowhere to move to: a wait on one reads nothing when the waits'
-# follower says nothing has ended it since it was queued (hive_bus._waits).
-MINE_TASKS = 16_384
+# follower says nothing has ended it since it was queued (hive_bus._waits), and results() of them reads
+# no queued markers. About 240 bytes each: 8 MB when full.
+MINE_TASKS = 32_768
 # A wait reads the task's state again after this long without an event: only a follower lost with its
 # server (a restart) needs it, as the follower delivers every event stored after its start.
 RECHECK_S = 5.0
@@ -155,7 +158,8 @@ class Hive:
         self._publisher: JetStreamPublisher | None = None
         self._submitted = SubmissionCounts(bus)
         self._waits = Waits(bus)  # every wait on one follower of the events stream
-        self._mine: OrderedDict[str, tuple[str, int]] = OrderedDict()  # id -> (provider, waits' mark)
+        # id -> (provider, waits' mark: None when its provider's follower did not run then)
+        self._mine: OrderedDict[str, tuple[str, int | None]] = OrderedDict()
         self._served = ServedProviders(bus)  # started on the first submission
         self._index_ready = False  # the metadata index stream is declared (on the first tagged task)
 
@@ -350,28 +354,49 @@ class Hive:
                 raise msgspec.ValidationError(f"task {i}: {exc}") from None
         ids: list[str | None] = [None] * len(items)
         errors: dict[int, HiveError] = {}
-        cursor = iter(range(len(items)))
-
+        size = max(1, min(SUBMIT_CHUNK, window))
+        chunks = iter(range(0, len(items), size))
         warned: set[str] = set()
 
         async def lane() -> None:
-            for i in cursor:
-                try:
-                    accepted = await self.submit_request(items[i])
-                except HiveError as exc:
-                    errors[i] = exc
-                    continue
-                ids[i] = accepted.id
-                for warning in set(accepted.warnings) - warned:  # once each, not once a task
-                    warned.add(warning)
-                    log.warning("%s", warning)
+            for start in chunks:
+                part = range(start, min(start + size, len(items)))
+                for i, outcome in zip(part, await self._submit_part([items[i] for i in part]), strict=True):
+                    if isinstance(outcome, HiveError):
+                        errors[i] = outcome
+                        continue
+                    ids[i] = outcome.id
+                    for warning in set(outcome.warnings) - warned:  # once each, not once a task
+                        warned.add(warning)
+                        log.warning("%s", warning)
 
         async with anyio.create_task_group() as tg:
-            for _ in range(min(window, len(items))):
+            for _ in range(min(max(1, window // size), len(items))):
                 tg.start_soon(lane)
         if errors:
             raise PartialSubmit(ids, errors)
         return [i for i in ids if i is not None]
+
+    async def _submit_part(self, requests: list[TaskRequest]) -> list[Accepted | HiveError]:
+        """Each request's outcome, in order, as :meth:`submit_request` gives it, for the cost of one
+        :meth:`submit_batch`: one write and one wait for all of them."""
+        refused: dict[str, HiveError] = {}
+        if self._bus.settings.reject_unserved:
+            for provider in {r.provider for r in requests}:
+                if (warning := await self.unserved(provider)) is not None:
+                    reason = f"{warning}; nothing was accepted (HIVE_REJECT_UNSERVED)"
+                    refused[provider] = Unserved(reason, provider=provider)
+        try:
+            outcomes = iter(await self.submit_batch([r for r in requests if r.provider not in refused]))
+        except HiveError:  # one the bus cannot carry (nothing was queued): each alone, to say which
+            return [await self._submit_alone(r) for r in requests]
+        return [refused[r.provider] if r.provider in refused else next(outcomes) for r in requests]
+
+    async def _submit_alone(self, request: TaskRequest) -> Accepted | HiveError:
+        try:
+            return await self.submit_request(request)
+        except HiveError as exc:
+            return exc
 
     async def get(self, task_id: str) -> TaskView:
         """The task's current state, with what it asks and its metadata. Raises :class:`TaskNotFound`."""
@@ -398,10 +423,10 @@ class Hive:
     async def _wait(self, task_id: str, timeout_s: float) -> TaskView:
         deadline = anyio.current_time() + timeout_s
         async with self._waits.watch(task_id) as events:
-            mine = self._mine.get(task_id)
-            if mine is not None and self._waits.quiet_since(task_id, *mine):
+            provider, mark = self._mine.get(task_id, ("", None))
+            if mark is not None and self._waits.quiet_since(task_id, provider, mark):
                 # queued here, with nowhere to move to, and nothing has ended it since: no read needed
-                provider, since = mine
+                since = mark
                 view = TaskView(id=task_id, provider=provider, status="queued", updated_at_ms=0)
             else:
                 # read once the watch stands: every event stored after this read reaches ``events``
@@ -457,10 +482,10 @@ class Hive:
         return open_stream(self, request, keepalive_s=keepalive_s, timeout_s=timeout_s)
 
     def _remember(self, task: Task, mark: int | None) -> None:
-        """A task this client queued, for its waits, with where the waits' follower was before it
-        (:meth:`Waits.mark`); only one with nowhere to move to (a move would put its outcome under
-        another provider), and only while the follower runs."""
-        if task.fallback or mark is None:
+        """A task this client queued, for its waits and :meth:`results`, with where the waits'
+        follower was before it (:meth:`Waits.mark`, None when it did not run); only one with nowhere to
+        move to (a move would put its outcome under another provider)."""
+        if task.fallback:
             return
         self._mine[task.id] = (task.provider, mark)
         if len(self._mine) > MINE_TASKS:
@@ -511,15 +536,22 @@ class Hive:
                 return
             since = ULID.from_str(min(wanted)).datetime
 
+        assigned = Assignments(self._bus, size=max(10_000, 2 * len(wanted or ())))
+        # Tasks this client queued with nowhere to move to are assigned where it queued them: when every
+        # wanted task is one, their queued markers need not be read (half the messages of a feed).
+        mine = [(t, p) for t in wanted or () if (p := self._mine.get(t, ("",))[0])]
+        for task_id, provider in mine:
+            assigned.assume(task_id, provider)
+        assigns_known = wanted is not None and len(mine) == len(wanted)
+
         def config(on: str) -> ConsumerConfig:
             assigns = [names.event_subject(on, "*", "queued"), names.event_subject(on, "*", "moved")]
             return ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_TIME,
                 opt_start_time=since,
-                filter_subjects=[*assigns, *names.final_events(on)],
+                filter_subjects=[*([] if assigns_known else assigns), *names.final_events(on)],
             )
 
-        assigned = Assignments(self._bus, size=max(10_000, 2 * len(wanted or ())))
         async with merged_events(self._bus, names.events_under, config) as messages:
             async for msg in messages:
                 tokens = msg.subject.split(".")

@@ -10,20 +10,24 @@ from hive_bus import (
     Completed,
     FunctionProvider,
     Hive,
+    PartialSubmit,
     Queued,
     Retrying,
     Running,
     TaskNotFound,
     TaskRequest,
     TaskView,
+    TooLarge,
     Worker,
 )
+from hive_bus._embedded import NatsServer
 from hive_bus._messages import is_task_id
 from hive_bus._providers import load_handler
-from hive_bus.bus import Bus
+from hive_bus.bus import Bus, open_bus
 from hive_bus.workers.echo import EchoProvider
 
 from . import handlers
+from .conftest import make_settings
 from .helpers import events_of, eventually, running_worker, stream_messages, unacked
 
 pytestmark = pytest.mark.anyio
@@ -107,6 +111,30 @@ async def test_submit_many_checks_every_request_before_queueing_any(bus: Bus, hi
     with pytest.raises(msgspec.ValidationError, match="provider"):
         await hive.submit("bad.name", "hi")
     assert await unacked(bus) == 0
+
+
+async def test_submit_many_queues_the_rest_and_names_each_task_it_could_not(nats_server: NatsServer) -> None:
+    requests = [TaskRequest(provider="echo", prompt=f"post {i}") for i in range(100)]
+    requests[37] = TaskRequest(provider="echo", prompt="x" * 5000)  # over the bus's 4 KB limit
+    requests[80] = requests[81] = TaskRequest(provider="echo", prompt="same", idempotency_key="k")
+    settings = make_settings(nats_server.url, claim_check_bytes=1024, blob_max_bytes=4096)
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        with pytest.raises(PartialSubmit) as caught:
+            await hive.submit_many(requests, window=16)
+        ids = caught.value.ids
+        assert list(caught.value.errors) == [37]
+        assert isinstance(caught.value.errors[37], TooLarge)
+        assert "over the bus's limit of 4096 bytes" in str(caught.value)
+        assert ids[37] is None and ids[81] == ids[80]  # the key's first task
+        accepted = [task_id for task_id in ids if task_id is not None]
+        assert len(accepted) == 99 and len(set(accepted)) == 98
+        assert await stream_messages(bus, bus.names.tasks_stream) == 98
+        async with running_worker(bus, "echo", EchoProvider(), concurrency=8):
+            with anyio.fail_after(20):
+                done = {view.id: view.output async for view in hive.results(accepted)}
+        await hive.close()
+    assert done == {ids[i]: r.prompt for i, r in enumerate(requests) if i != 37}
 
 
 async def test_results_without_ids_follows_new_tasks(bus: Bus, hive: Hive) -> None:

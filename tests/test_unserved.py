@@ -13,7 +13,7 @@ import httpx
 import nats.js.errors
 import pytest
 
-from hive_bus import Hive, Settings
+from hive_bus import Hive, PartialSubmit, Settings, Unserved
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import TaskRequest
 from hive_bus.bus import Bus, open_bus
@@ -112,3 +112,15 @@ async def test_the_opt_in_setting_refuses_a_provider_no_worker_serves(nats_serve
         assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 0
         ok = await stack.http.post("/v1/tasks", json={"provider": "echo", "prompt": "vale"})
         assert ok.status_code == 202
+        # the Python client's many at once: each refused task named, the served ones queued
+        client = Hive(stack.bus)
+        requests = [
+            TaskRequest(provider="gemnii" if i % 40 == 3 else "echo", prompt=f"p{i}") for i in range(80)
+        ]
+        with pytest.raises(PartialSubmit) as caught:
+            await client.submit_many(requests)
+        await client.close()
+        assert sorted(caught.value.errors) == [3, 43]
+        assert all(isinstance(e, Unserved) and WARNING in str(e) for e in caught.value.errors.values())
+        assert [i for i, task_id in enumerate(caught.value.ids) if task_id is None] == [3, 43]
+        assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 1 + 78
