@@ -146,6 +146,7 @@ class Worker:
         self.id = options.worker_id or _worker_id(options.provider, self._host, bus.settings.worker_name)
         self._stopping = anyio.Event()
         self._changed = anyio.Event()
+        self._watchers = 0  # tasks waiting on _changed
         self._in_flight = 0
         self._held: dict[int, _Held] = {}
         self._ack_wait_s = bus.settings.ack_wait_s
@@ -364,12 +365,17 @@ class Worker:
         calls.cancel_scope.cancel()
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._watchers:  # else no one to wake: no event made a task
+            self._changed.set()
+            self._changed = anyio.Event()
 
     async def _wait_for(self, predicate: Any) -> None:
         while not predicate():
-            await self._changed.wait()
+            self._watchers += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._watchers -= 1
 
     # one task: a key picked for it, the call, its settling ---------------------------------------
 
