@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO, TypeVar, get_args
@@ -28,7 +28,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from . import _redact
 from ._budget import BudgetError, load_budgets
 from ._bus import Bus, event_providers, open_bus
-from ._client import Hive, PartialSubmit, connect
+from ._client import Hive, PartialSubmit, connect, validate
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import BusUnavailable, HiveError, TaskEnded
 from ._events import merged_events
@@ -629,12 +629,20 @@ def submit(
     if meta is not None and not isinstance(meta, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--metadata")
 
+    fields = {
+        "provider": provider, "prompt": prompt, "messages": messages, "model": model, "system": system,
+        "payload": _json_object(payload, "--payload"), "metadata": meta, "idempotency_key": idempotency_key,
+        **extra,
+    }  # fmt: skip
+
     async def main() -> None:
+        request = validate(
+            {k: v for k, v in fields.items() if v is not None}
+        )  # its error: one line, as _run says
         async with connect(settings=settings) as hive:
-            task_id = await hive.submit(
-                provider, prompt, messages=messages, model=model, system=system, payload=_json_object(payload, "--payload"),
-                metadata=meta, idempotency_key=idempotency_key, **extra,
-            )  # fmt: skip
+            accepted = await hive.submit_request(request)
+            _warn(accepted.warnings)
+            task_id = accepted.id
             if wait_s is None:
                 click.echo(task_id)
                 return
@@ -643,6 +651,13 @@ def submit(
         _exit_for([view])
 
     _run(main)
+
+
+def _warn(warnings: Iterable[str]) -> None:
+    """A submission's warnings (a provider no worker serves), on stderr as part of the command's answer:
+    not a log line, which ``--log-level ERROR`` would hide."""
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 # Exit statuses of the commands that report on tasks: every task completed, some failed, some not ended.
@@ -802,6 +817,13 @@ def _submit_file(
     wait_s: float | None = None,
     ordered: bool = False,
 ) -> None:
+    warned: set[str] = set()
+
+    def warn_once(warning: str) -> None:  # once a command, not once a chunk
+        if warning not in warned:
+            warned.add(warning)
+            _warn([warning])
+
     async def main() -> None:
         accepted = rejected = 0
         lines: dict[str, int] = {}  # task id -> input line
@@ -810,7 +832,9 @@ def _submit_file(
                 for start in range(0, len(tasks), chunk):
                     part = tasks[start : start + chunk]
                     try:
-                        ids: list[str | None] = list(await hive.submit_many([r for _, r in part]))
+                        ids: list[str | None] = list(
+                            await hive.submit_many([r for _, r in part], on_warning=warn_once)
+                        )
                         errors: dict[int, HiveError] = {}
                     except PartialSubmit as partial:
                         ids, errors = partial.ids, partial.errors

@@ -339,13 +339,21 @@ class Hive:
             )
         return [outcome for outcome in outcomes if outcome is not None]
 
-    async def submit_many(self, requests: Iterable[TaskRequest], *, window: int = SUBMIT_WINDOW) -> list[str]:
+    async def submit_many(
+        self,
+        requests: Iterable[TaskRequest],
+        *,
+        window: int = SUBMIT_WINDOW,
+        on_warning: Callable[[str], None] | None = None,
+    ) -> list[str]:
         """Queue many tasks, up to ``window`` publishes in flight at once; ids come back in order.
 
         Every request is checked first: one that is not valid raises :class:`msgspec.ValidationError`
         naming its index, and nothing is queued. If some are not accepted by the bus, raises
-        :class:`PartialSubmit`, which says which ones were.
+        :class:`PartialSubmit`, which says which ones were. Each warning (a provider no worker serves)
+        goes once to ``on_warning``, logged by default.
         """
+        tell = on_warning or (lambda warning: log.warning("%s", warning))
         items = []
         for i, request in enumerate(requests):
             try:
@@ -368,7 +376,7 @@ class Hive:
                     ids[i] = outcome.id
                     for warning in set(outcome.warnings) - warned:  # once each, not once a task
                         warned.add(warning)
-                        log.warning("%s", warning)
+                        tell(warning)
 
         async with anyio.create_task_group() as tg:
             for _ in range(min(max(1, window // size), len(items))):

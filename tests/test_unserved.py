@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import httpx
@@ -60,7 +61,7 @@ async def _no_worker(hive: Hive) -> bool:
 
 
 async def test_a_typod_provider_is_accepted_with_a_warning_naming_the_served_ones(
-    nats_server: NatsServer,
+    nats_server: NatsServer, tmp_path: Path
 ) -> None:
     async with serving(make_settings(nats_server.url)) as stack:
         async with running_worker(stack.bus, "echo", EchoProvider()):
@@ -93,6 +94,16 @@ async def test_a_typod_provider_is_accepted_with_a_warning_naming_the_served_one
         done = hive_cli(args, env=CLI_ENV)
         assert done.returncode == 0, done.stderr
         assert len(done.stdout.strip()) == 26 and WARNING in done.stderr, done
+        # the warning is part of hive submit's answer: no log level hides it, and a file says it once
+        quiet = hive_cli(["--log-level", "ERROR", *args], env=CLI_ENV)
+        assert quiet.returncode == 0 and quiet.stderr.count(WARNING) == 1, quiet
+        lines = tmp_path / "tasks.jsonl"
+        lines.write_text("".join(f'{{"prompt": "p{i}"}}\n' for i in range(3)))
+        many = hive_cli(
+            ["--log-level", "ERROR", "submit", "gemnii", "--file", str(lines), *where], env=CLI_ENV
+        )
+        assert many.returncode == 0 and many.stderr.count(WARNING) == 1, many
+        assert len(many.stdout.splitlines()) == 3
 
 
 async def test_the_opt_in_setting_refuses_a_provider_no_worker_serves(nats_server: NatsServer) -> None:
