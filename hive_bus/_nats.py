@@ -151,6 +151,13 @@ def stream_seq(reply: str) -> int | None:
 _V1_ACK_TOKENS = 9
 
 
+def num_pending(msg: Msg) -> int:
+    """How many messages its consumer had yet to deliver after ``msg``, read from its reply subject
+    alone (as :func:`delivery_count`)."""
+    tokens = Msg.Metadata._get_metadata_fields(msg.reply)
+    return int(tokens[8] if len(tokens) == _V1_ACK_TOKENS else tokens[Msg.Ack.NumPending])
+
+
 def delivery_count(msg: Msg) -> int:
     """How many times JetStream has delivered ``msg`` (this delivery included), read from its reply
     subject alone: ``msg.metadata`` decodes every field, its timestamp into a datetime, once a task."""

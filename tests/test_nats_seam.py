@@ -26,6 +26,7 @@ from hive_bus._nats import (
     delivery_count,
     follow,
     kv_parts,
+    num_pending,
     parse_header_lines,
     pull_subject,
     raw_writer,
@@ -86,11 +87,13 @@ async def test_the_seam_reads_what_nats_py_keeps_private(bus: Bus) -> None:
     ack, msg = await _stored_and_followed(bus, "t1", b"{}")
     assert stream_seq(msg.reply) == ack.seq, "Msg.Metadata._get_metadata_fields no longer gives the sequence"
     assert delivery_count(msg) == msg.metadata.num_delivered == 1, "the delivery count is read wrong"
+    assert num_pending(msg) == msg.metadata.num_pending, "the pending count is read wrong"
 
 
 def test_the_delivery_count_and_stream_sequence_are_read_from_either_form_of_ack_subject() -> None:
-    """The worker's attempt count and a follower's place: from the reply subject as ``Msg.metadata``
-    reads them, with or without the domain and account hash that newer servers put in it."""
+    """The worker's attempt count, a follower's place and what is left to read: from the reply subject
+    as ``Msg.metadata`` reads them, with or without the domain and account hash that newer servers put
+    in it."""
     for reply in (
         "$JS.ACK.TASKS.echo.3.100.50.1733520000000000000.7",
         "$JS.ACK.hub.ACCHASH.TASKS.echo.4.100.50.1733520000000000000.7.token",
@@ -99,6 +102,7 @@ def test_the_delivery_count_and_stream_sequence_are_read_from_either_form_of_ack
         msg = Msg(None, subject="x", reply=reply)  # type: ignore[arg-type]
         assert delivery_count(msg) == msg.metadata.num_delivered, reply
         assert stream_seq(reply) == msg.metadata.sequence.stream == 100, reply
+        assert num_pending(msg) == msg.metadata.num_pending == 7, reply
     assert stream_seq("_INBOX.abc") is None  # not a JetStream message
 
 
