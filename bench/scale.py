@@ -67,6 +67,7 @@ from throughput import cleaned_up, end, free_port, verdict
 import hive_bus
 from hive_bus._bus import event_providers
 from hive_bus._embedded import NatsServer
+from hive_bus._stats import queue_depths
 
 BIN = Path(sys.executable).parent
 MB = 1e6
@@ -180,7 +181,8 @@ class Bench:
         async def read() -> tuple[int, int]:
             async with hive_bus.connect() as hive:
                 js, names = hive.bus.js, hive.bus.names
-                tasks = (await js.stream_info(names.tasks_stream)).state.messages
+                # the queue is what the consumers have not acked: the tasks stream keeps acked tasks too
+                tasks = sum(d.pending + d.ack_pending for d in (await queue_depths(hive.bus)).values())
                 events = 0  # in every provider's stream (none before the first submission)
                 for provider in await event_providers(hive.bus):
                     with contextlib.suppress(nats.js.errors.NotFoundError):
