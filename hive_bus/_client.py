@@ -72,7 +72,7 @@ from ._prices import PriceTable
 from ._publish import Extra, JetStreamPublisher, PubAck, Publish, stored
 from ._route import CheapestRouter
 from ._schedules import Schedule, ScheduleRequest, Schedules
-from ._served import ServedProviders
+from ._served import ServedProviders, WebhooksSeen
 from ._settings import Settings, load_settings
 from ._size import header_bytes
 from ._stats import ProviderStats, provider_stats
@@ -161,6 +161,7 @@ class Hive:
         # id -> (provider, waits' mark: None when its provider's follower did not run then)
         self._mine: OrderedDict[str, tuple[str, int | None]] = OrderedDict()
         self._served = ServedProviders(bus)  # started on the first submission
+        self._webhooks = WebhooksSeen(bus)  # asked on the first submission with a webhook
         self._index_ready = False  # the metadata index stream is declared (on the first tagged task)
 
     @property
@@ -230,7 +231,8 @@ class Hive:
             raise Unserved(
                 f"{warning}; nothing was accepted (HIVE_REJECT_UNSERVED)", provider=request.provider
             )
-        warnings = () if warning is None else (warning,)
+        webhook = await self._webhooks.warning() if request.webhook is not None else None
+        warnings = tuple(w for w in (warning, webhook) if w is not None)
         return await self._submit_task(Task.from_request(request), request.idempotency_key, warnings)
 
     async def unserved(self, provider: str) -> str | None:
@@ -331,10 +333,11 @@ class Hive:
                 self._submitted.add(tasks[i].provider)
                 self._remember(tasks[i], marks[tasks[i].provider])
             warning = await self.unserved(tasks[i].provider)
+            webhook = await self._webhooks.warning() if requests[i].webhook is not None else None
             outcomes[i] = Accepted(
                 tasks[i].id,
                 bool(task_ack.duplicate),
-                (warning,) if warning else (),
+                tuple(w for w in (warning, webhook) if w),
                 scheduled=tasks[i].not_before is not None,
             )
         return [outcome for outcome in outcomes if outcome is not None]

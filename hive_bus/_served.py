@@ -12,6 +12,9 @@ Followed, not asked: two watches (ordered consumers whose callbacks keep a view 
 So checking a submission costs no round trip: only the first check of a process waits for the watches'
 first answers. A process that follows without recording (a client) reads the served bucket if a
 gateway made it, and otherwise knows the live workers alone.
+
+Beside it, :class:`WebhooksSeen`: whether a submission's webhook will be sent at all, that is whether a
+gateway with webhooks has run on the bus.
 """
 
 from __future__ import annotations
@@ -209,3 +212,40 @@ class ServedProviders:
             await self._bus.js.publish(subject, msgspec.json.encode(_Record(at_ms=at_ms)))
         except BUS_ERRORS as exc:
             log.warning("could not record that provider %s is served: %s", provider, exc)
+
+
+# A submission with a webhook, on a bus where no gateway has sent webhooks, is accepted with this warning:
+# a gateway that starts with webhooks later announces only the tasks that end after it started.
+NO_WEBHOOKS = (
+    "no gateway on this bus has sent webhooks (none has run with HIVE_WEBHOOK_SECRET): this task's webhook "
+    "is sent only if one is running when the task ends"
+)
+
+
+class WebhooksSeen:
+    """Whether a gateway has sent webhooks on this bus: its webhooks stream is there (the first gateway
+    with ``HIVE_WEBHOOK_SECRET`` makes it, and from then on every task's end is queued for delivery,
+    whether a gateway runs at that moment or not). Asked on the first submission with a webhook; a yes
+    is kept, a no asked again after ``RETRY_S``."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._seen = False
+        self._ask_at = 0.0
+
+    async def warning(self) -> str | None:
+        """:data:`NO_WEBHOOKS` when none has, else None (also when the bus cannot say: no false alarm)."""
+        if self._seen:
+            return None
+        if time.monotonic() < self._ask_at:
+            return NO_WEBHOOKS
+        try:
+            await self._bus.js.stream_info(self._bus.names.webhooks_stream)
+        except nats.js.errors.NotFoundError:
+            self._ask_at = time.monotonic() + RETRY_S
+            return NO_WEBHOOKS
+        except (*BUS_ERRORS, nats.js.errors.Error) as exc:  # a credential that may not ask, say
+            log.debug("cannot tell whether a gateway sends webhooks: %s", exc)
+            return None
+        self._seen = True
+        return None

@@ -26,13 +26,14 @@ from standardwebhooks import Webhook
 from hive_bus import FunctionProvider, Hive, Settings, TaskRequest
 from hive_bus._bus import ensure_events
 from hive_bus._messages import Completed, WebhookSpec, encoder, now_ms
+from hive_bus._served import NO_WEBHOOKS
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayError, GatewayOptions
 from hive_bus.services.webhooks import WebhookConfigError, WebhookSettings, load_webhook_settings
 from hive_bus.workers.echo import EchoProvider
 
 from . import handlers
-from .helpers import eventually, running_worker
+from .helpers import eventually, hive_cli, running_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -524,3 +525,29 @@ async def test_a_providers_stream_made_while_no_gateway_ran_has_its_ends_announc
 
         delivered = await eventually(both, 20, "the later provider's delivery")
     assert sorted(d["task_id"] for d in delivered) == sorted([first.id, later.id])
+
+
+async def test_a_webhook_no_gateway_will_send_is_accepted_with_a_warning(
+    settings: Settings, receiver: Receiver, hive: Hive
+) -> None:
+    # no gateway with webhooks has run on this bus: a webhook is sent only if one runs when its task ends
+    spec = WebhookSpec(url=receiver.url)
+    alone = await hive.submit_request(TaskRequest(provider="echo", prompt="x", webhook=spec))
+    assert NO_WEBHOOKS in alone.warnings
+    [batched] = await hive.submit_batch([TaskRequest(provider="echo", prompt="x", webhook=spec)])
+    assert not isinstance(batched, Exception) and NO_WEBHOOKS in batched.warnings
+    plain = await hive.submit_request(TaskRequest(provider="echo", prompt="x"))
+    assert NO_WEBHOOKS not in plain.warnings
+    where = ["--nats", settings.nats_url, "--prefix", settings.prefix]
+    beats = {"HIVE_HEARTBEAT_INTERVAL_S": "0.5", "HIVE_HEARTBEAT_TTL_S": "1.5"}  # as the test bus has them
+    done = hive_cli(["submit", "echo", "hola", "--webhook", receiver.url, *where], env=beats)
+    assert done.returncode == 0 and f"warning: {NO_WEBHOOKS}" in done.stderr, done
+    async with serving(settings, hooks(HIVE_WEBHOOK_ALLOW_NETWORKS=LOOPBACK)) as stack:
+        client = Hive(stack.bus)  # one that asks now: from here on, every task's end is queued for delivery
+        sent = await client.submit_request(TaskRequest(provider="echo", prompt="y", webhook=spec))
+        await client.close()
+        assert NO_WEBHOOKS not in sent.warnings
+        answer = await stack.http.post(
+            "/v1/tasks", json={"provider": "echo", "prompt": "z", "webhook": {"url": receiver.url}}
+        )
+        assert answer.status_code == 202 and NO_WEBHOOKS not in answer.json().get("warnings", []), answer.text
