@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 import pytest
-from playwright.async_api import Dialog, Page, Route
+from playwright.async_api import Dialog, Page, Route, expect
 
 from hive_bus import FailNow, FunctionProvider, Hive, Provider, Settings, Task
 from hive_bus.bus import Bus, open_bus
@@ -157,10 +157,9 @@ async def test_a_fresh_gateway_charts_the_last_hour_and_a_task_tells_its_whole_s
             await page.goto(url)
             outcomes = page.locator("#chart-outcomes")
             await outcomes.locator("canvas").first.wait_for(timeout=WAIT_MS)
-            await page.wait_for_function(
-                "document.querySelector('#chart-outcomes .summary')?.textContent === '4 completed, 0 failed'",
-                timeout=WAIT_MS,
-            )
+            # a locator's wait: a string for wait_for_function is eval'd in the page once it polls, which
+            # the dashboard's policy (script-src 'self') refuses; it failed whenever the chart came late
+            await expect(outcomes.locator(".summary")).to_have_text("4 completed, 0 failed", timeout=WAIT_MS)
             assert await page.locator("#chart-rate-limited .summary").inner_text() == "1 in the hour"
             for chart in ("#chart-depth", "#chart-e2e", "#chart-wait"):
                 assert await page.locator(f"{chart} canvas").count() >= 1
