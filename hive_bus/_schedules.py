@@ -259,6 +259,8 @@ class Schedules:
                 raise ScheduleNotFound(f"no schedule {schedule_id}")
             schedule, revision = found
             changed = msgspec.structs.replace(schedule, paused=paused)
+            if not paused:  # the server's timer is set anew: the next firing is counted from now
+                changed = msgspec.structs.replace(changed, next_at=_next_at(schedule.rule, now_ms()))
             try:
                 await self._kv.update(schedule_id, _encoder.encode(changed), last=revision)
                 return changed

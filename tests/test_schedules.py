@@ -248,8 +248,11 @@ async def test_a_recurring_schedule_fires_tasks_that_complete_and_pause_stops_it
                 bus.names.schedules_stream, bus.names.schedule_subject("recurring", schedule_id)
             )
         fired = (await http.get(f"/v1/schedules/{schedule_id}")).json()["fired"]
+        await anyio.sleep(1.5)  # paused past its next firing: once resumed, the next is counted anew
         resumed = await http.post(f"/v1/schedules/{schedule_id}/resume")
         assert resumed.status_code == 200 and resumed.json()["paused"] is False
+        next_at = datetime.datetime.fromisoformat(resumed.json()["next_at"].replace("Z", "+00:00"))
+        assert next_at.timestamp() >= now_ms() / 1000 - 0.5, resumed.json()  # not in the past
 
         async def fired_again() -> bool:
             return bool((await http.get(f"/v1/schedules/{schedule_id}")).json()["fired"] > fired + 1)
