@@ -41,12 +41,13 @@ async def test_a_deadline_ends_a_task_that_no_worker_ever_fetched(bus: Bus, hive
         await tg.start(Timers(bus).run)
         task_id = await hive.submit("nobody", "a tiempo o nunca", deadline_s=1)
         await eventually(lambda: _failed(hive, task_id), 8, "the deadline to end the task")
+        # the dead letter follows the failed event that ended the task, written by the same timers:
+        # stopped the moment the task reads failed, they could be stopped between the two
+        [letter] = await eventually(lambda: hive.dead_letters(provider="nobody"), 15, "its dead letter")
         tg.cancel_scope.cancel()
     view = await hive.get(task_id)
     assert (view.status, view.reason) == ("failed", "expired")
     assert "deadline" in (view.error or "")
-    # the dead letter follows the failed event that ended the task
-    [letter] = await eventually(lambda: hive.dead_letters(provider="nobody"), 15, "its dead letter")
     assert letter.failed.reason == "expired" and letter.failed.task is not None
     assert [type(e) for e in await events_of(bus, task_id)] == [Queued, Failed]
 
@@ -114,10 +115,10 @@ async def test_a_forged_or_early_expiry_is_refused(bus: Bus, hive: Hive) -> None
         # a real deadline fires after both forgeries were read: the reader takes them in order
         due = await hive.submit("nobody", "ahora sí", deadline_s=1)
         await eventually(lambda: _failed(hive, due), 8, "the real deadline")
+        # the dead letter follows the failed event that ended the task (the timers write both)
+        [letter] = await eventually(lambda: hive.dead_letters(provider="nobody"), 15, "its dead letter")
         tg.cancel_scope.cancel()
     assert (await hive.get(task_id)).status == "queued"
-    # the dead letter follows the failed event that ended the task
-    [letter] = await eventually(lambda: hive.dead_letters(provider="nobody"), 15, "its dead letter")
     assert letter.failed.task_id == due
 
 
