@@ -160,6 +160,7 @@ class Hive:
         self._waits = Waits(bus)  # every wait on one follower of the events stream
         # id -> (provider, waits' mark: None when its provider's follower did not run then)
         self._mine: OrderedDict[str, tuple[str, int | None]] = OrderedDict()
+        self._mine_max = MINE_TASKS
         self._served = ServedProviders(bus)  # started on the first submission
         self._webhooks = WebhooksSeen(bus)  # asked on the first submission with a webhook
         self._index_ready = False  # the metadata index stream is declared (on the first tagged task)
@@ -499,7 +500,15 @@ class Hive:
         if task.fallback:
             return
         self._mine[task.id] = (task.provider, mark)
-        if len(self._mine) > MINE_TASKS:
+        if len(self._mine) > self._mine_max:
+            self._mine.popitem(last=False)
+
+    def remember_own(self, tasks: int) -> None:
+        """Remember this client's last ``tasks`` tasks (``MINE_TASKS`` by default, about 240 bytes each),
+        which spares a :meth:`wait` or :meth:`results` of them a read. A server whose waits come right
+        after each submission, and which calls no :meth:`results` (the gateway), needs few."""
+        self._mine_max = max(0, tasks)
+        while len(self._mine) > self._mine_max:
             self._mine.popitem(last=False)
 
     @property

@@ -137,6 +137,16 @@ async def test_submit_many_queues_the_rest_and_names_each_task_it_could_not(nats
     assert done == {ids[i]: r.prompt for i, r in enumerate(requests) if i != 37}
 
 
+async def test_a_client_that_remembers_none_of_its_tasks_still_reads_their_ends(bus: Bus, hive: Hive) -> None:
+    hive.remember_own(0)  # every read goes the way another client's would: markers, look-ups
+    ids = await hive.submit_many([TaskRequest(provider="echo", prompt=f"post {i}") for i in range(20)])
+    async with running_worker(bus, "echo", EchoProvider(), concurrency=4):
+        with anyio.fail_after(20):
+            done = {view.id: view.output async for view in hive.results(ids)}
+            assert (await hive.wait(ids[0], 10)).output == "post 0"
+    assert done == {task_id: f"post {i}" for i, task_id in enumerate(ids)}
+
+
 async def test_results_without_ids_follows_new_tasks(bus: Bus, hive: Hive) -> None:
     got: list[str] = []
 

@@ -222,6 +222,10 @@ class _Server(uvicorn.Server):
         yield
 
 
+# The gateway's own latest tasks its client remembers (hive_bus.Hive.remember_own): about 1 MB.
+OWN_TASKS = 4096
+
+
 class GatewayError(RuntimeError):
     """The gateway could not start; the message says why in one line."""
 
@@ -253,6 +257,8 @@ class Gateway:
         ensure_file_limit(options.limits.max_connections)
         self.options = options
         self._hive = hive
+        # a wait here comes right after its submission, and no results() read: the last few are enough
+        hive.remember_own(OWN_TASKS)
         self.metrics = BusMetrics(hive.bus)
         self.router = Router(hive.bus)
         # deadlines, starts and recurring schedules fired in the server
