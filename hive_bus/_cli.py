@@ -28,7 +28,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from . import _redact
 from ._budget import BudgetError, load_budgets
 from ._bus import Bus, event_providers, open_bus
-from ._client import Hive, PartialSubmit, connect, validate
+from ._client import Hive, PartialSubmit, connect, request_of
 from ._embedded import EmbeddedServerError, run_nats_server
 from ._errors import BusUnavailable, HiveError, TaskEnded
 from ._events import merged_events
@@ -629,16 +629,14 @@ def submit(
     if meta is not None and not isinstance(meta, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--metadata")
 
-    fields = {
-        "provider": provider, "prompt": prompt, "messages": messages, "model": model, "system": system,
-        "payload": _json_object(payload, "--payload"), "metadata": meta, "idempotency_key": idempotency_key,
-        **extra,
-    }  # fmt: skip
+    body = _json_object(payload, "--payload")
 
     async def main() -> None:
-        request = validate(
-            {k: v for k, v in fields.items() if v is not None}
-        )  # its error: one line, as _run says
+        # checked in here: a field that is not valid is one line, as _run says
+        request = request_of(
+            provider, prompt, messages=messages, model=model, system=system, payload=body, metadata=meta,
+            idempotency_key=idempotency_key, **extra,
+        )  # fmt: skip
         async with connect(settings=settings) as hive:
             accepted = await hive.submit_request(request)
             _warn(accepted.warnings)

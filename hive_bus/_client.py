@@ -126,6 +126,20 @@ def validate(request: TaskRequest | dict[str, Any]) -> TaskRequest:
     return msgspec.convert(msgspec.to_builtins(request), TaskRequest)
 
 
+def request_of(provider: str, prompt: str | None = None, **fields: Any) -> TaskRequest:
+    """The checked request of :meth:`Hive.submit`'s arguments (a field given as None is left out)."""
+    if fields.get("messages") is not None:
+        fields["messages"] = list(fields["messages"])
+    fields["metadata"] = fields.get("metadata") or {}
+    given = {"provider": provider, "prompt": prompt, **fields}
+    return validate({k: v for k, v in given.items() if v is not None})
+
+
+def _refused(provider: str, warning: str) -> Unserved:
+    """A submission for a provider no worker serves, refused (``HIVE_REJECT_UNSERVED``)."""
+    return Unserved(f"{warning}; nothing was accepted (HIVE_REJECT_UNSERVED)", provider=provider)
+
+
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 
 
@@ -204,20 +218,12 @@ class Hive:
         its status reads ``scheduled`` until). Raises :class:`msgspec.ValidationError` naming the field of a request that is
         not valid (a schema that is not JSON Schema among them).
         """
-        fields: dict[str, Any] = {
-            "provider": provider,
-            "prompt": prompt,
-            "messages": None if messages is None else list(messages),
-            "response_format": response_format,
-            "model": model,
-            "system": system,
-            "params": params,
-            "metadata": metadata or {},
-            "payload": payload,
-            "idempotency_key": idempotency_key,
-            **policy,
-        }
-        accepted = await self.submit_request(validate({k: v for k, v in fields.items() if v is not None}))
+        request = request_of(
+            provider, prompt, messages=messages, response_format=response_format, model=model,
+            system=system, params=params, metadata=metadata, payload=payload,
+            idempotency_key=idempotency_key, **policy,
+        )  # fmt: skip
+        accepted = await self.submit_request(request)
         for warning in accepted.warnings:
             log.warning("task %s: %s", accepted.id, warning)
         return accepted.id
@@ -229,12 +235,15 @@ class Hive:
         check_fields(request)
         warning = await self.unserved(request.provider)
         if warning is not None and self._bus.settings.reject_unserved:
-            raise Unserved(
-                f"{warning}; nothing was accepted (HIVE_REJECT_UNSERVED)", provider=request.provider
-            )
-        webhook = await self._webhooks.warning() if request.webhook is not None else None
-        warnings = tuple(w for w in (warning, webhook) if w is not None)
+            raise _refused(request.provider, warning)
+        warnings = await self._warnings(request, warning)
         return await self._submit_task(Task.from_request(request), request.idempotency_key, warnings)
+
+    async def _warnings(self, request: TaskRequest, unserved: str | None) -> tuple[str, ...]:
+        """A submission's warnings: its provider served by no worker (``unserved``, as
+        :meth:`unserved` said), its webhook sent by no gateway."""
+        webhook = await self._webhooks.warning() if request.webhook is not None else None
+        return tuple(w for w in (unserved, webhook) if w is not None)
 
     async def unserved(self, provider: str) -> str | None:
         """Why a task for ``provider`` may never run: no worker serves it now and none did in the last
@@ -333,12 +342,10 @@ class Hive:
             else:
                 self._submitted.add(tasks[i].provider)
                 self._remember(tasks[i], marks[tasks[i].provider])
-            warning = await self.unserved(tasks[i].provider)
-            webhook = await self._webhooks.warning() if requests[i].webhook is not None else None
             outcomes[i] = Accepted(
                 tasks[i].id,
                 bool(task_ack.duplicate),
-                tuple(w for w in (warning, webhook) if w),
+                await self._warnings(requests[i], await self.unserved(tasks[i].provider)),
                 scheduled=tasks[i].not_before is not None,
             )
         return [outcome for outcome in outcomes if outcome is not None]
@@ -396,8 +403,7 @@ class Hive:
         if self._bus.settings.reject_unserved:
             for provider in {r.provider for r in requests}:
                 if (warning := await self.unserved(provider)) is not None:
-                    reason = f"{warning}; nothing was accepted (HIVE_REJECT_UNSERVED)"
-                    refused[provider] = Unserved(reason, provider=provider)
+                    refused[provider] = _refused(provider, warning)
         try:
             outcomes = iter(await self.submit_batch([r for r in requests if r.provider not in refused]))
         except HiveError:  # one the bus cannot carry (nothing was queued): each alone, to say which

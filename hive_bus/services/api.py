@@ -529,7 +529,7 @@ async def _read_tail(bus: Bus, provider: str, limit: int, tails: list[_Tail]) ->
             await read.wait()
     finally:
         await unsubscribe(sub)
-    for msg in list(got):
+    for msg in got:  # no await below: the callback adds nothing meanwhile
         try:
             event = decode_event(msg.subject, msg.data, msg.headers)
         except msgspec.DecodeError as exc:
