@@ -104,7 +104,8 @@ def refusal(exc: BaseException) -> str | None:
 def closed_hint(settings: Settings, last_error: str) -> str:
     """What a TLS connection the server closed at once may mean: a client certificate it did not take
     (the alert that says so can be lost when the server closes first)."""
-    if tls_context_wanted(settings) and "connection lost" in last_error.lower():
+    closed = ("connection lost", "broken pipe", "connection reset")  # as the client met the close
+    if tls_context_wanted(settings) and any(word in last_error.lower() for word in closed):
         return (
             " (the server closed the TLS connection: if it wants client certificates, "
             f"{_FIX_CERT} to one signed by its CA)"

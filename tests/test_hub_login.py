@@ -27,6 +27,7 @@ from hive_bus import (
 )
 from hive_bus._budget import load_budgets
 from hive_bus._bus import connect_nats
+from hive_bus._credentials import closed_hint
 from hive_bus._dlq import DeadLetter
 from hive_bus._embedded import NatsServer
 from hive_bus._router import Router
@@ -104,6 +105,17 @@ async def test_a_client_without_a_certificate_is_told_to_give_one(hub: tuple[Hub
     # the server's alert says so; when the server closes first and the alert is lost, the hint does
     with pytest.raises(BusUnavailable, match=r"client certificate.*set HIVE_NATS_TLS_CERT_FILE"):
         await connect_nats(settings, name="test")
+
+
+@pytest.mark.parametrize(
+    "met", ["nats: connection lost", "[Errno 32] Broken pipe", "[Errno 104] Connection reset by peer"]
+)
+def test_however_the_client_meets_the_servers_close_the_hint_names_the_certificate(met: str) -> None:
+    # the server closes a connection without a client certificate; the client meets that as whichever
+    # of these its next read or write gets (CI saw the broken pipe, and the hint was missing)
+    settings = load_settings(environ={}, nats_url="tls://127.0.0.1:4222")
+    assert "set HIVE_NATS_TLS_CERT_FILE" in closed_hint(settings, met)
+    assert closed_hint(load_settings(environ={}, nats_url="nats://127.0.0.1:4222"), met) == ""
 
 
 async def test_a_certificate_from_another_ca_is_refused(hub: tuple[Hub, NatsServer], tmp_path: Path) -> None:
