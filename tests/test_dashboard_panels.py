@@ -25,12 +25,14 @@ from hive_bus import FailNow, FunctionProvider, Hive, Provider, Settings, Task
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.auth import Tokens
 from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
 from hive_bus.workers.gemini import GeminiProvider
 from hive_bus.workers.groq import GroqProvider
 
 from .fakes import ProviderFakes
 from .helpers import running_worker
 from .test_dashboard import CHROMIUM, TOKEN, WAIT_MS, chromium, gateway, page_of
+from .test_webhooks import LOOPBACK, Receiver, _serve_receiver, hooks
 
 KEY = "gsk_good_key_0123456789"
 
@@ -394,3 +396,46 @@ async def test_schedules_show_their_runs_and_are_paused_and_deleted_after_asking
             assert asked and asked[0].startswith("Delete schedule boletín?")
             assert (await http.get(f"/v1/schedules/{schedule_id}")).status_code == 404
             assert problems == [] and elsewhere == []
+
+
+async def test_failing_webhooks_are_listed_on_the_page_with_its_token(settings: Settings) -> None:
+    # The strip's link opens the page's own list, read with the page's token: a link to the JSON route
+    # would open in a tab without it (a 401).
+    for receiver in _serve_receiver(Receiver(fail_first=100)):
+        webhooks = hooks(HIVE_WEBHOOK_ALLOW_NETWORKS=LOOPBACK, HIVE_WEBHOOK_RETRY_S="0.2")
+        options = GatewayOptions(port=0, tokens=Tokens(api=frozenset({TOKEN})), webhooks=webhooks)
+        async with (
+            open_bus(settings) as bus,
+            running_worker(bus, "echo", EchoProvider()),
+            anyio.create_task_group() as tg,
+        ):
+            gw = Gateway(Hive(bus), options)
+            await tg.start(gw.serve)
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            async with httpx.AsyncClient(base_url=gw.url, headers=auth) as http:
+                task_id = await post(http, provider="echo", prompt="avísame", webhook={"url": receiver.url})
+                async with chromium() as browser, page_of(browser) as (page, problems):
+                    elsewhere = await offline(page, gw.url)
+                    await page.goto(gw.url)
+                    await page.fill("#token", TOKEN)
+                    await page.click("#token-form button")
+                    entry = page.locator('#problems li[data-kind="webhooks_failing"]')
+                    await expect(entry).to_contain_text("answered 500", timeout=WAIT_MS)
+                    assert await entry.locator("a").get_attribute("href") == "#webhooks"
+                    await entry.locator("a").click()
+                    row = page.locator(
+                        f'#webhook-table tr[data-status="failed"]:has(button:text("{task_id}"))'
+                    )
+                    await expect(row).to_be_visible(timeout=WAIT_MS)
+                    cells = await row.locator("td").all_inner_texts()
+                    assert cells[2] == "task.completed" and cells[4] == "failed" and cells[5] == "2"
+                    assert cells[6] == "answered 500"
+                    assert (
+                        "/hooks/hive" in cells[3] and "abc" not in cells[3]
+                    )  # its query (a token) not shown
+                    await page.locator("#webhooks").screenshot(path=artefact("webhooks-failing.png"))
+                    assert elsewhere == []
+                # the browser reports the first 401 (before the token) as a failed load; nothing else
+                assert [p for p in problems if "401" not in p] == []
+            gw.stop()
+        assert len(receiver.calls) == 2  # the first attempt and its one retry

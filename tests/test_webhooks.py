@@ -240,11 +240,18 @@ async def test_a_retry_lists_its_error_and_next_try(settings: Settings, receiver
         retrying = await delivery_in(stack, "retrying")
         failed = await delivery_in(stack, "failed")
         problems = (await stack.http.get("/v1/problems")).json()  # the strip names it, linked
+        # the dashboard's list of what is failing: either state, in one read
+        either = await stack.http.get("/v1/webhooks/deliveries", params={"status": ["retrying", "failed"]})
+        neither = await stack.http.get("/v1/webhooks/deliveries", params={"status": ["delivered", "pending"]})
+        wrong = await stack.http.get("/v1/webhooks/deliveries", params={"status": ["failed", "lost"]})
+    assert [d["id"] for d in either.json()["deliveries"]] == [failed["id"]]
+    assert neither.json()["deliveries"] == []
+    assert wrong.status_code == 400 and "status" in wrong.text, wrong.text
     [failing] = [p for p in problems if p["kind"] == "webhooks_failing"]
     assert failing["message"] == (
         "Webhook deliveries are failing: 1 given up in the last day (last: answered 500)."
     ), failing
-    assert failing["link"] == "/v1/webhooks/deliveries?status=failed"
+    assert failing["link"] == "#webhooks"
     assert retrying["last_error"] == "answered 500"
     assert retrying["next_try_at_ms"] > retrying["updated_at_ms"]
     # given up after the last retry: three attempts for two delays

@@ -5,7 +5,7 @@ nothing more: a provider with queued work and no live worker, a key its provider
 cooling down (and until when), dead letters waiting, messages a stream lost, and a stale read (the
 gateway has not managed to read the bus for a while, so every other figure is old), and webhooks
 failing (deliveries retrying now, or given up lately: :class:`WebhookTrouble`). Each names the place
-that tells more (``link``: a fragment of the dashboard, or the API route that lists them).
+that tells more (``link``: a fragment of the dashboard).
 """
 
 from __future__ import annotations
@@ -128,7 +128,6 @@ def problems_of(
             )
         )
     if webhooks is not None and (webhooks.retrying or webhooks.failed):
-        status = "retrying" if webhooks.retrying else "failed"
         said = [f"{webhooks.retrying} retrying"] if webhooks.retrying else []
         said += [f"{webhooks.failed} given up in the last day"] if webhooks.failed else []
         found.append(
@@ -138,7 +137,7 @@ def problems_of(
                     f"Webhook deliveries are failing: {', '.join(said)}"
                     + (f" (last: {webhooks.last_error})." if webhooks.last_error else ".")
                 ),
-                link=f"/v1/webhooks/deliveries?status={status}",
+                link="#webhooks",
                 count=webhooks.retrying + webhooks.failed,
             )
         )

@@ -615,6 +615,44 @@ async function loadDeadLetters(signal, count) {
   $("dlq-purge-all").hidden = letters.length === 0;
 }
 
+// --- webhooks failing ------------------------------------------------------------------------------
+
+const WEBHOOKS_SHOWN = 50;
+let shownWebhookTrouble = 0;
+
+// The deliveries that need a person (retrying now, or given up), read with this page's token: the
+// problem strip links here rather than to the JSON route, which a browser tab would open without it.
+async function loadWebhooks(signal, trouble) {
+  shownWebhookTrouble = trouble;
+  if (trouble === 0) {
+    $("webhooks").hidden = true;
+    return;
+  }
+  const list = await api(`/v1/webhooks/deliveries?status=retrying&status=failed&limit=${WEBHOOKS_SHOWN}`, signal);
+  if (list === null) return;
+  const rows = list.deliveries.map((d) => {
+    const error = d.last_error || "";
+    const shortError = error.length > DETAIL_CHARS ? `${error.slice(0, DETAIL_CHARS)}…` : error;
+    const next = d.next_try_at_ms ? ticking(el("span"), "until", d.next_try_at_ms) : "–";
+    return el(
+      "tr",
+      { data: { deliveryId: d.id, status: d.status } },
+      td(clock(d.updated_at_ms)),
+      el("td", {}, storyButton(d.task_id)),
+      td(d.event),
+      el("td", { text: d.url, cls: "detail mono", title: d.url }),
+      el("td", {}, el("span", { text: d.status, cls: "status", data: { status: d.status } })),
+      td(int(d.attempts), "num"),
+      el("td", { text: shortError, cls: "detail", title: error }),
+      el("td", {}, next),
+    );
+  });
+  fill("webhook-table", rows, 8, "no delivery is failing now");
+  const many = list.deliveries.length === WEBHOOKS_SHOWN ? "+" : "";
+  $("webhook-count").textContent = `(${list.deliveries.length}${many}; the newest first)`;
+  $("webhooks").hidden = false;
+}
+
 async function act(message, what, path, method) {
   message.textContent = `${what}…`;
   try {
@@ -880,10 +918,12 @@ async function poll(signal) {
       showStats(stats);
       showWorkers(workers);
       const dead = showProblems(problems);
+      const hooks = (problems || []).find((p) => p.kind === "webhooks_failing")?.count ?? 0;
       if (round % USAGE_EVERY === 0) showUsage(await api("/v1/usage", signal));
       if (round === 0) await loadHistory(signal);
       else if (round % HISTORY_EVERY === 0) await updateHistory(signal);
       if (round % DLQ_EVERY === 0 || dead !== shownDeadLetters) await loadDeadLetters(signal, dead);
+      if (hooks !== shownWebhookTrouble || (hooks && round % DLQ_EVERY === 0)) await loadWebhooks(signal, hooks);
       if (round % BATCHES_EVERY === 0) await loadBatches(signal);
       if (round % BATCHES_EVERY === 0) await loadSchedules(signal);
       $("updated").textContent = `updated ${clock(Date.now())}`;

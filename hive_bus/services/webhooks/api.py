@@ -44,8 +44,8 @@ async def list_deliveries(
     state: State,
     limit: Annotated[int, QueryParameter(ge=1, le=MAX_LIST, description="at most this many")] = 100,
     status: Annotated[
-        Literal["pending", "retrying", "delivered", "failed", "refused"] | None,
-        QueryParameter(description="only deliveries in this state"),
+        list[Literal["pending", "retrying", "delivered", "failed", "refused"]] | None,
+        QueryParameter(description="only deliveries in this state (given more than once: in any of them)"),
     ] = None,
     task_id: Annotated[str | None, QueryParameter(description="only this task's")] = None,
 ) -> Deliveries:
@@ -59,7 +59,7 @@ async def list_deliveries(
     kept = [
         r
         for r in found
-        if (status is None or r.status == status) and (task_id is None or r.task_id == task_id)
+        if (status is None or r.status in status) and (task_id is None or r.task_id == task_id)
     ]
     return Deliveries(deliveries=kept[:limit])
 
