@@ -7,10 +7,20 @@ second answers :class:`TaskEnded`). Before that event it puts the task's key in 
 (``<prefix>_cancels``, ``<provider>.<task id>``), which each worker of the provider watches: a worker
 that fetches a cancelled task acks it without a call, and one whose call is running abandons it and
 acks. So a queued or waiting task never runs, and a running one stops.
+
+A task cancelled while queued stays in its consumer's pending count until a worker fetches it (a
+consumer cannot ack what it has not delivered, and the task message is the task's record). So the hub
+adds one to its provider's ``unfetched_cancels`` counter (``<PREFIX>_COUNTERS``), and the worker that
+fetches it takes one off; the queue's depth (``hive_bus._stats.queue_depths``) is the pending count
+less that counter. Each side goes once per task run (``Nats-Msg-Id``), so a redelivery or a second
+path does not count twice. A hub that dies between its cancelled event and its increment leaves that
+task counted in the depth until its fetch (the counter then reads -1, which subtracts nothing); a
+cancelled task that ages out of the tasks stream unfetched leaves the depth one too low.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -23,12 +33,19 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from . import _assigned
+from . import _assigned, _counts
 from ._bus import Bus, ensure_events
-from ._errors import BusUnavailable, TaskEnded, TaskNotFound
-from ._messages import Cancelled, TaskView, encoder, is_task_id, now_ms, task_decoder
+from ._errors import BusUnavailable, HiveError, TaskEnded, TaskNotFound
+from ._messages import Cancelled, Task, TaskView, encoder, is_task_id, now_ms, task_decoder
 from ._nats import BUS_ERRORS, unsubscribe
+from ._nesting import Guarded
 from ._size import js_publish
+
+log = logging.getLogger("hive_bus.cancel")
+
+# A cancel as the cancels bucket and the events stream hold it; a key there may also hold an expiry's
+# ``failed`` event (hive_bus._expiry), which does not decode as one.
+_cancelled_decoder = Guarded(msgspec.json.Decoder(Cancelled), enclosing=1)
 
 # a cancel's reason is kept in events and dead letters: bounded like a provider's error text
 MAX_REASON_CHARS = 1000
@@ -77,7 +94,47 @@ async def cancel_once(bus: Bus, task_id: str, reason: str = "") -> tuple[TaskVie
             return _ended(view), False
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not cancel task {task_id}: {exc}") from None
+    if view.status == "queued" and not here.pending:  # its message waits in its provider's queue
+        await _count_unfetched(bus, task, +1)
     return TaskView.of(event).with_task(task), True
+
+
+async def fetched(bus: Bus, task: Task) -> None:
+    """A worker fetched ``task``, cancelled while queued: it no longer waits in the queue."""
+    await _count_unfetched(bus, task, -1)
+
+
+async def fetched_if_cancelled_queued(bus: Bus, task: Task) -> None:
+    """:func:`fetched`, for a task whose outcome was refused as a duplicate, when the end recorded first
+    is a cancel of it while queued (the worker had fetched it before the cancel reached it)."""
+    names = bus.names
+    try:
+        raw = await bus.js.get_last_msg(
+            names.events_stream_of(task.provider),
+            names.event_subject(task.provider, task.id, "cancelled"),
+            direct=True,
+        )
+        cancel = _cancelled_decoder.decode(raw.data or b"")
+    except nats.js.errors.NotFoundError:
+        return  # another worker's outcome, or an expiry
+    except (*BUS_ERRORS, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("could not read how task %s was cancelled: %s", task.id, exc)
+        return
+    if cancel.was == "queued":
+        await fetched(bus, task)
+
+
+async def _count_unfetched(bus: Bus, task: Task, n: int) -> None:
+    """Add ``n`` to the task's provider's count of cancelled tasks no worker has fetched, once per run
+    and direction. Best effort: a failure is logged, and the queue's depth is off by one meanwhile."""
+    side = "cancelled" if n > 0 else "fetched"
+    try:
+        await _counts.add(
+            bus, bus.names.unfetched_cancels_counter(task.provider), n, f"{task.id}:{task.run}:unfetched:{side}",
+            declared=n < 0,  # a worker may not make streams: the hub made it with its increment
+        )  # fmt: skip
+    except (*BUS_ERRORS, HiveError) as exc:
+        log.warning("task %s: the count of cancelled tasks still queued is off by one: %s", task.id, exc)
 
 
 def _ended(view: TaskView) -> TaskView:
@@ -148,7 +205,7 @@ class CancelWatch:
         self._provider = provider
         self._on_cancel = on_cancel
         self._size = size  # ids remembered at most (the newest): a bound on memory
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._ids: OrderedDict[str, bool] = OrderedDict()  # each with whether it was cancelled while queued
         self._sub: Subscription | None = None
         self._loaded = anyio.Event()
         self._to_load = 0
@@ -156,6 +213,10 @@ class CancelWatch:
 
     def __contains__(self, task_id: str) -> bool:
         return task_id in self._ids
+
+    def was_queued(self, task_id: str) -> bool:
+        """Whether the task was cancelled while queued (its fetch takes it off the queue's count)."""
+        return self._ids.get(task_id, False)
 
     async def start(self) -> None:
         """Follow the provider's cancels, once every cancel there is now has been read. Raises nats
@@ -193,7 +254,7 @@ class CancelWatch:
             fresh = False
         else:
             fresh = task_id not in self._ids
-            self._ids[task_id] = None
+            self._ids[task_id] = _while_queued(msg.data)
             if len(self._ids) > self._size:
                 self._ids.popitem(last=False)
         if not self._loaded.is_set():
@@ -205,3 +266,11 @@ class CancelWatch:
 
 # A worker's cancels consumer outlives a worker that died by this much at most.
 CONSUMER_INACTIVE_S = 60.0
+
+
+def _while_queued(data: bytes) -> bool:
+    """Whether a cancels bucket value is a cancel of a task that was queued then."""
+    try:
+        return _cancelled_decoder.decode(data).was == "queued"
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False  # an expiry (a failed event), or a value of another writer

@@ -148,30 +148,49 @@ class SubmissionCounts:
             self._schedule()
 
     async def _publish(self, provider: str, n: int, msg_id: str) -> None:
-        bus = self._bus
-        for first in (True, False):
-            if not self._declared:
-                await ensure_counters_stream(bus.js, bus.settings)
-                self._declared = True
-            try:
-                # No Nats-Expected-Stream: nats-server 2.15 refuses a counter increment that has one.
-                subject = bus.names.submitted_counter(provider)
-                headers = {"Nats-Incr": f"+{n}", "Nats-Msg-Id": msg_id}
-                check_fits(bus.nc, b"", headers, what="counter increment")
-                await bus.js.publish(subject, b"", headers=headers)
-                return
-            except nats.js.errors.NoStreamResponseError:
-                if not first:
-                    raise
-                self._declared = False  # the stream was removed: declared again, then one more try
+        self._declared = await add(
+            self._bus, self._bus.names.submitted_counter(provider), n, msg_id, declared=self._declared
+        )
+
+
+async def add(bus: Bus, subject: str, n: int, msg_id: str, *, declared: bool = False) -> bool:
+    """Add ``n`` (negative takes off) to the counter on ``subject``, once per ``msg_id`` within the
+    duplicate window. The counters stream is made first unless ``declared`` (and made again, with one
+    more try, when it is gone); returns True (it is declared now). Raises nats errors and
+    :class:`HiveError`."""
+    for first in (True, False):
+        if not declared:
+            await ensure_counters_stream(bus.js, bus.settings)
+            declared = True
+        try:
+            # No Nats-Expected-Stream: nats-server 2.15 refuses a counter increment that has one.
+            headers = {"Nats-Incr": f"{n:+d}", "Nats-Msg-Id": msg_id}
+            check_fits(bus.nc, b"", headers, what="counter increment")
+            await bus.js.publish(subject, b"", headers=headers)
+            break
+        except nats.js.errors.NoStreamResponseError:
+            if not first:
+                raise
+            declared = False  # the stream was removed: declared again, then one more try
+    return True
 
 
 async def submitted_counts(bus: Bus) -> dict[str, int]:
     """Tasks accepted so far for each provider, as the counters stream holds them (none before the
     stream exists: its first submitter makes it)."""
+    return await _counts(bus, bus.names.submitted_counters)
+
+
+async def unfetched_cancels(bus: Bus) -> dict[str, int]:
+    """Each provider's tasks cancelled while queued that no worker has fetched yet (hive_bus._cancel)."""
+    return await _counts(bus, bus.names.unfetched_cancels_counters)
+
+
+async def _counts(bus: Bus, subjects: str) -> dict[str, int]:
+    """The counters on ``subjects`` (one token a provider, the last), by provider."""
     names = bus.names
     try:
-        info = await bus.js.stream_info(names.counters_stream, subjects_filter=names.submitted_counters)
+        info = await bus.js.stream_info(names.counters_stream, subjects_filter=subjects)
     except nats.js.errors.NotFoundError:
         return {}
     counts: dict[str, int] = {}

@@ -37,6 +37,9 @@ class Names:
     reader of a task's events (``events_of``, ``final_events``) ever sees it;
     ``<prefix>.counters.submitted.<provider>`` is the count of tasks accepted for a provider, kept by
     ``<PREFIX>_COUNTERS``, a stream of JetStream counters (each publish adds its ``Nats-Incr``);
+    ``<prefix>.counters.unfetched_cancels.<provider>`` counts the tasks cancelled while queued that no
+    worker has fetched yet (the hub adds one, the worker that fetches one takes it off): what the
+    consumers' pending counts hold beyond the queue;
     ``<prefix>.dlq.<provider>.<task id>`` carries dead letters (a failed event with its task) into
     ``<PREFIX>_DLQ_<provider>``, one stream per provider with limits of its own, so that no provider's
     workers can fill another's (``<PREFIX>_DLQ`` held every provider's before);
@@ -262,6 +265,13 @@ class Names:
     @property
     def submitted_counters(self) -> str:
         return f"{self.prefix}.counters.submitted.*"
+
+    def unfetched_cancels_counter(self, provider: str) -> str:
+        return f"{self.prefix}.counters.unfetched_cancels.{provider}"
+
+    @property
+    def unfetched_cancels_counters(self) -> str:
+        return f"{self.prefix}.counters.unfetched_cancels.*"
 
     @property
     def outcome_events(self) -> list[str]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import msgspec
 from nats.aio.msg import Msg
 
-from . import _blobs, _dlq
+from . import _blobs, _cancel, _dlq
 from ._blobs import BlobMissing
 from ._bus import Bus
 from ._cooldown import KeyCooldowns
@@ -349,6 +349,8 @@ class Settler:
             await report_duplicate(
                 self._bus, task, "completed" if status == "completed" else "failed", self._worker_id
             )
+            # a cancel while it was queued can come first and reach this worker only after its call
+            await _cancel.fetched_if_cancelled_queued(self._bus, task)
 
 
 def _event_headers(msg_id: str | None, stream: str) -> dict[str, str]:

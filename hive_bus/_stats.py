@@ -13,7 +13,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ._bus import Bus, consumer_infos, kv_entries
 from ._cooldown import decode_records, provider_cooldowns
-from ._counts import submitted_counts
+from ._counts import submitted_counts, unfetched_cancels
 from ._messages import WorkerBeat
 from ._nats import BUS_ERRORS
 from ._tallies import tally
@@ -45,7 +45,8 @@ async def queue_depths(bus: Bus) -> dict[str, QueueDepth]:
     """Each provider's queue, summed over its priorities: from the durable consumer of each (the tasks
     stream keeps what was acked too: the queue is what its consumers have not acked), or, for a
     provider tasks were submitted to that no consumer serves yet, the tasks stream's count of its
-    messages (nothing acked them): a throwaway consumer's pending count, from the server's index."""
+    messages (nothing acked them): a throwaway consumer's pending count, from the server's index. Less,
+    in both cases, the tasks cancelled while queued that no worker has fetched yet (hive_bus._cancel)."""
     names = bus.names
     queues: dict[tuple[str, str], QueueDepth] = {}
     for info in await consumer_infos(bus, names.tasks_stream):
@@ -59,6 +60,12 @@ async def queue_depths(bus: Bus) -> dict[str, QueueDepth]:
     for provider in set(await submitted_counts(bus)) - set(depths):
         waiting = await _count(bus, names.task_filter(provider, "*"), stream=names.tasks_stream)
         depths[provider] = QueueDepth(waiting, 0)
+    # A task cancelled while queued is pending until a worker fetches it (and lets it go): not queued.
+    # A count below 0 (a hub that stopped before counting a cancel) subtracts nothing.
+    for provider, cancelled in (await unfetched_cancels(bus)).items():
+        if cancelled > 0 and provider in depths:
+            pending, ack_pending = depths[provider].pending, depths[provider].ack_pending
+            depths[provider] = QueueDepth(max(0, pending - cancelled), ack_pending)
     return depths
 
 

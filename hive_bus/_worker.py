@@ -33,7 +33,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerInfo
 
-from . import _blobs, _output, _redact
+from . import _blobs, _cancel, _output, _redact
 from ._budget import Budgets, ProviderBudget, Reservation
 from ._bus import Bus, ensure_consumers, redeclare_workers_bucket
 from ._cache import ResponseCache
@@ -419,6 +419,15 @@ class Worker:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._reject_undecodable(msg, exc)
             return
+        try:
+            await self._process_task(held, task)
+        finally:
+            if self.cancels.was_queued(task.id):  # fetched: no longer among the queue's cancelled tasks
+                with anyio.CancelScope(shield=True), anyio.move_on_after(3):
+                    await _cancel.fetched(self._bus, task)
+
+    async def _process_task(self, held: _Held, task: Task) -> None:
+        msg = held.msg
         if task.id in self.cancels:
             with anyio.CancelScope(shield=True):
                 await self._abandon(msg, task, "it was cancelled while queued")

@@ -68,6 +68,9 @@ for p in "$@"; do
     pub+=("\"$prefix.dlq.$p.*\"" "\"\$JS.API.STREAM.INFO.${P}_DLQ_$p\"")
     # the chunks of a streamed task it runs (core NATS, read by the gateway alone): no other provider's
     pub+=("\"$prefix.chunks.$p.*\"")
+    # a task it fetched that was cancelled while queued, taken off its provider's count (the counters
+    # stream, made by the gateway; hive_bus/_cancel.py): no other counter
+    pub+=("\"$prefix.counters.unfetched_cancels.$p\"")
     # its provider's events, in a stream of their own with its own limits (made by the gateway with
     # the consumers): what its workers write there can push out that provider's history, no other's.
     # A redelivered task's last event on this provider (how many of its deliveries only waited out a

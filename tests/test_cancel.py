@@ -8,7 +8,10 @@ import anyio
 import httpx
 import pytest
 
-from hive_bus import Cancelled, FunctionProvider, Hive, Queued, TaskEnded, TaskNotFound
+import hive_bus._worker
+from hive_bus import Cancelled, FunctionProvider, Hive, Queued, TaskEnded, TaskNotFound, _cancel
+from hive_bus._counts import unfetched_cancels
+from hive_bus._stats import queue_depths
 from hive_bus.bus import Bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
 from hive_bus.workers.echo import EchoProvider
@@ -16,7 +19,7 @@ from hive_bus.workers.groq import GroqProvider
 
 from . import handlers
 from .fakes import ProviderFakes
-from .helpers import events_of, eventually, hive_cli, running_worker, unacked
+from .helpers import events_of, eventually, hive_cli, running_worker, task_of, unacked
 
 pytestmark = pytest.mark.anyio
 
@@ -47,6 +50,67 @@ async def test_a_queued_task_cancelled_never_runs(bus: Bus, hive: Hive) -> None:
 
 async def _drained(bus: Bus) -> bool:
     return await unacked(bus) == 0
+
+
+async def test_a_task_cancelled_while_queued_leaves_the_queue_at_once(
+    bus: Bus, hive: Hive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no worker yet: the cancelled tasks wait in the tasks stream until one fetches them, and the
+    # figures (stats, metrics, the problem strip) must not count them as work waiting
+    ids = [await hive.submit("depth", f"tarea {i}") for i in range(3)]
+    assert await _queued(hive, "depth") == 3
+    await hive.cancel(ids[0])
+    await hive.cancel(ids[0])  # again: counted once
+    await hive.cancel(ids[1])
+    assert await _queued(hive, "depth") == 1
+    assert await unfetched_cancels(bus) == {"depth": 2}
+    async with running_worker(bus, "depth", EchoProvider()):
+        # its consumers now count the queue: the two cancelled tasks are still theirs until fetched
+        assert (await hive.wait(ids[2], 10)).status == "completed"
+        await eventually(lambda: _uncounted(bus), 10, "the cancelled tasks to be fetched and let go")
+        await eventually(lambda: _drained(bus), 10, "nothing left unacked")
+        assert await unfetched_cancels(bus) == {"depth": 0}  # each fetch took its task off, once
+        assert await _queued(hive, "depth") == 0
+        # a task the worker holds, cancelled while its view still says queued (a call's running event
+        # comes after RUNNING_AFTER_S, here never): counted, then off the count once the worker lets it go
+        monkeypatch.setattr(hive_bus._worker, "RUNNING_AFTER_S", 600.0)
+        running = await hive.submit("depth", "larga", payload={"delay_s": 30})
+        await eventually(lambda: _held(bus), 10, "the worker to hold the task")
+        assert (await hive.cancel(running)).reason == "cancelled while queued"
+        await eventually(lambda: _drained(bus), 10, "the cancelled call to be let go")
+        await eventually(lambda: _uncounted(bus), 10, "the count to come back to 0")
+        assert await _queued(hive, "depth") == 0
+        assert (await hive.get(running)).status == "cancelled"
+
+
+async def test_an_outcome_refused_after_a_cancel_while_queued_takes_the_task_off_the_count(
+    bus: Bus, hive: Hive
+) -> None:
+    # A worker that fetched the task just before the cancel, and finished its call before the cancel
+    # reached it, sees its outcome refused as a duplicate: it reads the cancel recorded first.
+    task_id = await hive.submit("late", "x")
+    await hive.cancel(task_id)
+    assert await unfetched_cancels(bus) == {"late": 1}
+    task = await task_of(bus, task_id)
+    await _cancel.fetched_if_cancelled_queued(bus, task)
+    await _cancel.fetched_if_cancelled_queued(bus, task)  # a second path to the same end: once
+    assert await unfetched_cancels(bus) == {"late": 0}
+    # an outcome refused for another reason (another worker's) counts nothing
+    other = await task_of(bus, await hive.submit("late", "y"))
+    await _cancel.fetched_if_cancelled_queued(bus, other)
+    assert await unfetched_cancels(bus) == {"late": 0}
+
+
+async def _queued(hive: Hive, provider: str) -> int:
+    return next(s.pending for s in await hive.stats() if s.provider == provider)
+
+
+async def _uncounted(bus: Bus) -> bool:
+    return await unfetched_cancels(bus) == {"depth": 0}
+
+
+async def _held(bus: Bus) -> bool:
+    return (await queue_depths(bus))["depth"].ack_pending == 1
 
 
 async def test_a_running_call_is_abandoned_and_the_worker_goes_on(bus: Bus, hive: Hive) -> None:

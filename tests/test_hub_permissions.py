@@ -8,6 +8,7 @@ here, so that what is proven is the permission set, whatever the runtime does wi
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
@@ -110,6 +111,12 @@ async def declare(js: JetStreamContext, *providers: str) -> None:
                 name=f"HIVE_DLQ_{provider}", subjects=[f"hive.dlq.{provider}.*"], storage=StorageType.FILE
             )
         )
+    await js.add_stream(  # JetStream counters: tasks accepted, and cancelled while queued, per provider
+        StreamConfig(
+            name="HIVE_COUNTERS", subjects=["hive.counters.>"], storage=StorageType.FILE,
+            max_msgs_per_subject=1, allow_msg_counter=True, allow_direct=True,
+        )
+    )  # fmt: skip
     await js.create_key_value(
         KeyValueConfig(bucket="hive_workers", ttl=15, storage=StorageType.MEMORY, direct=True)
     )
@@ -226,6 +233,13 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
         await w1.js.publish("$KV.hive_cache.alpha.abc123", b"answer", stream="KV_hive_cache", msg_ttl=60)
         cached = await w1.js.get_last_msg("KV_hive_cache", "$KV.hive_cache.alpha.abc123", direct=True)
         assert cached.data == b"answer"
+
+        # a task it fetched that was cancelled while queued, taken off its provider's count
+        await w1.js.publish("hive.counters.unfetched_cancels.alpha", b"", headers={"Nats-Incr": "-1"})
+        count = await gw.js.get_msg(
+            "HIVE_COUNTERS", subject="hive.counters.unfetched_cancels.alpha", direct=True
+        )
+        assert json.loads(count.data or b"") == {"val": "-1"}
 
         await w1.nc.flush()
         assert not w1.violations()
@@ -391,12 +405,30 @@ FORBIDDEN = {
         lambda w: w.js.get_last_msg("HIVE_SCHEDULES", "hive.fired.>", direct=True),
         _no_timer,
     ),
+    "change another provider's queue count": Forbidden(
+        "hive.counters.unfetched_cancels.delta",
+        lambda w: w.js.publish("hive.counters.unfetched_cancels.delta", b"", headers={"Nats-Incr": "+5"}),
+        lambda gw: _no_counter(gw, "hive.counters.unfetched_cancels.delta"),
+    ),
+    "change the submission counts": Forbidden(
+        "hive.counters.submitted.alpha",
+        lambda w: w.js.publish("hive.counters.submitted.alpha", b"", headers={"Nats-Incr": "+5"}),
+        lambda gw: _no_counter(gw, "hive.counters.submitted.alpha"),
+    ),
     "read any stream message": Forbidden(
         "$JS.API.STREAM.MSG.GET.HIVE_EVENTS_alpha",
         lambda w: w.js.get_msg("HIVE_EVENTS_alpha", seq=1),
         _stream_exists,
     ),
 }
+
+
+async def _no_counter(gw: Client, subject: str) -> bool:
+    try:
+        await gw.js.get_msg("HIVE_COUNTERS", subject=subject, direct=True)
+    except nats.js.errors.NotFoundError:
+        return True
+    return False
 
 
 async def _kv_put(w: Client, bucket: str, key: str) -> None:
