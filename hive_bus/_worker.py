@@ -419,15 +419,6 @@ class Worker:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._reject_undecodable(msg, exc)
             return
-        try:
-            await self._process_task(held, task)
-        finally:
-            if self.cancels.was_queued(task.id):  # fetched: no longer among the queue's cancelled tasks
-                with anyio.CancelScope(shield=True), anyio.move_on_after(3):
-                    await _cancel.fetched(self._bus, task)
-
-    async def _process_task(self, held: _Held, task: Task) -> None:
-        msg = held.msg
         if task.id in self.cancels:
             with anyio.CancelScope(shield=True):
                 await self._abandon(msg, task, "it was cancelled while queued")
@@ -548,13 +539,18 @@ class Worker:
             call.cancel()
 
     async def _abandon(self, msg: Msg, task: Task, why: str) -> None:
-        """Let a cancelled task go: the hub recorded its end (a ``cancelled`` event), so an ack is all."""
+        """Let a cancelled task go: the hub recorded its end (a ``cancelled`` event), so an ack is all;
+        and, cancelled while queued, it is no longer among the queue's cancelled tasks (hive_bus._cancel).
+        A task whose outcome this worker recorded was not cancelled (the cancel came second): not here."""
         log.info("worker %s lets task %s go: %s", self.id, task.id, why)
         try:
             await msg.ack()
         except BUS_ERRORS as exc:  # not acked: it comes back, and is let go then
             log.debug("could not ack cancelled task %s: %s", task.id, exc)
         self._settler.counts.cancelled += 1
+        if self.cancels.was_queued(task.id):
+            with anyio.move_on_after(3):
+                await _cancel.fetched(self._bus, task)
 
     async def _last_event(self, task: Task) -> TaskEvent | None:
         """A redelivered task's last event on this provider (a worker credential may read no other
