@@ -271,10 +271,10 @@ class Hive:
         task = await self._routed(task)
         self._check_content(task)
         task = await _blobs.check_in(self._bus, task)
-        self._check_messages(task, key)
+        message = self._check_messages(task, key)
         await self._ready_timers([task])
         mark = self._waits.mark(task.provider)
-        [ack] = await self._publish_tasks([task], [key])
+        [ack] = await self._publish_tasks([task], [key], [message])
         if isinstance(ack, QueueFull):
             await self._record_rejection(task, str(ack))
         if isinstance(ack, HiveError):
@@ -301,6 +301,12 @@ class Hive:
                 check_fields(request)
             except NestedTooDeep as exc:
                 raise NestedTooDeep(f"tasks[{i}].{exc.field}", exc.limit) from None
+        return await self._queue_batch(requests, task_ids)
+
+    async def _queue_batch(
+        self, requests: Sequence[TaskRequest], task_ids: Sequence[str] | None = None
+    ) -> list[Accepted | HiveError]:
+        """:meth:`submit_batch` of requests whose nesting is checked (:func:`validate` did it)."""
         if not self._bus.nc.is_connected:  # each task's outcome all the same: none was accepted
             return [BusUnavailable("not connected to NATS; not accepted") for _ in requests]
         made = [Task.from_request(r) for r in requests]
@@ -317,14 +323,18 @@ class Hive:
                 tasks[i] = await _blobs.check_in(self._bus, task)
             except HiveError as exc:
                 outcomes[i] = exc
+        messages: dict[int, Publish] = {}
         for i, task in enumerate(tasks):
             if outcomes[i] is None:
                 with _naming_task(i):
-                    self._check_messages(task, keys[i])
+                    messages[i] = self._check_messages(task, keys[i])
         going = [i for i, outcome in enumerate(outcomes) if outcome is None]
         await self._ready_timers(tasks)
         marks = {t.provider: self._waits.mark(t.provider) for t in tasks}
-        task_acks = await self._publish_tasks([tasks[i] for i in going], [keys[i] for i in going])
+        task_acks = await self._publish_tasks(
+            [tasks[i] for i in going], [keys[i] for i in going], [messages[i] for i in going]
+        )
+        unserved: dict[str, str | None] = {}  # asked once a provider
         for i, task_ack in zip(going, task_acks, strict=True):
             if isinstance(task_ack, QueueFull):
                 await self._record_rejection(tasks[i], str(task_ack))
@@ -342,10 +352,12 @@ class Hive:
             else:
                 self._submitted.add(tasks[i].provider)
                 self._remember(tasks[i], marks[tasks[i].provider])
+            if (provider := tasks[i].provider) not in unserved:
+                unserved[provider] = await self.unserved(provider)
             outcomes[i] = Accepted(
                 tasks[i].id,
                 bool(task_ack.duplicate),
-                await self._warnings(requests[i], await self.unserved(tasks[i].provider)),
+                await self._warnings(requests[i], unserved[provider]),
                 scheduled=tasks[i].not_before is not None,
             )
         return [outcome for outcome in outcomes if outcome is not None]
@@ -405,7 +417,7 @@ class Hive:
                 if (warning := await self.unserved(provider)) is not None:
                     refused[provider] = _refused(provider, warning)
         try:
-            outcomes = iter(await self.submit_batch([r for r in requests if r.provider not in refused]))
+            outcomes = iter(await self._queue_batch([r for r in requests if r.provider not in refused]))
         except HiveError:  # one the bus cannot carry (nothing was queued): each alone, to say which
             return [await self._submit_alone(r) for r in requests]
         return [refused[r.provider] if r.provider in refused else next(outcomes) for r in requests]
@@ -785,10 +797,10 @@ class Hive:
                 limit_bytes=limit,
             )
 
-    def _check_messages(self, task: Task, key: str | None) -> None:
-        """Raise :class:`TooLarge` when the task's message (and a scheduled task's ``queued`` event),
-        headers counted, is over the server's ``max_payload`` (what is left once the claim check took
-        the content: metadata, params...)."""
+    def _check_messages(self, task: Task, key: str | None) -> Publish:
+        """The task's message; raises :class:`TooLarge` when it (or a scheduled task's ``queued``
+        event), headers counted, is over the server's ``max_payload`` (what is left once the claim check
+        took the content: metadata, params...)."""
         limit = self._bus.nc.max_payload
         messages = [self._task_message(task, key)]
         if task.not_before is not None:
@@ -804,6 +816,7 @@ class Hive:
                     size_bytes=size,
                     limit_bytes=limit,
                 )
+        return messages[0]
 
     def _queued_event(self, task: Task, key: str | None) -> Publish:
         """A scheduled task's ``queued`` event, with the task: its record until its start timer queues
@@ -827,7 +840,7 @@ class Hive:
         )
 
     async def _publish_tasks(
-        self, tasks: Sequence[Task], keys: Sequence[str | None]
+        self, tasks: Sequence[Task], keys: Sequence[str | None], task_messages: Sequence[Publish]
     ) -> list[PubAck | HiveError]:
         """What queues ``tasks``, all in one write: each one's task message (the record of its
         acceptance), or for a task with a ``not_before`` its ``queued`` event (which carries it) and its
@@ -835,14 +848,14 @@ class Hive:
         (:mod:`hive_bus._index`); after them all, the deadline timers of those that have one. Returns
         each task's outcome, in order: its task message's, or its ``queued`` event's. An index entry,
         a start or a deadline timer that was not stored is logged, and the task is accepted all the
-        same (a filter by its metadata misses it; its workers still check its deadline)."""
+        same (a filter by its metadata misses it; its workers still check its deadline).
+        ``task_messages``: each task's message, as :meth:`_check_messages` made and checked it."""
         settings = self._bus.settings
         messages: list[Publish] = []
         extra: dict[int, dict[str, str]] = {}
         places: list[int] = []
-        for task, key in zip(tasks, keys, strict=True):
+        for task, key, message in zip(tasks, keys, task_messages, strict=True):
             places.append(len(messages))
-            message = self._task_message(task, key)
             if (start := start_schedule(settings, task)) is not None:
                 message = self._queued_event(task, key)
                 messages.append(message)
