@@ -44,6 +44,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 import anyio
 import msgspec
@@ -52,6 +53,7 @@ import nats.js.errors
 from anyio.abc import TaskStatus
 from nats.js.api import StreamState
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hive_bus import WorkerBeat
@@ -76,6 +78,8 @@ from hive_bus.bus import Bus
 
 from .follower import follow_providers
 from .history import History, HistoryView, backfill
+
+_Metric = TypeVar("_Metric", bound=MetricWrapperBase)
 
 log = logging.getLogger("hive_bus.metrics")
 
@@ -230,6 +234,8 @@ class BusMetrics:
         self._providers: set[str] = set()
         self._models: dict[str, set[str]] = {}
         self._usage: dict[tuple[str, str], _UsageTotals] = {}  # by provider and model label
+        # Each series once labelled (see _series): bounded as the labels are.
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         self._since_ms = 0  # when following began
         self._submitted_before: dict[str, int] = {}  # the submission counters when following began
 
@@ -431,16 +437,16 @@ class BusMetrics:
         provider = self._provider_label(on)
         match event:
             case Retrying():
-                self._retries.labels(provider, event.reason).inc()
+                self._series(self._retries, provider, event.reason).inc()
                 if event.reason == "rate_limit" and event.called:
-                    self._rate_limited.labels(provider).inc()
+                    self._series(self._rate_limited, provider).inc()
                     self.history.record_rate_limit(event.at_ms)
             case Failed():
                 # A rejected submission is recorded outside the worker's final events (and may be
                 # followed by the same task's completion once it is queued again).
                 kind = "rejected" if event.reason == "rejected" else "final"
                 if self._first_time(f"{on}:{event.task_id}:{kind}"):
-                    self._failed.labels(provider, event.reason).inc()
+                    self._series(self._failed, provider, event.reason).inc()
                     self.history.record_failed(provider, event.at_ms, live=True)
                     if event.reason == "lost":
                         self._lost.inc()
@@ -452,7 +458,7 @@ class BusMetrics:
                     )
             case Cancelled():
                 if self._first_time(f"{on}:{event.task_id}:final"):
-                    self._cancelled.labels(provider, event.was).inc()
+                    self._series(self._cancelled, provider, event.was).inc()
             case _:
                 pass  # running: nothing to count
 
@@ -466,29 +472,40 @@ class BusMetrics:
 
     def _completed_task(self, provider: str, event: Completed) -> None:
         model = self._model_label(provider, event.model)
-        self._completed.labels(provider, model).inc()
+        self._series(self._completed, provider, model).inc()
         totals = self._usage.setdefault((provider, model), _UsageTotals())
         totals.completed += 1
         if event.cached:  # no call: no tokens spent (its usage is the first answer's), no cost
-            self._cache_hits.labels(provider, model).inc()
+            self._series(self._cache_hits, provider, model).inc()
         elif event.usage is not None:
             input_tokens, output_tokens = max(0, event.usage.input_tokens), max(0, event.usage.output_tokens)
-            self._tokens.labels(provider, model, "input").inc(input_tokens)
-            self._tokens.labels(provider, model, "output").inc(output_tokens)
+            self._series(self._tokens, provider, model, "input").inc(input_tokens)
+            self._series(self._tokens, provider, model, "output").inc(output_tokens)
             totals.input_tokens += input_tokens
             totals.output_tokens += output_tokens
         if event.cost_usd is not None and event.cost_usd >= 0:
-            self._cost.labels(provider, model).inc(event.cost_usd)
+            self._series(self._cost, provider, model).inc(event.cost_usd)
             totals.cost_usd += event.cost_usd
         else:
             totals.unpriced += 1
         if event.submitted_at_ms and event.started_at_ms:
             wait_s = (event.started_at_ms - event.submitted_at_ms) / 1000
-            self._queue_wait.labels(provider).observe(max(0.0, wait_s))  # clocks of two machines
+            self._series(self._queue_wait, provider).observe(max(0.0, wait_s))  # clocks of two machines
         if event.call_s > 0:
-            self._call.labels(provider).observe(event.call_s)
+            self._series(self._call, provider).observe(event.call_s)
         if event.submitted_at_ms and event.at_ms:
-            self._duration.labels(provider).observe(max(0.0, (event.at_ms - event.submitted_at_ms) / 1000))
+            self._series(self._duration, provider).observe(
+                max(0.0, (event.at_ms - event.submitted_at_ms) / 1000)
+            )
+
+    def _series(self, metric: _Metric, *labels: str) -> _Metric:
+        """``metric.labels(*labels)``, looked up once: prometheus_client's ``labels()`` costs about as
+        much as the rest of counting a completion, and a completion counts up to seven series."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return cast(_Metric, child)
 
     def _first_time(self, key: str) -> bool:
         if key in self._recent:
