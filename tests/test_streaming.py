@@ -311,8 +311,12 @@ async def test_an_attempt_failing_after_some_chunks_is_a_restart_then_the_retry_
 ) -> None:
     flaky = FlakyStream()
     request = TaskRequest(provider="flaky", prompt="x")
+    # The retry waits 1 s, so that its ``retrying`` event (read through a consumer) reaches the reader
+    # before the retry's first chunk (core NATS): with 0.1 s, a loaded machine sometimes let the chunk
+    # come first (a full run of the suite in session 12), and the restart then said only "attempt 2
+    # started over", which is true but not the reason this test reads.
     async with (
-        running_worker(bus, "flaky", flaky, backoff_base_s=0.1, backoff_cap_s=0.2),
+        running_worker(bus, "flaky", flaky, backoff_base_s=1.0, backoff_cap_s=1.0),
         hive.stream(request) as stream,
     ):
         items = [i for i in await _collect(aiter(stream)) if not isinstance(i, StreamWaiting)]
