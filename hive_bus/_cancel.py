@@ -8,14 +8,16 @@ second answers :class:`TaskEnded`). Before that event it puts the task's key in 
 that fetches a cancelled task acks it without a call, and one whose call is running abandons it and
 acks. So a queued or waiting task never runs, and a running one stops.
 
-A task cancelled while queued stays in its consumer's pending count until a worker fetches it (a
+A task cancelled while queued, or expired at its deadline while queued (hive_bus._expiry, which puts
+its key in the same bucket), stays in its consumer's pending count until a worker fetches it (a
 consumer cannot ack what it has not delivered, and the task message is the task's record). So the hub
 adds one to its provider's ``unfetched_cancels`` counter (``<PREFIX>_COUNTERS``), and the worker that
 fetches it takes one off; the queue's depth (``hive_bus._stats.queue_depths``) is the pending count
-less that counter. Each side goes once per task run (``Nats-Msg-Id``), so a redelivery or a second
-path does not count twice. A hub that dies between its cancelled event and its increment leaves that
-task counted in the depth until its fetch (the counter then reads -1, which subtracts nothing); a
-cancelled task that ages out of the tasks stream unfetched leaves the depth one too low.
+less that counter. The recorded end says which ends were counted (its ``was``: ``queued``). Each side
+goes once per task run (``Nats-Msg-Id``), so a redelivery or a second path does not count twice. A hub
+that dies between the end and its increment leaves that task counted in the depth until its fetch (the
+counter then reads -1, which subtracts nothing); an ended task that ages out of the tasks stream
+unfetched leaves the depth one too low.
 """
 
 from __future__ import annotations
@@ -36,16 +38,16 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from . import _assigned, _counts
 from ._bus import Bus, ensure_events
 from ._errors import BusUnavailable, HiveError, TaskEnded, TaskNotFound
-from ._messages import Cancelled, Task, TaskView, encoder, is_task_id, now_ms, task_decoder
+from ._messages import Cancelled, Failed, Task, TaskView, encoder, is_task_id, now_ms, task_decoder
 from ._nats import BUS_ERRORS, unsubscribe
 from ._nesting import Guarded
 from ._size import js_publish
 
 log = logging.getLogger("hive_bus.cancel")
 
-# A cancel as the cancels bucket and the events stream hold it; a key there may also hold an expiry's
-# ``failed`` event (hive_bus._expiry), which does not decode as one.
-_cancelled_decoder = Guarded(msgspec.json.Decoder(Cancelled), enclosing=1)
+# An end recorded by the hub, as the cancels bucket and the events stream hold it: a cancel, or an
+# expiry's ``failed`` event (hive_bus._expiry).
+_end_decoder = Guarded(msgspec.json.Decoder(Cancelled | Failed), enclosing=1)
 
 # a cancel's reason is kept in events and dead letters: bounded like a provider's error text
 MAX_REASON_CHARS = 1000
@@ -95,33 +97,41 @@ async def cancel_once(bus: Bus, task_id: str, reason: str = "") -> tuple[TaskVie
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not cancel task {task_id}: {exc}") from None
     if view.status == "queued" and not here.pending:  # its message waits in its provider's queue
-        await _count_unfetched(bus, task, +1)
+        await ended_while_queued(bus, task)
     return TaskView.of(event).with_task(task), True
 
 
+async def ended_while_queued(bus: Bus, task: Task) -> None:
+    """``task`` was cancelled, or expired at its deadline, while its message waited in the queue."""
+    await _count_unfetched(bus, task, +1)
+
+
 async def fetched(bus: Bus, task: Task) -> None:
-    """A worker fetched ``task``, cancelled while queued: it no longer waits in the queue."""
+    """A worker fetched ``task``, which had ended while queued: it no longer waits in the queue."""
     await _count_unfetched(bus, task, -1)
 
 
-async def fetched_if_cancelled_queued(bus: Bus, task: Task) -> None:
+async def fetched_if_ended_while_queued(bus: Bus, task: Task) -> None:
     """:func:`fetched`, for a task whose outcome was refused as a duplicate, when the end recorded first
-    is a cancel of it while queued (the worker had fetched it before the cancel reached it)."""
+    is a cancel or an expiry of it while queued (the worker had fetched it before the word reached it,
+    or fetched the message of a run replayed since)."""
     names = bus.names
-    try:
-        raw = await bus.js.get_last_msg(
-            names.events_stream_of(task.provider),
-            names.event_subject(task.provider, task.id, "cancelled"),
-            direct=True,
-        )
-        cancel = _cancelled_decoder.decode(raw.data or b"")
-    except nats.js.errors.NotFoundError:
-        return  # another worker's outcome, or an expiry
-    except (*BUS_ERRORS, msgspec.DecodeError, msgspec.ValidationError) as exc:
-        log.warning("could not read how task %s was cancelled: %s", task.id, exc)
+    for status in ("cancelled", "failed"):
+        try:
+            raw = await bus.js.get_last_msg(
+                names.events_stream_of(task.provider),
+                names.event_subject(task.provider, task.id, status),
+                direct=True,
+            )
+        except nats.js.errors.NotFoundError:
+            continue
+        except BUS_ERRORS as exc:
+            log.warning("could not read how task %s ended: %s", task.id, exc)
+            return
+        end = _end(raw.data or b"")
+        if end is not None and _counted(end) and (not isinstance(end, Failed) or _same_run(end, task)):
+            await fetched(bus, task)
         return
-    if cancel.was == "queued":
-        await fetched(bus, task)
 
 
 async def _count_unfetched(bus: Bus, task: Task, n: int) -> None:
@@ -134,7 +144,7 @@ async def _count_unfetched(bus: Bus, task: Task, n: int) -> None:
             declared=n < 0,  # a worker may not make streams: the hub made it with its increment
         )  # fmt: skip
     except (*BUS_ERRORS, HiveError) as exc:
-        log.warning("task %s: the count of cancelled tasks still queued is off by one: %s", task.id, exc)
+        log.warning("task %s: the count of tasks ended while queued is off by one: %s", task.id, exc)
 
 
 def _ended(view: TaskView) -> TaskView:
@@ -269,8 +279,23 @@ CONSUMER_INACTIVE_S = 60.0
 
 
 def _while_queued(data: bytes) -> bool:
-    """Whether a cancels bucket value is a cancel of a task that was queued then."""
+    """Whether a recorded end (a cancel, an expiry) came while the task was queued: counted then."""
+    end = _end(data)
+    return end is not None and _counted(end)
+
+
+def _end(data: bytes) -> Cancelled | Failed | None:
     try:
-        return _cancelled_decoder.decode(data).was == "queued"
+        return _end_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return False  # an expiry (a failed event), or a value of another writer
+        return None  # a value of another writer
+
+
+def _counted(end: Cancelled | Failed) -> bool:
+    """Whether the hub counted this end among the queue's tasks ended while queued."""
+    return end.was == "queued" and (isinstance(end, Cancelled) or end.reason == "expired")
+
+
+def _same_run(end: Failed, task: Task) -> bool:
+    """Whether an expiry is of ``task``'s run (a replayed task's earlier run expired too)."""
+    return end.task is None or end.task.run == task.run

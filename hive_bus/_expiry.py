@@ -25,11 +25,12 @@ from anyio.abc import TaskStatus
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 from prometheus_client import CollectorRegistry, Counter
 
-from . import _assigned, _dlq
+from . import _assigned, _cancel, _dlq
 from ._bus import Bus, ensure_events
 from ._client import Hive
 from ._errors import HiveError, TooLarge
 from ._messages import Failed, Task, encoder, now_ms
+from ._messages import TaskStatus as Status
 from ._nats import BUS_ERRORS, handle_each
 from ._schedules import Schedules, run_task_id, template_for
 from ._size import check_fits, js_publish
@@ -171,20 +172,26 @@ async def expire(bus: Bus, timer: DeadlineTimer) -> float | None:
         await _keep_letter(bus, task, view.reason)  # an expiry recorded before its timer came again
         return None
     error = f"its deadline passed ({task.deadline_s:g}s after submission) before it ended"
-    if await record_expired(bus, task, attempt=view.attempt if view else 0, error=error):
+    was = view.status if view is not None else None
+    if await record_expired(bus, task, attempt=view.attempt if view else 0, error=error, was=was):
         log.info("task %s expired: its deadline passed before it ended", task.id)
+        if was == "queued" and not here.pending:  # its message waits in its provider's queue
+            await _cancel.ended_while_queued(bus, task)
     return None
 
 
-async def record_expired(bus: Bus, task: Task, *, attempt: int, error: str) -> bool:
+async def record_expired(
+    bus: Bus, task: Task, *, attempt: int, error: str, was: Status | None = None
+) -> bool:
     """Fail ``task`` (as the bus has it queued now) with reason ``expired``: its key in the cancels
     bucket first (a worker that fetches it drops it, one running it abandons the call), then its
     ``failed`` event with the run's final de-duplication id, then its dead letter. False when an
-    outcome was recorded first (or another gateway expired it a moment ago)."""
+    outcome was recorded first (or another gateway expired it a moment ago). ``was``: a deadline's
+    expiry, the status the task was in (``queued`` is counted off the queue's depth by the caller)."""
     names = bus.names
     event = Failed(
         task_id=task.id, provider=task.provider, at_ms=now_ms(), attempt=attempt, worker=None,
-        reason="expired", error=error, task=task,
+        reason="expired", error=error, task=task, was=was,
     )  # fmt: skip
     data = encoder.encode(event)
     headers = {"Nats-Msg-Id": task.final_msg_id}

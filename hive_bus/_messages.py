@@ -501,6 +501,8 @@ class Failed(_Event, frozen=True, kw_only=True, tag="failed.v1"):
     # the HTTP status of the provider's last answer (400 bad request, 404 no such model, 503...), where
     # it had one; 400 for a task the adapter knew its provider could not take
     provider_status: int | None = None
+    # an expiry at its deadline: the status the task was in then (``queued``: no worker had it)
+    was: TaskStatus | None = None
 
 
 class Cancelled(_Event, frozen=True, kw_only=True, tag="cancelled.v1"):

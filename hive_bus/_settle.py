@@ -350,7 +350,7 @@ class Settler:
                 self._bus, task, "completed" if status == "completed" else "failed", self._worker_id
             )
             # a cancel while it was queued can come first and reach this worker only after its call
-            await _cancel.fetched_if_cancelled_queued(self._bus, task)
+            await _cancel.fetched_if_ended_while_queued(self._bus, task)
 
 
 def _event_headers(msg_id: str | None, stream: str) -> dict[str, str]:

@@ -58,7 +58,8 @@ async def test_a_task_cancelled_while_queued_leaves_the_queue_at_once(
     # no worker yet: the cancelled tasks wait in the tasks stream until one fetches them, and the
     # figures (stats, metrics, the problem strip) must not count them as work waiting
     ids = [await hive.submit("depth", f"tarea {i}") for i in range(3)]
-    assert await _queued(hive, "depth") == 3
+    # listed once the submission counters say tasks were queued for it (within 0.25 s)
+    await eventually(lambda: _queued_is(hive, 3), 5, "the tasks in the queue's depth")
     await hive.cancel(ids[0])
     await hive.cancel(ids[0])  # again: counted once
     await hive.cancel(ids[1])
@@ -92,17 +93,21 @@ async def test_an_outcome_refused_after_a_cancel_while_queued_takes_the_task_off
     await hive.cancel(task_id)
     assert await unfetched_cancels(bus) == {"late": 1}
     task = await task_of(bus, task_id)
-    await _cancel.fetched_if_cancelled_queued(bus, task)
-    await _cancel.fetched_if_cancelled_queued(bus, task)  # a second path to the same end: once
+    await _cancel.fetched_if_ended_while_queued(bus, task)
+    await _cancel.fetched_if_ended_while_queued(bus, task)  # a second path to the same end: once
     assert await unfetched_cancels(bus) == {"late": 0}
     # an outcome refused for another reason (another worker's) counts nothing
     other = await task_of(bus, await hive.submit("late", "y"))
-    await _cancel.fetched_if_cancelled_queued(bus, other)
+    await _cancel.fetched_if_ended_while_queued(bus, other)
     assert await unfetched_cancels(bus) == {"late": 0}
 
 
 async def _queued(hive: Hive, provider: str) -> int:
-    return next(s.pending for s in await hive.stats() if s.provider == provider)
+    return next((s.pending for s in await hive.stats() if s.provider == provider), 0)
+
+
+async def _queued_is(hive: Hive, n: int) -> bool:
+    return await _queued(hive, "depth") == n
 
 
 async def _uncounted(bus: Bus) -> bool:

@@ -15,6 +15,7 @@ import pytest
 from hive_bus import BusUnavailable, Completed, FunctionProvider, Hive
 from hive_bus._assigned import assignment
 from hive_bus._bus import open_bus
+from hive_bus._counts import unfetched_cancels
 from hive_bus._embedded import NatsServer
 from hive_bus._expiry import Timers
 from hive_bus._messages import Failed, Queued, encoder, now_ms
@@ -50,6 +51,42 @@ async def test_a_deadline_ends_a_task_that_no_worker_ever_fetched(bus: Bus, hive
     assert "deadline" in (view.error or "")
     assert letter.failed.reason == "expired" and letter.failed.task is not None
     assert [type(e) for e in await events_of(bus, task_id)] == [Queued, Failed]
+
+
+async def test_a_task_expired_while_queued_leaves_the_queue_at_once(bus: Bus, hive: Hive) -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(Timers(bus).run)
+        task_id = await hive.submit("depth", "a tiempo o nunca", deadline_s=2)
+        kept = await hive.submit("depth", "sin prisa")
+        # listed once the submission counters say tasks were queued for it (within 0.25 s)
+        await eventually(lambda: _queued_is(hive, 2), 5, "both tasks in the queue's depth")
+        [letter] = await eventually(lambda: hive.dead_letters(provider="depth"), 15, "the expiry")
+        await eventually(lambda: _queued_is(hive, 1), 5, "the expired task to leave the queue's depth")
+        tg.cancel_scope.cancel()
+    assert (letter.failed.reason, letter.failed.was) == ("expired", "queued")
+    # replayed before any worker fetched its expired run: that run's message still waits in the
+    # consumer, counted off; the new run is queued
+    await hive.replay(task_id)
+    assert await _queued(hive) == 2
+    async with running_worker(bus, "depth", EchoProvider()):
+        for done in (kept, task_id):
+            assert (await hive.wait(done, 10)).status == "completed"
+        # the expired run's message is fetched, refused past its deadline as a duplicate of its
+        # expiry, and taken off the count, once
+        await eventually(lambda: _uncounted(bus), 10, "the expired run to be fetched")
+        await eventually(lambda: _queued_is(hive, 0), 10, "nothing queued")
+
+
+async def _queued(hive: Hive) -> int:
+    return next((s.pending for s in await hive.stats() if s.provider == "depth"), 0)
+
+
+async def _queued_is(hive: Hive, n: int) -> bool:
+    return await _queued(hive) == n
+
+
+async def _uncounted(bus: Bus) -> bool:
+    return await unfetched_cancels(bus) == {"depth": 0}
 
 
 async def test_a_deadline_that_fired_while_no_gateway_ran_is_kept(bus: Bus, hive: Hive) -> None:
