@@ -135,9 +135,9 @@ async def fetched_if_ended_while_queued(bus: Bus, task: Task) -> None:
 
 
 async def _count_unfetched(bus: Bus, task: Task, n: int) -> None:
-    """Add ``n`` to the task's provider's count of cancelled tasks no worker has fetched, once per run
-    and direction. Best effort: a failure is logged, and the queue's depth is off by one meanwhile."""
-    side = "cancelled" if n > 0 else "fetched"
+    """Add ``n`` to the task's provider's count of tasks ended while queued that no worker has fetched,
+    once per run and direction. Best effort: a failure is logged, and the queue's depth is off by one."""
+    side = "ended" if n > 0 else "fetched"
     try:
         await _counts.add(
             bus, bus.names.unfetched_cancels_counter(task.provider), n, f"{task.id}:{task.run}:unfetched:{side}",
@@ -215,7 +215,7 @@ class CancelWatch:
         self._provider = provider
         self._on_cancel = on_cancel
         self._size = size  # ids remembered at most (the newest): a bound on memory
-        self._ids: OrderedDict[str, bool] = OrderedDict()  # each with whether it was cancelled while queued
+        self._ids: OrderedDict[str, bool] = OrderedDict()  # each with whether it ended while queued
         self._sub: Subscription | None = None
         self._loaded = anyio.Event()
         self._to_load = 0
@@ -225,7 +225,7 @@ class CancelWatch:
         return task_id in self._ids
 
     def was_queued(self, task_id: str) -> bool:
-        """Whether the task was cancelled while queued (its fetch takes it off the queue's count)."""
+        """Whether the task was cancelled (or expired) while queued: its fetch takes it off the count."""
         return self._ids.get(task_id, False)
 
     async def start(self) -> None:
