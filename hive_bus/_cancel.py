@@ -38,7 +38,17 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from . import _assigned, _counts
 from ._bus import Bus, ensure_events
 from ._errors import BusUnavailable, HiveError, TaskEnded, TaskNotFound
-from ._messages import Cancelled, Failed, Task, TaskView, encoder, is_task_id, now_ms, task_decoder
+from ._messages import (
+    Cancelled,
+    Failed,
+    Task,
+    TaskStatus,
+    TaskView,
+    encoder,
+    is_task_id,
+    now_ms,
+    task_decoder,
+)
 from ._nats import BUS_ERRORS, unsubscribe
 from ._nesting import Guarded
 from ._size import js_publish
@@ -96,14 +106,16 @@ async def cancel_once(bus: Bus, task_id: str, reason: str = "") -> tuple[TaskVie
             return _ended(view), False
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not cancel task {task_id}: {exc}") from None
-    if view.status == "queued" and not here.pending:  # its message waits in its provider's queue
-        await ended_while_queued(bus, task)
+    await ended(bus, here, view.status)
     return TaskView.of(event).with_task(task), True
 
 
-async def ended_while_queued(bus: Bus, task: Task) -> None:
-    """``task`` was cancelled, or expired at its deadline, while its message waited in the queue."""
-    await _count_unfetched(bus, task, +1)
+async def ended(bus: Bus, here: _assigned.Assignment, was: TaskStatus | None) -> None:
+    """The task ``here`` was cancelled, or expired at its deadline, in status ``was``: counted among
+    the queue's ended tasks when its message waited in its provider's queue then (not a move to a
+    provider that has yet to queue it)."""
+    if was == "queued" and not here.pending:
+        await _count_unfetched(bus, here.task, +1)
 
 
 async def fetched(bus: Bus, task: Task) -> None:
@@ -129,7 +141,7 @@ async def fetched_if_ended_while_queued(bus: Bus, task: Task) -> None:
             log.warning("could not read how task %s ended: %s", task.id, exc)
             return
         end = _end(raw.data or b"")
-        if end is not None and _counted(end) and (not isinstance(end, Failed) or _same_run(end, task)):
+        if end is not None and _counted(end) and _same_run(end, task):
             await fetched(bus, task)
         return
 
@@ -296,6 +308,7 @@ def _counted(end: Cancelled | Failed) -> bool:
     return end.was == "queued" and (isinstance(end, Cancelled) or end.reason == "expired")
 
 
-def _same_run(end: Failed, task: Task) -> bool:
-    """Whether an expiry is of ``task``'s run (a replayed task's earlier run expired too)."""
-    return end.task is None or end.task.run == task.run
+def _same_run(end: Cancelled | Failed, task: Task) -> bool:
+    """Whether an end is of ``task``'s run: a cancel ends every run (a cancelled task is never
+    replayed); an expiry, its own (a replayed task's earlier run expired too)."""
+    return isinstance(end, Cancelled) or end.task is None or end.task.run == task.run

@@ -148,16 +148,14 @@ class SubmissionCounts:
             self._schedule()
 
     async def _publish(self, provider: str, n: int, msg_id: str) -> None:
-        self._declared = await add(
-            self._bus, self._bus.names.submitted_counter(provider), n, msg_id, declared=self._declared
-        )
+        await add(self._bus, self._bus.names.submitted_counter(provider), n, msg_id, declared=self._declared)
+        self._declared = True
 
 
-async def add(bus: Bus, subject: str, n: int, msg_id: str, *, declared: bool = False) -> bool:
+async def add(bus: Bus, subject: str, n: int, msg_id: str, *, declared: bool = False) -> None:
     """Add ``n`` (negative takes off) to the counter on ``subject``, once per ``msg_id`` within the
     duplicate window. The counters stream is made first unless ``declared`` (and made again, with one
-    more try, when it is gone); returns True (it is declared now). Raises nats errors and
-    :class:`HiveError`."""
+    more try, when it is gone). Raises nats errors and :class:`HiveError`."""
     for first in (True, False):
         if not declared:
             await ensure_counters_stream(bus.js, bus.settings)
@@ -167,12 +165,11 @@ async def add(bus: Bus, subject: str, n: int, msg_id: str, *, declared: bool = F
             headers = {"Nats-Incr": f"{n:+d}", "Nats-Msg-Id": msg_id}
             check_fits(bus.nc, b"", headers, what="counter increment")
             await bus.js.publish(subject, b"", headers=headers)
-            break
+            return
         except nats.js.errors.NoStreamResponseError:
             if not first:
                 raise
             declared = False  # the stream was removed: declared again, then one more try
-    return True
 
 
 async def submitted_counts(bus: Bus) -> dict[str, int]:
@@ -182,7 +179,8 @@ async def submitted_counts(bus: Bus) -> dict[str, int]:
 
 
 async def unfetched_cancels(bus: Bus) -> dict[str, int]:
-    """Each provider's tasks cancelled while queued that no worker has fetched yet (hive_bus._cancel)."""
+    """Each provider's tasks cancelled or expired while queued that no worker has fetched yet
+    (hive_bus._cancel)."""
     return await _counts(bus, bus.names.unfetched_cancels_counters)
 
 

@@ -175,8 +175,7 @@ async def expire(bus: Bus, timer: DeadlineTimer) -> float | None:
     was = view.status if view is not None else None
     if await record_expired(bus, task, attempt=view.attempt if view else 0, error=error, was=was):
         log.info("task %s expired: its deadline passed before it ended", task.id)
-        if was == "queued" and not here.pending:  # its message waits in its provider's queue
-            await _cancel.ended_while_queued(bus, task)
+        await _cancel.ended(bus, here, was)
     return None
 
 

@@ -6,6 +6,7 @@ nats-server keeps them in tallies (hive_bus._tallies)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import msgspec
@@ -46,7 +47,8 @@ async def queue_depths(bus: Bus) -> dict[str, QueueDepth]:
     stream keeps what was acked too: the queue is what its consumers have not acked), or, for a
     provider tasks were submitted to that no consumer serves yet, the tasks stream's count of its
     messages (nothing acked them): a throwaway consumer's pending count, from the server's index. Less,
-    in both cases, the tasks cancelled while queued that no worker has fetched yet (hive_bus._cancel)."""
+    in both cases, the tasks cancelled or expired while queued that no worker has fetched yet
+    (hive_bus._cancel)."""
     names = bus.names
     queues: dict[tuple[str, str], QueueDepth] = {}
     for info in await consumer_infos(bus, names.tasks_stream):
@@ -60,12 +62,11 @@ async def queue_depths(bus: Bus) -> dict[str, QueueDepth]:
     for provider in set(await submitted_counts(bus)) - set(depths):
         waiting = await _count(bus, names.task_filter(provider, "*"), stream=names.tasks_stream)
         depths[provider] = QueueDepth(waiting, 0)
-    # A task cancelled while queued is pending until a worker fetches it (and lets it go): not queued.
-    # A count below 0 (a hub that stopped before counting a cancel) subtracts nothing.
-    for provider, cancelled in (await unfetched_cancels(bus)).items():
-        if cancelled > 0 and provider in depths:
-            pending, ack_pending = depths[provider].pending, depths[provider].ack_pending
-            depths[provider] = QueueDepth(max(0, pending - cancelled), ack_pending)
+    # A task cancelled or expired while queued is pending until a worker fetches it (and lets it go):
+    # not queued. A count below 0 (a hub that stopped before counting an end) subtracts nothing.
+    for provider, ended in (await unfetched_cancels(bus)).items():
+        if ended > 0 and (queued := depths.get(provider)) is not None:
+            depths[provider] = dataclasses.replace(queued, pending=max(0, queued.pending - ended))
     return depths
 
 

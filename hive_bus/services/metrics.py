@@ -468,7 +468,7 @@ class BusMetrics:
         except msgspec.DecodeError as exc:
             log.debug("metrics: skipping a duplicate report that does not decode: %s", exc)
             return
-        self._duplicates.labels(self._provider_label(report.provider)).inc()
+        self._series(self._duplicates, self._provider_label(report.provider)).inc()
 
     def _completed_task(self, provider: str, event: Completed) -> None:
         model = self._model_label(provider, event.model)
