@@ -17,7 +17,10 @@ The cases:
   (a task's message, a final event);
 - both, as a task message is stored;
 - both, and the stream's RePublish storing a headers-only copy in a second stream: a task message with
-  its ``queued`` marker, as the bus stores a submission.
+  its ``queued`` marker, as the bus stored a submission until session 13;
+- the same without the id, each message expected to be the first on its subject
+  (``Nats-Expected-Last-Subject-Sequence: 0``): a submission without an idempotency key, as the bus
+  stores it now (the marker carries the task's headers, so an id would be kept twice).
 
 This is why ``bench/scale.py`` finds nats-server's memory growing with the bus (issue 18, point 3), and
 what nats-server spends on a task beside a plain queue's message (point 1): bench/README.md has the
@@ -44,10 +47,19 @@ BODY = b"x" * 200
 WINDOW = 2000  # publishes in flight
 
 
-async def fill(js: JetStreamContext, subject: Callable[[int], str], msg_id: bool, count: int) -> None:
+FIRST = "first"  # no id: expected to be the first message on its subject
+
+
+async def fill(js: JetStreamContext, subject: Callable[[int], str], msg_id: bool | str, count: int) -> None:
     pending: list[Awaitable[object]] = []
     for i in range(count):
-        headers = {"Nats-Msg-Id": f"{i:026d}:final"} if msg_id else None
+        headers = (
+            {"Nats-Expected-Last-Subject-Sequence": "0"}
+            if msg_id == FIRST
+            else {"Nats-Msg-Id": f"{i:026d}:final"}
+            if msg_id
+            else None
+        )
         pending.append(js.publish(subject(i), BODY, headers=headers))
         if len(pending) >= WINDOW:
             await asyncio.gather(*pending)
@@ -56,7 +68,7 @@ async def fill(js: JetStreamContext, subject: Callable[[int], str], msg_id: bool
 
 
 async def case(
-    name: str, subject: Callable[[int], str], msg_id: bool, count: int, *, marker: bool = False
+    name: str, subject: Callable[[int], str], msg_id: bool | str, count: int, *, marker: bool = False
 ) -> float:
     with tempfile.TemporaryDirectory() as store:
         server = NatsServer(Path(store))
@@ -77,8 +89,10 @@ async def case(
                 republish=republish,
             )
             await js.add_stream(config)
-            if marker:
-                await js.add_stream(StreamConfig(name="E", subjects=["e.>"], storage=StorageType.FILE))
+            if marker:  # the events stream's duplicate window, as the bus's
+                await js.add_stream(
+                    StreamConfig(name="E", subjects=["e.>"], storage=StorageType.FILE, duplicate_window=900)
+                )
             proc = psutil.Process(server.pid)
             before, cpu_before = proc.memory_info().rss, proc.cpu_times()
             started = time.perf_counter()
@@ -109,6 +123,13 @@ async def main(count: int) -> None:
     both = await case("a subject of its own and an id each (a task)", lambda i: f"s.t.{i:026d}", True, count)
     await case(
         "a task, and its marker in a second stream", lambda i: f"s.t.{i:026d}", True, count, marker=True
+    )
+    await case(
+        "the same, first on its subject instead of an id",
+        lambda i: f"s.t.{i:026d}",
+        FIRST,
+        count,
+        marker=True,
     )
     print(
         f"\nbeyond the baseline: a subject of its own {own - base:.0f} B a message, a de-duplication id in "

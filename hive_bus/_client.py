@@ -2,7 +2,9 @@
 
 A submission is accepted only once JetStream has stored it, and it is stored once: the task message on
 ``<prefix>.tasks.<provider>.<priority>.<task id>``, in the tasks stream (limits retention, kept as long
-as the events), with ``Nats-Msg-Id`` set to the idempotency key's de-duplication id (or the task's own).
+as the events), with ``Nats-Msg-Id`` set to the idempotency key's de-duplication id. A task without a
+key, whose id is made here, is expected to be the first message on its subject instead
+(``FIRST_ON_SUBJECT``): sent twice, it is stored once, and the server keeps no id for it.
 That message is the record of the task's acceptance. The stream's RePublish (done by the server, with no
 round trip of the client's) stores a headers-only copy of it in the events stream as the task's
 ``queued`` event, so every reader that goes by event subjects sees the task arrive; a reader that needs
@@ -69,7 +71,7 @@ from ._messages import (
 from ._nats import BUS_ERRORS
 from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
-from ._publish import Extra, JetStreamPublisher, PubAck, Publish, stored
+from ._publish import FIRST_ON_SUBJECT, Extra, JetStreamPublisher, PubAck, Publish, stored
 from ._route import CheapestRouter
 from ._schedules import Schedule, ScheduleRequest, Schedules
 from ._served import ServedProviders, WebhooksSeen
@@ -327,7 +329,7 @@ class Hive:
         for i, task in enumerate(tasks):
             if outcomes[i] is None:
                 with _naming_task(i):
-                    messages[i] = self._check_messages(task, keys[i])
+                    messages[i] = self._check_messages(task, keys[i], fresh=task_ids is None)
         going = [i for i, outcome in enumerate(outcomes) if outcome is None]
         await self._ready_timers(tasks)
         marks = {t.provider: self._waits.mark(t.provider) for t in tasks}
@@ -797,16 +799,19 @@ class Hive:
                 limit_bytes=limit,
             )
 
-    def _check_messages(self, task: Task, key: str | None) -> Publish:
-        """The task's message; raises :class:`TooLarge` when it (or a scheduled task's ``queued``
+    def _check_messages(self, task: Task, key: str | None, *, fresh: bool = True) -> Publish:
+        """The task's message (``fresh``: its id was made for this submission); raises :class:`TooLarge` when it (or a scheduled task's ``queued``
         event), headers counted, is over the server's ``max_payload`` (what is left once the claim check
         took the content: metadata, params...)."""
         limit = self._bus.nc.max_payload
-        messages = [self._task_message(task, key)]
+        messages = [self._task_message(task, key, fresh=fresh)]
         if task.not_before is not None:
             messages.append(self._queued_event(task, key))
         for subject, data, msg_id, stream in messages:
-            headers = {"Nats-Expected-Stream": stream, **({"Nats-Msg-Id": msg_id} if msg_id else {})}
+            headers = {
+                "Nats-Expected-Stream": stream,
+                **({"Nats-Msg-Id": msg_id} if msg_id else FIRST_ON_SUBJECT),
+            }
             size = len(data) + header_bytes(headers)
             if size > limit:
                 raise TooLarge(
@@ -828,14 +833,16 @@ class Hive:
         msg_id = key_msg_id(key) if key else f"{task.id}:scheduled"
         return subject, encoder.encode(queued), msg_id, names.events_stream_of(task.provider)
 
-    def _task_message(self, task: Task, key: str | None) -> Publish:
-        """The task's message, its one stored write: the de-duplication id of its idempotency key (or
-        its own), so that a key used again is answered with the first task's id."""
+    def _task_message(self, task: Task, key: str | None, *, fresh: bool) -> Publish:
+        """The task's message, its one stored write: the de-duplication id of its idempotency key, so
+        that a key used again is answered with the first task's id. Without a key, a task whose id was
+        made for this submission (``fresh``) has none: it goes as the first message on its subject
+        (:meth:`_publish_tasks`); one whose id was given (a batch's line) has its own."""
         names = self._names
         return (
             names.task_subject(task.provider, task.priority, task.id),
             encoder.encode(task),
-            key_msg_id(key) if key else task.msg_id,
+            key_msg_id(key) if key else None if fresh else task.msg_id,
             names.tasks_stream,
         )
 
@@ -852,7 +859,7 @@ class Hive:
         ``task_messages``: each task's message, as :meth:`_check_messages` made and checked it."""
         settings = self._bus.settings
         messages: list[Publish] = []
-        extra: dict[int, dict[str, str]] = {}
+        extra: dict[int, Mapping[str, str]] = {}
         places: list[int] = []
         for task, key, message in zip(tasks, keys, task_messages, strict=True):
             places.append(len(messages))
@@ -862,8 +869,10 @@ class Hive:
                 extra[len(messages)] = start[1]
                 messages.append(start[0])
             else:
+                if message[2] is None:  # its id made here: the first message on its subject
+                    extra[len(messages)] = FIRST_ON_SUBJECT
                 messages.append(message)
-            messages += _index.entries(self._names, task.id, task.metadata, message[2])
+            messages += _index.entries(self._names, task.id, task.metadata, message[2] or task.msg_id)
         if len(messages) > len(tasks):
             await self._ensure_index()
         for provider in {task.provider for task in tasks}:

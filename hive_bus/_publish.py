@@ -81,6 +81,13 @@ class NoStream(Exception):
 
 # One submission publish: subject, data, Nats-Msg-Id (or None) and the one stream that may store it.
 Publish = tuple[str, bytes, str | None, str]
+# The header of a publish that must be the first on its subject: a task message whose id was made for
+# its submission (``<prefix>.tasks.<provider>.<priority>.<task id>``). Sent again, it is refused, and
+# :func:`stored` answers the sequence that holds it, as a duplicate's ack would: the same guarantee as a
+# ``Nats-Msg-Id``, without the server keeping the id in memory for the duplicate window (about 220 B a
+# task, and as much again for its ``queued`` marker, which carries the task's headers into the events
+# stream: bench/server_memory.py).
+FIRST_ON_SUBJECT: Mapping[str, str] = {"Nats-Expected-Last-Subject-Sequence": "0"}
 # Headers of one publish beyond those (a message schedule's ``Nats-Schedule`` and its target), by its
 # index in the call: most publishes have none, and so pay nothing for them.
 Extra = Mapping[int, Mapping[str, str]]
@@ -239,6 +246,9 @@ def _headers(msg_id: str | None, stream: str) -> dict[str, str]:
 
 # JetStream's answer when a discard-new stream is at its limits.
 _STREAM_FULL_CODES = frozenset({10077})
+# JetStream's answer to a publish whose expected last sequence on its subject is not the subject's:
+# "wrong last sequence: <the subject's last sequence>".
+_WRONG_LAST_SEQUENCE = 10071
 
 
 def stored(outcome: Outcome, stream: str, timeout_s: float) -> PubAck:
@@ -252,6 +262,8 @@ def stored(outcome: Outcome, stream: str, timeout_s: float) -> PubAck:
             )
         return outcome
     if isinstance(outcome, PublishRefused):
+        if (held := _held_at(outcome)) is not None:  # a FIRST_ON_SUBJECT publish, sent before
+            return PubAck(stream=stream, seq=held, duplicate=True)
         if outcome.err_code in _STREAM_FULL_CODES or "exceeded" in outcome.description:
             raise QueueFull(
                 f"the {stream} stream is full ({outcome.description}); nothing was accepted",
@@ -263,3 +275,12 @@ def stored(outcome: Outcome, stream: str, timeout_s: float) -> PubAck:
     raise BusUnavailable(
         f"JetStream did not store the publish to {stream}: no acknowledgement within {timeout_s:g}s"
     )
+
+
+def _held_at(refused: PublishRefused) -> int | None:
+    """The sequence of the message a :data:`FIRST_ON_SUBJECT` publish found on its subject, if that is
+    why it was refused."""
+    if refused.err_code != _WRONG_LAST_SEQUENCE:
+        return None
+    _, _, seq = refused.description.rpartition(":")
+    return int(seq) if seq.strip().isdigit() else None

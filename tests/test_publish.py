@@ -9,7 +9,8 @@ import anyio
 import pytest
 from nats.aio.msg import Msg
 
-from hive_bus import BusUnavailable, Hive
+from hive_bus import BusUnavailable, Hive, TaskRequest
+from hive_bus._messages import Task
 from hive_bus._publish import JetStreamPublisher, NoStream, PubAck, PublishRefused, stored
 from hive_bus.bus import Bus
 
@@ -48,6 +49,27 @@ async def test_each_message_gets_its_own_answer_in_order(bus: Bus) -> None:
         stored(no_answer, names.tasks_stream, 0.5)
     with pytest.raises(BusUnavailable, match="no stream answered"):
         stored(nowhere, names.tasks_stream, 0.5)
+
+
+async def test_a_task_message_sent_again_is_stored_once(bus: Bus, hive: Hive) -> None:
+    """A task without a key carries no de-duplication id (the server would keep it in memory for the
+    duplicate window, and again for its ``queued`` marker): it goes as the first message on its subject,
+    so the same message sent again, as after a lost ack, is answered as stored, where the first is."""
+    names = bus.names
+    task = Task.from_request(TaskRequest(provider="echo", prompt="once", priority="high"))
+    message = hive._check_messages(task, None)
+    [first] = await hive._publish_tasks([task], [None], [message])
+    [again] = await hive._publish_tasks([task], [None], [message])
+    assert isinstance(first, PubAck) and not first.duplicate
+    assert again == PubAck(stream=names.tasks_stream, seq=first.seq, duplicate=True)
+    subject = names.task_subject("echo", "high", task.id)
+    stored_task = await bus.js.get_last_msg(names.tasks_stream, subject)
+    assert stored_task.seq == first.seq and "Nats-Msg-Id" not in (stored_task.headers or {})
+    queued = names.event_subject("echo", task.id, "queued")
+    marker = await bus.js.get_last_msg(names.events_stream_of("echo"), queued)
+    assert "Nats-Msg-Id" not in (marker.headers or {})
+    with pytest.raises(BusUnavailable, match="wrong last sequence: x"):  # any other refusal is one
+        stored(PublishRefused(400, 10071, "wrong last sequence: x"), names.tasks_stream, 5)
 
 
 async def test_a_call_given_up_leaves_nothing_waiting(bus: Bus) -> None:
