@@ -49,6 +49,7 @@ from ._settings import Settings
 log = logging.getLogger("hive_bus.upgrade")
 
 _MSG_ID = "Nats-Msg-Id"
+_EXPECTED = "Nats-Expected-"  # a publish's conditions (stream, last sequence...), not part of the message
 
 
 async def upgrade_tasks_stream(js: JetStreamContext, settings: Settings) -> None:
@@ -284,7 +285,9 @@ async def _move_events(
             ensured.add(provider)
             unannounced.setdefault(provider, None)
         seq = msg.metadata.sequence.stream
-        headers = {**(msg.headers or {})}
+        # a marker carries its task message's headers, the conditions of that publish among them
+        # (``Nats-Expected-Last-Subject-Sequence``): the copy is not held to them, and is de-duplicated
+        headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith(_EXPECTED)}
         headers["Nats-Msg-Id"] = headers.get("Nats-Msg-Id") or f"split:{seq}"
         ack = await js.publish(
             msg.subject, msg.data, headers=headers, stream=names.events_stream_of(provider)
