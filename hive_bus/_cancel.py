@@ -227,18 +227,23 @@ class CancelWatch:
         self._provider = provider
         self._on_cancel = on_cancel
         self._size = size  # ids remembered at most (the newest): a bound on memory
-        self._ids: OrderedDict[str, bool] = OrderedDict()  # each with whether it ended while queued
+        # each id with whether it ended while queued, and the run it ended (None: every run)
+        self._ids: OrderedDict[str, tuple[bool, int | None]] = OrderedDict()
         self._sub: Subscription | None = None
         self._loaded = anyio.Event()
         self._to_load = 0
         self._read = 0  # messages read while loading: keys and the deletions of keys alike
 
-    def __contains__(self, task_id: str) -> bool:
-        return task_id in self._ids
+    def ends(self, task: Task) -> bool:
+        """Whether ``task``'s run was cancelled or expired. An expiry ends its own run only: a run
+        replayed since is to be run even before the deletion of the key that replay made reaches this
+        watch (a fetch may come first)."""
+        end = self._ids.get(task.id)
+        return end is not None and end[1] in (None, task.run)
 
     def was_queued(self, task_id: str) -> bool:
         """Whether the task was cancelled (or expired) while queued: its fetch takes it off the count."""
-        return self._ids.get(task_id, False)
+        return self._ids.get(task_id, (False, None))[0]
 
     async def start(self) -> None:
         """Follow the provider's cancels, once every cancel there is now has been read. Raises nats
@@ -276,7 +281,7 @@ class CancelWatch:
             fresh = False
         else:
             fresh = task_id not in self._ids
-            self._ids[task_id] = _while_queued(msg.data)
+            self._ids[task_id] = _what_ended(msg.data)
             if len(self._ids) > self._size:
                 self._ids.popitem(last=False)
         if not self._loaded.is_set():
@@ -290,10 +295,14 @@ class CancelWatch:
 CONSUMER_INACTIVE_S = 60.0
 
 
-def _while_queued(data: bytes) -> bool:
-    """Whether a recorded end (a cancel, an expiry) came while the task was queued: counted then."""
+def _what_ended(data: bytes) -> tuple[bool, int | None]:
+    """Of a recorded end (a cancel, an expiry): whether it came while the task was queued (counted
+    then), and the run it ended (None: every run, as :func:`_same_run` reads it)."""
     end = _end(data)
-    return end is not None and _counted(end)
+    if end is None:
+        return False, None
+    run = end.task.run if isinstance(end, Failed) and end.task is not None else None
+    return _counted(end), run
 
 
 def _end(data: bytes) -> Cancelled | Failed | None:

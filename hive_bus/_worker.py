@@ -419,7 +419,7 @@ class Worker:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._reject_undecodable(msg, exc)
             return
-        if task.id in self.cancels:
+        if self.cancels.ends(task):
             with anyio.CancelScope(shield=True):
                 await self._abandon(msg, task, "it was cancelled while queued")
             return
@@ -472,7 +472,7 @@ class Worker:
             timeout_s = self._opts.call_timeout_s
             with anyio.CancelScope(deadline=anyio.current_time() + timeout_s) as call:
                 self._calls[task.id] = call
-                if task.id in self.cancels:  # cancelled since it was fetched
+                if self.cancels.ends(task):  # cancelled since it was fetched
                     call.cancel()
                 try:
                     outcome = await self._call(key.provider, task, d)

@@ -116,6 +116,25 @@ async def test_a_deadline_that_fired_while_no_gateway_ran_is_kept(bus: Bus, hive
     assert calls == [kept, task_id]
 
 
+async def test_a_replayed_run_is_run_by_a_worker_that_still_holds_the_expiry(bus: Bus, hive: Hive) -> None:
+    """A replay deletes the expired run's key from the cancels bucket, but a worker hears of that
+    through its own consumer and may fetch the new run first: the expiry it holds is of the old run
+    only, so the new run is called, not dropped as expired (it was lost so in a CI run)."""
+    task_id = await hive.submit("replayed", "otra vez", deadline_s=1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(Timers(bus).run)
+        await eventually(lambda: _failed(hive, task_id), 8, "the deadline to end the task")
+        await eventually(lambda: hive.dead_letters(provider="replayed"), 15, "its dead letter")
+        tg.cancel_scope.cancel()
+    key = bus.names.cancel_key("replayed", task_id)
+    expiry = (await bus.cancels_kv.get(key)).value or b""
+    await hive.replay(task_id)
+    # the worker's view before the deletion reaches it: the old run's expiry under the task's key
+    await bus.cancels_kv.put(key, expiry)
+    async with running_worker(bus, "replayed", EchoProvider()):
+        assert (await hive.wait(task_id, 10)).status == "completed"
+
+
 async def test_a_running_call_past_its_deadline_is_abandoned(bus: Bus, hive: Hive) -> None:
     async with (
         running_worker(bus, "slow", FunctionProvider(handlers.until_cancelled), concurrency=1),
