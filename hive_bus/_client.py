@@ -800,9 +800,10 @@ class Hive:
             )
 
     def _check_messages(self, task: Task, key: str | None, *, fresh: bool = True) -> Publish:
-        """The task's message (``fresh``: its id was made for this submission); raises :class:`TooLarge` when it (or a scheduled task's ``queued``
-        event), headers counted, is over the server's ``max_payload`` (what is left once the claim check
-        took the content: metadata, params...)."""
+        """The task's message (``fresh``: its id was made for this submission); raises
+        :class:`TooLarge` when it (or a scheduled task's ``queued`` event), headers counted, is over the
+        server's ``max_payload`` (what is left once the claim check took the content: metadata,
+        params...)."""
         limit = self._bus.nc.max_payload
         messages = [self._task_message(task, key, fresh=fresh)]
         if task.not_before is not None:
