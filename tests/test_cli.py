@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import httpx
 import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
-from hive_bus._embedded import NatsServer
+from hive_bus._embedded import EmbeddedServerError, NatsServer, memory_limit
 from hive_bus._messages import Queued
 from hive_bus._settings import load_settings
 from hive_bus.bus import open_bus
@@ -117,6 +118,32 @@ def test_a_killed_hive_up_takes_its_nats_server_with_it(tmp_path: Path) -> None:
     stack.proc.wait(10)
     gone, _ = psutil.wait_procs([server], timeout=10)
     assert gone, "the embedded nats-server outlived the hive up that started it"
+
+
+def test_hive_up_gives_its_nats_server_half_the_machines_memory_as_a_soft_limit(up: Up) -> None:
+    found = re.search(r"nats-server (\d+) listening", up.log.read_text())
+    assert found is not None
+    meminfo = Path("/proc/meminfo").read_text()
+    total_kib = int(re.search(r"MemTotal:\s+(\d+) kB", meminfo).group(1))  # type: ignore[union-attr]
+    half = os.environ.get("GOMEMLIMIT") or f"{total_kib * 1024 // 2 // 2**20}MiB"
+    assert psutil.Process(int(found.group(1))).environ().get("GOMEMLIMIT") == half
+
+
+@pytest.mark.parametrize("value", ["1GiB", "768MiB", "1073741824", "1073741824B", "off"])
+def test_a_gomemlimit_of_the_environment_is_passed_on(value: str) -> None:
+    assert memory_limit({"GOMEMLIMIT": value}) == value
+
+
+@pytest.mark.parametrize("value", ["1.5GiB", "1 GiB", "1GB", "-1", "lots"])
+def test_a_gomemlimit_the_go_runtime_would_not_read_is_refused(value: str) -> None:
+    with pytest.raises(EmbeddedServerError, match=f"GOMEMLIMIT='{re.escape(value)}' is not a memory limit"):
+        memory_limit({"GOMEMLIMIT": value})
+
+
+def test_a_bad_gomemlimit_stops_hive_up_with_one_clear_line(tmp_path: Path) -> None:
+    args = ["up", "--port", "0", "--nats-port", "0", "--data", str(tmp_path)]
+    line = _one_clear_line(hive_cli(args, env={"GOMEMLIMIT": "1.5GiB"}))
+    assert "GOMEMLIMIT='1.5GiB' is not a memory limit nats-server reads" in line
 
 
 def _one_clear_line(result: subprocess.CompletedProcess[str]) -> str:
