@@ -911,9 +911,10 @@ def list_command(
     limit: int,
     settings: Settings,
 ) -> None:
-    """Print the newest tasks of a metadata key and value, a batch or a schedule, however old, one JSON
-    document a line, newest first (their texts cut as GET /v1/tasks cuts them), read from the metadata
-    index."""
+    """Print tasks as GET /v1/tasks lists them, one JSON document a line, newest first (their texts cut;
+    hive status ID has them whole): with --meta, --batch or --schedule, the newest tasks of that
+    metadata however old (read from the metadata index); without, the most recent tasks (read from the
+    tail of the events), e.g. hive list --provider groq --status queued."""
     wanted: dict[str, str] = {}
     if batch_id is not None:
         wanted["batch_id"] = batch_id
@@ -925,12 +926,13 @@ def list_command(
             why = "names its key twice" if key in wanted else "is not KEY:VALUE"
             raise click.BadParameter(f"{item!r} {why}", param_hint="--meta")
         wanted[key] = value
-    if not wanted:
-        raise click.UsageError("give --meta KEY:VALUE, --batch ID or --schedule ID: which tasks to list")
 
     async def main() -> None:
         async with connect(settings=settings) as hive:
-            found = await hive.find(wanted, status=status, provider=provider, limit=limit)
+            if wanted:
+                found = await hive.find(wanted, status=status, provider=provider, limit=limit)
+            else:
+                found = await hive.recent(status=status, provider=provider, limit=limit)
         for view in found:
             click.echo(encoder.encode(view.trimmed()).decode())
 

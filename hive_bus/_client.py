@@ -41,7 +41,7 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from ulid import ULID
 
-from . import _batch_client, _blobs, _cancel, _dlq, _index
+from . import _batch_client, _blobs, _cancel, _dlq, _index, _recent
 from ._assigned import PENDING, Assignments, assignment, current
 from ._batches import Batch, BatchStore, cancelling
 from ._bus import Bus, ensure_events, ensure_index_stream, kv_entries, open_bus, redeclare_workers_bucket
@@ -68,6 +68,7 @@ from ._messages import (
     now_ms,
     task_decoder,
 )
+from ._names import is_valid_token
 from ._nats import BUS_ERRORS
 from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
@@ -626,6 +627,17 @@ class Hive:
         ``{"schedule_id": ...}`` a schedule's runs. Each view has its content and metadata (outputs
         kept in the Object Store not read back)."""
         return await _index.find(self._bus, metadata, status=status, provider=provider, limit=limit)
+
+    async def recent(
+        self, *, status: str | None = None, provider: str | None = None, limit: int = 50
+    ) -> list[TaskView]:
+        """The most recent ``limit`` tasks (of ``provider``, in ``status``), newest first, as
+        ``GET /v1/tasks`` lists them: read from the tail of the events (:mod:`hive_bus._recent`), each
+        with its metadata and its texts cut (:meth:`get` has them whole). Raises :class:`HiveError`
+        for a provider that is not a provider's name."""
+        if provider is not None and not is_valid_token(provider):
+            raise HiveError(f"provider {provider!r} must be 1-64 letters, digits, '_' or '-'")
+        return await _recent.recent_tasks(self, status=status, provider=provider, limit=limit)
 
     async def workers(self) -> list[WorkerBeat]:
         """The workers whose heartbeat has not expired, by provider then id."""

@@ -225,6 +225,15 @@ async def test_filters_return_exactly_the_tagged_tasks_older_than_the_events_tai
     listed = hive_cli(_cli(stack.settings, "list", "--meta", "customer:acme", "--limit", "3"), env=CLI_ENV)
     assert listed.returncode == 0, listed.stderr
     assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == every_acme[::-1][:3]
+    # without metadata, the CLI lists the recent tasks as GET /v1/tasks does, with the same filters
+    recent = hive_cli(_cli(stack.settings, "list", "--limit", "5"), env=CLI_ENV)
+    assert [json.loads(line)["id"] for line in recent.stdout.splitlines()] == await _listed(stack, limit=5)
+    waiting = hive_cli(_cli(stack.settings, "list", "--provider", "other", "--status", "queued"), env=CLI_ENV)
+    assert [json.loads(line)["id"] for line in waiting.stdout.splitlines()] == schedule
+    refused = hive_cli(_cli(stack.settings, "list", "--provider", "a.*"), env=CLI_ENV)
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        "Error: provider 'a.*' must be 1-64 letters, digits, '_' or '-'"
+    )
 
 
 async def test_the_openapi_document_names_the_list_filters(stack: Stack) -> None:

@@ -13,12 +13,10 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Annotated, Any, get_args
 
 import anyio
 import msgspec
-import nats.js.errors
 from litestar import MediaType, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import ValidationException
@@ -32,7 +30,6 @@ from hive_bus import (
     BusUnavailable,
     Hive,
     ProviderStats,
-    TaskNotFound,
     TaskRequest,
     TaskView,
     WorkerBeat,
@@ -43,21 +40,16 @@ from hive_bus._bus import Bus, event_providers
 from hive_bus._events import merged_events
 from hive_bus._events import task_events as read_task_events
 from hive_bus._messages import (
-    Moved,
     ProviderName,
-    Queued,
-    Task,
     TaskStatus,
-    decode_event,
     encoder,
     is_final,
     is_marker,
-    is_task_id,
     queued_marker,
     status_of,
 )
 from hive_bus._names import PROVIDER_PATTERN, is_valid_token
-from hive_bus._nats import BUS_ERRORS, follow, num_pending, unsubscribe
+from hive_bus._nats import BUS_ERRORS
 
 from . import answers
 from .answers import BatchAccepted, ErrorBody, TaskAccepted
@@ -402,7 +394,7 @@ async def list_tasks(
     if wanted:
         found = await hive.find(wanted, status=status, provider=checked_provider(provider), limit=limit)
         return [view.trimmed() for view in found]
-    return await recent_tasks(hive, status=status, provider=checked_provider(provider), limit=limit)
+    return await hive.recent(status=status, provider=checked_provider(provider), limit=limit)
 
 
 def _wanted(meta: list[str] | None, batch: str | None, schedule: str | None) -> dict[str, str]:
@@ -437,132 +429,6 @@ async def _event_json(bus: Bus, msg: Msg) -> bytes:
         if seq is not None and (task := await task_at(bus, seq, event.task_id)) is not None:
             event = msgspec.structs.replace(event, task=task)
     return encoder.encode(event)
-
-
-async def recent_tasks(hive: Hive, *, status: str | None, provider: str | None, limit: int) -> list[TaskView]:
-    """The latest state of the most recent tasks, read from the tail of each provider's events stream
-    (of ``provider``'s alone, when given)."""
-    bus = hive.bus
-    tails: list[_Tail] = []
-    try:
-        providers = [provider] if provider is not None else await event_providers(bus)
-        async with anyio.create_task_group() as tg:
-            for of in providers:
-                tg.start_soon(_read_tail, bus, of, limit, tails)
-    except BUS_ERRORS as exc:
-        raise BusUnavailable(f"could not read the events streams: {exc}") from None
-    latest: dict[str, TaskView] = {}
-    tasks: dict[str, Task] = {}
-    at: dict[str, int] = {}
-    # A task whose events more than one provider's tail holds (it moved) is read whole (``Hive.get``):
-    # two streams' events are in no order between them.
-    moved: set[str] = set()
-    for tail in tails:
-        moved |= latest.keys() & tail.latest.keys()
-        latest |= tail.latest
-        tasks |= tail.tasks
-        at |= tail.at
-    found: list[TaskView] = []
-    for view in sorted(latest.values(), key=lambda v: v.id, reverse=True):
-        if len(found) >= limit:
-            break
-        if view.id in moved:
-            try:
-                view = await hive.get(view.id)
-            except TaskNotFound:
-                continue
-        if status is None or view.status == status:
-            found.append(view)
-
-    async def content(view: TaskView) -> None:  # its content (its queued event is a marker): one read
-        with contextlib.suppress(*BUS_ERRORS):
-            if (task := await task_at(bus, at[view.id], view.id)) is not None:
-                tasks[view.id] = task
-
-    async with anyio.create_task_group() as tg:  # together: one read after another cost 50 round trips
-        for view in found:
-            if view.id not in tasks and view.id not in moved and view.id in at:
-                tg.start_soon(content, view)
-    checked = [view if view.id in moved else await _checked(hive, view, tasks.get(view.id)) for view in found]
-    return [view.trimmed() for view in checked if view is not None]
-
-
-@dataclass
-class _Tail:
-    """What the tail of one provider's events stream says of the tasks it holds."""
-
-    latest: dict[str, TaskView] = field(default_factory=dict)
-    tasks: dict[str, Task] = field(default_factory=dict)  # each task as queued or moved: content, metadata
-    at: dict[str, int] = field(default_factory=dict)  # where a task whose queued event is a marker is
-
-
-async def _read_tail(bus: Bus, provider: str, limit: int, tails: list[_Tail]) -> None:
-    """The tail of ``provider``'s events stream, enough for ``limit`` tasks of a few events each (older
-    tasks are not "recent"), added to ``tails``; nothing for a provider without a stream."""
-    names = bus.names
-    stream = names.events_stream_of(provider)
-    try:
-        info = await bus.js.stream_info(stream)
-    except nats.js.errors.NotFoundError:
-        return
-    if not info.state.messages:
-        return
-    start = max(info.state.first_seq, info.state.last_seq - limit * 8 + 1)
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-    tail = _Tail()
-    # An event counts only from the provider its task is assigned to (a worker credential may write
-    # events for any task id under its own provider): followed here from the queued and moved events in
-    # the tail; a task whose queued event is older than the tail is looked up (``Hive.get``).
-    assigned: dict[str, str] = {}
-    # read whole first, by a callback: nats-py's message iterator makes a task a message
-    got: list[Msg] = []
-    read = anyio.Event()
-
-    async def collect(msg: Msg) -> None:
-        got.append(msg)
-        if num_pending(msg) == 0:
-            read.set()
-
-    sub = await follow(bus.js, names.events(provider), stream=stream, config=config, cb=collect)
-    try:
-        with anyio.move_on_after(bus.settings.request_timeout_s):
-            await read.wait()
-    finally:
-        await unsubscribe(sub)
-    for msg in got:  # no await below: the callback adds nothing meanwhile
-        try:
-            event = decode_event(msg.subject, msg.data, msg.headers)
-        except msgspec.DecodeError as exc:
-            log.warning("recent tasks: event %s does not decode (%s); skipped", _seq(msg), exc)
-            continue
-        on = names.provider_of_subject(msg.subject)
-        if not is_task_id(event.task_id) or on != event.provider:
-            pass
-        elif isinstance(event, Queued):
-            assigned[event.task_id] = on
-            if event.task is not None:
-                tail.tasks[event.task_id] = event.task
-            elif (seq := marker_seq(msg.headers)) is not None:
-                tail.tasks.pop(event.task_id, None)
-                tail.at[event.task_id] = seq
-            tail.latest[event.task_id] = TaskView.of(event)
-        elif assigned.get(event.task_id, on) == on:
-            if isinstance(event, Moved) and event.task_id in assigned:
-                assigned[event.task_id] = event.task.provider
-                tail.tasks[event.task_id] = event.task
-            tail.latest[event.task_id] = TaskView.of(event)
-    tails.append(tail)
-
-
-async def _checked(hive: Hive, view: TaskView, task: Task | None) -> TaskView | None:
-    """``view`` with its task's content, or when its task's queued event was not in the tail read, the
-    task as ``Hive.get`` reads it (None when the bus does not know the task)."""
-    if task is not None:
-        return view.with_task(task)
-    try:
-        return await hive.get(view.id)
-    except TaskNotFound:
-        return None
 
 
 @get(

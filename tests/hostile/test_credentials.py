@@ -36,7 +36,6 @@ from hive_bus._messages import (
 )
 from hive_bus._router import Router
 from hive_bus.bus import Bus, open_bus
-from hive_bus.services.api import recent_tasks
 from tests import handlers
 from tests.conftest import make_settings
 from tests.helpers import running_worker, unacked
@@ -197,7 +196,7 @@ async def test_a_forged_outcome_neither_counts_nor_blocks_the_real_one(hub: tupl
 
         view = await hive.get(task_id)
         assert (view.status, view.provider) == ("queued", "gemini")  # the forgery does not count
-        listed = {v.id: v for v in await recent_tasks(hive, status=None, provider=None, limit=50)}
+        listed = {v.id: v for v in await hive.recent()}
         assert listed[task_id].status == "queued"
         assert not set(made_up_ids) & set(listed)  # tasks the bus never knew are not listed
         async with gemini_worker(rendered, server):
@@ -205,7 +204,7 @@ async def test_a_forged_outcome_neither_counts_nor_blocks_the_real_one(hub: tupl
         assert (done.status, done.output, done.provider) == ("completed", "real: escribe un tuit", "gemini")
         async for result in hive.results([task_id]):
             assert (result.status, result.output) == ("completed", "real: escribe un tuit")
-        completed = {v.id: v for v in await recent_tasks(hive, status="completed", provider=None, limit=50)}
+        completed = {v.id: v for v in await hive.recent(status="completed")}
         assert (completed[task_id].provider, completed[task_id].output) == ("gemini", "real: escribe un tuit")
         await anyio.sleep(0.5)  # the metrics follower has read the events
         found = samples(metrics)
