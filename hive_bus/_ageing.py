@@ -13,6 +13,17 @@ and a worker's outcome cannot both be recorded; and a dead letter that keeps the
 Where it looks: for each provider, from the lowest ack floor of its consumers (everything before it was
 acked: ended or moved) forward through the messages older than the cut-off, one direct get each
 (``next_by_subj``). It remembers how far it has read, so each message is looked at about once.
+
+A task cancelled while queued is counted among its queue's ended tasks until a worker fetches its
+message and lets it go (:mod:`hive_bus._cancel`): the queue's depth is the consumers' pending count
+less that count. A message that no worker fetches would leave the stream by age while the count kept
+it, one too many for good, and the depth would hide a task queued later. The sweep takes such a
+message out instead, when no worker was ever handed it (it is past the sequence its consumer delivered
+up to): it deletes it and takes it off the count, with the de-duplication id that a worker's fetch uses,
+so that a fetch at the same moment counts once. The task's events say it was cancelled; what it asked
+goes with its message, a little before its age would have taken it. (A cancelled task is never
+replayed. An expired one may be, from its task message, so its message is left to its age; an expiry
+by this sweep is not counted among the ended tasks, so it is one too many in the depth until then.)
 """
 
 from __future__ import annotations
@@ -23,12 +34,12 @@ import time
 import msgspec
 import nats.js.errors
 
-from . import _assigned
+from . import _assigned, _cancel
 from ._bus import Bus
 from ._counts import submitted_counts
 from ._expiry import record_expired
-from ._messages import task_decoder
-from ._stats import ack_floors
+from ._messages import Task, task_decoder
+from ._stats import queue_marks
 
 log = logging.getLogger("hive_bus.ageing")
 
@@ -51,16 +62,17 @@ class Ageing:
         self.limit_s = wait_limit_s(bus.settings.events_max_age_s, every_s)
         self._read_to: dict[str, int] = {}  # provider -> the next sequence to look at
         self.expired_total = 0
+        self.taken_out_total = 0  # messages of tasks cancelled while queued, taken out unfetched
 
     async def sweep(self) -> list[str]:
         """Fail every task that has waited past :attr:`limit_s`; their ids."""
         bus = self._bus
-        floors = await ack_floors(bus)
+        floors, delivered = await queue_marks(bus)
         cutoff_s = time.time() - self.limit_s
         expired: list[str] = []
         for provider in sorted(set(floors) | set(await submitted_counts(bus))):
             start = max(floors.get(provider, 0) + 1, self._read_to.get(provider, 1))
-            expired += await self._sweep_provider(provider, start, cutoff_s)
+            expired += await self._sweep_provider(provider, start, cutoff_s, delivered)
         self.expired_total += len(expired)
         if expired:
             log.warning(
@@ -70,7 +82,9 @@ class Ageing:
             )  # fmt: skip
         return expired
 
-    async def _sweep_provider(self, provider: str, start: int, cutoff_s: float) -> list[str]:
+    async def _sweep_provider(
+        self, provider: str, start: int, cutoff_s: float, delivered: dict[tuple[str, str], int]
+    ) -> list[str]:
         bus, names = self._bus, self._bus.names
         subject = names.task_subject(provider, "*", "*")
         expired: list[str] = []
@@ -90,21 +104,36 @@ class Ageing:
                 task = task_decoder.decode(raw.data or b"")
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 continue  # poison: the workers terminate it
-            if await self._expire(provider, task.id, task.run):
+            if await self._expire(provider, task):
                 expired.append(task.id)
+            never_handed = raw.seq > delivered.get((provider, task.priority), 0)
+            if never_handed and await _cancel.cancelled_while_queued(bus, task):
+                await self._take_out(task, raw.seq)
         return expired
 
-    async def _expire(self, provider: str, task_id: str, run: int) -> bool:
+    async def _expire(self, provider: str, task: Task) -> bool:
         """Fail one task that waited too long, if the bus has it waiting on ``provider`` in this run."""
         bus = self._bus
-        here = await _assigned.assignment(bus, task_id)
-        if here is None or here.task.provider != provider or here.task.run != run:
+        here = await _assigned.assignment(bus, task.id)
+        if here is None or here.task.provider != provider or here.task.run != task.run:
             return False  # moved on, or replayed since: this message is not its queue place
-        view = await _assigned.current_view(bus, task_id)
+        view = await _assigned.current_view(bus, task.id)
         if view is not None and view.done:
-            return False  # it ended; a worker drops its message, or it ages out
+            return False  # it ended: a worker drops its message, or it is taken out, or it ages out
         error = (
             f"it waited in the queue longer than {self.limit_s:.0f}s, and the bus keeps a task "
             f"{bus.settings.events_max_age_s:.0f}s (HIVE_EVENTS_MAX_AGE_S): no worker of {provider} took it"
         )
         return await record_expired(bus, here.task, attempt=view.attempt if view else 0, error=error)
+
+    async def _take_out(self, task: Task, seq: int) -> None:
+        """Delete the message of a task cancelled while queued, which no worker was handed, and take it
+        off its queue's count of ended tasks."""
+        bus = self._bus
+        try:
+            await bus.js.delete_msg(bus.names.tasks_stream, seq)
+        except nats.js.errors.NotFoundError:
+            return  # gone already (its age, or another gateway's sweep): the count is that one's to mend
+        await _cancel.fetched(bus, task)
+        self.taken_out_total += 1
+        log.info("task %s, cancelled while queued and never fetched, taken out of the queue", task.id)

@@ -146,6 +146,17 @@ async def fetched_if_ended_while_queued(bus: Bus, task: Task) -> None:
         return
 
 
+async def cancelled_while_queued(bus: Bus, task: Task) -> bool:
+    """Whether ``task`` was cancelled while queued (and so counted among its queue's ended tasks), as
+    the cancels bucket records it."""
+    try:
+        entry = await bus.cancels_kv.get(bus.names.cancel_key(task.provider, task.id))
+    except nats.js.errors.KeyNotFoundError:
+        return False
+    end = _end(entry.value or b"")
+    return isinstance(end, Cancelled) and _counted(end)
+
+
 async def _count_unfetched(bus: Bus, task: Task, n: int) -> None:
     """Add ``n`` to the task's provider's count of tasks ended while queued that no worker has fetched,
     once per run and direction. Best effort: a failure is logged, and the queue's depth is off by one."""

@@ -73,13 +73,21 @@ async def queue_depths(bus: Bus) -> dict[str, QueueDepth]:
 async def ack_floors(bus: Bus) -> dict[str, int]:
     """Each provider's lowest ack floor over its priorities' consumers: every message of the tasks
     stream up to it is acked (ended, or moved on); a provider with no consumer yet is left out."""
+    return (await queue_marks(bus))[0]
+
+
+async def queue_marks(bus: Bus) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    """:func:`ack_floors`, and how far each (provider, priority) consumer has delivered: a message of
+    its queue past that sequence was never handed to a worker."""
     names = bus.names
     floors: dict[str, int] = {}
+    delivered: dict[tuple[str, str], int] = {}
     for info in await consumer_infos(bus, names.tasks_stream):
         if (queue := names.of_consumer(info.name)) is not None:
             floor = (info.ack_floor.stream_seq if info.ack_floor else 0) or 0
             floors[queue[0]] = min(floors.get(queue[0], floor), floor)
-    return floors
+            delivered[queue] = (info.delivered.stream_seq if info.delivered else 0) or 0
+    return floors, delivered
 
 
 async def provider_stats(bus: Bus, beats: list[WorkerBeat]) -> list[ProviderStats]:

@@ -13,6 +13,7 @@ import pytest
 from hive_bus import Failed, Hive, Task, TaskRequest
 from hive_bus._audit import StoreAudit
 from hive_bus._bus import ensure_events
+from hive_bus._counts import unfetched_cancels
 from hive_bus._dlq import NotReplayable
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import Moved, Queued, encoder, now_ms
@@ -21,7 +22,7 @@ from hive_bus.bus import Bus, open_bus
 from hive_bus.workers.echo import EchoProvider
 
 from .conftest import make_settings
-from .helpers import events_of, running_worker
+from .helpers import events_of, eventually, running_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -192,3 +193,52 @@ async def test_a_task_waiting_nearly_as_long_as_the_bus_keeps_tasks_expires_and_
             assert (await hive.wait(waiting, timeout_s=5)).output == "wait for me"
             assert (await hive.wait(younger, timeout_s=5)).output == "younger"
         await hive.close()
+
+
+async def test_a_task_cancelled_while_queued_that_no_worker_fetches_leaves_the_queues_depth_right(
+    nats_server: NatsServer,
+) -> None:
+    """A task cancelled while queued is taken off its queue's depth until a worker fetches it; one that
+    no worker fetches is taken out by the sweep before it would age out, so that the depth does not
+    hide a task queued later (it did: the count kept the aged-out task for good). Both for a provider
+    whose workers have come and gone (its consumers exist) and one that never had a worker."""
+    settings = make_settings(nats_server.url, events_max_age_s=8.0, duplicate_window_s=4.0)
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        audit = StoreAudit(bus, grace_s=60, every_s=1.0)
+        first = await hive.submit("gone", "a worker was here")
+        async with running_worker(bus, "gone", EchoProvider()):
+            assert (await hive.wait(first, timeout_s=5)).status == "completed"
+        cancelled = {p: await hive.submit(p, "cancelled unseen") for p in ("gone", "never")}
+        for task_id in cancelled.values():
+            await hive.cancel(task_id)
+        assert await _depths(hive) == {"gone": 0, "never": 0}
+        await anyio.sleep(6.5)  # past the sweep's limit (6 s), not yet the stream's age (8 s)
+        await audit.audit()
+        assert await unfetched_cancels(bus) == {"gone": 0, "never": 0}
+        for task_id in cancelled.values():  # their messages are out of the tasks stream
+            assert not await _messages_of(bus, task_id)
+        assert {(await hive.get(t)).status for t in cancelled.values()} == {"cancelled"}
+        await anyio.sleep(2.0)  # past the stream's age: nothing is left for the count to miss
+        later = {p: await hive.submit(p, "queued later") for p in ("gone", "never")}
+        # read once the submission counters say tasks were queued for them (within 0.25 s)
+        await eventually(lambda: _depths_are(hive, {"gone": 1, "never": 1}), 5, "both later tasks queued")
+        async with running_worker(bus, "gone", EchoProvider()):
+            assert (await hive.wait(later["gone"], timeout_s=5)).status == "completed"
+        assert await _depths(hive) == {"gone": 0, "never": 1}
+        await hive.close()
+
+
+async def _messages_of(bus: Bus, task_id: str) -> int:
+    names = bus.names
+    info = await bus.js.stream_info(names.tasks_stream, subjects_filter=names.task_subject("*", "*", task_id))
+    return sum((info.state.subjects or {}).values())
+
+
+async def _depths(hive: Hive) -> dict[str, int]:
+    pending = {s.provider: s.pending for s in await hive.stats()}
+    return {p: pending.get(p, 0) for p in ("gone", "never")}
+
+
+async def _depths_are(hive: Hive, depths: dict[str, int]) -> bool:
+    return await _depths(hive) == depths
