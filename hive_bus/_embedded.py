@@ -218,7 +218,10 @@ class NatsServer:
         finally:
             shutil.rmtree(self._ports_dir, ignore_errors=True)
             self._ports_dir = None
-        log.info("nats-server %d listening on %s, store %s", self._proc.pid, self.url, self.store_dir)
+        limit = f", soft memory limit {self.memory_limit}" if self.memory_limit else ""
+        log.info(
+            "nats-server %d listening on %s, store %s%s", self._proc.pid, self.url, self.store_dir, limit
+        )
 
     def _wait_for_port(self, ports_dir: Path, timeout_s: float) -> int:
         assert self._proc is not None
@@ -298,8 +301,7 @@ async def run_nats_server(
     store_dir: Path, *, port: int = 0, host: str = "127.0.0.1"
 ) -> AsyncIterator[NatsServer]:
     """A server with its store on disk, for ``hive up`` and ``hive nats``: with :func:`memory_limit`."""
-    server = NatsServer(store_dir, port=port, host=host, memory_limit=(limit := memory_limit()))
-    log.info("nats-server's soft memory limit (GOMEMLIMIT): %s", limit or "none")
+    server = NatsServer(store_dir, port=port, host=host, memory_limit=memory_limit())
     # Launched from this (the event loop's) thread, which outlives the server; only the wait for it to
     # listen runs in a worker thread.
     server.launch()
