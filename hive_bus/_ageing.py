@@ -38,7 +38,7 @@ from . import _assigned, _cancel
 from ._bus import Bus
 from ._counts import submitted_counts
 from ._expiry import record_expired
-from ._messages import Task, task_decoder
+from ._messages import Cancelled, Task, task_decoder
 from ._stats import queue_marks
 
 log = logging.getLogger("hive_bus.ageing")
@@ -106,9 +106,10 @@ class Ageing:
                 continue  # poison: the workers terminate it
             if await self._expire(provider, task):
                 expired.append(task.id)
-            never_handed = raw.seq > delivered.get((provider, task.priority), 0)
-            if never_handed and await _cancel.cancelled_while_queued(bus, task):
-                await self._take_out(task, raw.seq)
+            if raw.seq > delivered.get((provider, task.priority), 0):  # never handed to a worker
+                end = await _cancel.recorded_end(bus, task)
+                if isinstance(end, Cancelled) and _cancel.counted_for(end, task):
+                    await self._take_out(task, raw.seq)
         return expired
 
     async def _expire(self, provider: str, task: Task) -> bool:

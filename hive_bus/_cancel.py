@@ -146,15 +146,18 @@ async def fetched_if_ended_while_queued(bus: Bus, task: Task) -> None:
         return
 
 
-async def cancelled_while_queued(bus: Bus, task: Task) -> bool:
-    """Whether ``task`` was cancelled while queued (and so counted among its queue's ended tasks), as
-    the cancels bucket records it."""
+async def recorded_end(bus: Bus, task: Task) -> Cancelled | Failed | None:
+    """How the cancels bucket records ``task``'s end (a cancel, or an expiry), if it does."""
     try:
         entry = await bus.cancels_kv.get(bus.names.cancel_key(task.provider, task.id))
     except nats.js.errors.KeyNotFoundError:
-        return False
-    end = _end(entry.value or b"")
-    return isinstance(end, Cancelled) and _counted(end)
+        return None
+    return _end(entry.value or b"")
+
+
+def counted_for(end: Cancelled | Failed | None, task: Task) -> bool:
+    """Whether ``end`` was counted among the queue's ended tasks for ``task``'s run."""
+    return end is not None and _counted(end) and _same_run(end, task)
 
 
 async def _count_unfetched(bus: Bus, task: Task, n: int) -> None:

@@ -19,6 +19,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 
+from . import _cancel
 from ._assigned import assignment
 from ._bus import Bus, ensure_dlq_stream, stream_names
 from ._errors import BusUnavailable, HiveError, TaskNotFound, TooLarge
@@ -189,18 +190,55 @@ async def replay(bus: Bus, task_id: str) -> Replayed:
                 headers={"Nats-Msg-Id": msg_id or "", **schedule},
                 stream=stream,
             )
+        subject = names.task_subject(task.provider, task.priority, task.id)
+        earlier = await _message_seq(bus, subject)  # the run before this one's, if still held
         # an expired run told its workers to drop the task: the new run is theirs to run
+        end = await _cancel.recorded_end(bus, known)
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
             await bus.cancels_kv.delete(names.cancel_key(task.provider, task.id))
         await js_publish(
-            bus.js, bus.nc, names.task_subject(task.provider, task.priority, task.id), encoder.encode(task),
+            bus.js, bus.nc, subject, encoder.encode(task),
             headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream, expect=False,
         )  # fmt: skip
+        if earlier is not None:
+            await _drop_earlier_run(bus, known, earlier, counted=_cancel.counted_for(end, known))
         for stream in await streams(bus):
             await bus.js.purge_stream(stream, subject=names.dead_letters_of(task.id))
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not replay task {task_id}: {exc}") from None
     return Replayed(task.id, task.provider, task.run)
+
+
+async def _message_seq(bus: Bus, subject: str) -> int | None:
+    try:
+        return (await bus.js.get_last_msg(bus.names.tasks_stream, subject, direct=True)).seq
+    except nats.js.errors.NotFoundError:
+        return None
+
+
+async def _drop_earlier_run(bus: Bus, task: Task, seq: int, *, counted: bool) -> None:
+    """Delete the message of the run a replay follows (``task``, at ``seq``), once the new run is
+    queued. That run ended (it failed, or expired), but its message may still wait in the queue: a task
+    expired while queued that no worker fetched, or one waiting out a backoff. A worker that fetched it
+    after the replay took its key off the cancels bucket would call the task for it as well as for the
+    new run. Deleted, it is fetched no more (one in a worker's hands at this moment is not stopped). A
+    run ``counted`` among the queue's ended tasks that no worker was handed is taken off that count,
+    with the id a worker's fetch uses (so a fetch just before the deletion counts once). An acked
+    message is deleted too: the new run's carries the task."""
+    names = bus.names
+    handed_up_to = 0
+    if counted:
+        with contextlib.suppress(nats.js.errors.NotFoundError):  # no worker ever served this queue
+            info = await bus.js.consumer_info(
+                names.tasks_stream, names.consumer(task.provider, task.priority)
+            )
+            handed_up_to = (info.delivered.stream_seq if info.delivered else 0) or 0
+    try:
+        deleted = await bus.js.delete_msg(names.tasks_stream, seq)
+    except nats.js.errors.NotFoundError:
+        return
+    if deleted and counted and seq > handed_up_to:
+        await _cancel.fetched(bus, task)
 
 
 async def _replayable(bus: Bus, task_id: str) -> Task:

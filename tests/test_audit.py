@@ -10,13 +10,14 @@ import anyio
 import msgspec
 import pytest
 
-from hive_bus import Failed, Hive, Task, TaskRequest
+from hive_bus import Failed, FunctionProvider, Hive, Task, TaskRequest
 from hive_bus._audit import StoreAudit
 from hive_bus._bus import ensure_events
 from hive_bus._counts import unfetched_cancels
 from hive_bus._dlq import NotReplayable
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import Moved, Queued, encoder, now_ms
+from hive_bus._names import PRIORITIES
 from hive_bus._router import Router
 from hive_bus.bus import Bus, open_bus
 from hive_bus.workers.echo import EchoProvider
@@ -189,10 +190,26 @@ async def test_a_task_waiting_nearly_as_long_as_the_bus_keeps_tasks_expires_and_
         assert (await hive.get(done)).status == "completed"
         assert (await audit.audit()).expired == 0  # once
         await hive.replay(waiting)
-        async with running_worker(bus, "nobody", EchoProvider()):
+        calls: list[str] = []
+
+        async def echo(task: Task) -> str:
+            calls.append(task.id)
+            return task.prompt or ""
+
+        async with running_worker(bus, "nobody", FunctionProvider(echo)):
             assert (await hive.wait(waiting, timeout_s=5)).output == "wait for me"
             assert (await hive.wait(younger, timeout_s=5)).output == "younger"
+            # the expired run's message left the queue with the replay: the task was called for its
+            # new run only (it was called for both, its expiry's key gone from the cancels bucket)
+            await eventually(lambda: _queue_is_empty(bus, "nobody"), 5, "the queue to be empty")
+        assert sorted(calls) == sorted([waiting, younger])
         await hive.close()
+
+
+async def _queue_is_empty(bus: Bus, provider: str) -> bool:
+    names = bus.names
+    infos = [await bus.js.consumer_info(names.tasks_stream, names.consumer(provider, p)) for p in PRIORITIES]
+    return not any(i.num_pending or i.num_ack_pending for i in infos)
 
 
 async def test_a_task_cancelled_while_queued_that_no_worker_fetches_leaves_the_queues_depth_right(
