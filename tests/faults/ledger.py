@@ -22,7 +22,6 @@ from typing import Any, Literal
 import anyio
 import msgspec
 import nats.js.errors
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from hive_bus import Completed, Failed, Hive
 from hive_bus._bus import event_providers
@@ -208,40 +207,35 @@ async def _read_final_events(bus: Bus, fates: dict[str, Fate]) -> None:
 
 
 async def _read_final_events_of(bus: Bus, provider: str, fates: dict[str, Fate]) -> None:
+    """Read by direct gets, message after message on each final subject: a read that ends when the
+    subject has no more, where a consumer waiting for its pending count to reach 0 could wait for good
+    (it did, once, after nats-server had been killed and restarted)."""
     names = bus.names
     stream = names.events_stream_of(provider)
-    info = await bus.js.stream_info(stream)
-    if not info.state.messages:
-        return
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL, filter_subjects=names.final_events(provider))
-    sub = await bus.js.subscribe(
-        names.events_under(provider), stream=stream, ordered_consumer=True, config=config
-    )
-    try:
-        with anyio.fail_after(30):
-            async for msg in sub.messages:
-                try:
-                    event = event_decoder.decode(msg.data)
-                except msgspec.DecodeError:  # junk on a final subject (the hostile suite's): no task's end
-                    if msg.metadata.num_pending == 0:
-                        break
-                    continue
-                fate = fates.get(event.task_id)
-                if fate is not None and isinstance(event, Completed):
-                    fate.completed += 1
-                    fate.outputs.append(event.output)
-                    fate.workers.append(event.worker)
-                    fate.attempts.append(event.attempt)
-                elif fate is not None and isinstance(event, Failed):
-                    fate.failed += 1
-                    fate.reasons.append(event.reason)
-                    fate.workers.append(event.worker or "")
-                    fate.attempts.append(event.attempt)
-                if msg.metadata.num_pending == 0:
-                    break
-    finally:
-        with anyio.CancelScope(shield=True):
-            await sub.unsubscribe()
+    for subject in names.final_events(provider):
+        seq = 1
+        while True:
+            try:
+                msg = await bus.js.get_msg(stream, seq=seq, subject=subject, next=True, direct=True)
+            except nats.js.errors.NotFoundError:
+                break
+            assert msg.seq is not None
+            seq = msg.seq + 1
+            try:
+                event = event_decoder.decode(msg.data or b"")
+            except msgspec.DecodeError:  # junk on a final subject (the hostile suite's): no task's end
+                continue
+            fate = fates.get(event.task_id)
+            if fate is not None and isinstance(event, Completed):
+                fate.completed += 1
+                fate.outputs.append(event.output)
+                fate.workers.append(event.worker)
+                fate.attempts.append(event.attempt)
+            elif fate is not None and isinstance(event, Failed):
+                fate.failed += 1
+                fate.reasons.append(event.reason)
+                fate.workers.append(event.worker or "")
+                fate.attempts.append(event.attempt)
 
 
 async def task_ids_in_stream(bus: Bus) -> set[str]:
