@@ -39,6 +39,7 @@ from ._bus import Bus
 from ._counts import submitted_counts
 from ._expiry import record_expired
 from ._messages import Cancelled, Task, task_decoder
+from ._nats import delete_message
 from ._stats import queue_marks
 
 log = logging.getLogger("hive_bus.ageing")
@@ -131,9 +132,7 @@ class Ageing:
         """Delete the message of a task cancelled while queued, which no worker was handed, and take it
         off its queue's count of ended tasks."""
         bus = self._bus
-        try:
-            await bus.js.delete_msg(bus.names.tasks_stream, seq)
-        except nats.js.errors.NotFoundError:
+        if not await delete_message(bus.js, bus.names.tasks_stream, seq):
             return  # gone already (its age, or another gateway's sweep): the count is that one's to mend
         await _cancel.fetched(bus, task)
         self.taken_out_total += 1

@@ -25,7 +25,7 @@ from ._bus import Bus, ensure_dlq_stream, stream_names
 from ._errors import BusUnavailable, HiveError, TaskNotFound, TooLarge
 from ._messages import Failed, Task, encoder, event_decoder, is_task_id, new_seal, now_ms
 from ._names import is_valid_token
-from ._nats import BUS_ERRORS
+from ._nats import BUS_ERRORS, delete_message
 from ._size import js_publish
 from ._timers import deadline_schedule, ensure_schedules_stream
 
@@ -196,11 +196,12 @@ async def replay(bus: Bus, task_id: str) -> Replayed:
         end = await _cancel.recorded_end(bus, known)
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
             await bus.cancels_kv.delete(names.cancel_key(task.provider, task.id))
-        await js_publish(
+        ack = await js_publish(
             bus.js, bus.nc, subject, encoder.encode(task),
             headers={"Nats-Msg-Id": task.msg_id}, stream=names.tasks_stream, expect=False,
         )  # fmt: skip
-        if earlier is not None:
+        # not when this run was queued already (a replay at the same moment): ``earlier`` may be it
+        if earlier is not None and not ack.duplicate and earlier < ack.seq:
             await _drop_earlier_run(bus, known, earlier, counted=_cancel.counted_for(end, known))
         for stream in await streams(bus):
             await bus.js.purge_stream(stream, subject=names.dead_letters_of(task.id))
@@ -233,11 +234,7 @@ async def _drop_earlier_run(bus: Bus, task: Task, seq: int, *, counted: bool) ->
                 names.tasks_stream, names.consumer(task.provider, task.priority)
             )
             handed_up_to = (info.delivered.stream_seq if info.delivered else 0) or 0
-    try:
-        deleted = await bus.js.delete_msg(names.tasks_stream, seq)
-    except nats.js.errors.NotFoundError:
-        return
-    if deleted and counted and seq > handed_up_to:
+    if await delete_message(bus.js, names.tasks_stream, seq) and counted and seq > handed_up_to:
         await _cancel.fetched(bus, task)
 
 

@@ -333,3 +333,20 @@ def stream_missing(exc: BaseException) -> bool:
     """Whether a JetStream API error says the stream does not exist (not that a consumer or message
     does not)."""
     return getattr(exc, "err_code", None) == STREAM_NOT_FOUND
+
+
+# JetStream's error code for a message that is not in the stream: a deletion's is a 500 with it, not a
+# 404 (nats-py raises ServerError), a get's a 404 with 10037.
+NO_MESSAGE_FOUND = 10057
+NO_MESSAGE_GOT = 10037
+
+
+async def delete_message(js: JetStreamContext, stream: str, seq: int) -> bool:
+    """Delete message ``seq`` of ``stream``: False when it was not there (gone by age, or deleted by
+    another), True when this call deleted it. Raises nats errors otherwise."""
+    try:
+        return bool(await js.delete_msg(stream, seq))
+    except nats.js.errors.APIError as exc:
+        if exc.err_code in (NO_MESSAGE_FOUND, NO_MESSAGE_GOT):
+            return False
+        raise

@@ -133,6 +133,35 @@ async def test_a_replayed_run_is_run_by_a_worker_that_still_holds_the_expiry(bus
         assert (await hive.wait(task_id, 10)).status == "completed"
 
 
+async def test_two_replays_of_one_dead_letter_at_once_run_it_once(bus: Bus, hive: Hive) -> None:
+    """Both replays answer (the second found the expired run's message deleted by the first, which
+    JetStream answers with a 500, not a 404), and the task runs once, for its new run."""
+    calls: list[str] = []
+
+    async def record(task: object) -> str:
+        calls.append(getattr(task, "id", ""))
+        return "ran"
+
+    task_id = await hive.submit("twice", "dos veces", deadline_s=1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(Timers(bus).run)
+        await eventually(lambda: hive.dead_letters(provider="twice"), 15, "its dead letter")
+        tg.cancel_scope.cancel()
+    replayed: list[int] = []
+
+    async def replay() -> None:
+        replayed.append((await hive.replay(task_id)).run)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(replay)
+        tg.start_soon(replay)
+    assert replayed == [1, 1]
+    async with running_worker(bus, "twice", FunctionProvider(record)):
+        assert (await hive.wait(task_id, 10)).status == "completed"
+        await anyio.sleep(1.0)  # time for a second message of the task, were there one
+    assert calls == [task_id]
+
+
 async def test_a_running_call_past_its_deadline_is_abandoned(bus: Bus, hive: Hive) -> None:
     async with (
         running_worker(bus, "slow", FunctionProvider(handlers.until_cancelled), concurrency=1),
