@@ -106,8 +106,8 @@ class Ageing:
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 continue  # poison: the workers terminate it
             if await self._expire(provider, task):
-                expired.append(task.id)
-            if raw.seq > delivered.get((provider, task.priority), 0):  # never handed to a worker
+                expired.append(task.id)  # its end is an expiry: its message stays for a replay
+            elif raw.seq > delivered.get((provider, task.priority), 0):  # never handed to a worker
                 end = await _cancel.recorded_end(bus, task)
                 if isinstance(end, Cancelled) and _cancel.counted_for(end, task):
                     await self._take_out(task, raw.seq)

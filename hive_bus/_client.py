@@ -68,7 +68,7 @@ from ._messages import (
     now_ms,
     task_decoder,
 )
-from ._names import is_valid_token
+from ._names import check_provider
 from ._nats import BUS_ERRORS
 from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
@@ -635,8 +635,7 @@ class Hive:
         ``GET /v1/tasks`` lists them: read from the tail of the events (:mod:`hive_bus._recent`), each
         with its metadata and its texts cut (:meth:`get` has them whole). Raises :class:`HiveError`
         for a provider that is not a provider's name."""
-        if provider is not None and not is_valid_token(provider):
-            raise HiveError(f"provider {provider!r} must be 1-64 letters, digits, '_' or '-'")
+        check_provider(provider)
         return await _recent.recent_tasks(self, status=status, provider=provider, limit=limit)
 
     async def workers(self) -> list[WorkerBeat]:

@@ -24,7 +24,7 @@ from ._assigned import assignment
 from ._bus import Bus, ensure_dlq_stream, stream_names
 from ._errors import BusUnavailable, HiveError, TaskNotFound, TooLarge
 from ._messages import Failed, Task, encoder, event_decoder, is_task_id, new_seal, now_ms
-from ._names import is_valid_token
+from ._names import check_provider
 from ._nats import BUS_ERRORS, delete_message
 from ._size import js_publish
 from ._timers import deadline_schedule, ensure_schedules_stream
@@ -66,11 +66,6 @@ async def keep(bus: Bus, provider: str, task_id: str, failed: bytes, msg_id: str
             return
 
 
-def _check_provider(provider: str | None) -> None:
-    if provider is not None and not is_valid_token(provider):
-        raise HiveError(f"provider {provider!r} must be 1-64 letters, digits, '_' or '-'")
-
-
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     """A dead letter as listed: where it sits in the stream, and the failure it records."""
 
@@ -102,7 +97,7 @@ def _timeout(bus: Bus) -> float:
 
 async def dead_letters(bus: Bus, *, provider: str | None = None, limit: int = 100) -> list[DeadLetter]:
     """The oldest ``limit`` dead letters (of one provider)."""
-    _check_provider(provider)
+    check_provider(provider)
     found: list[DeadLetter] = []
     try:
         for stream in await streams(bus, provider):
@@ -274,7 +269,7 @@ async def _replayable(bus: Bus, task_id: str) -> Task:
 async def purge(bus: Bus, *, task_id: str | None = None, provider: str | None = None) -> int:
     """Remove dead letters: one task's, one provider's, or all; returns how many went."""
     names = bus.names
-    _check_provider(provider)
+    check_provider(provider)
     if task_id is not None:
         await dead_letter(bus, task_id)  # checks the id, and that it is there
         subject = names.dead_letters_of(task_id)

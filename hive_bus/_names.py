@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ._errors import HiveError
+
 # A provider name becomes a subject token and part of a consumer name, so it may hold neither dots,
 # wildcards nor white space. Kept short and plain so that it also reads well in metrics and logs.
 PROVIDER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -21,6 +23,13 @@ PRIORITIES = ("high", "normal", "low")
 def is_valid_token(name: str) -> bool:
     """A name fit to be one subject token (a provider's, or a worker credential's)."""
     return _PROVIDER_RE.match(name) is not None
+
+
+def check_provider(provider: str | None) -> None:
+    """Raise :class:`HiveError` for a provider filter that is not a provider's name (it goes into a
+    subject)."""
+    if provider is not None and not is_valid_token(provider):
+        raise HiveError(f"provider {provider!r} must be 1-64 letters, digits, '_' or '-'")
 
 
 @dataclass(frozen=True, slots=True)
