@@ -14,16 +14,18 @@ Where it looks: for each provider, from the lowest ack floor of its consumers (e
 acked: ended or moved) forward through the messages older than the cut-off, one direct get each
 (``next_by_subj``). It remembers how far it has read, so each message is looked at about once.
 
-A task cancelled while queued is counted among its queue's ended tasks until a worker fetches its
-message and lets it go (:mod:`hive_bus._cancel`): the queue's depth is the consumers' pending count
-less that count. A message that no worker fetches would leave the stream by age while the count kept
-it, one too many for good, and the depth would hide a task queued later. The sweep takes such a
-message out instead, when no worker was ever handed it (it is past the sequence its consumer delivered
-up to): it deletes it and takes it off the count, with the de-duplication id that a worker's fetch uses,
-so that a fetch at the same moment counts once. The task's events say it was cancelled; what it asked
-goes with its message, a little before its age would have taken it. (A cancelled task is never
-replayed. An expired one may be, from its task message, so its message is left to its age; an expiry
-by this sweep is not counted among the ended tasks, so it is one too many in the depth until then.)
+A task cancelled while queued, or expired at its deadline while queued, is counted among its queue's
+ended tasks until a worker fetches its message and lets it go (:mod:`hive_bus._cancel`): the queue's
+depth is the consumers' pending count less that count. A message that no worker fetches would leave
+the stream by age while the count kept it, one too many for good, and the depth would hide a task
+queued later. The sweep takes such a message out instead, when no worker was ever handed it (it is
+past the sequence its consumer delivered up to): it deletes it and takes it off the count, with the
+de-duplication id that a worker's fetch uses, so that a fetch at the same moment counts once. The
+task's events say how it ended; what it asked goes with its message, a little before its age would
+have taken it. An expired task stays replayable: its expiry, in the cancels bucket (which only the hub
+writes), keeps the task, and a replay whose task message is gone reads it there (:mod:`hive_bus._dlq`).
+(An expiry by this sweep is not counted among the ended tasks, and its message is left to its age: it
+is one too many in the depth until then.)
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from . import _assigned, _cancel
 from ._bus import Bus
 from ._counts import submitted_counts
 from ._expiry import record_expired
-from ._messages import Cancelled, Task, task_decoder
+from ._messages import Task, task_decoder
 from ._nats import delete_message
 from ._stats import queue_marks
 
@@ -107,10 +109,10 @@ class Ageing:
                 continue  # poison: the workers terminate it
             if await self._expire(provider, task):
                 expired.append(task.id)  # its end is an expiry: its message stays for a replay
-            elif raw.seq > delivered.get((provider, task.priority), 0):  # never handed to a worker
-                end = await _cancel.recorded_end(bus, task)
-                if isinstance(end, Cancelled) and _cancel.counted_for(end, task):
-                    await self._take_out(task, raw.seq)
+            elif raw.seq > delivered.get((provider, task.priority), 0) and _cancel.counted_for(
+                await _cancel.recorded_end(bus, task), task
+            ):  # ended while queued, and never handed to a worker
+                await self._take_out(task, raw.seq)
         return expired
 
     async def _expire(self, provider: str, task: Task) -> bool:
@@ -129,11 +131,11 @@ class Ageing:
         return await record_expired(bus, here.task, attempt=view.attempt if view else 0, error=error)
 
     async def _take_out(self, task: Task, seq: int) -> None:
-        """Delete the message of a task cancelled while queued, which no worker was handed, and take it
-        off its queue's count of ended tasks."""
+        """Delete the message of a task cancelled, or expired at its deadline, while queued, which no
+        worker was handed, and take it off its queue's count of ended tasks."""
         bus = self._bus
         if not await delete_message(bus.js, bus.names.tasks_stream, seq):
             return  # gone already (its age, or another gateway's sweep): the count is that one's to mend
         await _cancel.fetched(bus, task)
         self.taken_out_total += 1
-        log.info("task %s, cancelled while queued and never fetched, taken out of the queue", task.id)
+        log.info("task %s, ended while queued and never fetched, taken out of the queue", task.id)

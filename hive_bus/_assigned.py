@@ -69,6 +69,9 @@ class Assignment:
     # the sequence of ``event`` in the stream of the provider that recorded it (``seq`` but for a move
     # to another provider)
     event_seq: int = 0
+    # False when ``task`` is a stand-in with no content: its message is gone and its ``queued`` event
+    # is a marker, which carries no task
+    whole: bool = True
 
     @property
     def provider(self) -> str:
@@ -126,7 +129,9 @@ async def _assigned(bus: Bus, task_id: str, found: tuple[Task, str] | None) -> A
         )
     if task.id != task_id:
         return None
-    here = Assignment(task=task, event=queued, seq=seq, event_seq=seq)
+    here = Assignment(
+        task=task, event=queued, seq=seq, event_seq=seq, whole=found is not None or queued.task is not None
+    )
     for _ in range(MAX_HOPS):
         if here.task.next_hop() is None:
             break  # nowhere left to move to: no move recorded under it can count (and no read for it)

@@ -16,8 +16,9 @@ fetches it takes one off; the queue's depth (``hive_bus._stats.queue_depths``) i
 less that counter. The recorded end says which ends were counted (its ``was``: ``queued``). Each side
 goes once per task run (``Nats-Msg-Id``), so a redelivery or a second path does not count twice. A hub
 that dies between the end and its increment leaves that task counted in the depth until its fetch (the
-counter then reads -1, which subtracts nothing); an ended task that ages out of the tasks stream
-unfetched leaves the depth one too low.
+counter then reads -1, which subtracts nothing). An ended task that no worker was handed is taken out
+of the tasks stream, and off the count, by the store audit's ageing sweep before it would age out
+(hive_bus._ageing).
 """
 
 from __future__ import annotations

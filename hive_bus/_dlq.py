@@ -235,8 +235,9 @@ async def _drop_earlier_run(bus: Bus, task: Task, seq: int, *, counted: bool) ->
 
 async def _replayable(bus: Bus, task_id: str) -> Task:
     """The task a replay queues again: as the bus knows it (never the copy a dead letter carries, which
-    any worker of the letter's provider could have written), and only when its dead letter was kept
-    under the provider the task is assigned to, and names that provider. Raises :class:`NotReplayable`."""
+    any worker of the letter's provider could have written; its message, or when that is gone the copy
+    its expiry keeps in the cancels bucket), and only when its dead letter was kept under the provider
+    the task is assigned to, and names that provider. Raises :class:`NotReplayable`."""
     names = bus.names
     try:
         here = await assignment(bus, task_id)
@@ -263,7 +264,22 @@ async def _replayable(bus: Bus, task_id: str) -> Task:
             f"the dead letter of task {task_id} on {here.provider} does not name that provider and task; "
             "not replayed"
         )
-    return here.task
+    if here.whole:
+        return here.task
+    # its message is gone: an expiry recorded while it was queued, whose message no worker fetched and
+    # the ageing sweep took out (hive_bus._ageing), left the task in the cancels bucket, which only the
+    # hub writes
+    try:
+        end = await _cancel.recorded_end(bus, here.task)
+    except BUS_ERRORS as exc:
+        raise BusUnavailable(f"could not read how task {task_id} ended: {exc}") from None
+    kept = end.task if isinstance(end, Failed) else None
+    if kept is not None and kept.id == task_id and kept.provider == here.provider:
+        return kept
+    raise NotReplayable(
+        f"the message of task {task_id} has left the {names.tasks_stream} stream, and what the task asked "
+        "went with it: submit it again"
+    )
 
 
 async def purge(bus: Bus, *, task_id: str | None = None, provider: str | None = None) -> int:

@@ -6,6 +6,8 @@ in flight, still within the grace period or in the router's hands are left alone
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import anyio
 import msgspec
 import pytest
@@ -16,6 +18,7 @@ from hive_bus._bus import ensure_events
 from hive_bus._counts import unfetched_cancels
 from hive_bus._dlq import NotReplayable
 from hive_bus._embedded import NatsServer
+from hive_bus._expiry import Timers
 from hive_bus._messages import Moved, Queued, encoder, now_ms
 from hive_bus._names import PRIORITIES
 from hive_bus._router import Router
@@ -244,6 +247,55 @@ async def test_a_task_cancelled_while_queued_that_no_worker_fetches_leaves_the_q
             assert (await hive.wait(later["gone"], timeout_s=5)).status == "completed"
         assert await _depths(hive) == {"gone": 0, "never": 1}
         await hive.close()
+
+
+async def test_a_task_expired_while_queued_that_no_worker_fetches_leaves_the_depth_right_and_replays(
+    nats_server: NatsServer,
+) -> None:
+    """A task expired at its deadline while queued is taken off its queue's depth until a worker
+    fetches it; one that no worker fetches is taken out by the sweep before it would age out (the count
+    kept it for good, and the depth hid a task queued later), and a replay still queues what it asked,
+    read from its expiry in the cancels bucket."""
+    settings = make_settings(nats_server.url, events_max_age_s=10.0, duplicate_window_s=4.0)
+    async with open_bus(settings) as bus, anyio.create_task_group() as tg:
+        await tg.start(Timers(bus).run)
+        hive = Hive(bus)
+        audit = StoreAudit(bus, grace_s=60, every_s=2.0)
+        assert audit.ageing.limit_s == 6.0  # 10 s less two sweeps
+        first = await hive.submit("gone", "a worker was here")
+        async with running_worker(bus, "gone", EchoProvider()):
+            assert (await hive.wait(first, timeout_s=5)).status == "completed"
+        expired = {p: await hive.submit(p, f"too late for {p}", deadline_s=1) for p in ("gone", "never")}
+        submitted_s = anyio.current_time()
+        await eventually(lambda: _all_failed(hive, expired.values()), 8, "the deadlines to end both tasks")
+        await eventually(lambda: _depths_are(hive, {"gone": 0, "never": 0}), 5, "both off the depth")
+        await anyio.sleep(submitted_s + 6.5 - anyio.current_time())  # past the sweep's limit, not the age
+        await audit.audit()
+        assert await unfetched_cancels(bus) == {"gone": 0, "never": 0}
+        for task_id in expired.values():  # their messages are out of the tasks stream
+            assert not await _messages_of(bus, task_id)
+            view = await hive.get(task_id)
+            assert (view.status, view.reason) == ("failed", "expired")
+        calls: list[str] = []
+
+        async def echo(task: Task) -> str:
+            calls.append(task.id)
+            return task.prompt or ""
+
+        async with running_worker(bus, "never", FunctionProvider(echo)):
+            await hive.replay(expired["never"])  # its message is gone: the task is its expiry's copy
+            assert (await hive.wait(expired["never"], timeout_s=5)).output == "too late for never"
+        assert calls == [expired["never"]]
+        await anyio.sleep(submitted_s + 10.5 - anyio.current_time())  # past the stream's age
+        for provider in ("gone", "never"):
+            await hive.submit(provider, "queued later")
+        await eventually(lambda: _depths_are(hive, {"gone": 1, "never": 1}), 5, "both later tasks queued")
+        tg.cancel_scope.cancel()
+        await hive.close()
+
+
+async def _all_failed(hive: Hive, task_ids: Iterable[str]) -> bool:
+    return {(await hive.get(t)).status for t in task_ids} == {"failed"}
 
 
 async def _messages_of(bus: Bus, task_id: str) -> int:
