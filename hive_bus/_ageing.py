@@ -21,11 +21,11 @@ the stream by age while the count kept it, one too many for good, and the depth 
 queued later. The sweep takes such a message out instead, when no worker was ever handed it (it is
 past the sequence its consumer delivered up to): it deletes it and takes it off the count, with the
 de-duplication id that a worker's fetch uses, so that a fetch at the same moment counts once. The
-task's events say how it ended; what it asked goes with its message, a little before its age would
-have taken it. An expired task stays replayable: its expiry, in the cancels bucket (which only the hub
-writes), keeps the task, and a replay whose task message is gone reads it there (:mod:`hive_bus._dlq`).
-(An expiry by this sweep is not counted among the ended tasks, and its message is left to its age: it
-is one too many in the depth until then.)
+message of a task this sweep expires, which no worker was handed, goes at once (not counted, it leaves
+the depth with its message). The task's events say how it ended; what it asked goes with its message,
+a little before its age would have taken it. An expired task stays replayable: its expiry, in the
+cancels bucket (which only the hub writes), keeps the task, and a replay whose task message is gone
+reads it there (:mod:`hive_bus._dlq`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from . import _assigned, _cancel
 from ._bus import Bus
 from ._counts import submitted_counts
 from ._expiry import record_expired
-from ._messages import Task, task_decoder
+from ._messages import Failed, Task, task_decoder
 from ._nats import delete_message
 from ._stats import queue_marks
 
@@ -65,7 +65,7 @@ class Ageing:
         self.limit_s = wait_limit_s(bus.settings.events_max_age_s, every_s)
         self._read_to: dict[str, int] = {}  # provider -> the next sequence to look at
         self.expired_total = 0
-        self.taken_out_total = 0  # messages of tasks cancelled while queued, taken out unfetched
+        self.taken_out_total = 0  # messages of tasks ended while queued, taken out unfetched
 
     async def sweep(self) -> list[str]:
         """Fail every task that has waited past :attr:`limit_s`; their ids."""
@@ -107,11 +107,13 @@ class Ageing:
                 task = task_decoder.decode(raw.data or b"")
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 continue  # poison: the workers terminate it
+            handed = raw.seq <= delivered.get((provider, task.priority), 0)  # to a worker, ever
             if await self._expire(provider, task):
-                expired.append(task.id)  # its end is an expiry: its message stays for a replay
-            elif raw.seq > delivered.get((provider, task.priority), 0) and _cancel.counted_for(
-                await _cancel.recorded_end(bus, task), task
-            ):  # ended while queued, and never handed to a worker
+                expired.append(task.id)
+                end = await _cancel.recorded_end(bus, task)
+                if not handed and isinstance(end, Failed) and end.task is not None:  # kept for a replay
+                    await self._take_out(task, raw.seq, counted=False)
+            elif not handed and _cancel.counted_for(await _cancel.recorded_end(bus, task), task):
                 await self._take_out(task, raw.seq)
         return expired
 
@@ -130,12 +132,14 @@ class Ageing:
         )
         return await record_expired(bus, here.task, attempt=view.attempt if view else 0, error=error)
 
-    async def _take_out(self, task: Task, seq: int) -> None:
-        """Delete the message of a task cancelled, or expired at its deadline, while queued, which no
-        worker was handed, and take it off its queue's count of ended tasks."""
+    async def _take_out(self, task: Task, seq: int, *, counted: bool = True) -> None:
+        """Delete the message of a task that ended while queued, which no worker was handed: cancelled
+        or expired at its deadline (``counted`` among its queue's ended tasks, and taken off that
+        count), or expired by this sweep (not counted: it leaves the depth with its message)."""
         bus = self._bus
         if not await delete_message(bus.js, bus.names.tasks_stream, seq):
             return  # gone already (its age, or another gateway's sweep): the count is that one's to mend
-        await _cancel.fetched(bus, task)
+        if counted:
+            await _cancel.fetched(bus, task)
         self.taken_out_total += 1
         log.info("task %s, ended while queued and never fetched, taken out of the queue", task.id)

@@ -192,6 +192,10 @@ async def test_a_task_waiting_nearly_as_long_as_the_bus_keeps_tasks_expires_and_
         assert (await hive.get(younger)).status == "queued"
         assert (await hive.get(done)).status == "completed"
         assert (await audit.audit()).expired == 0  # once
+        # no worker was handed it: its message is out of the queue (its expiry keeps the task for a
+        # replay), and out of the queue's depth at once (it stayed there until its age took it)
+        assert not await _messages_of(bus, waiting)
+        await eventually(lambda: _depth_is(hive, "nobody", 1), 5, "the younger task alone in the depth")
         await hive.replay(waiting)
         calls: list[str] = []
 
@@ -207,6 +211,10 @@ async def test_a_task_waiting_nearly_as_long_as_the_bus_keeps_tasks_expires_and_
             await eventually(lambda: _queue_is_empty(bus, "nobody"), 5, "the queue to be empty")
         assert sorted(calls) == sorted([waiting, younger])
         await hive.close()
+
+
+async def _depth_is(hive: Hive, provider: str, n: int) -> bool:
+    return [s.pending for s in await hive.stats() if s.provider == provider] == [n]
 
 
 async def _queue_is_empty(bus: Bus, provider: str) -> bool:
