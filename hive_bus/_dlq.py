@@ -187,6 +187,7 @@ async def replay(bus: Bus, task_id: str) -> Replayed:
             )
         subject = names.task_subject(task.provider, task.priority, task.id)
         earlier = await _message_seq(bus, subject)  # the run before this one's, if still held
+        letters = await _letters_of(bus, task.id)  # these go; a letter of the new run stays
         # an expired run told its workers to drop the task: the new run is theirs to run
         end = await _cancel.recorded_end(bus, known)
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
@@ -198,11 +199,22 @@ async def replay(bus: Bus, task_id: str) -> Replayed:
         # not when this run was queued already (a replay at the same moment): ``earlier`` may be it
         if earlier is not None and not ack.duplicate and earlier < ack.seq:
             await _drop_earlier_run(bus, known, earlier, counted=_cancel.counted_for(end, known))
-        for stream in await streams(bus):
-            await bus.js.purge_stream(stream, subject=names.dead_letters_of(task.id))
+        for stream, last in letters.items():
+            await bus.js.purge_stream(stream, subject=names.dead_letters_of(task.id), seq=last + 1)
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not replay task {task_id}: {exc}") from None
     return Replayed(task.id, task.provider, task.run)
+
+
+async def _letters_of(bus: Bus, task_id: str) -> dict[str, int]:
+    """By dead-letter stream, the sequence of the task's last dead letter there. A replay takes out
+    these, no later one: the new run can fail for good, and be dead-lettered, before the replay is done."""
+    found: dict[str, int] = {}
+    for stream in await streams(bus):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            raw = await bus.js.get_last_msg(stream, bus.names.dead_letters_of(task_id), direct=True)
+            found[stream] = raw.seq or 0
+    return found
 
 
 async def _message_seq(bus: Bus, subject: str) -> int | None:

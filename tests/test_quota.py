@@ -239,6 +239,33 @@ async def test_dead_letters_are_listed_and_replayed_with_their_history(bus: Bus,
     assert await hive.dead_letters() == []
 
 
+async def test_a_replayed_task_that_fails_again_at_once_keeps_its_new_dead_letter(
+    bus: Bus, hive: Hive
+) -> None:
+    """A replay takes out the dead letters it replays, not the new run's: a run that fails for good
+    before the replay has finished is dead-lettered, and stays so (the replay's purge of every letter
+    of the task took it out, and the task was in neither the queue nor the dead letters)."""
+
+    async def hopeless(task: Task) -> str:
+        raise FailNow(f"run {task.run} fails too")
+
+    ids = [await hive.submit("hopeless", f"t{i}") for i in range(20)]
+    async with running_worker(bus, "hopeless", FunctionProvider(hopeless), concurrency=32):
+        assert {(await hive.wait(t, 10)).status for t in ids} == {"failed"}
+        await eventually(lambda: _letters_are(hive, ids, 0), 5, "a dead letter of each first run")
+        async with anyio.create_task_group() as tg:
+            for task_id in ids:
+                tg.start_soon(hive.replay, task_id)
+        await eventually(lambda: _letters_are(hive, ids, 1), 10, "a dead letter of each replayed run")
+
+
+async def _letters_are(hive: Hive, ids: list[str], run: int) -> bool:
+    letters = await hive.dead_letters(provider="hopeless")
+    return sorted(
+        (x.failed.task_id, x.failed.task.run if x.failed.task else None) for x in letters
+    ) == sorted((t, run) for t in ids)
+
+
 async def test_a_high_priority_task_overtakes_a_thousand_queued_ones(bus: Bus, hive: Hive) -> None:
     slow = [TaskRequest(provider="echo", prompt=f"n{i}", payload={"delay_s": 0.05}) for i in range(1000)]
     async with running_worker(bus, "echo", EchoProvider(), concurrency=1):
