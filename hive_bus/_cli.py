@@ -759,6 +759,7 @@ def chat(
 
     async def main() -> None:
         async with connect(settings=settings) as hive, hive.stream(request, timeout_s=timeout_s) as stream:
+            _warn(stream.warnings)
             async for item in stream:
                 match item:
                     case StreamText(text=text):

@@ -235,12 +235,16 @@ class Hive:
         """Queue a validated request. Raises :class:`BusUnavailable`, :class:`QueueFull`,
         :class:`NestedTooDeep` for a payload or metadata nested deeper than ``MAX_NESTING``, or
         :class:`TooLarge` for a task the bus cannot carry (its content over ``blob_max_bytes``)."""
+        warnings = await self._admit(request)
+        return await self._submit_task(Task.from_request(request), request.idempotency_key, warnings)
+
+    async def _admit(self, request: TaskRequest) -> tuple[str, ...]:
+        """Check a request before it is queued (raises as :meth:`submit_request` says); its warnings."""
         check_fields(request)
         warning = await self.unserved(request.provider)
         if warning is not None and self._bus.settings.reject_unserved:
             raise _refused(request.provider, warning)
-        warnings = await self._warnings(request, warning)
-        return await self._submit_task(Task.from_request(request), request.idempotency_key, warnings)
+        return await self._warnings(request, warning)
 
     async def _warnings(self, request: TaskRequest, unserved: str | None) -> tuple[str, ...]:
         """A submission's warnings: its provider served by no worker (``unserved``, as

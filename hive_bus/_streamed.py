@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -120,11 +121,13 @@ class TaskStream:
         follow: Callable[[str, datetime], Awaitable[None]],
         *,
         duplicate: bool,
+        warnings: tuple[str, ...] = (),
         keepalive_s: float,
         timeout_s: float | None,
     ) -> None:
         self.task_id = task_id
         self.duplicate = duplicate
+        self.warnings = warnings  # as a submission's (a provider no worker serves)
         self._hive = hive
         self._names = hive.bus.names
         self._provider = provider  # the provider the task is assigned to: only its chunks count
@@ -142,6 +145,7 @@ class TaskStream:
         self._next_seq = 0
         self._gap = False
         self._over: set[tuple[str, int]] = set()  # attempts that ended: late chunks of theirs are dropped
+        self._held: deque[tuple[_Source, Msg]] = deque()  # read from the inbox out of turn, read next
 
     def __aiter__(self) -> AsyncIterator[StreamItem]:
         return self._items()
@@ -154,9 +158,10 @@ class TaskStream:
             if left_s <= 0:
                 yield StreamEnded(await self._hive.get(self.task_id))
                 return
-            got: tuple[_Source, Msg] | None = None
-            with anyio.move_on_after(min(self._keepalive_s, left_s)):
-                got = await self._inbox.receive()
+            got: tuple[_Source, Msg] | None = self._held.popleft() if self._held else None
+            if got is None:
+                with anyio.move_on_after(min(self._keepalive_s, left_s)):
+                    got = await self._inbox.receive()
             if got is None:
                 if anyio.current_time() - checked_at >= RECHECK_S:
                     # a consumer lost with its server (a restart) delivers nothing more: read the state
@@ -190,10 +195,12 @@ class TaskStream:
                     yield item
                 return
 
-    async def _arrived_chunks(self) -> list[StreamItem]:
-        """The chunks that reached this client before the final event did. Each subscription hands its
-        messages over in a task of its own, so the event may be handed over first; the worker published
-        them before it, and they are parsed and queued before it: let their task hand them over."""
+    async def _arrived_chunks(self, up_to_attempt: float = math.inf) -> list[StreamItem]:
+        """The chunks of attempts up to ``up_to_attempt`` that reached this client before the event
+        being read did (a final one, or an attempt's end). Each subscription hands its messages over in
+        a task of its own, so the event may be handed over first; the worker published them before it,
+        and they are parsed and queued before it: let their task hand them over. Messages read past
+        them wait in ``_held``, in their order."""
         for _ in range(100):  # each pass lets the subscription's task take every queued message
             if not self._chunks_pending():
                 break
@@ -204,8 +211,10 @@ class TaskStream:
                 source, msg = self._inbox.receive_nowait()
             except anyio.WouldBlock:
                 return items
-            if source == "chunk":
+            if source == "chunk" and _attempt_of(msg) <= up_to_attempt:
                 items += self._on_chunk(msg)
+            else:
+                self._held.append((source, msg))
 
     async def _beating(self, worker: str) -> bool:
         """False once the worker's heartbeat has expired (killed, or cut off); True when unknown."""
@@ -282,8 +291,10 @@ class TaskStream:
                     return self._restart(f"attempt {event.attempt} started"), None
             case Retrying():
                 self._status = "retrying"
+                items = await self._arrived_chunks(event.attempt)  # what the attempt streamed first
                 if self._sent:
-                    return self._restart(f"attempt {event.attempt} failed: {event.error}"), None
+                    return [*items, *self._restart(f"attempt {event.attempt} failed: {event.error}")], None
+                return items, None
             case Completed() | Failed():
                 return [], TaskView.of(event)
         return [], None
@@ -304,6 +315,14 @@ class TaskStream:
                 items += [StreamRestarted(self._attempt, why, self._sent), StreamText(text, view.attempt)]
         items.append(StreamEnded(view))
         return items
+
+
+def _attempt_of(msg: Msg) -> int:
+    """The attempt a chunk message is of (0 when it is not a chunk: it is dropped when read)."""
+    try:
+        return chunk_decoder.decode(msg.data).attempt
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 0
 
 
 class _Watch:
@@ -355,7 +374,8 @@ async def open_stream(
     watch: _Watch | None = None
     try:
         subs.append(await _subscribe(hive, names.chunks_of(task.id), send, "chunk"))
-        accepted = await hive._submit_task(task, request.idempotency_key)
+        warnings = await hive._admit(request)
+        accepted = await hive._submit_task(task, request.idempotency_key, warnings)
         provider = task.provider
         if accepted.id != task.id:  # an idempotency key seen before: the first task is the one to read
             await unsubscribe(subs.pop())
@@ -369,10 +389,12 @@ async def open_stream(
             chunk_sub = subs[0]
             yield TaskStream(
                 hive, accepted.id, provider, receive, lambda: chunk_sub.pending_msgs, watch.follow,
-                duplicate=accepted.duplicate, keepalive_s=keepalive_s, timeout_s=timeout_s,
+                duplicate=accepted.duplicate, warnings=accepted.warnings, keepalive_s=keepalive_s,
+                timeout_s=timeout_s,
             )  # fmt: skip
     finally:
         send.close()
+        receive.close()  # a submission refused before the stream was handed out
         with anyio.CancelScope(shield=True):  # a reader cancelled (its client gone) still cleans up
             for sub in subs:
                 await unsubscribe(sub)

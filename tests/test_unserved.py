@@ -104,6 +104,11 @@ async def test_a_typod_provider_is_accepted_with_a_warning_naming_the_served_one
         )
         assert many.returncode == 0 and many.stderr.count(WARNING) == 1, many
         assert len(many.stdout.splitlines()) == 3
+        # hive chat says it too, at once, rather than waiting out its timeout without a word
+        chat = hive_cli(
+            ["--log-level", "ERROR", "chat", "gemnii", "hola", "--timeout", "1", *where], env=CLI_ENV
+        )
+        assert chat.returncode == 1 and chat.stderr.startswith(f"warning: {WARNING}\n"), chat
 
 
 async def test_the_opt_in_setting_refuses_a_provider_no_worker_serves(nats_server: NatsServer) -> None:
@@ -130,6 +135,9 @@ async def test_the_opt_in_setting_refuses_a_provider_no_worker_serves(nats_serve
         ]
         with pytest.raises(PartialSubmit) as caught:
             await client.submit_many(requests)
+        with pytest.raises(Unserved):  # a streamed task too (hive chat, stream=true)
+            async with client.stream(TaskRequest(provider="gemnii", prompt="p")):
+                pass
         await client.close()
         assert sorted(caught.value.errors) == [3, 43]
         assert all(isinstance(e, Unserved) and WARNING in str(e) for e in caught.value.errors.values())
