@@ -25,10 +25,10 @@ from anyio.abc import TaskStatus
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 from prometheus_client import CollectorRegistry, Counter
 
-from . import _assigned, _cancel, _dlq
+from . import _assigned, _cancel, _dlq, _redact
 from ._bus import Bus, ensure_events
 from ._client import Hive
-from ._errors import HiveError, TooLarge
+from ._errors import BusUnavailable, HiveError, QueueFull, TooLarge
 from ._messages import Failed, Task, encoder, now_ms
 from ._messages import TaskStatus as Status
 from ._nats import BUS_ERRORS, handle_each
@@ -88,10 +88,19 @@ class Timers:
                 later_s = await self._fire(msg, timer)
             else:
                 later_s = await expire(self._bus, timer)
-        except (*BUS_ERRORS, HiveError) as exc:
+        except (*BUS_ERRORS, BusUnavailable, QueueFull) as exc:  # the bus, not this timer: again soon
             log.warning("timers: the timer on %s not handled yet (%s); again soon", msg.subject, exc)
             with contextlib.suppress(*BUS_ERRORS):
                 await msg.nak(delay=2.0)
+            return
+        except Exception as exc:  # one timer's fault: it must not stop the reader, nor come back forever
+            # a message naming the cause, not the task's content (a template's prompt may hold secrets)
+            log.error(
+                "timers: the timer on %s failed for good (%s); dropped",
+                msg.subject, _redact.scrub(f"{type(exc).__name__}: {exc}"),
+            )  # fmt: skip
+            with contextlib.suppress(*BUS_ERRORS):
+                await msg.term()
             return
         with contextlib.suppress(*BUS_ERRORS):
             if later_s is not None:

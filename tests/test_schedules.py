@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 
 import anyio
 import httpx
@@ -18,9 +19,9 @@ from hive_bus._bus import open_bus
 from hive_bus._counts import unfetched_cancels
 from hive_bus._embedded import NatsServer
 from hive_bus._expiry import Timers
-from hive_bus._messages import Failed, Queued, encoder, now_ms
-from hive_bus._schedules import Schedules
-from hive_bus._timers import DeadlineTimer
+from hive_bus._messages import Failed, Queued, TaskRequest, encoder, new_task_id, now_ms
+from hive_bus._schedules import Schedule, Schedules
+from hive_bus._timers import DeadlineTimer, RecurringTimer
 from hive_bus.bus import Bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
 from hive_bus.workers.echo import EchoProvider
@@ -28,6 +29,7 @@ from hive_bus.workers.echo import EchoProvider
 from . import handlers
 from .conftest import make_settings
 from .helpers import events_of, eventually, hive_cli, running_worker
+from .hostile.test_poison_input import nested
 from .test_hub_cluster import cluster, open_bus_when_ready, settings_for  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.anyio
@@ -350,6 +352,34 @@ async def test_a_recurring_schedule_fires_tasks_that_complete_and_pause_stops_it
         gone = await http.get(f"/v1/schedules/{schedule_id}")
         assert (gone.status_code, gone.json()["error"]["code"]) == (404, "schedule_not_found")
         gateway.stop()
+
+
+async def test_a_firing_that_fails_for_good_is_dropped_and_the_other_timers_go_on(
+    bus: Bus, hive: Hive, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A schedule whose template no submission takes (written straight into its bucket, past the
+    checks: a payload nested too deep) once took the timers reader down, and ``hive up`` with it, at
+    each restart again. Its firing is now logged and terminated; every other timer keeps firing."""
+    names = bus.names
+    store = await Schedules.open(bus)  # makes the bucket and the timers' stream
+    template = TaskRequest(provider="echo", prompt="hondo", payload=nested(100))  # unchecked
+    poisoned = Schedule(id=new_task_id(), rule="@every 3600s", task=template, created_at_ms=now_ms())
+    await (await bus.js.key_value(names.schedules_bucket)).create(poisoned.id, encoder.encode(poisoned))
+    await bus.js.publish(
+        names.fired_subject("recurring", poisoned.id), encoder.encode(RecurringTimer(schedule_id=poisoned.id))
+    )
+    with caplog.at_level(logging.ERROR, logger="hive_bus.expiry"):
+        async with running_worker(bus, "echo", EchoProvider()), anyio.create_task_group() as tg:
+            await tg.start(Timers(bus, hive).run)
+            good = await hive.create_schedule({"provider": "echo", "prompt": "sigue"}, every="1s")
+            due = await hive.submit("nobody", "a tiempo", deadline_s=1)
+            await eventually(lambda: _runs_completed(hive, store, good.id, 2), 15, "the good schedule's runs")
+            await eventually(lambda: _failed(hive, due), 10, "the deadline")
+            tg.cancel_scope.cancel()
+    dropped = [r.getMessage() for r in caplog.records if "failed for good" in r.getMessage()]
+    assert len(dropped) == 1, dropped  # terminated: not read again and again
+    assert poisoned.id in dropped[0] and "nested deeper" in dropped[0] and "hondo" not in dropped[0]
+    assert (await store.get(poisoned.id)).fired == 0
 
 
 BAD_SCHEDULES: list[tuple[dict[str, object], str, str]] = [
