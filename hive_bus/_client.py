@@ -721,10 +721,14 @@ class Hive:
         """A recurring schedule of ``task`` (a template: each firing submits it with
         ``metadata["schedule_id"]``): ``cron`` (five fields, or six with seconds first) in ``time_zone``,
         or an interval, ``every_s`` or ``every`` (``"90s"``, ``"15m"``, ``"1h"``, ``"1d"``). Raises
-        :class:`hive_bus.BadSchedule` naming the field that is wrong."""
+        :class:`hive_bus.BadSchedule` naming the field that is wrong, :class:`TooLarge` for a template
+        the bus cannot keep, and :class:`Unserved` as :meth:`submit` would for its provider."""
         request = ScheduleRequest(
             task=validate(task), cron=cron, time_zone=time_zone, every_s=every_s, every=every, name=name
         )
+        provider = request.task.provider
+        if self._bus.settings.reject_unserved and (warning := await self.unserved(provider)) is not None:
+            raise _refused(provider, warning)
         return await (await self._schedule_store()).create(request)
 
     async def schedules(self) -> list[Schedule]:

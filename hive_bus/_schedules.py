@@ -34,7 +34,8 @@ from ._bus import Bus, kv_entries
 from ._errors import BusUnavailable, HiveError, TaskNotFound
 from ._messages import TaskRequest, explain_error, is_task_id, new_task_id, now_ms
 from ._nats import BUS_ERRORS
-from ._size import js_publish
+from ._nesting import NestedTooDeep, check_json, check_value
+from ._size import check_fits, js_publish
 from ._timers import FIRED_TTL, RecurringTimer, ensure_schedules_stream
 
 log = logging.getLogger("hive_bus.schedules")
@@ -103,6 +104,11 @@ def rule_of(request: ScheduleRequest) -> tuple[str, str | None]:
         raise BadSchedule("time_zone goes with cron (an interval has none)", "time_zone")
     if request.task.not_before is not None:
         raise BadSchedule("a schedule's task takes no not_before: the schedule says when", "task.not_before")
+    for name in ("payload", "metadata"):  # what a submission refuses, refused before it is kept
+        try:
+            check_value(getattr(request.task, name), f"task.{name}")
+        except NestedTooDeep as exc:
+            raise BadSchedule(explain_error(exc), exc.field) from None
     if request.cron is not None:
         fields = request.cron.split()
         # five fields as crontab writes them; the server's cron has seconds first
@@ -122,6 +128,7 @@ def rule_of(request: ScheduleRequest) -> tuple[str, str | None]:
 def decode_request(body: bytes) -> ScheduleRequest:
     """A request body as a :class:`ScheduleRequest`; :class:`BadSchedule` naming the field."""
     try:
+        check_json(body, enclosing=2, named=2)  # before the decoder recurses: the task's fields sit two in
         return msgspec.json.decode(body, type=ScheduleRequest)
     except msgspec.ValidationError as exc:
         message = explain_error(exc)
@@ -187,6 +194,7 @@ class Schedules:
             id=new_task_id(), name=request.name, rule=rule, time_zone=zone, task=request.task,
             created_at_ms=created, next_at=_next_at(rule, created),
         )  # fmt: skip
+        self._check_fits(schedule)
         await self._arm(schedule)  # the server checks the rule first: nothing is kept if it refuses it
         try:
             await self._kv.create(schedule.id, _encoder.encode(schedule))
@@ -195,6 +203,17 @@ class Schedules:
             raise BusUnavailable(f"could not keep schedule {schedule.id}: {exc}") from None
         log.info("schedule %s created: %s %s", schedule.id, rule, zone or "")
         return schedule
+
+    def _check_fits(self, schedule: Schedule) -> None:
+        """Raise :class:`TooLarge` when the schedule's record, at its largest (its runs listed in full),
+        is over the server's ``max_payload``: kept, it could not record its runs (the template is not
+        moved to the Object Store as a task's content is)."""
+        runs = [Run(task_id=schedule.id, at_ms=schedule.created_at_ms)] * RECENT_RUNS
+        largest = msgspec.structs.replace(
+            schedule, runs=runs, fired=2**63 - 1, next_at="9999-12-31T23:59:59Z"
+        )
+        revision = {"Nats-Expected-Last-Subject-Sequence": str(2**63)}  # what a change of it sends
+        check_fits(self._bus.nc, _encoder.encode(largest), revision, what="schedule with its template")
 
     async def listed(self) -> list[Schedule]:
         """Every schedule, by id: one read of the bucket's last values (nats-py's ``keys()`` can come

@@ -393,6 +393,13 @@ BAD_SCHEDULES: list[tuple[dict[str, object], str, str]] = [
     ({"every_s": 5, "task": {"provider": "echo", "prompt": "x", "colour": 1}}, "task", "colour"),
     ({"every_s": 5, "task": {"provider": "echo", "prompt": "x", "not_before": "2030-01-01T00:00:00Z"}},
      "task.not_before", "not_before"),
+    # what POST /v1/tasks refuses (once a 201, then the first firing took the timers reader down)
+    ({"every": "1s", "task": {"provider": "echo", "prompt": "deep", "payload": nested(100)}},
+     "task.payload", "nested deeper than 32 levels"),
+    ({"every": "1s", "task": {"provider": "echo", "prompt": "x", "metadata": {"a": nested(40)}}},
+     "task.metadata", "nested deeper than 32 levels"),
+    ({"every": "1s", "task": {"provider": "echo", "prompt": "x", "webhook": {"url": "https://example.com/h"}}},
+     "task.webhook", "sends no webhooks"),
 ]  # fmt: skip
 
 
@@ -406,6 +413,22 @@ async def test_a_bad_schedule_is_a_400_saying_where(hive: Hive) -> None:
             error = r.json()["error"]
             assert (error.get("field") or "").startswith(field) and words in error["message"], (body, error)
         assert (await http.get("/v1/schedules")).json()["schedules"] == []
+        gateway.stop()
+
+
+async def test_a_template_too_large_to_keep_is_a_413_naming_the_limit(bus: Bus, hive: Hive) -> None:
+    """Once a 503 with Retry-After ("maximum payload exceeded"), which a client retries forever."""
+    gateway = Gateway(hive, GatewayOptions(port=0))
+    async with anyio.create_task_group() as tg, httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
+        await tg.start(gateway.serve)
+        body = {"every": "1h", "task": {"provider": "echo", "prompt": "x" * 2_000_000}}
+        r = await http.post("/v1/schedules", json=body)
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "too_large"), r.text
+        assert f"max_payload of {bus.nc.max_payload} bytes" in r.json()["error"]["message"]
+        assert "Retry-After" not in r.headers
+        assert (await http.get("/v1/schedules")).json()["schedules"] == []
+        state = (await bus.js.stream_info(bus.names.schedules_stream)).state
+        assert state.messages == 0  # no timer was set
         gateway.stop()
 
 

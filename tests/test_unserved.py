@@ -125,6 +125,11 @@ async def test_the_opt_in_setting_refuses_a_provider_no_worker_serves(nats_serve
             json={"tasks": [{"provider": "echo", "prompt": "a"}, {"provider": "gemnii", "prompt": "b"}]},
         )
         assert batch.status_code == 400 and batch.json()["error"]["field"] == "tasks[1].provider"
+        schedule = await stack.http.post(
+            "/v1/schedules", json={"every": "1h", "task": {"provider": "gemnii", "prompt": "c"}}
+        )
+        assert schedule.status_code == 400 and schedule.json()["error"]["field"] == "task.provider"
+        assert (await stack.http.get("/v1/schedules")).json()["schedules"] == []
         assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 0
         ok = await stack.http.post("/v1/tasks", json={"provider": "echo", "prompt": "vale"})
         assert ok.status_code == 202

@@ -10,11 +10,12 @@ from litestar import Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.params import FromPath
 
-from hive_bus import Hive, HiveError, TaskNotFound
+from hive_bus import Hive, HiveError, TaskNotFound, Unserved
 from hive_bus._schedules import BadSchedule, Schedule, ScheduleNotFound, Schedules, decode_request
 
 from . import answers
 from .api import _errors, as_response
+from .webhooks.api import refusal as webhook_refusal
 
 
 async def schedules(state: State) -> Schedules:
@@ -52,14 +53,29 @@ async def _with_runs(hive: Hive, schedule: Schedule) -> dict[str, Any]:
 
 
 @post(
-    "/v1/schedules", status_code=201, responses=_errors(400, 401, 503), summary="Create a recurring schedule"
+    "/v1/schedules",
+    status_code=201,
+    responses=_errors(400, 401, 413, 503),
+    summary="Create a recurring schedule",
 )
 async def create_schedule(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+    """A template is refused as ``POST /v1/tasks`` would refuse it (its webhook, its provider, its
+    nesting), naming the field under ``task``; one too large to keep is a 413."""
+    hive: Hive = state.hive
     try:
         body = decode_request(await request.body())
-        return _json(await (await schedules(state)).create(body), 201)
+        refused = await webhook_refusal(state.webhooks, body.task)
+        if refused is not None:
+            return as_response(answers.invalid(f"task.{refused[1]}", field=f"task.{refused[0]}"))
+        made = await hive.create_schedule(
+            body.task, cron=body.cron, time_zone=body.time_zone, every_s=body.every_s, every=body.every,
+            name=body.name,
+        )  # fmt: skip
+        return _json(made, 201)
     except BadSchedule as exc:
         return _refused(exc)
+    except Unserved as exc:
+        return as_response(answers.error(400, "unserved_provider", f"task: {exc}", field="task.provider"))
 
 
 @get("/v1/schedules", responses=_errors(401, 503), summary="Every recurring schedule")

@@ -129,6 +129,29 @@ async def test_a_payload_nested_too_deep_is_400_naming_the_field(settings: Setti
         assert stored == 1  # the deep one was not queued
 
 
+@pytest.mark.parametrize(
+    ("path", "head", "field"),
+    [
+        (
+            "/v1/schedules",
+            b'{"every": "1h", "task": {"provider": "echo", "prompt": "x", "payload": ',
+            "task.payload",
+        ),
+    ],
+)
+async def test_other_json_routes_refuse_deep_nesting_naming_the_field(
+    settings: Settings, path: str, head: bytes, field: str
+) -> None:
+    """Once a 500 with a RecursionError in the log: the route's decoder recursed first."""
+    async with serving(settings, max_body_bytes=64 * 1024) as stack:
+        body = head + deep_json(5000) + b"}}"
+        r = await stack.http.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["field"] == field
+        assert error["message"].startswith(f"{field}: nested deeper than {MAX_NESTING} levels"), error
+
+
 async def test_a_batch_names_the_task_whose_metadata_is_too_deep(settings: Settings) -> None:
     async with serving(settings, max_body_bytes=64 * 1024) as stack:
         tasks = [json.dumps({"provider": "echo", "prompt": f"p{i}"}).encode() for i in range(3)]
