@@ -102,7 +102,8 @@ def _hive(state: State) -> Hive:
 
 async def _too_deep(request: Request[Any, Any, Any]) -> Response[Any] | None:
     """The 400 for a body nested too deep, before the framework's decoder recurses into it (the fast
-    path checks the same, so this serves a request it passed on, or a gateway without it)."""
+    path checks the same, so this serves a request it passed on, or a gateway without it; and a bulk
+    cancel's ``metadata``, which sits where a task's does)."""
     answer = answers.too_deep(await request.body(), batch=request.url.path == "/v1/tasks/batch")
     return None if answer is None else as_response(answer)
 
@@ -174,6 +175,7 @@ async def cancel_task(state: State, task_id: FromPath[str]) -> TaskView:
     "/v1/tasks/cancel",
     status_code=200,
     summary="Cancel the queued tasks of a provider, or of a metadata key and value",
+    before_request=_too_deep,
     responses=_errors(400, 401, 503),
 )
 async def cancel_tasks(data: JSONBody[CancelRequest], state: State) -> CancelledTasks:

@@ -137,6 +137,7 @@ async def test_a_payload_nested_too_deep_is_400_naming_the_field(settings: Setti
             b'{"every": "1h", "task": {"provider": "echo", "prompt": "x", "payload": ',
             "task.payload",
         ),
+        ("/v1/tasks/cancel", b'{"provider": "echo", "metadata": {"a": ', "metadata"),
     ],
 )
 async def test_other_json_routes_refuse_deep_nesting_naming_the_field(
