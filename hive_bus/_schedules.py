@@ -44,6 +44,8 @@ log = logging.getLogger("hive_bus.schedules")
 RECENT_RUNS = 20
 SCHEDULES_MAX_BYTES = 8 * 1024**2
 _EVERY_RE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
+# The longest interval: a year (a longer wait is a cron rule's, @yearly); its next firing stays a date.
+MAX_INTERVAL_S = 365 * 86400
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # JetStream's answers to a schedule it cannot take (nats-server's errors.json)
 _BAD_PATTERN, _BAD_TIME_ZONE = 10189, 10223
@@ -120,9 +122,10 @@ def rule_of(request: ScheduleRequest) -> tuple[str, str | None]:
         seconds, field = float(match[1]) * _UNIT_S[match[2]], "every"
     else:
         seconds, field = float(request.every_s or 0), "every_s"
-    if seconds < 1:
-        raise BadSchedule(f"{field}: an interval is at least 1 second", field)
-    return f"@every {seconds:g}s", None
+    if not 1 <= seconds <= MAX_INTERVAL_S:
+        raise BadSchedule(f"{field}: an interval is at least 1 second and at most 365 days", field)
+    # in plain digits: the server reads "1.0368e+06s" as no rule at all
+    return f"@every {seconds:.3f}".rstrip("0").rstrip(".") + "s", None
 
 
 def decode_request(body: bytes) -> ScheduleRequest:

@@ -387,6 +387,9 @@ BAD_SCHEDULES: list[tuple[dict[str, object], str, str]] = [
     ({"cron": "0 9 * * *", "time_zone": "Mars/Olympus"}, "time_zone", "not a time zone"),
     ({"every_s": 0.5}, "every_s", "at least 1 second"),
     ({"every": "soon"}, "every", '"90s"'),
+    ({"every_s": 1e300}, "every_s", "at most 365 days"),  # these three were a 500
+    ({"every_s": 10**30}, "every_s", "at most 365 days"),
+    ({"every": "99999999999d"}, "every", "at most 365 days"),
     ({"every_s": 5, "cron": "@daily"}, "every_s", "exactly one of"),
     ({"every_s": 5, "time_zone": "Europe/Madrid"}, "time_zone", "goes with cron"),
     ({"every_s": 5, "task": {"provider": "echo"}}, "task", "prompt"),
@@ -430,6 +433,14 @@ async def test_a_template_too_large_to_keep_is_a_413_naming_the_limit(bus: Bus, 
         state = (await bus.js.stream_info(bus.names.schedules_stream)).state
         assert state.messages == 0  # no timer was set
         gateway.stop()
+
+
+async def test_a_long_interval_goes_to_the_server_in_plain_seconds(hive: Hive) -> None:
+    """ "12d" was refused as "'@every 1.0368e+06s' is not a cron rule"."""
+    for every, rule in [("12d", "@every 1036800s"), ("365d", "@every 31536000s"), ("1.5s", "@every 1.5s")]:
+        schedule = await hive.create_schedule({"provider": "echo", "prompt": "x"}, every=every)
+        assert schedule.rule == rule
+        await hive.delete_schedule(schedule.id)
 
 
 async def _connected(bus: Bus) -> bool:
