@@ -363,6 +363,16 @@ class TaskRequest(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, fo
     params: RequestParams | None = None
     response_format: RequestResponseFormat | None = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.not_before is not None:
+            try:  # the server's timer is set at its time in UTC, which must be a date
+                self.not_before.astimezone(datetime.UTC)
+            except OverflowError:
+                raise ValueError(
+                    "`not_before` is out of range: in UTC it must fall in years 1 to 9999"
+                ) from None
+
 
 class Task(_TaskFields, frozen=True, kw_only=True, omit_defaults=True, tag="task.v1", tag_field="type"):
     """A task as it travels on the bus."""

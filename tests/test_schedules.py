@@ -226,6 +226,9 @@ async def test_not_before_over_http_is_scheduled_then_queued_by_the_server(bus: 
         assert (await http.get(f"/v1/tasks/{task_id}")).json()["status"] == "scheduled"
         naive = await http.post("/v1/tasks", json={**body, "not_before": "2030-01-01T09:00:00"})
         assert naive.status_code == 400 and "not_before" in naive.text and "timezone" in naive.text
+        # year 10000 in UTC: was a 500 (the timer's time could not be written)
+        late = await http.post("/v1/tasks", json={**body, "not_before": "9999-12-31T23:59:59-23:59"})
+        assert late.status_code == 400 and "`not_before` is out of range" in late.text, late.text
         async with running_worker(bus, "echo", EchoProvider()):
             done = (await http.get(f"/v1/tasks/{task_id}", params={"wait": 10})).json()
         assert done["status"] == "completed"
