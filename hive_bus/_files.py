@@ -23,7 +23,9 @@ from nats.js.object_store import ObjectStore
 
 from ._bus import Bus
 from ._errors import BusUnavailable, HiveError
+from ._messages import explain_error
 from ._nats import BUS_ERRORS
+from ._nesting import NestedTooDeep, check_json
 
 # OpenAI's limits for a batch input file
 MAX_FILE_BYTES = 200 * 1024 * 1024
@@ -31,6 +33,11 @@ MAX_FILE_LINES = 50_000
 SPOOL_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 256 * 1024
 Purpose = Literal["batch", "batch_output"]
+# Windows editors start a UTF-8 file with it; JSON Lines has none, so it is left out
+BOM = b"\xef\xbb\xbf"
+# A line's request body sits one level in, and its response_format's schema three further (as
+# POST /v1/chat/completions checks it): deeper is refused on upload, before a decoder recurses.
+LINE_ENCLOSING = 4
 
 
 class FileNotFound(HiveError):
@@ -71,18 +78,26 @@ def new_file_id() -> str:
 
 
 class JsonLines:
-    """Checks JSON Lines as its bytes arrive: every non-blank line a JSON object, at most
-    ``max_lines`` of them, at most ``max_bytes`` in all. Lines may be split anywhere between chunks."""
+    """Checks JSON Lines as its bytes arrive: every non-blank line a JSON object nested at most
+    :data:`LINE_ENCLOSING` + ``MAX_NESTING`` levels, at most ``max_lines`` of them, at most ``max_bytes``
+    in all (a leading byte order mark left out). Lines may be split anywhere between chunks."""
 
     def __init__(self, *, max_bytes: int = MAX_FILE_BYTES, max_lines: int = MAX_FILE_LINES) -> None:
         self.size_bytes = 0
         self.lines = 0
         self._number = 0  # lines seen, blank ones included: what an editor shows
         self._partial = bytearray()
+        self._head: bytearray | None = bytearray()
         self._max_bytes = max_bytes
         self._max_lines = max_lines
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> bytes:
+        """Check ``chunk``; returns what to keep of it (a UTF-8 byte order mark at the start left out)."""
+        if self._head is not None:  # the first bytes, held until a byte order mark is told apart
+            self._head += chunk
+            if len(self._head) < len(BOM) and BOM.startswith(self._head):
+                return b""
+            chunk, self._head = bytes(self._head).removeprefix(BOM), None
         self.size_bytes += len(chunk)
         if self.size_bytes > self._max_bytes:
             raise BadFile(f"the file is larger than {self._max_bytes} bytes, the limit", too_large=True)
@@ -91,8 +106,11 @@ class JsonLines:
         for line in complete:
             self._line(bytes(line))
         self._partial = bytearray(rest)
+        return chunk
 
     def end(self) -> None:
+        if self._head:  # fewer bytes than a byte order mark, all of them its start: no JSON
+            self._partial += self._head
         if self._partial:
             self._line(bytes(self._partial))
             self._partial.clear()
@@ -107,7 +125,10 @@ class JsonLines:
         if self.lines > self._max_lines:
             raise BadFile(f"line {self._number}: the file has more than {self._max_lines} lines, the limit")
         try:
+            check_json(line, enclosing=LINE_ENCLOSING)
             value = msgspec.json.decode(line)
+        except NestedTooDeep as exc:
+            raise BadFile(f"line {self._number}: {explain_error(exc)}") from None
         except msgspec.DecodeError as exc:
             raise BadFile(f"line {self._number}: not valid JSON ({exc})") from None
         if not isinstance(value, dict):
@@ -126,8 +147,7 @@ class Upload:
         self.spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115
 
     def write(self, chunk: bytes) -> None:
-        self.check.feed(chunk)
-        self.spool.write(chunk)
+        self.spool.write(self.check.feed(chunk))
 
     def close(self) -> None:
         self.spool.close()

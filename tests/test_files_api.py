@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from hive_bus import Hive, Settings
-from hive_bus._files import BadFile, JsonLines
+from hive_bus._files import BOM, BadFile, JsonLines
 from hive_bus.bus import open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
 
@@ -73,6 +73,12 @@ async def test_upload_list_show_read_and_delete_with_the_openai_sdk(settings: Se
         (b'{"custom_id": "a"}\n{"custom_id": \n', "line 2: not valid JSON"),
         (b'{"custom_id": "a"}\n\n[1, 2]\n', "line 3: a line must be a JSON object, not list"),
         (b"\n  \n", "the file holds no line"),
+        # was a 500: msgspec recursed on the line before any check
+        (
+            b'{"custom_id": "a"}\n{"body": ' + b"[" * 5000 + b"]" * 5000 + b"}\n",
+            r"line 2: body\[0\]\[0\]\[0\]: nested deeper than 32 levels",
+        ),
+        (BOM[:2], "line 1: not valid JSON"),
     ],
 )
 async def test_a_file_that_is_not_json_lines_is_refused_naming_the_line(
@@ -82,6 +88,19 @@ async def test_a_file_that_is_not_json_lines_is_refused_naming_the_line(
         with pytest.raises(openai.BadRequestError, match=message):
             await client.files.create(file=("bad.jsonl", io.BytesIO(body)), purpose="batch")
         assert (await client.files.list()).data == []
+
+
+async def test_a_byte_order_mark_at_the_start_is_left_out(settings: Settings) -> None:
+    """Once refused: "line 1: not valid JSON (invalid character (byte 0))"."""
+    async with gateway_client(settings) as client:
+        uploaded = await client.files.create(file=("bom.jsonl", io.BytesIO(BOM + JSONL)), purpose="batch")
+        assert uploaded.bytes == len(JSONL)
+        assert (await client.files.content(uploaded.id)).read() == JSONL
+    check = JsonLines()
+    kept = b"".join(check.feed(BOM[i : i + 1]) for i in range(len(BOM)))  # split inside the mark too
+    kept += check.feed(JSONL)
+    check.end()
+    assert (kept, check.lines, check.size_bytes) == (JSONL, 2, len(JSONL))
 
 
 async def test_a_purpose_other_than_batch_is_refused(settings: Settings) -> None:
