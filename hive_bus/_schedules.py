@@ -198,7 +198,8 @@ class Schedules:
             created_at_ms=created, next_at=_next_at(rule, created),
         )  # fmt: skip
         self._check_fits(schedule)
-        await self._arm(schedule)  # the server checks the rule first: nothing is kept if it refuses it
+        # the server checks the rule first: nothing is kept if it refuses it
+        await self._arm(schedule, typed=request.cron)
         try:
             await self._kv.create(schedule.id, _encoder.encode(schedule))
         except BUS_ERRORS as exc:
@@ -307,8 +308,9 @@ class Schedules:
             return None
         return _decoder.decode(entry.value), entry.revision or 0
 
-    async def _arm(self, schedule: Schedule) -> None:
-        """The server's timer of the schedule, set (or set again: one per subject)."""
+    async def _arm(self, schedule: Schedule, *, typed: str | None = None) -> None:
+        """The server's timer of the schedule, set (or set again: one per subject). ``typed``: the cron
+        rule as the user wrote it, which a refusal quotes (five fields, not the server's six)."""
         names = self._bus.names
         headers = {
             Header.SCHEDULE.value: schedule.rule,
@@ -330,7 +332,7 @@ class Schedules:
                 ) from None
             if exc.err_code == _BAD_PATTERN:
                 raise BadSchedule(
-                    f"cron: {schedule.rule!r} is not a cron rule: five or six fields (seconds first), "
+                    f"cron: {typed or schedule.rule!r} is not a cron rule: five or six fields (seconds first), "
                     "or @hourly, @daily, @weekly, @monthly, @yearly",
                     "cron",
                 ) from None

@@ -286,8 +286,9 @@ async def test_hive_submit_not_before_and_hive_schedule_on_the_command_line(bus:
     assert paused.returncode == 0 and "paused" in paused.stdout
     listed = hive_cli(["schedule", "list"], env=env)
     assert listed.stdout.startswith(f"{schedule_id} 'horaria' @every 3600s -> later: paused"), listed.stdout
-    wrong = hive_cli(["schedule", "add", "later", "x", "--cron", "0 61 * * *"], env=env)
-    assert wrong.returncode == 1 and "cron" in wrong.stderr and "Traceback" not in wrong.stderr
+    wrong = hive_cli(["schedule", "add", "later", "x", "--cron", "99 * * * *"], env=env)
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert "'99 * * * *' is not a cron rule" in wrong.stderr, wrong.stderr  # the rule as typed
     for rules in (
         [],
         ["--cron", "@daily", "--every", "1h"],
@@ -386,7 +387,8 @@ async def test_a_firing_that_fails_for_good_is_dropped_and_the_other_timers_go_o
 
 
 BAD_SCHEDULES: list[tuple[dict[str, object], str, str]] = [
-    ({"cron": "0 61 * * *"}, "cron", "not a cron rule"),
+    ({"cron": "0 61 * * *"}, "cron", "'0 61 * * *' is not a cron rule"),  # as typed, not '0 0 61 * * *'
+    ({"cron": "0 0 61 * * *"}, "cron", "'0 0 61 * * *' is not a cron rule"),
     ({"cron": "0 9 * * *", "time_zone": "Mars/Olympus"}, "time_zone", "not a time zone"),
     ({"every_s": 0.5}, "every_s", "at least 1 second"),
     ({"every": "soon"}, "every", '"90s"'),
