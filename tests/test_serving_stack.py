@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 import httpx
+import msgspec
 import pytest
 
 from hive_bus import Hive, Settings
@@ -153,4 +154,107 @@ async def test_a_request_head_past_the_limit_is_refused_at_once(settings: Settin
             async with httpx.AsyncClient(base_url=gateway.url) as http_client:
                 big = {"provider": "nobody", "prompt": "x" * 300_000}
                 assert (await http_client.post("/v1/tasks", json=big)).status_code == 202
+            gateway.stop()
+
+
+LIMIT = ConnectionLimits().max_head_bytes
+
+
+def _head(size: int, *, header_bytes: int = 0, target: str = "/healthz") -> bytes:
+    """A GET whose head (line, headers, blank line) is ``size`` bytes: padded by one header, or by as
+    many headers of ``header_bytes`` as it takes."""
+    line = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n".encode()
+    room = size - len(line) - 2
+    if header_bytes:
+        count, last = divmod(room, header_bytes)
+        fillers = [b"X-%06d: %s\r\n" % (i, b"a" * (header_bytes - 12)) for i in range(count)]
+        padding = b"".join(fillers) + (b"X-Last: " + b"a" * (last - 10) + b"\r\n" if last else b"")
+    else:
+        padding = b"X-Padding: " + b"a" * (room - 13) + b"\r\n"
+    head = line + padding + b"\r\n"
+    assert len(head) == size, (len(head), size)
+    return head
+
+
+async def _exchange(port: int, pieces: list[bytes], pause_s: float = 0.0) -> bytes:
+    """Send ``pieces`` one write each (``pause_s`` apart, so that each is a read of its own), then read
+    until the gateway closes the connection; a gateway that closes early ends the writing."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        received = b""
+        with anyio.fail_after(10):
+            try:
+                for piece in pieces:
+                    await stream.send(piece)
+                    if pause_s:
+                        await anyio.sleep(pause_s)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+            try:
+                while True:
+                    received += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return received
+
+
+def _pieces(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def _too_large(answer: bytes) -> bool:
+    """Whether ``answer`` is the gateway's JSON 431, naming the limit."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 431 ") or b"content-type: application/json" not in head.lower():
+        return False
+    error: dict[str, str] = msgspec.json.decode(body)["error"]
+    return error == {
+        "code": "request_header_fields_too_large",
+        "message": f"the request's line and headers are larger than the gateway takes ({LIMIT} bytes)",
+    }
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_a_head_over_the_limit_is_refused_however_its_bytes_arrive(
+    settings: Settings, http: str
+) -> None:
+    over = LIMIT + 4 * 1024
+    cases = {
+        "one large header, one write": ([_head(70_000)], 0.0),
+        "2000 headers of 40 bytes": ([_head(2000 * 40 + 200, header_bytes=40)], 0.0),
+        "many small writes": (_pieces(_head(over, header_bytes=40), 1024), 0.002),
+        # then a byte at a time across the limit, the head not yet ended: the 431 comes before its end
+        "a byte at a time at the end": (
+            [_head(over)[: LIMIT - 64], *_pieces(_head(over)[LIMIT - 64 : LIMIT + 64], 1)],
+            0.001,
+        ),
+        "a 100 kB URL": ([_head(100_000 + 200, target="/healthz?q=" + "a" * 100_000)], 0.0),
+        "just one byte over": ([_head(LIMIT + 1)], 0.0),
+    }
+    async with open_bus(settings) as bus:
+        gateway = Gateway(Hive(bus), GatewayOptions(port=0, http=http))  # type: ignore[arg-type]
+        async with anyio.create_task_group() as tg:
+            await tg.start(gateway.serve)
+            answers = {case: await _exchange(gateway.port, *sent) for case, sent in cases.items()}
+            gateway.stop()
+    assert {case: answer[:40] for case, answer in answers.items() if not _too_large(answer)} == {}
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_a_head_at_the_limit_is_served_however_its_bytes_arrive(settings: Settings, http: str) -> None:
+    cases = {
+        "one large header, one write": ([_head(LIMIT)], 0.0),
+        "small headers, many small writes": (_pieces(_head(LIMIT, header_bytes=40), 1024), 0.002),
+        "a byte at a time at the end": ([_head(LIMIT)[:-64], *_pieces(_head(LIMIT)[-64:], 1)], 0.0005),
+    }
+    if http == "httptools":  # which skips blank lines before a request line (h11 refuses them): no head's end
+        cases["after blank lines"] = ([b"\r\n\r\n" + _head(LIMIT)], 0.0)
+    async with open_bus(settings) as bus:
+        gateway = Gateway(Hive(bus), GatewayOptions(port=0, http=http))  # type: ignore[arg-type]
+        async with anyio.create_task_group() as tg:
+            await tg.start(gateway.serve)
+            answers = {case: await _exchange(gateway.port, *sent) for case, sent in cases.items()}
+            assert {case: a[:40] for case, a in answers.items() if not a.startswith(b"HTTP/1.1 200 ")} == {}
+            # kept alive: a second head as large as the first, after a first request, is served too
+            first = _head(200).replace(b"Connection: close", b"Connection: keep-alive")
+            answer = await _exchange(gateway.port, [first, _head(LIMIT)], 0.2)
+            assert answer.count(b"HTTP/1.1 200 ") == 2, answer[:300]
             gateway.stop()

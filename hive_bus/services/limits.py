@@ -8,10 +8,17 @@ complete, so such clients are never counted. These protocols (uvicorn's h11 and 
 two timers and two counts) close a connection whose request head has not arrived within
 ``header_timeout_s`` of its start (or of the previous answer's end), or whose body has not arrived
 within ``body_timeout_s`` of its head, answering 408 when nothing has been answered yet; answer 431 and
-close a connection whose request head grows past ``max_head_bytes`` (h11 caps a head by itself,
-httptools does not: without this a head could fill memory until its timer ran out); and answer 503 and
-close at once any connection beyond ``max_connections``. The time a handler takes (a wait, an event
+close a connection whose request head grows past ``max_head_bytes`` (h11 caps a head by itself, at twice
+that, httptools does not: without this a head could fill memory until its timer ran out); and answer 503
+and close at once any connection beyond ``max_connections``. The time a handler takes (a wait, an event
 stream) is not the client's and is not bounded here.
+
+A head is counted in the bytes as they arrive, before the parser sees them, up to the blank line that
+ends it: so it is held to its limit however it is cut into reads (all in one, in many, a byte at a time),
+and an over-long request line is answered 431 too, before httptools could turn it into uvicorn's plain
+text 400 (``httptools.parse_url`` takes no URL past 64 KiB). What arrives while a request's body is still
+coming is its body, not counted; a head that starts in the same read as the end of the body before it
+(pipelining) is counted from the next read on.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +42,10 @@ log = logging.getLogger("hive_bus.gateway")
 OTHER_FILES = 256
 # Logged at most this often, so that a flood of connections does not turn into a flood of lines.
 LOG_EVERY_S = 10.0
+# How long a connection refused for its head's size is read (and what it sends thrown away) after its
+# 431: closed at once, with the rest of the head unread, it would be reset, and a reset can reach the
+# client before the answer it follows, which is then lost.
+LINGER_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +71,16 @@ _FULL = _raw_answer(
 )
 _SLOW_HEAD = _raw_answer(408, "request_timeout", "the request's head did not arrive in time")
 _SLOW_BODY = _raw_answer(408, "request_timeout", "the request's body did not arrive in time")
-_LARGE_HEAD = _raw_answer(
-    431, "request_header_fields_too_large", "the request's line and headers are larger than the gateway takes"
-)
+# The blank line that ends a head (h11 takes a bare LF for a line's end as well as CRLF).
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _large_head(max_head_bytes: int) -> bytes:
+    return _raw_answer(
+        431,
+        "request_header_fields_too_large",
+        f"the request's line and headers are larger than the gateway takes ({max_head_bytes} bytes)",
+    )
 
 
 class _Coalesced:
@@ -93,6 +112,10 @@ class _Coalesced:
         self._flush()
         self._transport.close()
 
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
     def is_closing(self) -> bool:
         return self._transport.is_closing()
 
@@ -106,6 +129,10 @@ class _Limited:
 
     limits = ConnectionLimits()
     _logged_at = 0.0  # per class: when a refusal was last logged
+    # the awaited head (see _head_fits): bytes counted so far, its last bytes, whether it has begun
+    _head_bytes: int
+    _head_tail: bytes
+    _head_started: bool
     # what uvicorn's protocols have, for the type checker
     connections: set[Any]
     transport: asyncio.Transport
@@ -116,7 +143,8 @@ class _Limited:
     def connection_made(self, transport: asyncio.Transport) -> None:
         self._timer: asyncio.TimerHandle | None = None
         self._timed_cycle: Any = None
-        self._head_bytes = 0  # received while a request's head is awaited
+        self._refused = False  # a head over the limit was answered: what comes now is thrown away
+        self._forget_head()
         super().connection_made(transport)  # type: ignore[misc]
         if len(self.connections) > self.limits.max_connections:
             self._log(f"refused a connection: {self.limits.max_connections} are open, the most it takes")
@@ -132,15 +160,21 @@ class _Limited:
         super().connection_lost(exc)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._awaiting_head() and not self._head_fits(data):
+            self._log(f"closed a connection from {self.client}: a request's head over the limit")
+            self._refuse_head()
+            return
         super().data_received(data)  # type: ignore[misc]
         if self.transport.is_closing():
             return
         self._track()
-        if self._awaiting_head():
-            self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_head_bytes:
-                self._log(f"closed a connection from {self.client}: a request's head over the limit")
-                self._end(_LARGE_HEAD)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return None  # the client read its 431 and is done: the transport closes
+        return super().eof_received()  # type: ignore[misc,no-any-return]
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]  # may start the next request, already received
@@ -148,12 +182,41 @@ class _Limited:
             self._track()
 
     def _awaiting_head(self) -> bool:
-        """Whether what arrives now is a request's head: the first, or the next after an answered request
-        whose body is all in (the rest of a body answered early is read and thrown away, not held)."""
+        """Whether what arrives now is a request's head: the first, or the next after a request whose body
+        is all in, answered or not (the rest of a body answered early is read and thrown away, not held)."""
         cycle = self.cycle
-        return cycle is None or (
-            cycle is self._timed_cycle and cycle.response_complete and not cycle.more_body
-        )
+        return cycle is None or not cycle.more_body
+
+    def _head_fits(self, data: bytes) -> bool:
+        """Count what ``data`` adds to the awaited head, up to the blank line that ends it (blank lines
+        before a request line are skipped, as httptools skips them); whether the head is still within
+        the limit. Once a head has ended, the next starts from nothing."""
+        skipped = 0
+        if not self._head_started:
+            skipped = len(data) - len(data.lstrip(b"\r\n"))
+            if skipped == len(data):
+                return True
+            self._head_started = True
+        seen = self._head_tail + data  # no tail when skipped: a tail is kept once a head has started
+        end = _HEAD_END.search(seen, skipped)
+        self._head_bytes += len(seen) - skipped if end is None else end.end() - skipped
+        self._head_bytes -= len(self._head_tail)  # counted with the read before
+        if self._head_bytes > self.limits.max_head_bytes:
+            return False
+        if end is not None:
+            rest = seen[end.end() :]
+            self._forget_head()
+            # what follows is a body or the next head (pipelined): a blank line cut between this read
+            # and the next must not be skipped as one before a request line
+            self._head_started = bool(rest.strip(b"\r\n"))
+        if self._head_started:
+            self._head_tail = seen[-3:]
+        return True
+
+    def _forget_head(self) -> None:
+        self._head_bytes = 0
+        self._head_tail = b""
+        self._head_started = False  # no byte but a blank line's yet
 
     def _track(self) -> None:
         """Set the timer for what the client owes now: a request's head, its body, or nothing."""
@@ -162,7 +225,6 @@ class _Limited:
             return  # the first request's head is still coming: its timer runs from the connection's start
         if cycle is not self._timed_cycle:  # a new request's head is in: now its body has its time
             self._timed_cycle = cycle
-            self._head_bytes = 0
             self._arm(self.limits.body_timeout_s, _SLOW_BODY)
         if not cycle.more_body:
             if not cycle.response_complete:
@@ -187,6 +249,20 @@ class _Limited:
             f"closed a connection from {self.client}: {'head' if answer is _SLOW_HEAD else 'body'} too slow"
         )
         self._end(answer)
+
+    def _refuse_head(self) -> None:
+        """Answer 431 and end the connection; unless a handler is answering the request before this
+        one, read on for :data:`LINGER_S` first, throwing away what comes, so that the answer is read."""
+        answer = _large_head(self.limits.max_head_bytes)
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or not self.transport.can_write_eof():
+            self._end(answer)
+            return
+        self._disarm()
+        self._refused = True
+        self.transport.write(answer)
+        self.transport.write_eof()
+        self._timer = self.loop.call_later(LINGER_S, self.transport.close)
 
     def _end(self, answer: bytes) -> None:
         self._disarm()
