@@ -125,6 +125,21 @@ async def test_an_upload_that_is_not_multipart_is_a_clear_415(settings: Settings
     assert r.json()["error"]["message"].startswith("a file is uploaded as multipart/form-data")
 
 
+async def test_a_form_with_two_file_parts_is_refused_as_such(settings: Settings) -> None:
+    form = {"purpose": (None, b"batch"), "file": ("a.jsonl", JSONL)}
+    second = [("file", ("b.jsonl", JSONL))]
+    async with gateway_client(settings) as client:
+        url = str(client.base_url).rstrip("/") + "/files"
+        async with httpx.AsyncClient() as http:
+            request = http.build_request("POST", url, files=[*form.items(), *second])
+            r = await http.send(request)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["message"] == "an upload takes exactly one part named file; this form has more than one"
+        assert "malformed" not in r.text
+        assert (await client.files.list()).data == []
+
+
 def test_lines_are_checked_across_chunk_boundaries_and_size_is_bounded() -> None:
     check = JsonLines(max_bytes=len(JSONL))
     for i in range(0, len(JSONL), 7):  # split anywhere, even inside a UTF-8 character

@@ -81,7 +81,11 @@ async def upload_file(request: Request[Any, Any, Any], state: State) -> Response
                         field = event.name
                         if field == "file":
                             if upload is not None:
-                                return _bad("one file per upload", "file")
+                                # raised, not returned: leaving the parser's block by a return would
+                                # make it check that the body ended, and answer that it did not
+                                raise BadFile(
+                                    "an upload takes exactly one part named file; this form has more than one"
+                                )
                             upload = Upload(event.filename or "upload.jsonl", "batch")
                         text.clear()
                     elif event is None:
