@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import httpx
 
 from hive_bus import Provider, ProviderKey, Task, TaskEvent, Worker, WorkerOptions
 from hive_bus._assigned import assignment
@@ -240,3 +241,17 @@ async def task_of(bus: Bus, task_id: str) -> Task:
     here = await assignment(bus, task_id)
     assert here is not None, f"no task {task_id} on the bus"
     return here.task
+
+
+def openai_shaped(r: httpx.Response) -> bool:
+    """Whether ``r`` is an error in OpenAI's shape, with a message."""
+    body = r.json()
+    error = body.get("error") if isinstance(body, dict) else None
+    return (
+        r.status_code >= 400
+        and list(body) == ["error"]
+        and isinstance(error, dict)
+        and sorted(error) == ["code", "message", "param", "type"]
+        and bool(error["message"])
+        and error["type"] in ("invalid_request_error", "server_error")
+    )

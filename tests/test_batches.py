@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import msgspec
 import openai
 import pytest
@@ -36,7 +37,7 @@ from hive_bus.workers.groq import GroqProvider
 from .conftest import make_settings
 from .fakes import ProviderFakes
 from .faults.stack import settings_env
-from .helpers import eventually, hive_cli, running_worker, spawn, unacked
+from .helpers import eventually, hive_cli, openai_shaped, running_worker, spawn, unacked
 
 pytestmark = pytest.mark.anyio
 
@@ -168,6 +169,41 @@ async def test_a_batch_request_with_a_bad_window_or_file_is_refused(settings: Se
             )
         with pytest.raises(openai.NotFoundError, match="no batch"):
             await client.batches.retrieve("batch_0123456789abcdef01234567")
+
+
+async def test_every_error_of_the_batch_routes_is_in_openais_shape(settings: Settings) -> None:
+    async with serving(settings) as stack:
+        with pytest.raises(openai.BadRequestError, match="query parameter 'limit'") as raised:
+            await stack.client.batches.list(limit=0)
+        error = raised.value
+        assert (error.status_code, error.type, error.param, error.code) == (
+            400, "invalid_request_error", "limit", "invalid_request",
+        )  # fmt: skip
+        async with httpx.AsyncClient(base_url=str(stack.client.base_url)) as http:
+            answers = {
+                "limit 0": await http.get("batches", params={"limit": 0}),
+                "limit past 100": await http.get("batches", params={"limit": 101}),
+                "limit not a number": await http.get("batches", params={"limit": "ten"}),
+                "a path under it that is no route": await http.get("batches/batch_x/nope"),
+                "a method it does not take": await http.delete("batches"),
+                "a body that is not JSON": await http.post(
+                    "batches", content=b"x", headers={"content-type": "text/plain"}
+                ),
+                "a body that is not a batch": await http.post("batches", json={"nope": 1}),
+                "no such batch": await http.post("batches/batch_0123456789abcdef01234567/cancel"),
+            }
+    assert {case: r.status_code for case, r in answers.items()} == {
+        "limit 0": 400,
+        "limit past 100": 400,
+        "limit not a number": 400,
+        "a path under it that is no route": 404,
+        "a method it does not take": 405,
+        "a body that is not JSON": 415,
+        "a body that is not a batch": 400,
+        "no such batch": 404,
+    }
+    assert {case: r.text for case, r in answers.items() if not openai_shaped(r)} == {}
+    assert answers["limit 0"].json()["error"]["param"] == "limit"
 
 
 GROQ = "groq/llama-3.3-70b-versatile"

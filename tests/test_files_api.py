@@ -18,6 +18,8 @@ from hive_bus._files import BOM, BadFile, JsonLines
 from hive_bus.bus import open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
 
+from .helpers import openai_shaped
+
 pytestmark = pytest.mark.anyio
 
 LINES = [
@@ -138,6 +140,54 @@ async def test_a_form_with_two_file_parts_is_refused_as_such(settings: Settings)
         assert error["message"] == "an upload takes exactly one part named file; this form has more than one"
         assert "malformed" not in r.text
         assert (await client.files.list()).data == []
+
+
+async def test_every_error_of_the_file_routes_is_in_openais_shape(settings: Settings) -> None:
+    async with gateway_client(settings) as client:
+        with pytest.raises(openai.BadRequestError, match="query parameter 'limit'") as raised:
+            await client.files.list(limit=0)
+        error = raised.value
+        assert (error.status_code, error.type, error.param, error.code) == (
+            400, "invalid_request_error", "limit", "invalid_request",
+        )  # fmt: skip
+        with pytest.raises(openai.BadRequestError, match="exactly one part named file") as raised:
+            await client.post(
+                "/files",
+                cast_to=httpx.Response,
+                body={"purpose": "batch"},
+                files=[("file", ("a.jsonl", JSONL)), ("file", ("b.jsonl", JSONL))],
+                options={"headers": {"Content-Type": "multipart/form-data"}},
+            )
+        assert raised.value.param == "file"
+        async with httpx.AsyncClient(base_url=str(client.base_url)) as http:
+            answers = {
+                "limit 0": await http.get("files", params={"limit": 0}),
+                "an order it does not know": await http.get("files", params={"order": "sideways"}),
+                "a path under it that is no route": await http.get("files/file-x/content/nope"),
+                "a method it does not take": await http.put("files"),
+                "not multipart": await http.post(
+                    "files", content=JSONL, headers={"content-type": "text/plain"}
+                ),
+                "no boundary": await http.post(
+                    "files", content=b"x", headers={"content-type": "multipart/form-data"}
+                ),
+                "no purpose": await http.post("files", files={"file": ("a.jsonl", JSONL)}),
+                "no such file": await http.get("files/file-nope"),
+                "no such file's content": await http.get("files/file-nope/content"),
+            }
+    assert {case: r.status_code for case, r in answers.items()} == {
+        "limit 0": 400,
+        "an order it does not know": 400,
+        "a path under it that is no route": 404,
+        "a method it does not take": 405,
+        "not multipart": 415,
+        "no boundary": 400,
+        "no purpose": 400,
+        "no such file": 404,
+        "no such file's content": 404,
+    }
+    assert {case: r.text for case, r in answers.items() if not openai_shaped(r)} == {}
+    assert answers["no purpose"].json()["error"]["param"] == "purpose"
 
 
 def test_lines_are_checked_across_chunk_boundaries_and_size_is_bounded() -> None:

@@ -75,7 +75,8 @@ EVENT_STATUSES = frozenset(get_args(TaskStatus))
 SSE = "text/event-stream"
 
 
-def _errors(*codes: int) -> dict[int, ResponseSpec]:
+def _errors(*codes: int, shape: type[Any] = ErrorBody) -> dict[int, ResponseSpec]:
+    """The error answers of a route for its OpenAPI document, in ``shape`` (OpenAI's for its routes)."""
     words = {
         400: "the request is not valid; the message says what and where",
         401: "a bearer token is needed",
@@ -86,8 +87,7 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
         503: "NATS or JetStream did not answer, or the queue is full (see Retry-After); nothing was accepted",
     }
     return {
-        c: ResponseSpec(data_container=ErrorBody, description=words[c], generate_examples=False)
-        for c in codes
+        c: ResponseSpec(data_container=shape, description=words[c], generate_examples=False) for c in codes
     }
 
 

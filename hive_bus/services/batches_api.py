@@ -3,7 +3,8 @@
 :mod:`hive_bus._batches` for the batch object, :mod:`services.batch_runner` for what runs it).
 
 ``completion_window`` takes ``"24h"`` as OpenAI's API does, and any ``<n>s``, ``<n>m`` or ``<n>h`` from
-1s to 168h. Errors are OpenAI's shape, so that the openai SDK raises the right exception.
+1s to 168h. Errors are OpenAI's shape, so that the openai SDK raises the right exception: those of
+these handlers, and those the gateway gives on their paths (:mod:`services.openai_errors`).
 """
 
 # No "from __future__ import annotations" here: Litestar reads the parameter markers at run time.
@@ -27,7 +28,7 @@ from hive_bus._batches import (
 )
 from hive_bus._files import FileNotFound
 
-from .openai_chat import OpenAIError
+from .openai_errors import OpenAIError
 
 
 class BatchRequest(msgspec.Struct, frozen=True, kw_only=True):

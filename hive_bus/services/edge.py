@@ -1,7 +1,8 @@
 """The gateway's edge: what every request must pass before it is routed, and the end of a request whose
 client has gone.
 
-In order, each refusal a JSON error answer naming what is wrong:
+In order, each refusal a JSON error answer naming what is wrong (in OpenAI's shape on the paths of
+OpenAI's files and batches, :mod:`services.openai_errors`):
 
 - **401** without an accepted bearer token (see :mod:`services.auth`), for every path that is not
   open, known or not: no route can be found without a token.
@@ -29,6 +30,7 @@ import functools
 import re
 
 import anyio
+import msgspec
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, ReceiveMessage, Scope, Send
 
@@ -36,6 +38,7 @@ from hive_bus._messages import is_task_id
 
 from . import answers
 from .auth import ENV_TOKENS, Tokens, authorized, is_loopback
+from .openai_errors import of_answer, speaks_openai
 
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _BODILESS = frozenset({"GET", "HEAD"})
@@ -66,7 +69,7 @@ class Edge:
         headers = dict(scope["headers"])
         refusal = self._refusal(scope, headers)
         if refusal is not None:
-            await refuse(send, *refusal)
+            await refuse(send, *refusal, openai=speaks_openai(scope["path"]))
         elif scope["method"] in _BODILESS and scope["path"] not in _INSTANT:
             await _cancelled_when_gone(self._app, scope, receive, send)
         elif scope["path"] in _HELD_POSTS:
@@ -105,9 +108,13 @@ class Edge:
         return None
 
 
-async def refuse(send: Send, status: int, code: str, message: str, field: str | None = None) -> None:
-    """Answer with the gateway's JSON error shape, before the app has seen the request."""
-    body = answers.error(status, code, message, field=field).body()
+async def refuse(
+    send: Send, status: int, code: str, message: str, field: str | None = None, *, openai: bool = False
+) -> None:
+    """Answer with the gateway's JSON error shape (OpenAI's with ``openai``), before the app has seen
+    the request."""
+    answer = answers.error(status, code, message, field=field)
+    body = msgspec.json.encode(of_answer(answer).body) if openai else answer.body()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))

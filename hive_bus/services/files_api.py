@@ -19,10 +19,10 @@ from multipart import (  # type: ignore[import-untyped]
     PushMultipartParser,
 )
 
-from hive_bus._files import MAX_FILE_BYTES, BadFile, FileDeleted, FileNotFound, FileObject, FileStore, Upload
+from hive_bus._files import MAX_FILE_BYTES, BadFile, FileDeleted, FileObject, FileStore, Upload
 
-from . import answers
-from .api import _errors, as_response
+from .api import _errors
+from .openai_errors import OpenAIError, OpenAIErrorBody
 
 # room for the multipart framing around the largest file
 UPLOAD_MAX_BODY_BYTES = MAX_FILE_BYTES + 1024 * 1024
@@ -55,14 +55,14 @@ def _boundary(request: Request[Any, Any, Any]) -> str | None:
 
 def _bad(message: str, field: str | None = None, status: int = 400) -> Response[Any]:
     code = "body_too_large" if status == 413 else "invalid_request"
-    return as_response(answers.error(status, code, message, field=field))
+    return OpenAIError(status, message, param=field, code=code).response()
 
 
 @post(
     "/v1/files",
     status_code=200,
     request_max_body_size=UPLOAD_MAX_BODY_BYTES,
-    responses=_errors(400, 401, 413, 503),
+    responses=_errors(400, 401, 413, 503, shape=OpenAIErrorBody),
     summary="Upload a file (multipart/form-data: purpose=batch, file=JSON Lines)",
 )
 async def upload_file(request: Request[Any, Any, Any], state: State) -> Response[Any]:
@@ -122,7 +122,11 @@ async def _body(request: Request[Any, Any, Any]) -> AsyncIterator[bytes]:
     yield b""  # the parser's end of input
 
 
-@get("/v1/files", responses=_errors(400, 401, 503), summary="Uploaded files, newest first")
+@get(
+    "/v1/files",
+    responses=_errors(400, 401, 503, shape=OpenAIErrorBody),
+    summary="Uploaded files, newest first",
+)
 async def list_files(
     state: State,
     purpose: Annotated[str | None, QueryParameter(description="only files of this purpose")] = None,
@@ -145,12 +149,16 @@ async def list_files(
     )
 
 
-@get("/v1/files/{file_id:str}", responses=_errors(401, 404, 503), summary="One file")
+@get("/v1/files/{file_id:str}", responses=_errors(401, 404, 503, shape=OpenAIErrorBody), summary="One file")
 async def show_file(state: State, file_id: FromPath[str]) -> FileObject:
     return await (await files(state)).get(file_id)
 
 
-@get("/v1/files/{file_id:str}/content", responses=_errors(401, 404, 503), summary="A file's bytes")
+@get(
+    "/v1/files/{file_id:str}/content",
+    responses=_errors(401, 404, 503, shape=OpenAIErrorBody),
+    summary="A file's bytes",
+)
 async def file_content(state: State, file_id: FromPath[str]) -> Stream:
     info, body = await (await files(state)).read(file_id)
     return Stream(
@@ -160,13 +168,14 @@ async def file_content(state: State, file_id: FromPath[str]) -> Stream:
     )
 
 
-@delete("/v1/files/{file_id:str}", status_code=200, responses=_errors(401, 404, 503), summary="Delete a file")
+@delete(
+    "/v1/files/{file_id:str}",
+    status_code=200,
+    responses=_errors(401, 404, 503, shape=OpenAIErrorBody),
+    summary="Delete a file",
+)
 async def delete_file(state: State, file_id: FromPath[str]) -> FileDeleted:
     return await (await files(state)).delete(file_id)
-
-
-def on_file_not_found(request: Request[Any, Any, Any], exc: FileNotFound) -> Response[Any]:
-    return as_response(answers.error(404, "file_not_found", str(exc)))
 
 
 FILE_ROUTES = [upload_file, list_files, show_file, file_content, delete_file]

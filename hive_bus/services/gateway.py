@@ -49,10 +49,11 @@ from .board_api import BOARD_ROUTES, TASK_ROUTES, WebhookWatch
 from .dlq_api import DLQ_ROUTES
 from .edge import Edge
 from .fastpath import FastSubmit
-from .files_api import FILE_ROUTES, on_file_not_found
+from .files_api import FILE_ROUTES
 from .limits import ConnectionLimits, HttpChoice, ensure_file_limit, http_parser, limited_protocol
 from .metrics import BusMetrics
 from .openai_chat import CHAT_ROUTES, DEFAULT_CHAT_WAIT_S, Catalog
+from .openai_errors import of_answer, speaks_openai
 from .schedules_api import SCHEDULE_ROUTES
 from .webhooks import WebhookConfigError, Webhooks, WebhookSettings
 from .webhooks.api import ROUTES as WEBHOOK_ROUTES
@@ -90,26 +91,32 @@ class GatewayOptions:
 # errors ------------------------------------------------------------------------------------------
 
 
+def _answer(request: Request[Any, Any, Any], answer: answers.Answer) -> Response[Any]:
+    """An error answer in the shape of its path: OpenAI's on the routes of OpenAI's API, else the
+    gateway's own."""
+    return of_answer(answer).response() if speaks_openai(request.url.path) else as_response(answer)
+
+
 def _error(
-    status: int, code: str, message: str, *, field: str | None = None, **headers: str
+    request: Request[Any, Any, Any], status: int, code: str, message: str, *, field: str | None = None
 ) -> Response[Any]:
-    return as_response(answers.error(status, code, message, field=field, **headers))
+    return _answer(request, answers.error(status, code, message, field=field))
 
 
 def on_validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
     problems = exc.extra if isinstance(exc.extra, list) else []
     if not problems:
-        return _error(400, "invalid_request", str(exc.detail))
+        return _error(request, 400, "invalid_request", str(exc.detail))
     first = problems[0]
     key = str(first.get("key", ""))
     message = str(first.get("message", exc.detail))
     if first.get("source") == "body" and key == "data":  # about the body as a whole
         if message == "'data'":  # Litestar's words for an empty body
             message = "the request body is empty; send a JSON object"
-        return as_response(answers.invalid(message))
+        return _answer(request, answers.invalid(message))
     if first.get("source") == "query":
-        return as_response(answers.invalid(f"query parameter {key!r}: {message}", field=key))
-    return as_response(answers.invalid(explain(key, message), field=key))
+        return _answer(request, answers.invalid(f"query parameter {key!r}: {message}", field=key))
+    return _answer(request, answers.invalid(explain(key, message), field=key))
 
 
 def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
@@ -118,11 +125,11 @@ def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
     if exc.status_code == 413:
         own, app = request.route_handler.request_max_body_size, request.app.request_max_body_size
         limit = next((n for n in (own, app) if isinstance(n, int)), 0)  # a route's own limit, else the app's
-        return as_response(answers.body_too_large(limit, answers.what_is_posted(request.url.path)))
+        return _answer(request, answers.body_too_large(limit, answers.what_is_posted(request.url.path)))
     if exc.status_code == 400:
         # Validation errors have their own handler; what reaches here is a body that did not decode.
-        return as_response(answers.not_json(message.removeprefix("JSON is malformed: ")))
-    return _error(exc.status_code, code.get(exc.status_code, "bad_request"), message)
+        return _answer(request, answers.not_json(message.removeprefix("JSON is malformed: ")))
+    return _error(request, exc.status_code, code.get(exc.status_code, "bad_request"), message)
 
 
 def on_submission_error(request: Request[Any, Any, Any], exc: HiveError) -> Response[Any]:
@@ -130,24 +137,28 @@ def on_submission_error(request: Request[Any, Any, Any], exc: HiveError) -> Resp
     if isinstance(exc, BusUnavailable):
         log.warning("%s %s: %s", request.method, request.url.path, exc)
     answer = answers.of_error(exc)
-    return on_internal_error(request, exc) if answer is None else as_response(answer)
+    return on_internal_error(request, exc) if answer is None else _answer(request, answer)
 
 
 def on_not_found(request: Request[Any, Any, Any], exc: TaskNotFound) -> Response[Any]:
-    return _error(404, "task_not_found", str(exc))
+    return _error(request, 404, "task_not_found", str(exc))
+
+
+def on_file_not_found(request: Request[Any, Any, Any], exc: FileNotFound) -> Response[Any]:
+    return _error(request, 404, "file_not_found", str(exc))
 
 
 def on_task_ended(request: Request[Any, Any, Any], exc: TaskEnded) -> Response[Any]:
-    return _error(409, "task_ended", str(exc))
+    return _error(request, 409, "task_ended", str(exc))
 
 
 def on_not_replayable(request: Request[Any, Any, Any], exc: NotReplayable) -> Response[Any]:
-    return _error(409, "not_replayable", str(exc))
+    return _error(request, 409, "not_replayable", str(exc))
 
 
 def on_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("%s %s failed", request.method, request.url.path)
-    return _error(500, "internal", "the gateway failed to answer this request; its log says why")
+    return _error(request, 500, "internal", "the gateway failed to answer this request; its log says why")
 
 
 def create_app(

@@ -25,7 +25,7 @@ file.
 import logging
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio
 import msgspec
@@ -49,6 +49,7 @@ from hive_bus._nesting import NestedTooDeep, check_json
 from hive_bus._routes import Routes, Target
 from hive_bus.workers import BUILTIN_NAMES
 
+from .openai_errors import OpenAIError
 from .openai_stream import streamed_completion
 
 log = logging.getLogger("hive_bus.gateway")
@@ -66,45 +67,6 @@ _SUPPORTED = frozenset(SUPPORTED_FIELDS)
 
 
 # errors ------------------------------------------------------------------------------------------
-
-ErrorType = Literal["invalid_request_error", "server_error"]
-
-
-class OpenAIErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class OpenAIErrorBody(msgspec.Struct, frozen=True, kw_only=True):
-    error: OpenAIErrorDetail
-
-
-class OpenAIError(Exception):
-    """An answer in OpenAI's error shape. ``final``: sending the request again cannot mend it (the
-    answer says so to the SDK, which would otherwise retry a 5xx)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: ErrorType = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        final: bool = False,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = OpenAIErrorBody(
-            error=OpenAIErrorDetail(message=message, type=type, param=param, code=code)
-        )
-        self.headers = {**(headers or {}), **({"x-should-retry": "false"} if final else {})}
-
-    def response(self) -> Response[OpenAIErrorBody]:
-        return Response(self.body, status_code=self.status, media_type=MediaType.JSON, headers=self.headers)
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
