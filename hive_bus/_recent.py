@@ -33,20 +33,58 @@ if TYPE_CHECKING:
 log = logging.getLogger("hive_bus.client")
 
 
+# Events read per task asked for: a task has a few (queued, running, completed; retries, moves).
+EVENTS_PER_TASK = 8
+# With a status to match, the tail read grows fourfold while too few match, up to this many events in
+# all (shared among the providers read): a bound on the read, so "recent" reaches further back for a
+# rare status, not for ever.
+MAX_TAIL_EVENTS = 20_000
+
+
 async def recent_tasks(
     hive: Hive, *, status: str | None = None, provider: str | None = None, limit: int = 50
 ) -> list[TaskView]:
     """The latest state of the most recent tasks, read from the tail of each provider's events stream
-    (of ``provider``'s alone, when given)."""
+    (of ``provider``'s alone, when given). With ``status``, a tail in which fewer than ``limit`` tasks
+    have that status is read further back, up to :data:`MAX_TAIL_EVENTS` events in all."""
     bus = hive.bus
-    tails: list[_Tail] = []
     try:
         providers = [provider] if provider is not None else await event_providers(bus)
-        async with anyio.create_task_group() as tg:
-            for of in providers:
-                tg.start_soon(_read_tail, bus, of, limit, tails)
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not read the events streams: {exc}") from None
+    span = limit * EVENTS_PER_TASK  # events of each provider
+    most = max(span, MAX_TAIL_EVENTS // max(1, len(providers)))
+    while True:
+        tails: list[_Tail] = []
+        try:
+            async with anyio.create_task_group() as tg:
+                for of in providers:
+                    tg.start_soon(_read_tail, bus, of, span, tails)
+        except BUS_ERRORS as exc:
+            raise BusUnavailable(f"could not read the events streams: {exc}") from None
+        found, tasks, at, moved = await _latest(hive, tails, status, limit)
+        if len(found) >= limit or status is None or span >= most or all(t.whole for t in tails):
+            break
+        span = min(span * 4, most)
+
+    async def content(view: TaskView) -> None:  # its content (its queued event is a marker): one read
+        with contextlib.suppress(*BUS_ERRORS):
+            if (task := await task_at(bus, at[view.id], view.id)) is not None:
+                tasks[view.id] = task
+
+    async with anyio.create_task_group() as tg:  # together: one read after another cost 50 round trips
+        for view in found:
+            if view.id not in tasks and view.id not in moved and view.id in at:
+                tg.start_soon(content, view)
+    checked = [view if view.id in moved else await _checked(hive, view, tasks.get(view.id)) for view in found]
+    return [view.trimmed() for view in checked if view is not None]
+
+
+async def _latest(
+    hive: Hive, tails: list[_Tail], status: str | None, limit: int
+) -> tuple[list[TaskView], dict[str, Task], dict[str, int], set[str]]:
+    """The newest ``limit`` tasks the tails hold (of ``status``), with the tasks they carry, where
+    the others are, and which moved between providers (read whole)."""
     latest: dict[str, TaskView] = {}
     tasks: dict[str, Task] = {}
     at: dict[str, int] = {}
@@ -69,18 +107,7 @@ async def recent_tasks(
                 continue
         if status is None or view.status == status:
             found.append(view)
-
-    async def content(view: TaskView) -> None:  # its content (its queued event is a marker): one read
-        with contextlib.suppress(*BUS_ERRORS):
-            if (task := await task_at(bus, at[view.id], view.id)) is not None:
-                tasks[view.id] = task
-
-    async with anyio.create_task_group() as tg:  # together: one read after another cost 50 round trips
-        for view in found:
-            if view.id not in tasks and view.id not in moved and view.id in at:
-                tg.start_soon(content, view)
-    checked = [view if view.id in moved else await _checked(hive, view, tasks.get(view.id)) for view in found]
-    return [view.trimmed() for view in checked if view is not None]
+    return found, tasks, at, moved
 
 
 @dataclass
@@ -90,11 +117,12 @@ class _Tail:
     latest: dict[str, TaskView] = field(default_factory=dict)
     tasks: dict[str, Task] = field(default_factory=dict)  # each task as queued or moved: content, metadata
     at: dict[str, int] = field(default_factory=dict)  # where a task whose queued event is a marker is
+    whole: bool = True  # the stream read from its first event: reading further back finds nothing more
 
 
-async def _read_tail(bus: Bus, provider: str, limit: int, tails: list[_Tail]) -> None:
-    """The tail of ``provider``'s events stream, enough for ``limit`` tasks of a few events each (older
-    tasks are not "recent"), added to ``tails``; nothing for a provider without a stream."""
+async def _read_tail(bus: Bus, provider: str, span: int, tails: list[_Tail]) -> None:
+    """The tail of ``provider``'s events stream, its last ``span`` events (older tasks are not
+    "recent"), added to ``tails``; nothing for a provider without a stream."""
     names = bus.names
     stream = names.events_stream_of(provider)
     try:
@@ -103,9 +131,9 @@ async def _read_tail(bus: Bus, provider: str, limit: int, tails: list[_Tail]) ->
         return
     if not info.state.messages:
         return
-    start = max(info.state.first_seq, info.state.last_seq - limit * 8 + 1)
+    start = max(info.state.first_seq, info.state.last_seq - span + 1)
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-    tail = _Tail()
+    tail = _Tail(whole=start == info.state.first_seq)
     # An event counts only from the provider its task is assigned to (a worker credential may write
     # events for any task id under its own provider): followed here from the queued and moved events in
     # the tail; a task whose queued event is older than the tail is looked up (``Hive.get``).

@@ -236,6 +236,19 @@ async def test_filters_return_exactly_the_tagged_tasks_older_than_the_events_tai
     )
 
 
+async def test_a_status_filter_reaches_back_past_the_tail_a_limit_reads(stack: Stack) -> None:
+    """``GET /v1/tasks?status=`` reads further back while too few tasks of the tail have the status:
+    two tasks cancelled before a hundred others are listed with ``limit=3``, whose first read (24
+    events) holds neither (the answer was empty)."""
+    early = await _submit_many(stack, [{"provider": "nobody", "prompt": f"pronto {i}"} for i in range(2)])
+    for task_id in early:
+        assert (await stack.http.post(f"/v1/tasks/{task_id}/cancel")).status_code == 200
+    await _submit_many(stack, [{"provider": "nobody", "prompt": f"después {i}"} for i in range(100)])
+    assert not set(early) & set(await _listed(stack, limit=3))
+    assert await _listed(stack, status="cancelled", limit=3) == early[::-1]
+    assert len(await _listed(stack, status="queued", limit=3)) == 3  # the newest: no read further back
+
+
 async def test_the_openapi_document_names_the_list_filters(stack: Stack) -> None:
     schema = (await stack.http.get("/openapi.json")).json()
     params = {p["name"] for p in schema["paths"]["/v1/tasks"]["get"]["parameters"]}
