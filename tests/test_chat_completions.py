@@ -30,11 +30,12 @@ from hive_bus.workers.gemini import GeminiProvider
 from hive_bus.workers.groq import GroqProvider
 
 from .fakes import ProviderFakes
-from .helpers import events_of, eventually, hive_cli, running_worker, task_of
+from .helpers import events_of, eventually, hive_cli, openai_shaped, running_worker, task_of
 
 pytestmark = pytest.mark.anyio
 
 TOKEN = "chat-test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 KEY = "gsk_chat_key_0123456789"
 GROQ_MODEL = "groq/llama-3.3-70b-versatile"
 ROUTES = f"""
@@ -336,8 +337,31 @@ async def test_an_idempotency_key_makes_one_task_of_two_requests(stack: Stack, f
 
 async def test_without_the_gateway_token_the_sdk_gets_an_authentication_error(stack: Stack) -> None:
     async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="wrong-token", max_retries=0) as client:
-        with pytest.raises(openai.AuthenticationError):
+        with pytest.raises(openai.AuthenticationError) as raised:
             await client.models.list()
+    assert raised.value.type == "invalid_request_error" and "token" in raised.value.message
+
+
+async def test_the_gateways_own_refusals_on_the_chat_paths_are_in_openais_shape(stack: Stack) -> None:
+    """The edge's and the framework's answers on ``/v1/chat/completions`` and ``/v1/models`` (a token
+    missing, a method or a path they do not take, a body that is not JSON) are in OpenAI's shape, as the
+    route's own are: they were in the gateway's."""
+    async with httpx.AsyncClient(base_url=f"{stack.url}/v1") as http:
+        answers = {
+            "no token": await http.get("models"),
+            "a method it does not take": await http.get("chat/completions", headers=AUTH),
+            "a path under it that is no route": await http.get("models/x/y", headers=AUTH),
+            "a body that is not JSON": await http.post(
+                "chat/completions", content=b"x", headers={**AUTH, "content-type": "text/plain"}
+            ),
+        }
+    assert {case: r.status_code for case, r in answers.items()} == {
+        "no token": 401,
+        "a method it does not take": 405,
+        "a path under it that is no route": 404,
+        "a body that is not JSON": 415,
+    }
+    assert {case: r.text for case, r in answers.items() if not openai_shaped(r)} == {}
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from .answers import Answer, ErrorBody
 ErrorType = Literal["invalid_request_error", "server_error"]
 # Paths (and what is under them) whose every error is OpenAI's shape, the edge's refusals and the
 # framework's (an unknown sub-path, a bad query parameter, a body too large) included.
-OPENAI_PATHS = ("/v1/files", "/v1/batches")
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models", "/v1/files", "/v1/batches")
 
 
 class OpenAIErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
