@@ -43,6 +43,7 @@ from ._cooldown import KeyCooldowns
 from ._errors import FailNow, KeyRejected, NoQuota, ProviderError, RetryAfter, RetryLater, TooLarge
 from ._keys import Blocked, KeyRing
 from ._messages import (
+    Cancelled,
     Failed,
     FailReason,
     Retrying,
@@ -52,6 +53,7 @@ from ._messages import (
     WorkerBeat,
     decode_event,
     encoder,
+    is_final,
     is_task_id,
     now_ms,
     status_of,
@@ -425,6 +427,12 @@ class Worker:
             return
         delivered = delivery_count(msg)
         last = await self._last_event(task) if delivered > 1 else None
+        if last is not None and is_final(last):
+            # its run has an end already (an outcome stored whose ack was lost, with the worker or the
+            # connection): a call would be paid for twice, and its events would say it runs again
+            with anyio.CancelScope(shield=True):
+                await self._ended_already(msg, task, last)
+            return
         waits = last.waits if isinstance(last, Running | Retrying) else 0
         d = Delivery(msg=msg, task=task, attempt=delivered - waits, waits=waits, started_ms=now_ms())
         settler = self._settler
@@ -551,6 +559,18 @@ class Worker:
         if self.cancels.was_queued(task.id):
             with anyio.move_on_after(3):
                 await _cancel.fetched(self._bus, task)
+
+    async def _ended_already(self, msg: Msg, task: Task, end: TaskEvent) -> None:
+        """Let go a task delivered again whose end is recorded (the last event of it under this
+        provider, after which a new run would have queued it again): an ack, and no call."""
+        log.info("worker %s lets task %s go: it has ended already (%s)", self.id, task.id, status_of(end))
+        try:
+            await msg.ack()
+        except BUS_ERRORS as exc:  # not acked: it comes back, and is let go then
+            log.debug("could not ack ended task %s: %s", task.id, exc)
+        if isinstance(end, Cancelled | Failed) and _cancel.counted_for(end, task):
+            with anyio.move_on_after(3):
+                await _cancel.fetched(self._bus, task)  # it ended while queued: off the count
 
     async def _last_event(self, task: Task) -> TaskEvent | None:
         """A redelivered task's last event on this provider (a worker credential may read no other

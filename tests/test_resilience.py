@@ -9,9 +9,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from hive_bus import Completed, FunctionProvider, Hive, Running, Settings, TaskRequest
+from hive_bus import Completed, FunctionProvider, Hive, Queued, Running, Settings, Task, TaskRequest
 from hive_bus._bus import ensure_consumer
 from hive_bus._embedded import NatsServer
+from hive_bus._messages import encoder, now_ms, task_decoder
 from hive_bus.bus import Bus, open_bus
 
 from . import handlers
@@ -93,6 +94,49 @@ async def test_sigterm_drains_the_worker_process(nats_server: NatsServer, tmp_pa
         view = await hive.get(task_id)
         assert (view.status, view.attempt) == ("completed", 1)
         assert await hive.workers() == []  # it removed its heartbeat on the way out
+
+
+async def test_a_task_delivered_again_after_its_outcome_was_stored_is_not_called_again(
+    bus: Bus, hive: Hive
+) -> None:
+    """A worker that stored a task's outcome and lost its ack (NATS went away between the two, or the
+    worker died) leaves the message to come back. The worker it comes back to lets it go without a
+    call: it was called again (paid twice), its ``running`` event came after the outcome, and the task
+    read ``running`` for good (a probe stopping NATS under load found three such tasks)."""
+    names = bus.names
+    task_id = await hive.submit("twice", "una vez")
+    await ensure_consumer(bus.js, bus.settings, "twice")
+    pulled = await bus.js.pull_subscribe_bind(
+        durable=names.consumer("twice", "normal"), stream=names.tasks_stream
+    )
+    [msg] = await pulled.fetch(1, timeout=5)
+    task = task_decoder.decode(msg.data)
+    done = Completed(
+        task_id=task_id, provider="twice", at_ms=now_ms(), attempt=1, worker="twice-gone", output="la primera"
+    )
+    await bus.js.publish(
+        names.event_subject("twice", task_id, "completed"), encoder.encode(done),
+        headers={"Nats-Msg-Id": task.final_msg_id}, stream=names.events_stream_of("twice"),
+    )  # fmt: skip
+    await msg.nak()  # no ack: back at once, as a lost ack's message comes back after AckWait
+    await pulled.unsubscribe()
+    calls: list[str] = []
+
+    async def again(task: Task) -> str:
+        calls.append(task.id)
+        return "la segunda"
+
+    async with running_worker(bus, "twice", FunctionProvider(again)):
+        await eventually(lambda: _acked(bus, "twice"), 10, "the message to be let go")
+    assert calls == []
+    view = await hive.get(task_id)
+    assert (view.status, view.output) == ("completed", "la primera")
+    assert [type(e) for e in await events_of(bus, task_id)] == [Queued, Completed]
+
+
+async def _acked(bus: Bus, provider: str) -> bool:
+    info = await bus.js.consumer_info(bus.names.tasks_stream, bus.names.consumer(provider, "normal"))
+    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
 
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
