@@ -43,7 +43,7 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
-from ._credentials import closed_hint, connect_options, refusal, server_urls
+from ._credentials import closed_hint, connect_options, nats_client, refusal, server_urls
 from ._errors import BusConfigError, BusRefused, BusUnavailable
 from ._names import PRIORITIES, Names, is_valid_token
 from ._nats import BUS_ERRORS, kv_parts, unsubscribe, why
@@ -179,7 +179,7 @@ async def connect_nats(
     """
     where = redact_url(settings.nats_url)
     options = connect_options(settings)  # files are checked here, before any connection
-    nc = NATS()
+    nc = nats_client(settings)
     last_error: list[str] = []
     refused: list[str] = []
     first_connect = anyio.CancelScope()

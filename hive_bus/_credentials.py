@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import nats.errors
+from nats.aio.client import Client as NATS
+
 from ._settings import Settings, SettingsError
 
 _FIX_CA = "set HIVE_NATS_TLS_CA_FILE (--nats-tls-ca) to the CA that signed it (the hub's ca.pem)"
@@ -50,6 +53,40 @@ def connect_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+class NoTlsOffered(nats.errors.Error):
+    """A TLS connection was wanted and the server offered none; nothing was sent to it."""
+
+    def __str__(self) -> str:
+        return (
+            "TLS is wanted (a tls:// URL or a TLS file is set) but the server offers no TLS: the login "
+            "was not sent (is this the hub's port, or is something in between?)"
+        )
+
+
+class _TlsOnlyClient(NATS):
+    """A nats-py client that takes every connection to TLS, or drops it before CONNECT.
+
+    nats-py starts TLS only when the server's INFO says ``tls_required``, even with a TLS context
+    and a ``tls://`` URL: a server (or anyone in the way) that says otherwise would get the login
+    in plain text.
+    """
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        scheme = self._current_server.uri.scheme if self._current_server else ""
+        if initial_connection and scheme != "wss" and not info.get("tls_required"):
+            if scheme == "ws" or not info.get("tls_available"):
+                raise NoTlsOffered
+            # allow_non_tls: the server takes TLS if the client starts it; nats-py decides on this
+            # very dict (it is the connection's server info) right after this call
+            info["tls_required"] = True
+        await super()._process_info(info, initial_connection=initial_connection)
+
+
+def nats_client(settings: Settings) -> NATS:
+    """A client for ``settings``: one that never logs in without TLS when TLS is wanted."""
+    return _TlsOnlyClient() if tls_context_wanted(settings) else NATS()
+
+
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """A TLS context when a TLS file is set or a URL is ``tls://``; None for plain connections."""
     if not tls_context_wanted(settings):
@@ -79,6 +116,8 @@ def refusal(exc: BaseException) -> str | None:
     Authorization violations and TLS failures come back the same on every try: a process should stop
     and say so instead of retrying until its timeout.
     """
+    if isinstance(exc, NoTlsOffered):
+        return str(exc)
     text = str(exc)
     if "authorization violation" in text.lower():
         return (

@@ -3,10 +3,14 @@ refusal is one clear line that names the setting to fix, and no secret is ever p
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import threading
+import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,7 @@ from hive_bus._embedded import NatsServer
 from hive_bus._router import Router
 from hive_bus.bus import open_bus
 
-from .helpers import hive_cli, running_worker
+from .helpers import free_port, hive_cli, running_worker
 from .hub import Hub, WorkerUser, hub_server, make_certs, render
 
 pytestmark = pytest.mark.anyio
@@ -86,6 +90,121 @@ def test_a_plaintext_client_is_refused(hub: tuple[Hub, NatsServer]) -> None:
         except (ConnectionResetError, TimeoutError):
             pass
     assert b"PONG" not in answer  # never served in plain text, with the right password too
+
+
+@contextmanager
+def fake_server(info: dict[str, Any]) -> Iterator[tuple[int, list[bytes]]]:
+    """A loopback listener that greets each client with ``info`` as a NATS server would, answers
+    nothing more, and keeps all that each client sent (until it closed, or went quiet for a second)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    received: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(1)
+                conn.sendall(b"INFO %s\r\n" % json.dumps(info).encode())
+                sent = b""
+                try:
+                    while chunk := conn.recv(4096):
+                        sent += chunk
+                except OSError:  # a timeout or a reset: what came is all there is
+                    pass
+                received.append(sent)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], received
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+_PLAIN_INFO = {"server_id": "FAKE", "version": "2.10.0", "proto": 1, "max_payload": 1048576,
+               "auth_required": True, "tls_required": False}  # fmt: skip
+
+
+def _password_login(tmp_path: Path) -> tuple[str, dict[str, str]]:
+    secret = "pw-" + os.urandom(8).hex()
+    (tmp_path / "pw").write_text(secret + "\n")
+    env = {"HIVE_NATS_PASSWORD_FILE": str(tmp_path / "pw"), "HIVE_CONNECT_TIMEOUT_S": "3"}
+    return secret, {"HIVE_NATS_USER": "bob", **env}
+
+
+@pytest.mark.parametrize("scheme", ["tls", "nats"])
+def test_a_tls_url_never_sends_the_login_to_a_server_that_offers_no_tls(scheme: str, tmp_path: Path) -> None:
+    # a server, or anyone in the way, that says tls_required false: nats-py would carry on in plain text
+    secret, env = _password_login(tmp_path)
+    with fake_server(_PLAIN_INFO) as (port, received):
+        done = hive_cli(["stats", "--nats", f"{scheme}://127.0.0.1:{port}"], env=env)
+    sent = b"".join(received)
+    assert done.returncode == 1
+    if scheme == "nats":  # the fake would see a plain-text login: what it keeps is what went out
+        assert secret.encode() in sent
+        return
+    assert received and secret.encode() not in sent and b"CONNECT" not in sent
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 1 and "offers no TLS" in errors[0] and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_tls_url_to_a_server_that_allows_both_starts_tls_before_the_login(tmp_path: Path) -> None:
+    # allow_non_tls: the server says tls_required false, tls_available true, and takes TLS if the
+    # client starts it; nats-py would log in in plain text
+    secret, env = _password_login(tmp_path)
+    with fake_server({**_PLAIN_INFO, "tls_available": True}) as (port, received):
+        done = hive_cli(["stats", "--nats", f"tls://127.0.0.1:{port}"], env=env)
+    assert done.returncode == 1
+    assert received and all(sent.startswith(b"\x16\x03") for sent in received)  # a TLS ClientHello
+    assert secret.encode() not in b"".join(received)
+
+
+async def test_a_tls_url_takes_a_server_that_allows_both_to_tls(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs", servers=["127.0.0.1"], clients=[])
+    http_port = free_port()
+    conf = tmp_path / "both.conf"
+    conf.write_text(
+        f'http: "127.0.0.1:{http_port}"\nallow_non_tls: true\n'
+        f'tls {{ cert_file: "{certs}/server.pem", key_file: "{certs}/server-key.pem" }}\n'
+    )
+    server = NatsServer(tmp_path / "store", config=conf)
+    server.start()
+    try:
+        settings = load_settings(
+            environ={}, nats_url=f"tls://127.0.0.1:{server.port}", nats_tls_ca_file=str(certs / "ca.pem")
+        )
+        nc = await connect_nats(settings, name="both")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/connz", timeout=5) as answer:
+                connz = json.load(answer)
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
+    versions = [c.get("tls_version") for c in connz["connections"] if c.get("name") == "both"]
+    assert len(versions) == 1 and versions[0], connz  # a TLS connection, not a plain-text one
+
+
+async def test_a_nats_url_logs_in_to_a_plain_server_with_a_password(tmp_path: Path) -> None:
+    secret = "pw-" + os.urandom(8).hex()
+    conf = tmp_path / "plain.conf"
+    conf.write_text(f'authorization {{ user: bob, password: "{secret}" }}\n')
+    server = NatsServer(tmp_path / "store", config=conf)
+    server.start()
+    try:
+        settings = load_settings(environ={}, nats_url=server.url, nats_user="bob", nats_password=secret)
+        nc = await connect_nats(settings, name="test")
+        assert nc.is_connected
+        await nc.close()
+    finally:
+        server.stop()
 
 
 async def test_a_client_without_the_ca_is_told_to_set_it(hub: tuple[Hub, NatsServer]) -> None:
