@@ -8,15 +8,22 @@
 #   --server NAME  a DNS name or IP address the server certificate is valid for (repeatable); default:
 #                  localhost, 127.0.0.1, nats (the compose service) and this machine's host name.
 #                  Add every name workers use to reach the hub (pi.example.org, its public IP...) and,
-#                  for a cluster, every node's name (nats-1, nats-2, nats-3)
-#   --client NAME  a client certificate with this common name (repeatable); default: gateway
+#                  for a cluster, every node's name (nats-1, nats-2, nats-3). An existing server
+#                  certificate is kept unless --server is given: then it is replaced (reload nats-server)
+#   --client NAME  a client certificate with this common name (repeatable); default: gateway, when
+#                  DIR has no client-gateway.pem yet. A client named here is made anew
 #   --days N       validity of the server and client certificates (default 825)
 #
 # Writes ca.pem (hand it to every client), ca-key.pem (keep it on this machine only), server.pem,
 # server-key.pem, and client-NAME.pem / client-NAME-key.pem per client. Keys are ECDSA P-256 (cheap
 # on a Raspberry Pi) and readable by their owner only. The server certificate also allows client use:
-# cluster routes and leaf nodes present it to each other.
+# cluster routes and leaf nodes present it to each other. Nothing is written unless all of it is made.
 set -euo pipefail
+
+usage() { echo "make-certs: $1 (see --help)" >&2; exit 2; }
+value() { # value OPTION [VALUE...]: the option's value, or a usage message
+    [ $# -ge 2 ] && [ -n "$2" ] && [[ "$2" != --* ]] || usage "$1 needs a value"
+}
 
 out="$(dirname "$0")/certs"
 servers=()
@@ -24,20 +31,44 @@ clients=()
 days=825
 while [ $# -gt 0 ]; do
     case "$1" in
-        --out) out="${2:?--out needs a directory}"; shift 2 ;;
-        --server) servers+=("${2:?--server needs a name}"); shift 2 ;;
-        --client) clients+=("${2:?--client needs a name}"); shift 2 ;;
-        --days) days="${2:?--days needs a number}"; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "make-certs: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+        --out) value "$@"; out="$2"; shift 2 ;;
+        --server) value "$@"; servers+=("$2"); shift 2 ;;
+        --client) value "$@"; clients+=("$2"); shift 2 ;;
+        --days) value "$@"; days="$2"; shift 2 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) usage "unknown argument '$1'" ;;
     esac
 done
-case "$days" in ''|*[!0-9]*) echo "make-certs: --days must be a whole number of days, not '$days'" >&2; exit 2 ;; esac
+case "$days" in *[!0-9]*) usage "--days must be a whole number of days, not '$days'" ;; esac
 command -v openssl >/dev/null || { echo "make-certs: openssl is not installed" >&2; exit 1; }
-[ ${#servers[@]} -gt 0 ] || servers=(localhost 127.0.0.1 nats "$(hostname)")
-[ ${#clients[@]} -gt 0 ] || clients=(gateway)
+
+is_ipv4() {
+    local IFS=. octets o
+    [[ "$1" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || return 1
+    read -ra octets <<<"$1"
+    for o in "${octets[@]}"; do [ "$((10#$o))" -le 255 ] || return 1; done
+}
+is_ipv6() { [[ "$1" =~ ^[0-9A-Fa-f:.]{2,45}$ && "$1" == *:*:* ]]; }
+is_dns() { # letters, digits and '-' in labels of up to 63, 253 in all; a leading '*.' for a wildcard
+    local label='[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?'
+    [ ${#1} -le 253 ] && [[ "$1" =~ ^(\*\.)?$label(\.$label)*$ ]] && [[ ! "$1" =~ ^[0-9.]+$ ]]
+}
+
+explicit_server=${#servers[@]}
+if [ ${#servers[@]} -eq 0 ]; then
+    servers=(localhost 127.0.0.1 nats)
+    ! is_dns "$(hostname)" || servers+=("$(hostname)")
+fi
+sans=()
+for name in "${servers[@]}"; do
+    if is_ipv4 "$name" || is_ipv6 "$name"; then sans+=("IP:$name")
+    elif is_dns "$name"; then sans+=("DNS:$name")
+    else usage "server name '$name' is neither a DNS name (letters, digits, '-' and dots) nor an IP address"
+    fi
+done
+if [ ${#clients[@]} -eq 0 ] && [ ! -f "$out/client-gateway.pem" ]; then clients=(gateway); fi
 for name in "${clients[@]}"; do
-    case "$name" in *[!A-Za-z0-9_.-]*|'') echo "make-certs: client name '$name' may hold only letters, digits, '.', '_' and '-'" >&2; exit 2 ;; esac
+    case "$name" in *[!A-Za-z0-9_.-]*) usage "client name '$name' may hold only letters, digits, '.', '_' and '-'" ;; esac
 done
 
 umask 077
@@ -45,43 +76,67 @@ if [ ! -d "$out" ]; then
     mkdir -p "$out"
     chmod 755 "$out"  # services running as other users (the containers) read certificates from it
 fi
-tmp="$(mktemp -d)"
+# everything is made here first, and moved into place only once all of it is made
+tmp="$(mktemp -d "$out/.make-certs.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 
-key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+run() { # run WHAT COMMAND...: openssl, with its complaint shown only when it fails
+    "${@:2}" 2>"$tmp/openssl.err" || { echo "make-certs: openssl could not make $1:" >&2; cat "$tmp/openssl.err" >&2; exit 1; }
+}
+key() { run "a key" openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1"; }
 
+ca="$out"
+made_ca=""
 if [ ! -f "$out/ca.pem" ] || [ ! -f "$out/ca-key.pem" ]; then
-    key "$out/ca-key.pem"
-    openssl req -new -x509 -sha256 -days 3650 -key "$out/ca-key.pem" -out "$out/ca.pem" \
+    ca="$tmp"
+    key "$tmp/ca-key.pem"
+    run "the CA" openssl req -new -x509 -sha256 -days 3650 -key "$tmp/ca-key.pem" -out "$tmp/ca.pem" \
         -subj "/O=hive-bus/CN=hive-bus local CA" \
         -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
-    echo "made CA $out/ca.pem"
+    made_ca=1
 fi
+[ ! -f "$out/ca.srl" ] || cp "$out/ca.srl" "$tmp/ca.srl"
 
-sign() { # sign NAME CSR EXTFILE OUT
-    openssl x509 -req -sha256 -days "$days" -in "$2" -CA "$out/ca.pem" -CAkey "$out/ca-key.pem" \
-        -CAcreateserial -CAserial "$out/ca.srl" -extfile "$3" -out "$4" 2>/dev/null
+sign() { # sign WHAT CSR EXTFILE OUT
+    run "$1" openssl x509 -req -sha256 -days "$days" -in "$2" -CA "$ca/ca.pem" -CAkey "$ca/ca-key.pem" \
+        -CAcreateserial -CAserial "$tmp/ca.srl" -extfile "$3" -out "$4"
 }
 
-sans=()
-for name in "${servers[@]}"; do
-    if [[ "$name" =~ ^[0-9.]+$ || "$name" == *:* ]]; then sans+=("IP:$name"); else sans+=("DNS:$name"); fi
-done
 san_list="$(IFS=,; echo "${sans[*]}")"
-key "$out/server-key.pem"
-openssl req -new -key "$out/server-key.pem" -subj "/O=hive-bus/CN=${servers[0]}" -out "$tmp/server.csr"
-printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=%s\n' \
-    "$san_list" >"$tmp/server.ext"
-sign server "$tmp/server.csr" "$tmp/server.ext" "$out/server.pem"
-echo "made server certificate $out/server.pem for $san_list"
+made=()
+said=()
+if [ "$explicit_server" -gt 0 ] || [ -n "$made_ca" ] || [ ! -f "$out/server.pem" ] || [ ! -f "$out/server-key.pem" ]; then
+    key "$tmp/server-key.pem"
+    run "the server request" openssl req -new -key "$tmp/server-key.pem" -subj "/O=hive-bus/CN=${servers[0]}" -out "$tmp/server.csr"
+    printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=%s\n' \
+        "$san_list" >"$tmp/server.ext"
+    sign "the server certificate" "$tmp/server.csr" "$tmp/server.ext" "$tmp/server.pem"
+    made+=(server-key.pem server.pem)
+    if [ -f "$out/server.pem" ]; then
+        said+=("replaced the server certificate $out/server.pem, now for $san_list (reload nats-server to use it)")
+    else
+        said+=("made server certificate $out/server.pem for $san_list")
+    fi
+else
+    said+=("kept the server certificate $out/server.pem (give --server to make a new one)")
+fi
 
 for name in "${clients[@]}"; do
-    key "$out/client-$name-key.pem"
-    openssl req -new -key "$out/client-$name-key.pem" -subj "/O=hive-bus/CN=$name" -out "$tmp/client.csr"
+    key "$tmp/client-$name-key.pem"
+    run "the request of client $name" openssl req -new -key "$tmp/client-$name-key.pem" -subj "/O=hive-bus/CN=$name" -out "$tmp/client.csr"
     printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' >"$tmp/client.ext"
-    sign "$name" "$tmp/client.csr" "$tmp/client.ext" "$out/client-$name.pem"
-    echo "made client certificate $out/client-$name.pem"
+    sign "the certificate of client $name" "$tmp/client.csr" "$tmp/client.ext" "$tmp/client-$name.pem"
+    made+=("client-$name-key.pem" "client-$name.pem")
+    said+=("made client certificate $out/client-$name.pem")
 done
+
 # certificates are public; keys stay readable by their owner only
-chmod 644 "$out/ca.pem" "$out/server.pem"
-for name in "${clients[@]}"; do chmod 644 "$out/client-$name.pem"; done
+for file in "${made[@]}"; do case "$file" in *-key.pem) ;; *) chmod 644 "$tmp/$file" ;; esac; done
+if [ -n "$made_ca" ]; then
+    chmod 644 "$tmp/ca.pem"
+    made=(ca-key.pem ca.pem "${made[@]}")
+    said=("made CA $out/ca.pem" "${said[@]}")
+fi
+[ ! -f "$tmp/ca.srl" ] || made+=(ca.srl)
+for file in "${made[@]}"; do mv -f "$tmp/$file" "$out/$file"; done
+printf '%s\n' "${said[@]}"

@@ -238,3 +238,63 @@ def test_the_shipped_local_worker_user_is_what_worker_user_sh_makes() -> None:
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout  # fmt: skip
     assert made in (REPO / "nats/accounts.conf").read_text()
+
+
+def _script(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+
+
+def _make_certs(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return _script([str(REPO / "nats/make-certs.sh"), "--out", str(out), *args], out.parent)
+
+
+def test_adding_a_client_keeps_the_hubs_server_certificate(tmp_path: Path) -> None:
+    # the README's "Adding a worker": --client alone, on the hub's certificates directory
+    certs = tmp_path / "certs"
+    assert _make_certs(certs, "--server", "pi.example.org", "--client", "gateway").returncode == 0
+    before = {f.name: f.read_bytes() for f in certs.glob("*.pem")}
+    added = _make_certs(certs, "--client", "laptop")
+    assert added.returncode == 0, added.stderr
+    assert "kept the server certificate" in added.stdout
+    assert {name: (certs / name).read_bytes() for name in before} == before  # CA, server, gateway
+    verified = subprocess.run(
+        ["openssl", "verify", "-CAfile", certs / "ca.pem", certs / "client-laptop.pem"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stderr
+    # --server given: the server certificate is made anew, and the output says it replaced one
+    renamed = _make_certs(certs, "--server", "pi.example.org", "--server", "203.0.113.7")
+    assert renamed.returncode == 0 and "replaced the server certificate" in renamed.stdout
+    assert "DNS:pi.example.org,IP:203.0.113.7" in renamed.stdout
+    assert (certs / "server.pem").read_bytes() != before["server.pem"]
+    assert (certs / "client-gateway.pem").read_bytes() == before["client-gateway.pem"]
+
+
+@pytest.mark.parametrize("name", ["a,DNS:evil.example", "x y", "300.1.1.1", "-x.example", "a..b"])
+def test_a_server_name_that_is_no_dns_name_or_ip_is_refused_and_nothing_written(
+    name: str, tmp_path: Path
+) -> None:
+    certs = tmp_path / "certs"
+    assert _make_certs(certs, "--server", "pi.example.org").returncode == 0
+    before = {f.name: f.read_bytes() for f in certs.iterdir()}
+    for out in (certs, tmp_path / "new"):
+        done = _make_certs(out, "--server", "pi.example.org", "--server", name, "--client", "laptop")
+        assert done.returncode == 2
+        assert done.stderr.splitlines() == [
+            f"make-certs: server name '{name}' is neither a DNS name (letters, digits, '-' and dots) "
+            "nor an IP address (see --help)"
+        ]
+    assert {f.name: f.read_bytes() for f in certs.iterdir()} == before
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(["--out"], "--out"), (["--server"], "--server"), (["--client", "a", "--client"], "--client"),
+     (["--days", "--client", "a"], "--days")],
+)  # fmt: skip
+def test_an_option_without_its_value_is_a_usage_line(args: list[str], option: str, tmp_path: Path) -> None:
+    done = _script([str(REPO / "nats/make-certs.sh"), *args], tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"make-certs: {option} needs a value (see --help)"]
+    assert list(tmp_path.iterdir()) == []
