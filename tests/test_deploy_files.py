@@ -298,3 +298,46 @@ def test_an_option_without_its_value_is_a_usage_line(args: list[str], option: st
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"make-certs: {option} needs a value (see --help)"]
     assert list(tmp_path.iterdir()) == []
+
+
+def _make_secrets(into: Path, *names: str) -> subprocess.CompletedProcess[str]:
+    return _script([str(REPO / "nats/make-secrets.sh"), "--dir", str(into), *names], into.parent)
+
+
+def _files(under: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(under)): f.read_bytes() for f in sorted(under.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize(("first", "second"), [("a-b", "a_b"), ("laptop", "Laptop"), ("Pi-1", "pi_1")])
+def test_a_worker_name_that_maps_to_anothers_password_variable_is_refused(
+    first: str, second: str, tmp_path: Path
+) -> None:
+    hub = tmp_path / "nats"
+    assert _make_secrets(hub, first).returncode == 0
+    assert _make_secrets(hub, first).returncode == 0  # the same name again: kept, as before
+    before = _files(hub)
+    variable = "WORKER_" + first.upper().replace("-", "_") + "_PASSWORD"
+    clash = f"make-secrets: worker '{second}' would share {variable} with worker '{first}'"
+    done = _make_secrets(hub, second)
+    assert done.returncode == 2 and done.stderr.startswith(clash) and len(done.stderr.splitlines()) == 1
+    assert _files(hub) == before  # no passwords/<second>, nothing added to secrets.conf
+    # its password file handed out and gone from the hub (its secret a bcrypt hash): still known
+    (hub / "passwords" / first).unlink()
+    assert _make_secrets(hub, second).stderr.startswith(clash)
+    # both in one run: refused before anything is written
+    fresh = _make_secrets(tmp_path / "fresh", first, second)
+    assert fresh.returncode == 2 and fresh.stderr.startswith(clash)
+    assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("name", ["gateway", "admin", "site", "Gateway"])
+def test_make_secrets_refuses_the_hubs_own_users_as_worker_names(name: str, tmp_path: Path) -> None:
+    hub = tmp_path / "nats"
+    assert _make_secrets(hub).returncode == 0
+    before = _files(hub)  # a worker "gateway" would have overwritten passwords/gateway
+    done = _make_secrets(hub, name)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"make-secrets: '{name}' is one of the hub's own users (gateway, admin, site), not a worker name"
+    ]
+    assert _files(hub) == before
