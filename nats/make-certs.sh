@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
         --server) value "$@"; servers+=("$2"); shift 2 ;;
         --client) value "$@"; clients+=("$2"); shift 2 ;;
         --days) value "$@"; days="$2"; shift 2 ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) usage "unknown argument '$1'" ;;
     esac
 done

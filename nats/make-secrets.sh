@@ -20,7 +20,7 @@ dir="$(dirname "$0")"
 while [ $# -gt 0 ]; do
     case "$1" in
         --dir) [ $# -ge 2 ] && [ -n "$2" ] || usage "--dir needs a directory (see --help)"; dir="$2"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --*) usage "unknown option '$1' (see --help)" ;;
         *) break ;;
     esac

@@ -12,15 +12,20 @@
 # (HIVE_NATS_NKEY_SEED_FILE on its side) and no password exists; without it, the password is the
 # variable WORKER_<NAME>_PASSWORD of secrets.conf: nats/make-secrets.sh NAME adds it, and writes the
 # worker's copy to passwords/NAME. One name per machine (or per leaf site): workers sharing a name
-# could write each other's heartbeats and read each other's inboxes.
+# could write each other's heartbeats and read each other's inboxes. gateway, admin and site are
+# the hub's own users, refused as names.
 set -euo pipefail
+
+value() { # value OPTION [VALUE...]: the option's value, or a usage message
+    [ $# -ge 2 ] && [ -n "$2" ] && [[ "$2" != --* ]] || { echo "worker-user: $1 needs a value (see --help)" >&2; exit 2; }
+}
 
 prefix=hive
 nkey=""
 while [ $# -gt 0 ]; do
     case "$1" in
-        --prefix) prefix="${2:?--prefix needs a value}"; shift 2 ;;
-        --nkey) nkey="${2:?--nkey needs a public user nkey (U...)}"; shift 2 ;;
+        --prefix) value "$@"; prefix="$2"; shift 2 ;;
+        --nkey) value "$@"; nkey="$2"; shift 2 ;;
         -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --*) echo "worker-user: unknown option '$1' (see --help)" >&2; exit 2 ;;
         *) break ;;
@@ -34,6 +39,11 @@ name="$1"
 shift
 token='^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$'
 [[ "$name" =~ $token ]] || { echo "worker-user: worker name '$name' must be 1-64 letters, digits, '_' or '-'" >&2; exit 2; }
+# the users the shipped configs define besides the workers (accounts.conf, leafnodes.conf): a block
+# for one of them would be a duplicate user, and its password variable not that user's
+case "${name,,}" in
+    gateway|admin|site) echo "worker-user: '$name' is one of the hub's own users (gateway, admin, site), not a worker name" >&2; exit 2 ;;
+esac
 [[ "$prefix" =~ ^[a-z][a-z0-9_]{0,31}$ ]] || { echo "worker-user: prefix '$prefix' must be 1-32 lower-case letters, digits or '_', starting with a letter" >&2; exit 2; }
 for p in "$@"; do
     [[ "$p" =~ $token ]] || { echo "worker-user: provider '$p' must be 1-64 letters, digits, '_' or '-'" >&2; exit 2; }

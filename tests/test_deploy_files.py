@@ -341,3 +341,48 @@ def test_make_secrets_refuses_the_hubs_own_users_as_worker_names(name: str, tmp_
         f"make-secrets: '{name}' is one of the hub's own users (gateway, admin, site), not a worker name"
     ]
     assert _files(hub) == before
+
+
+def _shipped_users() -> set[str]:
+    """The users the shipped nats/ configs define that are not worker blocks (worker-user.sh's)."""
+    users = set()
+    for conf in ("accounts.conf", "leafnodes.conf"):
+        text = (REPO / "nats" / conf).read_text()
+        workers = set(re.findall(r'# worker "([^"]+)"', text))
+        users |= set(re.findall(r'\buser: "?([A-Za-z0-9_-]+)"?', text)) - workers
+    return users
+
+
+@pytest.mark.parametrize("name", sorted(_shipped_users()) + ["Gateway"])
+def test_worker_user_refuses_the_hubs_own_users(name: str) -> None:
+    # its block pasted into accounts.conf made `nats-server -t` fail: Duplicate user "gateway"
+    done = _script([str(REPO / "nats/worker-user.sh"), name, "echo"], REPO)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"worker-user: '{name}' is one of the hub's own users (gateway, admin, site), not a worker name"
+    ]
+
+
+def test_the_shipped_configs_define_the_users_the_scripts_refuse() -> None:
+    assert _shipped_users() == {"gateway", "admin", "site"}
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "says"),
+    [("worker-user.sh", ["--prefix"], "worker-user: --prefix needs a value (see --help)"),
+     ("worker-user.sh", ["--nkey", "--prefix", "hive", "pi", "echo"], "worker-user: --nkey needs a value (see --help)"),
+     ("make-secrets.sh", ["--dir"], "make-secrets: --dir needs a directory (see --help)")],
+)  # fmt: skip
+def test_the_other_scripts_say_an_option_lacks_its_value(
+    script: str, args: list[str], says: str, tmp_path: Path
+) -> None:
+    done = _script([str(REPO / "nats" / script), *args], tmp_path)
+    assert (done.returncode, done.stdout, done.stderr.splitlines()) == (2, "", [says])
+
+
+@pytest.mark.parametrize("script", ["make-certs.sh", "make-secrets.sh", "worker-user.sh"])
+def test_help_is_the_scripts_header_comment(script: str) -> None:
+    text = (REPO / "nats" / script).read_text().splitlines()
+    header = [line.removeprefix("#").removeprefix(" ") for line in text[1 : text.index("set -euo pipefail")]]
+    done = _script([str(REPO / "nats" / script), "--help"], REPO)
+    assert done.returncode == 0 and done.stdout.splitlines() == header
