@@ -353,7 +353,7 @@ def _shipped_users() -> set[str]:
     return users
 
 
-@pytest.mark.parametrize("name", sorted(_shipped_users()) + ["Gateway"])
+@pytest.mark.parametrize("name", [*sorted(_shipped_users()), "Gateway"])
 def test_worker_user_refuses_the_hubs_own_users(name: str) -> None:
     # its block pasted into accounts.conf made `nats-server -t` fail: Duplicate user "gateway"
     done = _script([str(REPO / "nats/worker-user.sh"), name, "echo"], REPO)

@@ -8,13 +8,13 @@ import logging
 import os
 import socket
 import threading
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import nkeys  # type: ignore[import-untyped]
 import pytest
 
@@ -182,8 +182,8 @@ async def test_a_tls_url_takes_a_server_that_allows_both_to_tls(tmp_path: Path) 
         )
         nc = await connect_nats(settings, name="both")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/connz", timeout=5) as answer:
-                connz = json.load(answer)
+            async with httpx.AsyncClient(timeout=5) as http:
+                connz = (await http.get(f"http://127.0.0.1:{http_port}/connz")).json()
         finally:
             await nc.close()
     finally:
