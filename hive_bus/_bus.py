@@ -45,8 +45,9 @@ from nats.js.kv import KeyValue
 
 from ._credentials import closed_hint, connect_options, nats_client, refusal, server_urls
 from ._errors import BusConfigError, BusRefused, BusUnavailable
+from ._kv_read import kv_entries as kv_entries
 from ._names import PRIORITIES, Names, is_valid_token
-from ._nats import BUS_ERRORS, kv_parts, unsubscribe, why
+from ._nats import BUS_ERRORS, unsubscribe, why
 from ._settings import Settings, redact_url
 
 log = logging.getLogger("hive_bus.bus")
@@ -867,11 +868,12 @@ class _DomainWrites:
 
     def __init__(self, js: JetStreamContext, domain: str) -> None:
         self._js = js
-        self._prefix = f"$JS.{domain}.API."
+        # not ``_prefix``: that is the context's own API prefix, which a bucket's direct gets read through
+        self._writes_to = f"$JS.{domain}.API."
 
     async def publish(self, subject: str, *args: Any, **kwargs: Any) -> Any:
         if subject.startswith("$KV."):
-            subject = self._prefix + subject
+            subject = self._writes_to + subject
         return await self._js.publish(subject, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -920,35 +922,3 @@ async def consumer_infos(bus: Bus, stream: str) -> list[ConsumerInfo]:
         found.extend(page)
         if len(page) < 256:
             return found
-
-
-async def kv_entries(kv: KeyValue, pattern: str = ">", *, timeout_s: float = 5.0) -> dict[str, bytes]:
-    """The current values of the keys matching ``pattern`` (deleted keys left out). Raises
-    ``NotFoundError`` when the bucket does not exist.
-
-    Read by a consumer of the bucket's stream that delivers each key's last message: as many as the
-    consumer counted when it was made. nats-py's watcher marks the end of the current values by
-    comparing the consumer's pending count with what its subscription has handled, and under load it
-    can mark the end before a value already on its way: a read that came back empty."""
-    js, stream, prefix = kv_parts(kv)
-    config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-        ack_policy=AckPolicy.NONE,
-        mem_storage=True,
-        inactive_threshold=60.0,
-    )
-    psub = await js.pull_subscribe(prefix + pattern, stream=stream, config=config)
-    found: dict[str, bytes] = {}
-    try:
-        remaining = (await psub.consumer_info()).num_pending or 0
-        while remaining > 0:
-            msgs = await psub.fetch(min(remaining, 1000), timeout=timeout_s)
-            for msg in msgs:
-                if msg.data:  # a delete or purge marker has none
-                    found[msg.subject[len(prefix) :]] = msg.data
-                else:
-                    found.pop(msg.subject[len(prefix) :], None)
-            remaining -= len(msgs)
-    finally:
-        await unsubscribe(psub)  # the consumer goes once inactive
-    return found

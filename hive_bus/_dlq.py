@@ -14,6 +14,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
@@ -25,7 +26,7 @@ from ._bus import Bus, ensure_dlq_stream, stream_names
 from ._errors import BusUnavailable, HiveError, TaskNotFound, TooLarge
 from ._messages import Failed, Task, encoder, event_decoder, is_task_id, new_seal, now_ms
 from ._names import check_provider
-from ._nats import BUS_ERRORS, delete_message
+from ._nats import BUS_ERRORS, delete_message, unsubscribe
 from ._size import js_publish
 from ._timers import deadline_schedule, ensure_schedules_stream
 
@@ -130,8 +131,9 @@ async def _letters(bus: Bus, stream: str, provider: str | None, limit: int) -> l
                     if isinstance(event, Failed):
                         found.append(DeadLetter(seq=msg.metadata.sequence.stream, failed=event))
     finally:
-        with contextlib.suppress(*BUS_ERRORS):
-            await sub.unsubscribe()
+        await unsubscribe(sub)
+        # at once, even when the read is cancelled (its client went): polled reads must not pile up
+        with anyio.CancelScope(shield=True), anyio.move_on_after(3), contextlib.suppress(*BUS_ERRORS):
             await bus.js.delete_consumer(stream, info.name)
     return found
 

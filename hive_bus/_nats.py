@@ -2,7 +2,8 @@
 
 nats-py leaves a few things hive-bus needs without a public name: writing many messages to the
 connection in one go (``Client._send_command``/``_flush_pending`` and the ``stats`` counters they skip),
-the stream, subject prefix and JetStream context of a ``KeyValue`` (``_js``/``_stream``/``_pre``), the
+the stream, subject prefix and JetStream context of a ``KeyValue`` (``_js``/``_stream``/``_pre``) and
+whether it takes direct gets (``_direct``, with its context's client and API prefix ``_nc``/``_prefix``), the
 stream sequence in a message's reply subject (``Msg.Metadata._get_metadata_fields``), and a pull request
 that answers at once on an empty consumer (its ``fetch`` always waits); and one it replaces, the parser
 of a message's header block (``Client._parse_header_lines``, see :func:`parse_header_lines`). Each is
@@ -43,7 +44,8 @@ BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 #: Every private name of nats-py used below, by the object it is read from.
 PRIVATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "nats.aio.client.Client": ("_send_command", "_flush_pending", "stats", "_parse_header_lines"),
-    "nats.js.kv.KeyValue": ("_js", "_stream", "_pre"),
+    "nats.js.kv.KeyValue": ("_js", "_stream", "_pre", "_direct"),
+    "nats.js.client.JetStreamContext": ("_nc", "_prefix"),
     "nats.aio.msg.Msg.Metadata": ("_get_metadata_fields",),
 }
 
@@ -135,6 +137,14 @@ def reconnects(nc: NATS) -> int:
 def kv_parts(kv: KeyValue) -> tuple[JetStreamContext, str, str]:
     """A bucket's JetStream context, stream name and subject prefix (``$KV.<bucket>.``)."""
     return kv._js, kv._stream, kv._pre
+
+
+def kv_direct(kv: KeyValue) -> tuple[NATS, str] | None:
+    """A bucket's client and the subject of its stream's direct gets (``$JS[.<domain>].API.DIRECT.GET.
+    <stream>``), which batched gets are sent to; None when the bucket takes no direct gets."""
+    if not kv._direct:
+        return None
+    return kv._js._nc, f"{kv._js._prefix}.DIRECT.GET.{kv._stream}"
 
 
 def stream_seq(reply: str) -> int | None:

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 
+import anyio
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -139,6 +140,6 @@ async def _count(bus: Bus, subject: str | list[str], *, stream: str) -> int:
     try:
         return int(info.num_pending or 0)
     finally:
-        # if this fails, the consumer goes by itself after inactive_threshold
-        with contextlib.suppress(*BUS_ERRORS):
+        # at once, even when the read is cancelled; if this fails, it goes after inactive_threshold
+        with anyio.CancelScope(shield=True), anyio.move_on_after(3), contextlib.suppress(*BUS_ERRORS):
             await bus.js.delete_consumer(stream, info.name)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import time
 
+import anyio
 import pytest
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.kv import KeyValue
 from ulid import ULID
 
 from hive_bus import BusConfigError, Settings
-from hive_bus._bus import consumer_config, ensure_consumer, ensure_consumers
+from hive_bus._bus import Bus, consumer_config, ensure_consumer, ensure_consumers, kv_entries
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import is_task_id, new_task_id
 from hive_bus.bus import open_bus
@@ -148,3 +150,34 @@ async def test_a_submission_another_stream_would_take_is_refused(settings: Setti
         with pytest.raises(BusUnavailable, match=f"meant for {names.tasks_stream} was stored in STRAY"):
             await Hive(bus).submit("echo", "meant for the tasks stream")
         await bus.js.delete_stream("STRAY")
+
+
+async def test_a_bucket_is_read_whole_without_leaving_a_consumer(bus: Bus, settings: Settings) -> None:
+    """kv_entries reads a bucket by batched direct gets (a bucket of more keys than one such get
+    answers for, too), or, for a bucket without direct gets, through a consumer deleted when the read
+    ends: the consumer each read left for a minute piled up under polling, to the account's limit."""
+    for direct in (True, False):
+        kv = await bus.js.create_key_value(
+            KeyValueConfig(
+                bucket=f"{settings.prefix}_read_{direct}",
+                history=1,
+                storage=StorageType.MEMORY,
+                direct=direct,
+            )
+        )
+        keys = 1100 if direct else 20  # nats-server's batched get answers for at most 1024 keys
+
+        async with anyio.create_task_group() as tg:
+            for first in range(50):
+                tg.start_soon(_put_every, kv, first, 50, keys)
+        await kv.delete("k.3")
+        await kv.put("other.1", b"o")
+        want = {f"k.{i}": b"v%d" % i for i in range(keys) if i != 3}
+        assert await kv_entries(kv, "k.>") == want, f"direct={direct}"
+        assert await kv_entries(kv) == want | {"other.1": b"o"}, f"direct={direct}"
+        assert (await bus.js.stream_info(f"KV_{settings.prefix}_read_{direct}")).state.consumer_count == 0
+
+
+async def _put_every(kv: KeyValue, first: int, step: int, end: int) -> None:
+    for i in range(first, end, step):
+        await kv.put(f"k.{i}", b"v%d" % i)

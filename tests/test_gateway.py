@@ -364,6 +364,41 @@ async def test_stats_per_provider(stack: Stack) -> None:
     assert (rows["nobody"]["pending"], rows["nobody"]["workers"], rows["nobody"]["completed"]) == (2, 0, 0)
 
 
+async def _bucket_consumers(bus: Bus) -> dict[str, int]:
+    streams = [f"KV_{bus.names.workers_bucket}", f"KV_{bus.names.providers_bucket}"]
+    return {s: (await bus.js.stream_info(s)).state.consumer_count for s in streams}
+
+
+async def test_concurrent_stats_reads_leave_no_consumer_on_the_buckets(stack: Stack) -> None:
+    """GET /v1/stats and Hive.stats read the heartbeats and cooldowns by direct gets: a consumer made
+    per read lingered for a minute, and a dashboard polled by many clients took the account to its
+    consumer limit, after which the stats (and all else that needs a consumer) answered 503."""
+    async with running_worker(stack.bus, "echo", EchoProvider()):
+        await eventually(lambda: _named(stack, "echo"), 5, "the stats to name echo")
+        before = await _bucket_consumers(stack.bus)
+        codes: list[int] = []
+        hive = Hive(stack.bus)
+
+        async def over_http() -> None:
+            codes.append((await stack.http.get("/v1/stats")).status_code)
+
+        async def by_library() -> None:
+            assert [row.provider for row in await hive.stats()] == ["echo"]
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(40):
+                tg.start_soon(over_http)
+                tg.start_soon(by_library)
+        after = await _bucket_consumers(stack.bus)
+    assert codes == [200] * 40
+    assert after == before
+
+
+async def _named(stack: Stack, provider: str) -> bool | None:
+    rows = (await stack.http.get("/v1/stats")).json()
+    return True if any(row["provider"] == provider for row in rows) else None
+
+
 async def test_metrics_are_served_in_prometheus_format(stack: Stack) -> None:
     async with running_worker(stack.bus, "echo", EchoProvider()):
         for i in range(2):

@@ -18,13 +18,14 @@ from nats.js.api import ConsumerConfig, PubAck
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from hive_bus._bus import Bus, ensure_events
+from hive_bus._bus import Bus, ensure_events, kv_entries
 from hive_bus._nats import (
     NATS_HEADER_PARSER,
     PRIVATE_ATTRIBUTES,
     PullInbox,
     delivery_count,
     follow,
+    kv_direct,
     kv_parts,
     num_pending,
     parse_header_lines,
@@ -46,6 +47,7 @@ def _real_object(bus: Bus, owner: str) -> object:
     return {
         "nats.aio.client.Client": bus.nc,
         "nats.js.kv.KeyValue": bus.workers_kv,
+        "nats.js.client.JetStreamContext": kv_parts(bus.workers_kv)[0],
         "nats.aio.msg.Msg.Metadata": Msg.Metadata,
     }[owner]
 
@@ -80,6 +82,10 @@ async def test_the_seam_reads_what_nats_py_keeps_private(bus: Bus) -> None:
     await bus.workers_kv.put("w1", b"beat")
     got = await js.get_last_msg(stream, prefix + "w1")
     assert got.data == b"beat", "KeyValue._js/_stream/_pre no longer name the bucket's stream and subjects"
+    direct = kv_direct(bus.workers_kv)
+    assert direct is not None and direct[0] is bus.nc, "KeyValue._direct or JetStreamContext._nc is wrong"
+    assert direct[1] == f"$JS.API.DIRECT.GET.{stream}", "JetStreamContext._prefix is not the API prefix"
+    assert await kv_entries(bus.workers_kv) == {"w1": b"beat"}, "a batched get does not read the bucket"
 
     assert raw_writer(bus.nc) is not None, "Client._send_command/_flush_pending are gone"
     assert isinstance(bus.nc.stats["out_msgs"], int), "Client.stats['out_msgs'] is gone"
