@@ -18,6 +18,7 @@ from hive_bus._embedded import NatsServer
 from hive_bus._messages import Queued
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.services.list_reads import ListReadLimits
 from hive_bus.workers.echo import EchoProvider
 
 from .conftest import make_settings
@@ -71,9 +72,9 @@ class Stack:
 
 
 @asynccontextmanager
-async def serving(settings: Settings) -> AsyncIterator[Stack]:
+async def serving(settings: Settings, list_reads: ListReadLimits | None = None) -> AsyncIterator[Stack]:
     async with open_bus(settings) as bus:
-        gateway = Gateway(Hive(bus), GatewayOptions(port=0))
+        gateway = Gateway(Hive(bus), GatewayOptions(port=0, list_reads=list_reads or ListReadLimits()))
         async with anyio.create_task_group() as tg:
             await tg.start(gateway.serve)
             async with httpx.AsyncClient(base_url=gateway.url, timeout=15) as http:
@@ -253,3 +254,26 @@ async def test_the_openapi_document_names_the_list_filters(stack: Stack) -> None
     schema = (await stack.http.get("/openapi.json")).json()
     params = {p["name"] for p in schema["paths"]["/v1/tasks"]["get"]["parameters"]}
     assert {"meta", "batch", "schedule"} <= params
+
+
+async def test_list_reads_beyond_the_gateways_bound_wait_then_answer_503(settings: Settings) -> None:
+    """GET /v1/tasks reads a few lists at a time: one that waited its turn too long is a 503 with
+    Retry-After, never a 500; eighty at once of 500 tasks each took a gateway's memory past 400 MB."""
+    async with serving(settings, ListReadLimits(at_once=1, wait_s=0.05)) as stack:
+        hive = Hive(stack.bus)
+        for i in range(300):
+            await hive.submit("nobody", prompt=f"p{i}")
+        answers: list[httpx.Response] = []
+
+        async def list_all() -> None:
+            answers.append(await stack.http.get("/v1/tasks", params={"limit": 500}))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(30):
+                tg.start_soon(list_all)
+    codes = sorted({r.status_code for r in answers})
+    assert codes == [200, 503], codes
+    busy = next(r for r in answers if r.status_code == 503)
+    assert busy.json()["error"]["code"] == "busy" and busy.headers["Retry-After"] == "2", busy.text
+    assert all(len(r.json()) == 300 for r in answers if r.status_code == 200)
+

@@ -53,6 +53,7 @@ from hive_bus._nats import BUS_ERRORS
 
 from . import answers
 from .answers import BatchAccepted, ErrorBody, TaskAccepted
+from .list_reads import ListReads
 from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics, UsageSince, lost_count
 from .webhooks.api import refusal as webhook_refusal
 
@@ -393,10 +394,12 @@ async def list_tasks(
     what is returned; ``status`` and ``provider`` are applied to the newest 2,000 such tasks at most)."""
     hive = _hive(state)
     wanted = _wanted(meta, batch, schedule)
-    if wanted:
-        found = await hive.find(wanted, status=status, provider=checked_provider(provider), limit=limit)
-        return [view.trimmed() for view in found]
-    return await hive.recent(status=status, provider=checked_provider(provider), limit=limit)
+    reads: ListReads = state.list_reads
+    async with reads.turn():  # a few at a time, however many ask (services.list_reads)
+        if wanted:
+            found = await hive.find(wanted, status=status, provider=checked_provider(provider), limit=limit)
+            return [view.trimmed() for view in found]
+        return await hive.recent(status=status, provider=checked_provider(provider), limit=limit)
 
 
 def _wanted(meta: list[str] | None, batch: str | None, schedule: str | None) -> dict[str, str]:

@@ -51,6 +51,7 @@ from .edge import Edge
 from .fastpath import FastSubmit
 from .files_api import FILE_ROUTES
 from .limits import ConnectionLimits, HttpChoice, ensure_file_limit, http_parser, limited_protocol
+from .list_reads import ListReadLimits, ListReads
 from .metrics import BusMetrics
 from .openai_chat import CHAT_ROUTES, DEFAULT_CHAT_WAIT_S, Catalog
 from .openai_errors import of_answer, speaks_openai
@@ -86,6 +87,8 @@ class GatewayOptions:
     chat_wait_s: float = DEFAULT_CHAT_WAIT_S
     # webhooks (services.webhooks): none are sent without a secret
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    # how many task lists (GET /v1/tasks) the gateway reads at once, and how long one waits its turn
+    list_reads: ListReadLimits = field(default_factory=ListReadLimits)
 
 
 # errors ------------------------------------------------------------------------------------------
@@ -183,6 +186,7 @@ def create_app(
         "stream_keepalive_s": options.stream_keepalive_s,
         "webhooks": options.webhooks,
         "webhook_watch": WebhookWatch(),
+        "list_reads": ListReads(options.list_reads),
     }
     app = Litestar(
         route_handlers=[
