@@ -25,7 +25,7 @@ from ._assigned import marker_seq, task_at
 from ._bus import Bus, event_providers
 from ._errors import BusUnavailable, TaskNotFound
 from ._messages import Moved, Queued, Task, TaskView, decode_event, is_task_id
-from ._nats import BUS_ERRORS, follow, num_pending, unsubscribe
+from ._nats import BUS_ERRORS, follow, num_pending, unsubscribe, why
 
 if TYPE_CHECKING:
     from ._client import Hive
@@ -56,12 +56,13 @@ async def recent_tasks(
     most = max(span, MAX_TAIL_EVENTS // max(1, len(providers)))
     while True:
         tails: list[_Tail] = []
-        try:
-            async with anyio.create_task_group() as tg:
-                for of in providers:
-                    tg.start_soon(_read_tail, bus, of, span, tails)
-        except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not read the events streams: {exc}") from None
+        failed: list[str] = []
+        # each read says what failed rather than raising: a task group would raise an ExceptionGroup
+        async with anyio.create_task_group() as tg:
+            for of in providers:
+                tg.start_soon(_read_tail, bus, of, span, tails, failed)
+        if failed:
+            raise BusUnavailable(f"could not read the events streams' tails: {'; '.join(sorted(failed))}")
         found, tasks, at, moved = await _latest(hive, tails, status, limit)
         if len(found) >= limit or status is None or span >= most or all(t.whole for t in tails):
             break
@@ -120,11 +121,23 @@ class _Tail:
     whole: bool = True  # the stream read from its first event: reading further back finds nothing more
 
 
-async def _read_tail(bus: Bus, provider: str, span: int, tails: list[_Tail]) -> None:
+async def _read_tail(bus: Bus, provider: str, span: int, tails: list[_Tail], failed: list[str]) -> None:
     """The tail of ``provider``'s events stream, its last ``span`` events (older tasks are not
-    "recent"), added to ``tails``; nothing for a provider without a stream."""
+    "recent"), added to ``tails``; nothing for a provider without a stream. What went wrong (the bus
+    did not answer, or not all of the tail within the bus's request timeout) is added to ``failed``."""
+    stream = bus.names.events_stream_of(provider)
+    timeout_s = bus.settings.request_timeout_s
+    try:
+        with anyio.fail_after(timeout_s):
+            await _tail_of(bus, provider, stream, span, tails)
+    except TimeoutError:
+        failed.append(f"reading the last {span} events of {stream} timed out after {timeout_s:g} s")
+    except BUS_ERRORS as exc:
+        failed.append(f"{stream}: {why(exc)}")
+
+
+async def _tail_of(bus: Bus, provider: str, stream: str, span: int, tails: list[_Tail]) -> None:
     names = bus.names
-    stream = names.events_stream_of(provider)
     try:
         info = await bus.js.stream_info(stream)
     except nats.js.errors.NotFoundError:
@@ -149,8 +162,7 @@ async def _read_tail(bus: Bus, provider: str, span: int, tails: list[_Tail]) -> 
 
     sub = await follow(bus.js, names.events(provider), stream=stream, config=config, cb=collect)
     try:
-        with anyio.move_on_after(bus.settings.request_timeout_s):
-            await read.wait()
+        await read.wait()  # bounded by the caller's deadline
     finally:
         await unsubscribe(sub)
     for msg in got:  # no await below: the callback adds nothing meanwhile

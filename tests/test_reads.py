@@ -22,7 +22,7 @@ from hive_bus.services.list_reads import ListReadLimits
 from hive_bus.workers.echo import EchoProvider
 
 from .conftest import make_settings
-from .helpers import events_of, hive_cli, running_worker
+from .helpers import TcpRelay, events_of, hive_cli, running_worker
 
 pytestmark = pytest.mark.anyio
 
@@ -277,3 +277,22 @@ async def test_list_reads_beyond_the_gateways_bound_wait_then_answer_503(setting
     assert busy.json()["error"]["code"] == "busy" and busy.headers["Retry-After"] == "2", busy.text
     assert all(len(r.json()) == 300 for r in answers if r.status_code == 200)
 
+
+async def test_a_timeout_reading_the_events_tails_is_a_503(nats_server: NatsServer) -> None:
+    """A tail read that the bus does not answer in time is a 503 naming the stream and the wait, not
+    an ExceptionGroup out of the read's task group (a 500)."""
+    relay = TcpRelay(int(nats_server.url.rsplit(":", 1)[1]))
+    settings = make_settings(relay.url, request_timeout_s=1.0)
+    async with serving(settings) as stack:
+        try:
+            await Hive(stack.bus).submit("nobody", prompt="x")
+            assert (await stack.http.get("/v1/tasks", params={"provider": "nobody"})).status_code == 200
+            relay.stall()
+            r = await stack.http.get("/v1/tasks", params={"provider": "nobody"})
+        finally:
+            relay.cut()
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5", r.text
+    error = r.json()["error"]
+    assert error["code"] == "bus_unavailable", error
+    stream = settings.names.events_stream_of("nobody")
+    assert f"events of {stream} timed out after 1 s" in error["message"], error
