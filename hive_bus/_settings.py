@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Mapping
 from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -20,8 +20,13 @@ _FOREIGN_ENV = frozenset({"HIVE_LOG_LEVEL", "HIVE_LOOP", "HIVE_METRICS_TOKEN", "
 # read by the gateway, whose own loaders reject unknown ones (HIVE_WEBHOOK: HIVE_WEBHOOK_* and HIVE_WEBHOOKS*)
 _FOREIGN_PREFIXES = ("HIVE_GATEWAY_", "HIVE_WEBHOOK")
 
-PositiveSeconds = Annotated[float, Meta(gt=0)]
-PositiveInt = Annotated[int, Meta(gt=0)]
+# Durations are finite and at most ten years: JetStream takes them in nanoseconds (an int64), and a
+# longer one is a typo, not a plan. inf and nan fail the bound too (msgspec compares them as floats).
+MAX_SECONDS = 10 * 365 * 86400.0
+PositiveSeconds = Annotated[float, Meta(gt=0, le=MAX_SECONDS)]
+# Sizes and counts go to JetStream, which takes them as int64.
+INT64_MAX = 2**63 - 1
+PositiveInt = Annotated[int, Meta(gt=0, le=INT64_MAX)]
 # JetStream keeps 1, 3 or 5 copies of a stream in practice; R5 is its largest sensible setting.
 Replicas = Annotated[int, Meta(ge=1, le=5)]
 # Fields whose values are secrets: never shown in a repr, a log line or an error message.
@@ -132,6 +137,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def __post_init__(self) -> None:
         Names(self.prefix)  # validates the prefix
+        check_nats_urls(self.nats_url)
         _check_credentials(self)
         if self.heartbeat_ttl_s < 2 * self.heartbeat_interval_s:
             raise SettingsError(
@@ -186,6 +192,43 @@ def _check_credentials(s: Settings) -> None:
             f"HIVE_WORKER_NAME (--name) {s.worker_name!r} must be 1-64 letters, digits, '_' or '-' "
             "(it becomes a subject token)"
         )
+
+
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def check_nats_urls(urls: str) -> None:
+    """``HIVE_NATS_URL`` as nats-py reads it: one or more URLs separated by commas, each
+    ``SCHEME://HOST[:PORT]`` (nats, tls, ws or wss) or a bare ``HOST[:PORT]`` (nats, port 4222). A bad
+    one fails here, naming it without its password; nats-py would spin or fail deep in its connect."""
+    entries = [u.strip() for u in urls.split(",") if u.strip()]
+    if not entries:
+        raise SettingsError("HIVE_NATS_URL (--nats) is empty: give a URL such as nats://127.0.0.1:4222")
+    for entry in entries:
+        scheme, sep, _ = entry.partition("://")
+        why: str | None
+        if sep and scheme not in NATS_SCHEMES:  # nats-py knows them in lower case only
+            why = f"the scheme must be one of {', '.join(NATS_SCHEMES)}"
+        else:
+            why = _bad_address(entry if sep else f"nats://{entry}")
+        if why:
+            raise SettingsError(f"HIVE_NATS_URL (--nats) {redact_url(entry)!r}: {why}")
+    websocket = {u.partition("://")[0] in ("ws", "wss") for u in entries}
+    if len(websocket) > 1:
+        raise SettingsError("HIVE_NATS_URL (--nats) mixes websocket (ws, wss) and other URLs: give one kind")
+
+
+def _bad_address(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "the port must be a number from 1 to 65535"
+    if not parts.hostname:
+        return "it names no host"
+    if port == 0:
+        return "the port must be a number from 1 to 65535"
+    return None
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -265,10 +308,11 @@ def redact_url(url: str) -> str:
     and error messages."""
     if "," in url:
         return ",".join(redact_url(u.strip()) for u in url.split(","))
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    # by hand, not urlsplit: a bare user:password@host has no scheme, and a bad port must not raise
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    netloc, slash, tail = rest.partition("/")
+    if "@" not in netloc:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    return f"{scheme}{sep}***@{netloc.rpartition('@')[2]}{slash}{tail}"

@@ -196,6 +196,18 @@ def test_bad_arguments_are_one_clear_line(nats_server: NatsServer, args: list[st
     assert says in line
 
 
+@pytest.mark.parametrize("url", ["", " ", ",", "nats://", "nats://:0", "nats://127.0.0.1:99999"])
+@pytest.mark.parametrize("command", [["stats"], ["worker", "echo"]])
+def test_a_bad_nats_url_is_one_clear_line(command: list[str], url: str) -> None:
+    line = _one_clear_line(hive_cli([*command, "--nats", url], timeout_s=10))
+    assert line.startswith("Error: invalid setting: HIVE_NATS_URL (--nats)")
+
+
+def test_an_empty_nats_url_variable_is_one_clear_line() -> None:
+    line = _one_clear_line(hive_cli(["stats"], env={"HIVE_NATS_URL": ""}, timeout_s=10))
+    assert "HIVE_NATS_URL (--nats) is empty" in line
+
+
 def test_usage_errors_say_which_option_is_wrong(nats_server: NatsServer) -> None:
     result = hive_cli(["submit", "echo", "hi", "--payload", "{nope", "--nats", nats_server.url])
     assert result.returncode == 2

@@ -32,6 +32,20 @@ def test_unknown_variable_is_named() -> None:
         ({"HIVE_HEARTBEAT_TTL_S": "6"}, "heartbeat_ttl_s"),
         ({"HIVE_AUDIT_GRACE_S": "8", "HIVE_REQUEST_TIMEOUT_S": "5"}, "audit_grace_s"),
         ({"HIVE_AUDIT_EVERY_S": "0"}, "HIVE_AUDIT_EVERY_S"),
+        ({"HIVE_ACK_WAIT_S": "inf"}, "HIVE_ACK_WAIT_S"),
+        ({"HIVE_ACK_WAIT_S": "nan"}, "HIVE_ACK_WAIT_S"),
+        ({"HIVE_EVENTS_MAX_AGE_S": "1e300"}, "HIVE_EVENTS_MAX_AGE_S"),
+        ({"HIVE_TASKS_MAX_BYTES": "99999999999999999999"}, "HIVE_TASKS_MAX_BYTES"),
+        ({"HIVE_TASKS_MAX_MSGS": str(2**63)}, "HIVE_TASKS_MAX_MSGS"),
+        ({"HIVE_NATS_URL": ""}, "HIVE_NATS_URL"),
+        ({"HIVE_NATS_URL": " "}, "HIVE_NATS_URL"),
+        ({"HIVE_NATS_URL": ","}, "HIVE_NATS_URL"),
+        ({"HIVE_NATS_URL": "nats://"}, "HIVE_NATS_URL"),
+        ({"HIVE_NATS_URL": "nats://:0"}, "HIVE_NATS_URL"),
+        ({"HIVE_NATS_URL": "nats://127.0.0.1:0"}, "HIVE_NATS_URL"),
+        ({"HIVE_NATS_URL": "nats://127.0.0.1:99999"}, "HIVE_NATS_URL"),
+        ({"HIVE_NATS_URL": "http://127.0.0.1:4222"}, "HIVE_NATS_URL"),
+        ({"HIVE_NATS_URL": "nats://a:4222,ws://b:8080"}, "HIVE_NATS_URL"),
     ],
 )
 def test_bad_values_are_named(env: dict[str, str], named: str) -> None:
@@ -39,10 +53,41 @@ def test_bad_values_are_named(env: dict[str, str], named: str) -> None:
         load_settings(env)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "localhost",
+        "localhost:4222",
+        "nats://pi.local",
+        "tls://a:4222, tls://b:4222,",
+        "wss://pi.local/nats",
+        "nats://[::1]:4222",
+    ],
+)
+def test_the_nats_urls_that_nats_py_takes_are_taken(url: str) -> None:
+    assert load_settings({"HIVE_NATS_URL": url}).nats_url == url
+
+
+def test_a_bad_nats_url_is_named_without_its_password() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({}, nats_url="nats://alice:s3cr3t@127.0.0.1:99999")
+    assert "s3cr3t" not in str(caught.value)
+    assert "HIVE_NATS_URL (--nats) 'nats://***@127.0.0.1:99999': the port must be" in str(caught.value)
+
+
+def test_durations_and_sizes_up_to_their_bounds_are_taken() -> None:
+    settings = load_settings(
+        {"HIVE_EVENTS_MAX_AGE_S": str(10 * 365 * 86400), "HIVE_TASKS_MAX_BYTES": str(2**63 - 1)}
+    )
+    assert settings.tasks_max_bytes == 2**63 - 1
+
+
 def test_secrets_are_redacted_from_urls() -> None:
     assert redact_url("nats://alice:pw@pi.local:4222") == "nats://***@pi.local:4222"
     assert redact_url("tls://token@pi.local") == "tls://***@pi.local"
     assert redact_url("nats://pi.local:4222") == "nats://pi.local:4222"
+    assert redact_url("alice:pw@pi.local:4222") == "***@pi.local:4222"
+    assert redact_url("nats://alice:pw@pi.local:99999") == "nats://***@pi.local:99999"
 
 
 def test_a_newer_task_with_unknown_fields_still_decodes() -> None:
