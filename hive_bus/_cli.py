@@ -12,6 +12,7 @@ import functools
 import gc
 import importlib.util
 import logging
+import math
 import os
 import re
 import sys
@@ -48,7 +49,7 @@ from ._messages import (
 from ._prices import PriceFileError, PriceTable
 from ._providers import HandlerError, Provider, load_handler
 from ._routes import ENV_ROUTES, Routes, RoutesError
-from ._settings import ENV_PREFIX, Settings, SettingsError, load_settings, with_overrides
+from ._settings import ENV_PREFIX, MAX_SECONDS, Settings, SettingsError, load_settings, with_overrides
 from ._signals import until_stopped
 from ._streamed import StreamEnded, StreamRestarted, StreamText
 from ._version import __version__
@@ -125,6 +126,22 @@ def _one_line(exc: BaseException) -> str:
 
 
 _FILE = click.Path(dir_okay=False)
+
+
+class _Seconds(click.FloatRange):
+    """A number of seconds: finite (click's FloatRange lets nan through), from 0 (or above 0) to ten
+    years, as the settings' durations."""
+
+    def __init__(self, *, zero: bool = True) -> None:
+        super().__init__(min=0, max=MAX_SECONDS, min_open=not zero)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if math.isnan(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
+
+
 _ROUTES_HELP = (
     "TOML file of model aliases for /v1/chat/completions: candidates, route, retry policy, time budget, "
     "cache [env HIVE_GATEWAY_ROUTES]"
@@ -202,7 +219,7 @@ def _provider_for(name: str, handler: str | None, model: str | None) -> Provider
 @click.version_option(__version__, prog_name="hive")
 @click.option(
     "--log-level",
-    help="DEBUG, INFO, WARNING or ERROR [env HIVE_LOG_LEVEL; INFO for services, WARNING for one-shot commands]",
+    help="DEBUG, INFO, WARNING, ERROR or CRITICAL [env HIVE_LOG_LEVEL; INFO for services, WARNING for one-shot commands]",
 )
 @click.option(
     "--loop",
@@ -216,7 +233,12 @@ def _provider_for(name: str, handler: str | None, model: str | None) -> Provider
 def cli(ctx: click.Context, log_level: str | None, loop: str) -> None:
     """hive-bus: farm LLM prompts and Python jobs out to workers anywhere, over NATS JetStream."""
     ctx.ensure_object(dict)["loop"] = loop.lower()
-    level = (log_level or os.environ.get("HIVE_LOG_LEVEL") or "").upper()
+    level = (log_level or os.environ.get("HIVE_LOG_LEVEL") or "").strip().upper()
+    if level and level not in logging.getLevelNamesMapping():
+        valid = "DEBUG, INFO, WARNING, ERROR or CRITICAL"
+        if log_level:
+            raise click.BadParameter(f"{log_level!r} is not a level: give {valid}", param_hint="--log-level")
+        raise click.ClickException(f"invalid setting HIVE_LOG_LEVEL: {level!r} is not a level: give {valid}")
     # the commands that run until stopped say what they do at INFO; the rest (submit, status, stats...)
     # print their answer, and only warnings besides
     serving = ctx.invoked_subcommand in ("up", "gateway", "worker", "nats", "watch")
@@ -338,6 +360,7 @@ def nats_cmd(host: str, port: int, data: Path) -> None:
 @click.option(
     "--stream-keepalive",
     "stream_keepalive_s",
+    type=_Seconds(zero=False),
     default=10.0,
     show_default=True,
     help="seconds between ': waiting' comments of a streamed chat completion while its task waits",
@@ -411,7 +434,9 @@ def gateway(
 @click.option("--handler", metavar="MODULE:FUNCTION", help="run this async function as the provider")
 @click.option("--model", help="default model for tasks that name none (built-in providers)")
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 1024))
-@click.option("--drain-timeout", "drain_timeout_s", default=30.0, show_default=True, help="seconds")
+@click.option(
+    "--drain-timeout", "drain_timeout_s", type=_Seconds(), default=30.0, show_default=True, help="seconds"
+)
 @click.option(
     "--at-most-once",
     is_flag=True,
@@ -551,7 +576,7 @@ def _json_object(value: str | None, what: str) -> Any:
 @click.option(
     "--wait",
     "wait_s",
-    type=float,
+    type=_Seconds(),
     default=None,
     help="wait up to this many seconds for the result (exit 1: failed or cancelled, 2: not ended in time)",
 )
@@ -735,7 +760,12 @@ def _response_format(value: str) -> Any:
 @click.option("--system", help="system prompt")
 @click.option("--key", "idempotency_key", help="idempotency key: a repeat reads the first task's answer")
 @click.option(
-    "--timeout", "timeout_s", type=float, default=600.0, show_default=True, help="seconds to wait for the end"
+    "--timeout",
+    "timeout_s",
+    type=_Seconds(),
+    default=600.0,
+    show_default=True,
+    help="seconds to wait for the end",
 )
 @bus_options
 def chat(
@@ -942,7 +972,9 @@ def list_command(
 
 @cli.command()
 @click.argument("task_ids", metavar="ID...", nargs=-1, required=True)
-@click.option("--wait", "wait_s", type=float, default=0.0, help="wait up to this many seconds for the end")
+@click.option(
+    "--wait", "wait_s", type=_Seconds(), default=0.0, help="wait up to this many seconds for the end"
+)
 @bus_options
 def status(task_ids: tuple[str, ...], wait_s: float, settings: Settings) -> None:
     """Print the state of each task as JSON (one document per task, in the order given).

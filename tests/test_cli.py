@@ -208,6 +208,43 @@ def test_an_empty_nats_url_variable_is_one_clear_line() -> None:
     assert "HIVE_NATS_URL (--nats) is empty" in line
 
 
+def test_an_unknown_log_level_is_one_clear_line_listing_the_levels(nats_server: NatsServer) -> None:
+    result = hive_cli(["stats", "--nats", nats_server.url], env={"HIVE_LOG_LEVEL": "LOUD"})
+    assert result.returncode == 1
+    line = _one_clear_line(result)
+    assert (
+        line
+        == "Error: invalid setting HIVE_LOG_LEVEL: 'LOUD' is not a level: give DEBUG, INFO, WARNING, ERROR or CRITICAL"
+    )
+    result = hive_cli(["--log-level", "LOUD", "stats", "--nats", nats_server.url])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("Error: Invalid value for --log-level: 'LOUD' is not a level")
+    )
+    assert hive_cli(["--log-level", "warning", "stats", "--nats", nats_server.url]).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["worker", "echo", "--drain-timeout", "nan"], "--drain-timeout"),
+        (["worker", "echo", "--drain-timeout", "-5"], "--drain-timeout"),
+        (["worker", "echo", "--drain-timeout", "inf"], "--drain-timeout"),
+        (["status", "x", "--wait", "nan"], "--wait"),
+        (["submit", "echo", "hi", "--wait", "-1"], "--wait"),
+        (["chat", "echo", "hi", "--timeout", "1e300"], "--timeout"),
+    ],
+)
+def test_a_number_of_seconds_out_of_range_is_a_usage_error(args: list[str], option: str) -> None:
+    result = hive_cli([*args, "--nats", "nats://127.0.0.1:4222"], timeout_s=10)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"Error: Invalid value for '{option}'")
+
+
 def test_usage_errors_say_which_option_is_wrong(nats_server: NatsServer) -> None:
     result = hive_cli(["submit", "echo", "hi", "--payload", "{nope", "--nats", nats_server.url])
     assert result.returncode == 2
