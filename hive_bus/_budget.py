@@ -41,6 +41,7 @@ from ._bus import kv_entries
 from ._messages import encoder, now_ms
 from ._names import is_valid_token
 from ._nesting import Guarded
+from ._textfile import UnreadableFile, read_text
 
 log = logging.getLogger("hive_bus.budget")
 
@@ -109,10 +110,10 @@ def load_budgets(file: str | None, inline: str | None) -> dict[str, ProviderBudg
     raw: dict[str, Any] = {}
     if file:
         try:
-            with open(file, "rb") as f:
-                raw.update(_parse(f.read().decode(), f"budgets file {file}"))
-        except OSError as exc:
-            raise BudgetError(f"cannot read budgets file {file}: {exc.strerror}") from None
+            text = read_text(file)
+        except UnreadableFile as exc:
+            raise BudgetError(f"cannot read HIVE_BUDGETS_FILE {file}: {exc}") from None
+        raw.update(_parse(text, f"budgets file {file}"))
     if inline:
         raw.update(_parse(inline, "HIVE_BUDGETS"))
     budgets = {}

@@ -39,7 +39,7 @@ def connect_options(settings: Settings) -> dict[str, Any]:
             options["password"] = _first_line(settings.nats_password_file, "HIVE_NATS_PASSWORD_FILE")
     if settings.nats_nkey_seed_file:
         _need_nkeys("HIVE_NATS_NKEY_SEED_FILE")
-        options["nkeys_seed"] = _readable(settings.nats_nkey_seed_file, "HIVE_NATS_NKEY_SEED_FILE")
+        options["nkeys_seed"] = _seed_file(settings.nats_nkey_seed_file, "HIVE_NATS_NKEY_SEED_FILE")
     if settings.nats_creds_file:
         _need_nkeys("HIVE_NATS_CREDS_FILE")
         options["user_credentials"] = _readable(settings.nats_creds_file, "HIVE_NATS_CREDS_FILE")
@@ -168,6 +168,25 @@ def _readable(path: str, setting: str) -> str:
     except OSError as exc:
         raise SettingsError(f"{setting} {path}: cannot read it ({exc.strerror})") from None
     return str(p)
+
+
+def _seed_file(path: str, setting: str) -> str:
+    """The seed file's path, once its content has read as an nkey seed (as nats-py will read it):
+    nats-py's own error on a bad one is a binascii traceback. The seed itself is never shown."""
+    import nkeys  # type: ignore[import-untyped]
+
+    readable = _readable(path, setting)
+    with open(readable, "rb") as f:
+        seed = bytearray(f.read().strip())
+    try:
+        nkeys.from_seed(seed).wipe()
+    except (ValueError, nkeys.NkeysError):
+        raise SettingsError(
+            f"{setting} {path}: not an nkey seed (the file holds one line, the seed, starting SU)"
+        ) from None
+    finally:
+        seed[:] = bytes(len(seed))
+    return readable
 
 
 def _first_line(path: str, setting: str) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 import msgspec
 
 from ._messages import Usage
+from ._textfile import UnreadableFile, read_text
 
 
 class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -68,12 +69,12 @@ class PriceTable:
         prices = dict(BUILTIN_PRICES)
         if path:
             try:
-                raw = tomllib.loads(Path(path).read_text())
+                raw = tomllib.loads(read_text(path))
                 prices.update(msgspec.convert(raw, _PriceFile).models)
-            except OSError as exc:
-                raise PriceFileError(f"cannot read prices file {path}: {exc.strerror}") from None
+            except UnreadableFile as exc:
+                raise PriceFileError(f"cannot read HIVE_PRICES_FILE {path}: {exc}") from None
             except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
-                raise PriceFileError(f"prices file {path} is not valid: {exc}") from None
+                raise PriceFileError(f"HIVE_PRICES_FILE {path} is not valid: {exc}") from None
         return cls(prices)
 
     def cost_usd(self, model: str | None, usage: Usage | None) -> float | None:

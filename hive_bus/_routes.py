@@ -32,6 +32,7 @@ from msgspec import Meta
 
 from ._messages import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_WAIT_S, MaxAttempts, Route, Seconds
 from ._names import PROVIDER_PATTERN
+from ._textfile import UnreadableFile, read_text
 
 ENV_ROUTES = "HIVE_GATEWAY_ROUTES"
 # provider, then "/" and a model (which may hold "/" and ":" of its own); no white space anywhere
@@ -101,10 +102,9 @@ class Routes:
         if not path:
             return cls()
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
-            raise RoutesError(f"routes file {path}: cannot read it: {why}") from None
+            text = read_text(path)
+        except UnreadableFile as exc:
+            raise RoutesError(f"routes file {path}: cannot read it: {exc}") from None
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

@@ -245,6 +245,41 @@ def test_a_number_of_seconds_out_of_range_is_a_usage_error(args: list[str], opti
     assert result.stderr.strip().splitlines()[-1].startswith(f"Error: Invalid value for '{option}'")
 
 
+@pytest.mark.parametrize(
+    ("setting", "command"),
+    [
+        ("HIVE_PRICES_FILE", ["worker", "echo"]),
+        ("HIVE_BUDGETS_FILE", ["worker", "echo"]),
+        ("HIVE_WEBHOOKS_FILE", ["gateway", "--port", "0"]),
+        ("HIVE_WEBHOOK_SECRET_FILE", ["gateway", "--port", "0"]),
+        ("HIVE_GATEWAY_TOKENS_FILE", ["gateway", "--port", "0"]),
+        ("HIVE_METRICS_TOKEN_FILE", ["gateway", "--port", "0"]),
+        ("HIVE_NATS_NKEY_SEED_FILE", ["stats"]),
+    ],
+)
+def test_a_file_that_is_not_text_is_one_clear_line(
+    nats_server: NatsServer, tmp_path: Path, setting: str, command: list[str]
+) -> None:
+    secret = b"s3cr3t-\xff\xfe-content"
+    path = tmp_path / "not-text"
+    path.write_bytes(secret)
+    result = hive_cli([*command, "--nats", nats_server.url], env={setting: str(path)}, timeout_s=20)
+    line = _one_clear_line(result)
+    assert f"{setting} {path}" in line
+    assert "s3cr3t" not in result.stderr + result.stdout
+
+
+def test_a_seed_file_that_holds_no_seed_is_one_clear_line(nats_server: NatsServer, tmp_path: Path) -> None:
+    path = tmp_path / "seed"
+    path.write_text("SU" + "A" * 54 + "1\n")  # a seed's length, not its alphabet
+    result = hive_cli(["stats", "--nats", nats_server.url], env={"HIVE_NATS_NKEY_SEED_FILE": str(path)})
+    assert (
+        _one_clear_line(result)
+        == f"Error: HIVE_NATS_NKEY_SEED_FILE {path}: not an nkey seed (the file holds one line, the seed, starting SU)"
+    )
+    assert "AAAA" not in result.stderr
+
+
 def test_usage_errors_say_which_option_is_wrong(nats_server: NatsServer) -> None:
     result = hive_cli(["submit", "echo", "hi", "--payload", "{nope", "--nats", nats_server.url])
     assert result.returncode == 2

@@ -14,7 +14,8 @@ import hmac
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from hive_bus._textfile import UnreadableFile, read_text
 
 # health, the dashboard's page and the API reference's pages (see services.apidocs)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/schema", "/schema/swagger", "/docs"})
@@ -58,9 +59,9 @@ class Tokens:
         path = environ.get(ENV_TOKENS_FILE)
         if path:
             try:
-                lines = Path(path).read_text().splitlines()
-            except OSError as exc:
-                raise AuthConfigError(f"cannot read {ENV_TOKENS_FILE} {path}: {exc.strerror}") from None
+                lines = read_text(path).splitlines()
+            except UnreadableFile as exc:
+                raise AuthConfigError(f"cannot read {ENV_TOKENS_FILE} {path}: {exc}") from None
             from_file = {ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")}
             if not from_file:
                 raise AuthConfigError(f"{ENV_TOKENS_FILE} {path} holds no token")
@@ -90,9 +91,9 @@ def _metrics_token(environ: Mapping[str, str]) -> str | None:
     if token:
         raise AuthConfigError(f"{ENV_METRICS_TOKEN} and {ENV_METRICS_TOKEN_FILE} are both set; give one")
     try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise AuthConfigError(f"cannot read {ENV_METRICS_TOKEN_FILE} {path}: {exc.strerror}") from None
+        lines = read_text(path).splitlines()
+    except UnreadableFile as exc:
+        raise AuthConfigError(f"cannot read {ENV_METRICS_TOKEN_FILE} {path}: {exc}") from None
     found = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not found:
         raise AuthConfigError(f"{ENV_METRICS_TOKEN_FILE} {path} holds no token")

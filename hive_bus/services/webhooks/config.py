@@ -17,12 +17,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from standardwebhooks import Webhook
 
 from hive_bus._messages import WEBHOOK_EVENTS
+from hive_bus._textfile import UnreadableFile, read_text
 
 from .urls import Network, parse_networks, split
 
@@ -166,9 +166,9 @@ def _signer(environ: Mapping[str, str]) -> Signer | None:
         raise WebhookConfigError("HIVE_WEBHOOK_SECRET and HIVE_WEBHOOK_SECRET_FILE are both set: give one")
     if path:
         try:
-            lines = Path(path).read_text().splitlines()
-        except OSError as exc:
-            raise WebhookConfigError(f"cannot read HIVE_WEBHOOK_SECRET_FILE {path}: {exc.strerror}") from None
+            lines = read_text(path).splitlines()
+        except UnreadableFile as exc:
+            raise WebhookConfigError(f"cannot read HIVE_WEBHOOK_SECRET_FILE {path}: {exc}") from None
         return Signer(lines[0] if lines else "", where=f"HIVE_WEBHOOK_SECRET_FILE {path}")
     return Signer(inline) if inline else None
 
@@ -201,9 +201,9 @@ def _endpoints_file(path: str | None) -> list[Endpoint]:
     if not path:
         return []
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise WebhookConfigError(f"cannot read HIVE_WEBHOOKS_FILE {path}: {exc.strerror}") from None
+        text = read_text(path)
+    except UnreadableFile as exc:
+        raise WebhookConfigError(f"cannot read HIVE_WEBHOOKS_FILE {path}: {exc}") from None
     return endpoints_of(_toml(text, f"HIVE_WEBHOOKS_FILE {path}"), f"HIVE_WEBHOOKS_FILE {path}")
 
 
