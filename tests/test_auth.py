@@ -98,6 +98,10 @@ def test_tokens_from_the_environment_and_a_file(tmp_path: Path) -> None:
     assert TOKEN not in repr(tokens)
     with pytest.raises(AuthConfigError, match="shorter than 16"):
         Tokens.from_env({"HIVE_GATEWAY_TOKENS": "short"})
+    for empty in (",", " , ,"):
+        with pytest.raises(AuthConfigError, match="HIVE_GATEWAY_TOKENS holds no token"):
+            Tokens.from_env({"HIVE_GATEWAY_TOKENS": empty})
+    assert not Tokens.from_env({"HIVE_GATEWAY_TOKENS": ""}).enabled  # set empty: the same as unset
     with pytest.raises(AuthConfigError, match="cannot read HIVE_GATEWAY_TOKENS_FILE"):
         Tokens.from_env({"HIVE_GATEWAY_TOKENS_FILE": str(tmp_path / "missing")})
     with pytest.raises(AuthConfigError, match=r"unknown gateway setting.*HIVE_GATEWAY_TOKEN\b"):

@@ -280,6 +280,13 @@ def test_a_seed_file_that_holds_no_seed_is_one_clear_line(nats_server: NatsServe
     assert "AAAA" not in result.stderr
 
 
+def test_a_token_list_without_a_token_stops_the_gateway(nats_server: NatsServer) -> None:
+    result = hive_cli(
+        ["gateway", "--port", "0", "--nats", nats_server.url], env={"HIVE_GATEWAY_TOKENS": ","}, timeout_s=15
+    )
+    assert _one_clear_line(result).startswith("Error: HIVE_GATEWAY_TOKENS holds no token")
+
+
 def test_usage_errors_say_which_option_is_wrong(nats_server: NatsServer) -> None:
     result = hive_cli(["submit", "echo", "hi", "--payload", "{nope", "--nats", nats_server.url])
     assert result.returncode == 2

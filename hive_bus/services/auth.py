@@ -55,7 +55,13 @@ class Tokens:
             raise AuthConfigError(
                 f"unknown gateway setting(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN_ENV))}"
             )
-        tokens = {t.strip() for t in environ.get(ENV_TOKENS, "").split(",") if t.strip()}
+        given = environ.get(ENV_TOKENS, "")
+        tokens = {t.strip() for t in given.split(",") if t.strip()}
+        if given.strip() and not tokens:
+            # "," would otherwise start the gateway open to all, as if no token had been asked for
+            raise AuthConfigError(
+                f"{ENV_TOKENS} holds no token: give tokens separated by commas, or unset it"
+            )
         path = environ.get(ENV_TOKENS_FILE)
         if path:
             try:
