@@ -287,6 +287,55 @@ def test_a_token_list_without_a_token_stops_the_gateway(nats_server: NatsServer)
     assert _one_clear_line(result).startswith("Error: HIVE_GATEWAY_TOKENS holds no token")
 
 
+@pytest.mark.parametrize(
+    ("provider", "env", "says"),
+    [
+        (
+            "gemini",
+            {"GEMINI_API_KEYS": "free1=,=AIzaSECRET"},
+            "GEMINI_API_KEYS entry 1 (free1): no key after '='",
+        ),
+        ("gemini", {"GEMINI_API_KEYS": "=AIzaSECRET"}, "GEMINI_API_KEYS entry 1: no key name before '='"),
+        ("groq", {"GROQ_API_KEYS": "a=gsk_SECRET,b="}, "GROQ_API_KEYS entry 2 (b): no key after '='"),
+        ("anthropic", {"ANTHROPIC_API_KEYS": "=SECRET"}, "ANTHROPIC_API_KEYS entry 1: no key name"),
+        (
+            "openai",
+            {"OPENAI_BASE_URL": "http://127.0.0.1:1/v1", "OPENAI_API_KEYS": "a=SECRET,b="},
+            "OPENAI_API_KEYS entry 2 (b)",
+        ),
+        ("groq", {"GROQ_API_KEY": "gsk_SECRET\nmore"}, "GROQ_API_KEY (key-"),
+        (
+            "groq",
+            {"GROQ_API_KEYS": "paid=gsk_SE CRET"},
+            "GROQ_API_KEYS entry 1 (paid): the key holds whitespace",
+        ),
+        ("gemini", {"GEMINI_API_KEY": "AIzaSECRET\t"}, "GEMINI_API_KEY (key-"),
+        (
+            "groq",
+            {"GROQ_API_KEY": "gsk_SECRET", "GROQ_BASE_URL": "::::"},
+            "GROQ_BASE_URL: not an http(s) URL",
+        ),
+        (
+            "gemini",
+            {"GEMINI_API_KEY": "AIzaSECRET", "GOOGLE_GEMINI_BASE_URL": "::::"},
+            "GOOGLE_GEMINI_BASE_URL: not",
+        ),
+        (
+            "anthropic",
+            {"ANTHROPIC_API_KEY": "SECRET", "ANTHROPIC_BASE_URL": "http://h:99999"},
+            "ANTHROPIC_BASE_URL: not",
+        ),
+        ("openai", {"OPENAI_BASE_URL": "::::"}, "OPENAI_BASE_URL: not an http(s) URL"),
+    ],
+)
+def test_a_bad_provider_key_or_base_url_is_one_clear_line(
+    nats_server: NatsServer, provider: str, env: dict[str, str], says: str
+) -> None:
+    result = hive_cli(["worker", provider, "--nats", nats_server.url], env=env, timeout_s=20)
+    assert says in _one_clear_line(result)
+    assert "SECRET" not in result.stderr + result.stdout
+
+
 def test_usage_errors_say_which_option_is_wrong(nats_server: NatsServer) -> None:
     result = hive_cli(["submit", "echo", "hi", "--payload", "{nope", "--nats", nats_server.url])
     assert result.returncode == 2

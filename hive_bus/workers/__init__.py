@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import re
 from collections.abc import Callable, Mapping, Sequence
+from urllib.parse import urlsplit
 
 from hive_bus import Provider, ProviderKey, register_secret
 
@@ -40,19 +41,47 @@ _KEY_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 def api_keys(environ: Mapping[str, str], singular: Sequence[str], plural: str) -> list[tuple[str, str]]:
     """The provider's API keys as (name, key): those in ``plural`` (comma-separated, each ``key`` or
     ``name=key``), else the first of the ``singular`` variables that is set. A key without a name is
-    known by a fingerprint (``key-`` and 8 hex digits of its SHA-256), never by the key itself."""
+    known by a fingerprint (``key-`` and 8 hex digits of its SHA-256), never by the key itself.
+
+    A ``name=`` with no key, an ``=key`` with no name, or a key holding whitespace or control characters
+    (a pasted newline: every call would fail as a connection error) is refused naming the variable and
+    the entry, never the key."""
     keys: list[tuple[str, str]] = []
     listed = [item.strip() for item in environ.get(plural, "").split(",") if item.strip()]
-    for item in listed or [next((environ[v] for v in singular if environ.get(v)), "")]:
-        if not item:
-            continue
+    if listed:
+        items = [(f"{plural} entry {i}", item) for i, item in enumerate(listed, 1)]
+    else:
+        items = [(v, environ[v]) for v in singular if environ.get(v)][:1]
+    for where, item in items:
         name, sep, key = item.partition("=")
+        if sep and not name:
+            raise ProviderUnavailable(f"{where}: no key name before '=' (write NAME=KEY, or the key alone)")
         if not sep or not _KEY_NAME.match(name):
             name, key = "key-" + hashlib.sha256(item.encode()).hexdigest()[:8], item
+        elif not key:
+            raise ProviderUnavailable(f"{where} ({name}): no key after '='")
+        if any(c.isspace() or not c.isprintable() for c in key):
+            raise ProviderUnavailable(f"{where} ({name}): the key holds whitespace or control characters")
         if any(n == name for n, _ in keys):
             raise ProviderUnavailable(f"{plural}: the key name {name!r} is used twice")
         keys.append((name, key))
     return keys
+
+
+def checked_base_url(environ: Mapping[str, str], variable: str) -> str | None:
+    """``variable`` (a provider's ``*_BASE_URL``) when set: an http or https URL with a host, checked
+    here so that a bad one is one line naming it, not the SDK's InvalidURL traceback."""
+    url = environ.get(variable)
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        good = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port past 65535, or not a number; a bracket left open
+        good = False
+    if not good:
+        raise ProviderUnavailable(f"{variable}: not an http(s) URL with a host (and a port 1-65535)")
+    return url
 
 
 def keyed(

@@ -165,7 +165,7 @@ def _output(task: Task, response: Any) -> Any:
 
 
 def from_env(environ: Mapping[str, str], *, model: str | None = None) -> list[ProviderKey]:
-    from . import ProviderUnavailable, api_keys, keyed
+    from . import ProviderUnavailable, api_keys, checked_base_url, keyed
 
     # the SDK first, as the other providers do: a missing extra is what to fix before any key
     try:
@@ -176,7 +176,7 @@ def from_env(environ: Mapping[str, str], *, model: str | None = None) -> list[Pr
         ) from None
     if not api_keys(environ, ["ANTHROPIC_API_KEY"], "ANTHROPIC_API_KEYS"):
         raise ProviderUnavailable("anthropic: none of ANTHROPIC_API_KEY, ANTHROPIC_API_KEYS is set")
-    base_url = environ.get("ANTHROPIC_BASE_URL")
+    base_url = checked_base_url(environ, "ANTHROPIC_BASE_URL")
     return keyed(
         "anthropic", environ, ["ANTHROPIC_API_KEY"], "ANTHROPIC_API_KEYS",
         lambda key: AnthropicProvider(anthropic, api_key=key, model=model, base_url=base_url),

@@ -238,9 +238,9 @@ def _until_pacific_midnight_s() -> float:
 
 
 def from_env(environ: Mapping[str, str], *, model: str | None = None) -> list[ProviderKey]:
-    from . import keyed
+    from . import checked_base_url, keyed
 
-    base_url = environ.get("GOOGLE_GEMINI_BASE_URL")
+    base_url = checked_base_url(environ, "GOOGLE_GEMINI_BASE_URL")
     return keyed(
         "gemini", environ, ["GEMINI_API_KEY", "GOOGLE_API_KEY"], "GEMINI_API_KEYS",
         lambda key: GeminiProvider(api_key=key, model=model, base_url=base_url),

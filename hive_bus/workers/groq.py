@@ -37,9 +37,9 @@ class GroqProvider:
 
 
 def from_env(environ: Mapping[str, str], *, model: str | None = None) -> list[ProviderKey]:
-    from . import keyed
+    from . import checked_base_url, keyed
 
-    base_url = environ.get("GROQ_BASE_URL")
+    base_url = checked_base_url(environ, "GROQ_BASE_URL")
     return keyed(
         "groq", environ, ["GROQ_API_KEY"], "GROQ_API_KEYS",
         lambda key: GroqProvider(api_key=key, model=model, base_url=base_url),

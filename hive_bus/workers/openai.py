@@ -46,9 +46,9 @@ class OpenAICompatibleProvider:
 
 
 def from_env(environ: Mapping[str, str], *, model: str | None = None) -> list[ProviderKey]:
-    from . import ProviderUnavailable, api_keys
+    from . import ProviderUnavailable, api_keys, checked_base_url
 
-    base_url = environ.get("OPENAI_BASE_URL")
+    base_url = checked_base_url(environ, "OPENAI_BASE_URL")
     if not base_url:
         raise ProviderUnavailable(
             "openai: OPENAI_BASE_URL is not set (e.g. http://gpu-box:11434/v1 for Ollama)"
