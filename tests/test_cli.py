@@ -336,6 +336,24 @@ def test_a_bad_provider_key_or_base_url_is_one_clear_line(
     assert "SECRET" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("HIVE_WEBHOOK_QUEUE_MAX_BYTES", "99999999999999999999"),
+        ("HIVE_WEBHOOK_LOG_MAX_MSGS", str(2**63)),
+        ("HIVE_WEBHOOK_LOG_MAX_AGE_S", "1e300"),
+        ("HIVE_WEBHOOK_RETRY_S", "1,1e300"),
+    ],
+)
+def test_a_webhook_size_or_duration_too_large_is_one_clear_line(
+    nats_server: NatsServer, setting: str, value: str
+) -> None:
+    result = hive_cli(
+        ["gateway", "--port", "0", "--nats", nats_server.url], env={setting: value}, timeout_s=15
+    )
+    assert _one_clear_line(result).startswith(f"Error: {setting}: {value.split(',')[-1]!r} is more than")
+
+
 def test_usage_errors_say_which_option_is_wrong(nats_server: NatsServer) -> None:
     result = hive_cli(["submit", "echo", "hi", "--payload", "{nope", "--nats", nats_server.url])
     assert result.returncode == 2

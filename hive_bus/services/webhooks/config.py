@@ -22,6 +22,7 @@ from typing import Any
 from standardwebhooks import Webhook
 
 from hive_bus._messages import WEBHOOK_EVENTS
+from hive_bus._settings import INT64_MAX, MAX_SECONDS
 from hive_bus._textfile import UnreadableFile, read_text
 
 from .urls import Network, parse_networks, split
@@ -187,6 +188,10 @@ def _positive(name: str, text: str, kind: type[int] | type[float]) -> Any:
         value = None
     if value is None or not math.isfinite(value) or value <= 0:
         raise WebhookConfigError(f"{name}: {text.strip()!r} is not a positive {kind.__name__}")
+    # as the bus's settings: sizes and counts go to JetStream as int64, and every float here is seconds
+    most = INT64_MAX if kind is int else MAX_SECONDS
+    if value > most:
+        raise WebhookConfigError(f"{name}: {text.strip()!r} is more than {most:,}")
     return value
 
 
