@@ -41,12 +41,13 @@ from ._bus import kv_entries
 from ._messages import encoder, now_ms
 from ._names import is_valid_token
 from ._nesting import Guarded
-from ._textfile import UnreadableFile, read_text
+from ._settings import INT64_MAX, MAX_SECONDS
+from ._textfile import UnreadableFile, line_of, read_text, toml_key
 
 log = logging.getLogger("hive_bus.budget")
 
-PositiveInt = Annotated[int, Meta(gt=0)]
-PositiveSeconds = Annotated[float, Meta(gt=0)]
+PositiveInt = Annotated[int, Meta(gt=0, le=INT64_MAX)]
+PositiveSeconds = Annotated[float, Meta(gt=0, le=MAX_SECONDS)]
 DAY_SLOTS = 288
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_=-]")
 
@@ -106,44 +107,60 @@ class ProviderBudget(Limits, frozen=True, kw_only=True, omit_defaults=True, forb
 
 
 def load_budgets(file: str | None, inline: str | None) -> dict[str, ProviderBudget]:
-    """Budgets per provider from a TOML file and inline TOML (which wins, provider by provider)."""
-    raw: dict[str, Any] = {}
+    """Budgets per provider from a TOML file and inline TOML (which wins, provider by provider). An
+    error names the file (or ``HIVE_BUDGETS``), and the line and key where it can, as the routes file's."""
+    raw: dict[str, tuple[Any, str, str]] = {}  # provider: (its table, where it was read, that text)
     if file:
         try:
             text = read_text(file)
         except UnreadableFile as exc:
             raise BudgetError(f"cannot read HIVE_BUDGETS_FILE {file}: {exc}") from None
-        raw.update(_parse(text, f"budgets file {file}"))
+        where = f"HIVE_BUDGETS_FILE {file}"
+        raw.update({p: (table, where, text) for p, table in _parse(text, where).items()})
     if inline:
-        raw.update(_parse(inline, "HIVE_BUDGETS"))
+        raw.update(
+            {p: (table, "HIVE_BUDGETS", inline) for p, table in _parse(inline, "HIVE_BUDGETS").items()}
+        )
     budgets = {}
-    for provider, table in raw.items():
+    for provider, (table, where, text) in raw.items():
         if not is_valid_token(provider):
-            raise BudgetError(f"budgets: {provider!r} is not a provider name")
+            raise BudgetError(
+                f"{where}: {_at(text, [provider])}key {toml_key([provider])}: not a provider name"
+            )
         # each model's and key's table on its own first, so that an error names it
         for group in ("models", "keys"):
             entries = table.get(group, {}) if isinstance(table, dict) else {}
             for name, entry in entries.items() if isinstance(entries, dict) else ():
-                _convert(entry, _KeyConfig if group == "keys" else Limits, f"{provider}.{group}.{name}")
-        budgets[provider] = _convert(table, ProviderBudget, provider)
+                kind = _KeyConfig if group == "keys" else Limits
+                _convert(entry, kind, [provider, group, name], where, text)
+        budgets[provider] = _convert(table, ProviderBudget, [provider], where, text)
     return budgets
 
 
-def _convert(value: Any, kind: type[Any], where: str) -> Any:
+def _convert(value: Any, kind: type[Any], table: list[str], where: str, text: str) -> Any:
     try:
         return msgspec.convert(value, kind)
     except msgspec.ValidationError as exc:
-        message, sep, path = str(exc).rpartition(" - at `$")
+        message, sep, path = str(exc).rpartition(" - at `$.")
         if not sep:
             message, path = str(exc), ""
-        raise BudgetError(f"budgets: {where}{path.rstrip('`')}: {message}") from None
+        field = path.rstrip("`") or None
+        # a path into a nested table (models[...].rpm) is named by the table alone: the line is its header
+        simple = field if field and field.isidentifier() else None
+        key = toml_key([*table, *([simple] if simple else [])])
+        raise BudgetError(f"{where}: {_at(text, table, simple)}key {key}: {message}") from None
+
+
+def _at(text: str, table: list[str], key: str | None = None) -> str:
+    line = line_of(text, table, key)
+    return f"line {line}, " if line else ""
 
 
 def _parse(text: str, where: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise BudgetError(f"{where} is not valid TOML: {exc}") from None
+        raise BudgetError(f"{where}: not valid TOML: {exc}") from None
 
 
 class Ledger(msgspec.Struct, kw_only=True, tag="budget.v1", tag_field="type"):

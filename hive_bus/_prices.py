@@ -20,20 +20,23 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
 from ._messages import Usage
-from ._textfile import UnreadableFile, read_text
+from ._textfile import UnreadableFile, line_of, read_text, toml_key
+
+# USD per million tokens: 0 (free) up to a million; nan, inf or a negative price would make every cost
+# wrong or none at all.
+MAX_PRICE_PER_MTOK = 1_000_000.0
+PerMtok = Annotated[float, Meta(ge=0, le=MAX_PRICE_PER_MTOK)]
 
 
 class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    input_per_mtok: float
-    output_per_mtok: float
-
-
-class _PriceFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    models: dict[str, Price] = {}
+    input_per_mtok: PerMtok
+    output_per_mtok: PerMtok
 
 
 # List prices (USD per million tokens) as published by each provider; paid tier, short prompts.
@@ -68,13 +71,7 @@ class PriceTable:
         """The built-in table, with the file's models (if any) on top."""
         prices = dict(BUILTIN_PRICES)
         if path:
-            try:
-                raw = tomllib.loads(read_text(path))
-                prices.update(msgspec.convert(raw, _PriceFile).models)
-            except UnreadableFile as exc:
-                raise PriceFileError(f"cannot read HIVE_PRICES_FILE {path}: {exc}") from None
-            except (tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
-                raise PriceFileError(f"HIVE_PRICES_FILE {path} is not valid: {exc}") from None
+            prices.update(_read(str(path)))
         return cls(prices)
 
     def cost_usd(self, model: str | None, usage: Usage | None) -> float | None:
@@ -85,3 +82,35 @@ class PriceTable:
             return None
         cost = usage.input_tokens * price.input_per_mtok + usage.output_tokens * price.output_per_mtok
         return round(cost / 1_000_000, 10)
+
+
+def _read(path: str) -> dict[str, Price]:
+    """The file's prices; an error names the file, and the line and key where it can (as the routes
+    file's do)."""
+    where = f"HIVE_PRICES_FILE {path}"
+    try:
+        text = read_text(path)
+    except UnreadableFile as exc:
+        raise PriceFileError(f"cannot read {where}: {exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PriceFileError(f"{where}: not valid TOML: {exc}") from None
+    unknown = sorted(set(raw) - {"models"})
+    if unknown:
+        raise PriceFileError(f'{where}: key {unknown[0]}: unknown; the file holds [models."NAME"] tables')
+    models = raw.get("models", {})
+    if not isinstance(models, dict):
+        raise PriceFileError(f'{where}: key models: expected tables [models."NAME"]')
+    prices = {}
+    for name, table in models.items():
+        try:
+            prices[name] = msgspec.convert(table, Price)
+        except msgspec.ValidationError as exc:
+            message, sep, inner = str(exc).rpartition(" - at `$.")
+            field = inner.rstrip("`") if sep else None
+            line = line_of(text, ["models", name], field)
+            at = f"line {line}, " if line else ""
+            key = toml_key(["models", name, *([field] if field else [])])
+            raise PriceFileError(f"{where}: {at}key {key}: {message or exc}") from None
+    return prices

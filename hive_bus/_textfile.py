@@ -3,7 +3,12 @@ secrets, webhooks): UTF-8, and one reason in words when it cannot be read, never
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
+
+_BARE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class UnreadableFile(ValueError):
@@ -19,3 +24,34 @@ def read_text(path: str | Path) -> str:
         raise UnreadableFile(exc.strerror or type(exc).__name__) from None
     except UnicodeDecodeError:
         raise UnreadableFile("it is not UTF-8 text") from None
+
+
+def toml_key(parts: Sequence[str]) -> str:
+    """A dotted TOML key as a user writes it: ``models."gpt-4.1".input_per_mtok``."""
+    return ".".join(p if _BARE.fullmatch(p) else json.dumps(p) for p in parts)
+
+
+def line_of(text: str, table: Sequence[str], key: str | None = None) -> int | None:
+    """The line (1-based) of ``key`` under the table header ``[table]`` (or of the header itself), as
+    far as a plain reading of the file finds it; None when it is written some other way (an inline
+    table, a dotted key)."""
+    if not table:
+        return None
+    header = re.compile(
+        r"\s*\[\s*"
+        + r"\s*\.\s*".join(f'(?:"{re.escape(p)}"|{re.escape(p)})' for p in table)
+        + r"\s*\]\s*(#.*)?$"
+    )
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if header.match(line):
+            if key is None:
+                return i + 1
+            setting = re.compile(rf'\s*(?:"{re.escape(key)}"|{re.escape(key)})\s*=')
+            for j in range(i + 1, len(lines)):
+                if lines[j].lstrip().startswith("["):
+                    break
+                if setting.match(lines[j]):
+                    return j + 1
+            return i + 1
+    return None

@@ -354,6 +354,51 @@ def test_a_webhook_size_or_duration_too_large_is_one_clear_line(
     assert _one_clear_line(result).startswith(f"Error: {setting}: {value.split(',')[-1]!r} is more than")
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (
+            '[models."gpt-4.1"]\ninput_per_mtok = -1\noutput_per_mtok = 1\n',
+            'line 2, key models."gpt-4.1".input_per_mtok: Expected `float` >= 0.0',
+        ),
+        (
+            "[models.m]\ninput_per_mtok = 1\noutput_per_mtok = nan\n",
+            "line 3, key models.m.output_per_mtok: Expected `float` >= 0.0",
+        ),
+        (
+            "[models.m]\ninput_per_mtok = inf\noutput_per_mtok = 1\n",
+            "line 2, key models.m.input_per_mtok: Expected `float` <= 1000000.0",
+        ),
+        (
+            "[models.m]\ninput_per_mtok = 1e308\noutput_per_mtok = 1\n",
+            "line 2, key models.m.input_per_mtok: Expected `float` <= 1000000.0",
+        ),
+    ],
+)
+def test_a_price_that_is_negative_or_not_finite_is_named_with_its_line(
+    nats_server: NatsServer, tmp_path: Path, text: str, says: str
+) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text(text)
+    result = hive_cli(
+        ["worker", "echo", "--nats", nats_server.url], env={"HIVE_PRICES_FILE": str(path)}, timeout_s=15
+    )
+    assert _one_clear_line(result) == f"Error: HIVE_PRICES_FILE {path}: {says}"
+
+
+def test_a_budgets_file_error_is_one_line_naming_the_file_and_line(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "budgets.toml"
+    path.write_text("[echo]\nrpm = 99999999999999999999\n")
+    result = hive_cli(
+        ["worker", "echo", "--nats", nats_server.url], env={"HIVE_BUDGETS_FILE": str(path)}, timeout_s=15
+    )
+    assert _one_clear_line(result) == (
+        f"Error: HIVE_BUDGETS_FILE {path}: line 2, key echo.rpm: Expected `int` <= 9223372036854775807"
+    )
+
+
 def test_usage_errors_say_which_option_is_wrong(nats_server: NatsServer) -> None:
     result = hive_cli(["submit", "echo", "hi", "--payload", "{nope", "--nats", nats_server.url])
     assert result.returncode == 2

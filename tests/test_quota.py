@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import anyio
 import msgspec
@@ -318,17 +319,54 @@ async def test_cheapest_route_picks_the_cheaper_provider_with_quota(
 @pytest.mark.parametrize(
     ("inline", "says"),
     [
-        ("groq = { rpm = 10", "HIVE_BUDGETS is not valid TOML"),
-        ("groq = { rpmm = 10 }", "groq: Object contains unknown field `rpmm`"),
-        ("groq = { rpm = 0 }", "groq.rpm: Expected `int` >= 1"),
-        ('"a.b" = { rpm = 1 }', "'a.b' is not a provider name"),
-        ('groq.models."x" = { tpm = "many" }', "groq.models.x.tpm: Expected `int | null`, got `str`"),
+        ("groq = { rpm = 10", "HIVE_BUDGETS: not valid TOML"),
+        ("groq = { rpmm = 10 }", "HIVE_BUDGETS: key groq: Object contains unknown field `rpmm`"),
+        ("groq = { rpm = 0 }", "HIVE_BUDGETS: key groq.rpm: Expected `int` >= 1"),
+        ('"a.b" = { rpm = 1 }', 'HIVE_BUDGETS: key "a.b": not a provider name'),
+        (
+            'groq.models."x" = { tpm = "many" }',
+            "HIVE_BUDGETS: key groq.models.x.tpm: Expected `int | null`, got `str`",
+        ),
+        (
+            "groq = { rpm = 99999999999999999999 }",
+            "HIVE_BUDGETS: key groq.rpm: Expected `int` <= 9223372036854775807",
+        ),
+        (
+            "groq = { rpm = 1, window_s = inf }",
+            "HIVE_BUDGETS: key groq.window_s: Expected `float` <= 315360000.0",
+        ),
     ],
 )
 def test_a_budget_that_cannot_be_used_is_named(inline: str, says: str) -> None:
     with pytest.raises(BudgetError) as caught:
         load_budgets(None, inline)
     assert says in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[groq]\nrpm = 30\n\n[echo]\nrpd = 10\nrpm = 0\n", "line 6, key echo.rpm: Expected `int` >= 1"),
+        (
+            "[echo]\nrpm = 99999999999999999999\n",
+            "line 2, key echo.rpm: Expected `int` <= 9223372036854775807",
+        ),
+        (
+            '[echo.models."m-1.5"]\n# slow\ntpm = -3\n',
+            'line 3, key echo.models."m-1.5".tpm: Expected `int` >= 1',
+        ),
+        (
+            "[echo.keys.paid]\nrpm = 1\nday_s = nan\n",
+            "line 3, key echo.keys.paid.day_s: Expected `float` > 0.0",
+        ),
+    ],
+)
+def test_a_budgets_file_error_names_the_file_line_and_key(tmp_path: Path, text: str, says: str) -> None:
+    path = tmp_path / "budgets.toml"
+    path.write_text(text)
+    with pytest.raises(BudgetError) as caught:
+        load_budgets(str(path), None)
+    assert str(caught.value) == f"HIVE_BUDGETS_FILE {path}: {says}"
 
 
 def test_a_budget_resolves_provider_then_model_then_key() -> None:
