@@ -25,6 +25,7 @@ __all__ = [
     "api_keys",
     "available",
     "builtin",
+    "checked_base_url",
     "keyed",
 ]
 
