@@ -214,6 +214,7 @@ class Worker:
         log.info("worker %s serving %s (concurrency %d)", self.id, opts.provider, opts.concurrency)
         try:
             async with anyio.create_task_group() as beats:
+                await self._beat_once()  # before it says it started: whoever then looks finds it
                 beats.start_soon(self._beat_loop)
                 beats.start_soon(self._watch_loop)
                 beats.start_soon(self.cooldowns.follow, cooldown_sub)
@@ -748,8 +749,8 @@ class Worker:
     async def _beat_loop(self) -> None:
         interval_s = self._bus.settings.heartbeat_interval_s
         while True:
-            await self._beat_once()
             await anyio.sleep(interval_s)
+            await self._beat_once()
 
     async def _beat_once(self) -> None:
         try:
