@@ -42,7 +42,7 @@ from ._messages import encoder, now_ms
 from ._names import is_valid_token
 from ._nesting import Guarded
 from ._settings import INT64_MAX, MAX_SECONDS
-from ._textfile import UnreadableFile, line_of, read_text, toml_key
+from ._textfile import UnreadableFile, convert_at, line_of, read_text, toml_key
 
 log = logging.getLogger("hive_bus.budget")
 
@@ -139,16 +139,9 @@ def load_budgets(file: str | None, inline: str | None) -> dict[str, ProviderBudg
 
 def _convert(value: Any, kind: type[Any], table: list[str], where: str, text: str) -> Any:
     try:
-        return msgspec.convert(value, kind)
-    except msgspec.ValidationError as exc:
-        message, sep, path = str(exc).rpartition(" - at `$.")
-        if not sep:
-            message, path = str(exc), ""
-        field = path.rstrip("`") or None
-        # a path into a nested table (models[...].rpm) is named by the table alone: the line is its header
-        simple = field if field and field.isidentifier() else None
-        key = toml_key([*table, *([simple] if simple else [])])
-        raise BudgetError(f"{where}: {_at(text, table, simple)}key {key}: {message}") from None
+        return convert_at(value, kind, table, where, text)
+    except ValueError as exc:
+        raise BudgetError(str(exc)) from None
 
 
 def _at(text: str, table: list[str], key: str | None = None) -> str:

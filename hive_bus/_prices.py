@@ -26,7 +26,7 @@ import msgspec
 from msgspec import Meta
 
 from ._messages import Usage
-from ._textfile import UnreadableFile, line_of, read_text, toml_key
+from ._textfile import UnreadableFile, convert_at, read_text
 
 # USD per million tokens: 0 (free) up to a million; nan, inf or a negative price would make every cost
 # wrong or none at all.
@@ -105,12 +105,7 @@ def _read(path: str) -> dict[str, Price]:
     prices = {}
     for name, table in models.items():
         try:
-            prices[name] = msgspec.convert(table, Price)
-        except msgspec.ValidationError as exc:
-            message, sep, inner = str(exc).rpartition(" - at `$.")
-            field = inner.rstrip("`") if sep else None
-            line = line_of(text, ["models", name], field)
-            at = f"line {line}, " if line else ""
-            key = toml_key(["models", name, *([field] if field else [])])
-            raise PriceFileError(f"{where}: {at}key {key}: {message or exc}") from None
+            prices[name] = convert_at(table, Price, ["models", name], where, text)
+        except ValueError as exc:
+            raise PriceFileError(str(exc)) from None
     return prices

@@ -7,6 +7,9 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import msgspec
 
 _BARE = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -55,3 +58,22 @@ def line_of(text: str, table: Sequence[str], key: str | None = None) -> int | No
                     return j + 1
             return i + 1
     return None
+
+
+def convert_at(value: Any, kind: type[Any], table: Sequence[str], where: str, text: str) -> Any:
+    """``value``, the TOML table ``table`` of a file read from ``text``, as ``kind``. Raises ValueError
+    ``<where>: line N, key K: <why>`` (the line where it is found; a path into a nested table is named
+    by the table alone, whose line is its header): the caller raises it again as its own error."""
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        message, sep, path = str(exc).rpartition(" - at `$.")
+        if not sep:
+            message, path = str(exc), ""
+        field = path.rstrip("`") or None
+        simple = field if field and field.isidentifier() else None
+        line = line_of(text, table, simple)
+        at = f"line {line}, " if line else ""
+        raise ValueError(
+            f"{where}: {at}key {toml_key([*table, *([simple] if simple else [])])}: {message}"
+        ) from None
