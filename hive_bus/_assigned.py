@@ -36,7 +36,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg
 
 from ._bus import Bus, event_providers
 from ._messages import (
-    Cancelled,
+    FINAL_STATUSES,
     Moved,
     Queued,
     Task,
@@ -219,15 +219,31 @@ async def current(bus: Bus, task_id: str) -> tuple[TaskView, int] | None:
         last = await _last(bus, here.provider, names.events_of(task_id, here.provider))
     if last is not None and last[1] > here.seq and not isinstance(last[0], Queued | Moved):
         if not is_final(last[0]):
-            # a worker's last word may come after the task was cancelled (a running event of a call
-            # that was being abandoned): a cancel ends the task whatever follows it
-            cancelled = await _last(
-                bus, here.provider, names.event_subject(here.provider, task_id, "cancelled")
-            )
-            if cancelled is not None and cancelled[1] > here.seq and isinstance(cancelled[0], Cancelled):
-                return TaskView.of(cancelled[0]).with_task(here.task), here.seq
+            ended = await _ended(bus, here, task_id)
+            if ended is not None:
+                return TaskView.of(ended).with_task(here.task), here.seq
         return TaskView.of(last[0]).with_task(here.task), here.seq
     return TaskView.of(here.event).with_task(here.task), here.seq
+
+
+async def _ended(bus: Bus, here: Assignment, task_id: str) -> TaskEvent | None:
+    """The task's end recorded under its provider since it was put there, when a later event that is
+    not one came after it: a worker's last word may follow the end (the ``running`` event of a call
+    being abandoned for a cancel, or of a twin delivery whose run another worker completed, or a call
+    the hub expired meanwhile). A run is recorded as ended once, so whatever follows its end does not
+    undo it."""
+    names = bus.names
+    found: list[tuple[TaskEvent, int]] = []
+
+    async def read(status: str) -> None:
+        got = await _last(bus, here.provider, names.event_subject(here.provider, task_id, status))
+        if got is not None and got[1] > here.seq and is_final(got[0]):
+            found.append(got)
+
+    async with anyio.create_task_group() as tg:
+        for status in FINAL_STATUSES:
+            tg.start_soon(read, status)
+    return max(found, key=lambda f: f[1])[0] if found else None
 
 
 def marker_seq(headers: dict[str, str] | None) -> int | None:

@@ -24,7 +24,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from ._assigned import marker_seq, task_at
 from ._bus import Bus, event_providers
 from ._errors import BusUnavailable, TaskNotFound
-from ._messages import Moved, Queued, Task, TaskView, decode_event, is_task_id
+from ._messages import Moved, Queued, Task, TaskView, decode_event, is_final, is_task_id
 from ._nats import BUS_ERRORS, follow, num_pending, unsubscribe, why
 
 if TYPE_CHECKING:
@@ -185,6 +185,8 @@ async def _tail_of(bus: Bus, provider: str, stream: str, span: int, tails: list[
                 tail.at[event.task_id] = seq
             tail.latest[event.task_id] = TaskView.of(event)
         elif assigned.get(event.task_id, on) == on:
+            if (was := tail.latest.get(event.task_id)) is not None and was.done and not is_final(event):
+                continue  # a worker's last word after the end (as ``_assigned.current`` reads it)
             if isinstance(event, Moved) and event.task_id in assigned:
                 assigned[event.task_id] = event.task.provider
                 tail.tasks[event.task_id] = event.task

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from hive_bus import Completed, FunctionProvider, Hive, Queued, Running, Settings, Task, TaskRequest
+from hive_bus import Completed, Failed, FunctionProvider, Hive, Queued, Running, Settings, Task, TaskRequest
 from hive_bus._bus import ensure_consumer
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import encoder, now_ms, task_decoder
@@ -132,6 +132,41 @@ async def test_a_task_delivered_again_after_its_outcome_was_stored_is_not_called
     view = await hive.get(task_id)
     assert (view.status, view.output) == ("completed", "la primera")
     assert [type(e) for e in await events_of(bus, task_id)] == [Queued, Completed]
+
+
+@pytest.mark.parametrize("end", ["completed", "failed"])
+async def test_a_running_event_stored_after_the_end_does_not_undo_it(bus: Bus, hive: Hive, end: str) -> None:
+    """A worker's ``running`` event may be stored after the task's end: a twin delivery (AckWait passed
+    while the first call ran) whose run another worker completed, or a call the hub expired at its
+    deadline meanwhile. The run is recorded as ended once, so the task reads its end, not ``running``
+    for good, by id and in the list (before, only a ``cancelled`` end was read past such an event)."""
+    names = bus.names
+    task_id = await hive.submit("twin", "dos veces")
+    ended: Completed | Failed = (
+        Completed(task_id=task_id, provider="twin", at_ms=now_ms(), attempt=1, worker="w1", output="hecho")
+        if end == "completed"
+        else Failed(
+            task_id=task_id,
+            provider="twin",
+            at_ms=now_ms(),
+            attempt=0,
+            worker=None,
+            reason="deadline",
+            error="past its deadline",
+            was="running",
+        )  # fmt: skip
+    )
+    await bus.js.publish(names.event_subject("twin", task_id, end), encoder.encode(ended))
+    late = Running(task_id=task_id, provider="twin", at_ms=now_ms(), attempt=1, worker="w2")
+    await bus.js.publish(names.event_subject("twin", task_id, "running"), encoder.encode(late))
+    view = await hive.get(task_id)
+    assert (view.status, view.output, view.worker) == (
+        end,
+        "hecho" if end == "completed" else None,
+        ended.worker,
+    )
+    [listed] = await hive.recent(provider="twin", limit=1)  # the list reads the tail: the same end
+    assert (listed.id, listed.status) == (task_id, end)
 
 
 async def _acked(bus: Bus, provider: str) -> bool:
