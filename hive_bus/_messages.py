@@ -734,6 +734,26 @@ def explain_error(exc: msgspec.ValidationError) -> str:
     return explain(path.rstrip("`"), message) if sep else str(exc)
 
 
+# "`not_before` is out of range: ...": a type's own check after decoding names its field first
+_NAMES_ITS_FIELD = re.compile(r"`([a-z_]+)` ")
+
+
+def error_field(exc: msgspec.ValidationError) -> str | None:
+    """The field a msgspec error is about (``tasks[1].not_before``), or None for the object as a whole."""
+    message, sep, path = str(exc).rpartition(" - at `$.")
+    return field_named(message, path.rstrip("`")) if sep else field_named(str(exc), "") or None
+
+
+def field_named(message: str, at: str) -> str:
+    """The field an error reported at ``at`` (a path; "" for the object itself) is about: msgspec reports
+    a type's own check (``__post_init__``) at the object that holds the field, and its message names the
+    field first."""
+    named = _NAMES_ITS_FIELD.match(message)
+    if named is None:
+        return at
+    return f"{at}.{named[1]}" if at else named[1]
+
+
 # Built once: encoding and decoding are on every task's hot path. Each decoder checks the nesting first
 # (``_nesting``): a task's fields sit one level in, an event's task two.
 encoder = msgspec.json.Encoder()

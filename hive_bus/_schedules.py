@@ -32,7 +32,7 @@ from ulid import ULID
 
 from ._bus import Bus, kv_entries
 from ._errors import BusUnavailable, HiveError, TaskNotFound
-from ._messages import TaskRequest, explain_error, is_task_id, new_task_id, now_ms
+from ._messages import TaskRequest, error_field, explain_error, is_task_id, new_task_id, now_ms
 from ._nats import BUS_ERRORS
 from ._nesting import NestedTooDeep, check_json, check_value
 from ._size import check_fits, js_publish
@@ -134,9 +134,7 @@ def decode_request(body: bytes) -> ScheduleRequest:
         check_json(body, enclosing=2, named=2)  # before the decoder recurses: the task's fields sit two in
         return msgspec.json.decode(body, type=ScheduleRequest)
     except msgspec.ValidationError as exc:
-        message = explain_error(exc)
-        field, _, _ = message.partition(":")
-        raise BadSchedule(message, field if " " not in field else "") from None
+        raise BadSchedule(explain_error(exc), error_field(exc) or "") from None
     except msgspec.DecodeError as exc:
         raise BadSchedule(f"the body is not JSON: {exc}", "") from None
 

@@ -229,6 +229,11 @@ async def test_not_before_over_http_is_scheduled_then_queued_by_the_server(bus: 
         # year 10000 in UTC: was a 500 (the timer's time could not be written)
         late = await http.post("/v1/tasks", json={**body, "not_before": "9999-12-31T23:59:59-23:59"})
         assert late.status_code == 400 and "`not_before` is out of range" in late.text, late.text
+        assert late.json()["error"]["field"] == "not_before"  # the field, as every other 400 names it
+        batch = await http.post(
+            "/v1/tasks/batch", json={"tasks": [body, {**body, "not_before": "9999-12-31T23:59:59-23:59"}]}
+        )
+        assert (batch.status_code, batch.json()["error"]["field"]) == (400, "tasks[1].not_before"), batch.text
         async with running_worker(bus, "echo", EchoProvider()):
             done = (await http.get(f"/v1/tasks/{task_id}", params={"wait": 10})).json()
         assert done["status"] == "completed"
@@ -401,6 +406,8 @@ BAD_SCHEDULES: list[tuple[dict[str, object], str, str]] = [
     ({"every_s": 5, "task": {"provider": "echo", "prompt": "x", "colour": 1}}, "task", "colour"),
     ({"every_s": 5, "task": {"provider": "echo", "prompt": "x", "not_before": "2030-01-01T00:00:00Z"}},
      "task.not_before", "not_before"),
+    ({"every_s": 5, "task": {"provider": "echo", "prompt": "x", "not_before": "9999-12-31T23:59:59-23:59"}},
+     "task.not_before", "out of range"),  # its field named, as a type's or a range's error names it
     # what POST /v1/tasks refuses (once a 201, then the first firing took the timers reader down)
     ({"every": "1s", "task": {"provider": "echo", "prompt": "deep", "payload": nested(100)}},
      "task.payload", "nested deeper than 32 levels"),

@@ -35,7 +35,7 @@ from hive_bus._dlq import NotReplayable
 from hive_bus._errors import TaskEnded, TooLarge
 from hive_bus._expiry import Timers
 from hive_bus._files import FileNotFound
-from hive_bus._messages import explain
+from hive_bus._messages import explain, field_named
 from hive_bus._nats import BUS_ERRORS
 from hive_bus._router import Router
 from hive_bus._routes import Routes
@@ -113,13 +113,13 @@ def on_validation_error(request: Request[Any, Any, Any], exc: ValidationExceptio
     first = problems[0]
     key = str(first.get("key", ""))
     message = str(first.get("message", exc.detail))
-    if first.get("source") == "body" and key == "data":  # about the body as a whole
-        if message == "'data'":  # Litestar's words for an empty body
-            message = "the request body is empty; send a JSON object"
-        return _answer(request, answers.invalid(message))
     if first.get("source") == "query":
         return _answer(request, answers.invalid(f"query parameter {key!r}: {message}", field=key))
-    return _answer(request, answers.invalid(explain(key, message), field=key))
+    if first.get("source") == "body" and key == "data":  # about the body's object itself
+        if message == "'data'":  # Litestar's words for an empty body
+            return _answer(request, answers.invalid("the request body is empty; send a JSON object"))
+        key = ""
+    return _answer(request, answers.invalid(explain(key, message), field=field_named(message, key) or None))
 
 
 def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
