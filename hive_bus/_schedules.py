@@ -34,7 +34,7 @@ from ._bus import Bus, kv_entries
 from ._errors import BusUnavailable, HiveError, TaskNotFound
 from ._messages import TaskRequest, error_field, explain_error, is_task_id, new_task_id, now_ms
 from ._nats import BUS_ERRORS
-from ._nesting import NestedTooDeep, check_json, check_value
+from ._nesting import Guarded, NestedTooDeep, check_json, check_value
 from ._size import check_fits, js_publish
 from ._timers import FIRED_TTL, RecurringTimer, ensure_schedules_stream
 
@@ -154,7 +154,8 @@ def _next_at(rule: str, from_ms: int) -> str | None:
     return at.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-_decoder = msgspec.json.Decoder(Schedule)
+# a record's template sits one in, its fields two: checked for nesting before the decoder recurses
+_decoder = Guarded(msgspec.json.Decoder(Schedule), enclosing=2)
 _encoder = msgspec.json.Encoder()
 
 
@@ -224,7 +225,8 @@ class Schedules:
             values = await kv_entries(self._kv)
         except BUS_ERRORS as exc:
             raise BusUnavailable(f"could not list the schedules: {exc}") from None
-        return [_decoder.decode(values[key]) for key in sorted(values)]
+        found = [_decoded(key, values[key]) for key in sorted(values)]
+        return [schedule for schedule in found if schedule is not None]
 
     async def get(self, schedule_id: str) -> Schedule:
         found = await self._read(schedule_id)
@@ -243,7 +245,8 @@ class Schedules:
         return schedule
 
     async def delete(self, schedule_id: str) -> None:
-        await self.get(schedule_id)
+        if await self._entry(schedule_id) is None:  # a record that does not decode can be deleted
+            raise ScheduleNotFound(f"no schedule {schedule_id}")
         await self._disarm(schedule_id)
         try:
             await self._kv.purge(schedule_id)
@@ -253,7 +256,7 @@ class Schedules:
     async def fired(self, schedule_id: str, task_id: str, at_ms: int, next_at: str | None) -> None:
         """Record a firing's task among the schedule's recent runs (once per task)."""
         for _ in range(10):
-            found = await self._read(schedule_id)
+            found = await self._read(schedule_id)  # a record that does not decode never fires (current)
             if found is None:
                 return
             schedule, revision = found
@@ -270,7 +273,11 @@ class Schedules:
                 continue  # changed meanwhile (paused, another firing): read again
 
     async def current(self, schedule_id: str) -> Schedule | None:
-        found = await self._read(schedule_id)
+        """The schedule, or None when there is none, or its record does not decode (it fires nothing)."""
+        try:
+            found = await self._read(schedule_id)
+        except ScheduleNotFound:
+            return None
         return None if found is None else found[0]
 
     async def _change(self, schedule_id: str, *, paused: bool) -> Schedule:
@@ -292,6 +299,19 @@ class Schedules:
         raise BusUnavailable(f"schedule {schedule_id} kept changing; try again")
 
     async def _read(self, schedule_id: str) -> tuple[Schedule, int] | None:
+        """The schedule and its revision; None when there is none. A record that does not decode is
+        refused as :class:`ScheduleNotFound`, saying so."""
+        entry = await self._entry(schedule_id)
+        if entry is None:
+            return None
+        schedule = _decoded(schedule_id, entry.value or b"")
+        if schedule is None:
+            raise ScheduleNotFound(
+                f"schedule {schedule_id}'s record does not decode (written by hand?): it can only be deleted"
+            )
+        return schedule, entry.revision or 0
+
+    async def _entry(self, schedule_id: str) -> KeyValue.Entry | None:
         if not is_task_id(schedule_id):
             raise ScheduleNotFound(
                 f"{schedule_id!r} is not a schedule id (26 characters of Crockford base32)"
@@ -302,9 +322,7 @@ class Schedules:
             return None
         except BUS_ERRORS as exc:
             raise BusUnavailable(f"could not read schedule {schedule_id}: {exc}") from None
-        if not entry.value:
-            return None
-        return _decoder.decode(entry.value), entry.revision or 0
+        return entry if entry.value else None
 
     async def _arm(self, schedule: Schedule, *, typed: str | None = None) -> None:
         """The server's timer of the schedule, set (or set again: one per subject). ``typed``: the cron
@@ -344,6 +362,16 @@ class Schedules:
             await self._bus.js.purge_stream(
                 names.schedules_stream, subject=names.schedule_subject("recurring", schedule_id)
             )
+
+
+def _decoded(schedule_id: str, value: bytes) -> Schedule | None:
+    """A schedule's record, or None (logged) when it does not decode: only the hub writes the bucket,
+    so one that does not was written by hand, and it must not take the listing or the timers down."""
+    try:
+        return _decoder.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("schedule %s's record does not decode, left out: %s", schedule_id, exc)
+        return None
 
 
 def template_for(schedule: Schedule, task_id: str, fired_seq: int) -> TaskRequest:
