@@ -17,7 +17,7 @@ import click
 import msgspec
 
 from ._batches import Batch
-from ._cli import EXIT_FAILED, EXIT_NOT_ENDED, _run, bus_options
+from ._cli import EXIT_FAILED, EXIT_NOT_ENDED, _run, _Seconds, bus_options
 from ._client import connect
 from ._settings import Settings
 
@@ -94,7 +94,10 @@ def batch() -> None:
 )
 @click.option("--wait", "wait", is_flag=True, help="wait for the end, with a progress bar on stderr")
 @click.option(
-    "--timeout", "timeout_s", type=float, help="with --wait: give up after this many seconds (exit 2)"
+    "--timeout",
+    "timeout_s",
+    type=_Seconds(zero=False),
+    help="with --wait: give up after this many seconds (exit 2)",
 )
 @bus_options
 def create(

@@ -236,6 +236,8 @@ def test_an_unknown_log_level_is_one_clear_line_listing_the_levels(nats_server: 
         (["status", "x", "--wait", "nan"], "--wait"),
         (["submit", "echo", "hi", "--wait", "-1"], "--wait"),
         (["chat", "echo", "hi", "--timeout", "1e300"], "--timeout"),
+        (["batch", "create", __file__, "--wait", "--timeout", "nan"], "--timeout"),  # once taken as given
+        (["batch", "create", __file__, "--wait", "--timeout", "-1"], "--timeout"),
     ],
 )
 def test_a_number_of_seconds_out_of_range_is_a_usage_error(args: list[str], option: str) -> None:
