@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from ._nats import Client
 from ._settings import Settings, SettingsError
 
 _FIX_CA = "set HIVE_NATS_TLS_CA_FILE (--nats-tls-ca) to the CA that signed it (the hub's ca.pem)"
@@ -63,7 +64,7 @@ class NoTlsOffered(nats.errors.Error):
         )
 
 
-class _TlsOnlyClient(NATS):
+class _TlsOnlyClient(Client):
     """A nats-py client that takes every connection to TLS, or drops it before CONNECT.
 
     nats-py starts TLS only when the server's INFO says ``tls_required``, even with a TLS context
@@ -84,7 +85,7 @@ class _TlsOnlyClient(NATS):
 
 def nats_client(settings: Settings) -> NATS:
     """A client for ``settings``: one that never logs in without TLS when TLS is wanted."""
-    return _TlsOnlyClient() if tls_context_wanted(settings) else NATS()
+    return _TlsOnlyClient() if tls_context_wanted(settings) else Client()
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -43,7 +43,14 @@ BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 
 #: Every private name of nats-py used below, by the object it is read from.
 PRIVATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "nats.aio.client.Client": ("_send_command", "_flush_pending", "stats", "_parse_header_lines"),
+    "nats.aio.client.Client": (
+        "_send_command",
+        "_flush_pending",
+        "stats",
+        "_parse_header_lines",
+        "_close",
+        "_transport",
+    ),
     "nats.js.kv.KeyValue": ("_js", "_stream", "_pre", "_direct"),
     "nats.js.client.JetStreamContext": ("_nc", "_prefix"),
     "nats.aio.msg.Msg.Metadata": ("_get_metadata_fields",),
@@ -129,6 +136,31 @@ def count_out(nc: NATS, messages: int, data_bytes: int) -> None:
 def reconnects(nc: NATS) -> int:
     """How many times the client has reconnected since it connected."""
     return int(nc.stats["reconnects"])
+
+
+# -- closing a connection the server reset ------------------------------------------------------------
+
+
+class Client(NATS):
+    """nats-py's client, which closes cleanly after the server reset the connection.
+
+    Before it closes, nats-py writes out what is still pending and waits for it to drain. On a connection
+    the server has just reset (after its ``-ERR`` for a message over ``max_payload``, say) the wait raises
+    ``ConnectionResetError``, in a task nobody awaits, and the rest of the close never runs: the
+    subscriptions are not ended, and the closed callback that tells the bus it is lost is not called.
+    What was pending cannot reach that server any more, so the wait gives up quietly."""
+
+    async def _close(self, status: int, do_cbs: bool = True) -> None:
+        transport: Any = self._transport
+        if transport is not None and "drain" not in vars(transport):
+            drain = transport.drain
+
+            async def drain_or_give_up() -> None:
+                with contextlib.suppress(ConnectionError):
+                    await drain()
+
+            transport.drain = drain_or_give_up
+        await super()._close(status, do_cbs)
 
 
 # -- key-value buckets and messages -------------------------------------------------------------------

@@ -89,10 +89,10 @@ class _Coalesced:
     a small answer costs one system call. What is written goes out at the loop's next turn, or at
     :meth:`close`."""
 
-    __slots__ = ("_loop", "_pending", "_transport")
+    __slots__ = ("_inner", "_loop", "_pending")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
+        self._inner = transport
         self._loop = loop
         self._pending: list[bytes] | None = None
 
@@ -105,22 +105,22 @@ class _Coalesced:
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, None
-        if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        if pending and not self._inner.is_closing():
+            self._inner.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def close(self) -> None:
         self._flush()
-        self._transport.close()
+        self._inner.close()
 
     def write_eof(self) -> None:
         self._flush()
-        self._transport.write_eof()
+        self._inner.write_eof()
 
     def is_closing(self) -> bool:
-        return self._transport.is_closing()
+        return self._inner.is_closing()
 
     def __getattr__(self, name: str) -> Any:  # the rest of the transport's interface, as it is
-        return getattr(self._transport, name)
+        return getattr(self._inner, name)
 
 
 class _Limited:

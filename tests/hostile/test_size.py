@@ -7,8 +7,11 @@ ever; a body over the limit got a connection reset; a batch with one oversize ta
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import socket
+import struct
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from hive_bus import FunctionProvider, Hive, Settings, Task
 from hive_bus._bus import ensure_consumers, event_providers
 from hive_bus._embedded import NatsServer
 from hive_bus._errors import BusUnavailable
-from hive_bus._nats import reconnects
+from hive_bus._nats import Client, reconnects
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
 from hive_bus.workers.echo import EchoProvider
@@ -204,6 +207,55 @@ async def test_a_connection_the_server_closed_turns_healthz_unhealthy(settings: 
         assert "maximum payload" in r.json()["reason"]
         with pytest.raises(BusUnavailable, match="closed for good"):
             await stack.bus.wait_lost()
+
+
+@contextmanager
+def resetting_server() -> Iterator[tuple[int, threading.Event]]:
+    """A loopback NATS server of one connection: it greets, answers the client's first PING, then, once
+    the event is set, resets the connection (a close with SO_LINGER 0, as the server cuts a client)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    reset = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.sendall(b'INFO {"server_id":"FAKE","version":"2.10.0","proto":1,"max_payload":1048576}\r\n')
+        got = b""
+        while b"PING\r\n" not in got:
+            got += conn.recv(4096)
+        conn.sendall(b"PONG\r\n")
+        reset.wait(10)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], reset
+    finally:
+        reset.set()
+        thread.join(5)
+        listener.close()
+
+
+async def test_a_connection_reset_with_bytes_pending_still_closes_and_says_so() -> None:
+    """nats-py writes out what is pending before it closes; on a connection the server reset, that wait
+    raised (in a task nobody awaits) and the rest of the close never ran: the closed callback, which
+    tells the bus it is lost, was not called (``test_a_connection_the_server_closed...`` failed now and
+    then this way in CI)."""
+    closed = anyio.Event()
+
+    async def on_closed() -> None:
+        closed.set()
+
+    with resetting_server() as (port, reset):
+        nc = Client()
+        await nc.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False, closed_cb=on_closed)
+        nc._pending.append(b"PUB x 1\r\ny\r\n")  # what a publish leaves until the flusher runs
+        nc._pending_data_size += 13
+        reset.set()
+        with anyio.fail_after(5):
+            await closed.wait()
+    assert nc.is_closed
 
 
 @pytest.mark.slow
