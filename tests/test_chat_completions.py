@@ -278,6 +278,28 @@ async def test_models_lists_every_alias_and_every_live_provider_model(
     assert {m.object for m in page.data} == {"model"}
 
 
+async def test_a_model_is_retrieved_by_its_id_as_the_sdk_asks_for_it(
+    stack: Stack, fakes: ProviderFakes
+) -> None:
+    """``client.models.retrieve``: ``GET /v1/models/{model}``, the id's ``/`` sent as ``%2F``. It was a
+    404 "Not Found" for every model, the listed ones too."""
+    async with (
+        running_worker(stack.bus, "echo", EchoProvider()),
+        running_worker(stack.bus, "groq", groq(fakes)),
+    ):
+        listed = {m.id: m for m in (await stack.client.models.list()).data}
+        alias = await stack.client.models.retrieve("posts")
+        served = await stack.client.models.retrieve(GROQ_MODEL)
+        echo = await stack.client.models.retrieve("echo")
+        # a built-in provider's model with no worker now: chat completions queue it, so it is a model
+        queued_for = await stack.client.models.retrieve("gemini/gemini-2.5-flash")
+        with pytest.raises(openai.NotFoundError) as caught:
+            await stack.client.models.retrieve("nobody/some-model")
+    assert alias == listed["posts"] and served == listed[GROQ_MODEL] and echo == listed["echo"]
+    assert (queued_for.id, queued_for.owned_by) == ("gemini/gemini-2.5-flash", "gemini")
+    assert caught.value.code == "model_not_found" and "nobody/some-model" in caught.value.message
+
+
 async def test_a_cache_hit_makes_no_provider_call_and_spends_nothing(
     stack: Stack, fakes: ProviderFakes
 ) -> None:

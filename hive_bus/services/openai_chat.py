@@ -1,4 +1,5 @@
-"""OpenAI's chat completions on the gateway: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+"""OpenAI's chat completions on the gateway: ``POST /v1/chat/completions``, ``GET /v1/models`` and
+``GET /v1/models/{model}``.
 
 A chat completion is a task whose HTTP request waits for its end (:meth:`Hive.wait`): a provider's 429
 means waiting in the queue, not an error to the client, and the task is spread over every worker and
@@ -31,6 +32,7 @@ import anyio
 import msgspec
 from litestar import MediaType, Request, Response, get, post
 from litestar.datastructures import State
+from litestar.params import FromPath
 from msgspec import Meta
 
 from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskRequest, TaskView, WorkerBeat
@@ -236,6 +238,16 @@ class Catalog:
 
     async def models(self) -> ModelList:
         return ModelList(data=self._cards(await self.live()))
+
+    async def model(self, model: str) -> ModelCard:
+        """One model as ``GET /v1/models/{model}`` answers it: its card in the list, or, for a model that
+        chat completions take without listing it (``provider/model`` of a provider queued for, with no
+        worker now), a card of that provider's; else :class:`OpenAIError` 404 as :meth:`target`."""
+        for card in self._cards(await self.live()):
+            if card.id == model:
+                return card
+        target = await self.target(model)
+        return ModelCard(id=model, created=self._started_s, owned_by=target.provider)
 
     def _cards(self, beats: list[WorkerBeat]) -> list[ModelCard]:
         cards = {
@@ -549,7 +561,23 @@ async def list_models(state: State) -> Response[Any]:
         return _of_bus_error(exc).response()
 
 
-CHAT_ROUTES = [chat_completions, list_models]
+@get(
+    "/v1/models/{model:path}",
+    summary="OpenAI's model object: an alias, or a provider/model that chat completions take",
+)
+async def retrieve_model(state: State, model: FromPath[str]) -> Response[Any]:
+    """The SDK sends a model id's ``/`` as ``%2F`` (``groq%2Fllama-3.3-70b-versatile``), which the server
+    decodes before routing: hence a path parameter, leading ``/`` and all."""
+    catalog: Catalog = state.catalog
+    try:
+        return Response(await catalog.model(model.removeprefix("/")), media_type=MediaType.JSON)
+    except BusUnavailable as exc:
+        return _of_bus_error(exc).response()
+    except OpenAIError as exc:
+        return exc.response()
+
+
+CHAT_ROUTES = [chat_completions, list_models, retrieve_model]
 
 __all__ = [
     "CHAT_ROUTES",
