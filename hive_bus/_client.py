@@ -69,7 +69,7 @@ from ._messages import (
     task_decoder,
 )
 from ._names import check_provider
-from ._nats import BUS_ERRORS
+from ._nats import BUS_ERRORS, why
 from ._nesting import NestedTooDeep, check_value
 from ._prices import PriceTable
 from ._publish import FIRST_ON_SUBJECT, Extra, JetStreamPublisher, PubAck, Publish, stored
@@ -643,13 +643,19 @@ class Hive:
         return await _recent.recent_tasks(self, status=status, provider=provider, limit=limit)
 
     async def workers(self) -> list[WorkerBeat]:
-        """The workers whose heartbeat has not expired, by provider then id."""
+        """The workers whose heartbeat has not expired, by provider then id. Raises
+        :class:`BusUnavailable` when the bus does not answer."""
+        timeout_s = self._bus.settings.request_timeout_s
         try:
-            values = await kv_entries(self._bus.workers_kv, timeout_s=self._bus.settings.request_timeout_s)
+            values = await kv_entries(self._bus.workers_kv, timeout_s=timeout_s)
         except nats.js.errors.NotFoundError:
             # a restarted server has lost the (in-memory) bucket: no worker has beaten since
             await redeclare_workers_bucket(self._bus)
             return []
+        except TimeoutError:
+            raise BusUnavailable(f"reading the workers' heartbeats timed out after {timeout_s:g} s") from None
+        except BUS_ERRORS as exc:
+            raise BusUnavailable(f"could not read the workers' heartbeats: {why(exc)}") from None
         beats: list[WorkerBeat] = []
         for key, value in values.items():
             try:

@@ -19,18 +19,20 @@ from openai.types.chat import completion_create_params
 
 from hive_bus import Completed, FunctionProvider, Hive, Output, Settings, Task, Usage
 from hive_bus._cache import cache_key
+from hive_bus._embedded import NatsServer
 from hive_bus._messages import new_task_id, now_ms
 from hive_bus._routes import Routes, RoutesError
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.auth import Tokens
 from hive_bus.services.gateway import Gateway, GatewayOptions
-from hive_bus.services.openai_chat import SUPPORTED_FIELDS
+from hive_bus.services.openai_chat import SUPPORTED_FIELDS, WORKERS_FRESH_S
 from hive_bus.workers.echo import EchoProvider
 from hive_bus.workers.gemini import GeminiProvider
 from hive_bus.workers.groq import GroqProvider
 
+from .conftest import make_settings
 from .fakes import ProviderFakes
-from .helpers import events_of, eventually, hive_cli, openai_shaped, running_worker, task_of
+from .helpers import TcpRelay, events_of, eventually, hive_cli, openai_shaped, running_worker, task_of
 
 pytestmark = pytest.mark.anyio
 
@@ -355,6 +357,38 @@ async def test_an_idempotency_key_makes_one_task_of_two_requests(stack: Stack, f
         ]
     assert answers[0].headers["x-hive-task-id"] == answers[1].headers["x-hive-task-id"]
     assert fakes.groq.requests == 1
+
+
+async def test_a_bus_that_does_not_answer_is_a_503_the_sdk_retries_on_the_chat_and_models_routes(
+    nats_server: NatsServer, routes: Routes
+) -> None:
+    """The workers' heartbeats, which every chat completion and model read looks up, not read in time: a
+    503 ``bus_unavailable`` with ``Retry-After`` (which the SDK waits out and retries), not a 500 of a
+    bare ``TimeoutError`` (which it retried at once) with its traceback in the log."""
+    relay = TcpRelay(int(nats_server.url.rsplit(":", 1)[1]))
+    async with serving(make_settings(relay.url, request_timeout_s=1.0), routes) as stack:
+        try:
+            assert (await stack.client.models.list()).data
+            relay.stall()
+            await anyio.sleep(WORKERS_FRESH_S)  # the catalog's last reading of the workers is stale
+            answers = {
+                "chat": await stack.http.post(
+                    "/v1/chat/completions",
+                    json={"model": "echo", "messages": [{"role": "user", "content": "x"}]},
+                ),
+                "models": await stack.http.get("/v1/models"),
+                "model": await stack.http.get("/v1/models/echo"),
+                "workers": await stack.http.get("/v1/workers"),
+            }
+        finally:
+            relay.cut()
+    assert {name: (r.status_code, r.headers.get("retry-after")) for name, r in answers.items()} == {
+        name: (503, "5") for name in answers
+    }
+    for name in ("chat", "models", "model"):
+        error = answers[name].json()["error"]
+        assert error["code"] == "bus_unavailable", error
+        assert error["message"] == "reading the workers' heartbeats timed out after 1 s", error
 
 
 async def test_without_the_gateway_token_the_sdk_gets_an_authentication_error(stack: Stack) -> None:
