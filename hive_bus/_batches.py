@@ -31,7 +31,7 @@ from ulid import ULID
 from ._budget import ProviderBudget
 from ._bus import Bus, kv_entries
 from ._errors import BusUnavailable, HiveError
-from ._nats import BUS_ERRORS
+from ._nats import BUS_ERRORS, why
 
 BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
@@ -238,14 +238,14 @@ class BatchStore:
                     )
                 )
         except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not open the batches bucket {name}: {exc}") from None
+            raise BusUnavailable(f"could not open the batches bucket {name}: {why(exc)}") from None
         return cls(bus, kv)
 
     async def create(self, batch: Batch) -> Batch:
         try:
             await self.kv.create(batch.id, _encoder.encode(batch))
         except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not store batch {batch.id}: {exc}") from None
+            raise BusUnavailable(f"could not store batch {batch.id}: {why(exc)}") from None
         return batch
 
     async def read(self, batch_id: str) -> tuple[Batch, int]:
@@ -257,7 +257,7 @@ class BatchStore:
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             raise BatchNotFound(f"no batch {batch_id!r}") from None
         except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not read batch {batch_id}: {exc}") from None
+            raise BusUnavailable(f"could not read batch {batch_id}: {why(exc)}") from None
         return _decoder.decode(entry.value or b""), entry.revision or 0
 
     async def get(self, batch_id: str) -> Batch:
@@ -269,7 +269,7 @@ class BatchStore:
         try:
             values = await kv_entries(self.kv)
         except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not list the batches: {exc}") from None
+            raise BusUnavailable(f"could not list the batches: {why(exc)}") from None
         found = [_decoder.decode(value) for value in values.values()]
         return sorted(found, key=lambda b: b.id, reverse=True)
 
@@ -287,7 +287,7 @@ class BatchStore:
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
             except BUS_ERRORS as exc:
-                raise BusUnavailable(f"could not change batch {batch_id}: {exc}") from None
+                raise BusUnavailable(f"could not change batch {batch_id}: {why(exc)}") from None
             return changed, True
 
 

@@ -24,7 +24,7 @@ from nats.js.object_store import ObjectStore
 from ._bus import Bus
 from ._errors import BusUnavailable, HiveError
 from ._messages import explain_error
-from ._nats import BUS_ERRORS
+from ._nats import BUS_ERRORS, why
 from ._nesting import NestedTooDeep, check_json
 
 # OpenAI's limits for a batch input file
@@ -177,7 +177,9 @@ class FileStore:
                 )
                 store = await bus.js.create_object_store(names.files_bucket, config=config)
         except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not open the files bucket {names.files_bucket}: {exc}") from None
+            raise BusUnavailable(
+                f"could not open the files bucket {names.files_bucket}: {why(exc)}"
+            ) from None
         return cls(bus, store)
 
     async def put(self, upload: Upload) -> FileObject:
@@ -199,7 +201,7 @@ class FileStore:
         try:
             await self._store.put(file.id, upload.spool, meta=meta)  # type: ignore[arg-type]
         except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not store the file {upload.filename!r}: {exc}") from None
+            raise BusUnavailable(f"could not store the file {upload.filename!r}: {why(exc)}") from None
         return file
 
     async def get(self, file_id: str) -> FileObject:
@@ -208,7 +210,7 @@ class FileStore:
         except (NotFoundError, ObjectDeletedError):
             raise FileNotFound(f"no file {file_id!r}") from None
         except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not read file {file_id!r}: {exc}") from None
+            raise BusUnavailable(f"could not read file {file_id!r}: {why(exc)}") from None
         if info.deleted:
             raise FileNotFound(f"no file {file_id!r}")
         headers = info.headers or {}
@@ -227,7 +229,7 @@ class FileStore:
         except NotFoundError:
             return []  # no object yet
         except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not list the files: {exc}") from None
+            raise BusUnavailable(f"could not list the files: {why(exc)}") from None
         files = [await self.get(info.name) for info in infos if not info.deleted]
         return sorted(
             (f for f in files if purpose is None or f.purpose == purpose), key=lambda f: f.id, reverse=True
@@ -245,7 +247,7 @@ class FileStore:
             raise FileNotFound(f"no file {file_id!r}") from None
         except BUS_ERRORS as exc:
             spool.close()
-            raise BusUnavailable(f"could not read file {file_id!r}: {exc}") from None
+            raise BusUnavailable(f"could not read file {file_id!r}: {why(exc)}") from None
         spool.seek(0)
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -262,7 +264,7 @@ class FileStore:
         except (NotFoundError, ObjectDeletedError):
             raise FileNotFound(f"no file {file_id!r}") from None
         except BUS_ERRORS as exc:
-            raise BusUnavailable(f"could not delete file {file_id!r}: {exc}") from None
+            raise BusUnavailable(f"could not delete file {file_id!r}: {why(exc)}") from None
         return FileDeleted(id=file_id)
 
 

@@ -37,7 +37,7 @@ from hive_bus.workers.groq import GroqProvider
 from .conftest import make_settings
 from .fakes import ProviderFakes
 from .faults.stack import settings_env
-from .helpers import eventually, hive_cli, openai_shaped, running_worker, spawn, unacked
+from .helpers import TcpRelay, eventually, hive_cli, openai_shaped, running_worker, spawn, unacked
 
 pytestmark = pytest.mark.anyio
 
@@ -640,3 +640,37 @@ async def test_a_line_cut_off_between_its_queued_event_and_its_task_is_queued_ag
             ("q1", 200),
             ("q2", 200),
         ]
+
+
+async def test_a_bus_that_does_not_answer_is_a_503_with_retry_after_on_the_batch_routes(
+    nats_server: NatsServer,
+) -> None:
+    """The batch routes' 503 says when to try again, as every other 503 of the gateway does, and why: it
+    had no ``Retry-After`` (the SDK retried at once), and a read timed out said "could not list the
+    batches: " with nothing after."""
+    relay = TcpRelay(int(nats_server.url.rsplit(":", 1)[1]))
+    async with serving(make_settings(relay.url, request_timeout_s=1.0)) as stack:
+        uploaded = await stack.client.files.create(
+            file=("a.jsonl", io.BytesIO(jsonl([line("a", "x")]))), purpose="batch"
+        )
+        batch = await stack.client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert [b.id for b in (await stack.client.batches.list()).data] == [batch.id]  # the store opened
+        async with httpx.AsyncClient(base_url=f"{stack.gateway.url}/v1", timeout=30) as http:
+            try:
+                relay.stall()
+                answers = {
+                    "list": await http.get("/batches"),
+                    "retrieve": await http.get(f"/batches/{batch.id}"),
+                    "cancel": await http.post(f"/batches/{batch.id}/cancel"),
+                }
+            finally:
+                relay.cut()
+    assert {name: (r.status_code, r.headers.get("retry-after")) for name, r in answers.items()} == {
+        name: (503, "5") for name in answers
+    }
+    for name, r in answers.items():
+        error = r.json()["error"]
+        assert error["code"] == "bus_unavailable" and not error["message"].endswith(": "), (name, error)
+    assert answers["list"].json()["error"]["message"].startswith("could not list the batches: ")

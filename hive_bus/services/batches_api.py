@@ -28,6 +28,7 @@ from hive_bus._batches import (
 )
 from hive_bus._files import FileNotFound
 
+from .answers import BUS_RETRY_AFTER_S
 from .openai_errors import OpenAIError
 
 
@@ -59,7 +60,8 @@ def _error(exc: Exception) -> Response[Any]:
         return OpenAIError(404, str(exc), param="input_file_id", code="file_not_found", final=True).response()
     if isinstance(exc, BatchNotFound):
         return OpenAIError(404, str(exc), code="batch_not_found", final=True).response()
-    return OpenAIError(503, str(exc), type="server_error", code="bus_unavailable").response()
+    retry = {"Retry-After": str(BUS_RETRY_AFTER_S)}
+    return OpenAIError(503, str(exc), type="server_error", code="bus_unavailable", headers=retry).response()
 
 
 _ERRORS = (BadBatch, FileNotFound, BatchNotFound, BusUnavailable)
