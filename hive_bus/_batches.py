@@ -295,6 +295,16 @@ def replace(batch: Batch, **changes: Any) -> Batch:
     return msgspec.structs.replace(batch, **changes)
 
 
+async def batch_reading(bus: Bus, file_id: str) -> Batch | None:
+    """The batch not ended yet whose input is ``file_id``, or None. Such a batch reads its input again
+    to the end, to queue its lines and then to write its output and error files in input order (each
+    line's ``custom_id``): the file must stay until the batch has ended."""
+    store = await BatchStore.find(bus)
+    if store is None:
+        return None
+    return next((b for b in await store.list() if not b.done and b.input_file_id == file_id), None)
+
+
 async def create_batch(
     bus: Bus,
     input_file_id: str,

@@ -674,3 +674,31 @@ async def test_a_bus_that_does_not_answer_is_a_503_with_retry_after_on_the_batch
         error = r.json()["error"]
         assert error["code"] == "bus_unavailable" and not error["message"].endswith(": "), (name, error)
     assert answers["list"].json()["error"]["message"].startswith("could not list the batches: ")
+
+
+async def test_the_input_file_of_a_batch_not_ended_cannot_be_deleted(settings: Settings) -> None:
+    """A batch reads its input again to write its output (each line's ``custom_id``, in input order):
+    deleted under it, the batch stayed ``cancelling`` (or ``finalizing``) for ever, a warning every 2 s,
+    its lines' results never written. Now the delete is a 409 naming the batch, until it has ended."""
+    async with serving(settings) as stack:  # no gemini worker: the line waits in the queue
+        client = stack.client
+        lines = jsonl([line("only", "x", model="gemini")])
+        uploaded = await client.files.create(file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+
+        async def running() -> bool:
+            return (await client.batches.retrieve(batch.id)).status == "in_progress"
+
+        await eventually(running, 30, "the batch to queue its line")
+        with pytest.raises(openai.ConflictError) as caught:
+            await client.files.delete(uploaded.id)
+        assert caught.value.code == "file_in_use" and batch.id in caught.value.message
+        assert caught.value.response.headers["x-should-retry"] == "false"  # the SDK retries a 409
+        assert (await client.files.retrieve(uploaded.id)).id == uploaded.id
+        await client.batches.cancel(batch.id)
+        done = await ended(client, batch.id)
+        [cancelled] = await output_lines(client, done.error_file_id)
+        assert (done.status, cancelled["custom_id"]) == ("cancelled", "only")
+        assert (await client.files.delete(uploaded.id)).deleted

@@ -19,7 +19,8 @@ from multipart import (  # type: ignore[import-untyped]
     PushMultipartParser,
 )
 
-from hive_bus._files import MAX_FILE_BYTES, BadFile, FileDeleted, FileObject, FileStore, Upload
+from hive_bus._batches import batch_reading
+from hive_bus._files import MAX_FILE_BYTES, BadFile, FileObject, FileStore, Upload
 
 from .api import _errors
 from .openai_errors import OpenAIError, OpenAIErrorBody
@@ -171,11 +172,25 @@ async def file_content(state: State, file_id: FromPath[str]) -> Stream:
 @delete(
     "/v1/files/{file_id:str}",
     status_code=200,
-    responses=_errors(401, 404, 503, shape=OpenAIErrorBody),
+    responses=_errors(401, 404, 409, 503, shape=OpenAIErrorBody),
     summary="Delete a file",
 )
-async def delete_file(state: State, file_id: FromPath[str]) -> FileDeleted:
-    return await (await files(state)).delete(file_id)
+async def delete_file(state: State, file_id: FromPath[str]) -> Response[Any]:
+    """A batch that has not ended reads its input file again (to queue its lines, to write its output in
+    input order): deleting that file is refused, 409 ``file_in_use`` naming the batch."""
+    store = await files(state)
+    reading = await batch_reading(state.hive.bus, file_id)
+    if reading is not None:
+        return OpenAIError(
+            409,
+            f"file {file_id!r} is the input of batch {reading.id}, which has not ended ({reading.status}) "
+            "and reads it again to write its output; delete it once the batch has ended (cancel it first "
+            "to end it sooner)",
+            param="file_id",
+            code="file_in_use",
+            final=True,
+        ).response()
+    return Response(msgspec.json.encode(await store.delete(file_id)), media_type="application/json")
 
 
 FILE_ROUTES = [upload_file, list_files, show_file, file_content, delete_file]
