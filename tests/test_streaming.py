@@ -27,6 +27,7 @@ from hive_bus import (
     FunctionProvider,
     Hive,
     Output,
+    Params,
     RetryAfter,
     RetryLater,
     StreamEnded,
@@ -69,8 +70,15 @@ def fakes() -> Iterator[ProviderFakes]:
         yield f
 
 
-def _task(provider: str, prompt: str = PROMPT) -> Task:
-    return Task(id=new_task_id(), submitted_at_ms=now_ms(), provider=provider, prompt=prompt, stream=True)
+def _task(provider: str, prompt: str = PROMPT, params: Params | None = None) -> Task:
+    return Task(
+        id=new_task_id(),
+        submitted_at_ms=now_ms(),
+        provider=provider,
+        prompt=prompt,
+        stream=True,
+        params=params,
+    )
 
 
 # each adapter, through its SDK ---------------------------------------------------------------------
@@ -98,6 +106,23 @@ async def test_each_adapter_streams_through_its_sdk_piece_by_piece(fakes: Provid
     # the fake records the answer once its last bytes are out, which may be after the SDK's last event
     await eventually(lambda: _completed(fakes, name), 5, "the fake to record the streamed answer")
     assert getattr(fakes, name).prompts_completed == [PROMPT]
+
+
+@pytest.mark.parametrize("name", SDK_PROVIDERS)
+async def test_each_adapter_streams_the_finish_reason_its_provider_gave(
+    fakes: ProviderFakes, name: str
+) -> None:
+    """An answer cut at its token limit ends ``length`` streamed as it does unstreamed: the streams'
+    output had no finish reason (so a streamed chat completion said ``stop`` of a cut answer)."""
+    capped = _task(name, params=Params(max_tokens=2))
+    async with _adapter(name, fakes) as provider:
+        *_, cut = [item async for item in provider.stream(capped)]
+        *_, whole = [item async for item in provider.stream(_task(name))]
+        plain = await provider.complete(capped)
+    assert isinstance(cut, Output) and isinstance(whole, Output)
+    assert (cut.value, cut.finish_reason) == ("reply: un", "length")
+    assert (plain.value, plain.finish_reason) == ("reply: un", "length")
+    assert whole.finish_reason == "stop"
 
 
 async def _completed(fakes: ProviderFakes, name: str) -> bool:
@@ -427,6 +452,24 @@ async def test_a_task_that_fails_ends_the_stream_with_an_error_naming_it(bus: Bu
         with pytest.raises(openai.APIError, match=r"task [0-9A-Z]{26} failed \(permanent\): .*refused"):
             async for _ in stream:
                 pass
+
+
+async def test_the_last_chunk_says_the_finish_reason_the_provider_gave(bus: Bus) -> None:
+    """``finish_reason`` of the last chunk is the task's, as the unstreamed answer's is: it was ``stop``
+    whatever the provider said, so a client could not tell an answer cut at ``max_tokens``."""
+
+    async def capped(task: Task) -> Output:
+        return Output(
+            "cut sh", model="tiny", usage=Usage(input_tokens=1, output_tokens=2), finish_reason="length"
+        )
+
+    async with serving(bus) as stack, running_worker(bus, "capped", FunctionProvider(capped)):
+        stream = await stack.client.chat.completions.create(
+            model="capped", messages=[{"role": "user", "content": "x"}], max_tokens=2, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "cut sh"
+    assert [c.choices[0].finish_reason for c in chunks] == [None, None, "length"]
 
 
 async def test_a_flaky_attempt_after_chunks_ends_the_openai_stream_with_stream_interrupted(bus: Bus) -> None:

@@ -107,7 +107,7 @@ async def completion_events(
                 if view.status == "completed":
                     if not started:
                         yield chunk({"role": "assistant", "content": ""})
-                    yield chunk({}, "stop")
+                    yield chunk({}, view.finish_reason or "stop")
                     if include_usage:
                         yield event(base | {"choices": [], "usage": _usage(view)})
                     yield b"data: [DONE]\n\n"

@@ -90,11 +90,13 @@ async def chat_stream(
     provider: str, client: Any, sdk: ModuleType, key: str, model: str, task: Task
 ) -> AsyncIterator[str | Output]:
     """One chat completion with ``stream=True``: the content deltas as they come, then the whole
-    :class:`Output` with the usage of the last chunk (asked for with ``stream_options.include_usage``).
+    :class:`Output` with the usage of the last chunk (asked for with ``stream_options.include_usage``)
+    and the finish reason the stream gave.
     Errors, before the first chunk (a 429) or during the stream, are classified as in
     :func:`chat_complete`."""
     pieces: list[str] = []
     usage: Usage | None = None
+    finish_reason: str | None = None
     try:
         chunks = await client.chat.completions.create(
             **chat_request(task, model),
@@ -109,6 +111,7 @@ async def chat_stream(
             if counted is not None:
                 usage = Usage(input_tokens=counted.prompt_tokens, output_tokens=counted.completion_tokens)
             for choice in chunk.choices:
+                finish_reason = choice.finish_reason or finish_reason  # on the last content chunk
                 text = choice.delta.content
                 if text:
                     pieces.append(text)
@@ -118,4 +121,4 @@ async def chat_stream(
         if outcome is None:
             raise
         raise outcome from None
-    yield Output(value="".join(pieces), model=model, usage=usage)
+    yield Output(value="".join(pieces), model=model, usage=usage, finish_reason=finish_reason)

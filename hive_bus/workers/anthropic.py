@@ -71,6 +71,7 @@ class AnthropicProvider:
         model = request["model"]
         pieces: list[str] = []
         input_tokens = output_tokens = 0
+        stop_reason = ""
         try:
             events = await self._client.messages.create(**request, stream=True)
             async for event in events:
@@ -84,13 +85,15 @@ class AnthropicProvider:
                         yield event.delta.text
                 elif kind == "message_delta":
                     output_tokens = event.usage.output_tokens
+                    stop_reason = event.delta.stop_reason or stop_reason
         except Exception as exc:
             outcome = _stainless.classify("anthropic", exc, self._sdk, [self._key])
             if outcome is None:
                 raise
             raise outcome from None
         usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
-        yield Output(value="".join(pieces), model=model, usage=usage)
+        finish = _FINISH.get(stop_reason, "stop")
+        yield Output(value="".join(pieces), model=model, usage=usage, finish_reason=finish)
 
     async def aclose(self) -> None:
         await self._client.close()

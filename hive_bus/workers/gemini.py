@@ -105,7 +105,8 @@ class GeminiProvider:
             usage = Usage(
                 input_tokens=meta.prompt_token_count or 0, output_tokens=meta.candidates_token_count or 0
             )
-        yield Output(value="".join(pieces), model=model, usage=usage)
+        finish = _finish(reason) if isinstance(reason, types.FinishReason) else None
+        yield Output(value="".join(pieces), model=model, usage=usage, finish_reason=finish)
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()

@@ -25,13 +25,17 @@ class BadRequest(Exception):
 class ChatRequest:
     """What a fake needs from a request, whatever the API: the model, the prompt it answers
     (the last user message), every piece of input text (for the usage counts), whether it asked for
-    JSON (its API's JSON mode), and the name of the tool it forces (Anthropic's structured output)."""
+    JSON (its API's JSON mode), the name of the tool it forces (Anthropic's structured output), and the
+    most output tokens it takes (its API's ``max_tokens``): a longer answer is cut there, and ``cut``
+    says so (each API's finish reason for it: ``length``, ``MAX_TOKENS``, ``max_tokens``)."""
 
     model: str
     prompt: str
     input_texts: tuple[str, ...]
     json_mode: bool = False
     forced_tool: str | None = None
+    max_output_tokens: int | None = None
+    cut: bool = False
 
     @property
     def input_tokens(self) -> int:

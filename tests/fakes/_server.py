@@ -28,7 +28,7 @@ from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 from ._api import ProviderApi, Route, StreamReply
-from ._common import BadRequest, ChatRequest, Reply, json_reply_text, reply_text
+from ._common import BadRequest, ChatRequest, Reply, json_reply_text, pieces, reply_text, words
 from ._state import Admitted, Forced, ProviderState, RateLimited, Unauthorized
 from .anthropic_api import AnthropicApi
 from .gemini_api import GeminiApi
@@ -339,6 +339,10 @@ class _Handler(BaseHTTPRequestHandler):
         text = state.next_reply()
         if text is None:
             text = json_reply_text(request.prompt) if request.json_mode else reply_text(request.prompt)
+        cap = request.max_output_tokens
+        if cap is not None and words(text) > cap:  # as a model stops at its token limit
+            text = "".join(pieces(text)[:cap])
+            request = dataclasses.replace(request, cut=True)
         if streamed is not None:
             return dataclasses.replace(
                 api.stream(request, text, decision.snapshot, streamed), prompt=request.prompt

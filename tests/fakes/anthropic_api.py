@@ -160,7 +160,7 @@ class AnthropicApi(ProviderApi):
         tool = _forced_tool(body)
         return ChatRequest(
             model=model, prompt=prompt, input_texts=non_empty(texts), json_mode=tool is not None,
-            forced_tool=tool,
+            forced_tool=tool, max_output_tokens=body["max_tokens"],
         )  # fmt: skip
 
     def _headers(self, snapshot: Snapshot, request_id: str | None = None) -> dict[str, str]:
@@ -214,7 +214,7 @@ class AnthropicApi(ProviderApi):
             "role": "assistant",
             "model": request.model,
             "content": content,
-            "stop_reason": "end_turn" if request.forced_tool is None else "tool_use",
+            "stop_reason": _stop_reason(request),
             "stop_sequence": None,
             "usage": {
                 "input_tokens": request.input_tokens,
@@ -250,7 +250,7 @@ class AnthropicApi(ProviderApi):
             events.append(sse(delta, "content_block_delta"))
         events += [
             sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-            sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            sse({"type": "message_delta", "delta": {"stop_reason": _stop_reason(request), "stop_sequence": None},
                  "usage": {"output_tokens": words(text)}}, "message_delta"),
             sse({"type": "message_stop"}, "message_stop"),
         ]  # fmt: skip
@@ -294,3 +294,9 @@ class AnthropicApi(ProviderApi):
 
     def not_found(self, method: str, path: str) -> Reply:
         return self._error(404, "Not found", Snapshot(None, None))
+
+
+def _stop_reason(request: ChatRequest) -> str:
+    if request.cut:
+        return "max_tokens"
+    return "end_turn" if request.forced_tool is None else "tool_use"

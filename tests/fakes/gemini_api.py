@@ -126,16 +126,27 @@ class GeminiApi(ProviderApi):
         last_parts = require_object(contents[-1], "contents[]").get("parts")
         if isinstance(last_parts, list) and last_parts and isinstance(last_parts[0], dict):
             prompt = str(last_parts[0].get("text", ""))
-        json_mode = _json_mode(body.get("generationConfig", body.get("generation_config")))
-        return ChatRequest(
-            model=route.model or "", prompt=prompt, input_texts=non_empty(texts), json_mode=json_mode
+        config = body.get("generationConfig", body.get("generation_config"))
+        json_mode = _json_mode(config)
+        cap = (
+            config.get("maxOutputTokens", config.get("max_output_tokens"))
+            if isinstance(config, dict)
+            else None
         )
+        return ChatRequest(
+            model=route.model or "", prompt=prompt, input_texts=non_empty(texts), json_mode=json_mode,
+            max_output_tokens=cap if isinstance(cap, int) else None,
+        )  # fmt: skip
 
     def success(self, request: ChatRequest, text: str, snapshot: Snapshot) -> Reply:
         prompt_tokens, output_tokens = request.input_tokens, words(text)
         body: JsonObject = {
             "candidates": [
-                {"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": "STOP", "index": 0}
+                {
+                    "content": {"parts": [{"text": text}], "role": "model"},
+                    "finishReason": _finish(request),
+                    "index": 0,
+                }
             ],
             "usageMetadata": {
                 "promptTokenCount": prompt_tokens,
@@ -157,7 +168,7 @@ class GeminiApi(ProviderApi):
             candidate: JsonObject = {"content": {"parts": [{"text": piece}], "role": "model"}, "index": 0}
             usage: JsonObject = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
             if last:
-                candidate["finishReason"] = "STOP"
+                candidate["finishReason"] = _finish(request)
                 usage = {
                     "promptTokenCount": prompt_tokens,
                     "candidatesTokenCount": words(text),
@@ -310,3 +321,7 @@ def _part_texts(content: JsonObject) -> list[str]:
     if not isinstance(parts, list):
         return []
     return [part["text"] for part in parts if isinstance(part, dict) and isinstance(part.get("text"), str)]
+
+
+def _finish(request: ChatRequest) -> str:
+    return "MAX_TOKENS" if request.cut else "STOP"

@@ -4,7 +4,8 @@
 Reproduces, for ``POST /v1/chat/completions`` with ``Authorization: Bearer KEY``:
 
 * Success: a ``chat.completion`` object (``id``, ``object``, ``created``, ``model``,
-  ``choices[{index, message{role, content}, finish_reason: "stop"}]``,
+  ``choices[{index, message{role, content}, finish_reason: "stop"}]`` (``"length"`` for an answer cut
+  at ``max_tokens`` or ``max_completion_tokens``, a word a token),
   ``usage{prompt_tokens, completion_tokens, total_tokens}``).
 * Errors in ``{"error": {"message", "type", "param", "code"}}``: a 429 with ``type: "requests"``,
   ``code: "rate_limit_exceeded"``, "Please try again in 6.78s." in the message and a ``retry-after``
@@ -99,7 +100,11 @@ class ChatCompletionsApi(ProviderApi):
         # the text parts of a message are one text, read in order (as the model reads them)
         prompt = "".join(texts_of(messages[-1].get("content")))
         json_mode = _json_mode(body.get("response_format"), texts)
-        return ChatRequest(model=model, prompt=prompt, input_texts=non_empty(texts), json_mode=json_mode)
+        cap = body.get("max_completion_tokens", body.get("max_tokens"))
+        return ChatRequest(
+            model=model, prompt=prompt, input_texts=non_empty(texts), json_mode=json_mode,
+            max_output_tokens=cap if isinstance(cap, int) else None,
+        )  # fmt: skip
 
     def completion(self, request: ChatRequest, text: str, completion_id: str) -> JsonObject:
         prompt_tokens, output_tokens = request.input_tokens, words(text)
@@ -113,7 +118,7 @@ class ChatCompletionsApi(ProviderApi):
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
                     "logprobs": None,
-                    "finish_reason": "stop",
+                    "finish_reason": "length" if request.cut else "stop",
                 }
             ],
             "usage": {
@@ -148,7 +153,7 @@ class ChatCompletionsApi(ProviderApi):
         usage = self.usage(request, text)
         events = [sse(chunk({"role": "assistant", "content": ""}, **(first_extra or {})))]
         events += [sse(chunk({"content": piece})) for piece in pieces(text)]
-        events.append(sse(chunk({}, "stop", **(last_extra or {}))))
+        events.append(sse(chunk({}, "length" if request.cut else "stop", **(last_extra or {}))))
         if include_usage:
             events.append(sse(base | {"choices": [], "usage": usage}))
         events.append(sse("[DONE]"))
