@@ -100,6 +100,9 @@ async def test_anthropic_is_forced_to_a_tool_whose_input_is_the_output(
     fakes.anthropic.reply_with(json.dumps(GOOD_POST))
     view = await _run(bus, hive, "anthropic", fakes, prompt="un tuit", response_format=POST_FORMAT)
     assert (view.status, view.output) == ("completed", GOOD_POST)
+    # the forced tool's tool_use ends the answer as OpenAI's response_format does (not "tool_calls": the
+    # chat completion then had a finish reason of tool calls and no tool_calls)
+    assert view.finish_reason == "stop"
     body = fakes.anthropic.bodies_seen[0]
     assert body["tools"][0]["name"] == "post"
     assert body["tools"][0]["input_schema"] == POST_SCHEMA

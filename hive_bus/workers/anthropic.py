@@ -30,7 +30,10 @@ DEFAULT_MAX_TOKENS = 1024  # the Messages API requires one
 _TOOL_DESCRIPTION = "Give the answer as this tool's input."
 _WRAPPED = "value"  # the property that carries a JSON output that is not an object
 # Anthropic's stop_reason in OpenAI's words (end_turn, stop_sequence and the rest: "stop")
-_FINISH = {"max_tokens": "length", "refusal": "content_filter", "tool_use": "tool_calls"}
+# Anthropic's stop reasons in OpenAI's words. The one tool a request has is the forced tool that carries
+# a JSON output: its tool_use is the answer ending, "stop" (as OpenAI's response_format ends), not
+# "tool_calls", which would send a client looking for tool calls the message does not have.
+_FINISH = {"max_tokens": "length", "refusal": "content_filter", "tool_use": "stop"}
 
 
 class AnthropicProvider:
