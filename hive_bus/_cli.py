@@ -783,11 +783,12 @@ def chat(
     within --timeout (it goes on; its id is printed).
     """
     provider, _, model_name = model.partition("/")
-    fields: dict[str, Any] = {"provider": provider, "prompt": prompt, "model": model_name or None}
-    fields |= {"system": system, "idempotency_key": idempotency_key}
-    request = msgspec.convert({k: v for k, v in fields.items() if v is not None}, TaskRequest)
 
     async def main() -> None:
+        # checked in here: a field that is not valid is one line, as _run says
+        request = request_of(
+            provider, prompt, model=model_name or None, system=system, idempotency_key=idempotency_key
+        )
         async with connect(settings=settings) as hive, hive.stream(request, timeout_s=timeout_s) as stream:
             _warn(stream.warnings)
             async for item in stream:

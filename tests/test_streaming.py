@@ -600,6 +600,22 @@ async def test_hive_chat_exits_non_zero_when_the_task_fails(nats_server: NatsSer
     assert "failed (permanent): no, gracias" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["echo", ""], "Error: invalid task: prompt must be a string with at least one non-blank character"),
+        (["a b", "hola"], "Error: invalid task: provider must be 1-64 letters, digits, '_' or '-'"),
+        (["/m", "hola"], "Error: invalid task: provider must be 1-64 letters, digits, '_' or '-'"),
+    ],
+)
+async def test_hive_chat_with_a_task_that_is_not_valid_is_one_line(args: list[str], error: str) -> None:
+    # a msgspec.ValidationError traceback before
+    command = ["chat", *args, "--nats", "nats://127.0.0.1:4222"]
+    done = await anyio.to_thread.run_sync(lambda: hive_cli(command, timeout_s=10))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().startswith(error), done.stderr
+
+
 # who may write and read chunks (the shipped hub config) ----------------------------------------------
 
 
