@@ -156,7 +156,9 @@ class TaskStream:
         while True:
             left_s = end_at - anyio.current_time()
             if left_s <= 0:
-                yield StreamEnded(await self._hive.get(self.task_id))
+                # a task that ended as the time ran out: what its output has that was not streamed, too
+                for item in self._ending(await self._hive.get(self.task_id)):
+                    yield item
                 return
             got: tuple[_Source, Msg] | None = self._held.popleft() if self._held else None
             if got is None:

@@ -258,6 +258,21 @@ async def test_an_adapter_without_stream_sends_its_whole_output_as_one_chunk(bus
     assert isinstance(items[-1], StreamEnded) and items[-1].view.output == "HOLA"
 
 
+async def test_a_stream_whose_time_runs_out_as_its_task_ends_gives_the_whole_output(
+    bus: Bus, hive: Hive
+) -> None:
+    # the time runs out at once (timeout_s=0) on a task that has ended already (an idempotency key's
+    # repeat): the end is read, and its output was dropped (hive chat printed nothing and exited 0)
+    request = TaskRequest(provider="echo", prompt="hola otra vez", idempotency_key="chat-1")
+    async with running_worker(bus, "echo", EchoProvider()):
+        async with hive.stream(request) as stream:
+            first = await _collect(aiter(stream))
+        async with hive.stream(request, timeout_s=0) as stream:
+            again = await _collect(aiter(stream))
+    assert _text(first) == _text(again) == "hola otra vez"
+    assert isinstance(again[-1], StreamEnded) and again[-1].view.status == "completed"
+
+
 async def test_a_stream_follows_its_task_to_the_provider_it_moves_to(bus: Bus, hive: Hive) -> None:
     async def refuse(task: Task) -> str:
         raise FailNow("not here")
