@@ -694,6 +694,7 @@ class Hive:
         """Cancel every task still in the queue (queued, waiting or running) of one provider, or all,
         whose metadata has each key and value of ``metadata``; the cancelled tasks' states. Tasks that
         end meanwhile are left out."""
+        check_provider(provider)  # it goes into a subject: "*" would name every provider's tasks
         found = await _cancel.queued(self._bus, provider=provider, metadata=metadata)
         views: list[TaskView] = []
         limit = anyio.Semaphore(CANCEL_WINDOW)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 import hive_bus._worker
-from hive_bus import Cancelled, FunctionProvider, Hive, Queued, TaskEnded, TaskNotFound, _cancel
+from hive_bus import Cancelled, FunctionProvider, Hive, HiveError, Queued, TaskEnded, TaskNotFound, _cancel
 from hive_bus._counts import unfetched_cancels
 from hive_bus._stats import queue_depths
 from hive_bus.bus import Bus
@@ -184,6 +184,27 @@ async def test_bulk_cancel_by_provider_and_by_metadata(bus: Bus, hive: Hive) -> 
     assert [v.id for v in await hive.cancel_where(metadata={"batch": "b1"})] == [elsewhere]
     assert [v.id for v in await hive.cancel_where(provider="bulk")] == [other]
     assert await hive.cancel_where(provider="nobody-at-all") == []
+
+
+@pytest.mark.parametrize("provider", ["*", ">", "a b", "a.b", ""])
+async def test_bulk_cancel_of_a_provider_that_is_not_a_name_cancels_nothing(
+    bus: Bus, hive: Hive, provider: str
+) -> None:
+    # "*" went into the subject filter as a wildcard, and "" named no provider: each cancelled every
+    # provider's queued tasks ("hive cancel --provider '*'"); "a b" cancelled nothing, with exit status 0
+    kept = [await hive.submit(name, "no me canceles") for name in ("wild1", "wild2")]
+    with pytest.raises(HiveError, match="must be 1-64 letters, digits, '_' or '-'"):
+        await hive.cancel_where(provider=provider)
+    assert [(await hive.get(task_id)).status for task_id in kept] == ["queued", "queued"]
+    if not provider:
+        return  # hive cancel --provider '' names no tasks: a usage error of its own
+    settings = bus.settings
+    env = {"HIVE_PREFIX": settings.prefix, "HIVE_HEARTBEAT_INTERVAL_S": "0.5", "HIVE_HEARTBEAT_TTL_S": "1.5"}
+    command = ["cancel", "--provider", provider, "--nats", settings.nats_url]
+    done = await anyio.to_thread.run_sync(lambda: hive_cli(command, env=env))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == f"Error: provider {provider!r} must be 1-64 letters, digits, '_' or '-'"
+    assert [(await hive.get(task_id)).status for task_id in kept] == ["queued", "queued"]
 
 
 async def test_cancel_through_http_and_the_metrics_count_it(bus: Bus, hive: Hive) -> None:
