@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -129,6 +130,26 @@ async def test_every_task_event_is_fed_as_it_happens(stack: Stack) -> None:
         assert mine == sorted(mine) and len(set(mine)) == len(mine), provider
     for before, after in itertools.pairwise(got.messages):  # no place goes back
         assert all(after.places.get(p, 0) >= seq for p, seq in before.places.items())
+
+
+async def test_a_scheduled_task_reads_scheduled_in_the_feeds_as_everywhere(stack: Stack) -> None:
+    # its first event named it "queued" in both feeds, while GET /v1/tasks/{id}, the list and hive
+    # watch read "scheduled"
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    async with feed(stack.http) as got:
+        r = await stack.http.post(
+            "/v1/tasks", json={"provider": "echo", "prompt": "luego", "not_before": later}
+        )
+        assert (r.status_code, r.json()["status"]) == (202, "scheduled"), r.text
+        task_id = r.json()["id"]
+        await got.until("the scheduled task's first event", lambda: bool(got.of(task_id)))
+        assert (await stack.http.post(f"/v1/tasks/{task_id}/cancel")).status_code == 200
+        await got.until("its cancel", lambda: "cancelled" in got.of(task_id))
+    assert got.of(task_id) == ["scheduled", "cancelled"]
+    own = Feed()
+    async with stack.http.stream("GET", f"/v1/tasks/{task_id}/events") as response:
+        await own.read(response)  # every event so far: the task has ended, so the stream ends
+    assert own.of(task_id) == ["scheduled", "cancelled"]
 
 
 async def test_a_feed_of_one_provider_and_a_bad_provider_name(stack: Stack) -> None:

@@ -43,10 +43,10 @@ from hive_bus._messages import (
     ProviderName,
     TaskStatus,
     encoder,
+    event_decoder,
     is_final,
     is_marker,
     queued_marker,
-    status_of,
 )
 from hive_bus._names import PROVIDER_PATTERN, is_valid_token
 from hive_bus._nats import BUS_ERRORS
@@ -244,7 +244,7 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
                 async for msg, event in found:
                     yield ServerSentEventMessage(
                         data=(await _event_json(bus, msg)).decode(),
-                        event=status_of(event),
+                        event=TaskView.of(event).status,  # a task waiting for its not_before: scheduled
                         id=f"{event_provider(bus, msg)}={_seq(msg)}",
                     )
                     if is_final(event):
@@ -325,10 +325,21 @@ async def all_events(
                 quiet_since = anyio.current_time()
                 body = await _event_json(bus, msg)
                 yield ServerSentEventMessage(
-                    data=body.decode(errors="replace"), event=status, id=event_id(read)
+                    data=body.decode(errors="replace"), event=_fed_status(status, body), id=event_id(read)
                 )
 
     return ServerSentEvent(events())
+
+
+def _fed_status(status: str, body: bytes) -> str:
+    """The status a feed's message names, as ``GET /v1/tasks/{id}``, the list and ``hive watch`` read
+    the event: a ``queued`` event whose task waits for its ``not_before`` is ``scheduled``."""
+    if status != "queued":
+        return status
+    try:
+        return TaskView.of(event_decoder.decode(body)).status
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return status
 
 
 def event_id(read: dict[str, int]) -> str:
