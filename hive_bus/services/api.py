@@ -334,7 +334,7 @@ async def all_events(
 def _fed_status(status: str, body: bytes) -> str:
     """The status a feed's message names, as ``GET /v1/tasks/{id}``, the list and ``hive watch`` read
     the event: a ``queued`` event whose task waits for its ``not_before`` is ``scheduled``."""
-    if status != "queued":
+    if status != "queued" or b'"not_before"' not in body:  # most are not scheduled: no decoding
         return status
     try:
         return TaskView.of(event_decoder.decode(body)).status
