@@ -142,20 +142,16 @@ async def test_a_running_event_stored_after_the_end_does_not_undo_it(bus: Bus, h
     for good, by id and in the list (before, only a ``cancelled`` end was read past such an event)."""
     names = bus.names
     task_id = await hive.submit("twin", "dos veces")
-    ended: Completed | Failed = (
-        Completed(task_id=task_id, provider="twin", at_ms=now_ms(), attempt=1, worker="w1", output="hecho")
-        if end == "completed"
-        else Failed(
-            task_id=task_id,
-            provider="twin",
-            at_ms=now_ms(),
-            attempt=0,
-            worker=None,
-            reason="deadline",
-            error="past its deadline",
-            was="running",
+    ended: Completed | Failed
+    if end == "completed":
+        ended = Completed(
+            task_id=task_id, provider="twin", at_ms=now_ms(), attempt=1, worker="w1", output="hecho"
+        )
+    else:
+        ended = Failed(
+            task_id=task_id, provider="twin", at_ms=now_ms(), attempt=0, worker=None, reason="deadline",
+            error="past its deadline", was="running",
         )  # fmt: skip
-    )
     await bus.js.publish(names.event_subject("twin", task_id, end), encoder.encode(ended))
     late = Running(task_id=task_id, provider="twin", at_ms=now_ms(), attempt=1, worker="w2")
     await bus.js.publish(names.event_subject("twin", task_id, "running"), encoder.encode(late))
