@@ -46,6 +46,7 @@ from ._messages import (
     now_ms,
     request_decoder,
 )
+from ._names import check_provider
 from ._prices import PriceFileError, PriceTable
 from ._providers import HandlerError, Provider, load_handler
 from ._routes import ENV_ROUTES, Routes, RoutesError
@@ -1136,6 +1137,7 @@ def watch(provider: str | None, settings: Settings) -> None:
     """Print every task event as it happens, one line each, until Ctrl-C."""
 
     async def main() -> None:
+        check_provider(provider)  # as hive list: a name no provider can have would show nothing, ever
         async with connect(settings=settings) as hive, anyio.create_task_group() as tg:
             tg.start_soon(_follow_events, hive, provider)
             await until_stopped()

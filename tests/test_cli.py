@@ -532,6 +532,15 @@ def test_submit_a_file_of_tasks_then_stats_and_watch(up: Up, tmp_path: Path) -> 
     assert nobody[1] == "1" and nobody[6] == "0"  # one queued, no worker
 
 
+@pytest.mark.parametrize("provider", ["a b", "*", "a.b"])
+def test_watch_of_a_provider_that_is_not_a_name_is_one_clear_line(up: Up, provider: str) -> None:
+    # it watched for ever, showing nothing: no provider has such a name
+    result = hive_cli(["watch", "--provider", provider, "--nats", up.nats], timeout_s=15)
+    assert result.returncode == 1
+    line = _one_clear_line(result)
+    assert line == f"Error: provider {provider!r} must be 1-64 letters, digits, '_' or '-'"
+
+
 def test_a_bad_line_in_the_file_is_named_and_nothing_is_queued(up: Up, tmp_path: Path) -> None:
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text('{"provider": "nobody", "prompt": "fine"}\n{"provider": "nobody", "prompt": ""}\n')
