@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -236,7 +236,12 @@ class CancelWatch:
     credential may be allowed to read those keys and no other provider's (the grant names the filter)."""
 
     def __init__(
-        self, bus: Bus, provider: str, on_cancel: Callable[[str], None], *, size: int = 1_000_000
+        self,
+        bus: Bus,
+        provider: str,
+        on_cancel: Callable[[str], Awaitable[None]],
+        *,
+        size: int = 1_000_000,
     ) -> None:
         self._bus = bus
         self._provider = provider
@@ -303,7 +308,7 @@ class CancelWatch:
             if self._read >= self._to_load:
                 self._loaded.set()
         elif fresh:
-            self._on_cancel(task_id)
+            await self._on_cancel(task_id)
 
 
 # A worker's cancels consumer outlives a worker that died by this much at most.

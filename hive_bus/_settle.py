@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import msgspec
@@ -104,6 +105,12 @@ class Counters:
     cancelled: int = 0
 
 
+# A delivery handed back for less than this comes back soon enough to be let go then; the deliveries
+# remembered at most (the newest), a bound on memory.
+WAITING_MIN_S = 1.0
+WAITING_KEPT = 100_000
+
+
 class Settler:
     def __init__(
         self, bus: Bus, worker_id: str, cooldowns: KeyCooldowns, prices: PriceTable, backoff: Backoff
@@ -119,6 +126,10 @@ class Settler:
         # the client's publisher, which costs half of ``js.publish`` a message (no NUID and random
         # token, no ``wait_for``, the ack decoded by msgspec); same ack, same Nats-Expected-Stream
         self._publisher = JetStreamPublisher(bus.nc, bus.settings.request_timeout_s)
+        # the deliveries handed back with a delay (a rate limit or a backoff waited out), by task id: one
+        # cancelled or expired meanwhile is acked then, so that it does not count as waiting for the
+        # rest of its delay, or until a worker fetches again (hive_bus._worker.Worker._on_cancel)
+        self.waiting: OrderedDict[str, Delivery] = OrderedDict()
 
     async def start(self) -> None:
         """Listen for the acks of recorded events; before the first task is settled."""
@@ -332,6 +343,18 @@ class Settler:
         await self._record(task, encoder.encode(event), "retrying")
         await d.msg.nak(delay=delay_s)
         self.counts.retried += 1
+        if delay_s >= WAITING_MIN_S:
+            self.waiting[task.id] = d
+            self.waiting.move_to_end(task.id)
+            if len(self.waiting) > WAITING_KEPT:
+                self.waiting.popitem(last=False)  # the oldest: once fetched again, it is let go then
+
+    def handed_back(self, task_id: str) -> Delivery | None:
+        """The delivery of ``task_id`` this worker last handed back with a delay, if any, taken off the
+        list (a task delivered here again, or let go, waits here no more). Its ack still holds once the
+        delay has passed, and even once the task went to another worker: the server takes the message
+        off the consumer's pending ones by its stream sequence."""
+        return self.waiting.pop(task_id, None)
 
     async def _record(self, task: Task, data: bytes, status: str) -> None:
         """Store a task's event; raises :class:`TooLarge`, :class:`BusUnavailable` (refused, or no ack in

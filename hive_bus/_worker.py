@@ -422,6 +422,7 @@ class Worker:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._reject_undecodable(msg, exc)
             return
+        self._settler.handed_back(task.id)  # delivered again: no longer waiting here
         if self.cancels.ends(task):
             with anyio.CancelScope(shield=True):
                 await self._abandon(msg, task, "it was cancelled while queued")
@@ -541,11 +542,28 @@ class Worker:
             )
         return None
 
-    def _on_cancel(self, task_id: str) -> None:
-        """A task of this provider was cancelled: if its call is running here, abandon it."""
+    async def _on_cancel(self, task_id: str) -> None:
+        """A task of this provider was cancelled (or expired): if its call is running here, abandon it;
+        if this worker handed it back to wait (a rate limit, a backoff), ack it now, or it would count
+        as waiting (``retrying`` in the stats, the consumer's ack pending) until its delay passed."""
         call = self._calls.get(task_id)
         if call is not None:
             call.cancel()
+        if (d := self._settler.handed_back(task_id)) is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(3):
+                await self._let_waiting_go(d)
+
+    async def _let_waiting_go(self, d: Delivery) -> None:
+        log.info("worker %s lets task %s go: it ended while it waited to be tried again", self.id, d.task.id)
+        try:
+            # the delivery was NAKed with a delay, which leaves it pending: an ack takes it off
+            await self._bus.nc.publish(d.msg.reply, b"+ACK")
+        except BUS_ERRORS as exc:  # not acked: it comes back after its delay, and is let go then
+            log.debug("could not ack waiting task %s: %s", d.task.id, exc)
+            return
+        self._settler.counts.cancelled += 1
+        if self.cancels.was_queued(d.task.id):
+            await _cancel.fetched(self._bus, d.task)
 
     async def _abandon(self, msg: Msg, task: Task, why: str) -> None:
         """Let a cancelled task go: the hub recorded its end (a ``cancelled`` event), so an ack is all;

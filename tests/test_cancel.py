@@ -9,8 +9,20 @@ import httpx
 import pytest
 
 import hive_bus._worker
-from hive_bus import Cancelled, FunctionProvider, Hive, HiveError, Queued, TaskEnded, TaskNotFound, _cancel
+from hive_bus import (
+    Cancelled,
+    FunctionProvider,
+    Hive,
+    HiveError,
+    Queued,
+    RetryAfter,
+    Task,
+    TaskEnded,
+    TaskNotFound,
+    _cancel,
+)
 from hive_bus._counts import unfetched_cancels
+from hive_bus._expiry import Timers
 from hive_bus._stats import queue_depths
 from hive_bus.bus import Bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
@@ -82,6 +94,47 @@ async def test_a_task_cancelled_while_queued_leaves_the_queue_at_once(
         await eventually(lambda: _uncounted(bus), 10, "the count to come back to 0")
         assert await _queued(hive, "depth") == 0
         assert (await hive.get(running)).status == "cancelled"
+
+
+async def test_a_task_cancelled_or_expired_while_it_waits_out_a_rate_limit_leaves_the_figures(
+    bus: Bus, hive: Hive
+) -> None:
+    # The worker hands a task back with the provider's delay and stops fetching while the provider
+    # cools down: the message stayed pending on the consumer, so the stats said "retrying" (and
+    # hive_queue_ack_pending counted it) after the task read "cancelled" (for the rest of the delay: an
+    # hour here), or "failed" past its deadline (until the cooldown ended: a minute here).
+    def limited(retry_after_s: float) -> FunctionProvider:
+        async def call(task: Task) -> str:
+            raise RetryAfter("the quota is spent", retry_after_s=retry_after_s, quota="minute")
+
+        return FunctionProvider(call)
+
+    async def waiting(provider: str, n: int) -> bool:
+        stats = {s.provider: s for s in await hive.stats()}
+        return stats[provider].retrying == n and (await queue_depths(bus))[provider].ack_pending == n
+
+    async with (
+        anyio.create_task_group() as tg,
+        running_worker(bus, "waits", limited(3600)),
+        running_worker(bus, "waits2", limited(60)),
+    ):
+        await tg.start(Timers(bus).run)  # a gateway's: it fires the deadline
+        cancelled = await hive.submit("waits", "cancélame")
+        expiring = await hive.submit("waits2", "caduco", deadline_s=3)
+        await eventually(lambda: _status_is(hive, cancelled, "retrying"), 10, "the first task to wait")
+        await eventually(lambda: waiting("waits", 1), 5, "the first task waiting in the stats")
+        assert (await hive.cancel(cancelled)).reason == "cancelled while retrying"
+        await eventually(lambda: waiting("waits", 0), 5, "the cancelled task to leave the figures")
+        await eventually(lambda: _status_is(hive, expiring, "retrying"), 10, "the second task to wait")
+        await eventually(lambda: _status_is(hive, expiring, "failed"), 10, "its deadline to pass")
+        await eventually(lambda: waiting("waits2", 0), 5, "the expired task to leave the figures")
+        tg.cancel_scope.cancel()
+    assert (await hive.get(cancelled)).status == "cancelled"
+    assert (await hive.get(expiring)).reason == "expired"
+
+
+async def _status_is(hive: Hive, task_id: str, status: str) -> bool:
+    return (await hive.get(task_id)).status == status
 
 
 async def test_an_outcome_refused_after_a_cancel_while_queued_takes_the_task_off_the_count(
