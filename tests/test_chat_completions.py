@@ -391,6 +391,33 @@ async def test_a_bus_that_does_not_answer_is_a_503_the_sdk_retries_on_the_chat_a
         assert error["message"] == "reading the workers' heartbeats timed out after 1 s", error
 
 
+async def test_requests_behind_a_reading_of_the_workers_that_timed_out_are_answered_at_once(
+    nats_server: NatsServer, routes: Routes
+) -> None:
+    """Chat completions arriving while the bus does not answer: the first waits out the reading of the
+    heartbeats, the others get its 503 at once. They waited in turn, one timeout each: the eighth of
+    eight answered after eight timeouts."""
+    relay = TcpRelay(int(nats_server.url.rsplit(":", 1)[1]))
+    body = {"model": "echo", "messages": [{"role": "user", "content": "x"}]}
+    async with serving(make_settings(relay.url, request_timeout_s=1.0), routes) as stack:
+        answers: list[tuple[float, int]] = []
+
+        async def ask() -> None:
+            started = anyio.current_time()
+            r = await stack.http.post("/v1/chat/completions", json=body)
+            answers.append((anyio.current_time() - started, r.status_code))
+
+        try:
+            relay.stall()
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(ask)
+        finally:
+            relay.cut()
+    assert [status for _, status in answers] == [503] * 8
+    assert max(took for took, _ in answers) < 3, answers  # one timeout of 1 s, and some slack
+
+
 async def test_without_the_gateway_token_the_sdk_gets_an_authentication_error(stack: Stack) -> None:
     async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="wrong-token", max_retries=0) as client:
         with pytest.raises(openai.AuthenticationError) as raised:

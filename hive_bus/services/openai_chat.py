@@ -206,14 +206,23 @@ class Catalog:
         self.routes = routes
         self._beats: list[WorkerBeat] = []
         self._read_at = -math.inf
+        # why the last reading failed: it stands for WORKERS_FRESH_S as a reading does, so that the
+        # requests queued behind a reading that timed out are answered at once, not one timeout each
+        self._failed: str | None = None
         self._lock = anyio.Lock()
         self._started_s = int(now_ms() / 1000)
 
     async def live(self) -> list[WorkerBeat]:
+        """The workers' heartbeats as last read, or :class:`BusUnavailable` as the last reading failed."""
         async with self._lock:
             if anyio.current_time() - self._read_at >= WORKERS_FRESH_S:
-                self._beats = await self._hive.workers()
+                try:
+                    self._beats, self._failed = await self._hive.workers(), None
+                except BusUnavailable as exc:
+                    self._failed = str(exc)
                 self._read_at = anyio.current_time()
+            if self._failed is not None:
+                raise BusUnavailable(self._failed)
             return self._beats
 
     async def target(self, model: str) -> Target:
