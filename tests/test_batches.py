@@ -702,3 +702,30 @@ async def test_the_input_file_of_a_batch_not_ended_cannot_be_deleted(settings: S
         [cancelled] = await output_lines(client, done.error_file_id)
         assert (done.status, cancelled["custom_id"]) == ("cancelled", "only")
         assert (await client.files.delete(uploaded.id)).deleted
+
+
+async def test_a_batch_whose_input_file_is_gone_fails_saying_so(settings: Settings) -> None:
+    """An input file gone before its batch ended (deleted by a gateway that let it be, or in a race with
+    the refusal's check): the batch fails naming it, its line cancelled. It tried again every 2 s, for
+    ever, ``cancelling`` or ``finalizing`` never ending."""
+    async with serving(settings) as stack:  # no gemini worker: the line waits in the queue
+        client = stack.client
+        lines = jsonl([line("only", "x", model="gemini")])
+        uploaded = await client.files.create(file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+
+        async def running() -> bool:
+            return (await client.batches.retrieve(batch.id)).status == "in_progress"
+
+        await eventually(running, 30, "the batch to queue its line")
+        await (await FileStore.open(stack.bus)).delete(uploaded.id)
+        await client.batches.cancel(batch.id)
+        done = await ended(client, batch.id, timeout_s=30)
+        stored = await (await BatchStore.open(stack.bus)).get(batch.id)
+        line_task = await stack.hive.get(line_task_id(stored, 0))
+    assert done.status == "failed" and done.errors is not None and done.errors.data is not None
+    [error] = done.errors.data
+    assert error.code == "input_file_missing" and uploaded.id in (error.message or ""), error
+    assert line_task.status == "cancelled"

@@ -64,7 +64,7 @@ from hive_bus._batches import (
 from hive_bus._budget import BudgetError, ProviderBudget, load_budgets
 from hive_bus._bus import Bus, event_providers
 from hive_bus._events import merged_events
-from hive_bus._files import FileStore, Upload
+from hive_bus._files import FileNotFound, FileStore, Upload
 from hive_bus._messages import Completed, Failed, TaskRequest, TaskView, event_decoder
 from hive_bus._nats import BUS_ERRORS, unsubscribe
 from hive_bus._routes import Target
@@ -419,12 +419,40 @@ class BatchRunner:
         return False
 
     async def _phase(self, batch: Batch) -> None:
-        if batch.status == "validating":
-            await self._validate(batch)
-        elif batch.status == "in_progress":
-            await self._run_lines(batch)
-        else:  # finalizing, cancelling
-            await self._finalize(batch)
+        try:
+            if batch.status == "validating":
+                await self._validate(batch)
+            elif batch.status == "in_progress":
+                await self._run_lines(batch)
+            else:  # finalizing, cancelling
+                await self._finalize(batch)
+        except* FileNotFound as group:  # the one file a batch reads is its input
+            await self._input_gone(batch, group.exceptions[0])
+
+    async def _input_gone(self, batch: Batch, exc: BaseException) -> None:
+        """The input file gone before the batch ended (deleted by a gateway that did not refuse it, or
+        in a race with the refusal's check): no output can be written in input order without it, so the
+        batch fails, its lines not ended cancelled, rather than trying again for ever."""
+        assert self._store is not None
+        await self._hive.cancel_where(
+            metadata={"batch_id": batch.id}, reason=f"batch {batch.id} failed: its input file is gone"
+        )
+        error = BatchError(
+            code="input_file_missing",
+            message=f"the input file was deleted before the batch ended ({exc}); the tasks of its lines "
+            f"are listed by GET /v1/tasks?batch={batch.id}",
+            param="input_file_id",
+        )
+        at = now_s()
+
+        def failed(now: Batch) -> Batch | None:
+            if now.done:
+                return None
+            return replace(now, status="failed", failed_at=at, errors=BatchErrors(data=[error]))
+
+        _, changed = await self._store.change(batch.id, failed)
+        if changed:
+            log.warning("batch %s failed: %s", batch.id, error.message)
 
     def _claim(self, now: Batch) -> Batch | None:
         """The batch with this gateway's lease on it (taken when free or expired, else renewed)."""
