@@ -12,7 +12,8 @@ task is submitted, so that no chunk is missed, and follows the task's events fro
   looks for the worker's heartbeat at each ``keepalive_s``, and one that expired ends the attempt, long
   before the server hands the task to another worker after AckWait): the text streamed so far does not
   count, and the next attempt's text starts over;
-- :class:`StreamEnded`, last: the task's view once it completed or failed (or when ``timeout_s`` passed).
+- :class:`StreamEnded`, last: the task's view once it completed, failed or was cancelled (or when
+  ``timeout_s`` passed).
 
 Chunks are a side channel that may be lost; the completed event is the record. A chunk missing from the
 sequence stops the attempt's pieces, and whatever the reader did not receive is yielded from the
@@ -46,6 +47,7 @@ from ._chunks import chunk_decoder
 from ._errors import BusUnavailable
 from ._events import CLOCKS_APART_S
 from ._messages import (
+    Cancelled,
     Completed,
     Failed,
     Moved,
@@ -297,7 +299,7 @@ class TaskStream:
                 if self._sent:
                     return [*items, *self._restart(f"attempt {event.attempt} failed: {event.error}")], None
                 return items, None
-            case Completed() | Failed():
+            case Completed() | Failed() | Cancelled():
                 return [], TaskView.of(event)
         return [], None
 

@@ -418,6 +418,35 @@ async def test_requests_behind_a_reading_of_the_workers_that_timed_out_are_answe
     assert max(took for took, _ in answers) < 3, answers  # one timeout of 1 s, and some slack
 
 
+async def test_a_chat_completion_whose_task_is_cancelled_is_a_409_saying_so(stack: Stack) -> None:
+    """A task cancelled while its request waits: a 409 ``task_cancelled`` naming it, at once. It was a 504
+    ``wait_exceeded`` saying the task "has not ended ... (it is cancelled); it goes on"."""
+    caught: list[openai.APIStatusError] = []
+
+    async def ask() -> None:
+        with pytest.raises(openai.ConflictError) as raised:  # no gemini worker: the task waits
+            await stack.client.chat.completions.create(
+                model="gemini",
+                messages=[{"role": "user", "content": "no llegará"}],
+                extra_headers={"X-Hive-Wait": "30"},
+            )
+        caught.append(raised.value)
+
+    async def queued() -> str | None:
+        return next((v.id for v in await stack.hive.recent(provider="gemini", status="queued")), None)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask)
+        task_id = await eventually(queued, 10, "the chat completion's task")
+        await stack.hive.cancel(task_id, reason="no longer wanted")
+        cancelled_at = anyio.current_time()
+    assert anyio.current_time() - cancelled_at < 5  # answered as the task ended, not after the 30 s wait
+    [error] = caught
+    assert (error.status_code, error.code) == (409, "task_cancelled")
+    assert task_id in error.message and "no longer wanted" in error.message
+    assert error.response.headers["x-should-retry"] == "false"
+
+
 async def test_without_the_gateway_token_the_sdk_gets_an_authentication_error(stack: Stack) -> None:
     async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="wrong-token", max_retries=0) as client:
         with pytest.raises(openai.AuthenticationError) as raised:

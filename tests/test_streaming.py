@@ -487,6 +487,24 @@ async def test_the_last_chunk_says_the_finish_reason_the_provider_gave(bus: Bus)
     assert [c.choices[0].finish_reason for c in chunks] == [None, None, "length"]
 
 
+async def test_a_task_cancelled_ends_the_stream_at_once_with_an_error_saying_so(bus: Bus) -> None:
+    """A streamed task cancelled while it waits: the stream ends as the task does, with an error event
+    ``task_cancelled`` naming it. It went on until the next keep-alive's look at the task, then said the
+    task "has not ended within this stream's wait; it goes on"."""
+    hive = Hive(bus)
+    async with serving(bus, keepalive_s=10.0) as stack:  # no echo worker here: the task waits
+        stream = await stack.client.chat.completions.with_raw_response.create(
+            model="echo", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+        task_id = stream.headers["x-hive-task-id"]
+        await hive.cancel(task_id, reason="no longer wanted")
+        cancelled_at = anyio.current_time()
+        with pytest.raises(openai.APIError, match=rf"task {task_id} was cancelled .*no longer wanted"):
+            async for _ in stream.parse():
+                pass
+    assert anyio.current_time() - cancelled_at < 5  # not at the keep-alive, 10 s on
+
+
 async def test_a_flaky_attempt_after_chunks_ends_the_openai_stream_with_stream_interrupted(bus: Bus) -> None:
     async with (
         serving(bus) as stack,

@@ -473,6 +473,18 @@ def failure_of(view: TaskView) -> OpenAIError:
     return OpenAIError(http, message, type="server_error", code=code, final=True, headers=headers)
 
 
+def cancelled(view: TaskView) -> OpenAIError:
+    """409 ``task_cancelled`` for a task cancelled before it ended (``POST /v1/tasks/{id}/cancel``): it
+    will not answer, and sending the request again makes a new task."""
+    return OpenAIError(
+        409,
+        f"task {view.id} was cancelled ({view.reason}): {view.error or 'no reason given'}",
+        code="task_cancelled",
+        final=True,
+        headers={"X-Hive-Task-Id": view.id, "X-Hive-Provider": view.provider},
+    )
+
+
 def still_running(view: TaskView, wait_s: float) -> OpenAIError:
     """504 once the wait is over: the task goes on, and ``GET /v1/tasks/{id}`` has its result later."""
     return OpenAIError(
@@ -553,6 +565,8 @@ async def chat_completions(request: Request[Any, Any, Any], state: State) -> Res
             raise _of_bus_error(exc) from None
         if view.status == "completed":
             return Response(completion_of(view), status_code=200, headers=task_headers(view))
+        if view.status == "cancelled":
+            raise cancelled(view)
         raise failure_of(view) if view.status == "failed" else still_running(view, prepared.wait_s)
     except OpenAIError as exc:
         return exc.response()

@@ -11,7 +11,8 @@ connection open; clients ignore comments.
 What the client sees when it does not complete:
 
 - the task failed for good: an error event ``data: {"error": {...}}`` (OpenAI's error object; the
-  ``openai`` SDK raises ``APIError`` from the loop) naming the task, and no ``[DONE]``;
+  ``openai`` SDK raises ``APIError`` from the loop) naming the task, and no ``[DONE]``; cancelled (``POST
+  /v1/tasks/{id}/cancel``): the same, of code ``task_cancelled``;
 - an attempt fails (or its worker is lost: its heartbeat expired) **after** some of its text went out: the task is retried on
   the bus, but a client cannot take back text it has shown, and OpenAI's protocol has no way to say
   "start over". The stream therefore ends with an error event of code ``stream_interrupted`` that names
@@ -114,6 +115,11 @@ async def completion_events(
                 elif view.status == "failed":
                     message = f"task {view.id} failed ({view.reason}): {view.error}"
                     yield error_event(message, "server_error", "task_failed")
+                elif view.status == "cancelled":
+                    message = (
+                        f"task {view.id} was cancelled ({view.reason}): {view.error or 'no reason given'}"
+                    )
+                    yield error_event(message, "invalid_request_error", "task_cancelled")
                 else:
                     message = (
                         f"task {view.id} has not ended within this stream's wait; it goes on: "
