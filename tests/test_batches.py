@@ -729,3 +729,29 @@ async def test_a_batch_whose_input_file_is_gone_fails_saying_so(settings: Settin
     [error] = done.errors.data
     assert error.code == "input_file_missing" and uploaded.id in (error.message or ""), error
     assert line_task.status == "cancelled"
+
+
+async def test_a_line_whose_own_task_was_cancelled_says_so_in_the_error_file(settings: Settings) -> None:
+    """A line's task cancelled on its own (``POST /v1/tasks/{id}/cancel``) in a batch that completes: its
+    error line says ``request_cancelled`` with the reason. It said ``batch_expired``, "the batch was
+    expired before this request ended", of a batch that never expired."""
+    lines = [line("fine", "x"), line("dropped", "y", model="gemini")]  # no gemini worker: it waits
+    async with serving(settings) as stack, running_worker(stack.bus, "echo", EchoProvider()):
+        client = stack.client
+        uploaded = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+
+        async def first_done() -> bool:
+            counts = (await client.batches.retrieve(batch.id)).request_counts
+            return counts is not None and counts.completed == 1
+
+        await eventually(first_done, 30, "the echo line to complete")
+        stored = await (await BatchStore.open(stack.bus)).get(batch.id)
+        await stack.hive.cancel(line_task_id(stored, 1), reason="not needed after all")
+        done = await ended(client, batch.id)
+        [dropped] = await output_lines(client, done.error_file_id)
+    assert (done.status, dropped["custom_id"], dropped["response"]) == ("completed", "dropped", None)
+    assert dropped["error"]["code"] == "request_cancelled", dropped
+    assert "not needed after all" in dropped["error"]["message"], dropped

@@ -725,11 +725,14 @@ class BatchRunner:
             error = failure_of(TaskView.of(event))
             response = {"status_code": error.status, "request_id": task_id, "body": error.body}
             return Record(task_id=task_id, response=msgspec.to_builtins(response))
-        why = "cancelled" if batch.status == "cancelling" else "expired"
-        code = "batch_cancelled" if why == "cancelled" else "batch_expired"
-        return Record(
-            task_id=task_id, error={"code": code, "message": f"the batch was {why} before this request ended"}
-        )
+        if batch.status == "cancelling" or batch.expired_at is not None:
+            why = "cancelled" if batch.status == "cancelling" else "expired"
+            message = f"the batch was {why} before this request ended"
+            return Record(task_id=task_id, error={"code": f"batch_{why}", "message": message})
+        # the batch neither cancelled nor expired: the line's own task was (POST /v1/tasks/{id}/cancel)
+        view = TaskView.of(event)
+        message = f"task {task_id} of this request was cancelled before it ended: {view.error or view.reason}"
+        return Record(task_id=task_id, error={"code": "request_cancelled", "message": message})
 
     async def _write_files(
         self, batch: Batch, spool: IO[bytes], spans: array.array[int]
