@@ -106,9 +106,11 @@ class Counters:
 
 
 # A delivery handed back for less than this comes back soon enough to be let go then; the deliveries
-# remembered at most (the newest), a bound on memory.
+# remembered at most (the newest), a bound on memory: each holds its message, the task's content with
+# it. A provider's consumers keep at most max_ack_pending (256) deliveries each out at once, so this is
+# room to spare; one forgotten is let go when it comes back.
 WAITING_MIN_S = 1.0
-WAITING_KEPT = 100_000
+WAITING_KEPT = 4_096
 
 
 class Settler:
