@@ -50,7 +50,7 @@ from ._messages import (
     now_ms,
     task_decoder,
 )
-from ._nats import BUS_ERRORS, unsubscribe
+from ._nats import BUS_ERRORS, reconnects, unsubscribe
 from ._nesting import Guarded
 from ._size import js_publish
 
@@ -253,6 +253,7 @@ class CancelWatch:
         self._loaded = anyio.Event()
         self._to_load = 0
         self._read = 0  # messages read while loading: keys and the deletions of keys alike
+        self._reconnects = 0  # the connection's reconnections when the consumer was made
 
     def ends(self, task: Task) -> bool:
         """Whether ``task``'s run was cancelled or expired. An expiry ends its own run only: a run
@@ -268,9 +269,43 @@ class CancelWatch:
     async def start(self) -> None:
         """Follow the provider's cancels, once every cancel there is now has been read. Raises nats
         errors, and TimeoutError when they do not all come within the request timeout."""
+        bus = self._bus
+        self._reconnects = reconnects(bus.nc)
+        self._sub, self._to_load = await self._follow()
+        if self._to_load <= self._read:
+            self._loaded.set()
+        with anyio.fail_after(bus.settings.request_timeout_s + self._to_load / 10_000):
+            await self._loaded.wait()
+
+    async def keep(self) -> None:
+        """Follow the cancels again after each reconnection, until cancelled: the consumer lives in the
+        server's memory, so a server that restarted has lost it (and this worker would hear of no cancel
+        again: it would call cancelled tasks, and run cancelled calls to their end), and one that
+        stayed pushed what came while the link was down to no one. Each key is read again from its last
+        value; only an end not seen before is acted on."""
+        nc = self._bus.nc
+        while True:
+            await anyio.sleep(RENEW_CHECK_S)
+            now = reconnects(nc)
+            if now == self._reconnects or not nc.is_connected:
+                continue
+            try:
+                sub, _ = await self._follow()
+            except BUS_ERRORS as exc:
+                log.warning("could not follow the %s cancels again (%s); trying again", self._provider, exc)
+                continue
+            self._reconnects = now
+            old, self._sub = self._sub, sub
+            if old is not None:
+                await unsubscribe(old)  # the server drops its consumer, if it has it still, once inactive
+            log.info("following the %s cancels again after a reconnection", self._provider)
+
+    async def _follow(self) -> tuple[Subscription, int]:
+        """A consumer of the provider's cancel keys, each from its last value, pushed to a new inbox of
+        this watch; the subscription and how many keys it has to deliver."""
         bus, names = self._bus, self._bus.names
         inbox = bus.nc.new_inbox()
-        self._sub = await bus.nc.subscribe(inbox, cb=self._on_message)
+        sub = await bus.nc.subscribe(inbox, cb=self._on_message)
         config = ConsumerConfig(
             name=f"cancels_{secrets.token_hex(8)}",
             filter_subject=f"$KV.{names.cancels_bucket}.{self._provider}.*",
@@ -281,12 +316,12 @@ class CancelWatch:
             num_replicas=1,
             inactive_threshold=CONSUMER_INACTIVE_S,
         )
-        info = await bus.js.add_consumer(f"KV_{names.cancels_bucket}", config)
-        self._to_load = info.num_pending or 0
-        if self._to_load <= self._read:
-            self._loaded.set()
-        with anyio.fail_after(bus.settings.request_timeout_s + self._to_load / 10_000):
-            await self._loaded.wait()
+        try:
+            info = await bus.js.add_consumer(f"KV_{names.cancels_bucket}", config)
+        except BaseException:
+            await unsubscribe(sub)
+            raise
+        return sub, info.num_pending or 0
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -311,6 +346,9 @@ class CancelWatch:
             await self._on_cancel(task_id)
 
 
+# How often a worker looks whether its connection was made again (and its cancels are to be followed
+# again).
+RENEW_CHECK_S = 1.0
 # A worker's cancels consumer outlives a worker that died by this much at most.
 CONSUMER_INACTIVE_S = 60.0
 

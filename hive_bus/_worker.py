@@ -218,6 +218,7 @@ class Worker:
                 beats.start_soon(self._beat_loop)
                 beats.start_soon(self._watch_loop)
                 beats.start_soon(self.cooldowns.follow, cooldown_sub)
+                beats.start_soon(self.cancels.keep)  # again after each reconnection
                 task_status.started()
                 # ``concurrency`` lanes take fetched tasks from a memory stream: bounded concurrency
                 # without starting a task per message.

@@ -22,14 +22,16 @@ from hive_bus import (
     _cancel,
 )
 from hive_bus._counts import unfetched_cancels
+from hive_bus._embedded import NatsServer
 from hive_bus._expiry import Timers
 from hive_bus._stats import queue_depths
-from hive_bus.bus import Bus
+from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
 from hive_bus.workers.echo import EchoProvider
 from hive_bus.workers.groq import GroqProvider
 
 from . import handlers
+from .conftest import make_settings
 from .fakes import ProviderFakes
 from .helpers import events_of, eventually, hive_cli, running_worker, task_of, unacked
 
@@ -184,6 +186,37 @@ async def test_a_running_call_is_abandoned_and_the_worker_goes_on(bus: Bus, hive
         await hive.cancel(second)
     assert (await hive.wait(task_id, 1)).status == "cancelled"
     assert await unacked(bus) == 0  # acked, not redelivered
+
+
+async def test_a_worker_that_lived_through_a_nats_restart_still_hears_of_cancels(
+    own_server: NatsServer,
+) -> None:
+    # Its cancels consumer lived in the server's memory: after the restart it heard of no cancel again,
+    # so a cancelled call ran to its end, and a task cancelled while queued was called all the same.
+    settings = make_settings(own_server.url)
+    async with (
+        open_bus(settings) as bus,
+        running_worker(bus, "long", FunctionProvider(handlers.until_cancelled), concurrency=1),
+    ):
+        hive = Hive(bus)
+        own_server.stop()
+        await anyio.to_thread.run_sync(own_server.start)  # same port, same store
+        await eventually(lambda: _connected(bus), 15, "the client to reconnect")
+        running = await hive.submit("long", "sigue y sigue")
+        await eventually(lambda: _started(running), 15, "the call to start")
+        queued = await hive.submit("long", "no me ejecutes")  # behind it: the one lane is taken
+        assert (await hive.cancel(queued)).reason == "cancelled while queued"
+        await hive.cancel(running)
+        await eventually(lambda: _abandoned(running), 10, "the worker to abandon the call")
+        # the lane is free again: the queued task is let go unrun, and the next one runs
+        last = await hive.submit("long", "otra")
+        await eventually(lambda: _started(last), 10, "the next call")
+        await hive.cancel(last)
+        assert queued not in handlers.STARTED
+
+
+async def _connected(bus: Bus) -> bool:
+    return bus.nc.is_connected
 
 
 async def _started(task_id: str) -> bool:
