@@ -24,6 +24,7 @@ from hive_bus import (
 from hive_bus._counts import unfetched_cancels
 from hive_bus._embedded import NatsServer
 from hive_bus._expiry import Timers
+from hive_bus._messages import Running, encoder, now_ms
 from hive_bus._stats import queue_depths
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
@@ -244,6 +245,27 @@ async def test_a_call_to_a_real_sdk_is_abandoned(bus: Bus, hive: Hive) -> None:
 
 async def _requested(fakes: ProviderFakes) -> bool:
     return fakes.groq.requests >= 1
+
+
+async def test_a_running_event_after_the_cancel_leaves_the_task_cancelled_in_the_list(
+    bus: Bus, hive: Hive
+) -> None:
+    # A worker that fetched the task as the cancel came (or one that did not hear of it) says
+    # "running" after the cancel: GET /v1/tasks/{id} read "cancelled", while GET /v1/tasks (and
+    # hive list, --status running too) read "running" for ever.
+    task_id = await hive.submit("late2", "x")
+    await hive.cancel(task_id)
+    running = Running(task_id=task_id, provider="late2", at_ms=now_ms(), attempt=1, worker="w1")
+    names = bus.names
+    await bus.js.publish(
+        names.event_subject("late2", task_id, "running"),
+        encoder.encode(running),
+        stream=names.events_stream_of("late2"),
+    )
+    assert (await hive.get(task_id)).status == "cancelled"
+    (listed,) = [v for v in await hive.recent(provider="late2") if v.id == task_id]
+    assert listed.status == "cancelled"
+    assert [v.id for v in await hive.recent(status="running", provider="late2")] == []
 
 
 async def test_cancelling_twice_is_harmless_and_after_the_end_is_refused(bus: Bus, hive: Hive) -> None:
