@@ -755,3 +755,25 @@ async def test_a_line_whose_own_task_was_cancelled_says_so_in_the_error_file(set
     assert (done.status, dropped["custom_id"], dropped["response"]) == ("completed", "dropped", None)
     assert dropped["error"]["code"] == "request_cancelled", dropped
     assert "not needed after all" in dropped["error"]["message"], dropped
+
+
+async def test_an_output_line_holding_a_line_separator_stays_one_line(settings: Settings) -> None:
+    """U+2028, U+2029 and U+0085 in a custom id or an answer are written as escapes: raw, as JSON allows,
+    Python's ``str.splitlines()`` (the usual way to read ``files.content(...).text``) cut the line in two,
+    and the line no longer parsed."""
+    ids = ["a\u2028b", "c\u2029d", "e\x85f"]
+    lines = [line(custom_id, f"answer {custom_id}") for custom_id in ids]
+    async with serving(settings) as stack, running_worker(stack.bus, "echo", EchoProvider()):
+        client = stack.client
+        uploaded = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = await ended(client, batch.id)
+        assert done.output_file_id is not None
+        text = (await client.files.content(done.output_file_id)).text
+    answers = [json.loads(x) for x in text.splitlines()]
+    assert [a["custom_id"] for a in answers] == ids
+    assert [a["response"]["body"]["choices"][0]["message"]["content"] for a in answers] == [
+        f"answer {custom_id}" for custom_id in ids
+    ]

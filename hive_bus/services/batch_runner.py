@@ -116,6 +116,18 @@ class OutputLine(msgspec.Struct, frozen=True, kw_only=True):
 
 _record_encoder = msgspec.json.Encoder()
 _record_decoder = msgspec.json.Decoder(Record)
+# Characters JSON carries raw in a string that Python's str.splitlines() (and other readers) take for a
+# line's end: written as escapes, so that an output line is one line to any reader of JSON Lines. In
+# UTF-8 these bytes are only ever these characters (a lead byte never continues another character).
+_LINE_BREAKS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"), (b"\xc2\x85", b"\\u0085"))
+
+
+def _jsonl_line(value: Any) -> bytes:
+    """``value`` as one line of JSON Lines, its newline included."""
+    encoded = _record_encoder.encode(value)
+    for raw, escaped in _LINE_BREAKS:
+        encoded = encoded.replace(raw, escaped)
+    return encoded + b"\n"
 
 
 async def input_lines(files: FileStore, file_id: str) -> AsyncIterator[tuple[int, bytes]]:
@@ -766,7 +778,7 @@ class BatchRunner:
                     response=record.response,
                     error=record.error,
                 )
-                (output if record.ok else errors).write(_record_encoder.encode(out) + b"\n")
+                (output if record.ok else errors).write(_jsonl_line(out))
                 line += 1
             output_id = (await self._files.put(output)).id if output.check.size_bytes else None
             error_id = (await self._files.put(errors)).id if errors.check.size_bytes else None
