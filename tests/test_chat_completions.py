@@ -447,6 +447,20 @@ async def test_a_chat_completion_whose_task_is_cancelled_is_a_409_saying_so(stac
     assert error.response.headers["x-should-retry"] == "false"
 
 
+async def test_a_bad_schema_is_a_400_whose_param_names_it(stack: Stack) -> None:
+    """A ``response_format`` schema that is no JSON Schema: 400 with ``param`` naming where, as every
+    other bad field's has (and as ``POST /v1/tasks`` names its ``field``); it had none."""
+    bad: typing.Any = {"type": "json_schema", "json_schema": {"name": "post", "schema": {"type": "objeto"}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        await stack.client.chat.completions.create(
+            model="echo",
+            messages=[{"role": "user", "content": "{}"}],
+            response_format=bad,
+        )
+    assert caught.value.param == "response_format.json_schema"
+    assert "'objeto' is not valid under any of the given schemas" in caught.value.message
+
+
 async def test_without_the_gateway_token_the_sdk_gets_an_authentication_error(stack: Stack) -> None:
     async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="wrong-token", max_retries=0) as client:
         with pytest.raises(openai.AuthenticationError) as raised:
