@@ -777,3 +777,19 @@ async def test_an_output_line_holding_a_line_separator_stays_one_line(settings: 
     assert [a["response"]["body"]["choices"][0]["message"]["content"] for a in answers] == [
         f"answer {custom_id}" for custom_id in ids
     ]
+
+
+async def test_a_batch_request_of_a_wrong_type_is_a_400_whose_param_names_the_field(
+    settings: Settings,
+) -> None:
+    """``param`` names the field of a batch request that does not decode, as the chat route's errors
+    do; it was null (the field only in the message)."""
+    async with serving(settings) as stack, httpx.AsyncClient(base_url=f"{stack.gateway.url}/v1") as http:
+        wrong = {"input_file_id": 5, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        r = await http.post("/batches", json=wrong)
+        window = await http.post(
+            "/batches", json=wrong | {"input_file_id": "file-x", "completion_window": 24}
+        )
+    assert r.status_code == window.status_code == 400
+    assert r.json()["error"]["param"] == "input_file_id", r.text
+    assert window.json()["error"]["param"] == "completion_window", window.text

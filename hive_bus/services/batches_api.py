@@ -29,7 +29,7 @@ from hive_bus._batches import (
 from hive_bus._files import FileNotFound
 
 from .answers import BUS_RETRY_AFTER_S
-from .openai_errors import OpenAIError
+from .openai_errors import OpenAIError, param_of
 
 
 class BatchRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,7 +72,8 @@ async def create(request: Request[Any, Any, Any], state: State) -> Response[Any]
     try:
         body = msgspec.json.decode(await request.body(), type=BatchRequest)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        return OpenAIError(400, f"the request body is not a batch request: {exc}", final=True).response()
+        message = f"the request body is not a batch request: {exc}"
+        return OpenAIError(400, message, param=param_of(exc), final=True).response()
     try:
         return _answer(
             await create_batch(

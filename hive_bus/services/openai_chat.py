@@ -51,7 +51,7 @@ from hive_bus._nesting import NestedTooDeep, check_json
 from hive_bus._routes import Routes, Target
 from hive_bus.workers import BUILTIN_NAMES
 
-from .openai_errors import OpenAIError
+from .openai_errors import OpenAIError, param_of
 from .openai_stream import streamed_completion
 
 log = logging.getLogger("hive_bus.gateway")
@@ -158,15 +158,9 @@ def parse_request(body: bytes) -> ChatRequest:
     try:
         request = msgspec.convert(fields, ChatRequest)
     except msgspec.ValidationError as exc:
-        raise invalid(explain_error(exc), param=_param_of(exc)) from None
+        raise invalid(explain_error(exc), param=param_of(exc)) from None
     _check_combinations(request)
     return request
-
-
-def _param_of(exc: msgspec.ValidationError) -> str | None:
-    """The field a validation error names (``messages[0].role``), OpenAI's ``param``."""
-    _, sep, where = str(exc).rpartition(" - at `$")
-    return (where.rstrip("`").lstrip(".") or None) if sep else None
 
 
 def _check_combinations(request: ChatRequest) -> None:
@@ -354,7 +348,7 @@ def task_for(
     try:
         return validate({k: v for k, v in fields.items() if v is not None})
     except msgspec.ValidationError as exc:
-        raise invalid(explain_error(exc), param=_param_of(exc)) from None
+        raise invalid(explain_error(exc), param=param_of(exc)) from None
 
 
 def _asked(messages: list[ChatMessage]) -> dict[str, Any]:

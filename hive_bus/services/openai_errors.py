@@ -55,6 +55,13 @@ class OpenAIError(Exception):
         return Response(self.body, status_code=self.status, media_type=MediaType.JSON, headers=self.headers)
 
 
+def param_of(exc: Exception) -> str | None:
+    """The field a msgspec validation error names (``messages[0].role``, from its ``- at `$...```), as
+    OpenAI's ``param``; None when it names none."""
+    _, sep, where = str(exc).rpartition(" - at `$")
+    return (where.rstrip("`").lstrip(".") or None) if sep else None
+
+
 def speaks_openai(path: str) -> bool:
     """Whether a request to ``path`` is answered errors in OpenAI's shape."""
     return any(path == root or path.startswith(root + "/") for root in OPENAI_PATHS)
