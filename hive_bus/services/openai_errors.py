@@ -10,6 +10,8 @@ from typing import Literal
 import msgspec
 from litestar import MediaType, Response
 
+from hive_bus._messages import field_named
+
 from .answers import Answer, ErrorBody
 
 ErrorType = Literal["invalid_request_error", "server_error"]
@@ -56,10 +58,13 @@ class OpenAIError(Exception):
 
 
 def param_of(exc: Exception) -> str | None:
-    """The field a msgspec validation error names (``messages[0].role``, from its ``- at `$...```), as
-    OpenAI's ``param``; None when it names none."""
-    _, sep, where = str(exc).rpartition(" - at `$")
-    return (where.rstrip("`").lstrip(".") or None) if sep else None
+    """The field a msgspec validation error names (``messages[0].role``, from its ``- at `$...```, or
+    the one a type's own check names first, :func:`field_named`), as OpenAI's ``param``; None when it
+    names none."""
+    message, sep, where = str(exc).rpartition(" - at `$")
+    if not sep:
+        message, where = str(exc), ""
+    return field_named(message, where.rstrip("`").lstrip(".")) or None
 
 
 def speaks_openai(path: str) -> bool:
