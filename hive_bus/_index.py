@@ -95,7 +95,7 @@ async def newest(bus: Bus, key: str, value: str, *, limit: int, skip: int = 0) -
     leaving out the ``skip`` newest. Raises :class:`BusUnavailable`."""
     subject = bus.names.index_filter(key_token(key), value_hash(value))
     try:
-        async with _DirectGets(bus) as gets:
+        async with DirectGets(bus, bus.names.index_stream) as gets:
             first = await gets.first_at(subject, 0)
             if first is None:
                 return []
@@ -111,22 +111,23 @@ async def newest(bus: Bus, key: str, value: str, *, limit: int, skip: int = 0) -
     return [hit.task_id for hit in reversed(hits)]
 
 
-class _DirectGets:
-    """Direct gets of the index stream over one reply subscription (``$JS.API.DIRECT.GET``), each
-    request answered on an inbox of its own and ended by the server's end-of-batch status."""
+class DirectGets:
+    """Batched direct gets of one stream over one reply subscription (``$JS.API.DIRECT.GET``), each
+    request answered on an inbox of its own and ended by the server's end-of-batch status: nothing is
+    left on the server (no consumer), and a batch of messages is one round trip."""
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, stream: str) -> None:
         self._bus = bus
         domain = bus.settings.js_domain
         api = f"$JS.{domain}.API" if domain else "$JS.API"
-        self._api = f"{api}.DIRECT.GET.{bus.names.index_stream}"
+        self._api = f"{api}.DIRECT.GET.{stream}"
         self._inbox = ""
         self._requests = itertools.count()
         self._send: MemoryObjectSendStream[Msg] | None = None
         self._receive: MemoryObjectReceiveStream[Msg] | None = None
         self._sub: Any = None
 
-    async def __aenter__(self) -> _DirectGets:
+    async def __aenter__(self) -> DirectGets:
         # unbounded: the replies are bounded by the batches asked for (each at most a page of tasks)
         self._send, self._receive = anyio.create_memory_object_stream[Msg](math.inf)
         send = self._send
@@ -149,27 +150,40 @@ class _DirectGets:
         if self._receive is not None:
             self._receive.close()
 
-    async def batch(self, subject: str, start_seq: int, count: int) -> list[_Hit]:
-        """Up to ``count`` matches of ``subject`` at or after ``start_seq``, oldest first."""
+    async def messages(
+        self, subject: str, start_seq: int, count: int, *, max_bytes: int | None = None
+    ) -> list[Msg]:
+        """Up to ``count`` messages matching ``subject`` at or after ``start_seq``, oldest first (fewer
+        when their data would pass ``max_bytes``); each has the server's ``Nats-Sequence``,
+        ``Nats-Subject`` and ``Nats-Num-Pending`` (matches after it) headers."""
         reply = f"{self._inbox}.{next(self._requests)}"
-        request = {"batch": count, "seq": start_seq, "next_by_subj": subject}
+        request: dict[str, Any] = {"batch": count, "seq": start_seq, "next_by_subj": subject}
+        if max_bytes is not None:
+            request["max_bytes"] = max_bytes
         await self._bus.nc.publish(self._api, msgspec.json.encode(request), reply=reply)
-        hits: list[_Hit] = []
+        found: list[Msg] = []
         assert self._receive is not None
         with anyio.fail_after(self._bus.settings.request_timeout_s):
             async for msg in self._receive:
                 if msg.subject != reply:
                     continue  # a late answer to an earlier request
-                headers = msg.headers or {}
-                if headers.get("Status"):  # 204: the end of the batch; 404: nothing matches
-                    return hits
-                hits.append(
-                    _Hit(
-                        seq=int(headers.get("Nats-Sequence", "0")),
-                        task_id=headers.get("Nats-Subject", "").rsplit(".", 1)[-1],
-                        pending=int(headers.get("Nats-Num-Pending", "0")),
-                    )
+                if (msg.headers or {}).get("Status"):  # 204: the end of the batch; 404: nothing matches
+                    return found
+                found.append(msg)
+        return found
+
+    async def batch(self, subject: str, start_seq: int, count: int) -> list[_Hit]:
+        """Up to ``count`` matches of ``subject`` at or after ``start_seq``, oldest first."""
+        hits: list[_Hit] = []
+        for msg in await self.messages(subject, start_seq, count):
+            headers = msg.headers or {}
+            hits.append(
+                _Hit(
+                    seq=int(headers.get("Nats-Sequence", "0")),
+                    task_id=headers.get("Nats-Subject", "").rsplit(".", 1)[-1],
+                    pending=int(headers.get("Nats-Num-Pending", "0")),
                 )
+            )
         return hits
 
     async def first_at(self, subject: str, seq: int) -> _Hit | None:
