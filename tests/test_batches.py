@@ -19,6 +19,7 @@ import msgspec
 import openai
 import pytest
 from openai.types import Batch as OpenAIBatch
+from openai.types import FileObject
 
 from hive_bus import FailNow, FunctionProvider, Hive, Queued, Settings, Task, TaskRequest
 from hive_bus._batches import Batch, BatchStore, RequestCounts, create_batch, estimate, line_task_id, replace
@@ -676,22 +677,28 @@ async def test_a_bus_that_does_not_answer_is_a_503_with_retry_after_on_the_batch
     assert answers["list"].json()["error"]["message"].startswith("could not list the batches: ")
 
 
+async def _one_line_waiting(client: openai.AsyncOpenAI) -> tuple[FileObject, OpenAIBatch]:
+    """A batch of one line for a provider no worker serves, once its line waits in the queue."""
+    lines = jsonl([line("only", "x", model="gemini")])
+    uploaded = await client.files.create(file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+    async def running() -> bool:
+        return (await client.batches.retrieve(batch.id)).status == "in_progress"
+
+    await eventually(running, 30, "the batch to queue its line")
+    return uploaded, batch
+
+
 async def test_the_input_file_of_a_batch_not_ended_cannot_be_deleted(settings: Settings) -> None:
     """A batch reads its input again to write its output (each line's ``custom_id``, in input order):
     deleted under it, the batch stayed ``cancelling`` (or ``finalizing``) for ever, a warning every 2 s,
     its lines' results never written. Now the delete is a 409 naming the batch, until it has ended."""
     async with serving(settings) as stack:  # no gemini worker: the line waits in the queue
         client = stack.client
-        lines = jsonl([line("only", "x", model="gemini")])
-        uploaded = await client.files.create(file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
-        batch = await client.batches.create(
-            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
-
-        async def running() -> bool:
-            return (await client.batches.retrieve(batch.id)).status == "in_progress"
-
-        await eventually(running, 30, "the batch to queue its line")
+        uploaded, batch = await _one_line_waiting(client)
         with pytest.raises(openai.ConflictError) as caught:
             await client.files.delete(uploaded.id)
         assert caught.value.code == "file_in_use" and batch.id in caught.value.message
@@ -710,16 +717,7 @@ async def test_a_batch_whose_input_file_is_gone_fails_saying_so(settings: Settin
     ever, ``cancelling`` or ``finalizing`` never ending."""
     async with serving(settings) as stack:  # no gemini worker: the line waits in the queue
         client = stack.client
-        lines = jsonl([line("only", "x", model="gemini")])
-        uploaded = await client.files.create(file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
-        batch = await client.batches.create(
-            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
-        )
-
-        async def running() -> bool:
-            return (await client.batches.retrieve(batch.id)).status == "in_progress"
-
-        await eventually(running, 30, "the batch to queue its line")
+        uploaded, batch = await _one_line_waiting(client)
         await (await FileStore.open(stack.bus)).delete(uploaded.id)
         await client.batches.cancel(batch.id)
         done = await ended(client, batch.id, timeout_s=30)
