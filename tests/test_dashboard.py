@@ -14,7 +14,8 @@ import httpx
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_playwright
 
-from hive_bus import Hive, Settings, TaskRequest
+from hive_bus import Completed, Hive, Running, Settings, TaskRequest
+from hive_bus._messages import encoder, now_ms
 from hive_bus.bus import open_bus
 from hive_bus.services.auth import Tokens
 from hive_bus.services.gateway import Gateway, GatewayOptions
@@ -169,4 +170,37 @@ async def test_ten_thousand_tasks_keep_the_page_to_a_window_of_rows_and_it_still
         dialog = page.locator("#task-dialog")
         await dialog.locator('#timeline li[data-status="completed"]').wait_for(timeout=WAIT_MS)
         assert "post 9999" in await dialog.locator("#task-input").inner_text()
+    assert problems == []
+
+
+async def test_a_running_event_after_a_task_ended_leaves_its_row_ended(settings: Settings) -> None:
+    """A worker's ``running`` event may be stored after the task's end (a call being abandoned for a
+    cancel, a twin delivery whose run another worker completed): the task reads its end, and the page's
+    row, which the feed moved to ``running`` again, says so too."""
+    async with (
+        open_bus(settings) as bus,
+        chromium() as browser,
+        page_of(browser) as (page, problems),
+        anyio.create_task_group() as tg,
+    ):
+        hive = Hive(bus)
+        gw = Gateway(hive, GatewayOptions(port=0))
+        await tg.start(gw.serve)
+        await page.goto(gw.url)
+        await page.wait_for_selector('body[data-feed="live"]', timeout=WAIT_MS)
+        names = bus.names
+        task_id = await hive.submit("twin", "dos veces")
+        done = Completed(
+            task_id=task_id, provider="twin", at_ms=now_ms(), attempt=1, worker="w1", output="hecho"
+        )
+        await bus.js.publish(names.event_subject("twin", task_id, "completed"), encoder.encode(done))
+        ended = f'#tasks tr[data-task-id="{task_id}"][data-status="completed"]'
+        await page.wait_for_selector(ended, timeout=WAIT_MS)
+        late = Running(task_id=task_id, provider="twin", at_ms=now_ms() + 5, attempt=1, worker="w2")
+        await bus.js.publish(names.event_subject("twin", task_id, "running"), encoder.encode(late))
+        after = await hive.submit("twin", "después")  # after the running event in the same stream
+        await page.wait_for_selector(f'#tasks tr[data-task-id="{after}"]', timeout=WAIT_MS)
+        assert await page.locator(ended).count() == 1
+        assert (await hive.get(task_id)).status == "completed"
+        gw.stop()
     assert problems == []

@@ -16,7 +16,8 @@ const BATCH_ENDS = ["completed", "failed", "expired", "cancelled"];
 const RATE_WINDOW_MS = 60_000;
 const MAX_TASK_ROWS = 200;
 const DETAIL_CHARS = 240;
-const RANK = { scheduled: 0, queued: 0, running: 1, retrying: 1, completed: 2, failed: 2 };
+const RANK = { scheduled: 0, queued: 0, running: 1, retrying: 1, completed: 2, failed: 2, cancelled: 2 };
+const ENDS = ["completed", "failed", "cancelled"];
 
 const $ = (id) => document.getElementById(id);
 const numbers = new Intl.NumberFormat();
@@ -285,6 +286,9 @@ function fromView(view) {
 }
 
 function newer(a, b) {
+  // A worker's word after the end (the running event of a call being abandoned, or of a twin delivery
+  // whose run another worker completed) does not undo it, as the task reads; a replay's queued does.
+  if (ENDS.includes(b.status) && RANK[a.status] === 1) return false;
   return a.at !== b.at ? a.at > b.at : RANK[a.status] >= RANK[b.status];
 }
 
