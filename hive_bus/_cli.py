@@ -31,7 +31,7 @@ from ._budget import BudgetError, load_budgets
 from ._bus import Bus, event_providers, open_bus
 from ._client import Hive, PartialSubmit, connect, request_of
 from ._embedded import EmbeddedServerError, run_nats_server
-from ._errors import BusUnavailable, HiveError, TaskEnded
+from ._errors import BusUnavailable, HiveError, TaskEnded, TaskNotFound
 from ._events import merged_events
 from ._loop import ENV_LOOP, LOOP_CHOICES, LoopChoice, LoopUnavailable, backend_options
 from ._messages import (
@@ -986,11 +986,15 @@ def status(task_ids: tuple[str, ...], wait_s: float, settings: Settings) -> None
     async def main() -> None:
         async with connect(settings=settings) as hive:
             views: list[TaskView | None] = [None] * len(task_ids)
+            unknown: list[str] = []
 
             async def one(i: int, task_id: str) -> None:
-                views[i] = await (
-                    hive.wait(task_id, wait_s, content=True) if wait_s > 0 else hive.get(task_id)
-                )
+                try:
+                    views[i] = await (
+                        hive.wait(task_id, wait_s, content=True) if wait_s > 0 else hive.get(task_id)
+                    )
+                except TaskNotFound as exc:  # the others are still shown
+                    unknown.append(str(exc))
 
             async with anyio.create_task_group() as tg:  # the waits run together
                 for i, task_id in enumerate(task_ids):
@@ -998,6 +1002,8 @@ def status(task_ids: tuple[str, ...], wait_s: float, settings: Settings) -> None
         ended = [v for v in views if v is not None]
         for view in ended:
             _print_view(view)
+        if unknown:
+            raise click.ClickException("; ".join(unknown))
         _exit_for(ended)
 
     _run(main)

@@ -606,6 +606,11 @@ def test_exit_statuses_say_how_tasks_ended(up: Up, tmp_path: Path) -> None:
         assert [(v["id"], v["status"]) for v in views] == [(ids[0], "completed"), (ids[2], "queued")]
         assert hive_cli(["status", *ids, "--nats", up.nats]).returncode == 1
         assert hive_cli(["status", ids[0], "--nats", up.nats]).returncode == 0
+        # an unknown id among them: the others still printed, then one line naming it, exit 1
+        unknown = "01M98Q98WEWYTKN54HM30JNKEQ"
+        mixed = hive_cli(["status", ids[0], unknown, "--nats", up.nats])
+        assert mixed.returncode == 1 and json.loads(mixed.stdout)["id"] == ids[0], mixed.stdout + mixed.stderr
+        assert mixed.stderr.strip().splitlines() == [f"Error: no task {unknown} on the bus"], mixed.stderr
     finally:
         worker.terminate()
         worker.wait(20)
