@@ -1237,6 +1237,8 @@ def dlq_replay(task_ids: tuple[str, ...], replay_all: bool, provider: str | None
             ids = list(task_ids) or [
                 letter.failed.task_id for letter in await hive.dead_letters(provider=provider, limit=100_000)
             ]
+            if not ids:
+                click.echo("no dead letters" + (f" of {provider}" if provider else "") + ": nothing replayed")
             for task_id in ids:
                 done = await hive.replay(task_id)
                 click.echo(f"{done.id} queued again on {done.provider} (run {done.run})")

@@ -485,6 +485,10 @@ async def test_dead_letters_over_http_and_the_cli(stack: Stack, settings: Settin
         assert again.returncode == 0 and f"{ids[1]} queued again on tpl (run 1)" in again.stdout
         missing = await anyio.to_thread.run_sync(lambda: hive_cli(["dlq", "show", ids[1]], env=env))
         assert missing.returncode != 0 and "not among the dead letters" in missing.stderr
+        none = await anyio.to_thread.run_sync(
+            lambda: hive_cli(["dlq", "replay", "--all", "--provider", "nadie"], env=env)
+        )  # once silent
+        assert none.returncode == 0 and none.stdout.strip() == "no dead letters of nadie: nothing replayed"
         purged = await stack.http.delete(f"/v1/dlq/{ids[2]}")
         assert purged.json() == {"purged": 1}
     assert (await stack.http.get("/v1/dlq")).json() == []
