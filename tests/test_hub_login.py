@@ -3,6 +3,7 @@ refusal is one clear line that names the setting to fix, and no secret is ever p
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any
 import anyio
 import httpx
 import nkeys  # type: ignore[import-untyped]
+import openai
 import pytest
 
 from hive_bus import (
@@ -36,8 +38,10 @@ from hive_bus._dlq import DeadLetter
 from hive_bus._embedded import NatsServer
 from hive_bus._router import Router
 from hive_bus.bus import open_bus
+from hive_bus.services.gateway import Gateway, GatewayOptions
+from hive_bus.workers.echo import EchoProvider
 
-from .helpers import free_port, hive_cli, running_worker
+from .helpers import eventually, free_port, hive_cli, running_worker
 from .hub import Hub, WorkerUser, hub_server, make_certs, render
 
 pytestmark = pytest.mark.anyio
@@ -275,6 +279,50 @@ async def test_the_gateway_login_opens_the_bus_and_queues_tasks(
         task_id = await Hive(bus).submit("echo", "hola")
         assert (await Hive(bus).get(task_id)).status == "queued"
     assert rendered.password("gateway") not in caplog.text + repr(settings)
+
+
+async def test_the_gateway_login_runs_a_batch_from_the_moment_it_is_created(
+    hub: tuple[Hub, NatsServer], nkey_seed: tuple[Path, str]
+) -> None:
+    """The gateway keeps each batch in the bucket hive_batches, and starts running a bus's first batch when
+    JetStream's advisory says that bucket was made: both under the shipped gateway rights (without them
+    the batch was a 503, and the advisory's refusal left it to a look every 30 s)."""
+    rendered, server = hub
+    gateway = settings_for(
+        rendered, server.url, "gateway", nats_user="gateway", nats_password=rendered.password("gateway")
+    )
+    worker = settings_for(
+        rendered, server.url, "laptop", nats_nkey_seed_file=str(nkey_seed[0]), worker_name="laptop"
+    )
+    lines = [
+        {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "echo", "messages": [{"role": "user", "content": f"hola {i}"}]}}
+        for i in range(3)
+    ]  # fmt: skip
+    data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    async with open_bus(gateway, name="gateway") as gbus, anyio.create_task_group() as tg:
+        first = await Hive(gbus).submit("echo", "the provider has work: its consumers are made")
+        gw = Gateway(Hive(gbus), GatewayOptions(port=0))
+        await tg.start(gw.serve)
+        async with (
+            open_bus(worker, name="worker") as wbus,
+            running_worker(wbus, "echo", EchoProvider()),
+            openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0) as client,
+        ):
+            assert (await Hive(gbus).wait(first, 30)).status == "completed"  # the worker serves
+            uploaded = await client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+            batch = await client.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+
+            async def completed() -> str | None:
+                done = await client.batches.retrieve(batch.id)
+                return done.output_file_id if done.status == "completed" else None
+
+            output = await eventually(completed, 15, "the batch to complete (well before a look every 30 s)")
+            out = (await client.files.content(output)).read().splitlines()
+        gw.stop()
+    assert [json.loads(x)["custom_id"] for x in out] == ["c0", "c1", "c2"]
 
 
 async def test_an_nkey_worker_opens_the_bus_under_its_name(
