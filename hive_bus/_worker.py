@@ -251,21 +251,27 @@ class Worker:
         """The provider's consumers (high, normal, low); waits while JetStream does not answer (a server
         restarting) or while they do not exist and this worker may not create them."""
         said = False
-        while not self._stopping.is_set():
+        async with anyio.create_task_group() as beats:
             try:
-                return await ensure_consumers(self._bus.js, self._bus.settings, self._opts.provider)
-            except BUS_ERRORS as exc:
-                if not said:
-                    log.warning(
-                        "the %s consumers are not there yet (%s); worker %s waits for them (the gateway "
-                        "creates them once it sees this worker's heartbeat)",
-                        self._opts.provider, why(exc), self.id,
-                    )  # fmt: skip
-                    said = True
-                    async with anyio.create_task_group() as tg:  # be seen, so the gateway can help
-                        tg.start_soon(self._beat_once)
-                with anyio.move_on_after(1):
-                    await self._stopping.wait()
+                while not self._stopping.is_set():
+                    try:
+                        return await ensure_consumers(self._bus.js, self._bus.settings, self._opts.provider)
+                    except BUS_ERRORS as exc:
+                        if not said:
+                            log.warning(
+                                "the %s consumers are not there yet (%s); worker %s waits for them (the "
+                                "gateway creates them once a task was submitted to %s and it sees this "
+                                "worker's heartbeat)",
+                                self._opts.provider, why(exc), self.id, self._opts.provider,
+                            )  # fmt: skip
+                            said = True
+                            # be seen, so the gateway can help, however long the first task takes to come
+                            await self._beat_once()
+                            beats.start_soon(self._beat_loop)
+                    with anyio.move_on_after(1):
+                        await self._stopping.wait()
+            finally:
+                beats.cancel_scope.cancel()
         return None
 
     # fetch ---------------------------------------------------------------------------------------

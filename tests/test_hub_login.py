@@ -29,6 +29,8 @@ from hive_bus import (
     Settings,
     SettingsError,
     Task,
+    Worker,
+    WorkerOptions,
     load_settings,
 )
 from hive_bus._budget import load_budgets
@@ -437,6 +439,34 @@ async def test_the_worker_runtime_serves_under_its_least_privilege_credential(
     log = server.log_path.read_text()[len(before) :]
     refused = [line for line in log.splitlines() if "Permissions Violation" in line]
     assert all("CONSUMER.CREATE" in line for line in refused), refused
+
+
+async def test_a_worker_started_before_its_providers_first_task_serves_it(tmp_path: Path) -> None:
+    """A worker that may not create its consumers keeps its heartbeat up while it waits for them: the
+    gateway's router makes them once the provider has work and a heartbeat shows, however long after
+    the worker's start that work comes (its one heartbeat had expired, and it waited for ever)."""
+    certs = make_certs(tmp_path / "certs", servers=["127.0.0.1"], clients=["gateway", "early"])
+    rendered = render(tmp_path / "nats", certs, [WorkerUser("early", ("echo",))])
+    with hub_server(rendered, tmp_path / "store") as server:
+        gateway = settings_for(
+            rendered, server.url, "gateway", nats_user="gateway", nats_password=rendered.password("gateway"),
+            heartbeat_interval_s=0.5, heartbeat_ttl_s=1.0,  # the bucket's TTL
+        )  # fmt: skip
+        worker_settings = settings_for(
+            rendered, server.url, "early", nats_user="early", nats_password=rendered.password("early"),
+            worker_name="early", heartbeat_interval_s=0.5, heartbeat_ttl_s=1.0, request_timeout_s=0.5,
+        )  # fmt: skip
+        async with open_bus(gateway, name="gateway") as gbus, anyio.create_task_group() as tg:
+            await tg.start(Router(gbus).run)
+            async with open_bus(worker_settings, name="worker") as wbus:
+                worker = Worker(wbus, EchoProvider(), WorkerOptions(provider="echo", fetch_wait_s=0.5))
+                tg.start_soon(worker.run)
+                await anyio.sleep(3)  # three heartbeat lifetimes with no work for echo
+                task_id = await Hive(gbus).submit("echo", "hola")
+                view = await Hive(gbus).wait(task_id, 20)
+                worker.stop()
+            tg.cancel_scope.cancel()
+    assert (view.status, view.output) == ("completed", "hola")
 
 
 async def _dead_letter_of(settings: Settings, task_id: str) -> DeadLetter:
