@@ -40,7 +40,16 @@ from ._cache import ResponseCache
 from ._cancel import CancelWatch
 from ._chunks import ChunkSender, run_streamed
 from ._cooldown import KeyCooldowns
-from ._errors import FailNow, KeyRejected, NoQuota, ProviderError, RetryAfter, RetryLater, TooLarge
+from ._errors import (
+    BusUnavailable,
+    FailNow,
+    KeyRejected,
+    NoQuota,
+    ProviderError,
+    RetryAfter,
+    RetryLater,
+    TooLarge,
+)
 from ._keys import Blocked, KeyRing
 from ._messages import (
     Cancelled,
@@ -205,7 +214,13 @@ class Worker:
         pullers = [
             Puller(bus.nc, names.tasks_stream, info.name, on_task=self._ring, domain=domain) for info in infos
         ]
-        await self.cancels.start()  # before any fetch: a task cancelled while queued is never called
+        try:
+            await self.cancels.start()  # before any fetch: a task cancelled while queued is never called
+        except nats.js.errors.APIError as exc:  # refused, such as with every consumer of the account in use
+            raise BusUnavailable(
+                f"worker {self.id} cannot follow the {opts.provider} cancels: JetStream refused its "
+                f"consumer on KV_{names.cancels_bucket} ({exc.description})"
+            ) from None
         await self._settler.start()
         for puller in pullers:
             await puller.start()
