@@ -386,3 +386,18 @@ def test_help_is_the_scripts_header_comment(script: str) -> None:
     header = [line.removeprefix("#").removeprefix(" ") for line in text[1 : text.index("set -euo pipefail")]]
     done = _script([str(REPO / "nats" / script), "--help"], REPO)
     assert done.returncode == 0 and done.stdout.splitlines() == header
+
+
+def test_compose_runs_a_nats_server_with_the_stream_features_the_bus_uses() -> None:
+    """The counters stream (allow_msg_counter), deadlines (message schedules, @at) need nats-server 2.12,
+    recurring schedules 2.14; nats:2.11-alpine made the counters stream without counters, and the next
+    gateway start refused it. The image is at least the minor version the tests run."""
+    image = compose()["services"]["nats"]["image"]
+    found = re.fullmatch(r"nats:(\d+)\.(\d+)(?:\.\d+)?-alpine", image)
+    assert found, image
+    tested = subprocess.run(
+        [str(nats_server_path()), "--version"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    version = re.search(r"v(\d+)\.(\d+)\.", tested)
+    assert version, tested
+    assert (int(found[1]), int(found[2])) >= (int(version[1]), int(version[2])), (image, tested)
