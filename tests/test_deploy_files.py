@@ -401,3 +401,21 @@ def test_compose_runs_a_nats_server_with_the_stream_features_the_bus_uses() -> N
     version = re.search(r"v(\d+)\.(\d+)\.", tested)
     assert version, tested
     assert (int(found[1]), int(found[2])) >= (int(version[1]), int(version[2])), (image, tested)
+
+
+def test_the_readmes_hub_steps_put_every_file_hub_conf_includes_in_etc_nats() -> None:
+    """Every file hub.conf includes, or tells to include (leafnodes.conf, commented out), is copied to
+    /etc/nats by the README's "A Pi hub" steps or made there by make-secrets.sh: uncommenting the leaf
+    nodes' include failed with 'open /etc/nats/leafnodes.conf: no such file or directory'."""
+    readme = (REPO / "README.md").read_text()
+    copy = re.search(r"^\s*cp (nats/\S+(?: nats/\S+)*) /etc/nats/$", readme, re.MULTILINE)
+    assert copy, "the README's step that copies nats/ files to /etc/nats"
+    there = {Path(f).name for f in copy[1].split()} | {"secrets.conf", "site-secrets.conf"}
+    wanted, seen = ["hub.conf"], set()
+    while wanted:
+        conf = wanted.pop()
+        seen.add(conf)
+        for name in re.findall(r"^\s*(?:#\s*)?include\s+(\S+)", (REPO / "nats" / conf).read_text(), re.M):
+            assert name in there, f"{conf} includes {name}, which the README's steps do not put in /etc/nats"
+            if name not in seen and (REPO / "nats" / name).is_file():
+                wanted.append(name)
