@@ -403,15 +403,18 @@ def test_compose_runs_a_nats_server_with_the_stream_features_the_bus_uses() -> N
     assert (int(found[1]), int(found[2])) >= (int(version[1]), int(version[2])), (image, tested)
 
 
-def test_the_readmes_hub_steps_put_every_file_hub_conf_includes_in_etc_nats() -> None:
-    """Every file hub.conf includes, or tells to include (leafnodes.conf, commented out), is copied to
-    /etc/nats by the README's "A Pi hub" steps or made there by make-secrets.sh: uncommenting the leaf
-    nodes' include failed with 'open /etc/nats/leafnodes.conf: no such file or directory'."""
+@pytest.mark.parametrize("config", ["hub.conf", "cluster.conf"])
+def test_the_readmes_steps_put_every_file_a_server_config_includes_in_etc_nats(config: str) -> None:
+    """The config the README runs (/etc/nats/hub.conf, /etc/nats/cluster.conf) and every file it
+    includes, or tells to include (leafnodes.conf, commented out), are copied to /etc/nats by the
+    README's steps or made there by make-secrets.sh: uncommenting the leaf nodes' include failed with
+    'open /etc/nats/leafnodes.conf: no such file or directory', and no step put cluster.conf there."""
     readme = (REPO / "README.md").read_text()
-    copy = re.search(r"^\s*cp (nats/\S+(?: nats/\S+)*) /etc/nats/$", readme, re.MULTILINE)
-    assert copy, "the README's step that copies nats/ files to /etc/nats"
-    there = {Path(f).name for f in copy[1].split()} | {"secrets.conf", "site-secrets.conf"}
-    wanted, seen = ["hub.conf"], set()
+    copies = re.findall(r"^\s*cp (nats/\S+(?: nats/\S+)*) /etc/nats/$", readme, re.MULTILINE)
+    assert copies, "the README's steps that copy nats/ files to /etc/nats"
+    there = {Path(f).name for line in copies for f in line.split()} | {"secrets.conf", "site-secrets.conf"}
+    assert config in there, f"no step of the README copies nats/{config} to /etc/nats"
+    wanted, seen = [config], set()
     while wanted:
         conf = wanted.pop()
         seen.add(conf)
