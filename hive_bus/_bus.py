@@ -626,6 +626,8 @@ def cache_stream_config(settings: Settings) -> StreamConfig:
         allow_rollup_hdrs=True,
         deny_delete=True,
         num_replicas=settings.replicas,
+        # the server's own default, said out loud, as for the claim check's stream
+        duplicate_window=OBJECT_STORE_DUPLICATE_WINDOW_S,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -12,7 +13,15 @@ from nats.js.kv import KeyValue
 from ulid import ULID
 
 from hive_bus import BusConfigError, Settings
-from hive_bus._bus import Bus, consumer_config, ensure_consumer, ensure_consumers, kv_entries
+from hive_bus._bus import (
+    Bus,
+    consumer_config,
+    ensure_cache_stream,
+    ensure_consumer,
+    ensure_consumers,
+    ensure_counters_stream,
+    kv_entries,
+)
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import is_task_id, new_task_id
 from hive_bus.bus import open_bus
@@ -181,3 +190,23 @@ async def test_a_bucket_is_read_whole_without_leaving_a_consumer(bus: Bus, setti
 async def _put_every(kv: KeyValue, first: int, step: int, end: int) -> None:
     for i in range(first, end, step):
         await kv.put(f"k.{i}", b"v%d" % i)
+
+
+async def test_a_second_process_finds_every_object_as_it_would_declare_it(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every object is declared as the server then keeps it, so the next process has nothing to say of
+    it: the response cache's stream named no duplicate window, and every gateway and worker start logged
+    'stream KV_..._cache keeps its own duplicate_window=120.0 (this process would have set 0)'."""
+
+    async def declare() -> None:
+        async with open_bus(settings) as bus:
+            await ensure_cache_stream(bus.js, settings)
+            await ensure_counters_stream(bus.js, settings)
+            await ensure_consumers(bus.js, settings, "echo")
+
+    await declare()
+    caplog.set_level(logging.INFO, logger="hive_bus.bus")
+    caplog.clear()
+    await declare()
+    assert [r.getMessage() for r in caplog.records if "keeps its own" in r.getMessage()] == []
