@@ -138,5 +138,10 @@ if [ -n "$made_ca" ]; then
     said=("made CA $out/ca.pem" "${said[@]}")
 fi
 [ ! -f "$tmp/ca.srl" ] || made+=(ca.srl)
+# a file made anew keeps the owner of the one it replaces: after `chown -R nats: /etc/nats`, a server
+# key that root makes again must stay readable by the nats user (it reads it at reload and start)
+for file in "${made[@]}"; do
+    [ ! -e "$out/$file" ] || chown --reference="$out/$file" "$tmp/$file" 2>/dev/null || true
+done
 for file in "${made[@]}"; do mv -f "$tmp/$file" "$out/$file"; done
 printf '%s\n' "${said[@]}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -422,3 +423,24 @@ def test_the_readmes_steps_put_every_file_a_server_config_includes_in_etc_nats(c
             assert name in there, f"{conf} includes {name}, which the README's steps do not put in /etc/nats"
             if name not in seen and (REPO / "nats" / name).is_file():
                 wanted.append(name)
+
+
+def test_a_server_certificate_made_anew_keeps_the_owner_of_the_one_it_replaces(tmp_path: Path) -> None:
+    """The README has the Pi's /etc/nats given to the nats user, then (adding a name, a cluster) the server
+    certificate made anew by root: its key came out root's, mode 0600, and nats-server, run as nats, could
+    no longer read it (reload failed, the next start too)."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a file another owner needs root")
+    certs = tmp_path / "certs"
+    assert _make_certs(certs, "--server", "pi.example.org", "--client", "gateway").returncode == 0
+    nats_user = 65534  # nobody, standing for nats
+    for file in certs.iterdir():
+        os.chown(file, nats_user, nats_user)
+    renamed = _make_certs(certs, "--server", "pi.example.org", "--server", "nats-1")
+    assert renamed.returncode == 0, renamed.stderr
+    for name in ("server.pem", "server-key.pem"):
+        status = (certs / name).stat()
+        assert (status.st_uid, status.st_gid) == (nats_user, nats_user), name
+    assert (certs / "server-key.pem").stat().st_mode & 0o777 == 0o600
+    client = _make_certs(certs, "--client", "laptop")  # a new file: its maker's, for the worker machine
+    assert client.returncode == 0 and (certs / "client-laptop-key.pem").stat().st_uid == os.geteuid()
