@@ -7,6 +7,7 @@ in :class:`FunctionProvider`: they may return any JSON value, which becomes the 
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import os
@@ -91,6 +92,13 @@ class FunctionProvider:
             if self.retry == "never":
                 raise FailNow(f"{exc} (not retried: the handler's retry policy is never)") from exc
             raise
+        except asyncio.CancelledError as exc:
+            if self.retry == "any" or being_cancelled():
+                raise  # the worker retries a CancelledError that no cancel of the call explains
+            raise FailNow(
+                f"CancelledError while nothing cancelled the call (not retried: the handler's retry policy is "
+                f"{self.retry})"
+            ) from exc
         except Exception as exc:
             if self.retry == "any":
                 raise
@@ -98,6 +106,14 @@ class FunctionProvider:
                 f"{type(exc).__name__}: {exc} (not retried: the handler's retry policy is {self.retry})"
             ) from exc
         return result if isinstance(result, Output) else Output(value=result)
+
+
+def being_cancelled() -> bool:
+    """Whether the running task has a cancel pending: anyio's cancel scopes (a call's time limit, a
+    cancelled task, a stopping worker) cancel the asyncio task; a CancelledError raised without one
+    came from something the call awaited (a future another task cancelled)."""
+    current = asyncio.current_task()
+    return current is None or current.cancelling() > 0
 
 
 class HandlerError(ValueError):

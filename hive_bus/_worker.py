@@ -13,6 +13,7 @@ is left is fetch, pick, call, settle, and cutting it further would split one sta
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -71,7 +72,7 @@ from ._messages import (
 from ._nats import BUS_ERRORS, delivery_count, why
 from ._nesting import MAX_NESTING, NestedTooDeep, check_json, check_value
 from ._prices import PriceTable
-from ._providers import Output, Provider
+from ._providers import Output, Provider, being_cancelled
 from ._pull import Puller
 from ._settle import Backoff, Delivery, Outcome, Settler
 from ._size import check_fits
@@ -661,6 +662,14 @@ class Worker:
             outcome = exc
         except TimeoutError:
             outcome = RetryLater(f"{task.provider} gave no answer within {self._opts.call_timeout_s:g}s")
+        except asyncio.CancelledError:
+            if being_cancelled():  # a cancel of the call (time limit, the task cancelled) or the worker
+                raise
+            # the provider's own (a future it awaited was cancelled): a failure of the call; let through,
+            # it would end every lane and stop the worker without a word while its process lived on
+            why = f"{task.provider} raised CancelledError while nothing cancelled its call"
+            log.error("provider %s raised an unexpected error on task %s: %s", task.provider, task.id, why)
+            outcome = RetryLater(why)
         except Exception as exc:
             # no traceback: its frames may hold the key; the filter on the handlers scrubs the text
             why = _redact.scrub(f"{type(exc).__name__}: {exc}")

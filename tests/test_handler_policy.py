@@ -3,6 +3,7 @@ never twice after a crash when it says never; the README's handler example runs 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -143,3 +144,34 @@ def test_the_readme_handler_example_runs_as_it_stands(nats_server: NatsServer, t
 
 def _env() -> dict[str, str]:
     return {**SMALL_BUS_ENV, **os.environ}
+
+
+async def test_a_cancelled_error_of_the_handler_own_is_its_failure_not_the_worker_stopping(
+    bus: Bus, hive: Hive
+) -> None:
+    calls: list[str] = []
+
+    async def awaits_a_cancelled_future(task: Task) -> str:
+        calls.append(task.prompt)
+        if len(calls) == 1:  # what awaiting a future someone else cancelled raises
+            raise asyncio.CancelledError()
+        return task.prompt.upper()
+
+    provider = FunctionProvider(awaits_a_cancelled_future)
+    async with running_worker(bus, "leaky", provider, backoff_base_s=0.05, concurrency=1) as worker:
+        first = await hive.wait(await hive.submit("leaky", "uno"), 15)
+        second = await hive.wait(await hive.submit("leaky", "dos"), 15)
+        assert not worker._stopping.is_set()
+    assert (first.status, first.output, first.attempt) == ("completed", "UNO", 2)
+    assert (second.status, second.output) == ("completed", "DOS")
+
+    @retry_policy("signalled")
+    async def strict(task: Task) -> str:
+        raise asyncio.CancelledError()
+
+    async with running_worker(bus, "strict-leaky", FunctionProvider(strict)):
+        failed = await hive.wait(await hive.submit("strict-leaky", "x"), 15)
+    assert (failed.status, failed.reason, failed.attempt) == ("failed", "permanent", 1)
+    assert failed.error == (
+        "CancelledError while nothing cancelled the call (not retried: the handler's retry policy is signalled)"
+    )
