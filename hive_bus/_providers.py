@@ -12,6 +12,7 @@ import importlib
 import inspect
 import os
 import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar, get_args
@@ -133,10 +134,29 @@ def load_handler(spec: str) -> FunctionProvider:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise HandlerError(f"cannot import module {module_name!r} for handler {spec!r}: {exc}") from None
+    except Exception as exc:  # the module's own code failed as it ran (or did not compile): say where
+        raise HandlerError(
+            f"cannot import module {module_name!r} for handler {spec!r}: {_where(exc)}"
+            f"{type(exc).__name__}: {exc.msg if isinstance(exc, SyntaxError) else exc}"
+        ) from None
     fn = getattr(module, attr, None)
     if fn is None:
         where = getattr(module, "__file__", None) or "a namespace package"
         raise HandlerError(f"module {module_name!r} ({where}) has no attribute {attr!r}")
     if not inspect.iscoroutinefunction(fn):
         raise HandlerError(f"handler {spec!r} must be an async function (async def {attr}(task): ...)")
+    try:  # called with the task alone: a signature that cannot take it would fail every task
+        inspect.signature(fn).bind(None)
+    except TypeError as exc:
+        raise HandlerError(
+            f"handler {spec!r} must take the task as its one argument (async def {attr}(task): ...): {exc}"
+        ) from None
     return FunctionProvider(fn)
+
+
+def _where(exc: BaseException) -> str:
+    """``file:line: `` of where a module's import failed: the line of a syntax error, else the last frame."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}: "
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""

@@ -196,6 +196,39 @@ def test_bad_arguments_are_one_clear_line(nats_server: NatsServer, args: list[st
     assert says in line
 
 
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        (
+            'raise RuntimeError("set MYJOB_TOKEN")\n',
+            "cannot import module 'myjob' for handler 'myjob:run': {path}:1: RuntimeError: set MYJOB_TOKEN",
+        ),
+        (
+            "async def run(task) return 1\n",
+            "cannot import module 'myjob' for handler 'myjob:run': {path}:1: SyntaxError: expected ':'",
+        ),
+        (
+            "async def run():\n    return 1\n",
+            "handler 'myjob:run' must take the task as its one argument (async def run(task): ...): "
+            "too many positional arguments",
+        ),
+        (
+            "async def run(task, extra):\n    return 1\n",
+            "handler 'myjob:run' must take the task as its one argument (async def run(task): ...): "
+            "missing a required argument: 'extra'",
+        ),
+    ],
+)
+def test_a_handler_that_cannot_run_is_one_clear_line_naming_it(
+    nats_server: NatsServer, tmp_path: Path, source: str, says: str
+) -> None:
+    module = tmp_path / "myjob.py"
+    module.write_text(source)
+    args = ["worker", "x", "--handler", "myjob:run", "--nats", nats_server.url]
+    line = _one_clear_line(hive_cli(args, env={"PYTHONPATH": str(tmp_path)}, timeout_s=15))
+    assert line == "Error: " + says.format(path=module)
+
+
 @pytest.mark.parametrize("url", ["", " ", ",", "nats://", "nats://:0", "nats://127.0.0.1:99999"])
 @pytest.mark.parametrize("command", [["stats"], ["worker", "echo"]])
 def test_a_bad_nats_url_is_one_clear_line(command: list[str], url: str) -> None:
