@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 import anyio
 import msgspec
@@ -236,3 +239,61 @@ def _anthropic(base_url: str) -> Provider:
     import anthropic
 
     return AnthropicProvider(anthropic, api_key=KEY, base_url=base_url)
+
+
+class _NotAnApi(BaseHTTPRequestHandler):
+    """A server at the base URL that is not the provider's API: a web server's page, or JSON of
+    another shape, or JSON cut short, all with 200."""
+
+    bodies: ClassVar[dict[str, tuple[str, bytes]]] = {
+        "html": ("text/html", b"<html><body>Welcome to nginx!</body></html>"),
+        "other json": ("application/json", b'{"hello": "world"}'),
+        "cut json": ("application/json", b'{"choices": [{"message": '),
+    }
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        content_type, body = self.bodies[self.server.answer]  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("name", "answer"),
+    # to google-genai, JSON of another shape is an answer without candidates (a blocked prompt)
+    [(n, a) for n in PROVIDERS for a in _NotAnApi.bodies if (n, a) != ("gemini", "other json")],
+)
+async def test_an_answer_that_is_not_the_api_says_so_and_where(name: str, answer: str) -> None:
+    from hive_bus import ProviderError, RetryLater, Task
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotAnApi)
+    server.answer = answer  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    makers: dict[str, Callable[[], Provider]] = {
+        "gemini": lambda: GeminiProvider(api_key=KEY, base_url=base),
+        "groq": lambda: GroqProvider(api_key=KEY, base_url=base),
+        "anthropic": lambda: _anthropic(base),
+        "openai": lambda: OpenAICompatibleProvider(base_url=base + "/v1", api_key=KEY, model="m"),
+    }
+    provider = makers[name]()
+    task = Task(id="01JAAAAAAAAAAAAAAAAAAAAAAA", provider=name, prompt="hi", submitted_at_ms=0)
+    try:
+        with pytest.raises(ProviderError) as caught:
+            await provider.complete(task)
+    finally:
+        await provider.aclose()  # type: ignore[attr-defined]
+        server.shutdown()
+        server.server_close()
+    assert isinstance(caught.value, RetryLater)
+    assert str(caught.value).startswith(f"{name} answered 200 with something that is not its API's answer")
+    where = "GOOGLE_GEMINI_BASE_URL" if name == "gemini" else f"{name.upper()}_BASE_URL"
+    assert str(caught.value).endswith(f"(does {where} point at the API?)")
+    assert ("nginx" if answer == "html" else "{") in str(caught.value)
+    assert KEY not in str(caught.value)

@@ -11,6 +11,7 @@ import msgspec
 from hive_bus import FailNow, JsonObjectFormat, Output, Task, Usage
 
 from . import _stainless
+from ._classify import not_the_api
 
 # Said to the model when a task asks for a JSON object without saying "json" anywhere itself.
 JSON_HINT = "Answer with a JSON object."
@@ -74,16 +75,19 @@ async def chat_complete(
         if outcome is None:
             raise
         raise outcome from None
-    usage = response.usage
-    choice = response.choices[0]
-    return Output(
-        value=choice.message.content or "",
-        model=model,
-        finish_reason=choice.finish_reason,  # OpenAI's words already
-        usage=Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
-        if usage
-        else None,
-    )
+    try:  # a server that is not the API may answer 200 with anything: the SDK hands it on unchecked
+        usage = response.usage
+        choice = response.choices[0]
+        return Output(
+            value=choice.message.content or "",
+            model=model,
+            finish_reason=choice.finish_reason,  # OpenAI's words already
+            usage=Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
+            if usage
+            else None,
+        )
+    except (AttributeError, IndexError, TypeError):
+        raise not_the_api(provider, response, [key]) from None
 
 
 async def chat_stream(

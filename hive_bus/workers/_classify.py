@@ -64,6 +64,23 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+def not_the_api(provider: str, answer: object, secrets: Iterable[str] = ()) -> RetryLater:
+    """A 200 whose body is not the API's answer (a web server's page, JSON of another shape or cut
+    short): what came, and where to look (a base URL pointing at something other than the API)."""
+    dump = getattr(answer, "model_dump", None)
+    if isinstance(answer, str):
+        text = answer
+    elif callable(dump):  # an SDK's model made of the body unchecked: the fields the body had
+        text = str(dump(exclude_none=True))
+    else:
+        text = repr(answer)
+    where = "GOOGLE_GEMINI_BASE_URL" if provider == "gemini" else f"{provider.upper()}_BASE_URL"
+    return RetryLater(
+        f"{provider} answered 200 with something that is not its API's answer: {scrub(text, secrets)[:200]!r} "
+        f"(does {where} point at the API?)"
+    )
+
+
 def by_status(
     provider: str, status: int, message: str, *, retry_after_s: float | None = None, quota: Quota = "unknown"
 ) -> ProviderError:

@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
 from hive_bus import ProviderError, RetryLater
 
-from ._classify import by_status, delay_in_message_s, quota_in, retry_after_header_s, scrub
+from ._classify import by_status, delay_in_message_s, not_the_api, quota_in, retry_after_header_s, scrub
 
 
 def classify(provider: str, exc: Exception, sdk: Any, secrets: Iterable[str]) -> ProviderError | None:
@@ -35,6 +36,8 @@ def classify(provider: str, exc: Exception, sdk: Any, secrets: Iterable[str]) ->
         # An error event inside a stream that began with 200 (the openai and groq SDKs raise it as
         # APIError, anthropic's as an APIStatusError of the stream's 200): the answer it would have been.
         return by_status(provider, _in_stream_status(exc), scrub(_message(exc), secrets))
+    if isinstance(exc, json.JSONDecodeError):  # the SDK read a 200 whose body is not JSON
+        return not_the_api(provider, f"not JSON ({exc}): {exc.doc}", secrets)
     return None
 
 

@@ -24,6 +24,7 @@ from hive_bus import (
 
 from . import _stainless
 from ._chat import sampling
+from ._classify import not_the_api
 
 DEFAULT_MODEL = "claude-haiku-4-5"
 DEFAULT_MAX_TOKENS = 1024  # the Messages API requires one
@@ -56,11 +57,15 @@ class AnthropicProvider:
             if outcome is None:
                 raise
             raise outcome from None
-        usage = Usage(input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens)
-        finish = _FINISH.get(response.stop_reason or "", "stop")
-        return Output(
-            value=_output(task, response), model=request["model"], usage=usage, finish_reason=finish
-        )
+        try:  # a server that is not the API may answer 200 with anything: the SDK hands it on unchecked
+            usage = Usage(
+                input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens
+            )
+            finish = _FINISH.get(response.stop_reason or "", "stop")
+            value = _output(task, response)
+        except (AttributeError, TypeError):
+            raise not_the_api("anthropic", response, [self._key]) from None
+        return Output(value=value, model=request["model"], usage=usage, finish_reason=finish)
 
     async def stream(self, task: Task) -> AsyncIterator[str | Output]:
         """The Messages API with ``stream=True``: the text of each ``content_block_delta`` as it comes,

@@ -9,6 +9,7 @@ model is not available to this key at all, which no waiting fixes.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -32,7 +33,7 @@ from hive_bus import (
     Usage,
 )
 
-from ._classify import by_status, parse_duration_s, scrub
+from ._classify import by_status, not_the_api, parse_duration_s, scrub
 
 DEFAULT_MODEL = "gemini-2.5-flash"
 # google-genai runs on httpx2 where that is installed (the anthropic and openai SDKs bring it), else httpx.
@@ -178,6 +179,8 @@ def _outcome(exc: Exception, key: str) -> Exception:
         return classify(exc, key)
     if isinstance(exc, NO_ANSWER):
         return RetryLater(f"gemini did not answer: {scrub(str(exc), [key]) or type(exc).__name__}")
+    if isinstance(exc, json.JSONDecodeError):  # the SDK read a 200 whose body is not JSON
+        return not_the_api("gemini", f"not JSON ({exc}): {exc.doc}", [key])
     return exc
 
 
