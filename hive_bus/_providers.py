@@ -86,7 +86,12 @@ class FunctionProvider:
 
     async def complete(self, task: Task) -> Output:
         try:
-            result = await self._fn(task)
+            try:
+                result = await self._fn(task)
+            except SystemExit as exc:
+                # sys.exit() in a job (argparse does it on bad arguments) ends its call, not the worker: let
+                # through, it stopped the process, and the task, delivered again, stopped the next one
+                raise RuntimeError(f"the handler called sys.exit({exc.code!r})") from None
         except FailNow:
             raise
         except (RetryAfter, RetryLater) as exc:

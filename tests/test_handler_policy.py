@@ -8,12 +8,13 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import anyio
 import pytest
 
-from hive_bus import Failed, FunctionProvider, Hive, RetryLater, Task, connect, retry_policy
+from hive_bus import Failed, FunctionProvider, Hive, Retrying, RetryLater, Task, connect, retry_policy
 from hive_bus._embedded import NatsServer
 from hive_bus.bus import Bus
 
@@ -144,6 +145,36 @@ def test_the_readme_handler_example_runs_as_it_stands(nats_server: NatsServer, t
 
 def _env() -> dict[str, str]:
     return {**SMALL_BUS_ENV, **os.environ}
+
+
+async def test_a_handler_calling_sys_exit_fails_its_call_not_the_worker(bus: Bus, hive: Hive) -> None:
+    calls: list[str] = []
+
+    async def parses_arguments(task: Task) -> str:
+        calls.append(task.prompt)
+        if len(calls) == 1:
+            sys.exit(2)  # what argparse does with arguments it cannot parse
+        return task.prompt.upper()
+
+    provider = FunctionProvider(parses_arguments)
+    async with running_worker(bus, "script", provider, backoff_base_s=0.05, concurrency=1) as worker:
+        view = await hive.wait(await hive.submit("script", "uno"), 15)
+        assert not worker._stopping.is_set()
+    assert (view.status, view.output, view.attempt) == ("completed", "UNO", 2)
+    retried = [e for e in await events_of(bus, view.id) if isinstance(e, Retrying)]
+    assert [e.error for e in retried] == ["RuntimeError: the handler called sys.exit(2)"]
+
+    @retry_policy("never")
+    async def once(task: Task) -> str:
+        sys.exit("bad arguments")
+
+    async with running_worker(bus, "script-once", FunctionProvider(once)):
+        failed = await hive.wait(await hive.submit("script-once", "x"), 15)
+    assert (failed.status, failed.reason, failed.error) == (
+        "failed",
+        "permanent",
+        "RuntimeError: the handler called sys.exit('bad arguments') (not retried: the handler's retry policy is never)",
+    )
 
 
 async def test_a_cancelled_error_of_the_handler_own_is_its_failure_not_the_worker_stopping(
