@@ -264,6 +264,51 @@ class _NotAnApi(BaseHTTPRequestHandler):
         pass
 
 
+class _ResetHeadersOnly(BaseHTTPRequestHandler):
+    """An OpenAI-style server whose 429 says when to come back only in its x-ratelimit headers."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = b'{"error": {"message": "Rate limit reached", "type": "rate_limit_error"}}'
+        self.send_response(429)
+        self.send_header("content-type", "application/json")
+        self.send_header("x-ratelimit-remaining-requests", "12")
+        self.send_header("x-ratelimit-reset-requests", "2h0m0s")
+        self.send_header("x-ratelimit-remaining-tokens", "0")
+        self.send_header("x-ratelimit-reset-tokens", "41.5s")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("name", ["groq", "anthropic", "openai"])
+async def test_a_429_with_only_the_rate_limit_headers_waits_for_the_spent_limit_reset(name: str) -> None:
+    from hive_bus import RetryAfter, Task
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ResetHeadersOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    makers: dict[str, Callable[[], Provider]] = {
+        "groq": lambda: GroqProvider(api_key=KEY, base_url=base),
+        "anthropic": lambda: _anthropic(base),
+        "openai": lambda: OpenAICompatibleProvider(base_url=base + "/v1", api_key=KEY, model="m"),
+    }
+    provider = makers[name]()
+    task = Task(id="01JAAAAAAAAAAAAAAAAAAAAAAA", provider=name, prompt="hi", submitted_at_ms=0)
+    try:
+        with pytest.raises(RetryAfter) as caught:
+            await provider.complete(task)
+    finally:
+        await provider.aclose()  # type: ignore[attr-defined]
+        server.shutdown()
+        server.server_close()
+    assert caught.value.retry_after_s == 41.5  # the tokens' reset: the requests have some left
+    assert caught.value.quota == "minute"
+
+
 @pytest.mark.parametrize(
     ("name", "answer"),
     # to google-genai, JSON of another shape is an answer without candidates (a blocked prompt)

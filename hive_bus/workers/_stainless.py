@@ -12,7 +12,15 @@ from typing import Any
 
 from hive_bus import ProviderError, RetryLater
 
-from ._classify import by_status, delay_in_message_s, not_the_api, quota_in, retry_after_header_s, scrub
+from ._classify import (
+    by_status,
+    delay_in_message_s,
+    not_the_api,
+    parse_duration_s,
+    quota_in,
+    retry_after_header_s,
+    scrub,
+)
 
 
 def classify(provider: str, exc: Exception, sdk: Any, secrets: Iterable[str]) -> ProviderError | None:
@@ -26,6 +34,8 @@ def classify(provider: str, exc: Exception, sdk: Any, secrets: Iterable[str]) ->
             retry_after_s = retry_after_header_s(headers.get("retry-after"))
         if retry_after_s is None and headers.get("retry-after-ms"):
             retry_after_s = (retry_after_header_s(headers.get("retry-after-ms")) or 0) / 1000
+        if retry_after_s is None and exc.status_code == 429:
+            retry_after_s = _spent_limit_reset_s(headers)
         quota = quota_in(message)
         if quota == "unknown" and exc.status_code == 429:
             quota = "minute" if (retry_after_s or 0) <= 120 else "day"
@@ -59,6 +69,19 @@ def _in_stream_status(exc: Any) -> int:
             if status is not None:
                 return status
     return 500  # a server's fault (server_error, api_error, or nothing said): worth another try
+
+
+def _spent_limit_reset_s(headers: Any) -> float | None:
+    """When the limit this 429 is about is whole again, from the ``x-ratelimit-*`` headers of an
+    OpenAI-style server that sends no ``retry-after`` (a proxy, vLLM): the reset of the one whose
+    remaining is 0 (the one of requests, or of tokens), in Go's duration notation (``6m0s``, ``20ms``)."""
+    resets = [
+        parse_duration_s(headers.get(f"x-ratelimit-reset-{limit}") or "")
+        for limit in ("requests", "tokens")
+        if (headers.get(f"x-ratelimit-remaining-{limit}") or "").strip() == "0"
+    ]
+    known = [reset_s for reset_s in resets if reset_s is not None]
+    return max(known) if known else None
 
 
 def _message(exc: Any) -> str:
