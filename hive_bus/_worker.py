@@ -660,8 +660,6 @@ class Worker:
                 outcome = await provider.complete(task)
         except ProviderError as exc:
             outcome = exc
-        except TimeoutError:
-            outcome = RetryLater(f"{task.provider} gave no answer within {self._opts.call_timeout_s:g}s")
         except asyncio.CancelledError:
             if being_cancelled():  # a cancel of the call (time limit, the task cancelled) or the worker
                 raise

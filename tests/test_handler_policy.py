@@ -177,6 +177,29 @@ async def test_a_handler_calling_sys_exit_fails_its_call_not_the_worker(bus: Bus
     )
 
 
+async def test_a_timeout_of_the_handler_own_is_reported_as_it_said_not_as_the_call_limit(
+    bus: Bus, hive: Hive
+) -> None:
+    async def queries(task: Task) -> str:
+        raise TimeoutError("database at db.local:5432 did not answer in 5s")
+
+    async with running_worker(bus, "report", FunctionProvider(queries), backoff_base_s=0.05):
+        view = await hive.wait(await hive.submit("report", "x", max_attempts=1), 15)
+    assert (view.status, view.reason) == ("failed", "out_of_attempts")
+    assert (
+        view.error
+        == "out of attempts (1); last error: TimeoutError: database at db.local:5432 did not answer in 5s"
+    )
+
+    async def hangs(task: Task) -> str:  # the worker's own limit on a call still says so
+        await anyio.sleep(60)
+        return "late"
+
+    async with running_worker(bus, "hangs", FunctionProvider(hangs), call_timeout_s=0.5):
+        late = await hive.wait(await hive.submit("hangs", "x", max_attempts=1), 15)
+    assert late.error == "out of attempts (1); last error: hangs gave no answer within 0.5s"
+
+
 async def test_a_cancelled_error_of_the_handler_own_is_its_failure_not_the_worker_stopping(
     bus: Bus, hive: Hive
 ) -> None:
