@@ -109,9 +109,20 @@ class FunctionProvider:
             if self.retry == "any":
                 raise
             raise FailNow(
-                f"{type(exc).__name__}: {exc} (not retried: the handler's retry policy is {self.retry})"
+                f"{describe(exc)} (not retried: the handler's retry policy is {self.retry})"
             ) from exc
         return result if isinstance(result, Output) else Output(value=result)
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an error a call raised; of an exception group (an ``asyncio.TaskGroup`` whose
+    child failed, whose own message says only how many), its first errors too, which say what went wrong."""
+    said = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, BaseExceptionGroup):
+        inner = "; ".join(describe(e) for e in exc.exceptions[:3])
+        more = f"; and {len(exc.exceptions) - 3} more" if len(exc.exceptions) > 3 else ""
+        said = f"{said}: {inner}{more}"
+    return said
 
 
 def being_cancelled() -> bool:

@@ -72,7 +72,7 @@ from ._messages import (
 from ._nats import BUS_ERRORS, delivery_count, why
 from ._nesting import MAX_NESTING, NestedTooDeep, check_json, check_value
 from ._prices import PriceTable
-from ._providers import Output, Provider, being_cancelled
+from ._providers import Output, Provider, being_cancelled, describe
 from ._pull import Puller
 from ._settle import Backoff, Delivery, Outcome, Settler
 from ._size import check_fits
@@ -670,7 +670,7 @@ class Worker:
             outcome = RetryLater(why)
         except Exception as exc:
             # no traceback: its frames may hold the key; the filter on the handlers scrubs the text
-            why = _redact.scrub(f"{type(exc).__name__}: {exc}")
+            why = _redact.scrub(describe(exc))
             log.error("provider %s raised an unexpected error on task %s: %s", task.provider, task.id, why)
             outcome = RetryLater(why)
         if isinstance(outcome, ProviderError):

@@ -200,6 +200,30 @@ async def test_a_timeout_of_the_handler_own_is_reported_as_it_said_not_as_the_ca
     assert late.error == "out of attempts (1); last error: hangs gave no answer within 0.5s"
 
 
+async def test_an_error_in_a_task_group_of_the_handler_says_what_failed(bus: Bus, hive: Hive) -> None:
+    async def fans_out(task: Task) -> list[str]:
+        async def fetch(url: str) -> str:
+            if url.endswith("2"):
+                raise ValueError(f"{url} answered 404")
+            return url
+
+        async with asyncio.TaskGroup() as tg:
+            pages = [tg.create_task(fetch(f"https://shop.example/{i}")) for i in range(3)]
+        return [page.result() for page in pages]
+
+    @retry_policy("signalled")
+    async def strict(task: Task) -> list[str]:
+        return await fans_out(task)
+
+    async with running_worker(bus, "fan", FunctionProvider(fans_out)):
+        view = await hive.wait(await hive.submit("fan", "x", max_attempts=1), 15)
+    async with running_worker(bus, "fan-strict", FunctionProvider(strict)):
+        failed = await hive.wait(await hive.submit("fan-strict", "x"), 15)
+    said = "ExceptionGroup: unhandled errors in a TaskGroup (1 sub-exception): ValueError: https://shop.example/2 answered 404"
+    assert view.error == f"out of attempts (1); last error: {said}"
+    assert failed.error == f"{said} (not retried: the handler's retry policy is signalled)"
+
+
 async def test_a_cancelled_error_of_the_handler_own_is_its_failure_not_the_worker_stopping(
     bus: Bus, hive: Hive
 ) -> None:
