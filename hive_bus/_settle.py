@@ -300,7 +300,7 @@ class Settler:
         )  # fmt: skip
         try:
             data = encoder.encode(event)
-        except (TypeError, msgspec.EncodeError) as exc:
+        except (TypeError, UnicodeEncodeError, msgspec.EncodeError) as exc:  # a lone surrogate: not UTF-8
             await self.fail(d, "permanent", f"the output of {task.provider} is not JSON-serializable: {exc}")
             return
         settings = self._bus.settings

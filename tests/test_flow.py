@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import anyio
 import msgspec
 import pytest
@@ -14,6 +16,7 @@ from hive_bus import (
     Queued,
     Retrying,
     Running,
+    Task,
     TaskNotFound,
     TaskRequest,
     TaskView,
@@ -231,6 +234,23 @@ async def test_output_that_is_not_json_fails_clearly(bus: Bus, hive: Hive) -> No
         view = await hive.wait(await hive.submit("odd", "x"), 10)
     assert view.status == "failed"
     assert "not JSON-serializable" in (view.error or "")
+
+
+async def test_output_with_a_string_that_is_not_unicode_fails_clearly_once(bus: Bus, hive: Hive) -> None:
+    calls: list[str] = []
+
+    async def lists_files(task: Task) -> dict[str, list[str]]:
+        calls.append(task.id)
+        return {"files": [os.fsdecode(b"informe-\xff.txt")]}  # a lone surrogate, as os.listdir gives it
+
+    async with running_worker(bus, "files", FunctionProvider(lists_files)):
+        view = await hive.wait(await hive.submit("files", "x"), 10)
+    assert (view.status, view.reason, view.attempt) == ("failed", "permanent", 1)
+    assert view.error == (
+        "the output of files is not JSON-serializable: 'utf-8' codec can't encode character '\\udcff' in "
+        "position 8: surrogates not allowed"
+    )
+    assert len(calls) == 1
 
 
 async def test_undecodable_task_message_is_terminated_and_the_worker_goes_on(bus: Bus, hive: Hive) -> None:
