@@ -675,7 +675,8 @@ class Worker:
             outcome = RetryLater(why)
         if isinstance(outcome, ProviderError):
             # what a provider says may echo the key (a 429 body's quotaId): out before it is stored or logged
-            outcome.message = _redact.scrub(outcome.message)
+            # and a lone surrogate (a file name os.fsdecode gave) as its escape: an event is UTF-8
+            outcome.message = _redact.scrub(_utf8(outcome.message))
             outcome.args = (outcome.message,)
         if not isinstance(outcome, Output | ProviderError):
             outcome = RetryLater(f"{task.provider} returned {type(outcome).__name__}, not an Output")
@@ -828,6 +829,11 @@ async def _nak_now(msg: Msg) -> None:
         await msg.nak()
     except nats.errors.Error as exc:
         log.debug("NAK failed (%s); the task returns after AckWait", exc)
+
+
+def _utf8(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates) written as its ``\\udcff`` escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _estimate_tokens(task: Task) -> int:

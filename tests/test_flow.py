@@ -253,6 +253,18 @@ async def test_output_with_a_string_that_is_not_unicode_fails_clearly_once(bus: 
     assert len(calls) == 1
 
 
+async def test_an_error_with_a_string_that_is_not_unicode_is_recorded_with_its_escape(
+    bus: Bus, hive: Hive
+) -> None:
+    async def reads_report(task: Task) -> str:
+        raise FileNotFoundError(os.fsdecode(b"no informe-\xff.txt"))
+
+    async with running_worker(bus, "reports", FunctionProvider(reads_report)):
+        view = await hive.wait(await hive.submit("reports", "x", max_attempts=1), 10)
+    assert (view.status, view.reason) == ("failed", "out_of_attempts")
+    assert view.error == "out of attempts (1); last error: FileNotFoundError: no informe-\\udcff.txt"
+
+
 async def test_undecodable_task_message_is_terminated_and_the_worker_goes_on(bus: Bus, hive: Hive) -> None:
     names = bus.names
     async with running_worker(bus, "echo", EchoProvider()):
