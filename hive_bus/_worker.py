@@ -670,7 +670,7 @@ class Worker:
             outcome = RetryLater(why)
         except Exception as exc:
             # no traceback: its frames may hold the key; the filter on the handlers scrubs the text
-            why = _redact.scrub(describe(exc))
+            why = _redact.scrub(_utf8(describe(exc)))  # logged too: a stream is UTF-8
             log.error("provider %s raised an unexpected error on task %s: %s", task.provider, task.id, why)
             outcome = RetryLater(why)
         if isinstance(outcome, ProviderError):
