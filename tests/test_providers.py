@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
@@ -284,27 +285,40 @@ class _ResetHeadersOnly(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("name", ["groq", "anthropic", "openai"])
-async def test_a_429_with_only_the_rate_limit_headers_waits_for_the_spent_limit_reset(name: str) -> None:
-    from hive_bus import RetryAfter, Task
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ResetHeadersOnly)
+@asynccontextmanager
+async def _provider_against(
+    handler: type[BaseHTTPRequestHandler], name: str, **server_attrs: Any
+) -> AsyncIterator[Provider]:
+    """``name``'s adapter with its base URL at a loopback server of ``handler`` (``server_attrs`` set on
+    the server, for the handler to read)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    for attr, value in server_attrs.items():
+        setattr(server, attr, value)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     makers: dict[str, Callable[[], Provider]] = {
+        "gemini": lambda: GeminiProvider(api_key=KEY, base_url=base),
         "groq": lambda: GroqProvider(api_key=KEY, base_url=base),
         "anthropic": lambda: _anthropic(base),
         "openai": lambda: OpenAICompatibleProvider(base_url=base + "/v1", api_key=KEY, model="m"),
     }
     provider = makers[name]()
-    task = Task(id="01JAAAAAAAAAAAAAAAAAAAAAAA", provider=name, prompt="hi", submitted_at_ms=0)
     try:
-        with pytest.raises(RetryAfter) as caught:
-            await provider.complete(task)
+        yield provider
     finally:
         await provider.aclose()  # type: ignore[attr-defined]
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("name", ["groq", "anthropic", "openai"])
+async def test_a_429_with_only_the_rate_limit_headers_waits_for_the_spent_limit_reset(name: str) -> None:
+    from hive_bus import RetryAfter, Task
+
+    task = Task(id="01JAAAAAAAAAAAAAAAAAAAAAAA", provider=name, prompt="hi", submitted_at_ms=0)
+    async with _provider_against(_ResetHeadersOnly, name) as provider:
+        with pytest.raises(RetryAfter) as caught:
+            await provider.complete(task)
     assert caught.value.retry_after_s == 41.5  # the tokens' reset: the requests have some left
     assert caught.value.quota == "minute"
 
@@ -317,25 +331,10 @@ async def test_a_429_with_only_the_rate_limit_headers_waits_for_the_spent_limit_
 async def test_an_answer_that_is_not_the_api_says_so_and_where(name: str, answer: str) -> None:
     from hive_bus import ProviderError, RetryLater, Task
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotAnApi)
-    server.answer = answer  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    makers: dict[str, Callable[[], Provider]] = {
-        "gemini": lambda: GeminiProvider(api_key=KEY, base_url=base),
-        "groq": lambda: GroqProvider(api_key=KEY, base_url=base),
-        "anthropic": lambda: _anthropic(base),
-        "openai": lambda: OpenAICompatibleProvider(base_url=base + "/v1", api_key=KEY, model="m"),
-    }
-    provider = makers[name]()
     task = Task(id="01JAAAAAAAAAAAAAAAAAAAAAAA", provider=name, prompt="hi", submitted_at_ms=0)
-    try:
+    async with _provider_against(_NotAnApi, name, answer=answer) as provider:
         with pytest.raises(ProviderError) as caught:
             await provider.complete(task)
-    finally:
-        await provider.aclose()  # type: ignore[attr-defined]
-        server.shutdown()
-        server.server_close()
     assert isinstance(caught.value, RetryLater)
     assert str(caught.value).startswith(f"{name} answered 200 with something that is not its API's answer")
     where = "GOOGLE_GEMINI_BASE_URL" if name == "gemini" else f"{name.upper()}_BASE_URL"
