@@ -221,14 +221,7 @@ async def test_no_answer_at_all_is_retried_later(name: str) -> None:
 
     from .helpers import free_port
 
-    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    makers: dict[str, Callable[[], Provider]] = {
-        "gemini": lambda: GeminiProvider(api_key=KEY, base_url=closed),
-        "groq": lambda: GroqProvider(api_key=KEY, base_url=closed),
-        "anthropic": lambda: _anthropic(closed),
-        "openai": lambda: OpenAICompatibleProvider(base_url=closed + "/v1", api_key=KEY, model="m"),
-    }
-    provider = makers[name]()
+    provider = _adapter(name, f"http://127.0.0.1:{free_port()}")  # nothing listens there
     task = Task(id="01JAAAAAAAAAAAAAAAAAAAAAAA", provider=name, prompt="hi", submitted_at_ms=0)
     with pytest.raises(RetryLater, match=f"^{name} did not answer") as caught:
         await provider.complete(task)
@@ -285,6 +278,17 @@ class _ResetHeadersOnly(BaseHTTPRequestHandler):
         pass
 
 
+def _adapter(name: str, base: str) -> Provider:
+    """``name``'s adapter with its base URL at ``base`` (an OpenAI-compatible server's under ``/v1``)."""
+    makers: dict[str, Callable[[], Provider]] = {
+        "gemini": lambda: GeminiProvider(api_key=KEY, base_url=base),
+        "groq": lambda: GroqProvider(api_key=KEY, base_url=base),
+        "anthropic": lambda: _anthropic(base),
+        "openai": lambda: OpenAICompatibleProvider(base_url=base + "/v1", api_key=KEY, model="m"),
+    }
+    return makers[name]()
+
+
 @asynccontextmanager
 async def _provider_against(
     handler: type[BaseHTTPRequestHandler], name: str, **server_attrs: Any
@@ -295,14 +299,7 @@ async def _provider_against(
     for attr, value in server_attrs.items():
         setattr(server, attr, value)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    makers: dict[str, Callable[[], Provider]] = {
-        "gemini": lambda: GeminiProvider(api_key=KEY, base_url=base),
-        "groq": lambda: GroqProvider(api_key=KEY, base_url=base),
-        "anthropic": lambda: _anthropic(base),
-        "openai": lambda: OpenAICompatibleProvider(base_url=base + "/v1", api_key=KEY, model="m"),
-    }
-    provider = makers[name]()
+    provider = _adapter(name, f"http://127.0.0.1:{server.server_address[1]}")
     try:
         yield provider
     finally:
