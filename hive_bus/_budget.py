@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -42,7 +41,7 @@ from ._messages import encoder, now_ms
 from ._names import is_valid_token
 from ._nesting import Guarded
 from ._settings import INT64_MAX, MAX_SECONDS
-from ._textfile import UnreadableFile, convert_at, line_of, read_text, toml_key
+from ._textfile import convert_at, line_of, parse_toml, read_toml, toml_key
 
 log = logging.getLogger("hive_bus.budget")
 
@@ -111,12 +110,12 @@ def load_budgets(file: str | None, inline: str | None) -> dict[str, ProviderBudg
     error names the file (or ``HIVE_BUDGETS``), and the line and key where it can, as the routes file's."""
     raw: dict[str, tuple[Any, str, str]] = {}  # provider: (its table, where it was read, that text)
     if file:
-        try:
-            text = read_text(file)
-        except UnreadableFile as exc:
-            raise BudgetError(f"cannot read HIVE_BUDGETS_FILE {file}: {exc}") from None
         where = f"HIVE_BUDGETS_FILE {file}"
-        raw.update({p: (table, where, text) for p, table in _parse(text, where).items()})
+        try:
+            tables, text = read_toml(file, where)
+        except ValueError as exc:
+            raise BudgetError(str(exc)) from None
+        raw.update({p: (table, where, text) for p, table in tables.items()})
     if inline:
         raw.update(
             {p: (table, "HIVE_BUDGETS", inline) for p, table in _parse(inline, "HIVE_BUDGETS").items()}
@@ -151,9 +150,9 @@ def _at(text: str, table: list[str], key: str | None = None) -> str:
 
 def _parse(text: str, where: str) -> dict[str, Any]:
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise BudgetError(f"{where}: not valid TOML: {exc}") from None
+        return parse_toml(text, where)
+    except ValueError as exc:
+        raise BudgetError(str(exc)) from None
 
 
 class Ledger(msgspec.Struct, kw_only=True, tag="budget.v1", tag_field="type"):

@@ -16,7 +16,6 @@ A model missing from the table has an unknown cost (``None``), never a made-up o
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import msgspec
 from msgspec import Meta
 
 from ._messages import Usage
-from ._textfile import UnreadableFile, convert_at, read_text
+from ._textfile import convert_at, read_toml
 
 # USD per million tokens: 0 (free) up to a million; nan, inf or a negative price would make every cost
 # wrong or none at all.
@@ -89,13 +88,9 @@ def _read(path: str) -> dict[str, Price]:
     file's do)."""
     where = f"HIVE_PRICES_FILE {path}"
     try:
-        text = read_text(path)
-    except UnreadableFile as exc:
-        raise PriceFileError(f"cannot read {where}: {exc}") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise PriceFileError(f"{where}: not valid TOML: {exc}") from None
+        raw, text = read_toml(path, where)
+    except ValueError as exc:
+        raise PriceFileError(str(exc)) from None
     unknown = sorted(set(raw) - {"models"})
     if unknown:
         raise PriceFileError(f'{where}: key {unknown[0]}: unknown; the file holds [models."NAME"] tables')

@@ -21,7 +21,6 @@ the line or key, and what is wrong.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from msgspec import Meta
 
 from ._messages import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_WAIT_S, MaxAttempts, Route, Seconds
 from ._names import PROVIDER_PATTERN
-from ._textfile import UnreadableFile, read_text
+from ._textfile import read_toml
 
 ENV_ROUTES = "HIVE_GATEWAY_ROUTES"
 # provider, then "/" and a model (which may hold "/" and ":" of its own); no white space anywhere
@@ -102,13 +101,11 @@ class Routes:
         if not path:
             return cls()
         try:
-            text = read_text(path)
-        except UnreadableFile as exc:
-            raise RoutesError(f"routes file {path}: cannot read it: {exc}") from None
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise RoutesError(f"routes file {path}: not valid TOML: {exc}") from None
+            raw, text = read_toml(
+                path, f"routes file {path}", unreadable=f"routes file {path}: cannot read it"
+            )
+        except ValueError as exc:
+            raise RoutesError(str(exc)) from None
         unknown = sorted(set(raw) - {"aliases"})
         if unknown:
             raise RoutesError(

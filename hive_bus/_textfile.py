@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,26 @@ def read_text(path: str | Path) -> str:
         raise UnreadableFile(exc.strerror or type(exc).__name__) from None
     except UnicodeDecodeError:
         raise UnreadableFile("it is not UTF-8 text") from None
+
+
+def parse_toml(text: str, where: str) -> dict[str, Any]:
+    """``text`` as TOML. Raises ValueError ``<where>: not valid TOML: <why>``: the caller raises it again
+    as its own error."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{where}: not valid TOML: {exc}") from None
+
+
+def read_toml(path: str | Path, where: str, *, unreadable: str | None = None) -> tuple[dict[str, Any], str]:
+    """The TOML file at ``path``, and its text. Raises ValueError naming ``where``: ``<unreadable>: <why>``
+    (``cannot read <where>`` by default) when it cannot be read, as :func:`parse_toml` when it is not
+    TOML; the caller raises it again as its own error."""
+    try:
+        text = read_text(path)
+    except UnreadableFile as exc:
+        raise ValueError(f"{unreadable or f'cannot read {where}'}: {exc}") from None
+    return parse_toml(text, where), text
 
 
 def toml_key(parts: Sequence[str]) -> str:
