@@ -24,21 +24,20 @@ of the tasks stream, and off the count, by the store audit's ageing sweep before
 from __future__ import annotations
 
 import logging
-import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import anyio
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from . import _assigned, _counts
 from ._bus import Bus, ensure_events
-from ._errors import BusUnavailable, HiveError, TaskEnded, TaskNotFound
+from ._errors import BusRefused, BusUnavailable, HiveError, TaskEnded, TaskNotFound
 from ._index import DirectGets
 from ._messages import (
     Cancelled,
@@ -236,11 +235,21 @@ async def _first_unacked(bus: Bus, provider: str | None) -> int:
 
 
 class CancelWatch:
-    """The cancelled tasks of one provider, as its workers see them: the cancels bucket's keys under the
-    provider, read when the worker starts (before it fetches anything) and followed after that.
+    """The cancelled (and expired) tasks of one provider, as its workers see them, read without a
+    consumer: one worker credential that may make consumers may make them until the account has none
+    left, and then no worker of any provider starts. Two reads instead, each granted on the provider's
+    keys alone:
 
-    Read through a consumer of its own, named and filtered on the provider's keys, so that a worker
-    credential may be allowed to read those keys and no other provider's (the grant names the filter)."""
+    - a core subscription to the provider's keys in the cancels bucket hears each cancel as the hub puts
+      it. What is heard is a hint: the server hands a publish to subscribers whether or not the stream
+      then stores it, so nothing is let go on a hint alone;
+    - a direct get of one task's key reads what the bucket stores. A task fetched is looked up when a
+      cancel of it was heard, or when it was stored before the subscription was surely live (its stream
+      sequence at most :attr:`_since`): a cancel of a task stored later was put later, and heard.
+
+    A reconnection forgets :attr:`_since` at once (what was put while the link was down was heard by no
+    one): every task fetched is looked up until it is read again, and the tasks this worker holds are
+    looked up."""
 
     def __init__(
         self,
@@ -248,116 +257,171 @@ class CancelWatch:
         provider: str,
         on_cancel: Callable[[str], Awaitable[None]],
         *,
-        size: int = 1_000_000,
+        held: Callable[[], Iterable[str]] = tuple,
+        size: int = 65_536,
     ) -> None:
         self._bus = bus
         self._provider = provider
         self._on_cancel = on_cancel
-        self._size = size  # ids remembered at most (the newest): a bound on memory
-        # each id with whether it ended while queued, and the run it ended (None: every run)
-        self._ids: OrderedDict[str, tuple[bool, int | None]] = OrderedDict()
+        self._held = held  # the ids of the tasks this worker holds (running, or waiting to be tried again)
+        self._size = size  # ids remembered at most, of each kind (the newest): a bound on memory
+        self._heard: OrderedDict[str, None] = OrderedDict()  # cancels heard, not yet looked up
+        # ends looked up: each id with whether it ended while queued, and the run it ended (None: every run)
+        self._ends: OrderedDict[str, tuple[bool, int | None]] = OrderedDict()
         self._sub: Subscription | None = None
-        self._loaded = anyio.Event()
-        self._to_load = 0
-        self._read = 0  # messages read while loading: keys and the deletions of keys alike
-        self._reconnects = 0  # the connection's reconnections when the consumer was made
+        # tasks stored up to this stream sequence are looked up at their fetch; None: every task, until
+        # the subscription is surely live. Valid while the connection has made ``_since_reconnects``.
+        self._since: int | None = None
+        self._since_reconnects = -1
+        self._since_due = anyio.Event()  # set: read it again
 
     def ends(self, task: Task) -> bool:
-        """Whether ``task``'s run was cancelled or expired. An expiry ends its own run only: a run
-        replayed since is to be run even before the deletion of the key that replay made reaches this
-        watch (a fetch may come first)."""
-        end = self._ids.get(task.id)
+        """Whether ``task``'s run was cancelled or expired, as looked up. An expiry ends its own run only:
+        a run replayed since is to be run even before the deletion of the key that replay made is heard
+        (a fetch may come first)."""
+        end = self._ends.get(task.id)
         return end is not None and end[1] in (None, task.run)
 
     def was_queued(self, task_id: str) -> bool:
         """Whether the task was cancelled (or expired) while queued: its fetch takes it off the count."""
-        return self._ids.get(task_id, (False, None))[0]
+        return self._ends.get(task_id, (False, None))[0]
+
+    async def ended(self, task: Task, seq: int | None) -> bool:
+        """Whether ``task``, fetched from stream sequence ``seq``, was cancelled or expired: looked up when
+        a cancel of it was heard or when it may have been put unheard. A look-up that fails says no (a
+        call of a cancelled task is refused as a duplicate when it ends: a cancel records first)."""
+        if task.id in self._heard or not self._live(seq):
+            await self.look_up(task.id)
+        return self.ends(task)
+
+    async def heard(self, task: Task) -> bool:
+        """Whether a cancel of ``task`` was heard and is stored (looked up now)."""
+        if task.id in self._heard:
+            await self.look_up(task.id)
+        return self.ends(task)
+
+    async def look_up(self, task_id: str) -> bool:
+        """Read the task's key as the bucket stores it; whether it records an end. False also when the
+        bus does not answer (logged)."""
+        names = self._bus.names
+        self._heard.pop(task_id, None)
+        try:
+            raw = await self._bus.js.get_last_msg(
+                f"KV_{names.cancels_bucket}",
+                f"$KV.{names.cancels_bucket}.{names.cancel_key(self._provider, task_id)}",
+                direct=True,
+            )
+        except nats.js.errors.NotFoundError:
+            self._ends.pop(task_id, None)
+            return False
+        except BUS_ERRORS as exc:
+            log.warning(
+                "could not look up whether task %s was cancelled (%s): taken as not", task_id, why(exc)
+            )
+            return False
+        if (raw.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            # a replay of an expired task: its new run is to be run (hive_bus._dlq.replay)
+            self._ends.pop(task_id, None)
+            return False
+        self._remember(self._ends, task_id, _what_ended(raw.data or b""))
+        return True
+
+    def _live(self, seq: int | None) -> bool:
+        """Whether a cancel of the task stored at ``seq`` (None: not known) would have been heard."""
+        since = self._since
+        return (
+            since is not None
+            and seq is not None
+            and seq > since
+            and self._since_reconnects == reconnects(self._bus.nc)
+        )
 
     async def start(self) -> None:
-        """Follow the provider's cancels, once every cancel there is now has been read. Raises nats
-        errors, and TimeoutError when they do not all come within the request timeout."""
-        bus = self._bus
-        self._reconnects = reconnects(bus.nc)
-        self._sub, self._to_load = await self._follow()
-        if self._to_load <= self._read:
-            self._loaded.set()
-        with anyio.fail_after(bus.settings.request_timeout_s + self._to_load / 10_000):
-            await self._loaded.wait()
+        """Listen to the provider's cancels. Raises :class:`BusRefused` when the worker's credential may
+        not read them (one made for an older hive-bus), nats errors."""
+        bus, names = self._bus, self._bus.names
+        self._since_reconnects = reconnects(bus.nc)
+        self._sub = await bus.nc.subscribe(
+            f"$KV.{names.cancels_bucket}.{self._provider}.*", cb=self._on_message
+        )
+        await bus.nc.flush()
+        try:  # a key no task has: the server says it is not there, unless the credential may not ask
+            await bus.js.get_last_msg(
+                f"KV_{names.cancels_bucket}", f"$KV.{names.cancels_bucket}.{self._provider}.0", direct=True
+            )
+        except nats.js.errors.NotFoundError:
+            pass
+        except nats.errors.TimeoutError:
+            raise BusRefused(
+                f"no answer to a read of the {self._provider} cancels in KV_{names.cancels_bucket}: a worker "
+                "credential made before workers read them without a consumer may not; print its block again "
+                'with nats/worker-user.sh (README, "Upgrading a hub")'
+            ) from None
+        self._since_due.set()
 
     async def keep(self) -> None:
-        """Follow the cancels again after each reconnection, until cancelled: the consumer lives in the
-        server's memory, so a server that restarted has lost it (and this worker would hear of no cancel
-        again: it would call cancelled tasks, and run cancelled calls to their end), and one that
-        stayed pushed what came while the link was down to no one. Each key is read again from its last
-        value; only an end not seen before is acted on."""
+        """Read :attr:`_since` once the subscription is surely live, and again after each reconnection,
+        until cancelled. nats-py subscribes again as it reconnects; the server hears of it at once, its
+        cluster's other servers (and a hub over a leaf link) a moment later, so the sequence is read
+        :data:`LIVE_AFTER_S` after the subscription."""
         nc = self._bus.nc
         while True:
-            await anyio.sleep(RENEW_CHECK_S)
+            with anyio.move_on_after(RENEW_CHECK_S):
+                await self._since_due.wait()
             now = reconnects(nc)
-            if now == self._reconnects or not nc.is_connected:
+            if not nc.is_connected or (now == self._since_reconnects and not self._since_due.is_set()):
                 continue
+            self._since_due = anyio.Event()
+            if now != self._since_reconnects:
+                self._since, self._since_reconnects = None, now
+                # held tasks whose cancel was put while the link was down: looked up
+                for task_id in list(self._held()):
+                    self._heard[task_id] = None
+                    await self._on_cancel(task_id)
+            await anyio.sleep(LIVE_AFTER_S)
             try:
-                sub, _ = await self._follow()
+                info = await self._bus.js.stream_info(self._bus.names.tasks_stream)
             except BUS_ERRORS as exc:
-                log.warning("could not follow the %s cancels again (%s); trying again", self._provider, exc)
+                log.warning(
+                    "could not read the %s tasks' sequence (%s); trying again", self._provider, why(exc)
+                )
+                self._since_due.set()
                 continue
-            self._reconnects = now
-            old, self._sub = self._sub, sub
-            if old is not None:
-                await unsubscribe(old)  # the server drops its consumer, if it has it still, once inactive
-            log.info("following the %s cancels again after a reconnection", self._provider)
-
-    async def _follow(self) -> tuple[Subscription, int]:
-        """A consumer of the provider's cancel keys, each from its last value, pushed to a new inbox of
-        this watch; the subscription and how many keys it has to deliver."""
-        bus, names = self._bus, self._bus.names
-        inbox = bus.nc.new_inbox()
-        sub = await bus.nc.subscribe(inbox, cb=self._on_message)
-        config = ConsumerConfig(
-            name=f"cancels_{secrets.token_hex(8)}",
-            filter_subject=f"$KV.{names.cancels_bucket}.{self._provider}.*",
-            deliver_subject=inbox,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            ack_policy=AckPolicy.NONE,
-            mem_storage=True,
-            num_replicas=1,
-            inactive_threshold=CONSUMER_INACTIVE_S,
-        )
-        try:
-            info = await bus.js.add_consumer(f"KV_{names.cancels_bucket}", config)
-        except BaseException:
-            await unsubscribe(sub)
-            raise
-        return sub, info.num_pending or 0
+            self._since = info.state.last_seq  # valid until the next reconnection (``_live``)
 
     async def stop(self) -> None:
         if self._sub is not None:
-            await unsubscribe(self._sub)  # the server drops the consumer once inactive
+            await unsubscribe(self._sub)
 
     async def _on_message(self, msg: Msg) -> None:
         task_id = msg.subject.rpartition(".")[2]
-        self._read += 1
         if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
             # a replay of an expired task: its new run is to be run (hive_bus._dlq.replay)
-            self._ids.pop(task_id, None)
-            fresh = False
-        else:
-            fresh = task_id not in self._ids
-            self._ids[task_id] = _what_ended(msg.data)
-            if len(self._ids) > self._size:
-                self._ids.popitem(last=False)
-        if not self._loaded.is_set():
-            if self._read >= self._to_load:
-                self._loaded.set()
-        elif fresh:
-            await self._on_cancel(task_id)
+            self._heard.pop(task_id, None)
+            self._ends.pop(task_id, None)
+            return
+        if self._remember(self._heard, task_id, None):
+            # a cancel forgotten unheard: tasks stored until now are looked up, until it is read again
+            self._since = None
+            self._since_due.set()
+        await self._on_cancel(task_id)
+
+    def _remember(self, ids: OrderedDict[str, Any], task_id: str, value: Any) -> bool:
+        """Keep ``task_id`` among ``ids``, the newest; whether the oldest was forgotten to make room."""
+        ids[task_id] = value
+        ids.move_to_end(task_id)
+        if len(ids) > self._size:
+            ids.popitem(last=False)
+            return True
+        return False
 
 
 # How often a worker looks whether its connection was made again (and its cancels are to be followed
 # again).
 RENEW_CHECK_S = 1.0
-# A worker's cancels consumer outlives a worker that died by this much at most.
-CONSUMER_INACTIVE_S = 60.0
+# How long after a subscription every server that may store a cancel (a cluster's, a hub's over a leaf
+# link) surely knows of it.
+LIVE_AFTER_S = 1.0
 
 
 def _what_ended(data: bytes) -> tuple[bool, int | None]:

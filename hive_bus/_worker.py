@@ -42,7 +42,6 @@ from ._cancel import CancelWatch
 from ._chunks import ChunkSender, run_streamed
 from ._cooldown import KeyCooldowns
 from ._errors import (
-    BusUnavailable,
     FailNow,
     KeyRejected,
     NoQuota,
@@ -69,7 +68,7 @@ from ._messages import (
     status_of,
     task_decoder,
 )
-from ._nats import BUS_ERRORS, delivery_count, why
+from ._nats import BUS_ERRORS, delivery_count, stream_seq, why
 from ._nesting import MAX_NESTING, NestedTooDeep, check_json, check_value
 from ._prices import PriceTable
 from ._providers import Output, Provider, being_cancelled, describe
@@ -176,7 +175,7 @@ class Worker:
             watch=bus.settings.js_domain is not None,
         )  # fmt: skip
         self.budgets = Budgets(bus.budgets_kv, options.provider, options.budget)
-        self.cancels = CancelWatch(bus, options.provider, self._on_cancel)
+        self.cancels = CancelWatch(bus, options.provider, self._on_cancel, held=self._held_ids)
         self._calls: dict[str, anyio.CancelScope] = {}  # the running calls, by task id
         # which key may call now (cooldowns, refusals, no-quota memory, probes, budgets): one place
         self.ring = KeyRing(
@@ -215,13 +214,7 @@ class Worker:
         pullers = [
             Puller(bus.nc, names.tasks_stream, info.name, on_task=self._ring, domain=domain) for info in infos
         ]
-        try:
-            await self.cancels.start()  # before any fetch: a task cancelled while queued is never called
-        except nats.js.errors.APIError as exc:  # refused, such as with every consumer of the account in use
-            raise BusUnavailable(
-                f"worker {self.id} cannot follow the {opts.provider} cancels: JetStream refused its "
-                f"consumer on KV_{names.cancels_bucket} ({exc.description})"
-            ) from None
+        await self.cancels.start()  # before any fetch: a task cancelled while queued is never called
         await self._settler.start()
         for puller in pullers:
             await puller.start()
@@ -446,7 +439,7 @@ class Worker:
             await self._reject_undecodable(msg, exc)
             return
         self._settler.handed_back(task.id)  # delivered again: no longer waiting here
-        if self.cancels.ends(task):
+        if await self.cancels.ended(task, stream_seq(msg.reply)):
             with anyio.CancelScope(shield=True):
                 await self._abandon(msg, task, "it was cancelled while queued")
             return
@@ -505,7 +498,7 @@ class Worker:
             timeout_s = self._opts.call_timeout_s
             with anyio.CancelScope(deadline=anyio.current_time() + timeout_s) as call:
                 self._calls[task.id] = call
-                if self.cancels.ends(task):  # cancelled since it was fetched
+                if await self.cancels.heard(task):  # cancelled since it was fetched
                     call.cancel()
                 try:
                     outcome = await self._call(key.provider, task, d)
@@ -570,11 +563,19 @@ class Worker:
         if this worker handed it back to wait (a rate limit, a backoff), ack it now, or it would count
         as waiting (``retrying`` in the stats, the consumer's ack pending) until its delay passed."""
         call = self._calls.get(task_id)
+        if call is None and task_id not in self._settler.waiting:
+            return  # looked up at its fetch, if it comes
+        if not await self.cancels.look_up(task_id):
+            return  # heard, not stored
         if call is not None:
             call.cancel()
         if (d := self._settler.handed_back(task_id)) is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(3):
                 await self._let_waiting_go(d)
+
+    def _held_ids(self) -> list[str]:
+        """The tasks this worker holds: its running calls, and the deliveries it handed back to wait."""
+        return [*self._calls, *self._settler.waiting]
 
     async def _let_waiting_go(self, d: Delivery) -> None:
         log.info("worker %s lets task %s go: it ended while it waited to be tried again", self.id, d.task.id)

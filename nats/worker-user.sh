@@ -91,12 +91,14 @@ for p in "$@"; do
     # the response cache (hive_bus/_cache.py): its own provider's cached answers, read and written
     pub+=("\"\$KV.${prefix}_cache.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_cache.\$KV.${prefix}_cache.$p.>\"")
     sub+=("\"$prefix.tasks.$p.high.*\"" "\"\$KV.${prefix}_providers.$p.>\"")
+    # cancelled tasks (hive_bus/_cancel.py): its own provider's keys, heard as they are put and read
+    # one task's at a time, with no consumer (a credential that may make consumers may use up the
+    # account's)
+    sub+=("\"\$KV.${prefix}_cancels.$p.*\"")
+    pub+=("\"\$JS.API.DIRECT.GET.KV_${prefix}_cancels.\$KV.${prefix}_cancels.$p.*\"")
     # claim check (hive_bus/_blobs.py), the minimum: write the chunks of its own provider's outputs
     # (and of a dead letter's task), and read its own provider's task contents through a consumer
     # filtered on them; no object entries ($O.<bucket>.M.>), no other provider's chunks
-    # cancelled tasks (hive_bus/_cancel.py): read its own provider's keys through a consumer filtered
-    # on them
-    pub+=("\"\$JS.API.CONSUMER.CREATE.KV_${prefix}_cancels.*.\$KV.${prefix}_cancels.$p.*\"")
     pub+=("\"\$O.${prefix}_blobs.C.$p.>\"")
     pub+=("\"\$JS.API.CONSUMER.CREATE.OBJ_${prefix}_blobs.*.\$O.${prefix}_blobs.C.$p.>\"")
 done

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import anyio
 import httpx
+import nats.js.errors
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig
 
 import hive_bus._worker
 from hive_bus import (
@@ -61,6 +63,56 @@ async def test_a_queued_task_cancelled_never_runs(bus: Bus, hive: Hive) -> None:
     assert (await hive.get(task_id)).status == "cancelled"
     events = await events_of(bus, task_id)
     assert [type(e) for e in events] == [Queued, Cancelled]
+
+
+async def test_workers_act_on_the_cancels_the_bucket_stores_and_make_no_consumer_for_them(
+    bus: Bus, hive: Hive
+) -> None:
+    """A worker hears cancels through a core subscription and looks a task's key up before it lets the
+    task go: it needs no consumer (one worker credential that may make them may use up the account's,
+    and then no worker of any provider starts), and a put the bucket refused, which subscribers hear all
+    the same, changes nothing."""
+    names = bus.names
+    stream = f"KV_{names.cancels_bucket}"
+    config = (await bus.js.stream_info(stream)).config
+    config.max_consumers = 1
+    await bus.js.update_stream(config)
+    await bus.js.add_consumer(stream, ConsumerConfig(durable_name="squatter", ack_policy=AckPolicy.NONE))
+    gate, calls = anyio.Event(), list[str]()
+
+    async def held(task: Task) -> str:
+        calls.append(task.prompt or "")
+        await gate.wait()
+        return "ran"
+
+    async def refused_put(task_id: str) -> None:
+        subject = f"$KV.{names.cancels_bucket}.{names.cancel_key('nocon', task_id)}"
+        cancel = Cancelled(task_id=task_id, provider="nocon", at_ms=now_ms(), was="queued")
+        await bus.nc.publish(
+            subject, encoder.encode(cancel), headers={"Nats-Expected-Last-Subject-Sequence": "999999"}
+        )
+
+    async with running_worker(bus, "nocon", FunctionProvider(held), concurrency=1) as worker:
+        first = await hive.submit("nocon", "first")
+        await eventually(lambda: _true(calls == ["first"]), 10, "the first call to start")
+        second = await hive.submit("nocon", "second")
+        third = await hive.submit("nocon", "third")
+        await refused_put(first)  # heard while its call runs
+        await refused_put(second)  # heard while it is queued
+        await eventually(lambda: _true(second in worker.cancels._heard), 5, "the worker to hear both")
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await bus.js.get_last_msg(stream, f"$KV.{names.cancels_bucket}.nocon.{second}", direct=True)
+        assert (await hive.cancel(third)).status == "cancelled"
+        gate.set()
+        assert (await hive.wait(first, 10)).status == "completed"
+        assert (await hive.wait(second, 10)).status == "completed"
+        await eventually(lambda: _drained(bus), 10, "the cancelled task to be let go")
+    assert calls == ["first", "second"]
+    assert (await bus.js.stream_info(stream)).state.consumer_count == 1  # the squatter's
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def _drained(bus: Bus) -> bool:

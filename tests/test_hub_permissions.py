@@ -122,6 +122,7 @@ async def declare(js: JetStreamContext, *providers: str) -> None:
     )
     await js.create_key_value(KeyValueConfig(bucket="hive_providers", storage=StorageType.FILE, direct=True))
     await js.create_key_value(KeyValueConfig(bucket="hive_budgets", storage=StorageType.FILE, direct=True))
+    await js.create_key_value(KeyValueConfig(bucket="hive_cancels", storage=StorageType.FILE, direct=True))
     await js.add_stream(  # the response cache: a KV bucket whose keys carry their own TTL
         StreamConfig(
             name="KV_hive_cache", subjects=["$KV.hive_cache.>"], storage=StorageType.FILE,
@@ -234,6 +235,14 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
         cached = await w1.js.get_last_msg("KV_hive_cache", "$KV.hive_cache.alpha.abc123", direct=True)
         assert cached.data == b"answer"
 
+        # its provider's cancels: heard as the hub puts them, and one task's key read back
+        heard = await w1.nc.subscribe("$KV.hive_cancels.alpha.*")
+        await w1.nc.flush()
+        await (await gw.js.key_value("hive_cancels")).put(f"alpha.{task_id}", b"cancelled")
+        assert (await heard.next_msg(timeout=2)).data == b"cancelled"
+        cancel = await w1.js.get_last_msg("KV_hive_cancels", f"$KV.hive_cancels.alpha.{task_id}", direct=True)
+        assert cancel.data == b"cancelled"
+
         # a task it fetched that was cancelled while queued, taken off its provider's count
         await w1.js.publish("hive.counters.unfetched_cancels.alpha", b"", headers={"Nats-Incr": "-1"})
         count = await gw.js.get_msg(
@@ -283,6 +292,10 @@ async def _ignore_timeout(call: Awaitable[object]) -> None:
 async def _stream_exists(gw: Client) -> bool:
     info = await gw.js.stream_info("HIVE_TASKS")
     return info.config.name == "HIVE_TASKS"
+
+
+async def _no_consumer_on(gw: Client, stream: str) -> bool:
+    return (await gw.js.stream_info(stream)).state.consumer_count == 0
 
 
 async def _no_consumer(gw: Client) -> bool:
@@ -344,6 +357,16 @@ FORBIDDEN = {
             ConsumerConfig(durable_name="hive_beta_mine", filter_subject="hive.tasks.beta.high.*"),
         ),
         _no_consumer,
+    ),
+    # its provider's cancels are heard and looked up, never read through a consumer: one credential
+    # that may make consumers may make them until the account has none left for anyone
+    "make a consumer on its provider's cancels": Forbidden(
+        "$JS.API.CONSUMER.CREATE.KV_hive_cancels.",
+        lambda w: w.js.add_consumer(
+            "KV_hive_cancels",
+            ConsumerConfig(name="mine", filter_subject="$KV.hive_cancels.beta.*", ack_policy=AckPolicy.NONE),
+        ),
+        lambda gw: _no_consumer_on(gw, "KV_hive_cancels"),
     ),
     "delete its provider's consumer": Forbidden(
         "$JS.API.CONSUMER.DELETE.HIVE_TASKS.hive_beta_high",
@@ -476,6 +499,15 @@ async def test_a_worker_is_refused(hub: tuple[Hub, NatsServer], case: str) -> No
         await _ignore_timeout(forbidden.act(w1))
         await eventually(w1.refused(f'Publish to "{forbidden.what}'), 5, f"the server refusing: {case}")
         assert await forbidden.intact(gw)
+
+
+async def test_a_worker_cannot_hear_another_providers_cancels(hub: tuple[Hub, NatsServer]) -> None:
+    rendered, server = hub
+    async with client(rendered, server, "w1", "w1", "_INBOX.w1") as w1:
+        await w1.nc.subscribe("$KV.hive_cancels.delta.*")
+        await eventually(
+            w1.refused('Subscription to "$KV.hive_cancels.delta.*"'), 5, "the server refusing it"
+        )
 
 
 async def test_a_worker_cannot_read_another_workers_inbox(hub: tuple[Hub, NatsServer]) -> None:

@@ -19,7 +19,7 @@ import msgspec
 import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
-from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, StorageType
 
 from hive_bus import FunctionProvider, Hive, Settings, Task, load_settings
 from hive_bus._bus import BUCKET_MAX_BYTES, VALUE_MAX_BYTES, ensure_consumers, ensure_events
@@ -38,7 +38,7 @@ from hive_bus._router import Router
 from hive_bus.bus import Bus, open_bus
 from tests import handlers
 from tests.conftest import make_settings
-from tests.helpers import hive_cli, running_worker, unacked
+from tests.helpers import running_worker, unacked
 from tests.hub import Hub, WorkerUser, connect, hub_server, make_certs, render
 from tests.test_gateway import serving
 from tests.test_metrics import following, samples, total
@@ -332,28 +332,3 @@ async def test_a_tasks_event_feed_leaves_out_forged_events(nats_server: NatsServ
         "event: completed",
     ]
     assert not [line for line in seen if "forged" in line]
-
-
-async def test_a_worker_refused_its_cancels_consumer_exits_with_one_line(nats_server: NatsServer) -> None:
-    """A worker credential may make consumers on the cancels bucket (filtered on its provider's keys), as
-    many as it likes, up to the account's limit (nats/accounts.conf): then no worker can follow its
-    cancels. Its start-up ends with one line saying what JetStream refused (it was a traceback); here
-    the bucket's stream is held to the one consumer made before."""
-    settings = make_settings(nats_server.url)
-    stream = f"KV_{settings.names.cancels_bucket}"
-    async with open_bus(settings) as bus:
-        await ensure_consumers(bus.js, settings, "echo")
-        config = (await bus.js.stream_info(stream)).config
-        config.max_consumers = 1
-        await bus.js.update_stream(config)
-        await bus.js.add_consumer(stream, ConsumerConfig(durable_name="squatter", ack_policy=AckPolicy.NONE))
-    env = {
-        "HIVE_NATS_URL": nats_server.url, "HIVE_PREFIX": settings.prefix,
-        "HIVE_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
-        "HIVE_HEARTBEAT_TTL_S": str(settings.heartbeat_ttl_s),
-    }  # fmt: skip
-    done = await anyio.to_thread.run_sync(lambda: hive_cli(["worker", "echo"], env=env))
-    assert done.returncode == 1, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert "cancels" in last and stream in last and "maximum consumers limit reached" in last, last
