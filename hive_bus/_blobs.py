@@ -7,13 +7,16 @@ before the call. An output over the same threshold goes there too, and the ``com
 the reference; :class:`hive_bus.Hive` reads it back wherever it answers a task's state. So tasks and
 outputs up to ``blob_max_bytes`` travel whatever the server's ``max_payload``.
 
-Objects are written in the Object Store's own format (chunks on ``$O.<bucket>.C.<nuid>``, an entry on
-``$O.<bucket>.M.<name>``), so ``nats object ls/get`` sees them, with two choices of our own: the nuid is
-``<provider>.<task id>.<kind>.<nonce>``, so that a worker credential may read and write one provider's
-chunks alone, and a reader reads the chunks the reference names (by a consumer filtered on that
-subject) and checks their size and digest, never trusting an entry. A worker writes no entry (its
-credential may not): its outputs are found by their reference only. Objects expire with the bucket's
-``max_age``, the events' own: a reference outlives no event that carries it.
+Objects are written in the Object Store's bucket format (chunks on ``$O.<bucket>.C.<nuid>``, an entry
+on ``$O.<bucket>.M.<name>``), with choices of our own: the nuid is ``<provider>.<task id>.<kind>.
+<nonce>``, so that a worker credential may read and write one provider's chunks alone; an object of
+more than one chunk keeps each on a subject of its own (``<nuid>.<i>``, the reference says ``apart``),
+so that every chunk is read by a direct get of its subject, never through a consumer (one worker
+credential that may make consumers may make them until the account has none left); and a reader reads
+the chunks the reference names and checks their size and digest, never trusting an entry. ``nats
+object ls/get`` sees an object of one chunk; one kept apart is listed by no entry. A worker writes no
+entry (its credential may not): its outputs are found by their reference only. Objects expire with the
+bucket's ``max_age``, the events' own: a reference outlives no event that carries it.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from datetime import UTC, datetime
 
 import anyio
 import msgspec
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ._bus import Bus
 from ._errors import BusUnavailable, HiveError, TooLarge
 from ._messages import BlobRef, Task, TaskContent, TaskView, content_decoder, encoder
-from ._nats import BUS_ERRORS
+from ._nats import BUS_ERRORS, why
 
 CHUNK_BYTES = 128 * 1024  # the Object Store's own default
 _PLACEHOLDER = "(in the object store)"
@@ -55,11 +59,12 @@ async def put(
     chunk_bytes = max(1024, min(CHUNK_BYTES, bus.nc.max_payload - 1024))
     chunks = [data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
     digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
-    ref = BlobRef(name=name, nuid=nuid, size_bytes=len(data), chunks=len(chunks), digest=digest)
+    apart = len(chunks) > 1
+    ref = BlobRef(name=name, nuid=nuid, size_bytes=len(data), chunks=len(chunks), digest=digest, apart=apart)
     try:
-        for chunk in chunks:
-            await bus.js.publish(subject, chunk, stream=names.blobs_stream)
-        if listed:
+        for i, chunk in enumerate(chunks):
+            await bus.js.publish(_chunk_subject(bus, ref, i), chunk, stream=names.blobs_stream)
+        if listed and not apart:
             entry = {
                 "name": name, "bucket": names.blobs_bucket, "nuid": nuid, "size": len(data),
                 "chunks": len(chunks), "digest": digest, "mtime": datetime.now(UTC).isoformat(),
@@ -73,7 +78,7 @@ async def put(
             )
     except BUS_ERRORS as exc:
         with contextlib.suppress(*BUS_ERRORS):
-            await bus.js.purge_stream(names.blobs_stream, subject=subject)
+            await bus.js.purge_stream(names.blobs_stream, subject=f"{subject}.*" if apart else subject)
         raise BusUnavailable(
             f"could not store a {len(data)}-byte object in {names.blobs_bucket}: {exc}"
         ) from None
@@ -83,6 +88,46 @@ async def put(
 async def get(bus: Bus, ref: BlobRef) -> bytes:
     """The object ``ref`` names, checked against its size and digest. Raises :class:`BlobMissing` when
     it is gone, :class:`BusUnavailable` when the bus does not answer."""
+    names = bus.names
+    if ref.apart or ref.chunks == 1:
+        parts = await _by_direct_gets(bus, ref)
+    else:
+        parts = await _by_consumer(bus, ref)
+    data = b"".join(parts)
+    digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
+    if len(parts) < ref.chunks or len(data) != ref.size_bytes or digest != ref.digest:
+        raise BlobMissing(
+            f"object {ref.name} in {names.blobs_bucket} is missing or damaged "
+            f"({len(parts)} of {ref.chunks} chunks, {len(data)} of {ref.size_bytes} bytes)"
+        )
+    return data
+
+
+def _chunk_subject(bus: Bus, ref: BlobRef, i: int) -> str:
+    chunks = bus.names.blob_chunks(ref.nuid)
+    return f"{chunks}.{i}" if ref.apart else chunks
+
+
+async def _by_direct_gets(bus: Bus, ref: BlobRef) -> list[bytes]:
+    """The chunks of an object of one chunk, or of one kept apart: a direct get each."""
+    parts: list[bytes] = []
+    try:
+        for i in range(ref.chunks):
+            raw = await bus.js.get_last_msg(bus.names.blobs_stream, _chunk_subject(bus, ref, i), direct=True)
+            parts.append(raw.data or b"")
+    except nats.js.errors.NotFoundError:
+        if not parts:
+            raise BlobMissing(
+                f"object {ref.name} is no longer in {bus.names.blobs_bucket} (aged out or purged)"
+            ) from None
+    except BUS_ERRORS as exc:
+        raise BusUnavailable(f"could not read object {ref.name}: {why(exc)}") from None
+    return parts
+
+
+async def _by_consumer(bus: Bus, ref: BlobRef) -> list[bytes]:
+    """The chunks of an object stored before chunks were kept apart (all on one subject), through a
+    consumer deleted once read (a worker credential may make none: the gateway's reads)."""
     names = bus.names
     nc, js = bus.nc, bus.js
     inbox = nc.new_inbox()
@@ -123,14 +168,7 @@ async def get(bus: Bus, ref: BlobRef) -> bytes:
             await sub.unsubscribe()
             # a worker credential may not delete it: then it goes once inactive
             await js.delete_consumer(names.blobs_stream, config.name or "")
-    data = b"".join(parts)
-    digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
-    if len(parts) < ref.chunks or len(data) != ref.size_bytes or digest != ref.digest:
-        raise BlobMissing(
-            f"object {ref.name} in {names.blobs_bucket} is missing or damaged "
-            f"({len(parts)} of {ref.chunks} chunks, {len(data)} of {ref.size_bytes} bytes)"
-        )
-    return data
+    return parts
 
 
 def content_bytes(task: Task) -> bytes:

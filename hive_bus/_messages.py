@@ -177,13 +177,16 @@ class BlobRef(Struct, frozen=True, kw_only=True):
     """A claim check: where an object of the ``<prefix>_blobs`` Object Store bucket is, and what it holds.
 
     ``nuid`` names the subject of its chunks (``<provider>.<task id>.<kind>.<nonce>``); ``digest`` is the
-    Object Store's (``SHA-256=`` and the base64url digest), checked by every reader."""
+    Object Store's (``SHA-256=`` and the base64url digest), checked by every reader. ``apart``: each of
+    its chunks on a subject of its own (``<nuid>.<i>``), read one direct get a chunk; else all on the
+    nuid's (one chunk, or an object stored before chunks were kept apart)."""
 
     name: str
     nuid: str
     size_bytes: int
     chunks: int
     digest: str
+    apart: bool = False
 
 
 class TextPart(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -97,10 +97,10 @@ for p in "$@"; do
     sub+=("\"\$KV.${prefix}_cancels.$p.*\"")
     pub+=("\"\$JS.API.DIRECT.GET.KV_${prefix}_cancels.\$KV.${prefix}_cancels.$p.*\"")
     # claim check (hive_bus/_blobs.py), the minimum: write the chunks of its own provider's outputs
-    # (and of a dead letter's task), and read its own provider's task contents through a consumer
-    # filtered on them; no object entries ($O.<bucket>.M.>), no other provider's chunks
+    # (and of a dead letter's task), and read its own provider's task contents a chunk at a time by
+    # direct gets; no consumer, no object entries ($O.<bucket>.M.>), no other provider's chunks
     pub+=("\"\$O.${prefix}_blobs.C.$p.>\"")
-    pub+=("\"\$JS.API.CONSUMER.CREATE.OBJ_${prefix}_blobs.*.\$O.${prefix}_blobs.C.$p.>\"")
+    pub+=("\"\$JS.API.DIRECT.GET.OBJ_${prefix}_blobs.\$O.${prefix}_blobs.C.$p.>\"")
 done
 
 join() { local IFS=','; echo "$*" | sed 's/,/,\n          /g'; }

@@ -123,6 +123,12 @@ async def declare(js: JetStreamContext, *providers: str) -> None:
     await js.create_key_value(KeyValueConfig(bucket="hive_providers", storage=StorageType.FILE, direct=True))
     await js.create_key_value(KeyValueConfig(bucket="hive_budgets", storage=StorageType.FILE, direct=True))
     await js.create_key_value(KeyValueConfig(bucket="hive_cancels", storage=StorageType.FILE, direct=True))
+    await js.add_stream(  # the claim check's Object Store bucket
+        StreamConfig(
+            name="OBJ_hive_blobs", subjects=["$O.hive_blobs.C.>", "$O.hive_blobs.M.>"],
+            storage=StorageType.FILE, allow_direct=True, allow_rollup_hdrs=True,
+        )
+    )  # fmt: skip
     await js.add_stream(  # the response cache: a KV bucket whose keys carry their own TTL
         StreamConfig(
             name="KV_hive_cache", subjects=["$KV.hive_cache.>"], storage=StorageType.FILE,
@@ -242,6 +248,12 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
         assert (await heard.next_msg(timeout=2)).data == b"cancelled"
         cancel = await w1.js.get_last_msg("KV_hive_cancels", f"$KV.hive_cancels.alpha.{task_id}", direct=True)
         assert cancel.data == b"cancelled"
+
+        # a chunk of a large task of its provider read back, and one of its outputs written
+        chunk = f"$O.hive_blobs.C.alpha.{task_id}.task.ab12.0"
+        await gw.js.publish(chunk, b"a large prompt", stream="OBJ_hive_blobs")
+        assert (await w1.js.get_last_msg("OBJ_hive_blobs", chunk, direct=True)).data == b"a large prompt"
+        await w1.js.publish(f"$O.hive_blobs.C.alpha.{task_id}.output.cd34.0", b"out", stream="OBJ_hive_blobs")
 
         # a task it fetched that was cancelled while queued, taken off its provider's count
         await w1.js.publish("hive.counters.unfetched_cancels.alpha", b"", headers={"Nats-Incr": "-1"})
@@ -367,6 +379,15 @@ FORBIDDEN = {
             ConsumerConfig(name="mine", filter_subject="$KV.hive_cancels.beta.*", ack_policy=AckPolicy.NONE),
         ),
         lambda gw: _no_consumer_on(gw, "KV_hive_cancels"),
+    ),
+    # nor on the claim check's store: a large task's content is read a chunk at a time by direct gets
+    "make a consumer on its provider's chunks": Forbidden(
+        "$JS.API.CONSUMER.CREATE.OBJ_hive_blobs.",
+        lambda w: w.js.add_consumer(
+            "OBJ_hive_blobs",
+            ConsumerConfig(name="mine", filter_subject="$O.hive_blobs.C.beta.>", ack_policy=AckPolicy.NONE),
+        ),
+        lambda gw: _no_consumer_on(gw, "OBJ_hive_blobs"),
     ),
     "delete its provider's consumer": Forbidden(
         "$JS.API.CONSUMER.DELETE.HIVE_TASKS.hive_beta_high",

@@ -5,14 +5,17 @@ worker is refused with a message that names what upgrades it."""
 
 from __future__ import annotations
 
+import secrets
+
+import msgspec
 import nats.js.errors
 import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from hive_bus import BusConfigError, Hive, Settings
+from hive_bus import BusConfigError, Hive, Settings, _blobs
 from hive_bus._bus import shared_events_stream_config
 from hive_bus._messages import Queued, Task, encoder, new_task_id, now_ms
-from hive_bus.bus import open_bus
+from hive_bus.bus import Bus, open_bus
 from hive_bus.workers.echo import EchoProvider
 
 from .conftest import make_settings
@@ -134,3 +137,24 @@ async def test_hive_upgrade_upgrades_the_bus(settings: Settings) -> None:
             assert (await hive.get(ids[3])).prompt == "tarea 3"
         finally:
             await hive.close()
+
+
+async def test_an_object_stored_before_chunks_were_kept_apart_is_still_read(bus: Bus) -> None:
+    """A large task's content is now stored a chunk a subject, read by direct gets (a worker credential
+    may make no consumer); an object of several chunks on one subject, as older buses stored them, is
+    still read back whole, through a consumer."""
+    data = secrets.token_bytes(300_000)
+    new = await _blobs.put(bus, provider="echo", task_id=new_task_id(), kind="task", data=data)
+    assert (new.apart, new.chunks) == (True, 3)
+    assert await _blobs.get(bus, new) == data
+
+    nuid = f"echo.{new_task_id()}.task.0ld0"
+    for i in range(0, len(data), 128 * 1024):
+        await bus.js.publish(
+            bus.names.blob_chunks(nuid), data[i : i + 128 * 1024], stream=bus.names.blobs_stream
+        )
+    old = msgspec.structs.replace(new, name="echo/old", nuid=nuid, apart=False)
+    assert await _blobs.get(bus, old) == data
+    await bus.js.purge_stream(bus.names.blobs_stream, subject=f"{bus.names.blob_chunks(new.nuid)}.*")
+    with pytest.raises(_blobs.BlobMissing, match="no longer in"):
+        await _blobs.get(bus, new)
