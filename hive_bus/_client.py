@@ -59,7 +59,7 @@ from ._messages import (
     TaskRequest,
     TaskView,
     WorkerBeat,
-    beat_decoder,
+    beat_of,
     decode_event,
     encoder,
     event_decoder,
@@ -658,11 +658,12 @@ class Hive:
             raise BusUnavailable(f"could not read the workers' heartbeats: {why(exc)}") from None
         beats: list[WorkerBeat] = []
         for key, value in values.items():
-            try:
-                beats.append(beat_decoder.decode(value))
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                # one bad key (an old or foreign writer) must not hide every other worker
-                log.warning("ignoring heartbeat %s that does not decode: %s", key, exc)
+            if (beat := beat_of(key, value)) is not None:
+                beats.append(beat)
+            else:  # one bad key (an old or foreign writer) must not hide every other worker
+                log.warning(
+                    "ignoring heartbeat %s: it does not decode, or is not the worker its key names", key
+                )
         return sorted(beats, key=lambda b: (b.provider, b.worker_id))
 
     async def stats(self) -> list[ProviderStats]:

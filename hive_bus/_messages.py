@@ -806,5 +806,23 @@ def _stamp_ms(stamp: str | None) -> int:
 
 
 beat_decoder = Guarded(msgspec.json.Decoder(WorkerBeat), enclosing=1)
+
+
+def beat_of(key: str, data: bytes) -> WorkerBeat | None:
+    """The heartbeat stored under ``key`` in the heartbeats bucket, when it decodes and is the one its
+    key names: the key is the worker's id, ``[<credential name>.]<provider>.<host>-<pid>-<rand>``, and
+    a worker credential may write keys under its name and its providers alone, so a heartbeat that
+    claims another provider (or another worker) than its key's is left out (None), as one that does
+    not decode (an old or foreign writer's)."""
+    try:
+        beat = beat_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    tokens = key.split(".")
+    if beat.worker_id != key or len(tokens) < 2 or tokens[-2] != beat.provider:
+        return None
+    return beat
+
+
 request_decoder = Guarded(msgspec.json.Decoder(TaskRequest), enclosing=1)
 content_decoder = Guarded(msgspec.json.Decoder(TaskContent), enclosing=1)

@@ -18,7 +18,7 @@ import msgspec
 
 from ._bus import Bus, kv_entries
 from ._cooldown import provider_cooldowns
-from ._messages import Task, WorkerBeat, beat_decoder
+from ._messages import Task, beat_of
 from ._nats import BUS_ERRORS
 from ._prices import PriceTable
 
@@ -71,12 +71,8 @@ class CheapestRouter:
         async with self._lock:
             if anyio.current_time() - self._read_at < FRESH_S:
                 return self._state
-            beats: list[WorkerBeat] = []
-            for raw in (await kv_entries(self._bus.workers_kv)).values():
-                try:
-                    beats.append(beat_decoder.decode(raw))
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    continue
+            values = await kv_entries(self._bus.workers_kv)
+            beats = [beat for key, raw in values.items() if (beat := beat_of(key, raw)) is not None]
             cooling = provider_cooldowns(await kv_entries(self._bus.providers_kv), beats)
             state: dict[str, _Provider] = {}
             for beat in beats:

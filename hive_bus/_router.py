@@ -33,7 +33,7 @@ from ._bus import Bus, consumer_infos, ensure_consumers, kv_entries
 from ._counts import submitted_counts
 from ._errors import HiveError, TooLarge
 from ._events import watch_providers
-from ._messages import Moved, Task, beat_decoder, encoder, event_decoder, new_seal
+from ._messages import Moved, Task, beat_of, encoder, event_decoder, new_seal
 from ._nats import BUS_ERRORS, handle_each
 from ._size import js_publish
 
@@ -199,12 +199,9 @@ class Router:
         while True:
             try:
                 beats = await kv_entries(self._bus.workers_kv)
-                wanted = set()
-                for raw in beats.values():
-                    try:
-                        wanted.add(beat_decoder.decode(raw).provider)
-                    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-                        continue
+                wanted = {
+                    beat.provider for key, raw in beats.items() if (beat := beat_of(key, raw)) is not None
+                }
                 if wanted - self._served:
                     # A heartbeat is a worker's word, and any name will do: consumers are made only for
                     # providers that work was submitted to, so nothing a worker writes makes the hub

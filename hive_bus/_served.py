@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
 
 from ._bus import Bus, _ensure_bucket
-from ._messages import beat_decoder, now_ms
+from ._messages import beat_of, now_ms
 from ._nats import BUS_ERRORS
 
 log = logging.getLogger("hive_bus.served")
@@ -181,10 +181,9 @@ class ServedProviders:
             self._beats.pop(key, None)
             self._warnings.clear()
             return
-        try:
-            beat = beat_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return  # a foreign or old writer's key: it serves nothing we can name
+        beat = beat_of(key, msg.data)
+        if beat is None:
+            return  # a foreign or old writer's key, or one claiming another provider: it serves nothing
         self._beats[key] = (beat.provider, time.monotonic())
         self._warnings.clear()
         if self._record and self._served_followed:

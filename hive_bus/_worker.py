@@ -849,9 +849,10 @@ def _estimate_tokens(task: Task) -> int:
 
 
 def _worker_id(provider: str, host: str, name: str | None = None) -> str:
-    """``provider-host-pid-rand``; under a worker credential's name, ``name.provider-host-pid-rand``,
-    the heartbeat keys (``$KV.<prefix>_workers.<name>.>``) that credential may write."""
-    unique = f"{provider}-{_ID_SAFE.sub('-', host)[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
+    """``provider.host-pid-rand``; under a worker credential's name, ``name.provider.host-pid-rand``, the
+    heartbeat keys (``$KV.<prefix>_workers.<name>.<provider>.*``) that credential may write: readers
+    take a heartbeat only for the provider its key names (:func:`hive_bus._messages.beat_of`)."""
+    unique = f"{provider}.{_ID_SAFE.sub('-', host)[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
     return f"{name}.{unique}" if name else unique
 
 

@@ -91,6 +91,9 @@ for p in "$@"; do
     # the response cache (hive_bus/_cache.py): its own provider's cached answers, read and written
     pub+=("\"\$KV.${prefix}_cache.$p.>\"" "\"\$JS.API.DIRECT.GET.KV_${prefix}_cache.\$KV.${prefix}_cache.$p.>\"")
     sub+=("\"$prefix.tasks.$p.high.*\"" "\"\$KV.${prefix}_providers.$p.>\"")
+    # its own heartbeat keys, one provider's each: a heartbeat counts only for the provider its key
+    # names (hive_bus/_messages.py, beat_of), so no credential can say it serves another provider
+    pub+=("\"\$KV.${prefix}_workers.$name.$p.*\"")
     # cancelled tasks (hive_bus/_cancel.py): its own provider's keys, heard as they are put and read
     # one task's at a time, with no consumer (a credential that may make consumers may use up the
     # account's)
@@ -117,10 +120,8 @@ cat <<BLOCK
           "\$JS.API.STREAM.INFO.KV_${prefix}_budgets", "\$JS.API.STREAM.INFO.OBJ_${prefix}_blobs",
           "\$JS.API.STREAM.INFO.KV_${prefix}_cancels",
           "\$JS.API.STREAM.INFO.KV_${prefix}_cache",
-          # its own heartbeat keys
-          "\$KV.${prefix}_workers.$name.>",
           # per provider: bind to and pull from its consumers (created by the gateway), its tasks'
-          # events and dead letters, compare-and-set of its cooldowns and budgets
+          # events and dead letters, compare-and-set of its cooldowns and budgets, its heartbeat keys
           $(join "${pub[@]}")
         ] }
         subscribe: { allow: [

@@ -81,7 +81,7 @@ def test_hive_up_serves_http_and_the_cli_and_stops_cleanly(up: Up) -> None:
 
     listed = hive_cli(["workers", "--nats", up.nats])
     assert listed.returncode == 0
-    assert re.search(r"^echo-\S+\s+echo\s", listed.stdout, re.MULTILINE), listed.stdout
+    assert re.search(r"^echo\.\S+\s+echo\s", listed.stdout, re.MULTILINE), listed.stdout
 
     assert up.stop() == 0
     assert "Traceback" not in up.log.read_text()

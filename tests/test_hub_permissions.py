@@ -217,9 +217,9 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
 
         # its own heartbeat key, written and removed
         beats = await w1.js.key_value("hive_workers")
-        await beats.put("w1.alpha-host-1-ab12", b"beat")
-        assert (await (await gw.js.key_value("hive_workers")).get("w1.alpha-host-1-ab12")).value == b"beat"
-        await beats.delete("w1.alpha-host-1-ab12")
+        await beats.put("w1.alpha.host-1-ab12", b"beat")
+        assert (await (await gw.js.key_value("hive_workers")).get("w1.alpha.host-1-ab12")).value == b"beat"
+        await beats.delete("w1.alpha.host-1-ab12")
 
         # cooldowns and budgets of its provider: compare-and-set, direct reads, a watch by core subscription
         watch = await w1.nc.subscribe("$KV.hive_providers.alpha.>")
@@ -403,9 +403,14 @@ FORBIDDEN = {
         "hive.events.beta.forged.queued", lambda w: _publish(w, "hive.events.beta.forged.queued"), _no_event
     ),
     "write another worker's heartbeat": Forbidden(
-        "$KV.hive_workers.w2.beta-host-1",
-        lambda w: _kv_put(w, "hive_workers", "w2.beta-host-1"),
-        lambda gw: _no_key(gw, "hive_workers", "w2.beta-host-1"),
+        "$KV.hive_workers.w2.beta.host-1",
+        lambda w: _kv_put(w, "hive_workers", "w2.beta.host-1"),
+        lambda gw: _no_key(gw, "hive_workers", "w2.beta.host-1"),
+    ),
+    "write a heartbeat of another provider": Forbidden(
+        "$KV.hive_workers.w1.delta.host-1",
+        lambda w: _kv_put(w, "hive_workers", "w1.delta.host-1"),
+        lambda gw: _no_key(gw, "hive_workers", "w1.delta.host-1"),
     ),
     "write another provider's cooldown": Forbidden(
         "$KV.hive_providers.delta.key1",

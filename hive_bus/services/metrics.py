@@ -68,7 +68,7 @@ from hive_bus._messages import (
     Completed,
     Failed,
     Retrying,
-    beat_decoder,
+    beat_of,
     event_decoder,
     now_ms,
 )
@@ -639,10 +639,10 @@ def _beats(values: dict[str, bytes]) -> list[WorkerBeat]:
     """The heartbeats that decode (one unreadable key must not hide every worker, nor stop the gauges)."""
     beats = []
     for key, raw in values.items():
-        try:
-            beats.append(beat_decoder.decode(raw))
-        except msgspec.DecodeError:
-            log.debug("metrics: the heartbeat %s does not decode", key)
+        if (beat := beat_of(key, raw)) is not None:
+            beats.append(beat)
+        else:
+            log.debug("metrics: the heartbeat %s does not decode, or is not the worker its key names", key)
     return beats
 
 

@@ -234,17 +234,25 @@ async def test_the_router_takes_no_planted_move(hub: tuple[Hub, NatsServer]) -> 
         assert (await hive.get(task_id)).provider == "gemini"
 
 
-async def test_heartbeats_naming_made_up_providers_create_nothing(hub: tuple[Hub, NatsServer]) -> None:
+async def test_heartbeats_claiming_other_providers_count_for_nothing(hub: tuple[Hub, NatsServer]) -> None:
+    """A worker credential writes heartbeat keys under its providers alone, and a heartbeat counts only
+    for the provider its key names: one under its own provider's key that claims another (made up, or
+    gemini, which the hub serves) makes no consumer and lists no worker."""
     rendered, server = hub
     async with gateway(rendered, server):
         pass  # a hub that has run once: its buckets are there (alone, this test was the first to run)
     async with attacker(rendered, server) as mallory:
-        for i in range(5):
-            beat = WorkerBeat(worker_id=f"mallory.x{i}", provider=f"madeup{i}", host="h", pid=1, version="0")
-            await mallory.publish(f"$KV.hive_workers.mallory.x{i}", encoder.encode(beat))
-        async with gateway(rendered, server) as (bus, _):
+        for i, provider in enumerate(["gemini", *(f"madeup{i}" for i in range(4))]):
+            key = f"mallory.echo.x{i}"
+            beat = WorkerBeat(worker_id=key, provider=provider, host="h", pid=1, version="0")
+            await mallory.publish(f"$KV.hive_workers.{key}", encoder.encode(beat))
+        with pytest.raises(nats.errors.TimeoutError):  # refused: no answer
+            beat = WorkerBeat(worker_id="mallory.gemini.x", provider="gemini", host="h", pid=1, version="0")
+            await mallory.publish("$KV.hive_workers.mallory.gemini.x", encoder.encode(beat))
+        async with gateway(rendered, server) as (bus, hive):
             await anyio.sleep(1.0)  # the router's first look at the heartbeats
             consumers = [c.name for c in await bus.js.consumers_info(bus.names.tasks_stream)]
+            assert await hive.workers() == []
     assert not [c for c in consumers if "madeup" in c], consumers
 
 
@@ -284,7 +292,7 @@ async def test_what_a_worker_writes_to_a_bucket_is_bounded(hub: tuple[Hub, NatsS
         for subject in (
             "$KV.hive_providers.echo.junk",
             "$KV.hive_budgets.echo.k.m",
-            "$KV.hive_workers.mallory.x",
+            "$KV.hive_workers.mallory.echo.x",
         ):
             answer = await mallory.nc.request(subject, junk, timeout=2)
             assert b"message size exceeds maximum allowed" in answer.data, subject
