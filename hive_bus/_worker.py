@@ -102,6 +102,8 @@ class WorkerOptions:
     fetch_wait_s: float = 2.0
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 300.0
+    # the last part of the worker's id, its heartbeat key (``[<credential name>.]<provider>.<this>``);
+    # default ``<host>-<pid>-<rand>``
     worker_id: str | None = None
     prices: PriceTable | None = None
     budget: ProviderBudget | None = None
@@ -154,7 +156,7 @@ class Worker:
             getattr(k.provider, "at_most_once", False) for k in self._keys
         )
         self._host = socket.gethostname()
-        self.id = options.worker_id or _worker_id(options.provider, self._host, bus.settings.worker_name)
+        self.id = _worker_id(options.provider, self._host, bus.settings.worker_name, options.worker_id)
         self._stopping = anyio.Event()
         self._changed = anyio.Event()
         self._watchers = 0  # tasks waiting on _changed
@@ -848,11 +850,17 @@ def _estimate_tokens(task: Task) -> int:
     return chars // 4 + 1 + max_out
 
 
-def _worker_id(provider: str, host: str, name: str | None = None) -> str:
-    """``provider.host-pid-rand``; under a worker credential's name, ``name.provider.host-pid-rand``, the
-    heartbeat keys (``$KV.<prefix>_workers.<name>.<provider>.*``) that credential may write: readers
-    take a heartbeat only for the provider its key names (:func:`hive_bus._messages.beat_of`)."""
-    unique = f"{provider}.{_ID_SAFE.sub('-', host)[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
+def _worker_id(provider: str, host: str, name: str | None = None, given: str | None = None) -> str:
+    """``provider.host-pid-rand`` (or ``provider.<given>``); under a worker credential's name,
+    ``name.provider.…``, the heartbeat keys (``$KV.<prefix>_workers.<name>.<provider>.*``) that
+    credential may write: readers take a heartbeat only for the provider its key names
+    (:func:`hive_bus._messages.beat_of`)."""
+    last = (
+        _ID_SAFE.sub("-", given)
+        if given
+        else f"{_ID_SAFE.sub('-', host)[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
+    )
+    unique = f"{provider}.{last}"
     return f"{name}.{unique}" if name else unique
 
 

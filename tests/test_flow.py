@@ -350,6 +350,14 @@ async def test_heartbeat_appears_and_leaves_with_the_worker(bus: Bus, hive: Hive
     assert await hive.workers() == []  # a clean stop removes its key at once
 
 
+async def test_a_worker_given_an_id_is_listed_under_its_provider(bus: Bus, hive: Hive) -> None:
+    # a heartbeat counts only for the provider its key names: an id given is its key's last part
+    async with running_worker(bus, "echo", EchoProvider(), worker_id="pi 4/kitchen") as worker:
+        beats = await eventually(hive.workers, 5, "a heartbeat")
+    assert worker.id == "echo.pi-4-kitchen"
+    assert [b.worker_id for b in beats] == [worker.id]
+
+
 async def test_a_heartbeat_that_does_not_decode_hides_no_other_worker(bus: Bus, hive: Hive) -> None:
     await bus.workers_kv.put("stranger", b"{}")
     async with running_worker(bus, "echo", EchoProvider()) as worker:
