@@ -29,7 +29,7 @@ from hive_bus._messages import Completed, WebhookSpec, encoder, now_ms
 from hive_bus._served import NO_WEBHOOKS
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayError, GatewayOptions
-from hive_bus.services.webhooks import WebhookConfigError, WebhookSettings, load_webhook_settings
+from hive_bus.services.webhooks import WebhookConfigError, WebhookSettings, load_webhook_settings, records
 from hive_bus.workers.echo import EchoProvider
 
 from . import handlers
@@ -474,6 +474,21 @@ async def test_two_gateways_on_one_bus_deliver_each_webhook_once(
     assert sorted(d["task_id"] for d in listed) == sorted(ids)
     assert len(receiver.calls) == 6
     assert sorted(json.loads(c.body)["data"]["id"] for c in receiver.calls) == sorted(ids)
+
+
+@pytest.mark.parametrize("log_max_age_s", [7 * 86400.0, 60.0])
+async def test_a_second_gateway_finds_the_webhook_streams_as_it_would_declare_them(
+    bus: Bus, log_max_age_s: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The delivery log's stream named no duplicate window, so the server kept its 120 s (or the age,
+    when shorter) and every gateway start after the first logged 'stream ..._WEBHOOK_LOG keeps its own
+    duplicate_window=120.0 (this process would have set 0)', a difference that was none."""
+    webhooks = WebhookSettings(log_max_age_s=log_max_age_s)
+    await records.declare(bus, webhooks)
+    caplog.set_level(logging.INFO, logger="hive_bus.bus")
+    caplog.clear()
+    await records.declare(bus, webhooks)
+    assert [r.getMessage() for r in caplog.records if "keeps its own" in r.getMessage()] == []
 
 
 # settings --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from hive_bus._bus import _ensure_stream
+from hive_bus._bus import OBJECT_STORE_DUPLICATE_WINDOW_S, _ensure_stream
 from hive_bus._nats import unsubscribe
 from hive_bus.bus import Bus
 
@@ -103,6 +103,9 @@ def log_config(bus: Bus, webhooks: WebhookSettings) -> StreamConfig:
         max_age=webhooks.log_max_age_s,
         allow_direct=True,
         num_replicas=settings.replicas,
+        # the server's own default, said out loud (never longer than the age, which the server
+        # refuses): left unset, every gateway start after the first said the stream "keeps its own" 120 s
+        duplicate_window=min(OBJECT_STORE_DUPLICATE_WINDOW_S, webhooks.log_max_age_s),
     )
 
 
