@@ -100,6 +100,27 @@ async def test_a_gateway_started_later_shows_the_hour_the_first_one_watched(sett
     assert watched["queue_depth"]["nobody"][-1] == 3
 
 
+async def test_a_gateway_reads_the_hour_of_many_providers_at_once(settings: Settings) -> None:
+    """Each provider's part of the hour was read until its pull expired, a second a provider: a gateway
+    on a bus of eight providers showed '(still reading the hour ...)' for eight seconds, and a dashboard
+    opened then kept the charts without the hour (it reads the hour once)."""
+    providers = [f"p{i}" for i in range(8)]
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        for provider in providers:
+            await hive.submit(provider, "waits")
+        started = anyio.current_time()
+        async with serving(bus) as http:
+
+            async def read() -> dict[str, Any] | None:
+                seen = await history(http)
+                return seen if seen["backfilled"] else None
+
+            await eventually(read, 20, "the gateway to read the hour")
+            assert anyio.current_time() - started < 4.0
+        await hive.close()
+
+
 def test_queue_depths_are_worked_back_from_now_and_memory_stays_within_the_hour() -> None:
     history = History()
     now = now_ms()

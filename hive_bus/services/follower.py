@@ -167,11 +167,8 @@ class EventFollower:
             return
         if self._consumer_token not in msg.reply:
             return
-        if (
-            self._stop_seq is not None
-            and (seq := stream_seq(msg.reply)) is not None
-            and seq >= self._stop_seq
-        ):
+        seq = stream_seq(msg.reply) if self._stop_seq is not None else None
+        if self._stop_seq is not None and seq is not None and seq >= self._stop_seq:
             self._reached_stop = True  # the live follower applies this one
             self._answered.set()
             return
@@ -182,6 +179,10 @@ class EventFollower:
             log.exception("could not apply a message of the %s stream", self.stream)
         self._received += 1
         if self._received >= self._batch:
+            self._answered.set()
+        elif self._stop_seq is not None and seq is not None and seq + 1 >= self._stop_seq:
+            # the last one of a bounded read: done now, not when the pull expires (a second a stream,
+            # which made a gateway's reading of the hour take as many seconds as there are providers)
             self._answered.set()
 
     async def _delete(self, consumer: str) -> None:
