@@ -254,7 +254,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     try:
         return msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise SettingsError(_name_the_variable(str(exc))) from None
+        raise SettingsError(_name_the_variable(str(exc), values)) from None
 
 
 def with_overrides(settings: Settings, **overrides: Any) -> Settings:
@@ -264,7 +264,7 @@ def with_overrides(settings: Settings, **overrides: Any) -> Settings:
     try:
         return msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise SettingsError(_name_the_variable(str(exc))) from None
+        raise SettingsError(_name_the_variable(str(exc), values)) from None
 
 
 def _check_unknown(names: list[str]) -> None:
@@ -294,12 +294,25 @@ _warned: set[str] = set()
 log = logging.getLogger("hive_bus.settings")
 
 
-def _name_the_variable(message: str) -> str:
+# what msgspec says of text that is not of a setting's kind, and what a user reads instead: every
+# variable is text, so "got `str`" says nothing of what is wrong
+_NOT_OF_ITS_KIND = {
+    "Expected `float`, got `str`": "is not a number",
+    "Expected `int`, got `str`": "is not a whole number",
+    "Expected `bool`, got `str`": "is not true or false (give 1, true, 0 or false)",
+}
+
+
+def _name_the_variable(message: str, values: Mapping[str, Any]) -> str:
     # msgspec says "... - at `$.ack_wait_s`"; users set HIVE_ACK_WAIT_S, so name that.
     head, sep, path = message.rpartition(" - at `$.")
     if not sep:
         return f"invalid setting: {message}"
     field = path.rstrip("`")
+    value = values.get(field)
+    if head in _NOT_OF_ITS_KIND and isinstance(value, str):  # a number or a switch: never a secret
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        head = f"{shown!r} {_NOT_OF_ITS_KIND[head]}"
     return f"invalid setting {ENV_PREFIX}{field.upper()} ({field}): {head}"
 
 

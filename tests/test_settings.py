@@ -54,6 +54,28 @@ def test_bad_values_are_named(env: dict[str, str], named: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"HIVE_HEARTBEAT_TTL_S": "10s"}, "HIVE_HEARTBEAT_TTL_S (heartbeat_ttl_s): '10s' is not a number"),
+        (
+            {"HIVE_MAX_ACK_PENDING": "1.5"},
+            "HIVE_MAX_ACK_PENDING (max_ack_pending): '1.5' is not a whole number",
+        ),
+        (
+            {"HIVE_REJECT_UNSERVED": "yes"},
+            "HIVE_REJECT_UNSERVED (reject_unserved): 'yes' is not true or false (give 1, true, 0 or false)",
+        ),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_said_in_words(env: dict[str, str], said: str) -> None:
+    """Every variable is text, so msgspec's 'Expected `float`, got `str`' said nothing of what was wrong
+    with HIVE_HEARTBEAT_TTL_S=10s, nor which values HIVE_REJECT_UNSERVED takes."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env)
+    assert str(caught.value) == f"invalid setting {said}"
+
+
+@pytest.mark.parametrize(
     "url",
     [
         "localhost",
