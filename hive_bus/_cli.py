@@ -248,6 +248,15 @@ def cli(ctx: click.Context, log_level: str | None, loop: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _redact.keep_secrets_out_of_logs()  # even at DEBUG: the SDKs log headers verbatim
+    logging.getLogger("asyncio").addFilter(_tls_eof_noise)
+
+
+def _tls_eof_noise(record: logging.LogRecord) -> bool:
+    """False for asyncio's 'returning true from eof_received() has no effect when using ssl': nats-py
+    starts TLS on a connection opened in plain text, whose stream protocol then answers the server's close
+    as a plain one would, and asyncio (and uvloop) say so each time a server closes a TLS connection (a
+    refused login, a restart). It says nothing wrong, and came before the one line of a refused login."""
+    return not str(record.msg).startswith("returning true from eof_received() has no effect")
 
 
 @cli.command()

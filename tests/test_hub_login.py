@@ -269,6 +269,24 @@ def test_a_wrong_password_is_one_line_without_the_password(hub: tuple[Hub, NatsS
     assert wrong not in done.stderr + done.stdout  # nor in any log line, at DEBUG
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_refused_login_over_tls_is_the_one_error_line(hub: tuple[Hub, NatsServer], loop: str) -> None:
+    """The server closing the TLS connection made asyncio (and uvloop) log 'WARNING asyncio: returning
+    true from eof_received() has no effect when using ssl' before the command's one line."""
+    rendered, server = hub
+    c = rendered.certs
+    done = hive_cli(
+        ["--loop", loop, "workers", "--nats", server.url, "--nats-user", "gateway",
+         "--nats-tls-ca", str(c / "ca.pem"), "--nats-tls-cert", str(c / "client-gateway.pem"),
+         "--nats-tls-key", str(c / "client-gateway-key.pem")],
+        env={"HIVE_NATS_PASSWORD": "not-the-password-" + os.urandom(6).hex()},
+    )  # fmt: skip
+    assert done.returncode == 1
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("Error: "), done.stderr
+    assert "the server refused the login" in errors[0]
+
+
 async def test_the_gateway_login_opens_the_bus_and_queues_tasks(
     hub: tuple[Hub, NatsServer], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
