@@ -12,10 +12,11 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_playwright
+from playwright.async_api import Browser, ConsoleMessage, Error, Page, Route, async_playwright
 
 from hive_bus import Completed, Hive, Running, Settings, TaskRequest
-from hive_bus._messages import encoder, now_ms
+from hive_bus._bus import ensure_events
+from hive_bus._messages import encoder, new_task_id, now_ms
 from hive_bus.bus import open_bus
 from hive_bus.services.auth import Tokens
 from hive_bus.services.gateway import Gateway, GatewayOptions
@@ -203,4 +204,47 @@ async def test_a_running_event_after_a_task_ended_leaves_its_row_ended(settings:
         assert await page.locator(ended).count() == 1
         assert (await hive.get(task_id)).status == "completed"
         gw.stop()
+    assert problems == []
+
+
+async def test_a_page_opened_while_the_gateway_reads_the_hour_shows_the_hour_once_read(
+    settings: Settings,
+) -> None:
+    """A page whose first look at the hour came while the gateway was still reading it (its answer
+    'backfilled': false, the page's '(still reading the hour ...)') updated the last minutes only: the
+    note went once the gateway had read it, and the minutes before stayed empty until the page was
+    reloaded."""
+    async with open_bus(settings) as bus:
+        await ensure_events(bus, "echo")
+        for i in range(3):  # completed ten minutes ago, before any gateway ran
+            done = Completed(
+                task_id=new_task_id(),
+                provider="echo",
+                at_ms=now_ms() - 600_000,
+                attempt=1,
+                worker="w",
+                output=i,
+            )
+            await bus.js.publish(
+                bus.names.event_subject("echo", done.task_id, "completed"), encoder.encode(done)
+            )
+    first = True
+
+    async def still_reading(route: Route) -> None:  # the page's first look: the gateway not done yet
+        nonlocal first
+        if not first or "since_ms" in route.request.url:
+            await route.continue_()
+            return
+        first = False
+        hour = await (await route.fetch()).json()
+        hour["backfilled"], hour["completed"] = False, [0] * len(hour["completed"])
+        await route.fulfill(json=hour)
+
+    async with gateway(settings) as url, chromium() as browser, page_of(browser) as (page, problems):
+        await page.route("**/v1/stats/history*", still_reading)
+        await page.goto(url)
+        caption = page.locator("#chart-outcomes figcaption .summary")
+        await caption.filter(has_text="0 completed").wait_for(timeout=WAIT_MS)
+        await caption.filter(has_text="3 completed").wait_for(timeout=WAIT_MS)
+        assert await page.locator("#history-note").inner_text() == ""
     assert problems == []

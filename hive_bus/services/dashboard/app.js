@@ -450,7 +450,8 @@ async function loadHistory(signal) {
 }
 
 async function updateHistory(signal) {
-  if (hour === null) return loadHistory(signal);
+  // an hour the gateway was still reading when it answered has minutes that no update brings: read it whole
+  if (hour === null || !hour.backfilled) return loadHistory(signal);
   const since = hour.start_ms.at(-1) ?? 0; // the current minute, which has grown since
   const update = await api(`/v1/stats/history?since_ms=${since}`, signal);
   if (update === null || update.start_ms.length === 0) return;
