@@ -8,6 +8,7 @@ command's name. The batch and schedule command groups have modules of their own 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import importlib.util
@@ -679,11 +680,25 @@ def submit(
             if wait_s is None:
                 click.echo(task_id)
                 return
-            view = await hive.wait(task_id, wait_s)
+            with _said_if_interrupted(task_id):
+                view = await hive.wait(task_id, wait_s)
         _print_view(view)
         _exit_for([view])
 
     _run(main)
+
+
+@contextlib.contextmanager
+def _said_if_interrupted(task_id: str) -> Iterator[None]:
+    """Ctrl-C while waiting for a task that was accepted: the task goes on, and its id, printed only with
+    its end, would be lost with the wait."""
+    try:
+        yield
+    except anyio.get_cancelled_exc_class():
+        click.echo(
+            f"interrupted: task {task_id} goes on (hive status {task_id} --wait S reads its end)", err=True
+        )
+        raise
 
 
 def _warn(warnings: Iterable[str]) -> None:
@@ -801,20 +816,23 @@ def chat(
         )
         async with connect(settings=settings) as hive, hive.stream(request, timeout_s=timeout_s) as stream:
             _warn(stream.warnings)
-            async for item in stream:
-                match item:
-                    case StreamText(text=text):
-                        click.echo(text, nl=False)
-                        sys.stdout.flush()
-                    case StreamRestarted(attempt=attempt, why=why):
-                        click.echo("")  # end the abandoned line
-                        click.echo(f"[attempt {attempt} ended ({why}); the answer starts over]", err=True)
-                    case StreamEnded(view=view):
-                        click.echo("")
-                        if view.status in ("failed", "cancelled"):
-                            raise HiveError(f"task {view.id} {view.status} ({view.reason}): {view.error}")
-                        if view.status != "completed":
-                            raise HiveError(f"task {view.id} has not ended within {timeout_s:g}s; it goes on")
+            with _said_if_interrupted(stream.task_id):
+                async for item in stream:
+                    match item:
+                        case StreamText(text=text):
+                            click.echo(text, nl=False)
+                            sys.stdout.flush()
+                        case StreamRestarted(attempt=attempt, why=why):
+                            click.echo("")  # end the abandoned line
+                            click.echo(f"[attempt {attempt} ended ({why}); the answer starts over]", err=True)
+                        case StreamEnded(view=view):
+                            click.echo("")
+                            if view.status in ("failed", "cancelled"):
+                                raise HiveError(f"task {view.id} {view.status} ({view.reason}): {view.error}")
+                            if view.status != "completed":
+                                raise HiveError(
+                                    f"task {view.id} has not ended within {timeout_s:g}s; it goes on"
+                                )
 
     _run(main)
 

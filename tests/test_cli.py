@@ -16,12 +16,13 @@ import httpx
 import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
+from hive_bus import Settings
 from hive_bus._embedded import EmbeddedServerError, NatsServer, memory_limit
 from hive_bus._messages import Queued
 from hive_bus._settings import load_settings
 from hive_bus.bus import open_bus
 
-from .helpers import HIVE, REPO, events_of, free_port, hive_cli, spawn, task_of, wait_until
+from .helpers import HIVE, REPO, SMALL_BUS_ENV, events_of, free_port, hive_cli, spawn, task_of, wait_until
 
 
 @dataclass
@@ -667,3 +668,36 @@ async def test_submit_takes_the_task_policy_flags(up: Up) -> None:
     assert bad.returncode == 2 and "Invalid value for '--priority'" in bad.stderr
     bad = hive_cli(["submit", "echo", "hola", "--fallback", "no such", "--nats", up.nats])
     assert bad.returncode == 1 and "fallback" in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [["submit", "nobody", "un tuit", "--wait", "60"], ["chat", "nobody", "un tuit"]]
+)
+def test_ctrl_c_while_waiting_names_the_task_that_goes_on(settings: Settings, command: list[str]) -> None:
+    """The task was accepted, and its id is printed only with its end: Ctrl-C on `hive submit --wait` or
+    `hive chat` ended the command with status 130 and nothing said, the task queued and its id lost."""
+    bus = ["--nats", settings.nats_url, "--prefix", settings.prefix]
+
+    def queued() -> list[str]:
+        listed = hive_cli(["list", "--provider", "nobody", *bus]).stdout.splitlines()
+        return [json.loads(line)["id"] for line in listed]
+
+    proc = subprocess.Popen(
+        [HIVE, *command, *bus],
+        cwd=REPO,
+        env={**SMALL_BUS_ENV, **os.environ},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
+    )
+    try:
+        wait_until(lambda: bool(queued()), 20, "the task to be queued")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    [task_id] = queued()
+    assert f"interrupted: task {task_id} goes on (hive status {task_id} --wait S reads its end)" in err
