@@ -136,7 +136,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return f"Settings({', '.join(shown)})"
 
     def __post_init__(self) -> None:
-        Names(self.prefix)  # validates the prefix
+        try:
+            Names(self.prefix)  # validates the prefix
+        except ValueError as exc:
+            raise SettingsError(f"HIVE_PREFIX (--prefix): {exc}") from None
         check_nats_urls(self.nats_url)
         _check_credentials(self)
         if self.heartbeat_ttl_s < 2 * self.heartbeat_interval_s:

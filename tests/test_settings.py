@@ -75,6 +75,16 @@ def test_a_value_of_the_wrong_kind_is_said_in_words(env: dict[str, str], said: s
     assert str(caught.value) == f"invalid setting {said}"
 
 
+def test_a_bad_prefix_names_the_variable_and_the_flag() -> None:
+    """It said 'bus prefix 'Shop' is not valid: ...', naming neither HIVE_PREFIX nor --prefix."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"HIVE_PREFIX": "Shop"})
+    assert str(caught.value) == (
+        "invalid setting: HIVE_PREFIX (--prefix): bus prefix 'Shop' is not valid: use 1-32 lower-case "
+        "letters, digits or '_', starting with a letter"
+    )
+
+
 @pytest.mark.parametrize(
     "url",
     [
