@@ -182,6 +182,11 @@ async def test_a_feed_resumed_with_last_event_id_misses_nothing(stack: Stack) ->
     for bad in ("yesterday", "12", "nobody=", "nobody=x", "no body=3"):
         r = await stack.http.get("/v1/events", headers={"Last-Event-ID": bad})
         assert r.status_code == 400, bad
+    # a byte that reads as a digit in Latin-1 (b"\xb2" is "²"), but is no number
+    for path, bad_id in (("/v1/events", b"nobody=\xb2"), ("/v1/events?provider=nobody", b"\xb2")):
+        r = await stack.http.get(path, headers={b"Last-Event-ID": bad_id})
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["error"]["field"] == "last-event-id"
 
 
 async def test_a_feed_resumes_each_provider_where_it_was(stack: Stack) -> None:

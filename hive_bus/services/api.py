@@ -352,18 +352,24 @@ def _resume_positions(last_event_id: str, provider: str | None) -> dict[str, int
     ``provider``, a plain sequence is that provider's, and the places of other providers are left out."""
     read: dict[str, int] = {}
     text = last_event_id.strip()
-    if provider is not None and text.isdigit() and len(text) <= 16:
+    # ASCII digits only: a header's bytes are read as Latin-1, where b"\xb2" is "²", a digit to
+    # str.isdigit() that int() refuses
+    if provider is not None and _is_sequence(text):
         read[provider] = int(text)
     else:
         for part in text.split(","):
             name, sep, seq = part.strip().partition("=")
-            if not sep or not is_valid_token(name) or not seq.isdigit() or len(seq) > 16:
+            if not sep or not is_valid_token(name) or not _is_sequence(seq):
                 message = "Last-Event-ID must be the id of an event of this feed: <provider>=<sequence>,..."
                 raise ValidationException(
                     detail=message, extra=[{"message": message, "key": "last-event-id", "source": "header"}]
                 )
             read[name] = int(seq)
     return read if provider is None else {p: seq for p, seq in read.items() if p == provider}
+
+
+def _is_sequence(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 16
 
 
 def event_provider(bus: Bus, msg: Msg) -> str:
