@@ -1197,7 +1197,16 @@ async def _follow_events(hive: Hive, provider: str | None) -> None:
                 continue
             at = datetime.fromtimestamp(view.updated_at_ms / 1000).strftime("%H:%M:%S.%f")[:-3]
             detail = view.error or (str(view.output)[:80] if view.output is not None else "")
-            click.echo(f"{at} {view.id} {view.provider:<10} {view.status:<9} {detail}")
+            click.echo(f"{at} {view.id} {view.provider:<10} {view.status:<9} {_printable(detail)}")
+
+
+def _printable(text: str) -> str:
+    """``text`` as one line of plain characters: what a terminal would act on (a newline, a carriage
+    return, an escape sequence that recolours, retitles or clears) written as its backslash escape
+    (``\\n``, ``\\x1b``). Outputs and errors come from providers and models, not from the operator."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _print_view(view: TaskView) -> None:

@@ -566,6 +566,27 @@ def test_submit_a_file_of_tasks_then_stats_and_watch(up: Up, tmp_path: Path) -> 
     assert nobody[1] == "1" and nobody[6] == "0"  # one queued, no worker
 
 
+def test_watch_shows_an_output_a_terminal_would_act_on_as_one_line_of_escapes(up: Up, tmp_path: Path) -> None:
+    # a model's output (or a provider's error) with a newline, a carriage return and escape sequences
+    # (colour, the window's title, erase the line) was written as it was: a line broken in two, a
+    # retitled terminal, a line the output rewrote
+    watch_log = tmp_path / "watch.log"
+    watcher = spawn(["watch", "--provider", "echo", "--nats", up.nats], log=watch_log)
+    try:
+        time.sleep(1.0)  # let the watcher subscribe
+        prompt = "one\ntwo\x1b]0;pwned\x07\r\x1b[2Kfake\u202e"
+        r = httpx.post(f"{up.gateway}/v1/tasks", json={"provider": "echo", "prompt": prompt})
+        task_id = r.json()["id"]
+        wait_until(lambda: " completed " in watch_log.read_text(), 10, "the watcher to see the completion")
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(15) == 0
+    text = watch_log.read_text()
+    (line,) = [line for line in text.splitlines() if " completed " in line]
+    assert line.endswith(f"{task_id} echo       completed one\\ntwo\\x1b]0;pwned\\x07\\r\\x1b[2Kfake\\u202e")
+    assert not any(c in text for c in "\x1b\x07\r\u202e")
+
+
 @pytest.mark.parametrize("provider", ["a b", "*", "a.b"])
 def test_watch_of_a_provider_that_is_not_a_name_is_one_clear_line(up: Up, provider: str) -> None:
     # it watched for ever, showing nothing: no provider has such a name
