@@ -362,6 +362,39 @@ async def test_the_address_is_checked_again_at_delivery(
     assert metric(metrics, 'hive_webhook_deliveries_total{result="refused"}') == 1
 
 
+async def test_a_url_with_a_control_character_is_refused_and_the_gateway_serves_on(
+    settings: Settings, receiver: Receiver, hive: Hive
+) -> None:
+    # A bus client's task (no gateway checks it on the way in) whose webhook URL held a NUL or a DEL:
+    # the delivery raised httpx.InvalidURL out of the webhooks' task group, which stopped the gateway,
+    # and every gateway started after it, once the delivery came back after AckWait.
+    async with (
+        serving(settings, hooks(HIVE_WEBHOOK_ALLOW_NETWORKS=LOOPBACK)) as stack,
+        running_worker(stack.bus, "echo", EchoProvider()),
+    ):
+        for bad in (f"{receiver.url}\x00", f"{receiver.url}\x7f"):
+            await hive.submit_request(TaskRequest(provider="echo", prompt="x", webhook=WebhookSpec(url=bad)))
+
+        async def refused() -> list[dict[str, Any]] | None:
+            found = await deliveries(stack, status="refused")
+            return found if len(found) == 2 else None
+
+        records = await eventually(refused, 20, "both deliveries refused")
+        r = await stack.http.post(
+            "/v1/tasks", json={"provider": "echo", "prompt": "x", "webhook": {"url": f"{receiver.url}\x00"}}
+        )
+        # the gateway serves on: a good webhook is delivered
+        await stack.http.post(
+            "/v1/tasks", json={"provider": "echo", "prompt": "x", "webhook": {"url": receiver.url}}
+        )
+        await delivery_in(stack, "delivered")
+    assert all("not a valid URL (Invalid non-printable ASCII character" in d["last_error"] for d in records)
+    assert r.status_code == 400
+    assert r.json()["error"]["field"] == "webhook.url"
+    assert "not a valid URL" in r.json()["error"]["message"]
+    assert len(receiver.calls) == 1
+
+
 async def test_a_gateway_wide_webhook_to_a_private_address_stops_the_start(settings: Settings) -> None:
     webhooks = hooks(HIVE_WEBHOOKS='[[webhook]]\nurl = "http://192.168.1.10/hook"')
     async with open_bus(settings) as bus:

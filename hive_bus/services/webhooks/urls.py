@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import httpx
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -105,6 +106,10 @@ def split(url: str) -> tuple[str, str, int]:
         raise Refused(f"scheme {scheme or '(none)'!r} is not allowed; use http or https")
     if not parts.hostname:
         raise Refused("the URL has no host")
+    try:  # what the request is made from: a control character (NUL, DEL) passes the checks above
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise Refused(f"not a valid URL ({exc})") from None
     return scheme, parts.hostname, port or (443 if scheme == "https" else 80)
 
 
