@@ -15,7 +15,8 @@ import anyio
 import httpx
 import pytest
 
-from hive_bus import Hive, Settings
+from hive_bus import Hive, Settings, TaskRequest
+from hive_bus._messages import WebhookSpec
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
 from hive_bus.workers.echo import EchoProvider
@@ -166,6 +167,37 @@ async def test_a_feed_of_one_provider_and_a_bad_provider_name(stack: Stack) -> N
         r = await stack.http.get("/v1/events", params={"provider": bad})
         assert r.status_code == 400, bad
         assert r.json()["error"]["field"] == "provider"
+
+
+async def test_the_feeds_and_the_timeline_show_no_seal_and_no_webhook_token(stack: Stack) -> None:
+    # a task's webhook URL, query and all (where a receiver's token lives), and its seal (known only to
+    # the gateway and its provider's workers) went to every client of the feeds and the timeline, where
+    # the delivery records and GET /v1/tasks/{id} show neither
+    hook = WebhookSpec(url="https://user:pw@hooks.example.com/hive?token=s3cret-hook-token")
+    later = datetime.now(UTC) + timedelta(hours=1)
+    hive = Hive(stack.bus)
+    async with feed(stack.http) as got:
+        # queued now (its event a marker, the task read from the tasks stream), and scheduled (its
+        # event holds the task as stored)
+        now = await hive.submit_request(TaskRequest(provider="nobody", prompt="x", webhook=hook))
+        then = await hive.submit_request(
+            TaskRequest(provider="nobody", prompt="x", webhook=hook, not_before=later)
+        )
+        await got.until("both tasks", lambda: bool(got.of(now.id)) and bool(got.of(then.id)))
+    for task_id in (now.id, then.id):
+        async with stack.http.stream("GET", f"/v1/tasks/{task_id}/events") as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    own = json.loads(line.removeprefix("data: "))
+                    break
+        timeline = (await stack.http.get(f"/v1/tasks/{task_id}/timeline")).json()
+        (fed,) = [m.data for m in got.messages if m.data["task_id"] == task_id]
+        for shown in (fed, own, timeline[0]):
+            task: Any = shown["task"]
+            assert "seal" not in task
+            assert task["webhook"]["url"] == "https://hooks.example.com/hive?…"
+            assert "s3cret" not in json.dumps(shown)
+            assert task["prompt"] == "x"
 
 
 async def test_a_feed_resumed_with_last_event_id_misses_nothing(stack: Stack) -> None:

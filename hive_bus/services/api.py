@@ -40,7 +40,11 @@ from hive_bus._bus import Bus, event_providers
 from hive_bus._events import merged_events
 from hive_bus._events import task_events as read_task_events
 from hive_bus._messages import (
+    Failed,
+    Moved,
     ProviderName,
+    Queued,
+    TaskEvent,
     TaskStatus,
     encoder,
     event_decoder,
@@ -55,6 +59,7 @@ from . import answers
 from .answers import BatchAccepted, ErrorBody, TaskAccepted
 from .list_reads import ListReads
 from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics, UsageSince, lost_count
+from .webhooks import urls as webhook_urls
 from .webhooks.api import refusal as webhook_refusal
 
 log = logging.getLogger("hive_bus.gateway")
@@ -443,14 +448,35 @@ def _wanted(meta: list[str] | None, batch: str | None, schedule: str | None) -> 
 
 async def _event_json(bus: Bus, msg: Msg) -> bytes:
     """An event as a feed sends it: a ``queued`` marker as the event with its task (read from the tasks
-    stream by the sequence the marker names: what it asks is what a reader shows), else as stored."""
+    stream by the sequence the marker names: what it asks is what a reader shows), else as stored; a
+    task in it as :func:`shown_event` shows it."""
     if not is_marker(msg.data, msg.headers) or (event := queued_marker(msg.subject, msg.headers)) is None:
-        return msg.data or b""
+        data = msg.data or b""
+        if bus.names.status_of_subject(msg.subject) not in _WITH_TASK or b'"task"' not in data:
+            return data  # most events carry no task: no decoding
+        try:
+            return encoder.encode(shown_event(event_decoder.decode(data)))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return data
     seq = marker_seq(msg.headers)
     with contextlib.suppress(*BUS_ERRORS):
         if seq is not None and (task := await task_at(bus, seq, event.task_id)) is not None:
             event = msgspec.structs.replace(event, task=task)
-    return encoder.encode(event)
+    return encoder.encode(shown_event(event))
+
+
+_WITH_TASK = frozenset({"queued", "moved", "failed"})  # the events that may carry their task
+
+
+def shown_event(event: TaskEvent) -> TaskEvent:
+    """``event`` as the HTTP API shows it: its task without the seal (known only to the gateway and the
+    workers of the task's provider) and with its webhook's URL as the delivery records show it, without
+    user, password or query (where a receiver's token lives)."""
+    if not isinstance(event, Queued | Moved | Failed) or event.task is None:
+        return event
+    task = event.task
+    webhook = task.webhook and msgspec.structs.replace(task.webhook, url=webhook_urls.shown(task.webhook.url))
+    return msgspec.structs.replace(event, task=msgspec.structs.replace(task, seal="", webhook=webhook))
 
 
 @get(

@@ -20,7 +20,7 @@ from hive_bus._events import task_events
 from hive_bus._messages import Queued, TaskEvent
 from hive_bus._nats import BUS_ERRORS
 
-from .api import _errors
+from .api import _errors, shown_event
 from .history import HistoryView
 from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics
 from .problems import Problem, WebhookTrouble, problems_of, webhook_trouble
@@ -110,7 +110,7 @@ async def task_timeline(task_id: FromPath[str], state: State) -> list[TaskEvent]
                         seq = marker_seq(msg.headers)
                         task = await task_at(bus, seq, task_id) if seq is not None else None
                         event = msgspec.structs.replace(event, task=task)
-                    events.append(event)
+                    events.append(shown_event(event))
                     if len(events) >= MAX_TIMELINE_EVENTS:
                         break
     except BUS_ERRORS as exc:
