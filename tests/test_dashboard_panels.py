@@ -21,7 +21,8 @@ import httpx
 import pytest
 from playwright.async_api import Dialog, Page, Route, expect
 
-from hive_bus import FailNow, FunctionProvider, Hive, Provider, Settings, Task
+from hive_bus import FailNow, FunctionProvider, Hive, Provider, Settings, Task, TaskRequest
+from hive_bus._messages import WebhookSpec
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.auth import Tokens
 from hive_bus.services.gateway import Gateway, GatewayOptions
@@ -414,6 +415,10 @@ async def test_failing_webhooks_are_listed_on_the_page_with_its_token(settings: 
             auth = {"Authorization": f"Bearer {TOKEN}"}
             async with httpx.AsyncClient(base_url=gw.url, headers=auth) as http:
                 task_id = await post(http, provider="echo", prompt="avísame", webhook={"url": receiver.url})
+                # a bus client's task (no gateway checked it) to a private address: refused, not sent
+                private = await Hive(bus).submit_request(
+                    TaskRequest(provider="echo", prompt="x", webhook=WebhookSpec(url="http://10.1.2.3/hook"))
+                )
                 async with chromium() as browser, page_of(browser) as (page, problems):
                     elsewhere = await offline(page, gw.url)
                     await page.goto(gw.url)
@@ -433,6 +438,15 @@ async def test_failing_webhooks_are_listed_on_the_page_with_its_token(settings: 
                     assert (
                         "/hooks/hive" in cells[3] and "abc" not in cells[3]
                     )  # its query (a token) not shown
+                    # the strip counted it and the list showed it not: only retrying and given up
+                    await expect(entry).to_contain_text("1 refused in the last day", timeout=WAIT_MS)
+                    refused = page.locator(
+                        f'#webhook-table tr[data-status="refused"]:has(button:text("{private.id}"))'
+                    )
+                    await expect(refused).to_be_visible(timeout=WAIT_MS)
+                    cells = await refused.locator("td").all_inner_texts()
+                    assert cells[3] == "http://10.1.2.3/hook" and cells[5] == "1"
+                    assert cells[6].startswith("host 10.1.2.3 is a private address")
                     await page.locator("#webhooks").screenshot(path=artefact("webhooks-failing.png"))
                     assert elsewhere == []
                 # the browser reports the first 401 (before the token) as a failed load; nothing else

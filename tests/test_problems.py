@@ -79,3 +79,12 @@ def test_webhooks_failing_are_named_from_the_delivery_records() -> None:
     assert problem.link == "#webhooks"  # the dashboard's list, read with its token
     delivered = webhook_trouble([record("delivered", 1_000)], now_ms=now_ms)
     assert problems_of(Snapshot(at_s=NOW_S), now_s=NOW_S, refresh_s=5, webhooks=delivered) == []
+    # a delivery the gateway would not make (its address is not allowed) is not sent: a problem too,
+    # as the alert HiveWebhooksUndelivered has it, where the strip said nothing
+    refusal = "host 10.1.2.3 is a private address; webhooks go to public addresses only"
+    refused = webhook_trouble(
+        [record("refused", 1_000, refusal), record("refused", 2 * 24 * 3600 * 1000, "old")], now_ms=now_ms
+    )
+    [problem] = problems_of(Snapshot(at_s=NOW_S), now_s=NOW_S, refresh_s=5, webhooks=refused)
+    assert problem.kind == "webhooks_failing" and problem.count == 1
+    assert problem.message == f"Webhook deliveries are failing: 1 refused in the last day (last: {refusal})."

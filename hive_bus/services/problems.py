@@ -4,8 +4,8 @@ Read from the metrics' last read of the bus (:class:`services.metrics.Snapshot`)
 nothing more: a provider with queued work and no live worker, a key its provider refused, a provider
 cooling down (and until when), dead letters waiting, messages a stream lost, and a stale read (the
 gateway has not managed to read the bus for a while, so every other figure is old), and webhooks
-failing (deliveries retrying now, or given up lately: :class:`WebhookTrouble`). Each names the place
-that tells more (``link``: a fragment of the dashboard).
+failing (deliveries retrying now, or given up or refused lately: :class:`WebhookTrouble`). Each names
+the place that tells more (``link``: a fragment of the dashboard).
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ class WebhookTrouble(msgspec.Struct, frozen=True, kw_only=True):
 
     retrying: int = 0  # failing now: an attempt failed and another is due
     failed: int = 0  # given up after the last retry, lately
+    refused: int = 0  # not sent, lately: the address is not allowed (or not a valid URL)
     last_error: str | None = None  # the newest of their errors
 
 
-FAILED_WITHIN_MS = 24 * 3600 * 1000  # a delivery given up counts as a problem for a day
+FAILED_WITHIN_MS = 24 * 3600 * 1000  # a delivery given up or refused counts as a problem for a day
 
 
 def webhook_trouble(found: Sequence[DeliveryRecord], *, now_ms: int) -> WebhookTrouble:
@@ -50,11 +51,13 @@ def webhook_trouble(found: Sequence[DeliveryRecord], *, now_ms: int) -> WebhookT
     failing = [
         r
         for r in found
-        if r.status == "retrying" or (r.status == "failed" and now_ms - r.updated_at_ms <= FAILED_WITHIN_MS)
+        if r.status == "retrying"
+        or (r.status in ("failed", "refused") and now_ms - r.updated_at_ms <= FAILED_WITHIN_MS)
     ]
     return WebhookTrouble(
         retrying=sum(r.status == "retrying" for r in failing),
         failed=sum(r.status == "failed" for r in failing),
+        refused=sum(r.status == "refused" for r in failing),
         last_error=next((r.last_error for r in failing if r.last_error), None),
     )
 
@@ -127,9 +130,10 @@ def problems_of(
                 count=snap.dead_letters,
             )
         )
-    if webhooks is not None and (webhooks.retrying or webhooks.failed):
+    if webhooks is not None and (webhooks.retrying or webhooks.failed or webhooks.refused):
         said = [f"{webhooks.retrying} retrying"] if webhooks.retrying else []
         said += [f"{webhooks.failed} given up in the last day"] if webhooks.failed else []
+        said += [f"{webhooks.refused} refused in the last day"] if webhooks.refused else []
         found.append(
             Problem(
                 kind="webhooks_failing",
@@ -138,7 +142,7 @@ def problems_of(
                     + (f" (last: {webhooks.last_error})." if webhooks.last_error else ".")
                 ),
                 link="#webhooks",
-                count=webhooks.retrying + webhooks.failed,
+                count=webhooks.retrying + webhooks.failed + webhooks.refused,
             )
         )
     for stream, lost in sorted(snap.lost.items()):

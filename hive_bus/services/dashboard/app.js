@@ -625,7 +625,7 @@ async function loadDeadLetters(signal, count) {
 const WEBHOOKS_SHOWN = 50;
 let shownWebhookTrouble = 0;
 
-// The deliveries that need a person (retrying now, or given up), read with this page's token: the
+// The deliveries that need a person (retrying now, given up, or refused), read with this page's token: the
 // problem strip links here rather than to the JSON route, which a browser tab would open without it.
 async function loadWebhooks(signal, trouble) {
   shownWebhookTrouble = trouble;
@@ -633,7 +633,7 @@ async function loadWebhooks(signal, trouble) {
     $("webhooks").hidden = true;
     return;
   }
-  const list = await api(`/v1/webhooks/deliveries?status=retrying&status=failed&limit=${WEBHOOKS_SHOWN}`, signal);
+  const list = await api(`/v1/webhooks/deliveries?status=retrying&status=failed&status=refused&limit=${WEBHOOKS_SHOWN}`, signal);
   if (list === null) return;
   const rows = list.deliveries.map((d) => {
     const error = d.last_error || "";
