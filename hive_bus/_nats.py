@@ -34,7 +34,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import DEFAULT_SUB_PENDING_MSGS_LIMIT, Subscription
 from nats.errors import NotJSMessageError
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 #: What a call to the bus may raise when the bus, not the caller, is at fault: a NATS or JetStream
@@ -54,6 +54,9 @@ PRIVATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "nats.js.kv.KeyValue": ("_js", "_stream", "_pre", "_direct"),
     "nats.js.client.JetStreamContext": ("_nc", "_prefix"),
     "nats.aio.msg.Msg.Metadata": ("_get_metadata_fields",),
+    "nats.js.client.JetStreamContext.PushSubscription": ("_sub",),
+    "nats.aio.subscription.Subscription": ("_jsi",),
+    "nats.js.client.JetStreamContext._JSI": ("_sseq",),
 }
 
 
@@ -345,7 +348,30 @@ async def follow(
 ) -> JetStreamContext.PushSubscription:
     """An ordered consumer of ``stream`` on ``subject``: every message in order, recreated by nats-py
     when a gap shows; handed to ``cb`` one at a time when given. Give it back with :func:`unsubscribe`."""
-    return await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config, cb=cb)
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config, cb=cb)
+    try:
+        await _recreated_from_its_start(sub, config)
+    except BaseException:
+        await unsubscribe(sub)
+        raise
+    return sub
+
+
+async def _recreated_from_its_start(sub: JetStreamContext.PushSubscription, config: ConsumerConfig) -> None:
+    """nats-py recreates an ordered consumer whose heartbeats stop (a server restart, a reconnection)
+    from just after the last message it delivered (``_JSI._sseq``); until it has delivered one, that is
+    0, and the new consumer starts at the stream's first message, not where this one started: a feed
+    of events from now on replayed every event the stream held. The count starts where the consumer
+    does."""
+    if config.deliver_policy in (None, DeliverPolicy.ALL):
+        return
+    if config.deliver_policy == DeliverPolicy.BY_START_SEQUENCE and config.opt_start_seq:
+        before = config.opt_start_seq - 1
+    else:  # from now on, the last, or a time: where the server put it
+        info = await sub.consumer_info()
+        before = (info.delivered.stream_seq or 0) if info.delivered is not None else 0
+    if (jsi := sub._sub._jsi) is not None:
+        jsi._sseq = max(jsi._sseq, before)
 
 
 async def unsubscribe(sub: Any, *, timeout_s: float = math.inf) -> None:

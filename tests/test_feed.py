@@ -3,6 +3,7 @@ GET /v1/usage (tokens and cost since the gateway started), and the dashboard's p
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator, Callable
@@ -16,11 +17,13 @@ import httpx
 import pytest
 
 from hive_bus import Hive, Settings, TaskRequest
+from hive_bus._embedded import NatsServer
 from hive_bus._messages import WebhookSpec
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
 from hive_bus.workers.echo import EchoProvider
 
+from .conftest import make_settings
 from .helpers import eventually, running_worker
 
 pytestmark = pytest.mark.anyio
@@ -239,6 +242,36 @@ async def test_a_feed_resumes_each_provider_where_it_was(stack: Stack) -> None:
         await one.until("the missed task of nobody", lambda: one.of(missed[0]) == ["queued"])
     assert [m.data["task_id"] for m in one.messages] == [missed[0]]
     assert one.messages[0].id == f"nobody={nobody + 1}"
+
+
+async def test_a_feed_from_now_on_is_from_now_on_after_a_server_restart(own_server: NatsServer) -> None:
+    # nats-py recreates an ordered consumer whose heartbeats stop from just after the last message it
+    # delivered: with none delivered yet, from the stream's first. A feed (every open dashboard) that
+    # had seen nothing when nats-server restarted replayed every event the streams held.
+    async with (
+        serving(make_settings(own_server.url)) as stack,
+        httpx.AsyncClient(base_url=stack.gateway.url, timeout=60) as patient,  # quiet while the bus is away
+    ):
+        before = [await submit(stack.http, "nobody", f"before {i}") for i in range(3)]
+        async with feed(patient) as got:
+            # the feed follows every stream once it has an event (of another provider's)
+            ready = await submit(stack.http, "elsewhere", "ready")
+            await got.until("the feed's first event", lambda: bool(got.of(ready)))
+            own_server.stop()
+            await anyio.to_thread.run_sync(own_server.start)  # same port, same store
+
+            async def accepted() -> str | None:
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": "after"})
+                    if r.status_code == 202:
+                        task_id: str = r.json()["id"]
+                        return task_id
+                return None
+
+            after = await eventually(accepted, 20, "a submission once the gateway is back on the bus")
+            await got.until("the task submitted after the restart", lambda: bool(got.of(after)), timeout_s=40)
+    assert not any(got.of(task_id) for task_id in before)
+    assert [m.data["task_id"] for m in got.messages] == [ready, after]
 
 
 async def test_a_feed_ends_after_its_time_and_when_the_gateway_stops(settings: Settings) -> None:
