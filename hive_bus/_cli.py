@@ -1157,7 +1157,7 @@ def stats(settings: Settings) -> None:
             )
             click.echo(
                 f"{r.provider:<14}{r.pending:>8}{r.in_flight:>11}{r.retrying:>10}{r.completed:>8}{r.failed:>8}"
-                f"{r.workers:>9}  {left[:60]}"
+                f"{r.workers:>9}  {_printable(left[:60])}"
             )
 
     _run(main)
@@ -1334,7 +1334,7 @@ def keys(clear: tuple[str, str] | None, settings: Settings) -> None:
         click.echo(f"{'PROVIDER':<12} {'KEY':<20} {'STATE':<22} REASON")
         for r in sorted(shown, key=lambda r: (r.provider, r.key)):
             state = "refused" if r.refused else f"cooling {(r.until_ms - now) / 1000:.0f}s ({r.quota})"
-            click.echo(f"{r.provider:<12} {r.key:<20} {state:<22} {r.reason[:100]}")
+            click.echo(f"{r.provider:<12} {r.key:<20} {state:<22} {_printable(r.reason[:100])}")
 
     _run(main)
 

@@ -17,8 +17,9 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from hive_bus import Settings
+from hive_bus._client import Hive
 from hive_bus._embedded import EmbeddedServerError, NatsServer, memory_limit
-from hive_bus._messages import Queued
+from hive_bus._messages import Queued, now_ms
 from hive_bus._settings import load_settings
 from hive_bus.bus import open_bus
 
@@ -624,6 +625,34 @@ async def test_keys_clear_puts_a_refused_key_back(nats_server: NatsServer) -> No
         cleared = hive_cli(["keys", "--clear", "groq", "k2"], env=env)
         assert (cleared.returncode, cleared.stdout.strip()) == (0, "groq key k2 cleared"), cleared
         assert hive_cli(["keys"], env=env).stdout.strip() == "every key is usable"
+
+
+@pytest.mark.anyio
+async def test_stats_and_keys_show_a_providers_words_as_one_line_of_escapes(nats_server: NatsServer) -> None:
+    # a cooldown's reason is what the provider (or a proxy before it) said in its 429: a newline and
+    # escape sequences in it went to the operator's terminal as they were, as in hive watch
+    from hive_bus._bus import ensure_consumers
+    from hive_bus._cooldown import KeyCooldowns
+
+    from .conftest import make_settings
+
+    settings = make_settings(nats_server.url)
+    env = {f"HIVE_{name.upper()}": str(getattr(settings, name)) for name in _BUS_SHAPE}
+    env |= {"HIVE_NATS_URL": nats_server.url, "HIVE_PREFIX": settings.prefix}
+    said = "429 from the proxy\n\x1b]0;pwned\x07\x1b[2K"
+    async with open_bus(settings) as bus:
+        await ensure_consumers(bus.js, settings, "groq")  # a provider hive stats lists: one served
+        await Hive(bus).submit("groq", "un tuit")
+        cooldowns = KeyCooldowns(bus.nc, bus.providers_kv, bus.names.providers_bucket, "groq", ["default"])
+        await cooldowns.impose("default", now_ms() + 600_000, said, "minute", "w1")
+        stats = hive_cli(["stats"], env=env)
+        keys = hive_cli(["keys"], env=env)
+    escaped = "429 from the proxy\\n\\x1b]0;pwned\\x07\\x1b[2K"
+    for listed in (stats, keys):
+        assert listed.returncode == 0, listed
+        (line,) = [line for line in listed.stdout.splitlines() if line.startswith("groq")]
+        assert line.endswith(escaped), line
+        assert not any(c in listed.stdout for c in "\x1b\x07")
 
 
 _BUS_SHAPE = (
