@@ -42,19 +42,13 @@ from ._counts import submitted_counts
 from ._expiry import record_expired
 from ._messages import Failed, Task, task_decoder
 from ._nats import delete_message
+from ._settings import wait_limit_s
 from ._stats import queue_marks
 
 log = logging.getLogger("hive_bus.ageing")
 
 # at most this many tasks failed per provider and sweep: a backlog is taken over a few sweeps
 MAX_PER_SWEEP = 1000
-
-
-def wait_limit_s(max_age_s: float, every_s: float) -> float:
-    """How long a task may wait in the queue before it is failed ``expired``: the stream's ``max_age``
-    less a margin that leaves the sweeps (every ``every_s``) time to see it first: a tenth of the age,
-    at least two sweeps, at most half the age."""
-    return max_age_s - min(max_age_s / 2, max(max_age_s / 10, 2 * every_s))
 
 
 class Ageing:

@@ -76,7 +76,7 @@ from ._publish import FIRST_ON_SUBJECT, Extra, JetStreamPublisher, PubAck, Publi
 from ._route import CheapestRouter
 from ._schedules import Schedule, ScheduleRequest, Schedules
 from ._served import ServedProviders, WebhooksSeen
-from ._settings import Settings, load_settings
+from ._settings import Settings, load_settings, wait_limit_s
 from ._size import header_bytes
 from ._stats import ProviderStats, provider_stats
 from ._streamed import DEFAULT_KEEPALIVE_S, TaskStream, open_stream
@@ -153,6 +153,28 @@ def key_msg_id(key: str) -> str:
     if _HEADER_SAFE.fullmatch(key):
         return f"key:{key}"
     return "key#" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_start(request: TaskRequest, settings: Settings, where: str = "") -> None:
+    """Raise :class:`msgspec.ValidationError` naming ``not_before`` if it is further ahead than a task
+    may wait (:func:`wait_limit_s` of ``HIVE_EVENTS_MAX_AGE_S``): until its time the task's one record
+    is its ``queued`` event, which the events stream drops at that age, and its start timer would then
+    find no task to queue. ``where``: the task's place in a batch (``tasks[3]``), reported as msgspec
+    reports a type's own check."""
+    if request.not_before is None:
+        return
+    limit_s = wait_limit_s(settings.events_max_age_s, settings.audit_every_s)
+    ahead_s = request.not_before.timestamp() - now_ms() / 1000
+    if ahead_s > limit_s:
+        raise msgspec.ValidationError(
+            f"`not_before` is {_span(ahead_s)} away, past the {_span(limit_s)} a task may wait on this "
+            f"bus (it forgets a task after HIVE_EVENTS_MAX_AGE_S, {_span(settings.events_max_age_s)}): "
+            "submit it later, or raise HIVE_EVENTS_MAX_AGE_S" + (f" - at `$.{where}`" if where else "")
+        )
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds:.0f}s" + (f" ({seconds / 86400:.1f} days)" if seconds >= 86400 else "")
 
 
 def check_fields(request: TaskRequest | dict[str, Any]) -> None:
@@ -233,14 +255,17 @@ class Hive:
 
     async def submit_request(self, request: TaskRequest) -> Accepted:
         """Queue a validated request. Raises :class:`BusUnavailable`, :class:`QueueFull`,
-        :class:`NestedTooDeep` for a payload or metadata nested deeper than ``MAX_NESTING``, or
-        :class:`TooLarge` for a task the bus cannot carry (its content over ``blob_max_bytes``)."""
+        :class:`NestedTooDeep` for a payload or metadata nested deeper than ``MAX_NESTING``,
+        :class:`msgspec.ValidationError` for a ``not_before`` further ahead than a task may wait
+        (:func:`check_start`), or :class:`TooLarge` for a task the bus cannot carry (its content over
+        ``blob_max_bytes``)."""
         warnings = await self._admit(request)
         return await self._submit_task(Task.from_request(request), request.idempotency_key, warnings)
 
     async def _admit(self, request: TaskRequest) -> tuple[str, ...]:
         """Check a request before it is queued (raises as :meth:`submit_request` says); its warnings."""
         check_fields(request)
+        check_start(request, self._bus.settings)
         warning = await self.unserved(request.provider)
         if warning is not None and self._bus.settings.reject_unserved:
             raise _refused(request.provider, warning)
@@ -308,6 +333,7 @@ class Hive:
                 check_fields(request)
             except NestedTooDeep as exc:
                 raise NestedTooDeep(f"tasks[{i}].{exc.field}", exc.limit) from None
+            check_start(request, self._bus.settings, f"tasks[{i}]")
         return await self._queue_batch(requests, task_ids)
 
     async def _queue_batch(
@@ -388,6 +414,7 @@ class Hive:
         for i, request in enumerate(requests):
             try:
                 items.append(validate(request))  # Structs are not checked when built in Python
+                check_start(items[-1], self._bus.settings)
             except msgspec.ValidationError as exc:
                 raise msgspec.ValidationError(f"task {i}: {exc}") from None
         ids: list[str | None] = [None] * len(items)

@@ -10,6 +10,7 @@ import logging
 
 import anyio
 import httpx
+import msgspec
 import nats.js.errors
 import pytest
 
@@ -243,6 +244,44 @@ async def test_not_before_over_http_is_scheduled_then_queued_by_the_server(bus: 
     assert completed.started_at_ms >= int(at.timestamp() * 1000)  # not run before its time
     kinds = [type(e).__name__ for e in events]
     assert kinds[:2] == ["Queued", "Queued"] and kinds[-1] == "Completed"  # scheduled, queued, ran
+
+
+async def test_a_not_before_past_what_the_bus_keeps_is_refused(nats_server: NatsServer) -> None:
+    """A task waits for its not_before as its ``queued`` event, which the events stream drops at
+    HIVE_EVENTS_MAX_AGE_S: one scheduled further ahead was accepted (202, scheduled) and, at its time,
+    'a start for task ... is refused: the bus knows no such task', never run and no longer on the bus
+    (the README's own 2026-12-24 example, submitted more than a week before). It is refused now, naming
+    the field, from the client, the HTTP API and a batch; one within the wait is scheduled as before."""
+    # a task may wait 60 s less a tenth, at least two audits, at most half: 30 s
+    settings = make_settings(nats_server.url, events_max_age_s=60, duplicate_window_s=30)
+    async with open_bus(settings) as bus:
+        hive = Hive(bus)
+        gateway = Gateway(hive, GatewayOptions(port=0))
+        try:
+            with pytest.raises(
+                msgspec.ValidationError, match=r"`not_before` is 4\ds away, past the 30s a task may wait"
+            ):
+                await hive.submit("later", "dentro de un minuto", not_before=_in(45))
+            lines = [TaskRequest(provider="later", prompt="x", not_before=_in(s)) for s in (20, 45)]
+            with pytest.raises(msgspec.ValidationError, match="task 1: `not_before` is"):  # submit --file
+                await hive.submit_many(lines)
+            async with (
+                anyio.create_task_group() as tg,
+                httpx.AsyncClient(base_url=gateway.url, timeout=10) as http,
+            ):
+                await tg.start(gateway.serve)
+                far = {"provider": "later", "prompt": "luego", "not_before": _in(45).isoformat()}
+                r = await http.post("/v1/tasks", json=far)
+                assert (r.status_code, r.json()["error"]["field"]) == (400, "not_before"), r.text
+                assert "HIVE_EVENTS_MAX_AGE_S" in r.json()["error"]["message"]
+                near = {**far, "not_before": _in(20).isoformat()}
+                batch = await http.post("/v1/tasks/batch", json={"tasks": [near, far]})
+                assert (batch.status_code, batch.json()["error"]["field"]) == (400, "tasks[1].not_before")
+                ok = await http.post("/v1/tasks", json=near)
+                assert (ok.status_code, ok.json()["status"]) == (202, "scheduled"), ok.text
+                gateway.stop()
+        finally:
+            await hive.close()
 
 
 async def test_a_scheduled_task_cancelled_never_runs(bus: Bus, hive: Hive) -> None:

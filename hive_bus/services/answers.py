@@ -18,7 +18,7 @@ import msgspec
 
 from hive_bus import Accepted, BusUnavailable, Hive, HiveError, QueueFull, TaskRequest
 from hive_bus._errors import TooLarge, Unserved
-from hive_bus._messages import explain, explain_error
+from hive_bus._messages import error_field, explain, explain_error
 from hive_bus._nesting import NestedTooDeep, check_json
 from hive_bus.services.list_reads import BUSY_RETRY_AFTER_S, ListsBusy
 
@@ -143,7 +143,10 @@ async def submit_one(hive: Hive, request: TaskRequest) -> Answer:
     """Queue one task: 202 once JetStream has stored it; 200 with the first task's id and current status
     when its idempotency key was already used. Raises what :meth:`Hive.submit_request` raises
     (answered by :func:`of_error`)."""
-    accepted = await hive.submit_request(request)
+    try:
+        accepted = await hive.submit_request(request)
+    except msgspec.ValidationError as exc:  # valid, but not on this bus: a not_before too far ahead
+        return invalid(explain_error(exc), field=error_field(exc))
     warnings = list(accepted.warnings)
     if accepted.duplicate:
         view = await hive.get(accepted.id)
@@ -174,7 +177,10 @@ async def submit_many(hive: Hive, tasks: list[TaskRequest]) -> Answer:
             if (warning := await hive.unserved(task.provider)) is not None:
                 return error(400, "unserved_provider", f"tasks[{i}]: {warning}; nothing was accepted",
                              field=f"tasks[{i}].provider")  # fmt: skip
-    content = batch_answer(await hive.submit_batch(tasks))
+    try:
+        content = batch_answer(await hive.submit_batch(tasks))
+    except msgspec.ValidationError as exc:  # as one task's: the whole batch, nothing queued
+        return invalid(explain_error(exc), field=error_field(exc))
     if content.rejected:
         return Answer(status=503, content=content, headers={"Retry-After": str(BUS_RETRY_AFTER_S)})
     return Answer(status=202, content=content)
