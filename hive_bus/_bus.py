@@ -690,8 +690,11 @@ async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
             await js.add_stream(want)
             log.info("created stream %s", want.name)
             return
-        except nats.js.errors.BadRequestError:
-            info = await js.stream_info(want.name)  # another process won the race
+        except nats.js.errors.BadRequestError as exc:
+            try:
+                info = await js.stream_info(want.name)  # another process won the race
+            except nats.js.errors.NotFoundError:  # refused, not raced: say why (the account's limits...)
+                raise BusConfigError(f"cannot create stream {want.name}: {exc.description}") from None
         except nats.js.errors.APIError as exc:
             raise BusConfigError(f"cannot create stream {want.name}: {exc.description}") from None
     have = info.config

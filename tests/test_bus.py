@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -27,6 +28,7 @@ from hive_bus._messages import is_task_id, new_task_id
 from hive_bus.bus import open_bus
 
 from .conftest import make_settings
+from .helpers import hive_cli
 
 pytestmark = pytest.mark.anyio
 
@@ -210,3 +212,32 @@ async def test_a_second_process_finds_every_object_as_it_would_declare_it(
     caplog.clear()
     await declare()
     assert [r.getMessage() for r in caplog.records if "keeps its own" in r.getMessage()] == []
+
+
+async def test_a_stream_the_account_has_no_room_for_says_why(tmp_path: Path) -> None:
+    """A provider's first stream refused by the account's max_streams ('maximum number of streams
+    reached', a 400 as a lost race is) was read back as if another process had made it: hive worker
+    logged 'the echo consumers are not there yet (... stream not found)' and waited for them for ever,
+    and each submission logged 'the events stream of provider ... is not there'. The stream and
+    JetStream's reason are named now, and the worker exits 1."""
+    conf = tmp_path / "account.conf"
+    conf.write_text("accounts { A { jetstream { max_streams: 12 }, users: [ {user: u, password: p} ] } }\n")
+    server = NatsServer(tmp_path / "store", config=conf)
+    server.start()
+    try:
+        settings = make_settings(server.url, nats_user="u", nats_password="p")
+        async with open_bus(settings) as bus:
+            while (await bus.js.account_info()).streams < 12:  # the rest of the account's room, taken
+                n = (await bus.js.account_info()).streams
+                await bus.js.add_stream(StreamConfig(name=f"OTHER_{n}", subjects=[f"other.{n}"]))
+            with pytest.raises(BusConfigError, match=r"_EVENTS_echo: maximum number of streams reached"):
+                await ensure_consumers(bus.js, settings, "echo")
+        env = {
+            "HIVE_NATS_URL": server.url, "HIVE_PREFIX": settings.prefix, "HIVE_NATS_USER": "u",
+            "HIVE_NATS_PASSWORD": "p", "HIVE_HEARTBEAT_INTERVAL_S": "0.5", "HIVE_HEARTBEAT_TTL_S": "1.5",
+        }  # fmt: skip
+        worker = hive_cli(["worker", "echo"], env=env, timeout_s=20)
+    finally:
+        server.stop()
+    assert worker.returncode == 1, worker.stderr
+    assert "_EVENTS_echo: maximum number of streams reached" in worker.stderr, worker.stderr
