@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import typing
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -595,6 +596,33 @@ async def test_a_line_larger_than_a_task_may_carry_fails_validation(nats_server:
         assert done.status == "failed"
         assert done.errors is not None and done.errors.data is not None
         assert [(e.line, e.code) for e in done.errors.data] == [(2, "too_large")]
+
+
+async def test_a_batch_that_cannot_queue_its_lines_logs_why(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch whose lines the bus refused (the tasks stream full) logged every 2 s 'batch ...: unhandled
+    errors in a TaskGroup (1 sub-exception); trying again in 2s', which says neither what nor where: the
+    error raised inside the step's own task group came in a group of its own. The log says the error."""
+    settings = make_settings(nats_server.url, tasks_max_msgs=2)
+    async with serving(settings) as stack:
+        for i in range(2):
+            await stack.hive.submit("nobody", f"ocupa {i}")
+        caplog.set_level(logging.WARNING, logger="hive_bus.batches")
+        uploaded = await stack.client.files.create(
+            file=("l.jsonl", io.BytesIO(jsonl([line("a", "hola")]))), purpose="batch"
+        )
+        batch = await stack.client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+
+        async def retried() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+
+        [said, *_] = await eventually(retried, 15, "the batch runner to try again")
+        assert "_TASKS stream is full (maximum messages exceeded)" in said, said
+        assert said.startswith(f"batch {batch.id}: ")
+        assert (await stack.client.batches.retrieve(batch.id)).status == "in_progress"
 
 
 async def test_a_line_cut_off_between_its_queued_event_and_its_task_is_queued_again_on_resume(

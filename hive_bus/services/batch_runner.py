@@ -316,6 +316,13 @@ async def _stored(bus: Bus, provider: str, config: ConsumerConfig) -> int:
     return int(info.num_pending or 0)
 
 
+def _first(group: BaseExceptionGroup[HiveError]) -> HiveError:
+    """The first error of ``group``, however deep: one raised in a task group inside the step's comes in
+    a group of its own, whose message says only how many it holds."""
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 class BatchRunner:
     """Drives every batch of the bus: ``await tg.start(runner.run)``."""
 
@@ -402,7 +409,7 @@ class BatchRunner:
                 except* BatchNotFound:  # deleted from the bucket: nothing left to run
                     gone = True
                 except* HiveError as group:  # the bus away, a model gone: try again
-                    error = group.exceptions[0] if isinstance(group.exceptions[0], Exception) else group
+                    error = _first(group)
                     log.warning("batch %s: %s; trying again in %gs", batch_id, error, RETRY_S)
                 except* Exception as group:  # never the gateway's end: logged, and tried again later
                     error = group
