@@ -15,7 +15,8 @@ declares the bus (a worker's credential may not: it is told to start the gateway
 3. the tasks stream is made anew, without its RePublish (a task put back already has its ``queued``
    event, with its body), and every copied task is published back on
    ``<prefix>.tasks.<provider>.<priority>.<task id>`` with its de-duplication id, unless a message of
-   that task is there already (a put-back cut short);
+   that task is there already (a put-back cut short; the stream then takes this start's limits, so that
+   one cut short by them goes on once they are raised);
 4. the RePublish is turned on, and the copy deleted.
 
 A message that does not decode as a task is put back all the same (on a task id token made from its
@@ -82,6 +83,8 @@ async def upgrade_tasks_stream(js: JetStreamContext, settings: Settings) -> None
             info = None
         if info is None:
             await js.add_stream(tasks_stream_config(settings, republish=False))
+        else:  # made by an upgrade cut short: with this start's limits (raised, if they cut it short)
+            await js.update_stream(tasks_stream_config(settings, republish=False))
         back = await _put_back(js, settings)
         await js.update_stream(tasks_stream_config(settings))
         await js.delete_stream(names.upgrade_stream)
@@ -89,7 +92,8 @@ async def upgrade_tasks_stream(js: JetStreamContext, settings: Settings) -> None
         raise BusConfigError(
             f"stream {names.tasks_stream} could not be upgraded from work-queue to limits retention: "
             f"{exc.description}. Its tasks are kept in {names.upgrade_stream} (if it exists) or in it; "
-            "start the gateway again to go on"
+            "start the gateway again to go on (with HIVE_TASKS_MAX_MSGS and HIVE_TASKS_MAX_BYTES that "
+            "hold them all, if the stream was full)"
         ) from None
     log.warning("upgrade: %s is a limits stream now; %d queued tasks were put back", names.tasks_stream, back)
 

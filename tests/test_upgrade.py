@@ -158,3 +158,30 @@ async def test_an_object_stored_before_chunks_were_kept_apart_is_still_read(bus:
     await bus.js.purge_stream(bus.names.blobs_stream, subject=f"{bus.names.blob_chunks(new.nuid)}.*")
     with pytest.raises(_blobs.BlobMissing, match="no longer in"):
         await _blobs.get(bus, new)
+
+
+async def test_an_upgrade_cut_short_by_the_tasks_streams_limits_goes_on_once_they_are_raised(
+    settings: Settings,
+) -> None:
+    """An old queue larger than HIVE_TASKS_MAX_MSGS stopped the put-back at the limit, and the tasks
+    stream made for it kept that limit: every later start, with the limit raised too, stopped again
+    ('maximum messages exceeded ... start the gateway again to go on'), so the gateway never started.
+    The stream takes the limits of the start that goes on, and the refusal says which settings."""
+    ids = await _old_bus(settings)
+    names = settings.names
+    small = make_settings(settings.nats_url, prefix=settings.prefix, tasks_max_msgs=10)
+    with pytest.raises(BusConfigError, match="maximum messages exceeded") as caught:
+        async with open_bus(small):
+            pass
+    assert "HIVE_TASKS_MAX_MSGS" in str(caught.value)
+    async with open_bus(settings) as bus:
+        info = await bus.js.stream_info(names.tasks_stream)
+        assert info.config.republish is not None and info.state.messages == OLD_TASKS + 1
+        assert info.config.max_msgs == settings.tasks_max_msgs
+        hive = Hive(bus)
+        try:
+            async with running_worker(bus, "echo", EchoProvider()):
+                views = [await hive.wait(task_id, 10) for task_id in ids]
+            assert [v.output for v in views] == [f"tarea {i}" for i in range(OLD_TASKS)]
+        finally:
+            await hive.close()
