@@ -1,7 +1,7 @@
 """The claim check: what is too large for a message goes to the Object Store, and the message carries a
 :class:`BlobRef` to it.
 
-A task whose encoding is over ``claim_check_bytes`` keeps its prompt, system and payload in the
+A task whose encoding is over ``claim_check_bytes`` (or half the server's ``max_payload``, when less) keeps its prompt, system and payload in the
 ``<prefix>_blobs`` bucket (the client puts them there before it publishes); the worker reads them back
 before the call. An output over the same threshold goes there too, and the ``completed`` event carries
 the reference; :class:`hive_bus.Hive` reads it back wherever it answers a task's state. So tasks and
@@ -177,11 +177,18 @@ def content_bytes(task: Task) -> bytes:
     )
 
 
+def claim_check_bytes(bus: Bus) -> int:
+    """Above this size an encoded task or event goes by the claim check: ``claim_check_bytes``, or half
+    the server's ``max_payload`` when that is less (the message must fit in one, its headers with it,
+    and a task inside the event that carries it)."""
+    return min(bus.settings.claim_check_bytes, bus.nc.max_payload // 2)
+
+
 async def check_in(bus: Bus, task: Task, *, listed: bool = True) -> Task:
     """The task as it travels: itself when small, else with its content in the Object Store. Raises
     :class:`TooLarge` when its content is over ``blob_max_bytes``."""
     settings = bus.settings
-    if task.content is not None or len(encoder.encode(task)) <= settings.claim_check_bytes:
+    if task.content is not None or len(encoder.encode(task)) <= claim_check_bytes(bus):
         return task
     data = content_bytes(task)
     if len(data) > settings.blob_max_bytes:

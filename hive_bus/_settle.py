@@ -256,7 +256,7 @@ class Settler:
             reason=reason, error=_clipped(error), task=task, provider_status=status,
         )  # fmt: skip
         data = encoder.encode(event)
-        if len(data) > self._bus.settings.claim_check_bytes:
+        if len(data) > _blobs.claim_check_bytes(self._bus):
             # a task that came without the claim check (an older client): its content goes to the
             # object store so that its dead letter fits in a message
             try:
@@ -304,7 +304,7 @@ class Settler:
             await self.fail(d, "permanent", f"the output of {task.provider} is not JSON-serializable: {exc}")
             return
         settings = self._bus.settings
-        if len(data) > settings.claim_check_bytes:
+        if len(data) > _blobs.claim_check_bytes(self._bus):
             blob = encoder.encode(output.value)
             if len(blob) > settings.blob_max_bytes:
                 await self.fail(

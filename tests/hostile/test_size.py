@@ -329,3 +329,32 @@ async def test_a_worker_and_a_gateway_whose_connection_the_server_closed_exit_fo
 
 def _said(log: Path, words: str) -> bool:
     return log.exists() and words in log.read_text()
+
+
+async def test_a_server_whose_max_payload_is_under_the_claim_check_takes_a_task_between_them(
+    tmp_path: Path,
+) -> None:
+    """On a nats-server whose max_payload (8 KiB here) is under HIVE_CLAIM_CHECK_BYTES (64 KiB), a
+    task of 20 KB was refused, 413 'the task is 20226 bytes on tasks with its headers once its content is
+    in the object store (its metadata, params or fallbacks are too large)': its prompt was not in the
+    object store, which took only tasks over 64 KiB (a task of 100 KB went through). The README
+    promises up to HIVE_BLOB_MAX_BYTES whatever max_payload: the claim check now takes what is over
+    half the server's max_payload too, task and output alike."""
+    conf = tmp_path / "small.conf"
+    conf.write_text("max_payload: 8192\n")
+    server = NatsServer(tmp_path / "store", config=conf)
+    server.start()
+    try:
+        async with open_bus(make_settings(server.url)) as bus:
+            assert bus.nc.max_payload == 8192
+            hive = Hive(bus)
+            try:
+                prompt = "palabra " * 2500  # 20 KB
+                task_id = await hive.submit("echo", prompt)
+                async with running_worker(bus, "echo", EchoProvider()):
+                    view = await hive.wait(task_id, 15)
+            finally:
+                await hive.close()
+    finally:
+        server.stop()
+    assert (view.status, view.output) == ("completed", prompt)
