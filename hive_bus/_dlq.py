@@ -23,10 +23,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from . import _cancel
 from ._assigned import assignment
 from ._bus import Bus, ensure_dlq_stream, stream_names
-from ._errors import BusUnavailable, HiveError, TaskNotFound, TooLarge
+from ._errors import BusUnavailable, HiveError, QueueFull, TaskNotFound, TooLarge
 from ._messages import Failed, Task, encoder, event_decoder, is_task_id, new_seal, now_ms
 from ._names import check_provider
 from ._nats import BUS_ERRORS, delete_message, unsubscribe
+from ._publish import QUEUE_FULL_RETRY_S, STREAM_FULL_CODES
 from ._size import js_publish
 from ._timers import deadline_schedule, ensure_schedules_stream
 
@@ -204,6 +205,12 @@ async def replay(bus: Bus, task_id: str) -> Replayed:
         for stream, last in letters.items():
             await bus.js.purge_stream(stream, subject=names.dead_letters_of(task.id), seq=last + 1)
     except BUS_ERRORS as exc:
+        if getattr(exc, "err_code", None) in STREAM_FULL_CODES:  # as a submission to a full queue is told
+            raise QueueFull(
+                f"could not replay task {task_id}: the {names.tasks_stream} stream is full "
+                f"({getattr(exc, 'description', exc)}); it stays among the dead letters",
+                retry_after_s=QUEUE_FULL_RETRY_S,
+            ) from None
         raise BusUnavailable(f"could not replay task {task_id}: {exc}") from None
     return Replayed(task.id, task.provider, task.run)
 

@@ -244,8 +244,9 @@ def _headers(msg_id: str | None, stream: str) -> dict[str, str]:
     return headers
 
 
-# JetStream's answer when a discard-new stream is at its limits.
-_STREAM_FULL_CODES = frozenset({10077})
+# JetStream's answer when a discard-new stream is at its limits, and when a client is told to try again.
+STREAM_FULL_CODES = frozenset({10077})
+QUEUE_FULL_RETRY_S = 5.0
 # JetStream's answer to a publish whose expected last sequence on its subject is not the subject's:
 # "wrong last sequence: <the subject's last sequence>".
 _WRONG_LAST_SEQUENCE = 10071
@@ -264,10 +265,10 @@ def stored(outcome: Outcome, stream: str, timeout_s: float) -> PubAck:
     if isinstance(outcome, PublishRefused):
         if (held := _held_at(outcome)) is not None:  # a FIRST_ON_SUBJECT publish, sent before
             return PubAck(stream=stream, seq=held, duplicate=True)
-        if outcome.err_code in _STREAM_FULL_CODES or "exceeded" in outcome.description:
+        if outcome.err_code in STREAM_FULL_CODES or "exceeded" in outcome.description:
             raise QueueFull(
                 f"the {stream} stream is full ({outcome.description}); nothing was accepted",
-                retry_after_s=5.0,
+                retry_after_s=QUEUE_FULL_RETRY_S,
             )
         raise BusUnavailable(f"JetStream refused the publish to {stream}: {outcome.description}")
     if isinstance(outcome, NoStream):

@@ -19,11 +19,14 @@ from hive_bus import (
     Hive,
     ProviderKey,
     ProviderStats,
+    QueueFull,
     Task,
     TaskRequest,
     TaskView,
 )
 from hive_bus._budget import BudgetError, Ledger, ProviderBudget, load_budgets
+from hive_bus._bus import open_bus
+from hive_bus._embedded import NatsServer
 from hive_bus._messages import Moved, Retrying, Running, now_ms
 from hive_bus._router import Router
 from hive_bus.bus import Bus
@@ -31,6 +34,8 @@ from hive_bus.workers.echo import EchoProvider
 from hive_bus.workers.gemini import GeminiProvider
 from hive_bus.workers.groq import GroqProvider
 
+from . import handlers
+from .conftest import make_settings
 from .fakes import ProviderFakes
 from .helpers import events_of, eventually, running_worker
 
@@ -238,6 +243,25 @@ async def test_dead_letters_are_listed_and_replayed_with_their_history(bus: Bus,
     assert [x.failed.task_id for x in await hive.dead_letters()] == [ids[0], ids[2]]
     assert await hive.purge_dead_letters(provider="picky") == 2
     assert await hive.dead_letters() == []
+
+
+async def test_a_replay_into_a_full_queue_is_refused_as_a_submission_is(nats_server: NatsServer) -> None:
+    """A dead letter replayed while the tasks stream is full (HIVE_TASKS_MAX_MSGS) was refused as if the
+    bus were down: BusUnavailable, 503 bus_unavailable, 'could not replay task ...: nats:
+    ServiceUnavailableError: code=503 err_code=10077 description='maximum messages exceeded''. It is a
+    QueueFull now, as a submission's (503 queue_full with Retry-After), and the letter stays."""
+    async with open_bus(make_settings(nats_server.url, tasks_max_msgs=2)) as bus:
+        hive = Hive(bus)
+        try:
+            failed = await hive.submit("picky", "falla")
+            async with running_worker(bus, "picky", FunctionProvider(handlers.refuse)):
+                assert (await hive.wait(failed, 10)).status == "failed"
+            await hive.submit("nobody", "ocupa el último sitio")
+            with pytest.raises(QueueFull, match=r"_TASKS stream is full .*stays among the dead letters"):
+                await hive.replay(failed)
+            assert [x.failed.task_id for x in await hive.dead_letters()] == [failed]
+        finally:
+            await hive.close()
 
 
 async def test_a_replayed_task_that_fails_again_at_once_keeps_its_new_dead_letter(
