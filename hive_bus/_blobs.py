@@ -1,8 +1,9 @@
 """The claim check: what is too large for a message goes to the Object Store, and the message carries a
 :class:`BlobRef` to it.
 
-A task whose encoding is over ``claim_check_bytes`` (or half the server's ``max_payload``, when less) keeps its prompt, system and payload in the
-``<prefix>_blobs`` bucket (the client puts them there before it publishes); the worker reads them back
+A task whose encoding is over ``claim_check_bytes`` (or half the server's ``max_payload``, when less)
+keeps its prompt, system and payload in the ``<prefix>_blobs`` bucket (the client puts them there before
+it publishes); the worker reads them back
 before the call. An output over the same threshold goes there too, and the ``completed`` event carries
 the reference; :class:`hive_bus.Hive` reads it back wherever it answers a task's state. So tasks and
 outputs up to ``blob_max_bytes`` travel whatever the server's ``max_payload``.

@@ -336,6 +336,6 @@ def redact_url(url: str) -> str:
 
 def wait_limit_s(max_age_s: float, every_s: float) -> float:
     """How long a task may wait in the queue before it is failed ``expired``, and for its ``not_before``
-    at most: the stream's ``max_age`` less a margin that leaves the sweeps (every ``every_s``) time to see it first: a tenth of the age,
-    at least two sweeps, at most half the age."""
+    at most: the stream's ``max_age`` less a margin that leaves the sweeps (every ``every_s``) time to
+    see it first: a tenth of the age, at least two sweeps, at most half the age."""
     return max_age_s - min(max_age_s / 2, max(max_age_s / 10, 2 * every_s))
