@@ -4,6 +4,7 @@ restarted one neither loses nor doubles a line."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -22,7 +23,7 @@ import pytest
 from openai.types import Batch as OpenAIBatch
 from openai.types import FileObject
 
-from hive_bus import FailNow, FunctionProvider, Hive, Queued, Settings, Task, TaskRequest
+from hive_bus import FailNow, FunctionProvider, Hive, Queued, Settings, Task, TaskNotFound, TaskRequest
 from hive_bus._batches import Batch, BatchStore, RequestCounts, create_batch, estimate, line_task_id, replace
 from hive_bus._budget import load_budgets
 from hive_bus._bus import ensure_events
@@ -746,6 +747,14 @@ async def test_a_batch_whose_input_file_is_gone_fails_saying_so(settings: Settin
     async with serving(settings) as stack:  # no gemini worker: the line waits in the queue
         client = stack.client
         uploaded, batch = await _one_line_waiting(client)
+        stored = await (await BatchStore.open(stack.bus)).get(batch.id)
+
+        async def queued() -> bool:  # in_progress comes as the batch starts queuing its lines
+            with contextlib.suppress(TaskNotFound):
+                return (await stack.hive.get(line_task_id(stored, 0))).status == "queued"
+            return False
+
+        await eventually(queued, 10, "the line's task to be queued")
         await (await FileStore.open(stack.bus)).delete(uploaded.id)
         await client.batches.cancel(batch.id)
         done = await ended(client, batch.id, timeout_s=30)
