@@ -320,3 +320,26 @@ async def test_the_dashboard_page_and_its_files(stack: Stack) -> None:
     doc = (await stack.http.get("/openapi.json")).json()
     assert "/v1/events" in doc["paths"] and "/" not in doc["paths"]
     assert "text/event-stream" in doc["paths"]["/v1/events"]["get"]["responses"]["200"]["content"]
+
+
+async def test_a_gateway_serves_so_many_feeds_at_once_and_answers_one_more_busy(settings: Settings) -> None:
+    # each feed holds consumers and the events its client has yet to read: 150 open at once took a
+    # gateway past a gigabyte and its NATS connection down (services.feeds)
+    async with serving(settings, feeds_at_once=2) as s:
+        http = s.http
+        task_id = await submit(http, "echo", "hola")
+        async with feed(http) as first, feed(http, f"/v1/tasks/{task_id}/events"):
+            busy = await http.get("/v1/events")
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "2", busy.text
+            problem = busy.json()["error"]
+            assert problem["code"] == "busy" and "2 event feeds" in problem["message"], busy.text
+            assert (await http.get(f"/v1/tasks/{task_id}/events")).status_code == 503
+            await submit(http, "echo", "the open feeds go on")
+            await first.until("the task", lambda: len(first.messages) >= 1)
+        # closed (the gateway hears of it a moment later): their slots are free again
+
+        async def served() -> bool:
+            async with http.stream("GET", "/v1/events") as response:
+                return response.status_code == 200
+
+        await eventually(served, 10, "a feed served again")

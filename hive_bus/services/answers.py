@@ -20,6 +20,7 @@ from hive_bus import Accepted, BusUnavailable, Hive, HiveError, QueueFull, TaskR
 from hive_bus._errors import TooLarge, Unserved
 from hive_bus._messages import error_field, explain, explain_error
 from hive_bus._nesting import NestedTooDeep, check_json
+from hive_bus.services.feeds import FeedsBusy
 from hive_bus.services.list_reads import BUSY_RETRY_AFTER_S, ListsBusy
 
 log = logging.getLogger("hive_bus.gateway")
@@ -129,7 +130,7 @@ def of_error(exc: HiveError) -> Answer | None:
         return error(400, "unserved_provider", str(exc), field="provider")
     if isinstance(exc, QueueFull):
         return error(503, "queue_full", str(exc), **{"Retry-After": str(int(exc.retry_after_s))})
-    if isinstance(exc, ListsBusy):
+    if isinstance(exc, ListsBusy | FeedsBusy):
         return error(503, "busy", str(exc), **{"Retry-After": str(BUSY_RETRY_AFTER_S)})
     if isinstance(exc, BusUnavailable):
         return error(503, "bus_unavailable", str(exc), **{"Retry-After": str(BUS_RETRY_AFTER_S)})

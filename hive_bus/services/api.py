@@ -57,6 +57,7 @@ from hive_bus._nats import BUS_ERRORS
 
 from . import answers
 from .answers import BatchAccepted, ErrorBody, TaskAccepted
+from .feeds import Feeds
 from .list_reads import ListReads
 from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics, UsageSince, lost_count
 from .webhooks import urls as webhook_urls
@@ -255,7 +256,8 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
                     if is_final(event):
                         return
 
-    return ServerSentEvent(events())
+    feeds: Feeds = state.feeds
+    return ServerSentEvent(feeds.opened(events()))
 
 
 @get(
@@ -333,7 +335,8 @@ async def all_events(
                     data=body.decode(errors="replace"), event=_fed_status(status, body), id=event_id(read)
                 )
 
-    return ServerSentEvent(events())
+    feeds: Feeds = state.feeds
+    return ServerSentEvent(feeds.opened(events()))
 
 
 def _fed_status(status: str, body: bytes) -> str:

@@ -49,6 +49,7 @@ from .board_api import BOARD_ROUTES, TASK_ROUTES, WebhookWatch
 from .dlq_api import DLQ_ROUTES
 from .edge import Edge
 from .fastpath import FastSubmit
+from .feeds import FEEDS_AT_ONCE, Feeds
 from .files_api import FILE_ROUTES
 from .limits import ConnectionLimits, HttpChoice, ensure_file_limit, http_parser, limited_protocol
 from .list_reads import ListReadLimits, ListReads
@@ -89,6 +90,8 @@ class GatewayOptions:
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     # how many task lists (GET /v1/tasks) the gateway reads at once, and how long one waits its turn
     list_reads: ListReadLimits = field(default_factory=ListReadLimits)
+    # how many event feeds (GET /v1/events, GET /v1/tasks/{id}/events) the gateway serves at once
+    feeds_at_once: int = FEEDS_AT_ONCE
 
 
 # errors ------------------------------------------------------------------------------------------
@@ -187,6 +190,7 @@ def create_app(
         "webhooks": options.webhooks,
         "webhook_watch": WebhookWatch(),
         "list_reads": ListReads(options.list_reads),
+        "feeds": Feeds(options.feeds_at_once),
     }
     app = Litestar(
         route_handlers=[
