@@ -273,8 +273,9 @@ def stored(outcome: Outcome, stream: str, timeout_s: float) -> PubAck:
         raise BusUnavailable(f"JetStream refused the publish to {stream}: {outcome.description}")
     if isinstance(outcome, NoStream):
         raise BusUnavailable(f"JetStream did not store the publish to {stream}: no stream answered")
-    raise BusUnavailable(
-        f"JetStream did not store the publish to {stream}: no acknowledgement within {timeout_s:g}s"
+    raise BusUnavailable(  # stored or not: the ack may be what was lost
+        f"no acknowledgement from {stream} within {timeout_s:g}s: it may be stored all the same (sent "
+        "again with the same idempotency key, it is stored once)"
     )
 
 
