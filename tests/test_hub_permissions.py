@@ -306,8 +306,16 @@ async def _stream_exists(gw: Client) -> bool:
     return info.config.name == "HIVE_TASKS"
 
 
-async def _no_consumer_on(gw: Client, stream: str) -> bool:
-    return (await gw.js.stream_info(stream)).state.consumer_count == 0
+def _consumer_on(stream: str, subject: str) -> Forbidden:
+    """A consumer of ``stream`` filtered on the worker's own provider's ``subject``, refused."""
+    config = ConsumerConfig(name="mine", filter_subject=subject, ack_policy=AckPolicy.NONE)
+
+    async def no_consumer(gw: Client) -> bool:
+        return (await gw.js.stream_info(stream)).state.consumer_count == 0
+
+    return Forbidden(
+        f"$JS.API.CONSUMER.CREATE.{stream}.", lambda w: w.js.add_consumer(stream, config), no_consumer
+    )
 
 
 async def _no_consumer(gw: Client) -> bool:
@@ -372,23 +380,9 @@ FORBIDDEN = {
     ),
     # its provider's cancels are heard and looked up, never read through a consumer: one credential
     # that may make consumers may make them until the account has none left for anyone
-    "make a consumer on its provider's cancels": Forbidden(
-        "$JS.API.CONSUMER.CREATE.KV_hive_cancels.",
-        lambda w: w.js.add_consumer(
-            "KV_hive_cancels",
-            ConsumerConfig(name="mine", filter_subject="$KV.hive_cancels.beta.*", ack_policy=AckPolicy.NONE),
-        ),
-        lambda gw: _no_consumer_on(gw, "KV_hive_cancels"),
-    ),
+    "make a consumer on its provider's cancels": _consumer_on("KV_hive_cancels", "$KV.hive_cancels.beta.*"),
     # nor on the claim check's store: a large task's content is read a chunk at a time by direct gets
-    "make a consumer on its provider's chunks": Forbidden(
-        "$JS.API.CONSUMER.CREATE.OBJ_hive_blobs.",
-        lambda w: w.js.add_consumer(
-            "OBJ_hive_blobs",
-            ConsumerConfig(name="mine", filter_subject="$O.hive_blobs.C.beta.>", ack_policy=AckPolicy.NONE),
-        ),
-        lambda gw: _no_consumer_on(gw, "OBJ_hive_blobs"),
-    ),
+    "make a consumer on its provider's chunks": _consumer_on("OBJ_hive_blobs", "$O.hive_blobs.C.beta.>"),
     "delete its provider's consumer": Forbidden(
         "$JS.API.CONSUMER.DELETE.HIVE_TASKS.hive_beta_high",
         lambda w: w.js.delete_consumer("HIVE_TASKS", "hive_beta_high"),
