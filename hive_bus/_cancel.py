@@ -249,7 +249,11 @@ class CancelWatch:
 
     A reconnection forgets :attr:`_since` at once (what was put while the link was down was heard by no
     one): every task fetched is looked up until it is read again, and the tasks this worker holds are
-    looked up."""
+    looked up.
+
+    Behind a leaf node (a JetStream domain) the hub's ``$KV`` messages do not cross the link, so nothing
+    is heard: every task fetched is looked up, and the running calls are looked up every
+    :data:`RENEW_CHECK_S` (a task handed back to wait is looked up when it comes back)."""
 
     def __init__(
         self,
@@ -258,12 +262,15 @@ class CancelWatch:
         on_cancel: Callable[[str], Awaitable[None]],
         *,
         held: Callable[[], Iterable[str]] = tuple,
+        running: Callable[[], Iterable[str]] = tuple,
         size: int = 65_536,
     ) -> None:
         self._bus = bus
         self._provider = provider
         self._on_cancel = on_cancel
         self._held = held  # the ids of the tasks this worker holds (running, or waiting to be tried again)
+        self._running = running  # the ids of its running calls
+        self._deaf = bus.settings.js_domain is not None  # behind a leaf node: nothing is heard
         self._size = size  # ids remembered at most, of each kind (the newest): a bound on memory
         self._heard: OrderedDict[str, None] = OrderedDict()  # cancels heard, not yet looked up
         # ends looked up: each id with whether it ended while queued, and the run it ended (None: every run)
@@ -365,6 +372,11 @@ class CancelWatch:
         cluster's other servers (and a hub over a leaf link) a moment later, so the sequence is read
         :data:`LIVE_AFTER_S` after the subscription."""
         nc = self._bus.nc
+        while self._deaf:
+            await anyio.sleep(RENEW_CHECK_S)
+            for task_id in list(self._running()):
+                self._heard[task_id] = None
+                await self._on_cancel(task_id)
         while True:
             with anyio.move_on_after(RENEW_CHECK_S):
                 await self._since_due.wait()

@@ -177,7 +177,9 @@ class Worker:
             watch=bus.settings.js_domain is not None,
         )  # fmt: skip
         self.budgets = Budgets(bus.budgets_kv, options.provider, options.budget)
-        self.cancels = CancelWatch(bus, options.provider, self._on_cancel, held=self._held_ids)
+        self.cancels = CancelWatch(
+            bus, options.provider, self._on_cancel, held=self._held_ids, running=lambda: list(self._calls)
+        )
         self._calls: dict[str, anyio.CancelScope] = {}  # the running calls, by task id
         # which key may call now (cooldowns, refusals, no-quota memory, probes, budgets): one place
         self.ring = KeyRing(

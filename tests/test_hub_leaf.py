@@ -19,6 +19,7 @@ from hive_bus import Hive, Settings, load_settings
 from hive_bus._cooldown import CooldownRecord
 from hive_bus._embedded import NatsServer, nats_server_path
 from hive_bus._messages import encoder, now_ms
+from hive_bus._stats import QueueDepth, queue_depths
 from hive_bus._stats import _count as count
 from hive_bus.bus import open_bus
 from hive_bus.workers.echo import EchoProvider
@@ -206,3 +207,32 @@ async def test_the_site_works_on_once_its_link_to_the_hub_is_back(site: Site) ->
         assert all(v.attempt in (1, 2) for v in views)
         assert completions == [2, 2, 2]  # queued, completed: no retry, no second final event
         assert [(b.worker_id, b.failed, b.retried) for b in beats] == [(worker.id, 0, 0)]
+
+
+async def test_a_worker_behind_a_leaf_node_hears_the_hubs_cancels(site: Site) -> None:
+    """Workers hear cancels through a core subscription (no consumer), which crosses the leaf link: a
+    call the hub cancels is abandoned, and a task cancelled while queued behind it is never called
+    (each takes 30 s when called)."""
+    prefix = "hive"
+    async with open_bus(gateway_settings(site, prefix)) as hub_bus:
+        hive = Hive(hub_bus)
+        async with (
+            open_bus(site_settings(site, prefix)) as site_bus,
+            running_worker(site_bus, "farcancel", EchoProvider(), concurrency=1),
+        ):
+            running = await hive.submit("farcancel", "larga", payload={"delay_s": 30})
+
+            async def runs() -> bool:
+                return (await hive.get(running)).status == "running"
+
+            await eventually(runs, 10, "the call to run behind the leaf node")
+            await anyio.sleep(1.5)  # the worker's subscription surely live: a later task's cancel is heard
+            waiting = await hive.submit("farcancel", "en cola", payload={"delay_s": 30})
+            await hive.cancel(waiting)
+            await hive.cancel(running)
+
+            async def drained() -> bool:
+                return (await queue_depths(hub_bus))["farcancel"] == QueueDepth(0, 0)
+
+            await eventually(drained, 10, "both tasks let go")
+        assert [(await hive.get(t)).status for t in (running, waiting)] == ["cancelled", "cancelled"]
