@@ -19,8 +19,10 @@ from typing import Any
 
 import anyio
 import httpx
+import nats.aio.msg
 import nats.js.errors
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from standardwebhooks import Webhook
 
 from hive_bus import FunctionProvider, Hive, Settings, TaskRequest
@@ -29,7 +31,13 @@ from hive_bus._messages import Completed, WebhookSpec, encoder, now_ms
 from hive_bus._served import NO_WEBHOOKS
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayError, GatewayOptions
-from hive_bus.services.webhooks import WebhookConfigError, WebhookSettings, load_webhook_settings, records
+from hive_bus.services.webhooks import (
+    WebhookConfigError,
+    WebhookSettings,
+    dispatch,
+    load_webhook_settings,
+    records,
+)
 from hive_bus.workers.echo import EchoProvider
 
 from . import handlers
@@ -522,6 +530,54 @@ async def test_a_second_gateway_finds_the_webhook_streams_as_it_would_declare_th
     caplog.clear()
     await records.declare(bus, webhooks)
     assert [r.getMessage() for r in caplog.records if "keeps its own" in r.getMessage()] == []
+
+
+async def test_a_fetch_that_brings_more_than_was_free_is_handled_whole(bus: Bus) -> None:
+    # nats-py's fetch first hands over all its subscription holds, also what earlier pull requests
+    # brought after their fetch had ended (timed out; cancelled here, n of them, each left waiting on
+    # the server for one message): under a burst of task ends more than the free slots came at once,
+    # and the webhooks' loop raised WouldBlock, which stopped the gateway.
+    stream, durable = f"{bus.names.prefix.upper()}_LEFTOVERS", "leftovers"
+    n = dispatch.AT_ONCE + 6
+    await bus.js.add_stream(
+        StreamConfig(name=stream, subjects=[f"{stream}.>"], storage=StorageType.MEMORY, max_bytes=1024**2)
+    )
+    try:
+        await bus.js.add_consumer(stream, ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT))
+        sub = await bus.js.pull_subscribe_bind(durable, stream)
+        async with anyio.create_task_group() as tg:
+            for _ in range(n):
+                tg.start_soon(sub.fetch, 1, 10)
+            await eventually(lambda: waiting(bus, stream, durable, n), 10, f"{n} pull requests")
+            tg.cancel_scope.cancel()
+        for i in range(n):
+            await bus.js.publish(f"{stream}.{i}", str(i).encode())
+
+        async def all_delivered() -> bool:
+            return bool((await bus.js.consumer_info(stream, durable)).num_ack_pending == n)
+
+        await eventually(all_delivered, 10, f"{n} messages in the subscription")
+        handled: list[bytes] = []
+
+        async def handle(msg: nats.aio.msg.Msg) -> None:
+            handled.append(msg.data)
+            await msg.ack()
+
+        async def all_handled() -> bool:
+            return len(handled) == n
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(dispatch.Webhooks(bus, hooks())._loop, sub, handle, "leftovers")
+            await eventually(all_handled, 10, f"{n} handled")
+            tg.cancel_scope.cancel()
+        assert sorted(int(d) for d in handled) == list(range(n))
+        await sub.unsubscribe()
+    finally:
+        await bus.js.delete_stream(stream)
+
+
+async def waiting(bus: Bus, stream: str, durable: str, n: int) -> bool:
+    return bool((await bus.js.consumer_info(stream, durable)).num_waiting == n)
 
 
 # settings --------------------------------------------------------------------------------------------

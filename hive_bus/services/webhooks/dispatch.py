@@ -210,7 +210,9 @@ class Webhooks:
                     await anyio.sleep(1)
                     continue
                 for msg in msgs:
-                    slots.acquire_nowait()  # fetched no more than were free
+                    # a fetch hands over what earlier pull requests brought after theirs ended, too:
+                    # more than were free may come, and wait for a slot
+                    await slots.acquire()
                     tg.start_soon(handled, msg)
                 if after is not None:
                     await after(sub)
