@@ -152,6 +152,19 @@ def new_seal() -> str:
     return secrets.token_hex(8)
 
 
+def run_ended(headers: dict[str, str] | None) -> int:
+    """Which run of its task a final event ends, read from its de-duplication id
+    (:attr:`Task.final_msg_id`: ``<id>:final``, then the run when not the first, then the seal when
+    the task has one): 0 for the first run, and for an event without such an id."""
+    parts = (headers or {}).get("Nats-Msg-Id", "").split(":")
+    if len(parts) < 3 or parts[1] != "final":
+        return 0
+    run = parts[2]
+    if len(parts) == 3 and len(run) == 16:  # no run, then a seal (new_seal: 64 bits in hex)
+        return 0
+    return int(run) if run.isdigit() else 0
+
+
 class Params(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Sampling parameters passed to the provider."""
 

@@ -271,6 +271,33 @@ async def test_a_redelivered_task_is_counted_once(bus: Bus, hive: Hive) -> None:
     assert total(found, "hive_task_retries_total") == 0  # a drained task is handed back, not retried
 
 
+async def test_a_run_replayed_from_the_dead_letters_counts_its_own_outcome(bus: Bus, hive: Hive) -> None:
+    # A task failed out of attempts, replayed, and completed on its second run: /metrics and the charts
+    # counted a task's first final only, so every replayed run's completion (its tokens and cost too)
+    # was left out, of a gateway that followed the first end and of one started later alike.
+    async with following(bus) as metrics, running_worker(bus, "flaky", FunctionProvider(handlers.flaky)):
+        task_id = await hive.submit("flaky", "x", max_attempts=1)
+        assert (await hive.wait(task_id, 10)).status == "failed"
+        await hive.replay(task_id)
+
+        async def completed() -> bool:
+            return (await hive.get(task_id)).status == "completed"
+
+        await eventually(completed, 10, "the replayed run to complete")
+        found = await counted(metrics, "hive_tasks_completed_total", 1, provider="flaky", model="unknown")
+        assert value(found, "hive_tasks_failed_total", provider="flaky", reason="out_of_attempts") == 1
+        live = metrics.history_view()
+        assert (sum(live.completed), sum(live.failed)) == (1, 1)
+    async with following(bus) as later:  # its last hour read from the bus
+
+        async def backfilled() -> bool:
+            return later.history_view().backfilled
+
+        await eventually(backfilled, 10, "the history backfilled")
+        read = later.history_view()
+        assert (sum(read.completed), sum(read.failed)) == (1, 1)
+
+
 async def test_duplicate_results_are_counted_apart(bus: Bus, hive: Hive) -> None:
     """A worker whose final event JetStream refused as a duplicate reports it; the gateway counts the
     report by provider, never as a completion (the zombie worker case runs end to end in tests/faults)."""

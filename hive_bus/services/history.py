@@ -32,7 +32,7 @@ import anyio
 import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from hive_bus._messages import is_marker, now_ms, queued_marker
+from hive_bus._messages import is_marker, now_ms, queued_marker, run_ended
 from hive_bus._nats import BUS_ERRORS
 from hive_bus._nesting import Guarded
 from hive_bus.bus import Bus
@@ -265,7 +265,9 @@ class _Backfill:
         elif status == "retrying":
             if event.reason == "rate_limit" and event.called:
                 history.record_rate_limit(event.at_ms)
-        elif self._first(f"{on}:{task_id}:{'rejected' if event.reason == 'rejected' else 'final'}"):
+        elif self._first(
+            f"{on}:{task_id}:{'rejected' if event.reason == 'rejected' else 'final'}:{run_ended(headers)}"
+        ):
             if status == "completed":
                 history.record_completed(provider, event.at_ms, event.submitted_at_ms, event.started_at_ms)
             elif status == "cancelled":

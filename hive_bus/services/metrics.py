@@ -71,6 +71,7 @@ from hive_bus._messages import (
     beat_of,
     event_decoder,
     now_ms,
+    run_ended,
 )
 from hive_bus._nats import BUS_ERRORS, why
 from hive_bus._stats import QueueDepth, queue_depths
@@ -432,9 +433,10 @@ class BusMetrics:
         on = self._bus.names.provider_of_subject(subject)
         if event.provider != on:
             return  # a worker may write under its own provider only: an event naming another is forged
-        # Counted under the provider whose subject it is on; a final is counted once per task and
-        # provider, so that another credential's forged final of a task cannot hide the real one.
-        provider = self._provider_label(on)
+        # Counted under the provider whose subject it is on; a final is counted once per task, run and
+        # provider, so that another credential's forged final of a task cannot hide the real one, and
+        # a run replayed from the dead letters counts its own outcome.
+        provider, run = self._provider_label(on), run_ended(headers)
         match event:
             case Retrying():
                 self._series(self._retries, provider, event.reason).inc()
@@ -445,19 +447,19 @@ class BusMetrics:
                 # A rejected submission is recorded outside the worker's final events (and may be
                 # followed by the same task's completion once it is queued again).
                 kind = "rejected" if event.reason == "rejected" else "final"
-                if self._first_time(f"{on}:{event.task_id}:{kind}"):
+                if self._first_time(f"{on}:{event.task_id}:{kind}:{run}"):
                     self._series(self._failed, provider, event.reason).inc()
                     self.history.record_failed(provider, event.at_ms, live=True)
                     if event.reason == "lost":
                         self._lost.inc()
             case Completed():
-                if self._first_time(f"{on}:{event.task_id}:final"):
+                if self._first_time(f"{on}:{event.task_id}:final:{run}"):
                     self._completed_task(provider, event)
                     self.history.record_completed(
                         provider, event.at_ms, event.submitted_at_ms, event.started_at_ms, live=True
                     )
             case Cancelled():
-                if self._first_time(f"{on}:{event.task_id}:final"):
+                if self._first_time(f"{on}:{event.task_id}:final:{run}"):
                     self._series(self._cancelled, provider, event.was).inc()
             case _:
                 pass  # running: nothing to count
