@@ -360,9 +360,10 @@ class CancelWatch:
             pass
         except nats.errors.TimeoutError:
             raise BusRefused(
-                f"no answer to a read of the {self._provider} cancels in KV_{names.cancels_bucket}: a worker "
-                "credential made before workers read them without a consumer may not; print its block again "
-                'with nats/worker-user.sh (README, "Upgrading a hub")'
+                f"no answer to a read of the {self._provider} cancels in KV_{names.cancels_bucket} within "
+                f"{bus.settings.request_timeout_s:g}s (a worker credential made before workers read them "
+                "without a consumer may not: print its block again with nats/worker-user.sh, README "
+                '"Upgrading a hub")'
             ) from None
         self._since_due.set()
 

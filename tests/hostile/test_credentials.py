@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,7 +22,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig, StorageType
 
-from hive_bus import FunctionProvider, Hive, Settings, Task, load_settings
+from hive_bus import BusRefused, FunctionProvider, Hive, Settings, Task, Worker, WorkerOptions, load_settings
 from hive_bus._bus import BUCKET_MAX_BYTES, VALUE_MAX_BYTES, ensure_consumers, ensure_events
 from hive_bus._dlq import NotReplayable
 from hive_bus._embedded import NatsServer
@@ -47,6 +48,9 @@ pytestmark = pytest.mark.anyio
 
 ATTACKER = WorkerUser("mallory", ("echo",))
 GEMINI = WorkerUser("gem", ("gemini",))
+OLD = WorkerUser(
+    "old", ("gemini",)
+)  # its block as worker-user.sh made it before cancels were read without a consumer
 REFUSED_S = 0.5  # a request the server refuses is never answered: it times out
 
 
@@ -54,11 +58,26 @@ REFUSED_S = 0.5  # a request the server refuses is never answered: it times out
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Hub, NatsServer]]:
     base = tmp_path_factory.mktemp("hostile-hub")
     certs = make_certs(
-        base / "certs", servers=["localhost", "127.0.0.1"], clients=["gateway", ATTACKER.name, GEMINI.name]
+        base / "certs",
+        servers=["localhost", "127.0.0.1"],
+        clients=["gateway", ATTACKER.name, GEMINI.name, OLD.name],
     )
-    rendered = render(base / "nats", certs, [ATTACKER, GEMINI])
+    rendered = render(base / "nats", certs, [ATTACKER, GEMINI, OLD])
+    _without_cancels_grants(rendered.dir / "accounts.conf", OLD)
     with hub_server(rendered, base / "store") as server:
         yield rendered, server
+
+
+def _without_cancels_grants(accounts: Path, user: WorkerUser) -> None:
+    """``user``'s block without its rights to hear and read its providers' cancels."""
+    text = accounts.read_text()
+    start = text.index(f'# worker "{user.name}"')
+    end = text.find("# worker ", start + 1)
+    end = len(text) if end < 0 else end
+    block = "".join(
+        line for line in text[start:end].splitlines(keepends=True) if "$KV.hive_cancels." not in line
+    )
+    accounts.write_text(text[:start] + block + text[end:])
 
 
 def settings_for(hub: Hub, server: NatsServer, user: str, **values: Any) -> Settings:
@@ -340,3 +359,18 @@ async def test_a_tasks_event_feed_leaves_out_forged_events(nats_server: NatsServ
         "event: completed",
     ]
     assert not [line for line in seen if "forged" in line]
+
+
+async def test_a_worker_under_a_block_made_before_it_read_cancels_without_a_consumer_says_so(
+    hub: tuple[Hub, NatsServer],
+) -> None:
+    """A worker whose credential may not hear or read its provider's cancels (a block worker-user.sh
+    made before) would call tasks cancelled while queued: it stops at its start, saying what to do."""
+    rendered, server = hub
+    async with gateway(rendered, server):
+        settings = settings_for(rendered, server, OLD.name, worker_name=OLD.name, request_timeout_s=1.0)
+        async with open_bus(settings, name="old-worker") as wbus:
+            worker = Worker(wbus, FunctionProvider(handlers.quick), WorkerOptions(provider="gemini"))
+            with pytest.raises(BusRefused, match="no answer to a read of the gemini cancels") as refused:
+                await worker.run()
+    assert "nats/worker-user.sh" in str(refused.value)
