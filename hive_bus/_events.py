@@ -12,20 +12,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
 import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
+from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ._assigned import Assignments, assignment
 from ._bus import Bus, event_providers
 from ._messages import Moved, TaskEvent, decode_event
-from ._nats import BUS_ERRORS, follow, following, stream_missing, unsubscribe, why
+from ._nats import BUS_ERRORS, follow, stream_missing, unsubscribe, why
 
 log = logging.getLogger("hive_bus.events")
 
@@ -177,14 +179,15 @@ class merged_events:
 
 
 async def task_events(
-    bus: Bus, task_id: str, assigned: Assignments, *, live: bool
-) -> AsyncGenerator[tuple[Msg, TaskEvent]]:
+    bus: Bus, task_id: str, assigned: Assignments, *, live: bool, quiet_s: float | None = None
+) -> AsyncGenerator[tuple[Msg, TaskEvent] | None]:
     """The events of one task that count (``assigned``), in the order they happened, decoded (one that
     does not decode is logged and left out): those of the provider it was first queued on, then at each
     move to another provider those of that provider, in its stream, from the time of the move (what its
     workers wrote before is not the task's). With ``live``, each new one too, until the caller stops;
-    else those stored now. Nothing for a task the bus does not know. Use it in
-    ``contextlib.aclosing``: its consumer goes when it is closed."""
+    else those stored now. With ``quiet_s``, None after each ``quiet_s`` without one (a feed's cue for a
+    keep-alive). Nothing for a task the bus does not know. Use it in ``contextlib.aclosing``: its
+    consumer goes when it is closed."""
     names = bus.names
     here = await assignment(bus, task_id)
     if here is None:
@@ -203,8 +206,14 @@ async def task_events(
             return
         moved: tuple[str, ConsumerConfig] | None = None
         try:
-            async with following(bus.js, subject, stream=stream, config=config) as sub:
-                async for msg in sub.messages:
+            async with _received(bus, subject, stream, config) as received:
+                while True:
+                    msg = None
+                    with anyio.move_on_after(math.inf if quiet_s is None else quiet_s):
+                        msg = await received.receive()
+                    if msg is None:
+                        yield None
+                        continue
                     seq = read[provider] = msg.metadata.sequence.stream
                     try:
                         event = decode_event(msg.subject, msg.data, msg.headers)
@@ -230,6 +239,27 @@ async def task_events(
         if moved is None:
             return
         provider, config = moved
+
+
+@asynccontextmanager
+async def _received(
+    bus: Bus, subject: str, stream: str, config: ConsumerConfig
+) -> AsyncIterator[MemoryObjectReceiveStream[Msg]]:
+    """An ordered consumer's messages, through a bounded buffer that a reader may wait on with a time
+    limit (a wait cut short on a subscription's own iterator could drop a message it had taken)."""
+    send, receive = anyio.create_memory_object_stream[Msg](max_buffer_size=MERGED_BUFFER)
+
+    async def deliver(msg: Msg) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await send.send(msg)  # full: the reader is behind, and the consumer waits for it
+
+    sub = await follow(bus.js, subject, stream=stream, config=config, cb=deliver)
+    try:
+        with receive:
+            yield receive
+    finally:
+        send.close()
+        await unsubscribe(sub)
 
 
 async def _last_seq(bus: Bus, stream: str, subject: str) -> int | None:

@@ -20,6 +20,7 @@ from hive_bus import Hive, Settings, TaskRequest
 from hive_bus._embedded import NatsServer
 from hive_bus._messages import WebhookSpec
 from hive_bus.bus import Bus, open_bus
+from hive_bus.services import api
 from hive_bus.services.gateway import Gateway, GatewayOptions
 from hive_bus.workers.echo import EchoProvider
 
@@ -343,3 +344,15 @@ async def test_a_gateway_serves_so_many_feeds_at_once_and_answers_one_more_busy(
                 return response.status_code == 200
 
         await eventually(served, 10, "a feed served again")
+
+
+async def test_a_tasks_event_stream_sends_keep_alives_while_the_task_waits(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # it sent nothing after the task's queued event until its next event: a proxy's idle timeout (60 s
+    # is common) cut a stream of a task that waited longer, and the route takes no Last-Event-ID
+    monkeypatch.setattr(api, "FEED_KEEPALIVE_S", 0.3)
+    task_id = await submit(stack.http, "nobody-serves-this", "espera")
+    async with feed(stack.http, f"/v1/tasks/{task_id}/events") as got:
+        await got.until("two keep-alives after the queued event", lambda: len(got.comments) >= 2)
+        assert [m.event for m in got.messages] == ["queued"]

@@ -244,10 +244,14 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
 
     async def events() -> AsyncIterator[ServerSentEventMessage]:
         # the task's provider's stream, then at each move the next provider's
-        found = read_task_events(bus, task_id, assigned, live=True)
+        found = read_task_events(bus, task_id, assigned, live=True, quiet_s=FEED_KEEPALIVE_S)
         async with contextlib.aclosing(found):
             with anyio.move_on_after(MAX_EVENTS_STREAM_S):
-                async for msg, event in found:
+                async for item in found:
+                    if item is None:  # quiet: so that proxies keep it open, and a client gone is noticed
+                        yield ServerSentEventMessage(data=None, comment="keep-alive")
+                        continue
+                    msg, event = item
                     yield ServerSentEventMessage(
                         data=(await _event_json(bus, msg)).decode(),
                         event=TaskView.of(event).status,  # a task waiting for its not_before: scheduled

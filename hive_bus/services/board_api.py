@@ -105,7 +105,10 @@ async def task_timeline(task_id: FromPath[str], state: State) -> list[TaskEvent]
         found = task_events(bus, task_id, assigned, live=False)
         async with contextlib.aclosing(found):
             with anyio.move_on_after(bus.settings.request_timeout_s):
-                async for msg, event in found:
+                async for item in found:
+                    if item is None:
+                        continue  # not asked for: no quiet_s
+                    msg, event = item
                     if isinstance(event, Queued) and event.task is None:  # a marker: its task
                         seq = marker_seq(msg.headers)
                         task = await task_at(bus, seq, task_id) if seq is not None else None
