@@ -93,6 +93,7 @@ class EventStreams:
     def __init__(self) -> None:
         self.made: set[str] = set()
         self.added = anyio.Event()
+        self.making = anyio.Lock()  # one declaration of a stream, however many submissions come at once
 
     def add(self, provider: str) -> None:
         self.made.add(provider)
@@ -358,11 +359,16 @@ async def ensure_events(bus: Bus, provider: str) -> None:
     Raises :class:`BusUnavailable` or :class:`BusConfigError` when it can be neither found nor made."""
     if provider in bus.event_streams.made:
         return
-    try:
-        await ensure_events_stream(bus.js, bus.settings, provider)
-    except BUS_ERRORS as exc:
-        raise BusUnavailable(f"the events stream of provider {provider} is not there: {why(exc)}") from None
-    bus.event_streams.add(provider)
+    async with bus.event_streams.making:
+        if provider in bus.event_streams.made:
+            return
+        try:
+            await ensure_events_stream(bus.js, bus.settings, provider)
+        except BUS_ERRORS as exc:
+            raise BusUnavailable(
+                f"the events stream of provider {provider} is not there: {why(exc)}"
+            ) from None
+        bus.event_streams.add(provider)
 
 
 async def stream_names(bus: Bus, subject: str) -> list[str]:

@@ -203,6 +203,7 @@ class Hive:
         self._served = ServedProviders(bus)  # started on the first submission
         self._webhooks = WebhooksSeen(bus)  # asked on the first submission with a webhook
         self._index_ready = False  # the metadata index stream is declared (on the first tagged task)
+        self._index_lock = anyio.Lock()
 
     @property
     def bus(self) -> Bus:
@@ -958,11 +959,14 @@ class Hive:
         it); a failure is logged, and the entries' publishes say what became of them."""
         if self._index_ready:
             return
-        try:
-            await ensure_index_stream(self._bus.js, self._bus.settings)
-            self._index_ready = True
-        except (HiveError, *BUS_ERRORS) as exc:
-            log.warning("could not declare the metadata index stream: %s", exc)
+        async with self._index_lock:  # one declaration, however many tagged submissions come at once
+            if self._index_ready:
+                return
+            try:
+                await ensure_index_stream(self._bus.js, self._bus.settings)
+                self._index_ready = True
+            except (HiveError, *BUS_ERRORS) as exc:
+                log.warning("could not declare the metadata index stream: %s", exc)
 
     async def _routed(self, task: Task) -> Task:
         """The task with its providers put in order by its routing policy (``cheapest`` reorders)."""

@@ -4,6 +4,7 @@ status``; the list's filters by metadata, batch and schedule; ``hive submit --we
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -296,3 +297,21 @@ async def test_a_timeout_reading_the_events_tails_is_a_503(nats_server: NatsServ
     assert error["code"] == "bus_unavailable", error
     stream = settings.names.events_stream_of("nobody")
     assert f"events of {stream} timed out after 1 s" in error["message"], error
+
+
+async def test_tagged_submissions_at_once_declare_the_metadata_index_once(
+    bus: Bus, hive: Hive, caplog: pytest.LogCaptureFixture
+) -> None:
+    # each of a burst's first tagged submissions declared the index stream (and its provider's events
+    # stream) itself: "created stream ..._INDEX" up to fifty times a gateway, and as many requests
+    caplog.set_level(logging.INFO, logger="hive_bus.bus")
+
+    async def tagged(i: int) -> None:
+        await hive.submit("once", f"etiqueta {i}", metadata={"lote": "a"})
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(tagged, i)
+    created = [r.getMessage() for r in caplog.records if r.getMessage().startswith("created stream")]
+    for stream in (bus.names.index_stream, bus.names.events_stream_of("once")):
+        assert created.count(f"created stream {stream}") == 1, created
