@@ -50,7 +50,7 @@ from ._messages import (
     now_ms,
     task_decoder,
 )
-from ._nats import BUS_ERRORS, reconnects, unsubscribe, why
+from ._nats import BUS_ERRORS, reconnects, stream_subjects, unsubscribe, why
 from ._nesting import Guarded
 from ._size import js_publish
 
@@ -243,13 +243,14 @@ class CancelWatch:
     - a core subscription to the provider's keys in the cancels bucket hears each cancel as the hub puts
       it. What is heard is a hint: the server hands a publish to subscribers whether or not the stream
       then stores it, so nothing is let go on a hint alone;
-    - a direct get of one task's key reads what the bucket stores. A task fetched is looked up when a
-      cancel of it was heard, or when it was stored before the subscription was surely live (its stream
-      sequence at most :attr:`_since`): a cancel of a task stored later was put later, and heard.
+    - a direct get of one task's key reads what the bucket stores. A task fetched is looked up when its
+      key was listed or heard: the provider's keys are listed (a stream info of the bucket's subjects)
+      once the subscription is surely live, so a key put since is heard, and one put before is listed.
+      Until then every task fetched is looked up.
 
-    A reconnection forgets :attr:`_since` at once (what was put while the link was down was heard by no
-    one): every task fetched is looked up until it is read again, and the tasks this worker holds are
-    looked up.
+    A reconnection forgets the list at once (what was put while the link was down was heard by no one):
+    every task fetched is looked up until it is listed again, and the tasks this worker holds are looked
+    up.
 
     Behind a leaf node (a JetStream domain) the hub's ``$KV`` messages do not cross the link, so nothing
     is heard: every task fetched is looked up, and the running calls are looked up every
@@ -276,11 +277,11 @@ class CancelWatch:
         # ends looked up: each id with whether it ended while queued, and the run it ended (None: every run)
         self._ends: OrderedDict[str, tuple[bool, int | None]] = OrderedDict()
         self._sub: Subscription | None = None
-        # tasks stored up to this stream sequence are looked up at their fetch; None: every task, until
-        # the subscription is surely live. Valid while the connection has made ``_since_reconnects``.
-        self._since: int | None = None
-        self._since_reconnects = -1
-        self._since_due = anyio.Event()  # set: read it again
+        # the tasks with a key in the bucket (listed, or heard since), looked up at their fetch; None:
+        # every task, until listed. Valid while the connection has made ``_listed_reconnects``.
+        self._keys: set[str] | None = None
+        self._listed_reconnects = -1
+        self._list_due = anyio.Event()  # set: list them (again)
 
     def ends(self, task: Task) -> bool:
         """Whether ``task``'s run was cancelled or expired, as looked up. An expiry ends its own run only:
@@ -293,11 +294,11 @@ class CancelWatch:
         """Whether the task was cancelled (or expired) while queued: its fetch takes it off the count."""
         return self._ends.get(task_id, (False, None))[0]
 
-    async def ended(self, task: Task, seq: int | None) -> bool:
-        """Whether ``task``, fetched from stream sequence ``seq``, was cancelled or expired: looked up when
-        a cancel of it was heard or when it may have been put unheard. A look-up that fails says no (a
-        call of a cancelled task is refused as a duplicate when it ends: a cancel records first)."""
-        if task.id in self._heard or not self._live(seq):
+    async def ended(self, task: Task) -> bool:
+        """Whether ``task``, fetched, was cancelled or expired: looked up when its key was listed or
+        heard, or when it may have been put unheard. A look-up that fails says no (a call of a cancelled
+        task is refused as a duplicate when it ends: a cancel records first)."""
+        if task.id in self._heard or not self._unlisted(task.id):
             await self.look_up(task.id)
         return self.ends(task)
 
@@ -309,9 +310,9 @@ class CancelWatch:
 
     async def look_up(self, task_id: str) -> bool:
         """Read the task's key as the bucket stores it; whether it records an end. False also when the
-        bus does not answer (logged)."""
+        bus does not answer (logged). A cancel heard and not found is kept among the heard: the server
+        hands a publish to subscribers before the stream has stored it, so it is looked up again."""
         names = self._bus.names
-        self._heard.pop(task_id, None)
         try:
             raw = await self._bus.js.get_last_msg(
                 f"KV_{names.cancels_bucket}",
@@ -326,6 +327,7 @@ class CancelWatch:
                 "could not look up whether task %s was cancelled (%s): taken as not", task_id, why(exc)
             )
             return False
+        self._heard.pop(task_id, None)
         if (raw.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
             # a replay of an expired task: its new run is to be run (hive_bus._dlq.replay)
             self._ends.pop(task_id, None)
@@ -333,21 +335,18 @@ class CancelWatch:
         self._remember(self._ends, task_id, _what_ended(raw.data or b""))
         return True
 
-    def _live(self, seq: int | None) -> bool:
-        """Whether a cancel of the task stored at ``seq`` (None: not known) would have been heard."""
-        since = self._since
+    def _unlisted(self, task_id: str) -> bool:
+        """Whether the task surely has no key in the bucket: not listed, and none heard since."""
+        keys = self._keys
         return (
-            since is not None
-            and seq is not None
-            and seq > since
-            and self._since_reconnects == reconnects(self._bus.nc)
+            keys is not None and task_id not in keys and self._listed_reconnects == reconnects(self._bus.nc)
         )
 
     async def start(self) -> None:
         """Listen to the provider's cancels. Raises :class:`BusRefused` when the worker's credential may
         not read them (one made for an older hive-bus), nats errors."""
         bus, names = self._bus, self._bus.names
-        self._since_reconnects = reconnects(bus.nc)
+        self._listed_reconnects = reconnects(bus.nc)
         self._sub = await bus.nc.subscribe(
             f"$KV.{names.cancels_bucket}.{self._provider}.*", cb=self._on_message
         )
@@ -365,14 +364,14 @@ class CancelWatch:
                 "without a consumer may not: print its block again with nats/worker-user.sh, README "
                 '"Upgrading a hub")'
             ) from None
-        self._since_due.set()
+        self._list_due.set()
 
     async def keep(self) -> None:
-        """Read :attr:`_since` once the subscription is surely live, and again after each reconnection,
-        until cancelled. nats-py subscribes again as it reconnects; the server hears of it at once, its
-        cluster's other servers (and a hub over a leaf link) a moment later, so the sequence is read
-        :data:`LIVE_AFTER_S` after the subscription."""
-        nc = self._bus.nc
+        """List the provider's keys once the subscription is surely live, and again after each
+        reconnection, until cancelled. nats-py subscribes again as it reconnects; the server hears of it
+        at once, its cluster's other servers a moment later, so the keys are listed :data:`LIVE_AFTER_S`
+        after the subscription."""
+        nc, names = self._bus.nc, self._bus.names
         while self._deaf:
             await anyio.sleep(RENEW_CHECK_S)
             for task_id in list(self._running()):
@@ -380,27 +379,36 @@ class CancelWatch:
                 await self._on_cancel(task_id)
         while True:
             with anyio.move_on_after(RENEW_CHECK_S):
-                await self._since_due.wait()
+                await self._list_due.wait()
+            # held tasks whose cancel was heard and not found stored yet: looked up again
+            for task_id in [t for t in self._held() if t in self._heard]:
+                await self._on_cancel(task_id)
             now = reconnects(nc)
-            if not nc.is_connected or (now == self._since_reconnects and not self._since_due.is_set()):
+            if not nc.is_connected or (now == self._listed_reconnects and not self._list_due.is_set()):
                 continue
-            self._since_due = anyio.Event()
-            if now != self._since_reconnects:
-                self._since, self._since_reconnects = None, now
+            self._list_due = anyio.Event()
+            if now != self._listed_reconnects:
+                self._keys, self._listed_reconnects = None, now
                 # held tasks whose cancel was put while the link was down: looked up
                 for task_id in list(self._held()):
                     self._heard[task_id] = None
                     await self._on_cancel(task_id)
             await anyio.sleep(LIVE_AFTER_S)
             try:
-                info = await self._bus.js.stream_info(self._bus.names.tasks_stream)
-            except BUS_ERRORS as exc:
-                log.warning(
-                    "could not read the %s tasks' sequence (%s); trying again", self._provider, why(exc)
+                listed = await stream_subjects(
+                    self._bus.js,
+                    f"KV_{names.cancels_bucket}",
+                    f"$KV.{names.cancels_bucket}.{self._provider}.*",
                 )
-                self._since_due.set()
+            except BUS_ERRORS as exc:
+                log.warning("could not list the %s cancels (%s); trying again", self._provider, why(exc))
+                self._list_due.set()
                 continue
-            self._since = info.state.last_seq  # valid until the next reconnection (``_live``)
+            keys = {subject.rpartition(".")[2] for subject in listed}
+            if len(keys) > MAX_KEYS_LISTED:  # every task looked up instead: a bound on memory
+                log.warning("%d %s cancels kept: every task is looked up", len(keys), self._provider)
+                continue
+            self._keys = keys | set(self._heard)  # valid until the next reconnection (``_unlisted``)
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -413,10 +421,11 @@ class CancelWatch:
             self._heard.pop(task_id, None)
             self._ends.pop(task_id, None)
             return
-        if self._remember(self._heard, task_id, None):
-            # a cancel forgotten unheard: tasks stored until now are looked up, until it is read again
-            self._since = None
-            self._since_due.set()
+        self._remember(self._heard, task_id, None)
+        if self._keys is not None:
+            self._keys.add(task_id)  # looked up at its fetch, forgotten among the heard or not
+            if len(self._keys) > MAX_KEYS_LISTED:
+                self._keys = None  # every task looked up: a bound on memory
         await self._on_cancel(task_id)
 
     def _remember(self, ids: OrderedDict[str, Any], task_id: str, value: Any) -> bool:
@@ -432,9 +441,11 @@ class CancelWatch:
 # How often a worker looks whether its connection was made again (and its cancels are to be followed
 # again).
 RENEW_CHECK_S = 1.0
-# How long after a subscription every server that may store a cancel (a cluster's, a hub's over a leaf
-# link) surely knows of it.
+# How long after a subscription every server that may store a cancel (a cluster's) surely knows of it.
 LIVE_AFTER_S = 1.0
+# The cancelled tasks of a provider a worker keeps the ids of at most (about 100 B each); past it, every
+# task it fetches is looked up.
+MAX_KEYS_LISTED = 1_000_000
 
 
 def _what_ended(data: bytes) -> tuple[bool, int | None]:

@@ -52,7 +52,7 @@ PRIVATE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
         "_transport",
     ),
     "nats.js.kv.KeyValue": ("_js", "_stream", "_pre", "_direct"),
-    "nats.js.client.JetStreamContext": ("_nc", "_prefix"),
+    "nats.js.client.JetStreamContext": ("_nc", "_prefix", "_timeout"),
     "nats.aio.msg.Msg.Metadata": ("_get_metadata_fields",),
     "nats.js.client.JetStreamContext.PushSubscription": ("_sub",),
     "nats.aio.subscription.Subscription": ("_jsi",),
@@ -180,6 +180,36 @@ def kv_direct(kv: KeyValue) -> tuple[NATS, str] | None:
     if not kv._direct:
         return None
     return kv._js._nc, f"{kv._js._prefix}.DIRECT.GET.{kv._stream}"
+
+
+class _SubjectsState(msgspec.Struct):
+    subjects: dict[str, int] | None = None
+
+
+class _SubjectsPage(msgspec.Struct):
+    state: _SubjectsState = msgspec.field(default_factory=_SubjectsState)
+    total: int = 0
+    error: dict[str, Any] | None = None
+
+
+_subjects_page = msgspec.json.Decoder(_SubjectsPage)
+
+
+async def stream_subjects(js: JetStreamContext, stream: str, subjects_filter: str) -> dict[str, int]:
+    """Every subject of ``stream`` that matches ``subjects_filter``, with its count of messages: a stream
+    info request, page by page (nats-server sends at most 100,000 subjects an answer; nats-py's
+    ``stream_info`` asks for the first page alone). Raises nats errors."""
+    found: dict[str, int] = {}
+    while True:
+        body = msgspec.json.encode({"subjects_filter": subjects_filter, "offset": len(found)})
+        msg = await js._nc.request(f"{js._prefix}.STREAM.INFO.{stream}", body, timeout=js._timeout)
+        page = _subjects_page.decode(msg.data)
+        if page.error is not None:
+            nats.js.errors.APIError.from_error(page.error)  # raises it
+        subjects = page.state.subjects or {}
+        found.update(subjects)
+        if not subjects or len(found) >= page.total:
+            return found
 
 
 def stream_seq(reply: str) -> int | None:

@@ -68,7 +68,7 @@ from ._messages import (
     status_of,
     task_decoder,
 )
-from ._nats import BUS_ERRORS, delivery_count, stream_seq, why
+from ._nats import BUS_ERRORS, delivery_count, why
 from ._nesting import MAX_NESTING, NestedTooDeep, check_json, check_value
 from ._prices import PriceTable
 from ._providers import Output, Provider, being_cancelled, describe
@@ -443,7 +443,7 @@ class Worker:
             await self._reject_undecodable(msg, exc)
             return
         self._settler.handed_back(task.id)  # delivered again: no longer waiting here
-        if await self.cancels.ended(task, stream_seq(msg.reply)):
+        if await self.cancels.ended(task):
             with anyio.CancelScope(shield=True):
                 await self._abandon(msg, task, "it was cancelled while queued")
             return

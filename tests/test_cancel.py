@@ -412,3 +412,29 @@ async def test_hive_cancel_on_the_command_line(bus: Bus, hive: Hive) -> None:
     assert bulk.returncode == 0 and bulk.stderr.strip() == "1 cancelled", bulk.stderr
     status = hive_cli(["status", task_id, "--nats", settings.nats_url], env=env)
     assert status.returncode == 1  # cancelled is not completed
+
+
+async def test_a_worker_lists_its_providers_cancels_and_looks_up_only_those_tasks(
+    bus: Bus, hive: Hive
+) -> None:
+    """Once its subscription is surely live a worker lists its provider's keys in the cancels bucket: a
+    task fetched after that is looked up only when its key was listed or heard since (a fresh worker on
+    a deep queue looked up every task), and a task cancelled before the worker started still never
+    runs though fetched after the listing."""
+    calls: list[str] = []
+
+    async def record(task: Task) -> str:
+        calls.append(task.prompt or "")
+        await anyio.sleep(float((task.payload or {}).get("delay_s", 0)))
+        return "ran"
+
+    slow = await hive.submit("listed", "slow", payload={"delay_s": 2.0})
+    dropped = await hive.submit("listed", "dropped")
+    kept = await hive.submit("listed", "kept")
+    await hive.cancel(dropped)
+    async with running_worker(bus, "listed", FunctionProvider(record), concurrency=1) as worker:
+        await eventually(lambda: _true(worker.cancels._keys is not None), 5, "the keys listed")
+        assert worker.cancels._keys == {dropped}
+        assert (await hive.wait(kept, 10)).status == "completed"
+    assert calls == ["slow", "kept"]
+    assert (await hive.get(slow)).status == "completed"
