@@ -374,15 +374,12 @@ class CancelWatch:
         nc, names = self._bus.nc, self._bus.names
         while self._deaf:
             await anyio.sleep(RENEW_CHECK_S)
-            for task_id in list(self._running()):
-                self._heard[task_id] = None
-                await self._on_cancel(task_id)
+            await self._look_up_held(list(self._running()))
         while True:
             with anyio.move_on_after(RENEW_CHECK_S):
                 await self._list_due.wait()
             # held tasks whose cancel was heard and not found stored yet: looked up again
-            for task_id in [t for t in self._held() if t in self._heard]:
-                await self._on_cancel(task_id)
+            await self._look_up_held([t for t in self._held() if t in self._heard])
             now = reconnects(nc)
             if not nc.is_connected or (now == self._listed_reconnects and not self._list_due.is_set()):
                 continue
@@ -390,9 +387,7 @@ class CancelWatch:
             if now != self._listed_reconnects:
                 self._keys, self._listed_reconnects = None, now
                 # held tasks whose cancel was put while the link was down: looked up
-                for task_id in list(self._held()):
-                    self._heard[task_id] = None
-                    await self._on_cancel(task_id)
+                await self._look_up_held(list(self._held()))
             await anyio.sleep(LIVE_AFTER_S)
             try:
                 listed = await stream_subjects(
@@ -409,6 +404,12 @@ class CancelWatch:
                 log.warning("%d %s cancels kept: every task is looked up", len(keys), self._provider)
                 continue
             self._keys = keys | set(self._heard)  # valid until the next reconnection (``_unlisted``)
+
+    async def _look_up_held(self, task_ids: list[str]) -> None:
+        """Tell the worker of each of these tasks it holds, as of a cancel heard: it looks the key up."""
+        for task_id in task_ids:
+            self._heard[task_id] = None
+            await self._on_cancel(task_id)
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -428,14 +429,12 @@ class CancelWatch:
                 self._keys = None  # every task looked up: a bound on memory
         await self._on_cancel(task_id)
 
-    def _remember(self, ids: OrderedDict[str, Any], task_id: str, value: Any) -> bool:
-        """Keep ``task_id`` among ``ids``, the newest; whether the oldest was forgotten to make room."""
+    def _remember(self, ids: OrderedDict[str, Any], task_id: str, value: Any) -> None:
+        """Keep ``task_id`` among ``ids``, the newest (the oldest forgotten past ``size``)."""
         ids[task_id] = value
         ids.move_to_end(task_id)
         if len(ids) > self._size:
             ids.popitem(last=False)
-            return True
-        return False
 
 
 # How often a worker looks whether its connection was made again (and its cancels are to be followed
