@@ -990,7 +990,7 @@ class Hive:
         one's ack, or why it was not stored. ``extra``: more headers of some, by index."""
         timeout_s = self._bus.settings.request_timeout_s
         try:
-            outcomes = await (await self._js_publisher()).publish(messages, extra)
+            outcomes = await (await self._js_publisher()).publish_together(messages, extra)
         except TooLarge as exc:
             return [exc for _ in messages]
         except BUS_ERRORS as exc:

@@ -113,6 +113,19 @@ class _Acks:
             self.done.set_result(None)
 
 
+class _Call:
+    """One call of :meth:`JetStreamPublisher.publish_together`, waiting to be sent with the others."""
+
+    __slots__ = ("extra", "messages", "waiter")
+
+    def __init__(
+        self, messages: Sequence[Publish], extra: Extra | None, waiter: asyncio.Future[list[Outcome]]
+    ) -> None:
+        self.messages = messages
+        self.extra = extra
+        self.waiter = waiter
+
+
 class JetStreamPublisher:
     """Publishes to JetStream over one connection; start with :meth:`start` once connected."""
 
@@ -128,6 +141,9 @@ class JetStreamPublisher:
         self._prefix = ""
         self._sub: Subscription | None = None
         self._header_lines: dict[str, bytes] = {}  # by stream: the header block up to the Nats-Msg-Id
+        # publish_together's: the calls made in this pass of the event loop, and the sends of earlier ones
+        self._queued: list[_Call] = []
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._prefix = f"{self._nc.new_inbox()}."
@@ -164,6 +180,54 @@ class JetStreamPublisher:
             for token in tokens:
                 waiting.pop(token, None)
         return acks.outcomes
+
+    async def publish_together(
+        self, messages: Sequence[Publish], extra: Extra | None = None
+    ) -> list[Outcome]:
+        """As :meth:`publish`, but written with the other calls of ``publish_together`` made in the same
+        pass of the event loop: one write, one future and one timer for them all (a worker whose lanes
+        settle many tasks at once, a gateway answering many POSTs, pays for them once). A call's messages
+        stay together and in order; one too large for the server fails its own call alone."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[list[Outcome]] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._send_queued)
+        self._queued.append(_Call(messages, extra, waiter))
+        return await waiter
+
+    def _send_queued(self) -> None:
+        calls, self._queued = self._queued, []
+        task = asyncio.ensure_future(self._send(calls))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, calls: list[_Call]) -> None:
+        messages: list[Publish] = []
+        extra: dict[int, Mapping[str, str]] = {}
+        for call in calls:
+            if call.extra:
+                extra.update((len(messages) + i, headers) for i, headers in call.extra.items())
+            messages += call.messages
+        try:
+            outcomes = await self.publish(messages, extra)
+        except nats.errors.MaxPayloadError:
+            if len(calls) > 1:  # one of them is too large (nothing was sent): each call on its own
+                for call in calls:
+                    await self._send([call])
+                return
+            _fail(calls, nats.errors.MaxPayloadError())
+            return
+        except Exception as exc:  # nothing was sent: each caller raises it
+            _fail(calls, exc)
+            return
+        except BaseException:
+            _fail(calls, BusUnavailable("the publisher stopped before the messages were sent"))
+            raise
+        at = 0
+        for call in calls:
+            if not call.waiter.done():  # its caller may have given up
+                call.waiter.set_result(outcomes[at : at + len(call.messages)])
+            at += len(call.messages)
 
     async def _write(self, messages: Sequence[Publish], tokens: list[str], extra: Extra) -> None:
         """The messages on the connection, in order. The protocol is written here (``HPUB <subject>
@@ -229,6 +293,12 @@ class JetStreamPublisher:
             acks.answer(index, PublishRefused(error.code, error.err_code, error.description))
             return
         acks.answer(index, PubAck(stream=reply.stream, seq=reply.seq, duplicate=reply.duplicate))
+
+
+def _fail(calls: list[_Call], exc: Exception) -> None:
+    for call in calls:
+        if not call.waiter.done():
+            call.waiter.set_exception(exc)
 
 
 def _expire(done: asyncio.Future[None]) -> None:

@@ -365,7 +365,7 @@ class Settler:
         msg_id = task.final_msg_id if status in ("completed", "failed") else None
         check_fits(self._bus.nc, data, _event_headers(msg_id, stream), what=f"{status} event")
         subject = self._names.event_subject(task.provider, task.id, status)
-        (outcome,) = await self._publisher.publish([(subject, data, msg_id, stream)])
+        (outcome,) = await self._publisher.publish_together([(subject, data, msg_id, stream)])
         if not isinstance(outcome, PubAck):
             why = "no acknowledgement in time" if outcome is None else str(outcome) or "no stream answered"
             raise BusUnavailable(f"the {status} event of task {task.id} was not stored: {why}")

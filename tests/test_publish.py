@@ -86,6 +86,39 @@ async def test_a_call_given_up_leaves_nothing_waiting(bus: Bus) -> None:
     await publisher.stop()
 
 
+async def test_messages_asked_for_one_by_one_at_once_each_get_their_own_answer(bus: Bus) -> None:
+    """``publish_together`` (a worker's lanes recording their tasks' events): the calls made in one pass of
+    the event loop go out together, and each caller gets its own message's answer; one too large for the
+    server fails alone, and one given up on is no one's loss."""
+    names = bus.names
+    publisher = JetStreamPublisher(bus.nc, timeout_s=5)
+    await publisher.start()
+    subject = names.task_subject("echo", "normal", "together")
+    outcomes: dict[int, object] = {}
+
+    async def one(i: int, data: bytes) -> None:
+        try:
+            (outcomes[i],) = await publisher.publish_together([(subject, data, f"t{i}", names.tasks_stream)])
+        except Exception as exc:
+            outcomes[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(one, i, b"x" * (bus.nc.max_payload + 1 if i == 7 else 10))
+        with anyio.CancelScope() as given_up:
+            given_up.cancel()
+            await publisher.publish_together([(subject, b"given up", "t-up", names.tasks_stream)])
+    await publisher.stop()
+    assert type(outcomes.pop(7)).__name__ == "MaxPayloadError"
+    assert all(isinstance(o, PubAck) and not o.duplicate for o in outcomes.values()), outcomes
+    seqs = {o.seq for o in outcomes.values() if isinstance(o, PubAck)}
+    assert len(seqs) == 19  # each its own message
+    for i, ack in outcomes.items():
+        assert isinstance(ack, PubAck)
+        stored_msg = await bus.js.get_msg(names.tasks_stream, seq=ack.seq)
+        assert stored_msg.headers is not None and stored_msg.headers["Nats-Msg-Id"] == f"t{i}"
+
+
 async def test_a_task_with_no_stream_to_take_it_is_not_accepted(bus: Bus, hive: Hive) -> None:
     await bus.js.delete_stream(bus.names.tasks_stream)  # an operator removed it
     with pytest.raises(BusUnavailable, match=f"{bus.names.tasks_stream}: no stream answered"):
