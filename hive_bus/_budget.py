@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -40,6 +41,7 @@ from ._bus import kv_entries
 from ._messages import encoder, now_ms
 from ._names import is_valid_token
 from ._nesting import Guarded
+from ._publish import refused_as_full
 from ._settings import INT64_MAX, MAX_SECONDS
 from ._textfile import convert_at, line_of, parse_toml, read_toml, toml_key
 
@@ -48,6 +50,8 @@ log = logging.getLogger("hive_bus.budget")
 PositiveInt = Annotated[int, Meta(gt=0, le=INT64_MAX)]
 PositiveSeconds = Annotated[float, Meta(gt=0, le=MAX_SECONDS)]
 DAY_SLOTS = 288
+# a budget whose ledger a full bucket refuses is said at most this often (it is asked once a call)
+FULL_SAID_EVERY_S = 60.0
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_=-]")
 
 
@@ -233,6 +237,7 @@ class Budgets:
         self._config = config
         self._locks: dict[str, anyio.Lock] = {}
         self._seen: dict[str, tuple[Ledger, Limits]] = {}  # the last ledger read, per scope
+        self._full_said_s: dict[str, float] = {}  # when a full bucket was last said, per scope
 
     def limits(self, key: str, model: str | None) -> Limits | None:
         if self._config is None:
@@ -268,8 +273,26 @@ class Budgets:
             ledger.add(limits, at_ms, tokens, call_id)
             return None
 
-        denied = await self._change(key, model, limits, take)
+        try:
+            denied = await self._change(key, model, limits, take)
+        except nats.js.errors.APIError as exc:
+            if not refused_as_full(exc):
+                raise
+            # the bucket is full (another provider's credential may have filled it): the call goes
+            # ahead uncounted, as without a budget (a 429 still cools the key), rather than never
+            self._say_full(self.scope(key, model), exc.description)
+            return None
         return denied or Reservation(key, model, call_id, tokens)
+
+    def _say_full(self, scope: str, why: str | None) -> None:
+        at_s = time.monotonic()
+        if at_s - self._full_said_s.get(scope, -FULL_SAID_EVERY_S) >= FULL_SAID_EVERY_S:
+            self._full_said_s[scope] = at_s
+            log.warning(
+                "budget %s is not counted: the budgets bucket refused its ledger (%s); its calls go "
+                "ahead as if it had no budget. hive_bucket_keys tells whose keys fill the bucket",
+                scope, why,
+            )  # fmt: skip
 
     async def settle(self, reservation: Reservation, tokens: int | None) -> None:
         """Record the end of a reserved call: from now, and with its real tokens where known. Counting

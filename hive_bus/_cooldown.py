@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 from ._errors import Quota
 from ._messages import WorkerBeat, encoder, now_ms
 from ._nesting import Guarded
+from ._publish import refused_as_full
 
 log = logging.getLogger("hive_bus.cooldown")
 
@@ -94,6 +95,7 @@ class KeyCooldowns:
         self._kv = kv
         self._watch = watch  # a KV watch (a consumer) instead of a core subscription
         self._subject = f"$KV.{bucket}.{provider}.*"
+        self._bucket = bucket
         self._provider = provider
         self.keys = keys
         self.records: dict[str, CooldownRecord] = {}
@@ -195,6 +197,18 @@ class KeyCooldowns:
                     await self._kv.update(name, encoder.encode(record), last=revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
+            except nats.js.errors.APIError as exc:
+                if not refused_as_full(exc):
+                    raise
+                # the bucket is full (another provider's credential may have filled it): this worker
+                # honours the cooldown alone rather than lose the task it holds
+                self._apply(record.key, encoder.encode(record))
+                log.warning(
+                    "the %s cooldown is not shared with the other workers of %s: bucket %s refused it "
+                    "(%s); this worker honours it alone. hive_bucket_keys tells whose keys fill it",
+                    name, self._provider, self._bucket, exc.description,
+                )  # fmt: skip
+                return True
             self._apply(record.key, encoder.encode(record))
             return True
         log.warning("could not write the %s cooldown after 5 tries; other workers may run into it", name)

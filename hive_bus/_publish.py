@@ -317,6 +317,13 @@ def _headers(msg_id: str | None, stream: str) -> dict[str, str]:
 # JetStream's answer when a discard-new stream is at its limits, and when a client is told to try again.
 STREAM_FULL_CODES = frozenset({10077})
 QUEUE_FULL_RETRY_S = 5.0
+
+
+def refused_as_full(exc: BaseException) -> bool:
+    """Whether JetStream refused a write because its stream (a bucket) is at its limits."""
+    return getattr(exc, "err_code", None) in STREAM_FULL_CODES
+
+
 # JetStream's answer to a publish whose expected last sequence on its subject is not the subject's:
 # "wrong last sequence: <the subject's last sequence>".
 _WRONG_LAST_SEQUENCE = 10071
