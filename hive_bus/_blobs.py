@@ -2,15 +2,18 @@
 :class:`BlobRef` to it.
 
 A task whose encoding is over ``claim_check_bytes`` (or half the server's ``max_payload``, when less)
-keeps its prompt, system and payload in the ``<prefix>_blobs`` bucket (the client puts them there before
-it publishes); the worker reads them back
+keeps its prompt, system and payload in its provider's ``<prefix>_blobs_<provider>`` bucket (the client
+puts them there before it publishes); the worker reads them back
 before the call. An output over the same threshold goes there too, and the ``completed`` event carries
 the reference; :class:`hive_bus.Hive` reads it back wherever it answers a task's state. So tasks and
 outputs up to ``blob_max_bytes`` travel whatever the server's ``max_payload``.
 
 Objects are written in the Object Store's bucket format (chunks on ``$O.<bucket>.C.<nuid>``, an entry
-on ``$O.<bucket>.M.<name>``), with choices of our own: the nuid is ``<provider>.<task id>.<kind>.
-<nonce>``, so that a worker credential may read and write one provider's chunks alone; an object of
+on ``$O.<bucket>.M.<name>``), with choices of our own: a bucket a provider, each within its own
+``blobs_max_bytes``, so that a worker credential that writes chunk after chunk fills its own provider's
+bucket, never the one another provider's large outputs go to (a bus made before kept one bucket,
+``<prefix>_blobs``, whose objects are read until they age out); the nuid is ``<provider>.<task id>.
+<kind>.<nonce>``, so that a worker credential may read and write one provider's chunks alone; an object of
 more than one chunk keeps each on a subject of its own (``<nuid>.<i>``, the reference says ``apart``),
 so that every chunk is read by a direct get of its subject, never through a consumer (one worker
 credential that may make consumers may make them until the account has none left); and a reader reads
@@ -35,7 +38,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from ._bus import Bus
+from ._bus import Bus, ensure_blobs
 from ._errors import BusUnavailable, HiveError, TooLarge
 from ._messages import BlobRef, Task, TaskContent, TaskView, content_decoder, encoder
 from ._nats import BUS_ERRORS, why
@@ -54,42 +57,44 @@ async def put(
     """Store ``data`` as an object and return its reference. ``listed`` writes its entry too, for the
     processes whose credential may (a worker's may not). Raises :class:`BusUnavailable`."""
     names = bus.names
+    bucket = await ensure_blobs(bus, provider)
+    stream = f"OBJ_{bucket}"
     nuid = f"{provider}.{task_id}.{kind}.{secrets.token_hex(6)}"
     name = f"{provider}/{task_id}/{kind}/{nuid.rsplit('.', 1)[-1]}"
-    subject = names.blob_chunks(nuid)
+    subject = names.blob_chunks(bucket, nuid)
     chunk_bytes = max(1024, min(CHUNK_BYTES, bus.nc.max_payload - 1024))
     chunks = [data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
     digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
     apart = len(chunks) > 1
-    ref = BlobRef(name=name, nuid=nuid, size_bytes=len(data), chunks=len(chunks), digest=digest, apart=apart)
+    ref = BlobRef(
+        name=name, nuid=nuid, size_bytes=len(data), chunks=len(chunks), digest=digest, apart=apart,
+        own_bucket=True,
+    )  # fmt: skip
     try:
         for i, chunk in enumerate(chunks):
-            await bus.js.publish(_chunk_subject(bus, ref, i), chunk, stream=names.blobs_stream)
+            await bus.js.publish(_chunk_subject(bus, ref, i), chunk, stream=stream)
         if listed and not apart:
             entry = {
-                "name": name, "bucket": names.blobs_bucket, "nuid": nuid, "size": len(data),
+                "name": name, "bucket": bucket, "nuid": nuid, "size": len(data),
                 "chunks": len(chunks), "digest": digest, "mtime": datetime.now(UTC).isoformat(),
                 "options": {"max_chunk_size": chunk_bytes},
             }  # fmt: skip
             await bus.js.publish(
-                names.blob_meta(base64.urlsafe_b64encode(name.encode()).decode()),
+                names.blob_meta(bucket, base64.urlsafe_b64encode(name.encode()).decode()),
                 json.dumps(entry).encode(),
                 headers={"Nats-Rollup": "sub"},
-                stream=names.blobs_stream,
+                stream=stream,
             )
     except BUS_ERRORS as exc:
         with contextlib.suppress(*BUS_ERRORS):
-            await bus.js.purge_stream(names.blobs_stream, subject=f"{subject}.*" if apart else subject)
-        raise BusUnavailable(
-            f"could not store a {len(data)}-byte object in {names.blobs_bucket}: {exc}"
-        ) from None
+            await bus.js.purge_stream(stream, subject=f"{subject}.*" if apart else subject)
+        raise BusUnavailable(f"could not store a {len(data)}-byte object in {bucket}: {why(exc)}") from None
     return ref
 
 
 async def get(bus: Bus, ref: BlobRef) -> bytes:
     """The object ``ref`` names, checked against its size and digest. Raises :class:`BlobMissing` when
     it is gone, :class:`BusUnavailable` when the bus does not answer."""
-    names = bus.names
     if ref.apart or ref.chunks == 1:
         parts = await _by_direct_gets(bus, ref)
     else:
@@ -98,37 +103,43 @@ async def get(bus: Bus, ref: BlobRef) -> bytes:
     digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
     if len(parts) < ref.chunks or len(data) != ref.size_bytes or digest != ref.digest:
         raise BlobMissing(
-            f"object {ref.name} in {names.blobs_bucket} is missing or damaged "
+            f"object {ref.name} in {_bucket(bus, ref)} is missing or damaged "
             f"({len(parts)} of {ref.chunks} chunks, {len(data)} of {ref.size_bytes} bytes)"
         )
     return data
 
 
+def _bucket(bus: Bus, ref: BlobRef) -> str:
+    """The bucket ``ref``'s object is in: its provider's, or every provider's (as buses before kept)."""
+    names = bus.names
+    return names.blobs_bucket_of(ref.nuid.split(".", 1)[0]) if ref.own_bucket else names.blobs_bucket
+
+
 def _chunk_subject(bus: Bus, ref: BlobRef, i: int) -> str:
-    chunks = bus.names.blob_chunks(ref.nuid)
+    chunks = bus.names.blob_chunks(_bucket(bus, ref), ref.nuid)
     return f"{chunks}.{i}" if ref.apart else chunks
 
 
 async def _by_direct_gets(bus: Bus, ref: BlobRef) -> list[bytes]:
     """The chunks of an object of one chunk, or of one kept apart: a direct get each."""
     parts: list[bytes] = []
+    bucket = _bucket(bus, ref)
     try:
         for i in range(ref.chunks):
-            raw = await bus.js.get_last_msg(bus.names.blobs_stream, _chunk_subject(bus, ref, i), direct=True)
+            raw = await bus.js.get_last_msg(f"OBJ_{bucket}", _chunk_subject(bus, ref, i), direct=True)
             parts.append(raw.data or b"")
     except nats.js.errors.NotFoundError:
         if not parts:
-            raise BlobMissing(
-                f"object {ref.name} is no longer in {bus.names.blobs_bucket} (aged out or purged)"
-            ) from None
+            raise BlobMissing(f"object {ref.name} is no longer in {bucket} (aged out or purged)") from None
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not read object {ref.name}: {why(exc)}") from None
     return parts
 
 
 async def _by_consumer(bus: Bus, ref: BlobRef) -> list[bytes]:
-    """The chunks of an object stored before chunks were kept apart (all on one subject), through a
-    consumer deleted once read (a worker credential may make none: the gateway's reads)."""
+    """The chunks of an object stored before chunks were kept apart (all on one subject, in every
+    provider's bucket), through a consumer deleted once read (a worker credential may make none: the
+    gateway's reads)."""
     names = bus.names
     nc, js = bus.nc, bus.js
     inbox = nc.new_inbox()
@@ -143,7 +154,7 @@ async def _by_consumer(bus: Bus, ref: BlobRef) -> list[bytes]:
 
     config = ConsumerConfig(
         name=f"blob_{secrets.token_hex(8)}",
-        filter_subject=names.blob_chunks(ref.nuid),
+        filter_subject=names.blob_chunks(names.blobs_bucket, ref.nuid),
         deliver_subject=inbox,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.NONE,

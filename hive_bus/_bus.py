@@ -114,6 +114,8 @@ class Bus:
     cancels_kv: KeyValue
     link: Link = field(default_factory=Link)
     event_streams: EventStreams = field(default_factory=lambda: EventStreams(), init=False)
+    # the providers whose claim check bucket this process has found or made (:func:`ensure_blobs`)
+    blob_buckets: set[str] = field(default_factory=set, init=False)
 
     def is_lost(self) -> bool:
         """Whether the connection is gone for good: said by nats-py's closed callback, or seen here,
@@ -265,7 +267,7 @@ async def declare_bus(js: JetStreamContext, settings: Settings) -> dict[str, Key
         await ensure_tasks_stream(js, settings)
         if not settings.worker_name:  # a worker's credential may not; the gateway's does it
             await split_shared_dlq(js, settings)
-        await _ensure_stream(js, blobs_stream_config(settings))
+            await retire_shared_blobs(js, settings)
         return {
             "workers_kv": await _ensure_workers_bucket(js, settings),
             "providers_kv": await _ensure_file_bucket(
@@ -529,14 +531,19 @@ async def _move_dead_letters(js: JetStreamContext, settings: Settings, stream: s
     return await drain_parked(js, settings, stream, move)
 
 
-def blobs_stream_config(settings: Settings) -> StreamConfig:
-    """The claim check's Object Store bucket (hive_bus._blobs), declared as nats-py's
-    ``create_object_store`` would: ``nats object`` tools see it as a bucket."""
+def blobs_stream_config(settings: Settings, provider: str | None) -> StreamConfig:
+    """One provider's claim check bucket (hive_bus._blobs), an Object Store bucket declared as nats-py's
+    ``create_object_store`` would (``nats object`` tools see it as a bucket), within its own
+    ``blobs_max_bytes``: the provider's workers may write any chunk under their provider, and can fill
+    their own provider's bucket, no other's. ``provider`` None: the one bucket of every provider, as
+    buses before kept it (still read, never written)."""
     names = settings.names
+    bucket = names.blobs_bucket if provider is None else names.blobs_bucket_of(provider)
     return StreamConfig(
-        name=names.blobs_stream,
-        description="hive-bus claim check: task contents and outputs too large for a message",
-        subjects=[names.blob_chunks(">"), names.blob_meta(">")],
+        name=f"OBJ_{bucket}",
+        description="hive-bus claim check: task contents and outputs too large for a message"
+        + ("" if provider is None else f", of provider {provider}"),
+        subjects=[names.blob_chunks(bucket, ">"), names.blob_meta(bucket, ">")],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         # full: a new large task is refused (503), never an accepted one's content dropped
@@ -551,6 +558,38 @@ def blobs_stream_config(settings: Settings) -> StreamConfig:
         # its own" 120 s and said so on each start; never longer than the age (the server refuses that)
         duplicate_window=min(OBJECT_STORE_DUPLICATE_WINDOW_S, settings.events_max_age_s),
     )
+
+
+async def ensure_blobs(bus: Bus, provider: str) -> str:
+    """The name of ``provider``'s claim check bucket, found or made once per process (a worker's
+    credential finds it made by the gateway, with the provider's consumers). Raises
+    :class:`BusUnavailable` when it can be neither."""
+    names = bus.names
+    if provider not in bus.blob_buckets:
+        try:
+            await _ensure_stream(bus.js, blobs_stream_config(bus.settings, provider))
+        except (*BUS_ERRORS, BusConfigError) as exc:
+            raise BusUnavailable(
+                f"the claim check bucket of provider {provider} is not there: {why(exc)}"
+            ) from None
+        bus.blob_buckets.add(provider)
+    return names.blobs_bucket_of(provider)
+
+
+async def retire_shared_blobs(js: JetStreamContext, settings: Settings) -> None:
+    """Delete the one claim check bucket of every provider (buses before one bucket a provider) once
+    nothing is left in it: its objects age out with the events that name them (``events_max_age_s``),
+    and until then they are read there. It holds its ``blobs_max_bytes`` of the account's storage."""
+    stream = settings.names.blobs_stream
+    try:
+        info = await js.stream_info(stream)
+        if info.state.messages == 0:
+            await js.delete_stream(stream)
+            log.info("deleted stream %s: every provider has a claim check bucket of its own now", stream)
+    except nats.js.errors.NotFoundError:
+        return
+    except BUS_ERRORS as exc:
+        log.debug("stream %s not looked at (%s)", stream, exc)
 
 
 def counters_stream_config(settings: Settings) -> StreamConfig:
@@ -736,6 +775,11 @@ async def ensure_consumers(js: JetStreamContext, settings: Settings, provider: s
     except (*BUS_ERRORS, BusConfigError) as exc:
         # its dead letters are then refused (and logged); each failed event still holds its task
         log.warning("the dead-letter stream of provider %s is not there: %s", provider, exc)
+    try:
+        await _ensure_stream(js, blobs_stream_config(settings, provider))
+    except (*BUS_ERRORS, BusConfigError) as exc:
+        # its workers' large outputs are then refused (logged, the task redelivered) until it is made
+        log.warning("the claim check bucket of provider %s is not there: %s", provider, exc)
     return consumers
 
 

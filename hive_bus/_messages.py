@@ -187,12 +187,14 @@ class Usage(Struct, frozen=True, kw_only=True):
 
 
 class BlobRef(Struct, frozen=True, kw_only=True):
-    """A claim check: where an object of the ``<prefix>_blobs`` Object Store bucket is, and what it holds.
+    """A claim check: where an object of the claim check's Object Store buckets is, and what it holds.
 
     ``nuid`` names the subject of its chunks (``<provider>.<task id>.<kind>.<nonce>``); ``digest`` is the
     Object Store's (``SHA-256=`` and the base64url digest), checked by every reader. ``apart``: each of
     its chunks on a subject of its own (``<nuid>.<i>``), read one direct get a chunk; else all on the
-    nuid's (one chunk, or an object stored before chunks were kept apart)."""
+    nuid's (one chunk, or an object stored before chunks were kept apart). ``own_bucket``: in its
+    provider's bucket (``<prefix>_blobs_<provider>``, the provider the nuid names); else in
+    ``<prefix>_blobs``, every provider's, as buses before kept them."""
 
     name: str
     nuid: str
@@ -200,6 +202,7 @@ class BlobRef(Struct, frozen=True, kw_only=True):
     chunks: int
     digest: str
     apart: bool = False
+    own_bucket: bool = False
 
 
 class TextPart(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

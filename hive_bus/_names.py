@@ -64,10 +64,11 @@ class Names:
     ``<prefix>.chunks.<provider>.<task id>`` carries a streamed task's output as it is produced, on core
     NATS (not stored: a chunk lost is recovered from the completed event), from the workers of the
     provider the task runs on to the gateway, the only reader;
-    ``<prefix>_blobs`` is the Object Store bucket (stream ``OBJ_<prefix>_blobs``) of the claim check: a
-    task's content or an output too large for a message, its chunks on
-    ``$O.<prefix>_blobs.C.<provider>.<task id>.<kind>.<nonce>`` (one provider's under one subject tree,
-    so that a worker credential can be limited to its own provider's).
+    ``<prefix>_blobs_<provider>`` is one provider's Object Store bucket (stream
+    ``OBJ_<prefix>_blobs_<provider>``) of the claim check: a task's content or an output too large for a
+    message, its chunks on ``$O.<prefix>_blobs_<provider>.C.<provider>.<task id>.<kind>.<nonce>`` (a
+    bucket a provider, each within its own limit, so that a worker credential can fill its own provider's
+    alone); ``<prefix>_blobs`` is the one bucket of every provider, as buses before kept them, still read.
     ``<PREFIX>_SCHEDULES`` holds the server's timers (JetStream message schedules, hive_bus._timers):
     each definition on ``<prefix>.schedule.<kind>.<id>`` fires into ``<prefix>.fired.<kind>.<id>``, which
     the gateways read through the durable consumer ``<prefix>_timers``; no worker credential may
@@ -185,13 +186,17 @@ class Names:
     def blobs_stream(self) -> str:
         return f"OBJ_{self.blobs_bucket}"
 
-    def blob_chunks(self, nuid: str) -> str:
-        """The subject of one object's chunks; ``nuid`` is ``<provider>.<task id>.<kind>.<nonce>``."""
-        return f"$O.{self.blobs_bucket}.C.{nuid}"
+    def blobs_bucket_of(self, provider: str) -> str:
+        """One provider's claim check bucket."""
+        return f"{self.blobs_bucket}_{provider}"
 
-    def blob_meta(self, encoded_name: str) -> str:
+    def blob_chunks(self, bucket: str, nuid: str) -> str:
+        """The subject of one object's chunks in ``bucket``; ``nuid`` is ``<provider>.<task id>.<kind>.<nonce>``."""
+        return f"$O.{bucket}.C.{nuid}"
+
+    def blob_meta(self, bucket: str, encoded_name: str) -> str:
         """The subject of one object's entry (its name base64url-encoded, as the Object Store does)."""
-        return f"$O.{self.blobs_bucket}.M.{encoded_name}"
+        return f"$O.{bucket}.M.{encoded_name}"
 
     @property
     def schedules_bucket(self) -> str:

@@ -66,13 +66,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # discard-new here: full, it would drop its oldest timers (a deadline still holds at a worker's fetch).
     schedules_max_bytes: PositiveInt = 64 * 1024**2
     # The claim check (hive_bus._blobs): a task whose content, or an output, encodes to more than
-    # claim_check_bytes goes to the Object Store bucket <prefix>_blobs and its message carries a
-    # reference; blob_max_bytes is the largest task content or output the bus takes (a larger task is
-    # refused with 413, a larger output fails its task); blobs_max_bytes bounds the bucket. Objects live
-    # as long as the events that refer to them (events_max_age_s).
+    # claim_check_bytes goes to its provider's Object Store bucket <prefix>_blobs_<provider> and its
+    # message carries a reference; blob_max_bytes is the largest task content or output the bus takes (a
+    # larger task is refused with 413, a larger output fails its task); blobs_max_bytes bounds each
+    # provider's bucket (JetStream reserves it: one bucket a provider, so that no provider's workers can
+    # fill the one another's large outputs go to). Objects live as long as the events that refer to them
+    # (events_max_age_s).
     claim_check_bytes: PositiveInt = 64 * 1024
     blob_max_bytes: PositiveInt = 16 * 1024**2
-    blobs_max_bytes: PositiveInt = 1024**3
+    blobs_max_bytes: PositiveInt = 256 * 1024**2
     # The uploaded files' bucket (OpenAI's Files API: batch inputs and outputs), kept until deleted.
     files_max_bytes: PositiveInt = 2 * 1024**3
     # The metadata index (hive_bus._index): one small message per string value of a tagged task's

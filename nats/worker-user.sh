@@ -100,9 +100,12 @@ for p in "$@"; do
     sub+=("\"\$KV.${prefix}_cancels.$p.*\"")
     pub+=("\"\$JS.API.DIRECT.GET.KV_${prefix}_cancels.\$KV.${prefix}_cancels.$p.*\"")
     # claim check (hive_bus/_blobs.py), the minimum: write the chunks of its own provider's outputs
-    # (and of a dead letter's task), and read its own provider's task contents a chunk at a time by
-    # direct gets; no consumer, no object entries ($O.<bucket>.M.>), no other provider's chunks
-    pub+=("\"\$O.${prefix}_blobs.C.$p.>\"")
+    # (and of a dead letter's task) to its provider's bucket, of its own limit (made by the gateway with
+    # the consumers): filling it fills no other provider's; and read its own provider's task contents a
+    # chunk at a time by direct gets, there or in the bucket of every provider that older hubs wrote;
+    # no consumer, no object entries ($O.<bucket>.M.>), no other provider's chunks
+    pub+=("\"\$JS.API.STREAM.INFO.OBJ_${prefix}_blobs_$p\"" "\"\$O.${prefix}_blobs_$p.C.$p.>\"")
+    pub+=("\"\$JS.API.DIRECT.GET.OBJ_${prefix}_blobs_$p.\$O.${prefix}_blobs_$p.C.$p.>\"")
     pub+=("\"\$JS.API.DIRECT.GET.OBJ_${prefix}_blobs.\$O.${prefix}_blobs.C.$p.>\"")
 done
 
@@ -117,7 +120,7 @@ cat <<BLOCK
           # start-up checks of the bus objects
           "\$JS.API.STREAM.INFO.$tasks",
           "\$JS.API.STREAM.INFO.KV_${prefix}_workers", "\$JS.API.STREAM.INFO.KV_${prefix}_providers",
-          "\$JS.API.STREAM.INFO.KV_${prefix}_budgets", "\$JS.API.STREAM.INFO.OBJ_${prefix}_blobs",
+          "\$JS.API.STREAM.INFO.KV_${prefix}_budgets",
           "\$JS.API.STREAM.INFO.KV_${prefix}_cancels",
           "\$JS.API.STREAM.INFO.KV_${prefix}_cache",
           # per provider: bind to and pull from its consumers (created by the gateway), its tasks'

@@ -123,12 +123,13 @@ async def declare(js: JetStreamContext, *providers: str) -> None:
     await js.create_key_value(KeyValueConfig(bucket="hive_providers", storage=StorageType.FILE, direct=True))
     await js.create_key_value(KeyValueConfig(bucket="hive_budgets", storage=StorageType.FILE, direct=True))
     await js.create_key_value(KeyValueConfig(bucket="hive_cancels", storage=StorageType.FILE, direct=True))
-    await js.add_stream(  # the claim check's Object Store bucket
-        StreamConfig(
-            name="OBJ_hive_blobs", subjects=["$O.hive_blobs.C.>", "$O.hive_blobs.M.>"],
-            storage=StorageType.FILE, allow_direct=True, allow_rollup_hdrs=True,
-        )
-    )  # fmt: skip
+    for bucket in ("hive_blobs", *(f"hive_blobs_{p}" for p in providers)):
+        await js.add_stream(  # the claim check's Object Store buckets: one a provider, and an older hub's
+            StreamConfig(
+                name=f"OBJ_{bucket}", subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
+                storage=StorageType.FILE, allow_direct=True, allow_rollup_hdrs=True,
+            )
+        )  # fmt: skip
     await js.add_stream(  # the response cache: a KV bucket whose keys carry their own TTL
         StreamConfig(
             name="KV_hive_cache", subjects=["$KV.hive_cache.>"], storage=StorageType.FILE,
@@ -249,11 +250,16 @@ async def test_a_worker_credential_does_a_workers_whole_job(hub: tuple[Hub, Nats
         cancel = await w1.js.get_last_msg("KV_hive_cancels", f"$KV.hive_cancels.alpha.{task_id}", direct=True)
         assert cancel.data == b"cancelled"
 
-        # a chunk of a large task of its provider read back, and one of its outputs written
-        chunk = f"$O.hive_blobs.C.alpha.{task_id}.task.ab12.0"
-        await gw.js.publish(chunk, b"a large prompt", stream="OBJ_hive_blobs")
-        assert (await w1.js.get_last_msg("OBJ_hive_blobs", chunk, direct=True)).data == b"a large prompt"
-        await w1.js.publish(f"$O.hive_blobs.C.alpha.{task_id}.output.cd34.0", b"out", stream="OBJ_hive_blobs")
+        # a chunk of a large task of its provider read back (from its provider's bucket, and from the
+        # bucket of every provider an older hub wrote), and one of its outputs written
+        await w1.js.stream_info("OBJ_hive_blobs_alpha")
+        for bucket in ("hive_blobs_alpha", "hive_blobs"):
+            chunk = f"$O.{bucket}.C.alpha.{task_id}.task.ab12.0"
+            await gw.js.publish(chunk, b"a large prompt", stream=f"OBJ_{bucket}")
+            assert (await w1.js.get_last_msg(f"OBJ_{bucket}", chunk, direct=True)).data == b"a large prompt"
+        await w1.js.publish(
+            f"$O.hive_blobs_alpha.C.alpha.{task_id}.output.cd34.0", b"out", stream="OBJ_hive_blobs_alpha"
+        )
 
         # a task it fetched that was cancelled while queued, taken off its provider's count
         await w1.js.publish("hive.counters.unfetched_cancels.alpha", b"", headers={"Nats-Incr": "-1"})
@@ -316,6 +322,14 @@ def _consumer_on(stream: str, subject: str) -> Forbidden:
     return Forbidden(
         f"$JS.API.CONSUMER.CREATE.{stream}.", lambda w: w.js.add_consumer(stream, config), no_consumer
     )
+
+
+async def _no_chunk(gw: Client, bucket: str, subject: str) -> bool:
+    try:
+        await gw.js.get_last_msg(f"OBJ_{bucket}", subject)
+    except nats.js.errors.NotFoundError:
+        return True
+    return False
 
 
 async def _no_consumer(gw: Client) -> bool:
@@ -382,7 +396,20 @@ FORBIDDEN = {
     # that may make consumers may make them until the account has none left for anyone
     "make a consumer on its provider's cancels": _consumer_on("KV_hive_cancels", "$KV.hive_cancels.beta.*"),
     # nor on the claim check's store: a large task's content is read a chunk at a time by direct gets
-    "make a consumer on its provider's chunks": _consumer_on("OBJ_hive_blobs", "$O.hive_blobs.C.beta.>"),
+    "make a consumer on its provider's chunks": _consumer_on(
+        "OBJ_hive_blobs_beta", "$O.hive_blobs_beta.C.beta.>"
+    ),
+    # chunks go to its provider's bucket alone, of its own limit: filling it fills no other provider's
+    "write a chunk to another provider's bucket": Forbidden(
+        "$O.hive_blobs_delta.C.",
+        lambda w: _publish(w, "$O.hive_blobs_delta.C.delta.x.output.1"),
+        lambda gw: _no_chunk(gw, "hive_blobs_delta", "$O.hive_blobs_delta.C.delta.x.output.1"),
+    ),
+    "write a chunk to the bucket of every provider": Forbidden(
+        "$O.hive_blobs.C.beta.",
+        lambda w: _publish(w, "$O.hive_blobs.C.beta.x.output.1"),
+        lambda gw: _no_chunk(gw, "hive_blobs", "$O.hive_blobs.C.beta.x.output.1"),
+    ),
     "delete its provider's consumer": Forbidden(
         "$JS.API.CONSUMER.DELETE.HIVE_TASKS.hive_beta_high",
         lambda w: w.js.delete_consumer("HIVE_TASKS", "hive_beta_high"),

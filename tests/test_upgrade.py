@@ -5,6 +5,9 @@ worker is refused with a message that names what upgrades it."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import secrets
 
 import msgspec
@@ -13,8 +16,8 @@ import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from hive_bus import BusConfigError, Hive, Settings, _blobs
-from hive_bus._bus import shared_events_stream_config
-from hive_bus._messages import Queued, Task, encoder, new_task_id, now_ms
+from hive_bus._bus import blobs_stream_config, shared_events_stream_config
+from hive_bus._messages import BlobRef, Queued, Task, encoder, new_task_id, now_ms
 from hive_bus.bus import Bus, open_bus
 from hive_bus.workers.echo import EchoProvider
 
@@ -148,16 +151,57 @@ async def test_an_object_stored_before_chunks_were_kept_apart_is_still_read(bus:
     assert (new.apart, new.chunks) == (True, 3)
     assert await _blobs.get(bus, new) == data
 
+    names = bus.names
     nuid = f"echo.{new_task_id()}.task.0ld0"
+    with contextlib.suppress(nats.js.errors.BadRequestError):  # the session's bus may have it already
+        await bus.js.add_stream(blobs_stream_config(bus.settings, None))  # every provider's, as older buses
     for i in range(0, len(data), 128 * 1024):
         await bus.js.publish(
-            bus.names.blob_chunks(nuid), data[i : i + 128 * 1024], stream=bus.names.blobs_stream
+            names.blob_chunks(names.blobs_bucket, nuid), data[i : i + 128 * 1024], stream=names.blobs_stream
         )
-    old = msgspec.structs.replace(new, name="echo/old", nuid=nuid, apart=False)
+    old = msgspec.structs.replace(new, name="echo/old", nuid=nuid, apart=False, own_bucket=False)
     assert await _blobs.get(bus, old) == data
-    await bus.js.purge_stream(bus.names.blobs_stream, subject=f"{bus.names.blob_chunks(new.nuid)}.*")
+    echo = names.blobs_bucket_of("echo")
+    await bus.js.purge_stream(f"OBJ_{echo}", subject=f"{names.blob_chunks(echo, new.nuid)}.*")
     with pytest.raises(_blobs.BlobMissing, match="no longer in"):
         await _blobs.get(bus, new)
+
+
+async def test_a_large_task_in_the_claim_check_bucket_of_every_provider_still_runs(
+    settings: Settings,
+) -> None:
+    """A bus made before one claim check bucket a provider kept every provider's objects in
+    ``<prefix>_blobs``: a large task queued then still runs, its content read there; once nothing is
+    left in that bucket, a start deletes it (JetStream reserves its bytes for it)."""
+    names = settings.names
+    prompt = "una tarea larga " * 10_000  # 160 KB: over the claim check, in two chunks kept apart
+    async with open_bus(settings) as bus:
+        # what the older client stored and queued
+        await bus.js.add_stream(blobs_stream_config(settings, None))
+        task = Task(id=new_task_id(), provider="echo", prompt=prompt, submitted_at_ms=now_ms())
+        data = _blobs.content_bytes(task)
+        nuid = f"echo.{task.id}.task.0ld0"
+        for i, at in enumerate(range(0, len(data), 128 * 1024)):
+            chunk = names.blob_chunks(names.blobs_bucket, f"{nuid}.{i}")
+            await bus.js.publish(chunk, data[at : at + 128 * 1024], stream=names.blobs_stream)
+        digest = "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
+        ref = BlobRef(name="echo/old", nuid=nuid, size_bytes=len(data), chunks=2, digest=digest, apart=True)
+        queued = msgspec.structs.replace(task, prompt="(in the object store)", content=ref)
+        await bus.js.publish(
+            names.task_subject("echo", "normal", task.id), encoder.encode(queued), stream=names.tasks_stream
+        )
+        hive = Hive(bus)
+        try:
+            async with running_worker(bus, "echo", EchoProvider()):
+                assert (await hive.wait(task.id, 10)).output == prompt
+        finally:
+            await hive.close()
+    async with open_bus(settings) as bus:  # kept while an object is in it
+        assert (await bus.js.stream_info(names.blobs_stream)).state.messages == 2
+        await bus.js.purge_stream(names.blobs_stream)  # as its objects age out
+    async with open_bus(settings) as bus:
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await bus.js.stream_info(names.blobs_stream)
 
 
 async def test_an_upgrade_cut_short_by_the_tasks_streams_limits_goes_on_once_they_are_raised(

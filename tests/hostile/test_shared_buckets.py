@@ -6,6 +6,11 @@ keys under ``echo.`` until the bucket refuses one more byte: the cooldowns (``hi
 budgets (``hive_budgets``). A gemini worker under its own credential then runs gemini's tasks through
 the provider fakes: a 429 is still waited out, a budgeted call still made, where before the worker held
 the task until its AckWait (a 429: the wait counted as an attempt) or never ran it (a budget).
+
+The claim check's objects were in one bucket too, ``hive_blobs``: filled with echo's chunks, it refused
+gemini's large submissions (503) and the large outputs of gemini's accepted tasks, which came back
+after each AckWait, called again, for as long as the junk lived (a week). Each provider has a bucket of
+its own now; mallory fills echo's, and gemini's large tasks and outputs go through.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from hive_bus import FunctionProvider, Hive, Task
 from hive_bus._budget import ProviderBudget, load_budgets
+from hive_bus._bus import ensure_consumers
 from hive_bus._embedded import NatsServer
 from hive_bus.bus import open_bus
 from hive_bus.workers.gemini import GeminiProvider
@@ -110,3 +117,40 @@ async def test_a_budgeted_call_is_made_with_the_budgets_bucket_full(
     assert (done.status, done.attempt) == ("completed", 1)
     said = [r.getMessage() for r in caplog.records if r.name == "hive_bus.budget"]
     assert any("the budgets bucket refused its ledger (maximum bytes exceeded)" in m for m in said), said
+
+
+@asynccontextmanager
+async def small_blobs_gateway(hub: Hub, server: NatsServer) -> AsyncIterator[Hive]:
+    """The hub's side, as :func:`gateway`, with claim check buckets of 2 MiB each."""
+    settings = settings_for(hub, server, "gateway", blob_max_bytes=1024**2, blobs_max_bytes=2 * 1024**2)
+    async with open_bus(settings, name="gateway") as bus:
+        for provider in ("echo", "gemini"):
+            await ensure_consumers(bus.js, bus.settings, provider)
+        yield Hive(bus)
+
+
+async def test_a_worker_filling_its_claim_check_bucket_leaves_another_providers_large_tasks(
+    hub: tuple[Hub, NatsServer],
+) -> None:
+    rendered, server = hub
+
+    async def long_answer(task: Task) -> str:
+        return f"{task.prompt[:20]}: " + "y" * 100_000  # over the claim check's 64 KiB: stored apart
+
+    settings = settings_for(rendered, server, GEMINI.name, worker_name=GEMINI.name, heartbeat_interval_s=0.5)
+    async with small_blobs_gateway(rendered, server) as hive, attacker(rendered, server) as mallory:
+        refusal = await fill(mallory, "$O.hive_blobs_echo.C.echo.junk.output.{n}", largest=120 * 1024)
+        assert refusal == "maximum bytes exceeded"  # echo's own bucket, full
+        small_output = await hive.submit("gemini", "escribe un tuit", max_attempts=1)
+        large_prompt = await hive.submit("gemini", "z" * 200_000, max_attempts=1)  # accepted: not a 503
+        async with (
+            open_bus(settings, name="gemini-worker") as wbus,
+            running_worker(wbus, "gemini", FunctionProvider(long_answer)),
+        ):
+            views = [await hive.wait(task_id, 15) for task_id in (small_output, large_prompt)]
+        await hive.close()
+    assert [(v.status, v.attempt) for v in views] == [("completed", 1), ("completed", 1)]
+    assert [v.output for v in views] == [
+        "escribe un tuit: " + "y" * 100_000,
+        "z" * 20 + ": " + "y" * 100_000,
+    ]
