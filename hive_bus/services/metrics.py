@@ -77,6 +77,7 @@ from hive_bus._nats import BUS_ERRORS, why
 from hive_bus._stats import QueueDepth, queue_depths
 from hive_bus.bus import Bus
 
+from .fill import BucketFill, Fill
 from .follower import follow_providers
 from .history import History, HistoryView, backfill
 
@@ -119,6 +120,7 @@ class Snapshot:
     lost: dict[str, int] = field(default_factory=dict)  # by stream name
     submitted: dict[str, int] = field(default_factory=dict)  # since following began
     dead_letters: int = 0  # messages in the dead-letter stream
+    fill: Fill = field(default_factory=Fill)  # the buckets' bytes against their limits, keys by owner
     at_s: float | None = None  # unix time of the refresh
 
 
@@ -212,6 +214,24 @@ class _Gauges:
         for stream, count in sorted(snap.lost.items()):
             lost.add_metric([stream], float(count))
         yield lost
+        used = GaugeMetricFamily(
+            "hive_bucket_used_ratio",
+            "Bytes a bucket holds against its limit (1: full; a full bucket refuses new keys, the response "
+            "cache forgets its oldest). One per provider for the claim check (<prefix>_blobs_<provider>).",
+            labels=["bucket"],
+        )
+        for bucket, ratio in sorted(snap.fill.used_ratio.items()):
+            used.add_metric([bucket], ratio)
+        yield used
+        keys = GaugeMetricFamily(
+            "hive_bucket_keys",
+            "Keys in a bucket every provider shares, by owner (the provider, or the worker credential's name "
+            "for heartbeats): the few with most, once the bucket is half full.",
+            labels=["bucket", "owner"],
+        )
+        for (bucket, owner), held in sorted(snap.fill.keys.items()):
+            keys.add_metric([bucket, owner], held)
+        yield keys
         last = GaugeMetricFamily(
             "hive_metrics_last_refresh_timestamp_seconds",
             "When the queue, worker and cooldown gauges were last read from the bus (unix time).",
@@ -238,6 +258,7 @@ class BusMetrics:
         # Each series once labelled (see _series): bounded as the labels are.
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         self._since_ms = 0  # when following began
+        self._fill = BucketFill(bus)
         self._submitted_before: dict[str, int] = {}  # the submission counters when following began
 
         self._registry = CollectorRegistry(auto_describe=True)
@@ -559,7 +580,8 @@ class BusMetrics:
         cooldown_values = await kv_entries(bus.providers_kv, timeout_s=bus.settings.request_timeout_s)
         cooldowns = provider_cooldowns(cooldown_values, beats)
         dead_letter_streams = await dlq_streams(bus)
-        events_streams = [bus.names.events_stream_of(p) for p in await event_providers(bus)]
+        providers_with_events = await event_providers(bus)
+        events_streams = [bus.names.events_stream_of(p) for p in providers_with_events]
         states = {
             stream: (await bus.js.stream_info(stream)).state
             for stream in (bus.names.tasks_stream, *events_streams, *dead_letter_streams)
@@ -578,6 +600,7 @@ class BusMetrics:
             cooldown_s=cooldown_s,
             lost=lost,
             dead_letters=sum(states[stream].messages for stream in dead_letter_streams),
+            fill=await self._fill.read(providers_with_events),
             at_s=time.time(),
         )
         for provider, count in counted.items():

@@ -25,11 +25,12 @@ from hive_bus import FunctionProvider, Hive, Task
 from hive_bus._budget import ProviderBudget, load_budgets
 from hive_bus._bus import ensure_consumers
 from hive_bus._embedded import NatsServer
-from hive_bus.bus import open_bus
+from hive_bus.bus import Bus, open_bus
 from hive_bus.workers.gemini import GeminiProvider
 from tests.fakes import ProviderFakes
 from tests.helpers import running_worker
 from tests.hub import Hub, hub_server, make_certs, render
+from tests.test_metrics import following, samples, value
 
 from .test_credentials import ATTACKER, GEMINI, Attacker, attacker, gateway, settings_for
 
@@ -70,6 +71,18 @@ async def fill(mallory: Attacker, subject: str, largest: int = 60 * 1024) -> str
     return refusal
 
 
+async def operator_sees(bus: Bus, bucket: str, owner: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The gateway's metrics say the bucket is full and whose keys hold it, and its log says so too."""
+    async with following(bus) as metrics:
+        await metrics.refresh()
+        found = samples(metrics)
+    assert value(found, "hive_bucket_used_ratio", bucket=bucket) > 0.99
+    keys = {dict(labels)["owner"]: n for (name, labels), n in found.items() if name == "hive_bucket_keys"}
+    assert max(keys, key=lambda k: keys[k]) == owner, keys
+    said = [r.getMessage() for r in caplog.records if r.name == "hive_bus.metrics"]
+    assert any(m.startswith(f"bucket {bucket} is 100% full") and f"are {owner}'s" in m for m in said), said
+
+
 @asynccontextmanager
 async def gemini_worker(
     hub: Hub, server: NatsServer, fakes: ProviderFakes, budget: ProviderBudget | None = None
@@ -90,8 +103,9 @@ async def test_a_429_is_waited_out_with_the_cooldowns_bucket_full(
     """The finding: the worker could not write the cooldown, so it neither recorded the wait nor handed
     the task back; the task came back after AckWait (30 s) and that delivery counted as an attempt."""
     rendered, server = hub
-    async with gateway(rendered, server) as (_, hive), attacker(rendered, server) as mallory:
+    async with gateway(rendered, server) as (bus, hive), attacker(rendered, server) as mallory:
         assert await fill(mallory, "$KV.hive_providers.echo.k{n}") == "maximum bytes exceeded"
+        await operator_sees(bus, "hive_providers", "echo", caplog)
         fakes.gemini.fail_next(429, 1, retry_after_s=1.0)
         task_id = await hive.submit("gemini", "escribe un tuit", max_attempts=1)
         async with gemini_worker(rendered, server, fakes):
@@ -109,8 +123,9 @@ async def test_a_budgeted_call_is_made_with_the_budgets_bucket_full(
     process a task message"), every delivery, for as long as the bucket stayed full."""
     rendered, server = hub
     budget = load_budgets(None, "gemini = { rpm = 100 }")["gemini"]
-    async with gateway(rendered, server) as (_, hive), attacker(rendered, server) as mallory:
+    async with gateway(rendered, server) as (bus, hive), attacker(rendered, server) as mallory:
         assert await fill(mallory, "$KV.hive_budgets.echo.k{n}.m") == "maximum bytes exceeded"
+        await operator_sees(bus, "hive_budgets", "echo", caplog)
         task_id = await hive.submit("gemini", "escribe un tuit", max_attempts=1)
         async with gemini_worker(rendered, server, fakes, budget):
             done = await hive.wait(task_id, 15)
@@ -154,3 +169,18 @@ async def test_a_worker_filling_its_claim_check_bucket_leaves_another_providers_
         "escribe un tuit: " + "y" * 100_000,
         "z" * 20 + ": " + "y" * 100_000,
     ]
+
+
+async def test_heartbeats_refused_by_a_full_bucket_are_named_with_the_credential_that_filled_it(
+    hub: tuple[Hub, NatsServer], fakes: ProviderFakes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Heartbeats: the bucket is filled with mallory's own keys (its name, its provider); a gemini worker
+    whose beats are refused still runs gemini's tasks, and the operator is told whose keys they are."""
+    rendered, server = hub
+    async with gateway(rendered, server) as (bus, hive), attacker(rendered, server) as mallory:
+        assert await fill(mallory, "$KV.hive_workers.mallory.echo.w{n}") == "maximum bytes exceeded"
+        await operator_sees(bus, "hive_workers", "mallory", caplog)
+        task_id = await hive.submit("gemini", "escribe un tuit", max_attempts=1)
+        async with gemini_worker(rendered, server, fakes):
+            done = await hive.wait(task_id, 15)
+    assert (done.status, done.attempt) == ("completed", 1)
