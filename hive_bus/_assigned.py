@@ -27,6 +27,7 @@ import logging
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import anyio
 import msgspec
@@ -50,6 +51,11 @@ from ._nats import BUS_ERRORS
 
 log = logging.getLogger("hive_bus.assigned")
 
+# What a task whose events were evicted while its task message is kept reads (status ``evicted``).
+EVICTED = (
+    "the task has ended (its worker took it off the queue), but its events were evicted from the events "
+    "stream (HIVE_EVENTS_MAX_BYTES): how it ended, and its output, are no longer kept"
+)
 # A task has at most 8 fallbacks (``Task.fallback``), so at most 8 moves per run.
 MAX_HOPS = 8
 # The sequence after which a task's events count when it has moved to a provider that has not had it
@@ -107,11 +113,11 @@ async def assignment(bus: Bus, task_id: str) -> Assignment | None:
     return await _assigned(bus, task_id, await _queued_message(bus, task_id))
 
 
-async def _assigned(bus: Bus, task_id: str, found: tuple[Task, str] | None) -> Assignment | None:
-    """:func:`assignment`, given the task's last message in the tasks stream and its provider."""
+async def _assigned(bus: Bus, task_id: str, found: _TaskMessage | None) -> Assignment | None:
+    """:func:`assignment`, given the task's last message in the tasks stream."""
     names = bus.names
     if found is not None:
-        task, provider = found
+        task, provider = found.task, found.provider
         got = await _last(bus, provider, names.event_subject(provider, task_id, "queued"))
         seq = got[1] if got is not None and isinstance(got[0], Queued) else 0
         queued = got[0] if got is not None and isinstance(got[0], Queued) else None
@@ -150,9 +156,19 @@ async def _assigned(bus: Bus, task_id: str, found: tuple[Task, str] | None) -> A
     return here
 
 
-async def _queued_message(bus: Bus, task_id: str) -> tuple[Task, str] | None:
-    """The task's last message in the tasks stream and the provider its subject names, or None when
-    there is none (or it does not decode)."""
+class _TaskMessage(NamedTuple):
+    """A task's last message in the tasks stream: the task, the provider and priority its subject
+    names (whose consumer takes it), and its sequence there."""
+
+    task: Task
+    provider: str
+    priority: str
+    seq: int
+
+
+async def _queued_message(bus: Bus, task_id: str) -> _TaskMessage | None:
+    """The task's last message in the tasks stream, or None when there is none (or it does not
+    decode)."""
     try:
         raw: RawStreamMsg = await bus.js.get_last_msg(
             bus.names.tasks_stream, bus.names.tasks_of(task_id), direct=True
@@ -162,7 +178,27 @@ async def _queued_message(bus: Bus, task_id: str) -> tuple[Task, str] | None:
     task = _decoded(raw, task_id)
     if task is None:
         return None
-    return task, bus.names.provider_of_subject(raw.subject or "")
+    tokens = (raw.subject or "").split(".")  # <prefix>.tasks.<provider>.<priority>.<task id>
+    return _TaskMessage(task, tokens[2], tokens[3] if len(tokens) == 5 else "normal", raw.seq or 0)
+
+
+async def _taken(bus: Bus, message: _TaskMessage) -> bool | None:
+    """Whether a worker has taken ``message`` off its queue, as its consumer's state says (one
+    consumer-info call): True when it is acked (or terminated), so the task has ended; None when it was
+    handed to a worker and may or may not be acked yet (acked after an older task of its queue still
+    pending, which only a read per message would tell); False when no worker has had it yet."""
+    names = bus.names
+    try:
+        info = await bus.js.consumer_info(
+            names.tasks_stream, names.consumer(message.provider, message.priority)
+        )
+    except nats.js.errors.NotFoundError:
+        return False  # no worker of its provider and priority has ever taken from its queue
+    if message.seq <= info.ack_floor.stream_seq:
+        return True
+    if message.seq > info.delivered.stream_seq:
+        return False
+    return True if not info.num_ack_pending else None
 
 
 async def _queued_event(bus: Bus, task_id: str) -> tuple[Queued, int] | None:
@@ -206,13 +242,13 @@ async def current(bus: Bus, task_id: str) -> tuple[TaskView, int] | None:
 
     async with anyio.create_task_group() as tg:
         if found is not None:
-            tg.start_soon(read_latest, found[1])
+            tg.start_soon(read_latest, found.provider)
         here = await _assigned(bus, task_id, found)
     if here is None:
         return None
     if here.pending:
         return TaskView.of(here.event).with_task(here.task), here.seq
-    got = latest[0] if latest and found is not None and here.provider == found[1] else None
+    got = latest[0] if latest and found is not None and here.provider == found.provider else None
     if got is not None and got[1] >= here.seq:
         last: tuple[TaskEvent, int] | None = got
     else:  # read before the event that put it there, or another provider's: read again
@@ -223,7 +259,25 @@ async def current(bus: Bus, task_id: str) -> tuple[TaskView, int] | None:
             if ended is not None:
                 return TaskView.of(ended).with_task(here.task), here.seq
         return TaskView.of(last[0]).with_task(here.task), here.seq
+    if found is not None and here.event_seq == 0 and last is None:
+        # not one event of the task is left (nor its queued marker): the events stream evicted them
+        # (its byte limit), or the marker was lost and no worker has had the task yet
+        return await _unrecorded(bus, found, here), here.seq
     return TaskView.of(here.event).with_task(here.task), here.seq
+
+
+async def _unrecorded(bus: Bus, found: _TaskMessage, here: Assignment) -> TaskView:
+    """The state of a task whose only record is its task message: ``queued`` while no worker has had
+    it; ``evicted`` (an end, its outcome gone with its events) once its worker has acked it; and
+    ``running`` in between (handed to a worker, not known to be acked)."""
+    queued = TaskView.of(here.event).with_task(here.task)
+    match await _taken(bus, found):
+        case False:
+            return queued
+        case True:
+            return msgspec.structs.replace(queued, status="evicted", error=EVICTED)
+        case None:
+            return msgspec.structs.replace(queued, status="running", reason="record evicted")
 
 
 async def _ended(bus: Bus, here: Assignment, task_id: str) -> TaskEvent | None:

@@ -623,7 +623,7 @@ def submit(
     on stderr. PROVIDER and every option but --key and --messages are defaults for the lines (a line's
     own field wins; --metadata is merged under the line's). With --wait, each result is printed as it
     ends, {"line", "id", "status", "output" or "error"} (in input order with --ordered); exit 0 when
-    every task completed, 1 when one failed or was cancelled, 2 when one had not ended in time.
+    every task completed, 1 when one failed, was cancelled or was evicted, 2 when one had not ended in time.
     """
     if file is not None:
         if prompt or messages_file or idempotency_key:
@@ -713,9 +713,9 @@ EXIT_FAILED, EXIT_NOT_ENDED = 1, 2
 
 
 def _exit_for(views: Sequence[TaskView]) -> None:
-    """Exit 0 when every task completed, 1 when one failed or was cancelled, 2 when one has not ended
-    (a wait ran out)."""
-    if any(v.status in ("failed", "cancelled") for v in views):
+    """Exit 0 when every task completed, 1 when one failed or was cancelled, or was evicted (ended, how is
+    no longer known), 2 when one has not ended (a wait ran out)."""
+    if any(v.status in ("failed", "cancelled", "evicted") for v in views):
         raise click.exceptions.Exit(EXIT_FAILED)
     if any(not v.done for v in views):
         raise click.exceptions.Exit(EXIT_NOT_ENDED)
@@ -829,6 +829,8 @@ def chat(
                             click.echo("")
                             if view.status in ("failed", "cancelled"):
                                 raise HiveError(f"task {view.id} {view.status} ({view.reason}): {view.error}")
+                            if view.status == "evicted":
+                                raise HiveError(f"task {view.id} evicted: {view.error}")
                             if view.status != "completed":
                                 raise HiveError(
                                     f"task {view.id} has not ended within {timeout_s:g}s; it goes on"
@@ -1008,7 +1010,8 @@ def list_command(
 def status(task_ids: tuple[str, ...], wait_s: float, settings: Settings) -> None:
     """Print the state of each task as JSON (one document per task, in the order given).
 
-    Exit 0 when every task completed, 1 when one failed or was cancelled, 2 when one has not ended."""
+    Exit 0 when every task completed, 1 when one failed, was cancelled or was evicted, 2 when one has
+    not ended."""
 
     async def main() -> None:
         async with connect(settings=settings) as hive:

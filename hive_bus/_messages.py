@@ -25,9 +25,13 @@ from msgspec import Meta, Struct
 from ._names import PROVIDER_PATTERN
 from ._nesting import Guarded
 
-# scheduled: accepted with a not_before still ahead; the server's timer queues it then (hive_bus._timers)
-TaskStatus = Literal["scheduled", "queued", "running", "retrying", "completed", "failed", "cancelled"]
-FINAL_STATUSES = ("completed", "failed", "cancelled")
+# scheduled: accepted with a not_before still ahead; the server's timer queues it then (hive_bus._timers).
+# evicted: ended (its worker acked it), its events evicted since: no event says so, a read does
+# (hive_bus._assigned)
+TaskStatus = Literal[
+    "scheduled", "queued", "running", "retrying", "completed", "failed", "cancelled", "evicted"
+]
+FINAL_STATUSES = ("completed", "failed", "cancelled")  # the ends an event records
 # invalid_output: the provider answered, but not in the task's response_format (an attempt all the same)
 RetryReason = Literal["rate_limit", "budget", "transient", "invalid_output", "shutdown"]
 FailReason = Literal[
@@ -605,7 +609,7 @@ class TaskView(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     @property
     def done(self) -> bool:
-        return self.status in FINAL_STATUSES
+        return self.status in FINAL_STATUSES or self.status == "evicted"
 
     @property
     def has_content(self) -> bool:

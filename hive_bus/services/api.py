@@ -78,7 +78,7 @@ FEED_KEEPALIVE_S = 15.0
 MAX_EVENT_ID_CHARS = 16_384
 # How often a feed looks whether the gateway is stopping, so that a stop need not wait for its end.
 FEED_POLL_S = 0.5
-EVENT_STATUSES = frozenset(get_args(TaskStatus))
+EVENT_STATUSES = frozenset(get_args(TaskStatus)) - {"evicted"}  # a read's finding: no event records it
 SSE = "text/event-stream"
 
 
@@ -236,13 +236,17 @@ async def get_task(
 async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
     """Every event of the task so far, then each new one as it happens, until the task has completed
     or failed. Each message's ``event`` is the status; its ``data`` the event as JSON; its ``id`` the
-    event's place in the record (``<provider>=<sequence>``)."""
+    event's place in the record (``<provider>=<sequence>``). A task that ended with its events evicted
+    since is one message, ``evicted``, whose ``data`` is the task's state as ``GET /v1/tasks/{id}`` reads it."""
     hive = _hive(state)
-    await hive.get(task_id)  # 404 now, before the stream starts, for an unknown task
+    view = await hive.get(task_id)  # 404 now, before the stream starts, for an unknown task
     bus = hive.bus
     assigned = Assignments(bus)  # events another credential wrote for the task are left out
 
     async def events() -> AsyncIterator[ServerSentEventMessage]:
+        if view.status == "evicted":  # no event of it is left to send, nor will one come
+            yield ServerSentEventMessage(data=encoder.encode(view).decode(), event=view.status)
+            return
         # the task's provider's stream, then at each move the next provider's
         found = read_task_events(bus, task_id, assigned, live=True, quiet_s=FEED_KEEPALIVE_S)
         async with contextlib.aclosing(found):

@@ -483,6 +483,18 @@ def cancelled(view: TaskView) -> OpenAIError:
     )
 
 
+def evicted(view: TaskView) -> OpenAIError:
+    """410 ``task_evicted`` for a task that ended with its events evicted since (a repeated
+    Idempotency-Key, long after): its answer is no longer kept, and a request without the key asks again."""
+    return OpenAIError(
+        410,
+        f"task {view.id}: {view.error}; send the request without its Idempotency-Key to ask again",
+        code="task_evicted",
+        final=True,
+        headers={"X-Hive-Task-Id": view.id, "X-Hive-Provider": view.provider},
+    )
+
+
 def still_running(view: TaskView, wait_s: float) -> OpenAIError:
     """504 once the wait is over: the task goes on, and ``GET /v1/tasks/{id}`` has its result later."""
     return OpenAIError(
@@ -565,6 +577,8 @@ async def chat_completions(request: Request[Any, Any, Any], state: State) -> Res
             return Response(completion_of(view), status_code=200, headers=task_headers(view))
         if view.status == "cancelled":
             raise cancelled(view)
+        if view.status == "evicted":
+            raise evicted(view)
         raise failure_of(view) if view.status == "failed" else still_running(view, prepared.wait_s)
     except OpenAIError as exc:
         return exc.response()

@@ -12,7 +12,8 @@ What the client sees when it does not complete:
 
 - the task failed for good: an error event ``data: {"error": {...}}`` (OpenAI's error object; the
   ``openai`` SDK raises ``APIError`` from the loop) naming the task, and no ``[DONE]``; cancelled (``POST
-  /v1/tasks/{id}/cancel``): the same, of code ``task_cancelled``;
+  /v1/tasks/{id}/cancel``): the same, of code ``task_cancelled``; ended with its events evicted since
+  (a repeated Idempotency-Key, long after): of code ``task_evicted``;
 - an attempt fails (or its worker is lost: its heartbeat expired) **after** some of its text went out: the task is retried on
   the bus, but a client cannot take back text it has shown, and OpenAI's protocol has no way to say
   "start over". The stream therefore ends with an error event of code ``stream_interrupted`` that names
@@ -120,6 +121,10 @@ async def completion_events(
                         f"task {view.id} was cancelled ({view.reason}): {view.error or 'no reason given'}"
                     )
                     yield error_event(message, "invalid_request_error", "task_cancelled")
+                elif view.status == "evicted":
+                    yield error_event(
+                        f"task {view.id}: {view.error}", "invalid_request_error", "task_evicted"
+                    )
                 else:
                     message = (
                         f"task {view.id} has not ended within this stream's wait; it goes on: "

@@ -1,0 +1,120 @@
+"""A task whose events the events stream evicted (its byte limit, ``HIVE_EVENTS_MAX_BYTES``) while its
+task message is still in the tasks stream: its worker acked it, so it has ended with its record gone.
+Every reader says so (status ``evicted``) instead of ``queued``, and a wait on it ends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from hive_bus import Hive
+from hive_bus._embedded import NatsServer
+from hive_bus.bus import Bus
+from hive_bus.workers.echo import EchoProvider
+
+from .conftest import make_settings
+from .helpers import events_of, hive_cli, running_worker
+from .test_reads import CLI_ENV, Stack, _cli, serving
+
+pytestmark = pytest.mark.anyio
+
+EVENTS_MAX_BYTES = 48 * 1024
+PROMPT = "x" * 2000  # echo's output is its input: a completed event of about 2 KB
+LATER = 40  # tasks after the first, whose events push the first's out
+
+
+async def _push_out(hive: Hive) -> None:
+    """Enough completed tasks to evict every event of the tasks before them; each waited for before the
+    next, so that its own events are there until it has ended."""
+    for _ in range(LATER):
+        assert (await hive.wait(await hive.submit("echo", PROMPT), 10)).status == "completed"
+
+
+async def test_a_completed_task_whose_events_were_evicted_reads_evicted_everywhere(
+    nats_server: NatsServer,
+) -> None:
+    settings = make_settings(nats_server.url, events_max_bytes=EVENTS_MAX_BYTES)
+    async with serving(settings) as stack, running_worker(stack.bus, "echo", EchoProvider()):
+        http = stack.http
+        r = await http.post(
+            "/v1/tasks", json={"provider": "echo", "prompt": PROMPT, "metadata": {"c": "acme"}}
+        )
+        first = r.json()["id"]
+        assert (await http.get(f"/v1/tasks/{first}", params={"wait": 10})).json()["status"] == "completed"
+        chat = {"model": "echo", "messages": [{"role": "user", "content": "hola"}]}
+        asked = await http.post("/v1/chat/completions", json=chat, headers={"Idempotency-Key": "pedido-7"})
+        assert asked.status_code == 200, asked.text
+        hive = Hive(stack.bus)
+        await _push_out(hive)
+        await hive.close()
+        assert await events_of(stack.bus, first) == []  # evicted; its task message is kept
+
+        read = (await http.get(f"/v1/tasks/{first}")).json()
+        assert (read["status"], read["prompt"], read["metadata"]) == ("evicted", PROMPT, {"c": "acme"})
+        assert "HIVE_EVENTS_MAX_BYTES" in read["error"]
+        with anyio.fail_after(5):  # a wait ends on it
+            waited = (await http.get(f"/v1/tasks/{first}", params={"wait": 60})).json()
+            async with http.stream("GET", f"/v1/tasks/{first}/events") as feed:
+                lines = [line async for line in feed.aiter_lines() if line.startswith("event:")]
+            again = await http.post(
+                "/v1/chat/completions", json=chat, headers={"Idempotency-Key": "pedido-7"}
+            )
+        assert waited["status"] == "evicted" and lines == ["event: evicted"]
+        assert again.status_code == 410 and again.json()["error"]["code"] == "task_evicted", again.text
+        assert again.headers["x-hive-task-id"] == asked.headers["x-hive-task-id"]
+
+        listed = (await http.get("/v1/tasks", params={"meta": "c:acme"})).json()
+        assert [(v["id"], v["status"]) for v in listed] == [(first, "evicted")]
+        [echo] = [s for s in (await http.get("/v1/stats")).json() if s["provider"] == "echo"]
+        assert echo["pending"] == 0  # not counted as queued (nor completed: its event is gone)
+
+        other = Hive(stack.bus)  # another client's wait: none of its followers saw the task
+        with anyio.fail_after(10):
+            assert (await other.wait(first, 60)).status == "evicted"
+        await other.close()
+        status = hive_cli(_cli(stack.settings, "status", first), env=CLI_ENV)
+        assert status.returncode == 1, status.stderr
+        assert json.loads(status.stdout)["status"] == "evicted"
+
+
+async def test_a_task_no_worker_took_yet_reads_queued_with_its_events_evicted(stack: Stack) -> None:
+    hive = Hive(stack.bus)
+    never = await hive.submit("nobody", "sin trabajador")  # its queue has no consumer
+    async with running_worker(stack.bus, "echo", EchoProvider()):
+        assert (await hive.wait(await hive.submit("echo", "uno"), 10)).status == "completed"
+    later = await hive.submit("echo", "después")  # its consumer has not handed it out
+    for provider, task_id in (("nobody", never), ("echo", later)):
+        await _evicted_from(stack.bus, provider, task_id)
+        assert (await hive.get(task_id)).status == "queued"
+    async with running_worker(stack.bus, "echo", EchoProvider()):
+        assert (await hive.wait(later, 10)).status == "completed"
+    await hive.close()
+
+
+async def _evicted_from(bus: Bus, provider: str, task_id: str) -> None:
+    """Drop every event of the task, as the events stream's byte limit would."""
+    names = bus.names
+    await bus.js.purge_stream(names.events_stream_of(provider), subject=names.events_of(task_id, provider))
+    assert await events_of(bus, task_id) == []
+
+
+async def test_a_task_whose_message_went_first_reads_its_events(stack: Stack) -> None:
+    """The other way round: the tasks stream dropped the task message (its age), its events are kept."""
+    async with running_worker(stack.bus, "echo", EchoProvider()):
+        hive = Hive(stack.bus)
+        task_id = await hive.submit("echo", "hola")
+        assert (await hive.wait(task_id, 10)).status == "completed"
+        names = stack.bus.names
+        await stack.bus.js.purge_stream(names.tasks_stream, subject=names.tasks_of(task_id))
+        view = await hive.get(task_id)
+        assert (view.status, view.output) == ("completed", "hola")
+        await hive.close()
+
+
+@pytest.fixture
+async def stack(nats_server: NatsServer) -> AsyncIterator[Stack]:
+    async with serving(make_settings(nats_server.url)) as s:
+        yield s
