@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from hive_bus import Hive
+from hive_bus import FunctionProvider, Hive, RetryLater, Task
 from hive_bus._embedded import NatsServer
 from hive_bus.bus import Bus
 from hive_bus.workers.echo import EchoProvider
 
 from .conftest import make_settings
-from .helpers import events_of, hive_cli, running_worker
+from .helpers import events_of, eventually, hive_cli, running_worker
 from .test_reads import CLI_ENV, Stack, _cli, serving
 
 pytestmark = pytest.mark.anyio
@@ -92,6 +92,36 @@ async def test_a_task_no_worker_took_yet_reads_queued_with_its_events_evicted(st
     async with running_worker(stack.bus, "echo", EchoProvider()):
         assert (await hive.wait(later, 10)).status == "completed"
     await hive.close()
+
+
+async def test_a_task_acked_behind_one_still_handed_out_reads_running_until_that_one_ends(
+    stack: Stack,
+) -> None:
+    """Whether a task above its queue's ack floor was acked takes a read per message to tell: one handed
+    out, with an older task of its queue still handed out (waiting out a backoff), reads running; once
+    that older one ends, the floor passes it and it reads evicted."""
+
+    async def answer(task: Task) -> str:
+        if task.prompt == "luego":
+            raise RetryLater("not yet")
+        return task.prompt or ""
+
+    hive = Hive(stack.bus)
+    async with running_worker(stack.bus, "fn", FunctionProvider(answer)):
+        held = await hive.submit("fn", "luego", backoff_base_s=120, backoff_cap_s=120)
+        await eventually(lambda: _in(hive, held, "retrying"), 10, "the first task waiting out its backoff")
+        done = await hive.submit("fn", "ahora")
+        assert (await hive.wait(done, 10)).status == "completed"
+        await _evicted_from(stack.bus, "fn", done)
+        view = await hive.get(done)
+        assert (view.status, view.reason) == ("running", "record evicted")
+        await hive.cancel(held)  # its worker acks it once it hears
+        await eventually(lambda: _in(hive, done, "evicted"), 10, "the floor past the evicted task")
+    await hive.close()
+
+
+async def _in(hive: Hive, task_id: str, status: str) -> bool | None:
+    return True if (await hive.get(task_id)).status == status else None
 
 
 async def _evicted_from(bus: Bus, provider: str, task_id: str) -> None:
