@@ -86,6 +86,41 @@ async def test_idempotency_key_over_http(stack: Stack) -> None:
     assert await stream_messages(stack.bus, stack.bus.names.tasks_stream) == 1
 
 
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "route"])
+async def test_an_idempotency_key_header_makes_one_task_of_two_submissions(
+    settings: Settings, fast_path: bool
+) -> None:
+    async with open_bus(settings) as bus:
+        gateway = Gateway(Hive(bus), GatewayOptions(port=0, fast_path=fast_path))
+        async with anyio.create_task_group() as tg:
+            await tg.start(gateway.serve)
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=15) as http:
+                body = {"provider": "nobody", "prompt": "una vez"}
+                keyed = {"Idempotency-Key": "pedido-42"}
+                first = await http.post("/v1/tasks", json=body, headers=keyed)
+                again = await http.post("/v1/tasks", json=body, headers=keyed)
+                # the same key in the body too: the same task
+                both = await http.post(
+                    "/v1/tasks", json={**body, "idempotency_key": "pedido-42"}, headers=keyed
+                )
+                differ = await http.post("/v1/tasks", json={**body, "idempotency_key": "otro"}, headers=keyed)
+                empty = await http.post("/v1/tasks", json=body, headers={"Idempotency-Key": ""})
+            gateway.stop()
+        assert (first.status_code, again.status_code, both.status_code) == (202, 200, 200), first.text
+        assert first.json()["id"] == again.json()["id"] == both.json()["id"]
+        assert again.json()["duplicate"] is True
+        assert await stream_messages(bus, bus.names.tasks_stream) == 1
+        assert differ.status_code == 400
+        assert differ.json()["error"] == {
+            "code": "invalid_request",
+            "message": "header Idempotency-Key and body field idempotency_key differ: give one of them, "
+            "or the same key in both",
+            "field": "idempotency_key",
+        }
+        assert empty.status_code == 400
+        assert "header Idempotency-Key must be 1 to 256 characters" in empty.json()["error"]["message"]
+
+
 async def test_workers_and_healthz(stack: Stack) -> None:
     assert (await stack.http.get("/healthz")).json() == {"status": "ok"}
     async with running_worker(stack.bus, "echo", EchoProvider()) as worker:
@@ -341,6 +376,8 @@ async def test_the_openapi_document_is_generated_from_the_types(stack: Stack) ->
     assert request["required"] == ["provider"]  # and exactly one of prompt and messages, which it says
     for field in ("prompt", "messages"):
         assert "exactly one of prompt and messages" in request["properties"][field]["description"]
+    [header] = [p for p in doc["paths"]["/v1/tasks"]["post"]["parameters"] if p["in"] == "header"]
+    assert header["name"] == "idempotency-key" and "idempotency_key" in header["description"]
 
 
 async def test_stats_per_provider(stack: Stack) -> None:

@@ -23,6 +23,9 @@ from hive_bus._nesting import NestedTooDeep, check_json
 from hive_bus.services.feeds import FeedsBusy
 from hive_bus.services.list_reads import BUSY_RETRY_AFTER_S, ListsBusy
 
+# as the body's idempotency_key (hive_bus._messages.IdempotencyKey)
+IDEMPOTENCY_KEY_MAX_CHARS = 256
+
 log = logging.getLogger("hive_bus.gateway")
 
 # How long a client waits before sending again after the bus did not answer (or a batch was cut short).
@@ -140,10 +143,24 @@ def of_error(exc: HiveError) -> Answer | None:
 # submissions -------------------------------------------------------------------------------------
 
 
-async def submit_one(hive: Hive, request: TaskRequest) -> Answer:
+async def submit_one(hive: Hive, request: TaskRequest, key_header: str | None = None) -> Answer:
     """Queue one task: 202 once JetStream has stored it; 200 with the first task's id and current status
-    when its idempotency key was already used. Raises what :meth:`Hive.submit_request` raises
-    (answered by :func:`of_error`)."""
+    when its idempotency key (the body's, or ``key_header``: the ``Idempotency-Key`` header's, as chat
+    completions take it) was already used. Raises what :meth:`Hive.submit_request` raises (answered
+    by :func:`of_error`)."""
+    if key_header is not None:
+        if not 1 <= len(key_header) <= IDEMPOTENCY_KEY_MAX_CHARS:
+            return invalid(
+                f"header Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX_CHARS} characters",
+                field="Idempotency-Key",
+            )
+        if request.idempotency_key not in (None, key_header):
+            return invalid(
+                "header Idempotency-Key and body field idempotency_key differ: give one of them, "
+                "or the same key in both",
+                field="idempotency_key",
+            )
+        request = msgspec.structs.replace(request, idempotency_key=key_header)
     try:
         accepted = await hive.submit_request(request)
     except msgspec.ValidationError as exc:  # valid, but not on this bus: a not_before too far ahead

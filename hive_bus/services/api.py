@@ -122,13 +122,26 @@ async def _too_deep(request: Request[Any, Any, Any]) -> Response[Any] | None:
     before_request=_too_deep,
     responses=_errors(400, 401, 413, 503),
 )
-async def submit_task(data: JSONBody[TaskRequest], state: State) -> Response[TaskAccepted]:
+async def submit_task(
+    data: JSONBody[TaskRequest],
+    state: State,
+    idempotency_key: Annotated[
+        str | None,
+        HeaderParameter(
+            name="idempotency-key",
+            required=False,
+            description="the task's idempotency key, as the body's idempotency_key (1 to 256 characters; "
+            "both given, they must be the same)",
+        ),
+    ] = None,
+) -> Response[TaskAccepted]:
     """Queue one task. 202 once JetStream has stored it; 200 with the first task's id and current
-    status when the idempotency key was already used inside the de-duplication window."""
+    status when the idempotency key (the body's ``idempotency_key``, or the ``Idempotency-Key`` header)
+    was already used inside the de-duplication window."""
     refused = await webhook_refusal(state.webhooks, data)
     if refused is not None:
         return as_response(answers.invalid(refused[1], field=refused[0]))
-    return as_response(await answers.submit_one(_hive(state), data))
+    return as_response(await answers.submit_one(_hive(state), data, idempotency_key))
 
 
 @post(

@@ -6,9 +6,10 @@ On a Raspberry Pi the gateway's CPU per submission is its capacity, and that wor
 a whole ``GET /healthz``. This layer sits inside the gateway's edge (tokens, hosts, content types) and
 outside the framework (its router and middleware are skipped too), and takes only the common case: a JSON body within the size limit that decodes, with the same msgspec decoder, into a valid
 :class:`TaskRequest`. It answers exactly what the route would (202 ``{"id", "status"}``, 200 for a
-known idempotency key, 503 with ``Retry-After`` when the bus does not store it), built by the same
-functions (:mod:`services.answers`). A body too large or nested too deep is answered here; anything
-else, not JSON or not a valid task, goes on to the route with the body replayed.
+known idempotency key, in the body or the ``Idempotency-Key`` header, 503 with ``Retry-After`` when
+the bus does not store it), built by the same functions (:mod:`services.answers`). A body too large or
+nested too deep is answered here; anything else, not JSON or not a valid task, goes on to the route
+with the body replayed.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class FastSubmit:
                 answer = answers.batch_size_error(len(decoded.tasks), self._max_batch)
                 answer = answer or await answers.submit_many(self._hive, decoded.tasks)
             else:
-                answer = await answers.submit_one(self._hive, decoded)
+                answer = await answers.submit_one(self._hive, decoded, _key_header(scope))
         except HiveError as exc:
             answer = answers.of_error(exc) or _internal(path)
             if isinstance(exc, BusUnavailable):
@@ -103,6 +104,12 @@ class FastSubmit:
             return decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None  # the route says what is wrong, in its own words
+
+
+def _key_header(scope: Scope) -> str | None:
+    """The ``Idempotency-Key`` header, as the route reads it (the first, in Latin-1), or None."""
+    key = next((value for name, value in scope["headers"] if name == b"idempotency-key"), None)
+    return None if key is None else key.decode("latin-1")
 
 
 def _internal(path: str) -> answers.Answer:
