@@ -792,6 +792,47 @@ async def test_a_line_whose_own_task_was_cancelled_says_so_in_the_error_file(set
     assert "not needed after all" in dropped["error"]["message"], dropped
 
 
+async def test_a_batch_whose_lines_history_was_evicted_while_no_gateway_ran_ends(
+    nats_server: NatsServer,
+) -> None:
+    """A batch's lines ended while no gateway ran, and HIVE_EVENTS_MAX_BYTES pushed their events out
+    before one came back: the batch ends, each line in the error file as ``task_evicted``. It stayed
+    ``in_progress`` until its window closed, waiting for ends no stream held any more."""
+    settings = make_settings(nats_server.url, events_max_bytes=48 * 1024, batch_lease_s=1.5)
+    lines = [line(f"l{i}", f"línea {i}") for i in range(3)]
+    async with serving(settings) as stack:
+        client = stack.client
+        uploaded = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        created = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        store = await BatchStore.open(stack.bus)
+
+        async def queued() -> Batch | None:
+            now = await store.get(created.id)
+            return now if now.enqueued == len(lines) else None
+
+        batch = await eventually(queued, 30, "the lines to be queued")
+    async with open_bus(settings) as bus:  # no gateway: a worker ends the lines, later tasks evict them
+        hive = Hive(bus)
+        async with running_worker(bus, "echo", EchoProvider()):
+            for i in range(len(lines)):
+                assert (await hive.wait(line_task_id(batch, i), 10)).status == "completed"
+            for _ in range(40):
+                assert (await hive.wait(await hive.submit("echo", "x" * 2000), 10)).status == "completed"
+        assert (await hive.get(line_task_id(batch, 0))).status == "evicted"
+        await hive.close()
+    async with serving(settings) as stack:
+        done = await ended(stack.client, batch.id, timeout_s=30)
+        errors = await output_lines(stack.client, done.error_file_id)
+    assert done.status == "completed" and done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (0, len(lines))
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+        (f"l{i}", "task_evicted") for i in range(len(lines))
+    ]
+    assert "HIVE_EVENTS_MAX_BYTES" in errors[0]["error"]["message"]
+
+
 async def test_an_output_line_holding_a_line_separator_stays_one_line(settings: Settings) -> None:
     """U+2028, U+2029 and U+0085 in a custom id or an answer are written as escapes: raw, as JSON allows,
     Python's ``str.splitlines()`` (the usual way to read ``files.content(...).text``) cut the line in two,

@@ -43,7 +43,7 @@ import nats.errors
 from anyio.abc import TaskGroup, TaskStatus
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from hive_bus import Hive, HiveError, _cancel
+from hive_bus import Hive, HiveError, TaskNotFound, _cancel
 from hive_bus._assigned import Assignments, current_view
 from hive_bus._batches import (
     ENDPOINT,
@@ -80,6 +80,10 @@ COUNTS_EVERY_S = 1.0
 # a runner that met an error (the bus away) tries again after this long
 RETRY_S = 2.0
 RATE_WINDOW_S = 60.0
+# how often a batch's lines of which no event was read (their events evicted) are looked up: first,
+# then at most (the wait doubles while some are left)
+EVICTED_LOOK_S = 2.0
+EVICTED_LOOK_MAX_S = 120.0
 # how often a gateway looks for the batches bucket while the bus has none (its creation's advisory aside)
 BUCKET_LOOK_S = 30.0
 
@@ -235,7 +239,7 @@ class Ended:
             return False  # a line's first end is its end
         if status == "completed":
             self.lines[line], self.completed = 1, self.completed + 1
-        elif status == "failed":
+        elif status in ("failed", "evicted"):  # evicted: ended, and how is no longer known
             self.lines[line], self.failed = 2, self.failed + 1
         else:
             self.lines[line], self.cancelled = 3, self.cancelled + 1
@@ -261,10 +265,17 @@ async def follow_ends(
     """Call ``on_end(line, status, event data, subject)`` for each of the batch's tasks' final events
     recorded under the provider the task is assigned to, from the batch's creation on, and
     ``on_caught_up()`` each time every event stored so far has been read; forever (the caller stops it).
-    One ordered consumer a provider's events stream, filtered by the server on the events that matter."""
+    One ordered consumer a provider's events stream, filtered by the server on the events that matter.
+
+    A line queued before this call (``batch.enqueued``) of which no event at all is read once the reader
+    has caught up had its events evicted (``HIVE_EVENTS_MAX_BYTES``): it is looked up, and one whose task
+    has ended (``evicted``: its worker acked it) ends as ``on_end(line, "evicted", why, "")``: a look-up
+    a line, of those lines only."""
     bus, names = hive.bus, hive.bus.names
     ids = LineIds(batch)
     assigned = Assignments(bus, size=max(10_000, batch.request_counts.total + 1))
+    # lines queued before, of which no event was read yet: 1 (a byte a line, as Ended keeps them)
+    unread = bytearray(b"\x01" * batch.enqueued + b"\x00" * (batch.request_counts.total - batch.enqueued))
     statuses = ("queued", "moved", "completed", "failed", "cancelled")
     since = datetime.fromtimestamp(batch.created_at_ms / 1000, UTC) - timedelta(seconds=1)
 
@@ -288,16 +299,45 @@ async def follow_ends(
                 return False
         return True
 
-    async with merged_events(bus, names.events_under, config) as received:
+    async def look_up_unread() -> None:
+        """The lines of which no event was read, once the reader has caught up: ended ones whose events
+        were evicted end now; the others (a marker lost, its task still queued) are looked up again,
+        less and less often."""
+        wait_s = EVICTED_LOOK_S
+        while any(unread):
+            await anyio.sleep(wait_s)
+            try:
+                if not await caught_up():
+                    continue
+                wait_s = min(2 * wait_s, EVICTED_LOOK_MAX_S)
+                for line in [i for i, flag in enumerate(unread) if flag]:
+                    await look_up(line)
+                if on_caught_up is not None:
+                    on_caught_up()  # with the ends looked up: no event may come to say so
+            except (HiveError, *BUS_ERRORS) as exc:  # the bus away: the next pass looks again
+                log.debug("batch %s: could not look up its unread lines: %s", batch.id, exc)
+
+    async def look_up(line: int) -> None:
+        task_id = line_task_id(batch, line)
+        try:
+            view = await hive.get(task_id)
+        except TaskNotFound:
+            return  # its message gone too (aged out, or lost: the store audit records it)
+        if view.status == "evicted" and unread[line]:
+            unread[line] = 0
+            await on_end(line, "evicted", f"task {task_id}: {view.error}".encode(), "")
+
+    async with anyio.create_task_group() as tg, merged_events(bus, names.events_under, config) as received:
+        tg.start_soon(look_up_unread)
         async for msg in received:
             tokens = msg.subject.split(".")
             line = ids.line_of(tokens[3]) if len(tokens) == 5 else None
-            if line is not None and tokens[4] in ("completed", "failed", "cancelled"):
-                if await assigned.counts(msg.subject):
+            # an end counts once its task is assigned to the provider that recorded it; the queued and
+            # moved events tell where it is
+            if line is not None and await assigned.counts(msg.subject):
+                unread[line] = 0
+                if tokens[4] in ("completed", "failed", "cancelled"):
                     await on_end(line, tokens[4], msg.data, msg.subject)
-            elif line is not None:
-                # learns where the task is from its queued and moved events
-                await assigned.counts(msg.subject)
             left[tokens[2]] = msg.metadata.num_pending
             if on_caught_up is not None and msg.metadata.num_pending == 0:
                 with contextlib.suppress(*BUS_ERRORS):
@@ -720,6 +760,8 @@ class BatchRunner:
 
     async def _record(self, batch: Batch, line: int, status: str, data: bytes) -> Record:
         task_id = line_task_id(batch, line)
+        if status == "evicted":  # ``data`` says so (follow_ends): how it ended is no longer kept
+            return Record(task_id=task_id, error={"code": "task_evicted", "message": data.decode()})
         try:
             event = event_decoder.decode(data)
         except msgspec.DecodeError:
