@@ -48,7 +48,7 @@ from ._bus import Bus, ensure_events, ensure_index_stream, kv_entries, open_bus,
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
 from ._errors import BusUnavailable, HiveError, QueueFull, TaskEnded, TaskNotFound, TooLarge, Unserved
-from ._events import merged_events
+from ._events import evicted_before_ms, merged_events
 from ._messages import (
     ChatMessage,
     Failed,
@@ -97,6 +97,8 @@ MINE_TASKS = 32_768
 # A wait reads the task's state again after this long without an event: only a follower lost with its
 # server (a restart) needs it, as the follower delivers every event stored after its start.
 RECHECK_S = 5.0
+# Tasks :meth:`Hive.results` looks up at once when their events may have been evicted.
+EVICTED_LOOKUPS_AT_ONCE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -626,6 +628,13 @@ class Hive:
             )
 
         async with merged_events(self._bus, names.events_under, config) as messages:
+            # an end evicted before this read began is in no stream: such a task reads evicted
+            for view in await self._evicted(wanted or ()):
+                assert wanted is not None
+                wanted.discard(view.id)
+                yield view
+                if not wanted:
+                    return
             async for msg in messages:
                 tokens = msg.subject.split(".")
                 if len(tokens) != 5 or (wanted is not None and tokens[3] not in wanted):
@@ -644,6 +653,35 @@ class Hive:
                 yield await self._read_output(TaskView.of(event))
                 if wanted is not None and not wanted:
                     return
+
+    async def _evicted(self, task_ids: Iterable[str]) -> list[TaskView]:
+        """Those of ``task_ids`` that ended and whose events were evicted since: a read each of the tasks
+        submitted before the newest first event the events streams keep (the only ones that may have
+        lost theirs), none when no stream has lost any."""
+        before_ms = await evicted_before_ms(self._bus) if task_ids else 0
+        maybe = [t for t in task_ids if is_task_id(t) and ULID.from_str(t).milliseconds < before_ms]
+        found: list[TaskView] = []
+        failed: list[HiveError] = []
+        limiter = anyio.CapacityLimiter(EVICTED_LOOKUPS_AT_ONCE)
+
+        async def look_up(task_id: str) -> None:
+            async with limiter:
+                try:
+                    view, _ = await self._current(task_id)
+                except TaskNotFound:
+                    return
+                except HiveError as exc:  # raised alone, not in a group
+                    failed.append(exc)
+                    return
+                if view.status == "evicted":
+                    found.append(view)
+
+        async with anyio.create_task_group() as tg:
+            for task_id in maybe:
+                tg.start_soon(look_up, task_id)
+        if failed:
+            raise failed[0]
+        return found
 
     async def find(
         self,

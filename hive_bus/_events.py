@@ -262,6 +262,25 @@ async def _received(
         await unsubscribe(sub)
 
 
+async def evicted_before_ms(bus: Bus) -> int:
+    """The time (ms) before which a task may have lost events to its provider's stream's limits: the
+    newest of the first events the providers' streams keep (two requests a provider). A task submitted
+    since has every event it had; 0 when no stream has lost any yet (or none is kept)."""
+    newest_first = 0
+    for provider in await event_providers(bus):
+        stream = bus.names.events_stream_of(provider)
+        try:
+            info = await bus.js.stream_info(stream)
+            if info.state.first_seq <= 1:
+                continue  # none dropped since the stream began
+            raw = await bus.js.get_msg(stream, seq=info.state.first_seq, direct=True)
+        except nats.js.errors.NotFoundError:
+            continue  # gone meanwhile, or its first message aged out as it was read
+        if raw.time is not None:
+            newest_first = max(newest_first, int(raw.time.timestamp() * 1000))
+    return newest_first
+
+
 async def _last_seq(bus: Bus, stream: str, subject: str) -> int | None:
     """The sequence of the last message on ``subject`` in ``stream``; None when there is none."""
     try:

@@ -74,6 +74,7 @@ async def test_a_completed_task_whose_events_were_evicted_reads_evicted_everywhe
         other = Hive(stack.bus)  # another client's wait: none of its followers saw the task
         with anyio.fail_after(10):
             assert (await other.wait(first, 60)).status == "evicted"
+            assert [v.status async for v in other.results([first])] == ["evicted"]
         await other.close()
         status = hive_cli(_cli(stack.settings, "status", first), env=CLI_ENV)
         assert status.returncode == 1, status.stderr
