@@ -38,12 +38,15 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg
 from ._bus import Bus, event_providers
 from ._messages import (
     FINAL_STATUSES,
+    Cancelled,
+    Failed,
     Moved,
     Queued,
     Task,
     TaskEvent,
     TaskView,
     decode_event,
+    event_decoder,
     is_final,
     task_decoder,
 )
@@ -267,17 +270,42 @@ async def current(bus: Bus, task_id: str) -> tuple[TaskView, int] | None:
 
 
 async def _unrecorded(bus: Bus, found: _TaskMessage, here: Assignment) -> TaskView:
-    """The state of a task whose only record is its task message: ``queued`` while no worker has had
-    it; ``evicted`` (an end, its outcome gone with its events) once its worker has acked it; and
-    ``running`` in between (handed to a worker, not known to be acked)."""
+    """The state of a task whose only record is its task message: a cancel or an expiry the cancels
+    bucket keeps for it (as long as the events); else ``queued`` while no worker has had it, ``evicted``
+    (an end, its outcome gone with its events) once its worker has acked it, and ``running`` in between
+    (handed to a worker, not known to be acked)."""
     queued = TaskView.of(here.event).with_task(here.task)
-    match await _taken(bus, found):
+    taken = await _taken(bus, found)
+    end = await _hub_end(bus, here.task)
+    if end is not None:
+        return TaskView.of(end).with_task(here.task)
+    match taken:
         case False:
             return queued
         case True:
             return msgspec.structs.replace(queued, status="evicted", error=EVICTED)
         case None:
             return msgspec.structs.replace(queued, status="running", reason="record evicted")
+
+
+async def _hub_end(bus: Bus, task: Task) -> Cancelled | Failed | None:
+    """The end the hub recorded for ``task``'s run in the cancels bucket (a cancel, or an expiry at
+    its deadline), if any."""
+    try:
+        entry = await bus.cancels_kv.get(bus.names.cancel_key(task.provider, task.id))
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    try:
+        end = event_decoder.decode(entry.value or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None  # a value of another writer
+    if end.task_id != task.id:
+        return None
+    if isinstance(end, Cancelled) or (
+        isinstance(end, Failed) and (end.task is None or end.task.run == task.run)
+    ):
+        return end  # a cancel ends every run; an expiry, its own
+    return None
 
 
 async def _ended(bus: Bus, here: Assignment, task_id: str) -> TaskEvent | None:

@@ -81,7 +81,9 @@ async def test_a_completed_task_whose_events_were_evicted_reads_evicted_everywhe
         assert json.loads(status.stdout)["status"] == "evicted"
 
 
-async def test_a_task_no_worker_took_yet_reads_queued_with_its_events_evicted(stack: Stack) -> None:
+async def test_a_task_no_worker_took_yet_reads_queued_or_cancelled_with_its_events_evicted(
+    stack: Stack,
+) -> None:
     hive = Hive(stack.bus)
     never = await hive.submit("nobody", "sin trabajador")  # its queue has no consumer
     async with running_worker(stack.bus, "echo", EchoProvider()):
@@ -90,6 +92,11 @@ async def test_a_task_no_worker_took_yet_reads_queued_with_its_events_evicted(st
     for provider, task_id in (("nobody", never), ("echo", later)):
         await _evicted_from(stack.bus, provider, task_id)
         assert (await hive.get(task_id)).status == "queued"
+    dropped = await hive.submit("nobody", "cancelada")  # its cancel is kept in the cancels bucket too
+    await hive.cancel(dropped, reason="ya no")
+    await _evicted_from(stack.bus, "nobody", dropped)
+    view = await hive.get(dropped)
+    assert (view.status, view.error) == ("cancelled", "ya no")
     async with running_worker(stack.bus, "echo", EchoProvider()):
         assert (await hive.wait(later, 10)).status == "completed"
     await hive.close()
