@@ -274,12 +274,11 @@ async def _unrecorded(bus: Bus, found: _TaskMessage, here: Assignment) -> TaskVi
     bucket keeps for it (as long as the events); else ``queued`` while no worker has had it, ``evicted``
     (an end, its outcome gone with its events) once its worker has acked it, and ``running`` in between
     (handed to a worker, not known to be acked)."""
-    queued = TaskView.of(here.event).with_task(here.task)
-    taken = await _taken(bus, found)
     end = await _hub_end(bus, here.task)
     if end is not None:
         return TaskView.of(end).with_task(here.task)
-    match taken:
+    queued = TaskView.of(here.event).with_task(here.task)
+    match await _taken(bus, found):
         case False:
             return queued
         case True:
