@@ -16,12 +16,14 @@ from playwright.async_api import Browser, ConsoleMessage, Error, Page, Route, as
 
 from hive_bus import Completed, Hive, Running, Settings, TaskRequest
 from hive_bus._bus import ensure_events
+from hive_bus._embedded import NatsServer
 from hive_bus._messages import encoder, new_task_id, now_ms
 from hive_bus.bus import open_bus
 from hive_bus.services.auth import Tokens
 from hive_bus.services.gateway import Gateway, GatewayOptions
 from hive_bus.workers.echo import EchoProvider
 
+from .conftest import make_settings
 from .helpers import running_worker
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -147,6 +149,33 @@ async def test_the_page_asks_for_a_token_when_the_gateway_wants_one(settings: Se
 
 
 @pytest.mark.slow
+async def test_a_task_whose_events_were_evicted_shows_it_ended_with_its_output_gone(
+    nats_server: NatsServer,
+) -> None:
+    settings = make_settings(nats_server.url, events_max_bytes=48 * 1024)
+    async with gateway(settings) as url, chromium() as browser, page_of(browser) as (page, problems):
+        await page.goto(url)
+        await page.wait_for_selector('body[data-feed="live"]', timeout=WAIT_MS)
+        first = await submit(url, "el primero")
+        await page.wait_for_selector(
+            f'#tasks tr[data-task-id="{first}"][data-status="completed"]', timeout=WAIT_MS
+        )
+        async with open_bus(settings) as bus:  # later tasks push its events out
+            hive = Hive(bus)
+            for _ in range(40):
+                assert (await hive.wait(await hive.submit("echo", "x" * 2000), 10)).status == "completed"
+            assert (await hive.get(first)).status == "evicted"
+            await hive.close()
+        await page.click(f'#tasks tr[data-task-id="{first}"] button', timeout=WAIT_MS)
+        dialog = page.locator("#task-dialog")
+        await dialog.locator('#task-status[data-status="evicted"]').wait_for(timeout=WAIT_MS)
+        assert await dialog.locator("#task-output").inner_text() == "(ended; its output is no longer kept)"
+        assert "HIVE_EVENTS_MAX_BYTES" in await dialog.locator("#task-meta").inner_text()
+        assert await dialog.locator("#task-actions button").count() == 0  # nothing to cancel
+        assert "el primero" in await dialog.locator("#task-input").inner_text()
+    assert problems == []
+
+
 async def test_ten_thousand_tasks_keep_the_page_to_a_window_of_rows_and_it_still_answers(
     settings: Settings,
 ) -> None:

@@ -94,12 +94,12 @@ MAX_TIMELINE_EVENTS = 1000  # a task's events read at most (a task retried for d
 async def task_timeline(task_id: FromPath[str], state: State) -> list[TaskEvent]:
     """All of a task's story, replays included (``/v1/tasks/{id}/events`` ends at the first outcome):
     only the events of the provider the task was assigned to at each step, as the other reads count
-    them. At most :data:`MAX_TIMELINE_EVENTS`, the oldest."""
+    them. At most :data:`MAX_TIMELINE_EVENTS`, the oldest; none of an ``evicted`` task."""
     hive: Hive = state.hive
     bus = hive.bus
     assigned = Assignments(bus)
     events: list[TaskEvent] = []
-    await hive.get(task_id)  # 404 at once for a task the bus does not know
+    view = await hive.get(task_id)  # 404 at once for a task the bus does not know
     try:
         # the stream of the provider it was first queued on, then at each move the next one's
         found = task_events(bus, task_id, assigned, live=False)
@@ -118,7 +118,7 @@ async def task_timeline(task_id: FromPath[str], state: State) -> list[TaskEvent]
                         break
     except BUS_ERRORS as exc:
         raise BusUnavailable(f"could not read task {task_id}: {exc}") from None
-    if not events:
+    if not events and view.status != "evicted":  # its events evicted: none, as its view says
         raise TaskNotFound(f"no task {task_id} on the bus")
     return events
 

@@ -724,7 +724,9 @@ function pretty(value) {
   return value === null || value === undefined ? "" : JSON.stringify(value, null, 2);
 }
 
-function showAsked(task) {
+// What the task asks; with ``facts``, how it is to run too (a task view, with its events evicted, has
+// only what it asks and its metadata).
+function showAsked(task, { facts = true } = {}) {
   const box = $("task-input");
   const parts = [];
   if (task.system) parts.push(message("system", task.system));
@@ -737,6 +739,10 @@ function showAsked(task) {
   if (task.content) parts.push(el("p", { cls: "muted", text: `its content (${int(task.content.size_bytes)} bytes) is kept in the Object Store` }));
   box.replaceChildren(...parts);
   const meta = $("task-facts");
+  if (!facts) {
+    if (task.metadata && Object.keys(task.metadata).length) fact(meta, "metadata", JSON.stringify(task.metadata));
+    return;
+  }
   fact(meta, "priority", task.priority || "normal");
   fact(meta, "model", task.model);
   if (task.fallback && task.fallback.length) fact(meta, "fallback", task.fallback.join(", "));
@@ -808,17 +814,19 @@ function showView(view) {
   if (view.status === "completed") fact(meta, "cost", view.cost_usd === null || view.cost_usd === undefined ? "no price" : usd(view.cost_usd));
   if (view.call_s) fact(meta, "provider call", `${view.call_s.toFixed(2)} s`);
   if (view.submitted_at_ms && view.status === "completed") fact(meta, "end to end", `${((view.updated_at_ms - view.submitted_at_ms) / 1000).toFixed(2)} s`);
-  if (view.error) fact(meta, view.status === "failed" ? "error" : "last error", `${view.reason || "error"}: ${view.error}`);
+  if (view.status === "evicted") fact(meta, "evicted", view.error);
+  else if (view.error) fact(meta, view.status === "failed" ? "error" : "last error", `${view.reason || "error"}: ${view.error}`);
   $("task-output").textContent =
     view.status === "completed" ? pretty(view.output)
     : view.status === "failed" || view.status === "cancelled" ? `(${view.status}: no output)`
+    : view.status === "evicted" ? "(ended; its output is no longer kept)"
     : "(not finished yet)";
 }
 
 async function showActions(taskId, view, signal) {
   const actions = $("task-actions");
   actions.replaceChildren();
-  if (!["completed", "failed", "cancelled"].includes(view.status)) {
+  if (!["completed", "failed", "cancelled", "evicted"].includes(view.status)) {
     const cancel = el("button", { text: "Cancel", cls: "secondary", title: "a queued task never runs; a running one is stopped" });
     cancel.type = "button";
     cancel.addEventListener("click", async () => {
@@ -870,6 +878,9 @@ async function readStory(taskId, signal) {
     if (asked) {
       $("task-facts").replaceChildren();
       showAsked(asked.task);
+    } else if (view.status === "evicted") {
+      $("task-facts").replaceChildren();
+      showAsked(view, { facts: false });
     }
     // the event's own kind ("moved.v1"), not the status it leaves the task in
     $("timeline").replaceChildren(...events.map((e) => timelineItem(String(e.type).split(".")[0], e)));
