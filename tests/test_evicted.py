@@ -65,6 +65,13 @@ async def test_a_completed_task_whose_events_were_evicted_reads_evicted_everywhe
         assert waited["status"] == "evicted" and lines == ["event: evicted"]
         assert again.status_code == 410 and again.json()["error"]["code"] == "task_evicted", again.text
         assert again.headers["x-hive-task-id"] == asked.headers["x-hive-task-id"]
+        streamed = {**chat, "stream": True}
+        with anyio.fail_after(15):  # a stream reads the task's state again after 5 s without news
+            async with http.stream(
+                "POST", "/v1/chat/completions", json=streamed, headers={"Idempotency-Key": "pedido-7"}
+            ) as answer:
+                data = [line async for line in answer.aiter_lines() if line.startswith("data:")]
+        assert [json.loads(d[5:])["error"]["code"] for d in data] == ["task_evicted"]
 
         listed = (await http.get("/v1/tasks", params={"meta": "c:acme"})).json()
         assert [(v["id"], v["status"]) for v in listed] == [(first, "evicted")]
