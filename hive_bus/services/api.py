@@ -250,7 +250,7 @@ async def task_events(task_id: FromPath[str], state: State) -> ServerSentEvent:
     """Every event of the task so far, then each new one as it happens, until the task has completed
     or failed. Each message's ``event`` is the status; its ``data`` the event as JSON; its ``id`` the
     event's place in the record (``<provider>=<sequence>``). A task that ended with its events evicted
-    since is one message, ``evicted``, whose ``data`` is the task's state as ``GET /v1/tasks/{id}`` reads it."""
+    since is one message, ``evicted``, whose ``data`` is the task as ``GET /v1/tasks/{id}`` reads it."""
     hive = _hive(state)
     view = await hive.get(task_id)  # 404 now, before the stream starts, for an unknown task
     bus = hive.bus
