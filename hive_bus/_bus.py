@@ -44,10 +44,10 @@ from nats.js.api import (
 from nats.js.kv import KeyValue
 
 from ._credentials import closed_hint, connect_options, nats_client, refusal, server_urls
-from ._errors import BusConfigError, BusRefused, BusUnavailable
+from ._errors import BusConfigError, BusRefused, BusUnavailable, NoRoom
 from ._kv_read import kv_entries as kv_entries
 from ._names import PRIORITIES, Names, is_valid_token
-from ._nats import BUS_ERRORS, unsubscribe, why
+from ._nats import BUS_ERRORS, account_info, unsubscribe, why
 from ._settings import Settings, redact_url
 
 log = logging.getLogger("hive_bus.bus")
@@ -735,13 +735,15 @@ async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
             await js.add_stream(want)
             log.info("created stream %s", want.name)
             return
-        except nats.js.errors.BadRequestError as exc:
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in (NO_STORAGE_LEFT, NO_STREAMS_LEFT):
+                raise await _no_room(js, want, exc) from None
+            if not isinstance(exc, nats.js.errors.BadRequestError):
+                raise BusConfigError(f"cannot create stream {want.name}: {exc.description}") from None
             try:
                 info = await js.stream_info(want.name)  # another process won the race
-            except nats.js.errors.NotFoundError:  # refused, not raced: say why (the account's limits...)
+            except nats.js.errors.NotFoundError:  # refused, not raced: say why
                 raise BusConfigError(f"cannot create stream {want.name}: {exc.description}") from None
-        except nats.js.errors.APIError as exc:
-            raise BusConfigError(f"cannot create stream {want.name}: {exc.description}") from None
     have = info.config
     _check(
         f"stream {want.name}",
@@ -765,6 +767,60 @@ async def _ensure_stream(js: JetStreamContext, want: StreamConfig) -> None:
     )
 
 
+# JetStream's answers to a stream it has no room for: every byte of file storage the account (or the
+# server) may use is reserved by its streams' max_bytes; the account has max_streams streams.
+NO_STORAGE_LEFT = 10047
+NO_STREAMS_LEFT = 10027
+
+
+async def _no_room(js: JetStreamContext, want: StreamConfig, refused: nats.js.errors.APIError) -> NoRoom:
+    """What to say of a stream JetStream has no room for: its reason and figures, and what to raise."""
+    name = f"{want.name}: {refused.description}"
+    try:
+        account = await account_info(js)
+    except BUS_ERRORS as exc:
+        account = {}
+        log.debug("could not read the account's JetStream figures: %s", why(exc))
+    limits = account.get("limits") or {}
+    if refused.err_code == NO_STREAMS_LEFT:
+        return NoRoom(
+            f"no room for stream {name} (the account has {account.get('streams', '?')} streams, its "
+            f"max_streams {limits.get('max_streams', '?')}); each provider has two (its events, its dead "
+            "letters). Raise max_streams of the account (jetstream block of HIVE in nats/accounts.conf, "
+            "then reload nats-server), or remove the streams of providers no longer used",
+            code="streams_limit",
+        )
+    reserved, most = account.get("reserved_storage"), limits.get("max_storage", -1)
+    by_account = (
+        isinstance(reserved, int) and isinstance(most, int) and 0 < most < reserved + (want.max_bytes or 0)
+    )
+    if by_account:
+        whose, figures = "the account's", f" ({_size(reserved)} of its {_size(most)})"
+        where = "max_file of the account (its jetstream block in nats/accounts.conf, then reload nats-server)"
+    else:  # within the account's limit: the server's own is the one reached
+        whose, figures = "the server's", ""
+        where = (
+            "max_file_store of the server (the jetstream block of its config; without one, nats-server "
+            "takes 75% of the disk's free space when it starts)"
+        )
+    return NoRoom(
+        f"no room for stream {name} (max_bytes {_size(want.max_bytes)}); {whose} JetStream file storage "
+        f"is all reserved by the max_bytes of the streams it holds{figures}; each provider reserves its "
+        "events and its dead letters (HIVE_EVENTS_MAX_BYTES + HIVE_DLQ_MAX_BYTES). Raise "
+        f"{where}, lower those two for new providers, or remove the streams of providers no longer used",
+        code="storage_reserved",
+    )
+
+
+def _size(n: int | None) -> str:
+    """Bytes as a person reads them: ``512 MiB``, ``8.0 GiB``."""
+    if n is None or n < 0:
+        return "no limit"
+    if n >= 1024**3:
+        return f"{n / 1024**3:.1f} GiB"
+    return f"{n / 1024**2:.0f} MiB"
+
+
 async def ensure_consumers(js: JetStreamContext, settings: Settings, provider: str) -> list[ConsumerInfo]:
     """The provider's durable pull consumers, one per priority (high first), its events stream and its
     dead-letter stream, created on first use (by the gateway: a worker's credential finds them made)."""
@@ -772,7 +828,7 @@ async def ensure_consumers(js: JetStreamContext, settings: Settings, provider: s
     consumers = [await ensure_consumer(js, settings, provider, priority) for priority in PRIORITIES]
     try:
         await ensure_dlq_stream(js, settings, provider)
-    except (*BUS_ERRORS, BusConfigError) as exc:
+    except (*BUS_ERRORS, BusConfigError, NoRoom) as exc:
         # its dead letters are then refused (and logged); each failed event still holds its task
         log.warning("the dead-letter stream of provider %s is not there: %s", provider, exc)
     try:

@@ -44,10 +44,18 @@ from ulid import ULID
 from . import _batch_client, _blobs, _cancel, _dlq, _index, _recent
 from ._assigned import PENDING, Assignments, assignment, current
 from ._batches import Batch, BatchStore, cancelling
-from ._bus import Bus, ensure_events, ensure_index_stream, kv_entries, open_bus, redeclare_workers_bucket
+from ._bus import (
+    Bus,
+    ensure_dlq_stream,
+    ensure_events,
+    ensure_index_stream,
+    kv_entries,
+    open_bus,
+    redeclare_workers_bucket,
+)
 from ._counts import SubmissionCounts
 from ._dlq import DeadLetter, Replayed
-from ._errors import BusUnavailable, HiveError, QueueFull, TaskEnded, TaskNotFound, TooLarge, Unserved
+from ._errors import BusUnavailable, HiveError, NoRoom, QueueFull, TaskEnded, TaskNotFound, TooLarge, Unserved
 from ._events import evicted_before_ms, merged_events
 from ._messages import (
     ChatMessage,
@@ -206,6 +214,8 @@ class Hive:
         self._webhooks = WebhooksSeen(bus)  # asked on the first submission with a webhook
         self._index_ready = False  # the metadata index stream is declared (on the first tagged task)
         self._index_lock = anyio.Lock()
+        self._streams_made: set[str] = set()  # providers whose events and dead-letter streams are there
+        self._streams_lock = anyio.Lock()
 
     @property
     def bus(self) -> Bus:
@@ -305,6 +315,7 @@ class Hive:
             raise BusUnavailable("not connected to NATS; nothing was accepted")
         task = await self._routed(task)
         self._check_content(task)
+        await self._ensure_streams(task.provider)
         task = await _blobs.check_in(self._bus, task)
         message = self._check_messages(task, key)
         await self._ready_timers([task])
@@ -354,7 +365,16 @@ class Hive:
             with _naming_task(i):
                 self._check_content(task)
         outcomes: list[Accepted | HiveError | None] = [None] * len(tasks)
+        no_room: dict[str, NoRoom] = {}
+        for provider in sorted({t.provider for t in tasks}):
+            try:
+                await self._ensure_streams(provider)
+            except NoRoom as exc:
+                no_room[provider] = exc
         for i, task in enumerate(tasks):
+            if task.provider in no_room:
+                outcomes[i] = no_room[task.provider]
+                continue
             try:
                 tasks[i] = await _blobs.check_in(self._bus, task)
             except HiveError as exc:
@@ -969,8 +989,6 @@ class Hive:
             messages += _index.entries(self._names, task.id, task.metadata, message[2] or task.msg_id)
         if len(messages) > len(tasks):
             await self._ensure_index()
-        for provider in {task.provider for task in tasks}:
-            await self._ensure_events(provider)
         for task in tasks:
             if (timer := deadline_schedule(settings, task)) is not None:
                 extra[len(messages)] = timer[1]
@@ -982,15 +1000,33 @@ class Hive:
                 log.warning("not stored, the task is accepted all the same (%s): %s", messages[i][0], outcome)
         return [outcomes[place] for place in places]
 
-    async def _ensure_events(self, provider: str) -> None:
-        """The provider's events stream, made before its first task is stored (the tasks stream
-        republishes each task as its ``queued`` marker there). When it can be neither found nor made
-        (the account's stream limit reached, say), it is logged and the task is queued all the same:
-        its marker is lost, and its readers find it in the tasks stream (hive_bus._assigned)."""
-        try:
-            await ensure_events(self._bus, provider)
-        except HiveError as exc:
-            log.warning("tasks of %s are queued without their queued markers: %s", provider, exc)
+    async def _ensure_streams(self, provider: str) -> None:
+        """The provider's events and dead-letter streams, made before its first task is stored: the
+        tasks stream republishes each task as its ``queued`` marker into the first, and its workers
+        start only once both are there. Raises :class:`NoRoom` when JetStream has no room for one: a
+        task accepted then would never run. One that can be neither found nor made for another reason
+        (NATS slow, a credential that may not make streams) is logged and the task is queued all the
+        same: its marker is lost, and its readers find it in the tasks stream (hive_bus._assigned)."""
+        if provider in self._streams_made:
+            return
+        async with self._streams_lock:  # one declaration, however many first submissions come at once
+            if provider in self._streams_made:
+                return
+            try:
+                await ensure_events(self._bus, provider)
+            except NoRoom:
+                raise
+            except HiveError as exc:
+                log.warning("tasks of %s are queued without their queued markers: %s", provider, exc)
+                return
+            try:
+                await ensure_dlq_stream(self._bus.js, self._bus.settings, provider)
+            except NoRoom:
+                raise
+            except (HiveError, *BUS_ERRORS) as exc:  # its dead letters are refused; its workers say so
+                log.warning("the dead-letter stream of provider %s is not there: %s", provider, why(exc))
+                return
+            self._streams_made.add(provider)
 
     async def _ensure_index(self) -> None:
         """The metadata index stream, made on the first tagged submission (untagged work never needs

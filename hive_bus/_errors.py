@@ -113,6 +113,18 @@ class QueueFull(HiveError):
         self.retry_after_s = retry_after_s
 
 
+class NoRoom(HiveError):
+    """JetStream has no room for a stream the bus needs before it can run a provider's tasks (its
+    events stream, its dead letters): every byte of the account's file storage is reserved by the
+    ``max_bytes`` of the streams it has (``code`` ``storage_reserved``), or it has as many streams as
+    its ``max_streams`` allows (``streams_limit``). Nothing was accepted, and trying again cannot help
+    until the operator makes room; the message names the stream, the figures and what to raise."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class Unserved(HiveError):
     """No worker serves the task's provider now, and none did in the last day (a typo'd provider?), and
     the bus is set to refuse such tasks (``HIVE_REJECT_UNSERVED``); nothing was accepted. The message

@@ -3,7 +3,8 @@
 nats-py leaves a few things hive-bus needs without a public name: writing many messages to the
 connection in one go (``Client._send_command``/``_flush_pending`` and the ``stats`` counters they skip),
 the stream, subject prefix and JetStream context of a ``KeyValue`` (``_js``/``_stream``/``_pre``) and
-whether it takes direct gets (``_direct``, with its context's client and API prefix ``_nc``/``_prefix``), the
+whether it takes direct gets (``_direct``, with its context's client and API prefix ``_nc``/``_prefix``,
+and with its timeout ``_timeout`` how the account's JetStream figures are asked for whole: :func:`account_info`), the
 stream sequence in a message's reply subject (``Msg.Metadata._get_metadata_fields``), and a pull request
 that answers at once on an empty consumer (its ``fetch`` always waits); and one it replaces, the parser
 of a message's header block (``Client._parse_header_lines``, see :func:`parse_header_lines`). Each is
@@ -19,6 +20,7 @@ an ordered consumer that is unsubscribed whatever ends the following (:func:`fol
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -448,3 +450,15 @@ async def delete_message(js: JetStreamContext, stream: str, seq: int) -> bool:
         if exc.err_code in (NO_MESSAGE_FOUND, NO_MESSAGE_GOT):
             return False
         raise
+
+
+async def account_info(js: JetStreamContext) -> dict[str, Any]:
+    """JetStream's answer about this account (``$JS.API.INFO``) as it came: its storage in use, its
+    ``reserved_storage`` (the ``max_bytes`` of its streams, which nats-py's ``AccountInfo`` leaves
+    out) and its ``limits``. Raises nats errors, and :class:`nats.js.errors.APIError` for an error
+    answer."""
+    msg = await js._nc.request(f"{js._prefix}.INFO", b"", timeout=js._timeout)
+    answer: dict[str, Any] = json.loads(msg.data)
+    if "error" in answer:
+        nats.js.errors.APIError.from_error(answer["error"])
+    return answer

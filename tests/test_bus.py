@@ -13,7 +13,7 @@ from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageT
 from nats.js.kv import KeyValue
 from ulid import ULID
 
-from hive_bus import BusConfigError, Settings
+from hive_bus import BusConfigError, NoRoom, Settings
 from hive_bus._bus import (
     Bus,
     consumer_config,
@@ -230,7 +230,9 @@ async def test_a_stream_the_account_has_no_room_for_says_why(tmp_path: Path) -> 
             while (await bus.js.account_info()).streams < 12:  # the rest of the account's room, taken
                 n = (await bus.js.account_info()).streams
                 await bus.js.add_stream(StreamConfig(name=f"OTHER_{n}", subjects=[f"other.{n}"]))
-            with pytest.raises(BusConfigError, match=r"_EVENTS_echo: maximum number of streams reached"):
+            with pytest.raises(
+                NoRoom, match=r"_EVENTS_echo: maximum number of streams reached \(the account"
+            ):
                 await ensure_consumers(bus.js, settings, "echo")
         env = {
             "HIVE_NATS_URL": server.url, "HIVE_PREFIX": settings.prefix, "HIVE_NATS_USER": "u",

@@ -60,6 +60,7 @@ async def test_a_task_message_sent_again_is_stored_once(bus: Bus, hive: Hive) ->
     names = bus.names
     task = Task.from_request(TaskRequest(provider="echo", prompt="once", priority="high"))
     message = hive._check_messages(task, None)
+    await hive._ensure_streams(task.provider)  # as a submission does first: its marker's stream
     [first] = await hive._publish_tasks([task], [None], [message])
     [again] = await hive._publish_tasks([task], [None], [message])
     assert isinstance(first, PubAck) and not first.duplicate

@@ -17,7 +17,7 @@ import logging
 import msgspec
 
 from hive_bus import Accepted, BusUnavailable, Hive, HiveError, QueueFull, TaskRequest
-from hive_bus._errors import TooLarge, Unserved
+from hive_bus._errors import NoRoom, TooLarge, Unserved
 from hive_bus._messages import error_field, explain, explain_error
 from hive_bus._nesting import NestedTooDeep, check_json
 from hive_bus.services.feeds import FeedsBusy
@@ -131,6 +131,8 @@ def of_error(exc: HiveError) -> Answer | None:
         return error(413, "too_large", str(exc))  # trying again cannot help: no Retry-After
     if isinstance(exc, Unserved):
         return error(400, "unserved_provider", str(exc), field="provider")
+    if isinstance(exc, NoRoom):  # the operator's to fix (accounts.conf): no Retry-After
+        return error(507, exc.code, str(exc))
     if isinstance(exc, QueueFull):
         return error(503, "queue_full", str(exc), **{"Retry-After": str(int(exc.retry_after_s))})
     if isinstance(exc, ListsBusy | FeedsBusy):

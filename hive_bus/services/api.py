@@ -92,6 +92,8 @@ def _errors(*codes: int, shape: type[Any] = ErrorBody) -> dict[int, ResponseSpec
         413: "the body is larger than the gateway's limit, or a task larger than the bus carries "
         "(the message names the limit, and in a batch the task); nothing was accepted",
         503: "NATS or JetStream did not answer, or the queue is full (see Retry-After); nothing was accepted",
+        507: "JetStream has no room for the streams of a new provider (code storage_reserved or "
+        "streams_limit; the message says what to raise in the account's limits); nothing was accepted",
     }
     return {
         c: ResponseSpec(data_container=shape, description=words[c], generate_examples=False) for c in codes
@@ -120,7 +122,7 @@ async def _too_deep(request: Request[Any, Any, Any]) -> Response[Any] | None:
     status_code=202,
     summary="Submit a task",
     before_request=_too_deep,
-    responses=_errors(400, 401, 413, 503),
+    responses=_errors(400, 401, 413, 503, 507),
 )
 async def submit_task(
     data: JSONBody[TaskRequest],

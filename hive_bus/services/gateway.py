@@ -28,7 +28,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ASGIApp
 
-from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskNotFound
+from hive_bus import BusUnavailable, Hive, HiveError, NoRoom, QueueFull, TaskNotFound
 from hive_bus._audit import StoreAudit
 from hive_bus._bus import ensure_cache_stream
 from hive_bus._dlq import NotReplayable
@@ -140,7 +140,7 @@ def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respon
 
 def on_submission_error(request: Request[Any, Any, Any], exc: HiveError) -> Response[Any]:
     """The bus did not accept something (too large, queue full, bus down), in any route."""
-    if isinstance(exc, BusUnavailable):
+    if isinstance(exc, BusUnavailable | NoRoom):
         log.warning("%s %s: %s", request.method, request.url.path, exc)
     answer = answers.of_error(exc)
     return on_internal_error(request, exc) if answer is None else _answer(request, answer)
@@ -216,6 +216,7 @@ def create_app(
             HTTPException: on_http_error,
             BusUnavailable: on_submission_error,
             QueueFull: on_submission_error,
+            NoRoom: on_submission_error,
             TooLarge: on_submission_error,
             TaskNotFound: on_not_found,
             TaskEnded: on_task_ended,

@@ -37,7 +37,7 @@ from msgspec import Meta
 
 from hive_bus import BusUnavailable, Hive, HiveError, QueueFull, TaskRequest, TaskView, WorkerBeat
 from hive_bus._client import validate
-from hive_bus._errors import TooLarge, Unserved
+from hive_bus._errors import NoRoom, TooLarge, Unserved
 from hive_bus._messages import (
     ChatMessage,
     IdempotencyKey,
@@ -81,6 +81,8 @@ def _of_bus_error(exc: HiveError) -> OpenAIError:
         return OpenAIError(413, str(exc), code="too_large", final=True)
     if isinstance(exc, Unserved):  # HIVE_REJECT_UNSERVED: a model no worker serves
         return OpenAIError(400, str(exc), param="model", code="model_not_served", final=True)
+    if isinstance(exc, NoRoom):  # the operator's to fix (accounts.conf): not retried
+        return OpenAIError(507, str(exc), type="server_error", code=exc.code, final=True)
     if isinstance(exc, QueueFull):
         retry = {"Retry-After": str(math.ceil(exc.retry_after_s))}
         return OpenAIError(503, str(exc), type="server_error", code="queue_full", headers=retry)
@@ -547,7 +549,7 @@ async def streamed(prepared: Prepared, state: State) -> Response[Any]:
             keepalive_s=state.stream_keepalive_s,
             wait_s=prepared.wait_s,
         )
-    except (BusUnavailable, QueueFull, TooLarge, Unserved) as exc:
+    except (BusUnavailable, NoRoom, QueueFull, TooLarge, Unserved) as exc:
         raise _of_bus_error(exc) from None
 
 
@@ -571,7 +573,7 @@ async def chat_completions(request: Request[Any, Any, Any], state: State) -> Res
             for warning in accepted.warnings:
                 log.warning("chat completion %s: %s", accepted.id, warning)
             view = await hive.wait(accepted.id, prepared.wait_s)
-        except (BusUnavailable, QueueFull, TooLarge, Unserved) as exc:
+        except (BusUnavailable, NoRoom, QueueFull, TooLarge, Unserved) as exc:
             raise _of_bus_error(exc) from None
         if view.status == "completed":
             return Response(completion_of(view), status_code=200, headers=task_headers(view))
