@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
@@ -19,10 +20,12 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import nats.aio.msg
 import nats.js.errors
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook
 
 from hive_bus import FunctionProvider, Hive, Settings, TaskRequest
@@ -37,7 +40,10 @@ from hive_bus.services.webhooks import (
     dispatch,
     load_webhook_settings,
     records,
+    urls,
 )
+from hive_bus.services.webhooks.dispatch import Webhooks
+from hive_bus.services.webhooks.records import Delivery
 from hive_bus.workers.echo import EchoProvider
 
 from . import handlers
@@ -401,6 +407,74 @@ async def test_a_url_with_a_control_character_is_refused_and_the_gateway_serves_
     assert r.json()["error"]["field"] == "webhook.url"
     assert "not a valid URL" in r.json()["error"]["message"]
     assert len(receiver.calls) == 1
+
+
+async def _one_delivery(bus: Bus, webhooks: Webhooks, url: str) -> nats.aio.msg.Msg:
+    """A delivery to ``url`` queued as the gateway queues one, and fetched from its consumer."""
+    await records.declare(bus, webhooks._settings)
+    delivery = Delivery(
+        id=f"msg_{secrets.token_hex(8)}", url=url, event="task.completed", task_id="t1",
+        created_at_ms=now_ms(), body=msgspec.Raw(b'{"type":"task.completed"}'),
+    )  # fmt: skip
+    await bus.js.publish(bus.names.webhook_subject(delivery.id), records.encoder.encode(delivery))
+    sub = await webhooks._deliveries()
+    [msg] = await sub.fetch(1, timeout=5)
+    return msg
+
+
+async def test_a_webhook_to_an_internationalised_name_is_sent_with_its_ascii_name(
+    bus: Bus, receiver: Receiver
+) -> None:
+    # A name such as bücher.example went into the Host header (and the TLS server name) as it was:
+    # httpx refused the header ('ascii' codec can't encode), an error no delivery caught, which stopped
+    # the gateway. This machine has no DNS for such a name: the address stands in for what it resolves to.
+    assert receiver.server is not None
+    port = receiver.server.server_address[1]
+    url = f"http://bücher.localhost:{port}/hooks/hive"
+    target = urls.Target(
+        url=url,
+        scheme="http",
+        host="bücher.localhost",
+        port=port,
+        addresses=(ipaddress.ip_address("127.0.0.1"),),
+    )
+    webhooks = Webhooks(bus, hooks())
+    delivery = records.delivery_decoder.decode((await _one_delivery(bus, webhooks, url)).data)
+    async with httpx.AsyncHTTPTransport() as transport:
+        error, code = await webhooks._post(transport, target, delivery)
+    assert (error, code) == (None, 204)
+    assert receiver.calls[0].headers["host"] == f"xn--bcher-kva.localhost:{port}"
+
+
+class _Broken(httpx.AsyncBaseTransport):
+    """A transport that fails as no HTTP error does: what a bug in a delivery raises."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise RuntimeError(f"bug while sending to {request.url} with {request.headers['webhook-signature']}")
+
+
+async def test_an_unexpected_error_in_a_delivery_is_logged_counted_and_retried(
+    bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing but a refused address or an HTTP error was caught in a delivery: anything else went up
+    # through the webhooks' task group and stopped the gateway. Now such an attempt fails as a failed
+    # POST does, and the log names it without the URL's credentials, its query or the signature.
+    registry = CollectorRegistry()
+    webhooks = Webhooks(bus, hooks(HIVE_WEBHOOK_ALLOW_NETWORKS=LOOPBACK), registry)
+    msg = await _one_delivery(bus, webhooks, "http://user:hunter2@127.0.0.1:9/hook?token=abc")
+    with caplog.at_level(logging.INFO, logger="hive_bus.webhooks"):
+        await webhooks._deliver(_Broken(), msg)  # type: ignore[arg-type]
+    [record] = await records.recent(bus)
+    assert record.status == "retrying" and record.attempts == 1
+    assert record.last_error == "unexpected error in the gateway (RuntimeError); see its log"
+    assert registry.get_sample_value("hive_webhook_delivery_errors_total") == 1
+    assert registry.get_sample_value("hive_webhook_deliveries_total", {"result": "retrying"}) == 1
+    logged = caplog.text
+    assert "unexpected RuntimeError at test_webhooks.py:" in logged and "http://127.0.0.1:9/hook?…" in logged
+    assert "hunter2" not in logged and "token=abc" not in logged and "v1," not in logged
+    again = await webhooks._deliveries()
+    [back] = await again.fetch(1, timeout=5)  # after its first retry delay (0.3 s), as a failed POST
+    assert back.metadata.num_delivered == 2
 
 
 async def test_a_gateway_wide_webhook_to_a_private_address_stops_the_start(settings: Settings) -> None:

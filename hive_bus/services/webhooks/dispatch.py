@@ -23,8 +23,10 @@ import contextlib
 import functools
 import logging
 import math
+import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -98,6 +100,13 @@ class Webhooks:
         )
         for result in RESULTS:
             self._results.labels(result)
+        # Unlabelled, so that it exists at 0 from the start and its first increase shows in increase().
+        self._unexpected = Counter(
+            "hive_webhook_delivery_errors",
+            "Webhook delivery attempts that failed on an unexpected error in the gateway (a bug: the "
+            "gateway's log names the delivery and where); each is retried, then given up, as a failed POST is",
+            registry=registry,
+        )
         self._pending = _Pending()
         registry.register(self._pending)
         self._counted_at = -math.inf
@@ -310,13 +319,21 @@ class Webhooks:
                 await msg.term()
             return
         attempt = msg.metadata.num_delivered or 1
+        error: str | None
+        code: int | None
         try:
             target = await urls.check(delivery.url, self._settings.allow_networks)
         except urls.Refused as exc:
             log.warning("webhooks: %s to %s refused: %s", delivery.id, urls.shown(delivery.url), exc)
             await self._settle(msg, delivery, "refused", attempt, str(exc))
             return
-        error, code = await self._post(client, target, delivery)
+        except Exception as exc:
+            error, code = self._unexpected_error(delivery, exc), None
+        else:
+            try:
+                error, code = await self._post(client, target, delivery)
+            except Exception as exc:
+                error, code = self._unexpected_error(delivery, exc), None
         if error is None:
             await self._settle(msg, delivery, "delivered", attempt, None, code)
         elif attempt > len(self._settings.retry_s):
@@ -328,6 +345,20 @@ class Webhooks:
         else:
             await self._settle(msg, delivery, "retrying", attempt, error, code)
 
+    def _unexpected_error(self, delivery: Delivery, exc: Exception) -> str:
+        """An error no attempt should meet (a bug), which must not stop the gateway: logged by the
+        delivery's id, its URL as shown, the error's type and where it was raised (not its text, which
+        may hold the URL whole, its credentials and query with it), and counted; the attempt fails with
+        it as a failed POST does (retried after the next delay, given up after the last)."""
+        self._unexpected.inc()
+        frame = traceback.extract_tb(exc.__traceback__)[-1:]
+        where = f" at {Path(frame[0].filename).name}:{frame[0].lineno}" if frame else ""
+        log.error(
+            "webhooks: delivery %s to %s failed on an unexpected %s%s; it is retried as a failed one",
+            delivery.id, urls.shown(delivery.url), type(exc).__name__, where,
+        )  # fmt: skip
+        return f"unexpected error in the gateway ({type(exc).__name__}); see its log"
+
     async def _post(
         self, client: httpx.AsyncHTTPTransport, target: urls.Target, delivery: Delivery
     ) -> tuple[str | None, int | None]:
@@ -335,20 +366,22 @@ class Webhooks:
         body = bytes(delivery.body)
         address = target.addresses[0]
         default_port = 443 if target.scheme == "https" else 80
-        host = f"[{target.host}]" if ":" in target.host else target.host
+        url = httpx.URL(delivery.url)
+        # the name as it goes on the wire: an internationalised one in its ASCII form (xn--...), which
+        # the Host header and the TLS server name must carry (non-ASCII, the header is not encodable)
+        name = url.raw_host.decode("ascii")
+        host = f"[{name}]" if ":" in name else name
         headers = {
             "content-type": "application/json",
             "user-agent": f"hive-bus/{__version__}",
             "host": host if target.port == default_port else f"{host}:{target.port}",
             **self._signer.headers(delivery.id, body, datetime.now(UTC)),
         }
-        url = httpx.URL(delivery.url).copy_with(host=str(address))
+        url = url.copy_with(host=str(address))
         timeout_s = self._settings.timeout_s
         extensions: dict[str, Any] = {"timeout": httpx.Timeout(timeout_s).as_dict()}
         if target.scheme == "https":
-            extensions["sni_hostname"] = (
-                target.host
-            )  # the certificate is checked for the name, not the address
+            extensions["sni_hostname"] = name  # the certificate is checked for the name, not the address
         request = httpx.Request("POST", url, content=body, headers=headers, extensions=extensions)
         try:
             with anyio.fail_after(timeout_s + 1):  # each phase has timeout_s; the whole attempt too
@@ -395,6 +428,12 @@ class Webhooks:
         except BUS_ERRORS as exc:
             # unsettled, it comes back after the consumer's AckWait: sent again under the same id
             log.warning("webhooks: delivery %s not settled (%s); it comes back", delivery.id, exc)
+        except Exception as exc:  # a bug, which must not stop the gateway: unsettled, it comes back too
+            self._unexpected.inc()
+            log.error(
+                "webhooks: delivery %s not settled on an unexpected %s; it comes back",
+                delivery.id, type(exc).__name__,
+            )  # fmt: skip
 
 
 def _seq(msg: nats.aio.msg.Msg) -> str:
