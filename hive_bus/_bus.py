@@ -795,7 +795,7 @@ async def _no_room(js: JetStreamContext, want: StreamConfig, refused: nats.js.er
         isinstance(reserved, int) and isinstance(most, int) and 0 < most < reserved + (want.max_bytes or 0)
     )
     if by_account:
-        whose, figures = "the account's", f" ({_size(reserved)} of its {_size(most)})"
+        whose, figures = "the account's", f" ({size_text(reserved)} of its {size_text(most)})"
         where = "max_file of the account (its jetstream block in nats/accounts.conf, then reload nats-server)"
     else:  # within the account's limit: the server's own is the one reached
         whose, figures = "the server's", ""
@@ -804,7 +804,7 @@ async def _no_room(js: JetStreamContext, want: StreamConfig, refused: nats.js.er
             "takes 75% of the disk's free space when it starts)"
         )
     return NoRoom(
-        f"no room for stream {name} (max_bytes {_size(want.max_bytes)}); {whose} JetStream file storage "
+        f"no room for stream {name} (max_bytes {size_text(want.max_bytes)}); {whose} JetStream file storage "
         f"is all reserved by the max_bytes of the streams it holds{figures}; each provider reserves its "
         "events and its dead letters (HIVE_EVENTS_MAX_BYTES + HIVE_DLQ_MAX_BYTES). Raise "
         f"{where}, lower those two for new providers, or remove the streams of providers no longer used",
@@ -812,7 +812,7 @@ async def _no_room(js: JetStreamContext, want: StreamConfig, refused: nats.js.er
     )
 
 
-def _size(n: int | None) -> str:
+def size_text(n: int | None) -> str:
     """Bytes as a person reads them: ``512 MiB``, ``8.0 GiB``."""
     if n is None or n < 0:
         return "no limit"

@@ -48,7 +48,8 @@ class Names:
     ``<PREFIX>_COUNTERS``, a stream of JetStream counters (each publish adds its ``Nats-Incr``);
     ``<prefix>.counters.unfetched_cancels.<provider>`` counts the tasks cancelled while queued that no
     worker has fetched yet (the hub adds one, the worker that fetches one takes it off): what the
-    consumers' pending counts hold beyond the queue;
+    consumers' pending counts hold beyond the queue; ``<prefix>.counters.room`` is the gateways' probe
+    that JetStream still stores writes (each adds 0 to it: services.room);
     ``<prefix>.dlq.<provider>.<task id>`` carries dead letters (a failed event with its task) into
     ``<PREFIX>_DLQ_<provider>``, one stream per provider with limits of its own, so that no provider's
     workers can fill another's (``<PREFIX>_DLQ`` held every provider's before);
@@ -286,6 +287,10 @@ class Names:
     @property
     def unfetched_cancels_counters(self) -> str:
         return f"{self.prefix}.counters.unfetched_cancels.*"
+
+    @property
+    def room_probe(self) -> str:
+        return f"{self.prefix}.counters.room"
 
     @property
     def outcome_events(self) -> list[str]:

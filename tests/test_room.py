@@ -18,7 +18,7 @@ from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
 
 from .conftest import make_settings
-from .helpers import hive_cli
+from .helpers import eventually, hive_cli
 
 pytestmark = pytest.mark.anyio
 
@@ -127,3 +127,42 @@ async def test_a_provider_the_account_has_no_room_for_is_refused_and_nothing_sto
             -3000:
         ]
         assert "Traceback" not in done.stderr
+
+
+def _sample(text: str, name: str, labels: str = "") -> float | None:
+    for line in text.splitlines():
+        if line.startswith(f"{name}{labels} "):
+            return float(line.split()[-1])
+    return None
+
+
+async def test_readyz_and_the_metrics_say_when_the_tasks_stream_is_full(nats_server: NatsServer) -> None:
+    # A full tasks stream made every submission a 503 queue_full while /readyz answered ready and no
+    # metric showed how full any stream was.
+    settings = make_settings(nats_server.url, tasks_max_msgs=2)
+    async with serving(settings) as stack:
+        assert (await stack.http.get("/readyz")).json() == {"status": "ready"}
+        stream = settings.names.tasks_stream
+        for i in range(3):
+            await stack.http.post("/v1/tasks", json={"provider": "nobody", "prompt": f"p{i}"})
+
+        async def not_ready() -> httpx.Response | None:
+            r = await stack.http.get("/readyz")
+            return r if r.status_code == 503 else None
+
+        r = await eventually(not_ready, 15, "/readyz to say not ready")
+        reason = r.json()["reason"]
+        assert reason.startswith(f"the tasks stream {stream} is full (2 tasks, its max_msgs")
+        assert "submissions answer 503 queue_full" in reason
+        text = (await stack.http.get("/metrics")).text
+        assert _sample(text, "hive_stream_fill_ratio", f'{{stream="{stream}"}}') == 1.0
+        assert _sample(text, "hive_bus_writable") == 0.0
+        assert (await stack.http.get("/healthz")).status_code == 200  # the process itself is fine
+
+        await stack.bus.js.purge_stream(stream)  # room again: ready again at the next look
+
+        async def ready() -> bool:
+            return (await stack.http.get("/readyz")).status_code == 200
+
+        await eventually(ready, 15, "/readyz to say ready again")
+        assert _sample((await stack.http.get("/metrics")).text, "hive_bus_writable") == 1.0

@@ -60,6 +60,7 @@ from .answers import BatchAccepted, ErrorBody, TaskAccepted
 from .feeds import Feeds
 from .list_reads import ListReads
 from .metrics import SCRAPE_MAX_AGE_S, SCRAPE_REFRESH_S, BusMetrics, UsageSince, lost_count
+from .room import Room
 from .webhooks import urls as webhook_urls
 from .webhooks.api import refusal as webhook_refusal
 
@@ -541,21 +542,21 @@ async def healthz(state: State) -> Response[Readiness]:
 
 @get(
     "/readyz",
-    summary="NATS and the bus objects answer",
+    summary="NATS answers and JetStream stores what is submitted",
     responses={503: ResponseSpec(data_container=Readiness, description="not ready, and why")},
 )
 async def readyz(state: State) -> Response[Readiness]:
-    hive = _hive(state)
-    bus = hive.bus
+    """Read from the gateway's last look at JetStream's room (every few seconds, services.room): no
+    request to NATS per call while it is ready."""
+    bus = _hive(state).bus
     if not bus.nc.is_connected:
         return Response(Readiness(status="unavailable", reason="not connected to NATS"), status_code=503)
-    try:
-        with anyio.fail_after(bus.settings.request_timeout_s):
-            await bus.js.stream_info(bus.names.tasks_stream)
-            await event_providers(bus)  # the events streams, one a provider, made as providers are used
-    except BUS_ERRORS as exc:
-        reason = str(exc) or type(exc).__name__
-        return Response(Readiness(status="unavailable", reason=f"JetStream: {reason}"), status_code=503)
+    room: Room | None = state.room
+    if room is None:  # an app made without its gateway: looked at now
+        room = Room(bus)
+        await room.read()
+    if (reason := await room.why_not()) is not None:
+        return Response(Readiness(status="unavailable", reason=reason), status_code=503)
     return Response(Readiness(status="ready"), status_code=200)
 
 

@@ -56,6 +56,7 @@ from .list_reads import ListReadLimits, ListReads
 from .metrics import BusMetrics
 from .openai_chat import CHAT_ROUTES, DEFAULT_CHAT_WAIT_S, Catalog
 from .openai_errors import of_answer, speaks_openai
+from .room import Room
 from .schedules_api import SCHEDULE_ROUTES
 from .webhooks import WebhookConfigError, Webhooks, WebhookSettings
 from .webhooks.api import ROUTES as WEBHOOK_ROUTES
@@ -173,6 +174,7 @@ def create_app(
     metrics: BusMetrics | None = None,
     stopping: threading.Event | None = None,
     audit: StoreAudit | None = None,
+    room: Room | None = None,
 ) -> ASGIApp:
     """The gateway app, serving ``hive``'s bus, behind its :class:`Edge` (tokens, hosts, content types,
     ids, disconnects). Long answers (event feeds) end once ``stopping`` is set."""
@@ -184,6 +186,7 @@ def create_app(
         "stopping": stopping or threading.Event(),
         "feed_max_s": options.feed_max_s,
         "audit": audit,
+        "room": room,
         "catalog": Catalog(hive, options.routes),
         "chat_wait_s": options.chat_wait_s,
         "stream_keepalive_s": options.stream_keepalive_s,
@@ -287,6 +290,8 @@ class Gateway:
         self.batches = BatchRunner(hive, Catalog(hive, options.routes))
         settings = hive.bus.settings
         self.audit = StoreAudit(hive.bus, grace_s=settings.audit_grace_s, every_s=settings.audit_every_s)
+        # whether JetStream stores writes: GET /readyz, hive_bus_writable
+        self.room = Room(hive.bus, self.metrics.registry)
         enabled = options.webhooks.enabled
         self.webhooks = Webhooks(hive.bus, options.webhooks, self.metrics.registry) if enabled else None
         self._stopping = threading.Event()
@@ -294,7 +299,7 @@ class Gateway:
         self._sock = sock or bind(options.host, options.port)
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
-            create_app(hive, options, self.metrics, self._stopping, self.audit),
+            create_app(hive, options, self.metrics, self._stopping, self.audit, self.room),
             log_level="warning",
             access_log=False,
             lifespan="on",
@@ -337,6 +342,7 @@ class Gateway:
             except (*BUS_ERRORS, HiveError) as exc:
                 log.warning("providers served lately cannot be followed: %s", exc)
             await tg.start(self.metrics.run)
+            await tg.start(self.room.run)
             await tg.start(self.router.run)
             await tg.start(self.timers.run)
             await tg.start(self.audit.run)

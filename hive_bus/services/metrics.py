@@ -51,7 +51,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
-from nats.js.api import StreamState
+from nats.js.api import StreamInfo, StreamState
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -118,9 +118,10 @@ class Snapshot:
     budget_used: dict[tuple[str, ...], float] = field(default_factory=dict)
     budget_limit: dict[tuple[str, ...], float] = field(default_factory=dict)
     lost: dict[str, int] = field(default_factory=dict)  # by stream name
+    stream_fill: dict[str, float] = field(default_factory=dict)  # by stream name: those that refuse when full
     submitted: dict[str, int] = field(default_factory=dict)  # since following began
     dead_letters: int = 0  # messages in the dead-letter stream
-    fill: Fill = field(default_factory=Fill)  # the buckets' bytes against their limits, keys by owner
+    bucket_fill: Fill = field(default_factory=Fill)  # the buckets' bytes against their limits, keys by owner
     at_s: float | None = None  # unix time of the refresh
 
 
@@ -220,7 +221,7 @@ class _Gauges:
             "cache forgets its oldest). One per provider for the claim check (<prefix>_blobs_<provider>).",
             labels=["bucket"],
         )
-        for bucket, ratio in sorted(snap.fill.used_ratio.items()):
+        for bucket, ratio in sorted(snap.bucket_fill.used_ratio.items()):
             used.add_metric([bucket], ratio)
         yield used
         keys = GaugeMetricFamily(
@@ -229,9 +230,18 @@ class _Gauges:
             "for heartbeats): the few with most, once the bucket is half full.",
             labels=["bucket", "owner"],
         )
-        for (bucket, owner), held in sorted(snap.fill.keys.items()):
+        for (bucket, owner), held in sorted(snap.bucket_fill.keys.items()):
             keys.add_metric([bucket, owner], held)
         yield keys
+        stream_fill = GaugeMetricFamily(
+            "hive_stream_fill_ratio",
+            "How full a stream that refuses writes when full is (the tasks stream, each dead-letter stream): "
+            "the larger of its messages over max_msgs and its bytes over max_bytes.",
+            labels=["stream"],
+        )
+        for stream, ratio in sorted(snap.stream_fill.items()):
+            stream_fill.add_metric([stream], ratio)
+        yield stream_fill
         last = GaugeMetricFamily(
             "hive_metrics_last_refresh_timestamp_seconds",
             "When the queue, worker and cooldown gauges were last read from the bus (unix time).",
@@ -582,11 +592,13 @@ class BusMetrics:
         dead_letter_streams = await dlq_streams(bus)
         providers_with_events = await event_providers(bus)
         events_streams = [bus.names.events_stream_of(p) for p in providers_with_events]
-        states = {
-            stream: (await bus.js.stream_info(stream)).state
+        infos = {
+            stream: await bus.js.stream_info(stream)
             for stream in (bus.names.tasks_stream, *events_streams, *dead_letter_streams)
         }
+        states = {stream: info.state for stream, info in infos.items()}
         lost = {stream: lost_count(state) for stream, state in states.items()}
+        refusing = (bus.names.tasks_stream, *dead_letter_streams)  # discard new: full, they refuse
         counted = await submitted_counts(bus)
 
         pending: dict[str, int] = {}
@@ -599,8 +611,9 @@ class BusMetrics:
             workers=workers,
             cooldown_s=cooldown_s,
             lost=lost,
+            stream_fill={stream: fill_ratio(infos[stream]) for stream in refusing},
             dead_letters=sum(states[stream].messages for stream in dead_letter_streams),
-            fill=await self._fill.read(providers_with_events),
+            bucket_fill=await self._fill.read(providers_with_events),
             at_s=time.time(),
         )
         for provider, count in counted.items():
@@ -653,6 +666,18 @@ class BusMetrics:
             if cap is not None:
                 snap.budget_used[(*labels, limit)] = float(value)
                 snap.budget_limit[(*labels, limit)] = float(cap)
+
+
+def fill_ratio(info: StreamInfo) -> float:
+    """How full a stream is: the larger of its messages over its max_msgs and its bytes over its
+    max_bytes (0 for a stream with neither limit)."""
+    config, state = info.config, info.state
+    ratios = [
+        used / most
+        for used, most in ((state.messages, config.max_msgs or -1), (state.bytes, config.max_bytes or -1))
+        if most > 0
+    ]
+    return max(ratios, default=0.0)
 
 
 def lost_count(state: StreamState) -> int:
