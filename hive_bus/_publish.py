@@ -343,9 +343,13 @@ def stored(outcome: Outcome, stream: str, timeout_s: float) -> PubAck:
         if (held := _held_at(outcome)) is not None:  # a FIRST_ON_SUBJECT publish, sent before
             return PubAck(stream=stream, seq=held, duplicate=True)
         if outcome.err_code in STREAM_FULL_CODES or "exceeded" in outcome.description:
+            full = (  # the account's room used up refuses every stream's writes, an empty one's too
+                "the account's JetStream storage is used up"
+                if "for account" in outcome.description
+                else f"the {stream} stream is full"
+            )
             raise QueueFull(
-                f"the {stream} stream is full ({outcome.description}); nothing was accepted",
-                retry_after_s=QUEUE_FULL_RETRY_S,
+                f"{full} ({outcome.description}); nothing was accepted", retry_after_s=QUEUE_FULL_RETRY_S
             )
         raise BusUnavailable(f"JetStream refused the publish to {stream}: {outcome.description}")
     if isinstance(outcome, NoStream):

@@ -3,6 +3,7 @@ server whose account has little file storage (as nats/accounts.conf caps the hub
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import httpx
+import nats.js.errors
 import pytest
 
 from hive_bus import Hive, Settings
@@ -166,3 +168,28 @@ async def test_readyz_and_the_metrics_say_when_the_tasks_stream_is_full(nats_ser
 
         await eventually(ready, 15, "/readyz to say ready again")
         assert _sample((await stack.http.get("/metrics")).text, "hive_bus_writable") == 1.0
+
+
+async def test_readyz_says_not_ready_when_the_accounts_storage_is_used_up(small_account: NatsServer) -> None:
+    # A stream without max_bytes (an operator's own, in the same account) can use the account's
+    # max_file up; JetStream then refuses writes to every stream of it, the bus's too (their reserved
+    # room notwithstanding), and /readyz answered ready.
+    async with serving(_settings(small_account)) as stack:
+        js = stack.bus.js
+        await js.add_stream(name="FILLER", subjects=["filler.>"])
+        for size in (1_000_000, 8_000, 100, 1):  # to the last few bytes
+            with contextlib.suppress(nats.js.errors.APIError):
+                while True:
+                    await js.publish("filler.x", b"x" * size)
+
+        async def not_ready() -> httpx.Response | None:
+            r = await stack.http.get("/readyz")
+            return r if r.status_code == 503 else None
+
+        reason = (await eventually(not_ready, 15, "/readyz to say not ready")).json()["reason"]
+        assert reason.startswith(
+            "the account's JetStream file storage is used up (200 MiB of its max_file 200 MiB"
+        )
+        r = await stack.http.post("/v1/tasks", json={"provider": "p0", "prompt": "hi"})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["message"].startswith("the account's JetStream storage is used up")

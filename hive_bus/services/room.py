@@ -4,7 +4,9 @@ and the ``hive_bus_writable`` gauge, never per request.
 JetStream refuses writes for want of room in three ways, and a read of the streams shows only the
 first two:
 
-- the account's file storage is used up to its ``max_file`` (its account info: storage against limits);
+- the account's file storage is used up to its ``max_file`` (its account info: storage against limits,
+  less left than a task stored whole may take): JetStream then refuses writes to every stream of the
+  account, those that reserved room too (a stream without ``max_bytes``, an operator's, can use it up);
 - the tasks stream is at its limits (discard new: every submission answers 503 ``queue_full`` until
   tasks age out);
 - the server's disk is full. nats-server (2.15) then answers no write at all, so that a publish times
@@ -23,6 +25,7 @@ from collections.abc import Iterable
 
 import anyio
 import nats.errors
+import nats.js.errors
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -91,10 +94,11 @@ class Room:
         bus = self._bus
         account = await account_info(bus.js)
         used, most = account.get("storage", 0), (account.get("limits") or {}).get("max_storage", -1)
-        if isinstance(most, int) and most > 0 and used >= most:
+        if isinstance(most, int) and most > 0 and most - used < bus.settings.claim_check_bytes:
             return (
-                f"the account's JetStream file storage is full ({size_text(used)} of its max_file "
-                f"{size_text(most)}): JetStream refuses every write"
+                f"the account's JetStream file storage is used up ({size_text(used)} of its max_file "
+                f"{size_text(most)}): JetStream refuses writes to every stream of the account, whatever "
+                "each reserved; submissions answer 503"
             )
         if (full := await self._tasks_full()) is not None:
             return full
@@ -102,6 +106,8 @@ class Room:
         timeout_s = bus.settings.request_timeout_s
         try:
             await bus.js.publish(bus.names.room_probe, b"", headers={"Nats-Incr": "+0"}, timeout=timeout_s)
+        except nats.js.errors.APIError as exc:
+            return f"JetStream refused a write to {bus.names.counters_stream}: {exc.description}"
         except nats.errors.TimeoutError:
             return (
                 f"JetStream did not store a write within {timeout_s:g} s (HIVE_REQUEST_TIMEOUT_S): a "
