@@ -822,8 +822,8 @@ def size_text(n: int | None) -> str:
 
 
 async def ensure_consumers(js: JetStreamContext, settings: Settings, provider: str) -> list[ConsumerInfo]:
-    """The provider's durable pull consumers, one per priority (high first), its events stream and its
-    dead-letter stream, created on first use (by the gateway: a worker's credential finds them made)."""
+    """The provider's durable pull consumers, one per priority (high first), its events stream, its
+    dead-letter stream and its claim check bucket, created on first use (by the gateway: a worker's credential finds them made)."""
     await ensure_events_stream(js, settings, provider)  # before its tasks are fetched: their events go there
     consumers = [await ensure_consumer(js, settings, provider, priority) for priority in PRIORITIES]
     try:
@@ -833,7 +833,7 @@ async def ensure_consumers(js: JetStreamContext, settings: Settings, provider: s
         log.warning("the dead-letter stream of provider %s is not there: %s", provider, exc)
     try:
         await _ensure_stream(js, blobs_stream_config(settings, provider))
-    except (*BUS_ERRORS, BusConfigError) as exc:
+    except (*BUS_ERRORS, BusConfigError, NoRoom) as exc:
         # its workers' large outputs are then refused (logged, the task redelivered) until it is made
         log.warning("the claim check bucket of provider %s is not there: %s", provider, exc)
     return consumers

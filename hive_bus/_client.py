@@ -46,6 +46,7 @@ from ._assigned import PENDING, Assignments, assignment, current
 from ._batches import Batch, BatchStore, cancelling
 from ._bus import (
     Bus,
+    ensure_blobs,
     ensure_dlq_stream,
     ensure_events,
     ensure_index_stream,
@@ -1001,12 +1002,13 @@ class Hive:
         return [outcomes[place] for place in places]
 
     async def _ensure_streams(self, provider: str) -> None:
-        """The provider's events and dead-letter streams, made before its first task is stored: the
-        tasks stream republishes each task as its ``queued`` marker into the first, and its workers
-        start only once both are there. Raises :class:`NoRoom` when JetStream has no room for one: a
-        task accepted then would never run. One that can be neither found nor made for another reason
-        (NATS slow, a credential that may not make streams) is logged and the task is queued all the
-        same: its marker is lost, and its readers find it in the tasks stream (hive_bus._assigned)."""
+        """The provider's events and dead-letter streams and its claim check bucket, made before its first
+        task is stored: the tasks stream republishes each task as its ``queued`` marker into the first,
+        and its workers start only once all three are there. Raises :class:`NoRoom` when JetStream has
+        no room for one: a task accepted then would never run. One that can be neither found nor made for
+        another reason (NATS slow, a credential that may not make streams) is logged and the task is
+        queued all the same: its marker is lost, and its readers find it in the tasks stream
+        (hive_bus._assigned)."""
         if provider in self._streams_made:
             return
         async with self._streams_lock:  # one declaration, however many first submissions come at once
@@ -1025,6 +1027,13 @@ class Hive:
                 raise
             except (HiveError, *BUS_ERRORS) as exc:  # its dead letters are refused; its workers say so
                 log.warning("the dead-letter stream of provider %s is not there: %s", provider, why(exc))
+                return
+            try:
+                await ensure_blobs(self._bus, provider)
+            except NoRoom:
+                raise
+            except HiveError as exc:  # its large tasks are refused, its large outputs redelivered: logged
+                log.warning("%s", exc)
                 return
             self._streams_made.add(provider)
 
