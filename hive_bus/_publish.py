@@ -190,16 +190,16 @@ class JetStreamPublisher:
         stay together and in order; one too large for the server fails its own call alone."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[list[Outcome]] = loop.create_future()
-        if not self._queued:
-            loop.call_soon(self._send_queued)
+        if not self._queued:  # the first of this pass: a send that takes the pass's calls when it starts
+            sending = loop.create_task(self._send_queued())
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
         self._queued.append(_Call(messages, extra, waiter))
         return await waiter
 
-    def _send_queued(self) -> None:
+    async def _send_queued(self) -> None:
         calls, self._queued = self._queued, []
-        task = asyncio.ensure_future(self._send(calls))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        await self._send(calls)
 
     async def _send(self, calls: list[_Call]) -> None:
         messages: list[Publish] = []
