@@ -276,10 +276,7 @@ async def declare_bus(js: JetStreamContext, settings: Settings) -> dict[str, Key
             "budgets_kv": await _ensure_file_bucket(
                 js, settings, names.budgets_bucket, "request and token budgets"
             ),
-            # kept as long as task history: a cancelled task may wait that long in its queue
-            "cancels_kv": await _ensure_file_bucket(
-                js, settings, names.cancels_bucket, "cancelled tasks", ttl_s=settings.events_max_age_s
-            ),
+            "cancels_kv": await _ensure_cancels_bucket(js, settings),
         }
     except nats.js.errors.ServiceUnavailableError:
         raise BusUnavailable("JetStream is not enabled on the NATS server (start it with -js)") from None
@@ -902,8 +899,38 @@ async def _ensure_workers_bucket(js: JetStreamContext, settings: Settings) -> Ke
     return kv
 
 
+async def _ensure_cancels_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
+    """The cancels bucket: a word for each task cancelled, expired or replayed, kept as long as task
+    history (a cancelled task may wait that long in its queue). Only the hub writes it (no worker
+    credential may), so when full it lets its oldest words go rather than refuse new ones: a bucket
+    that refused them answered every cancel with a 503, and failed every expiry and replay, once a
+    week's words had filled it. A bucket made before is given that policy and room."""
+    names = settings.names
+    kv = await _ensure_file_bucket(
+        js, settings, names.cancels_bucket, "cancelled tasks",
+        ttl_s=settings.events_max_age_s, max_bytes=settings.cancels_max_bytes,
+    )  # fmt: skip
+    stream = f"KV_{names.cancels_bucket}"
+    try:
+        config = (await js.stream_info(stream)).config
+        roomier = dataclasses.replace(config, discard=DiscardPolicy.OLD)
+        if config.max_bytes == BUCKET_MAX_BYTES:  # the size it was made with before
+            roomier.max_bytes = settings.cancels_max_bytes
+        if roomier != config:
+            await js.update_stream(roomier)
+    except BUS_ERRORS as exc:  # a credential that may not change it (a worker's) leaves it to the gateway
+        log.debug("bucket %s not changed by this process (%s)", names.cancels_bucket, exc)
+    return kv
+
+
 async def _ensure_file_bucket(
-    js: JetStreamContext, settings: Settings, bucket: str, what: str, *, ttl_s: float | None = None
+    js: JetStreamContext,
+    settings: Settings,
+    bucket: str,
+    what: str,
+    *,
+    ttl_s: float | None = None,
+    max_bytes: int = BUCKET_MAX_BYTES,
 ) -> KeyValue:
     # File storage: a daily quota's cooldown or budget must outlive a restart of the hub.
     want = KeyValueConfig(
@@ -916,7 +943,7 @@ async def _ensure_file_bucket(
         # reads by key go to $JS.API.DIRECT.GET.<stream>.<key subject>, which a worker's permissions
         # can narrow to its own provider's keys (a plain message get names no subject to check)
         direct=True,
-        max_bytes=BUCKET_MAX_BYTES,
+        max_bytes=max_bytes,
         max_value_size=VALUE_MAX_BYTES,
     )
     kv, _ = await _ensure_bucket(js, want, settings.js_domain)

@@ -61,6 +61,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     events_max_bytes: PositiveInt = 256 * 1024**2
     # per provider: each provider's dead letters have a stream of their own (JetStream reserves it)
     dlq_max_bytes: PositiveInt = 64 * 1024**2
+    # The cancels bucket (hive_bus._cancel): a word of about 200 bytes for each task cancelled, expired
+    # or replayed, kept as long as task history; full, its oldest words go (about 350,000 a week).
+    cancels_max_bytes: PositiveInt = 64 * 1024**2
     # The stream of the server's timers (hive_bus._timers): a deadline's one-shot schedule per task that
     # has one (about 300 bytes), until it fires, and each firing for a week. The server allows no
     # discard-new here: full, it would drop its oldest timers (a deadline still holds at a worker's fetch).

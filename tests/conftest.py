@@ -68,6 +68,7 @@ def make_settings(url: str, **overrides: Any) -> Settings:
         "blobs_max_bytes": 32 * 1024**2,
         "files_max_bytes": 64 * 1024**2,
         "dlq_max_bytes": 8 * 1024**2,
+        "cancels_max_bytes": 1024**2,
         "schedules_max_bytes": 4 * 1024**2,
     }
     values.update(overrides)

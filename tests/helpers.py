@@ -78,6 +78,7 @@ SMALL_BUS_ENV = {
     "HIVE_EVENTS_MAX_BYTES": str(8 * 1024**2),
     "HIVE_INDEX_MAX_BYTES": str(2 * 1024**2),
     "HIVE_DLQ_MAX_BYTES": str(8 * 1024**2),
+    "HIVE_CANCELS_MAX_BYTES": str(1024**2),
     "HIVE_SCHEDULES_MAX_BYTES": str(4 * 1024**2),
     "HIVE_BLOBS_MAX_BYTES": str(32 * 1024**2),
     "HIVE_FILES_MAX_BYTES": str(64 * 1024**2),

@@ -8,7 +8,7 @@ import anyio
 import httpx
 import nats.js.errors
 import pytest
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, KeyValueConfig, StorageType
 
 import hive_bus._worker
 from hive_bus import (
@@ -23,10 +23,12 @@ from hive_bus import (
     TaskNotFound,
     _cancel,
 )
+from hive_bus._bus import BUCKET_MAX_BYTES
 from hive_bus._counts import unfetched_cancels
 from hive_bus._embedded import NatsServer
 from hive_bus._expiry import Timers
 from hive_bus._messages import Running, encoder, now_ms
+from hive_bus._settings import Settings
 from hive_bus._stats import queue_depths
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
@@ -438,3 +440,37 @@ async def test_a_worker_lists_its_providers_cancels_and_looks_up_only_those_task
         assert (await hive.wait(kept, 10)).status == "completed"
     assert calls == ["slow", "kept"]
     assert (await hive.get(slow)).status == "completed"
+
+
+async def test_cancels_go_on_when_the_cancels_bucket_is_full(bus: Bus, hive: Hive) -> None:
+    """The cancels bucket keeps a word for each task cancelled, expired or replayed within the history's
+    window (a week): a bus that ran long enough to fill it (about 44,000 such words in 8 MiB) refused
+    every cancel after that with a 503, and every replay. It lets its oldest words go instead."""
+    stream = f"KV_{bus.names.cancels_bucket}"
+    config = (await bus.js.stream_info(stream)).config
+    config.max_bytes = 4096  # about fifteen words: a bucket as full as a week of cancels leaves it
+    await bus.js.update_stream(config)
+    ids = [await hive.submit("full", f"tarea {i}") for i in range(40)]
+    for task_id in ids:
+        assert (await hive.cancel(task_id)).status == "cancelled"
+    newest = await bus.cancels_kv.get(bus.names.cancel_key("full", ids[-1]))
+    assert newest.value is not None and ids[-1].encode() in newest.value
+
+
+async def test_a_cancels_bucket_made_before_is_given_room_and_lets_its_oldest_words_go(
+    settings: Settings,
+) -> None:
+    """A hub made before (its cancels bucket 8 MiB, refusing new words when full) gets the bucket's
+    room and policy at its next start, so that it stops refusing cancels after a busy week."""
+    before = KeyValueConfig(
+        bucket=settings.names.cancels_bucket, history=1, ttl=settings.events_max_age_s,
+        storage=StorageType.FILE, direct=True, max_bytes=BUCKET_MAX_BYTES, max_value_size=64 * 1024,
+    )  # fmt: skip
+    nc = await nats.connect(settings.nats_url)
+    try:
+        await nc.jetstream().create_key_value(before)
+    finally:
+        await nc.close()
+    async with open_bus(settings) as bus:
+        config = (await bus.js.stream_info(f"KV_{bus.names.cancels_bucket}")).config
+    assert (config.discard, config.max_bytes) == (DiscardPolicy.OLD, settings.cancels_max_bytes)

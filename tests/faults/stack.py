@@ -39,6 +39,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "HIVE_EVENTS_MAX_BYTES": str(settings.events_max_bytes),
         "HIVE_INDEX_MAX_BYTES": str(settings.index_max_bytes),
         "HIVE_DLQ_MAX_BYTES": str(settings.dlq_max_bytes),
+        "HIVE_CANCELS_MAX_BYTES": str(settings.cancels_max_bytes),
         "HIVE_BLOBS_MAX_BYTES": str(settings.blobs_max_bytes),
         "HIVE_AUDIT_EVERY_S": str(settings.audit_every_s),
         "HIVE_AUDIT_GRACE_S": str(settings.audit_grace_s),
