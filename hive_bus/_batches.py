@@ -16,6 +16,7 @@ is the same task twice, which the tasks stream de-duplicates.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import secrets
 import time
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 import msgspec
 import nats.js.errors
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 from ulid import ULID
 
@@ -33,12 +34,14 @@ from ._bus import Bus, kv_entries
 from ._errors import BusUnavailable, HiveError
 from ._nats import BUS_ERRORS, why
 
+log = logging.getLogger("hive_bus.batches")
+
 BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
 ]
 FINAL_STATUSES: frozenset[str] = frozenset({"failed", "completed", "expired", "cancelled"})
 ENDPOINT = "/v1/chat/completions"
-# the batch objects' bucket: small values (a batch's state), a few thousand batches at most
+# the batch objects' bucket: small values (a batch's state, about 1 KB), the newest some thousands kept
 BATCHES_MAX_BYTES = 8 * 1024**2
 BATCH_VALUE_MAX_BYTES = 256 * 1024
 # errors.data lists at most this many bad lines (the first ones): the value must fit the bucket
@@ -237,9 +240,25 @@ class BatchStore:
                         max_value_size=BATCH_VALUE_MAX_BYTES,
                     )
                 )
+                await cls(bus, kv).keep_newest()
         except BUS_ERRORS as exc:
             raise BusUnavailable(f"could not open the batches bucket {name}: {why(exc)}") from None
         return cls(bus, kv)
+
+    async def keep_newest(self) -> None:
+        """Have the bucket let its oldest records go when full. A record stays after its batch ended and
+        nothing removes it (OpenAI's API deletes no batch), so a bucket that refused new records once
+        full (as nats-py makes it) answered every new batch with a 503 after some thousands, and left
+        the running ones unable to record their progress. A running batch's record is written again
+        with each renewal of its lease, so the oldest records are of batches long ended."""
+        stream = f"KV_{self._bus.names.batches_bucket}"
+        try:
+            config = (await self._bus.js.stream_info(stream)).config
+            if config.discard != DiscardPolicy.OLD:
+                config.discard = DiscardPolicy.OLD
+                await self._bus.js.update_stream(config)
+        except BUS_ERRORS as exc:  # a credential that may not change it leaves it to the gateway
+            log.warning("the batches bucket %s keeps its policy for now: %s", stream, why(exc))
 
     async def create(self, batch: Batch) -> Batch:
         try:

@@ -18,8 +18,10 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
+import nats.js.errors
 import openai
 import pytest
+from nats.js.api import KeyValueConfig
 from openai.types import Batch as OpenAIBatch
 from openai.types import FileObject
 
@@ -869,3 +871,36 @@ async def test_a_batch_request_of_a_wrong_type_is_a_400_whose_param_names_the_fi
     assert r.status_code == window.status_code == 400
     assert r.json()["error"]["param"] == "input_file_id", r.text
     assert window.json()["error"]["param"] == "completion_window", window.text
+
+
+@pytest.mark.parametrize("made_before", [False, True], ids=["made now", "made before"])
+async def test_new_batches_are_taken_once_the_batches_bucket_is_full(
+    settings: Settings, made_before: bool
+) -> None:
+    """A batch's record stays after it ended, and nothing removes it (OpenAI has no batch delete): a
+    gateway that had run some thousands of batches (8 MiB of records) answered every new one with a
+    503 for good, and a running batch could not record its progress. The bucket now lets the oldest
+    records go (a running batch's is renewed with its lease, so it is never the oldest); a bucket made
+    before is changed when a gateway starts."""
+    small = 4096  # a few records: a bucket as full as thousands of batches leave it
+    if made_before:  # as nats-py makes a bucket: full, it refuses new records
+        nc = await nats.connect(settings.nats_url)
+        await nc.jetstream().create_key_value(
+            KeyValueConfig(bucket=settings.names.batches_bucket, history=1, max_bytes=small)
+        )
+        await nc.close()
+    async with serving(settings) as stack, running_worker(stack.bus, "echo", EchoProvider()):
+        store = await BatchStore.open(stack.bus)
+        if not made_before:
+            stream = f"KV_{stack.bus.names.batches_bucket}"
+            config = (await stack.bus.js.stream_info(stream)).config
+            config.max_bytes = small
+            await stack.bus.js.update_stream(config)
+        lines = io.BytesIO(jsonl([line("a", "hola")]))
+        uploaded = await stack.client.files.create(file=("f.jsonl", lines), purpose="batch")
+        for _ in range(8):
+            batch = await stack.client.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            assert (await ended(stack.client, batch.id)).status == "completed"
+        assert (await store.get(batch.id)).status == "completed"

@@ -424,6 +424,7 @@ class BatchRunner:
             while True:
                 store = await BatchStore.find(bus)
                 if store is not None:
+                    await store.keep_newest()  # a bucket made before it let its oldest records go
                     return store
                 with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
                     await sub.next_msg(timeout=BUCKET_LOOK_S)
