@@ -736,3 +736,22 @@ async def test_a_webhook_no_gateway_will_send_is_accepted_with_a_warning(
             "/v1/tasks", json={"provider": "echo", "prompt": "z", "webhook": {"url": receiver.url}}
         )
         assert answer.status_code == 202 and NO_WEBHOOKS not in answer.json().get("warnings", []), answer.text
+
+
+async def test_listing_the_deliveries_leaves_no_consumer_on_the_bus(
+    settings: Settings, receiver: Receiver
+) -> None:
+    """Each read of the delivery log made a consumer and left it for the server to remove a minute
+    later: a soak listing the deliveries every 10 s kept six of them, a client listing them every second
+    would keep sixty."""
+    async with (
+        serving(settings, hooks(HIVE_WEBHOOK_ALLOW_NETWORKS=LOOPBACK)) as stack,
+        running_worker(stack.bus, "echo", EchoProvider()),
+    ):
+        body = {"provider": "echo", "prompt": "hola", "webhook": {"url": receiver.url}}
+        assert (await stack.http.post("/v1/tasks", json=body)).status_code == 202
+        await delivery_in(stack, "delivered")
+        for _ in range(3):
+            assert len(await deliveries(stack)) == 1
+        log = await stack.bus.js.stream_info(stack.bus.names.webhook_log_stream)
+        assert log.state.consumer_count == 0

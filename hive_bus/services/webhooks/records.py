@@ -13,6 +13,7 @@ import contextlib
 import logging
 from typing import Literal
 
+import anyio
 import msgspec
 import nats.js.errors
 from nats.js.api import (
@@ -26,7 +27,7 @@ from nats.js.api import (
 )
 
 from hive_bus._bus import OBJECT_STORE_DUPLICATE_WINDOW_S, _ensure_stream
-from hive_bus._nats import unsubscribe
+from hive_bus._nats import BUS_ERRORS, unsubscribe
 from hive_bus.bus import Bus
 
 from .config import WebhookSettings
@@ -132,27 +133,37 @@ async def write(bus: Bus, record: DeliveryRecord, *, only_if_new: bool = False) 
 
 async def recent(bus: Bus, *, timeout_s: float = 5.0) -> list[DeliveryRecord]:
     """Every record, the most recently updated first. Reads the whole log (bounded by
-    ``log_max_msgs``: 10,000 records of a few hundred bytes by default)."""
+    ``log_max_msgs``: 10,000 records of a few hundred bytes by default), through a consumer deleted
+    when the read ends (left to the server, each read's would stay a minute: sixty at a time for a
+    client that lists the deliveries every second)."""
     names = bus.names
+    stream = names.webhook_log_stream
     config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, mem_storage=True, inactive_threshold=60.0
+        filter_subject=names.all_webhook_logs,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.NONE,
+        mem_storage=True,
+        inactive_threshold=60.0,  # only if the deletion below does not reach the server
     )
     try:
-        psub = await bus.js.pull_subscribe(
-            names.all_webhook_logs, stream=names.webhook_log_stream, config=config
-        )
+        info = await bus.js.add_consumer(stream, config)
     except nats.js.errors.NotFoundError:
         return []  # no webhook was ever delivered on this bus
     found: list[DeliveryRecord] = []
     try:
-        remaining = (await psub.consumer_info()).num_pending or 0
-        while remaining > 0:
-            msgs = await psub.fetch(min(remaining, 1000), timeout=timeout_s)
-            for msg in msgs:
-                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                    found.append(record_decoder.decode(msg.data))
-            remaining -= len(msgs)
+        psub = await bus.js.pull_subscribe_bind(consumer=info.name, stream=stream)
+        try:
+            remaining = info.num_pending or 0
+            while remaining > 0:
+                msgs = await psub.fetch(min(remaining, 1000), timeout=timeout_s)
+                for msg in msgs:
+                    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                        found.append(record_decoder.decode(msg.data))
+                remaining -= len(msgs)
+        finally:
+            await unsubscribe(psub)
     finally:
-        await unsubscribe(psub)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(3), contextlib.suppress(*BUS_ERRORS):
+            await bus.js.delete_consumer(stream, info.name)
     found.sort(key=lambda r: (r.updated_at_ms, r.id), reverse=True)
     return found
