@@ -26,6 +26,14 @@ the depth with its message). The task's events say how it ended; what it asked g
 a little before its age would have taken it. An expired task stays replayable: its expiry, in the
 cancels bucket (which only the hub writes), keeps the task, and a replay whose task message is gone
 reads it there (:mod:`hive_bus._dlq`).
+
+The stream keeps the finished tasks too, as history, within its limits (``HIVE_TASKS_MAX_MSGS`` and
+``_BYTES``, discard-new so that nothing accepted is dropped): a bus that finishes more tasks in a week
+than those hold (a million: 1.7 a second) would refuse every submission (503 ``queue_full``) with nothing
+waiting, until the oldest aged out. Past :data:`TRIM_AT` of either limit, the sweep lets the older half
+of the finished history go (:meth:`Ageing.trim`): of each queue, only messages up to its consumer's ack
+floor, every one of which a worker acked (ended, or moved on). Such a task is still read from its
+``queued`` event, as one whose message aged out.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import msgspec
 import nats.js.errors
 
 from . import _assigned, _cancel
-from ._bus import Bus
+from ._bus import Bus, consumer_infos
 from ._counts import submitted_counts
 from ._expiry import record_expired
 from ._messages import Failed, Task, task_decoder
@@ -49,6 +57,8 @@ log = logging.getLogger("hive_bus.ageing")
 
 # at most this many tasks failed per provider and sweep: a backlog is taken over a few sweeps
 MAX_PER_SWEEP = 1000
+# the share of the tasks stream's message or byte limit past which the older finished history goes
+TRIM_AT = 0.75
 
 
 class Ageing:
@@ -78,6 +88,30 @@ class Ageing:
                 len(expired), self.limit_s, bus.settings.events_max_age_s, ", ".join(expired[:5]),
             )  # fmt: skip
         return expired
+
+    async def trim(self) -> int:
+        """Past :data:`TRIM_AT` of the tasks stream's limits, purge of each queue the acked messages of
+        the stream's older half; how many went."""
+        bus, stream = self._bus, self._bus.names.tasks_stream
+        info = await bus.js.stream_info(stream)
+        limits, state = info.config, info.state
+        if not (
+            0 < (limits.max_msgs or 0) * TRIM_AT < state.messages
+            or 0 < (limits.max_bytes or 0) * TRIM_AT < state.bytes
+        ):
+            return 0
+        half = state.first_seq + (state.last_seq - state.first_seq) // 2
+        for consumer in await consumer_infos(bus, stream):
+            floor = (consumer.ack_floor.stream_seq if consumer.ack_floor else 0) or 0
+            queue = consumer.config.filter_subject
+            if bus.names.of_consumer(consumer.name) is not None and queue and min(floor, half) > 0:
+                await bus.js.purge_stream(stream, subject=queue, seq=min(floor, half) + 1)
+        gone = max(0, state.messages - (await bus.js.stream_info(stream)).state.messages)
+        log.info(
+            "the tasks stream held %d messages, %d bytes, past %.0f%% of its limits: %d of its oldest "
+            "finished tasks let go", state.messages, state.bytes, TRIM_AT * 100, gone,
+        )  # fmt: skip
+        return gone
 
     async def _sweep_provider(
         self, provider: str, start: int, cutoff_s: float, delivered: dict[tuple[str, str], int]

@@ -168,6 +168,7 @@ class StoreAudit:
         read the queue, and record each task found lost."""
         t0 = time.perf_counter()
         expired = len(await self.ageing.sweep())
+        await self.ageing.trim()
         for attempt in range(COUNT_TRIES):
             if attempt:  # submissions and outcomes in progress may have made the counts differ
                 await anyio.sleep(COUNT_RETRY_S)
