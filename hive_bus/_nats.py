@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import math
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -381,12 +382,19 @@ async def follow(
     """An ordered consumer of ``stream`` on ``subject``: every message in order, recreated by nats-py
     when a gap shows; handed to ``cb`` one at a time when given. Give it back with :func:`unsubscribe`."""
     sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config, cb=cb)
+    _FOLLOWED[sub] = js
     try:
         await _recreated_from_its_start(sub, config)
     except BaseException:
         await unsubscribe(sub)
         raise
     return sub
+
+
+# Subscriptions of ordered consumers made by follow(): unsubscribe() deletes their consumer, which
+# nats-py leaves to the server (gone once inactive for 5 s: a gateway listing the recent tasks ten
+# times a second kept some fifty of them per provider).
+_FOLLOWED: weakref.WeakKeyDictionary[Any, JetStreamContext] = weakref.WeakKeyDictionary()
 
 
 async def _recreated_from_its_start(sub: JetStreamContext.PushSubscription, config: ConsumerConfig) -> None:
@@ -411,6 +419,10 @@ async def unsubscribe(sub: Any, *, timeout_s: float = math.inf) -> None:
     consumer goes inactive), giving up after ``timeout_s`` and ignoring a bus that is gone."""
     with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_s), contextlib.suppress(*BUS_ERRORS):
         await sub.unsubscribe()
+        if (js := _FOLLOWED.pop(sub, None)) is not None:  # its consumer too (ephemeral, its alone)
+            with anyio.move_on_after(3):
+                info = await sub.consumer_info()
+                await js.delete_consumer(info.stream_name, info.name)
 
 
 @asynccontextmanager

@@ -315,3 +315,27 @@ async def test_tagged_submissions_at_once_declare_the_metadata_index_once(
     created = [r.getMessage() for r in caplog.records if r.getMessage().startswith("created stream")]
     for stream in (bus.names.index_stream, bus.names.events_stream_of("once")):
         assert created.count(f"created stream {stream}") == 1, created
+
+
+async def test_listing_the_tasks_leaves_no_consumer_on_the_bus(stack: Stack) -> None:
+    """Each list read the tail of each provider's events through an ordered consumer and only
+    unsubscribed, leaving the consumer to the server for 5 s more: a soak listing tasks and reading
+    filtered lists every few seconds kept dozens, and a client listing them ten times a second would
+    keep some fifty per provider. The read now deletes its consumer when it ends."""
+    task_id = await _submit(stack, {"provider": "echo", "prompt": "hola"})
+    lists: list[dict[str, str | int]] = [
+        {"limit": 50},
+        {"status": "queued"},
+        {"status": "failed", "limit": 5},
+    ]
+    for params in lists:
+        listed = await stack.http.get("/v1/tasks", params=params)
+        assert listed.status_code == 200, listed.text
+    assert [t["id"] for t in (await stack.http.get("/v1/tasks")).json()] == [task_id]
+    names = stack.bus.names
+    left = [
+        c.name
+        for c in await stack.bus.js.consumers_info(names.events_stream_of("echo"))
+        if c.config.filter_subject == names.events("echo")  # the lists' (the gateway's own filter less)
+    ]
+    assert left == []
