@@ -141,8 +141,10 @@ class JetStreamPublisher:
         self._prefix = ""
         self._sub: Subscription | None = None
         self._header_lines: dict[str, bytes] = {}  # by stream: the header block up to the Nats-Msg-Id
-        # publish_together's: the calls made in this pass of the event loop, and the sends of earlier ones
+        # publish_together's: the calls of this pass of the event loop after its first, and the sends of
+        # earlier ones
         self._queued: list[_Call] = []
+        self._pass_open = False  # a call of publish_together was sent in this pass of the event loop
         self._sending: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -184,22 +186,29 @@ class JetStreamPublisher:
     async def publish_together(
         self, messages: Sequence[Publish], extra: Extra | None = None
     ) -> list[Outcome]:
-        """As :meth:`publish`, but written with the other calls of ``publish_together`` made in the same
-        pass of the event loop: one write, one future and one timer for them all (a worker whose lanes
-        settle many tasks at once, a gateway answering many POSTs, pays for them once). A call's messages
-        stay together and in order; one too large for the server fails its own call alone."""
+        """As :meth:`publish`, but the calls of ``publish_together`` made in one pass of the event loop
+        after its first go out together: one write, one future and one timer for them all (a worker
+        whose lanes settle many tasks at once, a gateway answering many POSTs, pays for them once). The
+        first call of a pass is sent at once, as :meth:`publish` sends it, so that a lone publish waits
+        for no later pass. A call's messages stay together and in order; one too large for the server
+        fails its own call alone."""
         loop = asyncio.get_running_loop()
+        if not self._pass_open:
+            self._pass_open = True
+            loop.call_soon(self._close_pass)  # runs once every call this pass makes is made
+            return await self.publish(messages, extra)
         waiter: asyncio.Future[list[Outcome]] = loop.create_future()
-        if not self._queued:  # the first of this pass: a send that takes the pass's calls when it starts
-            sending = loop.create_task(self._send_queued())
-            self._sending.add(sending)
-            sending.add_done_callback(self._sending.discard)
         self._queued.append(_Call(messages, extra, waiter))
         return await waiter
 
-    async def _send_queued(self) -> None:
-        calls, self._queued = self._queued, []
-        await self._send(calls)
+    def _close_pass(self) -> None:
+        """The end of a pass that published: the calls made after its first, sent together."""
+        self._pass_open = False
+        if self._queued:
+            calls, self._queued = self._queued, []
+            sending = asyncio.get_running_loop().create_task(self._send(calls))
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
 
     async def _send(self, calls: list[_Call]) -> None:
         messages: list[Publish] = []
