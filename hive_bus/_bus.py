@@ -782,9 +782,9 @@ async def _no_room(js: JetStreamContext, want: StreamConfig, refused: nats.js.er
     if refused.err_code == NO_STREAMS_LEFT:
         return NoRoom(
             f"no room for stream {name} (the account has {account.get('streams', '?')} streams, its "
-            f"max_streams {limits.get('max_streams', '?')}); each provider has two (its events, its dead "
-            "letters). Raise max_streams of the account (jetstream block of HIVE in nats/accounts.conf, "
-            "then reload nats-server), or remove the streams of providers no longer used",
+            f"max_streams {limits.get('max_streams', '?')}); each provider has three (its events, its dead "
+            "letters, its claim check bucket). Raise max_streams of the account (jetstream block of HIVE in "
+            "nats/accounts.conf, then reload nats-server), or remove the streams of providers no longer used",
             code="streams_limit",
         )
     reserved, most = account.get("reserved_storage"), limits.get("max_storage", -1)
@@ -803,8 +803,9 @@ async def _no_room(js: JetStreamContext, want: StreamConfig, refused: nats.js.er
     return NoRoom(
         f"no room for stream {name} (max_bytes {size_text(want.max_bytes)}); {whose} JetStream file storage "
         f"is all reserved by the max_bytes of the streams it holds{figures}; each provider reserves its "
-        "events and its dead letters (HIVE_EVENTS_MAX_BYTES + HIVE_DLQ_MAX_BYTES). Raise "
-        f"{where}, lower those two for new providers, or remove the streams of providers no longer used",
+        "events, its dead letters and its claim check bucket (HIVE_EVENTS_MAX_BYTES + HIVE_DLQ_MAX_BYTES + "
+        f"HIVE_BLOBS_MAX_BYTES). Raise {where}, lower those three for new providers, or remove the streams "
+        "of providers no longer used",
         code="storage_reserved",
     )
 

@@ -243,3 +243,4 @@ async def test_a_stream_the_account_has_no_room_for_says_why(tmp_path: Path) -> 
         server.stop()
     assert worker.returncode == 1, worker.stderr
     assert "_EVENTS_echo: maximum number of streams reached" in worker.stderr, worker.stderr
+    assert "each provider has three (its events, its dead letters, its claim check bucket)" in worker.stderr

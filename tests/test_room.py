@@ -97,7 +97,7 @@ async def test_a_provider_the_account_has_no_room_for_is_refused_and_nothing_sto
         message = error["message"]
         assert f"no room for stream {settings.names.events_stream_of(full)}" in message
         assert "max_file of the account" in message and "accounts.conf" in message
-        assert "HIVE_EVENTS_MAX_BYTES + HIVE_DLQ_MAX_BYTES" in message
+        assert "HIVE_EVENTS_MAX_BYTES + HIVE_DLQ_MAX_BYTES + HIVE_BLOBS_MAX_BYTES" in message  # all three
         assert await _tasks_of(stack.bus, full) == 0  # nothing stored that no worker could ever run
 
         # a batch: that provider's task refused with the same words, another provider's accepted
