@@ -23,6 +23,7 @@ from hive_bus._cli import cli
 from hive_bus._embedded import nats_server_path
 from hive_bus.bus import Bus
 from hive_bus.services.metrics import BusMetrics
+from hive_bus.services.room import Room
 
 from .deploy import (
     COMPOSE,
@@ -131,6 +132,7 @@ def test_prometheus_and_grafana_find_what_compose_gives_them() -> None:
 def gateway_metric_names() -> set[str]:
     """Every sample name the gateway's /metrics can hold (families and their suffixes)."""
     metrics = BusMetrics(cast(Bus, None))  # the registry alone: nothing reads the bus until run()
+    Room(cast(Bus, None), metrics.registry)  # hive_bus_writable, which the gateway registers beside them
     names = {"up"}
     for family in metrics.registry.collect():
         suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created")}
@@ -157,6 +159,18 @@ def test_the_dashboard_is_grafana_json_that_queries_only_what_the_gateway_export
         used = set(re.findall(r"\b(hive_[a-z_]+|up)\b(?=\s*[{\[]|\s*\))", expr))
         assert used, f"{where}: no metric found in {expr}"
         assert used <= exported, f"{where} uses {used - exported}, which the gateway does not export"
+
+
+def test_the_dashboard_shows_what_the_room_alerts_fire_on() -> None:
+    """JetStream not storing writes, a stream or a bucket near full: each alert's gauge has a panel, so
+    that an operator sent there by the alert sees it, and sees it coming before it fires."""
+    rules = {
+        r["alert"]: r["expr"] for g in load_yaml(PROMETHEUS_DIR / "alerts.yml")["groups"] for r in g["rules"]
+    }
+    shown = " ".join(dashboard_queries().values())
+    for alert in ("HiveBusNotWritable", "HiveStreamNearlyFull", "HiveBucketFull"):
+        [gauge] = re.findall(r"\bhive_[a-z_]+", rules[alert])
+        assert re.search(rf"\b{gauge}\b", shown), f"{alert} fires on {gauge}, which no dashboard panel shows"
 
 
 @needs_promtool
