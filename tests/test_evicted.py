@@ -75,6 +75,11 @@ async def test_a_completed_task_whose_events_were_evicted_reads_evicted_everywhe
 
         listed = (await http.get("/v1/tasks", params={"meta": "c:acme"})).json()
         assert [(v["id"], v["status"]) for v in listed] == [(first, "evicted")]
+        by_status = await http.get("/v1/tasks", params={"meta": "c:acme", "status": "evicted"})
+        assert [v["id"] for v in by_status.json()] == [first]
+        tail = await http.get("/v1/tasks", params={"status": "evicted"})  # was [], as if none were
+        assert tail.status_code == 400 and tail.json()["error"]["field"] == "status", tail.text
+        assert "only with meta, batch or schedule" in tail.json()["error"]["message"]
         [echo] = [s for s in (await http.get("/v1/stats")).json() if s["provider"] == "echo"]
         assert echo["pending"] == 0  # not counted as queued (nor completed: its event is gone)
 

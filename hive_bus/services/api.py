@@ -443,6 +443,14 @@ async def list_tasks(
     what is returned; ``status`` and ``provider`` are applied to the newest 2,000 such tasks at most)."""
     hive = _hive(state)
     wanted = _wanted(meta, batch, schedule)
+    if status == "evicted" and not wanted:  # the tail of the events holds none: [] would say none was
+        message = (
+            "status evicted lists only with meta, batch or schedule: a task whose events were evicted "
+            "is in no events tail, the recent list's source; its metadata index entry still finds it"
+        )
+        raise ValidationException(
+            detail=message, extra=[{"message": message, "key": "status", "source": "query"}]
+        )
     reads: ListReads = state.list_reads
     async with reads.turn():  # a few at a time, however many ask (services.list_reads)
         if wanted:
