@@ -988,6 +988,12 @@ def list_command(
             why = "names its key twice" if key in wanted else "is not KEY:VALUE"
             raise click.BadParameter(f"{item!r} {why}", param_hint="--meta")
         wanted[key] = value
+    if status == "evicted" and not wanted:  # as GET /v1/tasks: the tail of the events holds none
+        raise click.BadParameter(
+            "evicted lists only with --meta, --batch or --schedule: a task whose events were evicted is "
+            "in no events tail",
+            param_hint="--status",
+        )
 
     async def main() -> None:
         async with connect(settings=settings) as hive:

@@ -80,6 +80,12 @@ async def test_a_completed_task_whose_events_were_evicted_reads_evicted_everywhe
         tail = await http.get("/v1/tasks", params={"status": "evicted"})  # was [], as if none were
         assert tail.status_code == 400 and tail.json()["error"]["field"] == "status", tail.text
         assert "only with meta, batch or schedule" in tail.json()["error"]["message"]
+        tail_cli = hive_cli(_cli(stack.settings, "list", "--status", "evicted"), env=CLI_ENV)
+        assert tail_cli.returncode == 2 and "only with --meta" in tail_cli.stderr, tail_cli.stderr
+        by_meta = hive_cli(
+            _cli(stack.settings, "list", "--meta", "c:acme", "--status", "evicted"), env=CLI_ENV
+        )
+        assert [json.loads(line)["id"] for line in by_meta.stdout.splitlines()] == [first], by_meta.stderr
         [echo] = [s for s in (await http.get("/v1/stats")).json() if s["provider"] == "echo"]
         assert echo["pending"] == 0  # not counted as queued (nor completed: its event is gone)
 
