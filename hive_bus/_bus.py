@@ -793,7 +793,11 @@ async def _no_room(js: JetStreamContext, want: StreamConfig, refused: nats.js.er
     )
     if by_account:
         whose, figures = "the account's", f" ({size_text(reserved)} of its {size_text(most)})"
-        where = "max_file of the account (its jetstream block in nats/accounts.conf, then reload nats-server)"
+        where = (
+            "max_file of the account (its jetstream block in nats/accounts.conf) and max_file_store of the "
+            "server with it when no larger (nats/hub.conf: a reload refuses an account's max_file above it, "
+            "saying so only in the server's log), then reload nats-server"
+        )
     else:  # within the account's limit: the server's own is the one reached
         whose, figures = "the server's", ""
         where = (

@@ -97,6 +97,7 @@ async def test_a_provider_the_account_has_no_room_for_is_refused_and_nothing_sto
         message = error["message"]
         assert f"no room for stream {settings.names.events_stream_of(full)}" in message
         assert "max_file of the account" in message and "accounts.conf" in message
+        assert "max_file_store of the server with it" in message  # raised alone, a reload keeps the old
         assert "HIVE_EVENTS_MAX_BYTES + HIVE_DLQ_MAX_BYTES + HIVE_BLOBS_MAX_BYTES" in message  # all three
         assert await _tasks_of(stack.bus, full) == 0  # nothing stored that no worker could ever run
 
