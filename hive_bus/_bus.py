@@ -267,7 +267,6 @@ async def declare_bus(js: JetStreamContext, settings: Settings) -> dict[str, Key
         await ensure_tasks_stream(js, settings)
         if not settings.worker_name:  # a worker's credential may not; the gateway's does it
             await split_shared_dlq(js, settings)
-            await retire_shared_blobs(js, settings)
         return {
             "workers_kv": await _ensure_workers_bucket(js, settings),
             "providers_kv": await _ensure_file_bucket(
@@ -576,7 +575,9 @@ async def ensure_blobs(bus: Bus, provider: str) -> str:
 async def retire_shared_blobs(js: JetStreamContext, settings: Settings) -> None:
     """Delete the one claim check bucket of every provider (buses before one bucket a provider) once
     nothing is left in it: its objects age out with the events that name them (``events_max_age_s``),
-    and until then they are read there. It holds its ``blobs_max_bytes`` of the account's storage."""
+    and until then they are read there. It holds its ``blobs_max_bytes`` of the account's storage.
+    A gateway's start alone does it, not any process's: an older gateway still running stores its
+    large tasks there, and one whose bucket a client or a worker deleted refused each until restarted."""
     stream = settings.names.blobs_stream
     try:
         info = await js.stream_info(stream)

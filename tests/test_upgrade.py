@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import secrets
 
+import anyio
 import msgspec
 import nats.js.errors
 import pytest
@@ -19,6 +20,7 @@ from hive_bus import BusConfigError, Hive, Settings, _blobs
 from hive_bus._bus import blobs_stream_config, shared_events_stream_config
 from hive_bus._messages import BlobRef, Queued, Task, encoder, new_task_id, now_ms
 from hive_bus.bus import Bus, open_bus
+from hive_bus.services.gateway import Gateway, GatewayOptions
 from hive_bus.workers.echo import EchoProvider
 
 from .conftest import make_settings
@@ -197,9 +199,44 @@ async def test_a_large_task_in_the_claim_check_bucket_of_every_provider_still_ru
         finally:
             await hive.close()
     async with open_bus(settings) as bus:  # kept while an object is in it
+        await _start_a_gateway(bus)
         assert (await bus.js.stream_info(names.blobs_stream)).state.messages == 2
         await bus.js.purge_stream(names.blobs_stream)  # as its objects age out
+        await _start_a_gateway(bus)
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await bus.js.stream_info(names.blobs_stream)
+
+
+async def _start_a_gateway(bus: Bus) -> None:
+    hive = Hive(bus)
+    gateway = Gateway(hive, GatewayOptions(port=0))
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(gateway.serve)
+            gateway.stop()
+    finally:
+        await hive.close()
+
+
+async def test_an_empty_claim_check_bucket_of_every_provider_is_left_to_a_gateway_start(
+    settings: Settings,
+) -> None:
+    """A client's or a worker's start leaves the empty ``<prefix>_blobs`` of an older hub alone: an
+    older gateway still running stores its large tasks there, and deleted under it, answered each
+    with a 503 'could not store a ...-byte object in hive_blobs: no response from stream' until it was
+    restarted (a worker of this version upgraded before its hub, a client's ``hive submit``)."""
+    names = settings.names
     async with open_bus(settings) as bus:
+        await bus.js.add_stream(blobs_stream_config(settings, None))  # as an older gateway made it
+    unnamed_worker = make_settings(settings.nats_url, prefix=settings.prefix)
+    async with open_bus(unnamed_worker) as bus:
+        hive = Hive(bus)
+        try:
+            await hive.submit("echo", "una tarea")
+        finally:
+            await hive.close()
+        assert (await bus.js.stream_info(names.blobs_stream)).state.messages == 0  # still there
+        await _start_a_gateway(bus)
         with pytest.raises(nats.js.errors.NotFoundError):
             await bus.js.stream_info(names.blobs_stream)
 

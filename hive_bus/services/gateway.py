@@ -30,7 +30,7 @@ from litestar.types import ASGIApp
 
 from hive_bus import BusUnavailable, Hive, HiveError, NoRoom, QueueFull, TaskNotFound
 from hive_bus._audit import StoreAudit
-from hive_bus._bus import ensure_cache_stream
+from hive_bus._bus import ensure_cache_stream, retire_shared_blobs
 from hive_bus._dlq import NotReplayable
 from hive_bus._errors import TaskEnded, TooLarge
 from hive_bus._expiry import Timers
@@ -333,6 +333,8 @@ class Gateway:
                 await self._server.serve([self._sock])
                 tg.cancel_scope.cancel()  # uvicorn has stopped: so does the metrics follower
 
+            # the claim check bucket of every provider that older hubs kept, once empty
+            await retire_shared_blobs(self._hive.bus.js, self._hive.bus.settings)
             try:  # the response cache's bucket, before a worker that may not create it needs it
                 await ensure_cache_stream(self._hive.bus.js, self._hive.bus.settings)
             except (*BUS_ERRORS, HiveError) as exc:
