@@ -9,8 +9,9 @@ moved tasks wait in the events stream until it is back; nothing is lost.
 
 It also creates the consumers of the providers whose workers heartbeat and that have work (tasks were
 submitted to them, or are queued for them), so that workers whose credentials do not allow creating
-consumers can bind to them. A move is taken only when the bus knows the task, the event was recorded
-under the provider the task is assigned to, and it goes to that task's next fallback (``_assigned``).
+consumers can bind to them; at its start, it checks the objects of each provider that has consumers.
+A move is taken only when the bus knows the task, the event was recorded under the provider the task
+is assigned to, and it goes to that task's next fallback (``_assigned``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Router:
             async def on_new(provider: str) -> None:
                 await tg.start(self._route, provider)
 
+            await self._serve_known()
             tg.start_soon(self._keep_consumers)
             await tg.start(lambda task_status: watch_providers(self._bus, on_new, task_status=task_status))
             task_status.started()
@@ -194,6 +196,23 @@ class Router:
         if provider not in self._served:
             await ensure_consumers(self._bus.js, self._bus.settings, provider)
             self._served.add(provider)
+
+    async def _serve_known(self) -> None:
+        """The objects of each provider whose consumers a gateway made before, made or checked now: a
+        hub made before one claim check bucket a provider has no bucket for them, and their workers,
+        which may not make it, bind to those consumers at once and could not store a large output
+        (the task called again after AckWait) until this router saw their heartbeats."""
+        names = self._bus.names
+        try:
+            infos = await consumer_infos(self._bus, names.tasks_stream)
+        except BUS_ERRORS as exc:
+            log.warning("router: could not list the providers' consumers: %s", exc)
+            return
+        for provider in sorted({q[0] for info in infos if (q := names.of_consumer(info.name)) is not None}):
+            try:
+                await self._serve(provider)
+            except (*BUS_ERRORS, HiveError) as exc:
+                log.warning("router: could not check the objects of provider %s: %s", provider, exc)
 
     async def _keep_consumers(self) -> None:
         while True:

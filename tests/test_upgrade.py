@@ -9,6 +9,7 @@ import base64
 import contextlib
 import hashlib
 import secrets
+from collections.abc import Iterator
 
 import anyio
 import msgspec
@@ -16,8 +17,9 @@ import nats.js.errors
 import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from hive_bus import BusConfigError, Hive, Settings, _blobs
-from hive_bus._bus import blobs_stream_config, shared_events_stream_config
+from hive_bus import BusConfigError, FunctionProvider, Hive, Settings, _blobs
+from hive_bus._bus import blobs_stream_config, ensure_consumers, shared_events_stream_config
+from hive_bus._embedded import NatsServer
 from hive_bus._messages import BlobRef, Queued, Task, encoder, new_task_id, now_ms
 from hive_bus.bus import Bus, open_bus
 from hive_bus.services.gateway import Gateway, GatewayOptions
@@ -25,6 +27,8 @@ from hive_bus.workers.echo import EchoProvider
 
 from .conftest import make_settings
 from .helpers import events_of, hive_cli, running_worker, unacked
+from .hostile.test_credentials import GEMINI, settings_for
+from .hub import Hub, hub_server, make_certs, render
 
 pytestmark = pytest.mark.anyio
 
@@ -266,3 +270,52 @@ async def test_an_upgrade_cut_short_by_the_tasks_streams_limits_goes_on_once_the
             assert [v.output for v in views] == [f"tarea {i}" for i in range(OLD_TASKS)]
         finally:
             await hive.close()
+
+
+@pytest.fixture
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Hub, NatsServer]]:
+    base = tmp_path_factory.mktemp("upgraded-hub")
+    certs = make_certs(base / "certs", servers=["localhost", "127.0.0.1"], clients=["gateway", GEMINI.name])
+    rendered = render(base / "nats", certs, [GEMINI])
+    with hub_server(rendered, base / "store") as server:
+        yield rendered, server
+
+
+async def test_a_hub_upgraded_has_the_claim_check_bucket_of_each_provider_it_served_before_a_worker(
+    hub: tuple[Hub, NatsServer],
+) -> None:
+    """A hub made before one claim check bucket a provider had its providers' consumers and no such
+    bucket; the gateway made one only once it saw a worker's heartbeat, some seconds after that worker
+    (whose credential may not make it) had fetched the queued tasks: each large output was refused
+    ('the claim check bucket of provider gemini is not there'), and the task called again after
+    AckWait. A gateway's start makes the bucket of every provider that has consumers."""
+    rendered, server = hub
+
+    async def long_answer(task: Task) -> str:
+        return f"{task.prompt}: " + "y" * 100_000  # over the claim check's 64 KiB
+
+    gateway_settings = settings_for(rendered, server, "gateway", ack_wait_s=60)
+    async with open_bus(gateway_settings, name="gateway") as bus:
+        hive = Hive(bus)
+        try:
+            task_id = await hive.submit("gemini", "escribe un tuit", max_attempts=1)
+        finally:
+            await hive.close()
+        await ensure_consumers(bus.js, bus.settings, "gemini")  # made for a worker it saw
+        await bus.js.delete_stream(f"OBJ_{bus.names.blobs_bucket_of('gemini')}")  # as the older hub had it
+    worker = settings_for(rendered, server, GEMINI.name, worker_name=GEMINI.name, heartbeat_interval_s=0.5)
+    async with open_bus(gateway_settings, name="gateway") as bus:
+        hive = Hive(bus)
+        gateway = Gateway(hive, GatewayOptions(port=0))
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(gateway.serve)
+                async with (
+                    open_bus(worker, name="gemini-worker") as wbus,
+                    running_worker(wbus, "gemini", FunctionProvider(long_answer)),
+                ):
+                    done = await hive.wait(task_id, 20)
+                gateway.stop()
+        finally:
+            await hive.close()
+    assert (done.status, done.attempt, done.output) == ("completed", 1, "escribe un tuit: " + "y" * 100_000)
