@@ -910,23 +910,36 @@ async def _ensure_cancels_bucket(js: JetStreamContext, settings: Settings) -> Ke
     history (a cancelled task may wait that long in its queue). Only the hub writes it (no worker
     credential may), so when full it lets its oldest words go rather than refuse new ones: a bucket
     that refused them answered every cancel with a 503, and failed every expiry and replay, once a
-    week's words had filled it. A bucket made before is given that policy and room."""
+    week's words had filled it. A bucket made before is given that policy and room (before it is
+    checked, which would log the size it had as one it keeps)."""
     names = settings.names
+    made_before = await _give_cancels_room(js, settings)
     kv = await _ensure_file_bucket(
         js, settings, names.cancels_bucket, "cancelled tasks",
         ttl_s=settings.events_max_age_s, max_bytes=settings.cancels_max_bytes,
     )  # fmt: skip
-    stream = f"KV_{names.cancels_bucket}"
+    if not made_before:  # made now, by nats-py, which makes a bucket discard-new
+        await _give_cancels_room(js, settings)
+    return kv
+
+
+async def _give_cancels_room(js: JetStreamContext, settings: Settings) -> bool:
+    """Give the cancels bucket discard-old, and its room if it has the size it was made with before.
+    Whether it was there."""
+    bucket = settings.names.cancels_bucket
     try:
-        config = (await js.stream_info(stream)).config
+        config = (await js.stream_info(f"KV_{bucket}")).config
         roomier = dataclasses.replace(config, discard=DiscardPolicy.OLD)
         if config.max_bytes == BUCKET_MAX_BYTES:  # the size it was made with before
             roomier.max_bytes = settings.cancels_max_bytes
         if roomier != config:
             await js.update_stream(roomier)
+            log.info("bucket %s now lets its oldest words go, in %s", bucket, size_text(roomier.max_bytes))
+    except nats.js.errors.NotFoundError:
+        return False
     except BUS_ERRORS as exc:  # a credential that may not change it (a worker's) leaves it to the gateway
-        log.debug("bucket %s not changed by this process (%s)", names.cancels_bucket, exc)
-    return kv
+        log.debug("bucket %s not changed by this process (%s)", bucket, exc)
+    return True
 
 
 async def _ensure_file_bucket(

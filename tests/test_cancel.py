@@ -4,6 +4,8 @@ end is a clear 409. Real nats-server, workers in this process, the gateway over 
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 import httpx
 import nats.js.errors
@@ -23,7 +25,7 @@ from hive_bus import (
     TaskNotFound,
     _cancel,
 )
-from hive_bus._bus import BUCKET_MAX_BYTES
+from hive_bus._bus import BUCKET_MAX_BYTES, size_text
 from hive_bus._counts import unfetched_cancels
 from hive_bus._embedded import NatsServer
 from hive_bus._expiry import Timers
@@ -458,10 +460,11 @@ async def test_cancels_go_on_when_the_cancels_bucket_is_full(bus: Bus, hive: Hiv
 
 
 async def test_a_cancels_bucket_made_before_is_given_room_and_lets_its_oldest_words_go(
-    settings: Settings,
+    settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A hub made before (its cancels bucket 8 MiB, refusing new words when full) gets the bucket's
-    room and policy at its next start, so that it stops refusing cancels after a busy week."""
+    room and policy at its next start, so that it stops refusing cancels after a busy week; its log
+    says so (it said the bucket 'keeps its own max_bytes=8388608', then changed it)."""
     before = KeyValueConfig(
         bucket=settings.names.cancels_bucket, history=1, ttl=settings.events_max_age_s,
         storage=StorageType.FILE, direct=True, max_bytes=BUCKET_MAX_BYTES, max_value_size=64 * 1024,
@@ -471,6 +474,10 @@ async def test_a_cancels_bucket_made_before_is_given_room_and_lets_its_oldest_wo
         await nc.jetstream().create_key_value(before)
     finally:
         await nc.close()
-    async with open_bus(settings) as bus:
-        config = (await bus.js.stream_info(f"KV_{bus.names.cancels_bucket}")).config
+    with caplog.at_level(logging.INFO, logger="hive_bus.bus"):
+        async with open_bus(settings) as bus:
+            config = (await bus.js.stream_info(f"KV_{bus.names.cancels_bucket}")).config
     assert (config.discard, config.max_bytes) == (DiscardPolicy.OLD, settings.cancels_max_bytes)
+    said = [r.getMessage() for r in caplog.records if settings.names.cancels_bucket in r.getMessage()]
+    room = size_text(settings.cancels_max_bytes)
+    assert said == [f"bucket {settings.names.cancels_bucket} now lets its oldest words go, in {room}"]
