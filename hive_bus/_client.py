@@ -725,8 +725,14 @@ class Hive:
         """The most recent ``limit`` tasks (of ``provider``, in ``status``), newest first, as
         ``GET /v1/tasks`` lists them: read from the tail of the events (:mod:`hive_bus._recent`), each
         with its metadata and its texts cut (:meth:`get` has them whole). Raises :class:`HiveError`
-        for a provider that is not a provider's name."""
+        for a provider that is not a provider's name, and for ``status`` ``evicted``: a task whose events
+        were evicted is in no events tail (:meth:`find` lists it by its metadata, :meth:`get` by id)."""
         check_provider(provider)
+        if status == "evicted":  # [] would say that none was
+            raise HiveError(
+                "status evicted is not read from the recent events: a task whose events were evicted "
+                "has none there; find it by its metadata (Hive.find) or its id (Hive.get)"
+            )
         return await _recent.recent_tasks(self, status=status, provider=provider, limit=limit)
 
     async def workers(self) -> list[WorkerBeat]:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from hive_bus import FunctionProvider, Hive, RetryLater, Task
+from hive_bus import FunctionProvider, Hive, HiveError, RetryLater, Task
 from hive_bus._embedded import NatsServer
 from hive_bus.bus import Bus
 from hive_bus.workers.echo import EchoProvider
@@ -90,6 +90,8 @@ async def test_a_completed_task_whose_events_were_evicted_reads_evicted_everywhe
         assert echo["pending"] == 0  # not counted as queued (nor completed: its event is gone)
 
         other = Hive(stack.bus)  # another client's wait: none of its followers saw the task
+        with pytest.raises(HiveError, match="status evicted is not read from the recent events"):
+            await other.recent(status="evicted")  # was [], as if none were
         with anyio.fail_after(10):
             assert (await other.wait(first, 60)).status == "evicted"
             assert [v.status async for v in other.results([first])] == ["evicted"]
